@@ -1,0 +1,52 @@
+# `make test` and `make bench` work as the first command on a fresh machine: each creates .venv.
+# On a machine whose python3 already has the dependencies (the GPU machine), pass SYSTEM_PYTHON=1.
+ifdef SYSTEM_PYTHON
+PY := python3
+export PYTHONPATH := $(CURDIR)
+VENV_TEST :=
+VENV_DEV :=
+VENV_BENCH :=
+else
+PY := .venv/bin/python
+VENV_TEST := .venv/.test
+VENV_DEV := .venv/.dev
+VENV_BENCH := .venv/.bench
+endif
+
+.PHONY: test test-gpu bench lint format clean
+
+.venv/bin/python:
+	python3 -m venv .venv
+	.venv/bin/python -m pip install -q --upgrade pip
+
+.venv/.test: .venv/bin/python pyproject.toml
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+.venv/.dev: .venv/bin/python pyproject.toml
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+.venv/.bench: .venv/bin/python pyproject.toml
+	$(PY) -m pip install -q -e '.[plot]'
+	touch $@
+
+test: $(VENV_TEST)
+	$(PY) -m pytest -q
+
+test-gpu: $(VENV_TEST)
+	$(PY) -m pytest -q -m gpu -rs
+
+bench: $(VENV_BENCH)
+	$(PY) -m gpubptt bench
+
+lint: $(VENV_DEV)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(VENV_DEV)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,182 @@
+"""Input validation: every check runs before any work, and names what was wrong and what was expected.
+
+Range checks are computed as reductions on the device and read back in ONE transfer (a single
+host sync per call), never by relying on indexing to raise: CuPy wraps out-of-range indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import Backend
+from .errors import InputError, InputTypeError, ShapeError
+
+DTYPES = ("float32", "float64")
+
+
+def check_dtype(dtype: Any) -> np.dtype:
+    """Normalise a dtype name/object to float32 or float64, else InputError."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise InputError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}") from exc
+    if dt.name not in DTYPES:
+        raise InputError(f"unsupported dtype {dt.name!r}; expected one of {', '.join(DTYPES)}")
+    return dt
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """An int ≥ 1 (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputTypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise InputError(f"{name} must be ≥ 1, got {value}")
+    return int(value)
+
+
+@dataclass
+class Batch:
+    """Validated inputs, as arrays of the model's backend.
+
+    x (T, B) int64 tokens or (T, B, D) floats; y (T, B) int64 with padded entries set to 0;
+    weight (T, B) 1/0 on counted/padded steps or None; s0 (B, H) or None; lengths (B,) on the host.
+    """
+
+    x: Any
+    tokens: bool
+    T: int
+    B: int
+    s0: Any = None
+    y: Any = None
+    weight: Any = None
+    lengths: np.ndarray | None = None
+    count: int = 0
+
+
+def _as_native(be: Backend, a: Any, what: str) -> Any:
+    be.check_native(a, what)
+    return be.asarray(a)
+
+
+def _is_int(a: Any) -> bool:
+    return a.dtype.kind in "iu"
+
+
+def check_batch(
+    be: Backend,
+    dtype: np.dtype,
+    D: int,
+    H: int,
+    K: int,
+    x: Any,
+    y: Any = None,
+    s0: Any = None,
+    lengths: Any = None,
+    *,
+    for_loss: bool,
+) -> Batch:
+    """Validate (x, y, s0, lengths) against a model of sizes D, H, K; return a Batch."""
+    x = _as_native(be, x, "x")
+    if x.ndim == 2:
+        tokens = True
+        if not _is_int(x):
+            raise InputTypeError(
+                f"x with shape {tuple(x.shape)} is read as token ids (T, B), which must be integers; "
+                f"got dtype {x.dtype} (for dense inputs pass floats of shape (T, B, {D}))"
+            )
+    elif x.ndim == 3:
+        tokens = False
+        if x.dtype.kind != "f":
+            raise InputTypeError(f"dense x (T, B, D) must be floating point, got dtype {x.dtype}")
+        if x.shape[2] != D:
+            raise ShapeError(f"dense x must have shape (T, B, {D}), got {tuple(x.shape)}")
+    else:
+        raise ShapeError(
+            f"x must be token ids (T, B) or dense inputs (T, B, {D}); got {x.ndim} dimensions, shape {tuple(x.shape)}"
+        )
+    T, B = int(x.shape[0]), int(x.shape[1])
+    if for_loss and (T == 0 or B == 0):
+        raise ShapeError(f"a loss needs at least one time step and one sequence; got T={T}, B={B}")
+    batch = Batch(x=x, tokens=tokens, T=T, B=B)
+
+    if s0 is not None:
+        s0 = _as_native(be, s0, "s0")
+        if s0.dtype.kind != "f":
+            raise InputTypeError(f"s0 must be floating point, got dtype {s0.dtype}")
+        if tuple(s0.shape) != (B, H):
+            raise ShapeError(f"s0 must have shape (B, H) = ({B}, {H}), got {tuple(s0.shape)}")
+
+    if lengths is not None:
+        lengths = _as_native(be, lengths, "lengths")
+        if not _is_int(lengths):
+            raise InputTypeError(f"lengths must be integers, got dtype {lengths.dtype}")
+        if tuple(lengths.shape) != (B,):
+            raise ShapeError(f"lengths must have shape (B,) = ({B},), got {tuple(lengths.shape)}")
+        lengths = be.to_numpy(lengths).astype(np.int64)  # B ints: tiny host copy
+        if B and (lengths.min() < 0 or lengths.max() > T):
+            bad = int(np.flatnonzero((lengths < 0) | (lengths > T))[0])
+            raise InputError(f"lengths must lie in [0, T] = [0, {T}]; lengths[{bad}] = {lengths[bad]}")
+
+    xp = be.xp
+    weight = None
+    if lengths is not None:
+        weight_b = np.arange(T)[:, None] < lengths[None, :]  # (T, B) on the host
+        weight = be.asarray(weight_b, dtype=dtype)
+        batch.count = int(weight_b.sum())
+    else:
+        batch.count = T * B
+
+    if y is not None:
+        y = _as_native(be, y, "y")
+        if not _is_int(y):
+            raise InputTypeError(f"targets y must be integers, got dtype {y.dtype}")
+        if tuple(y.shape) != (T, B):
+            raise ShapeError(f"targets y must have shape (T, B) = ({T}, {B}), got {tuple(y.shape)}")
+        y = y.astype(xp.int64, copy=False)
+        if weight is not None:
+            y = xp.where(weight > 0, y, 0)  # padded targets may hold anything: make them safe
+
+    # one batched range check, one host sync
+    probes: list[Any] = []
+    if tokens and x.size:
+        probes += [x.min(), x.max()]
+    if y is not None and y.size:
+        probes += [y.min(), y.max()]
+    if not tokens and x.size:
+        probes.append(xp.isfinite(x).all())
+    if s0 is not None and s0.size:
+        probes.append(xp.isfinite(s0).all())
+    if probes:
+        vals = be.to_numpy(xp.stack([p.astype(xp.float64) for p in probes]))
+        i = 0
+        if tokens and x.size:
+            lo, hi = vals[i], vals[i + 1]
+            i += 2
+            if lo < 0 or hi >= D:
+                bad = int(lo) if lo < 0 else int(hi)
+                raise InputError(f"token ids must lie in [0, {D}) (input_size = {D}); found {bad}")
+        if y is not None and y.size:
+            lo, hi = vals[i], vals[i + 1]
+            i += 2
+            if lo < 0 or hi >= K:
+                bad = int(lo) if lo < 0 else int(hi)
+                where = " on a counted step" if weight is not None else ""
+                raise InputError(f"targets y must lie in [0, {K}) (output_size = {K}); found {bad}{where}")
+        if not tokens and x.size:
+            if not vals[i]:
+                raise InputError("dense x contains NaN or infinity; inputs must be finite")
+            i += 1
+        if s0 is not None and s0.size and not vals[i]:
+            raise InputError("s0 contains NaN or infinity; the initial state must be finite")
+
+    if not tokens:
+        x = x.astype(dtype, copy=False)
+    else:
+        x = x.astype(xp.int64, copy=False)
+    batch.x = x
+    batch.s0 = None if s0 is None else s0.astype(dtype, copy=False)
+    batch.y, batch.weight, batch.lengths = y, weight, lengths
+    return batch

@@ -1,0 +1,267 @@
+"""Array backends: the one module that imports or names CuPy.
+
+Everything above this module is written once against ``backend.xp`` (NumPy or CuPy). A backend is a
+small object with one-line methods; all branching on which library runs lives here. CuPy is
+imported lazily, so a CPU-only install never touches it.
+
+The fused elementwise kernels of the recurrences live here too, each with its NumPy twin:
+
+    tanh_step(pre, hw, out)        out = tanh(pre + hw)                (hw may be clobbered)
+    tanh_backward(carry, s, g)     g   = (g + carry) * (1 - s**2)       (carry may be clobbered)
+    token_scatter_add(dUT, ...)    dUT[ids[n]] += rows[n]  for every n, deterministically
+
+    >>> be = get_backend("numpy")
+    >>> be.name, be.xp.__name__
+    ('numpy', 'numpy')
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .errors import BackendMismatchError, BackendUnavailableError, InputError
+
+__all__ = [
+    "BACKEND_NAMES",
+    "Backend",
+    "TokenPlan",
+    "available_backends",
+    "get_backend",
+    "to_numpy",
+]
+
+BACKEND_NAMES = ("auto", "numpy", "cupy")
+ENV_VAR = "GPUBPTT_BACKEND"
+INSTALL_HINT = "install CuPy with `pip install 'gpubptt[cuda12]'` (CUDA 12) or `'gpubptt[cuda13]'` (CUDA 13)"
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """Token ids sorted once so that the scatter-add into dU is deterministic.
+
+    perm (N,) row order that sorts the ids; offsets (D+1,) start of each id's run in that order.
+    """
+
+    perm: Any
+    offsets: Any
+
+
+@dataclass(eq=False)
+class Backend:
+    """One array library: ``xp`` plus the few operations that differ between NumPy and CuPy.
+
+    Shape-agnostic; each kernel's docstring gives its shapes.
+    """
+
+    name: str
+    xp: ModuleType
+    device: str
+    _kernels: dict[str, Callable[..., Any]] = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:
+        return f"Backend(name={self.name!r}, device={self.device!r})"
+
+    # -- host <-> device boundary -------------------------------------------------------------
+    def is_native(self, a: Any) -> bool:
+        """True when ``a`` is an array of this backend (not a list, not another library's array)."""
+        return isinstance(a, self.xp.ndarray)
+
+    def check_native(self, a: Any, what: str) -> None:
+        """Raise BackendMismatchError if ``a`` is an array of another backend."""
+        if self.is_native(a) or isinstance(a, (list, tuple, int, float)):
+            return
+        if _is_cupy_array(a) or isinstance(a, np.ndarray) or hasattr(a, "__array__"):
+            kind = "a CuPy array" if _is_cupy_array(a) else f"a {type(a).__module__}.{type(a).__name__}"
+            hint = (
+                "convert it with backend.asarray(...)"
+                if self.name == "cupy"
+                else "convert it with gpubptt.to_numpy(...)"
+            )
+            raise BackendMismatchError(f"{what} is {kind}, but the model runs on the {self.name} backend; {hint}")
+
+    def asarray(self, a: Any, dtype: Any = None) -> Any:
+        """Copy or view ``a`` (NumPy, CuPy or list) as an array of this backend."""
+        if self.name == "cupy" and _is_cupy_array(a):
+            return a if dtype is None else a.astype(dtype, copy=False)
+        if self.name == "numpy" and _is_cupy_array(a):
+            a = a.get()
+        return self.xp.asarray(a, dtype=dtype)
+
+    def to_numpy(self, a: Any) -> np.ndarray:
+        """Return ``a`` as a NumPy array (a device-to-host copy on CuPy; a host sync point)."""
+        return to_numpy(a)
+
+    def synchronize(self) -> None:
+        """Wait until all queued device work is done (no-op on NumPy)."""
+        if self.name == "cupy":
+            self.xp.cuda.get_current_stream().synchronize()
+
+    # -- fused kernels ------------------------------------------------------------------------
+    def tanh_step(self, pre: Any, hw: Any, out: Any) -> None:
+        """out = tanh(pre + hw), all (B, H); ``hw`` may be overwritten."""
+        self._kernels["tanh_step"](pre, hw, out)
+
+    def tanh_backward(self, carry: Any, s: Any, g: Any) -> None:
+        """g = (g + carry) * (1 - s**2) in place, all (B, H); ``carry`` may be overwritten.
+
+        This is "backprop through tanh": g enters as ∂E/∂s_t, leaves as δ_t = ∂E/∂(pre-activation).
+        """
+        self._kernels["tanh_backward"](carry, s, g)
+
+    def token_plan(self, ids: Any, vocab: int) -> TokenPlan:
+        """Sort the flat token ids (N,) once; the plan drives ``token_scatter_add``."""
+        xp = self.xp
+        perm = xp.argsort(ids, kind="stable") if self.name == "numpy" else xp.argsort(ids)
+        sorted_ids = ids[perm]
+        offsets = xp.searchsorted(sorted_ids, xp.arange(vocab + 1, dtype=ids.dtype))
+        return TokenPlan(perm=perm, offsets=offsets)
+
+    def token_scatter_add(self, dUT: Any, plan: TokenPlan, rows: Any) -> None:
+        """dUT[ids[n]] += rows[n] for every n; dUT (D, H), rows (N, H).
+
+        Deterministic: each id's rows are summed in a fixed order (no atomics).
+        """
+        self._kernels["token_scatter_add"](dUT, plan, rows)
+
+
+# -- NumPy twins --------------------------------------------------------------------------------
+def _np_tanh_step(pre: np.ndarray, hw: np.ndarray, out: np.ndarray) -> None:
+    np.add(hw, pre, out=hw)
+    np.tanh(hw, out=out)
+
+
+def _np_tanh_backward(carry: np.ndarray, s: np.ndarray, g: np.ndarray) -> None:
+    np.add(g, carry, out=g)
+    np.multiply(s, s, out=carry)
+    np.subtract(1.0, carry, out=carry)
+    np.multiply(g, carry, out=g)
+
+
+def _np_token_scatter_add(dUT: np.ndarray, plan: TokenPlan, rows: np.ndarray) -> None:
+    starts = plan.offsets[:-1]
+    present = plan.offsets[1:] > starts
+    if not present.any():
+        return
+    sums = np.add.reduceat(rows[plan.perm], starts[present], axis=0)
+    dUT[np.flatnonzero(present)] += sums
+
+
+_NUMPY_KERNELS = {
+    "tanh_step": _np_tanh_step,
+    "tanh_backward": _np_tanh_backward,
+    "token_scatter_add": _np_token_scatter_add,
+}
+
+
+# -- CuPy kernels -------------------------------------------------------------------------------
+def _cupy_kernels(cp: ModuleType) -> dict[str, Callable[..., Any]]:
+    tanh_step = cp.ElementwiseKernel("T pre, T hw", "T out", "out = tanh(pre + hw)", "gpubptt_tanh_step")
+    tanh_backward = cp.ElementwiseKernel(
+        "T carry, T s", "T g", "g = (g + carry) * ((T)1 - s * s)", "gpubptt_tanh_backward"
+    )
+    # One thread per (id, h): sums that id's rows in sorted order, so the result is bitwise
+    # reproducible (an atomic scatter-add is not).
+    scatter = cp.ElementwiseKernel(
+        "raw T rows, raw I perm, raw I offsets, int64 H",
+        "T dUT",
+        """
+        const long long d = i / H, h = i % H;
+        T acc = 0;
+        for (long long j = offsets[d]; j < offsets[d + 1]; ++j) acc += rows[perm[j] * H + h];
+        dUT += acc;
+        """,
+        "gpubptt_token_scatter_add",
+    )
+
+    def token_scatter_add(dUT: Any, plan: TokenPlan, rows: Any) -> None:
+        scatter(rows, plan.perm, plan.offsets, dUT.shape[1], dUT)
+
+    return {"tanh_step": tanh_step, "tanh_backward": tanh_backward, "token_scatter_add": token_scatter_add}
+
+
+# -- selection ----------------------------------------------------------------------------------
+_CACHE: dict[str, Backend] = {}
+
+
+def _is_cupy_array(a: Any) -> bool:
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def _numpy_backend() -> Backend:
+    cpu = platform.processor() or platform.machine()
+    device = f"CPU ({cpu}, {os.cpu_count()} logical cores)"
+    return Backend("numpy", np, device, dict(_NUMPY_KERNELS))
+
+
+def _cupy_backend() -> Backend:
+    try:
+        import cupy as cp
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"the cupy backend needs CuPy, which is not installed ({exc}); {INSTALL_HINT}"
+        ) from exc
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDARuntimeError, driver missing: anything CuPy raises here
+        raise BackendUnavailableError(
+            f"CuPy is installed but no CUDA device answers (driver error: {exc}); check `nvidia-smi`, "
+            f"or that the CuPy wheel matches the CUDA version ({INSTALL_HINT})"
+        ) from exc
+    if n == 0:
+        raise BackendUnavailableError(f"CuPy is installed but found no CUDA device; {INSTALL_HINT}")
+    try:
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        kernels = _cupy_kernels(cp)
+    except Exception as exc:
+        raise BackendUnavailableError(f"CuPy could not use the CUDA device ({exc}); {INSTALL_HINT}") from exc
+    return Backend("cupy", cp, f"{name} (CUDA device {cp.cuda.Device().id})", kernels)
+
+
+def get_backend(name: str | Backend | None = None) -> Backend:
+    """Return the backend called ``name``: "numpy", "cupy" or "auto".
+
+    ``None`` reads the ``GPUBPTT_BACKEND`` environment variable, else "auto" (CuPy when it imports
+    and a CUDA device answers, else NumPy). Asking for "cupy" where it cannot run raises
+    BackendUnavailableError; there is never a silent fallback.
+    """
+    if isinstance(name, Backend):
+        return name
+    if name is None:
+        name = os.environ.get(ENV_VAR, "").strip() or "auto"
+    if not isinstance(name, str) or name.lower() not in BACKEND_NAMES:
+        raise InputError(f"unknown backend {name!r}; expected one of {', '.join(BACKEND_NAMES)}")
+    name = name.lower()
+    if name == "auto":
+        try:
+            return get_backend("cupy")
+        except BackendUnavailableError:
+            return get_backend("numpy")
+    if name not in _CACHE:
+        _CACHE[name] = _numpy_backend() if name == "numpy" else _cupy_backend()
+    return _CACHE[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run here, NumPy first."""
+    names = ["numpy"]
+    try:
+        get_backend("cupy")
+        names.append("cupy")
+    except BackendUnavailableError:
+        pass
+    return names
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """Return any array (NumPy, CuPy, 0-d) as a NumPy array; a host sync point for CuPy."""
+    if _is_cupy_array(a):
+        return a.get()
+    return np.asarray(a)

@@ -1,0 +1,146 @@
+"""Softmax output layer and cross-entropy over time, in chunks of time steps.
+
+The output layer is the widest part of the model (K can be thousands), so it never materialises
+(T, B, K): it runs over blocks of ``chunk·B`` rows, each one GEMM for the logits, a stable
+log-sum-exp, and (for the gradient) one GEMM each for ∂E/∂s and dV. Memory stays O(chunk·B·K).
+
+    z_t = s_t @ V.T + c                 (rows of the chunk)
+    E_t = logsumexp(z_t) − z_t[y_t]     stable: shift by the row max first
+    do_t = softmax(z_t) − onehot(y_t)   ∂E/∂z_t; zeroed on padded steps
+    ∂E/∂s_t (direct term) = do_t @ V,   dV += do_tᵀ s_t,   dc += Σ do_t
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .backend import Backend
+
+__all__ = ["CHUNK_ELEMENTS", "chunk_steps", "softmax_probs", "xent_and_grads"]
+
+#: Target size (elements) of one chunk's logits block: rows·K ≤ this, at least one time step.
+CHUNK_ELEMENTS = 1 << 18
+
+
+def chunk_steps(T: int, B: int, K: int, budget: int = CHUNK_ELEMENTS) -> int:
+    """Time steps per output-layer chunk so that chunk·B·K ≤ budget (at least 1, at most T)."""
+    return max(1, min(T, budget // max(1, B * K)))
+
+
+def _logits(rows: Any, V: Any, c: Any, out: Any, *, xp: Any) -> Any:
+    """z = rows @ V.T (+ c) into ``out``; rows (n, H), V (K, H) → (n, K)."""
+    xp.matmul(rows, V.T, out=out)
+    if c is not None:
+        out += c
+    return out
+
+
+def softmax_probs(states: Any, V: Any, c: Any, *, be: Backend, chunk: int | None = None) -> Any:
+    """Softmax probabilities for every step: states (T, B, H) → probs (T, B, K)."""
+    xp = be.xp
+    T, B, H = states.shape
+    K = V.shape[0]
+    probs = xp.empty((T, B, K), dtype=states.dtype)
+    step = chunk or chunk_steps(T, B, K)
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        z = probs[t0:t1].reshape(-1, K)  # (n, K) view
+        _logits(states[t0:t1].reshape(-1, H), V, c, z, xp=xp)
+        z -= z.max(axis=1, keepdims=True)
+        xp.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+    return probs
+
+
+def xent_and_grads(
+    states: Any,
+    V: Any,
+    c: Any,
+    y: Any,
+    weight: Any,
+    scale: float,
+    *,
+    be: Backend,
+    dS: Any,
+    dV: Any,
+    dc: Any,
+    chunk: int | None = None,
+) -> Any:
+    """Cross-entropy summed over counted steps, times ``scale``; writes its gradients.
+
+    states (T, B, H) are s_0..s_{T-1}; y (T, B) int targets (valid everywhere: padded entries
+    already replaced); weight (T, B) with 1 on counted steps, 0 on padded ones, or None.
+    Writes dS (T, B, H) = the direct term do_t @ V, and dV (K, H), dc (K,) or None, overwriting.
+    Returns the loss as a 0-d array on the backend (no host sync).
+    """
+    xp = be.xp
+    T, B, H = states.shape
+    K = V.shape[0]
+    step = chunk or chunk_steps(T, B, K)
+    zbuf = xp.empty((step * B, K), dtype=states.dtype)
+    dV_part = xp.empty_like(dV) if T > step else None
+    loss = xp.zeros((), dtype=states.dtype)
+    dV[...] = 0
+    if dc is not None:
+        dc[...] = 0
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        n = (t1 - t0) * B
+        rows = states[t0:t1].reshape(n, H)  # (n, H)
+        tgt = y[t0:t1].reshape(n)  # (n,)
+        z = _logits(rows, V, c, zbuf[:n], xp=xp)  # (n, K)
+        # stable log-softmax: E = log Σ exp(z − m) − (z[y] − m)
+        z -= z.max(axis=1, keepdims=True)
+        ar = xp.arange(n)
+        z_y = z[ar, tgt]  # (n,)
+        xp.exp(z, out=z)
+        total = z.sum(axis=1)  # (n,)
+        e = xp.log(total) - z_y  # (n,) per-step loss
+        # backprop through softmax + cross-entropy: do = softmax(z) − onehot(y)
+        z /= total[:, None]
+        z[ar, tgt] -= 1
+        if weight is not None:
+            w = weight[t0:t1].reshape(n)
+            e *= w
+            z *= w[:, None]
+        loss += e.sum()
+        if scale != 1.0:
+            z *= scale
+        xp.matmul(z, V, out=dS[t0:t1].reshape(n, H))  # direct term ∂E/∂s_t = do_t @ V
+        if dV_part is None:
+            xp.matmul(z.T, rows, out=dV)
+        else:
+            xp.matmul(z.T, rows, out=dV_part)
+            dV += dV_part
+        if dc is not None:
+            dc += z.sum(axis=0)
+    if scale != 1.0:
+        loss *= scale
+    return loss
+
+
+def xent_loss(
+    states: Any, V: Any, c: Any, y: Any, weight: Any, scale: float, *, be: Backend, chunk: int | None = None
+) -> Any:
+    """Loss only (no gradients): same arguments and result as ``xent_and_grads``."""
+    xp = be.xp
+    T, B, H = states.shape
+    K = V.shape[0]
+    step = chunk or chunk_steps(T, B, K)
+    zbuf = xp.empty((step * B, K), dtype=states.dtype)
+    loss = xp.zeros((), dtype=states.dtype)
+    for t0 in range(0, T, step):
+        t1 = min(T, t0 + step)
+        n = (t1 - t0) * B
+        z = _logits(states[t0:t1].reshape(n, H), V, c, zbuf[:n], xp=xp)
+        m = z.max(axis=1)
+        z -= m[:, None]
+        z_y = z[xp.arange(n), y[t0:t1].reshape(n)]
+        xp.exp(z, out=z)
+        e = xp.log(z.sum(axis=1)) - z_y
+        if weight is not None:
+            e *= weight[t0:t1].reshape(n)
+        loss += e.sum()
+    if scale != 1.0:
+        loss *= scale
+    return loss

@@ -1,0 +1,327 @@
+"""The RNN model: parameters, init presets, forward, loss and exact BPTT gradients.
+
+    s_t = tanh(U x_t + W s_{t-1} [+ b])      ŷ_t = softmax(V s_t [+ c])      E = Σ_t −log ŷ_t[y_t]
+
+Parameters have PyTorch's shapes and are never stored transposed: U (H, D) like ``weight_ih_l0``,
+W (H, H) like ``weight_hh_l0``, V (K, H) like ``Linear.weight``, b (H,), c (K,).
+
+    >>> import numpy as np, gpubptt
+    >>> model = gpubptt.RNN(8, 16, 8, backend="numpy", seed=0)
+    >>> x = np.zeros((5, 3), dtype=np.int64)                     # (T, B) token ids
+    >>> loss, grads = model.loss_and_grads(x, x)
+    >>> grads["W"].shape, grads["s0"].shape
+    ((16, 16), (3, 16))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import bptt
+from ._checks import Batch, check_batch, check_dtype, check_positive_int
+from .backend import Backend, get_backend
+from .errors import InputError, InputTypeError, ShapeError
+from .losses import chunk_steps, softmax_probs, xent_and_grads, xent_loss
+
+__all__ = ["INITS", "REDUCTIONS", "RNN", "RNNOutput"]
+
+INITS = ("wildml", "torch")
+REDUCTIONS = ("sum", "mean")
+PARAM_NAMES = ("U", "W", "V", "b", "c")
+
+
+@dataclass
+class RNNOutput:
+    """What ``RNN.forward`` returns.
+
+    states (T, B, H) s_0..s_{T-1} (zero on padded steps); probs (T, B, K) softmax outputs (zero on
+    padded steps); final_state (B, H) the state at step lengths[b]−1 (s0 when the length is 0).
+    """
+
+    states: Any
+    probs: Any
+    final_state: Any
+
+
+def _check_reduction(reduction: Any) -> str:
+    if reduction not in REDUCTIONS:
+        raise InputError(f"unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)}")
+    return reduction
+
+
+def _check_truncate(truncate: Any) -> int | None:
+    if truncate is None:
+        return None
+    if isinstance(truncate, bool) or not isinstance(truncate, (int, np.integer)):
+        raise InputTypeError(f"truncate must be None or an int ≥ 0, got {type(truncate).__name__} {truncate!r}")
+    if truncate < 0:
+        raise InputError(f"truncate must be None or an int ≥ 0, got {truncate}")
+    return int(truncate)
+
+
+class RNN:
+    """A vanilla RNN with a softmax output, batched and time-major, on NumPy or CuPy.
+
+    Shapes: x (T, B) token ids in [0, D) or (T, B, D) floats; y (T, B) ints in [0, K);
+    s0 (B, H); lengths (B,). Parameters U (H, D), W (H, H), V (K, H), b (H,), c (K,).
+
+    init="wildml": U ~ U(±1/√D), V and W ~ U(±1/√H), biases zero.
+    init="torch":  every parameter ~ U(±1/√H), like ``torch.nn.RNN``.
+    Random numbers come from NumPy's ``default_rng(seed)`` on the host, so every backend starts
+    from identical weights.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        output_size: int,
+        *,
+        backend: str | Backend | None = "auto",
+        dtype: Any = "float32",
+        bias: bool = False,
+        init: str = "wildml",
+        seed: int | None = None,
+    ) -> None:
+        D = check_positive_int(input_size, "input_size")
+        H = check_positive_int(hidden_size, "hidden_size")
+        K = check_positive_int(output_size, "output_size")
+        dt = check_dtype(dtype)
+        if init not in INITS:
+            raise InputError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
+        if not isinstance(bias, (bool, np.bool_)):
+            raise InputTypeError(f"bias must be a bool, got {type(bias).__name__}")
+        be = get_backend(backend)
+        rng = np.random.default_rng(seed)
+        if init == "wildml":
+            bounds = {"U": 1 / np.sqrt(D), "W": 1 / np.sqrt(H), "V": 1 / np.sqrt(H)}
+        else:
+            bounds = {
+                "U": 1 / np.sqrt(H),
+                "W": 1 / np.sqrt(H),
+                "V": 1 / np.sqrt(H),
+                "b": 1 / np.sqrt(H),
+                "c": 1 / np.sqrt(H),
+            }
+        shapes = {"U": (H, D), "W": (H, H), "V": (K, H)}
+        if bias:
+            shapes.update(b=(H,), c=(K,))
+        host = {}
+        for name, shape in shapes.items():
+            a = bounds.get(name, 0.0)
+            host[name] = rng.uniform(-a, a, size=shape) if a else np.zeros(shape)
+        self._setup(be, dt, {k: be.asarray(v, dtype=dt) for k, v in host.items()})
+        self.init = init
+
+    def _setup(self, be: Backend, dtype: np.dtype, params: dict[str, Any]) -> None:
+        self.backend = be
+        self.dtype = dtype
+        self.params = params
+        self.init = "custom"
+
+    # -- construction from arrays -------------------------------------------------------------
+    @classmethod
+    def from_params(
+        cls, params: Mapping[str, Any], *, backend: str | Backend | None = "auto", dtype: Any = None
+    ) -> RNN:
+        """Build a model from arrays (NumPy or backend) keyed "U", "W", "V" and optionally "b", "c".
+
+        Shapes U (H, D), W (H, H), V (K, H), b (H,), c (K,); b and c come together or not at all.
+        ``dtype=None`` keeps the arrays' float dtype (float32 or float64). The arrays are copied.
+        """
+        if not isinstance(params, Mapping):
+            raise InputTypeError(f"params must be a mapping of arrays, got {type(params).__name__}")
+        unknown = sorted(set(params) - set(PARAM_NAMES))
+        if unknown:
+            raise InputError(f"unknown parameter names {unknown}; expected U, W, V and optionally b, c")
+        missing = [k for k in ("U", "W", "V") if k not in params]
+        if missing:
+            raise InputError(f"params is missing {missing}; expected U (H, D), W (H, H), V (K, H)")
+        if ("b" in params) != ("c" in params):
+            raise InputError("params must hold both biases 'b' (H,) and 'c' (K,) or neither")
+        be = get_backend(backend)
+        host = {k: be.to_numpy(params[k]) for k in params}
+        for k, a in host.items():
+            if a.dtype.kind != "f":
+                raise InputTypeError(f"parameter {k} must be floating point, got dtype {a.dtype}")
+        dt = check_dtype(dtype if dtype is not None else host["U"].dtype)
+        if host["U"].ndim != 2 or host["W"].ndim != 2 or host["V"].ndim != 2:
+            raise ShapeError("U, W, V must be 2-d: got " + ", ".join(f"{k} {host[k].shape}" for k in ("U", "W", "V")))
+        H, D = host["U"].shape
+        K = host["V"].shape[0]
+        expected = {"U": (H, D), "W": (H, H), "V": (K, H), "b": (H,), "c": (K,)}
+        for k, a in host.items():
+            if a.shape != expected[k]:
+                raise ShapeError(
+                    f"parameter {k} must have shape {expected[k]} (from U {host['U'].shape}), got {a.shape}"
+                )
+            if not np.isfinite(a).all():
+                raise InputError(f"parameter {k} contains NaN or infinity")
+        if min(H, D, K) < 1:
+            raise ShapeError(f"every size must be ≥ 1; got D={D}, H={H}, K={K}")
+        model = cls.__new__(cls)
+        model._setup(be, dt, {k: be.asarray(np.array(a, dtype=dt)) for k, a in host.items()})
+        return model
+
+    def to(self, backend: str | Backend) -> RNN:
+        """A copy of this model on another backend (same dtype, same weights)."""
+        return RNN.from_params(self.params, backend=backend, dtype=self.dtype)
+
+    # -- sizes --------------------------------------------------------------------------------
+    @property
+    def input_size(self) -> int:
+        """D."""
+        return int(self.params["U"].shape[1])
+
+    @property
+    def hidden_size(self) -> int:
+        """H."""
+        return int(self.params["W"].shape[0])
+
+    @property
+    def output_size(self) -> int:
+        """K."""
+        return int(self.params["V"].shape[0])
+
+    @property
+    def bias(self) -> bool:
+        """Whether the model has biases b and c."""
+        return "b" in self.params
+
+    def __repr__(self) -> str:
+        return (
+            f"RNN(input_size={self.input_size}, hidden_size={self.hidden_size}, output_size={self.output_size}, "
+            f"backend={self.backend.name!r}, dtype={self.dtype.name!r}, bias={self.bias})"
+        )
+
+    # -- the math -----------------------------------------------------------------------------
+    def _check(self, x: Any, y: Any, s0: Any, lengths: Any, for_loss: bool) -> Batch:
+        return check_batch(
+            self.backend,
+            self.dtype,
+            self.input_size,
+            self.hidden_size,
+            self.output_size,
+            x,
+            y,
+            s0,
+            lengths,
+            for_loss=for_loss,
+        )
+
+    def _states(self, batch: Batch) -> Any:
+        """Run the forward recurrence: S (T+1, B, H) with S[0] = s0."""
+        xp, p = self.backend.xp, self.params
+        T, B, H = batch.T, batch.B, self.hidden_size
+        S = xp.empty((T + 1, B, H), dtype=self.dtype)  # S[t+1] = s_t
+        S[0] = 0 if batch.s0 is None else batch.s0
+        pre = xp.empty((T, B, H), dtype=self.dtype)
+        bptt.input_projection(p["U"], p.get("b"), batch.x, batch.tokens, be=self.backend, out=pre)
+        bptt.recurrence_forward(pre, p["W"], S, be=self.backend, hw=xp.empty((B, H), dtype=self.dtype))
+        return S
+
+    def _final_state(self, S: Any, batch: Batch) -> Any:
+        xp = self.backend.xp
+        if batch.lengths is None:
+            return S[batch.T].copy()
+        return S[self.backend.asarray(batch.lengths), xp.arange(batch.B)]  # S[len] = s_{len−1}
+
+    def forward(self, x: Any, s0: Any = None, *, lengths: Any = None) -> RNNOutput:
+        """States, probabilities and final state for inputs x.
+
+        x (T, B) token ids or (T, B, D) floats; s0 (B, H) or None (zeros); lengths (B,) or None.
+        Returns RNNOutput with states (T, B, H), probs (T, B, K), final_state (B, H).
+        """
+        batch = self._check(x, None, s0, lengths, for_loss=False)
+        S = self._states(batch)
+        states = S[1:]
+        probs = softmax_probs(states, self.params["V"], self.params.get("c"), be=self.backend)
+        final = self._final_state(S, batch)
+        if batch.weight is not None:
+            states = states * batch.weight[:, :, None]
+            probs *= batch.weight[:, :, None]
+        return RNNOutput(states=states, probs=probs, final_state=final)
+
+    def _scale(self, batch: Batch, reduction: str) -> float:
+        if reduction == "sum":
+            return 1.0
+        if batch.count == 0:
+            raise InputError("reduction='mean' needs at least one counted step; every length is 0")
+        return 1.0 / batch.count
+
+    def loss(self, x: Any, y: Any, s0: Any = None, *, lengths: Any = None, reduction: str = "sum") -> Any:
+        """Cross-entropy E over the counted steps: a 0-d array on the model's backend.
+
+        x (T, B) or (T, B, D); y (T, B); s0 (B, H); lengths (B,). ``float(loss)`` reads it.
+        """
+        reduction = _check_reduction(reduction)
+        batch = self._check(x, y, s0, lengths, for_loss=True)
+        scale = self._scale(batch, reduction)
+        S = self._states(batch)
+        return xent_loss(S[1:], self.params["V"], self.params.get("c"), batch.y, batch.weight, scale, be=self.backend)
+
+    def loss_and_grads(
+        self,
+        x: Any,
+        y: Any,
+        s0: Any = None,
+        *,
+        lengths: Any = None,
+        truncate: int | None = None,
+        reduction: str = "sum",
+    ) -> tuple[Any, dict[str, Any]]:
+        """Loss and its exact gradients by backpropagation through time.
+
+        x (T, B) token ids or (T, B, D) floats; y (T, B) targets; s0 (B, H) or None; lengths (B,).
+        Returns (loss, grads): loss a 0-d array on the backend (no host sync forced), grads a dict
+        with the keys of ``params`` plus "s0" (B, H), each shaped like its parameter.
+
+        truncate=None is full BPTT. truncate=k is the tutorial truncation: the gradient of each E_t
+        flows back through steps t, t−1, …, t−k only, and grads["s0"] receives E_t's gradient only
+        when that window reaches step 0 (t ≤ k). This is not the chunked truncation used to train
+        on long streams, which cuts the sequence into chunks, carries the state forward across
+        chunks and backpropagates within each chunk (call this method per chunk with s0 = the
+        previous chunk's final state for that).
+        """
+        reduction = _check_reduction(reduction)
+        truncate = _check_truncate(truncate)
+        batch = self._check(x, y, s0, lengths, for_loss=True)
+        scale = self._scale(batch, reduction)
+        be, xp, p = self.backend, self.backend.xp, self.params
+        T, B, H, K = batch.T, batch.B, self.hidden_size, self.output_size
+
+        S = self._states(batch)  # (T+1, B, H)
+        grads = {k: xp.empty_like(v) for k, v in p.items()}
+        G = xp.empty((T, B, H), dtype=self.dtype)  # direct term ∂E_t/∂s_t, then δ_t in place
+        loss = xent_and_grads(
+            S[1:],
+            p["V"],
+            p.get("c"),
+            batch.y,
+            batch.weight,
+            scale,
+            be=be,
+            dS=G,
+            dV=grads["V"],
+            dc=grads.get("c"),
+            chunk=chunk_steps(T, B, K),
+        )
+        if truncate is None or truncate >= T - 1:
+            bptt.backward_full(G, p["W"], S, be=be, carry=xp.empty((B, H), dtype=self.dtype))
+        else:
+            lanes = xp.empty((2, truncate + 1, B, H), dtype=self.dtype)
+            bptt.backward_truncated(
+                G, p["W"], S, truncate, be=be, lanes=lanes[0], spare=lanes[1], dt=xp.empty((B, H), dtype=self.dtype)
+            )
+        delta = G.reshape(T * B, H)
+        xp.matmul(delta.T, S[:-1].reshape(T * B, H), out=grads["W"])  # dW = Σ_t δ_tᵀ s_{t-1}
+        plan = be.token_plan(batch.x.reshape(-1), self.input_size) if batch.tokens else None
+        bptt.input_weight_grad(G, batch.x, batch.tokens, plan, be=be, out=grads["U"])
+        if "b" in grads:
+            xp.sum(delta, axis=0, out=grads["b"])
+        grads["s0"] = G[0] @ p["W"]  # ds0 = δ_0 @ W
+        return loss, grads

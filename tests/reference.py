@@ -1,0 +1,87 @@
+"""Independent references for the tests: plain per-example NumPy loops in float64.
+
+Written straight from the formulas, one sequence and one step at a time, sharing no code with the
+package, so agreement means something.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def ref_forward_one(params, x, s0):
+    """States of one sequence: x (T,) ids or (T, D) floats, s0 (H,) → list of s_t (H,)."""
+    U, W = params["U"], params["W"]
+    b = params.get("b", 0.0)
+    s, out = s0, []
+    for t in range(len(x)):
+        ux = U[:, x[t]] if np.ndim(x) == 1 else U @ x[t]
+        s = np.tanh(ux + W @ s + b)
+        out.append(s)
+    return out
+
+
+def ref_loss(params, x, y, s0=None, lengths=None, reduction="sum"):
+    """Σ over counted steps of −log softmax(V s_t + c)[y_t]; x (T, B) or (T, B, D), y (T, B)."""
+    T, B = y.shape
+    H = params["W"].shape[0]
+    V, c = params["V"], params.get("c", 0.0)
+    total, count = 0.0, 0
+    for bi in range(B):
+        n = T if lengths is None else int(lengths[bi])
+        h0 = np.zeros(H) if s0 is None else s0[bi]
+        states = ref_forward_one(params, x[:n, bi], h0)
+        for t in range(n):
+            z = V @ states[t] + c
+            z = z - z.max()
+            total -= z[y[t, bi]] - np.log(np.exp(z).sum())
+            count += 1
+    return total / count if reduction == "mean" else total
+
+
+def ref_tutorial_truncated_grads(params, x, y, truncate, s0=None):
+    """The classic tutorial BPTT, one sequence at a time, no biases: grads of U, W, V, s0.
+
+    For each t, delta flows back through steps t, t−1, …, t−truncate only.
+    """
+    W, V = params["W"], params["V"]
+    T, B = y.shape
+    H = W.shape[0]
+    g = {k: np.zeros_like(params[k]) for k in ("U", "W", "V")}
+    g["s0"] = np.zeros((B, H))
+    for bi in range(B):
+        h0 = np.zeros(H) if s0 is None else s0[bi]
+        s = [h0, *ref_forward_one(params, x[:, bi], h0)]  # s[t+1] = s_t
+        for t in range(T):
+            z = V @ s[t + 1]
+            p = np.exp(z - z.max())
+            p /= p.sum()
+            do = p.copy()
+            do[y[t, bi]] -= 1
+            g["V"] += np.outer(do, s[t + 1])
+            delta = (V.T @ do) * (1 - s[t + 1] ** 2)
+            for step in range(t, max(0, t - truncate) - 1, -1):
+                g["W"] += np.outer(delta, s[step])
+                if np.ndim(x) == 2:
+                    g["U"][:, x[step, bi]] += delta
+                else:
+                    g["U"] += np.outer(delta, x[step, bi])
+                if step == 0:
+                    g["s0"][bi] += W.T @ delta
+                delta = (W.T @ delta) * (1 - s[step] ** 2)
+    return g
+
+
+def numeric_grad(f, arr, eps=1e-6):
+    """Central differences of scalar f() with respect to every entry of arr (perturbed in place)."""
+    out = np.zeros_like(arr)
+    flat, gflat = arr.reshape(-1), out.reshape(-1)
+    for i in range(flat.size):
+        orig = flat[i]
+        flat[i] = orig + eps
+        up = f()
+        flat[i] = orig - eps
+        down = f()
+        flat[i] = orig
+        gflat[i] = (up - down) / (2 * eps)
+    return out

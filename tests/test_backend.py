@@ -1,0 +1,82 @@
+"""Backend selection and the fused kernels against their plain definitions."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+import gpubptt
+from gpubptt import backend as backend_mod
+
+
+@pytest.fixture
+def no_cupy(monkeypatch):
+    """Pretend CuPy is not installed (whatever this machine has)."""
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setattr(backend_mod, "_CACHE", {})
+
+
+def test_cupy_unavailable_says_why_and_how_to_install(no_cupy):
+    with pytest.raises(gpubptt.BackendUnavailableError) as info:
+        gpubptt.get_backend("cupy")
+    msg = str(info.value)
+    assert "not installed" in msg and "pip install 'gpubptt[cuda12]'" in msg and "cuda13" in msg
+
+
+def test_auto_falls_back_to_numpy_only_for_auto(no_cupy, monkeypatch):
+    assert gpubptt.get_backend("auto").name == "numpy"
+    monkeypatch.setenv("GPUBPTT_BACKEND", "cupy")
+    with pytest.raises(gpubptt.BackendUnavailableError):
+        gpubptt.get_backend()
+    with pytest.raises(gpubptt.BackendUnavailableError):
+        gpubptt.RNN(3, 3, 3, backend="cupy")
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("GPUBPTT_BACKEND", "numpy")
+    assert gpubptt.get_backend().name == "numpy"
+    assert gpubptt.RNN(3, 4, 5, backend=None).backend.name == "numpy"
+
+
+@pytest.mark.parametrize("name", ["torch", "", "gpu", 3])
+def test_unknown_backend_is_a_value_error(name):
+    with pytest.raises(gpubptt.InputError, match="unknown backend"):
+        gpubptt.get_backend(name)
+
+
+def test_backend_exposes_its_interface(be):
+    assert be.name in ("numpy", "cupy") and isinstance(be.device, str) and be.device
+    a = be.asarray([1.0, 2.0])
+    assert isinstance(a, be.xp.ndarray)
+    be.synchronize()
+    np.testing.assert_array_equal(be.to_numpy(a), [1.0, 2.0])
+
+
+def test_fused_kernels_match_their_definitions(be, xp):
+    rng = np.random.default_rng(0)
+    pre, hw, s, g, carry = (rng.normal(size=(3, 4)) for _ in range(5))
+    out = xp.empty((3, 4))
+    be.tanh_step(be.asarray(pre), be.asarray(hw.copy()), out)
+    np.testing.assert_allclose(be.to_numpy(out), np.tanh(pre + hw), rtol=1e-14)
+    g_dev = be.asarray(g.copy())
+    be.tanh_backward(be.asarray(carry.copy()), be.asarray(s), g_dev)
+    np.testing.assert_allclose(be.to_numpy(g_dev), (g + carry) * (1 - s**2), rtol=1e-14)
+
+
+def test_token_scatter_add_matches_add_at_and_is_deterministic(be, xp):
+    rng = np.random.default_rng(1)
+    D, H, N = 9, 5, 200
+    ids = rng.integers(0, D - 2, size=N)  # the last ids never appear
+    rows = rng.normal(size=(N, H))
+    want = np.zeros((D, H))
+    np.add.at(want, ids, rows)
+    results = []
+    for _ in range(2):
+        dUT = xp.zeros((D, H))
+        plan = be.token_plan(be.asarray(ids), D)
+        be.token_scatter_add(dUT, plan, be.asarray(rows))
+        results.append(be.to_numpy(dUT))
+    np.testing.assert_allclose(results[0], want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(results[0], results[1])

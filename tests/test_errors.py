@@ -1,0 +1,129 @@
+"""Every bad input gets the documented error before any work, and the model is left unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpubptt
+
+T, B, D, H, K = 4, 3, 5, 6, 7
+
+
+@pytest.fixture
+def model():
+    return gpubptt.RNN(D, H, K, backend="numpy", seed=0, bias=True)
+
+
+def good():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, D, size=(T, B)), rng.integers(0, K, size=(T, B))
+
+
+def snapshot(m):
+    return {k: v.copy() for k, v in m.params.items()}
+
+
+X, Y = good()
+BAD_CALLS = [
+    # (description, kwargs for loss_and_grads, error type, message fragment)
+    ("x 1-d", dict(x=X[0]), gpubptt.ShapeError, "got 1 dimensions"),
+    ("x 4-d", dict(x=np.zeros((T, B, D, 1))), gpubptt.ShapeError, "got 4 dimensions"),
+    ("dense x wrong D", dict(x=np.zeros((T, B, D + 1))), gpubptt.ShapeError, f"(T, B, {D})"),
+    ("float token ids", dict(x=X.astype(float)), gpubptt.InputTypeError, "must be integers"),
+    ("int dense x", dict(x=np.zeros((T, B, D), dtype=int)), gpubptt.InputTypeError, "floating point"),
+    ("token id too big", dict(x=np.where(X == X[0, 0], D, X)), gpubptt.InputError, f"[0, {D})"),
+    ("negative token id", dict(x=np.where(X == X[0, 0], -1, X)), gpubptt.InputError, "found -1"),
+    ("nan dense x", dict(x=np.full((T, B, D), np.nan)), gpubptt.InputError, "NaN or infinity"),
+    ("y wrong shape", dict(y=Y[:, :2]), gpubptt.ShapeError, f"({T}, {B})"),
+    ("float y", dict(y=Y.astype(float)), gpubptt.InputTypeError, "integers"),
+    ("y too big", dict(y=np.full((T, B), K)), gpubptt.InputError, f"[0, {K})"),
+    ("negative y", dict(y=np.full((T, B), -2)), gpubptt.InputError, "found -2"),
+    ("s0 wrong shape", dict(s0=np.zeros((B, H + 1))), gpubptt.ShapeError, f"({B}, {H})"),
+    ("s0 inf", dict(s0=np.full((B, H), np.inf)), gpubptt.InputError, "s0 contains NaN"),
+    ("lengths too long", dict(lengths=np.array([T + 1, 1, 1])), gpubptt.InputError, "lengths[0] = 5"),
+    ("lengths negative", dict(lengths=np.array([1, -1, 1])), gpubptt.InputError, "lengths[1] = -1"),
+    ("lengths shape", dict(lengths=np.array([1, 1])), gpubptt.ShapeError, "(B,)"),
+    ("float lengths", dict(lengths=np.array([1.0, 1, 1])), gpubptt.InputTypeError, "integers"),
+    ("T = 0", dict(x=np.zeros((0, B), int), y=np.zeros((0, B), int)), gpubptt.ShapeError, "T=0"),
+    ("B = 0", dict(x=np.zeros((T, 0), int), y=np.zeros((T, 0), int)), gpubptt.ShapeError, "B=0"),
+    ("negative truncate", dict(truncate=-1), gpubptt.InputError, "truncate"),
+    ("float truncate", dict(truncate=1.5), gpubptt.InputTypeError, "truncate"),
+    ("bad reduction", dict(reduction="avg"), gpubptt.InputError, "reduction"),
+    ("mean of nothing", dict(lengths=np.zeros(B, int), reduction="mean"), gpubptt.InputError, "counted step"),
+]
+
+
+@pytest.mark.parametrize("desc,kwargs,err,fragment", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_raises_clear_error_and_leaves_model_unchanged(model, desc, kwargs, err, fragment):
+    args = dict(x=X, y=Y, s0=None)
+    args.update(kwargs)
+    before = snapshot(model)
+    with pytest.raises(err) as info:
+        model.loss_and_grads(**args)
+    assert fragment in str(info.value)
+    assert isinstance(info.value, (ValueError, TypeError))
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.params[k], v)
+
+
+def test_padded_targets_may_hold_anything(model):
+    y = Y.copy()
+    y[2:, 0] = 10**6
+    y[:, 1] = -5
+    loss, _ = model.loss_and_grads(X, y, lengths=np.array([2, 0, T]))
+    assert np.isfinite(float(loss))
+
+
+def test_arrays_from_another_library_are_refused(model):
+    class Foreign:
+        def __array__(self, dtype=None, copy=None):
+            return X
+
+    with pytest.raises(gpubptt.BackendMismatchError, match="numpy backend"):
+        model.loss_and_grads(Foreign(), Y)
+
+
+def test_numpy_input_to_cupy_model_is_refused(cupy_be):
+    m = gpubptt.RNN(D, H, K, backend=cupy_be, seed=0)
+    with pytest.raises(gpubptt.BackendMismatchError, match="cupy backend"):
+        m.loss_and_grads(X, cupy_be.asarray(Y))
+
+
+def test_cupy_wraps_out_of_range_ids_but_we_refuse_them(cupy_be):
+    m = gpubptt.RNN(D, H, K, backend=cupy_be, seed=0)
+    with pytest.raises(gpubptt.InputError, match=f"found {D}"):
+        m.loss_and_grads(cupy_be.asarray(np.where(X == X[0, 0], D, X)), cupy_be.asarray(Y))
+
+
+@pytest.mark.parametrize(
+    "kwargs,err,fragment",
+    [
+        (dict(dtype="float16"), gpubptt.InputError, "float16"),
+        (dict(dtype="bogus"), gpubptt.InputError, "dtype"),
+        (dict(init="xavier"), gpubptt.InputError, "unknown init"),
+        (dict(backend="tpu"), gpubptt.InputError, "unknown backend"),
+        (dict(bias="yes"), gpubptt.InputTypeError, "bias"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, err, fragment):
+    with pytest.raises(err, match=fragment):
+        gpubptt.RNN(D, H, K, **kwargs)
+
+
+@pytest.mark.parametrize("sizes", [(0, 3, 3), (3, -1, 3), (3, 3, 2.5)])
+def test_bad_sizes(sizes):
+    with pytest.raises((gpubptt.InputError, gpubptt.InputTypeError)):
+        gpubptt.RNN(*sizes)
+
+
+def test_from_params_checks_names_and_shapes(model):
+    p = {k: v.copy() for k, v in model.params.items()}
+    with pytest.raises(gpubptt.ShapeError, match="parameter W must have shape"):
+        gpubptt.RNN.from_params({**p, "W": np.zeros((H, H + 1))}, backend="numpy")
+    with pytest.raises(gpubptt.InputError, match="unknown parameter"):
+        gpubptt.RNN.from_params({**p, "Q": p["W"]}, backend="numpy")
+    with pytest.raises(gpubptt.InputError, match="both biases"):
+        gpubptt.RNN.from_params({k: p[k] for k in ("U", "W", "V", "b")}, backend="numpy")
+    with pytest.raises(gpubptt.InputError, match="missing"):
+        gpubptt.RNN.from_params({"U": p["U"]}, backend="numpy")

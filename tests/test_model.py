@@ -1,0 +1,124 @@
+"""RNN construction, forward semantics, and backend parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpubptt
+from tests.reference import ref_forward_one, ref_loss
+
+
+def test_forward_matches_per_sequence_reference(be, xp):
+    rng = np.random.default_rng(0)
+    model = gpubptt.RNN(7, 6, 5, backend=be, dtype="float64", bias=True, init="torch", seed=1)
+    x = rng.integers(0, 7, size=(8, 4))
+    s0 = rng.normal(size=(4, 6)) * 0.3
+    lengths = np.array([8, 3, 0, 5])
+    out = model.forward(be.asarray(x), be.asarray(s0), lengths=be.asarray(lengths))
+    p = {k: gpubptt.to_numpy(v) for k, v in model.params.items()}
+    states, probs = gpubptt.to_numpy(out.states), gpubptt.to_numpy(out.probs)
+    for b in range(4):
+        n = lengths[b]
+        ref = ref_forward_one(p, x[:n, b], s0[b])
+        for t in range(8):
+            if t < n:
+                np.testing.assert_allclose(states[t, b], ref[t], rtol=1e-12)
+                z = p["V"] @ ref[t] + p["c"]
+                np.testing.assert_allclose(probs[t, b], np.exp(z - z.max()) / np.exp(z - z.max()).sum(), rtol=1e-12)
+            else:
+                assert np.all(states[t, b] == 0) and np.all(probs[t, b] == 0)
+        want_final = ref[n - 1] if n else s0[b]
+        np.testing.assert_allclose(gpubptt.to_numpy(out.final_state)[b], want_final, rtol=1e-12)
+
+
+def test_loss_matches_reference_and_is_0d_on_backend(be, xp):
+    rng = np.random.default_rng(1)
+    model = gpubptt.RNN(4, 5, 6, backend=be, dtype="float64", seed=2)
+    x = rng.normal(size=(6, 3, 4))
+    y = rng.integers(0, 6, size=(6, 3))
+    loss = model.loss(be.asarray(x), be.asarray(y))
+    assert isinstance(loss, xp.ndarray) and loss.ndim == 0
+    p = {k: gpubptt.to_numpy(v) for k, v in model.params.items()}
+    assert float(loss) == pytest.approx(ref_loss(p, x, y), rel=1e-12)
+
+
+def test_softmax_is_stable_for_huge_logits():
+    model = gpubptt.RNN(3, 4, 3, backend="numpy", dtype="float32", seed=0)
+    model.params["V"][...] = 1e4 * np.arange(12, dtype=np.float32).reshape(3, 4)
+    x = np.array([[0], [1], [2]])
+    loss, grads = model.loss_and_grads(x, x)
+    assert np.isfinite(float(loss))
+    assert all(np.isfinite(g).all() for g in grads.values())
+    assert np.isfinite(model.forward(x).probs).all()
+
+
+@pytest.mark.parametrize("init", ["wildml", "torch"])
+def test_init_presets_have_their_bounds(init):
+    D, H, K = 50, 40, 30
+    m = gpubptt.RNN(D, H, K, backend="numpy", init=init, bias=True, seed=0, dtype="float64")
+    bound = {"U": 1 / np.sqrt(D) if init == "wildml" else 1 / np.sqrt(H), "W": 1 / np.sqrt(H), "V": 1 / np.sqrt(H)}
+    for k, a in bound.items():
+        p = m.params[k]
+        assert np.abs(p).max() <= a and np.abs(p).max() > 0.9 * a, k
+    if init == "wildml":
+        assert not m.params["b"].any() and not m.params["c"].any()
+    else:
+        assert np.abs(m.params["b"]).max() <= 1 / np.sqrt(H) and m.params["b"].any()
+
+
+def test_seed_gives_identical_weights_and_parameter_shapes():
+    a = gpubptt.RNN(5, 7, 3, backend="numpy", seed=3, bias=True)
+    b = gpubptt.RNN(5, 7, 3, backend="numpy", seed=3, bias=True)
+    shapes = {k: v.shape for k, v in a.params.items()}
+    assert shapes == {"U": (7, 5), "W": (7, 7), "V": (3, 7), "b": (7,), "c": (3,)}
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k])
+        assert a.params[k].dtype == np.float32
+
+
+def test_from_params_round_trip_and_copies():
+    a = gpubptt.RNN(5, 7, 3, backend="numpy", seed=3, dtype="float64")
+    b = gpubptt.RNN.from_params(a.params, backend="numpy")
+    assert b.dtype == np.float64 and (b.input_size, b.hidden_size, b.output_size) == (5, 7, 3)
+    b.params["W"][0, 0] += 1
+    assert a.params["W"][0, 0] != b.params["W"][0, 0]
+    assert "RNN(input_size=5, hidden_size=7, output_size=3" in repr(b)
+
+
+@pytest.mark.gpu
+def test_cupy_matches_numpy(cupy_be):
+    be = cupy_be
+    rng = np.random.default_rng(5)
+    ref = gpubptt.RNN(20, 32, 15, backend="numpy", dtype="float64", bias=True, seed=4)
+    gpu = ref.to(be)
+    for tokens in (True, False):
+        x = rng.integers(0, 20, size=(12, 6)) if tokens else rng.normal(size=(12, 6, 20))
+        y = rng.integers(0, 15, size=(12, 6))
+        s0 = rng.normal(size=(6, 32)) * 0.2
+        lengths = np.array([12, 5, 0, 1, 12, 7])
+        for truncate in (None, 0, 3):
+            l1, g1 = ref.loss_and_grads(x, y, s0, lengths=lengths, truncate=truncate)
+            l2, g2 = gpu.loss_and_grads(
+                be.asarray(x), be.asarray(y), be.asarray(s0), lengths=be.asarray(lengths), truncate=truncate
+            )
+            assert float(l2) == pytest.approx(float(l1), rel=1e-12)
+            for k in g1:
+                np.testing.assert_allclose(gpubptt.to_numpy(g2[k]), g1[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_cupy_float32_matches_float64_reference(cupy_be):
+    be = cupy_be
+    rng = np.random.default_rng(6)
+    ref = gpubptt.RNN(50, 64, 40, backend="numpy", dtype="float64", seed=5)
+    gpu = gpubptt.RNN.from_params(ref.params, backend=be, dtype="float32")
+    x = rng.integers(0, 50, size=(30, 16))
+    y = rng.integers(0, 40, size=(30, 16))
+    l1, g1 = ref.loss_and_grads(x, y)
+    l2, g2 = gpu.loss_and_grads(be.asarray(x), be.asarray(y))
+    eps = np.finfo(np.float32).eps
+    assert abs(float(l2) - float(l1)) <= 100 * eps * abs(float(l1))
+    for k in g1:
+        g = gpubptt.to_numpy(g2[k])
+        assert np.linalg.norm(g - g1[k]) / np.linalg.norm(g1[k]) < 1000 * eps, k
