@@ -6,9 +6,15 @@ imported lazily, so a CPU-only install never touches it.
 
 The fused elementwise kernels of the recurrences live here too, each with its NumPy twin:
 
+    matmul(a, b, out, accumulate)  out (+)= a @ b for 2-d views, transposed views included (cuBLAS
+                                   called directly on CuPy, so it can be captured in a CUDA graph)
     tanh_step(pre, hw, out)        out = tanh(pre + hw)                (hw may be clobbered)
     tanh_backward(carry, s, g)     g   = (g + carry) * (1 - s**2)       (carry may be clobbered)
     token_scatter_add(dUT, ...)    dUT[ids[n]] += rows[n]  for every n, deterministically
+
+``capture(fn)`` records fn's device work once as a CUDA graph and returns a function that replays
+it (on NumPy it returns fn itself): the whole forward+BPTT then costs one launch instead of several
+per time step.
 
     >>> be = get_backend("numpy")
     >>> be.name, be.xp.__name__
@@ -17,6 +23,7 @@ The fused elementwise kernels of the recurrences live here too, each with its Nu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from collections.abc import Callable
@@ -103,7 +110,33 @@ class Backend:
         if self.name == "cupy":
             self.xp.cuda.get_current_stream().synchronize()
 
+    @property
+    def supports_graphs(self) -> bool:
+        """Whether ``capture`` records a replayable graph (CuPy) or just returns fn (NumPy)."""
+        return self.name == "cupy"
+
+    def data_ptr(self, a: Any) -> int:
+        """The address of a's first element (identifies the memory a captured graph reads)."""
+        return int(a.data.ptr) if self.name == "cupy" else int(a.__array_interface__["data"][0])
+
+    def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Record fn's device work once and return a function that replays it.
+
+        fn must read and write only arrays that outlive the graph, and do no host sync. On CuPy it
+        runs once to warm up (compile kernels, size the graph's private memory pool), is captured
+        on a side stream, and each replay is ONE graph launch on the current stream. Temporaries
+        fn allocates come from a memory pool owned by the graph, so nothing else can reuse them.
+        """
+        return self._kernels["capture"](fn)
+
     # -- fused kernels ------------------------------------------------------------------------
+    def matmul(self, a: Any, b: Any, out: Any, accumulate: bool = False) -> None:
+        """out = a @ b, or out += a @ b with ``accumulate``; a (m, k), b (k, n), out (m, n).
+
+        a and b may be transposed views; out must have unit stride along its rows.
+        """
+        self._kernels["matmul"](a, b, out, accumulate)
+
     def tanh_step(self, pre: Any, hw: Any, out: Any) -> None:
         """out = tanh(pre + hw), all (B, H); ``hw`` may be overwritten."""
         self._kernels["tanh_step"](pre, hw, out)
@@ -132,6 +165,17 @@ class Backend:
 
 
 # -- NumPy twins --------------------------------------------------------------------------------
+def _np_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool) -> None:
+    if accumulate:
+        out += a @ b  # a temporary: used once per output chunk, never per time step
+    else:
+        np.matmul(a, b, out=out)
+
+
+def _np_capture(fn: Callable[[], None]) -> Callable[[], None]:
+    return fn
+
+
 def _np_tanh_step(pre: np.ndarray, hw: np.ndarray, out: np.ndarray) -> None:
     np.add(hw, pre, out=hw)
     np.tanh(hw, out=out)
@@ -154,6 +198,8 @@ def _np_token_scatter_add(dUT: np.ndarray, plan: TokenPlan, rows: np.ndarray) ->
 
 
 _NUMPY_KERNELS = {
+    "matmul": _np_matmul,
+    "capture": _np_capture,
     "tanh_step": _np_tanh_step,
     "tanh_backward": _np_tanh_backward,
     "token_scatter_add": _np_token_scatter_add,
@@ -183,7 +229,95 @@ def _cupy_kernels(cp: ModuleType) -> dict[str, Callable[..., Any]]:
     def token_scatter_add(dUT: Any, plan: TokenPlan, rows: Any) -> None:
         scatter(rows, plan.perm, plan.offsets, dUT.shape[1], dUT)
 
-    return {"tanh_step": tanh_step, "tanh_backward": tanh_backward, "token_scatter_add": token_scatter_add}
+    return {
+        "tanh_step": tanh_step,
+        "tanh_backward": tanh_backward,
+        "token_scatter_add": token_scatter_add,
+        "matmul": _cublas_matmul(cp),
+        "capture": lambda fn: _cupy_capture(cp, fn),
+    }
+
+
+def _col_major(M: Any) -> tuple[bool, int] | None:
+    """Describe the row-major matrix M (p, q) as cuBLAS sees its memory: (transposed?, ld).
+
+    A C-ordered M is, read column-major, Mᵀ with ld = row stride (no transpose needed to get Mᵀ);
+    a transposed view is M itself column-major, so Mᵀ needs op = T. None: neither (copy first).
+    """
+    p, q = M.shape
+    s0, s1 = (st // M.itemsize for st in M.strides)
+    if s1 == 1 or q == 1:
+        ld = s0 if p > 1 else q
+        if ld >= max(q, 1):
+            return False, ld
+    if s0 == 1 or p == 1:
+        ld = s1 if q > 1 else p
+        if ld >= max(p, 1):
+            return True, ld
+    return None
+
+
+def _cublas_matmul(cp: ModuleType) -> Callable[..., None]:
+    from cupy_backends.cuda.libs import cublas
+
+    gemm = {np.dtype(np.float32): cublas.sgemm, np.dtype(np.float64): cublas.dgemm}
+    # host scalars for alpha/beta; kept alive here (cuBLAS reads them by address)
+    scalars = {dt: (np.ones((), dt), np.zeros((), dt)) for dt in gemm}
+
+    def matmul(a: Any, b: Any, out: Any, accumulate: bool) -> None:
+        m, k = a.shape
+        n = b.shape[1]
+        if m == 0 or n == 0:
+            return
+        if k == 0:
+            if not accumulate:
+                out.fill(0)
+            return
+        la, lb, lc = _col_major(a), _col_major(b), _col_major(out)
+        if la is None:
+            a, la = cp.ascontiguousarray(a), (False, k)
+        if lb is None:
+            b, lb = cp.ascontiguousarray(b), (False, n)
+        if lc is None or lc[0]:
+            raise ValueError(f"matmul: out must have unit stride along rows, got strides {out.strides}")
+        one, zero = scalars[out.dtype]
+        handle = cp.cuda.device.get_cublas_handle()
+        cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        # row-major out = a @ b  is column-major outᵀ = bᵀ aᵀ
+        gemm[out.dtype](
+            handle,
+            cublas.CUBLAS_OP_T if lb[0] else cublas.CUBLAS_OP_N,
+            cublas.CUBLAS_OP_T if la[0] else cublas.CUBLAS_OP_N,
+            n, m, k,
+            one.ctypes.data, b.data.ptr, lb[1], a.data.ptr, la[1],
+            (one if accumulate else zero).ctypes.data, out.data.ptr, lc[1],
+        )  # fmt: skip
+
+    return matmul
+
+
+def _cupy_capture(cp: ModuleType, fn: Callable[[], None]) -> Callable[[], None]:
+    pool = cp.cuda.MemoryPool()
+    stream = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.get_current_stream().synchronize()  # inputs written on the current stream are ready
+    with cp.cuda.using_allocator(pool.malloc), stream:
+        fn()  # warm-up: compiles kernels and caches every temporary in the private pool
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            fn()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                stream.end_capture()  # leave capture mode; the original error is the one to see
+            raise
+        graph = stream.end_capture()
+
+    def replay() -> None:
+        graph.launch(cp.cuda.get_current_stream())
+
+    replay.keepalive = (pool, stream, graph)  # type: ignore[attr-defined]
+    return replay
 
 
 # -- selection ----------------------------------------------------------------------------------

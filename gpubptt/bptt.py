@@ -41,7 +41,7 @@ def input_projection(U: Any, b: Any, x: Any, tokens: bool, *, be: Backend, out: 
     if tokens:
         xp.take(U.T, x.reshape(-1), axis=0, out=out.reshape(T * B, H))
     else:
-        xp.matmul(x.reshape(T * B, -1), U.T, out=out.reshape(T * B, H))
+        be.matmul(x.reshape(T * B, -1), U.T, out.reshape(T * B, H))
     if b is not None:
         out += b
     return out
@@ -52,10 +52,9 @@ def recurrence_forward(pre: Any, W: Any, S: Any, *, be: Backend, hw: Any) -> Non
 
     pre (T, B, H); S (T+1, B, H) with S[0] = s0 on entry, S[1:] written; hw (B, H) scratch.
     """
-    xp = be.xp
     WT = W.T  # a view: BLAS reads it transposed, nothing is copied
     for t in range(pre.shape[0]):
-        xp.matmul(S[t], WT, out=hw)
+        be.matmul(S[t], WT, hw)
         be.tanh_step(pre[t], hw, S[t + 1])
 
 
@@ -64,14 +63,13 @@ def backward_full(G: Any, W: Any, S: Any, *, be: Backend, carry: Any) -> None:
 
     S (T+1, B, H) the forward states; carry (B, H) scratch.
     """
-    xp = be.xp
     T = G.shape[0]
     if T == 0:
         return
     carry[...] = 0
     be.tanh_backward(carry, S[T], G[T - 1])  # δ_{T-1}: no later step feeds back
     for t in range(T - 2, -1, -1):
-        xp.matmul(G[t + 1], W, out=carry)  # the through-time term δ_{t+1} @ W
+        be.matmul(G[t + 1], W, carry)  # the through-time term δ_{t+1} @ W
         be.tanh_backward(carry, S[t + 1], G[t])  # backprop through tanh
 
 
@@ -91,7 +89,7 @@ def backward_truncated(G: Any, W: Any, S: Any, k: int, *, be: Backend, lanes: An
         xp.subtract(1, dt, out=dt)  # 1 − s_t²
         if k > 0:
             # every live lane goes one step back through W at once: one (k·B, H) × (H, H) GEMM
-            xp.matmul(cur[:k].reshape(k * B, H), W, out=nxt[1:].reshape(k * B, H))
+            be.matmul(cur[:k].reshape(k * B, H), W, nxt[1:].reshape(k * B, H))
             nxt[1:] *= dt
         xp.multiply(G[t], dt, out=nxt[0])  # E_t's own contribution enters lane 0
         xp.sum(nxt, axis=0, out=G[t])
@@ -110,7 +108,7 @@ def input_weight_grad(
     H, D = out.shape
     rows = delta.reshape(-1, H)  # (T·B, H)
     if not tokens:
-        xp.matmul(rows.T, x.reshape(-1, D), out=out)
+        be.matmul(rows.T, x.reshape(-1, D), out)
         return out
     dUT = scratch if scratch is not None else xp.empty((D, H), dtype=out.dtype)
     dUT[...] = 0

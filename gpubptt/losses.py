@@ -16,10 +16,10 @@ from typing import Any
 
 from .backend import Backend
 
-__all__ = ["CHUNK_ELEMENTS", "chunk_steps", "softmax_probs", "xent_and_grads"]
+__all__ = ["CHUNK_ELEMENTS", "chunk_steps", "softmax_probs", "xent_and_grads", "xent_loss"]
 
 #: Target size (elements) of one chunk's logits block: rows·K ≤ this, at least one time step.
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 22
 
 
 def chunk_steps(T: int, B: int, K: int, budget: int = CHUNK_ELEMENTS) -> int:
@@ -27,9 +27,9 @@ def chunk_steps(T: int, B: int, K: int, budget: int = CHUNK_ELEMENTS) -> int:
     return max(1, min(T, budget // max(1, B * K)))
 
 
-def _logits(rows: Any, V: Any, c: Any, out: Any, *, xp: Any) -> Any:
+def _logits(rows: Any, V: Any, c: Any, out: Any, *, be: Backend) -> Any:
     """z = rows @ V.T (+ c) into ``out``; rows (n, H), V (K, H) → (n, K)."""
-    xp.matmul(rows, V.T, out=out)
+    be.matmul(rows, V.T, out)
     if c is not None:
         out += c
     return out
@@ -45,7 +45,7 @@ def softmax_probs(states: Any, V: Any, c: Any, *, be: Backend, chunk: int | None
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
         z = probs[t0:t1].reshape(-1, K)  # (n, K) view
-        _logits(states[t0:t1].reshape(-1, H), V, c, z, xp=xp)
+        _logits(states[t0:t1].reshape(-1, H), V, c, z, be=be)
         z -= z.max(axis=1, keepdims=True)
         xp.exp(z, out=z)
         z /= z.sum(axis=1, keepdims=True)
@@ -58,7 +58,6 @@ def xent_and_grads(
     c: Any,
     y: Any,
     weight: Any,
-    scale: float,
     *,
     be: Backend,
     dS: Any,
@@ -66,7 +65,7 @@ def xent_and_grads(
     dc: Any,
     chunk: int | None = None,
 ) -> Any:
-    """Cross-entropy summed over counted steps, times ``scale``; writes its gradients.
+    """Cross-entropy summed over counted steps; writes its gradients.
 
     states (T, B, H) are s_0..s_{T-1}; y (T, B) int targets (valid everywhere: padded entries
     already replaced); weight (T, B) with 1 on counted steps, 0 on padded ones, or None.
@@ -78,9 +77,7 @@ def xent_and_grads(
     K = V.shape[0]
     step = chunk or chunk_steps(T, B, K)
     zbuf = xp.empty((step * B, K), dtype=states.dtype)
-    dV_part = xp.empty_like(dV) if T > step else None
     loss = xp.zeros((), dtype=states.dtype)
-    dV[...] = 0
     if dc is not None:
         dc[...] = 0
     for t0 in range(0, T, step):
@@ -88,7 +85,7 @@ def xent_and_grads(
         n = (t1 - t0) * B
         rows = states[t0:t1].reshape(n, H)  # (n, H)
         tgt = y[t0:t1].reshape(n)  # (n,)
-        z = _logits(rows, V, c, zbuf[:n], xp=xp)  # (n, K)
+        z = _logits(rows, V, c, zbuf[:n], be=be)  # (n, K)
         # stable log-softmax: E = log Σ exp(z − m) − (z[y] − m)
         z -= z.max(axis=1, keepdims=True)
         ar = xp.arange(n)
@@ -104,24 +101,14 @@ def xent_and_grads(
             e *= w
             z *= w[:, None]
         loss += e.sum()
-        if scale != 1.0:
-            z *= scale
-        xp.matmul(z, V, out=dS[t0:t1].reshape(n, H))  # direct term ∂E/∂s_t = do_t @ V
-        if dV_part is None:
-            xp.matmul(z.T, rows, out=dV)
-        else:
-            xp.matmul(z.T, rows, out=dV_part)
-            dV += dV_part
+        be.matmul(z, V, dS[t0:t1].reshape(n, H))  # direct term ∂E/∂s_t = do_t @ V
+        be.matmul(z.T, rows, dV, accumulate=t0 > 0)  # dV += do_tᵀ s_t
         if dc is not None:
             dc += z.sum(axis=0)
-    if scale != 1.0:
-        loss *= scale
     return loss
 
 
-def xent_loss(
-    states: Any, V: Any, c: Any, y: Any, weight: Any, scale: float, *, be: Backend, chunk: int | None = None
-) -> Any:
+def xent_loss(states: Any, V: Any, c: Any, y: Any, weight: Any, *, be: Backend, chunk: int | None = None) -> Any:
     """Loss only (no gradients): same arguments and result as ``xent_and_grads``."""
     xp = be.xp
     T, B, H = states.shape
@@ -132,15 +119,12 @@ def xent_loss(
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
         n = (t1 - t0) * B
-        z = _logits(states[t0:t1].reshape(n, H), V, c, zbuf[:n], xp=xp)
-        m = z.max(axis=1)
-        z -= m[:, None]
+        z = _logits(states[t0:t1].reshape(n, H), V, c, zbuf[:n], be=be)
+        z -= z.max(axis=1, keepdims=True)
         z_y = z[xp.arange(n), y[t0:t1].reshape(n)]
         xp.exp(z, out=z)
         e = xp.log(z.sum(axis=1)) - z_y
         if weight is not None:
             e *= weight[t0:t1].reshape(n)
         loss += e.sum()
-    if scale != 1.0:
-        loss *= scale
     return loss

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import bptt
 from ._checks import Batch, check_batch, check_dtype, check_positive_int
-from .backend import Backend, get_backend
+from .backend import Backend, TokenPlan, get_backend
 from .errors import InputError, InputTypeError, ShapeError
 from .losses import chunk_steps, softmax_probs, xent_and_grads, xent_loss
 
@@ -122,6 +122,9 @@ class RNN:
         self.dtype = dtype
         self.params = params
         self.init = "custom"
+        #: On CuPy, record forward+BPTT once per shape as a CUDA graph and replay it (no effect on NumPy).
+        self.use_graphs = True
+        self._workspaces: dict[tuple, _Workspace] = {}
 
     # -- construction from arrays -------------------------------------------------------------
     @classmethod
@@ -262,7 +265,8 @@ class RNN:
         batch = self._check(x, y, s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)
         S = self._states(batch)
-        return xent_loss(S[1:], self.params["V"], self.params.get("c"), batch.y, batch.weight, scale, be=self.backend)
+        loss = xent_loss(S[1:], self.params["V"], self.params.get("c"), batch.y, batch.weight, be=self.backend)
+        return loss * scale if scale != 1.0 else loss
 
     def loss_and_grads(
         self,
@@ -278,7 +282,8 @@ class RNN:
 
         x (T, B) token ids or (T, B, D) floats; y (T, B) targets; s0 (B, H) or None; lengths (B,).
         Returns (loss, grads): loss a 0-d array on the backend (no host sync forced), grads a dict
-        with the keys of ``params`` plus "s0" (B, H), each shaped like its parameter.
+        with the keys of ``params`` plus "s0" (B, H), each shaped like its parameter. The arrays
+        returned are the caller's: later calls do not overwrite them.
 
         truncate=None is full BPTT. truncate=k is the tutorial truncation: the gradient of each E_t
         flows back through steps t, t−1, …, t−k only, and grads["s0"] receives E_t's gradient only
@@ -286,42 +291,116 @@ class RNN:
         on long streams, which cuts the sequence into chunks, carries the state forward across
         chunks and backpropagates within each chunk (call this method per chunk with s0 = the
         previous chunk's final state for that).
+
+        On CuPy (``use_graphs``), the first call for a shape records forward+BPTT as a CUDA graph;
+        later calls copy the inputs into place and replay it as one launch.
         """
         reduction = _check_reduction(reduction)
         truncate = _check_truncate(truncate)
         batch = self._check(x, y, s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)
-        be, xp, p = self.backend, self.backend.xp, self.params
-        T, B, H, K = batch.T, batch.B, self.hidden_size, self.output_size
-
-        S = self._states(batch)  # (T+1, B, H)
-        grads = {k: xp.empty_like(v) for k, v in p.items()}
-        G = xp.empty((T, B, H), dtype=self.dtype)  # direct term ∂E_t/∂s_t, then δ_t in place
-        loss = xent_and_grads(
-            S[1:],
-            p["V"],
-            p.get("c"),
-            batch.y,
-            batch.weight,
-            scale,
-            be=be,
-            dS=G,
-            dV=grads["V"],
-            dc=grads.get("c"),
-            chunk=chunk_steps(T, B, K),
-        )
-        if truncate is None or truncate >= T - 1:
-            bptt.backward_full(G, p["W"], S, be=be, carry=xp.empty((B, H), dtype=self.dtype))
-        else:
-            lanes = xp.empty((2, truncate + 1, B, H), dtype=self.dtype)
-            bptt.backward_truncated(
-                G, p["W"], S, truncate, be=be, lanes=lanes[0], spare=lanes[1], dt=xp.empty((B, H), dtype=self.dtype)
-            )
-        delta = G.reshape(T * B, H)
-        xp.matmul(delta.T, S[:-1].reshape(T * B, H), out=grads["W"])  # dW = Σ_t δ_tᵀ s_{t-1}
-        plan = be.token_plan(batch.x.reshape(-1), self.input_size) if batch.tokens else None
-        bptt.input_weight_grad(G, batch.x, batch.tokens, plan, be=be, out=grads["U"])
-        if "b" in grads:
-            xp.sum(delta, axis=0, out=grads["b"])
-        grads["s0"] = G[0] @ p["W"]  # ds0 = δ_0 @ W
+        ws = self._workspace(batch, truncate)
+        ws.load(batch)
+        ws.run()
+        # every gradient is linear in do_t, so the mean is the sum scaled once, at the end
+        loss = ws.loss * scale if scale != 1.0 else ws.loss.copy()
+        grads = {k: (g * scale if scale != 1.0 else g.copy()) for k, g in ws.grads.items()}
         return loss, grads
+
+    def _workspace(self, batch: Batch, truncate: int | None) -> _Workspace:
+        """The cached buffers (and, on CuPy, the captured graph) for this shape of work."""
+        if truncate is not None and truncate >= batch.T - 1:
+            truncate = None  # the window covers every step: full BPTT
+        be = self.backend
+        key = (
+            batch.T, batch.B, batch.tokens, batch.weight is not None, truncate,
+            tuple(be.data_ptr(p) for p in self.params.values()),
+        )  # fmt: skip
+        ws = self._workspaces.pop(key, None)
+        if ws is None:
+            ws = _Workspace(self, batch, truncate)
+            if self.use_graphs and be.supports_graphs:
+                ws.needs_capture = True
+            while len(self._workspaces) >= MAX_WORKSPACES:
+                self._workspaces.pop(next(iter(self._workspaces)))
+        self._workspaces[key] = ws  # most recently used last
+        return ws
+
+
+MAX_WORKSPACES = 4
+
+
+class _Workspace:
+    """Every buffer one forward+BPTT needs for one shape, allocated once and reused.
+
+    Inputs are copied into fixed buffers, so the same computation (or its captured CUDA graph)
+    runs on every call; outputs land in ``loss`` (0-d) and ``grads`` (shaped like the params).
+    """
+
+    def __init__(self, model: RNN, batch: Batch, truncate: int | None) -> None:
+        be, xp, dt = model.backend, model.backend.xp, model.dtype
+        T, B, D, H = batch.T, batch.B, model.input_size, model.hidden_size
+        self.model, self.be, self.truncate, self.tokens = model, be, truncate, batch.tokens
+        self.needs_capture = False
+        self._run = self._compute
+        # inputs
+        self.x = xp.empty((T, B), dtype=xp.int64) if batch.tokens else xp.empty((T, B, D), dtype=dt)
+        self.y = xp.empty((T, B), dtype=xp.int64)
+        self.weight = None if batch.weight is None else xp.empty((T, B), dtype=dt)
+        self.perm = xp.empty(T * B, dtype=xp.int64) if batch.tokens else None
+        self.offsets = xp.empty(D + 1, dtype=xp.int64) if batch.tokens else None
+        # work
+        self.S = xp.zeros((T + 1, B, H), dtype=dt)  # S[0] = s0, S[t+1] = s_t
+        self.pre = xp.empty((T, B, H), dtype=dt)
+        self.G = xp.empty((T, B, H), dtype=dt)  # direct term ∂E_t/∂s_t, then δ_t in place
+        self.row = xp.empty((B, H), dtype=dt)  # per-step scratch
+        k = truncate or 0
+        self.lanes = xp.empty((2, k + 1, B, H), dtype=dt) if truncate is not None else None
+        self.dUT = xp.empty((D, H), dtype=dt) if batch.tokens else None
+        self.chunk = chunk_steps(T, B, model.output_size)
+        # outputs
+        self.loss = xp.zeros((), dtype=dt)
+        self.grads = {k: xp.empty_like(v) for k, v in model.params.items()}
+        self.grads["s0"] = xp.empty((B, H), dtype=dt)
+
+    def load(self, batch: Batch) -> None:
+        """Copy the validated inputs into the fixed buffers (device-to-device, no sync)."""
+        self.x[...] = batch.x
+        self.y[...] = batch.y
+        if self.weight is not None:
+            self.weight[...] = batch.weight
+        self.S[0] = 0 if batch.s0 is None else batch.s0
+        if self.tokens:
+            plan = self.be.token_plan(batch.x.reshape(-1), self.model.input_size)
+            self.perm[...] = plan.perm
+            self.offsets[...] = plan.offsets
+
+    def run(self) -> None:
+        """Forward + BPTT on the loaded inputs (replaying the captured graph where there is one)."""
+        if self.needs_capture:
+            self._run = self.be.capture(self._compute)
+            self.needs_capture = False
+        self._run()
+
+    def _compute(self) -> None:
+        be, p, g = self.be, self.model.params, self.grads
+        T, B, H = self.G.shape
+        bptt.input_projection(p["U"], p.get("b"), self.x, self.tokens, be=be, out=self.pre)
+        bptt.recurrence_forward(self.pre, p["W"], self.S, be=be, hw=self.row)
+        self.loss[...] = xent_and_grads(
+            self.S[1:], p["V"], p.get("c"), self.y, self.weight,
+            be=be, dS=self.G, dV=g["V"], dc=g.get("c"), chunk=self.chunk,
+        )  # fmt: skip
+        if self.truncate is None:
+            bptt.backward_full(self.G, p["W"], self.S, be=be, carry=self.row)
+        else:
+            bptt.backward_truncated(
+                self.G, p["W"], self.S, self.truncate, be=be, lanes=self.lanes[0], spare=self.lanes[1], dt=self.row
+            )
+        delta = self.G.reshape(T * B, H)
+        be.matmul(delta.T, self.S[:-1].reshape(T * B, H), g["W"])  # dW = Σ_t δ_tᵀ s_{t-1}
+        plan = TokenPlan(self.perm, self.offsets) if self.tokens else None
+        bptt.input_weight_grad(self.G, self.x, self.tokens, plan, be=be, out=g["U"], scratch=self.dUT)
+        if "b" in g:
+            be.xp.sum(delta, axis=0, out=g["b"])  # db = Σ_t δ_t
+        be.matmul(self.G[0], p["W"], g["s0"])  # ds0 = δ_0 @ W
