@@ -24,6 +24,8 @@ per time step.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import platform
 from collections.abc import Callable
@@ -257,12 +259,55 @@ def _col_major(M: Any) -> tuple[bool, int] | None:
     return None
 
 
-def _cublas_matmul(cp: ModuleType) -> Callable[..., None]:
-    from cupy_backends.cuda.libs import cublas
+def _load_cublas(cp: ModuleType) -> Any:
+    """The libcublas that CuPy loaded, opened through ctypes.
 
-    gemm = {np.dtype(np.float32): cublas.sgemm, np.dtype(np.float64): cublas.dgemm}
-    # host scalars for alpha/beta; kept alive here (cuBLAS reads them by address)
-    scalars = {dt: (np.ones((), dt), np.zeros((), dt)) for dt in gemm}
+    CuPy's own cuBLAS bindings refuse to run while a stream is being captured; cuBLAS itself
+    supports capture. So GEMMs go straight to the library, with a handle and workspace of ours.
+    """
+    cp.cuda.device.get_cublas_handle()  # make CuPy load libcublas
+    path = None
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            name = line.rsplit(" ", 1)[-1].strip()
+            if "libcublas.so" in name and "libcublasLt" not in name:
+                path = name
+                break
+    candidates = [path] if path else []
+    candidates += [ctypes.util.find_library("cublas"), "libcublas.so.13", "libcublas.so.12", "libcublas.so"]
+    for cand in candidates:
+        if cand:
+            with contextlib.suppress(OSError):
+                return ctypes.CDLL(cand)
+    raise OSError("libcublas could not be opened")
+
+
+def _cublas_matmul(cp: ModuleType) -> Callable[..., None]:
+    lib = _load_cublas(cp)
+    c_int, c_void_p = ctypes.c_int, ctypes.c_void_p
+    for name in ("cublasSgemm_v2", "cublasDgemm_v2"):
+        fn = getattr(lib, name)
+        fn.argtypes = [c_void_p, c_int, c_int, c_int, c_int, c_int, c_void_p, c_void_p, c_int]
+        fn.argtypes += [c_void_p, c_int, c_void_p, c_void_p, c_int]
+        fn.restype = c_int
+    lib.cublasSetStream_v2.argtypes = [c_void_p, c_void_p]
+    lib.cublasSetWorkspace_v2.argtypes = [c_void_p, c_void_p, ctypes.c_size_t]
+
+    def check(status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+    handle = c_void_p()
+    check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
+    # a workspace of our own, so cuBLAS never allocates while a graph is being captured
+    workspace = cp.empty(32 << 20, dtype=cp.uint8)
+    check(lib.cublasSetWorkspace_v2(handle, workspace.data.ptr, workspace.nbytes), "cublasSetWorkspace")
+    gemm = {
+        np.dtype(np.float32): (lib.cublasSgemm_v2, ctypes.c_float),
+        np.dtype(np.float64): (lib.cublasDgemm_v2, ctypes.c_double),
+    }
+    scalars = {dt: (ctype(1.0), ctype(0.0)) for dt, (_, ctype) in gemm.items()}
+    N, T = 0, 1  # CUBLAS_OP_N, CUBLAS_OP_T
 
     def matmul(a: Any, b: Any, out: Any, accumulate: bool) -> None:
         m, k = a.shape
@@ -280,20 +325,18 @@ def _cublas_matmul(cp: ModuleType) -> Callable[..., None]:
             b, lb = cp.ascontiguousarray(b), (False, n)
         if lc is None or lc[0]:
             raise ValueError(f"matmul: out must have unit stride along rows, got strides {out.strides}")
+        fn, _ = gemm[out.dtype]
         one, zero = scalars[out.dtype]
-        handle = cp.cuda.device.get_cublas_handle()
-        cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
-        cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+        check(lib.cublasSetStream_v2(handle, cp.cuda.get_current_stream().ptr), "cublasSetStream")
         # row-major out = a @ b  is column-major outᵀ = bᵀ aᵀ
-        gemm[out.dtype](
-            handle,
-            cublas.CUBLAS_OP_T if lb[0] else cublas.CUBLAS_OP_N,
-            cublas.CUBLAS_OP_T if la[0] else cublas.CUBLAS_OP_N,
-            n, m, k,
-            one.ctypes.data, b.data.ptr, lb[1], a.data.ptr, la[1],
-            (one if accumulate else zero).ctypes.data, out.data.ptr, lc[1],
+        status = fn(
+            handle, T if lb[0] else N, T if la[0] else N, n, m, k,
+            ctypes.byref(one), b.data.ptr, lb[1], a.data.ptr, la[1],
+            ctypes.byref(one if accumulate else zero), out.data.ptr, lc[1],
         )  # fmt: skip
+        check(status, "gemm")
 
+    matmul.keepalive = (lib, handle, workspace)  # type: ignore[attr-defined]
     return matmul
 
 

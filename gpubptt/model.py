@@ -15,6 +15,7 @@ W (H, H) like ``weight_hh_l0``, V (K, H) like ``Linear.weight``, b (H,), c (K,).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -378,8 +379,17 @@ class _Workspace:
     def run(self) -> None:
         """Forward + BPTT on the loaded inputs (replaying the captured graph where there is one)."""
         if self.needs_capture:
-            self._run = self.be.capture(self._compute)
             self.needs_capture = False
+            try:
+                self._run = self.be.capture(self._compute)
+            except Exception as exc:  # this CuPy/driver cannot capture: say so, run uncaptured
+                warnings.warn(
+                    f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running without graphs",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self.model.use_graphs = False
+                self._run = self._compute
         self._run()
 
     def _compute(self) -> None:
