@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import time
+import tracemalloc
 
 import numpy as np
 
@@ -101,6 +102,31 @@ def gemm_rate(be, m, k, n, dtype, sync, repeats) -> float:
     return 2.0 * m * k * n / float(np.median(ts)) / 1e9
 
 
+def batched_gemm_ratio(be, rows, H, K, sync, repeats) -> float:
+    """The logits GEMM (rows, H) × (H, K) through gpubptt's matmul, as a fraction of cupy.matmul's rate."""
+    xp = be.xp
+    rng = np.random.default_rng(1)
+    a = xp.asarray(rng.normal(size=(rows, H)), dtype=np.float32)
+    v = xp.asarray(rng.normal(size=(K, H)), dtype=np.float32)
+    out = xp.empty((rows, K), dtype=np.float32)
+    be.matmul(a, v.T, out)
+    xp.matmul(a, v.T, out=out)
+    ours = [timed(lambda: be.matmul(a, v.T, out), sync) for _ in range(repeats)]
+    ref = [timed(lambda: xp.matmul(a, v.T, out=out), sync) for _ in range(repeats)]
+    return float(np.median(ref) / np.median(ours))
+
+
+def peak_bytes(model, x, y) -> int:
+    """Peak bytes a fresh forward+BPTT allocates (workspace included), traced on the host."""
+    fresh = gpubptt.RNN.from_params(model.params, backend=model.backend)
+    tracemalloc.start()
+    try:
+        fresh.loss_and_grads(x, y)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
@@ -150,14 +176,10 @@ def main() -> int:
             row["ratio_vs_torch"] = med["gpubptt"] / med["torch"]
         if "gpubptt_plain_loop" in med:
             row["graph_speedup"] = med["gpubptt_plain_loop"] / med["gpubptt"]
-            # the batched GEMMs (logits, input projection) through our matmul vs cupy.matmul
-            xp = be.xp
-            a = xp.asarray(rng.normal(size=(T * B, H)), dtype=np.float32)
-            v = xp.asarray(rng.normal(size=(K, H)), dtype=np.float32)
-            out = xp.empty((T * B, K), dtype=np.float32)
-            ours = [timed(lambda: be.matmul(a, v.T, out), sync) for _ in range(args.repeats)]
-            ref = [timed(lambda: xp.matmul(a, v.T, out=out), sync) for _ in range(args.repeats)]
-            row["batched_gemm_vs_cupy_matmul"] = float(np.median(ref) / np.median(ours))
+            row["batched_gemm_vs_cupy_matmul"] = batched_gemm_ratio(be, T * B, H, K, sync, args.repeats)
+        if be.name == "numpy":
+            row["peak_bytes"] = peak_bytes(model, x, y)
+            row["T_B_K_bytes"] = T * B * K * 4
         rows.append(row)
         parts = [f"T={T:<3} B={B:<3} D={D:<3} H={H:<4} K={K:<4}{' tok' if tokens else '    '}"]
         parts.append(f"gpubptt {med['gpubptt'] * 1e3:8.3f} ms  {row['gflops']:7.1f} GFLOP/s ({row['efficiency']:.0%})")
@@ -165,6 +187,8 @@ def main() -> int:
             parts.append(f"torch {med['torch'] * 1e3:8.3f} ms  ratio {row['ratio_vs_torch']:.2f}")
         if "graph_speedup" in row:
             parts.append(f"graph x{row['graph_speedup']:.1f}  gemm {row['batched_gemm_vs_cupy_matmul']:.0%}")
+        if "peak_bytes" in row:
+            parts.append(f"peak {row['peak_bytes'] / 2**20:.0f} MiB (T·B·K {row['T_B_K_bytes'] / 2**20:.0f} MiB)")
         print("  ".join(parts), flush=True)
     ratios = [r["ratio_vs_torch"] for r in rows if "ratio_vs_torch" in r]
     summary = {

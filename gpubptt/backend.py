@@ -139,6 +139,38 @@ class Backend:
         """
         self._kernels["matmul"](a, b, out, accumulate)
 
+    def forward_step(self, s_prev: Any, W: Any, pre: Any, out: Any, scratch: Any) -> None:
+        """One step of the forward recurrence: out = tanh(pre + s_prev @ W.T), all (B, H), W (H, H).
+
+        A GEMM and the fused tanh; on CuPy, small shapes for which cuBLAS is measured slower use
+        one fused dot+tanh kernel instead (chosen once per shape by timing both).
+        """
+        if self._use_fused("forward", s_prev, W):
+            self._kernels["fused_forward"](s_prev, W, pre, out)
+            return
+        self.matmul(s_prev, W.T, scratch)  # W.T is a view: BLAS reads it transposed
+        self.tanh_step(pre, scratch, out)
+
+    def backward_step(self, d_next: Any, W: Any, s: Any, g: Any, scratch: Any) -> None:
+        """One step of the backward recursion: g = (g + d_next @ W) * (1 − s²), all (B, H).
+
+        g enters as the direct term ∂E_t/∂s_t and leaves as δ_t; d_next is δ_{t+1}.
+        """
+        if self._use_fused("backward", d_next, W):
+            self._kernels["fused_backward"](d_next, W, s, g)
+            return
+        self.matmul(d_next, W, scratch)  # the through-time term δ_{t+1} @ W
+        self.tanh_backward(scratch, s, g)  # backprop through tanh
+
+    #: "auto" times cuBLAS against the fused step kernels once per shape; "cublas" or "fused" forces one.
+    step_kernels: str = "auto"
+
+    def _use_fused(self, kind: str, a: Any, W: Any) -> bool:
+        choose = self._kernels.get("choose_step")
+        if choose is None or self.step_kernels == "cublas" or not W.flags.c_contiguous:
+            return False
+        return self.step_kernels == "fused" or choose(kind, a.shape[0], W.shape[0], W.dtype)
+
     def tanh_step(self, pre: Any, hw: Any, out: Any) -> None:
         """out = tanh(pre + hw), all (B, H); ``hw`` may be overwritten."""
         self._kernels["tanh_step"](pre, hw, out)
@@ -231,13 +263,116 @@ def _cupy_kernels(cp: ModuleType) -> dict[str, Callable[..., Any]]:
     def token_scatter_add(dUT: Any, plan: TokenPlan, rows: Any) -> None:
         scatter(rows, plan.perm, plan.offsets, dUT.shape[1], dUT)
 
-    return {
+    kernels = {
         "tanh_step": tanh_step,
         "tanh_backward": tanh_backward,
         "token_scatter_add": token_scatter_add,
         "matmul": _cublas_matmul(cp),
         "capture": lambda fn: _cupy_capture(cp, fn),
     }
+    kernels.update(_fused_step_kernels(cp, kernels))
+    return kernels
+
+
+# One step of each recurrence in ONE kernel, for the small (B, H) where cuBLAS picks slow kernels
+# (measured on an H100: a (16, 128) × (128, 128) product took ~50 µs inside a graph, a fused step ~3).
+_STEP_SOURCE = r"""
+extern "C" __global__ void fwd(const T* __restrict__ s_prev, const T* __restrict__ W,
+                                 const T* __restrict__ pre, T* __restrict__ out, int B, int H) {
+    // one warp per output (b, h): lanes stride over j, so rows of s_prev and W load coalesced
+    long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= (long long)B * H) return;  // whole warps leave together
+    long long b = warp / H, h = warp % H;
+    const T* s_row = s_prev + b * H;
+    const T* w_row = W + h * H;
+    T acc = 0;
+    for (int j = lane; j < H; j += 32) acc += s_row[j] * w_row[j];
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+    if (lane == 0) out[b * H + h] = tanh(pre[b * H + h] + acc);
+}
+extern "C" __global__ void bwd(const T* __restrict__ d_next, const T* __restrict__ W,
+                                 const T* __restrict__ s, T* __restrict__ g, int B, int H) {
+    // one thread per output (b, h): neighbours read neighbouring columns of W (coalesced)
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)B * H) return;
+    long long b = i / H, h = i % H;
+    const T* d_row = d_next + b * H;
+    T acc = 0;
+    for (int j = 0; j < H; ++j) acc += d_row[j] * W[(long long)j * H + h];
+    T sv = s[i];
+    g[i] = (g[i] + acc) * ((T)1 - sv * sv);
+}
+"""
+
+
+def _fused_step_kernels(cp: ModuleType, kernels: dict[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+    modules = {}
+    for dt, ctype in ((np.dtype(np.float32), "float"), (np.dtype(np.float64), "double")):
+        module = cp.RawModule(code=f"#define T {ctype}\n" + _STEP_SOURCE)
+        modules[dt] = (module.get_function("fwd"), module.get_function("bwd"))
+
+    def fused_forward(s_prev: Any, W: Any, pre: Any, out: Any) -> None:
+        B, H = out.shape
+        threads = 256
+        blocks = (B * H * 32 + threads - 1) // threads
+        modules[W.dtype][0]((blocks,), (threads,), (s_prev, W, pre, out, np.int32(B), np.int32(H)))
+
+    def fused_backward(d_next: Any, W: Any, s: Any, g: Any) -> None:
+        B, H = g.shape
+        threads = 128
+        blocks = (B * H + threads - 1) // threads
+        modules[W.dtype][1]((blocks,), (threads,), (d_next, W, s, g, np.int32(B), np.int32(H)))
+
+    choices: dict[tuple, bool] = {}
+
+    def choose_step(kind: str, B: int, H: int, dtype: np.dtype) -> bool:
+        """True when the fused kernel beats cuBLAS + elementwise for this step shape (timed once)."""
+        key = (kind, B, H, np.dtype(dtype))
+        if key not in choices:
+            choices[key] = _time_fused_vs_cublas(cp, kernels, fused_forward, fused_backward, *key)
+        return choices[key]
+
+    return {"fused_forward": fused_forward, "fused_backward": fused_backward, "choose_step": choose_step}
+
+
+def _time_fused_vs_cublas(
+    cp: ModuleType,
+    kernels: dict,
+    fused_forward: Callable,
+    fused_backward: Callable,
+    kind: str,
+    B: int,
+    H: int,
+    dtype: Any,
+) -> bool:
+    """Time 16 steps of each variant, each captured as a graph, and return True if fused wins."""
+    rng = np.random.default_rng(0)
+    a, pre, out, scratch = (cp.asarray(rng.uniform(-1, 1, size=(B, H)), dtype=dtype) for _ in range(4))
+    W = cp.asarray(rng.uniform(-1, 1, size=(H, H)) / np.sqrt(H), dtype=dtype)
+    if kind == "forward":
+        variants = {
+            "cublas": lambda: (kernels["matmul"](a, W.T, scratch, False), kernels["tanh_step"](pre, scratch, out)),
+            "fused": lambda: fused_forward(a, W, pre, out),
+        }
+    else:
+        variants = {
+            "cublas": lambda: (kernels["matmul"](a, W, scratch, False), kernels["tanh_backward"](scratch, pre, out)),
+            "fused": lambda: fused_backward(a, W, pre, out),
+        }
+    best = {}
+    for name, step in variants.items():
+        replay = _cupy_capture(cp, lambda step=step: [step() for _ in range(16)])
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        times = []
+        for _ in range(5):
+            start.record()
+            replay()
+            stop.record()
+            stop.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, stop))
+        best[name] = float(np.median(times))
+    return best["fused"] < best["cublas"]
 
 
 def _col_major(M: Any) -> tuple[bool, int] | None:

@@ -52,10 +52,8 @@ def recurrence_forward(pre: Any, W: Any, S: Any, *, be: Backend, hw: Any) -> Non
 
     pre (T, B, H); S (T+1, B, H) with S[0] = s0 on entry, S[1:] written; hw (B, H) scratch.
     """
-    WT = W.T  # a view: BLAS reads it transposed, nothing is copied
     for t in range(pre.shape[0]):
-        be.matmul(S[t], WT, hw)
-        be.tanh_step(pre[t], hw, S[t + 1])
+        be.forward_step(S[t], W, pre[t], S[t + 1], hw)  # s_t = tanh(pre_t + s_{t-1} @ W.T)
 
 
 def backward_full(G: Any, W: Any, S: Any, *, be: Backend, carry: Any) -> None:
@@ -69,8 +67,7 @@ def backward_full(G: Any, W: Any, S: Any, *, be: Backend, carry: Any) -> None:
     carry[...] = 0
     be.tanh_backward(carry, S[T], G[T - 1])  # δ_{T-1}: no later step feeds back
     for t in range(T - 2, -1, -1):
-        be.matmul(G[t + 1], W, carry)  # the through-time term δ_{t+1} @ W
-        be.tanh_backward(carry, S[t + 1], G[t])  # backprop through tanh
+        be.backward_step(G[t + 1], W, S[t + 1], G[t], carry)  # δ_t = (g_t + δ_{t+1} @ W) ⊙ (1 − s_t²)
 
 
 def backward_truncated(G: Any, W: Any, S: Any, k: int, *, be: Backend, lanes: Any, spare: Any, dt: Any) -> None:
