@@ -9,7 +9,7 @@ The fused elementwise kernels of the recurrences live here too, each with its Nu
     matmul(a, b, out, accumulate)  out (+)= a @ b for 2-d views, transposed views included (cuBLAS
                                    called directly on CuPy, so it can be captured in a CUDA graph)
     tanh_step(pre, hw, out)        out = tanh(pre + hw)                (hw may be clobbered)
-    tanh_backward(carry, s, g)     g   = (g + carry) * (1 - s**2)       (carry may be clobbered)
+    backprop_tanh(carry, d, g)     g   = (g + carry) * d,  d = 1 − s²     (carry may be clobbered)
     token_scatter_add(dUT, ...)    dUT[ids[n]] += rows[n]  for every n, deterministically
 
 ``capture(fn)`` records fn's device work once as a CUDA graph and returns a function that replays
@@ -151,16 +151,16 @@ class Backend:
         self.matmul(s_prev, W.T, scratch)  # W.T is a view: BLAS reads it transposed
         self.tanh_step(pre, scratch, out)
 
-    def backward_step(self, d_next: Any, W: Any, s: Any, g: Any, scratch: Any) -> None:
-        """One step of the backward recursion: g = (g + d_next @ W) * (1 − s²), all (B, H).
+    def backward_step(self, d_next: Any, W: Any, d: Any, g: Any, scratch: Any) -> None:
+        """One step of the backward recursion: g = (g + d_next @ W) * d, all (B, H), d = 1 − s_t².
 
         g enters as the direct term ∂E_t/∂s_t and leaves as δ_t; d_next is δ_{t+1}.
         """
         if self._use_fused("backward", d_next, W):
-            self._kernels["fused_backward"](d_next, W, s, g)
+            self._kernels["fused_backward"](d_next, W, d, g)
             return
         self.matmul(d_next, W, scratch)  # the through-time term δ_{t+1} @ W
-        self.tanh_backward(scratch, s, g)  # backprop through tanh
+        self.backprop_tanh(scratch, d, g)
 
     #: "auto" times cuBLAS against the fused step kernels once per shape; "cublas" or "fused" forces one.
     step_kernels: str = "auto"
@@ -175,12 +175,12 @@ class Backend:
         """out = tanh(pre + hw), all (B, H); ``hw`` may be overwritten."""
         self._kernels["tanh_step"](pre, hw, out)
 
-    def tanh_backward(self, carry: Any, s: Any, g: Any) -> None:
-        """g = (g + carry) * (1 - s**2) in place, all (B, H); ``carry`` may be overwritten.
+    def backprop_tanh(self, carry: Any, d: Any, g: Any) -> None:
+        """g = (g + carry) * d in place, all (B, H), where d = 1 − s_t² is tanh's derivative.
 
-        This is "backprop through tanh": g enters as ∂E/∂s_t, leaves as δ_t = ∂E/∂(pre-activation).
+        g enters as ∂E/∂s_t (direct term; carry is the through-time term), leaves as δ_t.
         """
-        self._kernels["tanh_backward"](carry, s, g)
+        self._kernels["backprop_tanh"](carry, d, g)
 
     def token_plan(self, ids: Any, vocab: int) -> TokenPlan:
         """Sort the flat token ids (N,) once; the plan drives ``token_scatter_add``."""
@@ -215,11 +215,9 @@ def _np_tanh_step(pre: np.ndarray, hw: np.ndarray, out: np.ndarray) -> None:
     np.tanh(hw, out=out)
 
 
-def _np_tanh_backward(carry: np.ndarray, s: np.ndarray, g: np.ndarray) -> None:
+def _np_backprop_tanh(carry: np.ndarray, d: np.ndarray, g: np.ndarray) -> None:
     np.add(g, carry, out=g)
-    np.multiply(s, s, out=carry)
-    np.subtract(1.0, carry, out=carry)
-    np.multiply(g, carry, out=g)
+    np.multiply(g, d, out=g)
 
 
 def _np_token_scatter_add(dUT: np.ndarray, plan: TokenPlan, rows: np.ndarray) -> None:
@@ -235,7 +233,7 @@ _NUMPY_KERNELS = {
     "matmul": _np_matmul,
     "capture": _np_capture,
     "tanh_step": _np_tanh_step,
-    "tanh_backward": _np_tanh_backward,
+    "backprop_tanh": _np_backprop_tanh,
     "token_scatter_add": _np_token_scatter_add,
 }
 
@@ -243,9 +241,7 @@ _NUMPY_KERNELS = {
 # -- CuPy kernels -------------------------------------------------------------------------------
 def _cupy_kernels(cp: ModuleType) -> dict[str, Callable[..., Any]]:
     tanh_step = cp.ElementwiseKernel("T pre, T hw", "T out", "out = tanh(pre + hw)", "gpubptt_tanh_step")
-    tanh_backward = cp.ElementwiseKernel(
-        "T carry, T s", "T g", "g = (g + carry) * ((T)1 - s * s)", "gpubptt_tanh_backward"
-    )
+    backprop_tanh = cp.ElementwiseKernel("T carry, T d", "T g", "g = (g + carry) * d", "gpubptt_backprop_tanh")
     # One thread per (id, h): sums that id's rows in sorted order, so the result is bitwise
     # reproducible (an atomic scatter-add is not).
     scatter = cp.ElementwiseKernel(
@@ -265,7 +261,7 @@ def _cupy_kernels(cp: ModuleType) -> dict[str, Callable[..., Any]]:
 
     kernels = {
         "tanh_step": tanh_step,
-        "tanh_backward": tanh_backward,
+        "backprop_tanh": backprop_tanh,
         "token_scatter_add": token_scatter_add,
         "matmul": _cublas_matmul(cp),
         "capture": lambda fn: _cupy_capture(cp, fn),
@@ -292,7 +288,7 @@ extern "C" __global__ void fwd(const T* __restrict__ s_prev, const T* __restrict
     if (lane == 0) out[b * H + h] = tanh(pre[b * H + h] + acc);
 }
 extern "C" __global__ void bwd(const T* __restrict__ d_next, const T* __restrict__ W,
-                                 const T* __restrict__ s, T* __restrict__ g, int B, int H) {
+                                 const T* __restrict__ d, T* __restrict__ g, int B, int H) {
     // one thread per output (b, h): neighbours read neighbouring columns of W (coalesced)
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)B * H) return;
@@ -300,8 +296,7 @@ extern "C" __global__ void bwd(const T* __restrict__ d_next, const T* __restrict
     const T* d_row = d_next + b * H;
     T acc = 0;
     for (int j = 0; j < H; ++j) acc += d_row[j] * W[(long long)j * H + h];
-    T sv = s[i];
-    g[i] = (g[i] + acc) * ((T)1 - sv * sv);
+    g[i] = (g[i] + acc) * d[i];  // d = 1 - s^2
 }
 """
 
@@ -318,11 +313,11 @@ def _fused_step_kernels(cp: ModuleType, kernels: dict[str, Callable[..., Any]]) 
         blocks = (B * H * 32 + threads - 1) // threads
         modules[W.dtype][0]((blocks,), (threads,), (s_prev, W, pre, out, np.int32(B), np.int32(H)))
 
-    def fused_backward(d_next: Any, W: Any, s: Any, g: Any) -> None:
+    def fused_backward(d_next: Any, W: Any, d: Any, g: Any) -> None:
         B, H = g.shape
         threads = 128
         blocks = (B * H + threads - 1) // threads
-        modules[W.dtype][1]((blocks,), (threads,), (d_next, W, s, g, np.int32(B), np.int32(H)))
+        modules[W.dtype][1]((blocks,), (threads,), (d_next, W, d, g, np.int32(B), np.int32(H)))
 
     choices: dict[tuple, bool] = {}
 
@@ -357,7 +352,7 @@ def _time_fused_vs_cublas(
         }
     else:
         variants = {
-            "cublas": lambda: (kernels["matmul"](a, W, scratch, False), kernels["tanh_backward"](scratch, pre, out)),
+            "cublas": lambda: (kernels["matmul"](a, W, scratch, False), kernels["backprop_tanh"](scratch, pre, out)),
             "fused": lambda: fused_backward(a, W, pre, out),
         }
     best = {}

@@ -27,6 +27,7 @@ __all__ = [
     "input_projection",
     "input_weight_grad",
     "recurrence_forward",
+    "tanh_derivative",
 ]
 
 
@@ -56,34 +57,39 @@ def recurrence_forward(pre: Any, W: Any, S: Any, *, be: Backend, hw: Any) -> Non
         be.forward_step(S[t], W, pre[t], S[t + 1], hw)  # s_t = tanh(pre_t + s_{t-1} @ W.T)
 
 
-def backward_full(G: Any, W: Any, S: Any, *, be: Backend, carry: Any) -> None:
+def tanh_derivative(S: Any, *, be: Backend, out: Any) -> Any:
+    """∂s_t/∂(pre-activation) = 1 − s_t² for every step at once: S (T+1, B, H) → out (T, B, H)."""
+    xp = be.xp
+    xp.multiply(S[1:], S[1:], out=out)
+    xp.subtract(1, out, out=out)
+    return out
+
+
+def backward_full(G: Any, W: Any, Dt: Any, *, be: Backend, carry: Any) -> None:
     """Full BPTT, in place: G (T, B, H) enters as the direct term ∂E_t/∂s_t, leaves as δ_t.
 
-    S (T+1, B, H) the forward states; carry (B, H) scratch.
+    Dt (T, B, H) is 1 − s_t² (``tanh_derivative``); carry (B, H) scratch.
     """
     T = G.shape[0]
     if T == 0:
         return
-    carry[...] = 0
-    be.tanh_backward(carry, S[T], G[T - 1])  # δ_{T-1}: no later step feeds back
+    G[T - 1] *= Dt[T - 1]  # δ_{T-1}: no later step feeds back
     for t in range(T - 2, -1, -1):
-        be.backward_step(G[t + 1], W, S[t + 1], G[t], carry)  # δ_t = (g_t + δ_{t+1} @ W) ⊙ (1 − s_t²)
+        be.backward_step(G[t + 1], W, Dt[t], G[t], carry)  # δ_t = (g_t + δ_{t+1} @ W) ⊙ (1 − s_t²)
 
 
-def backward_truncated(G: Any, W: Any, S: Any, k: int, *, be: Backend, lanes: Any, spare: Any, dt: Any) -> None:
+def backward_truncated(G: Any, W: Any, Dt: Any, k: int, *, be: Backend, lanes: Any, spare: Any) -> None:
     """Tutorial-truncated BPTT with window k ≥ 0, in place on G (as ``backward_full``).
 
-    lanes, spare (k+1, B, H) scratch; dt (B, H) scratch. Lane d of step j holds the contribution
-    of E_{j+d}; it moves to lane d+1 of step j−1 through one GEMM, and lane k falls off.
+    Dt (T, B, H) is 1 − s_t²; lanes, spare (k+1, B, H) scratch. Lane d of step j holds the
+    contribution of E_{j+d}; it moves to lane d+1 of step j−1 through one GEMM, and lane k falls off.
     """
     xp = be.xp
     T, B, H = G.shape
     cur, nxt = lanes, spare
     cur[...] = 0
     for t in range(T - 1, -1, -1):
-        s = S[t + 1]
-        xp.multiply(s, s, out=dt)
-        xp.subtract(1, dt, out=dt)  # 1 − s_t²
+        dt = Dt[t]  # 1 − s_t²
         if k > 0:
             # every live lane goes one step back through W at once: one (k·B, H) × (H, H) GEMM
             be.matmul(cur[:k].reshape(k * B, H), W, nxt[1:].reshape(k * B, H))

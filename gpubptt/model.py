@@ -401,12 +401,11 @@ class _Workspace:
             self.S[1:], p["V"], p.get("c"), self.y, self.weight,
             be=be, dS=self.G, dV=g["V"], dc=g.get("c"), chunk=self.chunk,
         )  # fmt: skip
+        Dt = bptt.tanh_derivative(self.S, be=be, out=self.pre)  # pre is spent: reuse it for 1 − s_t²
         if self.truncate is None:
-            bptt.backward_full(self.G, p["W"], self.S, be=be, carry=self.row)
+            bptt.backward_full(self.G, p["W"], Dt, be=be, carry=self.row)
         else:
-            bptt.backward_truncated(
-                self.G, p["W"], self.S, self.truncate, be=be, lanes=self.lanes[0], spare=self.lanes[1], dt=self.row
-            )
+            bptt.backward_truncated(self.G, p["W"], Dt, self.truncate, be=be, lanes=self.lanes[0], spare=self.lanes[1])
         delta = self.G.reshape(T * B, H)
         be.matmul(delta.T, self.S[:-1].reshape(T * B, H), g["W"])  # dW = Σ_t δ_tᵀ s_{t-1}
         plan = TokenPlan(self.perm, self.offsets) if self.tokens else None

@@ -46,9 +46,10 @@ def loop_buffers(T, B=64, H=256, k=3, seed=0):
 def loop_runner(loop, W, pre, S, G, row, lanes):
     if loop == "forward":
         return lambda: bptt.recurrence_forward(pre, W, S, be=be, hw=row)
+    Dt = bptt.tanh_derivative(S, be=be, out=np.empty_like(G))
     if loop == "backward_full":
-        return lambda: bptt.backward_full(G, W, S, be=be, carry=row)
-    return lambda: bptt.backward_truncated(G, W, S, 3, be=be, lanes=lanes[0], spare=lanes[1], dt=row)
+        return lambda: bptt.backward_full(G, W, Dt, be=be, carry=row)
+    return lambda: bptt.backward_truncated(G, W, Dt, 3, be=be, lanes=lanes[0], spare=lanes[1])
 
 
 @pytest.mark.parametrize("loop", ["forward", "backward_full", "backward_truncated"])
