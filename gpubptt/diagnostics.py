@@ -208,7 +208,8 @@ def step_gradients(model: RNN, x: Any, y: Any, s0: Any = None) -> StepGradients:
     delta = direct[T - 1] * f[T - 1]  # (B, H) δ_{T−1}
     for t in range(T - 2, -1, -1):
         xp.matmul(delta, W, out=through[t])  # the through-time term
-        xp.multiply(direct[t] + through[t], f[t], out=delta)  # backprop through tanh
+        xp.add(direct[t], through[t], out=delta)
+        delta *= f[t]  # backprop through tanh
     ds0 = delta @ W  # (B, H)
     total = direct + through
     norms = xp.stack(
@@ -271,7 +272,7 @@ def contributions(model: RNN, x: Any, y: Any, s0: Any = None, *, keep_terms: boo
     scratch = xp.empty((T * B, H), dtype=model.dtype)
     sq = xp.zeros((T, T), dtype=model.dtype)  # squared norms
     dW = xp.zeros((H, H), dtype=model.dtype)
-    terms = np.zeros((T, T, H, H)) if keep_terms else None
+    terms = xp.zeros((T, T, H, H), dtype=model.dtype) if keep_terms else None
     for k in range(T - 1, -1, -1):
         n = T - 1 - k  # lanes t = k+1..T−1 are live: one step back through W, then through tanh
         if n:
@@ -288,10 +289,11 @@ def contributions(model: RNN, x: Any, y: Any, s0: Any = None, *, keep_terms: boo
             sq[k:, k] = (M * M).sum(axis=(1, 2))
         dW += col.sum(axis=0).T @ s_prev  # Σ_t δ_k^{(t)ᵀ} s_{k−1} = δ_kᵀ s_{k−1}
         if keep_terms:
-            terms[k:, k] = be.to_numpy(xp.matmul(col.transpose(0, 2, 1), s_prev))  # small models only
+            terms[k:, k] = xp.matmul(col.transpose(0, 2, 1), s_prev)  # T²·H² memory: small models only
     norms = xp.sqrt(xp.maximum(sq, 0))  # the Gram form can round a tiny square below 0
     host = be.to_numpy(norms).astype(np.float64)
-    return Contributions(norms=host, dW_norm=float(be.to_numpy(xp.sqrt((dW * dW).sum()))), terms=terms)
+    dW_norm = float(be.to_numpy(xp.sqrt((dW * dW).sum())))
+    return Contributions(norms=host, dW_norm=dW_norm, terms=None if terms is None else _to_host(terms))
 
 
 # -- 3. Jacobian products against the lag ---------------------------------------------------------
@@ -309,7 +311,7 @@ class ProductNorms(_ToDict):
     converged: bool
 
 
-def product_norms(W: Any, factors: Any, *, xp: Any, iters: int = 50, tol: float = 1e-6, seed: int = 0) -> ProductNorms:
+def product_norms(W: Any, factors: Any, *, xp: Any, iters: int = 100, tol: float = 1e-4, seed: int = 0) -> ProductNorms:
     """Spectral norms of the products of the last ℓ step Jacobians diag(f_j) W, for every ℓ at once.
 
     W (H, H); factors (n, B, H): f_1..f_n, the diagonal of step j's Jacobian for each example
@@ -439,8 +441,8 @@ def jacobian_products(
     end: int | None = None,
     threshold: float = 1e-3,
     saturation: float = 0.99,
-    iters: int = 50,
-    tol: float = 1e-6,
+    iters: int = 100,
+    tol: float = 1e-4,
     seed: int = 0,
 ) -> JacobianProducts:
     """Spectral norms of the step-Jacobian products against the lag, on the model's own states.
@@ -564,8 +566,8 @@ def vanish_report(
     s0: Any = None,
     *,
     threshold: float = 1e-3,
-    iters: int = 50,
-    tol: float = 1e-6,
+    iters: int = 100,
+    tol: float = 1e-4,
     seed: int = 0,
 ) -> VanishReport:
     """All four diagnostics of ``model`` on (x, y, s0): x (T, B) or (T, B, D), y (T, B), s0 (B, H)."""
@@ -597,8 +599,8 @@ def vanish_sweep(
     s0: Any = None,
     *,
     threshold: float = 1e-3,
-    iters: int = 50,
-    tol: float = 1e-6,
+    iters: int = 100,
+    tol: float = 1e-4,
     seed: int = 0,
 ) -> list[tuple[float, VanishReport]]:
     """``vanish_report`` for copies of the model with W rescaled to each spectral radius in ``radii``.
@@ -647,11 +649,11 @@ def plot_vanish(sweep: list[tuple[float, VanishReport]], path: Any, *, title: st
     if not sweep:
         raise InputError("nothing to plot: the sweep is empty")
     n = len(sweep)
-    fig = Figure(figsize=(max(13.0, 3.0 * n), 8.2), layout="constrained")
+    fig = Figure(figsize=(max(14.0, 3.0 * n), 9.0), layout="constrained")
     FigureCanvasAgg(fig)
-    outer = fig.add_gridspec(2, 1, height_ratios=[1.05, 1])
-    ax_top = [fig.add_subplot(outer[0].subgridspec(1, 3)[0, i]) for i in range(3)]
-    ax_heat = [fig.add_subplot(outer[1].subgridspec(1, n)[0, i]) for i in range(n)]
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1])
+    ax_top = top.subplots(1, 3)
+    ax_heat = np.atleast_1d(bottom.subplots(1, n, sharey=True))
     cmap = colormaps["plasma"]
     colors = [cmap(0.85 * i / max(1, n - 1)) for i in range(n)]
 
@@ -664,8 +666,8 @@ def plot_vanish(sweep: list[tuple[float, VanishReport]], path: Any, *, title: st
     thr = sweep[0][1].products.threshold
     ax.axhline(thr, color="0.5", lw=0.8, ls=":")
     ax.set_xlabel("lag t − k")
-    ax.set_ylabel("‖Π diag(1 − s_j²) W‖₂  (geometric mean over the batch)")
-    ax.set_title("Jacobian product vs lag (dashed: ρ(W)^lag)")
+    ax.set_ylabel("‖Π diag(1 − s_j²) W‖₂, geometric mean over the batch")
+    ax.set_title("Jacobian product vs lag (dashed: ρ(W)^lag)", fontsize=11)
     ax.legend(fontsize=8)
 
     ax = ax_top[1]
@@ -675,8 +677,8 @@ def plot_vanish(sweep: list[tuple[float, VanishReport]], path: Any, *, title: st
         ax.semilogy(t[:-1], st.through_time[:-1], color=color, lw=2, label=f"ρ(W)={radius:g}")
         ax.semilogy(t, st.direct, color=color, lw=1, ls="--", alpha=0.7)
     ax.set_xlabel("step t")
-    ax.set_ylabel("‖·‖ over (B, H)")
-    ax.set_title("∂E/∂s_t: through time δ_{t+1}W (solid), direct do_t V (dashed)")
+    ax.set_ylabel("Frobenius norm over (B, H)")
+    ax.set_title("∂E/∂s_t: through time δ_{t+1} W (solid), direct do_t V (dashed)", fontsize=11)
     ax.legend(fontsize=8)
 
     ax = ax_top[2]
@@ -686,7 +688,7 @@ def plot_vanish(sweep: list[tuple[float, VanishReport]], path: Any, *, title: st
         ax.semilogy(tb.truncate, err, color=color, lw=2, marker=".", label=f"ρ(W)={radius:g}")
     ax.set_xlabel("truncate k (E_t's gradient flows through k+1 steps)")
     ax.set_ylabel("‖g_full − g_k‖ / ‖g_full‖")
-    ax.set_title("truncation bias")
+    ax.set_title("truncation bias of the parameter gradient", fontsize=11)
     ax.legend(fontsize=8)
 
     norm = Normalize(vmin=-8, vmax=0)
@@ -701,8 +703,9 @@ def plot_vanish(sweep: list[tuple[float, VanishReport]], path: Any, *, title: st
         image = ax.imshow(rel, cmap="viridis", norm=norm, origin="upper", interpolation="nearest")
         ax.set_title(f"ρ(W)={radius:g}", fontsize=10)
         ax.set_xlabel("k (step reached)")
-        ax.set_ylabel("t (loss step)")
-    fig.colorbar(image, ax=ax_heat, shrink=0.9, label="log10 ‖E_t's term of ∂E/∂W via step k‖ / max")
+    ax_heat[0].set_ylabel("t (loss step)")
+    bottom.colorbar(image, ax=ax_heat, shrink=0.85, label="log10 (norm / largest)")
+    bottom.suptitle("‖E_t's term of ∂E/∂W through step k‖, rows t, columns k", fontsize=11)
     if title:
-        fig.suptitle(title)
+        top.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=110)
