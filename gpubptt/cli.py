@@ -122,6 +122,16 @@ def _parse_scales(text: str) -> list[float]:
     return scales
 
 
+def _horizon_text(p: diagnostics.JacobianProducts) -> str:
+    if p.horizon is not None:
+        return str(p.horizon)
+    if p.horizon_fit is not None:
+        return f"~{p.horizon_fit:.0f} (fit)"
+    if p.log_slope is not None:
+        return "none (grows)"
+    return f"none ≤ {p.end}"
+
+
 def _vanish_row(radius: float, report: diagnostics.VanishReport, T: int) -> list[str]:
     p, tb = report.products, report.truncation
     ok = np.flatnonzero(tb.rel_error < 0.01)
@@ -129,7 +139,7 @@ def _vanish_row(radius: float, report: diagnostics.VanishReport, T: int) -> list
         f"{radius:g}",
         f"{p.spectral_norm:.3f}",
         f"{100 * p.saturated_fraction:.1f}%",
-        str(p.horizon) if p.horizon is not None else f">{p.end}",
+        _horizon_text(p),
         "—" if p.decay_rate is None else f"{p.decay_rate:.4f}",
         f"{report.steps.s0:.3g}",
         str(int(tb.truncate[ok[0]])) if ok.size else f">{T - 1}",
@@ -160,7 +170,8 @@ def vanish(
 
     On a random model and random tokens, W is rescaled to each --scale radius; the table gives the
     spectral norm of W, the saturated fraction of states, the gradient horizon (first lag where
-    ‖Π diag(1 − s_j²) W‖₂ < --threshold), the fitted factor per step of that norm, ‖∂E/∂s0‖, and
+    ‖Π diag(1 − s_j²) W‖₂ < --threshold; "~N (fit)" extrapolates the fitted line when the sequence
+    is too short to reach it), the fitted factor per step of that norm, ‖∂E/∂s0‖, and
     the smallest truncation window whose gradient is within 1 % of full BPTT.
     """
     radii = _parse_scales(scale)

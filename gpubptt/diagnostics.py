@@ -130,6 +130,14 @@ def _check_int(v: Any, name: str, lo: int) -> int:
     return int(v)
 
 
+def _check_tol(tol: Any) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)):
+        raise InputTypeError(f"tol must be a number ≥ 0, got {type(tol).__name__} {tol!r}")
+    if not (math.isfinite(tol) and tol >= 0):
+        raise InputError(f"tol must be a finite number ≥ 0, got {tol}")
+    return float(tol)
+
+
 def _batch(model: RNN, x: Any, y: Any, s0: Any) -> Batch:
     """Validate x (and y, s0) against the model before any work; T ≥ 1 and B ≥ 1."""
     return check_batch(
@@ -326,8 +334,7 @@ def product_norms(W: Any, factors: Any, *, xp: Any, iters: int = 100, tol: float
     sync per iteration, none per step.
     """
     iters = _check_int(iters, "iters", 1)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise InputError(f"tol must be a number ≥ 0, got {tol!r}")
+    tol = _check_tol(tol)
     if W.ndim != 2 or W.shape[0] != W.shape[1] or factors.ndim != 3 or factors.shape[2] != W.shape[0]:
         raise InputError(
             f"expected W (H, H) and factors (n, B, H); got W {tuple(W.shape)}, factors {tuple(factors.shape)}"
@@ -393,9 +400,12 @@ class JacobianProducts(_ToDict):
     spectral_radius, spectral_norm   max |eig(W)| and ‖W‖₂
     saturated_fraction          the fraction of all states (T, B, H) with |s| > ``saturation``
     threshold, horizon          the first lag whose norm is below threshold (None: none is, within n)
-    log_slope, decay_rate       least-squares slope of log norm against the lag over ℓ = 1..n, and
-                                exp(slope): the fitted factor per step (< 1 vanishes, > 1 explodes;
-                                None with fewer than two lags)
+    log_slope, decay_rate       least-squares line log norm ≈ log_intercept + log_slope · ℓ over
+                                ℓ = 1..n, and exp(slope): the fitted factor per step (< 1 vanishes,
+                                > 1 explodes; None with fewer than two lags)
+    horizon_fit                 the lag where that line crosses log threshold, (log threshold −
+                                log_intercept) / log_slope: an extrapolated horizon when the
+                                sequence is too short to reach it (None unless the slope is < 0)
     iterations, converged       of the power iteration
     """
 
@@ -411,7 +421,9 @@ class JacobianProducts(_ToDict):
     threshold: float
     horizon: int | None
     log_slope: float | None
+    log_intercept: float | None
     decay_rate: float | None
+    horizon_fit: float | None
     iterations: int
     converged: bool
 
@@ -423,13 +435,13 @@ def spectral_radius(W: Any) -> float:
 
 
 def _fit(log_norms: np.ndarray) -> tuple[float | None, float | None]:
-    """Slope of log norm against the lag over lags 1..n (finite values only), and exp(slope)."""
+    """Least-squares (slope, intercept) of log norm against the lag over lags 1..n (finite values only)."""
     lags = np.arange(len(log_norms))
     keep = (lags >= 1) & np.isfinite(log_norms)
     if keep.sum() < 2:
         return None, None
-    slope = float(np.polyfit(lags[keep], log_norms[keep], 1)[0])
-    return slope, float(np.exp(slope))
+    slope, intercept = np.polyfit(lags[keep], log_norms[keep], 1)
+    return float(slope), float(intercept)
 
 
 def jacobian_products(
@@ -458,6 +470,8 @@ def jacobian_products(
         raise InputError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
     threshold = _check_positive_float(threshold, "threshold")
     saturation = _check_positive_float(saturation, "saturation")
+    _check_int(iters, "iters", 1)
+    _check_tol(tol)
     batch = _batch(model, x, None, s0)
     if end is None:
         end = batch.T - 1
@@ -475,7 +489,8 @@ def jacobian_products(
     log_mean = pn.log_norms.mean(axis=1)  # log of the geometric mean over the batch
     norms = np.exp(log_mean)
     below = np.flatnonzero(norms < threshold)
-    slope, rate = _fit(log_mean)
+    slope, intercept = _fit(log_mean)
+    reach = slope is not None and slope < 0
     Wh = be.to_numpy(W).astype(np.float64)
     return JacobianProducts(
         lags=np.arange(end + 1),
@@ -490,7 +505,9 @@ def jacobian_products(
         threshold=threshold,
         horizon=int(below[0]) if below.size else None,
         log_slope=slope,
-        decay_rate=rate,
+        log_intercept=intercept,
+        decay_rate=None if slope is None else float(np.exp(slope)),
+        horizon_fit=(math.log(threshold) - intercept) / slope if reach else None,
         iterations=pn.iterations,
         converged=pn.converged,
     )
@@ -614,6 +631,7 @@ def vanish_sweep(
         raise InputError("radii must hold at least one spectral radius > 0")
     _check_positive_float(threshold, "threshold")
     _check_int(iters, "iters", 1)
+    _check_tol(tol)
     _batch(model, x, y, s0)
     return [
         (

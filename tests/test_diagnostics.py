@@ -198,6 +198,10 @@ def test_linear_recurrence_with_scaled_orthogonal_W_has_norm_a_to_the_lag(be, a)
     np.testing.assert_allclose([got.spectral_radius, got.spectral_norm], [a, a], rtol=1e-12)
     want_horizon = next((int(lag) for lag in lags if a**lag < 1e-3), None)
     assert got.horizon == want_horizon
+    if a < 1:
+        np.testing.assert_allclose(got.horizon_fit, np.log(1e-3) / np.log(a), rtol=1e-9)
+    else:
+        assert got.horizon_fit is None
     assert got.converged
 
 
@@ -223,8 +227,9 @@ def test_jacobian_products_match_dense_svd(be, end):
     eig = np.abs(np.linalg.eigvals(p["W"])).max()
     np.testing.assert_allclose([got.spectral_radius, got.spectral_norm], [eig, np.linalg.svd(p["W"])[1][0]], rtol=1e-10)
     np.testing.assert_allclose(got.saturated_fraction, (np.abs(S[1:]) > 0.99).mean())
-    slope = np.polyfit(np.arange(1, t + 1), np.log(got.norms[1:]), 1)[0]
+    slope, intercept = np.polyfit(np.arange(1, t + 1), np.log(got.norms[1:]), 1)
     np.testing.assert_allclose([got.log_slope, got.decay_rate], [slope, np.exp(slope)], rtol=1e-10)
+    np.testing.assert_allclose(got.log_intercept, intercept, rtol=1e-10, atol=1e-12)
 
 
 def test_saturated_units_kill_the_product():
