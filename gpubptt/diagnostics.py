@@ -350,14 +350,15 @@ def product_norms(W: Any, factors: Any, *, xp: Any, iters: int = 100, tol: float
     u = xp.empty_like(v)
     scratch = xp.empty((n * B, H), dtype=factors.dtype)
     WT = W.T
-    prev, converged, it = None, False, 0
+    prev, converged, iterations = None, False, 0
 
     def renormalise(a: Any) -> Any:
         r = xp.maximum(xp.sqrt((a * a).sum(axis=2, keepdims=True)), tiny)  # a zero vector stays finite
         a /= r
         return r[..., 0]
 
-    for it in range(1, iters + 1):  # noqa: B007 (it is reported)
+    for it in range(1, iters + 1):
+        iterations = it
         logs = xp.zeros((n, B), dtype=factors.dtype)
         u[...] = v
         # Jacobian–vector products u = P_ℓ v: lag ℓ starts at step n−ℓ+1; at step j lanes i ≥ n−j are live
@@ -380,7 +381,7 @@ def product_norms(W: Any, factors: Any, *, xp: Any, iters: int = 100, tol: float
             break
         prev = logs
     log_norms[1:] = prev
-    return ProductNorms(log_norms=_to_host(log_norms), iterations=it, converged=converged)
+    return ProductNorms(log_norms=_to_host(log_norms), iterations=iterations, converged=converged)
 
 
 def _to_host(a: Any) -> np.ndarray:
