@@ -122,6 +122,18 @@ def _parse_scales(text: str) -> list[float]:
     return scales
 
 
+def _random_problem(be, T: int, H: int, B: int, vocab: int, init: str, dtype: str, seed: int):
+    """The model and batch that ``vanish`` measures: random weights, random tokens and targets.
+
+    (A saved model and a text file can take their place here once training and data land.)
+    """
+    model = RNN(vocab, H, vocab, backend=be, dtype=dtype, init=init, seed=seed)
+    rng = np.random.default_rng(seed)
+    x = be.asarray(rng.integers(0, vocab, size=(T, B)))  # (T, B) token ids
+    y = be.asarray(rng.integers(0, vocab, size=(T, B)))  # (T, B) targets
+    return model, x, y
+
+
 def _horizon_text(p: diagnostics.JacobianProducts) -> str:
     if p.horizon is not None:
         return str(p.horizon)
@@ -188,10 +200,7 @@ def vanish(
             typer.echo(f"error: --plot: {exc}", err=True)
             raise typer.Exit(2) from exc
     be = _backend_or_exit(backend.value)
-    model = RNN(vocab, hidden, vocab, backend=be, dtype=dtype.value, init=init.value, seed=seed)
-    rng = np.random.default_rng(seed)
-    x = be.asarray(rng.integers(0, vocab, size=(seq_len, batch)))
-    y = be.asarray(rng.integers(0, vocab, size=(seq_len, batch)))
+    model, x, y = _random_problem(be, seq_len, hidden, batch, vocab, init.value, dtype.value, seed)
     settings = {
         "backend": be.name,
         "device": be.device,

@@ -486,7 +486,7 @@ def jacobian_products(
     else:
         factors = xp.ones((end, batch.B, model.hidden_size), dtype=model.dtype)
     pn = product_norms(W, factors, xp=xp, iters=iters, tol=tol, seed=seed)
-    saturated = float(be.to_numpy((xp.abs(S[1:]) > saturation).mean()))
+    saturated = float(be.to_numpy((xp.abs(S[1:]) > saturation).astype(xp.float64).mean()))
     log_mean = pn.log_norms.mean(axis=1)  # log of the geometric mean over the batch
     norms = np.exp(log_mean)
     below = np.flatnonzero(norms < threshold)
