@@ -395,11 +395,13 @@ class JacobianProducts(_ToDict):
     lags (n+1,)                 0..n with n = end (k runs from end down to 0)
     norms (n+1,)                the geometric mean over the batch, exp(mean_b log ‖P_b‖₂), of the
                                 per-example spectral norms (each example has its own s_j)
-    norms_per_example (n+1, B)  the per-example spectral norms
+    norms_per_example (n+1, B)  the per-example spectral norms (B = 1 with ``example=b``)
+    example                     the one example measured, or None for the whole batch
     end                         the step t where every product ends (default T−1, the last)
     activation                  "tanh": ∂s_j/∂s_{j−1} = diag(1 − s_j²) W; "linear": W alone
     spectral_radius, spectral_norm   max |eig(W)| and ‖W‖₂
     saturated_fraction          the fraction of all states (T, B, H) with |s| > ``saturation``
+                                (of that example's states (T, H) with ``example=b``)
     threshold, horizon          the first lag whose norm is below threshold (None: none is, within n)
     log_slope, decay_rate       least-squares line log norm ≈ log_intercept + log_slope · ℓ over
                                 ℓ = 1..n, and exp(slope): the fitted factor per step (< 1 vanishes,
@@ -414,6 +416,7 @@ class JacobianProducts(_ToDict):
     norms: np.ndarray
     norms_per_example: np.ndarray
     end: int
+    example: int | None
     activation: str
     spectral_radius: float
     spectral_norm: float
@@ -452,6 +455,7 @@ def jacobian_products(
     *,
     activation: str = "tanh",
     end: int | None = None,
+    example: int | None = None,
     threshold: float = 1e-3,
     saturation: float = 0.99,
     iters: int = 100,
@@ -464,7 +468,9 @@ def jacobian_products(
     P_ℓ = ∂s_end/∂s_{end−ℓ} = Π_{j=end−ℓ+1..end} diag(1 − s_j²) W for ℓ = 0..end, per example,
     by power iteration (``product_norms``). ``activation="linear"`` drops the tanh factors (the
     products of W alone, what a linear recurrence s_t = U x_t + W s_{t−1} would give); the states
-    are still used for the saturated fraction. Returns norms (end+1,) and the summary numbers.
+    are still used for the saturated fraction. ``example=b`` measures that example alone (its
+    products, its saturated fraction) at 1/B of the cost; None uses the whole batch and reports the
+    geometric mean. Returns norms (end+1,) and the summary numbers.
     """
     model = _check_model(model)
     if activation not in ACTIVATIONS:
@@ -479,12 +485,18 @@ def jacobian_products(
     end = _check_int(end, "end", 0)
     if end >= batch.T:
         raise InputError(f"end must be a step in [0, T) = [0, {batch.T}), got {end}")
+    if example is not None:
+        example = _check_int(example, "example", 0)
+        if example >= batch.B:
+            raise InputError(f"example must index the batch, [0, B) = [0, {batch.B}), got {example}")
     be, xp, W = model.backend, model.backend.xp, model.params["W"]
     S, _ = _states(model, batch)
+    if example is not None:
+        S = S[:, example : example + 1]  # (T+1, 1, H)
     if activation == "tanh":
         factors = _tanh_factors(S)[1 : end + 1]  # f_j = 1 − s_j² for j = 1..end: (end, B, H)
     else:
-        factors = xp.ones((end, batch.B, model.hidden_size), dtype=model.dtype)
+        factors = xp.ones((end, S.shape[1], model.hidden_size), dtype=model.dtype)
     pn = product_norms(W, factors, xp=xp, iters=iters, tol=tol, seed=seed)
     saturated = float(be.to_numpy((xp.abs(S[1:]) > saturation).astype(xp.float64).mean()))
     log_mean = pn.log_norms.mean(axis=1)  # log of the geometric mean over the batch
@@ -498,6 +510,7 @@ def jacobian_products(
         norms=norms,
         norms_per_example=np.exp(pn.log_norms),
         end=end,
+        example=example,
         activation=activation,
         spectral_radius=spectral_radius(Wh),
         spectral_norm=float(np.linalg.norm(Wh, 2)),

@@ -232,6 +232,20 @@ def test_jacobian_products_match_dense_svd(be, end):
     np.testing.assert_allclose(got.log_intercept, intercept, rtol=1e-10, atol=1e-12)
 
 
+def test_jacobian_products_of_one_example_match_dense_svd():
+    be = gpubptt.get_backend("numpy")
+    model, x, _, _ = make_case(be, 14, T=7, B=4, H=5)
+    p = host_params(model)
+    S = ref_states(p, x, None)
+    got = dg.jacobian_products(model, x, example=2, iters=5000, tol=1e-14)
+    want = [np.linalg.norm(jac_product(p, S, 6, 6 - lag, 2), 2) for lag in range(7)]
+    np.testing.assert_allclose(got.norms, want, rtol=1e-8)
+    assert got.norms_per_example.shape == (7, 1) and got.example == 2
+    np.testing.assert_allclose(got.saturated_fraction, (np.abs(S[1:, 2]) > 0.99).mean())
+    with pytest.raises(gpubptt.InputError, match="example must index the batch"):
+        dg.jacobian_products(model, x, example=4)
+
+
 def test_saturated_units_kill_the_product():
     """States pinned at ±1 make 1 − s² vanish: the product norm falls far below the linear one."""
     be = gpubptt.get_backend("numpy")
