@@ -174,7 +174,7 @@ def vanish(
     threshold: Annotated[
         float, typer.Option(help="The horizon is the first lag whose product norm is below this.")
     ] = 1e-3,
-    iters: Annotated[int, typer.Option(min=1, help="Most power iterations per Jacobian-product norm.")] = 100,
+    iters: Annotated[int, typer.Option(min=1, help="Most power iterations per Jacobian-product norm.")] = 300,
     plot: Annotated[Path | None, typer.Option(help="Write the plots to this PNG file (needs matplotlib).")] = None,
     fmt: Annotated[VanishFormat, typer.Option("--format", help="Output: a table or JSON.")] = VanishFormat.table,
 ) -> None:

@@ -319,7 +319,7 @@ class ProductNorms(_ToDict):
     converged: bool
 
 
-def product_norms(W: Any, factors: Any, *, xp: Any, iters: int = 100, tol: float = 1e-4, seed: int = 0) -> ProductNorms:
+def product_norms(W: Any, factors: Any, *, xp: Any, iters: int = 300, tol: float = 1e-5, seed: int = 0) -> ProductNorms:
     """Spectral norms of the products of the last ℓ step Jacobians diag(f_j) W, for every ℓ at once.
 
     W (H, H); factors (n, B, H): f_1..f_n, the diagonal of step j's Jacobian for each example
@@ -466,8 +466,8 @@ def jacobian_products(
     example: int | None = None,
     threshold: float = 1e-3,
     saturation: float = 0.99,
-    iters: int = 100,
-    tol: float = 1e-4,
+    iters: int = 300,
+    tol: float = 1e-5,
     seed: int = 0,
 ) -> JacobianProducts:
     """Spectral norms of the step-Jacobian products against the lag, on the model's own states.
@@ -605,8 +605,8 @@ def vanish_report(
     s0: Any = None,
     *,
     threshold: float = 1e-3,
-    iters: int = 100,
-    tol: float = 1e-4,
+    iters: int = 300,
+    tol: float = 1e-5,
     seed: int = 0,
 ) -> VanishReport:
     """All four diagnostics of ``model`` on (x, y, s0): x (T, B) or (T, B, D), y (T, B), s0 (B, H)."""
@@ -638,8 +638,8 @@ def vanish_sweep(
     s0: Any = None,
     *,
     threshold: float = 1e-3,
-    iters: int = 100,
-    tol: float = 1e-4,
+    iters: int = 300,
+    tol: float = 1e-5,
     seed: int = 0,
 ) -> list[tuple[float, VanishReport]]:
     """``vanish_report`` for copies of the model with W rescaled to each spectral radius in ``radii``.
