@@ -7,6 +7,7 @@ import platform
 import sys
 import time
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -89,6 +90,440 @@ def bench(
         med = float(np.median(times))
         typer.echo(f"{T:>6} {med * 1e3:>10.3f} {T * batch / med:>12.0f}")
     sys.stdout.flush()
+
+
+# -- training and sampling --------------------------------------------------------------------------
+class TaskChoice(str, Enum):
+    text = "text"
+    copy = "copy"
+    recall = "recall"
+
+
+class DtypeChoice(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
+class OptimizerChoice(str, Enum):
+    sgd = "sgd"
+    adagrad = "adagrad"
+    adam = "adam"
+
+
+class ScheduleChoice(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+    step = "step"
+
+
+class NonFiniteChoice(str, Enum):
+    raise_ = "raise"
+    skip = "skip"
+
+
+class InitChoice(str, Enum):
+    wildml = "wildml"
+    torch = "torch"
+
+
+# Defaults of the options that describe the run; on --resume they come from the checkpoint instead.
+_TRAIN_DEFAULTS = {
+    "task": "text",
+    "data": None,
+    "delay": 10,
+    "symbols": 8,
+    "copy_length": 5,
+    "hidden": 256,
+    "batch": 32,
+    "chunk": None,  # text: 64, tasks: whole sequences
+    "truncate": None,
+    "dtype": "float32",
+    "bias": True,
+    "init": "wildml",
+    "optimizer": "adam",
+    "lr": None,  # per optimizer
+    "momentum": 0.0,
+    "clip": 5.0,
+    "schedule": "constant",
+    "warmup": 0,
+    "seed": 0,
+    "on_nonfinite": "raise",
+}
+
+
+def _usage_error(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _settings_from_checkpoint(ck) -> dict:
+    cfg, data, mo, mm = ck.config, ck.data or {}, ck.meta.get("optimizer") or {}, ck.meta["model"]
+    return {
+        "task": data.get("kind"),
+        "data": None if data.get("source", "builtin") == "builtin" else data.get("source"),
+        "delay": data.get("delay"),
+        "symbols": data.get("symbols"),
+        "copy_length": data.get("length"),
+        "hidden": mm["hidden_size"],
+        "batch": cfg.batch_size,
+        "chunk": cfg.chunk or 0,
+        "truncate": cfg.truncate,
+        "dtype": mm["dtype"],
+        "bias": mm["bias"],
+        "init": mm.get("init"),
+        "optimizer": mo.get("name"),
+        "lr": cfg.lr,
+        "momentum": mo.get("momentum", 0.0),
+        "clip": cfg.max_norm or 0.0,
+        "schedule": cfg.schedule,
+        "warmup": cfg.warmup,
+        "seed": cfg.seed,
+        "on_nonfinite": mo.get("on_nonfinite"),
+    }
+
+
+def _check_plot(plot) -> None:
+    if plot is None:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise _usage_error("--plot needs matplotlib, which is not installed: pip install 'gpubptt[plot]'") from exc
+    if not plot.parent.is_dir():
+        raise _usage_error(f"--plot: directory {str(plot.parent)!r} does not exist")
+
+
+def _write_plot(path, history, chance: float, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps, loss = np.asarray(history.step), np.asarray(history.loss, dtype=float)
+    if len(loss):
+        ax.plot(steps, loss, lw=0.6, alpha=0.35, color="C0")
+        w = max(1, len(loss) // 50)
+        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1 :], smooth, color="C0", label="training loss (smoothed)")
+    if history.eval_step:
+        ax.plot(history.eval_step, history.eval_loss, "o-", color="C1", ms=3, label="held-out loss")
+    ax.axhline(chance, color="k", ls="--", lw=1, label=f"chance level ({chance:.3f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per scored step)")
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _describe(data) -> tuple[str, str]:
+    """(unit, chance-level text) for the summary line."""
+    if data.kind == "text":
+        return "nats/char", (
+            f"chance {data.chance_loss:.3f} = log {data.output_size}; letter frequencies alone {data.unigram_loss:.3f}"
+        )
+    return "nats/recalled symbol", f"chance {data.chance_loss:.3f} = log {data.A}; chance accuracy {1 / data.A:.1%}"
+
+
+@app.command()
+def train(
+    task: Annotated[
+        TaskChoice | None, typer.Option(help="text: next-character prediction; copy / recall: long-range memory tasks.")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="UTF-8 text file for --task text (default: a built-in generated corpus).")
+    ] = None,
+    delay: Annotated[
+        int | None, typer.Option(help="copy/recall: blanks between the symbols and the cue. [default: 10]")
+    ] = None,
+    symbols: Annotated[int | None, typer.Option(help="copy/recall: alphabet size A. [default: 8]")] = None,
+    copy_length: Annotated[int | None, typer.Option(help="copy: symbols to remember. [default: 5]")] = None,
+    hidden: Annotated[int | None, typer.Option(help="Hidden size H. [default: 256]")] = None,
+    batch: Annotated[int | None, typer.Option(help="Batch size B (parallel sequences). [default: 32]")] = None,
+    chunk: Annotated[
+        int | None,
+        typer.Option(
+            help="Truncated-BPTT chunk length, state carried across chunks; 0: whole sequences. "
+            "[default: 64 for text, 0 for tasks]"
+        ),
+    ] = None,
+    truncate: Annotated[
+        int | None,
+        typer.Option(help="Tutorial truncation inside each chunk (gradient through k+1 steps). [default: off]"),
+    ] = None,
+    backend: Annotated[BackendChoice, typer.Option(help="Backend to train on.")] = BackendChoice.auto,
+    dtype: Annotated[DtypeChoice | None, typer.Option(help="Floating-point type. [default: float32]")] = None,
+    bias: Annotated[bool | None, typer.Option("--bias/--no-bias", help="Biases b and c. [default: bias]")] = None,
+    init: Annotated[InitChoice | None, typer.Option(help="Weight initialisation. [default: wildml]")] = None,
+    optimizer: Annotated[OptimizerChoice | None, typer.Option(help="Optimizer. [default: adam]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate. [default: adam 0.003, adagrad 0.1, sgd 0.1]")] = None,
+    momentum: Annotated[float | None, typer.Option(help="SGD momentum. [default: 0]")] = None,
+    clip: Annotated[
+        float | None, typer.Option(help="Clip the global gradient norm to this; 0: off. [default: 5]")
+    ] = None,
+    schedule: Annotated[ScheduleChoice | None, typer.Option(help="Learning-rate schedule. [default: constant]")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Linear learning-rate warm-up steps. [default: 0]")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Train until this many optimizer steps in total. [default: 2000]")
+    ] = None,
+    epochs: Annotated[
+        float | None, typer.Option(help="Text: train for this many passes over the training text instead of --steps.")
+    ] = None,
+    eval_every: Annotated[int, typer.Option(help="Steps between held-out evaluations (and checkpoint saves).")] = 250,
+    seed: Annotated[int | None, typer.Option(help="Seed of the weights and the data order. [default: 0]")] = None,
+    on_nonfinite: Annotated[
+        NonFiniteChoice | None, typer.Option(help="A NaN/inf loss or gradient stops training (raise) or is skipped.")
+    ] = None,
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint file (.npz), saved at every evaluation.")] = Path(
+        "checkpoint.npz"
+    ),
+    resume: Annotated[bool, typer.Option(help="Continue training the checkpoint (its settings apply).")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing checkpoint with a new run.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write the loss curve to this PNG file (needs matplotlib).")] = None,
+) -> None:
+    """Train a vanilla RNN with truncated BPTT; report the loss beside the chance level; save a checkpoint.
+
+    With no options: a character model of a built-in generated English-like corpus, about a minute on a CPU.
+    """
+    from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from .data import CopyTask, TextData, default_corpus, make_data, read_text
+    from .optim import DEFAULT_LR, NonFiniteError, make_optimizer
+    from .train import History, TrainConfig, TrainState
+    from .train import train as train_loop
+
+    given = {
+        k: (v.value if isinstance(v, Enum) else v)
+        for k, v in dict(
+            task=task,
+            data=data,
+            delay=delay,
+            symbols=symbols,
+            copy_length=copy_length,
+            hidden=hidden,
+            batch=batch,
+            chunk=chunk,
+            truncate=truncate,
+            dtype=dtype,
+            bias=bias,
+            init=init,
+            optimizer=optimizer,
+            lr=lr,
+            momentum=momentum,
+            clip=clip,
+            schedule=schedule,
+            warmup=warmup,
+            seed=seed,
+            on_nonfinite=on_nonfinite,
+        ).items()
+        if v is not None
+    }
+    _check_plot(plot)
+    be = _backend_or_exit(backend.value)
+    if not checkpoint.parent.is_dir():
+        raise _usage_error(f"--checkpoint: directory {str(checkpoint.parent)!r} does not exist")
+    if checkpoint.exists() and not (resume or force):
+        raise _usage_error(
+            f"{str(checkpoint)!r} exists: pass --resume to continue training it, --force to replace it, "
+            "or choose another --checkpoint"
+        )
+    if resume and force:
+        raise _usage_error("--resume and --force exclude each other")
+    try:
+        if resume:
+            ck = load_checkpoint(checkpoint, backend=be)
+            if ck.optimizer is None or ck.config is None or ck.data is None:
+                raise _usage_error(f"{str(checkpoint)!r} holds a model but no training run to resume")
+            stored = _settings_from_checkpoint(ck)
+            for k, v in given.items():
+                same = str(v) == str(stored[k]) if k == "data" else v == stored[k]
+                if not same:
+                    flag = "--" + k.replace("_", "-")
+                    raise _usage_error(
+                        f"{flag} {v} differs from the checkpoint ({stored[k]}); a resumed run keeps its settings"
+                    )
+            data_set = make_data(ck.data, vocab=ck.vocab)
+            model, opt, state, history = ck.model, ck.optimizer, ck.state, ck.history
+            config = ck.config
+        else:
+            st = {**_TRAIN_DEFAULTS, **given}
+            if st["task"] == "text":
+                text = default_corpus() if st["data"] is None else read_text(st["data"])
+                data_set = TextData(text, source="builtin" if st["data"] is None else str(st["data"]))
+            else:
+                if st["data"] is not None:
+                    raise _usage_error("--data applies to --task text only")
+                k = 1 if st["task"] == "recall" else st["copy_length"]
+                data_set = CopyTask(symbols=st["symbols"], length=k, delay=st["delay"])
+            chunk_v = st["chunk"]
+            if chunk_v is None:
+                chunk_v = 64 if st["task"] == "text" else 0
+            if chunk_v < 0:
+                raise _usage_error(f"--chunk must be ≥ 0, got {chunk_v}")
+            model = RNN(
+                data_set.input_size,
+                st["hidden"],
+                data_set.output_size,
+                backend=be,
+                dtype=st["dtype"],
+                bias=st["bias"],
+                init=st["init"],
+                seed=st["seed"],
+            )
+            lr_v = st["lr"] if st["lr"] is not None else DEFAULT_LR[st["optimizer"]]
+            opt = make_optimizer(
+                st["optimizer"], model, lr=lr_v, momentum=st["momentum"], on_nonfinite=st["on_nonfinite"]
+            )
+            config = TrainConfig(
+                steps=1,
+                batch_size=st["batch"],
+                chunk=chunk_v or None,
+                truncate=st["truncate"],
+                max_norm=st["clip"] or None,
+                lr=lr_v,
+                schedule=st["schedule"],
+                warmup=st["warmup"],
+                eval_every=0,
+                seed=st["seed"],
+            )
+            state, history = TrainState(), History()
+        if epochs is not None and steps is not None:
+            raise _usage_error("give --steps or --epochs, not both")
+        if epochs is not None:
+            if data_set.kind != "text" or not epochs > 0:
+                raise _usage_error("--epochs needs --task text and a positive number")
+            per_epoch = -(-(len(data_set.train_ids) // config.batch_size) // (config.chunk or 10**12))
+            total = max(1, round(epochs * per_epoch))
+        else:
+            total = steps if steps is not None else (config.steps if resume else 2000)
+        if eval_every < 0:
+            raise _usage_error(f"--eval-every must be ≥ 0, got {eval_every}")
+        config = TrainConfig(**{**vars(config), "steps": total, "eval_every": eval_every})
+        data_set.check_batch(config.batch_size, config.chunk or 1)
+    except (InputError, CheckpointError, TypeError) as exc:
+        raise _usage_error(str(exc)) from exc
+
+    unit, chance_text = _describe(data_set)
+    vocab = getattr(data_set, "vocab", None)
+    typer.echo(
+        f"{data_set!r} | {model!r} | {type(opt).__name__} lr={config.lr} | B={config.batch_size} "
+        f"chunk={config.chunk or 'whole sequences'} | steps {state.step} → {config.steps}",
+        err=True,
+    )
+    typer.echo(f"loss in {unit}; {chance_text}", err=True)
+    if state.step >= config.steps:
+        typer.echo(f"the checkpoint is already at step {state.step} ≥ --steps {config.steps}; nothing to do", err=True)
+
+    def save() -> None:
+        save_checkpoint(
+            checkpoint,
+            model,
+            optimizer=opt,
+            vocab=vocab,
+            data=data_set.spec(),
+            config=config,
+            state=state,
+            history=history,
+        )
+
+    interactive = sys.stderr.isatty()
+    progress = None
+    tokens_seen, last = [0], [None]
+    if interactive:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        bar = progress.add_task("train", total=config.steps, completed=state.step, info="")
+        progress.start()
+
+    def on_step(ev) -> None:
+        tokens_seen[0] += ev.tokens
+        rate = tokens_seen[0] / max(ev.seconds, 1e-9)
+        loss_s = "nan" if ev.loss is None else f"{ev.loss:.3f}"
+        info = f"loss {loss_s}  |g| {ev.grad_norm:.2f}  {rate:,.0f} tok/s"
+        if ev.eval is not None:
+            last[0] = ev.eval
+            save()
+            line = (
+                f"step {ev.step}/{ev.total}  train loss {loss_s}  held-out {ev.eval['loss']:.3f} "
+                f"(chance {ev.eval['chance']:.3f})  acc {ev.eval['accuracy']:.1%}  |g| {ev.grad_norm:.2f}  "
+                f"{rate:,.0f} tok/s"
+            )
+            if progress is not None:
+                progress.console.print(line)
+            else:
+                typer.echo(line, err=True)
+        if progress is not None:
+            progress.update(bar, completed=ev.step, info=info)
+
+    try:
+        if state.step < config.steps:
+            train_loop(model, data_set, opt, config, state=state, history=history, callback=on_step)
+    except NonFiniteError as exc:
+        if progress is not None:
+            progress.stop()
+        typer.echo(f"error: {exc}\n{str(checkpoint)!r} keeps the last evaluation's checkpoint, if any", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        if progress is not None:
+            progress.stop()
+    save()
+    if plot is not None:
+        title = f"{data_set.kind} | H={model.hidden_size} | {type(opt).__name__}"
+        if data_set.kind != "text":
+            title += f" | delay {data_set.delay}"
+        _write_plot(plot, history, data_set.chance_loss, title)
+    ev = last[0] or {"loss": float("nan"), "accuracy": float("nan")}
+    if history.eval_step and last[0] is None:
+        ev = {"loss": history.eval_loss[-1], "accuracy": history.eval_accuracy[-1]}
+    train_loss = history.loss[-1] if history.loss else float("nan")
+    typer.echo(
+        f"step {state.step}: train loss {train_loss:.4f}, held-out loss {ev['loss']:.4f} {unit} "
+        f"(accuracy {ev['accuracy']:.1%}); {chance_text}"
+    )
+    if history.skipped:
+        typer.echo(f"{history.skipped} steps were skipped for a non-finite loss or gradient")
+    typer.echo(f"checkpoint: {checkpoint}" + (f"\nplot: {plot}" if plot is not None else ""))
+
+
+@app.command()
+def sample(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint of a text model (from `gpubptt train`).")] = Path(
+        "checkpoint.npz"
+    ),
+    length: Annotated[int, typer.Option(help="Characters to generate.")] = 500,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature: < 1 surer, > 1 more random.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = 0,
+    prime: Annotated[str, typer.Option(help="Text to start from (its characters must be in the vocabulary).")] = "",
+) -> None:
+    """Generate text from a trained character model (printed to stdout)."""
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .sample import sample_text
+
+    if length < 0:
+        raise _usage_error(f"--length must be ≥ 0, got {length}")
+    if not (temperature > 0 and np.isfinite(temperature)):
+        raise _usage_error(f"--temperature must be a positive number, got {temperature}")
+    try:
+        ck = load_checkpoint(checkpoint, backend="numpy")
+        if ck.vocab is None:
+            kind = (ck.data or {}).get("kind", "unknown")
+            raise _usage_error(f"{str(checkpoint)!r} was trained on the {kind} task; sampling needs a text model")
+        text = sample_text(ck.model, ck.vocab, length=length, temperature=temperature, seed=seed, prime=prime)
+    except (InputError, CheckpointError) as exc:
+        raise _usage_error(str(exc)) from exc
+    typer.echo(text)
 
 
 def main() -> None:
