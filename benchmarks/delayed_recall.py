@@ -9,6 +9,7 @@ the seed change. Writes <out>.json (settings, environment, per-run curves and fi
 
     python benchmarks/delayed_recall.py                      # about 5-10 minutes on a 2-core CPU
     python benchmarks/delayed_recall.py --delays 5,10 --seeds 0 --steps 300 --out /tmp/quick
+    python benchmarks/delayed_recall.py --plot-only          # redraw the PNG from the committed JSON
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def plot(results: dict, path: str) -> None:
         chance, color="k", ls="--", lw=1, label=f"chance level log {results['settings']['symbols']} = {chance:.3f}"
     )
     ax1.set_xscale("log")
+    ax1.minorticks_off()
     ax1.set_xticks(delays, [str(d) for d in delays])
     ax1.set_xlabel("delay (blank steps between the symbol and the cue)")
     ax1.set_ylabel("nats at the cue")
@@ -116,7 +118,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "delayed-recall"))
+    p.add_argument("--plot-only", action="store_true", help="redraw <out>.png from an existing <out>.json")
     args = p.parse_args()
+    if args.plot_only:
+        with open(args.out + ".json") as f:
+            plot(json.load(f), args.out + ".png")
+        return
     delays = [int(d) for d in args.delays.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = []

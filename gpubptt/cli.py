@@ -461,7 +461,7 @@ def train(
                 f"{rate:,.0f} tok/s"
             )
             if progress is not None:
-                progress.console.print(line)
+                progress.console.print(line, highlight=False)
             else:
                 typer.echo(line, err=True)
         if progress is not None:
