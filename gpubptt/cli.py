@@ -6,6 +6,7 @@ import json
 import platform
 import sys
 import time
+from collections import deque
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -237,43 +238,43 @@ def train(
         Path | None, typer.Option(help="UTF-8 text file for --task text (default: a built-in generated corpus).")
     ] = None,
     delay: Annotated[
-        int | None, typer.Option(help="copy/recall: blanks between the symbols and the cue. [default: 10]")
+        int | None, typer.Option(help="copy/recall: blanks between the symbols and the cue. (default: 10)")
     ] = None,
-    symbols: Annotated[int | None, typer.Option(help="copy/recall: alphabet size A. [default: 8]")] = None,
-    copy_length: Annotated[int | None, typer.Option(help="copy: symbols to remember. [default: 5]")] = None,
-    hidden: Annotated[int | None, typer.Option(help="Hidden size H. [default: 256]")] = None,
-    batch: Annotated[int | None, typer.Option(help="Batch size B (parallel sequences). [default: 32]")] = None,
+    symbols: Annotated[int | None, typer.Option(help="copy/recall: alphabet size A. (default: 8)")] = None,
+    copy_length: Annotated[int | None, typer.Option(help="copy: symbols to remember. (default: 5)")] = None,
+    hidden: Annotated[int | None, typer.Option(help="Hidden size H. (default: 256)")] = None,
+    batch: Annotated[int | None, typer.Option(help="Batch size B (parallel sequences). (default: 32)")] = None,
     chunk: Annotated[
         int | None,
         typer.Option(
             help="Truncated-BPTT chunk length, state carried across chunks; 0: whole sequences. "
-            "[default: 64 for text, 0 for tasks]"
+            "(default: 64 for text, 0 for tasks)"
         ),
     ] = None,
     truncate: Annotated[
         int | None,
-        typer.Option(help="Tutorial truncation inside each chunk (gradient through k+1 steps). [default: off]"),
+        typer.Option(help="Tutorial truncation inside each chunk (gradient through k+1 steps). (default: off)"),
     ] = None,
     backend: Annotated[BackendChoice, typer.Option(help="Backend to train on.")] = BackendChoice.auto,
-    dtype: Annotated[DtypeChoice | None, typer.Option(help="Floating-point type. [default: float32]")] = None,
-    bias: Annotated[bool | None, typer.Option("--bias/--no-bias", help="Biases b and c. [default: bias]")] = None,
-    init: Annotated[InitChoice | None, typer.Option(help="Weight initialisation. [default: wildml]")] = None,
-    optimizer: Annotated[OptimizerChoice | None, typer.Option(help="Optimizer. [default: adam]")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate. [default: adam 0.003, adagrad 0.1, sgd 0.1]")] = None,
-    momentum: Annotated[float | None, typer.Option(help="SGD momentum. [default: 0]")] = None,
+    dtype: Annotated[DtypeChoice | None, typer.Option(help="Floating-point type. (default: float32)")] = None,
+    bias: Annotated[bool | None, typer.Option("--bias/--no-bias", help="Biases b and c. (default: bias)")] = None,
+    init: Annotated[InitChoice | None, typer.Option(help="Weight initialisation. (default: wildml)")] = None,
+    optimizer: Annotated[OptimizerChoice | None, typer.Option(help="Optimizer. (default: adam)")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate. (default: adam 0.003, adagrad 0.1, sgd 0.1)")] = None,
+    momentum: Annotated[float | None, typer.Option(help="SGD momentum. (default: 0)")] = None,
     clip: Annotated[
-        float | None, typer.Option(help="Clip the global gradient norm to this; 0: off. [default: 5]")
+        float | None, typer.Option(help="Clip the global gradient norm to this; 0: off. (default: 5)")
     ] = None,
-    schedule: Annotated[ScheduleChoice | None, typer.Option(help="Learning-rate schedule. [default: constant]")] = None,
-    warmup: Annotated[int | None, typer.Option(help="Linear learning-rate warm-up steps. [default: 0]")] = None,
+    schedule: Annotated[ScheduleChoice | None, typer.Option(help="Learning-rate schedule. (default: constant)")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Linear learning-rate warm-up steps. (default: 0)")] = None,
     steps: Annotated[
-        int | None, typer.Option(help="Train until this many optimizer steps in total. [default: 2000]")
+        int | None, typer.Option(help="Train until this many optimizer steps in total. (default: 3000)")
     ] = None,
     epochs: Annotated[
         float | None, typer.Option(help="Text: train for this many passes over the training text instead of --steps.")
     ] = None,
     eval_every: Annotated[int, typer.Option(help="Steps between held-out evaluations (and checkpoint saves).")] = 250,
-    seed: Annotated[int | None, typer.Option(help="Seed of the weights and the data order. [default: 0]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the weights and the data order. (default: 0)")] = None,
     on_nonfinite: Annotated[
         NonFiniteChoice | None, typer.Option(help="A NaN/inf loss or gradient stops training (raise) or is skipped.")
     ] = None,
@@ -397,7 +398,7 @@ def train(
             per_epoch = -(-(len(data_set.train_ids) // config.batch_size) // (config.chunk or 10**12))
             total = max(1, round(epochs * per_epoch))
         else:
-            total = steps if steps is not None else (config.steps if resume else 2000)
+            total = steps if steps is not None else (config.steps if resume else 3000)
         if eval_every < 0:
             raise _usage_error(f"--eval-every must be ≥ 0, got {eval_every}")
         config = TrainConfig(**{**vars(config), "steps": total, "eval_every": eval_every})
@@ -430,7 +431,8 @@ def train(
 
     interactive = sys.stderr.isatty()
     progress = None
-    tokens_seen, last = [0], [None]
+    last = [None]
+    window: deque = deque([(0.0, 0)], maxlen=50)  # (seconds, tokens so far): tokens/s over recent steps
     if interactive:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -448,8 +450,8 @@ def train(
         progress.start()
 
     def on_step(ev) -> None:
-        tokens_seen[0] += ev.tokens
-        rate = tokens_seen[0] / max(ev.seconds, 1e-9)
+        window.append((ev.seconds, window[-1][1] + ev.tokens))
+        rate = (window[-1][1] - window[0][1]) / max(window[-1][0] - window[0][0], 1e-9)
         loss_s = "nan" if ev.loss is None else f"{ev.loss:.3f}"
         info = f"loss {loss_s}  |g| {ev.grad_norm:.2f}  {rate:,.0f} tok/s"
         if ev.eval is not None:

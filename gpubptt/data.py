@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, InputTypeError, ShapeError
+from .errors import InputError, InputTypeError
 
 __all__ = ["TASKS", "CopyTask", "TextData", "Vocab", "default_corpus", "make_data", "read_text"]
 
@@ -362,11 +362,3 @@ def make_data(spec: dict[str, Any], *, text: str | None = None, vocab: Vocab | N
     if kind in ("copy", "recall"):
         return CopyTask(symbols=spec["symbols"], length=spec["length"], delay=spec["delay"])
     raise InputError(f"unknown data kind {kind!r}; expected one of {', '.join(TASKS)}")
-
-
-def check_ids(a: np.ndarray, size: int, what: str) -> None:
-    """ShapeError/InputError unless ``a`` is a 2-d int array with values in [0, size)."""
-    if a.ndim != 2 or a.dtype.kind not in "iu":
-        raise ShapeError(f"{what} must be a 2-d int array (L, B), got {a.dtype} {a.shape}")
-    if a.size and (a.min() < 0 or a.max() >= size):
-        raise InputError(f"{what} values must lie in [0, {size})")
