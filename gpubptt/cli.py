@@ -127,60 +127,9 @@ class InitChoice(str, Enum):
     torch = "torch"
 
 
-# Defaults of the options that describe the run; on --resume they come from the checkpoint instead.
-_TRAIN_DEFAULTS = {
-    "task": "text",
-    "data": None,
-    "delay": 10,
-    "symbols": 8,
-    "copy_length": 5,
-    "hidden": 256,
-    "batch": 32,
-    "chunk": None,  # text: 64, tasks: whole sequences
-    "truncate": None,
-    "dtype": "float32",
-    "bias": True,
-    "init": "wildml",
-    "optimizer": "adam",
-    "lr": None,  # per optimizer
-    "momentum": 0.0,
-    "clip": 5.0,
-    "schedule": "constant",
-    "warmup": 0,
-    "seed": 0,
-    "on_nonfinite": "raise",
-}
-
-
 def _usage_error(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(2)
-
-
-def _settings_from_checkpoint(ck) -> dict:
-    cfg, data, mo, mm = ck.config, ck.data or {}, ck.meta.get("optimizer") or {}, ck.meta["model"]
-    return {
-        "task": data.get("kind"),
-        "data": None if data.get("source", "builtin") == "builtin" else data.get("source"),
-        "delay": data.get("delay"),
-        "symbols": data.get("symbols"),
-        "copy_length": data.get("length"),
-        "hidden": mm["hidden_size"],
-        "batch": cfg.batch_size,
-        "chunk": cfg.chunk or 0,
-        "truncate": cfg.truncate,
-        "dtype": mm["dtype"],
-        "bias": mm["bias"],
-        "init": mm.get("init"),
-        "optimizer": mo.get("name"),
-        "lr": cfg.lr,
-        "momentum": mo.get("momentum", 0.0),
-        "clip": cfg.max_norm or 0.0,
-        "schedule": cfg.schedule,
-        "warmup": cfg.warmup,
-        "seed": cfg.seed,
-        "on_nonfinite": mo.get("on_nonfinite"),
-    }
 
 
 def _check_plot(plot) -> None:
@@ -192,32 +141,6 @@ def _check_plot(plot) -> None:
         raise _usage_error("--plot needs matplotlib, which is not installed: pip install 'gpubptt[plot]'") from exc
     if not plot.parent.is_dir():
         raise _usage_error(f"--plot: directory {str(plot.parent)!r} does not exist")
-
-
-def _write_plot(path, history, chance: float, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps, loss = np.asarray(history.step), np.asarray(history.loss, dtype=float)
-    if len(loss):
-        ax.plot(steps, loss, lw=0.6, alpha=0.35, color="C0")
-        w = max(1, len(loss) // 50)
-        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
-        ax.plot(steps[w - 1 :], smooth, color="C0", label="training loss (smoothed)")
-    if history.eval_step:
-        ax.plot(history.eval_step, history.eval_loss, "o-", color="C1", ms=3, label="held-out loss")
-    ax.axhline(chance, color="k", ls="--", lw=1, label=f"chance level ({chance:.3f})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per scored step)")
-    ax.set_title(title)
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _describe(data) -> tuple[str, str]:
@@ -289,145 +212,46 @@ def train(
 
     With no options: a character model of a built-in generated English-like corpus, about a minute on a CPU.
     """
-    from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from .data import CopyTask, TextData, default_corpus, make_data, read_text
-    from .optim import DEFAULT_LR, NonFiniteError, make_optimizer
-    from .train import History, TrainConfig, TrainState
+    from .checkpoint import CheckpointError
+    from .optim import NonFiniteError
+    from .run import new_run, plot_history, resume_run, save_run
     from .train import train as train_loop
 
-    given = {
-        k: (v.value if isinstance(v, Enum) else v)
-        for k, v in dict(
-            task=task,
-            data=data,
-            delay=delay,
-            symbols=symbols,
-            copy_length=copy_length,
-            hidden=hidden,
-            batch=batch,
-            chunk=chunk,
-            truncate=truncate,
-            dtype=dtype,
-            bias=bias,
-            init=init,
-            optimizer=optimizer,
-            lr=lr,
-            momentum=momentum,
-            clip=clip,
-            schedule=schedule,
-            warmup=warmup,
-            seed=seed,
-            on_nonfinite=on_nonfinite,
-        ).items()
-        if v is not None
-    }
+    options = dict(
+        task=task, data=data, delay=delay, symbols=symbols, copy_length=copy_length, hidden=hidden, batch=batch,
+        chunk=chunk, truncate=truncate, dtype=dtype, bias=bias, init=init, optimizer=optimizer, lr=lr,
+        momentum=momentum, clip=clip, schedule=schedule, warmup=warmup, seed=seed, on_nonfinite=on_nonfinite,
+    )  # fmt: skip
+    given = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items() if v is not None}
     _check_plot(plot)
     be = _backend_or_exit(backend.value)
     if not checkpoint.parent.is_dir():
         raise _usage_error(f"--checkpoint: directory {str(checkpoint.parent)!r} does not exist")
+    if resume and force:
+        raise _usage_error("--resume and --force exclude each other")
     if checkpoint.exists() and not (resume or force):
         raise _usage_error(
             f"{str(checkpoint)!r} exists: pass --resume to continue training it, --force to replace it, "
             "or choose another --checkpoint"
         )
-    if resume and force:
-        raise _usage_error("--resume and --force exclude each other")
     try:
         if resume:
-            ck = load_checkpoint(checkpoint, backend=be)
-            if ck.optimizer is None or ck.config is None or ck.data is None:
-                raise _usage_error(f"{str(checkpoint)!r} holds a model but no training run to resume")
-            stored = _settings_from_checkpoint(ck)
-            for k, v in given.items():
-                same = str(v) == str(stored[k]) if k == "data" else v == stored[k]
-                if not same:
-                    flag = "--" + k.replace("_", "-")
-                    raise _usage_error(
-                        f"{flag} {v} differs from the checkpoint ({stored[k]}); a resumed run keeps its settings"
-                    )
-            data_set = make_data(ck.data, vocab=ck.vocab)
-            model, opt, state, history = ck.model, ck.optimizer, ck.state, ck.history
-            config = ck.config
+            run = resume_run(checkpoint, given=given, backend=be, steps=steps, epochs=epochs, eval_every=eval_every)
         else:
-            st = {**_TRAIN_DEFAULTS, **given}
-            if st["task"] == "text":
-                text = default_corpus() if st["data"] is None else read_text(st["data"])
-                data_set = TextData(text, source="builtin" if st["data"] is None else str(st["data"]))
-            else:
-                if st["data"] is not None:
-                    raise _usage_error("--data applies to --task text only")
-                k = 1 if st["task"] == "recall" else st["copy_length"]
-                data_set = CopyTask(symbols=st["symbols"], length=k, delay=st["delay"])
-            chunk_v = st["chunk"]
-            if chunk_v is None:
-                chunk_v = 64 if st["task"] == "text" else 0
-            if chunk_v < 0:
-                raise _usage_error(f"--chunk must be ≥ 0, got {chunk_v}")
-            model = RNN(
-                data_set.input_size,
-                st["hidden"],
-                data_set.output_size,
-                backend=be,
-                dtype=st["dtype"],
-                bias=st["bias"],
-                init=st["init"],
-                seed=st["seed"],
-            )
-            lr_v = st["lr"] if st["lr"] is not None else DEFAULT_LR[st["optimizer"]]
-            opt = make_optimizer(
-                st["optimizer"], model, lr=lr_v, momentum=st["momentum"], on_nonfinite=st["on_nonfinite"]
-            )
-            config = TrainConfig(
-                steps=1,
-                batch_size=st["batch"],
-                chunk=chunk_v or None,
-                truncate=st["truncate"],
-                max_norm=st["clip"] or None,
-                lr=lr_v,
-                schedule=st["schedule"],
-                warmup=st["warmup"],
-                eval_every=0,
-                seed=st["seed"],
-            )
-            state, history = TrainState(), History()
-        if epochs is not None and steps is not None:
-            raise _usage_error("give --steps or --epochs, not both")
-        if epochs is not None:
-            if data_set.kind != "text" or not epochs > 0:
-                raise _usage_error("--epochs needs --task text and a positive number")
-            per_epoch = -(-(len(data_set.train_ids) // config.batch_size) // (config.chunk or 10**12))
-            total = max(1, round(epochs * per_epoch))
-        else:
-            total = steps if steps is not None else (config.steps if resume else 3000)
-        if eval_every < 0:
-            raise _usage_error(f"--eval-every must be ≥ 0, got {eval_every}")
-        config = TrainConfig(**{**vars(config), "steps": total, "eval_every": eval_every})
-        data_set.check_batch(config.batch_size, config.chunk or 1)
+            run = new_run(given, backend=be, steps=steps, epochs=epochs, eval_every=eval_every)
     except (InputError, CheckpointError, TypeError) as exc:
         raise _usage_error(str(exc)) from exc
 
+    model, data_set, config, state, history = run.model, run.data, run.config, run.state, run.history
     unit, chance_text = _describe(data_set)
-    vocab = getattr(data_set, "vocab", None)
     typer.echo(
-        f"{data_set!r} | {model!r} | {type(opt).__name__} lr={config.lr} | B={config.batch_size} "
+        f"{data_set!r} | {model!r} | {type(run.optimizer).__name__} lr={config.lr} | B={config.batch_size} "
         f"chunk={config.chunk or 'whole sequences'} | steps {state.step} → {config.steps}",
         err=True,
     )
     typer.echo(f"loss in {unit}; {chance_text}", err=True)
     if state.step >= config.steps:
         typer.echo(f"the checkpoint is already at step {state.step} ≥ --steps {config.steps}; nothing to do", err=True)
-
-    def save() -> None:
-        save_checkpoint(
-            checkpoint,
-            model,
-            optimizer=opt,
-            vocab=vocab,
-            data=data_set.spec(),
-            config=config,
-            state=state,
-            history=history,
-        )
 
     interactive = sys.stderr.isatty()
     progress = None
@@ -456,7 +280,7 @@ def train(
         info = f"loss {loss_s}  |g| {ev.grad_norm:.2f}  {rate:,.0f} tok/s"
         if ev.eval is not None:
             last[0] = ev.eval
-            save()
+            save_run(checkpoint, run)  # between steps: the weights and the state are consistent
             line = (
                 f"step {ev.step}/{ev.total}  train loss {loss_s}  held-out {ev.eval['loss']:.3f} "
                 f"(chance {ev.eval['chance']:.3f})  acc {ev.eval['accuracy']:.1%}  |g| {ev.grad_norm:.2f}  "
@@ -471,7 +295,7 @@ def train(
 
     try:
         if state.step < config.steps:
-            train_loop(model, data_set, opt, config, state=state, history=history, callback=on_step)
+            train_loop(model, data_set, run.optimizer, config, state=state, history=history, callback=on_step)
     except NonFiniteError as exc:
         if progress is not None:
             progress.stop()
@@ -480,12 +304,12 @@ def train(
     finally:
         if progress is not None:
             progress.stop()
-    save()
+    save_run(checkpoint, run)
     if plot is not None:
-        title = f"{data_set.kind} | H={model.hidden_size} | {type(opt).__name__}"
+        title = f"{data_set.kind} | H={model.hidden_size} | {type(run.optimizer).__name__}"
         if data_set.kind != "text":
             title += f" | delay {data_set.delay}"
-        _write_plot(plot, history, data_set.chance_loss, title)
+        plot_history(plot, history, chance=data_set.chance_loss, title=title)
     ev = last[0] or {"loss": float("nan"), "accuracy": float("nan")}
     if history.eval_step and last[0] is None:
         ev = {"loss": history.eval_loss[-1], "accuracy": history.eval_accuracy[-1]}

@@ -102,7 +102,8 @@ def clip_grad_norm(grads: Mapping[str, Any], max_norm: float, *, xp: Any, names:
         raise InputError(f"max_norm must be a positive finite number, got {max_norm}")
     keys = [k for k in grads if k != "s0"] if names is None else list(names)
     norm = global_grad_norm(grads, xp=xp, names=keys)
-    scale = xp.where(xp.isfinite(norm), xp.minimum(1.0, max_norm / (norm + 1e-12)), 1.0)
+    scale = xp.minimum(1.0, max_norm / (norm + 1e-12))
+    scale = xp.where(xp.isfinite(norm), scale, xp.ones_like(scale))  # on the device: no host sync
     for k in keys:
         grads[k] *= scale.astype(grads[k].dtype)
     return norm

@@ -126,3 +126,18 @@ def test_train_refuses_mismatched_model_and_optimizer():
         train(wrong, data, make_optimizer("sgd", wrong), TrainConfig(steps=1, batch_size=2, chunk=4))
     with pytest.raises(InputError, match="steps"):
         TrainConfig(steps=0)
+
+
+def test_new_run_fills_defaults_and_converts_epochs_to_steps(tmp_path):
+    from gpubptt.run import new_run
+
+    run = new_run({"task": "recall", "delay": 3, "hidden": 8}, backend="numpy", steps=7)
+    assert run.config.steps == 7 and run.config.chunk is None and run.model.bias and run.data.seq_len == 5
+    with pytest.raises(InputError, match="unknown settings"):
+        new_run({"hiden": 8}, backend="numpy")
+    with pytest.raises(InputError, match="not both"):
+        new_run({"task": "recall"}, backend="numpy", steps=5, epochs=1.0)
+    f = tmp_path / "t.txt"
+    f.write_text("abcdefgh" * 200)  # 1440 training characters: 4 streams of 360, 36 chunks of 10 per epoch
+    run = new_run({"data": f, "batch": 4, "chunk": 10, "hidden": 4}, backend="numpy", epochs=2.0)
+    assert run.config.steps == 2 * 36
