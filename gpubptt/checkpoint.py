@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -149,9 +148,10 @@ def _read(path: Path) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}  # read every member now: CRC and format errors surface here
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+    except Exception as exc:  # any parse failure of an untrusted file: BadZipFile, bad CRC, bad .npy header...
         raise CheckpointError(
-            f"{str(path)!r} is not a readable gpubptt checkpoint (truncated or corrupt file?): {exc}"
+            f"{str(path)!r} is not a readable gpubptt checkpoint (truncated or corrupt file?): "
+            f"{type(exc).__name__}: {exc}"
         ) from None
 
 
