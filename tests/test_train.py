@@ -10,7 +10,7 @@ import pytest
 import gpubptt
 from gpubptt.data import CopyTask, TextData
 from gpubptt.errors import InputError
-from gpubptt.optim import SGD, make_optimizer
+from gpubptt.optim import SGD, NonFiniteError, make_optimizer
 from gpubptt.train import TrainConfig, evaluate, final_state, learning_rate, train
 
 
@@ -141,3 +141,40 @@ def test_new_run_fills_defaults_and_converts_epochs_to_steps(tmp_path):
     f.write_text("abcdefgh" * 200)  # 1440 training characters: 4 streams of 360, 36 chunks of 10 per epoch
     run = new_run({"data": f, "batch": 4, "chunk": 10, "hidden": 4}, backend="numpy", epochs=2.0)
     assert run.config.steps == 2 * 36
+
+
+def test_a_nonfinite_step_is_skipped_or_refused_without_touching_the_weights():
+    data = TextData("abcdefg " * 60)
+
+    def setup(on_nonfinite):
+        model = gpubptt.RNN(data.input_size, 6, data.output_size, backend="numpy", dtype="float64", seed=0)
+        real = model.loss_and_grads
+        calls = []
+
+        def poisoned(*args, **kwargs):  # the second chunk's gradient of W is NaN
+            loss, grads = real(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 2:
+                grads["W"][...] = np.nan
+            return loss, grads
+
+        model.loss_and_grads = poisoned
+        return model, make_optimizer("adam", model, on_nonfinite=on_nonfinite)
+
+    model, opt = setup("skip")
+    seen, after_step_1 = {}, {}
+
+    def on_step(ev):
+        seen[ev.step] = ev.applied
+        if ev.step == 1:
+            after_step_1.update({k: v.copy() for k, v in model.params.items()})
+
+    state, hist = train(model, data, opt, TrainConfig(steps=2, batch_size=2, chunk=5, eval_every=0), callback=on_step)
+    assert seen == {1: True, 2: False} and hist.skipped == 1 and state.s is None and opt.t == 1
+    for k, v in after_step_1.items():
+        np.testing.assert_array_equal(model.params[k], v)
+
+    model, opt = setup("raise")
+    with pytest.raises(NonFiniteError, match="step 2: non-finite W"):
+        train(model, data, opt, TrainConfig(steps=3, batch_size=2, chunk=5, eval_every=0))
+    assert opt.t == 1
