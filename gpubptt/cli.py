@@ -6,6 +6,7 @@ import json
 import platform
 import sys
 import time
+from collections import deque
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -229,6 +230,255 @@ def vanish(
         title = f"T={seq_len} H={hidden} B={batch} vocab={vocab} init={init.value} seed={seed} ({be.name})"
         diagnostics.plot_vanish(sweep, plot, title=title)
         typer.echo(f"wrote {plot}", err=True)
+
+
+# -- training and sampling --------------------------------------------------------------------------
+class TaskChoice(str, Enum):
+    text = "text"
+    copy = "copy"
+    recall = "recall"
+
+
+class OptimizerChoice(str, Enum):
+    sgd = "sgd"
+    adagrad = "adagrad"
+    adam = "adam"
+
+
+class ScheduleChoice(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+    step = "step"
+
+
+class NonFiniteChoice(str, Enum):
+    raise_ = "raise"
+    skip = "skip"
+
+
+def _usage_error(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _check_plot(plot) -> None:
+    if plot is None:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise _usage_error("--plot needs matplotlib, which is not installed: pip install 'gpubptt[plot]'") from exc
+    if not plot.parent.is_dir():
+        raise _usage_error(f"--plot: directory {str(plot.parent)!r} does not exist")
+
+
+def _describe(data) -> tuple[str, str]:
+    """(unit, chance-level text) for the summary line."""
+    if data.kind == "text":
+        return "nats/char", (
+            f"chance {data.chance_loss:.3f} = log {data.output_size}; letter frequencies alone {data.unigram_loss:.3f}"
+        )
+    return "nats/recalled symbol", f"chance {data.chance_loss:.3f} = log {data.A}; chance accuracy {1 / data.A:.1%}"
+
+
+@app.command()
+def train(
+    task: Annotated[
+        TaskChoice | None, typer.Option(help="text: next-character prediction; copy / recall: long-range memory tasks.")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="UTF-8 text file for --task text (default: a built-in generated corpus).")
+    ] = None,
+    delay: Annotated[
+        int | None, typer.Option(help="copy/recall: blanks between the symbols and the cue. (default: 10)")
+    ] = None,
+    symbols: Annotated[int | None, typer.Option(help="copy/recall: alphabet size A. (default: 8)")] = None,
+    copy_length: Annotated[int | None, typer.Option(help="copy: symbols to remember. (default: 5)")] = None,
+    hidden: Annotated[int | None, typer.Option(help="Hidden size H. (default: 256)")] = None,
+    batch: Annotated[int | None, typer.Option(help="Batch size B (parallel sequences). (default: 32)")] = None,
+    chunk: Annotated[
+        int | None,
+        typer.Option(
+            help="Truncated-BPTT chunk length, state carried across chunks; 0: whole sequences. "
+            "(default: 64 for text, 0 for tasks)"
+        ),
+    ] = None,
+    truncate: Annotated[
+        int | None,
+        typer.Option(help="Tutorial truncation inside each chunk (gradient through k+1 steps). (default: off)"),
+    ] = None,
+    backend: Annotated[BackendChoice, typer.Option(help="Backend to train on.")] = BackendChoice.auto,
+    dtype: Annotated[DtypeChoice | None, typer.Option(help="Floating-point type. (default: float32)")] = None,
+    bias: Annotated[bool | None, typer.Option("--bias/--no-bias", help="Biases b and c. (default: bias)")] = None,
+    init: Annotated[InitChoice | None, typer.Option(help="Weight initialisation. (default: wildml)")] = None,
+    optimizer: Annotated[OptimizerChoice | None, typer.Option(help="Optimizer. (default: adam)")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate. (default: adam 0.003, adagrad 0.1, sgd 0.1)")] = None,
+    momentum: Annotated[float | None, typer.Option(help="SGD momentum. (default: 0)")] = None,
+    clip: Annotated[
+        float | None, typer.Option(help="Clip the global gradient norm to this; 0: off. (default: 5)")
+    ] = None,
+    schedule: Annotated[ScheduleChoice | None, typer.Option(help="Learning-rate schedule. (default: constant)")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Linear learning-rate warm-up steps. (default: 0)")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Train until this many optimizer steps in total. (default: 3000)")
+    ] = None,
+    epochs: Annotated[
+        float | None, typer.Option(help="Text: train for this many passes over the training text instead of --steps.")
+    ] = None,
+    eval_every: Annotated[int, typer.Option(help="Steps between held-out evaluations (and checkpoint saves).")] = 250,
+    seed: Annotated[int | None, typer.Option(help="Seed of the weights and the data order. (default: 0)")] = None,
+    on_nonfinite: Annotated[
+        NonFiniteChoice | None, typer.Option(help="A NaN/inf loss or gradient stops training (raise) or is skipped.")
+    ] = None,
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint file (.npz), saved at every evaluation.")] = Path(
+        "checkpoint.npz"
+    ),
+    resume: Annotated[bool, typer.Option(help="Continue training the checkpoint (its settings apply).")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing checkpoint with a new run.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write the loss curve to this PNG file (needs matplotlib).")] = None,
+) -> None:
+    """Train a vanilla RNN with truncated BPTT; report the loss beside the chance level; save a checkpoint.
+
+    With no options: a character model of a built-in generated English-like corpus, about a minute on a CPU.
+    """
+    from .checkpoint import CheckpointError
+    from .optim import NonFiniteError
+    from .run import new_run, plot_history, resume_run, save_run
+    from .train import train as train_loop
+
+    options = dict(
+        task=task, data=data, delay=delay, symbols=symbols, copy_length=copy_length, hidden=hidden, batch=batch,
+        chunk=chunk, truncate=truncate, dtype=dtype, bias=bias, init=init, optimizer=optimizer, lr=lr,
+        momentum=momentum, clip=clip, schedule=schedule, warmup=warmup, seed=seed, on_nonfinite=on_nonfinite,
+    )  # fmt: skip
+    given = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items() if v is not None}
+    _check_plot(plot)
+    be = _backend_or_exit(backend.value)
+    if not checkpoint.parent.is_dir():
+        raise _usage_error(f"--checkpoint: directory {str(checkpoint.parent)!r} does not exist")
+    if resume and force:
+        raise _usage_error("--resume and --force exclude each other")
+    if checkpoint.exists() and not (resume or force):
+        raise _usage_error(
+            f"{str(checkpoint)!r} exists: pass --resume to continue training it, --force to replace it, "
+            "or choose another --checkpoint"
+        )
+    try:
+        if resume:
+            run = resume_run(checkpoint, given=given, backend=be, steps=steps, epochs=epochs, eval_every=eval_every)
+        else:
+            run = new_run(given, backend=be, steps=steps, epochs=epochs, eval_every=eval_every)
+    except (InputError, CheckpointError, TypeError) as exc:
+        raise _usage_error(str(exc)) from exc
+
+    model, data_set, config, state, history = run.model, run.data, run.config, run.state, run.history
+    unit, chance_text = _describe(data_set)
+    typer.echo(
+        f"{data_set!r} | {model!r} | {type(run.optimizer).__name__} lr={config.lr} | B={config.batch_size} "
+        f"chunk={config.chunk or 'whole sequences'} | steps {state.step} → {config.steps}",
+        err=True,
+    )
+    typer.echo(f"loss in {unit}; {chance_text}", err=True)
+    if state.step >= config.steps:
+        typer.echo(f"the checkpoint is already at step {state.step} ≥ --steps {config.steps}; nothing to do", err=True)
+
+    interactive = sys.stderr.isatty()
+    progress = None
+    last = [None]
+    window: deque = deque([(0.0, 0)], maxlen=50)  # (seconds, tokens so far): tokens/s over recent steps
+    if interactive:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        bar = progress.add_task("train", total=config.steps, completed=state.step, info="")
+        progress.start()
+
+    def on_step(ev) -> None:
+        window.append((ev.seconds, window[-1][1] + ev.tokens))
+        rate = (window[-1][1] - window[0][1]) / max(window[-1][0] - window[0][0], 1e-9)
+        loss_s = "nan" if ev.loss is None else f"{ev.loss:.3f}"
+        info = f"loss {loss_s}  |g| {ev.grad_norm:.2f}  {rate:,.0f} tok/s"
+        if ev.eval is not None:
+            last[0] = ev.eval
+            save_run(checkpoint, run)  # between steps: the weights and the state are consistent
+            line = (
+                f"step {ev.step}/{ev.total}  train loss {loss_s}  held-out {ev.eval['loss']:.3f} "
+                f"(chance {ev.eval['chance']:.3f})  acc {ev.eval['accuracy']:.1%}  |g| {ev.grad_norm:.2f}  "
+                f"{rate:,.0f} tok/s"
+            )
+            if progress is not None:
+                progress.console.print(line, highlight=False)
+            else:
+                typer.echo(line, err=True)
+        if progress is not None:
+            progress.update(bar, completed=ev.step, info=info)
+
+    try:
+        if state.step < config.steps:
+            train_loop(model, data_set, run.optimizer, config, state=state, history=history, callback=on_step)
+    except NonFiniteError as exc:
+        if progress is not None:
+            progress.stop()
+        typer.echo(f"error: {exc}\n{str(checkpoint)!r} keeps the last evaluation's checkpoint, if any", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        if progress is not None:
+            progress.stop()
+    save_run(checkpoint, run)
+    if plot is not None:
+        title = f"{data_set.kind} | H={model.hidden_size} | {type(run.optimizer).__name__}"
+        if data_set.kind != "text":
+            title += f" | delay {data_set.delay}"
+        plot_history(plot, history, chance=data_set.chance_loss, title=title)
+    ev = last[0] or {"loss": float("nan"), "accuracy": float("nan")}
+    if history.eval_step and last[0] is None:
+        ev = {"loss": history.eval_loss[-1], "accuracy": history.eval_accuracy[-1]}
+    train_loss = history.loss[-1] if history.loss else float("nan")
+    typer.echo(
+        f"step {state.step}: train loss {train_loss:.4f}, held-out loss {ev['loss']:.4f} {unit} "
+        f"(accuracy {ev['accuracy']:.1%}); {chance_text}"
+    )
+    if history.skipped:
+        typer.echo(f"{history.skipped} steps were skipped for a non-finite loss or gradient")
+    typer.echo(f"checkpoint: {checkpoint}" + (f"\nplot: {plot}" if plot is not None else ""))
+
+
+@app.command()
+def sample(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint of a text model (from `gpubptt train`).")] = Path(
+        "checkpoint.npz"
+    ),
+    length: Annotated[int, typer.Option(help="Characters to generate.")] = 500,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature: < 1 surer, > 1 more random.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = 0,
+    prime: Annotated[str, typer.Option(help="Text to start from (its characters must be in the vocabulary).")] = "",
+) -> None:
+    """Generate text from a trained character model (printed to stdout)."""
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .sample import sample_text
+
+    if length < 0:
+        raise _usage_error(f"--length must be ≥ 0, got {length}")
+    if not (temperature > 0 and np.isfinite(temperature)):
+        raise _usage_error(f"--temperature must be a positive number, got {temperature}")
+    try:
+        ck = load_checkpoint(checkpoint, backend="numpy")
+        if ck.vocab is None:
+            kind = (ck.data or {}).get("kind", "unknown")
+            raise _usage_error(f"{str(checkpoint)!r} was trained on the {kind} task; sampling needs a text model")
+        text = sample_text(ck.model, ck.vocab, length=length, temperature=temperature, seed=seed, prime=prime)
+    except (InputError, CheckpointError) as exc:
+        raise _usage_error(str(exc)) from exc
+    typer.echo(text)
 
 
 def main() -> None:

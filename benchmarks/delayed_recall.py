@@ -1,0 +1,184 @@
+"""Delayed recall across delays: where a vanilla RNN trained with full BPTT learns, and where it stays at chance.
+
+Task (gpubptt.data.CopyTask with k = 1): see a symbol a ∈ {1..A}, then `delay` blanks, then a cue;
+output a at the cue. A model without memory can do no better than log A nats at the cue (closed
+form), so the held-out loss at the cue says at once whether the RNN carried the symbol across the
+delay. Every run: the same model size, optimizer, clipping and number of steps; only the delay and
+the seed change. Writes <out>.json (settings, environment, per-run curves and final numbers) and
+<out>.png.
+
+    python benchmarks/delayed_recall.py                      # about 5-10 minutes on a 2-core CPU
+    python benchmarks/delayed_recall.py --delays 5,10 --seeds 0 --steps 300 --out /tmp/quick
+    python benchmarks/delayed_recall.py --plot-only          # redraw the PNG from the committed JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+
+# The GEMMs here are tiny (H = 64): BLAS threads gain nothing, and a threaded OpenBLAS slows down
+# by up to 100x when other processes share the cores. Set before NumPy loads; override from outside.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+
+import gpubptt
+from gpubptt.data import CopyTask
+from gpubptt.optim import make_optimizer
+from gpubptt.train import TrainConfig, train
+
+
+def run(delay: int, seed: int, args: argparse.Namespace) -> dict:
+    data = CopyTask(symbols=args.symbols, length=1, delay=delay)
+    model = gpubptt.RNN(data.input_size, args.hidden, data.output_size, backend="numpy", bias=True, seed=seed)
+    opt = make_optimizer("adam", model, lr=args.lr)
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch,
+        chunk=None,
+        max_norm=args.clip,
+        lr=args.lr,
+        eval_every=max(1, args.steps // 20),
+        seed=seed,
+    )
+    t0 = time.perf_counter()
+    _, h = train(model, data, opt, config)
+    seconds = time.perf_counter() - t0
+    final_loss, final_acc = h.eval_loss[-1], h.eval_accuracy[-1]
+    verdict = "learned" if final_acc >= 0.9 else ("chance" if final_loss >= 0.95 * data.chance_loss else "partial")
+    return {
+        "delay": delay,
+        "seed": seed,
+        "seconds": round(seconds, 2),
+        "final_recall_loss": final_loss,
+        "final_recall_accuracy": final_acc,
+        "best_recall_loss": min(h.eval_loss),
+        "verdict": verdict,
+        "curve": {"step": h.eval_step, "recall_loss": h.eval_loss, "recall_accuracy": h.eval_accuracy},
+    }
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chance = results["chance_loss"]
+    runs = results["runs"]
+    delays = sorted({r["delay"] for r in runs})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in runs:
+        ax1.plot(r["delay"], r["final_recall_loss"], "o", color="C0", alpha=0.6)
+    med = [np.median([r["final_recall_loss"] for r in runs if r["delay"] == d]) for d in delays]
+    ax1.plot(delays, med, "-", color="C0", label="held-out loss at the cue (median over seeds)")
+    ax1.axhline(
+        chance, color="k", ls="--", lw=1, label=f"chance level log {results['settings']['symbols']} = {chance:.3f}"
+    )
+    ax1.set_xscale("log")
+    ax1.minorticks_off()
+    ax1.set_xticks(delays, [str(d) for d in delays])
+    ax1.set_xlabel("delay (blank steps between the symbol and the cue)")
+    ax1.set_ylabel("nats at the cue")
+    ax1.set_ylim(bottom=0, top=chance * 1.3)
+    ax1.set_title(f"after {results['settings']['steps']} Adam steps, full BPTT")
+    ax1.legend(fontsize=8, loc="lower right")
+    seed0 = min(r["seed"] for r in runs)
+    for i, d in enumerate(delays):
+        r = next(r for r in runs if r["delay"] == d and r["seed"] == seed0)
+        ax2.plot(r["curve"]["step"], r["curve"]["recall_loss"], color=f"C{i}", label=f"delay {d}")
+    ax2.axhline(chance, color="k", ls="--", lw=1)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("held-out loss at the cue (nats)")
+    ax2.set_ylim(bottom=0, top=chance * 1.3)
+    ax2.set_title(f"learning curves (seed {seed0})")
+    ax2.legend(fontsize=8)
+    fig.suptitle(
+        f"Delayed recall with a vanilla RNN (H={results['settings']['hidden']}, A={results['settings']['symbols']})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--delays", default="5,10,15,20,30,40,80")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--symbols", type=int, default=8)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "delayed-recall"))
+    p.add_argument("--plot-only", action="store_true", help="redraw <out>.png from an existing <out>.json")
+    args = p.parse_args()
+    if args.plot_only:
+        with open(args.out + ".json") as f:
+            plot(json.load(f), args.out + ".png")
+        return
+    delays = [int(d) for d in args.delays.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = []
+    t0 = time.perf_counter()
+    for delay in delays:
+        for seed in seeds:
+            r = run(delay, seed, args)
+            runs.append(r)
+            print(
+                f"delay {delay:>3} seed {seed}: recall loss {r['final_recall_loss']:.3f} "
+                f"(chance {math.log(args.symbols):.3f}), accuracy {r['final_recall_accuracy']:.1%} "
+                f"-> {r['verdict']}  [{r['seconds']:.0f} s]",
+                flush=True,
+            )
+    results = {
+        "benchmark": "delayed recall of the first symbol (gpubptt.data.CopyTask, length=1)",
+        "settings": {
+            "delays": delays,
+            "seeds": seeds,
+            "steps": args.steps,
+            "hidden": args.hidden,
+            "symbols": args.symbols,
+            "batch": args.batch,
+            "optimizer": "adam",
+            "lr": args.lr,
+            "clip": args.clip,
+            "bptt": "full",
+            "init": "wildml",
+            "bias": True,
+            "dtype": "float32",
+            "backend": "numpy",
+            "verdict_rule": "learned: held-out accuracy at the cue >= 90%; chance: loss >= 0.95 x chance level; "
+            "else partial",
+        },
+        "chance_loss": math.log(args.symbols),
+        "chance_accuracy": 1 / args.symbols,
+        "environment": {
+            "gpubptt": gpubptt.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        },
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "runs": runs,
+    }
+    with open(args.out + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    try:
+        plot(results, args.out + ".png")
+    except ImportError:
+        print("matplotlib is not installed: wrote the JSON only (pip install 'gpubptt[plot]')")
+    print(f"wrote {args.out}.json and .png in {results['total_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

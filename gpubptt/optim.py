@@ -1,0 +1,373 @@
+"""Optimizers, gradient clipping and the non-finite guard: the one place that updates weights in place.
+
+    SGD       v ← μ v + g                      θ ← θ − lr v              (μ = 0: plain SGD)
+    Adagrad   G ← G + g²                       θ ← θ − lr g / √(G + ε)    (min-char-rnn's setting)
+    Adam      m ← β₁m + (1−β₁)g   v ← β₂v + (1−β₂)g²
+              θ ← θ − lr m̂ / (√v̂ + ε),   m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ)
+
+Every optimizer writes into the arrays of ``params`` (the model's own arrays) and into its state
+arrays, all on the model's backend. Before touching anything, ``step`` checks that the loss and
+every gradient are finite: ONE small device-to-host transfer per step (never inside the time loops),
+which also hands back the loss and gradient norm as host floats for progress reports. A non-finite
+step raises NonFiniteError naming the step and the parameters, or is skipped when
+``on_nonfinite="skip"``; either way weights and state are left exactly as they were.
+
+    >>> import numpy as np, gpubptt
+    >>> from gpubptt.optim import SGD
+    >>> model = gpubptt.RNN(3, 4, 3, backend="numpy", seed=0)
+    >>> opt = SGD(model, lr=0.1)
+    >>> loss, grads = model.loss_and_grads(np.zeros((5, 2), dtype=np.int64), np.ones((5, 2), dtype=np.int64))
+    >>> opt.step(grads, loss=loss).applied
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backend import Backend, get_backend
+from .errors import InputError, InputTypeError, ShapeError
+
+__all__ = [
+    "OPTIMIZERS",
+    "SGD",
+    "Adagrad",
+    "Adam",
+    "NonFiniteError",
+    "Optimizer",
+    "StepResult",
+    "clip_grad_norm",
+    "global_grad_norm",
+    "make_optimizer",
+]
+
+ON_NONFINITE = ("raise", "skip")
+
+
+class NonFiniteError(InputError):
+    """A loss or gradient is NaN or infinite; the step was refused and nothing was changed."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What ``Optimizer.step`` did.
+
+    applied: whether the weights were updated; loss, grad_norm: host floats read in the step's one
+    host transfer (grad_norm is the norm passed in, e.g. the pre-clipping norm, else the global norm
+    of the gradients given); nonfinite: names of the non-finite gradients ("loss" for the loss).
+    """
+
+    applied: bool
+    loss: float | None
+    grad_norm: float
+    nonfinite: tuple[str, ...] = ()
+
+
+def _param_grads(params: Mapping[str, Any], grads: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    missing = [k for k in params if k not in grads]
+    if missing:
+        raise InputError(f"grads is missing {missing}; expected a gradient for every parameter {list(params)}")
+    out = []
+    for k, p in params.items():
+        g = grads[k]
+        if tuple(g.shape) != tuple(p.shape):
+            raise ShapeError(f"gradient {k} has shape {tuple(g.shape)}, expected {tuple(p.shape)} like the parameter")
+        out.append((k, g))
+    return out
+
+
+def global_grad_norm(grads: Mapping[str, Any], *, xp: Any, names: Any = None) -> Any:
+    """‖g‖ = √(Σ_k Σ g_k²) over ``names`` (default: every key but "s0"): a 0-d array, no host sync."""
+    keys = [k for k in grads if k != "s0"] if names is None else list(names)
+    sq = [xp.vdot(grads[k].ravel(), grads[k].ravel()) for k in keys]
+    return xp.asarray(xp.sqrt(xp.stack(sq).sum()))  # asarray: NumPy reductions return scalars
+
+
+def clip_grad_norm(grads: Mapping[str, Any], max_norm: float, *, xp: Any, names: Any = None) -> Any:
+    """Scale the gradients IN PLACE so that their global norm is at most ``max_norm``; return the norm before.
+
+    grads: arrays of any shape (default: every key but "s0"). Returns a 0-d array on the backend
+    (no host sync). The direction is kept: every gradient is multiplied by the same factor
+    min(1, max_norm / ‖g‖). A non-finite norm leaves the gradients untouched, so the optimizer's
+    guard still sees (and names) the bad ones.
+    """
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float, np.floating, np.integer)):
+        raise InputTypeError(f"max_norm must be a positive number, got {type(max_norm).__name__}")
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise InputError(f"max_norm must be a positive finite number, got {max_norm}")
+    keys = [k for k in grads if k != "s0"] if names is None else list(names)
+    norm = global_grad_norm(grads, xp=xp, names=keys)
+    scale = xp.minimum(1.0, max_norm / (norm + 1e-12))
+    scale = xp.where(xp.isfinite(norm), scale, xp.ones_like(scale))  # on the device: no host sync
+    for k in keys:
+        grads[k] *= scale.astype(grads[k].dtype)
+    return norm
+
+
+def _check_lr(lr: Any) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)):
+        raise InputTypeError(f"lr must be a positive number, got {type(lr).__name__} {lr!r}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise InputError(f"lr must be a positive finite number, got {lr}")
+    return float(lr)
+
+
+def _check_unit(value: Any, name: str, *, closed: bool = False) -> float:
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+    if not ok or not (0 <= value <= 1 if closed else 0 <= value < 1):
+        interval = "[0, 1]" if closed else "[0, 1)"
+        raise InputError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+class Optimizer:
+    """Base class: holds the parameters (updated in place), the state arrays and the guard.
+
+    ``params``: an RNN (its ``params`` and ``backend`` are used) or a mapping of arrays of
+    ``backend``. Subclasses name their state slots in ``SLOTS`` and implement ``_update``.
+    """
+
+    name = "base"
+    SLOTS: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        params: Any,
+        *,
+        lr: float,
+        backend: str | Backend | None = None,
+        on_nonfinite: str = "raise",
+    ) -> None:
+        if hasattr(params, "params") and hasattr(params, "backend"):
+            be = params.backend if backend is None else get_backend(backend)
+            params = params.params
+        else:
+            be = get_backend("numpy" if backend is None else backend)
+        if not isinstance(params, Mapping) or not params:
+            raise InputTypeError("params must be an RNN or a non-empty mapping of arrays")
+        for k, p in params.items():
+            be.check_native(p, f"parameter {k}")
+            if not be.is_native(p):
+                raise InputTypeError(f"parameter {k} must be an array of the {be.name} backend, got {type(p).__name__}")
+        if on_nonfinite not in ON_NONFINITE:
+            raise InputError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, got {on_nonfinite!r}")
+        self.backend = be
+        self.params = params
+        self.lr = _check_lr(lr)
+        self.on_nonfinite = on_nonfinite
+        self.t = 0  # number of applied steps (host int: no sync)
+        xp = be.xp
+        self.state = {slot: {k: xp.zeros_like(p) for k, p in params.items()} for slot in self.SLOTS}
+        self._scratch = {k: xp.empty_like(p) for k, p in params.items()}
+
+    def __repr__(self) -> str:
+        hyper = ", ".join(f"{k}={v}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({hyper}, t={self.t}, backend={self.backend.name!r})"
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The settings needed to rebuild this optimizer (JSON-serialisable)."""
+        return {"lr": self.lr, "on_nonfinite": self.on_nonfinite}
+
+    # -- the guard ----------------------------------------------------------------------------
+    def _read_back(self, pairs: list[tuple[str, Any]], loss: Any, norm: Any) -> np.ndarray:
+        """[Σg_k² for each k, total, loss, norm] in ONE device-to-host transfer (the step's sync point)."""
+        xp = self.backend.xp
+        sq = xp.stack([xp.vdot(g.ravel(), g.ravel()).astype(xp.float64) for _, g in pairs])
+        extra = [sq.sum()]
+        extra.append(xp.asarray(np.nan if loss is None else loss, dtype=xp.float64).reshape(()))
+        extra.append(xp.asarray(np.nan if norm is None else norm, dtype=xp.float64).reshape(()))
+        return self.backend.to_numpy(xp.concatenate([sq, xp.stack(extra)]))
+
+    def _why(self, pairs: list[tuple[str, Any]], names: list[str]) -> str:
+        # Failure path only: find out whether the array holds NaN/inf or only its norm overflows.
+        xp = self.backend.xp
+        parts = []
+        g = dict(pairs)
+        for k in names:
+            if k == "loss":
+                parts.append("the loss")
+            elif k == "norm":
+                parts.append("the global gradient norm")
+            elif bool(self.backend.to_numpy(xp.isfinite(g[k]).all())):
+                parts.append(f"{k} (finite entries, but its norm overflows {g[k].dtype})")
+            else:
+                parts.append(f"{k} (contains NaN or infinity)")
+        return ", ".join(parts)
+
+    # -- the update ---------------------------------------------------------------------------
+    def step(
+        self, grads: Mapping[str, Any], *, loss: Any = None, grad_norm: Any = None, step: int | None = None
+    ) -> StepResult:
+        """Update every parameter IN PLACE from ``grads`` (same keys and shapes; "s0" is ignored).
+
+        loss: the 0-d loss (checked and read back); grad_norm: a 0-d norm to report instead of the
+        global norm of ``grads`` (pass ``clip_grad_norm``'s return for the pre-clipping norm);
+        step: the step number for error messages (default: applied steps + 1). One host transfer.
+        Raises NonFiniteError (nothing changed) on a non-finite loss or gradient, unless
+        ``on_nonfinite="skip"``, which returns a result with ``applied=False``.
+        """
+        pairs = _param_grads(self.params, grads)
+        for k, g in pairs:
+            self.backend.check_native(g, f"gradient {k}")
+        host = self._read_back(pairs, loss, grad_norm)
+        P = len(pairs)
+        bad = [k for (k, _), v in zip(pairs, host[:P], strict=True) if not np.isfinite(v)]
+        loss_f = None if loss is None else float(host[P + 1])
+        if loss is not None and not np.isfinite(loss_f):
+            bad.append("loss")
+        if not bad and not np.isfinite(host[P]):
+            bad.append("norm")  # every part finite, their sum overflows
+        norm_f = float(np.sqrt(host[P])) if grad_norm is None else float(host[P + 2])
+        if bad:
+            n = self.t + 1 if step is None else step
+            if self.on_nonfinite == "raise":
+                raise NonFiniteError(
+                    f"step {n}: non-finite {self._why(pairs, bad)}; loss = {loss_f}. The step was refused and "
+                    "the weights were not changed: lower the learning rate, clip the gradients (max_norm), "
+                    "or skip such steps (on_nonfinite='skip')"
+                )
+            return StepResult(applied=False, loss=loss_f, grad_norm=norm_f, nonfinite=tuple(bad))
+        self.t += 1
+        for k, g in pairs:
+            self._update(k, self.params[k], g)
+        return StepResult(applied=True, loss=loss_f, grad_norm=norm_f)
+
+    def _update(self, k: str, p: Any, g: Any) -> None:
+        raise NotImplementedError
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Flat state: "t" (0-d int64, host) and "<slot>.<param>" arrays on the backend."""
+        out: dict[str, Any] = {"t": np.asarray(self.t, dtype=np.int64)}
+        for slot, arrays in self.state.items():
+            for k, a in arrays.items():
+                out[f"{slot}.{k}"] = a
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()`` output (NumPy or backend arrays); validated before anything changes."""
+        expected = {"t"} | {f"{slot}.{k}" for slot in self.SLOTS for k in self.params}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise InputError(f"{self.name} state does not match the parameters: missing {missing}, unexpected {extra}")
+        t = np.asarray(self.backend.to_numpy(state["t"]))
+        if t.shape != () or t.dtype.kind not in "iu" or int(t) < 0:
+            raise InputError(f"optimizer state 't' must be a 0-d int ≥ 0, got {t!r}")
+        new = {}
+        for slot in self.SLOTS:
+            for k, p in self.params.items():
+                a = self.backend.to_numpy(state[f"{slot}.{k}"])
+                if tuple(a.shape) != tuple(p.shape):
+                    raise ShapeError(f"optimizer state {slot}.{k} has shape {a.shape}, expected {tuple(p.shape)}")
+                if a.dtype.kind != "f" or not np.isfinite(a).all():
+                    raise InputError(f"optimizer state {slot}.{k} must be finite floats, got dtype {a.dtype}")
+                new[slot, k] = a
+        for (slot, k), a in new.items():
+            self.state[slot][k][...] = self.backend.asarray(a, dtype=self.params[k].dtype)
+        self.t = int(t)
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (heavy-ball) momentum: v ← μv + g, θ ← θ − lr·v."""
+
+    name = "sgd"
+
+    def __init__(self, params: Any, *, lr: float = 0.1, momentum: float = 0.0, **kw: Any) -> None:
+        self.momentum = _check_unit(momentum, "momentum")
+        self.SLOTS = ("momentum",) if self.momentum else ()
+        super().__init__(params, lr=lr, **kw)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {**super().hyperparameters(), "momentum": self.momentum}
+
+    def _update(self, k: str, p: Any, g: Any) -> None:
+        xp, tmp = self.backend.xp, self._scratch[k]
+        if self.momentum:
+            v = self.state["momentum"][k]
+            v *= self.momentum
+            v += g  # v ← μ v + g
+            g = v
+        xp.multiply(g, self.lr, out=tmp)
+        p -= tmp  # θ ← θ − lr v
+
+
+class Adagrad(Optimizer):
+    """Adagrad as in min-char-rnn: G ← G + g², θ ← θ − lr·g/√(G + ε)."""
+
+    name = "adagrad"
+    SLOTS = ("sum_sq",)
+
+    def __init__(self, params: Any, *, lr: float = 0.1, eps: float = 1e-8, **kw: Any) -> None:
+        super().__init__(params, lr=lr, **kw)
+        self.eps = float(eps)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {**super().hyperparameters(), "eps": self.eps}
+
+    def _update(self, k: str, p: Any, g: Any) -> None:
+        xp, G, tmp = self.backend.xp, self.state["sum_sq"][k], self._scratch[k]
+        xp.multiply(g, g, out=tmp)
+        G += tmp  # G ← G + g²
+        xp.add(G, self.eps, out=tmp)
+        xp.sqrt(tmp, out=tmp)
+        xp.divide(g, tmp, out=tmp)
+        tmp *= self.lr
+        p -= tmp  # θ ← θ − lr g / √(G + ε)
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba) with bias correction: θ ← θ − lr·m̂/(√v̂ + ε)."""
+
+    name = "adam"
+    SLOTS = ("m", "v")
+
+    def __init__(
+        self, params: Any, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **kw: Any
+    ) -> None:
+        super().__init__(params, lr=lr, **kw)
+        self.beta1 = _check_unit(betas[0], "beta1")
+        self.beta2 = _check_unit(betas[1], "beta2")
+        self.eps = float(eps)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {**super().hyperparameters(), "betas": [self.beta1, self.beta2], "eps": self.eps}
+
+    def _update(self, k: str, p: Any, g: Any) -> None:
+        xp, m, v, tmp = self.backend.xp, self.state["m"][k], self.state["v"][k], self._scratch[k]
+        b1, b2 = self.beta1, self.beta2
+        m *= b1
+        xp.multiply(g, 1 - b1, out=tmp)
+        m += tmp  # m ← β₁m + (1−β₁)g
+        v *= b2
+        xp.multiply(g, g, out=tmp)
+        tmp *= 1 - b2
+        v += tmp  # v ← β₂v + (1−β₂)g²
+        # θ ← θ − lr m̂/(√v̂ + ε) with m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ); the corrections are host floats
+        c1, c2 = 1 - b1**self.t, 1 - b2**self.t
+        xp.divide(v, c2, out=tmp)
+        xp.sqrt(tmp, out=tmp)
+        tmp += self.eps
+        xp.divide(m, tmp, out=tmp)
+        tmp *= self.lr / c1
+        p -= tmp
+
+
+OPTIMIZERS = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam}
+DEFAULT_LR = {"sgd": 0.1, "adagrad": 0.1, "adam": 3e-3}
+
+
+def make_optimizer(name: str, params: Any, **kw: Any) -> Optimizer:
+    """Build an optimizer by name ("sgd", "adagrad", "adam"); ``lr`` defaults per optimizer."""
+    if name not in OPTIMIZERS:
+        raise InputError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    kw.setdefault("lr", DEFAULT_LR[name])
+    if name != "sgd":
+        kw.pop("momentum", None)
+    if "betas" in kw:
+        kw["betas"] = tuple(kw["betas"])
+    return OPTIMIZERS[name](params, **kw)

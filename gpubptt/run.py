@@ -1,0 +1,239 @@
+"""A training run from flat settings: build it new or from a checkpoint, save it, plot its loss curve.
+
+This is what ``gpubptt train`` calls. Settings are the command's options by name (see ``DEFAULTS``);
+a new run fills the missing ones from ``DEFAULTS``, a resumed run takes every one from the
+checkpoint and refuses a given setting that contradicts it.
+
+    >>> run = new_run({"task": "recall", "delay": 3, "hidden": 8}, backend="numpy", steps=10)
+    >>> run.data.seq_len, run.model.hidden_size, run.config.chunk is None
+    (5, 8, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backend import Backend
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .data import CopyTask, TextData, default_corpus, make_data, read_text
+from .errors import InputError
+from .model import RNN
+from .optim import DEFAULT_LR, Optimizer, make_optimizer
+from .train import History, TrainConfig, TrainState
+
+__all__ = ["DEFAULTS", "Run", "new_run", "plot_history", "resume_run", "save_run", "total_steps"]
+
+DEFAULTS: dict[str, Any] = {
+    "task": "text",
+    "data": None,  # a UTF-8 file; None: the built-in corpus
+    "delay": 10,
+    "symbols": 8,
+    "copy_length": 5,
+    "hidden": 256,
+    "batch": 32,
+    "chunk": None,  # text: 64, tasks: 0 (whole sequences)
+    "truncate": None,
+    "dtype": "float32",
+    "bias": True,
+    "init": "wildml",
+    "optimizer": "adam",
+    "lr": None,  # per optimizer: DEFAULT_LR
+    "momentum": 0.0,
+    "clip": 5.0,  # 0: off
+    "schedule": "constant",
+    "warmup": 0,
+    "seed": 0,
+    "on_nonfinite": "raise",
+}
+DEFAULT_STEPS = 3000
+
+
+@dataclass
+class Run:
+    """Everything a training run needs; ``state`` and ``history`` are where it stands."""
+
+    model: RNN
+    data: TextData | CopyTask
+    optimizer: Optimizer
+    config: TrainConfig
+    state: TrainState
+    history: History
+
+
+def total_steps(data: Any, config: TrainConfig, *, steps: int | None, epochs: float | None, default: int) -> int:
+    """The step count to train to: ``steps``, or ``epochs`` passes over the training text, or ``default``."""
+    if epochs is not None and steps is not None:
+        raise InputError("give steps or epochs, not both")
+    if epochs is None:
+        return default if steps is None else steps
+    if data.kind != "text" or not epochs > 0:
+        raise InputError("epochs needs text data and a positive number")
+    per_epoch = -(-(len(data.train_ids) // config.batch_size) // (config.chunk or len(data.train_ids)))
+    return max(1, round(epochs * per_epoch))
+
+
+def new_run(
+    settings: Mapping[str, Any],
+    *,
+    backend: str | Backend | None = "auto",
+    steps: int | None = None,
+    epochs: float | None = None,
+    eval_every: int = 250,
+) -> Run:
+    """A fresh run from ``settings`` (missing keys from ``DEFAULTS``); InputError on a bad setting."""
+    unknown = sorted(set(settings) - set(DEFAULTS))
+    if unknown:
+        raise InputError(f"unknown settings {unknown}; expected some of {sorted(DEFAULTS)}")
+    st = {**DEFAULTS, **settings}
+    if st["task"] == "text":
+        text = default_corpus() if st["data"] is None else read_text(st["data"])
+        data = TextData(text, source="builtin" if st["data"] is None else str(st["data"]))
+    elif st["task"] in ("copy", "recall"):
+        if st["data"] is not None:
+            raise InputError("--data applies to --task text only")
+        k = 1 if st["task"] == "recall" else st["copy_length"]
+        data = CopyTask(symbols=st["symbols"], length=k, delay=st["delay"])
+    else:
+        raise InputError(f"unknown task {st['task']!r}; expected text, copy or recall")
+    chunk = st["chunk"]
+    if chunk is None:
+        chunk = 64 if st["task"] == "text" else 0
+    if chunk < 0:
+        raise InputError(f"--chunk must be ≥ 0 (0: whole sequences), got {chunk}")
+    if st["optimizer"] not in DEFAULT_LR:
+        raise InputError(f"unknown optimizer {st['optimizer']!r}; expected one of {', '.join(DEFAULT_LR)}")
+    lr = st["lr"] if st["lr"] is not None else DEFAULT_LR[st["optimizer"]]
+    config = TrainConfig(
+        steps=1,
+        batch_size=st["batch"],
+        chunk=chunk or None,
+        truncate=st["truncate"],
+        max_norm=st["clip"] or None,
+        lr=lr,
+        schedule=st["schedule"],
+        warmup=st["warmup"],
+        eval_every=eval_every,
+        seed=st["seed"],
+    )
+    config.steps = total_steps(data, config, steps=steps, epochs=epochs, default=DEFAULT_STEPS)
+    TrainConfig(**vars(config))  # validate the final values
+    data.check_batch(config.batch_size, config.chunk or 1)
+    model = RNN(
+        data.input_size,
+        st["hidden"],
+        data.output_size,
+        backend=backend,
+        dtype=st["dtype"],
+        bias=st["bias"],
+        init=st["init"],
+        seed=st["seed"],
+    )
+    optimizer = make_optimizer(st["optimizer"], model, lr=lr, momentum=st["momentum"], on_nonfinite=st["on_nonfinite"])
+    return Run(model, data, optimizer, config, TrainState(), History())
+
+
+def settings_of(ck: Checkpoint) -> dict[str, Any]:
+    """The settings (keys of ``DEFAULTS``) that a checkpoint's run was made with."""
+    cfg, data, mo, mm = ck.config, ck.data or {}, ck.meta.get("optimizer") or {}, ck.meta["model"]
+    return {
+        "task": data.get("kind"),
+        "data": None if data.get("source", "builtin") == "builtin" else data.get("source"),
+        "delay": data.get("delay"),
+        "symbols": data.get("symbols"),
+        "copy_length": data.get("length"),
+        "hidden": mm["hidden_size"],
+        "batch": cfg.batch_size,
+        "chunk": cfg.chunk or 0,
+        "truncate": cfg.truncate,
+        "dtype": mm["dtype"],
+        "bias": mm["bias"],
+        "init": mm.get("init"),
+        "optimizer": mo.get("name"),
+        "lr": cfg.lr,
+        "momentum": mo.get("momentum", 0.0),
+        "clip": cfg.max_norm or 0.0,
+        "schedule": cfg.schedule,
+        "warmup": cfg.warmup,
+        "seed": cfg.seed,
+        "on_nonfinite": mo.get("on_nonfinite"),
+    }
+
+
+def resume_run(
+    path: str | Path,
+    *,
+    given: Mapping[str, Any] | None = None,
+    backend: str | Backend | None = "auto",
+    steps: int | None = None,
+    epochs: float | None = None,
+    eval_every: int = 250,
+) -> Run:
+    """The run saved in the checkpoint at ``path``, to continue up to ``steps`` (default: its own).
+
+    ``given``: settings the caller asked for; each must equal the checkpoint's (InputError naming
+    the first that differs). CheckpointError when the file is missing, corrupt or holds no run.
+    """
+    ck = load_checkpoint(path, backend=backend)
+    if ck.optimizer is None or ck.config is None or ck.data is None:
+        raise InputError(f"{str(path)!r} holds a model but no training run to resume")
+    stored = settings_of(ck)
+    for k, v in (given or {}).items():
+        if k not in stored:
+            raise InputError(f"unknown setting {k!r}")
+        same = str(v) == str(stored[k]) if k == "data" else v == stored[k]
+        if not same:
+            flag = "--" + k.replace("_", "-")
+            raise InputError(f"{flag} {v} differs from the checkpoint ({stored[k]}); a resumed run keeps its settings")
+    data = make_data(ck.data, vocab=ck.vocab)
+    total = total_steps(data, ck.config, steps=steps, epochs=epochs, default=ck.config.steps)
+    config = TrainConfig(**{**vars(ck.config), "steps": total, "eval_every": eval_every})
+    return Run(ck.model, data, ck.optimizer, config, ck.state, ck.history)
+
+
+def save_run(path: str | Path, run: Run) -> Path:
+    """Checkpoint the run atomically at ``path`` (see ``gpubptt.checkpoint``)."""
+    return save_checkpoint(
+        path,
+        run.model,
+        optimizer=run.optimizer,
+        vocab=getattr(run.data, "vocab", None),
+        data=run.data.spec(),
+        config=run.config,
+        state=run.state,
+        history=run.history,
+    )
+
+
+def plot_history(path: str | Path, history: History, *, chance: float, title: str) -> None:
+    """Write the loss curve (training loss per step, smoothed; held-out loss; chance level) as a PNG.
+
+    Needs matplotlib (the ``plot`` extra); ImportError otherwise.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps, loss = np.asarray(history.step), np.asarray(history.loss, dtype=float)
+    if len(loss):
+        ax.plot(steps, loss, lw=0.6, alpha=0.35, color="C0")
+        w = max(1, len(loss) // 50)
+        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1 :], smooth, color="C0", label="training loss (smoothed)")
+    if history.eval_step:
+        ax.plot(history.eval_step, history.eval_loss, "o-", color="C1", ms=3, label="held-out loss")
+    ax.axhline(chance, color="k", ls="--", lw=1, label=f"chance level ({chance:.3f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per scored step)")
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,60 @@
+"""Generate text from a trained character model, one character at a time, on the host.
+
+    s_t = tanh(U x_t + W s_{t−1} + b)      p = softmax((V s_t + c) / τ)      x_{t+1} ~ p
+
+Sampling is inherently sequential and tiny (B = 1), so it runs on a NumPy copy of the model
+whatever backend trained it. τ (temperature) < 1 sharpens the distribution, > 1 flattens it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .data import Vocab
+from .errors import InputError
+from .model import RNN
+
+__all__ = ["sample_text"]
+
+
+def sample_text(
+    model: RNN, vocab: Vocab, *, length: int = 500, temperature: float = 1.0, seed: int | None = 0, prime: str = ""
+) -> str:
+    """``prime`` followed by ``length`` sampled characters (deterministic for a given seed).
+
+    The model must map the vocabulary to itself (D = K = len(vocab)). An empty prime starts from
+    the zero state after a line break (or a random character when the text has none); the returned
+    text then holds only the ``length`` sampled characters.
+    """
+    if model.input_size != len(vocab) or model.output_size != len(vocab):
+        raise InputError(
+            f"the model has D={model.input_size}, K={model.output_size}; the vocabulary has {len(vocab)} characters"
+        )
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise InputError(f"length must be an int ≥ 0, got {length!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise InputError(f"temperature must be a positive number, got {temperature!r}")
+    host = model.to("numpy") if model.backend.name != "numpy" else model
+    p = {k: v.astype(np.float64) for k, v in host.params.items()}
+    U, W, V = p["U"], p["W"], p["V"]
+    b = p.get("b", 0.0)
+    c = p.get("c", 0.0)
+    rng = np.random.default_rng(seed)
+    if prime:
+        ids = list(vocab.encode(prime))
+    else:  # condition on a line break when the text has them (a fresh paragraph), else on a random character
+        ids = list(vocab.encode("\n")) if "\n" in vocab.chars else [int(rng.integers(len(vocab)))]
+    s = np.zeros(W.shape[0])
+    for i in ids[:-1]:  # read the prime
+        s = np.tanh(U[:, i] + W @ s + b)
+    out = list(ids) if prime else []
+    x = ids[-1]
+    for _ in range(length):
+        s = np.tanh(U[:, x] + W @ s + b)  # s_t = tanh(U x_t + W s_{t-1} + b)
+        z = (V @ s + c) / temperature
+        q = np.exp(z - z.max())
+        x = int(rng.choice(len(q), p=q / q.sum()))
+        out.append(x)
+    return vocab.decode(out)

@@ -1,0 +1,340 @@
+"""The training loop: batches of sequences, chunked truncated BPTT, a learning-rate schedule, evaluation.
+
+Each data set hands out numbered batches of whole sequences (L, B). The loop cuts a sequence into
+chunks of ``chunk`` steps and runs one optimizer step per chunk (the stateful scheme, "truncated
+BPTT" as used to train on long streams):
+
+    s ← 0
+    for each chunk (x_c, y_c) of the sequence:
+        E, grads = model.loss_and_grads(x_c, y_c, s0=s, truncate=k)     # BPTT inside the chunk only
+        s ← final state of the chunk                                      # carried forward, not backpropagated
+        θ ← optimizer(θ, clip(grads))
+
+``chunk=None`` backpropagates through whole sequences (full BPTT); ``truncate=k`` adds the
+tutorial truncation inside each chunk. The loss is the mean over the chunk's B·T steps.
+
+The carried state. ``loss_and_grads`` returns no final state, and ``forward`` would repeat the
+softmax over all T·B·K outputs, so the loop runs the recurrence alone once more
+(``final_state``): s_t = tanh(U x_t + W s_{t−1} + b), about a third of a forward pass. It is
+skipped for a sequence's last chunk, so whole-sequence training (the tasks) pays nothing.
+
+Nothing here prints: progress goes to ``callback(event)``. There is one host sync per step (the
+optimizer's finiteness guard, which also reads the loss and gradient norm) and one per evaluation.
+On NumPy the loop is deterministic: the same seed gives the same weights, and a run resumed from
+a checkpoint continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .optim import Optimizer, clip_grad_norm
+
+__all__ = [
+    "SCHEDULES",
+    "History",
+    "TrainConfig",
+    "TrainEvent",
+    "TrainState",
+    "evaluate",
+    "final_state",
+    "learning_rate",
+    "train",
+]
+
+SCHEDULES = ("constant", "cosine", "step")
+
+
+def learning_rate(step: int, *, base_lr: float, schedule: str, total_steps: int, warmup: int = 0) -> float:
+    """The learning rate for step ``step`` (0-based) of ``total_steps``.
+
+    constant: base_lr. cosine: from base_lr down to base_lr/10 along half a cosine. step: halved
+    after each quarter of the run. warmup: a linear ramp from base_lr/warmup over the first steps.
+    """
+    if schedule not in SCHEDULES:
+        raise InputError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    if schedule == "cosine":
+        return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    if schedule == "step":
+        return base_lr * 0.5 ** min(3, int(frac * 4))
+    return base_lr
+
+
+@dataclass
+class TrainConfig:
+    """How to train. steps: total optimizer steps; chunk: BPTT chunk length (None: whole sequences);
+    truncate: tutorial truncation inside a chunk (None: none); max_norm: global-norm clipping (None: off);
+    eval_every: steps between evaluations (0: only at the end)."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    chunk: int | None = 64
+    truncate: int | None = None
+    max_norm: float | None = 5.0
+    lr: float = 3e-3
+    schedule: str = "constant"
+    warmup: int = 0
+    eval_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def pos_int(name: str, v: Any, lo: int = 1) -> None:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise InputError(f"{name} must be an int ≥ {lo}, got {v!r}")
+
+        pos_int("steps", self.steps)
+        pos_int("batch_size", self.batch_size)
+        pos_int("eval_every", self.eval_every, 0)
+        pos_int("warmup", self.warmup, 0)
+        pos_int("seed", self.seed, 0)
+        if self.chunk is not None:
+            pos_int("chunk", self.chunk)
+        if self.truncate is not None:
+            pos_int("truncate", self.truncate, 0)
+        if self.max_norm is not None and not (math.isfinite(self.max_norm) and self.max_norm > 0):
+            raise InputError(f"max_norm must be a positive number or None, got {self.max_norm}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InputError(f"lr must be a positive number, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+
+
+@dataclass
+class TrainState:
+    """Where the loop stands: steps done, the sequence batch and chunk to run next, the carried state s (B, H)."""
+
+    step: int = 0
+    sequence: int = 0
+    chunk: int = 0
+    s: Any = None
+
+
+@dataclass
+class History:
+    """Per-step training loss/gradient norm/lr (host floats) and the evaluations."""
+
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    eval_step: list[int] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
+    eval_accuracy: list[float] = field(default_factory=list)
+    skipped: int = 0
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """NumPy arrays keyed by field name (for checkpoints)."""
+        ints = ("step", "eval_step")
+        out = {k: np.asarray(getattr(self, k), dtype=np.int64 if k in ints else np.float64) for k in self._lists()}
+        out["skipped"] = np.asarray(self.skipped, dtype=np.int64)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> History:
+        h = cls(**{k: [x.item() for x in np.asarray(arrays[k]).ravel()] for k in cls._lists()})
+        h.skipped = int(arrays["skipped"])
+        return h
+
+    @staticmethod
+    def _lists() -> tuple[str, ...]:
+        return ("step", "loss", "grad_norm", "lr", "eval_step", "eval_loss", "eval_accuracy")
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    """Sent to the callback after every step. loss is the chunk's mean loss (nats/step); grad_norm
+    the global norm before clipping; tokens the B·T steps of the chunk; seconds of training since the loop
+    began (evaluations excluded);
+    eval the evaluation run at this step, if any."""
+
+    step: int
+    total: int
+    loss: float | None
+    grad_norm: float
+    lr: float
+    tokens: int
+    seconds: float
+    applied: bool
+    eval: dict[str, float] | None = None
+
+
+def final_state(model: Any, x: Any, s0: Any = None) -> Any:
+    """The state after the last step, s_{T−1} (B, H), by the recurrence alone (no softmax).
+
+    x (T, B) token ids or (T, B, D) floats, on the model's backend; s0 (B, H) or None (zeros).
+    Costs the input projection and T products (B, H)×(H, H): about a third of ``forward``.
+    """
+    xp, p = model.backend.xp, model.params
+    U, W = p["U"], p["W"]
+    T, B, H = x.shape[0], x.shape[1], model.hidden_size
+    if x.ndim == 2:
+        pre = xp.take(U.T, x, axis=0)  # U x_t for every step: a column gather, (T, B, H)
+    else:
+        pre = xp.matmul(x.reshape(T * B, -1), U.T).reshape(T, B, H)
+    if "b" in p:
+        pre += p["b"]
+    s = xp.zeros((B, H), dtype=model.dtype) if s0 is None else s0.copy()
+    hw = xp.empty((B, H), dtype=model.dtype)
+    WT = W.T
+    for t in range(T):
+        xp.matmul(s, WT, out=hw)
+        hw += pre[t]
+        xp.tanh(hw, out=s)  # s_t = tanh(U x_t + b + W s_{t-1})
+    return s
+
+
+def evaluate(model: Any, data: Any, *, chunk: int = 256, batch_size: int | None = None) -> dict[str, float]:
+    """Loss and accuracy of the model on the data's held-out sequences (one host sync at the end).
+
+    Returns {"loss": mean nats per scored step, "accuracy": argmax accuracy there, "chance": the data's
+    closed-form chance level for that loss, "loss_all": mean over every step}. Scored steps are the
+    data's ``score_mask`` (the recall steps of a task; every step of text). Sequences are run in
+    chunks with the state carried, as in training.
+    """
+    be = model.backend
+    xp = be.xp
+    seqs = data.eval_sequences() if batch_size is None else data.eval_sequences(batch_size=batch_size)
+    mask = data.score_mask
+    tot = xp.zeros(4, dtype=xp.float64)  # [Σ scored nll, Σ scored correct, n scored, Σ all nll]
+    n_all = 0
+    for x_host, y_host in seqs:
+        s = None
+        L = x_host.shape[0]
+        for t0 in range(0, L, chunk):
+            xc, yc = be.asarray(x_host[t0 : t0 + chunk]), be.asarray(y_host[t0 : t0 + chunk])
+            out = model.forward(xc, s)
+            s = out.final_state
+            p_y = xp.take_along_axis(out.probs, yc[:, :, None], axis=2)[:, :, 0]  # ŷ_t[y_t], (T, B)
+            nll = -xp.log(xp.maximum(p_y, np.finfo(model.dtype).tiny))
+            correct = (xp.argmax(out.probs, axis=2) == yc).astype(xp.float64)
+            m = (
+                xp.ones(nll.shape[0], dtype=xp.float64)
+                if mask is None
+                else be.asarray(mask[t0 : t0 + chunk], dtype=xp.float64)
+            )
+            tot += xp.stack(
+                [(nll * m[:, None]).sum(), (correct * m[:, None]).sum(), m.sum() * nll.shape[1], nll.sum()]
+            ).astype(xp.float64)
+            n_all += nll.size
+    nll_s, correct_s, n_s, nll_all = be.to_numpy(tot).tolist()  # the one host sync
+    return {
+        "loss": nll_s / n_s,
+        "accuracy": correct_s / n_s,
+        "chance": data.chance_loss,
+        "loss_all": nll_all / n_all,
+    }
+
+
+def train(
+    model: Any,
+    data: Any,
+    optimizer: Optimizer,
+    config: TrainConfig,
+    *,
+    state: TrainState | None = None,
+    history: History | None = None,
+    callback: Callable[[TrainEvent], None] | None = None,
+) -> tuple[TrainState, History]:
+    """Train ``model`` on ``data`` until ``config.steps`` optimizer steps are done; update it in place.
+
+    x, y batches (L, B) come from ``data.train_sequence(i, ...)``, cut into chunks (T, B) with
+    T = config.chunk. ``state``/``history`` continue an earlier run (from a checkpoint). Returns the
+    final state and history. The optimizer must hold the model's parameters.
+    """
+    if optimizer.params is not model.params:
+        raise InputError("the optimizer must be built on this model's parameters (make_optimizer(name, model))")
+    data.check_batch(config.batch_size, config.chunk or 1)
+    if model.input_size != data.input_size or model.output_size != data.output_size:
+        raise InputError(
+            f"the model has D={model.input_size}, K={model.output_size} but the data needs "
+            f"D={data.input_size}, K={data.output_size}"
+        )
+    be, xp = model.backend, model.backend.xp
+    state = TrainState() if state is None else state
+    history = History() if history is None else history
+    if state.s is not None and tuple(state.s.shape) != (config.batch_size, model.hidden_size):
+        raise InputError(
+            f"carried state has shape {tuple(state.s.shape)}, expected (B, H) = "
+            f"({config.batch_size}, {model.hidden_size})"
+        )
+    if state.s is not None:
+        state.s = be.asarray(state.s, dtype=model.dtype)
+
+    eval_seconds = [0.0]
+
+    def run_eval(step: int) -> dict[str, float]:
+        t = time.perf_counter()
+        ev = evaluate(model, data)
+        eval_seconds[0] += time.perf_counter() - t
+        history.eval_step.append(step)
+        history.eval_loss.append(ev["loss"])
+        history.eval_accuracy.append(ev["accuracy"])
+        return ev
+
+    if config.eval_every and state.step == 0 and not history.eval_step:
+        run_eval(0)
+    t_start = time.perf_counter()
+    eval_seconds[0] = 0.0
+    cached: tuple[int, np.ndarray, np.ndarray] | None = None
+    while state.step < config.steps:
+        if cached is None or cached[0] != state.sequence:
+            x_host, y_host = data.train_sequence(
+                state.sequence, seed=config.seed, batch_size=config.batch_size, chunk=config.chunk or 1
+            )
+            cached = (state.sequence, x_host, y_host)
+        _, x_host, y_host = cached
+        L = x_host.shape[0]
+        T = config.chunk or L
+        n_chunks = -(-L // T)
+        if state.chunk >= n_chunks:  # next sequence: the state starts from zero again
+            state.sequence, state.chunk, state.s = state.sequence + 1, 0, None
+            continue
+        t0 = state.chunk * T
+        xc, yc = be.asarray(x_host[t0 : t0 + T]), be.asarray(y_host[t0 : t0 + T])
+
+        loss, grads = model.loss_and_grads(xc, yc, state.s, truncate=config.truncate, reduction="mean")
+        last = state.chunk + 1 == n_chunks
+        s_next = None if last else final_state(model, xc, state.s)  # with the weights that ran this chunk
+        norm = clip_grad_norm(grads, config.max_norm, xp=xp) if config.max_norm else None
+        lr = learning_rate(
+            state.step, base_lr=config.lr, schedule=config.schedule, total_steps=config.steps, warmup=config.warmup
+        )
+        optimizer.lr = lr
+        res = optimizer.step(grads, loss=loss, grad_norm=norm, step=state.step + 1)
+
+        state.step += 1
+        state.chunk += 1
+        state.s = s_next if res.applied else None
+        history.step.append(state.step)
+        history.loss.append(res.loss)
+        history.grad_norm.append(res.grad_norm)
+        history.lr.append(lr)
+        history.skipped += not res.applied
+        ev = None
+        if (config.eval_every and state.step % config.eval_every == 0) or state.step == config.steps:
+            ev = run_eval(state.step)
+        if callback is not None:
+            callback(
+                TrainEvent(
+                    step=state.step,
+                    total=config.steps,
+                    loss=res.loss,
+                    grad_norm=res.grad_norm,
+                    lr=lr,
+                    tokens=int(xc.shape[0] * xc.shape[1]),
+                    seconds=time.perf_counter() - t_start - eval_seconds[0],
+                    applied=res.applied,
+                    eval=ev,
+                )
+            )
+    return state, history

@@ -1,0 +1,180 @@
+"""The training loop: schedules, the carried state, evaluation, learning and determinism."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import gpubptt
+from gpubptt.data import CopyTask, TextData
+from gpubptt.errors import InputError
+from gpubptt.optim import SGD, NonFiniteError, make_optimizer
+from gpubptt.train import TrainConfig, evaluate, final_state, learning_rate, train
+
+
+def test_learning_rate_schedules_match_their_formulas():
+    kw = {"base_lr": 1.0, "total_steps": 100}
+    assert learning_rate(50, schedule="constant", **kw) == 1.0
+    assert learning_rate(0, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert learning_rate(50, schedule="cosine", **kw) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert learning_rate(100, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert [learning_rate(s, schedule="step", **kw) for s in (0, 25, 50, 99)] == [1.0, 0.5, 0.25, 0.125]
+    assert learning_rate(0, schedule="constant", warmup=4, **kw) == pytest.approx(0.25)
+    with pytest.raises(InputError, match="unknown schedule"):
+        learning_rate(0, schedule="linear", **kw)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_final_state_matches_forward(be, dense):
+    rng = np.random.default_rng(0)
+    model = gpubptt.RNN(5, 6, 4, backend=be, dtype="float64", bias=True, init="torch", seed=0)
+    x = rng.normal(size=(7, 3, 5)) if dense else rng.integers(0, 5, size=(7, 3))
+    s0 = be.asarray(rng.normal(size=(3, 6)) * 0.5)
+    want = gpubptt.to_numpy(model.forward(be.asarray(x), s0).final_state)
+    got = gpubptt.to_numpy(final_state(model, be.asarray(x), s0))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_stateful_chunks_match_a_hand_run_with_the_carried_state():
+    """Two SGD steps on two chunks, replayed by hand through the public model API."""
+    text = "".join("abcdefg"[i % 7] if i % 11 else "h" for i in range(400))
+    data = TextData(text)
+    B, T = 2, 5
+
+    def fresh():
+        return gpubptt.RNN(data.input_size, 6, data.output_size, backend="numpy", dtype="float64", bias=True, seed=1)
+
+    model = fresh()
+    train(
+        model,
+        data,
+        SGD(model, lr=0.5),
+        TrainConfig(steps=2, batch_size=B, chunk=T, max_norm=None, lr=0.5, eval_every=0),
+    )
+
+    ref = fresh()
+    x, y = data.train_sequence(0, seed=0, batch_size=B, chunk=T)
+    _, g1 = ref.loss_and_grads(x[:T], y[:T], reduction="mean")
+    s = ref.forward(x[:T]).final_state  # the state the first chunk ends in, before the update
+    for k in ref.params:
+        ref.params[k] -= 0.5 * g1[k]
+    _, g2 = ref.loss_and_grads(x[T : 2 * T], y[T : 2 * T], s, reduction="mean")
+    for k in ref.params:
+        ref.params[k] -= 0.5 * g2[k]
+    for k in ref.params:
+        np.testing.assert_allclose(model.params[k], ref.params[k], rtol=1e-12, atol=1e-15)
+
+
+def test_evaluate_of_a_uniform_model_is_log_k():
+    task = CopyTask(symbols=6, length=2, delay=3)
+    model = gpubptt.RNN(task.input_size, 4, task.output_size, backend="numpy", dtype="float64", seed=0)
+    model.params["V"][...] = 0  # every output uniform over K = A + 1 classes
+    ev = evaluate(model, task, batch_size=8)
+    assert ev["loss"] == pytest.approx(math.log(7)) and ev["loss_all"] == pytest.approx(math.log(7))
+    assert ev["chance"] == pytest.approx(math.log(6))
+
+
+def test_loss_falls_below_chance_on_a_learnable_sequence():
+    text = "the cat sat on the mat. " * 60
+    data = TextData(text)
+    model = gpubptt.RNN(data.input_size, 24, data.output_size, backend="numpy", bias=True, seed=0)
+    opt = make_optimizer("adam", model, lr=1e-2)
+    _, hist = train(model, data, opt, TrainConfig(steps=300, batch_size=4, chunk=16, lr=1e-2, eval_every=100))
+    assert hist.eval_loss[0] > 0.9 * data.chance_loss  # starts at chance
+    assert hist.eval_loss[-1] < 0.25 * data.chance_loss  # deterministic; the real value is far lower
+    assert np.mean(hist.loss[-20:]) < np.mean(hist.loss[:20]) / 3
+
+
+def test_delayed_recall_is_learned_at_a_short_delay():
+    task = CopyTask(symbols=4, length=1, delay=3)
+    model = gpubptt.RNN(task.input_size, 16, task.output_size, backend="numpy", bias=True, seed=0)
+    opt = make_optimizer("adam", model, lr=1e-2)
+    _, hist = train(
+        model, task, opt, TrainConfig(steps=300, batch_size=32, chunk=None, max_norm=1.0, lr=1e-2, eval_every=300)
+    )
+    assert hist.eval_loss[-1] < 0.2 * task.chance_loss and hist.eval_accuracy[-1] > 0.9
+
+
+def test_training_is_deterministic_with_a_seed():
+    data = TextData("abcde fghij klmno " * 40)
+
+    def run():
+        model = gpubptt.RNN(data.input_size, 8, data.output_size, backend="numpy", seed=3)
+        train(
+            model,
+            data,
+            make_optimizer("adam", model),
+            TrainConfig(steps=25, batch_size=3, chunk=7, eval_every=0, seed=5),
+        )
+        return model.params
+
+    a, b = run(), run()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_train_refuses_mismatched_model_and_optimizer():
+    data = TextData("abcabcabc" * 30)
+    model = gpubptt.RNN(data.input_size, 4, data.output_size, backend="numpy", seed=0)
+    other = gpubptt.RNN(data.input_size, 4, data.output_size, backend="numpy", seed=0)
+    with pytest.raises(InputError, match="optimizer must be built on this model"):
+        train(model, data, make_optimizer("sgd", other), TrainConfig(steps=1, batch_size=2, chunk=4))
+    wrong = gpubptt.RNN(5, 4, 5, backend="numpy", seed=0)
+    with pytest.raises(InputError, match="the data needs"):
+        train(wrong, data, make_optimizer("sgd", wrong), TrainConfig(steps=1, batch_size=2, chunk=4))
+    with pytest.raises(InputError, match="steps"):
+        TrainConfig(steps=0)
+
+
+def test_new_run_fills_defaults_and_converts_epochs_to_steps(tmp_path):
+    from gpubptt.run import new_run
+
+    run = new_run({"task": "recall", "delay": 3, "hidden": 8}, backend="numpy", steps=7)
+    assert run.config.steps == 7 and run.config.chunk is None and run.model.bias and run.data.seq_len == 5
+    with pytest.raises(InputError, match="unknown settings"):
+        new_run({"hiden": 8}, backend="numpy")
+    with pytest.raises(InputError, match="not both"):
+        new_run({"task": "recall"}, backend="numpy", steps=5, epochs=1.0)
+    f = tmp_path / "t.txt"
+    f.write_text("abcdefgh" * 200)  # 1440 training characters: 4 streams of 360, 36 chunks of 10 per epoch
+    run = new_run({"data": f, "batch": 4, "chunk": 10, "hidden": 4}, backend="numpy", epochs=2.0)
+    assert run.config.steps == 2 * 36
+
+
+def test_a_nonfinite_step_is_skipped_or_refused_without_touching_the_weights():
+    data = TextData("abcdefg " * 60)
+
+    def setup(on_nonfinite):
+        model = gpubptt.RNN(data.input_size, 6, data.output_size, backend="numpy", dtype="float64", seed=0)
+        real = model.loss_and_grads
+        calls = []
+
+        def poisoned(*args, **kwargs):  # the second chunk's gradient of W is NaN
+            loss, grads = real(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 2:
+                grads["W"][...] = np.nan
+            return loss, grads
+
+        model.loss_and_grads = poisoned
+        return model, make_optimizer("adam", model, on_nonfinite=on_nonfinite)
+
+    model, opt = setup("skip")
+    seen, after_step_1 = {}, {}
+
+    def on_step(ev):
+        seen[ev.step] = ev.applied
+        if ev.step == 1:
+            after_step_1.update({k: v.copy() for k, v in model.params.items()})
+
+    state, hist = train(model, data, opt, TrainConfig(steps=2, batch_size=2, chunk=5, eval_every=0), callback=on_step)
+    assert seen == {1: True, 2: False} and hist.skipped == 1 and state.s is None and opt.t == 1
+    for k, v in after_step_1.items():
+        np.testing.assert_array_equal(model.params[k], v)
+
+    model, opt = setup("raise")
+    with pytest.raises(NonFiniteError, match="step 2: non-finite W"):
+        train(model, data, opt, TrainConfig(steps=3, batch_size=2, chunk=5, eval_every=0))
+    assert opt.t == 1
