@@ -278,13 +278,16 @@ class RNN:
         lengths: Any = None,
         truncate: int | None = None,
         reduction: str = "sum",
-    ) -> tuple[Any, dict[str, Any]]:
+        return_final_state: bool = False,
+    ) -> tuple[Any, dict[str, Any]] | tuple[Any, dict[str, Any], Any]:
         """Loss and its exact gradients by backpropagation through time.
 
         x (T, B) token ids or (T, B, D) floats; y (T, B) targets; s0 (B, H) or None; lengths (B,).
         Returns (loss, grads): loss a 0-d array on the backend (no host sync forced), grads a dict
         with the keys of ``params`` plus "s0" (B, H), each shaped like its parameter. The arrays
-        returned are the caller's: later calls do not overwrite them.
+        returned are the caller's: later calls do not overwrite them. ``return_final_state=True``
+        adds a third item, the final state (B, H) as in ``forward`` (what a stateful training loop
+        carries into the next chunk), at no extra cost.
 
         truncate=None is full BPTT. truncate=k is the tutorial truncation: the gradient of each E_t
         flows back through steps t, t−1, …, t−k only, and grads["s0"] receives E_t's gradient only
@@ -306,6 +309,8 @@ class RNN:
         # every gradient is linear in do_t, so the mean is the sum scaled once, at the end
         loss = ws.loss * scale if scale != 1.0 else ws.loss.copy()
         grads = {k: (g * scale if scale != 1.0 else g.copy()) for k, g in ws.grads.items()}
+        if return_final_state:
+            return loss, grads, self._final_state(ws.S, batch)
         return loss, grads
 
     def _workspace(self, batch: Batch, truncate: int | None) -> _Workspace:

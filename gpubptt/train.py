@@ -13,10 +13,8 @@ BPTT" as used to train on long streams):
 ``chunk=None`` backpropagates through whole sequences (full BPTT); ``truncate=k`` adds the
 tutorial truncation inside each chunk. The loss is the mean over the chunk's B·T steps.
 
-The carried state. ``loss_and_grads`` returns no final state, and ``forward`` would repeat the
-softmax over all T·B·K outputs, so the loop runs the recurrence alone once more
-(``final_state``): s_t = tanh(U x_t + W s_{t−1} + b), about a third of a forward pass. It is
-skipped for a sequence's last chunk, so whole-sequence training (the tasks) pays nothing.
+The carried state is the chunk's final state, which ``loss_and_grads(..., return_final_state=True)``
+returns at no extra cost.
 
 Nothing here prints: progress goes to ``callback(event)``. There is one host sync per step (the
 optimizer's finiteness guard, which also reads the loss and gradient norm) and one per evaluation.
@@ -44,7 +42,6 @@ __all__ = [
     "TrainEvent",
     "TrainState",
     "evaluate",
-    "final_state",
     "learning_rate",
     "train",
 ]
@@ -168,31 +165,6 @@ class TrainEvent:
     eval: dict[str, float] | None = None
 
 
-def final_state(model: Any, x: Any, s0: Any = None) -> Any:
-    """The state after the last step, s_{T−1} (B, H), by the recurrence alone (no softmax).
-
-    x (T, B) token ids or (T, B, D) floats, on the model's backend; s0 (B, H) or None (zeros).
-    Costs the input projection and T products (B, H)×(H, H): about a third of ``forward``.
-    """
-    xp, p = model.backend.xp, model.params
-    U, W = p["U"], p["W"]
-    T, B, H = x.shape[0], x.shape[1], model.hidden_size
-    if x.ndim == 2:
-        pre = xp.take(U.T, x, axis=0)  # U x_t for every step: a column gather, (T, B, H)
-    else:
-        pre = xp.matmul(x.reshape(T * B, -1), U.T).reshape(T, B, H)
-    if "b" in p:
-        pre += p["b"]
-    s = xp.zeros((B, H), dtype=model.dtype) if s0 is None else s0.copy()
-    hw = xp.empty((B, H), dtype=model.dtype)
-    WT = W.T
-    for t in range(T):
-        xp.matmul(s, WT, out=hw)
-        hw += pre[t]
-        xp.tanh(hw, out=s)  # s_t = tanh(U x_t + b + W s_{t-1})
-    return s
-
-
 def evaluate(model: Any, data: Any, *, chunk: int = 256, batch_size: int | None = None) -> dict[str, float]:
     """Loss and accuracy of the model on the data's held-out sequences (one host sync at the end).
 
@@ -302,9 +274,11 @@ def train(
         t0 = state.chunk * T
         xc, yc = be.asarray(x_host[t0 : t0 + T]), be.asarray(y_host[t0 : t0 + T])
 
-        loss, grads = model.loss_and_grads(xc, yc, state.s, truncate=config.truncate, reduction="mean")
+        loss, grads, s_last = model.loss_and_grads(
+            xc, yc, state.s, truncate=config.truncate, reduction="mean", return_final_state=True
+        )
         last = state.chunk + 1 == n_chunks
-        s_next = None if last else final_state(model, xc, state.s)  # with the weights that ran this chunk
+        s_next = None if last else s_last  # computed with the weights that ran this chunk
         norm = clip_grad_norm(grads, config.max_norm, xp=xp) if config.max_norm else None
         lr = learning_rate(
             state.step, base_lr=config.lr, schedule=config.schedule, total_steps=config.steps, warmup=config.warmup

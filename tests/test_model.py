@@ -177,3 +177,22 @@ def test_cupy_step_kernels_match_float64_numpy(cupy_be, monkeypatch, kernels, B,
             for k in g_ref:
                 g = gpubptt.to_numpy(grads[k])
                 assert np.linalg.norm(g - g_ref[k]) <= tol * np.linalg.norm(g_ref[k]), (k, dtype, graphs)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_loss_and_grads_final_state_matches_per_sequence_reference(be, dense):
+    rng = np.random.default_rng(0)
+    model = gpubptt.RNN(5, 6, 4, backend=be, dtype="float64", bias=True, init="torch", seed=0)
+    x = rng.normal(size=(7, 3, 5)) if dense else rng.integers(0, 5, size=(7, 3))
+    y = rng.integers(0, 4, size=(7, 3))
+    s0 = rng.normal(size=(3, 6)) * 0.5
+    lengths = np.array([7, 2, 0])
+    loss, grads, final = model.loss_and_grads(
+        be.asarray(x), be.asarray(y), be.asarray(s0), lengths=be.asarray(lengths), return_final_state=True
+    )
+    p = {k: gpubptt.to_numpy(v) for k, v in model.params.items()}
+    for b, n in enumerate(lengths):
+        want = ref_forward_one(p, x[:n, b], s0[b])[-1] if n else s0[b]
+        np.testing.assert_allclose(gpubptt.to_numpy(final)[b], want, rtol=1e-12)
+    plain_loss, _ = model.loss_and_grads(be.asarray(x), be.asarray(y), be.asarray(s0), lengths=be.asarray(lengths))
+    assert float(loss) == float(plain_loss) and set(grads) == {"U", "W", "V", "b", "c", "s0"}
