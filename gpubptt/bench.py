@@ -169,15 +169,15 @@ class BenchConfig:
     """
 
     backends: list[str] = field(default_factory=lambda: ["auto"])
-    seq_lens: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])
-    hidden_sizes: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
-    batch: int = 32
+    seq_lens: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256, 512])
+    hidden_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512, 1024])
+    batch: int = 64
     input: str = "tokens"
     D: int = 256
     K: int = 256
     dtype: str = "float32"
     warmup: int = 2
-    repeats: int = 7
+    repeats: int = 10
     seed: int = 0
     compare: str = "none"
     fixed_T: int | None = None
