@@ -253,6 +253,7 @@ def environment(backends: Sequence[Backend] = ()) -> dict[str, Any]:
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         },
         "python": platform.python_version(),
         "versions": {
@@ -420,7 +421,10 @@ def _make_data(cfg: BenchConfig, T: int, H: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _gemm_rates(be: Backend, T: int, B: int, H: int, K: int, cfg: BenchConfig, timer: Timer) -> dict[str, float]:
-    """GFLOP/s of T back-to-back (B, H)×(H, H) GEMMs and of one (T·B, H)×(H, K) GEMM, this backend and dtype."""
+    """GFLOP/s of T back-to-back (B, H)×(H, H) GEMMs and of one (T·B, H)×(H, K) GEMM, this backend and dtype.
+
+    Both go through ``be.matmul``, the GEMM the model itself calls.
+    """
     xp = be.xp
     rng = np.random.default_rng(cfg.seed)
     s = be.asarray(rng.standard_normal((B, H)), dtype=cfg.dtype)
@@ -432,10 +436,10 @@ def _gemm_rates(be: Backend, T: int, B: int, H: int, K: int, cfg: BenchConfig, t
 
     def steps() -> None:
         for _ in range(T):
-            xp.matmul(s, W.T, out=hw)
+            be.matmul(s, W.T, hw)
 
     step_t = summarize(time_fn(steps, timer=timer, warmup=cfg.warmup, repeats=cfg.repeats))["median_s"]
-    big_t = summarize(time_fn(lambda: xp.matmul(S, V.T, out=Z), timer=timer, warmup=cfg.warmup, repeats=cfg.repeats))[
+    big_t = summarize(time_fn(lambda: be.matmul(S, V.T, Z), timer=timer, warmup=cfg.warmup, repeats=cfg.repeats))[
         "median_s"
     ]
     return {"step_gflops": 2 * B * H * H * T / step_t / 1e9, "batched_gflops": 2 * T * B * H * K / big_t / 1e9}
@@ -660,6 +664,7 @@ def plot_results(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
         raise ImportError(reason)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
     cfg = result["config"]
     fig = Figure(figsize=(11, 4.5), layout="constrained")
@@ -672,13 +677,19 @@ def plot_results(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     ):
         for be in backends:
             rows = [r for r in result["rows"] if r["backend"] == be and r["sweep"] == sweep and r["status"] == "ok"]
-            series = [("gpubptt", lambda r: r["bptt"], "o-"), ("gpubptt forward", lambda r: r["forward"], "o:")]
-            series += [(ref, lambda r, ref=ref: r.get(ref, {}).get("bptt"), "s--") for ref in ("torch", "naive")]
+            dev = next((r["torch"]["device"] for r in rows if "torch" in r), "")
+            series = [
+                (f"gpubptt [{be}]", lambda r: r["bptt"], "o-"),
+                (f"gpubptt forward only [{be}]", lambda r: r["forward"], "o:"),
+                (f"torch [{dev}, same data as {be}]", lambda r: r.get("torch", {}).get("bptt"), "s--"),
+                (f"naive per-example loop [numpy, vs {be}]", lambda r: r.get("naive", {}).get("bptt"), "^--"),
+            ]
             for label, get, style in series:
                 pts = [(r[size], get(r)["median_s"] * 1e3) for r in rows if get(r)]
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{label} [{be}]")
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_yscale("log")
         ax.set_xlabel(f"{'sequence length T' if sweep == 'T' else 'hidden size H'}  ({fixed}, B = {cfg['batch']})")
         ax.set_ylabel("time per call, ms (median)")
