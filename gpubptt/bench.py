@@ -73,6 +73,7 @@ __all__ = [
     "summarize",
     "sync_timer",
     "time_fn",
+    "time_interleaved",
     "torch_unavailable_reason",
     "write_atomic",
 ]
@@ -121,6 +122,24 @@ def time_fn(fn: Callable[[], Any], *, timer: Timer, warmup: int = 1, repeats: in
     for _ in range(warmup):
         timer(fn)
     return [timer(fn) for _ in range(repeats)]
+
+
+def time_interleaved(
+    fns: dict[str, tuple[Callable[[], Any], Timer]], *, warmup: int = 1, repeats: int = 5
+) -> dict[str, list[float]]:
+    """Time several functions in rounds (one run of each per round); returns {name: times in seconds}.
+
+    Each function runs ``warmup`` times untimed first. Interleaving makes slow drifts and bursts of
+    load from elsewhere hit every function alike, so ratios between them stay meaningful.
+    """
+    for _ in range(warmup):
+        for fn, timer in fns.values():
+            timer(fn)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, (fn, timer) in fns.items():
+            times[name].append(timer(fn))
+    return times
 
 
 def summarize(times: Sequence[float]) -> dict[str, Any]:
@@ -328,9 +347,12 @@ def _grad_errors(ref: dict[str, Any], got: dict[str, Any], dtype: str) -> dict[s
     return {"grad_rel_err": errs, "grads_match": max(errs.values()) <= GRAD_TOL[dtype]}
 
 
-def _torch_measure(model: RNN, x: Any, y: Any, grads: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
+def _torch_setup(
+    model: RNN, x: Any, y: Any, grads: dict[str, Any], cfg: BenchConfig
+) -> tuple[dict[str, Any], dict[str, tuple[Callable[[], Any], Timer]]]:
     """nn.RNN(bias=False, tanh) + Linear(bias=False) + cross_entropy(sum) on the same weights and data.
 
+    Checks its gradients against ``grads`` and returns (facts, {"bptt", "forward"}: (fn, timer)).
     Arrays cross over by DLPack, so they land on the CPU for NumPy and on the GPU for CuPy. Token
     inputs are fed one-hot (nn.RNN has no token input), so torch also runs the (T·B, D)×(D, H) GEMM.
     """
@@ -369,15 +391,14 @@ def _torch_measure(model: RNN, x: Any, y: Any, grads: dict[str, Any], cfg: Bench
     fwd_bwd()
     got = {"U": rnn.weight_ih_l0.grad, "W": rnn.weight_hh_l0.grad, "V": lin.weight.grad}
     got = {k: v.detach().cpu().numpy() for k, v in got.items()}
-    timer = sync_timer(sync)
-    return {
+    facts = {
         "version": torch.__version__,
         "device": str(dev),
         "threads": torch.get_num_threads(),
         **_grad_errors(grads, got, cfg.dtype),
-        "bptt": summarize(time_fn(fwd_bwd, timer=timer, warmup=cfg.warmup, repeats=cfg.repeats)),
-        "forward": summarize(time_fn(fwd, timer=timer, warmup=cfg.warmup, repeats=cfg.repeats)),
     }
+    timer = sync_timer(sync)
+    return facts, {"bptt": (fwd_bwd, timer), "forward": (fwd, timer)}
 
 
 def _naive_measure(model: RNN, x_host: np.ndarray, y_host: np.ndarray, cfg: BenchConfig) -> dict[str, Any]:
@@ -389,18 +410,14 @@ def _naive_measure(model: RNN, x_host: np.ndarray, y_host: np.ndarray, cfg: Benc
     _, got = naive_loss_and_grads(U, W, V, xs, ys, tokens=cfg.tokens)
     be = model.backend
     _, ref = model.loss_and_grads(be.asarray(xs), be.asarray(ys))
+    errs = _grad_errors(ref, got, cfg.dtype)
     times = time_fn(
         lambda: naive_loss_and_grads(U, W, V, xs, ys, tokens=cfg.tokens),
         timer=sync_timer(lambda: None),
         warmup=min(cfg.warmup, 1),
         repeats=min(cfg.repeats, NAIVE_REPEATS),
     )
-    return {
-        "measured_examples": nb,
-        "scale": B / nb,
-        **_grad_errors(ref, got, cfg.dtype),
-        "bptt": summarize([t * B / nb for t in times]),
-    }
+    return {"measured_examples": nb, "scale": B / nb, **errs, "bptt": summarize([t * B / nb for t in times])}
 
 
 # -- one configuration ----------------------------------------------------------------------------
@@ -420,10 +437,10 @@ def _make_data(cfg: BenchConfig, T: int, H: int) -> tuple[np.ndarray, np.ndarray
     return x, rng.integers(0, cfg.K, size=(T, B))
 
 
-def _gemm_rates(be: Backend, T: int, B: int, H: int, K: int, cfg: BenchConfig, timer: Timer) -> dict[str, float]:
-    """GFLOP/s of T back-to-back (B, H)×(H, H) GEMMs and of one (T·B, H)×(H, K) GEMM, this backend and dtype.
+def _gemm_fns(be: Backend, T: int, B: int, H: int, K: int, cfg: BenchConfig) -> dict[str, Callable[[], None]]:
+    """T back-to-back (B, H)×(H, H) GEMMs ("gemm_step") and one (T·B, H)×(H, K) GEMM ("gemm_batched").
 
-    Both go through ``be.matmul``, the GEMM the model itself calls.
+    Both go through ``be.matmul``, the GEMM the model itself calls, in this backend's dtype.
     """
     xp = be.xp
     rng = np.random.default_rng(cfg.seed)
@@ -438,15 +455,15 @@ def _gemm_rates(be: Backend, T: int, B: int, H: int, K: int, cfg: BenchConfig, t
         for _ in range(T):
             be.matmul(s, W.T, hw)
 
-    step_t = summarize(time_fn(steps, timer=timer, warmup=cfg.warmup, repeats=cfg.repeats))["median_s"]
-    big_t = summarize(time_fn(lambda: be.matmul(S, V.T, Z), timer=timer, warmup=cfg.warmup, repeats=cfg.repeats))[
-        "median_s"
-    ]
-    return {"step_gflops": 2 * B * H * H * T / step_t / 1e9, "batched_gflops": 2 * T * B * H * K / big_t / 1e9}
+    return {"gemm_step": steps, "gemm_batched": lambda: be.matmul(S, V.T, Z)}
 
 
 def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
-    """Everything one row reports, for sizes T and H on backend ``be``."""
+    """Everything one row reports, for sizes T and H on backend ``be``.
+
+    gpubptt, the GEMM references and torch are timed interleaved (one run of each per round), so a
+    burst of load from elsewhere on the machine hits them alike and their ratios stay meaningful.
+    """
     B, D, K = cfg.batch, cfg.D, cfg.K
     row: dict[str, Any] = {"backend": be.name, "T": T, "H": H, "B": B, "D": D, "K": K, "status": "ok"}
     row["flops"] = flops(T, B, D, H, K, tokens=cfg.tokens)
@@ -456,12 +473,22 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
         model = RNN(D, H, K, backend=be, dtype=cfg.dtype, seed=cfg.seed)
         x, y = be.asarray(x_host), be.asarray(y_host)
         timer = make_timer(be)
-        bptt = summarize(
-            time_fn(lambda: model.loss_and_grads(x, y), timer=timer, warmup=cfg.warmup, repeats=cfg.repeats)
-        )
-        fwd = summarize(time_fn(lambda: model.loss(x, y), timer=timer, warmup=cfg.warmup, repeats=cfg.repeats))
-        rates = _gemm_rates(be, T, B, H, K, cfg, timer)
+        fns = {
+            "bptt": (lambda: model.loss_and_grads(x, y), timer),
+            "forward": (lambda: model.loss(x, y), timer),
+            **{k: (fn, timer) for k, fn in _gemm_fns(be, T, B, H, K, cfg).items()},
+        }
+        if cfg.compare == "torch":
+            _, grads = model.loss_and_grads(x, y)
+            torch_facts, torch_fns = _torch_setup(model, x, y, grads, cfg)
+            fns.update({f"torch_{k}": v for k, v in torch_fns.items()})
+        times = time_interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats)
+        bptt, fwd = summarize(times["bptt"]), summarize(times["forward"])
         t = bptt["median_s"]
+        rates = {
+            "step_gflops": 2 * B * H * H * T / summarize(times["gemm_step"])["median_s"] / 1e9,
+            "batched_gflops": 2 * T * B * H * K / summarize(times["gemm_batched"])["median_s"] / 1e9,
+        }
         rec = 4 * B * H * H * T  # the two sequential products
         gemm_time = rec / (rates["step_gflops"] * 1e9) + (row["flops"] - rec) / (rates["batched_gflops"] * 1e9)
         gemm_gflops = row["flops"] / gemm_time / 1e9
@@ -476,8 +503,7 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
             efficiency=row["flops"] / t / 1e9 / gemm_gflops,
         )
         if cfg.compare == "torch":
-            _, grads = model.loss_and_grads(x, y)
-            ref = _torch_measure(model, x, y, grads, cfg)
+            ref = {**torch_facts, "bptt": summarize(times["torch_bptt"]), "forward": summarize(times["torch_forward"])}
             ref["ratio"] = ref["bptt"]["median_s"] / t
             ref["ratio_forward"] = ref["forward"]["median_s"] / fwd["median_s"]
             row["torch"] = ref
@@ -494,7 +520,6 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
     return row
 
 
-# -- the sweep ------------------------------------------------------------------------------------
 def _plan(cfg: BenchConfig) -> list[tuple[str, int, int]]:
     """(sweep, T, H) in run order: T at fixed H, then H at fixed T."""
     return [("T", T, cfg.fixed_H) for T in cfg.seq_lens] + [("H", cfg.fixed_T, H) for H in cfg.hidden_sizes]

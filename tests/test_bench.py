@@ -287,3 +287,17 @@ def test_info_reports_blas_threads_and_versions():
     assert data["threads"]["cpu_count"] >= 1 and isinstance(data["blas"], dict)
     text = runner.invoke(app, ["info", "--backend", "numpy"])
     assert text.exit_code == 0 and "threads.cpu_count" in text.stdout and "versions.numpy" in text.stdout
+
+
+def test_time_interleaved_runs_warmups_then_rounds_of_each_function():
+    calls: list[str] = []
+    clock = iter(range(1, 100))
+
+    def timer(fn):
+        fn()
+        return float(next(clock))
+
+    fns = {"a": (lambda: calls.append("a"), timer), "b": (lambda: calls.append("b"), timer)}
+    times = bench_lib.time_interleaved(fns, warmup=1, repeats=2)
+    assert calls == ["a", "b"] * 3
+    assert times == {"a": [3.0, 5.0], "b": [4.0, 6.0]}  # the warm-up runs (1, 2) are not reported
