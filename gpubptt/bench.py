@@ -461,8 +461,8 @@ def _gemm_fns(be: Backend, T: int, B: int, H: int, K: int, cfg: BenchConfig) -> 
 def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
     """Everything one row reports, for sizes T and H on backend ``be``.
 
-    gpubptt, the GEMM references and torch are timed interleaved (one run of each per round), so a
-    burst of load from elsewhere on the machine hits them alike and their ratios stay meaningful.
+    gpubptt and its GEMM references are timed interleaved (one run of each per round), so a burst of
+    load from elsewhere on the machine hits them alike and the efficiency stays meaningful.
     """
     B, D, K = cfg.batch, cfg.D, cfg.K
     row: dict[str, Any] = {"backend": be.name, "T": T, "H": H, "B": B, "D": D, "K": K, "status": "ok"}
@@ -478,11 +478,14 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
             "forward": (lambda: model.loss(x, y), timer),
             **{k: (fn, timer) for k, fn in _gemm_fns(be, T, B, H, K, cfg).items()},
         }
+        times = time_interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats)
         if cfg.compare == "torch":
+            # Timed in a block of its own: interleaved with NumPy calls on a small CPU, torch's OpenMP
+            # threads and OpenBLAS's threads spin against each other and torch runs ~10x slower.
             _, grads = model.loss_and_grads(x, y)
             torch_facts, torch_fns = _torch_setup(model, x, y, grads, cfg)
-            fns.update({f"torch_{k}": v for k, v in torch_fns.items()})
-        times = time_interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats)
+            torch_times = time_interleaved(torch_fns, warmup=cfg.warmup, repeats=cfg.repeats)
+            times.update({f"torch_{k}": v for k, v in torch_times.items()})
         bptt, fwd = summarize(times["bptt"]), summarize(times["forward"])
         t = bptt["median_s"]
         rates = {
@@ -565,6 +568,7 @@ def run_bench(
     Raises BackendUnavailableError (before any work) if a requested backend cannot run here.
     """
     backends = _resolve_backends(cfg.backends)
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     notes: list[str] = []
     if cfg.compare == "torch":
         reason = torch_unavailable_reason()
@@ -591,7 +595,7 @@ def run_bench(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": list(argv) if argv is not None else None,
         "config": asdict(cfg),
-        "environment": environment(backends),
+        "environment": {**environment(backends), "load_average_at_start": load_start},
         "flop_model": {
             "tokens": "6*B*H*T*(H+K)",
             "dense": "2*B*H*T*(2*D+3*H+3*K)",
