@@ -652,6 +652,16 @@ def render_csv(result: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
+def _file_mode(path: Path) -> int:
+    """The existing file's permission bits, else 0666 minus the process umask."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then os.replace.
 
@@ -661,6 +671,7 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes it 0600; give it the mode a plain open() would
         with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8", "newline": ""})) as f:
             f.write(data)
             f.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -301,3 +302,18 @@ def test_time_interleaved_runs_warmups_then_rounds_of_each_function():
     times = bench_lib.time_interleaved(fns, warmup=1, repeats=2)
     assert calls == ["a", "b"] * 3
     assert times == {"a": [3.0, 5.0], "b": [4.0, 6.0]}  # the warm-up runs (1, 2) are not reported
+
+
+def test_write_atomic_gives_new_files_the_usual_mode_and_keeps_an_existing_mode(tmp_path: Path):
+    umask = os.umask(0o022)
+    try:
+        new = tmp_path / "new.json"
+        bench_lib.write_atomic(new, "{}")
+        assert new.stat().st_mode & 0o777 == 0o644 and new.read_text() == "{}"
+        old = tmp_path / "old.json"
+        old.write_text("x")
+        old.chmod(0o600)
+        bench_lib.write_atomic(old, b"y")
+        assert old.stat().st_mode & 0o777 == 0o600 and old.read_bytes() == b"y"
+    finally:
+        os.umask(umask)
