@@ -272,7 +272,7 @@ def environment(backends: Sequence[Backend] = ()) -> dict[str, Any]:
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         },
         "python": platform.python_version(),
         "versions": {
@@ -568,7 +568,7 @@ def run_bench(
     Raises BackendUnavailableError (before any work) if a requested backend cannot run here.
     """
     backends = _resolve_backends(cfg.backends)
-    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    load_start = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     notes: list[str] = []
     if cfg.compare == "torch":
         reason = torch_unavailable_reason()

@@ -317,3 +317,23 @@ def test_write_atomic_gives_new_files_the_usual_mode_and_keeps_an_existing_mode(
         assert old.stat().st_mode & 0o777 == 0o600 and old.read_bytes() == b"y"
     finally:
         os.umask(umask)
+
+
+# -- GPU (skips with the reason where CuPy cannot run) ----------------------------------------------
+def test_bench_runs_on_cupy_with_synchronised_positive_times(cupy_be):
+    result = runner.invoke(app, ["bench", "--backend", "cupy", *TINY, "--format", "json", "--compare", "naive"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["environment"]["backends"][0]["name"] == "cupy"
+    for r in data["rows"]:
+        assert r["status"] == "ok" and _positive(r["bptt"]) and _positive(r["forward"]) and r["naive"]["grads_match"]
+
+
+def test_compare_torch_on_cupy_runs_torch_on_the_same_gpu(cupy_be):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("this torch build has no CUDA")
+    result = runner.invoke(app, ["bench", "--backend", "cupy", *TINY, "--format", "json", "--compare", "torch"])
+    assert result.exit_code == 0, result.output
+    for r in json.loads(result.stdout)["rows"]:
+        assert r["torch"]["device"].startswith("cuda") and r["torch"]["grads_match"] and r["torch"]["ratio"] > 0
