@@ -347,7 +347,7 @@ def _grad_errors(ref: dict[str, Any], got: dict[str, Any], dtype: str) -> dict[s
     return {"grad_rel_err": errs, "grads_match": max(errs.values()) <= GRAD_TOL[dtype]}
 
 
-def _torch_setup(
+def torch_reference(
     model: RNN, x: Any, y: Any, grads: dict[str, Any], cfg: BenchConfig
 ) -> tuple[dict[str, Any], dict[str, tuple[Callable[[], Any], Timer]]]:
     """nn.RNN(bias=False, tanh) + Linear(bias=False) + cross_entropy(sum) on the same weights and data.
@@ -437,7 +437,7 @@ def _make_data(cfg: BenchConfig, T: int, H: int) -> tuple[np.ndarray, np.ndarray
     return x, rng.integers(0, cfg.K, size=(T, B))
 
 
-def _gemm_fns(be: Backend, T: int, B: int, H: int, K: int, cfg: BenchConfig) -> dict[str, Callable[[], None]]:
+def gemm_references(be: Backend, T: int, B: int, H: int, K: int, cfg: BenchConfig) -> dict[str, Callable[[], None]]:
     """T back-to-back (B, H)×(H, H) GEMMs ("gemm_step") and one (T·B, H)×(H, K) GEMM ("gemm_batched").
 
     Both go through ``be.matmul``, the GEMM the model itself calls, in this backend's dtype.
@@ -458,6 +458,24 @@ def _gemm_fns(be: Backend, T: int, B: int, H: int, K: int, cfg: BenchConfig) -> 
     return {"gemm_step": steps, "gemm_batched": lambda: be.matmul(S, V.T, Z)}
 
 
+def gemm_rate(
+    times: dict[str, list[float]], T: int, B: int, H: int, K: int, total_flops: float
+) -> tuple[dict[str, float], float]:
+    """The GEMM rate a forward+BPTT of these sizes could reach, from the ``gemm_references`` times.
+
+    The two sequential products (4·B·H²·T FLOPs) are charged at the rate of T back-to-back
+    (B, H)×(H, H) GEMMs, the rest at one (T·B, H)×(H, K) GEMM: returns ({"step_gflops",
+    "batched_gflops"}, the FLOP-weighted harmonic mean of the two in GFLOP/s).
+    """
+    rates = {
+        "step_gflops": 2 * B * H * H * T / summarize(times["gemm_step"])["median_s"] / 1e9,
+        "batched_gflops": 2 * T * B * H * K / summarize(times["gemm_batched"])["median_s"] / 1e9,
+    }
+    rec = 4 * B * H * H * T  # the two sequential products
+    gemm_time = rec / (rates["step_gflops"] * 1e9) + (total_flops - rec) / (rates["batched_gflops"] * 1e9)
+    return rates, total_flops / gemm_time / 1e9
+
+
 def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
     """Everything one row reports, for sizes T and H on backend ``be``.
 
@@ -476,25 +494,19 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
         fns = {
             "bptt": (lambda: model.loss_and_grads(x, y), timer),
             "forward": (lambda: model.loss(x, y), timer),
-            **{k: (fn, timer) for k, fn in _gemm_fns(be, T, B, H, K, cfg).items()},
+            **{k: (fn, timer) for k, fn in gemm_references(be, T, B, H, K, cfg).items()},
         }
         times = time_interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats)
         if cfg.compare == "torch":
             # Timed in a block of its own: interleaved with NumPy calls on a small CPU, torch's OpenMP
             # threads and OpenBLAS's threads spin against each other and torch runs ~10x slower.
             _, grads = model.loss_and_grads(x, y)
-            torch_facts, torch_fns = _torch_setup(model, x, y, grads, cfg)
+            torch_facts, torch_fns = torch_reference(model, x, y, grads, cfg)
             torch_times = time_interleaved(torch_fns, warmup=cfg.warmup, repeats=cfg.repeats)
             times.update({f"torch_{k}": v for k, v in torch_times.items()})
         bptt, fwd = summarize(times["bptt"]), summarize(times["forward"])
         t = bptt["median_s"]
-        rates = {
-            "step_gflops": 2 * B * H * H * T / summarize(times["gemm_step"])["median_s"] / 1e9,
-            "batched_gflops": 2 * T * B * H * K / summarize(times["gemm_batched"])["median_s"] / 1e9,
-        }
-        rec = 4 * B * H * H * T  # the two sequential products
-        gemm_time = rec / (rates["step_gflops"] * 1e9) + (row["flops"] - rec) / (rates["batched_gflops"] * 1e9)
-        gemm_gflops = row["flops"] / gemm_time / 1e9
+        rates, gemm_gflops = gemm_rate(times, T, B, H, K, row["flops"])
         row.update(
             bptt=bptt,
             forward=fwd,
