@@ -731,7 +731,10 @@ def text_windows(
     T, B = _check_int(T, "T", 1), _check_int(B, "B", 1)
     N = len(ids)
     if N < T + 1:
-        raise InputError(f"{what} has {N} characters; a window of T={T} and its next character need at least {T + 1}")
+        raise InputError(
+            f"{what} has {N} characters; a window of T={T} and its next character need at least {T + 1}: "
+            "choose a smaller T or a longer text"
+        )
     starts = np.random.default_rng(seed).integers(0, N - T, size=B)  # (B,)
     at = starts[None, :] + np.arange(T)[:, None]  # (T, B)
     return ids[at], ids[at + 1]
