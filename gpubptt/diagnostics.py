@@ -786,8 +786,10 @@ def checkpoint_problem(
     kind = spec.get("kind", "text" if ck.vocab is not None else None)
     if kind in ("copy", "recall"):
         if text is not None:
-            raise InputError(f"{where} was trained on the {kind} task, which makes its own sequences; a text file "
-                             "applies to text models only")  # fmt: skip
+            raise InputError(
+                f"{where} was trained on the {kind} task, which makes its own sequences; "
+                "a text file applies to text models only"
+            )
         task = make_data(spec)
         if (task.input_size, task.output_size) != (model.input_size, model.output_size):
             raise CheckpointError(
@@ -818,7 +820,9 @@ def checkpoint_problem(
             data = f"held-out text of {'the built-in corpus' if source == 'builtin' else repr(source)}"
         x, y = text_windows(ids, T, B, seed=seed, what=data)
     else:
-        raise InputError(f"{where} holds neither a vocabulary nor a task description: no data fits its model")
+        raise InputError(
+            f"{where} holds no vocabulary and no copy/recall task (data kind {kind!r}): no data fits its model"
+        )
     about = {
         "checkpoint": str(path),
         "step": ck.state.step,

@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 
 import gpubptt
 from gpubptt import diagnostics as dg
+from gpubptt.checkpoint import save_checkpoint
 from gpubptt.cli import app
+from gpubptt.data import Vocab
 from gpubptt.run import new_run, save_run
 from gpubptt.train import train
 from tests.reference import ref_forward_one
@@ -228,3 +230,19 @@ def test_cli_vanish_checkpoint_whose_text_has_gone_asks_for_a_text_file(text_ck,
     corpus.unlink()
     result = _vanish("--checkpoint", text_ck)
     assert result.exit_code == 2 and "does not exist" in result.output and "give a text file" in result.output
+
+
+def test_cli_vanish_checkpoint_without_data_description(tmp_path, corpus):
+    bare = save_checkpoint(tmp_path / "bare.npz", gpubptt.RNN(4, 3, 4, backend="numpy", seed=0))
+    result = _vanish("--checkpoint", bare)
+    assert result.exit_code == 2 and "no vocabulary and no copy/recall task" in result.output
+    vocab = Vocab.from_text(TEXT)
+    model = gpubptt.RNN(len(vocab), 5, len(vocab), backend="numpy", dtype="float64", seed=0)
+    with_vocab = save_checkpoint(tmp_path / "vocab.npz", model, vocab=vocab)  # no data spec: --data is needed
+    result = _vanish("--checkpoint", with_vocab)
+    assert result.exit_code == 2 and "give a text file" in result.output
+    result = _vanish("--checkpoint", with_vocab, "--data", corpus, "--format", "json", "--seq-len", 7)
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)["scales"]
+    W = gpubptt.to_numpy(model.params["W"])
+    assert row["radius"] == pytest.approx(np.abs(np.linalg.eigvals(W)).max(), rel=1e-10)
