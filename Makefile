@@ -13,7 +13,7 @@ VENV_DEV := .venv/.dev
 VENV_BENCH := .venv/.bench
 endif
 
-.PHONY: test test-gpu bench lint format clean
+.PHONY: test test-gpu bench bench-save lint format clean
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -39,6 +39,12 @@ test-gpu: $(VENV_TEST)
 
 bench: $(VENV_BENCH)
 	$(PY) -m gpubptt bench
+
+# Regenerate committed results: make bench-save BENCH_NAME=cpu-default BENCH_ARGS='--compare torch'
+BENCH_NAME ?= cpu-default
+BENCH_ARGS ?=
+bench-save: $(VENV_BENCH)
+	$(PY) -m gpubptt bench $(BENCH_ARGS) --output benchmarks/$(BENCH_NAME).json --plot benchmarks/$(BENCH_NAME).png
 
 lint: $(VENV_DEV)
 	$(PY) -m ruff check .

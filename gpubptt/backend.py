@@ -28,6 +28,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -111,6 +112,14 @@ class Backend:
         """Wait until all queued device work is done (no-op on NumPy)."""
         if self.name == "cupy":
             self.xp.cuda.get_current_stream().synchronize()
+
+    def timer(self) -> Callable[[Callable[[], Any]], float]:
+        """A function that runs fn() once and returns its time in seconds, synchronised with the device.
+
+        CuPy: CUDA events recorded on the current stream around fn, after a sync so earlier work is
+        left out; NumPy: ``time.perf_counter`` around fn.
+        """
+        return self._kernels["timer"]()
 
     @property
     def supports_graphs(self) -> bool:
@@ -210,6 +219,15 @@ def _np_capture(fn: Callable[[], None]) -> Callable[[], None]:
     return fn
 
 
+def _np_timer() -> Callable[[Callable[[], Any]], float]:
+    def run(fn: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    return run
+
+
 def _np_tanh_step(pre: np.ndarray, hw: np.ndarray, out: np.ndarray) -> None:
     np.add(hw, pre, out=hw)
     np.tanh(hw, out=out)
@@ -232,6 +250,7 @@ def _np_token_scatter_add(dUT: np.ndarray, plan: TokenPlan, rows: np.ndarray) ->
 _NUMPY_KERNELS = {
     "matmul": _np_matmul,
     "capture": _np_capture,
+    "timer": _np_timer,
     "tanh_step": _np_tanh_step,
     "backprop_tanh": _np_backprop_tanh,
     "token_scatter_add": _np_token_scatter_add,
@@ -265,6 +284,7 @@ def _cupy_kernels(cp: ModuleType) -> dict[str, Callable[..., Any]]:
         "token_scatter_add": token_scatter_add,
         "matmul": _cublas_matmul(cp),
         "capture": lambda fn: _cupy_capture(cp, fn),
+        "timer": lambda: _cupy_timer(cp),
     }
     kernels.update(_fused_step_kernels(cp, kernels))
     return kernels
@@ -468,6 +488,21 @@ def _cublas_matmul(cp: ModuleType) -> Callable[..., None]:
 
     matmul.keepalive = (lib, handle, workspace)  # type: ignore[attr-defined]
     return matmul
+
+
+def _cupy_timer(cp: ModuleType) -> Callable[[Callable[[], Any]], float]:
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+
+    def run(fn: Callable[[], Any]) -> float:
+        stream = cp.cuda.get_current_stream()
+        stream.synchronize()  # earlier queued work is not fn's
+        start.record(stream)
+        fn()
+        stop.record(stream)
+        stop.synchronize()
+        return cp.cuda.get_elapsed_time(start, stop) / 1e3  # ms → s
+
+    return run
 
 
 def _cupy_capture(cp: ModuleType, fn: Callable[[], None]) -> Callable[[], None]:
