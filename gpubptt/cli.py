@@ -17,7 +17,6 @@ from . import bench as bench_lib
 from . import diagnostics
 from .backend import available_backends, get_backend
 from .errors import BackendUnavailableError, InputError
-from .model import RNN
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batched RNNs and exact BPTT on NumPy or CuPy.")
 
