@@ -17,7 +17,6 @@ from . import bench as bench_lib
 from . import diagnostics
 from .backend import available_backends, get_backend
 from .errors import BackendUnavailableError, InputError
-from .model import RNN
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batched RNNs and exact BPTT on NumPy or CuPy.")
 
@@ -317,30 +316,30 @@ class VanishFormat(str, Enum):
     json = "json"
 
 
-def _parse_scales(text: str) -> list[float]:
-    try:
-        scales = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
+RANDOM_SCALES = "0.5,0.9,1.0,1.5,2.0"
+RANDOM_DEFAULTS = {"hidden": 64, "vocab": 32, "init": InitChoice.wildml}
+
+
+def _parse_scales(text: str) -> list[float | None]:
+    """Spectral radii from "0.5,0.9,model"; None stands for "model", W as it is."""
+    scales: list[float | None] = []
+    for v in (v.strip() for v in text.split(",")):
+        if not v:
+            continue
+        if v.lower() == "model":
+            scales.append(None)
+            continue
+        try:
+            scales.append(float(v))
+        except ValueError as exc:
+            raise typer.BadParameter(
+                f"must be comma-separated numbers like 0.5,0.9,1.0 or 'model', got {text!r}", param_hint="--scale"
+            ) from exc
+    if not scales or not all(r is None or (np.isfinite(r) and r > 0) for r in scales):
         raise typer.BadParameter(
-            f"must be comma-separated numbers like 0.5,0.9,1.0, got {text!r}", param_hint="--scale"
-        ) from exc
-    if not scales or not all(np.isfinite(v) and v > 0 for v in scales):
-        raise typer.BadParameter(
-            f"must be one or more spectral radii, finite and > 0; got {text!r}", param_hint="--scale"
+            f"must be one or more spectral radii, finite and > 0, or 'model'; got {text!r}", param_hint="--scale"
         )
     return scales
-
-
-def _random_problem(be, T: int, H: int, B: int, vocab: int, init: str, dtype: str, seed: int):
-    """The model and batch that ``vanish`` measures: random weights, random tokens and targets.
-
-    (A saved model and a text file can take their place here once training and data land.)
-    """
-    model = RNN(vocab, H, vocab, backend=be, dtype=dtype, init=init, seed=seed)
-    rng = np.random.default_rng(seed)
-    x = be.asarray(rng.integers(0, vocab, size=(T, B)))  # (T, B) token ids
-    y = be.asarray(rng.integers(0, vocab, size=(T, B)))  # (T, B) targets
-    return model, x, y
 
 
 def _horizon_text(p: diagnostics.JacobianProducts) -> str:
@@ -353,11 +352,11 @@ def _horizon_text(p: diagnostics.JacobianProducts) -> str:
     return f"none ≤ {p.end}"
 
 
-def _vanish_row(radius: float, report: diagnostics.VanishReport, T: int) -> list[str]:
+def _vanish_row(radius: float, rescaled: bool, report: diagnostics.VanishReport, T: int) -> list[str]:
     p, tb = report.products, report.truncation
     ok = np.flatnonzero(tb.rel_error < 0.01)
     return [
-        f"{radius:g}",
+        f"{radius:g}" if rescaled else f"{radius:.3f} (model)",
         f"{p.spectral_norm:.3f}",
         f"{100 * p.saturated_fraction:.1f}%",
         _horizon_text(p),
@@ -370,16 +369,44 @@ def _vanish_row(radius: float, report: diagnostics.VanishReport, T: int) -> list
 @app.command()
 def vanish(
     backend: Annotated[BackendChoice, typer.Option(help="Backend to run on.")] = BackendChoice.auto,
-    seq_len: Annotated[int, typer.Option(min=1, help="Sequence length T.")] = 30,
-    hidden: Annotated[int, typer.Option(min=1, help="Hidden size H.")] = 64,
-    batch: Annotated[int, typer.Option(min=1, help="Batch size B.")] = 8,
-    vocab: Annotated[int, typer.Option(min=1, help="Vocabulary size (D = K) of the random tokens.")] = 32,
-    init: Annotated[InitChoice, typer.Option(help="Weight init of the random model.")] = InitChoice.wildml,
-    dtype: Annotated[DtypeChoice, typer.Option(help="Floating-point type.")] = DtypeChoice.float64,
-    seed: Annotated[int, typer.Option(help="Seed of the weights and the random tokens.")] = 0,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="A checkpoint from `gpubptt train`: measure its model on its own kind of data."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --checkpoint of a text model: a UTF-8 text file to cut the windows from, in the "
+            "model's vocabulary. (default: the held-out text the model was trained on)"
+        ),
+    ] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help=f"Sequence length T. (default: {diagnostics.DEFAULT_SEQ_LEN}; "
+            "a copy/recall checkpoint: the task's own length)",
+        ),
+    ] = None,
+    hidden: Annotated[int | None, typer.Option(min=1, help="Hidden size H of the random model. (default: 64)")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Batch size B (windows or task sequences).")] = 8,
+    vocab: Annotated[
+        int | None, typer.Option(min=1, help="Vocabulary size (D = K) of the random model's tokens. (default: 32)")
+    ] = None,
+    init: Annotated[InitChoice | None, typer.Option(help="Weight init of the random model. (default: wildml)")] = None,
+    dtype: Annotated[
+        DtypeChoice, typer.Option(help="Floating-point type (a checkpoint's weights are converted to it).")
+    ] = DtypeChoice.float64,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the random weights and tokens, or of the windows / task sequences.")
+    ] = 0,
     scale: Annotated[
-        str, typer.Option(help="Comma-separated spectral radii; W is rescaled to each in turn.")
-    ] = "0.5,0.9,1.0,1.5,2.0",
+        str | None,
+        typer.Option(
+            help="Comma-separated spectral radii; W is rescaled to each in turn, 'model' keeps it as it is. "
+            f"(default: {RANDOM_SCALES}; with --checkpoint: model, the trained W alone)"
+        ),
+    ] = None,
     threshold: Annotated[
         float, typer.Option(help="The horizon is the first lag whose product norm is below this.")
     ] = 1e-3,
@@ -394,10 +421,22 @@ def vanish(
     ‖Π diag(1 − s_j²) W‖₂ < --threshold; "~N (fit)" extrapolates the fitted line when the sequence
     is too short to reach it), the fitted factor per step of that norm, ‖∂E/∂s0‖, and
     the smallest truncation window whose gradient is within 1 % of full BPTT.
+
+    With --checkpoint, the trained model is measured as it is (one row, "ρ (model)" with ρ its own
+    spectral radius) on B windows of T characters of its held-out text or of --data (targets: the
+    next characters), or on B sequences of its copy/recall task; an explicit --scale rescales the
+    trained W instead, and "model" among the radii keeps it. Windows and sequences come from --seed.
     """
-    radii = _parse_scales(scale)
+    radii = _parse_scales(scale if scale is not None else ("model" if checkpoint is not None else RANDOM_SCALES))
     if not (np.isfinite(threshold) and threshold > 0):
         raise typer.BadParameter(f"must be a finite number > 0, got {threshold}", param_hint="--threshold")
+    if checkpoint is not None:
+        given = {"hidden": hidden, "vocab": vocab, "init": init}
+        for name, value in given.items():
+            if value is not None:
+                raise _usage_error(f"--{name} describes the random model; a checkpoint brings its own")
+    elif data is not None:
+        raise _usage_error("--data needs --checkpoint: the model whose vocabulary encodes the text")
     if plot is not None:
         if plot.suffix.lower() != ".png":
             raise typer.BadParameter(f"must name a .png file, got {str(plot)!r}", param_hint="--plot")
@@ -409,33 +448,47 @@ def vanish(
             typer.echo(f"error: --plot: {exc}", err=True)
             raise typer.Exit(2) from exc
     be = _backend_or_exit(backend.value)
-    model, x, y = _random_problem(be, seq_len, hidden, batch, vocab, init.value, dtype.value, seed)
-    settings = {
-        "backend": be.name,
-        "device": be.device,
-        "T": seq_len,
-        "H": hidden,
-        "B": batch,
-        "vocab": vocab,
-        "init": init.value,
-        "dtype": dtype.value,
-        "seed": seed,
-        "threshold": threshold,
-        "iters": iters,
-    }
+    if checkpoint is None:
+        hidden = RANDOM_DEFAULTS["hidden"] if hidden is None else hidden
+        vocab = RANDOM_DEFAULTS["vocab"] if vocab is None else vocab
+        init = RANDOM_DEFAULTS["init"] if init is None else init
+        T = diagnostics.DEFAULT_SEQ_LEN if seq_len is None else seq_len
+        problem = diagnostics.random_problem(
+            T, hidden, batch, vocab, backend=be, dtype=dtype.value, init=init.value, seed=seed
+        )
+    else:
+        try:
+            problem = diagnostics.checkpoint_problem(
+                checkpoint, T=seq_len, B=batch, seed=seed, backend=be, dtype=dtype.value, text=data
+            )
+        except InputError as exc:  # CheckpointError included
+            raise _usage_error(str(exc)) from exc
+    model, x, y = problem.model, problem.x, problem.y
+    T = problem.T
+    settings = {"backend": be.name, "device": be.device, "T": T, "H": model.hidden_size, "B": batch}
+    settings.update({k: v for k, v in problem.about.items() if k != "model"})
+    settings.update({"dtype": dtype.value, "seed": seed, "threshold": threshold, "iters": iters})
     typer.echo("vanish: " + " ".join(f"{k}={v}" for k, v in settings.items() if k != "device"), err=True)
     sweep = diagnostics.vanish_sweep(model, x, y, radii, threshold=threshold, iters=iters)
+    rescaled = [r is not None for r in radii]
     if fmt is VanishFormat.json:
-        data = {"settings": settings, "scales": [{"radius": r, **rep.to_dict()} for r, rep in sweep]}
-        typer.echo(json.dumps(data, indent=1))
+        scales = [{"radius": r, "rescaled": rs, **rep.to_dict()} for (r, rep), rs in zip(sweep, rescaled, strict=True)]
+        typer.echo(json.dumps({"settings": settings, "scales": scales}, indent=1))
     else:
         head = ["ρ(W)", "‖W‖₂", "saturated", "horizon", "rate/step", "‖∂E/∂s0‖", "truncate@1%"]
-        rows = [head] + [_vanish_row(r, rep, seq_len) for r, rep in sweep]
+        rows = [head] + [_vanish_row(r, rs, rep, T) for (r, rep), rs in zip(sweep, rescaled, strict=True)]
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         for row in rows:
             typer.echo("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
     if plot is not None:
-        title = f"T={seq_len} H={hidden} B={batch} vocab={vocab} init={init.value} seed={seed} ({be.name})"
+        if checkpoint is None:
+            title = f"T={T} H={hidden} B={batch} vocab={vocab} init={init.value} seed={seed} ({be.name})"
+        else:
+            about = problem.about
+            title = (
+                f"{checkpoint.name} ({about['task']}, step {about['step']}) on {about['data']}: "
+                f"T={T} H={model.hidden_size} B={batch} seed={seed} ({be.name})"
+            )
         diagnostics.plot_vanish(sweep, plot, title=title)
         typer.echo(f"wrote {plot}", err=True)
 

@@ -310,6 +310,17 @@ def test_vanish_sweep_to_dict_is_strict_json():
     assert data[1]["products"]["spectral_radius"] == pytest.approx(3.0)
 
 
+def test_vanish_sweep_none_measures_W_as_it_is(be):
+    model, x, y, _ = make_case(be, 14, T=5, H=6)
+    xb, yb = be.asarray(x), be.asarray(y)
+    W0 = host_params(model)["W"].copy()
+    own = np.abs(np.linalg.eigvals(W0)).max()
+    sweep = dg.vanish_sweep(model, xb, yb, [None, 0.5], iters=50)
+    np.testing.assert_allclose([r for r, _ in sweep], [own, 0.5], rtol=1e-12)
+    np.testing.assert_allclose([rep.products.spectral_radius for _, rep in sweep], [own, 0.5], rtol=1e-12)
+    np.testing.assert_array_equal(host_params(model)["W"], W0)  # the model itself is not rescaled
+
+
 def test_float32_model_agrees_with_float64(be):
     model64, x, y, _ = make_case(be, 11, T=12, B=4, H=8, gain=1.0)
     model32 = gpubptt.RNN.from_params(model64.params, backend=be, dtype="float32")
