@@ -53,6 +53,9 @@ from .data import Vocab, make_data, read_text
 from .errors import InputError, InputTypeError
 from .model import RNN
 
+#: |log slope| below this is round-off around a flat line (an orthogonal W gives ±1e-16): no horizon.
+NO_DECAY_SLOPE = 1e-9
+
 __all__ = [
     "ACTIVATIONS",
     "Contributions",
@@ -424,7 +427,8 @@ class JacobianProducts(_ToDict):
                                 > 1 explodes; None with fewer than two lags)
     horizon_fit                 the lag where that line crosses log threshold, (log threshold −
                                 log_intercept) / log_slope: an extrapolated horizon when the
-                                sequence is too short to reach it (None unless the slope is < 0)
+                                sequence is too short to reach it (None unless the slope is below
+                                −1e-9: a flatter line is round-off around no decay, e.g. W = Q)
     iterations, converged       of the power iteration
     """
 
@@ -519,7 +523,7 @@ def jacobian_products(
     norms = np.exp(log_mean)
     below = np.flatnonzero(norms < threshold)
     slope, intercept = _fit(log_mean)
-    reach = slope is not None and slope < 0
+    reach = slope is not None and slope < -NO_DECAY_SLOPE
     Wh = be.to_numpy(W).astype(np.float64)
     return JacobianProducts(
         lags=np.arange(end + 1),
