@@ -171,14 +171,45 @@ class Backend:
         self.matmul(d_next, W, scratch)  # the through-time term δ_{t+1} @ W
         self.backprop_tanh(scratch, d, g)
 
-    #: "auto" times cuBLAS against the fused step kernels once per shape; "cublas" or "fused" forces one.
+    def forward_recurrence(self, pre: Any, W: Any, S: Any) -> bool:
+        """Run every forward step in ONE kernel that keeps W on chip, where that is measured faster.
+
+        pre (T, B, H), W (H, H), S (T+1, B, H) with S[0] = s0: writes S[1:] as ``forward_step``
+        would. Returns False (doing nothing) where the backend has no such kernel or it loses.
+        """
+        if not self._use_persistent("forward", S, W):
+            return False
+        self._kernels["persistent_forward"](pre, W, S)
+        return True
+
+    def backward_recurrence(self, G: Any, W: Any, Dt: Any) -> bool:
+        """Run backward steps t = T−2 … 0 in ONE kernel that keeps W on chip, where measured faster.
+
+        G (T, B, H) with G[T−1] already δ_{T−1}, Dt (T, B, H) = 1 − s_t²: turns G[t] into δ_t as
+        ``backward_step`` would. Returns False (doing nothing) where not available or slower.
+        """
+        if not self._use_persistent("backward", G, W):
+            return False
+        self._kernels["persistent_backward"](G, W, Dt)
+        return True
+
+    #: How recurrence steps run on CuPy. "auto": per shape, the fastest of cuBLAS + a fused
+    #: elementwise kernel, one fused step kernel, or one persistent kernel for all steps (timed
+    #: once); "cublas", "fused" or "persistent" forces one (persistent only where W fits on chip).
     step_kernels: str = "auto"
 
     def _use_fused(self, kind: str, a: Any, W: Any) -> bool:
         choose = self._kernels.get("choose_step")
-        if choose is None or self.step_kernels == "cublas" or not W.flags.c_contiguous:
+        if choose is None or self.step_kernels == "cublas" or not W.flags.c_contiguous or a.size == 0:
             return False
-        return self.step_kernels == "fused" or choose(kind, a.shape[0], W.shape[0], W.dtype)
+        return self.step_kernels in ("fused", "persistent") or choose(kind, a.shape[0], W.shape[0], W.dtype)
+
+    def _use_persistent(self, kind: str, a: Any, W: Any) -> bool:
+        choose = self._kernels.get("choose_persistent")
+        if choose is None or self.step_kernels in ("cublas", "fused") or not W.flags.c_contiguous or a.size == 0:
+            return False
+        step = self.forward_step if kind == "forward" else self.backward_step  # what it competes with
+        return choose(kind, a.shape[1], W.shape[0], W.dtype, step, forced=self.step_kernels == "persistent")
 
     def tanh_step(self, pre: Any, hw: Any, out: Any) -> None:
         """out = tanh(pre + hw), all (B, H); ``hw`` may be overwritten."""
@@ -287,6 +318,7 @@ def _cupy_kernels(cp: ModuleType) -> dict[str, Callable[..., Any]]:
         "timer": lambda: _cupy_timer(cp),
     }
     kernels.update(_fused_step_kernels(cp, kernels))
+    kernels.update(_persistent_kernels(cp))
     return kernels
 
 
@@ -319,6 +351,150 @@ extern "C" __global__ void bwd(const T* __restrict__ d_next, const T* __restrict
     g[i] = (g[i] + acc) * d[i];  // d = 1 - s^2
 }
 """
+
+
+# Every step of a recurrence in ONE launch: each block owns R rows of the batch (rows are independent
+# in both recurrences, so blocks never wait for each other) and keeps W in shared memory for all T
+# steps; the state rows ping-pong between two shared buffers, one barrier per step.
+_PERSISTENT_SOURCE = r"""
+extern "C" __global__ void fwd(const T* __restrict__ pre, const T* __restrict__ W, T* __restrict__ S,
+                               int steps, int B, int H, int R) {
+    extern __shared__ unsigned char smem[];
+    T* WT = (T*)smem;           // WT[j * H + h] = W[h * H + j]: neighbours read neighbours
+    T* buf = WT + H * H;        // two (R, H) state buffers
+    const int b0 = blockIdx.x * R, rows = min(R, B - b0), n = rows * H;
+    for (int i = threadIdx.x; i < H * H; i += blockDim.x) WT[(i % H) * H + i / H] = W[i];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) buf[i] = S[(long long)b0 * H + i];
+    __syncthreads();
+    for (int t = 0; t < steps; ++t) {
+        const T* cur = buf + (t & 1) * R * H;
+        T* nxt = buf + ((t + 1) & 1) * R * H;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const int r = i / H, h = i % H;
+            const long long g = ((long long)t * B + b0 + r) * H + h;
+            T acc = pre[g];
+            for (int j = 0; j < H; ++j) acc += cur[r * H + j] * WT[j * H + h];
+            const T v = tanh(acc);
+            nxt[i] = v;
+            S[g + (long long)B * H] = v;  // S[t + 1]
+        }
+        __syncthreads();
+    }
+}
+extern "C" __global__ void bwd(T* __restrict__ G, const T* __restrict__ W, const T* __restrict__ Dt,
+                               int steps, int B, int H, int R) {
+    // G[steps] holds delta at the last step on entry; steps = T - 1 backward steps follow
+    extern __shared__ unsigned char smem[];
+    T* Ws = (T*)smem;           // W as it is: (delta @ W)[h] = sum_j delta[j] W[j, h]
+    T* buf = Ws + H * H;
+    const int b0 = blockIdx.x * R, rows = min(R, B - b0), n = rows * H;
+    for (int i = threadIdx.x; i < H * H; i += blockDim.x) Ws[i] = W[i];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) buf[i] = G[((long long)steps * B + b0) * H + i];
+    __syncthreads();
+    for (int k = 0; k < steps; ++k) {
+        const int t = steps - 1 - k;
+        const T* cur = buf + (k & 1) * R * H;
+        T* nxt = buf + ((k + 1) & 1) * R * H;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const int r = i / H, h = i % H;
+            const long long g = ((long long)t * B + b0 + r) * H + h;
+            T acc = G[g];
+            for (int j = 0; j < H; ++j) acc += cur[r * H + j] * Ws[j * H + h];
+            const T v = acc * Dt[g];
+            nxt[i] = v;
+            G[g] = v;
+        }
+        __syncthreads();
+    }
+}
+"""
+
+
+def _persistent_kernels(cp: ModuleType) -> dict[str, Callable[..., Any]]:
+    device = cp.cuda.Device()
+    smem_limit = int(device.attributes.get("MaxSharedMemoryPerBlockOptin", 48 << 10))
+    n_sm = int(device.attributes["MultiProcessorCount"])
+    funcs = {}
+    for dt, ctype in ((np.dtype(np.float32), "float"), (np.dtype(np.float64), "double")):
+        src = f"#define T {ctype}\n" + _PERSISTENT_SOURCE
+        funcs[dt] = (cp.RawKernel(src, "fwd"), cp.RawKernel(src, "bwd"))
+
+    def layout(B: int, H: int, dtype: Any) -> tuple[int, int, int] | None:
+        """(rows per block R, blocks, shared bytes), or None when W does not fit on chip."""
+        R = max(1, -(-B // n_sm))  # one block per SM at most
+        nbytes = (H * H + 2 * R * H) * np.dtype(dtype).itemsize
+        return None if nbytes > smem_limit else (R, -(-B // R), nbytes)
+
+    def launch(which: int, a: Any, W: Any, b: Any, c: Any, steps: int) -> None:
+        B, H = a.shape[1], a.shape[2]
+        R, blocks, nbytes = layout(B, H, W.dtype)
+        fn = funcs[W.dtype][which]
+        if fn.max_dynamic_shared_size_bytes < nbytes:
+            fn.max_dynamic_shared_size_bytes = nbytes
+        threads = min(1024, max(32, -(-R * H // 32) * 32))
+        args = (a, W, b, np.int32(steps), np.int32(B), np.int32(H), np.int32(R))
+        if which == 1:
+            args = (a, W, c, np.int32(steps), np.int32(B), np.int32(H), np.int32(R))
+        fn((blocks,), (threads,), args, shared_mem=nbytes)
+
+    def persistent_forward(pre: Any, W: Any, S: Any) -> None:
+        launch(0, pre, W, S, None, pre.shape[0])
+
+    def persistent_backward(G: Any, W: Any, Dt: Any) -> None:
+        launch(1, G, W, None, Dt, G.shape[0] - 1)
+
+    choices: dict[tuple, bool] = {}
+
+    def choose_persistent(kind: str, B: int, H: int, dtype: Any, step: Callable, forced: bool = False) -> bool:
+        """True when the persistent kernel fits and (unless forced) beats per-step launches of ``step``."""
+        if layout(B, H, dtype) is None:
+            return False
+        if forced:
+            return True
+        key = (kind, B, H, np.dtype(dtype))
+        if key not in choices:
+            persistent = persistent_forward if kind == "forward" else persistent_backward
+            choices[key] = _time_persistent_vs_steps(cp, kind, B, H, dtype, persistent, step)
+        return choices[key]
+
+    return {
+        "persistent_forward": persistent_forward,
+        "persistent_backward": persistent_backward,
+        "choose_persistent": choose_persistent,
+    }
+
+
+def _time_persistent_vs_steps(
+    cp: ModuleType, kind: str, B: int, H: int, dtype: Any, persistent_fn: Callable, step: Callable
+) -> bool:
+    """Time 16 steps as one persistent kernel and as per-step launches (each captured); True if persistent wins."""
+    T = 16
+    rng = np.random.default_rng(0)
+    a = cp.asarray(rng.uniform(-1, 1, size=(T + 1, B, H)), dtype=dtype)
+    b = cp.asarray(rng.uniform(0, 1, size=(T + 1, B, H)), dtype=dtype)
+    W = cp.asarray(rng.uniform(-1, 1, size=(H, H)) / np.sqrt(H), dtype=dtype)
+    scratch = cp.empty((B, H), dtype=dtype)
+    if kind == "forward":
+        persistent = lambda: persistent_fn(b[:T], W, a)  # noqa: E731
+        steps = lambda: [step(a[t], W, b[t], a[t + 1], scratch) for t in range(T)]  # noqa: E731
+    else:
+        persistent = lambda: persistent_fn(a, W, b)  # noqa: E731
+        steps = lambda: [step(a[t + 1], W, b[t], a[t], scratch) for t in range(T - 1, -1, -1)]  # noqa: E731
+    return _graph_time(cp, persistent) < _graph_time(cp, steps)
+
+
+def _graph_time(cp: ModuleType, fn: Callable[[], Any]) -> float:
+    """Median milliseconds of 5 replays of fn captured as a graph."""
+    replay = _cupy_capture(cp, fn)
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(5):
+        start.record()
+        replay()
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop))
+    return float(np.median(times))
 
 
 def _fused_step_kernels(cp: ModuleType, kernels: dict[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
@@ -375,18 +551,7 @@ def _time_fused_vs_cublas(
             "cublas": lambda: (kernels["matmul"](a, W, scratch, False), kernels["backprop_tanh"](scratch, pre, out)),
             "fused": lambda: fused_backward(a, W, pre, out),
         }
-    best = {}
-    for name, step in variants.items():
-        replay = _cupy_capture(cp, lambda step=step: [step() for _ in range(16)])
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        times = []
-        for _ in range(5):
-            start.record()
-            replay()
-            stop.record()
-            stop.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, stop))
-        best[name] = float(np.median(times))
+    best = {name: _graph_time(cp, lambda step=step: [step() for _ in range(16)]) for name, step in variants.items()}
     return best["fused"] < best["cublas"]
 
 

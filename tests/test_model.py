@@ -157,10 +157,11 @@ def test_cuda_graph_replay_matches_plain_loop(cupy_be):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernels", ["cublas", "fused"])
-@pytest.mark.parametrize("B,H", [(3, 37), (16, 128), (5, 100)])
+@pytest.mark.parametrize("kernels", ["cublas", "fused", "persistent", "auto"])
+@pytest.mark.parametrize("B,H", [(3, 37), (16, 128), (5, 100), (200, 33)])
 def test_cupy_step_kernels_match_float64_numpy(cupy_be, monkeypatch, kernels, B, H):
-    """Both ways of running a recurrence step (cuBLAS + fused tanh, one fused kernel) are exact."""
+    """Every way of running the recurrences (cuBLAS + fused tanh, one fused kernel per step, one
+    persistent kernel for all steps, the timed choice) is exact; B = 200 puts 2 rows in a block."""
     monkeypatch.setattr(cupy_be, "step_kernels", kernels)
     rng = np.random.default_rng(B * H)
     ref = gpubptt.RNN(11, H, 9, backend="numpy", dtype="float64", bias=True, seed=1)
@@ -177,6 +178,8 @@ def test_cupy_step_kernels_match_float64_numpy(cupy_be, monkeypatch, kernels, B,
             for k in g_ref:
                 g = gpubptt.to_numpy(grads[k])
                 assert np.linalg.norm(g - g_ref[k]) <= tol * np.linalg.norm(g_ref[k]), (k, dtype, graphs)
+    empty = gpubptt.RNN(11, H, 9, backend=cupy_be, seed=1).forward(cupy_be.asarray(np.zeros((4, 0), np.int64)))
+    assert empty.states.shape == (4, 0, H) and empty.final_state.shape == (0, H)
 
 
 @pytest.mark.parametrize("dense", [False, True])
