@@ -7,7 +7,8 @@ timed interleaved: each round runs gpubptt, its GEMM references and torch once, 
 between the two libraries so neither one's spinning worker threads slow the other down. Median
 of the rounds. Also: achieved GFLOP/s and efficiency against the same-run GEMM rate
 (``gpubptt.bench.gemm_rate``); on NumPy, the peak memory a fresh call allocates; on CuPy, the
-plain loop (no CUDA graph) and the rate of the batched GEMM against ``cupy.matmul``.
+plain loop (per-step cuBLAS and elementwise launches, no CUDA graph) and the rate of the batched
+GEMM against ``cupy.matmul``.
 
     python benchmarks/perf_grid.py --backend numpy --output benchmarks/perf-cpu.json
     python benchmarks/perf_grid.py --backend cupy --output benchmarks/perf-gpu.json
@@ -56,6 +57,15 @@ def batched_gemm_vs_library(be, rows: int, H: int, K: int, timer, repeats: int) 
     return float(np.median(times["lib"]) / np.median(times["ours"]))
 
 
+def plain_loop(be, model, x, y):
+    """The plain CuPy loop: per-step cuBLAS GEMMs and elementwise kernels, no graph, no fused kernels."""
+    be.step_kernels = "cublas"
+    try:
+        return model.loss_and_grads(x, y)
+    finally:
+        be.step_kernels = "auto"
+
+
 def peak_bytes(model, x, y) -> int:
     """Peak bytes one forward+BPTT allocates on a fresh model (its workspace included), traced on the host."""
     fresh = gpubptt.RNN.from_params(model.params, backend=model.backend)
@@ -81,7 +91,7 @@ def measure(be, T, B, D, H, K, tokens, args, have_torch) -> dict:
     if be.supports_graphs:
         plain = gpubptt.RNN.from_params(model.params, backend=be)
         plain.use_graphs = False
-        ours["gpubptt_plain_loop"] = (lambda: plain.loss_and_grads(x, y), timer)
+        ours["gpubptt_plain_loop"] = (lambda: plain_loop(be, plain, x, y), timer)
     ours.update({k: (fn, timer) for k, fn in bench.gemm_references(be, T, B, H, K, cfg).items()})
     row = dict(T=T, B=B, D=D, H=H, K=K, tokens=tokens, flops=bench.flops(T, B, D, H, K, tokens=tokens))
     theirs = {}
