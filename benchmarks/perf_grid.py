@@ -168,6 +168,7 @@ def main() -> int:
         "repeats": args.repeats,
         "median_ratio_vs_torch": float(np.median(ratios)) if ratios else None,
         "max_ratio_vs_torch": float(np.max(ratios)) if ratios else None,
+        "kernel_choices": be.kernel_choices(),
         "rows": rows,
     }
     if ratios:
