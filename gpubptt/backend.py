@@ -74,6 +74,9 @@ class Backend:
     xp: ModuleType
     device: str
     _kernels: dict[str, Callable[..., Any]] = field(default_factory=dict, repr=False)
+    #: Logits per output-layer chunk (rows·K): small on the CPU (caches), large on a GPU (each chunk
+    #: is a dozen launches, and device memory is plentiful).
+    chunk_elements: int = 1 << 20
 
     def __repr__(self) -> str:
         return f"Backend(name={self.name!r}, device={self.device!r})"
@@ -797,7 +800,7 @@ def _cupy_backend() -> Backend:
         kernels = _cupy_kernels(cp)
     except Exception as exc:
         raise BackendUnavailableError(f"CuPy could not use the CUDA device ({exc}); {INSTALL_HINT}") from exc
-    return Backend("cupy", cp, f"{name} (CUDA device {cp.cuda.Device().id})", kernels)
+    return Backend("cupy", cp, f"{name} (CUDA device {cp.cuda.Device().id})", kernels, chunk_elements=1 << 24)
 
 
 def get_backend(name: str | Backend | None = None) -> Backend:

@@ -18,8 +18,9 @@ from .backend import Backend
 
 __all__ = ["CHUNK_ELEMENTS", "chunk_steps", "softmax_probs", "xent_and_grads", "xent_loss"]
 
-#: Target size (elements) of one chunk's logits block: rows·K ≤ this, at least one time step. 2^20
-#: (4 MiB in float32) ran as fast as 2^19…2^22 on a 2-core CPU; one-step chunks were ~1.5× slower.
+#: Default size (elements) of one chunk's logits block: rows·K ≤ this, at least one time step. Each
+#: backend sets its own (``Backend.chunk_elements``): on the CPU 2^20 (4 MiB in float32) ran as fast
+#: as 2^19…2^22 on 2 cores, and one-step chunks were ~1.5× slower.
 CHUNK_ELEMENTS = 1 << 20
 
 
@@ -42,7 +43,7 @@ def softmax_probs(states: Any, V: Any, c: Any, *, be: Backend, chunk: int | None
     T, B, H = states.shape
     K = V.shape[0]
     probs = xp.empty((T, B, K), dtype=states.dtype)
-    step = chunk or chunk_steps(T, B, K)
+    step = chunk or chunk_steps(T, B, K, be.chunk_elements)
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
         z = probs[t0:t1].reshape(-1, K)  # (n, K) view
@@ -76,7 +77,7 @@ def xent_and_grads(
     xp = be.xp
     T, B, H = states.shape
     K = V.shape[0]
-    step = chunk or chunk_steps(T, B, K)
+    step = chunk or chunk_steps(T, B, K, be.chunk_elements)
     zbuf = xp.empty((step * B, K), dtype=states.dtype)
     loss = xp.zeros((), dtype=states.dtype)
     if dc is not None:
@@ -114,7 +115,7 @@ def xent_loss(states: Any, V: Any, c: Any, y: Any, weight: Any, *, be: Backend, 
     xp = be.xp
     T, B, H = states.shape
     K = V.shape[0]
-    step = chunk or chunk_steps(T, B, K)
+    step = chunk or chunk_steps(T, B, K, be.chunk_elements)
     zbuf = xp.empty((step * B, K), dtype=states.dtype)
     loss = xp.zeros((), dtype=states.dtype)
     for t0 in range(0, T, step):

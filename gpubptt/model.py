@@ -363,7 +363,7 @@ class _Workspace:
         k = truncate or 0
         self.lanes = xp.empty((2, k + 1, B, H), dtype=dt) if truncate is not None else None
         self.dUT = xp.empty((D, H), dtype=dt) if batch.tokens else None
-        self.chunk = chunk_steps(T, B, model.output_size)
+        self.chunk = chunk_steps(T, B, model.output_size, be.chunk_elements)
         # outputs
         self.loss = xp.zeros((), dtype=dt)
         self.grads = {k: xp.empty_like(v) for k, v in model.params.items()}
