@@ -76,7 +76,7 @@ class Backend:
     _kernels: dict[str, Callable[..., Any]] = field(default_factory=dict, repr=False)
     #: Logits per output-layer chunk (rows·K): small on the CPU (caches), large on a GPU (each chunk
     #: is a dozen launches, and device memory is plentiful).
-    chunk_elements: int = 1 << 20
+    chunk_elements: int = 1 << 22
 
     def __repr__(self) -> str:
         return f"Backend(name={self.name!r}, device={self.device!r})"

@@ -19,9 +19,9 @@ from .backend import Backend
 __all__ = ["CHUNK_ELEMENTS", "chunk_steps", "softmax_probs", "xent_and_grads", "xent_loss"]
 
 #: Default size (elements) of one chunk's logits block: rows·K ≤ this, at least one time step. Each
-#: backend sets its own (``Backend.chunk_elements``): on the CPU 2^20 (4 MiB in float32) ran as fast
-#: as 2^19…2^22 on 2 cores, and one-step chunks were ~1.5× slower.
-CHUNK_ELEMENTS = 1 << 20
+#: backend sets its own (``Backend.chunk_elements``). On a 2-core CPU at K = 8000, B = 32, 2^22
+#: (16 MiB in float32) took 61 ms, 2^21 63, 2^20 72 and 2^23 65: the GEMMs want a few hundred rows.
+CHUNK_ELEMENTS = 1 << 22
 
 
 def chunk_steps(T: int, B: int, K: int, budget: int = CHUNK_ELEMENTS) -> int:
