@@ -151,11 +151,6 @@ def main() -> int:
     reason = bench.torch_unavailable_reason()
     if reason:
         print(f"timing gpubptt alone: {reason}", file=sys.stderr)
-    else:
-        import torch
-
-        torch.backends.cudnn.allow_tf32 = False  # FP32 against FP32
-        torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
     for T, B, D, H, K, tokens in GRID:
         rows.append(measure(be, T, B, D, H, K, tokens, args, have_torch=reason is None))

@@ -359,6 +359,10 @@ def torch_reference(
     import torch
     import torch.nn.functional as F
 
+    # FP32 against FP32: on GPUs PyTorch lets cuDNN use TF32 by default, which is faster and less exact
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
     T, B = int(y.shape[0]), int(y.shape[1])
     D, H, K = model.input_size, model.hidden_size, model.output_size
     tdtype = getattr(torch, cfg.dtype)
