@@ -1,6 +1,6 @@
-"""Print a Markdown summary of `gpubptt bench --output X.json` results (for benchmarks/README.md).
+"""Print a Markdown summary of `gpubptt bench --output X.json` or `perf_grid.py --output X.json` results.
 
-python benchmarks/table.py benchmarks/cpu-default.json [more.json ...]
+python benchmarks/table.py benchmarks/cpu-default.json benchmarks/perf-cpu.json [more.json ...]
 """
 
 from __future__ import annotations
@@ -13,10 +13,40 @@ def _ms(d: dict | None) -> str:
     return "–" if not d else f"{d['median_s'] * 1e3:.3g}"
 
 
+def grid_summary(path: str, r: dict) -> str:
+    """The performance grid: one row per (T, B, D, H, K), gpubptt against PyTorch."""
+    env = r["environment"]
+    gpu = any("graph_speedup" in row for row in r["rows"])
+    lines = [
+        f"**{path}** — {', '.join(b['name'] + ' on ' + b['device'] for b in env['backends'])}; float32; "
+        f"median of {r['repeats']} interleaved rounds",
+        "",
+        "| T | B | D | H | K | input | gpubptt ms | torch ms | gpubptt ÷ torch | GFLOP/s | eff |"
+        + (" graph speed-up | batched GEMM vs cupy |" if gpu else " peak MiB | T·B·K MiB |"),
+        "|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in r["rows"]:
+        med = row["median_s"]
+        cells = [row[k] for k in "TBDHK"] + ["tokens" if row["tokens"] else "dense"]
+        cells += [f"{med['gpubptt'] * 1e3:.3g}", f"{med['torch'] * 1e3:.3g}" if "torch" in med else "–"]
+        cells += [f"{row['ratio_vs_torch']:.2f}" if "ratio_vs_torch" in row else "–"]
+        cells += [f"{row['gflops']:.1f}", f"{row['efficiency']:.0%}"]
+        if gpu:
+            cells += [f"{row['graph_speedup']:.1f}×", f"{row['batched_gemm_vs_library']:.0%}"]
+        else:
+            cells += [f"{row['peak_bytes'] / 2**20:.1f}", f"{row['T_B_K_bytes'] / 2**20:.1f}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if r.get("median_ratio_vs_torch") is not None:
+        lines += ["", f"gpubptt ÷ torch: median {r['median_ratio_vs_torch']:.2f}, max {r['max_ratio_vs_torch']:.2f}"]
+    return "\n".join(lines) + "\n"
+
+
 def summary(path: str) -> str:
     """One Markdown table (rows of both sweeps) and the fitted exponents of one result file."""
     with open(path, encoding="utf-8") as f:
         r = json.load(f)
+    if str(r.get("schema", "")).startswith("gpubptt-perf-grid"):
+        return grid_summary(path, r)
     cfg, env = r["config"], r["environment"]
     refs = [k for k in ("torch", "naive") if any(k in row for row in r["rows"])]
     lines = [
