@@ -27,6 +27,23 @@ class BackendChoice(str, Enum):
     cupy = "cupy"
 
 
+def _usage_error(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _check_plot(plot: Path | None) -> None:
+    """--plot must name a .png in an existing folder, and matplotlib must import: checked before any work."""
+    if plot is None:
+        return
+    if plot.suffix.lower() != ".png":
+        raise _usage_error(f"--plot must name a .png file, got {str(plot)!r}")
+    if not plot.parent.is_dir():
+        raise _usage_error(f"--plot: folder {str(plot.parent)!r} does not exist")
+    if reason := bench_lib.plot_unavailable_reason():
+        raise _usage_error(reason)
+
+
 def _backend_or_exit(name: str):
     try:
         return get_backend(name)
@@ -247,9 +264,7 @@ def bench(
         if not quiet:
             typer.echo(msg, err=True)
 
-    if plot is not None and (reason := bench_lib.plot_unavailable_reason()):
-        typer.echo(f"error: {reason}", err=True)
-        raise typer.Exit(1)
+    _check_plot(plot)
     requested = available_backends() if backend is BenchBackendChoice.all else [backend.value]
     names = list(dict.fromkeys(_backend_or_exit(name).name for name in requested))  # fails here, before any work
     if compare is CompareChoice.torch and (reason := bench_lib.torch_unavailable_reason()):
@@ -304,11 +319,6 @@ def bench(
 class InitChoice(str, Enum):
     wildml = "wildml"
     torch = "torch"
-
-
-class DtypeChoice(str, Enum):
-    float32 = "float32"
-    float64 = "float64"
 
 
 class VanishFormat(str, Enum):
@@ -437,16 +447,7 @@ def vanish(
                 raise _usage_error(f"--{name} describes the random model; a checkpoint brings its own")
     elif data is not None:
         raise _usage_error("--data needs --checkpoint: the model whose vocabulary encodes the text")
-    if plot is not None:
-        if plot.suffix.lower() != ".png":
-            raise typer.BadParameter(f"must name a .png file, got {str(plot)!r}", param_hint="--plot")
-        if not plot.parent.is_dir():
-            raise typer.BadParameter(f"folder {str(plot.parent)!r} does not exist", param_hint="--plot")
-        try:
-            diagnostics.require_matplotlib()
-        except ImportError as exc:
-            typer.echo(f"error: --plot: {exc}", err=True)
-            raise typer.Exit(2) from exc
+    _check_plot(plot)
     be = _backend_or_exit(backend.value)
     if checkpoint is None:
         hidden = RANDOM_DEFAULTS["hidden"] if hidden is None else hidden
@@ -515,22 +516,6 @@ class ScheduleChoice(str, Enum):
 class NonFiniteChoice(str, Enum):
     raise_ = "raise"
     skip = "skip"
-
-
-def _usage_error(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
-
-
-def _check_plot(plot) -> None:
-    if plot is None:
-        return
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as exc:
-        raise _usage_error("--plot needs matplotlib, which is not installed: pip install 'gpubptt[plot]'") from exc
-    if not plot.parent.is_dir():
-        raise _usage_error(f"--plot: directory {str(plot.parent)!r} does not exist")
 
 
 def _describe(data) -> tuple[str, str]:

@@ -39,7 +39,6 @@ inside a per-step loop), each with ``to_dict()`` for JSON. Sequences are full le
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -843,8 +842,10 @@ def checkpoint_problem(
 # -- the picture ----------------------------------------------------------------------------------
 def require_matplotlib() -> None:
     """Raise ImportError with an install hint when matplotlib (the ``plot`` extra) is missing."""
-    if importlib.util.find_spec("matplotlib") is None:
-        raise ImportError(f"plotting needs matplotlib, which is not installed; {PLOT_HINT}")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"plotting needs matplotlib, which is not installed; {PLOT_HINT}") from exc
 
 
 def plot_vanish(sweep: list[tuple[float, VanishReport]], path: Any, *, title: str | None = None) -> None:
