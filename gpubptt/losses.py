@@ -37,6 +37,19 @@ def _logits(rows: Any, V: Any, c: Any, out: Any, *, be: Backend) -> Any:
     return out
 
 
+def _exp_and_row_loss(z: Any, tgt: Any, *, xp: Any) -> tuple[Any, Any, Any]:
+    """Stable log-softmax cross-entropy of each row, in place: z (n, K) ← exp(z − row max).
+
+    Returns (E (n,) = log Σ exp(z − m) − (z[y] − m), the row sums of exp (n,), arange(n)).
+    """
+    z -= z.max(axis=1, keepdims=True)
+    ar = xp.arange(z.shape[0])
+    z_y = z[ar, tgt]  # (n,)
+    xp.exp(z, out=z)
+    total = z.sum(axis=1)  # (n,)
+    return xp.log(total) - z_y, total, ar
+
+
 def softmax_probs(states: Any, V: Any, c: Any, *, be: Backend, chunk: int | None = None) -> Any:
     """Softmax probabilities for every step: states (T, B, H) → probs (T, B, K)."""
     xp = be.xp
@@ -88,13 +101,7 @@ def xent_and_grads(
         rows = states[t0:t1].reshape(n, H)  # (n, H)
         tgt = y[t0:t1].reshape(n)  # (n,)
         z = _logits(rows, V, c, zbuf[:n], be=be)  # (n, K)
-        # stable log-softmax: E = log Σ exp(z − m) − (z[y] − m)
-        z -= z.max(axis=1, keepdims=True)
-        ar = xp.arange(n)
-        z_y = z[ar, tgt]  # (n,)
-        xp.exp(z, out=z)
-        total = z.sum(axis=1)  # (n,)
-        e = xp.log(total) - z_y  # (n,) per-step loss
+        e, total, ar = _exp_and_row_loss(z, tgt, xp=xp)  # z ← exp(z − max); e (n,) per-step loss
         # backprop through softmax + cross-entropy: do = softmax(z) − onehot(y)
         z *= (1 / total)[:, None]  # one reciprocal per row, then a multiply: cheaper than a divide
         z[ar, tgt] -= 1
@@ -122,10 +129,7 @@ def xent_loss(states: Any, V: Any, c: Any, y: Any, weight: Any, *, be: Backend, 
         t1 = min(T, t0 + step)
         n = (t1 - t0) * B
         z = _logits(states[t0:t1].reshape(n, H), V, c, zbuf[:n], be=be)
-        z -= z.max(axis=1, keepdims=True)
-        z_y = z[xp.arange(n), y[t0:t1].reshape(n)]
-        xp.exp(z, out=z)
-        e = xp.log(z.sum(axis=1)) - z_y
+        e, _, _ = _exp_and_row_loss(z, y[t0:t1].reshape(n), xp=xp)
         if weight is not None:
             e *= weight[t0:t1].reshape(n)
         loss += e.sum()
