@@ -1,7 +1,8 @@
 """Input validation: every check runs before any work, and names what was wrong and what was expected.
 
-Range checks are computed as reductions on the device and read back in ONE transfer (a single
-host sync per call), never by relying on indexing to raise: CuPy wraps out-of-range indices.
+Range checks are computed as reductions on the device and read back in one transfer, never by
+relying on indexing to raise: CuPy wraps out-of-range indices. (``lengths``, B integers, are read
+back on their own: the mask and the count of counted steps are built on the host.)
 """
 
 from __future__ import annotations

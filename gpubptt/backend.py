@@ -74,8 +74,9 @@ class Backend:
     xp: ModuleType
     device: str
     _kernels: dict[str, Callable[..., Any]] = field(default_factory=dict, repr=False)
-    #: Logits per output-layer chunk (rows·K): small on the CPU (caches), large on a GPU (each chunk
-    #: is a dozen launches, and device memory is plentiful).
+    #: Logits per output-layer chunk (rows·K, at least one time step): on a 2-core CPU at K = 8000,
+    #: B = 32, 2^22 (16 MiB in float32) took 61 ms, 2^21 63, 2^20 72 and 2^23 65 (the GEMMs want a
+    #: few hundred rows); a GPU takes 2^24 (each chunk is a dozen launches, memory is plentiful).
     chunk_elements: int = 1 << 22
 
     def __repr__(self) -> str:
@@ -88,7 +89,7 @@ class Backend:
 
     def check_native(self, a: Any, what: str) -> None:
         """Raise BackendMismatchError if ``a`` is an array of another backend."""
-        if self.is_native(a) or isinstance(a, (list, tuple, int, float)):
+        if self.is_native(a) or isinstance(a, (list, tuple, int, float, np.generic)):
             return
         if _is_cupy_array(a) or isinstance(a, np.ndarray) or hasattr(a, "__array__"):
             kind = "a CuPy array" if _is_cupy_array(a) else f"a {type(a).__module__}.{type(a).__name__}"
@@ -157,7 +158,7 @@ class Backend:
         A GEMM and the fused tanh; on CuPy, small shapes for which cuBLAS is measured slower use
         one fused dot+tanh kernel instead (chosen once per shape by timing both).
         """
-        if self._use_fused("forward", s_prev, W):
+        if self._use_fused("forward", W, s_prev, pre, out):
             self._kernels["fused_forward"](s_prev, W, pre, out)
             return
         self.matmul(s_prev, W.T, scratch)  # W.T is a view: BLAS reads it transposed
@@ -168,7 +169,7 @@ class Backend:
 
         g enters as the direct term ∂E_t/∂s_t and leaves as δ_t; d_next is δ_{t+1}.
         """
-        if self._use_fused("backward", d_next, W):
+        if self._use_fused("backward", W, d_next, d, g):
             self._kernels["fused_backward"](d_next, W, d, g)
             return
         self.matmul(d_next, W, scratch)  # the through-time term δ_{t+1} @ W
@@ -180,7 +181,7 @@ class Backend:
         pre (T, B, H), W (H, H), S (T+1, B, H) with S[0] = s0: writes S[1:] as ``forward_step``
         would. Returns False (doing nothing) where the backend has no such kernel or it loses.
         """
-        if not self._use_persistent("forward", S, W):
+        if not self._use_persistent("forward", W, S, pre):
             return False
         self._kernels["persistent_forward"](pre, W, S)
         return True
@@ -191,7 +192,7 @@ class Backend:
         G (T, B, H) with G[T−1] already δ_{T−1}, Dt (T, B, H) = 1 − s_t²: turns G[t] into δ_t as
         ``backward_step`` would. Returns False (doing nothing) where not available or slower.
         """
-        if not self._use_persistent("backward", G, W):
+        if not self._use_persistent("backward", W, G, Dt):
             return False
         self._kernels["persistent_backward"](G, W, Dt)
         return True
@@ -213,15 +214,17 @@ class Backend:
             out[name] = {f"{k} B={B} H={H} {dt}": v for (k, B, H, dt), v in get().items()} if get else {}
         return out
 
-    def _use_fused(self, kind: str, a: Any, W: Any) -> bool:
+    def _use_fused(self, kind: str, W: Any, a: Any, *more: Any) -> bool:
         choose = self._kernels.get("choose_step")
-        if choose is None or self.step_kernels == "cublas" or not W.flags.c_contiguous or a.size == 0:
+        dense = all(m.flags.c_contiguous for m in (W, a, *more))  # the kernels index dense rows
+        if choose is None or self.step_kernels == "cublas" or not dense or a.size == 0:
             return False
         return self.step_kernels in ("fused", "persistent") or choose(kind, a.shape[0], W.shape[0], W.dtype)
 
-    def _use_persistent(self, kind: str, a: Any, W: Any) -> bool:
+    def _use_persistent(self, kind: str, W: Any, a: Any, *more: Any) -> bool:
         choose = self._kernels.get("choose_persistent")
-        if choose is None or self.step_kernels in ("cublas", "fused") or not W.flags.c_contiguous or a.size == 0:
+        dense = all(m.flags.c_contiguous for m in (W, a, *more))
+        if choose is None or self.step_kernels in ("cublas", "fused") or not dense or a.size == 0:
             return False
         step = self.forward_step if kind == "forward" else self.backward_step  # what it competes with
         return choose(kind, a.shape[1], W.shape[0], W.dtype, step, forced=self.step_kernels == "persistent")
@@ -687,7 +690,7 @@ def _cublas_matmul(cp: ModuleType) -> Callable[..., None]:
     check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
     # a workspace of our own, so cuBLAS never allocates while a graph is being captured
     workspace = cp.empty(32 << 20, dtype=cp.uint8)
-    check(lib.cublasSetWorkspace_v2(handle, workspace.data.ptr, workspace.nbytes), "cublasSetWorkspace")
+    current = [None]  # the stream the handle is set to
     gemm = {
         np.dtype(np.float32): (lib.cublasSgemm_v2, ctypes.c_float),
         np.dtype(np.float64): (lib.cublasDgemm_v2, ctypes.c_double),
@@ -713,7 +716,11 @@ def _cublas_matmul(cp: ModuleType) -> Callable[..., None]:
             raise ValueError(f"matmul: out must have unit stride along rows, got strides {out.strides}")
         fn, _ = gemm[out.dtype]
         one, zero = scalars[out.dtype]
-        check(lib.cublasSetStream_v2(handle, cp.cuda.get_current_stream().ptr), "cublasSetStream")
+        stream = cp.cuda.get_current_stream().ptr
+        if stream != current[0]:  # cublasSetStream also resets the workspace: set ours again
+            check(lib.cublasSetStream_v2(handle, stream), "cublasSetStream")
+            check(lib.cublasSetWorkspace_v2(handle, workspace.data.ptr, workspace.nbytes), "cublasSetWorkspace")
+            current[0] = stream
         # row-major out = a @ b  is column-major outᵀ = bᵀ aᵀ
         status = fn(
             handle, T if lb[0] else N, T if la[0] else N, n, m, k,

@@ -53,7 +53,7 @@ def recurrence_forward(pre: Any, W: Any, S: Any, *, be: Backend, hw: Any) -> Non
 
     pre (T, B, H); S (T+1, B, H) with S[0] = s0 on entry, S[1:] written; hw (B, H) scratch.
     """
-    if be.forward_recurrence(pre, W, S):  # all steps in one kernel that keeps W on chip (CuPy)
+    if pre.shape[0] == 0 or be.forward_recurrence(pre, W, S):  # all steps in one kernel (CuPy)
         return
     for t in range(pre.shape[0]):
         be.forward_step(S[t], W, pre[t], S[t + 1], hw)  # s_t = tanh(pre_t + s_{t-1} @ W.T)
@@ -76,7 +76,7 @@ def backward_full(G: Any, W: Any, Dt: Any, *, be: Backend, carry: Any) -> None:
     if T == 0:
         return
     G[T - 1] *= Dt[T - 1]  # δ_{T-1}: no later step feeds back
-    if be.backward_recurrence(G, W, Dt):  # all steps in one kernel that keeps W on chip (CuPy)
+    if T == 1 or be.backward_recurrence(G, W, Dt):  # all steps in one kernel that keeps W on chip (CuPy)
         return
     for t in range(T - 2, -1, -1):
         be.backward_step(G[t + 1], W, Dt[t], G[t], carry)  # δ_t = (g_t + δ_{t+1} @ W) ⊙ (1 − s_t²)

@@ -358,7 +358,7 @@ def _horizon_text(p: diagnostics.JacobianProducts) -> str:
     if p.horizon_fit is not None:
         return f"~{p.horizon_fit:.0f} (fit)"
     if p.log_slope is not None:
-        return "none (grows)"
+        return "none (grows)" if p.log_slope > diagnostics.NO_DECAY_SLOPE else "none (flat)"
     return f"none ≤ {p.end}"
 
 

@@ -16,16 +16,14 @@ from typing import Any
 
 from .backend import Backend
 
-__all__ = ["CHUNK_ELEMENTS", "chunk_steps", "softmax_probs", "xent_and_grads", "xent_loss"]
-
-#: Default size (elements) of one chunk's logits block: rows·K ≤ this, at least one time step. Each
-#: backend sets its own (``Backend.chunk_elements``). On a 2-core CPU at K = 8000, B = 32, 2^22
-#: (16 MiB in float32) took 61 ms, 2^21 63, 2^20 72 and 2^23 65: the GEMMs want a few hundred rows.
-CHUNK_ELEMENTS = 1 << 22
+__all__ = ["chunk_steps", "softmax_probs", "xent_and_grads", "xent_loss"]
 
 
-def chunk_steps(T: int, B: int, K: int, budget: int = CHUNK_ELEMENTS) -> int:
-    """Time steps per output-layer chunk so that chunk·B·K ≤ budget (at least 1, at most T)."""
+def chunk_steps(T: int, B: int, K: int, budget: int) -> int:
+    """Time steps per output-layer chunk so that chunk·B·K ≤ budget (at least 1, at most T).
+
+    The budget is the backend's ``chunk_elements``.
+    """
     return max(1, min(T, budget // max(1, B * K)))
 
 

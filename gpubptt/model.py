@@ -319,7 +319,7 @@ class RNN:
             truncate = None  # the window covers every step: full BPTT
         be = self.backend
         key = (
-            batch.T, batch.B, batch.tokens, batch.weight is not None, truncate,
+            batch.T, batch.B, batch.tokens, batch.weight is not None, truncate, self.use_graphs, be.step_kernels,
             tuple(be.data_ptr(p) for p in self.params.values()),
         )  # fmt: skip
         ws = self._workspaces.pop(key, None)

@@ -82,9 +82,13 @@ def _param_grads(params: Mapping[str, Any], grads: Mapping[str, Any]) -> list[tu
 
 
 def global_grad_norm(grads: Mapping[str, Any], *, xp: Any, names: Any = None) -> Any:
-    """‖g‖ = √(Σ_k Σ g_k²) over ``names`` (default: every key but "s0"): a 0-d array, no host sync."""
+    """‖g‖ = √(Σ_k Σ g_k²) over ``names`` (default: every key but "s0"): a 0-d float64 array, no host sync.
+
+    The per-parameter sums are added in float64, so float32 gradients whose squares are each finite
+    cannot overflow the total.
+    """
     keys = [k for k in grads if k != "s0"] if names is None else list(names)
-    sq = [xp.vdot(grads[k].ravel(), grads[k].ravel()) for k in keys]
+    sq = [xp.vdot(grads[k].ravel(), grads[k].ravel()).astype(xp.float64) for k in keys]
     return xp.asarray(xp.sqrt(xp.stack(sq).sum()))  # asarray: NumPy reductions return scalars
 
 

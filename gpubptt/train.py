@@ -267,7 +267,9 @@ def train(
         _, x_host, y_host = cached
         L = x_host.shape[0]
         T = config.chunk or L
-        n_chunks = -(-L // T)
+        # whole chunks only: a fixed (T, B) lets a GPU replay one captured graph; the random offset of
+        # each epoch moves the boundaries, so the few characters of a dropped tail are seen in others
+        n_chunks = max(1, L // T)
         if state.chunk >= n_chunks:  # next sequence: the state starts from zero again
             state.sequence, state.chunk, state.s = state.sequence + 1, 0, None
             continue

@@ -199,3 +199,41 @@ def test_loss_and_grads_final_state_matches_per_sequence_reference(be, dense):
         np.testing.assert_allclose(gpubptt.to_numpy(final)[b], want, rtol=1e-12)
     plain_loss, _ = model.loss_and_grads(be.asarray(x), be.asarray(y), be.asarray(s0), lengths=be.asarray(lengths))
     assert float(loss) == float(plain_loss) and set(grads) == {"U", "W", "V", "b", "c", "s0"}
+
+
+@pytest.mark.gpu
+def test_switching_graphs_or_step_kernels_after_a_capture_takes_effect(cupy_be, monkeypatch):
+    rng = np.random.default_rng(8)
+    model = gpubptt.RNN(10, 32, 7, backend=cupy_be, dtype="float64", seed=0)
+    x = cupy_be.asarray(rng.integers(0, 10, size=(12, 4)))
+    y = cupy_be.asarray(rng.integers(0, 7, size=(12, 4)))
+    l_graph, _ = model.loss_and_grads(x, y)
+    model.use_graphs = False
+    l_plain, _ = model.loss_and_grads(x, y)
+    runs = {key[5:7]: ws._run == ws._compute for key, ws in model._workspaces.items()}
+    assert runs == {(True, "auto"): False, (False, "auto"): True}  # one captured, one plain
+    monkeypatch.setattr(cupy_be, "step_kernels", "cublas")
+    l_cublas, _ = model.loss_and_grads(x, y)
+    assert len(model._workspaces) == 3
+    assert float(l_plain) == pytest.approx(float(l_graph), rel=1e-12)
+    assert float(l_cublas) == pytest.approx(float(l_graph), rel=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["fused", "persistent"])
+def test_strided_buffers_fall_back_to_a_path_that_handles_them(cupy_be, monkeypatch, kernels):
+    """The fused and persistent kernels index dense rows: strided views must take the cuBLAS path."""
+    from gpubptt import bptt
+
+    monkeypatch.setattr(cupy_be, "step_kernels", kernels)
+    rng = np.random.default_rng(9)
+    T, B, H = 6, 3, 16
+    W = rng.normal(size=(H, H)) / 4
+    pre = rng.normal(size=(T, B, H))
+    big = cupy_be.xp.zeros((T + 1, B, 2 * H))  # S is a strided view: every row skips H entries
+    S = big[:, :, :H]
+    bptt.recurrence_forward(cupy_be.asarray(pre), cupy_be.asarray(W), S, be=cupy_be, hw=cupy_be.xp.empty((B, H)))
+    s = np.zeros((B, H))
+    for t in range(T):
+        s = np.tanh(pre[t] + s @ W.T)
+    np.testing.assert_allclose(gpubptt.to_numpy(S[T]), s, rtol=1e-12, atol=1e-14)

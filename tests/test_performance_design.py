@@ -75,7 +75,7 @@ def test_output_layer_memory_is_chunked_not_T_B_K():
     x = rng.integers(0, D, size=(T, B))
     y = rng.integers(0, K, size=(T, B))
     model.loss_and_grads(x, y)  # allocate the workspace once
-    chunk = chunk_steps(T, B, K)
+    chunk = chunk_steps(T, B, K, be.chunk_elements)
     assert chunk <= T // 4
     itemsize = 4
     tbk = T * B * K * itemsize
