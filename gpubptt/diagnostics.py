@@ -50,6 +50,7 @@ from .backend import to_numpy
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import Vocab, make_data, read_text
 from .errors import InputError, InputTypeError
+from .losses import softmax_probs
 from .model import RNN
 
 #: |log slope| below this is round-off around a flat line (an orthogonal W gives ±1e-16): no horizon.
@@ -164,20 +165,15 @@ def _batch(model: RNN, x: Any, y: Any, s0: Any) -> Batch:
     )
 
 
-def _states(model: RNN, batch: Batch) -> tuple[Any, Any]:
-    """The model's own forward pass: S (T+1, B, H) with S[0] = s0 (s_{−1}) and S[t+1] = s_t; probs (T, B, K)."""
-    xp = model.backend.xp
-    out = model.forward(batch.x, batch.s0)
-    T, B, H = out.states.shape
-    S = xp.empty((T + 1, B, H), dtype=model.dtype)
-    S[0] = 0 if batch.s0 is None else batch.s0
-    S[1:] = out.states
-    return S, out.probs
+def _states(model: RNN, batch: Batch) -> Any:
+    """The model's own forward recurrence: S (T+1, B, H) with S[0] = s0 (s_{−1}) and S[t+1] = s_t."""
+    return model._states(batch)
 
 
-def _direct_terms(model: RNN, batch: Batch, S: Any, probs: Any) -> Any:
+def _direct_terms(model: RNN, batch: Batch, S: Any) -> Any:
     """The direct term ∂E_t/∂s_t = do_t @ V for every t, with do_t = ŷ_t − onehot(y_t): (T, B, H)."""
     xp = model.backend.xp
+    probs = softmax_probs(S[1:], model.params["V"], model.params.get("c"), be=model.backend)  # (T, B, K)
     T, B, K = probs.shape
     do = probs.reshape(T * B, K).copy()  # (T·B, K)
     do[xp.arange(T * B), batch.y.reshape(-1)] -= 1  # backprop through softmax + cross-entropy
@@ -218,9 +214,9 @@ def step_gradients(model: RNN, x: Any, y: Any, s0: Any = None) -> StepGradients:
     model = _check_model(model)
     batch = _batch(model, x, y, s0)
     xp, W = model.backend.xp, model.params["W"]
-    S, probs = _states(model, batch)
+    S = _states(model, batch)
     T, B, H = batch.T, batch.B, model.hidden_size
-    direct = _direct_terms(model, batch, S, probs)  # (T, B, H)
+    direct = _direct_terms(model, batch, S)  # (T, B, H)
     f = _tanh_factors(S)  # (T, B, H)
     through = xp.zeros((T, B, H), dtype=model.dtype)  # δ_{t+1} @ W; nothing comes after T−1
     delta = direct[T - 1] * f[T - 1]  # (B, H) δ_{T−1}
@@ -280,9 +276,9 @@ def contributions(model: RNN, x: Any, y: Any, s0: Any = None, *, keep_terms: boo
     model = _check_model(model)
     batch = _batch(model, x, y, s0)
     be, xp, W = model.backend, model.backend.xp, model.params["W"]
-    S, probs = _states(model, batch)
+    S = _states(model, batch)
     T, B, H = batch.T, batch.B, model.hidden_size
-    direct = _direct_terms(model, batch, S, probs)  # (T, B, H)
+    direct = _direct_terms(model, batch, S)  # (T, B, H)
     f = _tanh_factors(S)  # (T, B, H)
     gram = B <= H
     SS = xp.matmul(S[:-1], S[:-1].transpose(0, 2, 1)) if gram else None  # (T, B, B) Gram of s_{k−1}
@@ -509,7 +505,7 @@ def jacobian_products(
         if example >= batch.B:
             raise InputError(f"example must index the batch, [0, B) = [0, {batch.B}), got {example}")
     be, xp, W = model.backend, model.backend.xp, model.params["W"]
-    S, _ = _states(model, batch)
+    S = _states(model, batch)
     if example is not None:
         S = S[:, example : example + 1]  # (T+1, 1, H)
     if activation == "tanh":
