@@ -43,16 +43,15 @@ import gc
 import io
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._io import write_atomic
 from .backend import Backend, get_backend, to_numpy
 from .model import RNN
 
@@ -666,39 +665,6 @@ def render_csv(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         w.writerow(_csv_row(r))
     return buf.getvalue()
-
-
-def _file_mode(path: Path) -> int:
-    """The existing file's permission bits, else 0666 minus the process umask."""
-    try:
-        return path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then os.replace.
-
-    If anything fails, an existing file at ``path`` is left untouched and the temporary file removed.
-    """
-    path = Path(path)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes it 0600; give it the mode a plain open() would
-        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8", "newline": ""})) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def plot_unavailable_reason() -> str | None:
