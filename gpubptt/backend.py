@@ -12,9 +12,19 @@ The fused elementwise kernels of the recurrences live here too, each with its Nu
     backprop_tanh(carry, d, g)     g   = (g + carry) * d,  d = 1 − s²     (carry may be clobbered)
     token_scatter_add(dUT, ...)    dUT[ids[n]] += rows[n]  for every n, deterministically
 
+One step of each recurrence, composed from those (the NumPy path), or on CuPy one fused kernel
+where that is measured faster for the shape:
+
+    forward_step(s_prev, W, pre, out, scratch)    out = tanh(pre + s_prev @ W.T)
+    backward_step(d_next, W, d, g, scratch)       g   = (g + d_next @ W) * d
+
+and, on CuPy only, all steps of a recurrence in one persistent kernel that keeps W in shared memory
+(``forward_recurrence``, ``backward_recurrence``; they return False where they do not apply).
+``kernel_choices()`` reports what was measured; ``step_kernels`` forces a choice.
+
 ``capture(fn)`` records fn's device work once as a CUDA graph and returns a function that replays
 it (on NumPy it returns fn itself): the whole forward+BPTT then costs one launch instead of several
-per time step.
+per time step. ``timer()`` times a function synchronised with the device (CUDA events on CuPy).
 
     >>> be = get_backend("numpy")
     >>> be.name, be.xp.__name__
