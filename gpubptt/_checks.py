@@ -14,6 +14,7 @@ import numpy as np
 
 from .backend import Backend
 from .errors import InputError, InputTypeError, ShapeError
+from .params import finite_in, nonfinite_reason
 
 DTYPES = ("float32", "float64")
 
@@ -78,8 +79,12 @@ def check_batch(
     lengths: Any = None,
     *,
     for_loss: bool,
+    needs_targets: bool = False,
 ) -> Batch:
-    """Validate (x, y, s0, lengths) against a model of sizes D, H, K; return a Batch."""
+    """Validate (x, y, s0, lengths) against a model of sizes D, H, K; return a Batch.
+
+    ``for_loss``: T and B must be ≥ 1; ``needs_targets``: y must be given.
+    """
     x = _as_native(be, x, "x")
     if x.ndim == 2:
         tokens = True
@@ -99,6 +104,8 @@ def check_batch(
             f"x must be token ids (T, B) or dense inputs (T, B, {D}); got {x.ndim} dimensions, shape {tuple(x.shape)}"
         )
     T, B = int(x.shape[0]), int(x.shape[1])
+    if needs_targets and y is None:
+        raise InputError(f"a loss needs targets y (T, B) = ({T}, {B}) of ints in [0, {K}); got None")
     if for_loss and (T == 0 or B == 0):
         raise ShapeError(f"a loss needs at least one time step and one sequence; got T={T}, B={B}")
     batch = Batch(x=x, tokens=tokens, T=T, B=B)
@@ -116,10 +123,12 @@ def check_batch(
             raise InputTypeError(f"lengths must be integers, got dtype {lengths.dtype}")
         if tuple(lengths.shape) != (B,):
             raise ShapeError(f"lengths must have shape (B,) = ({B},), got {tuple(lengths.shape)}")
-        lengths = be.to_numpy(lengths).astype(np.int64)  # B ints: tiny host copy
-        if B and (lengths.min() < 0 or lengths.max() > T):
-            bad = int(np.flatnonzero((lengths < 0) | (lengths > T))[0])
-            raise InputError(f"lengths must lie in [0, T] = [0, {T}]; lengths[{bad}] = {lengths[bad]}")
+        lengths = be.to_numpy(lengths)  # B ints: tiny host copy
+        out_of_range = (lengths < 0) | (lengths > T)  # in the given dtype: a uint64 is never read as negative
+        if out_of_range.any():
+            bad = int(np.flatnonzero(out_of_range)[0])
+            raise InputError(f"lengths must lie in [0, T] = [0, {T}]; lengths[{bad}] = {lengths[bad].item()}")
+        lengths = lengths.astype(np.int64)
 
     xp = be.xp
     weight = None
@@ -136,20 +145,27 @@ def check_batch(
             raise InputTypeError(f"targets y must be integers, got dtype {y.dtype}")
         if tuple(y.shape) != (T, B):
             raise ShapeError(f"targets y must have shape (T, B) = ({T}, {B}), got {tuple(y.shape)}")
-        y = y.astype(xp.int64, copy=False)
         if weight is not None:
             y = xp.where(weight > 0, y, 0)  # padded targets may hold anything: make them safe
 
-    # one batched range check, one host sync
+    # finiteness in the model's dtype: a finite float64 beyond float32's range overflows in the cast
+    raw_x = x
+    if not tokens:
+        x, x_finite = finite_in(x, dtype, xp=xp)
+    s0_cast = None
+    if s0 is not None:
+        s0_cast, s0_finite = finite_in(s0, dtype, xp=xp)
+
+    # one batched range check, one host sync (float64 holds the verdicts; exact values are read on failure)
     probes: list[Any] = []
     if tokens and x.size:
         probes += [x.min(), x.max()]
     if y is not None and y.size:
         probes += [y.min(), y.max()]
     if not tokens and x.size:
-        probes.append(xp.isfinite(x).all())
+        probes.append(x_finite)
     if s0 is not None and s0.size:
-        probes.append(xp.isfinite(s0).all())
+        probes.append(s0_finite)
     if probes:
         vals = be.to_numpy(xp.stack([p.astype(xp.float64) for p in probes]))
         i = 0
@@ -157,27 +173,27 @@ def check_batch(
             lo, hi = vals[i], vals[i + 1]
             i += 2
             if lo < 0 or hi >= D:
-                bad = int(lo) if lo < 0 else int(hi)
+                bad = be.to_numpy(x.min() if lo < 0 else x.max()).item()  # exact, even near 2**63
                 raise InputError(f"token ids must lie in [0, {D}) (input_size = {D}); found {bad}")
         if y is not None and y.size:
             lo, hi = vals[i], vals[i + 1]
             i += 2
             if lo < 0 or hi >= K:
-                bad = int(lo) if lo < 0 else int(hi)
+                bad = be.to_numpy(y.min() if lo < 0 else y.max()).item()
                 where = " on a counted step" if weight is not None else ""
                 raise InputError(f"targets y must lie in [0, {K}) (output_size = {K}); found {bad}{where}")
         if not tokens and x.size:
             if not vals[i]:
-                raise InputError("dense x contains NaN or infinity; inputs must be finite")
+                why = nonfinite_reason(raw_x, dtype, xp=xp)
+                raise InputError(f"dense x {why}; inputs must be finite in the model's dtype")
             i += 1
         if s0 is not None and s0.size and not vals[i]:
-            raise InputError("s0 contains NaN or infinity; the initial state must be finite")
+            why = nonfinite_reason(s0, dtype, xp=xp)
+            raise InputError(f"s0 {why}; the initial state must be finite in the model's dtype")
 
-    if not tokens:
-        x = x.astype(dtype, copy=False)
-    else:
-        x = x.astype(xp.int64, copy=False)
-    batch.x = x
-    batch.s0 = None if s0 is None else s0.astype(dtype, copy=False)
-    batch.y, batch.weight, batch.lengths = y, weight, lengths
+    # ids and targets in range: int64 from here on (the range check ran in their own dtype)
+    batch.x = x.astype(xp.int64, copy=False) if tokens else x
+    batch.s0 = s0_cast
+    batch.y = None if y is None else y.astype(xp.int64, copy=False)
+    batch.weight, batch.lengths = weight, lengths
     return batch

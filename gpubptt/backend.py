@@ -38,6 +38,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -522,6 +523,7 @@ def _persistent_kernels(cp: ModuleType) -> dict[str, Callable[..., Any]]:
         launch(1, G, W, None, Dt, G.shape[0] - 1)
 
     choices: dict[tuple, bool] = {}
+    lock = threading.Lock()
 
     def choose_persistent(kind: str, B: int, H: int, dtype: Any, step: Callable, forced: bool = False) -> bool:
         """True when the persistent kernel fits and (unless forced) beats per-step launches of ``step``."""
@@ -530,10 +532,11 @@ def _persistent_kernels(cp: ModuleType) -> dict[str, Callable[..., Any]]:
         if forced:
             return True
         key = (kind, B, H, np.dtype(dtype))
-        if key not in choices:
-            persistent = persistent_forward if kind == "forward" else persistent_backward
-            choices[key] = _time_persistent_vs_steps(cp, kind, B, H, dtype, persistent, step)
-        return choices[key]
+        with lock:  # two threads meeting a new shape time it once
+            if key not in choices:
+                persistent = persistent_forward if kind == "forward" else persistent_backward
+                choices[key] = _time_persistent_vs_steps(cp, kind, B, H, dtype, persistent, step)
+            return choices[key]
 
     return {
         "persistent_forward": persistent_forward,
@@ -595,13 +598,15 @@ def _fused_step_kernels(cp: ModuleType, kernels: dict[str, Callable[..., Any]]) 
         modules[W.dtype][1]((blocks,), (threads,), (d_next, W, d, g, np.int32(B), np.int32(H)))
 
     choices: dict[tuple, bool] = {}
+    lock = threading.Lock()
 
     def choose_step(kind: str, B: int, H: int, dtype: np.dtype) -> bool:
         """True when the fused kernel beats cuBLAS + elementwise for this step shape (timed once)."""
         key = (kind, B, H, np.dtype(dtype))
-        if key not in choices:
-            choices[key] = _time_fused_vs_cublas(cp, kernels, fused_forward, fused_backward, *key)
-        return choices[key]
+        with lock:  # two threads meeting a new shape time it once
+            if key not in choices:
+                choices[key] = _time_fused_vs_cublas(cp, kernels, fused_forward, fused_backward, *key)
+            return choices[key]
 
     return {
         "fused_forward": fused_forward,
@@ -701,6 +706,7 @@ def _cublas_matmul(cp: ModuleType) -> Callable[..., None]:
     # a workspace of our own, so cuBLAS never allocates while a graph is being captured
     workspace = cp.empty(32 << 20, dtype=cp.uint8)
     current = [None]  # the stream the handle is set to
+    lock = threading.Lock()
     gemm = {
         np.dtype(np.float32): (lib.cublasSgemm_v2, ctypes.c_float),
         np.dtype(np.float64): (lib.cublasDgemm_v2, ctypes.c_double),
@@ -726,17 +732,18 @@ def _cublas_matmul(cp: ModuleType) -> Callable[..., None]:
             raise ValueError(f"matmul: out must have unit stride along rows, got strides {out.strides}")
         fn, _ = gemm[out.dtype]
         one, zero = scalars[out.dtype]
-        stream = cp.cuda.get_current_stream().ptr
-        if stream != current[0]:  # cublasSetStream also resets the workspace: set ours again
-            check(lib.cublasSetStream_v2(handle, stream), "cublasSetStream")
-            check(lib.cublasSetWorkspace_v2(handle, workspace.data.ptr, workspace.nbytes), "cublasSetWorkspace")
-            current[0] = stream
-        # row-major out = a @ b  is column-major outᵀ = bᵀ aᵀ
-        status = fn(
-            handle, T if lb[0] else N, T if la[0] else N, n, m, k,
-            ctypes.byref(one), b.data.ptr, lb[1], a.data.ptr, la[1],
-            ctypes.byref(one if accumulate else zero), out.data.ptr, lc[1],
-        )  # fmt: skip
+        stream = cp.cuda.get_current_stream().ptr  # per thread: each thread's GEMM must go to its own stream
+        with lock:  # one handle for the process: its stream and the GEMM are set and queued together
+            if stream != current[0]:  # cublasSetStream also resets the workspace: set ours again
+                check(lib.cublasSetStream_v2(handle, stream), "cublasSetStream")
+                check(lib.cublasSetWorkspace_v2(handle, workspace.data.ptr, workspace.nbytes), "cublasSetWorkspace")
+                current[0] = stream
+            # row-major out = a @ b  is column-major outᵀ = bᵀ aᵀ
+            status = fn(
+                handle, T if lb[0] else N, T if la[0] else N, n, m, k,
+                ctypes.byref(one), b.data.ptr, lb[1], a.data.ptr, la[1],
+                ctypes.byref(one if accumulate else zero), out.data.ptr, lc[1],
+            )  # fmt: skip
         check(status, "gemm")
 
     matmul.keepalive = (lib, handle, workspace)  # type: ignore[attr-defined]
@@ -783,6 +790,7 @@ def _cupy_capture(cp: ModuleType, fn: Callable[[], None]) -> Callable[[], None]:
 
 # -- selection ----------------------------------------------------------------------------------
 _CACHE: dict[str, Backend] = {}
+_CACHE_LOCK = threading.Lock()  # two threads asking first get the same backend (one cuBLAS handle)
 
 
 def _is_cupy_array(a: Any) -> bool:
@@ -839,9 +847,10 @@ def get_backend(name: str | Backend | None = None) -> Backend:
             return get_backend("cupy")
         except BackendUnavailableError:
             return get_backend("numpy")
-    if name not in _CACHE:
-        _CACHE[name] = _numpy_backend() if name == "numpy" else _cupy_backend()
-    return _CACHE[name]
+    with _CACHE_LOCK:
+        if name not in _CACHE:
+            _CACHE[name] = _numpy_backend() if name == "numpy" else _cupy_backend()
+        return _CACHE[name]
 
 
 def available_backends() -> list[str]:

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import check_positive_int
+from .errors import InputError, InputTypeError
 from .model import RNN
 
 __all__ = ["GradcheckReport", "gradcheck"]
@@ -66,8 +68,16 @@ def gradcheck(
     coordinates are all checked, or a random sample of ``max_coords`` of them (``None``: all).
     A central difference errs by about (rounding error of the loss) / eps + eps² · (third
     derivative): eps = 1e-5 balances the two for losses of order 1 to 100 (at H = 128, eps = 1e-6
-    gave errors ten times larger, all from rounding).
+    gave errors ten times larger, all from rounding). ``eps`` must lie in (0, 1).
     """
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)):
+        raise InputTypeError(f"eps must be a number in (0, 1), got {type(eps).__name__} {eps!r}")
+    if not 0 < eps < 1:  # also refuses NaN
+        raise InputError(f"eps must lie in (0, 1) (a step of central differences), got {eps}")
+    if max_coords is not None:
+        check_positive_int(max_coords, "max_coords (None checks every coordinate)")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be an int ≥ 0, got {type(seed).__name__} {seed!r}")
     ref = RNN.from_params(model.params, backend=model.backend, dtype="float64")
     be = ref.backend
     s0_64 = None if s0 is None else be.asarray(s0, dtype=np.float64)

@@ -15,6 +15,7 @@ W (H, H) like ``weight_hh_l0``, V (K, H) like ``Linear.weight``, b (H,), c (K,).
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,12 +28,12 @@ from ._checks import Batch, check_batch, check_dtype, check_positive_int
 from .backend import Backend, TokenPlan, get_backend
 from .errors import InputError, InputTypeError, ShapeError
 from .losses import chunk_steps, softmax_probs, xent_and_grads, xent_loss
+from .params import PARAM_NAMES, Params, param_shapes
 
 __all__ = ["INITS", "REDUCTIONS", "RNN", "RNNOutput"]
 
 INITS = ("wildml", "torch")
 REDUCTIONS = ("sum", "mean")
-PARAM_NAMES = ("U", "W", "V", "b", "c")
 
 
 @dataclass
@@ -96,6 +97,8 @@ class RNN:
             raise InputError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
         if not isinstance(bias, (bool, np.bool_)):
             raise InputTypeError(f"bias must be a bool, got {type(bias).__name__}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise InputError(f"seed must be None or an int ≥ 0, got {type(seed).__name__} {seed!r}")
         be = get_backend(backend)
         rng = np.random.default_rng(seed)
         if init == "wildml":
@@ -108,24 +111,29 @@ class RNN:
                 "b": 1 / np.sqrt(H),
                 "c": 1 / np.sqrt(H),
             }
-        shapes = {"U": (H, D), "W": (H, H), "V": (K, H)}
-        if bias:
-            shapes.update(b=(H,), c=(K,))
+        shapes = param_shapes(D, H, K, bool(bias))
         host = {}
         for name, shape in shapes.items():
             a = bounds.get(name, 0.0)
             host[name] = rng.uniform(-a, a, size=shape) if a else np.zeros(shape)
-        self._setup(be, dt, {k: be.asarray(v, dtype=dt) for k, v in host.items()})
+        self._setup(be, dt, shapes, {k: be.asarray(v, dtype=dt) for k, v in host.items()})
         self.init = init
 
-    def _setup(self, be: Backend, dtype: np.dtype, params: dict[str, Any]) -> None:
+    def _setup(self, be: Backend, dtype: np.dtype, shapes: dict[str, tuple[int, ...]], params: dict[str, Any]) -> None:
         self.backend = be
         self.dtype = dtype
-        self.params = params
+        self._params = Params(be, dtype, shapes, params)
         self.init = "custom"
         #: On CuPy, record forward+BPTT once per shape as a CUDA graph and replay it (no effect on NumPy).
         self.use_graphs = True
         self._workspaces: dict[tuple, _Workspace] = {}
+        # Concurrent loss_and_grads calls on one model share these workspaces: one at a time.
+        self._lock = threading.Lock()
+
+    @property
+    def params(self) -> Params:
+        """The parameters by name: U (H, D), W (H, H), V (K, H), [b (H,), c (K,)]; assignments are checked."""
+        return self._params
 
     # -- construction from arrays -------------------------------------------------------------
     @classmethod
@@ -157,18 +165,16 @@ class RNN:
             raise ShapeError("U, W, V must be 2-d: got " + ", ".join(f"{k} {host[k].shape}" for k in ("U", "W", "V")))
         H, D = host["U"].shape
         K = host["V"].shape[0]
-        expected = {"U": (H, D), "W": (H, H), "V": (K, H), "b": (H,), "c": (K,)}
+        expected = param_shapes(D, H, K, "b" in host)
         for k, a in host.items():
             if a.shape != expected[k]:
                 raise ShapeError(
                     f"parameter {k} must have shape {expected[k]} (from U {host['U'].shape}), got {a.shape}"
                 )
-            if not np.isfinite(a).all():
-                raise InputError(f"parameter {k} contains NaN or infinity")
         if min(H, D, K) < 1:
             raise ShapeError(f"every size must be ≥ 1; got D={D}, H={H}, K={K}")
         model = cls.__new__(cls)
-        model._setup(be, dt, {k: be.asarray(np.array(a, dtype=dt)) for k, a in host.items()})
+        model._setup(be, dt, expected, {k: be.asarray(np.array(a)) for k, a in host.items()})  # Params casts, checks
         return model
 
     def to(self, backend: str | Backend) -> RNN:
@@ -215,6 +221,7 @@ class RNN:
             s0,
             lengths,
             for_loss=for_loss,
+            needs_targets=for_loss,
         )
 
     def _states(self, batch: Batch) -> Any:
@@ -303,14 +310,16 @@ class RNN:
         truncate = _check_truncate(truncate)
         batch = self._check(x, y, s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)
-        ws = self._workspace(batch, truncate)
-        ws.load(batch)
-        ws.run()
-        # every gradient is linear in do_t, so the mean is the sum scaled once, at the end
-        loss = ws.loss * scale if scale != 1.0 else ws.loss.copy()
-        grads = {k: (g * scale if scale != 1.0 else g.copy()) for k, g in ws.grads.items()}
+        with self._lock:  # the workspace (and its graph) is this model's: another thread waits its turn
+            ws = self._workspace(batch, truncate)
+            ws.load(batch)
+            ws.run()
+            # every gradient is linear in do_t, so the mean is the sum scaled once, at the end
+            loss = ws.loss * scale if scale != 1.0 else ws.loss.copy()
+            grads = {k: (g * scale if scale != 1.0 else g.copy()) for k, g in ws.grads.items()}
+            final = self._final_state(ws.S, batch) if return_final_state else None
         if return_final_state:
-            return loss, grads, self._final_state(ws.S, batch)
+            return loss, grads, final
         return loss, grads
 
     def _workspace(self, batch: Batch, truncate: int | None) -> _Workspace:

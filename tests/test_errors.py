@@ -51,6 +51,16 @@ BAD_CALLS = [
     ("float truncate", dict(truncate=1.5), gpubptt.InputTypeError, "truncate"),
     ("bad reduction", dict(reduction="avg"), gpubptt.InputError, "reduction"),
     ("mean of nothing", dict(lengths=np.zeros(B, int), reduction="mean"), gpubptt.InputError, "counted step"),
+    # finite in float64, infinite in the float32 model: refused, not a NaN loss
+    ("dense x beyond float32", dict(x=np.full((T, B, D), 1e300)), gpubptt.InputError, "too large for float32"),
+    ("s0 beyond float32", dict(s0=np.full((B, H), -1e39)), gpubptt.InputError, "s0 has values too large"),
+    ("no targets", dict(y=None), gpubptt.InputError, "needs targets y"),
+    # the offending value reported exactly, not through a float64 rounding
+    ("token id 2**63 - 1", dict(x=np.where(X == X[0, 0], 2**63 - 1, X)), gpubptt.InputError, f"found {2**63 - 1}"),
+    ("token id 2**53 + 1", dict(x=np.where(X == X[0, 0], 2**53 + 1, X)), gpubptt.InputError, f"found {2**53 + 1}"),
+    ("uint64 token id", dict(x=np.full((T, B), 2**64 - 1, np.uint64)), gpubptt.InputError, f"found {2**64 - 1}"),
+    ("uint64 target", dict(y=np.full((T, B), 2**64 - 1, np.uint64)), gpubptt.InputError, f"found {2**64 - 1}"),
+    ("uint64 length", dict(lengths=np.array([1, 2**64 - 1, 1], np.uint64)), gpubptt.InputError, f"= {2**64 - 1}"),
 ]
 
 
@@ -65,6 +75,92 @@ def test_bad_input_raises_clear_error_and_leaves_model_unchanged(model, desc, kw
     assert isinstance(info.value, (ValueError, TypeError))
     for k, v in before.items():
         np.testing.assert_array_equal(model.params[k], v)
+
+
+def test_loss_without_targets_names_them(model):
+    with pytest.raises(gpubptt.InputError, match="needs targets y"):
+        model.loss(X, None)
+
+
+def test_float64_model_takes_values_beyond_float32(model):
+    m64 = gpubptt.RNN.from_params(model.params, backend="numpy", dtype="float64")
+    x = np.full((T, B, D), 1e300)
+    loss, grads = m64.loss_and_grads(x, Y)  # representable in float64: tanh saturates, the loss is finite
+    assert np.isfinite(float(loss)) and all(np.isfinite(g).all() for g in grads.values())
+
+
+def test_unsigned_token_ids_in_range_are_read_as_ids(model):
+    loss_u, grads_u = model.loss_and_grads(X.astype(np.uint64), Y.astype(np.uint64), lengths=np.full(B, T, np.uint64))
+    loss, grads = model.loss_and_grads(X, Y)
+    assert float(loss_u) == float(loss)
+    for k in grads:
+        np.testing.assert_array_equal(grads_u[k], grads[k])
+
+
+@pytest.mark.parametrize(
+    "kwargs,err,fragment",
+    [
+        (dict(eps=0.0), gpubptt.InputError, "eps must lie in"),
+        (dict(eps=-1e-5), gpubptt.InputError, "eps must lie in"),
+        (dict(eps=float("nan")), gpubptt.InputError, "eps must lie in"),
+        (dict(eps=2.0), gpubptt.InputError, "eps must lie in"),
+        (dict(eps="1e-5"), gpubptt.InputTypeError, "eps must be a number"),
+        (dict(max_coords=-1), gpubptt.InputError, "max_coords"),
+        (dict(max_coords=0), gpubptt.InputError, "max_coords"),
+        (dict(max_coords=2.5), gpubptt.InputTypeError, "max_coords"),
+        (dict(seed=-1), gpubptt.InputError, "seed"),
+    ],
+)
+def test_gradcheck_refuses_bad_settings(model, kwargs, err, fragment):
+    with pytest.raises(err, match=fragment):
+        gpubptt.gradcheck(model, X, Y, **kwargs)
+
+
+def test_negative_seed_is_refused():
+    with pytest.raises(gpubptt.InputError, match="seed must be None or an int ≥ 0"):
+        gpubptt.RNN(D, H, K, seed=-1)
+
+
+@pytest.mark.parametrize(
+    "name,value,err,fragment",
+    [
+        ("W", np.zeros((H, H + 1)), gpubptt.ShapeError, f"must have shape ({H}, {H})"),
+        ("W", np.zeros(H), gpubptt.ShapeError, "must have shape"),
+        ("U", np.zeros((H, D), dtype=int), gpubptt.InputTypeError, "floating point"),
+        ("V", np.full((K, H), np.nan), gpubptt.InputError, "NaN or infinity"),
+        ("V", np.full((K, H), 1e300), gpubptt.InputError, "too large for float32"),
+        ("Q", np.zeros((H, H)), gpubptt.InputError, "unknown parameter 'Q'"),
+    ],
+)
+def test_assigning_a_bad_parameter_is_refused_and_keeps_the_old_one(model, name, value, err, fragment):
+    before = snapshot(model)
+    with pytest.raises(err) as info:
+        model.params[name] = value
+    assert fragment in str(info.value)
+    assert set(model.params) == set(before)
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.params[k], v)
+
+
+def test_parameters_cannot_be_removed(model):
+    with pytest.raises(gpubptt.InputError, match="cannot be removed"):
+        del model.params["b"]
+    assert "b" in model.params
+
+
+def test_assigned_parameter_is_used_in_the_models_dtype(model):
+    W = np.random.default_rng(1).uniform(-0.5, 0.5, size=(H, H))  # float64 into a float32 model
+    model.params["W"] = W
+    assert model.params["W"].dtype == np.float32
+    fresh = gpubptt.RNN.from_params({**model.params, "W": W.astype(np.float32)}, backend="numpy")
+    assert float(model.loss(X, Y)) == float(fresh.loss(X, Y))
+
+
+def test_from_params_refuses_values_beyond_float32(model):
+    p = {k: v.astype(np.float64) for k, v in model.params.items()}
+    p["U"][0, 0] = 1e300
+    with pytest.raises(gpubptt.InputError, match="parameter U has values too large for float32"):
+        gpubptt.RNN.from_params(p, backend="numpy", dtype="float32")
 
 
 def test_padded_targets_may_hold_anything(model):

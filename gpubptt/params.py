@@ -1,0 +1,106 @@
+"""The model's parameters: a mapping that keeps every entry the shape, dtype and backend the model needs.
+
+    >>> import numpy as np, gpubptt
+    >>> model = gpubptt.RNN(4, 3, 2, backend="numpy", seed=0)
+    >>> model.params["W"] = np.eye(3)            # (H, H): accepted, cast to the model's float32
+    >>> model.params["W"] = np.eye(4)
+    Traceback (most recent call last):
+    ...
+    gpubptt.errors.ShapeError: parameter W must have shape (3, 3), got (4, 4)
+
+Assigning replaces the array (the model reads the new one on its next call); updating in place
+(``model.params["W"] *= 0.5``, what the optimizers do) keeps it. Names cannot be added or removed:
+the set of parameters is fixed when the model is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import numpy as np
+
+from .backend import Backend
+from .errors import InputError, InputTypeError, ShapeError
+
+__all__ = ["PARAM_NAMES", "Params", "param_shapes"]
+
+PARAM_NAMES = ("U", "W", "V", "b", "c")
+
+
+def param_shapes(D: int, H: int, K: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    """{name: shape}: U (H, D), W (H, H), V (K, H), and with ``bias`` b (H,), c (K,)."""
+    shapes: dict[str, tuple[int, ...]] = {"U": (H, D), "W": (H, H), "V": (K, H)}
+    if bias:
+        shapes.update(b=(H,), c=(K,))
+    return shapes
+
+
+def finite_in(a: Any, dtype: np.dtype, *, xp: Any) -> Any:
+    """``a`` cast to ``dtype`` and whether every value is finite there (a 0-d bool array, no sync).
+
+    A finite float64 value beyond float32's range becomes inf in the cast: checking the cast array,
+    not the original, is what catches it.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # the overflow is reported by the caller
+        cast = a.astype(dtype, copy=False)
+    return cast, xp.isfinite(cast).all()
+
+
+def nonfinite_reason(a: Any, dtype: np.dtype, *, xp: Any) -> str:
+    """Why ``a`` is not finite in ``dtype``: NaN/inf already, or finite values past dtype's range."""
+    if not bool(xp.isfinite(a).all()):
+        return "contains NaN or infinity"
+    biggest, limit = float(xp.abs(a).max()), float(np.finfo(dtype).max)
+    return f"has values too large for {dtype.name} (|value| up to {biggest:.3g}; {dtype.name} holds {limit:.3g})"
+
+
+class Params(MutableMapping):
+    """The parameter arrays of one model, keyed "U", "W", "V" (and "b", "c" with biases).
+
+    Shapes U (H, D), W (H, H), V (K, H), b (H,), c (K,). Assignments are checked: the name must
+    be one of the model's, the array of the model's backend (or a host array / list, copied in),
+    floating point, finite in the model's dtype and of the expected shape; it is stored in the
+    model's dtype (as given, without a copy, when it already is a backend array of that dtype).
+    Nothing changes when a check fails.
+    """
+
+    def __init__(self, be: Backend, dtype: np.dtype, shapes: dict[str, tuple[int, ...]], arrays: dict[str, Any]):
+        self._be, self._dtype, self._shapes = be, dtype, dict(shapes)
+        self._arrays: dict[str, Any] = {}
+        for k in shapes:
+            self._arrays[k] = self._checked(k, arrays[k])
+
+    def _checked(self, name: str, a: Any) -> Any:
+        be, xp = self._be, self._be.xp
+        if name not in self._shapes:
+            raise InputError(f"unknown parameter {name!r}; this model has {', '.join(self._shapes)}")
+        be.check_native(a, f"parameter {name}")
+        a = be.asarray(a)
+        if a.dtype.kind != "f":
+            raise InputTypeError(f"parameter {name} must be floating point, got dtype {a.dtype}")
+        if tuple(a.shape) != self._shapes[name]:
+            raise ShapeError(f"parameter {name} must have shape {self._shapes[name]}, got {tuple(a.shape)}")
+        cast, finite = finite_in(a, self._dtype, xp=xp)
+        if not bool(finite):  # one host sync per assignment, never in a training step
+            raise InputError(f"parameter {name} {nonfinite_reason(a, self._dtype, xp=xp)}")
+        return cast
+
+    def __getitem__(self, name: str) -> Any:
+        return self._arrays[name]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self._arrays[name] = self._checked(name, value)
+
+    def __delitem__(self, name: str) -> None:
+        raise InputError(f"parameters cannot be removed (tried {name!r}); build a new model instead")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self._arrays.items())
+        return f"Params({inner}; {self._dtype.name} on {self._be.name})"

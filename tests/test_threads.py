@@ -1,0 +1,110 @@
+"""Concurrent calls on one model from several threads give the results of the same calls made one by one.
+
+Each thread runs inputs of the SAME shape (so they meet in the same cached workspace and, on CuPy,
+the same captured graph); the references are computed first, sequentially, on a separate copy of
+the model. A race shows up as gradients that mix two threads' inputs: far off, not a rounding.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import gpubptt
+from gpubptt import diagnostics
+
+T, B, D, H, K = 12, 4, 9, 16, 9
+THREADS, ROUNDS = 4, 15
+
+
+def problems(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(7)
+    return [(rng.integers(0, D, size=(T, B)), rng.integers(0, K, size=(T, B))) for _ in range(n)]
+
+
+def run_threads(work, n: int) -> list[BaseException]:
+    """Run work(i) for i < n in n threads started together; return what they raised."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(n)
+
+    def body(i: int) -> None:
+        try:
+            start.wait()
+            work(i)
+        except BaseException as exc:  # reported to the test, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def host(be, a):
+    return be.to_numpy(a)
+
+
+def close(a, b, what):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=what)
+
+
+@pytest.mark.parametrize("truncate", [None, 3])
+def test_concurrent_loss_and_grads_match_sequential_calls(be, truncate):
+    model = gpubptt.RNN(D, H, K, backend=be, seed=0, bias=True)
+    reference = gpubptt.RNN.from_params(model.params, backend=be)  # same weights, its own workspaces
+    data = problems(THREADS)
+    expected = []
+    for x, y in data:
+        loss, grads, final = reference.loss_and_grads(
+            be.asarray(x), be.asarray(y), truncate=truncate, return_final_state=True
+        )
+        expected.append((float(loss), {k: host(be, g) for k, g in grads.items()}, host(be, final)))
+    mismatches = []
+
+    def work(i: int) -> None:
+        x, y = be.asarray(data[i][0]), be.asarray(data[i][1])
+        for r in range(ROUNDS):
+            loss, grads, final = model.loss_and_grads(x, y, truncate=truncate, return_final_state=True)
+            want_loss, want_grads, want_final = expected[i]
+            got = {k: host(be, g) for k, g in grads.items()}
+            bad = [k for k in got if not np.allclose(got[k], want_grads[k], rtol=1e-5, atol=1e-6)]
+            if not np.isclose(float(loss), want_loss, rtol=1e-6) or bad or not np.allclose(host(be, final), want_final):
+                mismatches.append((i, r, bad))
+
+    assert run_threads(work, THREADS) == []
+    assert mismatches == [], f"{len(mismatches)} of {THREADS * ROUNDS} concurrent calls differ: {mismatches[:5]}"
+
+
+def test_forward_loss_grads_and_diagnostics_together_match_sequential_calls(be):
+    model = gpubptt.RNN(D, H, K, backend=be, seed=1)
+    reference = gpubptt.RNN.from_params(model.params, backend=be)
+    x, y = (be.asarray(a) for a in problems(1)[0])
+    want = {
+        "probs": host(be, reference.forward(x).probs),
+        "loss": float(reference.loss(x, y)),
+        "dW": host(be, reference.loss_and_grads(x, y)[1]["W"]),
+        "flow": diagnostics.step_gradients(reference, x, y).total,
+    }
+    calls = {
+        "probs": lambda: host(be, model.forward(x).probs),
+        "loss": lambda: float(model.loss(x, y)),
+        "dW": lambda: host(be, model.loss_and_grads(x, y)[1]["W"]),
+        "flow": lambda: diagnostics.step_gradients(model, x, y).total,
+    }
+    names = list(calls)
+    got: dict[str, list] = {k: [] for k in names}
+
+    def work(i: int) -> None:
+        for _ in range(ROUNDS):
+            for k in names[i % len(names) :] + names[: i % len(names)]:  # each thread its own order
+                got[k].append(calls[k]())
+
+    assert run_threads(work, THREADS) == []
+    for k in names:
+        assert len(got[k]) == THREADS * ROUNDS
+        for v in got[k]:
+            close(v, want[k], k)
