@@ -59,8 +59,8 @@ class Params(MutableMapping):
     """The parameter arrays of one model, keyed "U", "W", "V" (and "b", "c" with biases).
 
     Shapes U (H, D), W (H, H), V (K, H), b (H,), c (K,). Assignments are checked: the name must
-    be one of the model's, the array of the model's backend (or a host array / list, copied in),
-    floating point, finite in the model's dtype and of the expected shape; it is stored in the
+    be one of the model's, the array of the model's backend (a list is copied in; a NumPy array
+    into a CuPy model is refused like any input from another library), floating point, finite in the model's dtype and of the expected shape; it is stored in the
     model's dtype (as given, without a copy, when it already is a backend array of that dtype).
     Nothing changes when a check fails.
     """
