@@ -167,7 +167,7 @@ def _batch(model: RNN, x: Any, y: Any, s0: Any) -> Batch:
 
 def _states(model: RNN, batch: Batch) -> Any:
     """The model's own forward recurrence: S (T+1, B, H) with S[0] = s0 (s_{−1}) and S[t+1] = s_t."""
-    return model._states(batch)
+    return model.states(batch.x, batch.s0)  # validated already: the check is cheap
 
 
 def _direct_terms(model: RNN, batch: Batch, S: Any) -> Any:
@@ -180,10 +180,9 @@ def _direct_terms(model: RNN, batch: Batch, S: Any) -> Any:
     return (do @ model.params["V"]).reshape(T, B, -1)
 
 
-def _tanh_factors(S: Any) -> Any:
-    """tanh'(pre-activation) = 1 − s_t² for t = 0..T−1: (T, B, H)."""
-    s = S[1:]
-    return 1 - s * s
+def _factors(model: RNN, S: Any) -> Any:
+    """The cell's step factors f_t (tanh: 1 − s_t²) for t = 0..T−1, (T, B, H): ∂s_t/∂s_{t−1} = diag(f_t) W."""
+    return model.cell.factors(S, be=model.backend, out=model.backend.xp.empty_like(S[1:]))
 
 
 # -- 1. per-step gradient -------------------------------------------------------------------------
@@ -217,7 +216,7 @@ def step_gradients(model: RNN, x: Any, y: Any, s0: Any = None) -> StepGradients:
     S = _states(model, batch)
     T, B, H = batch.T, batch.B, model.hidden_size
     direct = _direct_terms(model, batch, S)  # (T, B, H)
-    f = _tanh_factors(S)  # (T, B, H)
+    f = _factors(model, S)  # (T, B, H)
     through = xp.zeros((T, B, H), dtype=model.dtype)  # δ_{t+1} @ W; nothing comes after T−1
     delta = direct[T - 1] * f[T - 1]  # (B, H) δ_{T−1}
     for t in range(T - 2, -1, -1):
@@ -279,7 +278,7 @@ def contributions(model: RNN, x: Any, y: Any, s0: Any = None, *, keep_terms: boo
     S = _states(model, batch)
     T, B, H = batch.T, batch.B, model.hidden_size
     direct = _direct_terms(model, batch, S)  # (T, B, H)
-    f = _tanh_factors(S)  # (T, B, H)
+    f = _factors(model, S)  # (T, B, H)
     gram = B <= H
     SS = xp.matmul(S[:-1], S[:-1].transpose(0, 2, 1)) if gram else None  # (T, B, B) Gram of s_{k−1}
     lanes = xp.zeros((T, B, H), dtype=model.dtype)  # lanes[t] = δ_k^{(t)} for t ≥ k
@@ -509,7 +508,7 @@ def jacobian_products(
     if example is not None:
         S = S[:, example : example + 1]  # (T+1, 1, H)
     if activation == "tanh":
-        factors = _tanh_factors(S)[1 : end + 1]  # f_j = 1 − s_j² for j = 1..end: (end, B, H)
+        factors = _factors(model, S)[1 : end + 1]  # f_j = 1 − s_j² for j = 1..end: (end, B, H)
     else:
         factors = xp.ones((end, S.shape[1], model.hidden_size), dtype=model.dtype)
     pn = product_norms(W, factors, xp=xp, iters=iters, tol=tol, seed=seed)

@@ -22,7 +22,7 @@ __all__ = ["chunk_steps", "softmax_probs", "xent_and_grads", "xent_loss"]
 def chunk_steps(T: int, B: int, K: int, budget: int) -> int:
     """Time steps per output-layer chunk so that chunk·B·K ≤ budget (at least 1, at most T).
 
-    The budget is the backend's ``chunk_elements``.
+    The budget is the model's ``chunk_elements`` (the backend's default where no chunk is given).
     """
     return max(1, min(T, budget // max(1, B * K)))
 

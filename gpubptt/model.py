@@ -16,18 +16,18 @@ W (H, H) like ``weight_hh_l0``, V (K, H) like ``Linear.weight``, b (H,), c (K,).
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import bptt
+from . import engine
 from ._checks import Batch, check_batch, check_dtype, check_positive_int
-from .backend import Backend, TokenPlan, get_backend
+from .backend import Backend, get_backend
+from .cells import STEP_KERNELS, ElmanCell
 from .errors import InputError, InputTypeError, ShapeError
-from .losses import chunk_steps, softmax_probs, xent_and_grads, xent_loss
+from .losses import chunk_steps, softmax_probs, xent_loss
 from .params import PARAM_NAMES, Params, param_shapes
 
 __all__ = ["INITS", "REDUCTIONS", "RNN", "RNNOutput"]
@@ -122,11 +122,21 @@ class RNN:
     def _setup(self, be: Backend, dtype: np.dtype, shapes: dict[str, tuple[int, ...]], params: dict[str, Any]) -> None:
         self.backend = be
         self.dtype = dtype
+        self.cell = ElmanCell()
         self._params = Params(be, dtype, shapes, params)
         self.init = "custom"
         #: On CuPy, record forward+BPTT once per shape as a CUDA graph and replay it (no effect on NumPy).
         self.use_graphs = True
-        self._workspaces: dict[tuple, _Workspace] = {}
+        #: How recurrence steps run where the backend compiles kernels (CuPy). "auto": per shape, the
+        #: fastest of cuBLAS + a fused elementwise kernel, one fused step kernel, or one persistent
+        #: kernel for all steps (timed once per shape); "cublas", "fused" or "persistent" forces one
+        #: (persistent only where W fits on chip). None: the backend's ``step_kernels`` ("auto"
+        #: unless changed there). No effect on NumPy.
+        self.step_kernels: str | None = None
+        #: Logits per output-layer chunk (the loss's memory is O(chunk·B·K)). None: the backend's
+        #: ``chunk_elements`` (2^22 on the CPU, 2^24 on a GPU).
+        self.chunk_elements: int | None = None
+        self._workspaces: dict[tuple, engine.Workspace] = {}
         # Concurrent loss_and_grads calls on one model share these workspaces: one at a time.
         self._lock = threading.Lock()
 
@@ -224,16 +234,25 @@ class RNN:
             needs_targets=for_loss,
         )
 
+    def _step_kernels(self) -> str:
+        value = self.backend.step_kernels if self.step_kernels is None else self.step_kernels
+        if value not in STEP_KERNELS:
+            raise InputError(f"step_kernels must be one of {', '.join(STEP_KERNELS)} or None, got {value!r}")
+        return value
+
+    def _chunk_elements(self) -> int:
+        value = self.backend.chunk_elements if self.chunk_elements is None else self.chunk_elements
+        return check_positive_int(value, "chunk_elements")
+
     def _states(self, batch: Batch) -> Any:
-        """Run the forward recurrence: S (T+1, B, H) with S[0] = s0."""
-        xp, p = self.backend.xp, self.params
-        T, B, H = batch.T, batch.B, self.hidden_size
-        S = xp.empty((T + 1, B, H), dtype=self.dtype)  # S[t+1] = s_t
-        S[0] = 0 if batch.s0 is None else batch.s0
-        pre = xp.empty((T, B, H), dtype=self.dtype)
-        bptt.input_projection(p["U"], p.get("b"), batch.x, batch.tokens, be=self.backend, out=pre)
-        bptt.recurrence_forward(pre, p["W"], S, be=self.backend, hw=xp.empty((B, H), dtype=self.dtype))
-        return S
+        return engine.states(self, batch, step_kernels=self._step_kernels())
+
+    def states(self, x: Any, s0: Any = None) -> Any:
+        """Every state of the forward recurrence: S (T+1, B, H) with S[0] = s0 (zeros if None), S[t+1] = s_t.
+
+        x (T, B) token ids or (T, B, D) floats; s0 (B, H) or None. Fresh arrays on the backend.
+        """
+        return self._states(self._check(x, None, s0, None, for_loss=False))
 
     def _final_state(self, S: Any, batch: Batch) -> Any:
         xp = self.backend.xp
@@ -250,7 +269,8 @@ class RNN:
         batch = self._check(x, None, s0, lengths, for_loss=False)
         S = self._states(batch)
         states = S[1:]
-        probs = softmax_probs(states, self.params["V"], self.params.get("c"), be=self.backend)
+        chunk = chunk_steps(batch.T, batch.B, self.output_size, self._chunk_elements())
+        probs = softmax_probs(states, self.params["V"], self.params.get("c"), be=self.backend, chunk=chunk)
         final = self._final_state(S, batch)
         if batch.weight is not None:
             states = states * batch.weight[:, :, None]
@@ -273,7 +293,9 @@ class RNN:
         batch = self._check(x, y, s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)
         S = self._states(batch)
-        loss = xent_loss(S[1:], self.params["V"], self.params.get("c"), batch.y, batch.weight, be=self.backend)
+        chunk = chunk_steps(batch.T, batch.B, self.output_size, self._chunk_elements())
+        p, be = self.params, self.backend
+        loss = xent_loss(S[1:], p["V"], p.get("c"), batch.y, batch.weight, be=be, chunk=chunk)
         return loss * scale if scale != 1.0 else loss
 
     def loss_and_grads(
@@ -322,20 +344,19 @@ class RNN:
             return loss, grads, final
         return loss, grads
 
-    def _workspace(self, batch: Batch, truncate: int | None) -> _Workspace:
+    def _workspace(self, batch: Batch, truncate: int | None) -> engine.Workspace:
         """The cached buffers (and, on CuPy, the captured graph) for this shape of work."""
         if truncate is not None and truncate >= batch.T - 1:
             truncate = None  # the window covers every step: full BPTT
         be = self.backend
+        step_kernels, chunk_elements = self._step_kernels(), self._chunk_elements()
         key = (
-            batch.T, batch.B, batch.tokens, batch.weight is not None, truncate, self.use_graphs, be.step_kernels,
-            tuple(be.data_ptr(p) for p in self.params.values()),
+            batch.T, batch.B, batch.tokens, batch.weight is not None, truncate, self.use_graphs, step_kernels,
+            chunk_elements, tuple(be.data_ptr(p) for p in self.params.values()),
         )  # fmt: skip
         ws = self._workspaces.pop(key, None)
         if ws is None:
-            ws = _Workspace(self, batch, truncate)
-            if self.use_graphs and be.supports_graphs:
-                ws.needs_capture = True
+            ws = engine.Workspace(self, batch, truncate, step_kernels=step_kernels, chunk_elements=chunk_elements)
             while len(self._workspaces) >= MAX_WORKSPACES:
                 self._workspaces.pop(next(iter(self._workspaces)))
         self._workspaces[key] = ws  # most recently used last
@@ -343,87 +364,3 @@ class RNN:
 
 
 MAX_WORKSPACES = 4
-
-
-class _Workspace:
-    """Every buffer one forward+BPTT needs for one shape, allocated once and reused.
-
-    Inputs are copied into fixed buffers, so the same computation (or its captured CUDA graph)
-    runs on every call; outputs land in ``loss`` (0-d) and ``grads`` (shaped like the params).
-    """
-
-    def __init__(self, model: RNN, batch: Batch, truncate: int | None) -> None:
-        be, xp, dt = model.backend, model.backend.xp, model.dtype
-        T, B, D, H = batch.T, batch.B, model.input_size, model.hidden_size
-        self.model, self.be, self.truncate, self.tokens = model, be, truncate, batch.tokens
-        self.needs_capture = False
-        self._run = self._compute
-        # inputs
-        self.x = xp.empty((T, B), dtype=xp.int64) if batch.tokens else xp.empty((T, B, D), dtype=dt)
-        self.y = xp.empty((T, B), dtype=xp.int64)
-        self.weight = None if batch.weight is None else xp.empty((T, B), dtype=dt)
-        self.perm = xp.empty(T * B, dtype=xp.int64) if batch.tokens else None
-        self.offsets = xp.empty(D + 1, dtype=xp.int64) if batch.tokens else None
-        # work
-        self.S = xp.zeros((T + 1, B, H), dtype=dt)  # S[0] = s0, S[t+1] = s_t
-        self.pre = xp.empty((T, B, H), dtype=dt)
-        self.G = xp.empty((T, B, H), dtype=dt)  # direct term ∂E_t/∂s_t, then δ_t in place
-        self.row = xp.empty((B, H), dtype=dt)  # per-step scratch
-        k = truncate or 0
-        self.lanes = xp.empty((2, k + 1, B, H), dtype=dt) if truncate is not None else None
-        self.dUT = xp.empty((D, H), dtype=dt) if batch.tokens else None
-        self.chunk = chunk_steps(T, B, model.output_size, be.chunk_elements)
-        # outputs
-        self.loss = xp.zeros((), dtype=dt)
-        self.grads = {k: xp.empty_like(v) for k, v in model.params.items()}
-        self.grads["s0"] = xp.empty((B, H), dtype=dt)
-
-    def load(self, batch: Batch) -> None:
-        """Copy the validated inputs into the fixed buffers (device-to-device, no sync)."""
-        self.x[...] = batch.x
-        self.y[...] = batch.y
-        if self.weight is not None:
-            self.weight[...] = batch.weight
-        self.S[0] = 0 if batch.s0 is None else batch.s0
-        if self.tokens:
-            plan = self.be.token_plan(batch.x.reshape(-1), self.model.input_size)
-            self.perm[...] = plan.perm
-            self.offsets[...] = plan.offsets
-
-    def run(self) -> None:
-        """Forward + BPTT on the loaded inputs (replaying the captured graph where there is one)."""
-        if self.needs_capture:
-            self.needs_capture = False
-            try:
-                self._run = self.be.capture(self._compute)
-            except Exception as exc:  # this CuPy/driver cannot capture: say so, run uncaptured
-                warnings.warn(
-                    f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running without graphs",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                self.model.use_graphs = False
-                self._run = self._compute
-        self._run()
-
-    def _compute(self) -> None:
-        be, p, g = self.be, self.model.params, self.grads
-        T, B, H = self.G.shape
-        bptt.input_projection(p["U"], p.get("b"), self.x, self.tokens, be=be, out=self.pre)
-        bptt.recurrence_forward(self.pre, p["W"], self.S, be=be, hw=self.row)
-        self.loss[...] = xent_and_grads(
-            self.S[1:], p["V"], p.get("c"), self.y, self.weight,
-            be=be, dS=self.G, dV=g["V"], dc=g.get("c"), chunk=self.chunk,
-        )  # fmt: skip
-        Dt = bptt.tanh_derivative(self.S, be=be, out=self.pre)  # pre is spent: reuse it for 1 − s_t²
-        if self.truncate is None:
-            bptt.backward_full(self.G, p["W"], Dt, be=be, carry=self.row)
-        else:
-            bptt.backward_truncated(self.G, p["W"], Dt, self.truncate, be=be, lanes=self.lanes[0], spare=self.lanes[1])
-        delta = self.G.reshape(T * B, H)
-        be.matmul(delta.T, self.S[:-1].reshape(T * B, H), g["W"])  # dW = Σ_t δ_tᵀ s_{t-1}
-        plan = TokenPlan(self.perm, self.offsets) if self.tokens else None
-        bptt.input_weight_grad(self.G, self.x, self.tokens, plan, be=be, out=g["U"], scratch=self.dUT)
-        if "b" in g:
-            be.xp.sum(delta, axis=0, out=g["b"])  # db = Σ_t δ_t
-        be.matmul(self.G[0], p["W"], g["s0"])  # ds0 = δ_0 @ W

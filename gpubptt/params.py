@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .backend import Backend
+from .cells import ElmanCell
 from .errors import InputError, InputTypeError, ShapeError
 
 __all__ = ["PARAM_NAMES", "Params", "param_shapes"]
@@ -28,12 +29,18 @@ __all__ = ["PARAM_NAMES", "Params", "param_shapes"]
 PARAM_NAMES = ("U", "W", "V", "b", "c")
 
 
-def param_shapes(D: int, H: int, K: int, bias: bool) -> dict[str, tuple[int, ...]]:
-    """{name: shape}: U (H, D), W (H, H), V (K, H), and with ``bias`` b (H,), c (K,)."""
-    shapes: dict[str, tuple[int, ...]] = {"U": (H, D), "W": (H, H), "V": (K, H)}
+def param_shapes(D: int, H: int, K: int, bias: bool, cell: Any = None) -> dict[str, tuple[int, ...]]:
+    """The model's schema, {name: shape}: the cell's (Elman: U (H, D), W (H, H), b (H,)) and the
+    output layer's V (K, H), c (K,); the biases only with ``bias``. Names in ``PARAM_NAMES`` order.
+
+    The one place the parameter shapes are written: the model, ``from_params``, checkpoints and
+    gradcheck all read them here.
+    """
+    shapes = dict((cell or ElmanCell()).param_shapes(D, H, bias))
+    shapes["V"] = (K, H)
     if bias:
-        shapes.update(b=(H,), c=(K,))
-    return shapes
+        shapes["c"] = (K,)
+    return {k: shapes[k] for k in PARAM_NAMES if k in shapes}
 
 
 def finite_in(a: Any, dtype: np.dtype, *, xp: Any) -> Any:
@@ -60,9 +67,10 @@ class Params(MutableMapping):
 
     Shapes U (H, D), W (H, H), V (K, H), b (H,), c (K,). Assignments are checked: the name must
     be one of the model's, the array of the model's backend (a list is copied in; a NumPy array
-    into a CuPy model is refused like any input from another library), floating point, finite in the model's dtype and of the expected shape; it is stored in the
-    model's dtype (as given, without a copy, when it already is a backend array of that dtype).
-    Nothing changes when a check fails.
+    into a CuPy model is refused like any input from another library), floating point, finite in
+    the model's dtype and of the expected shape. It is stored in the model's dtype (as given,
+    without a copy, when it already is a backend array of that dtype). Nothing changes when a
+    check fails.
     """
 
     def __init__(self, be: Backend, dtype: np.dtype, shapes: dict[str, tuple[int, ...]], arrays: dict[str, Any]):

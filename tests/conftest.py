@@ -46,6 +46,13 @@ def xp(be):
     return be.xp
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that runs on CuPy carries the gpu marker, so ``-m gpu`` selects all of them."""
+    for item in items:
+        if "cupy_be" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.gpu)
+
+
 @pytest.fixture
 def cupy_be():
     """The CuPy backend, or a skip that says why it cannot run here."""

@@ -223,3 +223,12 @@ def test_from_params_checks_names_and_shapes(model):
         gpubptt.RNN.from_params({k: p[k] for k in ("U", "W", "V", "b")}, backend="numpy")
     with pytest.raises(gpubptt.InputError, match="missing"):
         gpubptt.RNN.from_params({"U": p["U"]}, backend="numpy")
+
+
+def test_per_model_kernel_settings_are_checked_before_any_work(model):
+    model.step_kernels = "fastest"
+    with pytest.raises(gpubptt.InputError, match="step_kernels must be one of auto, cublas, fused, persistent"):
+        model.loss_and_grads(X, Y)
+    model.step_kernels, model.chunk_elements = None, 0
+    with pytest.raises(gpubptt.InputError, match="chunk_elements must be ≥ 1"):
+        model.loss(X, Y)

@@ -144,7 +144,7 @@ def test_cuda_graph_replay_matches_plain_loop(cupy_be):
             assert float(l1) == pytest.approx(float(l2), rel=1e-12)
             for k in g1:
                 np.testing.assert_allclose(gpubptt.to_numpy(g1[k]), gpubptt.to_numpy(g2[k]), rtol=1e-10, atol=1e-13)
-    assert all(ws._run is not ws._compute for ws in graph._workspaces.values())
+    assert all(ws.captured for ws in graph._workspaces.values())
     # an in-place update is read by the replay; a replaced array triggers a new capture
     x = be.asarray(rng.integers(0, 30, size=(16, 8)))
     y = be.asarray(rng.integers(0, 20, size=(16, 8)))
@@ -159,10 +159,9 @@ def test_cuda_graph_replay_matches_plain_loop(cupy_be):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernels", ["cublas", "fused", "persistent", "auto"])
 @pytest.mark.parametrize("B,H", [(3, 37), (16, 128), (5, 100), (200, 33)])
-def test_cupy_step_kernels_match_float64_numpy(cupy_be, monkeypatch, kernels, B, H):
+def test_cupy_step_kernels_match_float64_numpy(cupy_be, kernels, B, H):
     """Every way of running the recurrences (cuBLAS + fused tanh, one fused kernel per step, one
     persistent kernel for all steps, the timed choice) is exact; B = 200 puts 2 rows in a block."""
-    monkeypatch.setattr(cupy_be, "step_kernels", kernels)
     rng = np.random.default_rng(B * H)
     ref = gpubptt.RNN(11, H, 9, backend="numpy", dtype="float64", bias=True, seed=1)
     x = rng.integers(0, 11, size=(13, B))
@@ -173,6 +172,7 @@ def test_cupy_step_kernels_match_float64_numpy(cupy_be, monkeypatch, kernels, B,
         for graphs in (False, True):
             gpu = gpubptt.RNN.from_params(ref.params, backend=cupy_be, dtype=dtype)
             gpu.use_graphs = graphs
+            gpu.step_kernels = kernels
             loss, grads = gpu.loss_and_grads(cupy_be.asarray(x), cupy_be.asarray(y), cupy_be.asarray(s0))
             assert abs(float(loss) - float(l_ref)) <= tol * abs(float(l_ref))
             for k in g_ref:
@@ -202,7 +202,7 @@ def test_loss_and_grads_final_state_matches_per_sequence_reference(be, dense):
 
 
 @pytest.mark.gpu
-def test_switching_graphs_or_step_kernels_after_a_capture_takes_effect(cupy_be, monkeypatch):
+def test_switching_graphs_or_step_kernels_after_a_capture_takes_effect(cupy_be):
     rng = np.random.default_rng(8)
     model = gpubptt.RNN(10, 32, 7, backend=cupy_be, dtype="float64", seed=0)
     x = cupy_be.asarray(rng.integers(0, 10, size=(12, 4)))
@@ -210,9 +210,9 @@ def test_switching_graphs_or_step_kernels_after_a_capture_takes_effect(cupy_be, 
     l_graph, _ = model.loss_and_grads(x, y)
     model.use_graphs = False
     l_plain, _ = model.loss_and_grads(x, y)
-    runs = {key[5:7]: ws._run == ws._compute for key, ws in model._workspaces.items()}
-    assert runs == {(True, "auto"): False, (False, "auto"): True}  # one captured, one plain
-    monkeypatch.setattr(cupy_be, "step_kernels", "cublas")
+    runs = {key[5:7]: ws.captured for key, ws in model._workspaces.items()}
+    assert runs == {(True, "auto"): True, (False, "auto"): False}  # one captured, one plain
+    model.step_kernels = "cublas"
     l_cublas, _ = model.loss_and_grads(x, y)
     assert len(model._workspaces) == 3
     assert float(l_plain) == pytest.approx(float(l_graph), rel=1e-12)
@@ -221,18 +221,18 @@ def test_switching_graphs_or_step_kernels_after_a_capture_takes_effect(cupy_be, 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernels", ["fused", "persistent"])
-def test_strided_buffers_fall_back_to_a_path_that_handles_them(cupy_be, monkeypatch, kernels):
+def test_strided_buffers_fall_back_to_a_path_that_handles_them(cupy_be, kernels):
     """The fused and persistent kernels index dense rows: strided views must take the cuBLAS path."""
-    from gpubptt import bptt
+    from gpubptt.cells import ElmanCell
 
-    monkeypatch.setattr(cupy_be, "step_kernels", kernels)
     rng = np.random.default_rng(9)
     T, B, H = 6, 3, 16
     W = rng.normal(size=(H, H)) / 4
     pre = rng.normal(size=(T, B, H))
     big = cupy_be.xp.zeros((T + 1, B, 2 * H))  # S is a strided view: every row skips H entries
     S = big[:, :, :H]
-    bptt.recurrence_forward(cupy_be.asarray(pre), cupy_be.asarray(W), S, be=cupy_be, hw=cupy_be.xp.empty((B, H)))
+    scratch = cupy_be.xp.empty((B, H))
+    ElmanCell().forward(cupy_be.asarray(pre), cupy_be.asarray(W), S, be=cupy_be, scratch=scratch, step_kernels=kernels)
     s = np.zeros((B, H))
     for t in range(T):
         s = np.tanh(pre[t] + s @ W.T)

@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 
 import gpubptt
-from gpubptt import bptt
-from gpubptt.backend import _col_major, get_backend
+from gpubptt import engine
+from gpubptt.backend import get_backend
+from gpubptt.backend._cublas import col_major as _col_major
+from gpubptt.cells import ElmanCell
 from gpubptt.losses import chunk_steps
 
 be = get_backend("numpy")
+cell = ElmanCell()
 
 
 def traced_peak(fn) -> int:
@@ -45,11 +48,11 @@ def loop_buffers(T, B=64, H=256, k=3, seed=0):
 
 def loop_runner(loop, W, pre, S, G, row, lanes):
     if loop == "forward":
-        return lambda: bptt.recurrence_forward(pre, W, S, be=be, hw=row)
-    Dt = bptt.tanh_derivative(S, be=be, out=np.empty_like(G))
+        return lambda: cell.forward(pre, W, S, be=be, scratch=row)
+    F = cell.factors(S, be=be, out=np.empty_like(G))
     if loop == "backward_full":
-        return lambda: bptt.backward_full(G, W, Dt, be=be, carry=row)
-    return lambda: bptt.backward_truncated(G, W, Dt, 3, be=be, lanes=lanes[0], spare=lanes[1])
+        return lambda: cell.backward(G, W, F, be=be, carry=row)
+    return lambda: engine.backward_truncated(cell, G, W, F, 3, be=be, lanes=lanes[0], spare=lanes[1])
 
 
 @pytest.mark.parametrize("loop", ["forward", "backward_full", "backward_truncated"])
@@ -75,7 +78,7 @@ def test_output_layer_memory_is_chunked_not_T_B_K():
     x = rng.integers(0, D, size=(T, B))
     y = rng.integers(0, K, size=(T, B))
     model.loss_and_grads(x, y)  # allocate the workspace once
-    chunk = chunk_steps(T, B, K, be.chunk_elements)
+    chunk = chunk_steps(T, B, K, model.backend.chunk_elements)
     assert chunk <= T // 4
     itemsize = 4
     tbk = T * B * K * itemsize

@@ -1,0 +1,128 @@
+"""GEMMs through cuBLAS itself, opened with ctypes, with a handle and a workspace of gpubptt's own.
+
+CuPy's own cuBLAS bindings refuse to run while a stream is being captured; cuBLAS itself supports
+capture. The handle is shared by the process: its stream and each GEMM are set and queued under
+one lock, so threads on different streams never send a GEMM to another thread's stream. The one
+workspace is safe while device work is ordered (CuPy's default stream orders every thread's work);
+GEMMs on several non-default streams at once would share it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import threading
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+__all__ = ["col_major", "cublas_matmul"]
+
+
+def col_major(M: Any) -> tuple[bool, int] | None:
+    """Describe the row-major matrix M (p, q) as cuBLAS sees its memory: (transposed?, ld).
+
+    A C-ordered M is, read column-major, Mᵀ with ld = row stride (no transpose needed to get Mᵀ);
+    a transposed view is M itself column-major, so Mᵀ needs op = T. None: neither (copy first).
+    """
+    p, q = M.shape
+    s0, s1 = (st // M.itemsize for st in M.strides)
+    if s1 == 1 or q == 1:
+        ld = s0 if p > 1 else q
+        if ld >= max(q, 1):
+            return False, ld
+    if s0 == 1 or p == 1:
+        ld = s1 if q > 1 else p
+        if ld >= max(p, 1):
+            return True, ld
+    return None
+
+
+def _load_cublas(cp: ModuleType) -> Any:
+    """The libcublas that CuPy loaded, opened through ctypes.
+
+    CuPy's own cuBLAS bindings refuse to run while a stream is being captured; cuBLAS itself
+    supports capture. So GEMMs go straight to the library, with a handle and workspace of ours.
+    """
+    cp.cuda.device.get_cublas_handle()  # make CuPy load libcublas
+    path = None
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            name = line.rsplit(" ", 1)[-1].strip()
+            if "libcublas.so" in name and "libcublasLt" not in name:
+                path = name
+                break
+    candidates = [path] if path else []
+    candidates += [ctypes.util.find_library("cublas"), "libcublas.so.13", "libcublas.so.12", "libcublas.so"]
+    for cand in candidates:
+        if cand:
+            with contextlib.suppress(OSError):
+                return ctypes.CDLL(cand)
+    raise OSError("libcublas could not be opened")
+
+
+def cublas_matmul(cp: ModuleType) -> Callable[..., None]:
+    lib = _load_cublas(cp)
+    c_int, c_void_p = ctypes.c_int, ctypes.c_void_p
+    for name in ("cublasSgemm_v2", "cublasDgemm_v2"):
+        fn = getattr(lib, name)
+        fn.argtypes = [c_void_p, c_int, c_int, c_int, c_int, c_int, c_void_p, c_void_p, c_int]
+        fn.argtypes += [c_void_p, c_int, c_void_p, c_void_p, c_int]
+        fn.restype = c_int
+    lib.cublasSetStream_v2.argtypes = [c_void_p, c_void_p]
+    lib.cublasSetWorkspace_v2.argtypes = [c_void_p, c_void_p, ctypes.c_size_t]
+
+    def check(status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+    handle = c_void_p()
+    check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
+    # a workspace of our own, so cuBLAS never allocates while a graph is being captured
+    workspace = cp.empty(32 << 20, dtype=cp.uint8)
+    current = [None]  # the stream the handle is set to
+    lock = threading.Lock()
+    gemm = {
+        np.dtype(np.float32): (lib.cublasSgemm_v2, ctypes.c_float),
+        np.dtype(np.float64): (lib.cublasDgemm_v2, ctypes.c_double),
+    }
+    scalars = {dt: (ctype(1.0), ctype(0.0)) for dt, (_, ctype) in gemm.items()}
+    N, T = 0, 1  # CUBLAS_OP_N, CUBLAS_OP_T
+
+    def matmul(a: Any, b: Any, out: Any, accumulate: bool) -> None:
+        m, k = a.shape
+        n = b.shape[1]
+        if m == 0 or n == 0:
+            return
+        if k == 0:
+            if not accumulate:
+                out.fill(0)
+            return
+        la, lb, lc = col_major(a), col_major(b), col_major(out)
+        if la is None:
+            a, la = cp.ascontiguousarray(a), (False, k)
+        if lb is None:
+            b, lb = cp.ascontiguousarray(b), (False, n)
+        if lc is None or lc[0]:
+            raise ValueError(f"matmul: out must have unit stride along rows, got strides {out.strides}")
+        fn, _ = gemm[out.dtype]
+        one, zero = scalars[out.dtype]
+        stream = cp.cuda.get_current_stream().ptr  # per thread: each thread's GEMM must go to its own stream
+        with lock:  # one handle for the process: its stream and the GEMM are set and queued together
+            if stream != current[0]:  # cublasSetStream also resets the workspace: set ours again
+                check(lib.cublasSetStream_v2(handle, stream), "cublasSetStream")
+                check(lib.cublasSetWorkspace_v2(handle, workspace.data.ptr, workspace.nbytes), "cublasSetWorkspace")
+                current[0] = stream
+            # row-major out = a @ b  is column-major outᵀ = bᵀ aᵀ
+            status = fn(
+                handle, T if lb[0] else N, T if la[0] else N, n, m, k,
+                ctypes.byref(one), b.data.ptr, lb[1], a.data.ptr, la[1],
+                ctypes.byref(one if accumulate else zero), out.data.ptr, lc[1],
+            )  # fmt: skip
+        check(status, "gemm")
+
+    matmul.keepalive = (lib, handle, workspace)  # type: ignore[attr-defined]
+    return matmul

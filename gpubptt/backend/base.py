@@ -1,0 +1,192 @@
+"""The backend interface: what the engine, the cells and the losses may ask of an array library.
+
+Shape-agnostic; each method's docstring gives its shapes. One subclass per library
+(``NumpyBackend``, ``CupyBackend``); nothing outside this package branches on which one runs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendMismatchError
+
+__all__ = ["Backend", "TokenPlan"]
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """Token ids sorted once so that the scatter-add into dU is deterministic.
+
+    perm (N,) row order that sorts the ids; offsets (D+1,) start of each id's run in that order.
+    """
+
+    perm: Any
+    offsets: Any
+
+
+def is_cupy_array(a: Any) -> bool:
+    """True for a CuPy array, without importing CuPy."""
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """Return any array (NumPy, CuPy, 0-d) as a NumPy array; a host sync point for CuPy."""
+    if is_cupy_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+class Backend:
+    """One array library: ``xp`` plus the few operations that differ between libraries.
+
+    Attributes: ``name`` ("numpy" | "cupy"), ``xp`` (the array module), ``device`` (a description),
+    ``chunk_elements`` (the default output-layer chunk, in logits), ``supports_graphs``,
+    ``compiles_kernels`` (whether ``elementwise``/``raw_kernels`` return device kernels).
+    """
+
+    name: str = "?"
+    xp: ModuleType
+    device: str = "?"
+    #: Logits per output-layer chunk (rows·K, at least one time step): on a 2-core CPU at K = 8000,
+    #: B = 32, 2^22 (16 MiB in float32) took 61 ms, 2^21 63, 2^20 72 and 2^23 65 (the GEMMs want a
+    #: few hundred rows); a GPU takes 2^24 (each chunk is a dozen launches, memory is plentiful).
+    #: A model copies it at construction (``RNN.chunk_elements``): set it there.
+    chunk_elements: int = 1 << 22
+    #: How recurrence steps run where kernels are compiled (CuPy), for models that do not set their
+    #: own ``step_kernels``: "auto" (timed per shape), "cublas", "fused" or "persistent".
+    step_kernels: str = "auto"
+    supports_graphs: bool = False
+    compiles_kernels: bool = False
+
+    def __init__(self) -> None:
+        self._choices: dict[str, dict[Hashable, bool]] = {}
+        self._choices_lock = threading.RLock()  # a measurement may ask for another one (it nests)
+
+    def __repr__(self) -> str:
+        return f"Backend(name={self.name!r}, device={self.device!r})"
+
+    # -- host <-> device boundary -------------------------------------------------------------
+    def is_native(self, a: Any) -> bool:
+        """True when ``a`` is an array of this backend (not a list, not another library's array)."""
+        return isinstance(a, self.xp.ndarray)
+
+    def check_native(self, a: Any, what: str) -> None:
+        """Raise BackendMismatchError if ``a`` is an array of another backend."""
+        if self.is_native(a) or isinstance(a, (list, tuple, int, float, np.generic)):
+            return
+        if is_cupy_array(a) or isinstance(a, np.ndarray) or hasattr(a, "__array__"):
+            kind = "a CuPy array" if is_cupy_array(a) else f"a {type(a).__module__}.{type(a).__name__}"
+            raise BackendMismatchError(
+                f"{what} is {kind}, but the model runs on the {self.name} backend; {self.conversion_hint}"
+            )
+
+    conversion_hint: str = "convert it with gpubptt.to_numpy(...)"
+
+    def asarray(self, a: Any, dtype: Any = None) -> Any:
+        """Copy or view ``a`` (NumPy, CuPy or list) as an array of this backend."""
+        raise NotImplementedError
+
+    def to_numpy(self, a: Any) -> np.ndarray:
+        """Return ``a`` as a NumPy array (a device-to-host copy on CuPy; a host sync point)."""
+        return to_numpy(a)
+
+    def synchronize(self) -> None:
+        """Wait until all queued device work is done (no-op on the host)."""
+
+    def timer(self) -> Callable[[Callable[[], Any]], float]:
+        """A function that runs fn() once and returns its time in seconds, synchronised with the device."""
+        raise NotImplementedError
+
+    def data_ptr(self, a: Any) -> int:
+        """The address of a's first element (identifies the memory a captured graph reads)."""
+        raise NotImplementedError
+
+    def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Record fn's device work once and return a function that replays it (fn itself where no graphs).
+
+        fn must read and write only arrays that outlive the graph, and do no host sync.
+        """
+        return fn
+
+    def available_memory(self) -> int | None:
+        """Bytes the backend's device can still allocate, or None where unknown."""
+        return None
+
+    # -- compute ------------------------------------------------------------------------------
+    def matmul(self, a: Any, b: Any, out: Any, accumulate: bool = False) -> None:
+        """out = a @ b, or out += a @ b with ``accumulate``; a (m, k), b (k, n), out (m, n).
+
+        a and b may be transposed views; out must have unit stride along its rows.
+        """
+        raise NotImplementedError
+
+    def token_plan(self, ids: Any, vocab: int) -> TokenPlan:
+        """Sort the flat token ids (N,) once; the plan drives ``token_scatter_add``."""
+        xp = self.xp
+        perm = self._stable_argsort(ids)
+        sorted_ids = ids[perm]
+        offsets = xp.searchsorted(sorted_ids, xp.arange(vocab + 1, dtype=ids.dtype))
+        return TokenPlan(perm=perm, offsets=offsets)
+
+    def _stable_argsort(self, ids: Any) -> Any:
+        return self.xp.argsort(ids)
+
+    def token_scatter_add(self, dUT: Any, plan: TokenPlan, rows: Any) -> None:
+        """dUT[ids[n]] += rows[n] for every n; dUT (D, H), rows (N, H).
+
+        Deterministic: each id's rows are summed in a fixed order (no atomics).
+        """
+        raise NotImplementedError
+
+    # -- kernels a cell brings (device backends only) -----------------------------------------
+    def elementwise(self, in_params: str, out_params: str, body: str, name: str) -> Callable[..., Any] | None:
+        """An elementwise kernel compiled from C ``body``, or None where the backend compiles none."""
+        return None
+
+    def raw_kernels(self, source: str, names: tuple[str, ...], dtype: Any) -> dict[str, Any] | None:
+        """Kernels ``names`` compiled from CUDA ``source`` with ``T`` defined as dtype's C type; None on the host."""
+        return None
+
+    def device_limits(self) -> dict[str, int]:
+        """{"shared_memory_per_block": bytes (opt-in), "multiprocessors": count}; empty on the host."""
+        return {}
+
+    def choice(self, family: str, key: Hashable, measure: Callable[[], bool]) -> bool:
+        """The measured choice ``key`` of ``family`` (e.g. "fused", ("forward", B, H, dtype)): ``measure()``
+        runs once per key and process, under a lock, so two threads meeting a new shape time it once.
+        """
+        with self._choices_lock:
+            table = self._choices.setdefault(family, {})
+            if key not in table:
+                table[key] = bool(measure())
+            return table[key]
+
+    def kernel_choices(self) -> dict[str, dict[str, bool]]:
+        """The measured choices so far, e.g. {"fused": {"forward B=16 H=128 float32": True}, "persistent": {...}}.
+
+        Keys of (kind, B, H, dtype) read as "kind B=.. H=.. dtype". Empty where nothing is measured (NumPy).
+        """
+        with self._choices_lock:
+            out: dict[str, dict[str, bool]] = {"fused": {}, "persistent": {}}
+            for family, table in self._choices.items():
+                out[family] = {_describe_key(k): v for k, v in table.items()}
+            return out
+
+    def graph_time(self, fn: Callable[[], Any]) -> float:
+        """Median seconds of a few replays of fn captured as a graph (what a kernel choice is measured by)."""
+        timer = self.timer()
+        replay = self.capture(fn)
+        return float(np.median([timer(replay) for _ in range(5)]))
+
+
+def _describe_key(key: Hashable) -> str:
+    if isinstance(key, tuple) and len(key) == 4:
+        kind, B, H, dtype = key
+        return f"{kind} B={B} H={H} {dtype}"
+    return str(key)

@@ -1,0 +1,124 @@
+"""The CuPy backend: CUDA arrays, cuBLAS GEMMs, CUDA graphs and the kernels cells compile through it.
+
+CuPy is imported only when this backend is asked for, so a CPU-only install never touches it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailableError
+from . import _graphs
+from ._cublas import cublas_matmul
+from .base import Backend, TokenPlan, is_cupy_array
+
+__all__ = ["INSTALL_HINT", "CupyBackend", "make_cupy_backend"]
+
+INSTALL_HINT = "install CuPy with `pip install 'gpubptt[cuda12]'` (CUDA 12) or `'gpubptt[cuda13]'` (CUDA 13)"
+
+_C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+# One thread per (id, h): sums that id's rows in sorted order, so the result is bitwise
+# reproducible (an atomic scatter-add is not).
+_SCATTER_BODY = """
+const long long d = i / H, h = i % H;
+T acc = 0;
+for (long long j = offsets[d]; j < offsets[d + 1]; ++j) acc += rows[perm[j] * H + h];
+dUT += acc;
+"""
+
+
+class CupyBackend(Backend):
+    """CuPy on one CUDA device."""
+
+    name = "cupy"
+    chunk_elements = 1 << 24
+    supports_graphs = True
+    compiles_kernels = True
+    conversion_hint = "convert it with backend.asarray(...)"
+
+    def __init__(self, cp: Any, device: str) -> None:
+        super().__init__()
+        self.xp = cp
+        self.device = device
+        self._matmul = cublas_matmul(cp)
+        self._scatter = cp.ElementwiseKernel(
+            "raw T rows, raw I perm, raw I offsets, int64 H", "T dUT", _SCATTER_BODY, "gpubptt_token_scatter_add"
+        )
+
+    def asarray(self, a: Any, dtype: Any = None) -> Any:
+        if is_cupy_array(a):
+            return a if dtype is None else a.astype(dtype, copy=False)
+        return self.xp.asarray(a, dtype=dtype)
+
+    def synchronize(self) -> None:
+        self.xp.cuda.get_current_stream().synchronize()
+
+    def timer(self) -> Callable[[Callable[[], Any]], float]:
+        """CUDA events recorded on the current stream around fn, after a sync so earlier work is left out."""
+        return _graphs.timer(self.xp)
+
+    def data_ptr(self, a: Any) -> int:
+        return int(a.data.ptr)
+
+    def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """fn runs once to warm up (compile kernels, size the graph's private memory pool), is captured on
+        a side stream, and each replay is ONE graph launch on the current stream. Temporaries fn
+        allocates come from a memory pool owned by the graph, so nothing else can reuse them.
+        """
+        return _graphs.capture(self.xp, fn)
+
+    def available_memory(self) -> int | None:
+        """Free device memory plus what CuPy's pool holds unused."""
+        free, _ = self.xp.cuda.runtime.memGetInfo()
+        pool = self.xp.get_default_memory_pool()
+        return int(free + pool.total_bytes() - pool.used_bytes())
+
+    def matmul(self, a: Any, b: Any, out: Any, accumulate: bool = False) -> None:
+        self._matmul(a, b, out, accumulate)
+
+    def token_scatter_add(self, dUT: Any, plan: TokenPlan, rows: Any) -> None:
+        self._scatter(rows, plan.perm, plan.offsets, dUT.shape[1], dUT)
+
+    def elementwise(self, in_params: str, out_params: str, body: str, name: str) -> Callable[..., Any]:
+        return self.xp.ElementwiseKernel(in_params, out_params, body, name)
+
+    def raw_kernels(self, source: str, names: tuple[str, ...], dtype: Any) -> dict[str, Any]:
+        """``cupy.RawKernel`` objects: called as kernel((blocks,), (threads,), args, shared_mem=bytes)."""
+        code = f"#define T {_C_TYPES[np.dtype(dtype)]}\n" + source
+        return {n: self.xp.RawKernel(code, n) for n in names}
+
+    def device_limits(self) -> dict[str, int]:
+        attrs = self.xp.cuda.Device().attributes
+        return {
+            "shared_memory_per_block": int(attrs.get("MaxSharedMemoryPerBlockOptin", 48 << 10)),
+            "multiprocessors": int(attrs["MultiProcessorCount"]),
+        }
+
+
+def make_cupy_backend() -> CupyBackend:
+    """The CuPy backend, or BackendUnavailableError saying why it cannot run here."""
+    try:
+        import cupy as cp
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"the cupy backend needs CuPy, which is not installed ({exc}); {INSTALL_HINT}"
+        ) from exc
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDARuntimeError, driver missing: anything CuPy raises here
+        raise BackendUnavailableError(
+            f"CuPy is installed but no CUDA device answers (driver error: {exc}); check `nvidia-smi`, "
+            f"or that the CuPy wheel matches the CUDA version ({INSTALL_HINT})"
+        ) from exc
+    if n == 0:
+        raise BackendUnavailableError(f"CuPy is installed but found no CUDA device; {INSTALL_HINT}")
+    try:
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        return CupyBackend(cp, f"{name} (CUDA device {cp.cuda.Device().id})")
+    except Exception as exc:
+        raise BackendUnavailableError(f"CuPy could not use the CUDA device ({exc}); {INSTALL_HINT}") from exc

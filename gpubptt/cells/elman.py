@@ -1,0 +1,278 @@
+"""The Elman cell (``torch.nn.RNN`` with tanh): its parameters, its two recurrences and its kernels.
+
+    s_t = tanh(U x_t + b + W s_{t-1})                  U (H, D), W (H, H), b (H,)
+    δ_t = (∂E_t/∂s_t + δ_{t+1} @ W) ⊙ (1 − s_t²)       the backward recursion, δ_T = 0
+    ∂s_t/∂s_{t-1} = diag(1 − s_t²) W                   the step Jacobian (``factors`` gives 1 − s_t²)
+
+Rows are examples (S (T+1, B, H) with S[0] = s0 and S[t+1] = s_t). One step of each recurrence is
+a GEMM and a fused elementwise kernel (the NumPy twins below), or, on a backend that compiles
+kernels, one fused dot+tanh kernel per step (``elman_step.cu``) or one persistent kernel for all
+steps that keeps W on chip (``elman_persistent.cu``), chosen per shape by timing (``step_kernels``
+"auto"), or forced ("cublas", "fused", "persistent").
+"""
+
+from __future__ import annotations
+
+import threading
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from ..backend import Backend
+
+__all__ = ["STEP_KERNELS", "ElmanCell", "kernels"]
+
+STEP_KERNELS = ("auto", "cublas", "fused", "persistent")
+
+
+class ElmanCell:
+    """The tanh Elman cell: parameter shapes, forward and backward recurrences, step Jacobian factors."""
+
+    name = "elman"
+    nonlinearity = "tanh"
+
+    def __repr__(self) -> str:
+        return f"ElmanCell(nonlinearity={self.nonlinearity!r})"
+
+    @staticmethod
+    def param_shapes(D: int, H: int, bias: bool) -> dict[str, tuple[int, ...]]:
+        """The recurrent parameters: U (H, D) like ``weight_ih_l0``, W (H, H) like ``weight_hh_l0``, b (H,)."""
+        shapes: dict[str, tuple[int, ...]] = {"U": (H, D), "W": (H, H)}
+        if bias:
+            shapes["b"] = (H,)
+        return shapes
+
+    def forward(self, pre: Any, W: Any, S: Any, *, be: Backend, scratch: Any, step_kernels: str = "auto") -> None:
+        """s_t = tanh(pre_t + s_{t-1} @ W.T) for t = 0..T-1, in place.
+
+        pre (T, B, H) = U x_t + b; S (T+1, B, H) with S[0] = s0 on entry, S[1:] written; scratch (B, H).
+        """
+        if pre.shape[0] == 0:
+            return
+        k = kernels(be)
+        if k.forward_recurrence(pre, W, S, step_kernels):  # all steps in one kernel
+            return
+        for t in range(pre.shape[0]):
+            k.forward_step(S[t], W, pre[t], S[t + 1], scratch, step_kernels)  # s_t = tanh(pre_t + s_{t-1} @ W.T)
+
+    @staticmethod
+    def factors(S: Any, *, be: Backend, out: Any) -> Any:
+        """tanh' at every step, 1 − s_t²: S (T+1, B, H) → out (T, B, H); ∂s_t/∂s_{t-1} = diag(out[t]) W."""
+        xp = be.xp
+        xp.multiply(S[1:], S[1:], out=out)
+        xp.subtract(1, out, out=out)
+        return out
+
+    def backward(self, G: Any, W: Any, F: Any, *, be: Backend, carry: Any, step_kernels: str = "auto") -> None:
+        """Full BPTT, in place: G (T, B, H) enters as the direct term ∂E_t/∂s_t and leaves as δ_t.
+
+        F (T, B, H) from ``factors``; carry (B, H) scratch.
+        """
+        T = G.shape[0]
+        if T == 0:
+            return
+        G[T - 1] *= F[T - 1]  # δ_{T-1}: no later step feeds back
+        k = kernels(be)
+        if T == 1 or k.backward_recurrence(G, W, F, step_kernels):  # all steps in one kernel
+            return
+        for t in range(T - 2, -1, -1):
+            k.backward_step(G[t + 1], W, F[t], G[t], carry, step_kernels)  # δ_t = (g_t + δ_{t+1} @ W) ⊙ f_t
+
+    @staticmethod
+    def step_back(lanes: Any, W: Any, f: Any, out: Any, *, be: Backend) -> None:
+        """δ-gradients one step back, for a stack of lanes: out = (lanes @ W) ⊙ f.
+
+        lanes, out (N, B, H) (δ's at t+1 → δ's at t); f (B, H) = 1 − s_t². One (N·B, H) × (H, H)
+        GEMM: what truncated BPTT runs on all its lanes at once.
+        """
+        N, B, H = lanes.shape
+        be.matmul(lanes.reshape(N * B, H), W, out.reshape(N * B, H))
+        out *= f
+
+    @staticmethod
+    def enter(g: Any, f: Any, out: Any, *, be: Backend) -> None:
+        """A state gradient into the pre-activation: out = g ⊙ f; all (B, H), f = 1 − s_t²."""
+        be.xp.multiply(g, f, out=out)
+
+
+# -- kernels: NumPy twins (any xp), fused and persistent CUDA kernels where the backend compiles ----
+def _xp_tanh_step(xp: Any):
+    def tanh_step(pre: Any, hw: Any, out: Any) -> None:
+        xp.add(hw, pre, out=hw)
+        xp.tanh(hw, out=out)
+
+    return tanh_step
+
+
+def _xp_backprop_tanh(xp: Any):
+    def backprop_tanh(carry: Any, d: Any, g: Any) -> None:
+        xp.add(g, carry, out=g)
+        xp.multiply(g, d, out=g)
+
+    return backprop_tanh
+
+
+def _source(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+class _Kernels:
+    """One backend's step kernels for the Elman cell, and (device backends) the measured choices."""
+
+    def __init__(self, be: Backend) -> None:
+        self.be = be
+        xp = be.xp
+        self.tanh_step = be.elementwise("T pre, T hw", "T out", "out = tanh(pre + hw)", "gpubptt_tanh_step")
+        self.tanh_step = self.tanh_step or _xp_tanh_step(xp)  # out = tanh(pre + hw); hw may be clobbered
+        self.backprop_tanh = be.elementwise("T carry, T d", "T g", "g = (g + carry) * d", "gpubptt_backprop_tanh")
+        self.backprop_tanh = self.backprop_tanh or _xp_backprop_tanh(xp)  # g = (g + carry) * d
+        self.compiled = be.compiles_kernels
+        self._step: dict[np.dtype, dict[str, Any]] = {}
+        self._persistent: dict[np.dtype, dict[str, Any]] = {}
+        self._compile_lock = threading.Lock()
+
+    # -- one step ----------------------------------------------------------------------------
+    def forward_step(self, s_prev: Any, W: Any, pre: Any, out: Any, scratch: Any, step_kernels: str) -> None:
+        """out = tanh(pre + s_prev @ W.T), all (B, H), W (H, H)."""
+        if self._use_fused("forward", W, step_kernels, s_prev, pre, out):
+            self._fused_forward(s_prev, W, pre, out)
+            return
+        self.be.matmul(s_prev, W.T, scratch)  # W.T is a view: BLAS reads it transposed
+        self.tanh_step(pre, scratch, out)
+
+    def backward_step(self, d_next: Any, W: Any, d: Any, g: Any, scratch: Any, step_kernels: str) -> None:
+        """g = (g + d_next @ W) * d, all (B, H): g enters as ∂E_t/∂s_t and leaves as δ_t; d = 1 − s_t²."""
+        if self._use_fused("backward", W, step_kernels, d_next, d, g):
+            self._fused_backward(d_next, W, d, g)
+            return
+        self.be.matmul(d_next, W, scratch)  # the through-time term δ_{t+1} @ W
+        self.backprop_tanh(scratch, d, g)
+
+    # -- every step in one kernel --------------------------------------------------------------
+    def forward_recurrence(self, pre: Any, W: Any, S: Any, step_kernels: str) -> bool:
+        """All forward steps in ONE kernel keeping W on chip, where measured faster; False (nothing done) else."""
+        if not self._use_persistent("forward", W, step_kernels, S, pre):
+            return False
+        self._launch_persistent(0, pre, W, S, None, pre.shape[0])
+        return True
+
+    def backward_recurrence(self, G: Any, W: Any, Dt: Any, step_kernels: str) -> bool:
+        """Backward steps T−2 … 0 in ONE kernel (G[T−1] already δ_{T−1}), where measured faster."""
+        if not self._use_persistent("backward", W, step_kernels, G, Dt):
+            return False
+        self._launch_persistent(1, G, W, None, Dt, G.shape[0] - 1)
+        return True
+
+    # -- choices -------------------------------------------------------------------------------
+    def _use_fused(self, kind: str, W: Any, step_kernels: str, a: Any, *more: Any) -> bool:
+        dense = all(m.flags.c_contiguous for m in (W, a, *more))  # the kernels index dense rows
+        if not self.compiled or step_kernels == "cublas" or not dense or a.size == 0:
+            return False
+        if step_kernels in ("fused", "persistent"):
+            return True
+        key = (kind, a.shape[0], W.shape[0], np.dtype(W.dtype))
+        return self.be.choice("fused", key, lambda: self._time_fused_vs_cublas(*key))
+
+    def _use_persistent(self, kind: str, W: Any, step_kernels: str, a: Any, *more: Any) -> bool:
+        dense = all(m.flags.c_contiguous for m in (W, a, *more))
+        if not self.compiled or step_kernels in ("cublas", "fused") or not dense or a.size == 0:
+            return False
+        B, H, dtype = a.shape[1], W.shape[0], np.dtype(W.dtype)
+        if self._layout(B, H, dtype) is None:
+            return False
+        if step_kernels == "persistent":
+            return True
+        key = (kind, B, H, dtype)
+        measure = lambda: self._time_persistent_vs_steps(kind, B, H, dtype, step_kernels)  # noqa: E731
+        return self.be.choice("persistent", key, measure)
+
+    def _time_fused_vs_cublas(self, kind: str, B: int, H: int, dtype: np.dtype) -> bool:
+        """Time 16 steps of each variant, each captured as a graph; True if the fused kernel wins."""
+        be, rng = self.be, np.random.default_rng(0)
+        a, pre, out, scratch = (be.asarray(rng.uniform(-1, 1, size=(B, H)), dtype=dtype) for _ in range(4))
+        W = be.asarray(rng.uniform(-1, 1, size=(H, H)) / np.sqrt(H), dtype=dtype)
+        if kind == "forward":
+            cublas = lambda: (be.matmul(a, W.T, scratch), self.tanh_step(pre, scratch, out))  # noqa: E731
+            fused = lambda: self._fused_forward(a, W, pre, out)  # noqa: E731
+        else:
+            cublas = lambda: (be.matmul(a, W, scratch), self.backprop_tanh(scratch, pre, out))  # noqa: E731
+            fused = lambda: self._fused_backward(a, W, pre, out)  # noqa: E731
+        repeat = lambda step: lambda: [step() for _ in range(16)]  # noqa: E731
+        return be.graph_time(repeat(fused)) < be.graph_time(repeat(cublas))
+
+    def _time_persistent_vs_steps(self, kind: str, B: int, H: int, dtype: np.dtype, step_kernels: str) -> bool:
+        """Time 16 steps as one persistent kernel and as per-step launches (each captured); True if persistent wins."""
+        be, rng, T = self.be, np.random.default_rng(0), 16
+        a = be.asarray(rng.uniform(-1, 1, size=(T + 1, B, H)), dtype=dtype)
+        b = be.asarray(rng.uniform(0, 1, size=(T + 1, B, H)), dtype=dtype)
+        W = be.asarray(rng.uniform(-1, 1, size=(H, H)) / np.sqrt(H), dtype=dtype)
+        scratch = be.xp.empty((B, H), dtype=dtype)
+        if kind == "forward":
+            persistent = lambda: self._launch_persistent(0, b[:T], W, a, None, T)  # noqa: E731
+            steps = lambda: [self.forward_step(a[t], W, b[t], a[t + 1], scratch, step_kernels) for t in range(T)]  # noqa: E731
+        else:
+            persistent = lambda: self._launch_persistent(1, a, W, None, b, T)  # noqa: E731
+            steps = lambda: [  # noqa: E731
+                self.backward_step(a[t + 1], W, b[t], a[t], scratch, step_kernels) for t in range(T - 1, -1, -1)
+            ]
+        return be.graph_time(persistent) < be.graph_time(steps)
+
+    # -- launches ------------------------------------------------------------------------------
+    def _step_kernels(self, dtype: Any) -> dict[str, Any]:
+        dtype = np.dtype(dtype)
+        with self._compile_lock:
+            if dtype not in self._step:
+                self._step[dtype] = self.be.raw_kernels(_source("elman_step.cu"), ("fwd", "bwd"), dtype)
+            return self._step[dtype]
+
+    def _fused_forward(self, s_prev: Any, W: Any, pre: Any, out: Any) -> None:
+        B, H = out.shape
+        threads = 256
+        blocks = (B * H * 32 + threads - 1) // threads  # one warp per output
+        self._step_kernels(W.dtype)["fwd"]((blocks,), (threads,), (s_prev, W, pre, out, np.int32(B), np.int32(H)))
+
+    def _fused_backward(self, d_next: Any, W: Any, d: Any, g: Any) -> None:
+        B, H = g.shape
+        threads = 128
+        blocks = (B * H + threads - 1) // threads  # one thread per output
+        self._step_kernels(W.dtype)["bwd"]((blocks,), (threads,), (d_next, W, d, g, np.int32(B), np.int32(H)))
+
+    def _layout(self, B: int, H: int, dtype: Any) -> tuple[int, int, int, int, int] | None:
+        """(rows per block R, blocks, lanes per output L, threads, shared bytes); None if W does not fit."""
+        limits = self.be.device_limits()
+        R = max(1, -(-B // limits["multiprocessors"]))  # one block per SM at most
+        nbytes = (H * (H + 1) + 2 * R * H) * np.dtype(dtype).itemsize
+        if B == 0 or nbytes > limits["shared_memory_per_block"]:
+            return None
+        L = 4  # lanes per output: measured best on an H100 among 2..32 (1.9 µs/step at B=64, H=128)
+        while L > 1 and R * H * L > 1024:
+            L //= 2
+        threads = min(1024, max(32, -(-R * H * L // 32) * 32))
+        return R, -(-B // R), L, threads, nbytes
+
+    def _launch_persistent(self, which: int, a: Any, W: Any, b: Any, c: Any, steps: int) -> None:
+        B, H = a.shape[1], a.shape[2]
+        R, blocks, L, threads, nbytes = self._layout(B, H, W.dtype)
+        dtype = np.dtype(W.dtype)
+        with self._compile_lock:
+            if dtype not in self._persistent:
+                self._persistent[dtype] = self.be.raw_kernels(_source("elman_persistent.cu"), ("fwd", "bwd"), dtype)
+            fn = self._persistent[dtype]["fwd" if which == 0 else "bwd"]
+        if fn.max_dynamic_shared_size_bytes < nbytes:
+            fn.max_dynamic_shared_size_bytes = nbytes
+        sizes = (np.int32(steps), np.int32(B), np.int32(H), np.int32(R), np.int32(L))
+        fn((blocks,), (threads,), (a, W, b if which == 0 else c, *sizes), shared_mem=nbytes)
+
+
+_KERNELS: dict[int, tuple[Backend, _Kernels]] = {}
+_KERNELS_LOCK = threading.Lock()
+
+
+def kernels(be: Backend) -> _Kernels:
+    """The Elman kernels of backend ``be`` (built once per backend)."""
+    with _KERNELS_LOCK:
+        entry = _KERNELS.get(id(be))
+        if entry is None or entry[0] is not be:
+            entry = _KERNELS[id(be)] = (be, _Kernels(be))
+        return entry[1]
