@@ -216,12 +216,18 @@ def train(
     state: TrainState | None = None,
     history: History | None = None,
     callback: Callable[[TrainEvent], None] | None = None,
+    grad_hook: Callable[[Any, dict[str, Any]], Any] | None = None,
 ) -> tuple[TrainState, History]:
     """Train ``model`` on ``data`` until ``config.steps`` optimizer steps are done; update it in place.
 
     x, y batches (L, B) come from ``data.train_sequence(i, ...)``, cut into chunks (T, B) with
     T = config.chunk. ``state``/``history`` continue an earlier run (from a checkpoint). Returns the
     final state and history. The optimizer must hold the model's parameters.
+
+    ``grad_hook(loss, grads)`` runs after each ``loss_and_grads`` and before clipping and the
+    update: it may change the gradients in place (e.g. sum them over processes) and returns the
+    loss to record and check (a 0-d array), or None to keep it. loss is 0-d; grads as returned by
+    ``loss_and_grads`` (shaped like the parameters, plus "s0" (B, H)).
     """
     if optimizer.params is not model.params:
         raise InputError("the optimizer must be built on this model's parameters (make_optimizer(name, model))")
@@ -279,6 +285,9 @@ def train(
         loss, grads, s_last = model.loss_and_grads(
             xc, yc, state.s, truncate=config.truncate, reduction="mean", return_final_state=True
         )
+        if grad_hook is not None:
+            hooked = grad_hook(loss, grads)
+            loss = loss if hooked is None else hooked
         last = state.chunk + 1 == n_chunks
         s_next = None if last else s_last  # computed with the weights that ran this chunk
         norm = clip_grad_norm(grads, config.max_norm, xp=xp) if config.max_norm else None

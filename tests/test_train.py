@@ -56,6 +56,42 @@ def test_stateful_chunks_match_a_hand_run_with_the_carried_state():
         np.testing.assert_allclose(model.params[k], ref.params[k], rtol=1e-12, atol=1e-15)
 
 
+def test_grad_hook_runs_between_the_gradients_and_clipping_and_the_update():
+    """A hook that doubles the gradients and reports a tripled loss, with clipping on: the update is
+    what clipping the doubled gradients gives (checked by hand), and the history records the hook's loss."""
+    text = "".join("abcdefg"[i % 7] if i % 11 else "h" for i in range(400))
+    data = TextData(text)
+    B, T, lr, clip = 2, 5, 0.5, 0.1
+
+    def fresh():
+        return gpubptt.RNN(data.input_size, 6, data.output_size, backend="numpy", dtype="float64", bias=True, seed=1)
+
+    seen = []
+
+    def hook(loss, grads):
+        seen.append(sorted(grads))
+        for g in grads.values():
+            g *= 2.0
+        return loss * 3.0
+
+    model = fresh()
+    config = TrainConfig(steps=1, batch_size=B, chunk=T, max_norm=clip, lr=lr, eval_every=0)
+    _, history = train(model, data, SGD(model, lr=lr), config, grad_hook=hook)
+
+    ref = fresh()
+    x, y = data.train_sequence(0, seed=0, batch_size=B, chunk=T)
+    loss, g = ref.loss_and_grads(x[:T], y[:T], reduction="mean")
+    norm = np.sqrt(sum(np.sum((2 * g[k]) ** 2) for k in ref.params))  # clipping sees the hook's gradients
+    assert norm > clip  # so the clip is active and the order matters
+    for k in ref.params:
+        ref.params[k] -= lr * (2 * g[k]) * (clip / (norm + 1e-12))
+    for k in ref.params:
+        np.testing.assert_allclose(model.params[k], ref.params[k], rtol=1e-12, atol=1e-15)
+    assert seen == [sorted(g)]
+    assert history.loss == [pytest.approx(3 * float(loss), rel=1e-12)]
+    assert history.grad_norm == [pytest.approx(norm, rel=1e-12)]
+
+
 def test_evaluate_of_a_uniform_model_is_log_k():
     task = CopyTask(symbols=6, length=2, delay=3)
     model = gpubptt.RNN(task.input_size, 4, task.output_size, backend="numpy", dtype="float64", seed=0)
