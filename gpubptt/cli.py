@@ -15,6 +15,7 @@ import typer
 
 from . import bench as bench_lib
 from . import diagnostics
+from ._paths import check_writable
 from .backend import available_backends, get_backend
 from .errors import BackendUnavailableError, InputError
 
@@ -134,8 +135,12 @@ def _sizes(value: str, option: str) -> list[int]:
 
 
 def _out_path(path: Path | None, option: str) -> Path | None:
-    if path is not None and (path.is_dir() or not path.parent.is_dir()):
-        raise typer.BadParameter(f"{option} {str(path)!r} must be a file in an existing folder")
+    """``path`` once a file there is known to be writable (a usage error otherwise), before any work."""
+    if path is not None:
+        try:
+            check_writable(path, option)
+        except InputError as exc:
+            raise _usage_error(str(exc)) from exc
     return path
 
 
@@ -241,21 +246,36 @@ def bench(
     format: Annotated[
         FormatChoice | None, typer.Option(help="Output format (default: from --output's suffix, else table).")
     ] = None,
-    output: Annotated[Path | None, typer.Option(help="Write the result here (atomically) instead of stdout.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the result to this file (atomically, in --format); the table still prints on stdout "
+            "unless --quiet. Its folder is checked for writing before any work."
+        ),
+    ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a log-log PNG of time vs T and vs H here.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="No progress or messages on stderr; with --output, no table on stdout."),
+    ] = False,
 ) -> None:
     """Time forward+BPTT as T grows (at fixed H) and as H grows (at fixed T).
 
     Each row: median/min/IQR time, tokens/s, µs per step, GFLOP/s and efficiency vs same-shaped GEMMs.
 
     At the end: the fitted exponents a, b of time ∝ T^a (fixed H) and time ∝ H^b (fixed T).
+
+    Results go to stdout, or to --output with the table still on stdout; messages go to stderr.
+
+    A file that cannot be written at the end: bench says so, prints its content on stdout, and exits with 1.
     """
     Ts = _sizes(seq_lens, "--seq-lens")
     Hs = _sizes(hidden_sizes, "--hidden-sizes")
     if input is InputChoice.tokens and input_size is not None:
         raise typer.BadParameter("--input-size applies to --input dense; with tokens D = --vocab")
     output, plot = _out_path(output, "--output"), _out_path(plot, "--plot")
+    if output is not None and plot is not None and output.resolve() == plot.resolve():
+        raise _usage_error(f"--output and --plot name the same file {str(output)!r}; give each its own")
     if format is None:
         suffix = output.suffix.lower().lstrip(".") if output else ""
         format = FormatChoice(suffix) if suffix in ("json", "csv") else FormatChoice.table
@@ -303,16 +323,34 @@ def bench(
         result = bench_lib.run_bench(cfg, argv=argv)
     for note in result["notes"]:
         say(f"note: {note}")
+    failed: list[str] = []  # a file that cannot be written now must not lose the run
     if output is not None:
-        bench_lib.write_atomic(output, _render(result, format))
-        say(f"wrote {output}")
-        if not quiet:
-            typer.echo(_bench_table(result), nl=False)
+        text = _render(result, format)
+        try:
+            bench_lib.write_atomic(output, text)
+        except OSError as exc:
+            typer.echo(text, nl=False)  # what the file would have held, so the results survive
+            failed.append(
+                f"--output: could not write {str(output)!r} ({exc.strerror or exc}); it is as it was, "
+                f"and its {format.value} content is on stdout instead"
+            )
+        else:
+            say(f"wrote {output}")
+            if not quiet:
+                typer.echo(_bench_table(result), nl=False)
     else:
         typer.echo(_render(result, format), nl=False)
     if plot is not None:
-        bench_lib.plot_results(result, plot)
-        say(f"wrote {plot}")
+        try:
+            bench_lib.plot_results(result, plot)
+        except OSError as exc:
+            failed.append(f"--plot: could not write {str(plot)!r} ({exc.strerror or exc}); it is as it was")
+        else:
+            say(f"wrote {plot}")
+    for message in failed:
+        typer.echo(f"error: {message}", err=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 # -- gpubptt vanish: gradient-flow diagnostics --------------------------------------------------------
