@@ -148,6 +148,18 @@ def _ms(summary: dict | None) -> str:
     return "-" if not summary else f"{summary['median_s'] * 1e3:.3g}"
 
 
+#: Marks a noisy timing (IQR/median above bench.NOISY_SPREAD) in the bench table.
+NOISY_MARK = "~"
+
+
+def _spread(summary: dict) -> str:
+    """IQR / median as a percentage, marked when noisy."""
+    if summary["median_s"] <= 0:
+        return "-"
+    text = f"{summary['iqr_s'] / summary['median_s']:.0%}"
+    return f"{text} {NOISY_MARK}" if bench_lib.is_noisy(summary) else text
+
+
 def _bench_table(result: dict) -> str:
     """The result as readable text: a table per backend and sweep, then the fitted exponents."""
     from rich import box
@@ -165,7 +177,7 @@ def _bench_table(result: dict) -> str:
                 f"D={cfg['D']}, K={cfg['K']}, {cfg['input']}, {cfg['dtype']} (median of {cfg['repeats']})"
             )
             table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
-            cols = ["T", "H", "fwd+BPTT ms", "IQR ms", "min ms", "fwd ms", "tokens/s", "µs/step"]
+            cols = ["T", "H", "fwd+BPTT ms", "IQR ms", "IQR/median", "min ms", "fwd ms", "tokens/s", "µs/step"]
             cols += ["GFLOP/s", "GEMM GFLOP/s", "eff"]
             refs = [ref for ref in ("torch", "naive") if any(ref in r for r in rows)]
             for ref in refs:
@@ -177,7 +189,8 @@ def _bench_table(result: dict) -> str:
                     table.add_row(str(r["T"]), str(r["H"]), r["status"], *[""] * (len(cols) - 3))
                     continue
                 b = r["bptt"]
-                cells = [str(r["T"]), str(r["H"]), _ms(b), f"{b['iqr_s'] * 1e3:.2g}", f"{b['min_s'] * 1e3:.3g}"]
+                cells = [str(r["T"]), str(r["H"]), _ms(b), f"{b['iqr_s'] * 1e3:.2g}", _spread(b)]
+                cells.append(f"{b['min_s'] * 1e3:.3g}")
                 cells += [_ms(r["forward"]), f"{r['tokens_per_s']:,.0f}", f"{r['us_per_step']:.1f}"]
                 cells += [f"{r['gflops']:.1f}", f"{r['gemm']['gflops']:.1f}", f"{r['efficiency']:.0%}"]
                 for ref in refs:
@@ -186,19 +199,26 @@ def _bench_table(result: dict) -> str:
                         cells += ["-"] * 3
                         continue
                     err = max(d["grad_rel_err"].values())
-                    cells += [_ms(d["bptt"]), f"{d['ratio']:.2f}", f"{err:.1e}" + ("" if d["grads_match"] else " (!)")]
+                    ref_ms = _ms(d["bptt"]) + (f" {NOISY_MARK}" if bench_lib.is_noisy(d["bptt"]) else "")
+                    cells += [ref_ms, f"{d['ratio']:.2f}", f"{err:.1e}" + ("" if d["grads_match"] else " (!)")]
                 table.add_row(*cells)
             console.print(table)
         fits = [f for f in result["fits"] if f["backend"] == be["name"]]
         for f in fits:
             (k, v), exp = next(iter(f["fixed"].items())), f["exponent"]
             expo = "n/a (needs 2 sizes)" if exp is None else f"{exp:.2f}"
-            console.print(f"fitted: {f['impl']:>8} [{be['name']}]  time ∝ {f['sweep']}^{expo}  at {k}={v}")
+            noisy = f.get("noisy_points", 0)
+            caveat = f"  ({NOISY_MARK} rests on {noisy} noisy of {f['points']} points: unreliable)" if noisy else ""
+            console.print(f"fitted: {f['impl']:>8} [{be['name']}]  time ∝ {f['sweep']}^{expo}  at {k}={v}{caveat}")
     for note in result["notes"]:
         console.print(f"note: {note}")
     console.print(
         "×torch / ×naive = reference time ÷ gpubptt time (above 1: gpubptt is faster); eff = GFLOP/s ÷ the "
         "same-shaped GEMM rate measured in this run"
+    )
+    console.print(
+        f"{NOISY_MARK} noisy: IQR/median above {bench_lib.NOISY_SPREAD:.0%}, the runs disagree and the median is "
+        "unreliable (a busy machine?): rerun on a quieter one, or with more --repeats"
     )
     return buf.getvalue()
 
@@ -264,6 +284,8 @@ def bench(
     Each row: median/min/IQR time, tokens/s, µs per step, GFLOP/s and efficiency vs same-shaped GEMMs.
 
     At the end: the fitted exponents a, b of time ∝ T^a (fixed H) and time ∝ H^b (fixed T).
+
+    Timings whose IQR/median exceeds 10 % are marked noisy (~), and so is each exponent fitted through them.
 
     Results go to stdout, or to --output with the table still on stdout; messages go to stderr.
 

@@ -97,7 +97,54 @@ def test_fit_exponent_recovers_a_power_law():
 
 def test_summary_statistics_of_known_times():
     s = bench_lib.summarize([4.0, 1.0, 3.0, 2.0, 5.0])
-    assert s == {"median_s": 3.0, "min_s": 1.0, "iqr_s": 2.0, "times_s": [4.0, 1.0, 3.0, 2.0, 5.0]}
+    assert s == {"median_s": 3.0, "min_s": 1.0, "iqr_s": 2.0, "spread": 2 / 3, "times_s": [4.0, 1.0, 3.0, 2.0, 5.0]}
+
+
+def test_noisy_means_iqr_over_median_above_the_threshold():
+    assert bench_lib.NOISY_SPREAD == 0.1
+    assert not bench_lib.is_noisy(bench_lib.summarize([1.0, 1.0, 1.0, 1.0]))
+    assert not bench_lib.is_noisy(bench_lib.summarize([0.95, 1.0, 1.0, 1.05]))  # IQR/median 0.05
+    assert bench_lib.is_noisy(bench_lib.summarize([0.8, 1.0, 1.0, 1.2]))  # IQR/median 0.2
+    assert not bench_lib.is_noisy({"median_s": 1.0, "iqr_s": 0.05})  # an older result, without "spread"
+
+
+def _synthetic_times(noisy_call: int):
+    """A stand-in for time_interleaved: fixed times, with the bptt runs of call ``noisy_call`` spread 1 to 2 s."""
+    calls = iter(range(100))
+
+    def fake(fns, *, warmup, repeats):
+        n = next(calls)
+        times = {name: [0.01] * repeats for name in fns}
+        if n == noisy_call:
+            times["bptt"] = list(np.linspace(1.0, 2.0, repeats))
+        return times
+
+    return fake
+
+
+def test_noisy_rows_are_flagged_in_json_csv_and_table_and_so_are_fits_through_them(monkeypatch):
+    # runs in order (T=2, H=3), (T=4, H=3), (T=2, H=5): the (T=2, H=3) point sits in both sweeps, measured once
+    monkeypatch.setattr(bench_lib, "time_interleaved", _synthetic_times(noisy_call=1))
+    data = json.loads(bench("--format", "json", "--repeats", "4").stdout)
+    assert data["schema"] == "gpubptt.bench/1" and data["noisy_spread"] == 0.1
+    flags = {(r["sweep"], r["T"], r["H"]): r["noisy"] for r in data["rows"]}
+    assert flags == {("T", 2, 3): False, ("T", 4, 3): True, ("H", 2, 3): False, ("H", 2, 5): False}
+    noisy_row = next(r for r in data["rows"] if r["noisy"])
+    assert noisy_row["bptt"]["spread"] == pytest.approx(0.5 / 1.5)
+    assert {f["sweep"]: (f["noisy_points"], f["points"]) for f in data["fits"]} == {"T": (1, 2), "H": (0, 2)}
+
+    monkeypatch.setattr(bench_lib, "time_interleaved", _synthetic_times(noisy_call=1))
+    rows = list(csv.DictReader(io.StringIO(bench("--format", "csv", "--repeats", "4").stdout)))
+    assert [r["noisy"] for r in rows] == ["False", "True", "False", "False"]
+
+    monkeypatch.setattr(bench_lib, "time_interleaved", _synthetic_times(noisy_call=1))
+    table = bench("--repeats", "4").stdout
+    (noisy_line,) = [line for line in table.splitlines() if " 33% ~" in line]
+    assert noisy_line.split()[:2] == ["4", "3"]  # the T=4, H=3 row, and no other
+    (fit_t,) = [line for line in table.splitlines() if "time ∝ T^" in line]
+    (fit_h,) = [line for line in table.splitlines() if "time ∝ H^" in line]
+    assert "rests on 1 noisy of 2 points" in fit_t and "noisy" not in fit_h
+    assert "IQR/median above 10%" in table  # the legend gives the threshold
 
 
 # -- CSV and table --------------------------------------------------------------------------------
