@@ -4,6 +4,9 @@ Two sweeps per backend: T at a fixed H, and H at a fixed T. Every configuration 
 (warm-up runs first, each timed run synchronised with the device, data built once from a fixed seed
 outside the timed region) and reported as median (the headline), min, IQR and the raw times.
 
+A timing whose spread IQR/median exceeds NOISY_SPREAD (10 %) is flagged ``noisy``: its median is not a
+reliable figure, and neither is an exponent fitted through it (each fit counts its noisy points).
+
 FLOP model (multiply-adds count 2; elementwise work — tanh, exp, the gather and scatter-add of
 token inputs — is not counted). With N = T·B rows:
 
@@ -32,6 +35,10 @@ shape; ``efficiency = gflops / gemm_gflops``.
     >>> result["schema"], len(result["rows"])
     ('gpubptt.bench/1', 4)
 
+Schema ``gpubptt.bench/1``; fields added since it was first written, without a new tag (readers of older
+results see them missing): ``spread`` in each timing summary, ``noisy`` in each row and reference,
+``noisy_points`` in each fit, ``noisy_spread`` (the threshold) in the result.
+
 Nothing here prints: the command line (cli.py) renders the result.
 """
 
@@ -58,12 +65,14 @@ from .model import RNN
 __all__ = [
     "COMPARES",
     "INPUTS",
+    "NOISY_SPREAD",
     "SCHEMA",
     "BenchConfig",
     "Timer",
     "environment",
     "fit_exponent",
     "flops",
+    "is_noisy",
     "make_timer",
     "naive_loss_and_grads",
     "plot_results",
@@ -88,6 +97,8 @@ NAIVE_EXAMPLES = 4
 NAIVE_REPEATS = 3
 #: Gradient agreement threshold (normwise max relative error) of a reference implementation, by dtype.
 GRAD_TOL = {"float32": 1e-3, "float64": 1e-9}
+#: A timing whose IQR / median exceeds this is flagged noisy: runs that far apart make the median unreliable.
+NOISY_SPREAD = 0.1
 
 #: A function that runs fn() once and returns its wall time in seconds, synchronised with the device.
 Timer = Callable[[Callable[[], Any]], float]
@@ -142,15 +153,24 @@ def time_interleaved(
 
 
 def summarize(times: Sequence[float]) -> dict[str, Any]:
-    """Median (headline), min, interquartile range and the raw times (seconds) of repeated runs."""
+    """Median (headline), min, interquartile range, spread (IQR / median; None for a zero median) and the
+    raw times (seconds) of repeated runs."""
     a = np.asarray(times, dtype=float)
     q25, q75 = np.percentile(a, [25, 75])
+    median, iqr = float(np.median(a)), float(q75 - q25)
     return {
-        "median_s": float(np.median(a)),
+        "median_s": median,
         "min_s": float(a.min()),
-        "iqr_s": float(q75 - q25),
+        "iqr_s": iqr,
+        "spread": iqr / median if median > 0 else None,
         "times_s": [float(t) for t in a],
     }
+
+
+def is_noisy(summary: dict[str, Any]) -> bool:
+    """Whether a ``summarize`` result spreads more than NOISY_SPREAD (IQR / median); works on older results too."""
+    median, iqr = summary["median_s"], summary["iqr_s"]
+    return median > 0 and iqr / median > NOISY_SPREAD
 
 
 # -- the FLOP model -------------------------------------------------------------------------------
@@ -512,6 +532,7 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
         rates, gemm_gflops = gemm_rate(times, T, B, H, K, row["flops"])
         row.update(
             bptt=bptt,
+            noisy=is_noisy(bptt),
             forward=fwd,
             tokens_per_s=T * B / t,
             us_per_step=t / T * 1e6,
@@ -524,10 +545,12 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
             ref = {**torch_facts, "bptt": summarize(times["torch_bptt"]), "forward": summarize(times["torch_forward"])}
             ref["ratio"] = ref["bptt"]["median_s"] / t
             ref["ratio_forward"] = ref["forward"]["median_s"] / fwd["median_s"]
+            ref["noisy"] = is_noisy(ref["bptt"])
             row["torch"] = ref
         elif cfg.compare == "naive":
             ref = _naive_measure(model, x_host, y_host, cfg)
             ref["ratio"] = ref["bptt"]["median_s"] / t
+            ref["noisy"] = is_noisy(ref["bptt"])
             row["naive"] = ref
     except Exception as exc:
         if not _is_out_of_memory(exc):
@@ -553,6 +576,8 @@ def _resolve_backends(names: Sequence[str]) -> list[Backend]:
 
 
 def _fits(rows: list[dict[str, Any]], backends: list[Backend], cfg: BenchConfig) -> list[dict[str, Any]]:
+    """time ∝ size^exponent per backend, implementation and sweep; ``noisy_points`` counts the noisy timings
+    among the ``points`` it rests on."""
     fits = []
     impls = ["gpubptt"] + ([cfg.compare] if cfg.compare != "none" else [])
     for be in backends:
@@ -560,15 +585,16 @@ def _fits(rows: list[dict[str, Any]], backends: list[Backend], cfg: BenchConfig)
             sel = [r for r in rows if r["backend"] == be.name and r["sweep"] == sweep and r["status"] == "ok"]
             for impl in impls:
                 pts = [(r[size], (r if impl == "gpubptt" else r.get(impl, {})).get("bptt")) for r in sel]
-                pts = [(s, b["median_s"]) for s, b in pts if b]
+                pts = [(s, b["median_s"], is_noisy(b)) for s, b in pts if b]
                 fits.append(
                     {
                         "backend": be.name,
                         "impl": impl,
                         "sweep": sweep,
                         "fixed": fixed,
-                        "exponent": fit_exponent([s for s, _ in pts], [t for _, t in pts]),
+                        "exponent": fit_exponent([s for s, _, _ in pts], [t for _, t, _ in pts]),
                         "points": len(pts),
+                        "noisy_points": sum(noisy for _, _, noisy in pts),
                     }
                 )
     return fits
@@ -619,6 +645,7 @@ def run_bench(
             "gemm_reference": "4*B*H^2*T FLOPs at the rate of T x (B,H)x(H,H) GEMMs, the rest at one (T*B,H)x(H,K)",
         },
         "notes": notes,
+        "noisy_spread": NOISY_SPREAD,
         "rows": rows,
         "fits": _fits(rows, backends, cfg),
     }
@@ -630,6 +657,7 @@ CSV_COLUMNS = [
     "bptt_median_s", "bptt_min_s", "bptt_iqr_s", "forward_median_s", "tokens_per_s", "us_per_step",
     "gflops", "gemm_gflops", "efficiency",
     "torch_median_s", "torch_ratio", "torch_max_grad_rel_err", "naive_median_s", "naive_ratio", "bptt_times_s",
+    "bptt_spread", "noisy",
 ]  # fmt: skip
 
 
@@ -647,6 +675,8 @@ def _csv_row(r: dict[str, Any]) -> dict[str, Any]:
             gemm_gflops=r["gemm"]["gflops"],
             efficiency=r["efficiency"],
             bptt_times_s=";".join(f"{t:.6g}" for t in r["bptt"]["times_s"]),
+            bptt_spread=r["bptt"]["spread"],
+            noisy=r["noisy"],
         )
         for ref in ("torch", "naive"):
             if ref in r:

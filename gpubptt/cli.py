@@ -15,6 +15,7 @@ import typer
 
 from . import bench as bench_lib
 from . import diagnostics
+from ._paths import check_writable
 from .backend import available_backends, get_backend
 from .errors import BackendUnavailableError, InputError
 
@@ -134,13 +135,29 @@ def _sizes(value: str, option: str) -> list[int]:
 
 
 def _out_path(path: Path | None, option: str) -> Path | None:
-    if path is not None and (path.is_dir() or not path.parent.is_dir()):
-        raise typer.BadParameter(f"{option} {str(path)!r} must be a file in an existing folder")
+    """``path`` once a file there is known to be writable (a usage error otherwise), before any work."""
+    if path is not None:
+        try:
+            check_writable(path, option)
+        except InputError as exc:
+            raise _usage_error(str(exc)) from exc
     return path
 
 
 def _ms(summary: dict | None) -> str:
     return "-" if not summary else f"{summary['median_s'] * 1e3:.3g}"
+
+
+#: Marks a noisy timing (IQR/median above bench.NOISY_SPREAD) in the bench table.
+NOISY_MARK = "~"
+
+
+def _spread(summary: dict) -> str:
+    """IQR / median as a percentage, marked when noisy."""
+    if summary["median_s"] <= 0:
+        return "-"
+    text = f"{summary['iqr_s'] / summary['median_s']:.0%}"
+    return f"{text} {NOISY_MARK}" if bench_lib.is_noisy(summary) else text
 
 
 def _bench_table(result: dict) -> str:
@@ -160,7 +177,7 @@ def _bench_table(result: dict) -> str:
                 f"D={cfg['D']}, K={cfg['K']}, {cfg['input']}, {cfg['dtype']} (median of {cfg['repeats']})"
             )
             table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
-            cols = ["T", "H", "fwd+BPTT ms", "IQR ms", "min ms", "fwd ms", "tokens/s", "µs/step"]
+            cols = ["T", "H", "fwd+BPTT ms", "IQR ms", "IQR/median", "min ms", "fwd ms", "tokens/s", "µs/step"]
             cols += ["GFLOP/s", "GEMM GFLOP/s", "eff"]
             refs = [ref for ref in ("torch", "naive") if any(ref in r for r in rows)]
             for ref in refs:
@@ -172,7 +189,8 @@ def _bench_table(result: dict) -> str:
                     table.add_row(str(r["T"]), str(r["H"]), r["status"], *[""] * (len(cols) - 3))
                     continue
                 b = r["bptt"]
-                cells = [str(r["T"]), str(r["H"]), _ms(b), f"{b['iqr_s'] * 1e3:.2g}", f"{b['min_s'] * 1e3:.3g}"]
+                cells = [str(r["T"]), str(r["H"]), _ms(b), f"{b['iqr_s'] * 1e3:.2g}", _spread(b)]
+                cells.append(f"{b['min_s'] * 1e3:.3g}")
                 cells += [_ms(r["forward"]), f"{r['tokens_per_s']:,.0f}", f"{r['us_per_step']:.1f}"]
                 cells += [f"{r['gflops']:.1f}", f"{r['gemm']['gflops']:.1f}", f"{r['efficiency']:.0%}"]
                 for ref in refs:
@@ -181,19 +199,26 @@ def _bench_table(result: dict) -> str:
                         cells += ["-"] * 3
                         continue
                     err = max(d["grad_rel_err"].values())
-                    cells += [_ms(d["bptt"]), f"{d['ratio']:.2f}", f"{err:.1e}" + ("" if d["grads_match"] else " (!)")]
+                    ref_ms = _ms(d["bptt"]) + (f" {NOISY_MARK}" if bench_lib.is_noisy(d["bptt"]) else "")
+                    cells += [ref_ms, f"{d['ratio']:.2f}", f"{err:.1e}" + ("" if d["grads_match"] else " (!)")]
                 table.add_row(*cells)
             console.print(table)
         fits = [f for f in result["fits"] if f["backend"] == be["name"]]
         for f in fits:
             (k, v), exp = next(iter(f["fixed"].items())), f["exponent"]
             expo = "n/a (needs 2 sizes)" if exp is None else f"{exp:.2f}"
-            console.print(f"fitted: {f['impl']:>8} [{be['name']}]  time ∝ {f['sweep']}^{expo}  at {k}={v}")
+            noisy = f.get("noisy_points", 0)
+            caveat = f"  ({NOISY_MARK} rests on {noisy} noisy of {f['points']} points: unreliable)" if noisy else ""
+            console.print(f"fitted: {f['impl']:>8} [{be['name']}]  time ∝ {f['sweep']}^{expo}  at {k}={v}{caveat}")
     for note in result["notes"]:
         console.print(f"note: {note}")
     console.print(
         "×torch / ×naive = reference time ÷ gpubptt time (above 1: gpubptt is faster); eff = GFLOP/s ÷ the "
         "same-shaped GEMM rate measured in this run"
+    )
+    console.print(
+        f"{NOISY_MARK} noisy: IQR/median above {bench_lib.NOISY_SPREAD:.0%}, the runs disagree and the median is "
+        "unreliable (a busy machine?): rerun on a quieter one, or with more --repeats"
     )
     return buf.getvalue()
 
@@ -241,21 +266,38 @@ def bench(
     format: Annotated[
         FormatChoice | None, typer.Option(help="Output format (default: from --output's suffix, else table).")
     ] = None,
-    output: Annotated[Path | None, typer.Option(help="Write the result here (atomically) instead of stdout.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the result to this file (atomically, in --format); the table still prints on stdout "
+            "unless --quiet. Its folder is checked for writing before any work."
+        ),
+    ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a log-log PNG of time vs T and vs H here.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="No progress or messages on stderr; with --output, no table on stdout."),
+    ] = False,
 ) -> None:
     """Time forward+BPTT as T grows (at fixed H) and as H grows (at fixed T).
 
     Each row: median/min/IQR time, tokens/s, µs per step, GFLOP/s and efficiency vs same-shaped GEMMs.
 
     At the end: the fitted exponents a, b of time ∝ T^a (fixed H) and time ∝ H^b (fixed T).
+
+    Timings whose IQR/median exceeds 10 % are marked noisy (~), and so is each exponent fitted through them.
+
+    Results go to stdout, or to --output with the table still on stdout; messages go to stderr.
+
+    A file that cannot be written at the end: bench says so, prints its content on stdout, and exits with 1.
     """
     Ts = _sizes(seq_lens, "--seq-lens")
     Hs = _sizes(hidden_sizes, "--hidden-sizes")
     if input is InputChoice.tokens and input_size is not None:
         raise typer.BadParameter("--input-size applies to --input dense; with tokens D = --vocab")
     output, plot = _out_path(output, "--output"), _out_path(plot, "--plot")
+    if output is not None and plot is not None and output.resolve() == plot.resolve():
+        raise _usage_error(f"--output and --plot name the same file {str(output)!r}; give each its own")
     if format is None:
         suffix = output.suffix.lower().lstrip(".") if output else ""
         format = FormatChoice(suffix) if suffix in ("json", "csv") else FormatChoice.table
@@ -303,16 +345,34 @@ def bench(
         result = bench_lib.run_bench(cfg, argv=argv)
     for note in result["notes"]:
         say(f"note: {note}")
+    failed: list[str] = []  # a file that cannot be written now must not lose the run
     if output is not None:
-        bench_lib.write_atomic(output, _render(result, format))
-        say(f"wrote {output}")
-        if not quiet:
-            typer.echo(_bench_table(result), nl=False)
+        text = _render(result, format)
+        try:
+            bench_lib.write_atomic(output, text)
+        except OSError as exc:
+            typer.echo(text, nl=False)  # what the file would have held, so the results survive
+            failed.append(
+                f"--output: could not write {str(output)!r} ({exc.strerror or exc}); it is as it was, "
+                f"and its {format.value} content is on stdout instead"
+            )
+        else:
+            say(f"wrote {output}")
+            if not quiet:
+                typer.echo(_bench_table(result), nl=False)
     else:
         typer.echo(_render(result, format), nl=False)
     if plot is not None:
-        bench_lib.plot_results(result, plot)
-        say(f"wrote {plot}")
+        try:
+            bench_lib.plot_results(result, plot)
+        except OSError as exc:
+            failed.append(f"--plot: could not write {str(plot)!r} ({exc.strerror or exc}); it is as it was")
+        else:
+            say(f"wrote {plot}")
+    for message in failed:
+        typer.echo(f"error: {message}", err=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 # -- gpubptt vanish: gradient-flow diagnostics --------------------------------------------------------

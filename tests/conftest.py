@@ -1,8 +1,13 @@
-"""Shared fixtures: ``be``/``xp`` run a test on every backend (CuPy under the ``gpu`` marker)."""
+"""Shared fixtures: ``be``/``xp`` run a test on every backend (CuPy under the ``gpu`` marker).
+
+Also a summary of skipped tests by reason, one line each with its count, in place of pytest's line
+per skipping test (``-rs``): dozens of CuPy skips read as one line on a machine without a GPU.
+"""
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -16,6 +21,26 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, max_examples=25)
 settings.load_profile("ci" if os.environ.get("CI", "").lower() in ("1", "true", "yes") else "dev")
+
+pytest_plugins = ["pytester"]  # tests/test_build.py runs pytest on small generated suites
+
+
+def skip_reasons(reports) -> Counter[str]:
+    """How many tests skipped for each reason, from pytest's skip reports."""
+    reasons: Counter[str] = Counter()
+    for rep in reports:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    return reasons
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """One line per distinct skip reason, most frequent first: "66 skipped: cupy backend unavailable: ..."."""
+    reasons = skip_reasons(terminalreporter.stats.get("skipped", []))
+    if reasons:
+        terminalreporter.write_sep("=", "skipped, by reason")
+        for reason, n in reasons.most_common():
+            terminalreporter.write_line(f"{n} skipped: {reason}")
 
 
 def cupy_unavailable_reason() -> str | None:

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from gpubptt import backend as backend_mod
 from gpubptt import bench as bench_lib
+from gpubptt._paths import check_writable
 from gpubptt.cli import app
+from gpubptt.errors import InputError
 
 from .reference import numeric_grad, ref_loss
 
@@ -92,7 +97,54 @@ def test_fit_exponent_recovers_a_power_law():
 
 def test_summary_statistics_of_known_times():
     s = bench_lib.summarize([4.0, 1.0, 3.0, 2.0, 5.0])
-    assert s == {"median_s": 3.0, "min_s": 1.0, "iqr_s": 2.0, "times_s": [4.0, 1.0, 3.0, 2.0, 5.0]}
+    assert s == {"median_s": 3.0, "min_s": 1.0, "iqr_s": 2.0, "spread": 2 / 3, "times_s": [4.0, 1.0, 3.0, 2.0, 5.0]}
+
+
+def test_noisy_means_iqr_over_median_above_the_threshold():
+    assert bench_lib.NOISY_SPREAD == 0.1
+    assert not bench_lib.is_noisy(bench_lib.summarize([1.0, 1.0, 1.0, 1.0]))
+    assert not bench_lib.is_noisy(bench_lib.summarize([0.95, 1.0, 1.0, 1.05]))  # IQR/median 0.05
+    assert bench_lib.is_noisy(bench_lib.summarize([0.8, 1.0, 1.0, 1.2]))  # IQR/median 0.2
+    assert not bench_lib.is_noisy({"median_s": 1.0, "iqr_s": 0.05})  # an older result, without "spread"
+
+
+def _synthetic_times(noisy_call: int):
+    """A stand-in for time_interleaved: fixed times, with the bptt runs of call ``noisy_call`` spread 1 to 2 s."""
+    calls = iter(range(100))
+
+    def fake(fns, *, warmup, repeats):
+        n = next(calls)
+        times = {name: [0.01] * repeats for name in fns}
+        if n == noisy_call:
+            times["bptt"] = list(np.linspace(1.0, 2.0, repeats))
+        return times
+
+    return fake
+
+
+def test_noisy_rows_are_flagged_in_json_csv_and_table_and_so_are_fits_through_them(monkeypatch):
+    # runs in order (T=2, H=3), (T=4, H=3), (T=2, H=5): the (T=2, H=3) point sits in both sweeps, measured once
+    monkeypatch.setattr(bench_lib, "time_interleaved", _synthetic_times(noisy_call=1))
+    data = json.loads(bench("--format", "json", "--repeats", "4").stdout)
+    assert data["schema"] == "gpubptt.bench/1" and data["noisy_spread"] == 0.1
+    flags = {(r["sweep"], r["T"], r["H"]): r["noisy"] for r in data["rows"]}
+    assert flags == {("T", 2, 3): False, ("T", 4, 3): True, ("H", 2, 3): False, ("H", 2, 5): False}
+    noisy_row = next(r for r in data["rows"] if r["noisy"])
+    assert noisy_row["bptt"]["spread"] == pytest.approx(0.5 / 1.5)
+    assert {f["sweep"]: (f["noisy_points"], f["points"]) for f in data["fits"]} == {"T": (1, 2), "H": (0, 2)}
+
+    monkeypatch.setattr(bench_lib, "time_interleaved", _synthetic_times(noisy_call=1))
+    rows = list(csv.DictReader(io.StringIO(bench("--format", "csv", "--repeats", "4").stdout)))
+    assert [r["noisy"] for r in rows] == ["False", "True", "False", "False"]
+
+    monkeypatch.setattr(bench_lib, "time_interleaved", _synthetic_times(noisy_call=1))
+    table = bench("--repeats", "4").stdout
+    (noisy_line,) = [line for line in table.splitlines() if " 33% ~" in line]
+    assert noisy_line.split()[:2] == ["4", "3"]  # the T=4, H=3 row, and no other
+    (fit_t,) = [line for line in table.splitlines() if "time ∝ T^" in line]
+    (fit_h,) = [line for line in table.splitlines() if "time ∝ H^" in line]
+    assert "rests on 1 noisy of 2 points" in fit_t and "noisy" not in fit_h
+    assert "IQR/median above 10%" in table  # the legend gives the threshold
 
 
 # -- CSV and table --------------------------------------------------------------------------------
@@ -191,6 +243,117 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(monkeypatch):
 
 
 # -- files ----------------------------------------------------------------------------------------
+@pytest.fixture
+def no_run(monkeypatch):
+    """Makes any measurement fail the test: a check that must come before the work ran too late."""
+
+    def measured(*args, **kwargs):
+        raise AssertionError("bench measured before refusing a bad destination")
+
+    monkeypatch.setattr(bench_lib, "_measure", measured)
+
+
+def _oserror(code: int):
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+def test_bench_help_and_behaviour_agree_on_where_the_table_goes(tmp_path: Path):
+    params = {p.name: p for p in typer.main.get_command(app).commands["bench"].params}
+    assert "instead of stdout" not in params["output"].help
+    assert "table still prints on stdout unless --quiet" in params["output"].help
+    assert "with --output, no table on stdout" in params["quiet"].help
+    assert "fwd+BPTT ms" in bench("--output", str(tmp_path / "r.json")).stdout
+    assert bench("--output", str(tmp_path / "r.json"), "--quiet").stdout == ""
+
+
+@pytest.mark.parametrize("option", ["--output", "--plot"])
+@pytest.mark.parametrize("where", ["a folder", "under a regular file"])
+def test_destination_that_is_no_file_path_is_refused_before_any_work(tmp_path: Path, no_run, option, where):
+    (tmp_path / "file").write_text("keep")
+    target = tmp_path / "r.png" if where == "a folder" else tmp_path / "file" / "r.png"
+    target.mkdir() if where == "a folder" else None
+    result = bench(option, str(target))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {option} {str(target)!r}") and "expected" in result.stderr
+    assert (tmp_path / "file").read_text() == "keep" and result.stdout == ""
+
+
+def test_read_only_folder_is_refused_before_any_work(tmp_path: Path, monkeypatch, no_run):
+    # a read-only mount, as root sees one: creating a file there fails whatever os.access says
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if Path(dir) == tmp_path:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    result = bench("--output", str(tmp_path / "r.json"))
+    assert result.exit_code == 2, result.output
+    assert f"error: --output {str(tmp_path / 'r.json')!r}" in result.stderr
+    assert os.strerror(errno.EROFS) in result.stderr and str(tmp_path) in result.stderr
+
+
+def test_full_disk_is_refused_before_any_work(tmp_path: Path, monkeypatch, no_run):
+    out = tmp_path / "r.json"
+    out.write_text("old results")
+    monkeypatch.setattr(os, "fsync", _oserror(errno.ENOSPC))  # the disk takes no more data
+    result = bench("--output", str(out))
+    assert result.exit_code == 2, result.output
+    assert "error: --output" in result.stderr and os.strerror(errno.ENOSPC) in result.stderr
+    assert out.read_text() == "old results" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_probe_leaves_the_folder_and_an_existing_file_as_they_were(tmp_path: Path):
+    out = tmp_path / "r.json"
+    check_writable(out, "--output")
+    assert list(tmp_path.iterdir()) == []
+    out.write_text("old")
+    check_writable(out, "--output")
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    with pytest.raises(InputError, match=r"--output .*does not exist; expected a file in an existing folder"):
+        check_writable(tmp_path / "missing" / "r.json", "--output")
+
+
+@pytest.mark.parametrize(("suffix", "quiet"), [("json", False), ("txt", True)], ids=["json", "table-quiet"])
+def test_failed_final_write_prints_the_results_keeps_the_old_file_and_fails(tmp_path: Path, monkeypatch, suffix, quiet):
+    out = tmp_path / f"r.{suffix}"
+    out.write_text("old results")
+    monkeypatch.setattr(bench_lib, "write_atomic", _oserror(errno.ENOSPC))  # the disk fills up during the run
+    result = bench("--output", str(out), *(["--quiet"] if quiet else []))
+    assert result.exit_code == 1, result.output
+    assert f"error: --output: could not write {str(out)!r}" in result.stderr
+    assert os.strerror(errno.ENOSPC) in result.stderr and "Traceback" not in result.output
+    if suffix == "json":
+        assert json.loads(result.stdout)["schema"] == "gpubptt.bench/1"  # the whole result, on stdout
+    else:
+        assert "fwd+BPTT ms" in result.stdout and "time ∝ T^" in result.stdout
+    assert out.read_text() == "old results"
+
+
+def test_failed_plot_write_still_shows_the_table_and_fails(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(bench_lib, "plot_unavailable_reason", lambda: None)
+    monkeypatch.setattr(bench_lib, "plot_results", _oserror(errno.ENOSPC))
+    png = tmp_path / "r.png"
+    result = bench("--plot", str(png))
+    assert result.exit_code == 1, result.output
+    assert (
+        f"error: --plot: could not write {str(png)!r}" in result.stderr and os.strerror(errno.ENOSPC) in result.stderr
+    )
+    assert "fwd+BPTT ms" in result.stdout and not png.exists()
+
+
+def test_output_and_plot_naming_one_file_is_refused(tmp_path: Path, monkeypatch, no_run):
+    monkeypatch.setattr(bench_lib, "plot_unavailable_reason", lambda: None)
+    png = tmp_path / "r.png"
+    result = bench("--output", str(png), "--plot", str(tmp_path / "." / "r.png"))
+    assert result.exit_code == 2, result.output
+    assert "error: --output and --plot name the same file" in result.stderr
+
+
 def test_output_file_is_written_in_the_format_of_its_suffix(tmp_path: Path):
     out = tmp_path / "r.json"
     result = bench("--output", str(out))

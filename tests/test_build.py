@@ -1,0 +1,41 @@
+"""The test run's own report: skips summed up by reason, and the closing line CI reads left as pytest writes it."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _addopts() -> list[str]:
+    """The pytest options of pyproject.toml (read with a pattern: tomllib needs Python 3.11)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    return shlex.split(re.search(r'^addopts\s*=\s*"([^"]*)"', text, re.MULTILINE).group(1))
+
+
+def test_skips_are_summed_up_one_line_per_reason_and_the_closing_line_stays(pytester):
+    pytester.makeconftest((ROOT / "tests" / "conftest.py").read_text())
+    pytester.makepyfile(
+        test_few="""
+        import pytest
+
+        @pytest.mark.parametrize("i", range(3))
+        def test_needs_a_gpu(i):
+            pytest.skip("cupy backend unavailable: no GPU here")
+
+        def test_needs_torch():
+            pytest.skip("could not import 'torch'")
+
+        def test_runs():
+            pass
+        """
+    )
+    result = pytester.runpytest("-q", *_addopts())
+    result.assert_outcomes(passed=1, skipped=4)
+    out = result.stdout.lines
+    assert "3 skipped: cupy backend unavailable: no GPU here" in out
+    assert "1 skipped: could not import 'torch'" in out
+    assert not [line for line in out if line.startswith("SKIPPED")]  # no line per skipping test
+    assert re.fullmatch(r"1 passed, 4 skipped in [\d.]+s", out[-1])  # the closing line stays last, as pytest writes it
