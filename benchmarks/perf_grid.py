@@ -28,6 +28,8 @@ import numpy as np
 
 import gpubptt
 from gpubptt import bench
+from gpubptt._io import write_atomic
+from gpubptt.environment import environment
 
 # (T, B, D, H, K, tokens)
 GRID = [
@@ -155,7 +157,7 @@ def main() -> int:
     result = {
         "schema": "gpubptt-perf-grid/2",
         "command": " ".join(sys.argv),
-        "environment": bench.environment([be]),
+        "environment": environment([be]),
         "repeats": args.repeats,
         "median_ratio_vs_torch": float(np.median(ratios)) if ratios else None,
         "max_ratio_vs_torch": float(np.max(ratios)) if ratios else None,
@@ -165,7 +167,7 @@ def main() -> int:
     if ratios:
         print(f"ratio vs torch: median {result['median_ratio_vs_torch']:.2f}, max {result['max_ratio_vs_torch']:.2f}")
     if args.output:
-        bench.write_atomic(args.output, json.dumps(result, indent=1))
+        write_atomic(args.output, json.dumps(result, indent=1))
     return 0
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from collections import deque
@@ -14,9 +13,11 @@ import numpy as np
 import typer
 
 from . import bench as bench_lib
-from . import diagnostics
+from . import diagnostics, plots
+from ._io import write_atomic
 from ._paths import check_writable
 from .backend import available_backends, get_backend
+from .environment import environment
 from .errors import BackendUnavailableError, InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batched RNNs and exact BPTT on NumPy or CuPy.")
@@ -41,7 +42,7 @@ def _check_plot(plot: Path | None) -> None:
         raise _usage_error(f"--plot must name a .png file, got {str(plot)!r}")
     if not plot.parent.is_dir():
         raise _usage_error(f"--plot: folder {str(plot.parent)!r} does not exist")
-    if reason := bench_lib.plot_unavailable_reason():
+    if reason := plots.plot_unavailable_reason():
         raise _usage_error(reason)
 
 
@@ -103,7 +104,7 @@ def info(
 ) -> None:
     """Show the backend, device, library versions, BLAS build and thread counts."""
     be = _backend_or_exit(backend.value)
-    env = bench_lib.environment([be])
+    env = environment([be])
     data = {
         "gpubptt": env["versions"]["gpubptt"],
         "python": env["python"],
@@ -144,91 +145,8 @@ def _out_path(path: Path | None, option: str) -> Path | None:
     return path
 
 
-def _ms(summary: dict | None) -> str:
-    return "-" if not summary else f"{summary['median_s'] * 1e3:.3g}"
-
-
-#: Marks a noisy timing (IQR/median above bench.NOISY_SPREAD) in the bench table.
-NOISY_MARK = "~"
-
-
-def _spread(summary: dict) -> str:
-    """IQR / median as a percentage, marked when noisy."""
-    if summary["median_s"] <= 0:
-        return "-"
-    text = f"{summary['iqr_s'] / summary['median_s']:.0%}"
-    return f"{text} {NOISY_MARK}" if bench_lib.is_noisy(summary) else text
-
-
-def _bench_table(result: dict) -> str:
-    """The result as readable text: a table per backend and sweep, then the fitted exponents."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    buf = io.StringIO()
-    console = Console(file=buf, width=220, color_system=None, highlight=False)
-    cfg = result["config"]
-    for be in result["environment"]["backends"]:
-        for sweep, fixed in (("T", f"H={cfg['fixed_H']}"), ("H", f"T={cfg['fixed_T']}")):
-            rows = [r for r in result["rows"] if r["backend"] == be["name"] and r["sweep"] == sweep]
-            title = (
-                f"{be['name']} on {be['device']}: forward+BPTT vs {sweep} at {fixed}, B={cfg['batch']}, "
-                f"D={cfg['D']}, K={cfg['K']}, {cfg['input']}, {cfg['dtype']} (median of {cfg['repeats']})"
-            )
-            table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
-            cols = ["T", "H", "fwd+BPTT ms", "IQR ms", "IQR/median", "min ms", "fwd ms", "tokens/s", "µs/step"]
-            cols += ["GFLOP/s", "GEMM GFLOP/s", "eff"]
-            refs = [ref for ref in ("torch", "naive") if any(ref in r for r in rows)]
-            for ref in refs:
-                cols += [f"{ref} ms", f"×{ref}", f"{ref} grad err"]
-            for c in cols:
-                table.add_column(c, justify="right")
-            for r in rows:
-                if r["status"] != "ok":
-                    table.add_row(str(r["T"]), str(r["H"]), r["status"], *[""] * (len(cols) - 3))
-                    continue
-                b = r["bptt"]
-                cells = [str(r["T"]), str(r["H"]), _ms(b), f"{b['iqr_s'] * 1e3:.2g}", _spread(b)]
-                cells.append(f"{b['min_s'] * 1e3:.3g}")
-                cells += [_ms(r["forward"]), f"{r['tokens_per_s']:,.0f}", f"{r['us_per_step']:.1f}"]
-                cells += [f"{r['gflops']:.1f}", f"{r['gemm']['gflops']:.1f}", f"{r['efficiency']:.0%}"]
-                for ref in refs:
-                    d = r.get(ref)
-                    if d is None:
-                        cells += ["-"] * 3
-                        continue
-                    err = max(d["grad_rel_err"].values())
-                    ref_ms = _ms(d["bptt"]) + (f" {NOISY_MARK}" if bench_lib.is_noisy(d["bptt"]) else "")
-                    cells += [ref_ms, f"{d['ratio']:.2f}", f"{err:.1e}" + ("" if d["grads_match"] else " (!)")]
-                table.add_row(*cells)
-            console.print(table)
-        fits = [f for f in result["fits"] if f["backend"] == be["name"]]
-        for f in fits:
-            (k, v), exp = next(iter(f["fixed"].items())), f["exponent"]
-            expo = "n/a (needs 2 sizes)" if exp is None else f"{exp:.2f}"
-            noisy = f.get("noisy_points", 0)
-            caveat = f"  ({NOISY_MARK} rests on {noisy} noisy of {f['points']} points: unreliable)" if noisy else ""
-            console.print(f"fitted: {f['impl']:>8} [{be['name']}]  time ∝ {f['sweep']}^{expo}  at {k}={v}{caveat}")
-    for note in result["notes"]:
-        console.print(f"note: {note}")
-    console.print(
-        "×torch / ×naive = reference time ÷ gpubptt time (above 1: gpubptt is faster); eff = GFLOP/s ÷ the "
-        "same-shaped GEMM rate measured in this run"
-    )
-    console.print(
-        f"{NOISY_MARK} noisy: IQR/median above {bench_lib.NOISY_SPREAD:.0%}, the runs disagree and the median is "
-        "unreliable (a busy machine?): rerun on a quieter one, or with more --repeats"
-    )
-    return buf.getvalue()
-
-
 def _render(result: dict, fmt: FormatChoice) -> str:
-    if fmt is FormatChoice.json:
-        return json.dumps(result, indent=2) + "\n"
-    if fmt is FormatChoice.csv:
-        return bench_lib.render_csv(result)
-    return _bench_table(result)
+    return bench_lib.render(result, fmt.value)
 
 
 @app.command()
@@ -349,7 +267,7 @@ def bench(
     if output is not None:
         text = _render(result, format)
         try:
-            bench_lib.write_atomic(output, text)
+            write_atomic(output, text)
         except OSError as exc:
             typer.echo(text, nl=False)  # what the file would have held, so the results survive
             failed.append(
@@ -359,12 +277,12 @@ def bench(
         else:
             say(f"wrote {output}")
             if not quiet:
-                typer.echo(_bench_table(result), nl=False)
+                typer.echo(bench_lib.render_table(result), nl=False)
     else:
         typer.echo(_render(result, format), nl=False)
     if plot is not None:
         try:
-            bench_lib.plot_results(result, plot)
+            plots.plot_bench(result, plot)
         except OSError as exc:
             failed.append(f"--plot: could not write {str(plot)!r} ({exc.strerror or exc}); it is as it was")
         else:

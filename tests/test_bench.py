@@ -16,8 +16,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from gpubptt import _io, cli, plots
 from gpubptt import backend as backend_mod
 from gpubptt import bench as bench_lib
+from gpubptt._io import write_atomic
 from gpubptt._paths import check_writable
 from gpubptt.cli import app
 from gpubptt.errors import InputError
@@ -124,7 +126,7 @@ def _synthetic_times(noisy_call: int):
 
 def test_noisy_rows_are_flagged_in_json_csv_and_table_and_so_are_fits_through_them(monkeypatch):
     # runs in order (T=2, H=3), (T=4, H=3), (T=2, H=5): the (T=2, H=3) point sits in both sweeps, measured once
-    monkeypatch.setattr(bench_lib, "time_interleaved", _synthetic_times(noisy_call=1))
+    monkeypatch.setattr(bench_lib.runner, "time_interleaved", _synthetic_times(noisy_call=1))
     data = json.loads(bench("--format", "json", "--repeats", "4").stdout)
     assert data["schema"] == "gpubptt.bench/1" and data["noisy_spread"] == 0.1
     flags = {(r["sweep"], r["T"], r["H"]): r["noisy"] for r in data["rows"]}
@@ -133,11 +135,11 @@ def test_noisy_rows_are_flagged_in_json_csv_and_table_and_so_are_fits_through_th
     assert noisy_row["bptt"]["spread"] == pytest.approx(0.5 / 1.5)
     assert {f["sweep"]: (f["noisy_points"], f["points"]) for f in data["fits"]} == {"T": (1, 2), "H": (0, 2)}
 
-    monkeypatch.setattr(bench_lib, "time_interleaved", _synthetic_times(noisy_call=1))
+    monkeypatch.setattr(bench_lib.runner, "time_interleaved", _synthetic_times(noisy_call=1))
     rows = list(csv.DictReader(io.StringIO(bench("--format", "csv", "--repeats", "4").stdout)))
     assert [r["noisy"] for r in rows] == ["False", "True", "False", "False"]
 
-    monkeypatch.setattr(bench_lib, "time_interleaved", _synthetic_times(noisy_call=1))
+    monkeypatch.setattr(bench_lib.runner, "time_interleaved", _synthetic_times(noisy_call=1))
     table = bench("--repeats", "4").stdout
     (noisy_line,) = [line for line in table.splitlines() if " 33% ~" in line]
     assert noisy_line.split()[:2] == ["4", "3"]  # the T=4, H=3 row, and no other
@@ -225,7 +227,7 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(monkeypatch):
     class OutOfMemoryError(Exception):  # named like CuPy's and torch.cuda's
         pass
 
-    real = bench_lib.RNN
+    real = bench_lib.runner.RNN
 
     def rnn(D, H, K, **kw):
         if H == 5:
@@ -234,7 +236,7 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(monkeypatch):
             raise MemoryError
         return real(D, H, K, **kw)
 
-    monkeypatch.setattr(bench_lib, "RNN", rnn)
+    monkeypatch.setattr(bench_lib.runner, "RNN", rnn)
     result = bench("--format", "json", "--hidden-sizes", "3,5,7")
     assert result.exit_code == 0, result.output
     status = {r["H"]: r["status"] for r in json.loads(result.stdout)["rows"] if r["sweep"] == "H"}
@@ -250,7 +252,7 @@ def no_run(monkeypatch):
     def measured(*args, **kwargs):
         raise AssertionError("bench measured before refusing a bad destination")
 
-    monkeypatch.setattr(bench_lib, "_measure", measured)
+    monkeypatch.setattr(bench_lib.runner, "_measure", measured)
 
 
 def _oserror(code: int):
@@ -322,7 +324,7 @@ def test_probe_leaves_the_folder_and_an_existing_file_as_they_were(tmp_path: Pat
 def test_failed_final_write_prints_the_results_keeps_the_old_file_and_fails(tmp_path: Path, monkeypatch, suffix, quiet):
     out = tmp_path / f"r.{suffix}"
     out.write_text("old results")
-    monkeypatch.setattr(bench_lib, "write_atomic", _oserror(errno.ENOSPC))  # the disk fills up during the run
+    monkeypatch.setattr(cli, "write_atomic", _oserror(errno.ENOSPC))  # the disk fills up during the run
     result = bench("--output", str(out), *(["--quiet"] if quiet else []))
     assert result.exit_code == 1, result.output
     assert f"error: --output: could not write {str(out)!r}" in result.stderr
@@ -335,8 +337,8 @@ def test_failed_final_write_prints_the_results_keeps_the_old_file_and_fails(tmp_
 
 
 def test_failed_plot_write_still_shows_the_table_and_fails(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(bench_lib, "plot_unavailable_reason", lambda: None)
-    monkeypatch.setattr(bench_lib, "plot_results", _oserror(errno.ENOSPC))
+    monkeypatch.setattr(plots, "plot_unavailable_reason", lambda: None)
+    monkeypatch.setattr(plots, "plot_bench", _oserror(errno.ENOSPC))
     png = tmp_path / "r.png"
     result = bench("--plot", str(png))
     assert result.exit_code == 1, result.output
@@ -347,7 +349,7 @@ def test_failed_plot_write_still_shows_the_table_and_fails(tmp_path: Path, monke
 
 
 def test_output_and_plot_naming_one_file_is_refused(tmp_path: Path, monkeypatch, no_run):
-    monkeypatch.setattr(bench_lib, "plot_unavailable_reason", lambda: None)
+    monkeypatch.setattr(plots, "plot_unavailable_reason", lambda: None)
     png = tmp_path / "r.png"
     result = bench("--output", str(png), "--plot", str(tmp_path / "." / "r.png"))
     assert result.exit_code == 2, result.output
@@ -373,7 +375,7 @@ def test_failed_run_leaves_the_existing_output_file_untouched(tmp_path: Path, mo
     def broken(*args, **kwargs):
         raise RuntimeError("the run broke")
 
-    monkeypatch.setattr(bench_lib, "_measure", broken)
+    monkeypatch.setattr(bench_lib.runner, "_measure", broken)
     result = bench("--output", str(out))
     assert result.exit_code != 0
     assert out.read_text() == "old results" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
@@ -386,9 +388,9 @@ def test_write_atomic_keeps_the_old_file_when_the_replace_fails(tmp_path: Path, 
     def fail(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(bench_lib.os, "replace", fail)
+    monkeypatch.setattr(_io.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
-        bench_lib.write_atomic(out, "new")
+        write_atomic(out, "new")
     assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.csv"]
 
 
@@ -471,12 +473,12 @@ def test_write_atomic_gives_new_files_the_usual_mode_and_keeps_an_existing_mode(
     umask = os.umask(0o022)
     try:
         new = tmp_path / "new.json"
-        bench_lib.write_atomic(new, "{}")
+        write_atomic(new, "{}")
         assert new.stat().st_mode & 0o777 == 0o644 and new.read_text() == "{}"
         old = tmp_path / "old.json"
         old.write_text("x")
         old.chmod(0o600)
-        bench_lib.write_atomic(old, b"y")
+        write_atomic(old, b"y")
         assert old.stat().st_mode & 0o777 == 0o600 and old.read_bytes() == b"y"
     finally:
         os.umask(umask)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from ..timing import sync_timer
 from .base import Backend, TokenPlan, is_cupy_array
 
 __all__ = ["ONEHOT_MAX_VOCAB", "NumpyBackend"]
@@ -38,14 +38,8 @@ class NumpyBackend(Backend):
         return np.asarray(a, dtype=dtype)
 
     def timer(self) -> Callable[[Callable[[], Any]], float]:
-        """``time.perf_counter`` around fn."""
-
-        def run(fn: Callable[[], Any]) -> float:
-            t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
-
-        return run
+        """``time.perf_counter`` around fn (nothing to synchronise on the host)."""
+        return sync_timer(self.synchronize)
 
     def data_ptr(self, a: Any) -> int:
         return int(a.__array_interface__["data"][0])

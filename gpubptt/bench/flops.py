@@ -1,0 +1,55 @@
+"""The FLOP model of forward+BPTT, the GEMM rate it is measured against, and fitted exponents.
+
+Multiply-adds count 2; elementwise work (tanh, exp, the gather and scatter-add of token inputs) is
+not counted. See the package docstring for the table of products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..timing import summarize
+
+__all__ = ["fit_exponent", "flops", "gemm_rate"]
+
+
+def flops(T: int, B: int, D: int, H: int, K: int, *, tokens: bool, forward_only: bool = False) -> int:
+    """FLOPs of forward+BPTT (or the forward pass alone) under the model in this module's docstring.
+
+    tokens: 6·B·H·T·(H + K) (forward 2·B·H·T·(H + K)); dense: 2·B·H·T·(2D + 3H + 3K) (forward
+    2·B·H·T·(D + H + K)).
+    """
+    d = 0 if tokens else D
+    if forward_only:
+        return 2 * B * H * T * (d + H + K)
+    return 2 * B * H * T * (2 * d + 3 * H + 3 * K)
+
+
+def fit_exponent(sizes: Sequence[float], times: Sequence[float]) -> float | None:
+    """Least-squares slope a of log(time) = a·log(size) + c; None with fewer than 2 distinct sizes."""
+    pts = [(s, t) for s, t in zip(sizes, times, strict=True) if t is not None and t > 0 and s > 0]
+    if len({s for s, _ in pts}) < 2:
+        return None
+    lx = np.log([s for s, _ in pts])
+    ly = np.log([t for _, t in pts])
+    return float(np.polyfit(lx, ly, 1)[0])
+
+
+def gemm_rate(
+    times: dict[str, list[float]], T: int, B: int, H: int, K: int, total_flops: float
+) -> tuple[dict[str, float], float]:
+    """The GEMM rate a forward+BPTT of these sizes could reach, from the ``gemm_references`` times.
+
+    The two sequential products (4·B·H²·T FLOPs) are charged at the rate of T back-to-back
+    (B, H)×(H, H) GEMMs, the rest at one (T·B, H)×(H, K) GEMM: returns ({"step_gflops",
+    "batched_gflops"}, the FLOP-weighted harmonic mean of the two in GFLOP/s).
+    """
+    rates = {
+        "step_gflops": 2 * B * H * H * T / summarize(times["gemm_step"])["median_s"] / 1e9,
+        "batched_gflops": 2 * T * B * H * K / summarize(times["gemm_batched"])["median_s"] / 1e9,
+    }
+    rec = 4 * B * H * H * T  # the two sequential products
+    gemm_time = rec / (rates["step_gflops"] * 1e9) + (total_flops - rec) / (rates["batched_gflops"] * 1e9)
+    return rates, total_flops / gemm_time / 1e9

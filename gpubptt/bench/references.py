@@ -1,0 +1,190 @@
+"""The references forward+BPTT is compared with: the textbook per-example loop, PyTorch, plain GEMMs.
+
+Each reference checks its gradients against gpubptt's before it is timed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..backend import Backend, to_numpy
+from ..model import RNN
+from ..timing import Timer, summarize, sync_timer, time_fn
+
+if TYPE_CHECKING:
+    from .runner import BenchConfig
+
+__all__ = [
+    "GRAD_TOL",
+    "gemm_references",
+    "naive_loss_and_grads",
+    "naive_measure",
+    "torch_reference",
+    "torch_unavailable_reason",
+]
+
+TORCH_HINT = "install PyTorch with `pip install torch` (a CPU build is enough for the CPU comparison)"
+#: The naive reference times this many examples of the batch and scales by B / that (each example
+#: costs the same, independently), with at most NAIVE_REPEATS timed runs, so a default run stays short.
+NAIVE_EXAMPLES = 4
+NAIVE_REPEATS = 3
+#: Gradient agreement threshold (normwise max relative error) of a reference implementation, by dtype.
+GRAD_TOL = {"float32": 1e-3, "float64": 1e-9}
+
+
+def naive_loss_and_grads(
+    U: np.ndarray, W: np.ndarray, V: np.ndarray, x: np.ndarray, y: np.ndarray, *, tokens: bool
+) -> tuple[float, dict[str, np.ndarray]]:
+    """Textbook BPTT on the host: one sequence at a time, one time step at a time (min-char-rnn style).
+
+    U (H, D), W (H, H), V (K, H); x (T, B) ids or (T, B, D) floats; y (T, B). Returns the summed
+    cross-entropy and dU, dW, dV. No batching, no hoisting: every product is a matrix-vector product.
+    """
+    T, B = y.shape
+    H = W.shape[0]
+    dU, dW, dV = np.zeros_like(U), np.zeros_like(W), np.zeros_like(V)
+    loss = 0.0
+    for b in range(B):
+        s, p = {-1: np.zeros(H, dtype=W.dtype)}, {}
+        for t in range(T):
+            u = U[:, x[t, b]] if tokens else U @ x[t, b]
+            s[t] = np.tanh(u + W @ s[t - 1])
+            z = V @ s[t]
+            e = np.exp(z - z.max())
+            p[t] = e / e.sum()
+            loss += -np.log(p[t][y[t, b]])
+        ds_next = np.zeros(H, dtype=W.dtype)
+        for t in reversed(range(T)):
+            do = p[t].copy()
+            do[y[t, b]] -= 1  # backprop into the logits: softmax − onehot
+            dV += np.outer(do, s[t])
+            ds = V.T @ do + ds_next
+            da = (1 - s[t] * s[t]) * ds  # backprop through tanh
+            if tokens:
+                dU[:, x[t, b]] += da
+            else:
+                dU += np.outer(da, x[t, b])
+            dW += np.outer(da, s[t - 1])
+            ds_next = W.T @ da
+    return float(loss), {"U": dU, "W": dW, "V": dV}
+
+
+def torch_unavailable_reason() -> str | None:
+    """Why PyTorch cannot be imported here (with how to install it), or None when it can."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        return f"PyTorch is not installed ({exc}); {TORCH_HINT}"
+    return None
+
+
+def _rel_err(ref: np.ndarray, got: np.ndarray) -> float:
+    """Normwise max relative error max|got − ref| / max|ref|."""
+    ref, got = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
+    return float(np.abs(got - ref).max() / max(np.abs(ref).max(), np.finfo(np.float64).tiny))
+
+
+def _grad_errors(ref: dict[str, Any], got: dict[str, Any], dtype: str) -> dict[str, Any]:
+    errs = {k: _rel_err(to_numpy(ref[k]), to_numpy(got[k])) for k in ("U", "W", "V")}
+    return {"grad_rel_err": errs, "grads_match": max(errs.values()) <= GRAD_TOL[dtype]}
+
+
+def torch_reference(
+    model: RNN, x: Any, y: Any, grads: dict[str, Any], cfg: BenchConfig
+) -> tuple[dict[str, Any], dict[str, tuple[Callable[[], Any], Timer]]]:
+    """nn.RNN(bias=False, tanh) + Linear(bias=False) + cross_entropy(sum) on the same weights and data.
+
+    Checks its gradients against ``grads`` and returns (facts, {"bptt", "forward"}: (fn, timer)).
+    Arrays cross over by DLPack, so they land on the CPU for NumPy and on the GPU for CuPy. Token
+    inputs are fed one-hot (nn.RNN has no token input), so torch also runs the (T·B, D)×(D, H) GEMM.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    # FP32 against FP32: on GPUs PyTorch lets cuDNN use TF32 by default, which is faster and less exact
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    T, B = int(y.shape[0]), int(y.shape[1])
+    D, H, K = model.input_size, model.hidden_size, model.output_size
+    tdtype = getattr(torch, cfg.dtype)
+    U = torch.from_dlpack(model.params["U"])
+    dev = U.device
+    rnn = torch.nn.RNN(D, H, nonlinearity="tanh", bias=False).to(device=dev, dtype=tdtype)
+    lin = torch.nn.Linear(H, K, bias=False).to(device=dev, dtype=tdtype)
+    with torch.no_grad():
+        rnn.weight_ih_l0.copy_(U)
+        rnn.weight_hh_l0.copy_(torch.from_dlpack(model.params["W"]))
+        lin.weight.copy_(torch.from_dlpack(model.params["V"]))
+    xt = torch.from_dlpack(x)
+    xt = F.one_hot(xt, D).to(tdtype) if cfg.tokens else xt
+    yt = torch.from_dlpack(y).reshape(-1).long()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def loss_fn() -> Any:
+        out, _ = rnn(xt)  # (T, B, H)
+        return F.cross_entropy(lin(out).reshape(T * B, K), yt, reduction="sum")
+
+    def fwd_bwd() -> None:
+        rnn.zero_grad(set_to_none=True)
+        lin.zero_grad(set_to_none=True)
+        loss_fn().backward()
+
+    def fwd() -> None:
+        with torch.no_grad():
+            loss_fn()
+
+    fwd_bwd()
+    got = {"U": rnn.weight_ih_l0.grad, "W": rnn.weight_hh_l0.grad, "V": lin.weight.grad}
+    got = {k: v.detach().cpu().numpy() for k, v in got.items()}
+    facts = {
+        "version": torch.__version__,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        **_grad_errors(grads, got, cfg.dtype),
+    }
+    timer = sync_timer(sync)
+    return facts, {"bptt": (fwd_bwd, timer), "forward": (fwd, timer)}
+
+
+def naive_measure(model: RNN, x_host: np.ndarray, y_host: np.ndarray, cfg: BenchConfig) -> dict[str, Any]:
+    """Time the textbook implementation on the first few examples and scale to the whole batch."""
+    B = y_host.shape[1]
+    nb = min(B, NAIVE_EXAMPLES)
+    xs, ys = x_host[:, :nb], y_host[:, :nb]
+    U, W, V = (to_numpy(model.params[k]) for k in ("U", "W", "V"))
+    _, got = naive_loss_and_grads(U, W, V, xs, ys, tokens=cfg.tokens)
+    be = model.backend
+    _, ref = model.loss_and_grads(be.asarray(xs), be.asarray(ys))
+    errs = _grad_errors(ref, got, cfg.dtype)
+    times = time_fn(
+        lambda: naive_loss_and_grads(U, W, V, xs, ys, tokens=cfg.tokens),
+        timer=sync_timer(lambda: None),
+        warmup=min(cfg.warmup, 1),
+        repeats=min(cfg.repeats, NAIVE_REPEATS),
+    )
+    return {"measured_examples": nb, "scale": B / nb, **errs, "bptt": summarize([t * B / nb for t in times])}
+
+
+def gemm_references(be: Backend, T: int, B: int, H: int, K: int, cfg: BenchConfig) -> dict[str, Callable[[], None]]:
+    """T back-to-back (B, H)×(H, H) GEMMs ("gemm_step") and one (T·B, H)×(H, K) GEMM ("gemm_batched").
+
+    Both go through ``be.matmul``, the GEMM the model itself calls, in this backend's dtype.
+    """
+    xp = be.xp
+    rng = np.random.default_rng(cfg.seed)
+    s = be.asarray(rng.standard_normal((B, H)), dtype=cfg.dtype)
+    W = be.asarray(rng.standard_normal((H, H)), dtype=cfg.dtype)
+    hw = xp.empty((B, H), dtype=cfg.dtype)
+    S = be.asarray(rng.standard_normal((T * B, H)), dtype=cfg.dtype)
+    V = be.asarray(rng.standard_normal((K, H)), dtype=cfg.dtype)
+    Z = xp.empty((T * B, K), dtype=cfg.dtype)
+
+    def steps() -> None:
+        for _ in range(T):
+            be.matmul(s, W.T, hw)
+
+    return {"gemm_step": steps, "gemm_batched": lambda: be.matmul(S, V.T, Z)}
