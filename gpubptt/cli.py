@@ -15,6 +15,7 @@ import typer
 
 from . import bench as bench_lib
 from . import diagnostics
+from ._paths import DestinationError, check_writable, replacing, write_error
 from .backend import available_backends, get_backend
 from .errors import BackendUnavailableError, InputError
 
@@ -315,6 +316,34 @@ def bench(
         say(f"wrote {plot}")
 
 
+# -- shared by vanish, train and sample ------------------------------------------------------------
+class _Failed(Exception):
+    """Work that failed for a reason the user can act on: printed as ``error: ...``, exit ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _writable_or_exit(path: Path | None, option: str) -> Path | None:
+    """``path`` once a file can be written there (see ``check_writable``), else a usage error."""
+    if path is None:
+        return None
+    try:
+        return check_writable(path, option)
+    except DestinationError as exc:
+        raise _usage_error(str(exc)) from exc
+
+
+def _write_png(path: Path, what: str, draw) -> None:
+    """Run ``draw(tmp)`` to write a PNG beside ``path``, then put it in place; _Failed on an OSError."""
+    try:
+        with replacing(path) as tmp:
+            draw(tmp)
+    except OSError as exc:
+        raise _Failed(write_error(what, path, exc)) from exc
+
+
 # -- gpubptt vanish: gradient-flow diagnostics --------------------------------------------------------
 class InitChoice(str, Enum):
     wildml = "wildml"
@@ -448,6 +477,7 @@ def vanish(
     elif data is not None:
         raise _usage_error("--data needs --checkpoint: the model whose vocabulary encodes the text")
     _check_plot(plot)
+    _writable_or_exit(plot, "--plot")
     be = _backend_or_exit(backend.value)
     if checkpoint is None:
         hidden = RANDOM_DEFAULTS["hidden"] if hidden is None else hidden
@@ -490,7 +520,11 @@ def vanish(
                 f"{checkpoint.name} ({about['task']}, step {about['step']}) on {about['data']}: "
                 f"T={T} H={model.hidden_size} B={batch} seed={seed} ({be.name})"
             )
-        diagnostics.plot_vanish(sweep, plot, title=title)
+        try:
+            _write_png(plot, "plot", lambda tmp: diagnostics.plot_vanish(sweep, tmp, title=title))
+        except _Failed as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.code) from exc
         typer.echo(f"wrote {plot}", err=True)
 
 
@@ -599,9 +633,9 @@ def train(
     )  # fmt: skip
     given = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items() if v is not None}
     _check_plot(plot)
+    _writable_or_exit(plot, "--plot")
+    _writable_or_exit(checkpoint, "--checkpoint")  # before any work: training failed only at its first save
     be = _backend_or_exit(backend.value)
-    if not checkpoint.parent.is_dir():
-        raise _usage_error(f"--checkpoint: directory {str(checkpoint.parent)!r} does not exist")
     if resume and force:
         raise _usage_error("--resume and --force exclude each other")
     if checkpoint.exists() and not (resume or force):
@@ -648,6 +682,12 @@ def train(
         bar = progress.add_task("train", total=config.steps, completed=state.step, info="")
         progress.start()
 
+    def save() -> None:
+        try:
+            save_run(checkpoint, run)  # atomic: a failed write leaves the previous file as it was
+        except OSError as exc:
+            raise _Failed(write_error("checkpoint", checkpoint, exc)) from exc
+
     def on_step(ev) -> None:
         window.append((ev.seconds, window[-1][1] + ev.tokens))
         rate = (window[-1][1] - window[0][1]) / max(window[-1][0] - window[0][0], 1e-9)
@@ -655,7 +695,7 @@ def train(
         info = f"loss {loss_s}  |g| {ev.grad_norm:.2f}  {rate:,.0f} tok/s"
         if ev.eval is not None:
             last[0] = ev.eval
-            save_run(checkpoint, run)  # between steps: the weights and the state are consistent
+            save()  # between steps: the weights and the state are consistent
             line = (
                 f"step {ev.step}/{ev.total}  train loss {loss_s}  held-out {ev.eval['loss']:.3f} "
                 f"(chance {ev.eval['chance']:.3f})  acc {ev.eval['accuracy']:.1%}  |g| {ev.grad_norm:.2f}  "
@@ -676,15 +716,24 @@ def train(
             progress.stop()
         typer.echo(f"error: {exc}\n{str(checkpoint)!r} keeps the last evaluation's checkpoint, if any", err=True)
         raise typer.Exit(1) from exc
+    except _Failed as exc:
+        if progress is not None:
+            progress.stop()
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.code) from exc
     finally:
         if progress is not None:
             progress.stop()
-    save_run(checkpoint, run)
-    if plot is not None:
-        title = f"{data_set.kind} | H={model.hidden_size} | {type(run.optimizer).__name__}"
-        if data_set.kind != "text":
-            title += f" | delay {data_set.delay}"
-        plot_history(plot, history, chance=data_set.chance_loss, title=title)
+    title = f"{data_set.kind} | H={model.hidden_size} | {type(run.optimizer).__name__}"
+    if data_set.kind != "text":
+        title += f" | delay {data_set.delay}"
+    try:
+        save()
+        if plot is not None:
+            _write_png(plot, "plot", lambda tmp: plot_history(tmp, history, chance=data_set.chance_loss, title=title))
+    except _Failed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.code) from exc
     ev = last[0] or {"loss": float("nan"), "accuracy": float("nan")}
     if history.eval_step and last[0] is None:
         ev = {"loss": history.eval_loss[-1], "accuracy": history.eval_accuracy[-1]}

@@ -1,0 +1,80 @@
+"""Where output files go: check a destination before any work, and write a file whole or not at all.
+
+``check_writable`` is the one probe every command runs on each file it will write (checkpoint, PNG,
+results) before it starts: the folder exists, is a folder, and really takes a new file (a temporary
+file is created and removed there: ``os.access`` says yes to root even on a read-only mount), and
+the target itself is not a folder. ``replacing`` lets a writer that only takes a path (matplotlib's
+``savefig``) write a temporary file beside the target, which then replaces it in one rename, so a
+full disk leaves the old file as it was. ``write_error`` words an OSError of such a write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import InputError
+
+__all__ = ["DestinationError", "check_writable", "replacing", "write_error"]
+
+
+class DestinationError(InputError):
+    """An output path that cannot be written: no such folder, a folder as the target, read-only, full."""
+
+
+def check_writable(path: str | os.PathLike[str], option: str) -> Path:
+    """``path`` as a Path once it is sure a file can be written there; DestinationError otherwise.
+
+    ``option`` names the setting in the message (``"--checkpoint"``). Checks, in order: the path is
+    not empty, its folder exists and is a folder, the target is not a folder, and a new file can be
+    created (and is removed again) in that folder. Nothing else is created or changed.
+    """
+    text = os.fspath(path)
+    if not str(text).strip():
+        raise DestinationError(f"{option} must name a file, got an empty path")
+    p = Path(text)
+    folder = p.parent
+    if p.is_dir():
+        raise DestinationError(f"{option} {text!r} is a folder; expected a file name (e.g. {str(p / 'out')!r})")
+    if not folder.exists():
+        raise DestinationError(f"{option} {text!r}: folder {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise DestinationError(f"{option} {text!r}: {str(folder)!r} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{p.name}.", suffix=".probe")
+    except OSError as exc:
+        raise DestinationError(f"{option} {text!r}: cannot create a file in {str(folder)!r}: {_reason(exc)}") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return p
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix) to write; it replaces ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is left exactly as it was.
+    """
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.stem}.", suffix=p.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def write_error(what: str, path: str | os.PathLike[str], exc: OSError) -> str:
+    """One line for a failed write: ``could not write checkpoint 'ck.npz': No space left on device``."""
+    return f"could not write {what} {os.fspath(path)!r}: {_reason(exc)}"

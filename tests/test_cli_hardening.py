@@ -1,0 +1,147 @@
+"""Bad input and failing destinations in `train`, `vanish` and `sample`: a clear error, nothing lost.
+
+Each test names what was wrong and checks the exit code, the message, and that no file was created
+or changed. A read-only folder (tests run as root, for whom ``os.access`` always says yes) and a full
+disk are simulated by making the calls that create or flush files fail with the errno the OS gives.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gpubptt.cli import app
+
+runner = CliRunner()
+TEXT = "to be or not to be, that is the question. " * 40
+TINY = ["--hidden", "12", "--batch", "4", "--chunk", "8", "--backend", "numpy"]
+VANISH = ["vanish", "--backend", "numpy", "--seq-len", "6", "--hidden", "5", "--batch", "2", "--vocab", "4"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+    """A folder in which creating a file fails with EROFS, as on a read-only mount (even for root)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == folder:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    return folder
+
+
+def _no_work(result) -> bool:
+    """True when the command stopped before training or measuring (no step or table line printed)."""
+    return "step " not in result.output and "saturated" not in result.output
+
+
+# -- destinations, probed before any work ---------------------------------------------------------------
+def test_check_writable_probes_the_folder_for_real(read_only, tmp_path):
+    from gpubptt import _paths
+
+    with pytest.raises(_paths.DestinationError, match="--plot .*cannot create a file.*Read-only file system"):
+        _paths.check_writable(read_only / "x.png", "--plot")
+    assert list(read_only.iterdir()) == []
+    assert _paths.check_writable(tmp_path / "ok.png", "--plot") == tmp_path / "ok.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ro"]  # the probe file is gone again
+
+
+def test_train_checkpoint_in_a_read_only_folder_is_refused_before_training(read_only, corpus):
+    ck = read_only / "ck.npz"
+    result = runner.invoke(app, ["train", *TINY, "--data", str(corpus), "--steps", "5", "--checkpoint", str(ck)])
+    assert result.exit_code == 2, result.output
+    assert "error: --checkpoint" in result.output and "Read-only file system" in result.output
+    assert _no_work(result) and not ck.exists()
+
+
+def test_train_plot_in_a_read_only_folder_is_refused_before_training(read_only, corpus, tmp_path):
+    pytest.importorskip("matplotlib")
+    ck = tmp_path / "ck.npz"
+    args = ["--data", str(corpus), "--steps", "5", "--checkpoint", str(ck), "--plot", str(read_only / "loss.png")]
+    result = runner.invoke(app, ["train", *TINY, *args])
+    assert result.exit_code == 2 and "error: --plot" in result.output and "Read-only" in result.output
+    assert _no_work(result) and not ck.exists()
+
+
+def test_vanish_plot_in_a_read_only_folder_is_refused_before_measuring(read_only):
+    pytest.importorskip("matplotlib")
+    result = runner.invoke(app, [*VANISH, "--plot", str(read_only / "v.png")])
+    assert result.exit_code == 2 and "error: --plot" in result.output and "Read-only" in result.output
+    assert _no_work(result)
+
+
+@pytest.mark.parametrize("name", ["folder", ""])
+def test_train_checkpoint_that_is_a_folder_or_empty_is_refused(tmp_path, corpus, name):
+    target = tmp_path / "folder" if name else Path(name)
+    (tmp_path / "folder").mkdir()
+    args = ["--data", str(corpus), "--steps", "5", "--force", "--checkpoint", str(target) if name else ""]
+    result = runner.invoke(app, ["train", *TINY, *args])
+    assert result.exit_code == 2, result.output
+    assert "--checkpoint" in result.output and ("is a folder" in result.output or "empty path" in result.output)
+    assert _no_work(result) and list((tmp_path / "folder").iterdir()) == []
+
+
+def test_train_checkpoint_under_a_file_is_refused(tmp_path, corpus):
+    result = runner.invoke(app, ["train", *TINY, "--data", str(corpus), "--checkpoint", str(corpus / "ck.npz")])
+    assert result.exit_code == 2 and "is not a folder" in result.output and corpus.read_text() == TEXT
+
+
+# -- writes that fail at the end: the message says what and where; the old file stays ----------------
+def test_train_full_disk_at_the_final_save_keeps_the_old_checkpoint(tmp_path, corpus, monkeypatch):
+    ck = tmp_path / "ck.npz"
+    assert (
+        runner.invoke(app, ["train", *TINY, "--data", str(corpus), "--steps", "3", "--checkpoint", str(ck)]).exit_code
+        == 0
+    )
+    before = ck.read_bytes()
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    args = ["--data", str(corpus), "--steps", "3", "--eval-every", "0", "--force", "--checkpoint", str(ck)]
+    result = runner.invoke(app, ["train", *TINY, *args])
+    assert result.exit_code == 1
+    assert f"error: could not write checkpoint {str(ck)!r}: No space left on device" in result.output
+    assert "Traceback" not in result.output and ck.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz", "corpus.txt"]  # no temporary file left
+
+
+@pytest.mark.parametrize("command", ["train", "vanish"])
+def test_full_disk_while_writing_the_plot_keeps_the_old_png(tmp_path, corpus, monkeypatch, command):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    png = tmp_path / "out.png"
+    png.write_bytes(b"old picture")
+
+    def savefig(self, fname, **kwargs):
+        Path(fname).write_bytes(b"half a pic")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    if command == "train":
+        args = ["train", *TINY, "--data", str(corpus), "--steps", "3", "--checkpoint", str(tmp_path / "ck.npz")]
+    else:
+        args = VANISH
+    result = runner.invoke(app, [*args, "--plot", str(png)])
+    assert result.exit_code == 1
+    assert f"error: could not write plot {str(png)!r}: No space left on device" in result.output
+    assert png.read_bytes() == b"old picture"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the half-written temporary is gone
