@@ -55,7 +55,7 @@ def _no_work(result) -> bool:
 def test_check_writable_probes_the_folder_for_real(read_only, tmp_path):
     from gpubptt import _paths
 
-    with pytest.raises(_paths.DestinationError, match="--plot .*cannot create a file.*Read-only file system"):
+    with pytest.raises(_paths.DestinationError, match=r"--plot .*cannot create a file.*Read-only file system"):
         _paths.check_writable(read_only / "x.png", "--plot")
     assert list(read_only.iterdir()) == []
     assert _paths.check_writable(tmp_path / "ok.png", "--plot") == tmp_path / "ok.png"
