@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["DestinationError", "check_writable", "replacing", "write_error"]
+__all__ = ["DestinationError", "check_regular_file", "check_writable", "replacing", "write_error"]
 
 
 class DestinationError(InputError):
@@ -29,8 +29,9 @@ def check_writable(path: str | os.PathLike[str], option: str) -> Path:
     """``path`` as a Path once it is sure a file can be written there; DestinationError otherwise.
 
     ``option`` names the setting in the message (``"--checkpoint"``). Checks, in order: the path is
-    not empty, its folder exists and is a folder, the target is not a folder, and a new file can be
-    created (and is removed again) in that folder. Nothing else is created or changed.
+    not empty, the target is not a folder nor any other non-regular file (``/dev/zero``), its folder
+    exists and is a folder, and a new file can be created (and is removed again) in that folder.
+    Nothing else is created or changed.
     """
     text = os.fspath(path)
     if not str(text).strip():
@@ -39,6 +40,8 @@ def check_writable(path: str | os.PathLike[str], option: str) -> Path:
     folder = p.parent
     if p.is_dir():
         raise DestinationError(f"{option} {text!r} is a folder; expected a file name (e.g. {str(p / 'out')!r})")
+    if p.exists() and not p.is_file():
+        raise DestinationError(f"{option} {text!r} exists and is not a regular file (a device, pipe or socket)")
     if not folder.exists():
         raise DestinationError(f"{option} {text!r}: folder {str(folder)!r} does not exist")
     if not folder.is_dir():
@@ -50,6 +53,23 @@ def check_writable(path: str | os.PathLike[str], option: str) -> Path:
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(probe)
+    return p
+
+
+def check_regular_file(path: str | os.PathLike[str], option: str) -> Path:
+    """``path`` as a Path unless it exists and is not a regular file (a folder, ``/dev/zero``, a pipe).
+
+    Reading such a path would fail late or never end; a missing file is left to the reader, whose
+    message says so. DestinationError names ``option`` and what was found.
+    """
+    text = os.fspath(path)
+    p = Path(text)
+    if not str(text).strip():
+        raise DestinationError(f"{option} must name a file, got an empty path")
+    if p.is_dir():
+        raise DestinationError(f"{option} {text!r} is a folder; expected a file")
+    if p.exists() and not p.is_file():
+        raise DestinationError(f"{option} {text!r} is not a regular file (a device, pipe or socket); expected a file")
     return p
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import sys
 from collections import deque
 from enum import Enum
@@ -15,7 +16,7 @@ import typer
 
 from . import bench as bench_lib
 from . import diagnostics
-from ._paths import DestinationError, check_writable, replacing, write_error
+from ._paths import DestinationError, check_regular_file, check_writable, replacing, write_error
 from .backend import available_backends, get_backend
 from .errors import BackendUnavailableError, InputError
 
@@ -335,6 +336,16 @@ def _writable_or_exit(path: Path | None, option: str) -> Path | None:
         raise _usage_error(str(exc)) from exc
 
 
+def _readable_or_exit(path: Path | None, option: str) -> Path | None:
+    """``path`` unless it names a folder, a device or a pipe (``/dev/zero`` would never end), else a usage error."""
+    if path is None:
+        return None
+    try:
+        return check_regular_file(path, option)
+    except DestinationError as exc:
+        raise _usage_error(str(exc)) from exc
+
+
 def _write_png(path: Path, what: str, draw) -> None:
     """Run ``draw(tmp)`` to write a PNG beside ``path``, then put it in place; _Failed on an OSError."""
     try:
@@ -469,6 +480,7 @@ def vanish(
     radii = _parse_scales(scale if scale is not None else ("model" if checkpoint is not None else RANDOM_SCALES))
     if not (np.isfinite(threshold) and threshold > 0):
         raise typer.BadParameter(f"must be a finite number > 0, got {threshold}", param_hint="--threshold")
+    _readable_or_exit(checkpoint, "--checkpoint")
     if checkpoint is not None:
         given = {"hidden": hidden, "vocab": vocab, "init": init}
         for name, value in given.items():
@@ -478,6 +490,7 @@ def vanish(
         raise _usage_error("--data needs --checkpoint: the model whose vocabulary encodes the text")
     _check_plot(plot)
     _writable_or_exit(plot, "--plot")
+    _readable_or_exit(data, "--data")
     be = _backend_or_exit(backend.value)
     if checkpoint is None:
         hidden = RANDOM_DEFAULTS["hidden"] if hidden is None else hidden
@@ -635,6 +648,9 @@ def train(
     _check_plot(plot)
     _writable_or_exit(plot, "--plot")
     _writable_or_exit(checkpoint, "--checkpoint")  # before any work: training failed only at its first save
+    _readable_or_exit(data, "--data")
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        raise _usage_error(f"--epochs must be a finite number > 0, got {epochs}")
     be = _backend_or_exit(backend.value)
     if resume and force:
         raise _usage_error("--resume and --force exclude each other")
@@ -754,13 +770,14 @@ def sample(
     ),
     length: Annotated[int, typer.Option(help="Characters to generate.")] = 500,
     temperature: Annotated[float, typer.Option(help="Softmax temperature: < 1 surer, > 1 more random.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the sampler (an int ≥ 0).")] = 0,
     prime: Annotated[str, typer.Option(help="Text to start from (its characters must be in the vocabulary).")] = "",
 ) -> None:
     """Generate text from a trained character model (printed to stdout)."""
     from .checkpoint import CheckpointError, load_checkpoint
     from .sample import sample_text
 
+    _readable_or_exit(checkpoint, "--checkpoint")
     if length < 0:
         raise _usage_error(f"--length must be ≥ 0, got {length}")
     if not (temperature > 0 and np.isfinite(temperature)):

@@ -36,6 +36,8 @@ def sample_text(
         raise InputError(f"length must be an int ≥ 0, got {length!r}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise InputError(f"temperature must be a positive number, got {temperature!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise InputError(f"seed must be an int ≥ 0 or None, got {seed!r}")
     host = model.to("numpy") if model.backend.name != "numpy" else model
     p = {k: v.astype(np.float64) for k, v in host.params.items()}
     U, W, V = p["U"], p["W"], p["V"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,72 @@ def test_full_disk_while_writing_the_plot_keeps_the_old_png(tmp_path, corpus, mo
     assert f"error: could not write plot {str(png)!r}: No space left on device" in result.output
     assert png.read_bytes() == b"old picture"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the half-written temporary is gone
+
+
+# -- inputs that used to end in a traceback or never end -----------------------------------------------
+@pytest.mark.parametrize("epochs", ["inf", "nan", "-1"])
+def test_train_epochs_must_be_finite_and_positive(tmp_path, corpus, epochs):
+    ck = tmp_path / "ck.npz"
+    result = runner.invoke(app, ["train", *TINY, "--data", str(corpus), "--epochs", epochs, "--checkpoint", str(ck)])
+    assert result.exit_code == 2 and "error: --epochs must be a finite number > 0" in result.output
+    assert _no_work(result) and not ck.exists()
+
+
+def test_sample_negative_seed_is_a_usage_error(tmp_path, corpus):
+    ck = tmp_path / "ck.npz"
+    assert (
+        runner.invoke(app, ["train", *TINY, "--data", str(corpus), "--steps", "2", "--checkpoint", str(ck)]).exit_code
+        == 0
+    )
+    result = runner.invoke(app, ["sample", "--checkpoint", str(ck), "--seed", "-1"])
+    assert result.exit_code == 2 and "--seed" in result.output and "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+def test_sample_text_refuses_a_negative_seed_by_name(tmp_path):
+    from gpubptt import RNN, InputError
+    from gpubptt.data import Vocab
+    from gpubptt.sample import sample_text
+
+    vocab = Vocab.from_text("abc")
+    with pytest.raises(InputError, match="seed must be an int ≥ 0"):
+        sample_text(RNN(3, 4, 3, backend="numpy"), vocab, length=3, seed=-1)
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    """A named pipe that a thread feeds TEXT once someone opens it: only a reader that waits gets data."""
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+
+    def feed():
+        with open(path, "w", encoding="utf-8") as f:  # blocks until a reader opens the pipe
+            f.write(TEXT)
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    yield path
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # let a writer still waiting finish
+    writer.join(timeout=5)
+    os.close(fd)
+
+
+@pytest.mark.parametrize("command", ["train", "vanish"])
+def test_data_that_is_not_a_regular_file_is_refused_without_reading(tmp_path, fifo, command):
+    if command == "train":
+        args = ["train", *TINY, "--steps", "2", "--data", str(fifo), "--checkpoint", str(tmp_path / "ck.npz")]
+    else:
+        args = ["vanish", "--backend", "numpy", "--checkpoint", str(tmp_path / "ck.npz"), "--data", str(fifo)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--data" in result.output and "not a regular file" in result.output
+
+
+@pytest.mark.parametrize("command", ["sample", "vanish"])
+def test_checkpoint_that_is_a_pipe_is_refused_without_reading(fifo, command):
+    result = runner.invoke(app, [command, "--checkpoint", str(fifo)])
+    assert result.exit_code == 2 and "--checkpoint" in result.output and "not a regular file" in result.output
+
+
+def test_train_checkpoint_that_is_a_device_is_refused(tmp_path, corpus):
+    result = runner.invoke(app, ["train", *TINY, "--data", str(corpus), "--resume", "--checkpoint", "/dev/null"])
+    assert result.exit_code == 2 and "not a regular file" in result.output
