@@ -265,6 +265,33 @@ class Backend:
         """
         self._kernels["token_scatter_add"](dUT, plan, rows)
 
+    def available_memory(self) -> int | None:
+        """Bytes that new arrays can still take: free device memory on CuPy, available RAM on NumPy.
+
+        CuPy: the device's free memory plus what CuPy's own pool holds but does not use (a host sync
+        point); NumPy: ``MemAvailable`` of /proc/meminfo, else the free physical pages. None where the
+        OS does not say. An estimate to refuse impossible sizes early, not a promise. (Running out
+        anyway raises MemoryError; CuPy's OutOfMemoryError is a MemoryError too.)
+        """
+        if self.name == "cupy":
+            free, _total = self.xp.cuda.runtime.memGetInfo()
+            pool = self.xp.get_default_memory_pool()
+            return int(free + pool.free_bytes())
+        return _host_available_memory()
+
+
+def _host_available_memory() -> int | None:
+    """Available host RAM in bytes (MemAvailable: free plus reclaimable caches), or None if unknown."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
 
 # -- NumPy twins --------------------------------------------------------------------------------
 def _np_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool) -> None:

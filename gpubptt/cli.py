@@ -19,6 +19,7 @@ from . import diagnostics
 from ._paths import DestinationError, check_regular_file, check_writable, replacing, write_error
 from .backend import available_backends, get_backend
 from .errors import BackendUnavailableError, InputError
+from .memory import InsufficientMemoryError, format_bytes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batched RNNs and exact BPTT on NumPy or CuPy.")
 
@@ -336,6 +337,15 @@ def _writable_or_exit(path: Path | None, option: str) -> Path | None:
         raise _usage_error(str(exc)) from exc
 
 
+def _out_of_memory(exc: MemoryError, be) -> typer.Exit:
+    """'error: ran out of memory ...' with what the backend has left; exit 1 (nothing was written)."""
+    avail = be.available_memory()
+    left = "" if avail is None else f" ({format_bytes(avail)} available now on {be.name})"
+    detail = f": {exc}" if str(exc) else ""
+    typer.echo(f"error: ran out of memory{detail}{left}; try smaller sizes", err=True)
+    return typer.Exit(1)
+
+
 def _readable_or_exit(path: Path | None, option: str) -> Path | None:
     """``path`` unless it names a folder, a device or a pipe (``/dev/zero`` would never end), else a usage error."""
     if path is None:
@@ -497,23 +507,32 @@ def vanish(
         vocab = RANDOM_DEFAULTS["vocab"] if vocab is None else vocab
         init = RANDOM_DEFAULTS["init"] if init is None else init
         T = diagnostics.DEFAULT_SEQ_LEN if seq_len is None else seq_len
-        problem = diagnostics.random_problem(
-            T, hidden, batch, vocab, backend=be, dtype=dtype.value, init=init.value, seed=seed
-        )
-    else:
-        try:
+    try:
+        if checkpoint is None:
+            problem = diagnostics.random_problem(
+                T, hidden, batch, vocab, backend=be, dtype=dtype.value, init=init.value, seed=seed
+            )
+        else:
             problem = diagnostics.checkpoint_problem(
                 checkpoint, T=seq_len, B=batch, seed=seed, backend=be, dtype=dtype.value, text=data
             )
-        except InputError as exc:  # CheckpointError included
-            raise _usage_error(str(exc)) from exc
+    except InsufficientMemoryError as exc:
+        sizes = "--seq-len or --batch" if checkpoint is not None else "--seq-len, --batch, --hidden or --vocab"
+        raise _usage_error(f"{exc}: choose a smaller {sizes}") from exc
+    except InputError as exc:  # CheckpointError included
+        raise _usage_error(str(exc)) from exc
+    except MemoryError as exc:
+        raise _out_of_memory(exc, be) from exc
     model, x, y = problem.model, problem.x, problem.y
     T = problem.T
     settings = {"backend": be.name, "device": be.device, "T": T, "H": model.hidden_size, "B": batch}
     settings.update({k: v for k, v in problem.about.items() if k != "model"})
     settings.update({"dtype": dtype.value, "seed": seed, "threshold": threshold, "iters": iters})
     typer.echo("vanish: " + " ".join(f"{k}={v}" for k, v in settings.items() if k != "device"), err=True)
-    sweep = diagnostics.vanish_sweep(model, x, y, radii, threshold=threshold, iters=iters)
+    try:
+        sweep = diagnostics.vanish_sweep(model, x, y, radii, threshold=threshold, iters=iters)
+    except MemoryError as exc:
+        raise _out_of_memory(exc, be) from exc
     rescaled = [r is not None for r in radii]
     if fmt is VanishFormat.json:
         scales = [{"radius": r, "rescaled": rs, **rep.to_dict()} for (r, rep), rs in zip(sweep, rescaled, strict=True)]
@@ -666,6 +685,8 @@ def train(
             run = new_run(given, backend=be, steps=steps, epochs=epochs, eval_every=eval_every)
     except (InputError, CheckpointError, TypeError) as exc:
         raise _usage_error(str(exc)) from exc
+    except MemoryError as exc:
+        raise _out_of_memory(exc, be) from exc
 
     model, data_set, config, state, history = run.model, run.data, run.config, run.state, run.history
     unit, chance_text = _describe(data_set)
@@ -737,6 +758,11 @@ def train(
             progress.stop()
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.code) from exc
+    except MemoryError as exc:
+        if progress is not None:
+            progress.stop()
+        typer.echo(f"{str(checkpoint)!r} keeps the last evaluation's checkpoint, if any", err=True)
+        raise _out_of_memory(exc, be) from exc
     finally:
         if progress is not None:
             progress.stop()

@@ -46,11 +46,12 @@ from typing import Any
 import numpy as np
 
 from ._checks import Batch, check_batch
-from .backend import to_numpy
+from .backend import get_backend, to_numpy
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import Vocab, make_data, read_text
 from .errors import InputError, InputTypeError
 from .losses import softmax_probs
+from .memory import check_fits, vanish_memory
 from .model import RNN
 
 #: |log slope| below this is round-off around a flat line (an orthogonal W gives ±1e-16): no horizon.
@@ -710,13 +711,32 @@ def random_problem(
     init: str = "wildml",
     seed: int = 0,
 ) -> VanishProblem:
-    """A random model (D = K = ``vocab``) and random tokens and targets x, y (T, B), all from ``seed``."""
+    """A random model (D = K = ``vocab``) and random tokens and targets x, y (T, B), all from ``seed``.
+
+    InsufficientMemoryError (an InputError) before anything is allocated when the diagnostics of
+    these sizes cannot fit in the backend's available memory (see ``gpubptt.memory``).
+    """
+    backend = get_backend(backend)
+    _check_memory(vocab, H, vocab, T, B, dtype, backend, random=True)
     model = RNN(vocab, H, vocab, backend=backend, dtype=dtype, init=init, seed=seed)
     be = model.backend
     rng = np.random.default_rng(seed)
     x = be.asarray(rng.integers(0, vocab, size=(T, B)))  # (T, B) token ids
     y = be.asarray(rng.integers(0, vocab, size=(T, B)))  # (T, B) targets
     return VanishProblem(model, x, y, {"model": "random", "vocab": vocab, "init": init})
+
+
+def _check_memory(D: Any, H: Any, K: Any, T: Any, B: Any, dtype: Any, be: Any, *, random: bool) -> None:
+    """InsufficientMemoryError when ``vanish_sweep`` on these sizes cannot fit; bad sizes are left to their checks."""
+    sizes = (D, H, K, T, B)
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1 for n in sizes):
+        return
+    try:
+        itemsize = np.dtype(dtype).itemsize
+    except TypeError:
+        return
+    estimate = vanish_memory(D, H, K, T=T, B=B, itemsize=itemsize, random=random, chunk_elements=be.chunk_elements)
+    check_fits(estimate, be.available_memory(), f"diagnosing T={T}, B={B}, H={H}, D={D}, K={K} ({np.dtype(dtype)})")
 
 
 def text_windows(
@@ -773,16 +793,23 @@ def checkpoint_problem(
     ``dtype=None`` keeps the checkpoint's dtype; float64 widens float32 weights exactly.
 
     Raises CheckpointError (an InputError) for a missing or bad file, InputError for data that does
-    not fit the model (the first character outside the vocabulary is named), all before any work.
+    not fit the model (the first character outside the vocabulary is named), InsufficientMemoryError
+    for T and B whose diagnostics cannot fit in memory, all before any work.
     """
     if T is not None:
         T = _check_int(T, "T", 1)
     B, seed = _check_int(B, "B", 1), _check_int(seed, "seed", 0)
     where = f"checkpoint {str(path)!r}"
     ck = load_checkpoint(path, backend=backend)
-    model = ck.model if dtype is None else RNN.from_params(ck.model.params, backend=ck.model.backend, dtype=dtype)
     spec = ck.data or {}
     kind = spec.get("kind", "text" if ck.vocab is not None else None)
+    m = ck.model
+    if kind in ("copy", "recall") and T is None:
+        with_T = make_data(spec).seq_len
+    else:
+        with_T = DEFAULT_SEQ_LEN if T is None else T
+    _check_memory(m.input_size, m.hidden_size, m.output_size, with_T, B, dtype or m.dtype, m.backend, random=False)
+    model = m if dtype is None else RNN.from_params(m.params, backend=m.backend, dtype=dtype)
     if kind in ("copy", "recall"):
         if text is not None:
             raise InputError(

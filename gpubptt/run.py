@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend
+from .backend import Backend, get_backend
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
 from .errors import InputError
+from .memory import InsufficientMemoryError, check_fits, train_memory
 from .model import RNN
 from .optim import DEFAULT_LR, Optimizer, make_optimizer
 from .train import History, TrainConfig, TrainState
@@ -123,11 +124,13 @@ def new_run(
     config.steps = total_steps(data, config, steps=steps, epochs=epochs, default=DEFAULT_STEPS)
     TrainConfig(**vars(config))  # validate the final values
     data.check_batch(config.batch_size, config.chunk or 1)
+    be = get_backend(backend)
+    _check_memory(st, data, config, be)  # before the weights are drawn: refuse what cannot fit
     model = RNN(
         data.input_size,
         st["hidden"],
         data.output_size,
-        backend=backend,
+        backend=be,
         dtype=st["dtype"],
         bias=st["bias"],
         init=st["init"],
@@ -135,6 +138,32 @@ def new_run(
     )
     optimizer = make_optimizer(st["optimizer"], model, lr=lr, momentum=st["momentum"], on_nonfinite=st["on_nonfinite"])
     return Run(model, data, optimizer, config, TrainState(), History())
+
+
+def _check_memory(st: Mapping[str, Any], data: TextData | CopyTask, config: TrainConfig, be: Backend) -> None:
+    """InsufficientMemoryError, with the numbers, when the run's estimated peak memory exceeds what ``be`` has."""
+    H, dtype = st["hidden"], st["dtype"]
+    if isinstance(H, bool) or not isinstance(H, (int, np.integer)) or H < 1 or dtype not in ("float32", "float64"):
+        return  # the model refuses these itself, by name
+    B = config.batch_size
+    if data.kind == "text":
+        T = config.chunk or len(data.train_ids) // B
+        eval_B = max(1, min(16, (len(data.val_ids) - 1) // 64))  # as TextData.eval_sequences and evaluate
+        eval_T = min(256, max(1, (len(data.val_ids) - 1) // eval_B))
+    else:
+        T = config.chunk or data.seq_len
+        eval_B, eval_T = 256, min(256, data.seq_len)
+    slots = {"adam": 2, "adagrad": 1}.get(st["optimizer"], 1 if st["momentum"] else 0)
+    estimate = train_memory(
+        data.input_size, H, data.output_size, T=T, B=B, itemsize=np.dtype(dtype).itemsize, slots=slots,
+        bias=bool(st["bias"]), truncate=config.truncate, eval_T=eval_T, eval_B=eval_B,
+        chunk_elements=be.chunk_elements,
+    )  # fmt: skip
+    what = f"training --hidden {H} on batches of --batch {B} × {T} steps ({st['optimizer']}, {dtype})"
+    try:
+        check_fits(estimate, be.available_memory(), what)
+    except InsufficientMemoryError as exc:
+        raise InsufficientMemoryError(f"{exc}: choose a smaller --hidden, --batch or --chunk") from None
 
 
 def settings_of(ck: Checkpoint) -> dict[str, Any]:
