@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import sys
+import warnings
 from collections import deque
 from enum import Enum
 from pathlib import Path
@@ -337,6 +339,38 @@ def _writable_or_exit(path: Path | None, option: str) -> Path | None:
         raise _usage_error(str(exc)) from exc
 
 
+# library argument names in messages that reach the command line, and the flags that set them
+_FLAGS = (
+    ("(on_nonfinite='skip')", "(--on-nonfinite skip)"),
+    ("on_nonfinite", "--on-nonfinite"),
+    ("max_norm", "--clip"),
+    ("hidden_size", "--hidden"),
+    ("batch_size", "--batch"),
+    ("eval_every", "--eval-every"),
+)
+
+
+def _in_flags(message: str) -> str:
+    """``message`` with the library's argument names replaced by the flags (``max_norm`` → ``--clip``)."""
+    for name, flag in _FLAGS:
+        message = message.replace(name, flag)
+    return message
+
+
+def _quiet_numerics(command):
+    """Run ``command`` with NumPy's floating-point RuntimeWarnings off: overflow and NaN are reported
+    by the command itself (a refused or skipped step, ``inf`` in a table), not as warnings from NumPy's
+    internals."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return command(*args, **kwargs)
+
+    return run
+
+
 def _out_of_memory(exc: MemoryError, be) -> typer.Exit:
     """'error: ran out of memory ...' with what the backend has left; exit 1 (nothing was written)."""
     avail = be.available_memory()
@@ -427,6 +461,7 @@ def _vanish_row(radius: float, rescaled: bool, report: diagnostics.VanishReport,
 
 
 @app.command()
+@_quiet_numerics
 def vanish(
     backend: Annotated[BackendChoice, typer.Option(help="Backend to run on.")] = BackendChoice.auto,
     checkpoint: Annotated[
@@ -594,6 +629,7 @@ def _describe(data) -> tuple[str, str]:
 
 
 @app.command()
+@_quiet_numerics
 def train(
     task: Annotated[
         TaskChoice | None, typer.Option(help="text: next-character prediction; copy / recall: long-range memory tasks.")
@@ -684,7 +720,7 @@ def train(
         else:
             run = new_run(given, backend=be, steps=steps, epochs=epochs, eval_every=eval_every)
     except (InputError, CheckpointError, TypeError) as exc:
-        raise _usage_error(str(exc)) from exc
+        raise _usage_error(_in_flags(str(exc))) from exc
     except MemoryError as exc:
         raise _out_of_memory(exc, be) from exc
 
@@ -751,7 +787,10 @@ def train(
     except NonFiniteError as exc:
         if progress is not None:
             progress.stop()
-        typer.echo(f"error: {exc}\n{str(checkpoint)!r} keeps the last evaluation's checkpoint, if any", err=True)
+        typer.echo(
+            f"error: {_in_flags(str(exc))}\n{str(checkpoint)!r} keeps the last evaluation's checkpoint, if any",
+            err=True,
+        )
         raise typer.Exit(1) from exc
     except _Failed as exc:
         if progress is not None:
@@ -790,6 +829,7 @@ def train(
 
 
 @app.command()
+@_quiet_numerics
 def sample(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint of a text model (from `gpubptt train`).")] = Path(
         "checkpoint.npz"
