@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
 import math
 import sys
+import time
 import warnings
 from collections import deque
 from enum import Enum
@@ -460,6 +462,33 @@ def _vanish_row(radius: float, rescaled: bool, report: diagnostics.VanishReport,
     ]
 
 
+@contextlib.contextmanager
+def _vanish_progress(n: int):
+    """A ``vanish_sweep`` progress callback: a transient bar on a terminal, else one stderr line per radius."""
+    per = len(diagnostics.VANISH_STAGES)
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import Progress
+
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("vanish", total=n * per)
+
+            def update(done: int, total: int, what: str) -> None:
+                bar.update(task, description=what, completed=done, total=total)
+
+            yield update
+        return
+    started, current = time.perf_counter(), [""]
+
+    def line(done: int, total: int, what: str) -> None:
+        if done and done % per == 0:
+            elapsed = time.perf_counter() - started
+            typer.echo(f"vanish: {current[0]} measured ({done // per}/{n}, {elapsed:.1f} s)", err=True)
+        current[0] = what.split(":")[0]
+
+    yield line
+
+
 @app.command()
 @_quiet_numerics
 def vanish(
@@ -565,7 +594,8 @@ def vanish(
     settings.update({"dtype": dtype.value, "seed": seed, "threshold": threshold, "iters": iters})
     typer.echo("vanish: " + " ".join(f"{k}={v}" for k, v in settings.items() if k != "device"), err=True)
     try:
-        sweep = diagnostics.vanish_sweep(model, x, y, radii, threshold=threshold, iters=iters)
+        with _vanish_progress(len(radii)) as progress:
+            sweep = diagnostics.vanish_sweep(model, x, y, radii, threshold=threshold, iters=iters, progress=progress)
     except MemoryError as exc:
         raise _out_of_memory(exc, be) from exc
     rescaled = [r is not None for r in radii]

@@ -40,6 +40,7 @@ inside a per-step loop), each with ``to_dict()`` for JSON. Sequences are full le
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,7 @@ NO_DECAY_SLOPE = 1e-9
 
 __all__ = [
     "ACTIVATIONS",
+    "VANISH_STAGES",
     "Contributions",
     "JacobianProducts",
     "ProductNorms",
@@ -606,6 +608,9 @@ class VanishReport(_ToDict):
     truncation: TruncationBias
 
 
+VANISH_STAGES = ("step gradients", "contributions", "Jacobian-product norms", "truncation bias")
+
+
 def vanish_report(
     model: RNN,
     x: Any,
@@ -616,14 +621,22 @@ def vanish_report(
     iters: int = 300,
     tol: float = 1e-5,
     seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> VanishReport:
-    """All four diagnostics of ``model`` on (x, y, s0): x (T, B) or (T, B, D), y (T, B), s0 (B, H)."""
-    return VanishReport(
-        steps=step_gradients(model, x, y, s0),
-        contributions=contributions(model, x, y, s0),
-        products=jacobian_products(model, x, s0, threshold=threshold, iters=iters, tol=tol, seed=seed),
-        truncation=truncation_bias(model, x, y, s0),
-    )
+    """All four diagnostics of ``model`` on (x, y, s0): x (T, B) or (T, B, D), y (T, B), s0 (B, H).
+
+    ``progress(stage)``, if given, is called before each of the four (``VANISH_STAGES``).
+    """
+    say = progress or (lambda stage: None)
+    say(VANISH_STAGES[0])
+    steps = step_gradients(model, x, y, s0)
+    say(VANISH_STAGES[1])
+    contrib = contributions(model, x, y, s0)
+    say(VANISH_STAGES[2])
+    products = jacobian_products(model, x, s0, threshold=threshold, iters=iters, tol=tol, seed=seed)
+    say(VANISH_STAGES[3])
+    truncation = truncation_bias(model, x, y, s0)
+    return VanishReport(steps=steps, contributions=contrib, products=products, truncation=truncation)
 
 
 def with_spectral_radius(model: RNN, radius: float) -> RNN:
@@ -649,6 +662,7 @@ def vanish_sweep(
     iters: int = 300,
     tol: float = 1e-5,
     seed: int = 0,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> list[tuple[float, VanishReport]]:
     """``vanish_report`` for copies of the model with W rescaled to each spectral radius in ``radii``.
 
@@ -656,6 +670,10 @@ def vanish_sweep(
     An entry None in ``radii`` measures the model as it is, reported with W's own spectral radius
     (a trained model's W, say, next to rescaled copies of it). Every argument is checked before the
     first report is computed.
+
+    ``progress(done, total, what)``, if given, is called before each diagnostic of each radius and
+    once at the end (done = total = 4·len(radii)); ``what`` reads "ρ=0.5: Jacobian-product norms",
+    then "done". Nothing here prints: the caller decides how to show it.
     """
     model = _check_model(model)
     radii = [None if r is None else _check_positive_float(r, "radius") for r in radii]
@@ -666,10 +684,20 @@ def vanish_sweep(
     _check_tol(tol)
     _batch(model, x, y, s0)
     sweep = []
-    for r in radii:
+    total = len(VANISH_STAGES) * len(radii)
+    for i, r in enumerate(radii):
+        name = "ρ=model" if r is None else f"ρ={r:g}"
+        stages = iter(range(len(VANISH_STAGES) * i, total))
+
+        def stage(what: str, name: str = name, stages: Any = stages) -> None:
+            if progress is not None:
+                progress(next(stages), total, f"{name}: {what}")
+
         m = model if r is None else with_spectral_radius(model, r)
-        report = vanish_report(m, x, y, s0, threshold=threshold, iters=iters, tol=tol, seed=seed)
+        report = vanish_report(m, x, y, s0, threshold=threshold, iters=iters, tol=tol, seed=seed, progress=stage)
         sweep.append((report.products.spectral_radius if r is None else r, report))
+    if progress is not None:
+        progress(total, total, "done")
     return sweep
 
 
