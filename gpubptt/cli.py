@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -869,9 +870,9 @@ def sample(
     seed: Annotated[int, typer.Option(min=0, help="Seed of the sampler (an int ≥ 0).")] = 0,
     prime: Annotated[str, typer.Option(help="Text to start from (its characters must be in the vocabulary).")] = "",
 ) -> None:
-    """Generate text from a trained character model (printed to stdout)."""
+    """Generate text from a trained character model, printed to stdout as each character is drawn."""
     from .checkpoint import CheckpointError, load_checkpoint
-    from .sample import sample_text
+    from .sample import sample_chars
 
     _readable_or_exit(checkpoint, "--checkpoint")
     if length < 0:
@@ -883,10 +884,23 @@ def sample(
         if ck.vocab is None:
             kind = (ck.data or {}).get("kind", "unknown")
             raise _usage_error(f"{str(checkpoint)!r} was trained on the {kind} task; sampling needs a text model")
-        text = sample_text(ck.model, ck.vocab, length=length, temperature=temperature, seed=seed, prime=prime)
-    except (InputError, CheckpointError) as exc:
+        chars = sample_chars(ck.model, ck.vocab, length=length, temperature=temperature, seed=seed, prime=prime)
+    except (InputError, CheckpointError) as exc:  # every argument is checked before the first character
         raise _usage_error(str(exc)) from exc
-    typer.echo(text)
+    n = 0
+    try:
+        for ch in chars:
+            typer.echo(ch, nl=False)  # flushed: the text appears as it is drawn
+            n += len(ch)
+        typer.echo("")
+    except KeyboardInterrupt as exc:
+        typer.echo("")
+        typer.echo(f"interrupted after {n} of {len(prime) + length} characters", err=True)
+        raise typer.Exit(130) from exc
+    except BrokenPipeError as exc:  # `gpubptt sample | head`: the reader is gone; stop quietly
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(1) from exc
 
 
 def main() -> None:

@@ -33,3 +33,57 @@ def test_vanish_prints_one_progress_line_per_radius_on_stderr():
     assert len(lines) == 2 and lines[0].startswith("vanish: ρ=0.5 measured (1/2, ")
     assert lines[1].startswith("vanish: ρ=2 measured (2/2, ")
     assert result.stdout.lstrip().startswith("{")  # stdout stays pure JSON
+
+
+# -- sample ------------------------------------------------------------------------------------------
+TEXT = "to be or not to be, that is the question. " * 40
+
+
+def _text_checkpoint(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    ck = tmp_path / "ck.npz"
+    args = ["--hidden", "8", "--batch", "4", "--chunk", "8", "--steps", "3", "--backend", "numpy"]
+    assert runner.invoke(app, ["train", *args, "--data", str(corpus), "--checkpoint", str(ck)]).exit_code == 0
+    return ck
+
+
+def test_sample_chars_yields_the_sample_text_one_character_at_a_time():
+    from gpubptt import RNN
+    from gpubptt.data import Vocab
+    from gpubptt.sample import sample_chars, sample_text
+
+    vocab = Vocab.from_text("ab c\n")
+    model = RNN(len(vocab), 6, len(vocab), backend="numpy", seed=1)
+    chars = sample_chars(model, vocab, length=40, seed=3, prime="ab")
+    assert next(chars) == "ab"  # available before the rest is drawn
+    rest = list(chars)
+    assert len(rest) == 40 and all(len(c) == 1 for c in rest)
+    assert "ab" + "".join(rest) == sample_text(model, vocab, length=40, seed=3, prime="ab")
+
+
+def test_sample_chars_checks_its_arguments_before_the_first_character():
+    import pytest
+
+    from gpubptt import RNN, InputError
+    from gpubptt.data import Vocab
+    from gpubptt.sample import sample_chars
+
+    vocab = Vocab.from_text("abc")
+    with pytest.raises(InputError):
+        sample_chars(RNN(3, 4, 3, backend="numpy"), vocab, prime="xyz")  # raised by the call, not by next()
+
+
+def test_sample_streams_and_ctrl_c_keeps_what_was_printed(tmp_path, monkeypatch):
+    import gpubptt.sample
+
+    ck = _text_checkpoint(tmp_path)
+
+    def chars(*args, **kwargs):
+        yield from "to be"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpubptt.sample, "sample_chars", chars, raising=False)
+    result = runner.invoke(app, ["sample", "--checkpoint", str(ck), "--length", "20"])
+    assert result.exit_code == 130
+    assert result.stdout == "to be\n" and "interrupted after 5 of 20 characters" in result.stderr
