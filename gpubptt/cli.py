@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -330,6 +331,23 @@ class _Failed(Exception):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
+
+
+class _Interrupted(Exception):
+    """Ctrl-C was pressed; raised between two training steps, where the run is consistent."""
+
+
+def _install_sigint(handler):
+    """Make ``handler`` answer SIGINT; return what to restore (None where signals cannot be set: a thread)."""
+    try:
+        return (signal.signal(signal.SIGINT, handler),)
+    except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
+        return None
+
+
+def _restore_sigint(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGINT, previous[0])
 
 
 def _writable_or_exit(path: Path | None, option: str) -> Path | None:
@@ -786,11 +804,21 @@ def train(
         bar = progress.add_task("train", total=config.steps, completed=state.step, info="")
         progress.start()
 
+    saved = [state.step if resume else None]  # the step the checkpoint file holds
+    stop = [False]
+
     def save() -> None:
         try:
             save_run(checkpoint, run)  # atomic: a failed write leaves the previous file as it was
         except OSError as exc:
             raise _Failed(write_error("checkpoint", checkpoint, exc)) from exc
+        saved[0] = state.step
+
+    def on_sigint(signum, frame) -> None:
+        if stop[0]:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, mid-step
+        stop[0] = True
+        print("\nCtrl-C: stopping after this step and saving (Ctrl-C again to stop at once)", file=sys.stderr)
 
     def on_step(ev) -> None:
         window.append((ev.seconds, window[-1][1] + ev.tokens))
@@ -811,10 +839,31 @@ def train(
                 typer.echo(line, err=True)
         if progress is not None:
             progress.update(bar, completed=ev.step, info=info)
+        if stop[0]:
+            raise _Interrupted  # between steps: the weights and the state are consistent
 
+    previous_sigint = _install_sigint(on_sigint)
     try:
         if state.step < config.steps:
             train_loop(model, data_set, run.optimizer, config, state=state, history=history, callback=on_step)
+    except _Interrupted as exc:
+        if progress is not None:
+            progress.stop()
+        try:
+            save()
+        except _Failed as failed:
+            typer.echo(f"interrupted at step {state.step}\nerror: {failed}", err=True)
+            raise typer.Exit(failed.code) from exc
+        typer.echo(
+            f"interrupted at step {state.step}; saved checkpoint {str(checkpoint)!r} at step {state.step}", err=True
+        )
+        raise typer.Exit(130) from exc
+    except KeyboardInterrupt as exc:
+        if progress is not None:
+            progress.stop()
+        kept = "no checkpoint was saved" if saved[0] is None else f"{str(checkpoint)!r} keeps step {saved[0]}"
+        typer.echo(f"interrupted during step {state.step + 1}, before it finished; {kept}", err=True)
+        raise typer.Exit(130) from exc
     except NonFiniteError as exc:
         if progress is not None:
             progress.stop()
@@ -834,6 +883,7 @@ def train(
         typer.echo(f"{str(checkpoint)!r} keeps the last evaluation's checkpoint, if any", err=True)
         raise _out_of_memory(exc, be) from exc
     finally:
+        _restore_sigint(previous_sigint)
         if progress is not None:
             progress.stop()
     title = f"{data_set.kind} | H={model.hidden_size} | {type(run.optimizer).__name__}"

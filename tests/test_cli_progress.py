@@ -87,3 +87,50 @@ def test_sample_streams_and_ctrl_c_keeps_what_was_printed(tmp_path, monkeypatch)
     result = runner.invoke(app, ["sample", "--checkpoint", str(ck), "--length", "20"])
     assert result.exit_code == 130
     assert result.stdout == "to be\n" and "interrupted after 5 of 20 characters" in result.stderr
+
+
+# -- train: Ctrl-C -------------------------------------------------------------------------------------
+def _ctrl_c_during_step(monkeypatch, step: int, presses: int) -> None:
+    """Press Ctrl-C ``presses`` times while the forward+BPTT of training step ``step`` runs."""
+    import signal
+
+    from gpubptt.model import RNN
+
+    real = RNN.loss_and_grads
+    calls = [0]
+
+    def loss_and_grads(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step:
+            for _ in range(presses):
+                signal.raise_signal(signal.SIGINT)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RNN, "loss_and_grads", loss_and_grads)
+
+
+TASK = ["train", "--backend", "numpy", "--task", "recall", "--delay", "2", "--hidden", "6", "--steps", "20"]
+
+
+def test_ctrl_c_in_train_saves_the_checkpoint_at_the_step_it_stopped(tmp_path, monkeypatch):
+    import signal
+
+    from gpubptt.checkpoint import load_checkpoint
+
+    ck = tmp_path / "ck.npz"
+    _ctrl_c_during_step(monkeypatch, step=3, presses=1)
+    result = runner.invoke(app, [*TASK, "--checkpoint", str(ck)])
+    assert result.exit_code == 130, result.output
+    assert f"interrupted at step 3; saved checkpoint {str(ck)!r} at step 3" in result.stderr
+    saved = load_checkpoint(ck, backend="numpy")
+    assert saved.state.step == 3 and saved.optimizer.t == 3 and len(saved.history.loss) == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_second_ctrl_c_stops_at_once_and_says_nothing_was_saved(tmp_path, monkeypatch):
+    ck = tmp_path / "ck.npz"
+    _ctrl_c_during_step(monkeypatch, step=3, presses=2)
+    result = runner.invoke(app, [*TASK, "--checkpoint", str(ck)])
+    assert result.exit_code == 130, result.output
+    assert "interrupted during step 3, before it finished; no checkpoint was saved" in result.stderr
+    assert not ck.exists()
