@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import io
 import json
 import math
@@ -20,8 +21,8 @@ from typing import Annotated
 import numpy as np
 import typer
 
+from . import __version__, diagnostics
 from . import bench as bench_lib
-from . import diagnostics
 from ._paths import DestinationError, check_regular_file, check_writable, replacing, write_error
 from .backend import available_backends, get_backend
 from .errors import BackendUnavailableError, InputError
@@ -34,6 +35,21 @@ class BackendChoice(str, Enum):
     auto = "auto"
     numpy = "numpy"
     cupy = "cupy"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"gpubptt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
 
 
 def _usage_error(message: str) -> typer.Exit:
@@ -378,6 +394,17 @@ def _in_flags(message: str) -> str:
     return message
 
 
+def _reflowed_help(command):
+    """Join the lines of each docstring paragraph, so ``--help`` wraps whole paragraphs to the terminal.
+
+    Typer's rich help keeps the docstring's own line breaks and wraps each line again, which at
+    80 columns cut sentences into ragged fragments ("the table gives the" / "spectral norm ...").
+    """
+    paragraphs = inspect.cleandoc(command.__doc__ or "").split("\n\n")
+    command.__doc__ = "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+    return command
+
+
 def _quiet_numerics(command):
     """Run ``command`` with NumPy's floating-point RuntimeWarnings off: overflow and NaN are reported
     by the command itself (a refused or skipped step, ``inf`` in a table), not as warnings from NumPy's
@@ -510,6 +537,7 @@ def _vanish_progress(n: int):
 
 @app.command()
 @_quiet_numerics
+@_reflowed_help
 def vanish(
     backend: Annotated[BackendChoice, typer.Option(help="Backend to run on.")] = BackendChoice.auto,
     checkpoint: Annotated[
@@ -679,6 +707,7 @@ def _describe(data) -> tuple[str, str]:
 
 @app.command()
 @_quiet_numerics
+@_reflowed_help
 def train(
     task: Annotated[
         TaskChoice | None, typer.Option(help="text: next-character prediction; copy / recall: long-range memory tasks.")
@@ -911,6 +940,7 @@ def train(
 
 @app.command()
 @_quiet_numerics
+@_reflowed_help
 def sample(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint of a text model (from `gpubptt train`).")] = Path(
         "checkpoint.npz"

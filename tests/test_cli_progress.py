@@ -134,3 +134,22 @@ def test_second_ctrl_c_stops_at_once_and_says_nothing_was_saved(tmp_path, monkey
     assert result.exit_code == 130, result.output
     assert "interrupted during step 3, before it finished; no checkpoint was saved" in result.stderr
     assert not ck.exists()
+
+
+# -- --version and --help ------------------------------------------------------------------------------
+def test_version_option_prints_the_version():
+    import gpubptt
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"gpubptt {gpubptt.__version__}\n"
+
+
+def test_vanish_help_wraps_whole_paragraphs_without_ragged_breaks():
+    result = runner.invoke(app, ["vanish", "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    assert result.exit_code == 0
+    text = result.stdout.split("Usage:", 1)[1].split("╭", 1)[0]
+    lines = [line.strip() for line in text.splitlines()[1:]]
+    assert "Windows and sequences come from --seed." in " ".join(lines)  # the whole docstring is there
+    for line, after in zip(lines, lines[1:], strict=False):
+        if line and after:  # the next line's first word did not fit on this one: no early break
+            assert len(line) + 1 + len(after.split()[0]) > 70, (line, after)
