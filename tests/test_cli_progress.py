@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from typer.testing import CliRunner
 
 from gpubptt.cli import app
@@ -150,6 +152,6 @@ def test_vanish_help_wraps_whole_paragraphs_without_ragged_breaks():
     text = result.stdout.split("Usage:", 1)[1].split("╭", 1)[0]
     lines = [line.strip() for line in text.splitlines()[1:]]
     assert "Windows and sequences come from --seed." in " ".join(lines)  # the whole docstring is there
-    for line, after in zip(lines, lines[1:], strict=False):
+    for line, after in itertools.pairwise(lines):
         if line and after:  # the next line's first word did not fit on this one: no early break
             assert len(line) + 1 + len(after.split()[0]) > 70, (line, after)
