@@ -847,7 +847,7 @@ def train(
         if stop[0]:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, mid-step
         stop[0] = True
-        print("\nCtrl-C: stopping after this step and saving (Ctrl-C again to stop at once)", file=sys.stderr)
+        typer.echo("\nCtrl-C: stopping after this step and saving (Ctrl-C again to stop at once)", err=True)
 
     def on_step(ev) -> None:
         window.append((ev.seconds, window[-1][1] + ev.tokens))
@@ -884,7 +884,9 @@ def train(
             typer.echo(f"interrupted at step {state.step}\nerror: {failed}", err=True)
             raise typer.Exit(failed.code) from exc
         typer.echo(
-            f"interrupted at step {state.step}; saved checkpoint {str(checkpoint)!r} at step {state.step}", err=True
+            f"interrupted at step {state.step}; saved checkpoint {str(checkpoint)!r} at step {state.step} "
+            "(continue with --resume)",
+            err=True,
         )
         raise typer.Exit(130) from exc
     except KeyboardInterrupt as exc:
@@ -909,7 +911,8 @@ def train(
     except MemoryError as exc:
         if progress is not None:
             progress.stop()
-        typer.echo(f"{str(checkpoint)!r} keeps the last evaluation's checkpoint, if any", err=True)
+        kept = "no checkpoint was saved" if saved[0] is None else f"{str(checkpoint)!r} keeps step {saved[0]}"
+        typer.echo(f"training stopped during step {state.step + 1}; {kept}", err=True)
         raise _out_of_memory(exc, be) from exc
     finally:
         _restore_sigint(previous_sigint)
