@@ -61,10 +61,10 @@ class MemoryEstimate:
 
 
 def format_bytes(n: float) -> str:
-    """Bytes in decimal units with one decimal: '21.3 GB', '512.0 kB'; beyond petabytes '8.0e+21 B'."""
-    if n >= 1e18:
+    """Bytes in decimal units with one decimal: '21.3 GB', '512.0 kB'; beyond exabytes '8.0e+21 B'."""
+    if n >= 1e21:
         return f"{n:.1e} B"
-    for unit, size in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    for unit, size in (("EB", 1e18), ("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{int(n)} B"

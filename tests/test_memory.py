@@ -112,3 +112,9 @@ def test_memory_error_during_training_is_a_clear_message(tmp_path, monkeypatch):
     result = runner.invoke(app, ["train", "--backend", "numpy", *args])
     assert result.exit_code == 1 and "error: ran out of memory" in result.output
     assert "Traceback" not in result.output and not ck.exists()
+
+
+def test_format_bytes_uses_decimal_units():
+    from gpubptt.memory import format_bytes
+
+    assert [format_bytes(n) for n in (512, 21.3e9, 8e18, 8e21)] == ["512 B", "21.3 GB", "8.0 EB", "8.0e+21 B"]
