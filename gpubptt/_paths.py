@@ -83,12 +83,23 @@ def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.stem}.", suffix=p.suffix)
     os.close(fd)
     try:
+        os.chmod(tmp, _mode_for(p))  # mkstemp makes it 0600; give it the mode a plain open() would
         yield Path(tmp)
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """The existing file's permission bits, else 0666 minus the process umask (what open() would give)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _reason(exc: OSError) -> str:
