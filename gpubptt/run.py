@@ -92,7 +92,6 @@ _CHOICES = {
     "optimizer": tuple(DEFAULT_LR),
     "schedule": SCHEDULES,
     "init": INITS,
-    "dtype": ("float32", "float64"),
     "on_nonfinite": ON_NONFINITE,
 }
 
@@ -116,6 +115,12 @@ def _check_settings(
     for name, choices in _CHOICES.items():
         if st[name] not in choices:
             raise InputError(f"unknown {_flag(name)} {st[name]!r}; expected one of {', '.join(choices)}")
+    try:
+        dtype = np.dtype(st["dtype"]).name
+    except TypeError:
+        dtype = None
+    if dtype not in ("float32", "float64"):
+        raise InputError(f"unknown --dtype {st['dtype']!r}; expected float32 or float64")
     for name, (on, uses, where) in _APPLIES.items():
         if settings.get(name) is not None and st[on] not in uses:
             raise InputError(f"{_flag(name)} applies to {where}, not {_flag(on)} {st[on]}")
@@ -210,9 +215,7 @@ def new_run(
 
 def _check_memory(st: Mapping[str, Any], data: TextData | CopyTask, config: TrainConfig, be: Backend) -> None:
     """InsufficientMemoryError, with the numbers, when the run's estimated peak memory exceeds what ``be`` has."""
-    H, dtype = st["hidden"], st["dtype"]
-    if isinstance(H, bool) or not isinstance(H, (int, np.integer)) or H < 1 or dtype not in ("float32", "float64"):
-        return  # the model refuses these itself, by name
+    H, dtype = st["hidden"], np.dtype(st["dtype"]).name  # both checked by _check_settings
     B = config.batch_size
     if data.kind == "text":
         T = config.chunk or len(data.train_ids) // B
