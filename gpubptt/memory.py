@@ -52,6 +52,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
+        """The sum of the parts, in bytes."""
         return sum(self.parts.values())
 
     def describe(self) -> str:
