@@ -10,10 +10,10 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["file_mode", "write_atomic"]
 
 
-def _file_mode(path: Path) -> int:
+def file_mode(path: Path) -> int:
     """The existing file's permission bits, else 0666 minus the process umask."""
     try:
         return path.stat().st_mode & 0o777
@@ -29,7 +29,7 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes it 0600; give it the mode a plain open() would
+        os.chmod(tmp, file_mode(path))  # mkstemp makes it 0600; give it the mode a plain open() would
         with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8", "newline": ""})) as f:
             f.write(data)
             f.flush()

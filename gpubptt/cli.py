@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import json
+import math
+import os
+import signal
 import sys
+import time
+import warnings
 from collections import deque
 from enum import Enum
 from pathlib import Path
@@ -12,13 +20,14 @@ from typing import Annotated
 import numpy as np
 import typer
 
+from . import __version__, diagnostics, plots
 from . import bench as bench_lib
-from . import diagnostics, plots
 from ._io import write_atomic
-from ._paths import check_writable
+from ._paths import DestinationError, check_regular_file, check_writable, replacing, write_error
 from .backend import available_backends, get_backend
 from .environment import environment
 from .errors import BackendUnavailableError, InputError
+from .memory import InsufficientMemoryError, format_bytes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batched RNNs and exact BPTT on NumPy or CuPy.")
 
@@ -27,6 +36,21 @@ class BackendChoice(str, Enum):
     auto = "auto"
     numpy = "numpy"
     cupy = "cupy"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"gpubptt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
 
 
 def _usage_error(message: str) -> typer.Exit:
@@ -293,6 +317,113 @@ def bench(
         raise typer.Exit(1)
 
 
+# -- shared by vanish, train and sample ------------------------------------------------------------
+class _Failed(Exception):
+    """Work that failed for a reason the user can act on: printed as ``error: ...``, exit ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Interrupted(Exception):
+    """Ctrl-C was pressed; raised between two training steps, where the run is consistent."""
+
+
+def _install_sigint(handler):
+    """Make ``handler`` answer SIGINT; return what to restore (None where signals cannot be set: a thread)."""
+    try:
+        return (signal.signal(signal.SIGINT, handler),)
+    except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
+        return None
+
+
+def _restore_sigint(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGINT, previous[0])
+
+
+def _writable_or_exit(path: Path | None, option: str) -> Path | None:
+    """``path`` once a file can be written there (see ``check_writable``), else a usage error."""
+    if path is None:
+        return None
+    try:
+        return check_writable(path, option)
+    except DestinationError as exc:
+        raise _usage_error(str(exc)) from exc
+
+
+# library argument names in messages that reach the command line, and the flags that set them
+_FLAGS = (
+    ("(on_nonfinite='skip')", "(--on-nonfinite skip)"),
+    ("on_nonfinite", "--on-nonfinite"),
+    ("max_norm", "--clip"),
+    ("hidden_size", "--hidden"),
+    ("batch_size", "--batch"),
+    ("eval_every", "--eval-every"),
+)
+
+
+def _in_flags(message: str) -> str:
+    """``message`` with the library's argument names replaced by the flags (``max_norm`` → ``--clip``)."""
+    for name, flag in _FLAGS:
+        message = message.replace(name, flag)
+    return message
+
+
+def _reflowed_help(command):
+    """Join the lines of each docstring paragraph, so ``--help`` wraps whole paragraphs to the terminal.
+
+    Typer's rich help keeps the docstring's own line breaks and wraps each line again, which at
+    80 columns cut sentences into ragged fragments ("the table gives the" / "spectral norm ...").
+    """
+    paragraphs = inspect.cleandoc(command.__doc__ or "").split("\n\n")
+    command.__doc__ = "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+    return command
+
+
+def _quiet_numerics(command):
+    """Run ``command`` with NumPy's floating-point RuntimeWarnings off: overflow and NaN are reported
+    by the command itself (a refused or skipped step, ``inf`` in a table), not as warnings from NumPy's
+    internals."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return command(*args, **kwargs)
+
+    return run
+
+
+def _out_of_memory(exc: MemoryError, be) -> typer.Exit:
+    """'error: ran out of memory ...' with what the backend has left; exit 1 (nothing was written)."""
+    avail = be.available_memory()
+    left = "" if avail is None else f" ({format_bytes(avail)} available now on {be.name})"
+    detail = f": {exc}" if str(exc) else ""
+    typer.echo(f"error: ran out of memory{detail}{left}; try smaller sizes", err=True)
+    return typer.Exit(1)
+
+
+def _readable_or_exit(path: Path | None, option: str) -> Path | None:
+    """``path`` unless it names a folder, a device or a pipe (``/dev/zero`` would never end), else a usage error."""
+    if path is None:
+        return None
+    try:
+        return check_regular_file(path, option)
+    except DestinationError as exc:
+        raise _usage_error(str(exc)) from exc
+
+
+def _write_png(path: Path, what: str, draw) -> None:
+    """Run ``draw(tmp)`` to write a PNG beside ``path``, then put it in place; _Failed on an OSError."""
+    try:
+        with replacing(path) as tmp:
+            draw(tmp)
+    except OSError as exc:
+        raise _Failed(write_error(what, path, exc)) from exc
+
+
 # -- gpubptt vanish: gradient-flow diagnostics --------------------------------------------------------
 class InitChoice(str, Enum):
     wildml = "wildml"
@@ -354,7 +485,36 @@ def _vanish_row(radius: float, rescaled: bool, report: diagnostics.VanishReport,
     ]
 
 
+@contextlib.contextmanager
+def _vanish_progress(n: int):
+    """A ``vanish_sweep`` progress callback: a transient bar on a terminal, else one stderr line per radius."""
+    per = len(diagnostics.VANISH_STAGES)
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import Progress
+
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("vanish", total=n * per)
+
+            def update(done: int, total: int, what: str) -> None:
+                bar.update(task, description=what, completed=done, total=total)
+
+            yield update
+        return
+    started, current = time.perf_counter(), [""]
+
+    def line(done: int, total: int, what: str) -> None:
+        if done and done % per == 0:
+            elapsed = time.perf_counter() - started
+            typer.echo(f"vanish: {current[0]} measured ({done // per}/{n}, {elapsed:.1f} s)", err=True)
+        current[0] = what.split(":")[0]
+
+    yield line
+
+
 @app.command()
+@_quiet_numerics
+@_reflowed_help
 def vanish(
     backend: Annotated[BackendChoice, typer.Option(help="Backend to run on.")] = BackendChoice.auto,
     checkpoint: Annotated[
@@ -418,6 +578,7 @@ def vanish(
     radii = _parse_scales(scale if scale is not None else ("model" if checkpoint is not None else RANDOM_SCALES))
     if not (np.isfinite(threshold) and threshold > 0):
         raise typer.BadParameter(f"must be a finite number > 0, got {threshold}", param_hint="--threshold")
+    _readable_or_exit(checkpoint, "--checkpoint")
     if checkpoint is not None:
         given = {"hidden": hidden, "vocab": vocab, "init": init}
         for name, value in given.items():
@@ -426,29 +587,41 @@ def vanish(
     elif data is not None:
         raise _usage_error("--data needs --checkpoint: the model whose vocabulary encodes the text")
     _check_plot(plot)
+    _writable_or_exit(plot, "--plot")
+    _readable_or_exit(data, "--data")
     be = _backend_or_exit(backend.value)
     if checkpoint is None:
         hidden = RANDOM_DEFAULTS["hidden"] if hidden is None else hidden
         vocab = RANDOM_DEFAULTS["vocab"] if vocab is None else vocab
         init = RANDOM_DEFAULTS["init"] if init is None else init
         T = diagnostics.DEFAULT_SEQ_LEN if seq_len is None else seq_len
-        problem = diagnostics.random_problem(
-            T, hidden, batch, vocab, backend=be, dtype=dtype.value, init=init.value, seed=seed
-        )
-    else:
-        try:
+    try:
+        if checkpoint is None:
+            problem = diagnostics.random_problem(
+                T, hidden, batch, vocab, backend=be, dtype=dtype.value, init=init.value, seed=seed
+            )
+        else:
             problem = diagnostics.checkpoint_problem(
                 checkpoint, T=seq_len, B=batch, seed=seed, backend=be, dtype=dtype.value, text=data
             )
-        except InputError as exc:  # CheckpointError included
-            raise _usage_error(str(exc)) from exc
+    except InsufficientMemoryError as exc:
+        sizes = "--seq-len or --batch" if checkpoint is not None else "--seq-len, --batch, --hidden or --vocab"
+        raise _usage_error(f"{exc}: choose a smaller {sizes}") from exc
+    except InputError as exc:  # CheckpointError included
+        raise _usage_error(str(exc)) from exc
+    except MemoryError as exc:
+        raise _out_of_memory(exc, be) from exc
     model, x, y = problem.model, problem.x, problem.y
     T = problem.T
     settings = {"backend": be.name, "device": be.device, "T": T, "H": model.hidden_size, "B": batch}
     settings.update({k: v for k, v in problem.about.items() if k != "model"})
     settings.update({"dtype": dtype.value, "seed": seed, "threshold": threshold, "iters": iters})
     typer.echo("vanish: " + " ".join(f"{k}={v}" for k, v in settings.items() if k != "device"), err=True)
-    sweep = diagnostics.vanish_sweep(model, x, y, radii, threshold=threshold, iters=iters)
+    try:
+        with _vanish_progress(len(radii)) as progress:
+            sweep = diagnostics.vanish_sweep(model, x, y, radii, threshold=threshold, iters=iters, progress=progress)
+    except MemoryError as exc:
+        raise _out_of_memory(exc, be) from exc
     rescaled = [r is not None for r in radii]
     if fmt is VanishFormat.json:
         scales = [{"radius": r, "rescaled": rs, **rep.to_dict()} for (r, rep), rs in zip(sweep, rescaled, strict=True)]
@@ -468,7 +641,11 @@ def vanish(
                 f"{checkpoint.name} ({about['task']}, step {about['step']}) on {about['data']}: "
                 f"T={T} H={model.hidden_size} B={batch} seed={seed} ({be.name})"
             )
-        diagnostics.plot_vanish(sweep, plot, title=title)
+        try:
+            _write_png(plot, "plot", lambda tmp: diagnostics.plot_vanish(sweep, tmp, title=title))
+        except _Failed as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.code) from exc
         typer.echo(f"wrote {plot}", err=True)
 
 
@@ -506,6 +683,8 @@ def _describe(data) -> tuple[str, str]:
 
 
 @app.command()
+@_quiet_numerics
+@_reflowed_help
 def train(
     task: Annotated[
         TaskChoice | None, typer.Option(help="text: next-character prediction; copy / recall: long-range memory tasks.")
@@ -577,9 +756,12 @@ def train(
     )  # fmt: skip
     given = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items() if v is not None}
     _check_plot(plot)
+    _writable_or_exit(plot, "--plot")
+    _writable_or_exit(checkpoint, "--checkpoint")  # before any work: training failed only at its first save
+    _readable_or_exit(data, "--data")
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        raise _usage_error(f"--epochs must be a finite number > 0, got {epochs}")
     be = _backend_or_exit(backend.value)
-    if not checkpoint.parent.is_dir():
-        raise _usage_error(f"--checkpoint: directory {str(checkpoint.parent)!r} does not exist")
     if resume and force:
         raise _usage_error("--resume and --force exclude each other")
     if checkpoint.exists() and not (resume or force):
@@ -593,7 +775,9 @@ def train(
         else:
             run = new_run(given, backend=be, steps=steps, epochs=epochs, eval_every=eval_every)
     except (InputError, CheckpointError, TypeError) as exc:
-        raise _usage_error(str(exc)) from exc
+        raise _usage_error(_in_flags(str(exc))) from exc
+    except MemoryError as exc:
+        raise _out_of_memory(exc, be) from exc
 
     model, data_set, config, state, history = run.model, run.data, run.config, run.state, run.history
     unit, chance_text = _describe(data_set)
@@ -626,6 +810,22 @@ def train(
         bar = progress.add_task("train", total=config.steps, completed=state.step, info="")
         progress.start()
 
+    saved = [state.step if resume else None]  # the step the checkpoint file holds
+    stop = [False]
+
+    def save() -> None:
+        try:
+            save_run(checkpoint, run)  # atomic: a failed write leaves the previous file as it was
+        except OSError as exc:
+            raise _Failed(write_error("checkpoint", checkpoint, exc)) from exc
+        saved[0] = state.step
+
+    def on_sigint(signum, frame) -> None:
+        if stop[0]:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, mid-step
+        stop[0] = True
+        typer.echo("\nCtrl-C: stopping after this step and saving (Ctrl-C again to stop at once)", err=True)
+
     def on_step(ev) -> None:
         window.append((ev.seconds, window[-1][1] + ev.tokens))
         rate = (window[-1][1] - window[0][1]) / max(window[-1][0] - window[0][0], 1e-9)
@@ -633,7 +833,7 @@ def train(
         info = f"loss {loss_s}  |g| {ev.grad_norm:.2f}  {rate:,.0f} tok/s"
         if ev.eval is not None:
             last[0] = ev.eval
-            save_run(checkpoint, run)  # between steps: the weights and the state are consistent
+            save()  # between steps: the weights and the state are consistent
             line = (
                 f"step {ev.step}/{ev.total}  train loss {loss_s}  held-out {ev.eval['loss']:.3f} "
                 f"(chance {ev.eval['chance']:.3f})  acc {ev.eval['accuracy']:.1%}  |g| {ev.grad_norm:.2f}  "
@@ -645,24 +845,66 @@ def train(
                 typer.echo(line, err=True)
         if progress is not None:
             progress.update(bar, completed=ev.step, info=info)
+        if stop[0]:
+            raise _Interrupted  # between steps: the weights and the state are consistent
 
+    previous_sigint = _install_sigint(on_sigint)
     try:
         if state.step < config.steps:
             train_loop(model, data_set, run.optimizer, config, state=state, history=history, callback=on_step)
+    except _Interrupted as exc:
+        if progress is not None:
+            progress.stop()
+        try:
+            save()
+        except _Failed as failed:
+            typer.echo(f"interrupted at step {state.step}\nerror: {failed}", err=True)
+            raise typer.Exit(failed.code) from exc
+        typer.echo(
+            f"interrupted at step {state.step}; saved checkpoint {str(checkpoint)!r} at step {state.step} "
+            "(continue with --resume)",
+            err=True,
+        )
+        raise typer.Exit(130) from exc
+    except KeyboardInterrupt as exc:
+        if progress is not None:
+            progress.stop()
+        kept = "no checkpoint was saved" if saved[0] is None else f"{str(checkpoint)!r} keeps step {saved[0]}"
+        typer.echo(f"interrupted during step {state.step + 1}, before it finished; {kept}", err=True)
+        raise typer.Exit(130) from exc
     except NonFiniteError as exc:
         if progress is not None:
             progress.stop()
-        typer.echo(f"error: {exc}\n{str(checkpoint)!r} keeps the last evaluation's checkpoint, if any", err=True)
+        typer.echo(
+            f"error: {_in_flags(str(exc))}\n{str(checkpoint)!r} keeps the last evaluation's checkpoint, if any",
+            err=True,
+        )
         raise typer.Exit(1) from exc
-    finally:
+    except _Failed as exc:
         if progress is not None:
             progress.stop()
-    save_run(checkpoint, run)
-    if plot is not None:
-        title = f"{data_set.kind} | H={model.hidden_size} | {type(run.optimizer).__name__}"
-        if data_set.kind != "text":
-            title += f" | delay {data_set.delay}"
-        plot_history(plot, history, chance=data_set.chance_loss, title=title)
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.code) from exc
+    except MemoryError as exc:
+        if progress is not None:
+            progress.stop()
+        kept = "no checkpoint was saved" if saved[0] is None else f"{str(checkpoint)!r} keeps step {saved[0]}"
+        typer.echo(f"training stopped during step {state.step + 1}; {kept}", err=True)
+        raise _out_of_memory(exc, be) from exc
+    finally:
+        _restore_sigint(previous_sigint)
+        if progress is not None:
+            progress.stop()
+    title = f"{data_set.kind} | H={model.hidden_size} | {type(run.optimizer).__name__}"
+    if data_set.kind != "text":
+        title += f" | delay {data_set.delay}"
+    try:
+        save()
+        if plot is not None:
+            _write_png(plot, "plot", lambda tmp: plot_history(tmp, history, chance=data_set.chance_loss, title=title))
+    except _Failed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.code) from exc
     ev = last[0] or {"loss": float("nan"), "accuracy": float("nan")}
     if history.eval_step and last[0] is None:
         ev = {"loss": history.eval_loss[-1], "accuracy": history.eval_accuracy[-1]}
@@ -677,19 +919,22 @@ def train(
 
 
 @app.command()
+@_quiet_numerics
+@_reflowed_help
 def sample(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint of a text model (from `gpubptt train`).")] = Path(
         "checkpoint.npz"
     ),
     length: Annotated[int, typer.Option(help="Characters to generate.")] = 500,
     temperature: Annotated[float, typer.Option(help="Softmax temperature: < 1 surer, > 1 more random.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the sampler (an int ≥ 0).")] = 0,
     prime: Annotated[str, typer.Option(help="Text to start from (its characters must be in the vocabulary).")] = "",
 ) -> None:
-    """Generate text from a trained character model (printed to stdout)."""
+    """Generate text from a trained character model, printed to stdout as each character is drawn."""
     from .checkpoint import CheckpointError, load_checkpoint
-    from .sample import sample_text
+    from .sample import sample_chars
 
+    _readable_or_exit(checkpoint, "--checkpoint")
     if length < 0:
         raise _usage_error(f"--length must be ≥ 0, got {length}")
     if not (temperature > 0 and np.isfinite(temperature)):
@@ -699,10 +944,23 @@ def sample(
         if ck.vocab is None:
             kind = (ck.data or {}).get("kind", "unknown")
             raise _usage_error(f"{str(checkpoint)!r} was trained on the {kind} task; sampling needs a text model")
-        text = sample_text(ck.model, ck.vocab, length=length, temperature=temperature, seed=seed, prime=prime)
-    except (InputError, CheckpointError) as exc:
+        chars = sample_chars(ck.model, ck.vocab, length=length, temperature=temperature, seed=seed, prime=prime)
+    except (InputError, CheckpointError) as exc:  # every argument is checked before the first character
         raise _usage_error(str(exc)) from exc
-    typer.echo(text)
+    n = 0
+    try:
+        for ch in chars:
+            typer.echo(ch, nl=False)  # flushed: the text appears as it is drawn
+            n += len(ch)
+        typer.echo("")
+    except KeyboardInterrupt as exc:
+        typer.echo("")
+        typer.echo(f"interrupted after {n} of {len(prime) + length} characters", err=True)
+        raise typer.Exit(130) from exc
+    except BrokenPipeError as exc:  # `gpubptt sample | head`: the reader is gone; stop quietly
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(1) from exc
 
 
 def main() -> None:

@@ -40,17 +40,19 @@ inside a per-step loop), each with ``to_dict()`` for JSON. Sequences are full le
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ._checks import Batch, check_batch
-from .backend import to_numpy
+from .backend import get_backend, to_numpy
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import Vocab, make_data, read_text
 from .errors import InputError, InputTypeError
 from .losses import softmax_probs
+from .memory import check_fits, vanish_memory
 from .model import RNN
 
 #: |log slope| below this is round-off around a flat line (an orthogonal W gives ±1e-16): no horizon.
@@ -58,6 +60,7 @@ NO_DECAY_SLOPE = 1e-9
 
 __all__ = [
     "ACTIVATIONS",
+    "VANISH_STAGES",
     "Contributions",
     "JacobianProducts",
     "ProductNorms",
@@ -604,6 +607,9 @@ class VanishReport(_ToDict):
     truncation: TruncationBias
 
 
+VANISH_STAGES = ("step gradients", "contributions", "Jacobian-product norms", "truncation bias")
+
+
 def vanish_report(
     model: RNN,
     x: Any,
@@ -614,14 +620,22 @@ def vanish_report(
     iters: int = 300,
     tol: float = 1e-5,
     seed: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> VanishReport:
-    """All four diagnostics of ``model`` on (x, y, s0): x (T, B) or (T, B, D), y (T, B), s0 (B, H)."""
-    return VanishReport(
-        steps=step_gradients(model, x, y, s0),
-        contributions=contributions(model, x, y, s0),
-        products=jacobian_products(model, x, s0, threshold=threshold, iters=iters, tol=tol, seed=seed),
-        truncation=truncation_bias(model, x, y, s0),
-    )
+    """All four diagnostics of ``model`` on (x, y, s0): x (T, B) or (T, B, D), y (T, B), s0 (B, H).
+
+    ``progress(stage)``, if given, is called before each of the four (``VANISH_STAGES``).
+    """
+    say = progress or (lambda stage: None)
+    say(VANISH_STAGES[0])
+    steps = step_gradients(model, x, y, s0)
+    say(VANISH_STAGES[1])
+    contrib = contributions(model, x, y, s0)
+    say(VANISH_STAGES[2])
+    products = jacobian_products(model, x, s0, threshold=threshold, iters=iters, tol=tol, seed=seed)
+    say(VANISH_STAGES[3])
+    truncation = truncation_bias(model, x, y, s0)
+    return VanishReport(steps=steps, contributions=contrib, products=products, truncation=truncation)
 
 
 def with_spectral_radius(model: RNN, radius: float) -> RNN:
@@ -647,6 +661,7 @@ def vanish_sweep(
     iters: int = 300,
     tol: float = 1e-5,
     seed: int = 0,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> list[tuple[float, VanishReport]]:
     """``vanish_report`` for copies of the model with W rescaled to each spectral radius in ``radii``.
 
@@ -654,6 +669,10 @@ def vanish_sweep(
     An entry None in ``radii`` measures the model as it is, reported with W's own spectral radius
     (a trained model's W, say, next to rescaled copies of it). Every argument is checked before the
     first report is computed.
+
+    ``progress(done, total, what)``, if given, is called before each diagnostic of each radius and
+    once at the end (done = total = 4·len(radii)); ``what`` reads "ρ=0.5: Jacobian-product norms",
+    then "done". Nothing here prints: the caller decides how to show it.
     """
     model = _check_model(model)
     radii = [None if r is None else _check_positive_float(r, "radius") for r in radii]
@@ -664,10 +683,20 @@ def vanish_sweep(
     _check_tol(tol)
     _batch(model, x, y, s0)
     sweep = []
-    for r in radii:
+    total = len(VANISH_STAGES) * len(radii)
+    for i, r in enumerate(radii):
+        name = "ρ=model" if r is None else f"ρ={r:g}"
+        stages = iter(range(len(VANISH_STAGES) * i, total))
+
+        def stage(what: str, name: str = name, stages: Any = stages) -> None:
+            if progress is not None:
+                progress(next(stages), total, f"{name}: {what}")
+
         m = model if r is None else with_spectral_radius(model, r)
-        report = vanish_report(m, x, y, s0, threshold=threshold, iters=iters, tol=tol, seed=seed)
+        report = vanish_report(m, x, y, s0, threshold=threshold, iters=iters, tol=tol, seed=seed, progress=stage)
         sweep.append((report.products.spectral_radius if r is None else r, report))
+    if progress is not None:
+        progress(total, total, "done")
     return sweep
 
 
@@ -709,13 +738,32 @@ def random_problem(
     init: str = "wildml",
     seed: int = 0,
 ) -> VanishProblem:
-    """A random model (D = K = ``vocab``) and random tokens and targets x, y (T, B), all from ``seed``."""
+    """A random model (D = K = ``vocab``) and random tokens and targets x, y (T, B), all from ``seed``.
+
+    InsufficientMemoryError (an InputError) before anything is allocated when the diagnostics of
+    these sizes cannot fit in the backend's available memory (see ``gpubptt.memory``).
+    """
+    backend = get_backend(backend)
+    _check_memory(vocab, H, vocab, T, B, dtype, backend, random=True)
     model = RNN(vocab, H, vocab, backend=backend, dtype=dtype, init=init, seed=seed)
     be = model.backend
     rng = np.random.default_rng(seed)
     x = be.asarray(rng.integers(0, vocab, size=(T, B)))  # (T, B) token ids
     y = be.asarray(rng.integers(0, vocab, size=(T, B)))  # (T, B) targets
     return VanishProblem(model, x, y, {"model": "random", "vocab": vocab, "init": init})
+
+
+def _check_memory(D: Any, H: Any, K: Any, T: Any, B: Any, dtype: Any, be: Any, *, random: bool) -> None:
+    """InsufficientMemoryError when ``vanish_sweep`` on these sizes cannot fit; bad sizes are left to their checks."""
+    sizes = (D, H, K, T, B)
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1 for n in sizes):
+        return
+    try:
+        itemsize = np.dtype(dtype).itemsize
+    except TypeError:
+        return
+    estimate = vanish_memory(D, H, K, T=T, B=B, itemsize=itemsize, random=random, chunk_elements=be.chunk_elements)
+    check_fits(estimate, be.available_memory(), f"diagnosing T={T}, B={B}, H={H}, D={D}, K={K} ({np.dtype(dtype)})")
 
 
 def text_windows(
@@ -772,16 +820,23 @@ def checkpoint_problem(
     ``dtype=None`` keeps the checkpoint's dtype; float64 widens float32 weights exactly.
 
     Raises CheckpointError (an InputError) for a missing or bad file, InputError for data that does
-    not fit the model (the first character outside the vocabulary is named), all before any work.
+    not fit the model (the first character outside the vocabulary is named), InsufficientMemoryError
+    for T and B whose diagnostics cannot fit in memory, all before any work.
     """
     if T is not None:
         T = _check_int(T, "T", 1)
     B, seed = _check_int(B, "B", 1), _check_int(seed, "seed", 0)
     where = f"checkpoint {str(path)!r}"
     ck = load_checkpoint(path, backend=backend)
-    model = ck.model if dtype is None else RNN.from_params(ck.model.params, backend=ck.model.backend, dtype=dtype)
     spec = ck.data or {}
     kind = spec.get("kind", "text" if ck.vocab is not None else None)
+    m = ck.model
+    if kind in ("copy", "recall") and T is None:
+        with_T = make_data(spec).seq_len
+    else:
+        with_T = DEFAULT_SEQ_LEN if T is None else T
+    _check_memory(m.input_size, m.hidden_size, m.output_size, with_T, B, dtype or m.dtype, m.backend, random=False)
+    model = m if dtype is None else RNN.from_params(m.params, backend=m.backend, dtype=dtype)
     if kind in ("copy", "recall"):
         if text is not None:
             raise InputError(

@@ -11,6 +11,7 @@ checkpoint and refuses a given setting that contradicts it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend
+from .backend import Backend, get_backend
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
 from .errors import InputError
-from .model import RNN
-from .optim import DEFAULT_LR, Optimizer, make_optimizer
-from .train import History, TrainConfig, TrainState
+from .memory import InsufficientMemoryError, check_fits, train_memory
+from .model import INITS, RNN
+from .optim import DEFAULT_LR, ON_NONFINITE, Optimizer, make_optimizer
+from .train import SCHEDULES, History, TrainConfig, TrainState
 
 __all__ = ["DEFAULTS", "Run", "new_run", "plot_history", "resume_run", "save_run", "total_steps"]
 
@@ -77,6 +79,77 @@ def total_steps(data: Any, config: TrainConfig, *, steps: int | None, epochs: fl
     return max(1, round(epochs * per_epoch))
 
 
+# which settings each choice uses: a given setting that the run would ignore is refused, by name
+_APPLIES = {
+    "delay": ("task", ("copy", "recall"), "--task copy or recall"),
+    "symbols": ("task", ("copy", "recall"), "--task copy or recall"),
+    "copy_length": ("task", ("copy",), "--task copy (recall remembers one symbol)"),
+    "data": ("task", ("text",), "--task text only"),
+    "momentum": ("optimizer", ("sgd",), "--optimizer sgd (adam and adagrad keep their own statistics)"),
+}
+_CHOICES = {
+    "task": ("text", "copy", "recall"),
+    "optimizer": tuple(DEFAULT_LR),
+    "schedule": SCHEDULES,
+    "init": INITS,
+    "on_nonfinite": ON_NONFINITE,
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_settings(
+    settings: Mapping[str, Any], st: Mapping[str, Any], *, steps: Any, epochs: Any, eval_every: Any
+) -> None:
+    """InputError naming the flag (``--clip``, not ``max_norm``) of the first bad or inapplicable setting."""
+    for name, choices in _CHOICES.items():
+        if st[name] not in choices:
+            raise InputError(f"unknown {_flag(name)} {st[name]!r}; expected one of {', '.join(choices)}")
+    try:
+        dtype = np.dtype(st["dtype"]).name
+    except TypeError:
+        dtype = None
+    if dtype not in ("float32", "float64"):
+        raise InputError(f"unknown --dtype {st['dtype']!r}; expected float32 or float64")
+    for name, (on, uses, where) in _APPLIES.items():
+        if settings.get(name) is not None and st[on] not in uses:
+            raise InputError(f"{_flag(name)} applies to {where}, not {_flag(on)} {st[on]}")
+    if epochs is not None and steps is not None:
+        raise InputError("give --steps or --epochs, not both")
+    if epochs is not None and st["task"] != "text":
+        raise InputError(
+            f"--epochs applies to --task text only (passes over the training text); use --steps for {st['task']}"
+        )
+    ints = {"hidden": 1, "batch": 1, "chunk": 0, "truncate": 0, "warmup": 0, "seed": 0, "symbols": 2, "copy_length": 1}
+    for name, lo in {**ints, "delay": 0}.items():
+        v = st[name]
+        if v is not None and not (_is_int(v) and v >= lo):
+            raise InputError(
+                f"{_flag(name)} must be an int ≥ {lo}{' (0: whole sequences)' if name == 'chunk' else ''}, got {v!r}"
+            )
+    for name, v, lo in (("--steps", steps, 1), ("--eval-every", eval_every, 0)):
+        if v is not None and not (_is_int(v) and v >= lo):
+            raise InputError(f"{name} must be an int ≥ {lo}, got {v!r}")
+    if epochs is not None and not (_is_number(epochs) and epochs > 0):
+        raise InputError(f"--epochs must be a finite number > 0, got {epochs!r}")
+    if st["lr"] is not None and not (_is_number(st["lr"]) and st["lr"] > 0):
+        raise InputError(f"--lr must be a finite number > 0, got {st['lr']!r}")
+    if not (_is_number(st["clip"]) and st["clip"] >= 0):
+        raise InputError(f"--clip must be a finite number ≥ 0 (0: off), got {st['clip']!r}")
+    if not (_is_number(st["momentum"]) and 0 <= st["momentum"] < 1):
+        raise InputError(f"--momentum must be a number in [0, 1), got {st['momentum']!r}")
+
+
 def new_run(
     settings: Mapping[str, Any],
     *,
@@ -85,17 +158,22 @@ def new_run(
     epochs: float | None = None,
     eval_every: int = 250,
 ) -> Run:
-    """A fresh run from ``settings`` (missing keys from ``DEFAULTS``); InputError on a bad setting."""
+    """A fresh run from ``settings`` (missing or None keys from ``DEFAULTS``); InputError on a bad setting.
+
+    Every setting is checked first, and the message names it as the command's flag (``--clip``). A
+    setting the run would not use is refused: ``delay``/``symbols`` with the text task, ``copy_length``
+    with recall, ``data`` with a task, ``momentum`` with an optimizer other than SGD, ``epochs`` with a
+    task. InsufficientMemoryError (an InputError) when the run cannot fit in the backend's memory.
+    """
     unknown = sorted(set(settings) - set(DEFAULTS))
     if unknown:
         raise InputError(f"unknown settings {unknown}; expected some of {sorted(DEFAULTS)}")
-    st = {**DEFAULTS, **settings}
+    st = {**DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
+    _check_settings(settings, st, steps=steps, epochs=epochs, eval_every=eval_every)
     if st["task"] == "text":
         text = default_corpus() if st["data"] is None else read_text(st["data"])
         data = TextData(text, source="builtin" if st["data"] is None else str(st["data"]))
     elif st["task"] in ("copy", "recall"):
-        if st["data"] is not None:
-            raise InputError("--data applies to --task text only")
         k = 1 if st["task"] == "recall" else st["copy_length"]
         data = CopyTask(symbols=st["symbols"], length=k, delay=st["delay"])
     else:
@@ -103,10 +181,6 @@ def new_run(
     chunk = st["chunk"]
     if chunk is None:
         chunk = 64 if st["task"] == "text" else 0
-    if chunk < 0:
-        raise InputError(f"--chunk must be ≥ 0 (0: whole sequences), got {chunk}")
-    if st["optimizer"] not in DEFAULT_LR:
-        raise InputError(f"unknown optimizer {st['optimizer']!r}; expected one of {', '.join(DEFAULT_LR)}")
     lr = st["lr"] if st["lr"] is not None else DEFAULT_LR[st["optimizer"]]
     config = TrainConfig(
         steps=1,
@@ -123,11 +197,13 @@ def new_run(
     config.steps = total_steps(data, config, steps=steps, epochs=epochs, default=DEFAULT_STEPS)
     TrainConfig(**vars(config))  # validate the final values
     data.check_batch(config.batch_size, config.chunk or 1)
+    be = get_backend(backend)
+    _check_memory(st, data, config, be)  # before the weights are drawn: refuse what cannot fit
     model = RNN(
         data.input_size,
         st["hidden"],
         data.output_size,
-        backend=backend,
+        backend=be,
         dtype=st["dtype"],
         bias=st["bias"],
         init=st["init"],
@@ -135,6 +211,30 @@ def new_run(
     )
     optimizer = make_optimizer(st["optimizer"], model, lr=lr, momentum=st["momentum"], on_nonfinite=st["on_nonfinite"])
     return Run(model, data, optimizer, config, TrainState(), History())
+
+
+def _check_memory(st: Mapping[str, Any], data: TextData | CopyTask, config: TrainConfig, be: Backend) -> None:
+    """InsufficientMemoryError, with the numbers, when the run's estimated peak memory exceeds what ``be`` has."""
+    H, dtype = st["hidden"], np.dtype(st["dtype"]).name  # both checked by _check_settings
+    B = config.batch_size
+    if data.kind == "text":
+        T = config.chunk or len(data.train_ids) // B
+        eval_B = max(1, min(16, (len(data.val_ids) - 1) // 64))  # as TextData.eval_sequences and evaluate
+        eval_T = min(256, max(1, (len(data.val_ids) - 1) // eval_B))
+    else:
+        T = config.chunk or data.seq_len
+        eval_B, eval_T = 256, min(256, data.seq_len)
+    slots = {"adam": 2, "adagrad": 1}.get(st["optimizer"], 1 if st["momentum"] else 0)
+    estimate = train_memory(
+        data.input_size, H, data.output_size, T=T, B=B, itemsize=np.dtype(dtype).itemsize, slots=slots,
+        bias=bool(st["bias"]), truncate=config.truncate, eval_T=eval_T, eval_B=eval_B,
+        chunk_elements=be.chunk_elements,
+    )  # fmt: skip
+    what = f"training --hidden {H} on batches of --batch {B} × {T} steps ({st['optimizer']}, {dtype})"
+    try:
+        check_fits(estimate, be.available_memory(), what)
+    except InsufficientMemoryError as exc:
+        raise InsufficientMemoryError(f"{exc}: choose a smaller --hidden, --batch or --chunk") from None
 
 
 def settings_of(ck: Checkpoint) -> dict[str, Any]:

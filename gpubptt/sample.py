@@ -9,6 +9,7 @@ whatever backend trained it. τ (temperature) < 1 sharpens the distribution, > 1
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -16,17 +17,16 @@ from .data import Vocab
 from .errors import InputError
 from .model import RNN
 
-__all__ = ["sample_text"]
+__all__ = ["sample_chars", "sample_text"]
 
 
-def sample_text(
+def sample_chars(
     model: RNN, vocab: Vocab, *, length: int = 500, temperature: float = 1.0, seed: int | None = 0, prime: str = ""
-) -> str:
-    """``prime`` followed by ``length`` sampled characters (deterministic for a given seed).
+) -> Iterator[str]:
+    """The characters of ``sample_text``, one at a time as each is drawn: ``prime`` first, then ``length`` more.
 
-    The model must map the vocabulary to itself (D = K = len(vocab)). An empty prime starts from
-    the zero state after a line break (or a random character when the text has none); the returned
-    text then holds only the ``length`` sampled characters.
+    Every argument is checked here, before the first character (InputError), so a caller that
+    streams the text never prints half of it and then fails on a bad argument.
     """
     if model.input_size != len(vocab) or model.output_size != len(vocab):
         raise InputError(
@@ -36,25 +36,50 @@ def sample_text(
         raise InputError(f"length must be an int ≥ 0, got {length!r}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise InputError(f"temperature must be a positive number, got {temperature!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise InputError(f"seed must be an int ≥ 0 or None, got {seed!r}")
+    primed = list(vocab.encode(prime)) if prime else []  # InputError naming a character outside the vocabulary
     host = model.to("numpy") if model.backend.name != "numpy" else model
     p = {k: v.astype(np.float64) for k, v in host.params.items()}
+    return _draw(p, vocab, primed, prime, length, temperature, np.random.default_rng(seed))
+
+
+def _draw(
+    p: dict[str, np.ndarray],
+    vocab: Vocab,
+    ids: list[int],
+    prime: str,
+    length: int,
+    tau: float,
+    rng: np.random.Generator,
+) -> Iterator[str]:
     U, W, V = p["U"], p["W"], p["V"]
     b = p.get("b", 0.0)
     c = p.get("c", 0.0)
-    rng = np.random.default_rng(seed)
-    if prime:
-        ids = list(vocab.encode(prime))
-    else:  # condition on a line break when the text has them (a fresh paragraph), else on a random character
+    if not ids:  # condition on a line break when the text has them (a fresh paragraph), else on a random character
         ids = list(vocab.encode("\n")) if "\n" in vocab.chars else [int(rng.integers(len(vocab)))]
     s = np.zeros(W.shape[0])
     for i in ids[:-1]:  # read the prime
         s = np.tanh(U[:, i] + W @ s + b)
-    out = list(ids) if prime else []
+    if prime:
+        yield prime
     x = ids[-1]
     for _ in range(length):
         s = np.tanh(U[:, x] + W @ s + b)  # s_t = tanh(U x_t + W s_{t-1} + b)
-        z = (V @ s + c) / temperature
+        z = (V @ s + c) / tau
         q = np.exp(z - z.max())
         x = int(rng.choice(len(q), p=q / q.sum()))
-        out.append(x)
-    return vocab.decode(out)
+        yield vocab.decode([x])
+
+
+def sample_text(
+    model: RNN, vocab: Vocab, *, length: int = 500, temperature: float = 1.0, seed: int | None = 0, prime: str = ""
+) -> str:
+    """``prime`` followed by ``length`` sampled characters (deterministic for a given seed).
+
+    The model must map the vocabulary to itself (D = K = len(vocab)). An empty prime starts from
+    the zero state after a line break (or a random character when the text has none); the returned
+    text then holds only the ``length`` sampled characters. ``sample_chars`` yields the same text
+    one character at a time.
+    """
+    return "".join(sample_chars(model, vocab, length=length, temperature=temperature, seed=seed, prime=prime))

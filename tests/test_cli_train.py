@@ -102,7 +102,7 @@ def test_recall_task_reports_its_chance_level(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--hidden", "0"], "hidden_size"),
+        (["--hidden", "0"], "--hidden must be an int ≥ 1"),
         (["--chunk", "-1"], "--chunk"),
         (["--lr", "-1"], "lr"),
         (["--optimizer", "lbfgs"], "lbfgs"),

@@ -115,7 +115,10 @@ class Backend:
         return fn
 
     def available_memory(self) -> int | None:
-        """Bytes the backend's device can still allocate, or None where unknown."""
+        """Bytes that new arrays can still take on this backend's device, or None where unknown.
+
+        An estimate, used to refuse sizes that cannot fit before any work; not a promise.
+        """
         return None
 
     # -- compute ------------------------------------------------------------------------------

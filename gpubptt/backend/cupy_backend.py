@@ -72,10 +72,12 @@ class CupyBackend(Backend):
         return _graphs.capture(self.xp, fn)
 
     def available_memory(self) -> int | None:
-        """Free device memory plus what CuPy's pool holds unused."""
-        free, _ = self.xp.cuda.runtime.memGetInfo()
-        pool = self.xp.get_default_memory_pool()
-        return int(free + pool.total_bytes() - pool.used_bytes())
+        """The device's free memory plus what CuPy's pool holds but does not use (a host sync point).
+
+        Running out anyway raises CuPy's OutOfMemoryError, a MemoryError.
+        """
+        free, _total = self.xp.cuda.runtime.memGetInfo()
+        return int(free + self.xp.get_default_memory_pool().free_bytes())
 
     def matmul(self, a: Any, b: Any, out: Any, accumulate: bool = False) -> None:
         self._matmul(a, b, out, accumulate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from collections.abc import Callable
@@ -45,15 +46,17 @@ class NumpyBackend(Backend):
         return int(a.__array_interface__["data"][0])
 
     def available_memory(self) -> int | None:
-        """MemAvailable from /proc/meminfo (Linux), else None."""
+        """Available host RAM: ``MemAvailable`` of /proc/meminfo (free plus reclaimable caches), else the
+        free physical pages; None where the OS does not say. An estimate to refuse impossible sizes early.
+        """
+        with contextlib.suppress(OSError, ValueError), open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
         try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return None
+            return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, OSError, ValueError):
+            return None
 
     def matmul(self, a: Any, b: Any, out: Any, accumulate: bool = False) -> None:
         if accumulate:

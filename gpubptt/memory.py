@@ -1,0 +1,153 @@
+"""How much memory a training run or a ``vanish`` diagnosis will take, estimated from the shapes.
+
+Sizes that cannot fit (``--hidden 100000``, ``--seq-len 1000000000``) are refused with the numbers
+before anything is allocated, instead of failing minutes later or swapping the machine to a halt:
+
+    >>> est = train_memory(D=65, H=100_000, K=65, T=64, B=32, itemsize=4, slots=2)  # float32, Adam
+    >>> est.describe()[:66]
+    'about 164.4 GB (parameters, gradients and optimizer state 160.2 GB'
+    >>> check_fits(est, 16 * 2**30, "training H=100000")
+    Traceback (most recent call last):
+    ...
+    gpubptt.memory.InsufficientMemoryError: training H=100000 needs about 164.4 GB (...), but 17.2 GB is available
+
+Each estimate counts the arrays that are alive at the peak, to within a small factor: the
+parameters (and, while a random model is drawn, its float64 host copy), their gradients and
+optimizer state; the (T, B, H) states and workspaces of forward+BPTT; the output layer's chunk of
+(·, B, K) probabilities; and for the diagnostics their (T, T) and (T, B, B) tables. It is meant to
+tell "fits" from "cannot possibly fit", not to predict the last megabyte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InputError
+from .losses import chunk_steps
+
+__all__ = [
+    "InsufficientMemoryError",
+    "MemoryEstimate",
+    "check_fits",
+    "format_bytes",
+    "parameter_count",
+    "train_memory",
+    "vanish_memory",
+]
+
+INT64 = 8  # token ids and targets
+FLOAT64 = 8  # the host copy a model is drawn in, and the evaluation's sums
+WORKSPACES = 4  # forward+BPTT workspaces a model keeps, one per shape (gpubptt.model.MAX_WORKSPACES)
+
+
+class InsufficientMemoryError(InputError):
+    """The estimated memory of a computation exceeds what the backend has available."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak bytes of a computation, by part: ``{"parameters ...": bytes, ...}``."""
+
+    parts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        """The sum of the parts, in bytes."""
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        """'about 80.0 GB (parameters 40.0 GB, workspaces 40.0 GB)', largest part first."""
+        parts = sorted(self.parts.items(), key=lambda kv: -kv[1])
+        return f"about {format_bytes(self.total)} (" + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts) + ")"
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in decimal units with one decimal: '21.3 GB', '512.0 kB'; beyond exabytes '8.0e+21 B'."""
+    if n >= 1e21:
+        return f"{n:.1e} B"
+    for unit, size in (("EB", 1e18), ("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def parameter_count(D: int, H: int, K: int, *, bias: bool = True) -> int:
+    """Entries of U (H, D), W (H, H), V (K, H) and, with ``bias``, b (H,) and c (K,)."""
+    return H * D + H * H + K * H + ((H + K) if bias else 0)
+
+
+def _forward_bptt(T: int, B: int, H: int, K: int, itemsize: int, chunk_elements: int, truncate: int | None) -> int:
+    """Bytes of one forward+BPTT workspace for a (T, B) batch (see ``gpubptt.model._Workspace``)."""
+    states = (T + 1) * B * H + 2 * T * B * H + 2 * B * H  # S, pre, G; the per-step row and ∂E/∂s0
+    lanes = 2 * (truncate + 1) * B * H if truncate is not None else 0
+    logits = 2 * chunk_steps(T, B, K, chunk_elements) * B * K  # probabilities and dz of one output chunk
+    return (states + lanes + logits) * itemsize + 3 * T * B * INT64  # x, y and the token permutation
+
+
+def train_memory(
+    D: int,
+    H: int,
+    K: int,
+    *,
+    T: int,
+    B: int,
+    itemsize: int,
+    slots: int,
+    bias: bool = True,
+    truncate: int | None = None,
+    eval_T: int | None = None,
+    eval_B: int | None = None,
+    chunk_elements: int = 1 << 22,
+) -> MemoryEstimate:
+    """Peak memory of training a D → H → K model on (T, B) chunks with ``slots`` optimizer state arrays.
+
+    ``itemsize``: bytes per float (4 for float32); ``slots``: per-parameter optimizer arrays (Adam 2,
+    Adagrad 1, SGD with momentum 1, plain SGD 0). ``eval_T``, ``eval_B``: the held-out chunk and batch
+    (default: the training ones); evaluation keeps the full (T, B, K) probabilities of a chunk.
+    """
+    P = parameter_count(D, H, K, bias=bias)
+    eval_T, eval_B = eval_T or T, eval_B or B
+    evaluation = ((eval_T + 1) * eval_B * H + eval_T * eval_B * (H + K)) * itemsize + 4 * eval_T * eval_B * FLOAT64
+    return MemoryEstimate(
+        {
+            # drawing the weights holds a float64 host copy beside them; afterwards gradients and slots
+            "parameters, gradients and optimizer state": P * max(itemsize * (2 + slots), FLOAT64 + itemsize),
+            "forward+BPTT workspaces": _forward_bptt(T, B, H, K, itemsize, chunk_elements, truncate),
+            "evaluation": evaluation,
+        }
+    )
+
+
+def vanish_memory(
+    D: int, H: int, K: int, *, T: int, B: int, itemsize: int, random: bool = True, chunk_elements: int = 1 << 22
+) -> MemoryEstimate:
+    """Peak memory of ``gpubptt.diagnostics.vanish_sweep`` on a D → H → K model and a (T, B) batch.
+
+    ``random``: the model is drawn here (a float64 host copy while it is made) rather than loaded.
+    Counts the model and a rescaled copy, the tokens, the (T, B, H) states and terms the diagnostics
+    keep together, their (T, B, K) output-layer terms, (T, T) and (T, B, B) or (T, H, H) tables, and
+    the forward+BPTT workspaces of the truncation sweep (the last few windows k stay cached).
+    """
+    P = parameter_count(D, H, K)
+    terms = (
+        8 * T * B * H + (T + 1) * B * H
+    )  # states, direct term, tanh factors, lanes, scratch, power-iteration vectors
+    tables = 2 * T * B * K + T * min(B * B, H * H) + T * T
+    workspaces = WORKSPACES * _forward_bptt(T, B, H, K, itemsize, chunk_elements, T - 1)
+    return MemoryEstimate(
+        {
+            "parameters": P * (3 * itemsize + (FLOAT64 if random else 0)),
+            "tokens": 3 * T * B * INT64,
+            "states and gradient terms": (terms + tables) * itemsize,
+            "forward+BPTT workspaces": workspaces,
+        }
+    )
+
+
+def check_fits(estimate: MemoryEstimate, available: int | None, what: str) -> None:
+    """InsufficientMemoryError when ``estimate`` exceeds ``available`` bytes (None: unknown, no check).
+
+    The message reads "{what} needs about 80.0 GB (parameters 40.0 GB, ...), but 21.3 GB is available".
+    """
+    if available is not None and estimate.total > available:
+        raise InsufficientMemoryError(f"{what} needs {estimate.describe()}, but {format_bytes(available)} is available")

@@ -1,0 +1,120 @@
+"""Memory estimates refuse sizes that cannot fit, with the numbers, before anything is allocated."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from gpubptt.backend import get_backend
+from gpubptt.cli import app
+
+runner = CliRunner()
+GB = 10**9
+
+
+def test_train_memory_counts_parameters_gradients_and_adam_slots():
+    from gpubptt.memory import parameter_count, train_memory
+
+    P = parameter_count(10, 100, 10)
+    assert P == 100 * 10 + 100 * 100 + 10 * 100 + 100 + 10
+    adam = train_memory(10, 100, 10, T=8, B=4, itemsize=4, slots=2)
+    sgd = train_memory(10, 100, 10, T=8, B=4, itemsize=4, slots=0)
+    key = "parameters, gradients and optimizer state"
+    assert adam.parts[key] == P * 4 * 4 and sgd.parts[key] == P * (8 + 4)  # the float64 host draw dominates
+    longer = train_memory(10, 100, 10, T=80, B=4, itemsize=4, slots=2)
+    assert longer.parts["forward+BPTT workspaces"] > 9 * adam.parts["forward+BPTT workspaces"]
+
+
+def test_vanish_memory_grows_with_the_square_of_T():
+    from gpubptt.memory import vanish_memory
+
+    small = vanish_memory(4, 8, 4, T=10_000, B=1, itemsize=8)
+    large = vanish_memory(4, 8, 4, T=100_000, B=1, itemsize=8)
+    assert large.parts["states and gradient terms"] > 50 * small.parts["states and gradient terms"]  # the (T, T) table
+
+
+def test_check_fits_names_the_total_its_parts_and_what_is_available():
+    from gpubptt.errors import InputError
+    from gpubptt.memory import InsufficientMemoryError, MemoryEstimate, check_fits
+
+    est = MemoryEstimate({"parameters": 40 * GB, "workspaces": 40 * GB})
+    with pytest.raises(
+        InsufficientMemoryError,
+        match=r"^H=9 needs about 80\.0 GB \(parameters 40\.0 GB, workspaces 40\.0 GB\), but 21\.3 GB is available$",
+    ):
+        check_fits(est, int(21.3 * GB), "H=9")
+    assert issubclass(InsufficientMemoryError, InputError)
+    check_fits(est, None, "H=9")  # unknown: no check
+    check_fits(est, 80 * GB, "H=9")
+
+
+def test_numpy_backend_reports_available_host_memory():
+    avail = get_backend("numpy").available_memory()
+    assert isinstance(avail, int) and avail > 0
+
+
+@pytest.fixture
+def little_memory(monkeypatch):
+    """The NumPy backend reports 2 GB available."""
+    monkeypatch.setattr(type(get_backend("numpy")), "available_memory", lambda self: 2 * GB)
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--hidden", "1000000"], "--hidden 1000000"),
+        (["--task", "recall", "--batch", "100000000000"], "--batch 100000000000"),
+    ],
+)
+def test_train_sizes_that_cannot_fit_are_refused_with_the_numbers(tmp_path, little_memory, args, flag):
+    ck = tmp_path / "ck.npz"
+    result = runner.invoke(app, ["train", "--backend", "numpy", "--checkpoint", str(ck), *args])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and flag in result.output
+    assert "needs about" in result.output and "but 2.0 GB is available" in result.output
+    assert "Traceback" not in result.output and not ck.exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--seq-len", "100000000000"], ["--hidden", "10000000"], ["--batch", "100000000000"]],
+)
+def test_vanish_sizes_that_cannot_fit_are_refused_with_the_numbers(little_memory, args):
+    result = runner.invoke(app, ["vanish", "--backend", "numpy", *args])
+    assert result.exit_code == 2, result.output
+    assert "error: diagnosing T=" in result.output and "but 2.0 GB is available" in result.output
+    assert "choose a smaller --seq-len" in result.output and "Traceback" not in result.output
+    small = runner.invoke(app, ["vanish", "--backend", "numpy", "--seq-len", "6", "--scale", "1.0"])
+    assert small.exit_code == 0, small.output  # the same 2 GB is plenty for a small diagnosis
+
+
+def test_memory_error_during_vanish_is_a_clear_message(monkeypatch):
+    from gpubptt import diagnostics
+
+    def sweep(*args, **kwargs):
+        raise MemoryError("Unable to allocate 64.0 GiB for an array")
+
+    monkeypatch.setattr(diagnostics, "vanish_sweep", sweep)
+    result = runner.invoke(app, ["vanish", "--backend", "numpy", "--seq-len", "6"])
+    assert result.exit_code == 1
+    assert "error: ran out of memory: Unable to allocate 64.0 GiB" in result.output and "Traceback" not in result.output
+
+
+def test_memory_error_during_training_is_a_clear_message(tmp_path, monkeypatch):
+    import gpubptt.train
+
+    def loop(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(gpubptt.train, "train", loop)
+    ck = tmp_path / "ck.npz"
+    args = ["--task", "recall", "--delay", "2", "--hidden", "4", "--steps", "3", "--checkpoint", str(ck)]
+    result = runner.invoke(app, ["train", "--backend", "numpy", *args])
+    assert result.exit_code == 1 and "error: ran out of memory" in result.output
+    assert "Traceback" not in result.output and not ck.exists()
+
+
+def test_format_bytes_uses_decimal_units():
+    from gpubptt.memory import format_bytes
+
+    assert [format_bytes(n) for n in (512, 21.3e9, 8e18, 8e21)] == ["512 B", "21.3 GB", "8.0 EB", "8.0e+21 B"]
