@@ -4,9 +4,8 @@
 results) before it starts: the folder exists, is a folder, and really takes a new file (a small
 temporary file is created, written, fsync'ed and removed there: ``os.access`` says yes to root even
 on a read-only mount and knows nothing of a full disk), and the target itself is not a folder.
-``replacing`` lets a writer that only takes a path write a temporary file beside the target, which
-then replaces it in one rename, so a full disk leaves the old file as it was. ``write_error`` words
-an OSError of such a write.
+``check_regular_file`` refuses a folder, a device or a pipe given as an input file. ``write_error``
+words an OSError of a write (files themselves are written whole or not at all by ``_io.write_atomic``).
 """
 
 from __future__ import annotations
@@ -14,13 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-from ._io import file_mode
 from .errors import InputError
 
-__all__ = ["DestinationError", "check_regular_file", "check_writable", "replacing", "write_error"]
+__all__ = ["DestinationError", "check_regular_file", "check_writable", "write_error"]
 
 
 #: Bytes the probe writes: enough that a disk with no free block refuses it, small enough to cost nothing.
@@ -89,25 +86,6 @@ def check_regular_file(path: str | os.PathLike[str], option: str) -> Path:
     if p.exists() and not p.is_file():
         raise DestinationError(f"{option} {text!r} is not a regular file (a device, pipe or socket); expected a file")
     return p
-
-
-@contextlib.contextmanager
-def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffix) to write; it replaces ``path`` on success.
-
-    On any exception the temporary file is removed and ``path`` is left exactly as it was.
-    """
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.stem}.", suffix=p.suffix)
-    os.close(fd)
-    try:
-        os.chmod(tmp, file_mode(p))  # mkstemp makes it 0600; give it the mode a plain open() would
-        yield Path(tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _reason(exc: OSError) -> str:

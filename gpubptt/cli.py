@@ -23,7 +23,7 @@ import typer
 from . import __version__, diagnostics, plots
 from . import bench as bench_lib
 from ._io import write_atomic
-from ._paths import DestinationError, check_regular_file, check_writable, replacing, write_error
+from ._paths import DestinationError, check_regular_file, check_writable, write_error
 from .backend import available_backends, get_backend
 from .environment import environment
 from .errors import BackendUnavailableError, InputError
@@ -416,10 +416,9 @@ def _readable_or_exit(path: Path | None, option: str) -> Path | None:
 
 
 def _write_png(path: Path, what: str, draw) -> None:
-    """Run ``draw(tmp)`` to write a PNG beside ``path``, then put it in place; _Failed on an OSError."""
+    """Run ``draw(path)`` (a ``plots`` function: it writes atomically); _Failed on an OSError."""
     try:
-        with replacing(path) as tmp:
-            draw(tmp)
+        draw(path)
     except OSError as exc:
         raise _Failed(write_error(what, path, exc)) from exc
 
@@ -642,7 +641,7 @@ def vanish(
                 f"T={T} H={model.hidden_size} B={batch} seed={seed} ({be.name})"
             )
         try:
-            _write_png(plot, "plot", lambda tmp: diagnostics.plot_vanish(sweep, tmp, title=title))
+            _write_png(plot, "plot", lambda path: plots.plot_vanish(sweep, path, title=title))
         except _Failed as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.code) from exc
@@ -746,7 +745,7 @@ def train(
     """
     from .checkpoint import CheckpointError
     from .optim import NonFiniteError
-    from .run import new_run, plot_history, resume_run, save_run
+    from .run import new_run, resume_run, save_run
     from .train import train as train_loop
 
     options = dict(
@@ -901,7 +900,9 @@ def train(
     try:
         save()
         if plot is not None:
-            _write_png(plot, "plot", lambda tmp: plot_history(tmp, history, chance=data_set.chance_loss, title=title))
+            _write_png(
+                plot, "plot", lambda path: plots.plot_history(path, history, chance=data_set.chance_loss, title=title)
+            )
     except _Failed as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.code) from exc

@@ -11,9 +11,21 @@ import io
 import os
 from typing import Any
 
-from ._io import write_atomic
+import numpy as np
 
-__all__ = ["PLOT_HINT", "new_figure", "plot_bench", "plot_unavailable_reason", "save_png"]
+from ._io import write_atomic
+from .errors import InputError
+
+__all__ = [
+    "PLOT_HINT",
+    "new_figure",
+    "plot_bench",
+    "plot_history",
+    "plot_unavailable_reason",
+    "plot_vanish",
+    "require_matplotlib",
+    "save_png",
+]
 
 PLOT_HINT = "install matplotlib with `pip install 'gpubptt[plot]'`"
 
@@ -27,11 +39,16 @@ def plot_unavailable_reason() -> str | None:
     return None
 
 
-def new_figure(**kwargs: Any) -> Any:
-    """A matplotlib ``Figure`` on the Agg canvas (no pyplot); ImportError with the install hint without matplotlib."""
+def require_matplotlib() -> None:
+    """Raise ImportError with the install hint when matplotlib (the ``plot`` extra) is missing."""
     reason = plot_unavailable_reason()
     if reason:
         raise ImportError(reason)
+
+
+def new_figure(**kwargs: Any) -> Any:
+    """A matplotlib ``Figure`` on the Agg canvas (no pyplot); ImportError with the install hint without matplotlib."""
+    require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -83,4 +100,103 @@ def plot_bench(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"gpubptt forward+BPTT, {cfg['input']} input, {cfg['dtype']}, D = {cfg['D']}, K = {cfg['K']}")
+    save_png(fig, path)
+
+
+def plot_history(path: str | os.PathLike[str], history: Any, *, chance: float, title: str) -> None:
+    """The loss curve of a training ``History`` (training loss per step, smoothed; held-out loss; chance level).
+
+    Written atomically; ImportError with the install hint without matplotlib.
+    """
+    fig = new_figure(figsize=(7, 4), layout="tight")
+    ax = fig.subplots()
+    steps, loss = np.asarray(history.step), np.asarray(history.loss, dtype=float)
+    if len(loss):
+        ax.plot(steps, loss, lw=0.6, alpha=0.35, color="C0")
+        w = max(1, len(loss) // 50)
+        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1 :], smooth, color="C0", label="training loss (smoothed)")
+    if history.eval_step:
+        ax.plot(history.eval_step, history.eval_loss, "o-", color="C1", ms=3, label="held-out loss")
+    ax.axhline(chance, color="k", ls="--", lw=1, label=f"chance level ({chance:.3f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per scored step)")
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    save_png(fig, path)
+
+
+def plot_vanish(sweep: list[tuple[float, Any]], path: str | os.PathLike[str], *, title: str | None = None) -> None:
+    """Write one PNG of a ``vanish_sweep``: three curves on top, one contribution heatmap per radius below.
+
+    Top: the Jacobian-product norm against the lag (log axis; dashed: ρ(W)^lag), the through-time
+    gradient ‖δ_{t+1} @ W‖ against the step t, and the truncation bias against the window k.
+    Bottom: log10 of ‖E_t's contribution to ∂E/∂W through step k‖ / its largest, rows t, columns k.
+    ``sweep`` as ``diagnostics.vanish_sweep`` returns it: (radius, VanishReport) pairs.
+    """
+    if not sweep:
+        raise InputError("nothing to plot: the sweep is empty")
+    n = len(sweep)
+    fig = new_figure(figsize=(max(14.0, 3.0 * n), 9.0), layout="constrained")
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1])
+    ax_top = top.subplots(1, 3)
+    ax_heat = np.atleast_1d(bottom.subplots(1, n, sharey=True))
+    cmap = colormaps["plasma"]
+    colors = [cmap(0.85 * i / max(1, n - 1)) for i in range(n)]
+
+    ax = ax_top[0]
+    for (radius, rep), color in zip(sweep, colors, strict=True):
+        p = rep.products
+        rate = "—" if p.decay_rate is None else f"{p.decay_rate:.3f}"
+        ax.semilogy(p.lags, p.norms, color=color, lw=2, label=f"ρ(W)={radius:g}: ×{rate}/step")
+        ax.semilogy(p.lags, p.spectral_radius ** p.lags.astype(float), color=color, lw=1, ls="--", alpha=0.7)
+    thr = sweep[0][1].products.threshold
+    ax.axhline(thr, color="0.5", lw=0.8, ls=":")
+    ax.set_xlabel("lag t − k")
+    ax.set_ylabel("‖Π diag(1 − s_j²) W‖₂, geometric mean over the batch")
+    ax.set_title("Jacobian product vs lag (dashed: ρ(W)^lag)", fontsize=11)
+    ax.legend(fontsize=8)
+
+    ax = ax_top[1]
+    for (radius, rep), color in zip(sweep, colors, strict=True):
+        st = rep.steps
+        t = np.arange(len(st.total))
+        ax.semilogy(t[:-1], st.through_time[:-1], color=color, lw=2, label=f"ρ(W)={radius:g}")
+        ax.semilogy(t, st.direct, color=color, lw=1, ls="--", alpha=0.7)
+    ax.set_xlabel("step t")
+    ax.set_ylabel("Frobenius norm over (B, H)")
+    ax.set_title("∂E/∂s_t: through time δ_{t+1} W (solid), direct do_t V (dashed)", fontsize=11)
+    ax.legend(fontsize=8)
+
+    ax = ax_top[2]
+    for (radius, rep), color in zip(sweep, colors, strict=True):
+        tb = rep.truncation
+        err = np.where(tb.rel_error > 0, tb.rel_error, np.nan)  # exact windows have no log
+        ax.semilogy(tb.truncate, err, color=color, lw=2, marker=".", label=f"ρ(W)={radius:g}")
+    ax.set_xlabel("truncate k (E_t's gradient flows through k+1 steps)")
+    ax.set_ylabel("‖g_full − g_k‖ / ‖g_full‖")
+    ax.set_title("truncation bias of the parameter gradient", fontsize=11)
+    ax.legend(fontsize=8)
+
+    norm = Normalize(vmin=-8, vmax=0)
+    image = None
+    for ax, (radius, rep) in zip(ax_heat, sweep, strict=True):
+        C = rep.contributions.norms
+        T = C.shape[0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.log10(C / C.max()) if C.max() > 0 else np.full_like(C, np.nan)
+        rel[np.triu_indices(T, 1)] = np.nan
+        rel[~np.isfinite(rel)] = np.nan
+        image = ax.imshow(rel, cmap="viridis", norm=norm, origin="upper", interpolation="nearest")
+        ax.set_title(f"ρ(W)={radius:g}", fontsize=10)
+        ax.set_xlabel("k (step reached)")
+    ax_heat[0].set_ylabel("t (loss step)")
+    bottom.colorbar(image, ax=ax_heat, shrink=0.85, label="log10 (norm / largest)")
+    bottom.suptitle("‖E_t's term of ∂E/∂W through step k‖, rows t, columns k", fontsize=11)
+    if title:
+        top.suptitle(title, fontsize=11)
     save_png(fig, path)

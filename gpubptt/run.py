@@ -28,7 +28,7 @@ from .model import INITS, RNN
 from .optim import DEFAULT_LR, ON_NONFINITE, Optimizer, make_optimizer
 from .train import SCHEDULES, History, TrainConfig, TrainState
 
-__all__ = ["DEFAULTS", "Run", "new_run", "plot_history", "resume_run", "save_run", "total_steps"]
+__all__ = ["DEFAULTS", "Run", "new_run", "resume_run", "save_run", "total_steps"]
 
 DEFAULTS: dict[str, Any] = {
     "task": "text",
@@ -307,33 +307,3 @@ def save_run(path: str | Path, run: Run) -> Path:
         state=run.state,
         history=run.history,
     )
-
-
-def plot_history(path: str | Path, history: History, *, chance: float, title: str) -> None:
-    """Write the loss curve (training loss per step, smoothed; held-out loss; chance level) as a PNG.
-
-    Needs matplotlib (the ``plot`` extra); ImportError otherwise.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps, loss = np.asarray(history.step), np.asarray(history.loss, dtype=float)
-    if len(loss):
-        ax.plot(steps, loss, lw=0.6, alpha=0.35, color="C0")
-        w = max(1, len(loss) // 50)
-        smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
-        ax.plot(steps[w - 1 :], smooth, color="C0", label="training loss (smoothed)")
-    if history.eval_step:
-        ax.plot(history.eval_step, history.eval_loss, "o-", color="C1", ms=3, label="held-out loss")
-    ax.axhline(chance, color="k", ls="--", lw=1, label=f"chance level ({chance:.3f})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per scored step)")
-    ax.set_title(title)
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

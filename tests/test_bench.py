@@ -24,6 +24,7 @@ from gpubptt._paths import check_writable
 from gpubptt.cli import app
 from gpubptt.errors import InputError
 
+from .images import assert_png_drawn
 from .reference import numeric_grad, ref_loss
 
 runner = CliRunner()
@@ -399,7 +400,7 @@ def test_plot_writes_a_png(tmp_path: Path):
     png = tmp_path / "r.png"
     result = bench("--plot", str(png), "--compare", "naive")
     assert result.exit_code == 0, result.output
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png_drawn(png, 1210, 495)  # figsize (11, 4.5) at 110 dpi
 
 
 def test_plot_without_matplotlib_fails_before_running(tmp_path: Path, monkeypatch):

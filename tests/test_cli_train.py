@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 from gpubptt.cli import app
 from gpubptt.data import Vocab
 
+from .images import assert_png_drawn
+
 runner = CliRunner()
 TEXT = "to be or not to be, that is the question. " * 40
 TINY = ["--hidden", "12", "--batch", "4", "--chunk", "8", "--backend", "numpy"]
@@ -124,4 +126,4 @@ def test_plot_writes_a_png(tmp_path, corpus):
         "--data", corpus, "--steps", 10, "--eval-every", 5, "--checkpoint", tmp_path / "ck.npz", "--plot", png
     )
     assert result.exit_code == 0, result.output
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png_drawn(png, 770, 440)  # figsize (7, 4) at 110 dpi

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 import gpubptt
 from gpubptt import diagnostics as dg
 from gpubptt.cli import app
+from tests.images import assert_png_drawn
 from tests.reference import ref_forward_one, ref_tutorial_truncated_grads
 
 runner = CliRunner()
@@ -398,7 +399,7 @@ def test_cli_vanish_writes_png(tmp_path):
     out = tmp_path / "vanish.png"
     result = runner.invoke(app, [*TINY, "--scale", "0.5,1.5", "--plot", str(out)])
     assert result.exit_code == 0, result.output
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png_drawn(out, 1540, 990)  # figsize (14, 9) at 110 dpi
 
 
 def test_cli_vanish_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from gpubptt.cli import app
 from gpubptt.data import Vocab
 from gpubptt.run import new_run, save_run
 from gpubptt.train import train
+from tests.images import assert_png_drawn
 from tests.reference import ref_forward_one
 
 runner = CliRunner()
@@ -160,7 +161,7 @@ def test_cli_vanish_writes_png_for_a_checkpoint(tmp_path, text_ck):
     out = tmp_path / "trained.png"
     result = _vanish("--checkpoint", text_ck, "--seq-len", 8, "--plot", out)
     assert result.exit_code == 0, result.output
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png_drawn(out, 1540, 990)  # figsize (14, 9) at 110 dpi
 
 
 # -- copy/recall checkpoints ----------------------------------------------------------------------
