@@ -119,6 +119,7 @@ class Workspace:
         self.step_kernels = step_kernels
         self.needs_capture = bool(model.use_graphs and be.supports_graphs)
         self._run = self._compute
+        self._captured = False
         # inputs
         self.x = xp.empty((T, B), dtype=xp.int64) if batch.tokens else xp.empty((T, B, D), dtype=dt)
         self.y = xp.empty((T, B), dtype=xp.int64)
@@ -143,7 +144,7 @@ class Workspace:
     @property
     def captured(self) -> bool:
         """Whether runs replay a captured graph (CuPy with ``use_graphs``) rather than computing step by step."""
-        return self._run is not self._compute
+        return self._captured
 
     def load(self, batch: Batch) -> None:
         """Copy the validated inputs into the fixed buffers (device-to-device, no sync)."""
@@ -163,6 +164,7 @@ class Workspace:
             self.needs_capture = False
             try:
                 self._run = self.be.capture(self._compute)
+                self._captured = True
             except Exception as exc:  # this CuPy/driver cannot capture: say so, run uncaptured
                 warnings.warn(
                     f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running without graphs",

@@ -188,8 +188,11 @@ class RNN:
         return model
 
     def to(self, backend: str | Backend) -> RNN:
-        """A copy of this model on another backend (same dtype, same weights)."""
-        return RNN.from_params(self.params, backend=backend, dtype=self.dtype)
+        """A copy of this model on another backend (same dtype, weights and settings)."""
+        copy = RNN.from_params(self.params, backend=backend, dtype=self.dtype)
+        copy.init, copy.use_graphs = self.init, self.use_graphs
+        copy.step_kernels, copy.chunk_elements = self.step_kernels, self.chunk_elements
+        return copy
 
     # -- sizes --------------------------------------------------------------------------------
     @property

@@ -56,7 +56,7 @@ class Backend:
     #: Logits per output-layer chunk (rows·K, at least one time step): on a 2-core CPU at K = 8000,
     #: B = 32, 2^22 (16 MiB in float32) took 61 ms, 2^21 63, 2^20 72 and 2^23 65 (the GEMMs want a
     #: few hundred rows); a GPU takes 2^24 (each chunk is a dozen launches, memory is plentiful).
-    #: A model copies it at construction (``RNN.chunk_elements``): set it there.
+    #: A model whose own ``chunk_elements`` is None reads this one at each call.
     chunk_elements: int = 1 << 22
     #: How recurrence steps run where kernels are compiled (CuPy), for models that do not set their
     #: own ``step_kernels``: "auto" (timed per shape), "cublas", "fused" or "persistent".
@@ -164,6 +164,9 @@ class Backend:
         """The measured choice ``key`` of ``family`` (e.g. "fused", ("forward", B, H, dtype)): ``measure()``
         runs once per key and process, under a lock, so two threads meeting a new shape time it once.
         """
+        table = self._choices.get(family)
+        if table is not None and key in table:  # measured already: no lock on the step path
+            return table[key]
         with self._choices_lock:
             table = self._choices.setdefault(family, {})
             if key not in table:

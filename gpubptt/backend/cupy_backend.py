@@ -121,6 +121,7 @@ def make_cupy_backend() -> CupyBackend:
     try:
         props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
         name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        _ = cp.RawKernel('extern "C" __global__ void gpubptt_probe() {}', "gpubptt_probe").kernel  # NVRTC compiles
         return CupyBackend(cp, f"{name} (CUDA device {cp.cuda.Device().id})")
     except Exception as exc:
         raise BackendUnavailableError(f"CuPy could not use the CUDA device ({exc}); {INSTALL_HINT}") from exc

@@ -259,8 +259,8 @@ class _Kernels:
             if dtype not in self._persistent:
                 self._persistent[dtype] = self.be.raw_kernels(_source("elman_persistent.cu"), ("fwd", "bwd"), dtype)
             fn = self._persistent[dtype]["fwd" if which == 0 else "bwd"]
-        if fn.max_dynamic_shared_size_bytes < nbytes:
-            fn.max_dynamic_shared_size_bytes = nbytes
+            if fn.max_dynamic_shared_size_bytes < nbytes:  # raised, never lowered, under the lock
+                fn.max_dynamic_shared_size_bytes = nbytes
         sizes = (np.int32(steps), np.int32(B), np.int32(H), np.int32(R), np.int32(L))
         fn((blocks,), (threads,), (a, W, b if which == 0 else c, *sizes), shared_mem=nbytes)
 
