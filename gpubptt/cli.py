@@ -580,6 +580,9 @@ def train(
         "checkpoint.npz"
     ),
     resume: Annotated[bool, typer.Option(help="Continue training the checkpoint (its settings apply).")] = False,
+    accept_changed_data: Annotated[
+        bool, typer.Option(help="With --resume: continue even though the training text changed since the save.")
+    ] = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing checkpoint with a new run.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write the loss curve to this PNG file (needs matplotlib).")] = None,
 ) -> None:
@@ -611,7 +614,15 @@ def train(
         )
     try:
         if resume:
-            run = resume_run(checkpoint, given=given, backend=be, steps=steps, epochs=epochs, eval_every=eval_every)
+            run = resume_run(
+                checkpoint,
+                given=given,
+                backend=be,
+                steps=steps,
+                epochs=epochs,
+                eval_every=eval_every,
+                accept_changed_data=accept_changed_data,
+            )
         else:
             run = new_run(given, backend=be, steps=steps, epochs=epochs, eval_every=eval_every)
     except (InputError, CheckpointError, TypeError) as exc:
@@ -668,6 +679,7 @@ def train(
         if progress is not None:
             progress.update(bar, completed=ev.step, info=info)
 
+    start_step = state.step
     try:
         if state.step < config.steps:
             train_loop(model, data_set, run.optimizer, config, state=state, history=history, callback=on_step)
@@ -679,7 +691,8 @@ def train(
     finally:
         if progress is not None:
             progress.stop()
-    save_run(checkpoint, run)
+    if not resume or state.step != start_step:  # a resume with nothing to do leaves the file as it was
+        save_run(checkpoint, run)
     if plot is not None:
         title = f"{data_set.kind} | H={model.hidden_size} | {type(run.optimizer).__name__}"
         if data_set.kind != "text":
