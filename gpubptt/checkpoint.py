@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A JSON number that is a finite float, or an int that converts to one (not past 1.8e308)."""
+    return (isinstance(v, float) and math.isfinite(v)) or (_is_int(v) and abs(v) <= sys.float_info.max)
 
 
 class _Fields:
@@ -213,7 +215,7 @@ class _Fields:
         self.problems.append(f"{name} = {_show(v)}, expected {expected}")
         return False
 
-    def int(self, name: str, v: Any, lo: int, hi: int = _INT_MAX, *, null: bool = False) -> bool:
+    def integer(self, name: str, v: Any, lo: int, hi: int = _INT_MAX, *, null: bool = False) -> bool:
         if null and v is None:
             return True
         if _is_int(v) and lo <= v <= hi:
@@ -221,24 +223,22 @@ class _Fields:
         rng = f"≥ {lo}" if hi == _INT_MAX else f"from {lo} to {hi}"
         return self.bad(name, v, f"an int {rng}" + (" or null" if null else ""))
 
-    def num(self, name: str, v: Any, lo: float, hi: float = math.inf, *, lo_open: bool, hi_open: bool = True,
-            null: bool = False) -> bool:  # fmt: skip
+    def number(self, name: str, v: Any, lo: float, hi: float = math.inf, *, lo_open: bool, null: bool = False) -> bool:
+        """A finite JSON number (int or float) in [lo, hi) or, with ``lo_open``, (lo, hi)."""
         if null and v is None:
             return True
-        if _is_num(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi):
+        if _is_num(v) and (lo < v if lo_open else lo <= v) and v < hi:
             return True
-        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-        what = (
-            "a positive finite number"
-            if (lo, lo_open, hi) == (0, True, math.inf)
-            else f"a number in {left}{lo}, {hi}{right}"
-        )
+        if hi == math.inf:
+            what = f"a finite number {'>' if lo_open else '≥'} {lo}"
+        else:
+            what = f"a number in {'(' if lo_open else '['}{lo}, {hi})"
         return self.bad(name, v, what + (" or null" if null else ""))
 
-    def bool(self, name: str, v: Any) -> bool:
+    def flag(self, name: str, v: Any) -> bool:
         return isinstance(v, bool) or self.bad(name, v, "true or false")
 
-    def str(self, name: str, v: Any) -> bool:
+    def text(self, name: str, v: Any) -> bool:
         return (isinstance(v, str) and v != "") or self.bad(name, v, "a non-empty string")
 
     def choice(self, name: str, v: Any, choices: tuple[str, ...]) -> bool:
@@ -263,11 +263,11 @@ def _check_model(f: _Fields, m: dict[str, Any]) -> None:
     if not f.keys("model", m, ("input_size", "hidden_size", "output_size", "dtype", "bias"), ("init",)):
         return
     for k in ("input_size", "hidden_size", "output_size"):
-        f.int(f"model.{k}", m[k], 1, _SIZE_MAX)
+        f.integer(f"model.{k}", m[k], 1, _SIZE_MAX)
     f.choice("model.dtype", m["dtype"], ("float32", "float64"))
-    f.bool("model.bias", m["bias"])
+    f.flag("model.bias", m["bias"])
     if "init" in m:
-        f.str("model.init", m["init"])
+        f.text("model.init", m["init"])
 
 
 def _check_optimizer(f: _Fields, o: dict[str, Any]) -> None:
@@ -279,12 +279,12 @@ def _check_optimizer(f: _Fields, o: dict[str, Any]) -> None:
     extra = {"sgd": ("momentum",), "adagrad": ("eps",), "adam": ("betas", "eps")}[o["name"]]
     if not f.keys("optimizer", o, ("name", "lr", "on_nonfinite", *extra)):
         return
-    f.num("optimizer.lr", o["lr"], 0, lo_open=True)
+    f.number("optimizer.lr", o["lr"], 0, lo_open=True)
     f.choice("optimizer.on_nonfinite", o["on_nonfinite"], ON_NONFINITE)
     if "momentum" in o:
-        f.num("optimizer.momentum", o["momentum"], 0, 1, lo_open=False)
+        f.number("optimizer.momentum", o["momentum"], 0, 1, lo_open=False)
     if "eps" in o:
-        f.num("optimizer.eps", o["eps"], 0, lo_open=False)
+        f.number("optimizer.eps", o["eps"], 0, lo_open=False)
     if "betas" in o:
         b = o["betas"]
         if not (isinstance(b, list) and len(b) == 2 and all(_is_num(x) and 0 <= x < 1 for x in b)):
@@ -300,20 +300,20 @@ def _check_data(f: _Fields, d: dict[str, Any]) -> None:
     if d["kind"] == "text":
         if not f.keys("data", d, ("kind", "source", "val_fraction"), ("sha256", "size_bytes")):
             return
-        f.str("data.source", d["source"])
-        f.num("data.val_fraction", d["val_fraction"], 0, 1, lo_open=True)
+        f.text("data.source", d["source"])
+        f.number("data.val_fraction", d["val_fraction"], 0, 1, lo_open=True)
         if ("sha256" in d) != ("size_bytes" in d):
             f.problems.append("data.sha256 and data.size_bytes must be given together")
         if "sha256" in d and not (isinstance(d["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", d["sha256"])):
             f.bad("data.sha256", d["sha256"], "64 lowercase hex digits")
         if "size_bytes" in d:
-            f.int("data.size_bytes", d["size_bytes"], 1)
+            f.integer("data.size_bytes", d["size_bytes"], 1)
         return
     if not f.keys("data", d, ("kind", "symbols", "length", "delay")):
         return
-    ok = f.int("data.symbols", d["symbols"], 2, _SIZE_MAX)
-    ok &= f.int("data.length", d["length"], 1, _SIZE_MAX)
-    ok &= f.int("data.delay", d["delay"], 0, _SIZE_MAX)
+    ok = f.integer("data.symbols", d["symbols"], 2, _SIZE_MAX)
+    ok &= f.integer("data.length", d["length"], 1, _SIZE_MAX)
+    ok &= f.integer("data.delay", d["delay"], 0, _SIZE_MAX)
     if ok and (d["kind"] == "recall") != (d["length"] == 1):
         f.bad("data.kind", d["kind"], f"{'recall' if d['length'] == 1 else 'copy'} for data.length = {d['length']}")
 
@@ -321,22 +321,22 @@ def _check_data(f: _Fields, d: dict[str, Any]) -> None:
 def _check_config(f: _Fields, c: dict[str, Any]) -> None:
     if not f.keys("config", c, tuple(TrainConfig.__dataclass_fields__)):
         return
-    f.int("config.steps", c["steps"], 1)
-    f.int("config.batch_size", c["batch_size"], 1, _SIZE_MAX)
-    f.int("config.chunk", c["chunk"], 1, _SIZE_MAX, null=True)
-    f.int("config.truncate", c["truncate"], 0, _SIZE_MAX, null=True)
-    f.num("config.max_norm", c["max_norm"], 0, lo_open=True, null=True)
-    f.num("config.lr", c["lr"], 0, lo_open=True)
+    f.integer("config.steps", c["steps"], 1)
+    f.integer("config.batch_size", c["batch_size"], 1, _SIZE_MAX)
+    f.integer("config.chunk", c["chunk"], 1, _SIZE_MAX, null=True)
+    f.integer("config.truncate", c["truncate"], 0, _SIZE_MAX, null=True)
+    f.number("config.max_norm", c["max_norm"], 0, lo_open=True, null=True)
+    f.number("config.lr", c["lr"], 0, lo_open=True)
     f.choice("config.schedule", c["schedule"], SCHEDULES)
-    f.int("config.warmup", c["warmup"], 0)
-    f.int("config.eval_every", c["eval_every"], 0)
-    f.int("config.seed", c["seed"], 0)
+    f.integer("config.warmup", c["warmup"], 0)
+    f.integer("config.eval_every", c["eval_every"], 0)
+    f.integer("config.seed", c["seed"], 0)
 
 
 def _check_state(f: _Fields, s: dict[str, Any]) -> None:
     if f.keys("state", s, ("step", "sequence", "chunk")):
         for k in ("step", "sequence", "chunk"):
-            f.int(f"state.{k}", s[k], 0)
+            f.integer(f"state.{k}", s[k], 0)
 
 
 def _check_consistency(f: _Fields, meta: dict[str, Any]) -> None:

@@ -101,6 +101,7 @@ META_CASES = {  # id: (edit of the meta dict, what the message must name)
     "optimizer-name": (_set("optimizer", "name", "rmsprop"), "optimizer.name"),
     "optimizer-lr-negative": (_set("optimizer", "lr", -1), "optimizer.lr = -1"),
     "optimizer-lr-string": (_set("optimizer", "lr", "0.1"), "optimizer.lr"),
+    "optimizer-lr-past-float": (_set("optimizer", "lr", 10**400), "optimizer.lr"),  # was: OverflowError
     "optimizer-betas-short": (_set("optimizer", "betas", [0.9]), "optimizer.betas"),  # was: IndexError
     "optimizer-eps-string": (_set("optimizer", "eps", "tiny"), "optimizer.eps"),  # was: ValueError from float()
     "optimizer-on-nonfinite": (_set("optimizer", "on_nonfinite", "ignore"), "optimizer.on_nonfinite"),
@@ -117,6 +118,8 @@ META_CASES = {  # id: (edit of the meta dict, what the message must name)
     "config-chunk-zero": (_set("config", "chunk", 0), "config.chunk = 0"),
     "config-lr-nan": (_set("config", "lr", math.nan), "config.lr = NaN"),
     "config-steps-float": (_set("config", "steps", 5.0), "config.steps = 5.0"),
+    "config-lr-past-float": (_set("config", "lr", 10**400), "config.lr = 1000"),  # was: OverflowError
+    "config-max-norm-past-float": (_set("config", "max_norm", 10**400), "config.max_norm"),  # was: OverflowError
     "config-schedule": (_set("config", "schedule", "linear"), "config.schedule"),
     "state-missing-step": (_drop("state", "step"), "state.step is missing"),
     "step-negative": (_set("state", "step", -10), "state.step = -10"),  # was: accepted, then ZeroDivisionError
