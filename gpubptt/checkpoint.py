@@ -84,6 +84,8 @@ def save_checkpoint(
     """Write a checkpoint to ``path`` atomically; return the path.
 
     Shapes as in the model: U (H, D), W (H, H), V (K, H), b (H,), c (K,); carried state (B, H).
+    The description and history are checked as ``load_checkpoint`` checks them, so a file it
+    would refuse is never written (CheckpointError, and any existing file stays as it was).
     """
     path = Path(path)
     state = TrainState() if state is None else state
@@ -115,6 +117,9 @@ def save_checkpoint(
         arrays["carry.s"] = _host(state.s)
     for k, a in (History() if history is None else history).to_arrays().items():
         arrays[f"history.{k}"] = a
+    where = f"cannot write checkpoint {str(path)!r}"
+    _meta(arrays, where)  # refuse what load_checkpoint would refuse, before anything is written
+    _history(arrays, state, where)
 
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():

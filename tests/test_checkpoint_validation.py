@@ -266,3 +266,15 @@ def test_cli_reports_a_malformed_checkpoint_as_an_error_line(tmp_path, text_ck, 
         assert result.output.startswith("error: ") and "Traceback" not in result.output
         assert META_CASES[case][1].split(" =")[0] in result.output
     assert path.read_bytes() == raw
+
+
+def test_save_refuses_what_load_would_refuse_and_keeps_the_old_file(tmp_path, text_ck):
+    ck = load_checkpoint(text_ck, backend="numpy")
+    path = tmp_path / "ck.npz"
+    path.write_bytes(text_ck.read_bytes())
+    raw = path.read_bytes()
+    with pytest.raises(CheckpointError, match=r"history\.step"):  # a history of 5 steps at step 0
+        save_checkpoint(path, ck.model, optimizer=ck.optimizer, vocab=ck.vocab, data=ck.data, history=ck.history)
+    with pytest.raises(CheckpointError, match=r"data\.val_fraction = 2"):
+        save_checkpoint(path, ck.model, data={**ck.data, "val_fraction": 2}, vocab=ck.vocab)
+    assert path.read_bytes() == raw and sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]
