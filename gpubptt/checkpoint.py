@@ -196,8 +196,8 @@ def _show(v: Any) -> str:
     """A value as the JSON in the file spells it (true, "no", 1.5), cut short when long."""
     try:
         s = json.dumps(v)
-    except (TypeError, ValueError):
-        s = repr(v)
+    except (TypeError, ValueError):  # not JSON, or an int too long to print
+        s = f"<a {type(v).__name__}>"
     return s if len(s) <= 60 else s[:57] + "..."
 
 
@@ -354,7 +354,9 @@ def _check_consistency(f: _Fields, meta: dict[str, Any]) -> None:
             f"but the model has {D} and {K}"
         )
     if d is not None and d["kind"] == "text" and D != K:
-        f.problems.append(f"a text model has input_size = output_size (the vocabulary), got {D} and {K}")
+        f.problems.append(
+            f"model.input_size = {D} and model.output_size = {K}, expected both equal (a text model's vocabulary size)"
+        )
     if c is None:
         return
     # the chunk index is at most the number of chunks of the current sequence (equal: the sequence is done)
