@@ -1,16 +1,23 @@
 """Atomic file writes: a temporary file in the same folder, fsync, then ``os.replace``.
 
 An existing file is either replaced whole or left untouched; a failed write leaves no temporary file.
+A process killed mid-write does leave one; the next write of the same target removes it (see
+``write_atomic`` for when a temporary counts as abandoned).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 
-__all__ = ["file_mode", "write_atomic"]
+__all__ = ["STALE_SECONDS", "file_mode", "write_atomic"]
+
+STALE_SECONDS = 600.0  # a temporary whose writer cannot be checked counts as abandoned after this long
 
 
 def file_mode(path: Path) -> int:
@@ -23,11 +30,58 @@ def file_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _abandoned(tmp: Path, middle: str, now: float) -> bool:
+    """Whether a temporary ``.{name}.{middle}.tmp`` of our target was left by a writer that is gone."""
+    m = re.fullmatch(r"(\d+)@([A-Za-z0-9-]+)\.[A-Za-z0-9_]+", middle)  # ours: {pid}@{host}.{random}
+    if m is None and not re.fullmatch(r"[a-z0-9_]{8}", middle):  # older gpubptt: mkstemp's 8 random characters
+        return False  # not one of ours (a temporary of another target, "ck.npz.bak", or a user's file)
+    if m is not None and m.group(2) == _host() and os.name == "posix":  # os.kill(pid, 0) would kill on Windows
+        return not _pid_alive(int(m.group(1)))
+    try:  # no PID, or another machine's (a shared folder): only its age tells
+        return now - tmp.stat().st_mtime > STALE_SECONDS
+    except OSError:
+        return False
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Delete the abandoned temporaries of ``path``; never raises (a cleanup failure must not fail a save)."""
+    prefix, now = f".{path.name}.", time.time()
+    with contextlib.suppress(OSError):
+        for tmp in path.parent.iterdir():
+            name = tmp.name
+            if name.startswith(prefix) and name.endswith(".tmp") and len(name) > len(prefix) + 4:
+                if _abandoned(tmp, name[len(prefix) : -4], now):
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+
+
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
-    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically, durably where the OS allows."""
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically, durably where the OS allows.
+
+    The temporary is ``.{name}.{pid}@{host}.{random}.tmp`` beside the target. Before writing, the
+    temporaries of the same target left by killed writers are deleted: those of this machine whose
+    process ID no longer runs, and those that name no process (an older gpubptt) or another machine
+    when unmodified for ``STALE_SECONDS``. The temporary of a writer still at work is never touched;
+    files of other targets and other names are left alone.
+    """
     path = Path(path)
+    _remove_abandoned(path)
     mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}@{_host()}.", suffix=".tmp")
     try:
         os.chmod(tmp, file_mode(path))  # mkstemp makes it 0600; give it the mode a plain open() would
         with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8", "newline": ""})) as f:

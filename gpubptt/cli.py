@@ -736,6 +736,9 @@ def train(
         "checkpoint.npz"
     ),
     resume: Annotated[bool, typer.Option(help="Continue training the checkpoint (its settings apply).")] = False,
+    accept_changed_data: Annotated[
+        bool, typer.Option(help="With --resume: continue even though the training text changed since the save.")
+    ] = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing checkpoint with a new run.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write the loss curve to this PNG file (needs matplotlib).")] = None,
 ) -> None:
@@ -770,7 +773,15 @@ def train(
         )
     try:
         if resume:
-            run = resume_run(checkpoint, given=given, backend=be, steps=steps, epochs=epochs, eval_every=eval_every)
+            run = resume_run(
+                checkpoint,
+                given=given,
+                backend=be,
+                steps=steps,
+                epochs=epochs,
+                eval_every=eval_every,
+                accept_changed_data=accept_changed_data,
+            )
         else:
             run = new_run(given, backend=be, steps=steps, epochs=epochs, eval_every=eval_every)
     except (InputError, CheckpointError, TypeError) as exc:
@@ -847,6 +858,7 @@ def train(
         if stop[0]:
             raise _Interrupted  # between steps: the weights and the state are consistent
 
+    start_step = state.step
     previous_sigint = _install_sigint(on_sigint)
     try:
         if state.step < config.steps:
@@ -898,7 +910,8 @@ def train(
     if data_set.kind != "text":
         title += f" | delay {data_set.delay}"
     try:
-        save()
+        if not resume or state.step != start_step:  # a resume with nothing to do leaves the file as it was
+            save()
         if plot is not None:
             _write_png(
                 plot, "plot", lambda path: plots.plot_history(path, history, chance=data_set.chance_loss, title=title)

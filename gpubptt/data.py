@@ -16,6 +16,7 @@ Every data set hands out numbered, deterministic batches of whole sequences on t
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -192,7 +193,9 @@ class TextData:
     """Character-level language modelling: predict each next character.
 
     text: the whole text (the vocabulary covers all of it); the first ``1 − val_fraction`` trains,
-    the rest is held out. ``source`` names it ("builtin" or a path) in checkpoints.
+    the rest is held out. ``source`` names it ("builtin" or a path) in checkpoints, beside the
+    text's ``sha256`` digest and ``size_bytes`` (of its UTF-8 encoding), by which a resumed run
+    notices a changed file.
     """
 
     kind = "text"
@@ -210,6 +213,8 @@ class TextData:
         self.train_ids, self.val_ids = ids[:-n_val], ids[-n_val:]
         self.source = source
         self.val_fraction = val_fraction
+        raw = text.encode("utf-8")  # the file's own bytes: read_text decodes UTF-8 losslessly
+        self.sha256, self.size_bytes = hashlib.sha256(raw).hexdigest(), len(raw)
         counts = np.bincount(self.train_ids, minlength=len(self.vocab)).astype(np.float64)
         p = counts[counts > 0] / counts.sum()
         self.unigram_loss = float(-(p * np.log(p)).sum())
@@ -233,7 +238,14 @@ class TextData:
     score_mask = None  # every step counts
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "text", "source": self.source, "val_fraction": self.val_fraction}
+        """What a checkpoint records to rebuild this data set: the source, and the text's sha256 and size in bytes."""
+        return {
+            "kind": "text",
+            "source": self.source,
+            "val_fraction": self.val_fraction,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+        }
 
     def check_batch(self, batch_size: int, chunk: int) -> None:
         """InputError when the training text is too short for B streams of at least one chunk."""

@@ -2,7 +2,8 @@
 
 This is what ``gpubptt train`` calls. Settings are the command's options by name (see ``DEFAULTS``);
 a new run fills the missing ones from ``DEFAULTS``, a resumed run takes every one from the
-checkpoint and refuses a given setting that contradicts it.
+checkpoint and refuses a given setting that contradicts it. A text file is stored by its absolute
+path with its sha256, and a resume refuses a changed text unless told to accept it.
 
     >>> run = new_run({"task": "recall", "delay": 3, "hidden": 8}, backend="numpy", steps=10)
     >>> run.data.seq_len, run.model.hidden_size, run.config.chunk is None
@@ -11,7 +12,9 @@ checkpoint and refuses a given setting that contradicts it.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +175,8 @@ def new_run(
     _check_settings(settings, st, steps=steps, epochs=epochs, eval_every=eval_every)
     if st["task"] == "text":
         text = default_corpus() if st["data"] is None else read_text(st["data"])
-        data = TextData(text, source="builtin" if st["data"] is None else str(st["data"]))
+        source = "builtin" if st["data"] is None else os.path.abspath(st["data"])  # a resume may run elsewhere
+        data = TextData(text, source=source)
     elif st["task"] in ("copy", "recall"):
         k = 1 if st["task"] == "recall" else st["copy_length"]
         data = CopyTask(symbols=st["symbols"], length=k, delay=st["delay"])
@@ -264,6 +268,43 @@ def settings_of(ck: Checkpoint) -> dict[str, Any]:
     }
 
 
+def _text_path(source: str, checkpoint: Path) -> Path:
+    """Where a checkpoint's training text is: new runs store its absolute path. A relative path (from
+    an older gpubptt) is taken from the current folder, as then, or else from the checkpoint's folder."""
+    p = Path(source)
+    if p.is_absolute():
+        return p
+    for base in (Path.cwd(), checkpoint.parent):
+        if (base / p).is_file():
+            return Path(os.path.abspath(base / p))
+    return Path(os.path.abspath(p))  # nowhere: read_text names it
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist: compare the absolute paths
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _check_same_text(recorded: Mapping[str, Any], text: str, *, accept: bool) -> None:
+    """InputError when the text is not the one the checkpoint was trained on (by sha256 and size), unless ``accept``.
+
+    Checkpoints from before the digest was recorded carry none, and are not checked.
+    """
+    if "sha256" not in recorded or accept:
+        return
+    raw = text.encode("utf-8")
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != recorded["sha256"]:
+        name = "the built-in corpus" if recorded["source"] == "builtin" else f"text file {recorded['source']!r}"
+        raise InputError(
+            f"{name} has changed since the checkpoint was saved: it had {recorded['size_bytes']} bytes "
+            f"(sha256 {recorded['sha256'][:12]}…), now {len(raw)} bytes (sha256 {digest[:12]}…); pass "
+            "--accept-changed-data (accept_changed_data=True) to resume training on the new text"
+        )
+
+
 def resume_run(
     path: str | Path,
     *,
@@ -272,24 +313,39 @@ def resume_run(
     steps: int | None = None,
     epochs: float | None = None,
     eval_every: int = 250,
+    accept_changed_data: bool = False,
 ) -> Run:
     """The run saved in the checkpoint at ``path``, to continue up to ``steps`` (default: its own).
 
     ``given``: settings the caller asked for; each must equal the checkpoint's (InputError naming
-    the first that differs). CheckpointError when the file is missing, corrupt or holds no run.
+    the first that differs; ``data`` is the same when it names the same file, by any path).
+    CheckpointError when the file is missing, corrupt or holds no run. InputError when the training
+    text's sha256 differs from the one recorded, unless ``accept_changed_data``; the run then
+    continues on the new text and the next save records its digest.
     """
     ck = load_checkpoint(path, backend=backend)
     if ck.optimizer is None or ck.config is None or ck.data is None:
         raise InputError(f"{str(path)!r} holds a model but no training run to resume")
     stored = settings_of(ck)
+    spec = ck.data
+    if stored["data"] is not None:  # a text file, by its absolute path from here on
+        stored["data"] = str(_text_path(stored["data"], Path(path)))
+        spec = {**ck.data, "source": stored["data"]}
     for k, v in (given or {}).items():
         if k not in stored:
             raise InputError(f"unknown setting {k!r}")
-        same = str(v) == str(stored[k]) if k == "data" else v == stored[k]
+        if k == "data":
+            same = v is not None and stored[k] is not None and _same_file(v, stored[k])
+        else:
+            same = v == stored[k]
         if not same:
             flag = "--" + k.replace("_", "-")
             raise InputError(f"{flag} {v} differs from the checkpoint ({stored[k]}); a resumed run keeps its settings")
-    data = make_data(ck.data, vocab=ck.vocab)
+    text = None
+    if spec["kind"] == "text":
+        text = default_corpus() if spec["source"] == "builtin" else read_text(spec["source"])
+        _check_same_text(ck.data, text, accept=accept_changed_data)
+    data = make_data(spec, text=text, vocab=ck.vocab)
     total = total_steps(data, ck.config, steps=steps, epochs=epochs, default=ck.config.steps)
     config = TrainConfig(**{**vars(ck.config), "steps": total, "eval_every": eval_every})
     return Run(ck.model, data, ck.optimizer, config, ck.state, ck.history)

@@ -1,0 +1,121 @@
+"""Resuming `gpubptt train`: a changed training text is noticed, --data paths are compared as files,
+and a resume with nothing to do leaves the checkpoint as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+from typer.testing import CliRunner
+
+from gpubptt.checkpoint import load_checkpoint
+from gpubptt.cli import app
+
+runner = CliRunner()
+TEXT = "to be or not to be, that is the question. " * 40
+TINY = ["--hidden", "12", "--batch", "4", "--chunk", "8", "--backend", "numpy", "--eval-every", "5"]
+
+
+def _train(*args):
+    return runner.invoke(app, ["train", *TINY, *map(str, args)])
+
+
+def _resume(ck, *args):
+    return runner.invoke(app, ["train", "--resume", "--checkpoint", str(ck), "--backend", "numpy", *map(str, args)])
+
+
+def _edit_meta(path, edit):
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["meta"] = np.array(json.dumps(edit(json.loads(str(arrays["meta"])))))
+    np.savez(path, **arrays)
+
+
+def test_a_changed_text_is_refused_unless_accepted(tmp_path):
+    corpus, ck = tmp_path / "corpus.txt", tmp_path / "ck.npz"
+    corpus.write_text(TEXT, encoding="utf-8")
+    assert _train("--data", corpus, "--steps", 5, "--checkpoint", ck).exit_code == 0
+    changed = TEXT.replace("question", "tuestion")  # same characters, same size, other content
+    corpus.write_text(changed, encoding="utf-8")
+    raw = ck.read_bytes()
+
+    refused = _resume(ck, "--steps", 10)
+    assert refused.exit_code == 2, refused.output
+    message = refused.output
+    assert "corpus.txt" in message and "--accept-changed-data" in message
+    assert hashlib.sha256(TEXT.encode()).hexdigest()[:12] in message
+    assert hashlib.sha256(changed.encode()).hexdigest()[:12] in message
+    assert ck.read_bytes() == raw
+
+    accepted = _resume(ck, "--steps", 10, "--accept-changed-data")
+    assert accepted.exit_code == 0, accepted.output
+    data = load_checkpoint(ck, backend="numpy").data
+    assert data["sha256"] == hashlib.sha256(changed.encode()).hexdigest()  # the new text is recorded
+    assert data["size_bytes"] == len(changed.encode())
+
+
+def test_a_checkpoint_without_a_digest_resumes_on_any_text(tmp_path):
+    corpus, ck = tmp_path / "corpus.txt", tmp_path / "ck.npz"
+    corpus.write_text(TEXT, encoding="utf-8")
+    assert _train("--data", corpus, "--steps", 5, "--checkpoint", ck).exit_code == 0
+    spec = load_checkpoint(ck, backend="numpy").data
+    assert spec["sha256"] == hashlib.sha256(TEXT.encode()).hexdigest() and spec["size_bytes"] == len(TEXT)
+
+    def old(meta):  # as written before the digest was recorded
+        del meta["data"]["sha256"], meta["data"]["size_bytes"]
+        return meta
+
+    _edit_meta(ck, old)
+    corpus.write_text(TEXT.replace("question", "tuestion"), encoding="utf-8")
+    result = _resume(ck, "--steps", 10)
+    assert result.exit_code == 0, result.output
+
+
+def test_resume_from_another_folder_with_a_relative_data_path(tmp_path, monkeypatch):
+    (tmp_path / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert _train("--data", "corpus.txt", "--steps", 5, "--checkpoint", "ck.npz").exit_code == 0
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = _resume("../ck.npz", "--steps", 10)
+    assert result.exit_code == 0, result.output
+    # the same file by another path is the same --data; another file is not
+    same = _resume("../ck.npz", "--steps", 15, "--data", tmp_path / "corpus.txt")
+    assert same.exit_code == 0, same.output
+    assert _resume("../ck.npz", "--steps", 20, "--data", "../corpus.txt").exit_code == 0
+    (tmp_path / "other.txt").write_text(TEXT, encoding="utf-8")
+    other = _resume("../ck.npz", "--steps", 25, "--data", "../other.txt")
+    assert other.exit_code == 2 and "--data ../other.txt differs" in other.output
+
+
+def test_an_old_relative_data_path_is_found_beside_the_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    monkeypatch.chdir(run)
+    assert _train("--data", "corpus.txt", "--steps", 5, "--checkpoint", "ck.npz").exit_code == 0
+
+    def old(meta):  # an older gpubptt stored --data as given
+        meta["data"]["source"] = "corpus.txt"
+        return meta
+
+    _edit_meta(run / "ck.npz", old)
+    monkeypatch.chdir(tmp_path)  # corpus.txt is not here, but beside the checkpoint
+    result = _resume("run/ck.npz", "--steps", 10)
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(run / "ck.npz", backend="numpy").data["source"] == str(run / "corpus.txt")
+
+
+def test_a_resume_with_nothing_to_do_leaves_the_checkpoint_untouched(tmp_path):
+    corpus, ck = tmp_path / "corpus.txt", tmp_path / "ck.npz"
+    corpus.write_text(TEXT, encoding="utf-8")
+    assert _train("--data", corpus, "--steps", 5, "--checkpoint", ck).exit_code == 0
+    before, raw = os.stat(ck), ck.read_bytes()
+    for args in ([], ["--steps", "3"], ["--steps", "5", "--eval-every", "2"]):
+        result = _resume(ck, *args)
+        assert result.exit_code == 0 and "nothing to do" in result.output, result.output
+        after = os.stat(ck)
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        assert ck.read_bytes() == raw
