@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "BackendMismatchError",
     "BackendUnavailableError",
+    "CheckpointError",
     "InputError",
     "InputTypeError",
     "ShapeError",
@@ -34,3 +35,7 @@ class BackendMismatchError(InputTypeError):
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here (CuPy missing, no CUDA device, driver error)."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint file is missing, truncated, corrupt, or does not describe a valid model."""

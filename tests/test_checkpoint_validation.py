@@ -132,6 +132,15 @@ META_CASES = {  # id: (edit of the meta dict, what the message must name)
     ),  # was: accepted, then a crash in the data order
     "chunk-1e9": (_set("state", "chunk", 1e9), "state.chunk = 1000000000.0"),  # was: accepted
     "chunk-beyond-the-sequence": (_set("state", "chunk", 10**9), "state.chunk = 1000000000"),  # was: accepted
+    # format version 2 records the architecture; only the one built here is accepted
+    "cell-gru": (_set("model", "cell", "gru"), 'model.cell = "gru", expected "elman"'),
+    "cell-missing": (_drop("model", "cell"), "model.cell is missing"),
+    "nonlinearity-relu": (_set("model", "nonlinearity", "relu"), 'model.nonlinearity = "relu", expected "tanh"'),
+    "two-layers": (_set("model", "num_layers", 2), "model.num_layers = 2, expected 1"),
+    "layers-true": (_set("model", "num_layers", True), "model.num_layers = true"),
+    "bidirectional": (_set("model", "bidirectional", True), "model.bidirectional = true, expected false"),
+    "bidirectional-zero": (_set("model", "bidirectional", 0), "model.bidirectional = 0"),
+    "version-3": (_set("version", 3), "format version 3; this gpubptt reads 1 and 2"),
 }
 
 
@@ -158,6 +167,31 @@ def test_each_malformed_meta_field_is_refused_naming_the_field(tmp_path, text_ck
     assert isinstance(info.value, ValueError)
     assert names in str(info.value)
     assert path.read_bytes() == raw  # loading never touches the file
+
+
+def test_the_saved_description_records_the_architecture(text_ck):
+    meta = json.loads(str(_arrays(text_ck)["meta"]))
+    assert meta["version"] == 2
+    arch = {k: meta["model"][k] for k in ("cell", "nonlinearity", "num_layers", "bidirectional")}
+    assert arch == {"cell": "elman", "nonlinearity": "tanh", "num_layers": 1, "bidirectional": False}
+
+
+def test_a_version_1_checkpoint_still_loads_as_the_one_architecture_it_could_hold(tmp_path, text_ck):
+    def as_version_1(meta):  # what gpubptt wrote before the architecture was recorded
+        meta["version"] = 1
+        for k in ("cell", "nonlinearity", "num_layers", "bidirectional"):
+            del meta["model"][k]
+        return meta
+
+    old = _rewrite(text_ck, tmp_path / "v1.npz", meta=as_version_1)
+    ck, ref = load_checkpoint(old, backend="numpy"), load_checkpoint(text_ck, backend="numpy")
+    assert ck.meta["version"] == 1 and ck.state.step == ref.state.step and ck.model.cell.name == "elman"
+    for k, v in ref.model.params.items():
+        np.testing.assert_array_equal(ck.model.params[k], v)
+    new = tmp_path / "again.npz"  # saved again, it is written as version 2
+    save_checkpoint(new, ck.model, optimizer=ck.optimizer, vocab=ck.vocab, data=ck.data, config=ck.config,
+                    state=ck.state, history=ck.history)  # fmt: skip
+    assert json.loads(str(_arrays(new)["meta"]))["version"] == 2
 
 
 COPY_CASES = {
