@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "copy_length": 5,
     "hidden": 256,
     "batch": 32,
-    "chunk": None,  # text: 64, tasks: 0 (whole sequences)
+    "chunk": None,  # text: TEXT_CHUNK, tasks: 0 (whole sequences)
     "truncate": None,
     "dtype": "float32",
     "bias": True,
@@ -56,6 +56,8 @@ DEFAULTS: dict[str, Any] = {
     "on_nonfinite": "raise",
 }
 DEFAULT_STEPS = 3000
+DEFAULT_EVAL_EVERY = 250  # steps between held-out evaluations (and checkpoint saves)
+TEXT_CHUNK = 64  # the default chunk of the text task; the tasks train on whole sequences (0)
 
 
 @dataclass
@@ -159,7 +161,7 @@ def new_run(
     backend: str | Backend | None = "auto",
     steps: int | None = None,
     epochs: float | None = None,
-    eval_every: int = 250,
+    eval_every: int = DEFAULT_EVAL_EVERY,
 ) -> Run:
     """A fresh run from ``settings`` (missing or None keys from ``DEFAULTS``); InputError on a bad setting.
 
@@ -184,7 +186,7 @@ def new_run(
         raise InputError(f"unknown task {st['task']!r}; expected text, copy or recall")
     chunk = st["chunk"]
     if chunk is None:
-        chunk = 64 if st["task"] == "text" else 0
+        chunk = TEXT_CHUNK if st["task"] == "text" else 0
     lr = st["lr"] if st["lr"] is not None else DEFAULT_LR[st["optimizer"]]
     config = TrainConfig(
         steps=1,
@@ -312,7 +314,7 @@ def resume_run(
     backend: str | Backend | None = "auto",
     steps: int | None = None,
     epochs: float | None = None,
-    eval_every: int = 250,
+    eval_every: int = DEFAULT_EVAL_EVERY,
     accept_changed_data: bool = False,
 ) -> Run:
     """The run saved in the checkpoint at ``path``, to continue up to ``steps`` (default: its own).

@@ -325,7 +325,7 @@ def test_probe_leaves_the_folder_and_an_existing_file_as_they_were(tmp_path: Pat
 def test_failed_final_write_prints_the_results_keeps_the_old_file_and_fails(tmp_path: Path, monkeypatch, suffix, quiet):
     out = tmp_path / f"r.{suffix}"
     out.write_text("old results")
-    monkeypatch.setattr(cli, "write_atomic", _oserror(errno.ENOSPC))  # the disk fills up during the run
+    monkeypatch.setattr(cli.bench, "write_atomic", _oserror(errno.ENOSPC))  # the disk fills up during the run
     result = bench("--output", str(out), *(["--quiet"] if quiet else []))
     assert result.exit_code == 1, result.output
     assert f"error: --output: could not write {str(out)!r}" in result.stderr

@@ -101,12 +101,12 @@ def test_memory_error_during_vanish_is_a_clear_message(monkeypatch):
 
 
 def test_memory_error_during_training_is_a_clear_message(tmp_path, monkeypatch):
-    import gpubptt.train
+    import gpubptt.cli.train
 
     def loop(*args, **kwargs):
         raise MemoryError()
 
-    monkeypatch.setattr(gpubptt.train, "train", loop)
+    monkeypatch.setattr(gpubptt.cli.train, "train_loop", loop)
     ck = tmp_path / "ck.npz"
     args = ["--task", "recall", "--delay", "2", "--hidden", "4", "--steps", "3", "--checkpoint", str(ck)]
     result = runner.invoke(app, ["train", "--backend", "numpy", *args])

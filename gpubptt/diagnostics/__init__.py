@@ -46,6 +46,8 @@ from ..plots import plot_vanish, require_matplotlib
 from .gradient_flow import Contributions, StepGradients, TruncationBias, contributions, step_gradients, truncation_bias
 from .jacobians import (
     ACTIVATIONS,
+    DEFAULT_ITERS,
+    DEFAULT_THRESHOLD,
     NO_DECAY_SLOPE,
     JacobianProducts,
     ProductNorms,
@@ -57,7 +59,9 @@ from .report import VANISH_STAGES, VanishReport, vanish_report, vanish_sweep, wi
 
 __all__ = [
     "ACTIVATIONS",
+    "DEFAULT_ITERS",
     "DEFAULT_SEQ_LEN",
+    "DEFAULT_THRESHOLD",
     "NO_DECAY_SLOPE",
     "VANISH_STAGES",
     "Contributions",

@@ -27,6 +27,10 @@ from ._common import (
 
 #: |log slope| below this is round-off around a flat line (an orthogonal W gives ±1e-16): no horizon.
 NO_DECAY_SLOPE = 1e-9
+#: The horizon is the first lag whose product norm falls below this.
+DEFAULT_THRESHOLD = 1e-3
+#: Most power iterations per Jacobian-product norm.
+DEFAULT_ITERS = 300
 ACTIVATIONS = ("tanh", "linear")
 
 
@@ -45,7 +49,9 @@ class ProductNorms(ToDict):
     converged: bool
 
 
-def product_norms(W: Any, factors: Any, *, xp: Any, iters: int = 300, tol: float = 1e-5, seed: int = 0) -> ProductNorms:
+def product_norms(
+    W: Any, factors: Any, *, xp: Any, iters: int = DEFAULT_ITERS, tol: float = 1e-5, seed: int = 0
+) -> ProductNorms:
     """Spectral norms of the products of the last ℓ step Jacobians diag(f_j) W, for every ℓ at once.
 
     W (H, H); factors (n, B, H): f_1..f_n, the diagonal of step j's Jacobian for each example
@@ -187,9 +193,9 @@ def jacobian_products(
     activation: str = "tanh",
     end: int | None = None,
     example: int | None = None,
-    threshold: float = 1e-3,
+    threshold: float = DEFAULT_THRESHOLD,
     saturation: float = 0.99,
-    iters: int = 300,
+    iters: int = DEFAULT_ITERS,
     tol: float = 1e-5,
     seed: int = 0,
 ) -> JacobianProducts:

@@ -17,7 +17,7 @@ from ._common import (
     check_tol,
 )
 from .gradient_flow import Contributions, StepGradients, TruncationBias, contributions, step_gradients, truncation_bias
-from .jacobians import JacobianProducts, jacobian_products, spectral_radius
+from .jacobians import DEFAULT_ITERS, DEFAULT_THRESHOLD, JacobianProducts, jacobian_products, spectral_radius
 
 
 # -- all of it ------------------------------------------------------------------------------------
@@ -40,8 +40,8 @@ def vanish_report(
     y: Any,
     s0: Any = None,
     *,
-    threshold: float = 1e-3,
-    iters: int = 300,
+    threshold: float = DEFAULT_THRESHOLD,
+    iters: int = DEFAULT_ITERS,
     tol: float = 1e-5,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
@@ -81,8 +81,8 @@ def vanish_sweep(
     radii: Any,
     s0: Any = None,
     *,
-    threshold: float = 1e-3,
-    iters: int = 300,
+    threshold: float = DEFAULT_THRESHOLD,
+    iters: int = DEFAULT_ITERS,
     tol: float = 1e-5,
     seed: int = 0,
     progress: Callable[[int, int, str], None] | None = None,

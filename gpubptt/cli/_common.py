@@ -1,0 +1,180 @@
+"""What the commands share: the app, the option choices (made from the library's own names), the
+checks made before any work, and the way an error reaches the user (``error: ...``, an exit code)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import signal
+import warnings
+from collections.abc import Iterable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from .. import __version__, plots
+from .._checks import DTYPES
+from .._paths import DestinationError, check_regular_file, check_writable, write_error
+from ..backend import BACKEND_NAMES, Backend, get_backend
+from ..errors import BackendUnavailableError, InputError
+from ..memory import format_bytes
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batched RNNs and exact BPTT on NumPy or CuPy.")
+
+
+def choices(name: str, values: Iterable[str]) -> Any:
+    """A str Enum for a Typer option whose members are the library's own names (``--backend [auto|numpy|cupy]``)."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+BackendChoice = choices("BackendChoice", BACKEND_NAMES)
+DtypeChoice = choices("DtypeChoice", DTYPES)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"gpubptt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+def usage_error(message: str) -> typer.Exit:
+    """Print ``error: message`` on stderr; return the Exit(2) to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def check_plot(plot: Path | None) -> None:
+    """--plot must name a .png in an existing folder, and matplotlib must import: checked before any work."""
+    if plot is None:
+        return
+    if plot.suffix.lower() != ".png":
+        raise usage_error(f"--plot must name a .png file, got {str(plot)!r}")
+    if not plot.parent.is_dir():
+        raise usage_error(f"--plot: folder {str(plot.parent)!r} does not exist")
+    if reason := plots.plot_unavailable_reason():
+        raise usage_error(reason)
+
+
+def backend_or_exit(name: str) -> Backend:
+    """The backend called ``name``, or ``error: ...`` (why it cannot run here) and exit 2."""
+    try:
+        return get_backend(name)
+    except (BackendUnavailableError, InputError) as exc:
+        raise usage_error(str(exc)) from exc
+
+
+class Failed(Exception):
+    """Work that failed for a reason the user can act on: printed as ``error: ...``, exit ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Interrupted(Exception):
+    """Ctrl-C was pressed; raised between two training steps, where the run is consistent."""
+
+
+def install_sigint(handler):
+    """Make ``handler`` answer SIGINT; return what to restore (None where signals cannot be set: a thread)."""
+    try:
+        return (signal.signal(signal.SIGINT, handler),)
+    except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
+        return None
+
+
+def restore_sigint(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGINT, previous[0])
+
+
+def writable_or_exit(path: Path | None, option: str) -> Path | None:
+    """``path`` once a file can be written there (see ``check_writable``), else a usage error."""
+    if path is None:
+        return None
+    try:
+        return check_writable(path, option)
+    except DestinationError as exc:
+        raise usage_error(str(exc)) from exc
+
+
+# library argument names in messages that reach the command line, and the flags that set them
+_FLAGS = (
+    ("(on_nonfinite='skip')", "(--on-nonfinite skip)"),
+    ("on_nonfinite", "--on-nonfinite"),
+    ("max_norm", "--clip"),
+    ("hidden_size", "--hidden"),
+    ("batch_size", "--batch"),
+    ("eval_every", "--eval-every"),
+)
+
+
+def in_flags(message: str) -> str:
+    """``message`` with the library's argument names replaced by the flags (``max_norm`` → ``--clip``)."""
+    for name, flag in _FLAGS:
+        message = message.replace(name, flag)
+    return message
+
+
+def reflowed_help(command):
+    """Join the lines of each docstring paragraph, so ``--help`` wraps whole paragraphs to the terminal.
+
+    Typer's rich help keeps the docstring's own line breaks and wraps each line again, which at
+    80 columns cut sentences into ragged fragments ("the table gives the" / "spectral norm ...").
+    """
+    paragraphs = inspect.cleandoc(command.__doc__ or "").split("\n\n")
+    command.__doc__ = "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+    return command
+
+
+def quiet_numerics(command):
+    """Run ``command`` with NumPy's floating-point RuntimeWarnings off: overflow and NaN are reported
+    by the command itself (a refused or skipped step, ``inf`` in a table), not as warnings from NumPy's
+    internals."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return command(*args, **kwargs)
+
+    return run
+
+
+def out_of_memory(exc: MemoryError, be: Backend) -> typer.Exit:
+    """'error: ran out of memory ...' with what the backend has left; exit 1 (nothing was written)."""
+    avail = be.available_memory()
+    left = "" if avail is None else f" ({format_bytes(avail)} available now on {be.name})"
+    detail = f": {exc}" if str(exc) else ""
+    typer.echo(f"error: ran out of memory{detail}{left}; try smaller sizes", err=True)
+    return typer.Exit(1)
+
+
+def readable_or_exit(path: Path | None, option: str) -> Path | None:
+    """``path`` unless it names a folder, a device or a pipe (``/dev/zero`` would never end), else a usage error."""
+    if path is None:
+        return None
+    try:
+        return check_regular_file(path, option)
+    except DestinationError as exc:
+        raise usage_error(str(exc)) from exc
+
+
+def write_png(path: Path, what: str, draw) -> None:
+    """Run ``draw(path)`` (a ``plots`` function: it writes atomically); Failed on an OSError."""
+    try:
+        draw(path)
+    except OSError as exc:
+        raise Failed(write_error(what, path, exc)) from exc

@@ -1,0 +1,237 @@
+"""``gpubptt info`` and ``gpubptt bench``: the backend and machine, and how forward+BPTT cost grows."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import bench as bench_lib
+from .. import plots
+from .._io import write_atomic
+from ..backend import BACKEND_NAMES, available_backends
+from ..bench import COMPARES, INPUTS
+from ..bench.runner import BenchConfig
+from ..environment import environment
+from ._common import (
+    BackendChoice,
+    DtypeChoice,
+    app,
+    backend_or_exit,
+    check_plot,
+    choices,
+    usage_error,
+    writable_or_exit,
+)
+
+BenchBackendChoice = choices("BenchBackendChoice", (*BACKEND_NAMES, "all"))
+InputChoice = choices("InputChoice", INPUTS)
+CompareChoice = choices("CompareChoice", COMPARES)
+FormatChoice = choices("FormatChoice", ("table", "json", "csv"))
+DEFAULTS = BenchConfig(backends=[])  # the library's defaults are the options' defaults
+DEFAULT_INPUT, DEFAULT_DTYPE = InputChoice(DEFAULTS.input), DtypeChoice(DEFAULTS.dtype)
+DEFAULT_COMPARE = CompareChoice(DEFAULTS.compare)
+
+
+def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flat(v, f"{prefix}{k}.")
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            for i, item in enumerate(v):
+                out += _flat(item, f"{prefix}{k}[{i}].")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+@app.command()
+def info(
+    backend: Annotated[BackendChoice, typer.Option(help="Backend to describe.")] = BackendChoice.auto,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Show the backend, device, library versions, BLAS build and thread counts."""
+    be = backend_or_exit(backend.value)
+    env = environment([be])
+    data = {
+        "gpubptt": env["versions"]["gpubptt"],
+        "python": env["python"],
+        "numpy": env["versions"]["numpy"],
+        "backend": be.name,
+        "device": be.device,
+        "backend_library": f"{be.xp.__name__} {be.xp.__version__}",
+        "available_backends": available_backends(),
+        "machine": env["machine"],
+        "versions": env["versions"],
+        "blas": env["blas"],
+        "threads": env["threads"],
+    }
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for k, v in _flat(data):
+        typer.echo(f"{k:>32}: {'-' if v is None else v}")
+
+
+def _sizes(value: str, option: str) -> list[int]:
+    try:
+        sizes = [int(t) for t in value.split(",") if t.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter(f"{option} must be comma-separated positive ints (e.g. 16,32,64), got {value!r}")
+    return sizes
+
+
+@app.command()
+def bench(
+    backend: Annotated[
+        BenchBackendChoice, typer.Option(help="Backend to measure; 'all' runs every backend available here.")
+    ] = BenchBackendChoice.auto,
+    seq_lens: Annotated[str, typer.Option(help="Sequence lengths T of the T sweep, comma-separated.")] = ",".join(
+        map(str, DEFAULTS.seq_lens)
+    ),
+    hidden_sizes: Annotated[str, typer.Option(help="Hidden sizes H of the H sweep, comma-separated.")] = ",".join(
+        map(str, DEFAULTS.hidden_sizes)
+    ),
+    fixed_hidden: Annotated[
+        int | None, typer.Option(min=1, help="H of the T sweep (default: the middle of --hidden-sizes).")
+    ] = None,
+    fixed_seq_len: Annotated[
+        int | None, typer.Option(min=1, help="T of the H sweep (default: the middle of --seq-lens).")
+    ] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Batch size B.")] = DEFAULTS.batch,
+    input: Annotated[
+        InputChoice, typer.Option(help="tokens: (T, B) ids, one-hot (a gather); dense: (T, B, D) floats.")
+    ] = DEFAULT_INPUT,
+    vocab: Annotated[
+        int, typer.Option(min=1, help="Vocabulary size: D = K for tokens (dense: default D, K).")
+    ] = DEFAULTS.D,
+    input_size: Annotated[int | None, typer.Option(min=1, help="D for --input dense (default: --vocab).")] = None,
+    output_size: Annotated[int | None, typer.Option(min=1, help="K, the number of classes (default: --vocab).")] = None,
+    dtype: Annotated[DtypeChoice, typer.Option(help="Floating-point type.")] = DEFAULT_DTYPE,
+    warmup: Annotated[
+        int, typer.Option(min=0, help="Untimed runs before timing each configuration.")
+    ] = DEFAULTS.warmup,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="Timed runs per configuration (median reported).")
+    ] = DEFAULTS.repeats,
+    seed: Annotated[int, typer.Option(help="Seed of the weights and data (fixed per configuration).")] = DEFAULTS.seed,
+    compare: Annotated[
+        CompareChoice,
+        typer.Option(help="Also time a reference: torch (nn.RNN + Linear + cross_entropy) or naive (per example)."),
+    ] = DEFAULT_COMPARE,
+    format: Annotated[
+        FormatChoice | None, typer.Option(help="Output format (default: from --output's suffix, else table).")
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the result to this file (atomically, in --format); the table still prints on stdout "
+            "unless --quiet. Its folder is checked for writing before any work."
+        ),
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a log-log PNG of time vs T and vs H here.")] = None,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="No progress or messages on stderr; with --output, no table on stdout."),
+    ] = False,
+) -> None:
+    """Time forward+BPTT as T grows (at fixed H) and as H grows (at fixed T).
+
+    Each row: median/min/IQR time, tokens/s, µs per step, GFLOP/s and efficiency vs same-shaped GEMMs.
+
+    At the end: the fitted exponents a, b of time ∝ T^a (fixed H) and time ∝ H^b (fixed T).
+
+    Timings whose IQR/median exceeds 10 % are marked noisy (~), and so is each exponent fitted through them.
+
+    Results go to stdout, or to --output with the table still on stdout; messages go to stderr.
+
+    A file that cannot be written at the end: bench says so, prints its content on stdout, and exits with 1.
+    """
+    Ts = _sizes(seq_lens, "--seq-lens")
+    Hs = _sizes(hidden_sizes, "--hidden-sizes")
+    if input is InputChoice.tokens and input_size is not None:
+        raise typer.BadParameter("--input-size applies to --input dense; with tokens D = --vocab")
+    output, plot = writable_or_exit(output, "--output"), writable_or_exit(plot, "--plot")
+    if output is not None and plot is not None and output.resolve() == plot.resolve():
+        raise usage_error(f"--output and --plot name the same file {str(output)!r}; give each its own")
+    if format is None:
+        suffix = output.suffix.lower().lstrip(".") if output else ""
+        format = FormatChoice(suffix) if suffix in ("json", "csv") else FormatChoice.table
+
+    def say(msg: str) -> None:
+        if not quiet:
+            typer.echo(msg, err=True)
+
+    check_plot(plot)
+    requested = available_backends() if backend is BenchBackendChoice.all else [backend.value]
+    names = list(dict.fromkeys(backend_or_exit(name).name for name in requested))  # fails here, before any work
+    if compare is CompareChoice.torch and (reason := bench_lib.torch_unavailable_reason()):
+        typer.echo(f"warning: {reason}; continuing without the torch comparison", err=True)
+        compare = CompareChoice.none
+    cfg = BenchConfig(
+        backends=names,
+        seq_lens=Ts,
+        hidden_sizes=Hs,
+        batch=batch,
+        input=input.value,
+        D=input_size or vocab,
+        K=output_size or vocab,
+        dtype=dtype.value,
+        warmup=warmup,
+        repeats=repeats,
+        seed=seed,
+        compare=compare.value,
+        fixed_T=fixed_seq_len,
+        fixed_H=fixed_hidden,
+    )
+    say(f"gpubptt bench: backends {', '.join(names)}; T in {Ts} at H={cfg.fixed_H}, H in {Hs} at T={cfg.fixed_T}")
+    argv = ["gpubptt", *sys.argv[1:]]
+    if sys.stderr.isatty() and not quiet:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("bench", total=None)
+
+            def progress(desc: str, done: int, total: int) -> None:
+                bar.update(task, description=desc, completed=done, total=total)
+
+            result = bench_lib.run_bench(cfg, progress=progress, argv=argv)
+    else:
+        result = bench_lib.run_bench(cfg, argv=argv)
+    for note in result["notes"]:
+        say(f"note: {note}")
+    failed: list[str] = []  # a file that cannot be written now must not lose the run
+    if output is not None:
+        text = bench_lib.render(result, format.value)
+        try:
+            write_atomic(output, text)
+        except OSError as exc:
+            typer.echo(text, nl=False)  # what the file would have held, so the results survive
+            failed.append(
+                f"--output: could not write {str(output)!r} ({exc.strerror or exc}); it is as it was, "
+                f"and its {format.value} content is on stdout instead"
+            )
+        else:
+            say(f"wrote {output}")
+            if not quiet:
+                typer.echo(bench_lib.render_table(result), nl=False)
+    else:
+        typer.echo(bench_lib.render(result, format.value), nl=False)
+    if plot is not None:
+        try:
+            plots.plot_bench(result, plot)
+        except OSError as exc:
+            failed.append(f"--plot: could not write {str(plot)!r} ({exc.strerror or exc}); it is as it was")
+        else:
+            say(f"wrote {plot}")
+    for message in failed:
+        typer.echo(f"error: {message}", err=True)
+    if failed:
+        raise typer.Exit(1)

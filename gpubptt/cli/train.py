@@ -1,0 +1,407 @@
+"""``gpubptt train`` and ``gpubptt sample``: train a model with truncated BPTT, and draw text from it."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+from collections import deque
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from .. import plots
+from .._paths import write_error
+from ..checkpoint import CheckpointError, load_checkpoint
+from ..data import TASKS
+from ..errors import InputError
+from ..model import INITS
+from ..optim import DEFAULT_LR, ON_NONFINITE, OPTIMIZERS, NonFiniteError
+from ..run import DEFAULT_EVAL_EVERY, DEFAULT_STEPS, DEFAULTS, TEXT_CHUNK, Run, new_run, resume_run, save_run
+from ..sample import sample_chars
+from ..train import SCHEDULES, TrainEvent
+from ..train import train as train_loop
+from ._common import (
+    BackendChoice,
+    DtypeChoice,
+    Failed,
+    Interrupted,
+    app,
+    backend_or_exit,
+    check_plot,
+    choices,
+    in_flags,
+    install_sigint,
+    out_of_memory,
+    quiet_numerics,
+    readable_or_exit,
+    reflowed_help,
+    restore_sigint,
+    usage_error,
+    writable_or_exit,
+    write_png,
+)
+
+TaskChoice = choices("TaskChoice", TASKS)
+InitChoice = choices("InitChoice", INITS)
+OptimizerChoice = choices("OptimizerChoice", OPTIMIZERS)
+ScheduleChoice = choices("ScheduleChoice", SCHEDULES)
+NonFiniteChoice = choices("NonFiniteChoice", ON_NONFINITE)
+LR_DEFAULTS = ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items())
+
+
+def _default(text: str, setting: str) -> str:
+    """An option's help with its default, read from ``run.DEFAULTS`` (the one place each default is written)."""
+    value = DEFAULTS[setting]
+    if isinstance(value, bool):
+        shown = setting if value else f"no-{setting}"
+    elif isinstance(value, float):
+        shown = f"{value:g}"
+    else:
+        shown = value
+    return f"{text} (default: {shown})"
+
+
+def describe(data: Any) -> tuple[str, str]:
+    """(unit, chance-level text) for the summary line."""
+    if data.kind == "text":
+        return "nats/char", (
+            f"chance {data.chance_loss:.3f} = log {data.output_size}; letter frequencies alone {data.unigram_loss:.3f}"
+        )
+    return "nats/recalled symbol", f"chance {data.chance_loss:.3f} = log {data.A}; chance accuracy {1 / data.A:.1%}"
+
+
+class TrainReporter:
+    """How a training run reports: its settings and chance level first, progress while it trains (a bar
+    on a terminal, one line per evaluation otherwise; stderr), and a summary at the end (stdout).
+
+    ``on_step`` is the training loop's callback: it also saves the checkpoint at each evaluation,
+    and stops the run between two steps once Ctrl-C was pressed (``on_sigint``).
+    """
+
+    def __init__(self, run: Run, checkpoint: Path, *, resumed: bool, interactive: bool) -> None:
+        self.run, self.checkpoint, self.interactive = run, checkpoint, interactive
+        self.unit, self.chance_text = describe(run.data)
+        self.last_eval: dict | None = None
+        self.saved_step: int | None = run.state.step if resumed else None  # the step the file holds
+        self.stop_requested = False
+        self.window: deque = deque([(0.0, 0)], maxlen=50)  # (seconds, tokens so far): tokens/s over recent steps
+        self.progress = None
+
+    def header(self) -> None:
+        run, config, state = self.run, self.run.config, self.run.state
+        typer.echo(
+            f"{run.data!r} | {run.model!r} | {type(run.optimizer).__name__} lr={config.lr} | B={config.batch_size} "
+            f"chunk={config.chunk or 'whole sequences'} | steps {state.step} → {config.steps}",
+            err=True,
+        )
+        typer.echo(f"loss in {self.unit}; {self.chance_text}", err=True)
+        if state.step >= config.steps:
+            typer.echo(
+                f"the checkpoint is already at step {state.step} ≥ --steps {config.steps}; nothing to do", err=True
+            )
+
+    def start(self) -> None:
+        """The progress bar, on a terminal."""
+        if not self.interactive:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
+        self.bar = self.progress.add_task("train", total=self.run.config.steps, completed=self.run.state.step, info="")
+        self.progress.start()
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def save(self) -> None:
+        """Checkpoint the run (atomic: a failed write leaves the previous file as it was); Failed on an OSError."""
+        try:
+            save_run(self.checkpoint, self.run)
+        except OSError as exc:
+            raise Failed(write_error("checkpoint", self.checkpoint, exc)) from exc
+        self.saved_step = self.run.state.step
+
+    def kept(self) -> str:
+        """What the checkpoint file holds now, in words."""
+        if self.saved_step is None:
+            return "no checkpoint was saved"
+        return f"{str(self.checkpoint)!r} keeps step {self.saved_step}"
+
+    def on_sigint(self, signum: int, frame: object) -> None:
+        if self.stop_requested:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, mid-step
+        self.stop_requested = True
+        typer.echo("\nCtrl-C: stopping after this step and saving (Ctrl-C again to stop at once)", err=True)
+
+    def on_step(self, ev: TrainEvent) -> None:
+        window = self.window
+        window.append((ev.seconds, window[-1][1] + ev.tokens))
+        rate = (window[-1][1] - window[0][1]) / max(window[-1][0] - window[0][0], 1e-9)
+        loss_s = "nan" if ev.loss is None else f"{ev.loss:.3f}"
+        if ev.eval is not None:
+            self.last_eval = ev.eval
+            self.save()  # between steps: the weights and the state are consistent
+            line = (
+                f"step {ev.step}/{ev.total}  train loss {loss_s}  held-out {ev.eval['loss']:.3f} "
+                f"(chance {ev.eval['chance']:.3f})  acc {ev.eval['accuracy']:.1%}  |g| {ev.grad_norm:.2f}  "
+                f"{rate:,.0f} tok/s"
+            )
+            if self.progress is not None:
+                self.progress.console.print(line, highlight=False)
+            else:
+                typer.echo(line, err=True)
+        if self.progress is not None:
+            info = f"loss {loss_s}  |g| {ev.grad_norm:.2f}  {rate:,.0f} tok/s"
+            self.progress.update(self.bar, completed=ev.step, info=info)
+        if self.stop_requested:
+            raise Interrupted  # between steps: the weights and the state are consistent
+
+    def plot_labels(self) -> dict:
+        """The loss curve's chance level and title."""
+        data, run = self.run.data, self.run
+        title = f"{data.kind} | H={run.model.hidden_size} | {type(run.optimizer).__name__}"
+        if data.kind != "text":
+            title += f" | delay {data.delay}"
+        return {"chance": data.chance_loss, "title": title}
+
+    def summary(self, plot: Path | None) -> None:
+        history, state = self.run.history, self.run.state
+        ev = self.last_eval or {"loss": float("nan"), "accuracy": float("nan")}
+        if history.eval_step and self.last_eval is None:
+            ev = {"loss": history.eval_loss[-1], "accuracy": history.eval_accuracy[-1]}
+        train_loss = history.loss[-1] if history.loss else float("nan")
+        typer.echo(
+            f"step {state.step}: train loss {train_loss:.4f}, held-out loss {ev['loss']:.4f} {self.unit} "
+            f"(accuracy {ev['accuracy']:.1%}); {self.chance_text}"
+        )
+        if history.skipped:
+            typer.echo(f"{history.skipped} steps were skipped for a non-finite loss or gradient")
+        typer.echo(f"checkpoint: {self.checkpoint}" + (f"\nplot: {plot}" if plot is not None else ""))
+
+
+@app.command()
+@quiet_numerics
+@reflowed_help
+def train(
+    task: Annotated[
+        TaskChoice | None, typer.Option(help="text: next-character prediction; copy / recall: long-range memory tasks.")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="UTF-8 text file for --task text (default: a built-in generated corpus).")
+    ] = None,
+    delay: Annotated[
+        int | None,
+        typer.Option(help=_default("copy/recall: blanks between the symbols and the cue.", "delay")),
+    ] = None,
+    symbols: Annotated[int | None, typer.Option(help=_default("copy/recall: alphabet size A.", "symbols"))] = None,
+    copy_length: Annotated[int | None, typer.Option(help=_default("copy: symbols to remember.", "copy_length"))] = None,
+    hidden: Annotated[int | None, typer.Option(help=_default("Hidden size H.", "hidden"))] = None,
+    batch: Annotated[int | None, typer.Option(help=_default("Batch size B (parallel sequences).", "batch"))] = None,
+    chunk: Annotated[
+        int | None,
+        typer.Option(
+            help="Truncated-BPTT chunk length, state carried across chunks; 0: whole sequences. "
+            f"(default: {TEXT_CHUNK} for text, 0 for tasks)"
+        ),
+    ] = None,
+    truncate: Annotated[
+        int | None,
+        typer.Option(help="Tutorial truncation inside each chunk (gradient through k+1 steps). (default: off)"),
+    ] = None,
+    backend: Annotated[BackendChoice, typer.Option(help="Backend to train on.")] = BackendChoice.auto,
+    dtype: Annotated[DtypeChoice | None, typer.Option(help=_default("Floating-point type.", "dtype"))] = None,
+    bias: Annotated[
+        bool | None,
+        typer.Option("--bias/--no-bias", help=_default("Biases b and c.", "bias")),
+    ] = None,
+    init: Annotated[InitChoice | None, typer.Option(help=_default("Weight initialisation.", "init"))] = None,
+    optimizer: Annotated[OptimizerChoice | None, typer.Option(help=_default("Optimizer.", "optimizer"))] = None,
+    lr: Annotated[float | None, typer.Option(help=f"Learning rate. (default: {LR_DEFAULTS})")] = None,
+    momentum: Annotated[float | None, typer.Option(help=_default("SGD momentum.", "momentum"))] = None,
+    clip: Annotated[
+        float | None,
+        typer.Option(help=_default("Clip the global gradient norm to this; 0: off.", "clip")),
+    ] = None,
+    schedule: Annotated[
+        ScheduleChoice | None, typer.Option(help=_default("Learning-rate schedule.", "schedule"))
+    ] = None,
+    warmup: Annotated[int | None, typer.Option(help=_default("Linear learning-rate warm-up steps.", "warmup"))] = None,
+    steps: Annotated[
+        int | None, typer.Option(help=f"Train until this many optimizer steps in total. (default: {DEFAULT_STEPS})")
+    ] = None,
+    epochs: Annotated[
+        float | None, typer.Option(help="Text: train for this many passes over the training text instead of --steps.")
+    ] = None,
+    eval_every: Annotated[
+        int, typer.Option(help="Steps between held-out evaluations (and checkpoint saves).")
+    ] = DEFAULT_EVAL_EVERY,
+    seed: Annotated[int | None, typer.Option(help=_default("Seed of the weights and the data order.", "seed"))] = None,
+    on_nonfinite: Annotated[
+        NonFiniteChoice | None,
+        typer.Option(help=_default("A NaN/inf loss or gradient stops training (raise) or is skipped.", "on_nonfinite")),
+    ] = None,
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint file (.npz), saved at every evaluation.")] = Path(
+        "checkpoint.npz"
+    ),
+    resume: Annotated[bool, typer.Option(help="Continue training the checkpoint (its settings apply).")] = False,
+    accept_changed_data: Annotated[
+        bool, typer.Option(help="With --resume: continue even though the training text changed since the save.")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing checkpoint with a new run.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write the loss curve to this PNG file (needs matplotlib).")] = None,
+) -> None:
+    """Train a vanilla RNN with truncated BPTT; report the loss beside the chance level; save a checkpoint.
+
+    With no options: a character model of a built-in generated English-like corpus, about a minute on a CPU.
+    """
+    options = dict(
+        task=task, data=data, delay=delay, symbols=symbols, copy_length=copy_length, hidden=hidden, batch=batch,
+        chunk=chunk, truncate=truncate, dtype=dtype, bias=bias, init=init, optimizer=optimizer, lr=lr,
+        momentum=momentum, clip=clip, schedule=schedule, warmup=warmup, seed=seed, on_nonfinite=on_nonfinite,
+    )  # fmt: skip
+    given = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items() if v is not None}
+    check_plot(plot)
+    writable_or_exit(plot, "--plot")
+    writable_or_exit(checkpoint, "--checkpoint")  # before any work: training failed only at its first save
+    readable_or_exit(data, "--data")
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        raise usage_error(f"--epochs must be a finite number > 0, got {epochs}")
+    be = backend_or_exit(backend.value)
+    if resume and force:
+        raise usage_error("--resume and --force exclude each other")
+    if checkpoint.exists() and not (resume or force):
+        raise usage_error(
+            f"{str(checkpoint)!r} exists: pass --resume to continue training it, --force to replace it, "
+            "or choose another --checkpoint"
+        )
+    try:
+        if resume:
+            run = resume_run(
+                checkpoint,
+                given=given,
+                backend=be,
+                steps=steps,
+                epochs=epochs,
+                eval_every=eval_every,
+                accept_changed_data=accept_changed_data,
+            )
+        else:
+            run = new_run(given, backend=be, steps=steps, epochs=epochs, eval_every=eval_every)
+    except (InputError, CheckpointError, TypeError) as exc:
+        raise usage_error(in_flags(str(exc))) from exc
+    except MemoryError as exc:
+        raise out_of_memory(exc, be) from exc
+
+    reporter = TrainReporter(run, checkpoint, resumed=resume, interactive=sys.stderr.isatty())
+    reporter.header()
+    state = run.state
+    start_step = state.step
+    previous_sigint = install_sigint(reporter.on_sigint)
+    reporter.start()
+    try:
+        if state.step < run.config.steps:
+            train_loop(
+                run.model, run.data, run.optimizer, run.config, state=state, history=run.history,
+                callback=reporter.on_step,
+            )  # fmt: skip
+    except Interrupted as exc:
+        reporter.stop()
+        try:
+            reporter.save()
+        except Failed as failed:
+            typer.echo(f"interrupted at step {state.step}\nerror: {failed}", err=True)
+            raise typer.Exit(failed.code) from exc
+        typer.echo(
+            f"interrupted at step {state.step}; saved checkpoint {str(checkpoint)!r} at step {state.step} "
+            "(continue with --resume)",
+            err=True,
+        )
+        raise typer.Exit(130) from exc
+    except KeyboardInterrupt as exc:
+        reporter.stop()
+        typer.echo(f"interrupted during step {state.step + 1}, before it finished; {reporter.kept()}", err=True)
+        raise typer.Exit(130) from exc
+    except NonFiniteError as exc:
+        reporter.stop()
+        typer.echo(
+            f"error: {in_flags(str(exc))}\n{str(checkpoint)!r} keeps the last evaluation's checkpoint, if any",
+            err=True,
+        )
+        raise typer.Exit(1) from exc
+    except Failed as exc:
+        reporter.stop()
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.code) from exc
+    except MemoryError as exc:
+        reporter.stop()
+        typer.echo(f"training stopped during step {state.step + 1}; {reporter.kept()}", err=True)
+        raise out_of_memory(exc, be) from exc
+    finally:
+        restore_sigint(previous_sigint)
+        reporter.stop()
+    try:
+        if not resume or state.step != start_step:  # a resume with nothing to do leaves the file as it was
+            reporter.save()
+        if plot is not None:
+            write_png(plot, "plot", lambda path: plots.plot_history(path, run.history, **reporter.plot_labels()))
+    except Failed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.code) from exc
+    reporter.summary(plot)
+
+
+@app.command()
+@quiet_numerics
+@reflowed_help
+def sample(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint of a text model (from `gpubptt train`).")] = Path(
+        "checkpoint.npz"
+    ),
+    length: Annotated[int, typer.Option(help="Characters to generate.")] = 500,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature: < 1 surer, > 1 more random.")] = 1.0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the sampler (an int ≥ 0).")] = 0,
+    prime: Annotated[str, typer.Option(help="Text to start from (its characters must be in the vocabulary).")] = "",
+) -> None:
+    """Generate text from a trained character model, printed to stdout as each character is drawn."""
+    readable_or_exit(checkpoint, "--checkpoint")
+    if length < 0:
+        raise usage_error(f"--length must be ≥ 0, got {length}")
+    if not (temperature > 0 and np.isfinite(temperature)):
+        raise usage_error(f"--temperature must be a positive number, got {temperature}")
+    try:
+        ck = load_checkpoint(checkpoint, backend="numpy")
+        if ck.vocab is None:
+            kind = (ck.data or {}).get("kind", "unknown")
+            raise usage_error(f"{str(checkpoint)!r} was trained on the {kind} task; sampling needs a text model")
+        chars = sample_chars(ck.model, ck.vocab, length=length, temperature=temperature, seed=seed, prime=prime)
+    except (InputError, CheckpointError) as exc:  # every argument is checked before the first character
+        raise usage_error(str(exc)) from exc
+    n = 0
+    try:
+        for ch in chars:
+            typer.echo(ch, nl=False)  # flushed: the text appears as it is drawn
+            n += len(ch)
+        typer.echo("")
+    except KeyboardInterrupt as exc:
+        typer.echo("")
+        typer.echo(f"interrupted after {n} of {len(prime) + length} characters", err=True)
+        raise typer.Exit(130) from exc
+    except BrokenPipeError as exc:  # `gpubptt sample | head`: the reader is gone; stop quietly
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(1) from exc

@@ -1,0 +1,261 @@
+"""``gpubptt vanish``: why BPTT gradients vanish or explode, measured on a random or a trained model."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from .. import diagnostics, plots
+from ..diagnostics import DEFAULT_ITERS, DEFAULT_THRESHOLD
+from ..diagnostics.problems import DEFAULT_SEQ_LEN, checkpoint_problem, random_problem
+from ..errors import InputError
+from ..memory import InsufficientMemoryError
+from ..model import INITS
+from ._common import (
+    BackendChoice,
+    DtypeChoice,
+    Failed,
+    app,
+    backend_or_exit,
+    check_plot,
+    choices,
+    out_of_memory,
+    quiet_numerics,
+    readable_or_exit,
+    reflowed_help,
+    usage_error,
+    writable_or_exit,
+    write_png,
+)
+
+InitChoice = choices("InitChoice", INITS)
+VanishFormat = choices("VanishFormat", ("table", "json"))
+
+DEFAULT_DTYPE = DtypeChoice("float64")  # as diagnostics.random_problem
+RANDOM_SCALES = "0.5,0.9,1.0,1.5,2.0"
+RANDOM_DEFAULTS = {"hidden": 64, "vocab": 32, "init": InitChoice("wildml"), "batch": 8}
+
+
+def _parse_scales(text: str) -> list[float | None]:
+    """Spectral radii from "0.5,0.9,model"; None stands for "model", W as it is."""
+    scales: list[float | None] = []
+    for v in (v.strip() for v in text.split(",")):
+        if not v:
+            continue
+        if v.lower() == "model":
+            scales.append(None)
+            continue
+        try:
+            scales.append(float(v))
+        except ValueError as exc:
+            raise typer.BadParameter(
+                f"must be comma-separated numbers like 0.5,0.9,1.0 or 'model', got {text!r}", param_hint="--scale"
+            ) from exc
+    if not scales or not all(r is None or (np.isfinite(r) and r > 0) for r in scales):
+        raise typer.BadParameter(
+            f"must be one or more spectral radii, finite and > 0, or 'model'; got {text!r}", param_hint="--scale"
+        )
+    return scales
+
+
+def _horizon_text(p: diagnostics.JacobianProducts) -> str:
+    if p.horizon is not None:
+        return str(p.horizon)
+    if p.horizon_fit is not None:
+        return f"~{p.horizon_fit:.0f} (fit)"
+    if p.log_slope is not None:
+        return "none (grows)" if p.log_slope > diagnostics.NO_DECAY_SLOPE else "none (flat)"
+    return f"none ≤ {p.end}"
+
+
+def _vanish_row(radius: float, rescaled: bool, report: diagnostics.VanishReport, T: int) -> list[str]:
+    p, tb = report.products, report.truncation
+    ok = np.flatnonzero(tb.rel_error < 0.01)
+    return [
+        f"{radius:g}" if rescaled else f"{radius:.3f} (model)",
+        f"{p.spectral_norm:.3f}",
+        f"{100 * p.saturated_fraction:.1f}%",
+        _horizon_text(p),
+        "—" if p.decay_rate is None else f"{p.decay_rate:.4f}",
+        f"{report.steps.s0:.3g}",
+        str(int(tb.truncate[ok[0]])) if ok.size else f">{T - 1}",
+    ]
+
+
+@contextlib.contextmanager
+def _vanish_progress(n: int):
+    """A ``vanish_sweep`` progress callback: a transient bar on a terminal, else one stderr line per radius."""
+    per = len(diagnostics.VANISH_STAGES)
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import Progress
+
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("vanish", total=n * per)
+
+            def update(done: int, total: int, what: str) -> None:
+                bar.update(task, description=what, completed=done, total=total)
+
+            yield update
+        return
+    started, current = time.perf_counter(), [""]
+
+    def line(done: int, total: int, what: str) -> None:
+        if done and done % per == 0:
+            elapsed = time.perf_counter() - started
+            typer.echo(f"vanish: {current[0]} measured ({done // per}/{n}, {elapsed:.1f} s)", err=True)
+        current[0] = what.split(":")[0]
+
+    yield line
+
+
+@app.command()
+@quiet_numerics
+@reflowed_help
+def vanish(
+    backend: Annotated[BackendChoice, typer.Option(help="Backend to run on.")] = BackendChoice.auto,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="A checkpoint from `gpubptt train`: measure its model on its own kind of data."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --checkpoint of a text model: a UTF-8 text file to cut the windows from, in the "
+            "model's vocabulary. (default: the held-out text the model was trained on)"
+        ),
+    ] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help=f"Sequence length T. (default: {DEFAULT_SEQ_LEN}; a copy/recall checkpoint: the task's own length)",
+        ),
+    ] = None,
+    hidden: Annotated[
+        int | None,
+        typer.Option(min=1, help=f"Hidden size H of the random model. (default: {RANDOM_DEFAULTS['hidden']})"),
+    ] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Batch size B (windows or task sequences).")] = RANDOM_DEFAULTS[
+        "batch"
+    ],
+    vocab: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help=f"Vocabulary size (D = K) of the random model's tokens. (default: {RANDOM_DEFAULTS['vocab']})"
+        ),
+    ] = None,
+    init: Annotated[
+        InitChoice | None,
+        typer.Option(help=f"Weight init of the random model. (default: {RANDOM_DEFAULTS['init'].value})"),
+    ] = None,
+    dtype: Annotated[
+        DtypeChoice, typer.Option(help="Floating-point type (a checkpoint's weights are converted to it).")
+    ] = DEFAULT_DTYPE,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the random weights and tokens, or of the windows / task sequences.")
+    ] = 0,
+    scale: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated spectral radii; W is rescaled to each in turn, 'model' keeps it as it is. "
+            f"(default: {RANDOM_SCALES}; with --checkpoint: model, the trained W alone)"
+        ),
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option(help="The horizon is the first lag whose product norm is below this.")
+    ] = DEFAULT_THRESHOLD,
+    iters: Annotated[int, typer.Option(min=1, help="Most power iterations per Jacobian-product norm.")] = DEFAULT_ITERS,
+    plot: Annotated[Path | None, typer.Option(help="Write the plots to this PNG file (needs matplotlib).")] = None,
+    fmt: Annotated[VanishFormat, typer.Option("--format", help="Output: a table or JSON.")] = VanishFormat.table,
+) -> None:
+    """Show why BPTT gradients vanish or explode: one row per spectral radius of W.
+
+    On a random model and random tokens, W is rescaled to each --scale radius; the table gives the
+    spectral norm of W, the saturated fraction of states, the gradient horizon (first lag where
+    ‖Π diag(1 − s_j²) W‖₂ < --threshold; "~N (fit)" extrapolates the fitted line when the sequence
+    is too short to reach it), the fitted factor per step of that norm, ‖∂E/∂s0‖, and
+    the smallest truncation window whose gradient is within 1 % of full BPTT.
+
+    With --checkpoint, the trained model is measured as it is (one row, "ρ (model)" with ρ its own
+    spectral radius) on B windows of T characters of its held-out text or of --data (targets: the
+    next characters), or on B sequences of its copy/recall task; an explicit --scale rescales the
+    trained W instead, and "model" among the radii keeps it. Windows and sequences come from --seed.
+    """
+    radii = _parse_scales(scale if scale is not None else ("model" if checkpoint is not None else RANDOM_SCALES))
+    if not (np.isfinite(threshold) and threshold > 0):
+        raise typer.BadParameter(f"must be a finite number > 0, got {threshold}", param_hint="--threshold")
+    readable_or_exit(checkpoint, "--checkpoint")
+    if checkpoint is not None:
+        given = {"hidden": hidden, "vocab": vocab, "init": init}
+        for name, value in given.items():
+            if value is not None:
+                raise usage_error(f"--{name} describes the random model; a checkpoint brings its own")
+    elif data is not None:
+        raise usage_error("--data needs --checkpoint: the model whose vocabulary encodes the text")
+    check_plot(plot)
+    writable_or_exit(plot, "--plot")
+    readable_or_exit(data, "--data")
+    be = backend_or_exit(backend.value)
+    if checkpoint is None:
+        hidden = RANDOM_DEFAULTS["hidden"] if hidden is None else hidden
+        vocab = RANDOM_DEFAULTS["vocab"] if vocab is None else vocab
+        init = RANDOM_DEFAULTS["init"] if init is None else init
+        T = DEFAULT_SEQ_LEN if seq_len is None else seq_len
+    try:
+        if checkpoint is None:
+            problem = random_problem(T, hidden, batch, vocab, backend=be, dtype=dtype.value, init=init.value, seed=seed)
+        else:
+            problem = checkpoint_problem(
+                checkpoint, T=seq_len, B=batch, seed=seed, backend=be, dtype=dtype.value, text=data
+            )
+    except InsufficientMemoryError as exc:
+        sizes = "--seq-len or --batch" if checkpoint is not None else "--seq-len, --batch, --hidden or --vocab"
+        raise usage_error(f"{exc}: choose a smaller {sizes}") from exc
+    except InputError as exc:  # CheckpointError included
+        raise usage_error(str(exc)) from exc
+    except MemoryError as exc:
+        raise out_of_memory(exc, be) from exc
+    model, x, y = problem.model, problem.x, problem.y
+    T = problem.T
+    settings = {"backend": be.name, "device": be.device, "T": T, "H": model.hidden_size, "B": batch}
+    settings.update({k: v for k, v in problem.about.items() if k != "model"})
+    settings.update({"dtype": dtype.value, "seed": seed, "threshold": threshold, "iters": iters})
+    typer.echo("vanish: " + " ".join(f"{k}={v}" for k, v in settings.items() if k != "device"), err=True)
+    try:
+        with _vanish_progress(len(radii)) as progress:
+            sweep = diagnostics.vanish_sweep(model, x, y, radii, threshold=threshold, iters=iters, progress=progress)
+    except MemoryError as exc:
+        raise out_of_memory(exc, be) from exc
+    rescaled = [r is not None for r in radii]
+    if fmt is VanishFormat.json:
+        scales = [{"radius": r, "rescaled": rs, **rep.to_dict()} for (r, rep), rs in zip(sweep, rescaled, strict=True)]
+        typer.echo(json.dumps({"settings": settings, "scales": scales}, indent=1))
+    else:
+        head = ["ρ(W)", "‖W‖₂", "saturated", "horizon", "rate/step", "‖∂E/∂s0‖", "truncate@1%"]
+        rows = [head] + [_vanish_row(r, rs, rep, T) for (r, rep), rs in zip(sweep, rescaled, strict=True)]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        for row in rows:
+            typer.echo("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+    if plot is not None:
+        if checkpoint is None:
+            title = f"T={T} H={hidden} B={batch} vocab={vocab} init={init.value} seed={seed} ({be.name})"
+        else:
+            about = problem.about
+            title = (
+                f"{checkpoint.name} ({about['task']}, step {about['step']}) on {about['data']}: "
+                f"T={T} H={model.hidden_size} B={batch} seed={seed} ({be.name})"
+            )
+        try:
+            write_png(plot, "plot", lambda path: plots.plot_vanish(sweep, path, title=title))
+        except Failed as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.code) from exc
+        typer.echo(f"wrote {plot}", err=True)
