@@ -117,6 +117,7 @@ class Workspace:
         T, B, D, H = batch.T, batch.B, model.input_size, model.hidden_size
         self.model, self.be, self.truncate, self.tokens = model, be, truncate, batch.tokens
         self.step_kernels = step_kernels
+        self.use_graphs = model.use_graphs
         self.needs_capture = bool(model.use_graphs and be.supports_graphs)
         self._run = self._compute
         self._captured = False
@@ -140,6 +141,16 @@ class Workspace:
         self.loss = xp.zeros((), dtype=dt)
         self.grads = {k: xp.empty_like(v) for k, v in model.params.items()}
         self.grads["s0"] = xp.empty((B, H), dtype=dt)
+
+    def describe(self) -> dict[str, Any]:
+        """What this workspace serves: T, B, tokens, lengths (bool), truncate, use_graphs, step_kernels,
+        chunk (time steps per output chunk) and captured."""
+        T, B, _ = self.G.shape
+        return {
+            "T": T, "B": B, "tokens": self.tokens, "lengths": self.weight is not None, "truncate": self.truncate,
+            "use_graphs": self.use_graphs, "step_kernels": self.step_kernels, "chunk": self.chunk,
+            "captured": self.captured,
+        }  # fmt: skip
 
     @property
     def captured(self) -> bool:

@@ -347,6 +347,15 @@ class RNN:
             return loss, grads, final
         return loss, grads
 
+    def workspaces(self) -> list[dict[str, Any]]:
+        """The cached forward+BPTT workspaces, least recently used first (at most MAX_WORKSPACES).
+
+        Each a dict: T, B, tokens, lengths, truncate (None: full BPTT), use_graphs, step_kernels,
+        chunk (time steps per output-layer chunk) and captured (replayed as one CUDA graph).
+        """
+        with self._lock:
+            return [ws.describe() for ws in self._workspaces.values()]
+
     def _workspace(self, batch: Batch, truncate: int | None) -> engine.Workspace:
         """The cached buffers (and, on CuPy, the captured graph) for this shape of work."""
         if truncate is not None and truncate >= batch.T - 1:

@@ -153,7 +153,7 @@ def test_cuda_graph_replay_matches_plain_loop(cupy_be):
             assert float(l1) == pytest.approx(float(l2), rel=1e-12)
             for k in g1:
                 np.testing.assert_allclose(gpubptt.to_numpy(g1[k]), gpubptt.to_numpy(g2[k]), rtol=1e-10, atol=1e-13)
-    assert all(ws.captured for ws in graph._workspaces.values())
+    assert graph.workspaces() and all(w["captured"] for w in graph.workspaces())
     # an in-place update is read by the replay; a replaced array triggers a new capture
     x = be.asarray(rng.integers(0, 30, size=(16, 8)))
     y = be.asarray(rng.integers(0, 20, size=(16, 8)))
@@ -219,11 +219,11 @@ def test_switching_graphs_or_step_kernels_after_a_capture_takes_effect(cupy_be):
     l_graph, _ = model.loss_and_grads(x, y)
     model.use_graphs = False
     l_plain, _ = model.loss_and_grads(x, y)
-    runs = {key[5:7]: ws.captured for key, ws in model._workspaces.items()}
+    runs = {(w["use_graphs"], w["step_kernels"]): w["captured"] for w in model.workspaces()}
     assert runs == {(True, "auto"): True, (False, "auto"): False}  # one captured, one plain
     model.step_kernels = "cublas"
     l_cublas, _ = model.loss_and_grads(x, y)
-    assert len(model._workspaces) == 3
+    assert len(model.workspaces()) == 3
     assert float(l_plain) == pytest.approx(float(l_graph), rel=1e-12)
     assert float(l_cublas) == pytest.approx(float(l_graph), rel=1e-12)
 

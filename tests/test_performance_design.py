@@ -166,3 +166,18 @@ def test_cublas_layout_logic_matches_matmul(case, accumulate):
     cublas_gemm_emulated(a, b, out, accumulate)
     np.testing.assert_allclose(out, want, rtol=1e-12)
     assert _col_major(a) is not None and _col_major(b) is not None
+
+
+def test_workspaces_are_cached_per_shape_and_bounded_least_recently_used_first():
+    from gpubptt.model import MAX_WORKSPACES
+
+    rng = np.random.default_rng(3)
+    model = gpubptt.RNN(6, 8, 5, backend="numpy", seed=0)
+    shapes = [(T, 2) for T in range(3, 4 + MAX_WORKSPACES)]  # one more shape than the cache holds
+    for T, B in shapes:
+        model.loss_and_grads(rng.integers(0, 6, size=(T, B)), rng.integers(0, 5, size=(T, B)))
+    model.loss_and_grads(rng.integers(0, 6, size=(4, 2)), rng.integers(0, 5, size=(4, 2)), truncate=1)
+    seen = [(w["T"], w["truncate"]) for w in model.workspaces()]
+    assert len(seen) == MAX_WORKSPACES
+    assert seen[-1] == (4, 1) and (3, None) not in seen  # the newest last; the oldest shapes went first
+    assert all(w["captured"] is False and w["tokens"] for w in model.workspaces())  # NumPy captures no graph
