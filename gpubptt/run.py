@@ -323,7 +323,8 @@ def resume_run(
     the first that differs; ``data`` is the same when it names the same file, by any path).
     CheckpointError when the file is missing, corrupt or holds no run. InputError when the training
     text's sha256 differs from the one recorded, unless ``accept_changed_data``; the run then
-    continues on the new text and the next save records its digest.
+    continues on the new text and the next save records its digest. InsufficientMemoryError when
+    the run cannot fit in the backend's memory (as ``new_run``).
     """
     ck = load_checkpoint(path, backend=backend)
     if ck.optimizer is None or ck.config is None or ck.data is None:
@@ -350,6 +351,7 @@ def resume_run(
     data = make_data(spec, text=text, vocab=ck.vocab)
     total = total_steps(data, ck.config, steps=steps, epochs=epochs, default=ck.config.steps)
     config = TrainConfig(**{**vars(ck.config), "steps": total, "eval_every": eval_every})
+    _check_memory(stored, data, config, ck.model.backend)  # a run resumed elsewhere may not fit there
     return Run(ck.model, data, ck.optimizer, config, ck.state, ck.history)
 
 

@@ -23,6 +23,7 @@ QUICK = [*BASE, "--steps", "2"]
         (["--delay", "5"], "--delay applies to --task copy or recall, not --task text"),
         (["--symbols", "4"], "--symbols applies to --task copy or recall"),
         (["--task", "recall", "--copy-length", "3"], "--copy-length applies to --task copy"),
+        (["--accept-changed-data"], "--accept-changed-data applies to --resume only"),
     ],
 )
 def test_options_the_run_would_ignore_are_refused_by_flag(tmp_path, args, message):

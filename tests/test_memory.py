@@ -118,3 +118,15 @@ def test_format_bytes_uses_decimal_units():
     from gpubptt.memory import format_bytes
 
     assert [format_bytes(n) for n in (512, 21.3e9, 8e18, 8e21)] == ["512 B", "21.3 GB", "8.0 EB", "8.0e+21 B"]
+
+
+def test_a_resumed_run_that_cannot_fit_here_is_refused_with_the_numbers(tmp_path, monkeypatch):
+    ck = tmp_path / "ck.npz"
+    args = ["--task", "recall", "--delay", "2", "--hidden", "4", "--steps", "2", "--checkpoint", str(ck)]
+    assert runner.invoke(app, ["train", "--backend", "numpy", *args]).exit_code == 0
+    before = ck.read_bytes()
+    monkeypatch.setattr(type(get_backend("numpy")), "available_memory", lambda self: 1000)  # a smaller machine
+    result = runner.invoke(app, ["train", "--backend", "numpy", "--resume", "--steps", "4", "--checkpoint", str(ck)])
+    assert result.exit_code == 2, result.output
+    assert "needs about" in result.output and "but 1.0 kB is available" in result.output
+    assert "Traceback" not in result.output and ck.read_bytes() == before

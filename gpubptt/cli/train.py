@@ -284,6 +284,8 @@ def train(
     be = backend_or_exit(backend.value)
     if resume and force:
         raise usage_error("--resume and --force exclude each other")
+    if accept_changed_data and not resume:
+        raise usage_error("--accept-changed-data applies to --resume only (a new run reads its text afresh)")
     if checkpoint.exists() and not (resume or force):
         raise usage_error(
             f"{str(checkpoint)!r} exists: pass --resume to continue training it, --force to replace it, "
