@@ -144,8 +144,7 @@ def _check_optimizer(f: _Fields, o: dict[str, Any]) -> None:
 
 def _check_data(f: _Fields, d: dict[str, Any]) -> None:
     if "kind" not in d:
-        f.problems.append("data.kind is missing")
-        return
+        return  # a caller's own description (save_checkpoint(data=...)): kept as it is, never resumed
     if not f.choice("data.kind", d["kind"], TASKS):
         return
     if d["kind"] == "text":
@@ -194,12 +193,13 @@ def _check_consistency(f: _Fields, meta: dict[str, Any]) -> None:
     """Cross-field checks, run only on sections that passed their own."""
     m, d, c, s = meta["model"], meta.get("data"), meta.get("config"), meta["state"]
     D, K = m["input_size"], m["output_size"]
-    if d is not None and d["kind"] in ("copy", "recall") and (D, K) != (d["symbols"] + 2, d["symbols"] + 1):
+    kind = None if d is None else d.get("kind")  # None: no data, or a caller's own description
+    if kind in ("copy", "recall") and (D, K) != (d["symbols"] + 2, d["symbols"] + 1):
         f.problems.append(
             f"data.symbols = {d['symbols']} needs input_size {d['symbols'] + 2} and output_size {d['symbols'] + 1}, "
             f"but the model has {D} and {K}"
         )
-    if d is not None and d["kind"] == "text" and D != K:
+    if kind == "text" and D != K:
         f.problems.append(
             f"model.input_size = {D} and model.output_size = {K}, expected both equal (a text model's vocabulary size)"
         )
@@ -209,9 +209,9 @@ def _check_consistency(f: _Fields, meta: dict[str, Any]) -> None:
     T, n_chunks = c["chunk"], None
     if T is None:
         n_chunks = 1  # whole sequences: one chunk each
-    elif d is not None and d["kind"] in ("copy", "recall"):
+    elif kind in ("copy", "recall"):
         n_chunks = max(1, (2 * d["length"] + d["delay"]) // T)
-    elif d is not None and "size_bytes" in d:
+    elif kind == "text" and "size_bytes" in d:
         n_chunks = max(1, d["size_bytes"] // c["batch_size"] // T)  # an upper bound: a character is ≥ 1 byte
     if n_chunks is not None and s["chunk"] > n_chunks:
         f.bad("state.chunk", s["chunk"], f"at most {n_chunks}, the number of chunks in a sequence")

@@ -31,7 +31,11 @@ def file_mode(path: Path) -> int:
 
 
 def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+    """This machine and PID namespace (containers sharing a folder and a hostname differ here), ≤ 40 characters."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:24] or "host"
+    with contextlib.suppress(OSError):
+        host += f"-ns{os.stat('/proc/self/ns/pid').st_ino}"
+    return host
 
 
 def _pid_alive(pid: int) -> bool:
@@ -76,9 +80,10 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
     temporaries of the same target left by killed writers are deleted: those of this machine whose
     process ID no longer runs, and those that name no process (an older gpubptt) or another machine
     when unmodified for ``STALE_SECONDS``. The temporary of a writer still at work is never touched;
-    files of other targets and other names are left alone.
+    files of other targets and other names are left alone. A symbolic link is written through: the
+    file it points to is replaced, and the link stays a link.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))
     _remove_abandoned(path)
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}@{_host()}.", suffix=".tmp")

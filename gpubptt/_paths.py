@@ -39,7 +39,7 @@ def check_writable(path: str | os.PathLike[str], option: str) -> Path:
     text = os.fspath(path)
     if not str(text).strip():
         raise DestinationError(f"{option} must name a file, got an empty path")
-    p = Path(text)
+    p = Path(os.path.realpath(text))  # a link is written through (_io.write_atomic): check what it points to
     folder = p.parent
     if p.is_dir():
         raise DestinationError(f"{option} {text!r} is a folder; expected a file name (e.g. {str(p / 'out')!r})")

@@ -145,6 +145,11 @@ class RNN:
         """The parameters by name: U (H, D), W (H, H), V (K, H), [b (H,), c (K,)]; assignments are checked."""
         return self._params
 
+    @params.setter
+    def params(self, arrays: Mapping[str, Any]) -> None:
+        """``model.params = {...}``: every array checked first, then all replaced (the mapping stays the model's)."""
+        self._params.replace_all(arrays)
+
     # -- construction from arrays -------------------------------------------------------------
     @classmethod
     def from_params(

@@ -138,6 +138,8 @@ class Optimizer:
 
     name = "base"
     SLOTS: tuple[str, ...] = ()
+    #: The slots that accumulate squares (never negative).
+    SQUARES: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -268,8 +270,14 @@ class Optimizer:
                 a = self.backend.to_numpy(state[f"{slot}.{k}"])
                 if tuple(a.shape) != tuple(p.shape):
                     raise ShapeError(f"optimizer state {slot}.{k} has shape {a.shape}, expected {tuple(p.shape)}")
-                if a.dtype.kind != "f" or not np.isfinite(a).all():
-                    raise InputError(f"optimizer state {slot}.{k} must be finite floats, got dtype {a.dtype}")
+                if a.dtype.kind != "f":
+                    raise InputError(f"optimizer state {slot}.{k} must be floats, got dtype {a.dtype}")
+                with np.errstate(over="ignore"):
+                    a = a.astype(self.params[k].dtype)  # finite where it will be used: in the parameter's dtype
+                if not np.isfinite(a).all():
+                    raise InputError(f"optimizer state {slot}.{k} is not finite in {a.dtype} (NaN, inf or too large)")
+                if slot in self.SQUARES and (a < 0).any():
+                    raise InputError(f"optimizer state {slot}.{k} accumulates squares, yet holds negative values")
                 new[slot, k] = a
         for (slot, k), a in new.items():
             self.state[slot][k][...] = self.backend.asarray(a, dtype=self.params[k].dtype)
@@ -305,6 +313,7 @@ class Adagrad(Optimizer):
 
     name = "adagrad"
     SLOTS = ("sum_sq",)
+    SQUARES = ("sum_sq",)
 
     def __init__(self, params: Any, *, lr: float = 0.1, eps: float = 1e-8, **kw: Any) -> None:
         super().__init__(params, lr=lr, **kw)
@@ -329,6 +338,7 @@ class Adam(Optimizer):
 
     name = "adam"
     SLOTS = ("m", "v")
+    SQUARES = ("v",)
 
     def __init__(
         self, params: Any, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **kw: Any

@@ -15,7 +15,7 @@ the set of parameters is fixed when the model is built.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -108,6 +108,22 @@ class Params(MutableMapping):
 
     def __len__(self) -> int:
         return len(self._arrays)
+
+    def copy(self) -> dict[str, Any]:
+        """A plain dict of the same arrays (not copied), like ``dict.copy``."""
+        return dict(self._arrays)
+
+    def __deepcopy__(self, memo: dict) -> dict[str, Any]:
+        """A plain dict of copies of the arrays (the backend and its locks are not copied)."""
+        return {k: v.copy() for k, v in self._arrays.items()}
+
+    def replace_all(self, arrays: Mapping[str, Any]) -> None:
+        """Assign every parameter at once: all are checked before any is replaced (same names required)."""
+        if not isinstance(arrays, Mapping) or set(arrays) != set(self._shapes):
+            got = sorted(arrays) if isinstance(arrays, Mapping) else type(arrays).__name__
+            raise InputError(f"parameters must be given as a mapping with exactly {', '.join(self._shapes)}; got {got}")
+        checked = {k: self._checked(k, arrays[k]) for k in self._shapes}
+        self._arrays.update(checked)
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self._arrays.items())

@@ -29,6 +29,7 @@ from .errors import InputError
 from .memory import InsufficientMemoryError, check_fits, train_memory
 from .model import INITS, RNN
 from .optim import DEFAULT_LR, ON_NONFINITE, Optimizer, make_optimizer
+from .plots import plot_history  # noqa: F401  (here before plots.py held every figure)
 from .train import SCHEDULES, History, TrainConfig, TrainState
 
 __all__ = ["DEFAULTS", "Run", "new_run", "resume_run", "save_run", "total_steps"]
@@ -56,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "on_nonfinite": "raise",
 }
 DEFAULT_STEPS = 3000
+INT_MAX = 2**63 - 1  # steps, seeds and positions are stored as int64 in a checkpoint
 DEFAULT_EVAL_EVERY = 250  # steps between held-out evaluations (and checkpoint saves)
 TEXT_CHUNK = 64  # the default chunk of the text task; the tasks train on whole sequences (0)
 
@@ -81,7 +83,10 @@ def total_steps(data: Any, config: TrainConfig, *, steps: int | None, epochs: fl
     if data.kind != "text" or not epochs > 0:
         raise InputError("epochs needs text data and a positive number")
     per_epoch = -(-(len(data.train_ids) // config.batch_size) // (config.chunk or len(data.train_ids)))
-    return max(1, round(epochs * per_epoch))
+    total = epochs * per_epoch
+    if not total <= INT_MAX:  # also NaN
+        raise InputError(f"--epochs {epochs} is {total:.3g} steps of {per_epoch} per epoch, more than {INT_MAX}")
+    return max(1, round(total))
 
 
 # which settings each choice uses: a given setting that the run would ignore is refused, by name
@@ -113,6 +118,16 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _check_int(flag: str, v: Any, lo: int, note: str = "") -> None:
+    """InputError unless v is None or an int in [lo, INT_MAX] (what a checkpoint can store)."""
+    if v is None:
+        return
+    if not (_is_int(v) and v >= lo):
+        raise InputError(f"{flag} must be an int ≥ {lo}{note}, got {v!r}")
+    if v > INT_MAX:
+        raise InputError(f"{flag} must be at most {INT_MAX} (a checkpoint stores it as int64), got {v}")
+
+
 def _check_settings(
     settings: Mapping[str, Any], st: Mapping[str, Any], *, steps: Any, epochs: Any, eval_every: Any
 ) -> None:
@@ -137,14 +152,9 @@ def _check_settings(
         )
     ints = {"hidden": 1, "batch": 1, "chunk": 0, "truncate": 0, "warmup": 0, "seed": 0, "symbols": 2, "copy_length": 1}
     for name, lo in {**ints, "delay": 0}.items():
-        v = st[name]
-        if v is not None and not (_is_int(v) and v >= lo):
-            raise InputError(
-                f"{_flag(name)} must be an int ≥ {lo}{' (0: whole sequences)' if name == 'chunk' else ''}, got {v!r}"
-            )
-    for name, v, lo in (("--steps", steps, 1), ("--eval-every", eval_every, 0)):
-        if v is not None and not (_is_int(v) and v >= lo):
-            raise InputError(f"{name} must be an int ≥ {lo}, got {v!r}")
+        _check_int(_flag(name), st[name], lo, " (0: whole sequences)" if name == "chunk" else "")
+    _check_int("--steps", steps, 1)
+    _check_int("--eval-every", eval_every, 0)
     if epochs is not None and not (_is_number(epochs) and epochs > 0):
         raise InputError(f"--epochs must be a finite number > 0, got {epochs!r}")
     if st["lr"] is not None and not (_is_number(st["lr"]) and st["lr"] > 0):
@@ -224,16 +234,18 @@ def _check_memory(st: Mapping[str, Any], data: TextData | CopyTask, config: Trai
     H, dtype = st["hidden"], np.dtype(st["dtype"]).name  # both checked by _check_settings
     B = config.batch_size
     if data.kind == "text":
-        T = config.chunk or len(data.train_ids) // B
+        L = max(1, len(data.train_ids) // B)  # the length of each of the B streams
         eval_B = max(1, min(16, (len(data.val_ids) - 1) // 64))  # as TextData.eval_sequences and evaluate
         eval_T = min(256, max(1, (len(data.val_ids) - 1) // eval_B))
     else:
-        T = config.chunk or data.seq_len
+        L = data.seq_len
         eval_B, eval_T = 256, min(256, data.seq_len)
+    T = min(config.chunk or L, L)  # a chunk longer than the sequence trains on the whole sequence
+    truncate = None if config.truncate is not None and config.truncate >= T - 1 else config.truncate  # full BPTT
     slots = {"adam": 2, "adagrad": 1}.get(st["optimizer"], 1 if st["momentum"] else 0)
     estimate = train_memory(
         data.input_size, H, data.output_size, T=T, B=B, itemsize=np.dtype(dtype).itemsize, slots=slots,
-        bias=bool(st["bias"]), truncate=config.truncate, eval_T=eval_T, eval_B=eval_B,
+        bias=bool(st["bias"]), truncate=truncate, eval_T=eval_T, eval_B=eval_B,
         chunk_elements=be.chunk_elements,
     )  # fmt: skip
     what = f"training --hidden {H} on batches of --batch {B} × {T} steps ({st['optimizer']}, {dtype})"
@@ -327,7 +339,7 @@ def resume_run(
     the run cannot fit in the backend's memory (as ``new_run``).
     """
     ck = load_checkpoint(path, backend=backend)
-    if ck.optimizer is None or ck.config is None or ck.data is None:
+    if ck.optimizer is None or ck.config is None or ck.data is None or "kind" not in ck.data:
         raise InputError(f"{str(path)!r} holds a model but no training run to resume")
     stored = settings_of(ck)
     spec = ck.data

@@ -312,3 +312,16 @@ def test_save_refuses_what_load_would_refuse_and_keeps_the_old_file(tmp_path, te
     with pytest.raises(CheckpointError, match=r"data\.val_fraction = 2"):
         save_checkpoint(path, ck.model, data={**ck.data, "val_fraction": 2}, vocab=ck.vocab)
     assert path.read_bytes() == raw and sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]
+
+
+def test_a_data_description_of_the_callers_own_is_kept_and_never_resumed(tmp_path):
+    model = gpubptt.RNN(5, 4, 5, backend="numpy", seed=0)
+    opt = make_optimizer("sgd", model)
+    path = save_checkpoint(tmp_path / "own.npz", model, optimizer=opt, data={"name": "mine", "rows": 3},
+                           config=TrainConfig(steps=2, batch_size=2))  # fmt: skip
+    ck = load_checkpoint(path, backend="numpy")
+    assert ck.data == {"name": "mine", "rows": 3}
+    from gpubptt.run import resume_run
+
+    with pytest.raises(gpubptt.InputError, match="holds a model but no training run to resume"):
+        resume_run(path, backend="numpy")

@@ -51,6 +51,8 @@ def test_new_run_refuses_momentum_with_adam_and_keeps_it_with_sgd(tmp_path):
         (["--warmup", "-2"], "--warmup must be an int ≥ 0, got -2", "error: warmup"),
         (["--eval-every", "-1"], "--eval-every must be an int ≥ 0, got -1", "eval_every"),
         (["--task", "copy", "--epochs", "2"], "--epochs applies to --task text only", "epochs needs"),
+        (["--steps", str(2**64)], f"--steps must be at most {2**63 - 1}", "OverflowError"),
+        (["--seed", str(2**63)], f"--seed must be at most {2**63 - 1}", "CheckpointError"),
     ],
 )
 def test_messages_name_the_flag_not_the_library_argument(tmp_path, args, message, library_name):
@@ -82,3 +84,12 @@ def test_numpy_runtime_warnings_stay_out_of_train_and_vanish(tmp_path):
     assert skipped.exit_code == 0 and "steps were skipped for a non-finite loss" in skipped.stdout
     assert table.exit_code == 0 and "inf" in table.stdout  # the overflow is still reported, in the table
     assert [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)] == []
+
+
+def test_flags_replace_whole_names_only_never_parts_of_a_path():
+    from gpubptt.cli._common import in_flags
+
+    message = "max_norm must be > 0 (on_nonfinite='skip'); 'runs/hidden_size_64/max_norm.npz' is missing"
+    assert (
+        in_flags(message) == "--clip must be > 0 (--on-nonfinite skip); 'runs/hidden_size_64/max_norm.npz' is missing"
+    )

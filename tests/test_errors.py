@@ -240,3 +240,23 @@ def test_per_model_kernel_settings_are_checked_before_any_work(model):
     model.step_kernels, model.chunk_elements = None, 0
     with pytest.raises(gpubptt.InputError, match="chunk_elements must be ≥ 1"):
         model.loss(X, Y)
+
+
+def test_params_copy_deepcopy_and_whole_assignment(model):
+    import copy
+
+    plain = model.params.copy()
+    assert isinstance(plain, dict) and all(plain[k] is model.params[k] for k in plain)
+    deep = copy.deepcopy(model.params)
+    assert isinstance(deep, dict) and all(deep[k] is not model.params[k] for k in deep)
+    for k in deep:
+        np.testing.assert_array_equal(deep[k], model.params[k])
+    before = snapshot(model)
+    with pytest.raises(gpubptt.ShapeError):  # one bad array: nothing is replaced
+        model.params = {**deep, "W": np.zeros((H, H)), "V": np.zeros((1, 1))}
+    with pytest.raises(gpubptt.InputError, match="exactly U, W, V, b, c"):
+        model.params = {"U": deep["U"]}
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.params[k], v)
+    model.params = {k: v * 0.5 for k, v in deep.items()}
+    np.testing.assert_allclose(model.params["W"], before["W"] * 0.5)

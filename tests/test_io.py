@@ -62,3 +62,17 @@ def test_a_save_removes_abandoned_temporaries_of_its_target_and_nothing_else(tmp
     assert target.read_bytes() == b"new"
     assert set(os.listdir(tmp_path)) == keep | {"ck.npz"}  # the two orphans and the old legacy one are gone
     assert all((tmp_path / name).read_bytes() == b"keep" for name in keep)
+
+
+def test_a_symbolic_link_is_written_through_and_stays_a_link(tmp_path):
+    from gpubptt._paths import check_writable
+
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "ck.npz"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.npz"
+    link.symlink_to(target)
+    check_writable(link, "--checkpoint")  # probed where the file really is
+    write_atomic(link, b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["ck.npz"]

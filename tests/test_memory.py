@@ -130,3 +130,14 @@ def test_a_resumed_run_that_cannot_fit_here_is_refused_with_the_numbers(tmp_path
     assert result.exit_code == 2, result.output
     assert "needs about" in result.output and "but 1.0 kB is available" in result.output
     assert "Traceback" not in result.output and ck.read_bytes() == before
+
+
+def test_the_estimate_uses_what_training_runs_not_what_was_typed(little_memory):
+    from gpubptt.run import new_run
+
+    # a window past the sequence is full BPTT, and a chunk past the sequence is the whole sequence:
+    # neither costs more than the sequence itself (both were estimated at 10**9 steps)
+    run = new_run({"task": "recall", "delay": 2, "hidden": 4, "truncate": 10**9}, backend="numpy", steps=1)
+    assert run.config.truncate == 10**9
+    run = new_run({"task": "recall", "delay": 2, "hidden": 4, "chunk": 10**9}, backend="numpy", steps=1)
+    assert run.config.chunk == 10**9

@@ -174,3 +174,18 @@ def test_bad_settings_are_refused():
         make_optimizer("rmsprop", {"U": np.zeros(2)})
     with pytest.raises(ShapeError, match="gradient U has shape"):
         SGD({"U": np.zeros(2)}, lr=0.1).step({"U": np.zeros(3)})
+
+
+def test_loaded_optimizer_state_must_be_finite_in_the_parameters_dtype_and_squares_not_negative():
+    model = gpubptt.RNN(3, 4, 3, backend="numpy", dtype="float32", seed=0)
+    opt = make_optimizer("adam", model)
+    good = {k: np.asarray(v).copy() for k, v in opt.state_dict().items()}
+    before = {k: np.asarray(v).copy() for k, v in opt.state_dict().items()}
+    huge = {**good, "m.W": np.full((4, 4), 1e300)}  # finite in float64, inf in the float32 parameter
+    with pytest.raises(InputError, match=r"m\.W is not finite in float32"):
+        opt.load_state_dict(huge)
+    negative = {**good, "v.U": -np.ones((4, 3), dtype=np.float32)}
+    with pytest.raises(InputError, match=r"v\.U accumulates squares, yet holds negative values"):
+        opt.load_state_dict(negative)
+    for k, v in opt.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])  # nothing changed

@@ -20,12 +20,13 @@ import threading
 from ..errors import BackendUnavailableError, InputError
 from .base import Backend, TokenPlan, to_numpy
 from .cupy_backend import INSTALL_HINT, make_cupy_backend
-from .numpy_backend import NumpyBackend
+from .numpy_backend import ONEHOT_MAX_VOCAB, NumpyBackend
 
 __all__ = [
     "BACKEND_NAMES",
     "ENV_VAR",
     "INSTALL_HINT",
+    "ONEHOT_MAX_VOCAB",
     "Backend",
     "TokenPlan",
     "available_backends",

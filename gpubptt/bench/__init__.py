@@ -47,26 +47,49 @@ Nothing here prints: the command line renders the result.
 
 from __future__ import annotations
 
+from .._io import write_atomic
+from ..backend import Backend
+from ..environment import environment
+from ..plots import PLOT_HINT, plot_unavailable_reason
+from ..plots import plot_bench as plot_results
 from ..timing import NOISY_SPREAD, Timer, is_noisy, summarize, sync_timer, time_fn, time_interleaved
 from .flops import fit_exponent, flops, gemm_rate
-from .references import gemm_references, naive_loss_and_grads, torch_reference, torch_unavailable_reason
+from .references import (
+    GRAD_TOL,
+    NAIVE_EXAMPLES,
+    NAIVE_REPEATS,
+    TORCH_HINT,
+    gemm_references,
+    naive_loss_and_grads,
+    torch_reference,
+    torch_unavailable_reason,
+)
 from .render import CSV_COLUMNS, render, render_csv, render_table
 from .runner import COMPARES, INPUTS, SCHEMA, BenchConfig, run_bench
 
 __all__ = [
     "COMPARES",
     "CSV_COLUMNS",
+    "GRAD_TOL",
     "INPUTS",
+    "NAIVE_EXAMPLES",
+    "NAIVE_REPEATS",
     "NOISY_SPREAD",
+    "PLOT_HINT",
     "SCHEMA",
+    "TORCH_HINT",
     "BenchConfig",
     "Timer",
+    "environment",
     "fit_exponent",
     "flops",
     "gemm_rate",
     "gemm_references",
     "is_noisy",
+    "make_timer",
     "naive_loss_and_grads",
+    "plot_results",
+    "plot_unavailable_reason",
     "render",
     "render_csv",
     "render_table",
@@ -77,4 +100,10 @@ __all__ = [
     "time_interleaved",
     "torch_reference",
     "torch_unavailable_reason",
+    "write_atomic",
 ]
+
+
+def make_timer(be: Backend) -> Timer:
+    """The Timer of backend ``be`` (``be.timer()``): CUDA events on CuPy, the host clock on NumPy."""
+    return be.timer()

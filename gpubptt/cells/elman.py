@@ -166,8 +166,9 @@ class _Kernels:
 
     # -- choices -------------------------------------------------------------------------------
     def _use_fused(self, kind: str, W: Any, step_kernels: str, a: Any, *more: Any) -> bool:
-        dense = all(m.flags.c_contiguous for m in (W, a, *more))  # the kernels index dense rows
-        if not self.compiled or step_kernels == "cublas" or not dense or a.size == 0:
+        if not self.compiled or step_kernels == "cublas" or a.size == 0:
+            return False
+        if not all(m.flags.c_contiguous for m in (W, a, *more)):  # the kernels index dense rows
             return False
         if step_kernels in ("fused", "persistent"):
             return True
@@ -175,8 +176,9 @@ class _Kernels:
         return self.be.choice("fused", key, lambda: self._time_fused_vs_cublas(*key))
 
     def _use_persistent(self, kind: str, W: Any, step_kernels: str, a: Any, *more: Any) -> bool:
-        dense = all(m.flags.c_contiguous for m in (W, a, *more))
-        if not self.compiled or step_kernels in ("cublas", "fused") or not dense or a.size == 0:
+        if not self.compiled or step_kernels in ("cublas", "fused") or a.size == 0:
+            return False
+        if not all(m.flags.c_contiguous for m in (W, a, *more)):
             return False
         B, H, dtype = a.shape[1], W.shape[0], np.dtype(W.dtype)
         if self._layout(B, H, dtype) is None:

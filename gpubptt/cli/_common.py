@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import signal
 import warnings
 from collections.abc import Iterable
@@ -122,9 +123,12 @@ _FLAGS = (
 
 
 def in_flags(message: str) -> str:
-    """``message`` with the library's argument names replaced by the flags (``max_norm`` → ``--clip``)."""
+    """``message`` with the library's argument names replaced by the flags (``max_norm`` → ``--clip``).
+
+    Whole names only: a path such as 'run_hidden_size_64.npz' in the message stays as it is.
+    """
     for name, flag in _FLAGS:
-        message = message.replace(name, flag)
+        message = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w.])", flag, message)
     return message
 
 

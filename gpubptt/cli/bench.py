@@ -82,7 +82,7 @@ def _sizes(value: str, option: str) -> list[int]:
         sizes = [int(t) for t in value.split(",") if t.strip()]
     except ValueError:
         sizes = []
-    if not sizes or min(sizes) < 1:
+    if not sizes or min(sizes) < 1 or max(sizes) > 2**31 - 1:
         raise typer.BadParameter(f"{option} must be comma-separated positive ints (e.g. 16,32,64), got {value!r}")
     return sizes
 
@@ -120,7 +120,9 @@ def bench(
     repeats: Annotated[
         int, typer.Option(min=1, help="Timed runs per configuration (median reported).")
     ] = DEFAULTS.repeats,
-    seed: Annotated[int, typer.Option(help="Seed of the weights and data (fixed per configuration).")] = DEFAULTS.seed,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the weights and data (fixed per configuration).")
+    ] = DEFAULTS.seed,
     compare: Annotated[
         CompareChoice,
         typer.Option(help="Also time a reference: torch (nn.RNN + Linear + cross_entropy) or naive (per example)."),

@@ -134,6 +134,8 @@ class TrainReporter:
             save_run(self.checkpoint, self.run)
         except OSError as exc:
             raise Failed(write_error("checkpoint", self.checkpoint, exc)) from exc
+        except CheckpointError as exc:  # a run the format cannot hold: nothing was written
+            raise Failed(str(exc)) from exc
         self.saved_step = self.run.state.step
 
     def kept(self) -> str:
@@ -353,6 +355,10 @@ def train(
         reporter.stop()
         typer.echo(f"training stopped during step {state.step + 1}; {reporter.kept()}", err=True)
         raise out_of_memory(exc, be) from exc
+    except InputError as exc:  # e.g. weights grown past the dtype's range: the next check refuses them
+        reporter.stop()
+        typer.echo(f"error: training stopped at step {state.step}: {in_flags(str(exc))}; {reporter.kept()}", err=True)
+        raise typer.Exit(1) from exc
     finally:
         restore_sigint(previous_sigint)
         reporter.stop()

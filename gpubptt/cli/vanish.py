@@ -232,6 +232,8 @@ def vanish(
     try:
         with _vanish_progress(len(radii)) as progress:
             sweep = diagnostics.vanish_sweep(model, x, y, radii, threshold=threshold, iters=iters, progress=progress)
+    except InputError as exc:  # e.g. W rescaled past the dtype's range
+        raise usage_error(f"--scale: {exc}") from exc
     except MemoryError as exc:
         raise out_of_memory(exc, be) from exc
     rescaled = [r is not None for r in radii]

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..plots import plot_vanish, require_matplotlib
+from ..plots import PLOT_HINT, plot_vanish, require_matplotlib
 from .gradient_flow import Contributions, StepGradients, TruncationBias, contributions, step_gradients, truncation_bias
 from .jacobians import (
     ACTIVATIONS,
@@ -63,6 +63,7 @@ __all__ = [
     "DEFAULT_SEQ_LEN",
     "DEFAULT_THRESHOLD",
     "NO_DECAY_SLOPE",
+    "PLOT_HINT",
     "VANISH_STAGES",
     "Contributions",
     "JacobianProducts",
