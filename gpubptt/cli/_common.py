@@ -101,14 +101,18 @@ def restore_sigint(previous) -> None:
         signal.signal(signal.SIGINT, previous[0])
 
 
-def writable_or_exit(path: Path | None, option: str) -> Path | None:
-    """``path`` once a file can be written there (see ``check_writable``), else a usage error."""
+def _path_or_exit(check: Any, path: Path | None, option: str) -> Path | None:
     if path is None:
         return None
     try:
-        return check_writable(path, option)
+        return check(path, option)
     except DestinationError as exc:
         raise usage_error(str(exc)) from exc
+
+
+def writable_or_exit(path: Path | None, option: str) -> Path | None:
+    """``path`` once a file can be written there (see ``check_writable``), else a usage error."""
+    return _path_or_exit(check_writable, path, option)
 
 
 # library argument names in messages that reach the command line, and the flags that set them
@@ -168,12 +172,7 @@ def out_of_memory(exc: MemoryError, be: Backend) -> typer.Exit:
 
 def readable_or_exit(path: Path | None, option: str) -> Path | None:
     """``path`` unless it names a folder, a device or a pipe (``/dev/zero`` would never end), else a usage error."""
-    if path is None:
-        return None
-    try:
-        return check_regular_file(path, option)
-    except DestinationError as exc:
-        raise usage_error(str(exc)) from exc
+    return _path_or_exit(check_regular_file, path, option)
 
 
 def write_png(path: Path, what: str, draw) -> None:
