@@ -28,6 +28,8 @@ VERSION = 2  # what this gpubptt writes
 READS = (1, 2)  # what it reads
 #: The architecture fields of version 2 and the one value each that this gpubptt builds.
 ARCHITECTURE = {"cell": "elman", "nonlinearity": "tanh", "num_layers": 1, "bidirectional": False}
+#: Fields of the architecture that take one of several values here (the first is the default).
+CHOICES = {"nonlinearity": ("tanh", "relu")}
 _INT_MAX = 2**63 - 1  # steps and positions are stored as int64
 _SIZE_MAX = 2**31 - 1  # model sizes, batch, chunk and task lengths: anything larger cannot be allocated
 _META_KEYS = ("format", "version", "model", "optimizer", "data", "config", "state")
@@ -117,7 +119,9 @@ def _check_model(f: _Fields, m: dict[str, Any], version: int) -> None:
     if "init" in m:
         f.text("model.init", m["init"])
     for k, built in ARCHITECTURE.items():
-        if k in m and (type(m[k]) is not type(built) or m[k] != built):  # 1 is not true, nor true 1
+        if k in CHOICES and k in m:
+            f.choice(f"model.{k}", m[k], CHOICES[k])
+        elif k in m and (type(m[k]) is not type(built) or m[k] != built):  # 1 is not true, nor true 1
             f.bad(f"model.{k}", m[k], f"{show(built)}, the only {k.replace('_', ' ')} this gpubptt builds")
 
 

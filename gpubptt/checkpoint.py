@@ -259,7 +259,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, backend: str | Backend | No
     history = check_history(arrays, state, where)
 
     be = get_backend(backend)
-    model = RNN.from_params(params, backend=be, dtype=dtype)
+    model = RNN.from_params(params, backend=be, dtype=dtype, nonlinearity=mm.get("nonlinearity", "tanh"))
     model.init = mm.get("init", "custom")
     optimizer = None
     mo = meta.get("optimizer")

@@ -25,7 +25,7 @@ import numpy as np
 from . import engine
 from ._checks import Batch, check_batch, check_dtype, check_positive_int
 from .backend import Backend, get_backend
-from .cells import STEP_KERNELS, ElmanCell
+from .cells import NONLINEARITIES, STEP_KERNELS, ElmanCell
 from .errors import InputError, InputTypeError, ShapeError
 from .losses import chunk_steps, softmax_probs, xent_loss
 from .params import PARAM_NAMES, Params, param_shapes
@@ -65,10 +65,17 @@ def _check_truncate(truncate: Any) -> int | None:
     return int(truncate)
 
 
+def _cell(nonlinearity: Any) -> ElmanCell:
+    if nonlinearity not in NONLINEARITIES:
+        raise InputError(f"unknown nonlinearity {nonlinearity!r}; expected one of {', '.join(NONLINEARITIES)}")
+    return ElmanCell(nonlinearity)
+
+
 class RNN:
     """A vanilla RNN with a softmax output, batched and time-major, on NumPy or CuPy.
 
-    Shapes: x (T, B) token ids in [0, D) or (T, B, D) floats; y (T, B) ints in [0, K);
+    s_t = φ(U x_t + W s_{t-1} [+ b]), φ = ``nonlinearity``: "tanh" (the default) or "relu", as in
+    ``torch.nn.RNN``. Shapes: x (T, B) token ids in [0, D) or (T, B, D) floats; y (T, B) ints in [0, K);
     s0 (B, H); lengths (B,). Parameters U (H, D), W (H, H), V (K, H), b (H,), c (K,).
 
     init="wildml": U ~ U(±1/√D), V and W ~ U(±1/√H), biases zero.
@@ -88,6 +95,7 @@ class RNN:
         bias: bool = False,
         init: str = "wildml",
         seed: int | None = None,
+        nonlinearity: str = "tanh",
     ) -> None:
         D = check_positive_int(input_size, "input_size")
         H = check_positive_int(hidden_size, "hidden_size")
@@ -99,6 +107,7 @@ class RNN:
             raise InputTypeError(f"bias must be a bool, got {type(bias).__name__}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise InputError(f"seed must be None or an int ≥ 0, got {type(seed).__name__} {seed!r}")
+        cell = _cell(nonlinearity)
         be = get_backend(backend)
         rng = np.random.default_rng(seed)
         if init == "wildml":
@@ -116,13 +125,15 @@ class RNN:
         for name, shape in shapes.items():
             a = bounds.get(name, 0.0)
             host[name] = rng.uniform(-a, a, size=shape) if a else np.zeros(shape)
-        self._setup(be, dt, shapes, {k: be.asarray(v, dtype=dt) for k, v in host.items()})
+        self._setup(be, dt, shapes, {k: be.asarray(v, dtype=dt) for k, v in host.items()}, cell)
         self.init = init
 
-    def _setup(self, be: Backend, dtype: np.dtype, shapes: dict[str, tuple[int, ...]], params: dict[str, Any]) -> None:
+    def _setup(
+        self, be: Backend, dtype: np.dtype, shapes: dict[str, tuple[int, ...]], params: dict[str, Any], cell: ElmanCell
+    ) -> None:
         self.backend = be
         self.dtype = dtype
-        self.cell = ElmanCell()
+        self.cell = cell
         self._params = Params(be, dtype, shapes, params)
         self.init = "custom"
         #: On CuPy, record forward+BPTT once per shape as a CUDA graph and replay it (no effect on NumPy).
@@ -153,13 +164,20 @@ class RNN:
     # -- construction from arrays -------------------------------------------------------------
     @classmethod
     def from_params(
-        cls, params: Mapping[str, Any], *, backend: str | Backend | None = "auto", dtype: Any = None
+        cls,
+        params: Mapping[str, Any],
+        *,
+        backend: str | Backend | None = "auto",
+        dtype: Any = None,
+        nonlinearity: str = "tanh",
     ) -> RNN:
         """Build a model from arrays (NumPy or backend) keyed "U", "W", "V" and optionally "b", "c".
 
         Shapes U (H, D), W (H, H), V (K, H), b (H,), c (K,); b and c come together or not at all.
         ``dtype=None`` keeps the arrays' float dtype (float32 or float64). The arrays are copied.
+        ``nonlinearity`` "tanh" or "relu".
         """
+        cell = _cell(nonlinearity)
         if not isinstance(params, Mapping):
             raise InputTypeError(f"params must be a mapping of arrays, got {type(params).__name__}")
         unknown = sorted(set(params) - set(PARAM_NAMES))
@@ -189,17 +207,22 @@ class RNN:
         if min(H, D, K) < 1:
             raise ShapeError(f"every size must be ≥ 1; got D={D}, H={H}, K={K}")
         model = cls.__new__(cls)
-        model._setup(be, dt, expected, {k: be.asarray(np.array(a)) for k, a in host.items()})  # Params casts, checks
+        model._setup(be, dt, expected, {k: be.asarray(np.array(a)) for k, a in host.items()}, cell)  # Params checks
         return model
 
     def to(self, backend: str | Backend) -> RNN:
         """A copy of this model on another backend (same dtype, weights and settings)."""
-        copy = RNN.from_params(self.params, backend=backend, dtype=self.dtype)
+        copy = RNN.from_params(self.params, backend=backend, dtype=self.dtype, nonlinearity=self.nonlinearity)
         copy.init, copy.use_graphs = self.init, self.use_graphs
         copy.step_kernels, copy.chunk_elements = self.step_kernels, self.chunk_elements
         return copy
 
     # -- sizes --------------------------------------------------------------------------------
+    @property
+    def nonlinearity(self) -> str:
+        """φ of the recurrence: "tanh" or "relu"."""
+        return self.cell.nonlinearity
+
     @property
     def input_size(self) -> int:
         """D."""
@@ -223,7 +246,9 @@ class RNN:
     def __repr__(self) -> str:
         return (
             f"RNN(input_size={self.input_size}, hidden_size={self.hidden_size}, output_size={self.output_size}, "
-            f"backend={self.backend.name!r}, dtype={self.dtype.name!r}, bias={self.bias})"
+            f"backend={self.backend.name!r}, dtype={self.dtype.name!r}, bias={self.bias}"
+            + ("" if self.nonlinearity == "tanh" else f", nonlinearity={self.nonlinearity!r}")
+            + ")"
         )
 
     # -- the math -----------------------------------------------------------------------------

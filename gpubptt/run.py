@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .backend import Backend, get_backend
+from .cells import NONLINEARITIES
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
 from .errors import InputError
@@ -47,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "bias": True,
     "init": "wildml",
+    "nonlinearity": "tanh",
     "optimizer": "adam",
     "lr": None,  # per optimizer: DEFAULT_LR
     "momentum": 0.0,
@@ -102,6 +104,7 @@ _CHOICES = {
     "optimizer": tuple(DEFAULT_LR),
     "schedule": SCHEDULES,
     "init": INITS,
+    "nonlinearity": NONLINEARITIES,
     "on_nonfinite": ON_NONFINITE,
 }
 
@@ -223,6 +226,7 @@ def new_run(
         dtype=st["dtype"],
         bias=st["bias"],
         init=st["init"],
+        nonlinearity=st["nonlinearity"],
         seed=st["seed"],
     )
     optimizer = make_optimizer(st["optimizer"], model, lr=lr, momentum=st["momentum"], on_nonfinite=st["on_nonfinite"])
@@ -271,6 +275,7 @@ def settings_of(ck: Checkpoint) -> dict[str, Any]:
         "dtype": mm["dtype"],
         "bias": mm["bias"],
         "init": mm.get("init"),
+        "nonlinearity": mm.get("nonlinearity", "tanh"),
         "optimizer": mo.get("name"),
         "lr": cfg.lr,
         "momentum": mo.get("momentum", 0.0),

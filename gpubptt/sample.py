@@ -1,6 +1,6 @@
 """Generate text from a trained character model, one character at a time, on the host.
 
-    s_t = tanh(U x_t + W s_{t−1} + b)      p = softmax((V s_t + c) / τ)      x_{t+1} ~ p
+    s_t = φ(U x_t + W s_{t−1} + b)      p = softmax((V s_t + c) / τ)      x_{t+1} ~ p      (φ: the model's)
 
 Sampling is inherently sequential and tiny (B = 1), so it runs on a NumPy copy of the model
 whatever backend trained it. τ (temperature) < 1 sharpens the distribution, > 1 flattens it.
@@ -8,8 +8,9 @@ whatever backend trained it. τ (temperature) < 1 sharpens the distribution, > 1
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -41,11 +42,13 @@ def sample_chars(
     primed = list(vocab.encode(prime)) if prime else []  # InputError naming a character outside the vocabulary
     host = model.to("numpy") if model.backend.name != "numpy" else model
     p = {k: v.astype(np.float64) for k, v in host.params.items()}
-    return _draw(p, vocab, primed, prime, length, temperature, np.random.default_rng(seed))
+    step = functools.partial(model.cell.activate, xp=np)
+    return _draw(p, step, vocab, primed, prime, length, temperature, np.random.default_rng(seed))
 
 
 def _draw(
     p: dict[str, np.ndarray],
+    phi: Callable[[np.ndarray], np.ndarray],
     vocab: Vocab,
     ids: list[int],
     prime: str,
@@ -60,12 +63,12 @@ def _draw(
         ids = list(vocab.encode("\n")) if "\n" in vocab.chars else [int(rng.integers(len(vocab)))]
     s = np.zeros(W.shape[0])
     for i in ids[:-1]:  # read the prime
-        s = np.tanh(U[:, i] + W @ s + b)
+        s = phi(U[:, i] + W @ s + b)
     if prime:
         yield prime
     x = ids[-1]
     for _ in range(length):
-        s = np.tanh(U[:, x] + W @ s + b)  # s_t = tanh(U x_t + W s_{t-1} + b)
+        s = phi(U[:, x] + W @ s + b)  # s_t = φ(U x_t + W s_{t-1} + b)
         z = (V @ s + c) / tau
         q = np.exp(z - z.max())
         x = int(rng.choice(len(q), p=q / q.sum()))

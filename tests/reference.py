@@ -9,19 +9,29 @@ from __future__ import annotations
 import numpy as np
 
 
-def ref_forward_one(params, x, s0):
+def phi(a, nonlinearity="tanh"):
+    """The recurrence's nonlinearity, written out: tanh, or relu = max(a, 0)."""
+    return np.tanh(a) if nonlinearity == "tanh" else np.maximum(a, 0.0)
+
+
+def dphi(s, nonlinearity="tanh"):
+    """Its derivative at the pre-activation, from the state s = φ(a): 1 − s² for tanh, 1[s > 0] for relu."""
+    return 1 - s**2 if nonlinearity == "tanh" else (s > 0).astype(float)
+
+
+def ref_forward_one(params, x, s0, nonlinearity="tanh"):
     """States of one sequence: x (T,) ids or (T, D) floats, s0 (H,) → list of s_t (H,)."""
     U, W = params["U"], params["W"]
     b = params.get("b", 0.0)
     s, out = s0, []
     for t in range(len(x)):
         ux = U[:, x[t]] if np.ndim(x) == 1 else U @ x[t]
-        s = np.tanh(ux + W @ s + b)
+        s = phi(ux + W @ s + b, nonlinearity)
         out.append(s)
     return out
 
 
-def ref_loss(params, x, y, s0=None, lengths=None, reduction="sum"):
+def ref_loss(params, x, y, s0=None, lengths=None, reduction="sum", nonlinearity="tanh"):
     """Σ over counted steps of −log softmax(V s_t + c)[y_t]; x (T, B) or (T, B, D), y (T, B)."""
     T, B = y.shape
     H = params["W"].shape[0]
@@ -30,7 +40,7 @@ def ref_loss(params, x, y, s0=None, lengths=None, reduction="sum"):
     for bi in range(B):
         n = T if lengths is None else int(lengths[bi])
         h0 = np.zeros(H) if s0 is None else s0[bi]
-        states = ref_forward_one(params, x[:n, bi], h0)
+        states = ref_forward_one(params, x[:n, bi], h0, nonlinearity)
         for t in range(n):
             z = V @ states[t] + c
             z = z - z.max()
@@ -39,7 +49,7 @@ def ref_loss(params, x, y, s0=None, lengths=None, reduction="sum"):
     return total / count if reduction == "mean" else total
 
 
-def ref_tutorial_truncated_grads(params, x, y, truncate, s0=None):
+def ref_tutorial_truncated_grads(params, x, y, truncate, s0=None, nonlinearity="tanh"):
     """The classic tutorial BPTT, one sequence at a time, no biases: grads of U, W, V, s0.
 
     For each t, delta flows back through steps t, t−1, …, t−truncate only.
@@ -51,7 +61,7 @@ def ref_tutorial_truncated_grads(params, x, y, truncate, s0=None):
     g["s0"] = np.zeros((B, H))
     for bi in range(B):
         h0 = np.zeros(H) if s0 is None else s0[bi]
-        s = [h0, *ref_forward_one(params, x[:, bi], h0)]  # s[t+1] = s_t
+        s = [h0, *ref_forward_one(params, x[:, bi], h0, nonlinearity)]  # s[t+1] = s_t
         for t in range(T):
             z = V @ s[t + 1]
             p = np.exp(z - z.max())
@@ -59,7 +69,7 @@ def ref_tutorial_truncated_grads(params, x, y, truncate, s0=None):
             do = p.copy()
             do[y[t, bi]] -= 1
             g["V"] += np.outer(do, s[t + 1])
-            delta = (V.T @ do) * (1 - s[t + 1] ** 2)
+            delta = (V.T @ do) * dphi(s[t + 1], nonlinearity)
             for step in range(t, max(0, t - truncate) - 1, -1):
                 g["W"] += np.outer(delta, s[step])
                 if np.ndim(x) == 2:
@@ -68,7 +78,7 @@ def ref_tutorial_truncated_grads(params, x, y, truncate, s0=None):
                     g["U"] += np.outer(delta, x[step, bi])
                 if step == 0:
                     g["s0"][bi] += W.T @ delta
-                delta = (W.T @ delta) * (1 - s[step] ** 2)
+                delta = (W.T @ delta) * dphi(s[step], nonlinearity)
     return g
 
 

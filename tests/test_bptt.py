@@ -15,9 +15,13 @@ from tests.reference import numeric_grad, ref_loss, ref_tutorial_truncated_grads
 T, B, D, H, K = 5, 3, 6, 4, 5
 
 
-def make_case(seed, *, tokens=True, bias=False, with_s0=False, with_lengths=False, T=T, B=B, D=D, H=H, K=K):
+def make_case(
+    seed, *, tokens=True, bias=False, with_s0=False, with_lengths=False, T=T, B=B, D=D, H=H, K=K, nonlinearity="tanh"
+):
     rng = np.random.default_rng(seed)
-    model = gpubptt.RNN(D, H, K, backend="numpy", dtype="float64", bias=bias, seed=seed, init="torch")
+    model = gpubptt.RNN(
+        D, H, K, backend="numpy", dtype="float64", bias=bias, seed=seed, init="torch", nonlinearity=nonlinearity
+    )
     # scale weights up a little so tanh is in its non-linear range and W matters
     for k in model.params:
         model.params[k] *= 2.0
@@ -41,14 +45,17 @@ def assert_close(got, want, rtol=1e-6, atol=1e-9, what=""):
 COMBOS = list(itertools.product([True, False], [False, True], [False, True], [False, True], ["sum", "mean"]))
 
 
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("tokens,bias,with_s0,with_lengths,reduction", COMBOS)
-def test_bptt_matches_finite_differences(tokens, bias, with_s0, with_lengths, reduction):
-    model, x, y, s0, lengths = make_case(1, tokens=tokens, bias=bias, with_s0=with_s0, with_lengths=with_lengths)
+def test_bptt_matches_finite_differences(tokens, bias, with_s0, with_lengths, reduction, nonlinearity):
+    model, x, y, s0, lengths = make_case(
+        1, tokens=tokens, bias=bias, with_s0=with_s0, with_lengths=with_lengths, nonlinearity=nonlinearity
+    )
     params = {k: gpubptt.to_numpy(v).copy() for k, v in model.params.items()}
     s0_ref = np.zeros((B, H)) if s0 is None else s0.copy()
 
     def f():
-        return ref_loss(params, x, y, s0_ref, lengths, reduction)
+        return ref_loss(params, x, y, s0_ref, lengths, reduction, nonlinearity=nonlinearity)
 
     loss, grads = model.loss_and_grads(x, y, s0, lengths=lengths, reduction=reduction)
     assert abs(float(loss) - f()) < 1e-10 * max(1.0, abs(f()))
@@ -82,12 +89,13 @@ def test_bptt_matches_dense_jacobian_sum():
     assert_close(grads["W"], dW, rtol=1e-12, what="W")
 
 
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("truncate", [0, 1, 2, 3])
 @pytest.mark.parametrize("tokens", [True, False])
-def test_truncated_bptt_matches_tutorial_loop(truncate, tokens):
-    model, x, y, s0, _ = make_case(3, tokens=tokens, with_s0=True, T=6)
+def test_truncated_bptt_matches_tutorial_loop(truncate, tokens, nonlinearity):
+    model, x, y, s0, _ = make_case(3, tokens=tokens, with_s0=True, T=6, nonlinearity=nonlinearity)
     params = {k: gpubptt.to_numpy(v) for k, v in model.params.items()}
-    want = ref_tutorial_truncated_grads(params, x, y, truncate, s0)
+    want = ref_tutorial_truncated_grads(params, x, y, truncate, s0, nonlinearity=nonlinearity)
     _, grads = model.loss_and_grads(x, y, s0, truncate=truncate)
     for name in ("U", "W", "V", "s0"):
         assert_close(grads[name], want[name], rtol=1e-12, what=f"{name} truncate={truncate}")

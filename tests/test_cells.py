@@ -5,10 +5,12 @@ from __future__ import annotations
 from importlib import resources
 
 import numpy as np
+import pytest
 
 from gpubptt import engine
 from gpubptt.cells import ElmanCell
 from gpubptt.cells.elman import kernels
+from tests.reference import phi
 
 
 def test_fused_kernels_match_their_definitions(be, xp):
@@ -23,12 +25,13 @@ def test_fused_kernels_match_their_definitions(be, xp):
     np.testing.assert_allclose(be.to_numpy(g_dev), (g + carry) * (1 - s**2), rtol=1e-14)
 
 
-def test_recurrences_and_factors_match_the_formulas_and_a_dense_jacobian(be):
-    """forward: s_t = tanh(pre_t + W s_{t-1}); backward: δ_t = (g_t + δ_{t+1} W) ⊙ (1 − s_t²); the
-    factor f_t gives ∂s_t/∂s_{t-1} = diag(f_t) W, checked against central differences of one step."""
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_recurrences_and_factors_match_the_formulas_and_a_dense_jacobian(be, nonlinearity):
+    """forward: s_t = φ(pre_t + W s_{t-1}); backward: δ_t = (g_t + δ_{t+1} W) ⊙ φ'; the factor f_t
+    gives ∂s_t/∂s_{t-1} = diag(f_t) W, checked against central differences of one step."""
     rng = np.random.default_rng(1)
     T, B, H = 5, 2, 4
-    cell = ElmanCell()
+    cell = ElmanCell(nonlinearity)
     W, pre, s0, G = (
         rng.normal(size=(H, H)) * 0.6,
         rng.normal(size=(T, B, H)),
@@ -40,8 +43,10 @@ def test_recurrences_and_factors_match_the_formulas_and_a_dense_jacobian(be):
     cell.forward(be.asarray(pre), be.asarray(W), S, be=be, scratch=be.xp.empty((B, H)))
     s, want = s0, [s0]
     for t in range(T):
-        s = np.tanh(pre[t] + s @ W.T)
+        s = phi(pre[t] + s @ W.T, nonlinearity)
         want.append(s)
+    if nonlinearity == "relu":  # the case has both sides of the kink
+        assert (np.stack(want[1:]) == 0).any() and (np.stack(want[1:]) > 0).any()
     np.testing.assert_allclose(be.to_numpy(S), np.stack(want), rtol=1e-12)
     F = cell.factors(S, be=be, out=be.xp.empty((T, B, H)))
     eps, t, b = 1e-6, 3, 1
@@ -49,8 +54,8 @@ def test_recurrences_and_factors_match_the_formulas_and_a_dense_jacobian(be):
     for j in range(H):
         e = np.zeros(H)
         e[j] = eps
-        up = np.tanh(pre[t, b] + W @ (want[t][b] + e))
-        down = np.tanh(pre[t, b] + W @ (want[t][b] - e))
+        up = phi(pre[t, b] + W @ (want[t][b] + e), nonlinearity)
+        down = phi(pre[t, b] + W @ (want[t][b] - e), nonlinearity)
         jac[:, j] = (up - down) / (2 * eps)
     np.testing.assert_allclose(np.diag(be.to_numpy(F)[t, b]) @ W, jac, rtol=1e-7, atol=1e-9)
     delta = be.asarray(G.copy())
@@ -72,3 +77,46 @@ def test_cuda_sources_ship_with_the_package():
     for name in ("elman_step.cu", "elman_persistent.cu"):
         text = files.joinpath(name).read_text(encoding="utf-8")
         assert 'extern "C" __global__ void fwd(' in text and 'extern "C" __global__ void bwd(' in text
+
+
+def test_relu_step_kernel_matches_its_definition(be, xp):
+    rng = np.random.default_rng(2)
+    pre, hw = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    out = xp.empty((3, 4))
+    kernels(be).relu_step(be.asarray(pre), be.asarray(hw.copy()), out)
+    np.testing.assert_array_equal(be.to_numpy(out), np.maximum(pre + hw, 0))
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_torch_rnn_autograd_in_float64(nonlinearity, bias):
+    """nn.RNN(nonlinearity) + Linear + cross_entropy(sum) on the same weights: loss, every gradient, h_n."""
+    torch = pytest.importorskip("torch")
+    import gpubptt
+
+    rng = np.random.default_rng(4)
+    T, B, D, H, K = 6, 3, 5, 7, 4
+    model = gpubptt.RNN(D, H, K, backend="numpy", dtype="float64", bias=bias, init="torch", seed=3,
+                        nonlinearity=nonlinearity)  # fmt: skip
+    x, y, s0 = rng.normal(size=(T, B, D)), rng.integers(0, K, size=(T, B)), rng.normal(size=(B, H)) * 0.5
+    loss, grads, final = model.loss_and_grads(x, y, s0, return_final_state=True)
+    p = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in model.params.items()}
+    rnn = torch.nn.RNN(D, H, nonlinearity=nonlinearity, bias=bias, dtype=torch.float64)
+    with torch.no_grad():
+        rnn.weight_ih_l0.copy_(p["U"])
+        rnn.weight_hh_l0.copy_(p["W"])
+        if bias:  # torch's two biases: the loss depends on their sum, b
+            rnn.bias_ih_l0.copy_(p["b"])
+            rnn.bias_hh_l0.zero_()
+    h0 = torch.tensor(s0[None], requires_grad=True)
+    out, h_n = rnn(torch.tensor(x), h0)
+    z = out @ p["V"].T + (p["c"] if bias else 0)
+    tl = torch.nn.functional.cross_entropy(z.reshape(T * B, K), torch.tensor(y.reshape(-1)), reduction="sum")
+    tl.backward()
+    assert float(loss) == pytest.approx(tl.item(), rel=1e-12)
+    np.testing.assert_allclose(final, h_n[0].detach().numpy(), rtol=1e-12, atol=1e-14)
+    want = {"U": rnn.weight_ih_l0.grad, "W": rnn.weight_hh_l0.grad, "V": p["V"].grad, "s0": h0.grad[0]}
+    if bias:
+        want.update(b=rnn.bias_ih_l0.grad, c=p["c"].grad)
+    for k, g in want.items():
+        np.testing.assert_allclose(grads[k], g.numpy(), rtol=1e-10, atol=1e-12, err_msg=k)

@@ -135,7 +135,10 @@ META_CASES = {  # id: (edit of the meta dict, what the message must name)
     # format version 2 records the architecture; only the one built here is accepted
     "cell-gru": (_set("model", "cell", "gru"), 'model.cell = "gru", expected "elman"'),
     "cell-missing": (_drop("model", "cell"), "model.cell is missing"),
-    "nonlinearity-relu": (_set("model", "nonlinearity", "relu"), 'model.nonlinearity = "relu", expected "tanh"'),
+    "nonlinearity-sigmoid": (
+        _set("model", "nonlinearity", "sigmoid"),
+        'model.nonlinearity = "sigmoid", expected one of',
+    ),
     "two-layers": (_set("model", "num_layers", 2), "model.num_layers = 2, expected 1"),
     "layers-true": (_set("model", "num_layers", True), "model.num_layers = true"),
     "bidirectional": (_set("model", "bidirectional", True), "model.bidirectional = true, expected false"),
@@ -325,3 +328,31 @@ def test_a_data_description_of_the_callers_own_is_kept_and_never_resumed(tmp_pat
 
     with pytest.raises(gpubptt.InputError, match="holds a model but no training run to resume"):
         resume_run(path, backend="numpy")
+
+
+def test_a_relu_model_round_trips_and_samples_with_relu(tmp_path):
+    from gpubptt.sample import sample_text
+    from tests.reference import phi
+
+    data = TextData(TEXT)
+    model = gpubptt.RNN(data.input_size, 6, data.output_size, backend="numpy", dtype="float64", seed=1,
+                        nonlinearity="relu", bias=True, init="torch")  # fmt: skip
+    path = save_checkpoint(tmp_path / "relu.npz", model, vocab=data.vocab, data=data.spec())
+    assert json.loads(str(_arrays(path)["meta"]))["model"]["nonlinearity"] == "relu"
+    ck = load_checkpoint(path, backend="numpy")
+    assert ck.model.nonlinearity == "relu" and "nonlinearity='relu'" in repr(ck.model)
+    x = np.arange(12).reshape(4, 3) % data.input_size
+    np.testing.assert_array_equal(ck.model.forward(x).states, model.forward(x).states)
+    # sampling runs the model's own recurrence: the relu loop, written out, draws the same text
+    p = {k: np.asarray(v) for k, v in model.params.items()}
+    rng, s, ids = np.random.default_rng(5), np.zeros(6), list(data.vocab.encode("the "))
+    for i in ids[:-1]:
+        s = phi(p["U"][:, i] + p["W"] @ s + p["b"], "relu")
+    out, xi = [], ids[-1]
+    for _ in range(20):
+        s = phi(p["U"][:, xi] + p["W"] @ s + p["b"], "relu")
+        z = p["V"] @ s + p["c"]
+        q = np.exp(z - z.max())
+        xi = int(rng.choice(len(q), p=q / q.sum()))
+        out.append(xi)
+    assert sample_text(ck.model, ck.vocab, length=20, seed=5, prime="the ") == "the " + data.vocab.decode(out)

@@ -93,3 +93,12 @@ def test_flags_replace_whole_names_only_never_parts_of_a_path():
     assert (
         in_flags(message) == "--clip must be > 0 (--on-nonfinite skip); 'runs/hidden_size_64/max_norm.npz' is missing"
     )
+
+
+def test_train_with_relu_and_a_resume_that_asks_for_tanh_is_refused(tmp_path):
+    ck = tmp_path / "ck.npz"
+    result = runner.invoke(app, [*QUICK, "--checkpoint", str(ck), "--nonlinearity", "relu"])
+    assert result.exit_code == 0, result.output
+    assert "nonlinearity='relu'" in result.output
+    again = runner.invoke(app, [*BASE, "--steps", "3", "--checkpoint", str(ck), "--resume", "--nonlinearity", "tanh"])
+    assert again.exit_code == 2 and "--nonlinearity tanh differs from the checkpoint (relu)" in again.output

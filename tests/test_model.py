@@ -166,20 +166,21 @@ def test_cuda_graph_replay_matches_plain_loop(cupy_be):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("kernels", ["cublas", "fused", "persistent", "auto"])
 @pytest.mark.parametrize("B,H", [(3, 37), (16, 128), (5, 100), (200, 33)])
-def test_cupy_step_kernels_match_float64_numpy(cupy_be, kernels, B, H):
+def test_cupy_step_kernels_match_float64_numpy(cupy_be, kernels, B, H, nonlinearity):
     """Every way of running the recurrences (cuBLAS + fused tanh, one fused kernel per step, one
     persistent kernel for all steps, the timed choice) is exact; B = 200 puts 2 rows in a block."""
     rng = np.random.default_rng(B * H)
-    ref = gpubptt.RNN(11, H, 9, backend="numpy", dtype="float64", bias=True, seed=1)
+    ref = gpubptt.RNN(11, H, 9, backend="numpy", dtype="float64", bias=True, seed=1, nonlinearity=nonlinearity)
     x = rng.integers(0, 11, size=(13, B))
     y = rng.integers(0, 9, size=(13, B))
     s0 = rng.normal(size=(B, H)) * 0.3
     l_ref, g_ref = ref.loss_and_grads(x, y, s0)
     for dtype, tol in (("float64", 1e-11), ("float32", 1e-4)):
         for graphs in (False, True):
-            gpu = gpubptt.RNN.from_params(ref.params, backend=cupy_be, dtype=dtype)
+            gpu = gpubptt.RNN.from_params(ref.params, backend=cupy_be, dtype=dtype, nonlinearity=nonlinearity)
             gpu.use_graphs = graphs
             gpu.step_kernels = kernels
             loss, grads = gpu.loss_and_grads(cupy_be.asarray(x), cupy_be.asarray(y), cupy_be.asarray(s0))

@@ -113,7 +113,7 @@ def torch_reference(
     tdtype = getattr(torch, cfg.dtype)
     U = torch.from_dlpack(model.params["U"])
     dev = U.device
-    rnn = torch.nn.RNN(D, H, nonlinearity="tanh", bias=False).to(device=dev, dtype=tdtype)
+    rnn = torch.nn.RNN(D, H, nonlinearity=model.nonlinearity, bias=False).to(device=dev, dtype=tdtype)
     lin = torch.nn.Linear(H, K, bias=False).to(device=dev, dtype=tdtype)
     with torch.no_grad():
         rnn.weight_ih_l0.copy_(U)

@@ -5,6 +5,6 @@ cell over time knows none of a cell's math.
 
 from __future__ import annotations
 
-from .elman import STEP_KERNELS, ElmanCell
+from .elman import NONLINEARITIES, STEP_KERNELS, ElmanCell
 
-__all__ = ["STEP_KERNELS", "ElmanCell"]
+__all__ = ["NONLINEARITIES", "STEP_KERNELS", "ElmanCell"]

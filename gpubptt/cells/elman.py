@@ -1,8 +1,13 @@
-"""The Elman cell (``torch.nn.RNN`` with tanh): its parameters, its two recurrences and its kernels.
+"""The Elman cell (``torch.nn.RNN``, tanh or relu): its parameters, its two recurrences and its kernels.
 
-    s_t = tanh(U x_t + b + W s_{t-1})                  U (H, D), W (H, H), b (H,)
-    δ_t = (∂E_t/∂s_t + δ_{t+1} @ W) ⊙ (1 − s_t²)       the backward recursion, δ_T = 0
-    ∂s_t/∂s_{t-1} = diag(1 − s_t²) W                   the step Jacobian (``factors`` gives 1 − s_t²)
+    s_t = φ(U x_t + b + W s_{t-1})                     U (H, D), W (H, H), b (H,); φ = tanh or relu
+    δ_t = (∂E_t/∂s_t + δ_{t+1} @ W) ⊙ f_t              the backward recursion, δ_T = 0
+    ∂s_t/∂s_{t-1} = diag(f_t) W                        the step Jacobian; f_t = φ' (``factors``):
+                                                       tanh: 1 − s_t²; relu: 1 where s_t > 0, else 0
+
+Both derivatives are read from the state itself, so the backward recursion, its kernels and
+truncation are the same for both; only the forward step differs. The fused and persistent forward
+kernels are tanh's: a relu cell's forward steps are a GEMM and a fused elementwise max(·, 0).
 
 Rows are examples (S (T+1, B, H) with S[0] = s0 and S[t+1] = s_t). One step of each recurrence is
 a GEMM and a fused elementwise kernel (the NumPy twins below), or, on a backend that compiles
@@ -21,16 +26,34 @@ import numpy as np
 
 from ..backend import Backend
 
-__all__ = ["STEP_KERNELS", "ElmanCell", "kernels"]
+__all__ = ["NONLINEARITIES", "STEP_KERNELS", "ElmanCell", "kernels"]
 
 STEP_KERNELS = ("auto", "cublas", "fused", "persistent")
+NONLINEARITIES = ("tanh", "relu")
 
 
 class ElmanCell:
-    """The tanh Elman cell: parameter shapes, forward and backward recurrences, step Jacobian factors."""
+    """The Elman cell: parameter shapes, forward and backward recurrences, step Jacobian factors.
+
+    ``nonlinearity`` "tanh" (the default) or "relu", as ``torch.nn.RNN``'s.
+    """
 
     name = "elman"
-    nonlinearity = "tanh"
+
+    def __init__(self, nonlinearity: str = "tanh") -> None:
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"unknown nonlinearity {nonlinearity!r}; expected one of {', '.join(NONLINEARITIES)}")
+        self.nonlinearity = nonlinearity
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ElmanCell) and other.nonlinearity == self.nonlinearity
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.nonlinearity))
+
+    def activate(self, a: Any, *, xp: Any) -> Any:
+        """φ(a), a new array (what sampling runs one step at a time on the host)."""
+        return xp.tanh(a) if self.nonlinearity == "tanh" else xp.maximum(a, 0)
 
     def __repr__(self) -> str:
         return f"ElmanCell(nonlinearity={self.nonlinearity!r})"
@@ -44,22 +67,30 @@ class ElmanCell:
         return shapes
 
     def forward(self, pre: Any, W: Any, S: Any, *, be: Backend, scratch: Any, step_kernels: str = "auto") -> None:
-        """s_t = tanh(pre_t + s_{t-1} @ W.T) for t = 0..T-1, in place.
+        """s_t = φ(pre_t + s_{t-1} @ W.T) for t = 0..T-1, in place.
 
         pre (T, B, H) = U x_t + b; S (T+1, B, H) with S[0] = s0 on entry, S[1:] written; scratch (B, H).
         """
         if pre.shape[0] == 0:
             return
         k = kernels(be)
+        if self.nonlinearity == "relu":
+            for t in range(pre.shape[0]):
+                k.relu_forward_step(S[t], W, pre[t], S[t + 1], scratch)  # s_t = max(pre_t + s_{t-1} @ W.T, 0)
+            return
         if k.forward_recurrence(pre, W, S, step_kernels):  # all steps in one kernel
             return
         for t in range(pre.shape[0]):
             k.forward_step(S[t], W, pre[t], S[t + 1], scratch, step_kernels)  # s_t = tanh(pre_t + s_{t-1} @ W.T)
 
-    @staticmethod
-    def factors(S: Any, *, be: Backend, out: Any) -> Any:
-        """tanh' at every step, 1 − s_t²: S (T+1, B, H) → out (T, B, H); ∂s_t/∂s_{t-1} = diag(out[t]) W."""
+    def factors(self, S: Any, *, be: Backend, out: Any) -> Any:
+        """φ' at every step, from the states: S (T+1, B, H) → out (T, B, H); ∂s_t/∂s_{t-1} = diag(out[t]) W.
+
+        tanh: 1 − s_t²; relu: 1 where s_t > 0, else 0 (s_t ≥ 0, so its sign).
+        """
         xp = be.xp
+        if self.nonlinearity == "relu":
+            return xp.sign(S[1:], out=out)
         xp.multiply(S[1:], S[1:], out=out)
         xp.subtract(1, out, out=out)
         return out
@@ -83,7 +114,7 @@ class ElmanCell:
     def step_back(lanes: Any, W: Any, f: Any, out: Any, *, be: Backend) -> None:
         """δ-gradients one step back, for a stack of lanes: out = (lanes @ W) ⊙ f.
 
-        lanes, out (N, B, H) (δ's at t+1 → δ's at t); f (B, H) = 1 − s_t². One (N·B, H) × (H, H)
+        lanes, out (N, B, H) (δ's at t+1 → δ's at t); f (B, H) the step's factor. One (N·B, H) × (H, H)
         GEMM: what truncated BPTT runs on all its lanes at once.
         """
         N, B, H = lanes.shape
@@ -92,11 +123,19 @@ class ElmanCell:
 
     @staticmethod
     def enter(g: Any, f: Any, out: Any, *, be: Backend) -> None:
-        """A state gradient into the pre-activation: out = g ⊙ f; all (B, H), f = 1 − s_t²."""
+        """A state gradient into the pre-activation: out = g ⊙ f; all (B, H), f the step's factor."""
         be.xp.multiply(g, f, out=out)
 
 
 # -- kernels: NumPy twins (any xp), fused and persistent CUDA kernels where the backend compiles ----
+def _xp_relu_step(xp: Any):
+    def relu_step(pre: Any, hw: Any, out: Any) -> None:
+        xp.add(hw, pre, out=hw)
+        xp.maximum(hw, 0, out=out)
+
+    return relu_step
+
+
 def _xp_tanh_step(xp: Any):
     def tanh_step(pre: Any, hw: Any, out: Any) -> None:
         xp.add(hw, pre, out=hw)
@@ -125,6 +164,8 @@ class _Kernels:
         xp = be.xp
         self.tanh_step = be.elementwise("T pre, T hw", "T out", "out = tanh(pre + hw)", "gpubptt_tanh_step")
         self.tanh_step = self.tanh_step or _xp_tanh_step(xp)  # out = tanh(pre + hw); hw may be clobbered
+        self.relu_step = be.elementwise("T pre, T hw", "T out", "out = max(pre + hw, (T)0)", "gpubptt_relu_step")
+        self.relu_step = self.relu_step or _xp_relu_step(xp)  # out = max(pre + hw, 0); hw may be clobbered
         self.backprop_tanh = be.elementwise("T carry, T d", "T g", "g = (g + carry) * d", "gpubptt_backprop_tanh")
         self.backprop_tanh = self.backprop_tanh or _xp_backprop_tanh(xp)  # g = (g + carry) * d
         self.compiled = be.compiles_kernels
@@ -141,8 +182,13 @@ class _Kernels:
         self.be.matmul(s_prev, W.T, scratch)  # W.T is a view: BLAS reads it transposed
         self.tanh_step(pre, scratch, out)
 
+    def relu_forward_step(self, s_prev: Any, W: Any, pre: Any, out: Any, scratch: Any) -> None:
+        """out = max(pre + s_prev @ W.T, 0), all (B, H), W (H, H): a GEMM and one elementwise kernel."""
+        self.be.matmul(s_prev, W.T, scratch)
+        self.relu_step(pre, scratch, out)
+
     def backward_step(self, d_next: Any, W: Any, d: Any, g: Any, scratch: Any, step_kernels: str) -> None:
-        """g = (g + d_next @ W) * d, all (B, H): g enters as ∂E_t/∂s_t and leaves as δ_t; d = 1 − s_t²."""
+        """g = (g + d_next @ W) * d, all (B, H): g enters as ∂E_t/∂s_t and leaves as δ_t; d = φ'(pre_t)."""
         if self._use_fused("backward", W, step_kernels, d_next, d, g):
             self._fused_backward(d_next, W, d, g)
             return

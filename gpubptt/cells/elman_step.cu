@@ -24,5 +24,5 @@ extern "C" __global__ void bwd(const T* __restrict__ d_next, const T* __restrict
     const T* d_row = d_next + b * H;
     T acc = 0;
     for (int j = 0; j < H; ++j) acc += d_row[j] * W[(long long)j * H + h];
-    g[i] = (g[i] + acc) * d[i];  // d = 1 - s^2
+    g[i] = (g[i] + acc) * d[i];  // d: the step factor (tanh: 1 - s^2; relu: 1 or 0)
 }

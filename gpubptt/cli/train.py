@@ -16,6 +16,7 @@ import typer
 
 from .. import plots
 from .._paths import write_error
+from ..cells import NONLINEARITIES
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..data import TASKS
 from ..errors import InputError
@@ -48,6 +49,7 @@ from ._common import (
 
 TaskChoice = choices("TaskChoice", TASKS)
 InitChoice = choices("InitChoice", INITS)
+NonlinearityChoice = choices("NonlinearityChoice", NONLINEARITIES)
 OptimizerChoice = choices("OptimizerChoice", OPTIMIZERS)
 ScheduleChoice = choices("ScheduleChoice", SCHEDULES)
 NonFiniteChoice = choices("NonFiniteChoice", ON_NONFINITE)
@@ -232,6 +234,12 @@ def train(
         typer.Option("--bias/--no-bias", help=_default("Biases b and c.", "bias")),
     ] = None,
     init: Annotated[InitChoice | None, typer.Option(help=_default("Weight initialisation.", "init"))] = None,
+    nonlinearity: Annotated[
+        NonlinearityChoice | None,
+        typer.Option(
+            help=_default("φ of the recurrence s_t = φ(U x_t + W s_t−1 + b), as torch.nn.RNN's.", "nonlinearity")
+        ),
+    ] = None,
     optimizer: Annotated[OptimizerChoice | None, typer.Option(help=_default("Optimizer.", "optimizer"))] = None,
     lr: Annotated[float | None, typer.Option(help=f"Learning rate. (default: {LR_DEFAULTS})")] = None,
     momentum: Annotated[float | None, typer.Option(help=_default("SGD momentum.", "momentum"))] = None,
@@ -273,7 +281,8 @@ def train(
     """
     options = dict(
         task=task, data=data, delay=delay, symbols=symbols, copy_length=copy_length, hidden=hidden, batch=batch,
-        chunk=chunk, truncate=truncate, dtype=dtype, bias=bias, init=init, optimizer=optimizer, lr=lr,
+        chunk=chunk, truncate=truncate, dtype=dtype, bias=bias, init=init, nonlinearity=nonlinearity,
+        optimizer=optimizer, lr=lr,
         momentum=momentum, clip=clip, schedule=schedule, warmup=warmup, seed=seed, on_nonfinite=on_nonfinite,
     )  # fmt: skip
     given = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items() if v is not None}

@@ -55,7 +55,8 @@ def product_norms(
     """Spectral norms of the products of the last ℓ step Jacobians diag(f_j) W, for every ℓ at once.
 
     W (H, H); factors (n, B, H): f_1..f_n, the diagonal of step j's Jacobian for each example
-    (1 − s_j² for tanh; all ones for a linear recurrence, whose Jacobians are W itself).
+    (the cell's: 1 − s_j² for tanh, 1[s_j > 0] for relu; all ones for a linear recurrence, whose
+    Jacobians are W itself).
     Returns log norms (n+1, B) for lags ℓ = 0..n, the product P_ℓ = J_n J_{n−1} ⋯ J_{n−ℓ+1}.
 
     Power iteration on P_ℓᵀ P_ℓ for every lag and example together, from Jacobian–vector and
@@ -134,7 +135,8 @@ class JacobianProducts(ToDict):
     norms_per_example (n+1, B)  the per-example spectral norms (B = 1 with ``example=b``)
     example                     the one example measured, or None for the whole batch
     end                         the step t where every product ends (default T−1, the last)
-    activation                  "tanh": ∂s_j/∂s_{j−1} = diag(1 − s_j²) W; "linear": W alone
+    activation                  "tanh": the model's own factors, ∂s_j/∂s_{j−1} = diag(f_j) W (the name
+                                is kept; a relu model's f_j = 1[s_j > 0]); "linear": W alone
     spectral_radius, spectral_norm   max |eig(W)| and ‖W‖₂
     saturated_fraction          the fraction of all states (T, B, H) with |s| > ``saturation``
                                 (of that example's states (T, H) with ``example=b``)
