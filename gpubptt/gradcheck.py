@@ -78,7 +78,7 @@ def gradcheck(
         check_positive_int(max_coords, "max_coords (None checks every coordinate)")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed must be an int ≥ 0, got {type(seed).__name__} {seed!r}")
-    ref = RNN.from_params(model.params, backend=model.backend, dtype="float64")
+    ref = RNN.from_params(model.params, backend=model.backend, dtype="float64", nonlinearity=model.nonlinearity)
     be = ref.backend
     s0_64 = None if s0 is None else be.asarray(s0, dtype=np.float64)
     _, grads = ref.loss_and_grads(x, y, s0_64, lengths=lengths, reduction=reduction)

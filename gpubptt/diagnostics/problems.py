@@ -156,7 +156,9 @@ def checkpoint_problem(
     else:
         with_T = DEFAULT_SEQ_LEN if T is None else T
     _check_memory(m.input_size, m.hidden_size, m.output_size, with_T, B, dtype or m.dtype, m.backend, random=False)
-    model = m if dtype is None else RNN.from_params(m.params, backend=m.backend, dtype=dtype)
+    model = m
+    if dtype is not None:
+        model = RNN.from_params(m.params, backend=m.backend, dtype=dtype, nonlinearity=m.nonlinearity)
     if kind in ("copy", "recall"):
         if text is not None:
             raise InputError(

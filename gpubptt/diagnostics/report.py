@@ -71,7 +71,7 @@ def with_spectral_radius(model: RNN, radius: float) -> RNN:
         raise InputError("W has spectral radius 0 (nilpotent or zero); it cannot be rescaled to another radius")
     params = dict(model.params)
     params["W"] = model.params["W"] * (radius / rho)
-    return RNN.from_params(params, backend=model.backend, dtype=model.dtype)
+    return RNN.from_params(params, backend=model.backend, dtype=model.dtype, nonlinearity=model.nonlinearity)
 
 
 def vanish_sweep(
