@@ -122,15 +122,26 @@ def test_matches_torch_rnn_autograd_in_float64(nonlinearity, bias):
         np.testing.assert_allclose(grads[k], g.numpy(), rtol=1e-10, atol=1e-12, err_msg=k)
 
 
-def test_copies_made_by_gradcheck_and_diagnostics_keep_the_nonlinearity():
-    """gradcheck's float64 copy and the diagnostics' rescaled copy are relu models too (a tanh copy
-    would disagree with the relu gradients by far more than the tolerance)."""
+def test_copies_made_by_gradcheck_and_diagnostics_keep_the_nonlinearity(monkeypatch):
+    """gradcheck checks a float64 copy of the model: it must be a relu model too (a tanh copy would
+    pass its own check and say nothing about the relu model)."""
     import gpubptt
     from gpubptt import diagnostics
+    from gpubptt.model import RNN
 
+    made = []
+    real = RNN.from_params.__func__
+
+    def recording(cls, *args, **kwargs):
+        copy = real(cls, *args, **kwargs)
+        made.append(copy.nonlinearity)
+        return copy
+
+    monkeypatch.setattr(RNN, "from_params", classmethod(recording))
     rng = np.random.default_rng(6)
     model = gpubptt.RNN(5, 6, 4, backend="numpy", dtype="float32", init="torch", seed=2, nonlinearity="relu")
     x, y = rng.integers(0, 5, size=(5, 3)), rng.integers(0, 4, size=(5, 3))
     assert gpubptt.gradcheck(model, x, y).max_rel_error < 1e-4
+    assert made == ["relu"]
     assert diagnostics.with_spectral_radius(model, 0.9).nonlinearity == "relu"
     assert model.to("numpy").nonlinearity == "relu"
