@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from . import engine
+from . import engine, interop
 from ._checks import Batch, check_batch, check_dtype, check_positive_int
 from .backend import Backend, get_backend
 from .cells import NONLINEARITIES, STEP_KERNELS, ElmanCell
@@ -209,6 +209,39 @@ class RNN:
         model = cls.__new__(cls)
         model._setup(be, dt, expected, {k: be.asarray(np.array(a)) for k, a in host.items()}, cell)  # Params checks
         return model
+
+    @classmethod
+    def from_torch(
+        cls,
+        rnn_state_dict: Mapping[str, Any],
+        linear_state_dict: Mapping[str, Any],
+        *,
+        cell: str = "rnn",
+        nonlinearity: str = "tanh",
+        backend: str | Backend | None = "auto",
+        dtype: Any = None,
+    ) -> RNN:
+        """A model from the state dicts of ``nn.RNN(D, H, bias=...)`` and ``nn.Linear(H, K, bias=...)``.
+
+        Sizes and biases are read from the keys and shapes (``gpubptt.interop`` has the table;
+        torch's two RNN biases become their sum b). Values: torch tensors or arrays; torch is not
+        imported. ``nonlinearity`` as the nn.RNN's (a state dict does not record it); ``cell`` "rnn".
+        """
+        if cell != "rnn":
+            raise InputError(f"cell {cell!r} is not built by this gpubptt; expected 'rnn' (nn.RNN)")
+        params = interop.from_torch_state(rnn_state_dict, linear_state_dict)
+        return cls.from_params(params, backend=backend, dtype=dtype, nonlinearity=nonlinearity)
+
+    def to_torch(self, grads: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(rnn_state_dict, linear_state_dict) of NumPy arrays under torch's names: the weights, or ``grads``.
+
+        For ``nn.RNN(D, H, bias=self.bias, nonlinearity=self.nonlinearity)`` and ``nn.Linear(H, K,
+        bias=self.bias)``: ``load_state_dict({k: torch.as_tensor(v) ...})``. b goes to bias_ih_l0
+        and zeros to bias_hh_l0; with ``grads`` (as ``loss_and_grads`` returns them) both get db.
+        """
+        if grads is None:
+            return interop.to_torch_state(self.params)
+        return interop.to_torch_state(grads, grads=True)
 
     def to(self, backend: str | Backend) -> RNN:
         """A copy of this model on another backend (same dtype, weights and settings)."""

@@ -1,0 +1,108 @@
+"""PyTorch interchange: state dicts of nn.RNN + nn.Linear to a model and back, checked by their keys,
+shapes and values without torch, and against nn.RNN itself where torch is installed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpubptt
+
+D, H, K = 5, 4, 3
+
+
+def torch_like(rng, *, rnn_bias=True, linear_bias=True):
+    """State dicts with torch's names and shapes, as NumPy arrays."""
+    rnn = {"weight_ih_l0": rng.normal(size=(H, D)), "weight_hh_l0": rng.normal(size=(H, H)) * 0.4}
+    if rnn_bias:
+        rnn.update(bias_ih_l0=rng.normal(size=H), bias_hh_l0=rng.normal(size=H))
+    lin = {"weight": rng.normal(size=(K, H))}
+    if linear_bias:
+        lin["bias"] = rng.normal(size=K)
+    return rnn, lin
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_from_torch_computes_what_nn_rnn_computes_from_those_weights(nonlinearity):
+    rng = np.random.default_rng(0)
+    rnn, lin = torch_like(rng)
+    model = gpubptt.RNN.from_torch(rnn, lin, nonlinearity=nonlinearity, backend="numpy", dtype="float64")
+    x = rng.normal(size=(6, 2, D))
+    out = model.forward(x)
+    for b in range(2):
+        h = np.zeros(H)  # h_t = φ(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), written out from the state dicts
+        for t in range(6):
+            a = rnn["weight_ih_l0"] @ x[t, b] + rnn["bias_ih_l0"] + rnn["weight_hh_l0"] @ h + rnn["bias_hh_l0"]
+            h = np.tanh(a) if nonlinearity == "tanh" else np.maximum(a, 0)
+        np.testing.assert_allclose(out.final_state[b], h, rtol=1e-12)
+        z = lin["weight"] @ h + lin["bias"]
+        np.testing.assert_allclose(out.probs[-1, b], np.exp(z - z.max()) / np.exp(z - z.max()).sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("rnn_bias,linear_bias", [(True, True), (False, False), (True, False), (False, True)])
+def test_round_trip_keeps_the_function_and_the_names(rnn_bias, linear_bias):
+    rng = np.random.default_rng(1)
+    rnn, lin = torch_like(rng, rnn_bias=rnn_bias, linear_bias=linear_bias)
+    model = gpubptt.RNN.from_torch(rnn, lin, backend="numpy", dtype="float64")
+    assert model.bias == (rnn_bias or linear_bias)  # one bias alone: the other is zero, the same function
+    back_rnn, back_lin = model.to_torch()
+    again = gpubptt.RNN.from_torch(back_rnn, back_lin, backend="numpy", dtype="float64")
+    x = rng.integers(0, D, size=(5, 3))
+    np.testing.assert_array_equal(again.forward(x).probs, model.forward(x).probs)
+    if model.bias:
+        np.testing.assert_array_equal(back_rnn["bias_hh_l0"], 0)
+        want_b = (rnn["bias_ih_l0"] + rnn["bias_hh_l0"]) if rnn_bias else np.zeros(H)
+        np.testing.assert_allclose(back_rnn["bias_ih_l0"], want_b, rtol=1e-15)
+    else:
+        assert sorted(back_rnn) == ["weight_hh_l0", "weight_ih_l0"] and sorted(back_lin) == ["weight"]
+
+
+def test_gradients_go_to_torchs_names_and_each_bias_gets_db():
+    model = gpubptt.RNN(D, H, K, backend="numpy", dtype="float64", bias=True, init="torch", seed=2)
+    x = np.arange(12).reshape(4, 3) % D
+    _, grads = model.loss_and_grads(x, x % K)
+    g_rnn, g_lin = model.to_torch(grads=grads)
+    np.testing.assert_array_equal(g_rnn["weight_hh_l0"], grads["W"])
+    np.testing.assert_array_equal(g_rnn["bias_ih_l0"], grads["b"])
+    np.testing.assert_array_equal(g_rnn["bias_hh_l0"], grads["b"])
+    np.testing.assert_array_equal(g_lin["bias"], grads["c"])
+
+
+@pytest.mark.parametrize(
+    "edit,err,fragment",
+    [
+        (lambda r, l: r.pop("weight_hh_l0"), gpubptt.InputError, "missing 'weight_hh_l0'"),
+        (lambda r, l: r.update(extra=np.zeros(2)), gpubptt.InputError, "unexpected key 'extra'"),
+        (lambda r, l: r.update(weight_ih_l1=np.zeros((H, H))), gpubptt.InputError, "'weight_ih_l1': a deeper"),
+        (lambda r, l: r.update(weight_ih_l0_reverse=np.zeros((H, D))), gpubptt.InputError, "bidirectional"),
+        (lambda r, l: r.pop("bias_hh_l0"), gpubptt.InputError, "both bias_ih_l0 and bias_hh_l0"),
+        (lambda r, l: r.update(weight_hh_l0=np.zeros((H, H + 1))), gpubptt.ShapeError, "weight_hh_l0 must have shape"),
+        (lambda r, l: l.update(weight=np.zeros((K, H + 1))), gpubptt.ShapeError, "nn.Linear weight must have shape"),
+        (lambda r, l: l.update(bias=np.zeros(K + 1)), gpubptt.ShapeError, "nn.Linear bias must have shape"),
+        (lambda r, l: r.update(weight_ih_l0=np.zeros((H, D), dtype=int)), gpubptt.InputTypeError, "must hold floats"),
+    ],
+)
+def test_bad_state_dicts_are_refused_naming_the_key(edit, err, fragment):
+    rnn, lin = torch_like(np.random.default_rng(3))
+    edit(rnn, lin)
+    with pytest.raises(err) as info:
+        gpubptt.RNN.from_torch(rnn, lin, backend="numpy")
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_nn_rnn_loads_to_torch_and_computes_the_same(nonlinearity):
+    torch = pytest.importorskip("torch")
+    model = gpubptt.RNN(D, H, K, backend="numpy", dtype="float64", bias=True, init="torch", seed=4,
+                        nonlinearity=nonlinearity)  # fmt: skip
+    rnn_sd, lin_sd = model.to_torch()
+    rnn = torch.nn.RNN(D, H, nonlinearity=nonlinearity, dtype=torch.float64)
+    lin = torch.nn.Linear(H, K, dtype=torch.float64)
+    rnn.load_state_dict({k: torch.as_tensor(v) for k, v in rnn_sd.items()})
+    lin.load_state_dict({k: torch.as_tensor(v) for k, v in lin_sd.items()})
+    x = np.random.default_rng(5).normal(size=(6, 2, D))
+    out, h_n = rnn(torch.as_tensor(x))
+    np.testing.assert_allclose(model.forward(x).states, out.detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(model.forward(x).final_state, h_n[0].detach().numpy(), rtol=1e-12)
+    back = gpubptt.RNN.from_torch(rnn.state_dict(), lin.state_dict(), nonlinearity=nonlinearity, backend="numpy")
+    np.testing.assert_allclose(back.forward(x).probs, model.forward(x).probs, rtol=1e-12)
