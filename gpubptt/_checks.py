@@ -44,7 +44,10 @@ class Batch:
     """Validated inputs, as arrays of the model's backend.
 
     x (T, B) int64 tokens or (T, B, D) floats; y (T, B) int64 with padded entries set to 0;
-    weight (T, B) 1/0 on counted/padded steps or None; s0 (B, H) or None; lengths (B,) on the host.
+    weight (T, B) 1/0 on counted/padded steps or None; s0 as given, (B, H) or (L·dirs, B, H), or None;
+    lengths (B,) on the host. ``s0_stacked`` is s0 as (L·dirs, B, H) (a view; None when s0 is None) and
+    ``flat_state`` says whether states are given back as (B, H): s0 was (B, H), or None for a model
+    with one recurrence.
     """
 
     x: Any
@@ -56,6 +59,8 @@ class Batch:
     weight: Any = None
     lengths: np.ndarray | None = None
     count: int = 0
+    s0_stacked: Any = None
+    flat_state: bool = True
 
 
 def _as_native(be: Backend, a: Any, what: str) -> Any:
@@ -80,10 +85,12 @@ def check_batch(
     *,
     for_loss: bool,
     needs_targets: bool = False,
+    num_states: int = 1,
 ) -> Batch:
     """Validate (x, y, s0, lengths) against a model of sizes D, H, K; return a Batch.
 
-    ``for_loss``: T and B must be ≥ 1; ``needs_targets``: y must be given.
+    ``for_loss``: T and B must be ≥ 1; ``needs_targets``: y must be given. ``num_states`` = L·dirs,
+    the recurrences of the model: s0 is (num_states, B, H), or (B, H) when num_states is 1.
     """
     x = _as_native(be, x, "x")
     if x.ndim == 2:
@@ -114,8 +121,13 @@ def check_batch(
         s0 = _as_native(be, s0, "s0")
         if s0.dtype.kind != "f":
             raise InputTypeError(f"s0 must be floating point, got dtype {s0.dtype}")
-        if tuple(s0.shape) != (B, H):
-            raise ShapeError(f"s0 must have shape (B, H) = ({B}, {H}), got {tuple(s0.shape)}")
+        if num_states == 1 and tuple(s0.shape) not in ((B, H), (1, B, H)):
+            raise ShapeError(f"s0 must have shape (B, H) = ({B}, {H}) or (1, B, H), got {tuple(s0.shape)}")
+        if num_states > 1 and tuple(s0.shape) != (num_states, B, H):
+            raise ShapeError(
+                f"s0 must have shape (num_layers·dirs, B, H) = ({num_states}, {B}, {H}) (torch's h0 layout), "
+                f"got {tuple(s0.shape)}"
+            )
 
     if lengths is not None:
         lengths = _as_native(be, lengths, "lengths")
@@ -194,6 +206,8 @@ def check_batch(
     # ids and targets in range: int64 from here on (the range check ran in their own dtype)
     batch.x = x.astype(xp.int64, copy=False) if tokens else x
     batch.s0 = s0_cast
+    batch.s0_stacked = None if s0_cast is None else s0_cast.reshape(num_states, B, H)
+    batch.flat_state = num_states == 1 and (s0_cast is None or s0_cast.ndim == 2)
     batch.y = None if y is None else y.astype(xp.int64, copy=False)
     batch.weight, batch.lengths = weight, lengths
     return batch

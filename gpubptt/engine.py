@@ -25,11 +25,22 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import numpy as np
+
 from ._checks import Batch
 from .backend import Backend, TokenPlan
 from .losses import chunk_steps, xent_and_grads
 
-__all__ = ["Workspace", "backward_truncated", "input_projection", "input_weight_grad", "states"]
+__all__ = [
+    "Stack",
+    "Workspace",
+    "backward_truncated",
+    "gather_rows",
+    "input_projection",
+    "input_weight_grad",
+    "reverse_index",
+    "states",
+]
 
 
 def input_projection(U: Any, b: Any, x: Any, tokens: bool, *, be: Backend, out: Any) -> Any:
@@ -88,17 +99,116 @@ def input_weight_grad(
     return out
 
 
-def states(model: Any, batch: Batch, *, step_kernels: str = "auto") -> Any:
-    """The model's forward recurrence on a validated batch: S (T+1, B, H) with S[0] = s0 (fresh arrays)."""
-    be, xp, p = model.backend, model.backend.xp, model.params
-    T, B, H = batch.T, batch.B, model.hidden_size
-    S = xp.empty((T + 1, B, H), dtype=model.dtype)  # S[t+1] = s_t
-    S[0] = 0 if batch.s0 is None else batch.s0
-    pre = xp.empty((T, B, H), dtype=model.dtype)
-    input_projection(p["U"], p.get("b"), batch.x, batch.tokens, be=be, out=pre)
-    scratch = xp.empty((B, H), dtype=model.dtype)
-    model.cell.forward(pre, p["W"], S, be=be, scratch=scratch, step_kernels=step_kernels)
-    return S
+def reverse_index(T: int, B: int, lengths: np.ndarray | None) -> np.ndarray:
+    """Rows (T·B,) of the per-sequence time reversal: row t·B + b ↔ (len_b − 1 − t)·B + b for t < len_b.
+
+    Padded steps (t ≥ len_b) stay in place, so in its own time a reverse recurrence starts at each
+    sequence's last valid step, as with packed sequences. The map is its own inverse.
+    """
+    t = np.arange(T)[:, None]
+    if lengths is None:
+        r = np.broadcast_to(T - 1 - t, (T, B))
+    else:
+        n = np.asarray(lengths, dtype=np.int64)[None, :]
+        r = np.where(t < n, n - 1 - t, t)
+    return (r * B + np.arange(B)[None, :]).reshape(-1).astype(np.int64)
+
+
+def gather_rows(src: Any, index: Any, *, be: Backend, out: Any) -> Any:
+    """out[i] = src[index[i]] over the T·B rows of (T, B, H) arrays (both contiguous): one gather."""
+    T, B, H = out.shape
+    be.xp.take(src.reshape(T * B, H), index, axis=0, out=out.reshape(T * B, H))
+    return out
+
+
+class Stack:
+    """The forward buffers of a stack of recurrences for one (T, B): states, pre-activations, layer outputs.
+
+    Per recurrence i (``model.recurrences``, torch's order) S[i] (T+1, B, H) in that recurrence's
+    own time (S[i][0] = its s0; a reverse recurrence runs over the per-sequence reversal of time,
+    ``reverse_index``). Layer l's output Y[l] (T, B, H·dirs) in input time: [forward, reverse]
+    states (for one direction, a view of S). X[l] the input of layer l ≥ 1: Y[l−1], or Y[l−1] ⊙ M[l−1]
+    with dropout (M the inverted dropout masks, 0 or 1/(1−p)). One (T, B, H) ``pre`` serves every
+    recurrence in turn; ``tmp`` (T, B, H) and ``rev`` (T·B,) exist with two directions.
+    """
+
+    def __init__(self, model: Any, T: int, B: int, *, dropout: bool) -> None:
+        xp, dt = model.backend.xp, model.dtype
+        H, L, dirs = model.hidden_size, model.num_layers, model.num_directions
+        self.model, self.be, self.T, self.B = model, model.backend, T, B
+        self.recs = model.recurrences
+        self.S = [xp.zeros((T + 1, B, H), dtype=dt) for _ in self.recs]
+        self.pre = xp.empty((T, B, H), dtype=dt)
+        self.scratch = xp.empty((B, H), dtype=dt)
+        self.tmp = xp.empty((T, B, H), dtype=dt) if dirs == 2 else None
+        self.rev = xp.empty(T * B, dtype=xp.int64) if dirs == 2 else None
+        self.Y = [self.S[l][1:] if dirs == 1 else xp.empty((T, B, 2 * H), dtype=dt) for l in range(L)]
+        self.M = [xp.empty((T, B, H * dirs), dtype=dt) for _ in range(L - 1)] if dropout else None
+        self.X = [None] + [xp.empty((T, B, H * dirs), dtype=dt) if dropout else self.Y[l] for l in range(L - 1)]
+
+    def load(self, s0: Any, lengths: np.ndarray | None) -> None:
+        """Initial states from s0 (L·dirs, B, H) or None (zeros); the reversal from lengths."""
+        for i, S in enumerate(self.S):
+            S[0] = 0 if s0 is None else s0[i]
+        if self.rev is not None:
+            self.rev[...] = self.be.asarray(reverse_index(self.T, self.B, lengths))
+
+    def draw_masks(self, generator: Any, p: float) -> None:
+        """Inverted dropout masks for the outputs of every layer but the last: 0 with probability p, else 1/(1−p)."""
+        xp = self.be.xp
+        for M in self.M or ():
+            self.be.fill_uniform(generator, M)
+            xp.greater_equal(M, p, out=M)
+            M *= 1.0 / (1.0 - p)
+
+    def run(self, x: Any, tokens: bool, *, step_kernels: str) -> Any:
+        """Every recurrence forward, layer by layer; returns the top layer's output Y (T, B, H·dirs).
+
+        Layer l's input projection is one GEMM (a gather for token ids) per direction over all T
+        steps, run when layer l − 1 is finished.
+        """
+        be, model, p = self.be, self.model, self.model.params
+        cell, H = model.cell, model.hidden_size
+        for l in range(model.num_layers):
+            X = x if l == 0 else self.X[l]
+            for r in self.recs[l * model.num_directions : (l + 1) * model.num_directions]:
+                U, W, b = p[r.name("U")], p[r.name("W")], p.get(r.name("b"))
+                if r.direction == 0:
+                    input_projection(U, b, X, tokens and l == 0, be=be, out=self.pre)
+                else:
+                    input_projection(U, b, X, tokens and l == 0, be=be, out=self.tmp)
+                    gather_rows(self.tmp, self.rev, be=be, out=self.pre)  # into the reverse direction's time
+                cell.forward(self.pre, W, self.S[r.index], be=be, scratch=self.scratch, step_kernels=step_kernels)
+            if model.num_directions == 2:
+                f, r = self.S[2 * l], self.S[2 * l + 1]
+                self.Y[l][..., :H] = f[1:]
+                self.Y[l][..., H:] = gather_rows(r[1:], self.rev, be=be, out=self.tmp)
+            if self.M is not None and l < model.num_layers - 1:
+                be.xp.multiply(self.Y[l], self.M[l], out=self.X[l + 1])
+        return self.Y[-1]
+
+    def final_states(self, lengths: np.ndarray | None) -> Any:
+        """Each recurrence's state after its last valid step, (L·dirs, B, H) (a fresh array).
+
+        Forward: at step lengths[b] − 1; reverse: at step 0 (the end of its own time); s0 where the length is 0.
+        """
+        xp = self.be.xp
+        if lengths is None:
+            return xp.stack([S[self.T] for S in self.S])
+        rows, cols = self.be.asarray(lengths), xp.arange(self.B)
+        return xp.stack([S[rows, cols] for S in self.S])  # S[len] = the state after step len − 1
+
+
+def states(model: Any, batch: Batch, *, step_kernels: str = "auto") -> list[Any]:
+    """Every recurrence's states on a validated batch: [S (T+1, B, H)] in ``model.recurrences`` order (fresh).
+
+    S[0] is the recurrence's s0 and S[t+1] its state after its t-th step in its own time (a reverse
+    recurrence's step t is input step len_b − 1 − t).
+    """
+    stack = Stack(model, batch.T, batch.B, dropout=False)
+    stack.load(batch.s0_stacked, batch.lengths)
+    stack.run(batch.x, batch.tokens, step_kernels=step_kernels)
+    return stack.S
 
 
 class Workspace:
@@ -106,17 +216,26 @@ class Workspace:
 
     Inputs are copied into fixed buffers, so the same computation (or its captured CUDA graph)
     runs on every call; outputs land in ``loss`` (0-d) and ``grads`` (shaped like the params,
-    plus "s0" (B, H)). ``model`` supplies the cell, the parameters, the dtype and ``use_graphs``;
-    ``step_kernels`` picks the cell's kernels, ``chunk_elements`` sizes the output-layer chunks.
+    plus "s0" (L·dirs, B, H)). ``model`` supplies the cell, the parameters, the dtype, the layers
+    and ``use_graphs``; ``step_kernels`` picks the cell's kernels, ``chunk_elements`` sizes the
+    output-layer chunks; ``dropout`` p > 0 keeps mask buffers, drawn at each ``load``.
     """
 
     def __init__(
-        self, model: Any, batch: Batch, truncate: int | None, *, step_kernels: str, chunk_elements: int
+        self,
+        model: Any,
+        batch: Batch,
+        truncate: int | None,
+        *,
+        step_kernels: str,
+        chunk_elements: int,
+        dropout: float = 0.0,
     ) -> None:
         be, xp, dt = model.backend, model.backend.xp, model.dtype
         T, B, D, H = batch.T, batch.B, model.input_size, model.hidden_size
+        dirs = model.num_directions
         self.model, self.be, self.truncate, self.tokens = model, be, truncate, batch.tokens
-        self.step_kernels = step_kernels
+        self.step_kernels, self.dropout = step_kernels, dropout
         self.use_graphs = model.use_graphs
         self.needs_capture = bool(model.use_graphs and be.supports_graphs)
         self._run = self._compute
@@ -128,10 +247,11 @@ class Workspace:
         self.perm = xp.empty(T * B, dtype=xp.int64) if batch.tokens else None
         self.offsets = xp.empty(D + 1, dtype=xp.int64) if batch.tokens else None
         # work
-        self.S = xp.zeros((T + 1, B, H), dtype=dt)  # S[0] = s0, S[t+1] = s_t
-        self.pre = xp.empty((T, B, H), dtype=dt)
-        self.G = xp.empty((T, B, H), dtype=dt)  # direct term ∂E_t/∂s_t, then δ_t in place
-        self.row = xp.empty((B, H), dtype=dt)  # per-step scratch
+        self.stack = Stack(model, T, B, dropout=dropout > 0 and model.num_layers > 1)
+        self.S = self.stack.S[0]  # the first recurrence's states (all of them for the one-layer model)
+        # per recurrence: the direct term ∂E/∂s_t, then δ_t in place
+        self.G = [xp.empty((T, B, H), dtype=dt) for _ in model.recurrences]
+        self.dY = xp.empty((T, B, 2 * H), dtype=dt) if dirs == 2 else None  # ∂E/∂(a layer's output)
         k = truncate or 0
         self.lanes = xp.empty((2, k + 1, B, H), dtype=dt) if truncate is not None else None
         self.dUT = xp.empty((D, H), dtype=dt) if batch.tokens else None
@@ -140,16 +260,16 @@ class Workspace:
         # outputs
         self.loss = xp.zeros((), dtype=dt)
         self.grads = {k: xp.empty_like(v) for k, v in model.params.items()}
-        self.grads["s0"] = xp.empty((B, H), dtype=dt)
+        self.grads["s0"] = xp.empty((len(model.recurrences), B, H), dtype=dt)
 
     def describe(self) -> dict[str, Any]:
-        """What this workspace serves: T, B, tokens, lengths (bool), truncate, use_graphs, step_kernels,
-        chunk (time steps per output chunk) and captured."""
-        T, B, _ = self.G.shape
+        """What this workspace serves: T, B, tokens, lengths (bool), truncate, dropout, use_graphs,
+        step_kernels, chunk (time steps per output chunk) and captured."""
+        T, B, _ = self.G[0].shape
         return {
             "T": T, "B": B, "tokens": self.tokens, "lengths": self.weight is not None, "truncate": self.truncate,
-            "use_graphs": self.use_graphs, "step_kernels": self.step_kernels, "chunk": self.chunk,
-            "captured": self.captured,
+            "dropout": self.dropout, "use_graphs": self.use_graphs, "step_kernels": self.step_kernels,
+            "chunk": self.chunk, "captured": self.captured,
         }  # fmt: skip
 
     @property
@@ -157,13 +277,16 @@ class Workspace:
         """Whether runs replay a captured graph (CuPy with ``use_graphs``) rather than computing step by step."""
         return self._captured
 
-    def load(self, batch: Batch) -> None:
-        """Copy the validated inputs into the fixed buffers (device-to-device, no sync)."""
+    def load(self, batch: Batch, generator: Any = None) -> None:
+        """Copy the validated inputs into the fixed buffers (device-to-device, no sync); draw dropout masks
+        from ``generator`` (the model's, or one seeded for this call)."""
         self.x[...] = batch.x
         self.y[...] = batch.y
         if self.weight is not None:
             self.weight[...] = batch.weight
-        self.S[0] = 0 if batch.s0 is None else batch.s0
+        self.stack.load(batch.s0_stacked, batch.lengths)
+        if self.stack.M is not None:
+            self.stack.draw_masks(generator, self.dropout)
         if self.tokens:
             plan = self.be.token_plan(batch.x.reshape(-1), self.model.input_size)
             self.perm[...] = plan.perm
@@ -187,24 +310,42 @@ class Workspace:
         self._run()
 
     def _compute(self) -> None:
-        be, cell, p, g = self.be, self.model.cell, self.model.params, self.grads
-        T, B, H = self.G.shape
-        input_projection(p["U"], p.get("b"), self.x, self.tokens, be=be, out=self.pre)
-        cell.forward(self.pre, p["W"], self.S, be=be, scratch=self.row, step_kernels=self.step_kernels)
+        be, model, p, g, st = self.be, self.model, self.model.params, self.grads, self.stack
+        cell, H, dirs = model.cell, model.hidden_size, model.num_directions
+        T, B = st.T, st.B
+        top = st.run(self.x, self.tokens, step_kernels=self.step_kernels)
+        dtop = self.G[-1] if dirs == 1 else self.dY
         self.loss[...] = xent_and_grads(
-            self.S[1:], p["V"], p.get("c"), self.y, self.weight,
-            be=be, dS=self.G, dV=g["V"], dc=g.get("c"), chunk=self.chunk,
+            top, p["V"], p.get("c"), self.y, self.weight,
+            be=be, dS=dtop, dV=g["V"], dc=g.get("c"), chunk=self.chunk,
         )  # fmt: skip
-        F = cell.factors(self.S, be=be, out=self.pre)  # pre is spent: reuse it for the step factors
-        if self.truncate is None:
-            cell.backward(self.G, p["W"], F, be=be, carry=self.row, step_kernels=self.step_kernels)
-        else:
-            lanes, spare = self.lanes
-            backward_truncated(cell, self.G, p["W"], F, self.truncate, be=be, lanes=lanes, spare=spare)
-        delta = self.G.reshape(T * B, H)
-        be.matmul(delta.T, self.S[:-1].reshape(T * B, H), g["W"])  # dW = Σ_t δ_tᵀ s_{t-1}
         plan = TokenPlan(self.perm, self.offsets) if self.tokens else None
-        input_weight_grad(self.G, self.x, self.tokens, plan, be=be, out=g["U"], scratch=self.dUT)
-        if "b" in g:
-            be.xp.sum(delta, axis=0, out=g["b"])  # db = Σ_t δ_t
-        be.matmul(self.G[0], p["W"], g["s0"])  # ds0 = δ_0 @ W
+        for l in range(model.num_layers - 1, -1, -1):
+            recs = model.recurrences[l * dirs : (l + 1) * dirs]
+            if dirs == 2:  # split ∂E/∂Y_l into the two directions, the reverse one into its own time
+                self.G[2 * l][...] = self.dY[..., :H]
+                st.tmp[...] = self.dY[..., H:]
+                gather_rows(st.tmp, st.rev, be=be, out=self.G[2 * l + 1])
+            X = self.x if l == 0 else st.X[l]
+            for r in recs:
+                W, U, G, S = p[r.name("W")], p[r.name("U")], self.G[r.index], st.S[r.index]
+                F = cell.factors(S, be=be, out=st.pre)  # the step factors of this recurrence
+                if self.truncate is None:
+                    cell.backward(G, W, F, be=be, carry=st.scratch, step_kernels=self.step_kernels)
+                else:
+                    lanes, spare = self.lanes
+                    backward_truncated(cell, G, W, F, self.truncate, be=be, lanes=lanes, spare=spare)
+                delta = G.reshape(T * B, H)
+                be.matmul(delta.T, S[:-1].reshape(T * B, H), g[r.name("W")])  # dW = Σ_t δ_tᵀ s_{t-1}
+                if r.name("b") in g:
+                    be.xp.sum(delta, axis=0, out=g[r.name("b")])  # db = Σ_t δ_t
+                be.matmul(G[0], W, g["s0"][r.index])  # ds0 = δ_0 @ W
+                D_in = G if r.direction == 0 else gather_rows(G, st.rev, be=be, out=st.pre)  # δ in input time
+                input_weight_grad(D_in, X, self.tokens and l == 0, plan, be=be, out=g[r.name("U")], scratch=self.dUT)
+                if l > 0:  # ∂E/∂X_l = Σ_directions δ @ U, into the layer below's gradient buffer
+                    below = self.G[l - 1] if dirs == 1 else self.dY
+                    n_in = below.shape[2]
+                    be.matmul(D_in.reshape(T * B, H), U, below.reshape(T * B, n_in), accumulate=r.direction == 1)
+            if l > 0 and st.M is not None:
+                below = self.G[l - 1] if dirs == 1 else self.dY
+                below *= st.M[l - 1]  # through the dropout of layer l − 1's output

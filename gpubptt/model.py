@@ -5,6 +5,11 @@
 Parameters have PyTorch's shapes and are never stored transposed: U (H, D) like ``weight_ih_l0``,
 W (H, H) like ``weight_hh_l0``, V (K, H) like ``Linear.weight``, b (H,), c (K,).
 
+Deep and bidirectional models (``num_layers``, ``bidirectional``) are ``torch.nn.RNN``'s stack
+followed by ``Linear(H·dirs, K)``: layer l > 0 reads the concatenated [forward, reverse] outputs of
+layer l − 1; each recurrence has its own U, W, b, named with torch's suffixes (``params.Recurrence``:
+W_l1_reverse is ``weight_hh_l1_reverse``); V is (K, H·dirs).
+
     >>> import numpy as np, gpubptt
     >>> model = gpubptt.RNN(8, 16, 8, backend="numpy", seed=0)
     >>> x = np.zeros((5, 3), dtype=np.int64)                     # (T, B) token ids
@@ -16,6 +21,7 @@ W (H, H) like ``weight_hh_l0``, V (K, H) like ``Linear.weight``, b (H,), c (K,).
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +34,9 @@ from .backend import Backend, get_backend
 from .cells import NONLINEARITIES, STEP_KERNELS, ElmanCell
 from .errors import InputError, InputTypeError, ShapeError
 from .losses import chunk_steps, softmax_probs, xent_loss
-from .params import PARAM_NAMES, Params, param_shapes
+from .params import Params, architecture_of, param_shapes, recurrences
 
-__all__ = ["INITS", "REDUCTIONS", "RNN", "RNNOutput"]
+__all__ = ["CELLS", "INITS", "REDUCTIONS", "RNN", "RNNOutput"]
 
 INITS = ("wildml", "torch")
 REDUCTIONS = ("sum", "mean")
@@ -40,8 +46,11 @@ REDUCTIONS = ("sum", "mean")
 class RNNOutput:
     """What ``RNN.forward`` returns.
 
-    states (T, B, H) s_0..s_{T-1} (zero on padded steps); probs (T, B, K) softmax outputs (zero on
-    padded steps); final_state (B, H) the state at step lengths[b]−1 (s0 when the length is 0).
+    states (T, B, H·dirs) the top layer's outputs s_0..s_{T-1} ([forward, reverse], zero on padded
+    steps); probs (T, B, K) softmax outputs (zero on padded steps); final_state torch's h_n
+    (L·dirs, B, H), or (B, H) for a one-recurrence model given s0 (B, H) or None: each recurrence's
+    state after its last valid step (forward: step lengths[b]−1; reverse: step 0; s0 when the
+    length is 0).
     """
 
     states: Any
@@ -65,21 +74,57 @@ def _check_truncate(truncate: Any) -> int | None:
     return int(truncate)
 
 
-def _cell(nonlinearity: Any) -> ElmanCell:
+CELLS = ("rnn",)
+
+
+def _cell(nonlinearity: Any, cell: Any = "rnn") -> ElmanCell:
+    if cell not in CELLS:
+        raise InputError(f"unknown cell {cell!r}; expected one of {', '.join(CELLS)} (torch.nn.RNN's cell)")
     if nonlinearity not in NONLINEARITIES:
         raise InputError(f"unknown nonlinearity {nonlinearity!r}; expected one of {', '.join(NONLINEARITIES)}")
     return ElmanCell(nonlinearity)
 
 
+def _check_layers(num_layers: Any, bidirectional: Any, dropout: Any) -> tuple[int, bool, float]:
+    L = check_positive_int(num_layers, "num_layers")
+    if not isinstance(bidirectional, (bool, np.bool_)):
+        raise InputTypeError(f"bidirectional must be a bool, got {type(bidirectional).__name__} {bidirectional!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.integer, np.floating)):
+        raise InputTypeError(f"dropout must be a number in [0, 1), got {type(dropout).__name__} {dropout!r}")
+    if not 0 <= dropout < 1:  # also refuses NaN
+        raise InputError(f"dropout must lie in [0, 1) (the probability of zeroing a layer's output), got {dropout}")
+    if dropout > 0 and L == 1:
+        warnings.warn(
+            f"dropout={dropout} has no effect with num_layers=1: as in torch.nn.RNN, it applies to the outputs "
+            "of every layer but the last",
+            UserWarning,
+            stacklevel=3,
+        )
+    return L, bool(bidirectional), float(dropout)
+
+
+def _check_seed(seed: Any, name: str = "seed") -> int | None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise InputError(f"{name} must be None or an int ≥ 0, got {type(seed).__name__} {seed!r}")
+    return None if seed is None else int(seed)
+
+
 class RNN:
-    """A vanilla RNN with a softmax output, batched and time-major, on NumPy or CuPy.
+    """A vanilla RNN (one or more layers, one or two directions) with a softmax output, on NumPy or CuPy.
 
     s_t = φ(U x_t + W s_{t-1} [+ b]), φ = ``nonlinearity``: "tanh" (the default) or "relu", as in
-    ``torch.nn.RNN``. Shapes: x (T, B) token ids in [0, D) or (T, B, D) floats; y (T, B) ints in [0, K);
-    s0 (B, H); lengths (B,). Parameters U (H, D), W (H, H), V (K, H), b (H,), c (K,).
+    ``torch.nn.RNN``; the output layer reads the top layer's [forward, reverse] states. Shapes: x (T, B)
+    token ids in [0, D) or (T, B, D) floats; y (T, B) ints in [0, K); s0 (L·dirs, B, H) as torch's h0,
+    or (B, H) when L·dirs = 1; lengths (B,). Parameters per recurrence (``params.param_shapes``):
+    U (H, D) on layer 0 and (H, H·dirs) above, W (H, H), b (H,); then V (K, H·dirs), c (K,).
 
-    init="wildml": U ~ U(±1/√D), V and W ~ U(±1/√H), biases zero.
-    init="torch":  every parameter ~ U(±1/√H), like ``torch.nn.RNN``.
+    ``dropout`` p: as torch, inverted dropout on the outputs of every layer but the last, in
+    ``loss_and_grads`` only (``forward`` never drops); masks come from a generator on the backend
+    seeded with ``seed``, or per call from ``dropout_seed``.
+
+    init="wildml": U ~ U(±1/√D_l), W ~ U(±1/√H), V ~ U(±1/√(H·dirs)), biases zero.
+    init="torch":  like ``torch.nn.RNN`` + ``nn.Linear``: every recurrent parameter ~ U(±1/√H), V and c
+                   ~ U(±1/√(H·dirs)).
     Random numbers come from NumPy's ``default_rng(seed)`` on the host, so every backend starts
     from identical weights.
     """
@@ -90,42 +135,45 @@ class RNN:
         hidden_size: int,
         output_size: int,
         *,
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        nonlinearity: str = "tanh",
+        dropout: float = 0.0,
+        cell: str = "rnn",
         backend: str | Backend | None = "auto",
         dtype: Any = "float32",
         bias: bool = False,
         init: str = "wildml",
         seed: int | None = None,
-        nonlinearity: str = "tanh",
     ) -> None:
         D = check_positive_int(input_size, "input_size")
         H = check_positive_int(hidden_size, "hidden_size")
         K = check_positive_int(output_size, "output_size")
+        L, bidirectional, dropout = _check_layers(num_layers, bidirectional, dropout)
         dt = check_dtype(dtype)
         if init not in INITS:
             raise InputError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
         if not isinstance(bias, (bool, np.bool_)):
             raise InputTypeError(f"bias must be a bool, got {type(bias).__name__}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise InputError(f"seed must be None or an int ≥ 0, got {type(seed).__name__} {seed!r}")
-        cell = _cell(nonlinearity)
+        seed = _check_seed(seed)
+        the_cell = _cell(nonlinearity, cell)
         be = get_backend(backend)
         rng = np.random.default_rng(seed)
-        if init == "wildml":
-            bounds = {"U": 1 / np.sqrt(D), "W": 1 / np.sqrt(H), "V": 1 / np.sqrt(H)}
-        else:
-            bounds = {
-                "U": 1 / np.sqrt(H),
-                "W": 1 / np.sqrt(H),
-                "V": 1 / np.sqrt(H),
-                "b": 1 / np.sqrt(H),
-                "c": 1 / np.sqrt(H),
-            }
-        shapes = param_shapes(D, H, K, bool(bias))
+        shapes = param_shapes(D, H, K, bool(bias), the_cell, num_layers=L, bidirectional=bidirectional)
+        n_out = H * (2 if bidirectional else 1)
         host = {}
         for name, shape in shapes.items():
-            a = bounds.get(name, 0.0)
+            if name in ("V", "c"):
+                a = 1 / np.sqrt(n_out) if (name == "V" or init == "torch") else 0.0
+            elif init == "torch":
+                a = 1 / np.sqrt(H)
+            elif name.startswith("U"):
+                a = 1 / np.sqrt(shape[1])
+            else:
+                a = 1 / np.sqrt(H) if name.startswith("W") else 0.0
             host[name] = rng.uniform(-a, a, size=shape) if a else np.zeros(shape)
-        self._setup(be, dt, shapes, {k: be.asarray(v, dtype=dt) for k, v in host.items()}, cell)
+        self._setup(be, dt, shapes, {k: be.asarray(v, dtype=dt) for k, v in host.items()}, the_cell)
+        self._set_layers(L, bidirectional, dropout, seed)
         self.init = init
 
     def _setup(
@@ -136,6 +184,7 @@ class RNN:
         self.cell = cell
         self._params = Params(be, dtype, shapes, params)
         self.init = "custom"
+        self._set_layers(*architecture_of(shapes), 0.0, None)
         #: On CuPy, record forward+BPTT once per shape as a CUDA graph and replay it (no effect on NumPy).
         self.use_graphs = True
         #: How recurrence steps run where the backend compiles kernels (CuPy). "auto": per shape, the
@@ -150,6 +199,20 @@ class RNN:
         self._workspaces: dict[tuple, engine.Workspace] = {}
         # Concurrent loss_and_grads calls on one model share these workspaces: one at a time.
         self._lock = threading.Lock()
+
+    def _set_layers(self, num_layers: int, bidirectional: bool, dropout: float, seed: int | None) -> None:
+        self.num_layers = num_layers
+        self.bidirectional = bidirectional
+        #: The recurrences in torch's order (layer by layer, forward before reverse).
+        self.recurrences = recurrences(num_layers, bidirectional)
+        #: Dropout probability on the outputs of every layer but the last (``loss_and_grads`` only).
+        self.dropout = dropout
+        self._dropout_rng = self.backend.random_generator(seed)
+
+    @property
+    def num_directions(self) -> int:
+        """2 for a bidirectional model, else 1."""
+        return 2 if self.bidirectional else 1
 
     @property
     def params(self) -> Params:
@@ -170,24 +233,27 @@ class RNN:
         backend: str | Backend | None = "auto",
         dtype: Any = None,
         nonlinearity: str = "tanh",
+        dropout: float = 0.0,
+        cell: str = "rnn",
+        seed: int | None = None,
     ) -> RNN:
-        """Build a model from arrays (NumPy or backend) keyed "U", "W", "V" and optionally "b", "c".
+        """Build a model from arrays (NumPy or backend) named as ``params.param_shapes`` names them.
 
-        Shapes U (H, D), W (H, H), V (K, H), b (H,), c (K,); b and c come together or not at all.
-        ``dtype=None`` keeps the arrays' float dtype (float32 or float64). The arrays are copied.
-        ``nonlinearity`` "tanh" or "relu".
+        One layer: "U" (H, D), "W" (H, H), "V" (K, H), optionally "b" (H,), "c" (K,). Layers and
+        directions are read from the names (U_l1, …: ``num_layers``; U_reverse: bidirectional); every
+        recurrence's parameters must be there, biases for all or none. ``dtype=None`` keeps the arrays'
+        float dtype (float32 or float64). The arrays are copied. ``nonlinearity`` "tanh" or "relu";
+        ``dropout`` and ``seed`` (of its masks) as in ``RNN``.
         """
-        cell = _cell(nonlinearity)
+        the_cell = _cell(nonlinearity, cell)
         if not isinstance(params, Mapping):
             raise InputTypeError(f"params must be a mapping of arrays, got {type(params).__name__}")
-        unknown = sorted(set(params) - set(PARAM_NAMES))
-        if unknown:
-            raise InputError(f"unknown parameter names {unknown}; expected U, W, V and optionally b, c")
         missing = [k for k in ("U", "W", "V") if k not in params]
         if missing:
             raise InputError(f"params is missing {missing}; expected U (H, D), W (H, H), V (K, H)")
-        if ("b" in params) != ("c" in params):
-            raise InputError("params must hold both biases 'b' (H,) and 'c' (K,) or neither")
+        L, bidirectional = architecture_of(params)
+        _, _, dropout = _check_layers(L, bidirectional, dropout)
+        seed = _check_seed(seed)
         be = get_backend(backend)
         host = {k: be.to_numpy(params[k]) for k in params}
         for k, a in host.items():
@@ -198,7 +264,19 @@ class RNN:
             raise ShapeError("U, W, V must be 2-d: got " + ", ".join(f"{k} {host[k].shape}" for k in ("U", "W", "V")))
         H, D = host["U"].shape
         K = host["V"].shape[0]
-        expected = param_shapes(D, H, K, "b" in host)
+        expected = param_shapes(D, H, K, "b" in host, the_cell, num_layers=L, bidirectional=bidirectional)
+        unknown = sorted(set(host) - set(expected))
+        if unknown:
+            arch = f"{L} layer{'s' if L > 1 else ''}{', bidirectional' if bidirectional else ''}"
+            raise InputError(
+                f"unknown parameter names {unknown} for a model of {arch} (read from the names); "
+                f"expected {', '.join(expected)}"
+            )
+        absent = [k for k in expected if k not in host]
+        if absent:
+            bias = absent[0][0] in "bc"
+            what = "both biases: b (H,) of every recurrence and c (K,), or neither" if bias else "every U and W"
+            raise InputError(f"params is missing {absent}; expected {what}")
         for k, a in host.items():
             if a.shape != expected[k]:
                 raise ShapeError(
@@ -207,7 +285,9 @@ class RNN:
         if min(H, D, K) < 1:
             raise ShapeError(f"every size must be ≥ 1; got D={D}, H={H}, K={K}")
         model = cls.__new__(cls)
-        model._setup(be, dt, expected, {k: be.asarray(np.array(a)) for k, a in host.items()}, cell)  # Params checks
+        arrays = {k: be.asarray(np.array(host[k])) for k in expected}
+        model._setup(be, dt, expected, arrays, the_cell)  # Params checks
+        model._set_layers(L, bidirectional, dropout, seed)
         return model
 
     @classmethod
@@ -218,26 +298,29 @@ class RNN:
         *,
         cell: str = "rnn",
         nonlinearity: str = "tanh",
+        dropout: float = 0.0,
         backend: str | Backend | None = "auto",
         dtype: Any = None,
     ) -> RNN:
-        """A model from the state dicts of ``nn.RNN(D, H, bias=...)`` and ``nn.Linear(H, K, bias=...)``.
+        """A model from the state dicts of ``nn.RNN(D, H, num_layers, bias, bidirectional)`` and
+        ``nn.Linear(H·dirs, K, bias)``.
 
-        Sizes and biases are read from the keys and shapes (``gpubptt.interop`` has the table;
-        torch's two RNN biases become their sum b). Values: torch tensors or arrays; torch is not
-        imported. ``nonlinearity`` as the nn.RNN's (a state dict does not record it); ``cell`` "rnn".
+        Sizes, layers, directions and biases are read from the keys and shapes (``gpubptt.interop``
+        has the table; torch's two biases of a recurrence become their sum b). Values: torch tensors
+        or arrays; torch is not imported. ``nonlinearity`` and ``dropout`` as the nn.RNN's (a state
+        dict records neither); ``cell`` "rnn".
         """
-        if cell != "rnn":
-            raise InputError(f"cell {cell!r} is not built by this gpubptt; expected 'rnn' (nn.RNN)")
+        _cell(nonlinearity, cell)
         params = interop.from_torch_state(rnn_state_dict, linear_state_dict)
-        return cls.from_params(params, backend=backend, dtype=dtype, nonlinearity=nonlinearity)
+        return cls.from_params(params, backend=backend, dtype=dtype, nonlinearity=nonlinearity, dropout=dropout)
 
     def to_torch(self, grads: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """(rnn_state_dict, linear_state_dict) of NumPy arrays under torch's names: the weights, or ``grads``.
 
-        For ``nn.RNN(D, H, bias=self.bias, nonlinearity=self.nonlinearity)`` and ``nn.Linear(H, K,
-        bias=self.bias)``: ``load_state_dict({k: torch.as_tensor(v) ...})``. b goes to bias_ih_l0
-        and zeros to bias_hh_l0; with ``grads`` (as ``loss_and_grads`` returns them) both get db.
+        For ``nn.RNN(D, H, num_layers, bias=self.bias, bidirectional=…, nonlinearity=…)`` and
+        ``nn.Linear(H·dirs, K, bias=self.bias)``: ``load_state_dict({k: torch.as_tensor(v) ...})``.
+        Each b goes to bias_ih and zeros to bias_hh; with ``grads`` (as ``loss_and_grads`` returns
+        them) both get db.
         """
         if grads is None:
             return interop.to_torch_state(self.params)
@@ -245,7 +328,9 @@ class RNN:
 
     def to(self, backend: str | Backend) -> RNN:
         """A copy of this model on another backend (same dtype, weights and settings)."""
-        copy = RNN.from_params(self.params, backend=backend, dtype=self.dtype, nonlinearity=self.nonlinearity)
+        copy = RNN.from_params(
+            self.params, backend=backend, dtype=self.dtype, nonlinearity=self.nonlinearity, dropout=self.dropout
+        )
         copy.init, copy.use_graphs = self.init, self.use_graphs
         copy.step_kernels, copy.chunk_elements = self.step_kernels, self.chunk_elements
         return copy
@@ -276,11 +361,19 @@ class RNN:
         """Whether the model has biases b and c."""
         return "b" in self.params
 
+    @property
+    def num_states(self) -> int:
+        """L·dirs: the recurrences, the rows of s0 and of the final state."""
+        return len(self.recurrences)
+
     def __repr__(self) -> str:
         return (
             f"RNN(input_size={self.input_size}, hidden_size={self.hidden_size}, output_size={self.output_size}, "
             f"backend={self.backend.name!r}, dtype={self.dtype.name!r}, bias={self.bias}"
+            + ("" if self.num_layers == 1 else f", num_layers={self.num_layers}")
+            + ("" if not self.bidirectional else ", bidirectional=True")
             + ("" if self.nonlinearity == "tanh" else f", nonlinearity={self.nonlinearity!r}")
+            + ("" if not self.dropout else f", dropout={self.dropout}")
             + ")"
         )
 
@@ -298,6 +391,7 @@ class RNN:
             lengths,
             for_loss=for_loss,
             needs_targets=for_loss,
+            num_states=self.num_states,
         )
 
     def _step_kernels(self) -> str:
@@ -310,37 +404,49 @@ class RNN:
         value = self.backend.chunk_elements if self.chunk_elements is None else self.chunk_elements
         return check_positive_int(value, "chunk_elements")
 
-    def _states(self, batch: Batch) -> Any:
-        return engine.states(self, batch, step_kernels=self._step_kernels())
+    def _stack(self, batch: Batch, dropout_seed: int | None = None) -> engine.Stack:
+        """Fresh forward buffers, run on the batch (with dropout only when a dropout_seed is given)."""
+        drop = dropout_seed is not None and self.dropout > 0 and self.num_layers > 1
+        stack = engine.Stack(self, batch.T, batch.B, dropout=drop)
+        stack.load(batch.s0_stacked, batch.lengths)
+        if drop:
+            stack.draw_masks(self.backend.random_generator(dropout_seed), self.dropout)
+        stack.run(batch.x, batch.tokens, step_kernels=self._step_kernels())
+        return stack
 
     def states(self, x: Any, s0: Any = None) -> Any:
         """Every state of the forward recurrence: S (T+1, B, H) with S[0] = s0 (zeros if None), S[t+1] = s_t.
 
-        x (T, B) token ids or (T, B, D) floats; s0 (B, H) or None. Fresh arrays on the backend.
+        x (T, B) token ids or (T, B, D) floats; s0 as in ``forward``. A model with several
+        recurrences gives (L·dirs, T+1, B, H): one S per recurrence in torch's order, each in its own
+        time (a reverse recurrence's S[t+1] is its state after reading input step T−1−t). Fresh arrays.
         """
-        return self._states(self._check(x, None, s0, None, for_loss=False))
+        batch = self._check(x, None, s0, None, for_loss=False)
+        S = self._stack(batch).S
+        return S[0] if self.num_states == 1 else self.backend.xp.stack(S)
 
-    def _final_state(self, S: Any, batch: Batch) -> Any:
-        xp = self.backend.xp
-        if batch.lengths is None:
-            return S[batch.T].copy()
-        return S[self.backend.asarray(batch.lengths), xp.arange(batch.B)]  # S[len] = s_{len−1}
+    def _final_state(self, stack: engine.Stack, batch: Batch) -> Any:
+        final = stack.final_states(batch.lengths)  # (L·dirs, B, H)
+        return final[0] if batch.flat_state else final
 
     def forward(self, x: Any, s0: Any = None, *, lengths: Any = None) -> RNNOutput:
-        """States, probabilities and final state for inputs x.
+        """States, probabilities and final state for inputs x (no dropout, ever).
 
-        x (T, B) token ids or (T, B, D) floats; s0 (B, H) or None (zeros); lengths (B,) or None.
-        Returns RNNOutput with states (T, B, H), probs (T, B, K), final_state (B, H).
+        x (T, B) token ids or (T, B, D) floats; s0 (L·dirs, B, H) or (B, H) (one recurrence) or None
+        (zeros); lengths (B,) or None. Returns RNNOutput with states (T, B, H·dirs) (the top layer's
+        outputs), probs (T, B, K), final_state (L·dirs, B, H), or (B, H) as s0 was.
         """
         batch = self._check(x, None, s0, lengths, for_loss=False)
-        S = self._states(batch)
-        states = S[1:]
+        stack = self._stack(batch)
+        states = stack.Y[-1]
         chunk = chunk_steps(batch.T, batch.B, self.output_size, self._chunk_elements())
         probs = softmax_probs(states, self.params["V"], self.params.get("c"), be=self.backend, chunk=chunk)
-        final = self._final_state(S, batch)
+        final = self._final_state(stack, batch)
         if batch.weight is not None:
             states = states * batch.weight[:, :, None]
             probs *= batch.weight[:, :, None]
+        elif self.num_states == 1:
+            states = states.copy()  # a view of the state buffer otherwise
         return RNNOutput(states=states, probs=probs, final_state=final)
 
     def _scale(self, batch: Batch, reduction: str) -> float:
@@ -350,18 +456,30 @@ class RNN:
             raise InputError("reduction='mean' needs at least one counted step; every length is 0")
         return 1.0 / batch.count
 
-    def loss(self, x: Any, y: Any, s0: Any = None, *, lengths: Any = None, reduction: str = "sum") -> Any:
+    def loss(
+        self,
+        x: Any,
+        y: Any,
+        s0: Any = None,
+        *,
+        lengths: Any = None,
+        reduction: str = "sum",
+        dropout_seed: int | None = None,
+    ) -> Any:
         """Cross-entropy E over the counted steps: a 0-d array on the model's backend.
 
-        x (T, B) or (T, B, D); y (T, B); s0 (B, H); lengths (B,). ``float(loss)`` reads it.
+        x (T, B) or (T, B, D); y (T, B); s0 as in ``forward``; lengths (B,). ``float(loss)`` reads it.
+        No dropout, unless ``dropout_seed`` is given: then the masks ``loss_and_grads(...,
+        dropout_seed=...)`` draws with that seed (what a finite-difference check needs).
         """
         reduction = _check_reduction(reduction)
+        dropout_seed = _check_seed(dropout_seed, "dropout_seed")
         batch = self._check(x, y, s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)
-        S = self._states(batch)
+        stack = self._stack(batch, dropout_seed)
         chunk = chunk_steps(batch.T, batch.B, self.output_size, self._chunk_elements())
         p, be = self.params, self.backend
-        loss = xent_loss(S[1:], p["V"], p.get("c"), batch.y, batch.weight, be=be, chunk=chunk)
+        loss = xent_loss(stack.Y[-1], p["V"], p.get("c"), batch.y, batch.weight, be=be, chunk=chunk)
         return loss * scale if scale != 1.0 else loss
 
     def loss_and_grads(
@@ -374,38 +492,53 @@ class RNN:
         truncate: int | None = None,
         reduction: str = "sum",
         return_final_state: bool = False,
+        dropout_seed: int | None = None,
     ) -> tuple[Any, dict[str, Any]] | tuple[Any, dict[str, Any], Any]:
         """Loss and its exact gradients by backpropagation through time.
 
-        x (T, B) token ids or (T, B, D) floats; y (T, B) targets; s0 (B, H) or None; lengths (B,).
-        Returns (loss, grads): loss a 0-d array on the backend (no host sync forced), grads a dict
-        with the keys of ``params`` plus "s0" (B, H), each shaped like its parameter. The arrays
-        returned are the caller's: later calls do not overwrite them. ``return_final_state=True``
-        adds a third item, the final state (B, H) as in ``forward`` (what a stateful training loop
-        carries into the next chunk), at no extra cost.
+        x (T, B) token ids or (T, B, D) floats; y (T, B) targets; s0 (L·dirs, B, H) or (B, H) (one
+        recurrence) or None; lengths (B,). Returns (loss, grads): loss a 0-d array on the backend
+        (no host sync forced), grads a dict with the keys of ``params`` plus "s0" shaped as s0 was
+        given ((B, H) for None with one recurrence, else (L·dirs, B, H)), each shaped like its
+        parameter. The arrays returned are the caller's: later calls do not overwrite them.
+        ``return_final_state=True`` adds a third item, the final state as in ``forward`` (what a
+        stateful training loop carries into the next chunk), at no extra cost.
 
-        truncate=None is full BPTT. truncate=k is the tutorial truncation: the gradient of each E_t
-        flows back through steps t, t−1, …, t−k only, and grads["s0"] receives E_t's gradient only
-        when that window reaches step 0 (t ≤ k). This is not the chunked truncation used to train
-        on long streams, which cuts the sequence into chunks, carries the state forward across
-        chunks and backpropagates within each chunk (call this method per chunk with s0 = the
-        previous chunk's final state for that).
+        With lengths, padded steps add nothing anywhere, and a reverse recurrence starts at each
+        sequence's own last valid step (as torch's packed sequences). With ``dropout`` > 0 (and
+        several layers) the masks are drawn for this call from the model's generator, or from a
+        fresh one seeded with ``dropout_seed`` (the same seed, the same masks: ``gradcheck`` and
+        ``loss(..., dropout_seed=...)`` use that); gradients are exact for the masks drawn.
+
+        truncate=None is full BPTT. truncate=k is the tutorial truncation, per recurrence: the
+        gradient arriving at a recurrence's output at its step t flows back through its steps t,
+        t−1, …, t−k only (a reverse recurrence's steps in its own time), and its s0 receives it
+        only when that window reaches its step 0. Between layers gradients pass at the same step,
+        in full. This is not the chunked truncation used to train on long streams, which cuts the
+        sequence into chunks, carries the state forward across chunks and backpropagates within
+        each chunk (call this method per chunk with s0 = the previous chunk's final state for that).
 
         On CuPy (``use_graphs``), the first call for a shape records forward+BPTT as a CUDA graph;
         later calls copy the inputs into place and replay it as one launch.
         """
         reduction = _check_reduction(reduction)
         truncate = _check_truncate(truncate)
+        dropout_seed = _check_seed(dropout_seed, "dropout_seed")
         batch = self._check(x, y, s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)
         with self._lock:  # the workspace (and its graph) is this model's: another thread waits its turn
             ws = self._workspace(batch, truncate)
-            ws.load(batch)
+            gen = self._dropout_rng if dropout_seed is None else self.backend.random_generator(dropout_seed)
+            ws.load(batch, gen)
             ws.run()
             # every gradient is linear in do_t, so the mean is the sum scaled once, at the end
             loss = ws.loss * scale if scale != 1.0 else ws.loss.copy()
             grads = {k: (g * scale if scale != 1.0 else g.copy()) for k, g in ws.grads.items()}
-            final = self._final_state(ws.S, batch) if return_final_state else None
+            if batch.flat_state:
+                grads["s0"] = grads["s0"][0]
+            elif batch.s0 is not None:
+                grads["s0"] = grads["s0"].reshape(batch.s0.shape)
+            final = self._final_state(ws.stack, batch) if return_final_state else None
         if return_final_state:
             return loss, grads, final
         return loss, grads
@@ -413,7 +546,7 @@ class RNN:
     def workspaces(self) -> list[dict[str, Any]]:
         """The cached forward+BPTT workspaces, least recently used first (at most MAX_WORKSPACES).
 
-        Each a dict: T, B, tokens, lengths, truncate (None: full BPTT), use_graphs, step_kernels,
+        Each a dict: T, B, tokens, lengths, truncate (None: full BPTT), dropout, use_graphs, step_kernels,
         chunk (time steps per output-layer chunk) and captured (replayed as one CUDA graph).
         """
         with self._lock:
@@ -425,13 +558,16 @@ class RNN:
             truncate = None  # the window covers every step: full BPTT
         be = self.backend
         step_kernels, chunk_elements = self._step_kernels(), self._chunk_elements()
+        dropout = self.dropout if self.num_layers > 1 else 0.0
         key = (
             batch.T, batch.B, batch.tokens, batch.weight is not None, truncate, self.use_graphs, step_kernels,
-            chunk_elements, tuple(be.data_ptr(p) for p in self.params.values()),
+            chunk_elements, dropout, tuple(be.data_ptr(p) for p in self.params.values()),
         )  # fmt: skip
         ws = self._workspaces.pop(key, None)
         if ws is None:
-            ws = engine.Workspace(self, batch, truncate, step_kernels=step_kernels, chunk_elements=chunk_elements)
+            ws = engine.Workspace(
+                self, batch, truncate, step_kernels=step_kernels, chunk_elements=chunk_elements, dropout=dropout
+            )
             while len(self._workspaces) >= MAX_WORKSPACES:
                 self._workspaces.pop(next(iter(self._workspaces)))
         self._workspaces[key] = ws  # most recently used last

@@ -16,6 +16,7 @@ the set of parameters is fixed when the model is built.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,23 +25,70 @@ from .backend import Backend
 from .cells import ElmanCell
 from .errors import InputError, InputTypeError, ShapeError
 
-__all__ = ["PARAM_NAMES", "Params", "param_shapes"]
+__all__ = ["PARAM_NAMES", "Params", "Recurrence", "architecture_of", "param_shapes", "recurrences"]
 
 PARAM_NAMES = ("U", "W", "V", "b", "c")
 
 
-def param_shapes(D: int, H: int, K: int, bias: bool, cell: Any = None) -> dict[str, tuple[int, ...]]:
-    """The model's schema, {name: shape}: the cell's (Elman: U (H, D), W (H, H), b (H,)) and the
-    output layer's V (K, H), c (K,); the biases only with ``bias``. Names in ``PARAM_NAMES`` order.
+@dataclass(frozen=True)
+class Recurrence:
+    """One recurrence of a stack: layer ``layer`` (0 = the input's), ``direction`` 0 (forward) or 1 (reverse).
+
+    ``suffix`` names its parameters: "" for layer 0 forward (U, W, b as in the one-layer model),
+    then "_l{layer}" for layers above 0 and "_reverse" for the reverse direction, as torch's names
+    (``weight_hh_l1_reverse`` is W_l1_reverse). ``index`` = layer·dirs + direction, its row of s0.
+    """
+
+    layer: int
+    direction: int
+    index: int
+
+    @property
+    def suffix(self) -> str:
+        return ("" if self.layer == 0 else f"_l{self.layer}") + ("_reverse" if self.direction else "")
+
+    def name(self, base: str) -> str:
+        """The parameter ``base`` ("U", "W", "b") of this recurrence: e.g. "W_l1_reverse"."""
+        return base + self.suffix
+
+
+def recurrences(num_layers: int = 1, bidirectional: bool = False) -> list[Recurrence]:
+    """The recurrences of a stack in torch's order: layer by layer, forward before reverse."""
+    dirs = 2 if bidirectional else 1
+    return [Recurrence(l, d, l * dirs + d) for l in range(num_layers) for d in range(dirs)]
+
+
+def param_shapes(
+    D: int, H: int, K: int, bias: bool, cell: Any = None, *, num_layers: int = 1, bidirectional: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """The model's schema, {name: shape}: each recurrence's cell parameters (Elman: U (H, D_l),
+    W (H, H), b (H,); D_0 = D, D_l = H·dirs above), then the output layer's V (K, H·dirs), then the
+    biases (b of each recurrence, c (K,)) only with ``bias``. One layer, one direction: U, W, V, b, c.
 
     The one place the parameter shapes are written: the model, ``from_params``, checkpoints and
     gradcheck all read them here.
     """
-    shapes = dict((cell or ElmanCell()).param_shapes(D, H, bias))
-    shapes["V"] = (K, H)
+    cell = cell or ElmanCell()
+    dirs = 2 if bidirectional else 1
+    weights: dict[str, tuple[int, ...]] = {}
+    biases: dict[str, tuple[int, ...]] = {}
+    for r in recurrences(num_layers, bidirectional):
+        for k, shape in cell.param_shapes(D if r.layer == 0 else H * dirs, H, bias).items():
+            (biases if len(shape) == 1 else weights)[r.name(k)] = shape
+    weights["V"] = (K, H * dirs)
     if bias:
-        shapes["c"] = (K,)
-    return {k: shapes[k] for k in PARAM_NAMES if k in shapes}
+        biases["c"] = (K,)
+    return {**weights, **biases}
+
+
+def architecture_of(names: Any) -> tuple[int, bool]:
+    """(num_layers, bidirectional) from a set of parameter names (as ``param_shapes`` writes them)."""
+    names = set(names)
+    bidirectional = "U_reverse" in names
+    layers = 1
+    while f"U_l{layers}" in names:
+        layers += 1
+    return layers, bidirectional
 
 
 def finite_in(a: Any, dtype: np.dtype, *, xp: Any) -> Any:

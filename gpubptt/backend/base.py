@@ -121,6 +121,15 @@ class Backend:
         """
         return None
 
+    # -- random numbers (dropout masks) ---------------------------------------------------------
+    def random_generator(self, seed: int | None) -> Any:
+        """A generator of uniform numbers on this backend, seeded (None: fresh entropy)."""
+        return np.random.default_rng(seed)
+
+    def fill_uniform(self, generator: Any, out: Any) -> None:
+        """Fill ``out`` (any shape, float32 or float64) with uniform numbers in [0, 1) from ``generator``."""
+        generator.random(out=out, dtype=out.dtype)
+
     # -- compute ------------------------------------------------------------------------------
     def matmul(self, a: Any, b: Any, out: Any, accumulate: bool = False) -> None:
         """out = a @ b, or out += a @ b with ``accumulate``; a (m, k), b (k, n), out (m, n).

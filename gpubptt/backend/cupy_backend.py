@@ -79,6 +79,13 @@ class CupyBackend(Backend):
         free, _total = self.xp.cuda.runtime.memGetInfo()
         return int(free + self.xp.get_default_memory_pool().free_bytes())
 
+    def random_generator(self, seed: int | None) -> Any:
+        """``cupy.random.RandomState(seed)``: numbers drawn on the device."""
+        return self.xp.random.RandomState(seed)
+
+    def fill_uniform(self, generator: Any, out: Any) -> None:
+        out[...] = generator.random_sample(out.shape, dtype=out.dtype)
+
     def matmul(self, a: Any, b: Any, out: Any, accumulate: bool = False) -> None:
         self._matmul(a, b, out, accumulate)
 
