@@ -60,11 +60,14 @@ def gradcheck(
     eps: float = 1e-5,
     max_coords: int | None = 200,
     seed: int = 0,
+    dropout_seed: int = 0,
 ) -> GradcheckReport:
     """Check ``model.loss_and_grads`` against central differences, both in float64.
 
-    x (T, B) or (T, B, D); y (T, B); s0 (B, H) or None; lengths (B,) or None. The model is
-    copied to float64 on the same backend (the model itself is left unchanged). Each parameter's
+    x (T, B) or (T, B, D); y (T, B); s0 as the model takes it, or None; lengths (B,) or None. The
+    model is copied to float64 on the same backend (the model itself is left unchanged). A model
+    with dropout is checked with the masks held fixed: every evaluation draws them from
+    ``dropout_seed``. Each parameter's
     coordinates are all checked, or a random sample of ``max_coords`` of them (``None``: all).
     A central difference errs by about (rounding error of the loss) / eps + eps² · (third
     derivative): eps = 1e-5 balances the two for losses of order 1 to 100 (at H = 128, eps = 1e-6
@@ -78,10 +81,13 @@ def gradcheck(
         check_positive_int(max_coords, "max_coords (None checks every coordinate)")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed must be an int ≥ 0, got {type(seed).__name__} {seed!r}")
-    ref = RNN.from_params(model.params, backend=model.backend, dtype="float64", nonlinearity=model.nonlinearity)
+    ref = RNN.from_params(
+        model.params, backend=model.backend, dtype="float64", nonlinearity=model.nonlinearity, dropout=model.dropout
+    )
+    drop = {"dropout_seed": dropout_seed}
     be = ref.backend
     s0_64 = None if s0 is None else be.asarray(s0, dtype=np.float64)
-    _, grads = ref.loss_and_grads(x, y, s0_64, lengths=lengths, reduction=reduction)
+    _, grads = ref.loss_and_grads(x, y, s0_64, lengths=lengths, reduction=reduction, **drop)
     if s0_64 is None:
         s0_64 = be.xp.zeros(grads["s0"].shape, dtype=np.float64)
     targets = dict(ref.params, s0=s0_64)
@@ -96,9 +102,9 @@ def gradcheck(
         for j, i in enumerate(idx):
             orig = flat[i].copy()
             flat[i] = orig + eps
-            up = float(ref.loss(x, y, s0_64, lengths=lengths, reduction=reduction))
+            up = float(ref.loss(x, y, s0_64, lengths=lengths, reduction=reduction, **drop))
             flat[i] = orig - eps
-            down = float(ref.loss(x, y, s0_64, lengths=lengths, reduction=reduction))
+            down = float(ref.loss(x, y, s0_64, lengths=lengths, reduction=reduction, **drop))
             flat[i] = orig
             numeric[j] = (up - down) / (2 * eps)
         scale = float(np.abs(numeric).max(initial=0.0))

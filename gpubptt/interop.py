@@ -1,34 +1,39 @@
 """PyTorch interchange without importing torch: ``nn.RNN`` + ``nn.Linear`` state dicts to a model and back.
 
-    torch                       gpubptt
-    rnn.weight_ih_l0 (H, D)     U
-    rnn.weight_hh_l0 (H, H)     W
-    rnn.bias_ih_l0 (H,)  ┐      b = bias_ih_l0 + bias_hh_l0 (the loss depends on their sum only)
+    torch                                  gpubptt
+    rnn.weight_ih_l0 (H, D)                U
+    rnn.weight_hh_l0 (H, H)                W
+    rnn.bias_ih_l0 (H,)  ┐                 b = bias_ih_l0 + bias_hh_l0 (the loss depends on their sum only)
     rnn.bias_hh_l0 (H,)  ┘
-    linear.weight (K, H)        V
-    linear.bias (K,)            c
+    rnn.weight_ih_l{k}{_reverse} (H, H·dirs for k ≥ 1)  U_l{k}{_reverse} (no "_l0": layer 0 is U, U_reverse)
+    rnn.weight_hh_l{k}{_reverse} (H, H)    W_l{k}{_reverse}, and biases alike
+    linear.weight (K, H·dirs)              V
+    linear.bias (K,)                       c
 
-gpubptt's model has both biases or neither: where torch has one and not the other, the missing
-one is zero (the same function). Going back, ``to_torch`` puts b in ``bias_ih_l0`` and zeros in
-``bias_hh_l0``; gradients put db in both (each of torch's biases receives the gradient of their
-sum). Values may be torch tensors (on any device) or arrays; the result holds NumPy arrays, which
-``load_state_dict`` takes after ``torch.as_tensor``. This version builds one layer, one direction:
-state dicts of deeper or bidirectional ``nn.RNN`` are refused by name.
+Layers and directions are read from the keys. gpubptt's model has all biases or none: where torch
+has the RNN's and not the Linear's (or the reverse), the missing ones are zero (the same
+function). Going back, ``to_torch`` puts each b in ``bias_ih`` and zeros in ``bias_hh``; gradients
+put db in both (each of torch's biases receives the gradient of their sum). Values may be torch
+tensors (on any device) or arrays; the result holds NumPy arrays, which ``load_state_dict`` takes
+after ``torch.as_tensor``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from .errors import InputError, InputTypeError, ShapeError
+from .params import recurrences
 
 __all__ = ["from_torch_state", "to_torch_state"]
 
-_RNN_KEYS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 _LINEAR_KEYS = ("weight", "bias")
+_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
+_TO_OURS = {"weight_ih": "U", "weight_hh": "W"}
 
 
 def _host(value: Any, key: str) -> np.ndarray:
@@ -43,67 +48,119 @@ def _host(value: Any, key: str) -> np.ndarray:
     return a
 
 
-def _check_keys(sd: Any, allowed: tuple[str, ...], required: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
+def _mapping(sd: Any, what: str) -> Mapping:
     if not isinstance(sd, Mapping):
         raise InputTypeError(f"{what} must be a state dict (a mapping of names to tensors), got {type(sd).__name__}")
-    keys = set(sd)
-    deeper = sorted(k for k in keys if k.endswith("_reverse") or any(k.endswith(f"_l{i}") for i in range(1, 100)))
-    if deeper:
-        raise InputError(
-            f"{what} has {deeper[0]!r}: a deeper or bidirectional nn.RNN; this gpubptt builds one layer, one direction"
-        )
-    extra = sorted(keys - set(allowed))
-    if extra:
-        raise InputError(f"{what} has unexpected key {extra[0]!r}; expected {', '.join(allowed)}")
-    missing = [k for k in required if k not in keys]
-    if missing:
-        raise InputError(f"{what} is missing {missing[0]!r}; expected {', '.join(required)}")
-    return {k: _host(v, k) for k, v in sd.items()}
+    return sd
+
+
+def _rnn_keys(num_layers: int, bidirectional: bool, bias: bool) -> list[str]:
+    keys = []
+    for r in recurrences(num_layers, bidirectional):
+        sfx = f"_l{r.layer}" + ("_reverse" if r.direction else "")
+        keys += [f"weight_ih{sfx}", f"weight_hh{sfx}"] + ([f"bias_ih{sfx}", f"bias_hh{sfx}"] if bias else [])
+    return keys
 
 
 def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any) -> dict[str, np.ndarray]:
-    """The parameters U, W, V (and b, c) of gpubptt's model from ``nn.RNN(D, H)`` and ``nn.Linear(H, K)`` state dicts.
+    """gpubptt's parameters (U, W, V, …; b, c) from ``nn.RNN(D, H, num_layers, bias, bidirectional)`` and
+    ``nn.Linear(H·dirs, K)`` state dicts.
 
     Shapes as in the table of this module; ShapeError or InputError naming the key on any mismatch.
     """
-    rnn = _check_keys(rnn_state_dict, _RNN_KEYS, ("weight_ih_l0", "weight_hh_l0"), "the nn.RNN state dict")
-    lin = _check_keys(linear_state_dict, _LINEAR_KEYS, ("weight",), "the nn.Linear state dict")
-    if ("bias_ih_l0" in rnn) != ("bias_hh_l0" in rnn):
-        raise InputError("the nn.RNN state dict must hold both bias_ih_l0 and bias_hh_l0, or neither")
-    U, W, V = rnn["weight_ih_l0"], rnn["weight_hh_l0"], lin["weight"]
-    if U.ndim != 2:
-        raise ShapeError(f"weight_ih_l0 must be 2-d (H, D), got shape {U.shape}")
-    H, D = U.shape
-    expected = {"weight_ih_l0": (H, D), "weight_hh_l0": (H, H), "bias_ih_l0": (H,), "bias_hh_l0": (H,)}
-    for k, a in rnn.items():
-        if a.shape != expected[k]:
-            raise ShapeError(f"{k} must have shape {expected[k]} (H = {H} from weight_ih_l0), got {a.shape}")
-    if V.ndim != 2 or V.shape[1] != H:
-        raise ShapeError(f"the nn.Linear weight must have shape (K, {H}) (its input is the RNN's H), got {V.shape}")
+    rnn_sd = _mapping(rnn_state_dict, "the nn.RNN state dict")
+    lin_sd = _mapping(linear_state_dict, "the nn.Linear state dict")
+    parsed = {}
+    for k in rnn_sd:
+        m = _KEY.match(str(k))
+        if m is None:
+            raise InputError(
+                f"the nn.RNN state dict has unexpected key {k!r}; expected weight_ih_l0, weight_hh_l0, "
+                "bias_ih_l0, bias_hh_l0 (and _l1, …, _reverse for deeper or bidirectional nn.RNN)"
+            )
+        parsed[k] = (m.group(1), int(m.group(2)), m.group(3) is not None)
+    for k in ("weight_ih_l0", "weight_hh_l0"):
+        if k not in rnn_sd:
+            raise InputError(f"the nn.RNN state dict is missing {k!r}; expected weight_ih_l0, weight_hh_l0")
+    num_layers = 1 + max(layer for _, layer, _ in parsed.values())
+    bidirectional = any(rev for _, _, rev in parsed.values())
+    bias = any(kind.startswith("bias") for kind, _, _ in parsed.values())
+    expected = _rnn_keys(num_layers, bidirectional, bias)
+    arch = f"{num_layers} layer{'s' if num_layers > 1 else ''}{', bidirectional' if bidirectional else ''}"
+    for k in expected:
+        if k not in rnn_sd:
+            if k.startswith("bias"):
+                why = "biases come for every layer and direction, bias_ih and bias_hh, or not at all"
+            else:
+                why = f"the keys describe {arch}"
+            raise InputError(f"the nn.RNN state dict is missing {k!r} ({why})")
+    rnn = {k: _host(v, k) for k, v in rnn_sd.items()}
+    for k in _LINEAR_KEYS[:1]:
+        if k not in lin_sd:
+            raise InputError(f"the nn.Linear state dict is missing {k!r}; expected weight (and bias)")
+    extra = sorted(str(k) for k in lin_sd if k not in _LINEAR_KEYS)
+    if extra:
+        raise InputError(f"the nn.Linear state dict has unexpected key {extra[0]!r}; expected weight, bias")
+    lin = {k: _host(v, k) for k, v in lin_sd.items()}
+    U0 = rnn["weight_ih_l0"]
+    if U0.ndim != 2:
+        raise ShapeError(f"weight_ih_l0 must be 2-d (H, D), got shape {U0.shape}")
+    H, D = U0.shape
+    dirs = 2 if bidirectional else 1
+    for k, (kind, layer, _) in parsed.items():
+        if kind == "weight_ih":
+            shape = (H, D if layer == 0 else H * dirs)
+        else:
+            shape = (H, H) if kind == "weight_hh" else (H,)
+        if rnn[k].shape != shape:
+            note = f"H = {H} from weight_ih_l0" + (f", {arch}" if num_layers > 1 or bidirectional else "")
+            raise ShapeError(f"{k} must have shape {shape} ({note}), got {rnn[k].shape}")
+    V = lin["weight"]
+    if V.ndim != 2 or V.shape[1] != H * dirs:
+        raise ShapeError(
+            f"the nn.Linear weight must have shape (K, {H * dirs}) (its input is the RNN's H·dirs), got {V.shape}"
+        )
     K = V.shape[0]
     if "bias" in lin and lin["bias"].shape != (K,):
         raise ShapeError(f"the nn.Linear bias must have shape ({K},), got {lin['bias'].shape}")
-    params = {"U": U, "W": W, "V": V}
-    if "bias_ih_l0" in rnn or "bias" in lin:  # both biases or neither: a missing one is zero, the same function
-        dtype = np.result_type(U, V)
-        params["b"] = rnn["bias_ih_l0"] + rnn["bias_hh_l0"] if "bias_ih_l0" in rnn else np.zeros(H, dtype)
-        params["c"] = lin["bias"] if "bias" in lin else np.zeros(K, dtype)
-    return params
+    weights: dict[str, np.ndarray] = {}
+    biases: dict[str, np.ndarray] = {}
+    dtype = np.result_type(U0, V)
+    with_bias = bias or "bias" in lin  # all biases or none: a missing one is zero, the same function
+    for r in recurrences(num_layers, bidirectional):
+        sfx = f"_l{r.layer}" + ("_reverse" if r.direction else "")
+        for kind in ("weight_ih", "weight_hh"):
+            weights[r.name(_TO_OURS[kind])] = rnn[kind + sfx]
+        if with_bias:
+            biases[r.name("b")] = rnn["bias_ih" + sfx] + rnn["bias_hh" + sfx] if bias else np.zeros(H, dtype)
+    weights["V"] = V
+    if with_bias:
+        biases["c"] = lin["bias"] if "bias" in lin else np.zeros(K, dtype)
+    return {**weights, **biases}
 
 
 def to_torch_state(
     params: Mapping[str, Any], *, grads: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(nn.RNN state dict, nn.Linear state dict) of NumPy arrays under torch's names, from U, W, V (b, c).
+    """(nn.RNN state dict, nn.Linear state dict) of NumPy arrays under torch's names, from gpubptt's parameters.
 
-    ``grads=True`` reads ``params`` as gradients (the keys of ``loss_and_grads``; "s0" ignored): each
-    of torch's two biases then receives db.
+    Any number of layers and directions (read from the names). ``grads=True`` reads ``params`` as
+    gradients (the keys of ``loss_and_grads``; "s0" ignored): each of torch's two biases then receives db.
     """
+    from .params import architecture_of
+
     host = {k: np.array(_host(v, k)) for k, v in params.items() if k != "s0"}
-    rnn = {"weight_ih_l0": host["U"], "weight_hh_l0": host["W"]}
+    num_layers, bidirectional = architecture_of(host)
+    rnn: dict[str, np.ndarray] = {}
+    for r in recurrences(num_layers, bidirectional):
+        sfx = f"_l{r.layer}" + ("_reverse" if r.direction else "")
+        rnn["weight_ih" + sfx] = host[r.name("U")]
+        rnn["weight_hh" + sfx] = host[r.name("W")]
+        if r.name("b") in host:
+            b = host[r.name("b")]
+            rnn["bias_ih" + sfx] = b
+            rnn["bias_hh" + sfx] = b.copy() if grads else np.zeros_like(b)
     lin = {"weight": host["V"]}
-    if "b" in host:
-        rnn["bias_ih_l0"] = host["b"]
-        rnn["bias_hh_l0"] = host["b"].copy() if grads else np.zeros_like(host["b"])
+    if "c" in host:
         lin["bias"] = host["c"]
     return rnn, lin

@@ -95,3 +95,62 @@ def numeric_grad(f, arr, eps=1e-6):
         flat[i] = orig
         gflat[i] = (up - down) / (2 * eps)
     return out
+
+
+def stack_name(base, layer, direction):
+    """A deep model's parameter name, as documented: W, W_reverse, W_l1, W_l1_reverse, …"""
+    return base + ("" if layer == 0 else f"_l{layer}") + ("_reverse" if direction else "")
+
+
+def ref_stack_one(params, x, h0, num_layers, bidirectional, nonlinearity="tanh", masks=None):
+    """One sequence through a stack, written from torch.nn.RNN's definition: x (n,) ids or (n, D) floats,
+    its valid steps only; h0 (L·dirs, H). Returns (top outputs (n, H·dirs), finals (L·dirs, H)).
+
+    Layer l > 0 reads [forward, reverse] outputs of layer l − 1, times masks[l − 1] (n, H·dirs) if given.
+    The reverse direction reads the sequence from its last valid step back to step 0.
+    """
+    dirs = 2 if bidirectional else 1
+    n = len(x)
+    inp = x
+    finals = []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            U, W = params[stack_name("U", layer, d)], params[stack_name("W", layer, d)]
+            b = params.get(stack_name("b", layer, d), 0.0)
+            h = h0[layer * dirs + d]
+            out = [None] * n
+            for t in range(n - 1, -1, -1) if d else range(n):
+                ux = U[:, inp[t]] if np.ndim(inp) == 1 else U @ inp[t]
+                h = phi(ux + W @ h + b, nonlinearity)
+                out[t] = h
+            finals.append(h)
+            outs.append(np.array(out, dtype=float).reshape(n, W.shape[0]))
+        inp = np.concatenate(outs, axis=1)
+        if masks is not None and layer < num_layers - 1:
+            inp = inp * masks[layer]
+    return inp, np.array(finals)
+
+
+def ref_stack_loss(params, x, y, s0=None, lengths=None, reduction="sum", nonlinearity="tanh", num_layers=1,
+                   bidirectional=False, masks=None):  # fmt: skip
+    """Σ over counted steps of −log softmax(V o_t + c)[y_t], o_t the top layer's outputs; s0 (L·dirs, B, H).
+
+    masks: per layer below the top, (T, B, H·dirs) dropout multipliers, or None.
+    """
+    T, B = y.shape
+    H = params["W"].shape[0]
+    V, c = params["V"], params.get("c", 0.0)
+    n_states = num_layers * (2 if bidirectional else 1)
+    total, count = 0.0, 0
+    for bi in range(B):
+        n = T if lengths is None else int(lengths[bi])
+        h0 = np.zeros((n_states, H)) if s0 is None else s0[:, bi]
+        m = None if masks is None else [mk[:n, bi] for mk in masks]
+        top, _ = ref_stack_one(params, x[:n, bi], h0, num_layers, bidirectional, nonlinearity, m)
+        for t in range(n):
+            z = V @ top[t] + c
+            z = z - z.max()
+            total -= z[y[t, bi]] - np.log(np.exp(z).sum())
+            count += 1
+    return total / count if reduction == "mean" else total

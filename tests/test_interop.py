@@ -73,9 +73,9 @@ def test_gradients_go_to_torchs_names_and_each_bias_gets_db():
     [
         (lambda r, l: r.pop("weight_hh_l0"), gpubptt.InputError, "missing 'weight_hh_l0'"),
         (lambda r, l: r.update(extra=np.zeros(2)), gpubptt.InputError, "unexpected key 'extra'"),
-        (lambda r, l: r.update(weight_ih_l1=np.zeros((H, H))), gpubptt.InputError, "'weight_ih_l1': a deeper"),
+        (lambda r, l: r.update(weight_ih_l1=np.zeros((H, H))), gpubptt.InputError, "missing 'weight_hh_l1'"),
         (lambda r, l: r.update(weight_ih_l0_reverse=np.zeros((H, D))), gpubptt.InputError, "bidirectional"),
-        (lambda r, l: r.pop("bias_hh_l0"), gpubptt.InputError, "both bias_ih_l0 and bias_hh_l0"),
+        (lambda r, l: r.pop("bias_hh_l0"), gpubptt.InputError, "missing 'bias_hh_l0' (biases come for every"),
         (lambda r, l: r.update(weight_hh_l0=np.zeros((H, H + 1))), gpubptt.ShapeError, "weight_hh_l0 must have shape"),
         (lambda r, l: l.update(weight=np.zeros((K, H + 1))), gpubptt.ShapeError, "nn.Linear weight must have shape"),
         (lambda r, l: l.update(bias=np.zeros(K + 1)), gpubptt.ShapeError, "nn.Linear bias must have shape"),
