@@ -106,9 +106,8 @@ def test_parameter_names_follow_torchs_suffixes():
     assert model.params["U_l1"].shape == (H, 2 * H) and model.params["V"].shape == (K, 2 * H)
     assert len(names) == 3 * 2 * 3 + 2
     rnn_sd, lin_sd = model.to_torch()
-    assert set(rnn_sd) == {
-        f"{w}_l{l}{r}" for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") for l in range(3) for r in ("", "_reverse")
-    }  # fmt: skip
+    kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    assert set(rnn_sd) == {f"{w}_l{l}{r}" for w in kinds for l in range(3) for r in ("", "_reverse")}
     again = gpubptt.RNN.from_torch(rnn_sd, lin_sd, backend="numpy")
     assert (again.num_layers, again.bidirectional, again.bias) == (3, True, True)
     x = np.arange(T * B).reshape(T, B) % D
