@@ -26,10 +26,11 @@ __all__ = ["ARCHITECTURE", "FORMAT", "READS", "VERSION", "check_history", "check
 FORMAT = "gpubptt-checkpoint"
 VERSION = 2  # what this gpubptt writes
 READS = (1, 2)  # what it reads
-#: The architecture fields of version 2 and the one value each that this gpubptt builds.
+#: The architecture fields of version 2 and their defaults (what a version 1 file holds).
 ARCHITECTURE = {"cell": "elman", "nonlinearity": "tanh", "num_layers": 1, "bidirectional": False}
 #: Fields of the architecture that take one of several values here (the first is the default).
 CHOICES = {"nonlinearity": ("tanh", "relu")}
+MAX_LAYERS = 1024  # a sanity bound on model.num_layers
 _INT_MAX = 2**63 - 1  # steps and positions are stored as int64
 _SIZE_MAX = 2**31 - 1  # model sizes, batch, chunk and task lengths: anything larger cannot be allocated
 _META_KEYS = ("format", "version", "model", "optimizer", "data", "config", "state")
@@ -110,7 +111,7 @@ class _Fields:
 def _check_model(f: _Fields, m: dict[str, Any], version: int) -> None:
     arch = tuple(ARCHITECTURE)
     required = ("input_size", "hidden_size", "output_size", "dtype", "bias") + (arch if version >= 2 else ())
-    if not f.keys("model", m, required, ("init",)):
+    if not f.keys("model", m, required, ("init", "dropout")):
         return
     for k in ("input_size", "hidden_size", "output_size"):
         f.integer(f"model.{k}", m[k], 1, _SIZE_MAX)
@@ -119,10 +120,18 @@ def _check_model(f: _Fields, m: dict[str, Any], version: int) -> None:
     if "init" in m:
         f.text("model.init", m["init"])
     for k, built in ARCHITECTURE.items():
-        if k in CHOICES and k in m:
+        if k not in m:
+            continue
+        if k in CHOICES:
             f.choice(f"model.{k}", m[k], CHOICES[k])
-        elif k in m and (type(m[k]) is not type(built) or m[k] != built):  # 1 is not true, nor true 1
+        elif k == "num_layers":
+            f.integer("model.num_layers", m[k], 1, MAX_LAYERS)
+        elif k == "bidirectional":
+            f.flag("model.bidirectional", m[k])
+        elif type(m[k]) is not type(built) or m[k] != built:  # 1 is not true, nor true 1
             f.bad(f"model.{k}", m[k], f"{show(built)}, the only {k.replace('_', ' ')} this gpubptt builds")
+    if "dropout" in m:
+        f.number("model.dropout", m["dropout"], 0, 1, lo_open=False)
 
 
 def _check_optimizer(f: _Fields, o: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ Layout of the archive (every entry a plain NumPy array, so it loads with ``allow
     param.U  param.W  param.V  [param.b  param.c]       the model, in its dtype
     optim.t  optim.<slot>.<param>                        the optimizer state
     vocab           (K,) int32 code points (text models)
-    carry.s         (B, H) the hidden state carried into the next chunk (mid-sequence only)
+    carry.s         (B, H), or (L·dirs, B, H) for a stack: the state carried into the next chunk (mid-sequence only)
     history.*       per-step loss, gradient norm, lr; evaluation steps, losses, accuracies
 
 Arrays are always stored as host NumPy arrays, so a checkpoint written on CuPy loads on NumPy and
@@ -96,8 +96,9 @@ def save_checkpoint(
             # the architecture (format version 2): what the parameters above belong to
             "cell": model.cell.name,
             "nonlinearity": model.cell.nonlinearity,
-            "num_layers": 1,
-            "bidirectional": False,
+            "num_layers": model.num_layers,
+            "bidirectional": model.bidirectional,
+            "dropout": model.dropout,
         },
         "optimizer": None if optimizer is None else {"name": optimizer.name, **optimizer.hyperparameters()},
         "data": data,
@@ -200,7 +201,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, backend: str | Backend | No
     dtype, bias = np.dtype(mm["dtype"]), mm["bias"]
 
     # names, from the model's one schema
-    expected_shapes = param_shapes(D, H, K, bias)
+    L, bidirectional = mm.get("num_layers", 1), mm.get("bidirectional", False)
+    n_states = L * (2 if bidirectional else 1)
+    expected_shapes = param_shapes(D, H, K, bias, num_layers=L, bidirectional=bidirectional)
     param_names = tuple(expected_shapes)
     known = {"meta", "vocab", "carry.s"} | {f"param.{k}" for k in param_names}
     for k in arrays:
@@ -245,10 +248,13 @@ def load_checkpoint(path: str | os.PathLike[str], *, backend: str | Backend | No
     if "carry.s" in arrays:
         s = arrays["carry.s"]
         B = config.batch_size if config is not None else "B"
-        ok = s.ndim == 2 and s.shape[1] == H and (config is None or s.shape[0] == config.batch_size)
+        lead = () if n_states == 1 else (n_states,)  # one recurrence: (B, H); a stack: torch's (L·dirs, B, H)
+        ok = s.ndim == len(lead) + 2 and s.shape[:-2] == lead and s.shape[-1] == H
+        ok = ok and (config is None or s.shape[-2] == config.batch_size)
         if not ok or s.dtype != dtype or not np.isfinite(s).all():
+            want = ", ".join(map(str, (*lead, B, H)))
             raise CheckpointError(
-                f"{where}: carried state carry.s has {s.dtype} {s.shape}, expected finite {dtype.name} ({B}, {H})"
+                f"{where}: carried state carry.s has {s.dtype} {s.shape}, expected finite {dtype.name} ({want})"
             )
         if state.chunk == 0:
             raise CheckpointError(
@@ -259,7 +265,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, backend: str | Backend | No
     history = check_history(arrays, state, where)
 
     be = get_backend(backend)
-    model = RNN.from_params(params, backend=be, dtype=dtype, nonlinearity=mm.get("nonlinearity", "tanh"))
+    model = RNN.from_params(
+        params, backend=be, dtype=dtype, nonlinearity=mm.get("nonlinearity", "tanh"), dropout=mm.get("dropout", 0.0)
+    )
     model.init = mm.get("init", "custom")
     optimizer = None
     mo = meta.get("optimizer")

@@ -71,14 +71,28 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def parameter_count(D: int, H: int, K: int, *, bias: bool = True) -> int:
-    """Entries of U (H, D), W (H, H), V (K, H) and, with ``bias``, b (H,) and c (K,)."""
-    return H * D + H * H + K * H + ((H + K) if bias else 0)
+def parameter_count(D: int, H: int, K: int, *, bias: bool = True, num_layers: int = 1, dirs: int = 1) -> int:
+    """Entries of every recurrence's U (H, D_l), W (H, H) and V (K, H·dirs); with ``bias``, b (H,) each and c (K,).
+
+    D_0 = D and D_l = H·dirs above (torch.nn.RNN's stack).
+    """
+    per_rec = H * H + (H if bias else 0)
+    inputs = dirs * (H * D + (num_layers - 1) * H * H * dirs)
+    return num_layers * dirs * per_rec + inputs + K * H * dirs + (K if bias else 0)
 
 
-def _forward_bptt(T: int, B: int, H: int, K: int, itemsize: int, chunk_elements: int, truncate: int | None) -> int:
-    """Bytes of one forward+BPTT workspace for a (T, B) batch (see ``gpubptt.model._Workspace``)."""
-    states = (T + 1) * B * H + 2 * T * B * H + 2 * B * H  # S, pre, G; the per-step row and ∂E/∂s0
+def _forward_bptt(
+    T: int, B: int, H: int, K: int, itemsize: int, chunk_elements: int, truncate: int | None,
+    num_layers: int = 1, dirs: int = 1, dropout: bool = False,
+) -> int:  # fmt: skip
+    """Bytes of one forward+BPTT workspace for a (T, B) batch (see ``gpubptt.engine.Workspace``)."""
+    n = num_layers * dirs
+    # per recurrence S (T+1) and G (T); one shared pre; per recurrence ∂E/∂s0; the per-step row
+    states = n * ((T + 1) * B * H + T * B * H + B * H) + T * B * H + B * H
+    if dirs == 2:  # the reverse direction's scratch, each layer's [forward, reverse] output, ∂E/∂output
+        states += T * B * H + num_layers * T * B * 2 * H + T * B * 2 * H + T * B * INT64 // itemsize
+    if dropout and num_layers > 1:  # masks and masked inputs of every layer but the last
+        states += 2 * (num_layers - 1) * T * B * H * dirs
     lanes = 2 * (truncate + 1) * B * H if truncate is not None else 0
     logits = 2 * chunk_steps(T, B, K, chunk_elements) * B * K  # probabilities and dz of one output chunk
     return (states + lanes + logits) * itemsize + 3 * T * B * INT64  # x, y and the token permutation
@@ -98,21 +112,31 @@ def train_memory(
     eval_T: int | None = None,
     eval_B: int | None = None,
     chunk_elements: int = 1 << 22,
+    num_layers: int = 1,
+    dirs: int = 1,
+    dropout: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of training a D → H → K model on (T, B) chunks with ``slots`` optimizer state arrays.
+
+    ``num_layers``, ``dirs``, ``dropout``: the stack (the workspace grows with L·dirs; evaluation keeps
+    each layer's states).
 
     ``itemsize``: bytes per float (4 for float32); ``slots``: per-parameter optimizer arrays (Adam 2,
     Adagrad 1, SGD with momentum 1, plain SGD 0). ``eval_T``, ``eval_B``: the held-out chunk and batch
     (default: the training ones); evaluation keeps the full (T, B, K) probabilities of a chunk.
     """
-    P = parameter_count(D, H, K, bias=bias)
+    P = parameter_count(D, H, K, bias=bias, num_layers=num_layers, dirs=dirs)
     eval_T, eval_B = eval_T or T, eval_B or B
-    evaluation = ((eval_T + 1) * eval_B * H + eval_T * eval_B * (H + K)) * itemsize + 4 * eval_T * eval_B * FLOAT64
+    n = num_layers * dirs
+    evaluation = (n * (eval_T + 1) * eval_B * H + eval_T * eval_B * (H * (1 + dirs) + K)) * itemsize
+    evaluation += 4 * eval_T * eval_B * FLOAT64
     return MemoryEstimate(
         {
             # drawing the weights holds a float64 host copy beside them; afterwards gradients and slots
             "parameters, gradients and optimizer state": P * max(itemsize * (2 + slots), FLOAT64 + itemsize),
-            "forward+BPTT workspaces": _forward_bptt(T, B, H, K, itemsize, chunk_elements, truncate),
+            "forward+BPTT workspaces": _forward_bptt(
+                T, B, H, K, itemsize, chunk_elements, truncate, num_layers, dirs, dropout
+            ),
             "evaluation": evaluation,
         }
     )

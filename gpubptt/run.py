@@ -42,6 +42,8 @@ DEFAULTS: dict[str, Any] = {
     "symbols": 8,
     "copy_length": 5,
     "hidden": 256,
+    "layers": 1,
+    "dropout": 0.0,
     "batch": 32,
     "chunk": None,  # text: TEXT_CHUNK, tasks: 0 (whole sequences)
     "truncate": None,
@@ -153,7 +155,17 @@ def _check_settings(
         raise InputError(
             f"--epochs applies to --task text only (passes over the training text); use --steps for {st['task']}"
         )
-    ints = {"hidden": 1, "batch": 1, "chunk": 0, "truncate": 0, "warmup": 0, "seed": 0, "symbols": 2, "copy_length": 1}
+    ints = {
+        "hidden": 1,
+        "layers": 1,
+        "batch": 1,
+        "chunk": 0,
+        "truncate": 0,
+        "warmup": 0,
+        "seed": 0,
+        "symbols": 2,
+        "copy_length": 1,
+    }
     for name, lo in {**ints, "delay": 0}.items():
         _check_int(_flag(name), st[name], lo, " (0: whole sequences)" if name == "chunk" else "")
     _check_int("--steps", steps, 1)
@@ -166,6 +178,13 @@ def _check_settings(
         raise InputError(f"--clip must be a finite number ≥ 0 (0: off), got {st['clip']!r}")
     if not (_is_number(st["momentum"]) and 0 <= st["momentum"] < 1):
         raise InputError(f"--momentum must be a number in [0, 1), got {st['momentum']!r}")
+    if not (_is_number(st["dropout"]) and 0 <= st["dropout"] < 1):
+        raise InputError(f"--dropout must be a number in [0, 1), got {st['dropout']!r}")
+    if st["dropout"] > 0 and st["layers"] == 1:
+        raise InputError(
+            f"--dropout {st['dropout']} applies between layers (to the outputs of every layer but the last): "
+            "give --layers 2 or more"
+        )
 
 
 def new_run(
@@ -227,6 +246,8 @@ def new_run(
         bias=st["bias"],
         init=st["init"],
         nonlinearity=st["nonlinearity"],
+        num_layers=st["layers"],
+        dropout=float(st["dropout"]),
         seed=st["seed"],
     )
     optimizer = make_optimizer(st["optimizer"], model, lr=lr, momentum=st["momentum"], on_nonfinite=st["on_nonfinite"])
@@ -250,9 +271,10 @@ def _check_memory(st: Mapping[str, Any], data: TextData | CopyTask, config: Trai
     estimate = train_memory(
         data.input_size, H, data.output_size, T=T, B=B, itemsize=np.dtype(dtype).itemsize, slots=slots,
         bias=bool(st["bias"]), truncate=truncate, eval_T=eval_T, eval_B=eval_B,
-        chunk_elements=be.chunk_elements,
+        chunk_elements=be.chunk_elements, num_layers=st["layers"], dropout=st["dropout"] > 0,
     )  # fmt: skip
-    what = f"training --hidden {H} on batches of --batch {B} × {T} steps ({st['optimizer']}, {dtype})"
+    layers = f" --layers {st['layers']}" if st["layers"] > 1 else ""
+    what = f"training --hidden {H}{layers} on batches of --batch {B} × {T} steps ({st['optimizer']}, {dtype})"
     try:
         check_fits(estimate, be.available_memory(), what)
     except InsufficientMemoryError as exc:
@@ -269,6 +291,8 @@ def settings_of(ck: Checkpoint) -> dict[str, Any]:
         "symbols": data.get("symbols"),
         "copy_length": data.get("length"),
         "hidden": mm["hidden_size"],
+        "layers": mm.get("num_layers", 1),
+        "dropout": mm.get("dropout", 0.0),
         "batch": cfg.batch_size,
         "chunk": cfg.chunk or 0,
         "truncate": cfg.truncate,

@@ -108,7 +108,8 @@ class TrainConfig:
 
 @dataclass
 class TrainState:
-    """Where the loop stands: steps done, the sequence batch and chunk to run next, the carried state s (B, H)."""
+    """Where the loop stands: steps done, the sequence batch and chunk to run next, the carried state s
+    ((B, H), or (L·dirs, B, H) for a stack)."""
 
     step: int = 0
     sequence: int = 0
@@ -163,6 +164,12 @@ class TrainEvent:
     seconds: float
     applied: bool
     eval: dict[str, float] | None = None
+
+
+def dropout_seed(seed: int, step: int) -> int:
+    """The seed of the dropout masks of optimizer step ``step`` of a run seeded with ``seed`` (an int ≥ 0)."""
+    lo, hi = (int(v) for v in np.random.SeedSequence([seed, step]).generate_state(2, np.uint32))
+    return (hi & 0x7FFFFFFF) << 32 | lo  # 63 bits: fits the int64 a seed may be stored as
 
 
 def evaluate(model: Any, data: Any, *, chunk: int = 256, batch_size: int | None = None) -> dict[str, float]:
@@ -240,11 +247,12 @@ def train(
     be, xp = model.backend, model.backend.xp
     state = TrainState() if state is None else state
     history = History() if history is None else history
-    if state.s is not None and tuple(state.s.shape) != (config.batch_size, model.hidden_size):
-        raise InputError(
-            f"carried state has shape {tuple(state.s.shape)}, expected (B, H) = "
-            f"({config.batch_size}, {model.hidden_size})"
-        )
+    n_states = getattr(model, "num_states", 1)
+    lead = () if n_states == 1 else (n_states,)  # one recurrence: (B, H); a stack: (L·dirs, B, H)
+    want = (*lead, config.batch_size, model.hidden_size)
+    if state.s is not None and tuple(state.s.shape) != want:
+        layout = "(B, H)" if n_states == 1 else "(L·dirs, B, H)"
+        raise InputError(f"carried state has shape {tuple(state.s.shape)}, expected {layout} = {want}")
     if state.s is not None:
         state.s = be.asarray(state.s, dtype=model.dtype)
 
@@ -282,8 +290,10 @@ def train(
         t0 = state.chunk * T
         xc, yc = be.asarray(x_host[t0 : t0 + T]), be.asarray(y_host[t0 : t0 + T])
 
+        # dropout masks from (seed, step): a resumed run draws the masks the uninterrupted one would have
+        drop = {"dropout_seed": dropout_seed(config.seed, state.step)} if getattr(model, "dropout", 0) else {}
         loss, grads, s_last = model.loss_and_grads(
-            xc, yc, state.s, truncate=config.truncate, reduction="mean", return_final_state=True
+            xc, yc, state.s, truncate=config.truncate, reduction="mean", return_final_state=True, **drop
         )
         if grad_hook is not None:
             hooked = grad_hook(loss, grads)

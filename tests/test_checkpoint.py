@@ -17,9 +17,9 @@ from gpubptt.train import TrainConfig, TrainState, train
 TEXT = "the quick brown fox jumps over the lazy dog. " * 30
 
 
-def _trained(be, steps=4, optimizer="adam"):
+def _trained(be, steps=4, optimizer="adam", **arch):
     data = TextData(TEXT)
-    model = gpubptt.RNN(data.input_size, 8, data.output_size, backend=be, bias=True, seed=0)
+    model = gpubptt.RNN(data.input_size, 8, data.output_size, backend=be, bias=True, seed=0, **arch)
     opt = make_optimizer(optimizer, model, momentum=0.9)
     config = TrainConfig(steps=steps, batch_size=3, chunk=6, eval_every=2)
     state, history = train(model, data, opt, config)
@@ -57,6 +57,26 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     assert s2.s is not None  # a carried state is part of the checkpoint
     _save(tmp_path / "ck.npz", d2, m2, o2, c2, s2, h2)
     ck = load_checkpoint(tmp_path / "ck.npz", backend="numpy")
+    cfg = TrainConfig(**{**vars(ck.config), "steps": 9})
+    train(ck.model, d2, ck.optimizer, cfg, state=ck.state, history=ck.history)
+    for k, v in model.params.items():
+        np.testing.assert_array_equal(ck.model.params[k], v)
+
+
+@pytest.mark.parametrize(
+    "arch", [dict(num_layers=3, dropout=0.3), dict(num_layers=2, bidirectional=True, nonlinearity="relu")]
+)
+def test_a_deep_run_round_trips_and_resumes_exactly_dropout_masks_included(tmp_path, arch):
+    model = _trained("numpy", steps=9, **arch)[1]
+    d2, m2, o2, c2, s2, h2 = _trained("numpy", steps=5, **arch)
+    assert s2.s.shape == (m2.num_states, c2.batch_size, 8)  # torch's (L·dirs, B, H) carried state
+    _save(tmp_path / "ck.npz", d2, m2, o2, c2, s2, h2)
+    ck = load_checkpoint(tmp_path / "ck.npz", backend="numpy")
+    assert (ck.model.num_layers, ck.model.bidirectional, ck.model.dropout, ck.model.nonlinearity) == (
+        m2.num_layers, m2.bidirectional, m2.dropout, m2.nonlinearity,
+    )  # fmt: skip
+    assert list(ck.model.params) == list(m2.params)
+    np.testing.assert_array_equal(ck.state.s, s2.s)
     cfg = TrainConfig(**{**vars(ck.config), "steps": 9})
     train(ck.model, d2, ck.optimizer, cfg, state=ck.state, history=ck.history)
     for k, v in model.params.items():

@@ -132,16 +132,19 @@ META_CASES = {  # id: (edit of the meta dict, what the message must name)
     ),  # was: accepted, then a crash in the data order
     "chunk-1e9": (_set("state", "chunk", 1e9), "state.chunk = 1000000000.0"),  # was: accepted
     "chunk-beyond-the-sequence": (_set("state", "chunk", 10**9), "state.chunk = 1000000000"),  # was: accepted
-    # format version 2 records the architecture; only the one built here is accepted
+    # format version 2 records the architecture; it must be one built here, and match the parameters
     "cell-gru": (_set("model", "cell", "gru"), 'model.cell = "gru", expected "elman"'),
     "cell-missing": (_drop("model", "cell"), "model.cell is missing"),
     "nonlinearity-sigmoid": (
         _set("model", "nonlinearity", "sigmoid"),
         'model.nonlinearity = "sigmoid", expected one of',
     ),
-    "two-layers": (_set("model", "num_layers", 2), "model.num_layers = 2, expected 1"),
+    "zero-layers": (_set("model", "num_layers", 0), "model.num_layers = 0, expected an int from 1 to 1024"),
+    "two-layers-one-layer-params": (_set("model", "num_layers", 2), "is missing parameter U_l1"),
     "layers-true": (_set("model", "num_layers", True), "model.num_layers = true"),
-    "bidirectional": (_set("model", "bidirectional", True), "model.bidirectional = true, expected false"),
+    "bidirectional-one-direction-params": (_set("model", "bidirectional", True), "is missing parameter U_reverse"),
+    "dropout-one": (_set("model", "dropout", 1.0), "model.dropout = 1.0, expected a number in [0, 1)"),
+    "dropout-text": (_set("model", "dropout", "0.5"), 'model.dropout = "0.5"'),
     "bidirectional-zero": (_set("model", "bidirectional", 0), "model.bidirectional = 0"),
     "version-3": (_set("version", 3), "format version 3; this gpubptt reads 1 and 2"),
 }

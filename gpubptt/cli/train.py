@@ -178,7 +178,8 @@ class TrainReporter:
     def plot_labels(self) -> dict:
         """The loss curve's chance level and title."""
         data, run = self.run.data, self.run
-        title = f"{data.kind} | H={run.model.hidden_size} | {type(run.optimizer).__name__}"
+        layers = f" × {run.model.num_layers} layers" if run.model.num_layers > 1 else ""
+        title = f"{data.kind} | H={run.model.hidden_size}{layers} | {type(run.optimizer).__name__}"
         if data.kind != "text":
             title += f" | delay {data.delay}"
         return {"chance": data.chance_loss, "title": title}
@@ -215,6 +216,15 @@ def train(
     symbols: Annotated[int | None, typer.Option(help=_default("copy/recall: alphabet size A.", "symbols"))] = None,
     copy_length: Annotated[int | None, typer.Option(help=_default("copy: symbols to remember.", "copy_length"))] = None,
     hidden: Annotated[int | None, typer.Option(help=_default("Hidden size H.", "hidden"))] = None,
+    layers: Annotated[
+        int | None, typer.Option(help=_default("Stacked recurrent layers (torch.nn.RNN's num_layers).", "layers"))
+    ] = None,
+    dropout: Annotated[
+        float | None,
+        typer.Option(
+            help=_default("Dropout on the outputs of every layer but the last (needs --layers ≥ 2).", "dropout")
+        ),
+    ] = None,
     batch: Annotated[int | None, typer.Option(help=_default("Batch size B (parallel sequences).", "batch"))] = None,
     chunk: Annotated[
         int | None,
@@ -280,7 +290,8 @@ def train(
     With no options: a character model of a built-in generated English-like corpus, about a minute on a CPU.
     """
     options = dict(
-        task=task, data=data, delay=delay, symbols=symbols, copy_length=copy_length, hidden=hidden, batch=batch,
+        task=task, data=data, delay=delay, symbols=symbols, copy_length=copy_length, hidden=hidden, layers=layers,
+        dropout=dropout, batch=batch,
         chunk=chunk, truncate=truncate, dtype=dtype, bias=bias, init=init, nonlinearity=nonlinearity,
         optimizer=optimizer, lr=lr,
         momentum=momentum, clip=clip, schedule=schedule, warmup=warmup, seed=seed, on_nonfinite=on_nonfinite,
