@@ -137,19 +137,23 @@ class Stack:
         H, L, dirs = model.hidden_size, model.num_layers, model.num_directions
         self.model, self.be, self.T, self.B = model, model.backend, T, B
         self.recs = model.recurrences
+        gH = model.cell.gates * H
         self.S = [xp.zeros((T + 1, B, H), dtype=dt) for _ in self.recs]
-        self.pre = xp.empty((T, B, H), dtype=dt)
+        self.aux = [model.cell.buffers(T, B, H, xp=xp, dtype=dt) for _ in self.recs]
+        self.pre = xp.empty((T, B, gH), dtype=dt)
         self.scratch = xp.empty((B, H), dtype=dt)
-        self.tmp = xp.empty((T, B, H), dtype=dt) if dirs == 2 else None
+        self.tmp = xp.empty((T, B, gH), dtype=dt) if dirs == 2 else None
         self.rev = xp.empty(T * B, dtype=xp.int64) if dirs == 2 else None
         self.Y = [self.S[l][1:] if dirs == 1 else xp.empty((T, B, 2 * H), dtype=dt) for l in range(L)]
         self.M = [xp.empty((T, B, H * dirs), dtype=dt) for _ in range(L - 1)] if dropout else None
         self.X = [None] + [xp.empty((T, B, H * dirs), dtype=dt) if dropout else self.Y[l] for l in range(L - 1)]
 
-    def load(self, s0: Any, lengths: np.ndarray | None) -> None:
-        """Initial states from s0 (L·dirs, B, H) or None (zeros); the reversal from lengths."""
+    def load(self, s0: Any, lengths: np.ndarray | None, state0: Any = None) -> None:
+        """Initial states from s0 (L·dirs, B, H) or None (zeros), any further cell state from ``state0``
+        (the cell's ``load``); the reversal from lengths."""
         for i, S in enumerate(self.S):
             S[0] = 0 if s0 is None else s0[i]
+            self.model.cell.load(self.aux[i], None if state0 is None else state0[i])
         if self.rev is not None:
             self.rev[...] = self.be.asarray(reverse_index(self.T, self.B, lengths))
 
@@ -167,18 +171,20 @@ class Stack:
         Layer l's input projection is one GEMM (a gather for token ids) per direction over all T
         steps, run when layer l − 1 is finished.
         """
-        be, model, p = self.be, self.model, self.model.params
+        be, model = self.be, self.model
         cell, H = model.cell, model.hidden_size
         for l in range(model.num_layers):
             X = x if l == 0 else self.X[l]
             for r in self.recs[l * model.num_directions : (l + 1) * model.num_directions]:
-                U, W, b = p[r.name("U")], p[r.name("W")], p.get(r.name("b"))
+                q = model.recurrence_params(r)
+                b = q.get(cell.input_bias) if cell.input_bias else None
                 if r.direction == 0:
-                    input_projection(U, b, X, tokens and l == 0, be=be, out=self.pre)
+                    input_projection(q["U"], b, X, tokens and l == 0, be=be, out=self.pre)
                 else:
-                    input_projection(U, b, X, tokens and l == 0, be=be, out=self.tmp)
+                    input_projection(q["U"], b, X, tokens and l == 0, be=be, out=self.tmp)
                     gather_rows(self.tmp, self.rev, be=be, out=self.pre)  # into the reverse direction's time
-                cell.forward(self.pre, W, self.S[r.index], be=be, scratch=self.scratch, step_kernels=step_kernels)
+                S, aux = self.S[r.index], self.aux[r.index]
+                cell.run_forward(self.pre, q, S, aux, be=be, scratch=self.scratch, step_kernels=step_kernels)
             if model.num_directions == 2:
                 f, r = self.S[2 * l], self.S[2 * l + 1]
                 self.Y[l][..., :H] = f[1:]
@@ -254,7 +260,7 @@ class Workspace:
         self.dY = xp.empty((T, B, 2 * H), dtype=dt) if dirs == 2 else None  # ∂E/∂(a layer's output)
         k = truncate or 0
         self.lanes = xp.empty((2, k + 1, B, H), dtype=dt) if truncate is not None else None
-        self.dUT = xp.empty((D, H), dtype=dt) if batch.tokens else None
+        self.dUT = xp.empty((D, model.cell.gates * H), dtype=dt) if batch.tokens else None
         #: time steps per output-layer chunk
         self.chunk = chunk_steps(T, B, model.output_size, chunk_elements)
         # outputs
@@ -328,24 +334,25 @@ class Workspace:
                 gather_rows(st.tmp, st.rev, be=be, out=self.G[2 * l + 1])
             X = self.x if l == 0 else st.X[l]
             for r in recs:
-                W, U, G, S = p[r.name("W")], p[r.name("U")], self.G[r.index], st.S[r.index]
-                F = cell.factors(S, be=be, out=st.pre)  # the step factors of this recurrence
-                if self.truncate is None:
-                    cell.backward(G, W, F, be=be, carry=st.scratch, step_kernels=self.step_kernels)
-                else:
-                    lanes, spare = self.lanes
-                    backward_truncated(cell, G, W, F, self.truncate, be=be, lanes=lanes, spare=spare)
-                delta = G.reshape(T * B, H)
-                be.matmul(delta.T, S[:-1].reshape(T * B, H), g[r.name("W")])  # dW = Σ_t δ_tᵀ s_{t-1}
-                if r.name("b") in g:
-                    be.xp.sum(delta, axis=0, out=g[r.name("b")])  # db = Σ_t δ_t
-                be.matmul(G[0], W, g["s0"][r.index])  # ds0 = δ_0 @ W
-                D_in = G if r.direction == 0 else gather_rows(G, st.rev, be=be, out=st.pre)  # δ in input time
-                input_weight_grad(D_in, X, self.tokens and l == 0, plan, be=be, out=g[r.name("U")], scratch=self.dUT)
-                if l > 0:  # ∂E/∂X_l = Σ_directions δ @ U, into the layer below's gradient buffer
+                q, G = model.recurrence_params(r), self.G[r.index]
+                mine = {k: g[r.name(k)] for k in q if r.name(k) in g}  # this recurrence's gradients, by base name
+                dpre = cell.run_backward(
+                    G, q, st.S[r.index], st.aux[r.index], be=be, work=st.pre, scratch=st.scratch,
+                    step_kernels=self.step_kernels, truncate=self.truncate, lanes=self.lanes, grads=mine,
+                    ds0=g["s0"][r.index],
+                )  # fmt: skip
+                n_pre = dpre.shape[2]
+                if r.direction == 1:  # ∂E/∂pre back into input time
+                    dpre = gather_rows(dpre, st.rev, be=be, out=st.pre if dpre is not st.pre else st.tmp)
+                if cell.input_bias and cell.input_bias in mine:
+                    be.xp.sum(dpre.reshape(T * B, n_pre), axis=0, out=mine[cell.input_bias])  # db = Σ_t ∂E/∂pre_t
+                input_weight_grad(dpre, X, self.tokens and l == 0, plan, be=be, out=mine["U"], scratch=self.dUT)
+                if l > 0:  # ∂E/∂X_l = Σ_directions ∂E/∂pre @ U, into the layer below's gradient buffer
                     below = self.G[l - 1] if dirs == 1 else self.dY
                     n_in = below.shape[2]
-                    be.matmul(D_in.reshape(T * B, H), U, below.reshape(T * B, n_in), accumulate=r.direction == 1)
+                    be.matmul(
+                        dpre.reshape(T * B, n_pre), q["U"], below.reshape(T * B, n_in), accumulate=r.direction == 1
+                    )
             if l > 0 and st.M is not None:
                 below = self.G[l - 1] if dirs == 1 else self.dY
                 below *= st.M[l - 1]  # through the dropout of layer l − 1's output

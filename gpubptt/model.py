@@ -209,6 +209,10 @@ class RNN:
         self.dropout = dropout
         self._dropout_rng = self.backend.random_generator(seed)
 
+    def recurrence_params(self, r: Any) -> dict[str, Any]:
+        """Recurrence ``r``'s parameters by the cell's base names ("U", "W", "b"): what the cell reads."""
+        return {k: self.params[r.name(k)] for k in self.cell.param_shapes(1, 1, self.bias) if r.name(k) in self.params}
+
     @property
     def num_directions(self) -> int:
         """2 for a bidirectional model, else 1."""

@@ -36,9 +36,19 @@ class ElmanCell:
     """The Elman cell: parameter shapes, forward and backward recurrences, step Jacobian factors.
 
     ``nonlinearity`` "tanh" (the default) or "relu", as ``torch.nn.RNN``'s.
+
+    What the engine calls (the interface every cell implements; see ``gpubptt.cells``): ``gates``
+    (rows of U and W per hidden unit), ``input_bias`` (the bias the engine adds in the input
+    projection and whose gradient it sums), ``param_shapes``, ``buffers``, ``load``, ``run_forward``
+    and ``run_backward``. The lower-level ``forward``, ``factors``, ``backward``, ``step_back`` and
+    ``enter`` are this cell's own (diagnostics and tests use them).
     """
 
     name = "elman"
+    #: rows of U (gates·H, D) and W (gates·H, H) per hidden unit
+    gates = 1
+    #: the bias added to U x_t in the input projection (its gradient is Σ_t ∂E/∂pre_t)
+    input_bias = "b"
 
     def __init__(self, nonlinearity: str = "tanh") -> None:
         if nonlinearity not in NONLINEARITIES:
@@ -66,6 +76,59 @@ class ElmanCell:
             shapes["b"] = (H,)
         return shapes
 
+    # -- the engine's interface ---------------------------------------------------------------
+    def buffers(self, T: int, B: int, H: int, *, xp: Any, dtype: Any) -> dict[str, Any]:
+        """Arrays the cell keeps from forward to backward besides the states S (none: φ' is read from S)."""
+        return {}
+
+    def load(self, aux: dict[str, Any], state0: Any) -> None:
+        """Set any state beyond s0 (none for this cell)."""
+
+    def run_forward(
+        self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], *, be: Backend, scratch: Any, step_kernels: str
+    ) -> None:
+        """The recurrence over all steps: pre (T, B, gates·H) = U x_t + input bias; S (T+1, B, H) with S[0] set.
+
+        p: this recurrence's parameters by base name ("U", "W", "b").
+        """
+        self.forward(pre, p["W"], S, be=be, scratch=scratch, step_kernels=step_kernels)
+
+    def run_backward(
+        self,
+        G: Any,
+        p: dict[str, Any],
+        S: Any,
+        aux: dict[str, Any],
+        *,
+        be: Backend,
+        work: Any,
+        scratch: Any,
+        step_kernels: str,
+        truncate: int | None,
+        lanes: Any,
+        grads: dict[str, Any],
+        ds0: Any,
+    ) -> Any:
+        """BPTT through this recurrence; returns ∂E/∂pre (T, B, gates·H) (here G itself, in place).
+
+        G (T, B, H) enters as ∂E/∂s_t from above (output layer or the next layer); ``work`` (T, B,
+        gates·H) and ``scratch`` (B, H) are free; ``lanes`` (2, k+1, B, H) for ``truncate`` = k.
+        Writes the gradients of the recurrent-side parameters into ``grads`` (by base name: W) and
+        ∂E/∂s0 into ``ds0`` (B, H). The engine then forms dU, the input bias's gradient and ∂E/∂x.
+        """
+        F = self.factors(S, be=be, out=work)  # the step factors φ'
+        if truncate is None:
+            self.backward(G, p["W"], F, be=be, carry=scratch, step_kernels=step_kernels)
+        else:
+            from ..engine import backward_truncated  # the engine's lanes scheme, for any cell with step_back
+
+            backward_truncated(self, G, p["W"], F, truncate, be=be, lanes=lanes[0], spare=lanes[1])
+        T, B, H = G.shape
+        be.matmul(G.reshape(T * B, H).T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t δ_tᵀ s_{t-1}
+        be.matmul(G[0], p["W"], ds0)  # ds0 = δ_0 @ W
+        return G
+
+    # -- this cell's recurrences -----------------------------------------------------------------
     def forward(self, pre: Any, W: Any, S: Any, *, be: Backend, scratch: Any, step_kernels: str = "auto") -> None:
         """s_t = φ(pre_t + s_{t-1} @ W.T) for t = 0..T-1, in place.
 
