@@ -47,7 +47,7 @@ class Batch:
     weight (T, B) 1/0 on counted/padded steps or None; s0 as given, (B, H) or (L·dirs, B, H), or None;
     lengths (B,) on the host. ``s0_stacked`` is s0 as (L·dirs, B, H) (a view; None when s0 is None) and
     ``flat_state`` says whether states are given back as (B, H): s0 was (B, H), or None for a model
-    with one recurrence.
+    with one recurrence. ``c0_stacked`` an LSTM's c0 as (L·dirs, B, H) (``check_c0``), or None.
     """
 
     x: Any
@@ -61,6 +61,7 @@ class Batch:
     count: int = 0
     s0_stacked: Any = None
     flat_state: bool = True
+    c0_stacked: Any = None
 
 
 def _as_native(be: Backend, a: Any, what: str) -> Any:
@@ -211,3 +212,20 @@ def check_batch(
     batch.y = None if y is None else y.astype(xp.int64, copy=False)
     batch.weight, batch.lengths = weight, lengths
     return batch
+
+
+def check_c0(be: Backend, dtype: np.dtype, c0: Any, batch: Batch) -> None:
+    """Validate an LSTM's c0 against the batch's checked h0 (same shape) and set ``batch.c0_stacked``.
+
+    c0 (B, H) or (L·dirs, B, H), as h0 was given: floating point and finite in the model's dtype.
+    """
+    c0 = _as_native(be, c0, "c0")
+    if c0.dtype.kind != "f":
+        raise InputTypeError(f"c0 must be floating point, got dtype {c0.dtype}")
+    if tuple(c0.shape) != tuple(batch.s0.shape):
+        raise ShapeError(f"c0 must have the shape of h0, {tuple(batch.s0.shape)}, got {tuple(c0.shape)}")
+    cast, finite = finite_in(c0, dtype, xp=be.xp)
+    if c0.size and not bool(finite):
+        why = nonfinite_reason(c0, dtype, xp=be.xp)
+        raise InputError(f"c0 {why}; the initial state must be finite in the model's dtype")
+    batch.c0_stacked = cast.reshape(batch.s0_stacked.shape)

@@ -129,7 +129,8 @@ class Stack:
     ``reverse_index``). Layer l's output Y[l] (T, B, H·dirs) in input time: [forward, reverse]
     states (for one direction, a view of S). X[l] the input of layer l ≥ 1: Y[l−1], or Y[l−1] ⊙ M[l−1]
     with dropout (M the inverted dropout masks, 0 or 1/(1−p)). One (T, B, H) ``pre`` serves every
-    recurrence in turn; ``tmp`` (T, B, H) and ``rev`` (T·B,) exist with two directions.
+    recurrence in turn; ``tmp`` (T, B, gates·H), ``tmp_h`` (T, B, H) (``tmp`` itself for one gate) and
+    ``rev`` (T·B,) exist with two directions.
     """
 
     def __init__(self, model: Any, T: int, B: int, *, dropout: bool) -> None:
@@ -143,6 +144,7 @@ class Stack:
         self.pre = xp.empty((T, B, gH), dtype=dt)
         self.scratch = xp.empty((B, H), dtype=dt)
         self.tmp = xp.empty((T, B, gH), dtype=dt) if dirs == 2 else None
+        self.tmp_h = self.tmp if dirs == 1 or gH == H else xp.empty((T, B, H), dtype=dt)
         self.rev = xp.empty(T * B, dtype=xp.int64) if dirs == 2 else None
         self.Y = [self.S[l][1:] if dirs == 1 else xp.empty((T, B, 2 * H), dtype=dt) for l in range(L)]
         self.M = [xp.empty((T, B, H * dirs), dtype=dt) for _ in range(L - 1)] if dropout else None
@@ -188,7 +190,7 @@ class Stack:
             if model.num_directions == 2:
                 f, r = self.S[2 * l], self.S[2 * l + 1]
                 self.Y[l][..., :H] = f[1:]
-                self.Y[l][..., H:] = gather_rows(r[1:], self.rev, be=be, out=self.tmp)
+                self.Y[l][..., H:] = gather_rows(r[1:], self.rev, be=be, out=self.tmp_h)
             if self.M is not None and l < model.num_layers - 1:
                 be.xp.multiply(self.Y[l], self.M[l], out=self.X[l + 1])
         return self.Y[-1]
@@ -204,6 +206,18 @@ class Stack:
         rows, cols = self.be.asarray(lengths), xp.arange(self.B)
         return xp.stack([S[rows, cols] for S in self.S])  # S[len] = the state after step len − 1
 
+    def final_cell_states(self, lengths: np.ndarray | None) -> Any:
+        """The cell's further state (an LSTM's c) after each recurrence's last valid step, (L·dirs, B, H)
+        (a fresh array) as ``final_states``; None for a cell without one."""
+        C = [self.model.cell.cell_states(aux) for aux in self.aux]
+        if C[0] is None:
+            return None
+        xp = self.be.xp
+        if lengths is None:
+            return xp.stack([c[self.T] for c in C])
+        rows, cols = self.be.asarray(lengths), xp.arange(self.B)
+        return xp.stack([c[rows, cols] for c in C])
+
 
 def states(model: Any, batch: Batch, *, step_kernels: str = "auto") -> list[Any]:
     """Every recurrence's states on a validated batch: [S (T+1, B, H)] in ``model.recurrences`` order (fresh).
@@ -212,7 +226,7 @@ def states(model: Any, batch: Batch, *, step_kernels: str = "auto") -> list[Any]
     recurrence's step t is input step len_b − 1 − t).
     """
     stack = Stack(model, batch.T, batch.B, dropout=False)
-    stack.load(batch.s0_stacked, batch.lengths)
+    stack.load(batch.s0_stacked, batch.lengths, batch.c0_stacked)
     stack.run(batch.x, batch.tokens, step_kernels=step_kernels)
     return stack.S
 
@@ -222,9 +236,10 @@ class Workspace:
 
     Inputs are copied into fixed buffers, so the same computation (or its captured CUDA graph)
     runs on every call; outputs land in ``loss`` (0-d) and ``grads`` (shaped like the params,
-    plus "s0" (L·dirs, B, H)). ``model`` supplies the cell, the parameters, the dtype, the layers
-    and ``use_graphs``; ``step_kernels`` picks the cell's kernels, ``chunk_elements`` sizes the
-    output-layer chunks; ``dropout`` p > 0 keeps mask buffers, drawn at each ``load``.
+    plus "s0" (L·dirs, B, H), and the cell's ``extra_state`` ("c0" for an LSTM) alike). ``model``
+    supplies the cell, the parameters, the dtype, the layers and ``use_graphs``; ``step_kernels``
+    picks the cell's kernels, ``chunk_elements`` sizes the output-layer chunks; ``dropout`` p > 0
+    keeps mask buffers, drawn at each ``load``.
     """
 
     def __init__(
@@ -267,6 +282,8 @@ class Workspace:
         self.loss = xp.zeros((), dtype=dt)
         self.grads = {k: xp.empty_like(v) for k, v in model.params.items()}
         self.grads["s0"] = xp.empty((len(model.recurrences), B, H), dtype=dt)
+        if model.cell.extra_state:  # ∂E/∂c0 of an LSTM
+            self.grads[model.cell.extra_state] = xp.empty((len(model.recurrences), B, H), dtype=dt)
 
     def describe(self) -> dict[str, Any]:
         """What this workspace serves: T, B, tokens, lengths (bool), truncate, dropout, use_graphs,
@@ -290,7 +307,7 @@ class Workspace:
         self.y[...] = batch.y
         if self.weight is not None:
             self.weight[...] = batch.weight
-        self.stack.load(batch.s0_stacked, batch.lengths)
+        self.stack.load(batch.s0_stacked, batch.lengths, batch.c0_stacked)
         if self.stack.M is not None:
             self.stack.draw_masks(generator, self.dropout)
         if self.tokens:
@@ -330,12 +347,14 @@ class Workspace:
             recs = model.recurrences[l * dirs : (l + 1) * dirs]
             if dirs == 2:  # split ∂E/∂Y_l into the two directions, the reverse one into its own time
                 self.G[2 * l][...] = self.dY[..., :H]
-                st.tmp[...] = self.dY[..., H:]
-                gather_rows(st.tmp, st.rev, be=be, out=self.G[2 * l + 1])
+                st.tmp_h[...] = self.dY[..., H:]
+                gather_rows(st.tmp_h, st.rev, be=be, out=self.G[2 * l + 1])
             X = self.x if l == 0 else st.X[l]
             for r in recs:
                 q, G = model.recurrence_params(r), self.G[r.index]
                 mine = {k: g[r.name(k)] for k in q if r.name(k) in g}  # this recurrence's gradients, by base name
+                if cell.extra_state:
+                    mine[cell.extra_state] = g[cell.extra_state][r.index]
                 dpre = cell.run_backward(
                     G, q, st.S[r.index], st.aux[r.index], be=be, work=st.pre, scratch=st.scratch,
                     step_kernels=self.step_kernels, truncate=self.truncate, lanes=self.lanes, grads=mine,

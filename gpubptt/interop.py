@@ -1,4 +1,5 @@
-"""PyTorch interchange without importing torch: ``nn.RNN`` + ``nn.Linear`` state dicts to a model and back.
+"""PyTorch interchange without importing torch: ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` + ``nn.Linear`` state
+dicts to a model and back.
 
     torch                                  gpubptt
     rnn.weight_ih_l0 (H, D)                U
@@ -10,12 +11,18 @@
     linear.weight (K, H·dirs)              V
     linear.bias (K,)                       c
 
+The gated cells keep torch's gate order in the rows (G = 3 for the GRU, r z n; 4 for the LSTM,
+i f g o): weight_ih (G·H, D), weight_hh (G·H, H), biases (G·H,). The LSTM's b is again the sum of
+its two biases; the GRU's b is bias_ih plus the r and z thirds of bias_hh, and the n third of
+bias_hh is b_hn (H,), which sits inside r ⊙ (W_hn h + b_hn) and does not fold. H is read from
+weight_hh_l0's columns; a state dict whose rows say another cell (3H rows for an nn.RNN) is refused.
+
 Layers and directions are read from the keys. gpubptt's model has all biases or none: where torch
 has the RNN's and not the Linear's (or the reverse), the missing ones are zero (the same
-function). Going back, ``to_torch`` puts each b in ``bias_ih`` and zeros in ``bias_hh``; gradients
-put db in both (each of torch's biases receives the gradient of their sum). Values may be torch
-tensors (on any device) or arrays; the result holds NumPy arrays, which ``load_state_dict`` takes
-after ``torch.as_tensor``.
+function). Going back, ``to_torch`` puts each b in ``bias_ih`` and zeros in ``bias_hh`` (the GRU's
+b_hn in bias_hh's n third); gradients put db in both (each of torch's biases receives the gradient
+of their sum). Values may be torch tensors (on any device) or arrays; the result holds NumPy
+arrays, which ``load_state_dict`` takes after ``torch.as_tensor``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ __all__ = ["from_torch_state", "to_torch_state"]
 _LINEAR_KEYS = ("weight", "bias")
 _KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
 _TO_OURS = {"weight_ih": "U", "weight_hh": "W"}
+_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+_MODULE = {"rnn": "nn.RNN", "gru": "nn.GRU", "lstm": "nn.LSTM"}
 
 
 def _host(value: Any, key: str) -> np.ndarray:
@@ -62,12 +71,15 @@ def _rnn_keys(num_layers: int, bidirectional: bool, bias: bool) -> list[str]:
     return keys
 
 
-def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any) -> dict[str, np.ndarray]:
-    """gpubptt's parameters (U, W, V, …; b, c) from ``nn.RNN(D, H, num_layers, bias, bidirectional)`` and
-    ``nn.Linear(H·dirs, K)`` state dicts.
+def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any, *, cell: str = "rnn") -> dict[str, np.ndarray]:
+    """gpubptt's parameters (U, W, V, …; b, c; the GRU's b_hn) from ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM(D, H,
+    num_layers, bias, bidirectional)`` (``cell`` "rnn", "gru", "lstm") and ``nn.Linear(H·dirs, K)`` state dicts.
 
     Shapes as in the table of this module; ShapeError or InputError naming the key on any mismatch.
     """
+    if cell not in _GATES:
+        raise InputError(f"unknown cell {cell!r}; expected one of {', '.join(_GATES)}")
+    G = _GATES[cell]
     rnn_sd = _mapping(rnn_state_dict, "the nn.RNN state dict")
     lin_sd = _mapping(linear_state_dict, "the nn.Linear state dict")
     parsed = {}
@@ -102,18 +114,27 @@ def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any) -> dict[str, n
     if extra:
         raise InputError(f"the nn.Linear state dict has unexpected key {extra[0]!r}; expected weight, bias")
     lin = {k: _host(v, k) for k, v in lin_sd.items()}
-    U0 = rnn["weight_ih_l0"]
-    if U0.ndim != 2:
-        raise ShapeError(f"weight_ih_l0 must be 2-d (H, D), got shape {U0.shape}")
-    H, D = U0.shape
+    U0, W0 = rnn["weight_ih_l0"], rnn["weight_hh_l0"]
+    if U0.ndim != 2 or W0.ndim != 2:
+        raise ShapeError(f"weight_ih_l0 and weight_hh_l0 must be 2-d, got shapes {U0.shape} and {W0.shape}")
+    rows, cols = W0.shape
+    other = [c for c, g in _GATES.items() if rows == g * cols and c != cell]
+    if other:  # another cell's weights: say which, by the rows
+        raise ShapeError(
+            f"weight_hh_l0 has {rows} rows for H = {cols} (its columns): the state dict of an "
+            f"{_MODULE[other[0]]} (cell={other[0]!r}); the {cell} cell's {_MODULE[cell]} has "
+            f"{'' if G == 1 else G}H = {G * cols} rows (rnn H, gru 3H, lstm 4H)"
+        )
+    H, D = U0.shape[0] // G, U0.shape[1]
     dirs = 2 if bidirectional else 1
     for k, (kind, layer, _) in parsed.items():
         if kind == "weight_ih":
-            shape = (H, D if layer == 0 else H * dirs)
+            shape = (G * H, D if layer == 0 else H * dirs)
         else:
-            shape = (H, H) if kind == "weight_hh" else (H,)
+            shape = (G * H, H) if kind == "weight_hh" else (G * H,)
         if rnn[k].shape != shape:
-            note = f"H = {H} from weight_ih_l0" + (f", {arch}" if num_layers > 1 or bidirectional else "")
+            note = f"H = {H} from weight_ih_l0, {_MODULE[cell]}"
+            note += f", {arch}" if num_layers > 1 or bidirectional else ""
             raise ShapeError(f"{k} must have shape {shape} ({note}), got {rnn[k].shape}")
     V = lin["weight"]
     if V.ndim != 2 or V.shape[1] != H * dirs:
@@ -131,8 +152,13 @@ def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any) -> dict[str, n
         sfx = f"_l{r.layer}" + ("_reverse" if r.direction else "")
         for kind in ("weight_ih", "weight_hh"):
             weights[r.name(_TO_OURS[kind])] = rnn[kind + sfx]
-        if with_bias:
-            biases[r.name("b")] = rnn["bias_ih" + sfx] + rnn["bias_hh" + sfx] if bias else np.zeros(H, dtype)
+        if with_bias and cell == "gru":  # b_hn stays inside r ⊙ (·): only the r and z thirds of bias_hh fold
+            b_hh = rnn["bias_hh" + sfx] if bias else np.zeros(G * H, dtype)
+            b_ih = rnn["bias_ih" + sfx] if bias else np.zeros(G * H, dtype)
+            biases[r.name("b")] = np.concatenate([b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H :]])
+            biases[r.name("b_hn")] = b_hh[2 * H :].copy()
+        elif with_bias:
+            biases[r.name("b")] = rnn["bias_ih" + sfx] + rnn["bias_hh" + sfx] if bias else np.zeros(G * H, dtype)
     weights["V"] = V
     if with_bias:
         biases["c"] = lin["bias"] if "bias" in lin else np.zeros(K, dtype)
@@ -140,16 +166,18 @@ def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any) -> dict[str, n
 
 
 def to_torch_state(
-    params: Mapping[str, Any], *, grads: bool = False
+    params: Mapping[str, Any], *, grads: bool = False, cell: str = "rnn"
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(nn.RNN state dict, nn.Linear state dict) of NumPy arrays under torch's names, from gpubptt's parameters.
+    """(nn.RNN / nn.GRU / nn.LSTM state dict, nn.Linear state dict) of NumPy arrays under torch's names,
+    from gpubptt's parameters (``cell`` "rnn", "gru", "lstm").
 
     Any number of layers and directions (read from the names). ``grads=True`` reads ``params`` as
-    gradients (the keys of ``loss_and_grads``; "s0" ignored): each of torch's two biases then receives db.
+    gradients (the keys of ``loss_and_grads``; "s0", "c0" ignored): each of torch's two biases then
+    receives db (the GRU's bias_hh: [db_r, db_z, db_hn]).
     """
     from .params import architecture_of
 
-    host = {k: np.array(_host(v, k)) for k, v in params.items() if k != "s0"}
+    host = {k: np.array(_host(v, k)) for k, v in params.items() if k not in ("s0", "c0")}
     num_layers, bidirectional = architecture_of(host)
     rnn: dict[str, np.ndarray] = {}
     for r in recurrences(num_layers, bidirectional):
@@ -160,6 +188,9 @@ def to_torch_state(
             b = host[r.name("b")]
             rnn["bias_ih" + sfx] = b
             rnn["bias_hh" + sfx] = b.copy() if grads else np.zeros_like(b)
+            if cell == "gru":  # the n third of bias_hh is b_hn; bias_ih's n third is b's alone
+                H = b.shape[0] // 3
+                rnn["bias_hh" + sfx][2 * H :] = host[r.name("b_hn")]
     lin = {"weight": host["V"]}
     if "c" in host:
         lin["bias"] = host["c"]

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from . import engine, interop
-from ._checks import Batch, check_batch, check_dtype, check_positive_int
+from ._checks import Batch, check_batch, check_c0, check_dtype, check_positive_int
 from .backend import Backend, get_backend
-from .cells import NONLINEARITIES, STEP_KERNELS, ElmanCell
+from .cells import NONLINEARITIES, STEP_KERNELS, ElmanCell, GRUCell, LSTMCell
 from .errors import InputError, InputTypeError, ShapeError
 from .losses import chunk_steps, softmax_probs, xent_loss
 from .params import Params, architecture_of, param_shapes, recurrences
@@ -74,15 +74,52 @@ def _check_truncate(truncate: Any) -> int | None:
     return int(truncate)
 
 
-CELLS = ("rnn",)
+#: The cells: "rnn" (torch.nn.RNN's Elman cell), "gru" (torch.nn.GRU's), "lstm" (torch.nn.LSTM's).
+CELLS = ("rnn", "gru", "lstm")
+#: rows of U and W per hidden unit, by cell: what tells one cell's parameters from another's
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+_TORCH_NAME = {"rnn": "nn.RNN", "gru": "nn.GRU", "lstm": "nn.LSTM"}
 
 
-def _cell(nonlinearity: Any, cell: Any = "rnn") -> ElmanCell:
-    if cell not in CELLS:
-        raise InputError(f"unknown cell {cell!r}; expected one of {', '.join(CELLS)} (torch.nn.RNN's cell)")
+def _cell(nonlinearity: Any, cell: Any = "rnn") -> ElmanCell | GRUCell | LSTMCell:
+    if not isinstance(cell, str) or cell not in CELLS:
+        raise InputError(f"unknown cell {cell!r}; expected one of {', '.join(CELLS)} (torch.nn.RNN, GRU, LSTM)")
+    if cell != "rnn":
+        if nonlinearity is not None:
+            raise InputError(
+                f"nonlinearity applies to cell='rnn' only; the {cell.upper()}'s gates use σ and tanh as "
+                f"torch.{_TORCH_NAME[cell]}'s (leave nonlinearity unset), got nonlinearity={nonlinearity!r}"
+            )
+        return GRUCell() if cell == "gru" else LSTMCell()
+    nonlinearity = "tanh" if nonlinearity is None else nonlinearity
     if nonlinearity not in NONLINEARITIES:
         raise InputError(f"unknown nonlinearity {nonlinearity!r}; expected one of {', '.join(NONLINEARITIES)}")
     return ElmanCell(nonlinearity)
+
+
+def cell_option(cell: Any) -> str:
+    """The ``cell=`` option ("rnn", "gru", "lstm") of a cell object (the Elman cell's name is "elman")."""
+    return "rnn" if cell.name == "elman" else cell.name
+
+
+def _split_state(s0: Any, cell: Any) -> tuple[Any, Any]:
+    """(h0, c0) from an LSTM's tuple s0, (s0, None) for the other cells; InputError on the wrong form."""
+    if cell.extra_state is None:
+        if isinstance(s0, tuple):
+            raise InputError(
+                f"s0 is a tuple of {len(s0)}, but only cell='lstm' has a tuple state (h0, c0); the {cell_option(cell)} "
+                "cell's s0 is one array (B, H) or (L·dirs, B, H)"
+            )
+        return s0, None
+    if s0 is None:
+        return None, None
+    if not isinstance(s0, tuple) or len(s0) != 2 or s0[0] is None or s0[1] is None:
+        got = f"a tuple of {len(s0)}" if isinstance(s0, tuple) else type(s0).__name__
+        raise InputError(
+            f"an LSTM's s0 is the tuple (h0, c0), as torch.nn.LSTM's hx, each (B, H) or (L·dirs, B, H); got {got}"
+            " (for c0 = 0 give (h0, zeros like h0))"
+        )
+    return s0
 
 
 def _check_layers(num_layers: Any, bidirectional: Any, dropout: Any) -> tuple[int, bool, float]:
@@ -110,10 +147,14 @@ def _check_seed(seed: Any, name: str = "seed") -> int | None:
 
 
 class RNN:
-    """A vanilla RNN (one or more layers, one or two directions) with a softmax output, on NumPy or CuPy.
+    """An RNN, GRU or LSTM (one or more layers, one or two directions) with a softmax output, on NumPy or CuPy.
 
-    s_t = φ(U x_t + W s_{t-1} [+ b]), φ = ``nonlinearity``: "tanh" (the default) or "relu", as in
-    ``torch.nn.RNN``; the output layer reads the top layer's [forward, reverse] states. Shapes: x (T, B)
+    ``cell`` "rnn" (the default): s_t = φ(U x_t + W s_{t-1} [+ b]), φ = ``nonlinearity``: "tanh" (the
+    default) or "relu", as in ``torch.nn.RNN``. ``cell`` "gru" / "lstm": ``torch.nn.GRU`` / ``nn.LSTM``'s
+    equations and gate order (``gpubptt.cells.gru``, ``gpubptt.cells.lstm``): U (3H|4H, D_l), W
+    (3H|4H, H), b (3H|4H,) and, for the GRU, b_hn (H,); an LSTM's state is the tuple (h0, c0), its
+    gradients hold "s0" and "c0", its final state is (h_n, c_n). ``nonlinearity`` is the rnn cell's
+    only. The output layer reads the top layer's [forward, reverse] states. Shapes: x (T, B)
     token ids in [0, D) or (T, B, D) floats; y (T, B) ints in [0, K); s0 (L·dirs, B, H) as torch's h0,
     or (B, H) when L·dirs = 1; lengths (B,). Parameters per recurrence (``params.param_shapes``):
     U (H, D) on layer 0 and (H, H·dirs) above, W (H, H), b (H,); then V (K, H·dirs), c (K,).
@@ -123,7 +164,7 @@ class RNN:
     seeded with ``seed``, or per call from ``dropout_seed``.
 
     init="wildml": U ~ U(±1/√D_l), W ~ U(±1/√H), V ~ U(±1/√(H·dirs)), biases zero.
-    init="torch":  like ``torch.nn.RNN`` + ``nn.Linear``: every recurrent parameter ~ U(±1/√H), V and c
+    init="torch":  like ``torch.nn.RNN`` (GRU, LSTM) + ``nn.Linear``: every recurrent parameter ~ U(±1/√H), V and c
                    ~ U(±1/√(H·dirs)).
     Random numbers come from NumPy's ``default_rng(seed)`` on the host, so every backend starts
     from identical weights.
@@ -137,7 +178,7 @@ class RNN:
         *,
         num_layers: int = 1,
         bidirectional: bool = False,
-        nonlinearity: str = "tanh",
+        nonlinearity: str | None = None,
         dropout: float = 0.0,
         cell: str = "rnn",
         backend: str | Backend | None = "auto",
@@ -177,7 +218,7 @@ class RNN:
         self.init = init
 
     def _setup(
-        self, be: Backend, dtype: np.dtype, shapes: dict[str, tuple[int, ...]], params: dict[str, Any], cell: ElmanCell
+        self, be: Backend, dtype: np.dtype, shapes: dict[str, tuple[int, ...]], params: dict[str, Any], cell: Any
     ) -> None:
         self.backend = be
         self.dtype = dtype
@@ -236,25 +277,27 @@ class RNN:
         *,
         backend: str | Backend | None = "auto",
         dtype: Any = None,
-        nonlinearity: str = "tanh",
+        nonlinearity: str | None = None,
         dropout: float = 0.0,
-        cell: str = "rnn",
+        cell: str | None = None,
         seed: int | None = None,
     ) -> RNN:
         """Build a model from arrays (NumPy or backend) named as ``params.param_shapes`` names them.
 
-        One layer: "U" (H, D), "W" (H, H), "V" (K, H), optionally "b" (H,), "c" (K,). Layers and
-        directions are read from the names (U_l1, …: ``num_layers``; U_reverse: bidirectional); every
-        recurrence's parameters must be there, biases for all or none. ``dtype=None`` keeps the arrays'
-        float dtype (float32 or float64). The arrays are copied. ``nonlinearity`` "tanh" or "relu";
-        ``dropout`` and ``seed`` (of its masks) as in ``RNN``.
+        One layer: "U" (G·H, D), "W" (G·H, H), "V" (K, H), optionally "b" (G·H,), "c" (K,) (and the GRU's
+        "b_hn" (H,)), G the gates of ``cell``: 1 "rnn", 3 "gru", 4 "lstm"; ``cell=None`` reads it from
+        W's rows. Layers and directions are read from the names (U_l1, …: ``num_layers``; U_reverse:
+        bidirectional); every recurrence's parameters must be there, biases for all or none.
+        ``dtype=None`` keeps the arrays' float dtype (float32 or float64). The arrays are copied.
+        ``nonlinearity`` "tanh" or "relu" (rnn only); ``dropout`` and ``seed`` (of its masks) as in ``RNN``.
         """
-        the_cell = _cell(nonlinearity, cell)
         if not isinstance(params, Mapping):
             raise InputTypeError(f"params must be a mapping of arrays, got {type(params).__name__}")
         missing = [k for k in ("U", "W", "V") if k not in params]
         if missing:
             raise InputError(f"params is missing {missing}; expected U (H, D), W (H, H), V (K, H)")
+        cell = _cell_of(params["W"], cell)
+        the_cell = _cell(nonlinearity, cell)
         L, bidirectional = architecture_of(params)
         _, _, dropout = _check_layers(L, bidirectional, dropout)
         seed = _check_seed(seed)
@@ -266,8 +309,10 @@ class RNN:
         dt = check_dtype(dtype if dtype is not None else host["U"].dtype)
         if host["U"].ndim != 2 or host["W"].ndim != 2 or host["V"].ndim != 2:
             raise ShapeError("U, W, V must be 2-d: got " + ", ".join(f"{k} {host[k].shape}" for k in ("U", "W", "V")))
-        H, D = host["U"].shape
+        H, D = host["W"].shape[1], host["U"].shape[1]
         K = host["V"].shape[0]
+        if host["W"].shape[0] != the_cell.gates * H:
+            raise ShapeError(_gates_message("W", host["W"].shape, cell))
         expected = param_shapes(D, H, K, "b" in host, the_cell, num_layers=L, bidirectional=bidirectional)
         unknown = sorted(set(host) - set(expected))
         if unknown:
@@ -284,7 +329,8 @@ class RNN:
         for k, a in host.items():
             if a.shape != expected[k]:
                 raise ShapeError(
-                    f"parameter {k} must have shape {expected[k]} (from U {host['U'].shape}), got {a.shape}"
+                    f"parameter {k} must have shape {expected[k]} (from W {host['W'].shape}, cell {cell!r}), "
+                    f"got {a.shape}"
                 )
         if min(H, D, K) < 1:
             raise ShapeError(f"every size must be ≥ 1; got D={D}, H={H}, K={K}")
@@ -301,49 +347,60 @@ class RNN:
         linear_state_dict: Mapping[str, Any],
         *,
         cell: str = "rnn",
-        nonlinearity: str = "tanh",
+        nonlinearity: str | None = None,
         dropout: float = 0.0,
         backend: str | Backend | None = "auto",
         dtype: Any = None,
     ) -> RNN:
-        """A model from the state dicts of ``nn.RNN(D, H, num_layers, bias, bidirectional)`` and
-        ``nn.Linear(H·dirs, K, bias)``.
+        """A model from the state dicts of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM(D, H, num_layers, bias,
+        bidirectional)`` (``cell`` "rnn", "gru", "lstm") and ``nn.Linear(H·dirs, K, bias)``.
 
         Sizes, layers, directions and biases are read from the keys and shapes (``gpubptt.interop``
-        has the table; torch's two biases of a recurrence become their sum b). Values: torch tensors
-        or arrays; torch is not imported. ``nonlinearity`` and ``dropout`` as the nn.RNN's (a state
-        dict records neither); ``cell`` "rnn".
+        has the table; torch's two biases of a recurrence become their sum b, except the GRU's
+        b_hn). A state dict of another cell (weight_hh with 3H or 4H rows where ``cell`` expects
+        H, …) is refused, naming the rows. Values: torch tensors or arrays; torch is not imported.
+        ``nonlinearity`` (rnn only) and ``dropout`` as the module's (a state dict records neither).
         """
         _cell(nonlinearity, cell)
-        params = interop.from_torch_state(rnn_state_dict, linear_state_dict)
-        return cls.from_params(params, backend=backend, dtype=dtype, nonlinearity=nonlinearity, dropout=dropout)
+        params = interop.from_torch_state(rnn_state_dict, linear_state_dict, cell=cell)
+        return cls.from_params(
+            params, backend=backend, dtype=dtype, nonlinearity=nonlinearity, dropout=dropout, cell=cell
+        )
 
     def to_torch(self, grads: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
         """(rnn_state_dict, linear_state_dict) of NumPy arrays under torch's names: the weights, or ``grads``.
 
-        For ``nn.RNN(D, H, num_layers, bias=self.bias, bidirectional=…, nonlinearity=…)`` and
-        ``nn.Linear(H·dirs, K, bias=self.bias)``: ``load_state_dict({k: torch.as_tensor(v) ...})``.
-        Each b goes to bias_ih and zeros to bias_hh; with ``grads`` (as ``loss_and_grads`` returns
-        them) both get db.
+        For ``nn.RNN(D, H, num_layers, bias=self.bias, bidirectional=…, nonlinearity=…)`` (``nn.GRU``,
+        ``nn.LSTM`` for those cells) and ``nn.Linear(H·dirs, K, bias=self.bias)``:
+        ``load_state_dict({k: torch.as_tensor(v) ...})``. Each b goes to bias_ih and zeros to bias_hh
+        (the GRU's b_hn to the n third of bias_hh); with ``grads`` (as ``loss_and_grads`` returns them)
+        both get db.
         """
+        cell = cell_option(self.cell)
         if grads is None:
-            return interop.to_torch_state(self.params)
-        return interop.to_torch_state(grads, grads=True)
+            return interop.to_torch_state(self.params, cell=cell)
+        return interop.to_torch_state(grads, grads=True, cell=cell)
 
     def to(self, backend: str | Backend) -> RNN:
         """A copy of this model on another backend (same dtype, weights and settings)."""
         copy = RNN.from_params(
-            self.params, backend=backend, dtype=self.dtype, nonlinearity=self.nonlinearity, dropout=self.dropout
-        )
+            self.params, backend=backend, dtype=self.dtype, nonlinearity=self.nonlinearity, dropout=self.dropout,
+            cell=cell_option(self.cell),
+        )  # fmt: skip
         copy.init, copy.use_graphs = self.init, self.use_graphs
         copy.step_kernels, copy.chunk_elements = self.step_kernels, self.chunk_elements
         return copy
 
     # -- sizes --------------------------------------------------------------------------------
     @property
-    def nonlinearity(self) -> str:
-        """φ of the recurrence: "tanh" or "relu"."""
+    def nonlinearity(self) -> str | None:
+        """φ of the rnn cell's recurrence: "tanh" or "relu"; None for the gated cells."""
         return self.cell.nonlinearity
+
+    @property
+    def cell_name(self) -> str:
+        """The ``cell`` option: "rnn", "gru" or "lstm"."""
+        return cell_option(self.cell)
 
     @property
     def input_size(self) -> int:
@@ -353,7 +410,7 @@ class RNN:
     @property
     def hidden_size(self) -> int:
         """H."""
-        return int(self.params["W"].shape[0])
+        return int(self.params["W"].shape[1])
 
     @property
     def output_size(self) -> int:
@@ -376,14 +433,16 @@ class RNN:
             f"backend={self.backend.name!r}, dtype={self.dtype.name!r}, bias={self.bias}"
             + ("" if self.num_layers == 1 else f", num_layers={self.num_layers}")
             + ("" if not self.bidirectional else ", bidirectional=True")
-            + ("" if self.nonlinearity == "tanh" else f", nonlinearity={self.nonlinearity!r}")
+            + ("" if self.cell_name == "rnn" else f", cell={self.cell_name!r}")
+            + ("" if self.nonlinearity in ("tanh", None) else f", nonlinearity={self.nonlinearity!r}")
             + ("" if not self.dropout else f", dropout={self.dropout}")
             + ")"
         )
 
     # -- the math -----------------------------------------------------------------------------
     def _check(self, x: Any, y: Any, s0: Any, lengths: Any, for_loss: bool) -> Batch:
-        return check_batch(
+        h0, c0 = _split_state(s0, self.cell)
+        batch = check_batch(
             self.backend,
             self.dtype,
             self.input_size,
@@ -391,12 +450,15 @@ class RNN:
             self.output_size,
             x,
             y,
-            s0,
+            h0,
             lengths,
             for_loss=for_loss,
             needs_targets=for_loss,
             num_states=self.num_states,
         )
+        if c0 is not None:
+            check_c0(self.backend, self.dtype, c0, batch)
+        return batch
 
     def _step_kernels(self) -> str:
         value = self.backend.step_kernels if self.step_kernels is None else self.step_kernels
@@ -412,7 +474,7 @@ class RNN:
         """Fresh forward buffers, run on the batch (with dropout only when a dropout_seed is given)."""
         drop = dropout_seed is not None and self.dropout > 0 and self.num_layers > 1
         stack = engine.Stack(self, batch.T, batch.B, dropout=drop)
-        stack.load(batch.s0_stacked, batch.lengths)
+        stack.load(batch.s0_stacked, batch.lengths, batch.c0_stacked)
         if drop:
             stack.draw_masks(self.backend.random_generator(dropout_seed), self.dropout)
         stack.run(batch.x, batch.tokens, step_kernels=self._step_kernels())
@@ -424,6 +486,7 @@ class RNN:
         x (T, B) token ids or (T, B, D) floats; s0 as in ``forward``. A model with several
         recurrences gives (L·dirs, T+1, B, H): one S per recurrence in torch's order, each in its own
         time (a reverse recurrence's S[t+1] is its state after reading input step T−1−t). Fresh arrays.
+        For an LSTM these are the h states (s0 the tuple (h0, c0)).
         """
         batch = self._check(x, None, s0, None, for_loss=False)
         S = self._stack(batch).S
@@ -431,14 +494,18 @@ class RNN:
 
     def _final_state(self, stack: engine.Stack, batch: Batch) -> Any:
         final = stack.final_states(batch.lengths)  # (L·dirs, B, H)
-        return final[0] if batch.flat_state else final
+        cells = stack.final_cell_states(batch.lengths)  # an LSTM's c_n, else None
+        if cells is None:
+            return final[0] if batch.flat_state else final
+        return (final[0], cells[0]) if batch.flat_state else (final, cells)
 
     def forward(self, x: Any, s0: Any = None, *, lengths: Any = None) -> RNNOutput:
         """States, probabilities and final state for inputs x (no dropout, ever).
 
         x (T, B) token ids or (T, B, D) floats; s0 (L·dirs, B, H) or (B, H) (one recurrence) or None
-        (zeros); lengths (B,) or None. Returns RNNOutput with states (T, B, H·dirs) (the top layer's
-        outputs), probs (T, B, K), final_state (L·dirs, B, H), or (B, H) as s0 was.
+        (zeros), an LSTM's the tuple (h0, c0); lengths (B,) or None. Returns RNNOutput with states (T,
+        B, H·dirs) (the top layer's outputs), probs (T, B, K), final_state (L·dirs, B, H), or (B, H) as
+        s0 was (an LSTM's: the tuple (h_n, c_n)).
         """
         batch = self._check(x, None, s0, lengths, for_loss=False)
         stack = self._stack(batch)
@@ -501,10 +568,11 @@ class RNN:
         """Loss and its exact gradients by backpropagation through time.
 
         x (T, B) token ids or (T, B, D) floats; y (T, B) targets; s0 (L·dirs, B, H) or (B, H) (one
-        recurrence) or None; lengths (B,). Returns (loss, grads): loss a 0-d array on the backend
-        (no host sync forced), grads a dict with the keys of ``params`` plus "s0" shaped as s0 was
-        given ((B, H) for None with one recurrence, else (L·dirs, B, H)), each shaped like its
-        parameter. The arrays returned are the caller's: later calls do not overwrite them.
+        recurrence) or None, an LSTM's the tuple (h0, c0); lengths (B,). Returns (loss, grads): loss a
+        0-d array on the backend (no host sync forced), grads a dict with the keys of ``params`` plus
+        "s0" shaped as s0 was given ((B, H) for None with one recurrence, else (L·dirs, B, H)), and
+        for an LSTM "c0" (∂E/∂c0) alike, each shaped like its parameter. The arrays returned are the
+        caller's: later calls do not overwrite them.
         ``return_final_state=True`` adds a third item, the final state as in ``forward`` (what a
         stateful training loop carries into the next chunk), at no extra cost.
 
@@ -527,6 +595,11 @@ class RNN:
         """
         reduction = _check_reduction(reduction)
         truncate = _check_truncate(truncate)
+        if truncate is not None and self.cell.gates > 1:
+            raise InputError(
+                f"truncate={truncate} (the tutorial truncation) is implemented for cell='rnn' only; for the "
+                f"{self.cell_name} cell use chunked BPTT (call per chunk with s0 = the previous chunk's final state)"
+            )
         dropout_seed = _check_seed(dropout_seed, "dropout_seed")
         batch = self._check(x, y, s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)
@@ -538,10 +611,11 @@ class RNN:
             # every gradient is linear in do_t, so the mean is the sum scaled once, at the end
             loss = ws.loss * scale if scale != 1.0 else ws.loss.copy()
             grads = {k: (g * scale if scale != 1.0 else g.copy()) for k, g in ws.grads.items()}
-            if batch.flat_state:
-                grads["s0"] = grads["s0"][0]
-            elif batch.s0 is not None:
-                grads["s0"] = grads["s0"].reshape(batch.s0.shape)
+            for k in ("s0", self.cell.extra_state) if self.cell.extra_state else ("s0",):
+                if batch.flat_state:
+                    grads[k] = grads[k][0]
+                elif batch.s0 is not None:
+                    grads[k] = grads[k].reshape(batch.s0.shape)
             final = self._final_state(ws.stack, batch) if return_final_state else None
         if return_final_state:
             return loss, grads, final
@@ -579,3 +653,27 @@ class RNN:
 
 
 MAX_WORKSPACES = 4
+
+
+def _gates_message(name: str, shape: tuple[int, ...], cell: str) -> str:
+    """Why a weight of ``shape`` (rows, H) does not belong to ``cell``: the rows each cell would have."""
+    rows, H = shape
+    have = [c for c, g in GATES.items() if rows == g * H]
+    mine = f"a {have[0]} cell's" if have else "no cell's"
+    return (
+        f"{name} has shape {shape}: {rows} rows for H = {H} is {mine} (rnn H = {H}, gru 3H = {3 * H}, "
+        f"lstm 4H = {4 * H}), not the {cell} cell's {GATES[cell]}H = {GATES[cell] * H}"
+        + (f"; pass cell={have[0]!r}" if have else "")
+    )
+
+
+def _cell_of(W: Any, cell: str | None) -> str:
+    """The cell option: ``cell`` as given, or (None) the one whose gates·H matches W's rows (H = its columns)."""
+    if cell is not None:
+        return cell
+    shape = tuple(getattr(W, "shape", ()))
+    if len(shape) == 2 and shape[1] > 0:
+        for c, g in GATES.items():
+            if shape[0] == g * shape[1]:
+                return c
+    return "rnn"  # the shape checks that follow say what is wrong

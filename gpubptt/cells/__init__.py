@@ -4,27 +4,38 @@ cell over time (``gpubptt.engine``) knows none of a cell's math. What it asks of
 
     name, gates          the cell's name; rows of U (gates·H, D_l) and W (gates·H, H) per hidden unit
     input_bias           the name of the bias added in the input projection (None: no such bias)
+    extra_state          the name of a state carried beside s ("c0": an LSTM's cell state), or None;
+                         the engine loads it, keeps its gradient under that name and reads it back
     param_shapes(D, H, bias) → {base name: shape}    one recurrence's parameters ("U", "W", "b", …);
                          the engine adds the layer/direction suffix (W_l1_reverse)
     buffers(T, B, H, xp=, dtype=) → {name: array}    what the cell keeps from forward to backward
                          besides the states S (T+1, B, H) (gate activations, a cell state, …)
-    load(aux, state0)    set any state beyond s0 (an LSTM's c0) before a forward
+    load(aux, state0)    set any state beyond s0 (an LSTM's c0, (B, H) or None for zeros) before a forward
+    cell_states(aux)     that state at every step, (T+1, B, H) like S, or None (what final states read)
     run_forward(pre, p, S, aux, be=, scratch=, step_kernels=)
                          all steps: pre (T, B, gates·H) = U x_t + input bias (one GEMM the engine ran),
                          p the recurrence's parameters by base name, S[0] = s0 on entry, S[1:] written
     run_backward(G, p, S, aux, be=, work=, scratch=, step_kernels=, truncate=, lanes=, grads=, ds0=)
                          → ∂E/∂pre (T, B, gates·H). G (T, B, H) enters as ∂E/∂s_t from above; the cell
                          writes its recurrent-side gradients (W, and any bias not in the input
-                         projection) into grads (by base name) and ∂E/∂s0 into ds0; ``work`` (T, B,
+                         projection) into grads (by base name), ∂E/∂s0 into ds0 and ∂E/∂(extra
+                         state at step 0) into grads[extra_state]; ``work`` (T, B,
                          gates·H) is free for it. The engine then forms dU = Σ ∂E/∂preᵀ x_t (one
                          GEMM), the input bias's gradient and ∂E/∂x (one GEMM, for the layer below).
 
 A reverse recurrence sees its inputs in its own time (the engine reverses them per sequence), so a
 cell never knows its direction.
+
+Cells: ``ElmanCell`` (torch.nn.RNN, tanh or relu), ``GRUCell`` (torch.nn.GRU) and ``LSTMCell``
+(torch.nn.LSTM). Tutorial truncation (``truncate=k``, the lanes scheme of ``engine.backward_truncated``)
+needs a cell's ``step_back``/``enter`` (its step Jacobian as one factor per step): the Elman cell's
+only; a gated cell refuses it.
 """
 
 from __future__ import annotations
 
 from .elman import NONLINEARITIES, STEP_KERNELS, ElmanCell
+from .gru import GRUCell
+from .lstm import LSTMCell
 
-__all__ = ["NONLINEARITIES", "STEP_KERNELS", "ElmanCell"]
+__all__ = ["NONLINEARITIES", "STEP_KERNELS", "ElmanCell", "GRUCell", "LSTMCell"]

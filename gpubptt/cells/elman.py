@@ -49,6 +49,8 @@ class ElmanCell:
     gates = 1
     #: the bias added to U x_t in the input projection (its gradient is Σ_t ∂E/∂pre_t)
     input_bias = "b"
+    #: the name of a state carried beside s (an LSTM's "c0"); None: s is the whole state
+    extra_state = None
 
     def __init__(self, nonlinearity: str = "tanh") -> None:
         if nonlinearity not in NONLINEARITIES:
@@ -83,6 +85,10 @@ class ElmanCell:
 
     def load(self, aux: dict[str, Any], state0: Any) -> None:
         """Set any state beyond s0 (none for this cell)."""
+
+    def cell_states(self, aux: dict[str, Any]) -> None:
+        """Every step's state beyond s (none for this cell)."""
+        return None
 
     def run_forward(
         self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], *, be: Backend, scratch: Any, step_kernels: str

@@ -1,0 +1,236 @@
+"""The GRU cell (``torch.nn.GRU``): its parameters, its two recurrences and its fused gate kernels.
+
+Gates stacked (r, z, n) in the rows of U (3H, D) and W (3H, H), as torch's ``weight_ih_l0`` and
+``weight_hh_l0``; in row form, with a = U x_t + b (the input projection, one GEMM for all steps)
+and w = h_{t-1} @ W.T (one (B, H) × (H, 3H) GEMM per step):
+
+    r_t  = σ(a_r + w_r)                  z_t = σ(a_z + w_z)
+    m_t  = w_n + b_hn                    n_t = tanh(a_n + r_t ⊙ m_t)
+    h_t  = (1 − z_t) ⊙ n_t + z_t ⊙ h_{t-1}
+
+b (3H,) is torch's ``bias_ih`` plus the r and z thirds of ``bias_hh``, which add to the same sums;
+b_hn (H,), the n third of ``bias_hh``, sits inside r ⊙ (·) and stays a parameter of its own.
+
+The backward recursion, with dh_t = ∂E/∂h_t (the direct term g_t plus what step t+1 sends back):
+
+    ∂a_n = dh_t ⊙ (1 − z_t) ⊙ (1 − n_t²)        ∂a_z = dh_t ⊙ (h_{t-1} − n_t) ⊙ z_t (1 − z_t)
+    ∂a_r = ∂a_n ⊙ m_t ⊙ r_t (1 − r_t)           ∂m_t = ∂a_n ⊙ r_t
+    ∂w_t = [∂a_r, ∂a_z, ∂m_t]                   dh_{t-1} = dh_t ⊙ z_t + ∂w_t @ W
+    dW = Σ_t ∂w_tᵀ h_{t-1}   db_hn = Σ_t ∂m_t   ∂E/∂a_t = [∂a_r, ∂a_z, ∂a_n]   (one GEMM / sum after the loop)
+
+One step of each recurrence is one GEMM and one fused elementwise kernel (CuPy) or its NumPy twin
+(a handful of ``out=`` operations on preallocated buffers): nothing is allocated per step.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ..backend import Backend
+from ..errors import InputError
+
+__all__ = ["GRUCell"]
+
+# σ(x) = (1 + tanh(x/2)) / 2: one transcendental, and no overflow for large |x|
+_FORWARD = """
+const ptrdiff_t b = i / H, j = i % H, k = b * 3 * H + j, a = b * 4 * H + j;
+const T r = (T)0.5 * tanh((T)0.5 * (pre[k] + hw[k])) + (T)0.5;
+const T z = (T)0.5 * tanh((T)0.5 * (pre[k + H] + hw[k + H])) + (T)0.5;
+const T m = hw[k + 2 * H] + bn[j];
+const T n = tanh(pre[k + 2 * H] + r * m);
+h = n + z * (hprev - n);
+A[a] = r; A[a + H] = z; A[a + 2 * H] = n; A[a + 3 * H] = m;
+"""
+
+_BACKWARD = """
+const ptrdiff_t b = i / H, j = i % H, k = b * 3 * H + j, a = b * 4 * H + j;
+const T r = A[a], z = A[a + H], n = A[a + 2 * H], m = A[a + 3 * H];
+const T dh = g + carry;
+const T dan = dh * ((T)1 - z) * ((T)1 - n * n);
+const T daz = dh * (hprev - n) * z * ((T)1 - z);
+const T dar = dan * m * r * ((T)1 - r);
+dpre[k] = dar; dpre[k + H] = daz; dpre[k + 2 * H] = dan;
+dw[k] = dar; dw[k + H] = daz; dw[k + 2 * H] = dan * r;
+direct = dh * z;
+"""
+
+
+class GRUCell:
+    """The GRU cell, torch.nn.GRU's equations and gate order (r, z, n); see the module docstring.
+
+    Implements the engine's cell interface (``gpubptt.cells``). Parameters per recurrence: U (3H, D),
+    W (3H, H), and with biases b (3H,) (the input projection's) and b_hn (H,) (inside r ⊙ (·)).
+    """
+
+    name = "gru"
+    gates = 3
+    input_bias = "b"
+    #: no state beyond h
+    extra_state = None
+    nonlinearity = None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GRUCell)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return "GRUCell()"
+
+    @staticmethod
+    def param_shapes(D: int, H: int, bias: bool) -> dict[str, tuple[int, ...]]:
+        """U (3H, D) like ``weight_ih_l0``, W (3H, H) like ``weight_hh_l0``; b (3H,), b_hn (H,) with ``bias``."""
+        shapes: dict[str, tuple[int, ...]] = {"U": (3 * H, D), "W": (3 * H, H)}
+        if bias:
+            shapes["b"] = (3 * H,)
+            shapes["b_hn"] = (H,)
+        return shapes
+
+    def buffers(self, T: int, B: int, H: int, *, xp: Any, dtype: Any) -> dict[str, Any]:
+        """A (T, B, 4H) the gates [r, z, n, m] of every step; dw (T, B, 3H) ∂E/∂(h_{t-1} @ W.T);
+        hw (B, 3H), tmp (3, B, H) per-step scratch; zero (H,) the b_hn of a model without biases."""
+        return {
+            "A": xp.empty((T, B, 4 * H), dtype=dtype),
+            "dw": xp.empty((T, B, 3 * H), dtype=dtype),
+            "hw": xp.empty((B, 3 * H), dtype=dtype),
+            "tmp": xp.empty((3, B, H), dtype=dtype),
+            "zero": xp.zeros(H, dtype=dtype),
+        }
+
+    def load(self, aux: dict[str, Any], state0: Any) -> None:
+        """No state beyond h."""
+
+    def cell_states(self, aux: dict[str, Any]) -> None:
+        """No state beyond h."""
+        return None
+
+    def run_forward(
+        self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], *, be: Backend, scratch: Any, step_kernels: str
+    ) -> None:
+        """All steps: pre (T, B, 3H) = U x_t + b; S (T+1, B, H) with S[0] = h0, S[1:] written; gates into aux["A"]."""
+        k = kernels(be)
+        W, bn, A, hw = p["W"], p.get("b_hn", aux["zero"]), aux["A"], aux["hw"]
+        for t in range(pre.shape[0]):
+            be.matmul(S[t], W.T, hw)  # w = h_{t-1} @ W.T, all three gates in one GEMM
+            k.forward(pre[t], hw, bn, S[t], S[t + 1], A[t], aux["tmp"])
+
+    def run_backward(
+        self,
+        G: Any,
+        p: dict[str, Any],
+        S: Any,
+        aux: dict[str, Any],
+        *,
+        be: Backend,
+        work: Any,
+        scratch: Any,
+        step_kernels: str,
+        truncate: int | None,
+        lanes: Any,
+        grads: dict[str, Any],
+        ds0: Any,
+    ) -> Any:
+        """BPTT through all steps; returns ∂E/∂pre (T, B, 3H) (in ``work``). G (T, B, H) enters as the
+        direct term ∂E/∂h_t (and is clobbered); writes grads["W"], grads["b_hn"] and ds0 (B, H)."""
+        if truncate is not None:
+            raise InputError("truncate is implemented for the rnn cell only")
+        k = kernels(be)
+        T, B, H = G.shape
+        W, A, dw, tmp = p["W"], aux["A"], aux["dw"], aux["tmp"]
+        carry = ds0  # dh_t's share from step t+1; after step 0 it is ∂E/∂h0
+        carry[...] = 0
+        for t in range(T - 1, -1, -1):
+            k.backward(G[t], S[t], A[t], carry, work[t], dw[t], tmp)  # the gates' gradients; tmp[0] = dh ⊙ z
+            be.matmul(dw[t], W, carry)  # ∂w_t @ W: all three gates in one GEMM
+            carry += tmp[0]  # dh_{t-1} = dh_t ⊙ z_t + ∂w_t @ W
+        rows = dw.reshape(T * B, 3 * H)
+        be.matmul(rows.T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂w_tᵀ h_{t-1}
+        if "b_hn" in grads:
+            be.xp.sum(rows[:, 2 * H :], axis=0, out=grads["b_hn"])  # db_hn = Σ_t ∂m_t
+        return work
+
+
+def _sigmoid(a: Any, *, xp: Any) -> None:
+    """a ← σ(a) = (1 + tanh(a/2)) / 2, in place."""
+    a *= 0.5
+    xp.tanh(a, out=a)
+    a *= 0.5
+    a += 0.5
+
+
+class _Kernels:
+    """One backend's fused GRU step kernels (CuPy ElementwiseKernels), or their NumPy twins."""
+
+    def __init__(self, be: Backend) -> None:
+        self.xp = be.xp
+        self._fwd = be.elementwise(
+            "raw T pre, raw T hw, raw T bn, T hprev, int64 H", "T h, raw T A", _FORWARD, "gpubptt_gru_forward"
+        )
+        self._bwd = be.elementwise(
+            "T g, T carry, T hprev, raw T A, int64 H",
+            "T direct, raw T dpre, raw T dw",
+            _BACKWARD,
+            "gpubptt_gru_backward",
+        )
+
+    def forward(self, pre: Any, hw: Any, bn: Any, hprev: Any, h: Any, A: Any, tmp: Any) -> None:
+        """One step's gates and state: pre, hw (B, 3H); bn (H,); hprev, h (B, H); A (B, 4H) ← [r, z, n, m]."""
+        H = h.shape[1]
+        if self._fwd is not None:
+            self._fwd(pre, hw, bn, hprev, H, h, A)
+            return
+        xp = self.xp
+        rz, n, m = A[:, : 2 * H], A[:, 2 * H : 3 * H], A[:, 3 * H :]
+        xp.add(pre[:, : 2 * H], hw[:, : 2 * H], out=rz)
+        _sigmoid(rz, xp=xp)  # r, z
+        xp.add(hw[:, 2 * H :], bn, out=m)  # m = w_n + b_hn
+        xp.multiply(A[:, :H], m, out=n)
+        n += pre[:, 2 * H :]
+        xp.tanh(n, out=n)  # n = tanh(a_n + r ⊙ m)
+        xp.subtract(hprev, n, out=h)
+        h *= A[:, H : 2 * H]
+        h += n  # h = n + z ⊙ (h_{t-1} − n)
+
+    def backward(self, g: Any, hprev: Any, A: Any, carry: Any, dpre: Any, dw: Any, tmp: Any) -> None:
+        """One step back: g (B, H) the direct term (clobbered), carry (B, H) dh's share from t+1; writes
+        dpre (B, 3H) ← ∂a, dw (B, 3H) ← ∂w and tmp[0] ← dh ⊙ z (the direct path to h_{t-1})."""
+        H = g.shape[1]
+        if self._bwd is not None:
+            self._bwd(g, carry, hprev, A, H, tmp[0], dpre, dw)
+            return
+        xp = self.xp
+        r, z, n, m = A[:, :H], A[:, H : 2 * H], A[:, 2 * H : 3 * H], A[:, 3 * H :]
+        dar, daz, dan = dpre[:, :H], dpre[:, H : 2 * H], dpre[:, 2 * H :]
+        dh, t1, t2 = g, tmp[1], tmp[2]
+        dh += carry
+        xp.multiply(n, n, out=t1)
+        xp.subtract(1, t1, out=t1)  # 1 − n²
+        xp.subtract(1, z, out=t2)  # 1 − z
+        xp.multiply(t1, t2, out=dan)
+        dan *= dh  # ∂a_n = dh ⊙ (1 − z) ⊙ (1 − n²)
+        xp.multiply(t2, z, out=t2)  # z (1 − z)
+        xp.subtract(hprev, n, out=t1)
+        t1 *= dh
+        xp.multiply(t1, t2, out=daz)  # ∂a_z = dh ⊙ (h_{t-1} − n) ⊙ z (1 − z)
+        xp.subtract(1, r, out=t1)
+        t1 *= r  # r (1 − r)
+        t1 *= m
+        xp.multiply(t1, dan, out=dar)  # ∂a_r = ∂a_n ⊙ m ⊙ r (1 − r)
+        dw[:, : 2 * H] = dpre[:, : 2 * H]
+        xp.multiply(dan, r, out=dw[:, 2 * H :])  # ∂m = ∂a_n ⊙ r
+        xp.multiply(dh, z, out=tmp[0])
+
+
+_KERNELS: dict[int, tuple[Backend, _Kernels]] = {}
+_KERNELS_LOCK = threading.Lock()
+
+
+def kernels(be: Backend) -> _Kernels:
+    """The GRU kernels of backend ``be`` (built once per backend)."""
+    with _KERNELS_LOCK:
+        entry = _KERNELS.get(id(be))
+        if entry is None or entry[0] is not be:
+            entry = _KERNELS[id(be)] = (be, _Kernels(be))
+        return entry[1]

@@ -1,0 +1,235 @@
+"""The LSTM cell (``torch.nn.LSTM``): its parameters, its two recurrences and its fused gate kernels.
+
+Gates stacked (i, f, g, o) in the rows of U (4H, D) and W (4H, H), as torch's ``weight_ih_l0`` and
+``weight_hh_l0``; in row form, with a = U x_t + b (the input projection, one GEMM for all steps)
+and w = h_{t-1} @ W.T (one (B, H) × (H, 4H) GEMM per step):
+
+    i_t = σ(a_i + w_i)   f_t = σ(a_f + w_f)   g_t = tanh(a_g + w_g)   o_t = σ(a_o + w_o)
+    c_t = f_t ⊙ c_{t-1} + i_t ⊙ g_t          h_t = o_t ⊙ tanh(c_t)
+
+The state is (h, c): the initial state is (h0, c0), both (B, H). b (4H,) is torch's ``bias_ih +
+bias_hh`` (the loss depends on their sum only). The backward recursion carries dh and dc:
+
+    dh_t = g_t + (what step t+1 sends back)       dc_t = dc'_t + dh_t ⊙ o_t ⊙ (1 − tanh²c_t)
+    ∂a_i = dc_t ⊙ g_t ⊙ i_t (1 − i_t)           ∂a_f = dc_t ⊙ c_{t-1} ⊙ f_t (1 − f_t)
+    ∂a_g = dc_t ⊙ i_t ⊙ (1 − g_t²)              ∂a_o = dh_t ⊙ tanh(c_t) ⊙ o_t (1 − o_t)
+    dh_{t-1} = ∂a_t @ W                         dc'_{t-1} = dc_t ⊙ f_t
+    dW = Σ_t ∂a_tᵀ h_{t-1}   (one GEMM after the loop; ∂a is also ∂E/∂pre, from which the engine forms dU, db)
+
+One step of each recurrence is one GEMM and one fused elementwise kernel (CuPy) or its NumPy twin
+(a handful of ``out=`` operations on preallocated buffers): nothing is allocated per step.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ..backend import Backend
+from ..errors import InputError
+
+__all__ = ["LSTMCell"]
+
+# σ(x) = (1 + tanh(x/2)) / 2: one transcendental, and no overflow for large |x|
+_FORWARD = """
+const ptrdiff_t b = i / H, j = i % H, k = b * 4 * H + j;
+const T ig = (T)0.5 * tanh((T)0.5 * (pre[k] + hw[k])) + (T)0.5;
+const T fg = (T)0.5 * tanh((T)0.5 * (pre[k + H] + hw[k + H])) + (T)0.5;
+const T gg = tanh(pre[k + 2 * H] + hw[k + 2 * H]);
+const T og = (T)0.5 * tanh((T)0.5 * (pre[k + 3 * H] + hw[k + 3 * H])) + (T)0.5;
+c = fg * cprev + ig * gg;
+h = og * tanh(c);
+A[k] = ig; A[k + H] = fg; A[k + 2 * H] = gg; A[k + 3 * H] = og;
+"""
+
+_BACKWARD = """
+const ptrdiff_t b = i / H, j = i % H, k = b * 4 * H + j;
+const T ig = A[k], fg = A[k + H], gg = A[k + 2 * H], og = A[k + 3 * H];
+const T tc = tanh(c);
+const T dh = g + dhn;
+const T dct = dc + dh * og * ((T)1 - tc * tc);
+da[k] = dct * gg * ig * ((T)1 - ig);
+da[k + H] = dct * cprev * fg * ((T)1 - fg);
+da[k + 2 * H] = dct * ig * ((T)1 - gg * gg);
+da[k + 3 * H] = dh * tc * og * ((T)1 - og);
+dc = dct * fg;
+"""
+
+
+class LSTMCell:
+    """The LSTM cell, torch.nn.LSTM's equations and gate order (i, f, g, o); see the module docstring.
+
+    Implements the engine's cell interface (``gpubptt.cells``), with a second state c: ``extra_state``
+    "c0" names its initial value and gradient. Parameters per recurrence: U (4H, D), W (4H, H), b (4H,).
+    """
+
+    name = "lstm"
+    gates = 4
+    input_bias = "b"
+    #: the state carried beside h: its initial value c0 and ∂E/∂c0 go by this name
+    extra_state = "c0"
+    nonlinearity = None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LSTMCell)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return "LSTMCell()"
+
+    @staticmethod
+    def param_shapes(D: int, H: int, bias: bool) -> dict[str, tuple[int, ...]]:
+        """U (4H, D) like ``weight_ih_l0``, W (4H, H) like ``weight_hh_l0``; b (4H,) with ``bias``."""
+        shapes: dict[str, tuple[int, ...]] = {"U": (4 * H, D), "W": (4 * H, H)}
+        if bias:
+            shapes["b"] = (4 * H,)
+        return shapes
+
+    def buffers(self, T: int, B: int, H: int, *, xp: Any, dtype: Any) -> dict[str, Any]:
+        """A (T, B, 4H) the gates [i, f, g, o] of every step; C (T+1, B, H) the cell states (C[0] = c0);
+        hw (B, 4H), tmp (2, B, H) per-step scratch."""
+        return {
+            "A": xp.empty((T, B, 4 * H), dtype=dtype),
+            "C": xp.zeros((T + 1, B, H), dtype=dtype),
+            "hw": xp.empty((B, 4 * H), dtype=dtype),
+            "tmp": xp.empty((2, B, H), dtype=dtype),
+        }
+
+    def load(self, aux: dict[str, Any], state0: Any) -> None:
+        """c0 (B, H), or None for zeros."""
+        aux["C"][0] = 0 if state0 is None else state0
+
+    def cell_states(self, aux: dict[str, Any]) -> Any:
+        """C (T+1, B, H): C[0] = c0, C[t+1] = c_t."""
+        return aux["C"]
+
+    def run_forward(
+        self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], *, be: Backend, scratch: Any, step_kernels: str
+    ) -> None:
+        """All steps: pre (T, B, 4H) = U x_t + b; S (T+1, B, H) with S[0] = h0 and aux["C"][0] = c0 set."""
+        k = kernels(be)
+        W, A, C, hw = p["W"], aux["A"], aux["C"], aux["hw"]
+        for t in range(pre.shape[0]):
+            be.matmul(S[t], W.T, hw)  # w = h_{t-1} @ W.T, all four gates in one GEMM
+            k.forward(pre[t], hw, C[t], S[t + 1], C[t + 1], A[t], aux["tmp"])
+
+    def run_backward(
+        self,
+        G: Any,
+        p: dict[str, Any],
+        S: Any,
+        aux: dict[str, Any],
+        *,
+        be: Backend,
+        work: Any,
+        scratch: Any,
+        step_kernels: str,
+        truncate: int | None,
+        lanes: Any,
+        grads: dict[str, Any],
+        ds0: Any,
+    ) -> Any:
+        """BPTT through all steps; returns ∂E/∂pre (T, B, 4H) (in ``work``). G (T, B, H) enters as the
+        direct term ∂E/∂h_t; writes grads["W"], ds0 (B, H) = ∂E/∂h0 and grads["c0"] (B, H) = ∂E/∂c0."""
+        if truncate is not None:
+            raise InputError("truncate is implemented for the rnn cell only")
+        k = kernels(be)
+        T, B, H = G.shape
+        W, A, C = p["W"], aux["A"], aux["C"]
+        dh, dc = ds0, grads["c0"]  # what step t+1 sends back to h_t and c_t; after step 0, ∂E/∂h0 and ∂E/∂c0
+        dh[...] = 0
+        dc[...] = 0
+        for t in range(T - 1, -1, -1):
+            k.backward(G[t], dh, C[t], C[t + 1], A[t], dc, work[t], aux["tmp"])  # ∂a_t; dc ← dc_t ⊙ f_t
+            be.matmul(work[t], W, dh)  # dh_{t-1} = ∂a_t @ W: all four gates in one GEMM
+        be.matmul(work.reshape(T * B, 4 * H).T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂a_tᵀ h_{t-1}
+        return work
+
+
+def _sigmoid(a: Any, *, xp: Any) -> None:
+    """a ← σ(a) = (1 + tanh(a/2)) / 2, in place."""
+    a *= 0.5
+    xp.tanh(a, out=a)
+    a *= 0.5
+    a += 0.5
+
+
+class _Kernels:
+    """One backend's fused LSTM step kernels (CuPy ElementwiseKernels), or their NumPy twins."""
+
+    def __init__(self, be: Backend) -> None:
+        self.xp = be.xp
+        self._fwd = be.elementwise(
+            "raw T pre, raw T hw, T cprev, int64 H", "T h, T c, raw T A", _FORWARD, "gpubptt_lstm_forward"
+        )
+        self._bwd = be.elementwise(
+            "T g, T dhn, T cprev, T c, raw T A, int64 H", "T dc, raw T da", _BACKWARD, "gpubptt_lstm_backward"
+        )
+
+    def forward(self, pre: Any, hw: Any, cprev: Any, h: Any, c: Any, A: Any, tmp: Any) -> None:
+        """One step: pre, hw (B, 4H); cprev, h, c (B, H); A (B, 4H) ← [i, f, g, o]."""
+        H = h.shape[1]
+        if self._fwd is not None:
+            self._fwd(pre, hw, cprev, H, h, c, A)
+            return
+        xp = self.xp
+        xp.add(pre, hw, out=A)
+        _sigmoid(A[:, : 2 * H], xp=xp)  # i, f
+        _sigmoid(A[:, 3 * H :], xp=xp)  # o
+        xp.tanh(A[:, 2 * H : 3 * H], out=A[:, 2 * H : 3 * H])  # g
+        xp.multiply(A[:, H : 2 * H], cprev, out=c)
+        xp.multiply(A[:, :H], A[:, 2 * H : 3 * H], out=tmp[0])
+        c += tmp[0]  # c = f ⊙ c_{t-1} + i ⊙ g
+        xp.tanh(c, out=h)
+        h *= A[:, 3 * H :]  # h = o ⊙ tanh(c)
+
+    def backward(self, g: Any, dhn: Any, cprev: Any, c: Any, A: Any, dc: Any, da: Any, tmp: Any) -> None:
+        """One step back: g (B, H) the direct term (clobbered); dhn, dc (B, H) what step t+1 sends to h_t, c_t
+        (dc ← dc_t ⊙ f_t, for c_{t-1}); da (B, 4H) ← ∂a_t."""
+        H = g.shape[1]
+        if self._bwd is not None:
+            self._bwd(g, dhn, cprev, c, A, H, dc, da)
+            return
+        xp = self.xp
+        ig, fg, gg, og = A[:, :H], A[:, H : 2 * H], A[:, 2 * H : 3 * H], A[:, 3 * H :]
+        dai, daf, dag, dao = da[:, :H], da[:, H : 2 * H], da[:, 2 * H : 3 * H], da[:, 3 * H :]
+        dh, tc, t1 = g, tmp[0], tmp[1]
+        dh += dhn
+        xp.tanh(c, out=tc)
+        xp.subtract(1, og, out=t1)
+        t1 *= og  # o (1 − o)
+        t1 *= tc
+        xp.multiply(t1, dh, out=dao)  # ∂a_o = dh ⊙ tanh(c) ⊙ o (1 − o)
+        tc *= tc
+        xp.subtract(1, tc, out=tc)
+        tc *= og
+        tc *= dh
+        dc += tc  # dc_t = dc' + dh ⊙ o ⊙ (1 − tanh²c)
+        xp.multiply(gg, gg, out=t1)
+        xp.subtract(1, t1, out=t1)
+        t1 *= ig
+        xp.multiply(t1, dc, out=dag)  # ∂a_g = dc ⊙ i ⊙ (1 − g²)
+        xp.subtract(1, ig, out=t1)
+        t1 *= ig
+        t1 *= gg
+        xp.multiply(t1, dc, out=dai)  # ∂a_i = dc ⊙ g ⊙ i (1 − i)
+        xp.subtract(1, fg, out=t1)
+        t1 *= fg
+        t1 *= cprev
+        xp.multiply(t1, dc, out=daf)  # ∂a_f = dc ⊙ c_{t-1} ⊙ f (1 − f)
+        dc *= fg  # dc' for step t−1
+
+
+_KERNELS: dict[int, tuple[Backend, _Kernels]] = {}
+_KERNELS_LOCK = threading.Lock()
+
+
+def kernels(be: Backend) -> _Kernels:
+    """The LSTM kernels of backend ``be`` (built once per backend)."""
+    with _KERNELS_LOCK:
+        entry = _KERNELS.get(id(be))
+        if entry is None or entry[0] is not be:
+            entry = _KERNELS[id(be)] = (be, _Kernels(be))
+        return entry[1]
