@@ -26,7 +26,7 @@ __all__ = ["GradcheckReport", "gradcheck"]
 class GradcheckReport:
     """Per-parameter max relative error between analytic and finite-difference gradients.
 
-    errors maps "U", "W", "V", ("b", "c",) "s0" to the max relative error over the checked
+    errors maps "U", "W", "V", ("b", "c",) "s0" (and an LSTM's "c0") to the max relative error over the checked
     coordinates; checked maps each name to how many coordinates were checked.
     """
 
@@ -64,7 +64,7 @@ def gradcheck(
 ) -> GradcheckReport:
     """Check ``model.loss_and_grads`` against central differences, both in float64.
 
-    x (T, B) or (T, B, D); y (T, B); s0 as the model takes it, or None; lengths (B,) or None. The
+    x (T, B) or (T, B, D); y (T, B); s0 as the model takes it (an LSTM's (h0, c0)), or None; lengths (B,). The
     model is copied to float64 on the same backend (the model itself is left unchanged). A model
     with dropout is checked with the masks held fixed: every evaluation draws them from
     ``dropout_seed``. Each parameter's
@@ -82,15 +82,25 @@ def gradcheck(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed must be an int ≥ 0, got {type(seed).__name__} {seed!r}")
     ref = RNN.from_params(
-        model.params, backend=model.backend, dtype="float64", nonlinearity=model.nonlinearity, dropout=model.dropout
-    )
+        model.params, backend=model.backend, dtype="float64", nonlinearity=model.nonlinearity, dropout=model.dropout,
+        cell=model.cell_name,
+    )  # fmt: skip
     drop = {"dropout_seed": dropout_seed}
     be = ref.backend
-    s0_64 = None if s0 is None else be.asarray(s0, dtype=np.float64)
+    extra = model.cell.extra_state  # an LSTM's "c0": s0 is the tuple (h0, c0), both checked
+    if s0 is None:
+        s0_64 = None
+    elif extra and isinstance(s0, tuple):
+        s0_64 = tuple(be.asarray(a, dtype=np.float64) for a in s0)
+    else:
+        s0_64 = be.asarray(s0, dtype=np.float64)
     _, grads = ref.loss_and_grads(x, y, s0_64, lengths=lengths, reduction=reduction, **drop)
     if s0_64 is None:
         s0_64 = be.xp.zeros(grads["s0"].shape, dtype=np.float64)
-    targets = dict(ref.params, s0=s0_64)
+        if extra:
+            s0_64 = (s0_64, be.xp.zeros(grads[extra].shape, dtype=np.float64))
+    states = dict(zip(("s0", extra), s0_64, strict=True)) if isinstance(s0_64, tuple) else {"s0": s0_64}
+    targets = dict(ref.params, **states)
     rng = np.random.default_rng(seed)
     report = GradcheckReport()
     for name, arr in targets.items():

@@ -154,3 +154,79 @@ def ref_stack_loss(params, x, y, s0=None, lengths=None, reduction="sum", nonline
             total -= z[y[t, bi]] - np.log(np.exp(z).sum())
             count += 1
     return total / count if reduction == "mean" else total
+
+
+def sigmoid(a):
+    """σ(a) = 1 / (1 + e^−a), written out."""
+    return 1.0 / (1.0 + np.exp(-a))
+
+
+def ref_gated_step(cell, params, layer, d, x_t, h, c):
+    """One step of torch.nn.GRU / nn.LSTM's cell, from torch's documented equations, gate by gate.
+
+    GRU (gates r, z, n): r = σ(W_ir x + W_hr h + b_r), z = σ(W_iz x + W_hz h + b_z),
+    n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn)), h′ = (1 − z) ⊙ n + z ⊙ h.
+    LSTM (gates i, f, g, o): c′ = σ(f) ⊙ c + σ(i) ⊙ tanh(g), h′ = σ(o) ⊙ tanh(c′).
+    Returns (h′, c′) (c′ None for the GRU).
+    """
+    U, W = params[stack_name("U", layer, d)], params[stack_name("W", layer, d)]
+    H = W.shape[1]
+    ux = U[:, x_t] if np.ndim(x_t) == 0 else U @ x_t
+    b = params.get(stack_name("b", layer, d), np.zeros(U.shape[0]))
+    if cell == "gru":
+        b_hn = params.get(stack_name("b_hn", layer, d), np.zeros(H))
+        W_r, W_z, W_n = W[:H], W[H : 2 * H], W[2 * H :]
+        r = sigmoid(ux[:H] + W_r @ h + b[:H])
+        z = sigmoid(ux[H : 2 * H] + W_z @ h + b[H : 2 * H])
+        n = np.tanh(ux[2 * H :] + b[2 * H :] + r * (W_n @ h + b_hn))
+        return (1 - z) * n + z * h, None
+    a = ux + W @ h + b
+    i, f, g, o = sigmoid(a[:H]), sigmoid(a[H : 2 * H]), np.tanh(a[2 * H : 3 * H]), sigmoid(a[3 * H :])
+    c = f * c + i * g
+    return o * np.tanh(c), c
+
+
+def ref_gated_stack_one(cell, params, x, h0, c0, num_layers, bidirectional, masks=None):
+    """One sequence through a GRU/LSTM stack (torch's definition): x (n,) ids or (n, D) floats, valid steps
+    only; h0, c0 (L·dirs, H) (c0 ignored for the GRU). Returns (top outputs (n, H·dirs), h_n, c_n)."""
+    dirs = 2 if bidirectional else 1
+    n = len(x)
+    inp = x
+    hs, cs = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(dirs):
+            h, c = h0[layer * dirs + d], c0[layer * dirs + d]
+            out = [None] * n
+            for t in range(n - 1, -1, -1) if d else range(n):
+                h, c = ref_gated_step(cell, params, layer, d, inp[t], h, c)
+                out[t] = h
+            hs.append(h)
+            cs.append(c)
+            outs.append(np.array(out, dtype=float).reshape(n, h.shape[0]))
+        inp = np.concatenate(outs, axis=1)
+        if masks is not None and layer < num_layers - 1:
+            inp = inp * masks[layer]
+    return inp, np.array(hs), (np.array(cs) if cell == "lstm" else None)
+
+
+def ref_gated_loss(cell, params, x, y, h0=None, c0=None, lengths=None, reduction="sum", num_layers=1,
+                   bidirectional=False, masks=None):  # fmt: skip
+    """Σ over counted steps of −log softmax(V o_t + c)[y_t] for a GRU/LSTM stack; h0, c0 (L·dirs, B, H) or None."""
+    T, B = y.shape
+    H = params["W"].shape[1]
+    V, cb = params["V"], params.get("c", 0.0)
+    n_states = num_layers * (2 if bidirectional else 1)
+    total, count = 0.0, 0
+    for bi in range(B):
+        n = T if lengths is None else int(lengths[bi])
+        h = np.zeros((n_states, H)) if h0 is None else h0[:, bi]
+        c = np.zeros((n_states, H)) if c0 is None else c0[:, bi]
+        m = None if masks is None else [mk[:n, bi] for mk in masks]
+        top, _, _ = ref_gated_stack_one(cell, params, x[:n, bi], h, c, num_layers, bidirectional, m)
+        for t in range(n):
+            z = V @ top[t] + cb
+            z = z - z.max()
+            total -= z[y[t, bi]] - np.log(np.exp(z).sum())
+            count += 1
+    return total / count if reduction == "mean" else total

@@ -67,7 +67,7 @@ def test_matches_torch_autograd(cell, layers, bidir, bias, tokens, h0, lengths, 
     finals = final if cell == "lstm" else (final,)
     states = state if cell == "lstm" else (state,)
     assert len(finals) == len(states)
-    for ours, theirs in zip(finals, states):
+    for ours, theirs in zip(finals, states, strict=True):
         np.testing.assert_allclose(np.reshape(ours, shape), theirs.detach().numpy(), rtol=1e-11, atol=1e-13)
     g_rnn, g_lin = model.to_torch(grads=grads)
     for name, param in [*module.named_parameters(), *(("lin." + k, v) for k, v in lin.named_parameters())]:
@@ -75,7 +75,7 @@ def test_matches_torch_autograd(cell, layers, bidir, bias, tokens, h0, lengths, 
         np.testing.assert_allclose(ours, param.grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
     if h0:
         hxs = hx if cell == "lstm" else (hx,)
-        for key, h in zip(("s0", "c0"), hxs):
+        for key, h in zip(("s0", "c0")[: len(hxs)], hxs, strict=True):
             np.testing.assert_allclose(grads[key], h.grad.numpy(), rtol=1e-10, atol=1e-12, err_msg=key)
 
 
@@ -89,7 +89,7 @@ def test_state_dicts_round_trip_through_torch_modules(cell, bias):
         for p in module.parameters():
             p.normal_()  # biases nonzero everywhere: b_hn must stay apart from b
     model = gpubptt.RNN.from_torch(module.state_dict(), lin.state_dict(), cell=cell, backend="numpy")
-    rnn_sd, lin_sd = model.to_torch()
+    rnn_sd, _ = model.to_torch()
     again = MODULES[cell](D, H, num_layers=2, bias=bias, bidirectional=True).double()
     again.load_state_dict({k: torch.as_tensor(v) for k, v in rnn_sd.items()})
     x = torch.as_tensor(np.random.default_rng(2).normal(size=(T, B, D)))
