@@ -2,7 +2,8 @@
 range, one line per problem, all raised together as one CheckpointError.
 
 Format versions: 1 (the model's sizes, dtype, bias and init) and 2 (the same, plus the architecture:
-``cell``, ``nonlinearity``, ``num_layers``, ``bidirectional``). Version 1 files are read as the one
+``cell`` ("elman", "gru", "lstm"), ``nonlinearity`` (null for the gated cells), ``num_layers``,
+``bidirectional``). Version 1 files are read as the one
 architecture they could hold: one layer of the tanh Elman cell, one direction.
 """
 
@@ -29,7 +30,7 @@ READS = (1, 2)  # what it reads
 #: The architecture fields of version 2 and their defaults (what a version 1 file holds).
 ARCHITECTURE = {"cell": "elman", "nonlinearity": "tanh", "num_layers": 1, "bidirectional": False}
 #: Fields of the architecture that take one of several values here (the first is the default).
-CHOICES = {"nonlinearity": ("tanh", "relu")}
+CHOICES = {"cell": ("elman", "gru", "lstm"), "nonlinearity": ("tanh", "relu")}
 MAX_LAYERS = 1024  # a sanity bound on model.num_layers
 _INT_MAX = 2**63 - 1  # steps and positions are stored as int64
 _SIZE_MAX = 2**31 - 1  # model sizes, batch, chunk and task lengths: anything larger cannot be allocated
@@ -122,7 +123,10 @@ def _check_model(f: _Fields, m: dict[str, Any], version: int) -> None:
     for k, built in ARCHITECTURE.items():
         if k not in m:
             continue
-        if k in CHOICES:
+        if k == "nonlinearity" and m.get("cell") in ("gru", "lstm"):  # the gated cells have none
+            if m[k] is not None:
+                f.bad("model.nonlinearity", m[k], f"null for cell {show(m['cell'])} (its gates use σ and tanh)")
+        elif k in CHOICES:
             f.choice(f"model.{k}", m[k], CHOICES[k])
         elif k == "num_layers":
             f.integer("model.num_layers", m[k], 1, MAX_LAYERS)

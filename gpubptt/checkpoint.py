@@ -9,6 +9,7 @@ Layout of the archive (every entry a plain NumPy array, so it loads with ``allow
     optim.t  optim.<slot>.<param>                        the optimizer state
     vocab           (K,) int32 code points (text models)
     carry.s         (B, H), or (L·dirs, B, H) for a stack: the state carried into the next chunk (mid-sequence only)
+    carry.c         an LSTM's carried cell state c, shaped as carry.s (always with it, for an LSTM only)
     history.*       per-step loss, gradient norm, lr; evaluation steps, losses, accuracies
 
 Arrays are always stored as host NumPy arrays, so a checkpoint written on CuPy loads on NumPy and
@@ -38,7 +39,7 @@ from ._io import write_atomic
 from .backend import Backend, get_backend, to_numpy
 from .data import Vocab
 from .errors import CheckpointError, InputError
-from .model import RNN
+from .model import RNN, make_cell
 from .optim import Optimizer, make_optimizer
 from .params import param_shapes
 from .train import History, TrainConfig, TrainState
@@ -113,7 +114,9 @@ def save_checkpoint(
             arrays[f"optim.{k}"] = _host(a)
     if vocab is not None:
         arrays["vocab"] = vocab.to_array()
-    if state.s is not None:
+    if isinstance(state.s, tuple):  # an LSTM's (h, c)
+        arrays["carry.s"], arrays["carry.c"] = _host(state.s[0]), _host(state.s[1])
+    elif state.s is not None:
         arrays["carry.s"] = _host(state.s)
     for k, a in (History() if history is None else history).to_arrays().items():
         arrays[f"history.{k}"] = a
@@ -203,9 +206,23 @@ def load_checkpoint(path: str | os.PathLike[str], *, backend: str | Backend | No
     # names, from the model's one schema
     L, bidirectional = mm.get("num_layers", 1), mm.get("bidirectional", False)
     n_states = L * (2 if bidirectional else 1)
-    expected_shapes = param_shapes(D, H, K, bias, num_layers=L, bidirectional=bidirectional)
+    cell = {"elman": "rnn"}.get(mm.get("cell", "elman"), mm.get("cell"))  # validated: elman, gru or lstm
+    the_cell = make_cell(cell)  # its parameter shapes
+    expected_shapes = param_shapes(D, H, K, bias, the_cell, num_layers=L, bidirectional=bidirectional)
     param_names = tuple(expected_shapes)
-    known = {"meta", "vocab", "carry.s"} | {f"param.{k}" for k in param_names}
+    W = arrays.get("param.W")
+    gates = {"rnn": 1, "gru": 3, "lstm": 4}
+    if W is not None and W.ndim == 2 and W.shape[1] == H and W.shape[0] != the_cell.gates * H:
+        other = [c for c, g in gates.items() if W.shape[0] == g * H]
+        if other:  # the weights of another cell: say so by the rows
+            raise CheckpointError(
+                f"{where}: parameter W has shape {W.shape}, {W.shape[0]} rows for H = {H}: the {other[0]} cell's "
+                f"({gates[other[0]]}H), but model.cell = {show(mm.get('cell', 'elman'))} has "
+                f"{the_cell.gates}H = {the_cell.gates * H} (rnn H, gru 3H, lstm 4H)"
+            )
+    known = {"meta", "vocab", "carry.s", *(("carry.c",) if cell == "lstm" else ())} | {
+        f"param.{k}" for k in param_names
+    }
     for k in arrays:
         if k not in known and not k.startswith(("optim.", "history.")):
             raise CheckpointError(f"{where}: unexpected entry {k!r}")
@@ -245,8 +262,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, backend: str | Backend | No
 
     ms = meta["state"]  # validated by _meta: ints ≥ 0
     state = TrainState(step=ms["step"], sequence=ms["sequence"], chunk=ms["chunk"])
-    if "carry.s" in arrays:
-        s = arrays["carry.s"]
+    if cell == "lstm" and ("carry.s" in arrays) != ("carry.c" in arrays):
+        have, lack = ("carry.s", "carry.c") if "carry.s" in arrays else ("carry.c", "carry.s")
+        raise CheckpointError(f"{where}: {have} without {lack}: an LSTM carries the tuple (h, c), both or neither")
+    carried = []
+    for name in ("carry.s", "carry.c"):
+        if name not in arrays:
+            continue
+        s = arrays[name]
         B = config.batch_size if config is not None else "B"
         lead = () if n_states == 1 else (n_states,)  # one recurrence: (B, H); a stack: torch's (L·dirs, B, H)
         ok = s.ndim == len(lead) + 2 and s.shape[:-2] == lead and s.shape[-1] == H
@@ -254,20 +277,23 @@ def load_checkpoint(path: str | os.PathLike[str], *, backend: str | Backend | No
         if not ok or s.dtype != dtype or not np.isfinite(s).all():
             want = ", ".join(map(str, (*lead, B, H)))
             raise CheckpointError(
-                f"{where}: carried state carry.s has {s.dtype} {s.shape}, expected finite {dtype.name} ({want})"
+                f"{where}: carried state {name} has {s.dtype} {s.shape}, expected finite {dtype.name} ({want})"
             )
         if state.chunk == 0:
             raise CheckpointError(
-                f"{where}: carry.s is present at state.chunk = 0, the start of a sequence, where the state is zero"
+                f"{where}: {name} is present at state.chunk = 0, the start of a sequence, where the state is zero"
             )
-        state.s = s
+        carried.append(s)
+    if carried:
+        state.s = tuple(carried) if cell == "lstm" else carried[0]
 
     history = check_history(arrays, state, where)
 
     be = get_backend(backend)
     model = RNN.from_params(
-        params, backend=be, dtype=dtype, nonlinearity=mm.get("nonlinearity", "tanh"), dropout=mm.get("dropout", 0.0)
-    )
+        params, backend=be, dtype=dtype, nonlinearity=mm.get("nonlinearity", "tanh"), dropout=mm.get("dropout", 0.0),
+        cell=cell,
+    )  # fmt: skip
     model.init = mm.get("init", "custom")
     optimizer = None
     mo = meta.get("optimizer")

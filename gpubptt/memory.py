@@ -71,24 +71,29 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def parameter_count(D: int, H: int, K: int, *, bias: bool = True, num_layers: int = 1, dirs: int = 1) -> int:
-    """Entries of every recurrence's U (H, D_l), W (H, H) and V (K, H·dirs); with ``bias``, b (H,) each and c (K,).
+def parameter_count(
+    D: int, H: int, K: int, *, bias: bool = True, num_layers: int = 1, dirs: int = 1, gates: int = 1
+) -> int:
+    """Entries of every recurrence's U (G·H, D_l), W (G·H, H) and V (K, H·dirs); with ``bias``, b (G·H,) each
+    (and the GRU's b_hn (H,)) and c (K,). G = ``gates``: 1 rnn, 3 gru, 4 lstm.
 
     D_0 = D and D_l = H·dirs above (torch.nn.RNN's stack).
     """
-    per_rec = H * H + (H if bias else 0)
-    inputs = dirs * (H * D + (num_layers - 1) * H * H * dirs)
+    per_rec = gates * H * H + ((gates * H + (H if gates == 3 else 0)) if bias else 0)
+    inputs = dirs * gates * (H * D + (num_layers - 1) * H * H * dirs)
     return num_layers * dirs * per_rec + inputs + K * H * dirs + (K if bias else 0)
 
 
 def _forward_bptt(
     T: int, B: int, H: int, K: int, itemsize: int, chunk_elements: int, truncate: int | None,
-    num_layers: int = 1, dirs: int = 1, dropout: bool = False,
+    num_layers: int = 1, dirs: int = 1, dropout: bool = False, gates: int = 1,
 ) -> int:  # fmt: skip
     """Bytes of one forward+BPTT workspace for a (T, B) batch (see ``gpubptt.engine.Workspace``)."""
     n = num_layers * dirs
     # per recurrence S (T+1) and G (T); one shared pre; per recurrence ∂E/∂s0; the per-step row
-    states = n * ((T + 1) * B * H + T * B * H + B * H) + T * B * H + B * H
+    states = n * ((T + 1) * B * H + T * B * H + B * H) + gates * T * B * H + B * H
+    if gates > 1:  # per recurrence the gated cell's buffers: gates (T, B, 4H), ∂w or c (T, B, 3H | H), c0's gradient
+        states += n * (4 * T * B * H + (3 if gates == 3 else 2) * T * B * H + 8 * B * H)
     if dirs == 2:  # the reverse direction's scratch, each layer's [forward, reverse] output, ∂E/∂output
         states += T * B * H + num_layers * T * B * 2 * H + T * B * 2 * H + T * B * INT64 // itemsize
     if dropout and num_layers > 1:  # masks and masked inputs of every layer but the last
@@ -115,17 +120,18 @@ def train_memory(
     num_layers: int = 1,
     dirs: int = 1,
     dropout: bool = False,
+    gates: int = 1,
 ) -> MemoryEstimate:
     """Peak memory of training a D → H → K model on (T, B) chunks with ``slots`` optimizer state arrays.
 
     ``num_layers``, ``dirs``, ``dropout``: the stack (the workspace grows with L·dirs; evaluation keeps
-    each layer's states).
+    each layer's states); ``gates`` the cell's (1 rnn, 3 gru, 4 lstm).
 
     ``itemsize``: bytes per float (4 for float32); ``slots``: per-parameter optimizer arrays (Adam 2,
     Adagrad 1, SGD with momentum 1, plain SGD 0). ``eval_T``, ``eval_B``: the held-out chunk and batch
     (default: the training ones); evaluation keeps the full (T, B, K) probabilities of a chunk.
     """
-    P = parameter_count(D, H, K, bias=bias, num_layers=num_layers, dirs=dirs)
+    P = parameter_count(D, H, K, bias=bias, num_layers=num_layers, dirs=dirs, gates=gates)
     eval_T, eval_B = eval_T or T, eval_B or B
     n = num_layers * dirs
     evaluation = (n * (eval_T + 1) * eval_B * H + eval_T * eval_B * (H * (1 + dirs) + K)) * itemsize
@@ -135,7 +141,7 @@ def train_memory(
             # drawing the weights holds a float64 host copy beside them; afterwards gradients and slots
             "parameters, gradients and optimizer state": P * max(itemsize * (2 + slots), FLOAT64 + itemsize),
             "forward+BPTT workspaces": _forward_bptt(
-                T, B, H, K, itemsize, chunk_elements, truncate, num_layers, dirs, dropout
+                T, B, H, K, itemsize, chunk_elements, truncate, num_layers, dirs, dropout, gates
             ),
             "evaluation": evaluation,
         }

@@ -97,6 +97,11 @@ def _cell(nonlinearity: Any, cell: Any = "rnn") -> ElmanCell | GRUCell | LSTMCel
     return ElmanCell(nonlinearity)
 
 
+def make_cell(cell: str = "rnn", nonlinearity: str | None = None) -> ElmanCell | GRUCell | LSTMCell:
+    """The cell object of the ``cell`` option ("rnn", "gru", "lstm"); InputError on a bad pair (as ``RNN``)."""
+    return _cell(nonlinearity, cell)
+
+
 def cell_option(cell: Any) -> str:
     """The ``cell=`` option ("rnn", "gru", "lstm") of a cell object (the Elman cell's name is "elman")."""
     return "rnn" if cell.name == "elman" else cell.name
@@ -309,10 +314,11 @@ class RNN:
         dt = check_dtype(dtype if dtype is not None else host["U"].dtype)
         if host["U"].ndim != 2 or host["W"].ndim != 2 or host["V"].ndim != 2:
             raise ShapeError("U, W, V must be 2-d: got " + ", ".join(f"{k} {host[k].shape}" for k in ("U", "W", "V")))
-        H, D = host["W"].shape[1], host["U"].shape[1]
-        K = host["V"].shape[0]
-        if host["W"].shape[0] != the_cell.gates * H:
+        rows, cols = host["W"].shape
+        if rows != the_cell.gates * cols and any(rows == g * cols for g in GATES.values()):  # another cell's W
             raise ShapeError(_gates_message("W", host["W"].shape, cell))
+        H, D = host["U"].shape[0] // the_cell.gates, host["U"].shape[1]
+        K = host["V"].shape[0]
         expected = param_shapes(D, H, K, "b" in host, the_cell, num_layers=L, bidirectional=bidirectional)
         unknown = sorted(set(host) - set(expected))
         if unknown:
@@ -329,7 +335,7 @@ class RNN:
         for k, a in host.items():
             if a.shape != expected[k]:
                 raise ShapeError(
-                    f"parameter {k} must have shape {expected[k]} (from W {host['W'].shape}, cell {cell!r}), "
+                    f"parameter {k} must have shape {expected[k]} (from U {host['U'].shape}, cell {cell!r}), "
                     f"got {a.shape}"
                 )
         if min(H, D, K) < 1:

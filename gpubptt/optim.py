@@ -81,13 +81,17 @@ def _param_grads(params: Mapping[str, Any], grads: Mapping[str, Any]) -> list[tu
     return out
 
 
+#: gradients of the initial state (an LSTM's c0 beside s0), not of parameters: no norm or update counts them
+STATE_KEYS = ("s0", "c0")
+
+
 def global_grad_norm(grads: Mapping[str, Any], *, xp: Any, names: Any = None) -> Any:
-    """‖g‖ = √(Σ_k Σ g_k²) over ``names`` (default: every key but "s0"): a 0-d float64 array, no host sync.
+    """‖g‖ = √(Σ_k Σ g_k²) over ``names`` (default: every key but "s0", "c0"): a 0-d float64 array, no host sync.
 
     The per-parameter sums are added in float64, so float32 gradients whose squares are each finite
     cannot overflow the total.
     """
-    keys = [k for k in grads if k != "s0"] if names is None else list(names)
+    keys = [k for k in grads if k not in STATE_KEYS] if names is None else list(names)
     sq = [xp.vdot(grads[k].ravel(), grads[k].ravel()).astype(xp.float64) for k in keys]
     return xp.asarray(xp.sqrt(xp.stack(sq).sum()))  # asarray: NumPy reductions return scalars
 
@@ -95,7 +99,7 @@ def global_grad_norm(grads: Mapping[str, Any], *, xp: Any, names: Any = None) ->
 def clip_grad_norm(grads: Mapping[str, Any], max_norm: float, *, xp: Any, names: Any = None) -> Any:
     """Scale the gradients IN PLACE so that their global norm is at most ``max_norm``; return the norm before.
 
-    grads: arrays of any shape (default: every key but "s0"). Returns a 0-d array on the backend
+    grads: arrays of any shape (default: every key but "s0", "c0"). Returns a 0-d array on the backend
     (no host sync). The direction is kept: every gradient is multiplied by the same factor
     min(1, max_norm / ‖g‖). A non-finite norm leaves the gradients untouched, so the optimizer's
     guard still sees (and names) the bad ones.
@@ -104,7 +108,7 @@ def clip_grad_norm(grads: Mapping[str, Any], max_norm: float, *, xp: Any, names:
         raise InputTypeError(f"max_norm must be a positive number, got {type(max_norm).__name__}")
     if not (math.isfinite(max_norm) and max_norm > 0):
         raise InputError(f"max_norm must be a positive finite number, got {max_norm}")
-    keys = [k for k in grads if k != "s0"] if names is None else list(names)
+    keys = [k for k in grads if k not in STATE_KEYS] if names is None else list(names)
     norm = global_grad_norm(grads, xp=xp, names=keys)
     scale = xp.minimum(1.0, max_norm / (norm + 1e-12))
     scale = xp.where(xp.isfinite(norm), scale, xp.ones_like(scale))  # on the device: no host sync

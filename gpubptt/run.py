@@ -28,7 +28,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
 from .errors import InputError
 from .memory import InsufficientMemoryError, check_fits, train_memory
-from .model import INITS, RNN
+from .model import CELLS, INITS, RNN
 from .optim import DEFAULT_LR, ON_NONFINITE, Optimizer, make_optimizer
 from .plots import plot_history  # noqa: F401  (here before plots.py held every figure)
 from .train import SCHEDULES, History, TrainConfig, TrainState
@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "symbols": 8,
     "copy_length": 5,
     "hidden": 256,
+    "cell": "rnn",
     "layers": 1,
     "dropout": 0.0,
     "batch": 32,
@@ -100,9 +101,12 @@ _APPLIES = {
     "copy_length": ("task", ("copy",), "--task copy (recall remembers one symbol)"),
     "data": ("task", ("text",), "--task text only"),
     "momentum": ("optimizer", ("sgd",), "--optimizer sgd (adam and adagrad keep their own statistics)"),
+    "nonlinearity": ("cell", ("rnn",), "--cell rnn (the GRU's and LSTM's gates use σ and tanh)"),
+    "truncate": ("cell", ("rnn",), "--cell rnn (gated cells train with BPTT inside each --chunk)"),
 }
 _CHOICES = {
     "task": ("text", "copy", "recall"),
+    "cell": CELLS,
     "optimizer": tuple(DEFAULT_LR),
     "schedule": SCHEDULES,
     "init": INITS,
@@ -245,7 +249,8 @@ def new_run(
         dtype=st["dtype"],
         bias=st["bias"],
         init=st["init"],
-        nonlinearity=st["nonlinearity"],
+        cell=st["cell"],
+        nonlinearity=st["nonlinearity"] if st["cell"] == "rnn" else None,
         num_layers=st["layers"],
         dropout=float(st["dropout"]),
         seed=st["seed"],
@@ -272,6 +277,7 @@ def _check_memory(st: Mapping[str, Any], data: TextData | CopyTask, config: Trai
         data.input_size, H, data.output_size, T=T, B=B, itemsize=np.dtype(dtype).itemsize, slots=slots,
         bias=bool(st["bias"]), truncate=truncate, eval_T=eval_T, eval_B=eval_B,
         chunk_elements=be.chunk_elements, num_layers=st["layers"], dropout=st["dropout"] > 0,
+        gates={"rnn": 1, "gru": 3, "lstm": 4}[st["cell"]],
     )  # fmt: skip
     layers = f" --layers {st['layers']}" if st["layers"] > 1 else ""
     what = f"training --hidden {H}{layers} on batches of --batch {B} × {T} steps ({st['optimizer']}, {dtype})"
@@ -291,6 +297,7 @@ def settings_of(ck: Checkpoint) -> dict[str, Any]:
         "symbols": data.get("symbols"),
         "copy_length": data.get("length"),
         "hidden": mm["hidden_size"],
+        "cell": {"elman": "rnn"}.get(mm.get("cell", "elman"), mm.get("cell")),
         "layers": mm.get("num_layers", 1),
         "dropout": mm.get("dropout", 0.0),
         "batch": cfg.batch_size,

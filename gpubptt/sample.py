@@ -41,6 +41,9 @@ def sample_chars(
         raise InputError(f"seed must be an int ≥ 0 or None, got {seed!r}")
     primed = list(vocab.encode(prime)) if prime else []  # InputError naming a character outside the vocabulary
     host = model.to("numpy") if model.backend.name != "numpy" else model
+    if getattr(model, "cell_name", "rnn") != "rnn":  # a gated cell: one step of the model's own forward
+        rng = np.random.default_rng(seed)
+        return _draw_steps(host, vocab, primed, prime, length, temperature, rng)
     p = {k: v.astype(np.float64) for k, v in host.params.items()}
     step = functools.partial(model.cell.activate, xp=np)
     return _draw(p, step, vocab, primed, prime, length, temperature, np.random.default_rng(seed))
@@ -70,6 +73,28 @@ def _draw(
     for _ in range(length):
         s = phi(U[:, x] + W @ s + b)  # s_t = φ(U x_t + W s_{t-1} + b)
         z = (V @ s + c) / tau
+        q = np.exp(z - z.max())
+        x = int(rng.choice(len(q), p=q / q.sum()))
+        yield vocab.decode([x])
+
+
+def _draw_steps(
+    model: RNN, vocab: Vocab, ids: list[int], prime: str, length: int, tau: float, rng: np.random.Generator
+) -> Iterator[str]:
+    """As ``_draw`` for any cell and stack: each step is ``model.forward`` on one token (T = B = 1), its
+    final state (an LSTM's (h, c)) carried into the next; p = softmax(log ŷ / τ)."""
+    if not ids:
+        ids = list(vocab.encode("\n")) if "\n" in vocab.chars else [int(rng.integers(len(vocab)))]
+    state = None
+    for i in ids[:-1]:  # read the prime
+        state = model.forward(np.array([[i]]), state).final_state
+    if prime:
+        yield prime
+    x = ids[-1]
+    for _ in range(length):
+        out = model.forward(np.array([[x]]), state)
+        state = out.final_state
+        z = np.log(np.maximum(out.probs[0, 0].astype(np.float64), 1e-300)) / tau
         q = np.exp(z - z.max())
         x = int(rng.choice(len(q), p=q / q.sum()))
         yield vocab.decode([x])

@@ -250,10 +250,17 @@ def train(
     n_states = getattr(model, "num_states", 1)
     lead = () if n_states == 1 else (n_states,)  # one recurrence: (B, H); a stack: (L·dirs, B, H)
     want = (*lead, config.batch_size, model.hidden_size)
-    if state.s is not None and tuple(state.s.shape) != want:
-        layout = "(B, H)" if n_states == 1 else "(L·dirs, B, H)"
-        raise InputError(f"carried state has shape {tuple(state.s.shape)}, expected {layout} = {want}")
-    if state.s is not None:
+    lstm = getattr(model, "cell_name", "rnn") == "lstm"  # its carried state is the tuple (h, c)
+    if state.s is not None and isinstance(state.s, tuple) != lstm:
+        raise InputError(f"the carried state of a {'lstm' if lstm else 'non-lstm'} model must {'' if lstm else 'not '}"
+                         "be a tuple (h, c)")  # fmt: skip
+    for s in state.s if isinstance(state.s, tuple) else (state.s,):
+        if s is not None and tuple(s.shape) != want:
+            layout = "(B, H)" if n_states == 1 else "(L·dirs, B, H)"
+            raise InputError(f"carried state has shape {tuple(s.shape)}, expected {layout} = {want}")
+    if isinstance(state.s, tuple):
+        state.s = tuple(be.asarray(s, dtype=model.dtype) for s in state.s)
+    elif state.s is not None:
         state.s = be.asarray(state.s, dtype=model.dtype)
 
     eval_seconds = [0.0]

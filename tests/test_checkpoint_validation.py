@@ -133,7 +133,8 @@ META_CASES = {  # id: (edit of the meta dict, what the message must name)
     "chunk-1e9": (_set("state", "chunk", 1e9), "state.chunk = 1000000000.0"),  # was: accepted
     "chunk-beyond-the-sequence": (_set("state", "chunk", 10**9), "state.chunk = 1000000000"),  # was: accepted
     # format version 2 records the architecture; it must be one built here, and match the parameters
-    "cell-gru": (_set("model", "cell", "gru"), 'model.cell = "gru", expected "elman"'),
+    "cell-transformer": (_set("model", "cell", "transformer"), "model.cell = \"transformer\", expected one of 'elman'"),
+    "cell-gru-with-a-nonlinearity": (_set("model", "cell", "gru"), 'model.nonlinearity = "tanh", expected null'),
     "cell-missing": (_drop("model", "cell"), "model.cell is missing"),
     "nonlinearity-sigmoid": (
         _set("model", "nonlinearity", "sigmoid"),

@@ -20,7 +20,7 @@ from ..cells import NONLINEARITIES
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..data import TASKS
 from ..errors import InputError
-from ..model import INITS
+from ..model import CELLS, INITS
 from ..optim import DEFAULT_LR, ON_NONFINITE, OPTIMIZERS, NonFiniteError
 from ..run import DEFAULT_EVAL_EVERY, DEFAULT_STEPS, DEFAULTS, TEXT_CHUNK, Run, new_run, resume_run, save_run
 from ..sample import sample_chars
@@ -50,6 +50,7 @@ from ._common import (
 TaskChoice = choices("TaskChoice", TASKS)
 InitChoice = choices("InitChoice", INITS)
 NonlinearityChoice = choices("NonlinearityChoice", NONLINEARITIES)
+CellChoice = choices("CellChoice", CELLS)
 OptimizerChoice = choices("OptimizerChoice", OPTIMIZERS)
 ScheduleChoice = choices("ScheduleChoice", SCHEDULES)
 NonFiniteChoice = choices("NonFiniteChoice", ON_NONFINITE)
@@ -216,6 +217,12 @@ def train(
     symbols: Annotated[int | None, typer.Option(help=_default("copy/recall: alphabet size A.", "symbols"))] = None,
     copy_length: Annotated[int | None, typer.Option(help=_default("copy: symbols to remember.", "copy_length"))] = None,
     hidden: Annotated[int | None, typer.Option(help=_default("Hidden size H.", "hidden"))] = None,
+    cell: Annotated[
+        CellChoice | None,
+        typer.Option(
+            help=_default("The recurrent cell: torch.nn.RNN's (rnn), nn.GRU's (gru) or nn.LSTM's (lstm).", "cell")
+        ),
+    ] = None,
     layers: Annotated[
         int | None, typer.Option(help=_default("Stacked recurrent layers (torch.nn.RNN's num_layers).", "layers"))
     ] = None,
@@ -285,12 +292,13 @@ def train(
     force: Annotated[bool, typer.Option(help="Overwrite an existing checkpoint with a new run.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write the loss curve to this PNG file (needs matplotlib).")] = None,
 ) -> None:
-    """Train a vanilla RNN with truncated BPTT; report the loss beside the chance level; save a checkpoint.
+    """Train an RNN, GRU or LSTM with truncated BPTT; report the loss beside the chance level; save a checkpoint.
 
     With no options: a character model of a built-in generated English-like corpus, about a minute on a CPU.
     """
     options = dict(
-        task=task, data=data, delay=delay, symbols=symbols, copy_length=copy_length, hidden=hidden, layers=layers,
+        task=task, data=data, delay=delay, symbols=symbols, copy_length=copy_length, hidden=hidden, cell=cell,
+        layers=layers,
         dropout=dropout, batch=batch,
         chunk=chunk, truncate=truncate, dtype=dtype, bias=bias, init=init, nonlinearity=nonlinearity,
         optimizer=optimizer, lr=lr,
