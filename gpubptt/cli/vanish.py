@@ -175,6 +175,14 @@ def vanish(
     iters: Annotated[int, typer.Option(min=1, help="Most power iterations per Jacobian-product norm.")] = DEFAULT_ITERS,
     plot: Annotated[Path | None, typer.Option(help="Write the plots to this PNG file (needs matplotlib).")] = None,
     fmt: Annotated[VanishFormat, typer.Option("--format", help="Output: a table or JSON.")] = VanishFormat.table,
+    cell: Annotated[
+        str | None,
+        typer.Option(
+            help="Compare cells instead: rnn, gru, lstm (comma-separated), each a random model of the same H on "
+            "the same tokens; the table gives each cell's horizon and rate per step (the LSTM's cell-state "
+            "path ∂c_t/∂c_k too), ‖∂E/∂s0‖ and the truncation window within 1 %."
+        ),
+    ] = None,
 ) -> None:
     """Show why BPTT gradients vanish or explode: one row per spectral radius of W.
 
@@ -189,6 +197,23 @@ def vanish(
     next characters), or on B sequences of its copy/recall task; an explicit --scale rescales the
     trained W instead, and "model" among the radii keeps it. Windows and sequences come from --seed.
     """
+    if cell is not None:  # the cells side by side (gpubptt.diagnostics.gated)
+        from ._vanish_cells import parse_cells, run_cells
+
+        cells = parse_cells(cell)
+        for name, value in {"checkpoint": checkpoint, "scale": scale, "data": data, "init": init}.items():
+            if value is not None:
+                raise usage_error(f"--{name} does not apply with --cell (random models of each cell, torch's init)")
+        check_plot(plot)
+        writable_or_exit(plot, "--plot")
+        if not (np.isfinite(threshold) and threshold > 0):
+            raise typer.BadParameter(f"must be a finite number > 0, got {threshold}", param_hint="--threshold")
+        run_cells(
+            cells, T=DEFAULT_SEQ_LEN if seq_len is None else seq_len, H=RANDOM_DEFAULTS["hidden"] if hidden is None
+            else hidden, B=batch, vocab=RANDOM_DEFAULTS["vocab"] if vocab is None else vocab, seed=seed,
+            threshold=threshold, fmt=fmt.value, plot=plot,
+        )  # fmt: skip
+        return
     radii = _parse_scales(scale if scale is not None else ("model" if checkpoint is not None else RANDOM_SCALES))
     if not (np.isfinite(threshold) and threshold > 0):
         raise typer.BadParameter(f"must be a finite number > 0, got {threshold}", param_hint="--threshold")

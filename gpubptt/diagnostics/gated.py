@@ -1,0 +1,309 @@
+"""Gradient flow through any cell, measured the same way for rnn, gru and lstm: what ``gpubptt vanish --cell`` runs.
+
+The step Jacobian of the whole state (h for rnn and gru, (h, c) for the LSTM) is written out per cell
+and per example from the forward's own gates, dense (B, n, n), n = H or 2H:
+
+    rnn    ∂h_t/∂h_{t−1} = diag(1 − h_t²) W
+    gru    ∂h_t/∂h_{t−1} = diag(z) + diag(h_{t−1} − n) ∂z + diag(1 − z) ∂n
+           ∂z = diag(z(1 − z)) W_z   ∂r = diag(r(1 − r)) W_r   ∂n = diag(1 − n²) (diag(m) ∂r + diag(r) W_n)
+    lstm   ∂c_t/∂h_{t−1} = diag(c_{t−1}) ∂f + diag(g) ∂i + diag(i) ∂g      ∂c_t/∂c_{t−1} = diag(f)
+           ∂h_t/∂(h, c)_{t−1} = diag(tanh c_t) ∂o + diag(o (1 − tanh² c_t)) ∂c_t      (∂o = diag(o(1 − o)) W_o, …)
+
+From them: ‖Π_{j=k+1..t} ∂s_j/∂s_{j−1}‖₂ against the lag t − k (t the last step; geometric mean over
+the batch; for the LSTM also the c→c block of the product, ∂c_t/∂c_k, the cell-state path), the
+horizon (first lag below a threshold) and the fitted factor per step; ‖∂E/∂s_t‖ per step (the
+backward recursion d_t = g_t + J_{t+1}ᵀ d_{t+1} on these Jacobians); and the truncation bias of
+tutorial truncation, for any cell, from the model's own exact BPTT on windows:
+
+    g_k = Σ_t (G(a_t, t) − G(a_t, t − 1)),   a_t = max(0, t − k)
+
+G(a, t) the gradient of E_a + … + E_t on steps a..t started from the state at step a − 1 (held
+fixed): the difference is E_t's contribution through steps t, t − 1, …, t − k only. One layer, one
+direction; the host, float64. Dense Jacobians cost T·B·n² memory: meant for H up to a few hundred.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import engine
+from ..backend import to_numpy
+from ..errors import InputError
+from ..model import RNN
+from ._common import ToDict, batch_of, check_int, check_model, check_positive_float
+
+__all__ = ["CellFlow", "cell_flow", "compare_cells", "plot_cells", "step_jacobians"]
+
+#: The horizon is the first lag whose product norm falls below this.
+DEFAULT_THRESHOLD = 1e-3
+
+
+@dataclass
+class CellFlow(ToDict):
+    """The gradient flow of one cell on one batch (host float64 arrays).
+
+    lags (T+1,) 0..T; log_norms (T+1,) mean over the batch of log ‖∂s_{T−1}/∂s_{T−1−ℓ}‖₂ (the whole
+    state); cell_log_norms the LSTM's ∂c_{T−1}/∂c_{T−1−ℓ} (None otherwise); step_norms (T,)
+    ‖∂E/∂s_t‖ over the batch; s0_norm ‖∂E/∂s0‖; horizon, decay_rate (and cell_horizon,
+    cell_decay_rate): first lag below ``threshold`` and exp(fitted slope of the log norm per lag);
+    truncate, rel_error, cosine: the truncated gradient of every parameter against full BPTT.
+    """
+
+    cell: str
+    hidden_size: int
+    parameters: int
+    threshold: float
+    lags: np.ndarray
+    log_norms: np.ndarray
+    cell_log_norms: np.ndarray | None
+    step_norms: np.ndarray
+    s0_norm: float
+    horizon: int | None
+    decay_rate: float | None
+    cell_horizon: int | None
+    cell_decay_rate: float | None
+    truncate: np.ndarray
+    rel_error: np.ndarray
+    cosine: np.ndarray
+
+    def truncate_within(self, tol: float = 0.01) -> int | None:
+        """The smallest measured window whose gradient is within ``tol`` (relative) of full BPTT, or None."""
+        ok = np.flatnonzero(self.rel_error < tol)
+        return int(self.truncate[ok[0]]) if ok.size else None
+
+
+def _host_model(model: RNN) -> RNN:
+    """A float64 NumPy copy (the diagnostics run on the host)."""
+    if model.num_states != 1:
+        raise InputError(
+            f"the cell diagnostics take one layer and one direction; this model has {model.num_layers} layers"
+            + (", bidirectional" if model.bidirectional else "")
+        )
+    params = {k: to_numpy(v).astype(np.float64) for k, v in model.params.items()}
+    return RNN.from_params(params, backend="numpy", dtype="float64", cell=model.cell_name,
+                           nonlinearity=model.nonlinearity)  # fmt: skip
+
+
+def _forward(m: RNN, batch: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """The model's own forward from zero: S (T+1, B, H) and the cell's buffers (gates "A", the LSTM's "C")."""
+    stack = engine.Stack(m, batch.T, batch.B, dropout=False)
+    stack.load(None, None)
+    stack.run(batch.x, batch.tokens, step_kernels="cublas")
+    return stack.S[0], stack.aux[0]
+
+
+def _sig_grad(a: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """diag(a (1 − a)) W for every example: a (B, H), W (H, H) → (B, H, H)."""
+    return (a * (1 - a))[:, :, None] * W[None]
+
+
+def step_jacobians(model: RNN, x: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """J (T, B, n, n): ∂s_t/∂s_{t−1} of the whole state at every step (n = H, or 2H for the LSTM's [h, c]),
+    written out from the forward's gates; and the forward itself: {"S": (T+1, B, H), "C": LSTM cells}.
+
+    x (T, B) token ids or (T, B, D) floats; s0 zero.
+    """
+    m = _host_model(check_model(model))
+    batch = batch_of(m, x, None, None)
+    S, aux = _forward(m, batch)
+    cell = m.cell_name
+    T, B, H = batch.T, batch.B, m.hidden_size
+    W = np.asarray(m.params["W"])
+    forward = {"S": S.copy()}
+    if cell == "rnn":
+        if m.nonlinearity == "relu":
+            J = (S[1:] > 0).astype(float)[..., None] * W
+        else:
+            J = (1 - S[1:] ** 2)[..., None] * W  # (T, B, H, H)
+        return J, forward
+    A = aux["A"]
+    eye = np.eye(H)
+    if cell == "gru":
+        J = np.empty((T, B, H, H))
+        Wr, Wz, Wn = W[:H], W[H : 2 * H], W[2 * H :]
+        for t in range(T):
+            r, z, n, mm = (A[t][:, i * H : (i + 1) * H] for i in range(4))
+            dr, dz = _sig_grad(r, Wr), _sig_grad(z, Wz)
+            dn = (1 - n * n)[:, :, None] * (mm[:, :, None] * dr + r[:, :, None] * Wn[None])
+            J[t] = z[:, :, None] * eye + (S[t] - n)[:, :, None] * dz + (1 - z)[:, :, None] * dn
+        return J, forward
+    C = aux["C"].copy()
+    forward["C"] = C
+    J = np.zeros((T, B, 2 * H, 2 * H))
+    Wi, Wf, Wg, Wo = W[:H], W[H : 2 * H], W[2 * H : 3 * H], W[3 * H :]
+    for t in range(T):
+        i, f, g, o = (A[t][:, k * H : (k + 1) * H] for k in range(4))
+        tc = np.tanh(C[t + 1])
+        dc_dh = C[t][:, :, None] * _sig_grad(f, Wf) + g[:, :, None] * _sig_grad(i, Wi)
+        dc_dh += i[:, :, None] * ((1 - g * g)[:, :, None] * Wg[None])
+        dc_dc = f[:, :, None] * eye
+        through = (o * (1 - tc * tc))[:, :, None]
+        J[t, :, :H, :H] = tc[:, :, None] * _sig_grad(o, Wo) + through * dc_dh
+        J[t, :, :H, H:] = through * dc_dc
+        J[t, :, H:, :H] = dc_dh
+        J[t, :, H:, H:] = dc_dc
+    return J, forward
+
+
+def _fit(log_norms: np.ndarray, threshold: float) -> tuple[int | None, float | None]:
+    """(first lag below threshold, exp(slope of the log norm per lag fitted over lags ≥ 1)), from mean log norms."""
+    below = np.flatnonzero(log_norms < math.log(threshold))
+    horizon = int(below[0]) if below.size else None
+    lags = np.arange(len(log_norms))
+    ok = np.isfinite(log_norms) & (lags >= 1)
+    if ok.sum() < 2:
+        return horizon, None
+    slope = np.polyfit(lags[ok], log_norms[ok], 1)[0]
+    return horizon, float(math.exp(slope))
+
+
+def _window_grads(m: RNN, x: Any, y: Any, states: list[Any], a: int, t: int) -> dict[str, np.ndarray] | None:
+    """The exact gradient of E_a + … + E_t over steps a..t from the (fixed) state at step a − 1; None if t < a."""
+    if t < a:
+        return None
+    _, g = m.loss_and_grads(x[a : t + 1], y[a : t + 1], states[a])
+    return g
+
+
+def truncation_windows(model: RNN, x: Any, y: Any, truncates: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(rel_error, cosine) per window k of tutorial truncation against full BPTT, every parameter, any cell.
+
+    x (T, B) or (T, B, D); y (T, B). Each truncated gradient is Σ_t (G(a_t, t) − G(a_t, t − 1)) from
+    the model's own BPTT on windows (module docstring): 2T short runs per window.
+    """
+    m = _host_model(check_model(model))
+    batch = batch_of(m, x, y, None)
+    xh, yh = to_numpy(batch.x), to_numpy(batch.y)
+    T = batch.T
+    S, aux = _forward(m, batch)  # the states at every step, to start the windows from
+    C = m.cell.cell_states(aux)
+    states = [S[a] if C is None else (S[a], C[a]) for a in range(T)]
+    names = list(m.params)
+    _, full = m.loss_and_grads(xh, yh)
+    full_vec = np.concatenate([full[k].ravel() for k in names])
+    rel, cos = [], []
+    for k in truncates:
+        acc = np.zeros_like(full_vec)
+        for t in range(T):
+            a = max(0, t - k)
+            hi, lo = _window_grads(m, xh, yh, states, a, t), _window_grads(m, xh, yh, states, a, t - 1)
+            acc += np.concatenate([hi[n].ravel() for n in names])
+            if lo is not None:
+                acc -= np.concatenate([lo[n].ravel() for n in names])
+        rel.append(np.linalg.norm(acc - full_vec) / np.linalg.norm(full_vec))
+        cos.append(acc @ full_vec / (np.linalg.norm(acc) * np.linalg.norm(full_vec)))
+    return np.array(rel), np.array(cos)
+
+
+def cell_flow(
+    model: RNN, x: Any, y: Any, *, threshold: float = DEFAULT_THRESHOLD, truncates: list[int] | None = None
+) -> CellFlow:
+    """Every measure of the module docstring for a one-layer, one-direction model of any cell.
+
+    x (T, B) token ids or (T, B, D) floats; y (T, B) targets; s0 zero; E the sum over steps and
+    examples. ``truncates``: the windows k to measure (default 0, 1, 2, 4, … and T − 1).
+    """
+    threshold = check_positive_float(threshold, "threshold")
+    m = _host_model(check_model(model))
+    J, fwd = step_jacobians(m, x)
+    T, B, n, _ = J.shape
+    H = m.hidden_size
+    if truncates is None:
+        truncates = sorted({0, *(2**i for i in range(max(1, T).bit_length()) if 2**i < T), max(0, T - 1)})
+    truncates = [check_int(k, "truncate", 0) for k in truncates]
+    # products from the last step back: P_ℓ = J_{T−1} ⋯ J_{T−ℓ}, renormalised (log scale kept) per example
+    P = np.broadcast_to(np.eye(n), (B, n, n)).copy()
+    scale = np.zeros(B)
+    logs, cell_logs = [np.zeros(B)], [np.zeros(B)]
+    for ell in range(1, T + 1):
+        P = P @ J[T - ell]
+        big = np.abs(P).max(axis=(1, 2))
+        big = np.where(big > 0, big, 1.0)
+        P /= big[:, None, None]
+        scale += np.log(big)
+        with np.errstate(divide="ignore"):
+            logs.append(np.log(np.linalg.norm(P, ord=2, axis=(1, 2))) + scale)
+            if n == 2 * H:
+                cell_logs.append(np.log(np.linalg.norm(P[:, H:, H:], ord=2, axis=(1, 2))) + scale)
+    log_norms = np.mean(logs, axis=1)
+    cell_log_norms = np.mean(cell_logs, axis=1) if n == 2 * H else None
+    # ∂E/∂s_t: d_t = g_t + J_{t+1}ᵀ d_{t+1}, g_t = [V_ᵀ do_t, 0]
+    batch = batch_of(m, x, y, None)
+    yh = to_numpy(batch.y)
+    V, c = np.asarray(m.params["V"]), np.asarray(m.params.get("c", 0.0))
+    z = fwd["S"][1:] @ V.T + c  # (T, B, K)
+    p = np.exp(z - z.max(axis=2, keepdims=True))
+    p /= p.sum(axis=2, keepdims=True)
+    p[np.arange(T)[:, None], np.arange(B)[None, :], yh] -= 1  # do_t
+    g = np.zeros((T, B, n))
+    g[..., :H] = p @ V
+    d = np.zeros((B, n))
+    step_norms = np.zeros(T)
+    for t in range(T - 1, -1, -1):
+        d = g[t] + (np.einsum("bij,bi->bj", J[t + 1], d) if t + 1 < T else 0)
+        step_norms[t] = np.linalg.norm(d)
+    s0_norm = float(np.linalg.norm(np.einsum("bij,bi->bj", J[0], d)))
+    horizon, rate = _fit(log_norms, threshold)
+    cell_horizon, cell_rate = _fit(cell_log_norms, threshold) if cell_log_norms is not None else (None, None)
+    rel, cos = truncation_windows(m, x, y, truncates)
+    return CellFlow(
+        cell=m.cell_name, hidden_size=H, parameters=int(sum(v.size for v in m.params.values())),
+        threshold=threshold, lags=np.arange(T + 1), log_norms=log_norms, cell_log_norms=cell_log_norms,
+        step_norms=step_norms, s0_norm=s0_norm, horizon=horizon, decay_rate=rate, cell_horizon=cell_horizon,
+        cell_decay_rate=cell_rate, truncate=np.array(truncates), rel_error=rel, cosine=cos,
+    )  # fmt: skip
+
+
+def compare_cells(
+    cells: list[str], T: int, H: int, B: int, vocab: int, *, seed: int = 0, threshold: float = DEFAULT_THRESHOLD
+) -> list[CellFlow]:
+    """``cell_flow`` of a random model of each cell on the same random tokens x, y (T, B) from ``seed``.
+
+    The hidden size H is matched (not the parameter count: a GRU has about 3×, an LSTM 4× the
+    recurrent weights of an rnn of the same H), and every model takes torch's init (U(±1/√H) for
+    every recurrent parameter, as ``nn.RNN``/``nn.GRU``/``nn.LSTM``), on NumPy in float64.
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, vocab, size=(T, B))
+    y = rng.integers(0, vocab, size=(T, B))
+    out = []
+    for cell in cells:
+        model = RNN(vocab, H, vocab, cell=cell, backend="numpy", dtype="float64", init="torch", seed=seed, bias=True)
+        out.append(cell_flow(model, x, y, threshold=threshold))
+    return out
+
+
+def plot_cells(flows: list[CellFlow], path: Any, *, title: str | None = None) -> None:
+    """One PNG, the cells side by side: product norm against the lag (LSTM's c path dashed), ‖∂E/∂s_t‖ against
+    t, and the truncation bias against the window k. Needs matplotlib (the ``plot`` extra)."""
+    from ..plots import new_figure, save_png
+
+    if not flows:
+        raise InputError("nothing to plot: no cells measured")
+    fig = new_figure(figsize=(15.0, 4.6), layout="constrained")
+    ax = fig.subplots(1, 3)
+    colors = {"rnn": "tab:red", "gru": "tab:blue", "lstm": "tab:green"}
+    for f in flows:
+        col = colors.get(f.cell, "k")
+        rate = "—" if f.decay_rate is None else f"{f.decay_rate:.3f}"
+        ax[0].semilogy(f.lags, np.exp(f.log_norms), color=col, lw=2, label=f"{f.cell}: ×{rate}/step")
+        if f.cell_log_norms is not None:
+            crate = "—" if f.cell_decay_rate is None else f"{f.cell_decay_rate:.3f}"
+            ax[0].semilogy(f.lags, np.exp(f.cell_log_norms), color=col, lw=1.5, ls="--",
+                           label=f"{f.cell} ∂c_t/∂c_k: ×{crate}/step")  # fmt: skip
+        ax[1].semilogy(np.arange(len(f.step_norms)), f.step_norms, color=col, lw=2, label=f.cell)
+        ax[2].semilogy(np.maximum(f.truncate, 0.5), np.maximum(f.rel_error, 1e-17), "o-", color=col, label=f.cell)
+    ax[0].axhline(flows[0].threshold, color="0.5", lw=0.8, ls=":")
+    ax[0].set(xlabel="lag t − k", ylabel="‖∂s_t/∂s_k‖₂ (geometric mean over the batch)", title="Jacobian products")
+    ax[1].set(xlabel="step t", ylabel="‖∂E/∂s_t‖", title="gradient reaching each step")
+    ax[2].set(xlabel="truncation window k", ylabel="‖g_k − g‖ / ‖g‖", title="truncation bias", xscale="log")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    save_png(fig, path)
