@@ -10,6 +10,13 @@ the seed change. Writes <out>.json (settings, environment, per-run curves and fi
     python benchmarks/delayed_recall.py                      # about 5-10 minutes on a 2-core CPU
     python benchmarks/delayed_recall.py --delays 5,10 --seeds 0 --steps 300 --out /tmp/quick
     python benchmarks/delayed_recall.py --plot-only          # redraw the PNG from the committed JSON
+
+With ``--cell rnn,gru,lstm`` each cell is trained on every delay and seed (the same H, optimizer,
+steps and init scheme for all), runs go to ``--jobs`` processes, the results to
+delayed-recall-cells.json/.png, and the plot puts the cells side by side:
+
+    python benchmarks/delayed_recall.py --cell rnn,gru,lstm --delays 5,10,20,50,100,200 --steps 600 \
+        --hidden 32 --batch 32 --lr 0.01 --jobs 2             # about 4 minutes on a 2-core CPU
 """
 
 from __future__ import annotations
@@ -34,9 +41,11 @@ from gpubptt.optim import make_optimizer
 from gpubptt.train import TrainConfig, train
 
 
-def run(delay: int, seed: int, args: argparse.Namespace) -> dict:
+def run(delay: int, seed: int, args: argparse.Namespace, cell: str = "rnn") -> dict:
     data = CopyTask(symbols=args.symbols, length=1, delay=delay)
-    model = gpubptt.RNN(data.input_size, args.hidden, data.output_size, backend="numpy", bias=True, seed=seed)
+    model = gpubptt.RNN(
+        data.input_size, args.hidden, data.output_size, cell=cell, backend="numpy", bias=True, seed=seed
+    )
     opt = make_optimizer("adam", model, lr=args.lr)
     config = TrainConfig(
         steps=args.steps,
@@ -53,6 +62,7 @@ def run(delay: int, seed: int, args: argparse.Namespace) -> dict:
     final_loss, final_acc = h.eval_loss[-1], h.eval_accuracy[-1]
     verdict = "learned" if final_acc >= 0.9 else ("chance" if final_loss >= 0.95 * data.chance_loss else "partial")
     return {
+        **({} if cell == "rnn" and not getattr(args, "cells_mode", False) else {"cell": cell}),
         "delay": delay,
         "seed": seed,
         "seconds": round(seconds, 2),
@@ -107,6 +117,103 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_cells(results: dict, path: str) -> None:
+    """The cells side by side: held-out loss at the cue against the delay (median over seeds, every seed a dot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chance, runs, s = results["chance_loss"], results["runs"], results["settings"]
+    delays = sorted({r["delay"] for r in runs})
+    cells = s["cells"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    for i, cell in enumerate(cells):
+        mine = [r for r in runs if r["cell"] == cell]
+        for key, ax in zip(("final_recall_loss", "final_recall_accuracy"), axes, strict=True):
+            ax.plot([r["delay"] for r in mine], [r[key] for r in mine], "o", color=f"C{i}", alpha=0.4)
+            med = [np.median([r[key] for r in mine if r["delay"] == d]) for d in delays]
+            ax.plot(delays, med, "-", color=f"C{i}", lw=2, label=cell)
+    axes[0].axhline(chance, color="k", ls="--", lw=1, label=f"chance log {s['symbols']} = {chance:.3f}")
+    axes[1].axhline(1 / s["symbols"], color="k", ls="--", lw=1, label=f"chance 1/{s['symbols']}")
+    axes[0].set_ylabel("held-out loss at the cue (nats)")
+    axes[0].set_ylim(bottom=0, top=chance * 1.3)
+    axes[1].set_ylabel("held-out accuracy at the cue")
+    axes[1].set_ylim(0, 1.05)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(delays, [str(d) for d in delays])
+        ax.set_xlabel("delay (blank steps between the symbol and the cue)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"Delayed recall, {' vs '.join(cells)}: H={s['hidden']} (matched), A={s['symbols']}, {s['steps']} Adam "
+        f"steps (lr {s['lr']}), batch {s['batch']}, full BPTT; {len(s['seeds'])} seeds"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _run_job(job: tuple) -> dict:
+    cell, delay, seed, args = job
+    return run(delay, seed, args, cell)
+
+
+def main_cells(args: argparse.Namespace, cells: list[str]) -> None:
+    """Every cell × delay × seed, in ``--jobs`` processes; JSON and the side-by-side plot."""
+    import multiprocessing
+
+    if args.plot_only:
+        with open(args.out + ".json") as f:
+            plot_cells(json.load(f), args.out + ".png")
+        return
+    delays = [int(d) for d in args.delays.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    args.cells_mode = True
+    jobs = [(c, d, s, args) for d in sorted(delays, reverse=True) for c in cells for s in seeds]  # long ones first
+    t0 = time.perf_counter()
+    with multiprocessing.Pool(args.jobs) as pool:
+        runs = []
+        for r in pool.imap_unordered(_run_job, jobs):
+            runs.append(r)
+            print(
+                f"{r['cell']:>4} delay {r['delay']:>3} seed {r['seed']}: recall loss {r['final_recall_loss']:.3f} "
+                f"(chance {math.log(args.symbols):.3f}), accuracy {r['final_recall_accuracy']:.1%} "
+                f"-> {r['verdict']}  [{r['seconds']:.0f} s]",
+                flush=True,
+            )
+    runs.sort(key=lambda r: (cells.index(r["cell"]), r["delay"], r["seed"]))
+    results = {
+        "benchmark": "delayed recall of the first symbol (gpubptt.data.CopyTask, length=1), cells side by side",
+        "settings": {
+            "cells": cells, "delays": delays, "seeds": seeds, "steps": args.steps, "hidden": args.hidden,
+            "matched": "H (not the parameter count)", "symbols": args.symbols, "batch": args.batch,
+            "optimizer": "adam", "lr": args.lr, "clip": args.clip, "bptt": "full", "init": "wildml", "bias": True,
+            "dtype": "float32", "backend": "numpy", "jobs": args.jobs,
+            "verdict_rule": "learned: held-out accuracy at the cue >= 90%; chance: loss >= 0.95 x chance level; "
+            "else partial",
+        },
+        "chance_loss": math.log(args.symbols),
+        "chance_accuracy": 1 / args.symbols,
+        "environment": {
+            "gpubptt": gpubptt.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        },
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "runs": runs,
+    }  # fmt: skip
+    with open(args.out + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    try:
+        plot_cells(results, args.out + ".png")
+    except ImportError:
+        print("matplotlib is not installed: wrote the JSON only (pip install 'gpubptt[plot]')")
+    print(f"wrote {args.out}.json and .png in {results['total_seconds']:.0f} s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--delays", default="5,10,15,20,30,40,80")
@@ -119,7 +226,15 @@ def main() -> None:
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "delayed-recall"))
     p.add_argument("--plot-only", action="store_true", help="redraw <out>.png from an existing <out>.json")
+    p.add_argument("--cell", default=None, help="cells to compare, comma-separated: rnn,gru,lstm")
+    p.add_argument("--jobs", type=int, default=1, help="with --cell: runs in this many processes")
     args = p.parse_args()
+    if args.cell is not None:
+        cells = [c.strip() for c in args.cell.split(",") if c.strip()]
+        if args.out == p.get_default("out"):
+            args.out += "-cells"
+        main_cells(args, cells)
+        return
     if args.plot_only:
         with open(args.out + ".json") as f:
             plot(json.load(f), args.out + ".png")
