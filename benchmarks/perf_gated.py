@@ -37,7 +37,7 @@ PAUSE_S = 0.2
 
 
 def torch_side(model, x, y, grads):
-    """nn.GRU / nn.LSTM + Linear on the model's weights (by DLPack, on the model's device); (fwd_bwd, sync, max rel err)."""
+    """nn.GRU / nn.LSTM + Linear on the model's weights, on its device: (fwd_bwd, sync, max rel grad err)."""
     import torch
     import torch.nn.functional as F
 

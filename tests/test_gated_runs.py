@@ -132,3 +132,23 @@ def test_sampling_a_gated_model_follows_its_forward():
 def test_options_a_gated_cell_lacks_are_refused(tmp_path, args, message):
     result = runner.invoke(app, ["train", "--backend", "numpy", "--checkpoint", str(tmp_path / "c.npz"), *args])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_bench_cell_measures_the_gated_model_and_counts_its_gates(tmp_path, cell):
+    out = tmp_path / "b.json"
+    args = ["bench", "--cell", cell, "--seq-lens", "4", "--hidden-sizes", "8", "--backend", "numpy", "--repeats", "1",
+            "--warmup", "0", "--input", "dense", "--vocab", "6", "--output", str(out), "--quiet"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    G = {"gru": 3, "lstm": 4}[cell]
+    assert rows and all(r["cell"] == cell for r in rows)
+    r = rows[0]
+    T, B, D, H, K = (r[k] for k in "TBDHK")
+    assert r["flops"] == 2 * B * H * T * (G * (2 * D + 3 * H) + 3 * K)
+
+
+def test_bench_refuses_the_naive_reference_for_a_gated_cell():
+    result = runner.invoke(app, ["bench", "--cell", "gru", "--compare", "naive", "--backend", "numpy"])
+    assert result.exit_code == 2 and "--cell rnn only" in result.output

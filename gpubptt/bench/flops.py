@@ -15,16 +15,18 @@ from ..timing import summarize
 __all__ = ["fit_exponent", "flops", "gemm_rate"]
 
 
-def flops(T: int, B: int, D: int, H: int, K: int, *, tokens: bool, forward_only: bool = False) -> int:
+def flops(T: int, B: int, D: int, H: int, K: int, *, tokens: bool, forward_only: bool = False, gates: int = 1) -> int:
     """FLOPs of forward+BPTT (or the forward pass alone) under the model in this module's docstring.
 
     tokens: 6·B·H·T·(H + K) (forward 2·B·H·T·(H + K)); dense: 2·B·H·T·(2D + 3H + 3K) (forward
-    2·B·H·T·(D + H + K)).
+    2·B·H·T·(D + H + K)). A gated cell (``gates`` G = 3 GRU, 4 LSTM) has G× the input and recurrent
+    GEMMs: 2·B·H·T·(G·(2D + 3H) + 3K) (tokens: no D terms, and 2·B·H·T·(3·G·H + 3K)); the gate
+    arithmetic is not counted.
     """
     d = 0 if tokens else D
     if forward_only:
-        return 2 * B * H * T * (d + H + K)
-    return 2 * B * H * T * (2 * d + 3 * H + 3 * K)
+        return 2 * B * H * T * (gates * (d + H) + K)
+    return 2 * B * H * T * (gates * (2 * d + 3 * H) + 3 * K)
 
 
 def fit_exponent(sizes: Sequence[float], times: Sequence[float]) -> float | None:

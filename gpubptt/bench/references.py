@@ -113,7 +113,11 @@ def torch_reference(
     tdtype = getattr(torch, cfg.dtype)
     U = torch.from_dlpack(model.params["U"])
     dev = U.device
-    rnn = torch.nn.RNN(D, H, nonlinearity=model.nonlinearity, bias=False).to(device=dev, dtype=tdtype)
+    cell = getattr(model, "cell_name", "rnn")
+    if cell == "rnn":
+        rnn = torch.nn.RNN(D, H, nonlinearity=model.nonlinearity, bias=False).to(device=dev, dtype=tdtype)
+    else:  # nn.GRU / nn.LSTM: the same gate order and weight shapes as gpubptt's (3H | 4H rows)
+        rnn = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[cell](D, H, bias=False).to(device=dev, dtype=tdtype)
     lin = torch.nn.Linear(H, K, bias=False).to(device=dev, dtype=tdtype)
     with torch.no_grad():
         rnn.weight_ih_l0.copy_(U)

@@ -52,12 +52,18 @@ class BenchConfig:
     compare: str = "none"
     fixed_T: int | None = None
     fixed_H: int | None = None
+    #: the recurrent cell: "rnn", "gru" or "lstm" (torch compared as nn.RNN, nn.GRU, nn.LSTM)
+    cell: str = "rnn"
 
     def __post_init__(self) -> None:
         if self.input not in INPUTS:
             raise ValueError(f"input must be one of {', '.join(INPUTS)}, got {self.input!r}")
         if self.compare not in COMPARES:
             raise ValueError(f"compare must be one of {', '.join(COMPARES)}, got {self.compare!r}")
+        if self.cell not in ("rnn", "gru", "lstm"):
+            raise ValueError(f"cell must be one of rnn, gru, lstm, got {self.cell!r}")
+        if self.cell != "rnn" and self.compare == "naive":
+            raise ValueError("compare 'naive' is the textbook tanh RNN: it compares the rnn cell only")
         if self.dtype not in GRAD_TOL:
             raise ValueError(f"dtype must be one of {', '.join(GRAD_TOL)}, got {self.dtype!r}")
         if not self.seq_lens or not self.hidden_sizes:
@@ -104,11 +110,14 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
     """
     B, D, K = cfg.batch, cfg.D, cfg.K
     row: dict[str, Any] = {"backend": be.name, "T": T, "H": H, "B": B, "D": D, "K": K, "status": "ok"}
-    row["flops"] = flops(T, B, D, H, K, tokens=cfg.tokens)
-    row["flops_forward"] = flops(T, B, D, H, K, tokens=cfg.tokens, forward_only=True)
+    gates = {"rnn": 1, "gru": 3, "lstm": 4}[cfg.cell]
+    if cfg.cell != "rnn":
+        row["cell"] = cfg.cell
+    row["flops"] = flops(T, B, D, H, K, tokens=cfg.tokens, gates=gates)
+    row["flops_forward"] = flops(T, B, D, H, K, tokens=cfg.tokens, forward_only=True, gates=gates)
     try:
         x_host, y_host = _make_data(cfg, T, H)
-        model = RNN(D, H, K, backend=be, dtype=cfg.dtype, seed=cfg.seed)
+        model = RNN(D, H, K, backend=be, dtype=cfg.dtype, seed=cfg.seed, cell=cfg.cell)
         x, y = be.asarray(x_host), be.asarray(y_host)
         timer = be.timer()
         fns = {

@@ -30,6 +30,8 @@ from ._common import (
 BenchBackendChoice = choices("BenchBackendChoice", (*BACKEND_NAMES, "all"))
 InputChoice = choices("InputChoice", INPUTS)
 CompareChoice = choices("CompareChoice", COMPARES)
+CellChoice = choices("CellChoice", ("rnn", "gru", "lstm"))
+DEFAULT_CELL = CellChoice("rnn")
 FormatChoice = choices("FormatChoice", ("table", "json", "csv"))
 DEFAULTS = BenchConfig(backends=[])  # the library's defaults are the options' defaults
 DEFAULT_INPUT, DEFAULT_DTYPE = InputChoice(DEFAULTS.input), DtypeChoice(DEFAULTS.dtype)
@@ -123,6 +125,9 @@ def bench(
     seed: Annotated[
         int, typer.Option(min=0, help="Seed of the weights and data (fixed per configuration).")
     ] = DEFAULTS.seed,
+    cell: Annotated[
+        CellChoice, typer.Option(help="The recurrent cell (torch compared as nn.RNN, nn.GRU or nn.LSTM).")
+    ] = DEFAULT_CELL,
     compare: Annotated[
         CompareChoice,
         typer.Option(help="Also time a reference: torch (nn.RNN + Linear + cross_entropy) or naive (per example)."),
@@ -176,6 +181,8 @@ def bench(
     if compare is CompareChoice.torch and (reason := bench_lib.torch_unavailable_reason()):
         typer.echo(f"warning: {reason}; continuing without the torch comparison", err=True)
         compare = CompareChoice.none
+    if cell.value != "rnn" and compare is CompareChoice.naive:
+        raise typer.BadParameter("naive is the textbook tanh RNN: it compares --cell rnn only", param_hint="--compare")
     cfg = BenchConfig(
         backends=names,
         seq_lens=Ts,
@@ -189,6 +196,7 @@ def bench(
         repeats=repeats,
         seed=seed,
         compare=compare.value,
+        cell=cell.value,
         fixed_T=fixed_seq_len,
         fixed_H=fixed_hidden,
     )
