@@ -29,6 +29,7 @@ from typing import Any
 
 from ..backend import Backend
 from ..errors import InputError
+from ._gated import forward_weight
 
 __all__ = ["GRUCell"]
 
@@ -90,11 +91,13 @@ class GRUCell:
 
     def buffers(self, T: int, B: int, H: int, *, xp: Any, dtype: Any) -> dict[str, Any]:
         """A (T, B, 4H) the gates [r, z, n, m] of every step; dw (T, B, 3H) ∂E/∂(h_{t-1} @ W.T);
-        hw (B, 3H), tmp (3, B, H) per-step scratch; zero (H,) the b_hn of a model without biases."""
+        Wt (H, 3H) W transposed; hw (B, 3H), tmp (3, B, H) per-step scratch; zero (H,) the b_hn of a
+        model without biases."""
         return {
             "A": xp.empty((T, B, 4 * H), dtype=dtype),
             "dw": xp.empty((T, B, 3 * H), dtype=dtype),
             "hw": xp.empty((B, 3 * H), dtype=dtype),
+            "Wt": xp.empty((H, 3 * H), dtype=dtype),
             "tmp": xp.empty((3, B, H), dtype=dtype),
             "zero": xp.zeros(H, dtype=dtype),
         }
@@ -111,9 +114,10 @@ class GRUCell:
     ) -> None:
         """All steps: pre (T, B, 3H) = U x_t + b; S (T+1, B, H) with S[0] = h0, S[1:] written; gates into aux["A"]."""
         k = kernels(be)
-        W, bn, A, hw = p["W"], p.get("b_hn", aux["zero"]), aux["A"], aux["hw"]
+        bn, A, hw, Wt = p.get("b_hn", aux["zero"]), aux["A"], aux["hw"], aux["Wt"]
+        Wt = forward_weight(p["W"], Wt, pre.shape[0], pre.shape[1])  # Wᵀ, a row-major copy where that pays
         for t in range(pre.shape[0]):
-            be.matmul(S[t], W.T, hw)  # w = h_{t-1} @ W.T, all three gates in one GEMM
+            be.matmul(S[t], Wt, hw)  # w = h_{t-1} @ W.T, all three gates in one GEMM
             k.forward(pre[t], hw, bn, S[t], S[t + 1], A[t], aux["tmp"])
 
     def run_backward(

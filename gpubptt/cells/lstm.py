@@ -27,6 +27,7 @@ from typing import Any
 
 from ..backend import Backend
 from ..errors import InputError
+from ._gated import forward_weight
 
 __all__ = ["LSTMCell"]
 
@@ -89,11 +90,12 @@ class LSTMCell:
 
     def buffers(self, T: int, B: int, H: int, *, xp: Any, dtype: Any) -> dict[str, Any]:
         """A (T, B, 4H) the gates [i, f, g, o] of every step; C (T+1, B, H) the cell states (C[0] = c0);
-        hw (B, 4H), tmp (2, B, H) per-step scratch."""
+        Wt (H, 4H) W transposed; hw (B, 4H), tmp (2, B, H) per-step scratch."""
         return {
             "A": xp.empty((T, B, 4 * H), dtype=dtype),
             "C": xp.zeros((T + 1, B, H), dtype=dtype),
             "hw": xp.empty((B, 4 * H), dtype=dtype),
+            "Wt": xp.empty((H, 4 * H), dtype=dtype),
             "tmp": xp.empty((2, B, H), dtype=dtype),
         }
 
@@ -110,9 +112,10 @@ class LSTMCell:
     ) -> None:
         """All steps: pre (T, B, 4H) = U x_t + b; S (T+1, B, H) with S[0] = h0 and aux["C"][0] = c0 set."""
         k = kernels(be)
-        W, A, C, hw = p["W"], aux["A"], aux["C"], aux["hw"]
+        A, C, hw, Wt = aux["A"], aux["C"], aux["hw"], aux["Wt"]
+        Wt = forward_weight(p["W"], Wt, pre.shape[0], pre.shape[1])  # Wᵀ, a row-major copy where that pays
         for t in range(pre.shape[0]):
-            be.matmul(S[t], W.T, hw)  # w = h_{t-1} @ W.T, all four gates in one GEMM
+            be.matmul(S[t], Wt, hw)  # w = h_{t-1} @ W.T, all four gates in one GEMM
             k.forward(pre[t], hw, C[t], S[t + 1], C[t + 1], A[t], aux["tmp"])
 
     def run_backward(
@@ -148,14 +151,6 @@ class LSTMCell:
         return work
 
 
-def _sigmoid(a: Any, *, xp: Any) -> None:
-    """a ← σ(a) = (1 + tanh(a/2)) / 2, in place."""
-    a *= 0.5
-    xp.tanh(a, out=a)
-    a *= 0.5
-    a += 0.5
-
-
 class _Kernels:
     """One backend's fused LSTM step kernels (CuPy ElementwiseKernels), or their NumPy twins."""
 
@@ -167,6 +162,7 @@ class _Kernels:
         self._bwd = be.elementwise(
             "T g, T dhn, T cprev, T c, raw T A, int64 H", "T dc, raw T da", _BACKWARD, "gpubptt_lstm_backward"
         )
+        self._const: dict[tuple[int, str], Any] = {}
 
     def forward(self, pre: Any, hw: Any, cprev: Any, h: Any, c: Any, A: Any, tmp: Any) -> None:
         """One step: pre, hw (B, 4H); cprev, h, c (B, H); A (B, 4H) ← [i, f, g, o]."""
@@ -175,10 +171,12 @@ class _Kernels:
             self._fwd(pre, hw, cprev, H, h, c, A)
             return
         xp = self.xp
+        half, shift = self._constants(H, A.dtype)
         xp.add(pre, hw, out=A)
-        _sigmoid(A[:, : 2 * H], xp=xp)  # i, f
-        _sigmoid(A[:, 3 * H :], xp=xp)  # o
-        xp.tanh(A[:, 2 * H : 3 * H], out=A[:, 2 * H : 3 * H])  # g
+        A *= half  # the four gates at once: σ(a) = tanh(a/2)/2 + 1/2 for i, f, o; tanh(a) for g
+        xp.tanh(A, out=A)
+        A *= half
+        A += shift  # [i, f, g, o]
         xp.multiply(A[:, H : 2 * H], cprev, out=c)
         xp.multiply(A[:, :H], A[:, 2 * H : 3 * H], out=tmp[0])
         c += tmp[0]  # c = f ⊙ c_{t-1} + i ⊙ g
@@ -220,6 +218,15 @@ class _Kernels:
         t1 *= cprev
         xp.multiply(t1, dc, out=daf)  # ∂a_f = dc ⊙ c_{t-1} ⊙ f (1 − f)
         dc *= fg  # dc' for step t−1
+
+    def _constants(self, H: int, dtype: Any) -> tuple[Any, Any]:
+        """Per-gate constants (4H,): half [½ ½ 1 ½] and shift [½ ½ 0 ½] (σ(a) = tanh(a/2)/2 + 1/2 for i, f, o)."""
+        key = (H, str(dtype))
+        if key not in self._const:
+            xp = self.xp
+            gate = xp.repeat(xp.asarray([0, 0, 1, 0], dtype=dtype), H)  # 1 on g's columns
+            self._const[key] = ((1 + gate) / 2, (1 - gate) / 2)
+        return self._const[key]
 
 
 _KERNELS: dict[int, tuple[Backend, _Kernels]] = {}
