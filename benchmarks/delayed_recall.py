@@ -46,6 +46,9 @@ def run(delay: int, seed: int, args: argparse.Namespace, cell: str = "rnn") -> d
     model = gpubptt.RNN(
         data.input_size, args.hidden, data.output_size, cell=cell, backend="numpy", bias=True, seed=seed
     )
+    if cell == "lstm" and getattr(args, "forget_bias", 0.0):  # b's f quarter (torch's bias_ih + bias_hh there)
+        b = model.params["b"]
+        b[args.hidden : 2 * args.hidden] = args.forget_bias
     opt = make_optimizer("adam", model, lr=args.lr)
     config = TrainConfig(
         steps=args.steps,
@@ -60,6 +63,15 @@ def run(delay: int, seed: int, args: argparse.Namespace, cell: str = "rnn") -> d
     _, h = train(model, data, opt, config)
     seconds = time.perf_counter() - t0
     final_loss, final_acc = h.eval_loss[-1], h.eval_accuracy[-1]
+    flow = None
+    if getattr(args, "cells_mode", False):  # the trained model's gradient flow on 8 held-out sequences
+        from gpubptt.diagnostics.gated import cell_flow
+
+        xe, ye = data.eval_sequences(batch_size=8)[0]
+        f = cell_flow(model, xe, ye, truncates=[])
+        at_delay = float(f.log_norms[min(delay + 1, len(f.log_norms) - 1)])  # from the cue back to the symbol
+        flow = {"decay_rate": f.decay_rate, "horizon": f.horizon, "cell_decay_rate": f.cell_decay_rate,
+                "cell_horizon": f.cell_horizon, "log_norm_cue_to_symbol": at_delay}  # fmt: skip
     verdict = "learned" if final_acc >= 0.9 else ("chance" if final_loss >= 0.95 * data.chance_loss else "partial")
     return {
         **({} if cell == "rnn" and not getattr(args, "cells_mode", False) else {"cell": cell}),
@@ -70,6 +82,7 @@ def run(delay: int, seed: int, args: argparse.Namespace, cell: str = "rnn") -> d
         "final_recall_accuracy": final_acc,
         "best_recall_loss": min(h.eval_loss),
         "verdict": verdict,
+        **({"trained_flow": flow} if flow is not None else {}),
         "curve": {"step": h.eval_step, "recall_loss": h.eval_loss, "recall_accuracy": h.eval_accuracy},
     }
 
@@ -191,7 +204,7 @@ def main_cells(args: argparse.Namespace, cells: list[str]) -> None:
             "cells": cells, "delays": delays, "seeds": seeds, "steps": args.steps, "hidden": args.hidden,
             "matched": "H (not the parameter count)", "symbols": args.symbols, "batch": args.batch,
             "optimizer": "adam", "lr": args.lr, "clip": args.clip, "bptt": "full", "init": "wildml", "bias": True,
-            "dtype": "float32", "backend": "numpy", "jobs": args.jobs,
+            "dtype": "float32", "backend": "numpy", "jobs": args.jobs, "lstm_forget_bias": args.forget_bias,
             "verdict_rule": "learned: held-out accuracy at the cue >= 90%; chance: loss >= 0.95 x chance level; "
             "else partial",
         },
@@ -228,6 +241,7 @@ def main() -> None:
     p.add_argument("--plot-only", action="store_true", help="redraw <out>.png from an existing <out>.json")
     p.add_argument("--cell", default=None, help="cells to compare, comma-separated: rnn,gru,lstm")
     p.add_argument("--jobs", type=int, default=1, help="with --cell: runs in this many processes")
+    p.add_argument("--forget-bias", type=float, default=0.0, help="with --cell lstm: start the forget gate's bias here")
     args = p.parse_args()
     if args.cell is not None:
         cells = [c.strip() for c in args.cell.split(",") if c.strip()]

@@ -123,3 +123,16 @@ def test_the_cell_diagnostics_take_one_layer():
     model = gpubptt.RNN(D, H, D, cell="gru", num_layers=2, backend="numpy")
     with pytest.raises(gpubptt.InputError, match="one layer and one direction"):
         gated.step_jacobians(model, np.zeros((T, B), dtype=np.int64))
+
+
+def test_vanish_measures_a_gated_checkpoint_with_the_cell_table(tmp_path):
+    ck = tmp_path / "ck.npz"
+    train = ["train", "--cell", "lstm", "--task", "recall", "--delay", "4", "--hidden", "8", "--batch", "4",
+             "--steps", "3", "--backend", "numpy", "--checkpoint", str(ck)]  # fmt: skip
+    assert runner.invoke(app, train).exit_code == 0
+    result = runner.invoke(app, ["vanish", "--checkpoint", str(ck), "--batch", "2", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    cells = json.loads(result.stdout)["cells"]
+    assert [c["cell"] for c in cells] == ["lstm"] and len(cells[0]["log_norms"]) == 7  # T = delay + 2, lags 0..T
+    bad = runner.invoke(app, ["vanish", "--checkpoint", str(ck), "--scale", "0.5"])
+    assert bad.exit_code == 2 and "this checkpoint holds a lstm" in bad.output

@@ -30,6 +30,45 @@ def _rate(horizon: int | None, rate: float | None, T: int) -> tuple[str, str]:
     return (str(horizon) if horizon is not None else f"none ≤ {T}"), ("—" if rate is None else f"{rate:.4f}")
 
 
+def _print(flows: list[gated.CellFlow], T: int, settings: dict[str, Any], fmt: str) -> None:
+    if fmt == "json":
+        typer.echo(json.dumps({"settings": settings, "cells": [f.to_dict() for f in flows]}, indent=1))
+        return
+    head = ["cell", "params", "horizon", "rate/step", "c horizon", "c rate/step", "‖∂E/∂s0‖", "truncate@1%"]
+    rows: list[list[Any]] = [head]
+    for f in flows:
+        k = f.truncate_within()
+        c = _rate(f.cell_horizon, f.cell_decay_rate, T) if f.cell_log_norms is not None else ("—", "—")
+        rows.append([f.cell, f"{f.parameters:,}", *_rate(f.horizon, f.decay_rate, T), *c, f"{f.s0_norm:.3g}",
+                     str(k) if k is not None else f">{T - 1}"])  # fmt: skip
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    for row in rows:
+        typer.echo("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def _plot(flows: list[gated.CellFlow], plot: Path | None, title: str) -> None:
+    if plot is None:
+        return
+    try:
+        write_png(plot, "plot", lambda path: gated.plot_cells(flows, path, title=title))
+    except Failed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.code) from exc
+    typer.echo(f"wrote {plot}", err=True)
+
+
+def run_model(model: Any, x: Any, y: Any, *, label: str, threshold: float, fmt: str, plot: Path | None) -> None:
+    """One trained model of any cell (a checkpoint's) on its batch x, y (T, B): the same table, one row."""
+    T, B = int(y.shape[0]), int(y.shape[1])
+    typer.echo(f"vanish: {label} T={T} H={model.hidden_size} B={B}", err=True)
+    try:
+        flows = [gated.cell_flow(model, x, y, threshold=threshold)]
+    except InputError as exc:
+        raise usage_error(str(exc)) from exc
+    _print(flows, T, {"model": label, "T": T, "H": model.hidden_size, "B": B, "threshold": threshold}, fmt)
+    _plot(flows, plot, f"{label}: T={T} H={model.hidden_size} B={B}")
+
+
 def run_cells(
     cells: list[str], *, T: int, H: int, B: int, vocab: int, seed: int, threshold: float, fmt: str, plot: Path | None
 ) -> None:
@@ -40,25 +79,6 @@ def run_cells(
         flows = gated.compare_cells(cells, T, H, B, vocab, seed=seed, threshold=threshold)
     except InputError as exc:
         raise usage_error(str(exc)) from exc
-    if fmt == "json":
-        settings = {"T": T, "H": H, "B": B, "vocab": vocab, "seed": seed, "threshold": threshold, "matched": "H"}
-        typer.echo(json.dumps({"settings": settings, "cells": [f.to_dict() for f in flows]}, indent=1))
-    else:
-        head = ["cell", "params", "horizon", "rate/step", "c horizon", "c rate/step", "‖∂E/∂s0‖", "truncate@1%"]
-        rows: list[list[Any]] = [head]
-        for f in flows:
-            k = f.truncate_within()
-            c = _rate(f.cell_horizon, f.cell_decay_rate, T) if f.cell_log_norms is not None else ("—", "—")
-            rows.append([f.cell, f"{f.parameters:,}", *_rate(f.horizon, f.decay_rate, T), *c, f"{f.s0_norm:.3g}",
-                         str(k) if k is not None else f">{T - 1}"])  # fmt: skip
-        widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
-        for row in rows:
-            typer.echo("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)))
-    if plot is not None:
-        title = f"T={T} H={H} B={B} vocab={vocab} seed={seed}: H matched, torch init"
-        try:
-            write_png(plot, "plot", lambda path: gated.plot_cells(flows, path, title=title))
-        except Failed as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.code) from exc
-        typer.echo(f"wrote {plot}", err=True)
+    settings = {"T": T, "H": H, "B": B, "vocab": vocab, "seed": seed, "threshold": threshold, "matched": "H"}
+    _print(flows, T, settings, fmt)
+    _plot(flows, plot, f"T={T} H={H} B={B} vocab={vocab} seed={seed}: H matched, torch init")

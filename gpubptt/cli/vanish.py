@@ -250,6 +250,14 @@ def vanish(
         raise out_of_memory(exc, be) from exc
     model, x, y = problem.model, problem.x, problem.y
     T = problem.T
+    if model.cell_name != "rnn":  # a GRU/LSTM checkpoint: the cell measures (gpubptt.diagnostics.gated)
+        from ._vanish_cells import run_model
+
+        if scale is not None:
+            raise usage_error(f"--scale rescales an rnn cell's W; this checkpoint holds a {model.cell_name}")
+        run_model(model, x, y, label=f"{checkpoint.name} ({model.cell_name})", threshold=threshold, fmt=fmt.value,
+                  plot=plot)  # fmt: skip
+        return
     settings = {"backend": be.name, "device": be.device, "T": T, "H": model.hidden_size, "B": batch}
     settings.update({k: v for k, v in problem.about.items() if k != "model"})
     settings.update({"dtype": dtype.value, "seed": seed, "threshold": threshold, "iters": iters})
