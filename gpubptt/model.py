@@ -601,11 +601,6 @@ class RNN:
         """
         reduction = _check_reduction(reduction)
         truncate = _check_truncate(truncate)
-        if truncate is not None and self.cell.gates > 1:
-            raise InputError(
-                f"truncate={truncate} (the tutorial truncation) is implemented for cell='rnn' only; for the "
-                f"{self.cell_name} cell use chunked BPTT (call per chunk with s0 = the previous chunk's final state)"
-            )
         dropout_seed = _check_seed(dropout_seed, "dropout_seed")
         batch = self._check(x, y, s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)

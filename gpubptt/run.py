@@ -102,7 +102,6 @@ _APPLIES = {
     "data": ("task", ("text",), "--task text only"),
     "momentum": ("optimizer", ("sgd",), "--optimizer sgd (adam and adagrad keep their own statistics)"),
     "nonlinearity": ("cell", ("rnn",), "--cell rnn (the GRU's and LSTM's gates use σ and tanh)"),
-    "truncate": ("cell", ("rnn",), "--cell rnn (gated cells train with BPTT inside each --chunk)"),
 }
 _CHOICES = {
     "task": ("text", "copy", "recall"),

@@ -158,12 +158,13 @@ def test_padded_steps_add_nothing_whatever_the_inputs_there(cell):
     for b, n in enumerate(lens):
         x2[n:, b] = rng.normal(size=(T - n, D)) * 10
         y2[n:, b] = (y[n:, b] + 1) % K
-    l1, g1, f1 = model.loss_and_grads(x, y, s0, lengths=lens, return_final_state=True)
-    l2, g2, f2 = model.loss_and_grads(x2, y2, s0, lengths=lens, return_final_state=True)
-    np.testing.assert_allclose(float(l2), float(l1), rtol=1e-13)
-    for k in g1:
-        np.testing.assert_allclose(g2[k], g1[k], rtol=1e-12, atol=1e-15, err_msg=k)
-    np.testing.assert_allclose(np.asarray(f2), np.asarray(f1), rtol=1e-13)
+    for truncate in (None, 2):
+        l1, g1, f1 = model.loss_and_grads(x, y, s0, lengths=lens, return_final_state=True, truncate=truncate)
+        l2, g2, f2 = model.loss_and_grads(x2, y2, s0, lengths=lens, return_final_state=True, truncate=truncate)
+        np.testing.assert_allclose(float(l2), float(l1), rtol=1e-13)
+        for k in g1:
+            np.testing.assert_allclose(g2[k], g1[k], rtol=1e-12, atol=1e-15, err_msg=k)
+        np.testing.assert_allclose(np.asarray(f2), np.asarray(f1), rtol=1e-13)
 
 
 def test_the_elman_cell_keeps_its_names_and_refuses_what_it_always_did():
@@ -198,13 +199,49 @@ def test_bad_initial_states_are_refused(cell, s0, err, fragment):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
-def test_nonlinearity_and_truncation_are_refused_for_gated_cells(cell):
+def test_nonlinearity_is_refused_for_gated_cells(cell):
     with pytest.raises(gpubptt.InputError, match="nonlinearity applies to cell='rnn' only"):
         gpubptt.RNN(D, H, K, cell=cell, nonlinearity="tanh", backend="numpy")
-    model = gpubptt.RNN(D, H, K, cell=cell, backend="numpy")
-    x = np.zeros((T, B), dtype=np.int64)
-    with pytest.raises(gpubptt.InputError, match="implemented for cell='rnn' only"):
-        model.loss_and_grads(x, x, truncate=2)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("bias,tokens", [(True, False), (False, True)])
+def test_truncation_matches_full_bptt_on_windows(cell, bias, tokens):
+    """truncate=k against an independent reference: Σ_t (G(a, t) − G(a, t − 1)), the exact gradients of
+    windows a..t started from the forward's own states (``diagnostics.gated.truncated_gradients``)."""
+    from gpubptt.diagnostics.gated import truncated_gradients
+
+    model = build(cell, 1, False, bias, seed=40)
+    rng = np.random.default_rng(40)
+    x, y, s0, _, _, _ = inputs(rng, cell, tokens, True, False, 1)
+    s0 = tuple(a[0] for a in s0) if cell == "lstm" else s0[0]  # (B, H)
+    for k in (0, 1, 3):
+        _, got = model.loss_and_grads(x, y, s0, truncate=k)
+        want = truncated_gradients(model, x, y, k, s0)
+        assert set(want) <= set(got)
+        for name, w in want.items():
+            np.testing.assert_allclose(got[name], w, rtol=1e-10, atol=1e-13, err_msg=f"{name} k={k}")
+    _, full = model.loss_and_grads(x, y, s0)
+    _, short = model.loss_and_grads(x, y, s0, truncate=1)
+    assert not np.allclose(short["W"], full["W"])
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("layers,bidirectional", [(2, True), (3, False)])
+def test_truncation_lanes_covering_every_step_are_full_bptt_in_deep_stacks_with_lengths(cell, layers, bidirectional):
+    """The lanes run (the model itself would switch to full BPTT for k ≥ T − 1): a window over every step
+    must give full BPTT's gradients, through every layer, both directions and padded steps."""
+    model = build(cell, layers, bidirectional, True, seed=41)
+    rng = np.random.default_rng(41)
+    x, y, s0, _, _, lens = inputs(rng, cell, False, True, True, model.num_states)
+    _, full = model.loss_and_grads(x, y, s0, lengths=lens)
+    batch = model._check(x, y, s0, lens, True)
+    ws = gpubptt.engine.Workspace(model, batch, T - 1, step_kernels="auto", chunk_elements=1 << 20)
+    ws.load(batch)
+    ws.run()
+    for name in full:
+        got = ws.grads[name].reshape(full[name].shape)
+        np.testing.assert_allclose(got, full[name], rtol=1e-11, atol=1e-14, err_msg=name)
 
 
 @pytest.mark.parametrize("saved,loaded,rows", [("gru", "rnn", 12), ("lstm", "gru", 16), ("rnn", "lstm", 4)])

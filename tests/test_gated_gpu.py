@@ -39,12 +39,12 @@ def test_cupy_float64_matches_numpy(cupy_be, cell, layers, bidirectional):
     ref = gpubptt.RNN(20, 32, 7, cell=cell, num_layers=layers, bidirectional=bidirectional, backend="numpy",
                       dtype="float64", bias=True, seed=4, init="torch")  # fmt: skip
     gpu = ref.to(be)
-    for tokens in (True, False):
+    for tokens, truncate in ((True, None), (False, None), (False, 3)):
         x, y, s0 = _inputs(rng, cell, 12, 6, 20, 32, ref.num_states, tokens)
         lengths = np.array([12, 5, 0, 1, 12, 7])
-        l1, g1, f1 = ref.loss_and_grads(x, y, s0, lengths=lengths, return_final_state=True)
+        l1, g1, f1 = ref.loss_and_grads(x, y, s0, lengths=lengths, return_final_state=True, truncate=truncate)
         l2, g2, f2 = gpu.loss_and_grads(be.asarray(x), be.asarray(y), _dev(be, s0), lengths=be.asarray(lengths),
-                                        return_final_state=True)  # fmt: skip
+                                        return_final_state=True, truncate=truncate)  # fmt: skip
         assert float(l2) == pytest.approx(float(l1), rel=1e-12)
         assert set(g1) == set(g2)
         for k in g1:
@@ -82,7 +82,8 @@ def test_cuda_graph_replay_matches_plain_loop(cupy_be, cell):
     plain.use_graphs = False
     for trial in range(3):  # the first call captures, later calls replay on new data
         x, y, s0 = _inputs(rng, cell, 16, 8, 30, 48, 2, trial % 2 == 0)
-        kw = dict(lengths=be.asarray(rng.integers(0, 17, size=8)), reduction="mean" if trial else "sum")
+        kw = dict(lengths=be.asarray(rng.integers(0, 17, size=8)), reduction="mean" if trial else "sum",
+                  truncate=2 if trial == 2 else None)  # fmt: skip
         l1, g1 = graph.loss_and_grads(be.asarray(x), be.asarray(y), _dev(be, s0), **kw)
         l2, g2 = plain.loss_and_grads(be.asarray(x), be.asarray(y), _dev(be, s0), **kw)
         assert float(l1) == pytest.approx(float(l2), rel=1e-12)

@@ -125,7 +125,6 @@ def test_sampling_a_gated_model_follows_its_forward():
     "args,message",
     [
         (["--cell", "gru", "--nonlinearity", "relu"], "--nonlinearity applies to --cell rnn"),
-        (["--cell", "lstm", "--truncate", "3"], "--truncate applies to --cell rnn"),
         (["--cell", "transformer"], "transformer"),
     ],
 )

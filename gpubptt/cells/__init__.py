@@ -27,9 +27,9 @@ A reverse recurrence sees its inputs in its own time (the engine reverses them p
 cell never knows its direction.
 
 Cells: ``ElmanCell`` (torch.nn.RNN, tanh or relu), ``GRUCell`` (torch.nn.GRU) and ``LSTMCell``
-(torch.nn.LSTM). Tutorial truncation (``truncate=k``, the lanes scheme of ``engine.backward_truncated``)
-needs a cell's ``step_back``/``enter`` (its step Jacobian as one factor per step): the Elman cell's
-only; a gated cell refuses it.
+(torch.nn.LSTM). Tutorial truncation (``truncate=k``) runs inside each cell's ``run_backward``: the
+Elman cell through the engine's lanes of δ (``engine.backward_truncated``), the gated cells through
+lanes of state gradients (∂E_{t+d}/∂h_t, and ∂/∂c_t for the LSTM) that each pass the step's gates.
 """
 
 from __future__ import annotations

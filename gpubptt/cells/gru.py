@@ -28,7 +28,6 @@ import threading
 from typing import Any
 
 from ..backend import Backend
-from ..errors import InputError
 from ._gated import forward_weight
 
 __all__ = ["GRUCell"]
@@ -139,7 +138,7 @@ class GRUCell:
         """BPTT through all steps; returns ∂E/∂pre (T, B, 3H) (in ``work``). G (T, B, H) enters as the
         direct term ∂E/∂h_t (and is clobbered); writes grads["W"], grads["b_hn"] and ds0 (B, H)."""
         if truncate is not None:
-            raise InputError("truncate is implemented for the rnn cell only")
+            return self._backward_truncated(G, p, S, aux, truncate, be=be, work=work, grads=grads, ds0=ds0)
         k = kernels(be)
         T, B, H = G.shape
         W, A, dw, tmp = p["W"], aux["A"], aux["dw"], aux["tmp"]
@@ -154,6 +153,54 @@ class GRUCell:
         if "b_hn" in grads:
             be.xp.sum(rows[:, 2 * H :], axis=0, out=grads["b_hn"])  # db_hn = Σ_t ∂m_t
         return work
+
+    def _backward_truncated(
+        self, G: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], k: int, *, be: Backend, work: Any,
+        grads: dict[str, Any], ds0: Any,
+    ) -> Any:  # fmt: skip
+        """Tutorial truncation with window k: lane d at step t holds ∂E_{t+d}/∂h_t; every lane passes through
+        step t's gates (their sum gives ∂a_t and ∂w_t: the map is linear), lanes 0..k−1 move on to h_{t−1}
+        (one GEMM for all of them) and lane k falls off; ∂E/∂h0 gathers every lane that passes step 0."""
+        kk, xp = kernels(be), be.xp
+        T, B, H = G.shape
+        W, A, dw, tmp = p["W"], aux["A"], aux["dw"], aux["tmp"]
+        lanes, lane_dw, lane_dpre, direct, total, zero = _lane_buffers(aux, k, B, H, 3, xp=xp, dtype=G.dtype)
+        cur, nxt = lanes[0], lanes[1]
+        for t in range(T - 1, -1, -1):
+            cur[0] = G[t]  # E_t's own term enters lane 0
+            xp.sum(cur, axis=0, out=total)
+            kk.backward(total, S[t], A[t], zero, work[t], dw[t], tmp)  # ∂a_t, ∂w_t of every lane at once
+            if t == 0:  # ∂E/∂h0: every lane that passed step 0
+                be.matmul(dw[0], W, ds0)
+                ds0 += tmp[0]
+                break
+            for d in range(k):  # lanes 0..k−1 one step back; lane k falls off
+                kk.backward(cur[d], S[t], A[t], zero, lane_dpre, lane_dw[d], tmp)
+                direct[d] = tmp[0]
+            if k:
+                be.matmul(lane_dw.reshape(k * B, 3 * H), W, nxt[1:].reshape(k * B, H))
+                nxt[1:] += direct
+            cur, nxt = nxt, cur
+        rows = dw.reshape(T * B, 3 * H)
+        be.matmul(rows.T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂w_tᵀ h_{t-1}
+        if "b_hn" in grads:
+            be.xp.sum(rows[:, 2 * H :], axis=0, out=grads["b_hn"])
+        return work
+
+
+def _lane_buffers(aux: dict[str, Any], k: int, B: int, H: int, G: int, *, xp: Any, dtype: Any) -> tuple[Any, ...]:
+    """The truncation lanes of window k, allocated once per workspace: lanes (2, k+1, B, H) (current, next),
+    per-lane ∂w (k, B, G·H), a ∂a scratch (B, G·H), the direct terms (k, B, H), the lanes' sum and a zero (B, H)."""
+    key = f"lanes{k}"
+    if key not in aux:
+        aux[key] = (
+            xp.zeros((2, k + 1, B, H), dtype=dtype), xp.empty((max(k, 1), B, G * H), dtype=dtype),
+            xp.empty((B, G * H), dtype=dtype), xp.empty((max(k, 1), B, H), dtype=dtype),
+            xp.empty((B, H), dtype=dtype), xp.zeros((B, H), dtype=dtype),
+        )  # fmt: skip
+    out = aux[key]
+    out[0][...] = 0
+    return out
 
 
 def _sigmoid(a: Any, *, xp: Any) -> None:

@@ -26,7 +26,6 @@ import threading
 from typing import Any
 
 from ..backend import Backend
-from ..errors import InputError
 from ._gated import forward_weight
 
 __all__ = ["LSTMCell"]
@@ -137,7 +136,7 @@ class LSTMCell:
         """BPTT through all steps; returns ∂E/∂pre (T, B, 4H) (in ``work``). G (T, B, H) enters as the
         direct term ∂E/∂h_t; writes grads["W"], ds0 (B, H) = ∂E/∂h0 and grads["c0"] (B, H) = ∂E/∂c0."""
         if truncate is not None:
-            raise InputError("truncate is implemented for the rnn cell only")
+            return self._backward_truncated(G, p, S, aux, truncate, be=be, work=work, grads=grads, ds0=ds0)
         k = kernels(be)
         T, B, H = G.shape
         W, A, C = p["W"], aux["A"], aux["C"]
@@ -147,6 +146,46 @@ class LSTMCell:
         for t in range(T - 1, -1, -1):
             k.backward(G[t], dh, C[t], C[t + 1], A[t], dc, work[t], aux["tmp"])  # ∂a_t; dc ← dc_t ⊙ f_t
             be.matmul(work[t], W, dh)  # dh_{t-1} = ∂a_t @ W: all four gates in one GEMM
+        be.matmul(work.reshape(T * B, 4 * H).T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂a_tᵀ h_{t-1}
+        return work
+
+    def _backward_truncated(
+        self, G: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], k: int, *, be: Backend, work: Any,
+        grads: dict[str, Any], ds0: Any,
+    ) -> Any:  # fmt: skip
+        """Tutorial truncation with window k: lane d at step t holds E_{t+d}'s (∂/∂h_t, ∂/∂c_t); every lane
+        passes through step t's gates (their sum gives ∂a_t: the map is linear), lanes 0..k−1 move on to
+        (h, c)_{t−1} (one GEMM for all of them), lane k falls off; ∂E/∂(h0, c0) gathers every lane at step 0."""
+        kk, xp = kernels(be), be.xp
+        T, B, H = G.shape
+        W, A, C, tmp = p["W"], aux["A"], aux["C"], aux["tmp"]
+        key = f"lanes{k}"
+        if key not in aux:  # once per workspace
+            aux[key] = (
+                xp.zeros((2, k + 1, B, H), dtype=G.dtype), xp.zeros((2, k + 1, B, H), dtype=G.dtype),
+                xp.empty((max(k, 1), B, 4 * H), dtype=G.dtype), xp.empty((2, B, H), dtype=G.dtype),
+                xp.zeros((B, H), dtype=G.dtype),
+            )  # fmt: skip
+        lh, lc, lane_da, total, zero = aux[key]
+        lh[...] = 0
+        lc[...] = 0
+        (ch, nh), (cc, nc) = (lh[0], lh[1]), (lc[0], lc[1])
+        for t in range(T - 1, -1, -1):
+            ch[0] = G[t]  # E_t's own term enters lane 0 (through h_t only)
+            cc[0] = 0
+            xp.sum(ch, axis=0, out=total[0])
+            xp.sum(cc, axis=0, out=total[1])
+            kk.backward(total[0], zero, C[t], C[t + 1], A[t], total[1], work[t], tmp)  # ∂a_t of every lane
+            if t == 0:  # ∂E/∂(h0, c0): every lane that passed step 0
+                be.matmul(work[0], W, ds0)
+                grads["c0"][...] = total[1]
+                break
+            for d in range(k):  # lanes 0..k−1 one step back; lane k falls off
+                kk.backward(ch[d], zero, C[t], C[t + 1], A[t], cc[d], lane_da[d], tmp)  # cc[d] ← its dc_{t-1}
+            if k:
+                be.matmul(lane_da[:k].reshape(k * B, 4 * H), W, nh[1:].reshape(k * B, H))
+                nc[1:] = cc[:k]
+            (ch, nh), (cc, nc) = (nh, ch), (nc, cc)
         be.matmul(work.reshape(T * B, 4 * H).T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂a_tᵀ h_{t-1}
         return work
 

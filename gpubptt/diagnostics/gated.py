@@ -36,7 +36,10 @@ from ..errors import InputError
 from ..model import RNN
 from ._common import ToDict, batch_of, check_int, check_model, check_positive_float
 
-__all__ = ["CellFlow", "cell_flow", "compare_cells", "plot_cells", "step_jacobians"]
+__all__ = [
+    "CellFlow", "cell_flow", "compare_cells", "plot_cells", "step_jacobians", "truncated_gradients",
+    "truncation_windows",
+]  # fmt: skip
 
 #: The horizon is the first lag whose product norm falls below this.
 DEFAULT_THRESHOLD = 1e-3
@@ -169,31 +172,48 @@ def _window_grads(m: RNN, x: Any, y: Any, states: list[Any], a: int, t: int) -> 
     return g
 
 
+def truncated_gradients(model: RNN, x: Any, y: Any, k: int, s0: Any = None) -> dict[str, np.ndarray]:
+    """The tutorial-truncated gradient of window k, of every parameter and of s0 (an LSTM's c0 too), from exact
+    BPTT on windows only: Σ_t (G(a_t, t) − G(a_t, t − 1)), a_t = max(0, t − k) (module docstring).
+
+    x (T, B) or (T, B, D); y (T, B); s0 as the model takes it, or None. Independent of the cells'
+    own truncation (it never asks for ``truncate``): 2T short runs of full BPTT.
+    """
+    m = _host_model(check_model(model))
+    batch = m._check(x, y, s0, None, True)
+    xh, yh = to_numpy(batch.x), to_numpy(batch.y)
+    T = batch.T
+    stack = engine.Stack(m, batch.T, batch.B, dropout=False)
+    stack.load(batch.s0_stacked, None, batch.c0_stacked)
+    stack.run(batch.x, batch.tokens, step_kernels="cublas")
+    S, C = stack.S[0], m.cell.cell_states(stack.aux[0])  # the states at every step, to start the windows from
+    states = [S[a] if C is None else (S[a], C[a]) for a in range(T)]
+    extra = ["s0"] + ([m.cell.extra_state] if m.cell.extra_state else [])
+    acc = {n: np.zeros(v.shape) for n, v in m.params.items()}
+    acc.update({n: np.zeros(S[0].shape) for n in extra})
+    for t in range(T):
+        a = max(0, t - k)
+        hi, lo = _window_grads(m, xh, yh, states, a, t), _window_grads(m, xh, yh, states, a, t - 1)
+        for n in acc:
+            if n in extra and a > 0:
+                continue  # the window starts after step 0: E_t's gradient stops before s0
+            acc[n] += hi[n] - (lo[n] if lo is not None else 0)
+    return acc
+
+
 def truncation_windows(model: RNN, x: Any, y: Any, truncates: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """(rel_error, cosine) per window k of tutorial truncation against full BPTT, every parameter, any cell.
 
-    x (T, B) or (T, B, D); y (T, B). Each truncated gradient is Σ_t (G(a_t, t) − G(a_t, t − 1)) from
-    the model's own BPTT on windows (module docstring): 2T short runs per window.
+    x (T, B) or (T, B, D); y (T, B). Each truncated gradient from ``truncated_gradients``.
     """
     m = _host_model(check_model(model))
-    batch = batch_of(m, x, y, None)
-    xh, yh = to_numpy(batch.x), to_numpy(batch.y)
-    T = batch.T
-    S, aux = _forward(m, batch)  # the states at every step, to start the windows from
-    C = m.cell.cell_states(aux)
-    states = [S[a] if C is None else (S[a], C[a]) for a in range(T)]
     names = list(m.params)
-    _, full = m.loss_and_grads(xh, yh)
-    full_vec = np.concatenate([full[k].ravel() for k in names])
+    _, full = m.loss_and_grads(x, y)
+    full_vec = np.concatenate([full[n].ravel() for n in names])
     rel, cos = [], []
     for k in truncates:
-        acc = np.zeros_like(full_vec)
-        for t in range(T):
-            a = max(0, t - k)
-            hi, lo = _window_grads(m, xh, yh, states, a, t), _window_grads(m, xh, yh, states, a, t - 1)
-            acc += np.concatenate([hi[n].ravel() for n in names])
-            if lo is not None:
-                acc -= np.concatenate([lo[n].ravel() for n in names])
+        g = truncated_gradients(m, x, y, k)
+        acc = np.concatenate([g[n].ravel() for n in names])
         rel.append(np.linalg.norm(acc - full_vec) / np.linalg.norm(full_vec))
         cos.append(acc @ full_vec / (np.linalg.norm(acc) * np.linalg.norm(full_vec)))
     return np.array(rel), np.array(cos)
