@@ -161,8 +161,12 @@ def test_rank_zero_parameters_are_broadcast_and_a_drifted_rank_is_caught():
     ref = RNN(3, 4, 3, backend="numpy", dtype="float64", seed=0).params
     with pytest.raises(ParameterDivergenceError, match=r"ranks \[1\] differ from rank 0"):
         run_ranks(2, work)
-    starts = run_ranks(2, lambda comm: {k: v.copy() for k, v in DataParallel(
-        RNN(3, 4, 3, backend="numpy", dtype="float64", seed=comm.rank), comm, batch_size=4).params.items()})  # fmt: skip
+
+    def fresh(comm):
+        dp = DataParallel(RNN(3, 4, 3, backend="numpy", dtype="float64", seed=comm.rank), comm, batch_size=4)
+        return {k: v.copy() for k, v in dp.params.items()}
+
+    starts = run_ranks(2, fresh)
     for s in starts:
         assert all(np.array_equal(s[k], ref[k]) for k in ref)
 
