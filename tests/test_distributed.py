@@ -202,3 +202,57 @@ def test_cli_refuses_distributed_none_under_an_mpi_launcher(tmp_path):
         app, ["train", "--steps", "1", "--checkpoint", str(tmp_path / "c.npz")], env={"PMI_SIZE": "2"}
     )
     assert result.exit_code == 2 and "--distributed is none" in result.output and not (tmp_path / "c.npz").exists()
+
+
+def _nccl_or_skip():
+    from .conftest import cupy_unavailable_reason
+
+    reason = cupy_unavailable_reason()
+    if reason:
+        pytest.skip(f"cupy backend unavailable: {reason}")
+    from gpubptt.distributed.nccl import NCCLCommunicator
+
+    try:
+        return NCCLCommunicator()  # size 1: the unique id is drawn locally, no MPI
+    except InputError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.gpu
+def test_nccl_at_size_one_keeps_cupy_and_numpy_buffers_and_broadcasts():
+    comm = _nccl_or_skip()
+    import cupy
+
+    for dtype in (cupy.float32, cupy.float64):
+        x = cupy.random.default_rng(0).standard_normal(1001).astype(dtype)
+        y = x.copy()
+        comm.allreduce(y)  # the sum over one rank
+        comm.broadcast(y, root=0)
+        assert bool((y == x).all())
+    h = np.random.default_rng(1).standard_normal(7)
+    g = h.copy()
+    comm.allreduce(g)  # a host buffer is staged through the device
+    assert np.array_equal(g, h)
+
+
+@pytest.mark.gpu
+def test_data_parallel_over_nccl_at_size_one_trains_the_model_of_plain_training_on_the_gpu():
+    comm = _nccl_or_skip()
+    settings = {**SETTINGS, "batch": 5}
+
+    def plain():
+        run = new_run(settings, backend="cupy", steps=20, eval_every=10)
+        train(run.model, run.data, run.optimizer, run.config)
+        return run
+
+    def parallel():
+        run = new_run(settings, backend="cupy", steps=20, eval_every=10)
+        dp = DataParallel(run.model, comm, batch_size=5, check_every=5)
+        train(dp, dp.shard_data(run.data), run.optimizer, dp.local_config(run.config), evaluator=dp.evaluate)
+        return run
+
+    ref, got = plain(), parallel()
+    for k in ref.model.params:
+        a, b = ref.model.backend.to_numpy(ref.model.params[k]), got.model.backend.to_numpy(got.model.params[k])
+        assert _rel(b, a) <= 1e-9, k
+    assert _rel(got.history.eval_loss, ref.history.eval_loss) <= 1e-9
