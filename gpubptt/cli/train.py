@@ -46,6 +46,13 @@ from ._common import (
     writable_or_exit,
     write_png,
 )
+from ._distributed import (
+    DistributedChoice,
+    abort_on_failure,
+    communicator_or_exit,
+    data_parallel_or_exit,
+    train_data_parallel,
+)
 
 TaskChoice = choices("TaskChoice", TASKS)
 InitChoice = choices("InitChoice", INITS)
@@ -93,8 +100,12 @@ class TrainReporter:
         self.stop_requested = False
         self.window: deque = deque([(0.0, 0)], maxlen=50)  # (seconds, tokens so far): tokens/s over recent steps
         self.progress = None
+        # --distributed: only rank 0 (main) prints and writes; sync gathers every rank's state before a save
+        self.main, self.sync, self.token_scale = True, None, 1.0
 
     def header(self) -> None:
+        if not self.main:
+            return
         run, config, state = self.run, self.run.config, self.run.state
         typer.echo(
             f"{run.data!r} | {run.model!r} | {type(run.optimizer).__name__} lr={config.lr} | B={config.batch_size} "
@@ -132,6 +143,11 @@ class TrainReporter:
 
     def save(self) -> None:
         """Checkpoint the run (atomic: a failed write leaves the previous file as it was); Failed on an OSError."""
+        if self.sync is not None:
+            self.sync()
+        if not self.main:
+            self.saved_step = self.run.state.step
+            return
         try:
             save_run(self.checkpoint, self.run)
         except OSError as exc:
@@ -154,7 +170,7 @@ class TrainReporter:
 
     def on_step(self, ev: TrainEvent) -> None:
         window = self.window
-        window.append((ev.seconds, window[-1][1] + ev.tokens))
+        window.append((ev.seconds, window[-1][1] + ev.tokens * self.token_scale))
         rate = (window[-1][1] - window[0][1]) / max(window[-1][0] - window[0][0], 1e-9)
         loss_s = "nan" if ev.loss is None else f"{ev.loss:.3f}"
         if ev.eval is not None:
@@ -167,7 +183,7 @@ class TrainReporter:
             )
             if self.progress is not None:
                 self.progress.console.print(line, highlight=False)
-            else:
+            elif self.main:
                 typer.echo(line, err=True)
         if self.progress is not None:
             info = f"loss {loss_s}  |g| {ev.grad_norm:.2f}  {rate:,.0f} tok/s"
@@ -185,6 +201,8 @@ class TrainReporter:
         return {"chance": data.chance_loss, "title": title}
 
     def summary(self, plot: Path | None) -> None:
+        if not self.main:
+            return
         history, state = self.run.history, self.run.state
         ev = self.last_eval or {"loss": float("nan"), "accuracy": float("nan")}
         if history.eval_step and self.last_eval is None:
@@ -202,6 +220,7 @@ class TrainReporter:
 @app.command()
 @quiet_numerics
 @reflowed_help
+@abort_on_failure
 def train(
     task: Annotated[
         TaskChoice | None, typer.Option(help="text: next-character prediction; copy / recall: long-range memory tasks.")
@@ -284,6 +303,13 @@ def train(
     ] = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing checkpoint with a new run.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write the loss curve to this PNG file (needs matplotlib).")] = None,
+    distributed: Annotated[
+        DistributedChoice,
+        typer.Option(
+            help="Under mpiexec: train one model on all ranks, each on its share of the --batch streams "
+            "(mpi: mpi4py; nccl: NCCL between GPUs). Rank 0 prints and writes the checkpoint."
+        ),
+    ] = DistributedChoice.none,
 ) -> None:
     """Train a vanilla RNN with truncated BPTT; report the loss beside the chance level; save a checkpoint.
 
@@ -303,6 +329,7 @@ def train(
     readable_or_exit(data, "--data")
     if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
         raise usage_error(f"--epochs must be a finite number > 0, got {epochs}")
+    comm = communicator_or_exit(distributed.value, backend.value)  # nccl/mpi pick this rank's GPU first
     be = backend_or_exit(backend.value)
     if resume and force:
         raise usage_error("--resume and --force exclude each other")
@@ -331,14 +358,24 @@ def train(
     except MemoryError as exc:
         raise out_of_memory(exc, be) from exc
 
-    reporter = TrainReporter(run, checkpoint, resumed=resume, interactive=sys.stderr.isatty())
+    fingerprint = dict(given, steps=run.config.steps, eval_every=eval_every, resume=resume, backend=be.name,
+                       state=(run.state.step, run.state.sequence, run.state.chunk), data=run.data.spec())  # fmt: skip
+    dp = data_parallel_or_exit(comm, distributed.value, run, fingerprint)
+    reporter = TrainReporter(
+        run, checkpoint, resumed=resume, interactive=sys.stderr.isatty() and comm.rank == 0
+    )  # fmt: skip
+    if dp is not None:
+        reporter.main, reporter.token_scale = comm.rank == 0, run.config.batch_size / dp.local_batch
     reporter.header()
     state = run.state
     start_step = state.step
-    previous_sigint = install_sigint(reporter.on_sigint)
+    # --distributed: Ctrl-C reaches every rank, maybe between different steps: stop at once (the last checkpoint stays)
+    previous_sigint = install_sigint(reporter.on_sigint) if dp is None else None
     reporter.start()
     try:
-        if state.step < run.config.steps:
+        if state.step < run.config.steps and dp is not None:
+            train_data_parallel(dp, run, reporter, train_loop)
+        elif state.step < run.config.steps:
             train_loop(
                 run.model, run.data, run.optimizer, run.config, state=state, history=run.history,
                 callback=reporter.on_step,
@@ -385,7 +422,7 @@ def train(
     try:
         if not resume or state.step != start_step:  # a resume with nothing to do leaves the file as it was
             reporter.save()
-        if plot is not None:
+        if plot is not None and reporter.main:
             write_png(plot, "plot", lambda path: plots.plot_history(path, run.history, **reporter.plot_labels()))
     except Failed as exc:
         typer.echo(f"error: {exc}", err=True)
