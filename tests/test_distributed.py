@@ -256,3 +256,14 @@ def test_data_parallel_over_nccl_at_size_one_trains_the_model_of_plain_training_
         a, b = ref.model.backend.to_numpy(ref.model.params[k]), got.model.backend.to_numpy(got.model.params[k])
         assert _rel(b, a) <= 1e-9, k
     assert _rel(got.history.eval_loss, ref.history.eval_loss) <= 1e-9
+
+
+def test_a_deep_model_trains_over_fake_ranks_as_in_one_process():
+    settings = {**SETTINGS, "layers": 2}  # the carried state is (L, B, H): streams on axis −2
+    ref = _single(20, settings)
+    assert ref.state.s.ndim == 3
+    runs = run_ranks(3, lambda comm: _ranked(comm, new_run(settings, backend="numpy", steps=20, eval_every=10)))
+    for run in runs:
+        for k in ref.model.params:
+            assert _rel(run.model.params[k], ref.model.params[k]) <= 1e-9, k
+        assert _rel(run.state.s, ref.state.s) <= 1e-9
