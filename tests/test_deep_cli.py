@@ -105,3 +105,34 @@ def test_bench_torch_reference_agrees_on_a_deep_bidirectional_model():
     errors = row["torch"]["grad_rel_err"]
     assert {"weight_hh_l1_reverse", "weight_ih_l0", "weight"} <= set(errors)
     assert row["torch"]["grads_match"], errors
+
+
+def test_vanish_measures_a_stack_per_layer_and_through_it(tmp_path):
+    from .images import assert_png_drawn
+
+    png = tmp_path / "v.png"
+    args = ["vanish", "--backend", "numpy", "--layers", "2", "--hidden", "8", "--seq-len", "12", "--batch", "2"]
+    result = runner.invoke(app, [*args, "--scale", "0.5,model", "--format", "json", "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [s["radius"] for s in data["scales"]] == [0.5, None]
+    rep = data["scales"][0]
+    assert [r["layer"] for r in rep["recurrences"]] == [0, 1]
+    assert len(rep["through_stack"]["per_layer"]) == 2 and len(rep["recurrences"][0]["step_gradients"]) == 12
+    assert abs(rep["recurrences"][1]["spectral_radius"] - 0.5) < 1e-9
+    assert_png_drawn(png, 16 * 110, 5 * 110)  # plot_stack's 16 × 5 inches at 110 dpi
+    table = runner.invoke(app, [*args, "--bidirectional", "--nonlinearity", "relu", "--scale", "1"])
+    assert table.exit_code == 0, table.output
+    assert "1 rev" in table.stdout  # one row per recurrence, the reverse ones marked
+
+
+def test_vanish_architecture_options_describe_the_random_model_only(tmp_path):
+    result = runner.invoke(app, ["vanish", "--checkpoint", str(tmp_path / "none.npz"), "--layers", "2"])
+    assert result.exit_code != 0
+
+
+def test_one_recurrence_diagnostics_refuse_a_stack_and_say_what_to_use():
+    model = gpubptt.RNN(4, 3, 4, num_layers=2, backend="numpy")
+    x = np.zeros((5, 2), dtype=np.int64)
+    with pytest.raises(gpubptt.InputError, match="use diagnostics.stack_report"):
+        gpubptt.diagnostics.step_gradients(model, x, x)

@@ -57,20 +57,30 @@ def random_problem(
     dtype: Any = "float64",
     init: str = "wildml",
     seed: int = 0,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    nonlinearity: str = "tanh",
 ) -> VanishProblem:
-    """A random model (D = K = ``vocab``) and random tokens and targets x, y (T, B), all from ``seed``.
+    """A random model (D = K = ``vocab``; ``num_layers``, ``bidirectional``, ``nonlinearity`` as in
+    ``RNN``) and random tokens and targets x, y (T, B), all from ``seed``.
 
     InsufficientMemoryError (an InputError) before anything is allocated when the diagnostics of
     these sizes cannot fit in the backend's available memory (see ``gpubptt.memory``).
     """
     backend = get_backend(backend)
     _check_memory(vocab, H, vocab, T, B, dtype, backend, random=True)
-    model = RNN(vocab, H, vocab, backend=backend, dtype=dtype, init=init, seed=seed)
+    model = RNN(
+        vocab, H, vocab, backend=backend, dtype=dtype, init=init, seed=seed, num_layers=num_layers,
+        bidirectional=bidirectional, nonlinearity=nonlinearity,
+    )  # fmt: skip
     be = model.backend
     rng = np.random.default_rng(seed)
     x = be.asarray(rng.integers(0, vocab, size=(T, B)))  # (T, B) token ids
     y = be.asarray(rng.integers(0, vocab, size=(T, B)))  # (T, B) targets
-    return VanishProblem(model, x, y, {"model": "random", "vocab": vocab, "init": init})
+    about = {"model": "random", "vocab": vocab, "init": init}
+    if num_layers > 1 or bidirectional or nonlinearity != "tanh":
+        about.update(layers=num_layers, bidirectional=bidirectional, nonlinearity=nonlinearity)
+    return VanishProblem(model, x, y, about)
 
 
 def _check_memory(D: Any, H: Any, K: Any, T: Any, B: Any, dtype: Any, be: Any, *, random: bool) -> None:

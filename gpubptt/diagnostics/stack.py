@@ -15,8 +15,9 @@ also measures the two things only a stack has:
                     layer it is that layer's own product; for layer 0 the paths climb the whole stack.
 
 The Jacobians through the stack are dense: the adjoints of all H unit vectors at the top, for every
-example at once ((H·B, H) rows per layer and step), and their spectral norms by SVD on the host
-(L·T SVDs of (B, H, H) batches). The adjoint recursion, for a seed at the top layer:
+example at once ((H·B, H) rows per layer, L·H·B·H numbers held), and their spectral norms by SVD on
+the host (L·T SVDs of (B, H, H) batches). Elman cells (their step factors); one-direction stacks.
+The adjoint recursion, for a seed at the top layer:
 
     a^{L−1}_j += seed_j;  for l = L−1 … 0:  δ^l_j = a^l_j ⊙ f^l_j,  a^{l−1}_j += δ^l_j U_l,  a^l_{j−1} = δ^l_j W_l
 """
@@ -115,16 +116,21 @@ class StackReport(ToDict):
 
 
 def _adjoints(
-    model: RNN, S: list[Any], F: list[Any], seed_at: Callable[[int], Any | None], visit: Callable[[int, int, Any], None]
+    model: RNN,
+    F: list[Any],
+    seed_at: Callable[[int], Any | None],
+    visit: Callable[[int, int, Any], None],
+    lanes: int = 1,
 ) -> None:
     """Walk a one-direction stack backward from its last step, calling ``visit(j, l, a)`` with the
     complete adjoint a (N, H) = ∂(Σ_t seed_tᵀ s^top_t)/∂s^l_j of every layer l at every step j.
 
-    S[l] (T+1, N, H) states and F[l] (T, N, H) step factors of layer l; ``seed_at(j)`` (N, H) or None
-    is added to the top layer's adjoint at step j.
+    S[l] (T+1, B, H) states and F[l] (T, B, H) step factors of layer l, for N = m·B lanes (lane i·B + b
+    belongs to example b); ``seed_at(j)`` (N, H) or None is added to the top layer's adjoint at step j.
     """
     xp, p, L = model.backend.xp, model.params, model.num_layers
-    T, N, H = F[0].shape
+    T, Bf, H = F[0].shape
+    N = Bf * lanes
     a = [xp.zeros((N, H), dtype=model.dtype) for _ in range(L)]
     for j in range(T - 1, -1, -1):
         seed = seed_at(j)
@@ -133,7 +139,7 @@ def _adjoints(
         for layer in range(L - 1, -1, -1):
             r = model.recurrences[layer]
             visit(j, layer, a[layer])
-            d = a[layer] * F[layer][j]  # δ^l_j
+            d = (a[layer].reshape(lanes, Bf, H) * F[layer][j]).reshape(N, H)  # δ^l_j
             if layer > 0:
                 a[layer - 1] += d @ p[r.name("U")]  # up the stack at the same step
             a[layer] = d @ p[r.name("W")]  # back through time
@@ -176,10 +182,10 @@ def stack_report(
         do = _softmax_minus_onehot(model, S[-1][1:], batch.y)  # (T, B, K)
         norms = xp.zeros((n, T), dtype=xp.float64)
         _adjoints(
-            model, S, F, lambda j: do[j] @ V, lambda j, layer, a: norms.__setitem__((layer, j), xp.sqrt((a * a).sum()))
+            model, F, lambda j: do[j] @ V, lambda j, layer, a: norms.__setitem__((layer, j), xp.sqrt((a * a).sum()))
         )
         steps = list(to_host(norms))
-        through = _through_stack(model, S, F, threshold)
+        through = _through_stack(model, F, threshold)
     flows = []
     for r, s, f in zip(model.recurrences, S, F, strict=True):
         W = model.params[r.name("W")]
@@ -214,13 +220,12 @@ def _softmax_minus_onehot(model: RNN, top: Any, y: Any) -> Any:
     return e
 
 
-def _through_stack(model: RNN, S: list[Any], F: list[Any], threshold: float) -> ThroughStack:
+def _through_stack(model: RNN, F: list[Any], threshold: float) -> ThroughStack:
     """Dense Jacobians ∂s^top_end/∂s^l_j of a one-direction stack for every layer l and step j ≤ end = T−1."""
     xp, H, L = model.backend.xp, model.hidden_size, model.num_layers
     T, B, _ = F[0].shape
     end = T - 1
-    tiled = [xp.tile(f, (1, H, 1)) for f in F]  # lane i·B + b: unit vector i at the top, example b
-    basis = xp.repeat(xp.eye(H, dtype=model.dtype), B, axis=0)  # (H·B, H)
+    basis = xp.repeat(xp.eye(H, dtype=model.dtype), B, axis=0)  # (H·B, H): lane i·B + b, unit vector i, example b
     logs = np.zeros((L, T))
 
     def visit(j: int, layer: int, a: Any) -> None:
@@ -228,7 +233,7 @@ def _through_stack(model: RNN, S: list[Any], F: list[Any], threshold: float) -> 
         sv = np.linalg.svd(J, compute_uv=False)[:, 0]  # the spectral norm of each example's Jacobian
         logs[layer, end - j] = np.log(np.maximum(sv, np.finfo(np.float64).tiny)).mean()
 
-    _adjoints(model, S, tiled, lambda j: basis if j == end else None, visit)
+    _adjoints(model, F, lambda j: basis if j == end else None, visit, lanes=H)
     return ThroughStack(end=end, per_layer=[_decay(logs[layer], threshold) for layer in range(L)])
 
 
