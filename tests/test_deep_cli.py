@@ -134,5 +134,5 @@ def test_vanish_architecture_options_describe_the_random_model_only(tmp_path):
 def test_one_recurrence_diagnostics_refuse_a_stack_and_say_what_to_use():
     model = gpubptt.RNN(4, 3, 4, num_layers=2, backend="numpy")
     x = np.zeros((5, 2), dtype=np.int64)
-    with pytest.raises(gpubptt.InputError, match="use diagnostics.stack_report"):
+    with pytest.raises(gpubptt.InputError, match=r"use diagnostics\.stack_report"):
         gpubptt.diagnostics.step_gradients(model, x, x)
