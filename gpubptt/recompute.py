@@ -13,8 +13,9 @@ through the segment, layer by layer from the top:
                into segment k − 1 (or ds0 when k = 0); dW, dU, db, dV, dc accumulate over segments
 
 The carry is exactly what the stored path adds at that step (δ_{t+1} @ W), so the gradient is the
-stored path's: bitwise with one segment (c ≥ T), to rounding otherwise (the segment sums of dW, dU,
-dV and the loss are added in another order). Memory: n_seg boundary states + c steps of states,
+stored path's: bitwise with one segment (c ≥ T), to rounding otherwise (the input projection's GEMM
+runs over c·B rows rather than T·B, and the segment sums of dW, dU, dV and the loss are added in
+another order). Memory: n_seg boundary states + c steps of states,
 gradients and pre-activations per layer, for one extra forward pass (less the last segment, whose
 states are still in the buffers when the backward pass starts). c ≈ √(T/3) minimises it; "sqrt"
 takes c = ⌈√T⌉.
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 INT64 = 8
+PYTHON_OBJECTS = 10_000  # the workspace, its dicts and lists, the batch: measured 6–17 kB on small shapes
 
 
 def check_recompute(recompute: Any) -> str | int | None:
@@ -147,6 +149,7 @@ def _common(model: Any, T: int, B: int, tokens: bool, lengths: bool) -> dict[str
     n = len(model.recurrences)
     P = sum(int(np.prod(p.shape)) for p in model.params.values())
     parts = {"gradients (workspace and returned)": 2 * (P + n * B * model.hidden_size) * it}
+    parts["Python objects"] = PYTHON_OBJECTS
     if lengths:  # the (T, B) weights and the targets with padded entries replaced (``check_batch``)
         parts["length masks"] = T * B * (it + INT64)
     return parts
@@ -158,12 +161,16 @@ def _xent_peak(n_rows: int, K: int, it: int) -> int:
 
 
 def _token_peak(D: int, N: int, gH: int, it: int) -> int:
-    """The token plan and the scatter-add of N rows (NumPy: a (D, N) one-hot GEMM up to D = 512, else a gather)."""
+    """The larger of: the gather of N rows of U (NumPy's ``take`` buffers its (N, gH) output), the
+    token plan and the scatter-add of N rows (NumPy: a (D, N) one-hot GEMM up to D = 512, else a gather)."""
     from .backend.numpy_backend import ONEHOT_MAX_VOCAB
 
     plan = 2 * N * INT64 + 2 * (D + 1) * INT64
-    scatter = D * N * it + N * INT64 + D * gH * it if D <= ONEHOT_MAX_VOCAB else N * gH * it + D * gH * it
-    return plan + scatter
+    if D <= ONEHOT_MAX_VOCAB:
+        scatter = D * N * it + N * INT64 + D * gH * it
+    else:
+        scatter = N * gH * it + min(D, N) * gH * it + 2 * (D + 1)
+    return max(N * gH * it, plan + scatter)
 
 
 def call_memory(
@@ -239,8 +246,8 @@ def choose(
 ) -> int | None:
     """The segment length a call runs with (None: every state stored), after checking ``max_memory``.
 
-    "auto": the stored path if it fits, else the longest segments that fit (fewest segments: the
-    least recomputation and per-segment overhead). InsufficientMemoryError, before any work, when
+    "auto": the stored path if it fits, else the fewest segments that fit (the least recomputation
+    and per-segment overhead), each as short as that count allows. InsufficientMemoryError, before any work, when
     the policy's estimate exceeds ``max_memory``, naming the estimate and the smallest budget
     that would work (for this policy, and for any policy); InputError when the model cannot
     recompute and recomputation is asked for.
