@@ -224,6 +224,7 @@ def train(
     history: History | None = None,
     callback: Callable[[TrainEvent], None] | None = None,
     grad_hook: Callable[[Any, dict[str, Any]], Any] | None = None,
+    max_memory: int | None = None,
 ) -> tuple[TrainState, History]:
     """Train ``model`` on ``data`` until ``config.steps`` optimizer steps are done; update it in place.
 
@@ -235,6 +236,9 @@ def train(
     update: it may change the gradients in place (e.g. sum them over processes) and returns the
     loss to record and check (a 0-d array), or None to keep it. loss is 0-d; grads as returned by
     ``loss_and_grads`` (shaped like the parameters, plus "s0" (B, H)).
+
+    ``max_memory`` (bytes): each ``loss_and_grads`` keeps every state where its estimate fits and
+    otherwise recomputes them in segments (``recompute="auto"``, the same exact gradient).
     """
     if optimizer.params is not model.params:
         raise InputError("the optimizer must be built on this model's parameters (make_optimizer(name, model))")
@@ -292,6 +296,8 @@ def train(
 
         # dropout masks from (seed, step): a resumed run draws the masks the uninterrupted one would have
         drop = {"dropout_seed": dropout_seed(config.seed, state.step)} if getattr(model, "dropout", 0) else {}
+        if max_memory is not None:
+            drop.update(recompute="auto", max_memory=max_memory)
         loss, grads, s_last = model.loss_and_grads(
             xc, yc, state.s, truncate=config.truncate, reduction="mean", return_final_state=True, **drop
         )

@@ -297,3 +297,25 @@ def test_cupy_pool_growth_is_bounded_by_the_estimate(cupy_be):
         est = fresh.memory_estimate(T, B, recompute=recompute)
         persistent = est.total - est.parts["output-layer chunk or token scatter"]
         assert 0.9 * persistent <= held <= 1.1 * est.total, (recompute, persistent, held, est.total)
+
+
+# -- gpubptt train --max-memory ----------------------------------------------------------------------
+def test_train_whole_sequences_recompute_when_the_stored_plan_exceeds_max_memory(tmp_path):
+    """--chunk 0 on 302-step sequences: the stored plan needs more than the budget, so the run recomputes;
+    a budget below the smallest possible is refused before training, naming that minimum."""
+    from typer.testing import CliRunner
+
+    from gpubptt.cli import app
+
+    args = ["train", "--task", "recall", "--delay", "300", "--chunk", "0", "--hidden", "16", "--batch", "4"]
+    args += ["--steps", "2", "--eval-every", "2", "--backend", "numpy", "--checkpoint", str(tmp_path / "ck.npz")]
+    model = build(10, 16, 9, dtype="float32")
+    stored = model.memory_estimate(302, 4).total
+    out = CliRunner().invoke(app, [*args, "--max-memory", str(stored // 2)])
+    assert out.exit_code == 0, out.output
+    assert "302-step batches recompute states in segments of" in out.output
+    out = CliRunner().invoke(app, [*args, "--force", "--max-memory", "1K"])
+    assert out.exit_code != 0
+    assert "the smallest budget that works is" in out.output
+    out = CliRunner().invoke(app, [*args, "--force", "--max-memory", "lots"])
+    assert out.exit_code != 0 and "--max-memory must be a size" in out.output
