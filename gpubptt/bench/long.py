@@ -29,8 +29,9 @@ def _policy(name: str) -> str | None:
 
 
 def longest_T(model: Any, B: int, budget: int, policy: str | None) -> int:
-    """The longest T whose ``memory_estimate`` (tokens, no lengths) fits ``budget`` bytes (0: none)."""
-    fits = lambda T: model.memory_estimate(T, B, recompute=policy).total <= budget  # noqa: E731
+    """The longest T whose ``memory_estimate`` (tokens, no lengths) plus the inputs x, y ((T, B) int64 each)
+    fits ``budget`` bytes (0: none)."""
+    fits = lambda T: model.memory_estimate(T, B, recompute=policy).total + 16 * T * B <= budget  # noqa: E731
     if not fits(1):
         return 0
     lo, hi = 1, 2
@@ -127,7 +128,7 @@ def render_long(result: dict[str, Any]) -> str:
             f"{head} {r['seconds']:9.3f} s  {us:8.1f} µs/step  peak {format_bytes(r['peak_bytes']):>9}"
             f"  (estimate {format_bytes(r['estimate_bytes'])})"
         )
-    b = format_bytes(result["budget_bytes"])
+    b = f"{result['budget_bytes'] / 2**30:g} GiB (with the inputs)"
     lines += [f"longest T in {b}: {p} {t:,}" for p, t in result["longest_T"].items()]
     return "\n".join(lines) + "\n"
 
