@@ -239,6 +239,7 @@ def train(
     callback: Callable[[TrainEvent], None] | None = None,
     grad_hook: Callable[[Any, dict[str, Any]], Any] | None = None,
     evaluator: Callable[[Any, Any], dict[str, float]] | None = None,
+    max_memory: int | None = None,
 ) -> tuple[TrainState, History]:
     """Train ``model`` on ``data`` until ``config.steps`` optimizer steps are done; update it in place.
 
@@ -253,6 +254,8 @@ def train(
 
     ``evaluator(model, data)`` replaces ``evaluate`` for the held-out evaluations (e.g. one that
     splits them over processes, ``gpubptt.distributed.DataParallel.evaluate``).
+    ``max_memory`` (bytes): each ``loss_and_grads`` keeps every state where its estimate fits and
+    otherwise recomputes them in segments (``recompute="auto"``, the same exact gradient).
     """
     if optimizer.params is not model.params:
         raise InputError("the optimizer must be built on this model's parameters (make_optimizer(name, model))")
@@ -310,6 +313,8 @@ def train(
 
         # dropout masks from (seed, step): a resumed run draws the masks the uninterrupted one would have
         drop = {"dropout_seed": dropout_seed(config.seed, state.step)} if getattr(model, "dropout", 0) else {}
+        if max_memory is not None:
+            drop.update(recompute="auto", max_memory=max_memory)
         loss, grads, s_last = model.loss_and_grads(
             xc, yc, state.s, truncate=config.truncate, reduction="mean", return_final_state=True, **drop
         )

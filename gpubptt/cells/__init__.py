@@ -19,6 +19,13 @@ cell over time (``gpubptt.engine``) knows none of a cell's math. What it asks of
                          gates·H) is free for it. The engine then forms dU = Σ ∂E/∂preᵀ x_t (one
                          GEMM), the input bias's gradient and ∂E/∂x (one GEMM, for the layer below).
 
+    extra_state          whether the cell carries state beyond s from one step to the next (an LSTM's
+                         cell state). Recomputation (``gpubptt.recompute``) keeps only s at segment
+                         boundaries and recomputes the cell's ``buffers`` per segment (``buffers(n, …)``
+                         for each segment length n, ``load(aux, None)`` before each segment's forward,
+                         ``run_backward`` with ``ds0`` taken as the carry into the previous segment);
+                         it refuses a cell with extra_state True, or without the attribute.
+
 A reverse recurrence sees its inputs in its own time (the engine reverses them per sequence), so a
 cell never knows its direction.
 """

@@ -49,6 +49,8 @@ class ElmanCell:
     gates = 1
     #: the bias added to U x_t in the input projection (its gradient is Σ_t ∂E/∂pre_t)
     input_bias = "b"
+    #: whether the cell carries state beyond s from step to step (recomputation keeps only s)
+    extra_state = False
 
     def __init__(self, nonlinearity: str = "tanh") -> None:
         if nonlinearity not in NONLINEARITIES:

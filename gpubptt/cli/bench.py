@@ -186,6 +186,14 @@ def bench(
         bool,
         typer.Option("--quiet", "-q", help="No progress or messages on stderr; with --output, no table on stdout."),
     ] = False,
+    recompute: Annotated[
+        str | None,
+        typer.Option(
+            help="Long sequences instead: time and measured peak memory against T (--seq-lens, at --fixed-hidden, "
+            "default 256) for these policies, comma-separated: none (every state stored), sqrt (recompute in "
+            "√T segments). Stored runs that would not fit in half the available memory are skipped."
+        ),
+    ] = None,
 ) -> None:
     """Time forward+BPTT as T grows (at fixed H) and as H grows (at fixed T).
 
@@ -217,6 +225,9 @@ def bench(
             typer.echo(msg, err=True)
 
     check_plot(plot)
+    if recompute is not None:
+        _long(recompute, Ts, backend, batch, fixed_hidden or 256, vocab, dtype.value, seed, output, plot, say)
+        return
     requested = available_backends() if backend is BenchBackendChoice.all else [backend.value]
     names = list(dict.fromkeys(backend_or_exit(name).name for name in requested))  # fails here, before any work
     if compare is CompareChoice.torch and (reason := bench_lib.torch_unavailable_reason()):
@@ -290,3 +301,34 @@ def bench(
         typer.echo(f"error: {message}", err=True)
     if failed:
         raise typer.Exit(1)
+
+
+def _long(policies_text, Ts, backend, B, H, vocab, dtype, seed, output, plot, say) -> None:
+    """``bench --recompute``: the long-sequence sweep of ``gpubptt.bench.long``."""
+    from ..bench.long import POLICIES, long_sweep, plot_long, render_long
+
+    policies = [p.strip() for p in policies_text.split(",") if p.strip()]
+    if not policies or any(p not in POLICIES for p in policies):
+        raise usage_error(
+            f"--recompute must list policies from {', '.join(POLICIES)} (e.g. sqrt,none), got {policies_text!r}"
+        )
+    if backend is BenchBackendChoice.all:
+        raise usage_error("--recompute measures one backend: choose --backend numpy or cupy")
+    be = backend_or_exit(backend.value)
+    avail = be.available_memory()
+    say(f"gpubptt bench --recompute {','.join(policies)}: T in {Ts}, B={B}, H={H}, tokens D=K={vocab}, {be.name}")
+    progress = lambda row: say(render_long({**_empty, "rows": [row]}).splitlines()[0])  # noqa: E731
+    _empty = {"rows": [], "longest_T": {}, "budget_bytes": 0}
+    result = long_sweep(
+        be, Ts, policies=policies, B=B, H=H, vocab=vocab, dtype=dtype, seed=seed,
+        stored_limit=None if avail is None else avail // 2, progress=progress,
+    )  # fmt: skip
+    result["environment"] = environment([be])
+    result["argv"] = ["gpubptt", *sys.argv[1:]]
+    typer.echo(render_long(result), nl=False)
+    if output is not None:
+        write_atomic(output, json.dumps(result, indent=1) + "\n")
+        say(f"wrote {output}")
+    if plot is not None:
+        plot_long(result, plot)
+        say(f"wrote {plot}")

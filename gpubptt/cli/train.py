@@ -22,7 +22,17 @@ from ..data import TASKS
 from ..errors import InputError
 from ..model import INITS
 from ..optim import DEFAULT_LR, ON_NONFINITE, OPTIMIZERS, NonFiniteError
-from ..run import DEFAULT_EVAL_EVERY, DEFAULT_STEPS, DEFAULTS, TEXT_CHUNK, Run, new_run, resume_run, save_run
+from ..run import (
+    DEFAULT_EVAL_EVERY,
+    DEFAULT_STEPS,
+    DEFAULTS,
+    TEXT_CHUNK,
+    Run,
+    new_run,
+    recompute_plan,
+    resume_run,
+    save_run,
+)
 from ..sample import sample_chars
 from ..train import SCHEDULES, TrainEvent
 from ..train import train as train_loop
@@ -38,6 +48,7 @@ from ._common import (
     in_flags,
     install_sigint,
     out_of_memory,
+    parse_size,
     quiet_numerics,
     readable_or_exit,
     reflowed_help,
@@ -310,6 +321,13 @@ def train(
             "(mpi: mpi4py; nccl: NCCL between GPUs). Rank 0 prints and writes the checkpoint."
         ),
     ] = DistributedChoice.none,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory budget of one forward+BPTT (e.g. 512M, 8G): batches whose stored states exceed it "
+            "(long whole sequences, --chunk 0) recompute them in segments; the gradient is the same."
+        ),
+    ] = None,
 ) -> None:
     """Train a vanilla RNN with truncated BPTT; report the loss beside the chance level; save a checkpoint.
 
@@ -324,6 +342,7 @@ def train(
     )  # fmt: skip
     given = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items() if v is not None}
     check_plot(plot)
+    budget = None if max_memory is None else parse_size(max_memory, "--max-memory")
     writable_or_exit(plot, "--plot")
     writable_or_exit(checkpoint, "--checkpoint")  # before any work: training failed only at its first save
     readable_or_exit(data, "--data")
@@ -353,6 +372,8 @@ def train(
             )
         else:
             run = new_run(given, backend=be, steps=steps, epochs=epochs, eval_every=eval_every)
+        if budget is not None:
+            typer.echo(recompute_plan(run, budget), err=True)
     except (InputError, CheckpointError, TypeError) as exc:
         raise usage_error(in_flags(str(exc))) from exc
     except MemoryError as exc:
@@ -378,7 +399,7 @@ def train(
         elif state.step < run.config.steps:
             train_loop(
                 run.model, run.data, run.optimizer, run.config, state=state, history=run.history,
-                callback=reporter.on_step,
+                callback=reporter.on_step, max_memory=budget,
             )  # fmt: skip
     except Interrupted as exc:
         reporter.stop()

@@ -207,9 +207,12 @@ class DataParallel:
         reduction: str = "sum",
         return_final_state: bool = False,
         dropout_seed: int | None = None,
+        recompute: Any = None,
+        max_memory: int | None = None,
     ) -> tuple[Any, dict[str, Any]] | tuple[Any, dict[str, Any], Any]:
         """The model's ``loss_and_grads`` on this rank's streams, summed (or averaged) over every rank.
 
+        ``recompute``/``max_memory`` as the model's (each rank's budget for its own streams).
         With dropout, each rank draws its streams' masks from (``dropout_seed``, rank), so ranks never
         share a mask; a run with dropout is then not bit-identical to one process (whose masks cover
         all B streams at once), only equal in distribution.
@@ -224,7 +227,7 @@ class DataParallel:
         if self.check_every and self.calls and self.calls % self.check_every == 0:
             self.check_parameters()
         self.calls += 1
-        drop = {}
+        drop: dict[str, Any] = {} if recompute is None else {"recompute": recompute, "max_memory": max_memory}
         if dropout_seed is not None:
             drop["dropout_seed"] = int(np.random.SeedSequence([dropout_seed, self.comm.rank]).generate_state(1)[0])
         out = self.model.loss_and_grads(
