@@ -143,12 +143,17 @@ def _vanish_stack(model, x, y, radii, *, T: int, threshold: float, iters: int, f
             err=True,
         )
     if plot is not None:
-        try:
-            write_png(plot, "plot", lambda path: plots.plot_stack(sweep, path, title=title))
-        except Failed as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.code) from exc
-        typer.echo(f"wrote {plot}", err=True)
+        _write_plot(plot, lambda path: plots.plot_stack(sweep, path, title=title))
+
+
+def _write_plot(plot: Path, draw) -> None:
+    """Write the figure atomically; a failure is one error line and the exit code of ``write_png``."""
+    try:
+        write_png(plot, "plot", draw)
+    except Failed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.code) from exc
+    typer.echo(f"wrote {plot}", err=True)
 
 
 @contextlib.contextmanager
@@ -350,9 +355,4 @@ def vanish(
                 f"{checkpoint.name} ({about['task']}, step {about['step']}) on {about['data']}: "
                 f"T={T} H={model.hidden_size} B={batch} seed={seed} ({be.name})"
             )
-        try:
-            write_png(plot, "plot", lambda path: plots.plot_vanish(sweep, path, title=title))
-        except Failed as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.code) from exc
-        typer.echo(f"wrote {plot}", err=True)
+        _write_plot(plot, lambda path: plots.plot_vanish(sweep, path, title=title))
