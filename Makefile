@@ -20,7 +20,7 @@ endif
 	.venv/bin/python -m pip install -q --upgrade pip
 
 .venv/.test: .venv/bin/python pyproject.toml
-	$(PY) -m pip install -q -e '.[test,plot]'
+	$(PY) -m pip install -q -e '.[test,plot,mpi]'
 	touch $@
 
 .venv/.dev: .venv/bin/python pyproject.toml

@@ -12,6 +12,7 @@ GEMM against ``cupy.matmul``.
 
     python benchmarks/perf_grid.py --backend numpy --output benchmarks/perf-cpu.json
     python benchmarks/perf_grid.py --backend cupy --output benchmarks/perf-gpu.json
+    python benchmarks/perf_grid.py --backend numpy --grid deep --output benchmarks/perf-cpu-deep.json
 
 Prints one line per configuration; writes JSON with every raw time.
 """
@@ -41,6 +42,14 @@ GRID = [
     (64, 64, 256, 512, 512, False),
     (16, 128, 512, 1024, 1024, False),
 ]
+# deep rows: (T, B, D, H, K, tokens, num_layers, bidirectional, nonlinearity)
+DEEP_GRID = [
+    (64, 32, 128, 256, 256, False, 2, False, "tanh"),
+    (64, 32, 128, 256, 256, False, 3, False, "tanh"),
+    (64, 32, 128, 256, 256, False, 2, True, "tanh"),
+    (64, 32, 128, 256, 256, False, 2, False, "relu"),
+    (16, 128, 512, 1024, 1024, False, 2, False, "tanh"),
+]
 PAUSE_S = 0.2  # between the two libraries in a round: long enough for idle BLAS/OpenMP threads to sleep
 
 
@@ -66,7 +75,7 @@ def plain_loop(model, x, y):
 
 def peak_bytes(model, x, y) -> int:
     """Peak bytes one forward+BPTT allocates on a fresh model (its workspace included), traced on the host."""
-    fresh = gpubptt.RNN.from_params(model.params, backend=model.backend)
+    fresh = gpubptt.RNN.from_params(model.params, backend=model.backend, nonlinearity=model.nonlinearity)
     tracemalloc.start()
     try:
         fresh.loss_and_grads(x, y)
@@ -75,23 +84,26 @@ def peak_bytes(model, x, y) -> int:
         tracemalloc.stop()
 
 
-def measure(be, T, B, D, H, K, tokens, args, have_torch) -> dict:
+def measure(be, T, B, D, H, K, tokens, args, have_torch, layers=1, bidirectional=False, nonlinearity="tanh") -> dict:
+    arch = dict(num_layers=layers, bidirectional=bidirectional, nonlinearity=nonlinearity)
     cfg = bench.BenchConfig(
         backends=[be.name], seq_lens=[T], hidden_sizes=[H], batch=B, D=D, K=K,
-        input="tokens" if tokens else "dense", compare="torch" if have_torch else "none",
+        input="tokens" if tokens else "dense", compare="torch" if have_torch else "none", **arch,
     )  # fmt: skip
     rng = np.random.default_rng(0)
-    model = gpubptt.RNN(D, H, K, backend=be, seed=0)
+    model = gpubptt.RNN(D, H, K, backend=be, seed=0, **arch)
     x = be.asarray(rng.integers(0, D, (T, B)) if tokens else rng.normal(size=(T, B, D)).astype(np.float32))
     y = be.asarray(rng.integers(0, K, (T, B)))
     timer = be.timer()
     ours = {"gpubptt": (lambda: model.loss_and_grads(x, y), timer)}
     if be.supports_graphs:
-        plain = gpubptt.RNN.from_params(model.params, backend=be)
+        plain = gpubptt.RNN.from_params(model.params, backend=be, nonlinearity=nonlinearity)
         plain.use_graphs, plain.step_kernels = False, "cublas"
         ours["gpubptt_plain_loop"] = (lambda: plain_loop(plain, x, y), timer)
     ours.update({k: (fn, timer) for k, fn in bench.gemm_references(be, T, B, H, K, cfg).items()})
-    row = dict(T=T, B=B, D=D, H=H, K=K, tokens=tokens, flops=bench.flops(T, B, D, H, K, tokens=tokens))
+    dirs = 2 if bidirectional else 1
+    row = dict(T=T, B=B, D=D, H=H, K=K, tokens=tokens, **arch)
+    row["flops"] = bench.flops(T, B, D, H, K, tokens=tokens, num_layers=layers, dirs=dirs)
     theirs = {}
     if have_torch:
         _, grads = model.loss_and_grads(x, y)
@@ -108,7 +120,7 @@ def measure(be, T, B, D, H, K, tokens, args, have_torch) -> dict:
                 times[k].append(t(fn))
             time.sleep(PAUSE_S)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    rates, gemm_gflops = bench.gemm_rate(times, T, B, H, K, row["flops"])
+    rates, gemm_gflops = bench.gemm_rate(times, T, B, H, K, row["flops"], recurrences=model.num_states)
     row.update(times_s=times, median_s=med, gflops=row["flops"] / med["gpubptt"] / 1e9, gemm=rates)
     row["efficiency"] = row["gflops"] / gemm_gflops
     if "torch" in med:
@@ -126,6 +138,9 @@ def describe(row: dict) -> str:
     T, B, D, H, K = (row[k] for k in "TBDHK")
     med = row["median_s"]
     parts = [f"T={T:<3} B={B:<3} D={D:<3} H={H:<4} K={K:<4}{' tok' if row['tokens'] else '    '}"]
+    if row.get("num_layers", 1) > 1 or row.get("bidirectional") or row.get("nonlinearity", "tanh") != "tanh":
+        bi = " bi" if row.get("bidirectional") else ""
+        parts.append(f"L={row.get('num_layers', 1)}{bi} {row.get('nonlinearity', 'tanh')}")
     parts.append(
         f"gpubptt {med['gpubptt'] * 1e3:8.3f} ms {row['gflops']:7.1f} GFLOP/s ({row['efficiency']:.0%} of GEMM)"
     )
@@ -144,14 +159,22 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--output", default=None)
+    ap.add_argument(
+        "--grid",
+        default="default",
+        choices=["default", "deep", "all"],
+        help="the one-layer rows, the deep rows, or both",
+    )
     args = ap.parse_args()
     be = gpubptt.get_backend(args.backend)
     reason = bench.torch_unavailable_reason()
     if reason:
         print(f"timing gpubptt alone: {reason}", file=sys.stderr)
     rows = []
-    for T, B, D, H, K, tokens in GRID:
-        rows.append(measure(be, T, B, D, H, K, tokens, args, have_torch=reason is None))
+    plan = [(*g, 1, False, "tanh") for g in GRID] if args.grid in ("default", "all") else []
+    plan += DEEP_GRID if args.grid in ("deep", "all") else []
+    for T, B, D, H, K, tokens, layers, bidirectional, nonlinearity in plan:
+        rows.append(measure(be, T, B, D, H, K, tokens, args, reason is None, layers, bidirectional, nonlinearity))
         print(describe(rows[-1]), flush=True)
     ratios = [r["ratio_vs_torch"] for r in rows if "ratio_vs_torch" in r]
     result = {

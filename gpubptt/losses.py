@@ -77,12 +77,14 @@ def xent_and_grads(
     dV: Any,
     dc: Any,
     chunk: int | None = None,
+    accumulate: bool = False,
 ) -> Any:
     """Cross-entropy summed over counted steps; writes its gradients.
 
     states (T, B, H) are s_0..s_{T-1}; y (T, B) int targets (valid everywhere: padded entries
     already replaced); weight (T, B) with 1 on counted steps, 0 on padded ones, or None.
-    Writes dS (T, B, H) = the direct term do_t @ V, and dV (K, H), dc (K,) or None, overwriting.
+    Writes dS (T, B, H) = the direct term do_t @ V, and dV (K, H), dc (K,) or None, overwriting
+    (``accumulate``: adding to dV and dc, as recomputation does over segments).
     Returns the loss as a 0-d array on the backend (no host sync).
     """
     xp = be.xp
@@ -91,7 +93,7 @@ def xent_and_grads(
     step = chunk or chunk_steps(T, B, K, be.chunk_elements)
     zbuf = xp.empty((step * B, K), dtype=states.dtype)
     loss = xp.zeros((), dtype=states.dtype)
-    if dc is not None:
+    if dc is not None and not accumulate:
         dc[...] = 0
     for t0 in range(0, T, step):
         t1 = min(T, t0 + step)
@@ -109,7 +111,7 @@ def xent_and_grads(
             z *= w[:, None]
         loss += e.sum()
         be.matmul(z, V, dS[t0:t1].reshape(n, H))  # direct term ∂E/∂s_t = do_t @ V
-        be.matmul(z.T, rows, dV, accumulate=t0 > 0)  # dV += do_tᵀ s_t
+        be.matmul(z.T, rows, dV, accumulate=accumulate or t0 > 0)  # dV += do_tᵀ s_t
         if dc is not None:
             dc += z.sum(axis=0)
     return loss

@@ -149,19 +149,24 @@ def train_memory(
 
 
 def vanish_memory(
-    D: int, H: int, K: int, *, T: int, B: int, itemsize: int, random: bool = True, chunk_elements: int = 1 << 22
-) -> MemoryEstimate:
+    D: int, H: int, K: int, *, T: int, B: int, itemsize: int, random: bool = True, chunk_elements: int = 1 << 22,
+    recurrences: int = 1,
+) -> MemoryEstimate:  # fmt: skip
     """Peak memory of ``gpubptt.diagnostics.vanish_sweep`` on a D → H → K model and a (T, B) batch.
 
     ``random``: the model is drawn here (a float64 host copy while it is made) rather than loaded.
     Counts the model and a rescaled copy, the tokens, the (T, B, H) states and terms the diagnostics
     keep together, their (T, B, K) output-layer terms, (T, T) and (T, B, B) or (T, H, H) tables, and
     the forward+BPTT workspaces of the truncation sweep (the last few windows k stay cached).
+    ``recurrences`` > 1 (a stack, ``diagnostics.stack_report``): every recurrence's states, factors
+    and power-iteration vectors, and the adjoints of H unit vectors per layer (L·H·B·H).
     """
-    P = parameter_count(D, H, K)
+    P = parameter_count(D, H, K) + (recurrences - 1) * 2 * H * H * 2  # a bound on the extra layers' U and W
     terms = (
         8 * T * B * H + (T + 1) * B * H
-    )  # states, direct term, tanh factors, lanes, scratch, power-iteration vectors
+    ) * recurrences  # states, direct term, tanh factors, lanes, scratch, power-iteration vectors
+    if recurrences > 1:
+        terms += 2 * recurrences * H * B * H
     tables = 2 * T * B * K + T * min(B * B, H * H) + T * T
     workspaces = WORKSPACES * _forward_bptt(T, B, H, K, itemsize, chunk_elements, T - 1)
     return MemoryEstimate(

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import engine, interop
+from . import recompute as _recompute
 from ._checks import Batch, check_batch, check_c0, check_dtype, check_positive_int
 from .backend import Backend, get_backend
 from .cells import NONLINEARITIES, STEP_KERNELS, ElmanCell, GRUCell, LSTMCell
@@ -109,7 +110,7 @@ def cell_option(cell: Any) -> str:
 
 def _split_state(s0: Any, cell: Any) -> tuple[Any, Any]:
     """(h0, c0) from an LSTM's tuple s0, (s0, None) for the other cells; InputError on the wrong form."""
-    if cell.extra_state is None:
+    if not getattr(cell, "extra_state", False):
         if isinstance(s0, tuple):
             raise InputError(
                 f"s0 is a tuple of {len(s0)}, but only cell='lstm' has a tuple state (h0, c0); the {cell_option(cell)} "
@@ -570,6 +571,8 @@ class RNN:
         reduction: str = "sum",
         return_final_state: bool = False,
         dropout_seed: int | None = None,
+        recompute: int | str | None = None,
+        max_memory: int | None = None,
     ) -> tuple[Any, dict[str, Any]] | tuple[Any, dict[str, Any], Any]:
         """Loss and its exact gradients by backpropagation through time.
 
@@ -598,29 +601,92 @@ class RNN:
 
         On CuPy (``use_graphs``), the first call for a shape records forward+BPTT as a CUDA graph;
         later calls copy the inputs into place and replay it as one launch.
+
+        ``recompute`` (long sequences, ``gpubptt.recompute``): None keeps every state; an int c keeps
+        the states at the start of every c-step segment and recomputes each segment's states and
+        output layer in the backward pass (one more forward, O((T/c + c)·B·H) memory); "sqrt" takes
+        c = ⌈√T⌉; "auto" the fastest policy whose estimate fits ``max_memory`` bytes. The gradient is
+        the stored path's. With ``max_memory``, a call whose estimate (``memory_estimate``) exceeds it
+        is refused before any work (``InsufficientMemoryError``, naming the smallest budget that works).
         """
         reduction = _check_reduction(reduction)
         truncate = _check_truncate(truncate)
         dropout_seed = _check_seed(dropout_seed, "dropout_seed")
+        recompute = _recompute.check_recompute(recompute)
+        max_memory = _recompute.check_max_memory(max_memory)
         batch = self._check(x, y, s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)
+        c = _recompute.choose(
+            self, batch.T, batch.B, tokens=batch.tokens, lengths=batch.weight is not None,
+            recompute=recompute, max_memory=max_memory, truncate=truncate,
+        )  # fmt: skip
         with self._lock:  # the workspace (and its graph) is this model's: another thread waits its turn
-            ws = self._workspace(batch, truncate)
-            gen = self._dropout_rng if dropout_seed is None else self.backend.random_generator(dropout_seed)
-            ws.load(batch, gen)
+            if c is None:
+                ws = self._workspace(batch, truncate)
+                gen = self._dropout_rng if dropout_seed is None else self.backend.random_generator(dropout_seed)
+                ws.load(batch, gen)
+            else:
+                ws = self._segment_workspace(batch, c)
+                ws.load(batch)
             ws.run()
             # every gradient is linear in do_t, so the mean is the sum scaled once, at the end
             loss = ws.loss * scale if scale != 1.0 else ws.loss.copy()
             grads = {k: (g * scale if scale != 1.0 else g.copy()) for k, g in ws.grads.items()}
-            for k in ("s0", self.cell.extra_state) if self.cell.extra_state else ("s0",):
+            extra = getattr(self.cell, "extra_state", False)
+            for k in ("s0", extra) if extra else ("s0",):
                 if batch.flat_state:
                     grads[k] = grads[k][0]
                 elif batch.s0 is not None:
                     grads[k] = grads[k].reshape(batch.s0.shape)
-            final = self._final_state(ws.stack, batch) if return_final_state else None
+            final = None
+            if return_final_state:
+                final = self._final_state(ws.stack, batch) if c is None else ws.final.copy()
+                final = final[0] if c is not None and batch.flat_state else final
+            if c is not None:
+                ws.batch = None  # the segment workspace reads the caller's arrays in place: do not keep them
         if return_final_state:
             return loss, grads, final
         return loss, grads
+
+    def memory_estimate(
+        self,
+        T: int,
+        B: int,
+        *,
+        tokens: bool = True,
+        lengths: bool = False,
+        recompute: int | str | None = None,
+        truncate: int | None = None,
+    ) -> Any:
+        """Bytes a ``loss_and_grads`` of a (T, B) batch holds at its peak, by part (a ``memory.MemoryEstimate``).
+
+        ``tokens``: x (T, B) ids, else (T, B, D) floats; ``lengths`` given or not; ``recompute`` None,
+        "sqrt" or an int (steps per segment); ``truncate`` as in ``loss_and_grads``. ``.total`` is the sum.
+        """
+        T, B = check_positive_int(T, "T"), check_positive_int(B, "B")
+        recompute = _recompute.check_recompute(recompute)
+        if recompute == "auto":
+            raise InputError("memory_estimate needs a policy: None, 'sqrt' or an int (steps per segment), not 'auto'")
+        truncate = _check_truncate(truncate)
+        if recompute is not None:
+            why = _recompute.unsupported_reason(self, truncate=truncate)
+            if why:
+                raise InputError(why)
+        return _recompute.call_memory(
+            self, T, B, tokens=bool(tokens), lengths=bool(lengths), recompute=recompute, truncate=truncate
+        )
+
+    def _segment_workspace(self, batch: Batch, c: int) -> _recompute.SegmentWorkspace:
+        """The cached recomputation buffers for this shape and segment length (cached like ``_workspace``)."""
+        step_kernels, chunk_elements = self._step_kernels(), self._chunk_elements()
+        key = ("recompute", batch.T, batch.B, batch.tokens, c, step_kernels, chunk_elements)
+        ws = self._workspaces.pop(key, None)
+        if ws is None:
+            ws = _recompute.SegmentWorkspace(self, batch, c, step_kernels=step_kernels, chunk_elements=chunk_elements)
+            while len(self._workspaces) >= MAX_WORKSPACES:
+                self._workspaces.pop(next(iter(self._workspaces)))
+        self._workspaces[key] = ws
+        return ws
 
     def workspaces(self) -> list[dict[str, Any]]:
         """The cached forward+BPTT workspaces, least recently used first (at most MAX_WORKSPACES).

@@ -200,3 +200,54 @@ def plot_vanish(sweep: list[tuple[float, Any]], path: str | os.PathLike[str], *,
     if title:
         top.suptitle(title, fontsize=11)
     save_png(fig, path)
+
+
+def plot_stack(
+    sweep: list[tuple[float | None, Any]], path: str | os.PathLike[str], *, title: str | None = None
+) -> None:
+    """Write one PNG of a ``diagnostics.stack_sweep``: the vanishing gradient of a stack, layer by layer.
+
+    Left: each recurrence's own ‖Π diag(φ'_j) W_l‖₂ against the lag. Middle (one-direction stacks):
+    ‖∂s^top/∂s^l‖₂ through the stack against the lag, one line per source layer l. Right (one
+    direction): ‖∂E/∂s^l_t‖ against the step t per layer. Colour: the radius; line style: the layer.
+    """
+    if not sweep:
+        raise InputError("nothing to plot: the sweep is empty")
+    from matplotlib import colormaps
+
+    n = len(sweep)
+    fig = new_figure(figsize=(16.0, 5.0), layout="constrained")
+    axes = fig.subplots(1, 3)
+    colors = [colormaps["plasma"](0.85 * i / max(1, n - 1)) for i in range(n)]
+    styles = ["-", "--", ":", "-."]
+    for (radius, rep), color in zip(sweep, colors, strict=True):
+        label = "model" if radius is None else f"ρ={radius:g}"
+        for r in rep.recurrences:
+            ls = styles[r.layer % len(styles)]
+            lags = np.arange(len(r.own.norms))
+            name = f"layer {r.layer}{' rev' if r.direction else ''}"
+            axes[0].semilogy(
+                lags, r.own.norms, color=color, ls=ls, lw=1.5 if r.direction else 2, label=f"{label} {name}"
+            )
+            if r.step_gradients is not None:
+                axes[2].semilogy(np.arange(len(r.step_gradients)), r.step_gradients, color=color, ls=ls, lw=2,
+                                 label=f"{label} {name}")  # fmt: skip
+        if rep.through_stack is not None:
+            for layer, d in enumerate(rep.through_stack.per_layer):
+                lags = np.arange(len(d.norms))
+                axes[1].semilogy(lags, d.norms, color=color, ls=styles[layer % len(styles)], lw=2,
+                                 label=f"{label} top ← layer {layer}")  # fmt: skip
+    thr = sweep[0][1].threshold
+    for ax in axes[:2]:
+        ax.axhline(thr, color="0.5", lw=0.8, ls=":")
+        ax.set_xlabel("lag ℓ")
+    axes[0].set_title("each recurrence's own ‖Π diag(φ'_j) W_l‖₂", fontsize=11)
+    axes[1].set_title("through the stack: ‖∂s^top_T−1 / ∂s^l_T−1−ℓ‖₂", fontsize=11)
+    axes[2].set_title("‖∂E/∂s^l_t‖ per layer", fontsize=11)
+    axes[2].set_xlabel("step t")
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    save_png(fig, path)

@@ -27,7 +27,7 @@ from .cells import NONLINEARITIES
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
 from .errors import InputError
-from .memory import InsufficientMemoryError, check_fits, train_memory
+from .memory import InsufficientMemoryError, check_fits, format_bytes, train_memory
 from .model import CELLS, INITS, RNN
 from .optim import DEFAULT_LR, ON_NONFINITE, Optimizer, make_optimizer
 from .plots import plot_history  # noqa: F401  (here before plots.py held every figure)
@@ -284,6 +284,32 @@ def _check_memory(st: Mapping[str, Any], data: TextData | CopyTask, config: Trai
         check_fits(estimate, be.available_memory(), what)
     except InsufficientMemoryError as exc:
         raise InsufficientMemoryError(f"{exc}: choose a smaller --hidden, --batch or --chunk") from None
+
+
+def recompute_plan(run: Run, max_memory: int) -> str:
+    """How each training step of ``run`` fits in ``max_memory`` bytes: a sentence for the log.
+
+    Whole sequences (``--chunk 0``) whose stored plan exceeds the budget recompute their states in
+    segments (``gpubptt.recompute``). InsufficientMemoryError, naming the smallest budget that
+    works, when no policy fits; InputError when the run cannot recompute (truncation, dropout).
+    """
+    from .recompute import call_memory, choose
+
+    B = run.config.batch_size
+    x, _ = run.data.train_sequence(0, seed=run.config.seed, batch_size=B, chunk=run.config.chunk or 1)
+    T = min(run.config.chunk or x.shape[0], x.shape[0])
+    m = run.model
+    c = choose(
+        m, T, B, tokens=True, lengths=False, recompute="auto", max_memory=max_memory, truncate=run.config.truncate
+    )
+    stored = call_memory(m, T, B, truncate=run.config.truncate).total
+    if c is None:
+        return f"{T}-step batches keep every state: {format_bytes(stored)} ≤ --max-memory {format_bytes(max_memory)}"
+    need = call_memory(m, T, B, recompute=c).total
+    return (
+        f"{T}-step batches recompute states in segments of {c} steps: {format_bytes(need)} instead of "
+        f"{format_bytes(stored)} stored (--max-memory {format_bytes(max_memory)})"
+    )
 
 
 def settings_of(ck: Checkpoint) -> dict[str, Any]:

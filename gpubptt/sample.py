@@ -2,6 +2,9 @@
 
     s_t = φ(U x_t + W s_{t−1} + b)      p = softmax((V s_t + c) / τ)      x_{t+1} ~ p      (φ: the model's)
 
+A stack of layers runs the same step layer by layer (layer l reads layer l − 1's new state). A
+bidirectional model cannot generate: its reverse direction reads the characters still to come.
+
 Sampling is inherently sequential and tiny (B = 1), so it runs on a NumPy copy of the model
 whatever backend trained it. τ (temperature) < 1 sharpens the distribution, > 1 flattens it.
 """
@@ -29,6 +32,10 @@ def sample_chars(
     Every argument is checked here, before the first character (InputError), so a caller that
     streams the text never prints half of it and then fails on a bad argument.
     """
+    if getattr(model, "bidirectional", False):
+        raise InputError(
+            "a bidirectional model cannot generate text: its reverse direction reads the characters still to come"
+        )
     if model.input_size != len(vocab) or model.output_size != len(vocab):
         raise InputError(
             f"the model has D={model.input_size}, K={model.output_size}; the vocabulary has {len(vocab)} characters"
@@ -45,11 +52,13 @@ def sample_chars(
         rng = np.random.default_rng(seed)
         return _draw_steps(host, vocab, primed, prime, length, temperature, rng)
     p = {k: v.astype(np.float64) for k, v in host.params.items()}
+    layers = [{k: p[r.name(k)] for k in ("U", "W", "b") if r.name(k) in p} for r in host.recurrences]
     step = functools.partial(model.cell.activate, xp=np)
-    return _draw(p, step, vocab, primed, prime, length, temperature, np.random.default_rng(seed))
+    return _draw(layers, p, step, vocab, primed, prime, length, temperature, np.random.default_rng(seed))
 
 
 def _draw(
+    layers: list[dict[str, np.ndarray]],
     p: dict[str, np.ndarray],
     phi: Callable[[np.ndarray], np.ndarray],
     vocab: Vocab,
@@ -59,19 +68,25 @@ def _draw(
     tau: float,
     rng: np.random.Generator,
 ) -> Iterator[str]:
-    U, W, V = p["U"], p["W"], p["V"]
-    b = p.get("b", 0.0)
-    c = p.get("c", 0.0)
+    V, c = p["V"], p.get("c", 0.0)
     if not ids:  # condition on a line break when the text has them (a fresh paragraph), else on a random character
         ids = list(vocab.encode("\n")) if "\n" in vocab.chars else [int(rng.integers(len(vocab)))]
-    s = np.zeros(W.shape[0])
+    states = [np.zeros(q["W"].shape[0]) for q in layers]
+
+    def step(x: int) -> np.ndarray:  # s_t = φ(U x_t + W s_{t-1} + b), layer by layer
+        inp = None
+        for i, q in enumerate(layers):
+            ux = q["U"][:, x] if inp is None else q["U"] @ inp
+            states[i] = inp = phi(ux + q["W"] @ states[i] + q.get("b", 0.0))
+        return inp
+
     for i in ids[:-1]:  # read the prime
-        s = phi(U[:, i] + W @ s + b)
+        step(i)
     if prime:
         yield prime
     x = ids[-1]
     for _ in range(length):
-        s = phi(U[:, x] + W @ s + b)  # s_t = φ(U x_t + W s_{t-1} + b)
+        s = step(x)
         z = (V @ s + c) / tau
         q = np.exp(z - z.max())
         x = int(rng.choice(len(q), p=q / q.sum()))

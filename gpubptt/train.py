@@ -172,13 +172,22 @@ def dropout_seed(seed: int, step: int) -> int:
     return (hi & 0x7FFFFFFF) << 32 | lo  # 63 bits: fits the int64 a seed may be stored as
 
 
-def evaluate(model: Any, data: Any, *, chunk: int = 256, batch_size: int | None = None) -> dict[str, float]:
+def evaluate(
+    model: Any,
+    data: Any,
+    *,
+    chunk: int = 256,
+    batch_size: int | None = None,
+    reduce: Callable[[Any], None] | None = None,
+) -> dict[str, float]:
     """Loss and accuracy of the model on the data's held-out sequences (one host sync at the end).
 
     Returns {"loss": mean nats per scored step, "accuracy": argmax accuracy there, "chance": the data's
     closed-form chance level for that loss, "loss_all": mean over every step}. Scored steps are the
     data's ``score_mask`` (the recall steps of a task; every step of text). Sequences are run in
-    chunks with the state carried, as in training.
+    chunks with the state carried, as in training. ``reduce(buf)`` sums the five running totals
+    (a float64 (5,) array on the backend) in place over processes before they are read
+    (``gpubptt.distributed``: each process evaluates its share of the streams).
     """
     be = model.backend
     xp = be.xp
@@ -205,7 +214,12 @@ def evaluate(model: Any, data: Any, *, chunk: int = 256, batch_size: int | None 
                 [(nll * m[:, None]).sum(), (correct * m[:, None]).sum(), m.sum() * nll.shape[1], nll.sum()]
             ).astype(xp.float64)
             n_all += nll.size
-    nll_s, correct_s, n_s, nll_all = be.to_numpy(tot).tolist()  # the one host sync
+    if reduce is not None:
+        tot = xp.concatenate([tot, xp.asarray([n_all], dtype=xp.float64)])  # (5,): n_all travels too
+        reduce(tot)
+        n_all = tot[4]
+    nll_s, correct_s, n_s, nll_all = be.to_numpy(tot[:4]).tolist()  # the one host sync
+    n_all = float(n_all)
     return {
         "loss": nll_s / n_s,
         "accuracy": correct_s / n_s,
@@ -224,6 +238,8 @@ def train(
     history: History | None = None,
     callback: Callable[[TrainEvent], None] | None = None,
     grad_hook: Callable[[Any, dict[str, Any]], Any] | None = None,
+    evaluator: Callable[[Any, Any], dict[str, float]] | None = None,
+    max_memory: int | None = None,
 ) -> tuple[TrainState, History]:
     """Train ``model`` on ``data`` until ``config.steps`` optimizer steps are done; update it in place.
 
@@ -235,6 +251,11 @@ def train(
     update: it may change the gradients in place (e.g. sum them over processes) and returns the
     loss to record and check (a 0-d array), or None to keep it. loss is 0-d; grads as returned by
     ``loss_and_grads`` (shaped like the parameters, plus "s0" (B, H)).
+
+    ``evaluator(model, data)`` replaces ``evaluate`` for the held-out evaluations (e.g. one that
+    splits them over processes, ``gpubptt.distributed.DataParallel.evaluate``).
+    ``max_memory`` (bytes): each ``loss_and_grads`` keeps every state where its estimate fits and
+    otherwise recomputes them in segments (``recompute="auto"``, the same exact gradient).
     """
     if optimizer.params is not model.params:
         raise InputError("the optimizer must be built on this model's parameters (make_optimizer(name, model))")
@@ -267,7 +288,7 @@ def train(
 
     def run_eval(step: int) -> dict[str, float]:
         t = time.perf_counter()
-        ev = evaluate(model, data)
+        ev = (evaluate if evaluator is None else evaluator)(model, data)
         eval_seconds[0] += time.perf_counter() - t
         history.eval_step.append(step)
         history.eval_loss.append(ev["loss"])
@@ -299,6 +320,8 @@ def train(
 
         # dropout masks from (seed, step): a resumed run draws the masks the uninterrupted one would have
         drop = {"dropout_seed": dropout_seed(config.seed, state.step)} if getattr(model, "dropout", 0) else {}
+        if max_memory is not None:
+            drop.update(recompute="auto", max_memory=max_memory)
         loss, grads, s_last = model.loss_and_grads(
             xc, yc, state.s, truncate=config.truncate, reduction="mean", return_final_state=True, **drop
         )

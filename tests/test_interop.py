@@ -106,3 +106,54 @@ def test_nn_rnn_loads_to_torch_and_computes_the_same(nonlinearity):
     np.testing.assert_allclose(model.forward(x).final_state, h_n[0].detach().numpy(), rtol=1e-12)
     back = gpubptt.RNN.from_torch(rnn.state_dict(), lin.state_dict(), nonlinearity=nonlinearity, backend="numpy")
     np.testing.assert_allclose(back.forward(x).probs, model.forward(x).probs, rtol=1e-12)
+
+
+def deep_state(rng, layers=2, bidirectional=True):
+    dirs = 2 if bidirectional else 1
+    rnn = {}
+    for layer in range(layers):
+        for sfx in ["", "_reverse"][:dirs]:
+            d_in = D if layer == 0 else H * dirs
+            rnn[f"weight_ih_l{layer}{sfx}"] = rng.normal(size=(H, d_in))
+            rnn[f"weight_hh_l{layer}{sfx}"] = rng.normal(size=(H, H)) * 0.4
+            rnn[f"bias_ih_l{layer}{sfx}"] = rng.normal(size=H)
+            rnn[f"bias_hh_l{layer}{sfx}"] = rng.normal(size=H)
+    return rnn, {"weight": rng.normal(size=(K, H * dirs)), "bias": rng.normal(size=K)}
+
+
+@pytest.mark.parametrize(
+    "edit,err,fragment",
+    [
+        (lambda r, l: r.pop("weight_hh_l1_reverse"), gpubptt.InputError, "missing 'weight_hh_l1_reverse'"),
+        (lambda r, l: r.pop("bias_ih_l1"), gpubptt.InputError, "missing 'bias_ih_l1' (biases come for every"),
+        (
+            lambda r, l: r.update(weight_ih_l1=np.zeros((H, H))),
+            gpubptt.ShapeError,
+            "weight_ih_l1 must have shape (4, 8)",
+        ),
+        (
+            lambda r, l: r.update(weight_ih_l3=np.zeros((H, 2 * H))),
+            gpubptt.InputError,
+            "missing 'weight_ih_l2' (the keys describe 4 layers",
+        ),
+        (lambda r, l: r.update(weight_hh_l0_backward=np.zeros((H, H))), gpubptt.InputError, "'weight_hh_l0_backward'"),
+        (lambda r, l: l.update(weight=np.zeros((K, H))), gpubptt.ShapeError, "nn.Linear weight must have shape (K, 8)"),
+    ],
+)
+def test_bad_deep_state_dicts_are_refused_naming_the_key(edit, err, fragment):
+    rnn, lin = deep_state(np.random.default_rng(5))
+    edit(rnn, lin)
+    with pytest.raises(err) as info:
+        gpubptt.RNN.from_torch(rnn, lin, backend="numpy")
+    assert fragment in str(info.value)
+
+
+def test_deep_state_dicts_round_trip_with_biases_folded():
+    rnn, lin = deep_state(np.random.default_rng(6), layers=3)
+    model = gpubptt.RNN.from_torch(rnn, lin, backend="numpy", dtype="float64")
+    assert (model.num_layers, model.bidirectional) == (3, True)
+    np.testing.assert_allclose(model.params["b_l2_reverse"], rnn["bias_ih_l2_reverse"] + rnn["bias_hh_l2_reverse"])
+    back, back_lin = model.to_torch()
+    assert set(back) == set(rnn) and set(back_lin) == set(lin)
+    np.testing.assert_array_equal(back["bias_hh_l1"], 0)
+    np.testing.assert_array_equal(back["weight_ih_l2_reverse"], rnn["weight_ih_l2_reverse"])

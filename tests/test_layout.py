@@ -37,10 +37,17 @@ def test_analysing_a_model_imports_no_checkpoint_data_training_or_cli_code():
 
 def test_only_the_backend_package_imports_or_branches_on_cupy():
     offenders = []
+    # the communicators that move CuPy buffers (NCCL, MPI's staging) may import CuPy, but only inside a
+    # function: importing them (and gpubptt.distributed) never imports CuPy
+    lazy = {PACKAGE / "distributed" / "nccl.py", PACKAGE / "distributed" / "mpi.py"}
     for path in PACKAGE.rglob("*.py"):
         if path.is_relative_to(PACKAGE / "backend"):
             continue
         text = path.read_text(encoding="utf-8")
+        if path in lazy:
+            if re.search(r"^(import cupy|from cupy)", text, re.MULTILINE):  # at module level
+                offenders.append(str(path.relative_to(ROOT)))
+            continue
         if re.search(r"^\s*(import cupy|from cupy)|\.name\s*[!=]=\s*['\"]cupy['\"]", text, re.MULTILINE):
             offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []

@@ -84,7 +84,7 @@ class CupyBackend(Backend):
         return self.xp.random.RandomState(seed)
 
     def fill_uniform(self, generator: Any, out: Any) -> None:
-        out[...] = generator.random_sample(out.shape, dtype=out.dtype)
+        out[...] = generator.random_sample(out.shape)  # float64 draws, cast on assignment
 
     def matmul(self, a: Any, b: Any, out: Any, accumulate: bool = False) -> None:
         self._matmul(a, b, out, accumulate)

@@ -15,18 +15,26 @@ from ..timing import summarize
 __all__ = ["fit_exponent", "flops", "gemm_rate"]
 
 
-def flops(T: int, B: int, D: int, H: int, K: int, *, tokens: bool, forward_only: bool = False, gates: int = 1) -> int:
+def flops(
+    T: int, B: int, D: int, H: int, K: int, *, tokens: bool, forward_only: bool = False, num_layers: int = 1,
+    dirs: int = 1, gates: int = 1,
+) -> int:  # fmt: skip
     """FLOPs of forward+BPTT (or the forward pass alone) under the model in this module's docstring.
 
-    tokens: 6·B·H·T·(H + K) (forward 2·B·H·T·(H + K)); dense: 2·B·H·T·(2D + 3H + 3K) (forward
-    2·B·H·T·(D + H + K)). A gated cell (``gates`` G = 3 GRU, 4 LSTM) has G× the input and recurrent
-    GEMMs: 2·B·H·T·(G·(2D + 3H) + 3K) (tokens: no D terms, and 2·B·H·T·(3·G·H + 3K)); the gate
-    arithmetic is not counted.
+    One layer, one direction: tokens 6·B·H·T·(H + K) (forward 2·B·H·T·(H + K)); dense
+    2·B·H·T·(2D + 3H + 3K) (forward 2·B·H·T·(D + H + K)). A stack adds per recurrence the same
+    products with D_l = H·dirs inputs above layer 0 (forward U x and W s; backward dU, δW, dW and,
+    above layer 0, ∂E/∂x), and the output layer reads H·dirs. A gated cell (``gates`` G = 3 GRU,
+    4 LSTM) has G× the input and recurrent GEMMs (one layer, dense: 2·B·H·T·(G·(2D + 3H) + 3K));
+    the gate arithmetic is not counted.
     """
-    d = 0 if tokens else D
-    if forward_only:
-        return 2 * B * H * T * (gates * (d + H) + K)
-    return 2 * B * H * T * (gates * (2 * d + 3 * H) + 3 * K)
+    fwd = bwd = 0
+    for layer in range(num_layers):
+        d_in = (0 if tokens else D) if layer == 0 else H * dirs
+        fwd += dirs * 2 * B * H * T * gates * (d_in + H)
+        bwd += dirs * 2 * B * H * T * gates * (d_in + 2 * H + (d_in if layer > 0 else 0))
+    out = 2 * B * T * H * dirs * K
+    return fwd + out if forward_only else fwd + bwd + 3 * out
 
 
 def fit_exponent(sizes: Sequence[float], times: Sequence[float]) -> float | None:
@@ -40,18 +48,18 @@ def fit_exponent(sizes: Sequence[float], times: Sequence[float]) -> float | None
 
 
 def gemm_rate(
-    times: dict[str, list[float]], T: int, B: int, H: int, K: int, total_flops: float
+    times: dict[str, list[float]], T: int, B: int, H: int, K: int, total_flops: float, recurrences: int = 1
 ) -> tuple[dict[str, float], float]:
     """The GEMM rate a forward+BPTT of these sizes could reach, from the ``gemm_references`` times.
 
-    The two sequential products (4·B·H²·T FLOPs) are charged at the rate of T back-to-back
-    (B, H)×(H, H) GEMMs, the rest at one (T·B, H)×(H, K) GEMM: returns ({"step_gflops",
-    "batched_gflops"}, the FLOP-weighted harmonic mean of the two in GFLOP/s).
+    The two sequential products of each of the ``recurrences`` (4·B·H²·T FLOPs each) are charged at
+    the rate of T back-to-back (B, H)×(H, H) GEMMs, the rest at one (T·B, H)×(H, K) GEMM: returns
+    ({"step_gflops", "batched_gflops"}, the FLOP-weighted harmonic mean of the two in GFLOP/s).
     """
     rates = {
         "step_gflops": 2 * B * H * H * T / summarize(times["gemm_step"])["median_s"] / 1e9,
         "batched_gflops": 2 * T * B * H * K / summarize(times["gemm_batched"])["median_s"] / 1e9,
     }
-    rec = 4 * B * H * H * T  # the two sequential products
+    rec = 4 * B * H * H * T * recurrences  # the two sequential products of each recurrence
     gemm_time = rec / (rates["step_gflops"] * 1e9) + (total_flops - rec) / (rates["batched_gflops"] * 1e9)
     return rates, total_flops / gemm_time / 1e9

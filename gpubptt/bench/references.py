@@ -88,14 +88,15 @@ def _rel_err(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def _grad_errors(ref: dict[str, Any], got: dict[str, Any], dtype: str) -> dict[str, Any]:
-    errs = {k: _rel_err(to_numpy(ref[k]), to_numpy(got[k])) for k in ("U", "W", "V")}
+    errs = {k: _rel_err(to_numpy(ref[k]), to_numpy(got[k])) for k in got if k in ref and k != "s0"}
     return {"grad_rel_err": errs, "grads_match": max(errs.values()) <= GRAD_TOL[dtype]}
 
 
 def torch_reference(
     model: RNN, x: Any, y: Any, grads: dict[str, Any], cfg: BenchConfig
 ) -> tuple[dict[str, Any], dict[str, tuple[Callable[[], Any], Timer]]]:
-    """nn.RNN(bias=False, tanh) + Linear(bias=False) + cross_entropy(sum) on the same weights and data.
+    """nn.RNN(num_layers, bidirectional, nonlinearity, bias=False) + Linear(bias=False) + cross_entropy(sum)
+    on the same weights and data.
 
     Checks its gradients against ``grads`` and returns (facts, {"bptt", "forward"}: (fn, timer)).
     Arrays cross over by DLPack, so they land on the CPU for NumPy and on the GPU for CuPy. Token
@@ -111,25 +112,25 @@ def torch_reference(
     T, B = int(y.shape[0]), int(y.shape[1])
     D, H, K = model.input_size, model.hidden_size, model.output_size
     tdtype = getattr(torch, cfg.dtype)
-    U = torch.from_dlpack(model.params["U"])
-    dev = U.device
+    dev = torch.from_dlpack(model.params["U"]).device
     cell = getattr(model, "cell_name", "rnn")
+    arch = dict(num_layers=model.num_layers, bidirectional=model.bidirectional, bias=False)
     if cell == "rnn":
-        rnn = torch.nn.RNN(D, H, nonlinearity=model.nonlinearity, bias=False).to(device=dev, dtype=tdtype)
+        rnn = torch.nn.RNN(D, H, nonlinearity=model.nonlinearity, **arch)
     else:  # nn.GRU / nn.LSTM: the same gate order and weight shapes as gpubptt's (3H | 4H rows)
-        rnn = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[cell](D, H, bias=False).to(device=dev, dtype=tdtype)
-    lin = torch.nn.Linear(H, K, bias=False).to(device=dev, dtype=tdtype)
-    with torch.no_grad():
-        rnn.weight_ih_l0.copy_(U)
-        rnn.weight_hh_l0.copy_(torch.from_dlpack(model.params["W"]))
-        lin.weight.copy_(torch.from_dlpack(model.params["V"]))
+        rnn = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[cell](D, H, **arch)
+    rnn = rnn.to(device=dev, dtype=tdtype)
+    lin = torch.nn.Linear(H * model.num_directions, K, bias=False).to(device=dev, dtype=tdtype)
+    rnn_sd, lin_sd = model.to_torch()  # torch's names (host copies)
+    rnn.load_state_dict({k: torch.as_tensor(v, device=dev) for k, v in rnn_sd.items()})
+    lin.load_state_dict({k: torch.as_tensor(v, device=dev) for k, v in lin_sd.items()})
     xt = torch.from_dlpack(x)
     xt = F.one_hot(xt, D).to(tdtype) if cfg.tokens else xt
     yt = torch.from_dlpack(y).reshape(-1).long()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def loss_fn() -> Any:
-        out, _ = rnn(xt)  # (T, B, H)
+        out, _ = rnn(xt)  # (T, B, H·dirs)
         return F.cross_entropy(lin(out).reshape(T * B, K), yt, reduction="sum")
 
     def fwd_bwd() -> None:
@@ -142,13 +143,15 @@ def torch_reference(
             loss_fn()
 
     fwd_bwd()
-    got = {"U": rnn.weight_ih_l0.grad, "W": rnn.weight_hh_l0.grad, "V": lin.weight.grad}
-    got = {k: v.detach().cpu().numpy() for k, v in got.items()}
+    theirs = {k: v.grad.detach().cpu().numpy() for k, v in rnn.named_parameters()}
+    theirs["weight"] = lin.weight.grad.detach().cpu().numpy()
+    ours_rnn, ours_lin = model.to_torch(grads=grads)
+    ours = {**ours_rnn, "weight": ours_lin["weight"]}
     facts = {
         "version": torch.__version__,
         "device": str(dev),
         "threads": torch.get_num_threads(),
-        **_grad_errors(grads, got, cfg.dtype),
+        **_grad_errors(ours, theirs, cfg.dtype),
     }
     timer = sync_timer(sync)
     return facts, {"bptt": (fwd_bwd, timer), "forward": (fwd, timer)}

@@ -85,8 +85,13 @@ def render_table(result: dict[str, Any]) -> str:
     for be in result["environment"]["backends"]:
         for sweep, fixed in (("T", f"H={cfg['fixed_H']}"), ("H", f"T={cfg['fixed_T']}")):
             rows = [r for r in result["rows"] if r["backend"] == be["name"] and r["sweep"] == sweep]
+            layers = cfg.get("num_layers", 1)
+            arch = (f"{layers} layers, " if layers > 1 else "") + (
+                "bidirectional, " if cfg.get("bidirectional") else ""
+            )
+            arch += "relu, " if cfg.get("nonlinearity", "tanh") == "relu" else ""
             title = (
-                f"{be['name']} on {be['device']}: forward+BPTT vs {sweep} at {fixed}, B={cfg['batch']}, "
+                f"{be['name']} on {be['device']}: forward+BPTT vs {sweep} at {fixed}, {arch}B={cfg['batch']}, "
                 f"D={cfg['D']}, K={cfg['K']}, {cfg['input']}, {cfg['dtype']} (median of {cfg['repeats']})"
             )
             table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")

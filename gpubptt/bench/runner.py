@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend, get_backend
+from ..cells import NONLINEARITIES
 from ..environment import environment
 from ..model import RNN
 from ..timing import NOISY_SPREAD, is_noisy, summarize, time_interleaved
@@ -52,6 +53,9 @@ class BenchConfig:
     compare: str = "none"
     fixed_T: int | None = None
     fixed_H: int | None = None
+    num_layers: int = 1
+    bidirectional: bool = False
+    nonlinearity: str = "tanh"
     #: the recurrent cell: "rnn", "gru" or "lstm" (torch compared as nn.RNN, nn.GRU, nn.LSTM)
     cell: str = "rnn"
 
@@ -73,6 +77,12 @@ class BenchConfig:
                 raise ValueError(f"{name} must be ≥ 1, got {v}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be ≥ 0, got {self.warmup}")
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be ≥ 1, got {self.num_layers}")
+        if self.nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"nonlinearity must be one of {', '.join(NONLINEARITIES)}, got {self.nonlinearity!r}")
+        if self.compare == "naive" and (self.num_layers > 1 or self.bidirectional):
+            raise ValueError("compare 'naive' times the one-layer textbook code: it needs num_layers 1, one direction")
         if min(self.seq_lens) < 1 or min(self.hidden_sizes) < 1:
             raise ValueError(f"sizes must be ≥ 1, got seq_lens={self.seq_lens}, hidden_sizes={self.hidden_sizes}")
         if self.fixed_T is None:
@@ -84,6 +94,11 @@ class BenchConfig:
     def tokens(self) -> bool:
         """Whether inputs are one-hot token ids."""
         return self.input == "tokens"
+
+    @property
+    def dirs(self) -> int:
+        """2 for bidirectional models, else 1."""
+        return 2 if self.bidirectional else 1
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -113,11 +128,16 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
     gates = {"rnn": 1, "gru": 3, "lstm": 4}[cfg.cell]
     if cfg.cell != "rnn":
         row["cell"] = cfg.cell
-    row["flops"] = flops(T, B, D, H, K, tokens=cfg.tokens, gates=gates)
-    row["flops_forward"] = flops(T, B, D, H, K, tokens=cfg.tokens, forward_only=True, gates=gates)
+    arch = dict(num_layers=cfg.num_layers, dirs=cfg.dirs, gates=gates)
+    row["flops"] = flops(T, B, D, H, K, tokens=cfg.tokens, **arch)
+    row["flops_forward"] = flops(T, B, D, H, K, tokens=cfg.tokens, forward_only=True, **arch)
     try:
         x_host, y_host = _make_data(cfg, T, H)
-        model = RNN(D, H, K, backend=be, dtype=cfg.dtype, seed=cfg.seed, cell=cfg.cell)
+        model = RNN(
+            D, H, K, backend=be, dtype=cfg.dtype, seed=cfg.seed, num_layers=cfg.num_layers,
+            bidirectional=cfg.bidirectional, nonlinearity=cfg.nonlinearity if cfg.cell == "rnn" else None,
+            cell=cfg.cell,
+        )  # fmt: skip
         x, y = be.asarray(x_host), be.asarray(y_host)
         timer = be.timer()
         fns = {
@@ -135,7 +155,7 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
             times.update({f"torch_{k}": v for k, v in torch_times.items()})
         bptt, fwd = summarize(times["bptt"]), summarize(times["forward"])
         t = bptt["median_s"]
-        rates, gemm_gflops = gemm_rate(times, T, B, H, K, row["flops"])
+        rates, gemm_gflops = gemm_rate(times, T, B, H, K, row["flops"], recurrences=model.num_states)
         row.update(
             bptt=bptt,
             noisy=is_noisy(bptt),

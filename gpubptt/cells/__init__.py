@@ -4,7 +4,7 @@ cell over time (``gpubptt.engine``) knows none of a cell's math. What it asks of
 
     name, gates          the cell's name; rows of U (gates·H, D_l) and W (gates·H, H) per hidden unit
     input_bias           the name of the bias added in the input projection (None: no such bias)
-    extra_state          the name of a state carried beside s ("c0": an LSTM's cell state), or None;
+    extra_state          False, or the name of a state carried beside s ("c0": an LSTM's cell state);
                          the engine loads it, keeps its gradient under that name and reads it back
     param_shapes(D, H, bias) → {base name: shape}    one recurrence's parameters ("U", "W", "b", …);
                          the engine adds the layer/direction suffix (W_l1_reverse)
@@ -22,6 +22,13 @@ cell over time (``gpubptt.engine``) knows none of a cell's math. What it asks of
                          state at step 0) into grads[extra_state]; ``work`` (T, B,
                          gates·H) is free for it. The engine then forms dU = Σ ∂E/∂preᵀ x_t (one
                          GEMM), the input bias's gradient and ∂E/∂x (one GEMM, for the layer below).
+
+    extra_state          (again) truthy when the cell carries state beyond s from one step to the next
+                         (an LSTM's cell state). Recomputation (``gpubptt.recompute``) keeps only s at segment
+                         boundaries and recomputes the cell's ``buffers`` per segment (``buffers(n, …)``
+                         for each segment length n, ``load(aux, None)`` before each segment's forward,
+                         ``run_backward`` with ``ds0`` taken as the carry into the previous segment);
+                         it refuses a cell whose extra_state is truthy, or without the attribute.
 
 A reverse recurrence sees its inputs in its own time (the engine reverses them per sequence), so a
 cell never knows its direction.

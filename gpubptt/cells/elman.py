@@ -49,8 +49,9 @@ class ElmanCell:
     gates = 1
     #: the bias added to U x_t in the input projection (its gradient is Σ_t ∂E/∂pre_t)
     input_bias = "b"
-    #: the name of a state carried beside s (an LSTM's "c0"); None: s is the whole state
-    extra_state = None
+    #: a state carried beside s from step to step: False (s is the whole state) or its name ("c0", an
+    #: LSTM's cell state: its initial value and gradient go by that name); recomputation keeps only s
+    extra_state = False
 
     def __init__(self, nonlinearity: str = "tanh") -> None:
         if nonlinearity not in NONLINEARITIES:

@@ -66,8 +66,8 @@ class GRUCell:
     name = "gru"
     gates = 3
     input_bias = "b"
-    #: no state beyond h
-    extra_state = None
+    #: no state beyond h (recomputation may keep h alone)
+    extra_state = False
     nonlinearity = None
 
     def __eq__(self, other: object) -> bool:

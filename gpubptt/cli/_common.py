@@ -181,3 +181,19 @@ def write_png(path: Path, what: str, draw) -> None:
         draw(path)
     except OSError as exc:
         raise Failed(write_error(what, path, exc)) from exc
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'8G' → 8·2^30 bytes; suffixes K, M, G, T (powers of 1024, an optional trailing B or iB), or plain bytes."""
+    s = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = s[-1:] if s[-1:] in _SIZE_UNITS else ""
+    try:
+        value = float(s[: len(s) - len(unit)]) * _SIZE_UNITS[unit]
+    except ValueError:
+        raise usage_error(f"{flag} must be a size such as 512M, 8G or 1000000 (bytes), got {text!r}") from None
+    if not (value >= 1 and value < float("inf")):
+        raise usage_error(f"{flag} must be a positive size such as 512M or 8G, got {text!r}")
+    return int(value)

@@ -15,7 +15,11 @@ from .._io import write_atomic
 from ..backend import BACKEND_NAMES, available_backends
 from ..bench import COMPARES, INPUTS
 from ..bench.runner import BenchConfig
+from ..cells import NONLINEARITIES
+from ..checkpoint import load_checkpoint
 from ..environment import environment
+from ..errors import CheckpointError
+from ..model import CELLS, RNN
 from ._common import (
     BackendChoice,
     DtypeChoice,
@@ -23,6 +27,7 @@ from ._common import (
     backend_or_exit,
     check_plot,
     choices,
+    readable_or_exit,
     usage_error,
     writable_or_exit,
 )
@@ -33,9 +38,11 @@ CompareChoice = choices("CompareChoice", COMPARES)
 CellChoice = choices("CellChoice", ("rnn", "gru", "lstm"))
 DEFAULT_CELL = CellChoice("rnn")
 FormatChoice = choices("FormatChoice", ("table", "json", "csv"))
+NonlinearityChoice = choices("NonlinearityChoice", NONLINEARITIES)
 DEFAULTS = BenchConfig(backends=[])  # the library's defaults are the options' defaults
 DEFAULT_INPUT, DEFAULT_DTYPE = InputChoice(DEFAULTS.input), DtypeChoice(DEFAULTS.dtype)
 DEFAULT_COMPARE = CompareChoice(DEFAULTS.compare)
+DEFAULT_NONLINEARITY = NonlinearityChoice(DEFAULTS.nonlinearity)
 
 
 def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -51,12 +58,37 @@ def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+def describe_model(model: RNN) -> dict[str, object]:
+    """What ``info --checkpoint`` shows of a model: its architecture and its parameters' shapes."""
+    return {
+        "cell": model.cell.name,
+        "nonlinearity": model.nonlinearity,
+        "num_layers": model.num_layers,
+        "bidirectional": model.bidirectional,
+        "dropout": model.dropout,
+        "sizes": {"D": model.input_size, "H": model.hidden_size, "K": model.output_size},
+        "dtype": model.dtype.name,
+        "parameters": sum(int(p.size) for p in model.params.values()),
+        "shapes": {k: "×".join(map(str, v.shape)) for k, v in model.params.items()},
+    }
+
+
 @app.command()
 def info(
     backend: Annotated[BackendChoice, typer.Option(help="Backend to describe.")] = BackendChoice.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Also describe this checkpoint's model: architecture and parameter shapes.")
+    ] = None,
 ) -> None:
-    """Show the backend, device, library versions, BLAS build and thread counts."""
+    """Show the backend, device, library versions, BLAS build and thread counts (and a checkpoint's model)."""
+    model = None
+    if checkpoint is not None:
+        readable_or_exit(checkpoint, "--checkpoint")
+        try:
+            model = load_checkpoint(checkpoint, backend="numpy").model
+        except CheckpointError as exc:
+            raise usage_error(str(exc)) from exc
     be = backend_or_exit(backend.value)
     env = environment([be])
     data = {
@@ -71,7 +103,10 @@ def info(
         "versions": env["versions"],
         "blas": env["blas"],
         "threads": env["threads"],
+        "architectures": {"cells": list(CELLS), "nonlinearities": list(NONLINEARITIES), "bidirectional": True},
     }
+    if model is not None:
+        data["model"] = describe_model(model)
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
@@ -116,6 +151,15 @@ def bench(
     input_size: Annotated[int | None, typer.Option(min=1, help="D for --input dense (default: --vocab).")] = None,
     output_size: Annotated[int | None, typer.Option(min=1, help="K, the number of classes (default: --vocab).")] = None,
     dtype: Annotated[DtypeChoice, typer.Option(help="Floating-point type.")] = DEFAULT_DTYPE,
+    layers: Annotated[
+        int, typer.Option(min=1, help="Stacked recurrent layers (torch.nn.RNN's num_layers).")
+    ] = DEFAULTS.num_layers,
+    bidirectional: Annotated[
+        bool, typer.Option(help="Two directions per layer; the output layer reads both (H·2 inputs).")
+    ] = False,
+    nonlinearity: Annotated[
+        NonlinearityChoice, typer.Option(help="φ of the recurrence, as torch.nn.RNN's.")
+    ] = DEFAULT_NONLINEARITY,
     warmup: Annotated[
         int, typer.Option(min=0, help="Untimed runs before timing each configuration.")
     ] = DEFAULTS.warmup,
@@ -147,6 +191,14 @@ def bench(
         bool,
         typer.Option("--quiet", "-q", help="No progress or messages on stderr; with --output, no table on stdout."),
     ] = False,
+    recompute: Annotated[
+        str | None,
+        typer.Option(
+            help="Long sequences instead: time and measured peak memory against T (--seq-lens, at --fixed-hidden, "
+            "default 256) for these policies, comma-separated: none (every state stored), sqrt (recompute in "
+            "√T segments). Stored runs that would not fit in half the available memory are skipped."
+        ),
+    ] = None,
 ) -> None:
     """Time forward+BPTT as T grows (at fixed H) and as H grows (at fixed T).
 
@@ -162,6 +214,8 @@ def bench(
     """
     Ts = _sizes(seq_lens, "--seq-lens")
     Hs = _sizes(hidden_sizes, "--hidden-sizes")
+    if compare is CompareChoice.naive and (layers > 1 or bidirectional):
+        raise usage_error("--compare naive times the one-layer textbook code: it needs --layers 1, one direction")
     if input is InputChoice.tokens and input_size is not None:
         raise typer.BadParameter("--input-size applies to --input dense; with tokens D = --vocab")
     output, plot = writable_or_exit(output, "--output"), writable_or_exit(plot, "--plot")
@@ -176,6 +230,9 @@ def bench(
             typer.echo(msg, err=True)
 
     check_plot(plot)
+    if recompute is not None:
+        _long(recompute, Ts, backend, batch, fixed_hidden or 256, vocab, dtype.value, seed, output, plot, say)
+        return
     requested = available_backends() if backend is BenchBackendChoice.all else [backend.value]
     names = list(dict.fromkeys(backend_or_exit(name).name for name in requested))  # fails here, before any work
     if compare is CompareChoice.torch and (reason := bench_lib.torch_unavailable_reason()):
@@ -199,8 +256,15 @@ def bench(
         cell=cell.value,
         fixed_T=fixed_seq_len,
         fixed_H=fixed_hidden,
+        num_layers=layers,
+        bidirectional=bidirectional,
+        nonlinearity=nonlinearity.value,
     )
-    say(f"gpubptt bench: backends {', '.join(names)}; T in {Ts} at H={cfg.fixed_H}, H in {Hs} at T={cfg.fixed_T}")
+    arch = (
+        f"{layers} layer{'s' if layers > 1 else ''}{', bidirectional' if bidirectional else ''}, {nonlinearity.value}"
+    )
+    sweeps = f"T in {Ts} at H={cfg.fixed_H}, H in {Hs} at T={cfg.fixed_T}"
+    say(f"gpubptt bench: backends {', '.join(names)}; {arch}; {sweeps}")
     argv = ["gpubptt", *sys.argv[1:]]
     if sys.stderr.isatty() and not quiet:
         from rich.console import Console
@@ -245,3 +309,34 @@ def bench(
         typer.echo(f"error: {message}", err=True)
     if failed:
         raise typer.Exit(1)
+
+
+def _long(policies_text, Ts, backend, B, H, vocab, dtype, seed, output, plot, say) -> None:
+    """``bench --recompute``: the long-sequence sweep of ``gpubptt.bench.long``."""
+    from ..bench.long import POLICIES, long_sweep, plot_long, render_long
+
+    policies = [p.strip() for p in policies_text.split(",") if p.strip()]
+    if not policies or any(p not in POLICIES for p in policies):
+        raise usage_error(
+            f"--recompute must list policies from {', '.join(POLICIES)} (e.g. sqrt,none), got {policies_text!r}"
+        )
+    if backend is BenchBackendChoice.all:
+        raise usage_error("--recompute measures one backend: choose --backend numpy or cupy")
+    be = backend_or_exit(backend.value)
+    avail = be.available_memory()
+    say(f"gpubptt bench --recompute {','.join(policies)}: T in {Ts}, B={B}, H={H}, tokens D=K={vocab}, {be.name}")
+    progress = lambda row: say(render_long({**_empty, "rows": [row]}).splitlines()[0])  # noqa: E731
+    _empty = {"rows": [], "longest_T": {}, "budget_bytes": 0}
+    result = long_sweep(
+        be, Ts, policies=policies, B=B, H=H, vocab=vocab, dtype=dtype, seed=seed,
+        stored_limit=None if avail is None else avail // 2, progress=progress,
+    )  # fmt: skip
+    result["environment"] = environment([be])
+    result["argv"] = ["gpubptt", *sys.argv[1:]]
+    typer.echo(render_long(result), nl=False)
+    if output is not None:
+        write_atomic(output, json.dumps(result, indent=1) + "\n")
+        say(f"wrote {output}")
+    if plot is not None:
+        plot_long(result, plot)
+        say(f"wrote {plot}")

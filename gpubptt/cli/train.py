@@ -22,7 +22,17 @@ from ..data import TASKS
 from ..errors import InputError
 from ..model import CELLS, INITS
 from ..optim import DEFAULT_LR, ON_NONFINITE, OPTIMIZERS, NonFiniteError
-from ..run import DEFAULT_EVAL_EVERY, DEFAULT_STEPS, DEFAULTS, TEXT_CHUNK, Run, new_run, resume_run, save_run
+from ..run import (
+    DEFAULT_EVAL_EVERY,
+    DEFAULT_STEPS,
+    DEFAULTS,
+    TEXT_CHUNK,
+    Run,
+    new_run,
+    recompute_plan,
+    resume_run,
+    save_run,
+)
 from ..sample import sample_chars
 from ..train import SCHEDULES, TrainEvent
 from ..train import train as train_loop
@@ -38,6 +48,7 @@ from ._common import (
     in_flags,
     install_sigint,
     out_of_memory,
+    parse_size,
     quiet_numerics,
     readable_or_exit,
     reflowed_help,
@@ -45,6 +56,13 @@ from ._common import (
     usage_error,
     writable_or_exit,
     write_png,
+)
+from ._distributed import (
+    DistributedChoice,
+    abort_on_failure,
+    communicator_or_exit,
+    data_parallel_or_exit,
+    train_data_parallel,
 )
 
 TaskChoice = choices("TaskChoice", TASKS)
@@ -94,8 +112,12 @@ class TrainReporter:
         self.stop_requested = False
         self.window: deque = deque([(0.0, 0)], maxlen=50)  # (seconds, tokens so far): tokens/s over recent steps
         self.progress = None
+        # --distributed: only rank 0 (main) prints and writes; sync gathers every rank's state before a save
+        self.main, self.sync, self.token_scale = True, None, 1.0
 
     def header(self) -> None:
+        if not self.main:
+            return
         run, config, state = self.run, self.run.config, self.run.state
         typer.echo(
             f"{run.data!r} | {run.model!r} | {type(run.optimizer).__name__} lr={config.lr} | B={config.batch_size} "
@@ -133,6 +155,11 @@ class TrainReporter:
 
     def save(self) -> None:
         """Checkpoint the run (atomic: a failed write leaves the previous file as it was); Failed on an OSError."""
+        if self.sync is not None:
+            self.sync()
+        if not self.main:
+            self.saved_step = self.run.state.step
+            return
         try:
             save_run(self.checkpoint, self.run)
         except OSError as exc:
@@ -155,7 +182,7 @@ class TrainReporter:
 
     def on_step(self, ev: TrainEvent) -> None:
         window = self.window
-        window.append((ev.seconds, window[-1][1] + ev.tokens))
+        window.append((ev.seconds, window[-1][1] + ev.tokens * self.token_scale))
         rate = (window[-1][1] - window[0][1]) / max(window[-1][0] - window[0][0], 1e-9)
         loss_s = "nan" if ev.loss is None else f"{ev.loss:.3f}"
         if ev.eval is not None:
@@ -168,7 +195,7 @@ class TrainReporter:
             )
             if self.progress is not None:
                 self.progress.console.print(line, highlight=False)
-            else:
+            elif self.main:
                 typer.echo(line, err=True)
         if self.progress is not None:
             info = f"loss {loss_s}  |g| {ev.grad_norm:.2f}  {rate:,.0f} tok/s"
@@ -186,6 +213,8 @@ class TrainReporter:
         return {"chance": data.chance_loss, "title": title}
 
     def summary(self, plot: Path | None) -> None:
+        if not self.main:
+            return
         history, state = self.run.history, self.run.state
         ev = self.last_eval or {"loss": float("nan"), "accuracy": float("nan")}
         if history.eval_step and self.last_eval is None:
@@ -203,6 +232,7 @@ class TrainReporter:
 @app.command()
 @quiet_numerics
 @reflowed_help
+@abort_on_failure
 def train(
     task: Annotated[
         TaskChoice | None, typer.Option(help="text: next-character prediction; copy / recall: long-range memory tasks.")
@@ -291,6 +321,20 @@ def train(
     ] = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing checkpoint with a new run.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write the loss curve to this PNG file (needs matplotlib).")] = None,
+    distributed: Annotated[
+        DistributedChoice,
+        typer.Option(
+            help="Under mpiexec: train one model on all ranks, each on its share of the --batch streams "
+            "(mpi: mpi4py; nccl: NCCL between GPUs). Rank 0 prints and writes the checkpoint."
+        ),
+    ] = DistributedChoice.none,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory budget of one forward+BPTT (e.g. 512M, 8G): batches whose stored states exceed it "
+            "(long whole sequences, --chunk 0) recompute them in segments; the gradient is the same."
+        ),
+    ] = None,
 ) -> None:
     """Train an RNN, GRU or LSTM with truncated BPTT; report the loss beside the chance level; save a checkpoint.
 
@@ -306,11 +350,13 @@ def train(
     )  # fmt: skip
     given = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items() if v is not None}
     check_plot(plot)
+    budget = None if max_memory is None else parse_size(max_memory, "--max-memory")
     writable_or_exit(plot, "--plot")
     writable_or_exit(checkpoint, "--checkpoint")  # before any work: training failed only at its first save
     readable_or_exit(data, "--data")
     if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
         raise usage_error(f"--epochs must be a finite number > 0, got {epochs}")
+    comm = communicator_or_exit(distributed.value, backend.value)  # nccl/mpi pick this rank's GPU first
     be = backend_or_exit(backend.value)
     if resume and force:
         raise usage_error("--resume and --force exclude each other")
@@ -334,22 +380,34 @@ def train(
             )
         else:
             run = new_run(given, backend=be, steps=steps, epochs=epochs, eval_every=eval_every)
+        if budget is not None:
+            typer.echo(recompute_plan(run, budget), err=True)
     except (InputError, CheckpointError, TypeError) as exc:
         raise usage_error(in_flags(str(exc))) from exc
     except MemoryError as exc:
         raise out_of_memory(exc, be) from exc
 
-    reporter = TrainReporter(run, checkpoint, resumed=resume, interactive=sys.stderr.isatty())
+    fingerprint = dict(given, steps=run.config.steps, eval_every=eval_every, resume=resume, backend=be.name,
+                       state=(run.state.step, run.state.sequence, run.state.chunk), data=run.data.spec())  # fmt: skip
+    dp = data_parallel_or_exit(comm, distributed.value, run, fingerprint)
+    reporter = TrainReporter(
+        run, checkpoint, resumed=resume, interactive=sys.stderr.isatty() and comm.rank == 0
+    )  # fmt: skip
+    if dp is not None:
+        reporter.main, reporter.token_scale = comm.rank == 0, run.config.batch_size / dp.local_batch
     reporter.header()
     state = run.state
     start_step = state.step
-    previous_sigint = install_sigint(reporter.on_sigint)
+    # --distributed: Ctrl-C reaches every rank, maybe between different steps: stop at once (the last checkpoint stays)
+    previous_sigint = install_sigint(reporter.on_sigint) if dp is None else None
     reporter.start()
     try:
-        if state.step < run.config.steps:
+        if state.step < run.config.steps and dp is not None:
+            train_data_parallel(dp, run, reporter, train_loop)
+        elif state.step < run.config.steps:
             train_loop(
                 run.model, run.data, run.optimizer, run.config, state=state, history=run.history,
-                callback=reporter.on_step,
+                callback=reporter.on_step, max_memory=budget,
             )  # fmt: skip
     except Interrupted as exc:
         reporter.stop()
@@ -393,7 +451,7 @@ def train(
     try:
         if not resume or state.step != start_step:  # a resume with nothing to do leaves the file as it was
             reporter.save()
-        if plot is not None:
+        if plot is not None and reporter.main:
             write_png(plot, "plot", lambda path: plots.plot_history(path, run.history, **reporter.plot_labels()))
     except Failed as exc:
         typer.echo(f"error: {exc}", err=True)

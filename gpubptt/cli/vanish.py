@@ -13,6 +13,7 @@ import numpy as np
 import typer
 
 from .. import diagnostics, plots
+from ..cells import NONLINEARITIES
 from ..diagnostics import DEFAULT_ITERS, DEFAULT_THRESHOLD
 from ..diagnostics.problems import DEFAULT_SEQ_LEN, checkpoint_problem, random_problem
 from ..errors import InputError
@@ -37,6 +38,7 @@ from ._common import (
 
 InitChoice = choices("InitChoice", INITS)
 VanishFormat = choices("VanishFormat", ("table", "json"))
+NonlinearityChoice = choices("NonlinearityChoice", NONLINEARITIES)
 
 DEFAULT_DTYPE = DtypeChoice("float64")  # as diagnostics.random_problem
 RANDOM_SCALES = "0.5,0.9,1.0,1.5,2.0"
@@ -89,10 +91,74 @@ def _vanish_row(radius: float, rescaled: bool, report: diagnostics.VanishReport,
     ]
 
 
+def _decay_text(d: diagnostics.stack.Decay, n: int) -> str:
+    if d.horizon is not None:
+        return str(d.horizon)
+    if d.horizon_fit is not None:
+        return f"~{d.horizon_fit:.0f} (fit)"
+    return f"none ≤ {n}"
+
+
+def _stack_rows(radius: float | None, report: diagnostics.StackReport, T: int) -> list[list[str]]:
+    """One row per recurrence: its W, its own products, and (one direction) the products from the top."""
+    rows = []
+    through = report.through_stack
+    for r in report.recurrences:
+        top = None if through is None else through.per_layer[r.layer]
+        rows.append(
+            [
+                "model" if radius is None else f"{radius:g}",
+                f"{r.layer}" + (" rev" if r.direction else ""),
+                f"{r.spectral_radius:.3f}",
+                f"{r.spectral_norm:.3f}",
+                f"{100 * r.saturated_fraction:.1f}%",
+                _decay_text(r.own, T - 1),
+                "—" if r.own.decay_rate is None else f"{r.own.decay_rate:.4f}",
+                "—" if top is None else _decay_text(top, T - 1),
+                "—" if top is None or top.decay_rate is None else f"{top.decay_rate:.4f}",
+                f"{r.grad_s0:.3g}",
+            ]
+        )
+    return rows
+
+
+def _vanish_stack(model, x, y, radii, *, T: int, threshold: float, iters: int, fmt, settings, plot, title) -> None:
+    """``gpubptt vanish`` for a stack: one row per radius and recurrence (``diagnostics.stack_sweep``)."""
+    n = len(radii)
+    with _vanish_progress(n, per=1) as progress:
+        sweep = diagnostics.stack_sweep(model, x, y, radii, threshold=threshold, iters=iters, progress=progress)
+    if fmt is VanishFormat.json:
+        scales = [{"radius": r, "rescaled": r is not None, **rep.to_dict()} for r, rep in sweep]
+        typer.echo(json.dumps({"settings": settings, "scales": scales}, indent=1))
+    else:
+        head = ["ρ", "layer", "ρ(W_l)", "‖W_l‖₂", "saturated", "horizon", "rate/step", "top←l horizon", "top←l rate",
+                "‖∂E/∂s0_l‖"]  # fmt: skip
+        rows = [head] + [row for r, rep in sweep for row in _stack_rows(r, rep, T)]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        for row in rows:
+            typer.echo("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        typer.echo(
+            "horizon, rate/step: each recurrence's own ‖Π diag(φ'_j) W_l‖₂ against the lag; top←l: "
+            "‖∂s^top_T−1/∂s^l_T−1−ℓ‖₂ through the stack (one direction only)",
+            err=True,
+        )
+    if plot is not None:
+        _write_plot(plot, lambda path: plots.plot_stack(sweep, path, title=title))
+
+
+def _write_plot(plot: Path, draw) -> None:
+    """Write the figure atomically; a failure is one error line and the exit code of ``write_png``."""
+    try:
+        write_png(plot, "plot", draw)
+    except Failed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.code) from exc
+    typer.echo(f"wrote {plot}", err=True)
+
+
 @contextlib.contextmanager
-def _vanish_progress(n: int):
+def _vanish_progress(n: int, per: int = len(diagnostics.VANISH_STAGES)):
     """A ``vanish_sweep`` progress callback: a transient bar on a terminal, else one stderr line per radius."""
-    per = len(diagnostics.VANISH_STAGES)
     if sys.stderr.isatty():
         from rich.console import Console
         from rich.progress import Progress
@@ -155,6 +221,18 @@ def vanish(
     init: Annotated[
         InitChoice | None,
         typer.Option(help=f"Weight init of the random model. (default: {RANDOM_DEFAULTS['init'].value})"),
+    ] = None,
+    layers: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Layers of the random model; a stack is measured per layer and through it. (default: 1)"
+        ),
+    ] = None,
+    bidirectional: Annotated[
+        bool | None, typer.Option("--bidirectional", help="A bidirectional random model (each direction measured).")
+    ] = None,
+    nonlinearity: Annotated[
+        NonlinearityChoice | None, typer.Option(help="φ of the random model's recurrence. (default: tanh)")
     ] = None,
     dtype: Annotated[
         DtypeChoice, typer.Option(help="Floating-point type (a checkpoint's weights are converted to it).")
@@ -219,7 +297,10 @@ def vanish(
         raise typer.BadParameter(f"must be a finite number > 0, got {threshold}", param_hint="--threshold")
     readable_or_exit(checkpoint, "--checkpoint")
     if checkpoint is not None:
-        given = {"hidden": hidden, "vocab": vocab, "init": init}
+        given = {
+            "hidden": hidden, "vocab": vocab, "init": init, "layers": layers, "bidirectional": bidirectional,
+            "nonlinearity": nonlinearity,
+        }  # fmt: skip
         for name, value in given.items():
             if value is not None:
                 raise usage_error(f"--{name} describes the random model; a checkpoint brings its own")
@@ -236,7 +317,13 @@ def vanish(
         T = DEFAULT_SEQ_LEN if seq_len is None else seq_len
     try:
         if checkpoint is None:
-            problem = random_problem(T, hidden, batch, vocab, backend=be, dtype=dtype.value, init=init.value, seed=seed)
+            arch = dict(
+                num_layers=layers or 1, bidirectional=bool(bidirectional),
+                nonlinearity=(nonlinearity or NonlinearityChoice("tanh")).value,
+            )  # fmt: skip
+            problem = random_problem(
+                T, hidden, batch, vocab, backend=be, dtype=dtype.value, init=init.value, seed=seed, **arch
+            )
         else:
             problem = checkpoint_problem(
                 checkpoint, T=seq_len, B=batch, seed=seed, backend=be, dtype=dtype.value, text=data
@@ -262,6 +349,19 @@ def vanish(
     settings.update({k: v for k, v in problem.about.items() if k != "model"})
     settings.update({"dtype": dtype.value, "seed": seed, "threshold": threshold, "iters": iters})
     typer.echo("vanish: " + " ".join(f"{k}={v}" for k, v in settings.items() if k != "device"), err=True)
+    if model.num_states > 1:  # a stack: per recurrence and through the stack
+        title = f"{checkpoint.name if checkpoint else 'random model'}: T={T} H={model.hidden_size} B={batch} "
+        title += f"L={model.num_layers}{' bidirectional' if model.bidirectional else ''} seed={seed} ({be.name})"
+        try:
+            _vanish_stack(
+                model, x, y, radii, T=T, threshold=threshold, iters=iters, fmt=fmt, settings=settings, plot=plot,
+                title=title,
+            )  # fmt: skip
+        except InputError as exc:
+            raise usage_error(f"--scale: {exc}") from exc
+        except MemoryError as exc:
+            raise out_of_memory(exc, be) from exc
+        return
     try:
         with _vanish_progress(len(radii)) as progress:
             sweep = diagnostics.vanish_sweep(model, x, y, radii, threshold=threshold, iters=iters, progress=progress)
@@ -288,9 +388,4 @@ def vanish(
                 f"{checkpoint.name} ({about['task']}, step {about['step']}) on {about['data']}: "
                 f"T={T} H={model.hidden_size} B={batch} seed={seed} ({be.name})"
             )
-        try:
-            write_png(plot, "plot", lambda path: plots.plot_vanish(sweep, path, title=title))
-        except Failed as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.code) from exc
-        typer.echo(f"wrote {plot}", err=True)
+        _write_plot(plot, lambda path: plots.plot_vanish(sweep, path, title=title))

@@ -19,6 +19,9 @@ This package measures every piece of that argument on a model and a batch (``gra
                         and the fitted geometric rate; ``product_norms`` is the same on raw factors
     truncation_bias     what tutorial truncation costs: relative error and cosine against full BPTT
     vanish_report       all four; ``vanish_sweep`` repeats it with W rescaled to chosen spectral radii
+    stack_report        a stack (num_layers > 1 or bidirectional): each recurrence's own products,
+                        ‖∂E/∂s^l_t‖ per layer and ‖∂s^top/∂s^l‖ through the stack (``stack``);
+                        ``stack_sweep`` with every W rescaled
     random_problem      a random model on random tokens: what ``gpubptt vanish`` measures by default
     checkpoint_problem  a trained model from a checkpoint, on windows of a text or on its task's sequences
     plot_vanish         one PNG of a sweep (``gpubptt.plots``; matplotlib, the optional ``plot`` extra)
@@ -56,6 +59,7 @@ from .jacobians import (
     spectral_radius,
 )
 from .report import VANISH_STAGES, VanishReport, vanish_report, vanish_sweep, with_spectral_radius
+from .stack import RecurrenceFlow, StackReport, ThroughStack, stack_report, stack_sweep
 
 __all__ = [
     "ACTIVATIONS",
@@ -68,7 +72,10 @@ __all__ = [
     "Contributions",
     "JacobianProducts",
     "ProductNorms",
+    "RecurrenceFlow",
+    "StackReport",
     "StepGradients",
+    "ThroughStack",
     "TruncationBias",
     "VanishProblem",
     "VanishReport",
@@ -80,6 +87,8 @@ __all__ = [
     "random_problem",
     "require_matplotlib",
     "spectral_radius",
+    "stack_report",
+    "stack_sweep",
     "step_gradients",
     "text_windows",
     "truncation_bias",

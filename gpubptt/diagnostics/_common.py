@@ -79,7 +79,13 @@ def check_tol(tol: Any) -> float:
 
 
 def batch_of(model: RNN, x: Any, y: Any, s0: Any) -> Batch:
-    """Validate x (and y, s0) against the model before any work; T ≥ 1 and B ≥ 1."""
+    """Validate x (and y, s0) against the model before any work; T ≥ 1 and B ≥ 1; one recurrence."""
+    if model.num_states > 1:
+        raise InputError(
+            f"this diagnostic measures one recurrence; the model has {model.num_states} (num_layers="
+            f"{model.num_layers}, bidirectional={model.bidirectional}): use diagnostics.stack_report, "
+            "which measures each of them and the products through the stack"
+        )
     return check_batch(
         model.backend,
         model.dtype,

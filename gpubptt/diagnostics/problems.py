@@ -57,23 +57,36 @@ def random_problem(
     dtype: Any = "float64",
     init: str = "wildml",
     seed: int = 0,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    nonlinearity: str = "tanh",
 ) -> VanishProblem:
-    """A random model (D = K = ``vocab``) and random tokens and targets x, y (T, B), all from ``seed``.
+    """A random model (D = K = ``vocab``; ``num_layers``, ``bidirectional``, ``nonlinearity`` as in
+    ``RNN``) and random tokens and targets x, y (T, B), all from ``seed``.
 
     InsufficientMemoryError (an InputError) before anything is allocated when the diagnostics of
     these sizes cannot fit in the backend's available memory (see ``gpubptt.memory``).
     """
     backend = get_backend(backend)
-    _check_memory(vocab, H, vocab, T, B, dtype, backend, random=True)
-    model = RNN(vocab, H, vocab, backend=backend, dtype=dtype, init=init, seed=seed)
+    recurrences = num_layers * (2 if bidirectional else 1) if isinstance(num_layers, int) else 1
+    _check_memory(vocab, H, vocab, T, B, dtype, backend, random=True, recurrences=recurrences)
+    model = RNN(
+        vocab, H, vocab, backend=backend, dtype=dtype, init=init, seed=seed, num_layers=num_layers,
+        bidirectional=bidirectional, nonlinearity=nonlinearity,
+    )  # fmt: skip
     be = model.backend
     rng = np.random.default_rng(seed)
     x = be.asarray(rng.integers(0, vocab, size=(T, B)))  # (T, B) token ids
     y = be.asarray(rng.integers(0, vocab, size=(T, B)))  # (T, B) targets
-    return VanishProblem(model, x, y, {"model": "random", "vocab": vocab, "init": init})
+    about = {"model": "random", "vocab": vocab, "init": init}
+    if num_layers > 1 or bidirectional or nonlinearity != "tanh":
+        about.update(layers=num_layers, bidirectional=bidirectional, nonlinearity=nonlinearity)
+    return VanishProblem(model, x, y, about)
 
 
-def _check_memory(D: Any, H: Any, K: Any, T: Any, B: Any, dtype: Any, be: Any, *, random: bool) -> None:
+def _check_memory(
+    D: Any, H: Any, K: Any, T: Any, B: Any, dtype: Any, be: Any, *, random: bool, recurrences: int = 1
+) -> None:
     """InsufficientMemoryError when ``vanish_sweep`` on these sizes cannot fit; bad sizes are left to their checks."""
     sizes = (D, H, K, T, B)
     if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1 for n in sizes):
@@ -82,7 +95,9 @@ def _check_memory(D: Any, H: Any, K: Any, T: Any, B: Any, dtype: Any, be: Any, *
         itemsize = np.dtype(dtype).itemsize
     except TypeError:
         return
-    estimate = vanish_memory(D, H, K, T=T, B=B, itemsize=itemsize, random=random, chunk_elements=be.chunk_elements)
+    estimate = vanish_memory(
+        D, H, K, T=T, B=B, itemsize=itemsize, random=random, chunk_elements=be.chunk_elements, recurrences=recurrences
+    )
     check_fits(estimate, be.available_memory(), f"diagnosing T={T}, B={B}, H={H}, D={D}, K={K} ({np.dtype(dtype)})")
 
 
@@ -155,7 +170,10 @@ def checkpoint_problem(
         with_T = make_data(spec).seq_len
     else:
         with_T = DEFAULT_SEQ_LEN if T is None else T
-    _check_memory(m.input_size, m.hidden_size, m.output_size, with_T, B, dtype or m.dtype, m.backend, random=False)
+    _check_memory(
+        m.input_size, m.hidden_size, m.output_size, with_T, B, dtype or m.dtype, m.backend, random=False,
+        recurrences=m.num_states,
+    )  # fmt: skip
     model = m
     if dtype is not None:
         model = RNN.from_params(m.params, backend=m.backend, dtype=dtype, nonlinearity=m.nonlinearity)

@@ -1,0 +1,308 @@
+"""Data-parallel training: each rank runs forward+BPTT on its share of the B streams, one allreduce per step.
+
+    rank r holds streams [lo_r, hi_r) of the global batch (the first B mod N ranks one more)
+    E_r, g_r  = loss_and_grads(x[:, lo:hi], ..., reduction="sum")        local sums
+    [g, E, n] = allreduce([g_r..., E_r, n_r])                              ONE flat buffer, one collective
+    g, E      = g / n, E / n                                               mean over the global token count
+    then clip, the non-finite guard and the optimizer, identically on every rank
+
+``DataParallel`` wraps a model the way ``torch.nn.parallel.DistributedDataParallel`` does: the
+training loop (``gpubptt.train.train``) sees a model whose ``loss_and_grads`` returns the global
+mean, so the loop itself is unchanged. Every rank starts from rank 0's parameters (a broadcast);
+every ``check_every`` steps a checksum of the parameters is compared across ranks, and a rank whose
+weights drifted stops the run (RuntimeError naming the ranks). A rank's carried state has its
+streams only; ``global_state`` gathers all B streams in the global order (for a checkpoint) and
+``local_state`` cuts a global state into this rank's share, so a run saved by N ranks resumes
+under any M ≤ B.
+
+The carried state's batch axis is axis −2: (B, H) for one layer, (layers·directions, B, H) for a
+stack, both handled the same way.
+
+Overlap: the gradient buffer is packed once ``loss_and_grads`` has returned; dV and dc are final
+before the backward recurrence starts, but starting their allreduce early needs a hook inside the
+engine's backward pass, which this module does not have. benchmarks/README.md has the measured
+share of a step that the allreduce takes, which bounds what the overlap could save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..train import TrainConfig, TrainState, evaluate
+from .base import Communicator
+
+__all__ = ["DataParallel", "ParameterDivergenceError", "ShardedData", "shard_range"]
+
+
+class ParameterDivergenceError(RuntimeError):
+    """The ranks' parameters are no longer identical (the checksum differs)."""
+
+
+def shard_range(B: int, size: int, rank: int, *, what: str = "the batch") -> tuple[int, int]:
+    """Streams [lo, hi) of ``rank`` among ``size`` ranks: ⌊B/N⌋ each, the first B mod N ranks one more.
+
+    InputError when there are more ranks than streams (a rank with no stream would train nothing).
+    """
+    if size > B:
+        raise InputError(
+            f"{size} ranks need at least {size} streams, but {what} has B={B}: use --batch ≥ {size} "
+            f"or at most {B} ranks"
+        )
+    q, r = divmod(B, size)
+    lo = rank * q + min(rank, r)
+    return lo, lo + q + (rank < r)
+
+
+def _eval_range(B: int, size: int, rank: int) -> tuple[int, int]:
+    """As shard_range, but a rank may get no stream (a held-out batch smaller than the rank count)."""
+    q, r = divmod(B, size)
+    lo = rank * q + min(rank, r)
+    return lo, lo + q + (rank < r)
+
+
+class ShardedData:
+    """This rank's columns of a data set's batches: ``train_sequence`` (L, hi−lo), held-out batches split too.
+
+    Every rank draws the global batch (the same for the same seed) and keeps its streams, so the
+    streams are the ones one process would train on, whatever the rank count. Everything else
+    (sizes, kind, chance level, spec) is the wrapped data set's.
+    """
+
+    def __init__(self, data: Any, *, batch_size: int, lo: int, hi: int, comm: Communicator) -> None:
+        self.data, self.global_batch, self.lo, self.hi, self.comm = data, batch_size, lo, hi, comm
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.data, name)
+
+    def __repr__(self) -> str:
+        return f"ShardedData({self.data!r}, streams [{self.lo}, {self.hi}) of {self.global_batch})"
+
+    def check_batch(self, batch_size: int, chunk: int) -> None:
+        """The wrapped data's check, for the global batch."""
+        self.data.check_batch(self.global_batch, chunk)
+
+    def train_sequence(self, i: int, *, seed: int, batch_size: int, chunk: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's streams of batch i: x, y (L, hi − lo) int64."""
+        if batch_size != self.hi - self.lo:
+            raise InputError(
+                f"rank {self.comm.rank} holds {self.hi - self.lo} streams, but the loop asked for {batch_size}"
+            )
+        x, y = self.data.train_sequence(i, seed=seed, batch_size=self.global_batch, chunk=chunk)
+        return np.ascontiguousarray(x[:, self.lo : self.hi]), np.ascontiguousarray(y[:, self.lo : self.hi])
+
+    def eval_sequences(self, **kwargs: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+        """This rank's streams of each held-out batch (none when a batch has fewer streams than ranks)."""
+        out = []
+        for x, y in self.data.eval_sequences(**kwargs):
+            lo, hi = _eval_range(x.shape[1], self.comm.size, self.comm.rank)
+            if hi > lo:
+                out.append((np.ascontiguousarray(x[:, lo:hi]), np.ascontiguousarray(y[:, lo:hi])))
+        return out
+
+
+def _digest(text: str) -> float:
+    """48 bits of sha256(text) as a float64 (exact: below 2^53), to compare across ranks in one allreduce."""
+    return float(int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big"))
+
+
+class DataParallel:
+    """``model`` trained on this rank's share of a global batch of ``batch_size`` streams; see the module docstring.
+
+    Construction is collective (every rank must make one): it refuses more ranks than streams,
+    compares ``fingerprint`` (the options and versions the caller ran with) across ranks, and
+    broadcasts rank 0's parameters. Attributes not defined here are the model's (``params``,
+    ``backend``, ``forward``...), so the training loop and the optimizer use it as the model.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        comm: Communicator,
+        *,
+        batch_size: int,
+        fingerprint: str = "",
+        check_every: int = 100,
+    ) -> None:
+        if isinstance(check_every, bool) or not isinstance(check_every, (int, np.integer)) or check_every < 0:
+            raise InputError(f"check_every must be an int ≥ 0 (0: never), got {check_every!r}")
+        self.model, self.comm, self.batch_size, self.check_every = model, comm, int(batch_size), int(check_every)
+        self.lo, self.hi = shard_range(self.batch_size, comm.size, comm.rank)
+        self.calls = 0
+        from .. import __version__
+
+        shapes = ";".join(f"{k}{tuple(p.shape)}" for k, p in model.params.items())
+        self._agree(f"gpubptt {__version__}|{model.dtype}|{shapes}|B={batch_size}|{fingerprint}")
+        self._broadcast_params()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def __repr__(self) -> str:
+        return f"DataParallel({self.model!r}, {self.comm!r}, streams [{self.lo}, {self.hi}) of {self.batch_size})"
+
+    @property
+    def local_batch(self) -> int:
+        """This rank's streams, hi − lo."""
+        return self.hi - self.lo
+
+    # -- what every rank must agree on ------------------------------------------------------------
+    def _gather_scalars(self, values: list[float]) -> np.ndarray:
+        """(size, len(values)) float64: every rank's values (an allgather written as one allreduce)."""
+        buf = np.zeros(self.comm.size * len(values))
+        buf[self.comm.rank * len(values) : (self.comm.rank + 1) * len(values)] = values
+        self.comm.allreduce(buf)
+        return buf.reshape(self.comm.size, len(values))
+
+    def _agree(self, fingerprint: str) -> None:
+        got = self._gather_scalars([_digest(fingerprint)])[:, 0]
+        differ = [r for r in range(self.comm.size) if got[r] != got[0]]
+        if differ:
+            raise InputError(
+                f"ranks {differ} were started with options or a gpubptt version different from rank 0's "
+                f"(this is rank {self.comm.rank}: {fingerprint}); start every rank with the same command"
+            )
+
+    def _flat_params(self) -> Any:
+        xp = self.model.backend.xp
+        return xp.concatenate([p.ravel() for p in self.model.params.values()])
+
+    def _broadcast_params(self) -> None:
+        flat = self._flat_params()
+        self.comm.broadcast(flat, root=0)
+        off = 0
+        for p in self.model.params.values():
+            n = p.size
+            p[...] = flat[off : off + n].reshape(p.shape)  # in place: the optimizer holds these arrays
+            off += n
+
+    def check_parameters(self) -> None:
+        """ParameterDivergenceError unless every rank holds the same parameters (by checksum; one host sync)."""
+        xp, be = self.model.backend.xp, self.model.backend
+        flat = self._flat_params().astype(xp.float64)
+        ramp = xp.arange(1, flat.size + 1, dtype=xp.float64) / flat.size  # position-weighted: catches swaps
+        local = be.to_numpy(xp.stack([flat.sum(), (flat * ramp).sum()])).tolist()
+        got = self._gather_scalars(local)
+        differ = [r for r in range(self.comm.size) if not np.array_equal(got[r], got[0])]
+        if differ:
+            raise ParameterDivergenceError(
+                f"after {self.calls} steps the parameters of ranks {differ} differ from rank 0's "
+                f"(checksums {got.tolist()}): the ranks no longer train one model"
+            )
+
+    # -- the step ---------------------------------------------------------------------------------
+    def loss_and_grads(
+        self,
+        x: Any,
+        y: Any,
+        s0: Any = None,
+        *,
+        lengths: Any = None,
+        truncate: int | None = None,
+        reduction: str = "sum",
+        return_final_state: bool = False,
+        dropout_seed: int | None = None,
+        recompute: Any = None,
+        max_memory: int | None = None,
+    ) -> tuple[Any, dict[str, Any]] | tuple[Any, dict[str, Any], Any]:
+        """The model's ``loss_and_grads`` on this rank's streams, summed (or averaged) over every rank.
+
+        ``recompute``/``max_memory`` as the model's (each rank's budget for its own streams).
+        With dropout, each rank draws its streams' masks from (``dropout_seed``, rank), so ranks never
+        share a mask; a run with dropout is then not bit-identical to one process (whose masks cover
+        all B streams at once), only equal in distribution.
+
+        x (T, b) or (T, b, D), y (T, b), s0 (b, H), lengths (b,): this rank's b = hi − lo streams.
+        Returns what the model returns: the loss and parameter gradients of the whole global batch
+        (identical on every rank), grads["s0"] (b, H) for this rank's streams, and the final state
+        (b, H) if asked. reduction="mean" divides by the global count of counted steps.
+        """
+        if reduction not in ("sum", "mean"):
+            raise InputError(f"unknown reduction {reduction!r}; expected sum or mean")
+        if self.check_every and self.calls and self.calls % self.check_every == 0:
+            self.check_parameters()
+        self.calls += 1
+        drop: dict[str, Any] = {} if recompute is None else {"recompute": recompute, "max_memory": max_memory}
+        if dropout_seed is not None:
+            drop["dropout_seed"] = int(np.random.SeedSequence([dropout_seed, self.comm.rank]).generate_state(1)[0])
+        out = self.model.loss_and_grads(
+            x, y, s0, lengths=lengths, truncate=truncate, reduction="sum", return_final_state=return_final_state,
+            **drop,
+        )  # fmt: skip
+        loss, grads = out[0], out[1]
+        be, xp = self.model.backend, self.model.backend.xp
+        T, b = int(x.shape[0]), int(x.shape[1])
+        count = float(b * T if lengths is None else np.minimum(be.to_numpy(lengths), T).sum())  # host values
+        names = list(self.model.params)
+        sizes = [grads[k].size for k in names]
+        buf = xp.empty(sum(sizes) + 2, dtype=grads[names[0]].dtype)  # [every gradient..., loss, count]
+        off = 0
+        for k, n in zip(names, sizes, strict=True):
+            buf[off : off + n] = grads[k].ravel()
+            off += n
+        buf[-2] = loss
+        buf[-1] = count
+        self.comm.allreduce(buf)  # THE collective of the step
+        scale = 1.0 / buf[-1:] if reduction == "mean" else None  # (1,): stays on the device, no host sync
+        off = 0
+        for k, n in zip(names, sizes, strict=True):
+            g = buf[off : off + n].reshape(grads[k].shape)
+            grads[k] = g * scale if scale is not None else g.copy()
+            off += n
+        loss = (buf[-2:-1] * scale if scale is not None else buf[-2:-1].copy()).reshape(())
+        if scale is not None and "s0" in grads:  # this rank's streams only: scaled, not summed
+            grads["s0"] = grads["s0"] * scale.astype(grads["s0"].dtype)
+        if return_final_state:
+            return loss, grads, out[2]
+        return loss, grads
+
+    # -- data, state and evaluation of this rank ----------------------------------------------------
+    def shard_data(self, data: Any) -> ShardedData:
+        """``data`` cut to this rank's streams (see ShardedData)."""
+        return ShardedData(data, batch_size=self.batch_size, lo=self.lo, hi=self.hi, comm=self.comm)
+
+    def local_config(self, config: TrainConfig) -> TrainConfig:
+        """``config`` with this rank's batch size (the global one must be the wrapper's)."""
+        if config.batch_size != self.batch_size:
+            raise InputError(f"config.batch_size is {config.batch_size}, but this run splits B={self.batch_size}")
+        return replace(config, batch_size=self.local_batch)
+
+    def local_state(self, state: TrainState) -> TrainState:
+        """A copy of ``state`` whose carried s (..., B, H) is cut to this rank's streams (..., hi − lo, H)."""
+        s = state.s
+        if s is not None:
+            if s.ndim < 2 or s.shape[-2] != self.batch_size:
+                raise InputError(
+                    f"carried state has shape {tuple(s.shape)}, expected (..., B, H) with B={self.batch_size}"
+                )
+            s = self.model.backend.asarray(s, dtype=self.model.dtype)[..., self.lo : self.hi, :].copy()
+        return replace(state, s=s)
+
+    def global_state(self, state: TrainState) -> TrainState:
+        """A copy of this rank's ``state`` with the carried s of all B streams, in order (collective).
+
+        Every rank must call it at the same step; each writes its rows into zeros and one allreduce
+        adds them (sums with zeros are exact).
+        """
+        if state.s is None:
+            return replace(state)
+        xp = self.model.backend.xp
+        shape = (*state.s.shape[:-2], self.batch_size, state.s.shape[-1])
+        full = xp.zeros(shape, dtype=state.s.dtype)
+        full[..., self.lo : self.hi, :] = state.s
+        self.comm.allreduce(full.reshape(-1))  # contiguous: the reshape is a view, filled in place
+        return replace(state, s=full)
+
+    def evaluate(self, model: Any, data: Any, **kwargs: Any) -> dict[str, float]:
+        """``gpubptt.train.evaluate`` on this rank's held-out streams, the sums added over every rank."""
+        return evaluate(model, data, reduce=self.comm.allreduce, **kwargs)
+
+
+def describe_split(batch_size: int, size: int) -> Mapping[int, tuple[int, int]]:
+    """{rank: (lo, hi)} for every rank: how B streams split over ``size`` ranks."""
+    return {r: shard_range(batch_size, size, r) for r in range(size)}
