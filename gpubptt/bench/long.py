@@ -4,14 +4,14 @@
     >>> result["rows"][0]  # {"policy", "T", "seconds", "peak_bytes", "estimate_bytes", ...}
 
 Peak memory is measured, not estimated: tracemalloc on NumPy (every host allocation of one call on a
-fresh model), the growth of CuPy's memory pool on a GPU. A stored run whose estimate exceeds
-``stored_limit`` bytes is skipped (and says so). ``longest_T`` gives, from the estimate (checked
-against measured peaks in the tests), the longest T that fits a budget under each policy.
+fresh model), CuPy's pool allocations counted by a memory hook on a GPU (``Backend.peak_bytes``).
+A stored run whose estimate exceeds ``stored_limit`` bytes is skipped (and says so). ``longest_T``
+gives, from the estimate (checked against measured peaks in the tests), the longest T that fits a
+budget under each policy.
 """
 
 from __future__ import annotations
 
-import tracemalloc
 from typing import Any
 
 import numpy as np
@@ -54,20 +54,7 @@ def _measure(be: Backend, model: Any, x: Any, policy: str | None, *, y: Any = No
     timer = be.timer()
     seconds = timer(lambda: model.loss_and_grads(x, y, recompute=policy))
     fresh = RNN.from_params(model.params, backend=be)
-    pool = getattr(be.xp, "get_default_memory_pool", None)  # a device memory pool (CuPy), else the host
-    if pool is None:
-        tracemalloc.start()
-        fresh.loss_and_grads(x, y, recompute=policy)
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        return seconds, peak
-    pool = pool()
-    be.synchronize()
-    pool.free_all_blocks()
-    base = pool.total_bytes()
-    fresh.loss_and_grads(x, y, recompute=policy)
-    be.synchronize()
-    return seconds, pool.total_bytes() - base
+    return seconds, be.peak_bytes(lambda: fresh.loss_and_grads(x, y, recompute=policy))
 
 
 def long_sweep(
