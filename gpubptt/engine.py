@@ -49,10 +49,9 @@ def input_projection(U: Any, b: Any, x: Any, tokens: bool, *, be: Backend, out: 
     Tokens x (T, B): a column gather of U (the one-hot product, never a dense one-hot matrix).
     Dense x (T, B, D): one GEMM (T·B, D) × (D, H).
     """
-    xp = be.xp
     T, B, H = out.shape
     if tokens:
-        xp.take(U.T, x.reshape(-1), axis=0, out=out.reshape(T * B, H))
+        be.xp.take(U.T, x.reshape(-1), axis=0, out=out.reshape(T * B, H))
     else:
         be.matmul(x.reshape(T * B, -1), U.T, out.reshape(T * B, H))
     if b is not None:
@@ -117,7 +116,7 @@ def reverse_index(T: int, B: int, lengths: np.ndarray | None) -> np.ndarray:
 def gather_rows(src: Any, index: Any, *, be: Backend, out: Any) -> Any:
     """out[i] = src[index[i]] over the T·B rows of (T, B, H) arrays (both contiguous): one gather."""
     T, B, H = out.shape
-    be.xp.take(src.reshape(T * B, H), index, axis=0, out=out.reshape(T * B, H))
+    be.take_rows(src.reshape(T * B, H), index, out.reshape(T * B, H))
     return out
 
 

@@ -155,6 +155,10 @@ class Backend:
         """
         raise NotImplementedError
 
+    def take_rows(self, src: Any, index: Any, out: Any) -> Any:
+        """out[i] = src[index[i]] for 2-d src and out, index valid (checked by the caller); no temporary."""
+        return self.xp.take(src, index, axis=0, out=out)
+
     def token_plan(self, ids: Any, vocab: int) -> TokenPlan:
         """Sort the flat token ids (N,) once; the plan drives ``token_scatter_add``."""
         xp = self.xp

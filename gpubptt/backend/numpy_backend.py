@@ -64,6 +64,11 @@ class NumpyBackend(Backend):
         else:
             np.matmul(a, b, out=out)
 
+    def take_rows(self, src: Any, index: Any, out: Any) -> Any:
+        """NumPy's ``take`` into ``out``: with mode "clip" it writes in place; the default mode buffers the
+        whole output first (so that a bad index leaves ``out`` untouched), a copy the size of ``out``."""
+        return np.take(src, index, axis=0, out=out, mode="clip")
+
     def _stable_argsort(self, ids: Any) -> Any:
         return np.argsort(ids, kind="stable")
 
