@@ -8,7 +8,7 @@ the seed change. Writes <out>.json (settings, environment, per-run curves and fi
 <out>.png.
 
     python benchmarks/delayed_recall.py                      # about 5-10 minutes on a 2-core CPU
-    python benchmarks/delayed_recall.py --delays 5,10 --seeds 0 --steps 300 --out /tmp/quick
+    python benchmarks/delayed_recall.py --delays 5,10 --seeds 0 --steps 300 --out quick
     python benchmarks/delayed_recall.py --plot-only          # redraw the PNG from the committed JSON
 
 With ``--cell rnn,gru,lstm`` each cell is trained on every delay and seed (the same H, optimizer,

@@ -1,6 +1,6 @@
 """Exact BPTT in O(√T) memory: keep the states at segment boundaries, recompute each segment backward.
 
-Stored BPTT keeps every state s_t, O(T·B·H). With segments of c steps (Chen et al. 2016) the forward
+Stored BPTT keeps every state s_t, O(T·B·H). With segments of c steps the forward
 pass keeps only the state at the start of each segment, and the backward pass walks the segments
 from last to first; for each it runs the segment's forward again from its boundary state (into
 buffers of c steps), its output layer (loss, dV, dc and the direct terms ∂E_t/∂s_t), then BPTT
