@@ -39,8 +39,9 @@ from ._io import write_atomic
 from .backend import Backend, get_backend, to_numpy
 from .data import Vocab
 from .errors import CheckpointError, InputError
-from .model import RNN, make_cell
+from .model import RNN
 from .optim import Optimizer, make_optimizer
+from .options import make_cell
 from .params import param_shapes
 from .train import History, TrainConfig, TrainState
 
