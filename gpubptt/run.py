@@ -286,8 +286,10 @@ def _check_memory(st: Mapping[str, Any], data: TextData | CopyTask, config: Trai
         raise InsufficientMemoryError(f"{exc}: choose a smaller --hidden, --batch or --chunk") from None
 
 
-def recompute_plan(run: Run, max_memory: int) -> str:
+def recompute_plan(run: Run, max_memory: int, *, batch_size: int | None = None) -> str:
     """How each training step of ``run`` fits in ``max_memory`` bytes: a sentence for the log.
+
+    ``batch_size``: the streams one process runs (a rank's share under ``--distributed``; default all).
 
     Whole sequences (``--chunk 0``) whose stored plan exceeds the budget recompute their states in
     segments (``gpubptt.recompute``). InsufficientMemoryError, naming the smallest budget that
@@ -295,8 +297,10 @@ def recompute_plan(run: Run, max_memory: int) -> str:
     """
     from .recompute import call_memory, choose
 
-    B = run.config.batch_size
-    x, _ = run.data.train_sequence(0, seed=run.config.seed, batch_size=B, chunk=run.config.chunk or 1)
+    x, _ = run.data.train_sequence(
+        0, seed=run.config.seed, batch_size=run.config.batch_size, chunk=run.config.chunk or 1
+    )
+    B = run.config.batch_size if batch_size is None else batch_size
     T = min(run.config.chunk or x.shape[0], x.shape[0])
     m = run.model
     c = choose(

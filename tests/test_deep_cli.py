@@ -136,3 +136,9 @@ def test_one_recurrence_diagnostics_refuse_a_stack_and_say_what_to_use():
     x = np.zeros((5, 2), dtype=np.int64)
     with pytest.raises(gpubptt.InputError, match=r"use diagnostics\.stack_report"):
         gpubptt.diagnostics.step_gradients(model, x, x)
+
+
+@pytest.mark.parametrize("extra", [["--layers", "2"], ["--bidirectional"], ["--nonlinearity", "relu"]])
+def test_vanish_cells_refuses_the_architecture_options_it_would_ignore(extra):
+    result = runner.invoke(app, ["vanish", "--cell", "gru", *extra])
+    assert result.exit_code != 0 and "does not apply with --cell" in result.output

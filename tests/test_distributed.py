@@ -269,3 +269,52 @@ def test_a_deep_model_trains_over_fake_ranks_as_in_one_process():
         for k in ref.model.params:
             assert _rel(run.model.params[k], ref.model.params[k]) <= 1e-9, k
         assert _rel(run.state.s, ref.state.s) <= 1e-9
+
+
+def test_an_lstm_trains_over_fake_ranks_as_in_one_process_and_its_h_c_state_is_gathered():
+    settings = {**SETTINGS, "cell": "lstm"}
+    ref = _single(20, settings)
+    assert isinstance(ref.state.s, tuple)  # the carried (h, c)
+    runs = run_ranks(2, lambda comm: _ranked(comm, new_run(settings, backend="numpy", steps=20, eval_every=10)))
+    for run in runs:
+        for k in ref.model.params:
+            assert _rel(run.model.params[k], ref.model.params[k]) <= 1e-9, k
+        for got, want in zip(run.state.s, ref.state.s, strict=True):
+            assert _rel(got, want) <= 1e-9
+
+
+def test_mean_reduction_scales_an_lstms_c0_gradient_like_s0():
+    rng = np.random.default_rng(3)
+    T, B, D, H, K = 4, 4, 5, 3, 4
+    x, y = rng.integers(0, D, (T, B)), rng.integers(0, K, (T, B))
+    h0, c0 = rng.standard_normal((B, H)), rng.standard_normal((B, H))
+    ref = RNN(D, H, K, cell="lstm", backend="numpy", dtype="float64", seed=2)
+    _, want = ref.loss_and_grads(x, y, (h0, c0), reduction="mean")
+
+    def work(comm):
+        dp = DataParallel(RNN(D, H, K, cell="lstm", backend="numpy", dtype="float64", seed=2), comm, batch_size=B)
+        lo, hi = dp.lo, dp.hi
+        return (lo, hi), dp.loss_and_grads(x[:, lo:hi], y[:, lo:hi], (h0[lo:hi], c0[lo:hi]), reduction="mean")[1]
+
+    results = run_ranks(2, work)
+    for key in ("s0", "c0"):
+        got = np.concatenate([grads[key] for _, grads in results])
+        assert _rel(got, want[key]) <= 1e-12, key
+
+
+def test_the_memory_budget_reaches_every_ranks_training_loop():
+    from gpubptt.cli._distributed import train_data_parallel
+
+    seen = {}
+
+    def loop(*args, **kwargs):
+        seen.update(kwargs)
+
+    run = new_run(SETTINGS, backend="numpy", steps=2, eval_every=1)
+    dp = run_ranks(1, lambda comm: DataParallel(run.model, comm, batch_size=run.config.batch_size))[0]
+
+    class Reporter:
+        on_step = None
+
+    train_data_parallel(dp, run, Reporter(), loop, max_memory=12345)
+    assert seen["max_memory"] == 12345

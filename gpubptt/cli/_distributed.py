@@ -100,8 +100,13 @@ def data_parallel_or_exit(comm: Communicator, kind: str, run: Any, fingerprint: 
         raise usage_error(in_flags(str(exc))) from exc
 
 
-def train_data_parallel(dp: DataParallel, run: Any, reporter: Any, train_loop: Callable[..., Any]) -> None:
-    """Train ``run`` on this rank's streams; the reporter's saves first gather every stream's state into run.state."""
+def train_data_parallel(
+    dp: DataParallel, run: Any, reporter: Any, train_loop: Callable[..., Any], *, max_memory: int | None = None
+) -> None:
+    """Train ``run`` on this rank's streams; the reporter's saves first gather every stream's state into run.state.
+
+    ``max_memory``: each rank's budget for its own streams (``train``'s recomputation when over it).
+    """
     local = dp.local_state(run.state)
 
     def sync() -> None:  # collective: every rank saves at the same steps
@@ -111,5 +116,5 @@ def train_data_parallel(dp: DataParallel, run: Any, reporter: Any, train_loop: C
     reporter.sync = sync
     train_loop(
         dp, dp.shard_data(run.data), run.optimizer, dp.local_config(run.config), state=local, history=run.history,
-        callback=reporter.on_step, evaluator=dp.evaluate,
+        callback=reporter.on_step, evaluator=dp.evaluate, max_memory=max_memory,
     )  # fmt: skip

@@ -380,8 +380,6 @@ def train(
             )
         else:
             run = new_run(given, backend=be, steps=steps, epochs=epochs, eval_every=eval_every)
-        if budget is not None:
-            typer.echo(recompute_plan(run, budget), err=True)
     except (InputError, CheckpointError, TypeError) as exc:
         raise usage_error(in_flags(str(exc))) from exc
     except MemoryError as exc:
@@ -390,6 +388,13 @@ def train(
     fingerprint = dict(given, steps=run.config.steps, eval_every=eval_every, resume=resume, backend=be.name,
                        state=(run.state.step, run.state.sequence, run.state.chunk), data=run.data.spec())  # fmt: skip
     dp = data_parallel_or_exit(comm, distributed.value, run, fingerprint)
+    if budget is not None:  # each rank's plan is for its own streams
+        try:
+            plan = recompute_plan(run, budget, batch_size=None if dp is None else dp.local_batch)
+        except InputError as exc:
+            raise usage_error(in_flags(str(exc))) from exc
+        if comm.rank == 0:
+            typer.echo(plan, err=True)
     reporter = TrainReporter(
         run, checkpoint, resumed=resume, interactive=sys.stderr.isatty() and comm.rank == 0
     )  # fmt: skip
@@ -403,7 +408,7 @@ def train(
     reporter.start()
     try:
         if state.step < run.config.steps and dp is not None:
-            train_data_parallel(dp, run, reporter, train_loop)
+            train_data_parallel(dp, run, reporter, train_loop, max_memory=budget)
         elif state.step < run.config.steps:
             train_loop(
                 run.model, run.data, run.optimizer, run.config, state=state, history=run.history,

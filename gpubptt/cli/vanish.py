@@ -279,9 +279,17 @@ def vanish(
         from ._vanish_cells import parse_cells, run_cells
 
         cells = parse_cells(cell)
-        for name, value in {"checkpoint": checkpoint, "scale": scale, "data": data, "init": init}.items():
+        ignored = {
+            "checkpoint": checkpoint, "scale": scale, "data": data, "init": init, "layers": layers,
+            "bidirectional": bidirectional, "nonlinearity": nonlinearity,
+        }  # fmt: skip
+        for name, value in ignored.items():
             if value is not None:
-                raise usage_error(f"--{name} does not apply with --cell (random models of each cell, torch's init)")
+                raise usage_error(
+                    f"--{name} does not apply with --cell (one-layer random models of each cell, torch's init)"
+                )
+        if backend.value == "cupy":
+            raise usage_error("--cell compares the cells on the host in float64: --backend cupy does not apply")
         check_plot(plot)
         writable_or_exit(plot, "--plot")
         if not (np.isfinite(threshold) and threshold > 0):

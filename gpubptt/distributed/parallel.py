@@ -255,8 +255,9 @@ class DataParallel:
             grads[k] = g * scale if scale is not None else g.copy()
             off += n
         loss = (buf[-2:-1] * scale if scale is not None else buf[-2:-1].copy()).reshape(())
-        if scale is not None and "s0" in grads:  # this rank's streams only: scaled, not summed
-            grads["s0"] = grads["s0"] * scale.astype(grads["s0"].dtype)
+        for k in {"s0", getattr(self.model.cell, "extra_state", None) or "s0"}:  # an LSTM's "c0" too
+            if scale is not None and k in grads:  # this rank's streams only: scaled, not summed
+                grads[k] = grads[k] * scale.astype(grads[k].dtype)
         if return_final_state:
             return loss, grads, out[2]
         return loss, grads
@@ -273,14 +274,19 @@ class DataParallel:
         return replace(config, batch_size=self.local_batch)
 
     def local_state(self, state: TrainState) -> TrainState:
-        """A copy of ``state`` whose carried s (..., B, H) is cut to this rank's streams (..., hi − lo, H)."""
-        s = state.s
-        if s is not None:
+        """A copy of ``state`` whose carried s (..., B, H) is cut to this rank's streams (..., hi − lo, H);
+        an LSTM's carried (h, c) element by element."""
+
+        def cut(s: Any) -> Any:
             if s.ndim < 2 or s.shape[-2] != self.batch_size:
                 raise InputError(
                     f"carried state has shape {tuple(s.shape)}, expected (..., B, H) with B={self.batch_size}"
                 )
-            s = self.model.backend.asarray(s, dtype=self.model.dtype)[..., self.lo : self.hi, :].copy()
+            return self.model.backend.asarray(s, dtype=self.model.dtype)[..., self.lo : self.hi, :].copy()
+
+        s = state.s
+        if s is not None:
+            s = tuple(cut(a) for a in s) if isinstance(s, tuple) else cut(s)
         return replace(state, s=s)
 
     def global_state(self, state: TrainState) -> TrainState:
@@ -292,11 +298,15 @@ class DataParallel:
         if state.s is None:
             return replace(state)
         xp = self.model.backend.xp
-        shape = (*state.s.shape[:-2], self.batch_size, state.s.shape[-1])
-        full = xp.zeros(shape, dtype=state.s.dtype)
-        full[..., self.lo : self.hi, :] = state.s
-        self.comm.allreduce(full.reshape(-1))  # contiguous: the reshape is a view, filled in place
-        return replace(state, s=full)
+
+        def gather(s: Any) -> Any:
+            full = xp.zeros((*s.shape[:-2], self.batch_size, s.shape[-1]), dtype=s.dtype)
+            full[..., self.lo : self.hi, :] = s
+            self.comm.allreduce(full.reshape(-1))  # contiguous: the reshape is a view, filled in place
+            return full
+
+        s = state.s
+        return replace(state, s=tuple(gather(a) for a in s) if isinstance(s, tuple) else gather(s))
 
     def evaluate(self, model: Any, data: Any, **kwargs: Any) -> dict[str, float]:
         """``gpubptt.train.evaluate`` on this rank's held-out streams, the sums added over every rank."""
