@@ -163,7 +163,7 @@ class RNN:
         self.chunk_elements: int | None = None
         self._workspaces: dict[tuple, engine.Workspace] = {}
         # Concurrent loss_and_grads calls on one model share these workspaces: one at a time.
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a locked call may call another
 
     def _set_layers(self, num_layers: int, bidirectional: bool, dropout: float, seed: int | None) -> None:
         self.num_layers = num_layers
@@ -414,8 +414,9 @@ class RNN:
         For an LSTM these are the h states (s0 the tuple (h0, c0)).
         """
         batch = self._check(x, None, s0, None, for_loss=False)
-        S = self._stack(batch).S
-        return S[0] if self.num_states == 1 else self.backend.xp.stack(S)
+        with self._lock:  # one call of this model at a time (see loss_and_grads)
+            S = self._stack(batch).S
+            return S[0] if self.num_states == 1 else self.backend.xp.stack(S)
 
     def _final_state(self, stack: engine.Stack, batch: Batch) -> Any:
         final = stack.final_states(batch.lengths)  # (L·dirs, B, H)
@@ -433,11 +434,12 @@ class RNN:
         s0 was (an LSTM's: the tuple (h_n, c_n)).
         """
         batch = self._check(x, None, s0, lengths, for_loss=False)
-        stack = self._stack(batch)
-        states = stack.Y[-1]
-        chunk = chunk_steps(batch.T, batch.B, self.output_size, self._chunk_elements())
-        probs = softmax_probs(states, self.params["V"], self.params.get("c"), be=self.backend, chunk=chunk)
-        final = self._final_state(stack, batch)
+        with self._lock:  # one call of this model at a time (see loss_and_grads)
+            stack = self._stack(batch)
+            states = stack.Y[-1]
+            chunk = chunk_steps(batch.T, batch.B, self.output_size, self._chunk_elements())
+            probs = softmax_probs(states, self.params["V"], self.params.get("c"), be=self.backend, chunk=chunk)
+            final = self._final_state(stack, batch)
         if batch.weight is not None:
             states = states * batch.weight[:, :, None]
             probs *= batch.weight[:, :, None]
@@ -472,11 +474,12 @@ class RNN:
         dropout_seed = _check_seed(dropout_seed, "dropout_seed")
         batch = self._check(x, y, s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)
-        stack = self._stack(batch, dropout_seed)
-        chunk = chunk_steps(batch.T, batch.B, self.output_size, self._chunk_elements())
-        p, be = self.params, self.backend
-        loss = xent_loss(stack.Y[-1], p["V"], p.get("c"), batch.y, batch.weight, be=be, chunk=chunk)
-        return loss * scale if scale != 1.0 else loss
+        with self._lock:  # one call of this model at a time (see loss_and_grads)
+            stack = self._stack(batch, dropout_seed)
+            chunk = chunk_steps(batch.T, batch.B, self.output_size, self._chunk_elements())
+            p, be = self.params, self.backend
+            loss = xent_loss(stack.Y[-1], p["V"], p.get("c"), batch.y, batch.weight, be=be, chunk=chunk)
+            return loss * scale if scale != 1.0 else loss
 
     def loss_and_grads(
         self,
