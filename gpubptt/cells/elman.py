@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend
+from ._per_backend import PerBackend
 
 __all__ = ["NONLINEARITIES", "STEP_KERNELS", "ElmanCell", "kernels"]
 
@@ -383,14 +384,5 @@ class _Kernels:
         fn((blocks,), (threads,), (a, W, b if which == 0 else c, *sizes), shared_mem=nbytes)
 
 
-_KERNELS: dict[int, tuple[Backend, _Kernels]] = {}
-_KERNELS_LOCK = threading.Lock()
-
-
-def kernels(be: Backend) -> _Kernels:
-    """The Elman kernels of backend ``be`` (built once per backend)."""
-    with _KERNELS_LOCK:
-        entry = _KERNELS.get(id(be))
-        if entry is None or entry[0] is not be:
-            entry = _KERNELS[id(be)] = (be, _Kernels(be))
-        return entry[1]
+#: ``kernels(be)``: the Elman kernels of backend ``be`` (built once per backend)
+kernels: PerBackend[_Kernels] = PerBackend(_Kernels, "Elman kernels")

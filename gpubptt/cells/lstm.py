@@ -22,11 +22,11 @@ One step of each recurrence is one GEMM and one fused elementwise kernel (CuPy) 
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from ..backend import Backend
 from ._gated import forward_weight
+from ._per_backend import PerBackend
 
 __all__ = ["LSTMCell"]
 
@@ -268,14 +268,5 @@ class _Kernels:
         return self._const[key]
 
 
-_KERNELS: dict[int, tuple[Backend, _Kernels]] = {}
-_KERNELS_LOCK = threading.Lock()
-
-
-def kernels(be: Backend) -> _Kernels:
-    """The LSTM kernels of backend ``be`` (built once per backend)."""
-    with _KERNELS_LOCK:
-        entry = _KERNELS.get(id(be))
-        if entry is None or entry[0] is not be:
-            entry = _KERNELS[id(be)] = (be, _Kernels(be))
-        return entry[1]
+#: ``kernels(be)``: the LSTM kernels of backend ``be`` (built once per backend)
+kernels: PerBackend[_Kernels] = PerBackend(_Kernels, "LSTM kernels")
