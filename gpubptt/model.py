@@ -27,25 +27,23 @@ from typing import Any
 
 import numpy as np
 
-from . import engine, interop
+from . import engine
 from . import recompute as _recompute
 from ._checks import Batch, check_batch, check_c0, check_dtype, check_positive_int
+from ._construction import Construction
 from .backend import Backend, get_backend
 from .cells import STEP_KERNELS
-from .errors import InputError, InputTypeError, ShapeError
+from .errors import InputError, InputTypeError
 from .losses import chunk_steps, softmax_probs, xent_loss
 from .options import (
     CELLS,
-    GATES,
     INITS,
     REDUCTIONS,
     _cell,
-    _cell_of,
     _check_layers,
     _check_reduction,
     _check_seed,
     _check_truncate,
-    _gates_message,
     _split_state,
     cell_option,
 )
@@ -70,7 +68,7 @@ class RNNOutput:
     final_state: Any
 
 
-class RNN:
+class RNN(Construction):
     """An RNN, GRU or LSTM (one or more layers, one or two directions) with a softmax output, on NumPy or CuPy.
 
     ``cell`` "rnn" (the default): s_t = φ(U x_t + W s_{t-1} [+ b]), φ = ``nonlinearity``: "tanh" (the
@@ -192,129 +190,6 @@ class RNN:
     def params(self, arrays: Mapping[str, Any]) -> None:
         """``model.params = {...}``: every array checked first, then all replaced (the mapping stays the model's)."""
         self._params.replace_all(arrays)
-
-    # -- construction from arrays -------------------------------------------------------------
-    @classmethod
-    def from_params(
-        cls,
-        params: Mapping[str, Any],
-        *,
-        backend: str | Backend | None = "auto",
-        dtype: Any = None,
-        nonlinearity: str | None = None,
-        dropout: float = 0.0,
-        cell: str | None = None,
-        seed: int | None = None,
-    ) -> RNN:
-        """Build a model from arrays (NumPy or backend) named as ``params.param_shapes`` names them.
-
-        One layer: "U" (G·H, D), "W" (G·H, H), "V" (K, H), optionally "b" (G·H,), "c" (K,) (and the GRU's
-        "b_hn" (H,)), G the gates of ``cell``: 1 "rnn", 3 "gru", 4 "lstm"; ``cell=None`` reads it from
-        W's rows. Layers and directions are read from the names (U_l1, …: ``num_layers``; U_reverse:
-        bidirectional); every recurrence's parameters must be there, biases for all or none.
-        ``dtype=None`` keeps the arrays' float dtype (float32 or float64). The arrays are copied.
-        ``nonlinearity`` "tanh" or "relu" (rnn only); ``dropout`` and ``seed`` (of its masks) as in ``RNN``.
-        """
-        if not isinstance(params, Mapping):
-            raise InputTypeError(f"params must be a mapping of arrays, got {type(params).__name__}")
-        missing = [k for k in ("U", "W", "V") if k not in params]
-        if missing:
-            raise InputError(f"params is missing {missing}; expected U (H, D), W (H, H), V (K, H)")
-        cell = _cell_of(params["W"], cell)
-        the_cell = _cell(nonlinearity, cell)
-        L, bidirectional = architecture_of(params)
-        _, _, dropout = _check_layers(L, bidirectional, dropout)
-        seed = _check_seed(seed)
-        be = get_backend(backend)
-        host = {k: be.to_numpy(params[k]) for k in params}
-        for k, a in host.items():
-            if a.dtype.kind != "f":
-                raise InputTypeError(f"parameter {k} must be floating point, got dtype {a.dtype}")
-        dt = check_dtype(dtype if dtype is not None else host["U"].dtype)
-        if host["U"].ndim != 2 or host["W"].ndim != 2 or host["V"].ndim != 2:
-            raise ShapeError("U, W, V must be 2-d: got " + ", ".join(f"{k} {host[k].shape}" for k in ("U", "W", "V")))
-        rows, cols = host["W"].shape
-        if rows != the_cell.gates * cols and any(rows == g * cols for g in GATES.values()):  # another cell's W
-            raise ShapeError(_gates_message("W", host["W"].shape, cell))
-        H, D = host["U"].shape[0] // the_cell.gates, host["U"].shape[1]
-        K = host["V"].shape[0]
-        expected = param_shapes(D, H, K, "b" in host, the_cell, num_layers=L, bidirectional=bidirectional)
-        unknown = sorted(set(host) - set(expected))
-        if unknown:
-            arch = f"{L} layer{'s' if L > 1 else ''}{', bidirectional' if bidirectional else ''}"
-            raise InputError(
-                f"unknown parameter names {unknown} for a model of {arch} (read from the names); "
-                f"expected {', '.join(expected)}"
-            )
-        absent = [k for k in expected if k not in host]
-        if absent:
-            bias = absent[0][0] in "bc"
-            what = "both biases: b (H,) of every recurrence and c (K,), or neither" if bias else "every U and W"
-            raise InputError(f"params is missing {absent}; expected {what}")
-        for k, a in host.items():
-            if a.shape != expected[k]:
-                raise ShapeError(
-                    f"parameter {k} must have shape {expected[k]} (from U {host['U'].shape}, cell {cell!r}), "
-                    f"got {a.shape}"
-                )
-        if min(H, D, K) < 1:
-            raise ShapeError(f"every size must be ≥ 1; got D={D}, H={H}, K={K}")
-        model = cls.__new__(cls)
-        arrays = {k: be.asarray(np.array(host[k])) for k in expected}
-        model._setup(be, dt, expected, arrays, the_cell)  # Params checks
-        model._set_layers(L, bidirectional, dropout, seed)
-        return model
-
-    @classmethod
-    def from_torch(
-        cls,
-        rnn_state_dict: Mapping[str, Any],
-        linear_state_dict: Mapping[str, Any],
-        *,
-        cell: str = "rnn",
-        nonlinearity: str | None = None,
-        dropout: float = 0.0,
-        backend: str | Backend | None = "auto",
-        dtype: Any = None,
-    ) -> RNN:
-        """A model from the state dicts of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM(D, H, num_layers, bias,
-        bidirectional)`` (``cell`` "rnn", "gru", "lstm") and ``nn.Linear(H·dirs, K, bias)``.
-
-        Sizes, layers, directions and biases are read from the keys and shapes (``gpubptt.interop``
-        has the table; torch's two biases of a recurrence become their sum b, except the GRU's
-        b_hn). A state dict of another cell (weight_hh with 3H or 4H rows where ``cell`` expects
-        H, …) is refused, naming the rows. Values: torch tensors or arrays; torch is not imported.
-        ``nonlinearity`` (rnn only) and ``dropout`` as the module's (a state dict records neither).
-        """
-        _cell(nonlinearity, cell)
-        params = interop.from_torch_state(rnn_state_dict, linear_state_dict, cell=cell)
-        return cls.from_params(
-            params, backend=backend, dtype=dtype, nonlinearity=nonlinearity, dropout=dropout, cell=cell
-        )
-
-    def to_torch(self, grads: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(rnn_state_dict, linear_state_dict) of NumPy arrays under torch's names: the weights, or ``grads``.
-
-        For ``nn.RNN(D, H, num_layers, bias=self.bias, bidirectional=…, nonlinearity=…)`` (``nn.GRU``,
-        ``nn.LSTM`` for those cells) and ``nn.Linear(H·dirs, K, bias=self.bias)``:
-        ``load_state_dict({k: torch.as_tensor(v) ...})``. Each b goes to bias_ih and zeros to bias_hh
-        (the GRU's b_hn to the n third of bias_hh); with ``grads`` (as ``loss_and_grads`` returns them)
-        both get db.
-        """
-        cell = cell_option(self.cell)
-        if grads is None:
-            return interop.to_torch_state(self.params, cell=cell)
-        return interop.to_torch_state(grads, grads=True, cell=cell)
-
-    def to(self, backend: str | Backend) -> RNN:
-        """A copy of this model on another backend (same dtype, weights and settings)."""
-        copy = RNN.from_params(
-            self.params, backend=backend, dtype=self.dtype, nonlinearity=self.nonlinearity, dropout=self.dropout,
-            cell=cell_option(self.cell),
-        )  # fmt: skip
-        copy.init, copy.use_graphs = self.init, self.use_graphs
-        copy.step_kernels, copy.chunk_elements = self.step_kernels, self.chunk_elements
-        return copy
 
     # -- sizes --------------------------------------------------------------------------------
     @property
