@@ -1,4 +1,5 @@
-"""What the gated cells share: the layout of W for the per-step forward GEMM."""
+"""What the gated cells share: their identity (a parameter-free cell is equal to any of its kind) and the
+layout of W for the per-step forward GEMM."""
 
 from __future__ import annotations
 
@@ -17,3 +18,20 @@ def forward_weight(W: Any, Wt: Any, T: int, B: int) -> Any:
         Wt[...] = W.T  # once per forward
         return Wt
     return W.T
+
+
+class GatedCell:
+    """The base of the GRU and LSTM cells: no options, so equal by kind; the input bias is "b"; no nonlinearity."""
+
+    name = "gated"
+    input_bias = "b"
+    nonlinearity = None
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..backend import Backend
-from ._gated import forward_weight
+from ._gated import GatedCell, forward_weight
 from ._per_backend import PerBackend
 
 __all__ = ["GRUCell"]
@@ -56,7 +56,7 @@ direct = dh * z;
 """
 
 
-class GRUCell:
+class GRUCell(GatedCell):
     """The GRU cell, torch.nn.GRU's equations and gate order (r, z, n); see the module docstring.
 
     Implements the engine's cell interface (``gpubptt.cells``). Parameters per recurrence: U (3H, D),
@@ -65,19 +65,8 @@ class GRUCell:
 
     name = "gru"
     gates = 3
-    input_bias = "b"
     #: no state beyond h (recomputation may keep h alone)
     extra_state = False
-    nonlinearity = None
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, GRUCell)
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    def __repr__(self) -> str:
-        return "GRUCell()"
 
     @staticmethod
     def param_shapes(D: int, H: int, bias: bool) -> dict[str, tuple[int, ...]]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..backend import Backend
-from ._gated import forward_weight
+from ._gated import GatedCell, forward_weight
 from ._per_backend import PerBackend
 
 __all__ = ["LSTMCell"]
@@ -56,7 +56,7 @@ dc = dct * fg;
 """
 
 
-class LSTMCell:
+class LSTMCell(GatedCell):
     """The LSTM cell, torch.nn.LSTM's equations and gate order (i, f, g, o); see the module docstring.
 
     Implements the engine's cell interface (``gpubptt.cells``), with a second state c: ``extra_state``
@@ -65,19 +65,8 @@ class LSTMCell:
 
     name = "lstm"
     gates = 4
-    input_bias = "b"
     #: the state carried beside h: its initial value c0 and ∂E/∂c0 go by this name
     extra_state = "c0"
-    nonlinearity = None
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, LSTMCell)
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    def __repr__(self) -> str:
-        return "LSTMCell()"
 
     @staticmethod
     def param_shapes(D: int, H: int, bias: bool) -> dict[str, tuple[int, ...]]:
