@@ -4,28 +4,116 @@
 results) before it starts: the folder exists, is a folder, and really takes a new file (a small
 temporary file is created, written, fsync'ed and removed there: ``os.access`` says yes to root even
 on a read-only mount and knows nothing of a full disk), and the target itself is not a folder.
-``check_regular_file`` refuses a folder, a device or a pipe given as an input file. ``write_error``
-words an OSError of a write (files themselves are written whole or not at all by ``_io.write_atomic``).
+``check_regular_file`` refuses a folder, a device or a pipe given as an input file. Both first run
+``check_path``: no name longer than the file system takes, no symbolic link that loops. ``check_distinct``
+refuses two outputs of one command (or an output and an input, or stdout) that are one file after links
+and ``..``. ``write_error`` words an OSError of a write (files themselves are written whole or not at
+all by ``_io.write_atomic``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
+import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["DestinationError", "check_regular_file", "check_writable", "write_error"]
+__all__ = ["DestinationError", "check_distinct", "check_path", "check_regular_file", "check_writable", "write_error"]
 
 
 #: Bytes the probe writes: enough that a disk with no free block refuses it, small enough to cost nothing.
 PROBE_BYTES = 4096
+#: The longest name of one path component, in bytes, on the common file systems (ext4, XFS, APFS, NTFS).
+NAME_MAX = 255
 
 
 class DestinationError(InputError):
     """An output path that cannot be written: no such folder, a folder as the target, read-only, full."""
+
+
+def check_path(path: str | os.PathLike[str], option: str) -> str:
+    """``path`` as text once it names something the OS can look up; DestinationError otherwise.
+
+    Refused: an empty path, a component longer than ``NAME_MAX`` bytes (the OS answers ENAMETOOLONG),
+    a symbolic link that loops (to itself or through others), and any other error of ``stat`` but
+    "no such file" and "not a folder" (left to the caller, whose message says which folder is missing).
+    """
+    text = os.fspath(path)
+    if not str(text).strip():
+        raise DestinationError(f"{option} must name a file, got an empty path")
+    for part in Path(text).parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise DestinationError(
+                f"{option}: the name {part[:40]!r}… is {len(os.fsencode(part))} bytes long; "
+                f"a file or folder name may have at most {NAME_MAX} bytes"
+            )
+    try:
+        os.stat(text)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # missing, or a dangling link: the folder checks below say what is missing
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DestinationError(
+                f"{option} {text!r} is a symbolic link that loops ({_reason(exc)}); expected a file or a link to one"
+            ) from None
+        raise DestinationError(f"{option} {text!r}: {_reason(exc)}") from None
+    return text
+
+
+def _identity(path: str | os.PathLike[str]) -> tuple:
+    """What makes two paths one file: the device and inode where it exists, else the resolved path."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return ("path", os.path.realpath(path))
+    return ("inode", st.st_dev, st.st_ino)
+
+
+def _stdout_identity() -> tuple | None:
+    """The identity of the file stdout writes to, when it is a regular file (``> out.txt``); else None."""
+    try:
+        st = os.fstat(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # no real file behind it (a test's capture, a closed stream)
+        return None
+    return ("inode", st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def check_distinct(
+    outputs: Mapping[str, str | os.PathLike[str] | None],
+    inputs: Mapping[str, str | os.PathLike[str] | None] | None = None,
+) -> None:
+    """DestinationError when two of a command's ``outputs`` are one file, or an output is one of its ``inputs``.
+
+    Keys are the options (``"--checkpoint"``), None values are skipped. Paths are compared after
+    symbolic links and ``..`` are resolved, and by device and inode where the file exists (a hard
+    link). Stdout redirected to a regular file counts as an output: it must not be an input or another
+    output either (``sample --checkpoint ck.npz >> ck.npz``). Run this before any work.
+    """
+    inputs = inputs or {}
+    seen: dict[tuple, tuple[str, str]] = {}  # identity → (option, path as given)
+    for option, path in inputs.items():
+        if path is not None:
+            seen.setdefault(_identity(path), (option, os.fspath(path)))
+    named = [(option, _identity(path), os.fspath(path)) for option, path in outputs.items() if path is not None]
+    if (out := _stdout_identity()) is not None:
+        named.append(("stdout", out, ""))
+    for option, key, text in named:
+        if key in seen:
+            other, other_text = seen[key]
+            text = text or other_text
+            if other in inputs and option != "stdout":
+                raise DestinationError(
+                    f"{other} and {option} name the same file {text!r}: writing {option} would destroy what "
+                    f"{other} reads; give {option} another file"
+                )
+            raise DestinationError(f"{other} and {option} name the same file {text!r}; give each its own")
+        seen[key] = (option, text)
 
 
 def check_writable(path: str | os.PathLike[str], option: str) -> Path:
@@ -36,9 +124,7 @@ def check_writable(path: str | os.PathLike[str], option: str) -> Path:
     exists and is a folder, and a new file can be created (and is removed again) in that folder.
     Nothing else is created or changed; an existing file at ``path`` is not touched.
     """
-    text = os.fspath(path)
-    if not str(text).strip():
-        raise DestinationError(f"{option} must name a file, got an empty path")
+    text = check_path(path, option)
     p = Path(os.path.realpath(text))  # a link is written through (_io.write_atomic): check what it points to
     folder = p.parent
     if p.is_dir():
@@ -77,10 +163,8 @@ def check_regular_file(path: str | os.PathLike[str], option: str) -> Path:
     Reading such a path would fail late or never end; a missing file is left to the reader, whose
     message says so. DestinationError names ``option`` and what was found.
     """
-    text = os.fspath(path)
+    text = check_path(path, option)
     p = Path(text)
-    if not str(text).strip():
-        raise DestinationError(f"{option} must name a file, got an empty path")
     if p.is_dir():
         raise DestinationError(f"{option} {text!r} is a folder; expected a file")
     if p.exists() and not p.is_file():

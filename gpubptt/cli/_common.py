@@ -3,10 +3,13 @@ checks made before any work, and the way an error reaches the user (``error: ...
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import os
 import re
 import signal
+import sys
 import warnings
 from collections.abc import Iterable
 from enum import Enum
@@ -18,7 +21,7 @@ import typer
 
 from .. import __version__, plots
 from .._checks import DTYPES
-from .._paths import DestinationError, check_regular_file, check_writable, write_error
+from .._paths import DestinationError, check_distinct, check_path, check_regular_file, check_writable, write_error
 from ..backend import BACKEND_NAMES, Backend, get_backend
 from ..errors import BackendUnavailableError, InputError
 from ..memory import format_bytes
@@ -62,10 +65,65 @@ def check_plot(plot: Path | None) -> None:
         return
     if plot.suffix.lower() != ".png":
         raise usage_error(f"--plot must name a .png file, got {str(plot)!r}")
+    _path_or_exit(check_path, plot, "--plot")  # a name too long or a looping link: before looking at its folder
     if not plot.parent.is_dir():
         raise usage_error(f"--plot: folder {str(plot.parent)!r} does not exist")
     if reason := plots.plot_unavailable_reason():
         raise usage_error(reason)
+
+
+class StdoutFailed(Exception):
+    """Writing results to stdout failed (a full disk, ``> /dev/full``, a reader that is gone).
+
+    ``kept`` says what was saved all the same (train's checkpoint), and ``code`` is then
+    ``EXIT_SAVED_NO_STDOUT``; otherwise the exit code is 1.
+    """
+
+    def __init__(self, error: OSError, kept: str = "", code: int = 1) -> None:
+        super().__init__(error.strerror or str(error))
+        self.error, self.kept, self.code = error, kept, code
+
+
+#: The exit code of a command whose files were written (train's checkpoint, bench's --output) but whose
+#: report on stdout could not be: the work is saved, only what it printed is lost.
+EXIT_SAVED_NO_STDOUT = 3
+
+
+def echo_out(message: str = "", nl: bool = True) -> None:
+    """``typer.echo`` of a result to stdout; StdoutFailed when stdout cannot be written (``stdout_errors``)."""
+    try:
+        typer.echo(message, nl=nl)
+    except OSError as exc:
+        raise StdoutFailed(exc) from exc
+
+
+def _silence_stdout() -> None:
+    """Point stdout's descriptor at the null device: what is still buffered then cannot fail again at exit."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # no descriptor (a test's capture)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+
+
+def stdout_errors(command):
+    """Answer a stdout that cannot be written with one ``error:`` line on stderr, no traceback.
+
+    Exit 1, or ``StdoutFailed.code`` (3 when the command's files were saved). A reader that went away
+    (``gpubptt ... | head``) ends the command quietly with exit 1, as a closed pipe usually does.
+    """
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except StdoutFailed as exc:
+            _silence_stdout()
+            if not isinstance(exc.error, BrokenPipeError):
+                kept = f"; {exc.kept}" if exc.kept else ""
+                typer.echo(f"error: could not write to stdout: {exc}{kept}", err=True)
+            raise typer.Exit(exc.code) from exc
+
+    return run
 
 
 def backend_or_exit(name: str) -> Backend:
@@ -113,6 +171,15 @@ def _path_or_exit(check: Any, path: Path | None, option: str) -> Path | None:
 def writable_or_exit(path: Path | None, option: str) -> Path | None:
     """``path`` once a file can be written there (see ``check_writable``), else a usage error."""
     return _path_or_exit(check_writable, path, option)
+
+
+def distinct_or_exit(outputs: dict[str, Path | None], inputs: dict[str, Path | None] | None = None) -> None:
+    """A usage error when two outputs (stdout redirected to a file among them), or an output and an input,
+    are one file after links and ``..`` (see ``check_distinct``): checked before any work."""
+    try:
+        check_distinct(outputs, inputs)
+    except DestinationError as exc:
+        raise usage_error(str(exc)) from exc
 
 
 # library argument names in messages that reach the command line, and the flags that set them

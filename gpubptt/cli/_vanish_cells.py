@@ -11,7 +11,7 @@ import typer
 from ..diagnostics import gated
 from ..errors import InputError
 from ..model import CELLS
-from ._common import Failed, usage_error, write_png
+from ._common import Failed, echo_out, usage_error, write_png
 
 
 def parse_cells(text: str) -> list[str]:
@@ -32,7 +32,7 @@ def _rate(horizon: int | None, rate: float | None, T: int) -> tuple[str, str]:
 
 def _print(flows: list[gated.CellFlow], T: int, settings: dict[str, Any], fmt: str) -> None:
     if fmt == "json":
-        typer.echo(json.dumps({"settings": settings, "cells": [f.to_dict() for f in flows]}, indent=1))
+        echo_out(json.dumps({"settings": settings, "cells": [f.to_dict() for f in flows]}, indent=1))
         return
     head = ["cell", "params", "horizon", "rate/step", "c horizon", "c rate/step", "‖∂E/∂s0‖", "truncate@1%"]
     rows: list[list[Any]] = [head]
@@ -43,7 +43,7 @@ def _print(flows: list[gated.CellFlow], T: int, settings: dict[str, Any], fmt: s
                      str(k) if k is not None else f">{T - 1}"])  # fmt: skip
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     for row in rows:
-        typer.echo("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)))
+        echo_out("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)))
 
 
 def _plot(flows: list[gated.CellFlow], plot: Path | None, title: str) -> None:

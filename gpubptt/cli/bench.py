@@ -21,13 +21,18 @@ from ..environment import environment
 from ..errors import CheckpointError
 from ..model import CELLS, RNN
 from ._common import (
+    EXIT_SAVED_NO_STDOUT,
     BackendChoice,
     DtypeChoice,
+    StdoutFailed,
     app,
     backend_or_exit,
     check_plot,
     choices,
+    distinct_or_exit,
+    echo_out,
     readable_or_exit,
+    stdout_errors,
     usage_error,
     writable_or_exit,
 )
@@ -74,6 +79,7 @@ def describe_model(model: RNN) -> dict[str, object]:
 
 
 @app.command()
+@stdout_errors
 def info(
     backend: Annotated[BackendChoice, typer.Option(help="Backend to describe.")] = BackendChoice.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
@@ -85,6 +91,7 @@ def info(
     model = None
     if checkpoint is not None:
         readable_or_exit(checkpoint, "--checkpoint")
+        distinct_or_exit({}, {"--checkpoint": checkpoint})
         try:
             model = load_checkpoint(checkpoint, backend="numpy").model
         except CheckpointError as exc:
@@ -108,10 +115,10 @@ def info(
     if model is not None:
         data["model"] = describe_model(model)
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
+        echo_out(json.dumps(data, indent=2))
         return
     for k, v in _flat(data):
-        typer.echo(f"{k:>32}: {'-' if v is None else v}")
+        echo_out(f"{k:>32}: {'-' if v is None else v}")
 
 
 def _sizes(value: str, option: str) -> list[int]:
@@ -125,6 +132,7 @@ def _sizes(value: str, option: str) -> list[int]:
 
 
 @app.command()
+@stdout_errors
 def bench(
     backend: Annotated[
         BenchBackendChoice, typer.Option(help="Backend to measure; 'all' runs every backend available here.")
@@ -219,8 +227,7 @@ def bench(
     if input is InputChoice.tokens and input_size is not None:
         raise typer.BadParameter("--input-size applies to --input dense; with tokens D = --vocab")
     output, plot = writable_or_exit(output, "--output"), writable_or_exit(plot, "--plot")
-    if output is not None and plot is not None and output.resolve() == plot.resolve():
-        raise usage_error(f"--output and --plot name the same file {str(output)!r}; give each its own")
+    distinct_or_exit({"--output": output, "--plot": plot})
     if format is None:
         suffix = output.suffix.lower().lstrip(".") if output else ""
         format = FormatChoice(suffix) if suffix in ("json", "csv") else FormatChoice.table
@@ -282,22 +289,32 @@ def bench(
     for note in result["notes"]:
         say(f"note: {note}")
     failed: list[str] = []  # a file that cannot be written now must not lose the run
+    lost: list[StdoutFailed] = []  # nor a stdout that cannot be written the files still to come
+    written: list[str] = []
+
+    def show(text: str) -> None:
+        try:
+            echo_out(text, nl=False)
+        except StdoutFailed as exc:
+            lost.append(exc)
+
     if output is not None:
         text = bench_lib.render(result, format.value)
         try:
             write_atomic(output, text)
         except OSError as exc:
-            typer.echo(text, nl=False)  # what the file would have held, so the results survive
+            show(text)  # what the file would have held, so the results survive
             failed.append(
                 f"--output: could not write {str(output)!r} ({exc.strerror or exc}); it is as it was, "
                 f"and its {format.value} content is on stdout instead"
             )
         else:
+            written.append(str(output))
             say(f"wrote {output}")
             if not quiet:
-                typer.echo(bench_lib.render_table(result), nl=False)
+                show(bench_lib.render_table(result))
     else:
-        typer.echo(bench_lib.render(result, format.value), nl=False)
+        show(bench_lib.render(result, format.value))
     if plot is not None:
         try:
             plots.plot_bench(result, plot)
@@ -305,8 +322,17 @@ def bench(
             failed.append(f"--plot: could not write {str(plot)!r} ({exc.strerror or exc}); it is as it was")
         else:
             say(f"wrote {plot}")
+    if not any(row["status"] == "ok" for row in result["rows"]):
+        failed.append(
+            f"every configuration ran out of memory ({len(result['rows'])} rows); nothing was measured: "
+            "try smaller --seq-lens, --hidden-sizes or --batch"
+        )
     for message in failed:
         typer.echo(f"error: {message}", err=True)
+    if lost:
+        if written and not failed:  # the results are in their file: only the copy on stdout is lost
+            lost[0].kept, lost[0].code = f"the results were written to {written[0]!r}", EXIT_SAVED_NO_STDOUT
+        raise lost[0]
     if failed:
         raise typer.Exit(1)
 
@@ -333,7 +359,7 @@ def _long(policies_text, Ts, backend, B, H, vocab, dtype, seed, output, plot, sa
     )  # fmt: skip
     result["environment"] = environment([be])
     result["argv"] = ["gpubptt", *sys.argv[1:]]
-    typer.echo(render_long(result), nl=False)
+    echo_out(render_long(result), nl=False)
     if output is not None:
         write_atomic(output, json.dumps(result, indent=1) + "\n")
         say(f"wrote {output}")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import sys
 from collections import deque
 from enum import Enum
@@ -37,14 +35,18 @@ from ..sample import sample_chars
 from ..train import SCHEDULES, TrainEvent
 from ..train import train as train_loop
 from ._common import (
+    EXIT_SAVED_NO_STDOUT,
     BackendChoice,
     DtypeChoice,
     Failed,
     Interrupted,
+    StdoutFailed,
     app,
     backend_or_exit,
     check_plot,
     choices,
+    distinct_or_exit,
+    echo_out,
     in_flags,
     install_sigint,
     out_of_memory,
@@ -53,6 +55,7 @@ from ._common import (
     readable_or_exit,
     reflowed_help,
     restore_sigint,
+    stdout_errors,
     usage_error,
     writable_or_exit,
     write_png,
@@ -220,16 +223,17 @@ class TrainReporter:
         if history.eval_step and self.last_eval is None:
             ev = {"loss": history.eval_loss[-1], "accuracy": history.eval_accuracy[-1]}
         train_loss = history.loss[-1] if history.loss else float("nan")
-        typer.echo(
+        echo_out(
             f"step {state.step}: train loss {train_loss:.4f}, held-out loss {ev['loss']:.4f} {self.unit} "
             f"(accuracy {ev['accuracy']:.1%}); {self.chance_text}"
         )
         if history.skipped:
-            typer.echo(f"{history.skipped} steps were skipped for a non-finite loss or gradient")
-        typer.echo(f"checkpoint: {self.checkpoint}" + (f"\nplot: {plot}" if plot is not None else ""))
+            echo_out(f"{history.skipped} steps were skipped for a non-finite loss or gradient")
+        echo_out(f"checkpoint: {self.checkpoint}" + (f"\nplot: {plot}" if plot is not None else ""))
 
 
 @app.command()
+@stdout_errors
 @quiet_numerics
 @reflowed_help
 @abort_on_failure
@@ -354,6 +358,7 @@ def train(
     writable_or_exit(plot, "--plot")
     writable_or_exit(checkpoint, "--checkpoint")  # before any work: training failed only at its first save
     readable_or_exit(data, "--data")
+    distinct_or_exit({"--checkpoint": checkpoint, "--plot": plot}, {"--data": data})
     if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
         raise usage_error(f"--epochs must be a finite number > 0, got {epochs}")
     comm = communicator_or_exit(distributed.value, backend.value)  # nccl/mpi pick this rank's GPU first
@@ -461,10 +466,18 @@ def train(
     except Failed as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.code) from exc
-    reporter.summary(plot)
+    try:
+        reporter.summary(plot)
+    except StdoutFailed as exc:  # the run is saved: say so, with an exit code of its own
+        exc.code = EXIT_SAVED_NO_STDOUT
+        exc.kept = f"the checkpoint {str(checkpoint)!r} was saved at step {reporter.saved_step}"
+        if plot is not None:
+            exc.kept += f", and the plot {str(plot)!r} was written"
+        raise
 
 
 @app.command()
+@stdout_errors
 @quiet_numerics
 @reflowed_help
 def sample(
@@ -478,6 +491,7 @@ def sample(
 ) -> None:
     """Generate text from a trained character model, printed to stdout as each character is drawn."""
     readable_or_exit(checkpoint, "--checkpoint")
+    distinct_or_exit({}, {"--checkpoint": checkpoint})  # `>> ck.npz` would append the text to the checkpoint
     if length < 0:
         raise usage_error(f"--length must be ≥ 0, got {length}")
     if not (temperature > 0 and np.isfinite(temperature)):
@@ -493,14 +507,13 @@ def sample(
     n = 0
     try:
         for ch in chars:
-            typer.echo(ch, nl=False)  # flushed: the text appears as it is drawn
+            echo_out(ch, nl=False)  # flushed: the text appears as it is drawn
             n += len(ch)
-        typer.echo("")
+        echo_out("")
     except KeyboardInterrupt as exc:
         typer.echo("")
         typer.echo(f"interrupted after {n} of {len(prime) + length} characters", err=True)
         raise typer.Exit(130) from exc
-    except BrokenPipeError as exc:  # `gpubptt sample | head`: the reader is gone; stop quietly
-        with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(1) from exc
+    except StdoutFailed as exc:  # `| head` ends quietly (stdout_errors); a full disk is named
+        exc.kept = f"stopped after {n} of {len(prime) + length} characters"
+        raise

@@ -27,10 +27,13 @@ from ._common import (
     backend_or_exit,
     check_plot,
     choices,
+    distinct_or_exit,
+    echo_out,
     out_of_memory,
     quiet_numerics,
     readable_or_exit,
     reflowed_help,
+    stdout_errors,
     usage_error,
     writable_or_exit,
     write_png,
@@ -129,14 +132,14 @@ def _vanish_stack(model, x, y, radii, *, T: int, threshold: float, iters: int, f
         sweep = diagnostics.stack_sweep(model, x, y, radii, threshold=threshold, iters=iters, progress=progress)
     if fmt is VanishFormat.json:
         scales = [{"radius": r, "rescaled": r is not None, **rep.to_dict()} for r, rep in sweep]
-        typer.echo(json.dumps({"settings": settings, "scales": scales}, indent=1))
+        echo_out(json.dumps({"settings": settings, "scales": scales}, indent=1))
     else:
         head = ["ρ", "layer", "ρ(W_l)", "‖W_l‖₂", "saturated", "horizon", "rate/step", "top←l horizon", "top←l rate",
                 "‖∂E/∂s0_l‖"]  # fmt: skip
         rows = [head] + [row for r, rep in sweep for row in _stack_rows(r, rep, T)]
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         for row in rows:
-            typer.echo("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+            echo_out("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
         typer.echo(
             "horizon, rate/step: each recurrence's own ‖Π diag(φ'_j) W_l‖₂ against the lag; top←l: "
             "‖∂s^top_T−1/∂s^l_T−1−ℓ‖₂ through the stack (one direction only)",
@@ -183,6 +186,7 @@ def _vanish_progress(n: int, per: int = len(diagnostics.VANISH_STAGES)):
 
 
 @app.command()
+@stdout_errors
 @quiet_numerics
 @reflowed_help
 def vanish(
@@ -317,6 +321,7 @@ def vanish(
     check_plot(plot)
     writable_or_exit(plot, "--plot")
     readable_or_exit(data, "--data")
+    distinct_or_exit({"--plot": plot}, {"--checkpoint": checkpoint, "--data": data})
     be = backend_or_exit(backend.value)
     if checkpoint is None:
         hidden = RANDOM_DEFAULTS["hidden"] if hidden is None else hidden
@@ -380,13 +385,13 @@ def vanish(
     rescaled = [r is not None for r in radii]
     if fmt is VanishFormat.json:
         scales = [{"radius": r, "rescaled": rs, **rep.to_dict()} for (r, rep), rs in zip(sweep, rescaled, strict=True)]
-        typer.echo(json.dumps({"settings": settings, "scales": scales}, indent=1))
+        echo_out(json.dumps({"settings": settings, "scales": scales}, indent=1))
     else:
         head = ["ρ(W)", "‖W‖₂", "saturated", "horizon", "rate/step", "‖∂E/∂s0‖", "truncate@1%"]
         rows = [head] + [_vanish_row(r, rs, rep, T) for (r, rep), rs in zip(sweep, rescaled, strict=True)]
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         for row in rows:
-            typer.echo("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+            echo_out("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
     if plot is not None:
         if checkpoint is None:
             title = f"T={T} H={hidden} B={batch} vocab={vocab} init={init.value} seed={seed} ({be.name})"
