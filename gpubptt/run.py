@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ._checkpoint_meta import MAX_LAYERS
 from .backend import Backend, get_backend
 from .cells import NONLINEARITIES
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -31,9 +32,10 @@ from .memory import InsufficientMemoryError, check_fits, format_bytes, train_mem
 from .model import CELLS, INITS, RNN
 from .optim import DEFAULT_LR, ON_NONFINITE, Optimizer, make_optimizer
 from .plots import plot_history  # noqa: F401  (here before plots.py held every figure)
+from .sample import check_predicts_ahead
 from .train import SCHEDULES, History, TrainConfig, TrainState
 
-__all__ = ["DEFAULTS", "Run", "new_run", "resume_run", "save_run", "total_steps"]
+__all__ = ["DEFAULTS", "Run", "check_layers", "new_run", "resume_run", "save_run", "total_steps"]
 
 DEFAULTS: dict[str, Any] = {
     "task": "text",
@@ -136,6 +138,12 @@ def _check_int(flag: str, v: Any, lo: int, note: str = "") -> None:
         raise InputError(f"{flag} must be at most {INT_MAX} (a checkpoint stores it as int64), got {v}")
 
 
+def check_layers(layers: Any, flag: str = "--layers") -> None:
+    """InputError for more layers than a checkpoint holds (``MAX_LAYERS``): the one limit of every command."""
+    if _is_int(layers) and layers > MAX_LAYERS:
+        raise InputError(f"{flag} must be at most {MAX_LAYERS} (the most a checkpoint can hold), got {layers}")
+
+
 def _check_settings(
     settings: Mapping[str, Any], st: Mapping[str, Any], *, steps: Any, epochs: Any, eval_every: Any
 ) -> None:
@@ -171,6 +179,7 @@ def _check_settings(
     }
     for name, lo in {**ints, "delay": 0}.items():
         _check_int(_flag(name), st[name], lo, " (0: whole sequences)" if name == "chunk" else "")
+    check_layers(st["layers"])  # the format's cap, before training rather than at the first save
     _check_int("--steps", steps, 1)
     _check_int("--eval-every", eval_every, 0)
     if epochs is not None and not (_is_number(epochs) and epochs > 0):
@@ -406,6 +415,8 @@ def resume_run(
     ck = load_checkpoint(path, backend=backend)
     if ck.optimizer is None or ck.config is None or ck.data is None or "kind" not in ck.data:
         raise InputError(f"{str(path)!r} holds a model but no training run to resume")
+    if ck.data["kind"] == "text":
+        check_predicts_ahead(ck.model)  # the same rule as `sample`: the reverse direction reads the targets
     stored = settings_of(ck)
     spec = ck.data
     if stored["data"] is not None:  # a text file, by its absolute path from here on

@@ -21,7 +21,19 @@ from .data import Vocab
 from .errors import InputError
 from .model import RNN
 
-__all__ = ["sample_chars", "sample_text"]
+__all__ = ["BIDIRECTIONAL_TEXT", "check_predicts_ahead", "sample_chars", "sample_text"]
+
+#: Why a bidirectional model neither generates nor trains on the text task (``run.resume_run`` says the same).
+BIDIRECTIONAL_TEXT = (
+    "a bidirectional model cannot generate text nor be trained to predict the next character: its reverse "
+    "direction reads the characters still to come"
+)
+
+
+def check_predicts_ahead(model: RNN) -> None:
+    """InputError (``BIDIRECTIONAL_TEXT``) for a bidirectional model: one that reads ahead cannot predict ahead."""
+    if getattr(model, "bidirectional", False):
+        raise InputError(BIDIRECTIONAL_TEXT)
 
 
 def sample_chars(
@@ -32,10 +44,7 @@ def sample_chars(
     Every argument is checked here, before the first character (InputError), so a caller that
     streams the text never prints half of it and then fails on a bad argument.
     """
-    if getattr(model, "bidirectional", False):
-        raise InputError(
-            "a bidirectional model cannot generate text: its reverse direction reads the characters still to come"
-        )
+    check_predicts_ahead(model)
     if model.input_size != len(vocab) or model.output_size != len(vocab):
         raise InputError(
             f"the model has D={model.input_size}, K={model.output_size}; the vocabulary has {len(vocab)} characters"
@@ -87,10 +96,19 @@ def _draw(
     x = ids[-1]
     for _ in range(length):
         s = step(x)
-        z = (V @ s + c) / tau
-        q = np.exp(z - z.max())
-        x = int(rng.choice(len(q), p=q / q.sum()))
+        x = _draw_one(V @ s + c, tau, rng)
         yield vocab.decode([x])
+
+
+def _draw_one(z: np.ndarray, tau: float, rng: np.random.Generator) -> int:
+    """One id drawn from softmax(z / τ), z (K,) finite logits, for any finite τ > 0.
+
+    The maximum is subtracted *before* dividing by τ: (z − max z) / τ ≤ 0, so nothing overflows, and
+    as τ → 0 every logit below the maximum goes to −∞ (probability 0): the limit is the argmax (ties
+    shared evenly). Dividing first turned τ = 1e-308 into inf − inf = NaN.
+    """
+    q = np.exp((z - z.max()) / tau)  # the maximum's entry is exp(0) = 1: the sum is ≥ 1
+    return int(rng.choice(len(q), p=q / q.sum()))
 
 
 def _draw_steps(
@@ -109,9 +127,7 @@ def _draw_steps(
     for _ in range(length):
         out = model.forward(np.array([[x]]), state)
         state = out.final_state
-        z = np.log(np.maximum(out.probs[0, 0].astype(np.float64), 1e-300)) / tau
-        q = np.exp(z - z.max())
-        x = int(rng.choice(len(q), p=q / q.sum()))
+        x = _draw_one(np.log(np.maximum(out.probs[0, 0].astype(np.float64), 1e-300)), tau, rng)
         yield vocab.decode([x])
 
 

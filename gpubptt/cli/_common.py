@@ -25,6 +25,7 @@ from .._paths import DestinationError, check_distinct, check_path, check_regular
 from ..backend import BACKEND_NAMES, Backend, get_backend
 from ..errors import BackendUnavailableError, InputError
 from ..memory import format_bytes
+from ..run import check_layers
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batched RNNs and exact BPTT on NumPy or CuPy.")
 
@@ -179,6 +180,14 @@ def distinct_or_exit(outputs: dict[str, Path | None], inputs: dict[str, Path | N
     try:
         check_distinct(outputs, inputs)
     except DestinationError as exc:
+        raise usage_error(str(exc)) from exc
+
+
+def layers_or_exit(layers: int | None) -> None:
+    """A usage error for more --layers than a checkpoint holds (``run.check_layers``, the same everywhere)."""
+    try:
+        check_layers(layers)
+    except InputError as exc:
         raise usage_error(str(exc)) from exc
 
 

@@ -31,6 +31,7 @@ from ._common import (
     choices,
     distinct_or_exit,
     echo_out,
+    layers_or_exit,
     readable_or_exit,
     stdout_errors,
     usage_error,
@@ -221,6 +222,7 @@ def bench(
     A file that cannot be written at the end: bench says so, prints its content on stdout, and exits with 1.
     """
     Ts = _sizes(seq_lens, "--seq-lens")
+    layers_or_exit(layers)
     Hs = _sizes(hidden_sizes, "--hidden-sizes")
     if compare is CompareChoice.naive and (layers > 1 or bidirectional):
         raise usage_error("--compare naive times the one-layer textbook code: it needs --layers 1, one direction")

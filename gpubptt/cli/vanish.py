@@ -29,6 +29,7 @@ from ._common import (
     choices,
     distinct_or_exit,
     echo_out,
+    layers_or_exit,
     out_of_memory,
     quiet_numerics,
     readable_or_exit,
@@ -305,6 +306,7 @@ def vanish(
         )  # fmt: skip
         return
     radii = _parse_scales(scale if scale is not None else ("model" if checkpoint is not None else RANDOM_SCALES))
+    layers_or_exit(layers)
     if not (np.isfinite(threshold) and threshold > 0):
         raise typer.BadParameter(f"must be a finite number > 0, got {threshold}", param_hint="--threshold")
     readable_or_exit(checkpoint, "--checkpoint")
