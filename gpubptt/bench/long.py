@@ -48,12 +48,10 @@ def longest_T(model: Any, B: int, budget: int, policy: str | None) -> int:
 def _measure(be: Backend, model: Any, x: Any, policy: str | None, *, y: Any = None) -> tuple[float, int]:
     """(seconds, peak bytes) of loss_and_grads(x, y (default x)): timed on ``model`` (its workspace warm),
     the peak traced on a fresh copy (tracemalloc's bookkeeping stays out of the time)."""
-    from .. import RNN
-
     y = x if y is None else y
     timer = be.timer()
     seconds = timer(lambda: model.loss_and_grads(x, y, recompute=policy))
-    fresh = RNN.from_params(model.params, backend=be)
+    fresh = model.to(be)  # the same cell, layers and nonlinearity, no warm workspace
     return seconds, be.peak_bytes(lambda: fresh.loss_and_grads(x, y, recompute=policy))
 
 
@@ -70,15 +68,23 @@ def long_sweep(
     budget: int = 8 << 30,
     seed: int = 0,
     progress: Any = None,
+    cell: str = "rnn",
+    num_layers: int = 1,
+    nonlinearity: str | None = None,
 ) -> dict[str, Any]:
     """Time and peak memory of one forward+BPTT (tokens, D = K = ``vocab``) for each T and policy.
 
+    The model: ``cell`` ("rnn" or any cell that recomputes: no state beside s), ``num_layers``, and
+    ``nonlinearity`` (rnn only; None: tanh), one direction (``recompute.unsupported_reason``).
     Returns {"config", "rows": [{policy, T, seconds, peak_bytes, estimate_bytes} or {..., "skipped"}],
     "longest_T": {policy: T that fits ``budget``}}. Tokens come from ``default_rng(seed)``.
     """
     from .. import RNN
 
-    model = RNN(vocab, H, vocab, backend=be, dtype=dtype, seed=seed)
+    model = RNN(
+        vocab, H, vocab, backend=be, dtype=dtype, seed=seed, cell=cell, num_layers=num_layers,
+        nonlinearity=nonlinearity,
+    )  # fmt: skip
     rng = np.random.default_rng(seed)
     rows = []
     warm = be.asarray(rng.integers(0, vocab, size=(16, B)))
@@ -99,6 +105,7 @@ def long_sweep(
                 progress(row)
     longest = {name: longest_T(model, B, budget, _policy(name)) for name in policies}
     config = {"backend": be.name, "device": be.device, "B": B, "H": H, "D": vocab, "K": vocab, "dtype": dtype}
+    config.update(cell=cell, num_layers=num_layers, nonlinearity=model.nonlinearity)
     return {"config": config, "rows": rows, "longest_T": longest, "budget_bytes": budget}
 
 

@@ -81,6 +81,8 @@ class BenchConfig:
             raise ValueError(f"num_layers must be ≥ 1, got {self.num_layers}")
         if self.nonlinearity not in NONLINEARITIES:
             raise ValueError(f"nonlinearity must be one of {', '.join(NONLINEARITIES)}, got {self.nonlinearity!r}")
+        if self.cell != "rnn" and self.nonlinearity != "tanh":  # the default; a GRU or LSTM is never labelled relu
+            raise ValueError(f"nonlinearity applies to the rnn cell only, got {self.nonlinearity!r} with {self.cell!r}")
         if self.compare == "naive" and (self.num_layers > 1 or self.bidirectional):
             raise ValueError("compare 'naive' times the one-layer textbook code: it needs num_layers 1, one direction")
         if min(self.seq_lens) < 1 or min(self.hidden_sizes) < 1:

@@ -32,6 +32,7 @@ from ._common import (
     distinct_or_exit,
     echo_out,
     layers_or_exit,
+    out_of_memory,
     readable_or_exit,
     stdout_errors,
     usage_error,
@@ -167,8 +168,11 @@ def bench(
         bool, typer.Option(help="Two directions per layer; the output layer reads both (H·2 inputs).")
     ] = False,
     nonlinearity: Annotated[
-        NonlinearityChoice, typer.Option(help="φ of the recurrence, as torch.nn.RNN's.")
-    ] = DEFAULT_NONLINEARITY,
+        NonlinearityChoice | None,
+        typer.Option(
+            help=f"φ of the recurrence, as torch.nn.RNN's; --cell rnn only. (default: {DEFAULTS.nonlinearity})"
+        ),
+    ] = None,
     warmup: Annotated[
         int, typer.Option(min=0, help="Untimed runs before timing each configuration.")
     ] = DEFAULTS.warmup,
@@ -223,6 +227,11 @@ def bench(
     """
     Ts = _sizes(seq_lens, "--seq-lens")
     layers_or_exit(layers)
+    if nonlinearity is not None and cell.value != "rnn":  # as train: a GRU or LSTM is never labelled relu
+        raise usage_error(
+            f"--nonlinearity applies to --cell rnn, not --cell {cell.value} (the GRU's and LSTM's gates use σ and tanh)"
+        )
+    nonlinearity = nonlinearity or DEFAULT_NONLINEARITY
     Hs = _sizes(hidden_sizes, "--hidden-sizes")
     if compare is CompareChoice.naive and (layers > 1 or bidirectional):
         raise usage_error("--compare naive times the one-layer textbook code: it needs --layers 1, one direction")
@@ -240,7 +249,21 @@ def bench(
 
     check_plot(plot)
     if recompute is not None:
-        _long(recompute, Ts, backend, batch, fixed_hidden or 256, vocab, dtype.value, seed, output, plot, say)
+        sweep_only = {
+            "--hidden-sizes": hidden_sizes != ",".join(map(str, DEFAULTS.hidden_sizes)),
+            "--fixed-seq-len": fixed_seq_len is not None, "--input": input is not DEFAULT_INPUT,
+            "--input-size": input_size is not None, "--output-size": output_size is not None,
+            "--warmup": warmup != DEFAULTS.warmup, "--repeats": repeats != DEFAULTS.repeats,
+            "--compare": compare is not DEFAULT_COMPARE,
+        }  # fmt: skip
+        arch = dict(
+            cell=cell.value, num_layers=layers, nonlinearity=nonlinearity.value if cell.value == "rnn" else None,
+            bidirectional=bidirectional,
+        )  # fmt: skip
+        _long(
+            recompute, Ts, backend, batch, fixed_hidden or 256, vocab, dtype.value, seed, output, plot, say,
+            fmt=format.value, arch=arch, ignored=[k for k, given in sweep_only.items() if given],
+        )  # fmt: skip
         return
     requested = available_backends() if backend is BenchBackendChoice.all else [backend.value]
     names = list(dict.fromkeys(backend_or_exit(name).name for name in requested))  # fails here, before any work
@@ -270,7 +293,8 @@ def bench(
         nonlinearity=nonlinearity.value,
     )
     arch = (
-        f"{layers} layer{'s' if layers > 1 else ''}{', bidirectional' if bidirectional else ''}, {nonlinearity.value}"
+        f"{layers} layer{'s' if layers > 1 else ''}{', bidirectional' if bidirectional else ''}, "
+        f"{nonlinearity.value if cell.value == 'rnn' else cell.value}"
     )
     sweeps = f"T in {Ts} at H={cfg.fixed_H}, H in {Hs} at T={cfg.fixed_T}"
     say(f"gpubptt bench: backends {', '.join(names)}; {arch}; {sweeps}")
@@ -339,32 +363,74 @@ def bench(
         raise typer.Exit(1)
 
 
-def _long(policies_text, Ts, backend, B, H, vocab, dtype, seed, output, plot, say) -> None:
-    """``bench --recompute``: the long-sequence sweep of ``gpubptt.bench.long``."""
+def _long(policies_text, Ts, backend, B, H, vocab, dtype, seed, output, plot, say, *, fmt, arch, ignored) -> None:
+    """``bench --recompute``: the long-sequence sweep of ``gpubptt.bench.long``.
+
+    ``arch``: cell, num_layers, nonlinearity, bidirectional of the model timed; ``ignored``: the
+    options of the T/H sweep that were given (each refused by name, before any work).
+    """
     from ..bench.long import POLICIES, long_sweep, plot_long, render_long
+    from ..recompute import unsupported_reason
 
     policies = [p.strip() for p in policies_text.split(",") if p.strip()]
     if not policies or any(p not in POLICIES for p in policies):
         raise usage_error(
             f"--recompute must list policies from {', '.join(POLICIES)} (e.g. sqrt,none), got {policies_text!r}"
         )
+    for option in ignored:
+        raise usage_error(
+            f"{option} applies to the T and H sweeps, not to --recompute (tokens, T from --seq-lens at "
+            "--fixed-hidden, each (T, policy) timed once after a warm-up call)"
+        )
+    if fmt == "csv":
+        raise usage_error("--recompute writes a table or json (--format table|json, or --output *.json)")
     if backend is BenchBackendChoice.all:
         raise usage_error("--recompute measures one backend: choose --backend numpy or cupy")
     be = backend_or_exit(backend.value)
+    bidirectional = arch.pop("bidirectional")
+    probe = RNN(2, 1, 2, backend="numpy", bidirectional=bidirectional, **arch)  # tiny: only asks what it can do
+    if reason := unsupported_reason(probe):
+        raise usage_error(f"--recompute: {reason}")
     avail = be.available_memory()
-    say(f"gpubptt bench --recompute {','.join(policies)}: T in {Ts}, B={B}, H={H}, tokens D=K={vocab}, {be.name}")
+    what = f"{arch['cell']}" + (f", {arch['num_layers']} layers" if arch["num_layers"] > 1 else "")
+    say(
+        f"gpubptt bench --recompute {','.join(policies)}: T in {Ts}, B={B}, H={H} ({what}), tokens D=K={vocab}, "
+        f"{be.name}"
+    )
     progress = lambda row: say(render_long({**_empty, "rows": [row]}).splitlines()[0])  # noqa: E731
     _empty = {"rows": [], "longest_T": {}, "budget_bytes": 0}
-    result = long_sweep(
-        be, Ts, policies=policies, B=B, H=H, vocab=vocab, dtype=dtype, seed=seed,
-        stored_limit=None if avail is None else avail // 2, progress=progress,
-    )  # fmt: skip
+    try:
+        result = long_sweep(
+            be, Ts, policies=policies, B=B, H=H, vocab=vocab, dtype=dtype, seed=seed,
+            stored_limit=None if avail is None else avail // 2, progress=progress, **arch,
+        )  # fmt: skip
+    except MemoryError as exc:
+        raise out_of_memory(exc, be) from exc
     result["environment"] = environment([be])
     result["argv"] = ["gpubptt", *sys.argv[1:]]
-    echo_out(render_long(result), nl=False)
+    as_json = json.dumps(result, indent=1) + "\n"
+    failed: list[str] = []
     if output is not None:
-        write_atomic(output, json.dumps(result, indent=1) + "\n")
-        say(f"wrote {output}")
+        try:
+            write_atomic(output, as_json if fmt == "json" else render_long(result))
+        except OSError as exc:
+            failed.append(f"--output: could not write {str(output)!r} ({exc.strerror or exc}); it is as it was")
+        else:
+            say(f"wrote {output}")
+    if output is None or fmt != "json" or failed:
+        echo_out(as_json if fmt == "json" and output is None else render_long(result), nl=False)
     if plot is not None:
-        plot_long(result, plot)
-        say(f"wrote {plot}")
+        try:
+            plot_long(result, plot)
+        except OSError as exc:
+            failed.append(f"--plot: could not write {str(plot)!r} ({exc.strerror or exc}); it is as it was")
+        else:
+            say(f"wrote {plot}")
+    if not any("skipped" not in row for row in result["rows"]):
+        failed.append(
+            f"every run was skipped ({len(result['rows'])} rows); nothing was measured: try smaller --seq-lens"
+        )
+    for message in failed:
+        typer.echo(f"error: {message}", err=True)
+    if failed:
+        raise typer.Exit(1)
