@@ -107,7 +107,8 @@ def _draw_one(z: np.ndarray, tau: float, rng: np.random.Generator) -> int:
     as τ → 0 every logit below the maximum goes to −∞ (probability 0): the limit is the argmax (ties
     shared evenly). Dividing first turned τ = 1e-308 into inf − inf = NaN.
     """
-    q = np.exp((z - z.max()) / tau)  # the maximum's entry is exp(0) = 1: the sum is ≥ 1
+    with np.errstate(over="ignore"):  # a tiny τ: (z − max z) / τ overflows to −inf on purpose
+        q = np.exp((z - z.max()) / tau)  # the maximum's entry is exp(0) = 1: the sum is ≥ 1
     return int(rng.choice(len(q), p=q / q.sum()))
 
 
