@@ -224,6 +224,8 @@ def bench(
     Results go to stdout, or to --output with the table still on stdout; messages go to stderr.
 
     A file that cannot be written at the end: bench says so, prints its content on stdout, and exits with 1.
+
+    A bench in which no configuration ran (every row out of memory) exits with 1 too.
     """
     Ts = _sizes(seq_lens, "--seq-lens")
     layers_or_exit(layers)
