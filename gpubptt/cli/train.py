@@ -233,10 +233,10 @@ class TrainReporter:
 
 
 @app.command()
-@stdout_errors
 @quiet_numerics
 @reflowed_help
 @abort_on_failure
+@stdout_errors  # inside: under --distributed a full stdout is an exit code for every rank, not a traceback
 def train(
     task: Annotated[
         TaskChoice | None, typer.Option(help="text: next-character prediction; copy / recall: long-range memory tasks.")
