@@ -419,8 +419,12 @@ def _long(policies_text, Ts, backend, B, H, vocab, dtype, seed, output, plot, sa
             failed.append(f"--output: could not write {str(output)!r} ({exc.strerror or exc}); it is as it was")
         else:
             say(f"wrote {output}")
+    lost = None  # a stdout that cannot be written must not lose the plot still to come
     if output is None or fmt != "json" or failed:
-        echo_out(as_json if fmt == "json" and output is None else render_long(result), nl=False)
+        try:
+            echo_out(as_json if fmt == "json" and output is None else render_long(result), nl=False)
+        except StdoutFailed as exc:
+            lost = exc
     if plot is not None:
         try:
             plot_long(result, plot)
@@ -434,5 +438,9 @@ def _long(policies_text, Ts, backend, B, H, vocab, dtype, seed, output, plot, sa
         )
     for message in failed:
         typer.echo(f"error: {message}", err=True)
+    if lost is not None:
+        if output is not None and not failed:
+            lost.kept, lost.code = f"the results were written to {str(output)!r}", EXIT_SAVED_NO_STDOUT
+        raise lost
     if failed:
         raise typer.Exit(1)
