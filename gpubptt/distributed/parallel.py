@@ -133,12 +133,12 @@ class DataParallel:
         if isinstance(check_every, bool) or not isinstance(check_every, (int, np.integer)) or check_every < 0:
             raise InputError(f"check_every must be an int ≥ 0 (0: never), got {check_every!r}")
         self.model, self.comm, self.batch_size, self.check_every = model, comm, int(batch_size), int(check_every)
-        self.lo, self.hi = shard_range(self.batch_size, comm.size, comm.rank)
         self.calls = 0
         from .. import __version__
 
         shapes = ";".join(f"{k}{tuple(p.shape)}" for k, p in model.params.items())
         self._agree(f"gpubptt {__version__}|{model.dtype}|{shapes}|B={batch_size}|{fingerprint}")
+        self.lo, self.hi = shard_range(self.batch_size, comm.size, comm.rank)  # agreed B: every rank or none refuses
         self._broadcast_params()
 
     def __getattr__(self, name: str) -> Any:
