@@ -67,27 +67,33 @@ def dropout_masks(masks: list[Any], key: Any, p: float, *, offset: int = 0, be: 
     """Fill each ``masks[l]`` (T, b, n) float array with inverted dropout: 0 with probability p, else 1/(1−p).
 
     ``key`` a (1,) uint64 array (``mask_key``); ``offset`` the global index of example 0 of these
-    b examples. Entry [t, j, u] of layer l depends on (key, l, t, offset + j, u) only. Two (T, b, n)
-    uint64 scratch arrays per call, none per step.
+    b examples. Entry [t, j, u] of layer l depends on (key, l, t, offset + j, u) only. The last
+    hash runs over blocks of (t, j) rows of ``be.block_elements`` entries (in cache on the CPU),
+    in two uint64 scratch blocks made once per call.
     """
     if not masks:
         return
     xp = be.xp
     T, b, n = masks[0].shape
-    z, tmp = xp.empty((T, b, n), dtype=xp.uint64), xp.empty((T, b, n), dtype=xp.uint64)
+    rows = max(1, min(T * b, be.block_elements // n))
+    z, tmp = xp.empty((rows, n), dtype=xp.uint64), xp.empty((rows, n), dtype=xp.uint64)
     steps = xp.arange(T, dtype=xp.uint64) * _GOLDEN  # (T,)
     examples = (xp.arange(b, dtype=xp.uint64) + np.uint64(offset)) * _GOLDEN  # (b,)
-    units = xp.arange(n, dtype=xp.uint64) * _GOLDEN  # (n,)
+    units = xp.arange(n, dtype=xp.uint64)[None, :] * _GOLDEN  # (1, n)
     keep_from = np.uint64(min(math.ceil(Fraction(p) * 2**64), _MASK))  # z ≥ this: kept, P = 1 − p
     scale = 1.0 / (1.0 - p)
     for l, M in enumerate(masks):
         k = _mixed(key + np.uint64((l + 1) * _G & _MASK), xp=xp)  # (1,) this layer's key
         a = _mixed(k + steps, xp=xp)  # (T,)
-        e = _mixed(a[:, None] + examples[None, :], xp=xp)  # (T, b)
-        xp.add(e[:, :, None], units[None, None, :], out=z)
-        _mix(z, tmp, xp=xp)  # (T, b, n)
-        xp.greater_equal(z, keep_from, out=M)
-        M *= scale
+        e = _mixed(a[:, None] + examples[None, :], xp=xp).reshape(T * b, 1)  # one key per (t, j)
+        out = M.reshape(T * b, n)  # a view: M is contiguous
+        for i in range(0, T * b, rows):
+            j = min(i + rows, T * b)
+            zb, tb = z[: j - i], tmp[: j - i]
+            xp.add(e[i:j], units, out=zb)
+            _mix(zb, tb, xp=xp)  # (rows, n)
+            xp.greater_equal(zb, keep_from, out=out[i:j])
+            out[i:j] *= scale
 
 
 def check_offset(offset: Any) -> int:

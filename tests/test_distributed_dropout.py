@@ -147,3 +147,27 @@ def test_masks_zero_a_binomial_fraction_p_and_keep_the_rest_at_one_over_one_minu
         assert abs(both - p * p) < 5 * np.sqrt(p * p * (1 - p * p) / zero[..., 1:].size)
     both_layers = (masks[0] == 0) & (masks[1] == 0)
     assert abs(both_layers.mean() - p * p) < 5 * np.sqrt(p * p * (1 - p * p) / n)
+
+
+def test_dropout_on_two_mpi_processes_trains_the_model_of_one_process(tmp_path):
+    from .test_distributed_mpi import TINY, _assert_same_run, _cli, _one_process, _skip_reason, mpiexec
+
+    if _skip_reason():
+        pytest.skip(_skip_reason())
+    deep = [*TINY, "--layers", 2, "--dropout", 0.4, "--steps", 6, "--eval-every", 3]
+    _one_process(*deep, "--checkpoint", tmp_path / "one.npz")
+    two = _cli(*deep, "--checkpoint", "two.npz", "--distributed", "mpi")
+    result = mpiexec(two, two, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    _assert_same_run(tmp_path / "two.npz", tmp_path / "one.npz", rtol=1e-9)
+
+
+def test_the_masks_do_not_depend_on_the_block_size_of_the_hash(monkeypatch):
+    model = _model()
+    blocked = _masks(model, 9, 7, key=2, offset=3)
+    monkeypatch.setattr(model.backend, "block_elements", 1 << 62)  # whole arrays, as on a GPU
+    for M, W in zip(_masks(model, 9, 7, key=2, offset=3), blocked, strict=True):
+        np.testing.assert_array_equal(M, W)
+    monkeypatch.setattr(model.backend, "block_elements", 5)  # fewer entries than one row: a row per block
+    for M, W in zip(_masks(model, 9, 7, key=2, offset=3), blocked, strict=True):
+        np.testing.assert_array_equal(M, W)
