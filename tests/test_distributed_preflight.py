@@ -63,3 +63,13 @@ def test_ranks_that_pass_their_checks_train_as_before(tmp_path):
 def test_allgather_text_gives_every_rank_every_text_in_rank_order(texts):
     got = run_ranks(len(texts), lambda comm: allgather_text(comm, texts[comm.rank]))
     assert got == [texts] * len(texts)
+
+
+def test_the_meeting_refuses_each_refusing_rank_and_a_rank_with_another_kind_than_rank_zeros():
+    from gpubptt.cli._distributed import refusals_of
+
+    assert refusals_of(["mpi\n", "mpi\n", "mpi\n"]) == {}
+    got = refusals_of(["mpi\n", "nccl\n", "none\n!launched alone", "mpi\n!no folder\nsecond line"])
+    assert got[2] == "launched alone" and got[3] == "no folder\nsecond line"
+    assert got[1].startswith("started with --distributed nccl, rank 0 with --distributed mpi: start every rank")
+    assert sorted(got) == [1, 2, 3]

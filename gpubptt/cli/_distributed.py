@@ -146,6 +146,22 @@ def communicator_or_exit(kind: str, backend: str) -> Communicator:
     return world
 
 
+def refusals_of(said: list[str]) -> dict[int, str]:
+    """What each rank said at the meeting ("kind\\n" then "!message" or nothing) → {rank: why it refuses}.
+
+    A rank refuses with its own message, or for a ``--distributed`` other than rank 0's.
+    """
+    got = [text.split("\n", 1) for text in said]
+    refusals = {r: text[1:] for r, (_, text) in enumerate(got) if text.startswith("!")}
+    for r, (kind, _) in enumerate(got):
+        if kind != got[0][0]:
+            refusals.setdefault(
+                r, f"started with --distributed {kind}, rank 0 with --distributed {got[0][0]}: start every rank "
+                "with the same command"
+            )  # fmt: skip
+    return refusals
+
+
 def _meet(refusal: str | None) -> dict[int, str]:
     """The one meeting of a multi-rank job's ranks (collective): every rank's refusal, the same on every rank.
 
@@ -156,14 +172,7 @@ def _meet(refusal: str | None) -> dict[int, str]:
     recorder.close_recording()
     comm = _active[0]
     mine = "" if refusal is None else "!" + refusal
-    got = [text.split("\n", 1) for text in allgather_text(comm, f"{recorder.kind}\n{mine}")]
-    refusals = {r: text[1:] for r, (_, text) in enumerate(got) if text.startswith("!")}
-    for r, (kind, _) in enumerate(got):
-        if kind != got[0][0]:
-            refusals.setdefault(
-                r, f"started with --distributed {kind}, rank 0 with --distributed {got[0][0]}: start every rank "
-                "with the same command"
-            )  # fmt: skip
+    refusals = refusals_of(allgather_text(comm, f"{recorder.kind}\n{mine}"))
     for r, text in sorted(refusals.items()):
         if r != comm.rank or refusal is None:
             typer.echo(f"error: rank {r} of {comm.size} refused to start: {text}", err=True)
