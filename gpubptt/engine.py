@@ -29,6 +29,7 @@ import numpy as np
 
 from ._checks import Batch
 from .backend import Backend, TokenPlan
+from .dropout import dropout_masks, mask_key
 from .losses import chunk_steps, xent_and_grads
 
 __all__ = [
@@ -158,13 +159,15 @@ class Stack:
         if self.rev is not None:
             self.rev[...] = self.be.asarray(reverse_index(self.T, self.B, lengths))
 
-    def draw_masks(self, generator: Any, p: float) -> None:
-        """Inverted dropout masks for the outputs of every layer but the last: 0 with probability p, else 1/(1−p)."""
-        xp = self.be.xp
-        for M in self.M or ():
-            self.be.fill_uniform(generator, M)
-            xp.greater_equal(M, p, out=M)
-            M *= 1.0 / (1.0 - p)
+    def draw_masks(self, key: Any, p: float, offset: int = 0) -> None:
+        """Inverted dropout masks for the outputs of every layer but the last: 0 with probability p, else 1/(1−p).
+
+        ``key`` an int seed or a backend generator (one draw: ``dropout.mask_key``); ``offset`` the
+        index of this batch's first example in the global batch (a rank's first stream; 0 in one
+        process). Entry [t, b, u] of layer l's mask is a hash of (key, l, t, offset + b, u)
+        (``gpubptt.dropout``), so the examples of a global batch get the same masks however it is split.
+        """
+        dropout_masks(self.M or [], mask_key(key, be=self.be), p, offset=offset, be=self.be)
 
     def run(self, x: Any, tokens: bool, *, step_kernels: str) -> Any:
         """Every recurrence forward, layer by layer; returns the top layer's output Y (T, B, H·dirs).
@@ -299,16 +302,16 @@ class Workspace:
         """Whether runs replay a captured graph (CuPy with ``use_graphs``) rather than computing step by step."""
         return self._captured
 
-    def load(self, batch: Batch, generator: Any = None) -> None:
+    def load(self, batch: Batch, generator: Any = None, offset: int = 0) -> None:
         """Copy the validated inputs into the fixed buffers (device-to-device, no sync); draw dropout masks
-        from ``generator`` (the model's, or one seeded for this call)."""
+        from ``generator`` (the model's, or an int seed for this call) for examples offset, offset + 1, …"""
         self.x[...] = batch.x
         self.y[...] = batch.y
         if self.weight is not None:
             self.weight[...] = batch.weight
         self.stack.load(batch.s0_stacked, batch.lengths, batch.c0_stacked)
         if self.stack.M is not None:
-            self.stack.draw_masks(generator, self.dropout)
+            self.stack.draw_masks(generator, self.dropout, offset)
         if self.tokens:
             plan = self.be.token_plan(batch.x.reshape(-1), self.model.input_size)
             self.perm[...] = plan.perm

@@ -33,6 +33,7 @@ from ._checks import Batch, check_batch, check_c0, check_dtype, check_positive_i
 from ._construction import Construction
 from .backend import Backend, get_backend
 from .cells import STEP_KERNELS
+from .dropout import check_offset
 from .errors import InputError, InputTypeError
 from .losses import chunk_steps, softmax_probs, xent_loss
 from .options import (
@@ -270,13 +271,13 @@ class RNN(Construction):
         value = self.backend.chunk_elements if self.chunk_elements is None else self.chunk_elements
         return check_positive_int(value, "chunk_elements")
 
-    def _stack(self, batch: Batch, dropout_seed: int | None = None) -> engine.Stack:
+    def _stack(self, batch: Batch, dropout_seed: int | None = None, dropout_offset: int = 0) -> engine.Stack:
         """Fresh forward buffers, run on the batch (with dropout only when a dropout_seed is given)."""
         drop = dropout_seed is not None and self.dropout > 0 and self.num_layers > 1
         stack = engine.Stack(self, batch.T, batch.B, dropout=drop)
         stack.load(batch.s0_stacked, batch.lengths, batch.c0_stacked)
         if drop:
-            stack.draw_masks(self.backend.random_generator(dropout_seed), self.dropout)
+            stack.draw_masks(dropout_seed, self.dropout, dropout_offset)
         stack.run(batch.x, batch.tokens, step_kernels=self._step_kernels())
         return stack
 
@@ -338,19 +339,22 @@ class RNN(Construction):
         lengths: Any = None,
         reduction: str = "sum",
         dropout_seed: int | None = None,
+        dropout_offset: int = 0,
     ) -> Any:
         """Cross-entropy E over the counted steps: a 0-d array on the model's backend.
 
         x (T, B) or (T, B, D); y (T, B); s0 as in ``forward``; lengths (B,). ``float(loss)`` reads it.
         No dropout, unless ``dropout_seed`` is given: then the masks ``loss_and_grads(...,
-        dropout_seed=...)`` draws with that seed (what a finite-difference check needs).
+        dropout_seed=...)`` draws with that seed (what a finite-difference check needs), for examples
+        ``dropout_offset``, ``dropout_offset`` + 1, … of a global batch.
         """
         reduction = _check_reduction(reduction)
         dropout_seed = _check_seed(dropout_seed, "dropout_seed")
+        dropout_offset = check_offset(dropout_offset)
         batch = self._check(x, y, s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)
         with self._lock:  # one call of this model at a time (see loss_and_grads)
-            stack = self._stack(batch, dropout_seed)
+            stack = self._stack(batch, dropout_seed, dropout_offset)
             chunk = chunk_steps(batch.T, batch.B, self.output_size, self._chunk_elements())
             p, be = self.params, self.backend
             loss = xent_loss(stack.Y[-1], p["V"], p.get("c"), batch.y, batch.weight, be=be, chunk=chunk)
@@ -367,6 +371,7 @@ class RNN(Construction):
         reduction: str = "sum",
         return_final_state: bool = False,
         dropout_seed: int | None = None,
+        dropout_offset: int = 0,
         recompute: int | str | None = None,
         max_memory: int | None = None,
     ) -> tuple[Any, dict[str, Any]] | tuple[Any, dict[str, Any], Any]:
@@ -385,7 +390,10 @@ class RNN(Construction):
         sequence's own last valid step (as torch's packed sequences). With ``dropout`` > 0 (and
         several layers) the masks are drawn for this call from the model's generator, or from a
         fresh one seeded with ``dropout_seed`` (the same seed, the same masks: ``gradcheck`` and
-        ``loss(..., dropout_seed=...)`` use that); gradients are exact for the masks drawn.
+        ``loss(..., dropout_seed=...)`` use that); gradients are exact for the masks drawn. Each mask
+        entry is a hash of (seed, layer, step, example, unit), the example counted from
+        ``dropout_offset`` (data parallelism: a rank's first stream), so the examples of a global
+        batch get the same masks however the batch is split over calls.
 
         truncate=None is full BPTT. truncate=k is the tutorial truncation, per recurrence: the
         gradient arriving at a recurrence's output at its step t flows back through its steps t,
@@ -408,6 +416,7 @@ class RNN(Construction):
         reduction = _check_reduction(reduction)
         truncate = _check_truncate(truncate)
         dropout_seed = _check_seed(dropout_seed, "dropout_seed")
+        dropout_offset = check_offset(dropout_offset)
         recompute = _recompute.check_recompute(recompute)
         max_memory = _recompute.check_max_memory(max_memory)
         batch = self._check(x, y, s0, lengths, for_loss=True)
@@ -419,8 +428,7 @@ class RNN(Construction):
         with self._lock:  # the workspace (and its graph) is this model's: another thread waits its turn
             if c is None:
                 ws = self._workspace(batch, truncate)
-                gen = self._dropout_rng if dropout_seed is None else self.backend.random_generator(dropout_seed)
-                ws.load(batch, gen)
+                ws.load(batch, self._dropout_rng if dropout_seed is None else dropout_seed, dropout_offset)
             else:
                 ws = self._segment_workspace(batch, c)
                 ws.load(batch)

@@ -353,6 +353,8 @@ def train(
         momentum=momentum, clip=clip, schedule=schedule, warmup=warmup, seed=seed, on_nonfinite=on_nonfinite,
     )  # fmt: skip
     given = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items() if v is not None}
+    # first: under mpiexec every rank joins, so that a refusal below reaches all (data_parallel_or_exit agrees)
+    comm = communicator_or_exit(distributed.value, backend.value)  # nccl/mpi pick this rank's GPU first
     check_plot(plot)
     budget = None if max_memory is None else parse_size(max_memory, "--max-memory")
     writable_or_exit(plot, "--plot")
@@ -361,7 +363,6 @@ def train(
     distinct_or_exit({"--checkpoint": checkpoint, "--plot": plot}, {"--data": data})
     if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
         raise usage_error(f"--epochs must be a finite number > 0, got {epochs}")
-    comm = communicator_or_exit(distributed.value, backend.value)  # nccl/mpi pick this rank's GPU first
     be = backend_or_exit(backend.value)
     if resume and force:
         raise usage_error("--resume and --force exclude each other")

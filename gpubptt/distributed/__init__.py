@@ -24,7 +24,7 @@ import traceback
 from typing import Any
 
 from ..errors import InputError
-from .base import Communicator, FakeGroup, LocalCommunicator, check_buffer, run_ranks
+from .base import Communicator, FakeGroup, LocalCommunicator, allgather_text, check_buffer, run_ranks
 from .parallel import DataParallel, ParameterDivergenceError, ShardedData, shard_range
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "LocalCommunicator",
     "ParameterDivergenceError",
     "ShardedData",
+    "allgather_text",
     "check_buffer",
     "install_abort_hook",
     "make_communicator",

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["Communicator", "FakeGroup", "LocalCommunicator", "check_buffer", "run_ranks"]
+__all__ = ["Communicator", "FakeGroup", "LocalCommunicator", "allgather_text", "check_buffer", "run_ranks"]
 
 
 def check_buffer(buf: Any, what: str = "buffer") -> None:
@@ -42,6 +42,25 @@ def check_buffer(buf: Any, what: str = "buffer") -> None:
         )
     if not buf.flags.c_contiguous:
         raise InputError(f"{what} must be contiguous (one flat buffer), got a strided view of shape {shape}")
+
+
+def allgather_text(comm: Communicator, text: str) -> list[str]:
+    """Every rank's ``text``, in rank order, the same list on every rank (collective: two allreduces).
+
+    Sizes first, then each rank's UTF-8 bytes in its own slice of one float64 buffer of zeros (bytes
+    are exact in float64, and sums with zeros are exact). For the few messages that decide whether
+    a job starts, not for data.
+    """
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    sizes = np.zeros(comm.size)
+    sizes[comm.rank] = data.size
+    comm.allreduce(sizes)
+    ends = np.cumsum(sizes).astype(np.int64)
+    starts = ends - sizes.astype(np.int64)
+    buf = np.zeros(max(int(ends[-1]), 1))  # one element at least: every rank calls the second allreduce
+    buf[starts[comm.rank] : ends[comm.rank]] = data
+    comm.allreduce(buf)
+    return [buf[a:b].astype(np.uint8).tobytes().decode("utf-8", "replace") for a, b in zip(starts, ends, strict=True)]
 
 
 class Communicator:

@@ -58,11 +58,15 @@ def cuda_aware_mpi(MPI: Any) -> bool:
 
 
 class MPICommunicator(Communicator):
-    """MPI.COMM_WORLD (or ``comm``) as a Communicator; local_rank from the node's shared-memory group."""
+    """MPI.COMM_WORLD (or ``comm``) as a Communicator; local_rank from the node's shared-memory group.
+
+    ``cuda_aware``: whether CuPy buffers go to MPI directly; None asks ``cuda_aware_mpi`` (which may
+    refuse a malformed environment variable).
+    """
 
     kind = "mpi"
 
-    def __init__(self, comm: Any = None) -> None:
+    def __init__(self, comm: Any = None, *, cuda_aware: bool | None = None) -> None:
         MPI = import_mpi()
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
@@ -70,7 +74,7 @@ class MPICommunicator(Communicator):
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
-        self.cuda_aware = cuda_aware_mpi(MPI)
+        self.cuda_aware = cuda_aware_mpi(MPI) if cuda_aware is None else bool(cuda_aware)
         self._pinned: dict[tuple[int, str], np.ndarray] = {}
 
     def _host_view(self, buf: Any) -> tuple[Any, Any]:

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import InputError
 from .base import Communicator, check_buffer
 
-__all__ = ["NCCLCommunicator", "select_gpu"]
+__all__ = ["NCCLCommunicator", "check_nccl", "select_gpu"]
 
 
 def _import_nccl() -> tuple[Any, Any]:
@@ -30,6 +30,13 @@ def _import_nccl() -> tuple[Any, Any]:
     if not getattr(nccl, "available", True):
         raise InputError("--distributed nccl: this CuPy was built without NCCL; use --distributed mpi")
     return cupy, nccl
+
+
+def check_nccl(local_rank: int) -> None:
+    """InputError unless this process could make an NCCLCommunicator: CuPy with NCCL, and a GPU (made current)."""
+    _import_nccl()
+    if select_gpu(local_rank) is None:
+        raise InputError("--distributed nccl needs a CUDA device, and CuPy sees none")
 
 
 def select_gpu(local_rank: int) -> int | None:

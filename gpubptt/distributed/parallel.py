@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ..dropout import mask_key
 from ..errors import InputError
 from ..train import TrainConfig, TrainState, evaluate
 from .base import Communicator
@@ -132,12 +133,12 @@ class DataParallel:
         if isinstance(check_every, bool) or not isinstance(check_every, (int, np.integer)) or check_every < 0:
             raise InputError(f"check_every must be an int ≥ 0 (0: never), got {check_every!r}")
         self.model, self.comm, self.batch_size, self.check_every = model, comm, int(batch_size), int(check_every)
-        self.lo, self.hi = shard_range(self.batch_size, comm.size, comm.rank)
         self.calls = 0
         from .. import __version__
 
         shapes = ";".join(f"{k}{tuple(p.shape)}" for k, p in model.params.items())
         self._agree(f"gpubptt {__version__}|{model.dtype}|{shapes}|B={batch_size}|{fingerprint}")
+        self.lo, self.hi = shard_range(self.batch_size, comm.size, comm.rank)  # agreed B: every rank or none refuses
         self._broadcast_params()
 
     def __getattr__(self, name: str) -> Any:
@@ -195,6 +196,16 @@ class DataParallel:
                 f"(checksums {got.tolist()}): the ranks no longer train one model"
             )
 
+    def _shared_dropout_key(self) -> int:
+        """The key of this call's masks drawn from rank 0's model generator, as one process draws it (collective).
+
+        Every rank draws (so the generators stay in step) and takes rank 0's draw.
+        """
+        key = int(self.model.backend.to_numpy(mask_key(self.model._dropout_rng, be=self.model.backend))[0])
+        halves = np.array([key >> 32, key & 0xFFFFFFFF], dtype=np.float64)  # exact in float64
+        self.comm.broadcast(halves, root=0)
+        return int(halves[0]) << 32 | int(halves[1])
+
     # -- the step ---------------------------------------------------------------------------------
     def loss_and_grads(
         self,
@@ -213,9 +224,10 @@ class DataParallel:
         """The model's ``loss_and_grads`` on this rank's streams, summed (or averaged) over every rank.
 
         ``recompute``/``max_memory`` as the model's (each rank's budget for its own streams).
-        With dropout, each rank draws its streams' masks from (``dropout_seed``, rank), so ranks never
-        share a mask; a run with dropout is then not bit-identical to one process (whose masks cover
-        all B streams at once), only equal in distribution.
+        With dropout, every mask entry is a hash of (``dropout_seed``, layer, step, global stream,
+        unit): each rank draws its streams' masks as one process draws them for the same streams, so
+        the run is the one process's whatever the rank count. Without ``dropout_seed`` the key comes
+        from rank 0's model generator (one host sync and one broadcast per call).
 
         x (T, b) or (T, b, D), y (T, b), s0 (b, H), lengths (b,): this rank's b = hi − lo streams.
         Returns what the model returns: the loss and parameter gradients of the whole global batch
@@ -228,8 +240,10 @@ class DataParallel:
             self.check_parameters()
         self.calls += 1
         drop: dict[str, Any] = {} if recompute is None else {"recompute": recompute, "max_memory": max_memory}
+        if dropout_seed is None and self.model.dropout and self.model.num_layers > 1:
+            dropout_seed = self._shared_dropout_key()
         if dropout_seed is not None:
-            drop["dropout_seed"] = int(np.random.SeedSequence([dropout_seed, self.comm.rank]).generate_state(1)[0])
+            drop.update(dropout_seed=dropout_seed, dropout_offset=self.lo)  # masks of the global streams lo…hi−1
         out = self.model.loss_and_grads(
             x, y, s0, lengths=lengths, truncate=truncate, reduction="sum", return_final_state=return_final_state,
             **drop,
