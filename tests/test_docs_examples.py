@@ -46,6 +46,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Documented text in a python block → what the test runs instead (a long run shortened).
 SMALLER_PY = {
     "TrainConfig(steps=3000,": "TrainConfig(steps=12,",
+    "RNN(data.input_size, 256,": "RNN(data.input_size, 32,",
+    "diagnostics.vanish_report(model, x, y)": "diagnostics.vanish_report(model, x[:12, :4], y[:12, :4])",
 }
 
 # Flags appended to every documented `gpubptt SUBCOMMAND ...` line: small sizes, few steps, one repeat.
