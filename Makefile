@@ -6,14 +6,16 @@ export PYTHONPATH := $(CURDIR)
 VENV_TEST :=
 VENV_DEV :=
 VENV_BENCH :=
+VENV_DOCS :=
 else
 PY := .venv/bin/python
 VENV_TEST := .venv/.test
 VENV_DEV := .venv/.dev
 VENV_BENCH := .venv/.bench
+VENV_DOCS := .venv/.docs
 endif
 
-.PHONY: test test-gpu bench bench-save lint format clean
+.PHONY: test test-gpu bench bench-save lint format docs clean
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -31,6 +33,10 @@ endif
 	$(PY) -m pip install -q -e '.[plot]'
 	touch $@
 
+.venv/.docs: .venv/bin/python pyproject.toml
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $@
+
 test: $(VENV_TEST)
 	$(PY) -m pytest -q
 
@@ -46,6 +52,10 @@ BENCH_ARGS ?=
 bench-save: $(VENV_BENCH)
 	$(PY) -m gpubptt bench $(BENCH_ARGS) --output benchmarks/$(BENCH_NAME).json --plot benchmarks/$(BENCH_NAME).png
 
+# The documentation site into site/ (ignored), strict: a broken link or reference fails the build.
+docs: $(VENV_DOCS)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir site
+
 lint: $(VENV_DEV)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -55,4 +65,4 @@ format: $(VENV_DEV)
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf .venv .pytest_cache .ruff_cache .hypothesis
+	rm -rf .venv .pytest_cache .ruff_cache .hypothesis site
