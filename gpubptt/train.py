@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .optim import Optimizer, clip_grad_norm
+from .optim import LR_MAX, LR_RANGE, Optimizer, clip_grad_norm
 
 __all__ = [
     "SCHEDULES",
@@ -100,8 +100,8 @@ class TrainConfig:
             pos_int("truncate", self.truncate, 0)
         if self.max_norm is not None and not (math.isfinite(self.max_norm) and self.max_norm > 0):
             raise InputError(f"max_norm must be a positive number or None, got {self.max_norm}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise InputError(f"lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= LR_MAX):
+            raise InputError(f"lr must be a finite number in (0, {LR_MAX:g}], got {self.lr}; {LR_RANGE}")
         if self.schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
 
