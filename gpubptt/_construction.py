@@ -164,7 +164,9 @@ class Construction:
         for k, p in self.params.items():
             shape = getattr(grads[k], "shape", None)
             if shape is None:
-                raise InputTypeError(f"gradient {k} must be an array of shape {tuple(p.shape)}, got {type(grads[k]).__name__}")
+                raise InputTypeError(
+                    f"gradient {k} must be an array of shape {tuple(p.shape)}, got {type(grads[k]).__name__}"
+                )
             if tuple(shape) != tuple(p.shape):
                 raise ShapeError(f"gradient {k} has shape {tuple(shape)}, expected {tuple(p.shape)} like the parameter")
 

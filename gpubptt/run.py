@@ -29,8 +29,7 @@ from .data import CopyTask, TextData, default_corpus, make_data, read_text
 from .errors import InputError
 from .memory import InsufficientMemoryError, check_fits, format_bytes, train_memory
 from .model import CELLS, INITS, RNN
-from .optim import DEFAULT_LR, ON_NONFINITE, Optimizer, make_optimizer
-from .optim import LR_MAX, LR_RANGE
+from .optim import DEFAULT_LR, LR_MAX, LR_RANGE, ON_NONFINITE, Optimizer, make_optimizer
 from .plots import plot_history  # noqa: F401  (here before plots.py held every figure)
 from .train import SCHEDULES, History, TrainConfig, TrainState
 
