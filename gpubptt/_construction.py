@@ -63,7 +63,7 @@ class Construction:
         the_cell = _cell(nonlinearity, cell)
         L, bidirectional = architecture_of(params)
         _, _, dropout = _check_layers(L, bidirectional, dropout)
-        check_model_size(1, 1, 1, num_layers=L)  # the same depth limit as RNN (the arrays exist already)
+        check_model_size(the_cell, 1, 1, 1, num_layers=L)  # the same depth limit as RNN (the arrays exist already)
         seed = _check_seed(seed)
         be = get_backend(backend)
         host = {k: be.to_numpy(params[k]) for k in params}

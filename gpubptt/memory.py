@@ -20,7 +20,9 @@ tell "fits" from "cannot possibly fit", not to predict the last megabyte.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import InputError
 from .losses import chunk_steps
@@ -192,15 +194,19 @@ def check_fits(estimate: MemoryEstimate, available: int | None, what: str) -> No
 
 
 def check_model_size(
-    D: int, H: int, K: int, *, num_layers: int = 1, dirs: int = 1, gates: int = 1, bias: bool = True,
+    cell: Any, D: int, H: int, K: int, *, num_layers: int = 1, dirs: int = 1, bias: bool = True,
     itemsize: int = 4, available: int | None = None,
 ) -> None:  # fmt: skip
     """Refuse a model that cannot be built, before anything is allocated: InputError when ``num_layers``
     exceeds MAX_LAYERS, InsufficientMemoryError when its parameters (and the float64 host copy they
-    are drawn in) exceed ``available`` bytes (None: unknown, not checked). Closed forms only: no
-    array, no per-layer loop, whatever the sizes.
+    are drawn in) exceed ``available`` bytes (None: unknown, not checked). The count comes from the
+    cell's own ``param_shapes`` for layer 0 and for the layers above: no array, no per-layer loop.
     """
-    P = parameter_count(D, H, K, bias=bias, num_layers=num_layers, dirs=dirs, gates=gates)
+
+    def count(D_l: int) -> int:
+        return sum(math.prod(shape) for shape in cell.param_shapes(D_l, H, bias).values())
+
+    P = dirs * (count(D) + (num_layers - 1) * count(H * dirs)) + K * H * dirs + (K if bias else 0)
     if num_layers > MAX_LAYERS:
         raise InputError(
             f"num_layers={num_layers} is above the limit of {MAX_LAYERS} layers (such a stack of H={H} would hold "

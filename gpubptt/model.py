@@ -124,8 +124,8 @@ class RNN(Construction):
         the_cell = _cell(nonlinearity, cell)
         be = get_backend(backend)
         check_model_size(
-            D, H, K, num_layers=L, dirs=2 if bidirectional else 1, gates=the_cell.gates, bias=bool(bias),
-            itemsize=dt.itemsize, available=be.available_memory(),
+            the_cell, D, H, K, num_layers=L, dirs=2 if bidirectional else 1, bias=bool(bias), itemsize=dt.itemsize,
+            available=be.available_memory(),
         )  # fmt: skip
         rng = np.random.default_rng(seed)
         shapes = param_shapes(D, H, K, bool(bias), the_cell, num_layers=L, bidirectional=bidirectional)
