@@ -19,6 +19,7 @@ import numpy as np
 
 from .data import TASKS
 from .errors import CheckpointError
+from .memory import MAX_LAYERS  # a sanity bound on model.num_layers, the model's own
 from .optim import ON_NONFINITE, OPTIMIZERS
 from .train import SCHEDULES, History, TrainConfig, TrainState
 
@@ -31,7 +32,6 @@ READS = (1, 2)  # what it reads
 ARCHITECTURE = {"cell": "elman", "nonlinearity": "tanh", "num_layers": 1, "bidirectional": False}
 #: Fields of the architecture that take one of several values here (the first is the default).
 CHOICES = {"cell": ("elman", "gru", "lstm"), "nonlinearity": ("tanh", "relu")}
-MAX_LAYERS = 1024  # a sanity bound on model.num_layers
 _INT_MAX = 2**63 - 1  # steps and positions are stored as int64
 _SIZE_MAX = 2**31 - 1  # model sizes, batch, chunk and task lengths: anything larger cannot be allocated
 _META_KEYS = ("format", "version", "model", "optimizer", "data", "config", "state")

@@ -66,7 +66,13 @@ class Batch:
 
 def _as_native(be: Backend, a: Any, what: str) -> Any:
     be.check_native(a, what)
-    return be.asarray(a)
+    try:
+        return be.asarray(a)
+    except ValueError:  # NumPy refuses nested lists whose rows differ in length
+        raise ShapeError(
+            f"{what} is a ragged nested sequence (its rows differ in length); expected a rectangular array, "
+            "e.g. x (T, B) token ids or (T, B, D) floats: pad the sequences and pass lengths"
+        ) from None
 
 
 def _is_int(a: Any) -> bool:

@@ -14,6 +14,7 @@ from . import interop
 from ._checks import check_dtype
 from .backend import Backend, get_backend
 from .errors import InputError, InputTypeError, ShapeError
+from .memory import check_model_size
 from .options import (
     GATES,
     _cell,
@@ -62,6 +63,7 @@ class Construction:
         the_cell = _cell(nonlinearity, cell)
         L, bidirectional = architecture_of(params)
         _, _, dropout = _check_layers(L, bidirectional, dropout)
+        check_model_size(the_cell, 1, 1, 1, num_layers=L)  # the same depth limit as RNN (the arrays exist already)
         seed = _check_seed(seed)
         be = get_backend(backend)
         host = {k: be.to_numpy(params[k]) for k in params}
@@ -142,7 +144,31 @@ class Construction:
         cell = cell_option(self.cell)
         if grads is None:
             return interop.to_torch_state(self.params, cell=cell)
-        return interop.to_torch_state(grads, grads=True, cell=cell)
+        self._check_grads(grads)
+        return interop.to_torch_state({k: grads[k] for k in self.params}, grads=True, cell=cell)
+
+    def _check_grads(self, grads: Any) -> None:
+        """InputError naming the key or shape unless ``grads`` maps every parameter to an array of its shape."""
+        expected = ", ".join(f"{k} {tuple(v.shape)}" for k, v in self.params.items())
+        if not isinstance(grads, Mapping):
+            raise InputTypeError(
+                f"grads must be a mapping of parameter names to arrays as loss_and_grads returns it "
+                f"({expected}), got {type(grads).__name__}"
+            )
+        missing = [k for k in self.params if k not in grads]
+        if missing:
+            raise InputError(f"grads is missing {missing}; expected a gradient for every parameter: {expected}")
+        unknown = sorted(str(k) for k in grads if k not in self.params and k not in ("s0", "c0"))
+        if unknown:
+            raise InputError(f"grads has unknown keys {unknown}; expected {expected} (and s0, c0)")
+        for k, p in self.params.items():
+            shape = getattr(grads[k], "shape", None)
+            if shape is None:
+                raise InputTypeError(
+                    f"gradient {k} must be an array of shape {tuple(p.shape)}, got {type(grads[k]).__name__}"
+                )
+            if tuple(shape) != tuple(p.shape):
+                raise ShapeError(f"gradient {k} has shape {tuple(shape)}, expected {tuple(p.shape)} like the parameter")
 
     def to(self, backend: str | Backend) -> Any:
         """A copy of this model on another backend (same dtype, weights and settings)."""

@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
+import re
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -80,8 +83,9 @@ def save_checkpoint(
     """Write a checkpoint to ``path`` atomically; return the path.
 
     Shapes as in the model: U (H, D), W (H, H), V (K, H), b (H,), c (K,); carried state (B, H).
-    The description and history are checked as ``load_checkpoint`` checks them, so a file it
-    would refuse is never written (CheckpointError, and any existing file stays as it was).
+    The description, history, parameters, optimizer state and carried state are checked as
+    ``load_checkpoint`` checks them (non-finite values included), so a file it would refuse is never
+    written (CheckpointError, and any existing file stays as it was).
     """
     path = Path(path)
     state = TrainState() if state is None else state
@@ -122,6 +126,12 @@ def save_checkpoint(
     for k, a in (History() if history is None else history).to_arrays().items():
         arrays[f"history.{k}"] = a
     where = f"cannot write checkpoint {str(path)!r}"
+    for k, a in arrays.items():  # load_checkpoint refuses non-finite weights and state: never write them
+        if k.startswith(("param.", "optim.", "carry.")) and a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise CheckpointError(
+                f"{where}: {k} contains NaN or infinity (a diverged run?); nothing was written and any "
+                "existing file was kept"
+            )
     check_meta(arrays, where)  # refuse what load_checkpoint would refuse, before anything is written
     check_history(arrays, state, where)
 
@@ -136,6 +146,62 @@ def save_checkpoint(
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive (an .npz), or an empty one
 _NPY_MAGIC = b"\x93NUMPY"
+
+
+#: Members larger than this many times their compressed size (all together) are refused before they are
+#: inflated: gpubptt writes its arrays uncompressed, and even zeros deflate at most about 1000:1.
+MAX_RATIO = 100
+_MEMBER = re.compile(r"^[A-Za-z0-9_.]{1,200}\.npy$")
+_HEADER_MAX = 1 << 16  # bytes of an .npy header (gpubptt's are under 200)
+
+
+def _check_members(path: Path) -> None:
+    """Names, declared sizes and the compression ratio of every member, from the zip directory and the
+    .npy headers alone: nothing is inflated beyond a header. CheckpointError naming the entry."""
+    bad = f"{str(path)!r} is not a readable gpubptt checkpoint"
+    size = path.stat().st_size
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+        declared = sum(i.file_size for i in infos)
+        if declared > MAX_RATIO * size + (1 << 20):
+            raise CheckpointError(
+                f"{bad}: its {len(infos)} entries declare {declared} bytes in a file of {size} bytes, more than "
+                f"{MAX_RATIO} times its size (gpubptt stores arrays uncompressed): refused before inflating them"
+            )
+        seen = set()
+        for info in infos:
+            key = info.filename.removesuffix(".npy")
+            if not info.filename.endswith(".npy"):
+                raise CheckpointError(
+                    f"{bad}: entry {key!r} is not a NumPy array (.npy), and a gpubptt checkpoint holds arrays only"
+                )
+            if not _MEMBER.match(info.filename) or info.filename in seen:
+                why = "appears twice" if info.filename in seen else "is not a gpubptt entry name (letters, digits, _ .)"
+                raise CheckpointError(f"{bad}: entry {info.filename[:80]!r} {why}")
+            seen.add(info.filename)
+            with zf.open(info) as f:
+                try:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=_HEADER_MAX)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=_HEADER_MAX)
+                    else:
+                        raise ValueError(f"unsupported .npy format version {version}")
+                    offset = f.tell()
+                except (ValueError, SyntaxError, TypeError, EOFError) as exc:
+                    raise CheckpointError(f"{bad}: entry {key!r} has a malformed .npy header ({exc})") from None
+            if dtype.hasobject:
+                raise CheckpointError(
+                    f"{bad}: entry {key!r} holds Python objects (pickled data), and a gpubptt checkpoint holds "
+                    "plain numeric and string arrays only"
+                )
+            implied = offset + math.prod(shape) * dtype.itemsize
+            if info.file_size != implied:
+                raise CheckpointError(
+                    f"{bad}: entry {key!r} declares {info.file_size} bytes, but its .npy header (shape {shape}, "
+                    f"dtype {dtype}) implies {implied}"
+                )
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
@@ -163,6 +229,7 @@ def _read(path: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{str(path)!r} is not a readable gpubptt checkpoint: {kind}")
     arrays: dict[str, np.ndarray] = {}
     try:
+        _check_members(path)  # before anything is inflated
         with np.load(path, allow_pickle=False) as z:
             for k in z.files:  # read every member now: CRC and format errors surface here
                 try:

@@ -21,8 +21,9 @@ Layers and directions are read from the keys. gpubptt's model has all biases or 
 has the RNN's and not the Linear's (or the reverse), the missing ones are zero (the same
 function). Going back, ``to_torch`` puts each b in ``bias_ih`` and zeros in ``bias_hh`` (the GRU's
 b_hn in bias_hh's n third); gradients put db in both (each of torch's biases receives the gradient
-of their sum). Values may be torch tensors (on any device) or arrays; the result holds NumPy
-arrays, which ``load_state_dict`` takes after ``torch.as_tensor``.
+of their sum). Values may be torch tensors (on any device; bfloat16, which has no NumPy dtype, is widened
+exactly to float32) or arrays; the result holds NumPy arrays, which ``load_state_dict`` takes after
+``torch.as_tensor``. Keys are torch's exactly: ``weight_hh_l00`` is refused, not read as layer 0.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from .params import recurrences
 __all__ = ["from_torch_state", "to_torch_state"]
 
 _LINEAR_KEYS = ("weight", "bias")
-_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?$")
+_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(0|[1-9][0-9]*)(_reverse)?$")  # torch's: no "l00"
 _TO_OURS = {"weight_ih": "U", "weight_hh": "W"}
 _GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 _MODULE = {"rnn": "nn.RNN", "gru": "nn.GRU", "lstm": "nn.LSTM"}
@@ -48,7 +49,10 @@ _MODULE = {"rnn": "nn.RNN", "gru": "nn.GRU", "lstm": "nn.LSTM"}
 def _host(value: Any, key: str) -> np.ndarray:
     """A tensor (any device) or array as a NumPy array, without importing torch."""
     if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if str(getattr(value, "dtype", "")) == "torch.bfloat16":  # no NumPy dtype: widen, exactly, to float32
+            value = value.float()
+        value = value.numpy()
     elif hasattr(value, "get") and type(value).__module__.split(".")[0] == "cupy":
         value = value.get()
     a = np.asarray(value)

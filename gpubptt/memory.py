@@ -20,7 +20,9 @@ tell "fits" from "cannot possibly fit", not to predict the last megabyte.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import InputError
 from .losses import chunk_steps
@@ -29,6 +31,7 @@ __all__ = [
     "InsufficientMemoryError",
     "MemoryEstimate",
     "check_fits",
+    "check_model_size",
     "format_bytes",
     "parameter_count",
     "train_memory",
@@ -38,6 +41,8 @@ __all__ = [
 INT64 = 8  # token ids and targets
 FLOAT64 = 8  # the host copy a model is drawn in, and the evaluation's sums
 WORKSPACES = 4  # forward+BPTT workspaces a model keeps, one per shape (gpubptt.model.MAX_WORKSPACES)
+#: The deepest stack a model may have: the same bound for ``RNN``, ``from_params``, the CLI and checkpoints.
+MAX_LAYERS = 1024
 
 
 class InsufficientMemoryError(InputError):
@@ -186,3 +191,27 @@ def check_fits(estimate: MemoryEstimate, available: int | None, what: str) -> No
     """
     if available is not None and estimate.total > available:
         raise InsufficientMemoryError(f"{what} needs {estimate.describe()}, but {format_bytes(available)} is available")
+
+
+def check_model_size(
+    cell: Any, D: int, H: int, K: int, *, num_layers: int = 1, dirs: int = 1, bias: bool = True,
+    itemsize: int = 4, available: int | None = None,
+) -> None:  # fmt: skip
+    """Refuse a model that cannot be built, before anything is allocated: InputError when ``num_layers``
+    exceeds MAX_LAYERS, InsufficientMemoryError when its parameters (and the float64 host copy they
+    are drawn in) exceed ``available`` bytes (None: unknown, not checked). The count comes from the
+    cell's own ``param_shapes`` for layer 0 and for the layers above: no array, no per-layer loop.
+    """
+
+    def count(D_l: int) -> int:
+        return sum(math.prod(shape) for shape in cell.param_shapes(D_l, H, bias).values())
+
+    P = dirs * (count(D) + (num_layers - 1) * count(H * dirs)) + K * H * dirs + (K if bias else 0)
+    if num_layers > MAX_LAYERS:
+        raise InputError(
+            f"num_layers={num_layers} is above the limit of {MAX_LAYERS} layers (such a stack of H={H} would hold "
+            f"{P:.3g} parameters, {format_bytes(P * itemsize)}, and run {num_layers * dirs} recurrences per step)"
+        )
+    estimate = MemoryEstimate({"parameters": P * itemsize, "their float64 draw on the host": P * FLOAT64})
+    what = f"a model of D={D}, H={H}, K={K}, {num_layers} layer{'s' if num_layers > 1 else ''} ({P:.3g} parameters)"
+    check_fits(estimate, available, what)

@@ -20,6 +20,7 @@ W_l1_reverse is ``weight_hh_l1_reverse``); V is (K, H·dirs).
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from .cells import STEP_KERNELS
 from .dropout import check_offset
 from .errors import InputError, InputTypeError
 from .losses import chunk_steps, softmax_probs, xent_loss
+from .memory import check_model_size
 from .options import (
     CELLS,
     INITS,
@@ -122,6 +124,10 @@ class RNN(Construction):
         seed = _check_seed(seed)
         the_cell = _cell(nonlinearity, cell)
         be = get_backend(backend)
+        check_model_size(
+            the_cell, D, H, K, num_layers=L, dirs=2 if bidirectional else 1, bias=bool(bias), itemsize=dt.itemsize,
+            available=be.available_memory(),
+        )  # fmt: skip
         rng = np.random.default_rng(seed)
         shapes = param_shapes(D, H, K, bool(bias), the_cell, num_layers=L, bidirectional=bidirectional)
         n_out = H * (2 if bidirectional else 1)
@@ -163,6 +169,40 @@ class RNN(Construction):
         self._workspaces: dict[tuple, engine.Workspace] = {}
         # Concurrent loss_and_grads calls on one model share these workspaces: one at a time.
         self._lock = threading.RLock()  # re-entrant: a locked call may call another
+
+    # -- copies: copy.deepcopy and pickle ------------------------------------------------------
+    _TRANSIENT = ("_lock", "_workspaces", "backend", "_params", "_dropout_rng")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``pickle`` and ``copy.deepcopy`` keep: every setting, the backend's name and the parameters
+        as host NumPy arrays (a CuPy model's too: it is rebuilt on the current device). The lock and the
+        cached workspaces (CUDA graphs included) are not copied but rebuilt empty; the dropout
+        generator travels where it is NumPy's and is reseeded from fresh entropy otherwise."""
+        with self._lock:  # not in the middle of another thread's update
+            state = {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
+            state["backend"] = self.backend.name
+            state["_params"] = {k: np.array(self.backend.to_numpy(v)) for k, v in self._params.items()}
+            state["_param_shapes"] = {k: tuple(v.shape) for k, v in self._params.items()}
+            rng = self._dropout_rng
+            state["_dropout_rng"] = rng if isinstance(rng, np.random.Generator) else None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        be = get_backend(state.pop("backend"))
+        host, shapes, rng = state.pop("_params"), state.pop("_param_shapes"), state.pop("_dropout_rng")
+        self.__dict__.update(state)
+        self.backend = be
+        self._params = Params(be, self.dtype, shapes, {k: be.asarray(v) for k, v in host.items()})
+        self._workspaces = {}
+        self._lock = threading.RLock()
+        self._dropout_rng = be.random_generator(None) if rng is None else rng
+
+    def __deepcopy__(self, memo: dict) -> RNN:
+        """An independent model, equal in parameters and settings (see ``__getstate__``)."""
+        new = type(self).__new__(type(self))
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
 
     def _set_layers(self, num_layers: int, bidirectional: bool, dropout: float, seed: int | None) -> None:
         self.num_layers = num_layers

@@ -7,10 +7,14 @@
 
 Every optimizer writes into the arrays of ``params`` (the model's own arrays) and into its state
 arrays, all on the model's backend. Before touching anything, ``step`` checks that the loss and
-every gradient are finite: ONE small device-to-host transfer per step (never inside the time loops),
-which also hands back the loss and gradient norm as host floats for progress reports. A non-finite
-step raises NonFiniteError naming the step and the parameters, or is skipped when
-``on_nonfinite="skip"``; either way weights and state are left exactly as they were.
+every gradient are finite, and that the updated parameters are: the update is computed into
+scratch arrays first, and ONE small device-to-host transfer per step (never inside the time loops)
+reads the gradients' norms, the loss and whether every updated parameter is finite; it also hands
+back the loss and gradient norm as host floats for progress reports. Only then are the new values
+copied into the parameters and the new state swapped in. A non-finite step (a NaN loss, an
+infinite gradient, or finite gradients whose update overflows the weights) raises NonFiniteError
+naming the step and the cause, or is skipped when ``on_nonfinite="skip"``; either way weights, state
+and the step counter are left exactly as they were. The learning rate must lie in (0, LR_MAX].
 
     >>> import numpy as np, gpubptt
     >>> from gpubptt.optim import SGD
@@ -34,6 +38,7 @@ from .backend import Backend, get_backend
 from .errors import InputError, InputTypeError, ShapeError
 
 __all__ = [
+    "LR_MAX",
     "OPTIMIZERS",
     "SGD",
     "Adagrad",
@@ -48,6 +53,11 @@ __all__ = [
 
 ON_NONFINITE = ("raise", "skip")
 
+#: The largest learning rate accepted. Sensible rates lie far below: about 1e-4 to 1e-2 for Adam,
+#: 1e-3 to 1 for SGD and Adagrad on the mean loss; a rate past this bound only overflows the weights.
+LR_MAX = 1e3
+LR_RANGE = "sensible values are about 1e-4 to 1e-2 for adam and 1e-3 to 1 for sgd and adagrad"
+
 
 class NonFiniteError(InputError):
     """A loss or gradient is NaN or infinite; the step was refused and nothing was changed."""
@@ -59,7 +69,8 @@ class StepResult:
 
     applied: whether the weights were updated; loss, grad_norm: host floats read in the step's one
     host transfer (grad_norm is the norm passed in, e.g. the pre-clipping norm, else the global norm
-    of the gradients given); nonfinite: names of the non-finite gradients ("loss" for the loss).
+    of the gradients given); nonfinite: names of the non-finite gradients ("loss" for the loss), or,
+    when those are all finite, "updated.<name>" for each parameter the update would overflow.
     """
 
     applied: bool
@@ -75,6 +86,8 @@ def _param_grads(params: Mapping[str, Any], grads: Mapping[str, Any]) -> list[tu
     out = []
     for k, p in params.items():
         g = grads[k]
+        if not hasattr(g, "shape") or not hasattr(g, "dtype"):
+            raise InputTypeError(f"gradient {k} must be an array shaped like the parameter, got {type(g).__name__}")
         if tuple(g.shape) != tuple(p.shape):
             raise ShapeError(f"gradient {k} has shape {tuple(g.shape)}, expected {tuple(p.shape)} like the parameter")
         out.append((k, g))
@@ -120,9 +133,15 @@ def clip_grad_norm(grads: Mapping[str, Any], max_norm: float, *, xp: Any, names:
 def _check_lr(lr: Any) -> float:
     if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)):
         raise InputTypeError(f"lr must be a positive number, got {type(lr).__name__} {lr!r}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise InputError(f"lr must be a positive finite number, got {lr}")
+    if not (math.isfinite(lr) and 0 < lr <= LR_MAX):
+        raise InputError(f"lr must be a finite number in (0, {LR_MAX:g}], got {lr}; {LR_RANGE}")
     return float(lr)
+
+
+def _writable(a: Any) -> bool:
+    """False for a read-only NumPy array (CuPy arrays are always writable)."""
+    flags = getattr(a, "flags", None)
+    return bool(getattr(flags, "writeable", True))
 
 
 def _check_unit(value: Any, name: str, *, closed: bool = False) -> float:
@@ -164,6 +183,8 @@ class Optimizer:
             be.check_native(p, f"parameter {k}")
             if not be.is_native(p):
                 raise InputTypeError(f"parameter {k} must be an array of the {be.name} backend, got {type(p).__name__}")
+            if not _writable(p):
+                raise InputError(f"parameter {k} is a read-only array; the optimizer updates parameters in place")
         if on_nonfinite not in ON_NONFINITE:
             raise InputError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, got {on_nonfinite!r}")
         self.backend = be
@@ -173,7 +194,10 @@ class Optimizer:
         self.t = 0  # number of applied steps (host int: no sync)
         xp = be.xp
         self.state = {slot: {k: xp.zeros_like(p) for k, p in params.items()} for slot in self.SLOTS}
+        # a step writes the new parameters into _scratch and the new state into _next, and only
+        # copies / swaps them in once the guard has seen them finite: a refused step changes nothing
         self._scratch = {k: xp.empty_like(p) for k, p in params.items()}
+        self._next = {slot: {k: xp.empty_like(p) for k, p in params.items()} for slot in self.SLOTS}
 
     def __repr__(self) -> str:
         hyper = ", ".join(f"{k}={v}" for k, v in self.hyperparameters().items())
@@ -185,13 +209,15 @@ class Optimizer:
 
     # -- the guard ----------------------------------------------------------------------------
     def _read_back(self, pairs: list[tuple[str, Any]], loss: Any, norm: Any) -> np.ndarray:
-        """[Σg_k² for each k, total, loss, norm] in ONE device-to-host transfer (the step's sync point)."""
+        """[Σg_k² for each k, total, loss, norm, whether each updated parameter is finite (1/0)] in ONE
+        device-to-host transfer (the step's sync point)."""
         xp = self.backend.xp
         sq = xp.stack([xp.vdot(g.ravel(), g.ravel()).astype(xp.float64) for _, g in pairs])
         extra = [sq.sum()]
         extra.append(xp.asarray(np.nan if loss is None else loss, dtype=xp.float64).reshape(()))
         extra.append(xp.asarray(np.nan if norm is None else norm, dtype=xp.float64).reshape(()))
-        return self.backend.to_numpy(xp.concatenate([sq, xp.stack(extra)]))
+        finite = [xp.isfinite(self._scratch[k]).all().astype(xp.float64) for k, _ in pairs]
+        return self.backend.to_numpy(xp.concatenate([sq, xp.stack(extra), xp.stack(finite)]))
 
     def _why(self, pairs: list[tuple[str, Any]], names: list[str]) -> str:
         # Failure path only: find out whether the array holds NaN/inf or only its norm overflows.
@@ -218,12 +244,23 @@ class Optimizer:
         loss: the 0-d loss (checked and read back); grad_norm: a 0-d norm to report instead of the
         global norm of ``grads`` (pass ``clip_grad_norm``'s return for the pre-clipping norm);
         step: the step number for error messages (default: applied steps + 1). One host transfer.
-        Raises NonFiniteError (nothing changed) on a non-finite loss or gradient, unless
-        ``on_nonfinite="skip"``, which returns a result with ``applied=False``.
+        Raises NonFiniteError (nothing changed) on a non-finite loss or gradient, or when the update
+        would overflow a parameter, unless ``on_nonfinite="skip"``, which returns a result with
+        ``applied=False``. All or nothing: if anything fails, no parameter, state or step count changes.
         """
         pairs = _param_grads(self.params, grads)
         for k, g in pairs:
             self.backend.check_native(g, f"gradient {k}")
+            if not self.backend.is_native(g):
+                raise InputTypeError(f"gradient {k} must be an array of the {self.backend.name} backend")
+        for k, p in self.params.items():
+            if not _writable(p):
+                raise InputError(f"parameter {k} is a read-only array; the optimizer updates parameters in place")
+            if k not in self._scratch or tuple(self._scratch[k].shape) != tuple(p.shape):
+                raise InputError(f"parameter {k} is not the one this optimizer was built on")
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # overflows are the guard's to report
+            for k, g in pairs:  # the new values go to _scratch and _next only
+                self._update(k, self.params[k], g)
         host = self._read_back(pairs, loss, grad_norm)
         P = len(pairs)
         bad = [k for (k, _), v in zip(pairs, host[:P], strict=True) if not np.isfinite(v)]
@@ -242,12 +279,29 @@ class Optimizer:
                     "or skip such steps (on_nonfinite='skip')"
                 )
             return StepResult(applied=False, loss=loss_f, grad_norm=norm_f, nonfinite=tuple(bad))
+        overflow = [k for (k, _), ok in zip(pairs, host[P + 3 :], strict=True) if not ok]
+        if overflow:
+            n = self.t + 1 if step is None else step
+            if self.on_nonfinite == "raise":
+                raise NonFiniteError(
+                    f"step {n}: the update would overflow parameter{'s' if len(overflow) > 1 else ''} "
+                    f"{', '.join(overflow)} to NaN or infinity (loss = {loss_f} and the gradients are finite; "
+                    f"lr = {self.lr:g}). The step was refused and the weights were not changed: lower the "
+                    "learning rate, clip the gradients (max_norm), or skip such steps (on_nonfinite='skip')"
+                )
+            bad = [f"updated.{k}" for k in overflow]
+            return StepResult(applied=False, loss=loss_f, grad_norm=norm_f, nonfinite=tuple(bad))
+        # commit: nothing below can fail half-way (shapes, dtypes and writability were checked above)
+        for k, _ in pairs:
+            self.params[k][...] = self._scratch[k]
+        for slot in self.SLOTS:
+            self.state[slot], self._next[slot] = self._next[slot], self.state[slot]
         self.t += 1
-        for k, g in pairs:
-            self._update(k, self.params[k], g)
         return StepResult(applied=True, loss=loss_f, grad_norm=norm_f)
 
     def _update(self, k: str, p: Any, g: Any) -> None:
+        """Write θ's new value into ``self._scratch[k]`` and each slot's new state into ``self._next[slot][k]``,
+        reading the step number as ``self.t + 1``; never write ``p`` or ``self.state``."""
         raise NotImplementedError
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -304,12 +358,12 @@ class SGD(Optimizer):
     def _update(self, k: str, p: Any, g: Any) -> None:
         xp, tmp = self.backend.xp, self._scratch[k]
         if self.momentum:
-            v = self.state["momentum"][k]
-            v *= self.momentum
+            v = self._next["momentum"][k]
+            xp.multiply(self.state["momentum"][k], self.momentum, out=v)
             v += g  # v ← μ v + g
             g = v
         xp.multiply(g, self.lr, out=tmp)
-        p -= tmp  # θ ← θ − lr v
+        xp.subtract(p, tmp, out=tmp)  # θ ← θ − lr v
 
 
 class Adagrad(Optimizer):
@@ -327,14 +381,14 @@ class Adagrad(Optimizer):
         return {**super().hyperparameters(), "eps": self.eps}
 
     def _update(self, k: str, p: Any, g: Any) -> None:
-        xp, G, tmp = self.backend.xp, self.state["sum_sq"][k], self._scratch[k]
+        xp, G, tmp = self.backend.xp, self._next["sum_sq"][k], self._scratch[k]
         xp.multiply(g, g, out=tmp)
-        G += tmp  # G ← G + g²
+        xp.add(self.state["sum_sq"][k], tmp, out=G)  # G ← G + g²
         xp.add(G, self.eps, out=tmp)
         xp.sqrt(tmp, out=tmp)
         xp.divide(g, tmp, out=tmp)
         tmp *= self.lr
-        p -= tmp  # θ ← θ − lr g / √(G + ε)
+        xp.subtract(p, tmp, out=tmp)  # θ ← θ − lr g / √(G + ε)
 
 
 class Adam(Optimizer):
@@ -356,23 +410,24 @@ class Adam(Optimizer):
         return {**super().hyperparameters(), "betas": [self.beta1, self.beta2], "eps": self.eps}
 
     def _update(self, k: str, p: Any, g: Any) -> None:
-        xp, m, v, tmp = self.backend.xp, self.state["m"][k], self.state["v"][k], self._scratch[k]
+        xp, m, v, tmp = self.backend.xp, self._next["m"][k], self._next["v"][k], self._scratch[k]
         b1, b2 = self.beta1, self.beta2
-        m *= b1
+        xp.multiply(self.state["m"][k], b1, out=m)
         xp.multiply(g, 1 - b1, out=tmp)
         m += tmp  # m ← β₁m + (1−β₁)g
-        v *= b2
+        xp.multiply(self.state["v"][k], b2, out=v)
         xp.multiply(g, g, out=tmp)
         tmp *= 1 - b2
         v += tmp  # v ← β₂v + (1−β₂)g²
         # θ ← θ − lr m̂/(√v̂ + ε) with m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ); the corrections are host floats
-        c1, c2 = 1 - b1**self.t, 1 - b2**self.t
+        t = self.t + 1  # this step's number: t advances only once the step is applied
+        c1, c2 = 1 - b1**t, 1 - b2**t
         xp.divide(v, c2, out=tmp)
         xp.sqrt(tmp, out=tmp)
         tmp += self.eps
         xp.divide(m, tmp, out=tmp)
         tmp *= self.lr / c1
-        p -= tmp
+        xp.subtract(p, tmp, out=tmp)
 
 
 OPTIMIZERS = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam}

@@ -117,8 +117,8 @@ class Params(MutableMapping):
     be one of the model's, the array of the model's backend (a list is copied in; a NumPy array
     into a CuPy model is refused like any input from another library), floating point, finite in
     the model's dtype and of the expected shape. It is stored in the model's dtype (as given,
-    without a copy, when it already is a backend array of that dtype). Nothing changes when a
-    check fails.
+    without a copy, when it already is a writable backend array of that dtype; a read-only array
+    is copied). Nothing changes when a check fails.
     """
 
     def __init__(self, be: Backend, dtype: np.dtype, shapes: dict[str, tuple[int, ...]], arrays: dict[str, Any]):
@@ -140,6 +140,8 @@ class Params(MutableMapping):
         cast, finite = finite_in(a, self._dtype, xp=xp)
         if not bool(finite):  # one host sync per assignment, never in a training step
             raise InputError(f"parameter {name} {nonfinite_reason(a, self._dtype, xp=xp)}")
+        if not getattr(getattr(cast, "flags", None), "writeable", True):
+            cast = cast.copy()  # a read-only array: the optimizers update parameters in place, so keep a copy
         return cast
 
     def __getitem__(self, name: str) -> Any:

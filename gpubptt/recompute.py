@@ -130,16 +130,16 @@ def unsupported_reason(model: Any, *, truncate: int | None = None) -> str | None
 def _cell_buffer_elements(cell: Any, n: int, B: int, H: int) -> int:
     """Elements of the cell's ``buffers(n, B, H)``, counted without allocating (zero-stride views)."""
 
-    class _Sizer:
-        @staticmethod
-        def empty(shape: Any, dtype: Any = None) -> Any:
-            return np.lib.stride_tricks.as_strided(np.zeros(1), shape=tuple(np.atleast_1d(shape)), strides=None)
+    class _Shape:  # a shape only: no array, so sizes beyond any address space are counted too
+        def __init__(self, shape: Any, dtype: Any = None) -> None:
+            self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
 
-        zeros = empty
+    class _Sizer:
+        empty = zeros = _Shape
 
     total = 0
     for a in cell.buffers(n, B, H, xp=_Sizer, dtype=np.float64).values():
-        total += int(np.prod(a.shape))
+        total += math.prod(a.shape)  # Python ints: no int64 overflow
     return total
 
 

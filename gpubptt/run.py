@@ -30,7 +30,7 @@ from .data import CopyTask, TextData, default_corpus, make_data, read_text
 from .errors import InputError
 from .memory import InsufficientMemoryError, check_fits, format_bytes, train_memory
 from .model import CELLS, INITS, RNN
-from .optim import DEFAULT_LR, ON_NONFINITE, Optimizer, make_optimizer
+from .optim import DEFAULT_LR, LR_MAX, LR_RANGE, ON_NONFINITE, Optimizer, make_optimizer
 from .plots import plot_history  # noqa: F401  (here before plots.py held every figure)
 from .sample import check_predicts_ahead
 from .train import SCHEDULES, History, TrainConfig, TrainState
@@ -184,8 +184,8 @@ def _check_settings(
     _check_int("--eval-every", eval_every, 0)
     if epochs is not None and not (_is_number(epochs) and epochs > 0):
         raise InputError(f"--epochs must be a finite number > 0, got {epochs!r}")
-    if st["lr"] is not None and not (_is_number(st["lr"]) and st["lr"] > 0):
-        raise InputError(f"--lr must be a finite number > 0, got {st['lr']!r}")
+    if st["lr"] is not None and not (_is_number(st["lr"]) and 0 < st["lr"] <= LR_MAX):
+        raise InputError(f"--lr must be a finite number in (0, {LR_MAX:g}], got {st['lr']!r}; {LR_RANGE}")
     if not (_is_number(st["clip"]) and st["clip"] >= 0):
         raise InputError(f"--clip must be a finite number ≥ 0 (0: off), got {st['clip']!r}")
     if not (_is_number(st["momentum"]) and 0 <= st["momentum"] < 1):

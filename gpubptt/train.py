@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .optim import Optimizer, clip_grad_norm
+from .optim import LR_MAX, LR_RANGE, NonFiniteError, Optimizer, clip_grad_norm
 
 __all__ = [
     "SCHEDULES",
@@ -100,8 +100,8 @@ class TrainConfig:
             pos_int("truncate", self.truncate, 0)
         if self.max_norm is not None and not (math.isfinite(self.max_norm) and self.max_norm > 0):
             raise InputError(f"max_norm must be a positive number or None, got {self.max_norm}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise InputError(f"lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= LR_MAX):
+            raise InputError(f"lr must be a finite number in (0, {LR_MAX:g}], got {self.lr}; {LR_RANGE}")
         if self.schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
 
@@ -172,6 +172,16 @@ def dropout_seed(seed: int, step: int) -> int:
     return (hi & 0x7FFFFFFF) << 32 | lo  # 63 bits: fits the int64 a seed may be stored as
 
 
+def _diverged(model: Any) -> str:
+    """Why an evaluation's carried state is not finite: the weights run the states into NaN or infinity."""
+    xp = model.backend.xp
+    big = max(float(model.backend.to_numpy(xp.abs(p).max())) for p in model.params.values())  # failure path only
+    return (
+        f"evaluation: the model's states overflow to NaN or infinity, with finite weights up to |{big:.3g}| "
+        f"({model.dtype.name}): the weights diverged; lower the learning rate or clip the gradients (max_norm)"
+    )
+
+
 def evaluate(
     model: Any,
     data: Any,
@@ -187,7 +197,8 @@ def evaluate(
     data's ``score_mask`` (the recall steps of a task; every step of text). Sequences are run in
     chunks with the state carried, as in training. ``reduce(buf)`` sums the five running totals
     (a float64 (5,) array on the backend) in place over processes before they are read
-    (``gpubptt.distributed``: each process evaluates its share of the streams).
+    (``gpubptt.distributed``: each process evaluates its share of the streams). Weights that run the
+    carried state into NaN or infinity raise NonFiniteError saying so (not a complaint about s0).
     """
     be = model.backend
     xp = be.xp
@@ -200,7 +211,12 @@ def evaluate(
         L = x_host.shape[0]
         for t0 in range(0, L, chunk):
             xc, yc = be.asarray(x_host[t0 : t0 + chunk]), be.asarray(y_host[t0 : t0 + chunk])
-            out = model.forward(xc, s)
+            try:
+                out = model.forward(xc, s)
+            except InputError:
+                if s is None or all(bool(xp.isfinite(a).all()) for a in (s if isinstance(s, tuple) else (s,))):
+                    raise
+                raise NonFiniteError(_diverged(model)) from None  # the carried state, not the caller's input
             s = out.final_state
             p_y = xp.take_along_axis(out.probs, yc[:, :, None], axis=2)[:, :, 0]  # ŷ_t[y_t], (T, B)
             nll = -xp.log(xp.maximum(p_y, np.finfo(model.dtype).tiny))
@@ -288,7 +304,10 @@ def train(
 
     def run_eval(step: int) -> dict[str, float]:
         t = time.perf_counter()
-        ev = (evaluate if evaluator is None else evaluator)(model, data)
+        try:
+            ev = (evaluate if evaluator is None else evaluator)(model, data)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"step {step}: {exc}") from None
         eval_seconds[0] += time.perf_counter() - t
         history.eval_step.append(step)
         history.eval_loss.append(ev["loss"])

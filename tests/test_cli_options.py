@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
 from typer.testing import CliRunner
 
+import gpubptt.optim
+import gpubptt.run
+import gpubptt.train
 from gpubptt.cli import app
 from gpubptt.errors import InputError
 
@@ -64,7 +68,12 @@ def test_messages_name_the_flag_not_the_library_argument(tmp_path, args, message
 
 def _overflowing(tmp_path, *extra):
     args = ["--lr", "1e38", "--optimizer", "sgd", "--clip", "0", "--hidden", "16", "--batch", "4", "--steps", "4"]
-    return runner.invoke(app, ["train", "--backend", "numpy", *args, "--checkpoint", str(tmp_path / "ck.npz"), *extra])
+    with pytest.MonkeyPatch.context() as mp:  # an lr past LR_MAX, refused up front since, overflows on purpose
+        for module in (gpubptt.run, gpubptt.train, gpubptt.optim):
+            mp.setattr(module, "LR_MAX", math.inf)
+        return runner.invoke(
+            app, ["train", "--backend", "numpy", *args, "--checkpoint", str(tmp_path / "ck.npz"), *extra]
+        )
 
 
 def test_nonfinite_step_message_names_the_flags(tmp_path):
