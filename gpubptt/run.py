@@ -22,13 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from ._checkpoint_meta import MAX_LAYERS
 from .backend import Backend, get_backend
 from .cells import NONLINEARITIES
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
 from .errors import InputError
-from .memory import InsufficientMemoryError, check_fits, format_bytes, train_memory
+from .memory import MAX_LAYERS, InsufficientMemoryError, check_fits, format_bytes, train_memory
 from .model import CELLS, INITS, RNN
 from .optim import DEFAULT_LR, LR_MAX, LR_RANGE, ON_NONFINITE, Optimizer, make_optimizer
 from .plots import plot_history  # noqa: F401  (here before plots.py held every figure)
@@ -141,7 +140,10 @@ def _check_int(flag: str, v: Any, lo: int, note: str = "") -> None:
 def check_layers(layers: Any, flag: str = "--layers") -> None:
     """InputError for more layers than a checkpoint holds (``MAX_LAYERS``): the one limit of every command."""
     if _is_int(layers) and layers > MAX_LAYERS:
-        raise InputError(f"{flag} must be at most {MAX_LAYERS} (the most a checkpoint can hold), got {layers}")
+        raise InputError(
+            f"{flag} must be at most {MAX_LAYERS}, got {layers}: {layers} is above the limit of {MAX_LAYERS} layers "
+            "(the most a model or a checkpoint holds)"
+        )
 
 
 def _check_settings(
