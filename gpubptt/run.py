@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .backend import Backend, get_backend
-from .cells import NONLINEARITIES
+from .cells import NONLINEARITIES, cell_class
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
 from .errors import InputError
@@ -94,6 +94,7 @@ def total_steps(data: Any, config: TrainConfig, *, steps: int | None, epochs: fl
     return max(1, round(total))
 
 
+_PHI_CELLS = tuple(c for c in CELLS if cell_class(c).takes_nonlinearity)  # the cells with a nonlinearity option
 # which settings each choice uses: a given setting that the run would ignore is refused, by name
 _APPLIES = {
     "delay": ("task", ("copy", "recall"), "--task copy or recall"),
@@ -101,7 +102,11 @@ _APPLIES = {
     "copy_length": ("task", ("copy",), "--task copy (recall remembers one symbol)"),
     "data": ("task", ("text",), "--task text only"),
     "momentum": ("optimizer", ("sgd",), "--optimizer sgd (adam and adagrad keep their own statistics)"),
-    "nonlinearity": ("cell", ("rnn",), "--cell rnn (the GRU's and LSTM's gates use σ and tanh)"),
+    "nonlinearity": (
+        "cell",
+        _PHI_CELLS,
+        f"--cell {' or '.join(_PHI_CELLS)} (the GRU's and LSTM's gates use σ and tanh)",
+    ),
 }
 _CHOICES = {
     "task": ("text", "copy", "recall"),
@@ -249,7 +254,7 @@ def new_run(
         bias=st["bias"],
         init=st["init"],
         cell=st["cell"],
-        nonlinearity=st["nonlinearity"] if st["cell"] == "rnn" else None,
+        nonlinearity=st["nonlinearity"] if cell_class(st["cell"]).takes_nonlinearity else None,
         num_layers=st["layers"],
         dropout=float(st["dropout"]),
         seed=st["seed"],
@@ -276,7 +281,7 @@ def _check_memory(st: Mapping[str, Any], data: TextData | CopyTask, config: Trai
         data.input_size, H, data.output_size, T=T, B=B, itemsize=np.dtype(dtype).itemsize, slots=slots,
         bias=bool(st["bias"]), truncate=truncate, eval_T=eval_T, eval_B=eval_B,
         chunk_elements=be.chunk_elements, num_layers=st["layers"], dropout=st["dropout"] > 0,
-        gates={"rnn": 1, "gru": 3, "lstm": 4}[st["cell"]],
+        gates=cell_class(st["cell"]).gates,
     )  # fmt: skip
     layers = f" --layers {st['layers']}" if st["layers"] > 1 else ""
     what = f"training --hidden {H}{layers} on batches of --batch {B} × {T} steps ({st['optimizer']}, {dtype})"
@@ -326,7 +331,7 @@ def settings_of(ck: Checkpoint) -> dict[str, Any]:
         "symbols": data.get("symbols"),
         "copy_length": data.get("length"),
         "hidden": mm["hidden_size"],
-        "cell": {"elman": "rnn"}.get(mm.get("cell", "elman"), mm.get("cell")),
+        "cell": cell_class(mm.get("cell", "elman"), recorded=True).option,
         "layers": mm.get("num_layers", 1),
         "dropout": mm.get("dropout", 0.0),
         "batch": cfg.batch_size,

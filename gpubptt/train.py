@@ -271,9 +271,9 @@ def train(
     n_states = getattr(model, "num_states", 1)
     lead = () if n_states == 1 else (n_states,)  # one recurrence: (B, H); a stack: (L·dirs, B, H)
     want = (*lead, config.batch_size, model.hidden_size)
-    lstm = getattr(model, "cell_name", "rnn") == "lstm"  # its carried state is the tuple (h, c)
-    if state.s is not None and isinstance(state.s, tuple) != lstm:
-        raise InputError(f"the carried state of a {'lstm' if lstm else 'non-lstm'} model must {'' if lstm else 'not '}"
+    tupled = bool(getattr(model.cell, "extra_state", False))  # an LSTM's carried state is the tuple (h, c)
+    if state.s is not None and isinstance(state.s, tuple) != tupled:
+        raise InputError(f"the carried state of a {model.cell_name} model must {'' if tupled else 'not '}"
                          "be a tuple (h, c)")  # fmt: skip
     for s in state.s if isinstance(state.s, tuple) else (state.s,):
         if s is not None and tuple(s.shape) != want:

@@ -35,8 +35,8 @@ from ._common import (
 BenchBackendChoice = choices("BenchBackendChoice", (*BACKEND_NAMES, "all"))
 InputChoice = choices("InputChoice", INPUTS)
 CompareChoice = choices("CompareChoice", COMPARES)
-CellChoice = choices("CellChoice", ("rnn", "gru", "lstm"))
-DEFAULT_CELL = CellChoice("rnn")
+CellChoice = choices("CellChoice", CELLS)
+DEFAULT_CELL = CellChoice(CELLS[0])
 FormatChoice = choices("FormatChoice", ("table", "json", "csv"))
 NonlinearityChoice = choices("NonlinearityChoice", NONLINEARITIES)
 DEFAULTS = BenchConfig(backends=[])  # the library's defaults are the options' defaults
@@ -238,7 +238,7 @@ def bench(
     if compare is CompareChoice.torch and (reason := bench_lib.torch_unavailable_reason()):
         typer.echo(f"warning: {reason}; continuing without the torch comparison", err=True)
         compare = CompareChoice.none
-    if cell.value != "rnn" and compare is CompareChoice.naive:
+    if cell.value != DEFAULT_CELL.value and compare is CompareChoice.naive:
         raise typer.BadParameter("naive is the textbook tanh RNN: it compares --cell rnn only", param_hint="--compare")
     cfg = BenchConfig(
         backends=names,
