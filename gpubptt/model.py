@@ -181,6 +181,12 @@ class RNN(Construction):
         """Recurrence ``r``'s parameters by the cell's base names ("U", "W", "b"): what the cell reads."""
         return {k: self.params[r.name(k)] for k in self.cell.param_shapes(1, 1, self.bias) if r.name(k) in self.params}
 
+    def constrain(self) -> None:
+        """Project every recurrence's parameters onto the cell's constraint set, in place (the cell's
+        ``constrain``; a no-op for the unconstrained cells). Training calls it after each applied step."""
+        for r in self.recurrences:
+            self.cell.constrain(self.recurrence_params(r), xp=self.backend.xp)
+
     @property
     def num_directions(self) -> int:
         """2 for a bidirectional model, else 1."""

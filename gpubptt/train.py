@@ -271,9 +271,9 @@ def train(
     n_states = getattr(model, "num_states", 1)
     lead = () if n_states == 1 else (n_states,)  # one recurrence: (B, H); a stack: (L·dirs, B, H)
     want = (*lead, config.batch_size, model.hidden_size)
-    tupled = bool(getattr(model.cell, "extra_state", False))  # an LSTM's carried state is the tuple (h, c)
+    tupled = bool(getattr(getattr(model, "cell", None), "extra_state", False))  # an LSTM's state: the tuple (h, c)
     if state.s is not None and isinstance(state.s, tuple) != tupled:
-        raise InputError(f"the carried state of a {model.cell_name} model must {'' if tupled else 'not '}"
+        raise InputError(f"the carried state of a {getattr(model, 'cell_name', 'rnn')} model must {'' if tupled else 'not '}"
                          "be a tuple (h, c)")  # fmt: skip
     for s in state.s if isinstance(state.s, tuple) else (state.s,):
         if s is not None and tuple(s.shape) != want:
@@ -336,6 +336,8 @@ def train(
         )
         optimizer.lr = lr
         res = optimizer.step(grads, loss=loss, grad_norm=norm, step=state.step + 1)
+        if res.applied and hasattr(model, "constrain"):
+            model.constrain()  # a constrained cell's parameters back into their set (IndRNN's |w| bound)
 
         state.step += 1
         state.chunk += 1
