@@ -273,8 +273,8 @@ def train(
     want = (*lead, config.batch_size, model.hidden_size)
     tupled = bool(getattr(getattr(model, "cell", None), "extra_state", False))  # an LSTM's state: the tuple (h, c)
     if state.s is not None and isinstance(state.s, tuple) != tupled:
-        raise InputError(f"the carried state of a {getattr(model, 'cell_name', 'rnn')} model must {'' if tupled else 'not '}"
-                         "be a tuple (h, c)")  # fmt: skip
+        name = getattr(model, "cell_name", "rnn")
+        raise InputError(f"the carried state of a {name} model must {'' if tupled else 'not '}be a tuple (h, c)")
     for s in state.s if isinstance(state.s, tuple) else (state.s,):
         if s is not None and tuple(s.shape) != want:
             layout = "(B, H)" if n_states == 1 else "(L·dirs, B, H)"
