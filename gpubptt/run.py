@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .backend import Backend, get_backend
-from .cells import NONLINEARITIES, cell_class
+from .cells import NONLINEARITIES, cell_class, cell_names, make_cell
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
 from .errors import InputError
@@ -146,6 +146,7 @@ def _check_settings(
 ) -> None:
     """InputError naming the flag (``--clip``, not ``max_norm``) of the first bad or inapplicable setting."""
     for name, choices in _CHOICES.items():
+        choices = cell_names() if name == "cell" else choices  # a cell registered since import counts too
         if st[name] not in choices:
             raise InputError(f"unknown {_flag(name)} {st[name]!r}; expected one of {', '.join(choices)}")
     try:
@@ -281,7 +282,7 @@ def _check_memory(st: Mapping[str, Any], data: TextData | CopyTask, config: Trai
         data.input_size, H, data.output_size, T=T, B=B, itemsize=np.dtype(dtype).itemsize, slots=slots,
         bias=bool(st["bias"]), truncate=truncate, eval_T=eval_T, eval_B=eval_B,
         chunk_elements=be.chunk_elements, num_layers=st["layers"], dropout=st["dropout"] > 0,
-        gates=cell_class(st["cell"]).gates,
+        cell=make_cell(st["cell"]),  # its parameter shapes and declared buffers
     )  # fmt: skip
     layers = f" --layers {st['layers']}" if st["layers"] > 1 else ""
     what = f"training --hidden {H}{layers} on batches of --batch {B} × {T} steps ({st['optimizer']}, {dtype})"

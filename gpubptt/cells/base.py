@@ -39,7 +39,7 @@ class Cell(ABC):
     Class attributes (override what differs): ``option`` (the ``cell=`` name), ``name`` (the name a
     checkpoint records; defaults to ``option``), ``gates`` (rows of U and W per hidden unit),
     ``input_bias`` (the bias the engine adds in the input projection, or None), ``extra_state``
-    (False, or the name of a state carried beside s: an LSTM's "c0"), ``torch_module`` (the
+    (required, no default: False, or the name of a state carried beside s: an LSTM's "c0"), ``torch_module`` (the
     ``torch.nn`` module with the same parameters, e.g. "nn.GRU"; None: interchange is refused),
     ``takes_nonlinearity`` (whether the ``nonlinearity`` option applies), ``inits``.
     """
@@ -48,7 +48,8 @@ class Cell(ABC):
     name: ClassVar[str] = ""
     gates: ClassVar[int] = 1
     input_bias: ClassVar[str | None] = "b"
-    extra_state: ClassVar[str | bool] = False
+    #: required of every cell (no default: recomputation refuses a cell that does not say)
+    extra_state: ClassVar[str | bool]
     torch_module: ClassVar[str | None] = None
     takes_nonlinearity: ClassVar[bool] = False
     inits: ClassVar[tuple[str, ...]] = INITS
@@ -176,8 +177,10 @@ class _Sizer:
 
 def register_cell(cls: type[Cell]) -> type[Cell]:
     """Class decorator: make ``cls`` a ``cell=`` option under ``cls.option`` (its ``name`` defaults to it)."""
-    if not (isinstance(cls, type) and issubclass(cls, Cell)) or not cls.option:
-        raise InputError(f"register_cell takes a Cell subclass with an option name, got {cls!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Cell)) or not cls.option or not hasattr(cls, "extra_state"):
+        raise InputError(
+            f"register_cell takes a Cell subclass with an option name and extra_state (False or a name), got {cls!r}"
+        )
     if cls.option in _REGISTRY and _REGISTRY[cls.option] is not cls:
         raise InputError(f"a cell named {cls.option!r} is already registered ({_REGISTRY[cls.option].__name__})")
     if not cls.name:

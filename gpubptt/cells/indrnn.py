@@ -50,6 +50,8 @@ class IndRNNCell(Cell):
 
     option = "indrnn"
     takes_nonlinearity = True
+    #: s is the whole state (recomputation may keep s alone)
+    extra_state = False
 
     def __init__(self, nonlinearity: str = "relu", max_weight: float | None = None) -> None:
         if nonlinearity not in NONLINEARITIES:
