@@ -30,7 +30,6 @@ from .errors import InputError
 from .memory import InsufficientMemoryError, check_fits, format_bytes, train_memory
 from .model import CELLS, INITS, RNN
 from .optim import DEFAULT_LR, ON_NONFINITE, Optimizer, make_optimizer
-from .plots import plot_history  # noqa: F401  (here before plots.py held every figure)
 from .train import SCHEDULES, History, TrainConfig, TrainState
 
 __all__ = ["DEFAULTS", "Run", "new_run", "resume_run", "save_run", "total_steps"]

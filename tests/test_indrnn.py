@@ -168,3 +168,24 @@ def test_vanish_cell_indrnn_prints_its_row_beside_the_others():
     cells = json.loads(result.stdout)["cells"]
     assert [c["cell"] for c in cells] == ["rnn", "indrnn"]
     assert cells[1]["parameters"] < cells[0]["parameters"]  # w (H,) for W (H, H)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("phi", ["relu", "tanh"])
+def test_indrnn_cupy_float64_matches_numpy(cupy_be, phi):
+    be = cupy_be
+    rng = np.random.default_rng(7)
+    ref = gpubptt.RNN(20, 32, 7, cell="indrnn", nonlinearity=phi, num_layers=2, bidirectional=True, backend="numpy",
+                      dtype="float64", bias=True, seed=4)  # fmt: skip
+    gpu = ref.to(be)
+    assert gpu.cell == ref.cell
+    for tokens, truncate in ((True, None), (False, 3)):
+        x = rng.integers(0, 20, size=(12, 6)) if tokens else rng.normal(size=(12, 6, 20))
+        y, s0 = rng.integers(0, 7, size=(12, 6)), rng.normal(size=(4, 6, 32)) * 0.3
+        lengths = np.array([12, 5, 0, 1, 12, 7])
+        l1, g1 = ref.loss_and_grads(x, y, s0, lengths=lengths, truncate=truncate)
+        l2, g2 = gpu.loss_and_grads(be.asarray(x), be.asarray(y), be.asarray(s0), lengths=be.asarray(lengths),
+                                    truncate=truncate)  # fmt: skip
+        assert float(l2) == pytest.approx(float(l1), rel=1e-12)
+        for k in g1:
+            np.testing.assert_allclose(gpubptt.to_numpy(g2[k]), g1[k], rtol=1e-10, atol=1e-12, err_msg=k)
