@@ -189,3 +189,13 @@ def test_indrnn_cupy_float64_matches_numpy(cupy_be, phi):
         assert float(l2) == pytest.approx(float(l1), rel=1e-12)
         for k in g1:
             np.testing.assert_allclose(gpubptt.to_numpy(g2[k]), g1[k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+def test_readme_indrnn_example_runs():
+    from gpubptt.cells.indrnn import horizon_bound
+
+    ind = gpubptt.RNN(64, 128, 64, cell="indrnn", num_layers=2, bidirectional=True, bias=True, backend="numpy")
+    assert ind.params["w"].shape == (128,) and ind.params["U"].shape == (128, 64) and ind.params["b"].shape == (128,)
+    cell = IndRNNCell("relu", max_weight=horizon_bound(100, 2.0))
+    bounded = gpubptt.RNN(64, 128, 64, cell=cell, backend="numpy")
+    assert float(np.abs(bounded.params["w"]).max()) <= 2 ** (1 / 100)
