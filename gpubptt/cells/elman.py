@@ -29,7 +29,7 @@ from ..errors import InputError
 from ._per_backend import PerBackend
 from .base import Cell, register_cell
 
-__all__ = ["NONLINEARITIES", "STEP_KERNELS", "ElmanCell", "backward_truncated", "kernels"]
+__all__ = ["NONLINEARITIES", "STEP_KERNELS", "ElmanCell", "backward_truncated", "kernels", "phi_prime"]
 
 STEP_KERNELS = ("auto", "cublas", "fused", "persistent")
 NONLINEARITIES = ("tanh", "relu")
@@ -92,7 +92,7 @@ class ElmanCell(Cell):
 
     def step_jacobian(self, p: dict[str, np.ndarray], S: np.ndarray, aux: dict[str, np.ndarray]) -> np.ndarray:
         """∂s_t/∂s_{t−1} = diag(φ'_t) W, (T, B, H, H): tanh φ' = 1 − s_t², relu 1 where s_t > 0."""
-        f = (S[1:] > 0).astype(S.dtype) if self.nonlinearity == "relu" else 1 - S[1:] ** 2
+        f = phi_prime(S[1:], self.nonlinearity, xp=np, out=np.empty_like(S[1:]))
         return f[..., None] * p["W"]
 
     # -- the engine's interface (buffers, load, cell_states: the base's, none for this cell) ----
@@ -161,12 +161,7 @@ class ElmanCell(Cell):
 
         tanh: 1 − s_t²; relu: 1 where s_t > 0, else 0 (s_t ≥ 0, so its sign).
         """
-        xp = be.xp
-        if self.nonlinearity == "relu":
-            return xp.sign(S[1:], out=out)
-        xp.multiply(S[1:], S[1:], out=out)
-        xp.subtract(1, out, out=out)
-        return out
+        return phi_prime(S[1:], self.nonlinearity, xp=be.xp, out=out)
 
     def backward(self, G: Any, W: Any, F: Any, *, be: Backend, carry: Any, step_kernels: str = "auto") -> None:
         """Full BPTT, in place: G (T, B, H) enters as the direct term ∂E_t/∂s_t and leaves as δ_t.
@@ -198,6 +193,15 @@ class ElmanCell(Cell):
     def enter(g: Any, f: Any, out: Any, *, be: Backend) -> None:
         """A state gradient into the pre-activation: out = g ⊙ f; all (B, H), f the step's factor."""
         be.xp.multiply(g, f, out=out)
+
+
+def phi_prime(s: Any, nonlinearity: str, *, xp: Any, out: Any) -> Any:
+    """φ'(a) read from the state s = φ(a), into ``out`` (same shape): tanh 1 − s²; relu 1 where s > 0, else 0."""
+    if nonlinearity == "relu":
+        return xp.sign(s, out=out)  # s ≥ 0: its sign is the indicator
+    xp.multiply(s, s, out=out)
+    xp.subtract(1, out, out=out)
+    return out
 
 
 def backward_truncated(cell: Any, G: Any, W: Any, F: Any, k: int, *, be: Backend, lanes: Any, spare: Any) -> None:

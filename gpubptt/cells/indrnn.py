@@ -29,7 +29,7 @@ from ..backend import Backend
 from ..errors import InputError
 from ._per_backend import PerBackend
 from .base import Cell, register_cell
-from .elman import NONLINEARITIES, backward_truncated
+from .elman import NONLINEARITIES, backward_truncated, phi_prime
 
 __all__ = ["IndRNNCell", "horizon_bound", "kernels"]
 
@@ -132,12 +132,7 @@ class IndRNNCell(Cell):
     # -- truncation's lanes (elman.backward_truncated) -------------------------------------------
     def factors(self, S: Any, *, be: Backend, out: Any) -> Any:
         """φ' at every step from the states: S (T+1, B, H) → out (T, B, H) (tanh 1 − s², relu 1 where s > 0)."""
-        xp = be.xp
-        if self.nonlinearity == "relu":
-            return xp.sign(S[1:], out=out)
-        xp.multiply(S[1:], S[1:], out=out)
-        xp.subtract(1, out, out=out)
-        return out
+        return phi_prime(S[1:], self.nonlinearity, xp=be.xp, out=out)
 
     @staticmethod
     def step_back(lanes: Any, w: Any, f: Any, out: Any, *, be: Backend) -> None:
@@ -157,7 +152,7 @@ class IndRNNCell(Cell):
     # -- diagnostics, bench --------------------------------------------------------------------
     def step_jacobian(self, p: dict[str, np.ndarray], S: np.ndarray, aux: dict[str, np.ndarray]) -> np.ndarray:
         """∂s_t/∂s_{t−1} = diag(f_t ⊙ w), (T, B, H, H) dense (zero off the diagonal)."""
-        f = (S[1:] > 0).astype(S.dtype) if self.nonlinearity == "relu" else 1 - S[1:] ** 2
+        f = phi_prime(S[1:], self.nonlinearity, xp=np, out=np.empty_like(S[1:]))
         T, B, H = f.shape
         J = np.zeros((T, B, H, H), dtype=S.dtype)
         i = np.arange(H)
