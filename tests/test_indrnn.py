@@ -199,3 +199,27 @@ def test_readme_indrnn_example_runs():
     cell = IndRNNCell("relu", max_weight=horizon_bound(100, 2.0))
     bounded = gpubptt.RNN(64, 128, 64, cell=cell, backend="numpy")
     assert float(np.abs(bounded.params["w"]).max()) <= 2 ** (1 / 100)
+
+
+def test_elman_only_diagnostics_refuse_indrnn_naming_the_any_cell_measures():
+    from gpubptt import diagnostics
+
+    model = _model()
+    x = np.zeros((4, 2), dtype=np.int64)
+    for fn in (diagnostics.step_gradients, diagnostics.stack_report):
+        with pytest.raises(gpubptt.InputError, match="this model's cell is 'indrnn': gpubptt.diagnostics.gated"):
+            fn(model, x, x)
+
+
+def test_vanish_checkpoint_measures_an_indrnn_checkpoint_as_its_own_cell(tmp_path):
+    from gpubptt.run import new_run, save_run
+
+    run = new_run({"cell": "indrnn", "hidden": 8, "batch": 2, "chunk": 8, "task": "recall", "delay": 4},
+                  backend="numpy", steps=1)  # fmt: skip
+    path = save_run(tmp_path / "ind.npz", run)
+    result = CliRunner().invoke(app, ["vanish", "--checkpoint", str(path), "--dtype", "float64", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    (flow,) = json.loads(result.stdout)["cells"]
+    assert flow["cell"] == "indrnn" and flow["hidden_size"] == 8
