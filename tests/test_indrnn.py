@@ -207,7 +207,7 @@ def test_elman_only_diagnostics_refuse_indrnn_naming_the_any_cell_measures():
     model = _model()
     x = np.zeros((4, 2), dtype=np.int64)
     for fn in (diagnostics.step_gradients, diagnostics.stack_report):
-        with pytest.raises(gpubptt.InputError, match="this model's cell is 'indrnn': gpubptt.diagnostics.gated"):
+        with pytest.raises(gpubptt.InputError, match=r"this model's cell is 'indrnn': gpubptt\.diagnostics\.gated"):
             fn(model, x, x)
 
 
