@@ -254,7 +254,8 @@ def new_run(
         bias=st["bias"],
         init=st["init"],
         cell=st["cell"],
-        nonlinearity=st["nonlinearity"] if cell_class(st["cell"]).takes_nonlinearity else None,
+        # as given, or None: the cell's own default (tanh for rnn, relu for indrnn)
+        nonlinearity=settings.get("nonlinearity") if cell_class(st["cell"]).takes_nonlinearity else None,
         num_layers=st["layers"],
         dropout=float(st["dropout"]),
         seed=st["seed"],

@@ -223,3 +223,24 @@ def test_vanish_checkpoint_measures_an_indrnn_checkpoint_as_its_own_cell(tmp_pat
 
     (flow,) = json.loads(result.stdout)["cells"]
     assert flow["cell"] == "indrnn" and flow["hidden_size"] == 8
+
+
+def test_indrnn_trains_resumes_and_benches_from_the_command_line(tmp_path):
+    runner = CliRunner()
+    ck = str(tmp_path / "ck.npz")
+    common = ["--backend", "numpy", "--checkpoint", ck]
+    args = ["train", "--cell", "indrnn", "--task", "recall", "--delay", "4", "--hidden", "8", "--batch", "4"]
+    result = runner.invoke(app, [*args, "--steps", "2", *common])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["train", "--resume", "--steps", "3", *common])
+    assert result.exit_code == 0, result.output
+    from gpubptt.checkpoint import load_checkpoint
+
+    back = load_checkpoint(ck, backend="numpy")
+    assert back.model.cell == IndRNNCell("relu") and back.state.step == 3  # the cell's own default φ
+    bench = ["bench", "--cell", "indrnn", "--backend", "numpy", "--seq-lens", "4", "--hidden-sizes", "6",
+             "--repeats", "1", "--format", "json"]  # fmt: skip
+    result = runner.invoke(app, bench)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [*bench, "--compare", "torch"])
+    assert result.exit_code == 2 and "torch has no module for --cell indrnn" in result.output

@@ -15,7 +15,7 @@ from .._io import write_atomic
 from ..backend import BACKEND_NAMES, available_backends
 from ..bench import COMPARES, INPUTS
 from ..bench.runner import BenchConfig
-from ..cells import NONLINEARITIES
+from ..cells import NONLINEARITIES, cell_class
 from ..checkpoint import load_checkpoint
 from ..environment import environment
 from ..errors import CheckpointError
@@ -238,6 +238,10 @@ def bench(
     if compare is CompareChoice.torch and (reason := bench_lib.torch_unavailable_reason()):
         typer.echo(f"warning: {reason}; continuing without the torch comparison", err=True)
         compare = CompareChoice.none
+    if compare is CompareChoice.torch and cell_class(cell.value).torch_module is None:
+        raise typer.BadParameter(
+            f"torch has no module for --cell {cell.value}: use --compare none", param_hint="--compare"
+        )
     if cell.value != DEFAULT_CELL.value and compare is CompareChoice.naive:
         raise typer.BadParameter("naive is the textbook tanh RNN: it compares --cell rnn only", param_hint="--compare")
     cfg = BenchConfig(
