@@ -235,13 +235,13 @@ def bench(
         return
     requested = available_backends() if backend is BenchBackendChoice.all else [backend.value]
     names = list(dict.fromkeys(backend_or_exit(name).name for name in requested))  # fails here, before any work
-    if compare is CompareChoice.torch and (reason := bench_lib.torch_unavailable_reason()):
-        typer.echo(f"warning: {reason}; continuing without the torch comparison", err=True)
-        compare = CompareChoice.none
     if compare is CompareChoice.torch and cell_class(cell.value).torch_module is None:
         raise typer.BadParameter(
             f"torch has no module for --cell {cell.value}: use --compare none", param_hint="--compare"
         )
+    if compare is CompareChoice.torch and (reason := bench_lib.torch_unavailable_reason()):
+        typer.echo(f"warning: {reason}; continuing without the torch comparison", err=True)
+        compare = CompareChoice.none
     if cell.value != DEFAULT_CELL.value and compare is CompareChoice.naive:
         raise typer.BadParameter("naive is the textbook tanh RNN: it compares --cell rnn only", param_hint="--compare")
     cfg = BenchConfig(
