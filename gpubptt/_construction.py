@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,8 +67,13 @@ class Construction:
         dropout: float = 0.0,
         cell: str | Cell | None = None,
         seed: int | None = None,
+        config: ModelConfig | None = None,
     ) -> Any:
         """Build a model from arrays (NumPy or backend) named as ``params.param_shapes`` names them.
+
+        With ``config`` (a ``ModelConfig``: what ``to()`` and checkpoints pass) the architecture is the
+        config's and nothing is inferred: the arrays must have exactly its names and shapes (``dtype``
+        None: the config's; ``cell`` and ``nonlinearity`` must be left unset). Without it:
 
         One layer: "U" (G·H, D), "W" (G·H, H), "V" (K, H), optionally "b" (G·H,), "c" (K,) (and the GRU's
         "b_hn" (H,)), G the gates of ``cell``: 1 "rnn", 3 "gru", 4 "lstm"; ``cell=None`` reads it from
@@ -78,6 +84,9 @@ class Construction:
         """
         if not isinstance(params, Mapping):
             raise InputTypeError(f"params must be a mapping of arrays, got {type(params).__name__}")
+        if config is not None:
+            return cls._from_config(params, config, backend=backend, dtype=dtype, nonlinearity=nonlinearity,
+                                    dropout=dropout, cell=cell, seed=seed)  # fmt: skip
         cell = _cell_of(params, cell)
         the_cell = _cell(nonlinearity, cell)
         weights = [k for k in the_cell.param_shapes(1, 1, False) if k != "U"]
@@ -136,6 +145,39 @@ class Construction:
         return model
 
     @classmethod
+    def _from_config(
+        cls, params: Mapping[str, Any], config: ModelConfig, *, backend: Any, dtype: Any, nonlinearity: Any,
+        dropout: float, cell: Any, seed: Any,
+    ) -> Any:  # fmt: skip
+        """``from_params`` with the architecture given: every array checked against ``config.param_shapes()``."""
+        if not isinstance(config, ModelConfig):
+            raise InputTypeError(f"config must be a gpubptt ModelConfig, got {type(config).__name__}")
+        if cell is not None or nonlinearity is not None:
+            raise InputError(
+                "with config=, the cell and its nonlinearity are the config's: leave cell and nonlinearity unset"
+            )
+        _, _, dropout = _check_layers(config.num_layers, config.bidirectional, dropout)
+        seed = _check_seed(seed)
+        dt = check_dtype(dtype if dtype is not None else config.dtype)
+        config = dataclasses.replace(config, dtype=dt)
+        expected = config.param_shapes()
+        if set(params) != set(expected):
+            raise InputError(
+                f"params must hold exactly the config's parameters {', '.join(expected)}; got {', '.join(params)}"
+            )
+        be = get_backend(backend)
+        host = {k: be.to_numpy(params[k]) for k in expected}
+        for k, a in host.items():
+            if a.dtype.kind != "f":
+                raise InputTypeError(f"parameter {k} must be floating point, got dtype {a.dtype}")
+            if a.shape != expected[k]:
+                raise ShapeError(f"parameter {k} must have shape {expected[k]} (from the config), got {a.shape}")
+        model = cls.__new__(cls)
+        model._setup(be, config, {k: be.asarray(np.array(a)) for k, a in host.items()})  # Params checks
+        model._set_layers(config.num_layers, config.bidirectional, dropout, seed)
+        return model
+
+    @classmethod
     def from_torch(
         cls,
         rnn_state_dict: Mapping[str, Any],
@@ -179,9 +221,7 @@ class Construction:
 
     def to(self, backend: str | Backend) -> Any:
         """A copy of this model on another backend (same dtype, weights and settings)."""
-        copy = type(self).from_params(
-            self.params, backend=backend, dtype=self.dtype, dropout=self.dropout, cell=self.cell
-        )  # the cell object itself: its options travel with it
+        copy = type(self).from_params(self.params, backend=backend, dropout=self.dropout, config=self.config)
         copy.init, copy.use_graphs = self.init, self.use_graphs
         copy.step_kernels, copy.chunk_elements = self.step_kernels, self.chunk_elements
         return copy

@@ -38,6 +38,7 @@ from ._checkpoint_meta import FORMAT, VERSION, check_history, check_meta, show
 from ._io import write_atomic
 from .backend import Backend, get_backend, to_numpy
 from .cells import cell_class, cell_names, make_cell
+from .config import ModelConfig
 from .data import Vocab
 from .errors import CheckpointError, InputError
 from .model import RNN
@@ -304,9 +305,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, backend: str | Backend | No
     history = check_history(arrays, state, where)
 
     be = get_backend(backend)
-    model = RNN.from_params(
-        params, backend=be, dtype=dtype, dropout=mm.get("dropout", 0.0), cell=the_cell
-    )  # fmt: skip
+    arch = ModelConfig(D, H, K, the_cell, L, bidirectional, bias, dtype)  # the architecture the file records
+    model = RNN.from_params(params, backend=be, dropout=mm.get("dropout", 0.0), config=arch)
     model.init = mm.get("init", "custom")
     optimizer = None
     mo = meta.get("optimizer")
