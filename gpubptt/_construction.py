@@ -14,7 +14,7 @@ import numpy as np
 from . import interop
 from ._checks import check_dtype
 from .backend import Backend, get_backend
-from .cells import Cell, cell_class, cell_names
+from .cells import Cell, cell_class, cell_names, make_cell
 from .config import ModelConfig
 from .errors import InputError, InputTypeError, ShapeError
 from .options import _cell, _check_layers, _check_seed, cell_option
@@ -25,9 +25,15 @@ __all__ = ["Construction"]
 
 def _cell_of(params: Mapping[str, Any], cell: Any) -> Any:
     """The cell option: ``cell`` as given, or (None) the registered cell whose gates·H matches W's rows (H its
-    columns); "rnn" when none does (the shape checks that follow say what is wrong)."""
+    columns), or without W the first whose own weights are all given; "rnn" when none does (the shape
+    checks that follow say what is wrong)."""
     if cell is not None:
         return cell
+    if "W" not in params:  # a cell without W (IndRNN's w): the first whose recurrent weights are all there
+        for c in cell_names():
+            own = set(make_cell(c).param_shapes(1, 1, False)) - {"U"}
+            if own and own <= set(params):
+                return c
     shape = tuple(getattr(params.get("W"), "shape", ()))
     if len(shape) == 2 and shape[1] > 0:
         for c in cell_names():

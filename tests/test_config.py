@@ -41,3 +41,10 @@ def test_from_params_with_a_config_checks_every_array_against_it():
         gpubptt.RNN.from_params(params, backend="numpy", config=model.config, cell="rnn")
     wider = ModelConfig(5, 4, 3, gpubptt.cells.IndRNNCell("tanh"), bias=True, dtype=np.dtype("float64"))
     assert gpubptt.RNN.from_params(params, backend="numpy", config=wider).nonlinearity == "tanh"
+
+
+def test_from_params_without_a_cell_reads_it_from_the_weights_given():
+    ind = gpubptt.RNN(5, 4, 3, cell="indrnn", bias=True, backend="numpy", seed=0)
+    assert gpubptt.RNN.from_params(ind.params, backend="numpy").cell_name == "indrnn"
+    gru = gpubptt.RNN(5, 4, 3, cell="gru", backend="numpy", seed=0)
+    assert gpubptt.RNN.from_params(gru.params, backend="numpy").cell_name == "gru"
