@@ -11,6 +11,7 @@ import gpubptt
 from gpubptt.backend import get_backend
 from gpubptt.cells import IndRNNCell, indrnn
 from gpubptt.cli import app
+from tests.reference import central_differences
 from tests.test_gated_kernels import run_body
 
 D, H, K, T, B = 5, 4, 5, 6, 3
@@ -19,24 +20,6 @@ D, H, K, T, B = 5, 4, 5, 6, 3
 def _model(phi="relu", bias=True, seed=0, **kw):
     return gpubptt.RNN(D, H, K, cell="indrnn", nonlinearity=phi, backend="numpy", dtype="float64", bias=bias,
                        seed=seed, **kw)  # fmt: skip
-
-
-def _central(model, x, y, s0, lengths, h=1e-6):
-    """Every parameter's gradient of the loss by central differences (float64), independent of the backward."""
-    out = {}
-    for name in model.params:
-        p = model.params[name]
-        g = np.zeros_like(p)
-        for i in np.ndindex(p.shape):
-            old = p[i]
-            p[i] = old + h
-            up = model.loss(x, y, s0, lengths=lengths)
-            p[i] = old - h
-            down = model.loss(x, y, s0, lengths=lengths)
-            p[i] = old
-            g[i] = (up - down) / (2 * h)
-        out[name] = g
-    return out
 
 
 def _rel(a, b):
@@ -52,7 +35,7 @@ def test_indrnn_gradients_match_central_differences(phi):
     s0 = rng.uniform(0.1, 1, (B, H))
     lengths = np.array([T, T - 2, 1])
     _, grads = model.loss_and_grads(x, y, s0, lengths=lengths)
-    want = _central(model, x, y, s0, lengths)
+    want = central_differences(model, x, y, s0, lengths)
     for k in model.params:
         assert _rel(grads[k], want[k]) <= 1e-7, k
 
