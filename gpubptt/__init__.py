@@ -13,6 +13,7 @@ s_t = tanh(U x_t + W s_{t-1} [+ b])      ŷ_t = softmax(V s_t [+ c])      E = Σ
 from __future__ import annotations
 
 from .backend import Backend, available_backends, get_backend, to_numpy
+from .config import ModelConfig
 from .errors import (
     BackendMismatchError,
     BackendUnavailableError,
@@ -33,6 +34,7 @@ __all__ = [
     "GradcheckReport",
     "InputError",
     "InputTypeError",
+    "ModelConfig",
     "RNNOutput",
     "ShapeError",
     "__version__",

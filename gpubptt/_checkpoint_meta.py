@@ -2,8 +2,9 @@
 range, one line per problem, all raised together as one CheckpointError.
 
 Format versions: 1 (the model's sizes, dtype, bias and init) and 2 (the same, plus the architecture:
-``cell`` ("elman", "gru", "lstm"), ``nonlinearity`` (null for the gated cells), ``num_layers``,
-``bidirectional``). Version 1 files are read as the one
+``cell`` (a registered cell's recorded name: "elman", "gru", "lstm", "indrnn", …), ``nonlinearity``
+(null for a cell without one), ``num_layers``, ``bidirectional``; optionally ``cell_options``, the
+cell's further options, written only for a cell that has some). Version 1 files are read as the one
 architecture they could hold: one layer of the tanh Elman cell, one direction.
 """
 
@@ -17,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from .cells import NONLINEARITIES, cell_class, cell_names
 from .data import TASKS
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .memory import MAX_LAYERS  # a sanity bound on model.num_layers, the model's own
 from .optim import ON_NONFINITE, OPTIMIZERS
 from .train import SCHEDULES, History, TrainConfig, TrainState
@@ -31,7 +33,8 @@ READS = (1, 2)  # what it reads
 #: The architecture fields of version 2 and their defaults (what a version 1 file holds).
 ARCHITECTURE = {"cell": "elman", "nonlinearity": "tanh", "num_layers": 1, "bidirectional": False}
 #: Fields of the architecture that take one of several values here (the first is the default).
-CHOICES = {"cell": ("elman", "gru", "lstm"), "nonlinearity": ("tanh", "relu")}
+#: (the cells: every registered cell's recorded name, read when a file is checked; see ``_recorded_cells``)
+CHOICES = {"cell": ("elman",), "nonlinearity": NONLINEARITIES}
 _INT_MAX = 2**63 - 1  # steps and positions are stored as int64
 _SIZE_MAX = 2**31 - 1  # model sizes, batch, chunk and task lengths: anything larger cannot be allocated
 _META_KEYS = ("format", "version", "model", "optimizer", "data", "config", "state")
@@ -112,7 +115,7 @@ class _Fields:
 def _check_model(f: _Fields, m: dict[str, Any], version: int) -> None:
     arch = tuple(ARCHITECTURE)
     required = ("input_size", "hidden_size", "output_size", "dtype", "bias") + (arch if version >= 2 else ())
-    if not f.keys("model", m, required, ("init", "dropout")):
+    if not f.keys("model", m, required, ("init", "dropout", "cell_options")):
         return
     for k in ("input_size", "hidden_size", "output_size"):
         f.integer(f"model.{k}", m[k], 1, _SIZE_MAX)
@@ -123,11 +126,11 @@ def _check_model(f: _Fields, m: dict[str, Any], version: int) -> None:
     for k, built in ARCHITECTURE.items():
         if k not in m:
             continue
-        if k == "nonlinearity" and m.get("cell") in ("gru", "lstm"):  # the gated cells have none
+        if k == "nonlinearity" and _takes_no_nonlinearity(m.get("cell")):  # the gated cells have none
             if m[k] is not None:
                 f.bad("model.nonlinearity", m[k], f"null for cell {show(m['cell'])} (its gates use σ and tanh)")
         elif k in CHOICES:
-            f.choice(f"model.{k}", m[k], CHOICES[k])
+            f.choice(f"model.{k}", m[k], _recorded_cells() if k == "cell" else CHOICES[k])
         elif k == "num_layers":
             f.integer("model.num_layers", m[k], 1, MAX_LAYERS)
         elif k == "bidirectional":
@@ -136,6 +139,21 @@ def _check_model(f: _Fields, m: dict[str, Any], version: int) -> None:
             f.bad(f"model.{k}", m[k], f"{show(built)}, the only {k.replace('_', ' ')} this gpubptt builds")
     if "dropout" in m:
         f.number("model.dropout", m["dropout"], 0, 1, lo_open=False)
+    if "cell_options" in m:  # a cell's options beyond nonlinearity (the cell checks their values on load)
+        f.section("model.cell_options", m["cell_options"], null=False)
+
+
+def _recorded_cells() -> tuple[str, ...]:
+    """The names a checkpoint records for the registered cells ("elman", "gru", "lstm", …), the default first."""
+    return tuple(cell_class(c).name for c in cell_names())
+
+
+def _takes_no_nonlinearity(name: Any) -> bool:
+    """Whether the recorded cell ``name`` is a registered cell without a nonlinearity option (GRU, LSTM)."""
+    try:
+        return not cell_class(name, recorded=True).takes_nonlinearity
+    except InputError:
+        return False
 
 
 def _check_optimizer(f: _Fields, o: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,20 +14,49 @@ import numpy as np
 from . import interop
 from ._checks import check_dtype
 from .backend import Backend, get_backend
+from .cells import Cell, cell_class, cell_names, make_cell
+from .config import ModelConfig
 from .errors import InputError, InputTypeError, ShapeError
 from .memory import check_model_size
-from .options import (
-    GATES,
-    _cell,
-    _cell_of,
-    _check_layers,
-    _check_seed,
-    _gates_message,
-    cell_option,
-)
+from .options import _cell, _check_layers, _check_seed, cell_option
 from .params import architecture_of, param_shapes
 
 __all__ = ["Construction"]
+
+
+def _cell_of(params: Mapping[str, Any], cell: Any) -> Any:
+    """The cell option: ``cell`` as given, or (None) the registered cell whose gates·H matches W's rows (H its
+    columns), or without W the first whose own weights are all given; "rnn" when none does (the shape
+    checks that follow say what is wrong)."""
+    if cell is not None:
+        return cell
+    if "W" not in params:  # a cell without W (IndRNN's w): the first whose recurrent weights are all there
+        for c in cell_names():
+            own = set(make_cell(c).param_shapes(1, 1, False)) - {"U"}
+            if own and own <= set(params):
+                return c
+    shape = tuple(getattr(params.get("W"), "shape", ()))
+    if len(shape) == 2 and shape[1] > 0:
+        for c in cell_names():
+            if shape[0] == cell_class(c).gates * shape[1]:
+                return c
+    return "rnn"
+
+
+def _other_cell(host: dict[str, np.ndarray], cell: Cell) -> str | None:
+    """Why W (rows, H) is another cell's and not ``cell``'s (named by the rows each cell would have); None if not."""
+    if "W" not in host or "W" not in cell.param_shapes(1, 1, False):
+        return None
+    rows, H = host["W"].shape
+    gates = {c: cell_class(c).gates for c in cell_names()}
+    if rows == cell.gates * H or not any(rows == g * H for g in gates.values()):
+        return None
+    have = [c for c, g in gates.items() if rows == g * H]
+    table = ", ".join(f"{c} {'' if g == 1 else g}H = {g * H}" for c, g in gates.items())
+    return (
+        f"W has shape {(rows, H)}: {rows} rows for H = {H} is a {have[0]} cell's ({table}), not the "
+        f"{cell_option(cell)} cell's {cell.gates}H = {cell.gates * H}; pass cell={have[0]!r}"
+    )
 
 
 class Construction:
@@ -42,10 +72,15 @@ class Construction:
         dtype: Any = None,
         nonlinearity: str | None = None,
         dropout: float = 0.0,
-        cell: str | None = None,
+        cell: str | Cell | None = None,
         seed: int | None = None,
+        config: ModelConfig | None = None,
     ) -> Any:
         """Build a model from arrays (NumPy or backend) named as ``params.param_shapes`` names them.
+
+        With ``config`` (a ``ModelConfig``: what ``to()`` and checkpoints pass) the architecture is the
+        config's and nothing is inferred: the arrays must have exactly its names and shapes (``dtype``
+        None: the config's; ``cell`` and ``nonlinearity`` must be left unset). Without it:
 
         One layer: "U" (G·H, D), "W" (G·H, H), "V" (K, H), optionally "b" (G·H,), "c" (K,) (and the GRU's
         "b_hn" (H,)), G the gates of ``cell``: 1 "rnn", 3 "gru", 4 "lstm"; ``cell=None`` reads it from
@@ -56,11 +91,18 @@ class Construction:
         """
         if not isinstance(params, Mapping):
             raise InputTypeError(f"params must be a mapping of arrays, got {type(params).__name__}")
-        missing = [k for k in ("U", "W", "V") if k not in params]
-        if missing:
-            raise InputError(f"params is missing {missing}; expected U (H, D), W (H, H), V (K, H)")
-        cell = _cell_of(params["W"], cell)
+        if config is not None:
+            return cls._from_config(params, config, backend=backend, dtype=dtype, nonlinearity=nonlinearity,
+                                    dropout=dropout, cell=cell, seed=seed)  # fmt: skip
+        cell = _cell_of(params, cell)
         the_cell = _cell(nonlinearity, cell)
+        weights = [k for k in the_cell.param_shapes(1, 1, False) if k != "U"]
+        missing = [k for k in ("U", *weights, "V") if k not in params]
+        if missing:
+            raise InputError(
+                f"params is missing {missing}; expected U (G·H, D), {', '.join(weights)} of the "
+                f"{cell_option(the_cell)} cell, V (K, H)"
+            )
         L, bidirectional = architecture_of(params)
         _, _, dropout = _check_layers(L, bidirectional, dropout)
         check_model_size(the_cell, 1, 1, 1, num_layers=L)  # the same depth limit as RNN (the arrays exist already)
@@ -71,14 +113,17 @@ class Construction:
             if a.dtype.kind != "f":
                 raise InputTypeError(f"parameter {k} must be floating point, got dtype {a.dtype}")
         dt = check_dtype(dtype if dtype is not None else host["U"].dtype)
-        if host["U"].ndim != 2 or host["W"].ndim != 2 or host["V"].ndim != 2:
-            raise ShapeError("U, W, V must be 2-d: got " + ", ".join(f"{k} {host[k].shape}" for k in ("U", "W", "V")))
-        rows, cols = host["W"].shape
-        if rows != the_cell.gates * cols and any(rows == g * cols for g in GATES.values()):  # another cell's W
-            raise ShapeError(_gates_message("W", host["W"].shape, cell))
+        if host["U"].ndim != 2 or host["V"].ndim != 2:
+            raise ShapeError("U, V must be 2-d: got " + ", ".join(f"{k} {host[k].shape}" for k in ("U", "V")))
+        if "W" in host and host["W"].ndim != 2:
+            raise ShapeError(f"W must be 2-d: got W {host['W'].shape}")
+        other = _other_cell(host, the_cell)
+        if other is not None:  # another cell's W
+            raise ShapeError(other)
         H, D = host["U"].shape[0] // the_cell.gates, host["U"].shape[1]
         K = host["V"].shape[0]
-        expected = param_shapes(D, H, K, "b" in host, the_cell, num_layers=L, bidirectional=bidirectional)
+        has_bias = bool(the_cell.bias_names() & set(host))
+        expected = param_shapes(D, H, K, has_bias, the_cell, num_layers=L, bidirectional=bidirectional)
         unknown = sorted(set(host) - set(expected))
         if unknown:
             arch = f"{L} layer{'s' if L > 1 else ''}{', bidirectional' if bidirectional else ''}"
@@ -94,15 +139,50 @@ class Construction:
         for k, a in host.items():
             if a.shape != expected[k]:
                 raise ShapeError(
-                    f"parameter {k} must have shape {expected[k]} (from U {host['U'].shape}, cell {cell!r}), "
+                    f"parameter {k} must have shape {expected[k]} (from U {host['U'].shape}, cell "
+                    f"{cell_option(the_cell)!r}), "
                     f"got {a.shape}"
                 )
         if min(H, D, K) < 1:
             raise ShapeError(f"every size must be ≥ 1; got D={D}, H={H}, K={K}")
         model = cls.__new__(cls)
         arrays = {k: be.asarray(np.array(host[k])) for k in expected}
-        model._setup(be, dt, expected, arrays, the_cell)  # Params checks
+        config = ModelConfig(D, H, K, the_cell, L, bidirectional, has_bias, dt)
+        model._setup(be, config, arrays)  # Params checks
         model._set_layers(L, bidirectional, dropout, seed)
+        return model
+
+    @classmethod
+    def _from_config(
+        cls, params: Mapping[str, Any], config: ModelConfig, *, backend: Any, dtype: Any, nonlinearity: Any,
+        dropout: float, cell: Any, seed: Any,
+    ) -> Any:  # fmt: skip
+        """``from_params`` with the architecture given: every array checked against ``config.param_shapes()``."""
+        if not isinstance(config, ModelConfig):
+            raise InputTypeError(f"config must be a gpubptt ModelConfig, got {type(config).__name__}")
+        if cell is not None or nonlinearity is not None:
+            raise InputError(
+                "with config=, the cell and its nonlinearity are the config's: leave cell and nonlinearity unset"
+            )
+        _, _, dropout = _check_layers(config.num_layers, config.bidirectional, dropout)
+        seed = _check_seed(seed)
+        dt = check_dtype(dtype if dtype is not None else config.dtype)
+        config = dataclasses.replace(config, dtype=dt)
+        expected = config.param_shapes()
+        if set(params) != set(expected):
+            raise InputError(
+                f"params must hold exactly the config's parameters {', '.join(expected)}; got {', '.join(params)}"
+            )
+        be = get_backend(backend)
+        host = {k: be.to_numpy(params[k]) for k in expected}
+        for k, a in host.items():
+            if a.dtype.kind != "f":
+                raise InputTypeError(f"parameter {k} must be floating point, got dtype {a.dtype}")
+            if a.shape != expected[k]:
+                raise ShapeError(f"parameter {k} must have shape {expected[k]} (from the config), got {a.shape}")
+        model = cls.__new__(cls)
+        model._setup(be, config, {k: be.asarray(np.array(a)) for k, a in host.items()})  # Params checks
+        model._set_layers(config.num_layers, config.bidirectional, dropout, seed)
         return model
 
     @classmethod
@@ -142,6 +222,7 @@ class Construction:
         both get db.
         """
         cell = cell_option(self.cell)
+        interop.torch_cell(cell)  # refused, before any work, for a cell torch has no module for
         if grads is None:
             return interop.to_torch_state(self.params, cell=cell)
         self._check_grads(grads)
@@ -172,10 +253,7 @@ class Construction:
 
     def to(self, backend: str | Backend) -> Any:
         """A copy of this model on another backend (same dtype, weights and settings)."""
-        copy = type(self).from_params(
-            self.params, backend=backend, dtype=self.dtype, nonlinearity=self.nonlinearity, dropout=self.dropout,
-            cell=cell_option(self.cell),
-        )  # fmt: skip
+        copy = type(self).from_params(self.params, backend=backend, dropout=self.dropout, config=self.config)
         copy.init, copy.use_graphs = self.init, self.use_graphs
         copy.step_kernels, copy.chunk_elements = self.step_kernels, self.chunk_elements
         return copy

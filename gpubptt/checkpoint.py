@@ -40,11 +40,12 @@ import numpy as np
 from ._checkpoint_meta import FORMAT, VERSION, check_history, check_meta, show
 from ._io import write_atomic
 from .backend import Backend, get_backend, to_numpy
+from .cells import cell_class, cell_names, make_cell
+from .config import ModelConfig
 from .data import Vocab
 from .errors import CheckpointError, InputError
 from .model import RNN
 from .optim import Optimizer, make_optimizer
-from .options import make_cell
 from .params import param_shapes
 from .train import History, TrainConfig, TrainState
 
@@ -67,6 +68,12 @@ class Checkpoint:
 
 def _host(a: Any) -> np.ndarray:
     return np.asarray(to_numpy(a))  # a device-to-host copy for CuPy arrays; 0-d stays 0-d
+
+
+def _cell_options(cell: Any) -> dict[str, Any]:
+    """{"cell_options": {...}} for a cell with options beyond nonlinearity, else {}."""
+    more = {k: v for k, v in cell.options().items() if k != "nonlinearity"}
+    return {"cell_options": more} if more else {}
 
 
 def save_checkpoint(
@@ -105,6 +112,8 @@ def save_checkpoint(
             "num_layers": model.num_layers,
             "bidirectional": model.bidirectional,
             "dropout": model.dropout,
+            # a cell's options beyond nonlinearity, only where it has some (rnn, gru, lstm files stay as they were)
+            **_cell_options(model.cell),
         },
         "optimizer": None if optimizer is None else {"name": optimizer.name, **optimizer.hyperparameters()},
         "data": data,
@@ -274,23 +283,28 @@ def load_checkpoint(path: str | os.PathLike[str], *, backend: str | Backend | No
     # names, from the model's one schema
     L, bidirectional = mm.get("num_layers", 1), mm.get("bidirectional", False)
     n_states = L * (2 if bidirectional else 1)
-    cell = {"elman": "rnn"}.get(mm.get("cell", "elman"), mm.get("cell"))  # validated: elman, gru or lstm
-    the_cell = make_cell(cell)  # its parameter shapes
+    try:  # validated: a registered cell's recorded name
+        options = mm.get("cell_options", {})
+        the_cell = make_cell(
+            cell_class(mm.get("cell", "elman"), recorded=True).option, mm.get("nonlinearity"), **options
+        )
+    except InputError as exc:
+        raise CheckpointError(f"{where}: bad cell options ({exc})") from None
     expected_shapes = param_shapes(D, H, K, bias, the_cell, num_layers=L, bidirectional=bidirectional)
     param_names = tuple(expected_shapes)
     W = arrays.get("param.W")
-    gates = {"rnn": 1, "gru": 3, "lstm": 4}
+    gates = {c: cell_class(c).gates for c in cell_names()}
     if W is not None and W.ndim == 2 and W.shape[1] == H and W.shape[0] != the_cell.gates * H:
         other = [c for c, g in gates.items() if W.shape[0] == g * H]
         if other:  # the weights of another cell: say so by the rows
+            table = ", ".join(f"{c} {'' if g == 1 else g}H" for c, g in gates.items())
             raise CheckpointError(
                 f"{where}: parameter W has shape {W.shape}, {W.shape[0]} rows for H = {H}: the {other[0]} cell's "
                 f"({gates[other[0]]}H), but model.cell = {show(mm.get('cell', 'elman'))} has "
-                f"{the_cell.gates}H = {the_cell.gates * H} (rnn H, gru 3H, lstm 4H)"
+                f"{the_cell.gates}H = {the_cell.gates * H} ({table})"
             )
-    known = {"meta", "vocab", "carry.s", *(("carry.c",) if cell == "lstm" else ())} | {
-        f"param.{k}" for k in param_names
-    }
+    tupled = bool(the_cell.extra_state)  # an LSTM carries the tuple (h, c)
+    known = {"meta", "vocab", "carry.s", *(("carry.c",) if tupled else ())} | {f"param.{k}" for k in param_names}
     for k in arrays:
         if k not in known and not k.startswith(("optim.", "history.")):
             raise CheckpointError(f"{where}: unexpected entry {k!r}")
@@ -330,7 +344,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, backend: str | Backend | No
 
     ms = meta["state"]  # validated by _meta: ints ≥ 0
     state = TrainState(step=ms["step"], sequence=ms["sequence"], chunk=ms["chunk"])
-    if cell == "lstm" and ("carry.s" in arrays) != ("carry.c" in arrays):
+    if tupled and ("carry.s" in arrays) != ("carry.c" in arrays):
         have, lack = ("carry.s", "carry.c") if "carry.s" in arrays else ("carry.c", "carry.s")
         raise CheckpointError(f"{where}: {have} without {lack}: an LSTM carries the tuple (h, c), both or neither")
     carried = []
@@ -353,15 +367,13 @@ def load_checkpoint(path: str | os.PathLike[str], *, backend: str | Backend | No
             )
         carried.append(s)
     if carried:
-        state.s = tuple(carried) if cell == "lstm" else carried[0]
+        state.s = tuple(carried) if tupled else carried[0]
 
     history = check_history(arrays, state, where)
 
     be = get_backend(backend)
-    model = RNN.from_params(
-        params, backend=be, dtype=dtype, nonlinearity=mm.get("nonlinearity", "tanh"), dropout=mm.get("dropout", 0.0),
-        cell=cell,
-    )  # fmt: skip
+    arch = ModelConfig(D, H, K, the_cell, L, bidirectional, bias, dtype)  # the architecture the file records
+    model = RNN.from_params(params, backend=be, dropout=mm.get("dropout", 0.0), config=arch)
     model.init = mm.get("init", "custom")
     optimizer = None
     mo = meta.get("optimizer")

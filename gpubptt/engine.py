@@ -35,7 +35,6 @@ from .losses import chunk_steps, xent_and_grads
 __all__ = [
     "Stack",
     "Workspace",
-    "backward_truncated",
     "gather_rows",
     "input_projection",
     "input_weight_grad",
@@ -58,24 +57,6 @@ def input_projection(U: Any, b: Any, x: Any, tokens: bool, *, be: Backend, out: 
     if b is not None:
         out += b
     return out
-
-
-def backward_truncated(cell: Any, G: Any, W: Any, F: Any, k: int, *, be: Backend, lanes: Any, spare: Any) -> None:
-    """Tutorial-truncated BPTT with window k ≥ 0, in place on G (as the cell's ``backward``).
-
-    G (T, B, H) enters as ∂E_t/∂s_t, leaves as δ_t; F (T, B, H) the cell's ``factors``; lanes,
-    spare (k+1, B, H) scratch. Lane d of step j holds the contribution of E_{j+d}; it moves to lane
-    d+1 of step j−1 through the cell's ``step_back`` (one GEMM for all lanes), and lane k falls off.
-    """
-    xp = be.xp
-    cur, nxt = lanes, spare
-    cur[...] = 0
-    for t in range(G.shape[0] - 1, -1, -1):
-        if k > 0:
-            cell.step_back(cur[:k], W, F[t], nxt[1:], be=be)  # every live lane one step back
-        cell.enter(G[t], F[t], nxt[0], be=be)  # E_t's own contribution enters lane 0
-        xp.sum(nxt, axis=0, out=G[t])
-        cur, nxt = nxt, cur
 
 
 def input_weight_grad(

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .cells import cell_class, cell_names
 from .errors import InputError, InputTypeError, ShapeError
 from .params import recurrences
 
@@ -42,8 +43,28 @@ __all__ = ["from_torch_state", "to_torch_state"]
 _LINEAR_KEYS = ("weight", "bias")
 _KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(0|[1-9][0-9]*)(_reverse)?$")  # torch's: no "l00"
 _TO_OURS = {"weight_ih": "U", "weight_hh": "W"}
-_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
-_MODULE = {"rnn": "nn.RNN", "gru": "nn.GRU", "lstm": "nn.LSTM"}
+
+
+def _torch_cells() -> dict[str, Any]:
+    """The registered cells that declare a torch module, by option name (their gates and module from the cell)."""
+    return {c: cell_class(c) for c in cell_names() if cell_class(c).torch_module}
+
+
+def _rows(gates: dict[str, int]) -> str:
+    """ "rnn H, gru 3H, lstm 4H": the rows of W per cell."""
+    return ", ".join(f"{c} {'' if g == 1 else g}H" for c, g in gates.items())
+
+
+def torch_cell(cell: str) -> Any:
+    """The cell class of ``cell`` when it has a torch module; InputError refusing interchange otherwise."""
+    cls = cell_class(cell)
+    if cls.torch_module is None:
+        have = ", ".join(f"{c} ({k.torch_module})" for c, k in _torch_cells().items())
+        raise InputError(
+            f"cell {cell!r} has no torch module (torch.nn has no such layer), so its parameters have no torch "
+            f"state dict; torch interchange applies to {have}"
+        )
+    return cls
 
 
 def _host(value: Any, key: str) -> np.ndarray:
@@ -81,9 +102,9 @@ def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any, *, cell: str =
 
     Shapes as in the table of this module; ShapeError or InputError naming the key on any mismatch.
     """
-    if cell not in _GATES:
-        raise InputError(f"unknown cell {cell!r}; expected one of {', '.join(_GATES)}")
-    G = _GATES[cell]
+    cls = torch_cell(cell)
+    G, gates, module = cls.gates, {c: k.gates for c, k in _torch_cells().items()}, cls.torch_module
+    b_hn = "b_hn" in cls().param_shapes(1, 1, True)  # a GRU's: inside r ⊙ (·), it does not fold into b
     rnn_sd = _mapping(rnn_state_dict, "the nn.RNN state dict")
     lin_sd = _mapping(linear_state_dict, "the nn.Linear state dict")
     parsed = {}
@@ -122,12 +143,12 @@ def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any, *, cell: str =
     if U0.ndim != 2 or W0.ndim != 2:
         raise ShapeError(f"weight_ih_l0 and weight_hh_l0 must be 2-d, got shapes {U0.shape} and {W0.shape}")
     rows, cols = W0.shape
-    other = [c for c, g in _GATES.items() if rows == g * cols and c != cell]
+    other = [c for c, g in gates.items() if rows == g * cols and c != cell]
     if other:  # another cell's weights: say which, by the rows
         raise ShapeError(
             f"weight_hh_l0 has {rows} rows for H = {cols} (its columns): the state dict of an "
-            f"{_MODULE[other[0]]} (cell={other[0]!r}); the {cell} cell's {_MODULE[cell]} has "
-            f"{'' if G == 1 else G}H = {G * cols} rows (rnn H, gru 3H, lstm 4H)"
+            f"{cell_class(other[0]).torch_module} (cell={other[0]!r}); the {cell} cell's {module} has "
+            f"{'' if G == 1 else G}H = {G * cols} rows ({_rows(gates)})"
         )
     H, D = U0.shape[0] // G, U0.shape[1]
     dirs = 2 if bidirectional else 1
@@ -137,7 +158,7 @@ def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any, *, cell: str =
         else:
             shape = (G * H, H) if kind == "weight_hh" else (G * H,)
         if rnn[k].shape != shape:
-            note = f"H = {H} from weight_ih_l0, {_MODULE[cell]}"
+            note = f"H = {H} from weight_ih_l0, {module}"
             note += f", {arch}" if num_layers > 1 or bidirectional else ""
             raise ShapeError(f"{k} must have shape {shape} ({note}), got {rnn[k].shape}")
     V = lin["weight"]
@@ -156,7 +177,7 @@ def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any, *, cell: str =
         sfx = f"_l{r.layer}" + ("_reverse" if r.direction else "")
         for kind in ("weight_ih", "weight_hh"):
             weights[r.name(_TO_OURS[kind])] = rnn[kind + sfx]
-        if with_bias and cell == "gru":  # b_hn stays inside r ⊙ (·): only the r and z thirds of bias_hh fold
+        if with_bias and b_hn:  # b_hn stays inside r ⊙ (·): only the r and z thirds of bias_hh fold
             b_hh = rnn["bias_hh" + sfx] if bias else np.zeros(G * H, dtype)
             b_ih = rnn["bias_ih" + sfx] if bias else np.zeros(G * H, dtype)
             biases[r.name("b")] = np.concatenate([b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H :]])
@@ -181,6 +202,7 @@ def to_torch_state(
     """
     from .params import architecture_of
 
+    b_hn = "b_hn" in torch_cell(cell)().param_shapes(1, 1, True)
     host = {k: np.array(_host(v, k)) for k, v in params.items() if k not in ("s0", "c0")}
     num_layers, bidirectional = architecture_of(host)
     rnn: dict[str, np.ndarray] = {}
@@ -192,7 +214,7 @@ def to_torch_state(
             b = host[r.name("b")]
             rnn["bias_ih" + sfx] = b
             rnn["bias_hh" + sfx] = b.copy() if grads else np.zeros_like(b)
-            if cell == "gru":  # the n third of bias_hh is b_hn; bias_ih's n third is b's alone
+            if b_hn:  # the n third of bias_hh is b_hn; bias_ih's n third is b's alone
                 H = b.shape[0] // 3
                 rnn["bias_hh" + sfx][2 * H :] = host[r.name("b_hn")]
     lin = {"weight": host["V"]}

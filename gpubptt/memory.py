@@ -24,8 +24,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .errors import InputError
 from .losses import chunk_steps
+from .params import param_shapes
 
 __all__ = [
     "InsufficientMemoryError",
@@ -77,13 +80,17 @@ def format_bytes(n: float) -> str:
 
 
 def parameter_count(
-    D: int, H: int, K: int, *, bias: bool = True, num_layers: int = 1, dirs: int = 1, gates: int = 1
+    D: int, H: int, K: int, *, bias: bool = True, num_layers: int = 1, dirs: int = 1, gates: int = 1, cell: Any = None
 ) -> int:
     """Entries of every recurrence's U (G·H, D_l), W (G·H, H) and V (K, H·dirs); with ``bias``, b (G·H,) each
-    (and the GRU's b_hn (H,)) and c (K,). G = ``gates``: 1 rnn, 3 gru, 4 lstm.
+    (and the GRU's b_hn (H,)) and c (K,). G = ``gates``: 1 rnn, 3 gru, 4 lstm. ``cell`` (a ``Cell``):
+    its own parameter shapes instead (``params.param_shapes``).
 
     D_0 = D and D_l = H·dirs above (torch.nn.RNN's stack).
     """
+    if cell is not None:
+        shapes = param_shapes(D, H, K, bias, cell, num_layers=num_layers, bidirectional=dirs == 2)
+        return sum(int(np.prod(s)) for s in shapes.values())
     per_rec = gates * H * H + ((gates * H + (H if gates == 3 else 0)) if bias else 0)
     inputs = dirs * gates * (H * D + (num_layers - 1) * H * H * dirs)
     return num_layers * dirs * per_rec + inputs + K * H * dirs + (K if bias else 0)
@@ -91,13 +98,16 @@ def parameter_count(
 
 def _forward_bptt(
     T: int, B: int, H: int, K: int, itemsize: int, chunk_elements: int, truncate: int | None,
-    num_layers: int = 1, dirs: int = 1, dropout: bool = False, gates: int = 1,
+    num_layers: int = 1, dirs: int = 1, dropout: bool = False, gates: int = 1, cell: Any = None,
 ) -> int:  # fmt: skip
     """Bytes of one forward+BPTT workspace for a (T, B) batch (see ``gpubptt.engine.Workspace``)."""
     n = num_layers * dirs
+    gates = cell.gates if cell is not None else gates
     # per recurrence S (T+1) and G (T); one shared pre; per recurrence ∂E/∂s0; the per-step row
     states = n * ((T + 1) * B * H + T * B * H + B * H) + gates * T * B * H + B * H
-    if gates > 1:  # per recurrence the gated cell's buffers: gates (T, B, 4H), ∂w or c (T, B, 3H | H), c0's gradient
+    if cell is not None:  # per recurrence the buffers the cell declares (and its extra state's gradient)
+        states += n * (cell.buffer_elements(T, B, H) + (B * H if cell.extra_state else 0))
+    elif gates > 1:  # per recurrence the gated cell's buffers: gates (T, B, 4H), ∂w or c (T, B, 3H | H), c0's gradient
         states += n * (4 * T * B * H + (3 if gates == 3 else 2) * T * B * H + 8 * B * H)
     if dirs == 2:  # the reverse direction's scratch, each layer's [forward, reverse] output, ∂E/∂output
         states += T * B * H + num_layers * T * B * 2 * H + T * B * 2 * H + T * B * INT64 // itemsize
@@ -126,17 +136,19 @@ def train_memory(
     dirs: int = 1,
     dropout: bool = False,
     gates: int = 1,
+    cell: Any = None,
 ) -> MemoryEstimate:
     """Peak memory of training a D → H → K model on (T, B) chunks with ``slots`` optimizer state arrays.
 
     ``num_layers``, ``dirs``, ``dropout``: the stack (the workspace grows with L·dirs; evaluation keeps
-    each layer's states); ``gates`` the cell's (1 rnn, 3 gru, 4 lstm).
+    each layer's states); ``cell`` the cell object: its parameter shapes and its declared buffers (what
+    ``recompute.call_memory`` counts too); ``gates`` (1 rnn, 3 gru, 4 lstm) only where no cell is given.
 
     ``itemsize``: bytes per float (4 for float32); ``slots``: per-parameter optimizer arrays (Adam 2,
     Adagrad 1, SGD with momentum 1, plain SGD 0). ``eval_T``, ``eval_B``: the held-out chunk and batch
     (default: the training ones); evaluation keeps the full (T, B, K) probabilities of a chunk.
     """
-    P = parameter_count(D, H, K, bias=bias, num_layers=num_layers, dirs=dirs, gates=gates)
+    P = parameter_count(D, H, K, bias=bias, num_layers=num_layers, dirs=dirs, gates=gates, cell=cell)
     eval_T, eval_B = eval_T or T, eval_B or B
     n = num_layers * dirs
     evaluation = (n * (eval_T + 1) * eval_B * H + eval_T * eval_B * (H * (1 + dirs) + K)) * itemsize
@@ -146,7 +158,7 @@ def train_memory(
             # drawing the weights holds a float64 host copy beside them; afterwards gradients and slots
             "parameters, gradients and optimizer state": P * max(itemsize * (2 + slots), FLOAT64 + itemsize),
             "forward+BPTT workspaces": _forward_bptt(
-                T, B, H, K, itemsize, chunk_elements, truncate, num_layers, dirs, dropout, gates
+                T, B, H, K, itemsize, chunk_elements, truncate, num_layers, dirs, dropout, gates, cell
             ),
             "evaluation": evaluation,
         }

@@ -33,7 +33,8 @@ from . import recompute as _recompute
 from ._checks import Batch, check_batch, check_c0, check_dtype, check_positive_int
 from ._construction import Construction
 from .backend import Backend, get_backend
-from .cells import STEP_KERNELS
+from .cells import STEP_KERNELS, Cell
+from .config import ModelConfig
 from .dropout import check_offset
 from .errors import InputError, InputTypeError
 from .losses import chunk_steps, softmax_probs, xent_loss
@@ -50,7 +51,7 @@ from .options import (
     _split_state,
     cell_option,
 )
-from .params import Params, architecture_of, param_shapes, recurrences
+from .params import Params, recurrences
 
 __all__ = ["CELLS", "INITS", "REDUCTIONS", "RNN", "RNNOutput"]
 
@@ -84,6 +85,10 @@ class RNN(Construction):
     or (B, H) when L·dirs = 1; lengths (B,). Parameters per recurrence (``params.param_shapes``):
     U (H, D) on layer 0 and (H, H·dirs) above, W (H, H), b (H,); then V (K, H·dirs), c (K,).
 
+    ``cell`` is a registered ``cell=`` option (``gpubptt.cells.cell_names()``: also "indrnn", and any cell
+    registered with ``gpubptt.cells.register_cell``) or a ``Cell`` instance; ``model.config`` records the
+    architecture.
+
     ``dropout`` p: as torch, inverted dropout on the outputs of every layer but the last, in
     ``loss_and_grads`` only (``forward`` never drops); masks come from a generator on the backend
     seeded with ``seed``, or per call from ``dropout_seed``.
@@ -105,7 +110,7 @@ class RNN(Construction):
         bidirectional: bool = False,
         nonlinearity: str | None = None,
         dropout: float = 0.0,
-        cell: str = "rnn",
+        cell: str | Cell = "rnn",
         backend: str | Backend | None = "auto",
         dtype: Any = "float32",
         bias: bool = False,
@@ -117,44 +122,44 @@ class RNN(Construction):
         K = check_positive_int(output_size, "output_size")
         L, bidirectional, dropout = _check_layers(num_layers, bidirectional, dropout)
         dt = check_dtype(dtype)
-        if init not in INITS:
-            raise InputError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
         if not isinstance(bias, (bool, np.bool_)):
             raise InputTypeError(f"bias must be a bool, got {type(bias).__name__}")
         seed = _check_seed(seed)
         the_cell = _cell(nonlinearity, cell)
+        if init not in the_cell.inits:
+            raise InputError(
+                f"unknown init {init!r} for cell {the_cell.option!r}; expected one of {', '.join(the_cell.inits)}"
+            )
         be = get_backend(backend)
         check_model_size(
             the_cell, D, H, K, num_layers=L, dirs=2 if bidirectional else 1, bias=bool(bias), itemsize=dt.itemsize,
             available=be.available_memory(),
         )  # fmt: skip
         rng = np.random.default_rng(seed)
-        shapes = param_shapes(D, H, K, bool(bias), the_cell, num_layers=L, bidirectional=bidirectional)
-        n_out = H * (2 if bidirectional else 1)
+        config = ModelConfig(D, H, K, the_cell, L, bidirectional, bool(bias), dt)
+        n_out = H * config.num_directions
+        bases = {r.name(k): k for r in config.recurrences for k in the_cell.param_shapes(1, 1, bool(bias))}
         host = {}
-        for name, shape in shapes.items():
+        for name, shape in config.param_shapes().items():
             if name in ("V", "c"):
                 a = 1 / np.sqrt(n_out) if (name == "V" or init == "torch") else 0.0
-            elif init == "torch":
-                a = 1 / np.sqrt(H)
-            elif name.startswith("U"):
-                a = 1 / np.sqrt(shape[1])
-            else:
-                a = 1 / np.sqrt(H) if name.startswith("W") else 0.0
-            host[name] = rng.uniform(-a, a, size=shape) if a else np.zeros(shape)
-        self._setup(be, dt, shapes, {k: be.asarray(v, dtype=dt) for k, v in host.items()}, the_cell)
+                bounds = (-a, a) if a else None
+            else:  # the cell's own parameters start where the cell says
+                bounds = the_cell.init_bounds(bases[name], shape, init, H)
+            host[name] = rng.uniform(*bounds, size=shape) if bounds else np.zeros(shape)
+        self._setup(be, config, {k: be.asarray(v, dtype=dt) for k, v in host.items()})
         self._set_layers(L, bidirectional, dropout, seed)
         self.init = init
 
-    def _setup(
-        self, be: Backend, dtype: np.dtype, shapes: dict[str, tuple[int, ...]], params: dict[str, Any], cell: Any
-    ) -> None:
+    def _setup(self, be: Backend, config: ModelConfig, params: dict[str, Any]) -> None:
         self.backend = be
-        self.dtype = dtype
-        self.cell = cell
-        self._params = Params(be, dtype, shapes, params)
+        #: The architecture (sizes, cell, layers, directions, bias, dtype): what the model is built from.
+        self.config = config
+        self.dtype = config.dtype
+        self.cell = config.cell
+        self._params = Params(be, config.dtype, config.param_shapes(), params)
         self.init = "custom"
-        self._set_layers(*architecture_of(shapes), 0.0, None)
+        self._set_layers(config.num_layers, config.bidirectional, 0.0, None)
         #: On CuPy, record forward+BPTT once per shape as a CUDA graph and replay it (no effect on NumPy).
         self.use_graphs = True
         #: How recurrence steps run where the backend compiles kernels (CuPy). "auto": per shape, the
@@ -217,6 +222,12 @@ class RNN(Construction):
         """Recurrence ``r``'s parameters by the cell's base names ("U", "W", "b"): what the cell reads."""
         return {k: self.params[r.name(k)] for k in self.cell.param_shapes(1, 1, self.bias) if r.name(k) in self.params}
 
+    def constrain(self) -> None:
+        """Project every recurrence's parameters onto the cell's constraint set, in place (the cell's
+        ``constrain``; a no-op for the unconstrained cells). Training calls it after each applied step."""
+        for r in self.recurrences:
+            self.cell.constrain(self.recurrence_params(r), xp=self.backend.xp)
+
     @property
     def num_directions(self) -> int:
         """2 for a bidirectional model, else 1."""
@@ -246,22 +257,22 @@ class RNN(Construction):
     @property
     def input_size(self) -> int:
         """D."""
-        return int(self.params["U"].shape[1])
+        return self.config.input_size
 
     @property
     def hidden_size(self) -> int:
         """H."""
-        return int(self.params["W"].shape[1])
+        return self.config.hidden_size
 
     @property
     def output_size(self) -> int:
         """K."""
-        return int(self.params["V"].shape[0])
+        return self.config.output_size
 
     @property
     def bias(self) -> bool:
         """Whether the model has biases b and c."""
-        return "b" in self.params
+        return self.config.bias
 
     @property
     def num_states(self) -> int:

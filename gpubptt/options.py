@@ -1,5 +1,5 @@
 """The model's options, checked before any work: reduction, truncate, layers, seeds, and the choice of cell
-(``cell`` and ``nonlinearity``, an LSTM's tuple state, which cell a weight's rows belong to).
+(``cell`` and ``nonlinearity`` through the cell registry, a tuple state of a cell that carries one).
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 
 from ._checks import check_positive_int
-from .cells import NONLINEARITIES, ElmanCell, GRUCell, LSTMCell
+from .cells import Cell, cell_class, cell_names, make_cell
 from .errors import InputError, InputTypeError
 
-__all__ = ["CELLS", "GATES", "INITS", "REDUCTIONS", "cell_option", "make_cell"]
+__all__ = ["CELLS", "INITS", "REDUCTIONS", "cell_option", "make_cell"]
 
 INITS = ("wildml", "torch")
 REDUCTIONS = ("sum", "mean")
@@ -35,46 +35,28 @@ def _check_truncate(truncate: Any) -> int | None:
     return int(truncate)
 
 
-#: The cells: "rnn" (torch.nn.RNN's Elman cell), "gru" (torch.nn.GRU's), "lstm" (torch.nn.LSTM's).
-CELLS = ("rnn", "gru", "lstm")
-#: rows of U and W per hidden unit, by cell: what tells one cell's parameters from another's
-GATES = {"rnn": 1, "gru": 3, "lstm": 4}
-_TORCH_NAME = {"rnn": "nn.RNN", "gru": "nn.GRU", "lstm": "nn.LSTM"}
+#: The cells registered when gpubptt was imported ("rnn", "gru", "lstm", "indrnn"); ``cell_names()`` is the
+#: live list (a cell registered later, ``gpubptt.cells.register_cell``, is in it).
+CELLS = cell_names()
 
 
-def _cell(nonlinearity: Any, cell: Any = "rnn") -> ElmanCell | GRUCell | LSTMCell:
-    if not isinstance(cell, str) or cell not in CELLS:
-        raise InputError(f"unknown cell {cell!r}; expected one of {', '.join(CELLS)} (torch.nn.RNN, GRU, LSTM)")
-    if cell != "rnn":
-        if nonlinearity is not None:
-            raise InputError(
-                f"nonlinearity applies to cell='rnn' only; the {cell.upper()}'s gates use σ and tanh as "
-                f"torch.{_TORCH_NAME[cell]}'s (leave nonlinearity unset), got nonlinearity={nonlinearity!r}"
-            )
-        return GRUCell() if cell == "gru" else LSTMCell()
-    nonlinearity = "tanh" if nonlinearity is None else nonlinearity
-    if nonlinearity not in NONLINEARITIES:
-        raise InputError(f"unknown nonlinearity {nonlinearity!r}; expected one of {', '.join(NONLINEARITIES)}")
-    return ElmanCell(nonlinearity)
-
-
-def make_cell(cell: str = "rnn", nonlinearity: str | None = None) -> ElmanCell | GRUCell | LSTMCell:
-    """The cell object of the ``cell`` option ("rnn", "gru", "lstm"); InputError on a bad pair (as ``RNN``)."""
-    return _cell(nonlinearity, cell)
+def _cell(nonlinearity: Any, cell: Any = "rnn", **options: Any) -> Cell:
+    return make_cell(cell, nonlinearity, **options)
 
 
 def cell_option(cell: Any) -> str:
-    """The ``cell=`` option ("rnn", "gru", "lstm") of a cell object (the Elman cell's name is "elman")."""
-    return "rnn" if cell.name == "elman" else cell.name
+    """The ``cell=`` option ("rnn", "gru", "lstm", …) of a cell object (the Elman cell's ``name`` is "elman")."""
+    return cell.option
 
 
 def _split_state(s0: Any, cell: Any) -> tuple[Any, Any]:
     """(h0, c0) from an LSTM's tuple s0, (s0, None) for the other cells; InputError on the wrong form."""
     if not getattr(cell, "extra_state", False):
         if isinstance(s0, tuple):
+            tupled = "|".join(repr(c) for c in cell_names() if cell_class(c).extra_state)
             raise InputError(
-                f"s0 is a tuple of {len(s0)}, but only cell='lstm' has a tuple state (h0, c0); the {cell_option(cell)} "
-                "cell's s0 is one array (B, H) or (L·dirs, B, H)"
+                f"s0 is a tuple of {len(s0)}, but only cell={tupled} has a tuple state (h0, c0); the "
+                f"{cell_option(cell)} cell's s0 is one array (B, H) or (L·dirs, B, H)"
             )
         return s0, None
     if s0 is None:
@@ -110,27 +92,3 @@ def _check_seed(seed: Any, name: str = "seed") -> int | None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise InputError(f"{name} must be None or an int ≥ 0, got {type(seed).__name__} {seed!r}")
     return None if seed is None else int(seed)
-
-
-def _gates_message(name: str, shape: tuple[int, ...], cell: str) -> str:
-    """Why a weight of ``shape`` (rows, H) does not belong to ``cell``: the rows each cell would have."""
-    rows, H = shape
-    have = [c for c, g in GATES.items() if rows == g * H]
-    mine = f"a {have[0]} cell's" if have else "no cell's"
-    return (
-        f"{name} has shape {shape}: {rows} rows for H = {H} is {mine} (rnn H = {H}, gru 3H = {3 * H}, "
-        f"lstm 4H = {4 * H}), not the {cell} cell's {GATES[cell]}H = {GATES[cell] * H}"
-        + (f"; pass cell={have[0]!r}" if have else "")
-    )
-
-
-def _cell_of(W: Any, cell: str | None) -> str:
-    """The cell option: ``cell`` as given, or (None) the one whose gates·H matches W's rows (H = its columns)."""
-    if cell is not None:
-        return cell
-    shape = tuple(getattr(W, "shape", ()))
-    if len(shape) == 2 and shape[1] > 0:
-        for c, g in GATES.items():
-            if shape[0] == g * shape[1]:
-                return c
-    return "rnn"  # the shape checks that follow say what is wrong

@@ -72,9 +72,10 @@ def param_shapes(
     dirs = 2 if bidirectional else 1
     weights: dict[str, tuple[int, ...]] = {}
     biases: dict[str, tuple[int, ...]] = {}
+    bias_names = cell.bias_names()  # the parameters that exist only with bias, not every 1-d one (IndRNN's w)
     for r in recurrences(num_layers, bidirectional):
         for k, shape in cell.param_shapes(D if r.layer == 0 else H * dirs, H, bias).items():
-            (biases if len(shape) == 1 else weights)[r.name(k)] = shape
+            (biases if k in bias_names else weights)[r.name(k)] = shape
     weights["V"] = (K, H * dirs)
     if bias:
         biases["c"] = (K,)

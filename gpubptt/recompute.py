@@ -127,22 +127,6 @@ def unsupported_reason(model: Any, *, truncate: int | None = None) -> str | None
 
 
 # -- memory ------------------------------------------------------------------------------------------
-def _cell_buffer_elements(cell: Any, n: int, B: int, H: int) -> int:
-    """Elements of the cell's ``buffers(n, B, H)``, counted without allocating (zero-stride views)."""
-
-    class _Shape:  # a shape only: no array, so sizes beyond any address space are counted too
-        def __init__(self, shape: Any, dtype: Any = None) -> None:
-            self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
-
-    class _Sizer:
-        empty = zeros = _Shape
-
-    total = 0
-    for a in cell.buffers(n, B, H, xp=_Sizer, dtype=np.float64).values():
-        total += math.prod(a.shape)  # Python ints: no int64 overflow
-    return total
-
-
 def _common(model: Any, T: int, B: int, tokens: bool, lengths: bool) -> dict[str, int]:
     """What both policies hold: validated inputs beyond the caller's, the gradients and their returned copies."""
     it = model.dtype.itemsize
@@ -201,7 +185,7 @@ def call_memory(
         k = None if truncate is None or truncate >= T - 1 else truncate
         inputs = T * B * (INT64 + (INT64 if tokens else D * it) + (it if lengths else 0))
         inputs += (T * B + D + 1) * INT64 if tokens else 0
-        states = n * ((T + 1) * B * H + T * B * H + _cell_buffer_elements(cell, T, B, H)) + T * B * gH + B * H
+        states = n * ((T + 1) * B * H + T * B * H + cell.buffer_elements(T, B, H)) + T * B * gH + B * H
         if dirs == 2:
             states += T * B * gH + L * T * B * 2 * H + T * B * 2 * H + T * B * INT64 // it
         if model.dropout > 0 and L > 1:
@@ -217,7 +201,7 @@ def call_memory(
     c = segment_length(T, recompute)
     n_seg = -(-T // c)
     last = T - (n_seg - 1) * c
-    aux = _cell_buffer_elements(cell, c, B, H) + (_cell_buffer_elements(cell, last, B, H) if last != c else 0)
+    aux = cell.buffer_elements(c, B, H) + (cell.buffer_elements(last, B, H) if last != c else 0)
     parts["boundary states"] = n * n_seg * B * H * it
     segment = n * ((c + 1) * B * H + c * B * H + 2 * B * H + aux) + c * B * gH + B * H + (D * gH if tokens else 0)
     parts["segment buffers"] = segment * it + (B * INT64 if lengths else 0)

@@ -23,14 +23,13 @@ from typing import Any
 import numpy as np
 
 from .backend import Backend, get_backend
-from .cells import NONLINEARITIES
+from .cells import NONLINEARITIES, cell_class, cell_names, make_cell
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
 from .errors import InputError
 from .memory import MAX_LAYERS, InsufficientMemoryError, check_fits, format_bytes, train_memory
 from .model import CELLS, INITS, RNN
 from .optim import DEFAULT_LR, LR_MAX, LR_RANGE, ON_NONFINITE, Optimizer, make_optimizer
-from .plots import plot_history  # noqa: F401  (here before plots.py held every figure)
 from .sample import check_predicts_ahead
 from .train import SCHEDULES, History, TrainConfig, TrainState
 
@@ -95,6 +94,7 @@ def total_steps(data: Any, config: TrainConfig, *, steps: int | None, epochs: fl
     return max(1, round(total))
 
 
+_PHI_CELLS = tuple(c for c in CELLS if cell_class(c).takes_nonlinearity)  # the cells with a nonlinearity option
 # which settings each choice uses: a given setting that the run would ignore is refused, by name
 _APPLIES = {
     "delay": ("task", ("copy", "recall"), "--task copy or recall"),
@@ -102,7 +102,11 @@ _APPLIES = {
     "copy_length": ("task", ("copy",), "--task copy (recall remembers one symbol)"),
     "data": ("task", ("text",), "--task text only"),
     "momentum": ("optimizer", ("sgd",), "--optimizer sgd (adam and adagrad keep their own statistics)"),
-    "nonlinearity": ("cell", ("rnn",), "--cell rnn (the GRU's and LSTM's gates use σ and tanh)"),
+    "nonlinearity": (
+        "cell",
+        _PHI_CELLS,
+        f"--cell {' or '.join(_PHI_CELLS)} (the GRU's and LSTM's gates use σ and tanh)",
+    ),
 }
 _CHOICES = {
     "task": ("text", "copy", "recall"),
@@ -151,6 +155,7 @@ def _check_settings(
 ) -> None:
     """InputError naming the flag (``--clip``, not ``max_norm``) of the first bad or inapplicable setting."""
     for name, choices in _CHOICES.items():
+        choices = cell_names() if name == "cell" else choices  # a cell registered since import counts too
         if st[name] not in choices:
             raise InputError(f"unknown {_flag(name)} {st[name]!r}; expected one of {', '.join(choices)}")
     try:
@@ -260,7 +265,8 @@ def new_run(
         bias=st["bias"],
         init=st["init"],
         cell=st["cell"],
-        nonlinearity=st["nonlinearity"] if st["cell"] == "rnn" else None,
+        # as given, or None: the cell's own default (tanh for rnn, relu for indrnn)
+        nonlinearity=settings.get("nonlinearity") if cell_class(st["cell"]).takes_nonlinearity else None,
         num_layers=st["layers"],
         dropout=float(st["dropout"]),
         seed=st["seed"],
@@ -287,7 +293,7 @@ def _check_memory(st: Mapping[str, Any], data: TextData | CopyTask, config: Trai
         data.input_size, H, data.output_size, T=T, B=B, itemsize=np.dtype(dtype).itemsize, slots=slots,
         bias=bool(st["bias"]), truncate=truncate, eval_T=eval_T, eval_B=eval_B,
         chunk_elements=be.chunk_elements, num_layers=st["layers"], dropout=st["dropout"] > 0,
-        gates={"rnn": 1, "gru": 3, "lstm": 4}[st["cell"]],
+        cell=make_cell(st["cell"]),  # its parameter shapes and declared buffers
     )  # fmt: skip
     layers = f" --layers {st['layers']}" if st["layers"] > 1 else ""
     what = f"training --hidden {H}{layers} on batches of --batch {B} × {T} steps ({st['optimizer']}, {dtype})"
@@ -337,7 +343,7 @@ def settings_of(ck: Checkpoint) -> dict[str, Any]:
         "symbols": data.get("symbols"),
         "copy_length": data.get("length"),
         "hidden": mm["hidden_size"],
-        "cell": {"elman": "rnn"}.get(mm.get("cell", "elman"), mm.get("cell")),
+        "cell": cell_class(mm.get("cell", "elman"), recorded=True).option,
         "layers": mm.get("num_layers", 1),
         "dropout": mm.get("dropout", 0.0),
         "batch": cfg.batch_size,

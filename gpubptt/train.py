@@ -287,10 +287,10 @@ def train(
     n_states = getattr(model, "num_states", 1)
     lead = () if n_states == 1 else (n_states,)  # one recurrence: (B, H); a stack: (L·dirs, B, H)
     want = (*lead, config.batch_size, model.hidden_size)
-    lstm = getattr(model, "cell_name", "rnn") == "lstm"  # its carried state is the tuple (h, c)
-    if state.s is not None and isinstance(state.s, tuple) != lstm:
-        raise InputError(f"the carried state of a {'lstm' if lstm else 'non-lstm'} model must {'' if lstm else 'not '}"
-                         "be a tuple (h, c)")  # fmt: skip
+    tupled = bool(getattr(getattr(model, "cell", None), "extra_state", False))  # an LSTM's state: the tuple (h, c)
+    if state.s is not None and isinstance(state.s, tuple) != tupled:
+        name = getattr(model, "cell_name", "rnn")
+        raise InputError(f"the carried state of a {name} model must {'' if tupled else 'not '}be a tuple (h, c)")
     for s in state.s if isinstance(state.s, tuple) else (state.s,):
         if s is not None and tuple(s.shape) != want:
             layout = "(B, H)" if n_states == 1 else "(L·dirs, B, H)"
@@ -355,6 +355,8 @@ def train(
         )
         optimizer.lr = lr
         res = optimizer.step(grads, loss=loss, grad_norm=norm, step=state.step + 1)
+        if res.applied and hasattr(model, "constrain"):
+            model.constrain()  # a constrained cell's parameters back into their set (IndRNN's |w| bound)
 
         state.step += 1
         state.chunk += 1

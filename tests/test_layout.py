@@ -74,16 +74,3 @@ def test_project_files_refer_to_nothing_outside_the_repository():
     outside = re.compile(r"ARCHITECTURE\.md|STYLE\.md|\.\./shared|DEVELOPERS\.md")
     hits = [f for f in tracked if f.endswith((".py", ".md", ".toml", ".cu")) and outside.search((ROOT / f).read_text())]
     assert hits == [], hits
-
-
-def test_names_from_before_the_split_still_import():
-    import gpubptt.bench as bench
-    import gpubptt.bptt as bptt
-    import gpubptt.diagnostics as dg
-    import gpubptt.run as run
-    from gpubptt.backend import ONEHOT_MAX_VOCAB
-
-    old = ["environment", "make_timer", "plot_results", "plot_unavailable_reason", "write_atomic", "GRAD_TOL"]
-    assert all(callable(getattr(bench, n)) or n == "GRAD_TOL" for n in old)
-    assert callable(run.plot_history) and callable(bptt.backward_full) and isinstance(dg.PLOT_HINT, str)
-    assert ONEHOT_MAX_VOCAB == 512

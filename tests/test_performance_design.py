@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import gpubptt
-from gpubptt import engine
 from gpubptt.backend import get_backend
 from gpubptt.backend._cublas import col_major as _col_major
 from gpubptt.cells import ElmanCell
+from gpubptt.cells.elman import backward_truncated
 from gpubptt.losses import chunk_steps
 
 be = get_backend("numpy")
@@ -52,7 +52,7 @@ def loop_runner(loop, W, pre, S, G, row, lanes):
     F = cell.factors(S, be=be, out=np.empty_like(G))
     if loop == "backward_full":
         return lambda: cell.backward(G, W, F, be=be, carry=row)
-    return lambda: engine.backward_truncated(cell, G, W, F, 3, be=be, lanes=lanes[0], spare=lanes[1])
+    return lambda: backward_truncated(cell, G, W, F, 3, be=be, lanes=lanes[0], spare=lanes[1])
 
 
 @pytest.mark.parametrize("loop", ["forward", "backward_full", "backward_truncated"])

@@ -47,11 +47,7 @@ Nothing here prints: the command line renders the result.
 
 from __future__ import annotations
 
-from .._io import write_atomic
-from ..backend import Backend
-from ..environment import environment
-from ..plots import PLOT_HINT, plot_unavailable_reason
-from ..plots import plot_bench as plot_results
+from ..plots import PLOT_HINT
 from ..timing import NOISY_SPREAD, Timer, is_noisy, summarize, sync_timer, time_fn, time_interleaved
 from .flops import fit_exponent, flops, gemm_rate
 from .references import (
@@ -80,16 +76,12 @@ __all__ = [
     "TORCH_HINT",
     "BenchConfig",
     "Timer",
-    "environment",
     "fit_exponent",
     "flops",
     "gemm_rate",
     "gemm_references",
     "is_noisy",
-    "make_timer",
     "naive_loss_and_grads",
-    "plot_results",
-    "plot_unavailable_reason",
     "render",
     "render_csv",
     "render_table",
@@ -100,10 +92,4 @@ __all__ = [
     "time_interleaved",
     "torch_reference",
     "torch_unavailable_reason",
-    "write_atomic",
 ]
-
-
-def make_timer(be: Backend) -> Timer:
-    """The Timer of backend ``be`` (``be.timer()``): CUDA events on CuPy, the host clock on NumPy."""
-    return be.timer()

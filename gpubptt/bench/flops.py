@@ -7,6 +7,7 @@ not counted. See the package docstring for the table of products.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +18,7 @@ __all__ = ["fit_exponent", "flops", "gemm_rate"]
 
 def flops(
     T: int, B: int, D: int, H: int, K: int, *, tokens: bool, forward_only: bool = False, num_layers: int = 1,
-    dirs: int = 1, gates: int = 1,
+    dirs: int = 1, gates: int = 1, cell: Any = None,
 ) -> int:  # fmt: skip
     """FLOPs of forward+BPTT (or the forward pass alone) under the model in this module's docstring.
 
@@ -26,13 +27,19 @@ def flops(
     products with D_l = H·dirs inputs above layer 0 (forward U x and W s; backward dU, δW, dW and,
     above layer 0, ∂E/∂x), and the output layer reads H·dirs. A gated cell (``gates`` G = 3 GRU,
     4 LSTM) has G× the input and recurrent GEMMs (one layer, dense: 2·B·H·T·(G·(2D + 3H) + 3K));
-    the gate arithmetic is not counted.
+    the gate arithmetic is not counted. ``cell`` (a ``Cell``): its own ``flops_per_step`` instead of a
+    dense W of ``gates`` (IndRNN's recurrence is elementwise: no H² term).
     """
     fwd = bwd = 0
     for layer in range(num_layers):
         d_in = (0 if tokens else D) if layer == 0 else H * dirs
-        fwd += dirs * 2 * B * H * T * gates * (d_in + H)
-        bwd += dirs * 2 * B * H * T * gates * (d_in + 2 * H + (d_in if layer > 0 else 0))
+        if cell is None:
+            fwd += dirs * 2 * B * H * T * gates * (d_in + H)
+            bwd += dirs * 2 * B * H * T * gates * (d_in + 2 * H + (d_in if layer > 0 else 0))
+            continue
+        rows = cell.param_shapes(max(d_in, 1), H, False)["U"][0]  # the input projection's outputs, G·H
+        fwd += dirs * T * cell.flops_per_step(B, d_in, H, backward=False)
+        bwd += dirs * T * (cell.flops_per_step(B, d_in, H, backward=True) + (2 * B * rows * d_in if layer > 0 else 0))
     out = 2 * B * T * H * dirs * K
     return fwd + out if forward_only else fwd + bwd + 3 * out
 

@@ -113,12 +113,11 @@ def torch_reference(
     D, H, K = model.input_size, model.hidden_size, model.output_size
     tdtype = getattr(torch, cfg.dtype)
     dev = torch.from_dlpack(model.params["U"]).device
-    cell = getattr(model, "cell_name", "rnn")
     arch = dict(num_layers=model.num_layers, bidirectional=model.bidirectional, bias=False)
-    if cell == "rnn":
-        rnn = torch.nn.RNN(D, H, nonlinearity=model.nonlinearity, **arch)
-    else:  # nn.GRU / nn.LSTM: the same gate order and weight shapes as gpubptt's (3H | 4H rows)
-        rnn = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[cell](D, H, **arch)
+    if model.cell.takes_nonlinearity:
+        arch["nonlinearity"] = model.nonlinearity
+    # the cell's torch module (nn.RNN, nn.GRU, nn.LSTM): the same gate order and weight shapes as gpubptt's
+    rnn = getattr(torch.nn, model.cell.torch_module.removeprefix("nn."))(D, H, **arch)
     rnn = rnn.to(device=dev, dtype=tdtype)
     lin = torch.nn.Linear(H * model.num_directions, K, bias=False).to(device=dev, dtype=tdtype)
     rnn_sd, lin_sd = model.to_torch()  # torch's names (host copies)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend, get_backend
-from ..cells import NONLINEARITIES
+from ..cells import NONLINEARITIES, cell_class, cell_names, make_cell
 from ..environment import environment
 from ..model import RNN
 from ..timing import NOISY_SPREAD, is_noisy, summarize, time_interleaved
@@ -64,9 +64,11 @@ class BenchConfig:
             raise ValueError(f"input must be one of {', '.join(INPUTS)}, got {self.input!r}")
         if self.compare not in COMPARES:
             raise ValueError(f"compare must be one of {', '.join(COMPARES)}, got {self.compare!r}")
-        if self.cell not in ("rnn", "gru", "lstm"):
-            raise ValueError(f"cell must be one of rnn, gru, lstm, got {self.cell!r}")
-        if self.cell != "rnn" and self.compare == "naive":
+        if self.cell not in cell_names():
+            raise ValueError(f"cell must be one of {', '.join(cell_names())}, got {self.cell!r}")
+        if self.compare == "torch" and cell_class(self.cell).torch_module is None:
+            raise ValueError(f"compare 'torch' needs a cell torch has a module for; torch.nn has no {self.cell}")
+        if self.cell != cell_names()[0] and self.compare == "naive":
             raise ValueError("compare 'naive' is the textbook tanh RNN: it compares the rnn cell only")
         if self.dtype not in GRAD_TOL:
             raise ValueError(f"dtype must be one of {', '.join(GRAD_TOL)}, got {self.dtype!r}")
@@ -127,18 +129,17 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
     """
     B, D, K = cfg.batch, cfg.D, cfg.K
     row: dict[str, Any] = {"backend": be.name, "T": T, "H": H, "B": B, "D": D, "K": K, "status": "ok"}
-    gates = {"rnn": 1, "gru": 3, "lstm": 4}[cfg.cell]
-    if cfg.cell != "rnn":
+    cell = make_cell(cfg.cell, cfg.nonlinearity if cell_class(cfg.cell).takes_nonlinearity else None)
+    if cfg.cell != cell_names()[0]:  # rows of the default cell keep their old columns
         row["cell"] = cfg.cell
-    arch = dict(num_layers=cfg.num_layers, dirs=cfg.dirs, gates=gates)
+    arch = dict(num_layers=cfg.num_layers, dirs=cfg.dirs, cell=cell)
     row["flops"] = flops(T, B, D, H, K, tokens=cfg.tokens, **arch)
     row["flops_forward"] = flops(T, B, D, H, K, tokens=cfg.tokens, forward_only=True, **arch)
     try:
         x_host, y_host = _make_data(cfg, T, H)
         model = RNN(
             D, H, K, backend=be, dtype=cfg.dtype, seed=cfg.seed, num_layers=cfg.num_layers,
-            bidirectional=cfg.bidirectional, nonlinearity=cfg.nonlinearity if cfg.cell == "rnn" else None,
-            cell=cfg.cell,
+            bidirectional=cfg.bidirectional, cell=cell,
         )  # fmt: skip
         x, y = be.asarray(x_host), be.asarray(y_host)
         timer = be.timer()

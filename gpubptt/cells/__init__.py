@@ -33,16 +33,30 @@ cell over time (``gpubptt.engine``) knows none of a cell's math. What it asks of
 A reverse recurrence sees its inputs in its own time (the engine reverses them per sequence), so a
 cell never knows its direction.
 
-Cells: ``ElmanCell`` (torch.nn.RNN, tanh or relu), ``GRUCell`` (torch.nn.GRU) and ``LSTMCell``
-(torch.nn.LSTM). Tutorial truncation (``truncate=k``) runs inside each cell's ``run_backward``: the
-Elman cell through the engine's lanes of δ (``engine.backward_truncated``), the gated cells through
+Every cell subclasses ``Cell`` (``cells.base``: the defaults, and what the rest of gpubptt reads:
+option name, torch module, init bounds, step Jacobian, FLOPs per step, buffer sizes) and is made a
+``cell=`` option by ``register_cell``; ``make_cell``, ``cell_class`` and ``cell_names`` read the registry.
+
+Cells: ``ElmanCell`` (torch.nn.RNN, tanh or relu), ``GRUCell`` (torch.nn.GRU), ``LSTMCell``
+(torch.nn.LSTM) and ``IndRNNCell`` (``indrnn``: s_t = φ(U x_t + b + w ⊙ s_{t−1}), no torch module).
+Tutorial truncation (``truncate=k``) runs inside each cell's ``run_backward``: the
+Elman cell through lanes of δ (``elman.backward_truncated``), the gated cells through
 lanes of state gradients (∂E_{t+d}/∂h_t, and ∂/∂c_t for the LSTM) that each pass the step's gates.
 """
 
 from __future__ import annotations
 
+from .base import INITS, Cell, cell_class, cell_names, make_cell, register_cell
+
+# registration order is the order of the choices: torch's cells first
+# isort: off
 from .elman import NONLINEARITIES, STEP_KERNELS, ElmanCell
 from .gru import GRUCell
 from .lstm import LSTMCell
+from .indrnn import IndRNNCell
+# isort: on
 
-__all__ = ["NONLINEARITIES", "STEP_KERNELS", "ElmanCell", "GRUCell", "LSTMCell"]
+__all__ = [
+    "INITS", "NONLINEARITIES", "STEP_KERNELS", "Cell", "ElmanCell", "GRUCell", "IndRNNCell", "LSTMCell", "cell_class",
+    "cell_names", "make_cell", "register_cell",
+]  # fmt: skip

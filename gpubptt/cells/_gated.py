@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import InputError
+from .base import Cell
+
 
 def forward_weight(W: Any, Wt: Any, T: int, B: int) -> Any:
     """Wᵀ (H, G·H) for the step GEMM h_{t-1} @ Wᵀ: the transposed view of W (G·H, H), or its row-major copy in Wt.
@@ -20,18 +23,23 @@ def forward_weight(W: Any, Wt: Any, T: int, B: int) -> Any:
     return W.T
 
 
-class GatedCell:
+class GatedCell(Cell):
     """The base of the GRU and LSTM cells: no options, so equal by kind; the input bias is "b"; no nonlinearity."""
 
-    name = "gated"
     input_bias = "b"
-    nonlinearity = None
 
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self)
+    @classmethod
+    def from_options(cls, nonlinearity: str | None = None, **options: Any) -> Cell:
+        """The cell (it takes no options); InputError naming the option that does not apply."""
+        if nonlinearity is not None:
+            raise InputError(
+                f"nonlinearity applies to cell='rnn' only among torch's cells; the {cls.option.upper()}'s gates use "
+                f"σ and tanh as torch.{cls.torch_module}'s (leave nonlinearity unset), "
+                f"got nonlinearity={nonlinearity!r}"
+            )
+        return super().from_options(None, **options)
 
-    def __hash__(self) -> int:
-        return hash(self.name)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+def sig_grad(a: Any, W: Any) -> Any:
+    """diag(a (1 − a)) W for every example: a (B, H), W (H, H) → (B, H, H) (a σ gate's step Jacobian)."""
+    return (a * (1 - a))[:, :, None] * W[None]

@@ -25,15 +25,18 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend
+from ..errors import InputError
 from ._per_backend import PerBackend
+from .base import Cell, register_cell
 
-__all__ = ["NONLINEARITIES", "STEP_KERNELS", "ElmanCell", "kernels"]
+__all__ = ["NONLINEARITIES", "STEP_KERNELS", "ElmanCell", "backward_truncated", "kernels", "phi_prime"]
 
 STEP_KERNELS = ("auto", "cublas", "fused", "persistent")
 NONLINEARITIES = ("tanh", "relu")
 
 
-class ElmanCell:
+@register_cell
+class ElmanCell(Cell):
     """The Elman cell: parameter shapes, forward and backward recurrences, step Jacobian factors.
 
     ``nonlinearity`` "tanh" (the default) or "relu", as ``torch.nn.RNN``'s.
@@ -45,7 +48,10 @@ class ElmanCell:
     ``enter`` are this cell's own (diagnostics and tests use them).
     """
 
+    option = "rnn"
     name = "elman"
+    torch_module = "nn.RNN"
+    takes_nonlinearity = True
     #: rows of U (gates·H, D) and W (gates·H, H) per hidden unit
     gates = 1
     #: the bias added to U x_t in the input projection (its gradient is Σ_t ∂E/∂pre_t)
@@ -59,39 +65,37 @@ class ElmanCell:
             raise ValueError(f"unknown nonlinearity {nonlinearity!r}; expected one of {', '.join(NONLINEARITIES)}")
         self.nonlinearity = nonlinearity
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ElmanCell) and other.nonlinearity == self.nonlinearity
+    def options(self) -> dict[str, Any]:
+        """{"nonlinearity": φ}."""
+        return {"nonlinearity": self.nonlinearity}
 
-    def __hash__(self) -> int:
-        return hash((self.name, self.nonlinearity))
+    @classmethod
+    def from_options(cls, nonlinearity: str | None = None, **options: Any) -> ElmanCell:
+        """ElmanCell(nonlinearity or "tanh"); InputError on an unknown φ or option."""
+        if options:
+            raise InputError(f"cell 'rnn' takes no options beyond nonlinearity, got {sorted(options)}")
+        nonlinearity = "tanh" if nonlinearity is None else nonlinearity
+        if nonlinearity not in NONLINEARITIES:
+            raise InputError(f"unknown nonlinearity {nonlinearity!r}; expected one of {', '.join(NONLINEARITIES)}")
+        return cls(nonlinearity)
 
     def activate(self, a: Any, *, xp: Any) -> Any:
         """φ(a), a new array (what sampling runs one step at a time on the host)."""
         return xp.tanh(a) if self.nonlinearity == "tanh" else xp.maximum(a, 0)
 
-    def __repr__(self) -> str:
-        return f"ElmanCell(nonlinearity={self.nonlinearity!r})"
-
-    @staticmethod
-    def param_shapes(D: int, H: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    def param_shapes(self, D: int, H: int, bias: bool) -> dict[str, tuple[int, ...]]:
         """The recurrent parameters: U (H, D) like ``weight_ih_l0``, W (H, H) like ``weight_hh_l0``, b (H,)."""
         shapes: dict[str, tuple[int, ...]] = {"U": (H, D), "W": (H, H)}
         if bias:
             shapes["b"] = (H,)
         return shapes
 
-    # -- the engine's interface ---------------------------------------------------------------
-    def buffers(self, T: int, B: int, H: int, *, xp: Any, dtype: Any) -> dict[str, Any]:
-        """Arrays the cell keeps from forward to backward besides the states S (none: φ' is read from S)."""
-        return {}
+    def step_jacobian(self, p: dict[str, np.ndarray], S: np.ndarray, aux: dict[str, np.ndarray]) -> np.ndarray:
+        """∂s_t/∂s_{t−1} = diag(φ'_t) W, (T, B, H, H): tanh φ' = 1 − s_t², relu 1 where s_t > 0."""
+        f = phi_prime(S[1:], self.nonlinearity, xp=np, out=np.empty_like(S[1:]))
+        return f[..., None] * p["W"]
 
-    def load(self, aux: dict[str, Any], state0: Any) -> None:
-        """Set any state beyond s0 (none for this cell)."""
-
-    def cell_states(self, aux: dict[str, Any]) -> None:
-        """Every step's state beyond s (none for this cell)."""
-        return None
-
+    # -- the engine's interface (buffers, load, cell_states: the base's, none for this cell) ----
     def run_forward(
         self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], *, be: Backend, scratch: Any, step_kernels: str
     ) -> None:
@@ -128,8 +132,6 @@ class ElmanCell:
         if truncate is None:
             self.backward(G, p["W"], F, be=be, carry=scratch, step_kernels=step_kernels)
         else:
-            from ..engine import backward_truncated  # the engine's lanes scheme, for any cell with step_back
-
             backward_truncated(self, G, p["W"], F, truncate, be=be, lanes=lanes[0], spare=lanes[1])
         T, B, H = G.shape
         be.matmul(G.reshape(T * B, H).T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t δ_tᵀ s_{t-1}
@@ -159,12 +161,7 @@ class ElmanCell:
 
         tanh: 1 − s_t²; relu: 1 where s_t > 0, else 0 (s_t ≥ 0, so its sign).
         """
-        xp = be.xp
-        if self.nonlinearity == "relu":
-            return xp.sign(S[1:], out=out)
-        xp.multiply(S[1:], S[1:], out=out)
-        xp.subtract(1, out, out=out)
-        return out
+        return phi_prime(S[1:], self.nonlinearity, xp=be.xp, out=out)
 
     def backward(self, G: Any, W: Any, F: Any, *, be: Backend, carry: Any, step_kernels: str = "auto") -> None:
         """Full BPTT, in place: G (T, B, H) enters as the direct term ∂E_t/∂s_t and leaves as δ_t.
@@ -196,6 +193,33 @@ class ElmanCell:
     def enter(g: Any, f: Any, out: Any, *, be: Backend) -> None:
         """A state gradient into the pre-activation: out = g ⊙ f; all (B, H), f the step's factor."""
         be.xp.multiply(g, f, out=out)
+
+
+def phi_prime(s: Any, nonlinearity: str, *, xp: Any, out: Any) -> Any:
+    """φ'(a) read from the state s = φ(a), into ``out`` (same shape): tanh 1 − s²; relu 1 where s > 0, else 0."""
+    if nonlinearity == "relu":
+        return xp.sign(s, out=out)  # s ≥ 0: its sign is the indicator
+    xp.multiply(s, s, out=out)
+    xp.subtract(1, out, out=out)
+    return out
+
+
+def backward_truncated(cell: Any, G: Any, W: Any, F: Any, k: int, *, be: Backend, lanes: Any, spare: Any) -> None:
+    """Tutorial-truncated BPTT with window k ≥ 0, in place on G (as the cell's ``backward``).
+
+    G (T, B, H) enters as ∂E_t/∂s_t, leaves as δ_t; F (T, B, H) the cell's ``factors``; lanes,
+    spare (k+1, B, H) scratch. Lane d of step j holds the contribution of E_{j+d}; it moves to lane
+    d+1 of step j−1 through the cell's ``step_back`` (one GEMM for all lanes), and lane k falls off.
+    """
+    xp = be.xp
+    cur, nxt = lanes, spare
+    cur[...] = 0
+    for t in range(G.shape[0] - 1, -1, -1):
+        if k > 0:
+            cell.step_back(cur[:k], W, F[t], nxt[1:], be=be)  # every live lane one step back
+        cell.enter(G[t], F[t], nxt[0], be=be)  # E_t's own contribution enters lane 0
+        xp.sum(nxt, axis=0, out=G[t])
+        cur, nxt = nxt, cur
 
 
 # -- kernels: NumPy twins (any xp), fused and persistent CUDA kernels where the backend compiles ----

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ..backend import Backend
-from ._gated import GatedCell, forward_weight
+from ._gated import GatedCell, forward_weight, sig_grad
 from ._per_backend import PerBackend
+from .base import register_cell
 
 __all__ = ["GRUCell"]
 
@@ -56,6 +59,7 @@ direct = dh * z;
 """
 
 
+@register_cell
 class GRUCell(GatedCell):
     """The GRU cell, torch.nn.GRU's equations and gate order (r, z, n); see the module docstring.
 
@@ -63,13 +67,14 @@ class GRUCell(GatedCell):
     W (3H, H), and with biases b (3H,) (the input projection's) and b_hn (H,) (inside r ⊙ (·)).
     """
 
+    option = "gru"
     name = "gru"
+    torch_module = "nn.GRU"
     gates = 3
     #: no state beyond h (recomputation may keep h alone)
     extra_state = False
 
-    @staticmethod
-    def param_shapes(D: int, H: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    def param_shapes(self, D: int, H: int, bias: bool) -> dict[str, tuple[int, ...]]:
         """U (3H, D) like ``weight_ih_l0``, W (3H, H) like ``weight_hh_l0``; b (3H,), b_hn (H,) with ``bias``."""
         shapes: dict[str, tuple[int, ...]] = {"U": (3 * H, D), "W": (3 * H, H)}
         if bias:
@@ -96,6 +101,21 @@ class GRUCell(GatedCell):
     def cell_states(self, aux: dict[str, Any]) -> None:
         """No state beyond h."""
         return None
+
+    def step_jacobian(self, p: dict[str, np.ndarray], S: np.ndarray, aux: dict[str, np.ndarray]) -> np.ndarray:
+        """∂h_t/∂h_{t−1} = diag(z) + diag(h_{t−1} − n) ∂z + diag(1 − z) ∂n, (T, B, H, H), from the gates A:
+        ∂z = diag(z(1 − z)) W_z, ∂r = diag(r(1 − r)) W_r, ∂n = diag(1 − n²) (diag(m) ∂r + diag(r) W_n)."""
+        A, W = aux["A"], p["W"]
+        T, B, H = A.shape[0], A.shape[1], W.shape[1]
+        eye = np.eye(H)
+        J = np.empty((T, B, H, H))
+        Wr, Wz, Wn = W[:H], W[H : 2 * H], W[2 * H :]
+        for t in range(T):
+            r, z, n, mm = (A[t][:, i * H : (i + 1) * H] for i in range(4))
+            dr, dz = sig_grad(r, Wr), sig_grad(z, Wz)
+            dn = (1 - n * n)[:, :, None] * (mm[:, :, None] * dr + r[:, :, None] * Wn[None])
+            J[t] = z[:, :, None] * eye + (S[t] - n)[:, :, None] * dz + (1 - z)[:, :, None] * dn
+        return J
 
     def run_forward(
         self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], *, be: Backend, scratch: Any, step_kernels: str

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ..backend import Backend
-from ._gated import GatedCell, forward_weight
+from ._gated import GatedCell, forward_weight, sig_grad
 from ._per_backend import PerBackend
+from .base import register_cell
 
 __all__ = ["LSTMCell"]
 
@@ -56,6 +59,7 @@ dc = dct * fg;
 """
 
 
+@register_cell
 class LSTMCell(GatedCell):
     """The LSTM cell, torch.nn.LSTM's equations and gate order (i, f, g, o); see the module docstring.
 
@@ -63,13 +67,14 @@ class LSTMCell(GatedCell):
     "c0" names its initial value and gradient. Parameters per recurrence: U (4H, D), W (4H, H), b (4H,).
     """
 
+    option = "lstm"
     name = "lstm"
+    torch_module = "nn.LSTM"
     gates = 4
     #: the state carried beside h: its initial value c0 and ∂E/∂c0 go by this name
     extra_state = "c0"
 
-    @staticmethod
-    def param_shapes(D: int, H: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    def param_shapes(self, D: int, H: int, bias: bool) -> dict[str, tuple[int, ...]]:
         """U (4H, D) like ``weight_ih_l0``, W (4H, H) like ``weight_hh_l0``; b (4H,) with ``bias``."""
         shapes: dict[str, tuple[int, ...]] = {"U": (4 * H, D), "W": (4 * H, H)}
         if bias:
@@ -94,6 +99,28 @@ class LSTMCell(GatedCell):
     def cell_states(self, aux: dict[str, Any]) -> Any:
         """C (T+1, B, H): C[0] = c0, C[t+1] = c_t."""
         return aux["C"]
+
+    def step_jacobian(self, p: dict[str, np.ndarray], S: np.ndarray, aux: dict[str, np.ndarray]) -> np.ndarray:
+        """∂(h, c)_t/∂(h, c)_{t−1}, (T, B, 2H, 2H), h first, from the gates A and cell states C:
+        ∂c_t/∂h_{t−1} = diag(c_{t−1}) ∂f + diag(g) ∂i + diag(i) ∂g, ∂c_t/∂c_{t−1} = diag(f),
+        ∂h_t/∂(h, c)_{t−1} = diag(tanh c_t) ∂o + diag(o (1 − tanh² c_t)) ∂c_t (∂o = diag(o(1 − o)) W_o, …)."""
+        A, C, W = aux["A"], aux["C"], p["W"]
+        T, B, H = A.shape[0], A.shape[1], W.shape[1]
+        eye = np.eye(H)
+        J = np.zeros((T, B, 2 * H, 2 * H))
+        Wi, Wf, Wg, Wo = W[:H], W[H : 2 * H], W[2 * H : 3 * H], W[3 * H :]
+        for t in range(T):
+            i, f, g, o = (A[t][:, k * H : (k + 1) * H] for k in range(4))
+            tc = np.tanh(C[t + 1])
+            dc_dh = C[t][:, :, None] * sig_grad(f, Wf) + g[:, :, None] * sig_grad(i, Wi)
+            dc_dh += i[:, :, None] * ((1 - g * g)[:, :, None] * Wg[None])
+            dc_dc = f[:, :, None] * eye
+            through = (o * (1 - tc * tc))[:, :, None]
+            J[t, :, :H, :H] = tc[:, :, None] * sig_grad(o, Wo) + through * dc_dh
+            J[t, :, :H, H:] = through * dc_dc
+            J[t, :, H:, :H] = dc_dh
+            J[t, :, H:, H:] = dc_dc
+        return J
 
     def run_forward(
         self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], *, be: Backend, scratch: Any, step_kernels: str

@@ -15,7 +15,7 @@ from .._io import write_atomic
 from ..backend import BACKEND_NAMES, available_backends
 from ..bench import COMPARES, INPUTS
 from ..bench.runner import BenchConfig
-from ..cells import NONLINEARITIES
+from ..cells import NONLINEARITIES, cell_class
 from ..checkpoint import load_checkpoint
 from ..environment import environment
 from ..errors import CheckpointError
@@ -42,8 +42,8 @@ from ._common import (
 BenchBackendChoice = choices("BenchBackendChoice", (*BACKEND_NAMES, "all"))
 InputChoice = choices("InputChoice", INPUTS)
 CompareChoice = choices("CompareChoice", COMPARES)
-CellChoice = choices("CellChoice", ("rnn", "gru", "lstm"))
-DEFAULT_CELL = CellChoice("rnn")
+CellChoice = choices("CellChoice", CELLS)
+DEFAULT_CELL = CellChoice(CELLS[0])
 FormatChoice = choices("FormatChoice", ("table", "json", "csv"))
 NonlinearityChoice = choices("NonlinearityChoice", NONLINEARITIES)
 DEFAULTS = BenchConfig(backends=[])  # the library's defaults are the options' defaults
@@ -269,10 +269,14 @@ def bench(
         return
     requested = available_backends() if backend is BenchBackendChoice.all else [backend.value]
     names = list(dict.fromkeys(backend_or_exit(name).name for name in requested))  # fails here, before any work
+    if compare is CompareChoice.torch and cell_class(cell.value).torch_module is None:
+        raise typer.BadParameter(
+            f"torch has no module for --cell {cell.value}: use --compare none", param_hint="--compare"
+        )
     if compare is CompareChoice.torch and (reason := bench_lib.torch_unavailable_reason()):
         typer.echo(f"warning: {reason}; continuing without the torch comparison", err=True)
         compare = CompareChoice.none
-    if cell.value != "rnn" and compare is CompareChoice.naive:
+    if cell.value != DEFAULT_CELL.value and compare is CompareChoice.naive:
         raise typer.BadParameter("naive is the textbook tanh RNN: it compares --cell rnn only", param_hint="--compare")
     cfg = BenchConfig(
         backends=names,

@@ -254,7 +254,9 @@ def train(
     cell: Annotated[
         CellChoice | None,
         typer.Option(
-            help=_default("The recurrent cell: torch.nn.RNN's (rnn), nn.GRU's (gru) or nn.LSTM's (lstm).", "cell")
+            help=_default(
+                "The recurrent cell: torch.nn.RNN's (rnn), nn.GRU's (gru), nn.LSTM's (lstm) or IndRNN (indrnn).", "cell"
+            )
         ),
     ] = None,
     layers: Annotated[

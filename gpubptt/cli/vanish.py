@@ -18,7 +18,7 @@ from ..diagnostics import DEFAULT_ITERS, DEFAULT_THRESHOLD
 from ..diagnostics.problems import DEFAULT_SEQ_LEN, checkpoint_problem, random_problem
 from ..errors import InputError
 from ..memory import InsufficientMemoryError
-from ..model import INITS
+from ..model import CELLS, INITS
 from ._common import (
     BackendChoice,
     DtypeChoice,
@@ -261,7 +261,7 @@ def vanish(
     cell: Annotated[
         str | None,
         typer.Option(
-            help="Compare cells instead: rnn, gru, lstm (comma-separated), each a random model of the same H on "
+            help=f"Compare cells instead: {', '.join(CELLS)} (comma-separated), each a random model of the same H on "
             "the same tokens; the table gives each cell's horizon and rate per step (the LSTM's cell-state "
             "path ∂c_t/∂c_k too), ‖∂E/∂s0‖ and the truncation window within 1 %."
         ),

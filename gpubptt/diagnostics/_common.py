@@ -54,6 +54,19 @@ def check_model(model: Any) -> RNN:
     return model
 
 
+def check_elman(model: RNN, what: str) -> RNN:
+    """``model`` when its cell is a matrix recurrence s_t = φ(U x_t + W s_{t−1}) (W (H, H), step factors φ'):
+    what these Elman diagnostics read; InputError pointing to the any-cell measures otherwise."""
+    model = check_model(model)
+    W = model.params.get("W")
+    if W is None or tuple(W.shape) != (model.hidden_size, model.hidden_size) or not hasattr(model.cell, "factors"):
+        raise InputError(
+            f"{what} reads the rnn cell's W (H, H) and step factors; this model's cell is {model.cell_name!r}: "
+            "gpubptt.diagnostics.gated.cell_flow (gpubptt vanish --cell, or --checkpoint) measures any cell"
+        )
+    return model
+
+
 def check_positive_float(v: Any, name: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise InputTypeError(f"{name} must be a positive number, got {type(v).__name__} {v!r}")

@@ -1,7 +1,7 @@
-"""Gradient flow through any cell, measured the same way for rnn, gru and lstm: what ``gpubptt vanish --cell`` runs.
+"""Gradient flow through any cell, measured the same way for every cell: what ``gpubptt vanish --cell`` runs.
 
-The step Jacobian of the whole state (h for rnn and gru, (h, c) for the LSTM) is written out per cell
-and per example from the forward's own gates, dense (B, n, n), n = H or 2H:
+The step Jacobian of the whole state (h for rnn and gru, (h, c) for the LSTM) is each cell's own
+``step_jacobian``, per example from the forward's own gates, dense (B, n, n), n = H or 2H; for example:
 
     rnn    ∂h_t/∂h_{t−1} = diag(1 − h_t²) W
     gru    ∂h_t/∂h_{t−1} = diag(z) + diag(h_{t−1} − n) ∂z + diag(1 − z) ∂n
@@ -87,8 +87,7 @@ def _host_model(model: RNN) -> RNN:
             + (", bidirectional" if model.bidirectional else "")
         )
     params = {k: to_numpy(v).astype(np.float64) for k, v in model.params.items()}
-    return RNN.from_params(params, backend="numpy", dtype="float64", cell=model.cell_name,
-                           nonlinearity=model.nonlinearity)  # fmt: skip
+    return RNN.from_params(params, backend="numpy", dtype="float64", cell=model.cell)
 
 
 def _forward(m: RNN, batch: Any) -> tuple[np.ndarray, dict[str, Any]]:
@@ -99,56 +98,21 @@ def _forward(m: RNN, batch: Any) -> tuple[np.ndarray, dict[str, Any]]:
     return stack.S[0], stack.aux[0]
 
 
-def _sig_grad(a: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """diag(a (1 − a)) W for every example: a (B, H), W (H, H) → (B, H, H)."""
-    return (a * (1 - a))[:, :, None] * W[None]
-
-
 def step_jacobians(model: RNN, x: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """J (T, B, n, n): ∂s_t/∂s_{t−1} of the whole state at every step (n = H, or 2H for the LSTM's [h, c]),
-    written out from the forward's gates; and the forward itself: {"S": (T+1, B, H), "C": LSTM cells}.
+    the cell's own ``step_jacobian`` on the forward's buffers; and the forward itself: {"S": (T+1, B, H),
+    "C": the cell's further state where it has one}.
 
     x (T, B) token ids or (T, B, D) floats; s0 zero.
     """
     m = _host_model(check_model(model))
     batch = batch_of(m, x, None, None)
     S, aux = _forward(m, batch)
-    cell = m.cell_name
-    T, B, H = batch.T, batch.B, m.hidden_size
-    W = np.asarray(m.params["W"])
     forward = {"S": S.copy()}
-    if cell == "rnn":
-        if m.nonlinearity == "relu":
-            J = (S[1:] > 0).astype(float)[..., None] * W
-        else:
-            J = (1 - S[1:] ** 2)[..., None] * W  # (T, B, H, H)
-        return J, forward
-    A = aux["A"]
-    eye = np.eye(H)
-    if cell == "gru":
-        J = np.empty((T, B, H, H))
-        Wr, Wz, Wn = W[:H], W[H : 2 * H], W[2 * H :]
-        for t in range(T):
-            r, z, n, mm = (A[t][:, i * H : (i + 1) * H] for i in range(4))
-            dr, dz = _sig_grad(r, Wr), _sig_grad(z, Wz)
-            dn = (1 - n * n)[:, :, None] * (mm[:, :, None] * dr + r[:, :, None] * Wn[None])
-            J[t] = z[:, :, None] * eye + (S[t] - n)[:, :, None] * dz + (1 - z)[:, :, None] * dn
-        return J, forward
-    C = aux["C"].copy()
-    forward["C"] = C
-    J = np.zeros((T, B, 2 * H, 2 * H))
-    Wi, Wf, Wg, Wo = W[:H], W[H : 2 * H], W[2 * H : 3 * H], W[3 * H :]
-    for t in range(T):
-        i, f, g, o = (A[t][:, k * H : (k + 1) * H] for k in range(4))
-        tc = np.tanh(C[t + 1])
-        dc_dh = C[t][:, :, None] * _sig_grad(f, Wf) + g[:, :, None] * _sig_grad(i, Wi)
-        dc_dh += i[:, :, None] * ((1 - g * g)[:, :, None] * Wg[None])
-        dc_dc = f[:, :, None] * eye
-        through = (o * (1 - tc * tc))[:, :, None]
-        J[t, :, :H, :H] = tc[:, :, None] * _sig_grad(o, Wo) + through * dc_dh
-        J[t, :, :H, H:] = through * dc_dc
-        J[t, :, H:, :H] = dc_dh
-        J[t, :, H:, H:] = dc_dc
+    C = m.cell.cell_states(aux)
+    if C is not None:
+        forward["C"] = np.array(C)
+    J = m.cell.step_jacobian(m.recurrence_params(m.recurrences[0]), S, aux)
     return J, forward
 
 
@@ -307,9 +271,7 @@ def plot_cells(flows: list[CellFlow], path: Any, *, title: str | None = None) ->
         raise InputError("nothing to plot: no cells measured")
     fig = new_figure(figsize=(15.0, 4.6), layout="constrained")
     ax = fig.subplots(1, 3)
-    colors = {"rnn": "tab:red", "gru": "tab:blue", "lstm": "tab:green"}
-    for f in flows:
-        col = colors.get(f.cell, "k")
+    for f, col in zip(flows, ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "k"), strict=False):
         rate = "—" if f.decay_rate is None else f"{f.decay_rate:.3f}"
         ax[0].semilogy(f.lags, np.exp(f.log_norms), color=col, lw=2, label=f"{f.cell}: ×{rate}/step")
         if f.cell_log_norms is not None:

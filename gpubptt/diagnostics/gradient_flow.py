@@ -11,6 +11,7 @@ from ..model import RNN
 from ._common import (
     ToDict,
     batch_of,
+    check_elman,
     check_int,
     check_model,
     direct_terms,
@@ -47,7 +48,7 @@ def step_gradients(model: RNN, x: Any, y: Any, s0: Any = None) -> StepGradients:
 
         ∂E/∂s_t = do_t @ V + δ_{t+1} @ W,     δ_t = ∂E/∂s_t ⊙ (1 − s_t²),     δ_T = 0
     """
-    model = check_model(model)
+    model = check_elman(model, "step_gradients")
     batch = batch_of(model, x, y, s0)
     xp, W = model.backend.xp, model.params["W"]
     S = states_of(model, batch)
@@ -109,7 +110,7 @@ def contributions(model: RNN, x: Any, y: Any, s0: Any = None, *, keep_terms: boo
     matrix), else from the H×H product itself. Work O(T²·B·H²), memory O(T·B·(H + B)).
     ``keep_terms=True`` also returns every H×H term, (T, T, H, H) on the host: for small models.
     """
-    model = check_model(model)
+    model = check_elman(model, "contributions")
     batch = batch_of(model, x, y, s0)
     be, xp, W = model.backend, model.backend.xp, model.params["W"]
     S = states_of(model, batch)

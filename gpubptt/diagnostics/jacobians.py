@@ -16,8 +16,8 @@ from ..model import RNN
 from ._common import (
     ToDict,
     batch_of,
+    check_elman,
     check_int,
-    check_model,
     check_positive_float,
     check_tol,
     factors_of,
@@ -211,7 +211,7 @@ def jacobian_products(
     products, its saturated fraction) at 1/B of the cost; None uses the whole batch and reports the
     geometric mean. Returns norms (end+1,) and the summary numbers.
     """
-    model = check_model(model)
+    model = check_elman(model, "jacobian_products")
     if activation not in ACTIVATIONS:
         raise InputError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
     threshold = check_positive_float(threshold, "threshold")

@@ -176,7 +176,7 @@ def checkpoint_problem(
     )  # fmt: skip
     model = m
     if dtype is not None:
-        model = RNN.from_params(m.params, backend=m.backend, dtype=dtype, nonlinearity=m.nonlinearity)
+        model = RNN.from_params(m.params, backend=m.backend, dtype=dtype, cell=m.cell)  # the cell, with its options
     if kind in ("copy", "recall"):
         if text is not None:
             raise InputError(

@@ -36,7 +36,7 @@ from .._checks import check_batch
 from ..backend import to_numpy
 from ..errors import InputError
 from ..model import RNN
-from ._common import ToDict, check_int, check_model, check_positive_float, check_tol, json_value, to_host
+from ._common import ToDict, check_elman, check_int, check_model, check_positive_float, check_tol, json_value, to_host
 from .jacobians import DEFAULT_ITERS, DEFAULT_THRESHOLD, NO_DECAY_SLOPE, _fit, product_norms, spectral_radius
 
 __all__ = ["RecurrenceFlow", "StackReport", "ThroughStack", "stack_report", "stack_sweep", "with_radius"]
@@ -160,7 +160,7 @@ def stack_report(
 
     x (T, B) or (T, B, D); y (T, B); s0 (L·dirs, B, H) or None. Elman cells (tanh or relu).
     """
-    model = check_model(model)
+    model = check_elman(model, "stack_report")
     threshold = check_positive_float(threshold, "threshold")
     check_int(iters, "iters", 1)
     check_tol(tol)

@@ -1,0 +1,59 @@
+"""The model's architecture record: sizes, cell (with its options), layers, directions, bias, dtype.
+
+    >>> import gpubptt
+    >>> cfg = gpubptt.RNN(8, 16, 8, cell="gru", backend="numpy").config
+    >>> cfg.hidden_size, cfg.cell.option, cfg.param_shapes()["W"]
+    (16, 'gru', (48, 16))
+
+``RNN``, ``from_params``, ``from_torch``, ``to()`` and checkpoints build a model from one of these;
+sizes are never read back from parameter names or shapes. Checked once, when built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .cells import Cell
+from .params import param_shapes, recurrences
+
+__all__ = ["ModelConfig"]
+
+_FLOAT32 = np.dtype("float32")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of an ``RNN``: D, H, K, the cell object, num_layers, bidirectional, bias, dtype.
+
+    ``param_shapes()`` is the model's schema {name: shape} (``params.param_shapes``); ``recurrences``
+    the stack's recurrences in torch's order.
+    """
+
+    input_size: int
+    hidden_size: int
+    output_size: int
+    cell: Cell
+    num_layers: int = 1
+    bidirectional: bool = False
+    bias: bool = False
+    dtype: np.dtype = _FLOAT32
+
+    @property
+    def num_directions(self) -> int:
+        """2 for a bidirectional stack, else 1."""
+        return 2 if self.bidirectional else 1
+
+    @property
+    def recurrences(self) -> list[Any]:
+        """The recurrences in torch's order (layer by layer, forward before reverse)."""
+        return recurrences(self.num_layers, self.bidirectional)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{name: shape} of every parameter, in the model's order."""
+        return param_shapes(
+            self.input_size, self.hidden_size, self.output_size, self.bias, self.cell,
+            num_layers=self.num_layers, bidirectional=self.bidirectional,
+        )  # fmt: skip
