@@ -33,7 +33,7 @@ from ._checks import Batch, check_batch, check_c0, check_dtype, check_positive_i
 from ._construction import Construction
 from .backend import Backend, get_backend
 from .cells import STEP_KERNELS
-from .errors import InputError, InputTypeError
+from .errors import InputError, InputTypeError, ShapeError
 from .losses import chunk_steps, softmax_probs, xent_loss
 from .options import (
     CELLS,
@@ -48,6 +48,7 @@ from .options import (
     cell_option,
 )
 from .params import Params, architecture_of, param_shapes, recurrences
+from .pullback import Pullback, VJPOutput
 
 __all__ = ["CELLS", "INITS", "REDUCTIONS", "RNN", "RNNOutput"]
 
@@ -321,6 +322,34 @@ class RNN(Construction):
         elif self.num_states == 1:
             states = states.copy()  # a view of the state buffer otherwise
         return RNNOutput(states=states, probs=probs, final_state=final)
+
+    def vjp(
+        self, x: Any, s0: Any = None, *, lengths: Any = None, recompute: int | str | None = None
+    ) -> tuple[VJPOutput, Pullback]:
+        """The recurrent stack forward (no output layer, no dropout) and its pullback (``gpubptt.pullback``).
+
+        x (T, B) token ids or (T, B, D) floats; s0 as in ``forward``; lengths (B,). Returns (out,
+        pullback): out.states (T, B, H·dirs), out.final_state as ``forward``'s; ``pullback(d_states,
+        d_final_state=None)`` → the exact gradients of every recurrent parameter, "s0" (and "c0") and,
+        for dense x, "x", for the upstream gradients ∂E/∂states (T, B, H·dirs) and ∂E/∂final_state.
+        Callable once. ``recompute``: only None (every state stored) for now; "sqrt" or an int is
+        refused with an InputError.
+        """
+        recompute = _recompute.check_recompute(recompute)
+        if recompute is not None:
+            raise InputError(
+                f"vjp does not recompute yet (recompute={recompute!r}): the pullback keeps every state; "
+                "use recompute=None, or loss_and_grads(..., recompute=...) for the softmax head"
+            )
+        batch = self._check(x, None, s0, lengths, for_loss=False)
+        if batch.T == 0 or batch.B == 0:
+            raise ShapeError(f"vjp needs at least one time step and one sequence; got T={batch.T}, B={batch.B}")
+        with self._lock:  # one call of this model at a time (see loss_and_grads)
+            stack = self._stack(batch)
+            states = stack.Y[-1]
+            final = self._final_state(stack, batch)
+            states = states * batch.weight[:, :, None] if batch.weight is not None else states.copy()
+        return VJPOutput(states=states, final_state=final), Pullback(self, batch, stack, self._step_kernels())
 
     def _scale(self, batch: Batch, reduction: str) -> float:
         if reduction == "sum":

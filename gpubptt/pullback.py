@@ -1,0 +1,172 @@
+"""The recurrent stack's pullback (vector–Jacobian product): exact BPTT under any loss.
+
+``model.vjp(x, s0)`` runs the stack forward (no output layer) and returns its outputs and a pullback:
+
+    out.states       (T, B, H·dirs)  the top layer's outputs Y (zero on padded steps)
+    out.final_state  torch's h_n (L·dirs, B, H), or (B, H) as s0 was; an LSTM's (h_n, c_n)
+    pullback(dY, d_final)  →  {U…, W…, b…: ∂E/∂θ, "s0": ∂E/∂s0, ["c0"], ["x": ∂E/∂x for dense x]}
+
+for E any scalar function of (Y, h_n) whose gradients dY = ∂E/∂Y and d_final = ∂E/∂h_n the caller
+supplies. The backward pass is the engine's (``engine.backward_stack``), the one ``loss_and_grads``
+runs under its softmax head: dY enters as the top layer's direct term; ∂E/∂h_n enters each
+recurrence at its own last valid step (forward: lengths[b] − 1; reverse: its own step lengths[b] − 1,
+input step 0), ∂E/∂c_n the same way into the LSTM's cell-state recursion, and straight into ∂E/∂s0
+where a length is 0. Padded steps' outputs are constant zeros: their dY is ignored.
+
+A pullback holds the forward's buffers until it is called; it can be called once (its backward
+pass consumes them, as torch frees a graph): a second call raises ``PullbackError``. It reads the
+model's parameters when called: change them in between and the gradient is of neither.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import engine
+from ._checks import Batch
+from .errors import InputError, InputTypeError, ShapeError
+
+__all__ = ["Pullback", "PullbackError", "VJPOutput"]
+
+
+class PullbackError(InputError):
+    """A pullback was called a second time (its forward buffers are consumed by the first call)."""
+
+
+@dataclass
+class VJPOutput:
+    """What ``RNN.vjp`` returns beside the pullback: states (T, B, H·dirs) the top layer's outputs
+    (zero on padded steps), final_state torch's h_n (L·dirs, B, H) or (B, H) as s0 was (an LSTM's:
+    the tuple (h_n, c_n))."""
+
+    states: Any
+    final_state: Any
+
+
+class Pullback:
+    """``pullback(d_states, d_final_state=None)`` → gradients; see the module docstring.
+
+    d_states (T, B, H·dirs) on the model's backend; d_final_state shaped like ``final_state`` (an
+    LSTM's: (dh_n, dc_n), either may be None), or None. Returns a dict: every recurrent parameter's
+    gradient by name (not V, c: the output layer is the caller's), "s0" shaped like the final state,
+    "c0" for an LSTM, "x" (T, B, D) for dense x. Fresh arrays, the caller's.
+    """
+
+    def __init__(self, model: Any, batch: Batch, stack: engine.Stack, step_kernels: str) -> None:
+        self._model, self._batch, self._stack, self._step_kernels = model, batch, stack, step_kernels
+        self._used = False
+
+    def __repr__(self) -> str:
+        b = self._batch
+        return f"Pullback(T={b.T}, B={b.B}, {'used' if self._used else 'ready'})"
+
+    def _array(self, a: Any, shape: tuple[int, ...], what: str) -> Any:
+        model = self._model
+        be = model.backend
+        be.check_native(a, what)
+        a = be.asarray(a)
+        if a.dtype.kind != "f":
+            raise InputTypeError(f"{what} must be floating point, got dtype {a.dtype}")
+        if tuple(a.shape) != shape:
+            raise ShapeError(f"{what} must have shape {shape} (as the vjp's output), got {tuple(a.shape)}")
+        return a.astype(model.dtype, copy=False)
+
+    def _finals(self, d_final: Any) -> tuple[Any, Any]:
+        """(∂E/∂h_n, ∂E/∂c_n) as (L·dirs, B, H) arrays or None, checked against the final state's shape."""
+        model, batch = self._model, self._batch
+        n, B, H = model.num_states, batch.B, model.hidden_size
+        shape = (B, H) if batch.flat_state else (n, B, H)
+        extra = model.cell.extra_state
+        if d_final is None:
+            return None, None
+        if extra:
+            if not isinstance(d_final, (tuple, list)) or len(d_final) != 2:
+                raise InputTypeError(
+                    f"d_final_state of an LSTM must be the pair (dh_n, dc_n) (either may be None), "
+                    f"got {type(d_final).__name__}"
+                )
+            dh, dc = d_final
+        else:
+            if isinstance(d_final, (tuple, list)):
+                raise InputTypeError(f"d_final_state must be one array {shape}, got a {type(d_final).__name__}")
+            dh, dc = d_final, None
+        dh = None if dh is None else self._array(dh, shape, "d_final_state (∂E/∂h_n)").reshape(n, B, H)
+        dc = None if dc is None else self._array(dc, shape, "d_final_state (∂E/∂c_n)").reshape(n, B, H)
+        return dh, dc
+
+    def __call__(self, d_states: Any, d_final_state: Any = None) -> dict[str, Any]:
+        model, batch = self._model, self._batch
+        if self._used:
+            raise PullbackError(
+                "this pullback was already called: its backward pass consumes the forward's buffers; "
+                "call model.vjp again for another gradient"
+            )
+        be, xp = model.backend, model.backend.xp
+        T, B, H, n = batch.T, batch.B, model.hidden_size, model.num_states
+        dirs = model.num_directions
+        dtop = self._array(d_states, (T, B, H * dirs), "d_states")
+        dh, dc = self._finals(d_final_state)
+        with model._lock:
+            self._used = True
+            st, dt = self._stack, model.dtype
+            G = [xp.empty((T, B, H), dtype=dt) for _ in range(n)]
+            dY = xp.empty((T, B, 2 * H), dtype=dt) if dirs == 2 else None
+            top = G[-1] if dirs == 1 else dY
+            if batch.weight is None:
+                top[...] = dtop
+            else:  # padded outputs are constants: their gradient goes nowhere
+                xp.multiply(dtop, batch.weight[:, :, None], out=top)
+            g = {k: xp.empty_like(v) for k, v in model.params.items() if k not in ("V", "c")}
+            g["s0"] = xp.empty((n, B, H), dtype=dt)
+            extra = model.cell.extra_state
+            if extra:
+                g[extra] = xp.empty((n, B, H), dtype=dt)
+            last, cols, empty = _last_steps(batch, be)
+            inject = None
+            if dh is not None:
+
+                def inject(i: int, Gi: Any) -> None:
+                    Gi[last, cols] += dh[i][cols]  # h_n is each recurrence's state after its own last valid step
+
+            d_extra = None
+            if dc is not None:
+                d_extra = [xp.zeros((T, B, H), dtype=dt) for _ in range(n)]
+                for i in range(n):
+                    d_extra[i][last, cols] = dc[i][cols]
+            dx = None if batch.tokens else xp.empty((T, B, model.input_size), dtype=dt)
+            plan = be.token_plan(batch.x.reshape(-1), model.input_size) if batch.tokens else None
+            dUT = xp.empty((model.input_size, model.cell.gates * H), dtype=dt) if batch.tokens else None
+            engine.backward_stack(
+                model, st, G, dY, g, batch.x, batch.tokens, plan, step_kernels=self._step_kernels,
+                truncate=None, lanes=None, dUT=dUT, inject=inject, d_extra=d_extra, dx=dx,
+            )  # fmt: skip
+            if empty is not None:  # a sequence of length 0: its final state is s0
+                if dh is not None:
+                    g["s0"][:, empty] += dh[:, empty]
+                if dc is not None:
+                    g[extra][:, empty] += dc[:, empty]
+            self._stack = None  # the forward's buffers go with the first call
+        for k in ("s0", extra) if extra else ("s0",):
+            if batch.flat_state:
+                g[k] = g[k][0]
+        if dx is not None:
+            g["x"] = dx
+        return g
+
+
+def _last_steps(batch: Batch, be: Any) -> tuple[Any, Any, Any]:
+    """(rows, cols, empty): each sequence's last valid step and its column, for sequences of length ≥ 1;
+    ``empty`` the columns of length 0 (None when there are none)."""
+    if batch.lengths is None:
+        return batch.T - 1, slice(None), None
+    n = batch.lengths
+    cols = np.flatnonzero(n > 0)
+    empty = np.flatnonzero(n == 0)
+    return (
+        be.asarray(n[cols] - 1),
+        be.asarray(cols),
+        be.asarray(empty) if empty.size else None,
+    )
