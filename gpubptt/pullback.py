@@ -55,8 +55,18 @@ class Pullback:
     "c0" for an LSTM, "x" (T, B, D) for dense x. Fresh arrays, the caller's.
     """
 
-    def __init__(self, model: Any, batch: Batch, stack: engine.Stack, step_kernels: str) -> None:
+    def __init__(
+        self,
+        model: Any,
+        batch: Batch,
+        stack: engine.Stack,
+        step_kernels: str,
+        *,
+        batch_first: bool = False,
+        want_dx: bool = True,
+    ) -> None:
         self._model, self._batch, self._stack, self._step_kernels = model, batch, stack, step_kernels
+        self._batch_first, self._want_dx = batch_first, want_dx
         self._used = False
 
     def __repr__(self) -> str:
@@ -107,7 +117,9 @@ class Pullback:
         be, xp = model.backend, model.backend.xp
         T, B, H, n = batch.T, batch.B, model.hidden_size, model.num_states
         dirs = model.num_directions
-        dtop = self._array(d_states, (T, B, H * dirs), "d_states")
+        shape = (B, T, H * dirs) if self._batch_first else (T, B, H * dirs)
+        dtop = self._array(d_states, shape, "d_states")
+        dtop = dtop.swapaxes(0, 1) if self._batch_first else dtop
         dh, dc = self._finals(d_final_state)
         with model._lock:
             self._used = True
@@ -136,7 +148,7 @@ class Pullback:
                 d_extra = [xp.zeros((T, B, H), dtype=dt) for _ in range(n)]
                 for i in range(n):
                     d_extra[i][last, cols] = dc[i][cols]
-            dx = None if batch.tokens else xp.empty((T, B, model.input_size), dtype=dt)
+            dx = None if batch.tokens or not self._want_dx else xp.empty((T, B, model.input_size), dtype=dt)
             plan = be.token_plan(batch.x.reshape(-1), model.input_size) if batch.tokens else None
             dUT = xp.empty((model.input_size, model.cell.gates * H), dtype=dt) if batch.tokens else None
             engine.backward_stack(
@@ -153,7 +165,7 @@ class Pullback:
             if batch.flat_state:
                 g[k] = g[k][0]
         if dx is not None:
-            g["x"] = dx
+            g["x"] = dx.swapaxes(0, 1) if self._batch_first else dx
         return g
 
 
