@@ -379,17 +379,20 @@ class RNN(Construction):
         pullback): out.states (T, B, H·dirs), out.final_state as ``forward``'s; ``pullback(d_states,
         d_final_state=None)`` → the exact gradients of every recurrent parameter, "s0" (and "c0") and,
         for dense x, "x", for the upstream gradients ∂E/∂states (T, B, H·dirs) and ∂E/∂final_state.
-        Callable once. ``recompute``: only None (every state stored) for now; "sqrt" or an int is
-        refused with an InputError.
+        Callable once. ``recompute`` as in ``loss_and_grads`` (None, "sqrt" or an int c: steps per
+        segment; not "auto"): the forward keeps only the states at segment boundaries (and the top layer's
+        outputs it returns) and the pullback recomputes each segment, for the models recomputation
+        serves (``gpubptt.recompute``: one direction, no extra cell state).
         """
         recompute = _recompute.check_recompute(recompute)
+        if recompute == "auto":
+            raise InputError("vjp takes recompute None, 'sqrt' or an int (steps per segment), not 'auto'")
         if recompute is not None:
-            raise InputError(
-                f"vjp does not recompute yet (recompute={recompute!r}): the pullback keeps every state; "
-                "use recompute=None, or loss_and_grads(..., recompute=...) for the softmax head"
-            )
+            why = _recompute.unsupported_reason(self)
+            if why:
+                raise InputError(why)
         batch = self._check_nonempty(self._swap(x, "x"), s0, lengths, "vjp")
-        out, pullback = self._vjp(batch)
+        out, pullback = self._vjp(batch, recompute=recompute)
         out.states = self._out(out.states)
         return out, pullback
 
@@ -399,7 +402,23 @@ class RNN(Construction):
             raise ShapeError(f"{what} needs at least one time step and one sequence; got T={batch.T}, B={batch.B}")
         return batch
 
-    def _vjp(self, batch: Batch, *, want_dx: bool = True) -> tuple[VJPOutput, Pullback]:
+    def _vjp(
+        self, batch: Batch, *, want_dx: bool = True, recompute: int | str | None = None
+    ) -> tuple[VJPOutput, Pullback]:
+        if recompute is not None:
+            c = _recompute.segment_length(batch.T, recompute)
+            sk, xp = self._step_kernels(), self.backend.xp
+            with self._lock:
+                ws = _recompute.SegmentWorkspace(self, batch, c, step_kernels=sk, chunk_elements=self._chunk_elements())
+                ws.load(batch)
+                states = xp.empty((batch.T, batch.B, self.hidden_size), dtype=self.dtype)
+                ws.forward(states)
+                final = ws.final.copy()
+            if batch.weight is not None:
+                states *= batch.weight[:, :, None]
+            final = final[0] if batch.flat_state else final
+            pullback = Pullback(self, batch, None, sk, batch_first=self.batch_first, want_dx=want_dx, segments=ws)
+            return VJPOutput(states=states, final_state=final), pullback
         with self._lock:  # one call of this model at a time (see loss_and_grads)
             stack = self._stack(batch)
             states = stack.Y[-1]

@@ -64,9 +64,11 @@ class Pullback:
         *,
         batch_first: bool = False,
         want_dx: bool = True,
+        segments: Any = None,
     ) -> None:
         self._model, self._batch, self._stack, self._step_kernels = model, batch, stack, step_kernels
         self._batch_first, self._want_dx = batch_first, want_dx
+        self._segments = segments  # a recompute.SegmentWorkspace after its forward pass, or None
         self._used = False
 
     def __repr__(self) -> str:
@@ -114,59 +116,111 @@ class Pullback:
                 "this pullback was already called: its backward pass consumes the forward's buffers; "
                 "call model.vjp again for another gradient"
             )
-        be, xp = model.backend, model.backend.xp
-        T, B, H, n = batch.T, batch.B, model.hidden_size, model.num_states
-        dirs = model.num_directions
+        T, B, H, dirs = batch.T, batch.B, model.hidden_size, model.num_directions
         shape = (B, T, H * dirs) if self._batch_first else (T, B, H * dirs)
         dtop = self._array(d_states, shape, "d_states")
         dtop = dtop.swapaxes(0, 1) if self._batch_first else dtop
         dh, dc = self._finals(d_final_state)
         with model._lock:
             self._used = True
-            st, dt = self._stack, model.dtype
-            G = [xp.empty((T, B, H), dtype=dt) for _ in range(n)]
-            dY = xp.empty((T, B, 2 * H), dtype=dt) if dirs == 2 else None
-            top = G[-1] if dirs == 1 else dY
-            if batch.weight is None:
-                top[...] = dtop
-            else:  # padded outputs are constants: their gradient goes nowhere
-                xp.multiply(dtop, batch.weight[:, :, None], out=top)
-            g = {k: xp.empty_like(v) for k, v in model.params.items() if k not in ("V", "c")}
-            g["s0"] = xp.empty((n, B, H), dtype=dt)
-            extra = model.cell.extra_state
-            if extra:
-                g[extra] = xp.empty((n, B, H), dtype=dt)
-            last, cols, empty = _last_steps(batch, be)
-            inject = None
-            if dh is not None:
-
-                def inject(i: int, Gi: Any) -> None:
-                    Gi[last, cols] += dh[i][cols]  # h_n is each recurrence's state after its own last valid step
-
-            d_extra = None
-            if dc is not None:
-                d_extra = [xp.zeros((T, B, H), dtype=dt) for _ in range(n)]
-                for i in range(n):
-                    d_extra[i][last, cols] = dc[i][cols]
-            dx = None if batch.tokens or not self._want_dx else xp.empty((T, B, model.input_size), dtype=dt)
-            plan = be.token_plan(batch.x.reshape(-1), model.input_size) if batch.tokens else None
-            dUT = xp.empty((model.input_size, model.cell.gates * H), dtype=dt) if batch.tokens else None
-            engine.backward_stack(
-                model, st, G, dY, g, batch.x, batch.tokens, plan, step_kernels=self._step_kernels,
-                truncate=None, lanes=None, dUT=dUT, inject=inject, d_extra=d_extra, dx=dx,
-            )  # fmt: skip
-            if empty is not None:  # a sequence of length 0: its final state is s0
-                if dh is not None:
-                    g["s0"][:, empty] += dh[:, empty]
-                if dc is not None:
-                    g[extra][:, empty] += dc[:, empty]
-            self._stack = None  # the forward's buffers go with the first call
+            if self._segments is not None:
+                g, dx = self._recompute_backward(dtop, dh)
+            else:
+                g, dx = self._stored_backward(dtop, dh, dc)
+        extra = model.cell.extra_state
         for k in ("s0", extra) if extra else ("s0",):
             if batch.flat_state:
                 g[k] = g[k][0]
         if dx is not None:
             g["x"] = dx.swapaxes(0, 1) if self._batch_first else dx
         return g
+
+    def _top_gradient(self, dtop: Any, out: Any) -> Any:
+        """dtop into ``out`` (T, B, H·dirs), zero on padded steps: padded outputs are constants."""
+        weight = self._batch.weight
+        if weight is None:
+            out[...] = dtop
+        else:
+            self._model.backend.xp.multiply(dtop, weight[:, :, None], out=out)
+        return out
+
+    def _recompute_backward(self, dtop: Any, dh: Any) -> tuple[dict[str, Any], Any]:
+        """The segment-by-segment backward pass of ``gpubptt.recompute`` under the upstream gradients."""
+        model, batch, ws = self._model, self._batch, self._segments
+        xp, c = model.backend.xp, ws.c
+        top = self._top_gradient(dtop, xp.empty(dtop.shape, dtype=model.dtype))
+        last_seg = len(ws.bounds) - 1
+        _, _, empty = _last_steps(batch, model.backend)
+        at: dict[int, tuple[Any, Any]] = {}  # segment → (rows within it, columns) of each final step
+        if dh is not None and batch.lengths is None:
+            at[last_seg] = (ws.bounds[last_seg][1] - ws.bounds[last_seg][0] - 1, slice(None))
+        elif dh is not None:
+            n = batch.lengths
+            keep = np.flatnonzero(n > 0)
+            seg = (n[keep] - 1) // c
+            for k in np.unique(seg):
+                j = keep[seg == k]
+                at[int(k)] = (model.backend.asarray(n[j] - 1 - k * c), model.backend.asarray(j))
+
+        def head(k: int, _top: Any, dS: Any) -> None:
+            t0, t1 = ws.bounds[k]
+            dS[...] = top[t0:t1]
+
+        def inject(k: int, i: int, G: Any) -> None:
+            if k in at:
+                r, j = at[k]
+                G[r, j] += dh[i][j]
+
+        dx = None if batch.tokens or not self._want_dx else xp.empty((batch.T, batch.B, model.input_size), model.dtype)
+        ws.backward(head, inject=inject if dh is not None else None, dx=dx)
+        g = {k: v.copy() for k, v in ws.grads.items() if k not in ("V", "c")}
+        if empty is not None and dh is not None:
+            g["s0"][:, empty] += dh[:, empty]
+        ws.batch = None  # the workspace read the caller's arrays in place: do not keep them
+        self._segments = None
+        return g, dx
+
+    def _stored_backward(self, dtop: Any, dh: Any, dc: Any) -> tuple[dict[str, Any], Any]:
+        """``engine.backward_stack`` over the stored forward, under the upstream gradients."""
+        model, batch = self._model, self._batch
+        be, xp = model.backend, model.backend.xp
+        T, B, H, n = batch.T, batch.B, model.hidden_size, model.num_states
+        dirs = model.num_directions
+        st, dt = self._stack, model.dtype
+        G = [xp.empty((T, B, H), dtype=dt) for _ in range(n)]
+        dY = xp.empty((T, B, 2 * H), dtype=dt) if dirs == 2 else None
+        self._top_gradient(dtop, G[-1] if dirs == 1 else dY)
+        g = {k: xp.empty_like(v) for k, v in model.params.items() if k not in ("V", "c")}
+        g["s0"] = xp.empty((n, B, H), dtype=dt)
+        extra = model.cell.extra_state
+        if extra:
+            g[extra] = xp.empty((n, B, H), dtype=dt)
+        last, cols, empty = _last_steps(batch, be)
+        inject = None
+        if dh is not None:
+
+            def inject(i: int, Gi: Any) -> None:
+                Gi[last, cols] += dh[i][cols]  # h_n is each recurrence's state after its own last valid step
+
+        d_extra = None
+        if dc is not None:
+            d_extra = [xp.zeros((T, B, H), dtype=dt) for _ in range(n)]
+            for i in range(n):
+                d_extra[i][last, cols] = dc[i][cols]
+        dx = None if batch.tokens or not self._want_dx else xp.empty((T, B, model.input_size), dtype=dt)
+        plan = be.token_plan(batch.x.reshape(-1), model.input_size) if batch.tokens else None
+        dUT = xp.empty((model.input_size, model.cell.gates * H), dtype=dt) if batch.tokens else None
+        engine.backward_stack(
+            model, st, G, dY, g, batch.x, batch.tokens, plan, step_kernels=self._step_kernels,
+            truncate=None, lanes=None, dUT=dUT, inject=inject, d_extra=d_extra, dx=dx,
+        )  # fmt: skip
+        if empty is not None:  # a sequence of length 0: its final state is s0
+            if dh is not None:
+                g["s0"][:, empty] += dh[:, empty]
+            if dc is not None:
+                g[extra][:, empty] += dc[:, empty]
+        self._stack = None  # the forward's buffers go with the first call
+        return g, dx
 
 
 def _last_steps(batch: Batch, be: Any) -> tuple[Any, Any, Any]:

@@ -366,12 +366,31 @@ class SegmentWorkspace:
 
     def run(self) -> None:
         """Forward (keeping boundary states), then backward segment by segment, recomputing each."""
-        be, xp, model, batch, g = self.be, self.be.xp, self.model, self.batch, self.grads
-        cell, p, recs = model.cell, model.params, model.recurrences
+        self.forward()
+        self.loss[...] = 0
+        self.backward(self._xent_head)
+
+    def _xent_head(self, k: int, top: Any, dS: Any) -> None:
+        """The per-step softmax head on segment k: loss, dV, dc and the direct terms ∂E_t/∂s_t into dS."""
+        t0, t1 = self.bounds[k]
+        batch, p, g = self.batch, self.model.params, self.grads
+        weight = None if batch.weight is None else batch.weight[t0:t1]
+        self.loss += xent_and_grads(
+            top, p["V"], p.get("c"), batch.y[t0:t1], weight, be=self.be, dS=dS,
+            dV=g["V"], dc=g.get("c"), chunk=self.chunk, accumulate=k != len(self.bounds) - 1,
+        )  # fmt: skip
+
+    def forward(self, states: Any = None) -> None:
+        """The checkpointing forward pass: boundary states and final states kept, the rest thrown away;
+        ``states`` (T, B, H), if given, receives the top layer's s_t (what ``vjp`` returns)."""
+        model, batch = self.model, self.batch
+        recs = model.recurrences
         last = len(self.bounds) - 1
-        for k, (t0, t1) in enumerate(self.bounds):  # the checkpointing forward pass
+        for k, (t0, t1) in enumerate(self.bounds):
             self._forward_segment(k)
             n = t1 - t0
+            if states is not None:
+                states[t0:t1] = self.S[recs[-1].index][1 : n + 1]
             for r in recs:
                 if k < last:
                     self.Sb[r.index][k + 1] = self.S[r.index][n]
@@ -380,7 +399,18 @@ class SegmentWorkspace:
                 if k in self.final_at:
                     rows, cols = self.final_at[k]
                     self.final[r.index][cols] = self.S[r.index][rows, cols]
-        self.loss[...] = 0
+
+    def backward(self, head: Any, *, inject: Any = None, dx: Any = None) -> None:
+        """Backward segment by segment, last first, recomputing each segment's states.
+
+        ``head(k, top, dS)`` writes ∂E/∂s_t of the top layer over segment k (top its states (n, B, H))
+        into dS (n, B, H) and accumulates whatever else it computes; ``inject(k, i, G)`` adds further
+        direct terms to recurrence i's G (n, B, H) over segment k; ``dx`` (T, B, D) receives ∂E/∂x for
+        dense x. Writes the recurrent gradients and "s0" into ``grads``.
+        """
+        be, xp, model, batch, g = self.be, self.be.xp, self.model, self.batch, self.grads
+        cell, recs = model.cell, model.recurrences
+        last = len(self.bounds) - 1
         if self.dUT is not None:
             self.dUT[...] = 0
         part: dict[str, Any] = {}  # one segment's share of the cell's own gradients (W, …)
@@ -389,18 +419,16 @@ class SegmentWorkspace:
             n, first = t1 - t0, k == last
             if not first:
                 self._forward_segment(k)  # the last segment's states are still in place
-            weight = None if batch.weight is None else batch.weight[t0:t1]
             top = self.S[recs[-1].index][1 : n + 1]  # the top layer's s_t over the segment
-            self.loss += xent_and_grads(
-                top, p["V"], p.get("c"), batch.y[t0:t1], weight, be=be, dS=self.G[recs[-1].index][:n],
-                dV=g["V"], dc=g.get("c"), chunk=self.chunk, accumulate=not first,
-            )  # fmt: skip
+            head(k, top, self.G[recs[-1].index][:n])
             plan = be.token_plan(batch.x[t0:t1].reshape(-1), model.input_size) if self.tokens else None
             for r in reversed(recs):
                 q, G = model.recurrence_params(r), self.G[r.index][:n]
                 mine = {key: g[r.name(key)] for key in q if r.name(key) in g}
                 if not first:
                     G[n - 1] += self.carry[r.index]  # ∂E/∂s at the segment's end from the later segments
+                if inject is not None:
+                    inject(k, r.index, G)
                 own = [key for key in mine if key not in ("U", cell.input_bias)]
                 if not first:
                     for key in own:
@@ -428,5 +456,7 @@ class SegmentWorkspace:
                 if r.layer > 0:  # ∂E/∂(the layer below's states) at the same steps
                     below = self.G[r.index - 1][:n]
                     be.matmul(rows, q["U"], below.reshape(n * self.B, below.shape[2]))
+                elif dx is not None:  # ∂E/∂x at the same steps
+                    be.matmul(rows, q["U"], dx[t0:t1].reshape(n * self.B, dx.shape[2]))
         if self.dUT is not None:
             g["U"][...] = self.dUT.T

@@ -77,7 +77,9 @@ def test_pullback_matches_torch_autograd_under_a_custom_loss(cell, layers, bidir
     E.backward()
 
     s0 = None if hx is None else tuple(h.detach().numpy() for h in hx) if cell == "lstm" else hx.detach().numpy()
-    o, pullback = model.vjp(x.detach().numpy(), s0, lengths=lens)
+    # recomputation (segments of 2 steps) where it applies: one direction, no cell state beyond h
+    recompute = 2 if cell != "lstm" and not bidir else None
+    o, pullback = model.vjp(x.detach().numpy(), s0, lengths=lens, recompute=recompute)
     np.testing.assert_allclose(o.states, out.detach().numpy(), rtol=1e-12, atol=1e-12)
     fin_h, fin_c = o.final_state if cell == "lstm" else (o.final_state, None)
     d_final = 2 * fin_h * Wh.numpy().reshape(fin_h.shape)
@@ -99,13 +101,14 @@ def test_pullback_matches_torch_autograd_under_a_custom_loss(cell, layers, bidir
             close(g["c0"].reshape(n, B, H), hs[1].grad.numpy())
 
 
-def test_pullback_with_token_ids_matches_the_dense_one_hot_pullback():
+@pytest.mark.parametrize("recompute", [None, "sqrt"])
+def test_pullback_with_token_ids_matches_the_dense_one_hot_pullback(recompute):
     rng = np.random.default_rng(0)
     model = gpubptt.RNN(D, H, 2, cell="gru", num_layers=2, bias=True, backend="numpy", dtype="float64", seed=1)
     ids = rng.integers(0, D, size=(T, B))
     dY = rng.normal(size=(T, B, H))
-    _, pb_ids = model.vjp(ids, lengths=LENS)
-    _, pb_dense = model.vjp(np.eye(D)[ids], lengths=LENS)
+    _, pb_ids = model.vjp(ids, lengths=LENS, recompute=recompute)
+    _, pb_dense = model.vjp(np.eye(D)[ids], lengths=LENS, recompute=recompute)
     g_ids, g_dense = pb_ids(dY), pb_dense(dY)
     assert "x" not in g_ids and g_dense["x"].shape == (T, B, D)
     for k in g_ids:
@@ -134,5 +137,7 @@ def test_pullback_refuses_bad_upstream_gradients_and_a_second_call():
     pb(np.ones((T, B, H)), (None, np.ones((B, H))))  # bad calls consumed nothing
     with pytest.raises(PullbackError, match="already called"):
         pb(np.ones((T, B, H)))
-    with pytest.raises(gpubptt.InputError, match="recompute"):
+    with pytest.raises(gpubptt.InputError, match="carries state beyond s"):
         model.vjp(x, recompute="sqrt")
+    with pytest.raises(gpubptt.InputError, match="not 'auto'"):
+        model.vjp(x, recompute="auto")
