@@ -414,9 +414,12 @@ class RNN(Construction):
                 states = xp.empty((batch.T, batch.B, self.hidden_size), dtype=self.dtype)
                 ws.forward(states)
                 final = ws.final.copy()
+                final_c = ws.final_c.copy() if ws.extra else None
             if batch.weight is not None:
                 states *= batch.weight[:, :, None]
             final = final[0] if batch.flat_state else final
+            if final_c is not None:
+                final = (final, final_c[0] if batch.flat_state else final_c)
             pullback = Pullback(self, batch, None, sk, batch_first=self.batch_first, want_dx=want_dx, segments=ws)
             return VJPOutput(states=states, final_state=final), pullback
         with self._lock:  # one call of this model at a time (see loss_and_grads)
@@ -594,6 +597,8 @@ class RNN(Construction):
             if return_final_state:
                 final = self._final_state(ws.stack, batch) if c is None else ws.final.copy()
                 final = final[0] if c is not None and batch.flat_state else final
+                if c is not None and ws.extra:  # an LSTM's (h_n, c_n)
+                    final = (final, ws.final_c[0].copy() if batch.flat_state else ws.final_c.copy())
             if c is not None:
                 ws.batch = None  # the segment workspace reads the caller's arrays in place: do not keep them
         if return_final_state:

@@ -124,7 +124,7 @@ class Pullback:
         with model._lock:
             self._used = True
             if self._segments is not None:
-                g, dx = self._recompute_backward(dtop, dh)
+                g, dx = self._recompute_backward(dtop, dh, dc)
             else:
                 g, dx = self._stored_backward(dtop, dh, dc)
         extra = model.cell.extra_state
@@ -144,7 +144,7 @@ class Pullback:
             self._model.backend.xp.multiply(dtop, weight[:, :, None], out=out)
         return out
 
-    def _recompute_backward(self, dtop: Any, dh: Any) -> tuple[dict[str, Any], Any]:
+    def _recompute_backward(self, dtop: Any, dh: Any, dc: Any) -> tuple[dict[str, Any], Any]:
         """The segment-by-segment backward pass of ``gpubptt.recompute`` under the upstream gradients."""
         model, batch, ws = self._model, self._batch, self._segments
         xp, c = model.backend.xp, ws.c
@@ -152,9 +152,10 @@ class Pullback:
         last_seg = len(ws.bounds) - 1
         _, _, empty = _last_steps(batch, model.backend)
         at: dict[int, tuple[Any, Any]] = {}  # segment → (rows within it, columns) of each final step
-        if dh is not None and batch.lengths is None:
+        given = dh is not None or dc is not None
+        if given and batch.lengths is None:
             at[last_seg] = (ws.bounds[last_seg][1] - ws.bounds[last_seg][0] - 1, slice(None))
-        elif dh is not None:
+        elif given:
             n = batch.lengths
             keep = np.flatnonzero(n > 0)
             seg = (n[keep] - 1) // c
@@ -169,13 +170,18 @@ class Pullback:
         def inject(k: int, i: int, G: Any) -> None:
             if k in at:
                 r, j = at[k]
-                G[r, j] += dh[i][j]
+                if dh is not None:
+                    G[r, j] += dh[i][j]
+                if dc is not None:
+                    ws.DC[r, j] += dc[i][j]  # the cell's direct term on c (``d_extra``)
 
         dx = None if batch.tokens or not self._want_dx else xp.empty((batch.T, batch.B, model.input_size), model.dtype)
-        ws.backward(head, inject=inject if dh is not None else None, dx=dx)
+        ws.backward(head, inject=inject if given else None, dx=dx)
         g = {k: v.copy() for k, v in ws.grads.items() if k not in ("V", "c")}
         if empty is not None and dh is not None:
             g["s0"][:, empty] += dh[:, empty]
+        if empty is not None and dc is not None:
+            g[model.cell.extra_state][:, empty] += dc[:, empty]
         ws.batch = None  # the workspace read the caller's arrays in place: do not keep them
         self._segments = None
         return g, dx

@@ -25,9 +25,9 @@ gradient at step t needs the layer above only at step t, so segments go top-down
 the reason: bidirectional models (the output layer at step t needs both directions' states at t,
 but their backward passes walk time in opposite orders), dropout between layers (the masks are as
 large as the states), ``truncate`` (its lanes would have to cross segment boundaries; chunked
-truncation, a call per chunk with the carried state, already bounds memory), and cells that carry
-state beyond s from step to step (``cell.extra_state``; an LSTM's cell state would have to be kept
-at every boundary and its gradient carried across segments).
+truncation, a call per chunk with the carried state, already bounds memory). A cell that carries
+state beyond s (``cell.extra_state``, an LSTM's c) keeps that state at every boundary too, and its
+gradient crosses segment boundaries as the cell's direct term ``d_extra`` at the segment's last step.
 
 On CuPy recomputation runs uncaptured (no CUDA graph): each segment's kernels are launched from
 the host, without host syncs; the step kernels are the same as the stored path's.
@@ -118,11 +118,6 @@ def unsupported_reason(model: Any, *, truncate: int | None = None) -> str | None
     extra = getattr(model.cell, "extra_state", None)
     if extra is None:
         return f"cell {model.cell!r} does not declare extra_state (whether it carries state beyond s)"
-    if extra:
-        return (
-            f"cell {model.cell!r} carries state beyond s from step to step (extra_state={extra!r}); recompute "
-            "keeps only s at segment boundaries"
-        )
     return None
 
 
@@ -218,8 +213,10 @@ def call_memory(
     n_seg = -(-T // c)
     last = T - (n_seg - 1) * c
     aux = _cell_buffer_elements(cell, c, B, H) + (_cell_buffer_elements(cell, last, B, H) if last != c else 0)
-    parts["boundary states"] = n * n_seg * B * H * it
+    extra = 2 if cell.extra_state else 1  # an LSTM keeps c at the boundaries too
+    parts["boundary states"] = extra * n * n_seg * B * H * it
     segment = n * ((c + 1) * B * H + c * B * H + 2 * B * H + aux) + c * B * gH + B * H + (D * gH if tokens else 0)
+    segment += (n * 2 * B * H + c * B * H) if cell.extra_state else 0  # its carry, final state and d_extra
     parts["segment buffers"] = segment * it + (B * INT64 if lengths else 0)
     chunk = min(c, chunk_steps(T, B, K, ce))
     transient = max(_xent_peak(chunk * B, K, it), _token_peak(D, c * B, gH, it) if tokens else 0)
@@ -328,6 +325,13 @@ class SegmentWorkspace:
         self.loss = xp.zeros((), dtype=dt)
         self.grads = {k: xp.empty_like(v) for k, v in model.params.items()}
         self.grads["s0"] = xp.empty((len(recs), B, H), dtype=dt)
+        self.extra = cell.extra_state  # an LSTM's "c0": c kept at boundaries, its gradient carried
+        if self.extra:
+            self.Cb = [xp.empty((len(self.bounds), B, H), dtype=dt) for _ in recs]
+            self.carry_c = [xp.empty((B, H), dtype=dt) for _ in recs]
+            self.DC = xp.zeros((c, B, H), dtype=dt)  # the cell's direct term ∂E/∂c_t (the carry, at the end)
+            self.final_c = xp.empty((len(recs), B, H), dtype=dt)
+            self.grads[self.extra] = xp.empty((len(recs), B, H), dtype=dt)
         self.batch: Batch | None = None
         self.final_at: dict[int, tuple[Any, Any]] = {}
 
@@ -340,6 +344,8 @@ class SegmentWorkspace:
         self.batch = batch
         for i, Sb in enumerate(self.Sb):
             Sb[0] = 0 if batch.s0_stacked is None else batch.s0_stacked[i]
+            if self.extra:
+                self.Cb[i][0] = 0 if batch.c0_stacked is None else batch.c0_stacked[i]
         self.final_at = {}
         if batch.lengths is not None:  # S[len_b] is each sequence's final state: which segment holds it
             n = batch.lengths
@@ -360,7 +366,7 @@ class SegmentWorkspace:
             S, aux = self.S[r.index][: n + 1], self.aux[n][r.index]
             X = batch.x[t0:t1] if r.layer == 0 else self.S[r.index - 1][1 : n + 1]
             S[0] = self.Sb[r.index][k]
-            cell.load(aux, None)
+            cell.load(aux, self.Cb[r.index][k] if self.extra else None)
             input_projection(q["U"], b, X, self.tokens and r.layer == 0, be=be, out=self.pre[:n])
             cell.run_forward(self.pre[:n], q, S, aux, be=be, scratch=self.scratch, step_kernels=self.step_kernels)
 
@@ -392,20 +398,28 @@ class SegmentWorkspace:
             if states is not None:
                 states[t0:t1] = self.S[recs[-1].index][1 : n + 1]
             for r in recs:
+                C = model.cell.cell_states(self.aux[n][r.index]) if self.extra else None
                 if k < last:
                     self.Sb[r.index][k + 1] = self.S[r.index][n]
+                    if C is not None:
+                        self.Cb[r.index][k + 1] = C[n]
                 elif batch.lengths is None:
                     self.final[r.index] = self.S[r.index][n]
+                    if C is not None:
+                        self.final_c[r.index] = C[n]
                 if k in self.final_at:
                     rows, cols = self.final_at[k]
                     self.final[r.index][cols] = self.S[r.index][rows, cols]
+                    if C is not None:
+                        self.final_c[r.index][cols] = C[rows, cols]
 
     def backward(self, head: Any, *, inject: Any = None, dx: Any = None) -> None:
         """Backward segment by segment, last first, recomputing each segment's states.
 
         ``head(k, top, dS)`` writes ∂E/∂s_t of the top layer over segment k (top its states (n, B, H))
         into dS (n, B, H) and accumulates whatever else it computes; ``inject(k, i, G)`` adds further
-        direct terms to recurrence i's G (n, B, H) over segment k; ``dx`` (T, B, D) receives ∂E/∂x for
+        direct terms to recurrence i's G (n, B, H) over segment k (and, for a cell with extra state, its
+        ∂E/∂c_t into ``self.DC[:n]``); ``dx`` (T, B, D) receives ∂E/∂x for
         dense x. Writes the recurrent gradients and "s0" into ``grads``.
         """
         be, xp, model, batch, g = self.be, self.be.xp, self.model, self.batch, self.grads
@@ -434,11 +448,19 @@ class SegmentWorkspace:
                     for key in own:
                         part.setdefault(key + r.suffix, xp.empty_like(mine[key]))
                 into = mine if first else {**mine, **{key: part[key + r.suffix] for key in own}}
+                more = {}
+                if self.extra:  # ∂E/∂c at the segment's end from the later segments; ∂E/∂c at its start out
+                    if not first:
+                        self.DC[n - 1] += self.carry_c[r.index]
+                    into[self.extra] = g[self.extra][r.index] if k == 0 else self.carry_c[r.index]
+                    more = {"d_extra": self.DC[:n]}
                 dpre = cell.run_backward(
                     G, q, self.S[r.index][: n + 1], self.aux[n][r.index], be=be, work=self.pre[:n],
                     scratch=self.scratch, step_kernels=self.step_kernels, truncate=None, lanes=None, grads=into,
-                    ds0=g["s0"][r.index] if k == 0 else self.carry[r.index],
+                    ds0=g["s0"][r.index] if k == 0 else self.carry[r.index], **more,
                 )  # fmt: skip
+                if self.extra:
+                    self.DC[:n] = 0
                 if not first:
                     for key in own:
                         mine[key] += into[key]

@@ -35,7 +35,7 @@ from .backend import get_backend
 from .errors import BackendMismatchError, InputError, InputTypeError, ShapeError
 from .model import RNN
 from .params import recurrences
-from .recompute import check_recompute
+from .recompute import check_recompute, unsupported_reason
 
 __all__ = ["Recurrent"]
 
@@ -79,10 +79,10 @@ class Recurrent(torch.nn.Module):
         if backend not in ("auto", "numpy", "cupy"):
             raise InputError(f"unknown backend {backend!r}; expected 'auto', 'numpy' or 'cupy'")
         recompute = check_recompute(recompute)
-        if recompute is not None:
-            raise InputError(
-                f"recompute={recompute!r}: gpubptt's pullback keeps every state for now; use recompute=None"
-            )
+        if recompute == "auto":
+            raise InputError("recompute takes None, 'sqrt' or an int (steps per segment), not 'auto'")
+        if recompute is not None and unsupported_reason(model):
+            raise InputError(unsupported_reason(model))
         if model.dropout > 0 and model.num_layers > 1:
             raise InputError(f"dropout={model.dropout} between layers: gpubptt.torch runs without dropout")
         self.cell = model.cell_name
@@ -274,7 +274,7 @@ class _Pullback(torch.autograd.Function):
                 s0 = (h, xp.from_dlpack((zeros if c0 is None else c0).detach())) if rec.cell == "lstm" else h
                 if n == 1:
                     s0 = tuple(a.reshape(B, H) for a in s0) if rec.cell == "lstm" else s0.reshape(B, H)
-            out, pullback = model.vjp(xp.from_dlpack(x.detach()), s0, lengths=lengths)
+            out, pullback = model.vjp(xp.from_dlpack(x.detach()), s0, lengths=lengths, recompute=rec.recompute)
         ctx.pullback, ctx.rec, ctx.model, ctx.stream = pullback, rec, model, stream
         ctx.shapes = (x.shape, n, B, H)
         final = out.final_state if rec.cell == "lstm" else (out.final_state, None)
