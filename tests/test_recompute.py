@@ -344,7 +344,8 @@ def test_gated_recompute_matches_the_stored_path(cell, layers, c, tokens, length
     for k in want:
         assert got[k].shape == want[k].shape, k
         assert rel_err(got[k], want[k]) <= 1e-12, (k, rel_err(got[k], want[k]))
-    for a, b in zip(final if cell == "lstm" else (final,), want_final if cell == "lstm" else (want_final,)):
+    pairs = zip(final if cell == "lstm" else (final,), want_final if cell == "lstm" else (want_final,), strict=True)
+    for a, b in pairs:
         assert a.shape == b.shape and rel_err(a, b) <= 1e-12
 
 
