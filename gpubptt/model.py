@@ -358,7 +358,7 @@ class RNN(Construction):
         if head == "last_softmax":
             probs = self.backend.xp.exp(logits - logits.max(axis=1, keepdims=True))
             probs /= probs.sum(axis=1, keepdims=True)
-        if batch.weight is not None and head in ("softmax", "mse"):
+        if batch.weight is not None and logits is not None and head in ("softmax", "mse"):
             logits *= batch.weight[:, :, None]
             if probs is not None:
                 probs *= batch.weight[:, :, None]
