@@ -22,6 +22,7 @@ from .errors import (
 )
 from .gradcheck import GradcheckReport, gradcheck
 from .model import RNN, RNNOutput
+from .pullback import PullbackError, VJPOutput
 
 __version__ = "0.1.0"
 
@@ -33,8 +34,10 @@ __all__ = [
     "GradcheckReport",
     "InputError",
     "InputTypeError",
+    "PullbackError",
     "RNNOutput",
     "ShapeError",
+    "VJPOutput",
     "__version__",
     "available_backends",
     "get_backend",
