@@ -23,6 +23,7 @@ from .errors import (
 )
 from .gradcheck import GradcheckReport, gradcheck
 from .model import RNN, RNNOutput
+from .pullback import PullbackError, VJPOutput
 
 __version__ = "0.1.0"
 
@@ -35,8 +36,10 @@ __all__ = [
     "InputError",
     "InputTypeError",
     "ModelConfig",
+    "PullbackError",
     "RNNOutput",
     "ShapeError",
+    "VJPOutput",
     "__version__",
     "available_backends",
     "get_backend",

@@ -35,6 +35,7 @@ from .losses import chunk_steps, xent_and_grads
 __all__ = [
     "Stack",
     "Workspace",
+    "backward_stack",
     "gather_rows",
     "input_projection",
     "input_weight_grad",
@@ -317,44 +318,82 @@ class Workspace:
 
     def _compute(self) -> None:
         be, model, p, g, st = self.be, self.model, self.model.params, self.grads, self.stack
-        cell, H, dirs = model.cell, model.hidden_size, model.num_directions
-        T, B = st.T, st.B
         top = st.run(self.x, self.tokens, step_kernels=self.step_kernels)
-        dtop = self.G[-1] if dirs == 1 else self.dY
+        dtop = self.G[-1] if model.num_directions == 1 else self.dY
         self.loss[...] = xent_and_grads(
             top, p["V"], p.get("c"), self.y, self.weight,
             be=be, dS=dtop, dV=g["V"], dc=g.get("c"), chunk=self.chunk,
-        )  # fmt: skip
+        )  # fmt: skip  # the per-step softmax head: its ∂E/∂(top layer's output) lands in dtop
         plan = TokenPlan(self.perm, self.offsets) if self.tokens else None
-        for l in range(model.num_layers - 1, -1, -1):
-            recs = model.recurrences[l * dirs : (l + 1) * dirs]
-            if dirs == 2:  # split ∂E/∂Y_l into the two directions, the reverse one into its own time
-                self.G[2 * l][...] = self.dY[..., :H]
-                st.tmp_h[...] = self.dY[..., H:]
-                gather_rows(st.tmp_h, st.rev, be=be, out=self.G[2 * l + 1])
-            X = self.x if l == 0 else st.X[l]
-            for r in recs:
-                q, G = model.recurrence_params(r), self.G[r.index]
-                mine = {k: g[r.name(k)] for k in q if r.name(k) in g}  # this recurrence's gradients, by base name
-                if cell.extra_state:
-                    mine[cell.extra_state] = g[cell.extra_state][r.index]
-                dpre = cell.run_backward(
-                    G, q, st.S[r.index], st.aux[r.index], be=be, work=st.pre, scratch=st.scratch,
-                    step_kernels=self.step_kernels, truncate=self.truncate, lanes=self.lanes, grads=mine,
-                    ds0=g["s0"][r.index],
-                )  # fmt: skip
-                n_pre = dpre.shape[2]
-                if r.direction == 1:  # ∂E/∂pre back into input time
-                    dpre = gather_rows(dpre, st.rev, be=be, out=st.pre if dpre is not st.pre else st.tmp)
-                if cell.input_bias and cell.input_bias in mine:
-                    be.xp.sum(dpre.reshape(T * B, n_pre), axis=0, out=mine[cell.input_bias])  # db = Σ_t ∂E/∂pre_t
-                input_weight_grad(dpre, X, self.tokens and l == 0, plan, be=be, out=mine["U"], scratch=self.dUT)
-                if l > 0:  # ∂E/∂X_l = Σ_directions ∂E/∂pre @ U, into the layer below's gradient buffer
-                    below = self.G[l - 1] if dirs == 1 else self.dY
-                    n_in = below.shape[2]
-                    be.matmul(
-                        dpre.reshape(T * B, n_pre), q["U"], below.reshape(T * B, n_in), accumulate=r.direction == 1
-                    )
-            if l > 0 and st.M is not None:
-                below = self.G[l - 1] if dirs == 1 else self.dY
-                below *= st.M[l - 1]  # through the dropout of layer l − 1's output
+        backward_stack(
+            model, st, self.G, self.dY, g, self.x, self.tokens, plan, step_kernels=self.step_kernels,
+            truncate=self.truncate, lanes=self.lanes, dUT=self.dUT,
+        )  # fmt: skip
+
+
+def backward_stack(
+    model: Any,
+    st: Stack,
+    G: list[Any],
+    dY: Any,
+    g: dict[str, Any],
+    x: Any,
+    tokens: bool,
+    plan: TokenPlan | None,
+    *,
+    step_kernels: str,
+    truncate: int | None,
+    lanes: Any,
+    dUT: Any,
+    inject: Any = None,
+    d_extra: list[Any] | None = None,
+    dx: Any = None,
+) -> None:
+    """The stack's pullback: from ∂E/∂(top layer's output) to every recurrent gradient, ds0 (and dc0).
+
+    On entry the top layer's output gradient is in ``G[-1]`` (one direction) or ``dY`` (T, B, 2H)
+    (two); ``st`` holds the forward. Writes g's recurrent entries (U, W, b, …, "s0" (L·dirs, B, H), the
+    cell's extra state's) in place; the output layer's (V, c) are the head's. ``inject(i, G_i)``, if
+    given, adds further direct terms to recurrence i's ∂E/∂s (its own time) before its backward pass
+    (the final state's gradient); ``d_extra[i]`` (T, B, H) is the direct term on the cell's extra
+    state (an LSTM's c), passed to the cell. ``dx`` (T, B, D): ∂E/∂x for dense x (layer 0's input).
+    """
+    be, cell, H, dirs = model.backend, model.cell, model.hidden_size, model.num_directions
+    T, B = st.T, st.B
+    for l in range(model.num_layers - 1, -1, -1):
+        recs = model.recurrences[l * dirs : (l + 1) * dirs]
+        if dirs == 2:  # split ∂E/∂Y_l into the two directions, the reverse one into its own time
+            G[2 * l][...] = dY[..., :H]
+            st.tmp_h[...] = dY[..., H:]
+            gather_rows(st.tmp_h, st.rev, be=be, out=G[2 * l + 1])
+        X = x if l == 0 else st.X[l]
+        for r in recs:
+            q = model.recurrence_params(r)
+            if inject is not None:
+                inject(r.index, G[r.index])
+            mine = {k: g[r.name(k)] for k in q if r.name(k) in g}  # this recurrence's gradients, by base name
+            if cell.extra_state:
+                mine[cell.extra_state] = g[cell.extra_state][r.index]
+            more = {} if d_extra is None else {"d_extra": d_extra[r.index]}
+            dpre = cell.run_backward(
+                G[r.index], q, st.S[r.index], st.aux[r.index], be=be, work=st.pre, scratch=st.scratch,
+                step_kernels=step_kernels, truncate=truncate, lanes=lanes, grads=mine, ds0=g["s0"][r.index],
+                **more,
+            )  # fmt: skip
+            n_pre = dpre.shape[2]
+            if r.direction == 1:  # ∂E/∂pre back into input time
+                dpre = gather_rows(dpre, st.rev, be=be, out=st.pre if dpre is not st.pre else st.tmp)
+            if cell.input_bias and cell.input_bias in mine:
+                be.xp.sum(dpre.reshape(T * B, n_pre), axis=0, out=mine[cell.input_bias])  # db = Σ_t ∂E/∂pre_t
+            input_weight_grad(dpre, X, tokens and l == 0, plan, be=be, out=mine["U"], scratch=dUT)
+            below = None
+            if l > 0:  # ∂E/∂X_l = Σ_directions ∂E/∂pre @ U, into the layer below's gradient buffer
+                below = G[l - 1] if dirs == 1 else dY
+            elif dx is not None:  # ∂E/∂x for dense inputs
+                below = dx
+            if below is not None:
+                n_in = below.shape[2]
+                be.matmul(dpre.reshape(T * B, n_pre), q["U"], below.reshape(T * B, n_in), accumulate=r.direction == 1)
+        if l > 0 and st.M is not None:
+            below = G[l - 1] if dirs == 1 else dY
+            below *= st.M[l - 1]  # through the dropout of layer l − 1's output

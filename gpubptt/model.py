@@ -36,7 +36,8 @@ from .backend import Backend, get_backend
 from .cells import STEP_KERNELS, Cell
 from .config import ModelConfig
 from .dropout import check_offset
-from .errors import InputError, InputTypeError
+from .errors import InputError, InputTypeError, ShapeError
+from .heads import check_head, check_targets, head_forward, head_loss_and_grads
 from .losses import chunk_steps, softmax_probs, xent_loss
 from .memory import check_model_size
 from .options import (
@@ -52,6 +53,7 @@ from .options import (
     cell_option,
 )
 from .params import Params, recurrences
+from .pullback import Pullback, VJPOutput
 
 __all__ = ["CELLS", "INITS", "REDUCTIONS", "RNN", "RNNOutput"]
 
@@ -64,12 +66,16 @@ class RNNOutput:
     steps); probs (T, B, K) softmax outputs (zero on padded steps); final_state torch's h_n
     (L·dirs, B, H), or (B, H) for a one-recurrence model given s0 (B, H) or None: each recurrence's
     state after its last valid step (forward: step lengths[b]−1; reverse: step 0; s0 when the
-    length is 0).
+    length is 0). With ``batch_first`` the time and batch axes of states, probs and logits are swapped
+    (views). A model's ``head`` decides probs: softmax heads' probabilities, None for the MSE heads.
     """
 
     states: Any
     probs: Any
     final_state: Any
+    #: the output layer's z = V s + c before the softmax: (T, B, K) for the per-step heads, (B, K) for the
+    #: last-step heads (``gpubptt.heads``); None for a model without an output head (``head=None``)
+    logits: Any = None
 
 
 class RNN(Construction):
@@ -171,6 +177,12 @@ class RNN(Construction):
         #: Logits per output-layer chunk (the loss's memory is O(chunk·B·K)). None: the backend's
         #: ``chunk_elements`` (2^22 on the CPU, 2^24 on a GPU).
         self.chunk_elements: int | None = None
+        #: The output head and loss (``gpubptt.heads``): "softmax" (per step, the default), "last_softmax",
+        #: "mse", "last_mse", or None (no output layer: use ``vjp``); a call's ``head=`` overrides it.
+        self.head: str | None = "softmax"
+        #: As torch's: x (B, T, …), per-step targets (B, T[, K]) and per-step outputs (B, T, …) with the
+        #: batch first (views where possible); s0, lengths and final states are unchanged.
+        self.batch_first = False
         self._workspaces: dict[tuple, engine.Workspace] = {}
         # Concurrent loss_and_grads calls on one model share these workspaces: one at a time.
         self._lock = threading.RLock()  # re-entrant: a locked call may call another
@@ -352,27 +364,155 @@ class RNN(Construction):
             return final[0] if batch.flat_state else final
         return (final[0], cells[0]) if batch.flat_state else (final, cells)
 
-    def forward(self, x: Any, s0: Any = None, *, lengths: Any = None) -> RNNOutput:
-        """States, probabilities and final state for inputs x (no dropout, ever).
+    def _swap(self, a: Any, what: str) -> Any:
+        """With ``batch_first``: a (B, T, …) → (T, B, …) as a view (after the backend check)."""
+        if not self.batch_first or a is None:
+            return a
+        self.backend.check_native(a, what)
+        a = self.backend.asarray(a)
+        if a.ndim < 2:
+            raise ShapeError(f"with batch_first, {what} must be (B, T, …); got shape {tuple(a.shape)}")
+        return a.swapaxes(0, 1)
+
+    def _out(self, a: Any) -> Any:
+        return a.swapaxes(0, 1) if self.batch_first and a is not None else a
+
+    def _head(self, head: Any) -> str | None:
+        return check_head(self.head if head is None else head)
+
+    def forward(self, x: Any, s0: Any = None, *, lengths: Any = None, head: str | None = None) -> RNNOutput:
+        """States, logits, probabilities and final state for inputs x (no dropout, ever).
 
         x (T, B) token ids or (T, B, D) floats; s0 (L·dirs, B, H) or (B, H) (one recurrence) or None
         (zeros), an LSTM's the tuple (h0, c0); lengths (B,) or None. Returns RNNOutput with states (T,
         B, H·dirs) (the top layer's outputs), probs (T, B, K), final_state (L·dirs, B, H), or (B, H) as
-        s0 was (an LSTM's: the tuple (h_n, c_n)).
+        s0 was (an LSTM's: the tuple (h_n, c_n)), logits (T, B, K). ``head`` (None: the model's) picks
+        the output: the last-step heads give logits and probs (B, K), the MSE heads probs None, no head
+        (``model.head = None``) neither. ``batch_first``: x (B, T, …) and outputs (B, T, …).
         """
-        batch = self._check(x, None, s0, lengths, for_loss=False)
+        head = self._head(head)
+        batch = self._check(self._swap(x, "x"), None, s0, lengths, for_loss=False)
+        V, c = self.params["V"], self.params.get("c")
+        probs = logits = None
         with self._lock:  # one call of this model at a time (see loss_and_grads)
             stack = self._stack(batch)
             states = stack.Y[-1]
-            chunk = chunk_steps(batch.T, batch.B, self.output_size, self._chunk_elements())
-            probs = softmax_probs(states, self.params["V"], self.params.get("c"), be=self.backend, chunk=chunk)
+            if head == "softmax":
+                chunk = chunk_steps(batch.T, batch.B, self.output_size, self._chunk_elements())
+                probs = softmax_probs(states, V, c, be=self.backend, chunk=chunk)
             final = self._final_state(stack, batch)
-        if batch.weight is not None:
-            states = states * batch.weight[:, :, None]
-            probs *= batch.weight[:, :, None]
-        elif self.num_states == 1:
-            states = states.copy()  # a view of the state buffer otherwise
-        return RNNOutput(states=states, probs=probs, final_state=final)
+            if batch.weight is not None:
+                states = states * batch.weight[:, :, None]
+            elif self.num_states == 1:
+                states = states.copy()  # a view of the state buffer otherwise
+        if head is not None and batch.T and batch.B:
+            logits = head_forward(head, states, V, c, batch.lengths, self.num_directions, be=self.backend)
+        if head == "last_softmax":
+            probs = self.backend.xp.exp(logits - logits.max(axis=1, keepdims=True))
+            probs /= probs.sum(axis=1, keepdims=True)
+        if batch.weight is not None and logits is not None and head in ("softmax", "mse"):
+            logits *= batch.weight[:, :, None]
+            if probs is not None:
+                probs *= batch.weight[:, :, None]
+        per_step = head in ("softmax", "mse")
+        return RNNOutput(
+            states=self._out(states),
+            probs=self._out(probs) if per_step else probs,
+            final_state=final,
+            logits=self._out(logits) if per_step else logits,
+        )
+
+    def vjp(
+        self, x: Any, s0: Any = None, *, lengths: Any = None, recompute: int | str | None = None
+    ) -> tuple[VJPOutput, Pullback]:
+        """The recurrent stack forward (no output layer, no dropout) and its pullback (``gpubptt.pullback``).
+
+        x (T, B) token ids or (T, B, D) floats; s0 as in ``forward``; lengths (B,). Returns (out,
+        pullback): out.states (T, B, H·dirs), out.final_state as ``forward``'s; ``pullback(d_states,
+        d_final_state=None)`` → the exact gradients of every recurrent parameter, "s0" (and "c0") and,
+        for dense x, "x", for the upstream gradients ∂E/∂states (T, B, H·dirs) and ∂E/∂final_state.
+        Callable once. ``recompute`` as in ``loss_and_grads`` (None, "sqrt" or an int c: steps per
+        segment; not "auto"): the forward keeps only the states at segment boundaries (and the top layer's
+        outputs it returns) and the pullback recomputes each segment, for the models recomputation
+        serves (``gpubptt.recompute``: one direction, no extra cell state).
+        """
+        recompute = _recompute.check_recompute(recompute)
+        if recompute == "auto":
+            raise InputError("vjp takes recompute None, 'sqrt' or an int (steps per segment), not 'auto'")
+        if recompute is not None:
+            why = _recompute.unsupported_reason(self)
+            if why:
+                raise InputError(why)
+        batch = self._check_nonempty(self._swap(x, "x"), s0, lengths, "vjp")
+        out, pullback = self._vjp(batch, recompute=recompute)
+        out.states = self._out(out.states)
+        return out, pullback
+
+    def _check_nonempty(self, x: Any, s0: Any, lengths: Any, what: str) -> Batch:
+        batch = self._check(x, None, s0, lengths, for_loss=False)
+        if batch.T == 0 or batch.B == 0:
+            raise ShapeError(f"{what} needs at least one time step and one sequence; got T={batch.T}, B={batch.B}")
+        return batch
+
+    def _vjp(
+        self, batch: Batch, *, want_dx: bool = True, recompute: int | str | None = None
+    ) -> tuple[VJPOutput, Pullback]:
+        if recompute is not None:
+            c = _recompute.segment_length(batch.T, recompute)
+            sk, xp = self._step_kernels(), self.backend.xp
+            with self._lock:
+                ws = _recompute.SegmentWorkspace(self, batch, c, step_kernels=sk, chunk_elements=self._chunk_elements())
+                ws.load(batch)
+                states = xp.empty((batch.T, batch.B, self.hidden_size), dtype=self.dtype)
+                ws.forward(states)
+                final = ws.final.copy()
+                final_c = ws.final_c.copy() if ws.extra else None
+            if batch.weight is not None:
+                states *= batch.weight[:, :, None]
+            final = final[0] if batch.flat_state else final
+            if final_c is not None:
+                final = (final, final_c[0] if batch.flat_state else final_c)
+            pullback = Pullback(self, batch, None, sk, batch_first=self.batch_first, want_dx=want_dx, segments=ws)
+            return VJPOutput(states=states, final_state=final), pullback
+        with self._lock:  # one call of this model at a time (see loss_and_grads)
+            stack = self._stack(batch)
+            states = stack.Y[-1]
+            final = self._final_state(stack, batch)
+            states = states * batch.weight[:, :, None] if batch.weight is not None else states.copy()
+        pullback = Pullback(self, batch, stack, self._step_kernels(), batch_first=self.batch_first, want_dx=want_dx)
+        return VJPOutput(states=states, final_state=final), pullback
+
+    def _head_loss(
+        self, head: str | None, x: Any, y: Any, s0: Any, lengths: Any, reduction: str, grads: bool
+    ) -> tuple[Any, dict[str, Any] | None, Any]:
+        """(loss, grads or None, final state) under a head other than the fused "softmax" one."""
+        if head is None:
+            raise InputError("this model has no output head (head=None): use model.vjp(x) with your own loss")
+        if self.dropout > 0 and self.num_layers > 1:
+            raise InputError(
+                f"dropout={self.dropout} between layers runs under the 'softmax' head only; head {head!r} is "
+                "computed without dropout: set model.dropout = 0 for it"
+            )
+        batch = self._check_nonempty(self._swap(x, "x"), s0, lengths, f"head {head!r}")
+        y = self._swap(y, "y") if head == "mse" else y
+        y = check_targets(head, y, batch.T, batch.B, self.output_size, be=self.backend, dtype=self.dtype)
+        out, pullback = self._vjp(batch, want_dx=False)
+        V, c = self.params["V"], self.params.get("c")
+        loss, dY, dV, dc, count = head_loss_and_grads(
+            head, out.states, V, c, y, batch.weight, batch.lengths, self.num_directions, batch.count, be=self.backend
+        )
+        scale = 1.0 if reduction == "sum" else 1.0 / max(count, 1)
+        if not grads:
+            return loss * scale, None, out.final_state
+        g = pullback(self._out(dY))
+        g["V"] = dV
+        if dc is not None:
+            g["c"] = dc
+        if scale != 1.0:
+            loss = loss * scale
+            for k in g:
+                g[k] *= scale
+        return loss, g, out.final_state
 
     def _scale(self, batch: Batch, reduction: str) -> float:
         if reduction == "sum":
@@ -391,18 +531,23 @@ class RNN(Construction):
         reduction: str = "sum",
         dropout_seed: int | None = None,
         dropout_offset: int = 0,
+        head: str | None = None,
     ) -> Any:
         """Cross-entropy E over the counted steps: a 0-d array on the model's backend.
 
         x (T, B) or (T, B, D); y (T, B); s0 as in ``forward``; lengths (B,). ``float(loss)`` reads it.
         No dropout, unless ``dropout_seed`` is given: then the masks ``loss_and_grads(...,
         dropout_seed=...)`` draws with that seed (what a finite-difference check needs), for examples
-        ``dropout_offset``, ``dropout_offset`` + 1, … of a global batch.
+        ``dropout_offset``, ``dropout_offset`` + 1, … of a global batch. ``head`` (None: the model's) picks the
+        loss and y's shape (``gpubptt.heads``).
         """
         reduction = _check_reduction(reduction)
         dropout_seed = _check_seed(dropout_seed, "dropout_seed")
         dropout_offset = check_offset(dropout_offset)
-        batch = self._check(x, y, s0, lengths, for_loss=True)
+        head = self._head(head)
+        if head != "softmax":
+            return self._head_loss(head, x, y, s0, lengths, reduction, grads=False)[0]
+        batch = self._check(self._swap(x, "x"), self._swap(y, "y"), s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)
         with self._lock:  # one call of this model at a time (see loss_and_grads)
             stack = self._stack(batch, dropout_seed, dropout_offset)
@@ -425,6 +570,7 @@ class RNN(Construction):
         dropout_offset: int = 0,
         recompute: int | str | None = None,
         max_memory: int | None = None,
+        head: str | None = None,
     ) -> tuple[Any, dict[str, Any]] | tuple[Any, dict[str, Any], Any]:
         """Loss and its exact gradients by backpropagation through time.
 
@@ -463,6 +609,12 @@ class RNN(Construction):
         c = ⌈√T⌉; "auto" the fastest policy whose estimate fits ``max_memory`` bytes. The gradient is
         the stored path's. With ``max_memory``, a call whose estimate (``memory_estimate``) exceeds it
         is refused before any work (``InsufficientMemoryError``, naming the smallest budget that works).
+
+        ``head`` (None: the model's ``head``) picks the output layer and loss (``gpubptt.heads``): the
+        default "softmax" runs fused in the workspace as above; "last_softmax" (y (B,) labels), "mse"
+        (y (T, B, K) floats) and "last_mse" (y (B, K)) run the stack's pullback (``vjp``) under the
+        head's gradient, with full BPTT, every state stored and no dropout (truncate, recompute and
+        dropout_seed are refused for them).
         """
         reduction = _check_reduction(reduction)
         truncate = _check_truncate(truncate)
@@ -470,7 +622,14 @@ class RNN(Construction):
         dropout_offset = check_offset(dropout_offset)
         recompute = _recompute.check_recompute(recompute)
         max_memory = _recompute.check_max_memory(max_memory)
-        batch = self._check(x, y, s0, lengths, for_loss=True)
+        head = self._head(head)
+        if head != "softmax":
+            for name, value in (("truncate", truncate), ("recompute", recompute), ("dropout_seed", dropout_seed)):
+                if value is not None:
+                    raise InputError(f"{name}={value!r} runs under the 'softmax' head only, not head {head!r}")
+            loss, grads, final = self._head_loss(head, x, y, s0, lengths, reduction, grads=True)
+            return (loss, grads, final) if return_final_state else (loss, grads)
+        batch = self._check(self._swap(x, "x"), self._swap(y, "y"), s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)
         c = _recompute.choose(
             self, batch.T, batch.B, tokens=batch.tokens, lengths=batch.weight is not None,
@@ -497,6 +656,8 @@ class RNN(Construction):
             if return_final_state:
                 final = self._final_state(ws.stack, batch) if c is None else ws.final.copy()
                 final = final[0] if c is not None and batch.flat_state else final
+                if c is not None and ws.extra:  # an LSTM's (h_n, c_n)
+                    final = (final, ws.final_c[0].copy() if batch.flat_state else ws.final_c.copy())
             if c is not None:
                 ws.batch = None  # the segment workspace reads the caller's arrays in place: do not keep them
         if return_final_state:

@@ -25,9 +25,9 @@ gradient at step t needs the layer above only at step t, so segments go top-down
 the reason: bidirectional models (the output layer at step t needs both directions' states at t,
 but their backward passes walk time in opposite orders), dropout between layers (the masks are as
 large as the states), ``truncate`` (its lanes would have to cross segment boundaries; chunked
-truncation, a call per chunk with the carried state, already bounds memory), and cells that carry
-state beyond s from step to step (``cell.extra_state``; an LSTM's cell state would have to be kept
-at every boundary and its gradient carried across segments).
+truncation, a call per chunk with the carried state, already bounds memory). A cell that carries
+state beyond s (``cell.extra_state``, an LSTM's c) keeps that state at every boundary too, and its
+gradient crosses segment boundaries as the cell's direct term ``d_extra`` at the segment's last step.
 
 On CuPy recomputation runs uncaptured (no CUDA graph): each segment's kernels are launched from
 the host, without host syncs; the step kernels are the same as the stored path's.
@@ -118,11 +118,6 @@ def unsupported_reason(model: Any, *, truncate: int | None = None) -> str | None
     extra = getattr(model.cell, "extra_state", None)
     if extra is None:
         return f"cell {model.cell!r} does not declare extra_state (whether it carries state beyond s)"
-    if extra:
-        return (
-            f"cell {model.cell!r} carries state beyond s from step to step (extra_state={extra!r}); recompute "
-            "keeps only s at segment boundaries"
-        )
     return None
 
 
@@ -202,8 +197,10 @@ def call_memory(
     n_seg = -(-T // c)
     last = T - (n_seg - 1) * c
     aux = cell.buffer_elements(c, B, H) + (cell.buffer_elements(last, B, H) if last != c else 0)
-    parts["boundary states"] = n * n_seg * B * H * it
+    extra = 2 if cell.extra_state else 1  # an LSTM keeps c at the boundaries too
+    parts["boundary states"] = extra * n * n_seg * B * H * it
     segment = n * ((c + 1) * B * H + c * B * H + 2 * B * H + aux) + c * B * gH + B * H + (D * gH if tokens else 0)
+    segment += (n * 2 * B * H + c * B * H) if cell.extra_state else 0  # its carry, final state and d_extra
     parts["segment buffers"] = segment * it + (B * INT64 if lengths else 0)
     chunk = min(c, chunk_steps(T, B, K, ce))
     transient = max(_xent_peak(chunk * B, K, it), _token_peak(D, c * B, gH, it) if tokens else 0)
@@ -312,6 +309,13 @@ class SegmentWorkspace:
         self.loss = xp.zeros((), dtype=dt)
         self.grads = {k: xp.empty_like(v) for k, v in model.params.items()}
         self.grads["s0"] = xp.empty((len(recs), B, H), dtype=dt)
+        self.extra = cell.extra_state  # an LSTM's "c0": c kept at boundaries, its gradient carried
+        if self.extra:
+            self.Cb = [xp.empty((len(self.bounds), B, H), dtype=dt) for _ in recs]
+            self.carry_c = [xp.empty((B, H), dtype=dt) for _ in recs]
+            self.DC = xp.zeros((c, B, H), dtype=dt)  # the cell's direct term ∂E/∂c_t (the carry, at the end)
+            self.final_c = xp.empty((len(recs), B, H), dtype=dt)
+            self.grads[self.extra] = xp.empty((len(recs), B, H), dtype=dt)
         self.batch: Batch | None = None
         self.final_at: dict[int, tuple[Any, Any]] = {}
 
@@ -324,6 +328,8 @@ class SegmentWorkspace:
         self.batch = batch
         for i, Sb in enumerate(self.Sb):
             Sb[0] = 0 if batch.s0_stacked is None else batch.s0_stacked[i]
+            if self.extra:
+                self.Cb[i][0] = 0 if batch.c0_stacked is None else batch.c0_stacked[i]
         self.final_at = {}
         if batch.lengths is not None:  # S[len_b] is each sequence's final state: which segment holds it
             n = batch.lengths
@@ -344,27 +350,65 @@ class SegmentWorkspace:
             S, aux = self.S[r.index][: n + 1], self.aux[n][r.index]
             X = batch.x[t0:t1] if r.layer == 0 else self.S[r.index - 1][1 : n + 1]
             S[0] = self.Sb[r.index][k]
-            cell.load(aux, None)
+            cell.load(aux, self.Cb[r.index][k] if self.extra else None)
             input_projection(q["U"], b, X, self.tokens and r.layer == 0, be=be, out=self.pre[:n])
             cell.run_forward(self.pre[:n], q, S, aux, be=be, scratch=self.scratch, step_kernels=self.step_kernels)
 
     def run(self) -> None:
         """Forward (keeping boundary states), then backward segment by segment, recomputing each."""
-        be, xp, model, batch, g = self.be, self.be.xp, self.model, self.batch, self.grads
-        cell, p, recs = model.cell, model.params, model.recurrences
+        self.forward()
+        self.loss[...] = 0
+        self.backward(self._xent_head)
+
+    def _xent_head(self, k: int, top: Any, dS: Any) -> None:
+        """The per-step softmax head on segment k: loss, dV, dc and the direct terms ∂E_t/∂s_t into dS."""
+        t0, t1 = self.bounds[k]
+        batch, p, g = self.batch, self.model.params, self.grads
+        weight = None if batch.weight is None else batch.weight[t0:t1]
+        self.loss += xent_and_grads(
+            top, p["V"], p.get("c"), batch.y[t0:t1], weight, be=self.be, dS=dS,
+            dV=g["V"], dc=g.get("c"), chunk=self.chunk, accumulate=k != len(self.bounds) - 1,
+        )  # fmt: skip
+
+    def forward(self, states: Any = None) -> None:
+        """The checkpointing forward pass: boundary states and final states kept, the rest thrown away;
+        ``states`` (T, B, H), if given, receives the top layer's s_t (what ``vjp`` returns)."""
+        model, batch = self.model, self.batch
+        recs = model.recurrences
         last = len(self.bounds) - 1
-        for k, (t0, t1) in enumerate(self.bounds):  # the checkpointing forward pass
+        for k, (t0, t1) in enumerate(self.bounds):
             self._forward_segment(k)
             n = t1 - t0
+            if states is not None:
+                states[t0:t1] = self.S[recs[-1].index][1 : n + 1]
             for r in recs:
+                C = model.cell.cell_states(self.aux[n][r.index]) if self.extra else None
                 if k < last:
                     self.Sb[r.index][k + 1] = self.S[r.index][n]
+                    if C is not None:
+                        self.Cb[r.index][k + 1] = C[n]
                 elif batch.lengths is None:
                     self.final[r.index] = self.S[r.index][n]
+                    if C is not None:
+                        self.final_c[r.index] = C[n]
                 if k in self.final_at:
                     rows, cols = self.final_at[k]
                     self.final[r.index][cols] = self.S[r.index][rows, cols]
-        self.loss[...] = 0
+                    if C is not None:
+                        self.final_c[r.index][cols] = C[rows, cols]
+
+    def backward(self, head: Any, *, inject: Any = None, dx: Any = None) -> None:
+        """Backward segment by segment, last first, recomputing each segment's states.
+
+        ``head(k, top, dS)`` writes ∂E/∂s_t of the top layer over segment k (top its states (n, B, H))
+        into dS (n, B, H) and accumulates whatever else it computes; ``inject(k, i, G)`` adds further
+        direct terms to recurrence i's G (n, B, H) over segment k (and, for a cell with extra state, its
+        ∂E/∂c_t into ``self.DC[:n]``); ``dx`` (T, B, D) receives ∂E/∂x for
+        dense x. Writes the recurrent gradients and "s0" into ``grads``.
+        """
+        be, xp, model, batch, g = self.be, self.be.xp, self.model, self.batch, self.grads
+        cell, recs = model.cell, model.recurrences
+        last = len(self.bounds) - 1
         if self.dUT is not None:
             self.dUT[...] = 0
         part: dict[str, Any] = {}  # one segment's share of the cell's own gradients (W, …)
@@ -373,28 +417,34 @@ class SegmentWorkspace:
             n, first = t1 - t0, k == last
             if not first:
                 self._forward_segment(k)  # the last segment's states are still in place
-            weight = None if batch.weight is None else batch.weight[t0:t1]
             top = self.S[recs[-1].index][1 : n + 1]  # the top layer's s_t over the segment
-            self.loss += xent_and_grads(
-                top, p["V"], p.get("c"), batch.y[t0:t1], weight, be=be, dS=self.G[recs[-1].index][:n],
-                dV=g["V"], dc=g.get("c"), chunk=self.chunk, accumulate=not first,
-            )  # fmt: skip
+            head(k, top, self.G[recs[-1].index][:n])
             plan = be.token_plan(batch.x[t0:t1].reshape(-1), model.input_size) if self.tokens else None
             for r in reversed(recs):
                 q, G = model.recurrence_params(r), self.G[r.index][:n]
                 mine = {key: g[r.name(key)] for key in q if r.name(key) in g}
                 if not first:
                     G[n - 1] += self.carry[r.index]  # ∂E/∂s at the segment's end from the later segments
+                if inject is not None:
+                    inject(k, r.index, G)
                 own = [key for key in mine if key not in ("U", cell.input_bias)]
                 if not first:
                     for key in own:
                         part.setdefault(key + r.suffix, xp.empty_like(mine[key]))
                 into = mine if first else {**mine, **{key: part[key + r.suffix] for key in own}}
+                more = {}
+                if self.extra:  # ∂E/∂c at the segment's end from the later segments; ∂E/∂c at its start out
+                    if not first:
+                        self.DC[n - 1] += self.carry_c[r.index]
+                    into[self.extra] = g[self.extra][r.index] if k == 0 else self.carry_c[r.index]
+                    more = {"d_extra": self.DC[:n]}
                 dpre = cell.run_backward(
                     G, q, self.S[r.index][: n + 1], self.aux[n][r.index], be=be, work=self.pre[:n],
                     scratch=self.scratch, step_kernels=self.step_kernels, truncate=None, lanes=None, grads=into,
-                    ds0=g["s0"][r.index] if k == 0 else self.carry[r.index],
+                    ds0=g["s0"][r.index] if k == 0 else self.carry[r.index], **more,
                 )  # fmt: skip
+                if self.extra:
+                    self.DC[:n] = 0
                 if not first:
                     for key in own:
                         mine[key] += into[key]
@@ -412,5 +462,7 @@ class SegmentWorkspace:
                 if r.layer > 0:  # ∂E/∂(the layer below's states) at the same steps
                     below = self.G[r.index - 1][:n]
                     be.matmul(rows, q["U"], below.reshape(n * self.B, below.shape[2]))
+                elif dx is not None:  # ∂E/∂x at the same steps
+                    be.matmul(rows, q["U"], dx[t0:t1].reshape(n * self.B, dx.shape[2]))
         if self.dUT is not None:
             g["U"][...] = self.dUT.T

@@ -130,7 +130,6 @@ def test_bench_recompute_times_the_cell_and_layers_asked_for_in_json():
     ("option", "needle"),
     [
         (["--bidirectional"], "a bidirectional model cannot recompute"),
-        (["--cell", "lstm"], "carries state beyond s"),
         (["--compare", "naive"], "--compare applies to the T and H sweeps"),
         (["--input", "dense"], "--input applies to the T and H sweeps"),
         (["--hidden-sizes", "8,16"], "--hidden-sizes applies to the T and H sweeps"),

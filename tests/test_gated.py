@@ -256,8 +256,8 @@ def test_a_state_dict_of_one_cell_loaded_as_another_is_refused_naming_the_rows(s
         gpubptt.RNN.from_params(model.params, cell=loaded, backend="numpy")
 
 
-def test_the_gru_recomputes_exactly_and_the_lstm_is_refused_naming_its_cell_state():
-    """Recomputation keeps only h at segment boundaries: enough for the GRU, not for the LSTM's (h, c)."""
+def test_the_gru_and_the_lstm_recompute_exactly():
+    """Recomputation keeps h at segment boundaries (enough for the GRU) and, for the LSTM, c as well."""
     rng = np.random.default_rng(42)
     gru = build("gru", 2, False, True, seed=42)
     x, y, s0, _, _, lens = inputs(rng, "gru", False, True, True, gru.num_states)
@@ -266,6 +266,10 @@ def test_the_gru_recomputes_exactly_and_the_lstm_is_refused_naming_its_cell_stat
         _, got = gru.loss_and_grads(x, y, s0, lengths=lens, recompute=c)
         for k in want:
             np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-15, err_msg=f"{k} recompute={c}")
-    lstm = build("lstm", 1, False, True, seed=42)
-    with pytest.raises(gpubptt.InputError, match="carries state beyond s"):
-        lstm.loss_and_grads(x, y, recompute=2)
+    lstm = build("lstm", 2, False, True, seed=42)  # once refused (c was not kept); now kept and carried
+    x, y, s0, _, _, lens = inputs(rng, "lstm", False, True, True, lstm.num_states)
+    _, want = lstm.loss_and_grads(x, y, s0, lengths=lens)
+    for c in (1, 2, "sqrt"):
+        _, got = lstm.loss_and_grads(x, y, s0, lengths=lens, recompute=c)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-15, err_msg=f"{k} recompute={c}")

@@ -315,3 +315,47 @@ def test_train_whole_sequences_recompute_when_the_stored_plan_exceeds_max_memory
     assert "the smallest budget that works is" in out.output
     out = CliRunner().invoke(app, [*args, "--force", "--max-memory", "lots"])
     assert out.exit_code != 0 and "--max-memory must be a size" in out.output
+
+
+# -- gated cells: the GRU, and the LSTM whose cell state c is kept at boundaries and carried back ------
+@pytest.mark.parametrize(
+    "cell,layers,c,tokens,lengths,s0",
+    [
+        ("lstm", 1, 3, False, True, True),
+        ("lstm", 2, "sqrt", True, False, True),
+        ("lstm", 3, 1, False, True, False),
+        ("lstm", 1, 4, True, True, False),
+        ("gru", 2, 3, False, True, True),
+        ("gru", 1, "sqrt", True, False, False),
+    ],
+)
+def test_gated_recompute_matches_the_stored_path(cell, layers, c, tokens, lengths, s0):
+    rng = np.random.default_rng(layers)
+    T, B, D, H, K = 10, 3, 5, 4, 6
+    model = build(D, H, K, layers=layers, cell=cell)
+    x, y, h0, lens = batch(rng, T, B, D, K, tokens=tokens, lengths=lengths, s0_states=layers if s0 else 0, H=H)
+    if lengths:
+        lens[0] = 0  # a sequence of length 0: its final state is s0
+    state = None if h0 is None else (h0, rng.normal(size=h0.shape)) if cell == "lstm" else h0
+    want_loss, want, want_final = model.loss_and_grads(x, y, state, lengths=lens, return_final_state=True)
+    loss, got, final = model.loss_and_grads(x, y, state, lengths=lens, return_final_state=True, recompute=c)
+    assert set(got) == set(want)
+    assert rel_err(loss, want_loss) <= 1e-12
+    for k in want:
+        assert got[k].shape == want[k].shape, k
+        assert rel_err(got[k], want[k]) <= 1e-12, (k, rel_err(got[k], want[k]))
+    pairs = zip(final if cell == "lstm" else (final,), want_final if cell == "lstm" else (want_final,), strict=True)
+    for a, b in pairs:
+        assert a.shape == b.shape and rel_err(a, b) <= 1e-12
+
+
+def test_lstm_memory_estimate_is_within_10_percent_of_the_traced_peak(warm):
+    T, B, D, H, K = 600, 8, 32, 64, 64
+    rng = np.random.default_rng(0)
+    model = build(D, H, K, layers=2, dtype="float32", cell="lstm")
+    x, y, _, _ = batch(rng, T, B, D, K, tokens=False, lengths=False, s0_states=0, H=H)
+    x = x.astype(np.float32)
+    for recompute in ("sqrt", None):
+        est = model.memory_estimate(T, B, tokens=False, recompute=recompute).total
+        peak = traced_peak(model, x, y, lengths=None, recompute=recompute)
+        assert abs(est - peak) <= 0.10 * peak, (recompute, est, peak)

@@ -6,6 +6,7 @@ Shape-agnostic; each method's docstring gives its shapes. One subclass per libra
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -98,6 +99,11 @@ class Backend:
     def to_numpy(self, a: Any) -> np.ndarray:
         """Return ``a`` as a NumPy array (a device-to-host copy on CuPy; a host sync point)."""
         return to_numpy(a)
+
+    def external_stream(self, handle: int | None) -> Any:
+        """A context in which this backend's work runs on another library's stream (a CUDA stream
+        pointer, as torch's ``current_stream().cuda_stream``); a no-op on the host."""
+        return contextlib.nullcontext()
 
     def synchronize(self) -> None:
         """Wait until all queued device work is done (no-op on the host)."""

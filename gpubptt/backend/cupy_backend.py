@@ -5,6 +5,7 @@ CuPy is imported only when this backend is asked for, so a CPU-only install neve
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,10 @@ class CupyBackend(Backend):
 
     def synchronize(self) -> None:
         self.xp.cuda.get_current_stream().synchronize()
+
+    def external_stream(self, handle: int | None) -> Any:
+        """Run on the CUDA stream ``handle`` (another library's, e.g. torch's current stream), without a sync."""
+        return self.xp.cuda.ExternalStream(handle) if handle else contextlib.nullcontext()
 
     def timer(self) -> Callable[[Callable[[], Any]], float]:
         """CUDA events recorded on the current stream around fn, after a sync so earlier work is left out."""

@@ -24,11 +24,13 @@ cell over time (``gpubptt.engine``) knows none of a cell's math. What it asks of
                          GEMM), the input bias's gradient and ∂E/∂x (one GEMM, for the layer below).
 
     extra_state          (again) truthy when the cell carries state beyond s from one step to the next
-                         (an LSTM's cell state). Recomputation (``gpubptt.recompute``) keeps only s at segment
-                         boundaries and recomputes the cell's ``buffers`` per segment (``buffers(n, …)``
-                         for each segment length n, ``load(aux, None)`` before each segment's forward,
-                         ``run_backward`` with ``ds0`` taken as the carry into the previous segment);
-                         it refuses a cell whose extra_state is truthy, or without the attribute.
+                         (an LSTM's cell state). Recomputation (``gpubptt.recompute``) keeps s (and that
+                         state, ``cell_states(aux)``) at segment boundaries and recomputes the cell's
+                         ``buffers`` per segment (``buffers(n, …)`` for each segment length n, ``load(aux,
+                         boundary state)`` before each segment's forward, ``run_backward`` with ``ds0`` and
+                         grads[extra_state] taken as the carries into the previous segment and
+                         ``d_extra`` (n, B, H), the direct term on the extra state, carrying it in);
+                         it refuses a cell without the attribute.
 
 A reverse recurrence sees its inputs in its own time (the engine reverses them per sequence), so a
 cell never knows its direction.

@@ -148,9 +148,11 @@ class LSTMCell(GatedCell):
         lanes: Any,
         grads: dict[str, Any],
         ds0: Any,
+        d_extra: Any = None,
     ) -> Any:
         """BPTT through all steps; returns ∂E/∂pre (T, B, 4H) (in ``work``). G (T, B, H) enters as the
-        direct term ∂E/∂h_t; writes grads["W"], ds0 (B, H) = ∂E/∂h0 and grads["c0"] (B, H) = ∂E/∂c0."""
+        direct term ∂E/∂h_t; writes grads["W"], ds0 (B, H) = ∂E/∂h0 and grads["c0"] (B, H) = ∂E/∂c0.
+        ``d_extra`` (T, B, H), optional: a direct term ∂E/∂c_t (the pullback's ∂E/∂c_n), full BPTT only."""
         if truncate is not None:
             return self._backward_truncated(G, p, S, aux, truncate, be=be, work=work, grads=grads, ds0=ds0)
         k = kernels(be)
@@ -160,6 +162,8 @@ class LSTMCell(GatedCell):
         dh[...] = 0
         dc[...] = 0
         for t in range(T - 1, -1, -1):
+            if d_extra is not None:
+                dc += d_extra[t]
             k.backward(G[t], dh, C[t], C[t + 1], A[t], dc, work[t], aux["tmp"])  # ∂a_t; dc ← dc_t ⊙ f_t
             be.matmul(work[t], W, dh)  # dh_{t-1} = ∂a_t @ W: all four gates in one GEMM
         be.matmul(work.reshape(T * B, 4 * H).T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂a_tᵀ h_{t-1}

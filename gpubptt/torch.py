@@ -1,0 +1,307 @@
+"""gpubptt as a ``torch.nn`` module: torch's RNN / GRU / LSTM interface, gpubptt's forward and exact BPTT.
+
+    >>> import torch, gpubptt.torch
+    >>> lstm = torch.nn.LSTM(8, 16, num_layers=2, bidirectional=True)
+    >>> rec = gpubptt.torch.Recurrent.from_module(lstm)
+    >>> out, (h_n, c_n) = rec(torch.randn(20, 4, 8))            # (T, B, 2H), (L·dirs, B, H) twice
+    >>> out.sum().backward()                                     # gpubptt's pullback under torch autograd
+
+``Recurrent`` holds torch Parameters under torch's names (``weight_ih_l0``, ``bias_hh_l1_reverse``,
+…), so its ``state_dict()`` loads into the torch module and back; ``from_module`` shares the module's
+Parameter objects. ``forward(x, hx=None, *, lengths=None)`` returns what the torch module returns:
+``(output, h_n)``, an LSTM's ``(output, (h_n, c_n))``; x may be a ``PackedSequence`` (the output
+is then one too) or padded with ``lengths`` (B,) (torch's packed semantics: padded outputs are zero,
+h_n is each sequence's state after its own last step, the reverse direction starts there).
+
+Autograd: one ``torch.autograd.Function`` whose forward is ``model.vjp`` and whose backward is the
+pullback (``gpubptt.pullback``), so gradients reach x, hx and every Parameter. Tensors cross by
+DLPack without a copy: NumPy for CPU tensors, CuPy for CUDA tensors (run on torch's current
+stream). torch's two biases per recurrence enter gpubptt as their sum (the GRU keeps b_hn apart);
+each receives the summed bias's gradient. A forward's pullback runs once: ``backward(retain_graph=True)``
+followed by a second backward through the same output raises ``PullbackError``.
+
+This module imports torch; ``import gpubptt`` does not (install the extra ``gpubptt[torch]``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .backend import get_backend
+from .errors import BackendMismatchError, InputError, InputTypeError, ShapeError
+from .model import RNN
+from .params import recurrences
+from .recompute import check_recompute, unsupported_reason
+
+__all__ = ["Recurrent"]
+
+_CELLS = {torch.nn.RNN: "rnn", torch.nn.GRU: "gru", torch.nn.LSTM: "lstm"}
+_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+
+
+def _torch_names(num_layers: int, bidirectional: bool, bias: bool) -> list[tuple[Any, str, str]]:
+    """(recurrence, torch name, gpubptt base name or bias kind) in torch's parameter order."""
+    out = []
+    for r in recurrences(num_layers, bidirectional):
+        sfx = f"_l{r.layer}" + ("_reverse" if r.direction else "")
+        out += [(r, "weight_ih" + sfx, "U"), (r, "weight_hh" + sfx, "W")]
+        if bias:
+            out += [(r, "bias_ih" + sfx, "bias_ih"), (r, "bias_hh" + sfx, "bias_hh")]
+    return out
+
+
+class Recurrent(torch.nn.Module):
+    """A gpubptt recurrent stack as a ``torch.nn`` module; see the module docstring.
+
+    ``Recurrent(model, batch_first=False)`` wraps a gpubptt ``RNN`` (its output layer is not used;
+    Parameters are made from its weights, torch's bias_hh zero); ``Recurrent.from_module(mod)`` takes
+    an ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``. ``backend`` "auto" runs NumPy for CPU tensors and CuPy
+    for CUDA tensors; "numpy" or "cupy" insists. Shapes as torch's: x (T, B, D) (or (B, T, D) with
+    ``batch_first``, or (T, D) unbatched), hx (L·dirs, B, H); output (T, B, H·dirs), h_n (L·dirs, B, H).
+    """
+
+    def __init__(
+        self,
+        model: RNN,
+        *,
+        batch_first: bool = False,
+        backend: str = "auto",
+        recompute: int | str | None = None,
+        _params: dict[str, torch.nn.Parameter] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, RNN):
+            raise InputTypeError(f"Recurrent wraps a gpubptt.RNN, got {type(model).__name__}")
+        if backend not in ("auto", "numpy", "cupy"):
+            raise InputError(f"unknown backend {backend!r}; expected 'auto', 'numpy' or 'cupy'")
+        recompute = check_recompute(recompute)
+        if recompute == "auto":
+            raise InputError("recompute takes None, 'sqrt' or an int (steps per segment), not 'auto'")
+        if recompute is not None and unsupported_reason(model):
+            raise InputError(unsupported_reason(model))
+        if model.dropout > 0 and model.num_layers > 1:
+            raise InputError(f"dropout={model.dropout} between layers: gpubptt.torch runs without dropout")
+        self.cell = model.cell_name
+        self.nonlinearity = model.nonlinearity
+        self.input_size, self.hidden_size = model.input_size, model.hidden_size
+        self.num_layers, self.bidirectional, self.bias = model.num_layers, model.bidirectional, model.bias
+        self.batch_first, self.backend, self.recompute = bool(batch_first), backend, recompute
+        self._names = _torch_names(self.num_layers, self.bidirectional, self.bias)
+        if _params is None:
+            rnn_sd, _ = model.to_torch()
+            _params = {name: torch.nn.Parameter(torch.as_tensor(np.array(rnn_sd[name]))) for _, name, _ in self._names}
+        for _, name, _ in self._names:
+            self.register_parameter(name, _params[name])
+        self._models: dict[tuple[str, str], RNN] = {}
+
+    @classmethod
+    def from_module(
+        cls, mod: torch.nn.Module, *, backend: str = "auto", recompute: int | str | None = None
+    ) -> Recurrent:
+        """A Recurrent sharing ``mod``'s Parameters: ``nn.RNN`` (tanh or relu), ``nn.GRU`` or ``nn.LSTM`` with
+        any layers, directions, bias and batch_first. Refused (InputError, naming the option): ``proj_size``,
+        dropout between layers, parameters that are not float32/float64."""
+        cell = _CELLS.get(type(mod))
+        if cell is None:
+            raise InputTypeError(f"from_module takes a torch.nn.RNN, GRU or LSTM, got {type(mod).__name__}")
+        if getattr(mod, "proj_size", 0):
+            raise InputError(f"proj_size={mod.proj_size}: gpubptt's LSTM has no projection; use proj_size=0")
+        if mod.dropout and mod.num_layers > 1:
+            raise InputError(f"dropout={mod.dropout} between layers: gpubptt.torch runs without dropout (use 0)")
+        dt = mod.weight_hh_l0.dtype
+        if dt not in (torch.float32, torch.float64):
+            raise InputTypeError(f"the module's parameters are {dt}; gpubptt runs float32 or float64")
+        names = _torch_names(mod.num_layers, mod.bidirectional, mod.bias)
+        params = {name: getattr(mod, name) for _, name, _ in names}
+        host = {k: v.detach().cpu().numpy() for k, v in params.items()}
+        nonlinearity = getattr(mod, "nonlinearity", None) if cell == "rnn" else None
+        linear = {
+            "weight": np.zeros((1, mod.hidden_size * (2 if mod.bidirectional else 1)), host["weight_hh_l0"].dtype)
+        }
+        model = RNN.from_torch(host, linear, cell=cell, nonlinearity=nonlinearity, backend="numpy")
+        return cls(model, batch_first=mod.batch_first, backend=backend, recompute=recompute, _params=params)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.cell}, {self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+            f"bias={self.bias}, batch_first={self.batch_first}, bidirectional={self.bidirectional}"
+        )
+
+    def _model(self, device: torch.device, dtype: torch.dtype) -> RNN:
+        """The gpubptt model that runs tensors of this device and dtype (built once per pair)."""
+        want = "cupy" if device.type == "cuda" else "numpy"
+        if device.type not in ("cpu", "cuda"):
+            raise InputTypeError(f"gpubptt runs CPU or CUDA tensors, got device {device}")
+        if self.backend != "auto" and self.backend != want:
+            raise BackendMismatchError(
+                f"the tensors are on {device}, but this Recurrent runs the {self.backend} backend "
+                f"({'CUDA' if self.backend == 'cupy' else 'CPU'} tensors)"
+            )
+        if dtype not in (torch.float32, torch.float64):
+            raise InputTypeError(f"the parameters are {dtype}; gpubptt runs float32 or float64")
+        key = (want, str(dtype))
+        if key not in self._models:
+            be = get_backend(want)
+            dirs = 2 if self.bidirectional else 1
+            host = {n: p.detach().cpu().numpy() for n, p in self.named_parameters()}
+            model = RNN.from_torch(
+                host, {"weight": np.zeros((1, self.hidden_size * dirs), host["weight_hh_l0"].dtype)}, cell=self.cell,
+                nonlinearity=self.nonlinearity if self.cell == "rnn" else None, backend=be,
+            )  # fmt: skip
+            model.step_kernels = None
+            self._models[key] = model
+        return self._models[key]
+
+    def forward(self, x: Any, hx: Any = None, *, lengths: Any = None) -> tuple[Any, Any]:
+        """(output, h_n) — an LSTM's (output, (h_n, c_n)) — as the torch module returns them.
+
+        x (T, B, D) / (B, T, D) with batch_first / (T, D) unbatched, or a PackedSequence; hx (L·dirs, B, H)
+        (an LSTM's (h0, c0)) or None; lengths (B,) ints (a tensor or array on the host) for padded x.
+        """
+        packed = isinstance(x, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise InputError("lengths= is for padded x; a PackedSequence carries its own lengths")
+            x, lens = pad_packed_sequence(x, batch_first=False)
+            lengths = lens.numpy()
+            time_major = x
+        else:
+            if not isinstance(x, torch.Tensor):
+                raise InputTypeError(f"x must be a torch.Tensor or PackedSequence, got {type(x).__name__}")
+            if x.dim() not in (2, 3):
+                raise ShapeError(f"x must be (T, B, D), (B, T, D) with batch_first, or (T, D); got {tuple(x.shape)}")
+            time_major = x.transpose(0, 1) if self.batch_first and x.dim() == 3 else x
+        unbatched = time_major.dim() == 2
+        if unbatched:
+            time_major = time_major.unsqueeze(1)
+        B = time_major.shape[1]
+        lstm = self.cell == "lstm"
+        h0 = c0 = None
+        if hx is not None:
+            if lstm:
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    raise InputTypeError("an LSTM's hx must be the pair (h0, c0)")
+                h0, c0 = hx
+            else:
+                h0 = hx
+            if unbatched:
+                h0 = h0.unsqueeze(1)
+                c0 = None if c0 is None else c0.unsqueeze(1)
+        tensors = [time_major] + [t for t in (h0, c0) if t is not None]
+        params = [p for _, p in self.named_parameters()]
+        devices = {str(t.device) for t in tensors + params}
+        if len(devices) > 1:
+            raise BackendMismatchError(
+                f"x, hx and the parameters must be on one device; got {', '.join(sorted(devices))}"
+            )
+        dt = params[0].dtype
+        for what, t in [("x", time_major), ("h0", h0), ("c0", c0)]:
+            if t is not None and t.dtype != dt:
+                raise InputTypeError(f"{what} is {t.dtype} but the parameters are {dt}: convert one of them")
+        if lengths is not None:
+            lengths = np.asarray(lengths.cpu() if isinstance(lengths, torch.Tensor) else lengths)
+            if lengths.shape != (B,) or lengths.dtype.kind not in "iu":
+                raise ShapeError(f"lengths must be (B,) = ({B},) integers, got {lengths.dtype} {lengths.shape}")
+        model = self._model(time_major.device, dt)
+        out, h_n, c_n = _Pullback.apply(self, model, lengths, time_major, h0, c0, *params)
+        if packed:
+            out = pack_padded_sequence(out, torch.as_tensor(lengths), enforce_sorted=False)
+        elif unbatched:
+            out, h_n = out.squeeze(1), h_n.squeeze(1)
+            c_n = None if c_n is None else c_n.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return (out, (h_n, c_n)) if lstm else (out, h_n)
+
+
+def _fold(params: dict[str, Any], names: list[tuple[Any, str, str]], cell: str, H: int) -> dict[str, Any]:
+    """gpubptt's parameters from torch's (arrays of one backend): b = bias_ih + bias_hh (the GRU's n third
+    of bias_hh stays apart as b_hn); a zero (1, H·dirs) V, the unused output layer."""
+    out: dict[str, Any] = {}
+    for r, name, kind in names:
+        if kind in ("U", "W"):
+            out[r.name(kind)] = params[name]
+        elif kind == "bias_hh":
+            b_ih, b_hh = params[name.replace("bias_hh", "bias_ih")], params[name]
+            if cell == "gru":
+                b = b_ih.copy()
+                b[: 2 * H] += b_hh[: 2 * H]
+                out[r.name("b")], out[r.name("b_hn")] = b, b_hh[2 * H :]
+            else:
+                out[r.name("b")] = b_ih + b_hh
+    return out
+
+
+def _unfold(g: dict[str, Any], names: list[tuple[Any, str, str]], cell: str, H: int) -> dict[str, Any]:
+    """torch's gradients from gpubptt's: each of the two biases gets db (the GRU's bias_hh: [db_r, db_z, db_hn])."""
+    out: dict[str, Any] = {}
+    for r, name, kind in names:
+        if kind in ("U", "W"):
+            out[name] = g[r.name(kind)]
+        elif kind == "bias_ih":
+            out[name] = g[r.name("b")]
+        else:
+            db = g[r.name("b")]
+            if cell == "gru":
+                db = db.copy()
+                db[2 * H :] = g[r.name("b_hn")]
+            out[name] = db
+    return out
+
+
+class _Pullback(torch.autograd.Function):
+    """forward: ``model.vjp`` on the tensors (via DLPack); backward: its pullback."""
+
+    @staticmethod
+    def forward(ctx: Any, rec: Recurrent, model: RNN, lengths: Any, x: Any, h0: Any, c0: Any, *params: Any) -> Any:
+        be = model.backend
+        stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else None
+        xp = be.xp
+        with be.external_stream(stream):
+            arrays = {name: xp.from_dlpack(p.detach()) for (_, name, _), p in zip(rec._names, params, strict=True)}
+            head = {k: model.params[k] for k in ("V", "c") if k in model.params}  # the unused output layer
+            model.params = {**_fold(arrays, rec._names, rec.cell, rec.hidden_size), **head}
+            n = model.num_states
+            B, H = x.shape[1], rec.hidden_size
+            s0 = None
+            if h0 is not None or c0 is not None:
+                zeros = torch.zeros(n, B, H, dtype=x.dtype, device=x.device)
+                h = xp.from_dlpack((zeros if h0 is None else h0).detach())
+                s0 = (h, xp.from_dlpack((zeros if c0 is None else c0).detach())) if rec.cell == "lstm" else h
+                if n == 1:
+                    s0 = tuple(a.reshape(B, H) for a in s0) if rec.cell == "lstm" else s0.reshape(B, H)
+            out, pullback = model.vjp(xp.from_dlpack(x.detach()), s0, lengths=lengths, recompute=rec.recompute)
+        ctx.pullback, ctx.rec, ctx.model, ctx.stream = pullback, rec, model, stream
+        ctx.shapes = (x.shape, n, B, H)
+        final = out.final_state if rec.cell == "lstm" else (out.final_state, None)
+        h_n, c_n = (None if a is None else torch.from_dlpack(a.reshape(n, B, H)) for a in final)
+        return torch.from_dlpack(out.states), h_n, c_n
+
+    @staticmethod
+    def backward(ctx: Any, d_out: Any, d_hn: Any, d_cn: Any) -> Any:
+        rec, model = ctx.rec, ctx.model
+        xshape, n, B, H = ctx.shapes
+        xp = model.backend.xp
+        with model.backend.external_stream(ctx.stream):
+            d_states = xp.from_dlpack(d_out.contiguous()) if d_out is not None else None
+            if d_states is None:
+                d_states = xp.zeros((xshape[0], B, H * (2 if rec.bidirectional else 1)), dtype=model.dtype)
+
+            def final(d: Any) -> Any:  # one recurrence: the pullback takes (B, H), as s0 went in
+                return None if d is None else xp.from_dlpack(d.contiguous()).reshape(-1, B, H)[0 if n == 1 else ...]
+
+            d_final = (final(d_hn), final(d_cn)) if rec.cell == "lstm" else final(d_hn)
+            if rec.cell == "lstm" and d_final[0] is None and d_final[1] is None:
+                d_final = None
+            g = ctx.pullback(d_states, d_final)
+            grads = _unfold(g, rec._names, rec.cell, H)
+            dx = torch.from_dlpack(g["x"]) if ctx.needs_input_grad[3] else None
+            ds0 = g["s0"].reshape(n, B, H)
+            dh0 = torch.from_dlpack(ds0) if ctx.needs_input_grad[4] else None
+            dc0 = torch.from_dlpack(g["c0"].reshape(n, B, H)) if ctx.needs_input_grad[5] else None
+            dparams = [torch.from_dlpack(xp.ascontiguousarray(grads[name])) for _, name, _ in rec._names]
+        return (None, None, None, dx, dh0, dc0, *dparams)

@@ -1,0 +1,123 @@
+"""``gpubptt.torch.Recurrent`` against the torch module it wraps, in float64 under torch autograd: outputs,
+final states and the gradients of x, hx and every Parameter (≤ 1e-9 relative) under a random custom loss
+on output and h_n (and c_n), for every cell × layers 1–3 × directions × bias × batch_first × hx given or
+not × lengths (PackedSequence, or the lengths= argument); state dicts; errors. Skipped without torch."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gpubptt
+from gpubptt.pullback import PullbackError
+
+torch = pytest.importorskip("torch")
+gt = pytest.importorskip("gpubptt.torch")
+
+D, H, T, B = 3, 4, 5, 3
+MODULES = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}
+LENGTHS = torch.tensor([5, 2, 4])
+# the full product is 3 · 3 · 2 · 2 · 2 · 2 · 3 = 432 cases (lengths None, "packed" or "argument"), about
+# 26 s here; a fixed sample of 96 keeps the suite lean and still covers every value of every factor
+FULL = list(itertools.product(MODULES, [1, 2, 3], [False, True], [False, True], [False, True], [False, True],
+                              [None, "packed", "argument"]))  # fmt: skip
+GRID = [FULL[i] for i in sorted(np.random.default_rng(20).choice(len(FULL), size=96, replace=False))]
+
+
+def _run(mod, x, hx, lengths, how, batch_first, weights):
+    """Forward a module (torch's, through packed sequences, or ours), a custom loss, backward; (out, grads)."""
+    x = x.clone().requires_grad_(True)
+    hx = None if hx is None else tuple(h.clone().requires_grad_(True) for h in hx)
+    arg = None if hx is None else hx if len(hx) == 2 else hx[0]
+    if how == "argument":
+        out, state = mod(x, arg, lengths=lengths)
+    elif how == "packed":
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+        out, state = mod(packed, arg)
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=batch_first, total_length=T)
+    else:
+        out, state = mod(x, arg)
+    h_n, c_n = state if isinstance(state, tuple) else (state, None)
+    wy, wh, wc = weights
+    E = (torch.sin(out) * wy).sum() + (h_n**2 * wh).sum() + (0 if c_n is None else (torch.tanh(c_n) * wc).sum())
+    for p in mod.parameters():
+        p.grad = None
+    E.backward()
+    grads = [x.grad] + ([] if hx is None else [h.grad for h in hx]) + [p.grad.clone() for p in mod.parameters()]
+    return (out.detach(), h_n.detach(), None if c_n is None else c_n.detach()), grads
+
+
+@pytest.mark.parametrize("cell,layers,bidir,bias,batch_first,with_hx,lengths", GRID)
+def test_recurrent_matches_the_torch_module_under_autograd(cell, layers, bidir, bias, batch_first, with_hx, lengths):
+    torch.manual_seed(layers + 2 * bidir + 4 * bias)
+    mod = MODULES[cell](D, H, num_layers=layers, bidirectional=bidir, bias=bias, batch_first=batch_first).double()
+    ours = gt.Recurrent.from_module(mod)
+    n = layers * (2 if bidir else 1)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn((B, T, D) if batch_first else (T, B, D), generator=g, dtype=torch.float64)
+    hx = None
+    if with_hx:
+        hx = tuple(torch.randn(n, B, H, generator=g, dtype=torch.float64) for _ in range(2 if cell == "lstm" else 1))
+    out_shape = (B, T, H * (1 + bidir)) if batch_first else (T, B, H * (1 + bidir))
+    weights = tuple(torch.randn(s, generator=g, dtype=torch.float64) for s in (out_shape, (n, B, H), (n, B, H)))
+    ref_out, ref_grads = _run(mod, x, hx, LENGTHS, "packed" if lengths else None, batch_first, weights)
+    got_out, got_grads = _run(ours, x, hx, LENGTHS, lengths, batch_first, weights)
+    for a, b in zip(got_out, ref_out, strict=True):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_grads, ref_grads, strict=True):
+        assert (a - b).abs().max().item() <= 1e-9 * b.abs().max().item()
+
+
+def test_state_dict_has_torch_names_and_loads_back_into_the_module():
+    mod = torch.nn.GRU(D, H, num_layers=2, bidirectional=True).double()
+    ours = gt.Recurrent.from_module(mod)
+    assert list(ours.state_dict()) == list(mod.state_dict())
+    fresh = torch.nn.GRU(D, H, num_layers=2, bidirectional=True).double()
+    fresh.load_state_dict(ours.state_dict())
+    x = torch.randn(T, B, D, dtype=torch.float64)
+    torch.testing.assert_close(fresh(x)[0], ours(x)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_wrapping_a_gpubptt_model_gives_its_states_and_an_unbatched_input_works():
+    model = gpubptt.RNN(D, H, 2, cell="lstm", num_layers=2, bias=True, backend="numpy", dtype="float64", seed=0)
+    ours = gt.Recurrent(model)
+    x = np.random.default_rng(0).normal(size=(T, B, D))
+    out, (_, c_n) = ours(torch.as_tensor(x))
+    ref = model.forward(x)
+    np.testing.assert_allclose(out.detach().numpy(), ref.states, rtol=1e-12)
+    np.testing.assert_allclose(c_n.detach().numpy(), ref.final_state[1], rtol=1e-12)
+    one, (h1, _) = ours(torch.as_tensor(x[:, 0]))
+    assert one.shape == (T, H) and h1.shape == (2, H)
+    torch.testing.assert_close(one, out[:, 0])
+
+
+def test_import_gpubptt_does_not_import_torch():
+    code = "import sys, gpubptt; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bad_modules_tensors_and_a_second_backward_are_refused():
+    with pytest.raises(gpubptt.InputError, match="proj_size=2"):
+        gt.Recurrent.from_module(torch.nn.LSTM(D, H, proj_size=2))
+    with pytest.raises(gpubptt.InputError, match=r"dropout=0\.5"):
+        gt.Recurrent.from_module(torch.nn.GRU(D, H, num_layers=2, dropout=0.5))
+    with pytest.raises(gpubptt.InputTypeError, match="Linear"):
+        gt.Recurrent.from_module(torch.nn.Linear(D, H))
+    with pytest.raises(gpubptt.InputError, match="bidirectional model cannot recompute"):
+        gt.Recurrent.from_module(torch.nn.RNN(D, H, bidirectional=True), recompute="sqrt")
+    ours = gt.Recurrent.from_module(torch.nn.RNN(D, H))
+    with pytest.raises(gpubptt.BackendMismatchError, match="one device"):
+        ours(torch.zeros(T, B, D, device="meta"))
+    with pytest.raises(gpubptt.InputTypeError, match=r"float64 but the parameters are torch\.float32"):
+        ours(torch.zeros(T, B, D, dtype=torch.float64))
+    with pytest.raises(gpubptt.ShapeError, match=r"\(T, B, D\)"):
+        ours(torch.zeros(T, B, D, 1))
+    out, _ = ours(torch.randn(T, B, D, requires_grad=True))
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(PullbackError, match="already called"):
+        out.sum().backward()
