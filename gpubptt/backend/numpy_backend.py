@@ -81,6 +81,7 @@ class BlasThreads:
             self._set(threads)
             self.current = threads
 
+
 #: Up to this vocabulary size the NumPy scatter-add is a one-hot GEMM (D, N) × (N, H): 2·D·N·H
 #: FLOPs at the BLAS rate beat N·H adds through ``np.add.reduceat``, which ran at only ~0.15 G
 #: adds/s (measured on a 2-core AVX-512 CPU: D = 256, N = 4096, H = 1024 took 7 ms against 28 ms;
