@@ -6,7 +6,7 @@ import contextlib
 import os
 import platform
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ import numpy as np
 from ..timing import sync_timer
 from .base import Backend, TokenPlan, is_cupy_array
 
-__all__ = ["BLAS_THREADED_FLOPS", "ONEHOT_MAX_VOCAB", "BlasThreads", "NumpyBackend"]
+__all__ = ["BLAS_THREADED_FLOPS", "ONEHOT_MAX_VOCAB", "BlasThreads", "NumpyBackend", "most_threads"]
 
 #: A GEMM of fewer FLOPs (2·m·n·k) runs on one BLAS thread, a larger one on all the BLAS threads this
 #: process may use. The per-step GEMMs (m = B rows) fall below it, the batched ones (input projection,
@@ -31,12 +31,19 @@ THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"
 LOCAL_RANK_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
 
 
-def _local_ranks() -> int:
-    """How many processes of this job share the host, as the MPI launcher says (1 when none does)."""
+def most_threads(library_threads: int, cores: int, environ: Mapping[str, str]) -> int:
+    """The BLAS threads a large GEMM may take in this process: ``library_threads`` (the BLAS's own count,
+    which already honours the user's thread variables) where the user set one of ``THREAD_VARIABLES``;
+    else the usable cores divided among the ranks that the MPI launcher says share this host.
+    """
+    if any(name in environ for name in THREAD_VARIABLES):
+        return max(1, library_threads)
+    ranks = 1
     for name in LOCAL_RANK_VARIABLES:
         with contextlib.suppress(KeyError, ValueError):
-            return max(1, int(os.environ[name]))
-    return 1
+            ranks = max(1, int(environ[name]))
+            break
+    return max(1, min(library_threads, cores) // ranks)
 
 
 class BlasThreads:
@@ -63,10 +70,9 @@ class BlasThreads:
         if lib is None:
             return
         self.library = f"{lib.internal_api} {lib.version} ({lib.threading_layer})"
-        self.most = self.current = int(lib.num_threads)
-        if not any(name in os.environ for name in THREAD_VARIABLES):
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            self.most = max(1, min(self.most, cores) // _local_ranks())
+        self.current = int(lib.num_threads)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.most = most_threads(self.current, cores, os.environ)
         self._set = lib.set_num_threads
 
     def for_gemm(self, m: int, n: int, k: int) -> int:
