@@ -48,7 +48,7 @@ def worker(spec: dict) -> None:
     rng = np.random.default_rng(0)
     be = gpubptt.get_backend("numpy")
     if spec["policy"] == "blas-default":  # the A/B baseline: leave the thread count to the BLAS itself
-        be.blas_threads.use = lambda threads: None
+        be.blas_threads.enabled = False
     model = gpubptt.RNN(D, H, K, cell=cell, num_layers=layers, bidirectional=bi, backend=be, seed=0)
     x = rng.normal(size=(T, B, D)).astype(np.float32)
     y = rng.integers(0, K, (T, B))

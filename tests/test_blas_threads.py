@@ -70,3 +70,21 @@ def test_large_gemm_threads_follow_the_cores_the_ranks_and_the_users_variables(
     library_threads, cores, environ, expected
 ):
     assert most_threads(library_threads, cores, environ) == expected
+
+
+def test_thread_count_changes_only_while_no_other_gemm_runs():
+    """The count is process-wide: while one GEMM is in flight (entered, not left), another thread's GEMM
+    asking for a different count leaves it as it is; once none runs, the next one sets its own."""
+    bt = be.blas_threads
+    if bt.most < 2:
+        pytest.skip("one BLAS thread at most here: nothing to switch between")
+    bt.enter(1)  # a small GEMM in flight
+    try:
+        assert threads_in_force() == 1
+        bt.enter(bt.most)  # a large GEMM from another thread meanwhile
+        assert threads_in_force() == 1
+        bt.leave()
+    finally:
+        bt.leave()
+    bt.use(bt.most)
+    assert threads_in_force() == bt.most

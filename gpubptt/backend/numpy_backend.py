@@ -51,12 +51,16 @@ class BlasThreads:
 
     ``most``: the threads a large GEMM takes: the BLAS's own count (which honours the user's thread
     variables), or, where no such variable is set, the usable cores divided among the MPI ranks on
-    this host. Small GEMMs take one. Without a BLAS that threadpoolctl can steer, nothing changes.
+    this host. Small GEMMs take one. The count is process-wide, so it changes only while no other
+    GEMM of this backend runs (threads sharing the backend keep whatever count is in force). Without a
+    BLAS that threadpoolctl can steer, or with ``enabled`` False, the BLAS keeps its own count.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._set: Callable[[int], Any] | None = None
+        self._in_flight = 0
+        self.enabled = True
         self.library = "unknown"
         self.most = 1
         self.current = 0
@@ -73,19 +77,35 @@ class BlasThreads:
         self.current = int(lib.num_threads)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.most = most_threads(self.current, cores, os.environ)
-        self._set = lib.set_num_threads
+        # threadpoolctl ≥ 3.8 lets only the first Python thread that sets an OpenBLAS limit set later ones;
+        # the in-flight count below already keeps a change away from running GEMMs, so every thread may set it
+        self._set = getattr(lib, "_real_set_num_threads", lib.set_num_threads)
 
     def for_gemm(self, m: int, n: int, k: int) -> int:
         """The threads an (m, k) × (k, n) GEMM runs on: 1 below ``BLAS_THREADED_FLOPS``, else ``most``."""
         return self.most if 2 * m * n * k >= BLAS_THREADED_FLOPS else 1
 
-    def use(self, threads: int) -> None:
-        """Set the BLAS's thread count (process-wide) where it differs from the last one set."""
-        if self._set is None or threads == self.current:
+    def enter(self, threads: int) -> None:
+        """Before a GEMM: set the count to ``threads`` unless it is that already or another GEMM runs."""
+        if self._set is None:
             return
         with self._lock:
-            self._set(threads)
-            self.current = threads
+            if self._in_flight == 0 and threads != self.current and self.enabled:
+                self._set(threads)
+                self.current = threads
+            self._in_flight += 1
+
+    def leave(self) -> None:
+        """After the GEMM that ``enter`` preceded."""
+        if self._set is None:
+            return
+        with self._lock:
+            self._in_flight -= 1
+
+    def use(self, threads: int) -> None:
+        """Set the count to ``threads`` now (unless a GEMM runs), e.g. before timing a library call of one's own."""
+        self.enter(threads)
+        self.leave()
 
 
 #: Up to this vocabulary size the NumPy scatter-add is a one-hot GEMM (D, N) × (N, H): 2·D·N·H
@@ -134,11 +154,15 @@ class NumpyBackend(Backend):
 
     def matmul(self, a: Any, b: Any, out: Any, accumulate: bool = False) -> None:
         """out = a @ b (or +=) on as many BLAS threads as the shape pays for (``BlasThreads.for_gemm``)."""
-        self.blas_threads.use(self.blas_threads.for_gemm(a.shape[0], b.shape[1], a.shape[1]))
-        if accumulate:
-            out += a @ b  # a temporary: used once per output chunk, never per time step
-        else:
-            np.matmul(a, b, out=out)
+        threads = self.blas_threads
+        threads.enter(threads.for_gemm(a.shape[0], b.shape[1], a.shape[1]))
+        try:
+            if accumulate:
+                out += a @ b  # a temporary: used once per output chunk, never per time step
+            else:
+                np.matmul(a, b, out=out)
+        finally:
+            threads.leave()
 
     def take_rows(self, src: Any, index: Any, out: Any) -> Any:
         """NumPy's ``take`` into ``out``: with mode "clip" it writes in place; the default mode buffers the
