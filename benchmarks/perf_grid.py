@@ -59,13 +59,14 @@ PAUSE_S = 0.2  # between the two libraries in a round: long enough for idle BLAS
 
 
 def blas_facts(be) -> dict:
-    """The BLAS behind the backend's matmul and its thread counts (the NumPy backend's per-shape threads)."""
+    """The BLAS behind the backend's matmul and its thread counts: GEMMs of fewer FLOPs than ``threaded_from_flops``
+    (the per-step ones, at these sizes up to H = 512) take ``threads_small``, larger ones ``threads_large``."""
     threads = getattr(be, "blas_threads", None)
     if threads is None:
         return {"library": be.xp.__name__}
     from gpubptt.backend.numpy_backend import BLAS_THREADED_FLOPS
 
-    return {"library": threads.library, "threads_batched": threads.most, "threads_step": 1,
+    return {"library": threads.library, "threads_large": threads.most, "threads_small": 1,
             "threaded_from_flops": BLAS_THREADED_FLOPS}  # fmt: skip
 
 
