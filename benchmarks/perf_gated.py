@@ -48,7 +48,7 @@ GATES = {"gru": 3, "lstm": 4}
 
 def blas_facts(be) -> dict:
     """The BLAS behind the backend's matmul and its thread counts: GEMMs of fewer FLOPs than ``threaded_from_flops``
-    (the per-step ones, at these sizes up to H = 512) take ``threads_small``, larger ones ``threads_large``."""
+    (most per-step GEMMs) take ``threads_small``, larger ones ``threads_large``."""
     threads = getattr(be, "blas_threads", None)
     if threads is None:
         return {"library": be.xp.__name__}

@@ -60,7 +60,7 @@ PAUSE_S = 0.2  # between the two libraries in a round: long enough for idle BLAS
 
 def blas_facts(be) -> dict:
     """The BLAS behind the backend's matmul and its thread counts: GEMMs of fewer FLOPs than ``threaded_from_flops``
-    (the per-step ones, at these sizes up to H = 512) take ``threads_small``, larger ones ``threads_large``."""
+    (most per-step GEMMs) take ``threads_small``, larger ones ``threads_large``."""
     threads = getattr(be, "blas_threads", None)
     if threads is None:
         return {"library": be.xp.__name__}
