@@ -1,17 +1,22 @@
 """GRU and LSTM forward+BPTT side by side with PyTorch's nn.GRU / nn.LSTM + Linear, on one backend.
 
 The rows of issue 11: (T=64, B=32, D=128, H=256, K=256) and the perf grid's largest configuration
-(T=16, B=128, D=512, H=1024, K=1024), each with 1 and 2 layers, for both cells. Each row:
+(T=16, B=128, D=512, H=1024, K=1024), each with 1 and 2 layers, for both cells, and the first shape
+with 2 bidirectional layers (issue 22). Each row:
 gpubptt's ``loss_and_grads`` and torch's ``nn.GRU``/``nn.LSTM(bias=False) + Linear(bias=False) +
 cross_entropy(sum)`` forward+backward on the same weights and data (the gradients are checked to
 agree first), float32, timed interleaved: each round runs gpubptt once and torch once, with a pause
 between the two libraries so neither one's idle worker threads slow the other. Median of the rounds;
-the ratio is gpubptt's median over torch's, from the same run.
+the ratio is gpubptt's median over torch's, from the same run. Also per row: GFLOP/s (the GEMM
+FLOPs of ``gpubptt.bench.flops``, gate arithmetic not counted), the fraction of the same-run GEMM rate
+(T back-to-back (B, H) × (H, G·H) step GEMMs and one (T·B, H) × (H, K) batched GEMM through the
+backend's own matmul, each charged for its share of the FLOPs), and the BLAS with its thread counts.
 
-    python benchmarks/perf_gated.py --backend numpy --output benchmarks/perf-cpu-gated.json
-    python benchmarks/perf_gated.py --backend cupy --output benchmarks/perf-gpu-gated.json
+    python benchmarks/perf_gated.py OUT_DIR --backend numpy     # OUT_DIR/perf-gated-numpy.json and .txt
+    python benchmarks/perf_gated.py OUT_DIR --backend cupy
 
-Prints one line per row; writes JSON with every raw time.
+OUT_DIR defaults to a new folder under the system's temporary directory (never inside the repository);
+``--output FILE`` names the JSON file instead. Prints one line per row; the JSON has every raw time.
 """
 
 from __future__ import annotations
@@ -20,20 +25,59 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 import gpubptt
+from gpubptt.bench import flops
+from gpubptt.environment import environment
 
-# (cell, T, B, D, H, K, num_layers)
+# (cell, T, B, D, H, K, num_layers, bidirectional)
 ROWS = [
-    (cell, *shape, layers)
+    (cell, *shape, layers, False)
     for cell in ("gru", "lstm")
     for shape in ((64, 32, 128, 256, 256), (16, 128, 512, 1024, 1024))
     for layers in (1, 2)
-]
+] + [(cell, 64, 32, 128, 256, 256, 2, True) for cell in ("gru", "lstm")]
 PAUSE_S = 0.2
+GATES = {"gru": 3, "lstm": 4}
+
+
+def blas_facts(be) -> dict:
+    """The BLAS behind the backend's matmul and its thread counts: GEMMs of fewer FLOPs than ``threaded_from_flops``
+    (most per-step GEMMs) take ``threads_small``, larger ones ``threads_large``."""
+    threads = getattr(be, "blas_threads", None)
+    if threads is None:
+        return {"library": be.xp.__name__}
+    from gpubptt.backend.numpy_backend import BLAS_THREADED_FLOPS
+
+    return {"library": threads.library, "threads_large": threads.most, "threads_small": 1,
+            "threaded_from_flops": BLAS_THREADED_FLOPS}  # fmt: skip
+
+
+def gemm_references(be, T: int, B: int, H: int, G: int, K: int) -> dict:
+    """T back-to-back (B, H) × (H, G·H) GEMMs (a gated step) and one (T·B, H) × (H, K) GEMM, via ``be.matmul``."""
+    rng = np.random.default_rng(1)
+    s = be.asarray(rng.standard_normal((B, H)), dtype=np.float32)
+    W = be.asarray(rng.standard_normal((G * H, H)), dtype=np.float32)
+    hw = be.xp.empty((B, G * H), dtype=np.float32)
+    S = be.asarray(rng.standard_normal((T * B, H)), dtype=np.float32)
+    V = be.asarray(rng.standard_normal((K, H)), dtype=np.float32)
+    Z = be.xp.empty((T * B, K), dtype=np.float32)
+
+    def steps() -> None:
+        for _ in range(T):
+            be.matmul(s, W.T, hw)
+        be.synchronize()
+
+    def batched() -> None:
+        be.matmul(S, V.T, Z)
+        be.synchronize()
+
+    return {"gemm_step": steps, "gemm_batched": batched}
 
 
 def torch_side(model, x, y, grads):
@@ -47,8 +91,10 @@ def torch_side(model, x, y, grads):
     D, H, K = model.input_size, model.hidden_size, model.output_size
     module = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[model.cell_name]
     U = torch.from_dlpack(model.params["U"])
-    rnn = module(D, H, num_layers=model.num_layers, bias=False).to(device=U.device, dtype=torch.float32)
-    lin = torch.nn.Linear(H, K, bias=False).to(device=U.device, dtype=torch.float32)
+    dirs = 2 if model.bidirectional else 1
+    rnn = module(D, H, num_layers=model.num_layers, bias=False, bidirectional=model.bidirectional)
+    rnn = rnn.to(device=U.device, dtype=torch.float32)
+    lin = torch.nn.Linear(H * dirs, K, bias=False).to(device=U.device, dtype=torch.float32)
     sd, lsd = model.to_torch()
     rnn.load_state_dict({k: torch.as_tensor(v).to(U.device) for k, v in sd.items()})
     lin.load_state_dict({k: torch.as_tensor(v).to(U.device) for k, v in lsd.items()})
@@ -70,9 +116,9 @@ def torch_side(model, x, y, grads):
     return fwd_bwd, sync, err
 
 
-def measure(be, cell, T, B, D, H, K, layers, args) -> dict:
+def measure(be, cell, T, B, D, H, K, layers, bi, args) -> dict:
     rng = np.random.default_rng(0)
-    model = gpubptt.RNN(D, H, K, cell=cell, num_layers=layers, backend=be, seed=0, init="torch")
+    model = gpubptt.RNN(D, H, K, cell=cell, num_layers=layers, bidirectional=bi, backend=be, seed=0, init="torch")
     x = be.asarray(rng.normal(size=(T, B, D)).astype(np.float32))
     y = be.asarray(rng.integers(0, K, (T, B)))
     _, grads = model.loss_and_grads(x, y)
@@ -86,19 +132,32 @@ def measure(be, cell, T, B, D, H, K, layers, args) -> dict:
         torch_fn()
         sync()
 
+    G = GATES[cell]
+    fns = {"gpubptt": ours, **gemm_references(be, T, B, H, G, K), "torch": theirs}
     for _ in range(args.warmup):
-        ours()
-        theirs()
-    times = {"gpubptt": [], "torch": []}
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(args.repeats):
-        for name, fn in (("gpubptt", ours), ("torch", theirs)):
+        for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-            time.sleep(PAUSE_S)
+            if name in ("gemm_batched", "torch"):  # a pause between the two libraries
+                time.sleep(PAUSE_S)
     med = {k: float(np.median(v)) for k, v in times.items()}
-    return dict(cell=cell, T=T, B=B, D=D, H=H, K=K, num_layers=layers, times_s=times, median_s=med,
-                ratio_vs_torch=med["gpubptt"] / med["torch"], max_rel_grad_err=err)  # fmt: skip
+    dirs = 2 if bi else 1
+    total = flops(T, B, D, H, K, tokens=False, num_layers=layers, dirs=dirs, gates=G)
+    rec = 2 * (2 * B * H * G * H * T) * layers * dirs  # the two sequential products of every recurrence
+    step_rate = 2 * B * H * G * H * T / med["gemm_step"]
+    batched_rate = 2 * T * B * H * K / med["gemm_batched"]
+    gemm_gflops = total / (rec / step_rate + (total - rec) / batched_rate) / 1e9
+    gflops = total / med["gpubptt"] / 1e9
+    return dict(cell=cell, T=T, B=B, D=D, H=H, K=K, num_layers=layers, bidirectional=bi, flops=total,
+                times_s=times, median_s=med, ratio_vs_torch=med["gpubptt"] / med["torch"],
+                gflops=gflops, torch_gflops=total / med["torch"] / 1e9,
+                gemm={"step_gflops": step_rate / 1e9, "batched_gflops": batched_rate / 1e9},
+                efficiency=gflops / gemm_gflops, blas=blas_facts(be), max_rel_grad_err=err)  # fmt: skip
 
 
 def main() -> int:
@@ -106,8 +165,9 @@ def main() -> int:
     ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rows", default="all", help="'all', or indices into the rows, comma-separated (0-7)")
-    ap.add_argument("--output", default=None)
+    ap.add_argument("--rows", default="all", help="'all', or indices into the rows, comma-separated (0-9)")
+    ap.add_argument("out_dir", nargs="?", default=None, help="folder for the results (default: a new temporary one)")
+    ap.add_argument("--output", default=None, help="the JSON file (default: OUT_DIR/perf-gated-BACKEND.json)")
     args = ap.parse_args()
     try:
         import torch
@@ -116,24 +176,36 @@ def main() -> int:
         return 1
     be = gpubptt.get_backend(args.backend)
     rows = ROWS if args.rows == "all" else [ROWS[int(i)] for i in args.rows.split(",")]
-    out = []
-    for cell, T, B, D, H, K, layers in rows:
-        row = measure(be, cell, T, B, D, H, K, layers, args)
+    out, lines = [], []
+    for cell, T, B, D, H, K, layers, bi in rows:
+        row = measure(be, cell, T, B, D, H, K, layers, bi, args)
         out.append(row)
         med = row["median_s"]
-        print(
-            f"{cell:>4} L={layers} T={T:<3} B={B:<3} D={D:<3} H={H:<4} K={K:<4}  gpubptt {med['gpubptt'] * 1e3:8.2f} ms"
+        lines.append(
+            f"{cell:>4} L={layers}{' bi' if bi else '   '} T={T:<3} B={B:<3} D={D:<3} H={H:<4} K={K:<4}"
+            f"  gpubptt {med['gpubptt'] * 1e3:8.2f} ms {row['gflops']:6.1f} GFLOP/s ({row['efficiency']:.0%} of GEMM)"
             f"  torch {med['torch'] * 1e3:8.2f} ms  ratio {row['ratio_vs_torch']:.2f}"
-            f"  (grads agree to {row['max_rel_grad_err']:.1e})",
-            flush=True,
+            f"  (grads agree to {row['max_rel_grad_err']:.1e})"
         )
-    if args.output:
-        env = {"gpubptt": gpubptt.__version__, "numpy": np.__version__, "torch": torch.__version__,
-               "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-               "machine": platform.machine(), "backend": be.name, "device": be.device}  # fmt: skip
-        with open(args.output, "w") as f:
-            json.dump({"benchmark": "perf_gated", "environment": env, "rows": out}, f, indent=1)
-        print(f"wrote {args.output}", file=sys.stderr)
+        print(lines[-1], flush=True)
+    ratios = [r["ratio_vs_torch"] for r in out]
+    lines.append(f"ratio vs torch: median {np.median(ratios):.2f}, max {np.max(ratios):.2f}")
+    print(lines[-1])
+    env = {"gpubptt": gpubptt.__version__, "numpy": np.__version__, "torch": torch.__version__,
+           "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+           "machine": platform.machine(), "backend": be.name, "device": be.device}  # fmt: skip
+    result = {"benchmark": "perf_gated", "command": " ".join(sys.argv), "environment": env,
+              "full_environment": environment([be]), "blas": blas_facts(be),
+              "median_ratio_vs_torch": float(np.median(ratios)), "max_ratio_vs_torch": float(np.max(ratios)),
+              "rows": out}  # fmt: skip
+    output = Path(args.output) if args.output else None
+    if output is None:
+        folder = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="gpubptt-perf-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        output = folder / f"perf-gated-{be.name}.json"
+    output.write_text(json.dumps(result, indent=1))
+    output.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    print(f"wrote {output}", file=sys.stderr)
     return 0
 
 

@@ -10,11 +10,14 @@ of the rounds. Also: achieved GFLOP/s and efficiency against the same-run GEMM r
 plain loop (per-step cuBLAS and elementwise launches, no CUDA graph) and the rate of the batched
 GEMM against ``cupy.matmul``.
 
-    python benchmarks/perf_grid.py --backend numpy --output benchmarks/perf-cpu.json
-    python benchmarks/perf_grid.py --backend cupy --output benchmarks/perf-gpu.json
-    python benchmarks/perf_grid.py --backend numpy --grid deep --output benchmarks/perf-cpu-deep.json
+    python benchmarks/perf_grid.py OUT_DIR --backend numpy               # OUT_DIR/perf-numpy.json and .txt
+    python benchmarks/perf_grid.py OUT_DIR --backend numpy --grid deep   # OUT_DIR/perf-numpy-deep.json
+    python benchmarks/perf_grid.py OUT_DIR --backend cupy
 
-Prints one line per configuration; writes JSON with every raw time.
+OUT_DIR defaults to a new folder under the system's temporary directory (never inside the repository);
+``--output FILE`` names the JSON file instead. Each row also records the BLAS behind the backend's
+matmul and its thread counts (the NumPy backend runs per-step GEMMs on one thread, batched ones on
+all). Prints one line per configuration; the JSON has every raw time.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 
@@ -51,6 +56,18 @@ DEEP_GRID = [
     (16, 128, 512, 1024, 1024, False, 2, False, "tanh"),
 ]
 PAUSE_S = 0.2  # between the two libraries in a round: long enough for idle BLAS/OpenMP threads to sleep
+
+
+def blas_facts(be) -> dict:
+    """The BLAS behind the backend's matmul and its thread counts: GEMMs of fewer FLOPs than ``threaded_from_flops``
+    (most per-step GEMMs) take ``threads_small``, larger ones ``threads_large``."""
+    threads = getattr(be, "blas_threads", None)
+    if threads is None:
+        return {"library": be.xp.__name__}
+    from gpubptt.backend.numpy_backend import BLAS_THREADED_FLOPS
+
+    return {"library": threads.library, "threads_large": threads.most, "threads_small": 1,
+            "threaded_from_flops": BLAS_THREADED_FLOPS}  # fmt: skip
 
 
 def batched_gemm_vs_library(be, rows: int, H: int, K: int, timer, repeats: int) -> float:
@@ -128,6 +145,7 @@ def measure(be, T, B, D, H, K, tokens, args, have_torch, layers=1, bidirectional
     if "gpubptt_plain_loop" in med:
         row["graph_speedup"] = med["gpubptt_plain_loop"] / med["gpubptt"]
         row["batched_gemm_vs_library"] = batched_gemm_vs_library(be, T * B, H, K, timer, args.repeats)
+    row["blas"] = blas_facts(be)
     if be.name == "numpy":
         row["peak_bytes"] = peak_bytes(model, x, y)
         row["T_B_K_bytes"] = T * B * K * 4
@@ -158,7 +176,8 @@ def main() -> int:
     ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--output", default=None)
+    ap.add_argument("out_dir", nargs="?", default=None, help="folder for the results (default: a new temporary one)")
+    ap.add_argument("--output", default=None, help="the JSON file (default: OUT_DIR/perf-BACKEND[-GRID].json)")
     ap.add_argument(
         "--grid",
         default="default",
@@ -170,12 +189,13 @@ def main() -> int:
     reason = bench.torch_unavailable_reason()
     if reason:
         print(f"timing gpubptt alone: {reason}", file=sys.stderr)
-    rows = []
+    rows, lines = [], []
     plan = [(*g, 1, False, "tanh") for g in GRID] if args.grid in ("default", "all") else []
     plan += DEEP_GRID if args.grid in ("deep", "all") else []
     for T, B, D, H, K, tokens, layers, bidirectional, nonlinearity in plan:
         rows.append(measure(be, T, B, D, H, K, tokens, args, reason is None, layers, bidirectional, nonlinearity))
-        print(describe(rows[-1]), flush=True)
+        lines.append(describe(rows[-1]))
+        print(lines[-1], flush=True)
     ratios = [r["ratio_vs_torch"] for r in rows if "ratio_vs_torch" in r]
     result = {
         "schema": "gpubptt-perf-grid/2",
@@ -185,12 +205,22 @@ def main() -> int:
         "median_ratio_vs_torch": float(np.median(ratios)) if ratios else None,
         "max_ratio_vs_torch": float(np.max(ratios)) if ratios else None,
         "kernel_choices": be.kernel_choices(),
+        "blas": blas_facts(be),
         "rows": rows,
     }
     if ratios:
-        print(f"ratio vs torch: median {result['median_ratio_vs_torch']:.2f}, max {result['max_ratio_vs_torch']:.2f}")
-    if args.output:
-        write_atomic(args.output, json.dumps(result, indent=1))
+        lines.append(
+            f"ratio vs torch: median {result['median_ratio_vs_torch']:.2f}, max {result['max_ratio_vs_torch']:.2f}"
+        )
+        print(lines[-1])
+    output = Path(args.output) if args.output else None
+    if output is None:
+        folder = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="gpubptt-perf-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        output = folder / f"perf-{be.name}{'' if args.grid == 'default' else '-' + args.grid}.json"
+    write_atomic(str(output), json.dumps(result, indent=1))
+    write_atomic(str(output.with_suffix(".txt")), "\n".join(lines) + "\n")
+    print(f"wrote {output}", file=sys.stderr)
     return 0
 
 

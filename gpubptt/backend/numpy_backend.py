@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,99 @@ import numpy as np
 from ..timing import sync_timer
 from .base import Backend, TokenPlan, is_cupy_array
 
-__all__ = ["ONEHOT_MAX_VOCAB", "NumpyBackend"]
+__all__ = ["BLAS_THREADED_FLOPS", "ONEHOT_MAX_VOCAB", "BlasThreads", "NumpyBackend", "most_threads"]
+
+#: A GEMM of fewer FLOPs (2·m·n·k) runs on one BLAS thread, a larger one on all the BLAS threads this
+#: process may use. The per-step GEMMs (m = B rows) fall below it, the batched ones (input projection,
+#: dW/dU, output layer: T·B rows) above. Below it a second thread buys little alone (OpenBLAS on a
+#: 2-core CPU: ×1.0 at (32 × 256)·(256 × 256), ×1.3 at (32 × 256)·(256 × 1024)), and on a shared
+#: machine every threaded call waits for a core the other process holds: two processes each took
+#: 5–19× their time alone with per-step GEMMs threaded (``benchmarks/steady.py``).
+BLAS_THREADED_FLOPS = 1 << 26
+
+#: Variables by which a user sizes the BLAS threads; where one is set, the threads it asks for are the most
+#: a GEMM uses (never more), and MPI ranks are not divided further.
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+#: How launchers tell a process how many ranks share its host (MPICH's Hydra, Open MPI, Slurm).
+LOCAL_RANK_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+
+
+def most_threads(library_threads: int, cores: int, environ: Mapping[str, str]) -> int:
+    """The BLAS threads a large GEMM may take in this process: ``library_threads`` (the BLAS's own count,
+    which already honours the user's thread variables) where the user set one of ``THREAD_VARIABLES``;
+    else the usable cores divided among the ranks that the MPI launcher says share this host.
+    """
+    if any(name in environ for name in THREAD_VARIABLES):
+        return max(1, library_threads)
+    ranks = 1
+    for name in LOCAL_RANK_VARIABLES:
+        with contextlib.suppress(KeyError, ValueError):
+            ranks = max(1, int(environ[name]))
+            break
+    return max(1, min(library_threads, cores) // ranks)
+
+
+class BlasThreads:
+    """The BLAS thread count per GEMM shape, through ``threadpoolctl`` (one ctypes call, ~2 µs, on a change).
+
+    ``most``: the threads a large GEMM takes: the BLAS's own count (which honours the user's thread
+    variables), or, where no such variable is set, the usable cores divided among the MPI ranks on
+    this host. Small GEMMs take one. The count is process-wide, so it changes only while no other
+    GEMM of this backend runs (threads sharing the backend keep whatever count is in force). Without a
+    BLAS that threadpoolctl can steer, or with ``enabled`` False, the BLAS keeps its own count.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._set: Callable[[int], Any] | None = None
+        self._in_flight = 0
+        self.enabled = True
+        self.library = "unknown"
+        self.most = 1
+        self.current = 0
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            libs = ThreadpoolController().select(user_api="blas").lib_controllers
+        except Exception:  # no threadpoolctl, or it cannot read this process's libraries: leave the BLAS be
+            libs = []
+        lib = next((c for c in libs if "numpy" in (c.filepath or "")), libs[0] if libs else None)
+        if lib is None:
+            return
+        self.library = f"{lib.internal_api} {lib.version} ({lib.threading_layer})"
+        self.current = int(lib.num_threads)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.most = most_threads(self.current, cores, os.environ)
+        # threadpoolctl ≥ 3.8 lets only the first Python thread that sets an OpenBLAS limit set later ones;
+        # the in-flight count below already keeps a change away from running GEMMs, so every thread may set it
+        self._set = getattr(lib, "_real_set_num_threads", lib.set_num_threads)
+
+    def for_gemm(self, m: int, n: int, k: int) -> int:
+        """The threads an (m, k) × (k, n) GEMM runs on: 1 below ``BLAS_THREADED_FLOPS``, else ``most``."""
+        return self.most if 2 * m * n * k >= BLAS_THREADED_FLOPS else 1
+
+    def enter(self, threads: int) -> None:
+        """Before a GEMM: set the count to ``threads`` unless it is that already or another GEMM runs."""
+        if self._set is None:
+            return
+        with self._lock:
+            if self._in_flight == 0 and threads != self.current and self.enabled:
+                self._set(threads)
+                self.current = threads
+            self._in_flight += 1
+
+    def leave(self) -> None:
+        """After the GEMM that ``enter`` preceded."""
+        if self._set is None:
+            return
+        with self._lock:
+            self._in_flight -= 1
+
+    def use(self, threads: int) -> None:
+        """Set the count to ``threads`` now (unless a GEMM runs), e.g. before timing a library call of one's own."""
+        self.enter(threads)
+        self.leave()
+
 
 #: Up to this vocabulary size the NumPy scatter-add is a one-hot GEMM (D, N) × (N, H): 2·D·N·H
 #: FLOPs at the BLAS rate beat N·H adds through ``np.add.reduceat``, which ran at only ~0.15 G
@@ -32,6 +125,7 @@ class NumpyBackend(Backend):
         super().__init__()
         cpu = platform.processor() or platform.machine()
         self.device = f"CPU ({cpu}, {os.cpu_count()} logical cores)"
+        self.blas_threads = BlasThreads()
 
     def asarray(self, a: Any, dtype: Any = None) -> Any:
         if is_cupy_array(a):
@@ -59,10 +153,16 @@ class NumpyBackend(Backend):
             return None
 
     def matmul(self, a: Any, b: Any, out: Any, accumulate: bool = False) -> None:
-        if accumulate:
-            out += a @ b  # a temporary: used once per output chunk, never per time step
-        else:
-            np.matmul(a, b, out=out)
+        """out = a @ b (or +=) on as many BLAS threads as the shape pays for (``BlasThreads.for_gemm``)."""
+        threads = self.blas_threads
+        threads.enter(threads.for_gemm(a.shape[0], b.shape[1], a.shape[1]))
+        try:
+            if accumulate:
+                out += a @ b  # a temporary: used once per output chunk, never per time step
+            else:
+                np.matmul(a, b, out=out)
+        finally:
+            threads.leave()
 
     def take_rows(self, src: Any, index: Any, out: Any) -> Any:
         """NumPy's ``take`` into ``out``: with mode "clip" it writes in place; the default mode buffers the
@@ -77,7 +177,7 @@ class NumpyBackend(Backend):
         if D <= ONEHOT_MAX_VOCAB:
             onehot = np.zeros((D, N), dtype=rows.dtype)  # (D, N): column n is onehot(ids[n])
             onehot[np.repeat(np.arange(D), np.diff(plan.offsets)), plan.perm] = 1
-            dUT += onehot @ rows
+            self.matmul(onehot, rows, dUT, accumulate=True)
             return
         starts = plan.offsets[:-1]
         present = plan.offsets[1:] > starts
