@@ -67,7 +67,7 @@ def test_early_stop_keeps_the_best_and_the_last_model_and_says_so(tmp_path, corp
     result = _train("--data", corpus, "--steps", 40, "--eval-every", 4, "--early-stop", 2, "--checkpoint", ck)
     assert result.exit_code == 0, result.output
     assert "early stop at step 16: 2 evaluations without a held-out loss below 2.0000 (step 8)" in result.output
-    assert "best held-out loss 2.0000 nats/char at step 8" in result.stdout
+    assert "best model: step 8, held-out 2.0000 nats/char: " in result.stdout
     last, best = load_checkpoint(ck, backend="numpy"), load_checkpoint(best_path(ck), backend="numpy")
     assert best_path(ck) == tmp_path / "ck.best.npz"
     assert (last.state.step, best.state.step) == (16, 8)

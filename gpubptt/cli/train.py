@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections import deque
 from enum import Enum
@@ -259,7 +260,7 @@ class TrainReporter:
         )
         best = history.best()
         if best is not None:
-            echo_out(f"best held-out loss {best[1]:.4f} {self.unit} at step {best[0]}: {self.best_checkpoint}")
+            echo_out(f"best model: step {best[0]}, held-out {best[1]:.4f} {self.unit}: {self.best_checkpoint}")
         if history.skipped:
             echo_out(f"{history.skipped} steps were skipped for a non-finite loss or gradient")
         echo_out(f"checkpoint: {self.checkpoint}" + (f"\nplot: {plot}" if plot is not None else ""))
@@ -421,7 +422,10 @@ def train(
     writable_or_exit(plot, "--plot")
     writable_or_exit(checkpoint, "--checkpoint")  # before any work: training failed only at its first save
     best = best_path(checkpoint)
-    writable_or_exit(best, "--checkpoint's best file")
+    if os.path.dirname(os.path.realpath(best)) == os.path.dirname(os.path.realpath(checkpoint)):
+        readable_or_exit(best, "--checkpoint's best file")  # its folder was probed: only no folder or device there
+    else:  # ck.npz or ck.best.npz is a link into another folder: probe that one too
+        writable_or_exit(best, "--checkpoint's best file")
     readable_or_exit(data, "--data")
     readable_or_exit(val_data, "--val-data")
     distinct_or_exit(
