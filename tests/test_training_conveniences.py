@@ -200,25 +200,24 @@ LR, DECAY = 0.1, 0.3
     [
         # AdamW, one step by hand: m̂ = g, v̂ = g², θ ← θ(1 − lr·λ) − lr·g/(|g| + ε)
         (
-            lambda p: Adam(p, lr=LR, weight_decay=DECAY, eps=1e-8),
+            lambda p, be: Adam(p, lr=LR, weight_decay=DECAY, eps=1e-8, backend=be),
             lambda th, g: th * (1 - LR * DECAY) - LR * g / (abs(g) + 1e-8),
         ),
         # plain SGD: the same as the gradient of the L2 penalty λ/2·‖θ‖² added to the loss
-        (lambda p: SGD(p, lr=LR, weight_decay=DECAY), lambda th, g: th - LR * (g + DECAY * th)),
+        (lambda p, be: SGD(p, lr=LR, weight_decay=DECAY, backend=be), lambda th, g: th - LR * (g + DECAY * th)),
         (
-            lambda p: Adagrad(p, lr=LR, weight_decay=DECAY, eps=1e-8),
+            lambda p, be: Adagrad(p, lr=LR, weight_decay=DECAY, eps=1e-8, backend=be),
             lambda th, g: th * (1 - LR * DECAY) - LR * g / np.sqrt(g * g + 1e-8),
         ),
     ],
     ids=["adamw", "sgd", "adagrad"],
 )
-def test_decoupled_weight_decay_matches_one_step_by_hand(make, expected):
+def test_decoupled_weight_decay_matches_one_step_by_hand(make, expected, be):
     rng = np.random.default_rng(0)
     theta0, g = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
-    params = {"W": theta0.copy()}
-    opt = make(params)
-    assert opt.step({"W": g}).applied
-    np.testing.assert_allclose(params["W"], expected(theta0, g), rtol=1e-12, atol=1e-15)
+    params = {"W": be.asarray(theta0.copy())}  # NumPy: asarray would not copy, and the update is in place
+    assert make(params, be).step({"W": be.asarray(g)}).applied
+    np.testing.assert_allclose(be.to_numpy(params["W"]), expected(theta0, g), rtol=1e-12, atol=1e-15)
 
 
 def test_adamw_matches_torch_over_three_steps():
@@ -364,3 +363,17 @@ def test_recall_progress_labels_the_per_step_train_loss_apart_from_the_recalled_
     assert lines and all("train loss/step" in ln and "train loss " not in ln for ln in lines)
     assert "held-out loss in nats/recalled symbol (the recall steps only)" in result.output
     assert "train loss/step: nats averaged over every step" in result.output
+
+
+def test_cupy_run_keeps_best_and_last_with_weight_decay_and_they_load_on_numpy(tmp_path, corpus, cupy_be):
+    ck = tmp_path / "ck.npz"
+    args = ["--hidden", "12", "--batch", "4", "--chunk", "8", "--backend", "cupy", "--data", str(corpus)]
+    result = runner.invoke(
+        app, ["train", *args, "--steps", "6", "--eval-every", "2", "--weight-decay", "0.1", "--checkpoint", str(ck)]
+    )
+    assert result.exit_code == 0, result.output
+    last, best = load_checkpoint(ck, backend="numpy"), load_checkpoint(best_path(ck), backend="numpy")
+    assert last.state.step == 6 and best.state.step == last.history.best()[0]
+    assert last.optimizer.weight_decay == 0.1
+    out = runner.invoke(app, ["sample", "--checkpoint", str(ck), "--which", "best", "--greedy", "--length", "20"])
+    assert out.exit_code == 0 and len(out.stdout.rstrip("\n")) == 20
