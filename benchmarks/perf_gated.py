@@ -118,7 +118,9 @@ def torch_side(model, x, y, grads):
 
 def measure(be, cell, T, B, D, H, K, layers, bi, args) -> dict:
     rng = np.random.default_rng(0)
-    model = gpubptt.RNN(D, H, K, cell=cell, num_layers=layers, bidirectional=bi, backend=be, seed=0, init="torch")
+    model = gpubptt.RNN(
+        D, H, K, cell=cell, num_layers=layers, bidirectional=bi, backend=be, seed=0, init="torch", bias=False
+    )
     x = be.asarray(rng.normal(size=(T, B, D)).astype(np.float32))
     y = be.asarray(rng.integers(0, K, (T, B)))
     _, grads = model.loss_and_grads(x, y)

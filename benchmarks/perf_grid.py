@@ -108,7 +108,7 @@ def measure(be, T, B, D, H, K, tokens, args, have_torch, layers=1, bidirectional
         input="tokens" if tokens else "dense", compare="torch" if have_torch else "none", **arch,
     )  # fmt: skip
     rng = np.random.default_rng(0)
-    model = gpubptt.RNN(D, H, K, backend=be, seed=0, **arch)
+    model = gpubptt.RNN(D, H, K, backend=be, seed=0, bias=False, **arch)
     x = be.asarray(rng.integers(0, D, (T, B)) if tokens else rng.normal(size=(T, B, D)).astype(np.float32))
     y = be.asarray(rng.integers(0, K, (T, B)))
     timer = be.timer()

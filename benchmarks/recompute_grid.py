@@ -38,7 +38,7 @@ def main() -> None:
     rows = []
     for T, B, D, H, K, tokens in GRID:
         rng = np.random.default_rng(0)
-        model = gpubptt.RNN(D, H, K, backend=be, seed=0)
+        model = gpubptt.RNN(D, H, K, backend=be, seed=0, bias=False)
         x = be.asarray(rng.integers(0, D, size=(T, B)) if tokens else rng.normal(size=(T, B, D)).astype(np.float32))
         y = be.asarray(rng.integers(0, K, size=(T, B)))
         runs = {

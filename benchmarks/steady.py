@@ -49,7 +49,7 @@ def worker(spec: dict) -> None:
     be = gpubptt.get_backend("numpy")
     if spec["policy"] == "blas-default":  # the A/B baseline: leave the thread count to the BLAS itself
         be.blas_threads.enabled = False
-    model = gpubptt.RNN(D, H, K, cell=cell, num_layers=layers, bidirectional=bi, backend=be, seed=0)
+    model = gpubptt.RNN(D, H, K, cell=cell, num_layers=layers, bidirectional=bi, backend=be, seed=0, bias=False)
     x = rng.normal(size=(T, B, D)).astype(np.float32)
     y = rng.integers(0, K, (T, B))
     for _ in range(2):

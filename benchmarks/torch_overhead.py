@@ -51,7 +51,7 @@ def main() -> None:
 
 def measure(T: int, B: int, D: int, H: int, rounds: int) -> None:
     """One shape: print direct and wrapped medians and the ratio."""
-    model = gpubptt.RNN(D, H, 1, backend="numpy", seed=0)
+    model = gpubptt.RNN(D, H, 1, backend="numpy", seed=0, bias=False)
     rec = Recurrent(model)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(T, B, D)).astype(np.float32)

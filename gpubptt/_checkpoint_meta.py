@@ -163,12 +163,14 @@ def _check_optimizer(f: _Fields, o: dict[str, Any]) -> None:
     if not f.choice("optimizer.name", o["name"], tuple(OPTIMIZERS)):
         return
     extra = {"sgd": ("momentum",), "adagrad": ("eps",), "adam": ("betas", "eps")}[o["name"]]
-    if not f.keys("optimizer", o, ("name", "lr", "on_nonfinite", *extra)):
+    if not f.keys("optimizer", o, ("name", "lr", "on_nonfinite", *extra), ("weight_decay",)):
         return
     f.number("optimizer.lr", o["lr"], 0, lo_open=True)
     f.choice("optimizer.on_nonfinite", o["on_nonfinite"], ON_NONFINITE)
     if "momentum" in o:
         f.number("optimizer.momentum", o["momentum"], 0, 1, lo_open=False)
+    if "weight_decay" in o:  # decoupled (AdamW); absent: 0
+        f.number("optimizer.weight_decay", o["weight_decay"], 0, lo_open=False)
     if "eps" in o:
         f.number("optimizer.eps", o["eps"], 0, lo_open=False)
     if "betas" in o:
@@ -183,10 +185,22 @@ def _check_data(f: _Fields, d: dict[str, Any]) -> None:
     if not f.choice("data.kind", d["kind"], TASKS):
         return
     if d["kind"] == "text":
-        if not f.keys("data", d, ("kind", "source", "val_fraction"), ("sha256", "size_bytes")):
+        val = ("val_source", "val_sha256", "val_size_bytes")  # a separate held-out text (--val-data)
+        if not f.keys("data", d, ("kind", "source", "val_fraction"), ("sha256", "size_bytes", *val)):
             return
         f.text("data.source", d["source"])
-        f.number("data.val_fraction", d["val_fraction"], 0, 1, lo_open=True)
+        if any(k in d for k in val):
+            if not all(k in d for k in val):
+                f.problems.append("data.val_source, data.val_sha256 and data.val_size_bytes must be given together")
+            elif d["val_fraction"] is not None:
+                f.bad("data.val_fraction", d["val_fraction"], "null beside data.val_source (a separate held-out text)")
+            else:
+                f.text("data.val_source", d["val_source"])
+                if not (isinstance(d["val_sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", d["val_sha256"])):
+                    f.bad("data.val_sha256", d["val_sha256"], "64 lowercase hex digits")
+                f.integer("data.val_size_bytes", d["val_size_bytes"], 1)
+        else:
+            f.number("data.val_fraction", d["val_fraction"], 0, 1, lo_open=True)
         if ("sha256" in d) != ("size_bytes" in d):
             f.problems.append("data.sha256 and data.size_bytes must be given together")
         if "sha256" in d and not (isinstance(d["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", d["sha256"])):

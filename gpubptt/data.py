@@ -195,32 +195,63 @@ class TextData:
     text: the whole text (the vocabulary covers all of it); the first ``1 − val_fraction`` trains,
     the rest is held out. ``source`` names it ("builtin" or a path) in checkpoints, beside the
     text's ``sha256`` digest and ``size_bytes`` (of its UTF-8 encoding), by which a resumed run
-    notices a changed file.
+    notices a changed file. ``val_text`` (named ``val_source``, recorded with its own digest and size):
+    a separate held-out text; then all of ``text`` trains, ``val_fraction`` is None, and the
+    vocabulary covers both texts.
     """
 
     kind = "text"
 
-    def __init__(self, text: str, *, vocab: Vocab | None = None, val_fraction: float = 0.1, source: str = "builtin"):
-        if not isinstance(text, str):
-            raise InputTypeError(f"text must be a str, got {type(text).__name__}")
-        if not 0 < val_fraction < 1:
+    def __init__(
+        self,
+        text: str,
+        *,
+        vocab: Vocab | None = None,
+        val_fraction: float | None = 0.1,
+        source: str = "builtin",
+        val_text: str | None = None,
+        val_source: str | None = None,
+    ):
+        if not isinstance(text, str) or not isinstance(val_text, (str, type(None))):
+            bad = text if not isinstance(text, str) else val_text
+            raise InputTypeError(f"text and val_text must be str, got {type(bad).__name__}")
+        if val_text is None and not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
             raise InputError(f"val_fraction must lie in (0, 1), got {val_fraction}")
-        self.vocab = Vocab.from_text(text) if vocab is None else vocab
+        if val_text is not None and val_fraction is not None:
+            raise InputError("give val_fraction (held out from the end of text) or val_text, not both")
+        self.vocab = Vocab.from_text(text + (val_text or "")) if vocab is None else vocab
         ids = self.vocab.encode(text)
-        n_val = max(2, int(len(ids) * val_fraction))
-        if len(ids) - n_val < 3:
-            raise InputError(f"the text has only {len(ids)} characters; it needs at least {n_val + 3}")
-        self.train_ids, self.val_ids = ids[:-n_val], ids[-n_val:]
+        if val_text is None:
+            n_val = max(2, int(len(ids) * val_fraction))
+            if len(ids) - n_val < 3:
+                raise InputError(f"the text has only {len(ids)} characters; it needs at least {n_val + 3}")
+            self.train_ids, self.val_ids = ids[:-n_val], ids[-n_val:]
+        else:
+            self.train_ids, self.val_ids = ids, self.vocab.encode(val_text)
+            if len(self.train_ids) < 3 or len(self.val_ids) < 2:
+                raise InputError(
+                    f"the training text has {len(self.train_ids)} characters and the held-out text "
+                    f"{len(self.val_ids)}; they need at least 3 and 2"
+                )
         self.source = source
         self.val_fraction = val_fraction
         raw = text.encode("utf-8")  # the file's own bytes: read_text decodes UTF-8 losslessly
         self.sha256, self.size_bytes = hashlib.sha256(raw).hexdigest(), len(raw)
+        self.val_source = None
+        if val_text is not None:
+            raw = val_text.encode("utf-8")
+            self.val_source = "held-out text" if val_source is None else val_source
+            self.val_sha256, self.val_size_bytes = hashlib.sha256(raw).hexdigest(), len(raw)
         counts = np.bincount(self.train_ids, minlength=len(self.vocab)).astype(np.float64)
         p = counts[counts > 0] / counts.sum()
         self.unigram_loss = float(-(p * np.log(p)).sum())
 
     def __repr__(self) -> str:
-        return f"TextData(source={self.source!r}, chars={len(self.train_ids) + len(self.val_ids)}, K={len(self.vocab)})"
+        val = "" if self.val_source is None else f", val_source={self.val_source!r}"
+        return (
+            f"TextData(source={self.source!r}{val}, chars={len(self.train_ids) + len(self.val_ids)}, "
+            f"K={len(self.vocab)})"
+        )
 
     @property
     def input_size(self) -> int:
@@ -239,13 +270,16 @@ class TextData:
 
     def spec(self) -> dict[str, Any]:
         """What a checkpoint records to rebuild this data set: the source, and the text's sha256 and size in bytes."""
-        return {
+        spec = {
             "kind": "text",
             "source": self.source,
             "val_fraction": self.val_fraction,
             "sha256": self.sha256,
             "size_bytes": self.size_bytes,
         }
+        if self.val_source is not None:  # a separate held-out text (val_fraction None)
+            spec.update(val_source=self.val_source, val_sha256=self.val_sha256, val_size_bytes=self.val_size_bytes)
+        return spec
 
     def check_batch(self, batch_size: int, chunk: int) -> None:
         """InputError when the training text is too short for B streams of at least one chunk."""
@@ -359,8 +393,10 @@ class CopyTask:
         return [self.sample(np.random.default_rng([2**31 - 1, self.A, self.k, self.delay]), batch_size)]
 
 
-def make_data(spec: dict[str, Any], *, text: str | None = None, vocab: Vocab | None = None) -> TextData | CopyTask:
-    """Rebuild a data set from its ``spec()`` (text data needs the text unless it is "builtin")."""
+def make_data(
+    spec: dict[str, Any], *, text: str | None = None, vocab: Vocab | None = None, val_text: str | None = None
+) -> TextData | CopyTask:
+    """Rebuild a data set from its ``spec()`` (text data reads its text files unless given ``text``/``val_text``)."""
     kind = spec.get("kind")
     if kind == "text":
         if text is None:
@@ -368,6 +404,10 @@ def make_data(spec: dict[str, Any], *, text: str | None = None, vocab: Vocab | N
                 text = read_text(spec["source"])
             else:
                 text = default_corpus()
+        if spec.get("val_source") is not None:
+            val_text = read_text(spec["val_source"]) if val_text is None else val_text
+            return TextData(text, vocab=vocab, val_fraction=None, source=spec.get("source", "builtin"),
+                            val_text=val_text, val_source=spec["val_source"])  # fmt: skip
         return TextData(
             text, vocab=vocab, val_fraction=spec.get("val_fraction", 0.1), source=spec.get("source", "builtin")
         )

@@ -99,6 +99,9 @@ class RNN(Construction):
     ``loss_and_grads`` only (``forward`` never drops); masks come from a generator on the backend
     seeded with ``seed``, or per call from ``dropout_seed``.
 
+    ``bias`` (default True, as ``torch.nn.RNN`` and ``gpubptt train``): the biases b (per recurrence) and
+    c; ``bias=False``: none.
+
     init="wildml": U ~ U(±1/√D_l), W ~ U(±1/√H), V ~ U(±1/√(H·dirs)), biases zero.
     init="torch":  like ``torch.nn.RNN`` (GRU, LSTM) + ``nn.Linear``: every recurrent parameter ~ U(±1/√H), V and c
                    ~ U(±1/√(H·dirs)).
@@ -119,7 +122,7 @@ class RNN(Construction):
         cell: str | Cell = "rnn",
         backend: str | Backend | None = "auto",
         dtype: Any = "float32",
-        bias: bool = False,
+        bias: bool = True,
         init: str = "wildml",
         seed: int | None = None,
     ) -> None:

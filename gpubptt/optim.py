@@ -5,6 +5,12 @@
     Adam      m ← β₁m + (1−β₁)g   v ← β₂v + (1−β₂)g²
               θ ← θ − lr m̂ / (√v̂ + ε),   m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ)
 
+Weight decay λ (``weight_decay``, every optimizer, default 0) is decoupled, as AdamW: each step first
+shrinks every parameter, θ ← θ − lr·λ·θ, then applies the update above to the gradient alone. With
+Adam this is AdamW (``torch.optim.AdamW``); with plain SGD it equals an L2 penalty λ/2·‖θ‖² on the
+loss; with momentum or Adagrad the decay, unlike an L2 penalty, never enters the statistics.
+Every parameter decays, biases included (as torch's optimizers given ``model.parameters()``).
+
 Every optimizer writes into the arrays of ``params`` (the model's own arrays) and into its state
 arrays, all on the model's backend. Before touching anything, ``step`` checks that the loss and
 every gradient are finite, and that the updated parameters are: the update is computed into
@@ -152,6 +158,13 @@ def _check_unit(value: Any, name: str, *, closed: bool = False) -> float:
     return float(value)
 
 
+def _check_decay(value: Any) -> float:
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value >= 0):
+        raise InputError(f"weight_decay must be a finite number ≥ 0, got {value!r}")
+    return float(value)
+
+
 class Optimizer:
     """Base class: holds the parameters (updated in place), the state arrays and the guard.
 
@@ -171,6 +184,7 @@ class Optimizer:
         lr: float,
         backend: str | Backend | None = None,
         on_nonfinite: str = "raise",
+        weight_decay: float = 0.0,
     ) -> None:
         if hasattr(params, "params") and hasattr(params, "backend"):
             be = params.backend if backend is None else get_backend(backend)
@@ -191,6 +205,7 @@ class Optimizer:
         self.params = params
         self.lr = _check_lr(lr)
         self.on_nonfinite = on_nonfinite
+        self.weight_decay = _check_decay(weight_decay)
         self.t = 0  # number of applied steps (host int: no sync)
         xp = be.xp
         self.state = {slot: {k: xp.zeros_like(p) for k, p in params.items()} for slot in self.SLOTS}
@@ -204,8 +219,9 @@ class Optimizer:
         return f"{type(self).__name__}({hyper}, t={self.t}, backend={self.backend.name!r})"
 
     def hyperparameters(self) -> dict[str, Any]:
-        """The settings needed to rebuild this optimizer (JSON-serialisable)."""
-        return {"lr": self.lr, "on_nonfinite": self.on_nonfinite}
+        """The settings needed to rebuild this optimizer (JSON-serialisable); weight_decay only when not 0."""
+        decay = {"weight_decay": self.weight_decay} if self.weight_decay else {}  # files without it: 0
+        return {"lr": self.lr, "on_nonfinite": self.on_nonfinite, **decay}
 
     # -- the guard ----------------------------------------------------------------------------
     def _read_back(self, pairs: list[tuple[str, Any]], loss: Any, norm: Any) -> np.ndarray:
@@ -261,6 +277,8 @@ class Optimizer:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # overflows are the guard's to report
             for k, g in pairs:  # the new values go to _scratch and _next only
                 self._update(k, self.params[k], g)
+                if self.weight_decay:  # decoupled weight decay (AdamW): θ − lr·λ·θ − lr·update
+                    self._scratch[k] -= (self.lr * self.weight_decay) * self.params[k]
         host = self._read_back(pairs, loss, grad_norm)
         P = len(pairs)
         bad = [k for (k, _), v in zip(pairs, host[:P], strict=True) if not np.isfinite(v)]

@@ -33,11 +33,13 @@ from .optim import DEFAULT_LR, LR_MAX, LR_RANGE, ON_NONFINITE, Optimizer, make_o
 from .sample import check_predicts_ahead
 from .train import SCHEDULES, History, TrainConfig, TrainState
 
-__all__ = ["DEFAULTS", "Run", "check_layers", "new_run", "resume_run", "save_run", "total_steps"]
+__all__ = ["DEFAULTS", "Run", "best_path", "check_layers", "new_run", "resume_run", "save_run", "total_steps"]
 
 DEFAULTS: dict[str, Any] = {
     "task": "text",
     "data": None,  # a UTF-8 file; None: the built-in corpus
+    "val_data": None,  # a UTF-8 file held out instead of the end of --data
+    "val_fraction": 0.1,  # the part of the text held out (its end), without val_data
     "delay": 10,
     "symbols": 8,
     "copy_length": 5,
@@ -55,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "optimizer": "adam",
     "lr": None,  # per optimizer: DEFAULT_LR
     "momentum": 0.0,
+    "weight_decay": 0.0,  # decoupled, as AdamW (gpubptt.optim)
     "clip": 5.0,  # 0: off
     "schedule": "constant",
     "warmup": 0,
@@ -65,6 +68,17 @@ DEFAULT_STEPS = 3000
 INT_MAX = 2**63 - 1  # steps, seeds and positions are stored as int64 in a checkpoint
 DEFAULT_EVAL_EVERY = 250  # steps between held-out evaluations (and checkpoint saves)
 TEXT_CHUNK = 64  # the default chunk of the text task; the tasks train on whole sequences (0)
+
+
+def best_path(checkpoint: str | Path) -> Path:
+    """Where a run saved at ``checkpoint`` keeps its best held-out model: ``ck.npz`` → ``ck.best.npz``.
+
+    A complete checkpoint of the run at its lowest held-out loss (``History.best``), written beside
+    the last one whenever an evaluation improves on it, so ``sample``, ``vanish`` and ``load_checkpoint``
+    read it as any other.
+    """
+    p = Path(checkpoint)
+    return p.with_name(f"{p.stem}.best{p.suffix}") if p.suffix else p.with_name(f"{p.name}.best")
 
 
 @dataclass
@@ -101,6 +115,8 @@ _APPLIES = {
     "symbols": ("task", ("copy", "recall"), "--task copy or recall"),
     "copy_length": ("task", ("copy",), "--task copy (recall remembers one symbol)"),
     "data": ("task", ("text",), "--task text only"),
+    "val_data": ("task", ("text",), "--task text only (copy and recall hold out a fixed batch of fresh sequences)"),
+    "val_fraction": ("task", ("text",), "--task text only (copy and recall hold out a fixed batch of fresh sequences)"),
     "momentum": ("optimizer", ("sgd",), "--optimizer sgd (adam and adagrad keep their own statistics)"),
     "nonlinearity": (
         "cell",
@@ -167,6 +183,12 @@ def _check_settings(
     for name, (on, uses, where) in _APPLIES.items():
         if settings.get(name) is not None and st[on] not in uses:
             raise InputError(f"{_flag(name)} applies to {where}, not {_flag(on)} {st[on]}")
+    if settings.get("val_data") is not None and settings.get("val_fraction") is not None:
+        raise InputError("give --val-data (a held-out file) or --val-fraction (the end of --data held out), not both")
+    if not (_is_number(st["val_fraction"]) and 0 < st["val_fraction"] < 1):
+        raise InputError(f"--val-fraction must be a number in (0, 1), got {st['val_fraction']!r}")
+    if not (_is_number(st["weight_decay"]) and st["weight_decay"] >= 0):
+        raise InputError(f"--weight-decay must be a finite number ≥ 0, got {st['weight_decay']!r}")
     if epochs is not None and steps is not None:
         raise InputError("give --steps or --epochs, not both")
     if epochs is not None and st["task"] != "text":
@@ -229,7 +251,11 @@ def new_run(
     if st["task"] == "text":
         text = default_corpus() if st["data"] is None else read_text(st["data"])
         source = "builtin" if st["data"] is None else os.path.abspath(st["data"])  # a resume may run elsewhere
-        data = TextData(text, source=source)
+        if st["val_data"] is None:
+            data = TextData(text, source=source, val_fraction=float(st["val_fraction"]))
+        else:
+            val_text, val_source = read_text(st["val_data"]), os.path.abspath(st["val_data"])
+            data = TextData(text, source=source, val_fraction=None, val_text=val_text, val_source=val_source)
     elif st["task"] in ("copy", "recall"):
         k = 1 if st["task"] == "recall" else st["copy_length"]
         data = CopyTask(symbols=st["symbols"], length=k, delay=st["delay"])
@@ -271,7 +297,10 @@ def new_run(
         dropout=float(st["dropout"]),
         seed=st["seed"],
     )
-    optimizer = make_optimizer(st["optimizer"], model, lr=lr, momentum=st["momentum"], on_nonfinite=st["on_nonfinite"])
+    optimizer = make_optimizer(
+        st["optimizer"], model, lr=lr, momentum=st["momentum"], on_nonfinite=st["on_nonfinite"],
+        weight_decay=float(st["weight_decay"]),
+    )  # fmt: skip
     return Run(model, data, optimizer, config, TrainState(), History())
 
 
@@ -339,6 +368,8 @@ def settings_of(ck: Checkpoint) -> dict[str, Any]:
     return {
         "task": data.get("kind"),
         "data": None if data.get("source", "builtin") == "builtin" else data.get("source"),
+        "val_data": data.get("val_source"),
+        "val_fraction": data.get("val_fraction"),
         "delay": data.get("delay"),
         "symbols": data.get("symbols"),
         "copy_length": data.get("length"),
@@ -356,6 +387,7 @@ def settings_of(ck: Checkpoint) -> dict[str, Any]:
         "optimizer": mo.get("name"),
         "lr": cfg.lr,
         "momentum": mo.get("momentum", 0.0),
+        "weight_decay": mo.get("weight_decay", 0.0),
         "clip": cfg.max_norm or 0.0,
         "schedule": cfg.schedule,
         "warmup": cfg.warmup,
@@ -430,21 +462,29 @@ def resume_run(
     if stored["data"] is not None:  # a text file, by its absolute path from here on
         stored["data"] = str(_text_path(stored["data"], Path(path)))
         spec = {**ck.data, "source": stored["data"]}
+    if stored["val_data"] is not None:
+        stored["val_data"] = str(_text_path(stored["val_data"], Path(path)))
+        spec = {**spec, "val_source": stored["val_data"]}
     for k, v in (given or {}).items():
         if k not in stored:
             raise InputError(f"unknown setting {k!r}")
-        if k == "data":
+        if k in ("data", "val_data"):
             same = v is not None and stored[k] is not None and _same_file(v, stored[k])
         else:
             same = v == stored[k]
         if not same:
             flag = "--" + k.replace("_", "-")
             raise InputError(f"{flag} {v} differs from the checkpoint ({stored[k]}); a resumed run keeps its settings")
-    text = None
+    text = val_text = None
     if spec["kind"] == "text":
         text = default_corpus() if spec["source"] == "builtin" else read_text(spec["source"])
         _check_same_text(ck.data, text, accept=accept_changed_data)
-    data = make_data(spec, text=text, vocab=ck.vocab)
+        if spec.get("val_source") is not None:
+            val_text = read_text(spec["val_source"])
+            held_out = {"source": spec["val_source"], "sha256": ck.data["val_sha256"],
+                        "size_bytes": ck.data["val_size_bytes"]}  # fmt: skip
+            _check_same_text(held_out, val_text, accept=accept_changed_data)
+    data = make_data(spec, text=text, vocab=ck.vocab, val_text=val_text)
     total = total_steps(data, ck.config, steps=steps, epochs=epochs, default=ck.config.steps)
     config = TrainConfig(**{**vars(ck.config), "steps": total, "eval_every": eval_every})
     _check_memory(stored, data, config, ck.model.backend)  # a run resumed elsewhere may not fit there

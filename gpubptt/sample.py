@@ -6,7 +6,11 @@ A stack of layers runs the same step layer by layer (layer l reads layer l − 1
 bidirectional model cannot generate: its reverse direction reads the characters still to come.
 
 Sampling is inherently sequential and tiny (B = 1), so it runs on a NumPy copy of the model
-whatever backend trained it. τ (temperature) < 1 sharpens the distribution, > 1 flattens it.
+whatever backend trained it. τ (temperature) < 1 sharpens the distribution, > 1 flattens it; τ = 0
+(or ``greedy``) takes the most likely character every step (its limit: the argmax, the first of
+equal maxima). ``top_k`` keeps the k most likely characters (with any equal to the k-th) and
+``top_p`` the fewest most likely ones whose probabilities sum to at least p (nucleus sampling), in
+that order, each renormalised; ``next_distribution`` is that distribution, for one step's logits.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from .data import Vocab
 from .errors import InputError
 from .model import RNN
 
-__all__ = ["BIDIRECTIONAL_TEXT", "check_predicts_ahead", "sample_chars", "sample_text"]
+__all__ = ["BIDIRECTIONAL_TEXT", "check_predicts_ahead", "next_distribution", "sample_chars", "sample_text"]
 
 #: Why a bidirectional model neither generates nor trains on the text task (``run.resume_run`` says the same).
 BIDIRECTIONAL_TEXT = (
@@ -36,13 +40,59 @@ def check_predicts_ahead(model: RNN) -> None:
         raise InputError(BIDIRECTIONAL_TEXT)
 
 
+def _check_modes(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"temperature must be a number ≥ 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise InputError(f"top_k must be an int ≥ 1 or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1):
+        raise InputError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+
+
+def next_distribution(
+    z: np.ndarray, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> np.ndarray:
+    """The distribution (K,) float64 that the next character is drawn from, given the logits z (K,).
+
+    softmax(z / τ); then only the top_k largest (ties with the k-th kept); then only the fewest most
+    likely whose sum reaches top_p (ties broken by index); each step renormalised. τ = 0: all mass
+    on argmax z (the first of equal maxima).
+    """
+    _check_modes(temperature, top_k, top_p)
+    z = np.asarray(z, dtype=np.float64)
+    if temperature == 0:
+        p = np.zeros(z.shape)
+        p[int(np.argmax(z))] = 1.0
+        return p
+    with np.errstate(over="ignore"):  # a tiny τ: (z − max z) / τ overflows to −inf on purpose
+        q = np.exp((z - z.max()) / temperature)  # the maximum's entry is exp(0) = 1: the sum is ≥ 1
+    if top_k is not None and top_k < len(q):
+        q[q < np.sort(q)[-top_k]] = 0.0
+    if top_p is not None and top_p < 1:
+        order = np.argsort(-q, kind="stable")
+        cum = np.cumsum(q[order]) / q.sum()
+        keep = min(len(q), int(np.searchsorted(cum, top_p)) + 1)  # the first prefix with mass ≥ top_p
+        q[order[keep:]] = 0.0
+    return q / q.sum()
+
+
 def sample_chars(
-    model: RNN, vocab: Vocab, *, length: int = 500, temperature: float = 1.0, seed: int | None = 0, prime: str = ""
+    model: RNN,
+    vocab: Vocab,
+    *,
+    length: int = 500,
+    temperature: float = 1.0,
+    seed: int | None = 0,
+    prime: str = "",
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
 ) -> Iterator[str]:
     """The characters of ``sample_text``, one at a time as each is drawn: ``prime`` first, then ``length`` more.
 
     Every argument is checked here, before the first character (InputError), so a caller that
-    streams the text never prints half of it and then fails on a bad argument.
+    streams the text never prints half of it and then fails on a bad argument. ``greedy`` (or
+    ``temperature=0``) takes the argmax every step; ``top_k``/``top_p`` as ``next_distribution``.
     """
     check_predicts_ahead(model)
     if model.input_size != len(vocab) or model.output_size != len(vocab):
@@ -51,19 +101,21 @@ def sample_chars(
         )
     if isinstance(length, bool) or not isinstance(length, int) or length < 0:
         raise InputError(f"length must be an int ≥ 0, got {length!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise InputError(f"temperature must be a positive number, got {temperature!r}")
+    _check_modes(temperature, top_k, top_p)
+    if not isinstance(greedy, (bool, np.bool_)):
+        raise InputError(f"greedy must be a bool, got {greedy!r}")
+    mode = (0.0 if greedy else float(temperature), top_k, top_p)  # (τ, k, p) of every draw
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise InputError(f"seed must be an int ≥ 0 or None, got {seed!r}")
     primed = list(vocab.encode(prime)) if prime else []  # InputError naming a character outside the vocabulary
     host = model.to("numpy") if model.backend.name != "numpy" else model
     if getattr(model, "cell_name", "rnn") != "rnn":  # a gated cell: one step of the model's own forward
         rng = np.random.default_rng(seed)
-        return _draw_steps(host, vocab, primed, prime, length, temperature, rng)
+        return _draw_steps(host, vocab, primed, prime, length, mode, rng)
     p = {k: v.astype(np.float64) for k, v in host.params.items()}
     layers = [{k: p[r.name(k)] for k in ("U", "W", "b") if r.name(k) in p} for r in host.recurrences]
     step = functools.partial(model.cell.activate, xp=np)
-    return _draw(layers, p, step, vocab, primed, prime, length, temperature, np.random.default_rng(seed))
+    return _draw(layers, p, step, vocab, primed, prime, length, mode, np.random.default_rng(seed))
 
 
 def _draw(
@@ -74,7 +126,7 @@ def _draw(
     ids: list[int],
     prime: str,
     length: int,
-    tau: float,
+    mode: tuple[float, int | None, float | None],
     rng: np.random.Generator,
 ) -> Iterator[str]:
     V, c = p["V"], p.get("c", 0.0)
@@ -96,24 +148,32 @@ def _draw(
     x = ids[-1]
     for _ in range(length):
         s = step(x)
-        x = _draw_one(V @ s + c, tau, rng)
+        x = _draw_one(V @ s + c, mode, rng)
         yield vocab.decode([x])
 
 
-def _draw_one(z: np.ndarray, tau: float, rng: np.random.Generator) -> int:
-    """One id drawn from softmax(z / τ), z (K,) finite logits, for any finite τ > 0.
+def _draw_one(z: np.ndarray, mode: tuple[float, int | None, float | None], rng: np.random.Generator) -> int:
+    """One id drawn from ``next_distribution(z, ...)`` for mode (τ, top_k, top_p), z (K,) finite logits.
 
     The maximum is subtracted *before* dividing by τ: (z − max z) / τ ≤ 0, so nothing overflows, and
     as τ → 0 every logit below the maximum goes to −∞ (probability 0): the limit is the argmax (ties
-    shared evenly). Dividing first turned τ = 1e-308 into inf − inf = NaN.
+    shared evenly). Dividing first turned τ = 1e-308 into inf − inf = NaN. τ = 0 is the argmax
+    itself and draws nothing from ``rng``.
     """
-    with np.errstate(over="ignore"):  # a tiny τ: (z − max z) / τ overflows to −inf on purpose
-        q = np.exp((z - z.max()) / tau)  # the maximum's entry is exp(0) = 1: the sum is ≥ 1
-    return int(rng.choice(len(q), p=q / q.sum()))
+    tau, top_k, top_p = mode
+    if tau == 0:
+        return int(np.argmax(z))
+    return int(rng.choice(len(z), p=next_distribution(z, temperature=tau, top_k=top_k, top_p=top_p)))
 
 
 def _draw_steps(
-    model: RNN, vocab: Vocab, ids: list[int], prime: str, length: int, tau: float, rng: np.random.Generator
+    model: RNN,
+    vocab: Vocab,
+    ids: list[int],
+    prime: str,
+    length: int,
+    mode: tuple[float, int | None, float | None],
+    rng: np.random.Generator,
 ) -> Iterator[str]:
     """As ``_draw`` for any cell and stack: each step is ``model.forward`` on one token (T = B = 1), its
     final state (an LSTM's (h, c)) carried into the next; p = softmax(log ŷ / τ)."""
@@ -128,12 +188,21 @@ def _draw_steps(
     for _ in range(length):
         out = model.forward(np.array([[x]]), state)
         state = out.final_state
-        x = _draw_one(np.log(np.maximum(out.probs[0, 0].astype(np.float64), 1e-300)), tau, rng)
+        x = _draw_one(np.log(np.maximum(out.probs[0, 0].astype(np.float64), 1e-300)), mode, rng)
         yield vocab.decode([x])
 
 
 def sample_text(
-    model: RNN, vocab: Vocab, *, length: int = 500, temperature: float = 1.0, seed: int | None = 0, prime: str = ""
+    model: RNN,
+    vocab: Vocab,
+    *,
+    length: int = 500,
+    temperature: float = 1.0,
+    seed: int | None = 0,
+    prime: str = "",
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
 ) -> str:
     """``prime`` followed by ``length`` sampled characters (deterministic for a given seed).
 
@@ -142,4 +211,8 @@ def sample_text(
     text then holds only the ``length`` sampled characters. ``sample_chars`` yields the same text
     one character at a time.
     """
-    return "".join(sample_chars(model, vocab, length=length, temperature=temperature, seed=seed, prime=prime))
+    chars = sample_chars(
+        model, vocab, length=length, temperature=temperature, seed=seed, prime=prime, top_k=top_k, top_p=top_p,
+        greedy=greedy,
+    )  # fmt: skip
+    return "".join(chars)

@@ -143,6 +143,20 @@ class History:
         h.skipped = int(arrays["skipped"])
         return h
 
+    def best(self) -> tuple[int, float] | None:
+        """(step, loss) of the lowest finite held-out loss after training began (step ≥ 1; the first of
+        equal ones), or None before any such evaluation. The untrained model at step 0 is no candidate."""
+        found = None
+        for step, loss in zip(self.eval_step, self.eval_loss, strict=True):
+            if step >= 1 and math.isfinite(loss) and (found is None or loss < found[1]):
+                found = (step, loss)
+        return found
+
+    def evals_since_best(self) -> int:
+        """Evaluations after the best one (``best``) that did not improve on it; all of them when there is none."""
+        best = self.best()
+        return sum(1 for step in self.eval_step if step >= 1 and (best is None or step > best[0]))
+
     @staticmethod
     def _lists() -> tuple[str, ...]:
         return ("step", "loss", "grad_norm", "lr", "eval_step", "eval_loss", "eval_accuracy")
@@ -153,7 +167,8 @@ class TrainEvent:
     """Sent to the callback after every step. loss is the chunk's mean loss (nats/step); grad_norm
     the global norm before clipping; tokens the B·T steps of the chunk; seconds of training since the loop
     began (evaluations excluded);
-    eval the evaluation run at this step, if any."""
+    eval the evaluation run at this step, if any; best: whether that evaluation's loss is the lowest so far
+    (``History.best``: the model to keep as the best one)."""
 
     step: int
     total: int
@@ -164,6 +179,7 @@ class TrainEvent:
     seconds: float
     applied: bool
     eval: dict[str, float] | None = None
+    best: bool = False
 
 
 def dropout_seed(seed: int, step: int) -> int:
@@ -256,6 +272,7 @@ def train(
     grad_hook: Callable[[Any, dict[str, Any]], Any] | None = None,
     evaluator: Callable[[Any, Any], dict[str, float]] | None = None,
     max_memory: int | None = None,
+    early_stop: int | None = None,
 ) -> tuple[TrainState, History]:
     """Train ``model`` on ``data`` until ``config.steps`` optimizer steps are done; update it in place.
 
@@ -272,7 +289,13 @@ def train(
     splits them over processes, ``gpubptt.distributed.DataParallel.evaluate``).
     ``max_memory`` (bytes): each ``loss_and_grads`` keeps every state where its estimate fits and
     otherwise recomputes them in segments (``recompute="auto"``, the same exact gradient).
+    ``early_stop`` (patience, an int ≥ 1): stop after the evaluation (and its callback) that makes
+    ``early_stop`` evaluations in a row without a lower held-out loss than the best
+    (``History.evals_since_best``, counted over the whole history, so a resumed run keeps its count);
+    the returned ``state.step`` is then below ``config.steps``.
     """
+    if early_stop is not None and (isinstance(early_stop, bool) or not isinstance(early_stop, int) or early_stop < 1):
+        raise InputError(f"early_stop must be an int ≥ 1 (evaluations without improvement) or None, got {early_stop!r}")
     if optimizer.params is not model.params:
         raise InputError("the optimizer must be built on this model's parameters (make_optimizer(name, model))")
     data.check_batch(config.batch_size, config.chunk or 1)
@@ -366,9 +389,10 @@ def train(
         history.grad_norm.append(res.grad_norm)
         history.lr.append(lr)
         history.skipped += not res.applied
-        ev = None
+        ev, best = None, False
         if (config.eval_every and state.step % config.eval_every == 0) or state.step == config.steps:
             ev = run_eval(state.step)
+            best = history.best() == (state.step, ev["loss"])
         if callback is not None:
             callback(
                 TrainEvent(
@@ -381,6 +405,9 @@ def train(
                     seconds=time.perf_counter() - t_start - eval_seconds[0],
                     applied=res.applied,
                     eval=ev,
+                    best=best,
                 )
             )
+        if ev is not None and early_stop is not None and history.evals_since_best() >= early_stop:
+            break
     return state, history

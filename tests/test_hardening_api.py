@@ -251,7 +251,7 @@ def test_a_ragged_nested_list_as_x_is_refused_naming_it():
 
 
 def test_to_torch_checks_the_gradients_naming_the_key_or_shape():
-    model = gpubptt.RNN(3, 4, 3, backend="numpy", seed=0)
+    model = gpubptt.RNN(3, 4, 3, backend="numpy", seed=0, bias=False)
     x = np.zeros((2, 1), dtype=np.int64)
     _, grads = model.loss_and_grads(x, x)
     cases = [

@@ -82,7 +82,7 @@ def long_sweep(
     from .. import RNN
 
     model = RNN(
-        vocab, H, vocab, backend=be, dtype=dtype, seed=seed, cell=cell, num_layers=num_layers,
+        vocab, H, vocab, backend=be, dtype=dtype, seed=seed, cell=cell, num_layers=num_layers, bias=False,
         nonlinearity=nonlinearity,
     )  # fmt: skip
     rng = np.random.default_rng(seed)

@@ -138,7 +138,7 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
     try:
         x_host, y_host = _make_data(cfg, T, H)
         model = RNN(
-            D, H, K, backend=be, dtype=cfg.dtype, seed=cfg.seed, num_layers=cfg.num_layers,
+            D, H, K, backend=be, dtype=cfg.dtype, seed=cfg.seed, num_layers=cfg.num_layers, bias=False,
             bidirectional=cfg.bidirectional, cell=cell,
         )  # fmt: skip
         x, y = be.asarray(x_host), be.asarray(y_host)

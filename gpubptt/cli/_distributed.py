@@ -260,7 +260,13 @@ def data_parallel_or_exit(comm: Communicator, kind: str, run: Any, fingerprint: 
 
 
 def train_data_parallel(
-    dp: DataParallel, run: Any, reporter: Any, train_loop: Callable[..., Any], *, max_memory: int | None = None
+    dp: DataParallel,
+    run: Any,
+    reporter: Any,
+    train_loop: Callable[..., Any],
+    *,
+    max_memory: int | None = None,
+    early_stop: int | None = None,
 ) -> None:
     """Train ``run`` on this rank's streams; the reporter's saves first gather every stream's state into run.state.
 
@@ -275,5 +281,5 @@ def train_data_parallel(
     reporter.sync = sync
     train_loop(
         dp, dp.shard_data(run.data), run.optimizer, dp.local_config(run.config), state=local, history=run.history,
-        callback=reporter.on_step, evaluator=dp.evaluate, max_memory=max_memory,
+        callback=reporter.on_step, evaluator=dp.evaluate, max_memory=max_memory, early_stop=early_stop,
     )  # fmt: skip

@@ -16,7 +16,7 @@ from ..backend import BACKEND_NAMES, available_backends
 from ..bench import COMPARES, INPUTS
 from ..bench.runner import BenchConfig
 from ..cells import NONLINEARITIES, cell_class
-from ..checkpoint import load_checkpoint
+from ..checkpoint import Checkpoint, load_checkpoint
 from ..environment import environment
 from ..errors import CheckpointError
 from ..model import CELLS, RNN
@@ -68,7 +68,7 @@ def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 def describe_model(model: RNN) -> dict[str, object]:
     """What ``info --checkpoint`` shows of a model: its architecture and its parameters' shapes."""
     return {
-        "cell": model.cell.name,
+        "cell": model.cell_name,  # as the CLI names it (--cell rnn), not the cell class's "elman"
         "nonlinearity": model.nonlinearity,
         "num_layers": model.num_layers,
         "bidirectional": model.bidirectional,
@@ -80,22 +80,51 @@ def describe_model(model: RNN) -> dict[str, object]:
     }
 
 
+def describe_training(ck: Checkpoint) -> dict[str, object] | None:
+    """What ``info --checkpoint`` shows of a run: its step, last and best held-out losses, and its data's name
+    and sha256 (text: the file or the built-in corpus; a task: its settings). None for a bare model."""
+    if ck.data is None and ck.config is None:
+        return None
+    h, d = ck.history, ck.data or {}
+    best = h.best()
+    out: dict[str, object] = {
+        "step": ck.state.step,
+        "steps": None if ck.config is None else ck.config.steps,
+        "last_held_out": None if not h.eval_step else {"step": h.eval_step[-1], "loss": h.eval_loss[-1]},
+        "best_held_out": None if best is None else {"step": best[0], "loss": best[1]},
+    }
+    if d.get("kind") == "text":
+        source = d.get("source")
+        out["data"] = {"task": "text", "name": "the built-in corpus" if source == "builtin" else source,
+                       "sha256": d.get("sha256")}  # fmt: skip
+        if d.get("val_source") is not None:
+            out["val_data"] = {"name": d["val_source"], "sha256": d.get("val_sha256")}
+    elif d.get("kind") is not None:
+        out["data"] = {"task": d["kind"], **{k: v for k, v in d.items() if k != "kind"}}
+    return out
+
+
 @app.command()
 @stdout_errors
 def info(
     backend: Annotated[BackendChoice, typer.Option(help="Backend to describe.")] = BackendChoice.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="Also describe this checkpoint's model: architecture and parameter shapes.")
+        Path | None,
+        typer.Option(
+            help="Also describe this checkpoint: the model's architecture and parameter shapes, the step, the last "
+            "and best held-out losses, and the data's name and sha256."
+        ),
     ] = None,
 ) -> None:
     """Show the backend, device, library versions, BLAS build and thread counts (and a checkpoint's model)."""
-    model = None
+    model = ck = None
     if checkpoint is not None:
         readable_or_exit(checkpoint, "--checkpoint")
         distinct_or_exit({}, {"--checkpoint": checkpoint})
         try:
-            model = load_checkpoint(checkpoint, backend="numpy").model
+            ck = load_checkpoint(checkpoint, backend="numpy")
+            model = ck.model
         except CheckpointError as exc:
             raise usage_error(str(exc)) from exc
     be = backend_or_exit(backend.value)
@@ -116,6 +145,8 @@ def info(
     }
     if model is not None:
         data["model"] = describe_model(model)
+        if (training := describe_training(ck)) is not None:
+            data["training"] = training
     if as_json:
         echo_out(json.dumps(data, indent=2))
         return

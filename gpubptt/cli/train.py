@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections import deque
 from enum import Enum
@@ -26,6 +27,7 @@ from ..run import (
     DEFAULTS,
     TEXT_CHUNK,
     Run,
+    best_path,
     new_run,
     recompute_plan,
     resume_run,
@@ -91,12 +93,18 @@ def _default(text: str, setting: str) -> str:
 
 
 def describe(data: Any) -> tuple[str, str]:
-    """(unit, chance-level text) for the summary line."""
+    """(unit, chance-level text) for the summary line: the unit of the held-out loss."""
     if data.kind == "text":
         return "nats/char", (
             f"chance {data.chance_loss:.3f} = log {data.output_size}; letter frequencies alone {data.unigram_loss:.3f}"
         )
     return "nats/recalled symbol", f"chance {data.chance_loss:.3f} = log {data.A}; chance accuracy {1 / data.A:.1%}"
+
+
+def train_loss_label(data: Any) -> str:
+    """What the training loss averages: every character of text, but every step of a task's sequences (blanks
+    included), unlike the task's held-out loss (the recalled symbols only): the two are labelled apart."""
+    return "train loss" if data.kind == "text" else "train loss/step"
 
 
 class TrainReporter:
@@ -109,7 +117,10 @@ class TrainReporter:
 
     def __init__(self, run: Run, checkpoint: Path, *, resumed: bool, interactive: bool) -> None:
         self.run, self.checkpoint, self.interactive = run, checkpoint, interactive
+        self.best_checkpoint = best_path(checkpoint)
+        self.best_written = resumed  # a new run (--force) removes a replaced run's best file at its first save
         self.unit, self.chance_text = describe(run.data)
+        self.train_label = train_loss_label(run.data)
         self.last_eval: dict | None = None
         self.saved_step: int | None = run.state.step if resumed else None  # the step the file holds
         self.stop_requested = False
@@ -127,7 +138,14 @@ class TrainReporter:
             f"chunk={config.chunk or 'whole sequences'} | steps {state.step} → {config.steps}",
             err=True,
         )
-        typer.echo(f"loss in {self.unit}; {self.chance_text}", err=True)
+        if run.data.kind == "text":
+            typer.echo(f"loss in {self.unit}; {self.chance_text}", err=True)
+        else:
+            typer.echo(
+                f"{self.train_label}: nats averaged over every step of a sequence (blanks included); held-out "
+                f"loss in {self.unit} (the recall steps only); {self.chance_text}",
+                err=True,
+            )
         if state.step >= config.steps:
             typer.echo(
                 f"the checkpoint is already at step {state.step} ≥ --steps {config.steps}; nothing to do", err=True
@@ -156,20 +174,33 @@ class TrainReporter:
         if self.progress is not None:
             self.progress.stop()
 
-    def save(self) -> None:
-        """Checkpoint the run (atomic: a failed write leaves the previous file as it was); Failed on an OSError."""
+    def save(self, *, best: bool = False) -> None:
+        """Checkpoint the run (atomic: a failed write leaves the previous file as it was); Failed on an OSError.
+
+        ``best``: this evaluation's held-out loss is the lowest yet: the best file gets the same run.
+        """
         if self.sync is not None:
             self.sync()
         if not self.main:
             self.saved_step = self.run.state.step
             return
-        try:
-            save_run(self.checkpoint, self.run)
-        except OSError as exc:
-            raise Failed(write_error("checkpoint", self.checkpoint, exc)) from exc
-        except CheckpointError as exc:  # a run the format cannot hold: nothing was written
-            raise Failed(str(exc)) from exc
+        targets = [("checkpoint", self.checkpoint)] + ([("best checkpoint", self.best_checkpoint)] if best else [])
+        for what, path in targets:
+            try:
+                save_run(path, self.run)
+            except OSError as exc:
+                raise Failed(write_error(what, path, exc)) from exc
+            except CheckpointError as exc:  # a run the format cannot hold: nothing was written
+                raise Failed(str(exc)) from exc
         self.saved_step = self.run.state.step
+        if best:
+            self.best_written = True
+        elif not self.best_written and self.best_checkpoint.exists():  # --force: not the best of this run
+            try:
+                self.best_checkpoint.unlink()
+            except OSError as exc:
+                raise Failed(write_error("best checkpoint", self.best_checkpoint, exc)) from exc
+            self.best_written = True
 
     def kept(self) -> str:
         """What the checkpoint file holds now, in words."""
@@ -190,18 +221,18 @@ class TrainReporter:
         loss_s = "nan" if ev.loss is None else f"{ev.loss:.3f}"
         if ev.eval is not None:
             self.last_eval = ev.eval
-            self.save()  # between steps: the weights and the state are consistent
+            self.save(best=ev.best)  # between steps: the weights and the state are consistent
             line = (
-                f"step {ev.step}/{ev.total}  train loss {loss_s}  held-out {ev.eval['loss']:.3f} "
+                f"step {ev.step}/{ev.total}  {self.train_label} {loss_s}  held-out {ev.eval['loss']:.3f} "
                 f"(chance {ev.eval['chance']:.3f})  acc {ev.eval['accuracy']:.1%}  |g| {ev.grad_norm:.2f}  "
-                f"{rate:,.0f} tok/s"
+                f"{rate:,.0f} tok/s" + ("  best so far" if ev.best else "")
             )
             if self.progress is not None:
                 self.progress.console.print(line, highlight=False)
             elif self.main:
                 typer.echo(line, err=True)
         if self.progress is not None:
-            info = f"loss {loss_s}  |g| {ev.grad_norm:.2f}  {rate:,.0f} tok/s"
+            info = f"{self.train_label} {loss_s}  |g| {ev.grad_norm:.2f}  {rate:,.0f} tok/s"
             self.progress.update(self.bar, completed=ev.step, info=info)
         if self.stop_requested:
             raise Interrupted  # between steps: the weights and the state are consistent
@@ -224,9 +255,12 @@ class TrainReporter:
             ev = {"loss": history.eval_loss[-1], "accuracy": history.eval_accuracy[-1]}
         train_loss = history.loss[-1] if history.loss else float("nan")
         echo_out(
-            f"step {state.step}: train loss {train_loss:.4f}, held-out loss {ev['loss']:.4f} {self.unit} "
+            f"step {state.step}: {self.train_label} {train_loss:.4f}, held-out loss {ev['loss']:.4f} {self.unit} "
             f"(accuracy {ev['accuracy']:.1%}); {self.chance_text}"
         )
+        best = history.best()
+        if best is not None:
+            echo_out(f"best model: step {best[0]}, held-out {best[1]:.4f} {self.unit}: {self.best_checkpoint}")
         if history.skipped:
             echo_out(f"{history.skipped} steps were skipped for a non-finite loss or gradient")
         echo_out(f"checkpoint: {self.checkpoint}" + (f"\nplot: {plot}" if plot is not None else ""))
@@ -243,6 +277,14 @@ def train(
     ] = None,
     data: Annotated[
         Path | None, typer.Option(help="UTF-8 text file for --task text (default: a built-in generated corpus).")
+    ] = None,
+    val_data: Annotated[
+        Path | None,
+        typer.Option(help="Text: a UTF-8 file to evaluate on; all of --data then trains. (default: --val-fraction)"),
+    ] = None,
+    val_fraction: Annotated[
+        float | None,
+        typer.Option(help=_default("Text: the part of --data held out for evaluation (its end).", "val_fraction")),
     ] = None,
     delay: Annotated[
         int | None,
@@ -296,6 +338,14 @@ def train(
     optimizer: Annotated[OptimizerChoice | None, typer.Option(help=_default("Optimizer.", "optimizer"))] = None,
     lr: Annotated[float | None, typer.Option(help=f"Learning rate. (default: {LR_DEFAULTS})")] = None,
     momentum: Annotated[float | None, typer.Option(help=_default("SGD momentum.", "momentum"))] = None,
+    weight_decay: Annotated[
+        float | None,
+        typer.Option(
+            help=_default(
+                "Decoupled weight decay λ, as AdamW: θ ← θ − lr·λ·θ each step (any optimizer).", "weight_decay"
+            )
+        ),
+    ] = None,
     clip: Annotated[
         float | None,
         typer.Option(help=_default("Clip the global gradient norm to this; 0: off.", "clip")),
@@ -313,14 +363,26 @@ def train(
     eval_every: Annotated[
         int, typer.Option(help="Steps between held-out evaluations (and checkpoint saves).")
     ] = DEFAULT_EVAL_EVERY,
+    early_stop: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Stop after this many held-out evaluations in a row without a new best loss (the best and the "
+            "last models are both kept). (default: off)",
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help=_default("Seed of the weights and the data order.", "seed"))] = None,
     on_nonfinite: Annotated[
         NonFiniteChoice | None,
         typer.Option(help=_default("A NaN/inf loss or gradient stops training (raise) or is skipped.", "on_nonfinite")),
     ] = None,
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint file (.npz), saved at every evaluation.")] = Path(
-        "checkpoint.npz"
-    ),
+    checkpoint: Annotated[
+        Path,
+        typer.Option(
+            help="Checkpoint file (.npz) of the last model, saved at every evaluation; the best held-out model "
+            "goes beside it (ck.npz: ck.best.npz) whenever an evaluation improves."
+        ),
+    ] = Path("checkpoint.npz"),
     resume: Annotated[bool, typer.Option(help="Continue training the checkpoint (its settings apply).")] = False,
     accept_changed_data: Annotated[
         bool, typer.Option(help="With --resume: continue even though the training text changed since the save.")
@@ -347,12 +409,14 @@ def train(
     With no options: a character model of a built-in generated English-like corpus, about a minute on a CPU.
     """
     options = dict(
-        task=task, data=data, delay=delay, symbols=symbols, copy_length=copy_length, hidden=hidden, cell=cell,
+        task=task, data=data, val_data=val_data, val_fraction=val_fraction, delay=delay, symbols=symbols,
+        copy_length=copy_length, hidden=hidden, cell=cell,
         layers=layers,
         dropout=dropout, batch=batch,
         chunk=chunk, truncate=truncate, dtype=dtype, bias=bias, init=init, nonlinearity=nonlinearity,
         optimizer=optimizer, lr=lr,
-        momentum=momentum, clip=clip, schedule=schedule, warmup=warmup, seed=seed, on_nonfinite=on_nonfinite,
+        momentum=momentum, weight_decay=weight_decay, clip=clip,
+        schedule=schedule, warmup=warmup, seed=seed, on_nonfinite=on_nonfinite,
     )  # fmt: skip
     given = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items() if v is not None}
     # first: under mpiexec every rank joins, so that a refusal below reaches all (data_parallel_or_exit agrees)
@@ -361,19 +425,37 @@ def train(
     budget = None if max_memory is None else parse_size(max_memory, "--max-memory")
     writable_or_exit(plot, "--plot")
     writable_or_exit(checkpoint, "--checkpoint")  # before any work: training failed only at its first save
+    best = best_path(checkpoint)
+    if os.path.dirname(os.path.realpath(best)) == os.path.dirname(os.path.realpath(checkpoint)):
+        readable_or_exit(best, "--checkpoint's best file")  # its folder was probed: only no folder or device there
+    else:  # ck.npz or ck.best.npz is a link into another folder: probe that one too
+        writable_or_exit(best, "--checkpoint's best file")
     readable_or_exit(data, "--data")
-    distinct_or_exit({"--checkpoint": checkpoint, "--plot": plot}, {"--data": data})
+    readable_or_exit(val_data, "--val-data")
+    distinct_or_exit(
+        {"--checkpoint": checkpoint, "--checkpoint's best file": best, "--plot": plot},
+        {"--data": data, "--val-data": val_data},
+    )
     if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
         raise usage_error(f"--epochs must be a finite number > 0, got {epochs}")
     be = backend_or_exit(backend.value)
     if resume and force:
         raise usage_error("--resume and --force exclude each other")
+    if early_stop is not None and eval_every == 0:
+        raise usage_error(
+            "--early-stop counts held-out evaluations: give --eval-every ≥ 1 (0 evaluates only at the end)"
+        )
     if accept_changed_data and not resume:
         raise usage_error("--accept-changed-data applies to --resume only (a new run reads its text afresh)")
     if checkpoint.exists() and not (resume or force):
         raise usage_error(
             f"{str(checkpoint)!r} exists: pass --resume to continue training it, --force to replace it, "
             "or choose another --checkpoint"
+        )
+    if best.exists() and not (resume or force):
+        raise usage_error(
+            f"{str(best)!r} exists (the best model of an earlier run at --checkpoint {str(checkpoint)!r}): pass "
+            "--force to replace it with this run's, or choose another --checkpoint"
         )
     try:
         if resume:
@@ -416,11 +498,11 @@ def train(
     reporter.start()
     try:
         if state.step < run.config.steps and dp is not None:
-            train_data_parallel(dp, run, reporter, train_loop, max_memory=budget)
+            train_data_parallel(dp, run, reporter, train_loop, max_memory=budget, early_stop=early_stop)
         elif state.step < run.config.steps:
             train_loop(
                 run.model, run.data, run.optimizer, run.config, state=state, history=run.history,
-                callback=reporter.on_step, max_memory=budget,
+                callback=reporter.on_step, max_memory=budget, early_stop=early_stop,
             )  # fmt: skip
     except Interrupted as exc:
         reporter.stop()
@@ -461,6 +543,14 @@ def train(
     finally:
         restore_sigint(previous_sigint)
         reporter.stop()
+    if state.step < run.config.steps and reporter.main:  # the loop returned early: --early-stop
+        best_step, best_loss = run.history.best() or (None, float("nan"))
+        typer.echo(
+            f"early stop at step {state.step}: {early_stop} evaluations without a held-out loss below "
+            f"{best_loss:.4f} (step {best_step}); {str(checkpoint)!r} keeps the last model (step {state.step}), "
+            f"{str(best)!r} the best (step {best_step})",
+            err=True,
+        )
     try:
         if not resume or state.step != start_step:  # a resume with nothing to do leaves the file as it was
             reporter.save()
@@ -479,6 +569,31 @@ def train(
         raise
 
 
+class WhichChoice(str, Enum):
+    """Which of a run's two checkpoints: the last model (the file named) or the best held-out one beside it."""
+
+    last = "last"
+    best = "best"
+
+
+def which_checkpoint(checkpoint: Path, which: WhichChoice) -> Path:
+    """The file ``--which`` selects, checked readable: ``checkpoint`` itself (last) or its best file (best)."""
+    if which is WhichChoice.last:
+        readable_or_exit(checkpoint, "--checkpoint")
+        return checkpoint
+    best = best_path(checkpoint)
+    if not best.exists():
+        raise usage_error(
+            f"--which best: {str(best)!r} does not exist (`gpubptt train --checkpoint {checkpoint}` writes it at the "
+            "first held-out evaluation after training began); use --which last for the last model"
+        )
+    readable_or_exit(best, "--checkpoint's best file")
+    return best
+
+
+WHICH_HELP = "last: the --checkpoint file itself; best: the best held-out model saved beside it (ck.best.npz)."
+
+
 @app.command()
 @stdout_errors
 @quiet_numerics
@@ -487,24 +602,42 @@ def sample(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint of a text model (from `gpubptt train`).")] = Path(
         "checkpoint.npz"
     ),
+    which: Annotated[WhichChoice, typer.Option(help=WHICH_HELP)] = WhichChoice.last,
     length: Annotated[int, typer.Option(help="Characters to generate.")] = 500,
-    temperature: Annotated[float, typer.Option(help="Softmax temperature: < 1 surer, > 1 more random.")] = 1.0,
+    temperature: Annotated[
+        float, typer.Option(help="Softmax temperature: < 1 surer, > 1 more random; 0: greedy.")
+    ] = 1.0,
+    top_k: Annotated[
+        int | None, typer.Option(min=1, help="Draw among the K most likely characters only. (default: all)")
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option(help="Draw among the fewest most likely characters whose probability reaches P (0 < P ≤ 1)."),
+    ] = None,
+    greedy: Annotated[
+        bool, typer.Option("--greedy", help="Take the most likely character every step (as --temperature 0).")
+    ] = False,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the sampler (an int ≥ 0).")] = 0,
     prime: Annotated[str, typer.Option(help="Text to start from (its characters must be in the vocabulary).")] = "",
 ) -> None:
     """Generate text from a trained character model, printed to stdout as each character is drawn."""
-    readable_or_exit(checkpoint, "--checkpoint")
+    checkpoint = which_checkpoint(checkpoint, which)
     distinct_or_exit({}, {"--checkpoint": checkpoint})  # `>> ck.npz` would append the text to the checkpoint
     if length < 0:
         raise usage_error(f"--length must be ≥ 0, got {length}")
-    if not (temperature > 0 and np.isfinite(temperature)):
-        raise usage_error(f"--temperature must be a positive number, got {temperature}")
+    if not (temperature >= 0 and np.isfinite(temperature)):
+        raise usage_error(f"--temperature must be a number ≥ 0 (0: greedy), got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise usage_error(f"--top-p must be a number in (0, 1], got {top_p}")
     try:
         ck = load_checkpoint(checkpoint, backend="numpy")
         if ck.vocab is None:
             kind = (ck.data or {}).get("kind", "unknown")
             raise usage_error(f"{str(checkpoint)!r} was trained on the {kind} task; sampling needs a text model")
-        chars = sample_chars(ck.model, ck.vocab, length=length, temperature=temperature, seed=seed, prime=prime)
+        chars = sample_chars(
+            ck.model, ck.vocab, length=length, temperature=temperature, seed=seed, prime=prime, top_k=top_k,
+            top_p=top_p, greedy=greedy,
+        )  # fmt: skip
     except (InputError, CheckpointError) as exc:  # every argument is checked before the first character
         raise usage_error(str(exc)) from exc
     n = 0

@@ -39,6 +39,7 @@ from ._common import (
     writable_or_exit,
     write_png,
 )
+from .train import WHICH_HELP, WhichChoice, which_checkpoint
 
 InitChoice = choices("InitChoice", INITS)
 VanishFormat = choices("VanishFormat", ("table", "json"))
@@ -196,6 +197,9 @@ def vanish(
         Path | None,
         typer.Option(help="A checkpoint from `gpubptt train`: measure its model on its own kind of data."),
     ] = None,
+    which: Annotated[
+        WhichChoice | None, typer.Option(help=WHICH_HELP[:-1] + " (default: last; needs --checkpoint)")
+    ] = None,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -286,7 +290,7 @@ def vanish(
         cells = parse_cells(cell)
         ignored = {
             "checkpoint": checkpoint, "scale": scale, "data": data, "init": init, "layers": layers,
-            "bidirectional": bidirectional, "nonlinearity": nonlinearity,
+            "bidirectional": bidirectional, "nonlinearity": nonlinearity, "which": which,
         }  # fmt: skip
         for name, value in ignored.items():
             if value is not None:
@@ -309,7 +313,10 @@ def vanish(
     layers_or_exit(layers)
     if not (np.isfinite(threshold) and threshold > 0):
         raise typer.BadParameter(f"must be a finite number > 0, got {threshold}", param_hint="--threshold")
-    readable_or_exit(checkpoint, "--checkpoint")
+    if checkpoint is not None:
+        checkpoint = which_checkpoint(checkpoint, which or WhichChoice.last)  # the last model, or --which best
+    elif which is not None:
+        raise usage_error(f"--which {which.value} picks one of a --checkpoint's two files: give --checkpoint")
     if checkpoint is not None:
         given = {
             "hidden": hidden, "vocab": vocab, "init": init, "layers": layers, "bidirectional": bidirectional,

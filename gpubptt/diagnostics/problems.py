@@ -71,7 +71,7 @@ def random_problem(
     recurrences = num_layers * (2 if bidirectional else 1) if isinstance(num_layers, int) else 1
     _check_memory(vocab, H, vocab, T, B, dtype, backend, random=True, recurrences=recurrences)
     model = RNN(
-        vocab, H, vocab, backend=backend, dtype=dtype, init=init, seed=seed, num_layers=num_layers,
+        vocab, H, vocab, backend=backend, dtype=dtype, init=init, seed=seed, num_layers=num_layers, bias=False,
         bidirectional=bidirectional, nonlinearity=nonlinearity,
     )  # fmt: skip
     be = model.backend
