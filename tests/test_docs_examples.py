@@ -21,6 +21,8 @@ What runs. Every fenced block opened by a line ```` ```python ```` or ```` ```sh
 A block that cannot run here (a GPU, NCCL, a package index, the test suite itself) is skipped only by
 an explicit marker on the line just above its fence, ``<!-- no-test: REASON -->``; each such block is
 a test of its own that skips with that reason, so every skipped example is listed in the summary.
+A block that needs an optional package (torch) carries ``<!-- needs: torch -->`` above its fence: it
+runs where the package imports and is skipped, listed the same way, where it does not (CI has no torch).
 
 After every example, the repository's files (path, size and modification time, outside .git, .venv,
 caches and the ignored site/) are compared with a snapshot taken before it: an example that writes
@@ -29,6 +31,7 @@ into the repository fails.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -65,6 +68,7 @@ RANDOM_MODEL_ONLY = {"--hidden", "--vocab"}
 FENCE = re.compile(r"^```(python|sh)\b")
 INDENTED_FENCE = re.compile(r"^\s+```(python|sh)\b")
 NO_TEST = re.compile(r"^<!--\s*no-test:\s*(.+?)\s*-->\s*$")
+NEEDS = re.compile(r"^<!--\s*needs:\s*([\w.]+(?:\s*,\s*[\w.]+)*)\s*-->\s*$")
 IGNORED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis", "site"}
 BOOK = "It was a quiet night. The small birds slept, and the foxes ran home.\n" * 40
 
@@ -82,6 +86,11 @@ class Block:
         return f"{self.page.relative_to(ROOT)}:{self.line}"
 
 
+def importable(name: str) -> bool:
+    """Whether ``name`` can be imported here (found, not imported)."""
+    return importlib.util.find_spec(name) is not None
+
+
 def extract(page: Path) -> list[Block]:
     """The page's ```python and ```sh blocks, each with the no-test reason written just above it."""
     lines = page.read_text(encoding="utf-8").splitlines()
@@ -96,7 +105,12 @@ def extract(page: Path) -> list[Block]:
         end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), None)
         assert end is not None, f"{page.relative_to(ROOT)}:{i + 1}: unclosed code fence"
         marker = NO_TEST.match(lines[i - 1]) if i > 0 else None
-        blocks.append(Block(page, i + 1, m.group(1), "\n".join(lines[i + 1 : end]) + "\n", marker and marker.group(1)))
+        needs = NEEDS.match(lines[i - 1]) if i > 0 else None
+        missing = [] if needs is None else [n.strip() for n in needs.group(1).split(",") if not importable(n.strip())]
+        reason = marker and marker.group(1)
+        if missing:
+            reason = f"needs {', '.join(missing)}, which is not installed here"
+        blocks.append(Block(page, i + 1, m.group(1), "\n".join(lines[i + 1 : end]) + "\n", reason))
         i = end + 1
     return blocks
 
