@@ -68,3 +68,99 @@ def test_editable_install_takes_setuptools_plain_path_strategy():
     assert setuptools["package-dir"] == {"": "."}
     include = setuptools["packages"]["find"]["include"]
     assert include == ["gpubptt*"] and (ROOT / "gpubptt" / "__init__.py").is_file()
+
+
+# -- the vanish figures ----------------------------------------------------------------------------
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plot functions draw (laid out, as they are saved), in place of writing PNGs."""
+    pytest.importorskip("matplotlib")
+    from gpubptt import plots
+
+    figures = []
+
+    def keep(fig, path, **_):
+        fig.canvas.draw()
+        figures.append(fig)
+
+    monkeypatch.setattr(plots, "save_png", keep)
+    return figures
+
+
+def _tiny(layers: int = 1):
+    import numpy as np
+
+    import gpubptt
+
+    model = gpubptt.RNN(6, 8, 6, backend="numpy", dtype="float64", seed=0, num_layers=layers)
+    rng = np.random.default_rng(0)
+    return model, rng.integers(0, 6, size=(10, 2)), rng.integers(0, 6, size=(10, 2))
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def _titles_clear_of_the_figure_title(fig):
+    renderer = fig.canvas.get_renderer()
+    top = fig._suptitle.get_window_extent(renderer)
+    for ax in fig.axes:
+        if ax.get_title():
+            assert not _overlap(top, ax.title.get_window_extent(renderer)), ax.get_title()
+            assert ax.title.get_window_extent(renderer).y1 < top.y0  # below it, not beside it
+
+
+def test_vanish_figure_title_clears_the_panel_titles(drawn):
+    from gpubptt import diagnostics, plots
+
+    model, x, y = _tiny()
+    plots.plot_vanish(diagnostics.vanish_sweep(model, x, y, [0.5, 1.5], iters=10), "v.png", title="a title")
+    _titles_clear_of_the_figure_title(drawn[0])
+
+
+def test_one_radius_puts_its_heatmap_beside_the_truncation_panel(drawn):
+    """A row of its own for a single square heatmap left most of that row blank: 2 × 2 panels instead."""
+    from gpubptt import diagnostics, plots
+
+    model, x, y = _tiny()
+    plots.plot_vanish(diagnostics.vanish_sweep(model, x, y, [0.9], iters=10), "v.png", title="a title")
+    fig = drawn[0]
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 4 and len(panels[3].images) == 1
+    truncation, heat = panels[2].get_position(), panels[3].get_position()
+    assert heat.x0 > truncation.x1 and heat.y0 < truncation.y1 and truncation.y0 < heat.y1  # the same row
+    _titles_clear_of_the_figure_title(fig)
+
+
+def test_stack_figure_legends_are_short_and_the_title_clears_the_panels(drawn):
+    """Colours (radius) in one legend, line styles (layer) in another: not one entry per (radius, layer)."""
+    from gpubptt import diagnostics, plots
+
+    model, x, y = _tiny(layers=3)
+    radii = [0.5, 0.9, 1.0, 1.5, 2.0]
+    plots.plot_stack(diagnostics.stack_sweep(model, x, y, radii, iters=10), "s.png", title="a title")
+    fig = drawn[0]
+    entries = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes if ax.get_legend()]
+    assert sorted(entries) == [["layer 0", "layer 1", "layer 2"], [f"ρ={r:g}" for r in radii]]
+    _titles_clear_of_the_figure_title(fig)
+
+
+def test_cells_truncation_panel_draws_k_0_at_0_and_leaves_rounding_out(drawn):
+    """k = 0 sits at 0 (a log axis had moved it to 0.5) and the exact window's ~1e-16 is not drawn (it
+    squashed the other points into the top of the panel)."""
+    import numpy as np
+
+    from gpubptt.diagnostics import gated
+
+    flows = gated.compare_cells(["rnn", "lstm"], 6, 8, 2, 5, seed=0)
+    gated.plot_cells(flows, "c.png", title="a title")
+    fig = drawn[0]
+    panel = fig.axes[2]
+    assert panel.get_xscale() == "symlog"
+    for line in panel.lines:
+        k, err = line.get_data()
+        assert k[0] == 0
+        drawn_err = np.asarray(err, dtype=float)[np.isfinite(np.asarray(err, dtype=float))]
+        assert drawn_err.min() > 1e-12
+    assert panel.get_ylim()[0] > 1e-13
+    _titles_clear_of_the_figure_title(fig)
