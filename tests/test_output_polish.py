@@ -164,3 +164,48 @@ def test_cells_truncation_panel_draws_k_0_at_0_and_leaves_rounding_out(drawn):
         assert drawn_err.min() > 1e-12
     assert panel.get_ylim()[0] > 1e-13
     _titles_clear_of_the_figure_title(fig)
+
+
+# -- gpubptt bench's table -------------------------------------------------------------------------
+def _times(spread_out: bool):
+    """A stand-in for bench's time_interleaved: every run 10 ms, or (spread_out) runs from 5 to 15 ms."""
+    import numpy as np
+
+    def fake(fns, *, warmup, repeats):
+        return {name: list(np.linspace(0.005, 0.015, repeats) if spread_out else [0.01] * repeats) for name in fns}
+
+    return fake
+
+
+BENCH = ["bench", "--backend", "numpy", "--seq-lens", "2,4", "--hidden-sizes", "3,5", "--batch", "2", "--vocab", "5"]
+BENCH += ["--warmup", "0", "--repeats", "4"]
+
+
+def test_bench_table_fits_100_columns_and_prints_no_legend_for_what_it_does_not_show(monkeypatch):
+    import gpubptt.bench as bench_lib
+
+    monkeypatch.setattr(bench_lib.runner, "time_interleaved", _times(spread_out=False))
+    result = runner.invoke(app, BENCH)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    assert "eff = GFLOP/s" in result.stdout  # the eff column is shown: its legend is
+    assert "×torch" not in result.stdout and "×naive" not in result.stdout  # no comparison, no legend for one
+    assert "noisy" not in result.stdout and "~" not in result.stdout  # no noisy row, no legend for noise
+
+
+def test_bench_table_with_a_reference_and_noisy_rows_explains_both_within_100_columns(monkeypatch):
+    import json
+
+    import gpubptt.bench as bench_lib
+
+    monkeypatch.setattr(bench_lib.runner, "time_interleaved", _times(spread_out=True))
+    result = runner.invoke(app, [*BENCH, "--compare", "naive"])
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 100
+    assert "×naive = reference time ÷ gpubptt time" in result.stdout and "×torch" not in result.stdout
+    assert "~ noisy: IQR/median above 10%" in result.stdout
+    monkeypatch.setattr(bench_lib.runner, "time_interleaved", _times(spread_out=True))
+    data = json.loads(runner.invoke(app, [*BENCH, "--compare", "naive", "--format", "json"]).stdout)
+    row = data["rows"][0]  # the JSON keeps what the table leaves out
+    assert {"min_s", "iqr_s", "times_s"} <= set(row["bptt"]) and "gflops" in row["gemm"]
