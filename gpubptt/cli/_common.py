@@ -34,6 +34,8 @@ HELP_NAMES = {"help_option_names": ["-h", "--help"]}
 def _default_text(option: Any) -> str:
     """What ``(default: ...)`` shows for an option whose default Typer would print as ``[default: ...]``;
     "" where there is nothing to show (no default, or a flag that is off unless given)."""
+    if isinstance(option.show_default, str):  # the command's own words for its default
+        return option.show_default
     value = option.default
     if value is None or callable(value):
         return ""
