@@ -40,8 +40,9 @@ endif
 test: $(VENV_TEST)
 	$(PY) -m pytest -q
 
+# fails when every GPU test skipped (no CUDA device answered): a GPU check that ran nothing is not a pass
 test-gpu: $(VENV_TEST)
-	$(PY) -m pytest -q -m gpu -rs
+	$(PY) -m pytest -q -m gpu -rs --require-gpu
 
 bench: $(VENV_BENCH)
 	$(PY) -m gpubptt bench

@@ -1,13 +1,17 @@
 """Data-parallel measurements: allreduce time vs size, strong/weak scaling of training, float32/64 agreement,
 and a ring-allreduce cost model for N = 1…1024 nodes.
 
-    python benchmarks/distributed.py all --output benchmarks/distributed.json     # runs the mpiexec jobs itself
+    python benchmarks/distributed.py all --out benchmarks     # the committed distributed.json; runs mpiexec itself
 
-``all`` starts these (each rank given its share of the cores: 1 OpenBLAS thread per rank with 2
+``all`` writes distributed.json into ``--out DIR`` (default: a cache folder outside the repository,
+printed). It starts these (each rank given its share of the cores: 1 OpenBLAS thread per rank with 2
 ranks, 2 threads in one process) and adds the cost model:
 
     mpiexec -n 2 python benchmarks/distributed.py allreduce --output A.json
     [mpiexec -n 2] python benchmarks/distributed.py train --distributed mpi|none --batch B --output T.json
+
+Timings whose repeats spread more than 10 % (IQR / median) are flagged noisy (``~``, ``"noisy"`` in
+the JSON), and a scaling ratio is printed only when neither of its two rows is noisy.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import NOISY_MARK, NOISY_SPREAD, add_out_option, is_noisy, out_dir, spread  # noqa: E402
 
 
 def allreduce_bench(out: str) -> None:
@@ -47,9 +53,14 @@ def allreduce_bench(out: str) -> None:
             comm.allreduce(buf)
             times.append(time.perf_counter() - t)
         med = float(np.median(times))
-        rows.append({"floats": n, "bytes": 4 * n, "seconds": med, "GB_per_s": 4 * n / med / 1e9})
+        noisy = is_noisy(times)
+        rows.append({"floats": n, "bytes": 4 * n, "seconds": med, "GB_per_s": 4 * n / med / 1e9,
+                     "spread": spread(times), "noisy": noisy})  # fmt: skip
         if comm.rank == 0:
-            print(f"allreduce {4 * n:>10,} B  {med * 1e6:9.1f} µs  {4 * n / med / 1e9:6.2f} GB/s", file=sys.stderr)
+            mark = NOISY_MARK if noisy else ""
+            print(
+                f"allreduce {4 * n:>10,} B  {med * 1e6:9.1f} µs{mark:1} {4 * n / med / 1e9:6.2f} GB/s", file=sys.stderr
+            )
     if comm.rank == 0:
         Path(out).write_text(json.dumps({"ranks": comm.size, "rows": rows}, indent=1))
 
@@ -127,7 +138,17 @@ def cost_model(per_stream_seconds: dict[str, float], latency: float) -> list[dic
     return rows
 
 
+def scaling_ratios(scaling: dict[str, dict]) -> dict[str, float | None]:
+    """tokens/s of 2 ranks ÷ 1 process, strong and weak; None (no ratio) where either row is noisy."""
+    ratios = {}
+    for kind in ("strong", "weak"):
+        one, two = (next(v for k, v in scaling.items() if k.startswith(kind) and v["ranks"] == n) for n in (1, 2))
+        ratios[kind] = None if one["noisy"] or two["noisy"] else two["tokens_per_s"] / one["tokens_per_s"]
+    return ratios
+
+
 def run_all(args: argparse.Namespace) -> None:
+    output = out_dir(args.out) / "distributed.json"
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
     me = [sys.executable, str(Path(__file__).resolve())]
     tmp = Path(tempfile.mkdtemp())
@@ -139,7 +160,7 @@ def run_all(args: argparse.Namespace) -> None:
 
     def train_job(ranks: int, batch: int, dtype: str, steps: int, repeats: int = 3) -> dict:
         """The fastest of ``repeats`` runs (a 2-core VM has noisy neighbours; the minimum time is the machine's)."""
-        best = None
+        best, rates = None, []
         for i in range(repeats):
             name = tmp / f"t{ranks}-{batch}-{dtype}-{i}.json"
             base = [*me, "train", "--batch", str(batch), "--dtype", dtype, "--steps", str(steps)]
@@ -150,7 +171,10 @@ def run_all(args: argparse.Namespace) -> None:
                 subprocess.run([mpiexec, "-n", str(ranks), *base, "--distributed", "mpi"], env=env1, check=True)
             res = json.loads(name.read_text())
             res["params"] = str(name.with_suffix(".npz"))
+            rates.append(res["tokens_per_s"])
             best = res if best is None or res["tokens_per_s"] > best["tokens_per_s"] else best
+        if repeats > 1:  # the spread of the repeats says whether their best can be trusted
+            best.update(tokens_per_s_runs=rates, spread=spread(rates), noisy=is_noisy(rates))
         return best
 
     scaling = {
@@ -166,9 +190,22 @@ def run_all(args: argparse.Namespace) -> None:
         agree[dtype] = max(float(np.abs(a[k] - b[k]).max() / np.abs(a[k]).max()) for k in a.files)
         steps = args.warmup + args.steps
         print(f"{dtype}: 2 ranks vs 1 process after {steps} steps: {agree[dtype]:.2e}", file=sys.stderr)
-    for v in scaling.values():
+    for name, v in scaling.items():
         v.pop("params")
+        mark = NOISY_MARK if v["noisy"] else ""
+        print(f"{name}: {v['tokens_per_s']:,.0f} tok/s{mark} (best of {len(v['tokens_per_s_runs'])})", file=sys.stderr)
+    if any(v["noisy"] for v in scaling.values()):
+        print(
+            f"{NOISY_MARK} noisy: the runs' tokens/s spread more than {NOISY_SPREAD:.0%} (IQR / median)",
+            file=sys.stderr,
+        )
+    ratios = scaling_ratios(scaling)
+    for kind, ratio in ratios.items():
+        said = f"{ratio:.2f}" if ratio is not None else "not given: a noisy row"
+        print(f"{kind} scaling, 2 ranks ÷ 1 process: {said}", file=sys.stderr)
     out["scaling"] = scaling
+    out["scaling_ratio_2_ranks_vs_1"] = ratios
+    out["noisy_spread"] = NOISY_SPREAD
     out["agreement_max_rel_param_diff"] = {**agree, "steps": args.warmup + args.steps, "batch": 16}
     # compute per stream and step (T = 64): the fastest one-process float32 run of the default model here
     # (2-thread OpenBLAS on this 2-vCPU VM is bimodal, so the best is the machine's), and for the large model
@@ -182,11 +219,11 @@ def run_all(args: argparse.Namespace) -> None:
         "latency_s": args.latency, "effective_GFLOP_per_s": rate / 1e9, "compute_per_stream_s": per,
         "rows": cost_model(per, args.latency),
     }  # fmt: skip
-    Path(args.output).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.output}", file=sys.stderr)
+    output.write_text(json.dumps(out, indent=1))
+    print(f"wrote {output}", file=sys.stderr)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
     a = sub.add_parser("allreduce")
@@ -203,8 +240,8 @@ def main() -> None:
     al.add_argument("--steps", type=int, default=60)
     al.add_argument("--warmup", type=int, default=5)
     al.add_argument("--latency", type=float, default=5e-6, help="per-message latency of the network (s)")
-    al.add_argument("--output", default=str(ROOT / "benchmarks" / "distributed.json"))
-    args = p.parse_args()
+    add_out_option(al)
+    args = p.parse_args(argv)
     if args.what == "allreduce":
         allreduce_bench(args.output)
     elif args.what == "train":

@@ -20,11 +20,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report
 
 ROOT = Path(__file__).resolve().parents[1]
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "GOTO_NUM_THREADS", "BLIS_NUM_THREADS")
@@ -86,7 +88,7 @@ def run_workers(shape: tuple, n: int, seconds: float, policy: str) -> list[float
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out_dir", nargs="?", default=None, help="folder for steady.json (default: a new temporary one)")
+    _report.add_out_option(ap)
     ap.add_argument("--rounds", type=int, default=3, help="alone-then-pair rounds per shape")
     ap.add_argument("--seconds", type=float, default=2.0, help="timing window of each measurement")
     ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
@@ -103,8 +105,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from gpubptt.environment import environment
 
-    out_dir = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="gpubptt-steady-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _report.out_dir(args.out)
     rows = []
     policies = ["per-shape", "blas-default"] if args.compare_blas_default else ["per-shape"]
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES

@@ -1,12 +1,19 @@
 """Print a Markdown summary of `gpubptt bench --output X.json` or `perf_grid.py --output X.json` results.
 
 python benchmarks/table.py benchmarks/cpu-default.json benchmarks/perf-cpu.json [more.json ...]
+
+A row whose repeated timings spread more than 10 % (IQR / median) is marked ``~`` and left out of
+the summary ratio; with no clean row, no summary ratio is printed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import NOISY_MARK, NOISY_SPREAD, is_noisy, summary_ratio
 
 
 def _ms(d: dict | None) -> str:
@@ -25,19 +32,26 @@ def grid_summary(path: str, r: dict) -> str:
         + (" graph speed-up | batched GEMM vs cupy |" if gpu else " peak MiB | T·B·K MiB |"),
         "|--:|--:|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
+    compared = []
     for row in r["rows"]:
         med = row["median_s"]
+        noisy = any(is_noisy(row["times_s"][k]) for k in ("gpubptt", "torch") if k in row.get("times_s", {}))
+        mark = f" {NOISY_MARK}" if noisy else ""
+        if "ratio_vs_torch" in row:
+            compared.append({"ratio": row["ratio_vs_torch"], "noisy": noisy})
         cells = [row[k] for k in "TBDHK"] + ["tokens" if row["tokens"] else "dense"]
         cells += [f"{med['gpubptt'] * 1e3:.3g}", f"{med['torch'] * 1e3:.3g}" if "torch" in med else "–"]
-        cells += [f"{row['ratio_vs_torch']:.2f}" if "ratio_vs_torch" in row else "–"]
+        cells += [f"{row['ratio_vs_torch']:.2f}{mark}" if "ratio_vs_torch" in row else "–"]
         cells += [f"{row['gflops']:.1f}", f"{row['efficiency']:.0%}"]
         if gpu:
             cells += [f"{row['graph_speedup']:.1f}×", f"{row['batched_gemm_vs_library']:.0%}"]
         else:
             cells += [f"{row['peak_bytes'] / 2**20:.1f}", f"{row['T_B_K_bytes'] / 2**20:.1f}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    if r.get("median_ratio_vs_torch") is not None:
-        lines += ["", f"gpubptt ÷ torch: median {r['median_ratio_vs_torch']:.2f}, max {r['max_ratio_vs_torch']:.2f}"]
+    if compared:  # recomputed from the rows, the noisy ones left out (the file's own median counts them all)
+        lines += ["", summary_ratio(compared, "gpubptt ÷ torch")[0]]
+        if any(c["noisy"] for c in compared):
+            lines.append(f"{NOISY_MARK} noisy: gpubptt's or torch's IQR exceeds {NOISY_SPREAD:.0%} of its median")
     return "\n".join(lines) + "\n"
 
 
@@ -62,7 +76,8 @@ def summary(path: str) -> str:
         if row["status"] != "ok":
             lines.append(f"| {row['backend']} | {row['sweep']} | {row['T']} | {row['H']} | {row['status']} |")
             continue
-        cells = [row["backend"], row["sweep"], row["T"], row["H"], _ms(row["bptt"]), _ms(row["forward"])]
+        mark = f" {NOISY_MARK}" if row.get("noisy") else ""  # the bench marked it (older files: no mark)
+        cells = [row["backend"], row["sweep"], row["T"], row["H"], _ms(row["bptt"]) + mark, _ms(row["forward"])]
         cells += [f"{row['tokens_per_s']:,.0f}", f"{row['gflops']:.1f}", f"{row['efficiency']:.0%}"]
         for k in refs:
             d = row.get(k)

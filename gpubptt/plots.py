@@ -18,6 +18,7 @@ from .errors import InputError
 
 __all__ = [
     "PLOT_HINT",
+    "figure_title",
     "new_figure",
     "plot_bench",
     "plot_history",
@@ -62,6 +63,13 @@ def save_png(fig: Any, path: str | os.PathLike[str], *, dpi: int = 110) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     write_atomic(path, buf.getvalue())
+
+
+def figure_title(fig: Any, title: str) -> None:
+    """Give ``fig`` (constrained layout) its title, bold, with room below it: at the layout's default
+    padding the title sat on the middle panel's title and read as one line with it."""
+    fig.suptitle(title, fontsize=12, fontweight="bold")
+    fig.get_layout_engine().set(h_pad=0.15)
 
 
 def plot_bench(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -133,6 +141,7 @@ def plot_vanish(sweep: list[tuple[float, Any]], path: str | os.PathLike[str], *,
     Top: the Jacobian-product norm against the lag (log axis; dashed: ρ(W)^lag), the through-time
     gradient ‖δ_{t+1} @ W‖ against the step t, and the truncation bias against the window k.
     Bottom: log10 of ‖E_t's contribution to ∂E/∂W through step k‖ / its largest, rows t, columns k.
+    One radius (a checkpoint's own W): a 2 × 2 grid, the heatmap beside the truncation bias.
     ``sweep`` as ``diagnostics.vanish_sweep`` returns it: (radius, VanishReport) pairs.
     """
     if not sweep:
@@ -142,9 +151,14 @@ def plot_vanish(sweep: list[tuple[float, Any]], path: str | os.PathLike[str], *,
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
 
-    top, bottom = fig.subfigures(2, 1, height_ratios=[1.1, 1])
-    ax_top = top.subplots(1, 3)
-    ax_heat = np.atleast_1d(bottom.subplots(1, n, sharey=True))
+    heat_title = "‖E_t's term of ∂E/∂W through step k‖, rows t, columns k"
+    if n == 1:  # a row of heatmaps holding one square would stay mostly blank
+        grid = fig.subplots(2, 2)
+        ax_top, ax_heat, heat_figure = [grid[0, 0], grid[0, 1], grid[1, 0]], np.array([grid[1, 1]]), fig
+    else:
+        top, heat_figure = fig.subfigures(2, 1, height_ratios=[1.1, 1])
+        ax_top = top.subplots(1, 3)
+        ax_heat = np.atleast_1d(heat_figure.subplots(1, n, sharey=True))
     cmap = colormaps["plasma"]
     colors = [cmap(0.85 * i / max(1, n - 1)) for i in range(n)]
 
@@ -192,14 +206,45 @@ def plot_vanish(sweep: list[tuple[float, Any]], path: str | os.PathLike[str], *,
         rel[np.triu_indices(T, 1)] = np.nan
         rel[~np.isfinite(rel)] = np.nan
         image = ax.imshow(rel, cmap="viridis", norm=norm, origin="upper", interpolation="nearest")
-        ax.set_title(f"ρ(W)={radius:g}", fontsize=10)
+        ax.set_title(heat_title.replace(", rows", "\nrows") + f", ρ(W)={radius:.3g}" if n == 1 else f"ρ(W)={radius:g}",
+                     fontsize=10 + (n == 1))  # fmt: skip
         ax.set_xlabel("k (step reached)")
     ax_heat[0].set_ylabel("t (loss step)")
-    bottom.colorbar(image, ax=ax_heat, shrink=0.85, label="log10 (norm / largest)")
-    bottom.suptitle("‖E_t's term of ∂E/∂W through step k‖, rows t, columns k", fontsize=11)
-    if title:
-        top.suptitle(title, fontsize=11)
+    heat_figure.colorbar(image, ax=ax_heat, shrink=0.85, label="log10 (norm / largest)")
+    if n > 1:
+        heat_figure.suptitle(heat_title, fontsize=11)
+    if title:  # the figure's own title, above both rows (a title of the top row overlapped its middle panel's)
+        figure_title(fig, title)
     save_png(fig, path)
+
+
+def _stack_legends(axes: Any, sweep: list[tuple[float | None, Any]], colors: list, styles: list[str]) -> None:
+    """Two short legends in place of one entry per (radius, layer) line in every panel: the colours (the
+    radius) in the first panel with lines, the line styles (the layer; thin: the reverse direction) in
+    the next one."""
+    from matplotlib.lines import Line2D
+
+    panels = [ax for ax in axes if ax.lines]
+    if not panels:
+        return
+    colour_handles = [
+        Line2D([], [], color=color, lw=2, label="model" if radius is None else f"ρ={radius:g}")
+        for (radius, _), color in zip(sweep, colors, strict=True)
+    ]
+    recurrences = sweep[0][1].recurrences
+    layers = sorted({r.layer for r in recurrences})
+    style_handles = [Line2D([], [], color="0.3", ls=styles[layer % len(styles)], lw=2, label=f"layer {layer}")
+                     for layer in layers]  # fmt: skip
+    if any(r.direction for r in recurrences):
+        style_handles.append(Line2D([], [], color="0.3", lw=1.5, label="thinner: reverse direction"))
+    first = None
+    if len(sweep) > 1 or sweep[0][0] is not None:
+        first = panels[0].legend(handles=colour_handles, fontsize=8, title="colour", title_fontsize=8)
+    if len(style_handles) > 1:
+        where = panels[1] if len(panels) > 1 else panels[0]
+        if first is not None and where is panels[0]:
+            where.add_artist(first)  # a second legend() call would replace the first
+        where.legend(handles=style_handles, fontsize=8, title="line", title_fontsize=8, loc="lower left")
 
 
 def plot_stack(
@@ -245,9 +290,7 @@ def plot_stack(
     axes[1].set_title("through the stack: ‖∂s^top_T−1 / ∂s^l_T−1−ℓ‖₂", fontsize=11)
     axes[2].set_title("‖∂E/∂s^l_t‖ per layer", fontsize=11)
     axes[2].set_xlabel("step t")
-    for ax in axes:
-        if ax.lines:
-            ax.legend(fontsize=7)
+    _stack_legends(axes, sweep, colors, styles)
     if title:
-        fig.suptitle(title, fontsize=11)
+        figure_title(fig, title)
     save_png(fig, path)

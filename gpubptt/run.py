@@ -332,10 +332,12 @@ def _check_memory(st: Mapping[str, Any], data: TextData | CopyTask, config: Trai
         raise InsufficientMemoryError(f"{exc}: choose a smaller --hidden, --batch or --chunk") from None
 
 
-def recompute_plan(run: Run, max_memory: int, *, batch_size: int | None = None) -> str:
+def recompute_plan(run: Run, max_memory: int, *, batch_size: int | None = None, as_given: str | None = None) -> str:
     """How each training step of ``run`` fits in ``max_memory`` bytes: a sentence for the log.
 
     ``batch_size``: the streams one process runs (a rank's share under ``--distributed``; default all).
+    ``as_given``: the budget as the user wrote it ('512M'), echoed beside its size in the units the
+    sentence uses ('--max-memory 512M = 536.9 MB': K, M, G are powers of 1024, the sentence's MB 10^6).
 
     Whole sequences (``--chunk 0``) whose stored plan exceeds the budget recompute their states in
     segments (``gpubptt.recompute``). InsufficientMemoryError, naming the smallest budget that
@@ -353,12 +355,15 @@ def recompute_plan(run: Run, max_memory: int, *, batch_size: int | None = None) 
         m, T, B, tokens=True, lengths=False, recompute="auto", max_memory=max_memory, truncate=run.config.truncate
     )
     stored = call_memory(m, T, B, truncate=run.config.truncate).total
+    budget = format_bytes(max_memory)
+    if as_given is not None and as_given.strip() != str(max_memory):
+        budget = f"{as_given.strip()} = {budget}"
     if c is None:
-        return f"{T}-step batches keep every state: {format_bytes(stored)} ≤ --max-memory {format_bytes(max_memory)}"
+        return f"{T}-step batches keep every state: {format_bytes(stored)} ≤ --max-memory {budget}"
     need = call_memory(m, T, B, recompute=c).total
     return (
         f"{T}-step batches recompute states in segments of {c} steps: {format_bytes(need)} instead of "
-        f"{format_bytes(stored)} stored (--max-memory {format_bytes(max_memory)})"
+        f"{format_bytes(stored)} stored (--max-memory {budget})"
     )
 
 

@@ -34,6 +34,25 @@ def skip_reasons(reports) -> Counter[str]:
     return reasons
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--require-gpu",
+        action="store_true",
+        help="fail when no selected test ran (every one skipped): make test-gpu on a machine without a GPU",
+    )
+
+
+def _nothing_ran(config, stats) -> bool:
+    """--require-gpu and not one test passed or failed: every selected test skipped."""
+    return config.getoption("--require-gpu") and not stats.get("passed") and not stats.get("failed")
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if exitstatus == 0 and reporter is not None and _nothing_ran(session.config, reporter.stats):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """One line per distinct skip reason, most frequent first: "66 skipped: cupy backend unavailable: ..."."""
     reasons = skip_reasons(terminalreporter.stats.get("skipped", []))
@@ -41,6 +60,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.write_sep("=", "skipped, by reason")
         for reason, n in reasons.most_common():
             terminalreporter.write_line(f"{n} skipped: {reason}")
+    if _nothing_ran(config, terminalreporter.stats):
+        terminalreporter.write_line("error: no GPU test ran (--require-gpu): every selected test skipped", red=True)
 
 
 def cupy_unavailable_reason() -> str | None:

@@ -73,15 +73,36 @@ def _spread(summary: dict) -> str:
     return f"{text} {NOISY_MARK}" if is_noisy(summary) else text
 
 
-def render_table(result: dict[str, Any]) -> str:
-    """The result as readable text: a table per backend and sweep, then the fitted exponents."""
+#: The width the table is laid out for: every line fits it (the JSON and CSV keep every column).
+TABLE_WIDTH = 100
+
+
+def _table(title: str, cols: list[str]) -> Any:
+    """A right-justified table with a rule under its header, one space between columns (fits TABLE_WIDTH)."""
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
+    table = Table(
+        title=title, box=box.SIMPLE_HEAD, title_justify="left", show_edge=False, pad_edge=False, padding=(0, 0, 0, 1)
+    )
+    for c in cols:
+        table.add_column(c, justify="right", no_wrap=True)
+    return table
+
+
+def render_table(result: dict[str, Any]) -> str:
+    """The result as readable text, at most TABLE_WIDTH columns: a table per backend and sweep (and, with
+    references, a second one comparing them), the fitted exponents, and a legend for what they show.
+
+    The min and the IQR in milliseconds are left to the JSON and CSV (the IQR/median column says how
+    far the runs spread)."""
+    from rich.console import Console
+
     buf = io.StringIO()
-    console = Console(file=buf, width=220, color_system=None, highlight=False)
+    console = Console(file=buf, width=TABLE_WIDTH, color_system=None, highlight=False)
     cfg = result["config"]
+    shown_refs: list[str] = []
+    any_noisy = False
     for be in result["environment"]["backends"]:
         for sweep, fixed in (("T", f"H={cfg['fixed_H']}"), ("H", f"T={cfg['fixed_T']}")):
             rows = [r for r in result["rows"] if r["backend"] == be["name"] and r["sweep"] == sweep]
@@ -94,33 +115,42 @@ def render_table(result: dict[str, Any]) -> str:
                 f"{be['name']} on {be['device']}: forward+BPTT vs {sweep} at {fixed}, {arch}B={cfg['batch']}, "
                 f"D={cfg['D']}, K={cfg['K']}, {cfg['input']}, {cfg['dtype']} (median of {cfg['repeats']})"
             )
-            table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
-            cols = ["T", "H", "fwd+BPTT ms", "IQR ms", "IQR/median", "min ms", "fwd ms", "tokens/s", "µs/step"]
+            cols = ["T", "H", "fwd+BPTT ms", "IQR/median", "fwd ms", "tokens/s", "µs/step"]
             cols += ["GFLOP/s", "GEMM GFLOP/s", "eff"]
+            table = _table(title, cols)
             refs = [ref for ref in ("torch", "naive") if any(ref in r for r in rows)]
+            ref_cols = ["T", "H", "fwd+BPTT ms"]
             for ref in refs:
-                cols += [f"{ref} ms", f"×{ref}", f"{ref} grad err"]
-            for c in cols:
-                table.add_column(c, justify="right")
+                ref_cols += [f"{ref} ms", f"×{ref}", f"{ref} grad err"]
+            ref_table = _table(f"the same rows against {' and '.join(refs)}", ref_cols) if refs else None
             for r in rows:
                 if r["status"] != "ok":
                     table.add_row(str(r["T"]), str(r["H"]), r["status"], *[""] * (len(cols) - 3))
                     continue
                 b = r["bptt"]
-                cells = [str(r["T"]), str(r["H"]), _ms(b), f"{b['iqr_s'] * 1e3:.2g}", _spread(b)]
-                cells.append(f"{b['min_s'] * 1e3:.3g}")
+                any_noisy |= is_noisy(b)
+                cells = [str(r["T"]), str(r["H"]), _ms(b), _spread(b)]
                 cells += [_ms(r["forward"]), f"{r['tokens_per_s']:,.0f}", f"{r['us_per_step']:.1f}"]
                 cells += [f"{r['gflops']:.1f}", f"{r['gemm']['gflops']:.1f}", f"{r['efficiency']:.0%}"]
+                table.add_row(*cells)
+                if ref_table is None:
+                    continue
+                ref_cells = [str(r["T"]), str(r["H"]), _ms(b) + (f" {NOISY_MARK}" if is_noisy(b) else "")]
                 for ref in refs:
                     d = r.get(ref)
                     if d is None:
-                        cells += ["-"] * 3
+                        ref_cells += ["-"] * 3
                         continue
+                    any_noisy |= is_noisy(d["bptt"])
                     err = max(d["grad_rel_err"].values())
                     ref_ms = _ms(d["bptt"]) + (f" {NOISY_MARK}" if is_noisy(d["bptt"]) else "")
-                    cells += [ref_ms, f"{d['ratio']:.2f}", f"{err:.1e}" + ("" if d["grads_match"] else " (!)")]
-                table.add_row(*cells)
+                    ref_cells += [ref_ms, f"{d['ratio']:.2f}", f"{err:.1e}" + ("" if d["grads_match"] else " (!)")]
+                ref_table.add_row(*ref_cells)
             console.print(table)
+            if ref_table is not None and ref_table.row_count:
+                console.print(ref_table)
+                shown_refs += [ref for ref in refs if ref not in shown_refs]
+            console.print()
         fits = [f for f in result["fits"] if f["backend"] == be["name"]]
         for f in fits:
             (k, v), exp = next(iter(f["fixed"].items())), f["exponent"]
@@ -130,15 +160,17 @@ def render_table(result: dict[str, Any]) -> str:
             console.print(f"fitted: {f['impl']:>8} [{be['name']}]  time ∝ {f['sweep']}^{expo}  at {k}={v}{caveat}")
     for note in result["notes"]:
         console.print(f"note: {note}")
-    console.print(
-        "×torch / ×naive = reference time ÷ gpubptt time (above 1: gpubptt is faster); eff = GFLOP/s ÷ the "
-        "same-shaped GEMM rate measured in this run"
-    )
-    console.print(
-        f"{NOISY_MARK} noisy: IQR/median above {NOISY_SPREAD:.0%}, the runs disagree and the median is "
-        "unreliable (a busy machine?): rerun on a quieter one, or with more --repeats"
-    )
-    return buf.getvalue()
+    # a legend for what the tables show, and nothing else
+    console.print("eff = GFLOP/s ÷ the same-shaped GEMM rate measured in this run")
+    if shown_refs:
+        names = " / ".join(f"×{ref}" for ref in shown_refs)
+        console.print(f"{names} = reference time ÷ gpubptt time (above 1: gpubptt is faster)")
+    if any_noisy:
+        console.print(
+            f"{NOISY_MARK} noisy: IQR/median above {NOISY_SPREAD:.0%}, the runs disagree and the median is "
+            "unreliable (a busy machine?): rerun on a quieter one, or with more --repeats"
+        )
+    return "".join(line.rstrip() + "\n" for line in buf.getvalue().splitlines())
 
 
 def render(result: dict[str, Any], fmt: str) -> str:

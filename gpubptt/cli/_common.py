@@ -27,7 +27,71 @@ from ..errors import BackendUnavailableError, InputError
 from ..memory import format_bytes
 from ..run import check_layers
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batched RNNs and exact BPTT on NumPy or CuPy.")
+#: ``-h`` beside ``--help`` on every command (a command's context inherits the group's help names)
+HELP_NAMES = {"help_option_names": ["-h", "--help"]}
+
+
+def _default_text(option: Any) -> str:
+    """What ``(default: ...)`` shows for an option whose default Typer would print as ``[default: ...]``;
+    "" where there is nothing to show (no default, or a flag that is off unless given)."""
+    if isinstance(option.show_default, str):  # the command's own words for its default
+        return option.show_default
+    value = option.default
+    if value is None or callable(value):
+        return ""
+    if isinstance(value, bool) and option.is_flag:
+        if not value or not option.secondary_opts:
+            return ""  # --force: off unless given, nothing to add
+        return option.opts[0].lstrip("-")  # --bias/--no-bias on by default: "(default: bias)"
+    return str(value.value if isinstance(value, Enum) else value)
+
+
+class _HelpCommand(typer.core.TyperCommand):
+    """A command whose ``--help`` is click's plain two-column layout, one default style, no ``<bool>``.
+
+    Typer's rich panels split each option over five columns (names, short names, ``--no-x`` names,
+    ``<type>``, help), which at 80 columns left the help text about 18 characters wide, printed
+    ``<bool>`` beside flags, and added ``[default: x]`` to options whose help already says
+    ``(default: x)``. Errors keep Typer's own formatting: only the help layout changes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for option in self.params:
+            if not isinstance(option, typer.core.TyperOption) or not option.show_default:
+                continue
+            option.show_default = False  # one style: the "(default: x)" the help texts write themselves
+            shown = _default_text(option)
+            if shown and "(default:" not in (option.help or ""):
+                option.help = f"{option.help} (default: {shown})" if option.help else f"(default: {shown})"
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        super(typer.core.TyperCommand, self).format_help(ctx, formatter)  # click's layout, not the rich panels
+
+
+class _HelpGroup(typer.core.TyperGroup):
+    """The group's ``--help`` in the same plain layout as its commands' (``_HelpCommand``)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        super(typer.core.TyperGroup, self).format_help(ctx, formatter)
+
+
+class _App(typer.Typer):
+    """A Typer app whose commands are ``_HelpCommand`` with ``-h``, unless a command asks otherwise."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", _HelpCommand)
+        kwargs.setdefault("context_settings", HELP_NAMES)
+        return super().command(*args, **kwargs)
+
+
+app = _App(
+    add_completion=False,
+    no_args_is_help=True,
+    cls=_HelpGroup,
+    context_settings=HELP_NAMES,
+    help="Batched RNNs and exact BPTT on NumPy or CuPy.",
+)
 
 
 def choices(name: str, values: Iterable[str]) -> Any:

@@ -480,7 +480,7 @@ def train(
     dp = data_parallel_or_exit(comm, distributed.value, run, fingerprint)
     if budget is not None:  # each rank's plan is for its own streams
         try:
-            plan = recompute_plan(run, budget, batch_size=None if dp is None else dp.local_batch)
+            plan = recompute_plan(run, budget, batch_size=None if dp is None else dp.local_batch, as_given=max_memory)
         except InputError as exc:
             raise usage_error(in_flags(str(exc))) from exc
         if comm.rank == 0:

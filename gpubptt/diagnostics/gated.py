@@ -262,10 +262,14 @@ def compare_cells(
     return out
 
 
+#: A relative truncation error at or below this is float64 rounding of an exact window (plot_cells).
+EXACT_TO_ROUNDING = 1e-12
+
+
 def plot_cells(flows: list[CellFlow], path: Any, *, title: str | None = None) -> None:
     """One PNG, the cells side by side: product norm against the lag (LSTM's c path dashed), ‖∂E/∂s_t‖ against
     t, and the truncation bias against the window k. Needs matplotlib (the ``plot`` extra)."""
-    from ..plots import new_figure, save_png
+    from ..plots import figure_title, new_figure, save_png
 
     if not flows:
         raise InputError("nothing to plot: no cells measured")
@@ -279,14 +283,21 @@ def plot_cells(flows: list[CellFlow], path: Any, *, title: str | None = None) ->
             ax[0].semilogy(f.lags, np.exp(f.cell_log_norms), color=col, lw=1.5, ls="--",
                            label=f"{f.cell} ∂c_t/∂c_k: ×{crate}/step")  # fmt: skip
         ax[1].semilogy(np.arange(len(f.step_norms)), f.step_norms, color=col, lw=2, label=f.cell)
-        ax[2].semilogy(np.maximum(f.truncate, 0.5), np.maximum(f.rel_error, 1e-17), "o-", color=col, label=f.cell)
+        # a window as long as the sequence is exact: its ~1e-16 is float64 rounding, and on the log axis
+        # it squashed every other point into the top of the panel, so it is left out
+        err = np.where(np.asarray(f.rel_error) > EXACT_TO_ROUNDING, f.rel_error, np.nan)
+        ax[2].semilogy(f.truncate, err, "o-", color=col, label=f.cell)
     ax[0].axhline(flows[0].threshold, color="0.5", lw=0.8, ls=":")
     ax[0].set(xlabel="lag t − k", ylabel="‖∂s_t/∂s_k‖₂ (geometric mean over the batch)", title="Jacobian products")
     ax[1].set(xlabel="step t", ylabel="‖∂E/∂s_t‖", title="gradient reaching each step")
-    ax[2].set(xlabel="truncation window k", ylabel="‖g_k − g‖ / ‖g‖", title="truncation bias", xscale="log")
+    ax[2].set(xlabel="truncation window k", ylabel="‖g_k − g‖ / ‖g‖", title="truncation bias (exact windows left out)")
+    ax[2].set_xscale("symlog", linthresh=1)  # k = 0 at 0 (a log axis had drawn it at 0.5), log-spaced beyond 1
+    windows = sorted({int(k) for f in flows for k in f.truncate})
+    ax[2].set_xticks(windows, [str(k) for k in windows])
+    ax[2].minorticks_off()
     for a in ax:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     if title:
-        fig.suptitle(title)
+        figure_title(fig, title)
     save_png(fig, path)

@@ -1,0 +1,87 @@
+"""What the benchmark scripts share: where results go, and which timings may be summed up.
+
+- Results go to the folder given by ``--out DIR``; without it, to a cache folder outside the
+  repository (``default_out_dir``, printed on stderr), so a run never overwrites the committed
+  results in ``benchmarks/``. The commands that regenerate those pass ``--out benchmarks``.
+- A row whose repeated timings spread more than ``NOISY_SPREAD`` (IQR / median, as ``gpubptt bench``
+  uses) is flagged noisy (``~``), and a summary ratio is taken over the clean rows only; with no clean
+  row, no summary is printed at all (``summary_ratio``).
+
+Scripts import it as ``_report`` (Python puts the script's folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpubptt.timing import NOISY_SPREAD, summarize
+
+__all__ = ["NOISY_SPREAD", "add_out_option", "default_out_dir", "is_noisy", "out_dir", "spread", "summary_ratio"]
+
+#: the mark of a noisy row in printed tables (as in ``gpubptt bench``)
+NOISY_MARK = "~"
+
+
+def default_out_dir() -> Path:
+    """``$XDG_CACHE_HOME/gpubptt/benchmarks`` (``~/.cache/...`` without it): outside any checkout."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "gpubptt" / "benchmarks"
+
+
+def add_out_option(parser: argparse.ArgumentParser) -> None:
+    """``--out DIR``: where the script writes its results (default: ``default_out_dir()``)."""
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=f"folder for the results (default: {default_out_dir()}, outside the repository; "
+        "the committed results are regenerated with --out benchmarks)",
+    )
+
+
+def out_dir(out: Path | str | None) -> Path:
+    """The folder to write into (``out``, or the default), created if needed and printed on stderr."""
+    folder = Path(out) if out is not None else default_out_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"results go to {folder}", file=sys.stderr)
+    return folder
+
+
+def spread(times: Sequence[float]) -> float | None:
+    """IQR / median of repeated timings (None for a zero median)."""
+    return summarize(times)["spread"]
+
+
+def is_noisy(times: Sequence[float], threshold: float = NOISY_SPREAD) -> bool:
+    """Whether repeated timings spread more than ``threshold`` (IQR / median); a zero median is noisy too."""
+    s = spread(times)
+    return s is None or s > threshold
+
+
+def summary_ratio(
+    rows: Sequence[dict[str, Any]], what: str, *, key: str = "ratio", threshold: float = NOISY_SPREAD
+) -> tuple[str, dict[str, Any] | None]:
+    """One line summing up ``row[key]`` over the rows not flagged ``row["noisy"]``, and the same as a dict
+    for the JSON (None when refused). Noisy rows are left out and counted; with no clean row the line
+    says there is no summary and gives no number."""
+    clean = [float(r[key]) for r in rows if not r.get("noisy")]
+    left_out = len(rows) - len(clean)
+    if not clean:
+        return (
+            f"{what}: no summary: every row's timings spread more than {threshold:.0%} (IQR / median); "
+            "rerun on a quieter machine",
+            None,
+        )
+    stats = {"median": float(np.median(clean)), "max": max(clean), "rows": len(clean), "noisy_rows_left_out": left_out}
+    line = f"{what}: median {stats['median']:.2f}, max {stats['max']:.2f} over {len(clean)} rows"
+    if left_out:
+        line += f"; {left_out} noisy row{'s' if left_out > 1 else ''} ({NOISY_MARK}) left out"
+    return line, stats
