@@ -38,7 +38,7 @@ class ModelConfig:
     cell: Cell
     num_layers: int = 1
     bidirectional: bool = False
-    bias: bool = False
+    bias: bool = True  # as RNN(bias=...)
     dtype: np.dtype = _FLOAT32
 
     @property

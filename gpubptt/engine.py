@@ -54,7 +54,7 @@ def input_projection(U: Any, b: Any, x: Any, tokens: bool, *, be: Backend, out: 
     if tokens:
         be.xp.take(U.T, x.reshape(-1), axis=0, out=out.reshape(T * B, H))
     else:
-        be.matmul(x.reshape(T * B, -1), U.T, out.reshape(T * B, H))
+        be.matmul(x.reshape(T * B, x.shape[-1]), U.T, out.reshape(T * B, H))
     if b is not None:
         out += b
     return out

@@ -239,7 +239,8 @@ class RNN(Construction):
 
     def constrain(self) -> None:
         """Project every recurrence's parameters onto the cell's constraint set, in place (the cell's
-        ``constrain``; a no-op for the unconstrained cells). Training calls it after each applied step."""
+        ``constrain``; a no-op for the unconstrained cells). An optimizer built on the model calls it after each
+        applied step."""
         for r in self.recurrences:
             self.cell.constrain(self.recurrence_params(r), xp=self.backend.xp)
 
@@ -410,7 +411,7 @@ class RNN(Construction):
                 states = states.copy()  # a view of the state buffer otherwise
         if head is not None and batch.T and batch.B:
             logits = head_forward(head, states, V, c, batch.lengths, self.num_directions, be=self.backend)
-        if head == "last_softmax":
+        if head == "last_softmax" and logits is not None:  # None for an empty batch (T or B = 0)
             probs = self.backend.xp.exp(logits - logits.max(axis=1, keepdims=True))
             probs /= probs.sum(axis=1, keepdims=True)
         if batch.weight is not None and logits is not None and head in ("softmax", "mse"):
@@ -437,7 +438,7 @@ class RNN(Construction):
         Callable once. ``recompute`` as in ``loss_and_grads`` (None, "sqrt" or an int c: steps per
         segment; not "auto"): the forward keeps only the states at segment boundaries (and the top layer's
         outputs it returns) and the pullback recomputes each segment, for the models recomputation
-        serves (``gpubptt.recompute``: one direction, no extra cell state).
+        serves (``gpubptt.recompute``: one direction, no dropout between layers; an LSTM keeps c at the boundaries).
         """
         recompute = _recompute.check_recompute(recompute)
         if recompute == "auto":
@@ -486,12 +487,13 @@ class RNN(Construction):
         return VJPOutput(states=states, final_state=final), pullback
 
     def _head_loss(
-        self, head: str | None, x: Any, y: Any, s0: Any, lengths: Any, reduction: str, grads: bool
+        self, head: str | None, x: Any, y: Any, s0: Any, lengths: Any, reduction: str, grads: bool, drop: bool = True
     ) -> tuple[Any, dict[str, Any] | None, Any]:
-        """(loss, grads or None, final state) under a head other than the fused "softmax" one."""
+        """(loss, grads or None, final state) under a head other than the fused "softmax" one; ``drop``: whether
+        the call would apply the model's dropout (``loss_and_grads`` does; ``loss`` only with a dropout_seed)."""
         if head is None:
             raise InputError("this model has no output head (head=None): use model.vjp(x) with your own loss")
-        if self.dropout > 0 and self.num_layers > 1:
+        if drop and self.dropout > 0 and self.num_layers > 1:
             raise InputError(
                 f"dropout={self.dropout} between layers runs under the 'softmax' head only; head {head!r} is "
                 "computed without dropout: set model.dropout = 0 for it"
@@ -548,8 +550,8 @@ class RNN(Construction):
         dropout_seed = _check_seed(dropout_seed, "dropout_seed")
         dropout_offset = check_offset(dropout_offset)
         head = self._head(head)
-        if head != "softmax":
-            return self._head_loss(head, x, y, s0, lengths, reduction, grads=False)[0]
+        if head != "softmax":  # no dropout in loss() unless a dropout_seed asks for the masks
+            return self._head_loss(head, x, y, s0, lengths, reduction, grads=False, drop=dropout_seed is not None)[0]
         batch = self._check(self._swap(x, "x"), self._swap(y, "y"), s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)
         with self._lock:  # one call of this model at a time (see loss_and_grads)

@@ -186,8 +186,12 @@ class Optimizer:
         on_nonfinite: str = "raise",
         weight_decay: float = 0.0,
     ) -> None:
+        #: the model's ``constrain`` (a constrained cell's parameters back into their set, e.g. IndRNN's |w|
+        #: bound) when built on a model: every applied step ends with it; None when built on a mapping
+        self.constrain = None
         if hasattr(params, "params") and hasattr(params, "backend"):
             be = params.backend if backend is None else get_backend(backend)
+            self.constrain = getattr(params, "constrain", None)
             params = params.params
         else:
             be = get_backend("numpy" if backend is None else backend)
@@ -225,14 +229,19 @@ class Optimizer:
 
     # -- the guard ----------------------------------------------------------------------------
     def _read_back(self, pairs: list[tuple[str, Any]], loss: Any, norm: Any) -> np.ndarray:
-        """[Σg_k² for each k, total, loss, norm, whether each updated parameter is finite (1/0)] in ONE
-        device-to-host transfer (the step's sync point)."""
+        """[Σg_k² for each k, total, loss, norm, whether each updated parameter and its new optimizer state are
+        finite (1/0)] in ONE device-to-host transfer (the step's sync point)."""
         xp = self.backend.xp
         sq = xp.stack([xp.vdot(g.ravel(), g.ravel()).astype(xp.float64) for _, g in pairs])
         extra = [sq.sum()]
         extra.append(xp.asarray(np.nan if loss is None else loss, dtype=xp.float64).reshape(()))
         extra.append(xp.asarray(np.nan if norm is None else norm, dtype=xp.float64).reshape(()))
-        finite = [xp.isfinite(self._scratch[k]).all().astype(xp.float64) for k, _ in pairs]
+        finite = []  # each updated parameter AND its new optimizer state: a step never commits an overflow
+        for k, _ in pairs:
+            ok = xp.isfinite(self._scratch[k]).all()
+            for slot in self.SLOTS:
+                ok = ok & xp.isfinite(self._next[slot][k]).all()
+            finite.append(ok.astype(xp.float64))
         return self.backend.to_numpy(xp.concatenate([sq, xp.stack(extra), xp.stack(finite)]))
 
     def _why(self, pairs: list[tuple[str, Any]], names: list[str]) -> str:
@@ -303,7 +312,8 @@ class Optimizer:
             if self.on_nonfinite == "raise":
                 raise NonFiniteError(
                     f"step {n}: the update would overflow parameter{'s' if len(overflow) > 1 else ''} "
-                    f"{', '.join(overflow)} to NaN or infinity (loss = {loss_f} and the gradients are finite; "
+                    f"{', '.join(overflow)} (or {'their' if len(overflow) > 1 else 'its'} optimizer state) to NaN or "
+                    f"infinity (loss = {loss_f} and the gradients are finite; "
                     f"lr = {self.lr:g}). The step was refused and the weights were not changed: lower the "
                     "learning rate, clip the gradients (max_norm), or skip such steps (on_nonfinite='skip')"
                 )
@@ -315,6 +325,8 @@ class Optimizer:
         for slot in self.SLOTS:
             self.state[slot], self._next[slot] = self._next[slot], self.state[slot]
         self.t += 1
+        if self.constrain is not None:
+            self.constrain()  # a projection onto the cell's constraint set: elementwise, in place, no sync
         return StepResult(applied=True, loss=loss_f, grad_norm=norm_f)
 
     def _update(self, k: str, p: Any, g: Any) -> None:

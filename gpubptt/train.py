@@ -378,8 +378,6 @@ def train(
         )
         optimizer.lr = lr
         res = optimizer.step(grads, loss=loss, grad_norm=norm, step=state.step + 1)
-        if res.applied and hasattr(model, "constrain"):
-            model.constrain()  # a constrained cell's parameters back into their set (IndRNN's |w| bound)
 
         state.step += 1
         state.chunk += 1

@@ -8,9 +8,10 @@ recurs on itself alone, through a vector w instead of a matrix W.
 
 Since the step Jacobian is diagonal, the gradient reaching s_k from E_t is Π_{j=k+1..t} f_j w, one unit
 at a time: |w_i| ≤ γ^{1/T} bounds that product by γ over T steps where f ≤ 1 (the paper's gradient
-horizon rule; γ = 2 for relu, the bound it uses). ``max_weight`` enforces it: every optimizer step
-ends by clipping w into [−max_weight, max_weight] (``constrain``; ``horizon_bound(T, γ)`` gives
-γ^{1/T}). w starts uniform in [0, min(1, max_weight)]: every unit keeps some memory and none grows.
+horizon rule; γ = 2 for relu, the bound it uses). ``max_weight`` enforces it: every step of an optimizer
+built on the model (``make_optimizer(name, model)``) ends by clipping w into [−max_weight, max_weight]
+(``constrain``; ``horizon_bound(T, γ)`` gives γ^{1/T}). w starts uniform in [0, min(1, max_weight)]: every
+unit keeps some memory and none grows.
 
 There is no GEMM in the recurrence: one step forward and one step back are each one fused
 elementwise kernel on CuPy (``_FORWARD_*``, ``_BACKWARD_*``), or their NumPy twins (a few ``out=``
@@ -44,8 +45,8 @@ class IndRNNCell(Cell):
     """IndRNN: s_t = φ(U x_t + b + w ⊙ s_{t−1}); see the module docstring.
 
     ``nonlinearity`` "relu" (the default, the paper's) or "tanh"; ``max_weight`` None (w free) or the bound
-    γ^{1/T} on |w_i| that every optimizer step clips w to. Parameters per recurrence: U (H, D_l), w (H,),
-    b (H,) with biases. torch has no IndRNN: ``to_torch``/``from_torch`` refuse it.
+    γ^{1/T} on |w_i| that every step of an optimizer built on the model clips w to. Parameters per
+    recurrence: U (H, D_l), w (H,), b (H,) with biases. torch has no IndRNN: ``to_torch``/``from_torch`` refuse it.
     """
 
     option = "indrnn"

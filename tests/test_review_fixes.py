@@ -1,0 +1,71 @@
+"""Defects found by reviewing the merged work, each pinned by a test that failed before its fix.
+
+- an optimizer step whose new *state* overflows (Adagrad's Σg²) while the parameters stay finite
+  must be refused like any overflow, or every later save fails on the infinite state;
+- an optimizer built on an IndRNN model with ``max_weight`` keeps |w| within the bound (the cell's
+  constraint runs after every applied step, not only inside ``gpubptt.train``);
+- ``loss(head=...)`` of a model with dropout computes the loss without dropout (as ``loss`` always
+  does without a dropout_seed) instead of refusing;
+- ``forward`` of an empty sequence (T = 0) under any head returns, instead of crashing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpubptt
+from gpubptt.optim import Adagrad, NonFiniteError, make_optimizer
+
+
+def test_an_update_that_overflows_the_optimizer_state_is_refused_and_changes_nothing():
+    model = gpubptt.RNN(2, 3, 2, backend="numpy", seed=0, bias=False)
+    opt = Adagrad(model, lr=1e-3, on_nonfinite="raise")
+    big = np.finfo(np.float32).max * 0.999
+    for slot in opt.state.values():
+        for k in slot:
+            slot[k][...] = big  # Σg² at float32's limit: one more g² overflows it
+    before = {k: v.copy() for k, v in model.params.items()}
+    state = {k: v.copy() for k, v in opt.state["sum_sq"].items()}
+    grads = {k: np.full_like(v, 1e18) for k, v in model.params.items()}  # finite, and so is their norm
+    with pytest.raises(NonFiniteError, match="optimizer state"):
+        opt.step(grads)
+    assert opt.t == 0
+    for k in before:
+        np.testing.assert_array_equal(model.params[k], before[k])
+        np.testing.assert_array_equal(opt.state["sum_sq"][k], state[k])
+    res = Adagrad(model, lr=1e-3, on_nonfinite="skip")
+    for k in res.state["sum_sq"]:
+        res.state["sum_sq"][k][...] = big
+    out = res.step(grads)
+    assert not out.applied and all(name.startswith("updated.") for name in out.nonfinite)
+
+
+def test_an_optimizer_built_on_a_constrained_indrnn_keeps_w_within_its_bound():
+    model = gpubptt.RNN(3, 5, 3, cell="indrnn", backend="numpy", seed=0)
+    model = gpubptt.RNN.from_params(model.params, backend="numpy", cell=type(model.cell)(max_weight=0.5))
+    opt = make_optimizer("sgd", model, lr=10.0)
+    x = np.random.default_rng(0).integers(0, 3, size=(6, 2))
+    for _ in range(3):
+        _, grads = model.loss_and_grads(x, x)
+        grads = {k: -np.sign(g) for k, g in grads.items() if k in model.params}  # push every w outwards
+        assert opt.step(grads).applied
+    w = np.abs(model.params["w"])
+    assert w.max() <= 0.5 and np.isclose(w.max(), 0.5)  # clipped to the bound, not merely small
+
+
+def test_loss_under_another_head_ignores_dropout_as_loss_always_does():
+    rng = np.random.default_rng(0)
+    model = gpubptt.RNN(3, 4, 2, num_layers=2, dropout=0.3, backend="numpy", dtype="float64", seed=0)
+    plain = gpubptt.RNN.from_params(model.params, backend="numpy")  # the same weights, no dropout at all
+    x, y = rng.normal(size=(5, 3, 3)), rng.normal(size=(5, 3, 2))
+    assert float(model.loss(x, y, head="mse")) == pytest.approx(float(plain.loss(x, y, head="mse")), rel=1e-14)
+    with pytest.raises(gpubptt.InputError, match="dropout"):  # asked for masks it cannot apply: refused
+        model.loss(x, y, head="mse", dropout_seed=1)
+
+
+@pytest.mark.parametrize("head", ["softmax", "last_softmax", "mse", "last_mse"])
+def test_forward_of_an_empty_sequence_returns_under_every_head(head):
+    model = gpubptt.RNN(3, 4, 2, backend="numpy", seed=0)
+    out = model.forward(np.zeros((0, 2, 3), np.float32), head=head)
+    assert out.states.shape == (0, 2, 4)
