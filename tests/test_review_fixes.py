@@ -69,3 +69,27 @@ def test_forward_of_an_empty_sequence_returns_under_every_head(head):
     model = gpubptt.RNN(3, 4, 2, backend="numpy", seed=0)
     out = model.forward(np.zeros((0, 2, 3), np.float32), head=head)
     assert out.states.shape == (0, 2, 4)
+
+
+def test_a_forced_run_whose_best_file_cannot_be_written_leaves_no_older_runs_best_beside_it(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import gpubptt.cli.train as cli_train
+    from gpubptt.cli import app
+
+    runner, ck = CliRunner(), tmp_path / "ck.npz"
+    (tmp_path / "book.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    args = ["train", "--hidden", "8", "--batch", "2", "--chunk", "8", "--backend", "numpy", "--data"]
+    args += [str(tmp_path / "book.txt"), "--steps", "4", "--eval-every", "2", "--checkpoint", str(ck)]
+    assert runner.invoke(app, args).exit_code == 0 and (tmp_path / "ck.best.npz").exists()
+    real = cli_train.save_run
+
+    def save_run(path, run):  # the disk fills up between the new run's last and best files
+        if str(path).endswith(".best.npz"):
+            raise OSError(28, "No space left on device")
+        return real(path, run)
+
+    monkeypatch.setattr(cli_train, "save_run", save_run)
+    result = runner.invoke(app, [*args, "--force", "--seed", "1"])
+    assert result.exit_code == 1 and "best checkpoint" in result.output
+    assert not (tmp_path / "ck.best.npz").exists()  # not the replaced run's best beside the new run's last

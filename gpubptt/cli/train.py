@@ -184,24 +184,24 @@ class TrainReporter:
         if not self.main:
             self.saved_step = self.run.state.step
             return
-        if not self.best_written and self.best_checkpoint.exists():
-            # --force: a replaced run's best file goes BEFORE this run's first file is written, so a failure
-            # in between never leaves the new last model beside the old run's best
-            try:
-                self.best_checkpoint.unlink()
-            except OSError as exc:
-                raise Failed(write_error("best checkpoint", self.best_checkpoint, exc)) from exc
-            self.best_written = True
         targets = [("checkpoint", self.checkpoint)] + ([("best checkpoint", self.best_checkpoint)] if best else [])
         for what, path in targets:
             try:
                 save_run(path, self.run)
             except OSError as exc:
+                if path is self.best_checkpoint and not self.best_written:  # --force: never leave this run's
+                    self.best_checkpoint.unlink(missing_ok=True)  # new last model beside a replaced run's best
                 raise Failed(write_error(what, path, exc)) from exc
             except CheckpointError as exc:  # a run the format cannot hold: nothing was written
                 raise Failed(str(exc)) from exc
         self.saved_step = self.run.state.step
         if best:
+            self.best_written = True
+        elif not self.best_written and self.best_checkpoint.exists():  # --force: not the best of this run
+            try:
+                self.best_checkpoint.unlink()
+            except OSError as exc:
+                raise Failed(write_error("best checkpoint", self.best_checkpoint, exc)) from exc
             self.best_written = True
 
     def kept(self) -> str:
