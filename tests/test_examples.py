@@ -1,4 +1,4 @@
-"""The examples in examples/ and the README's sections on heads and on PyTorch run, at reduced sizes, in a
+"""The examples in examples/ and the docs pages on heads and on PyTorch run, at reduced sizes, in a
 temporary folder; each example's result is checked against what its task allows (above chance, below
 a baseline, a smaller peak than torch's). The torch ones skip without torch."""
 
@@ -20,11 +20,10 @@ def load(name: str):
     return module
 
 
-def readme_blocks(heading: str) -> list[str]:
-    """The ```python blocks of one README section (up to the next ## heading)."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+def page_blocks(page: str) -> list[str]:
+    """The ```python blocks of one docs page, in order."""
+    text = (ROOT / "docs" / page).read_text(encoding="utf-8")
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
 def test_sequence_classification_beats_chance(tmp_path, monkeypatch):
@@ -52,13 +51,13 @@ def test_torch_long_sequence_peaks_below_torch(tmp_path, monkeypatch, capsys):
     assert "torch nn.LSTM peak" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("heading", ["Heads, losses and the pullback", "Using gpubptt from PyTorch"])
-def test_readme_section_runs(heading, tmp_path, monkeypatch):
-    if "PyTorch" in heading:
+@pytest.mark.parametrize("page", ["heads.md", "torch.md"])
+def test_docs_page_runs(page, tmp_path, monkeypatch):
+    if page == "torch.md":
         pytest.importorskip("torch")
     monkeypatch.chdir(tmp_path)
-    blocks = readme_blocks(heading)
+    blocks = page_blocks(page)
     assert blocks
     namespace: dict = {}
     for code in blocks:
-        exec(compile(code, f"README.md ({heading})", "exec"), namespace)
+        exec(compile(code, f"docs/{page}", "exec"), namespace)
