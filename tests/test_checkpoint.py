@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import gpubptt
-from gpubptt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from gpubptt.data import TextData
-from gpubptt.optim import make_optimizer
-from gpubptt.train import TrainConfig, TrainState, train
+from gpubptt.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gpubptt.training.data import TextData
+from gpubptt.training.loop import TrainConfig, TrainState, train
+from gpubptt.training.optim import make_optimizer
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 30
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend
-from ..memory import format_bytes
+from ..engine.memory import format_bytes
 
 __all__ = ["POLICIES", "long_sweep", "longest_T", "render_long"]
 

@@ -16,10 +16,10 @@ from ..backend import BACKEND_NAMES, available_backends
 from ..bench import COMPARES, INPUTS
 from ..bench.runner import BenchConfig
 from ..cells import NONLINEARITIES, cell_class
-from ..checkpoint import Checkpoint, load_checkpoint
 from ..environment import environment
 from ..errors import CheckpointError
 from ..model import CELLS, RNN
+from ..training.checkpoint import Checkpoint, load_checkpoint
 from ._common import (
     EXIT_SAVED_NO_STDOUT,
     BackendChoice,
@@ -407,7 +407,7 @@ def _long(policies_text, Ts, backend, B, H, vocab, dtype, seed, output, plot, sa
     options of the T/H sweep that were given (each refused by name, before any work).
     """
     from ..bench.long import POLICIES, long_sweep, plot_long, render_long
-    from ..recompute import unsupported_reason
+    from ..engine.recompute import unsupported_reason
 
     policies = [p.strip() for p in policies_text.split(",") if p.strip()]
     if not policies or any(p not in POLICIES for p in policies):

@@ -16,12 +16,14 @@ import typer
 from .. import plots
 from .._paths import write_error
 from ..cells import NONLINEARITIES
-from ..checkpoint import CheckpointError, load_checkpoint
-from ..data import TASKS
 from ..errors import InputError
 from ..model import CELLS, INITS
-from ..optim import DEFAULT_LR, ON_NONFINITE, OPTIMIZERS, NonFiniteError
-from ..run import (
+from ..training.checkpoint import CheckpointError, load_checkpoint
+from ..training.data import TASKS
+from ..training.loop import SCHEDULES, TrainEvent
+from ..training.loop import train as train_loop
+from ..training.optim import DEFAULT_LR, ON_NONFINITE, OPTIMIZERS, NonFiniteError
+from ..training.run import (
     DEFAULT_EVAL_EVERY,
     DEFAULT_STEPS,
     DEFAULTS,
@@ -33,9 +35,7 @@ from ..run import (
     resume_run,
     save_run,
 )
-from ..sample import sample_chars
-from ..train import SCHEDULES, TrainEvent
-from ..train import train as train_loop
+from ..training.sample import sample_chars
 from ._common import (
     EXIT_SAVED_NO_STDOUT,
     BackendChoice,

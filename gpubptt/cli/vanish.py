@@ -16,8 +16,8 @@ from .. import diagnostics, plots
 from ..cells import NONLINEARITIES
 from ..diagnostics import DEFAULT_ITERS, DEFAULT_THRESHOLD
 from ..diagnostics.problems import DEFAULT_SEQ_LEN, checkpoint_problem, random_problem
+from ..engine.memory import InsufficientMemoryError
 from ..errors import InputError
-from ..memory import InsufficientMemoryError
 from ..model import CELLS, INITS
 from ._common import (
     BackendChoice,

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import engine
 from ..backend import to_numpy
+from ..engine import stack as engine
 from ..errors import InputError
 from ..model import RNN
 from ._common import ToDict, batch_of, check_int, check_model, check_positive_float

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from .cells import NONLINEARITIES, cell_class, cell_names
+from ..cells import NONLINEARITIES, cell_class, cell_names
+from ..engine.memory import MAX_LAYERS  # a sanity bound on model.num_layers, the model's own
+from ..errors import CheckpointError, InputError
 from .data import TASKS
-from .errors import CheckpointError, InputError
-from .memory import MAX_LAYERS  # a sanity bound on model.num_layers, the model's own
+from .loop import SCHEDULES, History, TrainConfig, TrainState
 from .optim import ON_NONFINITE, OPTIMIZERS
-from .train import SCHEDULES, History, TrainConfig, TrainState
 
 __all__ = ["ARCHITECTURE", "FORMAT", "READS", "VERSION", "check_history", "check_meta", "show"]
 

@@ -37,17 +37,17 @@ from typing import Any
 
 import numpy as np
 
-from ._checkpoint_meta import FORMAT, VERSION, check_history, check_meta, show
-from ._io import write_atomic
-from .backend import Backend, get_backend, to_numpy
-from .cells import cell_class, cell_names, make_cell
-from .config import ModelConfig
+from .._io import write_atomic
+from ..backend import Backend, get_backend, to_numpy
+from ..cells import cell_class, cell_names, make_cell
+from ..config import ModelConfig
+from ..errors import CheckpointError, InputError
+from ..model import RNN
+from ..params import param_shapes
+from .checkpoint_meta import FORMAT, VERSION, check_history, check_meta, show
 from .data import Vocab
-from .errors import CheckpointError, InputError
-from .model import RNN
+from .loop import History, TrainConfig, TrainState
 from .optim import Optimizer, make_optimizer
-from .params import param_shapes
-from .train import History, TrainConfig, TrainState
 
 __all__ = ["FORMAT", "VERSION", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
