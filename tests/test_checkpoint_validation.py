@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 import gpubptt
 from gpubptt.cli import app
-from gpubptt.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gpubptt.training.data import CopyTask, TextData
 from gpubptt.training.loop import TrainConfig, train
 from gpubptt.training.optim import make_optimizer
+from gpubptt.training.record import CheckpointError, load_checkpoint, save_checkpoint
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 30
 

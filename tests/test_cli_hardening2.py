@@ -245,7 +245,7 @@ def test_train_with_a_full_stdout_says_its_checkpoint_was_saved_and_exits_3(tmp_
     last = done.stderr.splitlines()[-1]
     assert "could not write to stdout" in last and "the checkpoint 'ck.npz' was saved at step 2" in last
     assert "Traceback" not in done.stderr
-    assert gpubptt.training.checkpoint.load_checkpoint(tmp_path / "ck.npz", backend="numpy").state.step == 2
+    assert gpubptt.training.record.load_checkpoint(tmp_path / "ck.npz", backend="numpy").state.step == 2
 
 
 # -- 10: extreme temperatures -----------------------------------------------------------------------------

@@ -117,7 +117,7 @@ TASK = ["train", "--backend", "numpy", "--task", "recall", "--delay", "2", "--hi
 def test_ctrl_c_in_train_saves_the_checkpoint_at_the_step_it_stopped(tmp_path, monkeypatch):
     import signal
 
-    from gpubptt.training.checkpoint import load_checkpoint
+    from gpubptt.training.record import load_checkpoint
 
     ck = tmp_path / "ck.npz"
     _ctrl_c_during_step(monkeypatch, step=3, presses=1)

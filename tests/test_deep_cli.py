@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 import gpubptt
 from gpubptt.bench import flops
 from gpubptt.cli import app
-from gpubptt.training.checkpoint import load_checkpoint
 from gpubptt.training.data import Vocab
+from gpubptt.training.record import load_checkpoint
 from gpubptt.training.sample import sample_text
 
 runner = CliRunner()

@@ -23,10 +23,10 @@ from gpubptt.backend import get_backend
 from gpubptt.cli import app
 from gpubptt.engine.memory import MAX_LAYERS, InsufficientMemoryError
 from gpubptt.errors import CheckpointError, InputError, InputTypeError, ShapeError
-from gpubptt.training.checkpoint import load_checkpoint, save_checkpoint
 from gpubptt.training.data import TextData, default_corpus
 from gpubptt.training.loop import TrainConfig, evaluate, train
 from gpubptt.training.optim import SGD, Adam, NonFiniteError
+from gpubptt.training.record import load_checkpoint, save_checkpoint
 
 runner = CliRunner()
 F32_MAX = float(np.finfo(np.float32).max)

@@ -116,6 +116,21 @@ def test_nothing_below_the_cli_imports_the_cli_and_only_the_backend_and_nccl_imp
     assert cupy_users == ["gpubptt.distributed.nccl"]
 
 
+def test_the_checkpoint_file_format_imports_no_training_code():
+    modules = _modules()
+    graph = {name: _imports(name, modules)["gpubptt"] for name in modules}
+    fmt = {"gpubptt.training.checkpoint", "gpubptt.training.checkpoint_meta"}
+    reached, todo = set(), list(fmt)
+    while todo:  # everything the file format imports, directly or not
+        for dep in graph[todo.pop()] - reached:
+            reached.add(dep)
+            todo.append(dep)
+    training = {m for m in modules if m.startswith("gpubptt.training.")} - fmt
+    assert "gpubptt.training.loop" in training and reached & training == set()
+    # and the training record reaches the format only through it
+    assert {"gpubptt.training.checkpoint", "gpubptt.training.checkpoint_meta"} <= graph["gpubptt.training.record"]
+
+
 def test_every_module_imports_in_a_fresh_interpreter():
     names = [m for m in _modules() if m != "gpubptt.__main__"]  # __main__ runs the CLI
     # an optional extra that is not installed (torch, mpi4py, matplotlib, CuPy) may refuse; nothing else may

@@ -11,7 +11,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from gpubptt.cli import app
-from gpubptt.training.checkpoint import load_checkpoint
+from gpubptt.training.record import load_checkpoint
 
 runner = CliRunner()
 TEXT = "to be or not to be, that is the question. " * 40

@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 import gpubptt
 import gpubptt.training.loop
 from gpubptt.cli import app
-from gpubptt.training.checkpoint import load_checkpoint, save_checkpoint
 from gpubptt.training.data import TextData, Vocab
 from gpubptt.training.loop import History, TrainConfig, train
 from gpubptt.training.optim import SGD, Adagrad, Adam
+from gpubptt.training.record import load_checkpoint, save_checkpoint
 from gpubptt.training.run import DEFAULTS, best_path
 from gpubptt.training.sample import next_distribution, sample_chars
 

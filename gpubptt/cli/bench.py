@@ -19,7 +19,7 @@ from ..cells import NONLINEARITIES, cell_class
 from ..environment import environment
 from ..errors import CheckpointError
 from ..model import CELLS, RNN
-from ..training.checkpoint import Checkpoint, load_checkpoint
+from ..training.record import Checkpoint, load_checkpoint
 from ._common import (
     EXIT_SAVED_NO_STDOUT,
     BackendChoice,

@@ -18,11 +18,11 @@ from .._paths import write_error
 from ..cells import NONLINEARITIES
 from ..errors import InputError
 from ..model import CELLS, INITS
-from ..training.checkpoint import CheckpointError, load_checkpoint
 from ..training.data import TASKS
 from ..training.loop import SCHEDULES, TrainEvent
 from ..training.loop import train as train_loop
 from ..training.optim import DEFAULT_LR, ON_NONFINITE, OPTIMIZERS, NonFiniteError
+from ..training.record import CheckpointError, load_checkpoint
 from ..training.run import (
     DEFAULT_EVAL_EVERY,
     DEFAULT_STEPS,

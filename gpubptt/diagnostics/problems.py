@@ -14,8 +14,8 @@ from ..backend import get_backend
 from ..engine.memory import check_fits, vanish_memory
 from ..errors import InputError
 from ..model import RNN
-from ..training.checkpoint import CheckpointError, load_checkpoint
 from ..training.data import Vocab, make_data, read_text
+from ..training.record import CheckpointError, load_checkpoint
 from ._common import (
     check_int,
 )

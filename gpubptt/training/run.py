@@ -27,10 +27,10 @@ from ..cells import NONLINEARITIES, cell_class, cell_names, make_cell
 from ..engine.memory import MAX_LAYERS, InsufficientMemoryError, check_fits, format_bytes, train_memory
 from ..errors import InputError
 from ..model import CELLS, INITS, RNN
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
 from .loop import SCHEDULES, History, TrainConfig, TrainState
 from .optim import DEFAULT_LR, LR_MAX, LR_RANGE, ON_NONFINITE, Optimizer, make_optimizer
+from .record import Checkpoint, load_checkpoint, save_checkpoint
 from .sample import check_predicts_ahead
 
 __all__ = ["DEFAULTS", "Run", "best_path", "check_layers", "new_run", "resume_run", "save_run", "total_steps"]
@@ -492,7 +492,7 @@ def resume_run(
 
 
 def save_run(path: str | Path, run: Run) -> Path:
-    """Checkpoint the run atomically at ``path`` (see ``gpubptt.training.checkpoint``)."""
+    """Checkpoint the run atomically at ``path`` (see ``gpubptt.training.record``)."""
     return save_checkpoint(
         path,
         run.model,
