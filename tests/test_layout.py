@@ -47,19 +47,12 @@ def _modules() -> dict[str, tuple[Path, bool]]:
 
 
 def _imports(name: str, modules: dict[str, tuple[Path, bool]]) -> dict[str, set[str]]:
-    """What module ``name`` imports, at any depth (in functions too; annotations-only imports under
-    ``if TYPE_CHECKING:`` left out): {"gpubptt": package modules, "other": top-level names of the rest}."""
+    """What module ``name`` imports, at any depth (in functions and under ``if TYPE_CHECKING:`` too):
+    {"gpubptt": package modules, "other": top-level names of the rest}."""
     path, is_init = modules[name]
     package = name.split(".") if is_init else name.split(".")[:-1]
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    typing_only = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            typing_only |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
     found: dict[str, set[str]] = {"gpubptt": set(), "other": set()}
-    for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import gpubptt
-from gpubptt.bench.runner import BenchConfig, run_bench
+from gpubptt.bench import BenchConfig, run_bench
 from gpubptt.cells import Cell, register_cell
 from gpubptt.diagnostics import gated
 from gpubptt.distributed import DataParallel, run_ranks

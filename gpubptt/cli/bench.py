@@ -14,8 +14,10 @@ from .. import plots
 from .._io import write_atomic
 from ..backend import BACKEND_NAMES, available_backends
 from ..bench import COMPARES, INPUTS
-from ..bench.runner import BenchConfig
+from ..bench.config import BenchConfig
+from ..bench.long import POLICIES, long_sweep, plot_long, render_long
 from ..cells import NONLINEARITIES, cell_class
+from ..engine.recompute import unsupported_reason
 from ..environment import environment
 from ..errors import CheckpointError
 from ..model import CELLS, RNN
@@ -416,9 +418,6 @@ def _long(policies_text, Ts, backend, B, H, vocab, dtype, seed, output, plot, sa
     ``arch``: cell, num_layers, nonlinearity, bidirectional of the model timed; ``ignored``: the
     options of the T/H sweep that were given (each refused by name, before any work).
     """
-    from ..bench.long import POLICIES, long_sweep, plot_long, render_long
-    from ..engine.recompute import unsupported_reason
-
     policies = [p.strip() for p in policies_text.split(",") if p.strip()]
     if not policies or any(p not in POLICIES for p in policies):
         raise usage_error(

@@ -25,6 +25,7 @@ import numpy as np
 from ..backend import Backend, get_backend
 from ..cells import NONLINEARITIES, cell_class, cell_names, make_cell
 from ..engine.memory import MAX_LAYERS, InsufficientMemoryError, check_fits, format_bytes, train_memory
+from ..engine.recompute import call_memory, choose
 from ..errors import InputError
 from ..model import CELLS, INITS, RNN
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
@@ -341,8 +342,6 @@ def recompute_plan(run: Run, max_memory: int, *, batch_size: int | None = None) 
     segments (``gpubptt.engine.recompute``). InsufficientMemoryError, naming the smallest budget that
     works, when no policy fits; InputError when the run cannot recompute (truncation, dropout).
     """
-    from ..engine.recompute import call_memory, choose
-
     x, _ = run.data.train_sequence(
         0, seed=run.config.seed, batch_size=run.config.batch_size, chunk=run.config.chunk or 1
     )
