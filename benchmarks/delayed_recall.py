@@ -1,6 +1,6 @@
 """Delayed recall across delays: where a vanilla RNN trained with full BPTT learns, and where it stays at chance.
 
-Task (gpubptt.data.CopyTask with k = 1): see a symbol a ∈ {1..A}, then `delay` blanks, then a cue;
+Task (gpubptt.training.data.CopyTask with k = 1): see a symbol a ∈ {1..A}, then `delay` blanks, then a cue;
 output a at the cue. A model without memory can do no better than log A nats at the cue (closed
 form), so the held-out loss at the cue says at once whether the RNN carried the symbol across the
 delay. Every run: the same model size, optimizer, clipping and number of steps; only the delay and
@@ -40,9 +40,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 
 import gpubptt
-from gpubptt.data import CopyTask
-from gpubptt.optim import make_optimizer
-from gpubptt.train import TrainConfig, train
+from gpubptt.training.data import CopyTask
+from gpubptt.training.loop import TrainConfig, train
+from gpubptt.training.optim import make_optimizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _report import add_out_option, out_dir
@@ -206,7 +206,8 @@ def main_cells(args: argparse.Namespace, cells: list[str]) -> None:
             )
     runs.sort(key=lambda r: (cells.index(r["cell"]), r["delay"], r["seed"]))
     results = {
-        "benchmark": "delayed recall of the first symbol (gpubptt.data.CopyTask, length=1), cells side by side",
+        "benchmark": "delayed recall of the first symbol (gpubptt.training.data.CopyTask, length=1),"
+        " cells side by side",
         "settings": {
             "cells": cells, "delays": delays, "seeds": seeds, "steps": args.steps, "hidden": args.hidden,
             "matched": "H (not the parameter count)", "symbols": args.symbols, "batch": args.batch,
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     results = {
-        "benchmark": "delayed recall of the first symbol (gpubptt.data.CopyTask, length=1)",
+        "benchmark": "delayed recall of the first symbol (gpubptt.training.data.CopyTask, length=1)",
         "settings": {
             "delays": delays,
             "seeds": seeds,

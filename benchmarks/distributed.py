@@ -68,8 +68,8 @@ def allreduce_bench(out: str) -> None:
 def train_bench(args: argparse.Namespace) -> None:
     """Tokens/s of training (rank 0's view of the global batch), the allreduce's share, and the final weights."""
     from gpubptt.distributed import DataParallel, make_communicator
-    from gpubptt.run import new_run
-    from gpubptt.train import train
+    from gpubptt.training.loop import train
+    from gpubptt.training.run import new_run
 
     comm = make_communicator(args.distributed)
     settings = {"hidden": args.hidden, "batch": args.batch, "dtype": args.dtype}

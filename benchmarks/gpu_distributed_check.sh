@@ -14,8 +14,8 @@ import numpy as np
 import cupy, cupyx
 from gpubptt.distributed import DataParallel
 from gpubptt.distributed.nccl import NCCLCommunicator
-from gpubptt.run import new_run
-from gpubptt.train import train
+from gpubptt.training.run import new_run
+from gpubptt.training.loop import train
 
 out = {"device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(), "cupy": cupy.__version__}
 comm = NCCLCommunicator()  # size 1: no MPI

@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 
 import gpubptt
-from gpubptt.optim import Adam
+from gpubptt.training.optim import Adam
 
 
 def make_batch(rng: np.random.Generator, T: int, B: int) -> tuple[np.ndarray, np.ndarray]:

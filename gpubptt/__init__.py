@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .backend import Backend, available_backends, get_backend, to_numpy
 from .config import ModelConfig
+from .engine.pullback import PullbackError, VJPOutput
 from .errors import (
     BackendMismatchError,
     BackendUnavailableError,
@@ -23,7 +24,6 @@ from .errors import (
 )
 from .gradcheck import GradcheckReport, gradcheck
 from .model import RNN, RNNOutput
-from .pullback import PullbackError, VJPOutput
 
 __version__ = "0.1.0"
 

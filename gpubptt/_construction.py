@@ -12,14 +12,13 @@ from typing import Any
 import numpy as np
 
 from . import interop
-from ._checks import check_dtype
 from .backend import Backend, get_backend
 from .cells import Cell, cell_class, cell_names, make_cell
 from .config import ModelConfig
+from .engine.memory import check_model_size
 from .errors import InputError, InputTypeError, ShapeError
-from .memory import check_model_size
-from .options import _cell, _check_layers, _check_seed, cell_option
 from .params import architecture_of, param_shapes
+from .validation import _cell, _check_layers, _check_seed, cell_option, check_dtype
 
 __all__ = ["Construction"]
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_positive_int
 from .errors import InputError, InputTypeError
 from .model import RNN
+from .validation import check_positive_int
 
 __all__ = ["GradcheckReport", "gradcheck"]
 

@@ -1,7 +1,7 @@
 """Output heads and their losses on top of the recurrent stack's outputs Y (T, B, H·dirs).
 
 Every head is a linear layer z = V h + c (V (K, H·dirs), c (K,)) and a loss; it returns the loss,
-∂E/∂Y for the stack's pullback (``gpubptt.pullback``) and dV, dc. Counted steps are those before
+∂E/∂Y for the stack's pullback (``gpubptt.engine.pullback``) and dV, dc. Counted steps are those before
 each sequence's length; ``reduction="mean"`` divides by what the loss sums over (below).
 
     "softmax"       per step:  z_t = V s_t + c,  E = Σ_{t,b counted} −log softmax(z_tb)[y_tb]

@@ -36,7 +36,7 @@ import numpy as np
 
 from .cells import cell_class, cell_names
 from .errors import InputError, InputTypeError, ShapeError
-from .params import recurrences
+from .params import architecture_of, recurrences
 
 __all__ = ["from_torch_state", "to_torch_state"]
 
@@ -200,8 +200,6 @@ def to_torch_state(
     gradients (the keys of ``loss_and_grads``; "s0", "c0" ignored): each of torch's two biases then
     receives db (the GRU's bias_hh: [db_r, db_z, db_hn]).
     """
-    from .params import architecture_of
-
     b_hn = "b_hn" in torch_cell(cell)().param_shapes(1, 1, True)
     host = {k: np.array(_host(v, k)) for k, v in params.items() if k not in ("s0", "c0")}
     num_layers, bidirectional = architecture_of(host)

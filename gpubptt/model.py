@@ -28,22 +28,24 @@ from typing import Any
 
 import numpy as np
 
-from . import engine
-from . import recompute as _recompute
-from ._checks import Batch, check_batch, check_c0, check_dtype, check_positive_int
 from ._construction import Construction
 from .backend import Backend, get_backend
 from .cells import STEP_KERNELS, Cell
 from .config import ModelConfig
 from .dropout import check_offset
+from .engine import recompute as _recompute
+from .engine import stack as engine
+from .engine.losses import chunk_steps, softmax_probs, xent_loss
+from .engine.memory import check_model_size
+from .engine.pullback import Pullback, VJPOutput
 from .errors import InputError, InputTypeError, ShapeError
 from .heads import check_head, check_targets, head_forward, head_loss_and_grads
-from .losses import chunk_steps, softmax_probs, xent_loss
-from .memory import check_model_size
-from .options import (
+from .params import Params, recurrences
+from .validation import (
     CELLS,
     INITS,
     REDUCTIONS,
+    Batch,
     _cell,
     _check_layers,
     _check_reduction,
@@ -51,9 +53,11 @@ from .options import (
     _check_truncate,
     _split_state,
     cell_option,
+    check_batch,
+    check_c0,
+    check_dtype,
+    check_positive_int,
 )
-from .params import Params, recurrences
-from .pullback import Pullback, VJPOutput
 
 __all__ = ["CELLS", "INITS", "REDUCTIONS", "RNN", "RNNOutput"]
 
@@ -429,7 +433,7 @@ class RNN(Construction):
     def vjp(
         self, x: Any, s0: Any = None, *, lengths: Any = None, recompute: int | str | None = None
     ) -> tuple[VJPOutput, Pullback]:
-        """The recurrent stack forward (no output layer, no dropout) and its pullback (``gpubptt.pullback``).
+        """The recurrent stack forward (no output layer, no dropout) and its pullback (``gpubptt.engine.pullback``).
 
         x (T, B) token ids or (T, B, D) floats; s0 as in ``forward``; lengths (B,). Returns (out,
         pullback): out.states (T, B, H·dirs), out.final_state as ``forward``'s; ``pullback(d_states,
@@ -438,7 +442,8 @@ class RNN(Construction):
         Callable once. ``recompute`` as in ``loss_and_grads`` (None, "sqrt" or an int c: steps per
         segment; not "auto"): the forward keeps only the states at segment boundaries (and the top layer's
         outputs it returns) and the pullback recomputes each segment, for the models recomputation
-        serves (``gpubptt.recompute``: one direction, no dropout between layers; an LSTM keeps c at the boundaries).
+        serves (``gpubptt.engine.recompute``: one direction, no dropout between layers; an LSTM keeps c at the
+        boundaries).
         """
         recompute = _recompute.check_recompute(recompute)
         if recompute == "auto":
@@ -608,7 +613,7 @@ class RNN(Construction):
         On CuPy (``use_graphs``), the first call for a shape records forward+BPTT as a CUDA graph;
         later calls copy the inputs into place and replay it as one launch.
 
-        ``recompute`` (long sequences, ``gpubptt.recompute``): None keeps every state; an int c keeps
+        ``recompute`` (long sequences, ``gpubptt.engine.recompute``): None keeps every state; an int c keeps
         the states at the start of every c-step segment and recomputes each segment's states and
         output layer in the backward pass (one more forward, O((T/c + c)·B·H) memory); "sqrt" takes
         c = ⌈√T⌉; "auto" the fastest policy whose estimate fits ``max_memory`` bytes. The gradient is

@@ -14,7 +14,7 @@ is then one too) or padded with ``lengths`` (B,) (torch's packed semantics: padd
 h_n is each sequence's state after its own last step, the reverse direction starts there).
 
 Autograd: one ``torch.autograd.Function`` whose forward is ``model.vjp`` and whose backward is the
-pullback (``gpubptt.pullback``), so gradients reach x, hx and every Parameter. Tensors cross by
+pullback (``gpubptt.engine.pullback``), so gradients reach x, hx and every Parameter. Tensors cross by
 DLPack without a copy: NumPy for CPU tensors, CuPy for CUDA tensors (run on torch's current
 stream). torch's two biases per recurrence enter gpubptt as their sum (the GRU keeps b_hn apart);
 each receives the summed bias's gradient. A forward's pullback runs once: ``backward(retain_graph=True)``
@@ -32,10 +32,10 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .backend import get_backend
+from .engine.recompute import check_recompute, unsupported_reason
 from .errors import BackendMismatchError, InputError, InputTypeError, ShapeError
 from .model import RNN
 from .params import recurrences
-from .recompute import check_recompute, unsupported_reason
 
 __all__ = ["Recurrent"]
 

@@ -54,6 +54,20 @@ def test_backend_exposes_its_interface(be):
     np.testing.assert_array_equal(be.to_numpy(a), [1.0, 2.0])
 
 
+def test_host_staging_round_trips_a_buffer_and_backend_of_names_its_backend(be):
+    # what the MPI communicator stages a device buffer through (pinned on CuPy): to the host and back
+    a = be.asarray(np.arange(6.0).reshape(2, 3))
+    assert backend_mod.backend_of(a) is be
+    host = be.empty_pinned(a.shape, a.dtype)
+    assert isinstance(host, np.ndarray) and host.shape == (2, 3) and host.dtype == a.dtype
+    be.synchronize()
+    be.copy_to_host(a, host)
+    np.testing.assert_array_equal(host, np.arange(6.0).reshape(2, 3))
+    host *= -1
+    be.copy_from_host(host, a)
+    np.testing.assert_array_equal(be.to_numpy(a), -np.arange(6.0).reshape(2, 3))
+
+
 @pytest.mark.parametrize("D", [9, 2000])  # a one-hot GEMM on NumPy for small vocabularies, segment sums above
 def test_token_scatter_add_matches_add_at_and_is_deterministic(be, xp, D):
     rng = np.random.default_rng(1)

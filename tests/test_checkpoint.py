@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import gpubptt
-from gpubptt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from gpubptt.data import TextData
-from gpubptt.optim import make_optimizer
-from gpubptt.train import TrainConfig, TrainState, train
+from gpubptt.training.data import TextData
+from gpubptt.training.loop import TrainConfig, TrainState, train
+from gpubptt.training.optim import make_optimizer
+from gpubptt.training.record import CheckpointError, load_checkpoint, save_checkpoint
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 30
 
@@ -171,3 +171,30 @@ def test_cupy_checkpoint_loads_on_numpy_and_back(tmp_path, cupy_be):
     for k, v in model.params.items():
         np.testing.assert_array_equal(gpubptt.to_numpy(back.model.params[k]), gpubptt.to_numpy(v))
     assert isinstance(back.state, TrainState)
+
+
+def test_the_file_format_stores_any_training_record_it_is_given_and_refuses_entries_no_one_owns(tmp_path):
+    # the format (gpubptt.training.checkpoint) knows only the model; a record of another shape than the
+    # training loop's goes through the same interface: its section is checked by its own rule, its entry kept
+    from gpubptt.training.checkpoint import read_model_state, write_model_state
+    from gpubptt.training.checkpoint_meta import RecordSchema
+
+    def check(f, meta):
+        if meta.get("note") is not None:
+            f.integer("note.epoch", meta["note"].get("epoch"), 0)
+
+    schema = RecordSchema(("note",), (), check, lambda entry, cell: entry == "extra")
+    m = gpubptt.RNN(3, 4, 2, cell="gru", num_layers=2, backend="numpy", dtype="float64", seed=1)
+    saved = {k: np.array(v) for k, v in m.params.items()}  # the reference: the arrays as they were
+    path = write_model_state(tmp_path / "ck.npz", m, schema, {"note": {"epoch": 3}}, {"extra": np.arange(5)})
+    read = read_model_state(path, schema, backend="numpy")
+    assert read.meta["note"] == {"epoch": 3} and read.arrays["extra"].tolist() == [0, 1, 2, 3, 4]
+    assert read.model.config == m.config and set(read.model.params) == set(saved)
+    for k, a in saved.items():
+        np.testing.assert_array_equal(read.model.params[k], a)
+    with pytest.raises(CheckpointError, match=r"note\.epoch = -1, expected an int ≥ 0"):
+        write_model_state(tmp_path / "bad.npz", m, schema, {"note": {"epoch": -1}}, {})
+    assert not (tmp_path / "bad.npz").exists()
+    other = RecordSchema(("note",), (), check, lambda entry, cell: False)  # a reader that owns no entry
+    with pytest.raises(CheckpointError, match=r"unexpected entry 'extra'"):
+        read_model_state(path, other, backend="numpy")

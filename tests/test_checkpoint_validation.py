@@ -16,11 +16,11 @@ import pytest
 from typer.testing import CliRunner
 
 import gpubptt
-from gpubptt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gpubptt.cli import app
-from gpubptt.data import CopyTask, TextData
-from gpubptt.optim import make_optimizer
-from gpubptt.train import TrainConfig, train
+from gpubptt.training.data import CopyTask, TextData
+from gpubptt.training.loop import TrainConfig, train
+from gpubptt.training.optim import make_optimizer
+from gpubptt.training.record import CheckpointError, load_checkpoint, save_checkpoint
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 30
 
@@ -328,14 +328,14 @@ def test_a_data_description_of_the_callers_own_is_kept_and_never_resumed(tmp_pat
                            config=TrainConfig(steps=2, batch_size=2))  # fmt: skip
     ck = load_checkpoint(path, backend="numpy")
     assert ck.data == {"name": "mine", "rows": 3}
-    from gpubptt.run import resume_run
+    from gpubptt.training.run import resume_run
 
     with pytest.raises(gpubptt.InputError, match="holds a model but no training run to resume"):
         resume_run(path, backend="numpy")
 
 
 def test_a_relu_model_round_trips_and_samples_with_relu(tmp_path):
-    from gpubptt.sample import sample_text
+    from gpubptt.training.sample import sample_text
     from tests.reference import phi
 
     data = TextData(TEXT)

@@ -174,8 +174,8 @@ def test_sample_negative_seed_is_a_usage_error(tmp_path, corpus):
 
 def test_sample_text_refuses_a_negative_seed_by_name(tmp_path):
     from gpubptt import RNN, InputError
-    from gpubptt.data import Vocab
-    from gpubptt.sample import sample_text
+    from gpubptt.training.data import Vocab
+    from gpubptt.training.sample import sample_text
 
     vocab = Vocab.from_text("abc")
     with pytest.raises(InputError, match="seed must be an int ≥ 0"):

@@ -23,10 +23,10 @@ from typer.testing import CliRunner
 import gpubptt
 from gpubptt import plots
 from gpubptt.cli import app
-from gpubptt.data import Vocab
-from gpubptt.optim import make_optimizer
-from gpubptt.run import new_run, save_run
-from gpubptt.sample import sample_text
+from gpubptt.training.data import Vocab
+from gpubptt.training.optim import make_optimizer
+from gpubptt.training.run import new_run, save_run
+from gpubptt.training.sample import sample_text
 
 runner = CliRunner()
 TINY = ["--hidden", "6", "--batch", "4", "--chunk", "8", "--backend", "numpy", "--steps", "2", "--eval-every", "1"]
@@ -245,7 +245,7 @@ def test_train_with_a_full_stdout_says_its_checkpoint_was_saved_and_exits_3(tmp_
     last = done.stderr.splitlines()[-1]
     assert "could not write to stdout" in last and "the checkpoint 'ck.npz' was saved at step 2" in last
     assert "Traceback" not in done.stderr
-    assert gpubptt.checkpoint.load_checkpoint(tmp_path / "ck.npz", backend="numpy").state.step == 2
+    assert gpubptt.training.record.load_checkpoint(tmp_path / "ck.npz", backend="numpy").state.step == 2
 
 
 # -- 10: extreme temperatures -----------------------------------------------------------------------------

@@ -8,9 +8,9 @@ import warnings
 import pytest
 from typer.testing import CliRunner
 
-import gpubptt.optim
-import gpubptt.run
-import gpubptt.train
+import gpubptt.training.loop
+import gpubptt.training.optim
+import gpubptt.training.run
 from gpubptt.cli import app
 from gpubptt.errors import InputError
 
@@ -38,7 +38,7 @@ def test_options_the_run_would_ignore_are_refused_by_flag(tmp_path, args, messag
 
 
 def test_new_run_refuses_momentum_with_adam_and_keeps_it_with_sgd(tmp_path):
-    from gpubptt.run import new_run
+    from gpubptt.training.run import new_run
 
     run = new_run({"optimizer": "sgd", "momentum": 0.9, "hidden": 4}, backend="numpy", steps=1)
     assert run.optimizer.momentum == 0.9
@@ -69,7 +69,7 @@ def test_messages_name_the_flag_not_the_library_argument(tmp_path, args, message
 def _overflowing(tmp_path, *extra):
     args = ["--lr", "1e38", "--optimizer", "sgd", "--clip", "0", "--hidden", "16", "--batch", "4", "--steps", "4"]
     with pytest.MonkeyPatch.context() as mp:  # an lr past LR_MAX, refused up front since, overflows on purpose
-        for module in (gpubptt.run, gpubptt.train, gpubptt.optim):
+        for module in (gpubptt.training.run, gpubptt.training.loop, gpubptt.training.optim):
             mp.setattr(module, "LR_MAX", math.inf)
         return runner.invoke(
             app, ["train", "--backend", "numpy", *args, "--checkpoint", str(tmp_path / "ck.npz"), *extra]

@@ -52,8 +52,8 @@ def _text_checkpoint(tmp_path):
 
 def test_sample_chars_yields_the_sample_text_one_character_at_a_time():
     from gpubptt import RNN
-    from gpubptt.data import Vocab
-    from gpubptt.sample import sample_chars, sample_text
+    from gpubptt.training.data import Vocab
+    from gpubptt.training.sample import sample_chars, sample_text
 
     vocab = Vocab.from_text("ab c\n")
     model = RNN(len(vocab), 6, len(vocab), backend="numpy", seed=1)
@@ -68,8 +68,8 @@ def test_sample_chars_checks_its_arguments_before_the_first_character():
     import pytest
 
     from gpubptt import RNN, InputError
-    from gpubptt.data import Vocab
-    from gpubptt.sample import sample_chars
+    from gpubptt.training.data import Vocab
+    from gpubptt.training.sample import sample_chars
 
     vocab = Vocab.from_text("abc")
     with pytest.raises(InputError):
@@ -117,7 +117,7 @@ TASK = ["train", "--backend", "numpy", "--task", "recall", "--delay", "2", "--hi
 def test_ctrl_c_in_train_saves_the_checkpoint_at_the_step_it_stopped(tmp_path, monkeypatch):
     import signal
 
-    from gpubptt.checkpoint import load_checkpoint
+    from gpubptt.training.record import load_checkpoint
 
     ck = tmp_path / "ck.npz"
     _ctrl_c_during_step(monkeypatch, step=3, presses=1)

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gpubptt.cli import app
-from gpubptt.data import Vocab
+from gpubptt.training.data import Vocab
 
 from .images import assert_png_drawn
 

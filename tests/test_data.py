@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from gpubptt.data import CopyTask, TextData, Vocab, default_corpus, make_data, read_text
 from gpubptt.errors import InputError
+from gpubptt.training.data import CopyTask, TextData, Vocab, default_corpus, make_data, read_text
 
 
 def test_vocab_round_trips_text_and_code_points():

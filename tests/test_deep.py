@@ -199,7 +199,7 @@ def test_dropout_masks_the_layer_outputs_and_only_in_training():
     assert len(set(drawn)) == 3 and float(plain.loss(x, y)) not in drawn
     # the masks are inverted dropout: layer 1 reads layer 0's outputs times 0 or 1/(1−p), in that proportion
     big = gpubptt.RNN(D, 64, K, num_layers=2, dropout=p_drop, backend="numpy", dtype="float64", seed=1)
-    stack = gpubptt.engine.Stack(big, 40, 50, dropout=True)
+    stack = gpubptt.engine.stack.Stack(big, 40, 50, dropout=True)
     stack.draw_masks(big.backend.random_generator(0), p_drop)
     values, counts = np.unique(stack.M[0], return_counts=True)
     np.testing.assert_allclose(values, [0.0, 1 / (1 - p_drop)])

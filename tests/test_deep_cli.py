@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 import gpubptt
 from gpubptt.bench import flops
-from gpubptt.checkpoint import load_checkpoint
 from gpubptt.cli import app
-from gpubptt.data import Vocab
-from gpubptt.sample import sample_text
+from gpubptt.training.data import Vocab
+from gpubptt.training.record import load_checkpoint
+from gpubptt.training.sample import sample_text
 
 runner = CliRunner()
 TEXT = "to be or not to be, that is the question. " * 40

@@ -18,8 +18,8 @@ from gpubptt.distributed import (
     shard_range,
 )
 from gpubptt.errors import InputError
-from gpubptt.run import new_run, resume_run, save_run
-from gpubptt.train import train
+from gpubptt.training.loop import train
+from gpubptt.training.run import new_run, resume_run, save_run
 
 SETTINGS = {"hidden": 16, "batch": 7, "chunk": 16, "dtype": "float64", "clip": 0.5}  # clip: the guard runs too
 

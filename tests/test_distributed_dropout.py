@@ -11,9 +11,9 @@ import pytest
 
 import gpubptt
 from gpubptt.distributed import DataParallel, run_ranks, shard_range
-from gpubptt.engine import Stack
-from gpubptt.run import new_run, resume_run, save_run
-from gpubptt.train import train
+from gpubptt.engine.stack import Stack
+from gpubptt.training.loop import train
+from gpubptt.training.run import new_run, resume_run, save_run
 
 SETTINGS = {"hidden": 12, "batch": 7, "chunk": 12, "dtype": "float64", "layers": 2, "dropout": 0.4}
 

@@ -128,8 +128,8 @@ def _training_script(fail: str) -> str:
         f"""
         import os, signal
         from gpubptt.distributed import DataParallel, install_abort_hook, make_communicator
-        from gpubptt.run import new_run
-        from gpubptt.train import train
+        from gpubptt.training.run import new_run
+        from gpubptt.training.loop import train
         comm = make_communicator("mpi")
         install_abort_hook(comm)
         run = new_run({{"hidden": 8, "batch": 4, "chunk": 8}}, backend="numpy", steps=10**6, eval_every=0)

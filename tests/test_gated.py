@@ -236,7 +236,7 @@ def test_truncation_lanes_covering_every_step_are_full_bptt_in_deep_stacks_with_
     x, y, s0, _, _, lens = inputs(rng, cell, False, True, True, model.num_states)
     _, full = model.loss_and_grads(x, y, s0, lengths=lens)
     batch = model._check(x, y, s0, lens, True)
-    ws = gpubptt.engine.Workspace(model, batch, T - 1, step_kernels="auto", chunk_elements=1 << 20)
+    ws = gpubptt.engine.stack.Workspace(model, batch, T - 1, step_kernels="auto", chunk_elements=1 << 20)
     ws.load(batch)
     ws.run()
     for name in full:

@@ -11,11 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 import gpubptt
-from gpubptt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gpubptt.cli import app
-from gpubptt.data import TextData, Vocab
-from gpubptt.optim import make_optimizer
-from gpubptt.train import TrainConfig, train
+from gpubptt.training.data import TextData, Vocab
+from gpubptt.training.loop import TrainConfig, train
+from gpubptt.training.optim import make_optimizer
+from gpubptt.training.record import CheckpointError, load_checkpoint, save_checkpoint
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 30
 runner = CliRunner()
@@ -117,7 +117,7 @@ def test_sampling_a_gated_model_follows_its_forward():
     prime = "the quick"
     ids = data.vocab.encode(prime)
     probs = model.forward(np.array(ids)[:, None]).probs[-1, 0]
-    text = gpubptt.sample.sample_text(model, data.vocab, length=1, temperature=1e-6, prime=prime, seed=0)
+    text = gpubptt.training.sample.sample_text(model, data.vocab, length=1, temperature=1e-6, prime=prime, seed=0)
     assert text == prime + data.vocab.decode([int(np.argmax(probs))])
 
 

@@ -16,17 +16,17 @@ import pytest
 from typer.testing import CliRunner
 
 import gpubptt
-import gpubptt.optim
-import gpubptt.run
-import gpubptt.train
+import gpubptt.training.loop
+import gpubptt.training.optim
+import gpubptt.training.run
 from gpubptt.backend import get_backend
-from gpubptt.checkpoint import load_checkpoint, save_checkpoint
 from gpubptt.cli import app
-from gpubptt.data import TextData, default_corpus
+from gpubptt.engine.memory import MAX_LAYERS, InsufficientMemoryError
 from gpubptt.errors import CheckpointError, InputError, InputTypeError, ShapeError
-from gpubptt.memory import MAX_LAYERS, InsufficientMemoryError
-from gpubptt.optim import SGD, Adam, NonFiniteError
-from gpubptt.train import TrainConfig, evaluate, train
+from gpubptt.training.data import TextData, default_corpus
+from gpubptt.training.loop import TrainConfig, evaluate, train
+from gpubptt.training.optim import SGD, Adam, NonFiniteError
+from gpubptt.training.record import load_checkpoint, save_checkpoint
 
 runner = CliRunner()
 F32_MAX = float(np.finfo(np.float32).max)
@@ -48,7 +48,7 @@ def _assert_same(arrays, before):
 @pytest.fixture
 def huge_lr(monkeypatch):
     """Lets a learning rate past LR_MAX through, as before the bound: the guard behind it is what is tested."""
-    for module in (gpubptt.run, gpubptt.train, gpubptt.optim):
+    for module in (gpubptt.training.run, gpubptt.training.loop, gpubptt.training.optim):
         monkeypatch.setattr(module, "LR_MAX", math.inf, raising=False)
 
 

@@ -131,7 +131,7 @@ def test_indrnn_torch_interchange_is_refused_clearly():
 
 
 def test_indrnn_checkpoint_keeps_its_options(tmp_path):
-    from gpubptt.checkpoint import load_checkpoint, save_checkpoint
+    from gpubptt.training.record import load_checkpoint, save_checkpoint
 
     cell = IndRNNCell("tanh", max_weight=1.01)
     model = gpubptt.RNN(D, H, K, cell=cell, backend="numpy", dtype="float64", seed=0, bias=True)
@@ -195,7 +195,7 @@ def test_elman_only_diagnostics_refuse_indrnn_naming_the_any_cell_measures():
 
 
 def test_vanish_checkpoint_measures_an_indrnn_checkpoint_as_its_own_cell(tmp_path):
-    from gpubptt.run import new_run, save_run
+    from gpubptt.training.run import new_run, save_run
 
     run = new_run({"cell": "indrnn", "hidden": 8, "batch": 2, "chunk": 8, "task": "recall", "delay": 4},
                   backend="numpy", steps=1)  # fmt: skip
@@ -217,7 +217,7 @@ def test_indrnn_trains_resumes_and_benches_from_the_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["train", "--resume", "--steps", "3", *common])
     assert result.exit_code == 0, result.output
-    from gpubptt.checkpoint import load_checkpoint
+    from gpubptt.training.record import load_checkpoint
 
     back = load_checkpoint(ck, backend="numpy")
     assert back.model.cell == IndRNNCell("relu") and back.state.step == 3  # the cell's own default φ

@@ -13,7 +13,7 @@ GB = 10**9
 
 
 def test_train_memory_counts_parameters_gradients_and_adam_slots():
-    from gpubptt.memory import parameter_count, train_memory
+    from gpubptt.engine.memory import parameter_count, train_memory
 
     P = parameter_count(10, 100, 10)
     assert P == 100 * 10 + 100 * 100 + 10 * 100 + 100 + 10
@@ -26,7 +26,7 @@ def test_train_memory_counts_parameters_gradients_and_adam_slots():
 
 
 def test_vanish_memory_grows_with_the_square_of_T():
-    from gpubptt.memory import vanish_memory
+    from gpubptt.engine.memory import vanish_memory
 
     small = vanish_memory(4, 8, 4, T=10_000, B=1, itemsize=8)
     large = vanish_memory(4, 8, 4, T=100_000, B=1, itemsize=8)
@@ -34,8 +34,8 @@ def test_vanish_memory_grows_with_the_square_of_T():
 
 
 def test_check_fits_names_the_total_its_parts_and_what_is_available():
+    from gpubptt.engine.memory import InsufficientMemoryError, MemoryEstimate, check_fits
     from gpubptt.errors import InputError
-    from gpubptt.memory import InsufficientMemoryError, MemoryEstimate, check_fits
 
     est = MemoryEstimate({"parameters": 40 * GB, "workspaces": 40 * GB})
     with pytest.raises(
@@ -115,7 +115,7 @@ def test_memory_error_during_training_is_a_clear_message(tmp_path, monkeypatch):
 
 
 def test_format_bytes_uses_decimal_units():
-    from gpubptt.memory import format_bytes
+    from gpubptt.engine.memory import format_bytes
 
     assert [format_bytes(n) for n in (512, 21.3e9, 8e18, 8e21)] == ["512 B", "21.3 GB", "8.0 EB", "8.0e+21 B"]
 
@@ -133,7 +133,7 @@ def test_a_resumed_run_that_cannot_fit_here_is_refused_with_the_numbers(tmp_path
 
 
 def test_the_estimate_uses_what_training_runs_not_what_was_typed(little_memory):
-    from gpubptt.run import new_run
+    from gpubptt.training.run import new_run
 
     # a window past the sequence is full BPTT, and a chunk past the sequence is the whole sequence:
     # neither costs more than the sequence itself (both were estimated at 10**9 steps)

@@ -9,7 +9,7 @@ import pytest
 
 import gpubptt
 from gpubptt.errors import InputError, ShapeError
-from gpubptt.optim import SGD, Adagrad, Adam, NonFiniteError, clip_grad_norm, global_grad_norm, make_optimizer
+from gpubptt.training.optim import SGD, Adagrad, Adam, NonFiniteError, clip_grad_norm, global_grad_norm, make_optimizer
 
 
 def _params(be, *values):

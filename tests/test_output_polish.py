@@ -84,6 +84,9 @@ def drawn(monkeypatch):
         figures.append(fig)
 
     monkeypatch.setattr(plots, "save_png", keep)
+    from gpubptt.diagnostics import gated
+
+    monkeypatch.setattr(gated, "save_png", keep)  # imported by name there
     return figures
 
 

@@ -17,7 +17,7 @@ from gpubptt.backend import get_backend
 from gpubptt.backend._cublas import col_major as _col_major
 from gpubptt.cells import ElmanCell
 from gpubptt.cells.elman import backward_truncated
-from gpubptt.losses import chunk_steps
+from gpubptt.engine.losses import chunk_steps
 
 be = get_backend("numpy")
 cell = ElmanCell()

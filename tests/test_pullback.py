@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import gpubptt
-from gpubptt.pullback import PullbackError
+from gpubptt.engine.pullback import PullbackError
 
 D, H, T, B = 3, 4, 5, 3
 LENS = np.array([5, 2, 0])

@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gpubptt
+from gpubptt.engine.memory import InsufficientMemoryError
 from gpubptt.errors import InputError, InputTypeError
-from gpubptt.memory import InsufficientMemoryError
 
 
 def build(D, H, K, *, layers=1, bias=True, backend="numpy", dtype="float64", seed=0, **kw):

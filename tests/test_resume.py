@@ -10,8 +10,8 @@ import os
 import numpy as np
 from typer.testing import CliRunner
 
-from gpubptt.checkpoint import load_checkpoint
 from gpubptt.cli import app
+from gpubptt.training.record import load_checkpoint
 
 runner = CliRunner()
 TEXT = "to be or not to be, that is the question. " * 40

@@ -3,7 +3,7 @@
 - an optimizer step whose new *state* overflows (Adagrad's Σg²) while the parameters stay finite
   must be refused like any overflow, or every later save fails on the infinite state;
 - an optimizer built on an IndRNN model with ``max_weight`` keeps |w| within the bound (the cell's
-  constraint runs after every applied step, not only inside ``gpubptt.train``);
+  constraint runs after every applied step, not only inside ``gpubptt.training.loop``);
 - ``loss(head=...)`` of a model with dropout computes the loss without dropout (as ``loss`` always
   does without a dropout_seed) instead of refusing;
 - ``forward`` of an empty sequence (T = 0) under any head returns, instead of crashing.
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import gpubptt
-from gpubptt.optim import Adagrad, NonFiniteError, make_optimizer
+from gpubptt.training.optim import Adagrad, NonFiniteError, make_optimizer
 
 
 def test_an_update_that_overflows_the_optimizer_state_is_refused_and_changes_nothing():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gpubptt
-from gpubptt.pullback import PullbackError
+from gpubptt.engine.pullback import PullbackError
 
 torch = pytest.importorskip("torch")
 gt = pytest.importorskip("gpubptt.torch")

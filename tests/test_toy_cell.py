@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 
 import gpubptt
-from gpubptt.bench.runner import BenchConfig, run_bench
+from gpubptt.bench import BenchConfig, run_bench
 from gpubptt.cells import Cell, register_cell
 from gpubptt.diagnostics import gated
 from gpubptt.distributed import DataParallel, run_ranks
+from gpubptt.engine.memory import train_memory
 from gpubptt.errors import InputError
-from gpubptt.memory import train_memory
-from gpubptt.run import new_run, resume_run, save_run
-from gpubptt.sample import sample_text
-from gpubptt.train import train
+from gpubptt.training.loop import train
+from gpubptt.training.run import new_run, resume_run, save_run
+from gpubptt.training.sample import sample_text
 from tests.reference import central_differences
 
 

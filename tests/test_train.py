@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import gpubptt
-from gpubptt.data import CopyTask, TextData
 from gpubptt.errors import InputError
-from gpubptt.optim import SGD, NonFiniteError, make_optimizer
-from gpubptt.train import TrainConfig, evaluate, learning_rate, train
+from gpubptt.training.data import CopyTask, TextData
+from gpubptt.training.loop import TrainConfig, evaluate, learning_rate, train
+from gpubptt.training.optim import SGD, NonFiniteError, make_optimizer
 
 
 def test_learning_rate_schedules_match_their_formulas():
@@ -154,7 +154,7 @@ def test_train_refuses_mismatched_model_and_optimizer():
 
 
 def test_new_run_fills_defaults_and_converts_epochs_to_steps(tmp_path):
-    from gpubptt.run import new_run
+    from gpubptt.training.run import new_run
 
     run = new_run({"task": "recall", "delay": 3, "hidden": 8}, backend="numpy", steps=7)
     assert run.config.steps == 7 and run.config.chunk is None and run.model.bias and run.data.seq_len == 5

@@ -15,14 +15,14 @@ import pytest
 from typer.testing import CliRunner
 
 import gpubptt
-import gpubptt.train
-from gpubptt.checkpoint import load_checkpoint, save_checkpoint
+import gpubptt.training.loop
 from gpubptt.cli import app
-from gpubptt.data import TextData, Vocab
-from gpubptt.optim import SGD, Adagrad, Adam
-from gpubptt.run import DEFAULTS, best_path
-from gpubptt.sample import next_distribution, sample_chars
-from gpubptt.train import History, TrainConfig, train
+from gpubptt.training.data import TextData, Vocab
+from gpubptt.training.loop import History, TrainConfig, train
+from gpubptt.training.optim import SGD, Adagrad, Adam
+from gpubptt.training.record import load_checkpoint, save_checkpoint
+from gpubptt.training.run import DEFAULTS, best_path
+from gpubptt.training.sample import next_distribution, sample_chars
 
 runner = CliRunner()
 TEXT = "to be or not to be, that is the question. " * 40
@@ -49,7 +49,7 @@ def _scripted_evaluations(monkeypatch, losses):
         loss = losses[min(next(calls), len(losses) - 1)]
         return {"loss": loss, "accuracy": 0.5, "chance": data.chance_loss, "loss_all": loss}
 
-    monkeypatch.setattr(gpubptt.train, "evaluate", fake)
+    monkeypatch.setattr(gpubptt.training.loop, "evaluate", fake)
 
 
 # -- the best model beside the last; early stopping ------------------------------------------------------
@@ -90,7 +90,7 @@ def test_library_early_stop_counts_evaluations_without_improvement(monkeypatch):
     _scripted_evaluations(monkeypatch, [5.0, 3.0, 3.0, 3.5, 2.0])  # step 2 is equal: no improvement
     data = TextData(TEXT)
     model = gpubptt.RNN(data.input_size, 8, data.output_size, backend="numpy", seed=0)
-    opt = gpubptt.optim.make_optimizer("adam", model)
+    opt = gpubptt.training.optim.make_optimizer("adam", model)
     events = []
     config = TrainConfig(steps=50, batch_size=2, chunk=8, eval_every=1)
     state, history = train(model, data, opt, config, early_stop=2, callback=events.append)

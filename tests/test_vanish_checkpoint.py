@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 import gpubptt
 from gpubptt import diagnostics as dg
-from gpubptt.checkpoint import save_checkpoint
 from gpubptt.cli import app
-from gpubptt.data import Vocab
-from gpubptt.run import new_run, save_run
-from gpubptt.train import train
+from gpubptt.training.data import Vocab
+from gpubptt.training.loop import train
+from gpubptt.training.record import save_checkpoint
+from gpubptt.training.run import new_run, save_run
 from tests.images import assert_png_drawn
 from tests.reference import ref_forward_one
 

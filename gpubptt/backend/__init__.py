@@ -18,7 +18,7 @@ import os
 import threading
 
 from ..errors import BackendUnavailableError, InputError
-from .base import Backend, TokenPlan, to_numpy
+from .base import Backend, TokenPlan, is_cupy_array, to_numpy
 from .cupy_backend import INSTALL_HINT, make_cupy_backend
 from .numpy_backend import ONEHOT_MAX_VOCAB, NumpyBackend
 
@@ -30,6 +30,7 @@ __all__ = [
     "Backend",
     "TokenPlan",
     "available_backends",
+    "backend_of",
     "get_backend",
     "to_numpy",
 ]
@@ -75,3 +76,8 @@ def available_backends() -> list[str]:
     except BackendUnavailableError:
         pass
     return names
+
+
+def backend_of(a: object) -> Backend:
+    """The backend whose arrays ``a`` is: CuPy for a CuPy array, else NumPy."""
+    return get_backend("cupy" if is_cupy_array(a) else "numpy")

@@ -108,6 +108,18 @@ class Backend:
     def synchronize(self) -> None:
         """Wait until all queued device work is done (no-op on the host)."""
 
+    def empty_pinned(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """A host array for staging this backend's buffers (page-locked on a device, so copies run at full speed)."""
+        return np.empty(shape, dtype=dtype)
+
+    def copy_to_host(self, a: Any, out: np.ndarray) -> None:
+        """out[...] = a, from this backend's array ``a`` into the host array ``out`` of the same shape."""
+        np.copyto(out, to_numpy(a))
+
+    def copy_from_host(self, host: np.ndarray, out: Any) -> None:
+        """out[...] = host, from a host array into this backend's array ``out`` of the same shape."""
+        out[...] = host
+
     def timer(self) -> Callable[[Callable[[], Any]], float]:
         """A function that runs fn() once and returns its time in seconds, synchronised with the device."""
         raise NotImplementedError

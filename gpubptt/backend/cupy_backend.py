@@ -59,6 +59,17 @@ class CupyBackend(Backend):
     def synchronize(self) -> None:
         self.xp.cuda.get_current_stream().synchronize()
 
+    def empty_pinned(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        import cupyx  # ships with CuPy
+
+        return cupyx.empty_pinned(shape, dtype=dtype)
+
+    def copy_to_host(self, a: Any, out: np.ndarray) -> None:
+        a.get(out=out)
+
+    def copy_from_host(self, host: np.ndarray, out: Any) -> None:
+        out.set(host)
+
     def external_stream(self, handle: int | None) -> Any:
         """Run on the CUDA stream ``handle`` (another library's, e.g. torch's current stream), without a sync."""
         return self.xp.cuda.ExternalStream(handle) if handle else contextlib.nullcontext()

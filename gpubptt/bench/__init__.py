@@ -49,9 +49,9 @@ from __future__ import annotations
 
 from ..plots import PLOT_HINT
 from ..timing import NOISY_SPREAD, Timer, is_noisy, summarize, sync_timer, time_fn, time_interleaved
+from .config import COMPARES, GRAD_TOL, INPUTS, BenchConfig
 from .flops import fit_exponent, flops, gemm_rate
 from .references import (
-    GRAD_TOL,
     NAIVE_EXAMPLES,
     NAIVE_REPEATS,
     TORCH_HINT,
@@ -61,7 +61,7 @@ from .references import (
     torch_unavailable_reason,
 )
 from .render import CSV_COLUMNS, render, render_csv, render_table
-from .runner import COMPARES, INPUTS, SCHEMA, BenchConfig, run_bench
+from .runner import SCHEMA, run_bench
 
 __all__ = [
     "COMPARES",

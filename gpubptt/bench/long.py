@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend
-from ..memory import format_bytes
+from ..engine.memory import format_bytes
+from ..model import RNN
+from ..plots import new_figure, save_png
 
 __all__ = ["POLICIES", "long_sweep", "longest_T", "render_long"]
 
@@ -79,8 +81,6 @@ def long_sweep(
     Returns {"config", "rows": [{policy, T, seconds, peak_bytes, estimate_bytes} or {..., "skipped"}],
     "longest_T": {policy: T that fits ``budget``}}. Tokens come from ``default_rng(seed)``.
     """
-    from .. import RNN
-
     model = RNN(
         vocab, H, vocab, backend=be, dtype=dtype, seed=seed, cell=cell, num_layers=num_layers, bias=False,
         nonlinearity=nonlinearity,
@@ -129,8 +129,6 @@ def render_long(result: dict[str, Any]) -> str:
 
 def plot_long(result: dict[str, Any], path: Any) -> None:
     """Two log-log panels: seconds against T and peak bytes against T, one line per policy."""
-    from ..plots import new_figure, save_png
-
     fig = new_figure(figsize=(10, 4))
     ax_t, ax_m = fig.subplots(1, 2)
     for name in dict.fromkeys(r["policy"] for r in result["rows"]):

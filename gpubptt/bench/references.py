@@ -6,19 +6,16 @@ Each reference checks its gradients against gpubptt's before it is timed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..backend import Backend, to_numpy
 from ..model import RNN
 from ..timing import Timer, summarize, sync_timer, time_fn
-
-if TYPE_CHECKING:
-    from .runner import BenchConfig
+from .config import GRAD_TOL, BenchConfig
 
 __all__ = [
-    "GRAD_TOL",
     "gemm_references",
     "naive_loss_and_grads",
     "naive_measure",
@@ -31,8 +28,6 @@ TORCH_HINT = "install PyTorch with `pip install torch` (a CPU build is enough fo
 #: costs the same, independently), with at most NAIVE_REPEATS timed runs, so a default run stays short.
 NAIVE_EXAMPLES = 4
 NAIVE_REPEATS = 3
-#: Gradient agreement threshold (normwise max relative error) of a reference implementation, by dtype.
-GRAD_TOL = {"float32": 1e-3, "float64": 1e-9}
 
 
 def naive_loss_and_grads(

@@ -10,99 +10,23 @@ import datetime as _dt
 import gc
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
 from ..backend import Backend, get_backend
-from ..cells import NONLINEARITIES, cell_class, cell_names, make_cell
+from ..cells import cell_class, cell_names, make_cell
 from ..environment import environment
 from ..model import RNN
 from ..timing import NOISY_SPREAD, is_noisy, summarize, time_interleaved
+from .config import BenchConfig
 from .flops import fit_exponent, flops, gemm_rate
-from .references import GRAD_TOL, gemm_references, naive_measure, torch_reference, torch_unavailable_reason
+from .references import gemm_references, naive_measure, torch_reference, torch_unavailable_reason
 
-__all__ = ["COMPARES", "INPUTS", "SCHEMA", "BenchConfig", "run_bench"]
+__all__ = ["SCHEMA", "run_bench"]
 
 SCHEMA = "gpubptt.bench/1"
-INPUTS = ("tokens", "dense")
-COMPARES = ("none", "torch", "naive")
-
-
-@dataclass
-class BenchConfig:
-    """What to measure.
-
-    backends: names ("numpy", "cupy", "auto"); seq_lens: the T sweep (at fixed_H); hidden_sizes:
-    the H sweep (at fixed_T). fixed_T / fixed_H default to the middle of the other sweep's list.
-    input "tokens" (x (T, B) ids, D = vocabulary) or "dense" (x (T, B, D) floats); K outputs.
-    """
-
-    backends: list[str] = field(default_factory=lambda: ["auto"])
-    seq_lens: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256, 512])
-    hidden_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512, 1024])
-    batch: int = 64
-    input: str = "tokens"
-    D: int = 256
-    K: int = 256
-    dtype: str = "float32"
-    warmup: int = 2
-    repeats: int = 10
-    seed: int = 0
-    compare: str = "none"
-    fixed_T: int | None = None
-    fixed_H: int | None = None
-    num_layers: int = 1
-    bidirectional: bool = False
-    nonlinearity: str = "tanh"
-    #: the recurrent cell: "rnn", "gru" or "lstm" (torch compared as nn.RNN, nn.GRU, nn.LSTM)
-    cell: str = "rnn"
-
-    def __post_init__(self) -> None:
-        if self.input not in INPUTS:
-            raise ValueError(f"input must be one of {', '.join(INPUTS)}, got {self.input!r}")
-        if self.compare not in COMPARES:
-            raise ValueError(f"compare must be one of {', '.join(COMPARES)}, got {self.compare!r}")
-        if self.cell not in cell_names():
-            raise ValueError(f"cell must be one of {', '.join(cell_names())}, got {self.cell!r}")
-        if self.compare == "torch" and cell_class(self.cell).torch_module is None:
-            raise ValueError(f"compare 'torch' needs a cell torch has a module for; torch.nn has no {self.cell}")
-        if self.cell != cell_names()[0] and self.compare == "naive":
-            raise ValueError("compare 'naive' is the textbook tanh RNN: it compares the rnn cell only")
-        if self.dtype not in GRAD_TOL:
-            raise ValueError(f"dtype must be one of {', '.join(GRAD_TOL)}, got {self.dtype!r}")
-        if not self.seq_lens or not self.hidden_sizes:
-            raise ValueError("seq_lens and hidden_sizes must each hold at least one size")
-        for name, v in [("batch", self.batch), ("D", self.D), ("K", self.K), ("repeats", self.repeats)]:
-            if v < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {v}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be ≥ 0, got {self.warmup}")
-        if self.num_layers < 1:
-            raise ValueError(f"num_layers must be ≥ 1, got {self.num_layers}")
-        if self.nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"nonlinearity must be one of {', '.join(NONLINEARITIES)}, got {self.nonlinearity!r}")
-        if self.cell != "rnn" and self.nonlinearity != "tanh":  # the default; a GRU or LSTM is never labelled relu
-            raise ValueError(f"nonlinearity applies to the rnn cell only, got {self.nonlinearity!r} with {self.cell!r}")
-        if self.compare == "naive" and (self.num_layers > 1 or self.bidirectional):
-            raise ValueError("compare 'naive' times the one-layer textbook code: it needs num_layers 1, one direction")
-        if min(self.seq_lens) < 1 or min(self.hidden_sizes) < 1:
-            raise ValueError(f"sizes must be ≥ 1, got seq_lens={self.seq_lens}, hidden_sizes={self.hidden_sizes}")
-        if self.fixed_T is None:
-            self.fixed_T = sorted(self.seq_lens)[(len(self.seq_lens) - 1) // 2]
-        if self.fixed_H is None:
-            self.fixed_H = sorted(self.hidden_sizes)[(len(self.hidden_sizes) - 1) // 2]
-
-    @property
-    def tokens(self) -> bool:
-        """Whether inputs are one-hot token ids."""
-        return self.input == "tokens"
-
-    @property
-    def dirs(self) -> int:
-        """2 for bidirectional models, else 1."""
-        return 2 if self.bidirectional else 1
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -1,6 +1,6 @@
 """Recurrent cells: each owns its parameter shapes, its forward and backward recurrences, its step
 Jacobian factors and its kernels (NumPy twins, CUDA sources as package data). The engine that runs a
-cell over time (``gpubptt.engine``) knows none of a cell's math. What it asks of a cell:
+cell over time (``gpubptt.engine.stack``) knows none of a cell's math. What it asks of a cell:
 
     name, gates          the cell's name; rows of U (gates·H, D_l) and W (gates·H, H) per hidden unit
     input_bias           the name of the bias added in the input projection (None: no such bias)
@@ -24,7 +24,7 @@ cell over time (``gpubptt.engine``) knows none of a cell's math. What it asks of
                          GEMM), the input bias's gradient and ∂E/∂x (one GEMM, for the layer below).
 
     extra_state          (again) truthy when the cell carries state beyond s from one step to the next
-                         (an LSTM's cell state). Recomputation (``gpubptt.recompute``) keeps s (and that
+                         (an LSTM's cell state). Recomputation (``gpubptt.engine.recompute``) keeps s (and that
                          state, ``cell_states(aux)``) at segment boundaries and recomputes the cell's
                          ``buffers`` per segment (``buffers(n, …)`` for each segment length n, ``load(aux,
                          boundary state)`` before each segment's forward, ``run_backward`` with ``ds0`` and

@@ -20,12 +20,12 @@ import numpy as np
 import typer
 
 from .. import __version__, plots
-from .._checks import DTYPES
 from .._paths import DestinationError, check_distinct, check_path, check_regular_file, check_writable, write_error
 from ..backend import BACKEND_NAMES, Backend, get_backend
+from ..engine.memory import format_bytes
 from ..errors import BackendUnavailableError, InputError
-from ..memory import format_bytes
-from ..run import check_layers
+from ..training.run import check_layers
+from ..validation import DTYPES
 
 #: ``-h`` beside ``--help`` on every command (a command's context inherits the group's help names)
 HELP_NAMES = {"help_option_names": ["-h", "--help"]}

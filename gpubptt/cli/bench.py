@@ -14,12 +14,14 @@ from .. import plots
 from .._io import write_atomic
 from ..backend import BACKEND_NAMES, available_backends
 from ..bench import COMPARES, INPUTS
-from ..bench.runner import BenchConfig
+from ..bench.config import BenchConfig
+from ..bench.long import POLICIES, long_sweep, plot_long, render_long
 from ..cells import NONLINEARITIES, cell_class
-from ..checkpoint import Checkpoint, load_checkpoint
+from ..engine.recompute import unsupported_reason
 from ..environment import environment
 from ..errors import CheckpointError
 from ..model import CELLS, RNN
+from ..training.record import Checkpoint, load_checkpoint
 from ._common import (
     EXIT_SAVED_NO_STDOUT,
     BackendChoice,
@@ -335,6 +337,14 @@ def bench(
     )
     sweeps = f"T in {Ts} at H={cfg.fixed_H}, H in {Hs} at T={cfg.fixed_T}"
     say(f"gpubptt bench: backends {', '.join(names)}; {arch}; {sweeps}")
+    result = _run_with_progress(cfg, quiet)
+    for note in result["notes"]:
+        say(f"note: {note}")
+    _report_bench(result, output, plot, format.value, quiet, say)
+
+
+def _run_with_progress(cfg: BenchConfig, quiet: bool) -> dict:
+    """``bench_lib.run_bench``, with a progress bar on a terminal's stderr (unless ``quiet``)."""
     argv = ["gpubptt", *sys.argv[1:]]
     if sys.stderr.isatty() and not quiet:
         from rich.console import Console
@@ -346,11 +356,13 @@ def bench(
             def progress(desc: str, done: int, total: int) -> None:
                 bar.update(task, description=desc, completed=done, total=total)
 
-            result = bench_lib.run_bench(cfg, progress=progress, argv=argv)
-    else:
-        result = bench_lib.run_bench(cfg, argv=argv)
-    for note in result["notes"]:
-        say(f"note: {note}")
+            return bench_lib.run_bench(cfg, progress=progress, argv=argv)
+    return bench_lib.run_bench(cfg, argv=argv)
+
+
+def _report_bench(result: dict, output: Path | None, plot: Path | None, fmt: str, quiet: bool, say) -> None:
+    """The results to --output (the table still on stdout unless ``quiet``) or stdout, the plot to --plot;
+    a file that cannot be written is reported, its content on stdout, and bench exits with 1."""
     failed: list[str] = []  # a file that cannot be written now must not lose the run
     lost: list[StdoutFailed] = []  # nor a stdout that cannot be written the files still to come
     written: list[str] = []
@@ -362,14 +374,14 @@ def bench(
             lost.append(exc)
 
     if output is not None:
-        text = bench_lib.render(result, format.value)
+        text = bench_lib.render(result, fmt)
         try:
             write_atomic(output, text)
         except OSError as exc:
             show(text)  # what the file would have held, so the results survive
             failed.append(
                 f"--output: could not write {str(output)!r} ({exc.strerror or exc}); it is as it was, "
-                f"and its {format.value} content is on stdout instead"
+                f"and its {fmt} content is on stdout instead"
             )
         else:
             written.append(str(output))
@@ -377,7 +389,7 @@ def bench(
             if not quiet:
                 show(bench_lib.render_table(result))
     else:
-        show(bench_lib.render(result, format.value))
+        show(bench_lib.render(result, fmt))
     if plot is not None:
         try:
             plots.plot_bench(result, plot)
@@ -406,9 +418,6 @@ def _long(policies_text, Ts, backend, B, H, vocab, dtype, seed, output, plot, sa
     ``arch``: cell, num_layers, nonlinearity, bidirectional of the model timed; ``ignored``: the
     options of the T/H sweep that were given (each refused by name, before any work).
     """
-    from ..bench.long import POLICIES, long_sweep, plot_long, render_long
-    from ..recompute import unsupported_reason
-
     policies = [p.strip() for p in policies_text.split(",") if p.strip()]
     if not policies or any(p not in POLICIES for p in policies):
         raise usage_error(

@@ -16,12 +16,14 @@ import typer
 from .. import plots
 from .._paths import write_error
 from ..cells import NONLINEARITIES
-from ..checkpoint import CheckpointError, load_checkpoint
-from ..data import TASKS
 from ..errors import InputError
 from ..model import CELLS, INITS
-from ..optim import DEFAULT_LR, ON_NONFINITE, OPTIMIZERS, NonFiniteError
-from ..run import (
+from ..training.data import TASKS
+from ..training.loop import SCHEDULES, TrainEvent
+from ..training.loop import train as train_loop
+from ..training.optim import DEFAULT_LR, ON_NONFINITE, OPTIMIZERS, NonFiniteError
+from ..training.record import CheckpointError, load_checkpoint
+from ..training.run import (
     DEFAULT_EVAL_EVERY,
     DEFAULT_STEPS,
     DEFAULTS,
@@ -33,9 +35,7 @@ from ..run import (
     resume_run,
     save_run,
 )
-from ..sample import sample_chars
-from ..train import SCHEDULES, TrainEvent
-from ..train import train as train_loop
+from ..training.sample import sample_chars
 from ._common import (
     EXIT_SAVED_NO_STDOUT,
     BackendChoice,
@@ -268,6 +268,137 @@ class TrainReporter:
         echo_out(f"checkpoint: {self.checkpoint}" + (f"\nplot: {plot}" if plot is not None else ""))
 
 
+def _destinations_or_exit(checkpoint: Path, plot: Path | None, data: Path | None, val_data: Path | None) -> Path:
+    """The checkpoint's best file, once every file train writes can be written and every file it reads read
+    (and none is another)."""
+    writable_or_exit(plot, "--plot")
+    writable_or_exit(checkpoint, "--checkpoint")  # before any work: training failed only at its first save
+    best = best_path(checkpoint)
+    if os.path.dirname(os.path.realpath(best)) == os.path.dirname(os.path.realpath(checkpoint)):
+        readable_or_exit(best, "--checkpoint's best file")  # its folder was probed: only no folder or device there
+    else:  # ck.npz or ck.best.npz is a link into another folder: probe that one too
+        writable_or_exit(best, "--checkpoint's best file")
+    readable_or_exit(data, "--data")
+    readable_or_exit(val_data, "--val-data")
+    distinct_or_exit(
+        {"--checkpoint": checkpoint, "--checkpoint's best file": best, "--plot": plot},
+        {"--data": data, "--val-data": val_data},
+    )
+    return best
+
+
+def _flags_or_exit(
+    checkpoint: Path, best: Path, *, resume: bool, force: bool, early_stop: int | None, eval_every: int,
+    accept_changed_data: bool,
+) -> None:  # fmt: skip
+    """Usage errors for options that exclude or need each other, and for an earlier run's files that would be
+    replaced without --resume or --force."""
+    if resume and force:
+        raise usage_error("--resume and --force exclude each other")
+    if early_stop is not None and eval_every == 0:
+        raise usage_error(
+            "--early-stop counts held-out evaluations: give --eval-every ≥ 1 (0 evaluates only at the end)"
+        )
+    if accept_changed_data and not resume:
+        raise usage_error("--accept-changed-data applies to --resume only (a new run reads its text afresh)")
+    if checkpoint.exists() and not (resume or force):
+        raise usage_error(
+            f"{str(checkpoint)!r} exists: pass --resume to continue training it, --force to replace it, "
+            "or choose another --checkpoint"
+        )
+    if best.exists() and not (resume or force):
+        raise usage_error(
+            f"{str(best)!r} exists (the best model of an earlier run at --checkpoint {str(checkpoint)!r}): pass "
+            "--force to replace it with this run's, or choose another --checkpoint"
+        )
+
+
+def _train_or_exit(run, dp, reporter, checkpoint: Path, be, *, budget: int | None, early_stop: int | None) -> None:
+    """Train ``run`` (on this rank's share under ``dp``), reporting each step; an interruption, a diverged
+    or failed run saves what it can, says so and exits with its code."""
+    state = run.state
+    # --distributed: Ctrl-C reaches every rank, maybe between different steps: stop at once (the last checkpoint stays)
+    previous_sigint = install_sigint(reporter.on_sigint) if dp is None else None
+    reporter.start()
+    try:
+        if state.step < run.config.steps and dp is not None:
+            train_data_parallel(dp, run, reporter, train_loop, max_memory=budget, early_stop=early_stop)
+        elif state.step < run.config.steps:
+            train_loop(
+                run.model, run.data, run.optimizer, run.config, state=state, history=run.history,
+                callback=reporter.on_step, max_memory=budget, early_stop=early_stop,
+            )  # fmt: skip
+    except Interrupted as exc:
+        reporter.stop()
+        try:
+            reporter.save()
+        except Failed as failed:
+            typer.echo(f"interrupted at step {state.step}\nerror: {failed}", err=True)
+            raise typer.Exit(failed.code) from exc
+        typer.echo(
+            f"interrupted at step {state.step}; saved checkpoint {str(checkpoint)!r} at step {state.step} "
+            "(continue with --resume)",
+            err=True,
+        )
+        raise typer.Exit(130) from exc
+    except KeyboardInterrupt as exc:
+        reporter.stop()
+        typer.echo(f"interrupted during step {state.step + 1}, before it finished; {reporter.kept()}", err=True)
+        raise typer.Exit(130) from exc
+    except NonFiniteError as exc:
+        reporter.stop()
+        typer.echo(
+            f"error: {in_flags(str(exc))}\n{str(checkpoint)!r} keeps the last evaluation's checkpoint, if any",
+            err=True,
+        )
+        raise typer.Exit(1) from exc
+    except Failed as exc:
+        reporter.stop()
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.code) from exc
+    except MemoryError as exc:
+        reporter.stop()
+        typer.echo(f"training stopped during step {state.step + 1}; {reporter.kept()}", err=True)
+        raise out_of_memory(exc, be) from exc
+    except InputError as exc:  # e.g. weights grown past the dtype's range: the next check refuses them
+        reporter.stop()
+        typer.echo(f"error: training stopped at step {state.step}: {in_flags(str(exc))}; {reporter.kept()}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        restore_sigint(previous_sigint)
+        reporter.stop()
+
+
+def _finish(run, reporter, checkpoint: Path, best: Path, plot: Path | None, *, resumed: bool, start_step: int,
+            early_stop: int | None) -> None:  # fmt: skip
+    """After the loop: say why it stopped early, save the run and its plot, and print the summary."""
+    state, resume = run.state, resumed
+    if state.step < run.config.steps and reporter.main:  # the loop returned early: --early-stop
+        best_step, best_loss = run.history.best() or (None, float("nan"))
+        typer.echo(
+            f"early stop at step {state.step}: {early_stop} evaluations without a held-out loss below "
+            f"{best_loss:.4f} (step {best_step}); {str(checkpoint)!r} keeps the last model (step {state.step}), "
+            f"{str(best)!r} the best (step {best_step})",
+            err=True,
+        )
+    try:
+        if not resume or state.step != start_step:  # a resume with nothing to do leaves the file as it was
+            reporter.save()
+        if plot is not None and reporter.main:
+            write_png(plot, "plot", lambda path: plots.plot_history(path, run.history, **reporter.plot_labels()))
+    except Failed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(exc.code) from exc
+    try:
+        reporter.summary(plot)
+    except StdoutFailed as exc:  # the run is saved: say so, with an exit code of its own
+        exc.code = EXIT_SAVED_NO_STDOUT
+        exc.kept = f"the checkpoint {str(checkpoint)!r} was saved at step {reporter.saved_step}"
+        if plot is not None:
+            exc.kept += f", and the plot {str(plot)!r} was written"
+        raise
+
+
 @app.command()
 @quiet_numerics
 @reflowed_help
@@ -425,40 +556,14 @@ def train(
     comm = communicator_or_exit(distributed.value, backend.value)  # nccl/mpi pick this rank's GPU first
     check_plot(plot)
     budget = None if max_memory is None else parse_size(max_memory, "--max-memory")
-    writable_or_exit(plot, "--plot")
-    writable_or_exit(checkpoint, "--checkpoint")  # before any work: training failed only at its first save
-    best = best_path(checkpoint)
-    if os.path.dirname(os.path.realpath(best)) == os.path.dirname(os.path.realpath(checkpoint)):
-        readable_or_exit(best, "--checkpoint's best file")  # its folder was probed: only no folder or device there
-    else:  # ck.npz or ck.best.npz is a link into another folder: probe that one too
-        writable_or_exit(best, "--checkpoint's best file")
-    readable_or_exit(data, "--data")
-    readable_or_exit(val_data, "--val-data")
-    distinct_or_exit(
-        {"--checkpoint": checkpoint, "--checkpoint's best file": best, "--plot": plot},
-        {"--data": data, "--val-data": val_data},
-    )
+    best = _destinations_or_exit(checkpoint, plot, data, val_data)
     if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
         raise usage_error(f"--epochs must be a finite number > 0, got {epochs}")
     be = backend_or_exit(backend.value)
-    if resume and force:
-        raise usage_error("--resume and --force exclude each other")
-    if early_stop is not None and eval_every == 0:
-        raise usage_error(
-            "--early-stop counts held-out evaluations: give --eval-every ≥ 1 (0 evaluates only at the end)"
-        )
-    if accept_changed_data and not resume:
-        raise usage_error("--accept-changed-data applies to --resume only (a new run reads its text afresh)")
-    if checkpoint.exists() and not (resume or force):
-        raise usage_error(
-            f"{str(checkpoint)!r} exists: pass --resume to continue training it, --force to replace it, "
-            "or choose another --checkpoint"
-        )
-    if best.exists() and not (resume or force):
-        raise usage_error(
-            f"{str(best)!r} exists (the best model of an earlier run at --checkpoint {str(checkpoint)!r}): pass "
-            "--force to replace it with this run's, or choose another --checkpoint"
-        )
+    _flags_or_exit(
+        checkpoint, best, resume=resume, force=force, early_stop=early_stop, eval_every=eval_every,
+        accept_changed_data=accept_changed_data,
+    )  # fmt: skip
     try:
         if resume:
             run = resume_run(
@@ -493,82 +598,9 @@ def train(
     if dp is not None:
         reporter.main, reporter.token_scale = comm.rank == 0, run.config.batch_size / dp.local_batch
     reporter.header()
-    state = run.state
-    start_step = state.step
-    # --distributed: Ctrl-C reaches every rank, maybe between different steps: stop at once (the last checkpoint stays)
-    previous_sigint = install_sigint(reporter.on_sigint) if dp is None else None
-    reporter.start()
-    try:
-        if state.step < run.config.steps and dp is not None:
-            train_data_parallel(dp, run, reporter, train_loop, max_memory=budget, early_stop=early_stop)
-        elif state.step < run.config.steps:
-            train_loop(
-                run.model, run.data, run.optimizer, run.config, state=state, history=run.history,
-                callback=reporter.on_step, max_memory=budget, early_stop=early_stop,
-            )  # fmt: skip
-    except Interrupted as exc:
-        reporter.stop()
-        try:
-            reporter.save()
-        except Failed as failed:
-            typer.echo(f"interrupted at step {state.step}\nerror: {failed}", err=True)
-            raise typer.Exit(failed.code) from exc
-        typer.echo(
-            f"interrupted at step {state.step}; saved checkpoint {str(checkpoint)!r} at step {state.step} "
-            "(continue with --resume)",
-            err=True,
-        )
-        raise typer.Exit(130) from exc
-    except KeyboardInterrupt as exc:
-        reporter.stop()
-        typer.echo(f"interrupted during step {state.step + 1}, before it finished; {reporter.kept()}", err=True)
-        raise typer.Exit(130) from exc
-    except NonFiniteError as exc:
-        reporter.stop()
-        typer.echo(
-            f"error: {in_flags(str(exc))}\n{str(checkpoint)!r} keeps the last evaluation's checkpoint, if any",
-            err=True,
-        )
-        raise typer.Exit(1) from exc
-    except Failed as exc:
-        reporter.stop()
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.code) from exc
-    except MemoryError as exc:
-        reporter.stop()
-        typer.echo(f"training stopped during step {state.step + 1}; {reporter.kept()}", err=True)
-        raise out_of_memory(exc, be) from exc
-    except InputError as exc:  # e.g. weights grown past the dtype's range: the next check refuses them
-        reporter.stop()
-        typer.echo(f"error: training stopped at step {state.step}: {in_flags(str(exc))}; {reporter.kept()}", err=True)
-        raise typer.Exit(1) from exc
-    finally:
-        restore_sigint(previous_sigint)
-        reporter.stop()
-    if state.step < run.config.steps and reporter.main:  # the loop returned early: --early-stop
-        best_step, best_loss = run.history.best() or (None, float("nan"))
-        typer.echo(
-            f"early stop at step {state.step}: {early_stop} evaluations without a held-out loss below "
-            f"{best_loss:.4f} (step {best_step}); {str(checkpoint)!r} keeps the last model (step {state.step}), "
-            f"{str(best)!r} the best (step {best_step})",
-            err=True,
-        )
-    try:
-        if not resume or state.step != start_step:  # a resume with nothing to do leaves the file as it was
-            reporter.save()
-        if plot is not None and reporter.main:
-            write_png(plot, "plot", lambda path: plots.plot_history(path, run.history, **reporter.plot_labels()))
-    except Failed as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.code) from exc
-    try:
-        reporter.summary(plot)
-    except StdoutFailed as exc:  # the run is saved: say so, with an exit code of its own
-        exc.code = EXIT_SAVED_NO_STDOUT
-        exc.kept = f"the checkpoint {str(checkpoint)!r} was saved at step {reporter.saved_step}"
-        if plot is not None:
-            exc.kept += f", and the plot {str(plot)!r} was written"
-        raise
+    start_step = run.state.step
+    _train_or_exit(run, dp, reporter, checkpoint, be, budget=budget, early_stop=early_stop)
+    _finish(run, reporter, checkpoint, best, plot, resumed=resume, start_step=start_step, early_stop=early_stop)
 
 
 class WhichChoice(str, Enum):

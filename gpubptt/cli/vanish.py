@@ -16,8 +16,8 @@ from .. import diagnostics, plots
 from ..cells import NONLINEARITIES
 from ..diagnostics import DEFAULT_ITERS, DEFAULT_THRESHOLD
 from ..diagnostics.problems import DEFAULT_SEQ_LEN, checkpoint_problem, random_problem
+from ..engine.memory import InsufficientMemoryError
 from ..errors import InputError
-from ..memory import InsufficientMemoryError
 from ..model import CELLS, INITS
 from ._common import (
     BackendChoice,
@@ -39,6 +39,7 @@ from ._common import (
     writable_or_exit,
     write_png,
 )
+from ._vanish_cells import parse_cells, run_cells, run_model
 from .train import WHICH_HELP, WhichChoice, which_checkpoint
 
 InitChoice = choices("InitChoice", INITS)
@@ -187,6 +188,32 @@ def _vanish_progress(n: int, per: int = len(diagnostics.VANISH_STAGES)):
     yield line
 
 
+def _compare_cells(
+    cell: str, ignored: dict, backend: BackendChoice, plot: Path | None, threshold: float, seq_len: int | None,
+    hidden: int | None, batch: int, vocab: int | None, seed: int, fmt: VanishFormat,
+) -> None:  # fmt: skip
+    """``vanish --cell``: random one-layer models of each cell, side by side (``ignored``: options given
+    that describe one model, each refused by name)."""
+    cells = parse_cells(cell)
+    for name, value in ignored.items():
+        if value is not None:
+            raise usage_error(
+                f"--{name} does not apply with --cell (one-layer random models of each cell, torch's init)"
+            )
+    if backend.value == "cupy":
+        raise usage_error("--cell compares the cells on the host in float64: --backend cupy does not apply")
+    check_plot(plot)
+    writable_or_exit(plot, "--plot")
+    if not (np.isfinite(threshold) and threshold > 0):
+        raise typer.BadParameter(f"must be a finite number > 0, got {threshold}", param_hint="--threshold")
+    run_cells(
+        cells, T=DEFAULT_SEQ_LEN if seq_len is None else seq_len, H=RANDOM_DEFAULTS["hidden"] if hidden is None
+        else hidden, B=batch, vocab=RANDOM_DEFAULTS["vocab"] if vocab is None else vocab, seed=seed,
+        threshold=threshold, fmt=fmt.value, plot=plot,
+    )  # fmt: skip
+    return
+
+
 @app.command()
 @stdout_errors
 @quiet_numerics
@@ -285,29 +312,11 @@ def vanish(
     trained W instead, and "model" among the radii keeps it. Windows and sequences come from --seed.
     """
     if cell is not None:  # the cells side by side (gpubptt.diagnostics.gated)
-        from ._vanish_cells import parse_cells, run_cells
-
-        cells = parse_cells(cell)
         ignored = {
             "checkpoint": checkpoint, "scale": scale, "data": data, "init": init, "layers": layers,
             "bidirectional": bidirectional, "nonlinearity": nonlinearity, "which": which,
         }  # fmt: skip
-        for name, value in ignored.items():
-            if value is not None:
-                raise usage_error(
-                    f"--{name} does not apply with --cell (one-layer random models of each cell, torch's init)"
-                )
-        if backend.value == "cupy":
-            raise usage_error("--cell compares the cells on the host in float64: --backend cupy does not apply")
-        check_plot(plot)
-        writable_or_exit(plot, "--plot")
-        if not (np.isfinite(threshold) and threshold > 0):
-            raise typer.BadParameter(f"must be a finite number > 0, got {threshold}", param_hint="--threshold")
-        run_cells(
-            cells, T=DEFAULT_SEQ_LEN if seq_len is None else seq_len, H=RANDOM_DEFAULTS["hidden"] if hidden is None
-            else hidden, B=batch, vocab=RANDOM_DEFAULTS["vocab"] if vocab is None else vocab, seed=seed,
-            threshold=threshold, fmt=fmt.value, plot=plot,
-        )  # fmt: skip
+        _compare_cells(cell, ignored, backend, plot, threshold, seq_len, hidden, batch, vocab, seed, fmt)
         return
     radii = _parse_scales(scale if scale is not None else ("model" if checkpoint is not None else RANDOM_SCALES))
     layers_or_exit(layers)
@@ -360,8 +369,6 @@ def vanish(
     model, x, y = problem.model, problem.x, problem.y
     T = problem.T
     if model.cell_name != "rnn":  # a GRU/LSTM checkpoint: the cell measures (gpubptt.diagnostics.gated)
-        from ._vanish_cells import run_model
-
         if scale is not None:
             raise usage_error(f"--scale rescales an rnn cell's W; this checkpoint holds a {model.cell_name}")
         run_model(model, x, y, label=f"{checkpoint.name} ({model.cell_name})", threshold=threshold, fmt=fmt.value,
@@ -384,6 +391,12 @@ def vanish(
         except MemoryError as exc:
             raise out_of_memory(exc, be) from exc
         return
+    _vanish_one(model, x, y, radii, problem, settings, threshold, iters, fmt, plot, checkpoint, be, batch, seed)
+
+
+def _vanish_one(model, x, y, radii, problem, settings, threshold, iters, fmt, plot, checkpoint, be, B, seed) -> None:
+    """One recurrence: the sweep over the radii, as a table or JSON on stdout, and the plot."""
+    T, batch = problem.T, B
     try:
         with _vanish_progress(len(radii)) as progress:
             sweep = diagnostics.vanish_sweep(model, x, y, radii, threshold=threshold, iters=iters, progress=progress)
@@ -403,7 +416,11 @@ def vanish(
             echo_out("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
     if plot is not None:
         if checkpoint is None:
-            title = f"T={T} H={hidden} B={batch} vocab={vocab} init={init.value} seed={seed} ({be.name})"
+            about = problem.about
+            title = (
+                f"T={T} H={model.hidden_size} B={batch} vocab={about['vocab']} init={about['init']} "
+                f"seed={seed} ({be.name})"
+            )
         else:
             about = problem.about
             title = (

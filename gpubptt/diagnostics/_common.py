@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import Batch, check_batch
 from ..backend import to_numpy
+from ..engine.losses import softmax_probs
 from ..errors import InputError, InputTypeError
-from ..losses import softmax_probs
 from ..model import RNN
+from ..validation import Batch, check_batch
 
 
 # -- JSON helpers ---------------------------------------------------------------------------------

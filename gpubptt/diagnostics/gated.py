@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import engine
 from ..backend import to_numpy
+from ..engine import stack as engine
 from ..errors import InputError
 from ..model import RNN
+from ..plots import figure_title, new_figure, save_png
 from ._common import ToDict, batch_of, check_int, check_model, check_positive_float
 
 __all__ = [
@@ -269,8 +270,6 @@ EXACT_TO_ROUNDING = 1e-12
 def plot_cells(flows: list[CellFlow], path: Any, *, title: str | None = None) -> None:
     """One PNG, the cells side by side: product norm against the lag (LSTM's c path dashed), ‖∂E/∂s_t‖ against
     t, and the truncation bias against the window k. Needs matplotlib (the ``plot`` extra)."""
-    from ..plots import figure_title, new_figure, save_png
-
     if not flows:
         raise InputError("nothing to plot: no cells measured")
     fig = new_figure(figsize=(15.0, 4.6), layout="constrained")

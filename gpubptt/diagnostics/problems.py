@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 
 from ..backend import get_backend
-from ..checkpoint import CheckpointError, load_checkpoint
-from ..data import Vocab, make_data, read_text
+from ..engine.memory import check_fits, vanish_memory
 from ..errors import InputError
-from ..memory import check_fits, vanish_memory
 from ..model import RNN
+from ..training.data import Vocab, make_data, read_text
+from ..training.record import CheckpointError, load_checkpoint
 from ._common import (
     check_int,
 )
@@ -65,7 +65,7 @@ def random_problem(
     ``RNN``) and random tokens and targets x, y (T, B), all from ``seed``.
 
     InsufficientMemoryError (an InputError) before anything is allocated when the diagnostics of
-    these sizes cannot fit in the backend's available memory (see ``gpubptt.memory``).
+    these sizes cannot fit in the backend's available memory (see ``gpubptt.engine.memory``).
     """
     backend = get_backend(backend)
     recurrences = num_layers * (2 if bidirectional else 1) if isinstance(num_layers, int) else 1
@@ -149,7 +149,7 @@ def checkpoint_problem(
 
     Text models: B windows of T characters (default ``DEFAULT_SEQ_LEN``) from the UTF-8 file
     ``text``, encoded with the checkpoint's vocabulary, or else from the held-out part of the text
-    the checkpoint was trained on (rebuilt by ``gpubptt.data.make_data`` from its data spec); the
+    the checkpoint was trained on (rebuilt by ``gpubptt.training.data.make_data`` from its data spec); the
     targets are the next characters. Copy/recall models: B fresh sequences of the task, whose
     length L = 2k + delay is T (a given T must equal it). Returns x, y (T, B), drawn from ``seed``.
     ``dtype=None`` keeps the checkpoint's dtype; float64 widens float32 weights exactly.

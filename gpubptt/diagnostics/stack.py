@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import engine
-from .._checks import check_batch
 from ..backend import to_numpy
+from ..engine import stack as engine
 from ..errors import InputError
 from ..model import RNN
+from ..validation import check_batch
 from ._common import ToDict, check_elman, check_int, check_model, check_positive_float, check_tol, json_value, to_host
 from .jacobians import DEFAULT_ITERS, DEFAULT_THRESHOLD, NO_DECAY_SLOPE, _fit, product_norms, spectral_radius
 

@@ -1,13 +1,15 @@
 """The MPI communicator, on mpi4py: NumPy buffers directly, CuPy buffers CUDA-aware or through pinned memory.
 
 mpi4py is imported when a communicator is made, never at ``import gpubptt`` (it is the optional
-extra ``gpubptt[mpi]``); CuPy only when a CuPy buffer arrives.
+extra ``gpubptt[mpi]``); the CuPy backend only when a CuPy buffer arrives.
 
 A CuPy buffer goes to MPI directly when the MPI is CUDA-aware: ``GPUBPTT_CUDA_AWARE_MPI=1`` says
 so (``=0`` says not), else ``MPI.Query_cuda_support()`` where the MPI library has it (MPICH ≥ 4.1,
 Open MPI ≥ 5 through mpi4py ≥ 4). Otherwise it is staged: device → pinned host buffer → MPI →
 device. Either way the current stream is synchronised first (MPI cannot wait on a CUDA stream):
-one host–device sync per collective, which NCCL avoids.
+one host–device sync per collective, which NCCL avoids. The staging and the sync are the buffer's
+backend's (``empty_pinned``, ``copy_to_host``, ``copy_from_host``, ``synchronize``): CuPy stays in
+``gpubptt.backend``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import backend_of
 from ..errors import InputError
 from .base import Communicator, check_buffer
 
@@ -78,29 +81,26 @@ class MPICommunicator(Communicator):
         self._pinned: dict[tuple[int, str], np.ndarray] = {}
 
     def _host_view(self, buf: Any) -> tuple[Any, Any]:
-        """(what MPI reads/writes, the CuPy buffer to copy back into or None)."""
+        """(what MPI reads/writes, (the device buffer's backend, the buffer) to copy back into, or None)."""
         if isinstance(buf, np.ndarray):
             return buf, None
-        import cupy  # a CuPy buffer: CuPy is there
-
-        cupy.cuda.get_current_stream().synchronize()  # MPI cannot wait on the stream: host-device sync
+        be = backend_of(buf)  # a device buffer: its backend is there
+        be.synchronize()  # MPI cannot wait on the stream: host-device sync
         if self.cuda_aware:
             return buf, None
         key = (int(buf.size), buf.dtype.name)
         host = self._pinned.get(key)
         if host is None:
-            import cupyx
-
-            host = self._pinned[key] = cupyx.empty_pinned(buf.shape, dtype=buf.dtype)
-        buf.get(out=host)
-        return host, buf
+            host = self._pinned[key] = be.empty_pinned(buf.shape, buf.dtype)
+        be.copy_to_host(buf, host)
+        return host, (be, buf)
 
     def allreduce(self, buf: Any) -> None:
         check_buffer(buf)
         view, back = self._host_view(buf)
         self.comm.Allreduce(self.MPI.IN_PLACE, view, op=self.MPI.SUM)
         if back is not None:
-            back.set(view)
+            back[0].copy_from_host(view, back[1])
 
     def broadcast(self, buf: Any, root: int = 0) -> None:
         check_buffer(buf)
@@ -109,7 +109,7 @@ class MPICommunicator(Communicator):
         view, back = self._host_view(buf)
         self.comm.Bcast(view, root=root)
         if back is not None:
-            back.set(view)
+            back[0].copy_from_host(view, back[1])
 
     def barrier(self) -> None:
         self.comm.Barrier()

@@ -7,7 +7,7 @@
     then clip, the non-finite guard and the optimizer, identically on every rank
 
 ``DataParallel`` wraps a model the way ``torch.nn.parallel.DistributedDataParallel`` does: the
-training loop (``gpubptt.train.train``) sees a model whose ``loss_and_grads`` returns the global
+training loop (``gpubptt.training.loop.train``) sees a model whose ``loss_and_grads`` returns the global
 mean, so the loop itself is unchanged. Every rank starts from rank 0's parameters (a broadcast);
 every ``check_every`` steps a checksum of the parameters is compared across ranks, and a rank whose
 weights drifted stops the run (RuntimeError naming the ranks). A rank's carried state has its
@@ -35,7 +35,7 @@ import numpy as np
 
 from ..dropout import mask_key
 from ..errors import InputError
-from ..train import TrainConfig, TrainState, evaluate
+from ..training.loop import TrainConfig, TrainState, evaluate
 from .base import Communicator
 
 __all__ = ["DataParallel", "ParameterDivergenceError", "ShardedData", "shard_range"]
@@ -323,7 +323,7 @@ class DataParallel:
         return replace(state, s=tuple(gather(a) for a in s) if isinstance(s, tuple) else gather(s))
 
     def evaluate(self, model: Any, data: Any, **kwargs: Any) -> dict[str, float]:
-        """``gpubptt.train.evaluate`` on this rank's held-out streams, the sums added over every rank."""
+        """``gpubptt.training.loop.evaluate`` on this rank's held-out streams, the sums added over every rank."""
         return evaluate(model, data, reduce=self.comm.allreduce, **kwargs)
 
 

@@ -23,7 +23,7 @@ naming the step and the cause, or is skipped when ``on_nonfinite="skip"``; eithe
 and the step counter are left exactly as they were. The learning rate must lie in (0, LR_MAX].
 
     >>> import numpy as np, gpubptt
-    >>> from gpubptt.optim import SGD
+    >>> from gpubptt.training.optim import SGD
     >>> model = gpubptt.RNN(3, 4, 3, backend="numpy", seed=0)
     >>> opt = SGD(model, lr=0.1)
     >>> loss, grads = model.loss_and_grads(np.zeros((5, 2), dtype=np.int64), np.ones((5, 2), dtype=np.int64))
@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend, get_backend
-from .errors import InputError, InputTypeError, ShapeError
+from ..backend import Backend, get_backend
+from ..errors import InputError, InputTypeError, ShapeError
 
 __all__ = [
     "LR_MAX",

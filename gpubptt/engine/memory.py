@@ -9,7 +9,7 @@ before anything is allocated, instead of failing minutes later or swapping the m
     >>> check_fits(est, 16 * 2**30, "training H=100000")
     Traceback (most recent call last):
     ...
-    gpubptt.memory.InsufficientMemoryError: training H=100000 needs about 164.4 GB (...), but 17.2 GB is available
+    gpubptt.engine.memory.InsufficientMemoryError: training H=100000 needs about 164.4 GB (...), but 17.2 GB is ...
 
 Each estimate counts the arrays that are alive at the peak, to within a small factor: the
 parameters (and, while a random model is drawn, its float64 host copy), their gradients and
@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
+from ..params import param_shapes
 from .losses import chunk_steps
-from .params import param_shapes
 
 __all__ = [
     "InsufficientMemoryError",
@@ -100,7 +100,7 @@ def _forward_bptt(
     T: int, B: int, H: int, K: int, itemsize: int, chunk_elements: int, truncate: int | None,
     num_layers: int = 1, dirs: int = 1, dropout: bool = False, gates: int = 1, cell: Any = None,
 ) -> int:  # fmt: skip
-    """Bytes of one forward+BPTT workspace for a (T, B) batch (see ``gpubptt.engine.Workspace``)."""
+    """Bytes of one forward+BPTT workspace for a (T, B) batch (see ``gpubptt.engine.stack.Workspace``)."""
     n = num_layers * dirs
     gates = cell.gates if cell is not None else gates
     # per recurrence S (T+1) and G (T); one shared pre; per recurrence ∂E/∂s0; the per-step row

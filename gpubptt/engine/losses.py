@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backend import Backend
+from ..backend import Backend
 
 __all__ = ["chunk_steps", "softmax_probs", "xent_and_grads", "xent_loss"]
 

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from ..errors import InputError
+from ..model import RNN
 from .data import Vocab
-from .errors import InputError
-from .model import RNN
 
 __all__ = ["BIDIRECTIONAL_TEXT", "check_predicts_ahead", "next_distribution", "sample_chars", "sample_text"]
 

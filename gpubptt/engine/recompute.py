@@ -40,12 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import Batch
-from .backend import TokenPlan
-from .engine import input_projection
-from .errors import InputError, InputTypeError
+from ..backend import ONEHOT_MAX_VOCAB, TokenPlan
+from ..errors import InputError, InputTypeError
+from ..validation import Batch
 from .losses import chunk_steps, xent_and_grads
 from .memory import InsufficientMemoryError, MemoryEstimate, format_bytes
+from .stack import input_projection
 
 __all__ = [
     "SegmentWorkspace",
@@ -142,8 +142,6 @@ def _xent_peak(n_rows: int, K: int, it: int) -> int:
 def _token_peak(D: int, N: int, gH: int, it: int) -> int:
     """The larger of: the gather of N rows of U (NumPy's ``take`` buffers its (N, gH) output), the
     token plan and the scatter-add of N rows (NumPy: a (D, N) one-hot GEMM up to D = 512, else a gather)."""
-    from .backend.numpy_backend import ONEHOT_MAX_VOCAB
-
     plan = 2 * N * INT64 + 2 * (D + 1) * INT64
     if D <= ONEHOT_MAX_VOCAB:
         scatter = D * N * it + N * INT64 + D * gH * it

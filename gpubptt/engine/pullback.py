@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from . import engine
-from ._checks import Batch
-from .errors import InputError, InputTypeError, ShapeError
+from ..errors import InputError, InputTypeError, ShapeError
+from ..validation import Batch
+from . import stack as engine
 
 __all__ = ["Pullback", "PullbackError", "VJPOutput"]
 
@@ -145,7 +145,7 @@ class Pullback:
         return out
 
     def _recompute_backward(self, dtop: Any, dh: Any, dc: Any) -> tuple[dict[str, Any], Any]:
-        """The segment-by-segment backward pass of ``gpubptt.recompute`` under the upstream gradients."""
+        """The segment-by-segment backward pass of ``gpubptt.engine.recompute`` under the upstream gradients."""
         model, batch, ws = self._model, self._batch, self._segments
         xp, c = model.backend.xp, ws.c
         top = self._top_gradient(dtop, xp.empty(dtop.shape, dtype=model.dtype))

@@ -22,16 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend, get_backend
-from .cells import NONLINEARITIES, cell_class, cell_names, make_cell
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ..backend import Backend, get_backend
+from ..cells import NONLINEARITIES, cell_class, cell_names, make_cell
+from ..engine.memory import MAX_LAYERS, InsufficientMemoryError, check_fits, format_bytes, train_memory
+from ..engine.recompute import call_memory, choose
+from ..errors import InputError
+from ..model import CELLS, INITS, RNN
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
-from .errors import InputError
-from .memory import MAX_LAYERS, InsufficientMemoryError, check_fits, format_bytes, train_memory
-from .model import CELLS, INITS, RNN
+from .loop import SCHEDULES, History, TrainConfig, TrainState
 from .optim import DEFAULT_LR, LR_MAX, LR_RANGE, ON_NONFINITE, Optimizer, make_optimizer
+from .record import Checkpoint, load_checkpoint, save_checkpoint
 from .sample import check_predicts_ahead
-from .train import SCHEDULES, History, TrainConfig, TrainState
 
 __all__ = ["DEFAULTS", "Run", "best_path", "check_layers", "new_run", "resume_run", "save_run", "total_steps"]
 
@@ -57,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "optimizer": "adam",
     "lr": None,  # per optimizer: DEFAULT_LR
     "momentum": 0.0,
-    "weight_decay": 0.0,  # decoupled, as AdamW (gpubptt.optim)
+    "weight_decay": 0.0,  # decoupled, as AdamW (gpubptt.training.optim)
     "clip": 5.0,  # 0: off
     "schedule": "constant",
     "warmup": 0,
@@ -340,11 +341,9 @@ def recompute_plan(run: Run, max_memory: int, *, batch_size: int | None = None, 
     sentence uses ('--max-memory 512M = 536.9 MB': K, M, G are powers of 1024, the sentence's MB 10^6).
 
     Whole sequences (``--chunk 0``) whose stored plan exceeds the budget recompute their states in
-    segments (``gpubptt.recompute``). InsufficientMemoryError, naming the smallest budget that
+    segments (``gpubptt.engine.recompute``). InsufficientMemoryError, naming the smallest budget that
     works, when no policy fits; InputError when the run cannot recompute (truncation, dropout).
     """
-    from .recompute import call_memory, choose
-
     x, _ = run.data.train_sequence(
         0, seed=run.config.seed, batch_size=run.config.batch_size, chunk=run.config.chunk or 1
     )
@@ -497,7 +496,7 @@ def resume_run(
 
 
 def save_run(path: str | Path, run: Run) -> Path:
-    """Checkpoint the run atomically at ``path`` (see ``gpubptt.checkpoint``)."""
+    """Checkpoint the run atomically at ``path`` (see ``gpubptt.training.record``)."""
     return save_checkpoint(
         path,
         run.model,

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, InputTypeError
+from ..errors import InputError, InputTypeError
 
 __all__ = ["TASKS", "CopyTask", "TextData", "Vocab", "default_corpus", "make_data", "read_text"]
 

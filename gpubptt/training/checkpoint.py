@@ -1,4 +1,10 @@
-"""Checkpoints: parameters, optimizer state, vocabulary, configuration and training progress in one .npz.
+"""The checkpoint file format: the model's state (its architecture record and parameters) and, beside it, a
+training record (optimizer state, vocabulary, configuration, progress, history) in one .npz.
+
+This module reads and writes the model's part and stores the record without interpreting it: the
+training application declares its record's sections and entries and their checks through a
+``RecordSchema`` and reads it back itself (``gpubptt.training.record``: ``save_checkpoint`` and
+``load_checkpoint``), so the file format imports no training code.
 
 Layout of the archive (every entry a plain NumPy array, so it loads with ``allow_pickle=False``):
 
@@ -19,7 +25,7 @@ save leaves any previous file untouched. Loading validates every name, shape and
 field of ``meta`` (type and range: ints are JSON ints, flags JSON booleans, sections objects or
 null; the training position fits the configuration and data), before building anything, and
 raises CheckpointError (a ValueError) with one line per problem, naming the field, its value and
-what was expected (``_checkpoint_meta``). Nothing is ever unpickled, and no message suggests it.
+what was expected (``checkpoint_meta``). Nothing is ever unpickled, and no message suggests it.
 Version 1 files (no architecture recorded) still load; saving writes version 2.
 """
 
@@ -31,39 +37,33 @@ import math
 import os
 import re
 import zipfile
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._checkpoint_meta import FORMAT, VERSION, check_history, check_meta, show
-from ._io import write_atomic
-from .backend import Backend, get_backend, to_numpy
-from .cells import cell_class, cell_names, make_cell
-from .config import ModelConfig
-from .data import Vocab
-from .errors import CheckpointError, InputError
-from .model import RNN
-from .optim import Optimizer, make_optimizer
-from .params import param_shapes
-from .train import History, TrainConfig, TrainState
+from .._io import write_atomic
+from ..backend import Backend, get_backend, to_numpy
+from ..cells import cell_class, cell_names, make_cell
+from ..config import ModelConfig
+from ..errors import CheckpointError, InputError
+from ..model import RNN
+from ..params import param_shapes
+from .checkpoint_meta import FORMAT, VERSION, RecordSchema, check_meta, show
 
-__all__ = ["FORMAT", "VERSION", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["FORMAT", "VERSION", "CheckpointError", "ModelState", "read_model_state", "write_model_state"]
 
 
 @dataclass
-class Checkpoint:
-    """What ``load_checkpoint`` returns; ``optimizer`` holds ``model``'s parameters (None if none was saved)."""
+class ModelState:
+    """What ``read_model_state`` returns: the model built from the file, its validated ``meta`` and every
+    archive entry (the record's among them, for the training application to read)."""
 
     model: RNN
-    optimizer: Optimizer | None
-    vocab: Vocab | None
-    data: dict[str, Any] | None
-    config: TrainConfig | None
-    state: TrainState
-    history: History
     meta: dict[str, Any]
+    arrays: dict[str, np.ndarray]
 
 
 def _host(a: Any) -> np.ndarray:
@@ -76,26 +76,22 @@ def _cell_options(cell: Any) -> dict[str, Any]:
     return {"cell_options": more} if more else {}
 
 
-def save_checkpoint(
+def write_model_state(
     path: str | os.PathLike[str],
     model: RNN,
-    *,
-    optimizer: Optimizer | None = None,
-    vocab: Vocab | None = None,
-    data: dict[str, Any] | None = None,
-    config: TrainConfig | None = None,
-    state: TrainState | None = None,
-    history: History | None = None,
+    record: RecordSchema,
+    sections: dict[str, Any],
+    entries: dict[str, np.ndarray],
+    check: Callable[[dict[str, np.ndarray], str], None] | None = None,
 ) -> Path:
-    """Write a checkpoint to ``path`` atomically; return the path.
+    """Write ``model`` and a training record (``sections`` of meta, archive ``entries``) to ``path`` atomically.
 
-    Shapes as in the model: U (H, D), W (H, H), V (K, H), b (H,), c (K,); carried state (B, H).
-    The description, history, parameters, optimizer state and carried state are checked as
-    ``load_checkpoint`` checks them (non-finite values included), so a file it would refuse is never
+    Shapes as in the model: U (H, D), W (H, H), V (K, H), b (H,), c (K,). The description, parameters
+    and the record (its ``finite`` entries, its sections and then ``check(arrays, where)``) are checked
+    as ``read_model_state`` checks them (non-finite values included), so a file it would refuse is never
     written (CheckpointError, and any existing file stays as it was).
     """
     path = Path(path)
-    state = TrainState() if state is None else state
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -115,34 +111,22 @@ def save_checkpoint(
             # a cell's options beyond nonlinearity, only where it has some (rnn, gru, lstm files stay as they were)
             **_cell_options(model.cell),
         },
-        "optimizer": None if optimizer is None else {"name": optimizer.name, **optimizer.hyperparameters()},
-        "data": data,
-        "config": None if config is None else asdict(config),
-        "state": {"step": state.step, "sequence": state.sequence, "chunk": state.chunk},
+        **sections,
     }
     arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
     for k, p in model.params.items():
         arrays[f"param.{k}"] = _host(p)
-    if optimizer is not None:
-        for k, a in optimizer.state_dict().items():
-            arrays[f"optim.{k}"] = _host(a)
-    if vocab is not None:
-        arrays["vocab"] = vocab.to_array()
-    if isinstance(state.s, tuple):  # an LSTM's (h, c)
-        arrays["carry.s"], arrays["carry.c"] = _host(state.s[0]), _host(state.s[1])
-    elif state.s is not None:
-        arrays["carry.s"] = _host(state.s)
-    for k, a in (History() if history is None else history).to_arrays().items():
-        arrays[f"history.{k}"] = a
+    arrays.update(entries)
     where = f"cannot write checkpoint {str(path)!r}"
-    for k, a in arrays.items():  # load_checkpoint refuses non-finite weights and state: never write them
-        if k.startswith(("param.", "optim.", "carry.")) and a.dtype.kind == "f" and not np.isfinite(a).all():
+    for k, a in arrays.items():  # read_model_state refuses non-finite weights and state: never write them
+        if k.startswith(("param.", *record.finite)) and a.dtype.kind == "f" and not np.isfinite(a).all():
             raise CheckpointError(
                 f"{where}: {k} contains NaN or infinity (a diverged run?); nothing was written and any "
                 "existing file was kept"
             )
-    check_meta(arrays, where)  # refuse what load_checkpoint would refuse, before anything is written
-    check_history(arrays, state, where)
+    check_meta(arrays, where, record)  # refuse what read_model_state would refuse, before anything is written
+    if check is not None:
+        check(arrays, where)
 
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
@@ -266,23 +250,25 @@ def _read(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, backend: str | Backend | None = "auto") -> Checkpoint:
-    """Read and validate a checkpoint; build the model (and optimizer) on ``backend``.
+def read_model_state(
+    path: str | os.PathLike[str], record: RecordSchema, *, backend: str | Backend | None = "auto"
+) -> ModelState:
+    """Read and validate a checkpoint's model (and the record's sections, by ``record``); build the model
+    on ``backend``.
 
     Raises CheckpointError naming the problem (missing, truncated, corrupt, wrong names, shapes or
-    dtypes) before anything is built.
+    dtypes) before anything is built. The record's entries are the caller's to check and read.
     """
     path = Path(path)
     where = f"checkpoint {str(path)!r}"
     arrays = _read(path)
-    meta = check_meta(arrays, where)
+    meta = check_meta(arrays, where, record)
     mm = meta["model"]  # validated: ints, a float dtype name, a bool, the one architecture built here
     D, H, K = mm["input_size"], mm["hidden_size"], mm["output_size"]
     dtype, bias = np.dtype(mm["dtype"]), mm["bias"]
 
     # names, from the model's one schema
     L, bidirectional = mm.get("num_layers", 1), mm.get("bidirectional", False)
-    n_states = L * (2 if bidirectional else 1)
     try:  # validated: a registered cell's recorded name
         options = mm.get("cell_options", {})
         the_cell = make_cell(
@@ -303,10 +289,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, backend: str | Backend | No
                 f"({gates[other[0]]}H), but model.cell = {show(mm.get('cell', 'elman'))} has "
                 f"{the_cell.gates}H = {the_cell.gates * H} ({table})"
             )
-    tupled = bool(the_cell.extra_state)  # an LSTM carries the tuple (h, c)
-    known = {"meta", "vocab", "carry.s", *(("carry.c",) if tupled else ())} | {f"param.{k}" for k in param_names}
+    known = {"meta"} | {f"param.{k}" for k in param_names}
     for k in arrays:
-        if k not in known and not k.startswith(("optim.", "history.")):
+        if k not in known and not record.owns(k, the_cell):
             raise CheckpointError(f"{where}: unexpected entry {k!r}")
     params = {}
     for k in param_names:
@@ -321,79 +306,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, backend: str | Backend | No
             raise CheckpointError(f"{where}: parameter {k} contains NaN or infinity")
         params[k] = a
 
-    vocab = None
-    if "vocab" in arrays:
-        try:
-            vocab = Vocab.from_array(arrays["vocab"])
-        except InputError as exc:
-            raise CheckpointError(f"{where}: bad vocabulary ({exc})") from None
-        if len(vocab) != D or len(vocab) != K:
-            raise CheckpointError(f"{where}: vocabulary has {len(vocab)} characters but the model has D={D}, K={K}")
-    kind = (meta.get("data") or {}).get("kind")
-    if kind == "text" and vocab is None:
-        raise CheckpointError(f"{where}: data.kind = \"text\" but there is no 'vocab' entry to encode the text with")
-    if kind in ("copy", "recall") and vocab is not None:
-        raise CheckpointError(f"{where}: data.kind = {show(kind)} is not text, yet there is a 'vocab' entry")
-
-    config = None
-    if meta.get("config") is not None:
-        try:
-            config = TrainConfig(**meta["config"])
-        except (TypeError, InputError) as exc:
-            raise CheckpointError(f"{where}: bad training config ({exc})") from None
-
-    ms = meta["state"]  # validated by _meta: ints ≥ 0
-    state = TrainState(step=ms["step"], sequence=ms["sequence"], chunk=ms["chunk"])
-    if tupled and ("carry.s" in arrays) != ("carry.c" in arrays):
-        have, lack = ("carry.s", "carry.c") if "carry.s" in arrays else ("carry.c", "carry.s")
-        raise CheckpointError(f"{where}: {have} without {lack}: an LSTM carries the tuple (h, c), both or neither")
-    carried = []
-    for name in ("carry.s", "carry.c"):
-        if name not in arrays:
-            continue
-        s = arrays[name]
-        B = config.batch_size if config is not None else "B"
-        lead = () if n_states == 1 else (n_states,)  # one recurrence: (B, H); a stack: torch's (L·dirs, B, H)
-        ok = s.ndim == len(lead) + 2 and s.shape[:-2] == lead and s.shape[-1] == H
-        ok = ok and (config is None or s.shape[-2] == config.batch_size)
-        if not ok or s.dtype != dtype or not np.isfinite(s).all():
-            want = ", ".join(map(str, (*lead, B, H)))
-            raise CheckpointError(
-                f"{where}: carried state {name} has {s.dtype} {s.shape}, expected finite {dtype.name} ({want})"
-            )
-        if state.chunk == 0:
-            raise CheckpointError(
-                f"{where}: {name} is present at state.chunk = 0, the start of a sequence, where the state is zero"
-            )
-        carried.append(s)
-    if carried:
-        state.s = tuple(carried) if tupled else carried[0]
-
-    history = check_history(arrays, state, where)
-
     be = get_backend(backend)
     arch = ModelConfig(D, H, K, the_cell, L, bidirectional, bias, dtype)  # the architecture the file records
     model = RNN.from_params(params, backend=be, dropout=mm.get("dropout", 0.0), config=arch)
     model.init = mm.get("init", "custom")
-    optimizer = None
-    mo = meta.get("optimizer")
-    optim_arrays = {k.removeprefix("optim."): a for k, a in arrays.items() if k.startswith("optim.")}
-    if mo is not None:
-        try:
-            hyper = {k: v for k, v in mo.items() if k != "name"}
-            optimizer = make_optimizer(mo["name"], model, **hyper)
-            optimizer.load_state_dict(optim_arrays)
-        except (KeyError, TypeError, InputError) as exc:
-            raise CheckpointError(f"{where}: bad optimizer state ({exc})") from None
-    elif optim_arrays:
-        raise CheckpointError(f"{where} holds optimizer state but no optimizer description")
-    return Checkpoint(
-        model=model,
-        optimizer=optimizer,
-        vocab=vocab,
-        data=meta.get("data"),
-        config=config,
-        state=state,
-        history=history,
-        meta=meta,
-    )
+    return ModelState(model=model, meta=meta, arrays=arrays)

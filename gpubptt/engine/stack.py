@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import Batch
-from .backend import Backend, TokenPlan
-from .dropout import dropout_masks, mask_key
+from ..backend import Backend, TokenPlan
+from ..dropout import dropout_masks, mask_key
+from ..validation import Batch
 from .losses import chunk_steps, xent_and_grads
 
 __all__ = [

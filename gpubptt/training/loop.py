@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .optim import LR_MAX, LR_RANGE, NonFiniteError, Optimizer, clip_grad_norm
 
 __all__ = [
