@@ -1,22 +1,32 @@
 """Overhead of ``gpubptt.torch.Recurrent`` over calling gpubptt's pullback directly, on the CPU.
 
-For each dense shape of the performance grid (``perf_grid.GRID``, the rnn cell, float32): one
-forward+backward through ``Recurrent`` (torch tensors in and out, autograd, DLPack) against
-``model.vjp`` + ``pullback`` on NumPy arrays with the same weights and upstream gradient. Timed
-interleaved (the order alternating per round), best of 3 per round, median over the rounds of the
-per-round ratio, with its interquartile range. Prints one line per shape.
+For each single-layer shape of the performance grid (``perf_grid.GRID``; its token row runs with
+dense x of D = vocabulary size, since a torch module takes dense input), one cell, float32: one
+forward+backward through ``Recurrent`` as a torch training step runs it (gradients set to None,
+forward, ``backward`` with an upstream gradient on the output: torch tensors in and out, autograd,
+DLPack) against ``model.vjp`` + ``pullback`` on NumPy arrays with the same weights, x and upstream
+gradient (both compute dx). Timed interleaved: each round runs both (the order alternating per
+round), best of 3 each; the median over the rounds of the per-round ratio, with its interquartile
+range. Prints one line per shape; writes OUT_DIR/torch-overhead.json with every round's times.
 
 ``--torch-threads`` sets ``torch.set_num_threads`` (default: torch's own choice). On a small
-machine torch's idle OpenMP workers spin between its ops and take cores from the BLAS that gpubptt
-runs in between; one torch thread shows the wrapper's own cost.
+machine torch's idle OpenMP workers can spin between its ops and take cores from the BLAS that
+gpubptt runs in between; one torch thread shows the wrapper's own cost.
 
-    python benchmarks/torch_overhead.py [--rounds 20] [--shapes 3] [--torch-threads 1]
+    python benchmarks/torch_overhead.py [OUT_DIR] [--rounds 20] [--shapes N] [--cell rnn] [--torch-threads 1]
+
+OUT_DIR defaults to a new folder under the system's temporary directory (never inside the repository).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +34,10 @@ import torch
 import gpubptt
 from gpubptt.torch import Recurrent
 
-GRID = [(32, 16, 64, 128), (64, 32, 128, 256), (64, 32, 64, 256), (32, 32, 64, 256), (64, 64, 256, 512)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from perf_grid import GRID  # noqa: E402  (the benchmarks folder is not a package)
+
+SHAPES = [(T, B, D, H) for T, B, D, H, _K, _tokens in GRID]  # (T, B, D, H): the single-layer rows
 
 
 def best_of(fn, n: int = 3) -> float:
@@ -38,20 +51,37 @@ def best_of(fn, n: int = 3) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out_dir", nargs="?", default=None, help="folder for torch-overhead.json (default: a new temp one)")
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--shapes", type=int, default=len(GRID))
+    p.add_argument("--shapes", type=int, default=len(SHAPES), help="the first N shapes of the grid")
+    p.add_argument("--cell", choices=("rnn", "gru", "lstm"), default="rnn")
     p.add_argument("--torch-threads", type=int, default=None)
     args = p.parse_args()
+    out_dir = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="gpubptt-torch-overhead-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    print(f"torch threads {torch.get_num_threads()}")
-    for T, B, D, H in GRID[: args.shapes]:
-        measure(T, B, D, H, args.rounds)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, cell {args.cell}, float32")
+    rows = [measure(T, B, D, H, args.cell, args.rounds) for T, B, D, H in SHAPES[: args.shapes]]
+    record = {
+        "benchmark": "torch_overhead",
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.platform(),
+        "cell": args.cell,
+        "dtype": "float32",
+        "rounds": args.rounds,
+        "rows": rows,
+    }
+    path = out_dir / "torch-overhead.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
 
 
-def measure(T: int, B: int, D: int, H: int, rounds: int) -> None:
-    """One shape: print direct and wrapped medians and the ratio."""
-    model = gpubptt.RNN(D, H, 1, backend="numpy", seed=0, bias=False)
+def measure(T: int, B: int, D: int, H: int, cell: str, rounds: int) -> dict:
+    """One shape: print and return direct and wrapped medians and the ratio's median and quartiles."""
+    model = gpubptt.RNN(D, H, 1, cell=cell, backend="numpy", seed=0, bias=True)
     rec = Recurrent(model)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(T, B, D)).astype(np.float32)
@@ -63,6 +93,8 @@ def measure(T: int, B: int, D: int, H: int, rounds: int) -> None:
         pullback(dY)
 
     def wrapped() -> None:
+        rec.zero_grad(set_to_none=True)  # a training step's optimizer.zero_grad()
+        xt.grad = None
         out, _ = rec(xt)
         out.backward(dYt)
 
@@ -83,6 +115,8 @@ def measure(T: int, B: int, D: int, H: int, rounds: int) -> None:
         f"T={T} B={B} D={D} H={H}: direct {np.median(t_direct) * 1e3:.2f} ms, Recurrent "
         f"{np.median(t_wrapped) * 1e3:.2f} ms, ratio {q[1]:.3f} (IQR {q[0]:.3f}–{q[2]:.3f})"
     )
+    return {"T": T, "B": B, "D": D, "H": H, "direct_s": t_direct, "wrapped_s": t_wrapped,
+            "ratio_median": q[1], "ratio_q25": q[0], "ratio_q75": q[2]}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -291,7 +291,9 @@ def _placement(device: torch.device, current_stream: Any = None) -> tuple[int | 
 
 
 def _unfold(g: dict[str, Any], names: list[tuple[Any, str, str]], cell: str, H: int) -> dict[str, Any]:
-    """torch's gradients from gpubptt's: each of the two biases gets db (the GRU's bias_hh: [db_r, db_z, db_hn])."""
+    """torch's gradients from gpubptt's: each of the two biases gets db (the GRU's bias_hh: [db_r, db_z, db_hn]),
+    bias_hh its own copy: torch keeps the arrays as the Parameters' .grad, and an in-place change of one
+    (accumulation, clipping) must not reach the other."""
     out: dict[str, Any] = {}
     for r, name, kind in names:
         if kind in ("U", "W"):
@@ -299,9 +301,8 @@ def _unfold(g: dict[str, Any], names: list[tuple[Any, str, str]], cell: str, H: 
         elif kind == "bias_ih":
             out[name] = g[r.name("b")]
         else:
-            db = g[r.name("b")]
+            db = g[r.name("b")].copy()
             if cell == "gru":
-                db = db.copy()
                 db[2 * H :] = g[r.name("b_hn")]
             out[name] = db
     return out
