@@ -1,13 +1,14 @@
 """Overhead of ``gpubptt.torch.Recurrent`` over calling gpubptt's pullback directly, on the CPU.
 
 For each single-layer shape of the performance grid (``perf_grid.GRID``; its token row runs with
-dense x of D = vocabulary size, since a torch module takes dense input), one cell, float32: one
-forward+backward through ``Recurrent`` as a torch training step runs it (gradients set to None,
-forward, ``backward`` with an upstream gradient on the output: torch tensors in and out, autograd,
-DLPack) against ``model.vjp`` + ``pullback`` on NumPy arrays with the same weights, x and upstream
-gradient (both compute dx). Timed interleaved: each round runs both (the order alternating per
-round), best of 3 each; the median over the rounds of the per-round ratio, with its interquartile
-range. Prints one line per shape; writes OUT_DIR/torch-overhead.json with every round's times.
+dense x of D = vocabulary size, since a torch module takes dense input), one cell, float32, biases
+on (torch's default): one forward+backward through ``Recurrent`` as a torch training step runs it
+(gradients set to None as ``optimizer.zero_grad()`` does, forward, ``backward`` with an upstream
+gradient on the output) against ``model.vjp`` + ``pullback`` on NumPy arrays with the same weights,
+x and upstream gradient (both compute dx). Timed interleaved: each round runs both (the order
+alternating per round), best of 3 each; the median over the rounds of the per-round ratio, with its
+interquartile range. Prints one line per shape; writes OUT_DIR/torch-overhead.json with every
+round's times.
 
 ``--torch-threads`` sets ``torch.set_num_threads`` (default: torch's own choice). On a small
 machine torch's idle OpenMP workers can spin between its ops and take cores from the BLAS that
@@ -23,19 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from perf_grid import GRID  # this script's folder, first on sys.path when run as a script
 
 import gpubptt
 from gpubptt.torch import Recurrent
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from perf_grid import GRID  # noqa: E402  (the benchmarks folder is not a package)
 
 SHAPES = [(T, B, D, H) for T, B, D, H, _K, _tokens in GRID]  # (T, B, D, H): the single-layer rows
 
@@ -92,8 +90,11 @@ def measure(T: int, B: int, D: int, H: int, cell: str, rounds: int) -> dict:
         _, pullback = model.vjp(x)
         pullback(dY)
 
+    params = list(rec.parameters())
+
     def wrapped() -> None:
-        rec.zero_grad(set_to_none=True)  # a training step's optimizer.zero_grad()
+        for p in params:  # as a training step's optimizer.zero_grad() (set_to_none)
+            p.grad = None
         xt.grad = None
         out, _ = rec(xt)
         out.backward(dYt)

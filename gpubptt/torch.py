@@ -99,6 +99,7 @@ class Recurrent(torch.nn.Module):
         self._models: dict[tuple[str, torch.dtype, int | None], RNN] = {}
         # per model: (the Parameters' identity when shared, their arrays), or None before the first call
         self._shared: dict[tuple[str, torch.dtype, int | None], tuple[tuple, dict[str, Any]] | None] = {}
+        self._last: tuple[torch.device, torch.dtype, Any] | None = None  # the last call's (device, dtype, key)
 
     @classmethod
     def from_module(
@@ -135,6 +136,9 @@ class Recurrent(torch.nn.Module):
 
     def _model(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, RNN]:
         """(key, the gpubptt model that runs tensors of this device and dtype), built once per key."""
+        last = self._last
+        if last is not None and last[0] == device and last[1] == dtype:
+            return last[2], self._models[last[2]]  # the checks below passed for this pair already
         want = "cupy" if device.type == "cuda" else "numpy"
         if device.type not in ("cpu", "cuda"):
             raise InputTypeError(f"gpubptt runs CPU or CUDA tensors, got device {device}")
@@ -158,6 +162,7 @@ class Recurrent(torch.nn.Module):
             model.step_kernels = None
             self._models[key] = model
             self._shared[key] = None
+        self._last = (device, dtype, key)
         return key, self._models[key]
 
     def _share(self, key: tuple[str, torch.dtype, int | None], model: RNN, params: list[Any]) -> None:
@@ -177,7 +182,7 @@ class Recurrent(torch.nn.Module):
                 if p.dtype != dt:
                     raise InputTypeError(f"parameter {name} is {p.dtype} but {self._names[0][1]} is {dt}")
             xp = model.backend.xp
-            arrays = {name: xp.from_dlpack(p.detach()) for (_, name, _), p in zip(self._names, params, strict=True)}
+            arrays = {name: _array(p, xp) for (_, name, _), p in zip(self._names, params, strict=True)}
             head = {k: model.params[k] for k in ("V", "c") if k in model.params}  # the unused output layer
             model.params = {**_fold(arrays, self._names, self.cell, self.hidden_size), **head}  # checked here
             shared = self._shared[key] = (ident, arrays)
@@ -245,6 +250,17 @@ class Recurrent(torch.nn.Module):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return (out, (h_n, c_n)) if lstm else (out, h_n)
+
+
+def _array(t: Any, xp: Any) -> Any:
+    """The backend's array on a tensor's memory, without a copy: ``Tensor.numpy`` for CPU tensors (the same
+    view as DLPack's, without its per-call protocol), DLPack for CUDA tensors (on the current stream)."""
+    return t.detach().numpy() if t.device.type == "cpu" else xp.from_dlpack(t.detach())
+
+
+def _tensor(a: Any) -> Any:
+    """A torch tensor on an array's memory, without a copy: ``torch.from_numpy`` for NumPy, DLPack otherwise."""
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.from_dlpack(a)
 
 
 def _fold(params: dict[str, Any], names: list[tuple[Any, str, str]], cell: str, H: int) -> dict[str, Any]:
@@ -324,17 +340,18 @@ class _Pullback(torch.autograd.Function):
             s0 = None
             if h0 is not None or c0 is not None:
                 zeros = torch.zeros(n, B, H, dtype=x.dtype, device=x.device)
-                h = xp.from_dlpack((zeros if h0 is None else h0).detach())
-                s0 = (h, xp.from_dlpack((zeros if c0 is None else c0).detach())) if rec.cell == "lstm" else h
+                h = _array(zeros if h0 is None else h0, xp)
+                s0 = (h, _array(zeros if c0 is None else c0, xp)) if rec.cell == "lstm" else h
                 if n == 1:
                     s0 = tuple(a.reshape(B, H) for a in s0) if rec.cell == "lstm" else s0.reshape(B, H)
-            out, pullback = model.vjp(xp.from_dlpack(x.detach()), s0, lengths=lengths, recompute=rec.recompute)
+            out, pullback = model.vjp(_array(x, xp), s0, lengths=lengths, recompute=rec.recompute)
         ctx.save_for_backward(*params)  # torch's own check that no Parameter changed in place before backward
+        ctx.set_materialize_grads(False)  # an output the loss does not use comes back None, not a zeros tensor
         ctx.pullback, ctx.rec, ctx.model, ctx.placement = pullback, rec, model, (device, stream)
         ctx.shapes = (x.shape, n, B, H)
         final = out.final_state if rec.cell == "lstm" else (out.final_state, None)
-        h_n, c_n = (None if a is None else torch.from_dlpack(a.reshape(n, B, H)) for a in final)
-        return torch.from_dlpack(out.states), h_n, c_n
+        h_n, c_n = (None if a is None else _tensor(a.reshape(n, B, H)) for a in final)
+        return _tensor(out.states), h_n, c_n
 
     @staticmethod
     def backward(ctx: Any, d_out: Any, d_hn: Any, d_cn: Any) -> Any:
@@ -344,21 +361,24 @@ class _Pullback(torch.autograd.Function):
         ctx.saved_tensors  # noqa: B018 -- raises torch's error if a Parameter was modified in place since forward
         device, stream = ctx.placement
         with model.backend.external_stream(stream, device):
-            d_states = xp.from_dlpack(d_out.contiguous()) if d_out is not None else None
+            d_states = _array(d_out.contiguous(), xp) if d_out is not None else None
             if d_states is None:
                 d_states = xp.zeros((xshape[0], B, H * (2 if rec.bidirectional else 1)), dtype=model.dtype)
 
             def final(d: Any) -> Any:  # one recurrence: the pullback takes (B, H), as s0 went in
-                return None if d is None else xp.from_dlpack(d.contiguous()).reshape(-1, B, H)[0 if n == 1 else ...]
+                return None if d is None else _array(d.contiguous(), xp).reshape(-1, B, H)[0 if n == 1 else ...]
 
             d_final = (final(d_hn), final(d_cn)) if rec.cell == "lstm" else final(d_hn)
             if rec.cell == "lstm" and d_final[0] is None and d_final[1] is None:
                 d_final = None
             g = ctx.pullback(d_states, d_final)
             grads = _unfold(g, rec._names, rec.cell, H)
-            dx = torch.from_dlpack(g["x"]) if ctx.needs_input_grad[4] else None
+            dx = _tensor(g["x"]) if ctx.needs_input_grad[4] else None
             ds0 = g["s0"].reshape(n, B, H)
-            dh0 = torch.from_dlpack(ds0) if ctx.needs_input_grad[5] else None
-            dc0 = torch.from_dlpack(g["c0"].reshape(n, B, H)) if ctx.needs_input_grad[6] else None
-            dparams = [torch.from_dlpack(xp.ascontiguousarray(grads[name])) for _, name, _ in rec._names]
+            dh0 = _tensor(ds0) if ctx.needs_input_grad[5] else None
+            dc0 = _tensor(g["c0"].reshape(n, B, H)) if ctx.needs_input_grad[6] else None
+            dparams = [
+                _tensor(xp.ascontiguousarray(grads[name])) if need else None
+                for (_, name, _), need in zip(rec._names, ctx.needs_input_grad[7:], strict=True)
+            ]
         return (None, None, None, None, dx, dh0, dc0, *dparams)

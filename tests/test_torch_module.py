@@ -226,3 +226,21 @@ def test_cuda_tensors_run_on_their_device_and_torch_current_stream():
     with CupyBackend.external_stream(fake, None, None):
         entered.append("work")
     assert entered == ["work"]
+
+
+@pytest.mark.parametrize("use", ["output", "h_n", "c_n"])
+def test_a_loss_on_one_output_only_matches_torch(use):
+    """torch hands the backward None for the outputs a loss does not use (grads are not materialized)."""
+    torch.manual_seed(5)
+    mod = torch.nn.LSTM(D, H, num_layers=2).double()
+    ours = gt.Recurrent.from_module(mod)
+    x = torch.randn(T, B, D, dtype=torch.float64)
+    grads = []
+    for m in (ours, mod):
+        xg = x.clone().requires_grad_(True)
+        out, (h_n, c_n) = m(xg)
+        torch.sin({"output": out, "h_n": h_n, "c_n": c_n}[use]).sum().backward()
+        grads.append([xg.grad] + [p.grad for p in m.parameters()])
+        m.zero_grad()
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
