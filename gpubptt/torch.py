@@ -14,11 +14,16 @@ is then one too) or padded with ``lengths`` (B,) (torch's packed semantics: padd
 h_n is each sequence's state after its own last step, the reverse direction starts there).
 
 Autograd: one ``torch.autograd.Function`` whose forward is ``model.vjp`` and whose backward is the
-pullback (``gpubptt.pullback``), so gradients reach x, hx and every Parameter. Tensors cross by
-DLPack without a copy: NumPy for CPU tensors, CuPy for CUDA tensors (run on torch's current
-stream). torch's two biases per recurrence enter gpubptt as their sum (the GRU keeps b_hn apart);
-each receives the summed bias's gradient. A forward's pullback runs once: ``backward(retain_graph=True)``
-followed by a second backward through the same output raises ``PullbackError``.
+pullback (``gpubptt.pullback``), so gradients reach x, hx and every Parameter. Tensors cross without
+a copy: NumPy views of CPU tensors (``Tensor.numpy`` / ``torch.from_numpy``), CuPy arrays of CUDA
+tensors by DLPack, run on the tensors' device and torch's current stream there. The gpubptt model
+holds views of the Parameters' memory, made and checked once and made again only when a Parameter
+is replaced; in-place updates (optimizers, ``load_state_dict``) reach it as they are. torch's two
+biases per recurrence enter gpubptt as their sum (the GRU keeps b_hn apart), refreshed each call;
+each receives the summed bias's gradient (its own tensor). A Parameter changed in place between a
+forward and its backward raises torch's in-place error; a forward's pullback runs once:
+``backward(retain_graph=True)`` followed by a second backward through the same output raises
+``PullbackError``.
 
 This module imports torch; ``import gpubptt`` does not (install the extra ``gpubptt[torch]``).
 """
