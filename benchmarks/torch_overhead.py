@@ -7,8 +7,8 @@ on (torch's default): one forward+backward through ``Recurrent`` as a torch trai
 gradient on the output) against ``model.vjp`` + ``pullback`` on NumPy arrays with the same weights,
 x and upstream gradient (both compute dx). Timed interleaved: each round runs both (the order
 alternating per round), best of 3 each; the median over the rounds of the per-round ratio, with its
-interquartile range. Prints one line per shape; writes OUT_DIR/torch-overhead.json with every
-round's times.
+interquartile range, and of the per-round difference (the wrapper's cost a call). Prints one line
+per shape; writes OUT_DIR/torch-overhead.json with every round's times.
 
 ``--torch-threads`` sets ``torch.set_num_threads`` (default: torch's own choice). On a small
 machine torch's idle OpenMP workers can spin between its ops and take cores from the BLAS that
@@ -112,12 +112,14 @@ def measure(T: int, B: int, D: int, H: int, cell: str, rounds: int) -> dict:
         t_wrapped.append(b)
         ratios.append(b / a)
     q = np.percentile(ratios, [25, 50, 75])
+    excess = float(np.median(np.subtract(t_wrapped, t_direct)))  # the wrapper's cost per call, in seconds
     print(
         f"T={T} B={B} D={D} H={H}: direct {np.median(t_direct) * 1e3:.2f} ms, Recurrent "
-        f"{np.median(t_wrapped) * 1e3:.2f} ms, ratio {q[1]:.3f} (IQR {q[0]:.3f}–{q[2]:.3f})"
+        f"{np.median(t_wrapped) * 1e3:.2f} ms, ratio {q[1]:.3f} (IQR {q[0]:.3f}–{q[2]:.3f}), "
+        f"excess {excess * 1e3:.2f} ms a call"
     )
     return {"T": T, "B": B, "D": D, "H": H, "direct_s": t_direct, "wrapped_s": t_wrapped,
-            "ratio_median": q[1], "ratio_q25": q[0], "ratio_q75": q[2]}  # fmt: skip
+            "ratio_median": q[1], "ratio_q25": q[0], "ratio_q75": q[2], "excess_s_median": excess}  # fmt: skip
 
 
 if __name__ == "__main__":
