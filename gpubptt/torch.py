@@ -173,7 +173,7 @@ class Recurrent(torch.nn.Module):
     def _share(self, key: tuple[str, torch.dtype, int | None], model: RNN, params: list[Any]) -> None:
         """Point ``model.params`` at the Parameters' memory and refresh the summed biases.
 
-        The weights (and the GRU's b_hn) are views of the Parameters' storage through DLPack, made and
+        The weights (and the GRU's b_hn) are views of the Parameters' storage (``_array``), made and
         checked (shape, finite) once, and made again only when a Parameter is replaced (another
         object, storage, shape or dtype: ``p.data = …``, ``module.to(…)``, assigning a new Parameter);
         in-place updates (optimizers, ``load_state_dict``) reach the model without a copy. Each call
