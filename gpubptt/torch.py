@@ -14,11 +14,16 @@ is then one too) or padded with ``lengths`` (B,) (torch's packed semantics: padd
 h_n is each sequence's state after its own last step, the reverse direction starts there).
 
 Autograd: one ``torch.autograd.Function`` whose forward is ``model.vjp`` and whose backward is the
-pullback (``gpubptt.engine.pullback``), so gradients reach x, hx and every Parameter. Tensors cross by
-DLPack without a copy: NumPy for CPU tensors, CuPy for CUDA tensors (run on torch's current
-stream). torch's two biases per recurrence enter gpubptt as their sum (the GRU keeps b_hn apart);
-each receives the summed bias's gradient. A forward's pullback runs once: ``backward(retain_graph=True)``
-followed by a second backward through the same output raises ``PullbackError``.
+pullback (``gpubptt.engine.pullback``), so gradients reach x, hx and every Parameter. Tensors cross without
+a copy: NumPy views of CPU tensors (``Tensor.numpy`` / ``torch.from_numpy``), CuPy arrays of CUDA
+tensors by DLPack, run on the tensors' device and torch's current stream there. The gpubptt model
+holds views of the Parameters' memory, made and checked once and made again only when a Parameter
+is replaced; in-place updates (optimizers, ``load_state_dict``) reach it as they are. torch's two
+biases per recurrence enter gpubptt as their sum (the GRU keeps b_hn apart), refreshed each call;
+each receives the summed bias's gradient (its own tensor). A Parameter changed in place between a
+forward and its backward raises torch's in-place error; a forward's pullback runs once:
+``backward(retain_graph=True)`` followed by a second backward through the same output raises
+``PullbackError``.
 
 This module imports torch; ``import gpubptt`` does not (install the extra ``gpubptt[torch]``).
 """
@@ -96,7 +101,10 @@ class Recurrent(torch.nn.Module):
             _params = {name: torch.nn.Parameter(torch.as_tensor(np.array(rnn_sd[name]))) for _, name, _ in self._names}
         for _, name, _ in self._names:
             self.register_parameter(name, _params[name])
-        self._models: dict[tuple[str, str], RNN] = {}
+        self._models: dict[tuple[str, torch.dtype, int | None], RNN] = {}
+        # per model: (the Parameters' identity when shared, their arrays), or None before the first call
+        self._shared: dict[tuple[str, torch.dtype, int | None], tuple[tuple, dict[str, Any]] | None] = {}
+        self._last: tuple[torch.device, torch.dtype, Any] | None = None  # the last call's (device, dtype, key)
 
     @classmethod
     def from_module(
@@ -131,8 +139,11 @@ class Recurrent(torch.nn.Module):
             f"bias={self.bias}, batch_first={self.batch_first}, bidirectional={self.bidirectional}"
         )
 
-    def _model(self, device: torch.device, dtype: torch.dtype) -> RNN:
-        """The gpubptt model that runs tensors of this device and dtype (built once per pair)."""
+    def _model(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, RNN]:
+        """(key, the gpubptt model that runs tensors of this device and dtype), built once per key."""
+        last = self._last
+        if last is not None and last[0] == device and last[1] == dtype:
+            return last[2], self._models[last[2]]  # the checks below passed for this pair already
         want = "cupy" if device.type == "cuda" else "numpy"
         if device.type not in ("cpu", "cuda"):
             raise InputTypeError(f"gpubptt runs CPU or CUDA tensors, got device {device}")
@@ -143,18 +154,45 @@ class Recurrent(torch.nn.Module):
             )
         if dtype not in (torch.float32, torch.float64):
             raise InputTypeError(f"the parameters are {dtype}; gpubptt runs float32 or float64")
-        key = (want, str(dtype))
+        key = (want, dtype, device.index)
         if key not in self._models:
             be = get_backend(want)
             dirs = 2 if self.bidirectional else 1
             host = {n: p.detach().cpu().numpy() for n, p in self.named_parameters()}
-            model = RNN.from_torch(
-                host, {"weight": np.zeros((1, self.hidden_size * dirs), host["weight_hh_l0"].dtype)}, cell=self.cell,
-                nonlinearity=self.nonlinearity if self.cell == "rnn" else None, backend=be,
-            )  # fmt: skip
+            with be.external_stream(None, device.index):  # the model's arrays on the tensors' device
+                model = RNN.from_torch(
+                    host, {"weight": np.zeros((1, self.hidden_size * dirs), host["weight_hh_l0"].dtype)},
+                    cell=self.cell, nonlinearity=self.nonlinearity if self.cell == "rnn" else None, backend=be,
+                )  # fmt: skip
             model.step_kernels = None
             self._models[key] = model
-        return self._models[key]
+            self._shared[key] = None
+        self._last = (device, dtype, key)
+        return key, self._models[key]
+
+    def _share(self, key: tuple[str, torch.dtype, int | None], model: RNN, params: list[Any]) -> None:
+        """Point ``model.params`` at the Parameters' memory and refresh the summed biases.
+
+        The weights (and the GRU's b_hn) are views of the Parameters' storage (``_array``), made and
+        checked (shape, finite) once, and made again only when a Parameter is replaced (another
+        object, storage, shape or dtype: ``p.data = …``, ``module.to(…)``, assigning a new Parameter);
+        in-place updates (optimizers, ``load_state_dict``) reach the model without a copy. Each call
+        only adds torch's two biases of a recurrence into the model's b (``_refresh_biases``).
+        """
+        ident = tuple((id(p), p.data_ptr(), p.shape, p.stride(), p.dtype) for p in params)
+        shared = self._shared[key]
+        if shared is None or shared[0] != ident:
+            dt = params[0].dtype
+            for (_, name, _), p in zip(self._names, params, strict=True):
+                if p.dtype != dt:
+                    raise InputTypeError(f"parameter {name} is {p.dtype} but {self._names[0][1]} is {dt}")
+            xp = model.backend.xp
+            arrays = {name: _array(p, xp) for (_, name, _), p in zip(self._names, params, strict=True)}
+            head = {k: model.params[k] for k in ("V", "c") if k in model.params}  # the unused output layer
+            model.params = {**_fold(arrays, self._names, self.cell, self.hidden_size), **head}  # checked here
+            shared = self._shared[key] = (ident, arrays)
+            return  # _fold summed the biases just now
+        _refresh_biases(model, shared[1], self._names, self.cell, self.hidden_size)
 
     def forward(self, x: Any, hx: Any = None, *, lengths: Any = None) -> tuple[Any, Any]:
         """(output, h_n) — an LSTM's (output, (h_n, c_n)) — as the torch module returns them.
@@ -192,9 +230,10 @@ class Recurrent(torch.nn.Module):
                 h0 = h0.unsqueeze(1)
                 c0 = None if c0 is None else c0.unsqueeze(1)
         tensors = [time_major] + [t for t in (h0, c0) if t is not None]
-        params = [p for _, p in self.named_parameters()]
-        devices = {str(t.device) for t in tensors + params}
-        if len(devices) > 1:
+        params = [self._parameters[name] for _, name, _ in self._names]  # the registered ones, replaced or not
+        device = time_major.device
+        if any(t.device != device for t in tensors + params):
+            devices = {str(t.device) for t in tensors + params}
             raise BackendMismatchError(
                 f"x, hx and the parameters must be on one device; got {', '.join(sorted(devices))}"
             )
@@ -206,8 +245,8 @@ class Recurrent(torch.nn.Module):
             lengths = np.asarray(lengths.cpu() if isinstance(lengths, torch.Tensor) else lengths)
             if lengths.shape != (B,) or lengths.dtype.kind not in "iu":
                 raise ShapeError(f"lengths must be (B,) = ({B},) integers, got {lengths.dtype} {lengths.shape}")
-        model = self._model(time_major.device, dt)
-        out, h_n, c_n = _Pullback.apply(self, model, lengths, time_major, h0, c0, *params)
+        key, model = self._model(device, dt)
+        out, h_n, c_n = _Pullback.apply(self, key, model, lengths, time_major, h0, c0, *params)
         if packed:
             out = pack_padded_sequence(out, torch.as_tensor(lengths), enforce_sorted=False)
         elif unbatched:
@@ -216,6 +255,17 @@ class Recurrent(torch.nn.Module):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return (out, (h_n, c_n)) if lstm else (out, h_n)
+
+
+def _array(t: Any, xp: Any) -> Any:
+    """The backend's array on a tensor's memory, without a copy: ``Tensor.numpy`` for CPU tensors (the same
+    view as DLPack's, without its per-call protocol), DLPack for CUDA tensors (on the current stream)."""
+    return t.detach().numpy() if t.device.type == "cpu" else xp.from_dlpack(t.detach())
+
+
+def _tensor(a: Any) -> Any:
+    """A torch tensor on an array's memory, without a copy: ``torch.from_numpy`` for NumPy, DLPack otherwise."""
+    return torch.from_numpy(a) if isinstance(a, np.ndarray) else torch.from_dlpack(a)
 
 
 def _fold(params: dict[str, Any], names: list[tuple[Any, str, str]], cell: str, H: int) -> dict[str, Any]:
@@ -236,8 +286,35 @@ def _fold(params: dict[str, Any], names: list[tuple[Any, str, str]], cell: str, 
     return out
 
 
+def _refresh_biases(model: RNN, arrays: dict[str, Any], names: list[tuple[Any, str, str]], cell: str, H: int) -> None:
+    """The model's b of each recurrence = bias_ih + bias_hh again, in place (the GRU's: its first 2H rows;
+    the last H are bias_ih's, b_hn is a view of bias_hh): torch's biases may have changed in place."""
+    xp = model.backend.xp
+    for r, name, kind in names:
+        if kind == "bias_hh":
+            b_ih, b_hh, b = arrays[name.replace("bias_hh", "bias_ih")], arrays[name], model.params[r.name("b")]
+            if cell == "gru":
+                xp.add(b_ih[: 2 * H], b_hh[: 2 * H], out=b[: 2 * H])
+                b[2 * H :] = b_ih[2 * H :]
+            else:
+                xp.add(b_ih, b_hh, out=b)
+
+
+def _placement(device: torch.device, current_stream: Any = None) -> tuple[int | None, int | None]:
+    """(CUDA device index, stream pointer) where gpubptt runs tensors of ``device``: torch's current stream
+    on that device (its pointer may be 0, the legacy default stream: still torch's, not CuPy's current one);
+    (None, None) for CPU tensors. ``current_stream`` is ``torch.cuda.current_stream`` unless given."""
+    if device.type != "cuda":
+        return None, None
+    index = torch.cuda.current_device() if device.index is None else device.index
+    stream = (current_stream or torch.cuda.current_stream)(index)
+    return index, int(stream.cuda_stream)
+
+
 def _unfold(g: dict[str, Any], names: list[tuple[Any, str, str]], cell: str, H: int) -> dict[str, Any]:
-    """torch's gradients from gpubptt's: each of the two biases gets db (the GRU's bias_hh: [db_r, db_z, db_hn])."""
+    """torch's gradients from gpubptt's: each of the two biases gets db (the GRU's bias_hh: [db_r, db_z, db_hn]),
+    bias_hh its own copy: torch keeps the arrays as the Parameters' .grad, and an in-place change of one
+    (accumulation, clipping) must not reach the other."""
     out: dict[str, Any] = {}
     for r, name, kind in names:
         if kind in ("U", "W"):
@@ -245,9 +322,8 @@ def _unfold(g: dict[str, Any], names: list[tuple[Any, str, str]], cell: str, H: 
         elif kind == "bias_ih":
             out[name] = g[r.name("b")]
         else:
-            db = g[r.name("b")]
+            db = g[r.name("b")].copy()
             if cell == "gru":
-                db = db.copy()
                 db[2 * H :] = g[r.name("b_hn")]
             out[name] = db
     return out
@@ -257,51 +333,57 @@ class _Pullback(torch.autograd.Function):
     """forward: ``model.vjp`` on the tensors (via DLPack); backward: its pullback."""
 
     @staticmethod
-    def forward(ctx: Any, rec: Recurrent, model: RNN, lengths: Any, x: Any, h0: Any, c0: Any, *params: Any) -> Any:
-        be = model.backend
-        stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else None
-        xp = be.xp
-        with be.external_stream(stream):
-            arrays = {name: xp.from_dlpack(p.detach()) for (_, name, _), p in zip(rec._names, params, strict=True)}
-            head = {k: model.params[k] for k in ("V", "c") if k in model.params}  # the unused output layer
-            model.params = {**_fold(arrays, rec._names, rec.cell, rec.hidden_size), **head}
+    def forward(
+        ctx: Any, rec: Recurrent, key: Any, model: RNN, lengths: Any, x: Any, h0: Any, c0: Any, *params: Any
+    ) -> Any:
+        be, xp = model.backend, model.backend.xp
+        device, stream = _placement(x.device)
+        with be.external_stream(stream, device), model._lock:  # the shared biases are refreshed for this call
+            rec._share(key, model, list(params))
             n = model.num_states
             B, H = x.shape[1], rec.hidden_size
             s0 = None
             if h0 is not None or c0 is not None:
                 zeros = torch.zeros(n, B, H, dtype=x.dtype, device=x.device)
-                h = xp.from_dlpack((zeros if h0 is None else h0).detach())
-                s0 = (h, xp.from_dlpack((zeros if c0 is None else c0).detach())) if rec.cell == "lstm" else h
+                h = _array(zeros if h0 is None else h0, xp)
+                s0 = (h, _array(zeros if c0 is None else c0, xp)) if rec.cell == "lstm" else h
                 if n == 1:
                     s0 = tuple(a.reshape(B, H) for a in s0) if rec.cell == "lstm" else s0.reshape(B, H)
-            out, pullback = model.vjp(xp.from_dlpack(x.detach()), s0, lengths=lengths, recompute=rec.recompute)
-        ctx.pullback, ctx.rec, ctx.model, ctx.stream = pullback, rec, model, stream
+            out, pullback = model.vjp(_array(x, xp), s0, lengths=lengths, recompute=rec.recompute)
+        ctx.save_for_backward(*params)  # torch's own check that no Parameter changed in place before backward
+        ctx.set_materialize_grads(False)  # an output the loss does not use comes back None, not a zeros tensor
+        ctx.pullback, ctx.rec, ctx.model, ctx.placement = pullback, rec, model, (device, stream)
         ctx.shapes = (x.shape, n, B, H)
         final = out.final_state if rec.cell == "lstm" else (out.final_state, None)
-        h_n, c_n = (None if a is None else torch.from_dlpack(a.reshape(n, B, H)) for a in final)
-        return torch.from_dlpack(out.states), h_n, c_n
+        h_n, c_n = (None if a is None else _tensor(a.reshape(n, B, H)) for a in final)
+        return _tensor(out.states), h_n, c_n
 
     @staticmethod
     def backward(ctx: Any, d_out: Any, d_hn: Any, d_cn: Any) -> Any:
         rec, model = ctx.rec, ctx.model
         xshape, n, B, H = ctx.shapes
         xp = model.backend.xp
-        with model.backend.external_stream(ctx.stream):
-            d_states = xp.from_dlpack(d_out.contiguous()) if d_out is not None else None
+        ctx.saved_tensors  # noqa: B018 -- raises torch's error if a Parameter was modified in place since forward
+        device, stream = ctx.placement
+        with model.backend.external_stream(stream, device):
+            d_states = _array(d_out.contiguous(), xp) if d_out is not None else None
             if d_states is None:
                 d_states = xp.zeros((xshape[0], B, H * (2 if rec.bidirectional else 1)), dtype=model.dtype)
 
             def final(d: Any) -> Any:  # one recurrence: the pullback takes (B, H), as s0 went in
-                return None if d is None else xp.from_dlpack(d.contiguous()).reshape(-1, B, H)[0 if n == 1 else ...]
+                return None if d is None else _array(d.contiguous(), xp).reshape(-1, B, H)[0 if n == 1 else ...]
 
             d_final = (final(d_hn), final(d_cn)) if rec.cell == "lstm" else final(d_hn)
             if rec.cell == "lstm" and d_final[0] is None and d_final[1] is None:
                 d_final = None
             g = ctx.pullback(d_states, d_final)
             grads = _unfold(g, rec._names, rec.cell, H)
-            dx = torch.from_dlpack(g["x"]) if ctx.needs_input_grad[3] else None
+            dx = _tensor(g["x"]) if ctx.needs_input_grad[4] else None
             ds0 = g["s0"].reshape(n, B, H)
-            dh0 = torch.from_dlpack(ds0) if ctx.needs_input_grad[4] else None
-            dc0 = torch.from_dlpack(g["c0"].reshape(n, B, H)) if ctx.needs_input_grad[5] else None
-            dparams = [torch.from_dlpack(xp.ascontiguousarray(grads[name])) for _, name, _ in rec._names]
-        return (None, None, None, dx, dh0, dc0, *dparams)
+            dh0 = _tensor(ds0) if ctx.needs_input_grad[5] else None
+            dc0 = _tensor(g["c0"].reshape(n, B, H)) if ctx.needs_input_grad[6] else None
+            dparams = [
+                _tensor(xp.ascontiguousarray(grads[name])) if need else None
+                for (_, name, _), need in zip(rec._names, ctx.needs_input_grad[7:], strict=True)
+            ]
+        return (None, None, None, None, dx, dh0, dc0, *dparams)

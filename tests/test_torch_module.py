@@ -121,3 +121,126 @@ def test_bad_modules_tensors_and_a_second_backward_are_refused():
     out.sum().backward(retain_graph=True)
     with pytest.raises(PullbackError, match="already called"):
         out.sum().backward()
+
+
+def _grads(mod, x):
+    out, state = mod(x)
+    h_n = state[0] if isinstance(state, tuple) else state
+    (torch.sin(out).sum() + (h_n**2).sum()).backward()
+    return out.detach(), [p.grad.clone() for p in mod.parameters()]
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_updated_and_replaced_parameters_reach_the_model_as_in_torch(cell):
+    torch.manual_seed(3)
+    mod = MODULES[cell](D, H, num_layers=2).double()
+    ours = gt.Recurrent.from_module(mod)  # shares mod's Parameters
+    x = torch.randn(T, B, D, dtype=torch.float64)
+    opt = torch.optim.SGD(mod.parameters(), lr=0.5)
+    for _ in range(2):  # in-place optimizer steps between calls (weights and both biases)
+        opt.zero_grad()
+        got_out, got = _grads(ours, x)
+        opt.zero_grad()
+        ref_out, ref = _grads(mod, x)
+        torch.testing.assert_close(got_out, ref_out, rtol=1e-12, atol=1e-12)
+        for a, b in zip(got, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        opt.step()
+    mod.weight_hh_l1.data = torch.randn_like(mod.weight_hh_l1)  # same Parameter object, new storage
+    torch.testing.assert_close(ours(x)[0], mod(x)[0], rtol=1e-12, atol=1e-12)
+    ours.bias_hh_l0 = torch.nn.Parameter(torch.randn_like(mod.bias_hh_l0))  # a new Parameter in ours only
+    fresh = MODULES[cell](D, H, num_layers=2).double()
+    fresh.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ours(x)[0], fresh(x)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_bias_gradients_are_separate_and_accumulate_as_torch_does():
+    torch.manual_seed(4)
+    mod = torch.nn.LSTM(D, H).double()
+    ours = gt.Recurrent.from_module(torch.nn.LSTM(D, H).double())
+    ours.load_state_dict(mod.state_dict())
+    x = torch.randn(T, B, D, dtype=torch.float64)
+    for m in (mod, ours):
+        for _ in range(2):  # no zero_grad: the second backward adds into .grad
+            _grads(m, x)
+    for a, b in zip(ours.parameters(), mod.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+    ours.bias_ih_l0.grad.mul_(0.5)  # clipping scales one .grad in place: the other keeps its value
+    torch.testing.assert_close(ours.bias_hh_l0.grad, mod.bias_hh_l0.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_a_parameter_changed_between_forward_and_backward_or_of_another_dtype_is_refused():
+    mod = torch.nn.GRU(D, H)
+    ours = gt.Recurrent.from_module(mod)
+    out, _ = ours(torch.randn(T, B, D))
+    with torch.no_grad():
+        mod.weight_hh_l0.add_(1.0)  # the pullback would read the new weights: torch's version check says so
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    mod.bias_hh_l0.data = mod.bias_hh_l0.data.double()
+    with pytest.raises(gpubptt.InputTypeError, match=r"bias_hh_l0 is torch\.float64 but weight_ih_l0"):
+        ours(torch.randn(T, B, D))
+
+
+def test_cuda_tensors_run_on_their_device_and_torch_current_stream():
+    """The placement logic of the CUDA path, without a GPU: device index and torch's stream pointer (0, the
+    legacy default stream, is a stream like any other), and the CuPy backend entering the device first."""
+    from types import SimpleNamespace
+
+    from gpubptt.backend.cupy_backend import CupyBackend
+
+    asked = []
+
+    def current_stream(index):
+        asked.append(index)
+        return SimpleNamespace(cuda_stream=0 if index == 1 else 1234)
+
+    assert gt._placement(torch.device("cpu"), current_stream) == (None, None)
+    assert gt._placement(torch.device("cuda", 1), current_stream) == (1, 0)
+    assert gt._placement(torch.device("cuda", 2), current_stream) == (2, 1234)
+    assert asked == [1, 2]
+    entered = []
+
+    class Context:
+        def __init__(self, *args):
+            self.args = args
+
+        def __enter__(self):
+            entered.append((type(self).__name__, self.args))
+
+        def __exit__(self, *exc):
+            entered.append(("exit", type(self).__name__))
+
+    class Device(Context):
+        pass
+
+    class ExternalStream(Context):
+        pass
+
+    fake = SimpleNamespace(xp=SimpleNamespace(cuda=SimpleNamespace(Device=Device, ExternalStream=ExternalStream)))
+    with CupyBackend.external_stream(fake, 0, 1):
+        entered.append("work")
+    assert entered == [("Device", (1,)), ("ExternalStream", (0, 1)), "work", ("exit", "ExternalStream"),
+                       ("exit", "Device")]  # fmt: skip
+    entered.clear()
+    with CupyBackend.external_stream(fake, None, None):
+        entered.append("work")
+    assert entered == ["work"]
+
+
+@pytest.mark.parametrize("use", ["output", "h_n", "c_n"])
+def test_a_loss_on_one_output_only_matches_torch(use):
+    """torch hands the backward None for the outputs a loss does not use (grads are not materialized)."""
+    torch.manual_seed(5)
+    mod = torch.nn.LSTM(D, H, num_layers=2).double()
+    ours = gt.Recurrent.from_module(mod)
+    x = torch.randn(T, B, D, dtype=torch.float64)
+    grads = []
+    for m in (ours, mod):
+        xg = x.clone().requires_grad_(True)
+        out, (h_n, c_n) = m(xg)
+        torch.sin({"output": out, "h_n": h_n, "c_n": c_n}[use]).sum().backward()
+        grads.append([xg.grad] + [p.grad for p in m.parameters()])
+        m.zero_grad()
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

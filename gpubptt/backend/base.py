@@ -100,9 +100,10 @@ class Backend:
         """Return ``a`` as a NumPy array (a device-to-host copy on CuPy; a host sync point)."""
         return to_numpy(a)
 
-    def external_stream(self, handle: int | None) -> Any:
+    def external_stream(self, handle: int | None, device: int | None = None) -> Any:
         """A context in which this backend's work runs on another library's stream (a CUDA stream
-        pointer, as torch's ``current_stream().cuda_stream``); a no-op on the host."""
+        pointer, as torch's ``current_stream().cuda_stream``; 0 is the legacy default stream, None keeps
+        the current one) of CUDA device ``device`` (None: the current device); a no-op on the host."""
         return contextlib.nullcontext()
 
     def synchronize(self) -> None:

@@ -70,9 +70,16 @@ class CupyBackend(Backend):
     def copy_from_host(self, host: np.ndarray, out: Any) -> None:
         out.set(host)
 
-    def external_stream(self, handle: int | None) -> Any:
-        """Run on the CUDA stream ``handle`` (another library's, e.g. torch's current stream), without a sync."""
-        return self.xp.cuda.ExternalStream(handle) if handle else contextlib.nullcontext()
+    def external_stream(self, handle: int | None, device: int | None = None) -> Any:
+        """Run on device ``device`` (None: the current one) and the CUDA stream ``handle`` there (another
+        library's, e.g. torch's current stream; 0 is the legacy default stream, None the current stream),
+        without a sync. The device comes first: the stream and every array made inside belong to it."""
+        stack = contextlib.ExitStack()
+        if device is not None:
+            stack.enter_context(self.xp.cuda.Device(device))
+        if handle is not None:
+            stack.enter_context(self.xp.cuda.ExternalStream(handle, -1 if device is None else device))
+        return stack
 
     def timer(self) -> Callable[[Callable[[], Any]], float]:
         """CUDA events recorded on the current stream around fn, after a sync so earlier work is left out."""
