@@ -11,15 +11,16 @@ less sensitive to other processes than wall time). Ratio < 1: the variant is fas
     batch_halves     one recurrence's forward + BPTT over the whole batch (A), or over its two halves
                      at once in two Python threads, one BLAS thread each, each half with its own
                      buffers (B; rows are independent, so no barrier per step, only dW summed)
-    directions       two recurrences' forward + BPTT one after the other (A), or at once in two
-                     Python threads (B: the two directions of a bidirectional layer)
+    directions       a 2-layer bidirectional model's ``loss_and_grads`` with each layer's two directions
+                     one after the other (A: ``NumpyBackend.concurrent`` off) or at once in two Python
+                     threads, one BLAS thread each (B: the default where the process may use ≥ 2 cores)
 
     python benchmarks/perf_levers.py OUT_DIR                     # OUT_DIR/perf-levers.json and .txt
     python benchmarks/perf_levers.py OUT_DIR --cells lstm --rounds 41
 
-The first two levers run whole ``loss_and_grads`` calls; the last two run the cell's own
-``run_forward``/``run_backward`` on buffers of its ``buffers``, a prototype of the schedule the
-engine would run. OUT_DIR defaults to a new folder under the system's temporary directory.
+``batch_halves`` runs the cell's own ``run_forward``/``run_backward`` on buffers of its ``buffers``
+(a prototype of a schedule the engine does not run); the others run whole ``loss_and_grads`` calls.
+OUT_DIR defaults to a new folder under the system's temporary directory.
 """
 
 from __future__ import annotations
@@ -116,7 +117,6 @@ def levers(cell: str, rounds: int) -> dict:
     pool = ThreadPoolExecutor(2)
     full = Recurrence(model, T, B, rng)
     halves = [Recurrence(model, T, B // 2, rng) for _ in range(2)]
-    pair = [Recurrence(model, T, B, rng) for _ in range(2)]
 
     def concurrently(a, b):
         def run() -> None:
@@ -126,23 +126,29 @@ def levers(cell: str, rounds: int) -> dict:
 
         return run
 
-    def one_after_the_other() -> None:
-        pair[0]()
-        pair[1]()
-
     threads.most = 1  # one BLAS thread for every GEMM of both sides (dW too): the Python threads are the parallelism
     threads.use(1)
     results["batch_halves"] = ab(full, concurrently(*halves), rounds)
-    results["directions"] = ab(one_after_the_other, concurrently(*pair), rounds)
     threads.most = most
     pool.shutdown()
+    bi = gpubptt.RNN(D, H, K, cell=cell, num_layers=2, bidirectional=True, backend=be, seed=0, init="torch", bias=False)
+
+    def directions(concurrent: bool):
+        def run() -> None:
+            be.concurrent = concurrent
+            bi.loss_and_grads(x, y)
+
+        return run
+
+    results["directions"] = ab(directions(False), directions(True), rounds)
+    be.concurrent = True
     return results
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir", nargs="?", default=None, help="folder for the results (default: a new temporary one)")
-    ap.add_argument("--cells", default="lstm,gru", help="comma-separated gated cells")
+    ap.add_argument("--cells", default="lstm,gru", help="comma-separated cells (gru, lstm; rnn for the directions)")
     ap.add_argument("--rounds", type=int, default=21)
     args = ap.parse_args()
     be = gpubptt.get_backend("numpy")
