@@ -16,7 +16,7 @@ less sensitive to other processes than wall time). Ratio < 1: the variant is fas
                      threads, one BLAS thread each (B: the default where the process may use ≥ 2 cores)
 
     python benchmarks/perf_levers.py OUT_DIR                     # OUT_DIR/perf-levers.json and .txt
-    python benchmarks/perf_levers.py OUT_DIR --cells lstm --rounds 41
+    python benchmarks/perf_levers.py OUT_DIR --cells lstm --rounds 41 --levers directions
 
 ``batch_halves`` runs the cell's own ``run_forward``/``run_backward`` on buffers of its ``buffers``
 (a prototype of a schedule the engine does not run); the others run whole ``loss_and_grads`` calls.
@@ -39,6 +39,7 @@ import numpy as np
 import gpubptt
 import gpubptt.backend.numpy_backend as numpy_backend
 
+LEVERS = ("threads_step", "threads_batched", "batch_halves", "directions")
 SHAPE = (64, 32, 128, 256, 256)  # T, B, D, H, K: the gated rows of perf_gated.py where torch leads most
 
 
@@ -91,7 +92,7 @@ def ab(a, b, rounds: int) -> dict:
     return out
 
 
-def levers(cell: str, rounds: int) -> dict:
+def levers(cell: str, rounds: int, which: set[str]) -> dict:
     T, B, D, H, K = SHAPE
     be = gpubptt.get_backend("numpy")
     threads = be.blas_threads
@@ -110,8 +111,10 @@ def levers(cell: str, rounds: int) -> dict:
 
         return run
 
-    results["threads_step"] = ab(with_settings(False, most), with_settings(True, most), rounds)
-    results["threads_batched"] = ab(with_settings(False, most), with_settings(False, 1), rounds)
+    if "threads_step" in which:
+        results["threads_step"] = ab(with_settings(False, most), with_settings(True, most), rounds)
+    if "threads_batched" in which:
+        results["threads_batched"] = ab(with_settings(False, most), with_settings(False, 1), rounds)
     numpy_backend.BLAS_THREADED_FLOPS, threads.most = threshold, most
 
     pool = ThreadPoolExecutor(2)
@@ -128,7 +131,8 @@ def levers(cell: str, rounds: int) -> dict:
 
     threads.most = 1  # one BLAS thread for every GEMM of both sides (dW too): the Python threads are the parallelism
     threads.use(1)
-    results["batch_halves"] = ab(full, concurrently(*halves), rounds)
+    if "batch_halves" in which:
+        results["batch_halves"] = ab(full, concurrently(*halves), rounds)
     threads.most = most
     pool.shutdown()
     bi = gpubptt.RNN(D, H, K, cell=cell, num_layers=2, bidirectional=True, backend=be, seed=0, init="torch", bias=False)
@@ -140,7 +144,8 @@ def levers(cell: str, rounds: int) -> dict:
 
         return run
 
-    results["directions"] = ab(directions(False), directions(True), rounds)
+    if "directions" in which:
+        results["directions"] = ab(directions(False), directions(True), rounds)
     be.concurrent = True
     return results
 
@@ -150,11 +155,12 @@ def main() -> int:
     ap.add_argument("out_dir", nargs="?", default=None, help="folder for the results (default: a new temporary one)")
     ap.add_argument("--cells", default="lstm,gru", help="comma-separated cells (gru, lstm; rnn for the directions)")
     ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--levers", default=",".join(LEVERS), help="comma-separated levers (default: all)")
     args = ap.parse_args()
     be = gpubptt.get_backend("numpy")
     out, lines = {}, []
     for cell in args.cells.split(","):
-        out[cell] = levers(cell, args.rounds)
+        out[cell] = levers(cell, args.rounds, set(args.levers.split(",")))
         for name, r in out[cell].items():
             w, c = r["ratio_wall"], r["ratio_cpu"]
             lines.append(
