@@ -177,6 +177,13 @@ class Backend:
         """
         raise NotImplementedError
 
+    def run_concurrently(self, jobs: list[Callable[[], None]]) -> None:
+        """Run independent pieces of work (no buffer shared between them), here one after the other in order.
+
+        A backend whose library releases the GIL may run them at once (``NumpyBackend``)."""
+        for job in jobs:
+            job()
+
     def take_rows(self, src: Any, index: Any, out: Any) -> Any:
         """out[i] = src[index[i]] for 2-d src and out, index valid (checked by the caller); no temporary."""
         return self.xp.take(src, index, axis=0, out=out)

@@ -7,6 +7,7 @@ import os
 import platform
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -126,6 +127,9 @@ class NumpyBackend(Backend):
         cpu = platform.processor() or platform.machine()
         self.device = f"CPU ({cpu}, {os.cpu_count()} logical cores)"
         self.blas_threads = BlasThreads()
+        #: whether ``run_concurrently`` may use Python threads (the two directions of a bidirectional layer)
+        self.concurrent = True
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
 
     def asarray(self, a: Any, dtype: Any = None) -> Any:
         if is_cupy_array(a):
@@ -163,6 +167,32 @@ class NumpyBackend(Backend):
                 np.matmul(a, b, out=out)
         finally:
             threads.leave()
+
+    def run_concurrently(self, jobs: list[Callable[[], None]]) -> None:
+        """Run independent jobs at once in Python threads (BLAS and NumPy's ufuncs release the GIL), every GEMM
+        on one BLAS thread meanwhile: the jobs are the parallelism. Only where this process may use ≥ 2
+        cores (``BlasThreads.most``) and ``concurrent`` is on; else one after the other. The first error raised
+        by a job is raised here, after every job has finished."""
+        threads = self.blas_threads
+        if len(jobs) < 2 or threads.most < 2 or not self.concurrent:
+            super().run_concurrently(jobs)
+            return
+        if self._pool is None or self._pool[0] != os.getpid():  # a forked child has none of its parent's threads
+            self._pool = (os.getpid(), ThreadPoolExecutor(len(jobs) - 1, thread_name_prefix="gpubptt"))
+        most = threads.most
+        threads.most = 1  # per-step and batched GEMMs alike: one BLAS thread per Python thread
+        try:
+            threads.use(1)
+            others = [self._pool[1].submit(job) for job in jobs[1:]]
+            try:
+                jobs[0]()
+            finally:
+                errors = [f.exception() for f in others]
+            for error in errors:
+                if error is not None:
+                    raise error
+        finally:
+            threads.most = most
 
     def take_rows(self, src: Any, index: Any, out: Any) -> Any:
         """NumPy's ``take`` into ``out``: with mode "clip" it writes in place; the default mode buffers the

@@ -111,6 +111,7 @@ def _forward_bptt(
         states += n * (4 * T * B * H + (3 if gates == 3 else 2) * T * B * H + 8 * B * H)
     if dirs == 2:  # the reverse direction's scratch, each layer's [forward, reverse] output, ∂E/∂output
         states += T * B * H + num_layers * T * B * 2 * H + T * B * 2 * H + T * B * INT64 // itemsize
+        states += B * H  # the reverse direction's per-step row (the two directions run at once)
     if dropout and num_layers > 1:  # masks and masked inputs of every layer but the last
         states += 2 * (num_layers - 1) * T * B * H * dirs
     lanes = 2 * (truncate + 1) * B * H if truncate is not None else 0

@@ -22,6 +22,7 @@ in its own "lane" (lane d holds E_{j+d}'s contribution), all lanes advance with 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -125,6 +126,7 @@ class Stack:
         self.aux = [model.cell.buffers(T, B, H, xp=xp, dtype=dt) for _ in self.recs]
         self.pre = xp.empty((T, B, gH), dtype=dt)
         self.scratch = xp.empty((B, H), dtype=dt)
+        self.scratch_rev = xp.empty((B, H), dtype=dt) if dirs == 2 else None  # the reverse direction's, run at once
         self.tmp = xp.empty((T, B, gH), dtype=dt) if dirs == 2 else None
         self.tmp_h = self.tmp if dirs == 1 or gH == H else xp.empty((T, B, H), dtype=dt)
         self.rev = xp.empty(T * B, dtype=xp.int64) if dirs == 2 else None
@@ -161,14 +163,13 @@ class Stack:
         cell, H = model.cell, model.hidden_size
         for l in range(model.num_layers):
             X = x if l == 0 else self.X[l]
-            for r in self.recs[l * model.num_directions : (l + 1) * model.num_directions]:
+            recs = self.recs[l * model.num_directions : (l + 1) * model.num_directions]
+            if model.num_directions == 2:  # both directions' projections first, then their recurrences at once
+                self._run_pair(recs, X, tokens and l == 0, step_kernels)
+            for r in recs if model.num_directions == 1 else ():
                 q = model.recurrence_params(r)
                 b = q.get(cell.input_bias) if cell.input_bias else None
-                if r.direction == 0:
-                    input_projection(q["U"], b, X, tokens and l == 0, be=be, out=self.pre)
-                else:
-                    input_projection(q["U"], b, X, tokens and l == 0, be=be, out=self.tmp)
-                    gather_rows(self.tmp, self.rev, be=be, out=self.pre)  # into the reverse direction's time
+                input_projection(q["U"], b, X, tokens and l == 0, be=be, out=self.pre)
                 S, aux = self.S[r.index], self.aux[r.index]
                 cell.run_forward(self.pre, q, S, aux, be=be, scratch=self.scratch, step_kernels=step_kernels)
             if model.num_directions == 2:
@@ -178,6 +179,24 @@ class Stack:
             if self.M is not None and l < model.num_layers - 1:
                 be.xp.multiply(self.Y[l], self.M[l], out=self.X[l + 1])
         return self.Y[-1]
+
+    def _run_pair(self, recs: list[Any], X: Any, tokens: bool, step_kernels: str) -> None:
+        """A bidirectional layer's two recurrences forward, at once where the backend runs jobs concurrently
+        (``Backend.run_concurrently``): the reverse one on ``pre`` (projected into ``tmp``, then gathered into
+        its own time), then the forward one projected on ``tmp``; each with its own scratch."""
+        be, cell, model = self.be, self.model.cell, self.model
+        jobs = []
+        for r in sorted(recs, key=lambda r: -r.direction):  # the reverse one first: it frees tmp
+            pre, scratch = (self.pre, self.scratch_rev) if r.direction == 1 else (self.tmp, self.scratch)
+            q = model.recurrence_params(r)
+            b = q.get(cell.input_bias) if cell.input_bias else None
+            input_projection(q["U"], b, X, tokens, be=be, out=self.tmp)
+            if r.direction == 1:
+                gather_rows(self.tmp, self.rev, be=be, out=pre)  # into the reverse direction's time
+            S, aux = self.S[r.index], self.aux[r.index]
+            jobs.append(lambda q=q, S=S, aux=aux, pre=pre, scratch=scratch: cell.run_forward(
+                pre, q, S, aux, be=be, scratch=scratch, step_kernels=step_kernels))  # fmt: skip
+        be.run_concurrently(jobs)
 
     def final_states(self, lengths: np.ndarray | None) -> Any:
         """Each recurrence's state after its last valid step, (L·dirs, B, H) (a fresh array).
@@ -331,6 +350,11 @@ class Workspace:
         )  # fmt: skip
 
 
+def _run_backward(out: dict[int, Any], key: int, cell: Any, *args: Any, **kwargs: Any) -> None:
+    """``out[key] = cell.run_backward(*args, **kwargs)``: one recurrence's BPTT as a job."""
+    out[key] = cell.run_backward(*args, **kwargs)
+
+
 def backward_stack(
     model: Any,
     st: Stack,
@@ -367,6 +391,10 @@ def backward_stack(
             st.tmp_h[...] = dY[..., H:]
             gather_rows(st.tmp_h, st.rev, be=be, out=G[2 * l + 1])
         X = x if l == 0 else st.X[l]
+        # both directions' BPTT at once where the backend runs jobs concurrently (each on its own work and
+        # scratch; truncation shares its lanes, so it runs them in turn), then their input-side gradients in order
+        pair = dirs == 2 and truncate is None
+        jobs, mines, dpres = [], [], {}
         for r in recs:
             q = model.recurrence_params(r)
             if inject is not None:
@@ -375,11 +403,21 @@ def backward_stack(
             if cell.extra_state:
                 mine[cell.extra_state] = g[cell.extra_state][r.index]
             more = {} if d_extra is None else {"d_extra": d_extra[r.index]}
-            dpre = cell.run_backward(
-                G[r.index], q, st.S[r.index], st.aux[r.index], be=be, work=st.pre, scratch=st.scratch,
-                step_kernels=step_kernels, truncate=truncate, lanes=lanes, grads=mine, ds0=g["s0"][r.index],
-                **more,
+            work, scratch = (st.tmp, st.scratch_rev) if pair and r.direction == 1 else (st.pre, st.scratch)
+
+            job = functools.partial(
+                _run_backward, dpres, r.index, cell, G[r.index], q, st.S[r.index], st.aux[r.index], be=be, work=work,
+                scratch=scratch, step_kernels=step_kernels, truncate=truncate, lanes=lanes, grads=mine,
+                ds0=g["s0"][r.index], **more,
             )  # fmt: skip
+            jobs.append(job)
+            mines.append(mine)
+        if pair:
+            be.run_concurrently(jobs)
+        for r, q, mine, job in zip(recs, map(model.recurrence_params, recs), mines, jobs, strict=True):
+            if not pair:
+                job()
+            dpre = dpres[r.index]
             n_pre = dpre.shape[2]
             if r.direction == 1:  # ∂E/∂pre back into input time
                 dpre = gather_rows(dpre, st.rev, be=be, out=st.pre if dpre is not st.pre else st.tmp)
