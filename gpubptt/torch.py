@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .backend import get_backend
@@ -350,7 +351,7 @@ class _Pullback(torch.autograd.Function):
                 if n == 1:
                     s0 = tuple(a.reshape(B, H) for a in s0) if rec.cell == "lstm" else s0.reshape(B, H)
             out, pullback = model.vjp(_array(x, xp), s0, lengths=lengths, recompute=rec.recompute)
-        ctx.save_for_backward(*params)  # torch's own check that no Parameter changed in place before backward
+        ctx.save_for_backward(x, *params)  # torch's own check that neither x nor a Parameter changed in place since
         ctx.set_materialize_grads(False)  # an output the loss does not use comes back None, not a zeros tensor
         ctx.pullback, ctx.rec, ctx.model, ctx.placement = pullback, rec, model, (device, stream)
         ctx.shapes = (x.shape, n, B, H)
@@ -359,11 +360,13 @@ class _Pullback(torch.autograd.Function):
         return _tensor(out.states), h_n, c_n
 
     @staticmethod
+    @once_differentiable  # the pullback is not itself differentiable: a double backward is refused by torch
     def backward(ctx: Any, d_out: Any, d_hn: Any, d_cn: Any) -> Any:
+        d_out, d_hn, d_cn = (None if d is None else d.detach() for d in (d_out, d_hn, d_cn))  # create_graph=True
         rec, model = ctx.rec, ctx.model
         xshape, n, B, H = ctx.shapes
         xp = model.backend.xp
-        ctx.saved_tensors  # noqa: B018 -- raises torch's error if a Parameter was modified in place since forward
+        ctx.saved_tensors  # noqa: B018 -- raises torch's error if x or a Parameter was modified in place since forward
         device, stream = ctx.placement
         with model.backend.external_stream(stream, device):
             d_states = _array(d_out.contiguous(), xp) if d_out is not None else None

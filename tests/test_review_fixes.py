@@ -93,3 +93,20 @@ def test_a_forced_run_whose_best_file_cannot_be_written_leaves_no_older_runs_bes
     result = runner.invoke(app, [*args, "--force", "--seed", "1"])
     assert result.exit_code == 1 and "best checkpoint" in result.output
     assert not (tmp_path / "ck.best.npz").exists()  # not the replaced run's best beside the new run's last
+
+
+def test_the_torch_module_refuses_an_input_changed_in_place_before_backward_and_allows_create_graph():
+    torch = pytest.importorskip("torch")
+    from gpubptt.torch import Recurrent
+
+    gru = torch.nn.GRU(3, 4, dtype=torch.float64)
+    rec = Recurrent.from_module(gru, backend="numpy")
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    out, _ = rec(x)
+    x.mul_(2)  # the pullback would read the new x for dU: torch's own check refuses it, as for nn.GRU
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (out**2).sum().backward()
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    (plain,) = torch.autograd.grad((gru(x)[0] ** 2).sum(), x)  # torch's own GRU, the reference
+    (ours,) = torch.autograd.grad((rec(x)[0] ** 2).sum(), x, create_graph=True)  # first order under create_graph
+    torch.testing.assert_close(ours, plain, rtol=1e-10, atol=1e-12)

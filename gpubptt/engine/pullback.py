@@ -122,6 +122,8 @@ class Pullback:
         dtop = dtop.swapaxes(0, 1) if self._batch_first else dtop
         dh, dc = self._finals(d_final_state)
         with model._lock:
+            if self._used:  # again under the lock: two threads calling one pullback, the second is refused
+                raise PullbackError("this pullback was already called (from another thread); call model.vjp again")
             self._used = True
             if self._segments is not None:
                 g, dx = self._recompute_backward(dtop, dh, dc)
