@@ -35,6 +35,9 @@ import gpubptt
 from gpubptt.bench import flops
 from gpubptt.environment import environment
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import NOISY_MARK, is_noisy, summary_ratio
+
 # (cell, T, B, D, H, K, num_layers, bidirectional)
 ROWS = [
     (cell, *shape, layers, False)
@@ -159,7 +162,8 @@ def measure(be, cell, T, B, D, H, K, layers, bi, args) -> dict:
                 times_s=times, median_s=med, ratio_vs_torch=med["gpubptt"] / med["torch"],
                 gflops=gflops, torch_gflops=total / med["torch"] / 1e9,
                 gemm={"step_gflops": step_rate / 1e9, "batched_gflops": batched_rate / 1e9},
-                efficiency=gflops / gemm_gflops, blas=blas_facts(be), max_rel_grad_err=err)  # fmt: skip
+                efficiency=gflops / gemm_gflops, blas=blas_facts(be), max_rel_grad_err=err,
+                noisy=is_noisy(times["gpubptt"]) or is_noisy(times["torch"]))  # fmt: skip
 
 
 def main() -> int:
@@ -184,21 +188,23 @@ def main() -> int:
         out.append(row)
         med = row["median_s"]
         lines.append(
-            f"{cell:>4} L={layers}{' bi' if bi else '   '} T={T:<3} B={B:<3} D={D:<3} H={H:<4} K={K:<4}"
+            f"{NOISY_MARK if row['noisy'] else ' '}{cell:>4} L={layers}{' bi' if bi else '   '}"
+            f" T={T:<3} B={B:<3} D={D:<3} H={H:<4} K={K:<4}"
             f"  gpubptt {med['gpubptt'] * 1e3:8.2f} ms {row['gflops']:6.1f} GFLOP/s ({row['efficiency']:.0%} of GEMM)"
             f"  torch {med['torch'] * 1e3:8.2f} ms  ratio {row['ratio_vs_torch']:.2f}"
             f"  (grads agree to {row['max_rel_grad_err']:.1e})"
         )
         print(lines[-1], flush=True)
-    ratios = [r["ratio_vs_torch"] for r in out]
-    lines.append(f"ratio vs torch: median {np.median(ratios):.2f}, max {np.max(ratios):.2f}")
+    summary, stats = summary_ratio(out, "ratio vs torch", key="ratio_vs_torch")  # clean rows only
+    lines.append(summary)
     print(lines[-1])
     env = {"gpubptt": gpubptt.__version__, "numpy": np.__version__, "torch": torch.__version__,
            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
            "machine": platform.machine(), "backend": be.name, "device": be.device}  # fmt: skip
     result = {"benchmark": "perf_gated", "command": " ".join(sys.argv), "environment": env,
               "full_environment": environment([be]), "blas": blas_facts(be),
-              "median_ratio_vs_torch": float(np.median(ratios)), "max_ratio_vs_torch": float(np.max(ratios)),
+              "median_ratio_vs_torch": None if stats is None else stats["median"],
+              "max_ratio_vs_torch": None if stats is None else stats["max"], "summary_vs_torch": stats,
               "rows": out}  # fmt: skip
     output = Path(args.output) if args.output else None
     if output is None:

@@ -37,6 +37,9 @@ from gpubptt import bench
 from gpubptt._io import write_atomic
 from gpubptt.environment import environment
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import NOISY_MARK, is_noisy, summary_ratio
+
 # (T, B, D, H, K, tokens)
 GRID = [
     (32, 16, 64, 128, 64, False),
@@ -142,6 +145,7 @@ def measure(be, T, B, D, H, K, tokens, args, have_torch, layers=1, bidirectional
     row["efficiency"] = row["gflops"] / gemm_gflops
     if "torch" in med:
         row["ratio_vs_torch"] = med["gpubptt"] / med["torch"]
+    row["noisy"] = any(is_noisy(times[k]) for k in ("gpubptt", "torch") if k in times)  # IQR/median > 10 %
     if "gpubptt_plain_loop" in med:
         row["graph_speedup"] = med["gpubptt_plain_loop"] / med["gpubptt"]
         row["batched_gemm_vs_library"] = batched_gemm_vs_library(be, T * B, H, K, timer, args.repeats)
@@ -155,7 +159,8 @@ def measure(be, T, B, D, H, K, tokens, args, have_torch, layers=1, bidirectional
 def describe(row: dict) -> str:
     T, B, D, H, K = (row[k] for k in "TBDHK")
     med = row["median_s"]
-    parts = [f"T={T:<3} B={B:<3} D={D:<3} H={H:<4} K={K:<4}{' tok' if row['tokens'] else '    '}"]
+    parts = [f"{NOISY_MARK if row.get('noisy') else ' '}T={T:<3} B={B:<3} D={D:<3} H={H:<4} K={K:<4}"
+             f"{' tok' if row['tokens'] else '    '}"]  # fmt: skip
     if row.get("num_layers", 1) > 1 or row.get("bidirectional") or row.get("nonlinearity", "tanh") != "tanh":
         bi = " bi" if row.get("bidirectional") else ""
         parts.append(f"L={row.get('num_layers', 1)}{bi} {row.get('nonlinearity', 'tanh')}")
@@ -196,22 +201,22 @@ def main() -> int:
         rows.append(measure(be, T, B, D, H, K, tokens, args, reason is None, layers, bidirectional, nonlinearity))
         lines.append(describe(rows[-1]))
         print(lines[-1], flush=True)
-    ratios = [r["ratio_vs_torch"] for r in rows if "ratio_vs_torch" in r]
+    compared = [r for r in rows if "ratio_vs_torch" in r]
+    summary, stats = summary_ratio(compared, "ratio vs torch", key="ratio_vs_torch")  # clean rows only
     result = {
         "schema": "gpubptt-perf-grid/2",
         "command": " ".join(sys.argv),
         "environment": environment([be]),
         "repeats": args.repeats,
-        "median_ratio_vs_torch": float(np.median(ratios)) if ratios else None,
-        "max_ratio_vs_torch": float(np.max(ratios)) if ratios else None,
+        "median_ratio_vs_torch": None if stats is None else stats["median"],  # over the rows not noisy
+        "max_ratio_vs_torch": None if stats is None else stats["max"],
+        "summary_vs_torch": stats,
         "kernel_choices": be.kernel_choices(),
         "blas": blas_facts(be),
         "rows": rows,
     }
-    if ratios:
-        lines.append(
-            f"ratio vs torch: median {result['median_ratio_vs_torch']:.2f}, max {result['max_ratio_vs_torch']:.2f}"
-        )
+    if compared:
+        lines.append(summary)
         print(lines[-1])
     output = Path(args.output) if args.output else None
     if output is None:
