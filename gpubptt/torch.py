@@ -38,6 +38,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .backend import get_backend
+from .cells import cell_class, cell_names
 from .engine.recompute import check_recompute, unsupported_reason
 from .errors import BackendMismatchError, InputError, InputTypeError, ShapeError
 from .model import RNN
@@ -45,8 +46,22 @@ from .params import recurrences
 
 __all__ = ["Recurrent"]
 
-_CELLS = {torch.nn.RNN: "rnn", torch.nn.GRU: "gru", torch.nn.LSTM: "lstm"}
-_GATES = {"rnn": 1, "gru": 3, "lstm": 4}
+#: torch's module class → the ``cell=`` option of the registered cell that declares it (``Cell.torch_module``)
+_CELLS = {
+    getattr(torch.nn, cls.torch_module.removeprefix("nn.")): name
+    for name in cell_names()
+    if (cls := cell_class(name)).torch_module and hasattr(torch.nn, cls.torch_module.removeprefix("nn."))
+}
+
+
+def _carries_c(cell: str) -> bool:
+    """Whether the cell's state is the tuple (h, c) (an extra state: torch's LSTM hx)."""
+    return bool(cell_class(cell).extra_state)
+
+
+def _split_b_hn(cell: str) -> bool:
+    """Whether the cell keeps the n third of torch's bias_hh apart (a parameter b_hn, inside r ⊙ (·))."""
+    return "b_hn" in cell_class(cell)().param_shapes(1, 1, True)
 
 
 def _torch_names(num_layers: int, bidirectional: bool, bias: bool) -> list[tuple[Any, str, str]]:
@@ -127,7 +142,7 @@ class Recurrent(torch.nn.Module):
         names = _torch_names(mod.num_layers, mod.bidirectional, mod.bias)
         params = {name: getattr(mod, name) for _, name, _ in names}
         host = {k: v.detach().cpu().numpy() for k, v in params.items()}
-        nonlinearity = getattr(mod, "nonlinearity", None) if cell == "rnn" else None
+        nonlinearity = getattr(mod, "nonlinearity", None) if cell_class(cell).takes_nonlinearity else None
         linear = {
             "weight": np.zeros((1, mod.hidden_size * (2 if mod.bidirectional else 1)), host["weight_hh_l0"].dtype)
         }
@@ -163,7 +178,8 @@ class Recurrent(torch.nn.Module):
             with be.external_stream(None, device.index):  # the model's arrays on the tensors' device
                 model = RNN.from_torch(
                     host, {"weight": np.zeros((1, self.hidden_size * dirs), host["weight_hh_l0"].dtype)},
-                    cell=self.cell, nonlinearity=self.nonlinearity if self.cell == "rnn" else None, backend=be,
+                    cell=self.cell, backend=be,
+                    nonlinearity=self.nonlinearity if cell_class(self.cell).takes_nonlinearity else None,
                 )  # fmt: skip
             model.step_kernels = None
             self._models[key] = model
@@ -218,7 +234,7 @@ class Recurrent(torch.nn.Module):
         if unbatched:
             time_major = time_major.unsqueeze(1)
         B = time_major.shape[1]
-        lstm = self.cell == "lstm"
+        lstm = _carries_c(self.cell)
         h0 = c0 = None
         if hx is not None:
             if lstm:
@@ -278,7 +294,7 @@ def _fold(params: dict[str, Any], names: list[tuple[Any, str, str]], cell: str, 
             out[r.name(kind)] = params[name]
         elif kind == "bias_hh":
             b_ih, b_hh = params[name.replace("bias_hh", "bias_ih")], params[name]
-            if cell == "gru":
+            if _split_b_hn(cell):
                 b = b_ih.copy()
                 b[: 2 * H] += b_hh[: 2 * H]
                 out[r.name("b")], out[r.name("b_hn")] = b, b_hh[2 * H :]
@@ -294,7 +310,7 @@ def _refresh_biases(model: RNN, arrays: dict[str, Any], names: list[tuple[Any, s
     for r, name, kind in names:
         if kind == "bias_hh":
             b_ih, b_hh, b = arrays[name.replace("bias_hh", "bias_ih")], arrays[name], model.params[r.name("b")]
-            if cell == "gru":
+            if _split_b_hn(cell):
                 xp.add(b_ih[: 2 * H], b_hh[: 2 * H], out=b[: 2 * H])
                 b[2 * H :] = b_ih[2 * H :]
             else:
@@ -324,7 +340,7 @@ def _unfold(g: dict[str, Any], names: list[tuple[Any, str, str]], cell: str, H: 
             out[name] = g[r.name("b")]
         else:
             db = g[r.name("b")].copy()
-            if cell == "gru":
+            if _split_b_hn(cell):
                 db[2 * H :] = g[r.name("b_hn")]
             out[name] = db
     return out
@@ -347,15 +363,15 @@ class _Pullback(torch.autograd.Function):
             if h0 is not None or c0 is not None:
                 zeros = torch.zeros(n, B, H, dtype=x.dtype, device=x.device)
                 h = _array(zeros if h0 is None else h0, xp)
-                s0 = (h, _array(zeros if c0 is None else c0, xp)) if rec.cell == "lstm" else h
+                s0 = (h, _array(zeros if c0 is None else c0, xp)) if _carries_c(rec.cell) else h
                 if n == 1:
-                    s0 = tuple(a.reshape(B, H) for a in s0) if rec.cell == "lstm" else s0.reshape(B, H)
+                    s0 = tuple(a.reshape(B, H) for a in s0) if _carries_c(rec.cell) else s0.reshape(B, H)
             out, pullback = model.vjp(_array(x, xp), s0, lengths=lengths, recompute=rec.recompute)
         ctx.save_for_backward(x, *params)  # torch's own check that neither x nor a Parameter changed in place since
         ctx.set_materialize_grads(False)  # an output the loss does not use comes back None, not a zeros tensor
         ctx.pullback, ctx.rec, ctx.model, ctx.placement = pullback, rec, model, (device, stream)
         ctx.shapes = (x.shape, n, B, H)
-        final = out.final_state if rec.cell == "lstm" else (out.final_state, None)
+        final = out.final_state if _carries_c(rec.cell) else (out.final_state, None)
         h_n, c_n = (None if a is None else _tensor(a.reshape(n, B, H)) for a in final)
         return _tensor(out.states), h_n, c_n
 
@@ -376,8 +392,8 @@ class _Pullback(torch.autograd.Function):
             def final(d: Any) -> Any:  # one recurrence: the pullback takes (B, H), as s0 went in
                 return None if d is None else _array(d.contiguous(), xp).reshape(-1, B, H)[0 if n == 1 else ...]
 
-            d_final = (final(d_hn), final(d_cn)) if rec.cell == "lstm" else final(d_hn)
-            if rec.cell == "lstm" and d_final[0] is None and d_final[1] is None:
+            d_final = (final(d_hn), final(d_cn)) if _carries_c(rec.cell) else final(d_hn)
+            if _carries_c(rec.cell) and d_final[0] is None and d_final[1] is None:
                 d_final = None
             g = ctx.pullback(d_states, d_final)
             grads = _unfold(g, rec._names, rec.cell, H)
