@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +19,7 @@ from .cells import Cell, cell_class, cell_names, make_cell
 from .config import ModelConfig
 from .engine.memory import check_model_size
 from .errors import InputError, InputTypeError, ShapeError
-from .params import architecture_of, param_shapes
+from .params import Params, architecture_of, param_shapes
 from .validation import _cell, _check_layers, _check_seed, cell_option, check_dtype
 
 __all__ = ["Construction"]
@@ -59,7 +61,8 @@ def _other_cell(host: dict[str, np.ndarray], cell: Cell) -> str | None:
 
 
 class Construction:
-    """``from_params``, ``from_torch``, ``to_torch`` and ``to`` of a model (mixed into ``RNN``)."""
+    """``from_params``, ``from_torch``, ``to_torch``, ``to`` and the copies (``copy.deepcopy``, ``pickle``) of a
+    model (mixed into ``RNN``)."""
 
     # -- construction from arrays -------------------------------------------------------------
     @classmethod
@@ -256,3 +259,37 @@ class Construction:
         copy.init, copy.use_graphs = self.init, self.use_graphs
         copy.step_kernels, copy.chunk_elements = self.step_kernels, self.chunk_elements
         return copy
+
+    # -- copies: copy.deepcopy and pickle ------------------------------------------------------
+    _TRANSIENT = ("_lock", "_workspaces", "backend", "_params", "_dropout_rng")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``pickle`` and ``copy.deepcopy`` keep: every setting, the backend's name and the parameters
+        as host NumPy arrays (a CuPy model's too: it is rebuilt on the current device). The lock and the
+        cached workspaces (CUDA graphs included) are not copied but rebuilt empty; the dropout
+        generator travels where it is NumPy's and is reseeded from fresh entropy otherwise."""
+        with self._lock:  # not in the middle of another thread's update
+            state = {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
+            state["backend"] = self.backend.name
+            state["_params"] = {k: np.array(self.backend.to_numpy(v)) for k, v in self._params.items()}
+            state["_param_shapes"] = {k: tuple(v.shape) for k, v in self._params.items()}
+            rng = self._dropout_rng
+            state["_dropout_rng"] = rng if isinstance(rng, np.random.Generator) else None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        be = get_backend(state.pop("backend"))
+        host, shapes, rng = state.pop("_params"), state.pop("_param_shapes"), state.pop("_dropout_rng")
+        self.__dict__.update(state)
+        self.backend = be
+        self._params = Params(be, self.dtype, shapes, {k: be.asarray(v) for k, v in host.items()})
+        self._workspaces = {}
+        self._lock = threading.RLock()
+        self._dropout_rng = be.random_generator(None) if rng is None else rng
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        """An independent model, equal in parameters and settings (see ``__getstate__``)."""
+        new = type(self).__new__(type(self))
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new

@@ -20,7 +20,6 @@ W_l1_reverse is ``weight_hh_l1_reverse``); V is (K, H·dirs).
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from ._composable import Composable
 from ._construction import Construction
+from ._workspaces import MAX_WORKSPACES, Workspaces
 from .backend import Backend, get_backend
 from .cells import STEP_KERNELS, Cell
 from .config import ModelConfig
@@ -37,9 +38,8 @@ from .engine import recompute as _recompute
 from .engine import stack as engine
 from .engine.losses import chunk_steps, softmax_probs, xent_loss
 from .engine.memory import check_model_size
-from .engine.pullback import Pullback, VJPOutput
 from .errors import InputError, InputTypeError, ShapeError
-from .heads import check_head, check_targets, head_forward, head_loss_and_grads
+from .heads import check_head, head_forward
 from .params import Params, recurrences
 from .validation import (
     CELLS,
@@ -59,7 +59,7 @@ from .validation import (
     check_positive_int,
 )
 
-__all__ = ["CELLS", "INITS", "REDUCTIONS", "RNN", "RNNOutput"]
+__all__ = ["CELLS", "INITS", "MAX_WORKSPACES", "REDUCTIONS", "RNN", "RNNOutput"]
 
 
 @dataclass
@@ -82,7 +82,7 @@ class RNNOutput:
     logits: Any = None
 
 
-class RNN(Construction):
+class RNN(Construction, Composable, Workspaces):
     """An RNN, GRU or LSTM (one or more layers, one or two directions) with a softmax output, on NumPy or CuPy.
 
     ``cell`` "rnn" (the default): s_t = φ(U x_t + W s_{t-1} [+ b]), φ = ``nonlinearity``: "tanh" (the
@@ -193,40 +193,6 @@ class RNN(Construction):
         self._workspaces: dict[tuple, engine.Workspace] = {}
         # Concurrent loss_and_grads calls on one model share these workspaces: one at a time.
         self._lock = threading.RLock()  # re-entrant: a locked call may call another
-
-    # -- copies: copy.deepcopy and pickle ------------------------------------------------------
-    _TRANSIENT = ("_lock", "_workspaces", "backend", "_params", "_dropout_rng")
-
-    def __getstate__(self) -> dict[str, Any]:
-        """What ``pickle`` and ``copy.deepcopy`` keep: every setting, the backend's name and the parameters
-        as host NumPy arrays (a CuPy model's too: it is rebuilt on the current device). The lock and the
-        cached workspaces (CUDA graphs included) are not copied but rebuilt empty; the dropout
-        generator travels where it is NumPy's and is reseeded from fresh entropy otherwise."""
-        with self._lock:  # not in the middle of another thread's update
-            state = {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
-            state["backend"] = self.backend.name
-            state["_params"] = {k: np.array(self.backend.to_numpy(v)) for k, v in self._params.items()}
-            state["_param_shapes"] = {k: tuple(v.shape) for k, v in self._params.items()}
-            rng = self._dropout_rng
-            state["_dropout_rng"] = rng if isinstance(rng, np.random.Generator) else None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        be = get_backend(state.pop("backend"))
-        host, shapes, rng = state.pop("_params"), state.pop("_param_shapes"), state.pop("_dropout_rng")
-        self.__dict__.update(state)
-        self.backend = be
-        self._params = Params(be, self.dtype, shapes, {k: be.asarray(v) for k, v in host.items()})
-        self._workspaces = {}
-        self._lock = threading.RLock()
-        self._dropout_rng = be.random_generator(None) if rng is None else rng
-
-    def __deepcopy__(self, memo: dict) -> RNN:
-        """An independent model, equal in parameters and settings (see ``__getstate__``)."""
-        new = type(self).__new__(type(self))
-        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        return new
 
     def _set_layers(self, num_layers: int, bidirectional: bool, dropout: float, seed: int | None) -> None:
         self.num_layers = num_layers
@@ -430,100 +396,6 @@ class RNN(Construction):
             logits=self._out(logits) if per_step else logits,
         )
 
-    def vjp(
-        self, x: Any, s0: Any = None, *, lengths: Any = None, recompute: int | str | None = None
-    ) -> tuple[VJPOutput, Pullback]:
-        """The recurrent stack forward (no output layer, no dropout) and its pullback (``gpubptt.engine.pullback``).
-
-        x (T, B) token ids or (T, B, D) floats; s0 as in ``forward``; lengths (B,). Returns (out,
-        pullback): out.states (T, B, H·dirs), out.final_state as ``forward``'s; ``pullback(d_states,
-        d_final_state=None)`` → the exact gradients of every recurrent parameter, "s0" (and "c0") and,
-        for dense x, "x", for the upstream gradients ∂E/∂states (T, B, H·dirs) and ∂E/∂final_state.
-        Callable once. ``recompute`` as in ``loss_and_grads`` (None, "sqrt" or an int c: steps per
-        segment; not "auto"): the forward keeps only the states at segment boundaries (and the top layer's
-        outputs it returns) and the pullback recomputes each segment, for the models recomputation
-        serves (``gpubptt.engine.recompute``: one direction, no dropout between layers; an LSTM keeps c at the
-        boundaries).
-        """
-        recompute = _recompute.check_recompute(recompute)
-        if recompute == "auto":
-            raise InputError("vjp takes recompute None, 'sqrt' or an int (steps per segment), not 'auto'")
-        if recompute is not None:
-            why = _recompute.unsupported_reason(self)
-            if why:
-                raise InputError(why)
-        batch = self._check_nonempty(self._swap(x, "x"), s0, lengths, "vjp")
-        out, pullback = self._vjp(batch, recompute=recompute)
-        out.states = self._out(out.states)
-        return out, pullback
-
-    def _check_nonempty(self, x: Any, s0: Any, lengths: Any, what: str) -> Batch:
-        batch = self._check(x, None, s0, lengths, for_loss=False)
-        if batch.T == 0 or batch.B == 0:
-            raise ShapeError(f"{what} needs at least one time step and one sequence; got T={batch.T}, B={batch.B}")
-        return batch
-
-    def _vjp(
-        self, batch: Batch, *, want_dx: bool = True, recompute: int | str | None = None
-    ) -> tuple[VJPOutput, Pullback]:
-        if recompute is not None:
-            c = _recompute.segment_length(batch.T, recompute)
-            sk, xp = self._step_kernels(), self.backend.xp
-            with self._lock:
-                ws = _recompute.SegmentWorkspace(self, batch, c, step_kernels=sk, chunk_elements=self._chunk_elements())
-                ws.load(batch)
-                states = xp.empty((batch.T, batch.B, self.hidden_size), dtype=self.dtype)
-                ws.forward(states)
-                final = ws.final.copy()
-                final_c = ws.final_c.copy() if ws.extra else None
-            if batch.weight is not None:
-                states *= batch.weight[:, :, None]
-            final = final[0] if batch.flat_state else final
-            if final_c is not None:
-                final = (final, final_c[0] if batch.flat_state else final_c)
-            pullback = Pullback(self, batch, None, sk, batch_first=self.batch_first, want_dx=want_dx, segments=ws)
-            return VJPOutput(states=states, final_state=final), pullback
-        with self._lock:  # one call of this model at a time (see loss_and_grads)
-            stack = self._stack(batch)
-            states = stack.Y[-1]
-            final = self._final_state(stack, batch)
-            states = states * batch.weight[:, :, None] if batch.weight is not None else states.copy()
-        pullback = Pullback(self, batch, stack, self._step_kernels(), batch_first=self.batch_first, want_dx=want_dx)
-        return VJPOutput(states=states, final_state=final), pullback
-
-    def _head_loss(
-        self, head: str | None, x: Any, y: Any, s0: Any, lengths: Any, reduction: str, grads: bool, drop: bool = True
-    ) -> tuple[Any, dict[str, Any] | None, Any]:
-        """(loss, grads or None, final state) under a head other than the fused "softmax" one; ``drop``: whether
-        the call would apply the model's dropout (``loss_and_grads`` does; ``loss`` only with a dropout_seed)."""
-        if head is None:
-            raise InputError("this model has no output head (head=None): use model.vjp(x) with your own loss")
-        if drop and self.dropout > 0 and self.num_layers > 1:
-            raise InputError(
-                f"dropout={self.dropout} between layers runs under the 'softmax' head only; head {head!r} is "
-                "computed without dropout: set model.dropout = 0 for it"
-            )
-        batch = self._check_nonempty(self._swap(x, "x"), s0, lengths, f"head {head!r}")
-        y = self._swap(y, "y") if head == "mse" else y
-        y = check_targets(head, y, batch.T, batch.B, self.output_size, be=self.backend, dtype=self.dtype)
-        out, pullback = self._vjp(batch, want_dx=False)
-        V, c = self.params["V"], self.params.get("c")
-        loss, dY, dV, dc, count = head_loss_and_grads(
-            head, out.states, V, c, y, batch.weight, batch.lengths, self.num_directions, batch.count, be=self.backend
-        )
-        scale = 1.0 if reduction == "sum" else 1.0 / max(count, 1)
-        if not grads:
-            return loss * scale, None, out.final_state
-        g = pullback(self._out(dY))
-        g["V"] = dV
-        if dc is not None:
-            g["c"] = dc
-        if scale != 1.0:
-            loss = loss * scale
-            for k in g:
-                g[k] *= scale
-        return loss, g, out.final_state
-
     def _scale(self, batch: Batch, reduction: str) -> float:
         if reduction == "sum":
             return 1.0
@@ -673,76 +545,3 @@ class RNN(Construction):
         if return_final_state:
             return loss, grads, final
         return loss, grads
-
-    def memory_estimate(
-        self,
-        T: int,
-        B: int,
-        *,
-        tokens: bool = True,
-        lengths: bool = False,
-        recompute: int | str | None = None,
-        truncate: int | None = None,
-    ) -> Any:
-        """Bytes a ``loss_and_grads`` of a (T, B) batch holds at its peak, by part (a ``memory.MemoryEstimate``).
-
-        ``tokens``: x (T, B) ids, else (T, B, D) floats; ``lengths`` given or not; ``recompute`` None,
-        "sqrt" or an int (steps per segment); ``truncate`` as in ``loss_and_grads``. ``.total`` is the sum.
-        """
-        T, B = check_positive_int(T, "T"), check_positive_int(B, "B")
-        recompute = _recompute.check_recompute(recompute)
-        if recompute == "auto":
-            raise InputError("memory_estimate needs a policy: None, 'sqrt' or an int (steps per segment), not 'auto'")
-        truncate = _check_truncate(truncate)
-        if recompute is not None:
-            why = _recompute.unsupported_reason(self, truncate=truncate)
-            if why:
-                raise InputError(why)
-        return _recompute.call_memory(
-            self, T, B, tokens=bool(tokens), lengths=bool(lengths), recompute=recompute, truncate=truncate
-        )
-
-    def _segment_workspace(self, batch: Batch, c: int) -> _recompute.SegmentWorkspace:
-        """The cached recomputation buffers for this shape and segment length (cached like ``_workspace``)."""
-        step_kernels, chunk_elements = self._step_kernels(), self._chunk_elements()
-        key = ("recompute", batch.T, batch.B, batch.tokens, c, step_kernels, chunk_elements)
-        ws = self._workspaces.pop(key, None)
-        if ws is None:
-            ws = _recompute.SegmentWorkspace(self, batch, c, step_kernels=step_kernels, chunk_elements=chunk_elements)
-            while len(self._workspaces) >= MAX_WORKSPACES:
-                self._workspaces.pop(next(iter(self._workspaces)))
-        self._workspaces[key] = ws
-        return ws
-
-    def workspaces(self) -> list[dict[str, Any]]:
-        """The cached forward+BPTT workspaces, least recently used first (at most MAX_WORKSPACES).
-
-        Each a dict: T, B, tokens, lengths, truncate (None: full BPTT), dropout, use_graphs, step_kernels,
-        chunk (time steps per output-layer chunk) and captured (replayed as one CUDA graph).
-        """
-        with self._lock:
-            return [ws.describe() for ws in self._workspaces.values()]
-
-    def _workspace(self, batch: Batch, truncate: int | None) -> engine.Workspace:
-        """The cached buffers (and, on CuPy, the captured graph) for this shape of work."""
-        if truncate is not None and truncate >= batch.T - 1:
-            truncate = None  # the window covers every step: full BPTT
-        be = self.backend
-        step_kernels, chunk_elements = self._step_kernels(), self._chunk_elements()
-        dropout = self.dropout if self.num_layers > 1 else 0.0
-        key = (
-            batch.T, batch.B, batch.tokens, batch.weight is not None, truncate, self.use_graphs, step_kernels,
-            chunk_elements, dropout, tuple(be.data_ptr(p) for p in self.params.values()),
-        )  # fmt: skip
-        ws = self._workspaces.pop(key, None)
-        if ws is None:
-            ws = engine.Workspace(
-                self, batch, truncate, step_kernels=step_kernels, chunk_elements=chunk_elements, dropout=dropout
-            )
-            while len(self._workspaces) >= MAX_WORKSPACES:
-                self._workspaces.pop(next(iter(self._workspaces)))
-        self._workspaces[key] = ws  # most recently used last
-        return ws
-
-
-MAX_WORKSPACES = 4

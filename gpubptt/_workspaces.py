@@ -1,0 +1,90 @@
+"""The per-shape buffers of ``RNN`` (mixed into it): forward+BPTT workspaces and recomputation
+workspaces, cached per shape of work, least recently used first, at most ``MAX_WORKSPACES``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .engine import recompute as _recompute
+from .engine import stack as engine
+from .errors import InputError
+from .validation import Batch, _check_truncate, check_positive_int
+
+__all__ = ["MAX_WORKSPACES", "Workspaces"]
+
+MAX_WORKSPACES = 4
+
+
+class Workspaces:
+    """``memory_estimate``, ``workspaces()`` and the cached buffers a model's calls run in (mixed into
+    ``RNN``)."""
+
+    def memory_estimate(
+        self,
+        T: int,
+        B: int,
+        *,
+        tokens: bool = True,
+        lengths: bool = False,
+        recompute: int | str | None = None,
+        truncate: int | None = None,
+    ) -> Any:
+        """Bytes a ``loss_and_grads`` of a (T, B) batch holds at its peak, by part (a ``memory.MemoryEstimate``).
+
+        ``tokens``: x (T, B) ids, else (T, B, D) floats; ``lengths`` given or not; ``recompute`` None,
+        "sqrt" or an int (steps per segment); ``truncate`` as in ``loss_and_grads``. ``.total`` is the sum.
+        """
+        T, B = check_positive_int(T, "T"), check_positive_int(B, "B")
+        recompute = _recompute.check_recompute(recompute)
+        if recompute == "auto":
+            raise InputError("memory_estimate needs a policy: None, 'sqrt' or an int (steps per segment), not 'auto'")
+        truncate = _check_truncate(truncate)
+        if recompute is not None:
+            why = _recompute.unsupported_reason(self, truncate=truncate)
+            if why:
+                raise InputError(why)
+        return _recompute.call_memory(
+            self, T, B, tokens=bool(tokens), lengths=bool(lengths), recompute=recompute, truncate=truncate
+        )
+
+    def _segment_workspace(self, batch: Batch, c: int) -> _recompute.SegmentWorkspace:
+        """The cached recomputation buffers for this shape and segment length (cached like ``_workspace``)."""
+        step_kernels, chunk_elements = self._step_kernels(), self._chunk_elements()
+        key = ("recompute", batch.T, batch.B, batch.tokens, c, step_kernels, chunk_elements)
+        ws = self._workspaces.pop(key, None)
+        if ws is None:
+            ws = _recompute.SegmentWorkspace(self, batch, c, step_kernels=step_kernels, chunk_elements=chunk_elements)
+            while len(self._workspaces) >= MAX_WORKSPACES:
+                self._workspaces.pop(next(iter(self._workspaces)))
+        self._workspaces[key] = ws
+        return ws
+
+    def workspaces(self) -> list[dict[str, Any]]:
+        """The cached forward+BPTT workspaces, least recently used first (at most MAX_WORKSPACES).
+
+        Each a dict: T, B, tokens, lengths, truncate (None: full BPTT), dropout, use_graphs, step_kernels,
+        chunk (time steps per output-layer chunk) and captured (replayed as one CUDA graph).
+        """
+        with self._lock:
+            return [ws.describe() for ws in self._workspaces.values()]
+
+    def _workspace(self, batch: Batch, truncate: int | None) -> engine.Workspace:
+        """The cached buffers (and, on CuPy, the captured graph) for this shape of work."""
+        if truncate is not None and truncate >= batch.T - 1:
+            truncate = None  # the window covers every step: full BPTT
+        be = self.backend
+        step_kernels, chunk_elements = self._step_kernels(), self._chunk_elements()
+        dropout = self.dropout if self.num_layers > 1 else 0.0
+        key = (
+            batch.T, batch.B, batch.tokens, batch.weight is not None, truncate, self.use_graphs, step_kernels,
+            chunk_elements, dropout, tuple(be.data_ptr(p) for p in self.params.values()),
+        )  # fmt: skip
+        ws = self._workspaces.pop(key, None)
+        if ws is None:
+            ws = engine.Workspace(
+                self, batch, truncate, step_kernels=step_kernels, chunk_elements=chunk_elements, dropout=dropout
+            )
+            while len(self._workspaces) >= MAX_WORKSPACES:
+                self._workspaces.pop(next(iter(self._workspaces)))
+        self._workspaces[key] = ws  # most recently used last
+        return ws
