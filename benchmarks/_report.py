@@ -85,3 +85,15 @@ def summary_ratio(
     if left_out:
         line += f"; {left_out} noisy row{'s' if left_out > 1 else ''} ({NOISY_MARK}) left out"
     return line, stats
+
+
+def blas_facts(be) -> dict:
+    """The BLAS behind the backend's matmul and its thread counts: GEMMs of fewer FLOPs than ``threaded_from_flops``
+    (most per-step GEMMs) take ``threads_small``, larger ones ``threads_large``."""
+    threads = getattr(be, "blas_threads", None)
+    if threads is None:
+        return {"library": be.xp.__name__}
+    from gpubptt.backend.numpy_backend import BLAS_THREADED_FLOPS
+
+    return {"library": threads.library, "threads_large": threads.most, "threads_small": 1,
+            "threaded_from_flops": BLAS_THREADED_FLOPS}  # fmt: skip

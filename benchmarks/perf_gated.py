@@ -36,7 +36,7 @@ from gpubptt.bench import flops
 from gpubptt.environment import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import NOISY_MARK, is_noisy, summary_ratio
+from _report import NOISY_MARK, blas_facts, is_noisy, summary_ratio
 
 # (cell, T, B, D, H, K, num_layers, bidirectional)
 ROWS = [
@@ -47,18 +47,6 @@ ROWS = [
 ] + [(cell, 64, 32, 128, 256, 256, 2, True) for cell in ("gru", "lstm")]
 PAUSE_S = 0.2
 GATES = {"gru": 3, "lstm": 4}
-
-
-def blas_facts(be) -> dict:
-    """The BLAS behind the backend's matmul and its thread counts: GEMMs of fewer FLOPs than ``threaded_from_flops``
-    (most per-step GEMMs) take ``threads_small``, larger ones ``threads_large``."""
-    threads = getattr(be, "blas_threads", None)
-    if threads is None:
-        return {"library": be.xp.__name__}
-    from gpubptt.backend.numpy_backend import BLAS_THREADED_FLOPS
-
-    return {"library": threads.library, "threads_large": threads.most, "threads_small": 1,
-            "threaded_from_flops": BLAS_THREADED_FLOPS}  # fmt: skip
 
 
 def gemm_references(be, T: int, B: int, H: int, G: int, K: int) -> dict:

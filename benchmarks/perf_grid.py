@@ -38,7 +38,7 @@ from gpubptt._io import write_atomic
 from gpubptt.environment import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import NOISY_MARK, is_noisy, summary_ratio
+from _report import NOISY_MARK, blas_facts, is_noisy, summary_ratio
 
 # (T, B, D, H, K, tokens)
 GRID = [
@@ -59,18 +59,6 @@ DEEP_GRID = [
     (16, 128, 512, 1024, 1024, False, 2, False, "tanh"),
 ]
 PAUSE_S = 0.2  # between the two libraries in a round: long enough for idle BLAS/OpenMP threads to sleep
-
-
-def blas_facts(be) -> dict:
-    """The BLAS behind the backend's matmul and its thread counts: GEMMs of fewer FLOPs than ``threaded_from_flops``
-    (most per-step GEMMs) take ``threads_small``, larger ones ``threads_large``."""
-    threads = getattr(be, "blas_threads", None)
-    if threads is None:
-        return {"library": be.xp.__name__}
-    from gpubptt.backend.numpy_backend import BLAS_THREADED_FLOPS
-
-    return {"library": threads.library, "threads_large": threads.most, "threads_small": 1,
-            "threaded_from_flops": BLAS_THREADED_FLOPS}  # fmt: skip
 
 
 def batched_gemm_vs_library(be, rows: int, H: int, K: int, timer, repeats: int) -> float:

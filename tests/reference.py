@@ -97,6 +97,20 @@ def numeric_grad(f, arr, eps=1e-6):
     return out
 
 
+def numeric(f, arr, idx, eps=1e-6):
+    """Central differences of the scalar f() in the coordinates idx of arr (perturbed in place, restored)."""
+    flat, out = arr.reshape(-1), []
+    for i in idx:
+        orig = flat[i]
+        flat[i] = orig + eps
+        up = f()
+        flat[i] = orig - eps
+        down = f()
+        flat[i] = orig
+        out.append((up - down) / (2 * eps))
+    return np.array(out)
+
+
 def stack_name(base, layer, direction):
     """A deep model's parameter name, as documented: W, W_reverse, W_l1, W_l1_reverse, …"""
     return base + ("" if layer == 0 else f"_l{layer}") + ("_reverse" if direction else "")

@@ -11,7 +11,7 @@ import pytest
 
 import gpubptt
 from gpubptt.backend.numpy_backend import NumpyBackend
-from tests.reference import ref_gated_loss, ref_stack_loss
+from tests.reference import numeric, ref_gated_loss, ref_stack_loss
 
 T, B, D, H, K = 5, 3, 4, 3, 5
 
@@ -21,19 +21,6 @@ def concurrent_backend() -> NumpyBackend:
     be = NumpyBackend()
     be.blas_threads.most = max(2, be.blas_threads.most)
     return be
-
-
-def numeric(f, arr, idx, eps=1e-6):
-    flat, out = arr.reshape(-1), []
-    for i in idx:
-        orig = flat[i]
-        flat[i] = orig + eps
-        up = f()
-        flat[i] = orig - eps
-        down = f()
-        flat[i] = orig
-        out.append((up - down) / (2 * eps))
-    return np.array(out)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])

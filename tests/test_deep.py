@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gpubptt
-from tests.reference import ref_stack_loss, ref_stack_one
+from tests.reference import numeric, ref_stack_loss, ref_stack_one
 
 D, H, K, T, B = 3, 4, 5, 5, 3
 
@@ -66,19 +66,6 @@ def test_loss_outputs_and_final_states_match_the_reference(layers, bidirectional
         np.testing.assert_allclose(out.states[:n, b], top, rtol=1e-12, atol=1e-14)
         np.testing.assert_array_equal(out.states[n:, b], 0)  # padded steps: zero
         np.testing.assert_allclose(final[b] if flat else final[:, b], finals[0] if flat else finals, rtol=1e-12)
-
-
-def numeric(f, arr, idx, eps=1e-6):
-    flat, out = arr.reshape(-1), []
-    for i in idx:
-        orig = flat[i]
-        flat[i] = orig + eps
-        up = f()
-        flat[i] = orig - eps
-        down = f()
-        flat[i] = orig
-        out.append((up - down) / (2 * eps))
-    return np.array(out)
 
 
 @pytest.mark.parametrize("layers,bidirectional,nonlinearity", STRUCTURES)

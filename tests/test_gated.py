@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import gpubptt
-from tests.reference import ref_gated_loss, ref_gated_stack_one
+from tests.reference import numeric, ref_gated_loss, ref_gated_stack_one
 
 D, H, K, T, B = 3, 4, 5, 5, 3
 
@@ -84,19 +84,6 @@ def test_loss_outputs_and_final_states_match_the_reference(cell, layers, bidirec
         np.testing.assert_allclose(h_n[b] if flat else h_n[:, b], hs[0] if flat else hs, rtol=1e-12, atol=1e-14)
         if cell == "lstm":
             np.testing.assert_allclose(c_n[b] if flat else c_n[:, b], cs[0] if flat else cs, rtol=1e-12, atol=1e-14)
-
-
-def numeric(f, arr, idx, eps=1e-6):
-    flat, out = arr.reshape(-1), []
-    for i in idx:
-        orig = flat[i]
-        flat[i] = orig + eps
-        up = f()
-        flat[i] = orig - eps
-        down = f()
-        flat[i] = orig
-        out.append((up - down) / (2 * eps))
-    return np.array(out)
 
 
 FD_STRUCTURES = [(c, l, bd) for c, l, bd in STRUCTURES if l < 3] + [("gru", 3, True), ("lstm", 3, False)]
