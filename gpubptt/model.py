@@ -193,6 +193,7 @@ class RNN(Construction, Composable, Workspaces):
         self._workspaces: dict[tuple, engine.Workspace] = {}
         # Concurrent loss_and_grads calls on one model share these workspaces: one at a time.
         self._lock = threading.RLock()  # re-entrant: a locked call may call another
+        self._param_names: dict[Any, list[tuple[str, str]]] = {}  # recurrence_params' names, per recurrence
 
     def _set_layers(self, num_layers: int, bidirectional: bool, dropout: float, seed: int | None) -> None:
         self.num_layers = num_layers
@@ -205,7 +206,11 @@ class RNN(Construction, Composable, Workspaces):
 
     def recurrence_params(self, r: Any) -> dict[str, Any]:
         """Recurrence ``r``'s parameters by the cell's base names ("U", "W", "b"): what the cell reads."""
-        return {k: self.params[r.name(k)] for k in self.cell.param_shapes(1, 1, self.bias) if r.name(k) in self.params}
+        names = self._param_names.get(r)
+        if names is None:  # (base, full name) pairs, once per recurrence: the cell and bias are fixed
+            names = self._param_names[r] = [(k, r.name(k)) for k in self.cell.param_shapes(1, 1, self.bias)]
+        params = self.params
+        return {k: params[n] for k, n in names if n in params}
 
     def constrain(self) -> None:
         """Project every recurrence's parameters onto the cell's constraint set, in place (the cell's

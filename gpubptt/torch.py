@@ -30,6 +30,7 @@ This module imports torch; ``import gpubptt`` does not (install the extra ``gpub
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -54,11 +55,13 @@ _CELLS = {
 }
 
 
+@cache
 def _carries_c(cell: str) -> bool:
     """Whether the cell's state is the tuple (h, c) (an extra state: torch's LSTM hx)."""
     return bool(cell_class(cell).extra_state)
 
 
+@cache
 def _split_b_hn(cell: str) -> bool:
     """Whether the cell keeps the n third of torch's bias_hh apart (a parameter b_hn, inside r ⊙ (·))."""
     return "b_hn" in cell_class(cell)().param_shapes(1, 1, True)
@@ -118,7 +121,8 @@ class Recurrent(torch.nn.Module):
         for _, name, _ in self._names:
             self.register_parameter(name, _params[name])
         self._models: dict[tuple[str, torch.dtype, int | None], RNN] = {}
-        # per model: (the Parameters' identity when shared, their arrays), or None before the first call
+        # per model: (the Parameters' identity when shared, the (bias_ih, bias_hh, b) views whose sum is refreshed
+        # each call), or None before the first call
         self._shared: dict[tuple[str, torch.dtype, int | None], tuple[tuple, dict[str, Any]] | None] = {}
         self._last: tuple[torch.device, torch.dtype, Any] | None = None  # the last call's (device, dtype, key)
 
@@ -194,7 +198,7 @@ class Recurrent(torch.nn.Module):
         checked (shape, finite) once, and made again only when a Parameter is replaced (another
         object, storage, shape or dtype: ``p.data = …``, ``module.to(…)``, assigning a new Parameter);
         in-place updates (optimizers, ``load_state_dict``) reach the model without a copy. Each call
-        only adds torch's two biases of a recurrence into the model's b (``_refresh_biases``).
+        only adds torch's two biases of a recurrence into the model's b (``_bias_sums``).
         """
         ident = tuple((id(p), p.data_ptr(), p.shape, p.stride(), p.dtype) for p in params)
         shared = self._shared[key]
@@ -207,9 +211,12 @@ class Recurrent(torch.nn.Module):
             arrays = {name: _array(p, xp) for (_, name, _), p in zip(self._names, params, strict=True)}
             head = {k: model.params[k] for k in ("V", "c") if k in model.params}  # the unused output layer
             model.params = {**_fold(arrays, self._names, self.cell, self.hidden_size), **head}  # checked here
-            shared = self._shared[key] = (ident, arrays)
+            sums = _bias_sums(model, arrays, self._names, self.cell, self.hidden_size)
+            self._shared[key] = (ident, sums)
             return  # _fold summed the biases just now
-        _refresh_biases(model, shared[1], self._names, self.cell, self.hidden_size)
+        xp = model.backend.xp
+        for b_ih, b_hh, b in shared[1]:
+            xp.add(b_ih, b_hh, out=b)
 
     def forward(self, x: Any, hx: Any = None, *, lengths: Any = None) -> tuple[Any, Any]:
         """(output, h_n) — an LSTM's (output, (h_n, c_n)) — as the torch module returns them.
@@ -303,18 +310,22 @@ def _fold(params: dict[str, Any], names: list[tuple[Any, str, str]], cell: str, 
     return out
 
 
-def _refresh_biases(model: RNN, arrays: dict[str, Any], names: list[tuple[Any, str, str]], cell: str, H: int) -> None:
-    """The model's b of each recurrence = bias_ih + bias_hh again, in place (the GRU's: its first 2H rows;
-    the last H are bias_ih's, b_hn is a view of bias_hh): torch's biases may have changed in place."""
-    xp = model.backend.xp
+def _bias_sums(
+    model: RNN, arrays: dict[str, Any], names: list[tuple[Any, str, str]], cell: str, H: int
+) -> list[tuple[Any, Any, Any]]:
+    """(bias_ih, bias_hh, b) views, one per recurrence with biases, such that b = bias_ih + bias_hh is the
+    model's summed bias again (the GRU's: its first 2H rows; its last H rows are bias_ih's alone and b_hn is
+    a view of bias_hh): each call adds them in place, as torch's biases may have changed in place."""
+    out = []
     for r, name, kind in names:
         if kind == "bias_hh":
             b_ih, b_hh, b = arrays[name.replace("bias_hh", "bias_ih")], arrays[name], model.params[r.name("b")]
             if _split_b_hn(cell):
-                xp.add(b_ih[: 2 * H], b_hh[: 2 * H], out=b[: 2 * H])
-                b[2 * H :] = b_ih[2 * H :]
+                zero = model.backend.xp.zeros(H, dtype=b.dtype)
+                out += [(b_ih[: 2 * H], b_hh[: 2 * H], b[: 2 * H]), (b_ih[2 * H :], zero, b[2 * H :])]
             else:
-                xp.add(b_ih, b_hh, out=b)
+                out.append((b_ih, b_hh, b))
+    return out
 
 
 def _placement(device: torch.device, current_stream: Any = None) -> tuple[int | None, int | None]:
