@@ -206,11 +206,9 @@ class RNN(Construction, Composable, Workspaces):
 
     def recurrence_params(self, r: Any) -> dict[str, Any]:
         """Recurrence ``r``'s parameters by the cell's base names ("U", "W", "b"): what the cell reads."""
-        names = self._param_names.get(r)
-        if names is None:  # (base, full name) pairs, once per recurrence: the cell and bias are fixed
-            names = self._param_names[r] = [(k, r.name(k)) for k in self.cell.param_shapes(1, 1, self.bias)]
-        params = self.params
-        return {k: params[n] for k, n in names if n in params}
+        if r not in self._param_names:  # (base, full name) pairs, once per recurrence: the cell and bias are fixed
+            self._param_names[r] = [(k, r.name(k)) for k in self.cell.param_shapes(1, 1, self.bias)]
+        return {k: self.params[n] for k, n in self._param_names[r] if n in self.params}
 
     def constrain(self) -> None:
         """Project every recurrence's parameters onto the cell's constraint set, in place (the cell's

@@ -77,7 +77,7 @@ def test_sample_chars_checks_its_arguments_before_the_first_character():
 
 
 def test_sample_streams_and_ctrl_c_keeps_what_was_printed(tmp_path, monkeypatch):
-    import gpubptt.cli.train
+    import gpubptt.cli.sample
 
     ck = _text_checkpoint(tmp_path)
 
@@ -85,7 +85,7 @@ def test_sample_streams_and_ctrl_c_keeps_what_was_printed(tmp_path, monkeypatch)
         yield from "to be"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gpubptt.cli.train, "sample_chars", chars)
+    monkeypatch.setattr(gpubptt.cli.sample, "sample_chars", chars)
     result = runner.invoke(app, ["sample", "--checkpoint", str(ck), "--length", "20"])
     assert result.exit_code == 130
     assert result.stdout == "to be\n" and "interrupted after 5 of 20 characters" in result.stderr

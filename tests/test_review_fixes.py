@@ -74,7 +74,7 @@ def test_forward_of_an_empty_sequence_returns_under_every_head(head):
 def test_a_forced_run_whose_best_file_cannot_be_written_leaves_no_older_runs_best_beside_it(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import gpubptt.cli.train as cli_train
+    import gpubptt.cli._train_report as cli_train
     from gpubptt.cli import app
 
     runner, ck = CliRunner(), tmp_path / "ck.npz"

@@ -1,41 +1,35 @@
-"""``gpubptt train`` and ``gpubptt sample``: train a model with truncated BPTT, and draw text from it."""
+"""``gpubptt train``: train a model with truncated BPTT (its reporting: ``_train_report``)."""
 
 from __future__ import annotations
 
 import math
 import os
 import sys
-from collections import deque
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import numpy as np
 import typer
 
 from .. import plots
-from .._paths import write_error
 from ..cells import NONLINEARITIES
 from ..errors import InputError
 from ..model import CELLS, INITS
 from ..training.data import TASKS
-from ..training.loop import SCHEDULES, TrainEvent
+from ..training.loop import SCHEDULES
 from ..training.loop import train as train_loop
 from ..training.optim import DEFAULT_LR, ON_NONFINITE, OPTIMIZERS, NonFiniteError
-from ..training.record import CheckpointError, load_checkpoint
+from ..training.record import CheckpointError
 from ..training.run import (
     DEFAULT_EVAL_EVERY,
     DEFAULT_STEPS,
     DEFAULTS,
     TEXT_CHUNK,
-    Run,
     best_path,
     new_run,
     recompute_plan,
     resume_run,
-    save_run,
 )
-from ..training.sample import sample_chars
 from ._common import (
     EXIT_SAVED_NO_STDOUT,
     BackendChoice,
@@ -48,7 +42,6 @@ from ._common import (
     check_plot,
     choices,
     distinct_or_exit,
-    echo_out,
     in_flags,
     install_sigint,
     out_of_memory,
@@ -69,6 +62,7 @@ from ._distributed import (
     data_parallel_or_exit,
     train_data_parallel,
 )
+from ._train_report import TrainReporter
 
 TaskChoice = choices("TaskChoice", TASKS)
 InitChoice = choices("InitChoice", INITS)
@@ -90,182 +84,6 @@ def _default(text: str, setting: str) -> str:
     else:
         shown = value
     return f"{text} (default: {shown})"
-
-
-def describe(data: Any) -> tuple[str, str]:
-    """(unit, chance-level text) for the summary line: the unit of the held-out loss."""
-    if data.kind == "text":
-        return "nats/char", (
-            f"chance {data.chance_loss:.3f} = log {data.output_size}; letter frequencies alone {data.unigram_loss:.3f}"
-        )
-    return "nats/recalled symbol", f"chance {data.chance_loss:.3f} = log {data.A}; chance accuracy {1 / data.A:.1%}"
-
-
-def train_loss_label(data: Any) -> str:
-    """What the training loss averages: every character of text, but every step of a task's sequences (blanks
-    included), unlike the task's held-out loss (the recalled symbols only): the two are labelled apart."""
-    return "train loss" if data.kind == "text" else "train loss/step"
-
-
-class TrainReporter:
-    """How a training run reports: its settings and chance level first, progress while it trains (a bar
-    on a terminal, one line per evaluation otherwise; stderr), and a summary at the end (stdout).
-
-    ``on_step`` is the training loop's callback: it also saves the checkpoint at each evaluation,
-    and stops the run between two steps once Ctrl-C was pressed (``on_sigint``).
-    """
-
-    def __init__(self, run: Run, checkpoint: Path, *, resumed: bool, interactive: bool) -> None:
-        self.run, self.checkpoint, self.interactive = run, checkpoint, interactive
-        self.best_checkpoint = best_path(checkpoint)
-        self.best_written = resumed  # a new run (--force) removes a replaced run's best file at its first save
-        self.unit, self.chance_text = describe(run.data)
-        self.train_label = train_loss_label(run.data)
-        self.last_eval: dict | None = None
-        self.saved_step: int | None = run.state.step if resumed else None  # the step the file holds
-        self.stop_requested = False
-        self.window: deque = deque([(0.0, 0)], maxlen=50)  # (seconds, tokens so far): tokens/s over recent steps
-        self.progress = None
-        # --distributed: only rank 0 (main) prints and writes; sync gathers every rank's state before a save
-        self.main, self.sync, self.token_scale = True, None, 1.0
-
-    def header(self) -> None:
-        if not self.main:
-            return
-        run, config, state = self.run, self.run.config, self.run.state
-        typer.echo(
-            f"{run.data!r} | {run.model!r} | {type(run.optimizer).__name__} lr={config.lr} | B={config.batch_size} "
-            f"chunk={config.chunk or 'whole sequences'} | steps {state.step} → {config.steps}",
-            err=True,
-        )
-        if run.data.kind == "text":
-            typer.echo(f"loss in {self.unit}; {self.chance_text}", err=True)
-        else:
-            typer.echo(
-                f"{self.train_label}: nats averaged over every step of a sequence (blanks included); held-out "
-                f"loss in {self.unit} (the recall steps only); {self.chance_text}",
-                err=True,
-            )
-        if state.step >= config.steps:
-            typer.echo(
-                f"the checkpoint is already at step {state.step} ≥ --steps {config.steps}; nothing to do", err=True
-            )
-
-    def start(self) -> None:
-        """The progress bar, on a terminal."""
-        if not self.interactive:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=False,
-        )
-        self.bar = self.progress.add_task("train", total=self.run.config.steps, completed=self.run.state.step, info="")
-        self.progress.start()
-
-    def stop(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def save(self, *, best: bool = False) -> None:
-        """Checkpoint the run (atomic: a failed write leaves the previous file as it was); Failed on an OSError.
-
-        ``best``: this evaluation's held-out loss is the lowest yet: the best file gets the same run.
-        """
-        if self.sync is not None:
-            self.sync()
-        if not self.main:
-            self.saved_step = self.run.state.step
-            return
-        targets = [("checkpoint", self.checkpoint)] + ([("best checkpoint", self.best_checkpoint)] if best else [])
-        for what, path in targets:
-            try:
-                save_run(path, self.run)
-            except OSError as exc:
-                if path is self.best_checkpoint and not self.best_written:  # --force: never leave this run's
-                    self.best_checkpoint.unlink(missing_ok=True)  # new last model beside a replaced run's best
-                raise Failed(write_error(what, path, exc)) from exc
-            except CheckpointError as exc:  # a run the format cannot hold: nothing was written
-                raise Failed(str(exc)) from exc
-        self.saved_step = self.run.state.step
-        if best:
-            self.best_written = True
-        elif not self.best_written and self.best_checkpoint.exists():  # --force: not the best of this run
-            try:
-                self.best_checkpoint.unlink()
-            except OSError as exc:
-                raise Failed(write_error("best checkpoint", self.best_checkpoint, exc)) from exc
-            self.best_written = True
-
-    def kept(self) -> str:
-        """What the checkpoint file holds now, in words."""
-        if self.saved_step is None:
-            return "no checkpoint was saved"
-        return f"{str(self.checkpoint)!r} keeps step {self.saved_step}"
-
-    def on_sigint(self, signum: int, frame: object) -> None:
-        if self.stop_requested:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, mid-step
-        self.stop_requested = True
-        typer.echo("\nCtrl-C: stopping after this step and saving (Ctrl-C again to stop at once)", err=True)
-
-    def on_step(self, ev: TrainEvent) -> None:
-        window = self.window
-        window.append((ev.seconds, window[-1][1] + ev.tokens * self.token_scale))
-        rate = (window[-1][1] - window[0][1]) / max(window[-1][0] - window[0][0], 1e-9)
-        loss_s = "nan" if ev.loss is None else f"{ev.loss:.3f}"
-        if ev.eval is not None:
-            self.last_eval = ev.eval
-            self.save(best=ev.best)  # between steps: the weights and the state are consistent
-            line = (
-                f"step {ev.step}/{ev.total}  {self.train_label} {loss_s}  held-out {ev.eval['loss']:.3f} "
-                f"(chance {ev.eval['chance']:.3f})  acc {ev.eval['accuracy']:.1%}  |g| {ev.grad_norm:.2f}  "
-                f"{rate:,.0f} tok/s" + ("  best so far" if ev.best else "")
-            )
-            if self.progress is not None:
-                self.progress.console.print(line, highlight=False)
-            elif self.main:
-                typer.echo(line, err=True)
-        if self.progress is not None:
-            info = f"{self.train_label} {loss_s}  |g| {ev.grad_norm:.2f}  {rate:,.0f} tok/s"
-            self.progress.update(self.bar, completed=ev.step, info=info)
-        if self.stop_requested:
-            raise Interrupted  # between steps: the weights and the state are consistent
-
-    def plot_labels(self) -> dict:
-        """The loss curve's chance level and title."""
-        data, run = self.run.data, self.run
-        layers = f" × {run.model.num_layers} layers" if run.model.num_layers > 1 else ""
-        title = f"{data.kind} | H={run.model.hidden_size}{layers} | {type(run.optimizer).__name__}"
-        if data.kind != "text":
-            title += f" | delay {data.delay}"
-        return {"chance": data.chance_loss, "title": title}
-
-    def summary(self, plot: Path | None) -> None:
-        if not self.main:
-            return
-        history, state = self.run.history, self.run.state
-        ev = self.last_eval or {"loss": float("nan"), "accuracy": float("nan")}
-        if history.eval_step and self.last_eval is None:
-            ev = {"loss": history.eval_loss[-1], "accuracy": history.eval_accuracy[-1]}
-        train_loss = history.loss[-1] if history.loss else float("nan")
-        echo_out(
-            f"step {state.step}: {self.train_label} {train_loss:.4f}, held-out loss {ev['loss']:.4f} {self.unit} "
-            f"(accuracy {ev['accuracy']:.1%}); {self.chance_text}"
-        )
-        best = history.best()
-        if best is not None:
-            echo_out(f"best model: step {best[0]}, held-out {best[1]:.4f} {self.unit}: {self.best_checkpoint}")
-        if history.skipped:
-            echo_out(f"{history.skipped} steps were skipped for a non-finite loss or gradient")
-        echo_out(f"checkpoint: {self.checkpoint}" + (f"\nplot: {plot}" if plot is not None else ""))
 
 
 def _destinations_or_exit(checkpoint: Path, plot: Path | None, data: Path | None, val_data: Path | None) -> Path:
@@ -601,89 +419,3 @@ def train(
     start_step = run.state.step
     _train_or_exit(run, dp, reporter, checkpoint, be, budget=budget, early_stop=early_stop)
     _finish(run, reporter, checkpoint, best, plot, resumed=resume, start_step=start_step, early_stop=early_stop)
-
-
-class WhichChoice(str, Enum):
-    """Which of a run's two checkpoints: the last model (the file named) or the best held-out one beside it."""
-
-    last = "last"
-    best = "best"
-
-
-def which_checkpoint(checkpoint: Path, which: WhichChoice) -> Path:
-    """The file ``--which`` selects, checked readable: ``checkpoint`` itself (last) or its best file (best)."""
-    if which is WhichChoice.last:
-        readable_or_exit(checkpoint, "--checkpoint")
-        return checkpoint
-    best = best_path(checkpoint)
-    if not best.exists():
-        raise usage_error(
-            f"--which best: {str(best)!r} does not exist (`gpubptt train --checkpoint {checkpoint}` writes it at the "
-            "first held-out evaluation after training began); use --which last for the last model"
-        )
-    readable_or_exit(best, "--checkpoint's best file")
-    return best
-
-
-WHICH_HELP = "last: the --checkpoint file itself; best: the best held-out model saved beside it (ck.best.npz)."
-
-
-@app.command()
-@stdout_errors
-@quiet_numerics
-@reflowed_help
-def sample(
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint of a text model (from `gpubptt train`).")] = Path(
-        "checkpoint.npz"
-    ),
-    which: Annotated[WhichChoice, typer.Option(help=WHICH_HELP)] = WhichChoice.last,
-    length: Annotated[int, typer.Option(help="Characters to generate.")] = 500,
-    temperature: Annotated[
-        float, typer.Option(help="Softmax temperature: < 1 surer, > 1 more random; 0: greedy.")
-    ] = 1.0,
-    top_k: Annotated[
-        int | None, typer.Option(min=1, help="Draw among the K most likely characters only. (default: all)")
-    ] = None,
-    top_p: Annotated[
-        float | None,
-        typer.Option(help="Draw among the fewest most likely characters whose probability reaches P (0 < P ≤ 1)."),
-    ] = None,
-    greedy: Annotated[
-        bool, typer.Option("--greedy", help="Take the most likely character every step (as --temperature 0).")
-    ] = False,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the sampler (an int ≥ 0).")] = 0,
-    prime: Annotated[str, typer.Option(help="Text to start from (its characters must be in the vocabulary).")] = "",
-) -> None:
-    """Generate text from a trained character model, printed to stdout as each character is drawn."""
-    checkpoint = which_checkpoint(checkpoint, which)
-    distinct_or_exit({}, {"--checkpoint": checkpoint})  # `>> ck.npz` would append the text to the checkpoint
-    if length < 0:
-        raise usage_error(f"--length must be ≥ 0, got {length}")
-    if not (temperature >= 0 and np.isfinite(temperature)):
-        raise usage_error(f"--temperature must be a number ≥ 0 (0: greedy), got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise usage_error(f"--top-p must be a number in (0, 1], got {top_p}")
-    try:
-        ck = load_checkpoint(checkpoint, backend="numpy")
-        if ck.vocab is None:
-            kind = (ck.data or {}).get("kind", "unknown")
-            raise usage_error(f"{str(checkpoint)!r} was trained on the {kind} task; sampling needs a text model")
-        chars = sample_chars(
-            ck.model, ck.vocab, length=length, temperature=temperature, seed=seed, prime=prime, top_k=top_k,
-            top_p=top_p, greedy=greedy,
-        )  # fmt: skip
-    except (InputError, CheckpointError) as exc:  # every argument is checked before the first character
-        raise usage_error(str(exc)) from exc
-    n = 0
-    try:
-        for ch in chars:
-            echo_out(ch, nl=False)  # flushed: the text appears as it is drawn
-            n += len(ch)
-        echo_out("")
-    except KeyboardInterrupt as exc:
-        typer.echo("")
-        typer.echo(f"interrupted after {n} of {len(prime) + length} characters", err=True)
-        raise typer.Exit(130) from exc
-    except StdoutFailed as exc:  # `| head` ends quietly (stdout_errors); a full disk is named
-        exc.kept = f"stopped after {n} of {len(prime) + length} characters"
-        raise

@@ -40,7 +40,7 @@ from ._common import (
     write_png,
 )
 from ._vanish_cells import parse_cells, run_cells, run_model
-from .train import WHICH_HELP, WhichChoice, which_checkpoint
+from .sample import WHICH_HELP, WhichChoice, which_checkpoint
 
 InitChoice = choices("InitChoice", INITS)
 VanishFormat = choices("VanishFormat", ("table", "json"))
