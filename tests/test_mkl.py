@@ -210,7 +210,7 @@ def test_gpubptt_blas_picks_the_library_and_refuses_what_it_cannot_give(monkeypa
     assert NumpyBackend().blas == "numpy"  # auto: NumPy's own BLAS where MKL is absent
     if MKL is not None:
         monkeypatch.undo()
-        assert NumpyBackend(blas="auto").blas == "mkl" and "Math Kernel Library" in NumpyBackend("mkl").blas_library
+        assert NumpyBackend(blas="auto").blas == "mkl" and NumpyBackend("mkl").blas_library.startswith("MKL 20")
 
 
 @needs_mkl

@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,12 +93,14 @@ class Mkl:
             self._gemm[char], self._pack_size[char] = gemm, get_size
             self._pack[char], self._compute[char] = pack, compute
         self.address = _address_reader()
-        version = ctypes.create_string_buffer(256)
+        text = ctypes.create_string_buffer(256)
         try:
-            lib.MKL_Get_Version_String(version, len(version))
-            self.version = version.value.decode(errors="replace").strip()
+            lib.MKL_Get_Version_String(text, len(text))
         except AttributeError:
-            self.version = "MKL"
+            pass
+        number = re.search(r"Version ([0-9.]+)", text.value.decode(errors="replace"))
+        #: e.g. "MKL 2025.2"
+        self.version = f"MKL {number.group(1)}" if number else "MKL"
 
     def gemm(self, a: Any, b: Any, out: Any, accumulate: bool) -> bool:
         """out = a @ b, or out += a @ b (beta = 1, no temporary), through cblas_?gemm; a (m, k), b (k, n), out (m, n).

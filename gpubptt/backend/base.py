@@ -67,6 +67,8 @@ class Backend:
     step_kernels: str = "auto"
     supports_graphs: bool = False
     compiles_kernels: bool = False
+    #: the library behind ``matmul`` described (version, threading), where the backend says; None where not
+    blas_library: str | None = None
 
     def __init__(self) -> None:
         self._choices: dict[str, dict[Hashable, bool]] = {}

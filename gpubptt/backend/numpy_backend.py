@@ -156,7 +156,8 @@ class NumpyBackend(Backend):
         self.blas_threads = BlasThreads()
         #: which library runs the GEMMs: "mkl" or "numpy" (NumPy's own BLAS)
         self.blas = "numpy" if self.mkl is None else "mkl"
-        #: the GEMM library described, e.g. "MKL 2025.2 (sequential, large GEMMs split over 2 threads)"
+        #: the GEMM library described: NumPy's BLAS as threadpoolctl reports it, or MKL's version string and
+        #: "sequential" (large GEMMs are split over the backend's own threads: ``matmul``)
         self.blas_library = self.blas_threads.library if self.mkl is None else f"{self.mkl.version} (sequential)"
         #: whether ``run_concurrently`` may use Python threads (the two directions of a bidirectional layer)
         self.concurrent = True
