@@ -3,13 +3,15 @@
 For every step shape of ``perf_grid.py`` and ``perf_gated.py`` (B rows, hidden size H, G gates: Elman 1,
 GRU 3, LSTM 4): the forward step h (B, H) @ Wᵀ (H, G·H) with Wᵀ a transposed view of W (G·H, H), and the
 backward step ∂a (B, G·H) @ W (G·H, H). Each is timed as a run of back-to-back GEMMs through the calls
-the NumPy backend makes (``np.matmul`` with OpenBLAS on one thread; ``Mkl.gemm``; ``Mkl.compute`` on W
-packed once, as a cell packs it once per call), the three interleaved over rounds; the median of the
-rounds, in µs per GEMM. Needs MKL (the ``mkl`` extra).
+the NumPy backend makes (``np.matmul`` with OpenBLAS on one thread, and in the forward also on a row-major
+copy of Wᵀ, which the gated cells make for long sequences; ``Mkl.gemm``; ``Mkl.compute`` on W packed once,
+as a cell packs it once per call), interleaved over rounds; the median of the rounds, in µs per GEMM.
+Needs MKL (the ``mkl`` extra).
 
-    python benchmarks/blas_gemm.py OUT_DIR        # OUT_DIR/blas-gemm.json; one line per shape
+    python benchmarks/blas_gemm.py --out DIR      # DIR/blas-gemm.json; one line per shape
 
-OUT_DIR defaults to a new folder under the system's temporary directory (never inside the repository).
+DIR defaults to a folder outside the repository (``_report.default_out_dir``); the committed result is
+regenerated with ``--out benchmarks``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ import numpy as np
 
 from gpubptt.backend.numpy_backend import NumpyBackend
 from gpubptt.environment import environment
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import add_out_option, out_dir
 
 # (cell, gates, B, H): the per-step shapes of perf_grid.py (Elman) and perf_gated.py (GRU, LSTM), and two
 # between the smallest two (where MKL starts to pay: MKL_MIN_FLOPS)
@@ -66,6 +70,9 @@ def measure(be: NumpyBackend, G: int, B: int, H: int, direction: str, rounds: in
         "mkl": lambda: mkl.gemm(a, b, out, False),
         "mkl_packed": lambda: mkl.compute(a, packed, out, False),
     }
+    if direction == "forward":  # what the gated cells' NumPy path runs once T·B ≥ 8·H: a row-major copy of Wᵀ
+        b_rows = np.ascontiguousarray(b)
+        fns["openblas_row_major"] = lambda: np.matmul(a, b_rows, out=out)
     err = {}
     for name, fn in fns.items():
         out[...] = 0
@@ -87,7 +94,7 @@ def measure(be: NumpyBackend, G: int, B: int, H: int, direction: str, rounds: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", nargs="?", type=Path, help="folder for blas-gemm.json (default: a new temp folder)")
+    add_out_option(parser)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     be = NumpyBackend("mkl")
@@ -99,12 +106,11 @@ def main() -> None:
             row = {"cell": cell, "B": B, "H": H, "direction": direction, **measure(be, G, B, H, direction, args.rounds)}
             rows.append(row)
             us = row["us"]
+            copied = f" ({us['openblas_row_major']:.1f} on Wᵀ copied)" if "openblas_row_major" in us else ""
             print(f"{cell:>4} B={B:<3} H={H:<4} {direction:<8} ({row['m']}×{row['k']})·({row['k']}×{row['n']}): "
-                  f"openblas {us['openblas']:8.1f} µs  mkl {us['mkl']:8.1f}  packed {us['mkl_packed']:8.1f}  "
-                  f"(packed ÷ openblas {us['mkl_packed'] / us['openblas']:.2f})", flush=True)  # fmt: skip
-    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="gpubptt-blas-gemm-"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "blas-gemm.json"
+                  f"openblas {us['openblas']:.1f} µs{copied}, mkl {us['mkl']:.1f}, packed {us['mkl_packed']:.1f}",
+                  flush=True)  # fmt: skip
+    path = out_dir(args.out) / "blas-gemm.json"
     result = {"what": "per-step GEMM, µs per call, median of rounds, one thread, float32", "rows": rows,
               "openblas": be.blas_threads.library, "mkl": be.mkl.version, "environment": environment([be])}  # fmt: skip
     path.write_text(json.dumps(result, indent=1))
