@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpubptt.backend._mkl import PackSlot
 from gpubptt.backend.numpy_backend import NumpyBackend
 from gpubptt.environment import environment
 
@@ -63,7 +64,7 @@ def measure(be: NumpyBackend, G: int, B: int, H: int, direction: str, rounds: in
         a, b = rng.standard_normal((B, G * H)).astype(np.float32), W  # ∂a @ W
     out = np.empty((B, b.shape[1]), np.float32)
     mkl = be.mkl
-    packed = mkl.packed(b, B)
+    packed = mkl.packed(b, B, PackSlot())
     ref = a.astype(np.float64) @ b.astype(np.float64)
     fns = {
         "openblas": lambda: np.matmul(a, b, out=out),

@@ -5,6 +5,8 @@ with the reason where it is absent (``pip install mkl``)."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -141,6 +143,28 @@ def test_packed_weights_give_the_unpacked_product_for_many_operands(dtype, b_lay
     be.matmul(a, handle, out)
     np.testing.assert_allclose(out, reference(a, b0, out, False), rtol=tolerance(dtype, k), atol=tolerance(dtype, k))
     np.testing.assert_array_equal(b, b0)  # packing leaves the weight as it was
+
+
+@needs_mkl
+def test_a_handle_made_before_the_threads_next_pack_runs_unpacked_and_right(monkeypatch):
+    """Packs reuse one buffer per thread: a later pack in the same thread makes an earlier handle stale
+    (its GEMMs run on b itself, unpacked); a pack in another thread leaves it valid."""
+    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 0)
+    be = mkl_backend(most=1)
+    rng = np.random.default_rng(8)
+    a, b1, b2 = rng.normal(size=(3, 5)), rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    out = np.empty((3, 4))
+    first = be.pack(b1, 3)
+    assert MKL.compute(a, first, out, False)  # valid: runs packed
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(be.pack, b2, 3).result()  # another thread's buffer
+    assert MKL.compute(a, first, out, False)
+    second = be.pack(b2, 3)
+    assert not MKL.compute(a, first, out, False)  # stale: declined
+    be.matmul(a, first, out)
+    np.testing.assert_allclose(out, a @ b1, rtol=1e-12)
+    be.matmul(a, second, out)
+    np.testing.assert_allclose(out, a @ b2, rtol=1e-12)
 
 
 def test_pack_returns_the_operand_itself_where_nothing_is_packed(monkeypatch):

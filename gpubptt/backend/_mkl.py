@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NO_TRANS", "TRANS", "Mkl", "PackedMatrix", "load_mkl", "operand_layout"]
+__all__ = ["NO_TRANS", "TRANS", "Mkl", "PackSlot", "PackedMatrix", "load_mkl", "operand_layout"]
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 B_MATRIX, PACKED = 162, 151
@@ -44,16 +44,37 @@ def operand_layout(x: np.ndarray) -> tuple[int, int] | None:
     return None
 
 
+class PackSlot:
+    """A reusable buffer for packed matrices (one per thread of the backend): MKL's packed B takes at least
+    ~7 MiB however small B is, too much to allocate at every call. Each pack into the slot bumps
+    ``generation``; a handle made before is stale from then on (its GEMMs run unpacked, still right)."""
+
+    def __init__(self) -> None:
+        self.buf = np.empty(0, np.uint8)
+        self.generation = 0
+
+    def take(self, nbytes: int) -> int:
+        """The 64-byte-aligned address of ``nbytes`` in the buffer (grown where needed); a new generation."""
+        if self.buf.nbytes < nbytes + 64:
+            self.buf = np.empty(nbytes + 64, np.uint8)
+        self.generation += 1
+        ptr = self.buf.ctypes.data
+        return ptr + (-ptr % 64)
+
+
 @dataclass(eq=False)
 class PackedMatrix:
-    """B (k, n) packed by MKL for GEMMs a (rows, k) × B: ``buf`` holds the packed copy (freed with the handle).
+    """B (k, n) packed by MKL for GEMMs a (rows, k) × B, in ``slot`` at ``ptr``; valid while the slot's
+    generation is still ``generation`` (no later pack in the same slot).
 
-    ``b`` is the operand itself (a GEMM with another row count runs unpacked on it); ``shape`` is b's.
+    ``b`` is the operand itself (a GEMM with another row count, or on a stale handle, runs unpacked on it);
+    ``shape`` is b's.
     """
 
     b: np.ndarray
     rows: int
-    buf: np.ndarray = field(repr=False)
+    slot: PackSlot = field(repr=False)
+    generation: int = field(repr=False)
     ptr: int = field(repr=False)
 
     @property
@@ -121,8 +142,8 @@ class Mkl:
 
     def compute(self, a: Any, packed: PackedMatrix, out: Any, accumulate: bool) -> bool:
         """out (+)= a @ B with B packed for a's row count (cblas_?gemm_compute); False, nothing done, where the
-        operands do not allow it (see ``gemm``) or a's rows are not the ones B was packed for."""
-        if a.shape[0] != packed.rows:
+        operands do not allow it (see ``gemm``), a's rows are not the ones B was packed for, or the pack is stale."""
+        if a.shape[0] != packed.rows or packed.slot.generation != packed.generation:
             return False
         call = self._operands(a, packed.b, out)
         if call is None:
@@ -164,20 +185,17 @@ class Mkl:
             return None  # NumPy's matmul buffers an overlapping output; cblas would read what it writes
         return la[0], la[1], pa, lb[0], lb[1], pb, lc[1], pc
 
-    def packed(self, b: np.ndarray, rows: int) -> PackedMatrix | None:
-        """B (k, n) float32/float64, C-ordered or a transposed view, packed for a (rows, k) × B; None where
-        its layout does not allow it."""
+    def packed(self, b: np.ndarray, rows: int, slot: PackSlot) -> PackedMatrix | None:
+        """B (k, n) float32/float64, C-ordered or a transposed view, packed into ``slot`` for a (rows, k) × B;
+        None where its layout does not allow it."""
         layout = operand_layout(b)
         if layout is None or b.dtype.char not in self._gemm or min(rows, *b.shape) < 1:
             return None
         k, n = b.shape
         char = b.dtype.char
-        nbytes = int(self._pack_size[char](B_MATRIX, rows, n, k))
-        buf = np.empty(nbytes // b.itemsize + 64 // b.itemsize, dtype=b.dtype)  # + a cache line to align
-        ptr = buf.ctypes.data
-        ptr += -ptr % 64
+        ptr = slot.take(int(self._pack_size[char](B_MATRIX, rows, n, k)))
         self._pack[char](ROW_MAJOR, B_MATRIX, layout[0], rows, n, k, 1.0, self.address(b), layout[1], ptr)
-        return PackedMatrix(b=b, rows=rows, buf=buf, ptr=ptr)
+        return PackedMatrix(b=b, rows=rows, slot=slot, generation=slot.generation, ptr=ptr)
 
 
 def _address_reader() -> Any:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, InputError
 from ..timing import sync_timer
-from ._mkl import Mkl, PackedMatrix, load_mkl
+from ._mkl import Mkl, PackedMatrix, PackSlot, load_mkl
 from .base import Backend, TokenPlan, is_cupy_array
 
 __all__ = [
@@ -163,6 +163,7 @@ class NumpyBackend(Backend):
         self.concurrent = True
         self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
         self._gemm_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool): split MKL GEMMs
+        self._pack_slots = threading.local()  # .slots: {dtype char: PackSlot}, one set per thread
 
     def asarray(self, a: Any, dtype: Any = None) -> Any:
         if is_cupy_array(a):
@@ -255,12 +256,19 @@ class NumpyBackend(Backend):
     def pack(self, b: Any, rows: int) -> Any:
         """b (k, n) packed for many GEMMs a (rows, k) @ b (MKL's packed B) where MKL runs, the operand allows it
         and the GEMM is large enough to gain (``MKL_MIN_FLOPS``); else b itself. The handle holds a copy of
-        b: make it after b's last change, use it within one call, and let it go (its buffer goes with it)."""
+        b, in a buffer this thread reuses: make it after b's last change and use it until this thread's next
+        ``pack`` (a handle used after that runs unpacked: right, only slower)."""
         if self.mkl is None or type(b) is not np.ndarray or b.ndim != 2:
             return b
         if 2 * rows * b.shape[0] * b.shape[1] < MKL_MIN_FLOPS:
             return b
-        packed = self.mkl.packed(b, rows)
+        slots = getattr(self._pack_slots, "slots", None)
+        if slots is None:
+            slots = self._pack_slots.slots = {}
+        slot = slots.get(b.dtype.char)
+        if slot is None:
+            slot = slots[b.dtype.char] = PackSlot()
+        packed = self.mkl.packed(b, rows, slot)
         return b if packed is None else packed
 
     def run_concurrently(self, jobs: list[Callable[[], None]]) -> None:
