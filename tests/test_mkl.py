@@ -5,15 +5,18 @@ with the reason where it is absent (``pip install mkl``)."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 import gpubptt
-from gpubptt.backend import numpy_backend
+from gpubptt.backend import get_backend, numpy_backend
 from gpubptt.backend._mkl import PackedMatrix, load_mkl
 from gpubptt.backend.numpy_backend import MKL_MIN_FLOPS, NumpyBackend
+from gpubptt.cli import app
 
 MKL, WHY = load_mkl()
 needs_mkl = pytest.mark.skipif(MKL is None, reason=f"MKL unavailable ({WHY}): pip install mkl")
@@ -257,3 +260,19 @@ def test_gradients_with_packed_step_gemms_equal_numpys_own_blas_in_float64(cell,
     assert grads["mkl"][0] == pytest.approx(grads["numpy"][0], rel=1e-12)
     for k, g in grads["numpy"][1].items():
         np.testing.assert_allclose(grads["mkl"][1][k], g, rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("choice", ["numpy", "auto"])
+def test_info_names_the_blas_that_runs_the_gemms(choice, monkeypatch):
+    be = get_backend("numpy")
+    numpy_blas = NumpyBackend(blas="numpy").blas_library  # as threadpoolctl reports NumPy's BLAS
+    if choice == "numpy":
+        monkeypatch.setattr(be, "blas_library", numpy_blas)
+    result = CliRunner().invoke(app, ["info", "--backend", "numpy", "--json"])
+    assert result.exit_code == 0, result.output
+    in_use = json.loads(result.stdout)["blas"]["in_use"]
+    assert in_use == be.blas_library
+    if choice == "auto" and MKL is not None:
+        assert in_use.startswith("MKL 20") and "sequential" in in_use
+    else:
+        assert in_use == numpy_blas and not in_use.startswith("MKL")
