@@ -89,11 +89,16 @@ def summary_ratio(
 
 def blas_facts(be) -> dict:
     """The BLAS behind the backend's matmul and its thread counts: GEMMs of fewer FLOPs than ``threaded_from_flops``
-    (most per-step GEMMs) take ``threads_small``, larger ones ``threads_large``."""
+    (most per-step GEMMs) take ``threads_small``, larger ones ``threads_large``. Under MKL (``blas`` "mkl"):
+    GEMMs from ``mkl_from_flops`` run on MKL (sequential; the large ones split into ``threads_large`` blocks
+    over the backend's threads, the step GEMMs on a packed weight), smaller ones on NumPy's BLAS."""
     threads = getattr(be, "blas_threads", None)
     if threads is None:
         return {"library": be.xp.__name__}
-    from gpubptt.backend.numpy_backend import BLAS_THREADED_FLOPS
+    from gpubptt.backend.numpy_backend import BLAS_THREADED_FLOPS, MKL_MIN_FLOPS
 
-    return {"library": threads.library, "threads_large": threads.most, "threads_small": 1,
-            "threaded_from_flops": BLAS_THREADED_FLOPS}  # fmt: skip
+    facts = {"library": be.blas_library, "blas": be.blas, "threads_large": threads.most, "threads_small": 1,
+             "threaded_from_flops": BLAS_THREADED_FLOPS}  # fmt: skip
+    if be.blas == "mkl":
+        facts.update(mkl_from_flops=MKL_MIN_FLOPS, numpy_blas=threads.library)
+    return facts

@@ -68,7 +68,13 @@ def environment(backends: Sequence[Backend] = ()) -> dict[str, Any]:
         "blas": _blas_info(),
         "threads": _threads_info(),
         "backends": [
-            {"name": be.name, "device": be.device, "library": be.xp.__name__, "version": be.xp.__version__}
+            {
+                "name": be.name,
+                "device": be.device,
+                "library": be.xp.__name__,
+                "version": be.xp.__version__,
+                "gemm": be.blas_library,
+            }
             for be in backends
         ],
     }

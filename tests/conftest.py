@@ -12,7 +12,8 @@ from collections import Counter
 import pytest
 from hypothesis import HealthCheck, settings
 
-from gpubptt.backend import get_backend
+from gpubptt.backend import get_backend, numpy_backend
+from gpubptt.backend._mkl import load_mkl
 from gpubptt.errors import BackendUnavailableError
 
 # CI=true selects a deterministic profile: the same examples on every run.
@@ -84,6 +85,24 @@ def be(request):
         if reason:
             pytest.skip(f"cupy backend unavailable: {reason}")
     return get_backend(request.param)
+
+
+@pytest.fixture(params=["numpy", "mkl"])
+def blas(request, monkeypatch):
+    """The NumPy backend's GEMMs on NumPy's own BLAS (as under GPUBPTT_BLAS=numpy), then on MKL for every GEMM
+    whatever its size (``MKL_MIN_FLOPS`` set to 0, so that tiny test shapes reach MKL and its packed weights);
+    the MKL run skips, with the reason, where MKL is absent. For a few gradient tests: they run once per BLAS."""
+    be = get_backend("numpy")
+    if request.param == "numpy":
+        monkeypatch.setattr(be, "mkl", None)
+    else:
+        mkl, why = load_mkl()
+        if mkl is None:
+            pytest.skip(f"MKL unavailable ({why}): pip install mkl")
+        monkeypatch.setattr(be, "mkl", mkl)
+        monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 0)
+    monkeypatch.setattr(be, "blas", request.param)
+    return request.param
 
 
 @pytest.fixture

@@ -49,7 +49,10 @@ def test_json_schema_holds_environment_rows_and_fits():
     assert env["machine"]["cpu_count"] >= 1 and env["versions"]["numpy"] == np.__version__
     device = backend_mod.get_backend("numpy").device  # e.g. "CPU (x86_64, 2 logical cores)"
     assert device.startswith("CPU (")
-    assert env["backends"] == [{"name": "numpy", "device": device, "library": "numpy", "version": np.__version__}]
+    gemm = backend_mod.get_backend("numpy").blas_library  # the library behind matmul: MKL or NumPy's BLAS
+    assert env["backends"] == [
+        {"name": "numpy", "device": device, "library": "numpy", "version": np.__version__, "gemm": gemm}
+    ]
     assert data["config"]["dtype"] == "float32" and data["config"]["input"] == "tokens"
     # T sweep at the middle H (3), H sweep at the middle T (2): 2 + 2 rows
     assert [(r["sweep"], r["T"], r["H"]) for r in data["rows"]] == [("T", 2, 3), ("T", 4, 3), ("H", 2, 3), ("H", 2, 5)]

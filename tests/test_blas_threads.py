@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 import gpubptt
-from gpubptt.backend import get_backend
-from gpubptt.backend.numpy_backend import BLAS_THREADED_FLOPS, most_threads
+from gpubptt.backend.numpy_backend import BLAS_THREADED_FLOPS, NumpyBackend, most_threads
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
-be = get_backend("numpy")
+be = NumpyBackend(blas="numpy")  # NumPy's own BLAS, whose threads these steer (MKL's GEMMs: tests/test_mkl.py)
 if be.blas_threads.library == "unknown":
     pytest.skip("threadpoolctl finds no BLAS to steer in this process", allow_module_level=True)
 

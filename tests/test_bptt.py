@@ -47,7 +47,7 @@ COMBOS = list(itertools.product([True, False], [False, True], [False, True], [Fa
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("tokens,bias,with_s0,with_lengths,reduction", COMBOS)
-def test_bptt_matches_finite_differences(tokens, bias, with_s0, with_lengths, reduction, nonlinearity):
+def test_bptt_matches_finite_differences(tokens, bias, with_s0, with_lengths, reduction, nonlinearity, blas):
     model, x, y, s0, lengths = make_case(
         1, tokens=tokens, bias=bias, with_s0=with_s0, with_lengths=with_lengths, nonlinearity=nonlinearity
     )
@@ -92,7 +92,7 @@ def test_bptt_matches_dense_jacobian_sum():
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("truncate", [0, 1, 2, 3])
 @pytest.mark.parametrize("tokens", [True, False])
-def test_truncated_bptt_matches_tutorial_loop(truncate, tokens, nonlinearity):
+def test_truncated_bptt_matches_tutorial_loop(truncate, tokens, nonlinearity, blas):
     model, x, y, s0, _ = make_case(3, tokens=tokens, with_s0=True, T=6, nonlinearity=nonlinearity)
     params = {k: gpubptt.to_numpy(v) for k, v in model.params.items()}
     want = ref_tutorial_truncated_grads(params, x, y, truncate, s0, nonlinearity=nonlinearity)

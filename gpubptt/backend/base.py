@@ -67,6 +67,8 @@ class Backend:
     step_kernels: str = "auto"
     supports_graphs: bool = False
     compiles_kernels: bool = False
+    #: the library behind ``matmul`` described (version, threading), where the backend says; None where not
+    blas_library: str | None = None
 
     def __init__(self) -> None:
         self._choices: dict[str, dict[Hashable, bool]] = {}
@@ -173,9 +175,15 @@ class Backend:
     def matmul(self, a: Any, b: Any, out: Any, accumulate: bool = False) -> None:
         """out = a @ b, or out += a @ b with ``accumulate``; a (m, k), b (k, n), out (m, n).
 
-        a and b may be transposed views; out must have unit stride along its rows.
+        a and b may be transposed views (b may be a ``pack`` handle); out must have unit stride along its rows.
         """
         raise NotImplementedError
+
+    def pack(self, b: Any, rows: int) -> Any:
+        """b (k, n) prepared for many ``matmul(a, handle, out)`` with a (rows, k), e.g. the recurrent weight of
+        every step; b itself where the backend has nothing to prepare (the default). A handle is valid
+        until b changes: make it per call, never keep it across calls."""
+        return b
 
     def run_concurrently(self, jobs: list[Callable[[], None]]) -> None:
         """Run independent pieces of work (no buffer shared between them), here one after the other in order.

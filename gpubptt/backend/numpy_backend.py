@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import platform
 import threading
@@ -12,10 +13,33 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import BackendUnavailableError, InputError
 from ..timing import sync_timer
+from ._mkl import Mkl, PackedMatrix, PackSlot, load_mkl
 from .base import Backend, TokenPlan, is_cupy_array
 
-__all__ = ["BLAS_THREADED_FLOPS", "ONEHOT_MAX_VOCAB", "BlasThreads", "NumpyBackend", "most_threads"]
+__all__ = [
+    "BLAS_CHOICES",
+    "BLAS_THREADED_FLOPS",
+    "BLAS_VAR",
+    "MKL_MIN_FLOPS",
+    "ONEHOT_MAX_VOCAB",
+    "BlasThreads",
+    "NumpyBackend",
+    "most_threads",
+]
+
+#: The variable that picks the NumPy backend's GEMMs, read when the backend is made: "auto" (MKL where the
+#: ``mkl`` extra is installed, else NumPy's own BLAS), "mkl" (an error where it is absent) or "numpy".
+BLAS_VAR = "GPUBPTT_BLAS"
+BLAS_CHOICES = ("auto", "mkl", "numpy")
+MKL_HINT = "pip install mkl, or pip install 'gpubptt[mkl]' (x86-64 only)"
+
+#: Under MKL, a GEMM of fewer FLOPs (2·m·n·k) runs on NumPy's own BLAS: MKL's fixed cost per call (and the
+#: ctypes call's) loses there. One thread, a 2-core AVX-512 CPU (``benchmarks/blas_gemm.py``), µs per GEMM,
+#: OpenBLAS / MKL: (1 × 100)·(100 × 100) 2.9 / 12; (16 × 128)·(128 × 128) 8.7 / 18; (32 × 256)·(256 × 256)
+#: 61 / 54. ``pack`` packs a weight (MKL's packed B, reused by every step of a recurrence) from the same size.
+MKL_MIN_FLOPS = 1 << 21
 
 #: A GEMM of fewer FLOPs (2·m·n·k) runs on one BLAS thread, a larger one on all the BLAS threads this
 #: process may use. The per-step GEMMs (m = B rows) fall below it, the batched ones (input projection,
@@ -122,14 +146,24 @@ class NumpyBackend(Backend):
     name = "numpy"
     xp = np
 
-    def __init__(self) -> None:
+    def __init__(self, blas: str | None = None) -> None:
+        """``blas``: "auto" | "mkl" | "numpy", which library runs the GEMMs; None reads ``GPUBPTT_BLAS`` (default
+        "auto"). "mkl" where MKL cannot be loaded raises BackendUnavailableError."""
         super().__init__()
         cpu = platform.processor() or platform.machine()
         self.device = f"CPU ({cpu}, {os.cpu_count()} logical cores)"
+        self.mkl = _choose_mkl(blas)
         self.blas_threads = BlasThreads()
+        #: which library runs the GEMMs: "mkl" or "numpy" (NumPy's own BLAS)
+        self.blas = "numpy" if self.mkl is None else "mkl"
+        #: the GEMM library described: NumPy's BLAS as threadpoolctl reports it, or MKL's version string and
+        #: "sequential" (large GEMMs are split over the backend's own threads: ``matmul``)
+        self.blas_library = self.blas_threads.library if self.mkl is None else f"{self.mkl.version} (sequential)"
         #: whether ``run_concurrently`` may use Python threads (the two directions of a bidirectional layer)
         self.concurrent = True
         self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
+        self._gemm_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool): split MKL GEMMs
+        self._pack_slots = threading.local()  # .slots: {dtype char: PackSlot}, one set per thread
 
     def asarray(self, a: Any, dtype: Any = None) -> Any:
         if is_cupy_array(a):
@@ -157,7 +191,31 @@ class NumpyBackend(Backend):
             return None
 
     def matmul(self, a: Any, b: Any, out: Any, accumulate: bool = False) -> None:
-        """out = a @ b (or +=) on as many BLAS threads as the shape pays for (``BlasThreads.for_gemm``)."""
+        """out = a @ b (or +=). Under MKL (``blas`` "mkl"), a GEMM of ``MKL_MIN_FLOPS`` or more runs through
+        cblas_?gemm where the operands allow (``Mkl.gemm``; ``b`` may be a ``pack`` handle), one of
+        ``BLAS_THREADED_FLOPS`` or more split into blocks over ``BlasThreads.most`` threads; the rest runs
+        on NumPy's matmul, on as many BLAS threads as the shape pays for (``BlasThreads.for_gemm``)."""
+        mkl = self.mkl
+        if mkl is not None and len(a.shape) == 2 and len(b.shape) == 2:
+            flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+            if flops >= MKL_MIN_FLOPS:
+                threads = self.blas_threads
+                split = flops >= BLAS_THREADED_FLOPS and threads.most >= 2 and threads.enabled
+                if type(b) is PackedMatrix:
+                    if not split and mkl.compute(a, b, out, accumulate):
+                        return
+                    b = b.b
+                if not split:
+                    if mkl.gemm(a, b, out, accumulate):
+                        return
+                elif mkl.gemm_allowed(a, b, out):
+                    self._gemm_blocks(mkl, a, b, out, accumulate)
+                    return
+        if type(b) is PackedMatrix:
+            b = b.b
+        self._numpy_matmul(a, b, out, accumulate)
+
+    def _numpy_matmul(self, a: Any, b: Any, out: Any, accumulate: bool) -> None:
         threads = self.blas_threads
         threads.enter(threads.for_gemm(a.shape[0], b.shape[1], a.shape[1]))
         try:
@@ -167,6 +225,51 @@ class NumpyBackend(Backend):
                 np.matmul(a, b, out=out)
         finally:
             threads.leave()
+
+    def _gemm_blocks(self, mkl: Mkl, a: Any, b: Any, out: Any, accumulate: bool) -> None:
+        """out (+)= a @ b as ``most`` GEMMs at once: blocks of rows, or of columns where there are fewer rows
+        than 8 per thread (each block an MKL GEMM in one of the backend's threads; ctypes releases the GIL)."""
+        parts = self.blas_threads.most
+        m, n = out.shape
+        by_rows = m >= 8 * parts or m >= n
+        edges = np.linspace(0, m if by_rows else n, parts + 1).astype(int)
+        blocks = [
+            (a[i:j], b, out[i:j]) if by_rows else (a, b[:, i:j], out[:, i:j])
+            for i, j in itertools.pairwise(edges)
+            if j > i
+        ]
+        pool = self._gemm_pool
+        if pool is None or pool[0] != os.getpid() or pool[1] < parts - 1:  # a forked child has no threads
+            pool = self._gemm_pool = (os.getpid(), parts - 1, ThreadPoolExecutor(parts - 1, "gpubptt-gemm"))
+
+        def run(block: tuple[Any, Any, Any]) -> None:
+            if not mkl.gemm(*block, accumulate):  # cannot happen (a block of allowed operands is allowed)
+                self._numpy_matmul(*block, accumulate)
+
+        others = [pool[2].submit(run, block) for block in blocks[1:]]
+        try:
+            run(blocks[0])
+        finally:
+            for f in others:
+                f.result()
+
+    def pack(self, b: Any, rows: int) -> Any:
+        """b (k, n) packed for many GEMMs a (rows, k) @ b (MKL's packed B) where MKL runs, the operand allows it
+        and the GEMM is large enough to gain (``MKL_MIN_FLOPS``); else b itself. The handle holds a copy of
+        b, in a buffer this thread reuses: make it after b's last change and use it until this thread's next
+        ``pack`` (a handle used after that runs unpacked: right, only slower)."""
+        if self.mkl is None or type(b) is not np.ndarray or b.ndim != 2:
+            return b
+        if 2 * rows * b.shape[0] * b.shape[1] < MKL_MIN_FLOPS:
+            return b
+        slots = getattr(self._pack_slots, "slots", None)
+        if slots is None:
+            slots = self._pack_slots.slots = {}
+        slot = slots.get(b.dtype.char)
+        if slot is None:
+            slot = slots[b.dtype.char] = PackSlot()
+        packed = self.mkl.packed(b, rows, slot)
+        return b if packed is None else packed
 
     def run_concurrently(self, jobs: list[Callable[[], None]]) -> None:
         """Run independent jobs at once in Python threads (BLAS and NumPy's ufuncs release the GIL), every GEMM
@@ -215,3 +318,21 @@ class NumpyBackend(Backend):
             return
         sums = np.add.reduceat(rows[plan.perm], starts[present], axis=0)
         dUT[np.flatnonzero(present)] += sums
+
+
+def _choose_mkl(blas: str | None) -> Mkl | None:
+    """The MKL to run GEMMs on for the choice ``blas`` (None: ``GPUBPTT_BLAS``, default "auto"), or None."""
+    if blas is None:
+        blas = os.environ.get(BLAS_VAR, "").strip() or "auto"
+    if not isinstance(blas, str) or blas.lower() not in BLAS_CHOICES:
+        raise InputError(f"{BLAS_VAR}={blas!r} is not a BLAS choice; expected one of {', '.join(BLAS_CHOICES)}")
+    blas = blas.lower()
+    if blas == "numpy":
+        return None
+    mkl, why = load_mkl()
+    if mkl is None and blas == "mkl":
+        raise BackendUnavailableError(
+            f"{BLAS_VAR}=mkl asks for MKL's GEMMs, but MKL could not be loaded ({why}); install it with "
+            f"{MKL_HINT}, or set {BLAS_VAR}=auto or numpy"
+        )
+    return mkl

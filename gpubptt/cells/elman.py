@@ -147,14 +147,15 @@ class ElmanCell(Cell):
         if pre.shape[0] == 0:
             return
         k = kernels(be)
+        Wt = be.pack(W.T, pre.shape[1])  # Wᵀ packed once for all steps where the backend packs (MKL), else the view
         if self.nonlinearity == "relu":
             for t in range(pre.shape[0]):
-                k.relu_forward_step(S[t], W, pre[t], S[t + 1], scratch)  # s_t = max(pre_t + s_{t-1} @ W.T, 0)
+                k.relu_forward_step(S[t], W, pre[t], S[t + 1], scratch, Wt)  # s_t = max(pre_t + s_{t-1} @ W.T, 0)
             return
         if k.forward_recurrence(pre, W, S, step_kernels):  # all steps in one kernel
             return
         for t in range(pre.shape[0]):
-            k.forward_step(S[t], W, pre[t], S[t + 1], scratch, step_kernels)  # s_t = tanh(pre_t + s_{t-1} @ W.T)
+            k.forward_step(S[t], W, pre[t], S[t + 1], scratch, step_kernels, Wt)  # s_t = tanh(pre_t + s_{t-1} @ W.T)
 
     def factors(self, S: Any, *, be: Backend, out: Any) -> Any:
         """φ' at every step, from the states: S (T+1, B, H) → out (T, B, H); ∂s_t/∂s_{t-1} = diag(out[t]) W.
@@ -175,8 +176,9 @@ class ElmanCell(Cell):
         k = kernels(be)
         if T == 1 or k.backward_recurrence(G, W, F, step_kernels):  # all steps in one kernel
             return
+        Wp = be.pack(W, G.shape[1])  # W packed once for all steps where the backend packs (MKL), else W
         for t in range(T - 2, -1, -1):
-            k.backward_step(G[t + 1], W, F[t], G[t], carry, step_kernels)  # δ_t = (g_t + δ_{t+1} @ W) ⊙ f_t
+            k.backward_step(G[t + 1], W, F[t], G[t], carry, step_kernels, Wp)  # δ_t = (g_t + δ_{t+1} @ W) ⊙ f_t
 
     @staticmethod
     def step_back(lanes: Any, W: Any, f: Any, out: Any, *, be: Backend) -> None:
@@ -269,25 +271,31 @@ class _Kernels:
         self._compile_lock = threading.Lock()
 
     # -- one step ----------------------------------------------------------------------------
-    def forward_step(self, s_prev: Any, W: Any, pre: Any, out: Any, scratch: Any, step_kernels: str) -> None:
-        """out = tanh(pre + s_prev @ W.T), all (B, H), W (H, H)."""
+    def forward_step(
+        self, s_prev: Any, W: Any, pre: Any, out: Any, scratch: Any, step_kernels: str, Wt: Any = None
+    ) -> None:
+        """out = tanh(pre + s_prev @ W.T), all (B, H), W (H, H); ``Wt``: W.T as ``Backend.pack`` made it, or None."""
         if self._use_fused("forward", W, step_kernels, s_prev, pre, out):
             self._fused_forward(s_prev, W, pre, out)
             return
-        self.be.matmul(s_prev, W.T, scratch)  # W.T is a view: BLAS reads it transposed
+        self.be.matmul(s_prev, W.T if Wt is None else Wt, scratch)  # W.T is a view: BLAS reads it transposed
         self.tanh_step(pre, scratch, out)
 
-    def relu_forward_step(self, s_prev: Any, W: Any, pre: Any, out: Any, scratch: Any) -> None:
-        """out = max(pre + s_prev @ W.T, 0), all (B, H), W (H, H): a GEMM and one elementwise kernel."""
-        self.be.matmul(s_prev, W.T, scratch)
+    def relu_forward_step(self, s_prev: Any, W: Any, pre: Any, out: Any, scratch: Any, Wt: Any = None) -> None:
+        """out = max(pre + s_prev @ W.T, 0), all (B, H), W (H, H): a GEMM and one elementwise kernel; ``Wt`` as
+        in ``forward_step``."""
+        self.be.matmul(s_prev, W.T if Wt is None else Wt, scratch)
         self.relu_step(pre, scratch, out)
 
-    def backward_step(self, d_next: Any, W: Any, d: Any, g: Any, scratch: Any, step_kernels: str) -> None:
-        """g = (g + d_next @ W) * d, all (B, H): g enters as ∂E_t/∂s_t and leaves as δ_t; d = φ'(pre_t)."""
+    def backward_step(
+        self, d_next: Any, W: Any, d: Any, g: Any, scratch: Any, step_kernels: str, Wp: Any = None
+    ) -> None:
+        """g = (g + d_next @ W) * d, all (B, H): g enters as ∂E_t/∂s_t and leaves as δ_t; d = φ'(pre_t);
+        ``Wp``: W as ``Backend.pack`` made it, or None."""
         if self._use_fused("backward", W, step_kernels, d_next, d, g):
             self._fused_backward(d_next, W, d, g)
             return
-        self.be.matmul(d_next, W, scratch)  # the through-time term δ_{t+1} @ W
+        self.be.matmul(d_next, W if Wp is None else Wp, scratch)  # the through-time term δ_{t+1} @ W
         self.backprop_tanh(scratch, d, g)
 
     # -- every step in one kernel --------------------------------------------------------------

@@ -123,7 +123,7 @@ class GRUCell(GatedCell):
         """All steps: pre (T, B, 3H) = U x_t + b; S (T+1, B, H) with S[0] = h0, S[1:] written; gates into aux["A"]."""
         k = kernels(be)
         bn, A, hw, Wt = p.get("b_hn", aux["zero"]), aux["A"], aux["hw"], aux["Wt"]
-        Wt = forward_weight(p["W"], Wt, pre.shape[0], pre.shape[1])  # Wᵀ, a row-major copy where that pays
+        Wt = forward_weight(p["W"], Wt, pre.shape[0], pre.shape[1], be)  # Wᵀ packed, or a row-major copy where it pays
         for t in range(pre.shape[0]):
             be.matmul(S[t], Wt, hw)  # w = h_{t-1} @ W.T, all three gates in one GEMM
             k.forward(pre[t], hw, bn, S[t], S[t + 1], A[t], aux["tmp"])
@@ -153,9 +153,10 @@ class GRUCell(GatedCell):
         W, A, dw, tmp = p["W"], aux["A"], aux["dw"], aux["tmp"]
         carry = ds0  # dh_t's share from step t+1; after step 0 it is ∂E/∂h0
         carry[...] = 0
+        Wp = be.pack(W, B)  # W packed once for all T steps where the backend packs (MKL), else W
         for t in range(T - 1, -1, -1):
             k.backward(G[t], S[t], A[t], carry, work[t], dw[t], tmp)  # the gates' gradients; tmp[0] = dh ⊙ z
-            be.matmul(dw[t], W, carry)  # ∂w_t @ W: all three gates in one GEMM
+            be.matmul(dw[t], Wp, carry)  # ∂w_t @ W: all three gates in one GEMM
             carry += tmp[0]  # dh_{t-1} = dh_t ⊙ z_t + ∂w_t @ W
         rows = dw.reshape(T * B, 3 * H)
         be.matmul(rows.T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂w_tᵀ h_{t-1}

@@ -128,7 +128,7 @@ class LSTMCell(GatedCell):
         """All steps: pre (T, B, 4H) = U x_t + b; S (T+1, B, H) with S[0] = h0 and aux["C"][0] = c0 set."""
         k = kernels(be)
         A, C, hw, Wt = aux["A"], aux["C"], aux["hw"], aux["Wt"]
-        Wt = forward_weight(p["W"], Wt, pre.shape[0], pre.shape[1])  # Wᵀ, a row-major copy where that pays
+        Wt = forward_weight(p["W"], Wt, pre.shape[0], pre.shape[1], be)  # Wᵀ packed, or a row-major copy where it pays
         for t in range(pre.shape[0]):
             be.matmul(S[t], Wt, hw)  # w = h_{t-1} @ W.T, all four gates in one GEMM
             k.forward(pre[t], hw, C[t], S[t + 1], C[t + 1], A[t], aux["tmp"])
@@ -161,11 +161,12 @@ class LSTMCell(GatedCell):
         dh, dc = ds0, grads["c0"]  # what step t+1 sends back to h_t and c_t; after step 0, ∂E/∂h0 and ∂E/∂c0
         dh[...] = 0
         dc[...] = 0
+        Wp = be.pack(W, B)  # W packed once for all T steps where the backend packs (MKL), else W
         for t in range(T - 1, -1, -1):
             if d_extra is not None:
                 dc += d_extra[t]
             k.backward(G[t], dh, C[t], C[t + 1], A[t], dc, work[t], aux["tmp"])  # ∂a_t; dc ← dc_t ⊙ f_t
-            be.matmul(work[t], W, dh)  # dh_{t-1} = ∂a_t @ W: all four gates in one GEMM
+            be.matmul(work[t], Wp, dh)  # dh_{t-1} = ∂a_t @ W: all four gates in one GEMM
         be.matmul(work.reshape(T * B, 4 * H).T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂a_tᵀ h_{t-1}
         return work
 

@@ -141,7 +141,7 @@ def info(
         "available_backends": available_backends(),
         "machine": env["machine"],
         "versions": env["versions"],
-        "blas": env["blas"],
+        "blas": {"in_use": be.blas_library, **env["blas"]},  # in_use: the library behind the backend's GEMMs
         "threads": env["threads"],
         "architectures": {"cells": list(CELLS), "nonlinearities": list(NONLINEARITIES), "bidirectional": True},
     }

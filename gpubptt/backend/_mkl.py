@@ -1,0 +1,244 @@
+"""MKL's GEMMs through ctypes, for the NumPy backend: ``cblas_?gemm`` and the packed-B pair
+``cblas_?gemm_pack`` / ``cblas_?gemm_compute`` (B packed once, reused by every step of a recurrence).
+
+MKL comes from the optional ``mkl`` extra (the ``mkl`` wheel puts ``libmkl_rt`` under the environment's
+``lib``; there is no aarch64 wheel). It runs SEQUENTIAL: no MKL thread pool spins on a shared machine;
+the backend splits a large GEMM into blocks over its own threads instead. ctypes releases the GIL
+during each call. Per call, only Python ints, floats and raw addresses cross (argtypes set once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["NO_TRANS", "TRANS", "Mkl", "PackSlot", "PackedMatrix", "load_mkl", "operand_layout"]
+
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+B_MATRIX, PACKED = 162, 151
+SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL
+
+
+def operand_layout(x: np.ndarray) -> tuple[int, int] | None:
+    """How row-major cblas reads the 2-D x (p, q): (NO_TRANS, ld) for unit stride along rows, (TRANS, ld)
+    for a transposed view (unit stride down columns), None for anything else (a copy would be needed)."""
+    p, q = x.shape
+    s0, s1 = x.strides
+    size = x.itemsize
+    if s1 == size or q == 1:
+        ld = s0 // size if p > 1 else q
+        if s0 % size == 0 and ld >= max(q, 1):
+            return NO_TRANS, ld
+    if s0 == size or p == 1:
+        ld = s1 // size if q > 1 else p
+        if s1 % size == 0 and ld >= max(p, 1):
+            return TRANS, ld
+    return None
+
+
+class PackSlot:
+    """A reusable buffer for packed matrices (one per thread of the backend): MKL's packed B takes at least
+    ~7 MiB however small B is, too much to allocate at every call. Each pack into the slot bumps
+    ``generation``; a handle made before is stale from then on (its GEMMs run unpacked, still right)."""
+
+    def __init__(self) -> None:
+        self.buf = np.empty(0, np.uint8)
+        self.generation = 0
+
+    def take(self, nbytes: int) -> int:
+        """The 64-byte-aligned address of ``nbytes`` in the buffer (grown where needed); a new generation."""
+        if self.buf.nbytes < nbytes + 64:
+            self.buf = np.empty(nbytes + 64, np.uint8)
+        self.generation += 1
+        ptr = self.buf.ctypes.data
+        return ptr + (-ptr % 64)
+
+
+@dataclass(eq=False)
+class PackedMatrix:
+    """B (k, n) packed by MKL for GEMMs a (rows, k) × B, in ``slot`` at ``ptr``; valid while the slot's
+    generation is still ``generation`` (no later pack in the same slot).
+
+    ``b`` is the operand itself (a GEMM with another row count, or on a stale handle, runs unpacked on it);
+    ``shape`` is b's.
+    """
+
+    b: np.ndarray
+    rows: int
+    slot: PackSlot = field(repr=False)
+    generation: int = field(repr=False)
+    ptr: int = field(repr=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.b.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.b.dtype
+
+
+class Mkl:
+    """One loaded libmkl_rt: GEMMs (``gemm``), B packed once (``packed``) and GEMMs on it (``compute``), in
+    float32 and float64, through ctypes functions whose prototypes are set once."""
+
+    def __init__(self, lib: ctypes.CDLL, path: str) -> None:
+        self.lib = lib
+        self.path = path
+        i, p, size_t = ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t
+        self._gemm: dict[str, Any] = {}
+        self._pack_size: dict[str, Any] = {}
+        self._pack: dict[str, Any] = {}
+        self._compute: dict[str, Any] = {}
+        for char, s, real in (("f", "s", ctypes.c_float), ("d", "d", ctypes.c_double)):
+            gemm = getattr(lib, f"cblas_{s}gemm")
+            gemm.argtypes = [i, i, i, i, i, i, real, p, i, p, i, real, p, i]
+            gemm.restype = None
+            get_size = getattr(lib, f"cblas_{s}gemm_pack_get_size")
+            get_size.argtypes = [i, i, i, i]
+            get_size.restype = size_t
+            pack = getattr(lib, f"cblas_{s}gemm_pack")
+            pack.argtypes = [i, i, i, i, i, i, real, p, i, p]
+            pack.restype = None
+            compute = getattr(lib, f"cblas_{s}gemm_compute")
+            compute.argtypes = [i, i, i, i, i, i, p, i, p, i, real, p, i]
+            compute.restype = None
+            self._gemm[char], self._pack_size[char] = gemm, get_size
+            self._pack[char], self._compute[char] = pack, compute
+        self.address = _address_reader()
+        text = ctypes.create_string_buffer(256)
+        try:
+            lib.MKL_Get_Version_String(text, len(text))
+        except AttributeError:
+            pass
+        number = re.search(r"Version ([0-9.]+)", text.value.decode(errors="replace"))
+        #: e.g. "MKL 2025.2"
+        self.version = f"MKL {number.group(1)}" if number else "MKL"
+
+    def gemm(self, a: Any, b: Any, out: Any, accumulate: bool) -> bool:
+        """out = a @ b, or out += a @ b (beta = 1, no temporary), through cblas_?gemm; a (m, k), b (k, n), out (m, n).
+
+        Where the operands allow it: NumPy arrays of one dtype (float32 or float64), a and b each with a
+        unit stride along rows or down columns (a transposed view reads as op = T), out with a unit stride
+        along rows, aligned, writeable and not overlapping a or b. Returns False, having done nothing, else.
+        """
+        call = self._operands(a, b, out)
+        if call is None:
+            return False
+        ta, lda, pa, tb, ldb, pb, ldc, pc = call
+        m, k = a.shape
+        self._gemm[out.dtype.char](
+            ROW_MAJOR, ta, tb, m, out.shape[1], k, 1.0, pa, lda, pb, ldb, 1.0 if accumulate else 0.0, pc, ldc
+        )
+        return True
+
+    def compute(self, a: Any, packed: PackedMatrix, out: Any, accumulate: bool) -> bool:
+        """out (+)= a @ B with B packed for a's row count (cblas_?gemm_compute); False, nothing done, where the
+        operands do not allow it (see ``gemm``), a's rows are not the ones B was packed for, or the pack is stale."""
+        if a.shape[0] != packed.rows or packed.slot.generation != packed.generation:
+            return False
+        call = self._operands(a, packed.b, out)
+        if call is None:
+            return False
+        ta, lda, pa, _, _, _, ldc, pc = call
+        m, k = a.shape
+        n = out.shape[1]
+        self._compute[out.dtype.char](
+            ROW_MAJOR, ta, PACKED, m, n, k, pa, lda, packed.ptr, n, 1.0 if accumulate else 0.0, pc, ldc
+        )
+        return True
+
+    def gemm_allowed(self, a: Any, b: Any, out: Any) -> bool:
+        """Whether ``gemm`` runs a @ b into out (and so any block of rows or columns of it)."""
+        return self._operands(a, b, out) is not None
+
+    def _operands(self, a: Any, b: Any, out: Any) -> tuple[int, ...] | None:
+        """(op(a), lda, a's address, op(b), ldb, b's address, ldc, out's address), or None where cblas cannot
+        take these operands as they are."""
+        if type(a) is not np.ndarray or type(b) is not np.ndarray or type(out) is not np.ndarray:
+            return None
+        char = out.dtype.char
+        if char not in self._gemm or a.dtype.char != char or b.dtype.char != char:
+            return None
+        if a.ndim != 2 or b.ndim != 2 or out.ndim != 2 or not out.flags.writeable:
+            return None
+        m, k = a.shape
+        n = b.shape[1]
+        if b.shape[0] != k or out.shape != (m, n) or m == 0 or n == 0 or k == 0:
+            return None  # NumPy's matmul raises for a mismatch, and does the empty products
+        la, lb, lc = operand_layout(a), operand_layout(b), operand_layout(out)
+        if la is None or lb is None or lc is None or lc[0] != NO_TRANS:
+            return None
+        size = out.itemsize
+        pa, pb, pc = self.address(a), self.address(b), self.address(out)
+        if pa % size or pb % size or pc % size:
+            return None  # unaligned (strides are whole elements already: operand_layout)
+        if np.may_share_memory(out, a) or np.may_share_memory(out, b):
+            return None  # NumPy's matmul buffers an overlapping output; cblas would read what it writes
+        return la[0], la[1], pa, lb[0], lb[1], pb, lc[1], pc
+
+    def packed(self, b: np.ndarray, rows: int, slot: PackSlot) -> PackedMatrix | None:
+        """B (k, n) float32/float64, C-ordered or a transposed view, packed into ``slot`` for a (rows, k) × B;
+        None where its layout does not allow it."""
+        layout = operand_layout(b)
+        if layout is None or b.dtype.char not in self._gemm or min(rows, *b.shape) < 1:
+            return None
+        k, n = b.shape
+        char = b.dtype.char
+        ptr = slot.take(int(self._pack_size[char](B_MATRIX, rows, n, k)))
+        self._pack[char](ROW_MAJOR, B_MATRIX, layout[0], rows, n, k, 1.0, self.address(b), layout[1], ptr)
+        return PackedMatrix(b=b, rows=rows, slot=slot, generation=slot.generation, ptr=ptr)
+
+
+def _address_reader() -> Any:
+    """A function x → the address of ndarray x's first element. ``x.ctypes.data`` costs ~1.8 µs a call (a
+    third of a small step GEMM for three operands); reading the ``data`` field of NumPy's array struct, which
+    sits right after the object header (NumPy's C API, ``PyArrayObject_fields``), costs ~0.3 µs. Checked
+    here against ``ctypes.data`` on a few views; where they disagree (another interpreter's layout), the
+    slow, documented way is used."""
+    offset = object.__basicsize__
+    read = ctypes.c_void_p.from_address
+
+    def fast(x: np.ndarray) -> int:
+        return read(id(x) + offset).value or 0
+
+    base = np.zeros((7, 9))
+    probes = (base, base[2:, 3:], base.T, base[::2, 1:].T, np.zeros(3, np.float32)[1:])
+    if all(fast(x) == x.ctypes.data for x in probes):
+        return fast
+    return lambda x: x.ctypes.data
+
+
+def _candidates() -> list[str]:
+    lib = os.path.join(sys.prefix, "lib")
+    paths = [os.path.join(lib, name) for name in ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so")]
+    found = ctypes.util.find_library("mkl_rt")
+    return [p for p in paths if os.path.exists(p)] + ([found] if found else [])
+
+
+@functools.cache
+def load_mkl() -> tuple[Mkl | None, str]:
+    """Open libmkl_rt once per process (the environment's ``lib``, then the system's library path), SEQUENTIAL
+    threading set before any other MKL call. Returns (Mkl, its path) or (None, why not)."""
+    candidates = _candidates()
+    if not candidates:
+        return None, f"no libmkl_rt in {os.path.join(sys.prefix, 'lib')} or on the library path"
+    errors = []
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+            lib.MKL_Set_Threading_Layer.argtypes = [ctypes.c_int]
+            lib.MKL_Set_Threading_Layer.restype = ctypes.c_int
+            lib.MKL_Set_Threading_Layer(SEQUENTIAL)
+            return Mkl(lib, path), path
+        except (OSError, AttributeError) as exc:
+            errors.append(f"{path}: {exc}")
+    return None, "; ".join(errors)

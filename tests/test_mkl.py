@@ -1,0 +1,278 @@
+"""The NumPy backend's MKL GEMMs (``backend/_mkl.py``): every operand layout against a float64 product, the
+fallbacks to NumPy's matmul, packed weights, large GEMMs split over threads, the ``GPUBPTT_BLAS`` choice, and
+gradients with MKL in the step loops against a float64 model on NumPy's own BLAS. Tests that need MKL skip
+with the reason where it is absent (``pip install mkl``)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import gpubptt
+from gpubptt.backend import get_backend, numpy_backend
+from gpubptt.backend._mkl import PackedMatrix, load_mkl
+from gpubptt.backend.numpy_backend import MKL_MIN_FLOPS, NumpyBackend
+from gpubptt.cli import app
+
+MKL, WHY = load_mkl()
+needs_mkl = pytest.mark.skipif(MKL is None, reason=f"MKL unavailable ({WHY}): pip install mkl")
+
+
+def mkl_backend(**threads) -> NumpyBackend:
+    be = NumpyBackend(blas="mkl")
+    for k, v in threads.items():
+        setattr(be.blas_threads, k, v)
+    return be
+
+
+def operand(rng, shape, dtype, layout):
+    """A (p, q) array laid out as ``layout``: "C" row-major, "F" a transposed view, "ld" rows of a wider array."""
+    p, q = shape
+    if layout == "C":
+        return rng.normal(size=(p, q)).astype(dtype)
+    if layout == "F":
+        return rng.normal(size=(q, p)).astype(dtype).T
+    return rng.normal(size=(p, q + 5)).astype(dtype)[:, 2 : 2 + q]  # leading dimension q + 5
+
+
+def reference(a, b, out0, accumulate):
+    """The product in float64 by NumPy (an independent GEMM), plus the old out where accumulating."""
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    return ref + out0.astype(np.float64) if accumulate else ref
+
+
+def tolerance(dtype, k):
+    return 50 * np.finfo(dtype).eps * np.sqrt(k)
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("a_layout", ["C", "F", "ld"])
+@pytest.mark.parametrize("b_layout", ["C", "F", "ld"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_mkl_gemm_matches_a_float64_product_for_every_layout(dtype, a_layout, b_layout, accumulate):
+    rng = np.random.default_rng(0)
+    m, k, n = 7, 11, 5
+    a, b = operand(rng, (m, k), dtype, a_layout), operand(rng, (k, n), dtype, b_layout)
+    wide = rng.normal(size=(m, n + 3)).astype(dtype)
+    out = wide[:, 1 : 1 + n]  # a leading dimension of its own
+    out0, untouched = out.copy(), wide[:, 0].copy()
+    assert MKL.gemm(a, b, out, accumulate)  # MKL ran it (no copy, no fallback)
+    np.testing.assert_allclose(
+        out, reference(a, b, out0, accumulate), rtol=tolerance(dtype, k), atol=tolerance(dtype, k)
+    )
+    np.testing.assert_array_equal(wide[:, 0], untouched)  # nothing written outside out
+
+
+@needs_mkl
+def test_the_backend_sends_gemms_of_mkl_min_flops_to_mkl_and_smaller_ones_to_numpy(monkeypatch):
+    be = mkl_backend(most=1)
+    ran = []
+    monkeypatch.setattr(be, "_numpy_matmul", lambda a, b, out, acc: ran.append(a.shape) or np.matmul(a, b, out=out))
+    rng = np.random.default_rng(1)
+    side = round((MKL_MIN_FLOPS / 2) ** (1 / 3)) + 2
+    for m in (side, 2):
+        a, b = rng.normal(size=(m, side)).astype(np.float32), rng.normal(size=(side, side)).astype(np.float32)
+        out = np.empty((m, side), np.float32)
+        be.matmul(a, b.T, out)
+        np.testing.assert_allclose(out, reference(a, b.T, out, False), rtol=1e-4, atol=1e-4)
+    assert ran == [(2, side)]  # the small one only
+
+
+@needs_mkl
+@pytest.mark.parametrize("case", ["strided", "int", "mixed", "overlap", "readonly_out", "empty", "subclass"])
+def test_operands_mkl_cannot_take_fall_back_to_numpy_with_its_results(case, monkeypatch):
+    """``Mkl.gemm`` declines (returns False, nothing written) and ``matmul`` gives NumPy's own answer."""
+    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 0)
+    be = mkl_backend(most=1)
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(6, 4)).astype(np.float32)
+    b = rng.normal(size=(4, 3)).astype(np.float32)
+    out = np.zeros((6, 3), np.float32)
+    if case == "strided":
+        a = rng.normal(size=(12, 8)).astype(np.float32)[::2, ::2]  # no unit stride either way
+    elif case == "int":
+        a, b, out = (x.astype(np.int64) for x in (a * 10, b * 10, out))
+    elif case == "mixed":
+        b = b.astype(np.float64)
+    elif case == "overlap":
+        buf = rng.normal(size=(6, 4)).astype(np.float32)
+        a, b, out = buf, rng.normal(size=(4, 3)).astype(np.float32), buf[:, :3]  # out inside a
+    elif case == "readonly_out":
+        out.flags.writeable = False
+    elif case == "empty":
+        a, b, out = a[:, :0], b[:0], out  # k = 0: out = 0
+        out[...] = 7
+    elif case == "subclass":
+        a = a.view(np.matrix)
+    want = np.matmul(a.copy(), b.copy())
+    before = out.copy()
+    assert not MKL.gemm(a, b, out, False)
+    np.testing.assert_array_equal(out, before)  # declined: nothing written
+    if case == "readonly_out":
+        with pytest.raises(ValueError, match="read-only"):  # NumPy's own refusal
+            be.matmul(a, b, out)
+        return
+    be.matmul(a, b, out)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("b_layout", ["C", "F"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_packed_weights_give_the_unpacked_product_for_many_operands(dtype, b_layout, accumulate, monkeypatch):
+    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 0)
+    be = mkl_backend(most=1)
+    rng = np.random.default_rng(3)
+    rows, k, n = 4, 9, 6
+    b = operand(rng, (k, n), dtype, b_layout)
+    handle = be.pack(b, rows)
+    assert isinstance(handle, PackedMatrix) and handle.shape == (k, n)
+    b0 = b.copy()
+    for a_layout in ("C", "F", "ld"):  # several operands against the one pack, as the steps of a recurrence
+        a = operand(rng, (rows, k), dtype, a_layout)
+        out = rng.normal(size=(rows, n)).astype(dtype)
+        out0 = out.copy()
+        be.matmul(a, handle, out, accumulate=accumulate)
+        np.testing.assert_allclose(out, reference(a, b0, out0, accumulate), rtol=tolerance(dtype, k),
+                                   atol=tolerance(dtype, k))  # fmt: skip
+    a = rng.normal(size=(rows + 3, k)).astype(dtype)  # another row count: runs unpacked on b itself
+    out = np.empty((rows + 3, n), dtype)
+    be.matmul(a, handle, out)
+    np.testing.assert_allclose(out, reference(a, b0, out, False), rtol=tolerance(dtype, k), atol=tolerance(dtype, k))
+    np.testing.assert_array_equal(b, b0)  # packing leaves the weight as it was
+
+
+@needs_mkl
+def test_a_handle_made_before_the_threads_next_pack_runs_unpacked_and_right(monkeypatch):
+    """Packs reuse one buffer per thread: a later pack in the same thread makes an earlier handle stale
+    (its GEMMs run on b itself, unpacked); a pack in another thread leaves it valid."""
+    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 0)
+    be = mkl_backend(most=1)
+    rng = np.random.default_rng(8)
+    a, b1, b2 = rng.normal(size=(3, 5)), rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    out = np.empty((3, 4))
+    first = be.pack(b1, 3)
+    assert MKL.compute(a, first, out, False)  # valid: runs packed
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(be.pack, b2, 3).result()  # another thread's buffer
+    assert MKL.compute(a, first, out, False)
+    second = be.pack(b2, 3)
+    assert not MKL.compute(a, first, out, False)  # stale: declined
+    be.matmul(a, first, out)
+    np.testing.assert_allclose(out, a @ b1, rtol=1e-12)
+    be.matmul(a, second, out)
+    np.testing.assert_allclose(out, a @ b2, rtol=1e-12)
+
+
+def test_pack_returns_the_operand_itself_where_nothing_is_packed(monkeypatch):
+    rng = np.random.default_rng(4)
+    b = rng.normal(size=(8, 8)).astype(np.float32)
+    assert NumpyBackend(blas="numpy").pack(b, 4) is b  # NumPy's own BLAS packs nothing
+    if MKL is None:
+        return
+    assert mkl_backend().pack(b, 4) is b  # below MKL_MIN_FLOPS: no gain, no pack
+    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 0)
+    for other in (b.astype(np.int32), rng.normal(size=(8, 16))[::2, ::2], b.astype(np.float16)):
+        assert mkl_backend().pack(other, 4) is other  # int, strided, half: nothing MKL packs
+
+
+@needs_mkl
+@pytest.mark.parametrize(("m", "k", "n", "by"), [(40, 12, 9, "rows"), (3, 12, 40, "columns")])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_large_gemms_split_into_row_or_column_blocks_over_threads(m, k, n, by, accumulate, monkeypatch):
+    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 0)
+    monkeypatch.setattr(numpy_backend, "BLAS_THREADED_FLOPS", 1)  # every GEMM counts as large
+    be = mkl_backend(most=2)
+    calls = []
+    real = MKL.gemm
+    monkeypatch.setattr(MKL, "gemm", lambda a, b, out, acc: calls.append(out.shape) or real(a, b, out, acc))
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(m, k)), rng.normal(size=(n, k)).T
+    out = rng.normal(size=(m, n))
+    out0 = out.copy()
+    be.matmul(a, b, out, accumulate=accumulate)
+    np.testing.assert_allclose(out, reference(a, b, out0, accumulate), rtol=1e-12, atol=1e-12)
+    half = (m // 2, n) if by == "rows" else (m, n // 2)
+    assert sorted(calls) == sorted([half, (m - half[0], n) if by == "rows" else (m, n - half[1])])
+    assert be._gemm_pool is not None  # the second block ran in the backend's thread
+
+
+@needs_mkl
+def test_no_split_inside_concurrent_jobs_or_with_one_thread(monkeypatch):
+    """run_concurrently's jobs are the parallelism already: their GEMMs run whole, as on a one-thread process."""
+    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 0)
+    monkeypatch.setattr(numpy_backend, "BLAS_THREADED_FLOPS", 1)
+    be = mkl_backend(most=2)
+    calls = []
+    real = MKL.gemm
+    monkeypatch.setattr(MKL, "gemm", lambda a, b, out, acc: calls.append(out.shape) or real(a, b, out, acc))
+    rng = np.random.default_rng(6)
+    pairs = [(rng.normal(size=(20, 6)), rng.normal(size=(6, 8)), np.empty((20, 8))) for _ in range(2)]
+    be.run_concurrently([lambda p=p: be.matmul(*p) for p in pairs])
+    be.blas_threads.most = 1
+    be.matmul(*pairs[0])
+    assert calls == [(20, 8)] * 3
+    for a, b, out in pairs:
+        np.testing.assert_allclose(out, a @ b, rtol=1e-12)
+
+
+def test_gpubptt_blas_picks_the_library_and_refuses_what_it_cannot_give(monkeypatch):
+    monkeypatch.setenv("GPUBPTT_BLAS", "numpy")
+    be = NumpyBackend()
+    assert be.blas == "numpy" and be.mkl is None
+    monkeypatch.setenv("GPUBPTT_BLAS", "openblas")
+    with pytest.raises(gpubptt.InputError, match=r"GPUBPTT_BLAS='openblas'.*auto, mkl, numpy"):
+        NumpyBackend()
+    monkeypatch.setattr(numpy_backend, "load_mkl", lambda: (None, "no libmkl_rt here"))
+    monkeypatch.setenv("GPUBPTT_BLAS", "mkl")
+    with pytest.raises(gpubptt.BackendUnavailableError, match=r"no libmkl_rt here.*pip install mkl.*gpubptt\[mkl\]"):
+        NumpyBackend()
+    monkeypatch.setenv("GPUBPTT_BLAS", "auto")
+    assert NumpyBackend().blas == "numpy"  # auto: NumPy's own BLAS where MKL is absent
+    if MKL is not None:
+        monkeypatch.undo()
+        assert NumpyBackend(blas="auto").blas == "mkl" and NumpyBackend("mkl").blas_library.startswith("MKL 20")
+
+
+@needs_mkl
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_gradients_with_packed_step_gemms_equal_numpys_own_blas_in_float64(cell, monkeypatch):
+    """Shapes at which MKL runs and packs W (B·H·G·H above ``MKL_MIN_FLOPS``), float64: the gradients equal
+    those of the same model on NumPy's own BLAS (which is checked against references elsewhere) to rounding."""
+    T, B, D, H, K = 3, 64, 4, 128 if cell == "rnn" else 96, 5
+    packs = []
+    be = mkl_backend(most=1)
+    real_pack = be.pack
+    monkeypatch.setattr(be, "pack", lambda b, rows: packs.append(type(p := real_pack(b, rows))) or p)
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(T, B, D)), rng.integers(0, K, (T, B))
+    grads = {}
+    for name, backend in (("mkl", be), ("numpy", NumpyBackend(blas="numpy"))):
+        model = gpubptt.RNN(D, H, K, cell=cell, backend=backend, dtype="float64", seed=0, bias=True)
+        grads[name] = model.loss_and_grads(x, y)
+    assert packs.count(PackedMatrix) == 2  # forward and backward each packed W once
+    assert grads["mkl"][0] == pytest.approx(grads["numpy"][0], rel=1e-12)
+    for k, g in grads["numpy"][1].items():
+        np.testing.assert_allclose(grads["mkl"][1][k], g, rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("choice", ["numpy", "auto"])
+def test_info_names_the_blas_that_runs_the_gemms(choice, monkeypatch):
+    be = get_backend("numpy")
+    numpy_blas = NumpyBackend(blas="numpy").blas_library  # as threadpoolctl reports NumPy's BLAS
+    if choice == "numpy":
+        monkeypatch.setattr(be, "blas_library", numpy_blas)
+    result = CliRunner().invoke(app, ["info", "--backend", "numpy", "--json"])
+    assert result.exit_code == 0, result.output
+    in_use = json.loads(result.stdout)["blas"]["in_use"]
+    assert in_use == be.blas_library
+    if choice == "auto" and MKL is not None:
+        assert in_use.startswith("MKL 20") and "sequential" in in_use
+    else:
+        assert in_use == numpy_blas and not in_use.startswith("MKL")
