@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from ._composable import Composable
-from ._construction import Construction
+from ._construction import Construction, backend_for
 from ._workspaces import MAX_WORKSPACES, Workspaces
-from .backend import Backend, get_backend
+from .backend import Backend
+from .backend.precision import check_precision
 from .cells import STEP_KERNELS, Cell
 from .config import ModelConfig
 from .dropout import check_offset
@@ -111,6 +112,9 @@ class RNN(Construction, Composable, Workspaces):
                    ~ U(±1/√(H·dirs)).
     Random numbers come from NumPy's ``default_rng(seed)`` on the host, so every backend starts
     from identical weights.
+
+    ``precision`` (a runtime choice like the backend; see ``precision``): "fp32" (the default), "tf32" or
+    "bf16" GEMM operands, float32 models only; None takes a ``Backend.with_precision`` view's own.
     """
 
     def __init__(
@@ -129,6 +133,7 @@ class RNN(Construction, Composable, Workspaces):
         bias: bool = True,
         init: str = "wildml",
         seed: int | None = None,
+        precision: str | None = None,
     ) -> None:
         D = check_positive_int(input_size, "input_size")
         H = check_positive_int(hidden_size, "hidden_size")
@@ -143,7 +148,7 @@ class RNN(Construction, Composable, Workspaces):
             raise InputError(
                 f"unknown init {init!r} for cell {the_cell.option!r}; expected one of {', '.join(the_cell.inits)}"
             )
-        be = get_backend(backend)
+        be = backend_for(backend, precision, dt)
         check_model_size(
             the_cell, D, H, K, num_layers=L, dirs=2 if bidirectional else 1, bias=bool(bias), itemsize=dt.itemsize,
             available=be.available_memory(),
@@ -218,6 +223,21 @@ class RNN(Construction, Composable, Workspaces):
             self.cell.constrain(self.recurrence_params(r), xp=self.backend.xp)
 
     @property
+    def precision(self) -> str:
+        """The GEMMs' operand precision: "fp32" (float32 GEMMs), "tf32" or "bf16" (operands rounded to
+        nearest even, products accumulated in float32; parameters, cell state, gate math and softmax stay
+        float32; ``gpubptt.backend.precision``). Set it on a float32 model; float64 models run "fp32" only.
+        On CuPy, tf32/bf16 steps run as cuBLAS GEMMs (``step_kernels`` "auto" means "cublas" then)."""
+        return self.backend.precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        value = check_precision(value, self.dtype)
+        with self._lock:  # cached workspaces (and graphs) ran the other precision: rebuilt at the next call
+            self.backend = self.backend.with_precision(value)
+            self._workspaces.clear()
+
+    @property
     def num_directions(self) -> int:
         """2 for a bidirectional model, else 1."""
         return 2 if self.bidirectional else 1
@@ -272,6 +292,7 @@ class RNN(Construction, Composable, Workspaces):
         return (
             f"RNN(input_size={self.input_size}, hidden_size={self.hidden_size}, output_size={self.output_size}, "
             f"backend={self.backend.name!r}, dtype={self.dtype.name!r}, bias={self.bias}"
+            + ("" if self.precision == "fp32" else f", precision={self.precision!r}")
             + ("" if self.num_layers == 1 else f", num_layers={self.num_layers}")
             + ("" if not self.bidirectional else ", bidirectional=True")
             + ("" if self.cell_name == "rnn" else f", cell={self.cell_name!r}")
@@ -305,6 +326,13 @@ class RNN(Construction, Composable, Workspaces):
         value = self.backend.step_kernels if self.step_kernels is None else self.step_kernels
         if value not in STEP_KERNELS:
             raise InputError(f"step_kernels must be one of {', '.join(STEP_KERNELS)} or None, got {value!r}")
+        if self.precision != "fp32" and self.backend.compiles_kernels:  # fused/persistent kernels multiply in float32
+            if value in ("fused", "persistent"):
+                raise InputError(
+                    f"step_kernels={value!r} computes W's products in its own float32 kernel; precision="
+                    f"{self.precision!r} runs them as cuBLAS GEMMs: use step_kernels 'cublas' or 'auto'"
+                )
+            return "cublas"
         return value
 
     def _chunk_elements(self) -> int:

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..timing import sync_timer
 from .base import Backend, TokenPlan, is_cupy_array
+from .precision import rounded_operands
 
 __all__ = ["BLAS_THREADED_FLOPS", "ONEHOT_MAX_VOCAB", "BlasThreads", "NumpyBackend", "most_threads"]
 
@@ -158,6 +159,8 @@ class NumpyBackend(Backend):
 
     def matmul(self, a: Any, b: Any, out: Any, accumulate: bool = False) -> None:
         """out = a @ b (or +=) on as many BLAS threads as the shape pays for (``BlasThreads.for_gemm``)."""
+        if self.precision != "fp32":  # emulated tf32/bf16: the operands rounded exactly, then the float32 GEMM
+            a, b = rounded_operands(self._scratch, a, b, self.precision)
         threads = self.blas_threads
         threads.enter(threads.for_gemm(a.shape[0], b.shape[1], a.shape[1]))
         try:
