@@ -117,7 +117,9 @@ def cublas_matmul(cp: ModuleType) -> Callable[..., None]:
         in_type = CUDA_R_32F
         if precision != "fp32":
             if a.dtype != np.float32 or b.dtype != np.float32 or out.dtype != np.float32:
-                raise ValueError(f"precision={precision!r} needs float32 operands, got {a.dtype}, {b.dtype}, {out.dtype}")
+                raise ValueError(
+                    f"precision={precision!r} needs float32 operands, got {a.dtype}, {b.dtype}, {out.dtype}"
+                )
             if precision == "bf16":  # bfloat16 bit patterns, rounded to nearest even, C-ordered in scratch
                 a = to_bf16(a, scratch.get("a", a.shape, np.uint16, cp))
                 b = to_bf16(b, scratch.get("b", b.shape, np.uint16, cp))

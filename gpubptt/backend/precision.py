@@ -37,7 +37,13 @@ import numpy as np
 from ..errors import InputError
 
 __all__ = [
-    "BF16_ROUND_BODY", "PRECISIONS", "Scratch", "check_precision", "round_bf16", "round_bits", "round_tf32",
+    "BF16_ROUND_BODY",
+    "PRECISIONS",
+    "Scratch",
+    "check_precision",
+    "round_bf16",
+    "round_bits",
+    "round_tf32",
     "rounded_operands",
 ]
 
@@ -78,6 +84,10 @@ def round_bits(x: Any, out: Any, dropped: int, *, mask: Any = None) -> Any:
     that does not overlap x; mask an optional bool array of that shape used as scratch (else one is made).
     NaN stays a quiet NaN.
     """
+    if x.dtype != np.float32 or out.dtype != np.float32 or x.shape != out.shape:
+        raise InputError(
+            f"rounding needs float32 arrays of one shape; got {x.dtype} {x.shape} into {out.dtype} {out.shape}"
+        )
     u, o = x.view(np.uint32), out.view(np.uint32)  # same itemsize: a view for any strides
     if mask is None:
         mask = np.empty(x.shape, dtype=bool)
@@ -129,8 +139,6 @@ class Scratch:
 def rounded_operands(scratch: Scratch, a: Any, b: Any, precision: str) -> tuple[Any, Any]:
     """(r(a), r(b)) in this thread's scratch buffers (NumPy): a (m, k), b (k, n) float32, any strides."""
     dropped = DROPPED_BITS[precision]
-    if a.dtype != np.float32 or b.dtype != np.float32:
-        raise InputError(f"precision={precision!r} rounds float32 operands; got {a.dtype} and {b.dtype}")
     out = []
     for slot, x in (("a", a), ("b", b)):
         r = scratch.get(slot, x.shape, np.float32, np)
