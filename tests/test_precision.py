@@ -226,3 +226,32 @@ def test_cupy_precision_refuses_float32_step_kernels(cupy_be):
     x = cupy_be.asarray(np.zeros((4, 2), dtype=np.int64))
     with pytest.raises(InputError, match="cuBLAS GEMMs"):
         model.loss_and_grads(x, x)
+
+
+# -- the CLI --------------------------------------------------------------------------------------
+def test_cli_train_and_bench_take_a_precision(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from gpubptt.cli import app
+    from gpubptt.training.record import load_checkpoint
+
+    runner = CliRunner()
+    train = ["train", "--task", "recall", "--hidden", "8", "--batch", "4", "--steps", "3", "--backend", "numpy"]
+    ck = tmp_path / "ck.npz"
+    ok = runner.invoke(app, [*train, "--precision", "bf16", "--checkpoint", str(ck)])
+    assert ok.exit_code == 0, ok.output
+    assert load_checkpoint(ck, backend="numpy").model.precision == "fp32"  # a setting of the call, not recorded
+    bad = runner.invoke(app, [*train, "--precision", "fp16"])
+    assert bad.exit_code == 2 and "fp32" in bad.output and "bf16" in bad.output
+    f64 = runner.invoke(app, [*train, "--precision", "tf32", "--dtype", "float64", "--checkpoint", str(tmp_path / "x")])
+    assert f64.exit_code == 2 and "float32" in f64.output and not (tmp_path / "x").exists()
+    sizes = ["--seq-lens", "3", "--hidden-sizes", "4", "--batch", "2", "--vocab", "5", "--warmup", "0", "--repeats", "1"]
+    out = tmp_path / "b.json"
+    bench = runner.invoke(app, ["bench", "--backend", "numpy", *sizes, "--precision", "tf32", "--output", str(out)])
+    assert bench.exit_code == 0, bench.output
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["precision"] == "tf32" for r in rows)
+    refused = runner.invoke(app, ["bench", "--backend", "numpy", *sizes, "--precision", "bf16", "--dtype", "float64"])
+    assert refused.exit_code == 2 and "float32" in refused.output
