@@ -247,7 +247,8 @@ def test_cli_train_and_bench_take_a_precision(tmp_path):
     assert bad.exit_code == 2 and "fp32" in bad.output and "bf16" in bad.output
     f64 = runner.invoke(app, [*train, "--precision", "tf32", "--dtype", "float64", "--checkpoint", str(tmp_path / "x")])
     assert f64.exit_code == 2 and "float32" in f64.output and not (tmp_path / "x").exists()
-    sizes = ["--seq-lens", "3", "--hidden-sizes", "4", "--batch", "2", "--vocab", "5", "--warmup", "0", "--repeats", "1"]
+    sizes = ["--seq-lens", "3", "--hidden-sizes", "4", "--batch", "2", "--vocab", "5", "--warmup", "0"]
+    sizes += ["--repeats", "1"]
     out = tmp_path / "b.json"
     bench = runner.invoke(app, ["bench", "--backend", "numpy", *sizes, "--precision", "tf32", "--output", str(out)])
     assert bench.exit_code == 0, bench.output

@@ -130,7 +130,7 @@ def torch_reference(
         with autocast:
             out, _ = rnn(xt)  # (T, B, H·dirs)
             z = lin(out).reshape(T * B, K)
-        return F.cross_entropy(z.float(), yt, reduction="sum")  # the softmax in float32, as gpubptt's
+        return F.cross_entropy(z.to(tdtype), yt, reduction="sum")  # the softmax in the model's dtype, as gpubptt's
 
     def fwd_bwd() -> None:
         rnn.zero_grad(set_to_none=True)
