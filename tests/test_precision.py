@@ -256,3 +256,13 @@ def test_cli_train_and_bench_take_a_precision(tmp_path):
     assert rows and all(r["precision"] == "tf32" for r in rows)
     refused = runner.invoke(app, ["bench", "--backend", "numpy", *sizes, "--precision", "bf16", "--dtype", "float64"])
     assert refused.exit_code == 2 and "float32" in refused.output
+
+
+def test_gpu_check_script_and_grid_options_parse():
+    import subprocess
+    import sys
+
+    subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], check=True)
+    for script in ("benchmarks/perf_grid.py", "benchmarks/perf_gated.py"):
+        out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, check=True).stdout
+        assert "--precision {fp32,tf32,bf16}" in out and "--rows" in out
