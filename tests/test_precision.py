@@ -110,7 +110,8 @@ def grad_error(model, seed: int, tokens: bool, T: int = 12, B: int = 4) -> float
     ref = gpubptt.RNN.from_params(model.params, backend="numpy", dtype="float64", cell=model.cell_name)
     x = rng.integers(0, D, size=(T, B)) if tokens else rng.normal(size=(T, B, D))
     y = rng.integers(0, K, size=(T, B))
-    _, g = model.loss_and_grads(x if tokens else x.astype(model.dtype), y)
+    be = model.backend
+    _, g = model.loss_and_grads(be.asarray(x if tokens else x.astype(model.dtype)), be.asarray(y))
     _, g64 = ref.loss_and_grads(x, y)
     return max(float(np.linalg.norm(gpubptt.to_numpy(g[k]) - g64[k]) / np.linalg.norm(g64[k])) for k in model.params)
 
@@ -266,3 +267,95 @@ def test_gpu_check_script_and_grid_options_parse():
     for script in ("benchmarks/perf_grid.py", "benchmarks/perf_gated.py"):
         out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, check=True).stdout
         assert "--precision {fp32,tf32,bf16}" in out and "--rows" in out
+
+
+# -- the CuPy GEMM path's host side, through a stand-in for CuPy and cuBLAS ------------------------------
+class _DevArray(np.ndarray):
+    """A host array that answers ``.data.ptr`` as a CuPy array does (views keep the class)."""
+
+    @property
+    def data(self):  # type: ignore[override]
+        from types import SimpleNamespace
+
+        return SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+
+def _fake_cupy():
+    from types import SimpleNamespace
+
+    def kernel(in_params, out_params, body, name):
+        assert (in_params, out_params) == ("float32 x", "uint16 y")
+
+        def run(x, out):
+            out[...] = run_c_body(body, np.ascontiguousarray(x)).astype(np.uint16)
+            return out
+
+        return run
+
+    stream = SimpleNamespace(ptr=7)
+    return SimpleNamespace(
+        empty=lambda n, dtype: np.empty(n, dtype=dtype).view(_DevArray),
+        uint8=np.uint8,
+        ascontiguousarray=lambda a: np.ascontiguousarray(a).view(_DevArray),
+        ElementwiseKernel=kernel,
+        cuda=SimpleNamespace(get_current_stream=lambda: stream),
+    )
+
+
+def _fake_cublas(calls):
+    """cublasGemmEx computed from raw memory with cuBLAS's column-major rules (tf32: operands rounded RNE)."""
+    import ctypes
+    from types import SimpleNamespace
+
+    def matrix(ptr, dtype, op, rows, cols, ld):  # op(X) of shape (rows, cols), X stored column-major
+        r, c = (cols, rows) if op else (rows, cols)
+        itemsize = np.dtype(dtype).itemsize
+        raw = (ctypes.c_char * ((ld * (c - 1) + r) * itemsize)).from_address(ptr)
+        mem = np.lib.stride_tricks.as_strided(
+            np.frombuffer(raw, dtype=dtype), shape=(r, c), strides=(itemsize, ld * itemsize)
+        )
+        X = (mem.astype(np.uint32) << 16).view(np.float32) if dtype == np.uint16 else mem.astype(np.float32)
+        return X.T if op else X
+
+    def gemm_ex(h, opb, opa, n, m, k, alpha, B, btype, ldb, A, atype, lda, beta, C, ctype, ldc, compute, algo):
+        calls.append((btype, atype, ctype, compute))
+        dtype = np.uint16 if btype == 14 else np.float32
+        X, Y = matrix(B, dtype, opb, n, k, ldb), matrix(A, dtype, opa, k, m, lda)
+        if compute == 77:  # TF32: our specification of it
+            X, Y = round_tf32(X, np.empty_like(X)), round_tf32(Y, np.empty_like(Y))
+        raw = (ctypes.c_char * ((ldc * (m - 1) + n) * 4)).from_address(C)
+        Cm = np.lib.stride_tricks.as_strided(np.frombuffer(raw, np.float32), shape=(n, m), strides=(4, ldc * 4))
+        Cm[...] = alpha._obj.value * (X @ Y) + (beta._obj.value * Cm if beta._obj.value else 0)
+        return 0
+
+    ok = lambda *a: 0  # noqa: E731
+    return SimpleNamespace(cublasGemmEx=gemm_ex, cublasSgemm_v2=ok, cublasDgemm_v2=ok, cublasSetStream_v2=ok,
+                           cublasSetWorkspace_v2=ok, cublasCreate_v2=ok)  # fmt: skip
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("case", ["plain", "a_T", "b_T", "row_views"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_cublas_gemm_ex_path_computes_the_emulated_product(monkeypatch, precision, case, accumulate):
+    from gpubptt.backend import _cublas
+    from gpubptt.backend.precision import Scratch
+
+    calls = []
+    monkeypatch.setattr(_cublas, "_load_cublas", lambda cp: _fake_cublas(calls))
+    matmul = _cublas.cublas_matmul(_fake_cupy())
+    rng = np.random.default_rng(4)
+    m, k, n = 5, 6, 3
+    A = rng.normal(size=(m, k)).astype(np.float32)
+    Bm = rng.normal(size=(k, n)).astype(np.float32)
+    a = (A.T.copy().T if case == "a_T" else A).view(_DevArray)
+    b = (Bm.T.copy().T if case == "b_T" else Bm).view(_DevArray)
+    if case == "row_views":
+        a = rng.normal(size=(3, m, k)).astype(np.float32).view(_DevArray)[1]
+        A = np.asarray(a).copy()
+    start = rng.normal(size=(m, n)).astype(np.float32)
+    out = start.copy().view(_DevArray)
+    matmul(a, b, out, accumulate, precision, Scratch())
+    want = start.copy()
+    get_backend("numpy").with_precision(precision).matmul(A, Bm, want, accumulate=accumulate)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-6, atol=1e-6)
+    assert calls == [(14, 14, 0, 68)] if precision == "bf16" else calls == [(0, 0, 0, 77)]

@@ -121,8 +121,9 @@ def cublas_matmul(cp: ModuleType) -> Callable[..., None]:
                     f"precision={precision!r} needs float32 operands, got {a.dtype}, {b.dtype}, {out.dtype}"
                 )
             if precision == "bf16":  # bfloat16 bit patterns, rounded to nearest even, C-ordered in scratch
-                a = to_bf16(a, scratch.get("a", a.shape, np.uint16, cp))
-                b = to_bf16(b, scratch.get("b", b.shape, np.uint16, cp))
+                stream = cp.cuda.get_current_stream().ptr  # scratch per thread and stream: never shared in flight
+                a = to_bf16(a, scratch.get(f"a{stream}", a.shape, np.uint16, cp))
+                b = to_bf16(b, scratch.get(f"b{stream}", b.shape, np.uint16, cp))
                 in_type = CUDA_R_16BF
         la, lb, lc = col_major(a), col_major(b), col_major(out)
         if la is None:
