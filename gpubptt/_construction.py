@@ -214,6 +214,7 @@ class Construction:
         dropout: float = 0.0,
         backend: str | Backend | None = "auto",
         dtype: Any = None,
+        precision: str | None = None,
     ) -> Any:
         """A model from the state dicts of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM(D, H, num_layers, bias,
         bidirectional)`` (``cell`` "rnn", "gru", "lstm") and ``nn.Linear(H·dirs, K, bias)``.
@@ -222,12 +223,19 @@ class Construction:
         has the table; torch's two biases of a recurrence become their sum b, except the GRU's
         b_hn). A state dict of another cell (weight_hh with 3H or 4H rows where ``cell`` expects
         H, …) is refused, naming the rows. Values: torch tensors or arrays; torch is not imported.
-        ``nonlinearity`` (rnn only) and ``dropout`` as the module's (a state dict records neither).
+        ``nonlinearity`` (rnn only) and ``dropout`` as the module's (a state dict records neither);
+        ``precision`` as in ``RNN``.
         """
         _cell(nonlinearity, cell)
         params = interop.from_torch_state(rnn_state_dict, linear_state_dict, cell=cell)
         return cls.from_params(
-            params, backend=backend, dtype=dtype, nonlinearity=nonlinearity, dropout=dropout, cell=cell
+            params,
+            backend=backend,
+            dtype=dtype,
+            nonlinearity=nonlinearity,
+            dropout=dropout,
+            cell=cell,
+            precision=precision,
         )
 
     def to_torch(self, grads: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -176,7 +176,9 @@ def test_precision_travels_with_copies_and_the_backend_stays_fp32():
     be = get_backend("numpy")
     model = gpubptt.RNN(6, 8, 6, cell="gru", backend="numpy", seed=0, precision="bf16")
     assert be.precision == "fp32" and model.backend.exact is be and "precision='bf16'" in repr(model)
-    for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model), model.to("numpy")):
+    sd = model.to_torch()
+    from_torch = gpubptt.RNN.from_torch(*sd, cell="gru", backend="numpy", precision="bf16")
+    for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model), model.to("numpy"), from_torch):
         assert other.precision == "bf16"
     view = model.backend  # a view passed as the backend carries its precision to a float32 model, not a float64 one
     assert gpubptt.RNN.from_params(model.params, backend=view).precision == "bf16"
