@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import gpubptt
+from gpubptt.backend.precision import PRECISIONS
 from gpubptt.bench import flops
 from gpubptt.environment import environment
 
@@ -72,12 +73,13 @@ def gemm_references(be, T: int, B: int, H: int, G: int, K: int) -> dict:
 
 
 def torch_side(model, x, y, grads):
-    """nn.GRU / nn.LSTM + Linear on the model's weights, on its device: (fwd_bwd, sync, max rel grad err)."""
+    """nn.GRU / nn.LSTM + Linear on the model's weights, on its device, at the model's precision (FP32; TF32
+    matmuls and cuDNN; bf16 autocast with the softmax in float32): (fwd_bwd, sync, max rel grad err)."""
     import torch
     import torch.nn.functional as F
 
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = model.precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = model.precision == "tf32"
     T, B = y.shape
     D, H, K = model.input_size, model.hidden_size, model.output_size
     module = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[model.cell_name]
@@ -92,11 +94,15 @@ def torch_side(model, x, y, grads):
     xt, yt = torch.from_dlpack(x), torch.from_dlpack(y).reshape(-1).long()
     sync = torch.cuda.synchronize if U.device.type == "cuda" else (lambda: None)
 
+    autocast = torch.autocast(U.device.type, dtype=torch.bfloat16, enabled=model.precision == "bf16")
+
     def fwd_bwd() -> None:
         rnn.zero_grad(set_to_none=True)
         lin.zero_grad(set_to_none=True)
-        out, _ = rnn(xt)
-        F.cross_entropy(lin(out).reshape(T * B, K), yt, reduction="sum").backward()
+        with autocast:
+            out, _ = rnn(xt)
+            z = lin(out).reshape(T * B, K)
+        F.cross_entropy(z.float(), yt, reduction="sum").backward()
 
     fwd_bwd()
     g_rnn, _ = model.to_torch(grads=grads)
@@ -110,7 +116,17 @@ def torch_side(model, x, y, grads):
 def measure(be, cell, T, B, D, H, K, layers, bi, args) -> dict:
     rng = np.random.default_rng(0)
     model = gpubptt.RNN(
-        D, H, K, cell=cell, num_layers=layers, bidirectional=bi, backend=be, seed=0, init="torch", bias=False
+        D,
+        H,
+        K,
+        cell=cell,
+        num_layers=layers,
+        bidirectional=bi,
+        backend=be,
+        seed=0,
+        init="torch",
+        bias=False,
+        precision=args.precision,
     )
     x = be.asarray(rng.normal(size=(T, B, D)).astype(np.float32))
     y = be.asarray(rng.integers(0, K, (T, B)))
@@ -126,7 +142,7 @@ def measure(be, cell, T, B, D, H, K, layers, bi, args) -> dict:
         sync()
 
     G = GATES[cell]
-    fns = {"gpubptt": ours, **gemm_references(be, T, B, H, G, K), "torch": theirs}
+    fns = {"gpubptt": ours, **gemm_references(model.backend, T, B, H, G, K), "torch": theirs}  # same precision
     for _ in range(args.warmup):
         for fn in fns.values():
             fn()
@@ -147,6 +163,7 @@ def measure(be, cell, T, B, D, H, K, layers, bi, args) -> dict:
     gemm_gflops = total / (rec / step_rate + (total - rec) / batched_rate) / 1e9
     gflops = total / med["gpubptt"] / 1e9
     return dict(cell=cell, T=T, B=B, D=D, H=H, K=K, num_layers=layers, bidirectional=bi, flops=total,
+                precision=args.precision,
                 times_s=times, median_s=med, ratio_vs_torch=med["gpubptt"] / med["torch"],
                 gflops=gflops, torch_gflops=total / med["torch"] / 1e9,
                 gemm={"step_gflops": step_rate / 1e9, "batched_gflops": batched_rate / 1e9},
@@ -160,6 +177,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rows", default="all", help="'all', or indices into the rows, comma-separated (0-9)")
+    ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="GEMM precision (torch matches it)")
     ap.add_argument("out_dir", nargs="?", default=None, help="folder for the results (default: a new temporary one)")
     ap.add_argument("--output", default=None, help="the JSON file (default: OUT_DIR/perf-gated-BACKEND.json)")
     args = ap.parse_args()
@@ -188,7 +206,8 @@ def main() -> int:
     print(lines[-1])
     env = {"gpubptt": gpubptt.__version__, "numpy": np.__version__, "torch": torch.__version__,
            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-           "machine": platform.machine(), "backend": be.name, "device": be.device}  # fmt: skip
+           "machine": platform.machine(), "backend": be.name, "device": be.device,
+           "precision": args.precision}  # fmt: skip
     result = {"benchmark": "perf_gated", "command": " ".join(sys.argv), "environment": env,
               "full_environment": environment([be]), "blas": blas_facts(be),
               "median_ratio_vs_torch": None if stats is None else stats["median"],
@@ -198,7 +217,7 @@ def main() -> int:
     if output is None:
         folder = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="gpubptt-perf-"))
         folder.mkdir(parents=True, exist_ok=True)
-        output = folder / f"perf-gated-{be.name}.json"
+        output = folder / f"perf-gated-{be.name}{'' if args.precision == 'fp32' else '-' + args.precision}.json"
     output.write_text(json.dumps(result, indent=1))
     output.with_suffix(".txt").write_text("\n".join(lines) + "\n")
     print(f"wrote {output}", file=sys.stderr)

@@ -35,6 +35,7 @@ import numpy as np
 import gpubptt
 from gpubptt import bench
 from gpubptt._io import write_atomic
+from gpubptt.backend.precision import PRECISIONS
 from gpubptt.environment import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -97,20 +98,21 @@ def measure(be, T, B, D, H, K, tokens, args, have_torch, layers=1, bidirectional
     cfg = bench.BenchConfig(
         backends=[be.name], seq_lens=[T], hidden_sizes=[H], batch=B, D=D, K=K,
         input="tokens" if tokens else "dense", compare="torch" if have_torch else "none", **arch,
+        precision=args.precision,
     )  # fmt: skip
     rng = np.random.default_rng(0)
-    model = gpubptt.RNN(D, H, K, backend=be, seed=0, bias=False, **arch)
+    model = gpubptt.RNN(D, H, K, backend=be, seed=0, bias=False, precision=args.precision, **arch)
     x = be.asarray(rng.integers(0, D, (T, B)) if tokens else rng.normal(size=(T, B, D)).astype(np.float32))
     y = be.asarray(rng.integers(0, K, (T, B)))
     timer = be.timer()
     ours = {"gpubptt": (lambda: model.loss_and_grads(x, y), timer)}
     if be.supports_graphs:
-        plain = gpubptt.RNN.from_params(model.params, backend=be, nonlinearity=nonlinearity)
+        plain = gpubptt.RNN.from_params(model.params, backend=be, nonlinearity=nonlinearity, precision=args.precision)
         plain.use_graphs, plain.step_kernels = False, "cublas"
         ours["gpubptt_plain_loop"] = (lambda: plain_loop(plain, x, y), timer)
-    ours.update({k: (fn, timer) for k, fn in bench.gemm_references(be, T, B, H, K, cfg).items()})
+    ours.update({k: (fn, timer) for k, fn in bench.gemm_references(model.backend, T, B, H, K, cfg).items()})
     dirs = 2 if bidirectional else 1
-    row = dict(T=T, B=B, D=D, H=H, K=K, tokens=tokens, **arch)
+    row = dict(T=T, B=B, D=D, H=H, K=K, tokens=tokens, precision=args.precision, **arch)
     row["flops"] = bench.flops(T, B, D, H, K, tokens=tokens, num_layers=layers, dirs=dirs)
     theirs = {}
     if have_torch:
@@ -169,6 +171,8 @@ def main() -> int:
     ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="GEMM precision (torch matches it)")
+    ap.add_argument("--rows", default="all", help="'all', or indices into the planned rows, comma-separated")
     ap.add_argument("out_dir", nargs="?", default=None, help="folder for the results (default: a new temporary one)")
     ap.add_argument("--output", default=None, help="the JSON file (default: OUT_DIR/perf-BACKEND[-GRID].json)")
     ap.add_argument(
@@ -185,6 +189,7 @@ def main() -> int:
     rows, lines = [], []
     plan = [(*g, 1, False, "tanh") for g in GRID] if args.grid in ("default", "all") else []
     plan += DEEP_GRID if args.grid in ("deep", "all") else []
+    plan = plan if args.rows == "all" else [plan[int(i)] for i in args.rows.split(",")]
     for T, B, D, H, K, tokens, layers, bidirectional, nonlinearity in plan:
         rows.append(measure(be, T, B, D, H, K, tokens, args, reason is None, layers, bidirectional, nonlinearity))
         lines.append(describe(rows[-1]))
@@ -196,6 +201,7 @@ def main() -> int:
         "command": " ".join(sys.argv),
         "environment": environment([be]),
         "repeats": args.repeats,
+        "precision": args.precision,
         "median_ratio_vs_torch": None if stats is None else stats["median"],  # over the rows not noisy
         "max_ratio_vs_torch": None if stats is None else stats["max"],
         "summary_vs_torch": stats,
@@ -210,7 +216,8 @@ def main() -> int:
     if output is None:
         folder = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="gpubptt-perf-"))
         folder.mkdir(parents=True, exist_ok=True)
-        output = folder / f"perf-{be.name}{'' if args.grid == 'default' else '-' + args.grid}.json"
+        grid = "" if args.grid == "default" else "-" + args.grid
+        output = folder / f"perf-{be.name}{grid}{'' if args.precision == 'fp32' else '-' + args.precision}.json"
     write_atomic(str(output), json.dumps(result, indent=1))
     write_atomic(str(output.with_suffix(".txt")), "\n".join(lines) + "\n")
     print(f"wrote {output}", file=sys.stderr)

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import interop
 from .backend import Backend, get_backend
+from .backend.precision import check_precision
 from .cells import Cell, cell_class, cell_names, make_cell
 from .config import ModelConfig
 from .engine.memory import check_model_size
@@ -60,6 +61,18 @@ def _other_cell(host: dict[str, np.ndarray], cell: Cell) -> str | None:
     )
 
 
+def backend_for(backend: str | Backend | None, precision: str | None, dtype: Any) -> Backend:
+    """The backend a model runs on: ``backend`` (a name, a Backend or a ``with_precision`` view) at ``precision``
+    ("fp32", "tf32", "bf16"; None: a view's own for a float32 model, else "fp32"). InputError for an unknown
+    precision, or tf32/bf16 asked of a float64 model."""
+    if precision is not None:
+        check_precision(precision, dtype)  # before the backend is looked up: a bad value fails first
+    be = get_backend(backend)
+    if precision is None:
+        precision = be.precision if np.dtype(dtype) == np.float32 else "fp32"
+    return be.with_precision(check_precision(precision, dtype))
+
+
 class Construction:
     """``from_params``, ``from_torch``, ``to_torch``, ``to`` and the copies (``copy.deepcopy``, ``pickle``) of a
     model (mixed into ``RNN``)."""
@@ -77,6 +90,7 @@ class Construction:
         cell: str | Cell | None = None,
         seed: int | None = None,
         config: ModelConfig | None = None,
+        precision: str | None = None,
     ) -> Any:
         """Build a model from arrays (NumPy or backend) named as ``params.param_shapes`` names them.
 
@@ -90,12 +104,13 @@ class Construction:
         bidirectional); every recurrence's parameters must be there, biases for all or none.
         ``dtype=None`` keeps the arrays' float dtype (float32 or float64). The arrays are copied.
         ``nonlinearity`` "tanh" or "relu" (rnn only); ``dropout`` and ``seed`` (of its masks) as in ``RNN``.
+        ``precision`` as in ``RNN`` (None: the backend's, where it is a ``with_precision`` view of a float32 model).
         """
         if not isinstance(params, Mapping):
             raise InputTypeError(f"params must be a mapping of arrays, got {type(params).__name__}")
         if config is not None:
             return cls._from_config(params, config, backend=backend, dtype=dtype, nonlinearity=nonlinearity,
-                                    dropout=dropout, cell=cell, seed=seed)  # fmt: skip
+                                    dropout=dropout, cell=cell, seed=seed, precision=precision)  # fmt: skip
         cell = _cell_of(params, cell)
         the_cell = _cell(nonlinearity, cell)
         weights = [k for k in the_cell.param_shapes(1, 1, False) if k != "U"]
@@ -115,6 +130,7 @@ class Construction:
             if a.dtype.kind != "f":
                 raise InputTypeError(f"parameter {k} must be floating point, got dtype {a.dtype}")
         dt = check_dtype(dtype if dtype is not None else host["U"].dtype)
+        be = backend_for(be, precision, dt)
         if host["U"].ndim != 2 or host["V"].ndim != 2:
             raise ShapeError("U, V must be 2-d: got " + ", ".join(f"{k} {host[k].shape}" for k in ("U", "V")))
         if "W" in host and host["W"].ndim != 2:
@@ -157,7 +173,7 @@ class Construction:
     @classmethod
     def _from_config(
         cls, params: Mapping[str, Any], config: ModelConfig, *, backend: Any, dtype: Any, nonlinearity: Any,
-        dropout: float, cell: Any, seed: Any,
+        dropout: float, cell: Any, seed: Any, precision: str | None = None,
     ) -> Any:  # fmt: skip
         """``from_params`` with the architecture given: every array checked against ``config.param_shapes()``."""
         if not isinstance(config, ModelConfig):
@@ -175,7 +191,7 @@ class Construction:
             raise InputError(
                 f"params must hold exactly the config's parameters {', '.join(expected)}; got {', '.join(params)}"
             )
-        be = get_backend(backend)
+        be = backend_for(backend, precision, dt)
         host = {k: be.to_numpy(params[k]) for k in expected}
         for k, a in host.items():
             if a.dtype.kind != "f":
@@ -198,6 +214,7 @@ class Construction:
         dropout: float = 0.0,
         backend: str | Backend | None = "auto",
         dtype: Any = None,
+        precision: str | None = None,
     ) -> Any:
         """A model from the state dicts of ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM(D, H, num_layers, bias,
         bidirectional)`` (``cell`` "rnn", "gru", "lstm") and ``nn.Linear(H·dirs, K, bias)``.
@@ -206,12 +223,19 @@ class Construction:
         has the table; torch's two biases of a recurrence become their sum b, except the GRU's
         b_hn). A state dict of another cell (weight_hh with 3H or 4H rows where ``cell`` expects
         H, …) is refused, naming the rows. Values: torch tensors or arrays; torch is not imported.
-        ``nonlinearity`` (rnn only) and ``dropout`` as the module's (a state dict records neither).
+        ``nonlinearity`` (rnn only) and ``dropout`` as the module's (a state dict records neither);
+        ``precision`` as in ``RNN``.
         """
         _cell(nonlinearity, cell)
         params = interop.from_torch_state(rnn_state_dict, linear_state_dict, cell=cell)
         return cls.from_params(
-            params, backend=backend, dtype=dtype, nonlinearity=nonlinearity, dropout=dropout, cell=cell
+            params,
+            backend=backend,
+            dtype=dtype,
+            nonlinearity=nonlinearity,
+            dropout=dropout,
+            cell=cell,
+            precision=precision,
         )
 
     def to_torch(self, grads: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -254,8 +278,10 @@ class Construction:
                 raise ShapeError(f"gradient {k} has shape {tuple(shape)}, expected {tuple(p.shape)} like the parameter")
 
     def to(self, backend: str | Backend) -> Any:
-        """A copy of this model on another backend (same dtype, weights and settings)."""
-        copy = type(self).from_params(self.params, backend=backend, dropout=self.dropout, config=self.config)
+        """A copy of this model on another backend (same dtype, weights and settings, precision included)."""
+        copy = type(self).from_params(
+            self.params, backend=backend, dropout=self.dropout, config=self.config, precision=self.precision
+        )
         copy.init, copy.use_graphs = self.init, self.use_graphs
         copy.step_kernels, copy.chunk_elements = self.step_kernels, self.chunk_elements
         return copy
@@ -271,6 +297,7 @@ class Construction:
         with self._lock:  # not in the middle of another thread's update
             state = {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
             state["backend"] = self.backend.name
+            state["precision"] = self.backend.precision
             state["_params"] = {k: np.array(self.backend.to_numpy(v)) for k, v in self._params.items()}
             state["_param_shapes"] = {k: tuple(v.shape) for k, v in self._params.items()}
             rng = self._dropout_rng
@@ -279,7 +306,7 @@ class Construction:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        be = get_backend(state.pop("backend"))
+        be = get_backend(state.pop("backend")).with_precision(state.pop("precision", "fp32"))
         host, shapes, rng = state.pop("_params"), state.pop("_param_shapes"), state.pop("_dropout_rng")
         self.__dict__.update(state)
         self.backend = be

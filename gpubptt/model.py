@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from ._composable import Composable
-from ._construction import Construction
+from ._construction import Construction, backend_for
+from ._settings import Settings
 from ._workspaces import MAX_WORKSPACES, Workspaces
-from .backend import Backend, get_backend
+from .backend import Backend
 from .cells import STEP_KERNELS, Cell
 from .config import ModelConfig
 from .dropout import check_offset
@@ -52,7 +53,6 @@ from .validation import (
     _check_seed,
     _check_truncate,
     _split_state,
-    cell_option,
     check_batch,
     check_c0,
     check_dtype,
@@ -82,7 +82,7 @@ class RNNOutput:
     logits: Any = None
 
 
-class RNN(Construction, Composable, Workspaces):
+class RNN(Construction, Composable, Workspaces, Settings):
     """An RNN, GRU or LSTM (one or more layers, one or two directions) with a softmax output, on NumPy or CuPy.
 
     ``cell`` "rnn" (the default): s_t = φ(U x_t + W s_{t-1} [+ b]), φ = ``nonlinearity``: "tanh" (the
@@ -111,6 +111,9 @@ class RNN(Construction, Composable, Workspaces):
                    ~ U(±1/√(H·dirs)).
     Random numbers come from NumPy's ``default_rng(seed)`` on the host, so every backend starts
     from identical weights.
+
+    ``precision`` (a runtime choice like the backend; see ``precision``): "fp32" (the default), "tf32" or
+    "bf16" GEMM operands, float32 models only; None takes a ``Backend.with_precision`` view's own.
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class RNN(Construction, Composable, Workspaces):
         bias: bool = True,
         init: str = "wildml",
         seed: int | None = None,
+        precision: str | None = None,
     ) -> None:
         D = check_positive_int(input_size, "input_size")
         H = check_positive_int(hidden_size, "hidden_size")
@@ -143,7 +147,7 @@ class RNN(Construction, Composable, Workspaces):
             raise InputError(
                 f"unknown init {init!r} for cell {the_cell.option!r}; expected one of {', '.join(the_cell.inits)}"
             )
-        be = get_backend(backend)
+        be = backend_for(backend, precision, dt)
         check_model_size(
             the_cell, D, H, K, num_layers=L, dirs=2 if bidirectional else 1, bias=bool(bias), itemsize=dt.itemsize,
             available=be.available_memory(),
@@ -218,11 +222,6 @@ class RNN(Construction, Composable, Workspaces):
             self.cell.constrain(self.recurrence_params(r), xp=self.backend.xp)
 
     @property
-    def num_directions(self) -> int:
-        """2 for a bidirectional model, else 1."""
-        return 2 if self.bidirectional else 1
-
-    @property
     def params(self) -> Params:
         """The parameters by name: U (H, D), W (H, H), V (K, H), [b (H,), c (K,)]; assignments are checked."""
         return self._params
@@ -232,46 +231,11 @@ class RNN(Construction, Composable, Workspaces):
         """``model.params = {...}``: every array checked first, then all replaced (the mapping stays the model's)."""
         self._params.replace_all(arrays)
 
-    # -- sizes --------------------------------------------------------------------------------
-    @property
-    def nonlinearity(self) -> str | None:
-        """φ of the rnn cell's recurrence: "tanh" or "relu"; None for the gated cells."""
-        return self.cell.nonlinearity
-
-    @property
-    def cell_name(self) -> str:
-        """The ``cell`` option: "rnn", "gru" or "lstm"."""
-        return cell_option(self.cell)
-
-    @property
-    def input_size(self) -> int:
-        """D."""
-        return self.config.input_size
-
-    @property
-    def hidden_size(self) -> int:
-        """H."""
-        return self.config.hidden_size
-
-    @property
-    def output_size(self) -> int:
-        """K."""
-        return self.config.output_size
-
-    @property
-    def bias(self) -> bool:
-        """Whether the model has biases b and c."""
-        return self.config.bias
-
-    @property
-    def num_states(self) -> int:
-        """L·dirs: the recurrences, the rows of s0 and of the final state."""
-        return len(self.recurrences)
-
     def __repr__(self) -> str:
         return (
             f"RNN(input_size={self.input_size}, hidden_size={self.hidden_size}, output_size={self.output_size}, "
             f"backend={self.backend.name!r}, dtype={self.dtype.name!r}, bias={self.bias}"
+            + ("" if self.precision == "fp32" else f", precision={self.precision!r}")
             + ("" if self.num_layers == 1 else f", num_layers={self.num_layers}")
             + ("" if not self.bidirectional else ", bidirectional=True")
             + ("" if self.cell_name == "rnn" else f", cell={self.cell_name!r}")
@@ -305,6 +269,13 @@ class RNN(Construction, Composable, Workspaces):
         value = self.backend.step_kernels if self.step_kernels is None else self.step_kernels
         if value not in STEP_KERNELS:
             raise InputError(f"step_kernels must be one of {', '.join(STEP_KERNELS)} or None, got {value!r}")
+        if self.precision != "fp32" and self.backend.compiles_kernels:  # fused/persistent kernels multiply in float32
+            if value in ("fused", "persistent"):
+                raise InputError(
+                    f"step_kernels={value!r} computes W's products in its own float32 kernel; precision="
+                    f"{self.precision!r} runs them as cuBLAS GEMMs: use step_kernels 'cublas' or 'auto'"
+                )
+            return "cublas"
         return value
 
     def _chunk_elements(self) -> int:

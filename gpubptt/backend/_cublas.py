@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from .precision import BF16_ROUND_BODY
+
 __all__ = ["col_major", "cublas_matmul"]
+
+# cuBLAS and CUDA enum values (cublas_api.h, library_types.h)
+CUDA_R_32F, CUDA_R_16BF = 0, 14
+CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
+CUBLAS_GEMM_DEFAULT = -1
 
 
 def col_major(M: Any) -> tuple[bool, int] | None:
@@ -72,6 +79,9 @@ def cublas_matmul(cp: ModuleType) -> Callable[..., None]:
         fn.argtypes = [c_void_p, c_int, c_int, c_int, c_int, c_int, c_void_p, c_void_p, c_int]
         fn.argtypes += [c_void_p, c_int, c_void_p, c_void_p, c_int]
         fn.restype = c_int
+    lib.cublasGemmEx.argtypes = [c_void_p, c_int, c_int, c_int, c_int, c_int, c_void_p, c_void_p, c_int, c_int]
+    lib.cublasGemmEx.argtypes += [c_void_p, c_int, c_int, c_void_p, c_void_p, c_int, c_int, c_int, c_int]
+    lib.cublasGemmEx.restype = c_int
     lib.cublasSetStream_v2.argtypes = [c_void_p, c_void_p]
     lib.cublasSetWorkspace_v2.argtypes = [c_void_p, c_void_p, ctypes.c_size_t]
 
@@ -91,8 +101,11 @@ def cublas_matmul(cp: ModuleType) -> Callable[..., None]:
     }
     scalars = {dt: (ctype(1.0), ctype(0.0)) for dt, (_, ctype) in gemm.items()}
     N, T = 0, 1  # CUBLAS_OP_N, CUBLAS_OP_T
+    to_bf16 = cp.ElementwiseKernel("float32 x", "uint16 y", BF16_ROUND_BODY, "gpubptt_round_bf16")
+    f32 = (ctypes.c_float(1.0), ctypes.c_float(0.0))
 
-    def matmul(a: Any, b: Any, out: Any, accumulate: bool) -> None:
+    def matmul(a: Any, b: Any, out: Any, accumulate: bool, precision: str = "fp32", scratch: Any = None) -> None:
+        """out = a @ b (or +=); ``precision`` "tf32"/"bf16" (float32 a, b, out only) through cublasGemmEx."""
         m, k = a.shape
         n = b.shape[1]
         if m == 0 or n == 0:
@@ -101,6 +114,17 @@ def cublas_matmul(cp: ModuleType) -> Callable[..., None]:
             if not accumulate:
                 out.fill(0)
             return
+        in_type = CUDA_R_32F
+        if precision != "fp32":
+            if a.dtype != np.float32 or b.dtype != np.float32 or out.dtype != np.float32:
+                raise ValueError(
+                    f"precision={precision!r} needs float32 operands, got {a.dtype}, {b.dtype}, {out.dtype}"
+                )
+            if precision == "bf16":  # bfloat16 bit patterns, rounded to nearest even, C-ordered in scratch
+                stream = cp.cuda.get_current_stream().ptr  # scratch per thread and stream: never shared in flight
+                a = to_bf16(a, scratch.get(f"a{stream}", a.shape, np.uint16, cp))
+                b = to_bf16(b, scratch.get(f"b{stream}", b.shape, np.uint16, cp))
+                in_type = CUDA_R_16BF
         la, lb, lc = col_major(a), col_major(b), col_major(out)
         if la is None:
             a, la = cp.ascontiguousarray(a), (False, k)
@@ -117,11 +141,20 @@ def cublas_matmul(cp: ModuleType) -> Callable[..., None]:
                 check(lib.cublasSetWorkspace_v2(handle, workspace.data.ptr, workspace.nbytes), "cublasSetWorkspace")
                 current[0] = stream
             # row-major out = a @ b  is column-major outᵀ = bᵀ aᵀ
-            status = fn(
-                handle, T if lb[0] else N, T if la[0] else N, n, m, k,
-                ctypes.byref(one), b.data.ptr, lb[1], a.data.ptr, la[1],
-                ctypes.byref(one if accumulate else zero), out.data.ptr, lc[1],
-            )  # fmt: skip
+            if precision != "fp32":  # float32 output and accumulation; tensor-core inputs
+                compute = CUBLAS_COMPUTE_32F_FAST_TF32 if precision == "tf32" else CUBLAS_COMPUTE_32F
+                status = lib.cublasGemmEx(
+                    handle, T if lb[0] else N, T if la[0] else N, n, m, k,
+                    ctypes.byref(f32[0]), b.data.ptr, in_type, lb[1], a.data.ptr, in_type, la[1],
+                    ctypes.byref(f32[0] if accumulate else f32[1]), out.data.ptr, CUDA_R_32F, lc[1],
+                    compute, CUBLAS_GEMM_DEFAULT,
+                )  # fmt: skip
+            else:
+                status = fn(
+                    handle, T if lb[0] else N, T if la[0] else N, n, m, k,
+                    ctypes.byref(one), b.data.ptr, lb[1], a.data.ptr, la[1],
+                    ctypes.byref(one if accumulate else zero), out.data.ptr, lc[1],
+                )  # fmt: skip
         check(status, "gemm")
 
     matmul.keepalive = (lib, handle, workspace)  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ Shape-agnostic; each method's docstring gives its shapes. One subclass per libra
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendMismatchError
+from .precision import Scratch, check_precision
 
 __all__ = ["Backend", "TokenPlan"]
 
@@ -69,13 +71,45 @@ class Backend:
     compiles_kernels: bool = False
     #: the library behind ``matmul`` described (version, threading), where the backend says; None where not
     blas_library: str | None = None
+    #: The precision of ``matmul``'s operands: "fp32" here; "tf32" or "bf16" on the views that
+    #: ``with_precision`` returns (``gpubptt.backend.precision``).
+    precision: str = "fp32"
 
     def __init__(self) -> None:
         self._choices: dict[str, dict[Hashable, bool]] = {}
         self._choices_lock = threading.RLock()  # a measurement may ask for another one (it nests)
 
     def __repr__(self) -> str:
-        return f"Backend(name={self.name!r}, device={self.device!r})"
+        extra = "" if self.precision == "fp32" else f", precision={self.precision!r}"
+        return f"Backend(name={self.name!r}, device={self.device!r}{extra})"
+
+    def with_precision(self, precision: str) -> Backend:
+        """This backend with every ``matmul``'s two operands rounded to ``precision`` ("tf32", "bf16"; products
+        accumulated in float32), or the float32 backend itself for "fp32".
+
+        A view: one per backend and precision, sharing everything else (arrays, kernels, measured
+        choices, BLAS threads) with the float32 backend, whose ``precision`` stays "fp32". The token
+        scatter-add into dU is a sum, not a product, and stays exact.
+        """
+        precision = check_precision(precision)
+        exact = self.exact
+        if precision == "fp32":
+            return exact
+        with exact._choices_lock:
+            views = exact.__dict__.setdefault("_precision_views", {})
+            if precision not in views:
+                view = copy.copy(exact)  # shares every attribute's object: choices, locks, cuBLAS handle
+                view.precision = precision
+                view._exact = exact
+                view._scratch = Scratch()  # rounded operands, per thread, reused
+                view.token_scatter_add = exact.token_scatter_add  # type: ignore[method-assign]
+                views[precision] = view
+            return views[precision]
+
+    @property
+    def exact(self) -> Backend:
+        """The float32 backend behind a ``with_precision`` view (this backend itself where it is one)."""
+        return self.__dict__.get("_exact", self)
 
     # -- host <-> device boundary -------------------------------------------------------------
     def is_native(self, a: Any) -> bool:

@@ -136,7 +136,10 @@ class CupyBackend(Backend):
         out[...] = generator.random_sample(out.shape)  # float64 draws, cast on assignment
 
     def matmul(self, a: Any, b: Any, out: Any, accumulate: bool = False) -> None:
-        self._matmul(a, b, out, accumulate)
+        if self.precision == "fp32":
+            self._matmul(a, b, out, accumulate)
+        else:  # tensor cores: tf32 by cuBLAS's compute type, bf16 operands rounded into scratch first
+            self._matmul(a, b, out, accumulate, self.precision, self._scratch)
 
     def token_scatter_add(self, dUT: Any, plan: TokenPlan, rows: Any) -> None:
         self._scatter(rows, plan.perm, plan.offsets, dUT.shape[1], dUT)

@@ -17,6 +17,7 @@ from ..errors import BackendUnavailableError, InputError
 from ..timing import sync_timer
 from ._mkl import Mkl, PackedMatrix, PackSlot, load_mkl
 from .base import Backend, TokenPlan, is_cupy_array
+from .precision import rounded_operands
 
 __all__ = [
     "BLAS_CHOICES",
@@ -194,7 +195,11 @@ class NumpyBackend(Backend):
         """out = a @ b (or +=). Under MKL (``blas`` "mkl"), a GEMM of ``MKL_MIN_FLOPS`` or more runs through
         cblas_?gemm where the operands allow (``Mkl.gemm``; ``b`` may be a ``pack`` handle), one of
         ``BLAS_THREADED_FLOPS`` or more split into blocks over ``BlasThreads.most`` threads; the rest runs
-        on NumPy's matmul, on as many BLAS threads as the shape pays for (``BlasThreads.for_gemm``)."""
+        on NumPy's matmul, on as many BLAS threads as the shape pays for (``BlasThreads.for_gemm``). Under
+        tf32/bf16 (``with_precision``) the operands are rounded first (a pack is read unpacked)."""
+        if self.precision != "fp32":  # emulated tf32/bf16: the operands rounded exactly, then the float32 GEMM
+            b = b.b if type(b) is PackedMatrix else b  # the raw weight: a pack holds it unrounded
+            a, b = rounded_operands(self._scratch, a, b, self.precision)
         mkl = self.mkl
         if mkl is not None and len(a.shape) == 2 and len(b.shape) == 2:
             flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
@@ -257,8 +262,9 @@ class NumpyBackend(Backend):
         """b (k, n) packed for many GEMMs a (rows, k) @ b (MKL's packed B) where MKL runs, the operand allows it
         and the GEMM is large enough to gain (``MKL_MIN_FLOPS``); else b itself. The handle holds a copy of
         b, in a buffer this thread reuses: make it after b's last change and use it until this thread's next
-        ``pack`` (a handle used after that runs unpacked: right, only slower)."""
-        if self.mkl is None or type(b) is not np.ndarray or b.ndim != 2:
+        ``pack`` (a handle used after that runs unpacked: right, only slower). Under tf32/bf16, b itself: the
+        rounding needs the raw operand."""
+        if self.mkl is None or self.precision != "fp32" or type(b) is not np.ndarray or b.ndim != 2:
             return b
         if 2 * rows * b.shape[0] * b.shape[1] < MKL_MIN_FLOPS:
             return b

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..backend.precision import PRECISIONS
 from ..cells import NONLINEARITIES, cell_class, cell_names
 
-__all__ = ["COMPARES", "GRAD_TOL", "INPUTS", "BenchConfig"]
+__all__ = ["COMPARES", "GRAD_TOL", "INPUTS", "PRECISION_GRAD_TOL", "BenchConfig"]
 
 INPUTS = ("tokens", "dense")
 COMPARES = ("none", "torch", "naive")
 #: Gradient agreement threshold (normwise max relative error) of a reference implementation, by dtype.
 GRAD_TOL = {"float32": 1e-3, "float64": 1e-9}
+#: The same for float32 models of a reduced ``precision``, against a reference at the matching setting (torch:
+#: TF32 matmuls, bf16 autocast): each side errs by up to ~1.5 units of the operands' roundoff (tf32 2^−11, bf16
+#: 2^−8, measured against float64 in tests/test_precision.py), in different places.
+PRECISION_GRAD_TOL = {"tf32": 1e-2, "bf16": 5e-2}
 
 
 @dataclass
@@ -43,6 +48,8 @@ class BenchConfig:
     nonlinearity: str = "tanh"
     #: the recurrent cell: "rnn", "gru" or "lstm" (torch compared as nn.RNN, nn.GRU, nn.LSTM)
     cell: str = "rnn"
+    #: the model's GEMM precision: "fp32", "tf32" or "bf16" (float32 only); torch runs the matching setting
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.input not in INPUTS:
@@ -57,6 +64,12 @@ class BenchConfig:
             raise ValueError("compare 'naive' is the textbook tanh RNN: it compares the rnn cell only")
         if self.dtype not in GRAD_TOL:
             raise ValueError(f"dtype must be one of {', '.join(GRAD_TOL)}, got {self.dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision != "fp32" and self.dtype != "float32":
+            raise ValueError(f"precision {self.precision!r} needs dtype float32, got {self.dtype!r}")
+        if self.precision != "fp32" and self.compare == "naive":
+            raise ValueError("compare 'naive' is float32 NumPy code: it compares precision 'fp32' only")
         if not self.seq_lens or not self.hidden_sizes:
             raise ValueError("seq_lens and hidden_sizes must each hold at least one size")
         for name, v in [("batch", self.batch), ("D", self.D), ("K", self.K), ("repeats", self.repeats)]:
@@ -78,6 +91,11 @@ class BenchConfig:
             self.fixed_T = sorted(self.seq_lens)[(len(self.seq_lens) - 1) // 2]
         if self.fixed_H is None:
             self.fixed_H = sorted(self.hidden_sizes)[(len(self.hidden_sizes) - 1) // 2]
+
+    @property
+    def grad_tol(self) -> float:
+        """The gradient agreement a reference must meet: by dtype, or by precision below fp32."""
+        return GRAD_TOL[self.dtype] if self.precision == "fp32" else PRECISION_GRAD_TOL[self.precision]
 
     @property
     def tokens(self) -> bool:

@@ -56,6 +56,8 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
     cell = make_cell(cfg.cell, cfg.nonlinearity if cell_class(cfg.cell).takes_nonlinearity else None)
     if cfg.cell != cell_names()[0]:  # rows of the default cell keep their old columns
         row["cell"] = cfg.cell
+    if cfg.precision != "fp32":  # as the cell: fp32 rows keep their old columns
+        row["precision"] = cfg.precision
     arch = dict(num_layers=cfg.num_layers, dirs=cfg.dirs, cell=cell)
     row["flops"] = flops(T, B, D, H, K, tokens=cfg.tokens, **arch)
     row["flops_forward"] = flops(T, B, D, H, K, tokens=cfg.tokens, forward_only=True, **arch)
@@ -63,14 +65,14 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
         x_host, y_host = _make_data(cfg, T, H)
         model = RNN(
             D, H, K, backend=be, dtype=cfg.dtype, seed=cfg.seed, num_layers=cfg.num_layers, bias=False,
-            bidirectional=cfg.bidirectional, cell=cell,
+            bidirectional=cfg.bidirectional, cell=cell, precision=cfg.precision,
         )  # fmt: skip
         x, y = be.asarray(x_host), be.asarray(y_host)
         timer = be.timer()
         fns = {
             "bptt": (lambda: model.loss_and_grads(x, y), timer),
             "forward": (lambda: model.loss(x, y), timer),
-            **{k: (fn, timer) for k, fn in gemm_references(be, T, B, H, K, cfg).items()},
+            **{k: (fn, timer) for k, fn in gemm_references(model.backend, T, B, H, K, cfg).items()},  # same precision
         }
         times = time_interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats)
         if cfg.compare == "torch":

@@ -22,6 +22,7 @@ import typer
 from .. import __version__, plots
 from .._paths import DestinationError, check_distinct, check_path, check_regular_file, check_writable, write_error
 from ..backend import BACKEND_NAMES, Backend, get_backend
+from ..backend.precision import PRECISIONS
 from ..engine.memory import format_bytes
 from ..errors import BackendUnavailableError, InputError
 from ..training.run import check_layers
@@ -100,6 +101,7 @@ def choices(name: str, values: Iterable[str]) -> Any:
 
 
 BackendChoice = choices("BackendChoice", BACKEND_NAMES)
+PrecisionChoice = choices("PrecisionChoice", PRECISIONS)
 DtypeChoice = choices("DtypeChoice", DTYPES)
 
 

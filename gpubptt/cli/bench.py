@@ -26,6 +26,7 @@ from ._common import (
     EXIT_SAVED_NO_STDOUT,
     BackendChoice,
     DtypeChoice,
+    PrecisionChoice,
     StdoutFailed,
     app,
     backend_or_exit,
@@ -194,6 +195,13 @@ def bench(
     input_size: Annotated[int | None, typer.Option(min=1, help="D for --input dense (default: --vocab).")] = None,
     output_size: Annotated[int | None, typer.Option(min=1, help="K, the number of classes (default: --vocab).")] = None,
     dtype: Annotated[DtypeChoice, typer.Option(help="Floating-point type.")] = DEFAULT_DTYPE,
+    precision: Annotated[
+        PrecisionChoice,
+        typer.Option(
+            help="GEMM operand precision (float32 only): fp32, tf32 or bf16 (rounded to nearest even, float32 "
+            "accumulation); torch runs the matching setting (TF32 matmuls, bf16 autocast)."
+        ),
+    ] = PrecisionChoice.fp32,
     layers: Annotated[
         int, typer.Option(min=1, help="Stacked recurrent layers (torch.nn.RNN's num_layers).")
     ] = DEFAULTS.num_layers,
@@ -289,7 +297,7 @@ def bench(
             "--fixed-seq-len": fixed_seq_len is not None, "--input": input is not DEFAULT_INPUT,
             "--input-size": input_size is not None, "--output-size": output_size is not None,
             "--warmup": warmup != DEFAULTS.warmup, "--repeats": repeats != DEFAULTS.repeats,
-            "--compare": compare is not DEFAULT_COMPARE,
+            "--compare": compare is not DEFAULT_COMPARE, "--precision": precision is not PrecisionChoice.fp32,
         }  # fmt: skip
         arch = dict(
             cell=cell.value, num_layers=layers, nonlinearity=nonlinearity.value if cell.value == "rnn" else None,
@@ -309,6 +317,9 @@ def bench(
     if compare is CompareChoice.torch and (reason := bench_lib.torch_unavailable_reason()):
         typer.echo(f"warning: {reason}; continuing without the torch comparison", err=True)
         compare = CompareChoice.none
+    if precision is not PrecisionChoice.fp32 and (dtype.value != "float32" or compare is CompareChoice.naive):
+        why = f"--dtype {dtype.value}" if dtype.value != "float32" else "--compare naive (float32 NumPy code)"
+        raise typer.BadParameter(f"--precision {precision.value} rounds float32 GEMMs; not with {why}")
     if cell.value != DEFAULT_CELL.value and compare is CompareChoice.naive:
         raise typer.BadParameter("naive is the textbook tanh RNN: it compares --cell rnn only", param_hint="--compare")
     cfg = BenchConfig(
@@ -330,10 +341,12 @@ def bench(
         num_layers=layers,
         bidirectional=bidirectional,
         nonlinearity=nonlinearity.value,
+        precision=precision.value,
     )
     arch = (
         f"{layers} layer{'s' if layers > 1 else ''}{', bidirectional' if bidirectional else ''}, "
         f"{nonlinearity.value if cell.value == 'rnn' else cell.value}"
+        + ("" if precision is PrecisionChoice.fp32 else f", precision {precision.value}")
     )
     sweeps = f"T in {Ts} at H={cfg.fixed_H}, H in {Hs} at T={cfg.fixed_T}"
     say(f"gpubptt bench: backends {', '.join(names)}; {arch}; {sweeps}")

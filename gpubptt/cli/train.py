@@ -36,6 +36,7 @@ from ._common import (
     DtypeChoice,
     Failed,
     Interrupted,
+    PrecisionChoice,
     StdoutFailed,
     app,
     backend_or_exit,
@@ -275,6 +276,14 @@ def train(
     ] = None,
     backend: Annotated[BackendChoice, typer.Option(help="Backend to train on.")] = BackendChoice.auto,
     dtype: Annotated[DtypeChoice | None, typer.Option(help=_default("Floating-point type.", "dtype"))] = None,
+    precision: Annotated[
+        PrecisionChoice,
+        typer.Option(
+            help="GEMM operand precision, float32 models only: fp32, or tf32 / bf16 operands rounded to nearest "
+            "even with float32 accumulation (weights, cell state and softmax stay float32). Like --backend, a "
+            "setting of this call: a checkpoint does not record it."
+        ),
+    ] = PrecisionChoice.fp32,
     bias: Annotated[
         bool | None,
         typer.Option("--bias/--no-bias", help=_default("Biases b and c.", "bias")),
@@ -377,7 +386,11 @@ def train(
     best = _destinations_or_exit(checkpoint, plot, data, val_data)
     if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
         raise usage_error(f"--epochs must be a finite number > 0, got {epochs}")
-    be = backend_or_exit(backend.value)
+    if precision is not PrecisionChoice.fp32 and dtype is not None and dtype.value != "float32":
+        raise usage_error(
+            f"--precision {precision.value} rounds float32 GEMMs; a --dtype {dtype.value} model runs fp32"
+        )
+    be = backend_or_exit(backend.value).with_precision(precision.value)  # the model takes the backend's precision
     _flags_or_exit(
         checkpoint, best, resume=resume, force=force, early_stop=early_stop, eval_every=eval_every,
         accept_changed_data=accept_changed_data,
@@ -399,8 +412,13 @@ def train(
         raise usage_error(in_flags(str(exc))) from exc
     except MemoryError as exc:
         raise out_of_memory(exc, be) from exc
+    if run.model.precision != precision.value:  # a resumed float64 model: nothing is written yet
+        raise usage_error(
+            f"--precision {precision.value} rounds float32 GEMMs; the checkpoint's model is {run.model.dtype.name}"
+        )
 
     fingerprint = dict(given, steps=run.config.steps, eval_every=eval_every, resume=resume, backend=be.name,
+                       precision=precision.value,
                        state=(run.state.step, run.state.sequence, run.state.chunk), data=run.data.spec())  # fmt: skip
     dp = data_parallel_or_exit(comm, distributed.value, run, fingerprint)
     if budget is not None:  # each rank's plan is for its own streams

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One GPU opportunity, one script (issue 23): every gpu-marked test, then the perf grids per precision against torch at
+# the matching setting, on a machine whose python3 has CuPy and torch (CUDA). Everything lands in $OUT:
+#   env.txt                    nvidia-smi, versions
+#   pytest-gpu.txt             python3 -m pytest -m gpu -rs (CuPy against NumPy, tf32/bf16 against their emulation)
+#   perf-cupy[-P].json/.txt    benchmarks/perf_grid.py rows 0,1,5,6 (T=32 H=128 latency row, H=256, H=512, H=1024)
+#   perf-gated-cupy[-P].json   benchmarks/perf_gated.py rows 0,2 (GRU H=256, H=1024)
+#   for P in fp32, tf32 (torch: allow_tf32 for matmul and cuDNN), bf16 (torch: bf16 autocast); each step has its own
+#   timeout, so a hang costs that step only; the whole script stays under ~8 minutes.
+# Usage: PYTHONPATH=. bash benchmarks/gpu_check.sh            (results in $OUT, or a new temporary folder when unset)
+#        PYTHONPATH=. bash benchmarks/gpu_check.sh --dry-run  (no GPU: the same commands on NumPy, one row, one
+#                                                             repeat, and pytest --collect-only: checks the arguments)
+set -uo pipefail
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+OUT="${OUT:-$(mktemp -d -t gpubptt-gpu-check-XXXX)}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+status=0
+
+step() {  # step SECONDS LOGNAME command...: run one step under a timeout, its output kept in $OUT/LOGNAME
+    local limit=$1 log=$2
+    shift 2
+    echo "== $*" | tee -a "$OUT/$log" >&2
+    timeout "$limit" "$@" >>"$OUT/$log" 2>&1
+    local rc=$?
+    [ $rc -ne 0 ] && { echo "   exit $rc (see $OUT/$log)" >&2; status=1; }
+    tail -n 3 "$OUT/$log" >&2
+}
+
+if [ $DRY -eq 1 ]; then
+    BACKEND=numpy GRID_ROWS=0 GATED_ROWS=0 REPEATS=(--repeats 1 --warmup 0)
+    step 120 pytest-gpu.txt "$PY" -m pytest -q -m gpu --collect-only tests
+else
+    BACKEND=cupy GRID_ROWS=0,1,5,6 GATED_ROWS=0,2 REPEATS=(--repeats 5 --warmup 2)
+    { nvidia-smi; "$PY" -c "import cupy, numpy, torch, gpubptt; print('cupy', cupy.__version__, 'numpy', \
+numpy.__version__, 'torch', torch.__version__, 'gpubptt', gpubptt.__version__)"; } >"$OUT/env.txt" 2>&1
+    step 210 pytest-gpu.txt "$PY" -m pytest -q -m gpu -rs tests
+fi
+for P in fp32 tf32 bf16; do
+    step 50 "grid-$P.log" "$PY" benchmarks/perf_grid.py "$OUT" --backend $BACKEND --precision $P --rows $GRID_ROWS \
+        "${REPEATS[@]}"
+    step 40 "gated-$P.log" "$PY" benchmarks/perf_gated.py "$OUT" --backend $BACKEND --precision $P --rows $GATED_ROWS \
+        "${REPEATS[@]}"
+done
+echo "results in $OUT" >&2
+exit $status
