@@ -8,7 +8,7 @@ rounds repeat so that the spread shows how loaded the machine was. Per shape: th
 ``loss_and_grads`` alone and in the pair, and their ratio (each pair member's median over the alone
 median of the same round; the worst member counts).
 
-    python benchmarks/steady.py OUT_DIR            # writes OUT_DIR/steady.json; about 2 minutes
+    python benchmarks/steady.py --out OUT_DIR      # writes OUT_DIR/steady.json; about 3 minutes
 
 OUT_DIR defaults to a fresh folder under the system's temporary directory (never inside the repository).
 """
