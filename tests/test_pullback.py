@@ -142,3 +142,27 @@ def test_pullback_refuses_bad_upstream_gradients_and_a_second_call():
         gpubptt.RNN(D, H, 2, bidirectional=True, backend="numpy").vjp(x, recompute="sqrt")
     with pytest.raises(gpubptt.InputError, match="not 'auto'"):
         model.vjp(x, recompute="auto")
+
+
+@pytest.mark.parametrize("recompute", [None, 2])
+def test_lstm_pullback_of_c_n_with_sequences_that_end_at_the_same_step(recompute):
+    """∂E/∂c_n enters at each sequence's own last step, several sequences sharing one (torch autograd)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(7)
+    module = torch.nn.LSTM(D, H, num_layers=2).double()
+    lens = np.array([4, 6, 4, 1, 6])
+    Bt = len(lens)
+    rng = np.random.default_rng(7)
+    x = torch.as_tensor(rng.normal(size=(6, Bt, D))).requires_grad_(True)
+    out, h_n, c_n = _torch_reference(torch, module, x, None, lens)
+    Wc = torch.as_tensor(rng.normal(size=(2, Bt, H)))
+    ((torch.tanh(c_n) * Wc).sum() + out.sum()).backward()
+    rnn_sd = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    model = gpubptt.RNN.from_torch(rnn_sd, {"weight": np.zeros((1, H))}, cell="lstm", backend="numpy", dtype="float64")
+    o, pullback = model.vjp(x.detach().numpy(), lengths=lens, recompute=recompute)
+    _, fin_c = o.final_state
+    g = pullback(np.ones_like(o.states), (None, (1 - np.tanh(fin_c) ** 2) * Wc.numpy()))
+    ours, _ = model.to_torch({**{k: v for k, v in g.items() if k != "x"}, "V": np.zeros((1, H)), "c": np.zeros(1)})
+    for name, p in module.named_parameters():
+        assert np.abs(ours[name] - p.grad.numpy()).max() <= 1e-9 * np.abs(p.grad.numpy()).max()
+    assert np.abs(g["x"] - x.grad.numpy()).max() <= 1e-9 * np.abs(x.grad.numpy()).max()

@@ -29,7 +29,8 @@ cell over time (``gpubptt.engine.stack``) knows none of a cell's math. What it a
                          ``buffers`` per segment (``buffers(n, …)`` for each segment length n, ``load(aux,
                          boundary state)`` before each segment's forward, ``run_backward`` with ``ds0`` and
                          grads[extra_state] taken as the carries into the previous segment and
-                         ``d_extra`` (n, B, H), the direct term on the extra state, carrying it in);
+                         ``d_extra`` {t: [(cols, values)]}, direct terms on the extra state at the
+                         steps named, carrying it in);
                          it refuses a cell without the attribute.
 
 A reverse recurrence sees its inputs in its own time (the engine reverses them per sequence), so a

@@ -148,11 +148,13 @@ class LSTMCell(GatedCell):
         lanes: Any,
         grads: dict[str, Any],
         ds0: Any,
-        d_extra: Any = None,
+        d_extra: dict[int, list[tuple[Any, Any]]] | None = None,
     ) -> Any:
         """BPTT through all steps; returns ∂E/∂pre (T, B, 4H) (in ``work``). G (T, B, H) enters as the
         direct term ∂E/∂h_t; writes grads["W"], ds0 (B, H) = ∂E/∂h0 and grads["c0"] (B, H) = ∂E/∂c0.
-        ``d_extra`` (T, B, H), optional: a direct term ∂E/∂c_t (the pullback's ∂E/∂c_n), full BPTT only."""
+        ``d_extra`` {t: [(cols, values)]}, optional: direct terms ∂E/∂c_t at the steps named, for the batch
+        columns ``cols`` (a slice or an index array; values (len(cols), H)): the pullback's ∂E/∂c_n at each
+        sequence's last step, a later segment's carry under recomputation. Full BPTT only."""
         if truncate is not None:
             return self._backward_truncated(G, p, S, aux, truncate, be=be, work=work, grads=grads, ds0=ds0)
         k = kernels(be)
@@ -163,8 +165,8 @@ class LSTMCell(GatedCell):
         dc[...] = 0
         Wp = be.pack(W, B)  # W packed once for all T steps where the backend packs (MKL), else W
         for t in range(T - 1, -1, -1):
-            if d_extra is not None:
-                dc += d_extra[t]
+            for cols, values in d_extra.get(t, ()) if d_extra else ():
+                dc[cols] += values
             k.backward(G[t], dh, C[t], C[t + 1], A[t], dc, work[t], aux["tmp"])  # ∂a_t; dc ← dc_t ⊙ f_t
             be.matmul(work[t], Wp, dh)  # dh_{t-1} = ∂a_t @ W: all four gates in one GEMM
         be.matmul(work.reshape(T * B, 4 * H).T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂a_tᵀ h_{t-1}

@@ -154,6 +154,7 @@ class Pullback:
         last_seg = len(ws.bounds) - 1
         _, _, empty = _last_steps(batch, model.backend)
         at: dict[int, tuple[Any, Any]] = {}  # segment → (rows within it, columns) of each final step
+        rows_at: dict[int, dict[int, Any]] = {}  # segment → {row within it: the columns ending there}
         given = dh is not None or dc is not None
         if given and batch.lengths is None:
             at[last_seg] = (ws.bounds[last_seg][1] - ws.bounds[last_seg][0] - 1, slice(None))
@@ -164,18 +165,20 @@ class Pullback:
             for k in np.unique(seg):
                 j = keep[seg == k]
                 at[int(k)] = (model.backend.asarray(n[j] - 1 - k * c), model.backend.asarray(j))
+        for t, j in _by_last_step(batch, model.backend).items() if dc is not None else ():
+            rows_at.setdefault(t // c, {})[t % c] = j
 
         def head(k: int, _top: Any, dS: Any) -> None:
             t0, t1 = ws.bounds[k]
             dS[...] = top[t0:t1]
 
-        def inject(k: int, i: int, G: Any) -> None:
-            if k in at:
+        def inject(k: int, i: int, G: Any, d_extra: dict[int, list[tuple[Any, Any]]] | None = None) -> None:
+            if k in at and dh is not None:
                 r, j = at[k]
-                if dh is not None:
-                    G[r, j] += dh[i][j]
-                if dc is not None:
-                    ws.DC[r, j] += dc[i][j]  # the cell's direct term on c (``d_extra``)
+                G[r, j] += dh[i][j]
+            if d_extra is not None:  # the cell's direct term on c at the rows where sequences end
+                for row, j in rows_at.get(k, {}).items():
+                    d_extra.setdefault(row, []).append((j, dc[i][j]))
 
         dx = None if batch.tokens or not self._want_dx else xp.empty((batch.T, batch.B, model.input_size), model.dtype)
         ws.backward(head, inject=inject if given else None, dx=dx)
@@ -211,10 +214,8 @@ class Pullback:
                 Gi[last, cols] += dh[i][cols]  # h_n is each recurrence's state after its own last valid step
 
         d_extra = None
-        if dc is not None:
-            d_extra = [xp.zeros((T, B, H), dtype=dt) for _ in range(n)]
-            for i in range(n):
-                d_extra[i][last, cols] = dc[i][cols]
+        if dc is not None:  # ∂E/∂c_n enters each sequence's last valid step, grouped by that step
+            d_extra = [{t: [(j, dc[i][j])] for t, j in _by_last_step(batch, be).items()} for i in range(n)]
         dx = None if batch.tokens or not self._want_dx else xp.empty((T, B, model.input_size), dtype=dt)
         plan = be.token_plan(batch.x.reshape(-1), model.input_size) if batch.tokens else None
         dUT = xp.empty((model.input_size, model.cell.gates * H), dtype=dt) if batch.tokens else None
@@ -229,6 +230,16 @@ class Pullback:
                 g[extra][:, empty] += dc[:, empty]
         self._stack = None  # the forward's buffers go with the first call
         return g, dx
+
+
+def _by_last_step(batch: Batch, be: Any) -> dict[int, Any]:
+    """{t: the columns (a slice, or the backend's index array) of the sequences whose last valid step is t},
+    for the sequences of length ≥ 1 (grouped on the host: lengths live there)."""
+    if batch.lengths is None:
+        return {batch.T - 1: slice(None)}
+    n = batch.lengths
+    cols = np.flatnonzero(n > 0)
+    return {int(t): be.asarray(cols[n[cols] - 1 == t]) for t in np.unique(n[cols] - 1)}
 
 
 def _last_steps(batch: Batch, be: Any) -> tuple[Any, Any, Any]:

@@ -198,7 +198,7 @@ def call_memory(
     extra = 2 if cell.extra_state else 1  # an LSTM keeps c at the boundaries too
     parts["boundary states"] = extra * n * n_seg * B * H * it
     segment = n * ((c + 1) * B * H + c * B * H + 2 * B * H + aux) + c * B * gH + B * H + (D * gH if tokens else 0)
-    segment += (n * 2 * B * H + c * B * H) if cell.extra_state else 0  # its carry, final state and d_extra
+    segment += (n * 2 * B * H + B * H) if cell.extra_state else 0  # its carry, final state and the carry in
     parts["segment buffers"] = segment * it + (B * INT64 if lengths else 0)
     chunk = min(c, chunk_steps(T, B, K, ce))
     transient = max(_xent_peak(chunk * B, K, it), _token_peak(D, c * B, gH, it) if tokens else 0)
@@ -311,7 +311,7 @@ class SegmentWorkspace:
         if self.extra:
             self.Cb = [xp.empty((len(self.bounds), B, H), dtype=dt) for _ in recs]
             self.carry_c = [xp.empty((B, H), dtype=dt) for _ in recs]
-            self.DC = xp.zeros((c, B, H), dtype=dt)  # the cell's direct term ∂E/∂c_t (the carry, at the end)
+            self.carry_c_in = xp.empty((B, H), dtype=dt)  # the carry into a segment's end (the cell clears its own)
             self.final_c = xp.empty((len(recs), B, H), dtype=dt)
             self.grads[self.extra] = xp.empty((len(recs), B, H), dtype=dt)
         self.batch: Batch | None = None
@@ -401,8 +401,8 @@ class SegmentWorkspace:
         ``head(k, top, dS)`` writes ∂E/∂s_t of the top layer over segment k (top its states (n, B, H))
         into dS (n, B, H) and accumulates whatever else it computes; ``inject(k, i, G)`` adds further
         direct terms to recurrence i's G (n, B, H) over segment k (and, for a cell with extra state, its
-        ∂E/∂c_t into ``self.DC[:n]``); ``dx`` (T, B, D) receives ∂E/∂x for
-        dense x. Writes the recurrent gradients and "s0" into ``grads``.
+        ∂E/∂c_t into ``d_extra`` {row: [(cols, values)]}, passed as a fourth argument); ``dx`` (T, B, D)
+        receives ∂E/∂x for dense x. Writes the recurrent gradients and "s0" into ``grads``.
         """
         be, xp, model, batch, g = self.be, self.be.xp, self.model, self.batch, self.grads
         cell, recs = model.cell, model.recurrences
@@ -423,8 +423,9 @@ class SegmentWorkspace:
                 mine = {key: g[r.name(key)] for key in q if r.name(key) in g}
                 if not first:
                     G[n - 1] += self.carry[r.index]  # ∂E/∂s at the segment's end from the later segments
+                d_extra: dict[int, list[tuple[Any, Any]]] | None = {} if self.extra else None
                 if inject is not None:
-                    inject(k, r.index, G)
+                    inject(k, r.index, G, d_extra)
                 own = [key for key in mine if key not in ("U", cell.input_bias)]
                 if not first:
                     for key in own:
@@ -433,16 +434,15 @@ class SegmentWorkspace:
                 more = {}
                 if self.extra:  # ∂E/∂c at the segment's end from the later segments; ∂E/∂c at its start out
                     if not first:
-                        self.DC[n - 1] += self.carry_c[r.index]
+                        self.carry_c_in[...] = self.carry_c[r.index]  # the cell writes its carry out there
+                        d_extra.setdefault(n - 1, []).append((slice(None), self.carry_c_in))
                     into[self.extra] = g[self.extra][r.index] if k == 0 else self.carry_c[r.index]
-                    more = {"d_extra": self.DC[:n]}
+                    more = {"d_extra": d_extra}
                 dpre = cell.run_backward(
                     G, q, self.S[r.index][: n + 1], self.aux[n][r.index], be=be, work=self.pre[:n],
                     scratch=self.scratch, step_kernels=self.step_kernels, truncate=None, lanes=None, grads=into,
                     ds0=g["s0"][r.index] if k == 0 else self.carry[r.index], **more,
                 )  # fmt: skip
-                if self.extra:
-                    self.DC[:n] = 0
                 if not first:
                     for key in own:
                         mine[key] += into[key]

@@ -370,7 +370,7 @@ def backward_stack(
     lanes: Any,
     dUT: Any,
     inject: Any = None,
-    d_extra: list[Any] | None = None,
+    d_extra: list[dict[int, list[tuple[Any, Any]]]] | None = None,
     dx: Any = None,
 ) -> None:
     """The stack's pullback: from ∂E/∂(top layer's output) to every recurrent gradient, ds0 (and dc0).
@@ -379,8 +379,9 @@ def backward_stack(
     (two); ``st`` holds the forward. Writes g's recurrent entries (U, W, b, …, "s0" (L·dirs, B, H), the
     cell's extra state's) in place; the output layer's (V, c) are the head's. ``inject(i, G_i)``, if
     given, adds further direct terms to recurrence i's ∂E/∂s (its own time) before its backward pass
-    (the final state's gradient); ``d_extra[i]`` (T, B, H) is the direct term on the cell's extra
-    state (an LSTM's c), passed to the cell. ``dx`` (T, B, D): ∂E/∂x for dense x (layer 0's input).
+    (the final state's gradient); ``d_extra[i]`` {t: [(cols, values)]} holds direct terms on the cell's
+    extra state (an LSTM's c) at the steps named, passed to the cell. ``dx`` (T, B, D): ∂E/∂x for dense x
+    (layer 0's input).
     """
     be, cell, H, dirs = model.backend, model.cell, model.hidden_size, model.num_directions
     T, B = st.T, st.B
