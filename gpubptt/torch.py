@@ -39,6 +39,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .backend import get_backend
+from .backend.precision import check_precision
 from .cells import cell_class, cell_names
 from .engine.recompute import check_recompute, unsupported_reason
 from .errors import BackendMismatchError, InputError, InputTypeError, ShapeError
@@ -95,6 +96,7 @@ class Recurrent(torch.nn.Module):
         batch_first: bool = False,
         backend: str = "auto",
         recompute: int | str | None = None,
+        precision: str | None = None,
         _params: dict[str, torch.nn.Parameter] | None = None,
     ) -> None:
         super().__init__()
@@ -114,6 +116,8 @@ class Recurrent(torch.nn.Module):
         self.input_size, self.hidden_size = model.input_size, model.hidden_size
         self.num_layers, self.bidirectional, self.bias = model.num_layers, model.bidirectional, model.bias
         self.batch_first, self.backend, self.recompute = bool(batch_first), backend, recompute
+        #: the GEMMs' operand precision (``RNN.precision``): the model's unless given; tf32/bf16 run float32 tensors
+        self.precision = check_precision(model.precision if precision is None else precision)
         self._names = _torch_names(self.num_layers, self.bidirectional, self.bias)
         if _params is None:
             rnn_sd, _ = model.to_torch()
@@ -128,10 +132,11 @@ class Recurrent(torch.nn.Module):
 
     @classmethod
     def from_module(
-        cls, mod: torch.nn.Module, *, backend: str = "auto", recompute: int | str | None = None
+        cls, mod: torch.nn.Module, *, backend: str = "auto", recompute: int | str | None = None, precision: str = "fp32"
     ) -> Recurrent:
         """A Recurrent sharing ``mod``'s Parameters: ``nn.RNN`` (tanh or relu), ``nn.GRU`` or ``nn.LSTM`` with
-        any layers, directions, bias and batch_first. Refused (InputError, naming the option): ``proj_size``,
+        any layers, directions, bias and batch_first; ``precision`` as ``RNN``'s (float32 modules for tf32/bf16).
+        Refused (InputError, naming the option): ``proj_size``,
         dropout between layers, parameters that are not float32/float64."""
         cell = _CELLS.get(type(mod))
         if cell is None:
@@ -151,7 +156,14 @@ class Recurrent(torch.nn.Module):
             "weight": np.zeros((1, mod.hidden_size * (2 if mod.bidirectional else 1)), host["weight_hh_l0"].dtype)
         }
         model = RNN.from_torch(host, linear, cell=cell, nonlinearity=nonlinearity, backend="numpy")
-        return cls(model, batch_first=mod.batch_first, backend=backend, recompute=recompute, _params=params)
+        return cls(
+            model,
+            batch_first=mod.batch_first,
+            backend=backend,
+            recompute=recompute,
+            precision=precision,
+            _params=params,
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -174,6 +186,11 @@ class Recurrent(torch.nn.Module):
             )
         if dtype not in (torch.float32, torch.float64):
             raise InputTypeError(f"the parameters are {dtype}; gpubptt runs float32 or float64")
+        if dtype == torch.float64 and self.precision != "fp32":
+            raise InputTypeError(
+                f"this Recurrent runs precision={self.precision!r}, float32 only; the parameters are float64: "
+                "convert the module to float32 or use precision='fp32'"
+            )
         key = (want, dtype, device.index)
         if key not in self._models:
             be = get_backend(want)
@@ -182,7 +199,7 @@ class Recurrent(torch.nn.Module):
             with be.external_stream(None, device.index):  # the model's arrays on the tensors' device
                 model = RNN.from_torch(
                     host, {"weight": np.zeros((1, self.hidden_size * dirs), host["weight_hh_l0"].dtype)},
-                    cell=self.cell, backend=be,
+                    cell=self.cell, backend=be, precision=self.precision if dtype == torch.float32 else None,
                     nonlinearity=self.nonlinearity if cell_class(self.cell).takes_nonlinearity else None,
                 )  # fmt: skip
             model.step_kernels = None

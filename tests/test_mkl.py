@@ -141,7 +141,7 @@ def test_packed_weights_give_the_unpacked_product_for_many_operands(dtype, b_lay
         be.matmul(a, handle, out, accumulate=accumulate)
         np.testing.assert_allclose(out, reference(a, b0, out0, accumulate), rtol=tolerance(dtype, k),
                                    atol=tolerance(dtype, k))  # fmt: skip
-    a = rng.normal(size=(rows + 3, k)).astype(dtype)  # another row count: runs unpacked on b itself
+    a = rng.normal(size=(rows + 3, k)).astype(dtype)  # another row count: a packed B serves any
     out = np.empty((rows + 3, n), dtype)
     be.matmul(a, handle, out)
     np.testing.assert_allclose(out, reference(a, b0, out, False), rtol=tolerance(dtype, k), atol=tolerance(dtype, k))
@@ -245,11 +245,11 @@ def test_gpubptt_blas_picks_the_library_and_refuses_what_it_cannot_give(monkeypa
 def test_gradients_with_packed_step_gemms_equal_numpys_own_blas_in_float64(cell, monkeypatch):
     """Shapes at which MKL runs and packs W (B·H·G·H above ``MKL_MIN_FLOPS``), float64: the gradients equal
     those of the same model on NumPy's own BLAS (which is checked against references elsewhere) to rounding."""
-    T, B, D, H, K = 3, 64, 4, 128 if cell == "rnn" else 96, 5
+    T, B, D, H, K = 4, 64, 4, 128 if cell == "rnn" else 96, 5  # T·B ≥ PACK_MIN_ROWS: the steps repay a pack
     packs = []
     be = mkl_backend(most=1)
     real_pack = be.pack
-    monkeypatch.setattr(be, "pack", lambda b, rows: packs.append(type(p := real_pack(b, rows))) or p)
+    monkeypatch.setattr(be, "pack", lambda b, rows, steps=None: packs.append(type(p := real_pack(b, rows, steps))) or p)
     rng = np.random.default_rng(7)
     x, y = rng.normal(size=(T, B, D)), rng.integers(0, K, (T, B))
     grads = {}
@@ -276,3 +276,58 @@ def test_info_names_the_blas_that_runs_the_gemms(choice, monkeypatch):
         assert in_use.startswith("MKL 20") and "sequential" in in_use
     else:
         assert in_use == numpy_blas and not in_use.startswith("MKL")
+
+
+@needs_mkl
+def test_a_pack_is_made_only_for_enough_steps_and_a_packed_gemm_is_never_split(monkeypatch):
+    """A weight used by one step (sampling) stays unpacked; a packed step GEMM runs packed on one thread even
+    where its size would split it."""
+    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 0)
+    be = mkl_backend(most=2)
+    rng = np.random.default_rng(9)
+    b = rng.normal(size=(6, 5))
+    assert be.pack(b, 1, steps=1) is b  # 1 row × 1 step: the pack would cost more than it saves
+    assert be.pack(b, 2, steps=numpy_backend.PACK_MIN_ROWS // 2 - 1) is b
+    assert isinstance(be.pack(b, 2), PackedMatrix)  # steps None: many
+    handle = be.pack(b, 2, steps=numpy_backend.PACK_MIN_ROWS // 2)  # (the thread's latest pack: valid)
+    assert isinstance(handle, PackedMatrix)
+    monkeypatch.setattr(numpy_backend, "BLAS_THREADED_FLOPS", 1)  # every GEMM counts as large
+    used = []
+    real = MKL.compute
+    monkeypatch.setattr(MKL, "compute", lambda *args: used.append(args[2].shape) or real(*args))
+    monkeypatch.setattr(be, "_gemm_blocks", lambda *args: pytest.fail("a packed GEMM was split"))
+    a, out = rng.normal(size=(2, 6)), np.empty((2, 5))
+    be.matmul(a, handle, out)
+    assert used == [(2, 5)]
+    np.testing.assert_allclose(out, a @ b, rtol=1e-12)
+
+
+def test_mkl_num_threads_caps_the_threads_of_a_large_gemm():
+    """MKL reads none of OpenBLAS's variables: the fewest threads any thread variable asks for counts."""
+    assert numpy_backend.most_threads(2, 2, {"MKL_NUM_THREADS": "1"}) == 1
+    assert numpy_backend.most_threads(4, 8, {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "2"}) == 2
+    assert numpy_backend.most_threads(4, 8, {"OPENBLAS_NUM_THREADS": "4"}) == 4
+    assert numpy_backend.most_threads(4, 8, {"MKL_NUM_THREADS": "x"}) == 4  # not a number: the BLAS's own count
+    assert numpy_backend.most_threads(4, 8, {}) == 4
+
+
+def test_a_bad_blas_argument_is_named_as_the_argument(monkeypatch):
+    monkeypatch.delenv("GPUBPTT_BLAS", raising=False)
+    with pytest.raises(gpubptt.InputError, match=r"^blas='openblas' is not a BLAS choice"):
+        NumpyBackend(blas="openblas")
+
+
+@needs_mkl
+def test_mkl_started_threaded_by_someone_else_runs_each_gemm_on_one_thread_and_says_so(monkeypatch):
+    from gpubptt.backend._mkl import Mkl
+
+    threaded = Mkl(MKL.lib, MKL.path, sequential=False)  # as when MKL was in use before gpubptt loaded it
+    asked = []
+    monkeypatch.setattr(threaded.lib, "MKL_Set_Num_Threads_Local", lambda n: asked.append(n) or 1)
+    rng = np.random.default_rng(10)
+    a, b, out = rng.normal(size=(7, 5)), rng.normal(size=(5, 3)), np.empty((7, 3))
+    assert threaded.gemm(a, b, out, False) and threaded.gemm(a, b, out, False)
+    np.testing.assert_allclose(out, a @ b, rtol=1e-12)
+    assert asked == [1]  # once per thread
+    monkeypatch.setattr(numpy_backend, "_choose_mkl", lambda blas: threaded)
+    assert "threaded, one thread per GEMM" in NumpyBackend().blas_library

@@ -110,3 +110,45 @@ def test_the_torch_module_refuses_an_input_changed_in_place_before_backward_and_
     (plain,) = torch.autograd.grad((gru(x)[0] ** 2).sum(), x)  # torch's own GRU, the reference
     (ours,) = torch.autograd.grad((rec(x)[0] ** 2).sum(), x, create_graph=True)  # first order under create_graph
     torch.testing.assert_close(ours, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_a_model_state_without_the_parameter_name_cache_loads_and_runs():
+    """A model pickled before ``recurrence_params`` cached its names has no ``_param_names``: it still runs."""
+    import pickle
+
+    m = gpubptt.RNN(3, 4, 5, num_layers=2, cell="lstm", backend="numpy", dtype="float64", seed=0)
+    state = m.__getstate__()
+    assert "_param_names" not in state  # not pickled: remade on first use
+    old = gpubptt.RNN.__new__(gpubptt.RNN)
+    old.__setstate__(state)
+    x, y = np.random.default_rng(0).normal(size=(6, 2, 3)), np.zeros((6, 2), int)
+    assert old.loss_and_grads(x, y)[0] == pytest.approx(m.loss_and_grads(x, y)[0], rel=1e-12)
+    assert pickle.loads(pickle.dumps(m)).loss_and_grads(x, y)[0] == pytest.approx(m.loss_and_grads(x, y)[0], rel=1e-12)
+
+
+def test_the_torch_module_keeps_the_wrapped_models_precision_and_refuses_it_for_float64():
+    torch = pytest.importorskip("torch")
+    from gpubptt.torch import Recurrent
+
+    model = gpubptt.RNN(3, 16, 2, cell="gru", backend="numpy", seed=0, precision="bf16")
+    model.params["W"][...] *= 8  # large enough that bf16's rounding shows in the states
+    rec = Recurrent(model)
+    x = torch.randn(5, 2, 3)
+    out = rec(x)[0].detach().numpy()
+    bf16 = model.vjp(x.numpy())[0].states  # torch's zero bias_hh: the same summed biases
+    model.precision = "fp32"
+    fp32 = model.vjp(x.numpy())[0].states
+    assert rec.precision == "bf16" and np.abs(out - bf16).max() <= 1e-6 < np.abs(out - fp32).max()
+    lstm = torch.nn.LSTM(3, 4).double()
+    assert Recurrent.from_module(lstm).precision == "fp32"
+    with pytest.raises(gpubptt.InputTypeError, match=r"precision='tf32', float32 only.*float64"):
+        Recurrent.from_module(lstm, precision="tf32")(torch.randn(5, 2, 3, dtype=torch.float64))
+
+
+def test_host_scratch_lets_outgrown_buffers_go():
+    from gpubptt.backend.precision import Scratch
+
+    scratch = Scratch()
+    for n in (10, 100, 1000):
+        scratch.get("a", (n,), np.float32, np)
+    assert len(scratch._local.pools[("a", np.dtype(np.float32).str)]) == 1  # only the largest is held

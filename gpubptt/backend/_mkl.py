@@ -15,6 +15,7 @@ import functools
 import os
 import re
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,9 +91,16 @@ class Mkl:
     """One loaded libmkl_rt: GEMMs (``gemm``), B packed once (``packed``) and GEMMs on it (``compute``), in
     float32 and float64, through ctypes functions whose prototypes are set once."""
 
-    def __init__(self, lib: ctypes.CDLL, path: str) -> None:
+    def __init__(self, lib: ctypes.CDLL, path: str, *, sequential: bool = True) -> None:
         self.lib = lib
         self.path = path
+        #: whether MKL runs its SEQUENTIAL layer; where it does not (MKL was in use before gpubptt loaded it),
+        #: every thread that calls a GEMM first asks MKL for one thread of its own (``_one_thread``)
+        self.sequential = sequential
+        self._threads_set = threading.local()
+        if not sequential:
+            lib.MKL_Set_Num_Threads_Local.argtypes = [ctypes.c_int]
+            lib.MKL_Set_Num_Threads_Local.restype = ctypes.c_int
         i, p, size_t = ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t
         self._gemm: dict[str, Any] = {}
         self._pack_size: dict[str, Any] = {}
@@ -133,6 +141,8 @@ class Mkl:
         call = self._operands(a, b, out)
         if call is None:
             return False
+        if not self.sequential:
+            self._one_thread()
         ta, lda, pa, tb, ldb, pb, ldc, pc = call
         m, k = a.shape
         self._gemm[out.dtype.char](
@@ -148,6 +158,8 @@ class Mkl:
         call = self._operands(a, packed.b, out)
         if call is None:
             return False
+        if not self.sequential:
+            self._one_thread()
         ta, lda, pa, _, _, _, ldc, pc = call
         m, k = a.shape
         n = out.shape[1]
@@ -155,6 +167,13 @@ class Mkl:
             ROW_MAJOR, ta, PACKED, m, n, k, pa, lda, packed.ptr, n, 1.0 if accumulate else 0.0, pc, ldc
         )
         return True
+
+    def _one_thread(self) -> None:
+        """MKL threaded by someone else: this thread's GEMMs on one MKL thread (a thread-local setting, made
+        once per thread), so that gpubptt's own split never runs on top of MKL's threads."""
+        if not getattr(self._threads_set, "done", False):
+            self.lib.MKL_Set_Num_Threads_Local(1)
+            self._threads_set.done = True
 
     def gemm_allowed(self, a: Any, b: Any, out: Any) -> bool:
         """Whether ``gemm`` runs a @ b into out (and so any block of rows or columns of it)."""
@@ -237,8 +256,9 @@ def load_mkl() -> tuple[Mkl | None, str]:
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
             lib.MKL_Set_Threading_Layer.argtypes = [ctypes.c_int]
             lib.MKL_Set_Threading_Layer.restype = ctypes.c_int
-            lib.MKL_Set_Threading_Layer(SEQUENTIAL)
-            return Mkl(lib, path), path
+            # the layer in force: another user of this libmkl_rt may have started MKL threaded already
+            sequential = lib.MKL_Set_Threading_Layer(SEQUENTIAL) == SEQUENTIAL
+            return Mkl(lib, path, sequential=sequential), path
         except (OSError, AttributeError) as exc:
             errors.append(f"{path}: {exc}")
     return None, "; ".join(errors)

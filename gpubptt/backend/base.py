@@ -213,10 +213,11 @@ class Backend:
         """
         raise NotImplementedError
 
-    def pack(self, b: Any, rows: int) -> Any:
-        """b (k, n) prepared for many ``matmul(a, handle, out)`` with a (rows, k), e.g. the recurrent weight of
-        every step; b itself where the backend has nothing to prepare (the default). A handle is valid
-        until b changes: make it per call, never keep it across calls."""
+    def pack(self, b: Any, rows: int, steps: int | None = None) -> Any:
+        """b (k, n) prepared for ``steps`` (None: many) ``matmul(a, handle, out)`` with a (rows, k), e.g. the
+        recurrent weight of every step; b itself where the backend has nothing to prepare (the default) or
+        the steps would not repay it. A handle is valid until b changes: make it per call, never keep it
+        across calls."""
         return b
 
     def run_concurrently(self, jobs: list[Callable[[], None]]) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "BLAS_VAR",
     "MKL_MIN_FLOPS",
     "ONEHOT_MAX_VOCAB",
+    "PACK_MIN_ROWS",
     "BlasThreads",
     "NumpyBackend",
     "most_threads",
@@ -42,6 +43,12 @@ MKL_HINT = "pip install mkl, or pip install 'gpubptt[mkl]' (x86-64 only)"
 #: 61 / 54. ``pack`` packs a weight (MKL's packed B, reused by every step of a recurrence) from the same size.
 MKL_MIN_FLOPS = 1 << 21
 
+#: A weight is packed for a loop whose GEMMs take this many rows in all (steps × rows per step), no fewer:
+#: a pack costs about one plain GEMM of 32 rows and saves about a third of each packed one ((32 × 256)·(256 ×
+#: 1024): pack 0.16 ms, GEMM 0.20 ms plain, 0.14 ms packed); one step at B = 1, H = 512 took 3.5 ms packed
+#: against 0.6 ms plain (sampling).
+PACK_MIN_ROWS = 256
+
 #: A GEMM of fewer FLOPs (2·m·n·k) runs on one BLAS thread, a larger one on all the BLAS threads this
 #: process may use. The per-step GEMMs (m = B rows) fall below it, the batched ones (input projection,
 #: dW/dU, output layer: T·B rows) above. Below it a second thread buys little alone (OpenBLAS on a
@@ -58,12 +65,17 @@ LOCAL_RANK_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_
 
 
 def most_threads(library_threads: int, cores: int, environ: Mapping[str, str]) -> int:
-    """The BLAS threads a large GEMM may take in this process: ``library_threads`` (the BLAS's own count,
-    which already honours the user's thread variables) where the user set one of ``THREAD_VARIABLES``;
+    """The BLAS threads a large GEMM may take in this process: where the user set one of ``THREAD_VARIABLES``,
+    ``library_threads`` (the BLAS's own count, which honours its own variables) or fewer where another of them
+    asks for fewer (``MKL_NUM_THREADS=1`` under MKL);
     else the usable cores divided among the ranks that the MPI launcher says share this host.
     """
     if any(name in environ for name in THREAD_VARIABLES):
-        return max(1, library_threads)
+        asked = []  # MKL reads none of OpenBLAS's variables: the fewest threads any of them asks for counts
+        for name in THREAD_VARIABLES:
+            with contextlib.suppress(KeyError, ValueError):
+                asked.append(int(environ[name]))
+        return max(1, min([library_threads, *(n for n in asked if n > 0)]))
     ranks = 1
     for name in LOCAL_RANK_VARIABLES:
         with contextlib.suppress(KeyError, ValueError):
@@ -159,7 +171,11 @@ class NumpyBackend(Backend):
         self.blas = "numpy" if self.mkl is None else "mkl"
         #: the GEMM library described: NumPy's BLAS as threadpoolctl reports it, or MKL's version string and
         #: "sequential" (large GEMMs are split over the backend's own threads: ``matmul``)
-        self.blas_library = self.blas_threads.library if self.mkl is None else f"{self.mkl.version} (sequential)"
+        self.blas_library = (
+            self.blas_threads.library
+            if self.mkl is None
+            else f"{self.mkl.version} ({'sequential' if self.mkl.sequential else 'threaded, one thread per GEMM'})"
+        )
         #: whether ``run_concurrently`` may use Python threads (the two directions of a bidirectional layer)
         self.concurrent = True
         self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
@@ -206,15 +222,15 @@ class NumpyBackend(Backend):
             if flops >= MKL_MIN_FLOPS:
                 threads = self.blas_threads
                 split = flops >= BLAS_THREADED_FLOPS and threads.most >= 2 and threads.enabled
-                if type(b) is PackedMatrix:
-                    if not split and mkl.compute(a, b, out, accumulate):
+                if type(b) is PackedMatrix:  # a step GEMM: packed on one thread beats the split (585 vs 1481 µs)
+                    if mkl.compute(a, b, out, accumulate):
                         return
                     b = b.b
                 if not split:
                     if mkl.gemm(a, b, out, accumulate):
                         return
                 elif mkl.gemm_allowed(a, b, out):
-                    self._gemm_blocks(mkl, a, b, out, accumulate)
+                    self._gemm_blocks(mkl, a, b, out, accumulate, threads.most)
                     return
         if type(b) is PackedMatrix:
             b = b.b
@@ -231,10 +247,9 @@ class NumpyBackend(Backend):
         finally:
             threads.leave()
 
-    def _gemm_blocks(self, mkl: Mkl, a: Any, b: Any, out: Any, accumulate: bool) -> None:
-        """out (+)= a @ b as ``most`` GEMMs at once: blocks of rows, or of columns where there are fewer rows
-        than 8 per thread (each block an MKL GEMM in one of the backend's threads; ctypes releases the GIL)."""
-        parts = self.blas_threads.most
+    def _gemm_blocks(self, mkl: Mkl, a: Any, b: Any, out: Any, accumulate: bool, parts: int) -> None:
+        """out (+)= a @ b as ``parts`` (≥ 2) GEMMs at once: blocks of rows, or of columns where there are fewer
+        rows than 8 per thread (each block an MKL GEMM in one of the backend's threads; ctypes releases the GIL)."""
         m, n = out.shape
         by_rows = m >= 8 * parts or m >= n
         edges = np.linspace(0, m if by_rows else n, parts + 1).astype(int)
@@ -245,6 +260,8 @@ class NumpyBackend(Backend):
         ]
         pool = self._gemm_pool
         if pool is None or pool[0] != os.getpid() or pool[1] < parts - 1:  # a forked child has no threads
+            if pool is not None and pool[0] == os.getpid():
+                pool[2].shutdown(wait=False)  # its threads end once idle
             pool = self._gemm_pool = (os.getpid(), parts - 1, ThreadPoolExecutor(parts - 1, "gpubptt-gemm"))
 
         def run(block: tuple[Any, Any, Any]) -> None:
@@ -258,15 +275,16 @@ class NumpyBackend(Backend):
             for f in others:
                 f.result()
 
-    def pack(self, b: Any, rows: int) -> Any:
-        """b (k, n) packed for many GEMMs a (rows, k) @ b (MKL's packed B) where MKL runs, the operand allows it
-        and the GEMM is large enough to gain (``MKL_MIN_FLOPS``); else b itself. The handle holds a copy of
+    def pack(self, b: Any, rows: int, steps: int | None = None) -> Any:
+        """b (k, n) packed for many GEMMs a (rows, k) @ b (MKL's packed B) where MKL runs, the operand allows it,
+        the GEMM is large enough to gain (``MKL_MIN_FLOPS``) and it runs often enough to repay the pack
+        (``steps`` times, None: many; ``PACK_MIN_ROWS`` rows in all); else b itself. The handle holds a copy of
         b, in a buffer this thread reuses: make it after b's last change and use it until this thread's next
         ``pack`` (a handle used after that runs unpacked: right, only slower). Under tf32/bf16, b itself: the
         rounding needs the raw operand."""
         if self.mkl is None or self.precision != "fp32" or type(b) is not np.ndarray or b.ndim != 2:
             return b
-        if 2 * rows * b.shape[0] * b.shape[1] < MKL_MIN_FLOPS:
+        if 2 * rows * b.shape[0] * b.shape[1] < MKL_MIN_FLOPS or (steps is not None and steps * rows < PACK_MIN_ROWS):
             return b
         slots = getattr(self._pack_slots, "slots", None)
         if slots is None:
@@ -328,17 +346,18 @@ class NumpyBackend(Backend):
 
 def _choose_mkl(blas: str | None) -> Mkl | None:
     """The MKL to run GEMMs on for the choice ``blas`` (None: ``GPUBPTT_BLAS``, default "auto"), or None."""
+    what = "blas" if blas is not None else BLAS_VAR  # the argument, or the variable it came from
     if blas is None:
         blas = os.environ.get(BLAS_VAR, "").strip() or "auto"
     if not isinstance(blas, str) or blas.lower() not in BLAS_CHOICES:
-        raise InputError(f"{BLAS_VAR}={blas!r} is not a BLAS choice; expected one of {', '.join(BLAS_CHOICES)}")
+        raise InputError(f"{what}={blas!r} is not a BLAS choice; expected one of {', '.join(BLAS_CHOICES)}")
     blas = blas.lower()
     if blas == "numpy":
         return None
     mkl, why = load_mkl()
     if mkl is None and blas == "mkl":
         raise BackendUnavailableError(
-            f"{BLAS_VAR}=mkl asks for MKL's GEMMs, but MKL could not be loaded ({why}); install it with "
-            f"{MKL_HINT}, or set {BLAS_VAR}=auto or numpy"
+            f"{what}=mkl asks for MKL's GEMMs, but MKL could not be loaded ({why}); install it with "
+            f"{MKL_HINT}, or use auto or numpy"
         )
     return mkl

@@ -118,8 +118,9 @@ class Scratch:
     """Buffers for rounded GEMM operands, per thread and operand slot, reused from call to call.
 
     ``get(slot, shape, dtype, xp)`` returns a C-ordered array of ``shape`` viewed from the thread's
-    largest buffer for that slot; a buffer too small is replaced by one twice the size, and the old one
-    is kept (a captured CUDA graph may still read it), so a steady loop allocates nothing.
+    largest buffer for that slot; a buffer too small is replaced by one twice the size, so a steady loop
+    allocates nothing. On the device the old one is kept (a captured CUDA graph may still read it); on the
+    host it is let go.
     """
 
     def __init__(self) -> None:
@@ -132,7 +133,10 @@ class Scratch:
         held = pools.setdefault(key, [])
         n = int(np.prod(shape, dtype=np.int64))
         if not held or held[-1].size < n:
-            held.append(xp.empty(max(n, 2 * held[-1].size if held else n), dtype=dtype))
+            bigger = xp.empty(max(n, 2 * held[-1].size if held else n), dtype=dtype)
+            if xp is np:
+                held.clear()  # no graph on the host: nothing else reads an outgrown buffer
+            held.append(bigger)
         return held[-1][:n].reshape(shape)
 
 

@@ -21,7 +21,7 @@ def forward_weight(W: Any, Wt: Any, T: int, B: int, be: Backend) -> Any:
     the view itself (packing transposes it).
     """
     view = W.T
-    packed = be.pack(view, B)
+    packed = be.pack(view, B, T)
     if packed is not view:
         return packed
     H = W.shape[1]

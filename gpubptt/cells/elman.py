@@ -147,7 +147,9 @@ class ElmanCell(Cell):
         if pre.shape[0] == 0:
             return
         k = kernels(be)
-        Wt = be.pack(W.T, pre.shape[1])  # Wᵀ packed once for all steps where the backend packs (MKL), else the view
+        Wt = be.pack(
+            W.T, pre.shape[1], pre.shape[0]
+        )  # Wᵀ packed once for all steps where the backend packs (MKL), else the view
         if self.nonlinearity == "relu":
             for t in range(pre.shape[0]):
                 k.relu_forward_step(S[t], W, pre[t], S[t + 1], scratch, Wt)  # s_t = max(pre_t + s_{t-1} @ W.T, 0)
@@ -176,7 +178,7 @@ class ElmanCell(Cell):
         k = kernels(be)
         if T == 1 or k.backward_recurrence(G, W, F, step_kernels):  # all steps in one kernel
             return
-        Wp = be.pack(W, G.shape[1])  # W packed once for all steps where the backend packs (MKL), else W
+        Wp = be.pack(W, G.shape[1], G.shape[0])  # W packed once for all steps where the backend packs (MKL), else W
         for t in range(T - 2, -1, -1):
             k.backward_step(G[t + 1], W, F[t], G[t], carry, step_kernels, Wp)  # δ_t = (g_t + δ_{t+1} @ W) ⊙ f_t
 

@@ -153,7 +153,7 @@ class GRUCell(GatedCell):
         W, A, dw, tmp = p["W"], aux["A"], aux["dw"], aux["tmp"]
         carry = ds0  # dh_t's share from step t+1; after step 0 it is ∂E/∂h0
         carry[...] = 0
-        Wp = be.pack(W, B)  # W packed once for all T steps where the backend packs (MKL), else W
+        Wp = be.pack(W, B, T)  # W packed once for all T steps where the backend packs (MKL), else W
         for t in range(T - 1, -1, -1):
             k.backward(G[t], S[t], A[t], carry, work[t], dw[t], tmp)  # the gates' gradients; tmp[0] = dh ⊙ z
             be.matmul(dw[t], Wp, carry)  # ∂w_t @ W: all three gates in one GEMM

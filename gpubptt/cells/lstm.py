@@ -163,7 +163,7 @@ class LSTMCell(GatedCell):
         dh, dc = ds0, grads["c0"]  # what step t+1 sends back to h_t and c_t; after step 0, ∂E/∂h0 and ∂E/∂c0
         dh[...] = 0
         dc[...] = 0
-        Wp = be.pack(W, B)  # W packed once for all T steps where the backend packs (MKL), else W
+        Wp = be.pack(W, B, T)  # W packed once for all T steps where the backend packs (MKL), else W
         for t in range(T - 1, -1, -1):
             for cols, values in d_extra.get(t, ()) if d_extra else ():
                 dc[cols] += values
