@@ -46,7 +46,9 @@ MKL_MIN_FLOPS = 1 << 21
 #: A weight is packed for a loop whose GEMMs take this many rows in all (steps × rows per step), no fewer:
 #: a pack costs about one plain GEMM of 32 rows and saves about a third of each packed one ((32 × 256)·(256 ×
 #: 1024): pack 0.16 ms, GEMM 0.20 ms plain, 0.14 ms packed); one step at B = 1, H = 512 took 3.5 ms packed
-#: against 0.6 ms plain (sampling).
+#: against 0.6 ms plain (sampling). A GEMM that ``matmul`` splits over threads is not packed: split in two it
+#: beat one packed thread on an idle 2-core VM, (128 × 1024)·(1024 × 4096) 6.2 against 9.4 ms, (64 × 512)·(512 ×
+#: 2048) 1.1 against 1.3 ms (on a loaded one, the other way round: 9.5 against 6.8 ms).
 PACK_MIN_ROWS = 256
 
 #: A GEMM of fewer FLOPs (2·m·n·k) runs on one BLAS thread, a larger one on all the BLAS threads this
@@ -222,8 +224,8 @@ class NumpyBackend(Backend):
             if flops >= MKL_MIN_FLOPS:
                 threads = self.blas_threads
                 split = flops >= BLAS_THREADED_FLOPS and threads.most >= 2 and threads.enabled
-                if type(b) is PackedMatrix:  # a step GEMM: packed on one thread beats the split (585 vs 1481 µs)
-                    if mkl.compute(a, b, out, accumulate):
+                if type(b) is PackedMatrix:
+                    if not split and mkl.compute(a, b, out, accumulate):
                         return
                     b = b.b
                 if not split:
@@ -277,15 +279,19 @@ class NumpyBackend(Backend):
 
     def pack(self, b: Any, rows: int, steps: int | None = None) -> Any:
         """b (k, n) packed for many GEMMs a (rows, k) @ b (MKL's packed B) where MKL runs, the operand allows it,
-        the GEMM is large enough to gain (``MKL_MIN_FLOPS``) and it runs often enough to repay the pack
-        (``steps`` times, None: many; ``PACK_MIN_ROWS`` rows in all); else b itself. The handle holds a copy of
+        the GEMM is large enough to gain (``MKL_MIN_FLOPS``) but not so large that ``matmul`` splits it, and it
+        runs often enough to repay the pack (``steps`` times, None: many; ``PACK_MIN_ROWS`` rows in all); else
+        b itself. The handle holds a copy of
         b, in a buffer this thread reuses: make it after b's last change and use it until this thread's next
         ``pack`` (a handle used after that runs unpacked: right, only slower). Under tf32/bf16, b itself: the
         rounding needs the raw operand."""
         if self.mkl is None or self.precision != "fp32" or type(b) is not np.ndarray or b.ndim != 2:
             return b
-        if 2 * rows * b.shape[0] * b.shape[1] < MKL_MIN_FLOPS or (steps is not None and steps * rows < PACK_MIN_ROWS):
+        flops = 2 * rows * b.shape[0] * b.shape[1]
+        if flops < MKL_MIN_FLOPS or (steps is not None and steps * rows < PACK_MIN_ROWS):
             return b
+        if flops >= BLAS_THREADED_FLOPS and self.blas_threads.most >= 2 and self.blas_threads.enabled:
+            return b  # ``matmul`` splits such a GEMM over threads, unpacked: faster alone (see ``PACK_MIN_ROWS``)
         slots = getattr(self._pack_slots, "slots", None)
         if slots is None:
             slots = self._pack_slots.slots = {}
