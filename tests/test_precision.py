@@ -5,11 +5,13 @@ copies; and (marked ``gpu``) CuPy's tensor-core GEMMs against the NumPy emulatio
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
 import pickle
 import re
 import struct
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,21 +128,14 @@ def test_gradient_error_against_float64_within_the_stated_bound(cell, precision)
         assert min(errors) > 2.0 ** -(MANTISSA[precision] + 5), errors
 
 
-def loss_curve(cell: str, precision: str, steps: int = 60) -> np.ndarray:
-    """Per-step mean loss of plain SGD on recalling the token two steps back."""
-    rng = np.random.default_rng(0)
-    lr = 0.5 if cell == "rnn" else 2.0
-    model = gpubptt.RNN(8, 24, 8, cell=cell, backend="numpy", seed=1, init="torch", precision=precision)
-    losses = []
-    for _ in range(steps):
-        x = rng.integers(0, 8, size=(10, 8))
-        y = np.roll(x, 2, axis=0)
-        y[:2] = 0
-        loss, grads = model.loss_and_grads(x, y, reduction="mean")
-        losses.append(float(loss))
-        for k, p in model.params.items():
-            p -= lr * grads[k]
-    return np.array(losses)
+def loss_curve(cell: str, precision: str) -> np.ndarray:
+    """Per-step mean loss of plain SGD on recalling the token two steps back: ``benchmarks/precision_error.py``'s
+    curve (the one its table reports)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "precision_error.py"
+    spec = importlib.util.spec_from_file_location("bench_precision_error", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.loss_curve(cell, precision)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm"])
