@@ -41,7 +41,9 @@ MKL_HINT = "pip install mkl, or pip install 'gpubptt[mkl]' (x86-64 only)"
 #: ctypes call's) loses there. One thread, a 2-core AVX-512 CPU (``benchmarks/blas_gemm.py``), µs per GEMM,
 #: OpenBLAS / MKL: (1 × 100)·(100 × 100) 2.9 / 12; (16 × 128)·(128 × 128) 8.7 / 18; (32 × 256)·(256 × 256)
 #: 61 / 54. ``pack`` packs a weight (MKL's packed B, reused by every step of a recurrence) from the same size.
-MKL_MIN_FLOPS = 1 << 21
+#: 4 MFLOP, not 2: at (64 × 128)·(128 × 128) (2.1 MFLOP, the step of ``gpubptt bench``'s H = 128 sweep) the
+#: packed steps ran 34 µs in the loop against OpenBLAS's 30, and the whole call 20 against 17 ms.
+MKL_MIN_FLOPS = 1 << 22
 
 #: A weight is packed for a loop whose GEMMs take this many rows in all (steps × rows per step), no fewer:
 #: a pack costs about one plain GEMM of 32 rows and saves about a third of each packed one ((32 × 256)·(256 ×
