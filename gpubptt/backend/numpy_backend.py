@@ -112,7 +112,9 @@ class BlasThreads:
             libs = ThreadpoolController().select(user_api="blas").lib_controllers
         except Exception:  # no threadpoolctl, or it cannot read this process's libraries: leave the BLAS be
             libs = []
-        lib = next((c for c in libs if "numpy" in (c.filepath or "")), libs[0] if libs else None)
+        # NumPy's own BLAS: the library in NumPy's folder, else one that is not the MKL gpubptt may have loaded
+        others = [c for c in libs if c.internal_api != "mkl"] or libs
+        lib = next((c for c in libs if "numpy" in (c.filepath or "")), others[0] if others else None)
         if lib is None:
             return
         self.library = f"{lib.internal_api} {lib.version} ({lib.threading_layer})"
