@@ -356,3 +356,23 @@ def test_cublas_gemm_ex_path_computes_the_emulated_product(monkeypatch, precisio
     get_backend("numpy").with_precision(precision).matmul(A, Bm, want, accumulate=accumulate)
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-6, atol=1e-6)
     assert calls == [(14, 14, 0, 68)] if precision == "bf16" else calls == [(0, 0, 0, 77)]
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_a_weight_packed_under_a_precision_is_rounded_once_and_gives_the_same_products(precision):
+    from gpubptt.backend.precision import Rounded
+
+    be = get_backend("numpy").with_precision(precision)
+    rng = np.random.default_rng(11)
+    W = rng.normal(size=(24, 40)).astype(np.float32)
+    handle = be.pack(W, 16, 8)
+    assert type(handle) is Rounded and be.pack(W, 16, 1) is W  # one step: nothing to repay a rounding
+    for _ in range(3):  # several steps against the one rounded weight
+        a = rng.normal(size=(16, 24)).astype(np.float32)
+        once, each = np.empty((16, 40), np.float32), np.empty((16, 40), np.float32)
+        be.matmul(a, handle, once)
+        be.matmul(a, W, each)
+        np.testing.assert_array_equal(once, each)
+    exact = np.empty((16, 40), np.float32)
+    be.exact.matmul(a, handle, exact)  # the float32 backend reads the raw weight
+    np.testing.assert_allclose(exact, a @ W, rtol=1e-5, atol=1e-5)

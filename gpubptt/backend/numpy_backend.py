@@ -17,7 +17,7 @@ from ..errors import BackendUnavailableError, InputError
 from ..timing import sync_timer
 from ._mkl import Mkl, PackedMatrix, PackSlot, load_mkl
 from .base import Backend, TokenPlan, is_cupy_array
-from .precision import rounded_operands
+from .precision import Rounded, rounded_operands
 
 __all__ = [
     "BLAS_CHOICES",
@@ -221,7 +221,9 @@ class NumpyBackend(Backend):
         tf32/bf16 (``with_precision``) the operands are rounded first (a pack is read unpacked)."""
         if self.precision != "fp32":  # emulated tf32/bf16: the operands rounded exactly, then the float32 GEMM
             b = b.b if type(b) is PackedMatrix else b  # the raw weight: a pack holds it unrounded
-            a, b = rounded_operands(self._scratch, a, b, self.precision)
+            a, b = rounded_operands(self._scratch, a, b, self.precision)  # a ``pack`` of b: rounded already
+        elif type(b) is Rounded:
+            b = b.b
         mkl = self.mkl
         if mkl is not None and len(a.shape) == 2 and len(b.shape) == 2:
             flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
@@ -287,9 +289,13 @@ class NumpyBackend(Backend):
         runs often enough to repay the pack (``steps`` times, None: many; ``PACK_MIN_ROWS`` rows in all); else
         b itself. The handle holds a copy of
         b, in a buffer this thread reuses: make it after b's last change and use it until this thread's next
-        ``pack`` (a handle used after that runs unpacked: right, only slower). Under tf32/bf16, b itself: the
-        rounding needs the raw operand."""
-        if self.mkl is None or self.precision != "fp32" or type(b) is not np.ndarray or b.ndim != 2:
+        ``pack`` (a handle used after that runs unpacked: right, only slower). Under tf32/bf16, b rounded once
+        (``precision.Rounded``, for NumPy and MKL alike) where the steps repay it."""
+        if self.precision != "fp32":
+            if type(b) is not np.ndarray or b.dtype != np.float32 or (steps is not None and steps < 2):
+                return b
+            return Rounded(b, self.precision)
+        if self.mkl is None or type(b) is not np.ndarray or b.ndim != 2:
             return b
         flops = 2 * rows * b.shape[0] * b.shape[1]
         if flops < MKL_MIN_FLOPS or (steps is not None and steps * rows < PACK_MIN_ROWS):

@@ -39,6 +39,7 @@ from ..errors import InputError
 __all__ = [
     "BF16_ROUND_BODY",
     "PRECISIONS",
+    "Rounded",
     "Scratch",
     "check_precision",
     "round_bf16",
@@ -140,11 +141,30 @@ class Scratch:
         return held[-1][:n].reshape(shape)
 
 
+class Rounded:
+    """A GEMM operand b rounded once (``r``), for many GEMMs at one precision: what ``NumpyBackend.pack``
+    returns under tf32/bf16, so that a step loop rounds its weight once per call, not once per step."""
+
+    def __init__(self, b: Any, precision: str) -> None:
+        self.b, self.precision = b, precision
+        self.r = np.empty(b.shape, np.float32)
+        round_bits(b, self.r, DROPPED_BITS[precision])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.b.shape
+
+
 def rounded_operands(scratch: Scratch, a: Any, b: Any, precision: str) -> tuple[Any, Any]:
-    """(r(a), r(b)) in this thread's scratch buffers (NumPy): a (m, k), b (k, n) float32, any strides."""
+    """(r(a), r(b)) in this thread's scratch buffers (NumPy): a (m, k), b (k, n) float32, any strides; b may
+    be a ``Rounded`` of this precision (read as it is)."""
     dropped = DROPPED_BITS[precision]
     out = []
     for slot, x in (("a", a), ("b", b)):
+        if type(x) is Rounded and x.precision == precision:
+            out.append(x.r)
+            continue
+        x = x.b if type(x) is Rounded else x
         r = scratch.get(slot, x.shape, np.float32, np)
         round_bits(x, r, dropped, mask=scratch.get("mask_" + slot, x.shape, bool, np))
         out.append(r)
