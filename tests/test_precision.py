@@ -18,6 +18,7 @@ import pytest
 
 import gpubptt
 from gpubptt.backend import get_backend
+from gpubptt.backend.numpy_backend import NumpyBackend
 from gpubptt.backend.precision import BF16_ROUND_BODY, PRECISIONS, round_bf16, round_tf32
 from gpubptt.errors import InputError
 
@@ -376,3 +377,17 @@ def test_a_weight_packed_under_a_precision_is_rounded_once_and_gives_the_same_pr
     exact = np.empty((16, 40), np.float32)
     be.exact.matmul(a, handle, exact)  # the float32 backend reads the raw weight
     np.testing.assert_allclose(exact, a @ W, rtol=1e-5, atol=1e-5)
+
+
+def test_a_precision_view_shares_its_backends_settings_and_threads():
+    be = NumpyBackend()
+    view = be.with_precision("bf16")
+    be.concurrent = False
+    assert view.concurrent is False  # set on the backend after the view was made
+    view.concurrent = True
+    assert be.concurrent is True
+    ran = []
+    view.run_concurrently([lambda: ran.append(1), lambda: ran.append(2)])
+    assert sorted(ran) == [1, 2]
+    if view.blas_threads.most >= 2:  # the jobs ran on the backend's own pool, not on one of the view's
+        assert be._pool is not None and view.__dict__.get("_pool") is None

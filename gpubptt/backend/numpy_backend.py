@@ -182,11 +182,20 @@ class NumpyBackend(Backend):
             if self.mkl is None
             else f"{self.mkl.version} ({'sequential' if self.mkl.sequential else 'threaded, one thread per GEMM'})"
         )
-        #: whether ``run_concurrently`` may use Python threads (the two directions of a bidirectional layer)
         self.concurrent = True
         self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
         self._gemm_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool): split MKL GEMMs
         self._pack_slots = threading.local()  # .slots: {dtype char: PackSlot}, one set per thread
+
+    @property
+    def concurrent(self) -> bool:
+        """Whether ``run_concurrently`` may use Python threads (the two directions of a bidirectional layer);
+        one setting for this backend and its ``with_precision`` views."""
+        return self.exact.__dict__.get("_concurrent", True)
+
+    @concurrent.setter
+    def concurrent(self, value: bool) -> None:
+        self.exact.__dict__["_concurrent"] = bool(value)
 
     def asarray(self, a: Any, dtype: Any = None) -> Any:
         if is_cupy_array(a):
@@ -266,11 +275,12 @@ class NumpyBackend(Backend):
             for i, j in itertools.pairwise(edges)
             if j > i
         ]
-        pool = self._gemm_pool
+        home = self.exact  # the pools are the float32 backend's, shared with its precision views
+        pool = home._gemm_pool
         if pool is None or pool[0] != os.getpid() or pool[1] < parts - 1:  # a forked child has no threads
             if pool is not None and pool[0] == os.getpid():
                 pool[2].shutdown(wait=False)  # its threads end once idle
-            pool = self._gemm_pool = (os.getpid(), parts - 1, ThreadPoolExecutor(parts - 1, "gpubptt-gemm"))
+            pool = home._gemm_pool = (os.getpid(), parts - 1, ThreadPoolExecutor(parts - 1, "gpubptt-gemm"))
 
         def run(block: tuple[Any, Any, Any]) -> None:
             if not mkl.gemm(*block, accumulate):  # cannot happen (a block of allowed operands is allowed)
@@ -320,13 +330,14 @@ class NumpyBackend(Backend):
         if len(jobs) < 2 or threads.most < 2 or not self.concurrent:
             super().run_concurrently(jobs)
             return
-        if self._pool is None or self._pool[0] != os.getpid():  # a forked child has none of its parent's threads
-            self._pool = (os.getpid(), ThreadPoolExecutor(len(jobs) - 1, thread_name_prefix="gpubptt"))
+        home = self.exact  # the pools are the float32 backend's, shared with its precision views
+        if home._pool is None or home._pool[0] != os.getpid():  # a forked child has none of its parent's threads
+            home._pool = (os.getpid(), ThreadPoolExecutor(len(jobs) - 1, thread_name_prefix="gpubptt"))
         most = threads.most
         threads.most = 1  # per-step and batched GEMMs alike: one BLAS thread per Python thread
         try:
             threads.use(1)
-            others = [self._pool[1].submit(job) for job in jobs[1:]]
+            others = [home._pool[1].submit(job) for job in jobs[1:]]
             try:
                 jobs[0]()
             finally:
