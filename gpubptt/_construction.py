@@ -278,9 +278,12 @@ class Construction:
                 raise ShapeError(f"gradient {k} has shape {tuple(shape)}, expected {tuple(p.shape)} like the parameter")
 
     def to(self, backend: str | Backend) -> Any:
-        """A copy of this model on another backend (same dtype, weights and settings, precision included)."""
+        """A copy of this model on another backend (same dtype, weights and settings, precision included; a
+        ``Backend.with_precision`` view given as ``backend`` brings its own precision)."""
+        view = isinstance(backend, Backend) and backend.exact is not backend
+        precision = backend.precision if view else self.precision
         copy = type(self).from_params(
-            self.params, backend=backend, dropout=self.dropout, config=self.config, precision=self.precision
+            self.params, backend=backend, dropout=self.dropout, config=self.config, precision=precision
         )
         copy.init, copy.use_graphs = self.init, self.use_graphs
         copy.step_kernels, copy.chunk_elements = self.step_kernels, self.chunk_elements

@@ -391,3 +391,9 @@ def test_a_precision_view_shares_its_backends_settings_and_threads():
     assert sorted(ran) == [1, 2]
     if view.blas_threads.most >= 2:  # the jobs ran on the backend's own pool, not on one of the view's
         assert be._pool is not None and view.__dict__.get("_pool") is None
+
+
+def test_to_a_precision_view_takes_the_views_precision_and_to_a_name_keeps_the_models():
+    m = gpubptt.RNN(3, 4, 5, backend="numpy", seed=0, precision="bf16")
+    assert m.to(get_backend("numpy").with_precision("tf32")).precision == "tf32"
+    assert m.to("numpy").precision == "bf16" and m.to(get_backend("numpy")).precision == "bf16"
