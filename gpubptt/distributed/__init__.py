@@ -20,6 +20,7 @@ are imported only by the communicators that need them.
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -66,6 +67,11 @@ def make_communicator(kind: str = "none") -> Communicator:
     raise InputError(f"unknown distributed kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
+#: Seconds between a failing rank's message and its abort: without them the launcher (MPICH's Hydra) may end
+#: the job before it has forwarded the message (seen once in ~20 runs: the job failed without a word).
+ABORT_GRACE_S = 0.2
+
+
 def install_abort_hook(comm: Communicator) -> None:
     """On an uncaught exception: print it (prefixed with the rank), then ``comm.abort(1)`` ends every rank.
 
@@ -78,6 +84,8 @@ def install_abort_hook(comm: Communicator) -> None:
     def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
         text = "".join(traceback.format_exception(exc_type, exc, tb))
         sys.stderr.write(f"rank {comm.rank} of {comm.size} failed:\n{text}")
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)  # the launcher forwards the message before the abort tears its proxies down
         comm.abort(1)
 
     sys.excepthook = hook
