@@ -151,21 +151,10 @@ class Pullback:
         model, batch, ws = self._model, self._batch, self._segments
         xp, c = model.backend.xp, ws.c
         top = self._top_gradient(dtop, xp.empty(dtop.shape, dtype=model.dtype))
-        last_seg = len(ws.bounds) - 1
         _, _, empty = _last_steps(batch, model.backend)
-        at: dict[int, tuple[Any, Any]] = {}  # segment → (rows within it, columns) of each final step
-        rows_at: dict[int, dict[int, Any]] = {}  # segment → {row within it: the columns ending there}
         given = dh is not None or dc is not None
-        if given and batch.lengths is None:
-            at[last_seg] = (ws.bounds[last_seg][1] - ws.bounds[last_seg][0] - 1, slice(None))
-        elif given:
-            n = batch.lengths
-            keep = np.flatnonzero(n > 0)
-            seg = (n[keep] - 1) // c
-            for k in np.unique(seg):
-                j = keep[seg == k]
-                at[int(k)] = (model.backend.asarray(n[j] - 1 - k * c), model.backend.asarray(j))
-        for t, j in _by_last_step(batch, model.backend).items() if dc is not None else ():
+        rows_at: dict[int, dict[int, Any]] = {}  # segment → {row within it: the columns whose last step it is}
+        for t, j in _by_last_step(batch, model.backend).items() if given else ():
             rows_at.setdefault(t // c, {})[t % c] = j
 
         def head(k: int, _top: Any, dS: Any) -> None:
@@ -173,11 +162,10 @@ class Pullback:
             dS[...] = top[t0:t1]
 
         def inject(k: int, i: int, G: Any, d_extra: dict[int, list[tuple[Any, Any]]] | None = None) -> None:
-            if k in at and dh is not None:
-                r, j = at[k]
-                G[r, j] += dh[i][j]
-            if d_extra is not None:  # the cell's direct term on c at the rows where sequences end
-                for row, j in rows_at.get(k, {}).items():
+            for row, j in rows_at.get(k, {}).items():  # the rows of segment k where sequences end
+                if dh is not None:
+                    G[row, j] += dh[i][j]
+                if dc is not None and d_extra is not None:  # the cell's direct term on c
                     d_extra.setdefault(row, []).append((j, dc[i][j]))
 
         dx = None if batch.tokens or not self._want_dx else xp.empty((batch.T, batch.B, model.input_size), model.dtype)
