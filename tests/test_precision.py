@@ -397,3 +397,19 @@ def test_to_a_precision_view_takes_the_views_precision_and_to_a_name_keeps_the_m
     m = gpubptt.RNN(3, 4, 5, backend="numpy", seed=0, precision="bf16")
     assert m.to(get_backend("numpy").with_precision("tf32")).precision == "tf32"
     assert m.to("numpy").precision == "bf16" and m.to(get_backend("numpy")).precision == "bf16"
+
+
+def test_bench_torch_reference_leaves_torch_tf32_flags_as_they_were():
+    torch = pytest.importorskip("torch")
+    from gpubptt.bench import BenchConfig, run_bench
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, True  # a caller's own choice
+        cfg = BenchConfig(backends=["numpy"], seq_lens=[4], hidden_sizes=[8], batch=2, D=6, K=6, warmup=0, repeats=1,
+                          compare="torch", precision="tf32")  # fmt: skip
+        row = run_bench(cfg)["rows"][0]
+        assert row["torch"]["settings"]["cudnn.allow_tf32"] is True  # torch ran with the matching setting
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -5,7 +5,8 @@ Each reference checks its gradients against gpubptt's before it is timed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,19 @@ def _grad_errors(ref: dict[str, Any], got: dict[str, Any], dtype: str, tol: floa
     return {"grad_rel_err": errs, "grads_match": max(errs.values()) <= (GRAD_TOL[dtype] if tol is None else tol)}
 
 
+@contextmanager
+def _tf32(torch: Any, enabled: bool) -> Iterator[None]:
+    """torch's TF32 flags set to ``enabled`` for the block and restored after it: the model's precision against
+    torch's matching setting (on GPUs PyTorch lets cuDNN use TF32 by default, faster and less exact), without
+    changing the flags for the rest of the process (a caller's own torch code)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def torch_reference(
     model: RNN, x: Any, y: Any, grads: dict[str, Any], cfg: BenchConfig
 ) -> tuple[dict[str, Any], dict[str, tuple[Callable[[], Any], Timer]]]:
@@ -99,11 +113,6 @@ def torch_reference(
     """
     import torch
     import torch.nn.functional as F
-
-    # the model's precision against torch's matching setting: FP32 (on GPUs PyTorch lets cuDNN use TF32 by
-    # default, which is faster and less exact), TF32 matmuls and cuDNN, or bf16 autocast (FP32 weights)
-    torch.backends.cudnn.allow_tf32 = cfg.precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = cfg.precision == "tf32"
 
     T, B = int(y.shape[0]), int(y.shape[1])
     D, H, K = model.input_size, model.hidden_size, model.output_size
@@ -124,10 +133,12 @@ def torch_reference(
     yt = torch.from_dlpack(y).reshape(-1).long()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
+    # bf16: autocast (FP32 weights), as the model keeps FP32 master weights
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    tf32 = cfg.precision == "tf32"
 
     def loss_fn() -> Any:
-        with autocast:
+        with _tf32(torch, tf32), autocast:
             out, _ = rnn(xt)  # (T, B, H·dirs)
             z = lin(out).reshape(T * B, K)
         return F.cross_entropy(z.to(tdtype), yt, reduction="sum")  # the softmax in the model's dtype, as gpubptt's
@@ -152,8 +163,8 @@ def torch_reference(
         "threads": torch.get_num_threads(),
         **_grad_errors(ours, theirs, cfg.dtype, cfg.grad_tol),
         "settings": {
-            "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
-            "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn.allow_tf32": tf32,
+            "cuda.matmul.allow_tf32": tf32,
             "autocast": "bfloat16" if cfg.precision == "bf16" else None,
         },
     }
