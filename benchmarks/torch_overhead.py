@@ -5,16 +5,21 @@ dense x of D = vocabulary size, since a torch module takes dense input), one cel
 on (torch's default): one forward+backward through ``Recurrent`` as a torch training step runs it
 (gradients set to None as ``optimizer.zero_grad()`` does, forward, ``backward`` with an upstream
 gradient on the output) against ``model.vjp`` + ``pullback`` on NumPy arrays with the same weights,
-x and upstream gradient (both compute dx). Timed interleaved: each round runs both (the order
-alternating per round), best of 3 each; the median over the rounds of the per-round ratio, with its
-interquartile range, and of the per-round difference (the wrapper's cost a call). Prints one line
-per shape; writes OUT_DIR/torch-overhead.json with every round's times.
+x and upstream gradient (both compute dx; the direct path keeps its gradients until its next call, as
+torch keeps ``.grad`` until ``zero_grad``). A third path, "bare", is the least any torch module around
+gpubptt can cost: an ``nn.Module`` calling a ``torch.autograd.Function`` whose forward is
+``model.vjp`` and whose backward is the pullback, with no checks, no bias sums, no in-place check.
+Timed interleaved: each round runs the three (the order rotating per round), best of 3 each, and
+counts their minor page faults a call; the median over the rounds of the per-round ratio, with its
+interquartile range, and of the per-round difference (excess: the wrapper's cost a call; own =
+wrapped − bare: what the wrapper adds beyond the least). Prints one line per shape; writes
+OUT_DIR/torch-overhead.json with every round's times.
 
 Each round also times torch's own floor: a ``torch.autograd.Function`` with the same inputs (x and
-the Parameters) and outputs, whose forward and backward only hand back tensors made in advance. Any
-module that brings its own backward into torch autograd pays it (``apply``, saving tensors, the
-engine, one gradient accumulation per Parameter); ``own`` = excess − floor is what the wrapper adds
-beyond it (moving arrays across, the bias sums and splits, its checks).
+the Parameters) and outputs, whose forward and backward only hand back tensors made in advance (``apply``,
+saving tensors, the engine, one gradient accumulation per Parameter), each call right after a direct
+call, as the wrapper's torch work runs after gpubptt's: on a small shared machine that work runs from
+cold caches and costs several times what it costs in a tight loop.
 
 ``--torch-threads`` sets ``torch.set_num_threads`` (default: torch's own choice). On a small
 machine torch's idle OpenMP workers can spin between its ops and take cores from the BLAS that
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import time
 
 import numpy as np
@@ -44,13 +50,18 @@ from gpubptt.torch import Recurrent
 SHAPES = [(T, B, D, H) for T, B, D, H, _K, _tokens in GRID]  # (T, B, D, H): the single-layer rows
 
 
-def best_of(fn, n: int = 3) -> float:
-    best = float("inf")
+def best_of(fn, n: int = 3, before=None) -> tuple[float, float]:
+    """(best time of n calls of fn, minor page faults per call); ``before`` runs untimed before each call."""
+    best, faults = float("inf"), 0
     for _ in range(n):
+        if before is not None:
+            before()
+        f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)
-    return best
+        faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+    return best, faults / n
 
 
 def main() -> None:
@@ -83,17 +94,19 @@ def main() -> None:
 
 
 def measure(T: int, B: int, D: int, H: int, cell: str, rounds: int) -> dict:
-    """One shape: print and return direct and wrapped medians and the ratio's median and quartiles."""
+    """One shape: print and return the medians of direct, bare and wrapped, the ratio's median and quartiles."""
     model = gpubptt.RNN(D, H, 1, cell=cell, backend="numpy", seed=0, bias=True)
     rec = Recurrent(model)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(T, B, D)).astype(np.float32)
     dY = rng.normal(size=(T, B, H)).astype(np.float32)
     xt, dYt = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(dY)
+    kept: list = [None]  # the direct path's gradients, kept until its next call as torch keeps .grad
 
     def direct() -> None:
+        kept[0] = None
         _, pullback = model.vjp(x)
-        pullback(dY)
+        kept[0] = pullback(dY)
 
     params = list(rec.parameters())
 
@@ -102,6 +115,39 @@ def measure(T: int, B: int, D: int, H: int, cell: str, rounds: int) -> dict:
             p.grad = None
         xt.grad = None
         out, _ = rec(xt)
+        out.backward(dYt)
+
+    class Bare(torch.autograd.Function):
+        """The least any torch module around gpubptt does: vjp forward, pullback backward, nothing else."""
+
+        @staticmethod
+        def forward(ctx, x, *ps):
+            out, ctx.pullback = model.vjp(x.detach().numpy())
+            h_n = out.final_state[0] if isinstance(out.final_state, tuple) else out.final_state
+            return torch.from_numpy(out.states), torch.from_numpy(h_n)
+
+        @staticmethod
+        def backward(ctx, d_out, d_hn):
+            g = ctx.pullback(d_out.numpy())
+            grads = [g["U"], g["W"], g["b"], g["b"].copy()]  # torch's bias_ih and bias_hh both get db
+            return torch.from_numpy(g["x"]), *map(torch.from_numpy, grads)
+
+    class BareModule(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ps = torch.nn.ParameterList(torch.nn.Parameter(p.detach().clone()) for p in params)
+
+        def forward(self, x):
+            return Bare.apply(x, *self.ps)
+
+    bare_module = BareModule()
+    ps_bare = list(bare_module.parameters())
+
+    def bare() -> None:
+        for p in ps_bare:
+            p.grad = None
+        xt.grad = None
+        out, _ = bare_module(xt)
         out.backward(dYt)
 
     out_t, hn_t = rec(xt)[0].detach(), torch.zeros(model.num_states, B, H)
@@ -127,32 +173,39 @@ def measure(T: int, B: int, D: int, H: int, cell: str, rounds: int) -> dict:
         out, _ = Floor.apply(xt, *params)
         out.backward(dYt)
 
-    direct(), wrapped(), floor()  # warm-up
-    ratios, t_direct, t_wrapped, t_floor = [], [], [], []
-    for r in range(rounds):
-        if r % 2:
-            a = best_of(direct)
-            b = best_of(wrapped)
-        else:
-            b = best_of(wrapped)
-            a = best_of(direct)
-        t_direct.append(a)
-        t_wrapped.append(b)
-        t_floor.append(best_of(floor))
-        ratios.append(b / a)
-    q = np.percentile(ratios, [25, 50, 75])
-    excess = float(np.median(np.subtract(t_wrapped, t_direct)))  # the wrapper's cost per call, in seconds
-    fl = float(np.median(t_floor))
-    own = float(np.median(np.subtract(np.subtract(t_wrapped, t_floor), t_direct)))
+    paths = {"direct": direct, "wrapped": wrapped, "bare": bare}
+    for fn in (*paths.values(), floor):  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in (*paths, "floor")}
+    faults: dict[str, list[float]] = {k: [] for k in paths}
+    order = list(paths)
+    for _ in range(rounds):
+        order = order[1:] + order[:1]  # each path first, second and last in turn
+        for k in order:
+            t, f = best_of(paths[k])
+            times[k].append(t)
+            faults[k].append(f)
+        times["floor"].append(best_of(floor, before=direct)[0])  # after the same computation, as the wrapper runs
+    t_direct, t_wrapped, t_bare = (np.array(times[k]) for k in paths)
+    q = np.percentile(t_wrapped / t_direct, [25, 50, 75])
+    qb = np.percentile(t_bare / t_direct, [25, 50, 75])
+    excess = float(np.median(t_wrapped - t_direct))  # the wrapper's cost per call, in seconds
+    fl = float(np.median(times["floor"]))
+    own = float(np.median(t_wrapped - t_bare))  # beyond the least a torch module around gpubptt costs
+    mf = {k: float(np.median(v)) for k, v in faults.items()}
     print(
         f"T={T} B={B} D={D} H={H}: direct {np.median(t_direct) * 1e3:.2f} ms, Recurrent "
-        f"{np.median(t_wrapped) * 1e3:.2f} ms, ratio {q[1]:.3f} (IQR {q[0]:.3f}–{q[2]:.3f}), "
-        f"excess {excess * 1e3:.3f} ms a call = torch's floor {fl * 1e3:.3f} + the wrapper's own "
-        f"{own * 1e3:.3f} ({own / np.median(t_direct):.1%})"
+        f"{np.median(t_wrapped) * 1e3:.2f} ms, ratio {q[1]:.3f} (IQR {q[0]:.3f}–{q[2]:.3f}); bare Function "
+        f"{qb[1]:.3f} ({qb[0]:.3f}–{qb[2]:.3f}); excess {excess * 1e3:.3f} ms a call = bare "
+        f"{float(np.median(t_bare - t_direct)) * 1e3:.3f} + the wrapper's own {own * 1e3:.3f} "
+        f"({own / np.median(t_direct):.1%}); torch's floor {fl * 1e3:.3f} ms; page faults a call "
+        f"{mf['direct']:.0f} / {mf['wrapped']:.0f} / {mf['bare']:.0f}"
     )
-    return {"T": T, "B": B, "D": D, "H": H, "direct_s": t_direct, "wrapped_s": t_wrapped, "floor_s": t_floor,
-            "ratio_median": q[1], "ratio_q25": q[0], "ratio_q75": q[2], "excess_s_median": excess,
-            "floor_s_median": fl, "own_s_median": own, "own_fraction": own / float(np.median(t_direct))}  # fmt: skip
+    return {"T": T, "B": B, "D": D, "H": H, "direct_s": times["direct"], "wrapped_s": times["wrapped"],
+            "bare_s": times["bare"], "floor_s": times["floor"], "ratio_median": q[1], "ratio_q25": q[0],
+            "ratio_q75": q[2], "bare_ratio_median": qb[1], "bare_ratio_q25": qb[0], "bare_ratio_q75": qb[2],
+            "excess_s_median": excess, "floor_s_median": fl, "own_s_median": own,
+            "own_fraction": own / float(np.median(t_direct)), "minor_faults_per_call": mf}  # fmt: skip
 
 
 if __name__ == "__main__":

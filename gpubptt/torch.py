@@ -119,16 +119,20 @@ class Recurrent(torch.nn.Module):
         #: the GEMMs' operand precision (``RNN.precision``): the model's unless given; tf32/bf16 run float32 tensors
         self.precision = check_precision(model.precision if precision is None else precision)
         self._names = _torch_names(self.num_layers, self.bidirectional, self.bias)
+        self._pnames = tuple(name for _, name, _ in self._names)  # torch's parameter order
+        self._grad_plan = _grad_plan(self._names, self.cell)  # made once: no name is formatted per call
         if _params is None:
             rnn_sd, _ = model.to_torch()
-            _params = {name: torch.nn.Parameter(torch.as_tensor(np.array(rnn_sd[name]))) for _, name, _ in self._names}
-        for _, name, _ in self._names:
+            _params = {name: torch.nn.Parameter(torch.as_tensor(np.array(rnn_sd[name]))) for name in self._pnames}
+        for name in self._pnames:
             self.register_parameter(name, _params[name])
         self._models: dict[tuple[str, torch.dtype, int | None], RNN] = {}
         # per model: (the Parameters' identity when shared, the (bias_ih, bias_hh, b) views whose sum is refreshed
         # each call), or None before the first call
         self._shared: dict[tuple[str, torch.dtype, int | None], tuple[tuple, dict[str, Any]] | None] = {}
         self._last: tuple[torch.device, torch.dtype, Any] | None = None  # the last call's (device, dtype, key)
+        #: (the Parameters' identity, their device, their dtype), checked when the identity changes
+        self._checked: tuple[tuple, torch.device, torch.dtype] | None = None
 
     @classmethod
     def from_module(
@@ -208,7 +212,7 @@ class Recurrent(torch.nn.Module):
         self._last = (device, dtype, key)
         return key, self._models[key]
 
-    def _share(self, key: tuple[str, torch.dtype, int | None], model: RNN, params: list[Any]) -> None:
+    def _share(self, key: tuple[str, torch.dtype, int | None], model: RNN, params: tuple, ident: tuple) -> None:
         """Point ``model.params`` at the Parameters' memory and refresh the summed biases.
 
         The weights (and the GRU's b_hn) are views of the Parameters' storage (``_array``), made and
@@ -217,13 +221,8 @@ class Recurrent(torch.nn.Module):
         in-place updates (optimizers, ``load_state_dict``) reach the model without a copy. Each call
         only adds torch's two biases of a recurrence into the model's b (``_bias_sums``).
         """
-        ident = tuple((id(p), p.data_ptr(), p.shape, p.stride(), p.dtype) for p in params)
         shared = self._shared[key]
-        if shared is None or shared[0] != ident:
-            dt = params[0].dtype
-            for (_, name, _), p in zip(self._names, params, strict=True):
-                if p.dtype != dt:
-                    raise InputTypeError(f"parameter {name} is {p.dtype} but {self._names[0][1]} is {dt}")
+        if shared is None or shared[0] != ident:  # ident: as forward computed it (checked there: one device, dtype)
             xp = model.backend.xp
             arrays = {name: _array(p, xp) for (_, name, _), p in zip(self._names, params, strict=True)}
             head = {k: model.params[k] for k in ("V", "c") if k in model.params}  # the unused output layer
@@ -270,24 +269,28 @@ class Recurrent(torch.nn.Module):
             if unbatched:
                 h0 = h0.unsqueeze(1)
                 c0 = None if c0 is None else c0.unsqueeze(1)
-        tensors = [time_major] + [t for t in (h0, c0) if t is not None]
-        params = [self._parameters[name] for _, name, _ in self._names]  # the registered ones, replaced or not
-        device = time_major.device
-        if any(t.device != device for t in tensors + params):
-            devices = {str(t.device) for t in tensors + params}
-            raise BackendMismatchError(
-                f"x, hx and the parameters must be on one device; got {', '.join(sorted(devices))}"
-            )
-        dt = params[0].dtype
-        for what, t in [("x", time_major), ("h0", h0), ("c0", c0)]:
-            if t is not None and t.dtype != dt:
+        params = [self._parameters[name] for name in self._pnames]  # the registered ones, replaced or not
+        # the Parameters' identity: their common device and dtype are checked again only when it changes
+        ident = tuple((id(p), p.data_ptr(), p.shape, p.stride(), p.dtype, p.device) for p in params)
+        if self._checked is None or self._checked[0] != ident:
+            self._checked = (ident, *_common_device_dtype(params, self._pnames))
+        _, device, dt = self._checked
+        for what, t in (("x", time_major), ("h0", h0), ("c0", c0)):
+            if t is None:
+                continue
+            if t.device != device:
+                devices = {str(t.device) for t in [time_major, h0, c0, params[0]] if t is not None}
+                raise BackendMismatchError(
+                    f"x, hx and the parameters must be on one device; got {', '.join(sorted(devices))}"
+                )
+            if t.dtype != dt:
                 raise InputTypeError(f"{what} is {t.dtype} but the parameters are {dt}: convert one of them")
         if lengths is not None:
             lengths = np.asarray(lengths.cpu() if isinstance(lengths, torch.Tensor) else lengths)
             if lengths.shape != (B,) or lengths.dtype.kind not in "iu":
                 raise ShapeError(f"lengths must be (B,) = ({B},) integers, got {lengths.dtype} {lengths.shape}")
         key, model = self._model(device, dt)
-        out, h_n, c_n = _Pullback.apply(self, key, model, lengths, time_major, h0, c0, *params)
+        out, h_n, c_n = _Pullback.apply((self, key, model, lengths, ident), time_major, h0, c0, *params)
         if packed:
             out = pack_padded_sequence(out, torch.as_tensor(lengths), enforce_sorted=False)
         elif unbatched:
@@ -356,81 +359,99 @@ def _placement(device: torch.device, current_stream: Any = None) -> tuple[int | 
     return index, int(stream.cuda_stream)
 
 
-def _unfold(g: dict[str, Any], names: list[tuple[Any, str, str]], cell: str, H: int) -> dict[str, Any]:
-    """torch's gradients from gpubptt's: each of the two biases gets db (the GRU's bias_hh: [db_r, db_z, db_hn]),
-    bias_hh its own copy: torch keeps the arrays as the Parameters' .grad, and an in-place change of one
-    (accumulation, clipping) must not reach the other."""
-    out: dict[str, Any] = {}
-    for r, name, kind in names:
+def _common_device_dtype(params: list[Any], names: tuple[str, ...]) -> tuple[torch.device, torch.dtype]:
+    """The one device and dtype of the Parameters (in torch's order, named ``names``); refused otherwise."""
+    device, dt = params[0].device, params[0].dtype
+    if any(p.device != device for p in params):
+        devices = {str(p.device) for p in params}
+        raise BackendMismatchError(f"x, hx and the parameters must be on one device; got {', '.join(sorted(devices))}")
+    for name, p in zip(names, params, strict=True):
+        if p.dtype != dt:
+            raise InputTypeError(f"parameter {name} is {p.dtype} but {names[0]} is {dt}")
+    return device, dt
+
+
+def _grad_plan(names: list[tuple[Any, str, str]], cell: str) -> list[tuple[str, str | None, bool]]:
+    """Per torch Parameter, in torch's order, where its gradient comes from in the pullback's dict: (gpubptt
+    name, the GRU's b_hn name or None, whether it is a copy). Both biases of a recurrence get db; bias_hh its
+    own copy (the GRU's: [db_r, db_z, db_hn]): torch keeps the arrays as the Parameters' .grad, and an
+    in-place change of one (accumulation, clipping) must not reach the other."""
+    plan: list[tuple[str, str | None, bool]] = []
+    for r, _name, kind in names:
         if kind in ("U", "W"):
-            out[name] = g[r.name(kind)]
+            plan.append((r.name(kind), None, False))
         elif kind == "bias_ih":
-            out[name] = g[r.name("b")]
+            plan.append((r.name("b"), None, False))
         else:
-            db = g[r.name("b")].copy()
-            if _split_b_hn(cell):
-                db[2 * H :] = g[r.name("b_hn")]
-            out[name] = db
-    return out
+            plan.append((r.name("b"), r.name("b_hn") if _split_b_hn(cell) else None, True))
+    return plan
 
 
 class _Pullback(torch.autograd.Function):
-    """forward: ``model.vjp`` on the tensors (via DLPack); backward: its pullback."""
+    """forward: ``model.vjp`` on the tensors (zero-copy views); backward: its pullback.
+
+    ``apply((rec, key, model, lengths, ident), x, h0, c0, *params)``: the Python objects travel as one
+    argument, so torch walks as few arguments as it can; x, h0, c0 and the Parameters are the inputs whose
+    gradients torch asks for (``needs_input_grad[1:]``)."""
 
     @staticmethod
-    def forward(
-        ctx: Any, rec: Recurrent, key: Any, model: RNN, lengths: Any, x: Any, h0: Any, c0: Any, *params: Any
-    ) -> Any:
+    def forward(ctx: Any, plan: tuple, x: Any, h0: Any, c0: Any, *params: Any) -> Any:
+        rec, key, model, lengths, ident = plan
         be, xp = model.backend, model.backend.xp
+        lstm = _carries_c(rec.cell)
         device, stream = _placement(x.device)
         with be.external_stream(stream, device), model._lock:  # the shared biases are refreshed for this call
-            rec._share(key, model, list(params))
+            rec._share(key, model, params, ident)
             n = model.num_states
             B, H = x.shape[1], rec.hidden_size
             s0 = None
             if h0 is not None or c0 is not None:
                 zeros = torch.zeros(n, B, H, dtype=x.dtype, device=x.device)
                 h = _array(zeros if h0 is None else h0, xp)
-                s0 = (h, _array(zeros if c0 is None else c0, xp)) if _carries_c(rec.cell) else h
+                s0 = (h, _array(zeros if c0 is None else c0, xp)) if lstm else h
                 if n == 1:
-                    s0 = tuple(a.reshape(B, H) for a in s0) if _carries_c(rec.cell) else s0.reshape(B, H)
+                    s0 = tuple(a.reshape(B, H) for a in s0) if lstm else s0.reshape(B, H)
             out, pullback = model.vjp(_array(x, xp), s0, lengths=lengths, recompute=rec.recompute)
         ctx.save_for_backward(x, *params)  # torch's own check that neither x nor a Parameter changed in place since
         ctx.set_materialize_grads(False)  # an output the loss does not use comes back None, not a zeros tensor
-        ctx.pullback, ctx.rec, ctx.model, ctx.placement = pullback, rec, model, (device, stream)
-        ctx.shapes = (x.shape, n, B, H)
-        final = out.final_state if _carries_c(rec.cell) else (out.final_state, None)
-        h_n, c_n = (None if a is None else _tensor(a.reshape(n, B, H)) for a in final)
-        return _tensor(out.states), h_n, c_n
+        ctx.state = (pullback, rec, model, device, stream, n, B, H)
+        h, c = out.final_state if lstm else (out.final_state, None)
+        c_n = None if c is None else _tensor(c.reshape(n, B, H))
+        return _tensor(out.states), _tensor(h.reshape(n, B, H)), c_n
 
     @staticmethod
     @once_differentiable  # the pullback is not itself differentiable: a double backward is refused by torch
     def backward(ctx: Any, d_out: Any, d_hn: Any, d_cn: Any) -> Any:
-        d_out, d_hn, d_cn = (None if d is None else d.detach() for d in (d_out, d_hn, d_cn))  # create_graph=True
-        rec, model = ctx.rec, ctx.model
-        xshape, n, B, H = ctx.shapes
-        xp = model.backend.xp
+        pullback, rec, model, device, stream, n, B, H = ctx.state
         ctx.saved_tensors  # noqa: B018 -- raises torch's error if x or a Parameter was modified in place since forward
-        device, stream = ctx.placement
+        need = ctx.needs_input_grad  # (plan, x, h0, c0, *params)
+        xp = model.backend.xp
         with model.backend.external_stream(stream, device):
-            d_states = _array(d_out.contiguous(), xp) if d_out is not None else None
-            if d_states is None:
-                d_states = xp.zeros((xshape[0], B, H * (2 if rec.bidirectional else 1)), dtype=model.dtype)
+            d_states = None if d_out is None else _array(d_out.contiguous(), xp)  # None: zero (only h_n in the loss)
+            d_final = None if d_hn is None else _final(d_hn, xp, n, B, H)
+            if _carries_c(rec.cell):
+                d_final = None if d_final is None and d_cn is None else (d_final, _final(d_cn, xp, n, B, H))
+            g = pullback(d_states, d_final, want_dx=need[1])
+            dx = _tensor(g["x"]) if need[1] else None
+            dh0 = _tensor(g["s0"].reshape(n, B, H)) if need[2] else None
+            dc0 = _tensor(g["c0"].reshape(n, B, H)) if need[3] else None
+            dparams = []
+            for (name, b_hn, copy), want in zip(rec._grad_plan, need[4:], strict=True):
+                if not want:
+                    dparams.append(None)
+                    continue
+                a = g[name]
+                if copy:
+                    a = a.copy()
+                    if b_hn is not None:
+                        a[2 * H :] = g[b_hn]
+                dparams.append(_tensor(xp.ascontiguousarray(a)))
+        return (None, dx, dh0, dc0, *dparams)
 
-            def final(d: Any) -> Any:  # one recurrence: the pullback takes (B, H), as s0 went in
-                return None if d is None else _array(d.contiguous(), xp).reshape(-1, B, H)[0 if n == 1 else ...]
 
-            d_final = (final(d_hn), final(d_cn)) if _carries_c(rec.cell) else final(d_hn)
-            if _carries_c(rec.cell) and d_final[0] is None and d_final[1] is None:
-                d_final = None
-            g = ctx.pullback(d_states, d_final)
-            grads = _unfold(g, rec._names, rec.cell, H)
-            dx = _tensor(g["x"]) if ctx.needs_input_grad[4] else None
-            ds0 = g["s0"].reshape(n, B, H)
-            dh0 = _tensor(ds0) if ctx.needs_input_grad[5] else None
-            dc0 = _tensor(g["c0"].reshape(n, B, H)) if ctx.needs_input_grad[6] else None
-            dparams = [
-                _tensor(xp.ascontiguousarray(grads[name])) if need else None
-                for (_, name, _), need in zip(rec._names, ctx.needs_input_grad[7:], strict=True)
-            ]
-        return (None, None, None, None, dx, dh0, dc0, *dparams)
+def _final(d: Any, xp: Any, n: int, B: int, H: int) -> Any:
+    """∂E/∂h_n (or c_n) (L·dirs, B, H) as the pullback takes it: (B, H) for one recurrence, as s0 went in."""
+    if d is None:
+        return None
+    a = _array(d.contiguous(), xp)
+    return a.reshape(B, H) if n == 1 else a.reshape(n, B, H)

@@ -166,3 +166,25 @@ def test_lstm_pullback_of_c_n_with_sequences_that_end_at_the_same_step(recompute
     for name, p in module.named_parameters():
         assert np.abs(ours[name] - p.grad.numpy()).max() <= 1e-9 * np.abs(p.grad.numpy()).max()
     assert np.abs(g["x"] - x.grad.numpy()).max() <= 1e-9 * np.abs(x.grad.numpy()).max()
+
+
+@pytest.mark.parametrize("recompute", [None, 2])
+def test_pullback_of_the_final_state_alone_without_dx_matches_torch_autograd(recompute):
+    """d_states None (a loss on h_n alone) is a zero upstream gradient; want_dx=False leaves out ∂E/∂x only."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(8)
+    module = torch.nn.GRU(D, H, num_layers=2).double()
+    rng = np.random.default_rng(8)
+    x = torch.as_tensor(rng.normal(size=(T, B, D)))
+    lens = np.array([5, 2, 3])
+    _, h_n, _ = _torch_reference(torch, module, x, None, lens)
+    Wh = torch.as_tensor(rng.normal(size=(2, B, H)))
+    (h_n**2 * Wh).sum().backward()
+    rnn_sd = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    model = gpubptt.RNN.from_torch(rnn_sd, {"weight": np.zeros((1, H))}, cell="gru", backend="numpy", dtype="float64")
+    o, pullback = model.vjp(x.numpy(), lengths=lens, recompute=recompute)
+    g = pullback(None, 2 * o.final_state * Wh.numpy(), want_dx=False)
+    assert "x" not in g
+    ours, _ = model.to_torch({**g, "V": np.zeros((1, H)), "c": np.zeros(1)})
+    for name, p in module.named_parameters():
+        assert np.abs(ours[name] - p.grad.numpy()).max() <= 1e-9 * np.abs(p.grad.numpy()).max()

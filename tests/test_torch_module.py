@@ -244,3 +244,37 @@ def test_a_loss_on_one_output_only_matches_torch(use):
         m.zero_grad()
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_x_without_grad_gets_none_and_the_parameters_match_torch():
+    """torch asks for no ∂E/∂x when x needs none (the pullback then skips its GEMM): the rest is unchanged."""
+    torch.manual_seed(6)
+    mod = torch.nn.GRU(D, H, num_layers=2, batch_first=True).double()
+    ours = gt.Recurrent.from_module(torch.nn.GRU(D, H, num_layers=2, batch_first=True).double())
+    ours.load_state_dict(mod.state_dict())
+    x = torch.randn(B, T, D, dtype=torch.float64)  # requires_grad False, as raw features usually are
+    grads = []
+    for m in (ours, mod):
+        out, h_n = m(x)
+        (torch.sin(out).sum() + (h_n**2).sum()).backward()
+        grads.append([p.grad for p in m.parameters()])
+    assert x.grad is None
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_outputs_kept_from_one_call_are_unchanged_by_the_next():
+    """Every call hands torch arrays of its own: an output kept by the user (or changed in place by them)
+    after its backward is no buffer that a later call writes into."""
+    ours = gt.Recurrent.from_module(torch.nn.LSTM(D, H, num_layers=2).double())
+    x1, x2 = torch.randn(T, B, D, dtype=torch.float64), torch.randn(T, B, D, dtype=torch.float64)
+    out1, (h1, c1) = ours(x1.requires_grad_(True))
+    out1.sum().backward()
+    kept = [t.detach().clone() for t in (out1, h1, c1, x1.grad)]
+    grad1 = x1.grad
+    out2, _ = ours(x2.requires_grad_(True))
+    out2.sum().backward()
+    for a, b in zip((out1, h1, c1, grad1), kept, strict=True):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+    out1.detach().mul_(0)  # the user's in-place change of an old output reaches no later call
+    torch.testing.assert_close(ours(x2)[0], out2, rtol=0, atol=0)

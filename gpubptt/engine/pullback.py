@@ -7,8 +7,9 @@
     pullback(dY, d_final)  →  {U…, W…, b…: ∂E/∂θ, "s0": ∂E/∂s0, ["c0"], ["x": ∂E/∂x for dense x]}
 
 for E any scalar function of (Y, h_n) whose gradients dY = ∂E/∂Y and d_final = ∂E/∂h_n the caller
-supplies. The backward pass is the engine's (``engine.backward_stack``), the one ``loss_and_grads``
-runs under its softmax head: dY enters as the top layer's direct term; ∂E/∂h_n enters each
+supplies (dY None: zero, for a loss on h_n alone; ``want_dx=False`` skips ∂E/∂x and its GEMM). The
+backward pass is the engine's (``engine.backward_stack``), the one ``loss_and_grads`` runs under its
+softmax head: dY enters as the top layer's direct term; ∂E/∂h_n enters each
 recurrence at its own last valid step (forward: lengths[b] − 1; reverse: its own step lengths[b] − 1,
 input step 0), ∂E/∂c_n the same way into the LSTM's cell-state recursion, and straight into ∂E/∂s0
 where a length is 0. Padded steps' outputs are constant zeros: their dY is ignored.
@@ -47,12 +48,13 @@ class VJPOutput:
 
 
 class Pullback:
-    """``pullback(d_states, d_final_state=None)`` → gradients; see the module docstring.
+    """``pullback(d_states, d_final_state=None, *, want_dx=True)`` → gradients; see the module docstring.
 
-    d_states (T, B, H·dirs) on the model's backend; d_final_state shaped like ``final_state`` (an
-    LSTM's: (dh_n, dc_n), either may be None), or None. Returns a dict: every recurrent parameter's
-    gradient by name (not V, c: the output layer is the caller's), "s0" shaped like the final state,
-    "c0" for an LSTM, "x" (T, B, D) for dense x. Fresh arrays, the caller's.
+    d_states (T, B, H·dirs) on the model's backend, or None (zero); d_final_state shaped like
+    ``final_state`` (an LSTM's: (dh_n, dc_n), either may be None), or None. Returns a dict: every
+    recurrent parameter's gradient by name (not V, c: the output layer is the caller's), "s0" shaped
+    like the final state, "c0" for an LSTM, "x" (T, B, D) for dense x unless ``want_dx`` is False.
+    Fresh arrays, the caller's.
     """
 
     def __init__(
@@ -109,7 +111,7 @@ class Pullback:
         dc = None if dc is None else self._array(dc, shape, "d_final_state (∂E/∂c_n)").reshape(n, B, H)
         return dh, dc
 
-    def __call__(self, d_states: Any, d_final_state: Any = None) -> dict[str, Any]:
+    def __call__(self, d_states: Any, d_final_state: Any = None, *, want_dx: bool = True) -> dict[str, Any]:
         model, batch = self._model, self._batch
         if self._used:
             raise PullbackError(
@@ -118,17 +120,18 @@ class Pullback:
             )
         T, B, H, dirs = batch.T, batch.B, model.hidden_size, model.num_directions
         shape = (B, T, H * dirs) if self._batch_first else (T, B, H * dirs)
-        dtop = self._array(d_states, shape, "d_states")
-        dtop = dtop.swapaxes(0, 1) if self._batch_first else dtop
+        dtop = None if d_states is None else self._array(d_states, shape, "d_states")
+        dtop = dtop.swapaxes(0, 1) if self._batch_first and dtop is not None else dtop
         dh, dc = self._finals(d_final_state)
+        want_dx = self._want_dx and bool(want_dx)
         with model._lock:
             if self._used:  # again under the lock: two threads calling one pullback, the second is refused
                 raise PullbackError("this pullback was already called (from another thread); call model.vjp again")
             self._used = True
             if self._segments is not None:
-                g, dx = self._recompute_backward(dtop, dh, dc)
+                g, dx = self._recompute_backward(dtop, dh, dc, want_dx)
             else:
-                g, dx = self._stored_backward(dtop, dh, dc)
+                g, dx = self._stored_backward(dtop, dh, dc, want_dx)
         extra = model.cell.extra_state
         for k in ("s0", extra) if extra else ("s0",):
             if batch.flat_state:
@@ -138,19 +141,22 @@ class Pullback:
         return g
 
     def _top_gradient(self, dtop: Any, out: Any) -> Any:
-        """dtop into ``out`` (T, B, H·dirs), zero on padded steps: padded outputs are constants."""
+        """dtop into ``out`` (T, B, H·dirs), zero on padded steps: padded outputs are constants; None: zero."""
         weight = self._batch.weight
-        if weight is None:
+        if dtop is None:
+            out.fill(0)
+        elif weight is None:
             out[...] = dtop
         else:
             self._model.backend.xp.multiply(dtop, weight[:, :, None], out=out)
         return out
 
-    def _recompute_backward(self, dtop: Any, dh: Any, dc: Any) -> tuple[dict[str, Any], Any]:
+    def _recompute_backward(self, dtop: Any, dh: Any, dc: Any, want_dx: bool) -> tuple[dict[str, Any], Any]:
         """The segment-by-segment backward pass of ``gpubptt.engine.recompute`` under the upstream gradients."""
         model, batch, ws = self._model, self._batch, self._segments
         xp, c = model.backend.xp, ws.c
-        top = self._top_gradient(dtop, xp.empty(dtop.shape, dtype=model.dtype))
+        T, B, H = batch.T, batch.B, model.hidden_size
+        top = self._top_gradient(dtop, xp.empty((T, B, H * model.num_directions), dtype=model.dtype))
         _, _, empty = _last_steps(batch, model.backend)
         given = dh is not None or dc is not None
         rows_at: dict[int, dict[int, Any]] = {}  # segment → {row within it: the columns whose last step it is}
@@ -168,7 +174,7 @@ class Pullback:
                 if dc is not None and d_extra is not None:  # the cell's direct term on c
                     d_extra.setdefault(row, []).append((j, dc[i][j]))
 
-        dx = None if batch.tokens or not self._want_dx else xp.empty((batch.T, batch.B, model.input_size), model.dtype)
+        dx = None if batch.tokens or not want_dx else xp.empty((T, B, model.input_size), model.dtype)
         ws.backward(head, inject=inject if given else None, dx=dx)
         g = {k: v.copy() for k, v in ws.grads.items() if k not in ("V", "c")}
         if empty is not None and dh is not None:
@@ -179,7 +185,7 @@ class Pullback:
         self._segments = None
         return g, dx
 
-    def _stored_backward(self, dtop: Any, dh: Any, dc: Any) -> tuple[dict[str, Any], Any]:
+    def _stored_backward(self, dtop: Any, dh: Any, dc: Any, want_dx: bool) -> tuple[dict[str, Any], Any]:
         """``engine.backward_stack`` over the stored forward, under the upstream gradients."""
         model, batch = self._model, self._batch
         be, xp = model.backend, model.backend.xp
@@ -204,7 +210,7 @@ class Pullback:
         d_extra = None
         if dc is not None:  # ∂E/∂c_n enters each sequence's last valid step, grouped by that step
             d_extra = [{t: [(j, dc[i][j])] for t, j in _by_last_step(batch, be).items()} for i in range(n)]
-        dx = None if batch.tokens or not self._want_dx else xp.empty((T, B, model.input_size), dtype=dt)
+        dx = None if batch.tokens or not want_dx else xp.empty((T, B, model.input_size), dtype=dt)
         plan = be.token_plan(batch.x.reshape(-1), model.input_size) if batch.tokens else None
         dUT = xp.empty((model.input_size, model.cell.gates * H), dtype=dt) if batch.tokens else None
         engine.backward_stack(
