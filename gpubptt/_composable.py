@@ -31,7 +31,8 @@ class Composable:
         segment; not "auto"): the forward keeps only the states at segment boundaries (and the top layer's
         outputs it returns) and the pullback recomputes each segment, for the models recomputation
         serves (``gpubptt.engine.recompute``: one direction, no dropout between layers; an LSTM keeps c at the
-        boundaries).
+        boundaries). Once the pullback has run, the model keeps its forward buffers for the next ``vjp`` of
+        this shape (one set per shape, at most four shapes); ``pullback.release()`` hands them back unused.
         """
         recompute = _recompute.check_recompute(recompute)
         if recompute == "auto":
@@ -56,9 +57,12 @@ class Composable:
     ) -> tuple[VJPOutput, Pullback]:
         if recompute is not None:
             c = _recompute.segment_length(batch.T, recompute)
-            sk, xp = self._step_kernels(), self.backend.xp
+            sk, xp, chunk = self._step_kernels(), self.backend.xp, self._chunk_elements()
+            key = self._spare_key("segments", batch.T, batch.B, batch.tokens, c)
             with self._lock:
-                ws = _recompute.SegmentWorkspace(self, batch, c, step_kernels=sk, chunk_elements=self._chunk_elements())
+                ws = self._take_spare(key)
+                if ws is None:
+                    ws = _recompute.SegmentWorkspace(self, batch, c, step_kernels=sk, chunk_elements=chunk)
                 ws.load(batch)
                 states = xp.empty((batch.T, batch.B, self.hidden_size), dtype=self.dtype)
                 ws.forward(states)
@@ -69,14 +73,19 @@ class Composable:
             final = final[0] if batch.flat_state else final
             if final_c is not None:
                 final = (final, final_c[0] if batch.flat_state else final_c)
-            pullback = Pullback(self, batch, None, sk, batch_first=self.batch_first, want_dx=want_dx, segments=ws)
+            pullback = Pullback(
+                self, batch, None, sk, batch_first=self.batch_first, want_dx=want_dx, segments=ws, spare=key
+            )
             return VJPOutput(states=states, final_state=final), pullback
+        key = self._spare_key("stack", batch.T, batch.B)
         with self._lock:  # one call of this model at a time (see loss_and_grads)
-            stack = self._stack(batch)
+            stack = self._stack(batch, spare=key)  # the buffers of a finished pullback of this shape, or fresh ones
             states = stack.Y[-1]
-            final = self._final_state(stack, batch)
+            final = self._final_state(stack, batch)  # fresh arrays, as the states: the stack is given back
             states = states * batch.weight[:, :, None] if batch.weight is not None else states.copy()
-        pullback = Pullback(self, batch, stack, self._step_kernels(), batch_first=self.batch_first, want_dx=want_dx)
+        pullback = Pullback(
+            self, batch, stack, self._step_kernels(), batch_first=self.batch_first, want_dx=want_dx, spare=key
+        )
         return VJPOutput(states=states, final_state=final), pullback
 
     def _head_loss(
@@ -101,6 +110,7 @@ class Composable:
         )
         scale = 1.0 if reduction == "sum" else 1.0 / max(count, 1)
         if not grads:
+            pullback.release()
             return loss * scale, None, out.final_state
         g = pullback(self._out(dY))
         g["V"] = dV

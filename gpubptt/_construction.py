@@ -290,7 +290,7 @@ class Construction:
         return copy
 
     # -- copies: copy.deepcopy and pickle ------------------------------------------------------
-    _TRANSIENT = ("_lock", "_workspaces", "backend", "_params", "_dropout_rng", "_param_names")
+    _TRANSIENT = ("_lock", "_workspaces", "_spares", "backend", "_params", "_dropout_rng", "_param_names")
 
     def __getstate__(self) -> dict[str, Any]:
         """What ``pickle`` and ``copy.deepcopy`` keep: every setting, the backend's name and the parameters
@@ -315,6 +315,7 @@ class Construction:
         self.backend = be
         self._params = Params(be, self.dtype, shapes, {k: be.asarray(v) for k, v in host.items()})
         self._workspaces = {}
+        self._spares = {}
         self._param_names = {}  # made again on first use (a copy pickled before it existed has none)
         self._lock = threading.RLock()
         self._dropout_rng = be.random_generator(None) if rng is None else rng

@@ -27,6 +27,7 @@ class Settings:
         with self._lock:  # cached workspaces (and graphs) ran the other precision: rebuilt at the next call
             self.backend = self.backend.with_precision(value)
             self._workspaces.clear()
+            self._spares.clear()
 
     @property
     def num_directions(self) -> int:

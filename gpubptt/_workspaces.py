@@ -59,6 +59,27 @@ class Workspaces:
         self._workspaces[key] = ws
         return ws
 
+    def _spare_key(self, kind: str, *shape: Any) -> tuple:
+        """The key of a spare set of ``kind`` buffers ("stack": a forward Stack, "segments": a recomputation
+        workspace) for this shape of work, on this backend and precision."""
+        return (kind, *shape, self.backend.name, self.backend.precision, self._step_kernels(), self._chunk_elements())
+
+    def _take_spare(self, key: tuple) -> Any:
+        """The spare buffers kept under ``key`` (taken: no one else gets them until they are given back), or None."""
+        with self._lock:
+            return self._spares.pop(key, None)
+
+    def _give_spare(self, key: tuple, buffers: Any) -> None:
+        """Keep ``buffers``, which no one uses any more (a pullback's, after its backward pass), for the next
+        ``vjp`` of the same shape: reusing them spares the allocation and the first touch of every page of
+        the forward's buffers (the page faults of fresh arrays of many MB). One set per key, at most
+        ``MAX_WORKSPACES`` keys, least recently given back dropped first."""
+        with self._lock:
+            self._spares.pop(key, None)
+            while len(self._spares) >= MAX_WORKSPACES:
+                self._spares.pop(next(iter(self._spares)))
+            self._spares[key] = buffers
+
     def workspaces(self) -> list[dict[str, Any]]:
         """The cached forward+BPTT workspaces, least recently used first (at most MAX_WORKSPACES).
 

@@ -195,6 +195,7 @@ class RNN(Construction, Composable, Workspaces, Settings):
         #: batch first (views where possible); s0, lengths and final states are unchanged.
         self.batch_first = False
         self._workspaces: dict[tuple, engine.Workspace] = {}
+        self._spares: dict[tuple, Any] = {}  # forward buffers a finished pullback gave back (``_give_spare``)
         # Concurrent loss_and_grads calls on one model share these workspaces: one at a time.
         self._lock = threading.RLock()  # re-entrant: a locked call may call another
         self._param_names: dict[Any, list[tuple[str, str]]] = {}  # recurrence_params' names, per recurrence
@@ -282,10 +283,15 @@ class RNN(Construction, Composable, Workspaces, Settings):
         value = self.backend.chunk_elements if self.chunk_elements is None else self.chunk_elements
         return check_positive_int(value, "chunk_elements")
 
-    def _stack(self, batch: Batch, dropout_seed: int | None = None, dropout_offset: int = 0) -> engine.Stack:
-        """Fresh forward buffers, run on the batch (with dropout only when a dropout_seed is given)."""
+    def _stack(
+        self, batch: Batch, dropout_seed: int | None = None, dropout_offset: int = 0, *, spare: tuple | None = None
+    ) -> engine.Stack:
+        """Forward buffers, run on the batch (with dropout only when a dropout_seed is given): fresh ones, or
+        under ``spare`` (a key of ``_spare_key``) the set a finished pullback gave back, when there is one."""
         drop = dropout_seed is not None and self.dropout > 0 and self.num_layers > 1
-        stack = engine.Stack(self, batch.T, batch.B, dropout=drop)
+        stack = self._take_spare(spare) if spare is not None and not drop else None
+        if stack is None:
+            stack = engine.Stack(self, batch.T, batch.B, dropout=drop)
         stack.load(batch.s0_stacked, batch.lengths, batch.c0_stacked)
         if drop:
             stack.draw_masks(dropout_seed, self.dropout, dropout_offset)

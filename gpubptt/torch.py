@@ -290,7 +290,9 @@ class Recurrent(torch.nn.Module):
             if lengths.shape != (B,) or lengths.dtype.kind not in "iu":
                 raise ShapeError(f"lengths must be (B,) = ({B},) integers, got {lengths.dtype} {lengths.shape}")
         key, model = self._model(device, dt)
-        out, h_n, c_n = _Pullback.apply((self, key, model, lengths, ident), time_major, h0, c0, *params)
+        # no backward will run (torch.no_grad, or nothing needs a gradient): the forward's buffers go straight back
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (time_major, h0, c0, *params))
+        out, h_n, c_n = _Pullback.apply((self, key, model, lengths, ident, grad), time_major, h0, c0, *params)
         if packed:
             out = pack_padded_sequence(out, torch.as_tensor(lengths), enforce_sorted=False)
         elif unbatched:
@@ -390,13 +392,13 @@ def _grad_plan(names: list[tuple[Any, str, str]], cell: str) -> list[tuple[str, 
 class _Pullback(torch.autograd.Function):
     """forward: ``model.vjp`` on the tensors (zero-copy views); backward: its pullback.
 
-    ``apply((rec, key, model, lengths, ident), x, h0, c0, *params)``: the Python objects travel as one
-    argument, so torch walks as few arguments as it can; x, h0, c0 and the Parameters are the inputs whose
-    gradients torch asks for (``needs_input_grad[1:]``)."""
+    ``apply((rec, key, model, lengths, ident, grad), x, h0, c0, *params)`` (grad: whether a backward can run
+    at all): the Python objects travel as one argument, so torch walks as few arguments as it can; x, h0, c0
+    and the Parameters are the inputs whose gradients torch asks for (``needs_input_grad[1:]``)."""
 
     @staticmethod
     def forward(ctx: Any, plan: tuple, x: Any, h0: Any, c0: Any, *params: Any) -> Any:
-        rec, key, model, lengths, ident = plan
+        rec, key, model, lengths, ident, grad = plan
         be, xp = model.backend, model.backend.xp
         lstm = _carries_c(rec.cell)
         device, stream = _placement(x.device)
@@ -412,6 +414,8 @@ class _Pullback(torch.autograd.Function):
                 if n == 1:
                     s0 = tuple(a.reshape(B, H) for a in s0) if lstm else s0.reshape(B, H)
             out, pullback = model.vjp(_array(x, xp), s0, lengths=lengths, recompute=rec.recompute)
+            if not grad:
+                pullback.release()
         ctx.save_for_backward(x, *params)  # torch's own check that neither x nor a Parameter changed in place since
         ctx.set_materialize_grads(False)  # an output the loss does not use comes back None, not a zeros tensor
         ctx.state = (pullback, rec, model, device, stream, n, B, H)

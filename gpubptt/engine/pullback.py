@@ -67,15 +67,37 @@ class Pullback:
         batch_first: bool = False,
         want_dx: bool = True,
         segments: Any = None,
+        spare: tuple | None = None,
     ) -> None:
         self._model, self._batch, self._stack, self._step_kernels = model, batch, stack, step_kernels
         self._batch_first, self._want_dx = batch_first, want_dx
         self._segments = segments  # a recompute.SegmentWorkspace after its forward pass, or None
+        self._spare = spare  # the key under which the forward's buffers go back to the model when done, or None
         self._used = False
 
     def __repr__(self) -> str:
         b = self._batch
         return f"Pullback(T={b.T}, B={b.B}, {'used' if self._used else 'ready'})"
+
+    def release(self) -> None:
+        """Give the forward's buffers back to the model unused (no gradient wanted: a loss without grads, a
+        forward under ``torch.no_grad``), for its next ``vjp`` of this shape. The pullback cannot be called
+        after; releasing one that was called or released already does nothing."""
+        model = self._model
+        with model._lock:
+            if self._used:
+                return
+            self._used = True
+            self._give_back()
+
+    def _give_back(self) -> None:
+        """Hand the forward's buffers (stack or segment workspace) to the model for reuse; this pullback drops them."""
+        buffers = self._stack if self._stack is not None else self._segments
+        if self._segments is not None:
+            self._segments.batch = None  # the workspace read the caller's arrays in place: do not keep them
+        self._stack = self._segments = None
+        if buffers is not None and self._spare is not None:
+            self._model._give_spare(self._spare, buffers)
 
     def _array(self, a: Any, shape: tuple[int, ...], what: str) -> Any:
         model = self._model
@@ -177,12 +199,11 @@ class Pullback:
         dx = None if batch.tokens or not want_dx else xp.empty((T, B, model.input_size), model.dtype)
         ws.backward(head, inject=inject if given else None, dx=dx)
         g = {k: v.copy() for k, v in ws.grads.items() if k not in ("V", "c")}
+        self._give_back()  # every result is a copy: the workspace serves the next vjp of this shape
         if empty is not None and dh is not None:
             g["s0"][:, empty] += dh[:, empty]
         if empty is not None and dc is not None:
             g[model.cell.extra_state][:, empty] += dc[:, empty]
-        ws.batch = None  # the workspace read the caller's arrays in place: do not keep them
-        self._segments = None
         return g, dx
 
     def _stored_backward(self, dtop: Any, dh: Any, dc: Any, want_dx: bool) -> tuple[dict[str, Any], Any]:
@@ -192,8 +213,7 @@ class Pullback:
         T, B, H, n = batch.T, batch.B, model.hidden_size, model.num_states
         dirs = model.num_directions
         st, dt = self._stack, model.dtype
-        G = [xp.empty((T, B, H), dtype=dt) for _ in range(n)]
-        dY = xp.empty((T, B, 2 * H), dtype=dt) if dirs == 2 else None
+        G, dY = st.backward_buffers()
         self._top_gradient(dtop, G[-1] if dirs == 1 else dY)
         g = {k: xp.empty_like(v) for k, v in model.params.items() if k not in ("V", "c")}
         g["s0"] = xp.empty((n, B, H), dtype=dt)
@@ -222,7 +242,7 @@ class Pullback:
                 g["s0"][:, empty] += dh[:, empty]
             if dc is not None:
                 g[extra][:, empty] += dc[:, empty]
-        self._stack = None  # the forward's buffers go with the first call
+        self._give_back()  # the forward's buffers go with the first call, to the model's next vjp of this shape
         return g, dx
 
 

@@ -133,6 +133,17 @@ class Stack:
         self.Y = [self.S[l][1:] if dirs == 1 else xp.empty((T, B, 2 * H), dtype=dt) for l in range(L)]
         self.M = [xp.empty((T, B, H * dirs), dtype=dt) for _ in range(L - 1)] if dropout else None
         self.X = [None] + [xp.empty((T, B, H * dirs), dtype=dt) if dropout else self.Y[l] for l in range(L - 1)]
+        self._backward: tuple[list[Any], Any] | None = None  # backward_buffers(), made on first use
+
+    def backward_buffers(self) -> tuple[list[Any], Any]:
+        """(G, dY) for a pullback over these buffers: G per recurrence (T, B, H), the direct terms ∂E/∂s_t;
+        dY (T, B, 2H), ∂E/∂(a layer's output), with two directions, else None. Made on first use and kept
+        with the stack, so a reused stack brings them (the backward pass overwrites them)."""
+        if self._backward is None:
+            xp, dt, (T, B, H) = self.be.xp, self.model.dtype, self.S[0][1:].shape
+            G = [xp.empty((T, B, H), dtype=dt) for _ in self.recs]
+            self._backward = (G, xp.empty((T, B, 2 * H), dtype=dt) if self.model.num_directions == 2 else None)
+        return self._backward
 
     def load(self, s0: Any, lengths: np.ndarray | None, state0: Any = None) -> None:
         """Initial states from s0 (L·dirs, B, H) or None (zeros), any further cell state from ``state0``
