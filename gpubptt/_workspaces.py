@@ -61,8 +61,10 @@ class Workspaces:
 
     def _spare_key(self, kind: str, *shape: Any) -> tuple:
         """The key of a spare set of ``kind`` buffers ("stack": a forward Stack, "segments": a recomputation
-        workspace) for this shape of work, on this backend and precision."""
-        return (kind, *shape, self.backend.name, self.backend.precision, self._step_kernels(), self._chunk_elements())
+        workspace) for this shape of work, on this backend and precision, and on a GPU this device and stream
+        (a set given back on one stream is reused on that stream only, where the earlier work runs first)."""
+        be = self.backend
+        return (kind, *shape, be.name, be.precision, be.placement(), self._step_kernels(), self._chunk_elements())
 
     def _take_spare(self, key: tuple) -> Any:
         """The spare buffers kept under ``key`` (taken: no one else gets them until they are given back), or None."""

@@ -93,3 +93,20 @@ def test_a_released_pullback_gives_its_buffers_back_and_cannot_be_called():
     y = np.zeros((T, B, 5))
     loss = model.loss(x, y)  # a head's loss without gradients releases its pullback too
     assert np.isfinite(float(loss)) and len(model._spares) == 1
+
+
+def test_buffers_given_back_on_one_stream_are_not_reused_on_another(monkeypatch):
+    model = _model("rnn", 1, False)
+    x = np.random.default_rng(2).standard_normal((T, B, D))
+    placement = [(0, 111)]  # as CuPy reports (device, stream): the host backend made to look like a GPU's
+    monkeypatch.setattr(type(model.backend), "placement", lambda self: placement[0])
+    out, pb = model.vjp(x)
+    stack = pb._stack
+    pb(np.ones_like(out.states))
+    placement[0] = (0, 222)  # another stream: its work could overtake what the first one still runs
+    _, pb2 = model.vjp(x)
+    assert pb2._stack is not stack
+    pb2.release()
+    placement[0] = (0, 111)
+    _, pb3 = model.vjp(x)
+    assert pb3._stack is stack  # back on the first stream: its set is reused

@@ -142,6 +142,11 @@ class Backend:
         the current one) of CUDA device ``device`` (None: the current device); a no-op on the host."""
         return contextlib.nullcontext()
 
+    def placement(self) -> Any:
+        """Where work queued now runs, as a hashable: (device id, stream pointer) on a GPU, None on the host.
+        Buffers reused under the same placement need no sync: work on one stream runs in order."""
+        return None
+
     def synchronize(self) -> None:
         """Wait until all queued device work is done (no-op on the host)."""
 

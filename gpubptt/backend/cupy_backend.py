@@ -81,6 +81,11 @@ class CupyBackend(Backend):
             stack.enter_context(self.xp.cuda.ExternalStream(handle, -1 if device is None else device))
         return stack
 
+    def placement(self) -> tuple[int, int]:
+        """(current device id, current stream pointer): buffers reused under it follow earlier work in order."""
+        cuda = self.xp.cuda
+        return cuda.Device().id, cuda.get_current_stream().ptr
+
     def timer(self) -> Callable[[Callable[[], Any]], float]:
         """CUDA events recorded on the current stream around fn, after a sync so earlier work is left out."""
         return _graphs.timer(self.xp)
