@@ -28,6 +28,7 @@ import numpy as np
 
 from ..backend import Backend
 from ._gated import GatedCell, forward_weight, sig_grad
+from ._jit import compile_kernels
 from ._per_backend import PerBackend
 from .base import register_cell
 
@@ -225,6 +226,8 @@ class _Kernels:
             "T g, T dhn, T cprev, T c, raw T A, int64 H", "T dc, raw T da", _BACKWARD, "gpubptt_lstm_backward"
         )
         self._const: dict[tuple[int, str], Any] = {}
+        #: the compiled twins (numba, ``GPUBPTT_JIT``) of the NumPy twins, or None
+        self.jit = None if self._fwd is not None else compile_kernels(*JIT_KERNELS)
 
     def forward(self, pre: Any, hw: Any, cprev: Any, h: Any, c: Any, A: Any, tmp: Any) -> None:
         """One step: pre, hw (B, 4H); cprev, h, c (B, H); A (B, 4H) ← [i, f, g, o]."""
@@ -233,6 +236,14 @@ class _Kernels:
             self._fwd(pre, hw, cprev, H, h, c, A)
             return
         xp = self.xp
+        if self.jit is not None:  # 5 calls instead of 10: the two tanh stay NumPy's (vectorised)
+            half = A.dtype.type(0.5)
+            self.jit[0](pre, hw, A, half)  # A = (pre + hw) ⊙ [½ ½ 1 ½]
+            xp.tanh(A, out=A)
+            self.jit[1](A, cprev, c, half)  # [i, f, g, o]; c = f ⊙ c_{t-1} + i ⊙ g
+            xp.tanh(c, out=h)
+            h *= A[:, 3 * H :]  # h = o ⊙ tanh(c)
+            return
         half, shift = self._constants(H, A.dtype)
         xp.add(pre, hw, out=A)
         A *= half  # the four gates at once: σ(a) = tanh(a/2)/2 + 1/2 for i, f, o; tanh(a) for g
@@ -253,6 +264,10 @@ class _Kernels:
             self._bwd(g, dhn, cprev, c, A, H, dc, da)
             return
         xp = self.xp
+        if self.jit is not None:
+            xp.tanh(c, out=tmp[0])
+            self.jit[2](g, dhn, cprev, tmp[0], A, dc, da, A.dtype.type(1))
+            return
         ig, fg, gg, og = A[:, :H], A[:, H : 2 * H], A[:, 2 * H : 3 * H], A[:, 3 * H :]
         dai, daf, dag, dao = da[:, :H], da[:, H : 2 * H], da[:, 2 * H : 3 * H], da[:, 3 * H :]
         dh, tc, t1 = g, tmp[0], tmp[1]
@@ -290,6 +305,64 @@ class _Kernels:
             self._const[key] = ((1 + gate) / 2, (1 - gate) / 2)
         return self._const[key]
 
+
+# The compiled twins (``_jit.compile_kernels``): plain loops over (B, H), one row at a time, each loop over a
+# row's H units short enough (few arrays) for the compiler to vectorise it; the same float operations as
+# the CUDA bodies above, in the array dtype (``half``, ``one`` carry it: a Python float would widen float32).
+
+
+def _jit_gates_in(pre: Any, hw: Any, A: Any, half: Any) -> None:
+    """A (B, 4H) ← (pre + hw) ⊙ [½ ½ 1 ½]: the arguments of the one tanh over all four gates."""
+    H = A.shape[1] // 4
+    for b in range(A.shape[0]):
+        p, w, a = pre[b], hw[b], A[b]
+        for j in range(2 * H):
+            a[j] = (p[j] + w[j]) * half
+        for j in range(2 * H, 3 * H):
+            a[j] = p[j] + w[j]
+        for j in range(3 * H, 4 * H):
+            a[j] = (p[j] + w[j]) * half
+
+
+def _jit_cell_state(A: Any, cprev: Any, c: Any, half: Any) -> None:
+    """A (B, 4H) holds tanh of the gates' arguments: i, f, o ← tanh/2 + ½ (σ); c (B, H) ← f ⊙ c_{t-1} + i ⊙ g."""
+    H = c.shape[1]
+    for b in range(c.shape[0]):
+        a, cp, cb = A[b], cprev[b], c[b]
+        for j in range(2 * H):
+            a[j] = a[j] * half + half
+        for j in range(3 * H, 4 * H):
+            a[j] = a[j] * half + half
+        for j in range(H):
+            cb[j] = a[H + j] * cp[j] + a[j] * a[2 * H + j]
+
+
+def _jit_backward(g: Any, dhn: Any, cprev: Any, tc: Any, A: Any, dc: Any, da: Any, one: Any) -> None:
+    """One step back, as ``_BACKWARD``: tc (B, H) = tanh(c_t); g ← dh (clobbered); da (B, 4H) ← ∂a_t;
+    dc ← dc_t ⊙ f_t."""
+    H = g.shape[1]
+    for b in range(g.shape[0]):
+        dh, dhb, cp, t, dcb = g[b], dhn[b], cprev[b], tc[b], dc[b]
+        ig, fg, gg, og = A[b, :H], A[b, H : 2 * H], A[b, 2 * H : 3 * H], A[b, 3 * H :]
+        dai, daf, dag, dao = da[b, :H], da[b, H : 2 * H], da[b, 2 * H : 3 * H], da[b, 3 * H :]
+        for j in range(H):
+            dh[j] += dhb[j]
+        for j in range(H):
+            dao[j] = dh[j] * t[j] * og[j] * (one - og[j])
+        for j in range(H):
+            dcb[j] += dh[j] * og[j] * (one - t[j] * t[j])
+        for j in range(H):
+            dai[j] = dcb[j] * gg[j] * ig[j] * (one - ig[j])
+        for j in range(H):
+            daf[j] = dcb[j] * cp[j] * fg[j] * (one - fg[j])
+        for j in range(H):
+            dag[j] = dcb[j] * ig[j] * (one - gg[j] * gg[j])
+        for j in range(H):
+            dcb[j] *= fg[j]
+
+
+#: the compiled twins' Python sources, in the order ``_Kernels.jit`` holds them
+JIT_KERNELS = (_jit_gates_in, _jit_cell_state, _jit_backward)
 
 #: ``kernels(be)``: the LSTM kernels of backend ``be`` (built once per backend)
 kernels: PerBackend[_Kernels] = PerBackend(_Kernels, "LSTM kernels")
