@@ -299,8 +299,8 @@ class _Kernels:
 
 
 # The compiled twins (``_jit.compile_kernels``): plain loops over (B, H), one row at a time, each loop over a
-# row's H units short enough (few arrays) for the compiler to vectorise it; the same float operations as
-# the CUDA bodies above, in the array dtype (``half``, ``one`` carry it: a Python float would widen float32).
+# row's H units short enough (few arrays) for the compiler to vectorise it; the CUDA bodies' formulas
+# above, in the array dtype (``half``, ``one`` carry it: a Python float would widen float32).
 
 
 def _jit_gates_in(pre: Any, hw: Any, bn: Any, A: Any, half: Any) -> None:

@@ -236,7 +236,7 @@ class _Kernels:
             self._fwd(pre, hw, cprev, H, h, c, A)
             return
         xp = self.xp
-        if self.jit is not None:  # 5 calls instead of 10: the two tanh stay NumPy's (vectorised)
+        if self.jit is not None:  # 5 calls instead of 10; the two tanh stay NumPy's (vectorised)
             half = A.dtype.type(0.5)
             self.jit[0](pre, hw, A, half)  # A = (pre + hw) ⊙ [½ ½ 1 ½]
             xp.tanh(A, out=A)
@@ -307,8 +307,8 @@ class _Kernels:
 
 
 # The compiled twins (``_jit.compile_kernels``): plain loops over (B, H), one row at a time, each loop over a
-# row's H units short enough (few arrays) for the compiler to vectorise it; the same float operations as
-# the CUDA bodies above, in the array dtype (``half``, ``one`` carry it: a Python float would widen float32).
+# row's H units short enough (few arrays) for the compiler to vectorise it; the CUDA bodies' formulas
+# above, in the array dtype (``half``, ``one`` carry it: a Python float would widen float32).
 
 
 def _jit_gates_in(pre: Any, hw: Any, A: Any, half: Any) -> None:
