@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import gpubptt
 from gpubptt import InputError
 from gpubptt.backend import get_backend
 from gpubptt.cells import _jit, gru, lstm
@@ -165,3 +166,38 @@ def test_info_names_the_step_kernels_and_refuses_a_bad_choice(monkeypatch):
     result = runner.invoke(app, ["info", "--backend", "numpy"])
     assert result.exit_code == 2
     assert "GPUBPTT_JIT='fast' is not a step-kernel choice" in result.output
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("layers,bidirectional", [(2, False), (1, True)])
+def test_batch_halves_in_two_threads_match_central_differences_of_the_reference(cell, layers, bidirectional,
+                                                                                  monkeypatch):  # fmt: skip
+    """With compiled kernels the step loops run as two batch halves at once (here forced on at B = 5: rows 0–2
+    and 3–4); inside a bidirectional layer's direction jobs they run one after the other."""
+    pytest.importorskip("numba", reason="numba unavailable: pip install numba")
+    from gpubptt.backend.numpy_backend import NumpyBackend
+    from gpubptt.cells import _gated
+    from tests.reference import numeric, ref_gated_loss
+
+    monkeypatch.setenv(_jit.JIT_VAR, "numba")
+    monkeypatch.setattr(_gated, "SPLIT_MIN_BATCH", 2)
+    be = NumpyBackend()  # its own kernels (numba) and thread pool, threads whatever the core count here
+    be.blas_threads.most = max(2, be.blas_threads.most)
+    T, B, D, K = 4, 5, 3, 4
+    model = gpubptt.RNN(D, H, K, cell=cell, num_layers=layers, bidirectional=bidirectional, bias=True, backend=be,
+                        seed=6, dtype="float64", init="torch")  # fmt: skip
+    rng = np.random.default_rng(6)
+    x, y, lengths = rng.normal(size=(T, B, D)), rng.integers(0, K, (T, B)), np.array([4, 2, 3, 4, 1])
+    h0, c0 = rng.normal(size=(2, model.num_states, B, H)) * 0.5
+    s0 = (h0, c0) if cell == "lstm" else h0
+    loss, grads = model.loss_and_grads(x, y, s0, lengths=lengths)
+    assert be._pool is not None  # jobs did run in threads
+    p = {k: np.array(v) for k, v in model.params.items()}
+    kw = dict(num_layers=layers, bidirectional=bidirectional)
+    f = lambda: ref_gated_loss(cell, p, x, y, h0, c0, lengths, "sum", **kw)  # noqa: E731
+    assert loss == pytest.approx(f(), rel=1e-12)
+    arrays = [*p.items(), ("s0", h0)] + ([("c0", c0)] if cell == "lstm" else [])
+    for name, arr in arrays:
+        idx = rng.choice(arr.size, min(arr.size, 8), replace=False)
+        np.testing.assert_allclose(grads[name].reshape(-1)[idx], numeric(f, arr, idx), rtol=1e-6, atol=1e-8,
+                                   err_msg=name)  # fmt: skip

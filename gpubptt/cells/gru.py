@@ -24,12 +24,13 @@ One step of each recurrence is one GEMM and one fused elementwise kernel (CuPy) 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from ..backend import Backend
-from ._gated import GatedCell, forward_weight, sig_grad
+from ._gated import GatedCell, batch_halves, forward_weight, sig_grad
 from ._jit import compile_kernels
 from ._per_backend import PerBackend
 from .base import register_cell
@@ -123,11 +124,23 @@ class GRUCell(GatedCell):
     ) -> None:
         """All steps: pre (T, B, 3H) = U x_t + b; S (T+1, B, H) with S[0] = h0, S[1:] written; gates into aux["A"]."""
         k = kernels(be)
-        bn, A, hw, Wt = p.get("b_hn", aux["zero"]), aux["A"], aux["hw"], aux["Wt"]
+        halves = batch_halves(be, k, pre.shape[1], aux)
+        if halves is None:
+            self._forward_rows(pre, p, S, aux, slice(None), aux["Wt"], be=be, k=k)
+            return
+        # two threads, each its rows and its own Wᵀ (packed per thread)
+        be.run_concurrently([partial(self._forward_rows, pre, p, S, aux, rows, Wt, be=be, k=k) for rows, Wt in halves])
+
+    def _forward_rows(
+        self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], rows: slice, Wt: Any, *, be: Backend, k: Any
+    ) -> None:
+        """The forward steps of the batch rows ``rows``; Wt (H, 3H) a buffer for Wᵀ."""
+        pre, S, A = pre[:, rows], S[:, rows], aux["A"][:, rows]
+        bn, hw, tmp = p.get("b_hn", aux["zero"]), aux["hw"][rows], aux["tmp"][:, rows]
         Wt = forward_weight(p["W"], Wt, pre.shape[0], pre.shape[1], be)  # Wᵀ packed, or a row-major copy where it pays
         for t in range(pre.shape[0]):
             be.matmul(S[t], Wt, hw)  # w = h_{t-1} @ W.T, all three gates in one GEMM
-            k.forward(pre[t], hw, bn, S[t], S[t + 1], A[t], aux["tmp"])
+            k.forward(pre[t], hw, bn, S[t], S[t + 1], A[t], tmp)
 
     def run_backward(
         self,
@@ -151,19 +164,34 @@ class GRUCell(GatedCell):
             return self._backward_truncated(G, p, S, aux, truncate, be=be, work=work, grads=grads, ds0=ds0)
         k = kernels(be)
         T, B, H = G.shape
-        W, A, dw, tmp = p["W"], aux["A"], aux["dw"], aux["tmp"]
-        carry = ds0  # dh_t's share from step t+1; after step 0 it is ∂E/∂h0
-        carry[...] = 0
-        Wp = be.pack(W, B, T)  # W packed once for all T steps where the backend packs (MKL), else W
-        for t in range(T - 1, -1, -1):
-            k.backward(G[t], S[t], A[t], carry, work[t], dw[t], tmp)  # the gates' gradients; tmp[0] = dh ⊙ z
-            be.matmul(dw[t], Wp, carry)  # ∂w_t @ W: all three gates in one GEMM
-            carry += tmp[0]  # dh_{t-1} = dh_t ⊙ z_t + ∂w_t @ W
+        dw = aux["dw"]
+        ds0[...] = 0  # dh_t's share from step t+1; after step 0 it is ∂E/∂h0
+        halves = batch_halves(be, k, B, aux)
+        if halves is None:
+            self._backward_rows(G, p, S, aux, slice(None), work, ds0, be=be, k=k)
+        else:  # two threads, each its rows
+            be.run_concurrently(
+                [partial(self._backward_rows, G, p, S, aux, r, work, ds0, be=be, k=k) for r, _ in halves]
+            )
         rows = dw.reshape(T * B, 3 * H)
         be.matmul(rows.T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂w_tᵀ h_{t-1}
         if "b_hn" in grads:
             be.xp.sum(rows[:, 2 * H :], axis=0, out=grads["b_hn"])  # db_hn = Σ_t ∂m_t
         return work
+
+    def _backward_rows(
+        self, G: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], rows: slice, work: Any, carry: Any, *,
+        be: Backend, k: Any,
+    ) -> None:  # fmt: skip
+        """The backward steps of the batch rows ``rows``; carry (B, H) dh's share from the step after."""
+        G, S, work, A, dw = G[:, rows], S[:, rows], work[:, rows], aux["A"][:, rows], aux["dw"][:, rows]
+        carry, tmp = carry[rows], aux["tmp"][:, rows]
+        T, n = G.shape[0], G.shape[1]
+        Wp = be.pack(p["W"], n, T)  # W packed once for all T steps where the backend packs (MKL), else W
+        for t in range(T - 1, -1, -1):
+            k.backward(G[t], S[t], A[t], carry, work[t], dw[t], tmp)  # the gates' gradients; tmp[0] = dh ⊙ z
+            be.matmul(dw[t], Wp, carry)  # ∂w_t @ W: all three gates in one GEMM
+            carry += tmp[0]  # dh_{t-1} = dh_t ⊙ z_t + ∂w_t @ W
 
     def _backward_truncated(
         self, G: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], k: int, *, be: Backend, work: Any,

@@ -22,12 +22,13 @@ One step of each recurrence is one GEMM and one fused elementwise kernel (CuPy) 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from ..backend import Backend
-from ._gated import GatedCell, forward_weight, sig_grad
+from ._gated import GatedCell, batch_halves, forward_weight, sig_grad
 from ._jit import compile_kernels
 from ._per_backend import PerBackend
 from .base import register_cell
@@ -128,11 +129,23 @@ class LSTMCell(GatedCell):
     ) -> None:
         """All steps: pre (T, B, 4H) = U x_t + b; S (T+1, B, H) with S[0] = h0 and aux["C"][0] = c0 set."""
         k = kernels(be)
-        A, C, hw, Wt = aux["A"], aux["C"], aux["hw"], aux["Wt"]
+        halves = batch_halves(be, k, pre.shape[1], aux)
+        if halves is None:
+            self._forward_rows(pre, p, S, aux, slice(None), aux["Wt"], be=be, k=k)
+            return
+        # two threads, each its rows and its own Wᵀ (packed per thread)
+        be.run_concurrently([partial(self._forward_rows, pre, p, S, aux, rows, Wt, be=be, k=k) for rows, Wt in halves])
+
+    def _forward_rows(
+        self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], rows: slice, Wt: Any, *, be: Backend, k: Any
+    ) -> None:
+        """The forward steps of the batch rows ``rows``; Wt (H, 4H) a buffer for Wᵀ."""
+        pre, S, A, C = pre[:, rows], S[:, rows], aux["A"][:, rows], aux["C"][:, rows]
+        hw, tmp = aux["hw"][rows], aux["tmp"][:, rows]
         Wt = forward_weight(p["W"], Wt, pre.shape[0], pre.shape[1], be)  # Wᵀ packed, or a row-major copy where it pays
         for t in range(pre.shape[0]):
             be.matmul(S[t], Wt, hw)  # w = h_{t-1} @ W.T, all four gates in one GEMM
-            k.forward(pre[t], hw, C[t], S[t + 1], C[t + 1], A[t], aux["tmp"])
+            k.forward(pre[t], hw, C[t], S[t + 1], C[t + 1], A[t], tmp)
 
     def run_backward(
         self,
@@ -160,18 +173,32 @@ class LSTMCell(GatedCell):
             return self._backward_truncated(G, p, S, aux, truncate, be=be, work=work, grads=grads, ds0=ds0)
         k = kernels(be)
         T, B, H = G.shape
-        W, A, C = p["W"], aux["A"], aux["C"]
-        dh, dc = ds0, grads["c0"]  # what step t+1 sends back to h_t and c_t; after step 0, ∂E/∂h0 and ∂E/∂c0
-        dh[...] = 0
-        dc[...] = 0
-        Wp = be.pack(W, B, T)  # W packed once for all T steps where the backend packs (MKL), else W
+        ds0[...] = 0  # what step t+1 sends back to h_t (ds0) and c_t (c0); after step 0, ∂E/∂h0 and ∂E/∂c0
+        grads["c0"][...] = 0
+        halves = None if d_extra else batch_halves(be, k, B, aux)
+        if halves is None:
+            self._backward_rows(G, p, aux, slice(None), work, ds0, grads["c0"], d_extra, be=be, k=k)
+        else:
+            jobs = [partial(self._backward_rows, G, p, aux, rows, work, ds0, grads["c0"], None, be=be, k=k)
+                    for rows, _ in halves]  # fmt: skip
+            be.run_concurrently(jobs)  # two threads, each its rows
+        be.matmul(work.reshape(T * B, 4 * H).T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂a_tᵀ h_{t-1}
+        return work
+
+    def _backward_rows(
+        self, G: Any, p: dict[str, Any], aux: dict[str, Any], rows: slice, work: Any, dh: Any, dc: Any,
+        d_extra: dict[int, list[tuple[Any, Any]]] | None, *, be: Backend, k: Any,
+    ) -> None:  # fmt: skip
+        """The backward steps of the batch rows ``rows`` (d_extra: all rows only); dh, dc (B, H) the carries."""
+        G, work, A, C = G[:, rows], work[:, rows], aux["A"][:, rows], aux["C"][:, rows]
+        dh, dc, tmp = dh[rows], dc[rows], aux["tmp"][:, rows]
+        T, n = G.shape[0], G.shape[1]
+        Wp = be.pack(p["W"], n, T)  # W packed once for all T steps where the backend packs (MKL), else W
         for t in range(T - 1, -1, -1):
             for cols, values in d_extra.get(t, ()) if d_extra else ():
                 dc[cols] += values
-            k.backward(G[t], dh, C[t], C[t + 1], A[t], dc, work[t], aux["tmp"])  # ∂a_t; dc ← dc_t ⊙ f_t
+            k.backward(G[t], dh, C[t], C[t + 1], A[t], dc, work[t], tmp)  # ∂a_t; dc ← dc_t ⊙ f_t
             be.matmul(work[t], Wp, dh)  # dh_{t-1} = ∂a_t @ W: all four gates in one GEMM
-        be.matmul(work.reshape(T * B, 4 * H).T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂a_tᵀ h_{t-1}
-        return work
 
     def _backward_truncated(
         self, G: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], k: int, *, be: Backend, work: Any,
