@@ -180,7 +180,7 @@ def test_batch_halves_in_two_threads_match_central_differences_of_the_reference(
     from tests.reference import numeric, ref_gated_loss
 
     monkeypatch.setenv(_jit.JIT_VAR, "numba")
-    monkeypatch.setattr(_gated, "SPLIT_MIN_BATCH", 2)
+    monkeypatch.setattr(_gated, "SPLIT_MIN_STATE", 2)
     be = NumpyBackend()  # its own kernels (numba) and thread pool, threads whatever the core count here
     be.blas_threads.most = max(2, be.blas_threads.most)
     T, B, D, K = 4, 5, 3, 4
