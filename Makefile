@@ -22,7 +22,7 @@ endif
 	.venv/bin/python -m pip install -q --upgrade pip
 
 .venv/.test: .venv/bin/python pyproject.toml
-	$(PY) -m pip install -q -e '.[test,plot,mpi,mkl]'
+	$(PY) -m pip install -q -e '.[test,plot,mpi,mkl,jit]'
 	touch $@
 
 .venv/.dev: .venv/bin/python pyproject.toml
@@ -30,7 +30,7 @@ endif
 	touch $@
 
 .venv/.bench: .venv/bin/python pyproject.toml
-	$(PY) -m pip install -q -e '.[plot,mkl]'
+	$(PY) -m pip install -q -e '.[plot,mkl,jit]'
 	touch $@
 
 .venv/.docs: .venv/bin/python pyproject.toml

@@ -14,6 +14,7 @@ backend's own matmul, each charged for its share of the FLOPs), and the BLAS wit
 
     python benchmarks/perf_gated.py OUT_DIR --backend numpy     # OUT_DIR/perf-gated-numpy.json and .txt
     python benchmarks/perf_gated.py OUT_DIR --backend cupy
+    python benchmarks/perf_gated.py OUT_DIR --jit-compare       # also the NumPy step kernels, same rounds
 
 OUT_DIR defaults to a new folder under the system's temporary directory (never inside the repository);
 ``--output FILE`` names the JSON file instead. Prints one line per row; the JSON has every raw time.
@@ -27,6 +28,7 @@ import platform
 import sys
 import tempfile
 import time
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ import numpy as np
 import gpubptt
 from gpubptt.backend.precision import PRECISIONS
 from gpubptt.bench import flops
+from gpubptt.cells._jit import jit_library
 from gpubptt.environment import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -114,6 +117,21 @@ def torch_side(model, x, y, grads):
     return fwd_bwd, sync, err
 
 
+def numpy_twins(be, cell: str, run):
+    """``run`` with the cell's NumPy step kernels in place of its compiled twins (``GPUBPTT_JIT=numpy``), for
+    one call: the compiled kernels' gain measured in the same rounds."""
+    kernels = import_module(f"gpubptt.cells.{cell}").kernels(be)
+
+    def twins() -> None:
+        compiled, kernels.jit = kernels.jit, None
+        try:
+            run()
+        finally:
+            kernels.jit = compiled
+
+    return twins
+
+
 def measure(be, cell, T, B, D, H, K, layers, bi, args) -> dict:
     rng = np.random.default_rng(0)
     model = gpubptt.RNN(
@@ -144,6 +162,8 @@ def measure(be, cell, T, B, D, H, K, layers, bi, args) -> dict:
 
     G = GATES[cell]
     fns = {"gpubptt": ours, **gemm_references(model.backend, T, B, H, G, K), "torch": theirs}  # same precision
+    if args.jit_compare:
+        fns = {"gpubptt_numpy_twins": numpy_twins(be, cell, ours), **fns}
     for _ in range(args.warmup):
         for fn in fns.values():
             fn()
@@ -179,6 +199,11 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rows", default="all", help="'all', or indices into the rows, comma-separated (0-9)")
     ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="GEMM precision (torch matches it)")
+    ap.add_argument(
+        "--jit-compare",
+        action="store_true",
+        help="also time gpubptt on the NumPy step kernels (GPUBPTT_JIT=numpy) in the same rounds",
+    )
     ap.add_argument("out_dir", nargs="?", default=None, help="folder for the results (default: a new temporary one)")
     ap.add_argument("--output", default=None, help="the JSON file (default: OUT_DIR/perf-gated-BACKEND.json)")
     args = ap.parse_args()
@@ -200,6 +225,7 @@ def main() -> int:
             f"  gpubptt {med['gpubptt'] * 1e3:8.2f} ms {row['gflops']:6.1f} GFLOP/s ({row['efficiency']:.0%} of GEMM)"
             f"  torch {med['torch'] * 1e3:8.2f} ms  ratio {row['ratio_vs_torch']:.2f}"
             f"  (grads agree to {row['max_rel_grad_err']:.1e})"
+            + (f"  NumPy kernels {med['gpubptt_numpy_twins'] * 1e3:.2f} ms" if "gpubptt_numpy_twins" in med else "")
         )
         print(lines[-1], flush=True)
     summary, stats = summary_ratio(out, "ratio vs torch", key="ratio_vs_torch")  # clean rows only
@@ -208,7 +234,7 @@ def main() -> int:
     env = {"gpubptt": gpubptt.__version__, "numpy": np.__version__, "torch": torch.__version__,
            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
            "machine": platform.machine(), "backend": be.name, "device": be.device,
-           "precision": args.precision}  # fmt: skip
+           "precision": args.precision, "jit": jit_library(be.name)}  # fmt: skip
     result = {"benchmark": "perf_gated", "command": " ".join(sys.argv), "environment": env,
               "full_environment": environment([be]), "blas": blas_facts(be),
               "median_ratio_vs_torch": None if stats is None else stats["median"],

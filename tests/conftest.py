@@ -105,6 +105,23 @@ def blas(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["numpy", "numba"])
+def jit(request, monkeypatch):
+    """The gated cells' step kernels on the NumPy backend: their NumPy twins (as under GPUBPTT_JIT=numpy), then
+    numba's compiled twins (``gpubptt.cells._jit``); the numba run skips, with the reason, where numba is absent.
+    For the gated gradient tests: they run once per kind of step kernel."""
+    from gpubptt.cells import _jit, gru, lstm
+
+    be = get_backend("numpy")
+    for cell in (gru, lstm):
+        try:
+            compiled = _jit.compile_kernels(*cell.JIT_KERNELS, choice=request.param)
+        except BackendUnavailableError as exc:
+            pytest.skip(f"numba unavailable ({exc}): pip install numba")
+        monkeypatch.setattr(cell.kernels(be), "jit", compiled)
+    return request.param
+
+
 @pytest.fixture
 def xp(be):
     """The array module of each available backend."""

@@ -91,7 +91,7 @@ FD_STRUCTURES = [(c, l, bd) for c, l, bd in STRUCTURES if l < 3] + [("gru", 3, T
 
 @pytest.mark.parametrize("cell,layers,bidirectional", FD_STRUCTURES)
 @pytest.mark.parametrize("variant", [0, 1])
-def test_gradients_match_central_differences_of_the_reference(cell, layers, bidirectional, variant, blas):
+def test_gradients_match_central_differences_of_the_reference(cell, layers, bidirectional, variant, blas, jit):
     bias, tokens, _, lengths, reduction = VARIANTS[variant]
     model = build(cell, layers, bidirectional, bias, seed=20 + variant)
     rng = np.random.default_rng(30 + variant)
@@ -193,7 +193,7 @@ def test_nonlinearity_is_refused_for_gated_cells(cell):
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 @pytest.mark.parametrize("bias,tokens", [(True, False), (False, True)])
-def test_truncation_matches_full_bptt_on_windows(cell, bias, tokens, blas):
+def test_truncation_matches_full_bptt_on_windows(cell, bias, tokens, blas, jit):
     """truncate=k against an independent reference: Σ_t (G(a, t) − G(a, t − 1)), the exact gradients of
     windows a..t started from the forward's own states (``diagnostics.gated.truncated_gradients``)."""
     from gpubptt.diagnostics.gated import truncated_gradients

@@ -24,12 +24,14 @@ One step of each recurrence is one GEMM and one fused elementwise kernel (CuPy) 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from ..backend import Backend
-from ._gated import GatedCell, forward_weight, sig_grad
+from ._gated import GatedCell, batch_halves, forward_weight, sig_grad
+from ._jit import compile_kernels
 from ._per_backend import PerBackend
 from .base import register_cell
 
@@ -122,11 +124,23 @@ class GRUCell(GatedCell):
     ) -> None:
         """All steps: pre (T, B, 3H) = U x_t + b; S (T+1, B, H) with S[0] = h0, S[1:] written; gates into aux["A"]."""
         k = kernels(be)
-        bn, A, hw, Wt = p.get("b_hn", aux["zero"]), aux["A"], aux["hw"], aux["Wt"]
+        halves = batch_halves(be, k, pre.shape[1], aux)
+        if halves is None:
+            self._forward_rows(pre, p, S, aux, slice(None), aux["Wt"], be=be, k=k)
+            return
+        # two threads, each its rows and its own Wᵀ (packed per thread)
+        be.run_concurrently([partial(self._forward_rows, pre, p, S, aux, rows, Wt, be=be, k=k) for rows, Wt in halves])
+
+    def _forward_rows(
+        self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], rows: slice, Wt: Any, *, be: Backend, k: Any
+    ) -> None:
+        """The forward steps of the batch rows ``rows``; Wt (H, 3H) a buffer for Wᵀ."""
+        pre, S, A = pre[:, rows], S[:, rows], aux["A"][:, rows]
+        bn, hw, tmp = p.get("b_hn", aux["zero"]), aux["hw"][rows], aux["tmp"][:, rows]
         Wt = forward_weight(p["W"], Wt, pre.shape[0], pre.shape[1], be)  # Wᵀ packed, or a row-major copy where it pays
         for t in range(pre.shape[0]):
             be.matmul(S[t], Wt, hw)  # w = h_{t-1} @ W.T, all three gates in one GEMM
-            k.forward(pre[t], hw, bn, S[t], S[t + 1], A[t], aux["tmp"])
+            k.forward(pre[t], hw, bn, S[t], S[t + 1], A[t], tmp)
 
     def run_backward(
         self,
@@ -150,19 +164,34 @@ class GRUCell(GatedCell):
             return self._backward_truncated(G, p, S, aux, truncate, be=be, work=work, grads=grads, ds0=ds0)
         k = kernels(be)
         T, B, H = G.shape
-        W, A, dw, tmp = p["W"], aux["A"], aux["dw"], aux["tmp"]
-        carry = ds0  # dh_t's share from step t+1; after step 0 it is ∂E/∂h0
-        carry[...] = 0
-        Wp = be.pack(W, B, T)  # W packed once for all T steps where the backend packs (MKL), else W
-        for t in range(T - 1, -1, -1):
-            k.backward(G[t], S[t], A[t], carry, work[t], dw[t], tmp)  # the gates' gradients; tmp[0] = dh ⊙ z
-            be.matmul(dw[t], Wp, carry)  # ∂w_t @ W: all three gates in one GEMM
-            carry += tmp[0]  # dh_{t-1} = dh_t ⊙ z_t + ∂w_t @ W
+        dw = aux["dw"]
+        ds0[...] = 0  # dh_t's share from step t+1; after step 0 it is ∂E/∂h0
+        halves = batch_halves(be, k, B, aux)
+        if halves is None:
+            self._backward_rows(G, p, S, aux, slice(None), work, ds0, be=be, k=k)
+        else:  # two threads, each its rows
+            be.run_concurrently(
+                [partial(self._backward_rows, G, p, S, aux, r, work, ds0, be=be, k=k) for r, _ in halves]
+            )
         rows = dw.reshape(T * B, 3 * H)
         be.matmul(rows.T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂w_tᵀ h_{t-1}
         if "b_hn" in grads:
             be.xp.sum(rows[:, 2 * H :], axis=0, out=grads["b_hn"])  # db_hn = Σ_t ∂m_t
         return work
+
+    def _backward_rows(
+        self, G: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], rows: slice, work: Any, carry: Any, *,
+        be: Backend, k: Any,
+    ) -> None:  # fmt: skip
+        """The backward steps of the batch rows ``rows``; carry (B, H) dh's share from the step after."""
+        G, S, work, A, dw = G[:, rows], S[:, rows], work[:, rows], aux["A"][:, rows], aux["dw"][:, rows]
+        carry, tmp = carry[rows], aux["tmp"][:, rows]
+        T, n = G.shape[0], G.shape[1]
+        Wp = be.pack(p["W"], n, T)  # W packed once for all T steps where the backend packs (MKL), else W
+        for t in range(T - 1, -1, -1):
+            k.backward(G[t], S[t], A[t], carry, work[t], dw[t], tmp)  # the gates' gradients; tmp[0] = dh ⊙ z
+            be.matmul(dw[t], Wp, carry)  # ∂w_t @ W: all three gates in one GEMM
+            carry += tmp[0]  # dh_{t-1} = dh_t ⊙ z_t + ∂w_t @ W
 
     def _backward_truncated(
         self, G: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], k: int, *, be: Backend, work: Any,
@@ -235,6 +264,8 @@ class _Kernels:
             _BACKWARD,
             "gpubptt_gru_backward",
         )
+        #: the compiled twins (numba, ``GPUBPTT_JIT``) of the NumPy twins, or None
+        self.jit = None if self._fwd is not None else compile_kernels(*JIT_KERNELS)
 
     def forward(self, pre: Any, hw: Any, bn: Any, hprev: Any, h: Any, A: Any, tmp: Any) -> None:
         """One step's gates and state: pre, hw (B, 3H); bn (H,); hprev, h (B, H); A (B, 4H) ← [r, z, n, m]."""
@@ -243,6 +274,14 @@ class _Kernels:
             self._fwd(pre, hw, bn, hprev, H, h, A)
             return
         xp = self.xp
+        if self.jit is not None:  # 5 calls instead of 12: the two tanh stay NumPy's (vectorised)
+            half = A.dtype.type(0.5)
+            self.jit[0](pre, hw, bn, A, half)  # A = [(a_r + w_r)/2, (a_z + w_z)/2, ·, m = w_n + b_hn]
+            xp.tanh(A[:, : 2 * H], out=A[:, : 2 * H])
+            self.jit[1](pre, A, half)  # r, z ← tanh/2 + ½ (σ); A_n = a_n + r ⊙ m
+            xp.tanh(A[:, 2 * H : 3 * H], out=A[:, 2 * H : 3 * H])  # n
+            self.jit[2](hprev, A, h)  # h = n + z ⊙ (h_{t-1} − n)
+            return
         rz, n, m = A[:, : 2 * H], A[:, 2 * H : 3 * H], A[:, 3 * H :]
         xp.add(pre[:, : 2 * H], hw[:, : 2 * H], out=rz)
         _sigmoid(rz, xp=xp)  # r, z
@@ -262,6 +301,9 @@ class _Kernels:
             self._bwd(g, carry, hprev, A, H, tmp[0], dpre, dw)
             return
         xp = self.xp
+        if self.jit is not None:
+            self.jit[3](g, carry, hprev, A, dpre, dw, tmp[0], A.dtype.type(1))
+            return
         r, z, n, m = A[:, :H], A[:, H : 2 * H], A[:, 2 * H : 3 * H], A[:, 3 * H :]
         dar, daz, dan = dpre[:, :H], dpre[:, H : 2 * H], dpre[:, 2 * H :]
         dh, t1, t2 = g, tmp[1], tmp[2]
@@ -283,6 +325,70 @@ class _Kernels:
         xp.multiply(dan, r, out=dw[:, 2 * H :])  # ∂m = ∂a_n ⊙ r
         xp.multiply(dh, z, out=tmp[0])
 
+
+# The compiled twins (``_jit.compile_kernels``): plain loops over (B, H), one row at a time, each loop over a
+# row's H units short enough (few arrays) for the compiler to vectorise it; the CUDA bodies' formulas
+# above, in the array dtype (``half``, ``one`` carry it: a Python float would widen float32).
+
+
+def _jit_gates_in(pre: Any, hw: Any, bn: Any, A: Any, half: Any) -> None:
+    """A (B, 4H) ← [(a_r + w_r)/2, (a_z + w_z)/2, (unset), m = w_n + b_hn]: r, z's tanh arguments and m."""
+    H = A.shape[1] // 4
+    for b in range(A.shape[0]):
+        p, w, a = pre[b], hw[b], A[b]
+        for j in range(2 * H):
+            a[j] = (p[j] + w[j]) * half
+        for j in range(H):
+            a[3 * H + j] = w[2 * H + j] + bn[j]
+
+
+def _jit_candidate(pre: Any, A: Any, half: Any) -> None:
+    """r, z ← tanh/2 + ½ (σ) in A (B, 4H); A's n columns ← a_n + r ⊙ m (n's tanh argument)."""
+    H = A.shape[1] // 4
+    for b in range(A.shape[0]):
+        p, a = pre[b], A[b]
+        for j in range(2 * H):
+            a[j] = a[j] * half + half
+        for j in range(H):
+            a[2 * H + j] = p[2 * H + j] + a[j] * a[3 * H + j]
+
+
+def _jit_state(hprev: Any, A: Any, h: Any) -> None:
+    """h (B, H) ← n + z ⊙ (h_{t-1} − n)."""
+    H = h.shape[1]
+    for b in range(h.shape[0]):
+        hp, a, hb = hprev[b], A[b], h[b]
+        for j in range(H):
+            n = a[2 * H + j]
+            hb[j] = n + a[H + j] * (hp[j] - n)
+
+
+def _jit_backward(g: Any, carry: Any, hprev: Any, A: Any, dpre: Any, dw: Any, direct: Any, one: Any) -> None:
+    """One step back, as ``_BACKWARD``: g ← dh (clobbered); dpre (B, 3H) ← ∂a; dw (B, 3H) ← ∂w; direct ← dh ⊙ z."""
+    H = g.shape[1]
+    for b in range(g.shape[0]):
+        dh, cb, hp, d = g[b], carry[b], hprev[b], direct[b]
+        r, z, n, m = A[b, :H], A[b, H : 2 * H], A[b, 2 * H : 3 * H], A[b, 3 * H :]
+        dar, daz, dan = dpre[b, :H], dpre[b, H : 2 * H], dpre[b, 2 * H :]
+        dwr, dwz, dwn = dw[b, :H], dw[b, H : 2 * H], dw[b, 2 * H :]
+        for j in range(H):
+            dh[j] += cb[j]
+        for j in range(H):
+            dan[j] = dh[j] * (one - z[j]) * (one - n[j] * n[j])
+        for j in range(H):
+            daz[j] = dh[j] * (hp[j] - n[j]) * z[j] * (one - z[j])
+        for j in range(H):
+            dar[j] = dan[j] * m[j] * r[j] * (one - r[j])
+        for j in range(H):
+            dwr[j] = dar[j]
+            dwz[j] = daz[j]
+            dwn[j] = dan[j] * r[j]
+        for j in range(H):
+            d[j] = dh[j] * z[j]
+
+
+#: the compiled twins' Python sources, in the order ``_Kernels.jit`` holds them
+JIT_KERNELS = (_jit_gates_in, _jit_candidate, _jit_state, _jit_backward)
 
 #: ``kernels(be)``: the GRU kernels of backend ``be`` (built once per backend)
 kernels: PerBackend[_Kernels] = PerBackend(_Kernels, "GRU kernels")

@@ -22,12 +22,14 @@ One step of each recurrence is one GEMM and one fused elementwise kernel (CuPy) 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from ..backend import Backend
-from ._gated import GatedCell, forward_weight, sig_grad
+from ._gated import GatedCell, batch_halves, forward_weight, sig_grad
+from ._jit import compile_kernels
 from ._per_backend import PerBackend
 from .base import register_cell
 
@@ -127,11 +129,23 @@ class LSTMCell(GatedCell):
     ) -> None:
         """All steps: pre (T, B, 4H) = U x_t + b; S (T+1, B, H) with S[0] = h0 and aux["C"][0] = c0 set."""
         k = kernels(be)
-        A, C, hw, Wt = aux["A"], aux["C"], aux["hw"], aux["Wt"]
+        halves = batch_halves(be, k, pre.shape[1], aux)
+        if halves is None:
+            self._forward_rows(pre, p, S, aux, slice(None), aux["Wt"], be=be, k=k)
+            return
+        # two threads, each its rows and its own Wᵀ (packed per thread)
+        be.run_concurrently([partial(self._forward_rows, pre, p, S, aux, rows, Wt, be=be, k=k) for rows, Wt in halves])
+
+    def _forward_rows(
+        self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], rows: slice, Wt: Any, *, be: Backend, k: Any
+    ) -> None:
+        """The forward steps of the batch rows ``rows``; Wt (H, 4H) a buffer for Wᵀ."""
+        pre, S, A, C = pre[:, rows], S[:, rows], aux["A"][:, rows], aux["C"][:, rows]
+        hw, tmp = aux["hw"][rows], aux["tmp"][:, rows]
         Wt = forward_weight(p["W"], Wt, pre.shape[0], pre.shape[1], be)  # Wᵀ packed, or a row-major copy where it pays
         for t in range(pre.shape[0]):
             be.matmul(S[t], Wt, hw)  # w = h_{t-1} @ W.T, all four gates in one GEMM
-            k.forward(pre[t], hw, C[t], S[t + 1], C[t + 1], A[t], aux["tmp"])
+            k.forward(pre[t], hw, C[t], S[t + 1], C[t + 1], A[t], tmp)
 
     def run_backward(
         self,
@@ -159,18 +173,32 @@ class LSTMCell(GatedCell):
             return self._backward_truncated(G, p, S, aux, truncate, be=be, work=work, grads=grads, ds0=ds0)
         k = kernels(be)
         T, B, H = G.shape
-        W, A, C = p["W"], aux["A"], aux["C"]
-        dh, dc = ds0, grads["c0"]  # what step t+1 sends back to h_t and c_t; after step 0, ∂E/∂h0 and ∂E/∂c0
-        dh[...] = 0
-        dc[...] = 0
-        Wp = be.pack(W, B, T)  # W packed once for all T steps where the backend packs (MKL), else W
+        ds0[...] = 0  # what step t+1 sends back to h_t (ds0) and c_t (c0); after step 0, ∂E/∂h0 and ∂E/∂c0
+        grads["c0"][...] = 0
+        halves = None if d_extra else batch_halves(be, k, B, aux)
+        if halves is None:
+            self._backward_rows(G, p, aux, slice(None), work, ds0, grads["c0"], d_extra, be=be, k=k)
+        else:
+            jobs = [partial(self._backward_rows, G, p, aux, rows, work, ds0, grads["c0"], None, be=be, k=k)
+                    for rows, _ in halves]  # fmt: skip
+            be.run_concurrently(jobs)  # two threads, each its rows
+        be.matmul(work.reshape(T * B, 4 * H).T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂a_tᵀ h_{t-1}
+        return work
+
+    def _backward_rows(
+        self, G: Any, p: dict[str, Any], aux: dict[str, Any], rows: slice, work: Any, dh: Any, dc: Any,
+        d_extra: dict[int, list[tuple[Any, Any]]] | None, *, be: Backend, k: Any,
+    ) -> None:  # fmt: skip
+        """The backward steps of the batch rows ``rows`` (d_extra: all rows only); dh, dc (B, H) the carries."""
+        G, work, A, C = G[:, rows], work[:, rows], aux["A"][:, rows], aux["C"][:, rows]
+        dh, dc, tmp = dh[rows], dc[rows], aux["tmp"][:, rows]
+        T, n = G.shape[0], G.shape[1]
+        Wp = be.pack(p["W"], n, T)  # W packed once for all T steps where the backend packs (MKL), else W
         for t in range(T - 1, -1, -1):
             for cols, values in d_extra.get(t, ()) if d_extra else ():
                 dc[cols] += values
-            k.backward(G[t], dh, C[t], C[t + 1], A[t], dc, work[t], aux["tmp"])  # ∂a_t; dc ← dc_t ⊙ f_t
+            k.backward(G[t], dh, C[t], C[t + 1], A[t], dc, work[t], tmp)  # ∂a_t; dc ← dc_t ⊙ f_t
             be.matmul(work[t], Wp, dh)  # dh_{t-1} = ∂a_t @ W: all four gates in one GEMM
-        be.matmul(work.reshape(T * B, 4 * H).T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂a_tᵀ h_{t-1}
-        return work
 
     def _backward_truncated(
         self, G: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], k: int, *, be: Backend, work: Any,
@@ -225,6 +253,8 @@ class _Kernels:
             "T g, T dhn, T cprev, T c, raw T A, int64 H", "T dc, raw T da", _BACKWARD, "gpubptt_lstm_backward"
         )
         self._const: dict[tuple[int, str], Any] = {}
+        #: the compiled twins (numba, ``GPUBPTT_JIT``) of the NumPy twins, or None
+        self.jit = None if self._fwd is not None else compile_kernels(*JIT_KERNELS)
 
     def forward(self, pre: Any, hw: Any, cprev: Any, h: Any, c: Any, A: Any, tmp: Any) -> None:
         """One step: pre, hw (B, 4H); cprev, h, c (B, H); A (B, 4H) ← [i, f, g, o]."""
@@ -233,6 +263,14 @@ class _Kernels:
             self._fwd(pre, hw, cprev, H, h, c, A)
             return
         xp = self.xp
+        if self.jit is not None:  # 5 calls instead of 10; the two tanh stay NumPy's (vectorised)
+            half = A.dtype.type(0.5)
+            self.jit[0](pre, hw, A, half)  # A = (pre + hw) ⊙ [½ ½ 1 ½]
+            xp.tanh(A, out=A)
+            self.jit[1](A, cprev, c, half)  # [i, f, g, o]; c = f ⊙ c_{t-1} + i ⊙ g
+            xp.tanh(c, out=h)
+            h *= A[:, 3 * H :]  # h = o ⊙ tanh(c)
+            return
         half, shift = self._constants(H, A.dtype)
         xp.add(pre, hw, out=A)
         A *= half  # the four gates at once: σ(a) = tanh(a/2)/2 + 1/2 for i, f, o; tanh(a) for g
@@ -253,6 +291,10 @@ class _Kernels:
             self._bwd(g, dhn, cprev, c, A, H, dc, da)
             return
         xp = self.xp
+        if self.jit is not None:
+            xp.tanh(c, out=tmp[0])
+            self.jit[2](g, dhn, cprev, tmp[0], A, dc, da, A.dtype.type(1))
+            return
         ig, fg, gg, og = A[:, :H], A[:, H : 2 * H], A[:, 2 * H : 3 * H], A[:, 3 * H :]
         dai, daf, dag, dao = da[:, :H], da[:, H : 2 * H], da[:, 2 * H : 3 * H], da[:, 3 * H :]
         dh, tc, t1 = g, tmp[0], tmp[1]
@@ -290,6 +332,64 @@ class _Kernels:
             self._const[key] = ((1 + gate) / 2, (1 - gate) / 2)
         return self._const[key]
 
+
+# The compiled twins (``_jit.compile_kernels``): plain loops over (B, H), one row at a time, each loop over a
+# row's H units short enough (few arrays) for the compiler to vectorise it; the CUDA bodies' formulas
+# above, in the array dtype (``half``, ``one`` carry it: a Python float would widen float32).
+
+
+def _jit_gates_in(pre: Any, hw: Any, A: Any, half: Any) -> None:
+    """A (B, 4H) ← (pre + hw) ⊙ [½ ½ 1 ½]: the arguments of the one tanh over all four gates."""
+    H = A.shape[1] // 4
+    for b in range(A.shape[0]):
+        p, w, a = pre[b], hw[b], A[b]
+        for j in range(2 * H):
+            a[j] = (p[j] + w[j]) * half
+        for j in range(2 * H, 3 * H):
+            a[j] = p[j] + w[j]
+        for j in range(3 * H, 4 * H):
+            a[j] = (p[j] + w[j]) * half
+
+
+def _jit_cell_state(A: Any, cprev: Any, c: Any, half: Any) -> None:
+    """A (B, 4H) holds tanh of the gates' arguments: i, f, o ← tanh/2 + ½ (σ); c (B, H) ← f ⊙ c_{t-1} + i ⊙ g."""
+    H = c.shape[1]
+    for b in range(c.shape[0]):
+        a, cp, cb = A[b], cprev[b], c[b]
+        for j in range(2 * H):
+            a[j] = a[j] * half + half
+        for j in range(3 * H, 4 * H):
+            a[j] = a[j] * half + half
+        for j in range(H):
+            cb[j] = a[H + j] * cp[j] + a[j] * a[2 * H + j]
+
+
+def _jit_backward(g: Any, dhn: Any, cprev: Any, tc: Any, A: Any, dc: Any, da: Any, one: Any) -> None:
+    """One step back, as ``_BACKWARD``: tc (B, H) = tanh(c_t); g ← dh (clobbered); da (B, 4H) ← ∂a_t;
+    dc ← dc_t ⊙ f_t."""
+    H = g.shape[1]
+    for b in range(g.shape[0]):
+        dh, dhb, cp, t, dcb = g[b], dhn[b], cprev[b], tc[b], dc[b]
+        ig, fg, gg, og = A[b, :H], A[b, H : 2 * H], A[b, 2 * H : 3 * H], A[b, 3 * H :]
+        dai, daf, dag, dao = da[b, :H], da[b, H : 2 * H], da[b, 2 * H : 3 * H], da[b, 3 * H :]
+        for j in range(H):
+            dh[j] += dhb[j]
+        for j in range(H):
+            dao[j] = dh[j] * t[j] * og[j] * (one - og[j])
+        for j in range(H):
+            dcb[j] += dh[j] * og[j] * (one - t[j] * t[j])
+        for j in range(H):
+            dai[j] = dcb[j] * gg[j] * ig[j] * (one - ig[j])
+        for j in range(H):
+            daf[j] = dcb[j] * cp[j] * fg[j] * (one - fg[j])
+        for j in range(H):
+            dag[j] = dcb[j] * ig[j] * (one - gg[j] * gg[j])
+        for j in range(H):
+            dcb[j] *= fg[j]
+
+
+#: the compiled twins' Python sources, in the order ``_Kernels.jit`` holds them
+JIT_KERNELS = (_jit_gates_in, _jit_cell_state, _jit_backward)
 
 #: ``kernels(be)``: the LSTM kernels of backend ``be`` (built once per backend)
 kernels: PerBackend[_Kernels] = PerBackend(_Kernels, "LSTM kernels")

@@ -23,6 +23,7 @@ from .. import __version__, plots
 from .._paths import DestinationError, check_distinct, check_path, check_regular_file, check_writable, write_error
 from ..backend import BACKEND_NAMES, Backend, get_backend
 from ..backend.precision import PRECISIONS
+from ..cells._jit import jit_choice, jit_library
 from ..engine.memory import format_bytes
 from ..errors import BackendUnavailableError, InputError
 from ..training.run import check_layers
@@ -196,7 +197,17 @@ def stdout_errors(command):
 def backend_or_exit(name: str) -> Backend:
     """The backend called ``name``, or ``error: ...`` (why it cannot run here) and exit 2."""
     try:
-        return get_backend(name)
+        be = get_backend(name)
+        jit_choice()  # GPUBPTT_JIT checked up front, as GPUBPTT_BLAS is (numba itself is imported where it runs)
+        return be
+    except (BackendUnavailableError, InputError) as exc:
+        raise usage_error(str(exc)) from exc
+
+
+def jit_or_exit(backend_name: str) -> str:
+    """What runs the gated cells' step kernels on the backend (``GPUBPTT_JIT``), or ``error: ...`` and exit 2."""
+    try:
+        return jit_library(backend_name)
     except (BackendUnavailableError, InputError) as exc:
         raise usage_error(str(exc)) from exc
 

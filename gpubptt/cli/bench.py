@@ -34,6 +34,7 @@ from ._common import (
     choices,
     distinct_or_exit,
     echo_out,
+    jit_or_exit,
     layers_or_exit,
     out_of_memory,
     readable_or_exit,
@@ -143,6 +144,7 @@ def info(
         "machine": env["machine"],
         "versions": env["versions"],
         "blas": {"in_use": be.blas_library, **env["blas"]},  # in_use: the library behind the backend's GEMMs
+        "jit": {"in_use": jit_or_exit(be.name)},  # the gated cells' step kernels (GPUBPTT_JIT)
         "threads": env["threads"],
         "architectures": {"cells": list(CELLS), "nonlinearities": list(NONLINEARITIES), "bidirectional": True},
     }

@@ -1,0 +1,89 @@
+"""Compiled step kernels for the gated cells on the NumPy backend: the choice ``GPUBPTT_JIT`` (auto | numba |
+numpy) and compiling a cell's kernel functions with numba (the optional ``jit`` extra).
+
+A cell writes its compiled kernels as plain Python loops over (B, H) beside its NumPy twins; ``compile_kernels``
+turns them into numba functions (``nogil``, cached on disk, no fastmath: the same float operations as written)
+where the choice says numba, else returns None and the cell runs its NumPy twins. The transcendentals stay
+NumPy calls on whole blocks (NumPy's tanh is vectorised; numba's scalar tanh is not, without SVML).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import BackendUnavailableError, InputError
+
+__all__ = ["JIT_CHOICES", "JIT_VAR", "compile_kernels", "jit_choice", "jit_in_use", "jit_library"]
+
+JIT_VAR = "GPUBPTT_JIT"
+JIT_CHOICES = ("auto", "numba", "numpy")
+JIT_HINT = "pip install 'gpubptt[jit]' (numba)"
+
+
+def _numba() -> tuple[Any, str]:
+    """numba, or None and why it does not import."""
+    try:
+        import numba
+    except Exception as exc:  # ImportError, or a numba built for another NumPy
+        return None, f"{type(exc).__name__}: {exc}"
+    return numba, ""
+
+
+def jit_choice(choice: str | None = None) -> str:
+    """The choice, checked and lower-cased: ``choice``, or None to read ``GPUBPTT_JIT`` (default "auto").
+    InputError, naming the variable or argument and the choices, for a value not in JIT_CHOICES."""
+    what = "jit" if choice is not None else JIT_VAR  # the argument, or the variable it came from
+    if choice is None:
+        choice = os.environ.get(JIT_VAR, "").strip() or "auto"
+    if not isinstance(choice, str) or choice.lower() not in JIT_CHOICES:
+        raise InputError(f"{what}={choice!r} is not a step-kernel choice; expected one of {', '.join(JIT_CHOICES)}")
+    return choice.lower()
+
+
+def jit_in_use(choice: str | None = None) -> str:
+    """The step kernels the choice runs: "numba" or "numpy". ``choice`` None reads ``GPUBPTT_JIT`` (default
+    "auto": numba where it imports). InputError for a value not in JIT_CHOICES; BackendUnavailableError for
+    "numba" where numba does not import."""
+    what = "jit" if choice is not None else JIT_VAR
+    choice = jit_choice(choice)
+    if choice == "numpy":
+        return "numpy"
+    numba, why = _numba()
+    if numba is None:
+        if choice == "numba":
+            raise BackendUnavailableError(
+                f"{what}=numba asks for compiled step kernels, but numba does not import ({why}); install it with "
+                f"{JIT_HINT}, or use auto or numpy"
+            )
+        return "numpy"
+    return "numba"
+
+
+def jit_library(backend_name: str) -> str:
+    """What runs the gated cells' step kernels on a backend: "numba X.Y" or "numpy" (its twins) by
+    ``GPUBPTT_JIT`` on the NumPy backend, "cuda" (fused ElementwiseKernels) on CuPy."""
+    if backend_name != "numpy":
+        return "cuda"
+    if jit_in_use() == "numpy":
+        return "numpy"
+    return f"numba {_numba()[0].__version__}"
+
+
+def compile_kernels(*fns: Callable[..., None], choice: str | None = None) -> tuple[Callable[..., None], ...] | None:
+    """``fns`` compiled by numba (nogil, cached) where ``jit_in_use(choice)`` is "numba", else None. Each
+    compiles on its first call per argument types (dtype, layout); the disk cache keeps it for later processes."""
+    if jit_in_use(choice) != "numba":
+        return None
+    numba, _ = _numba()
+    with _lock:  # one dispatcher per function for every backend object (each compiles once per signature)
+        for fn in fns:
+            if fn not in _compiled:
+                _compiled[fn] = numba.njit(nogil=True, cache=True)(fn)
+        return tuple(_compiled[fn] for fn in fns)
+
+
+_compiled: dict[Callable[..., None], Callable[..., None]] = {}
+_lock = threading.Lock()

@@ -1,0 +1,203 @@
+"""The gated cells' compiled step kernels (numba, the ``jit`` extra) and the choice ``GPUBPTT_JIT``.
+
+The kernels are checked one step at a time against independent float64 references: the forward against the
+gate equations written out (σ(x) = 1 / (1 + e^−x)), the backward against central differences of that reference
+step. Whole models run the gated gradient tests with and without them (the ``jit`` fixture in conftest.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpubptt
+from gpubptt import InputError
+from gpubptt.backend import get_backend
+from gpubptt.cells import _jit, gru, lstm
+from gpubptt.errors import BackendUnavailableError
+
+B, H = 3, 5
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def lstm_step(a, cprev):
+    """h, c, gates [i, f, g, o] of one LSTM step from its gate arguments a = pre + hw (B, 4H)."""
+    i, f, o = sigmoid(a[:, :H]), sigmoid(a[:, H : 2 * H]), sigmoid(a[:, 3 * H :])
+    g = np.tanh(a[:, 2 * H : 3 * H])
+    c = f * cprev + i * g
+    return o * np.tanh(c), c, np.concatenate([i, f, g, o], axis=1)
+
+
+def gru_step(pre, hw, bn, hprev):
+    """h and [r, z, n, m] of one GRU step."""
+    r, z = sigmoid(pre[:, :H] + hw[:, :H]), sigmoid(pre[:, H : 2 * H] + hw[:, H : 2 * H])
+    m = hw[:, 2 * H :] + bn
+    n = np.tanh(pre[:, 2 * H :] + r * m)
+    return (1 - z) * n + z * hprev, np.concatenate([r, z, n, m], axis=1)
+
+
+def central(f, x, eps=1e-6):
+    """∂f/∂x by central differences, f scalar, x changed in place and restored."""
+    d = np.empty_like(x)
+    for k in np.ndindex(x.shape):
+        old = x[k]
+        x[k] = old + eps
+        up = f()
+        x[k] = old - eps
+        down = f()
+        x[k] = old
+        d[k] = (up - down) / (2 * eps)
+    return d
+
+
+@pytest.fixture
+def compiled_kernels():
+    """LSTM and GRU kernels of the NumPy backend with numba's compiled twins (skips where numba is absent)."""
+    pytest.importorskip("numba", reason="numba unavailable: pip install numba")
+    be = get_backend("numpy")
+    out = []
+    for cell in (lstm, gru):
+        k = cell._Kernels(be)
+        k.jit = _jit.compile_kernels(*cell.JIT_KERNELS, choice="numba")
+        out.append(k)
+    return out
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-13), (np.float32, 1e-5)])
+def test_compiled_forward_steps_match_the_gate_equations(compiled_kernels, dtype, rtol):
+    kl, kg = compiled_kernels
+    rng = np.random.default_rng(0)
+    pre, hw = rng.normal(size=(2, B, 4 * H)) * 2
+    cprev, hprev = rng.normal(size=(2, B, H))
+    h, c, A = np.empty((B, H), dtype), np.empty((B, H), dtype), np.empty((B, 4 * H), dtype)
+    kl.forward(pre.astype(dtype), hw.astype(dtype), cprev.astype(dtype), h, c, A, np.empty((2, B, H), dtype))
+    want_h, want_c, want_A = lstm_step(pre + hw, cprev)
+    for got, want in ((h, want_h), (c, want_c), (A, want_A)):
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol)
+    # GRU, on strided views (the layout of a time slice of a larger buffer): columns 1.. of wider arrays
+    pre3, hw3, bn = pre[:, : 3 * H], hw[:, : 3 * H], rng.normal(size=H)
+    wide = np.zeros((B, 4 * H + 1), dtype)
+    A = np.empty((B, 4 * H), dtype)
+    wide[:, 1 : 1 + H] = hprev
+    kg.forward(pre3.astype(dtype), hw3.astype(dtype), bn.astype(dtype), wide[:, 1 : 1 + H], h, A, None)
+    want_h, want_A = gru_step(pre3, hw3, bn, hprev)
+    np.testing.assert_allclose(h, want_h, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(A, want_A, rtol=rtol, atol=rtol)
+
+
+def test_compiled_lstm_backward_step_matches_central_differences(compiled_kernels):
+    """E = ⟨g + dhn, h_t⟩ + ⟨dc, c_t⟩: the kernel's ∂a_t and dc_t ⊙ f_t are ∂E/∂a and ∂E/∂c_{t−1}."""
+    kl, _ = compiled_kernels
+    rng = np.random.default_rng(1)
+    a, (cprev, g, dhn, dc) = rng.normal(size=(B, 4 * H)), rng.normal(size=(4, B, H))
+    h, c, A = np.empty((B, H)), np.empty((B, H)), np.empty((B, 4 * H))
+    kl.forward(a, np.zeros_like(a), cprev, h, c, A, np.empty((2, B, H)))
+
+    def energy():
+        h_, c_, _ = lstm_step(a, cprev)
+        return float(np.sum((g + dhn) * h_) + np.sum(dc * c_))
+
+    want_da, want_dc = central(energy, a), central(energy, cprev)
+    da, dc_out = np.empty((B, 4 * H)), dc.copy()
+    kl.backward(g.copy(), dhn, cprev, c, A, dc_out, da, np.empty((2, B, H)))
+    np.testing.assert_allclose(da, want_da, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(dc_out, want_dc, rtol=1e-7, atol=1e-9)
+
+
+def test_compiled_gru_backward_step_matches_central_differences(compiled_kernels):
+    """E = ⟨g + carry, h_t⟩: ∂E/∂pre, ∂E/∂hw and the direct ∂E/∂h_{t−1} (hw held fixed)."""
+    _, kg = compiled_kernels
+    rng = np.random.default_rng(2)
+    pre, hw = rng.normal(size=(2, B, 3 * H))
+    bn, (hprev, g, carry) = rng.normal(size=H), rng.normal(size=(3, B, H))
+    h, A = np.empty((B, H)), np.empty((B, 4 * H))
+    kg.forward(pre, hw, bn, hprev, h, A, None)
+
+    def energy():
+        return float(np.sum((g + carry) * gru_step(pre, hw, bn, hprev)[0]))
+
+    dpre, dw, tmp = np.empty((B, 3 * H)), np.empty((B, 3 * H)), np.empty((3, B, H))
+    kg.backward(g.copy(), hprev, A, carry, dpre, dw, tmp)
+    np.testing.assert_allclose(dpre, central(energy, pre), rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(dw, central(energy, hw), rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(tmp[0], central(energy, hprev), rtol=1e-7, atol=1e-9)
+
+
+def test_jit_choice_reads_the_variable_and_refuses_a_bad_value(monkeypatch):
+    monkeypatch.setenv(_jit.JIT_VAR, " NumPy ")
+    assert _jit.jit_in_use() == "numpy"
+    assert _jit.compile_kernels(*lstm.JIT_KERNELS) is None
+    monkeypatch.setenv(_jit.JIT_VAR, "llvm")
+    with pytest.raises(
+        InputError, match=r"GPUBPTT_JIT='llvm' is not a step-kernel choice; expected one of auto, numba"
+    ):
+        _jit.jit_in_use()
+    with pytest.raises(InputError, match=r"jit=3 is not a step-kernel choice"):
+        _jit.jit_in_use(3)
+    monkeypatch.delenv(_jit.JIT_VAR)
+    want = "numpy" if _jit._numba()[0] is None else "numba"
+    assert _jit.jit_in_use() == want  # auto: numba where it imports
+
+
+def test_without_numba_auto_runs_the_numpy_twins_and_numba_is_refused(monkeypatch):
+    monkeypatch.setattr(_jit, "_numba", lambda: (None, "ModuleNotFoundError: No module named 'numba'"))
+    assert _jit.jit_in_use("auto") == "numpy"
+    assert lstm._Kernels(get_backend("numpy")).jit is None
+    monkeypatch.setenv(_jit.JIT_VAR, "numba")
+    with pytest.raises(BackendUnavailableError, match=r"GPUBPTT_JIT=numba .* No module named 'numba'.*gpubptt\[jit\]"):
+        _jit.jit_in_use()
+
+
+def test_info_names_the_step_kernels_and_refuses_a_bad_choice(monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from gpubptt.cli import app
+
+    runner = CliRunner()
+    monkeypatch.setenv(_jit.JIT_VAR, "numpy")
+    result = runner.invoke(app, ["info", "--backend", "numpy", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["jit"] == {"in_use": "numpy"}
+    monkeypatch.setenv(_jit.JIT_VAR, "fast")
+    result = runner.invoke(app, ["info", "--backend", "numpy"])
+    assert result.exit_code == 2
+    assert "GPUBPTT_JIT='fast' is not a step-kernel choice" in result.output
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("layers,bidirectional", [(2, False), (1, True)])
+def test_batch_halves_in_two_threads_match_central_differences_of_the_reference(cell, layers, bidirectional,
+                                                                                  monkeypatch):  # fmt: skip
+    """With compiled kernels the step loops run as two batch halves at once (here forced on at B = 5: rows 0–2
+    and 3–4); inside a bidirectional layer's direction jobs they run one after the other."""
+    pytest.importorskip("numba", reason="numba unavailable: pip install numba")
+    from gpubptt.backend.numpy_backend import NumpyBackend
+    from gpubptt.cells import _gated
+    from tests.reference import numeric, ref_gated_loss
+
+    monkeypatch.setenv(_jit.JIT_VAR, "numba")
+    monkeypatch.setattr(_gated, "SPLIT_MIN_STATE", 2)
+    be = NumpyBackend()  # its own kernels (numba) and thread pool, threads whatever the core count here
+    be.blas_threads.most = max(2, be.blas_threads.most)
+    T, B, D, K = 4, 5, 3, 4
+    model = gpubptt.RNN(D, H, K, cell=cell, num_layers=layers, bidirectional=bidirectional, bias=True, backend=be,
+                        seed=6, dtype="float64", init="torch")  # fmt: skip
+    rng = np.random.default_rng(6)
+    x, y, lengths = rng.normal(size=(T, B, D)), rng.integers(0, K, (T, B)), np.array([4, 2, 3, 4, 1])
+    h0, c0 = rng.normal(size=(2, model.num_states, B, H)) * 0.5
+    s0 = (h0, c0) if cell == "lstm" else h0
+    loss, grads = model.loss_and_grads(x, y, s0, lengths=lengths)
+    assert be._pool is not None  # jobs did run in threads
+    p = {k: np.array(v) for k, v in model.params.items()}
+    kw = dict(num_layers=layers, bidirectional=bidirectional)
+    f = lambda: ref_gated_loss(cell, p, x, y, h0, c0, lengths, "sum", **kw)  # noqa: E731
+    assert loss == pytest.approx(f(), rel=1e-12)
+    arrays = [*p.items(), ("s0", h0)] + ([("c0", c0)] if cell == "lstm" else [])
+    for name, arr in arrays:
+        idx = rng.choice(arr.size, min(arr.size, 8), replace=False)
+        np.testing.assert_allclose(grads[name].reshape(-1)[idx], numeric(f, arr, idx), rtol=1e-6, atol=1e-8,
+                                   err_msg=name)  # fmt: skip
