@@ -90,8 +90,9 @@ def summary_ratio(
 def blas_facts(be) -> dict:
     """The BLAS behind the backend's matmul and its thread counts: GEMMs of fewer FLOPs than ``threaded_from_flops``
     (most per-step GEMMs) take ``threads_small``, larger ones ``threads_large``. Under MKL (``blas`` "mkl"):
-    GEMMs from ``mkl_from_flops`` run on MKL (sequential; the large ones split into ``threads_large`` blocks
-    over the backend's threads, the step GEMMs on a packed weight), smaller ones on NumPy's BLAS."""
+    GEMMs from ``mkl_from_flops`` run on MKL (one MKL thread per calling thread; the large ones split into
+    ``threads_large`` blocks over the backend's threads, the step GEMMs on a packed weight), smaller ones on
+    NumPy's BLAS."""
     threads = getattr(be, "blas_threads", None)
     if threads is None:
         return {"library": be.xp.__name__}

@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     be = NumpyBackend("mkl")
-    be.blas_threads.use(1)  # NumPy's BLAS on one thread; MKL runs sequential
+    be.blas_threads.use(1)  # NumPy's BLAS on one thread; MKL runs one thread per caller
     be.blas_threads.enabled = False  # and stays there
     rows = []
     for cell, G, B, H in SHAPES:

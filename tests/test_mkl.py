@@ -6,6 +6,10 @@ with the reason where it is absent (``pip install mkl``)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -273,7 +277,7 @@ def test_info_names_the_blas_that_runs_the_gemms(choice, monkeypatch):
     in_use = json.loads(result.stdout)["blas"]["in_use"]
     assert in_use == be.blas_library
     if choice == "auto" and MKL is not None:
-        assert in_use.startswith("MKL 20") and "sequential" in in_use
+        assert in_use.startswith("MKL 20") and "one thread per GEMM" in in_use
     else:
         assert in_use == numpy_blas and not in_use.startswith("MKL")
 
@@ -314,16 +318,33 @@ def test_a_bad_blas_argument_is_named_as_the_argument(monkeypatch):
 
 
 @needs_mkl
-def test_mkl_started_threaded_by_someone_else_runs_each_gemm_on_one_thread_and_says_so(monkeypatch):
+def test_each_thread_asks_mkl_for_one_thread_of_its_own_once_and_info_says_so(monkeypatch):
     from gpubptt.backend._mkl import Mkl
 
-    threaded = Mkl(MKL.lib, MKL.path, sequential=False)  # as when MKL was in use before gpubptt loaded it
+    mkl = Mkl(MKL.lib, MKL.path)
     asked = []
-    monkeypatch.setattr(threaded.lib, "MKL_Set_Num_Threads_Local", lambda n: asked.append(n) or 1)
+    monkeypatch.setattr(mkl.lib, "MKL_Set_Num_Threads_Local", lambda n: asked.append(n) or 1)
     rng = np.random.default_rng(10)
     a, b, out = rng.normal(size=(7, 5)), rng.normal(size=(5, 3)), np.empty((7, 3))
-    assert threaded.gemm(a, b, out, False) and threaded.gemm(a, b, out, False)
+    assert mkl.gemm(a, b, out, False) and mkl.gemm(a, b, out, False)
     np.testing.assert_allclose(out, a @ b, rtol=1e-12)
     assert asked == [1]  # once per thread
-    monkeypatch.setattr(numpy_backend, "_choose_mkl", lambda blas: threaded)
-    assert "threaded, one thread per GEMM" in NumpyBackend().blas_library
+    other = threading.Thread(target=mkl.gemm, args=(a, b, np.empty((7, 3)), False))
+    other.start()
+    other.join()
+    assert asked == [1, 1]  # and once more for another thread
+    monkeypatch.setattr(numpy_backend, "_choose_mkl", lambda blas: mkl)
+    assert "one thread per GEMM" in NumpyBackend().blas_library
+
+
+@needs_mkl
+def test_loading_mkl_leaves_a_torch_imported_afterwards_its_own_threads():
+    """MKL's process-wide settings stay as they were: a torch imported after gpubptt loaded MKL sizes its
+    thread pool as it does alone (it binds its MKL calls to the library loaded first)."""
+    pytest.importorskip("torch")
+    code = "import torch; print(torch.get_num_threads(), torch.__config__.parallel_info().count('threads() : 1'))"
+    env = {**os.environ, "GPUBPTT_BLAS": "mkl"}
+    alone = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    first = "from gpubptt.backend import get_backend; assert get_backend('numpy').mkl is not None; "
+    after = subprocess.run([sys.executable, "-c", first + code], capture_output=True, text=True, check=True, env=env)
+    assert after.stdout == alone.stdout

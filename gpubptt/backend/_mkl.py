@@ -2,9 +2,13 @@
 ``cblas_?gemm_pack`` / ``cblas_?gemm_compute`` (B packed once, reused by every step of a recurrence).
 
 MKL comes from the optional ``mkl`` extra (the ``mkl`` wheel puts ``libmkl_rt`` under the environment's
-``lib``; there is no aarch64 wheel). It runs SEQUENTIAL: no MKL thread pool spins on a shared machine;
-the backend splits a large GEMM into blocks over its own threads instead. ctypes releases the GIL
-during each call. Per call, only Python ints, floats and raw addresses cross (argtypes set once).
+``lib``; there is no aarch64 wheel). Every thread that calls it first asks MKL for one thread of its own
+(``MKL_Set_Num_Threads_Local(1)``, once per thread): no MKL thread pool spins on a shared machine, and the
+backend splits a large GEMM into blocks over its own threads instead. MKL's process-wide settings are left
+as they are: the SEQUENTIAL threading layer would also hold every other user of this MKL to one thread (a
+torch imported afterwards binds its MKL calls to the library loaded first, and sized its own thread pool
+from it: one thread). ctypes releases the GIL during each call. Per call, only Python ints, floats and raw
+addresses cross (argtypes set once).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ __all__ = ["NO_TRANS", "TRANS", "Mkl", "PackSlot", "PackedMatrix", "load_mkl", "
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 B_MATRIX, PACKED = 162, 151
-SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL
 
 
 def operand_layout(x: np.ndarray) -> tuple[int, int] | None:
@@ -91,16 +94,13 @@ class Mkl:
     """One loaded libmkl_rt: GEMMs (``gemm``), B packed once (``packed``) and GEMMs on it (``compute``), in
     float32 and float64, through ctypes functions whose prototypes are set once."""
 
-    def __init__(self, lib: ctypes.CDLL, path: str, *, sequential: bool = True) -> None:
+    def __init__(self, lib: ctypes.CDLL, path: str) -> None:
         self.lib = lib
         self.path = path
-        #: whether MKL runs its SEQUENTIAL layer; where it does not (MKL was in use before gpubptt loaded it),
-        #: every thread that calls a GEMM first asks MKL for one thread of its own (``_one_thread``)
-        self.sequential = sequential
+        # every thread that calls MKL first asks it for one thread of its own (``_one_thread``)
         self._threads_set = threading.local()
-        if not sequential:
-            lib.MKL_Set_Num_Threads_Local.argtypes = [ctypes.c_int]
-            lib.MKL_Set_Num_Threads_Local.restype = ctypes.c_int
+        lib.MKL_Set_Num_Threads_Local.argtypes = [ctypes.c_int]
+        lib.MKL_Set_Num_Threads_Local.restype = ctypes.c_int
         i, p, size_t = ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t
         self._gemm: dict[str, Any] = {}
         self._pack_size: dict[str, Any] = {}
@@ -141,8 +141,7 @@ class Mkl:
         call = self._operands(a, b, out)
         if call is None:
             return False
-        if not self.sequential:
-            self._one_thread()
+        self._one_thread()
         ta, lda, pa, tb, ldb, pb, ldc, pc = call
         m, k = a.shape
         self._gemm[out.dtype.char](
@@ -158,8 +157,7 @@ class Mkl:
         call = self._operands(a, packed.b, out)
         if call is None:
             return False
-        if not self.sequential:
-            self._one_thread()
+        self._one_thread()
         ta, lda, pa, _, _, _, ldc, pc = call
         m, k = a.shape
         n = out.shape[1]
@@ -169,8 +167,8 @@ class Mkl:
         return True
 
     def _one_thread(self) -> None:
-        """MKL threaded by someone else: this thread's GEMMs on one MKL thread (a thread-local setting, made
-        once per thread), so that gpubptt's own split never runs on top of MKL's threads."""
+        """This thread's MKL calls on one MKL thread (a thread-local setting, made once per thread), so that
+        gpubptt's own split never runs on top of MKL's threads and no MKL pool spins between steps."""
         if not getattr(self._threads_set, "done", False):
             self.lib.MKL_Set_Num_Threads_Local(1)
             self._threads_set.done = True
@@ -213,6 +211,7 @@ class Mkl:
         k, n = b.shape
         char = b.dtype.char
         ptr = slot.take(int(self._pack_size[char](B_MATRIX, rows, n, k)))
+        self._one_thread()
         self._pack[char](ROW_MAJOR, B_MATRIX, layout[0], rows, n, k, 1.0, self.address(b), layout[1], ptr)
         return PackedMatrix(b=b, rows=rows, slot=slot, generation=slot.generation, ptr=ptr)
 
@@ -245,8 +244,8 @@ def _candidates() -> list[str]:
 
 @functools.cache
 def load_mkl() -> tuple[Mkl | None, str]:
-    """Open libmkl_rt once per process (the environment's ``lib``, then the system's library path), SEQUENTIAL
-    threading set before any other MKL call. Returns (Mkl, its path) or (None, why not)."""
+    """Open libmkl_rt once per process (the environment's ``lib``, then the system's library path), its
+    process-wide settings untouched. Returns (Mkl, its path) or (None, why not)."""
     candidates = _candidates()
     if not candidates:
         return None, f"no libmkl_rt in {os.path.join(sys.prefix, 'lib')} or on the library path"
@@ -254,11 +253,7 @@ def load_mkl() -> tuple[Mkl | None, str]:
     for path in candidates:
         try:
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
-            lib.MKL_Set_Threading_Layer.argtypes = [ctypes.c_int]
-            lib.MKL_Set_Threading_Layer.restype = ctypes.c_int
-            # the layer in force: another user of this libmkl_rt may have started MKL threaded already
-            sequential = lib.MKL_Set_Threading_Layer(SEQUENTIAL) == SEQUENTIAL
-            return Mkl(lib, path, sequential=sequential), path
+            return Mkl(lib, path), path
         except (OSError, AttributeError) as exc:
             errors.append(f"{path}: {exc}")
     return None, "; ".join(errors)

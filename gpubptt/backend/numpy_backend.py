@@ -175,12 +175,10 @@ class NumpyBackend(Backend):
         self.blas_threads = BlasThreads()
         #: which library runs the GEMMs: "mkl" or "numpy" (NumPy's own BLAS)
         self.blas = "numpy" if self.mkl is None else "mkl"
-        #: the GEMM library described: NumPy's BLAS as threadpoolctl reports it, or MKL's version string and
-        #: "sequential" (large GEMMs are split over the backend's own threads: ``matmul``)
+        #: the GEMM library described: NumPy's BLAS as threadpoolctl reports it, or MKL's version string, one
+        #: MKL thread per calling thread (large GEMMs are split over the backend's own threads: ``matmul``)
         self.blas_library = (
-            self.blas_threads.library
-            if self.mkl is None
-            else f"{self.mkl.version} ({'sequential' if self.mkl.sequential else 'threaded, one thread per GEMM'})"
+            self.blas_threads.library if self.mkl is None else f"{self.mkl.version} (one thread per GEMM)"
         )
         self.concurrent = True
         self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
