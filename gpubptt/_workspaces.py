@@ -61,21 +61,25 @@ class Workspaces:
 
     def _spare_key(self, kind: str, *shape: Any) -> tuple:
         """The key of a spare set of ``kind`` buffers ("stack": a forward Stack, "segments": a recomputation
-        workspace) for this shape of work, on this backend and precision, and on a GPU this device and stream
-        (a set given back on one stream is reused on that stream only, where the earlier work runs first)."""
+        workspace) for this shape of work, on this backend and precision. ``_take_spare`` and ``_give_spare``
+        add the placement current when they run (on a GPU, the device and stream): a set is given back under
+        the stream its last work (the backward pass) was queued on, and reused on that stream only, where that
+        work runs first."""
         be = self.backend
-        return (kind, *shape, be.name, be.precision, be.placement(), self._step_kernels(), self._chunk_elements())
+        return (kind, *shape, be.name, be.precision, self._step_kernels(), self._chunk_elements())
 
     def _take_spare(self, key: tuple) -> Any:
-        """The spare buffers kept under ``key`` (taken: no one else gets them until they are given back), or None."""
+        """The spare buffers kept under ``key`` on the current placement (taken: no one else gets them until
+        they are given back), or None."""
         with self._lock:
-            return self._spares.pop(key, None)
+            return self._spares.pop((*key, self.backend.placement()), None)
 
     def _give_spare(self, key: tuple, buffers: Any) -> None:
         """Keep ``buffers``, which no one uses any more (a pullback's, after its backward pass), for the next
         ``vjp`` of the same shape: reusing them spares the allocation and the first touch of every page of
         the forward's buffers (the page faults of fresh arrays of many MB). One set per key, at most
         ``MAX_WORKSPACES`` keys, least recently given back dropped first."""
+        key = (*key, self.backend.placement())  # where the work that last used them was queued
         with self._lock:
             self._spares.pop(key, None)
             while len(self._spares) >= MAX_WORKSPACES:

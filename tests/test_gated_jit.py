@@ -201,3 +201,28 @@ def test_batch_halves_in_two_threads_match_central_differences_of_the_reference(
         idx = rng.choice(arr.size, min(arr.size, 8), replace=False)
         np.testing.assert_allclose(grads[name].reshape(-1)[idx], numeric(f, arr, idx), rtol=1e-6, atol=1e-8,
                                    err_msg=name)  # fmt: skip
+
+
+def _doubled(a, out):  # a small function to compile: out = 2a
+    for i in range(a.shape[0]):
+        out[i] = 2.0 * a[i]
+
+
+def test_kernels_compile_in_memory_where_no_cache_folder_can_be_written(monkeypatch):
+    """A read-only install with a read-only home: numba finds no folder for its disk cache and refuses
+    ``cache=True``; the kernels then compile without it instead of failing the model's first call."""
+    numba = pytest.importorskip("numba", reason="numba unavailable: pip install numba")
+    import numba.core.caching as caching
+
+    def read_only(self):
+        raise PermissionError(13, "Read-only file system", self.get_cache_path())
+
+    monkeypatch.setattr(caching._CacheLocator, "ensure_cache_path", read_only)
+    with pytest.raises(RuntimeError, match="cannot cache"):  # what numba does with cache=True there
+        numba.njit(cache=True)(_doubled)
+    monkeypatch.setattr(_jit, "_compiled", {})
+    (doubled,) = _jit.compile_kernels(_doubled, choice="numba")
+    a = np.arange(5.0)
+    out = np.empty(5)
+    doubled(a, out)
+    np.testing.assert_array_equal(out, 2 * a)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import gpubptt
 from gpubptt.backend import get_backend, numpy_backend
-from gpubptt.backend._mkl import PackedMatrix, load_mkl
+from gpubptt.backend._mkl import PackedMatrix, PackSlot, load_mkl
 from gpubptt.backend.numpy_backend import MKL_MIN_FLOPS, NumpyBackend
 from gpubptt.cli import app
 
@@ -318,21 +318,30 @@ def test_a_bad_blas_argument_is_named_as_the_argument(monkeypatch):
 
 
 @needs_mkl
-def test_each_thread_asks_mkl_for_one_thread_of_its_own_once_and_info_says_so(monkeypatch):
+def test_each_mkl_call_runs_on_one_thread_and_puts_the_threads_setting_back(monkeypatch):
     from gpubptt.backend._mkl import Mkl
 
     mkl = Mkl(MKL.lib, MKL.path)
+    local = threading.local()  # MKL's per-thread setting, as MKL_Set_Num_Threads_Local keeps it (0: global)
     asked = []
-    monkeypatch.setattr(mkl.lib, "MKL_Set_Num_Threads_Local", lambda n: asked.append(n) or 1)
+
+    def set_local(n):
+        previous = getattr(local, "n", 0)
+        local.n = n
+        asked.append(n)
+        return previous
+
+    monkeypatch.setattr(mkl.lib, "MKL_Set_Num_Threads_Local", set_local)
     rng = np.random.default_rng(10)
     a, b, out = rng.normal(size=(7, 5)), rng.normal(size=(5, 3)), np.empty((7, 3))
-    assert mkl.gemm(a, b, out, False) and mkl.gemm(a, b, out, False)
+    assert mkl.gemm(a, b, out, False)
     np.testing.assert_allclose(out, a @ b, rtol=1e-12)
-    assert asked == [1]  # once per thread
-    other = threading.Thread(target=mkl.gemm, args=(a, b, np.empty((7, 3)), False))
-    other.start()
-    other.join()
-    assert asked == [1, 1]  # and once more for another thread
+    assert asked == [1, 0] and local.n == 0  # one thread for the call, then the global setting again
+    local.n = 3  # a thread that set its own count keeps it
+    packed = mkl.packed(b, 7, PackSlot())
+    assert packed is not None and mkl.compute(a, packed, out, False)
+    np.testing.assert_allclose(out, a @ b, rtol=1e-12)
+    assert asked == [1, 0, 1, 3, 1, 3] and local.n == 3
     monkeypatch.setattr(numpy_backend, "_choose_mkl", lambda blas: mkl)
     assert "one thread per GEMM" in NumpyBackend().blas_library
 
@@ -343,8 +352,16 @@ def test_loading_mkl_leaves_a_torch_imported_afterwards_its_own_threads():
     thread pool as it does alone (it binds its MKL calls to the library loaded first)."""
     pytest.importorskip("torch")
     code = "import torch; print(torch.get_num_threads(), torch.__config__.parallel_info().count('threads() : 1'))"
+    gemm = (
+        "import numpy as np; from gpubptt.backend import get_backend; be = get_backend('numpy'); "
+        "a = np.ones((64, 64), np.float32); assert be.mkl.gemm(a, a, np.empty_like(a), False); "
+    )
     env = {**os.environ, "GPUBPTT_BLAS": "mkl"}
-    alone = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    first = "from gpubptt.backend import get_backend; assert get_backend('numpy').mkl is not None; "
-    after = subprocess.run([sys.executable, "-c", first + code], capture_output=True, text=True, check=True, env=env)
-    assert after.stdout == alone.stdout
+    runs = {
+        "alone": code,
+        "a gpubptt GEMM, then torch imported": gemm + code,
+        "torch imported, a gpubptt GEMM, then torch used": "import torch; " + gemm + code,
+    }
+    out = {k: subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, check=True, env=env).stdout
+           for k, c in runs.items()}  # fmt: skip
+    assert len(set(out.values())) == 1, out

@@ -399,6 +399,7 @@ def test_to_a_precision_view_takes_the_views_precision_and_to_a_name_keeps_the_m
     assert m.to("numpy").precision == "bf16" and m.to(get_backend("numpy")).precision == "bf16"
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the hook only reads the flags
 def test_bench_torch_reference_leaves_torch_tf32_flags_as_they_were():
     torch = pytest.importorskip("torch")
     from gpubptt.bench import BenchConfig, run_bench
@@ -406,9 +407,17 @@ def test_bench_torch_reference_leaves_torch_tf32_flags_as_they_were():
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, True  # a caller's own choice
+        seen = []  # the flags torch's backward runs under (its GEMMs read them then)
+        hook = torch.nn.modules.module.register_module_full_backward_hook(
+            lambda *_: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        )
         cfg = BenchConfig(backends=["numpy"], seq_lens=[4], hidden_sizes=[8], batch=2, D=6, K=6, warmup=0, repeats=1,
                           compare="torch", precision="tf32")  # fmt: skip
-        row = run_bench(cfg)["rows"][0]
+        try:
+            row = run_bench(cfg)["rows"][0]
+        finally:
+            hook.remove()
+        assert seen and set(seen) == {(True, True)}
         assert row["torch"]["settings"]["cudnn.allow_tf32"] is True  # torch ran with the matching setting
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, True)
     finally:

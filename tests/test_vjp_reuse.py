@@ -110,3 +110,21 @@ def test_buffers_given_back_on_one_stream_are_not_reused_on_another(monkeypatch)
     placement[0] = (0, 111)
     _, pb3 = model.vjp(x)
     assert pb3._stack is stack  # back on the first stream: its set is reused
+
+
+def test_buffers_go_back_under_the_stream_their_backward_ran_on(monkeypatch):
+    model = _model("rnn", 1, False)
+    x = np.random.default_rng(3).standard_normal((T, B, D))
+    placement = [(0, 111)]
+    monkeypatch.setattr(type(model.backend), "placement", lambda self: placement[0])
+    out, pb = model.vjp(x)  # forward queued on stream 111
+    stack = pb._stack
+    placement[0] = (0, 222)
+    pb(np.ones_like(out.states))  # backward queued on stream 222: the buffers are in use there until it runs
+    placement[0] = (0, 111)
+    _, pb2 = model.vjp(x)
+    assert pb2._stack is not stack  # stream 111 could overtake the backward still queued on 222
+    pb2.release()
+    placement[0] = (0, 222)
+    _, pb3 = model.vjp(x)
+    assert pb3._stack is stack

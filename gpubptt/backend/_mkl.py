@@ -2,13 +2,13 @@
 ``cblas_?gemm_pack`` / ``cblas_?gemm_compute`` (B packed once, reused by every step of a recurrence).
 
 MKL comes from the optional ``mkl`` extra (the ``mkl`` wheel puts ``libmkl_rt`` under the environment's
-``lib``; there is no aarch64 wheel). Every thread that calls it first asks MKL for one thread of its own
-(``MKL_Set_Num_Threads_Local(1)``, once per thread): no MKL thread pool spins on a shared machine, and the
-backend splits a large GEMM into blocks over its own threads instead. MKL's process-wide settings are left
-as they are: the SEQUENTIAL threading layer would also hold every other user of this MKL to one thread (a
-torch imported afterwards binds its MKL calls to the library loaded first, and sized its own thread pool
-from it: one thread). ctypes releases the GIL during each call. Per call, only Python ints, floats and raw
-addresses cross (argtypes set once).
+``lib``; there is no aarch64 wheel). Each call runs on one MKL thread of the calling thread's own
+(``MKL_Set_Num_Threads_Local(1)``, set for the call and restored after it): no MKL thread pool spins on a
+shared machine, and the backend splits a large GEMM into blocks over its own threads instead. MKL's
+process-wide settings are left as they are: the SEQUENTIAL threading layer would hold every other user of
+this MKL to one thread (a torch imported afterwards binds its MKL calls to the library loaded first, and
+sizes its own thread pool from it). ctypes releases the GIL during each call. Per call, only Python ints,
+floats and raw addresses cross (argtypes set once).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import functools
 import os
 import re
 import sys
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,8 +96,7 @@ class Mkl:
     def __init__(self, lib: ctypes.CDLL, path: str) -> None:
         self.lib = lib
         self.path = path
-        # every thread that calls MKL first asks it for one thread of its own (``_one_thread``)
-        self._threads_set = threading.local()
+        # each MKL call runs on one MKL thread of the calling thread's own (``_one_thread``), set for the call only
         lib.MKL_Set_Num_Threads_Local.argtypes = [ctypes.c_int]
         lib.MKL_Set_Num_Threads_Local.restype = ctypes.c_int
         i, p, size_t = ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t
@@ -141,12 +139,13 @@ class Mkl:
         call = self._operands(a, b, out)
         if call is None:
             return False
-        self._one_thread()
         ta, lda, pa, tb, ldb, pb, ldc, pc = call
         m, k = a.shape
+        previous = self._one_thread()
         self._gemm[out.dtype.char](
             ROW_MAJOR, ta, tb, m, out.shape[1], k, 1.0, pa, lda, pb, ldb, 1.0 if accumulate else 0.0, pc, ldc
         )
+        self._restore(previous)
         return True
 
     def compute(self, a: Any, packed: PackedMatrix, out: Any, accumulate: bool) -> bool:
@@ -157,21 +156,28 @@ class Mkl:
         call = self._operands(a, packed.b, out)
         if call is None:
             return False
-        self._one_thread()
         ta, lda, pa, _, _, _, ldc, pc = call
         m, k = a.shape
         n = out.shape[1]
+        previous = self._one_thread()
         self._compute[out.dtype.char](
             ROW_MAJOR, ta, PACKED, m, n, k, pa, lda, packed.ptr, n, 1.0 if accumulate else 0.0, pc, ldc
         )
+        self._restore(previous)
         return True
 
-    def _one_thread(self) -> None:
-        """This thread's MKL calls on one MKL thread (a thread-local setting, made once per thread), so that
-        gpubptt's own split never runs on top of MKL's threads and no MKL pool spins between steps."""
-        if not getattr(self._threads_set, "done", False):
-            self.lib.MKL_Set_Num_Threads_Local(1)
-            self._threads_set.done = True
+    def _one_thread(self) -> int:
+        """The calling thread's MKL calls on one MKL thread (MKL's thread-local setting), so that gpubptt's own
+        split never runs on top of MKL's threads and no MKL pool spins between steps; returns the thread's
+        setting before (0: MKL's global one), which ``_restore`` puts back right after the call. Kept, the
+        setting would reach whatever else runs MKL on this thread later: a torch whose thread pool starts
+        after a gpubptt GEMM sizes it from this thread's MKL count, and ran on one thread."""
+        return self.lib.MKL_Set_Num_Threads_Local(1)
+
+    def _restore(self, previous: int) -> None:
+        """The calling thread's MKL thread setting back as ``_one_thread`` found it."""
+        if previous != 1:
+            self.lib.MKL_Set_Num_Threads_Local(previous)
 
     def gemm_allowed(self, a: Any, b: Any, out: Any) -> bool:
         """Whether ``gemm`` runs a @ b into out (and so any block of rows or columns of it)."""
@@ -211,8 +217,9 @@ class Mkl:
         k, n = b.shape
         char = b.dtype.char
         ptr = slot.take(int(self._pack_size[char](B_MATRIX, rows, n, k)))
-        self._one_thread()
+        previous = self._one_thread()
         self._pack[char](ROW_MAJOR, B_MATRIX, layout[0], rows, n, k, 1.0, self.address(b), layout[1], ptr)
+        self._restore(previous)
         return PackedMatrix(b=b, rows=rows, slot=slot, generation=slot.generation, ptr=ptr)
 
 

@@ -138,7 +138,7 @@ def torch_reference(
     tf32 = cfg.precision == "tf32"
 
     def loss_fn() -> Any:
-        with _tf32(torch, tf32), autocast:
+        with autocast:
             out, _ = rnn(xt)  # (T, B, H·dirs)
             z = lin(out).reshape(T * B, K)
         return F.cross_entropy(z.to(tdtype), yt, reduction="sum")  # the softmax in the model's dtype, as gpubptt's
@@ -146,10 +146,11 @@ def torch_reference(
     def fwd_bwd() -> None:
         rnn.zero_grad(set_to_none=True)
         lin.zero_grad(set_to_none=True)
-        loss_fn().backward()
+        with _tf32(torch, tf32):  # the backward's GEMMs read the flags too
+            loss_fn().backward()
 
     def fwd() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), _tf32(torch, tf32):
             loss_fn()
 
     fwd_bwd()

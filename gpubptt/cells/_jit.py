@@ -81,8 +81,18 @@ def compile_kernels(*fns: Callable[..., None], choice: str | None = None) -> tup
     with _lock:  # one dispatcher per function for every backend object (each compiles once per signature)
         for fn in fns:
             if fn not in _compiled:
-                _compiled[fn] = numba.njit(nogil=True, cache=True)(fn)
+                _compiled[fn] = _njit(numba, fn)
         return tuple(_compiled[fn] for fn in fns)
+
+
+def _njit(numba: Any, fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` compiled nogil with numba's disk cache (beside the module, else the user's cache folder, else
+    ``NUMBA_CACHE_DIR``); where none of them can be written (a read-only install and home), numba refuses to
+    cache, and ``fn`` compiles in memory only, once per process."""
+    try:
+        return numba.njit(nogil=True, cache=True)(fn)
+    except RuntimeError:  # "cannot cache function …: no locator available"
+        return numba.njit(nogil=True)(fn)
 
 
 _compiled: dict[Callable[..., None], Callable[..., None]] = {}

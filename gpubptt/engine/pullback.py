@@ -137,8 +137,8 @@ class Pullback:
         model, batch = self._model, self._batch
         if self._used:
             raise PullbackError(
-                "this pullback was already called: its backward pass consumes the forward's buffers; "
-                "call model.vjp again for another gradient"
+                "this pullback was already called (or released): its backward pass consumes the forward's "
+                "buffers; call model.vjp again for another gradient"
             )
         T, B, H, dirs = batch.T, batch.B, model.hidden_size, model.num_directions
         shape = (B, T, H * dirs) if self._batch_first else (T, B, H * dirs)
