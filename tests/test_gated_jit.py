@@ -201,3 +201,44 @@ def test_batch_halves_in_two_threads_match_central_differences_of_the_reference(
         idx = rng.choice(arr.size, min(arr.size, 8), replace=False)
         np.testing.assert_allclose(grads[name].reshape(-1)[idx], numeric(f, arr, idx), rtol=1e-6, atol=1e-8,
                                    err_msg=name)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,rtol,atol", [("float64", 1e-6, 1e-8), ("float32", 2e-3, 2e-4)])
+@pytest.mark.parametrize("split", [False, True])
+def test_lstm_whole_step_loops_under_mkl_match_central_differences_of_the_reference(dtype, rtol, atol, split,
+                                                                                    monkeypatch):  # fmt: skip
+    """Under MKL with compiled kernels, each (half's) LSTM step loop runs as one compiled call (GEMMs on the
+    packed W, VML's tanh): forced on at a small shape (thresholds lowered), one loop or two batch halves, two
+    layers; the gradients against float64 central differences of the reference."""
+    pytest.importorskip("numba", reason="numba unavailable: pip install numba")
+    from gpubptt.backend import _mkl, numpy_backend
+    from gpubptt.cells import _gated
+    from tests.reference import numeric, ref_gated_loss
+
+    if _mkl.load_mkl()[0] is None:
+        pytest.skip("MKL unavailable: pip install mkl")
+    monkeypatch.setenv(_jit.JIT_VAR, "numba")
+    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 1)
+    monkeypatch.setattr(numpy_backend, "PACK_MIN_ROWS", 1)
+    monkeypatch.setattr(_gated, "SPLIT_MIN_STATE", 2 if split else 1 << 40)
+    used = []
+    step_loops = lstm._Kernels.step_loops
+    monkeypatch.setattr(lstm._Kernels, "step_loops", lambda *a: used.append(step_loops(*a)) or used[-1])
+    be = numpy_backend.NumpyBackend(blas="mkl")
+    be.blas_threads.most = max(2, be.blas_threads.most)
+    T, B, D, K, layers = 4, 5, 3, 4, 2
+    model = gpubptt.RNN(D, H, K, cell="lstm", num_layers=layers, bias=True, backend=be, seed=7, dtype=dtype,
+                        init="torch")  # fmt: skip
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(T, B, D)), rng.integers(0, K, (T, B))
+    h0, c0 = rng.normal(size=(2, layers, B, H)) * 0.5
+    loss, grads = model.loss_and_grads(x.astype(dtype), y, (h0.astype(dtype), c0.astype(dtype)))
+    halves = 2 if split else 1
+    assert len(used) == 2 * layers * halves and all(u is not None for u in used)  # every step loop ran compiled
+    p = {k: np.array(v, dtype=np.float64) for k, v in model.params.items()}
+    f = lambda: ref_gated_loss("lstm", p, x, y, h0, c0, np.full(B, T), "sum", num_layers=layers)  # noqa: E731
+    assert loss == pytest.approx(f(), rel=rtol)
+    for name, arr in [*p.items(), ("s0", h0), ("c0", c0)]:
+        idx = rng.choice(arr.size, min(arr.size, 8), replace=False)
+        np.testing.assert_allclose(grads[name].reshape(-1)[idx], numeric(f, arr, idx), rtol=rtol, atol=atol,
+                                   err_msg=name)  # fmt: skip

@@ -122,6 +122,7 @@ class Mkl:
             self._gemm[char], self._pack_size[char] = gemm, get_size
             self._pack[char], self._compute[char] = pack, compute
         self.address = _address_reader()
+        self._loop_functions: dict[str, tuple[Any, Any]] = {}
         text = ctypes.create_string_buffer(256)
         try:
             lib.MKL_Get_Version_String(text, len(text))
@@ -165,6 +166,27 @@ class Mkl:
             ROW_MAJOR, ta, PACKED, m, n, k, pa, lda, packed.ptr, n, 1.0 if accumulate else 0.0, pc, ldc
         )
         return True
+
+    def loop_functions(self, char: str) -> tuple[Any, Any]:
+        """(cblas_?gemm_compute, v?Tanh) for dtype char "f" or "d", as ctypes functions whose pointer arguments
+        are integers (c_int64: the same registers as a pointer on x86-64 and aarch64), so that numba-compiled
+        step loops call them with ``x.ctypes.data`` and never hold the GIL between steps. VML's default accuracy
+        (high accuracy: within an ulp or two of the rounded tanh) is kept. The calling thread must have called
+        ``one_thread`` first."""
+        if char not in self._loop_functions:
+            i, i64 = ctypes.c_int, ctypes.c_int64
+            real = ctypes.c_float if char == "f" else ctypes.c_double
+            s = "s" if char == "f" else "d"
+            address = ctypes.cast(getattr(self.lib, f"cblas_{s}gemm_compute"), ctypes.c_void_p).value
+            compute = ctypes.CFUNCTYPE(None, i, i, i, i, i, i, i64, i, i64, i, real, i64, i)(address)
+            address = ctypes.cast(getattr(self.lib, f"v{s}Tanh"), ctypes.c_void_p).value
+            tanh = ctypes.CFUNCTYPE(None, i, i64, i64)(address)
+            self._loop_functions[char] = (compute, tanh)
+        return self._loop_functions[char]
+
+    def one_thread(self) -> None:
+        """This thread's MKL calls on one MKL thread (see ``_one_thread``): for callers of ``loop_functions``."""
+        self._one_thread()
 
     def _one_thread(self) -> None:
         """This thread's MKL calls on one MKL thread (a thread-local setting, made once per thread), so that
