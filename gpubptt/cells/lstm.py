@@ -28,9 +28,8 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend
-from ..backend._mkl import PackedMatrix
-from ._gated import GatedCell, batch_halves, forward_weight, sig_grad
-from ._jit import compile_kernels, compile_loops
+from ._gated import GatedCell, batch_halves, forward_weight, sig_grad, step_loops
+from ._jit import compile_kernels
 from ._per_backend import PerBackend
 from .base import register_cell
 
@@ -266,21 +265,8 @@ class _Kernels:
         self.jit = None if self._fwd is not None else compile_kernels(*JIT_KERNELS)
 
     def step_loops(self, be: Backend, w: Any, rows: int, arrays: tuple[Any, ...]) -> tuple[Any, Any] | None:
-        """(forward loop, backward loop): a half's (or the batch's) whole step loop as one compiled call
-        (``_mkl_step_loops``), for the step weight ``w`` packed by MKL for ``rows`` rows and the loop's
-        ``arrays``; None (today's loop over steps) unless the compiled kernels run, MKL packed ``w``
-        (``be.pack``: a PackedMatrix) and every array is float32 or float64 like w with unit stride along rows.
-        Asks MKL for one thread in the calling thread (the loops call MKL directly)."""
-        if self.jit is None or type(w) is not PackedMatrix or w.rows != rows or be.mkl is None:
-            return None
-        char = w.dtype.char
-        for x in arrays:
-            if type(x) is not np.ndarray or x.dtype.char != char or x.strides[-1] != x.itemsize:
-                return None
-            if any(s % x.itemsize for s in x.strides):
-                return None
-        be.mkl.one_thread()
-        return compile_loops(_mkl_step_loops, be.mkl, char, *be.mkl.loop_functions(char), *self.jit)
+        """(forward loop, backward loop) of ``_mkl_step_loops`` for these operands, or None (``_gated.step_loops``)."""
+        return step_loops(self.jit, be, w, rows, arrays, _mkl_step_loops)
 
     def forward(self, pre: Any, hw: Any, cprev: Any, h: Any, c: Any, A: Any, tmp: Any) -> None:
         """One step: pre, hw (B, 4H); cprev, h, c (B, H); A (B, 4H) ← [i, f, g, o]."""
