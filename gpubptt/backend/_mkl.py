@@ -167,19 +167,22 @@ class Mkl:
         )
         return True
 
-    def loop_functions(self, char: str) -> tuple[Any, Any]:
+    def loop_functions(self, char: str) -> tuple[Any, Any] | None:
         """(cblas_?gemm_compute, v?Tanh) for dtype char "f" or "d", as ctypes functions whose pointer arguments
         are integers (c_int64: the same registers as a pointer on x86-64 and aarch64), so that numba-compiled
         step loops call them with ``x.ctypes.data`` and never hold the GIL between steps. VML's default accuracy
         (high accuracy: within an ulp or two of the rounded tanh) is kept. The calling thread must have called
-        ``one_thread`` first."""
+        ``one_thread`` first. None where this MKL lacks one of them."""
         if char not in self._loop_functions:
+            s = "s" if char == "f" else "d"
+            names = (f"cblas_{s}gemm_compute", f"v{s}Tanh")
+            if not all(hasattr(self.lib, name) for name in names):
+                return None
             i, i64 = ctypes.c_int, ctypes.c_int64
             real = ctypes.c_float if char == "f" else ctypes.c_double
-            s = "s" if char == "f" else "d"
-            address = ctypes.cast(getattr(self.lib, f"cblas_{s}gemm_compute"), ctypes.c_void_p).value
+            address = ctypes.cast(getattr(self.lib, names[0]), ctypes.c_void_p).value
             compute = ctypes.CFUNCTYPE(None, i, i, i, i, i, i, i64, i, i64, i, real, i64, i)(address)
-            address = ctypes.cast(getattr(self.lib, f"v{s}Tanh"), ctypes.c_void_p).value
+            address = ctypes.cast(getattr(self.lib, names[1]), ctypes.c_void_p).value
             tanh = ctypes.CFUNCTYPE(None, i, i64, i64)(address)
             self._loop_functions[char] = (compute, tanh)
         return self._loop_functions[char]

@@ -69,7 +69,8 @@ def step_loops(
     steps as one compiled call, no Python and no GIL between steps), for the step weight ``w`` packed by MKL for
     ``rows`` rows and the loop's ``arrays``; None (the loop over steps in Python) unless the compiled kernels
     ``jit`` run, MKL packed ``w`` (``be.pack`` gave a PackedMatrix) and every array is a NumPy array of w's
-    dtype with unit stride along rows. Asks MKL for one thread in the calling thread (the loops call MKL)."""
+    dtype with unit stride along rows (and this MKL has the functions). Asks MKL for one thread in the calling
+    thread (the loops call MKL)."""
     if jit is None or type(w) is not PackedMatrix or w.rows != rows or getattr(be, "mkl", None) is None:
         return None
     char = w.dtype.char
@@ -78,8 +79,11 @@ def step_loops(
             return None
         if any(s % x.itemsize for s in x.strides):
             return None
+    functions = be.mkl.loop_functions(char)
+    if functions is None:
+        return None
     be.mkl.one_thread()
-    return compile_loops(factory, be.mkl, char, *be.mkl.loop_functions(char), *jit)
+    return compile_loops(factory, be.mkl, char, *functions, *jit)
 
 
 class GatedCell(Cell):
