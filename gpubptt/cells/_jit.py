@@ -72,19 +72,6 @@ def jit_library(backend_name: str) -> str:
     return f"numba {_numba()[0].__version__}"
 
 
-def compile_kernels(*fns: Callable[..., None], choice: str | None = None) -> tuple[Callable[..., None], ...] | None:
-    """``fns`` compiled by numba (nogil, cached) where ``jit_in_use(choice)`` is "numba", else None. Each
-    compiles on its first call per argument types (dtype, layout); the disk cache keeps it for later processes."""
-    if jit_in_use(choice) != "numba":
-        return None
-    numba, _ = _numba()
-    with _lock:  # one dispatcher per function for every backend object (each compiles once per signature)
-        for fn in fns:
-            if fn not in _compiled:
-                _compiled[fn] = numba.njit(nogil=True, cache=True)(fn)
-        return tuple(_compiled[fn] for fn in fns)
-
-
 def compile_loops(factory: Callable[..., tuple[Callable[..., None], ...]], key: Any, char: str,
                   *functions: Any) -> tuple[Callable[..., None], ...]:  # fmt: skip
     """The functions ``factory(*functions)`` returns, compiled by numba (nogil), once per process for (factory,
@@ -98,6 +85,21 @@ def compile_loops(factory: Callable[..., tuple[Callable[..., None], ...]], key: 
         return _loops[slot]
 
 
-_compiled: dict[Callable[..., None], Callable[..., None]] = {}
 _loops: dict[tuple[Any, int, str], tuple[Callable[..., None], ...]] = {}
+
+
+def compile_kernels(*fns: Callable[..., None], choice: str | None = None) -> tuple[Callable[..., None], ...] | None:
+    """``fns`` compiled by numba (nogil, cached) where ``jit_in_use(choice)`` is "numba", else None. Each
+    compiles on its first call per argument types (dtype, layout); the disk cache keeps it for later processes."""
+    if jit_in_use(choice) != "numba":
+        return None
+    numba, _ = _numba()
+    with _lock:  # one dispatcher per function for every backend object (each compiles once per signature)
+        for fn in fns:
+            if fn not in _compiled:
+                _compiled[fn] = numba.njit(nogil=True, cache=True)(fn)
+        return tuple(_compiled[fn] for fn in fns)
+
+
+_compiled: dict[Callable[..., None], Callable[..., None]] = {}
 _lock = threading.Lock()
