@@ -4,6 +4,7 @@ layout of W for the per-step forward GEMM."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -69,8 +70,8 @@ def step_loops(
     steps as one compiled call, no Python and no GIL between steps), for the step weight ``w`` packed by MKL for
     ``rows`` rows and the loop's ``arrays``; None (the loop over steps in Python) unless the compiled kernels
     ``jit`` run, MKL packed ``w`` (``be.pack`` gave a PackedMatrix) and every array is a NumPy array of w's
-    dtype with unit stride along rows (and this MKL has the functions). Asks MKL for one thread in the calling
-    thread (the loops call MKL)."""
+    dtype with unit stride along rows (and this MKL has the functions). Each loop runs with the calling thread's MKL on
+    one thread (``Mkl.on_one_thread``)."""
     if jit is None or type(w) is not PackedMatrix or w.rows != rows or getattr(be, "mkl", None) is None:
         return None
     char = w.dtype.char
@@ -82,8 +83,8 @@ def step_loops(
     functions = be.mkl.loop_functions(char)
     if functions is None:
         return None
-    be.mkl.one_thread()
-    return compile_loops(factory, be.mkl, char, *functions, *jit)
+    loops = compile_loops(factory, be.mkl, char, *functions, *jit)
+    return tuple(partial(be.mkl.on_one_thread, loop) for loop in loops)  # MKL on one thread during each loop
 
 
 class GatedCell(Cell):
