@@ -125,6 +125,50 @@ def test_compiled_gru_backward_step_matches_central_differences(compiled_kernels
     np.testing.assert_allclose(tmp[0], central(energy, hprev), rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype,rtol,atol", [("float64", 1e-6, 1e-8), ("float32", 2e-3, 2e-4)])
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_whole_step_loops_under_mkl_match_central_differences_of_the_reference(cell, dtype, rtol, atol, split,
+                                                                               monkeypatch):  # fmt: skip
+    """Under MKL with compiled kernels, each (half's) GRU or LSTM step loop runs as one compiled call (GEMMs on the
+    packed W, VML's tanh): forced on at a small shape (thresholds lowered), one loop or two batch halves, two
+    layers; the gradients against float64 central differences of the reference."""
+    pytest.importorskip("numba", reason="numba unavailable: pip install numba")
+    from gpubptt.backend import _mkl, numpy_backend
+    from gpubptt.cells import _gated
+    from tests.reference import numeric, ref_gated_loss
+
+    if _mkl.load_mkl()[0] is None:
+        pytest.skip("MKL unavailable: pip install mkl")
+    monkeypatch.setenv(_jit.JIT_VAR, "numba")
+    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 1)
+    monkeypatch.setattr(numpy_backend, "PACK_MIN_ROWS", 1)
+    monkeypatch.setattr(_gated, "SPLIT_MIN_STATE", 2 if split else 1 << 40)
+    used = []
+    kind = {"gru": gru, "lstm": lstm}[cell]._Kernels
+    step_loops = kind.step_loops
+    monkeypatch.setattr(kind, "step_loops", lambda *a: used.append(step_loops(*a)) or used[-1])
+    be = numpy_backend.NumpyBackend(blas="mkl")
+    be.blas_threads.most = max(2, be.blas_threads.most)
+    T, B, D, K, layers = 4, 5, 3, 4, 2
+    model = gpubptt.RNN(D, H, K, cell=cell, num_layers=layers, bias=True, backend=be, seed=7, dtype=dtype,
+                        init="torch")  # fmt: skip
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(T, B, D)), rng.integers(0, K, (T, B))
+    h0, c0 = rng.normal(size=(2, layers, B, H)) * 0.5
+    s0 = (h0.astype(dtype), c0.astype(dtype)) if cell == "lstm" else h0.astype(dtype)
+    loss, grads = model.loss_and_grads(x.astype(dtype), y, s0)
+    halves = 2 if split else 1
+    assert len(used) == 2 * layers * halves and all(u is not None for u in used)  # every step loop ran compiled
+    p = {k: np.array(v, dtype=np.float64) for k, v in model.params.items()}
+    f = lambda: ref_gated_loss(cell, p, x, y, h0, c0, np.full(B, T), "sum", num_layers=layers)  # noqa: E731
+    assert loss == pytest.approx(f(), rel=rtol)
+    for name, arr in [*p.items(), ("s0", h0)] + ([("c0", c0)] if cell == "lstm" else []):
+        idx = rng.choice(arr.size, min(arr.size, 8), replace=False)
+        np.testing.assert_allclose(grads[name].reshape(-1)[idx], numeric(f, arr, idx), rtol=rtol, atol=atol,
+                                   err_msg=name)  # fmt: skip
+
+
 def test_jit_choice_reads_the_variable_and_refuses_a_bad_value(monkeypatch):
     monkeypatch.setenv(_jit.JIT_VAR, " NumPy ")
     assert _jit.jit_in_use() == "numpy"

@@ -120,6 +120,7 @@ class Mkl:
             self._gemm[char], self._pack_size[char] = gemm, get_size
             self._pack[char], self._compute[char] = pack, compute
         self.address = _address_reader()
+        self._loop_functions: dict[str, tuple[Any, Any]] = {}
         text = ctypes.create_string_buffer(256)
         try:
             lib.MKL_Get_Version_String(text, len(text))
@@ -207,6 +208,36 @@ class Mkl:
         if np.may_share_memory(out, a) or np.may_share_memory(out, b):
             return None  # NumPy's matmul buffers an overlapping output; cblas would read what it writes
         return la[0], la[1], pa, lb[0], lb[1], pb, lc[1], pc
+
+    def loop_functions(self, char: str) -> tuple[Any, Any] | None:
+        """(cblas_?gemm_compute, v?Tanh) for dtype char "f" or "d", as ctypes functions whose pointer arguments
+        are integers (c_int64: the same registers as a pointer on x86-64 and aarch64), so that numba-compiled
+        step loops call them with ``x.ctypes.data`` and never hold the GIL between steps. VML's default accuracy
+        (high accuracy: within an ulp or two of the rounded tanh) is kept. Call them inside
+        ``on_one_thread``. None where this MKL lacks one of them."""
+        if char not in self._loop_functions:
+            s = "s" if char == "f" else "d"
+            names = (f"cblas_{s}gemm_compute", f"v{s}Tanh")
+            if not all(hasattr(self.lib, name) for name in names):
+                return None
+            i, i64 = ctypes.c_int, ctypes.c_int64
+            real = ctypes.c_float if char == "f" else ctypes.c_double
+            address = ctypes.cast(getattr(self.lib, names[0]), ctypes.c_void_p).value
+            compute = ctypes.CFUNCTYPE(None, i, i, i, i, i, i, i64, i, i64, i, real, i64, i)(address)
+            address = ctypes.cast(getattr(self.lib, names[1]), ctypes.c_void_p).value
+            tanh = ctypes.CFUNCTYPE(None, i, i64, i64)(address)
+            self._loop_functions[char] = (compute, tanh)
+        return self._loop_functions[char]
+
+    def on_one_thread(self, fn: Any, *args: Any) -> None:
+        """fn(*args) with the calling thread's MKL calls on one MKL thread (MKL's thread-local setting, put back
+        as it was afterwards): for compiled loops that call ``loop_functions`` themselves."""
+        previous = self.lib.MKL_Set_Num_Threads_Local(1)
+        try:
+            fn(*args)
+        finally:
+            if previous != 1:
+                self.lib.MKL_Set_Num_Threads_Local(previous)
 
     def packed(self, b: np.ndarray, rows: int, slot: PackSlot) -> PackedMatrix | None:
         """B (k, n) float32/float64, C-ordered or a transposed view, packed into ``slot`` for a (rows, k) × B;

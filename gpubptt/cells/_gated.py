@@ -3,10 +3,16 @@ layout of W for the per-step forward GEMM."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
+import numpy as np
+
 from ..backend import Backend
+from ..backend._mkl import PackedMatrix
 from ..errors import InputError
+from ._jit import compile_loops
 from .base import Cell
 
 
@@ -55,6 +61,30 @@ def batch_halves(be: Backend, k: Any, B: int, aux: dict[str, Any]) -> tuple[tupl
         aux["Wt_half"] = be.xp.empty_like(aux["Wt"])
     half = (B + 1) // 2
     return (slice(0, half), aux["Wt"]), (slice(half, B), aux["Wt_half"])
+
+
+def step_loops(
+    jit: Any, be: Backend, w: Any, rows: int, arrays: tuple[Any, ...], factory: Callable[..., tuple[Any, ...]]
+) -> tuple[Any, ...] | None:
+    """A cell's whole step loops (``factory(compute, tanh, *jit)``: a batch's or a half's T forward or backward
+    steps as one compiled call, no Python and no GIL between steps), for the step weight ``w`` packed by MKL for
+    ``rows`` rows and the loop's ``arrays``; None (the loop over steps in Python) unless the compiled kernels
+    ``jit`` run, MKL packed ``w`` (``be.pack`` gave a PackedMatrix) and every array is a NumPy array of w's
+    dtype with unit stride along rows (and this MKL has the functions). Each loop runs with the calling thread's MKL on
+    one thread (``Mkl.on_one_thread``)."""
+    if jit is None or type(w) is not PackedMatrix or w.rows != rows or getattr(be, "mkl", None) is None:
+        return None
+    char = w.dtype.char
+    for x in arrays:
+        if type(x) is not np.ndarray or x.dtype.char != char or x.strides[-1] != x.itemsize:
+            return None
+        if any(s % x.itemsize for s in x.strides):
+            return None
+    functions = be.mkl.loop_functions(char)
+    if functions is None:
+        return None
+    loops = compile_loops(factory, be.mkl, char, *functions, *jit)
+    return tuple(partial(be.mkl.on_one_thread, loop) for loop in loops)  # MKL on one thread during each loop
 
 
 class GatedCell(Cell):

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import BackendUnavailableError, InputError
 
-__all__ = ["JIT_CHOICES", "JIT_VAR", "compile_kernels", "jit_choice", "jit_in_use", "jit_library"]
+__all__ = ["JIT_CHOICES", "JIT_VAR", "compile_kernels", "compile_loops", "jit_choice", "jit_in_use", "jit_library"]
 
 JIT_VAR = "GPUBPTT_JIT"
 JIT_CHOICES = ("auto", "numba", "numpy")
@@ -70,6 +70,22 @@ def jit_library(backend_name: str) -> str:
     if jit_in_use() == "numpy":
         return "numpy"
     return f"numba {_numba()[0].__version__}"
+
+
+def compile_loops(factory: Callable[..., tuple[Callable[..., None], ...]], key: Any, char: str,
+                  *functions: Any) -> tuple[Callable[..., None], ...]:  # fmt: skip
+    """The functions ``factory(*functions)`` returns, compiled by numba (nogil), once per process for (factory,
+    key, char): whole step loops that call ``functions`` (ctypes functions of a library loaded by this
+    process, and compiled kernels) directly. Not cached on disk: the ctypes addresses are this process's."""
+    numba, _ = _numba()
+    with _lock:
+        slot = (factory, id(key), char)
+        if slot not in _loops:
+            _loops[slot] = tuple(numba.njit(nogil=True)(fn) for fn in factory(*functions))
+        return _loops[slot]
+
+
+_loops: dict[tuple[Any, int, str], tuple[Callable[..., None], ...]] = {}
 
 
 def compile_kernels(*fns: Callable[..., None], choice: str | None = None) -> tuple[Callable[..., None], ...] | None:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend
-from ._gated import GatedCell, batch_halves, forward_weight, sig_grad
+from ._gated import GatedCell, batch_halves, forward_weight, sig_grad, step_loops
 from ._jit import compile_kernels
 from ._per_backend import PerBackend
 from .base import register_cell
@@ -138,6 +138,10 @@ class GRUCell(GatedCell):
         pre, S, A = pre[:, rows], S[:, rows], aux["A"][:, rows]
         bn, hw, tmp = p.get("b_hn", aux["zero"]), aux["hw"][rows], aux["tmp"][:, rows]
         Wt = forward_weight(p["W"], Wt, pre.shape[0], pre.shape[1], be)  # Wᵀ packed, or a row-major copy where it pays
+        loops = k.step_loops(be, Wt, pre.shape[1], (pre, S, A, bn, hw))
+        if loops is not None:  # all T steps in one compiled call: no Python (and no GIL) between steps
+            loops[0](pre, S, A, bn, hw, Wt.ptr, A.dtype.type(0.5))
+            return
         for t in range(pre.shape[0]):
             be.matmul(S[t], Wt, hw)  # w = h_{t-1} @ W.T, all three gates in one GEMM
             k.forward(pre[t], hw, bn, S[t], S[t + 1], A[t], tmp)
@@ -188,6 +192,10 @@ class GRUCell(GatedCell):
         carry, tmp = carry[rows], aux["tmp"][:, rows]
         T, n = G.shape[0], G.shape[1]
         Wp = be.pack(p["W"], n, T)  # W packed once for all T steps where the backend packs (MKL), else W
+        loops = k.step_loops(be, Wp, n, (G, S, A, carry, work, dw, tmp))
+        if loops is not None:  # all T steps in one compiled call
+            loops[1](G, S, A, carry, work, dw, tmp[0], Wp.ptr, A.dtype.type(1))
+            return
         for t in range(T - 1, -1, -1):
             k.backward(G[t], S[t], A[t], carry, work[t], dw[t], tmp)  # the gates' gradients; tmp[0] = dh ⊙ z
             be.matmul(dw[t], Wp, carry)  # ∂w_t @ W: all three gates in one GEMM
@@ -266,6 +274,10 @@ class _Kernels:
         )
         #: the compiled twins (numba, ``GPUBPTT_JIT``) of the NumPy twins, or None
         self.jit = None if self._fwd is not None else compile_kernels(*JIT_KERNELS)
+
+    def step_loops(self, be: Backend, w: Any, rows: int, arrays: tuple[Any, ...]) -> tuple[Any, Any] | None:
+        """(forward loop, backward loop) of ``_mkl_step_loops`` for these operands, or None (``_gated.step_loops``)."""
+        return step_loops(self.jit, be, w, rows, arrays, _mkl_step_loops)
 
     def forward(self, pre: Any, hw: Any, bn: Any, hprev: Any, h: Any, A: Any, tmp: Any) -> None:
         """One step's gates and state: pre, hw (B, 3H); bn (H,); hprev, h (B, H); A (B, 4H) ← [r, z, n, m]."""
@@ -385,6 +397,48 @@ def _jit_backward(g: Any, carry: Any, hprev: Any, A: Any, dpre: Any, dw: Any, di
             dwn[j] = dan[j] * r[j]
         for j in range(H):
             d[j] = dh[j] * z[j]
+
+
+def _mkl_step_loops(
+    compute: Any, tanh: Any, gates_in: Any, candidate: Any, state: Any, backward: Any
+) -> tuple[Any, Any]:
+    """The forward and backward step loops of a batch's rows as plain Python for numba (``_jit.compile_loops``):
+    per step the GEMM on the packed W through MKL's ``compute`` (cblas_?gemm_compute), the compiled kernels
+    (``JIT_KERNELS`` compiled) and MKL's vectorised ``tanh`` (v?Tanh) row by row; the same operations as
+    ``_Kernels.forward`` / ``backward`` with ``matmul`` between them."""
+
+    def forward_loop(pre: Any, S: Any, A: Any, bn: Any, hw: Any, w: int, half: Any) -> None:
+        """pre (T, n, 3H), S (T+1, n, H), A (T, n, 4H), bn (H,), hw (n, 3H); w Wᵀ packed for n rows."""
+        T, n, G = pre.shape
+        H = S.shape[2]
+        size = S.itemsize
+        for t in range(T):  # hw = h_{t-1} @ Wᵀ
+            compute(101, 111, 151, n, G, H, S[t].ctypes.data, S.strides[1] // size, w, G, 0.0, hw.ctypes.data,
+                    hw.strides[0] // size)  # fmt: skip
+            a = A[t]
+            gates_in(pre[t], hw, bn, a, half)
+            for b in range(n):
+                tanh(2 * H, a[b].ctypes.data, a[b].ctypes.data)  # r, z
+            candidate(pre[t], a, half)
+            for b in range(n):
+                tanh(H, a[b, 2 * H :].ctypes.data, a[b, 2 * H :].ctypes.data)  # n
+            state(S[t], a, S[t + 1])
+
+    def backward_loop(G: Any, S: Any, A: Any, carry: Any, work: Any, dw: Any, direct: Any, w: int, one: Any) -> None:
+        """G (T, n, H) clobbered, S (T+1, n, H), A (T, n, 4H), carry, direct (n, H), work, dw (T, n, 3H); w W
+        packed for n rows."""
+        T, n, H = G.shape
+        size = G.itemsize
+        for t in range(T - 1, -1, -1):
+            backward(G[t], carry, S[t], A[t], work[t], dw[t], direct, one)  # direct = dh ⊙ z
+            compute(101, 111, 151, n, H, 3 * H, dw[t].ctypes.data, dw.strides[1] // size, w, H, 0.0,
+                    carry.ctypes.data, carry.strides[0] // size)  # fmt: skip  # ∂w_t @ W
+            for b in range(n):
+                cb, db = carry[b], direct[b]
+                for j in range(H):
+                    cb[j] += db[j]  # dh_{t-1} = dh_t ⊙ z_t + ∂w_t @ W
+
+    return forward_loop, backward_loop
 
 
 #: the compiled twins' Python sources, in the order ``_Kernels.jit`` holds them

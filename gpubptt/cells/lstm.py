@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend
-from ._gated import GatedCell, batch_halves, forward_weight, sig_grad
+from ._gated import GatedCell, batch_halves, forward_weight, sig_grad, step_loops
 from ._jit import compile_kernels
 from ._per_backend import PerBackend
 from .base import register_cell
@@ -143,6 +143,10 @@ class LSTMCell(GatedCell):
         pre, S, A, C = pre[:, rows], S[:, rows], aux["A"][:, rows], aux["C"][:, rows]
         hw, tmp = aux["hw"][rows], aux["tmp"][:, rows]
         Wt = forward_weight(p["W"], Wt, pre.shape[0], pre.shape[1], be)  # Wᵀ packed, or a row-major copy where it pays
+        loops = k.step_loops(be, Wt, pre.shape[1], (pre, S, A, C, hw))
+        if loops is not None:  # all T steps in one compiled call: no Python (and no GIL) between steps
+            loops[0](pre, S, A, C, hw, Wt.ptr, A.dtype.type(0.5))
+            return
         for t in range(pre.shape[0]):
             be.matmul(S[t], Wt, hw)  # w = h_{t-1} @ W.T, all four gates in one GEMM
             k.forward(pre[t], hw, C[t], S[t + 1], C[t + 1], A[t], tmp)
@@ -194,6 +198,10 @@ class LSTMCell(GatedCell):
         dh, dc, tmp = dh[rows], dc[rows], aux["tmp"][:, rows]
         T, n = G.shape[0], G.shape[1]
         Wp = be.pack(p["W"], n, T)  # W packed once for all T steps where the backend packs (MKL), else W
+        loops = None if d_extra else k.step_loops(be, Wp, n, (G, work, A, C, dh, dc, tmp))
+        if loops is not None:  # all T steps in one compiled call
+            loops[1](G, dh, A, C, dc, work, tmp[0], Wp.ptr, A.dtype.type(1))
+            return
         for t in range(T - 1, -1, -1):
             for cols, values in d_extra.get(t, ()) if d_extra else ():
                 dc[cols] += values
@@ -255,6 +263,10 @@ class _Kernels:
         self._const: dict[tuple[int, str], Any] = {}
         #: the compiled twins (numba, ``GPUBPTT_JIT``) of the NumPy twins, or None
         self.jit = None if self._fwd is not None else compile_kernels(*JIT_KERNELS)
+
+    def step_loops(self, be: Backend, w: Any, rows: int, arrays: tuple[Any, ...]) -> tuple[Any, Any] | None:
+        """(forward loop, backward loop) of ``_mkl_step_loops`` for these operands, or None (``_gated.step_loops``)."""
+        return step_loops(self.jit, be, w, rows, arrays, _mkl_step_loops)
 
     def forward(self, pre: Any, hw: Any, cprev: Any, h: Any, c: Any, A: Any, tmp: Any) -> None:
         """One step: pre, hw (B, 4H); cprev, h, c (B, H); A (B, 4H) ← [i, f, g, o]."""
@@ -386,6 +398,46 @@ def _jit_backward(g: Any, dhn: Any, cprev: Any, tc: Any, A: Any, dc: Any, da: An
             dag[j] = dcb[j] * ig[j] * (one - gg[j] * gg[j])
         for j in range(H):
             dcb[j] *= fg[j]
+
+
+def _mkl_step_loops(compute: Any, tanh: Any, gates_in: Any, cell_state: Any, backward: Any) -> tuple[Any, Any]:
+    """The forward and backward step loops of a batch's rows as plain Python for numba (``_jit.compile_loops``):
+    per step the GEMM on the packed W through MKL's ``compute`` (cblas_?gemm_compute), the compiled kernels
+    (gates_in, cell_state, backward: ``JIT_KERNELS`` compiled) and MKL's vectorised ``tanh`` (v?Tanh) row by
+    row; the same operations as ``_Kernels.forward`` / ``backward`` with ``matmul`` between them."""
+
+    def forward_loop(pre: Any, S: Any, A: Any, C: Any, hw: Any, w: int, half: Any) -> None:
+        """pre, A (T, n, 4H), S, C (T+1, n, H), hw (n, 4H); w Wᵀ packed for n rows."""
+        T, n, G = pre.shape
+        H = S.shape[2]
+        size = S.itemsize
+        for t in range(T):  # hw = h_{t-1} @ Wᵀ
+            compute(101, 111, 151, n, G, H, S[t].ctypes.data, S.strides[1] // size, w, G, 0.0, hw.ctypes.data,
+                    hw.strides[0] // size)  # fmt: skip
+            a, c, h = A[t], C[t + 1], S[t + 1]
+            gates_in(pre[t], hw, a, half)
+            for b in range(n):
+                tanh(G, a[b].ctypes.data, a[b].ctypes.data)
+            cell_state(a, C[t], c, half)
+            for b in range(n):
+                tanh(H, c[b].ctypes.data, h[b].ctypes.data)
+                hb, ob = h[b], a[b, 3 * H :]
+                for j in range(H):
+                    hb[j] *= ob[j]  # h = o ⊙ tanh(c)
+
+    def backward_loop(G: Any, dh: Any, A: Any, C: Any, dc: Any, work: Any, tc: Any, w: int, one: Any) -> None:
+        """G (T, n, H) clobbered, dh, dc, tc (n, H), A, work (T, n, 4H), C (T+1, n, H); w W packed for n rows."""
+        T, n, H = G.shape
+        size = G.itemsize
+        for t in range(T - 1, -1, -1):
+            c = C[t + 1]
+            for b in range(n):
+                tanh(H, c[b].ctypes.data, tc[b].ctypes.data)
+            backward(G[t], dh, C[t], tc, A[t], dc, work[t], one)
+            compute(101, 111, 151, n, H, 4 * H, work[t].ctypes.data, work.strides[1] // size, w, H, 0.0,
+                    dh.ctypes.data, dh.strides[0] // size)  # fmt: skip  # dh_{t-1} = ∂a_t @ W
+
+    return forward_loop, backward_loop
 
 
 #: the compiled twins' Python sources, in the order ``_Kernels.jit`` holds them
