@@ -63,6 +63,19 @@ def batch_halves(be: Backend, k: Any, B: int, aux: dict[str, Any]) -> tuple[tupl
     return (slice(0, half), aux["Wt"]), (slice(half, B), aux["Wt_half"])
 
 
+def forward_in_halves(
+    forward_rows: Callable[..., None], pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], *, be: Backend, k: Any
+) -> None:
+    """A gated cell's forward over all steps: ``forward_rows(pre, p, S, aux, rows, Wt, be=be, k=k)`` for the whole
+    batch, or for its two halves at once (``batch_halves``), each in its own thread with its rows and its own Wᵀ
+    buffer (packed per thread). pre (T, B, G·H), S (T+1, B, H)."""
+    halves = batch_halves(be, k, pre.shape[1], aux)
+    if halves is None:
+        forward_rows(pre, p, S, aux, slice(None), aux["Wt"], be=be, k=k)
+        return
+    be.run_concurrently([partial(forward_rows, pre, p, S, aux, rows, Wt, be=be, k=k) for rows, Wt in halves])
+
+
 def step_loops(
     jit: Any, be: Backend, w: Any, rows: int, arrays: tuple[Any, ...], factory: Callable[..., tuple[Any, ...]]
 ) -> tuple[Any, ...] | None:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend
-from ._gated import GatedCell, batch_halves, forward_weight, sig_grad, step_loops
+from ._gated import GatedCell, batch_halves, forward_in_halves, forward_weight, sig_grad, step_loops
 from ._jit import compile_kernels
 from ._per_backend import PerBackend
 from .base import register_cell
@@ -123,13 +123,7 @@ class GRUCell(GatedCell):
         self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], *, be: Backend, scratch: Any, step_kernels: str
     ) -> None:
         """All steps: pre (T, B, 3H) = U x_t + b; S (T+1, B, H) with S[0] = h0, S[1:] written; gates into aux["A"]."""
-        k = kernels(be)
-        halves = batch_halves(be, k, pre.shape[1], aux)
-        if halves is None:
-            self._forward_rows(pre, p, S, aux, slice(None), aux["Wt"], be=be, k=k)
-            return
-        # two threads, each its rows and its own Wᵀ (packed per thread)
-        be.run_concurrently([partial(self._forward_rows, pre, p, S, aux, rows, Wt, be=be, k=k) for rows, Wt in halves])
+        forward_in_halves(self._forward_rows, pre, p, S, aux, be=be, k=kernels(be))
 
     def _forward_rows(
         self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], rows: slice, Wt: Any, *, be: Backend, k: Any
