@@ -63,3 +63,28 @@ def test_run_concurrently_runs_every_job_and_raises_the_first_error_after_all_fi
         be.run_concurrently([slow, failing])
     assert sorted(ran) == ["failing", "slow"]  # the other job finished before the error came out
     assert be.blas_threads.most == most  # the BLAS threads for large GEMMs are back as they were
+
+
+def test_a_thread_outside_the_jobs_keeps_the_full_thread_count():
+    """Only the jobs' own threads run their GEMMs on one BLAS thread: another thread sharing the backend
+    meanwhile keeps splitting its large GEMMs (the count was once set to 1 for the whole backend)."""
+    be = concurrent_backend()
+    most = be.blas_threads.most
+    seen, inside, release = {}, threading.Event(), threading.Event()
+
+    def job() -> None:
+        seen["job"] = be.blas_threads.most
+        inside.set()
+        release.wait(5)
+
+    def other_job() -> None:
+        seen["other job"] = be.blas_threads.most
+
+    runner = threading.Thread(target=be.run_concurrently, args=([job, other_job],))
+    runner.start()
+    assert inside.wait(5)
+    seen["outside"] = be.blas_threads.most
+    release.set()
+    runner.join(5)
+    assert seen == {"job": 1, "other job": 1, "outside": most} and most >= 2
+    assert be.blas_threads.most == most

@@ -7,7 +7,7 @@ import itertools
 import os
 import platform
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -102,9 +102,10 @@ class BlasThreads:
         self._lock = threading.Lock()
         self._set: Callable[[int], Any] | None = None
         self._in_flight = 0
+        self._jobs = threading.local()  # .inside: this Python thread runs a job of ``run_concurrently``
+        self._most = 1
         self.enabled = True
         self.library = "unknown"
-        self.most = 1
         self.current = 0
         try:
             from threadpoolctl import ThreadpoolController
@@ -124,6 +125,27 @@ class BlasThreads:
         # threadpoolctl ≥ 3.8 lets only the first Python thread that sets an OpenBLAS limit set later ones;
         # the in-flight count below already keeps a change away from running GEMMs, so every thread may set it
         self._set = getattr(lib, "_real_set_num_threads", lib.set_num_threads)
+
+    @property
+    def most(self) -> int:
+        """The threads a large GEMM takes (see the class); 1 in a Python thread running a job of
+        ``run_concurrently`` (``inside_job``): the jobs are the parallelism there. Other threads sharing the
+        backend meanwhile keep the full count."""
+        return 1 if getattr(self._jobs, "inside", False) else self._most
+
+    @most.setter
+    def most(self, threads: int) -> None:
+        self._most = threads
+
+    @contextlib.contextmanager
+    def inside_job(self) -> Iterator[None]:
+        """The calling Python thread counts as running one of ``run_concurrently``'s jobs for the block."""
+        before = getattr(self._jobs, "inside", False)
+        self._jobs.inside = True
+        try:
+            yield
+        finally:
+            self._jobs.inside = before
 
     def for_gemm(self, m: int, n: int, k: int) -> int:
         """The threads an (m, k) × (k, n) GEMM runs on: 1 below ``BLAS_THREADED_FLOPS``, else ``most``."""
@@ -331,20 +353,20 @@ class NumpyBackend(Backend):
         home = self.exact  # the pools are the float32 backend's, shared with its precision views
         if home._pool is None or home._pool[0] != os.getpid():  # a forked child has none of its parent's threads
             home._pool = (os.getpid(), ThreadPoolExecutor(len(jobs) - 1, thread_name_prefix="gpubptt"))
-        most = threads.most
-        threads.most = 1  # per-step and batched GEMMs alike: one BLAS thread per Python thread
+
+        def run(job: Callable[[], None]) -> None:  # per-step and batched GEMMs alike: one BLAS thread per job
+            with threads.inside_job():
+                job()
+
+        threads.use(1)
+        others = [home._pool[1].submit(run, job) for job in jobs[1:]]
         try:
-            threads.use(1)
-            others = [home._pool[1].submit(job) for job in jobs[1:]]
-            try:
-                jobs[0]()
-            finally:
-                errors = [f.exception() for f in others]
-            for error in errors:
-                if error is not None:
-                    raise error
+            run(jobs[0])
         finally:
-            threads.most = most
+            errors = [f.exception() for f in others]
+        for error in errors:
+            if error is not None:
+                raise error
 
     def take_rows(self, src: Any, index: Any, out: Any) -> Any:
         """NumPy's ``take`` into ``out``: with mode "clip" it writes in place; the default mode buffers the
