@@ -232,12 +232,11 @@ class Mkl:
     def on_one_thread(self, fn: Any, *args: Any) -> None:
         """fn(*args) with the calling thread's MKL calls on one MKL thread (MKL's thread-local setting, put back
         as it was afterwards): for compiled loops that call ``loop_functions`` themselves."""
-        previous = self.lib.MKL_Set_Num_Threads_Local(1)
+        previous = self._one_thread()
         try:
             fn(*args)
         finally:
-            if previous != 1:
-                self.lib.MKL_Set_Num_Threads_Local(previous)
+            self._restore(previous)
 
     def packed(self, b: np.ndarray, rows: int, slot: PackSlot) -> PackedMatrix | None:
         """B (k, n) float32/float64, C-ordered or a transposed view, packed into ``slot`` for a (rows, k) × B;
