@@ -122,7 +122,7 @@ def test_whole_step_loops_under_mkl_match_central_differences_of_the_reference(c
     layers; the gradients against float64 central differences of the reference."""
     pytest.importorskip("numba", reason="numba unavailable: pip install numba")
     from gpubptt.backend import _mkl, numpy_backend
-    from gpubptt.cells import _gated
+    from gpubptt.cells import _loops
     from tests.reference import numeric, ref_gated_loss
 
     if _mkl.load_mkl()[0] is None:
@@ -130,7 +130,7 @@ def test_whole_step_loops_under_mkl_match_central_differences_of_the_reference(c
     monkeypatch.setenv(_jit.JIT_VAR, "numba")
     monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 1)
     monkeypatch.setattr(numpy_backend, "PACK_MIN_ROWS", 1)
-    monkeypatch.setattr(_gated, "SPLIT_MIN_STATE", 2 if split else 1 << 40)
+    monkeypatch.setattr(_loops, "SPLIT_MIN_STATE", 2 if split else 1 << 40)
     used = []
     kind = {"gru": gru, "lstm": lstm}[cell]._Kernels
     step_loops = kind.step_loops
@@ -207,11 +207,11 @@ def test_batch_halves_in_two_threads_match_central_differences_of_the_reference(
     and 3–4); inside a bidirectional layer's direction jobs they run one after the other."""
     pytest.importorskip("numba", reason="numba unavailable: pip install numba")
     from gpubptt.backend.numpy_backend import NumpyBackend
-    from gpubptt.cells import _gated
+    from gpubptt.cells import _loops
     from tests.reference import numeric, ref_gated_loss
 
     monkeypatch.setenv(_jit.JIT_VAR, "numba")
-    monkeypatch.setattr(_gated, "SPLIT_MIN_STATE", 2)
+    monkeypatch.setattr(_loops, "SPLIT_MIN_STATE", 2)
     be = NumpyBackend()  # its own kernels (numba) and thread pool, threads whatever the core count here
     be.blas_threads.most = max(2, be.blas_threads.most)
     T, B, D, K = 4, 5, 3, 4

@@ -253,7 +253,9 @@ def test_gradients_with_packed_step_gemms_equal_numpys_own_blas_in_float64(cell,
     packs = []
     be = mkl_backend(most=1)
     real_pack = be.pack
-    monkeypatch.setattr(be, "pack", lambda b, rows, steps=None: packs.append(type(p := real_pack(b, rows, steps))) or p)
+    monkeypatch.setattr(
+        be, "pack", lambda b, rows, steps=None, **kw: packs.append(type(p := real_pack(b, rows, steps, **kw))) or p
+    )
     rng = np.random.default_rng(7)
     x, y = rng.normal(size=(T, B, D)), rng.integers(0, K, (T, B))
     grads = {}

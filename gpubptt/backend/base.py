@@ -218,11 +218,12 @@ class Backend:
         """
         raise NotImplementedError
 
-    def pack(self, b: Any, rows: int, steps: int | None = None) -> Any:
+    def pack(self, b: Any, rows: int, steps: int | None = None, *, loop: bool = False) -> Any:
         """b (k, n) prepared for ``steps`` (None: many) ``matmul(a, handle, out)`` with a (rows, k), e.g. the
         recurrent weight of every step; b itself where the backend has nothing to prepare (the default) or
-        the steps would not repay it. A handle is valid until b changes: make it per call, never keep it
-        across calls."""
+        the steps would not repay it. ``loop``: for a step loop that may run as one compiled call (no Python
+        between steps), where smaller GEMMs repay it. A handle is valid until b changes: make it per call,
+        never keep it across calls."""
         return b
 
     def run_concurrently(self, jobs: list[Callable[[], None]]) -> None:

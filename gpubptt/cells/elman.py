@@ -13,12 +13,16 @@ Rows are examples (S (T+1, B, H) with S[0] = s0 and S[t+1] = s_t). One step of e
 a GEMM and a fused elementwise kernel (the NumPy twins below), or, on a backend that compiles
 kernels, one fused dot+tanh kernel per step (``elman_step.cu``) or one persistent kernel for all
 steps that keeps W on chip (``elman_persistent.cu``), chosen per shape by timing (``step_kernels``
-"auto"), or forced ("cublas", "fused", "persistent").
+"auto"), or forced ("cublas", "fused", "persistent"). On the NumPy backend under MKL with numba (the ``jit``
+extra), each recurrence's steps run as one compiled call (``_mkl_step_loops``: per step the GEMM on the packed
+W and the elementwise step, no Python between steps), over the whole batch or its two halves at once in two
+threads (``_loops.split_rows``).
 """
 
 from __future__ import annotations
 
 import threading
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -26,6 +30,8 @@ import numpy as np
 
 from ..backend import Backend
 from ..errors import InputError
+from ._jit import compile_kernels
+from ._loops import split_rows, step_loops
 from ._per_backend import PerBackend
 from .base import Cell, register_cell
 
@@ -147,16 +153,29 @@ class ElmanCell(Cell):
         if pre.shape[0] == 0:
             return
         k = kernels(be)
-        Wt = be.pack(
-            W.T, pre.shape[1], pre.shape[0]
-        )  # Wᵀ packed once for all steps where the backend packs (MKL), else the view
+        if self.nonlinearity == "tanh" and k.forward_recurrence(pre, W, S, step_kernels):  # all steps in one kernel
+            return
+        halves = k.halves(be, pre.shape[1], pre.shape[2])
+        if halves is None:
+            self._forward_rows(pre, W, S, scratch, step_kernels, be=be, k=k)
+            return
+        be.run_concurrently(  # the batch's two halves at once, each its own rows
+            [partial(self._forward_rows, pre[:, r], W, S[:, r], scratch[r], step_kernels, be=be, k=k) for r in halves]
+        )
+
+    def _forward_rows(self, pre: Any, W: Any, S: Any, scratch: Any, step_kernels: str, *, be: Backend, k: Any) -> None:
+        """``forward`` on some rows of the batch: pre (T, n, H), S (T+1, n, H), scratch (n, H)."""
+        T, n = pre.shape[0], pre.shape[1]
+        Wt = be.pack(W.T, n, T, loop=k.jit is not None)  # Wᵀ packed once for all steps where the backend packs (MKL)
+        loops = k.step_loops(be, Wt, n, (pre, S))
+        if loops is not None:  # all T steps in one compiled call: no Python (and no GIL) between steps
+            loops[0](pre, S, Wt.ptr, self.nonlinearity == "relu")
+            return
         if self.nonlinearity == "relu":
-            for t in range(pre.shape[0]):
+            for t in range(T):
                 k.relu_forward_step(S[t], W, pre[t], S[t + 1], scratch, Wt)  # s_t = max(pre_t + s_{t-1} @ W.T, 0)
             return
-        if k.forward_recurrence(pre, W, S, step_kernels):  # all steps in one kernel
-            return
-        for t in range(pre.shape[0]):
+        for t in range(T):
             k.forward_step(S[t], W, pre[t], S[t + 1], scratch, step_kernels, Wt)  # s_t = tanh(pre_t + s_{t-1} @ W.T)
 
     def factors(self, S: Any, *, be: Backend, out: Any) -> Any:
@@ -178,7 +197,23 @@ class ElmanCell(Cell):
         k = kernels(be)
         if T == 1 or k.backward_recurrence(G, W, F, step_kernels):  # all steps in one kernel
             return
-        Wp = be.pack(W, G.shape[1], G.shape[0])  # W packed once for all steps where the backend packs (MKL), else W
+        halves = k.halves(be, G.shape[1], G.shape[2])
+        if halves is None:
+            self._backward_rows(G, W, F, carry, step_kernels, be=be, k=k)
+            return
+        be.run_concurrently(  # the batch's two halves at once, each its own rows
+            [partial(self._backward_rows, G[:, r], W, F[:, r], carry[r], step_kernels, be=be, k=k) for r in halves]
+        )
+
+    def _backward_rows(self, G: Any, W: Any, F: Any, carry: Any, step_kernels: str, *, be: Backend, k: Any) -> None:
+        """``backward``'s steps T−2 … 0 on some rows of the batch (G[T−1] already δ_{T−1}): G, F (T, n, H), carry
+        (n, H)."""
+        T, n = G.shape[0], G.shape[1]
+        Wp = be.pack(W, n, T, loop=k.jit is not None)  # W packed once for all steps where the backend packs (MKL)
+        loops = k.step_loops(be, Wp, n, (G, F, carry))
+        if loops is not None:  # all T − 1 steps in one compiled call
+            loops[1](G, F, carry, Wp.ptr)
+            return
         for t in range(T - 2, -1, -1):
             k.backward_step(G[t + 1], W, F[t], G[t], carry, step_kernels, Wp)  # δ_t = (g_t + δ_{t+1} @ W) ⊙ f_t
 
@@ -268,9 +303,23 @@ class _Kernels:
         self.backprop_tanh = be.elementwise("T carry, T d", "T g", "g = (g + carry) * d", "gpubptt_backprop_tanh")
         self.backprop_tanh = self.backprop_tanh or _xp_backprop_tanh(xp)  # g = (g + carry) * d
         self.compiled = be.compiles_kernels
+        #: () where the step loops may run compiled by numba on this backend (``_loops.step_loops``), else None
+        self.jit = None if self.compiled else compile_kernels()
         self._step: dict[np.dtype, dict[str, Any]] = {}
         self._persistent: dict[np.dtype, dict[str, Any]] = {}
         self._compile_lock = threading.Lock()
+
+    # -- whole step loops (NumPy backend: numba and MKL) ----------------------------------------
+    def halves(self, be: Backend, B: int, H: int) -> tuple[slice, slice] | None:
+        """The batch's two halves, for the step loops of a (B, H) state run as two jobs at once (``_loops.split_rows``),
+        where they run compiled (numba, MKL, float32 GEMMs exact); else None."""
+        if self.jit is None or getattr(be, "mkl", None) is None or be.precision != "fp32":
+            return None
+        return split_rows(be, self.jit, B, H)
+
+    def step_loops(self, be: Backend, w: Any, rows: int, arrays: tuple[Any, ...]) -> tuple[Any, Any] | None:
+        """(forward loop, backward loop) of ``_mkl_step_loops`` for these operands, or None (``_loops.step_loops``)."""
+        return step_loops(self.jit, be, w, rows, arrays, _mkl_step_loops)
 
     # -- one step ----------------------------------------------------------------------------
     def forward_step(
@@ -416,6 +465,47 @@ class _Kernels:
                 fn.max_dynamic_shared_size_bytes = nbytes
         sizes = (np.int32(steps), np.int32(B), np.int32(H), np.int32(R), np.int32(L))
         fn((blocks,), (threads,), (a, W, b if which == 0 else c, *sizes), shared_mem=nbytes)
+
+
+def _mkl_step_loops(compute: Any, tanh: Any) -> tuple[Any, Any]:
+    """The forward and backward step loops of a batch's rows as plain Python for numba (``_jit.compile_loops``):
+    per step the GEMM on the packed W through MKL's ``compute`` (cblas_?gemm_compute) and the elementwise step,
+    with MKL's vectorised ``tanh`` (v?Tanh) row by row; the same operations as ``_Kernels.forward_step`` /
+    ``backward_step``."""
+
+    def forward_loop(pre: Any, S: Any, w: int, relu: bool) -> None:
+        """pre (T, n, H), S (T+1, n, H): s_t = φ(s_{t-1} @ Wᵀ + pre_t) into S[t+1]; w Wᵀ packed for n rows."""
+        T, n, H = pre.shape
+        ld = S.strides[1] // S.itemsize
+        for t in range(T):
+            out, p = S[t + 1], pre[t]
+            compute(101, 111, 151, n, H, H, S[t].ctypes.data, ld, w, H, 0.0, out.ctypes.data, ld)
+            for b in range(n):
+                ob, pb = out[b], p[b]
+                for j in range(H):
+                    ob[j] += pb[j]
+                if relu:
+                    for j in range(H):
+                        if ob[j] < 0:  # max(·, 0); a NaN stays NaN, as NumPy's maximum
+                            ob[j] = 0
+                else:
+                    tanh(H, ob.ctypes.data, ob.ctypes.data)
+
+    def backward_loop(G: Any, F: Any, carry: Any, w: int) -> None:
+        """G (T, n, H), G[T−1] already δ_{T−1}: δ_t = (g_t + δ_{t+1} @ W) ⊙ f_t for t = T−2 … 0; F (T, n, H) the
+        factors, carry (n, H) scratch; w W packed for n rows."""
+        T, n, H = G.shape
+        ld = G.strides[1] // G.itemsize
+        for t in range(T - 2, -1, -1):
+            compute(101, 111, 151, n, H, H, G[t + 1].ctypes.data, ld, w, H, 0.0, carry.ctypes.data,
+                    carry.strides[0] // carry.itemsize)  # fmt: skip
+            g, f = G[t], F[t]
+            for b in range(n):
+                gb, fb, cb = g[b], f[b], carry[b]
+                for j in range(H):
+                    gb[j] = (gb[j] + cb[j]) * fb[j]
+
+    return forward_loop, backward_loop
 
 
 #: ``kernels(be)``: the Elman kernels of backend ``be`` (built once per backend)

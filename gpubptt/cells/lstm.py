@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend
-from ._gated import GatedCell, batch_halves, forward_in_halves, forward_weight, sig_grad, step_loops
+from ._gated import GatedCell, batch_halves, forward_in_halves, forward_weight, sig_grad
 from ._jit import compile_kernels
+from ._loops import step_loops
 from ._per_backend import PerBackend
 from .base import register_cell
 
@@ -259,7 +260,7 @@ class _Kernels:
         self.jit = None if self._fwd is not None else compile_kernels(*JIT_KERNELS)
 
     def step_loops(self, be: Backend, w: Any, rows: int, arrays: tuple[Any, ...]) -> tuple[Any, Any] | None:
-        """(forward loop, backward loop) of ``_mkl_step_loops`` for these operands, or None (``_gated.step_loops``)."""
+        """(forward loop, backward loop) of ``_mkl_step_loops`` for these operands, or None (``_loops.step_loops``)."""
         return step_loops(self.jit, be, w, rows, arrays, _mkl_step_loops)
 
     def forward(self, pre: Any, hw: Any, cprev: Any, h: Any, c: Any, A: Any, tmp: Any) -> None:

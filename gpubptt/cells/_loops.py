@@ -1,0 +1,67 @@
+"""Step loops run as one compiled call, and the batch split in two halves run at once: what the cells share on
+the NumPy backend under MKL with numba (the ``jit`` extra).
+
+A cell writes its whole forward and backward step loops as plain Python (a factory taking MKL's
+``cblas_?gemm_compute`` and ``v?Tanh`` and its compiled kernels); ``step_loops`` compiles them (nogil) where they
+can run. ``split_rows`` says whether a recurrence's batch runs as two halves in two threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from ..backend import Backend
+from ..backend._mkl import PackedMatrix
+from ._jit import compile_loops
+
+__all__ = ["SPLIT_MIN_STATE", "split_rows", "step_loops"]
+
+#: the smallest state (B·H elements) whose step loops run as two batch halves at once (tests lower it): on the
+#: 2-core VM, with the compiled kernels, halves took 0.79–0.96× one loop's time at B·H = 8192 (B = 16, 32, 64)
+#: and 1.0–1.45× at 4096
+SPLIT_MIN_STATE = 8192
+
+
+def split_rows(be: Backend, jit: Any, B: int, H: int) -> tuple[slice, slice] | None:
+    """The batch's two halves (slice, slice), for a recurrence's step loops run as two jobs at once
+    (``be.run_concurrently``); or None: one loop.
+
+    Only where the cell's compiled kernels ``jit`` run (numba releases the GIL, so the two loops overlap; with
+    the NumPy twins' many small calls the threads measured slower), the backend runs jobs in threads (two cores
+    or more, ``concurrent`` on, not already inside a job: the directions of a bidirectional layer) and the
+    state (B, H) has SPLIT_MIN_STATE elements or more."""
+    threads = getattr(be, "blas_threads", None)
+    if jit is None or threads is None or threads.most < 2 or not be.concurrent or B < 2:
+        return None
+    if B * H < SPLIT_MIN_STATE:
+        return None
+    half = (B + 1) // 2
+    return slice(0, half), slice(half, B)
+
+
+def step_loops(
+    jit: Any, be: Backend, w: Any, rows: int, arrays: tuple[Any, ...], factory: Callable[..., tuple[Any, ...]]
+) -> tuple[Any, ...] | None:
+    """A cell's whole step loops (``factory(compute, tanh, *jit)``: a batch's or a half's T forward or backward
+    steps as one compiled call, no Python and no GIL between steps), for the step weight ``w`` packed by MKL for
+    ``rows`` rows and the loop's ``arrays``; None (the loop over steps in Python) unless the compiled kernels
+    ``jit`` run, MKL packed ``w`` (``be.pack`` gave a PackedMatrix) and every array is a NumPy array of w's
+    dtype with unit stride along rows (and this MKL has the functions). Each loop runs with the calling thread's MKL on
+    one thread (``Mkl.on_one_thread``)."""
+    if jit is None or type(w) is not PackedMatrix or w.rows != rows or getattr(be, "mkl", None) is None:
+        return None
+    char = w.dtype.char
+    for x in arrays:
+        if type(x) is not np.ndarray or x.dtype.char != char or x.strides[-1] != x.itemsize:
+            return None
+        if any(s % x.itemsize for s in x.strides):
+            return None
+    functions = be.mkl.loop_functions(char)
+    if functions is None:
+        return None
+    loops = compile_loops(factory, be.mkl, char, *functions, *jit)
+    return tuple(partial(be.mkl.on_one_thread, loop) for loop in loops)  # MKL on one thread during each loop
