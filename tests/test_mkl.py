@@ -190,8 +190,10 @@ def test_pack_returns_the_operand_itself_where_nothing_is_packed(monkeypatch):
 @pytest.mark.parametrize(("m", "k", "n", "by"), [(40, 12, 9, "rows"), (3, 12, 40, "columns")])
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_large_gemms_split_into_row_or_column_blocks_over_threads(m, k, n, by, accumulate, monkeypatch):
+    """Where MKL runs no OpenMP of its own (another threading layer), the backend splits a large GEMM itself."""
     monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 0)
     monkeypatch.setattr(numpy_backend, "BLAS_THREADED_FLOPS", 1)  # every GEMM counts as large
+    monkeypatch.setattr(MKL, "openmp", None)
     be = mkl_backend(most=2)
     calls = []
     real = MKL.gemm
@@ -205,6 +207,42 @@ def test_large_gemms_split_into_row_or_column_blocks_over_threads(m, k, n, by, a
     half = (m // 2, n) if by == "rows" else (m, n // 2)
     assert sorted(calls) == sorted([half, (m - half[0], n) if by == "rows" else (m, n - half[1])])
     assert be._gemm_pool is not None  # the second block ran in the backend's thread
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize(("a_layout", "b_layout"), [("C", "C"), ("F", "ld"), ("ld", "F")])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_large_gemms_run_on_mkls_openmp_threads_and_leave_no_setting_behind(dtype, a_layout, b_layout, accumulate,
+                                                                           monkeypatch):  # fmt: skip
+    """A large GEMM runs whole on MKL's own threads: during the call the thread's MKL count is the backend's
+    threads and OpenMP's blocktime 0 (no thread spins after it); after it both are as they were. The product
+    as float64's."""
+    if MKL.openmp is None:
+        pytest.skip("this MKL runs no Intel OpenMP (another threading layer)")
+    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 0)
+    monkeypatch.setattr(numpy_backend, "BLAS_THREADED_FLOPS", 1)  # every GEMM counts as large
+    be = mkl_backend(most=2)
+    seen = []
+    char = np.dtype(dtype).char
+    real = MKL._gemm[char]
+
+    def spy(*args):
+        seen.append((MKL.lib.MKL_Get_Max_Threads(), MKL.openmp.kmp_get_blocktime()))
+        real(*args)
+
+    monkeypatch.setitem(MKL._gemm, char, spy)
+    rng = np.random.default_rng(11)
+    a, b = operand(rng, (70, 40), dtype, a_layout), operand(rng, (40, 30), dtype, b_layout)
+    out = rng.normal(size=(70, 30)).astype(dtype)
+    out0 = out.copy()
+    before = (MKL.lib.MKL_Get_Max_Threads(), MKL.openmp.kmp_get_blocktime())
+    be.matmul(a, b, out, accumulate=accumulate)
+    tol = tolerance(np.dtype(dtype), 40)
+    np.testing.assert_allclose(out, reference(a, b, out0, accumulate), rtol=tol, atol=tol)
+    assert seen == [(2, 0)]  # one call, whole, on two threads that sleep right after
+    assert (MKL.lib.MKL_Get_Max_Threads(), MKL.openmp.kmp_get_blocktime()) == before
+    assert be._gemm_pool is None  # no split over the backend's threads
 
 
 @needs_mkl
@@ -279,7 +317,7 @@ def test_info_names_the_blas_that_runs_the_gemms(choice, monkeypatch):
     in_use = json.loads(result.stdout)["blas"]["in_use"]
     assert in_use == be.blas_library
     if choice == "auto" and MKL is not None:
-        assert in_use.startswith("MKL 20") and "one thread per GEMM" in in_use
+        assert in_use.startswith("MKL 20") and "one thread per step GEMM" in in_use
     else:
         assert in_use == numpy_blas and not in_use.startswith("MKL")
 
@@ -345,7 +383,7 @@ def test_each_mkl_call_runs_on_one_thread_and_puts_the_threads_setting_back(monk
     np.testing.assert_allclose(out, a @ b, rtol=1e-12)
     assert asked == [1, 0, 1, 3, 1, 3] and local.n == 3
     monkeypatch.setattr(numpy_backend, "_choose_mkl", lambda blas: mkl)
-    assert "one thread per GEMM" in NumpyBackend().blas_library
+    assert "one thread per step GEMM" in NumpyBackend().blas_library
 
 
 @needs_mkl

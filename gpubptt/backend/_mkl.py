@@ -3,8 +3,9 @@
 
 MKL comes from the optional ``mkl`` extra (the ``mkl`` wheel puts ``libmkl_rt`` under the environment's
 ``lib``; there is no aarch64 wheel). Each call runs on one MKL thread of the calling thread's own
-(``MKL_Set_Num_Threads_Local(1)``, set for the call and restored after it): no MKL thread pool spins on a
-shared machine, and the backend splits a large GEMM into blocks over its own threads instead. MKL's
+(``MKL_Set_Num_Threads_Local(1)``, set for the call and restored after it), but for the large GEMMs the
+backend threads (``gemm_threaded``: MKL's own OpenMP threads, with OpenMP's blocktime 0 for the call, so that no
+thread spins after it on a shared machine). MKL's
 process-wide settings are left as they are: the SEQUENTIAL threading layer would hold every other user of
 this MKL to one thread (a torch imported afterwards binds its MKL calls to the library loaded first, and
 sizes its own thread pool from it). ctypes releases the GIL during each call. Per call, only Python ints,
@@ -166,6 +167,53 @@ class Mkl:
         )
         self._restore(previous)
         return True
+
+    def gemm_threaded(self, a: Any, b: Any, out: Any, accumulate: bool, threads: int) -> bool:
+        """``gemm`` on ``threads`` (≥ 2) of MKL's own OpenMP threads, where MKL runs Intel's OpenMP (its default
+        threading layer): the calling thread's MKL count set to ``threads`` and its OpenMP blocktime to 0 for the
+        call (the team's threads sleep as soon as it ends instead of spinning for 200 ms, a core another process
+        or gpubptt's own threads want), both put back after it. False, nothing done, where the operands do not
+        allow it (see ``gemm``) or MKL runs another threading layer (the caller splits the GEMM itself).
+
+        On the 2-core VM against the same GEMM split in two row blocks over gpubptt's threads (each one MKL
+        thread): (2048 × 256)·(256 × 256) 245 against 207 GFLOP/s, (2048 × 1024)·(1024 × 1024) 267 against 256;
+        whole models 0.94–1.0× the time (``NumpyBackend.matmul``)."""
+        openmp = self.openmp
+        if openmp is None:
+            return False
+        call = self._operands(a, b, out)
+        if call is None:
+            return False
+        ta, lda, pa, tb, ldb, pb, ldc, pc = call
+        m, k = a.shape
+        blocktime = openmp.kmp_get_blocktime()
+        openmp.kmp_set_blocktime(0)
+        previous = self.lib.MKL_Set_Num_Threads_Local(threads)
+        try:
+            self._gemm[out.dtype.char](
+                ROW_MAJOR, ta, tb, m, out.shape[1], k, 1.0, pa, lda, pb, ldb, 1.0 if accumulate else 0.0, pc, ldc
+            )
+        finally:
+            self.lib.MKL_Set_Num_Threads_Local(previous)
+            openmp.kmp_set_blocktime(blocktime)
+        return True
+
+    @functools.cached_property
+    def openmp(self) -> Any:
+        """The Intel OpenMP runtime (libiomp5) this MKL loaded for its threads, or None: MKL runs another threading
+        layer (``MKL_THREADING_LAYER``: GNU, TBB, sequential), or the runtime lacks the blocktime calls. Asking MKL
+        for its thread count loads its threading layer; the runtime is then looked up among the libraries already
+        loaded only (never another copy from the system's search path)."""
+        self.lib.MKL_Get_Max_Threads()
+        try:
+            openmp = ctypes.CDLL("libiomp5.so", mode=os.RTLD_NOLOAD)
+            openmp.kmp_get_blocktime.restype = ctypes.c_int
+            openmp.kmp_get_blocktime.argtypes = []
+            openmp.kmp_set_blocktime.restype = None
+            openmp.kmp_set_blocktime.argtypes = [ctypes.c_int]
+        except (OSError, AttributeError):
+            return None
+        return openmp
 
     def _one_thread(self) -> int:
         """The calling thread's MKL calls on one MKL thread (MKL's thread-local setting), so that gpubptt's own

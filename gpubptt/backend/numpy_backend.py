@@ -197,11 +197,13 @@ class NumpyBackend(Backend):
         self.blas_threads = BlasThreads()
         #: which library runs the GEMMs: "mkl" or "numpy" (NumPy's own BLAS)
         self.blas = "numpy" if self.mkl is None else "mkl"
-        #: the GEMM library described: NumPy's BLAS as threadpoolctl reports it, or MKL's version string, one
-        #: MKL thread per calling thread (large GEMMs are split over the backend's own threads: ``matmul``)
-        self.blas_library = (
-            self.blas_threads.library if self.mkl is None else f"{self.mkl.version} (one thread per GEMM)"
-        )
+        #: the GEMM library described: NumPy's BLAS as threadpoolctl reports it, or MKL's version string with how
+        #: it threads: one MKL thread per step GEMM; large GEMMs on MKL's OpenMP threads, or split over the
+        #: backend's own where MKL runs another threading layer (``matmul``)
+        self.blas_library = self.blas_threads.library
+        if self.mkl is not None:
+            large = "MKL's OpenMP threads" if self.mkl.openmp is not None else "gpubptt's threads"
+            self.blas_library = f"{self.mkl.version} (one thread per step GEMM, large GEMMs on {large})"
         self.concurrent = True
         self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
         self._gemm_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool): split MKL GEMMs
@@ -245,7 +247,8 @@ class NumpyBackend(Backend):
     def matmul(self, a: Any, b: Any, out: Any, accumulate: bool = False) -> None:
         """out = a @ b (or +=). Under MKL (``blas`` "mkl"), a GEMM of ``MKL_MIN_FLOPS`` or more runs through
         cblas_?gemm where the operands allow (``Mkl.gemm``; ``b`` may be a ``pack`` handle), one of
-        ``BLAS_THREADED_FLOPS`` or more split into blocks over ``BlasThreads.most`` threads; the rest runs
+        ``BLAS_THREADED_FLOPS`` or more on ``BlasThreads.most`` of MKL's OpenMP threads (``Mkl.gemm_threaded``),
+        or, where MKL runs another threading layer, split into blocks over as many threads; the rest runs
         on NumPy's matmul, on as many BLAS threads as the shape pays for (``BlasThreads.for_gemm``). Under
         tf32/bf16 (``with_precision``) the operands are rounded first (a pack is read unpacked)."""
         if self.precision != "fp32":  # emulated tf32/bf16: the operands rounded exactly, then the float32 GEMM
@@ -266,7 +269,9 @@ class NumpyBackend(Backend):
                 if not split:
                     if mkl.gemm(a, b, out, accumulate):
                         return
-                elif mkl.gemm_allowed(a, b, out):
+                elif mkl.gemm_threaded(a, b, out, accumulate, threads.most):
+                    return
+                elif mkl.gemm_allowed(a, b, out):  # MKL without its OpenMP threads: the backend's own split
                     self._gemm_blocks(mkl, a, b, out, accumulate, threads.most)
                     return
         if type(b) is PackedMatrix:
