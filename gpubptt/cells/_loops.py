@@ -4,6 +4,11 @@ the NumPy backend under MKL with numba (the ``jit`` extra).
 A cell writes its whole forward and backward step loops as plain Python (a factory taking MKL's
 ``cblas_?gemm_compute`` and ``v?Tanh`` and its compiled kernels); ``step_loops`` compiles them (nogil) where they
 can run. ``split_rows`` says whether a recurrence's batch runs as two halves in two threads.
+
+A loop, and each compiled kernel it calls, takes the whole (T, B, ·) buffers and a range of rows r0..r1−1, not
+the half's views: numba vectorises a loop over the rows of a C-contiguous array with SIMD, over those of a strided
+view (a half's rows of every step) without; an LSTM half's forward loop took 5.3 ms on views against 4.4 ms
+(T = 64, 16 of B = 32 rows, H = 256, 2-core VM).
 """
 
 from __future__ import annotations

@@ -157,20 +157,24 @@ class ElmanCell(Cell):
             return
         halves = k.halves(be, pre.shape[1], pre.shape[2])
         if halves is None:
-            self._forward_rows(pre, W, S, scratch, step_kernels, be=be, k=k)
+            self._forward_rows(pre, W, S, scratch, slice(None), step_kernels, be=be, k=k)
             return
         be.run_concurrently(  # the batch's two halves at once, each its own rows
-            [partial(self._forward_rows, pre[:, r], W, S[:, r], scratch[r], step_kernels, be=be, k=k) for r in halves]
+            [partial(self._forward_rows, pre, W, S, scratch, r, step_kernels, be=be, k=k) for r in halves]
         )
 
-    def _forward_rows(self, pre: Any, W: Any, S: Any, scratch: Any, step_kernels: str, *, be: Backend, k: Any) -> None:
-        """``forward`` on some rows of the batch: pre (T, n, H), S (T+1, n, H), scratch (n, H)."""
-        T, n = pre.shape[0], pre.shape[1]
+    def _forward_rows(
+        self, pre: Any, W: Any, S: Any, scratch: Any, rows: slice, step_kernels: str, *, be: Backend, k: Any
+    ) -> None:
+        """``forward`` on the batch rows ``rows`` of pre (T, B, H), S (T+1, B, H), scratch (B, H)."""
+        r0, r1, _ = rows.indices(pre.shape[1])
+        T, n = pre.shape[0], r1 - r0
         Wt = be.pack(W.T, n, T, loop=k.jit is not None)  # Wᵀ packed once for all steps where the backend packs (MKL)
         loops = k.step_loops(be, Wt, n, (pre, S))
-        if loops is not None:  # all T steps in one compiled call: no Python (and no GIL) between steps
-            loops[0](pre, S, Wt.ptr, self.nonlinearity == "relu")
+        if loops is not None:  # all T steps in one compiled call (whole buffers, rows r0..r1−1: ``_loops``)
+            loops[0](pre, S, Wt.ptr, self.nonlinearity == "relu", r0, r1)
             return
+        pre, S, scratch = pre[:, rows], S[:, rows], scratch[rows]
         if self.nonlinearity == "relu":
             for t in range(T):
                 k.relu_forward_step(S[t], W, pre[t], S[t + 1], scratch, Wt)  # s_t = max(pre_t + s_{t-1} @ W.T, 0)
@@ -199,21 +203,25 @@ class ElmanCell(Cell):
             return
         halves = k.halves(be, G.shape[1], G.shape[2])
         if halves is None:
-            self._backward_rows(G, W, F, carry, step_kernels, be=be, k=k)
+            self._backward_rows(G, W, F, carry, slice(None), step_kernels, be=be, k=k)
             return
         be.run_concurrently(  # the batch's two halves at once, each its own rows
-            [partial(self._backward_rows, G[:, r], W, F[:, r], carry[r], step_kernels, be=be, k=k) for r in halves]
+            [partial(self._backward_rows, G, W, F, carry, r, step_kernels, be=be, k=k) for r in halves]
         )
 
-    def _backward_rows(self, G: Any, W: Any, F: Any, carry: Any, step_kernels: str, *, be: Backend, k: Any) -> None:
-        """``backward``'s steps T−2 … 0 on some rows of the batch (G[T−1] already δ_{T−1}): G, F (T, n, H), carry
-        (n, H)."""
-        T, n = G.shape[0], G.shape[1]
+    def _backward_rows(
+        self, G: Any, W: Any, F: Any, carry: Any, rows: slice, step_kernels: str, *, be: Backend, k: Any
+    ) -> None:
+        """``backward``'s steps T−2 … 0 on the batch rows ``rows`` (G[T−1] already δ_{T−1}) of G, F (T, B, H), carry
+        (B, H)."""
+        r0, r1, _ = rows.indices(G.shape[1])
+        T, n = G.shape[0], r1 - r0
         Wp = be.pack(W, n, T, loop=k.jit is not None)  # W packed once for all steps where the backend packs (MKL)
         loops = k.step_loops(be, Wp, n, (G, F, carry))
-        if loops is not None:  # all T − 1 steps in one compiled call
-            loops[1](G, F, carry, Wp.ptr)
+        if loops is not None:  # all T − 1 steps in one compiled call (whole buffers, rows r0..r1−1: ``_loops``)
+            loops[1](G, F, carry, Wp.ptr, r0, r1)
             return
+        G, F, carry = G[:, rows], F[:, rows], carry[rows]
         for t in range(T - 2, -1, -1):
             k.backward_step(G[t + 1], W, F[t], G[t], carry, step_kernels, Wp)  # δ_t = (g_t + δ_{t+1} @ W) ⊙ f_t
 
@@ -473,14 +481,15 @@ def _mkl_step_loops(compute: Any, tanh: Any) -> tuple[Any, Any]:
     with MKL's vectorised ``tanh`` (v?Tanh) row by row; the same operations as ``_Kernels.forward_step`` /
     ``backward_step``."""
 
-    def forward_loop(pre: Any, S: Any, w: int, relu: bool) -> None:
-        """pre (T, n, H), S (T+1, n, H): s_t = φ(s_{t-1} @ Wᵀ + pre_t) into S[t+1]; w Wᵀ packed for n rows."""
-        T, n, H = pre.shape
+    def forward_loop(pre: Any, S: Any, w: int, relu: bool, r0: int, r1: int) -> None:
+        """Rows r0..r1−1 of pre (T, B, H), S (T+1, B, H): s_t = φ(s_{t-1} @ Wᵀ + pre_t) into S[t+1]; w Wᵀ packed
+        for r1 − r0 rows."""
+        T, H, n = pre.shape[0], pre.shape[2], r1 - r0
         ld = S.strides[1] // S.itemsize
         for t in range(T):
             out, p = S[t + 1], pre[t]
-            compute(101, 111, 151, n, H, H, S[t].ctypes.data, ld, w, H, 0.0, out.ctypes.data, ld)
-            for b in range(n):
+            compute(101, 111, 151, n, H, H, S[t, r0].ctypes.data, ld, w, H, 0.0, out[r0].ctypes.data, ld)
+            for b in range(r0, r1):
                 ob, pb = out[b], p[b]
                 for j in range(H):
                     ob[j] += pb[j]
@@ -491,16 +500,16 @@ def _mkl_step_loops(compute: Any, tanh: Any) -> tuple[Any, Any]:
                 else:
                     tanh(H, ob.ctypes.data, ob.ctypes.data)
 
-    def backward_loop(G: Any, F: Any, carry: Any, w: int) -> None:
-        """G (T, n, H), G[T−1] already δ_{T−1}: δ_t = (g_t + δ_{t+1} @ W) ⊙ f_t for t = T−2 … 0; F (T, n, H) the
-        factors, carry (n, H) scratch; w W packed for n rows."""
-        T, n, H = G.shape
+    def backward_loop(G: Any, F: Any, carry: Any, w: int, r0: int, r1: int) -> None:
+        """Rows r0..r1−1 of G (T, B, H), G[T−1] already δ_{T−1}: δ_t = (g_t + δ_{t+1} @ W) ⊙ f_t for t = T−2 … 0;
+        F (T, B, H) the factors, carry (B, H) scratch; w W packed for r1 − r0 rows."""
+        T, H, n = G.shape[0], G.shape[2], r1 - r0
         ld = G.strides[1] // G.itemsize
         for t in range(T - 2, -1, -1):
-            compute(101, 111, 151, n, H, H, G[t + 1].ctypes.data, ld, w, H, 0.0, carry.ctypes.data,
+            compute(101, 111, 151, n, H, H, G[t + 1, r0].ctypes.data, ld, w, H, 0.0, carry[r0].ctypes.data,
                     carry.strides[0] // carry.itemsize)  # fmt: skip
             g, f = G[t], F[t]
-            for b in range(n):
+            for b in range(r0, r1):
                 gb, fb, cb = g[b], f[b], carry[b]
                 for j in range(H):
                     gb[j] = (gb[j] + cb[j]) * fb[j]

@@ -130,13 +130,14 @@ class GRUCell(GatedCell):
         self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], rows: slice, Wt: Any, *, be: Backend, k: Any
     ) -> None:
         """The forward steps of the batch rows ``rows``; Wt (H, 3H) a buffer for Wᵀ."""
-        pre, S, A = pre[:, rows], S[:, rows], aux["A"][:, rows]
-        bn, hw, tmp = p.get("b_hn", aux["zero"]), aux["hw"][rows], aux["tmp"][:, rows]
-        Wt = forward_weight(p["W"], Wt, pre.shape[0], pre.shape[1], be)  # Wᵀ packed, or a row-major copy where it pays
-        loops = k.step_loops(be, Wt, pre.shape[1], (pre, S, A, bn, hw))
-        if loops is not None:  # all T steps in one compiled call: no Python (and no GIL) between steps
-            loops[0](pre, S, A, bn, hw, Wt.ptr, A.dtype.type(0.5))
+        r0, r1, _ = rows.indices(pre.shape[1])
+        A, bn, hw = aux["A"], p.get("b_hn", aux["zero"]), aux["hw"]
+        Wt = forward_weight(p["W"], Wt, pre.shape[0], r1 - r0, be)  # Wᵀ packed, or a row-major copy where it pays
+        loops = k.step_loops(be, Wt, r1 - r0, (pre, S, A, bn, hw))
+        if loops is not None:  # all T steps in one compiled call (whole buffers, rows r0..r1−1: ``_loops``)
+            loops[0](pre, S, A, bn, hw, Wt.ptr, A.dtype.type(0.5), r0, r1)
             return
+        pre, S, A, hw, tmp = pre[:, rows], S[:, rows], A[:, rows], hw[rows], aux["tmp"][:, rows]
         for t in range(pre.shape[0]):
             be.matmul(S[t], Wt, hw)  # w = h_{t-1} @ W.T, all three gates in one GEMM
             k.forward(pre[t], hw, bn, S[t], S[t + 1], A[t], tmp)
@@ -183,14 +184,16 @@ class GRUCell(GatedCell):
         be: Backend, k: Any,
     ) -> None:  # fmt: skip
         """The backward steps of the batch rows ``rows``; carry (B, H) dh's share from the step after."""
-        G, S, work, A, dw = G[:, rows], S[:, rows], work[:, rows], aux["A"][:, rows], aux["dw"][:, rows]
-        carry, tmp = carry[rows], aux["tmp"][:, rows]
-        T, n = G.shape[0], G.shape[1]
+        r0, r1, _ = rows.indices(G.shape[1])
+        T, n = G.shape[0], r1 - r0
+        A, dw, tmp = aux["A"], aux["dw"], aux["tmp"]
         Wp = be.pack(p["W"], n, T)  # W packed once for all T steps where the backend packs (MKL), else W
         loops = k.step_loops(be, Wp, n, (G, S, A, carry, work, dw, tmp))
-        if loops is not None:  # all T steps in one compiled call
-            loops[1](G, S, A, carry, work, dw, tmp[0], Wp.ptr, A.dtype.type(1))
+        if loops is not None:  # all T steps in one compiled call (whole buffers, rows r0..r1−1: ``_loops``)
+            loops[1](G, S, A, carry, work, dw, tmp[0], Wp.ptr, A.dtype.type(1), r0, r1)
             return
+        G, S, work, A, dw = G[:, rows], S[:, rows], work[:, rows], A[:, rows], dw[:, rows]
+        carry, tmp = carry[rows], tmp[:, rows]
         for t in range(T - 1, -1, -1):
             k.backward(G[t], S[t], A[t], carry, work[t], dw[t], tmp)  # the gates' gradients; tmp[0] = dh ⊙ z
             be.matmul(dw[t], Wp, carry)  # ∂w_t @ W: all three gates in one GEMM
@@ -283,11 +286,12 @@ class _Kernels:
         xp = self.xp
         if self.jit is not None:  # 5 calls instead of 12: the two tanh stay NumPy's (vectorised)
             half = A.dtype.type(0.5)
-            self.jit[0](pre, hw, bn, A, half)  # A = [(a_r + w_r)/2, (a_z + w_z)/2, ·, m = w_n + b_hn]
+            B = A.shape[0]
+            self.jit[0](pre, hw, bn, A, half, 0, B)  # A = [(a_r + w_r)/2, (a_z + w_z)/2, ·, m = w_n + b_hn]
             xp.tanh(A[:, : 2 * H], out=A[:, : 2 * H])
-            self.jit[1](pre, A, half)  # r, z ← tanh/2 + ½ (σ); A_n = a_n + r ⊙ m
+            self.jit[1](pre, A, half, 0, B)  # r, z ← tanh/2 + ½ (σ); A_n = a_n + r ⊙ m
             xp.tanh(A[:, 2 * H : 3 * H], out=A[:, 2 * H : 3 * H])  # n
-            self.jit[2](hprev, A, h)  # h = n + z ⊙ (h_{t-1} − n)
+            self.jit[2](hprev, A, h, 0, B)  # h = n + z ⊙ (h_{t-1} − n)
             return
         rz, n, m = A[:, : 2 * H], A[:, 2 * H : 3 * H], A[:, 3 * H :]
         xp.add(pre[:, : 2 * H], hw[:, : 2 * H], out=rz)
@@ -309,7 +313,7 @@ class _Kernels:
             return
         xp = self.xp
         if self.jit is not None:
-            self.jit[3](g, carry, hprev, A, dpre, dw, tmp[0], A.dtype.type(1))
+            self.jit[3](g, carry, hprev, A, dpre, dw, tmp[0], A.dtype.type(1), 0, g.shape[0])
             return
         r, z, n, m = A[:, :H], A[:, H : 2 * H], A[:, 2 * H : 3 * H], A[:, 3 * H :]
         dar, daz, dan = dpre[:, :H], dpre[:, H : 2 * H], dpre[:, 2 * H :]
@@ -338,10 +342,11 @@ class _Kernels:
 # above, in the array dtype (``half``, ``one`` carry it: a Python float would widen float32).
 
 
-def _jit_gates_in(pre: Any, hw: Any, bn: Any, A: Any, half: Any) -> None:
-    """A (B, 4H) ← [(a_r + w_r)/2, (a_z + w_z)/2, (unset), m = w_n + b_hn]: r, z's tanh arguments and m."""
+def _jit_gates_in(pre: Any, hw: Any, bn: Any, A: Any, half: Any, r0: int, r1: int) -> None:
+    """A (B, 4H) ← [(a_r + w_r)/2, (a_z + w_z)/2, (unset), m = w_n + b_hn] on rows r0..r1−1: r, z's tanh arguments
+    and m."""
     H = A.shape[1] // 4
-    for b in range(A.shape[0]):
+    for b in range(r0, r1):
         p, w, a = pre[b], hw[b], A[b]
         for j in range(2 * H):
             a[j] = (p[j] + w[j]) * half
@@ -349,10 +354,10 @@ def _jit_gates_in(pre: Any, hw: Any, bn: Any, A: Any, half: Any) -> None:
             a[3 * H + j] = w[2 * H + j] + bn[j]
 
 
-def _jit_candidate(pre: Any, A: Any, half: Any) -> None:
-    """r, z ← tanh/2 + ½ (σ) in A (B, 4H); A's n columns ← a_n + r ⊙ m (n's tanh argument)."""
+def _jit_candidate(pre: Any, A: Any, half: Any, r0: int, r1: int) -> None:
+    """r, z ← tanh/2 + ½ (σ) in A (B, 4H); A's n columns ← a_n + r ⊙ m (n's tanh argument); rows r0..r1−1."""
     H = A.shape[1] // 4
-    for b in range(A.shape[0]):
+    for b in range(r0, r1):
         p, a = pre[b], A[b]
         for j in range(2 * H):
             a[j] = a[j] * half + half
@@ -360,20 +365,23 @@ def _jit_candidate(pre: Any, A: Any, half: Any) -> None:
             a[2 * H + j] = p[2 * H + j] + a[j] * a[3 * H + j]
 
 
-def _jit_state(hprev: Any, A: Any, h: Any) -> None:
-    """h (B, H) ← n + z ⊙ (h_{t-1} − n)."""
+def _jit_state(hprev: Any, A: Any, h: Any, r0: int, r1: int) -> None:
+    """h (B, H) ← n + z ⊙ (h_{t-1} − n); rows r0..r1−1."""
     H = h.shape[1]
-    for b in range(h.shape[0]):
+    for b in range(r0, r1):
         hp, a, hb = hprev[b], A[b], h[b]
         for j in range(H):
             n = a[2 * H + j]
             hb[j] = n + a[H + j] * (hp[j] - n)
 
 
-def _jit_backward(g: Any, carry: Any, hprev: Any, A: Any, dpre: Any, dw: Any, direct: Any, one: Any) -> None:
-    """One step back, as ``_BACKWARD``: g ← dh (clobbered); dpre (B, 3H) ← ∂a; dw (B, 3H) ← ∂w; direct ← dh ⊙ z."""
+def _jit_backward(
+    g: Any, carry: Any, hprev: Any, A: Any, dpre: Any, dw: Any, direct: Any, one: Any, r0: int, r1: int
+) -> None:
+    """One step back, as ``_BACKWARD``, rows r0..r1−1: g ← dh (clobbered); dpre (B, 3H) ← ∂a; dw (B, 3H) ← ∂w;
+    direct ← dh ⊙ z."""
     H = g.shape[1]
-    for b in range(g.shape[0]):
+    for b in range(r0, r1):
         dh, cb, hp, d = g[b], carry[b], hprev[b], direct[b]
         r, z, n, m = A[b, :H], A[b, H : 2 * H], A[b, 2 * H : 3 * H], A[b, 3 * H :]
         dar, daz, dan = dpre[b, :H], dpre[b, H : 2 * H], dpre[b, 2 * H :]
@@ -402,33 +410,35 @@ def _mkl_step_loops(
     (``JIT_KERNELS`` compiled) and MKL's vectorised ``tanh`` (v?Tanh) row by row; the same operations as
     ``_Kernels.forward`` / ``backward`` with ``matmul`` between them."""
 
-    def forward_loop(pre: Any, S: Any, A: Any, bn: Any, hw: Any, w: int, half: Any) -> None:
-        """pre (T, n, 3H), S (T+1, n, H), A (T, n, 4H), bn (H,), hw (n, 3H); w Wᵀ packed for n rows."""
-        T, n, G = pre.shape
-        H = S.shape[2]
+    def forward_loop(pre: Any, S: Any, A: Any, bn: Any, hw: Any, w: int, half: Any, r0: int, r1: int) -> None:
+        """Rows r0..r1−1 of pre (T, B, 3H), S (T+1, B, H), A (T, B, 4H), hw (B, 3H); bn (H,); w Wᵀ packed for
+        r1 − r0 rows."""
+        T, G = pre.shape[0], pre.shape[2]
+        H, n = S.shape[2], r1 - r0
         size = S.itemsize
         for t in range(T):  # hw = h_{t-1} @ Wᵀ
-            compute(101, 111, 151, n, G, H, S[t].ctypes.data, S.strides[1] // size, w, G, 0.0, hw.ctypes.data,
-                    hw.strides[0] // size)  # fmt: skip
+            compute(101, 111, 151, n, G, H, S[t, r0].ctypes.data, S.strides[1] // size, w, G, 0.0,
+                    hw[r0].ctypes.data, hw.strides[0] // size)  # fmt: skip
             a = A[t]
-            gates_in(pre[t], hw, bn, a, half)
-            for b in range(n):
+            gates_in(pre[t], hw, bn, a, half, r0, r1)
+            for b in range(r0, r1):
                 tanh(2 * H, a[b].ctypes.data, a[b].ctypes.data)  # r, z
-            candidate(pre[t], a, half)
-            for b in range(n):
+            candidate(pre[t], a, half, r0, r1)
+            for b in range(r0, r1):
                 tanh(H, a[b, 2 * H :].ctypes.data, a[b, 2 * H :].ctypes.data)  # n
-            state(S[t], a, S[t + 1])
+            state(S[t], a, S[t + 1], r0, r1)
 
-    def backward_loop(G: Any, S: Any, A: Any, carry: Any, work: Any, dw: Any, direct: Any, w: int, one: Any) -> None:
-        """G (T, n, H) clobbered, S (T+1, n, H), A (T, n, 4H), carry, direct (n, H), work, dw (T, n, 3H); w W
-        packed for n rows."""
-        T, n, H = G.shape
+    def backward_loop(G: Any, S: Any, A: Any, carry: Any, work: Any, dw: Any, direct: Any, w: int, one: Any,
+                      r0: int, r1: int) -> None:  # fmt: skip
+        """Rows r0..r1−1 of G (T, B, H) clobbered, S (T+1, B, H), A (T, B, 4H), carry, direct (B, H), work, dw
+        (T, B, 3H); w W packed for r1 − r0 rows."""
+        T, H, n = G.shape[0], G.shape[2], r1 - r0
         size = G.itemsize
         for t in range(T - 1, -1, -1):
-            backward(G[t], carry, S[t], A[t], work[t], dw[t], direct, one)  # direct = dh ⊙ z
-            compute(101, 111, 151, n, H, 3 * H, dw[t].ctypes.data, dw.strides[1] // size, w, H, 0.0,
-                    carry.ctypes.data, carry.strides[0] // size)  # fmt: skip  # ∂w_t @ W
-            for b in range(n):
+            backward(G[t], carry, S[t], A[t], work[t], dw[t], direct, one, r0, r1)  # direct = dh ⊙ z
+            compute(101, 111, 151, n, H, 3 * H, dw[t, r0].ctypes.data, dw.strides[1] // size, w, H, 0.0,
+                    carry[r0].ctypes.data, carry.strides[0] // size)  # fmt: skip  # ∂w_t @ W
+            for b in range(r0, r1):
                 cb, db = carry[b], direct[b]
                 for j in range(H):
                     cb[j] += db[j]  # dh_{t-1} = dh_t ⊙ z_t + ∂w_t @ W

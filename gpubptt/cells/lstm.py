@@ -135,13 +135,14 @@ class LSTMCell(GatedCell):
         self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], rows: slice, Wt: Any, *, be: Backend, k: Any
     ) -> None:
         """The forward steps of the batch rows ``rows``; Wt (H, 4H) a buffer for Wᵀ."""
-        pre, S, A, C = pre[:, rows], S[:, rows], aux["A"][:, rows], aux["C"][:, rows]
-        hw, tmp = aux["hw"][rows], aux["tmp"][:, rows]
-        Wt = forward_weight(p["W"], Wt, pre.shape[0], pre.shape[1], be)  # Wᵀ packed, or a row-major copy where it pays
-        loops = k.step_loops(be, Wt, pre.shape[1], (pre, S, A, C, hw))
-        if loops is not None:  # all T steps in one compiled call: no Python (and no GIL) between steps
-            loops[0](pre, S, A, C, hw, Wt.ptr, A.dtype.type(0.5))
+        r0, r1, _ = rows.indices(pre.shape[1])
+        A, C, hw = aux["A"], aux["C"], aux["hw"]
+        Wt = forward_weight(p["W"], Wt, pre.shape[0], r1 - r0, be)  # Wᵀ packed, or a row-major copy where it pays
+        loops = k.step_loops(be, Wt, r1 - r0, (pre, S, A, C, hw))
+        if loops is not None:  # all T steps in one compiled call (whole buffers, rows r0..r1−1: ``_loops``)
+            loops[0](pre, S, A, C, hw, Wt.ptr, A.dtype.type(0.5), r0, r1)
             return
+        pre, S, A, C, hw, tmp = pre[:, rows], S[:, rows], A[:, rows], C[:, rows], hw[rows], aux["tmp"][:, rows]
         for t in range(pre.shape[0]):
             be.matmul(S[t], Wt, hw)  # w = h_{t-1} @ W.T, all four gates in one GEMM
             k.forward(pre[t], hw, C[t], S[t + 1], C[t + 1], A[t], tmp)
@@ -189,14 +190,16 @@ class LSTMCell(GatedCell):
         d_extra: dict[int, list[tuple[Any, Any]]] | None, *, be: Backend, k: Any,
     ) -> None:  # fmt: skip
         """The backward steps of the batch rows ``rows`` (d_extra: all rows only); dh, dc (B, H) the carries."""
-        G, work, A, C = G[:, rows], work[:, rows], aux["A"][:, rows], aux["C"][:, rows]
-        dh, dc, tmp = dh[rows], dc[rows], aux["tmp"][:, rows]
-        T, n = G.shape[0], G.shape[1]
+        r0, r1, _ = rows.indices(G.shape[1])
+        T, n = G.shape[0], r1 - r0
+        A, C, tmp = aux["A"], aux["C"], aux["tmp"]
         Wp = be.pack(p["W"], n, T)  # W packed once for all T steps where the backend packs (MKL), else W
         loops = None if d_extra else k.step_loops(be, Wp, n, (G, work, A, C, dh, dc, tmp))
-        if loops is not None:  # all T steps in one compiled call
-            loops[1](G, dh, A, C, dc, work, tmp[0], Wp.ptr, A.dtype.type(1))
+        if loops is not None:  # all T steps in one compiled call (whole buffers, rows r0..r1−1: ``_loops``)
+            loops[1](G, dh, A, C, dc, work, tmp[0], Wp.ptr, A.dtype.type(1), r0, r1)
             return
+        G, work, A, C = G[:, rows], work[:, rows], A[:, rows], C[:, rows]
+        dh, dc, tmp = dh[rows], dc[rows], tmp[:, rows]
         for t in range(T - 1, -1, -1):
             for cols, values in d_extra.get(t, ()) if d_extra else ():
                 dc[cols] += values
@@ -272,9 +275,10 @@ class _Kernels:
         xp = self.xp
         if self.jit is not None:  # 5 calls instead of 10; the two tanh stay NumPy's (vectorised)
             half = A.dtype.type(0.5)
-            self.jit[0](pre, hw, A, half)  # A = (pre + hw) ⊙ [½ ½ 1 ½]
+            B = A.shape[0]
+            self.jit[0](pre, hw, A, half, 0, B)  # A = (pre + hw) ⊙ [½ ½ 1 ½]
             xp.tanh(A, out=A)
-            self.jit[1](A, cprev, c, half)  # [i, f, g, o]; c = f ⊙ c_{t-1} + i ⊙ g
+            self.jit[1](A, cprev, c, half, 0, B)  # [i, f, g, o]; c = f ⊙ c_{t-1} + i ⊙ g
             xp.tanh(c, out=h)
             h *= A[:, 3 * H :]  # h = o ⊙ tanh(c)
             return
@@ -300,7 +304,7 @@ class _Kernels:
         xp = self.xp
         if self.jit is not None:
             xp.tanh(c, out=tmp[0])
-            self.jit[2](g, dhn, cprev, tmp[0], A, dc, da, A.dtype.type(1))
+            self.jit[2](g, dhn, cprev, tmp[0], A, dc, da, A.dtype.type(1), 0, g.shape[0])
             return
         ig, fg, gg, og = A[:, :H], A[:, H : 2 * H], A[:, 2 * H : 3 * H], A[:, 3 * H :]
         dai, daf, dag, dao = da[:, :H], da[:, H : 2 * H], da[:, 2 * H : 3 * H], da[:, 3 * H :]
@@ -345,10 +349,10 @@ class _Kernels:
 # above, in the array dtype (``half``, ``one`` carry it: a Python float would widen float32).
 
 
-def _jit_gates_in(pre: Any, hw: Any, A: Any, half: Any) -> None:
-    """A (B, 4H) ← (pre + hw) ⊙ [½ ½ 1 ½]: the arguments of the one tanh over all four gates."""
+def _jit_gates_in(pre: Any, hw: Any, A: Any, half: Any, r0: int, r1: int) -> None:
+    """A (B, 4H) ← (pre + hw) ⊙ [½ ½ 1 ½] on rows r0..r1−1: the arguments of the one tanh over all four gates."""
     H = A.shape[1] // 4
-    for b in range(A.shape[0]):
+    for b in range(r0, r1):
         p, w, a = pre[b], hw[b], A[b]
         for j in range(2 * H):
             a[j] = (p[j] + w[j]) * half
@@ -358,10 +362,11 @@ def _jit_gates_in(pre: Any, hw: Any, A: Any, half: Any) -> None:
             a[j] = (p[j] + w[j]) * half
 
 
-def _jit_cell_state(A: Any, cprev: Any, c: Any, half: Any) -> None:
-    """A (B, 4H) holds tanh of the gates' arguments: i, f, o ← tanh/2 + ½ (σ); c (B, H) ← f ⊙ c_{t-1} + i ⊙ g."""
+def _jit_cell_state(A: Any, cprev: Any, c: Any, half: Any, r0: int, r1: int) -> None:
+    """A (B, 4H) holds tanh of the gates' arguments: i, f, o ← tanh/2 + ½ (σ); c (B, H) ← f ⊙ c_{t-1} + i ⊙ g;
+    rows r0..r1−1."""
     H = c.shape[1]
-    for b in range(c.shape[0]):
+    for b in range(r0, r1):
         a, cp, cb = A[b], cprev[b], c[b]
         for j in range(2 * H):
             a[j] = a[j] * half + half
@@ -371,11 +376,11 @@ def _jit_cell_state(A: Any, cprev: Any, c: Any, half: Any) -> None:
             cb[j] = a[H + j] * cp[j] + a[j] * a[2 * H + j]
 
 
-def _jit_backward(g: Any, dhn: Any, cprev: Any, tc: Any, A: Any, dc: Any, da: Any, one: Any) -> None:
-    """One step back, as ``_BACKWARD``: tc (B, H) = tanh(c_t); g ← dh (clobbered); da (B, 4H) ← ∂a_t;
-    dc ← dc_t ⊙ f_t."""
+def _jit_backward(g: Any, dhn: Any, cprev: Any, tc: Any, A: Any, dc: Any, da: Any, one: Any, r0: int, r1: int) -> None:
+    """One step back, as ``_BACKWARD``, rows r0..r1−1: tc (B, H) = tanh(c_t); g ← dh (clobbered); da (B, 4H) ←
+    ∂a_t; dc ← dc_t ⊙ f_t."""
     H = g.shape[1]
-    for b in range(g.shape[0]):
+    for b in range(r0, r1):
         dh, dhb, cp, t, dcb = g[b], dhn[b], cprev[b], tc[b], dc[b]
         ig, fg, gg, og = A[b, :H], A[b, H : 2 * H], A[b, 2 * H : 3 * H], A[b, 3 * H :]
         dai, daf, dag, dao = da[b, :H], da[b, H : 2 * H], da[b, 2 * H : 3 * H], da[b, 3 * H :]
@@ -401,36 +406,38 @@ def _mkl_step_loops(compute: Any, tanh: Any, gates_in: Any, cell_state: Any, bac
     (gates_in, cell_state, backward: ``JIT_KERNELS`` compiled) and MKL's vectorised ``tanh`` (v?Tanh) row by
     row; the same operations as ``_Kernels.forward`` / ``backward`` with ``matmul`` between them."""
 
-    def forward_loop(pre: Any, S: Any, A: Any, C: Any, hw: Any, w: int, half: Any) -> None:
-        """pre, A (T, n, 4H), S, C (T+1, n, H), hw (n, 4H); w Wᵀ packed for n rows."""
-        T, n, G = pre.shape
-        H = S.shape[2]
+    def forward_loop(pre: Any, S: Any, A: Any, C: Any, hw: Any, w: int, half: Any, r0: int, r1: int) -> None:
+        """Rows r0..r1−1 of pre, A (T, B, 4H), S, C (T+1, B, H), hw (B, 4H); w Wᵀ packed for r1 − r0 rows."""
+        T, G = pre.shape[0], pre.shape[2]
+        H, n = S.shape[2], r1 - r0
         size = S.itemsize
         for t in range(T):  # hw = h_{t-1} @ Wᵀ
-            compute(101, 111, 151, n, G, H, S[t].ctypes.data, S.strides[1] // size, w, G, 0.0, hw.ctypes.data,
-                    hw.strides[0] // size)  # fmt: skip
+            compute(101, 111, 151, n, G, H, S[t, r0].ctypes.data, S.strides[1] // size, w, G, 0.0,
+                    hw[r0].ctypes.data, hw.strides[0] // size)  # fmt: skip
             a, c, h = A[t], C[t + 1], S[t + 1]
-            gates_in(pre[t], hw, a, half)
-            for b in range(n):
+            gates_in(pre[t], hw, a, half, r0, r1)
+            for b in range(r0, r1):
                 tanh(G, a[b].ctypes.data, a[b].ctypes.data)
-            cell_state(a, C[t], c, half)
-            for b in range(n):
+            cell_state(a, C[t], c, half, r0, r1)
+            for b in range(r0, r1):
                 tanh(H, c[b].ctypes.data, h[b].ctypes.data)
                 hb, ob = h[b], a[b, 3 * H :]
                 for j in range(H):
                     hb[j] *= ob[j]  # h = o ⊙ tanh(c)
 
-    def backward_loop(G: Any, dh: Any, A: Any, C: Any, dc: Any, work: Any, tc: Any, w: int, one: Any) -> None:
-        """G (T, n, H) clobbered, dh, dc, tc (n, H), A, work (T, n, 4H), C (T+1, n, H); w W packed for n rows."""
-        T, n, H = G.shape
+    def backward_loop(G: Any, dh: Any, A: Any, C: Any, dc: Any, work: Any, tc: Any, w: int, one: Any, r0: int,
+                      r1: int) -> None:  # fmt: skip
+        """Rows r0..r1−1 of G (T, B, H) clobbered, dh, dc, tc (B, H), A, work (T, B, 4H), C (T+1, B, H); w W
+        packed for r1 − r0 rows."""
+        T, H, n = G.shape[0], G.shape[2], r1 - r0
         size = G.itemsize
         for t in range(T - 1, -1, -1):
             c = C[t + 1]
-            for b in range(n):
+            for b in range(r0, r1):
                 tanh(H, c[b].ctypes.data, tc[b].ctypes.data)
-            backward(G[t], dh, C[t], tc, A[t], dc, work[t], one)
-            compute(101, 111, 151, n, H, 4 * H, work[t].ctypes.data, work.strides[1] // size, w, H, 0.0,
-                    dh.ctypes.data, dh.strides[0] // size)  # fmt: skip  # dh_{t-1} = ∂a_t @ W
+            backward(G[t], dh, C[t], tc, A[t], dc, work[t], one, r0, r1)
+            compute(101, 111, 151, n, H, 4 * H, work[t, r0].ctypes.data, work.strides[1] // size, w, H, 0.0,
+                    dh[r0].ctypes.data, dh.strides[0] // size)  # fmt: skip  # dh_{t-1} = ∂a_t @ W
 
     return forward_loop, backward_loop
 
