@@ -90,9 +90,9 @@ def summary_ratio(
 def blas_facts(be) -> dict:
     """The BLAS behind the backend's matmul and its thread counts: GEMMs of fewer FLOPs than ``threaded_from_flops``
     (most per-step GEMMs) take ``threads_small``, larger ones ``threads_large``. Under MKL (``blas`` "mkl"):
-    GEMMs from ``mkl_from_flops`` run on MKL (one MKL thread per calling thread; the large ones split into
-    ``threads_large`` blocks over the backend's threads, the step GEMMs on a packed weight), smaller ones on
-    NumPy's BLAS."""
+    GEMMs from ``mkl_from_flops`` run on MKL (one MKL thread per calling thread; the large ones on ``threads_large``
+    of MKL's OpenMP threads, or split into as many blocks over the backend's threads where MKL runs another
+    threading layer: ``large_on``; the step GEMMs on a packed weight), smaller ones on NumPy's BLAS."""
     threads = getattr(be, "blas_threads", None)
     if threads is None:
         return {"library": be.xp.__name__}
@@ -101,5 +101,6 @@ def blas_facts(be) -> dict:
     facts = {"library": be.blas_library, "blas": be.blas, "threads_large": threads.most, "threads_small": 1,
              "threaded_from_flops": BLAS_THREADED_FLOPS}  # fmt: skip
     if be.blas == "mkl":
-        facts.update(mkl_from_flops=MKL_MIN_FLOPS, numpy_blas=threads.library)
+        large_on = "mkl_openmp" if be.mkl.openmp is not None else "backend_threads"
+        facts.update(mkl_from_flops=MKL_MIN_FLOPS, numpy_blas=threads.library, large_on=large_on)
     return facts
