@@ -104,3 +104,25 @@ def test_a_loop_packs_the_weight_from_the_smallest_gemm_but_not_for_one_step():
     assert type(be.pack(W, 2, 8, loop=True)) is _mkl.PackedMatrix
     assert be.pack(W, 2, 1, loop=True) is W
     assert be.pack(W, 2, 8) is W  # (2 × 4)·(4 × 4): below MKL_MIN_FLOPS
+
+
+def test_arrays_mkl_cannot_take_as_rows_and_a_stale_pack_run_the_python_loop(compiled, monkeypatch):
+    """A state whose batch axis has stride 0 (a broadcast view: no leading dimension MKL takes) or a weight packed
+    again since its handle was made: the step loop runs in Python, and right (the tanh recurrence in float64)."""
+    be, used = compiled
+    T, H = 4, 3
+    rng = np.random.default_rng(2)
+    W, pre = rng.normal(size=(H, H)) * 0.5, rng.normal(size=(T, 1, H))
+    base = np.zeros((T + 1, H))
+    S = base[:, None, :]  # (T+1, 1, H), strides (H·8, 0, 8)
+    elman.ElmanCell().forward(pre, W, S, be=be, scratch=np.empty((1, H)))
+    assert used == [None]
+    s = np.zeros(H)
+    for t in range(T):
+        s = np.tanh(pre[t, 0] + W @ s)
+        np.testing.assert_allclose(base[t + 1], s, rtol=1e-12)
+    k = elman.kernels(be)
+    handle = be.pack(W, 2, 8, loop=True)
+    assert k.step_loops(be, handle, 2, (np.zeros((8, 2, H)),)) is not None
+    be.pack(W.T, 2, 8, loop=True)  # the thread's slot now holds Wᵀ
+    assert k.step_loops(be, handle, 2, (np.zeros((8, 2, H)),)) is None

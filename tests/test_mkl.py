@@ -5,6 +5,7 @@ with the reason where it is absent (``pip install mkl``)."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -246,6 +247,44 @@ def test_large_gemms_run_on_mkls_openmp_threads_and_leave_no_setting_behind(dtyp
 
 
 @needs_mkl
+def test_a_users_kmp_blocktime_is_left_as_it_is(monkeypatch):
+    """Where the user set KMP_BLOCKTIME, a large GEMM runs on MKL's threads with the blocktime untouched."""
+    if MKL.openmp is None:
+        pytest.skip("this MKL runs no Intel OpenMP (another threading layer)")
+    monkeypatch.setenv("KMP_BLOCKTIME", "50")
+    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 0)
+    monkeypatch.setattr(numpy_backend, "BLAS_THREADED_FLOPS", 1)
+    seen, real = [], MKL._gemm["d"]
+    monkeypatch.setitem(MKL._gemm, "d", lambda *args: seen.append(MKL.openmp.kmp_get_blocktime()) or real(*args))
+    before = MKL.openmp.kmp_get_blocktime()
+    a = np.ones((8, 8))
+    out = np.empty((8, 8))
+    mkl_backend(most=2).matmul(a, a, out)
+    assert seen == [before] and MKL.openmp.kmp_get_blocktime() == before
+    np.testing.assert_array_equal(out, np.full((8, 8), 8.0))
+
+
+@needs_mkl
+@pytest.mark.parametrize("layer", ["SEQUENTIAL", "INTEL"])
+def test_mkls_own_threads_only_under_its_intel_threading_layer(layer):
+    """Intel OpenMP loaded by something else (here by hand, before MKL) does not mean MKL threads with it: under
+    the sequential layer the backend splits large GEMMs itself."""
+    code = (
+        "import ctypes, glob, os, sys; "
+        "ctypes.CDLL(glob.glob(os.path.join(sys.prefix, 'lib', 'libiomp5.so'))[0]); "
+        "from gpubptt.backend.numpy_backend import NumpyBackend; be = NumpyBackend(blas='mkl'); "
+        "print(be.mkl.openmp is not None, be.blas_library)"
+    )
+    env = {**os.environ, "MKL_THREADING_LAYER": layer}
+    if not glob.glob(os.path.join(sys.prefix, "lib", "libiomp5.so")):
+        pytest.skip("no libiomp5 in this environment")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    threaded = layer == "INTEL"
+    assert out.startswith(str(threaded))
+    assert ("MKL's OpenMP threads" if threaded else "gpubptt's threads") in out
+
+
+@needs_mkl
 def test_no_split_inside_concurrent_jobs_or_with_one_thread(monkeypatch):
     """run_concurrently's jobs are the parallelism already: their GEMMs run whole, as on a one-thread process."""
     monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 0)
@@ -317,7 +356,7 @@ def test_info_names_the_blas_that_runs_the_gemms(choice, monkeypatch):
     in_use = json.loads(result.stdout)["blas"]["in_use"]
     assert in_use == be.blas_library
     if choice == "auto" and MKL is not None:
-        assert in_use.startswith("MKL 20") and "one thread per step GEMM" in in_use
+        assert in_use.startswith("MKL 20") and "one thread per small GEMM" in in_use
     else:
         assert in_use == numpy_blas and not in_use.startswith("MKL")
 
@@ -383,7 +422,7 @@ def test_each_mkl_call_runs_on_one_thread_and_puts_the_threads_setting_back(monk
     np.testing.assert_allclose(out, a @ b, rtol=1e-12)
     assert asked == [1, 0, 1, 3, 1, 3] and local.n == 3
     monkeypatch.setattr(numpy_backend, "_choose_mkl", lambda blas: mkl)
-    assert "one thread per step GEMM" in NumpyBackend().blas_library
+    assert "one thread per small GEMM" in NumpyBackend().blas_library
 
 
 @needs_mkl

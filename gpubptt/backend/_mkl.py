@@ -3,9 +3,9 @@
 
 MKL comes from the optional ``mkl`` extra (the ``mkl`` wheel puts ``libmkl_rt`` under the environment's
 ``lib``; there is no aarch64 wheel). Each call runs on one MKL thread of the calling thread's own
-(``MKL_Set_Num_Threads_Local(1)``, set for the call and restored after it), but for the large GEMMs the
-backend threads (``gemm_threaded``: MKL's own OpenMP threads, with OpenMP's blocktime 0 for the call, so that no
-thread spins after it on a shared machine). MKL's
+(``MKL_Set_Num_Threads_Local(1)``, set for the call and restored after it), except the large GEMMs that the
+backend threads (``gemm_threaded``: on MKL's own OpenMP threads, with OpenMP's blocktime 0 for the call, so that
+no thread spins after it on a shared machine). MKL's
 process-wide settings are left as they are: the SEQUENTIAL threading layer would hold every other user of
 this MKL to one thread (a torch imported afterwards binds its MKL calls to the library loaded first, and
 sizes its own thread pool from it). ctypes releases the GIL during each call. Per call, only Python ints,
@@ -29,6 +29,19 @@ __all__ = ["NO_TRANS", "TRANS", "Mkl", "PackSlot", "PackedMatrix", "load_mkl", "
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 B_MATRIX, PACKED = 162, 151
+#: MKL's Intel OpenMP threading layer, by the sonames MKL 2021–2026 load it under
+INTEL_THREAD_LIBRARIES = ("libmkl_intel_thread.so.2", "libmkl_intel_thread.so.3", "libmkl_intel_thread.so")
+#: the largest blocktime (ms) Intel OpenMP takes back without a warning; a larger one (infinite) is left alone
+MAX_BLOCKTIME = 1407211164
+
+
+def _loaded(name: str) -> bool:
+    """Whether a shared library of this soname is loaded in the process already (nothing is loaded here)."""
+    try:
+        ctypes.CDLL(name, mode=os.RTLD_NOLOAD)
+    except OSError:
+        return False
+    return True
 
 
 def operand_layout(x: np.ndarray) -> tuple[int, int] | None:
@@ -187,7 +200,10 @@ class Mkl:
         ta, lda, pa, tb, ldb, pb, ldc, pc = call
         m, k = a.shape
         blocktime = openmp.kmp_get_blocktime()
-        openmp.kmp_set_blocktime(0)
+        # the user's KMP_BLOCKTIME, or a blocktime beyond what can be set back (infinite), stays as it is
+        mine = blocktime <= MAX_BLOCKTIME and "KMP_BLOCKTIME" not in os.environ
+        if mine:
+            openmp.kmp_set_blocktime(0)
         previous = self.lib.MKL_Set_Num_Threads_Local(threads)
         try:
             self._gemm[out.dtype.char](
@@ -195,16 +211,21 @@ class Mkl:
             )
         finally:
             self.lib.MKL_Set_Num_Threads_Local(previous)
-            openmp.kmp_set_blocktime(blocktime)
+            if mine:
+                openmp.kmp_set_blocktime(blocktime)
         return True
 
     @functools.cached_property
     def openmp(self) -> Any:
         """The Intel OpenMP runtime (libiomp5) this MKL loaded for its threads, or None: MKL runs another threading
-        layer (``MKL_THREADING_LAYER``: GNU, TBB, sequential), or the runtime lacks the blocktime calls. Asking MKL
-        for its thread count loads its threading layer; the runtime is then looked up among the libraries already
-        loaded only (never another copy from the system's search path)."""
+        layer (``MKL_THREADING_LAYER``: GNU, TBB, sequential; or GNU's because a library that loaded MKL first, such
+        as torch, chose it), or the runtime lacks the blocktime calls. Asking MKL for its thread count loads its
+        threading layer; MKL's Intel threading library and the runtime are then looked up among the libraries
+        already loaded only (never another copy from the system's search path): a libiomp5 that something else
+        loaded says nothing of MKL's layer."""
         self.lib.MKL_Get_Max_Threads()
+        if not any(_loaded(name) for name in INTEL_THREAD_LIBRARIES):
+            return None
         try:
             openmp = ctypes.CDLL("libiomp5.so", mode=os.RTLD_NOLOAD)
             openmp.kmp_get_blocktime.restype = ctypes.c_int

@@ -198,12 +198,12 @@ class NumpyBackend(Backend):
         #: which library runs the GEMMs: "mkl" or "numpy" (NumPy's own BLAS)
         self.blas = "numpy" if self.mkl is None else "mkl"
         #: the GEMM library described: NumPy's BLAS as threadpoolctl reports it, or MKL's version string with how
-        #: it threads: one MKL thread per step GEMM; large GEMMs on MKL's OpenMP threads, or split over the
-        #: backend's own where MKL runs another threading layer (``matmul``)
+        #: it threads: one MKL thread per GEMM below ``BLAS_THREADED_FLOPS`` (every step GEMM); larger ones on
+        #: MKL's OpenMP threads, or split over the backend's own where MKL runs another threading layer (``matmul``)
         self.blas_library = self.blas_threads.library
         if self.mkl is not None:
             large = "MKL's OpenMP threads" if self.mkl.openmp is not None else "gpubptt's threads"
-            self.blas_library = f"{self.mkl.version} (one thread per step GEMM, large GEMMs on {large})"
+            self.blas_library = f"{self.mkl.version} (one thread per small GEMM, large GEMMs on {large})"
         self.concurrent = True
         self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
         self._gemm_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool): split MKL GEMMs

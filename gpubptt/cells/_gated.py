@@ -34,11 +34,11 @@ def forward_weight(W: Any, Wt: Any, T: int, B: int, be: Backend) -> Any:
     return view
 
 
-def batch_halves(be: Backend, k: Any, B: int, aux: dict[str, Any]) -> tuple[tuple[slice, Any], ...] | None:
+def batch_halves(be: Backend, k: Any, B: int, aux: dict[str, Any], steps: int) -> tuple[tuple[slice, Any], ...] | None:
     """((rows, Wt buffer), (rows, Wt buffer)): the batch's two halves (``split_rows``) for a gated recurrence,
     each with a buffer for its Wᵀ; or None: one loop. Each half keeps its own rows of every buffer; the second
     Wᵀ buffer is made once per workspace."""
-    halves = split_rows(be, k.jit, B, aux["Wt"].shape[0])  # Wt (H, G·H)
+    halves = split_rows(be, k.jit, B, aux["Wt"].shape[0], steps)  # Wt (H, G·H)
     if halves is None:
         return None
     if "Wt_half" not in aux:
@@ -52,7 +52,7 @@ def forward_in_halves(
     """A gated cell's forward over all steps: ``forward_rows(pre, p, S, aux, rows, Wt, be=be, k=k)`` for the whole
     batch, or for its two halves at once (``batch_halves``), each in its own thread with its rows and its own Wᵀ
     buffer (packed per thread). pre (T, B, G·H), S (T+1, B, H)."""
-    halves = batch_halves(be, k, pre.shape[1], aux)
+    halves = batch_halves(be, k, pre.shape[1], aux, pre.shape[0])
     if halves is None:
         forward_rows(pre, p, S, aux, slice(None), aux["Wt"], be=be, k=k)
         return

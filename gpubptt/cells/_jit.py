@@ -1,5 +1,6 @@
-"""Compiled step kernels for the gated cells on the NumPy backend: the choice ``GPUBPTT_JIT`` (auto | numba |
-numpy) and compiling a cell's kernel functions with numba (the optional ``jit`` extra).
+"""Compiled step kernels for the cells on the NumPy backend: the choice ``GPUBPTT_JIT`` (auto | numba | numpy) and
+compiling a cell's kernel functions and step loops with numba (the optional ``jit`` extra; the Elman cell has
+step loops only, ``cells._loops``).
 
 A cell writes its compiled kernels as plain Python loops over (B, H) beside its NumPy twins; ``compile_kernels``
 turns them into numba functions (``nogil``, cached on disk, no fastmath: the same float operations as written)
@@ -63,8 +64,8 @@ def jit_in_use(choice: str | None = None) -> str:
 
 
 def jit_library(backend_name: str) -> str:
-    """What runs the gated cells' step kernels on a backend: "numba X.Y" or "numpy" (its twins) by
-    ``GPUBPTT_JIT`` on the NumPy backend, "cuda" (fused ElementwiseKernels) on CuPy."""
+    """What runs the cells' step kernels (with MKL, their whole step loops) on a backend: "numba X.Y" or "numpy"
+    (the NumPy twins) by ``GPUBPTT_JIT`` on the NumPy backend, "cuda" (fused ElementwiseKernels) on CuPy."""
     if backend_name != "numpy":
         return "cuda"
     if jit_in_use() == "numpy":

@@ -31,16 +31,16 @@ __all__ = ["SPLIT_MIN_STATE", "split_rows", "step_loops"]
 SPLIT_MIN_STATE = 8192
 
 
-def split_rows(be: Backend, jit: Any, B: int, H: int) -> tuple[slice, slice] | None:
-    """The batch's two halves (slice, slice), for a recurrence's step loops run as two jobs at once
-    (``be.run_concurrently``); or None: one loop.
+def split_rows(be: Backend, jit: Any, B: int, H: int, steps: int) -> tuple[slice, slice] | None:
+    """The batch's two halves (slice, slice), for a recurrence's ``steps`` step loops run as two jobs at once
+    (``be.run_concurrently``); or None: one loop (also for fewer than two steps: nothing to repay the threads).
 
     Only where the cell's compiled kernels ``jit`` run (numba releases the GIL, so the two loops overlap; with
     the NumPy twins' many small calls the threads measured slower), the backend runs jobs in threads (two cores
     or more, ``concurrent`` on, not already inside a job: the directions of a bidirectional layer) and the
     state (B, H) has SPLIT_MIN_STATE elements or more."""
     threads = getattr(be, "blas_threads", None)
-    if jit is None or threads is None or threads.most < 2 or not be.concurrent or B < 2:
+    if jit is None or threads is None or threads.most < 2 or not be.concurrent or B < 2 or steps < 2:
         return None
     if B * H < SPLIT_MIN_STATE:
         return None
@@ -54,16 +54,21 @@ def step_loops(
     """A cell's whole step loops (``factory(compute, tanh, *jit)``: a batch's or a half's T forward or backward
     steps as one compiled call, no Python and no GIL between steps), for the step weight ``w`` packed by MKL for
     ``rows`` rows and the loop's ``arrays``; None (the loop over steps in Python) unless the compiled kernels
-    ``jit`` run, MKL packed ``w`` (``be.pack`` gave a PackedMatrix) and every array is a NumPy array of w's
-    dtype with unit stride along rows (and this MKL has the functions). Each loop runs with the calling thread's MKL on
-    one thread (``Mkl.on_one_thread``)."""
+    ``jit`` run, MKL packed ``w`` (``be.pack`` gave a PackedMatrix, not stale) and every array is a NumPy array
+    of w's dtype with unit stride along rows and positive strides of whole elements, each row at least a row apart
+    (what MKL takes as a leading dimension; and this MKL has the functions). Each loop runs with the calling
+    thread's MKL on one thread (``Mkl.on_one_thread``)."""
     if jit is None or type(w) is not PackedMatrix or w.rows != rows or getattr(be, "mkl", None) is None:
+        return None
+    if w.slot.generation != w.generation:  # packed again since: the slot holds another matrix now
         return None
     char = w.dtype.char
     for x in arrays:
         if type(x) is not np.ndarray or x.dtype.char != char or x.strides[-1] != x.itemsize:
             return None
-        if any(s % x.itemsize for s in x.strides):
+        if any(s <= 0 or s % x.itemsize for s in x.strides):
+            return None
+        if x.ndim >= 2 and x.strides[-2] < x.shape[-1] * x.itemsize:
             return None
     functions = be.mkl.loop_functions(char)
     if functions is None:

@@ -155,7 +155,7 @@ class ElmanCell(Cell):
         k = kernels(be)
         if self.nonlinearity == "tanh" and k.forward_recurrence(pre, W, S, step_kernels):  # all steps in one kernel
             return
-        halves = k.halves(be, pre.shape[1], pre.shape[2])
+        halves = k.halves(be, pre.shape[1], pre.shape[2], pre.shape[0])
         if halves is None:
             self._forward_rows(pre, W, S, scratch, slice(None), step_kernels, be=be, k=k)
             return
@@ -201,7 +201,7 @@ class ElmanCell(Cell):
         k = kernels(be)
         if T == 1 or k.backward_recurrence(G, W, F, step_kernels):  # all steps in one kernel
             return
-        halves = k.halves(be, G.shape[1], G.shape[2])
+        halves = k.halves(be, G.shape[1], G.shape[2], T - 1)
         if halves is None:
             self._backward_rows(G, W, F, carry, slice(None), step_kernels, be=be, k=k)
             return
@@ -216,7 +216,7 @@ class ElmanCell(Cell):
         (B, H)."""
         r0, r1, _ = rows.indices(G.shape[1])
         T, n = G.shape[0], r1 - r0
-        Wp = be.pack(W, n, T, loop=k.jit is not None)  # W packed once for all steps where the backend packs (MKL)
+        Wp = be.pack(W, n, T - 1, loop=k.jit is not None)  # W packed once for the T − 1 steps where the backend packs
         loops = k.step_loops(be, Wp, n, (G, F, carry))
         if loops is not None:  # all T − 1 steps in one compiled call (whole buffers, rows r0..r1−1: ``_loops``)
             loops[1](G, F, carry, Wp.ptr, r0, r1)
@@ -318,12 +318,12 @@ class _Kernels:
         self._compile_lock = threading.Lock()
 
     # -- whole step loops (NumPy backend: numba and MKL) ----------------------------------------
-    def halves(self, be: Backend, B: int, H: int) -> tuple[slice, slice] | None:
-        """The batch's two halves, for the step loops of a (B, H) state run as two jobs at once (``_loops.split_rows``),
-        where they run compiled (numba, MKL, float32 GEMMs exact); else None."""
+    def halves(self, be: Backend, B: int, H: int, steps: int) -> tuple[slice, slice] | None:
+        """The batch's two halves, for ``steps`` steps of a (B, H) state run as two jobs at once
+        (``_loops.split_rows``), where they run compiled (numba, MKL, float32 GEMMs exact); else None."""
         if self.jit is None or getattr(be, "mkl", None) is None or be.precision != "fp32":
             return None
-        return split_rows(be, self.jit, B, H)
+        return split_rows(be, self.jit, B, H, steps)
 
     def step_loops(self, be: Backend, w: Any, rows: int, arrays: tuple[Any, ...]) -> tuple[Any, Any] | None:
         """(forward loop, backward loop) of ``_mkl_step_loops`` for these operands, or None (``_loops.step_loops``)."""

@@ -166,7 +166,7 @@ class GRUCell(GatedCell):
         T, B, H = G.shape
         dw = aux["dw"]
         ds0[...] = 0  # dh_t's share from step t+1; after step 0 it is ∂E/∂h0
-        halves = batch_halves(be, k, B, aux)
+        halves = batch_halves(be, k, B, aux, T)
         if halves is None:
             self._backward_rows(G, p, S, aux, slice(None), work, ds0, be=be, k=k)
         else:  # two threads, each its rows

@@ -175,7 +175,7 @@ class LSTMCell(GatedCell):
         T, B, H = G.shape
         ds0[...] = 0  # what step t+1 sends back to h_t (ds0) and c_t (c0); after step 0, ∂E/∂h0 and ∂E/∂c0
         grads["c0"][...] = 0
-        halves = None if d_extra else batch_halves(be, k, B, aux)
+        halves = None if d_extra else batch_halves(be, k, B, aux, T)
         if halves is None:
             self._backward_rows(G, p, aux, slice(None), work, ds0, grads["c0"], d_extra, be=be, k=k)
         else:
