@@ -207,12 +207,14 @@ def main() -> int:
     ap.add_argument("out_dir", nargs="?", default=None, help="folder for the results (default: a new temporary one)")
     ap.add_argument("--output", default=None, help="the JSON file (default: OUT_DIR/perf-gated-BACKEND.json)")
     args = ap.parse_args()
+    # the backend before torch: its MKL then picks its threading layer as for a user of gpubptt alone (a torch
+    # imported first has loaded GNU OpenMP, and MKL takes that layer: docs/performance.md), as in perf_grid.py
+    be = gpubptt.get_backend(args.backend)
     try:
         import torch
     except ImportError as exc:
         print(f"this benchmark compares with torch, which is not installed ({exc})", file=sys.stderr)
         return 1
-    be = gpubptt.get_backend(args.backend)
     rows = ROWS if args.rows == "all" else [ROWS[int(i)] for i in args.rows.split(",")]
     out, lines = [], []
     for cell, T, B, D, H, K, layers, bi in rows:
