@@ -154,14 +154,18 @@ class Mkl:
         call = self._operands(a, b, out)
         if call is None:
             return False
+        previous = self._one_thread()
+        self._cblas_gemm(call, a, out, accumulate)
+        self._restore(previous)
+        return True
+
+    def _cblas_gemm(self, call: tuple[int, ...], a: Any, out: Any, accumulate: bool) -> None:
+        """cblas_?gemm on ``_operands``' ``call`` for a (m, k) and out (m, n), on the calling thread's MKL setting."""
         ta, lda, pa, tb, ldb, pb, ldc, pc = call
         m, k = a.shape
-        previous = self._one_thread()
         self._gemm[out.dtype.char](
             ROW_MAJOR, ta, tb, m, out.shape[1], k, 1.0, pa, lda, pb, ldb, 1.0 if accumulate else 0.0, pc, ldc
         )
-        self._restore(previous)
-        return True
 
     def compute(self, a: Any, packed: PackedMatrix, out: Any, accumulate: bool) -> bool:
         """out (+)= a @ B with B packed for a's row count (cblas_?gemm_compute); False, nothing done, where the
@@ -197,8 +201,6 @@ class Mkl:
         call = self._operands(a, b, out)
         if call is None:
             return False
-        ta, lda, pa, tb, ldb, pb, ldc, pc = call
-        m, k = a.shape
         blocktime = openmp.kmp_get_blocktime()
         # the user's KMP_BLOCKTIME, or a blocktime beyond what can be set back (infinite), stays as it is
         mine = blocktime <= MAX_BLOCKTIME and "KMP_BLOCKTIME" not in os.environ
@@ -206,9 +208,7 @@ class Mkl:
             openmp.kmp_set_blocktime(0)
         previous = self.lib.MKL_Set_Num_Threads_Local(threads)
         try:
-            self._gemm[out.dtype.char](
-                ROW_MAJOR, ta, tb, m, out.shape[1], k, 1.0, pa, lda, pb, ldb, 1.0 if accumulate else 0.0, pc, ldc
-            )
+            self._cblas_gemm(call, a, out, accumulate)
         finally:
             self.lib.MKL_Set_Num_Threads_Local(previous)
             if mine:
