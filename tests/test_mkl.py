@@ -345,6 +345,29 @@ def test_gradients_with_packed_step_gemms_equal_numpys_own_blas_in_float64(cell,
         np.testing.assert_allclose(grads["mkl"][1][k], g, rtol=1e-10, atol=1e-12, err_msg=k)
 
 
+@needs_mkl
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_gradients_with_every_large_gemm_on_mkls_threads_equal_numpys_own_blas_in_float64(cell, monkeypatch):
+    """Every GEMM of a float64 model counted as large (on MKL's OpenMP threads where MKL runs them, else split),
+    two layers, bidirectional: loss and gradients equal those on NumPy's own BLAS to rounding."""
+    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 0)
+    monkeypatch.setattr(numpy_backend, "BLAS_THREADED_FLOPS", 1)
+    threaded, real = [], MKL.gemm_threaded
+    monkeypatch.setattr(MKL, "gemm_threaded", lambda *args: threaded.append(real(*args)) or threaded[-1])
+    T, B, D, H, K = 5, 6, 4, 7, 5
+    rng = np.random.default_rng(12)
+    x, y = rng.normal(size=(T, B, D)), rng.integers(0, K, (T, B))
+    grads = {}
+    for name, backend in (("mkl", mkl_backend(most=2)), ("numpy", NumpyBackend(blas="numpy"))):
+        model = gpubptt.RNN(D, H, K, cell=cell, num_layers=2, bidirectional=True, backend=backend, dtype="float64",
+                            seed=3)  # fmt: skip
+        grads[name] = model.loss_and_grads(x, y)
+    assert threaded and all(threaded) == (MKL.openmp is not None)  # every large GEMM whole on MKL's threads
+    assert grads["mkl"][0] == pytest.approx(grads["numpy"][0], rel=1e-12)
+    for k, g in grads["numpy"][1].items():
+        np.testing.assert_allclose(grads["mkl"][1][k], g, rtol=1e-10, atol=1e-12, err_msg=k)
+
+
 @pytest.mark.parametrize("choice", ["numpy", "auto"])
 def test_info_names_the_blas_that_runs_the_gemms(choice, monkeypatch):
     be = get_backend("numpy")
