@@ -226,6 +226,11 @@ class Backend:
         never keep it across calls."""
         return b
 
+    def row_blocks(self, n: int, elements: int) -> list[slice]:
+        """Blocks of n rows for elementwise work over ``elements`` values in all, to run as ``run_concurrently``'s
+        jobs: here one block (a device runs each kernel over all rows at once)."""
+        return [slice(0, n)]
+
     def run_concurrently(self, jobs: list[Callable[[], None]]) -> None:
         """Run independent pieces of work (no buffer shared between them), here one after the other in order.
 

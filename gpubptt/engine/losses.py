@@ -12,6 +12,7 @@ log-sum-exp, and (for the gradient) one GEMM each for ∂E/∂s and dV. Memory s
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from ..backend import Backend
@@ -46,6 +47,40 @@ def _exp_and_row_loss(z: Any, tgt: Any, *, xp: Any) -> tuple[Any, Any, Any]:
     xp.exp(z, out=z)
     total = z.sum(axis=1)  # (n,)
     return xp.log(total) - z_y, total, ar
+
+
+def _rows_xent_grad(z: Any, tgt: Any, w: Any, out: Any, i: int, *, xp: Any) -> None:
+    """Rows of a chunk, in place: z (n, K) logits ← do = (softmax(z) − onehot(y)) (⊙ w); out[i] ← Σ of the rows'
+    (weighted) losses, a 0-d array. One of ``xent_and_grads``' row blocks (``Backend.row_blocks``)."""
+    e, total, ar = _exp_and_row_loss(z, tgt, xp=xp)  # z ← exp(z − max); e (n,) per-step loss
+    # backprop through softmax + cross-entropy: do = softmax(z) − onehot(y)
+    z *= (1 / total)[:, None]  # one reciprocal per row, then a multiply: cheaper than a divide
+    z[ar, tgt] -= 1
+    if w is not None:
+        e *= w
+        z *= w[:, None]
+    out[i] = e.sum()
+
+
+def _rows_loss(z: Any, tgt: Any, w: Any, out: Any, i: int, *, xp: Any) -> None:
+    """Rows of a chunk: out[i] ← Σ of the rows' (weighted) losses (z clobbered). A row block of ``xent_loss``."""
+    e, _, _ = _exp_and_row_loss(z, tgt, xp=xp)
+    if w is not None:
+        e *= w
+    out[i] = e.sum()
+
+
+def _by_row_blocks(fn: Any, z: Any, tgt: Any, w: Any, *, be: Backend) -> Any:
+    """``fn`` over the row blocks of z (n, K) (``Backend.row_blocks``: two at once on a CPU with two cores free,
+    else one), each on its rows of z, tgt (n,) and w (n,) or None; the sum of their losses."""
+    blocks = be.row_blocks(z.shape[0], z.size)
+    sums: list[Any] = [None] * len(blocks)
+    jobs = [partial(fn, z[b], tgt[b], None if w is None else w[b], sums, i, xp=be.xp) for i, b in enumerate(blocks)]
+    if len(jobs) == 1:
+        jobs[0]()
+    else:
+        be.run_concurrently(jobs)
+    return sums[0] if len(sums) == 1 else sum(sums[1:], sums[0])
 
 
 def softmax_probs(states: Any, V: Any, c: Any, *, be: Backend, chunk: int | None = None) -> Any:
@@ -101,15 +136,8 @@ def xent_and_grads(
         rows = states[t0:t1].reshape(n, H)  # (n, H)
         tgt = y[t0:t1].reshape(n)  # (n,)
         z = _logits(rows, V, c, zbuf[:n], be=be)  # (n, K)
-        e, total, ar = _exp_and_row_loss(z, tgt, xp=xp)  # z ← exp(z − max); e (n,) per-step loss
-        # backprop through softmax + cross-entropy: do = softmax(z) − onehot(y)
-        z *= (1 / total)[:, None]  # one reciprocal per row, then a multiply: cheaper than a divide
-        z[ar, tgt] -= 1
-        if weight is not None:
-            w = weight[t0:t1].reshape(n)
-            e *= w
-            z *= w[:, None]
-        loss += e.sum()
+        w = None if weight is None else weight[t0:t1].reshape(n)
+        loss += _by_row_blocks(_rows_xent_grad, z, tgt, w, be=be)  # z ← do_t, by blocks of rows
         be.matmul(z, V, dS[t0:t1].reshape(n, H))  # direct term ∂E/∂s_t = do_t @ V
         be.matmul(z.T, rows, dV, accumulate=accumulate or t0 > 0)  # dV += do_tᵀ s_t
         if dc is not None:
@@ -129,8 +157,6 @@ def xent_loss(states: Any, V: Any, c: Any, y: Any, weight: Any, *, be: Backend, 
         t1 = min(T, t0 + step)
         n = (t1 - t0) * B
         z = _logits(states[t0:t1].reshape(n, H), V, c, zbuf[:n], be=be)
-        e, _, _ = _exp_and_row_loss(z, y[t0:t1].reshape(n), xp=xp)
-        if weight is not None:
-            e *= weight[t0:t1].reshape(n)
-        loss += e.sum()
+        w = None if weight is None else weight[t0:t1].reshape(n)
+        loss += _by_row_blocks(_rows_loss, z, y[t0:t1].reshape(n), w, be=be)
     return loss
