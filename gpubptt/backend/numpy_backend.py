@@ -373,7 +373,8 @@ class NumpyBackend(Backend):
         """Run independent jobs at once in Python threads (BLAS and NumPy's ufuncs release the GIL), every GEMM
         on one BLAS thread meanwhile: the jobs are the parallelism. Only where this process may use ≥ 2
         cores (``BlasThreads.most``) and ``concurrent`` is on; else one after the other. The first error raised
-        by a job is raised here, after every job has finished."""
+        by a job is raised here, after every job has finished. Every job runs under the caller's NumPy error
+        settings (``np.errstate``: they belong to the calling thread, and would not reach the pool's)."""
         threads = self.blas_threads
         if len(jobs) < 2 or threads.most < 2 or not self.concurrent:
             super().run_concurrently(jobs)
@@ -382,8 +383,10 @@ class NumpyBackend(Backend):
         if home._pool is None or home._pool[0] != os.getpid():  # a forked child has none of its parent's threads
             home._pool = (os.getpid(), ThreadPoolExecutor(len(jobs) - 1, thread_name_prefix="gpubptt"))
 
+        err = np.geterr()
+
         def run(job: Callable[[], None]) -> None:  # per-step and batched GEMMs alike: one BLAS thread per job
-            with threads.inside_job():
+            with threads.inside_job(), np.errstate(**err):
                 job()
 
         threads.use(1)
