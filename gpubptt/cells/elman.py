@@ -31,7 +31,7 @@ import numpy as np
 from ..backend import Backend
 from ..errors import InputError
 from ._jit import compile_kernels
-from ._loops import split_rows, step_loops
+from ._loops import over_rows, split_rows, step_loops
 from ._per_backend import PerBackend
 from .base import Cell, register_cell
 
@@ -155,13 +155,8 @@ class ElmanCell(Cell):
         k = kernels(be)
         if self.nonlinearity == "tanh" and k.forward_recurrence(pre, W, S, step_kernels):  # all steps in one kernel
             return
-        halves = k.halves(be, pre.shape[1], pre.shape[2], pre.shape[0])
-        if halves is None:
-            self._forward_rows(pre, W, S, scratch, slice(None), step_kernels, be=be, k=k)
-            return
-        be.run_concurrently(  # the batch's two halves at once, each its own rows
-            [partial(self._forward_rows, pre, W, S, scratch, r, step_kernels, be=be, k=k) for r in halves]
-        )
+        job = partial(self._forward_rows, pre, W, S, scratch, step_kernels=step_kernels, be=be, k=k)
+        over_rows(be, k.halves(be, pre.shape[1], pre.shape[2], pre.shape[0]), job)  # the batch, or its two halves
 
     def _forward_rows(
         self, pre: Any, W: Any, S: Any, scratch: Any, rows: slice, step_kernels: str, *, be: Backend, k: Any
@@ -201,13 +196,8 @@ class ElmanCell(Cell):
         k = kernels(be)
         if T == 1 or k.backward_recurrence(G, W, F, step_kernels):  # all steps in one kernel
             return
-        halves = k.halves(be, G.shape[1], G.shape[2], T - 1)
-        if halves is None:
-            self._backward_rows(G, W, F, carry, slice(None), step_kernels, be=be, k=k)
-            return
-        be.run_concurrently(  # the batch's two halves at once, each its own rows
-            [partial(self._backward_rows, G, W, F, carry, r, step_kernels, be=be, k=k) for r in halves]
-        )
+        job = partial(self._backward_rows, G, W, F, carry, step_kernels=step_kernels, be=be, k=k)
+        over_rows(be, k.halves(be, G.shape[1], G.shape[2], T - 1), job)  # the batch, or its two halves at once
 
     def _backward_rows(
         self, G: Any, W: Any, F: Any, carry: Any, rows: slice, step_kernels: str, *, be: Backend, k: Any
