@@ -75,12 +75,10 @@ def _by_row_blocks(fn: Any, z: Any, tgt: Any, w: Any, *, be: Backend) -> Any:
     else one), each on its rows of z, tgt (n,) and w (n,) or None; the sum of their losses."""
     blocks = be.row_blocks(z.shape[0], z.size)
     sums: list[Any] = [None] * len(blocks)
-    jobs = [partial(fn, z[b], tgt[b], None if w is None else w[b], sums, i, xp=be.xp) for i, b in enumerate(blocks)]
-    if len(jobs) == 1:
-        jobs[0]()
-    else:
-        be.run_concurrently(jobs)
-    return sums[0] if len(sums) == 1 else sum(sums[1:], sums[0])
+    be.run_concurrently(  # one block runs right here
+        [partial(fn, z[b], tgt[b], None if w is None else w[b], sums, i, xp=be.xp) for i, b in enumerate(blocks)]
+    )
+    return sum(sums[1:], sums[0])
 
 
 def softmax_probs(states: Any, V: Any, c: Any, *, be: Backend, chunk: int | None = None) -> Any:
