@@ -199,6 +199,48 @@ def test_info_names_the_step_kernels_and_refuses_a_bad_choice(monkeypatch):
     assert "GPUBPTT_JIT='fast' is not a step-kernel choice" in result.output
 
 
+def test_lstm_half_without_its_compiled_backward_loop_lands_its_gradient_over_the_gates_too(monkeypatch):
+    """The LSTM's compiled backward loops write ∂a over the gates A; a half whose loop cannot run (refused here for
+    the 3-row half of B = 5) takes the per-step path into ``work`` and copies its rows over: the gradients, against
+    float64 central differences of the reference, are whole."""
+    pytest.importorskip("numba", reason="numba unavailable: pip install numba")
+    from gpubptt.backend import _mkl, numpy_backend
+    from gpubptt.cells import _loops
+    from tests.reference import numeric, ref_gated_loss
+
+    if _mkl.load_mkl()[0] is None:
+        pytest.skip("MKL unavailable: pip install mkl")
+    monkeypatch.setenv(_jit.JIT_VAR, "numba")
+    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 1)
+    monkeypatch.setattr(numpy_backend, "PACK_MIN_ROWS", 1)
+    monkeypatch.setattr(_loops, "SPLIT_MIN_STATE", 2)
+    used = []
+    step_loops = lstm._Kernels.step_loops
+
+    def some_refused(self, be, w, rows, arrays):  # the backward loop's six arrays, the first half's three rows
+        loops = None if len(arrays) == 6 and rows == 3 else step_loops(self, be, w, rows, arrays)
+        used.append((len(arrays), rows, loops is not None))
+        return loops
+
+    monkeypatch.setattr(lstm._Kernels, "step_loops", some_refused)
+    be = numpy_backend.NumpyBackend(blas="mkl")
+    be.blas_threads.most = max(2, be.blas_threads.most)
+    T, B, D, K = 4, 5, 3, 4
+    model = gpubptt.RNN(D, H, K, cell="lstm", bias=True, backend=be, seed=8, dtype="float64", init="torch")
+    rng = np.random.default_rng(8)
+    x, y = rng.normal(size=(T, B, D)), rng.integers(0, K, (T, B))
+    h0, c0 = rng.normal(size=(2, 1, B, H)) * 0.5
+    loss, grads = model.loss_and_grads(x, y, (h0, c0))
+    assert sorted(used) == [(5, 2, True), (5, 3, True), (6, 2, True), (6, 3, False)]
+    p = {k: np.array(v) for k, v in model.params.items()}
+    f = lambda: ref_gated_loss("lstm", p, x, y, h0, c0, np.full(B, T), "sum")  # noqa: E731
+    assert loss == pytest.approx(f(), rel=1e-12)
+    for name, arr in [*p.items(), ("s0", h0), ("c0", c0)]:
+        idx = rng.choice(arr.size, min(arr.size, 8), replace=False)
+        np.testing.assert_allclose(grads[name].reshape(-1)[idx], numeric(f, arr, idx), rtol=1e-6, atol=1e-8,
+                                   err_msg=name)  # fmt: skip
+
+
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 @pytest.mark.parametrize("layers,bidirectional", [(2, False), (1, True)])
 def test_batch_halves_in_two_threads_match_central_differences_of_the_reference(cell, layers, bidirectional,

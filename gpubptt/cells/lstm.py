@@ -164,7 +164,8 @@ class LSTMCell(GatedCell):
         ds0: Any,
         d_extra: dict[int, list[tuple[Any, Any]]] | None = None,
     ) -> Any:
-        """BPTT through all steps; returns ∂E/∂pre (T, B, 4H) (in ``work``). G (T, B, H) enters as the
+        """BPTT through all steps; returns ∂E/∂pre (T, B, 4H): in ``work``, or over the gates ``aux["A"]`` (where the
+        compiled step loops run: the forward's buffers are spent, as a pullback's are). G (T, B, H) enters as the
         direct term ∂E/∂h_t; writes grads["W"], ds0 (B, H) = ∂E/∂h0 and grads["c0"] (B, H) = ∂E/∂c0.
         ``d_extra`` {t: [(cols, values)]}, optional: direct terms ∂E/∂c_t at the steps named, for the batch
         columns ``cols`` (a slice or an index array; values (len(cols), H)): the pullback's ∂E/∂c_n at each
@@ -175,28 +176,33 @@ class LSTMCell(GatedCell):
         T, B, H = G.shape
         ds0[...] = 0  # what step t+1 sends back to h_t (ds0) and c_t (c0); after step 0, ∂E/∂h0 and ∂E/∂c0
         grads["c0"][...] = 0
+        # where the compiled loops run, ∂a_t goes over the gates A[t] (the loop's last use of them): one (T, B, 4H)
+        # buffer streamed through memory instead of two
+        dpre = aux["A"] if not d_extra and k.jit is not None and getattr(be, "mkl", None) is not None else work
         halves = None if d_extra else batch_halves(be, k, B, aux, T)
         if halves is None:
-            self._backward_rows(G, p, aux, slice(None), work, ds0, grads["c0"], d_extra, be=be, k=k)
+            self._backward_rows(G, p, aux, slice(None), work, dpre, ds0, grads["c0"], d_extra, be=be, k=k)
         else:
-            jobs = [partial(self._backward_rows, G, p, aux, rows, work, ds0, grads["c0"], None, be=be, k=k)
+            jobs = [partial(self._backward_rows, G, p, aux, rows, work, dpre, ds0, grads["c0"], None, be=be, k=k)
                     for rows, _ in halves]  # fmt: skip
             be.run_concurrently(jobs)  # two threads, each its rows
-        be.matmul(work.reshape(T * B, 4 * H).T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂a_tᵀ h_{t-1}
-        return work
+        be.matmul(dpre.reshape(T * B, 4 * H).T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂a_tᵀ h_{t-1}
+        return dpre
 
     def _backward_rows(
-        self, G: Any, p: dict[str, Any], aux: dict[str, Any], rows: slice, work: Any, dh: Any, dc: Any,
+        self, G: Any, p: dict[str, Any], aux: dict[str, Any], rows: slice, work: Any, dpre: Any, dh: Any, dc: Any,
         d_extra: dict[int, list[tuple[Any, Any]]] | None, *, be: Backend, k: Any,
     ) -> None:  # fmt: skip
-        """The backward steps of the batch rows ``rows`` (d_extra: all rows only); dh, dc (B, H) the carries."""
+        """The backward steps of the batch rows ``rows`` (d_extra: all rows only); dh, dc (B, H) the carries; ∂a
+        into dpre: ``work``, or the gates A (the compiled loops write it in place; the per-step path into
+        ``work``, then copies its rows over)."""
         r0, r1, _ = rows.indices(G.shape[1])
         T, n = G.shape[0], r1 - r0
         A, C, tmp = aux["A"], aux["C"], aux["tmp"]
         Wp = be.pack(p["W"], n, T)  # W packed once for all T steps where the backend packs (MKL), else W
-        loops = None if d_extra else k.step_loops(be, Wp, n, (G, work, A, C, dh, dc, tmp))
+        loops = None if d_extra or dpre is not A else k.step_loops(be, Wp, n, (G, A, C, dh, dc, tmp))
         if loops is not None:  # all T steps in one compiled call (whole buffers, rows r0..r1−1: ``_loops``)
-            loops[1](G, dh, A, C, dc, work, tmp[0], Wp.ptr, A.dtype.type(1), r0, r1)
+            loops[1](G, dh, A, C, dc, tmp[0], Wp.ptr, A.dtype.type(1), r0, r1)
             return
         G, work, A, C = G[:, rows], work[:, rows], A[:, rows], C[:, rows]
         dh, dc, tmp = dh[rows], dc[rows], tmp[:, rows]
@@ -205,6 +211,8 @@ class LSTMCell(GatedCell):
                 dc[cols] += values
             k.backward(G[t], dh, C[t], C[t + 1], A[t], dc, work[t], tmp)  # ∂a_t; dc ← dc_t ⊙ f_t
             be.matmul(work[t], Wp, dh)  # dh_{t-1} = ∂a_t @ W: all four gates in one GEMM
+        if dpre is aux["A"]:  # the loops could not run for these rows after all: their ∂a where the others' is
+            A[...] = work
 
     def _backward_truncated(
         self, G: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], k: int, *, be: Backend, work: Any,
@@ -400,11 +408,34 @@ def _jit_backward(g: Any, dhn: Any, cprev: Any, tc: Any, A: Any, dc: Any, da: An
             dcb[j] *= fg[j]
 
 
-def _mkl_step_loops(compute: Any, tanh: Any, gates_in: Any, cell_state: Any, backward: Any) -> tuple[Any, Any]:
+def _jit_backward_in_place(g: Any, dhn: Any, cprev: Any, tc: Any, A: Any, dc: Any, one: Any, r0: int, r1: int) -> None:
+    """``_jit_backward`` with ∂a_t written over the gates A (B, 4H) that it reads, rows r0..r1−1 (each unit's four
+    gates read before its four entries are written): two passes over a row instead of seven."""
+    H = g.shape[1]
+    for b in range(r0, r1):
+        dh, dhb, cp, t, dcb = g[b], dhn[b], cprev[b], tc[b], dc[b]
+        ig, fg, gg, og = A[b, :H], A[b, H : 2 * H], A[b, 2 * H : 3 * H], A[b, 3 * H :]
+        for j in range(H):
+            d, o, tj = dh[j] + dhb[j], og[j], t[j]
+            dh[j] = d
+            dcb[j] += d * o * (one - tj * tj)  # dc_t = dc' + dh ⊙ o ⊙ (1 − tanh²c)
+            og[j] = d * tj * o * (one - o)  # ∂a_o
+        for j in range(H):
+            d, i, f, gj = dcb[j], ig[j], fg[j], gg[j]
+            ig[j] = d * gj * i * (one - i)  # ∂a_i
+            fg[j] = d * cp[j] * f * (one - f)  # ∂a_f
+            gg[j] = d * i * (one - gj * gj)  # ∂a_g
+            dcb[j] = d * f  # dc' for step t−1
+
+
+def _mkl_step_loops(
+    compute: Any, tanh: Any, gates_in: Any, cell_state: Any, backward: Any, backward_in_place: Any
+) -> tuple[Any, Any]:
     """The forward and backward step loops of a batch's rows as plain Python for numba (``_jit.compile_loops``):
     per step the GEMM on the packed W through MKL's ``compute`` (cblas_?gemm_compute), the compiled kernels
-    (gates_in, cell_state, backward: ``JIT_KERNELS`` compiled) and MKL's vectorised ``tanh`` (v?Tanh) row by
-    row; the same operations as ``_Kernels.forward`` / ``backward`` with ``matmul`` between them."""
+    (``JIT_KERNELS`` compiled; ``backward`` is the per-step path's) and MKL's vectorised ``tanh`` (v?Tanh) row by
+    row; the same operations as ``_Kernels.forward`` / ``backward`` with ``matmul`` between them, the backward
+    one writing ∂a_t over the gates A[t] (``_jit_backward_in_place``)."""
 
     def forward_loop(pre: Any, S: Any, A: Any, C: Any, hw: Any, w: int, half: Any, r0: int, r1: int) -> None:
         """Rows r0..r1−1 of pre, A (T, B, 4H), S, C (T+1, B, H), hw (B, 4H); w Wᵀ packed for r1 − r0 rows."""
@@ -425,25 +456,25 @@ def _mkl_step_loops(compute: Any, tanh: Any, gates_in: Any, cell_state: Any, bac
                 for j in range(H):
                     hb[j] *= ob[j]  # h = o ⊙ tanh(c)
 
-    def backward_loop(G: Any, dh: Any, A: Any, C: Any, dc: Any, work: Any, tc: Any, w: int, one: Any, r0: int,
+    def backward_loop(G: Any, dh: Any, A: Any, C: Any, dc: Any, tc: Any, w: int, one: Any, r0: int,
                       r1: int) -> None:  # fmt: skip
-        """Rows r0..r1−1 of G (T, B, H) clobbered, dh, dc, tc (B, H), A, work (T, B, 4H), C (T+1, B, H); w W
-        packed for r1 − r0 rows."""
+        """Rows r0..r1−1 of G (T, B, H) clobbered, dh, dc, tc (B, H), A (T, B, 4H) the gates, ← ∂a, C (T+1, B, H);
+        w W packed for r1 − r0 rows."""
         T, H, n = G.shape[0], G.shape[2], r1 - r0
         size = G.itemsize
         for t in range(T - 1, -1, -1):
             c = C[t + 1]
             for b in range(r0, r1):
                 tanh(H, c[b].ctypes.data, tc[b].ctypes.data)
-            backward(G[t], dh, C[t], tc, A[t], dc, work[t], one, r0, r1)
-            compute(101, 111, 151, n, H, 4 * H, work[t, r0].ctypes.data, work.strides[1] // size, w, H, 0.0,
+            backward_in_place(G[t], dh, C[t], tc, A[t], dc, one, r0, r1)
+            compute(101, 111, 151, n, H, 4 * H, A[t, r0].ctypes.data, A.strides[1] // size, w, H, 0.0,
                     dh[r0].ctypes.data, dh.strides[0] // size)  # fmt: skip  # dh_{t-1} = ∂a_t @ W
 
     return forward_loop, backward_loop
 
 
 #: the compiled twins' Python sources, in the order ``_Kernels.jit`` holds them
-JIT_KERNELS = (_jit_gates_in, _jit_cell_state, _jit_backward)
+JIT_KERNELS = (_jit_gates_in, _jit_cell_state, _jit_backward, _jit_backward_in_place)
 
 #: ``kernels(be)``: the LSTM kernels of backend ``be`` (built once per backend)
 kernels: PerBackend[_Kernels] = PerBackend(_Kernels, "LSTM kernels")
