@@ -199,10 +199,12 @@ def test_info_names_the_step_kernels_and_refuses_a_bad_choice(monkeypatch):
     assert "GPUBPTT_JIT='fast' is not a step-kernel choice" in result.output
 
 
-def test_lstm_half_without_its_compiled_backward_loop_lands_its_gradient_over_the_gates_too(monkeypatch):
-    """The LSTM's compiled backward loops write ∂a over the gates A; a half whose loop cannot run (refused here for
-    the 3-row half of B = 5) takes the per-step path into ``work`` and copies its rows over: the gradients, against
-    float64 central differences of the reference, are whole."""
+@pytest.mark.parametrize("refused", ["forward", "backward"])
+def test_lstm_half_without_its_compiled_loop_still_works_in_the_gates_buffer(refused, monkeypatch):
+    """The LSTM's input projection goes into its gates A, and its compiled loops work there in place (the forward
+    adds h_{t-1} @ Wᵀ, the backward writes ∂a over the gates); a half whose loop cannot run (refused here for the
+    3-row half of B = 5) takes the per-step path on the same buffer (the backward into ``work``, then its rows
+    copied over): the gradients, against float64 central differences of the reference, are whole."""
     pytest.importorskip("numba", reason="numba unavailable: pip install numba")
     from gpubptt.backend import _mkl, numpy_backend
     from gpubptt.cells import _loops
@@ -217,8 +219,9 @@ def test_lstm_half_without_its_compiled_backward_loop_lands_its_gradient_over_th
     used = []
     step_loops = lstm._Kernels.step_loops
 
-    def some_refused(self, be, w, rows, arrays):  # the backward loop's six arrays, the first half's three rows
-        loops = None if len(arrays) == 6 and rows == 3 else step_loops(self, be, w, rows, arrays)
+    def some_refused(self, be, w, rows, arrays):  # the forward loop's five arrays or the backward's six; 3 rows
+        loops = None if len(arrays) == {"forward": 5, "backward": 6}[refused] and rows == 3 else step_loops(
+            self, be, w, rows, arrays)  # fmt: skip
         used.append((len(arrays), rows, loops is not None))
         return loops
 
@@ -231,7 +234,8 @@ def test_lstm_half_without_its_compiled_backward_loop_lands_its_gradient_over_th
     x, y = rng.normal(size=(T, B, D)), rng.integers(0, K, (T, B))
     h0, c0 = rng.normal(size=(2, 1, B, H)) * 0.5
     loss, grads = model.loss_and_grads(x, y, (h0, c0))
-    assert sorted(used) == [(5, 2, True), (5, 3, True), (6, 2, True), (6, 3, False)]
+    assert sorted(used) == [(5, 2, True), (5, 3, refused != "forward"), (6, 2, True), (6, 3, refused != "backward")]
+    assert model.cell.projection_buffer({"A": x}, be) is x  # the projection went into the gates buffer
     p = {k: np.array(v) for k, v in model.params.items()}
     f = lambda: ref_gated_loss("lstm", p, x, y, h0, c0, np.full(B, T), "sum")  # noqa: E731
     assert loss == pytest.approx(f(), rel=1e-12)

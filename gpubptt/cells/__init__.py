@@ -12,6 +12,9 @@ cell over time (``gpubptt.engine.stack``) knows none of a cell's math. What it a
                          besides the states S (T+1, B, H) (gate activations, a cell state, …)
     load(aux, state0)    set any state beyond s0 (an LSTM's c0, (B, H) or None for zeros) before a forward
     cell_states(aux)     that state at every step, (T+1, B, H) like S, or None (what final states read)
+    projection_buffer(aux, be)  None (the default: the engine's shared ``pre``), or one of the cell's
+                         buffers (T, B, gates·H) the engine projects the input into, for the cell's
+                         forward to work in place there
     run_forward(pre, p, S, aux, be=, scratch=, step_kernels=)
                          all steps: pre (T, B, gates·H) = U x_t + input bias (one GEMM the engine ran),
                          p the recurrence's parameters by base name, S[0] = s0 on entry, S[1:] written

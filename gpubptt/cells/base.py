@@ -124,6 +124,12 @@ class Cell(ABC):
         """That state at every step, (T+1, B, H) like S, or None (none by default)."""
         return None
 
+    def projection_buffer(self, aux: dict[str, Any], be: Any) -> Any:
+        """Where the engine writes the input projection for this recurrence's forward: None (the default), its
+        own shared ``pre``; or one of the cell's ``buffers`` (T, B, gates·H), which ``run_forward`` then receives
+        as pre and may overwrite in place (the LSTM's gates, on the NumPy backend's compiled step loops)."""
+        return None
+
     @abstractmethod
     def run_forward(
         self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], *, be: Any, scratch: Any, step_kernels: str

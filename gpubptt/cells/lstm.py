@@ -125,10 +125,18 @@ class LSTMCell(GatedCell):
             J[t, :, H:, H:] = dc_dc
         return J
 
+    def projection_buffer(self, aux: dict[str, Any], be: Backend) -> Any:
+        """The gates A, where the compiled step loops run (NumPy, MKL, numba, FP32): each step then adds
+        h_{t-1} @ Wᵀ to its projection in place, one (T, B, 4H) buffer streamed instead of two; else None."""
+        if kernels(be).jit is None or getattr(be, "mkl", None) is None or getattr(be, "precision", "") != "fp32":
+            return None
+        return aux["A"]
+
     def run_forward(
         self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], *, be: Backend, scratch: Any, step_kernels: str
     ) -> None:
-        """All steps: pre (T, B, 4H) = U x_t + b; S (T+1, B, H) with S[0] = h0 and aux["C"][0] = c0 set."""
+        """All steps: pre (T, B, 4H) = U x_t + b (it may be the gates A itself: ``projection_buffer``); S (T+1, B, H)
+        with S[0] = h0 and aux["C"][0] = c0 set."""
         forward_in_halves(self._forward_rows, pre, p, S, aux, be=be, k=kernels(be))
 
     def _forward_rows(
@@ -140,7 +148,7 @@ class LSTMCell(GatedCell):
         Wt = forward_weight(p["W"], Wt, pre.shape[0], r1 - r0, be)  # Wᵀ packed, or a row-major copy where it pays
         loops = k.step_loops(be, Wt, r1 - r0, (pre, S, A, C, hw))
         if loops is not None:  # all T steps in one compiled call (whole buffers, rows r0..r1−1: ``_loops``)
-            loops[0](pre, S, A, C, hw, Wt.ptr, A.dtype.type(0.5), r0, r1)
+            loops[0](pre, S, A, C, hw, Wt.ptr, A.dtype.type(0.5), pre is A, r0, r1)
             return
         pre, S, A, C, hw, tmp = pre[:, rows], S[:, rows], A[:, rows], C[:, rows], hw[rows], aux["tmp"][:, rows]
         for t in range(pre.shape[0]):
@@ -428,17 +436,34 @@ def _jit_backward_in_place(g: Any, dhn: Any, cprev: Any, tc: Any, A: Any, dc: An
             dcb[j] = d * f  # dc' for step t−1
 
 
+def _jit_gates_in_place(hw: Any, A: Any, half: Any, r0: int, r1: int) -> None:
+    """``_jit_gates_in`` with pre in A (B, 4H) itself: A ← (A + hw) ⊙ [½ ½ 1 ½] on rows r0..r1−1."""
+    H = A.shape[1] // 4
+    for b in range(r0, r1):
+        w, a = hw[b], A[b]
+        for j in range(2 * H):
+            a[j] = (a[j] + w[j]) * half
+        for j in range(2 * H, 3 * H):
+            a[j] = a[j] + w[j]
+        for j in range(3 * H, 4 * H):
+            a[j] = (a[j] + w[j]) * half
+
+
 def _mkl_step_loops(
-    compute: Any, tanh: Any, gates_in: Any, cell_state: Any, backward: Any, backward_in_place: Any
-) -> tuple[Any, Any]:
+    compute: Any, tanh: Any, gates_in: Any, cell_state: Any, backward: Any, backward_in_place: Any,
+    gates_in_place: Any,
+) -> tuple[Any, Any]:  # fmt: skip
     """The forward and backward step loops of a batch's rows as plain Python for numba (``_jit.compile_loops``):
     per step the GEMM on the packed W through MKL's ``compute`` (cblas_?gemm_compute), the compiled kernels
     (``JIT_KERNELS`` compiled; ``backward`` is the per-step path's) and MKL's vectorised ``tanh`` (v?Tanh) row by
     row; the same operations as ``_Kernels.forward`` / ``backward`` with ``matmul`` between them, the backward
-    one writing ∂a_t over the gates A[t] (``_jit_backward_in_place``)."""
+    one writing ∂a_t over the gates A[t] (``_jit_backward_in_place``), the forward one the gates over the
+    projection where that is in A (``_jit_gates_in_place``)."""
 
-    def forward_loop(pre: Any, S: Any, A: Any, C: Any, hw: Any, w: int, half: Any, r0: int, r1: int) -> None:
-        """Rows r0..r1−1 of pre, A (T, B, 4H), S, C (T+1, B, H), hw (B, 4H); w Wᵀ packed for r1 − r0 rows."""
+    def forward_loop(pre: Any, S: Any, A: Any, C: Any, hw: Any, w: int, half: Any, in_place: bool, r0: int,
+                     r1: int) -> None:  # fmt: skip
+        """Rows r0..r1−1 of pre, A (T, B, 4H), S, C (T+1, B, H), hw (B, 4H); w Wᵀ packed for r1 − r0 rows;
+        ``in_place``: pre is A (the projection is in A, each step's gates go over it)."""
         T, G = pre.shape[0], pre.shape[2]
         H, n = S.shape[2], r1 - r0
         size = S.itemsize
@@ -446,7 +471,10 @@ def _mkl_step_loops(
             compute(101, 111, 151, n, G, H, S[t, r0].ctypes.data, S.strides[1] // size, w, G, 0.0,
                     hw[r0].ctypes.data, hw.strides[0] // size)  # fmt: skip
             a, c, h = A[t], C[t + 1], S[t + 1]
-            gates_in(pre[t], hw, a, half, r0, r1)
+            if in_place:
+                gates_in_place(hw, a, half, r0, r1)
+            else:
+                gates_in(pre[t], hw, a, half, r0, r1)
             for b in range(r0, r1):
                 tanh(G, a[b].ctypes.data, a[b].ctypes.data)
             cell_state(a, C[t], c, half, r0, r1)
@@ -474,7 +502,7 @@ def _mkl_step_loops(
 
 
 #: the compiled twins' Python sources, in the order ``_Kernels.jit`` holds them
-JIT_KERNELS = (_jit_gates_in, _jit_cell_state, _jit_backward, _jit_backward_in_place)
+JIT_KERNELS = (_jit_gates_in, _jit_cell_state, _jit_backward, _jit_backward_in_place, _jit_gates_in_place)
 
 #: ``kernels(be)``: the LSTM kernels of backend ``be`` (built once per backend)
 kernels: PerBackend[_Kernels] = PerBackend(_Kernels, "LSTM kernels")

@@ -45,7 +45,7 @@ from ..errors import InputError, InputTypeError
 from ..validation import Batch
 from .losses import chunk_steps, xent_and_grads
 from .memory import InsufficientMemoryError, MemoryEstimate, format_bytes
-from .stack import input_projection
+from .stack import input_projection, projection_into
 
 __all__ = [
     "SegmentWorkspace",
@@ -349,8 +349,9 @@ class SegmentWorkspace:
             X = batch.x[t0:t1] if r.layer == 0 else self.S[r.index - 1][1 : n + 1]
             S[0] = self.Sb[r.index][k]
             cell.load(aux, self.Cb[r.index][k] if self.extra else None)
-            input_projection(q["U"], b, X, self.tokens and r.layer == 0, be=be, out=self.pre[:n])
-            cell.run_forward(self.pre[:n], q, S, aux, be=be, scratch=self.scratch, step_kernels=self.step_kernels)
+            pre = projection_into(cell, aux, self.pre[:n], be)
+            input_projection(q["U"], b, X, self.tokens and r.layer == 0, be=be, out=pre)
+            cell.run_forward(pre, q, S, aux, be=be, scratch=self.scratch, step_kernels=self.step_kernels)
 
     def run(self) -> None:
         """Forward (keeping boundary states), then backward segment by segment, recomputing each."""

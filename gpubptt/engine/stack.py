@@ -40,6 +40,7 @@ __all__ = [
     "gather_rows",
     "input_projection",
     "input_weight_grad",
+    "projection_into",
     "reverse_index",
     "states",
 ]
@@ -59,6 +60,13 @@ def input_projection(U: Any, b: Any, x: Any, tokens: bool, *, be: Backend, out: 
     if b is not None:
         out += b
     return out
+
+
+def projection_into(cell: Any, aux: dict[str, Any], pre: Any, be: Backend) -> Any:
+    """The buffer a recurrence's input projection goes into: the cell's own ``projection_buffer`` (its forward then
+    works in place there), else the engine's ``pre``."""
+    own = cell.projection_buffer(aux, be)
+    return pre if own is None else own
 
 
 def input_weight_grad(
@@ -180,9 +188,10 @@ class Stack:
             for r in recs if model.num_directions == 1 else ():
                 q = model.recurrence_params(r)
                 b = q.get(cell.input_bias) if cell.input_bias else None
-                input_projection(q["U"], b, X, tokens and l == 0, be=be, out=self.pre)
                 S, aux = self.S[r.index], self.aux[r.index]
-                cell.run_forward(self.pre, q, S, aux, be=be, scratch=self.scratch, step_kernels=step_kernels)
+                pre = projection_into(cell, aux, self.pre, be)
+                input_projection(q["U"], b, X, tokens and l == 0, be=be, out=pre)
+                cell.run_forward(pre, q, S, aux, be=be, scratch=self.scratch, step_kernels=step_kernels)
             if model.num_directions == 2:
                 f, r = self.S[2 * l], self.S[2 * l + 1]
                 self.Y[l][..., :H] = f[1:]
@@ -194,17 +203,19 @@ class Stack:
     def _run_pair(self, recs: list[Any], X: Any, tokens: bool, step_kernels: str) -> None:
         """A bidirectional layer's two recurrences forward, at once where the backend runs jobs concurrently
         (``Backend.run_concurrently``): the reverse one on ``pre`` (projected into ``tmp``, then gathered into
-        its own time), then the forward one projected on ``tmp``; each with its own scratch."""
+        its own time), then the forward one projected on ``tmp``; each with its own scratch. A cell's own
+        ``projection_buffer`` takes the place of ``pre`` or ``tmp``."""
         be, cell, model = self.be, self.model.cell, self.model
         jobs = []
         for r in sorted(recs, key=lambda r: -r.direction):  # the reverse one first: it frees tmp
             pre, scratch = (self.pre, self.scratch_rev) if r.direction == 1 else (self.tmp, self.scratch)
+            S, aux = self.S[r.index], self.aux[r.index]
+            pre = projection_into(cell, aux, pre, be)
             q = model.recurrence_params(r)
             b = q.get(cell.input_bias) if cell.input_bias else None
-            input_projection(q["U"], b, X, tokens, be=be, out=self.tmp)
+            input_projection(q["U"], b, X, tokens, be=be, out=self.tmp if r.direction == 1 else pre)
             if r.direction == 1:
                 gather_rows(self.tmp, self.rev, be=be, out=pre)  # into the reverse direction's time
-            S, aux = self.S[r.index], self.aux[r.index]
             jobs.append(lambda q=q, S=S, aux=aux, pre=pre, scratch=scratch: cell.run_forward(
                 pre, q, S, aux, be=be, scratch=scratch, step_kernels=step_kernels))  # fmt: skip
         be.run_concurrently(jobs)
