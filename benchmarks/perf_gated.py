@@ -207,6 +207,8 @@ def main() -> int:
     ap.add_argument("out_dir", nargs="?", default=None, help="folder for the results (default: a new temporary one)")
     ap.add_argument("--output", default=None, help="the JSON file (default: OUT_DIR/perf-gated-BACKEND.json)")
     args = ap.parse_args()
+    if args.output:  # its folder made now, not found missing after the whole run
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     # the backend before torch: its MKL then picks its threading layer as for a user of gpubptt alone (a torch
     # imported first has loaded GNU OpenMP, and MKL takes that layer: docs/performance.md), as in perf_grid.py
     be = gpubptt.get_backend(args.backend)

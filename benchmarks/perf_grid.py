@@ -182,6 +182,8 @@ def main() -> int:
         help="the one-layer rows, the deep rows, or both",
     )
     args = ap.parse_args()
+    if args.output:  # its folder made now, not found missing after the whole run
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     be = gpubptt.get_backend(args.backend)
     reason = bench.torch_unavailable_reason()
     if reason:
