@@ -199,12 +199,15 @@ def test_info_names_the_step_kernels_and_refuses_a_bad_choice(monkeypatch):
     assert "GPUBPTT_JIT='fast' is not a step-kernel choice" in result.output
 
 
-@pytest.mark.parametrize("refused", ["forward", "backward"])
-def test_lstm_half_without_its_compiled_loop_still_works_in_the_gates_buffer(refused, monkeypatch):
-    """The LSTM's input projection goes into its gates A, and its compiled loops work there in place (the forward
-    adds h_{t-1} @ Wᵀ, the backward writes ∂a over the gates); a half whose loop cannot run (refused here for the
-    3-row half of B = 5) takes the per-step path on the same buffer (the backward into ``work``, then its rows
-    copied over): the gradients, against float64 central differences of the reference, are whole."""
+@pytest.mark.parametrize("case", ["forward half refused", "backward half refused", "2 layers bidirectional",
+                                  "recompute", "vjp"])  # fmt: skip
+def test_lstm_compiled_loops_work_in_the_gates_buffer(case, monkeypatch):
+    """Where the LSTM's compiled loops can run, the engine projects the input into the gates buffer A and the loops
+    work there in place (the forward adds h_{t-1} @ Wᵀ, the backward writes ∂a over the gates): through a
+    bidirectional stack with lengths, recomputed segments (the later ones carry ∂E/∂c on the per-step path) and a
+    pullback; a half whose loop cannot run (refused here for the 3-row half of B = 5) takes the per-step path on
+    the same buffer (the backward into ``work``, its rows copied over). The gradients against float64 central
+    differences of the reference."""
     pytest.importorskip("numba", reason="numba unavailable: pip install numba")
     from gpubptt.backend import _mkl, numpy_backend
     from gpubptt.cells import _loops
@@ -216,30 +219,50 @@ def test_lstm_half_without_its_compiled_loop_still_works_in_the_gates_buffer(ref
     monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 1)
     monkeypatch.setattr(numpy_backend, "PACK_MIN_ROWS", 1)
     monkeypatch.setattr(_loops, "SPLIT_MIN_STATE", 2)
+    refused = {"forward half refused": 5, "backward half refused": 6}.get(case)  # that loop's number of arrays
     used = []
     step_loops = lstm._Kernels.step_loops
 
-    def some_refused(self, be, w, rows, arrays):  # the forward loop's five arrays or the backward's six; 3 rows
-        loops = None if len(arrays) == {"forward": 5, "backward": 6}[refused] and rows == 3 else step_loops(
-            self, be, w, rows, arrays)  # fmt: skip
-        used.append((len(arrays), rows, loops is not None))
+    def some_refused(self, be, w, rows, arrays):  # the forward loop's five arrays (pre, S, A, …), the backward's six
+        loops = None if len(arrays) == refused and rows == 3 else step_loops(self, be, w, rows, arrays)
+        used.append((len(arrays), rows, loops is not None, len(arrays) == 5 and arrays[0] is arrays[2]))
         return loops
 
     monkeypatch.setattr(lstm._Kernels, "step_loops", some_refused)
     be = numpy_backend.NumpyBackend(blas="mkl")
     be.blas_threads.most = max(2, be.blas_threads.most)
+    layers, bi = (2, True) if case == "2 layers bidirectional" else (1, False)
     T, B, D, K = 4, 5, 3, 4
-    model = gpubptt.RNN(D, H, K, cell="lstm", bias=True, backend=be, seed=8, dtype="float64", init="torch")
+    model = gpubptt.RNN(D, H, K, cell="lstm", num_layers=layers, bidirectional=bi, bias=True, backend=be, seed=8,
+                        dtype="float64", init="torch")  # fmt: skip
     rng = np.random.default_rng(8)
     x, y = rng.normal(size=(T, B, D)), rng.integers(0, K, (T, B))
-    h0, c0 = rng.normal(size=(2, 1, B, H)) * 0.5
-    loss, grads = model.loss_and_grads(x, y, (h0, c0))
-    assert sorted(used) == [(5, 2, True), (5, 3, refused != "forward"), (6, 2, True), (6, 3, refused != "backward")]
-    assert model.cell.projection_buffer({"A": x}, be) is x  # the projection went into the gates buffer
+    h0, c0 = rng.normal(size=(2, model.num_states, B, H)) * 0.5
+    lengths = np.array([4, 2, 3, 4, 1]) if bi else np.full(B, T)
     p = {k: np.array(v) for k, v in model.params.items()}
-    f = lambda: ref_gated_loss("lstm", p, x, y, h0, c0, np.full(B, T), "sum")  # noqa: E731
-    assert loss == pytest.approx(f(), rel=1e-12)
-    for name, arr in [*p.items(), ("s0", h0), ("c0", c0)]:
+    if case == "vjp":  # E = Σ dY ⊙ Y + dh ⊙ h_n: the pullback with ∂E/∂h_n alone runs the compiled loops
+        dY, dh = rng.normal(size=(T, B, H)), rng.normal(size=(1, B, H))
+        _, pullback = model.vjp(x, (h0, c0))
+        grads = pullback(dY, (dh, None))
+
+        def f():
+            out = model.forward(x, (h0, c0))
+            return float(np.sum(dY * out.states) + np.sum(dh * out.final_state[0]))
+
+        p = model.params  # perturbed in place by the central differences
+    else:
+        kw = {"recompute": 2} if case == "recompute" else {}
+        loss, grads = model.loss_and_grads(x, y, (h0, c0), lengths=None if not bi else lengths, **kw)
+        f = lambda: ref_gated_loss("lstm", p, x, y, h0, c0, lengths, "sum", num_layers=layers,  # noqa: E731
+                                   bidirectional=bi)  # fmt: skip
+        assert loss == pytest.approx(f(), rel=1e-12)
+    forward = [u for u in used if u[0] == 5]
+    assert forward and all(u[3] for u in forward)  # every forward loop got pre = A: the projection went there
+    if refused:
+        assert sorted(u[:3] for u in used) == [(5, 2, True), (5, 3, refused != 5), (6, 2, True), (6, 3, refused != 6)]
+    else:
+        assert any(u[0] == 6 and u[2] for u in used)  # a backward loop ran compiled, in place
+    for name, arr in [*((k, p[k]) for k in p if k in grads), ("s0", h0), ("c0", c0)]:
         idx = rng.choice(arr.size, min(arr.size, 8), replace=False)
         np.testing.assert_allclose(grads[name].reshape(-1)[idx], numeric(f, arr, idx), rtol=1e-6, atol=1e-8,
                                    err_msg=name)  # fmt: skip

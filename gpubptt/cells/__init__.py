@@ -23,7 +23,7 @@ cell over time (``gpubptt.engine.stack``) knows none of a cell's math. What it a
                          writes its recurrent-side gradients (W, and any bias not in the input
                          projection) into grads (by base name), ∂E/∂s0 into ds0 and ∂E/∂(extra
                          state at step 0) into grads[extra_state]; ``work`` (T, B,
-                         gates·H) is free for it, and the result may be it or one of the cell's
+                         gates·H) is free for it, and the result may be it, G, or one of the cell's
                          ``buffers`` (a backward pass spends its forward's buffers). The engine then
                          forms dU = Σ ∂E/∂preᵀ x_t (one GEMM), the input bias's gradient and ∂E/∂x
                          (one GEMM, for the layer below).

@@ -23,7 +23,7 @@ from ..backend import Backend
 from ..backend._mkl import PackedMatrix
 from ._jit import compile_loops
 
-__all__ = ["SPLIT_MIN_STATE", "over_rows", "split_rows", "step_loops"]
+__all__ = ["SPLIT_MIN_STATE", "loops_possible", "over_rows", "split_rows", "step_loops"]
 
 #: the smallest state (B·H elements) whose step loops run as two batch halves at once (tests lower it): on the
 #: 2-core VM, with the compiled kernels, halves took 0.79–0.96× one loop's time at B·H = 8192 (B = 16, 32, 64)
@@ -55,6 +55,13 @@ def over_rows(be: Backend, halves: tuple[slice, slice] | None, job: Callable[[sl
         job(slice(None))
         return
     be.run_concurrently([partial(job, rows) for rows in halves])
+
+
+def loops_possible(be: Backend, jit: Any) -> bool:
+    """Whether a cell's compiled step loops (``step_loops``) can run on ``be`` at all: its compiled kernels ``jit``
+    run, MKL does and the backend computes in FP32 (a tf32/bf16 view rounds its step weight instead of packing it).
+    Each loop still needs its weight packed (``step_loops``)."""
+    return jit is not None and getattr(be, "mkl", None) is not None and be.precision == "fp32"
 
 
 def step_loops(

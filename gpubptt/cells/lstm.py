@@ -30,7 +30,7 @@ import numpy as np
 from ..backend import Backend
 from ._gated import GatedCell, batch_halves, forward_in_halves, forward_weight, sig_grad
 from ._jit import compile_kernels
-from ._loops import step_loops
+from ._loops import loops_possible, step_loops
 from ._per_backend import PerBackend
 from .base import register_cell
 
@@ -85,7 +85,9 @@ class LSTMCell(GatedCell):
         return shapes
 
     def buffers(self, T: int, B: int, H: int, *, xp: Any, dtype: Any) -> dict[str, Any]:
-        """A (T, B, 4H) the gates [i, f, g, o] of every step; C (T+1, B, H) the cell states (C[0] = c0);
+        """A (T, B, 4H) the gates [i, f, g, o] of every step (between a forward and its backward; where the compiled
+        loops run, it holds the input projection before the forward and ∂a after the backward); C (T+1, B, H) the
+        cell states (C[0] = c0);
         Wt (H, 4H) W transposed; hw (B, 4H), tmp (2, B, H) per-step scratch."""
         return {
             "A": xp.empty((T, B, 4 * H), dtype=dtype),
@@ -126,11 +128,9 @@ class LSTMCell(GatedCell):
         return J
 
     def projection_buffer(self, aux: dict[str, Any], be: Backend) -> Any:
-        """The gates A, where the compiled step loops run (NumPy, MKL, numba, FP32): each step then adds
+        """The gates A, where the compiled step loops can run (``_loops.loops_possible``): each step then adds
         h_{t-1} @ Wᵀ to its projection in place, one (T, B, 4H) buffer streamed instead of two; else None."""
-        if kernels(be).jit is None or getattr(be, "mkl", None) is None or getattr(be, "precision", "") != "fp32":
-            return None
-        return aux["A"]
+        return aux["A"] if loops_possible(be, kernels(be).jit) else None
 
     def run_forward(
         self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], *, be: Backend, scratch: Any, step_kernels: str
@@ -172,8 +172,9 @@ class LSTMCell(GatedCell):
         ds0: Any,
         d_extra: dict[int, list[tuple[Any, Any]]] | None = None,
     ) -> Any:
-        """BPTT through all steps; returns ∂E/∂pre (T, B, 4H): in ``work``, or over the gates ``aux["A"]`` (where the
-        compiled step loops run: the forward's buffers are spent, as a pullback's are). G (T, B, H) enters as the
+        """BPTT through all steps; returns ∂E/∂pre (T, B, 4H): over the gates ``aux["A"]`` where the compiled step
+        loops ran (the forward's buffers are spent, as a pullback's are; a half whose loop could not run copies its
+        rows over from ``work``), else in ``work``. G (T, B, H) enters as the
         direct term ∂E/∂h_t; writes grads["W"], ds0 (B, H) = ∂E/∂h0 and grads["c0"] (B, H) = ∂E/∂c0.
         ``d_extra`` {t: [(cols, values)]}, optional: direct terms ∂E/∂c_t at the steps named, for the batch
         columns ``cols`` (a slice or an index array; values (len(cols), H)): the pullback's ∂E/∂c_n at each
@@ -185,30 +186,32 @@ class LSTMCell(GatedCell):
         ds0[...] = 0  # what step t+1 sends back to h_t (ds0) and c_t (c0); after step 0, ∂E/∂h0 and ∂E/∂c0
         grads["c0"][...] = 0
         # where the compiled loops run, ∂a_t goes over the gates A[t] (the loop's last use of them): one (T, B, 4H)
-        # buffer streamed through memory instead of two
-        dpre = aux["A"] if not d_extra and k.jit is not None and getattr(be, "mkl", None) is not None else work
+        # buffer streamed through memory instead of two; the per-step path writes it into work
         halves = None if d_extra else batch_halves(be, k, B, aux, T)
-        if halves is None:
-            self._backward_rows(G, p, aux, slice(None), work, dpre, ds0, grads["c0"], d_extra, be=be, k=k)
-        else:
-            jobs = [partial(self._backward_rows, G, p, aux, rows, work, dpre, ds0, grads["c0"], None, be=be, k=k)
-                    for rows, _ in halves]  # fmt: skip
-            be.run_concurrently(jobs)  # two threads, each its rows
+        rows = [slice(None)] if halves is None else [r for r, _ in halves]
+        in_place: dict[int, bool] = {}
+        jobs = [partial(self._backward_rows, G, p, aux, r, work, ds0, grads["c0"], d_extra, in_place, i, be=be, k=k)
+                for i, r in enumerate(rows)]  # fmt: skip
+        be.run_concurrently(jobs)  # with halves, two threads, each its rows
+        dpre = aux["A"] if any(in_place.values()) else work
+        for i, r in enumerate(rows):
+            if dpre is not work and not in_place[i]:  # this half's loop could not run: its ∂a where the other's is
+                dpre[:, r] = work[:, r]
         be.matmul(dpre.reshape(T * B, 4 * H).T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂a_tᵀ h_{t-1}
         return dpre
 
     def _backward_rows(
-        self, G: Any, p: dict[str, Any], aux: dict[str, Any], rows: slice, work: Any, dpre: Any, dh: Any, dc: Any,
-        d_extra: dict[int, list[tuple[Any, Any]]] | None, *, be: Backend, k: Any,
+        self, G: Any, p: dict[str, Any], aux: dict[str, Any], rows: slice, work: Any, dh: Any, dc: Any,
+        d_extra: dict[int, list[tuple[Any, Any]]] | None, in_place: dict[int, bool], i: int, *, be: Backend, k: Any,
     ) -> None:  # fmt: skip
         """The backward steps of the batch rows ``rows`` (d_extra: all rows only); dh, dc (B, H) the carries; ∂a
-        into dpre: ``work``, or the gates A (the compiled loops write it in place; the per-step path into
-        ``work``, then copies its rows over)."""
+        over the gates A by the compiled loop (in_place[i] ← True), else into ``work`` (in_place[i] ← False)."""
         r0, r1, _ = rows.indices(G.shape[1])
         T, n = G.shape[0], r1 - r0
         A, C, tmp = aux["A"], aux["C"], aux["tmp"]
         Wp = be.pack(p["W"], n, T)  # W packed once for all T steps where the backend packs (MKL), else W
-        loops = None if d_extra or dpre is not A else k.step_loops(be, Wp, n, (G, A, C, dh, dc, tmp))
+        loops = None if d_extra else k.step_loops(be, Wp, n, (G, A, C, dh, dc, tmp))
+        in_place[i] = loops is not None
         if loops is not None:  # all T steps in one compiled call (whole buffers, rows r0..r1−1: ``_loops``)
             loops[1](G, dh, A, C, dc, tmp[0], Wp.ptr, A.dtype.type(1), r0, r1)
             return
@@ -219,8 +222,6 @@ class LSTMCell(GatedCell):
                 dc[cols] += values
             k.backward(G[t], dh, C[t], C[t + 1], A[t], dc, work[t], tmp)  # ∂a_t; dc ← dc_t ⊙ f_t
             be.matmul(work[t], Wp, dh)  # dh_{t-1} = ∂a_t @ W: all four gates in one GEMM
-        if dpre is aux["A"]:  # the loops could not run for these rows after all: their ∂a where the others' is
-            A[...] = work
 
     def _backward_truncated(
         self, G: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], k: int, *, be: Backend, work: Any,
@@ -417,8 +418,8 @@ def _jit_backward(g: Any, dhn: Any, cprev: Any, tc: Any, A: Any, dc: Any, da: An
 
 
 def _jit_backward_in_place(g: Any, dhn: Any, cprev: Any, tc: Any, A: Any, dc: Any, one: Any, r0: int, r1: int) -> None:
-    """``_jit_backward`` with ∂a_t written over the gates A (B, 4H) that it reads, rows r0..r1−1 (each unit's four
-    gates read before its four entries are written): two passes over a row instead of seven."""
+    """``_jit_backward`` with ∂a_t written over the gates A (B, 4H) that it reads, rows r0..r1−1 (each entry read
+    before it is overwritten; o is not needed in the second pass): two passes over a row instead of seven."""
     H = g.shape[1]
     for b in range(r0, r1):
         dh, dhb, cp, t, dcb = g[b], dhn[b], cprev[b], tc[b], dc[b]

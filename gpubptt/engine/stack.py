@@ -106,9 +106,10 @@ def reverse_index(T: int, B: int, lengths: np.ndarray | None) -> np.ndarray:
 
 
 def gather_rows(src: Any, index: Any, *, be: Backend, out: Any) -> Any:
-    """out[i] = src[index[i]] over the T·B rows of (T, B, H) arrays (both contiguous): one gather, or one per
-    ``be.row_blocks`` block at once (a gather is memory-bound: two cores copy an (T·B, 4H) = (2048, 1024) float32
-    buffer in 0.57 ms against 0.71 ms on one, 2-core VM)."""
+    """out[i] = src[index[i]] over the T·B rows of (T, B, H) arrays (out contiguous; a src that is not, such as a
+    batch-first input's swapped view, is copied first): one gather, or one per ``be.row_blocks`` block at once (a
+    gather is memory-bound: two cores copy a (T·B, 4H) = (2048, 1024) float32 buffer in 0.57 ms against 0.71 ms
+    on one, 2-core VM)."""
     T, B, H = out.shape
     rows, into = src.reshape(T * B, H), out.reshape(T * B, H)
     blocks = be.row_blocks(T * B, out.size)
@@ -123,9 +124,10 @@ class Stack:
     own time (S[i][0] = its s0; a reverse recurrence runs over the per-sequence reversal of time,
     ``reverse_index``). Layer l's output Y[l] (T, B, H·dirs) in input time: [forward, reverse]
     states (for one direction, a view of S). X[l] the input of layer l ≥ 1: Y[l−1], or Y[l−1] ⊙ M[l−1]
-    with dropout (M the inverted dropout masks, 0 or 1/(1−p)). One (T, B, H) ``pre`` serves every
-    recurrence in turn; ``tmp`` (T, B, gates·H), ``tmp_h`` (T, B, H) (``tmp`` itself for one gate) and
-    ``rev`` (T·B,) exist with two directions.
+    with dropout (M the inverted dropout masks, 0 or 1/(1−p)). One (T, B, gates·H) ``pre`` serves every
+    recurrence in turn (where the cell names none of its own buffers, ``Cell.projection_buffer``); ``tmp``
+    (T, B, gates·H; a reverse direction's input gathered into its own time passes through it), ``tmp_h``
+    (T, B, H) (``tmp`` itself for one gate) and ``rev`` (T·B,) exist with two directions.
     """
 
     def __init__(self, model: Any, T: int, B: int, *, dropout: bool) -> None:
@@ -207,7 +209,7 @@ class Stack:
     def _run_pair(self, recs: list[Any], X: Any, tokens: bool, step_kernels: str) -> None:
         """A bidirectional layer's two recurrences forward, at once where the backend runs jobs concurrently
         (``Backend.run_concurrently``): the reverse one on ``pre``, projected from its input in its own time (the
-        input gathered into ``tmp``: narrower than pre where D ≤ gates·H; token ids gathered; else pre projected
+        input gathered into ``tmp``: no wider than pre where D ≤ gates·H; token ids gathered; else pre projected
         into ``tmp`` and gathered), then the forward one projected on ``tmp``; each with its own scratch. A cell's
         own ``projection_buffer`` takes the place of ``pre`` or ``tmp``."""
         be, cell, model = self.be, self.model.cell, self.model
