@@ -476,11 +476,18 @@ def _mkl_step_loops(
                 gates_in_place(hw, a, half, r0, r1)
             else:
                 gates_in(pre[t], hw, a, half, r0, r1)
-            for b in range(r0, r1):
-                tanh(G, a[b].ctypes.data, a[b].ctypes.data)
+            if a.strides[0] == G * size:  # the rows' gates are one block: one call
+                tanh(n * G, a[r0].ctypes.data, a[r0].ctypes.data)
+            else:
+                for b in range(r0, r1):
+                    tanh(G, a[b].ctypes.data, a[b].ctypes.data)
             cell_state(a, C[t], c, half, r0, r1)
+            if c.strides[0] == H * size and h.strides[0] == H * size:
+                tanh(n * H, c[r0].ctypes.data, h[r0].ctypes.data)
+            else:
+                for b in range(r0, r1):
+                    tanh(H, c[b].ctypes.data, h[b].ctypes.data)
             for b in range(r0, r1):
-                tanh(H, c[b].ctypes.data, h[b].ctypes.data)
                 hb, ob = h[b], a[b, 3 * H :]
                 for j in range(H):
                     hb[j] *= ob[j]  # h = o ⊙ tanh(c)
@@ -493,8 +500,11 @@ def _mkl_step_loops(
         size = G.itemsize
         for t in range(T - 1, -1, -1):
             c = C[t + 1]
-            for b in range(r0, r1):
-                tanh(H, c[b].ctypes.data, tc[b].ctypes.data)
+            if c.strides[0] == H * size and tc.strides[0] == H * size:  # the rows are one block: one call
+                tanh(n * H, c[r0].ctypes.data, tc[r0].ctypes.data)
+            else:
+                for b in range(r0, r1):
+                    tanh(H, c[b].ctypes.data, tc[b].ctypes.data)
             backward_in_place(G[t], dh, C[t], tc, A[t], dc, one, r0, r1)
             compute(101, 111, 151, n, H, 4 * H, A[t, r0].ctypes.data, A.strides[1] // size, w, H, 0.0,
                     dh[r0].ctypes.data, dh.strides[0] // size)  # fmt: skip  # dh_{t-1} = ∂a_t @ W
