@@ -127,7 +127,8 @@ class Stack:
     with dropout (M the inverted dropout masks, 0 or 1/(1−p)). One (T, B, gates·H) ``pre`` serves every
     recurrence in turn (where the cell names none of its own buffers, ``Cell.projection_buffer``); ``tmp``
     (T, B, gates·H; a reverse direction's input gathered into its own time passes through it), ``tmp_h``
-    (T, B, H) (``tmp`` itself for one gate) and ``rev`` (T·B,) exist with two directions.
+    (T, B, H) (``tmp`` itself for one gate), ``rev`` (T·B,) and ``rev_ids`` (T·B, 1) (token ids in a reverse
+    direction's time) exist with two directions.
     """
 
     def __init__(self, model: Any, T: int, B: int, *, dropout: bool) -> None:
@@ -144,6 +145,7 @@ class Stack:
         self.tmp = xp.empty((T, B, gH), dtype=dt) if dirs == 2 else None
         self.tmp_h = self.tmp if dirs == 1 or gH == H else xp.empty((T, B, H), dtype=dt)
         self.rev = xp.empty(T * B, dtype=xp.int64) if dirs == 2 else None
+        self.rev_ids = xp.empty((T * B, 1), dtype=xp.int64) if dirs == 2 else None  # token ids in reverse time
         self.Y = [self.S[l][1:] if dirs == 1 else xp.empty((T, B, 2 * H), dtype=dt) for l in range(L)]
         self.M = [xp.empty((T, B, H * dirs), dtype=dt) for _ in range(L - 1)] if dropout else None
         self.X = [None] + [xp.empty((T, B, H * dirs), dtype=dt) if dropout else self.Y[l] for l in range(L - 1)]
@@ -223,8 +225,8 @@ class Stack:
             if r.direction == 0:
                 input_projection(q["U"], b, X, tokens, be=be, out=pre)
             elif tokens:  # the reverse direction's time: its token ids gathered
-                input_projection(q["U"], b, be.xp.take(X.reshape(-1), self.rev).reshape(X.shape), True, be=be,
-                                 out=pre)  # fmt: skip
+                ids = be.take_rows(X.reshape(-1, 1), self.rev, self.rev_ids)
+                input_projection(q["U"], b, ids.reshape(X.shape), True, be=be, out=pre)
             elif X.shape[2] <= self.tmp.shape[2]:  # its input gathered into tmp
                 Xr = gather_rows(X, self.rev, be=be, out=self.tmp.reshape(-1)[: X.size].reshape(X.shape))
                 input_projection(q["U"], b, Xr, False, be=be, out=pre)
