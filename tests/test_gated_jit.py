@@ -112,6 +112,21 @@ def test_compiled_gru_backward_step_matches_central_differences(compiled_kernels
     np.testing.assert_allclose(tmp[0], numeric_grad(energy, hprev), rtol=1e-7, atol=1e-9)
 
 
+def _force_compiled_loops(monkeypatch, *, split_min_state: int) -> None:
+    """The gated cells' whole compiled step loops forced on at a small shape (numba, MKL, every GEMM packed), batch
+    halves from ``split_min_state`` = B·H; skips without numba or MKL."""
+    pytest.importorskip("numba", reason="numba unavailable: pip install numba")
+    from gpubptt.backend import _mkl, numpy_backend
+    from gpubptt.cells import _loops
+
+    if _mkl.load_mkl()[0] is None:
+        pytest.skip("MKL unavailable: pip install mkl")
+    monkeypatch.setenv(_jit.JIT_VAR, "numba")
+    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 1)
+    monkeypatch.setattr(numpy_backend, "PACK_MIN_ROWS", 1)
+    monkeypatch.setattr(_loops, "SPLIT_MIN_STATE", split_min_state)
+
+
 @pytest.mark.parametrize("dtype,rtol,atol", [("float64", 1e-6, 1e-8), ("float32", 2e-3, 2e-4)])
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
@@ -120,17 +135,10 @@ def test_whole_step_loops_under_mkl_match_central_differences_of_the_reference(c
     """Under MKL with compiled kernels, each (half's) GRU or LSTM step loop runs as one compiled call (GEMMs on the
     packed W, VML's tanh): forced on at a small shape (thresholds lowered), one loop or two batch halves, two
     layers; the gradients against float64 central differences of the reference."""
-    pytest.importorskip("numba", reason="numba unavailable: pip install numba")
-    from gpubptt.backend import _mkl, numpy_backend
-    from gpubptt.cells import _loops
+    from gpubptt.backend import numpy_backend
     from tests.reference import numeric, ref_gated_loss
 
-    if _mkl.load_mkl()[0] is None:
-        pytest.skip("MKL unavailable: pip install mkl")
-    monkeypatch.setenv(_jit.JIT_VAR, "numba")
-    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 1)
-    monkeypatch.setattr(numpy_backend, "PACK_MIN_ROWS", 1)
-    monkeypatch.setattr(_loops, "SPLIT_MIN_STATE", 2 if split else 1 << 40)
+    _force_compiled_loops(monkeypatch, split_min_state=2 if split else 1 << 40)
     used = []
     kind = {"gru": gru, "lstm": lstm}[cell]._Kernels
     step_loops = kind.step_loops
@@ -208,17 +216,10 @@ def test_lstm_compiled_loops_work_in_the_gates_buffer(case, monkeypatch):
     pullback; a half whose loop cannot run (refused here for the 3-row half of B = 5) takes the per-step path on
     the same buffer (the backward into ``work``, its rows copied over). The gradients against float64 central
     differences of the reference."""
-    pytest.importorskip("numba", reason="numba unavailable: pip install numba")
-    from gpubptt.backend import _mkl, numpy_backend
-    from gpubptt.cells import _loops
+    from gpubptt.backend import numpy_backend
     from tests.reference import numeric, ref_gated_loss
 
-    if _mkl.load_mkl()[0] is None:
-        pytest.skip("MKL unavailable: pip install mkl")
-    monkeypatch.setenv(_jit.JIT_VAR, "numba")
-    monkeypatch.setattr(numpy_backend, "MKL_MIN_FLOPS", 1)
-    monkeypatch.setattr(numpy_backend, "PACK_MIN_ROWS", 1)
-    monkeypatch.setattr(_loops, "SPLIT_MIN_STATE", 2)
+    _force_compiled_loops(monkeypatch, split_min_state=2)
     refused = {"forward half refused": 5, "backward half refused": 6}.get(case)  # that loop's number of arrays
     used = []
     step_loops = lstm._Kernels.step_loops

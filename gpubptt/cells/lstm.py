@@ -438,7 +438,9 @@ def _jit_backward_in_place(g: Any, dhn: Any, cprev: Any, tc: Any, A: Any, dc: An
 
 
 def _jit_gates_in_place(hw: Any, A: Any, half: Any, r0: int, r1: int) -> None:
-    """``_jit_gates_in`` with pre in A (B, 4H) itself: A ← (A + hw) ⊙ [½ ½ 1 ½] on rows r0..r1−1."""
+    """``_jit_gates_in`` with pre in A (B, 4H) itself: A ← (A + hw) ⊙ [½ ½ 1 ½] on rows r0..r1−1. A kernel of its
+    own: given pre and A as one array, ``_jit_gates_in`` finds them overlapping and runs its scalar loop (8.8
+    against 4.2 µs for 16 rows at H = 256)."""
     H = A.shape[1] // 4
     for b in range(r0, r1):
         w, a = hw[b], A[b]
