@@ -326,7 +326,7 @@ def test_gpubptt_blas_picks_the_library_and_refuses_what_it_cannot_give(monkeypa
 def test_gradients_with_packed_step_gemms_equal_numpys_own_blas_in_float64(cell, monkeypatch):
     """Shapes at which MKL runs and packs W (B·H·G·H above ``MKL_MIN_FLOPS``), float64: the gradients equal
     those of the same model on NumPy's own BLAS (which is checked against references elsewhere) to rounding."""
-    T, B, D, H, K = 4, 64, 4, 192 if cell == "rnn" else 128, 5  # T·B ≥ PACK_MIN_ROWS: the steps repay a pack
+    T, B, D, H, K = 5, 64, 4, 192 if cell == "rnn" else 128, 5  # (T−1)·B ≥ PACK_MIN_ROWS: the steps repay a pack
     packs = []
     be = mkl_backend(most=1)
     real_pack = be.pack
