@@ -5,6 +5,9 @@
 #   pytest-gpu.txt             python3 -m pytest -m gpu -rs (CuPy against NumPy, tf32/bf16 against their emulation)
 #   perf-cupy[-P].json/.txt    benchmarks/perf_grid.py rows 0,1,5,6 (T=32 H=128 latency row, H=256, H=512, H=1024)
 #   perf-gated-cupy[-P].json   benchmarks/perf_gated.py rows 0,2 (GRU H=256, H=1024)
+#   bi-grid[-streams].json     fp32, right after the fp32 grids: the deep grid's 2-layer bidirectional row, and
+#   bi-gated[-streams].json    perf_gated.py rows 8,9 (GRU, LSTM, 2 layers bidirectional), with the directions in
+#                              turn and then on two CUDA streams (--streams: backend.concurrent, off by default)
 #   for P in fp32, tf32 (torch: allow_tf32 for matmul and cuDNN), bf16 (torch: bf16 autocast); each step has its own
 #   timeout, so a hang costs that step only; the whole script stays under ~8 minutes.
 # Usage: PYTHONPATH=. bash benchmarks/gpu_check.sh            (results in $OUT, or a new temporary folder when unset)
@@ -29,10 +32,10 @@ step() {  # step SECONDS LOGNAME command...: run one step under a timeout, its o
 }
 
 if [ $DRY -eq 1 ]; then
-    BACKEND=numpy GRID_ROWS=0 GATED_ROWS=0 REPEATS=(--repeats 1 --warmup 0)
+    BACKEND=numpy GRID_ROWS=0 GATED_ROWS=0 BI_GATED_ROWS=8 REPEATS=(--repeats 1 --warmup 0)
     step 120 pytest-gpu.txt "$PY" -m pytest -q -m gpu --collect-only tests
 else
-    BACKEND=cupy GRID_ROWS=0,1,5,6 GATED_ROWS=0,2 REPEATS=(--repeats 5 --warmup 2)
+    BACKEND=cupy GRID_ROWS=0,1,5,6 GATED_ROWS=0,2 BI_GATED_ROWS=8,9 REPEATS=(--repeats 5 --warmup 2)
     { nvidia-smi; "$PY" -c "import cupy, numpy, torch, gpubptt; print('cupy', cupy.__version__, 'numpy', \
 numpy.__version__, 'torch', torch.__version__, 'gpubptt', gpubptt.__version__)"; } >"$OUT/env.txt" 2>&1
     step 210 pytest-gpu.txt "$PY" -m pytest -q -m gpu -rs tests
@@ -42,6 +45,14 @@ for P in fp32 tf32 bf16; do
         "${REPEATS[@]}"
     step 40 "gated-$P.log" "$PY" benchmarks/perf_gated.py "$OUT" --backend $BACKEND --precision $P --rows $GATED_ROWS \
         "${REPEATS[@]}"
+    [ "$P" = fp32 ] || continue
+    for S in "" --streams; do  # --streams is CuPy's alone: the dry run checks the rows in turn only
+        [ $DRY -eq 1 ] && [ -n "$S" ] && continue
+        step 60 "bi${S:+-streams}.log" "$PY" benchmarks/perf_grid.py --backend $BACKEND --grid deep --rows 2 $S \
+            --output "$OUT/bi-grid${S:+-streams}.json" "${REPEATS[@]}"
+        step 60 "bi${S:+-streams}.log" "$PY" benchmarks/perf_gated.py --backend $BACKEND --rows $BI_GATED_ROWS $S \
+            --output "$OUT/bi-gated${S:+-streams}.json" "${REPEATS[@]}"
+    done
 done
 echo "results in $OUT" >&2
 exit $status

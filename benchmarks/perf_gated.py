@@ -195,6 +195,11 @@ def measure(be, cell, T, B, D, H, K, layers, bi, args) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    ap.add_argument(
+        "--streams",
+        action="store_true",
+        help="CuPy: a bidirectional layer's two directions on two CUDA streams (backend.concurrent)",
+    )
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rows", default="all", help="'all', or indices into the rows, comma-separated (0-9)")
@@ -211,7 +216,11 @@ def main() -> int:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     # the backend before torch: its MKL then picks its threading layer as for a user of gpubptt alone (a torch
     # imported first has loaded GNU OpenMP, and MKL takes that layer: docs/performance.md), as in perf_grid.py
+    if args.streams and args.backend != "cupy":
+        ap.error("--streams is for --backend cupy (the NumPy backend runs the directions in threads already)")
     be = gpubptt.get_backend(args.backend)
+    if args.streams:
+        be.concurrent = True
     try:
         import torch
     except ImportError as exc:
@@ -238,7 +247,7 @@ def main() -> int:
     env = {"gpubptt": gpubptt.__version__, "numpy": np.__version__, "torch": torch.__version__,
            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
            "machine": platform.machine(), "backend": be.name, "device": be.device,
-           "precision": args.precision, "jit": jit_library(be.name)}  # fmt: skip
+           "precision": args.precision, "jit": jit_library(be.name), "concurrent": be.concurrent}  # fmt: skip
     result = {"benchmark": "perf_gated", "command": " ".join(sys.argv), "environment": env,
               "full_environment": environment([be]), "blas": blas_facts(be),
               "median_ratio_vs_torch": None if stats is None else stats["median"],
@@ -248,7 +257,8 @@ def main() -> int:
     if output is None:
         folder = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="gpubptt-perf-"))
         folder.mkdir(parents=True, exist_ok=True)
-        output = folder / f"perf-gated-{be.name}{'' if args.precision == 'fp32' else '-' + args.precision}.json"
+        suffix = ("" if args.precision == "fp32" else "-" + args.precision) + ("-streams" if args.streams else "")
+        output = folder / f"perf-gated-{be.name}{suffix}.json"
     output.write_text(json.dumps(result, indent=1))
     output.with_suffix(".txt").write_text("\n".join(lines) + "\n")
     print(f"wrote {output}", file=sys.stderr)

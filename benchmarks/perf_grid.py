@@ -169,6 +169,11 @@ def describe(row: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    ap.add_argument(
+        "--streams",
+        action="store_true",
+        help="CuPy: a bidirectional layer's two directions on two CUDA streams (backend.concurrent)",
+    )
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="GEMM precision (torch matches it)")
@@ -184,7 +189,11 @@ def main() -> int:
     args = ap.parse_args()
     if args.output:  # its folder made now, not found missing after the whole run
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    if args.streams and args.backend != "cupy":
+        ap.error("--streams is for --backend cupy (the NumPy backend runs the directions in threads already)")
     be = gpubptt.get_backend(args.backend)
+    if args.streams:
+        be.concurrent = True
     reason = bench.torch_unavailable_reason()
     if reason:
         print(f"timing gpubptt alone: {reason}", file=sys.stderr)
@@ -204,6 +213,7 @@ def main() -> int:
         "environment": environment([be]),
         "repeats": args.repeats,
         "precision": args.precision,
+        "concurrent": be.concurrent,  # a bidirectional layer's directions at once (CuPy: on two streams)
         "median_ratio_vs_torch": None if stats is None else stats["median"],  # over the rows not noisy
         "max_ratio_vs_torch": None if stats is None else stats["max"],
         "summary_vs_torch": stats,
@@ -219,7 +229,8 @@ def main() -> int:
         folder = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="gpubptt-perf-"))
         folder.mkdir(parents=True, exist_ok=True)
         grid = "" if args.grid == "default" else "-" + args.grid
-        output = folder / f"perf-{be.name}{grid}{'' if args.precision == 'fp32' else '-' + args.precision}.json"
+        suffix = ("" if args.precision == "fp32" else "-" + args.precision) + ("-streams" if args.streams else "")
+        output = folder / f"perf-{be.name}{grid}{suffix}.json"
     write_atomic(str(output), json.dumps(result, indent=1))
     write_atomic(str(output.with_suffix(".txt")), "\n".join(lines) + "\n")
     print(f"wrote {output}", file=sys.stderr)

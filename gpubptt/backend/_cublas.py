@@ -4,7 +4,7 @@ CuPy's own cuBLAS bindings refuse to run while a stream is being captured; cuBLA
 capture. The handle is shared by the process: its stream and each GEMM are set and queued under
 one lock, so threads on different streams never send a GEMM to another thread's stream. The one
 workspace is safe while device work is ordered (CuPy's default stream orders every thread's work);
-GEMMs on several non-default streams at once would share it.
+a side stream that runs beside it (``_streams``) gets a workspace of its own (``matmul.add_stream``).
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def cublas_matmul(cp: ModuleType) -> Callable[..., None]:
     check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
     # a workspace of our own, so cuBLAS never allocates while a graph is being captured
     workspace = cp.empty(32 << 20, dtype=cp.uint8)
+    workspaces: dict[int, Any] = {}  # a side stream's own, by stream pointer; every other stream: workspace
     current = [None]  # the stream the handle is set to
     lock = threading.Lock()
     gemm = {
@@ -138,7 +139,8 @@ def cublas_matmul(cp: ModuleType) -> Callable[..., None]:
         with lock:  # one handle for the process: its stream and the GEMM are set and queued together
             if stream != current[0]:  # cublasSetStream also resets the workspace: set ours again
                 check(lib.cublasSetStream_v2(handle, stream), "cublasSetStream")
-                check(lib.cublasSetWorkspace_v2(handle, workspace.data.ptr, workspace.nbytes), "cublasSetWorkspace")
+                space = workspaces.get(stream, workspace)
+                check(lib.cublasSetWorkspace_v2(handle, space.data.ptr, space.nbytes), "cublasSetWorkspace")
                 current[0] = stream
             # row-major out = a @ b  is column-major outᵀ = bᵀ aᵀ
             if precision != "fp32":  # float32 output and accumulation; tensor-core inputs
@@ -157,5 +159,14 @@ def cublas_matmul(cp: ModuleType) -> Callable[..., None]:
                 )  # fmt: skip
         check(status, "gemm")
 
-    matmul.keepalive = (lib, handle, workspace)  # type: ignore[attr-defined]
+    def add_stream(stream: int) -> None:
+        """A workspace of its own for the stream with pointer ``stream``, for GEMMs in flight beside those of
+        other streams; made at once (never while a graph is being captured: the caller makes its side streams
+        outside any capture)."""
+        with lock:
+            if stream not in workspaces:
+                workspaces[stream] = cp.empty(workspace.nbytes, dtype=cp.uint8)
+
+    matmul.add_stream = add_stream  # type: ignore[attr-defined]
+    matmul.keepalive = (lib, handle, workspace, workspaces)  # type: ignore[attr-defined]
     return matmul

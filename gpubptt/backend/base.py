@@ -74,6 +74,9 @@ class Backend:
     #: The precision of ``matmul``'s operands: "fp32" here; "tf32" or "bf16" on the views that
     #: ``with_precision`` returns (``gpubptt.backend.precision``).
     precision: str = "fp32"
+    #: ``concurrent``'s value until it is set: whether ``run_concurrently`` runs its jobs at once (NumPy: in
+    #: threads; CuPy: on side streams, off until measured on a device)
+    concurrent_default: bool = False
 
     def __init__(self) -> None:
         self._choices: dict[str, dict[Hashable, bool]] = {}
@@ -105,6 +108,16 @@ class Backend:
                 view.token_scatter_add = exact.token_scatter_add  # type: ignore[method-assign]
                 views[precision] = view
             return views[precision]
+
+    @property
+    def concurrent(self) -> bool:
+        """Whether ``run_concurrently`` may run its jobs at once (the two directions of a bidirectional layer);
+        one setting for this backend and its ``with_precision`` views."""
+        return self.exact.__dict__.get("_concurrent", self.concurrent_default)
+
+    @concurrent.setter
+    def concurrent(self, value: bool) -> None:
+        self.exact.__dict__["_concurrent"] = bool(value)
 
     @property
     def exact(self) -> Backend:

@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import BackendUnavailableError
 from . import _graphs
 from ._cublas import cublas_matmul
+from ._streams import SideStreams
 from .base import Backend, TokenPlan, is_cupy_array
 
 __all__ = ["INSTALL_HINT", "CupyBackend", "make_cupy_backend"]
@@ -41,12 +42,16 @@ class CupyBackend(Backend):
     supports_graphs = True
     compiles_kernels = True
     conversion_hint = "convert it with backend.asarray(...)"
+    #: the directions of a bidirectional layer on two streams (``run_concurrently``): built and checked
+    #: against stand-ins on the CPU, not yet timed on a device, so off unless ``concurrent`` is set
+    concurrent_default = False
 
     def __init__(self, cp: Any, device: str) -> None:
         super().__init__()
         self.xp = cp
         self.device = device
         self._matmul = cublas_matmul(cp)
+        self._sides = SideStreams(cp, self._matmul.add_stream)  # type: ignore[attr-defined]
         self._scatter = cp.ElementwiseKernel(
             "raw T rows, raw I perm, raw I offsets, int64 H", "T dUT", _SCATTER_BODY, "gpubptt_token_scatter_add"
         )
@@ -145,6 +150,16 @@ class CupyBackend(Backend):
             self._matmul(a, b, out, accumulate)
         else:  # tensor cores: tf32 by cuBLAS's compute type, bf16 operands rounded into scratch first
             self._matmul(a, b, out, accumulate, self.precision, self._scratch)
+
+    def run_concurrently(self, jobs: list[Callable[[], None]]) -> None:
+        """Where ``concurrent`` is on, job 0 on the current stream and each other job on a side stream of its own,
+        forked from and joined back to the current stream (``_streams.SideStreams``; also inside a graph capture:
+        parallel branches of the graph); else one after the other on the current stream. Set ``concurrent``
+        before a shape's first call: its captured graph keeps the schedule it was recorded with."""
+        if len(jobs) < 2 or not self.concurrent:
+            super().run_concurrently(jobs)
+            return
+        self._sides.run(jobs)
 
     def token_scatter_add(self, dUT: Any, plan: TokenPlan, rows: Any) -> None:
         self._scatter(rows, plan.perm, plan.offsets, dUT.shape[1], dUT)

@@ -193,6 +193,7 @@ class NumpyBackend(Backend):
 
     name = "numpy"
     xp = np
+    concurrent_default = True  # jobs in Python threads: BLAS, ufuncs and the compiled loops release the GIL
 
     def __init__(self, blas: str | None = None) -> None:
         """``blas``: "auto" | "mkl" | "numpy", which library runs the GEMMs; None reads ``GPUBPTT_BLAS`` (default
@@ -211,20 +212,9 @@ class NumpyBackend(Backend):
         if self.mkl is not None:
             large = "MKL's OpenMP threads" if self.mkl.openmp is not None else "gpubptt's threads"
             self.blas_library = f"{self.mkl.version} (one thread per small GEMM, large GEMMs on {large})"
-        self.concurrent = True
         self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
         self._gemm_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool): split MKL GEMMs
         self._pack_slots = threading.local()  # .slots: {dtype char: PackSlot}, one set per thread
-
-    @property
-    def concurrent(self) -> bool:
-        """Whether ``run_concurrently`` may use Python threads (the two directions of a bidirectional layer);
-        one setting for this backend and its ``with_precision`` views."""
-        return self.exact.__dict__.get("_concurrent", True)
-
-    @concurrent.setter
-    def concurrent(self, value: bool) -> None:
-        self.exact.__dict__["_concurrent"] = bool(value)
 
     def asarray(self, a: Any, dtype: Any = None) -> Any:
         if is_cupy_array(a):

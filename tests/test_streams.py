@@ -1,0 +1,274 @@
+"""The two directions of a bidirectional layer on CUDA side streams (``backend._streams``, the CuPy backend's
+``run_concurrently`` where ``concurrent`` is on).
+
+On the CPU: the fork/join order against a stand-in for CuPy's streams and events that logs every call, the
+cuBLAS workspace each stream's GEMMs get, and the engine's pair jobs run in the order the side streams queue
+them (and reversed) giving bit-identical results to one after the other, for every cell. On a device (gpu
+marker): CuPy with the side streams against CuPy without them (bit-identical: the same kernels in another
+schedule), with and without graphs, and against the NumPy float64 reference."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import gpubptt
+from gpubptt.backend import _cublas, _streams
+from gpubptt.backend.numpy_backend import NumpyBackend
+
+
+class _FakeCuda:
+    """CuPy's streams and events as a log: ``log`` holds ("record", event, stream), ("wait", stream, event) and
+    ("job", name, current stream) in call order; ``with stream:`` makes it current for this thread."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+        self.made: list[str] = []
+        self.local = threading.local()
+        fake = self
+
+        class Stream:
+            count = 0
+
+            def __init__(self, non_blocking: bool = False) -> None:
+                Stream.count += 1
+                self.name = f"side{Stream.count}"
+                self.ptr = 1000 + Stream.count
+                fake.made.append(self.name)
+
+            def wait_event(self, event):
+                fake.log.append(("wait", self.name, event.name))
+
+            def __enter__(self):
+                self.previous = fake.current()
+                fake.local.current = self
+
+            def __exit__(self, *exc):
+                fake.local.current = self.previous
+
+        class Event:
+            count = 0
+
+            def __init__(self, disable_timing: bool = False) -> None:
+                Event.count += 1
+                self.name = f"event{Event.count}"
+
+            def record(self, stream):
+                fake.log.append(("record", self.name, stream.name))
+
+        waits = lambda e: self.log.append(("wait", "origin", e.name))  # noqa: E731
+        self.origin = SimpleNamespace(name="origin", ptr=7, wait_event=waits)
+        self.cuda = SimpleNamespace(Stream=Stream, Event=Event, get_current_stream=self.current,
+                                    Device=lambda: SimpleNamespace(id=0))  # fmt: skip
+
+    def current(self):
+        return getattr(self.local, "current", self.origin)
+
+    def job(self, name: str, fail: bool = False):
+        def run() -> None:
+            self.log.append(("job", name, self.current().name))
+            if fail:
+                raise RuntimeError(f"{name} failed")
+
+        return run
+
+
+def test_side_streams_fork_after_the_origins_queued_work_and_join_before_its_next():
+    cuda = _FakeCuda()
+    added: list[int] = []
+    sides = _streams.SideStreams(cuda, added.append)
+    sides.run([cuda.job("a"), cuda.job("b"), cuda.job("c")])
+    fork = cuda.log[0]
+    assert fork[0] == "record" and fork[2] == "origin"  # the fork event, on the origin, before anything else
+    for job, stream in (("b", "side1"), ("c", "side2")):
+        at = cuda.log.index(("job", job, stream))  # each later job ran on a side stream of its own
+        assert cuda.log.index(("wait", stream, fork[1])) < at  # which waited for the fork first
+        (joined,) = [e for (kind, e, s) in cuda.log if kind == "record" and s == stream]
+        assert cuda.log.index(("record", joined, stream)) > at
+        assert cuda.log.index(("wait", "origin", joined)) > cuda.log.index(("record", joined, stream))
+    assert ("job", "a", "origin") in cuda.log  # job 0 on the origin itself
+    assert cuda.log[-1][:2] == ("wait", "origin") and cuda.current() is cuda.origin
+    assert added == [1001, 1002]  # each side stream announced once, for its own cuBLAS workspace
+
+
+def test_side_streams_are_made_once_per_thread_and_reused():
+    cuda = _FakeCuda()
+    added: list[int] = []
+    sides = _streams.SideStreams(cuda, added.append)
+    for _ in range(3):
+        sides.run([cuda.job("a"), cuda.job("b")])
+    assert cuda.made == ["side1"]
+    other = threading.Thread(target=sides.run, args=([cuda.job("a"), cuda.job("b")],))
+    other.start()
+    other.join()
+    assert cuda.made == ["side1", "side2"] and added == [1001, 1002]  # another thread: its own side stream
+
+
+@pytest.mark.parametrize("failing", ["b", "a"])
+def test_a_job_that_raises_still_joins_every_forked_stream(failing):
+    cuda = _FakeCuda()
+    sides = _streams.SideStreams(cuda, lambda ptr: None)
+    with pytest.raises(RuntimeError, match=f"{failing} failed"):
+        sides.run([cuda.job("a", fail=failing == "a"), cuda.job("b", fail=failing == "b"), cuda.job("c")])
+    ran = [name for (kind, name, _) in cuda.log if kind == "job"]
+    assert ran == (["b"] if failing == "b" else ["b", "c", "a"])  # nothing is queued after the error
+    forked = {s for (kind, s, e) in cuda.log if kind == "wait" and s != "origin"}
+    joined = {e for (kind, e, s) in cuda.log if kind == "record" and s in forked}
+    assert {e for (kind, s, e) in cuda.log if kind == "wait" and s == "origin"} == joined  # all joined
+    assert len(joined) == len(forked) == (1 if failing == "b" else 2) and cuda.current() is cuda.origin
+
+
+def _fake_cublas_lib(calls: list[tuple]) -> SimpleNamespace:
+    ok = lambda *a: 0  # noqa: E731
+
+    def set_stream(handle, stream):
+        calls.append(("stream", stream))
+        return 0
+
+    def set_workspace(handle, ptr, nbytes):
+        calls.append(("workspace", ptr, nbytes))
+        return 0
+
+    def sgemm(*args):
+        calls.append(("gemm",))
+        return 0
+
+    return SimpleNamespace(cublasGemmEx=ok, cublasSgemm_v2=sgemm, cublasDgemm_v2=ok, cublasSetStream_v2=set_stream,
+                           cublasSetWorkspace_v2=set_workspace, cublasCreate_v2=ok)  # fmt: skip
+
+
+class _DevArray(np.ndarray):
+    @property
+    def data(self):  # type: ignore[override]
+        return SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+
+def test_each_side_stream_gets_a_cublas_workspace_of_its_own(monkeypatch):
+    calls: list[tuple] = []
+    monkeypatch.setattr(_cublas, "_load_cublas", lambda cp: _fake_cublas_lib(calls))
+    current = SimpleNamespace(ptr=7)
+    cp = SimpleNamespace(
+        empty=lambda n, dtype: np.empty(n, dtype=dtype).view(_DevArray), uint8=np.uint8,
+        ElementwiseKernel=lambda *a: None, cuda=SimpleNamespace(get_current_stream=lambda: current),
+    )  # fmt: skip
+    matmul = _cublas.cublas_matmul(cp)
+    shared = matmul.keepalive[2]
+    a, b, out = (np.ones(s, np.float32).view(_DevArray) for s in ((2, 3), (3, 4), (2, 4)))
+    matmul.add_stream(8)
+    matmul.add_stream(8)  # once per stream
+    own = matmul.keepalive[3][8]
+    for ptr in (7, 8, 8, 9, 7):
+        current.ptr = ptr
+        matmul(a, b, out, False)
+    spaces = [c[1] for c in calls if c[0] == "workspace"]
+    streams = [c[1] for c in calls if c[0] == "stream"]
+    assert streams == [7, 8, 9, 7]  # set when the stream changes only
+    assert spaces == [shared.data.ptr, own.data.ptr, shared.data.ptr, shared.data.ptr]
+    assert own.nbytes == shared.nbytes and own.data.ptr != shared.data.ptr
+    assert [c for c in calls if c[0] == "gemm"] == [("gemm",)] * 5
+
+
+def test_cupy_backend_runs_jobs_on_side_streams_only_where_concurrent_is_set(monkeypatch):
+    from gpubptt.backend.cupy_backend import CupyBackend
+
+    cuda = _FakeCuda()
+    monkeypatch.setattr(_cublas, "_load_cublas", lambda cp: _fake_cublas_lib([]))
+    cp = SimpleNamespace(empty=lambda n, dtype: np.empty(n, dtype=dtype).view(_DevArray), uint8=np.uint8,
+                         ElementwiseKernel=lambda *a: None, cuda=cuda.cuda)  # fmt: skip
+    be = CupyBackend(cp, "stand-in")
+    assert be.concurrent is False  # not measured on a device yet: off by default
+    be.run_concurrently([cuda.job("a"), cuda.job("b")])
+    assert cuda.log == [("job", "a", "origin"), ("job", "b", "origin")]
+    view = be.with_precision("tf32")
+    view.concurrent = True  # one setting for the backend and its views
+    assert be.concurrent is True
+    cuda.log.clear()
+    be.run_concurrently([cuda.job("a"), cuda.job("b")])
+    assert ("job", "b", "side1") in cuda.log and ("job", "a", "origin") in cuda.log
+    assert len(be._matmul.keepalive[3]) == 1  # the side stream's own workspace
+
+
+def _in_order(order: str):
+    """A NumPy backend whose ``run_concurrently`` runs the jobs one after the other, in the order given: "fork"
+    as ``SideStreams`` queues them (jobs 1, 2, … then job 0), "reversed", or "sequential"."""
+    be = NumpyBackend()
+
+    def run(jobs):
+        seq = {"fork": jobs[1:] + jobs[:1], "reversed": jobs[::-1], "sequential": jobs}[order]
+        for job in seq:
+            job()
+
+    be.run_concurrently = run  # type: ignore[method-assign]
+    return be
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_bidirectional_pair_jobs_give_the_same_bits_in_any_order(cell, dtype):
+    rng = np.random.default_rng(3)
+    T, B, D, H, K = 9, 5, 6, 7, 8
+    x, y = rng.normal(size=(T, B, D)), rng.integers(0, K, size=(T, B))
+    ids, targets = rng.integers(0, D, size=(T, B)), rng.normal(size=(T, B, K))
+    lengths = np.array([9, 4, 0, 1, 9])
+    results = {}
+    for order in ("sequential", "fork", "reversed"):
+        m = gpubptt.RNN(D, H, K, cell=cell, num_layers=2, bidirectional=True, backend=_in_order(order), seed=2,
+                        dtype=dtype, bias=True)  # fmt: skip
+        out = []
+        cases = ((x, y, {}), (x, y, {"lengths": lengths}), (ids, y, {"truncate": 3}), (x, targets, {"head": "mse"}))
+        for inputs, want, kw in cases:  # the last one through the pullback (``vjp``) under an MSE head
+            loss, grads, final = m.loss_and_grads(inputs, want, return_final_state=True, **kw)
+            out.append((float(loss), {k: np.array(g) for k, g in grads.items()}, np.array(final)))
+        probs = m.forward(x, lengths=lengths).probs
+        results[order] = (out, np.array(probs))
+    ref_out, ref_probs = results["sequential"]
+    for order in ("fork", "reversed"):
+        got_out, got_probs = results[order]
+        np.testing.assert_array_equal(got_probs, ref_probs)
+        for (l1, g1, f1), (l2, g2, f2) in zip(ref_out, got_out, strict=True):
+            assert l1 == l2
+            np.testing.assert_array_equal(f1, f2)
+            for k in g1:
+                np.testing.assert_array_equal(g1[k], g2[k], err_msg=f"{order} {k}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_cupy_side_streams_match_cupy_in_turn_bitwise_and_numpy_float64(cupy_be, monkeypatch, cell):
+    rng = np.random.default_rng(5)
+    T, B, D, H, K = 12, 6, 20, 32, 15
+    ref = gpubptt.RNN(D, H, K, cell=cell, num_layers=2, bidirectional=True, backend="numpy", dtype="float64",
+                      seed=4, init="torch", bias=True)  # fmt: skip
+    x, y = rng.normal(size=(T, B, D)), rng.integers(0, K, size=(T, B))
+    lengths = np.array([12, 5, 0, 1, 12, 7])
+    for dtype in ("float64", "float32"):
+        runs = {}
+        for concurrent in (False, True):
+            monkeypatch.setattr(cupy_be, "concurrent", concurrent)
+            for graphs in (False, True):
+                gpu = gpubptt.RNN.from_params(ref.params, backend=cupy_be, dtype=dtype, cell=cell,
+                                              num_layers=2, bidirectional=True)  # fmt: skip
+                gpu.use_graphs = graphs
+                out = []
+                for kw in ({}, {"lengths": cupy_be.asarray(lengths)}):
+                    for _ in range(2):  # the second call replays the captured graph
+                        loss, grads, final = gpu.loss_and_grads(cupy_be.asarray(x), cupy_be.asarray(y),
+                                                                return_final_state=True, **kw)  # fmt: skip
+                    out.append((float(loss), {k: gpubptt.to_numpy(g) for k, g in grads.items()},
+                                gpubptt.to_numpy(final)))  # fmt: skip
+                runs[concurrent, graphs] = out
+        for graphs in (False, True):
+            for (l1, g1, f1), (l2, g2, f2) in zip(runs[False, graphs], runs[True, graphs], strict=True):
+                assert l1 == l2
+                np.testing.assert_array_equal(f1, f2)
+                for k in g1:
+                    np.testing.assert_array_equal(g1[k], g2[k], err_msg=f"{dtype} graphs={graphs} {k}")
+        tol = 1e-10 if dtype == "float64" else 1e-4
+        for (l2, g2, _), kw in zip(runs[True, True], ({}, {"lengths": lengths}), strict=True):
+            l1, g1 = ref.loss_and_grads(x, y, **kw)
+            assert l2 == pytest.approx(float(l1), rel=tol)
+            for k in g1:
+                assert np.abs(g2[k] - g1[k]).max() <= tol * max(np.abs(g1[k]).max(), 1e-3), f"{dtype} {k}"
