@@ -7,11 +7,13 @@
 
 Both derivatives are read from the state itself, so the backward recursion, its kernels and
 truncation are the same for both; only the forward step differs. The fused and persistent forward
-kernels are tanh's: a relu cell's forward steps are a GEMM and a fused elementwise max(·, 0).
+kernels are compiled per φ (``PHI``); relu's have not yet run on a device, so "auto" never picks them
+(``UNMEASURED``): a relu cell's forward steps are a GEMM and a fused elementwise max(·, 0) there, and
+``step_kernels`` "fused" or "persistent" runs its kernels.
 
 Rows are examples (S (T+1, B, H) with S[0] = s0 and S[t+1] = s_t). One step of each recurrence is
 a GEMM and a fused elementwise kernel (the NumPy twins below), or, on a backend that compiles
-kernels, one fused dot+tanh kernel per step (``elman_step.cu``) or one persistent kernel for all
+kernels, one fused dot+φ kernel per step (``elman_step.cu``) or one persistent kernel for all
 steps that keeps W on chip (``elman_persistent.cu``), chosen per shape by timing (``step_kernels``
 "auto"), or forced ("cublas", "fused", "persistent"). On the NumPy backend under MKL with numba (the ``jit``
 extra), each recurrence's steps run as one compiled call (``_mkl_step_loops``: per step the GEMM on the packed
@@ -38,6 +40,11 @@ from .base import Cell, register_cell
 __all__ = ["NONLINEARITIES", "STEP_KERNELS", "ElmanCell", "backward_truncated", "kernels", "phi_prime"]
 
 STEP_KERNELS = ("auto", "cublas", "fused", "persistent")
+#: φ in the CUDA sources, by nonlinearity (relu as the elementwise step's max(·, 0))
+PHI = {"tanh": "tanh(x)", "relu": "max((x), (T)0)"}
+#: (family, kind) of the compiled kernels built but not yet timed on a device: "auto" never picks them, a forced
+#: ``step_kernels`` ("fused", "persistent") runs them
+UNMEASURED = {("fused", "forward relu"), ("persistent", "forward relu")}
 NONLINEARITIES = ("tanh", "relu")
 
 
@@ -153,7 +160,7 @@ class ElmanCell(Cell):
         if pre.shape[0] == 0:
             return
         k = kernels(be)
-        if self.nonlinearity == "tanh" and k.forward_recurrence(pre, W, S, step_kernels):  # all steps in one kernel
+        if k.forward_recurrence(pre, W, S, step_kernels, self.nonlinearity):  # all steps in one kernel
             return
         job = partial(self._forward_rows, pre, W, S, scratch, step_kernels=step_kernels, be=be, k=k)
         over_rows(be, k.halves(be, pre.shape[1], pre.shape[2], pre.shape[0]), job)  # the batch, or its two halves
@@ -170,12 +177,8 @@ class ElmanCell(Cell):
             loops[0](pre, S, Wt.ptr, self.nonlinearity == "relu", r0, r1)
             return
         pre, S, scratch = pre[:, rows], S[:, rows], scratch[rows]
-        if self.nonlinearity == "relu":
-            for t in range(T):
-                k.relu_forward_step(S[t], W, pre[t], S[t + 1], scratch, Wt)  # s_t = max(pre_t + s_{t-1} @ W.T, 0)
-            return
-        for t in range(T):
-            k.forward_step(S[t], W, pre[t], S[t + 1], scratch, step_kernels, Wt)  # s_t = tanh(pre_t + s_{t-1} @ W.T)
+        for t in range(T):  # s_t = φ(pre_t + s_{t-1} @ W.T)
+            k.forward_step(S[t], W, pre[t], S[t + 1], scratch, step_kernels, Wt, self.nonlinearity)
 
     def factors(self, S: Any, *, be: Backend, out: Any) -> Any:
         """φ' at every step, from the states: S (T+1, B, H) → out (T, B, H); ∂s_t/∂s_{t-1} = diag(out[t]) W.
@@ -303,8 +306,8 @@ class _Kernels:
         self.compiled = be.compiles_kernels
         #: () where the step loops may run compiled by numba on this backend (``_loops.step_loops``), else None
         self.jit = None if self.compiled else compile_kernels()
-        self._step: dict[np.dtype, dict[str, Any]] = {}
-        self._persistent: dict[np.dtype, dict[str, Any]] = {}
+        self._step: dict[tuple[np.dtype, str], dict[str, Any]] = {}  # by (dtype, φ)
+        self._persistent: dict[tuple[np.dtype, str], dict[str, Any]] = {}
         self._compile_lock = threading.Lock()
 
     # -- whole step loops (NumPy backend: numba and MKL) ----------------------------------------
@@ -321,20 +324,16 @@ class _Kernels:
 
     # -- one step ----------------------------------------------------------------------------
     def forward_step(
-        self, s_prev: Any, W: Any, pre: Any, out: Any, scratch: Any, step_kernels: str, Wt: Any = None
-    ) -> None:
-        """out = tanh(pre + s_prev @ W.T), all (B, H), W (H, H); ``Wt``: W.T as ``Backend.pack`` made it, or None."""
-        if self._use_fused("forward", W, step_kernels, s_prev, pre, out):
-            self._fused_forward(s_prev, W, pre, out)
+        self, s_prev: Any, W: Any, pre: Any, out: Any, scratch: Any, step_kernels: str, Wt: Any = None,
+        nonlinearity: str = "tanh",
+    ) -> None:  # fmt: skip
+        """out = φ(pre + s_prev @ W.T), all (B, H), W (H, H), φ tanh or relu; ``Wt``: W.T as ``Backend.pack`` made
+        it, or None. One fused kernel where chosen, else a GEMM and one elementwise kernel."""
+        if self._use_fused(_kind("forward", nonlinearity), W, step_kernels, s_prev, pre, out):
+            self._fused_forward(s_prev, W, pre, out, nonlinearity)
             return
         self.be.matmul(s_prev, W.T if Wt is None else Wt, scratch)  # W.T is a view: BLAS reads it transposed
-        self.tanh_step(pre, scratch, out)
-
-    def relu_forward_step(self, s_prev: Any, W: Any, pre: Any, out: Any, scratch: Any, Wt: Any = None) -> None:
-        """out = max(pre + s_prev @ W.T, 0), all (B, H), W (H, H): a GEMM and one elementwise kernel; ``Wt`` as
-        in ``forward_step``."""
-        self.be.matmul(s_prev, W.T if Wt is None else Wt, scratch)
-        self.relu_step(pre, scratch, out)
+        (self.relu_step if nonlinearity == "relu" else self.tanh_step)(pre, scratch, out)
 
     def backward_step(
         self, d_next: Any, W: Any, d: Any, g: Any, scratch: Any, step_kernels: str, Wp: Any = None
@@ -348,11 +347,12 @@ class _Kernels:
         self.backprop_tanh(scratch, d, g)
 
     # -- every step in one kernel --------------------------------------------------------------
-    def forward_recurrence(self, pre: Any, W: Any, S: Any, step_kernels: str) -> bool:
-        """All forward steps in ONE kernel keeping W on chip, where measured faster; False (nothing done) else."""
-        if not self._use_persistent("forward", W, step_kernels, S, pre):
+    def forward_recurrence(self, pre: Any, W: Any, S: Any, step_kernels: str, nonlinearity: str = "tanh") -> bool:
+        """All forward steps s_t = φ(pre_t + s_{t-1} @ W.T) in ONE kernel keeping W on chip, where measured faster
+        (or forced); False (nothing done) else. pre (T, B, H), S (T+1, B, H)."""
+        if not self._use_persistent(_kind("forward", nonlinearity), W, step_kernels, S, pre):
             return False
-        self._launch_persistent(0, pre, W, S, None, pre.shape[0])
+        self._launch_persistent(0, pre, W, S, None, pre.shape[0], nonlinearity)
         return True
 
     def backward_recurrence(self, G: Any, W: Any, Dt: Any, step_kernels: str) -> bool:
@@ -370,6 +370,8 @@ class _Kernels:
             return False
         if step_kernels in ("fused", "persistent"):
             return True
+        if ("fused", kind) in UNMEASURED:
+            return False
         key = (kind, a.shape[0], W.shape[0], np.dtype(W.dtype))
         return self.be.choice("fused", key, lambda: self._time_fused_vs_cublas(*key))
 
@@ -383,6 +385,8 @@ class _Kernels:
             return False
         if step_kernels == "persistent":
             return True
+        if ("persistent", kind) in UNMEASURED:
+            return False
         key = (kind, B, H, dtype)
         measure = lambda: self._time_persistent_vs_steps(kind, B, H, dtype, step_kernels)  # noqa: E731
         return self.be.choice("persistent", key, measure)
@@ -392,9 +396,10 @@ class _Kernels:
         be, rng = self.be, np.random.default_rng(0)
         a, pre, out, scratch = (be.asarray(rng.uniform(-1, 1, size=(B, H)), dtype=dtype) for _ in range(4))
         W = be.asarray(rng.uniform(-1, 1, size=(H, H)) / np.sqrt(H), dtype=dtype)
-        if kind == "forward":
-            cublas = lambda: (be.matmul(a, W.T, scratch), self.tanh_step(pre, scratch, out))  # noqa: E731
-            fused = lambda: self._fused_forward(a, W, pre, out)  # noqa: E731
+        if kind.startswith("forward"):
+            phi, step = ("relu", self.relu_step) if kind.endswith("relu") else ("tanh", self.tanh_step)
+            cublas = lambda: (be.matmul(a, W.T, scratch), step(pre, scratch, out))  # noqa: E731
+            fused = lambda: self._fused_forward(a, W, pre, out, phi)  # noqa: E731
         else:
             cublas = lambda: (be.matmul(a, W, scratch), self.backprop_tanh(scratch, pre, out))  # noqa: E731
             fused = lambda: self._fused_backward(a, W, pre, out)  # noqa: E731
@@ -408,9 +413,12 @@ class _Kernels:
         b = be.asarray(rng.uniform(0, 1, size=(T + 1, B, H)), dtype=dtype)
         W = be.asarray(rng.uniform(-1, 1, size=(H, H)) / np.sqrt(H), dtype=dtype)
         scratch = be.xp.empty((B, H), dtype=dtype)
-        if kind == "forward":
-            persistent = lambda: self._launch_persistent(0, b[:T], W, a, None, T)  # noqa: E731
-            steps = lambda: [self.forward_step(a[t], W, b[t], a[t + 1], scratch, step_kernels) for t in range(T)]  # noqa: E731
+        if kind.startswith("forward"):
+            phi = "relu" if kind.endswith("relu") else "tanh"
+            persistent = lambda: self._launch_persistent(0, b[:T], W, a, None, T, phi)  # noqa: E731
+            steps = lambda: [  # noqa: E731
+                self.forward_step(a[t], W, b[t], a[t + 1], scratch, step_kernels, None, phi) for t in range(T)
+            ]
         else:
             persistent = lambda: self._launch_persistent(1, a, W, None, b, T)  # noqa: E731
             steps = lambda: [  # noqa: E731
@@ -419,18 +427,24 @@ class _Kernels:
         return be.graph_time(persistent) < be.graph_time(steps)
 
     # -- launches ------------------------------------------------------------------------------
-    def _step_kernels(self, dtype: Any) -> dict[str, Any]:
-        dtype = np.dtype(dtype)
-        with self._compile_lock:
-            if dtype not in self._step:
-                self._step[dtype] = self.be.raw_kernels(_source("elman_step.cu"), ("fwd", "bwd"), dtype)
-            return self._step[dtype]
+    def _compiled(self, table: dict[Any, dict[str, Any]], name: str, dtype: Any, nonlinearity: str) -> dict[str, Any]:
+        """The kernels fwd and bwd of the source ``name`` for (dtype, φ), compiled once (caller holds the lock)."""
+        key = (np.dtype(dtype), nonlinearity)
+        if key not in table:
+            source = f"#define PHI(x) {PHI[nonlinearity]}\n" + _source(name)
+            table[key] = self.be.raw_kernels(source, ("fwd", "bwd"), key[0])
+        return table[key]
 
-    def _fused_forward(self, s_prev: Any, W: Any, pre: Any, out: Any) -> None:
+    def _step_kernels(self, dtype: Any, nonlinearity: str = "tanh") -> dict[str, Any]:
+        with self._compile_lock:
+            return self._compiled(self._step, "elman_step.cu", dtype, nonlinearity)
+
+    def _fused_forward(self, s_prev: Any, W: Any, pre: Any, out: Any, nonlinearity: str = "tanh") -> None:
         B, H = out.shape
         threads = 256
         blocks = (B * H * 32 + threads - 1) // threads  # one warp per output
-        self._step_kernels(W.dtype)["fwd"]((blocks,), (threads,), (s_prev, W, pre, out, np.int32(B), np.int32(H)))
+        fwd = self._step_kernels(W.dtype, nonlinearity)["fwd"]
+        fwd((blocks,), (threads,), (s_prev, W, pre, out, np.int32(B), np.int32(H)))
 
     def _fused_backward(self, d_next: Any, W: Any, d: Any, g: Any) -> None:
         B, H = g.shape
@@ -451,18 +465,25 @@ class _Kernels:
         threads = min(1024, max(32, -(-R * H * L // 32) * 32))
         return R, -(-B // R), L, threads, nbytes
 
-    def _launch_persistent(self, which: int, a: Any, W: Any, b: Any, c: Any, steps: int) -> None:
+    def _launch_persistent(
+        self, which: int, a: Any, W: Any, b: Any, c: Any, steps: int, nonlinearity: str = "tanh"
+    ) -> None:
+        """``which`` 0: the forward kernel (a pre, b S, φ ``nonlinearity``); 1: the backward one (a G, c the
+        factors; φ does not enter it)."""
         B, H = a.shape[1], a.shape[2]
         R, blocks, L, threads, nbytes = self._layout(B, H, W.dtype)
-        dtype = np.dtype(W.dtype)
         with self._compile_lock:
-            if dtype not in self._persistent:
-                self._persistent[dtype] = self.be.raw_kernels(_source("elman_persistent.cu"), ("fwd", "bwd"), dtype)
-            fn = self._persistent[dtype]["fwd" if which == 0 else "bwd"]
+            kernels = self._compiled(self._persistent, "elman_persistent.cu", W.dtype, nonlinearity)
+            fn = kernels["fwd" if which == 0 else "bwd"]
             if fn.max_dynamic_shared_size_bytes < nbytes:  # raised, never lowered, under the lock
                 fn.max_dynamic_shared_size_bytes = nbytes
         sizes = (np.int32(steps), np.int32(B), np.int32(H), np.int32(R), np.int32(L))
         fn((blocks,), (threads,), (a, W, b if which == 0 else c, *sizes), shared_mem=nbytes)
+
+
+def _kind(kind: str, nonlinearity: str) -> str:
+    """A measured choice's kind: "forward" for tanh (as measured before relu had kernels), "forward relu"."""
+    return kind if nonlinearity == "tanh" else f"{kind} {nonlinearity}"
 
 
 def _mkl_step_loops(compute: Any, tanh: Any) -> tuple[Any, Any]:

@@ -1,10 +1,11 @@
-// The Elman tanh cell, every step of a recurrence in ONE launch: each block owns R rows of the batch
+// The Elman cell, every step of a recurrence in ONE launch: each block owns R rows of the batch
 // (rows are independent in both recurrences, so blocks never wait for each other) and keeps W in
 // shared memory for all T steps; the state rows ping-pong between two shared buffers, one barrier
 // per step. Each output is a dot product split over L lanes (two accumulators each, then a shuffle
 // reduction), so a step costs a few hundred cycles, not H dependent shared-memory loads. W's rows
 // are padded to H + 1 words so the lanes of a warp hit different banks whether they read a row
-// (forward) or a column (backward). T is defined as float or double before this source is compiled.
+// (forward) or a column (backward). T is defined as float or double, and PHI(x) as
+// tanh(x) or max((x), (T)0) (relu), before this source is compiled.
 __device__ __forceinline__ T group_sum(T acc, int L) {
     for (int o = L / 2; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o, L);
     return acc;
@@ -33,7 +34,7 @@ extern "C" __global__ void fwd(const T* __restrict__ pre, const T* __restrict__ 
             const long long g = ((long long)t * B + b0 + r) * H + h;
             const T p = (valid && lane == 0) ? pre[g] : (T)0;
             const T* s_row = cur + r * H;
-            const T* w_row = Ws + h * Hp;  // row h of W: s_t = tanh(pre + W s_{t-1})
+            const T* w_row = Ws + h * Hp;  // row h of W: s_t = PHI(pre + W s_{t-1})
             T a0 = 0, a1 = 0;
             for (int j = lane; j < H; j += 2 * L) {
                 a0 += s_row[j] * w_row[j];
@@ -41,7 +42,7 @@ extern "C" __global__ void fwd(const T* __restrict__ pre, const T* __restrict__ 
             }
             const T acc = group_sum(valid ? a0 + a1 : (T)0, L);
             if (valid && lane == 0) {
-                const T v = tanh(p + acc);
+                const T v = PHI(p + acc);
                 nxt[o] = v;
                 S[g + (long long)B * H] = v;  // S[t + 1]
             }

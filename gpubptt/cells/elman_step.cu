@@ -1,6 +1,7 @@
-// The Elman tanh cell, one step of each recurrence in ONE kernel, for the small (B, H) where cuBLAS
+// The Elman cell, one step of each recurrence in ONE kernel, for the small (B, H) where cuBLAS
 // picks slow kernels (measured on an H100: a (16, 128) x (128, 128) product took ~50 us inside a
-// graph, a fused step ~3). T is defined as float or double before this source is compiled.
+// graph, a fused step ~3). T is defined as float or double, and PHI(x) as
+// tanh(x) or max((x), (T)0) (relu), before this source is compiled.
 extern "C" __global__ void fwd(const T* __restrict__ s_prev, const T* __restrict__ W,
                                  const T* __restrict__ pre, T* __restrict__ out, int B, int H) {
     // one warp per output (b, h): lanes stride over j, so rows of s_prev and W load coalesced
@@ -13,7 +14,7 @@ extern "C" __global__ void fwd(const T* __restrict__ s_prev, const T* __restrict
     T acc = 0;
     for (int j = lane; j < H; j += 32) acc += s_row[j] * w_row[j];
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
-    if (lane == 0) out[b * H + h] = tanh(pre[b * H + h] + acc);
+    if (lane == 0) out[b * H + h] = PHI(pre[b * H + h] + acc);
 }
 extern "C" __global__ void bwd(const T* __restrict__ d_next, const T* __restrict__ W,
                                  const T* __restrict__ d, T* __restrict__ g, int B, int H) {
