@@ -8,8 +8,12 @@
 #   bi-grid[-streams].json     fp32, right after the fp32 grids: the deep grid's 2-layer bidirectional row, and
 #   bi-gated[-streams].json    perf_gated.py rows 8,9 (GRU, LSTM, 2 layers bidirectional), with the directions in
 #                              turn and then on two CUDA streams (--streams: backend.concurrent, off by default)
+#   relu-STEP.json             fp32: the deep grid's 2-layer relu row with --step-kernels auto, fused, persistent
+#                              (relu's fused and persistent forward kernels are off under auto until timed)
 #   for P in fp32, tf32 (torch: allow_tf32 for matmul and cuDNN), bf16 (torch: bf16 autocast); each step has its own
-#   timeout, so a hang costs that step only; the whole script stays under ~8 minutes.
+#   timeout, so a hang costs that step only. The steps run in order of priority
+#   (tests, fp32, the bidirectional and relu schedules, then tf32 and bf16): their timeouts add up to more than one
+#   600-second call, so a cut-off run still brings back the most important results first.
 # Usage: PYTHONPATH=. bash benchmarks/gpu_check.sh            (results in $OUT, or a new temporary folder when unset)
 #        PYTHONPATH=. bash benchmarks/gpu_check.sh --dry-run  (no GPU: the same commands on NumPy, one row, one
 #                                                             repeat, and pytest --collect-only: checks the arguments)
@@ -48,10 +52,14 @@ for P in fp32 tf32 bf16; do
     [ "$P" = fp32 ] || continue
     for S in "" --streams; do  # --streams is CuPy's alone: the dry run checks the rows in turn only
         [ $DRY -eq 1 ] && [ -n "$S" ] && continue
-        step 60 "bi${S:+-streams}.log" "$PY" benchmarks/perf_grid.py --backend $BACKEND --grid deep --rows 2 $S \
+        step 45 "bi${S:+-streams}.log" "$PY" benchmarks/perf_grid.py --backend $BACKEND --grid deep --rows 2 $S \
             --output "$OUT/bi-grid${S:+-streams}.json" "${REPEATS[@]}"
-        step 60 "bi${S:+-streams}.log" "$PY" benchmarks/perf_gated.py --backend $BACKEND --rows $BI_GATED_ROWS $S \
+        step 45 "bi${S:+-streams}.log" "$PY" benchmarks/perf_gated.py --backend $BACKEND --rows $BI_GATED_ROWS $S \
             --output "$OUT/bi-gated${S:+-streams}.json" "${REPEATS[@]}"
+    done
+    for K in auto fused persistent; do  # on NumPy the choice changes nothing: the dry run checks the arguments
+        step 45 "relu.log" "$PY" benchmarks/perf_grid.py --backend $BACKEND --grid deep --rows 3 --step-kernels $K \
+            --output "$OUT/relu-$K.json" "${REPEATS[@]}"
     done
 done
 echo "results in $OUT" >&2

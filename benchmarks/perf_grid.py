@@ -174,6 +174,12 @@ def main() -> int:
         action="store_true",
         help="CuPy: a bidirectional layer's two directions on two CUDA streams (backend.concurrent)",
     )
+    ap.add_argument(
+        "--step-kernels",
+        default="auto",
+        choices=["auto", "cublas", "fused", "persistent"],
+        help="CuPy: the recurrence steps' kernels for every model (backend.step_kernels; auto: timed per shape)",
+    )
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="GEMM precision (torch matches it)")
@@ -194,6 +200,7 @@ def main() -> int:
     be = gpubptt.get_backend(args.backend)
     if args.streams:
         be.concurrent = True
+    be.step_kernels = args.step_kernels
     reason = bench.torch_unavailable_reason()
     if reason:
         print(f"timing gpubptt alone: {reason}", file=sys.stderr)
@@ -214,6 +221,7 @@ def main() -> int:
         "repeats": args.repeats,
         "precision": args.precision,
         "concurrent": be.concurrent,  # a bidirectional layer's directions at once (CuPy: on two streams)
+        "step_kernels": args.step_kernels,
         "median_ratio_vs_torch": None if stats is None else stats["median"],  # over the rows not noisy
         "max_ratio_vs_torch": None if stats is None else stats["max"],
         "summary_vs_torch": stats,
@@ -230,6 +238,7 @@ def main() -> int:
         folder.mkdir(parents=True, exist_ok=True)
         grid = "" if args.grid == "default" else "-" + args.grid
         suffix = ("" if args.precision == "fp32" else "-" + args.precision) + ("-streams" if args.streams else "")
+        suffix += "" if args.step_kernels == "auto" else "-" + args.step_kernels
         output = folder / f"perf-{be.name}{grid}{suffix}.json"
     write_atomic(str(output), json.dumps(result, indent=1))
     write_atomic(str(output.with_suffix(".txt")), "\n".join(lines) + "\n")
