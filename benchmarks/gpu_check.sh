@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# One GPU opportunity, one script (issue 23): every gpu-marked test, then the perf grids per precision against torch at
-# the matching setting, on a machine whose python3 has CuPy and torch (CUDA). Everything lands in $OUT:
-#   env.txt                    nvidia-smi, versions
-#   pytest-gpu.txt             python3 -m pytest -m gpu -rs (CuPy against NumPy, tf32/bf16 against their emulation)
-#   perf-cupy[-P].json/.txt    benchmarks/perf_grid.py rows 0,1,5,6 (T=32 H=128 latency row, H=256, H=512, H=1024)
-#   perf-gated-cupy[-P].json   benchmarks/perf_gated.py rows 0,2 (GRU H=256, H=1024)
-#   bi-grid[-streams].json     fp32, right after the fp32 grids: the deep grid's 2-layer bidirectional row, and
-#   bi-gated[-streams].json    perf_gated.py rows 8,9 (GRU, LSTM, 2 layers bidirectional), with the directions in
-#                              turn and then on two CUDA streams (--streams: backend.concurrent, off by default)
-#   relu-STEP.json             fp32: the deep grid's 2-layer relu row with --step-kernels auto, fused, persistent
-#                              (relu's fused and persistent forward kernels are off under auto until timed)
-#   for P in fp32, tf32 (torch: allow_tf32 for matmul and cuDNN), bf16 (torch: bf16 autocast); each step has its own
-#   timeout, so a hang costs that step only. The steps run in order of priority
-#   (tests, fp32, the bidirectional and relu schedules, then tf32 and bf16): their timeouts add up to more than one
-#   600-second call, so a cut-off run still brings back the most important results first.
-# Usage: PYTHONPATH=. bash benchmarks/gpu_check.sh            (results in $OUT, or a new temporary folder when unset)
-#        PYTHONPATH=. bash benchmarks/gpu_check.sh --dry-run  (no GPU: the same commands on NumPy, one row, one
-#                                                             repeat, and pytest --collect-only: checks the arguments)
+# One GPU opportunity (issue 23), in two parts of at most ~5 and ~8.5 minutes (each step has its own timeout, so a
+# hang costs that step only; each part fits one 600-second device call), on a machine whose python3 has CuPy and
+# torch (CUDA). Everything lands in $OUT:
+#   part 1: env.txt                    nvidia-smi, versions
+#           pytest-gpu.txt             python3 -m pytest -m gpu -rs (CuPy against NumPy, tf32/bf16 against their
+#                                      emulation, side streams against the sequential schedule)
+#           perf-cupy.json/.txt        benchmarks/perf_grid.py rows 0,1,5,6 (T=32 H=128 latency row, H=256, H=512,
+#                                      H=1024), fp32
+#           perf-gated-cupy.json       benchmarks/perf_gated.py rows 0,2 (GRU H=256, H=1024), fp32
+#   part 2: bi-grid[-streams].json     the deep grid's 2-layer bidirectional row, and
+#           bi-gated[-streams].json    perf_gated.py rows 8,9 (GRU, LSTM, 2 layers bidirectional), with the directions
+#                                      in turn and on two CUDA streams (--streams: backend.concurrent, off by default)
+#           relu-STEP.json             the deep grid's 2-layer relu row with --step-kernels auto, fused, persistent
+#                                      (relu's fused and persistent forward kernels are off under auto until timed)
+#           perf[-gated]-cupy-P.json   the grids of part 1 for P = tf32 (torch: allow_tf32 for matmul and cuDNN) and
+#                                      bf16 (torch: bf16 autocast)
+# Usage: PYTHONPATH=. bash benchmarks/gpu_check.sh [1|2]            (one part, or both; results in $OUT, or a new
+#                                                                 temporary folder when unset)
+#        PYTHONPATH=. bash benchmarks/gpu_check.sh --dry-run [1|2]  (no GPU: the same commands on NumPy, one row, one
+#                                                                 repeat, and pytest --collect-only: checks the
+#                                                                 arguments)
 set -uo pipefail
 DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
+[ "${1:-}" = "--dry-run" ] && { DRY=1; shift; }
+PART="${1:-all}"
+case "$PART" in 1 | 2 | all) ;; *) echo "usage: gpu_check.sh [--dry-run] [1|2]" >&2; exit 2 ;; esac
 OUT="${OUT:-$(mktemp -d -t gpubptt-gpu-check-XXXX)}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
@@ -37,19 +42,28 @@ step() {  # step SECONDS LOGNAME command...: run one step under a timeout, its o
 
 if [ $DRY -eq 1 ]; then
     BACKEND=numpy GRID_ROWS=0 GATED_ROWS=0 BI_GATED_ROWS=8 REPEATS=(--repeats 1 --warmup 0)
-    step 120 pytest-gpu.txt "$PY" -m pytest -q -m gpu --collect-only tests
 else
     BACKEND=cupy GRID_ROWS=0,1,5,6 GATED_ROWS=0,2 BI_GATED_ROWS=8,9 REPEATS=(--repeats 5 --warmup 2)
-    { nvidia-smi; "$PY" -c "import cupy, numpy, torch, gpubptt; print('cupy', cupy.__version__, 'numpy', \
-numpy.__version__, 'torch', torch.__version__, 'gpubptt', gpubptt.__version__)"; } >"$OUT/env.txt" 2>&1
-    step 210 pytest-gpu.txt "$PY" -m pytest -q -m gpu -rs tests
 fi
-for P in fp32 tf32 bf16; do
-    step 50 "grid-$P.log" "$PY" benchmarks/perf_grid.py "$OUT" --backend $BACKEND --precision $P --rows $GRID_ROWS \
+
+grids() {  # grids PRECISION: the single-layer rows and the gated ones, against torch at the matching setting
+    step 50 "grid-$1.log" "$PY" benchmarks/perf_grid.py "$OUT" --backend $BACKEND --precision "$1" --rows $GRID_ROWS \
         "${REPEATS[@]}"
-    step 40 "gated-$P.log" "$PY" benchmarks/perf_gated.py "$OUT" --backend $BACKEND --precision $P --rows $GATED_ROWS \
-        "${REPEATS[@]}"
-    [ "$P" = fp32 ] || continue
+    step 40 "gated-$1.log" "$PY" benchmarks/perf_gated.py "$OUT" --backend $BACKEND --precision "$1" \
+        --rows $GATED_ROWS "${REPEATS[@]}"
+}
+
+if [ "$PART" != 2 ]; then  # part 1: the tests, then fp32 (≤ 300 s)
+    if [ $DRY -eq 1 ]; then
+        step 120 pytest-gpu.txt "$PY" -m pytest -q -m gpu --collect-only tests
+    else
+        { nvidia-smi; "$PY" -c "import cupy, numpy, torch, gpubptt; print('cupy', cupy.__version__, 'numpy', \
+numpy.__version__, 'torch', torch.__version__, 'gpubptt', gpubptt.__version__)"; } >"$OUT/env.txt" 2>&1
+        step 210 pytest-gpu.txt "$PY" -m pytest -q -m gpu -rs tests
+    fi
+    grids fp32
+fi
+if [ "$PART" != 1 ]; then  # part 2: the schedules not yet timed, then tf32 and bf16 (≤ 495 s)
     for S in "" --streams; do  # --streams is CuPy's alone: the dry run checks the rows in turn only
         [ $DRY -eq 1 ] && [ -n "$S" ] && continue
         step 45 "bi${S:+-streams}.log" "$PY" benchmarks/perf_grid.py --backend $BACKEND --grid deep --rows 2 $S \
@@ -61,6 +75,8 @@ for P in fp32 tf32 bf16; do
         step 45 "relu.log" "$PY" benchmarks/perf_grid.py --backend $BACKEND --grid deep --rows 3 --step-kernels $K \
             --output "$OUT/relu-$K.json" "${REPEATS[@]}"
     done
-done
+    grids tf32
+    grids bf16
+fi
 echo "results in $OUT" >&2
 exit $status

@@ -4,6 +4,7 @@ copies; and (marked ``gpu``) CuPy's tensor-core GEMMs against the NumPy emulatio
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import math
@@ -296,7 +297,7 @@ def _fake_cupy():
         uint8=np.uint8,
         ascontiguousarray=lambda a: np.ascontiguousarray(a).view(_DevArray),
         ElementwiseKernel=kernel,
-        cuda=SimpleNamespace(get_current_stream=lambda: stream),
+        cuda=SimpleNamespace(get_current_stream=lambda: stream, using_allocator=contextlib.nullcontext),
     )
 
 

@@ -9,6 +9,8 @@ schedule), with and without graphs, and against the NumPy float64 reference."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import threading
 from types import SimpleNamespace
 
@@ -18,6 +20,28 @@ import pytest
 import gpubptt
 from gpubptt.backend import _cublas, _streams
 from gpubptt.backend.numpy_backend import NumpyBackend
+
+
+class _RawAllocator:
+    """``cupy.cuda.using_allocator()``: ``raw`` is True inside it (allocations outside every memory pool)."""
+
+    raw = False
+
+    @contextlib.contextmanager
+    def __call__(self, allocator=None):
+        assert allocator is None
+        _RawAllocator.raw = True
+        try:
+            yield
+        finally:
+            _RawAllocator.raw = False
+
+
+def _empty(n, dtype):
+    """``cupy.empty`` as a host array that answers ``.data.ptr``, remembering whether it came from a pool."""
+    out = np.empty(n, dtype=dtype).view(_DevArray)
+    out.raw = _RawAllocator.raw
+    return out
 
 
 class _FakeCuda:
@@ -62,7 +86,7 @@ class _FakeCuda:
         waits = lambda e: self.log.append(("wait", "origin", e.name))  # noqa: E731
         self.origin = SimpleNamespace(name="origin", ptr=7, wait_event=waits)
         self.cuda = SimpleNamespace(Stream=Stream, Event=Event, get_current_stream=self.current,
-                                    Device=lambda: SimpleNamespace(id=0))  # fmt: skip
+                                    Device=lambda: SimpleNamespace(id=0), using_allocator=_RawAllocator())  # fmt: skip
 
     def current(self):
         return getattr(self.local, "current", self.origin)
@@ -105,6 +129,21 @@ def test_side_streams_are_made_once_per_thread_and_reused():
     other.start()
     other.join()
     assert cuda.made == ["side1", "side2"] and added == [1001, 1002]  # another thread: its own side stream
+
+
+def test_a_join_that_fails_after_a_jobs_error_does_not_hide_it():
+    cuda = _FakeCuda()
+    sides = _streams.SideStreams(cuda, lambda ptr: None)
+    sides.run([cuda.job("a"), cuda.job("b")])  # makes the side stream and its join event
+
+    def broken(event):
+        raise RuntimeError("capture invalidated")
+
+    cuda.origin.wait_event = broken
+    with pytest.raises(RuntimeError, match="b failed"):
+        sides.run([cuda.job("a"), cuda.job("b", fail=True)])
+    with pytest.raises(RuntimeError, match="capture invalidated"):  # with no job error, the join's is raised
+        sides.run([cuda.job("a"), cuda.job("b")])
 
 
 @pytest.mark.parametrize("failing", ["b", "a"])
@@ -151,8 +190,8 @@ def test_each_side_stream_gets_a_cublas_workspace_of_its_own(monkeypatch):
     monkeypatch.setattr(_cublas, "_load_cublas", lambda cp: _fake_cublas_lib(calls))
     current = SimpleNamespace(ptr=7)
     cp = SimpleNamespace(
-        empty=lambda n, dtype: np.empty(n, dtype=dtype).view(_DevArray), uint8=np.uint8,
-        ElementwiseKernel=lambda *a: None, cuda=SimpleNamespace(get_current_stream=lambda: current),
+        empty=_empty, uint8=np.uint8, ElementwiseKernel=lambda *a: None,
+        cuda=SimpleNamespace(get_current_stream=lambda: current, using_allocator=_RawAllocator()),
     )  # fmt: skip
     matmul = _cublas.cublas_matmul(cp)
     shared = matmul.keepalive[2]
@@ -168,6 +207,7 @@ def test_each_side_stream_gets_a_cublas_workspace_of_its_own(monkeypatch):
     assert streams == [7, 8, 9, 7]  # set when the stream changes only
     assert spaces == [shared.data.ptr, own.data.ptr, shared.data.ptr, shared.data.ptr]
     assert own.nbytes == shared.nbytes and own.data.ptr != shared.data.ptr
+    assert own.raw  # outside every memory pool: the warm-up before a capture runs under the graph's own pool
     assert [c for c in calls if c[0] == "gemm"] == [("gemm",)] * 5
 
 
@@ -176,8 +216,7 @@ def test_cupy_backend_runs_jobs_on_side_streams_only_where_concurrent_is_set(mon
 
     cuda = _FakeCuda()
     monkeypatch.setattr(_cublas, "_load_cublas", lambda cp: _fake_cublas_lib([]))
-    cp = SimpleNamespace(empty=lambda n, dtype: np.empty(n, dtype=dtype).view(_DevArray), uint8=np.uint8,
-                         ElementwiseKernel=lambda *a: None, cuda=cuda.cuda)  # fmt: skip
+    cp = SimpleNamespace(empty=_empty, uint8=np.uint8, ElementwiseKernel=lambda *a: None, cuda=cuda.cuda)
     be = CupyBackend(cp, "stand-in")
     assert be.concurrent is False  # not measured on a device yet: off by default
     be.run_concurrently([cuda.job("a"), cuda.job("b")])
@@ -235,6 +274,11 @@ def test_bidirectional_pair_jobs_give_the_same_bits_in_any_order(cell, dtype):
                 np.testing.assert_array_equal(g1[k], g2[k], err_msg=f"{order} {k}")
 
 
+def _host(final):
+    """A final state (an LSTM's (h, c) tuple) on the host."""
+    return tuple(map(gpubptt.to_numpy, final)) if isinstance(final, tuple) else (gpubptt.to_numpy(final),)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 def test_cupy_side_streams_match_cupy_in_turn_bitwise_and_numpy_float64(cupy_be, monkeypatch, cell):
@@ -244,31 +288,48 @@ def test_cupy_side_streams_match_cupy_in_turn_bitwise_and_numpy_float64(cupy_be,
                       seed=4, init="torch", bias=True)  # fmt: skip
     x, y = rng.normal(size=(T, B, D)), rng.integers(0, K, size=(T, B))
     lengths = np.array([12, 5, 0, 1, 12, 7])
+
+    def run(dtype, graphs):
+        gpu = gpubptt.RNN.from_params(ref.params, backend=cupy_be, dtype=dtype, cell=cell)
+        gpu.use_graphs = graphs
+        out = []
+        for kw in ({}, {"lengths": cupy_be.asarray(lengths)}):
+            for _ in range(2):  # the second call replays the captured graph
+                loss, grads, final = gpu.loss_and_grads(cupy_be.asarray(x), cupy_be.asarray(y),
+                                                        return_final_state=True, **kw)  # fmt: skip
+            out.append((float(loss), {k: gpubptt.to_numpy(g) for k, g in grads.items()}, _host(final)))
+        return out
+
     for dtype in ("float64", "float32"):
         runs = {}
-        for concurrent in (False, True):
+        for concurrent in (True, False):  # side streams first, made in a graph's warm-up (its private pool)
             monkeypatch.setattr(cupy_be, "concurrent", concurrent)
-            for graphs in (False, True):
-                gpu = gpubptt.RNN.from_params(ref.params, backend=cupy_be, dtype=dtype, cell=cell,
-                                              num_layers=2, bidirectional=True)  # fmt: skip
-                gpu.use_graphs = graphs
-                out = []
-                for kw in ({}, {"lengths": cupy_be.asarray(lengths)}):
-                    for _ in range(2):  # the second call replays the captured graph
-                        loss, grads, final = gpu.loss_and_grads(cupy_be.asarray(x), cupy_be.asarray(y),
-                                                                return_final_state=True, **kw)  # fmt: skip
-                    out.append((float(loss), {k: gpubptt.to_numpy(g) for k, g in grads.items()},
-                                gpubptt.to_numpy(final)))  # fmt: skip
-                runs[concurrent, graphs] = out
-        for graphs in (False, True):
+            for graphs in (True, False):
+                runs[concurrent, graphs] = run(dtype, graphs)
+                gc.collect()  # that model, its graphs and their pools are gone: the side streams' memory is not
+        for graphs in (True, False):
             for (l1, g1, f1), (l2, g2, f2) in zip(runs[False, graphs], runs[True, graphs], strict=True):
                 assert l1 == l2
-                np.testing.assert_array_equal(f1, f2)
+                for a, b in zip(f1, f2, strict=True):
+                    np.testing.assert_array_equal(a, b)
                 for k in g1:
                     np.testing.assert_array_equal(g1[k], g2[k], err_msg=f"{dtype} graphs={graphs} {k}")
+        monkeypatch.setattr(cupy_be, "concurrent", True)
+        assert run(dtype, True)[0][0] == runs[False, True][0][0]  # side streams again, after their first graph died
         tol = 1e-10 if dtype == "float64" else 1e-4
         for (l2, g2, _), kw in zip(runs[True, True], ({}, {"lengths": lengths}), strict=True):
             l1, g1 = ref.loss_and_grads(x, y, **kw)
             assert l2 == pytest.approx(float(l1), rel=tol)
             for k in g1:
                 assert np.abs(g2[k] - g1[k]).max() <= tol * max(np.abs(g1[k]).max(), 1e-3), f"{dtype} {k}"
+
+
+def test_device_scratch_buffers_are_allocated_outside_every_memory_pool():
+    from gpubptt.backend.precision import Scratch
+
+    xp = SimpleNamespace(empty=_empty, cuda=SimpleNamespace(using_allocator=_RawAllocator()))
+    scratch = Scratch()
+    first = scratch.get("a7", (3, 4), np.uint16, xp)
+    scratch.get("a7", (5, 4), np.uint16, xp)  # outgrown: a bigger one, the first kept for a graph that reads it
+    held = scratch._local.pools[("a7", np.dtype(np.uint16).str)]
+    assert len(held) == 2 and all(buf.raw for buf in held) and first.shape == (3, 4)

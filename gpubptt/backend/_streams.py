@@ -10,11 +10,16 @@ branches. Each side stream has its own cuBLAS workspace (``add_stream``): two GE
 share one.
 
 The side streams and events are made once per thread and device, outside any capture (the warm-up run that
-precedes a capture makes them), and reused: an event's last record is what a wait sees.
+precedes a capture makes them), and reused: an event's last record is what a wait sees. So every graph a thread
+captures, and its eager calls, share that thread's side streams, their workspaces and their bf16 scratch: safe
+while that work is ordered, i.e. queued from that thread on one current stream (as the model's calls are). A
+graph replayed by another thread, or on another stream, while this thread's side work runs, is not ordered
+with it: give each such thread its own models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from types import ModuleType
@@ -59,7 +64,15 @@ class SideStreams:
                 with stream:
                     job()
             jobs[0]()
-        finally:
-            for stream, joined in forked:
-                joined.record(stream)
-                origin.wait_event(joined)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the job's error is the one to see, not a join's after it
+                self._join(origin, forked)
+            raise
+        self._join(origin, forked)
+
+    @staticmethod
+    def _join(origin: Any, forked: list[tuple[Any, Any]]) -> None:
+        """The origin stream waits for everything queued so far on each forked side stream."""
+        for stream, joined in forked:
+            joined.record(stream)
+            origin.wait_event(joined)

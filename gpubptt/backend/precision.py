@@ -120,8 +120,9 @@ class Scratch:
 
     ``get(slot, shape, dtype, xp)`` returns a C-ordered array of ``shape`` viewed from the thread's
     largest buffer for that slot; a buffer too small is replaced by one twice the size, so a steady loop
-    allocates nothing. On the device the old one is kept (a captured CUDA graph may still read it); on the
-    host it is let go.
+    allocates nothing. On the device the old one is kept (a captured CUDA graph may still read it), and each
+    is allocated outside CuPy's memory pools (a graph's warm-up runs under its private pool, which is freed
+    with the graph while this buffer lives on for later graphs); on the host it is let go.
     """
 
     def __init__(self) -> None:
@@ -134,10 +135,13 @@ class Scratch:
         held = pools.setdefault(key, [])
         n = int(np.prod(shape, dtype=np.int64))
         if not held or held[-1].size < n:
-            bigger = xp.empty(max(n, 2 * held[-1].size if held else n), dtype=dtype)
+            size = max(n, 2 * held[-1].size if held else n)
             if xp is np:
                 held.clear()  # no graph on the host: nothing else reads an outgrown buffer
-            held.append(bigger)
+                held.append(np.empty(size, dtype=dtype))
+            else:  # memory of its own, outside any pool: a graph's private pool is freed with its graph
+                with xp.cuda.using_allocator():
+                    held.append(xp.empty(size, dtype=dtype))
         return held[-1][:n].reshape(shape)
 
 
