@@ -11,8 +11,9 @@
 #   part 2: bi-grid[-streams].json     the deep grid's 2-layer bidirectional row, and
 #           bi-gated[-streams].json    perf_gated.py rows 8,9 (GRU, LSTM, 2 layers bidirectional), with the directions
 #                                      in turn and on two CUDA streams (--streams: backend.concurrent, off by default)
-#           relu-STEP.json             the deep grid's 2-layer relu row with --step-kernels auto, fused, persistent
-#                                      (relu's fused and persistent forward kernels are off under auto until timed)
+#           relu-STEP.json             perf_grid rows 0,1 (H=128, where W fits on chip, and H=256, where it does not)
+#                                      as relu cells, --step-kernels auto, fused, persistent (relu's fused and
+#                                      persistent forward kernels are off under auto until timed)
 #           perf[-gated]-cupy-P.json   the grids of part 1 for P = tf32 (torch: allow_tf32 for matmul and cuDNN) and
 #                                      bf16 (torch: bf16 autocast)
 # Usage: PYTHONPATH=. bash benchmarks/gpu_check.sh [1|2]            (one part, or both; results in $OUT, or a new
@@ -24,7 +25,8 @@ set -uo pipefail
 DRY=0
 [ "${1:-}" = "--dry-run" ] && { DRY=1; shift; }
 PART="${1:-all}"
-case "$PART" in 1 | 2 | all) ;; *) echo "usage: gpu_check.sh [--dry-run] [1|2]" >&2; exit 2 ;; esac
+case "$PART" in 1 | 2 | all) ;; *) PART=bad ;; esac
+if [ "$PART" = bad ] || [ $# -gt 1 ]; then echo "usage: gpu_check.sh [--dry-run] [1|2]" >&2; exit 2; fi
 OUT="${OUT:-$(mktemp -d -t gpubptt-gpu-check-XXXX)}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
@@ -41,9 +43,9 @@ step() {  # step SECONDS LOGNAME command...: run one step under a timeout, its o
 }
 
 if [ $DRY -eq 1 ]; then
-    BACKEND=numpy GRID_ROWS=0 GATED_ROWS=0 BI_GATED_ROWS=8 REPEATS=(--repeats 1 --warmup 0)
+    BACKEND=numpy GRID_ROWS=0 GATED_ROWS=0 BI_GATED_ROWS=8 RELU_ROWS=0 REPEATS=(--repeats 1 --warmup 0)
 else
-    BACKEND=cupy GRID_ROWS=0,1,5,6 GATED_ROWS=0,2 BI_GATED_ROWS=8,9 REPEATS=(--repeats 5 --warmup 2)
+    BACKEND=cupy GRID_ROWS=0,1,5,6 GATED_ROWS=0,2 BI_GATED_ROWS=8,9 RELU_ROWS=0,1 REPEATS=(--repeats 5 --warmup 2)
 fi
 
 grids() {  # grids PRECISION: the single-layer rows and the gated ones, against torch at the matching setting
@@ -57,8 +59,9 @@ if [ "$PART" != 2 ]; then  # part 1: the tests, then fp32 (≤ 300 s)
     if [ $DRY -eq 1 ]; then
         step 120 pytest-gpu.txt "$PY" -m pytest -q -m gpu --collect-only tests
     else
-        { nvidia-smi; "$PY" -c "import cupy, numpy, torch, gpubptt; print('cupy', cupy.__version__, 'numpy', \
-numpy.__version__, 'torch', torch.__version__, 'gpubptt', gpubptt.__version__)"; } >"$OUT/env.txt" 2>&1
+        { timeout 30 nvidia-smi; timeout 60 "$PY" -c "import cupy, numpy, torch, gpubptt; print('cupy', \
+cupy.__version__, 'numpy', numpy.__version__, 'torch', torch.__version__, 'gpubptt', gpubptt.__version__)"; } \
+            >"$OUT/env.txt" 2>&1
         step 210 pytest-gpu.txt "$PY" -m pytest -q -m gpu -rs tests
     fi
     grids fp32
@@ -72,8 +75,8 @@ if [ "$PART" != 1 ]; then  # part 2: the schedules not yet timed, then tf32 and 
             --output "$OUT/bi-gated${S:+-streams}.json" "${REPEATS[@]}"
     done
     for K in auto fused persistent; do  # on NumPy the choice changes nothing: the dry run checks the arguments
-        step 45 "relu.log" "$PY" benchmarks/perf_grid.py --backend $BACKEND --grid deep --rows 3 --step-kernels $K \
-            --output "$OUT/relu-$K.json" "${REPEATS[@]}"
+        step 45 "relu.log" "$PY" benchmarks/perf_grid.py --backend $BACKEND --rows $RELU_ROWS --nonlinearity relu \
+            --step-kernels $K --output "$OUT/relu-$K.json" "${REPEATS[@]}"
     done
     grids tf32
     grids bf16

@@ -180,6 +180,12 @@ def main() -> int:
         choices=["auto", "cublas", "fused", "persistent"],
         help="CuPy: the recurrence steps' kernels for every model (backend.step_kernels; auto: timed per shape)",
     )
+    ap.add_argument(
+        "--nonlinearity",
+        default=None,
+        choices=["tanh", "relu"],
+        help="every row with this Elman nonlinearity (default: each row's own, tanh but for the deep relu row)",
+    )
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="GEMM precision (torch matches it)")
@@ -208,6 +214,8 @@ def main() -> int:
     plan = [(*g, 1, False, "tanh") for g in GRID] if args.grid in ("default", "all") else []
     plan += DEEP_GRID if args.grid in ("deep", "all") else []
     plan = plan if args.rows == "all" else [plan[int(i)] for i in args.rows.split(",")]
+    if args.nonlinearity:
+        plan = [(*row[:-1], args.nonlinearity) for row in plan]
     for T, B, D, H, K, tokens, layers, bidirectional, nonlinearity in plan:
         rows.append(measure(be, T, B, D, H, K, tokens, args, reason is None, layers, bidirectional, nonlinearity))
         lines.append(describe(rows[-1]))

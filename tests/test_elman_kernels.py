@@ -21,7 +21,7 @@ class _Kernel:
 
     def __init__(self, source: str, name: str, log: list) -> None:
         (phi,) = re.findall(r"#define PHI\(x\) (.*)", source)
-        self.phi = {"tanh(x)": np.tanh, "max((x), (T)0)": lambda a: np.maximum(a, 0)}[phi]
+        self.phi = {"tanh(x)": np.tanh, "((x) < (T)0 ? (T)0 : (x))": lambda a: np.maximum(a, 0)}[phi]
         self.persistent = "every step of a recurrence in ONE launch" in source
         self.name, self.log, self.phi_text = name, log, phi
         self.max_dynamic_shared_size_bytes = 0
@@ -98,3 +98,41 @@ def test_relu_forward_kernels_are_listed_as_unmeasured_and_sources_define_phi():
     for name in ("elman_step.cu", "elman_persistent.cu"):
         code = "\n".join(line.split("//")[0] for line in elman._source(name).splitlines())  # comments out
         assert "PHI(" in code and "tanh(" not in code
+
+
+def test_one_backend_compiles_each_nonlinearitys_kernels_apart():
+    """A tanh model and then a relu model on one backend: each gets its own φ (the compiled kernels are cached per
+    dtype and φ), under the fused and the persistent choice alike."""
+    rng = np.random.default_rng(8)
+    T, B, D, H, K = 6, 3, 4, 5, 6
+    be = _Compiling()
+    x, y = rng.normal(size=(T, B, D)), rng.integers(0, K, size=(T, B))
+    for step_kernels in ("fused", "persistent"):
+        for nonlinearity in ("tanh", "relu"):
+            ref = gpubptt.RNN(D, H, K, nonlinearity=nonlinearity, backend="numpy", dtype="float64", seed=2)
+            model = ref.to(be)
+            model.use_graphs, model.step_kernels = False, step_kernels
+            be.log.clear()
+            l1, g1 = ref.loss_and_grads(x, y)
+            l2, g2 = model.loss_and_grads(x, y)
+            assert float(l2) == pytest.approx(float(l1), rel=1e-12)
+            for k in g1:
+                np.testing.assert_allclose(g2[k], g1[k], rtol=1e-10, atol=1e-12, err_msg=f"{nonlinearity} {k}")
+            assert {p for _, name, p in be.log if name == "fwd"} == {elman.PHI[nonlinearity]}
+
+
+def test_auto_asks_for_tanhs_fused_choice_under_its_old_key_where_persistent_loses():
+    class NoPersistent(_Compiling):
+        def choice(self, family, key, measure):
+            self.asked.append((family, key[0]))
+            return family != "persistent"
+
+    rng = np.random.default_rng(9)
+    be = NoPersistent()
+    ref = gpubptt.RNN(4, 5, 6, backend="numpy", dtype="float64", seed=3)
+    model = ref.to(be)
+    model.use_graphs, model.step_kernels = False, "auto"
+    x, y = rng.normal(size=(6, 3, 4)), rng.integers(0, 6, size=(6, 3))
+    np.testing.assert_allclose(model.loss_and_grads(x, y)[1]["W"], ref.loss_and_grads(x, y)[1]["W"], rtol=1e-10)
+    assert ("fused", "forward") in be.asked and ("persistent", "forward") in be.asked
+    assert {(kind, name) for kind, name, _ in be.log} == {("step", "fwd"), ("step", "bwd")}

@@ -333,3 +333,17 @@ def test_device_scratch_buffers_are_allocated_outside_every_memory_pool():
     scratch.get("a7", (5, 4), np.uint16, xp)  # outgrown: a bigger one, the first kept for a graph that reads it
     held = scratch._local.pools[("a7", np.dtype(np.uint16).str)]
     assert len(held) == 2 and all(buf.raw for buf in held) and first.shape == (3, 4)
+
+
+def test_each_thread_captures_on_one_stream_of_its_own(monkeypatch):
+    from gpubptt.backend import _graphs
+
+    monkeypatch.setattr(_graphs, "_local", threading.local())  # no stream from another test's stand-in
+    cuda = _FakeCuda()
+    mine = _graphs._capture_stream(cuda)
+    assert _graphs._capture_stream(cuda) is mine  # every capture of this thread: one stream, one bf16 scratch
+    theirs = []
+    other = threading.Thread(target=lambda: theirs.append(_graphs._capture_stream(cuda)))
+    other.start()
+    other.join()
+    assert theirs[0] is not mine and cuda.made == [mine.name, theirs[0].name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -25,9 +26,23 @@ def timer(cp: ModuleType) -> Callable[[Callable[[], Any]], float]:
     return run
 
 
+def _capture_stream(cp: ModuleType) -> Any:
+    """This thread's stream for captures on the current device, made once: what is kept per stream (the bf16
+    scratch of ``precision.Scratch``, allocated outside the pools and never freed) is made once per thread, not
+    once per capture."""
+    streams = _local.__dict__.setdefault("streams", {})
+    device = cp.cuda.Device().id
+    if device not in streams:
+        streams[device] = cp.cuda.Stream(non_blocking=True)
+    return streams[device]
+
+
+_local = threading.local()
+
+
 def capture(cp: ModuleType, fn: Callable[[], None]) -> Callable[[], None]:
     pool = cp.cuda.MemoryPool()
-    stream = cp.cuda.Stream(non_blocking=True)
+    stream = _capture_stream(cp)
     current = cp.cuda.get_current_stream()
     with cp.cuda.using_allocator(pool.malloc):
         # The warm-up runs on the caller's stream, in order with all other work there: it shares the one

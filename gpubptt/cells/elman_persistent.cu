@@ -5,7 +5,7 @@
 // reduction), so a step costs a few hundred cycles, not H dependent shared-memory loads. W's rows
 // are padded to H + 1 words so the lanes of a warp hit different banks whether they read a row
 // (forward) or a column (backward). T is defined as float or double, and PHI(x) as
-// tanh(x) or max((x), (T)0) (relu), before this source is compiled.
+// tanh(x) or ((x) < (T)0 ? (T)0 : (x)) (relu), before this source is compiled.
 __device__ __forceinline__ T group_sum(T acc, int L) {
     for (int o = L / 2; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o, L);
     return acc;

@@ -1,7 +1,7 @@
 // The Elman cell, one step of each recurrence in ONE kernel, for the small (B, H) where cuBLAS
 // picks slow kernels (measured on an H100: a (16, 128) x (128, 128) product took ~50 us inside a
 // graph, a fused step ~3). T is defined as float or double, and PHI(x) as
-// tanh(x) or max((x), (T)0) (relu), before this source is compiled.
+// tanh(x) or ((x) < (T)0 ? (T)0 : (x)) (relu), before this source is compiled.
 extern "C" __global__ void fwd(const T* __restrict__ s_prev, const T* __restrict__ W,
                                  const T* __restrict__ pre, T* __restrict__ out, int B, int H) {
     // one warp per output (b, h): lanes stride over j, so rows of s_prev and W load coalesced
