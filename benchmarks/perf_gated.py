@@ -7,10 +7,12 @@ gpubptt's ``loss_and_grads`` and torch's ``nn.GRU``/``nn.LSTM(bias=False) + Line
 cross_entropy(sum)`` forward+backward on the same weights and data (the gradients are checked to
 agree first), float32, timed interleaved: each round runs gpubptt once and torch once, with a pause
 between the two libraries so neither one's idle worker threads slow the other. Median of the rounds;
-the ratio is gpubptt's median over torch's, from the same run. Also per row: GFLOP/s (the GEMM
-FLOPs of ``gpubptt.bench.flops``, gate arithmetic not counted), the fraction of the same-run GEMM rate
-(T back-to-back (B, H) × (H, G·H) step GEMMs and one (T·B, H) × (H, K) batched GEMM through the
-backend's own matmul, each charged for its share of the FLOPs), and the BLAS with its thread counts.
+the ratio is gpubptt's median over torch's, from the same run. ``--warm N`` also times N more calls of each
+library back to back after its first of the round (as a training loop runs them), reported beside it.
+Also per row: GFLOP/s (the GEMM FLOPs of ``gpubptt.bench.flops``, gate arithmetic not counted), the
+fraction of the same-run GEMM rate (T back-to-back (B, H) × (H, G·H) step GEMMs and one (T·B, H) × (H, K)
+batched GEMM through the backend's own matmul, each charged for its share of the FLOPs), and the BLAS with
+its thread counts.
 
     python benchmarks/perf_gated.py OUT_DIR --backend numpy     # OUT_DIR/perf-gated-numpy.json and .txt
     python benchmarks/perf_gated.py OUT_DIR --backend cupy
@@ -168,11 +170,17 @@ def measure(be, cell, T, B, D, H, K, layers, bi, args) -> dict:
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    if args.warm:
+        times.update(gpubptt_warm=[], torch_warm=[])
     for _ in range(args.repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            for _ in range(args.warm if name in ("gpubptt", "torch") else 0):  # back to back, as a training loop
+                t0 = time.perf_counter()
+                fn()
+                times[f"{name}_warm"].append(time.perf_counter() - t0)
             if name in ("gemm_batched", "torch"):  # a pause between the two libraries
                 time.sleep(PAUSE_S)
     med = {k: float(np.median(v)) for k, v in times.items()}
@@ -186,6 +194,7 @@ def measure(be, cell, T, B, D, H, K, layers, bi, args) -> dict:
     return dict(cell=cell, T=T, B=B, D=D, H=H, K=K, num_layers=layers, bidirectional=bi, flops=total,
                 precision=args.precision,
                 times_s=times, median_s=med, ratio_vs_torch=med["gpubptt"] / med["torch"],
+                ratio_warm_vs_torch=med["gpubptt_warm"] / med["torch_warm"] if args.warm else None,
                 gflops=gflops, torch_gflops=total / med["torch"] / 1e9,
                 gemm={"step_gflops": step_rate / 1e9, "batched_gflops": batched_rate / 1e9},
                 efficiency=gflops / gemm_gflops, blas=blas_facts(be), max_rel_grad_err=err,
@@ -202,6 +211,13 @@ def main() -> int:
     )
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument(
+        "--warm",
+        type=int,
+        default=0,
+        help="also N calls back to back after each library's first call of a round, as a training loop runs "
+        "(the headline ratio stays the first call's, after the pause)",
+    )
     ap.add_argument("--rows", default="all", help="'all', or indices into the rows, comma-separated (0-9)")
     ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="GEMM precision (torch matches it)")
     ap.add_argument(
@@ -239,6 +255,12 @@ def main() -> int:
             f"  torch {med['torch'] * 1e3:8.2f} ms  ratio {row['ratio_vs_torch']:.2f}"
             f"  (grads agree to {row['max_rel_grad_err']:.1e})"
             + (f"  NumPy kernels {med['gpubptt_numpy_twins'] * 1e3:.2f} ms" if "gpubptt_numpy_twins" in med else "")
+            + (
+                f"  back to back {med['gpubptt_warm'] * 1e3:.2f} against {med['torch_warm'] * 1e3:.2f} ms, ratio "
+                f"{row['ratio_warm_vs_torch']:.2f}"
+                if args.warm
+                else ""
+            )
         )
         print(lines[-1], flush=True)
     summary, stats = summary_ratio(out, "ratio vs torch", key="ratio_vs_torch")  # clean rows only
