@@ -47,6 +47,23 @@ def add_out_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_streams_option(parser: argparse.ArgumentParser) -> None:
+    """``--streams``: on CuPy, a bidirectional layer's two directions on two CUDA streams (``backend.concurrent``)."""
+    parser.add_argument(
+        "--streams",
+        action="store_true",
+        help="CuPy: a bidirectional layer's two directions on two CUDA streams (backend.concurrent)",
+    )
+
+
+def streams_suffix(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """``--streams`` checked before any work (refused, through ``parser.error``, with any backend but CuPy's): the
+    suffix it adds to a default output file's name, "-streams" or "". The caller then sets ``be.concurrent``."""
+    if args.streams and args.backend != "cupy":
+        parser.error("--streams is for --backend cupy (the NumPy backend runs the directions in threads already)")
+    return "-streams" if args.streams else ""
+
+
 def out_dir(out: Path | str | None) -> Path:
     """The folder to write into (``out``, or the default), created if needed and printed on stderr."""
     folder = Path(out) if out is not None else default_out_dir()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One GPU opportunity (issue 23), in two parts of at most ~5 and ~8.5 minutes (each step has its own timeout, so a
-# hang costs that step only; each part fits one 600-second device call), on a machine whose python3 has CuPy and
-# torch (CUDA). Everything lands in $OUT:
+# One GPU opportunity (issue 23), in two parts of at most 6.5 and 8.5 minutes (each step has its own timeout, so a
+# hang costs that step only, and each part stays under 10 minutes), on a machine whose python3 has CuPy and torch
+# (CUDA). Everything lands in $OUT:
 #   part 1: env.txt                    nvidia-smi, versions
 #           pytest-gpu.txt             python3 -m pytest -m gpu -rs (CuPy against NumPy, tf32/bf16 against their
 #                                      emulation, side streams against the sequential schedule)
@@ -19,8 +19,9 @@
 # Usage: PYTHONPATH=. bash benchmarks/gpu_check.sh [1|2]            (one part, or both; results in $OUT, or a new
 #                                                                 temporary folder when unset)
 #        PYTHONPATH=. bash benchmarks/gpu_check.sh --dry-run [1|2]  (no GPU: the same commands on NumPy, one row, one
-#                                                                 repeat, and pytest --collect-only: checks the
-#                                                                 arguments)
+#                                                                 repeat, and pytest --collect-only, but the
+#                                                                 --streams runs, which are CuPy's alone: checks
+#                                                                 the arguments)
 set -uo pipefail
 DRY=0
 [ "${1:-}" = "--dry-run" ] && { DRY=1; shift; }
@@ -55,7 +56,7 @@ grids() {  # grids PRECISION: the single-layer rows and the gated ones, against 
         --rows $GATED_ROWS "${REPEATS[@]}"
 }
 
-if [ "$PART" != 2 ]; then  # part 1: the tests, then fp32 (≤ 300 s)
+if [ "$PART" != 2 ]; then  # part 1: the tests, then fp32 (≤ 390 s with the env step's timeouts)
     if [ $DRY -eq 1 ]; then
         step 120 pytest-gpu.txt "$PY" -m pytest -q -m gpu --collect-only tests
     else

@@ -42,7 +42,7 @@ from gpubptt.cells._jit import jit_library
 from gpubptt.environment import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import NOISY_MARK, blas_facts, is_noisy, summary_ratio
+from _report import NOISY_MARK, add_streams_option, blas_facts, is_noisy, streams_suffix, summary_ratio
 
 # (cell, T, B, D, H, K, num_layers, bidirectional)
 ROWS = [
@@ -194,21 +194,17 @@ def measure(be, cell, T, B, D, H, K, layers, bi, args) -> dict:
     return dict(cell=cell, T=T, B=B, D=D, H=H, K=K, num_layers=layers, bidirectional=bi, flops=total,
                 precision=args.precision,
                 times_s=times, median_s=med, ratio_vs_torch=med["gpubptt"] / med["torch"],
-                ratio_warm_vs_torch=med["gpubptt_warm"] / med["torch_warm"] if args.warm else None,
                 gflops=gflops, torch_gflops=total / med["torch"] / 1e9,
                 gemm={"step_gflops": step_rate / 1e9, "batched_gflops": batched_rate / 1e9},
                 efficiency=gflops / gemm_gflops, blas=blas_facts(be), max_rel_grad_err=err,
-                noisy=is_noisy(times["gpubptt"]) or is_noisy(times["torch"]))  # fmt: skip
+                noisy=is_noisy(times["gpubptt"]) or is_noisy(times["torch"]),
+                **({"ratio_warm_vs_torch": med["gpubptt_warm"] / med["torch_warm"]} if args.warm else {}))  # fmt: skip
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
-    ap.add_argument(
-        "--streams",
-        action="store_true",
-        help="CuPy: a bidirectional layer's two directions on two CUDA streams (backend.concurrent)",
-    )
+    add_streams_option(ap)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument(
@@ -228,12 +224,13 @@ def main() -> int:
     ap.add_argument("out_dir", nargs="?", default=None, help="folder for the results (default: a new temporary one)")
     ap.add_argument("--output", default=None, help="the JSON file (default: OUT_DIR/perf-gated-BACKEND.json)")
     args = ap.parse_args()
+    streams = streams_suffix(ap, args)
+    if args.warm < 0:
+        ap.error(f"--warm {args.warm}: expected a count of calls, 0 or more")
     if args.output:  # its folder made now, not found missing after the whole run
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     # the backend before torch: its MKL then picks its threading layer as for a user of gpubptt alone (a torch
     # imported first has loaded GNU OpenMP, and MKL takes that layer: docs/performance.md), as in perf_grid.py
-    if args.streams and args.backend != "cupy":
-        ap.error("--streams is for --backend cupy (the NumPy backend runs the directions in threads already)")
     be = gpubptt.get_backend(args.backend)
     if args.streams:
         be.concurrent = True
@@ -279,7 +276,7 @@ def main() -> int:
     if output is None:
         folder = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="gpubptt-perf-"))
         folder.mkdir(parents=True, exist_ok=True)
-        suffix = ("" if args.precision == "fp32" else "-" + args.precision) + ("-streams" if args.streams else "")
+        suffix = ("" if args.precision == "fp32" else "-" + args.precision) + streams
         output = folder / f"perf-gated-{be.name}{suffix}.json"
     output.write_text(json.dumps(result, indent=1))
     output.with_suffix(".txt").write_text("\n".join(lines) + "\n")

@@ -39,7 +39,7 @@ from gpubptt.backend.precision import PRECISIONS
 from gpubptt.environment import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import NOISY_MARK, blas_facts, is_noisy, summary_ratio
+from _report import NOISY_MARK, add_streams_option, blas_facts, is_noisy, streams_suffix, summary_ratio
 
 # (T, B, D, H, K, tokens)
 GRID = [
@@ -169,11 +169,7 @@ def describe(row: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
-    ap.add_argument(
-        "--streams",
-        action="store_true",
-        help="CuPy: a bidirectional layer's two directions on two CUDA streams (backend.concurrent)",
-    )
+    add_streams_option(ap)
     ap.add_argument(
         "--step-kernels",
         default="auto",
@@ -199,10 +195,11 @@ def main() -> int:
         help="the one-layer rows, the deep rows, or both",
     )
     args = ap.parse_args()
+    streams = streams_suffix(ap, args)
+    if args.step_kernels in ("fused", "persistent") and args.precision != "fp32":
+        ap.error(f"--step-kernels {args.step_kernels} multiplies in float32: it runs with --precision fp32 only")
     if args.output:  # its folder made now, not found missing after the whole run
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    if args.streams and args.backend != "cupy":
-        ap.error("--streams is for --backend cupy (the NumPy backend runs the directions in threads already)")
     be = gpubptt.get_backend(args.backend)
     if args.streams:
         be.concurrent = True
@@ -245,8 +242,9 @@ def main() -> int:
         folder = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="gpubptt-perf-"))
         folder.mkdir(parents=True, exist_ok=True)
         grid = "" if args.grid == "default" else "-" + args.grid
-        suffix = ("" if args.precision == "fp32" else "-" + args.precision) + ("-streams" if args.streams else "")
+        suffix = ("" if args.precision == "fp32" else "-" + args.precision) + streams
         suffix += "" if args.step_kernels == "auto" else "-" + args.step_kernels
+        suffix += "" if args.nonlinearity is None else "-" + args.nonlinearity
         output = folder / f"perf-{be.name}{grid}{suffix}.json"
     write_atomic(str(output), json.dumps(result, indent=1))
     write_atomic(str(output.with_suffix(".txt")), "\n".join(lines) + "\n")

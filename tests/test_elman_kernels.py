@@ -15,6 +15,8 @@ import gpubptt
 from gpubptt.backend.numpy_backend import NumpyBackend
 from gpubptt.cells import elman
 
+from .test_gated_kernels import c_expr, run_body
+
 
 class _Kernel:
     """One stand-in kernel: ``name`` of ``source`` (φ from its PHI define), logging each launch."""
@@ -136,3 +138,13 @@ def test_auto_asks_for_tanhs_fused_choice_under_its_old_key_where_persistent_los
     np.testing.assert_allclose(model.loss_and_grads(x, y)[1]["W"], ref.loss_and_grads(x, y)[1]["W"], rtol=1e-10)
     assert ("fused", "forward") in be.asked and ("persistent", "forward") in be.asked
     assert {(kind, name) for kind, name, _ in be.log} == {("step", "fwd"), ("step", "bwd")}
+
+
+def test_relu_in_the_cuda_sources_and_the_step_body_is_numpys_maximum_nan_included():
+    a = np.array([-2.0, -0.0, 0.0, 3.0, np.nan, -np.inf, np.inf])
+    cuda = {"np": np, "x": a, "max": np.fmax}  # CUDA's max is fmax: a NaN argument gives the other one
+    phi = eval(c_expr(elman.PHI["relu"].replace("(T)", "")), cuda)  # the macro, read as C
+    np.testing.assert_array_equal(phi, np.maximum(a, 0))
+    pre, hw, out = a.copy(), np.zeros_like(a), np.empty_like(a)
+    run_body(elman._RELU_STEP, {"pre": (pre, False), "hw": (hw, False), "out": (out, False)}, {"max": np.fmax})
+    np.testing.assert_array_equal(out, np.maximum(a, 0))

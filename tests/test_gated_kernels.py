@@ -12,10 +12,31 @@ from gpubptt.backend import get_backend
 from gpubptt.cells import gru, lstm
 
 
+def c_expr(expr: str) -> str:
+    """A C expression as Python over arrays: a top-level ``cond ? a : b`` becomes ``np.where(cond, a, b)`` (NaN
+    fails every comparison, as in C); outer parentheses around the whole expression are dropped first."""
+    expr = expr.strip()
+    while expr.startswith("(") and expr.endswith(")"):  # only where they enclose the whole expression
+        depth = 0
+        for k, ch in enumerate(expr):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0 and k < len(expr) - 1:
+                break
+        else:
+            expr = expr[1:-1].strip()
+            continue
+        break
+    if "?" not in expr:
+        return expr
+    cond, rest = expr.split("?", 1)
+    a, b = rest.split(":", 1)
+    return f"np.where({c_expr(cond)}, {c_expr(a)}, {c_expr(b)})"
+
+
 def run_body(body: str, arrays: dict, scalars: dict) -> None:
     """Run an ElementwiseKernel body for every i at once; arrays by parameter name (written in place)."""
     n = None
-    ns: dict = {"tanh": np.tanh, **scalars}
+    ns: dict = {"tanh": np.tanh, "np": np, **scalars}
     for name, (a, raw) in arrays.items():
         ns[name] = a.reshape(-1)  # a view: writes land in the array
         if not raw:
@@ -29,11 +50,11 @@ def run_body(body: str, arrays: dict, scalars: dict) -> None:
             if stmt.startswith(prefix):
                 for decl in stmt[len(prefix) :].split(","):
                     name, expr = decl.split("=", 1)
-                    ns[name.strip()] = eval(expr.replace("/", "//") if integer else expr, ns)
+                    ns[name.strip()] = eval(expr.replace("/", "//") if integer else c_expr(expr), ns)
                 break
         else:
             lhs, rhs = (s.strip() for s in stmt.split("=", 1))
-            value = eval(rhs, ns)
+            value = eval(c_expr(rhs), ns)
             if "[" in lhs:
                 name, idx = lhs.split("[", 1)
                 ns[name][eval(idx.rstrip("]"), ns)] = value

@@ -90,13 +90,14 @@ def test_indrnn_kernel_bodies_compute_what_the_numpy_twins_do(phi):
     rng = np.random.default_rng(5)
     k = indrnn.kernels(get_backend("numpy"))
     pre, sprev, w = rng.normal(size=(B, H)), rng.normal(size=(B, H)), rng.normal(size=H)
+    pre[0, 0] = np.nan  # stays NaN through φ, as in NumPy (CUDA's max would give relu 0)
     want = np.empty((B, H))
     (k.forward_tanh if phi == "tanh" else k.forward_relu)(pre, w, sprev, want)
     got = np.empty((B, H))
     wb = np.broadcast_to(w, (B, H)).copy()  # CuPy broadcasts w (H,) over the rows; the interpreter is flat
     body = indrnn._FORWARD_TANH if phi == "tanh" else indrnn._FORWARD_RELU
     run_body(body, {"pre": (pre, False), "w": (wb, False), "sprev": (sprev, False), "out": (got, False)},
-             {"max": np.maximum})  # fmt: skip
+             {"max": np.fmax})  # fmt: skip  # CUDA's max is fmax: a NaN argument gives the other one
     np.testing.assert_allclose(got, want, rtol=1e-14)
     dnext, g = rng.normal(size=(B, H)), rng.normal(size=(B, H))
     s = want

@@ -23,6 +23,8 @@ from gpubptt.backend.numpy_backend import NumpyBackend
 from gpubptt.backend.precision import BF16_ROUND_BODY, PRECISIONS, round_bf16, round_tf32
 from gpubptt.errors import InputError
 
+from .cuda_stand_ins import DevArray
+
 MANTISSA = {"tf32": 10, "bf16": 7}
 ROUND = {"tf32": round_tf32, "bf16": round_bf16}
 #: the measured worst gradient error (below), with margin: 4× one operand's unit roundoff 2^−(p+1)
@@ -269,16 +271,6 @@ def test_gpu_check_script_and_grid_options_parse():
 
 
 # -- the CuPy GEMM path's host side, through a stand-in for CuPy and cuBLAS ------------------------------
-class _DevArray(np.ndarray):
-    """A host array that answers ``.data.ptr`` as a CuPy array does (views keep the class)."""
-
-    @property
-    def data(self):  # type: ignore[override]
-        from types import SimpleNamespace
-
-        return SimpleNamespace(ptr=self.__array_interface__["data"][0])
-
-
 def _fake_cupy():
     from types import SimpleNamespace
 
@@ -293,9 +285,9 @@ def _fake_cupy():
 
     stream = SimpleNamespace(ptr=7)
     return SimpleNamespace(
-        empty=lambda n, dtype: np.empty(n, dtype=dtype).view(_DevArray),
+        empty=lambda n, dtype: np.empty(n, dtype=dtype).view(DevArray),
         uint8=np.uint8,
-        ascontiguousarray=lambda a: np.ascontiguousarray(a).view(_DevArray),
+        ascontiguousarray=lambda a: np.ascontiguousarray(a).view(DevArray),
         ElementwiseKernel=kernel,
         cuda=SimpleNamespace(get_current_stream=lambda: stream, using_allocator=contextlib.nullcontext),
     )
@@ -346,13 +338,13 @@ def test_cublas_gemm_ex_path_computes_the_emulated_product(monkeypatch, precisio
     m, k, n = 5, 6, 3
     A = rng.normal(size=(m, k)).astype(np.float32)
     Bm = rng.normal(size=(k, n)).astype(np.float32)
-    a = (A.T.copy().T if case == "a_T" else A).view(_DevArray)
-    b = (Bm.T.copy().T if case == "b_T" else Bm).view(_DevArray)
+    a = (A.T.copy().T if case == "a_T" else A).view(DevArray)
+    b = (Bm.T.copy().T if case == "b_T" else Bm).view(DevArray)
     if case == "row_views":
-        a = rng.normal(size=(3, m, k)).astype(np.float32).view(_DevArray)[1]
+        a = rng.normal(size=(3, m, k)).astype(np.float32).view(DevArray)[1]
         A = np.asarray(a).copy()
     start = rng.normal(size=(m, n)).astype(np.float32)
-    out = start.copy().view(_DevArray)
+    out = start.copy().view(DevArray)
     matmul(a, b, out, accumulate, precision, Scratch())
     want = start.copy()
     get_backend("numpy").with_precision(precision).matmul(A, Bm, want, accumulate=accumulate)

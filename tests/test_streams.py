@@ -21,6 +21,8 @@ import gpubptt
 from gpubptt.backend import _cublas, _streams
 from gpubptt.backend.numpy_backend import NumpyBackend
 
+from .cuda_stand_ins import DevArray
+
 
 class _RawAllocator:
     """``cupy.cuda.using_allocator()``: ``raw`` is True inside it (allocations outside every memory pool)."""
@@ -39,7 +41,7 @@ class _RawAllocator:
 
 def _empty(n, dtype):
     """``cupy.empty`` as a host array that answers ``.data.ptr``, remembering whether it came from a pool."""
-    out = np.empty(n, dtype=dtype).view(_DevArray)
+    out = np.empty(n, dtype=dtype).view(DevArray)
     out.raw = _RawAllocator.raw
     return out
 
@@ -179,12 +181,6 @@ def _fake_cublas_lib(calls: list[tuple]) -> SimpleNamespace:
                            cublasSetWorkspace_v2=set_workspace, cublasCreate_v2=ok)  # fmt: skip
 
 
-class _DevArray(np.ndarray):
-    @property
-    def data(self):  # type: ignore[override]
-        return SimpleNamespace(ptr=self.__array_interface__["data"][0])
-
-
 def test_each_side_stream_gets_a_cublas_workspace_of_its_own(monkeypatch):
     calls: list[tuple] = []
     monkeypatch.setattr(_cublas, "_load_cublas", lambda cp: _fake_cublas_lib(calls))
@@ -195,7 +191,7 @@ def test_each_side_stream_gets_a_cublas_workspace_of_its_own(monkeypatch):
     )  # fmt: skip
     matmul = _cublas.cublas_matmul(cp)
     shared = matmul.keepalive[2]
-    a, b, out = (np.ones(s, np.float32).view(_DevArray) for s in ((2, 3), (3, 4), (2, 4)))
+    a, b, out = (np.ones(s, np.float32).view(DevArray) for s in ((2, 3), (3, 4), (2, 4)))
     matmul.add_stream(8)
     matmul.add_stream(8)  # once per stream
     own = matmul.keepalive[3][8]

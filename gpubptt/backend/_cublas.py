@@ -162,7 +162,8 @@ def cublas_matmul(cp: ModuleType) -> Callable[..., None]:
     def add_stream(stream: int) -> None:
         """A workspace of its own for the stream with pointer ``stream``, for GEMMs in flight beside those of
         other streams; made at once, with memory of its own (the warm-up before a capture, which makes the side
-        streams, allocates from the graph's private pool, freed with the graph), never during a capture."""
+        streams, allocates from the graph's private pool, freed with the graph), never during a capture. Kept for
+        the process's life, also after its stream is gone: a graph captured with it holds its address."""
         with lock, cp.cuda.using_allocator():  # its own memory, outside any pool: a graph's private pool can die
             if stream not in workspaces:
                 workspaces[stream] = cp.empty(workspace.nbytes, dtype=cp.uint8)

@@ -42,9 +42,6 @@ class CupyBackend(Backend):
     supports_graphs = True
     compiles_kernels = True
     conversion_hint = "convert it with backend.asarray(...)"
-    #: the directions of a bidirectional layer on two streams (``run_concurrently``): built and checked
-    #: against stand-ins on the CPU, not yet timed on a device, so off unless ``concurrent`` is set
-    concurrent_default = False
 
     def __init__(self, cp: Any, device: str) -> None:
         super().__init__()
@@ -154,8 +151,10 @@ class CupyBackend(Backend):
     def run_concurrently(self, jobs: list[Callable[[], None]]) -> None:
         """Where ``concurrent`` is on, job 0 on the current stream and each other job on a side stream of its own,
         forked from and joined back to the current stream (``_streams.SideStreams``; also inside a graph capture:
-        parallel branches of the graph); else one after the other on the current stream. Set ``concurrent``
-        before a shape's first call: its captured graph keeps the schedule it was recorded with."""
+        parallel branches of the graph); else one after the other on the current stream. ``concurrent`` is off
+        by default here (``concurrent_default``): built and checked against stand-ins on the CPU, not yet timed
+        on a device. Set it before a shape's first call: its captured graph keeps the schedule it was recorded
+        with."""
         if len(jobs) < 2 or not self.concurrent:
             super().run_concurrently(jobs)
             return

@@ -37,7 +37,16 @@ from ._loops import over_rows, split_rows, step_loops
 from ._per_backend import PerBackend
 from .base import Cell, register_cell
 
-__all__ = ["NONLINEARITIES", "STEP_KERNELS", "ElmanCell", "backward_truncated", "kernels", "phi_prime"]
+__all__ = [
+    "NONLINEARITIES",
+    "PHI",
+    "STEP_KERNELS",
+    "UNMEASURED",
+    "ElmanCell",
+    "backward_truncated",
+    "kernels",
+    "phi_prime",
+]
 
 STEP_KERNELS = ("auto", "cublas", "fused", "persistent")
 #: φ in the CUDA sources, by nonlinearity; relu written as a comparison, not CUDA's max (fmax, which turns NaN
@@ -46,6 +55,8 @@ PHI = {"tanh": "tanh(x)", "relu": "((x) < (T)0 ? (T)0 : (x))"}
 #: (family, kind) of the compiled kernels built but not yet timed on a device: "auto" never picks them, a forced
 #: ``step_kernels`` ("fused", "persistent") runs them
 UNMEASURED = {("fused", "forward relu"), ("persistent", "forward relu")}
+#: the relu step's elementwise body: out = max(pre + hw, 0) as PHI writes it (a NaN stays NaN; CUDA's max gives 0)
+_RELU_STEP = "const T a = pre + hw; out = a < (T)0 ? (T)0 : a"
 NONLINEARITIES = ("tanh", "relu")
 
 
@@ -300,8 +311,7 @@ class _Kernels:
         xp = be.xp
         self.tanh_step = be.elementwise("T pre, T hw", "T out", "out = tanh(pre + hw)", "gpubptt_tanh_step")
         self.tanh_step = self.tanh_step or _xp_tanh_step(xp)  # out = tanh(pre + hw); hw may be clobbered
-        relu = "T a = pre + hw; out = a < (T)0 ? (T)0 : a"  # as PHI: a NaN stays NaN (CUDA's max gives 0)
-        self.relu_step = be.elementwise("T pre, T hw", "T out", relu, "gpubptt_relu_step")
+        self.relu_step = be.elementwise("T pre, T hw", "T out", _RELU_STEP, "gpubptt_relu_step")
         self.relu_step = self.relu_step or _xp_relu_step(xp)  # out = max(pre + hw, 0); hw may be clobbered
         self.backprop_tanh = be.elementwise("T carry, T d", "T g", "g = (g + carry) * d", "gpubptt_backprop_tanh")
         self.backprop_tanh = self.backprop_tanh or _xp_backprop_tanh(xp)  # g = (g + carry) * d

@@ -168,7 +168,7 @@ class IndRNNCell(Cell):
 # -- kernels: one fused elementwise kernel per step (CuPy), or the NumPy twins ---------------------
 # w (H,) broadcasts against the (B, H) rows; f = φ' is read from the state s_t itself
 _FORWARD_TANH = "out = tanh(pre + w * sprev)"
-_FORWARD_RELU = "out = max(pre + w * sprev, (T)0)"
+_FORWARD_RELU = "const T a = pre + w * sprev; out = a < (T)0 ? (T)0 : a"  # not CUDA's max: NaN stays NaN, as NumPy's
 _BACKWARD_TANH = "g = (g + dnext * w) * ((T)1 - s * s)"
 _BACKWARD_RELU = "g = (g + dnext * w) * (T)(s > (T)0)"
 
