@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+import gpubptt
 from gpubptt.timing import NOISY_SPREAD, summarize
 
 __all__ = ["NOISY_SPREAD", "add_out_option", "default_out_dir", "is_noisy", "out_dir", "spread", "summary_ratio"]
@@ -62,6 +63,17 @@ def streams_suffix(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if args.streams and args.backend != "cupy":
         parser.error("--streams is for --backend cupy (the NumPy backend runs the directions in threads already)")
     return "-streams" if args.streams else ""
+
+
+def open_backend(args: argparse.Namespace) -> Any:
+    """The backend of ``--backend``, ``--streams`` applied, after making ``--output``'s folder (made now, not found
+    missing after the whole run)."""
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    be = gpubptt.get_backend(args.backend)
+    if args.streams:
+        be.concurrent = True
+    return be
 
 
 def out_dir(out: Path | str | None) -> Path:

@@ -42,7 +42,15 @@ from gpubptt.cells._jit import jit_library
 from gpubptt.environment import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import NOISY_MARK, add_streams_option, blas_facts, is_noisy, streams_suffix, summary_ratio
+from _report import (
+    NOISY_MARK,
+    add_streams_option,
+    blas_facts,
+    is_noisy,
+    open_backend,
+    streams_suffix,
+    summary_ratio,
+)
 
 # (cell, T, B, D, H, K, num_layers, bidirectional)
 ROWS = [
@@ -227,13 +235,9 @@ def main() -> int:
     streams = streams_suffix(ap, args)
     if args.warm < 0:
         ap.error(f"--warm {args.warm}: expected a count of calls, 0 or more")
-    if args.output:  # its folder made now, not found missing after the whole run
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     # the backend before torch: its MKL then picks its threading layer as for a user of gpubptt alone (a torch
     # imported first has loaded GNU OpenMP, and MKL takes that layer: docs/performance.md), as in perf_grid.py
-    be = gpubptt.get_backend(args.backend)
-    if args.streams:
-        be.concurrent = True
+    be = open_backend(args)
     try:
         import torch
     except ImportError as exc:

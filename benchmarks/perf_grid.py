@@ -39,7 +39,15 @@ from gpubptt.backend.precision import PRECISIONS
 from gpubptt.environment import environment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import NOISY_MARK, add_streams_option, blas_facts, is_noisy, streams_suffix, summary_ratio
+from _report import (
+    NOISY_MARK,
+    add_streams_option,
+    blas_facts,
+    is_noisy,
+    open_backend,
+    streams_suffix,
+    summary_ratio,
+)
 
 # (T, B, D, H, K, tokens)
 GRID = [
@@ -198,11 +206,7 @@ def main() -> int:
     streams = streams_suffix(ap, args)
     if args.step_kernels in ("fused", "persistent") and args.precision != "fp32":
         ap.error(f"--step-kernels {args.step_kernels} multiplies in float32: it runs with --precision fp32 only")
-    if args.output:  # its folder made now, not found missing after the whole run
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    be = gpubptt.get_backend(args.backend)
-    if args.streams:
-        be.concurrent = True
+    be = open_backend(args)
     be.step_kernels = args.step_kernels
     reason = bench.torch_unavailable_reason()
     if reason:
