@@ -51,11 +51,11 @@ def _pid_alive(pid: int) -> bool:
 def _abandoned(tmp: Path, middle: str, now: float) -> bool:
     """Whether a temporary ``.{name}.{middle}.tmp`` of our target was left by a writer that is gone."""
     m = re.fullmatch(r"(\d+)@([A-Za-z0-9-]+)\.[A-Za-z0-9_]+", middle)  # ours: {pid}@{host}.{random}
-    if m is None and not re.fullmatch(r"[a-z0-9_]{8}", middle):  # older gpubptt: mkstemp's 8 random characters
+    if m is None:
         return False  # not one of ours (a temporary of another target, "ck.npz.bak", or a user's file)
-    if m is not None and m.group(2) == _host() and os.name == "posix":  # os.kill(pid, 0) would kill on Windows
+    if m.group(2) == _host() and os.name == "posix":  # os.kill(pid, 0) would kill on Windows
         return not _pid_alive(int(m.group(1)))
-    try:  # no PID, or another machine's (a shared folder): only its age tells
+    try:  # another machine's (a shared folder): only its age tells
         return now - tmp.stat().st_mtime > STALE_SECONDS
     except OSError:
         return False
@@ -73,17 +73,9 @@ def _remove_abandoned(path: Path) -> None:
                         tmp.unlink()
 
 
-def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
-    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically, durably where the OS allows.
-
-    The temporary is ``.{name}.{pid}@{host}.{random}.tmp`` beside the target. Before writing, the
-    temporaries of the same target left by killed writers are deleted: those of this machine whose
-    process ID no longer runs, and those that name no process (an older gpubptt) or another machine
-    when unmodified for ``STALE_SECONDS``. The temporary of a writer still at work is never touched;
-    files of other targets and other names are left alone. A symbolic link is written through: the
-    file it points to is replaced, and the link stays a link.
-    """
-    path = Path(os.path.realpath(path))
+def _stage(path: Path, data: str | bytes) -> str:
+    """A complete, fsynced temporary ``.{name}.{pid}@{host}.{random}.tmp`` beside ``path`` holding ``data``; its
+    name. The abandoned temporaries of ``path`` are removed first; on failure nothing is left behind."""
     _remove_abandoned(path)
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}@{_host()}.", suffix=".tmp")
@@ -93,14 +85,46 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    return tmp
+
+
+def write_atomic(
+    path: str | os.PathLike[str], data: str | bytes, *, copies: tuple[str | os.PathLike[str], ...] = ()
+) -> None:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically, durably where the OS allows; and the same
+    data to each of ``copies`` (a checkpoint and its best file) with them: every temporary is written in full
+    before any target is replaced, so a failed write (a full disk, a folder that refuses it) leaves every
+    target as it was. Only a rename failing after that (which needs the folder's permissions to change in
+    between) can leave some replaced and some not.
+
+    The temporary is ``.{name}.{pid}@{host}.{random}.tmp`` beside the target. Before writing, the
+    temporaries of the same target left by killed writers are deleted: those of this machine whose
+    process ID no longer runs, and those of another machine when unmodified for ``STALE_SECONDS``. The
+    temporary of a writer still at work is never touched; files of other targets and other names are left
+    alone. A symbolic link is written through: the file it points to is replaced, and the link stays a link.
+    """
+    targets = [Path(os.path.realpath(p)) for p in (path, *copies)]
+    staged: list[str] = []
+    try:
+        for target in targets:
+            staged.append(_stage(target, data))
+        for i, (tmp, target) in enumerate(zip(staged, targets, strict=True)):
+            os.replace(tmp, target)
+            staged[i] = ""
+    except BaseException:
+        for tmp in staged:
+            if tmp:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        raise
+    for folder in {t.parent for t in targets}:
+        with contextlib.suppress(OSError):  # make the rename itself durable (not possible everywhere)
+            dfd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)

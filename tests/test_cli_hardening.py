@@ -122,7 +122,11 @@ def test_train_full_disk_at_the_final_save_keeps_the_old_checkpoint(tmp_path, co
     args = ["--data", str(corpus), "--steps", "3", "--eval-every", "0", "--force", "--checkpoint", str(ck)]
     result = runner.invoke(app, ["train", *TINY, *args])
     assert result.exit_code == 1
-    assert f"error: could not write checkpoint {str(ck)!r}: No space left on device" in result.output
+    best = tmp_path / "ck.best.npz"  # the final evaluation is this run's best: both files, written together
+    assert (
+        f"error: could not write checkpoint {str(ck)!r} and its best file {str(best)!r}: No space left on device"
+        in (result.output)
+    )
     assert "Traceback" not in result.output and ck.read_bytes() == before
     # no temporary file left (ck.best.npz: the first run's best model, beside its last)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.best.npz", "ck.npz", "corpus.txt"]

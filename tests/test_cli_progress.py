@@ -138,6 +138,28 @@ def test_second_ctrl_c_stops_at_once_and_says_nothing_was_saved(tmp_path, monkey
     assert not ck.exists()
 
 
+def test_second_ctrl_c_while_the_interrupt_saves_says_which_step_the_file_keeps(tmp_path, monkeypatch):
+    import signal
+
+    import gpubptt.cli._train_report as report
+    from gpubptt.training.record import load_checkpoint
+
+    ck = tmp_path / "ck.npz"
+    _ctrl_c_during_step(monkeypatch, step=7, presses=1)  # after the evaluation (and save) at step 5
+    real = report.save_run
+
+    def save_run(path, run, **kw):  # the second Ctrl-C lands inside the interrupt's own save
+        if run.state.step == 7:
+            signal.raise_signal(signal.SIGINT)
+        return real(path, run, **kw)
+
+    monkeypatch.setattr(report, "save_run", save_run)
+    result = runner.invoke(app, [*TASK, "--eval-every", "5", "--checkpoint", str(ck)])
+    assert result.exit_code == 130, result.output
+    assert f"interrupted at step 7, and again while saving; {str(ck)!r} keeps step 5" in result.stderr
+    assert load_checkpoint(ck, backend="numpy").state.step == 5  # whole, at the last save before
+
+
 # -- --version and --help ------------------------------------------------------------------------------
 def test_version_option_prints_the_version():
     import gpubptt

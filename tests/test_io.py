@@ -38,15 +38,13 @@ def test_a_save_removes_abandoned_temporaries_of_its_target_and_nothing_else(tmp
     orphans = _kill_during_save(target) | _kill_during_save(target)
     assert len(orphans) == 2 and all(n.startswith(".ck.npz.") and n.endswith(".tmp") for n in orphans)
     assert target.read_bytes() == b"old"  # the kills left the target whole
-    legacy = tmp_path / ".ck.npz.k3j4h5g6.tmp"  # an older gpubptt's name: no process ID in it
-    legacy.write_bytes(b"x" * 100)
-    _age(legacy, STALE_SECONDS + 60)
 
     pid_host = next(iter(orphans))[len(".ck.npz.") : -len(".tmp")].rsplit(".", 1)[0]  # "{pid}@{host}"
     host = pid_host.split("@", 1)[1]
     keep = {
         f".ck.npz.{os.getpid()}@{host}.abcd1234.tmp",  # a writer of this machine that is alive: this process
-        ".ck.npz.q1w2e3r4.tmp",  # no process ID, but recent: its writer may still be at work
+        ".ck.npz.q1w2e3r4.tmp",  # no process ID: a user's file, recent
+        ".ck.npz.original.tmp",  # no process ID, old: still a user's file (never a writer's of ours)
         ".ck.npz.999999@another-machine.abcd1234.tmp",  # another machine's, recent
         ".ck.npz.bak.k3j4h5g6.tmp",  # a temporary of another target, "ck.npz.bak"
         ".other.npz.k3j4h5g6.tmp",
@@ -55,12 +53,18 @@ def test_a_save_removes_abandoned_temporaries_of_its_target_and_nothing_else(tmp
     }
     for name in keep:
         (tmp_path / name).write_bytes(b"keep")
-    for name in (".ck.npz.bak.k3j4h5g6.tmp", ".other.npz.k3j4h5g6.tmp", "ck.npz.k3j4h5g6.tmp", "notes.txt"):
+    for name in (
+        ".ck.npz.original.tmp",
+        ".ck.npz.bak.k3j4h5g6.tmp",
+        ".other.npz.k3j4h5g6.tmp",
+        "ck.npz.k3j4h5g6.tmp",
+        "notes.txt",
+    ):
         _age(tmp_path / name, STALE_SECONDS + 60)
 
     write_atomic(target, b"new")
     assert target.read_bytes() == b"new"
-    assert set(os.listdir(tmp_path)) == keep | {"ck.npz"}  # the two orphans and the old legacy one are gone
+    assert set(os.listdir(tmp_path)) == keep | {"ck.npz"}  # the two orphans are gone
     assert all((tmp_path / name).read_bytes() == b"keep" for name in keep)
 
 
@@ -76,3 +80,29 @@ def test_a_symbolic_link_is_written_through_and_stays_a_link(tmp_path):
     write_atomic(link, b"new")
     assert link.is_symlink() and target.read_bytes() == b"new"
     assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["ck.npz"]
+
+
+def test_copies_are_written_together_or_not_at_all(tmp_path):
+    (tmp_path / "ro").mkdir()
+    target, copy = tmp_path / "ck.npz", tmp_path / "ro" / "ck.best.npz"
+    target.write_bytes(b"old")
+    copy.write_bytes(b"old best")
+    write_atomic(target, b"new", copies=(copy,))
+    assert target.read_bytes() == b"new" and copy.read_bytes() == b"new"
+    os.chmod(tmp_path / "ro", 0o500)  # the copy's folder refuses new files: its temporary cannot be made
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):  # root ignores the mode: make the copy's folder vanish instead
+            os.chmod(tmp_path / "ro", 0o700)
+            copy.unlink()
+            (tmp_path / "ro").rmdir()
+        try:
+            write_atomic(target, b"newer", copies=(copy,))
+        except OSError:
+            pass
+        else:
+            raise AssertionError("the copy's write should have failed")
+    finally:
+        if (tmp_path / "ro").exists():
+            os.chmod(tmp_path / "ro", 0o700)
+    assert target.read_bytes() == b"new"  # the target was not replaced: the copy's temporary failed first
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left

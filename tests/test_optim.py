@@ -172,6 +172,10 @@ def test_bad_settings_are_refused():
         SGD({"U": np.zeros(2)}, lr=0.1, on_nonfinite="ignore")
     with pytest.raises(InputError, match="unknown optimizer"):
         make_optimizer("rmsprop", {"U": np.zeros(2)})
+    for name in ("adagrad", "adam"):  # refused when built, not at the first step or the first save
+        for eps in (-1e-3, float("nan"), float("inf"), "1e-8"):
+            with pytest.raises(InputError, match="eps must be a finite number ≥ 0"):
+                make_optimizer(name, {"U": np.zeros(2)}, eps=eps)
     with pytest.raises(ShapeError, match="gradient U has shape"):
         SGD({"U": np.zeros(2)}, lr=0.1).step({"U": np.zeros(3)})
 

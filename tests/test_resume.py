@@ -119,3 +119,39 @@ def test_a_resume_with_nothing_to_do_leaves_the_checkpoint_untouched(tmp_path):
         after = os.stat(ck)
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
         assert ck.read_bytes() == raw
+
+
+def test_a_resume_keeps_the_runs_own_evaluation_interval_unless_given(tmp_path):
+    corpus, ck = tmp_path / "corpus.txt", tmp_path / "ck.npz"
+    corpus.write_text(TEXT, encoding="utf-8")
+    assert _train("--data", corpus, "--steps", 5, "--checkpoint", ck, "--eval-every", 3).exit_code == 0
+    assert _resume(ck, "--steps", 9).exit_code == 0
+    ckpt = load_checkpoint(ck)
+    assert ckpt.config.eval_every == 3 and ckpt.history.eval_step == [0, 3, 5, 6, 9]  # every 3 steps, and the ends
+    assert _resume(ck, "--steps", 12, "--eval-every", 2).exit_code == 0  # given: the new interval applies
+    ckpt = load_checkpoint(ck)
+    assert ckpt.config.eval_every == 2 and ckpt.history.eval_step[5:] == [10, 12]
+    assert _train("--data", corpus, "--steps", 2, "--checkpoint", tmp_path / "z.npz", "--eval-every", 0).exit_code == 0
+    result = _resume(tmp_path / "z.npz", "--steps", 4, "--early-stop", 2)  # the run's own 0: nothing to count
+    assert result.exit_code == 2 and "--early-stop counts held-out evaluations" in result.output
+
+
+def test_a_resume_that_stretches_a_schedule_says_how_the_rate_moves(tmp_path):
+    from gpubptt.training.loop import learning_rate
+
+    corpus, ck = tmp_path / "corpus.txt", tmp_path / "ck.npz"
+    corpus.write_text(TEXT, encoding="utf-8")
+    assert (
+        _train("--data", corpus, "--steps", 4, "--checkpoint", ck, "--schedule", "cosine", "--lr", 0.01).exit_code == 0
+    )
+    result = _resume(ck, "--steps", 8)
+    assert result.exit_code == 0
+    before = learning_rate(4, base_lr=0.01, schedule="cosine", total_steps=4)
+    after = learning_rate(4, base_lr=0.01, schedule="cosine", total_steps=8)
+    assert f"now spans 8 steps instead of 4: the learning rate at step 5 is {after:.3g}" in result.output
+    assert f"would have used {before:.3g}" in result.output
+    assert load_checkpoint(ck).history.lr[4] == after  # as the note says
+    flat = tmp_path / "flat.npz"  # a constant rate does not depend on the total: nothing to say
+    assert _train("--data", corpus, "--steps", 4, "--checkpoint", flat).exit_code == 0
+    result = _resume(flat, "--steps", 8)
+    assert result.exit_code == 0 and "note:" not in result.output

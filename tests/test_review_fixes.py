@@ -71,28 +71,36 @@ def test_forward_of_an_empty_sequence_returns_under_every_head(head):
     assert out.states.shape == (0, 2, 4)
 
 
-def test_a_forced_run_whose_best_file_cannot_be_written_leaves_no_older_runs_best_beside_it(tmp_path, monkeypatch):
+def test_a_run_whose_best_file_cannot_be_written_changes_neither_file(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import gpubptt.cli._train_report as cli_train
+    from gpubptt import _io
     from gpubptt.cli import app
+    from gpubptt.training.record import load_checkpoint
 
-    runner, ck = CliRunner(), tmp_path / "ck.npz"
+    runner, ck, best = CliRunner(), tmp_path / "ck.npz", tmp_path / "ck.best.npz"
     (tmp_path / "book.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
     args = ["train", "--hidden", "8", "--batch", "2", "--chunk", "8", "--backend", "numpy", "--data"]
     args += [str(tmp_path / "book.txt"), "--steps", "4", "--eval-every", "2", "--checkpoint", str(ck)]
-    assert runner.invoke(app, args).exit_code == 0 and (tmp_path / "ck.best.npz").exists()
-    real = cli_train.save_run
+    assert runner.invoke(app, args).exit_code == 0 and best.exists()
+    before = {p: p.read_bytes() for p in (ck, best)}
+    real = _io._stage
 
-    def save_run(path, run):  # the disk fills up between the new run's last and best files
-        if str(path).endswith(".best.npz"):
+    def stage(path, data):  # the best file's folder is full: its temporary cannot be written
+        if path.name == "ck.best.npz":
             raise OSError(28, "No space left on device")
-        return real(path, run)
+        return real(path, data)
 
-    monkeypatch.setattr(cli_train, "save_run", save_run)
-    result = runner.invoke(app, [*args, "--force", "--seed", "1"])
-    assert result.exit_code == 1 and "best checkpoint" in result.output
-    assert not (tmp_path / "ck.best.npz").exists()  # not the replaced run's best beside the new run's last
+    monkeypatch.setattr(_io, "_stage", stage)
+    result = runner.invoke(app, [*args, "--force", "--seed", "1"])  # its first save is a best one: refused whole
+    assert result.exit_code == 1 and "its best file" in result.output and "No space left" in result.output
+    assert {p: p.read_bytes() for p in (ck, best)} == before  # the earlier run's pair, both as they were
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["book.txt", "ck.best.npz", "ck.npz"]  # no temporary
+
+    monkeypatch.setattr(_io, "_stage", real)
+    assert runner.invoke(app, [*args, "--steps", "6", "--resume"]).exit_code == 0  # a later best save: both files
+    history = load_checkpoint(ck).history
+    assert load_checkpoint(best).state.step == history.best()[0]  # the best file holds the step its history names
 
 
 def test_the_torch_module_refuses_an_input_changed_in_place_before_backward_and_allows_create_graph():

@@ -153,6 +153,36 @@ def test_train_refuses_mismatched_model_and_optimizer():
         TrainConfig(steps=0)
 
 
+def test_the_optimizers_own_rate_is_the_base_unless_the_config_gives_one(tmp_path):
+    from gpubptt.training.loop import TrainState
+    from gpubptt.training.record import load_checkpoint, save_checkpoint
+
+    data = TextData("abcabcabc" * 30)
+    model = gpubptt.RNN(data.input_size, 4, data.output_size, backend="numpy", seed=0)
+    _, hist = train(model, data, make_optimizer("sgd", model, lr=1e-4), TrainConfig(steps=3, batch_size=2, chunk=4))
+    assert hist.lr == [1e-4] * 3  # the rate given to the optimizer, not a default of the config's
+    _, hist = train(model, data, make_optimizer("sgd", model), TrainConfig(steps=2, batch_size=2, chunk=4))
+    assert hist.lr == [0.1] * 2  # sgd's own default
+    cfg = TrainConfig(steps=4, batch_size=2, chunk=4, lr=0.2, schedule="step")
+    _, hist = train(model, data, make_optimizer("sgd", model, lr=1e-4), cfg)
+    assert hist.lr == [learning_rate(i, base_lr=0.2, schedule="step", total_steps=4) for i in range(4)]
+    cfg = TrainConfig(steps=4, batch_size=2, chunk=4, schedule="cosine")
+    with pytest.raises(InputError, match=r"give TrainConfig\(lr=\.\.\.\) the schedule's base rate"):
+        train(model, data, make_optimizer("sgd", model), cfg, state=TrainState(step=2))
+    # NumPy scalars are stored as Python numbers: the configuration round-trips through a checkpoint's JSON
+    cfg = TrainConfig(steps=np.int64(2), batch_size=np.int32(2), chunk=np.int64(4), lr=np.float32(0.25))
+    assert type(cfg.steps) is int and type(cfg.lr) is float and cfg.lr == 0.25
+    opt = make_optimizer("sgd", model)
+    state, hist = train(model, data, opt, cfg)
+    save_checkpoint(tmp_path / "ck.npz", model, optimizer=opt, config=cfg, state=state, history=hist)
+    assert load_checkpoint(tmp_path / "ck.npz").config == cfg
+    none = TrainConfig(steps=2, batch_size=2, chunk=4)  # lr None is stored as null, and read back so
+    save_checkpoint(tmp_path / "none.npz", model, optimizer=opt, config=none, state=state, history=hist)
+    assert load_checkpoint(tmp_path / "none.npz").config.lr is None
+    with pytest.raises(InputError, match="lr must be a number"):
+        TrainConfig(lr="0.1")
+
+
 def test_new_run_fills_defaults_and_converts_epochs_to_steps(tmp_path):
     from gpubptt.training.run import new_run
 

@@ -115,16 +115,16 @@ class TrainReporter:
         if not self.main:
             self.saved_step = self.run.state.step
             return
-        targets = [("checkpoint", self.checkpoint)] + ([("best checkpoint", self.best_checkpoint)] if best else [])
-        for what, path in targets:
-            try:
-                save_run(path, self.run)
-            except OSError as exc:
-                if path is self.best_checkpoint and not self.best_written:  # --force: never leave this run's
-                    self.best_checkpoint.unlink(missing_ok=True)  # new last model beside a replaced run's best
-                raise Failed(write_error(what, path, exc)) from exc
-            except CheckpointError as exc:  # a run the format cannot hold: nothing was written
-                raise Failed(str(exc)) from exc
+        copies = (self.best_checkpoint,) if best else ()
+        try:  # with the best file: both written, or neither (the temporaries are complete before either is replaced)
+            save_run(self.checkpoint, self.run, copies=copies)
+        except OSError as exc:
+            if best:
+                what = f"checkpoint {str(self.checkpoint)!r} and its best file"
+                raise Failed(write_error(what, self.best_checkpoint, exc)) from exc
+            raise Failed(write_error("checkpoint", self.checkpoint, exc)) from exc
+        except CheckpointError as exc:  # a run the format cannot hold: nothing was written
+            raise Failed(str(exc)) from exc
         self.saved_step = self.run.state.step
         if best:
             self.best_written = True

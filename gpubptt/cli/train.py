@@ -106,18 +106,23 @@ def _destinations_or_exit(checkpoint: Path, plot: Path | None, data: Path | None
     return best
 
 
-def _flags_or_exit(
-    checkpoint: Path, best: Path, *, resume: bool, force: bool, early_stop: int | None, eval_every: int,
-    accept_changed_data: bool,
-) -> None:  # fmt: skip
-    """Usage errors for options that exclude or need each other, and for an earlier run's files that would be
-    replaced without --resume or --force."""
-    if resume and force:
-        raise usage_error("--resume and --force exclude each other")
+def _early_stop_or_exit(early_stop: int | None, eval_every: int | None) -> None:
+    """A usage error for --early-stop without evaluations to count (``eval_every`` 0; None: not known yet)."""
     if early_stop is not None and eval_every == 0:
         raise usage_error(
             "--early-stop counts held-out evaluations: give --eval-every ≥ 1 (0 evaluates only at the end)"
         )
+
+
+def _flags_or_exit(
+    checkpoint: Path, best: Path, *, resume: bool, force: bool, early_stop: int | None, eval_every: int | None,
+    accept_changed_data: bool,
+) -> None:  # fmt: skip
+    """Usage errors for options that exclude or need each other, and for an earlier run's files that would be
+    replaced without --resume or --force. ``eval_every`` None: a new run's default, a resumed run's own."""
+    if resume and force:
+        raise usage_error("--resume and --force exclude each other")
+    _early_stop_or_exit(early_stop, DEFAULT_EVAL_EVERY if eval_every is None and not resume else eval_every)
     if accept_changed_data and not resume:
         raise usage_error("--accept-changed-data applies to --resume only (a new run reads its text afresh)")
     if checkpoint.exists() and not (resume or force):
@@ -154,6 +159,9 @@ def _train_or_exit(run, dp, reporter, checkpoint: Path, be, *, budget: int | Non
         except Failed as failed:
             typer.echo(f"interrupted at step {state.step}\nerror: {failed}", err=True)
             raise typer.Exit(failed.code) from exc
+        except KeyboardInterrupt:  # a second Ctrl-C while saving: the write is atomic, the file is whole
+            typer.echo(f"interrupted at step {state.step}, and again while saving; {reporter.kept()}", err=True)
+            raise typer.Exit(130) from exc
         typer.echo(
             f"interrupted at step {state.step}; saved checkpoint {str(checkpoint)!r} at step {state.step} "
             "(continue with --resume)",
@@ -321,8 +329,12 @@ def train(
         float | None, typer.Option(help="Text: train for this many passes over the training text instead of --steps.")
     ] = None,
     eval_every: Annotated[
-        int, typer.Option(help="Steps between held-out evaluations (and checkpoint saves).")
-    ] = DEFAULT_EVAL_EVERY,
+        int | None,
+        typer.Option(
+            help=f"Steps between held-out evaluations (and checkpoint saves). (default: {DEFAULT_EVAL_EVERY}; a "
+            "resumed run keeps its own)"
+        ),
+    ] = None,
     early_stop: Annotated[
         int | None,
         typer.Option(
@@ -407,17 +419,19 @@ def train(
                 accept_changed_data=accept_changed_data,
             )
         else:
-            run = new_run(given, backend=be, steps=steps, epochs=epochs, eval_every=eval_every)
+            every = DEFAULT_EVAL_EVERY if eval_every is None else eval_every
+            run = new_run(given, backend=be, steps=steps, epochs=epochs, eval_every=every)
     except (InputError, CheckpointError, TypeError) as exc:
         raise usage_error(in_flags(str(exc))) from exc
     except MemoryError as exc:
         raise out_of_memory(exc, be) from exc
+    _early_stop_or_exit(early_stop, run.config.eval_every)  # a resumed run's own, now known; nothing written yet
     if run.model.precision != precision.value:  # a resumed float64 model: nothing is written yet
         raise usage_error(
             f"--precision {precision.value} rounds float32 GEMMs; the checkpoint's model is {run.model.dtype.name}"
         )
 
-    fingerprint = dict(given, steps=run.config.steps, eval_every=eval_every, resume=resume, backend=be.name,
+    fingerprint = dict(given, steps=run.config.steps, eval_every=run.config.eval_every, resume=resume, backend=be.name,
                        precision=precision.value,
                        state=(run.state.step, run.state.sequence, run.state.chunk), data=run.data.spec())  # fmt: skip
     dp = data_parallel_or_exit(comm, distributed.value, run, fingerprint)
@@ -428,6 +442,9 @@ def train(
             raise usage_error(in_flags(str(exc))) from exc
         if comm.rank == 0:
             typer.echo(plan, err=True)
+    if comm.rank == 0:
+        for note in run.notes:
+            typer.echo(f"note: {note}", err=True)
     reporter = TrainReporter(
         run, checkpoint, resumed=resume, interactive=sys.stderr.isatty() and comm.rank == 0
     )  # fmt: skip

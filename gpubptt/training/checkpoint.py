@@ -83,8 +83,10 @@ def write_model_state(
     sections: dict[str, Any],
     entries: dict[str, np.ndarray],
     check: Callable[[dict[str, np.ndarray], str], None] | None = None,
+    copies: tuple[str | os.PathLike[str], ...] = (),
 ) -> Path:
-    """Write ``model`` and a training record (``sections`` of meta, archive ``entries``) to ``path`` atomically.
+    """Write ``model`` and a training record (``sections`` of meta, archive ``entries``) to ``path`` atomically,
+    and the same file to each of ``copies`` with it (``_io.write_atomic``: all replaced, or none).
 
     Shapes as in the model: U (H, D), W (H, H), V (K, H), b (H,), c (K,). The description, parameters
     and the record (its ``finite`` entries, its sections and then ``check(arrays, where)``) are checked
@@ -133,7 +135,7 @@ def write_model_state(
         raise CheckpointError(f"cannot write checkpoint {str(path)!r}: directory {str(directory)!r} does not exist")
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    write_atomic(path, buf.getvalue())  # the old file stays whole if anything fails
+    write_atomic(path, buf.getvalue(), copies=copies)  # the old files stay whole if anything fails
     return path
 
 

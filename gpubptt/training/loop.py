@@ -71,14 +71,17 @@ def learning_rate(step: int, *, base_lr: float, schedule: str, total_steps: int,
 class TrainConfig:
     """How to train. steps: total optimizer steps; chunk: BPTT chunk length (None: whole sequences);
     truncate: tutorial truncation inside a chunk (None: none); max_norm: global-norm clipping (None: off);
-    eval_every: steps between evaluations (0: only at the end)."""
+    lr: the schedule's base learning rate, set on the optimizer before every step (None: the optimizer's own
+    ``lr`` when ``train`` starts: its name's default in ``make_optimizer`` or the one given there);
+    eval_every: steps between evaluations (0: only at the end). NumPy integers and floats are taken as
+    Python's (the configuration is stored as JSON in checkpoints)."""
 
     steps: int = 1000
     batch_size: int = 32
     chunk: int | None = 64
     truncate: int | None = None
     max_norm: float | None = 5.0
-    lr: float = 3e-3
+    lr: float | None = None
     schedule: str = "constant"
     warmup: int = 0
     eval_every: int = 100
@@ -100,10 +103,20 @@ class TrainConfig:
             pos_int("truncate", self.truncate, 0)
         if self.max_norm is not None and not (math.isfinite(self.max_norm) and self.max_norm > 0):
             raise InputError(f"max_norm must be a positive number or None, got {self.max_norm}")
-        if not (math.isfinite(self.lr) and 0 < self.lr <= LR_MAX):
-            raise InputError(f"lr must be a finite number in (0, {LR_MAX:g}], got {self.lr}; {LR_RANGE}")
+        for name in ("max_norm", "lr"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))):
+                raise InputError(f"{name} must be a number or None, got {v!r}")
+        if self.lr is not None and not (math.isfinite(self.lr) and 0 < self.lr <= LR_MAX):
+            raise InputError(f"lr must be a finite number in (0, {LR_MAX:g}] or None, got {self.lr}; {LR_RANGE}")
         if self.schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        for name in ("steps", "batch_size", "chunk", "truncate", "warmup", "eval_every", "seed"):
+            if getattr(self, name) is not None:
+                setattr(self, name, int(getattr(self, name)))
+        for name in ("max_norm", "lr"):
+            if getattr(self, name) is not None:
+                setattr(self, name, float(getattr(self, name)))
 
 
 @dataclass
@@ -293,11 +306,24 @@ def train(
     ``early_stop`` evaluations in a row without a lower held-out loss than the best
     (``History.evals_since_best``, counted over the whole history, so a resumed run keeps its count);
     the returned ``state.step`` is then below ``config.steps``.
+
+    The schedule's base rate is ``config.lr``, or with ``config.lr`` None the optimizer's ``lr`` as this call
+    finds it; a run continued past its first step under a schedule or warm-up needs ``config.lr`` given (the
+    optimizer then holds the last step's scheduled rate, not the base).
     """
     if early_stop is not None and (isinstance(early_stop, bool) or not isinstance(early_stop, int) or early_stop < 1):
         raise InputError(f"early_stop must be an int ≥ 1 (evaluations without improvement) or None, got {early_stop!r}")
     if optimizer.params is not model.params:
         raise InputError("the optimizer must be built on this model's parameters (make_optimizer(name, model))")
+    base_lr = config.lr
+    if base_lr is None:
+        if state is not None and state.step > 0 and (config.schedule != "constant" or config.warmup):
+            raise InputError(
+                f"config.lr is None (the optimizer's rate) but the run continues at step {state.step} under the "
+                f"{config.schedule!r} schedule{' with warm-up' if config.warmup else ''}: the optimizer holds the "
+                "last step's scheduled rate; give TrainConfig(lr=...) the schedule's base rate"
+            )
+        base_lr = float(optimizer.lr)
     data.check_batch(config.batch_size, config.chunk or 1)
     if model.input_size != data.input_size or model.output_size != data.output_size:
         raise InputError(
@@ -374,7 +400,7 @@ def train(
         s_next = None if last else s_last  # computed with the weights that ran this chunk
         norm = clip_grad_norm(grads, config.max_norm, xp=xp) if config.max_norm else None
         lr = learning_rate(
-            state.step, base_lr=config.lr, schedule=config.schedule, total_steps=config.steps, warmup=config.warmup
+            state.step, base_lr=base_lr, schedule=config.schedule, total_steps=config.steps, warmup=config.warmup
         )
         optimizer.lr = lr
         res = optimizer.step(grads, loss=loss, grad_norm=norm, step=state.step + 1)

@@ -158,6 +158,14 @@ def _check_unit(value: Any, name: str, *, closed: bool = False) -> float:
     return float(value)
 
 
+def _check_eps(value: Any) -> float:
+    """ε of Adagrad and Adam: a finite number ≥ 0 (what a checkpoint stores), else InputError naming it."""
+    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+    if not (ok and math.isfinite(value) and value >= 0):
+        raise InputError(f"eps must be a finite number ≥ 0 (added to the denominator of each update), got {value!r}")
+    return float(value)
+
+
 def _check_decay(value: Any) -> float:
     ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
     if not (ok and math.isfinite(value) and value >= 0):
@@ -404,8 +412,9 @@ class Adagrad(Optimizer):
     SQUARES = ("sum_sq",)
 
     def __init__(self, params: Any, *, lr: float = 0.1, eps: float = 1e-8, **kw: Any) -> None:
+        eps = _check_eps(eps)
         super().__init__(params, lr=lr, **kw)
-        self.eps = float(eps)
+        self.eps = eps
 
     def hyperparameters(self) -> dict[str, Any]:
         return {**super().hyperparameters(), "eps": self.eps}
@@ -431,10 +440,11 @@ class Adam(Optimizer):
     def __init__(
         self, params: Any, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **kw: Any
     ) -> None:
+        eps = _check_eps(eps)
         super().__init__(params, lr=lr, **kw)
         self.beta1 = _check_unit(betas[0], "beta1")
         self.beta2 = _check_unit(betas[1], "beta2")
-        self.eps = float(eps)
+        self.eps = eps
 
     def hyperparameters(self) -> dict[str, Any]:
         return {**super().hyperparameters(), "betas": [self.beta1, self.beta2], "eps": self.eps}

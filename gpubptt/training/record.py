@@ -67,8 +67,10 @@ def save_checkpoint(
     config: TrainConfig | None = None,
     state: TrainState | None = None,
     history: History | None = None,
+    copies: tuple[str | os.PathLike[str], ...] = (),
 ) -> Path:
-    """Write a checkpoint to ``path`` atomically; return the path.
+    """Write a checkpoint to ``path`` atomically; return the path. ``copies``: further files to hold the same
+    checkpoint (a best model's file beside the last one), written with it: every file is replaced, or none.
 
     Shapes as in the model: U (H, D), W (H, H), V (K, H), b (H,), c (K,); carried state (B, H).
     The description, history, parameters, optimizer state and carried state are checked as
@@ -95,8 +97,9 @@ def save_checkpoint(
     for k, a in (History() if history is None else history).to_arrays().items():
         arrays[f"history.{k}"] = a
     return write_model_state(
-        path, model, SCHEMA, sections, arrays, check=lambda all_arrays, where: check_history(all_arrays, state, where)
-    )
+        path, model, SCHEMA, sections, arrays, check=lambda all_arrays, where: check_history(all_arrays, state, where),
+        copies=copies,
+    )  # fmt: skip
 
 
 def _check_optimizer(f: Fields, o: dict[str, Any]) -> None:
@@ -168,7 +171,7 @@ def _check_config(f: Fields, c: dict[str, Any]) -> None:
     f.integer("config.chunk", c["chunk"], 1, SIZE_MAX, null=True)
     f.integer("config.truncate", c["truncate"], 0, SIZE_MAX, null=True)
     f.number("config.max_norm", c["max_norm"], 0, lo_open=True, null=True)
-    f.number("config.lr", c["lr"], 0, lo_open=True)
+    f.number("config.lr", c["lr"], 0, lo_open=True, null=True)  # null: the optimizer's own rate
     f.choice("config.schedule", c["schedule"], SCHEDULES)
     f.integer("config.warmup", c["warmup"], 0)
     f.integer("config.eval_every", c["eval_every"], 0)

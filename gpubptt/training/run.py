@@ -29,7 +29,7 @@ from ..engine.recompute import call_memory, choose
 from ..errors import InputError
 from ..model import CELLS, INITS, RNN
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
-from .loop import SCHEDULES, History, TrainConfig, TrainState
+from .loop import SCHEDULES, History, TrainConfig, TrainState, learning_rate
 from .optim import DEFAULT_LR, LR_MAX, LR_RANGE, ON_NONFINITE, Optimizer, make_optimizer
 from .record import Checkpoint, load_checkpoint, save_checkpoint
 from .sample import check_predicts_ahead
@@ -92,6 +92,25 @@ class Run:
     config: TrainConfig
     state: TrainState
     history: History
+    #: what a caller should tell its user about how the run continues (``resume_run``: a stretched schedule)
+    notes: tuple[str, ...] = ()
+
+
+def schedule_note(config: TrainConfig, saved_steps: int, step: int) -> str | None:
+    """A note, or None: a run saved at ``step`` of ``saved_steps`` continues to ``config.steps``, and its
+    ``config.schedule`` (cosine, step; warm-up alone does not depend on the total) is spread over the new
+    total, so the rate moves at once from what the saved run would have used next."""
+    if config.schedule == "constant" or config.steps == saved_steps or step >= config.steps or config.lr is None:
+        return None
+    kw = {"base_lr": config.lr, "schedule": config.schedule, "warmup": config.warmup}
+    before = learning_rate(step, total_steps=saved_steps, **kw)
+    after = learning_rate(step, total_steps=config.steps, **kw)
+    if before == after:
+        return None
+    return (
+        f"the {config.schedule} schedule now spans {config.steps} steps instead of {saved_steps}: the learning rate "
+        f"at step {step + 1} is {after:.3g} where the saved run would have used {before:.3g}"
+    )
 
 
 def total_steps(data: Any, config: TrainConfig, *, steps: int | None, epochs: float | None, default: int) -> int:
@@ -444,10 +463,11 @@ def resume_run(
     backend: str | Backend | None = "auto",
     steps: int | None = None,
     epochs: float | None = None,
-    eval_every: int = DEFAULT_EVAL_EVERY,
+    eval_every: int | None = None,
     accept_changed_data: bool = False,
 ) -> Run:
-    """The run saved in the checkpoint at ``path``, to continue up to ``steps`` (default: its own).
+    """The run saved in the checkpoint at ``path``, to continue up to ``steps`` (default: its own), evaluating
+    every ``eval_every`` steps (default: as the run was saved with).
 
     ``given``: settings the caller asked for; each must equal the checkpoint's (InputError naming
     the first that differs; ``data`` is the same when it names the same file, by any path).
@@ -490,13 +510,18 @@ def resume_run(
             _check_same_text(held_out, val_text, accept=accept_changed_data)
     data = make_data(spec, text=text, vocab=ck.vocab, val_text=val_text)
     total = total_steps(data, ck.config, steps=steps, epochs=epochs, default=ck.config.steps)
-    config = TrainConfig(**{**vars(ck.config), "steps": total, "eval_every": eval_every})
+    if eval_every is not None:
+        _check_int("--eval-every", eval_every, 0)
+    kept = ck.config.eval_every if eval_every is None else eval_every
+    config = TrainConfig(**{**vars(ck.config), "steps": total, "eval_every": kept})
     _check_memory(stored, data, config, ck.model.backend)  # a run resumed elsewhere may not fit there
-    return Run(ck.model, data, ck.optimizer, config, ck.state, ck.history)
+    note = schedule_note(config, ck.config.steps, ck.state.step)
+    return Run(ck.model, data, ck.optimizer, config, ck.state, ck.history, notes=() if note is None else (note,))
 
 
-def save_run(path: str | Path, run: Run) -> Path:
-    """Checkpoint the run atomically at ``path`` (see ``gpubptt.training.record``)."""
+def save_run(path: str | Path, run: Run, *, copies: tuple[str | Path, ...] = ()) -> Path:
+    """Checkpoint the run atomically at ``path``, and in each of ``copies`` with it: all replaced, or none (see
+    ``gpubptt.training.record``)."""
     return save_checkpoint(
         path,
         run.model,
@@ -506,4 +531,5 @@ def save_run(path: str | Path, run: Run) -> Path:
         config=run.config,
         state=run.state,
         history=run.history,
+        copies=copies,
     )
