@@ -126,6 +126,15 @@ def test_bench_recompute_times_the_cell_and_layers_asked_for_in_json():
         assert row["estimate_bytes"] == reference.memory_estimate(row["T"], 2, recompute=policy).total
 
 
+def test_bench_recompute_quiet_with_an_output_file_prints_no_table(tmp_path):
+    out = tmp_path / "r.txt"
+    result = runner.invoke(app, [*LONG, "--output", str(out)])  # LONG is --quiet
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "" and "sqrt" in out.read_text()  # the table went to its file only
+    loud = runner.invoke(app, [*(a for a in LONG if a != "--quiet"), "--output", str(tmp_path / "r2.txt")])
+    assert loud.exit_code == 0 and "sqrt" in loud.stdout  # without --quiet it is on stdout too
+
+
 @pytest.mark.parametrize(
     ("option", "needle"),
     [

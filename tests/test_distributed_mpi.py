@@ -146,8 +146,8 @@ def _training_script(fail: str) -> str:
 @pytest.mark.parametrize(
     "fail,message",
     [
-        ("raise RuntimeError('rank one gave up at step 3')", "rank one gave up at step 3"),
-        ("os.kill(os.getpid(), signal.SIGKILL)", ""),  # dies without a word: the launcher ends the rest
+        ("raise RuntimeError('rank one gave up at step 3')", ("rank one gave up at step 3", "rank 1 of 2 failed")),
+        ("os.kill(os.getpid(), signal.SIGKILL)", ()),  # dies without a word: the launcher ends the rest
     ],
     ids=["raises", "killed"],
 )
@@ -155,8 +155,28 @@ def test_a_rank_that_raises_or_dies_ends_the_job_instead_of_leaving_the_other_wa
     script = _training_script(fail)
     result = mpiexec(["-c", script], ["-c", script], cwd=tmp_path)  # rank 0 would train 10**6 steps alone
     assert result.returncode != 0
-    if message:
-        assert message in result.stderr and "rank 1 of 2 failed" in result.stderr
+    assert all(m in result.stderr for m in message), result.stderr
+
+
+def test_a_cli_rank_that_calls_sys_exit_mid_run_ends_the_job(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys
+        from gpubptt.cli import app
+        from gpubptt.model import RNN
+        real, calls = RNN.loss_and_grads, []
+        def loss_and_grads(self, *args, **kwargs):  # something below the command exits on rank 1's second step
+            calls.append(1)
+            if len(calls) == 2 and "rank1" in sys.argv[-1]:
+                sys.exit(5)
+            return real(self, *args, **kwargs)
+        RNN.loss_and_grads = loss_and_grads
+        app(sys.argv[1:-1])
+        """
+    )
+    cmd = ["train", *map(str, TINY), "--steps", "10000", "--checkpoint", "c.npz", "--distributed", "mpi"]
+    result = mpiexec(["-c", script, *cmd, "rank0"], ["-c", script, *cmd, "rank1"], cwd=tmp_path)  # no hang: ends
+    assert result.returncode != 0 and "rank 1 of 2 stopped (exit status 5): ending the job" in result.stderr
 
 
 def test_more_ranks_than_streams_are_refused_before_training(tmp_path):
@@ -169,7 +189,16 @@ def test_more_ranks_than_streams_are_refused_before_training(tmp_path):
 
 def test_ranks_started_with_different_options_are_refused(tmp_path):
     base = [*TINY, "--steps", 5, "--checkpoint", "c.npz", "--distributed", "mpi"]
+    refused = "were started with options or a gpubptt version different from rank 0's"
     result = mpiexec(_cli(*base, "--seed", 0), _cli(*base, "--seed", 1), cwd=tmp_path)
-    assert result.returncode != 0
-    assert "were started with options or a gpubptt version different from rank 0's" in result.stderr
+    assert result.returncode != 0 and refused in result.stderr
     assert not (tmp_path / "c.npz").exists()
+    # --early-stop on one rank only: that rank would stop and leave the other in its next collective
+    result = mpiexec(_cli(*base, "--early-stop", 1), _cli(*base), cwd=tmp_path)
+    assert result.returncode != 0 and refused in result.stderr
+    # resumed from two files of one shape but other settings (a stale copy on one node): refused, not mixed
+    for name, more in (("a.npz", ()), ("b.npz", ("--optimizer", "sgd", "--lr", 0.5))):
+        _one_process(*TINY, "--steps", 2, "--checkpoint", tmp_path / name, *more)
+    again = ["--resume", "--steps", 4, "--distributed", "mpi", "--backend", "numpy"]
+    result = mpiexec(_cli(*again, "--checkpoint", "a.npz"), _cli(*again, "--checkpoint", "b.npz"), cwd=tmp_path)
+    assert result.returncode != 0 and refused in result.stderr

@@ -64,6 +64,7 @@ def little_memory(monkeypatch):
     [
         (["--hidden", "1000000"], "--hidden 1000000"),
         (["--task", "recall", "--batch", "100000000000"], "--batch 100000000000"),
+        (["--task", "copy", "--delay", "100000000", "--hidden", "8", "--batch", "4"], "task sequences"),
     ],
 )
 def test_train_sizes_that_cannot_fit_are_refused_with_the_numbers(tmp_path, little_memory, args, flag):

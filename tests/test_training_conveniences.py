@@ -314,7 +314,13 @@ def test_temperature_0_is_greedy_and_top_k_1_is_greedy_in_the_cli(tmp_path, corp
     }
     assert all(o.exit_code == 0 for o in outs.values()), [o.output for o in outs.values()]
     assert len({o.stdout for o in outs.values()}) == 1
-    for extra, message in [(["--top-p", "0"], "--top-p must be a number in (0, 1]"), (["--temperature", "-1"], "≥ 0")]:
+    refused = [
+        (["--top-p", "0"], "--top-p must be a number in (0, 1]"),
+        (["--temperature", "-1"], "≥ 0"),
+        (["--greedy", "--temperature", "2"], "--greedy takes the most likely character every step; --temperature 2"),
+        (["--greedy", "--top-k", "3", "--top-p", "0.5"], "--top-k 3, --top-p 0.5 would not apply"),
+    ]
+    for extra, message in refused:
         bad = runner.invoke(app, base + extra)
         assert bad.exit_code == 2 and message in bad.output
 

@@ -217,6 +217,11 @@ def abort_on_failure(command: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             _abort(130)
             raise
+        except SystemExit as exc:  # sys.exit() somewhere below: a non-zero one ends the job like typer's exit
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if code and not _stopped:
+                _abort(code)
+            raise
         except Exception:
             if _active and _active[0].size > 1:
                 traceback.print_exc()

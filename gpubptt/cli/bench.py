@@ -307,7 +307,7 @@ def bench(
         )  # fmt: skip
         _long(
             recompute, Ts, backend, batch, fixed_hidden or 256, vocab, dtype.value, seed, output, plot, say,
-            fmt=format.value, arch=arch, ignored=[k for k, given in sweep_only.items() if given],
+            fmt=format.value, arch=arch, ignored=[k for k, given in sweep_only.items() if given], quiet=quiet,
         )  # fmt: skip
         return
     requested = available_backends() if backend is BenchBackendChoice.all else [backend.value]
@@ -427,7 +427,9 @@ def _report_bench(result: dict, output: Path | None, plot: Path | None, fmt: str
         raise typer.Exit(1)
 
 
-def _long(policies_text, Ts, backend, B, H, vocab, dtype, seed, output, plot, say, *, fmt, arch, ignored) -> None:
+def _long(
+    policies_text, Ts, backend, B, H, vocab, dtype, seed, output, plot, say, *, fmt, arch, ignored, quiet=False
+) -> None:
     """``bench --recompute``: the long-sequence sweep of ``gpubptt.bench.long``.
 
     ``arch``: cell, num_layers, nonlinearity, bidirectional of the model timed; ``ignored``: the
@@ -479,7 +481,7 @@ def _long(policies_text, Ts, backend, B, H, vocab, dtype, seed, output, plot, sa
         else:
             say(f"wrote {output}")
     lost = None  # a stdout that cannot be written must not lose the plot still to come
-    if output is None or fmt != "json" or failed:
+    if output is None or failed or (fmt != "json" and not quiet):  # -q with --output: no table on stdout
         try:
             echo_out(as_json if fmt == "json" and output is None else render_long(result), nl=False)
         except StdoutFailed as exc:

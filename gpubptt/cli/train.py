@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -431,8 +432,13 @@ def train(
             f"--precision {precision.value} rounds float32 GEMMs; the checkpoint's model is {run.model.dtype.name}"
         )
 
+    # what every rank must share: the options given, and what they resolved to (a resumed rank's settings come
+    # from its own checkpoint file), so that no rank trains on other settings, or stops at another step, silently
+    m = run.model
     fingerprint = dict(given, steps=run.config.steps, eval_every=run.config.eval_every, resume=resume, backend=be.name,
-                       precision=precision.value,
+                       precision=precision.value, early_stop=early_stop, config=asdict(run.config),
+                       optimizer={"name": run.optimizer.name, **run.optimizer.hyperparameters()},
+                       model=(m.cell.name, m.cell.options(), m.num_layers, m.bidirectional, m.dropout, m.bias),
                        state=(run.state.step, run.state.sequence, run.state.chunk), data=run.data.spec())  # fmt: skip
     dp = data_parallel_or_exit(comm, distributed.value, run, fingerprint)
     if budget is not None:  # each rank's plan is for its own streams

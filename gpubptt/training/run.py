@@ -344,12 +344,15 @@ def _check_memory(st: Mapping[str, Any], data: TextData | CopyTask, config: Trai
         chunk_elements=be.chunk_elements, num_layers=st["layers"], dropout=st["dropout"] > 0,
         cell=make_cell(st["cell"]),  # its parameter shapes and declared buffers
     )  # fmt: skip
+    if data.kind != "text":  # the task's int64 (L, B) inputs and targets, of a training and a held-out batch
+        estimate.parts["task sequences"] = 2 * 8 * L * (B + eval_B)
     layers = f" --layers {st['layers']}" if st["layers"] > 1 else ""
     what = f"training --hidden {H}{layers} on batches of --batch {B} × {T} steps ({st['optimizer']}, {dtype})"
     try:
         check_fits(estimate, be.available_memory(), what)
     except InsufficientMemoryError as exc:
-        raise InsufficientMemoryError(f"{exc}: choose a smaller --hidden, --batch or --chunk") from None
+        smaller = "--hidden, --batch or --chunk" + (", or a shorter --delay" if data.kind != "text" else "")
+        raise InsufficientMemoryError(f"{exc}: choose a smaller {smaller}") from None
 
 
 def recompute_plan(run: Run, max_memory: int, *, batch_size: int | None = None, as_given: str | None = None) -> str:
