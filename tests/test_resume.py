@@ -54,6 +54,11 @@ def test_a_changed_text_is_refused_unless_accepted(tmp_path):
     data = load_checkpoint(ck, backend="numpy").data
     assert data["sha256"] == hashlib.sha256(changed.encode()).hexdigest()  # the new text is recorded
     assert data["size_bytes"] == len(changed.encode())
+    corpus.write_text(TEXT + "Z", encoding="utf-8")  # a character the model has never seen
+    raw = ck.read_bytes()
+    result = _resume(ck, "--steps", 12, "--accept-changed-data")
+    assert result.exit_code == 2 and "corpus.txt" in result.output and "character 'Z'" in result.output
+    assert "keeps the vocabulary it was trained with" in result.output and ck.read_bytes() == raw
 
 
 def test_a_checkpoint_without_a_digest_resumes_on_any_text(tmp_path):

@@ -511,7 +511,16 @@ def resume_run(
             held_out = {"source": spec["val_source"], "sha256": ck.data["val_sha256"],
                         "size_bytes": ck.data["val_size_bytes"]}  # fmt: skip
             _check_same_text(held_out, val_text, accept=accept_changed_data)
-    data = make_data(spec, text=text, vocab=ck.vocab, val_text=val_text)
+    try:
+        data = make_data(spec, text=text, vocab=ck.vocab, val_text=val_text)
+    except InputError as exc:
+        if ck.vocab is None or "vocabulary" not in str(exc):
+            raise
+        files = " or ".join(repr(spec[k]) for k in ("source", "val_source") if spec.get(k) not in (None, "builtin"))
+        raise InputError(
+            f"{files or 'the training text'}: {exc}; a resumed model keeps the vocabulary it was trained with, so the "
+            "changed text may only use its characters"
+        ) from None
     total = total_steps(data, ck.config, steps=steps, epochs=epochs, default=ck.config.steps)
     if eval_every is not None:
         _check_int("--eval-every", eval_every, 0)
