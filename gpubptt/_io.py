@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import socket
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["STALE_SECONDS", "file_mode", "write_atomic"]
+__all__ = ["STALE_SECONDS", "file_mode", "sigint_deferred", "write_atomic"]
 
 STALE_SECONDS = 600.0  # a temporary whose writer cannot be checked counts as abandoned after this long
 
@@ -73,6 +76,28 @@ def _remove_abandoned(path: Path) -> None:
                         tmp.unlink()
 
 
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) held back inside the block and delivered right after it, to the handler that was in place:
+    what the block does (replace two files, then note that it did) happens whole. Only in the main thread, and
+    only where that handler was set from Python; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # set outside Python: it could not be put back
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)  # now, to the handler it was meant for
+
+
 def _stage(path: Path, data: str | bytes) -> str:
     """A complete, fsynced temporary ``.{name}.{pid}@{host}.{random}.tmp`` beside ``path`` holding ``data``; its
     name. The abandoned temporaries of ``path`` are removed first; on failure nothing is left behind."""
@@ -112,9 +137,10 @@ def write_atomic(
     try:
         for target in targets:
             staged.append(_stage(target, data))
-        for i, (tmp, target) in enumerate(zip(staged, targets, strict=True)):
-            os.replace(tmp, target)
-            staged[i] = ""
+        with sigint_deferred():  # a Ctrl-C between two renames would leave the pair half replaced
+            for i, (tmp, target) in enumerate(zip(staged, targets, strict=True)):
+                os.replace(tmp, target)
+                staged[i] = ""
     except BaseException:
         for tmp in staged:
             if tmp:

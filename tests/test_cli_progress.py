@@ -138,7 +138,7 @@ def test_second_ctrl_c_stops_at_once_and_says_nothing_was_saved(tmp_path, monkey
     assert not ck.exists()
 
 
-def test_second_ctrl_c_while_the_interrupt_saves_says_which_step_the_file_keeps(tmp_path, monkeypatch):
+def test_second_ctrl_c_while_the_interrupt_saves_waits_for_the_save_and_says_what_it_holds(tmp_path, monkeypatch):
     import signal
 
     import gpubptt.cli._train_report as report
@@ -156,8 +156,8 @@ def test_second_ctrl_c_while_the_interrupt_saves_says_which_step_the_file_keeps(
     monkeypatch.setattr(report, "save_run", save_run)
     result = runner.invoke(app, [*TASK, "--eval-every", "5", "--checkpoint", str(ck)])
     assert result.exit_code == 130, result.output
-    assert f"interrupted at step 7, and again while saving; {str(ck)!r} keeps step 5" in result.stderr
-    assert load_checkpoint(ck, backend="numpy").state.step == 5  # whole, at the last save before
+    assert f"interrupted at step 7, and again while saving; {str(ck)!r} keeps step 7" in result.stderr
+    assert load_checkpoint(ck, backend="numpy").state.step == 7  # the save finished first, as the message says
 
 
 # -- --version and --help ------------------------------------------------------------------------------

@@ -106,3 +106,27 @@ def test_copies_are_written_together_or_not_at_all(tmp_path):
             os.chmod(tmp_path / "ro", 0o700)
     assert target.read_bytes() == b"new"  # the target was not replaced: the copy's temporary failed first
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+def test_a_ctrl_c_between_the_renames_waits_until_both_files_are_replaced(tmp_path, monkeypatch):
+    import signal
+
+    import pytest
+
+    from gpubptt import _io
+
+    target, copy = tmp_path / "ck.npz", tmp_path / "ck.best.npz"
+    target.write_bytes(b"old")
+    copy.write_bytes(b"old best")
+    real = os.replace
+
+    def replace(src, dst):  # Ctrl-C right after the first file is in place
+        real(src, dst)
+        if str(dst) == str(target):
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(_io.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):  # delivered, to Python's own handler, once both are in place
+        write_atomic(target, b"new", copies=(copy,))
+    assert target.read_bytes() == b"new" and copy.read_bytes() == b"new"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back

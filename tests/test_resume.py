@@ -160,3 +160,30 @@ def test_a_resume_that_stretches_a_schedule_says_how_the_rate_moves(tmp_path):
     assert _train("--data", corpus, "--steps", 4, "--checkpoint", flat).exit_code == 0
     result = _resume(flat, "--steps", 8)
     assert result.exit_code == 0 and "note:" not in result.output
+
+
+def test_a_file_without_the_base_rate_resumes_with_lr_given_or_as_the_optimizers(tmp_path):
+    from gpubptt.training.loop import train
+    from gpubptt.training.run import new_run, save_run
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    for schedule in ("cosine", "constant"):
+        run = new_run({"data": corpus, "hidden": 12, "batch": 4, "chunk": 8, "schedule": schedule}, backend="numpy",
+                      steps=8, eval_every=4)  # fmt: skip
+        train(run.model, run.data, run.optimizer, run.config, state=run.state, history=run.history)
+        run.config.lr, run.config.steps = None, 4  # as a configuration that named no rate would be saved
+        ck = tmp_path / f"{schedule}.npz"
+        save_run(ck, run)
+        raw = ck.read_bytes()
+        result = _resume(ck, "--steps", 10)
+        if schedule == "cosine":  # the loaded optimizer holds the last step's rate, not the base: ask for it
+            assert result.exit_code == 2 and "records no base learning rate" in result.output
+            assert "give --lr" in result.output
+            assert ck.read_bytes() == raw
+            result = _resume(ck, "--steps", 10, "--lr", 0.004)
+            assert result.exit_code == 0, result.output
+            assert load_checkpoint(ck).config.lr == 0.004
+        else:  # a constant rate is the optimizer's own
+            assert result.exit_code == 0, result.output
+            assert load_checkpoint(ck).config.lr == load_checkpoint(ck).optimizer.lr == 3e-3

@@ -166,9 +166,15 @@ def test_the_optimizers_own_rate_is_the_base_unless_the_config_gives_one(tmp_pat
     cfg = TrainConfig(steps=4, batch_size=2, chunk=4, lr=0.2, schedule="step")
     _, hist = train(model, data, make_optimizer("sgd", model, lr=1e-4), cfg)
     assert hist.lr == [learning_rate(i, base_lr=0.2, schedule="step", total_steps=4) for i in range(4)]
+    opt, cfg = make_optimizer("sgd", model, lr=0.3), TrainConfig(steps=4, batch_size=2, chunk=4, schedule="cosine")
+    _, hist = train(model, data, opt, cfg)
+    assert cfg.lr == 0.3 and hist.lr[0] == 0.3 and opt.lr < 0.3  # resolved into the config; the schedule decays
+    _, hist = train(model, data, opt, TrainConfig(steps=2, batch_size=2, chunk=4, schedule="cosine"))
+    assert hist.lr[0] == 0.3  # a new run on the same optimizer starts from the rate it was built with
     cfg = TrainConfig(steps=4, batch_size=2, chunk=4, schedule="cosine")
     with pytest.raises(InputError, match=r"give TrainConfig\(lr=\.\.\.\) the schedule's base rate"):
         train(model, data, make_optimizer("sgd", model), cfg, state=TrainState(step=2))
+    assert cfg.lr is None  # refused: the configuration is as it was
     # NumPy scalars are stored as Python numbers: the configuration round-trips through a checkpoint's JSON
     cfg = TrainConfig(steps=np.int64(2), batch_size=np.int32(2), chunk=np.int64(4), lr=np.float32(0.25))
     assert type(cfg.steps) is int and type(cfg.lr) is float and cfg.lr == 0.25

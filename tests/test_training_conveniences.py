@@ -319,6 +319,7 @@ def test_temperature_0_is_greedy_and_top_k_1_is_greedy_in_the_cli(tmp_path, corp
         (["--temperature", "-1"], "≥ 0"),
         (["--greedy", "--temperature", "2"], "--greedy takes the most likely character every step; --temperature 2"),
         (["--greedy", "--top-k", "3", "--top-p", "0.5"], "--top-k 3, --top-p 0.5 would not apply"),
+        (["--temperature", "0", "--top-k", "5"], "--temperature 0 takes the most likely character every step"),
     ]
     for extra, message in refused:
         bad = runner.invoke(app, base + extra)

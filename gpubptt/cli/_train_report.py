@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from .._io import sigint_deferred
 from .._paths import write_error
 from ..training.loop import TrainEvent
 from ..training.record import CheckpointError
@@ -116,16 +117,19 @@ class TrainReporter:
             self.saved_step = self.run.state.step
             return
         copies = (self.best_checkpoint,) if best else ()
-        try:  # with the best file: both written, or neither (the temporaries are complete before either is replaced)
-            save_run(self.checkpoint, self.run, copies=copies)
-        except OSError as exc:
-            if best:
-                what = f"checkpoint {str(self.checkpoint)!r} and its best file"
-                raise Failed(write_error(what, self.best_checkpoint, exc)) from exc
-            raise Failed(write_error("checkpoint", self.checkpoint, exc)) from exc
-        except CheckpointError as exc:  # a run the format cannot hold: nothing was written
-            raise Failed(str(exc)) from exc
-        self.saved_step = self.run.state.step
+        # with the best file: both written, or neither (the temporaries are complete before either is replaced);
+        # a Ctrl-C meanwhile waits until saved_step says what the files hold
+        with sigint_deferred():
+            try:
+                save_run(self.checkpoint, self.run, copies=copies)
+            except OSError as exc:
+                if best:
+                    what = f"checkpoint {str(self.checkpoint)!r} and its best file"
+                    raise Failed(write_error(what, self.best_checkpoint, exc)) from exc
+                raise Failed(write_error("checkpoint", self.checkpoint, exc)) from exc
+            except CheckpointError as exc:  # a run the format cannot hold: nothing was written
+                raise Failed(str(exc)) from exc
+            self.saved_step = self.run.state.step
         if best:
             self.best_written = True
         elif not self.best_written and self.best_checkpoint.exists():  # --force: not the best of this run

@@ -86,9 +86,12 @@ def sample(
         raise usage_error(f"--temperature must be a number ≥ 0 (0: greedy), got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise usage_error(f"--top-p must be a number in (0, 1], got {top_p}")
-    cuts = {"--temperature": temperature if temperature not in (0, 1) else None, "--top-k": top_k, "--top-p": top_p}
-    if greedy and (given := [f"{k} {v:g}" for k, v in cuts.items() if v is not None]):
-        raise usage_error(f"--greedy takes the most likely character every step; {', '.join(given)} would not apply")
+    if greedy or temperature == 0:  # the argmax every step: a temperature or a cut would not apply
+        tau = temperature if greedy and temperature not in (0, 1) else None
+        cuts = {"--temperature": tau, "--top-k": top_k, "--top-p": top_p}
+        if given := [f"{k} {v:g}" for k, v in cuts.items() if v is not None]:
+            mode = "--greedy" if greedy else "--temperature 0"
+            raise usage_error(f"{mode} takes the most likely character every step; {', '.join(given)} would not apply")
     try:
         ck = load_checkpoint(checkpoint, backend="numpy")
         if ck.vocab is None:

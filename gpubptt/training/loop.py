@@ -71,8 +71,9 @@ def learning_rate(step: int, *, base_lr: float, schedule: str, total_steps: int,
 class TrainConfig:
     """How to train. steps: total optimizer steps; chunk: BPTT chunk length (None: whole sequences);
     truncate: tutorial truncation inside a chunk (None: none); max_norm: global-norm clipping (None: off);
-    lr: the schedule's base learning rate, set on the optimizer before every step (None: the optimizer's own
-    ``lr`` when ``train`` starts: its name's default in ``make_optimizer`` or the one given there);
+    lr: the schedule's base learning rate, set on the optimizer before every step (None: the rate the optimizer
+    was built with, ``Optimizer.base_lr``: its name's default in ``make_optimizer`` or the one given there;
+    ``train`` writes it into the config when it starts);
     eval_every: steps between evaluations (0: only at the end). NumPy integers and floats are taken as
     Python's (the configuration is stored as JSON in checkpoints)."""
 
@@ -307,23 +308,15 @@ def train(
     (``History.evals_since_best``, counted over the whole history, so a resumed run keeps its count);
     the returned ``state.step`` is then below ``config.steps``.
 
-    The schedule's base rate is ``config.lr``, or with ``config.lr`` None the optimizer's ``lr`` as this call
-    finds it; a run continued past its first step under a schedule or warm-up needs ``config.lr`` given (the
-    optimizer then holds the last step's scheduled rate, not the base).
+    The schedule's base rate is ``config.lr``; where it is None, ``train`` sets it to the optimizer's
+    ``base_lr`` (the rate it was built with) before the first step. A run continued from a checkpoint with
+    ``config.lr`` None under a schedule, or in its warm-up, is refused (InputError): a loaded optimizer
+    holds the last step's scheduled rate, not the base.
     """
     if early_stop is not None and (isinstance(early_stop, bool) or not isinstance(early_stop, int) or early_stop < 1):
         raise InputError(f"early_stop must be an int ≥ 1 (evaluations without improvement) or None, got {early_stop!r}")
     if optimizer.params is not model.params:
         raise InputError("the optimizer must be built on this model's parameters (make_optimizer(name, model))")
-    base_lr = config.lr
-    if base_lr is None:
-        if state is not None and state.step > 0 and (config.schedule != "constant" or config.warmup):
-            raise InputError(
-                f"config.lr is None (the optimizer's rate) but the run continues at step {state.step} under the "
-                f"{config.schedule!r} schedule{' with warm-up' if config.warmup else ''}: the optimizer holds the "
-                "last step's scheduled rate; give TrainConfig(lr=...) the schedule's base rate"
-            )
-        base_lr = float(optimizer.lr)
     data.check_batch(config.batch_size, config.chunk or 1)
     if model.input_size != data.input_size or model.output_size != data.output_size:
         raise InputError(
@@ -348,6 +341,17 @@ def train(
         state.s = tuple(be.asarray(s, dtype=model.dtype) for s in state.s)
     elif state.s is not None:
         state.s = be.asarray(state.s, dtype=model.dtype)
+
+    if config.lr is None:  # resolved once, into the config: a checkpoint of this run then records the base rate
+        at = state.step
+        if at > 0 and (config.schedule != "constant" or at < config.warmup):
+            raise InputError(
+                f"config.lr is None (the optimizer's rate) but the run continues at step {at} under the "
+                f"{config.schedule!r} schedule{' in its warm-up' if at < config.warmup else ''}: the optimizer holds "
+                "the last step's scheduled rate; give TrainConfig(lr=...) the schedule's base rate"
+            )
+        config.lr = float(optimizer.base_lr if at == 0 else optimizer.lr)  # past warm-up, a constant rate is the base
+    base_lr = config.lr
 
     eval_seconds = [0.0]
 

@@ -216,6 +216,8 @@ class Optimizer:
         self.backend = be
         self.params = params
         self.lr = _check_lr(lr)
+        #: the rate it was built with; ``lr`` is what the next step uses (``train`` sets it from its schedule)
+        self.base_lr = self.lr
         self.on_nonfinite = on_nonfinite
         self.weight_decay = _check_decay(weight_decay)
         self.t = 0  # number of applied steps (host int: no sync)

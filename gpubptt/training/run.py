@@ -498,7 +498,7 @@ def resume_run(
         if k in ("data", "val_data"):
             same = v is not None and stored[k] is not None and _same_file(v, stored[k])
         else:
-            same = v == stored[k]
+            same = v == stored[k] or (k == "lr" and stored[k] is None)  # a file without the base rate takes one
         if not same:
             flag = "--" + k.replace("_", "-")
             raise InputError(f"{flag} {v} differs from the checkpoint ({stored[k]}); a resumed run keeps its settings")
@@ -526,6 +526,17 @@ def resume_run(
         _check_int("--eval-every", eval_every, 0)
     kept = ck.config.eval_every if eval_every is None else eval_every
     config = TrainConfig(**{**vars(ck.config), "steps": total, "eval_every": kept})
+    if config.lr is None:  # saved from a configuration that named no base rate (TrainConfig(lr=None)), before train()
+        at, constant = ck.state.step, config.schedule == "constant" and ck.state.step >= config.warmup
+        if (given or {}).get("lr") is not None:
+            config.lr = float(given["lr"])
+        elif at == 0 or constant:  # the optimizer's rate is the base: as built, or a constant one past warm-up
+            config.lr = float(ck.optimizer.lr)
+        else:
+            raise InputError(
+                f"{str(path)!r} records no base learning rate (its config.lr is null) and its run is at step {at} of "
+                f"a {config.schedule} schedule{' with warm-up' if config.warmup else ''}: give --lr, the base rate"
+            )
     _check_memory(stored, data, config, ck.model.backend)  # a run resumed elsewhere may not fit there
     note = schedule_note(config, ck.config.steps, ck.state.step)
     return Run(ck.model, data, ck.optimizer, config, ck.state, ck.history, notes=() if note is None else (note,))

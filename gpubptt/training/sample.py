@@ -92,8 +92,8 @@ def sample_chars(
 
     Every argument is checked here, before the first character (InputError), so a caller that
     streams the text never prints half of it and then fails on a bad argument. ``greedy`` (or
-    ``temperature=0``) takes the argmax every step (with greedy, a temperature other than 0 or 1 (the
-    default), ``top_k`` or ``top_p`` is refused: it would not apply); ``top_k``/``top_p`` as
+    ``temperature=0``) takes the argmax every step (then ``top_k``, ``top_p`` and, with greedy, a temperature
+    other than 0 or 1 (the default) are refused: they would not apply); ``top_k``/``top_p`` as
     ``next_distribution``.
     """
     check_predicts_ahead(model)
@@ -106,11 +106,12 @@ def sample_chars(
     _check_modes(temperature, top_k, top_p)
     if not isinstance(greedy, (bool, np.bool_)):
         raise InputError(f"greedy must be a bool, got {greedy!r}")
-    if greedy:  # the argmax every step: a temperature or a cut would be ignored, so they are refused
-        given = [f"{k}={v!r}" for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
-                 if v is not None and not (k == "temperature" and v in (0, 1))]  # fmt: skip
-        if given:
-            raise InputError(f"greedy takes the most likely character every step; {', '.join(given)} would not apply")
+    if greedy or temperature == 0:  # the argmax every step: a temperature or a cut would be ignored: refused
+        cuts = {"temperature": temperature if greedy and temperature not in (0, 1) else None, "top_k": top_k,
+                "top_p": top_p}  # fmt: skip
+        if given := [f"{k}={v!r}" for k, v in cuts.items() if v is not None]:
+            mode = "greedy" if greedy else "temperature=0"
+            raise InputError(f"{mode} takes the most likely character every step; {', '.join(given)} would not apply")
     mode = (0.0 if greedy else float(temperature), top_k, top_p)  # (τ, k, p) of every draw
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise InputError(f"seed must be an int ≥ 0 or None, got {seed!r}")
