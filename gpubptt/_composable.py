@@ -4,6 +4,7 @@ fused per-step softmax, which run on top of it (mixed into ``RNN``; the math liv
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from .engine import recompute as _recompute
@@ -41,10 +42,25 @@ class Composable:
             why = _recompute.unsupported_reason(self)
             if why:
                 raise InputError(why)
-        batch = self._check_nonempty(self._swap(x, "x"), s0, lengths, "vjp")
+        batch = self._own_inputs(self._check_nonempty(self._swap(x, "x"), s0, lengths, "vjp"), x, s0)
         out, pullback = self._vjp(batch, recompute=recompute)
         out.states = self._out(out.states)
         return out, pullback
+
+    def _own_inputs(self, batch: Batch, x: Any, s0: Any) -> Batch:
+        """``batch`` with private copies of x and the initial states wherever they may still be the caller's own
+        arrays (validation converts without copying where the dtype already fits): the pullback reads them when
+        it is called, after the caller may have refilled its buffers."""
+        xp = self.backend.xp
+        given = [a for a in (x, *(s0 if isinstance(s0, tuple) else (s0,))) if isinstance(a, xp.ndarray)]
+
+        def own(a: Any) -> Any:
+            if a is None or not any(xp.may_share_memory(a, g) for g in given):
+                return a
+            return a.copy()
+
+        return dataclasses.replace(batch, x=own(batch.x), s0_stacked=own(batch.s0_stacked),
+                                   c0_stacked=own(batch.c0_stacked))  # fmt: skip
 
     def _check_nonempty(self, x: Any, s0: Any, lengths: Any, what: str) -> Batch:
         batch = self._check(x, None, s0, lengths, for_loss=False)
@@ -103,6 +119,8 @@ class Composable:
         batch = self._check_nonempty(self._swap(x, "x"), s0, lengths, f"head {head!r}")
         y = self._swap(y, "y") if head == "mse" else y
         y = check_targets(head, y, batch.T, batch.B, self.output_size, be=self.backend, dtype=self.dtype)
+        if reduction == "mean" and batch.lengths is not None and not batch.lengths.any():  # as the softmax head
+            raise InputError("reduction='mean' needs at least one counted step; every length is 0")
         out, pullback = self._vjp(batch, want_dx=False)
         V, c = self.params["V"], self.params.get("c")
         loss, dY, dV, dc, count = head_loss_and_grads(

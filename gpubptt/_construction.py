@@ -140,7 +140,7 @@ class Construction:
             raise ShapeError(other)
         H, D = host["U"].shape[0] // the_cell.gates, host["U"].shape[1]
         K = host["V"].shape[0]
-        has_bias = bool(the_cell.bias_names() & set(host))
+        has_bias = bool((set(the_cell.bias_names()) | {"c"}) & set(host))  # either bias: both are expected
         expected = param_shapes(D, H, K, has_bias, the_cell, num_layers=L, bidirectional=bidirectional)
         unknown = sorted(set(host) - set(expected))
         if unknown:
@@ -287,6 +287,7 @@ class Construction:
         )
         copy.init, copy.use_graphs = self.init, self.use_graphs
         copy.step_kernels, copy.chunk_elements = self.step_kernels, self.chunk_elements
+        copy.head, copy.batch_first = self.head, self.batch_first  # how it reads its inputs and scores its outputs
         return copy
 
     # -- copies: copy.deepcopy and pickle ------------------------------------------------------

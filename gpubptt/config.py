@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from .cells import Cell
+from .errors import InputError, InputTypeError
 from .params import param_shapes, recurrences
+from .validation import check_positive_int
 
 __all__ = ["ModelConfig"]
 
@@ -40,6 +42,28 @@ class ModelConfig:
     bidirectional: bool = False
     bias: bool = True  # as RNN(bias=...)
     dtype: np.dtype = _FLOAT32
+
+    def __post_init__(self) -> None:
+        """Every field checked (InputError/InputTypeError naming it), sizes as Python ints, dtype as np.dtype."""
+        for name in ("input_size", "hidden_size", "output_size", "num_layers"):
+            object.__setattr__(self, name, check_positive_int(getattr(self, name), f"ModelConfig.{name}"))
+        for name in ("bidirectional", "bias"):
+            v = getattr(self, name)
+            if not isinstance(v, (bool, np.bool_)):
+                raise InputTypeError(f"ModelConfig.{name} must be a bool, got {type(v).__name__} {v!r}")
+            object.__setattr__(self, name, bool(v))
+        if not isinstance(self.cell, Cell):
+            raise InputTypeError(
+                f"ModelConfig.cell must be a cell object (gpubptt.cells.make_cell('gru'), ...), got "
+                f"{type(self.cell).__name__} {self.cell!r}"
+            )
+        try:
+            dtype = np.dtype(self.dtype)
+        except TypeError:
+            dtype = None
+        if dtype not in (np.dtype("float32"), np.dtype("float64")):
+            raise InputError(f"ModelConfig.dtype must be float32 or float64, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", dtype)
 
     @property
     def num_directions(self) -> int:

@@ -64,8 +64,9 @@ def gradcheck(
 ) -> GradcheckReport:
     """Check ``model.loss_and_grads`` against central differences, both in float64.
 
-    x (T, B) or (T, B, D); y (T, B); s0 as the model takes it (an LSTM's (h0, c0)), or None; lengths (B,). The
-    model is copied to float64 on the same backend (the model itself is left unchanged). A model
+    x (T, B) or (T, B, D); y (T, B) (as the model's head takes it); s0 as the model takes it (an LSTM's
+    (h0, c0)), or None; lengths (B,). The model is copied to float64 on the same backend, with its head and
+    ``batch_first`` (x and y then (B, T, ...)); the model itself and s0 are left unchanged. A model
     with dropout is checked with the masks held fixed: every evaluation draws them from
     ``dropout_seed``. Each parameter's
     coordinates are all checked, or a random sample of ``max_coords`` of them (``None``: all).
@@ -85,15 +86,20 @@ def gradcheck(
         model.params, backend=model.backend, dtype="float64", nonlinearity=model.nonlinearity, dropout=model.dropout,
         cell=model.cell_name,
     )  # fmt: skip
-    drop = {"dropout_seed": dropout_seed}
+    ref.head, ref.batch_first = model.head, model.batch_first  # the model's loss, its inputs as it reads them
+    drop = {"dropout_seed": dropout_seed} if ref.head == "softmax" else {}
     be = ref.backend
     extra = model.cell.extra_state  # an LSTM's "c0": s0 is the tuple (h0, c0), both checked
+
+    def own(a: Any) -> Any:  # a private C-ordered float64 copy: its flat view is what gets perturbed
+        return be.asarray(a, dtype=np.float64).copy(order="C")
+
     if s0 is None:
         s0_64 = None
     elif extra and isinstance(s0, tuple):
-        s0_64 = tuple(be.asarray(a, dtype=np.float64) for a in s0)
+        s0_64 = tuple(own(a) for a in s0)
     else:
-        s0_64 = be.asarray(s0, dtype=np.float64)
+        s0_64 = own(s0)
     _, grads = ref.loss_and_grads(x, y, s0_64, lengths=lengths, reduction=reduction, **drop)
     if s0_64 is None:
         s0_64 = be.xp.zeros(grads["s0"].shape, dtype=np.float64)

@@ -26,6 +26,8 @@ import numpy as np
 
 from .backend import Backend
 from .errors import InputError, InputTypeError, ShapeError
+from .params import finite_in, nonfinite_reason
+from .validation import _as_native
 
 __all__ = ["HEADS", "check_head", "check_targets", "head_forward", "head_loss_and_grads", "last_outputs"]
 
@@ -43,8 +45,7 @@ def check_targets(head: str, y: Any, T: int, B: int, K: int, *, be: Backend, dty
     """y for a head other than "softmax" (whose targets ``check_batch`` checks), as an array of the backend."""
     if y is None:
         raise InputError(f"head {head!r} needs targets y; got None")
-    be.check_native(y, "y")
-    y = be.asarray(y)
+    y = _as_native(be, y, "y")  # a ragged nested list: a ShapeError naming y, not NumPy's
     if head == "last_softmax":
         if y.dtype.kind not in "iu":
             raise InputTypeError(f"head 'last_softmax' takes integer labels y (B,), got dtype {y.dtype}")
@@ -59,10 +60,10 @@ def check_targets(head: str, y: Any, T: int, B: int, K: int, *, be: Backend, dty
         raise InputTypeError(f"head {head!r} takes float targets y {shape}, got dtype {y.dtype}")
     if tuple(y.shape) != shape:
         raise ShapeError(f"head {head!r} takes targets y of shape {shape}, got {tuple(y.shape)}")
-    y = y.astype(dtype, copy=False)
-    if not bool(be.xp.isfinite(y).all()):
-        raise InputError(f"head {head!r}: targets y must be finite")
-    return y
+    cast, finite = finite_in(y, np.dtype(dtype), xp=be.xp)
+    if not bool(finite):
+        raise InputError(f"head {head!r}: targets y {nonfinite_reason(y, np.dtype(dtype), xp=be.xp)}")
+    return cast
 
 
 def _last_index(T: int, B: int, lengths: np.ndarray | None) -> np.ndarray:

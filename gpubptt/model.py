@@ -407,8 +407,10 @@ class RNN(Construction, Composable, Workspaces, Settings):
         dropout_seed = _check_seed(dropout_seed, "dropout_seed")
         dropout_offset = check_offset(dropout_offset)
         head = self._head(head)
-        if head != "softmax":  # no dropout in loss() unless a dropout_seed asks for the masks
-            return self._head_loss(head, x, y, s0, lengths, reduction, grads=False, drop=dropout_seed is not None)[0]
+        if head != "softmax":  # no dropout in loss(); masks (dropout_seed) under the softmax head only
+            if dropout_seed is not None:
+                raise InputError(f"dropout_seed={dropout_seed!r} runs under the 'softmax' head only, not head {head!r}")
+            return self._head_loss(head, x, y, s0, lengths, reduction, grads=False, drop=False)[0]
         batch = self._check(self._swap(x, "x"), self._swap(y, "y"), s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)
         with self._lock:  # one call of this model at a time (see loss_and_grads)

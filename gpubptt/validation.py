@@ -68,14 +68,16 @@ class Batch:
     c0_stacked: Any = None
 
 
-def _as_native(be: Backend, a: Any, what: str) -> Any:
+def _as_native(be: Backend, a: Any, what: str, hint: str = "") -> Any:
+    """``a`` as an array of the backend; a ShapeError naming ``what`` (and ``hint``: what it should be) for a
+    ragged nested sequence, which NumPy refuses with its own error."""
     be.check_native(a, what)
     try:
         return be.asarray(a)
     except ValueError:  # NumPy refuses nested lists whose rows differ in length
         raise ShapeError(
-            f"{what} is a ragged nested sequence (its rows differ in length); expected a rectangular array, "
-            "e.g. x (T, B) token ids or (T, B, D) floats: pad the sequences and pass lengths"
+            f"{what} is a ragged nested sequence (its rows differ in length); expected a rectangular array"
+            + (f", {hint}" if hint else "")
         ) from None
 
 
@@ -103,7 +105,7 @@ def check_batch(
     ``for_loss``: T and B must be ≥ 1; ``needs_targets``: y must be given. ``num_states`` = L·dirs,
     the recurrences of the model: s0 is (num_states, B, H), or (B, H) when num_states is 1.
     """
-    x = _as_native(be, x, "x")
+    x = _as_native(be, x, "x", "e.g. x (T, B) token ids or (T, B, D) floats: pad the sequences and pass lengths")
     if x.ndim == 2:
         tokens = True
         if not _is_int(x):

@@ -188,3 +188,20 @@ def test_pullback_of_the_final_state_alone_without_dx_matches_torch_autograd(rec
     ours, _ = model.to_torch({**g, "V": np.zeros((1, H)), "c": np.zeros(1)})
     for name, p in module.named_parameters():
         assert np.abs(ours[name] - p.grad.numpy()).max() <= 1e-9 * np.abs(p.grad.numpy()).max()
+
+
+@pytest.mark.parametrize("recompute", [None, 2])
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_the_pullback_reads_the_inputs_as_they_were_at_the_vjp(cell, recompute):
+    model = gpubptt.RNN(3, 4, 3, cell=cell, backend="numpy", dtype="float64", seed=0)
+    rng = np.random.default_rng(0)
+    x, h0 = rng.normal(size=(5, 2, 3)), rng.normal(size=(2, 4))  # the model's dtype: taken without a copy
+    s0 = (h0, h0 + 1) if cell == "lstm" else h0
+    out, pullback = model.vjp(x, s0, recompute=recompute)
+    d = rng.normal(size=out.states.shape)
+    ref = model.vjp(x.copy(), tuple(a.copy() for a in s0) if cell == "lstm" else h0.copy(), recompute=recompute)[1](d)
+    x[...] = 0  # the caller refills its buffers before it calls the pullback
+    h0[...] = 0
+    got = pullback(d)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -160,3 +162,60 @@ def test_host_scratch_lets_outgrown_buffers_go():
     for n in (10, 100, 1000):
         scratch.get("a", (n,), np.float32, np)
     assert len(scratch._local.pools[("a", np.dtype(np.float32).str)]) == 1  # only the largest is held
+
+
+def test_to_keeps_how_the_model_reads_its_inputs_and_scores_its_outputs():
+    model = gpubptt.RNN(3, 4, 2, backend="numpy", dtype="float64", seed=0)
+    model.batch_first, model.head = True, "mse"
+    x, y = np.random.default_rng(0).normal(size=(2, 5, 3)), np.random.default_rng(1).normal(size=(2, 5, 2))  # (B, T, ·)
+    copy = model.to("numpy")
+    assert (copy.batch_first, copy.head) == (True, "mse")
+    assert float(copy.loss(x, y)) == float(model.loss(x, y))
+
+
+def test_gradcheck_takes_any_layout_of_s0_and_the_models_head_and_batch_first():
+    model = gpubptt.RNN(3, 4, 3, backend="numpy", dtype="float64", seed=0)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 3, (4, 3)), rng.integers(0, 3, (4, 3))
+    s0 = rng.normal(size=(4, 3)).T  # a transposed view: its reshape is a copy
+    frozen = rng.normal(size=(3, 4))
+    frozen.flags.writeable = False
+    for s in (s0, np.asfortranarray(s0), frozen):
+        before = s.copy()
+        assert gpubptt.gradcheck(model, x, y, s).errors["s0"] < 1e-6  # the numeric s0 gradient is not 0
+        np.testing.assert_array_equal(s, before)  # the caller's s0 as it was
+    model.head = "last_softmax"
+    assert gpubptt.gradcheck(model, x, y[-1]).max_rel_error < 1e-6  # the (B,) labels of the model's head
+    model.head, model.batch_first = "softmax", True
+    assert gpubptt.gradcheck(model, x.T, y.T, lengths=[4, 3, 2]).max_rel_error < 1e-6
+
+
+def test_model_config_checks_its_fields_and_from_params_names_the_missing_bias():
+    model = gpubptt.RNN(3, 4, 3, backend="numpy", num_layers=2)
+    for field, value, message in [
+        ("hidden_size", 6.0, "ModelConfig.hidden_size must be a positive int"),
+        ("bias", "yes", "ModelConfig.bias must be a bool"),
+        ("cell", "rnn", "ModelConfig.cell must be a cell object"),
+        ("dtype", "int32", "ModelConfig.dtype must be float32 or float64"),
+    ]:
+        with pytest.raises((gpubptt.InputError, gpubptt.InputTypeError), match=message):
+            dataclasses.replace(model.config, **{field: value})
+    params = {k: np.asarray(v) for k, v in model.params.items() if k not in ("b", "b_l1")}  # c without any b
+    with pytest.raises(gpubptt.InputError, match=r"missing \['b', 'b_l1'\]; expected both biases"):
+        gpubptt.RNN.from_params(params, backend="numpy")
+
+
+def test_ragged_or_overflowing_targets_and_upstream_gradients_are_named():
+    model = gpubptt.RNN(3, 4, 2, backend="numpy", seed=0)
+    x = np.zeros((2, 2, 3), np.float32)
+    with pytest.raises(gpubptt.ShapeError, match="y is a ragged nested sequence"):
+        model.loss(x, [[0.0], [0.0, 1.0]], head="mse")
+    with pytest.raises(gpubptt.InputError, match="targets y has values too large for float32"):
+        model.loss(x, np.full((2, 2, 2), 1e300), head="mse")
+    _, pullback = model.vjp(x)
+    with pytest.raises(gpubptt.ShapeError, match="d_states is a ragged nested sequence"):
+        pullback([[1.0], [1.0, 2.0]])
+    with pytest.raises(gpubptt.InputError, match="needs at least one counted step"):  # as the softmax head
+        model.loss_and_grads(x, np.zeros((2, 2, 2)), head="mse", lengths=[0, 0], reduction="mean")
+    with pytest.raises(gpubptt.InputError, match="dropout_seed=1 runs under the 'softmax' head only"):
+        model.loss(x, np.zeros((2, 2, 2)), head="mse", dropout_seed=1)  # as loss_and_grads, dropout or not

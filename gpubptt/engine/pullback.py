@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, InputTypeError, ShapeError
-from ..validation import Batch
+from ..validation import Batch, _as_native
 from . import stack as engine
 
 __all__ = ["Pullback", "PullbackError", "VJPOutput"]
@@ -102,8 +102,7 @@ class Pullback:
     def _array(self, a: Any, shape: tuple[int, ...], what: str) -> Any:
         model = self._model
         be = model.backend
-        be.check_native(a, what)
-        a = be.asarray(a)
+        a = _as_native(be, a, what)  # a ragged nested list: a ShapeError naming it, not NumPy's
         if a.dtype.kind != "f":
             raise InputTypeError(f"{what} must be floating point, got dtype {a.dtype}")
         if tuple(a.shape) != shape:
