@@ -506,3 +506,28 @@ def test_compare_torch_on_cupy_runs_torch_on_the_same_gpu(cupy_be):
     assert result.exit_code == 0, result.output
     for r in json.loads(result.stdout)["rows"]:
         assert r["torch"]["device"].startswith("cuda") and r["torch"]["grads_match"] and r["torch"]["ratio"] > 0
+
+
+def test_gemm_rate_charges_each_cells_own_sequential_products():
+    from gpubptt.cells import make_cell
+
+    T, B, H, K = 10, 4, 8, 6
+    times = {"gemm_step": [2.0], "gemm_batched": [1.0]}  # seconds: rates follow from the references' FLOPs
+    batched = 2 * T * B * H * K / 1.0 / 1e9
+    for name, G in (("rnn", 1), ("gru", 3), ("lstm", 4)):
+        cell = make_cell(name)
+        rates, rate = bench_lib.gemm_rate(times, T, B, H, K, 1e6, recurrences=2, cell=cell)
+        step = 2 * B * H * G * H * T / 2.0 / 1e9  # T (B, H)×(H, G·H) products in 2 s
+        assert rates["step_gflops"] == pytest.approx(step) and rates["batched_gflops"] == pytest.approx(batched)
+        rec = 2 * 4 * B * G * H * H * T  # forward W s and backward δ W of both recurrences
+        assert rate == pytest.approx(1e6 / 1e9 / (rec / 1e9 / step + (1e6 - rec) / 1e9 / batched))
+    _, rate = bench_lib.gemm_rate(times, T, B, H, K, 1e6, cell=make_cell("indrnn"))
+    assert rate == pytest.approx(batched)  # an elementwise recurrence: no product waits on the step before
+
+
+def test_bench_config_takes_the_cells_own_nonlinearity():
+    assert bench_lib.BenchConfig(backends=[], cell="indrnn").nonlinearity == "relu"  # as RNN(cell="indrnn")
+    assert bench_lib.BenchConfig(backends=[], cell="indrnn", nonlinearity="tanh").nonlinearity == "tanh"
+    assert bench_lib.BenchConfig(backends=[]).nonlinearity == "tanh"
+    with pytest.raises(ValueError, match="applies to the cells that take one"):
+        bench_lib.BenchConfig(backends=[], cell="gru", nonlinearity="relu")

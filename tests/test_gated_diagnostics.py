@@ -112,6 +112,9 @@ def test_vanish_cell_prints_one_row_per_cell_and_json(tmp_path):
         (["--cell", "transformer"], "must be one or more of rnn, gru, lstm"),
         (["--cell", "gru,gru"], "each once"),
         (["--cell", "gru", "--scale", "0.5"], "--scale does not apply with --cell"),
+        (["--cell", "gru", "--iters", "3"], "--iters 3 does not apply with --cell"),
+        (["--cell", "gru", "--dtype", "float32"], "--dtype float32 does not apply with --cell"),
+        (["--cell", "lstm", "--hidden", "2048", "--seq-len", "200", "--batch", "8"], "(step Jacobians"),
     ],
 )
 def test_vanish_cell_refuses_what_does_not_apply(extra, message):

@@ -142,3 +142,27 @@ def test_the_estimate_uses_what_training_runs_not_what_was_typed(little_memory):
     assert run.config.truncate == 10**9
     run = new_run({"task": "recall", "delay": 2, "hidden": 4, "chunk": 10**9}, backend="numpy", steps=1)
     assert run.config.chunk == 10**9
+
+
+def test_a_workspace_dropped_from_the_cache_is_freed_at_once_not_by_the_cycle_collector():
+    import gc
+
+    import numpy as np
+
+    from gpubptt import RNN
+    from gpubptt.engine.stack import Workspace
+
+    model = RNN(4, 6, 4, backend="numpy", seed=0)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 4, (12, 3)), rng.integers(0, 4, (12, 3))
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()  # what reference counting alone frees
+    try:
+        for k in range(1, 12):  # a workspace per truncation window; the model keeps the last few
+            model.loss_and_grads(x, y, truncate=k)
+        alive = [o for o in gc.get_objects() if isinstance(o, Workspace) and o.model is model]
+    finally:
+        if enabled:
+            gc.enable()
+    assert len(alive) <= 4, len(alive)

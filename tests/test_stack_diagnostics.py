@@ -115,3 +115,15 @@ def test_rescaling_sets_every_recurrences_spectral_radius():
     for r in sweep[0][1].recurrences:
         assert abs(r.spectral_radius - 0.5) < 1e-12
     assert with_radius(model, 2.0).num_states == 4
+
+
+def test_the_stack_report_of_a_model_with_dropout_is_that_of_its_weights_without_it():
+    from gpubptt.diagnostics.stack import stack_report
+
+    model = gpubptt.RNN(4, 5, 4, num_layers=2, dropout=0.5, dtype="float64", seed=0, backend="numpy")
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 4, (6, 3)), rng.integers(0, 4, (6, 3))
+    plain = gpubptt.RNN.from_params(model.params, backend="numpy", config=model.config)  # no dropout
+    want = [r.grad_s0 for r in stack_report(plain, x, y).recurrences]
+    for _ in range(2):  # the same every call: no masks drawn behind the states it measures
+        assert [r.grad_s0 for r in stack_report(model, x, y).recurrences] == pytest.approx(want, rel=1e-12)

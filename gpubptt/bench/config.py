@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..backend.precision import PRECISIONS
-from ..cells import NONLINEARITIES, cell_class, cell_names
+from ..cells import NONLINEARITIES, cell_class, cell_names, make_cell
 
 __all__ = ["COMPARES", "GRAD_TOL", "INPUTS", "PRECISION_GRAD_TOL", "BenchConfig"]
 
@@ -45,7 +45,8 @@ class BenchConfig:
     fixed_H: int | None = None
     num_layers: int = 1
     bidirectional: bool = False
-    nonlinearity: str = "tanh"
+    #: φ of a cell that takes one (None: the cell's own default, tanh for rnn, relu for indrnn); "tanh" for others
+    nonlinearity: str | None = None
     #: the recurrent cell: "rnn", "gru" or "lstm" (torch compared as nn.RNN, nn.GRU, nn.LSTM)
     cell: str = "rnn"
     #: the model's GEMM precision: "fp32", "tf32" or "bf16" (float32 only); torch runs the matching setting
@@ -79,10 +80,16 @@ class BenchConfig:
             raise ValueError(f"warmup must be ≥ 0, got {self.warmup}")
         if self.num_layers < 1:
             raise ValueError(f"num_layers must be ≥ 1, got {self.num_layers}")
+        takes = cell_class(self.cell).takes_nonlinearity
+        if self.nonlinearity is None:  # the cell's own default, as RNN(cell=...) builds it; a gated cell keeps "tanh"
+            self.nonlinearity = make_cell(self.cell, None).nonlinearity if takes else "tanh"
         if self.nonlinearity not in NONLINEARITIES:
             raise ValueError(f"nonlinearity must be one of {', '.join(NONLINEARITIES)}, got {self.nonlinearity!r}")
-        if self.cell != "rnn" and self.nonlinearity != "tanh":  # the default; a GRU or LSTM is never labelled relu
-            raise ValueError(f"nonlinearity applies to the rnn cell only, got {self.nonlinearity!r} with {self.cell!r}")
+        if not takes and self.nonlinearity != "tanh":  # a GRU or LSTM is never labelled relu
+            raise ValueError(
+                f"nonlinearity applies to the cells that take one (rnn, indrnn), got {self.nonlinearity!r} with "
+                f"{self.cell!r}"
+            )
         if self.compare == "naive" and (self.num_layers > 1 or self.bidirectional):
             raise ValueError("compare 'naive' times the one-layer textbook code: it needs num_layers 1, one direction")
         if min(self.seq_lens) < 1 or min(self.hidden_sizes) < 1:

@@ -55,18 +55,23 @@ def fit_exponent(sizes: Sequence[float], times: Sequence[float]) -> float | None
 
 
 def gemm_rate(
-    times: dict[str, list[float]], T: int, B: int, H: int, K: int, total_flops: float, recurrences: int = 1
-) -> tuple[dict[str, float], float]:
+    times: dict[str, list[float]], T: int, B: int, H: int, K: int, total_flops: float, recurrences: int = 1,
+    cell: Any = None,
+) -> tuple[dict[str, float], float]:  # fmt: skip
     """The GEMM rate a forward+BPTT of these sizes could reach, from the ``gemm_references`` times.
 
-    The two sequential products of each of the ``recurrences`` (4·B·H²·T FLOPs each) are charged at
-    the rate of T back-to-back (B, H)×(H, H) GEMMs, the rest at one (T·B, H)×(H, K) GEMM: returns
-    ({"step_gflops", "batched_gflops"}, the FLOP-weighted harmonic mean of the two in GFLOP/s).
+    The sequential products of each of the ``recurrences`` (``cell.sequential_flops_per_step``·T: 4·B·G·H²·T
+    for a dense W, none for IndRNN's elementwise recurrence; None: an Elman cell's 4·B·H²·T) are charged at
+    the rate of T back-to-back (B, H)×(H, G·H) GEMMs (``gemm_references(..., gates=G)``), the rest at one
+    (T·B, H)×(H, K) GEMM: returns ({"step_gflops", "batched_gflops"}, the FLOP-weighted harmonic mean of
+    the two in GFLOP/s).
     """
+    G = 1 if cell is None else cell.gates
     rates = {
-        "step_gflops": 2 * B * H * H * T / summarize(times["gemm_step"])["median_s"] / 1e9,
+        "step_gflops": 2 * B * H * G * H * T / summarize(times["gemm_step"])["median_s"] / 1e9,
         "batched_gflops": 2 * T * B * H * K / summarize(times["gemm_batched"])["median_s"] / 1e9,
     }
-    rec = 4 * B * H * H * T * recurrences  # the two sequential products of each recurrence
+    per_step = 4 * B * H * H if cell is None else cell.sequential_flops_per_step(B, H)
+    rec = per_step * T * recurrences  # the products that wait on the step before, of every recurrence
     gemm_time = rec / (rates["step_gflops"] * 1e9) + (total_flops - rec) / (rates["batched_gflops"] * 1e9)
     return rates, total_flops / gemm_time / 1e9

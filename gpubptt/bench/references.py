@@ -192,16 +192,19 @@ def naive_measure(model: RNN, x_host: np.ndarray, y_host: np.ndarray, cfg: Bench
     return {"measured_examples": nb, "scale": B / nb, **errs, "bptt": summarize([t * B / nb for t in times])}
 
 
-def gemm_references(be: Backend, T: int, B: int, H: int, K: int, cfg: BenchConfig) -> dict[str, Callable[[], None]]:
-    """T back-to-back (B, H)×(H, H) GEMMs ("gemm_step") and one (T·B, H)×(H, K) GEMM ("gemm_batched").
+def gemm_references(
+    be: Backend, T: int, B: int, H: int, K: int, cfg: BenchConfig, gates: int = 1
+) -> dict[str, Callable[[], None]]:
+    """T back-to-back (B, H)×(H, G·H) GEMMs ("gemm_step", G = ``gates``: a step of a cell with G gates) and one
+    (T·B, H)×(H, K) GEMM ("gemm_batched").
 
     Both go through ``be.matmul``, the GEMM the model itself calls, in this backend's dtype.
     """
     xp = be.xp
     rng = np.random.default_rng(cfg.seed)
     s = be.asarray(rng.standard_normal((B, H)), dtype=cfg.dtype)
-    W = be.asarray(rng.standard_normal((H, H)), dtype=cfg.dtype)
-    hw = xp.empty((B, H), dtype=cfg.dtype)
+    W = be.asarray(rng.standard_normal((gates * H, H)), dtype=cfg.dtype)
+    hw = xp.empty((B, gates * H), dtype=cfg.dtype)
     S = be.asarray(rng.standard_normal((T * B, H)), dtype=cfg.dtype)
     V = be.asarray(rng.standard_normal((K, H)), dtype=cfg.dtype)
     Z = xp.empty((T * B, K), dtype=cfg.dtype)

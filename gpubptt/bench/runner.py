@@ -72,7 +72,7 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
         fns = {
             "bptt": (lambda: model.loss_and_grads(x, y), timer),
             "forward": (lambda: model.loss(x, y), timer),
-            **{k: (fn, timer) for k, fn in gemm_references(model.backend, T, B, H, K, cfg).items()},  # same precision
+            **{k: (fn, timer) for k, fn in gemm_references(model.backend, T, B, H, K, cfg, cell.gates).items()},
         }
         times = time_interleaved(fns, warmup=cfg.warmup, repeats=cfg.repeats)
         if cfg.compare == "torch":
@@ -84,7 +84,7 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
             times.update({f"torch_{k}": v for k, v in torch_times.items()})
         bptt, fwd = summarize(times["bptt"]), summarize(times["forward"])
         t = bptt["median_s"]
-        rates, gemm_gflops = gemm_rate(times, T, B, H, K, row["flops"], recurrences=model.num_states)
+        rates, gemm_gflops = gemm_rate(times, T, B, H, K, row["flops"], recurrences=model.num_states, cell=cell)
         row.update(
             bptt=bptt,
             noisy=is_noisy(bptt),

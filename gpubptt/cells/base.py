@@ -164,6 +164,11 @@ class Cell(ABC):
         G = self.gates
         return 2 * B * H * G * (D + 2 * H) if backward else 2 * B * H * G * (D + H)
 
+    def sequential_flops_per_step(self, B: int, H: int) -> int:
+        """FLOPs of one step's products that wait on the step before: forward W s and backward δ W, 4·B·G·H² for a
+        dense W (G·H, H) (the benchmarks charge them at the rate of back-to-back (B, H)×(H, G·H) GEMMs)."""
+        return 4 * B * self.gates * H * H
+
     def buffer_elements(self, T: int, B: int, H: int) -> int:
         """Elements of ``buffers(T, B, H)``, counted without allocating (what the memory estimate adds)."""
         return sum(math.prod(a.shape) for a in self.buffers(T, B, H, xp=_Sizer, dtype=np.float64).values())

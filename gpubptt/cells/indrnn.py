@@ -164,6 +164,10 @@ class IndRNNCell(Cell):
         """Forward U x (2·B·H·D) and w ⊙ s (2·B·H); backward dU (2·B·H·D), δ ⊙ w and dw (4·B·H)."""
         return 2 * B * H * D + (4 if backward else 2) * B * H
 
+    def sequential_flops_per_step(self, B: int, H: int) -> int:
+        """None: the recurrence w ⊙ s is elementwise, no GEMM waits on the step before."""
+        return 0
+
 
 # -- kernels: one fused elementwise kernel per step (CuPy), or the NumPy twins ---------------------
 # w (H,) broadcasts against the (B, H) rows; f = φ' is read from the state s_t itself

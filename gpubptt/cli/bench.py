@@ -53,7 +53,6 @@ NonlinearityChoice = choices("NonlinearityChoice", NONLINEARITIES)
 DEFAULTS = BenchConfig(backends=[])  # the library's defaults are the options' defaults
 DEFAULT_INPUT, DEFAULT_DTYPE = InputChoice(DEFAULTS.input), DtypeChoice(DEFAULTS.dtype)
 DEFAULT_COMPARE = CompareChoice(DEFAULTS.compare)
-DEFAULT_NONLINEARITY = NonlinearityChoice(DEFAULTS.nonlinearity)
 
 
 def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -213,7 +212,8 @@ def bench(
     nonlinearity: Annotated[
         NonlinearityChoice | None,
         typer.Option(
-            help=f"φ of the recurrence, as torch.nn.RNN's; --cell rnn only. (default: {DEFAULTS.nonlinearity})"
+            help="φ of the recurrence, as torch.nn.RNN's; --cell rnn or indrnn only. (default: the cell's own: "
+            "tanh for rnn, relu for indrnn)"
         ),
     ] = None,
     warmup: Annotated[
@@ -272,11 +272,13 @@ def bench(
     """
     Ts = _sizes(seq_lens, "--seq-lens")
     layers_or_exit(layers)
-    if nonlinearity is not None and cell.value != "rnn":  # as train: a GRU or LSTM is never labelled relu
+    takes = cell_class(cell.value).takes_nonlinearity
+    if nonlinearity is not None and not takes:  # as train: a GRU or LSTM is never labelled relu
         raise usage_error(
-            f"--nonlinearity applies to --cell rnn, not --cell {cell.value} (the GRU's and LSTM's gates use σ and tanh)"
+            f"--nonlinearity applies to --cell rnn or indrnn, not --cell {cell.value} (the GRU's and LSTM's gates use "
+            "σ and tanh)"
         )
-    nonlinearity = nonlinearity or DEFAULT_NONLINEARITY
+    phi = None if nonlinearity is None else nonlinearity.value  # None: the cell's own (tanh for rnn, relu for indrnn)
     Hs = _sizes(hidden_sizes, "--hidden-sizes")
     if compare is CompareChoice.naive and (layers > 1 or bidirectional):
         raise usage_error("--compare naive times the one-layer textbook code: it needs --layers 1, one direction")
@@ -302,7 +304,7 @@ def bench(
             "--compare": compare is not DEFAULT_COMPARE, "--precision": precision is not PrecisionChoice.fp32,
         }  # fmt: skip
         arch = dict(
-            cell=cell.value, num_layers=layers, nonlinearity=nonlinearity.value if cell.value == "rnn" else None,
+            cell=cell.value, num_layers=layers, nonlinearity=phi if takes else None,
             bidirectional=bidirectional,
         )  # fmt: skip
         _long(
@@ -342,12 +344,12 @@ def bench(
         fixed_H=fixed_hidden,
         num_layers=layers,
         bidirectional=bidirectional,
-        nonlinearity=nonlinearity.value,
+        nonlinearity=phi,
         precision=precision.value,
     )
     arch = (
         f"{layers} layer{'s' if layers > 1 else ''}{', bidirectional' if bidirectional else ''}, "
-        f"{nonlinearity.value if cell.value == 'rnn' else cell.value}"
+        f"{cfg.nonlinearity if cell.value == 'rnn' else cell.value + (f' {cfg.nonlinearity}' if takes else '')}"
         + ("" if precision is PrecisionChoice.fp32 else f", precision {precision.value}")
     )
     sweeps = f"T in {Ts} at H={cfg.fixed_H}, H in {Hs} at T={cfg.fixed_T}"

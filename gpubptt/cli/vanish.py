@@ -316,6 +316,12 @@ def vanish(
             "checkpoint": checkpoint, "scale": scale, "data": data, "init": init, "layers": layers,
             "bidirectional": bidirectional, "nonlinearity": nonlinearity, "which": which,
         }  # fmt: skip
+        if dtype is not DEFAULT_DTYPE:
+            raise usage_error(f"--dtype {dtype.value} does not apply with --cell (the cells are compared in float64)")
+        if iters != DEFAULT_ITERS:
+            raise usage_error(
+                f"--iters {iters} does not apply with --cell (it takes exact norms of dense Jacobian products)"
+            )
         _compare_cells(cell, ignored, backend, plot, threshold, seq_len, hidden, batch, vocab, seed, fmt)
         return
     radii = _parse_scales(scale if scale is not None else ("model" if checkpoint is not None else RANDOM_SCALES))

@@ -33,6 +33,7 @@ from .losses import chunk_steps
 __all__ = [
     "InsufficientMemoryError",
     "MemoryEstimate",
+    "cell_flow_memory",
     "check_fits",
     "check_model_size",
     "format_bytes",
@@ -164,6 +165,16 @@ def train_memory(
             "evaluation": evaluation,
         }
     )
+
+
+def cell_flow_memory(D: int, H: int, K: int, *, T: int, B: int, state: int = 1) -> MemoryEstimate:
+    """Peak memory of ``gpubptt.diagnostics.gated.cell_flow`` (float64 on the host) on a D → H → K model of a cell
+    whose state is ``state``·H wide (2 for an LSTM's (h, c)), on a (T, B) batch: ``vanish_memory``'s parts and
+    the dense step Jacobians (T, B, n, n), n = state·H, with their running product and its transpose."""
+    n = state * H
+    est = vanish_memory(D, H, K, T=T, B=B, itemsize=FLOAT64)
+    est.parts["step Jacobians"] = (T + 2) * B * n * n * FLOAT64
+    return est
 
 
 def vanish_memory(

@@ -301,7 +301,7 @@ class Workspace:
         self.step_kernels, self.dropout = step_kernels, dropout
         self.use_graphs = model.use_graphs
         self.needs_capture = bool(model.use_graphs and be.supports_graphs)
-        self._run = self._compute
+        self._run: Any = None  # a captured graph's replay, or None: compute (no bound method kept: no cycle to self)
         self._captured = False
         # inputs
         self.x = xp.empty((T, B), dtype=xp.int64) if batch.tokens else xp.empty((T, B, D), dtype=dt)
@@ -371,8 +371,10 @@ class Workspace:
                     stacklevel=3,
                 )
                 self.model.use_graphs = False
-                self._run = self._compute
-        self._run()
+        if self._run is None:
+            self._compute()
+        else:
+            self._run()
 
     def _compute(self) -> None:
         be, model, p, g, st = self.be, self.model, self.model.params, self.grads, self.stack
