@@ -156,7 +156,7 @@ def test_bench_refuses_a_nonlinearity_for_a_gated_cell():
     for cell in ("gru", "lstm"):
         result = runner.invoke(app, [*BENCH, "--cell", cell, "--nonlinearity", "relu"])
         _one_line_error(result, "--nonlinearity applies to --cell rnn")
-    with pytest.raises(ValueError, match="rnn cell only"):
+    with pytest.raises(ValueError, match="applies to the cells that take one"):
         gpubptt.bench.BenchConfig(cell="gru", nonlinearity="relu")
 
 
