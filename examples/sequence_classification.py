@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--T", type=int, default=30)
     p.add_argument("--hidden", type=int, default=32)
     args = p.parse_args(argv)
+    if args.T < 5:  # each sequence is 5 to T steps long
+        p.error(f"--T must be at least 5 (the shortest sequence), got {args.T}")
     rng = np.random.default_rng(0)
     model = gpubptt.RNN(3, args.hidden, 3, cell="gru", bias=True, init="torch", backend="numpy", seed=0)
     model.head = "last_softmax"

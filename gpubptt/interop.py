@@ -169,6 +169,10 @@ def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any, *, cell: str =
     K = V.shape[0]
     if "bias" in lin and lin["bias"].shape != (K,):
         raise ShapeError(f"the nn.Linear bias must have shape ({K},), got {lin['bias'].shape}")
+    for what, sd in (("", rnn), ("the nn.Linear ", lin)):  # named as torch names them, before they are folded
+        for k, a in sd.items():
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise InputError(f"{what}{k} contains NaN or infinity")
     weights: dict[str, np.ndarray] = {}
     biases: dict[str, np.ndarray] = {}
     dtype = np.result_type(U0, V)

@@ -140,11 +140,14 @@ class Recurrent(torch.nn.Module):
     ) -> Recurrent:
         """A Recurrent sharing ``mod``'s Parameters: ``nn.RNN`` (tanh or relu), ``nn.GRU`` or ``nn.LSTM`` with
         any layers, directions, bias and batch_first; ``precision`` as ``RNN``'s (float32 modules for tf32/bf16).
-        Refused (InputError, naming the option): ``proj_size``,
-        dropout between layers, parameters that are not float32/float64."""
+        Refused, naming the option: ``proj_size`` and dropout between layers (InputError); parameters that are
+        not float32/float64 and any other module, a subclass of these included (InputTypeError)."""
         cell = _CELLS.get(type(mod))
         if cell is None:
-            raise InputTypeError(f"from_module takes a torch.nn.RNN, GRU or LSTM, got {type(mod).__name__}")
+            raise InputTypeError(
+                f"from_module takes a torch.nn.RNN, GRU or LSTM itself (a subclass may compute otherwise), got "
+                f"{type(mod).__name__}"
+            )
         if getattr(mod, "proj_size", 0):
             raise InputError(f"proj_size={mod.proj_size}: gpubptt's LSTM has no projection; use proj_size=0")
         if mod.dropout and mod.num_layers > 1:
@@ -178,7 +181,7 @@ class Recurrent(torch.nn.Module):
     def _model(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, RNN]:
         """(key, the gpubptt model that runs tensors of this device and dtype), built once per key."""
         last = self._last
-        if last is not None and last[0] == device and last[1] == dtype:
+        if last is not None and last[0] == device and last[1] == dtype and last[2][3] == self.precision:
             return last[2], self._models[last[2]]  # the checks below passed for this pair already
         want = "cupy" if device.type == "cuda" else "numpy"
         if device.type not in ("cpu", "cuda"):
@@ -195,7 +198,8 @@ class Recurrent(torch.nn.Module):
                 f"this Recurrent runs precision={self.precision!r}, float32 only; the parameters are float64: "
                 "convert the module to float32 or use precision='fp32'"
             )
-        key = (want, dtype, device.index)
+        precision = check_precision(self.precision)  # an attribute: a later assignment builds a model of its own
+        key = (want, dtype, device.index, precision)
         if key not in self._models:
             be = get_backend(want)
             dirs = 2 if self.bidirectional else 1
@@ -203,7 +207,7 @@ class Recurrent(torch.nn.Module):
             with be.external_stream(None, device.index):  # the model's arrays on the tensors' device
                 model = RNN.from_torch(
                     host, {"weight": np.zeros((1, self.hidden_size * dirs), host["weight_hh_l0"].dtype)},
-                    cell=self.cell, backend=be, precision=self.precision if dtype == torch.float32 else None,
+                    cell=self.cell, backend=be, precision=precision if dtype == torch.float32 else None,
                     nonlinearity=self.nonlinearity if cell_class(self.cell).takes_nonlinearity else None,
                 )  # fmt: skip
             model.step_kernels = None
@@ -212,7 +216,7 @@ class Recurrent(torch.nn.Module):
         self._last = (device, dtype, key)
         return key, self._models[key]
 
-    def _share(self, key: tuple[str, torch.dtype, int | None], model: RNN, params: tuple, ident: tuple) -> None:
+    def _share(self, key: tuple[str, torch.dtype, int | None, str], model: RNN, params: tuple, ident: tuple) -> None:
         """Point ``model.params`` at the Parameters' memory and refresh the summed biases.
 
         The weights (and the GRU's b_hn) are views of the Parameters' storage (``_array``), made and
@@ -266,6 +270,17 @@ class Recurrent(torch.nn.Module):
                 h0, c0 = hx
             else:
                 h0 = hx
+            n = self.num_layers * (2 if self.bidirectional else 1)
+            want = (n, self.hidden_size) if unbatched else (n, B, self.hidden_size)
+            for what, t in (("h0", h0), ("c0", c0)):  # as torch: every layout checked, a one-layer one included
+                if t is None and what == "c0" and not lstm:
+                    continue
+                if not isinstance(t, torch.Tensor):
+                    raise InputTypeError(f"{what} must be a torch.Tensor of shape {want}, got {type(t).__name__}")
+                if tuple(t.shape) != want:
+                    layout = "(num_layers·directions, hidden_size) for unbatched x" if unbatched else (
+                        "(num_layers·directions, B, hidden_size)")  # fmt: skip
+                    raise ShapeError(f"{what} must have shape {want} {layout}, got {tuple(t.shape)}")
             if unbatched:
                 h0 = h0.unsqueeze(1)
                 c0 = None if c0 is None else c0.unsqueeze(1)

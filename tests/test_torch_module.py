@@ -121,6 +121,18 @@ def test_bad_modules_tensors_and_a_second_backward_are_refused():
     out.sum().backward(retain_graph=True)
     with pytest.raises(PullbackError, match="already called"):
         out.sum().backward()
+    # hx as torch checks it, for one layer and one direction too (a smaller last batch; (H, B) for (B, H))
+    lstm, gru = gt.Recurrent.from_module(torch.nn.LSTM(D, H)), gt.Recurrent.from_module(torch.nn.GRU(D, H))
+    for mod, x, hx, message in [
+        (lstm, torch.randn(T, B, D), (torch.zeros(1, B + 1, H), torch.zeros(1, B + 1, H)), rf"\(1, {B}, {H}\)"),
+        (gru, torch.randn(T, B, D), torch.zeros(1, H, B), rf"h0 must have shape \(1, {B}, {H}\)"),
+        (gru, torch.randn(T, D), torch.zeros(1, 1, H), "for unbatched x"),
+        (gru, torch.randn(T, B, D), torch.zeros(B, H), rf"got \({B}, {H}\)"),
+    ]:
+        with pytest.raises(gpubptt.ShapeError, match=message):
+            mod(x, hx)
+    with pytest.raises(gpubptt.InputTypeError, match=r"h0 must be a torch\.Tensor"):
+        gru(torch.randn(T, B, D), (torch.zeros(1, B, H),))
 
 
 def _grads(mod, x):
