@@ -78,9 +78,10 @@ def _remove_abandoned(path: Path) -> None:
 
 @contextlib.contextmanager
 def sigint_deferred() -> Iterator[None]:
-    """Ctrl-C (SIGINT) held back inside the block and delivered right after it, to the handler that was in place:
-    what the block does (replace two files, then note that it did) happens whole. Only in the main thread, and
-    only where that handler was set from Python; elsewhere the block runs as it is."""
+    """Ctrl-C (SIGINT) held back inside the block and delivered right after it (up to two presses, each once)
+    to the handler that was in place: what the block does (replace two files, then note that it did) happens
+    whole. Only in the main thread, and only where that handler was set from Python; elsewhere the block runs
+    as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -94,8 +95,8 @@ def sigint_deferred() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if held:
-            signal.raise_signal(signal.SIGINT)  # now, to the handler it was meant for
+        for _ in held[:2]:  # now, to the handler they were meant for: a second press ("again to stop at once") too
+            signal.raise_signal(signal.SIGINT)
 
 
 def _stage(path: Path, data: str | bytes) -> str:

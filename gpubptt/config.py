@@ -58,10 +58,10 @@ class ModelConfig:
                 f"{type(self.cell).__name__} {self.cell!r}"
             )
         try:
-            dtype = np.dtype(self.dtype)
-        except TypeError:
+            dtype = np.dtype(self.dtype) if self.dtype is not None else None  # np.dtype(None) is float64
+        except (TypeError, ValueError):
             dtype = None
-        if dtype not in (np.dtype("float32"), np.dtype("float64")):
+        if dtype is None or dtype not in (np.dtype("float32"), np.dtype("float64")):  # np.dtype("f8") == None
             raise InputError(f"ModelConfig.dtype must be float32 or float64, got {self.dtype!r}")
         object.__setattr__(self, "dtype", dtype)
 

@@ -116,8 +116,7 @@ class Recurrent(torch.nn.Module):
         self.input_size, self.hidden_size = model.input_size, model.hidden_size
         self.num_layers, self.bidirectional, self.bias = model.num_layers, model.bidirectional, model.bias
         self.batch_first, self.backend, self.recompute = bool(batch_first), backend, recompute
-        #: the GEMMs' operand precision (``RNN.precision``): the model's unless given; tf32/bf16 run float32 tensors
-        self.precision = check_precision(model.precision if precision is None else precision)
+        self.precision = model.precision if precision is None else precision  # checked by its setter
         self._names = _torch_names(self.num_layers, self.bidirectional, self.bias)
         self._pnames = tuple(name for _, name, _ in self._names)  # torch's parameter order
         self._grad_plan = _grad_plan(self._names, self.cell)  # made once: no name is formatted per call
@@ -133,6 +132,16 @@ class Recurrent(torch.nn.Module):
         self._last: tuple[torch.device, torch.dtype, Any] | None = None  # the last call's (device, dtype, key)
         #: (the Parameters' identity, their device, their dtype), checked when the identity changes
         self._checked: tuple[tuple, torch.device, torch.dtype] | None = None
+
+    @property
+    def precision(self) -> str:
+        """The GEMMs' operand precision (``RNN.precision``): the model's unless given; tf32/bf16 run float32
+        tensors. Assignable (checked, and normalised as ``RNN`` takes it); the next call runs it."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._precision = check_precision(value)
 
     @classmethod
     def from_module(
@@ -198,7 +207,7 @@ class Recurrent(torch.nn.Module):
                 f"this Recurrent runs precision={self.precision!r}, float32 only; the parameters are float64: "
                 "convert the module to float32 or use precision='fp32'"
             )
-        precision = check_precision(self.precision)  # an attribute: a later assignment builds a model of its own
+        precision = self.precision  # checked when set; another value later builds a model of its own
         key = (want, dtype, device.index, precision)
         if key not in self._models:
             be = get_backend(want)

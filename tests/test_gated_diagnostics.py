@@ -139,3 +139,5 @@ def test_vanish_measures_a_gated_checkpoint_with_the_cell_table(tmp_path):
     assert [c["cell"] for c in cells] == ["lstm"] and len(cells[0]["log_norms"]) == 7  # T = delay + 2, lags 0..T
     bad = runner.invoke(app, ["vanish", "--checkpoint", str(ck), "--scale", "0.5"])
     assert bad.exit_code == 2 and "this checkpoint holds a lstm" in bad.output
+    bad = runner.invoke(app, ["vanish", "--checkpoint", str(ck), "--iters", "3"])
+    assert bad.exit_code == 2 and "--iters 3 does not apply to a lstm checkpoint" in bad.output

@@ -130,3 +130,20 @@ def test_a_ctrl_c_between_the_renames_waits_until_both_files_are_replaced(tmp_pa
         write_atomic(target, b"new", copies=(copy,))
     assert target.read_bytes() == b"new" and copy.read_bytes() == b"new"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_two_ctrl_c_held_during_a_save_reach_the_handler_twice():
+    import signal
+
+    from gpubptt._io import sigint_deferred
+
+    calls = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    try:
+        with sigint_deferred():
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+            assert calls == []  # held
+        assert len(calls) == 2  # a second press ("again to stop at once") is not lost
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -197,9 +197,13 @@ def test_model_config_checks_its_fields_and_from_params_names_the_missing_bias()
         ("bias", "yes", "ModelConfig.bias must be a bool"),
         ("cell", "rnn", "ModelConfig.cell must be a cell object"),
         ("dtype", "int32", "ModelConfig.dtype must be float32 or float64"),
+        ("dtype", "no-such-dtype", "ModelConfig.dtype must be float32 or float64"),  # np.dtype("f8") == None
+        ("dtype", None, "ModelConfig.dtype must be float32 or float64"),
     ]:
         with pytest.raises((gpubptt.InputError, gpubptt.InputTypeError), match=message):
             dataclasses.replace(model.config, **{field: value})
+    same = dataclasses.replace(model.config, hidden_size=np.int64(4), bias=np.True_, dtype="float32")
+    assert same == model.config and type(same.hidden_size) is int and type(same.bias) is bool
     params = {k: np.asarray(v) for k, v in model.params.items() if k not in ("b", "b_l1")}  # c without any b
     with pytest.raises(gpubptt.InputError, match=r"missing \['b', 'b_l1'\]; expected both biases"):
         gpubptt.RNN.from_params(params, backend="numpy")

@@ -131,6 +131,14 @@ def test_bad_modules_tensors_and_a_second_backward_are_refused():
     ]:
         with pytest.raises(gpubptt.ShapeError, match=message):
             mod(x, hx)
+    x = torch.randn(T, B, D)
+    exact = ours(x)[0].detach()
+    ours.precision = "BF16"  # normalised when set; the next call runs it
+    assert ours.precision == "bf16" and not torch.equal(ours(x)[0].detach(), exact)
+    ours.precision = "fp32"
+    assert torch.equal(ours(x)[0].detach(), exact)
+    with pytest.raises(gpubptt.InputError, match="unknown precision"):
+        ours.precision = "fp8"
     with pytest.raises(gpubptt.InputTypeError, match=r"h0 must be a torch\.Tensor"):
         gru(torch.randn(T, B, D), (torch.zeros(1, B, H),))
 

@@ -168,9 +168,14 @@ def test_the_optimizers_own_rate_is_the_base_unless_the_config_gives_one(tmp_pat
     assert hist.lr == [learning_rate(i, base_lr=0.2, schedule="step", total_steps=4) for i in range(4)]
     opt, cfg = make_optimizer("sgd", model, lr=0.3), TrainConfig(steps=4, batch_size=2, chunk=4, schedule="cosine")
     _, hist = train(model, data, opt, cfg)
-    assert cfg.lr == 0.3 and hist.lr[0] == 0.3 and opt.lr < 0.3  # resolved into the config; the schedule decays
-    _, hist = train(model, data, opt, TrainConfig(steps=2, batch_size=2, chunk=4, schedule="cosine"))
-    assert hist.lr[0] == 0.3  # a new run on the same optimizer starts from the rate it was built with
+    assert cfg.lr is None and hist.lr[0] == 0.3 and opt.lr < 0.3  # the caller's config as it was; the rate decays
+    _, hist = train(model, data, opt, cfg)
+    assert hist.lr[0] == 0.3  # a new run on the same optimizer: from its base, not the rate the schedule left
+    opt.lr = 0.05  # set by hand: the next run's base
+    _, hist = train(model, data, opt, cfg)
+    assert hist.lr[0] == 0.05
+    _, hist = train(model, data, make_optimizer("adam", model, lr=1e-3), cfg)  # one config, another optimizer
+    assert hist.lr[0] == 1e-3
     cfg = TrainConfig(steps=4, batch_size=2, chunk=4, schedule="cosine")
     with pytest.raises(InputError, match=r"give TrainConfig\(lr=\.\.\.\) the schedule's base rate"):
         train(model, data, make_optimizer("sgd", model), cfg, state=TrainState(step=2))

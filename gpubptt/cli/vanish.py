@@ -377,6 +377,11 @@ def vanish(
     if model.cell_name != "rnn":  # a GRU/LSTM checkpoint: the cell measures (gpubptt.diagnostics.gated)
         if scale is not None:
             raise usage_error(f"--scale rescales an rnn cell's W; this checkpoint holds a {model.cell_name}")
+        if iters != DEFAULT_ITERS:
+            raise usage_error(
+                f"--iters {iters} does not apply to a {model.cell_name} checkpoint (its table takes exact norms of "
+                "dense Jacobian products)"
+            )
         run_model(model, x, y, label=f"{checkpoint.name} ({model.cell_name})", threshold=threshold, fmt=fmt.value,
                   plot=plot)  # fmt: skip
         return

@@ -172,8 +172,9 @@ def stack_report(
     T, B = batch.T, batch.B
     S = engine.states(model, batch)
     F = [model.cell.factors(s, be=be, out=xp.empty_like(s[1:])) for s in S]
-    plain = model if model.dropout == 0 else RNN.from_params(model.params, backend=be, config=model.config)
-    _, grads = plain.loss_and_grads(batch.x, batch.y, batch.s0_stacked)  # as the states above: no dropout masks
+    # as the states above: no dropout masks, the softmax head, time-major inputs (the copy has none of the model's)
+    plain = RNN.from_params(model.params, backend=be, config=model.config)
+    _, grads = plain.loss_and_grads(batch.x, batch.y, batch.s0_stacked)
     ds0 = to_host(grads["s0"]).reshape(n, B, H)
     steps: list[np.ndarray | None] = [None] * n
     through = None

@@ -71,9 +71,9 @@ def learning_rate(step: int, *, base_lr: float, schedule: str, total_steps: int,
 class TrainConfig:
     """How to train. steps: total optimizer steps; chunk: BPTT chunk length (None: whole sequences);
     truncate: tutorial truncation inside a chunk (None: none); max_norm: global-norm clipping (None: off);
-    lr: the schedule's base learning rate, set on the optimizer before every step (None: the rate the optimizer
-    was built with, ``Optimizer.base_lr``: its name's default in ``make_optimizer`` or the one given there;
-    ``train`` writes it into the config when it starts);
+    lr: the schedule's base learning rate, set on the optimizer before every step (None: the optimizer's rate,
+    ``Optimizer.base_lr``: as built (its name's default in ``make_optimizer``, or the one given there) or as set
+    by hand on ``optimizer.lr`` before ``train``, not the last rate an earlier run's schedule left there);
     eval_every: steps between evaluations (0: only at the end). NumPy integers and floats are taken as
     Python's (the configuration is stored as JSON in checkpoints)."""
 
@@ -308,10 +308,10 @@ def train(
     (``History.evals_since_best``, counted over the whole history, so a resumed run keeps its count);
     the returned ``state.step`` is then below ``config.steps``.
 
-    The schedule's base rate is ``config.lr``; where it is None, ``train`` sets it to the optimizer's
-    ``base_lr`` (the rate it was built with) before the first step. A run continued from a checkpoint with
-    ``config.lr`` None under a schedule, or in its warm-up, is refused (InputError): a loaded optimizer
-    holds the last step's scheduled rate, not the base.
+    The schedule's base rate is ``config.lr``; where it is None, the optimizer's ``base_lr`` (``TrainConfig``);
+    ``config`` itself is not changed. A run continued from a checkpoint with ``config.lr`` None under a
+    schedule, or in its warm-up, is refused (InputError): a loaded optimizer holds the last step's scheduled
+    rate, not the base.
     """
     if early_stop is not None and (isinstance(early_stop, bool) or not isinstance(early_stop, int) or early_stop < 1):
         raise InputError(f"early_stop must be an int ≥ 1 (evaluations without improvement) or None, got {early_stop!r}")
@@ -342,7 +342,8 @@ def train(
     elif state.s is not None:
         state.s = be.asarray(state.s, dtype=model.dtype)
 
-    if config.lr is None:  # resolved once, into the config: a checkpoint of this run then records the base rate
+    base_lr = config.lr
+    if base_lr is None:  # the optimizer's rate; the caller's config is left as it is
         at = state.step
         if at > 0 and (config.schedule != "constant" or at < config.warmup):
             raise InputError(
@@ -350,8 +351,9 @@ def train(
                 f"{config.schedule!r} schedule{' in its warm-up' if at < config.warmup else ''}: the optimizer holds "
                 "the last step's scheduled rate; give TrainConfig(lr=...) the schedule's base rate"
             )
-        config.lr = float(optimizer.base_lr if at == 0 else optimizer.lr)  # past warm-up, a constant rate is the base
-    base_lr = config.lr
+        if at == 0 and optimizer.lr != optimizer.scheduled_lr:  # as built, or set by hand: this run's base
+            optimizer.base_lr = float(optimizer.lr)
+        base_lr = optimizer.base_lr if at == 0 else float(optimizer.lr)  # past warm-up a constant rate is the base
 
     eval_seconds = [0.0]
 
@@ -406,7 +408,7 @@ def train(
         lr = learning_rate(
             state.step, base_lr=base_lr, schedule=config.schedule, total_steps=config.steps, warmup=config.warmup
         )
-        optimizer.lr = lr
+        optimizer.lr = optimizer.scheduled_lr = lr
         res = optimizer.step(grads, loss=loss, grad_norm=norm, step=state.step + 1)
 
         state.step += 1

@@ -216,8 +216,11 @@ class Optimizer:
         self.backend = be
         self.params = params
         self.lr = _check_lr(lr)
-        #: the rate it was built with; ``lr`` is what the next step uses (``train`` sets it from its schedule)
+        #: the base rate of ``train``'s schedule where its config gives none: the rate built with, or the one
+        #: ``lr`` held when a run began (set by hand); ``lr`` is what the next step uses (``train`` sets it)
         self.base_lr = self.lr
+        #: the rate ``train`` last set (None: never): an ``lr`` still equal to it was left by a schedule, not chosen
+        self.scheduled_lr: float | None = None
         self.on_nonfinite = on_nonfinite
         self.weight_decay = _check_decay(weight_decay)
         self.t = 0  # number of applied steps (host int: no sync)
