@@ -360,3 +360,32 @@ def test_a_relu_model_round_trips_and_samples_with_relu(tmp_path):
         xi = int(rng.choice(len(q), p=q / q.sum()))
         out.append(xi)
     assert sample_text(ck.model, ck.vocab, length=20, seed=5, prime="the ") == "the " + data.vocab.decode(out)
+
+
+def test_cell_options_a_surrogate_vocabulary_and_an_indrnn_w_beyond_its_bound_are_refused(tmp_path, text_ck):
+    bad = _rewrite(text_ck, tmp_path / "phi.npz", meta=_set("model", "cell_options", {"nonlinearity": "relu"}))
+    with pytest.raises(CheckpointError, match="may not hold nonlinearity"):  # was: TypeError from make_cell
+        load_checkpoint(bad, backend="numpy")
+    vocab = _arrays(text_ck)["vocab"].copy()
+    vocab[0] = 0xD800
+    bad = _rewrite(text_ck, tmp_path / "surrogate.npz", changes={"vocab": vocab})
+    with pytest.raises(CheckpointError, match="surrogate code point U\\+D800"):  # was: a crash in sample
+        load_checkpoint(bad, backend="numpy")
+    result = CliRunner().invoke(app, ["info", "--checkpoint", str(bad)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    from gpubptt.cells.indrnn import IndRNNCell
+
+    model = gpubptt.RNN(3, 4, 3, cell=IndRNNCell("relu", max_weight=0.5), backend="numpy", seed=0)
+    save_checkpoint(tmp_path / "ind.npz", model)
+    big = _rewrite(
+        tmp_path / "ind.npz", tmp_path / "huge.npz", meta=_set("model", "cell_options", "max_weight", 10**400)
+    )
+    with pytest.raises(CheckpointError, match="max_weight must be None or a finite number"):  # was: OverflowError
+        load_checkpoint(big, backend="numpy")
+    w = _arrays(tmp_path / "ind.npz")["param.w"].copy()
+    w[1] = 3.0  # beyond the bound training keeps it within
+    out = _rewrite(tmp_path / "ind.npz", tmp_path / "outside.npz", changes={"param.w": w})
+    with pytest.raises(CheckpointError, match=r"parameter w has \|w\| up to 3, beyond the cell's max_weight = 0\.5"):
+        load_checkpoint(out, backend="numpy")
+    w[1] = np.float32(0.5)  # the bound itself, as float32 rounds it: a clipped value, accepted
+    load_checkpoint(_rewrite(tmp_path / "ind.npz", tmp_path / "edge.npz", changes={"param.w": w}), backend="numpy")

@@ -82,3 +82,10 @@ def test_make_data_rebuilds_from_spec():
     assert again.spec() == task.spec()
     with pytest.raises(InputError, match="unknown data kind"):
         make_data({"kind": "audio"})
+
+
+def test_make_data_names_missing_task_fields_and_a_vocabulary_refuses_surrogates():
+    with pytest.raises(InputError, match="missing symbols, length, delay"):  # was: KeyError
+        make_data({"kind": "copy"})
+    with pytest.raises(InputError, match="surrogate code point U\\+D800"):  # no UTF-8 text holds one
+        Vocab.from_text("ab\ud800")

@@ -285,6 +285,14 @@ def test_next_distribution_matches_a_reference_written_by_sorting(tau, k, p):
     assert greedy[np.argmax(z)] == 1 and greedy.sum() == 1
 
 
+@pytest.mark.parametrize(("probs", "p", "kept"), [([0.7, 0.2, 0.1], 0.7, 1), ([0.7, 0.2, 0.1], 0.9, 2),
+                                                  ([0.5, 0.3, 0.2], 0.8, 2)])  # fmt: skip
+def test_a_nucleus_whose_mass_is_exactly_top_p_keeps_no_more(probs, p, kept):
+    # the fewest whose sum reaches p: the prefix sums 0.7, 0.9 and 0.8 reach it exactly, though their rounded
+    # values land a hair below it (0.7 + 0.2 == 0.8999999999999999 in floating point)
+    assert int((next_distribution(np.log(probs), top_p=p) > 0).sum()) == kept
+
+
 @pytest.mark.parametrize(("k", "p"), [(None, None), (2, None), (None, 0.5), (3, 0.9)])
 def test_each_drawn_character_comes_from_the_exact_distribution_of_a_tiny_model(k, p):
     # a one-step Elman model by hand: after the prime "ab", s = tanh(U[:, b] + W s_a + b), z = V s + c

@@ -111,6 +111,11 @@ class Cell(ABC):
         an optimizer step; a no-op for an unconstrained cell."""
         return None
 
+    def constraint_violation(self, params: dict[str, Any]) -> str | None:
+        """Why the model's parameters (host arrays by full name, every recurrence's) lie outside the set
+        ``constrain`` keeps them in, or None: a checkpoint that breaks it was not written by training."""
+        return None
+
     # -- the engine's interface ------------------------------------------------------------------
     def buffers(self, T: int, B: int, H: int, *, xp: Any, dtype: Any) -> dict[str, Any]:
         """Arrays the cell keeps from forward to backward besides the states S (T+1, B, H); none by default."""

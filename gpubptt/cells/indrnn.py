@@ -22,6 +22,7 @@ operations on preallocated buffers). Truncation (``truncate=k``) reuses the Elma
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,7 @@ class IndRNNCell(Cell):
             raise InputError(f"unknown nonlinearity {nonlinearity!r}; expected one of {', '.join(NONLINEARITIES)}")
         if max_weight is not None:
             ok = isinstance(max_weight, (int, float)) and not isinstance(max_weight, bool)
+            ok = ok and abs(max_weight) <= sys.float_info.max  # an int past float's range: no OverflowError below
             if not ok or not math.isfinite(max_weight) or max_weight <= 0:
                 raise InputError(f"max_weight must be None or a finite number > 0 (γ^(1/T)), got {max_weight!r}")
             max_weight = float(max_weight)
@@ -94,6 +96,20 @@ class IndRNNCell(Cell):
         """Clip w into [−max_weight, max_weight] in place (nothing without ``max_weight``)."""
         if self.max_weight is not None:
             xp.clip(p["w"], -self.max_weight, self.max_weight, out=p["w"])
+
+    def constraint_violation(self, params: dict[str, Any]) -> str | None:
+        """Which w (w, w_l1, w_reverse, …) holds a value beyond ``max_weight`` (as its dtype rounds the bound)."""
+        if self.max_weight is None:
+            return None
+        for k, a in params.items():
+            if (k == "w" or k.startswith("w_")) and a.size:
+                bound = np.asarray(self.max_weight, dtype=a.dtype)
+                if (np.abs(a) > bound).any():
+                    return (
+                        f"parameter {k} has |w| up to {float(np.abs(a).max()):.4g}, beyond the cell's max_weight = "
+                        f"{self.max_weight:g} (training keeps every w within it)"
+                    )
+        return None
 
     # -- the engine's interface ----------------------------------------------------------------
     def run_forward(

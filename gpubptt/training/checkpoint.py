@@ -273,10 +273,12 @@ def read_model_state(
     L, bidirectional = mm.get("num_layers", 1), mm.get("bidirectional", False)
     try:  # validated: a registered cell's recorded name
         options = mm.get("cell_options", {})
+        if "nonlinearity" in options:  # it has a field of its own
+            raise InputError("model.cell_options may not hold nonlinearity (model.nonlinearity records it)")
         the_cell = make_cell(
             cell_class(mm.get("cell", "elman"), recorded=True).option, mm.get("nonlinearity"), **options
         )
-    except InputError as exc:
+    except (InputError, TypeError) as exc:  # TypeError: an option the cell does not take
         raise CheckpointError(f"{where}: bad cell options ({exc})") from None
     expected_shapes = param_shapes(D, H, K, bias, the_cell, num_layers=L, bidirectional=bidirectional)
     param_names = tuple(expected_shapes)
@@ -307,6 +309,8 @@ def read_model_state(
         if not np.isfinite(a).all():
             raise CheckpointError(f"{where}: parameter {k} contains NaN or infinity")
         params[k] = a
+    if (why := the_cell.constraint_violation(params)) is not None:  # training keeps it: a file breaking it is not one
+        raise CheckpointError(f"{where}: {why}")
 
     be = get_backend(backend)
     arch = ModelConfig(D, H, K, the_cell, L, bidirectional, bias, dtype)  # the architecture the file records

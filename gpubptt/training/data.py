@@ -50,6 +50,9 @@ class Vocab:
             raise InputError("a vocabulary needs at least one character")
         if len(set(self.chars)) != len(self.chars):
             raise InputError("a vocabulary must not repeat characters")
+        surrogate = next((ch for ch in self.chars if 0xD800 <= ord(ch) <= 0xDFFF), None)
+        if surrogate is not None:  # half of a UTF-16 pair: no UTF-8 text holds one, and none can be printed
+            raise InputError(f"a vocabulary must hold characters, not the surrogate code point U+{ord(surrogate):04X}")
         object.__setattr__(self, "_index", {ch: i for i, ch in enumerate(self.chars)})
 
     @classmethod
@@ -412,5 +415,8 @@ def make_data(
             text, vocab=vocab, val_fraction=spec.get("val_fraction", 0.1), source=spec.get("source", "builtin")
         )
     if kind in ("copy", "recall"):
+        missing = [k for k in ("symbols", "length", "delay") if k not in spec]
+        if missing:
+            raise InputError(f"a {kind} data spec needs symbols, length and delay; missing {', '.join(missing)}")
         return CopyTask(symbols=spec["symbols"], length=spec["length"], delay=spec["delay"])
     raise InputError(f"unknown data kind {kind!r}; expected one of {', '.join(TASKS)}")

@@ -384,7 +384,8 @@ def train(
         L = x_host.shape[0]
         T = config.chunk or L
         # whole chunks only: a fixed (T, B) lets a GPU replay one captured graph; the random offset of
-        # each epoch moves the boundaries, so the few characters of a dropped tail are seen in others
+        # each epoch moves the boundaries, so most of a dropped tail is seen in other epochs (a few
+        # characters at the ends of the later streams may never be: docs/training.md)
         n_chunks = max(1, L // T)
         if state.chunk >= n_chunks:  # next sequence: the state starts from zero again
             state.sequence, state.chunk, state.s = state.sequence + 1, 0, None

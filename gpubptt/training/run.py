@@ -121,7 +121,10 @@ def total_steps(data: Any, config: TrainConfig, *, steps: int | None, epochs: fl
         return default if steps is None else steps
     if data.kind != "text" or not epochs > 0:
         raise InputError("epochs needs text data and a positive number")
-    per_epoch = -(-(len(data.train_ids) // config.batch_size) // (config.chunk or len(data.train_ids)))
+    # the whole chunks of one pass, as the loop runs them: B streams of (N − 1 − offset) // B steps (offset 0 here;
+    # an epoch's random offset < chunk can leave one chunk fewer), only whole chunks trained
+    stream = (len(data.train_ids) - 1) // config.batch_size
+    per_epoch = max(1, stream // config.chunk) if config.chunk else 1
     total = epochs * per_epoch
     if not total <= INT_MAX:  # also NaN
         raise InputError(f"--epochs {epochs} is {total:.3g} steps of {per_epoch} per epoch, more than {INT_MAX}")

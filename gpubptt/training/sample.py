@@ -71,7 +71,8 @@ def next_distribution(
     if top_p is not None and top_p < 1:
         order = np.argsort(-q, kind="stable")
         cum = np.cumsum(q[order]) / q.sum()
-        keep = min(len(q), int(np.searchsorted(cum, top_p)) + 1)  # the first prefix with mass ≥ top_p
+        # the first prefix with mass ≥ top_p: a sum that rounding leaves a hair below it counts as reaching it
+        keep = min(len(q), int(np.searchsorted(cum, top_p - 1e-12)) + 1)
         q[order[keep:]] = 0.0
     return q / q.sum()
 
