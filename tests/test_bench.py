@@ -531,3 +531,15 @@ def test_bench_config_takes_the_cells_own_nonlinearity():
     assert bench_lib.BenchConfig(backends=[]).nonlinearity == "tanh"
     with pytest.raises(ValueError, match="applies to the cells that take one"):
         bench_lib.BenchConfig(backends=[], cell="gru", nonlinearity="relu")
+
+
+def test_the_table_and_csv_say_which_cell_and_precision_and_keep_the_backend_tag(tmp_path: Path):
+    result = bench("--cell", "lstm", "--format", "json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    table = bench_lib.render(data, "table")
+    assert "lstm, B=" in table and "[numpy]" in table  # the fit lines name their backend (was: a rich tag, eaten)
+    data["notes"] = ["a note with [bold]brackets[/bold] and [numpy]"]
+    assert "a note with [bold]brackets[/bold] and [numpy]" in bench_lib.render(data, "table")
+    rows = list(csv.DictReader(io.StringIO(bench_lib.render(data, "csv"))))
+    assert {(r["cell"], r["precision"]) for r in rows} == {("lstm", "fp32")}

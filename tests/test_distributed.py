@@ -318,3 +318,29 @@ def test_the_memory_budget_reaches_every_ranks_training_loop():
 
     train_data_parallel(dp, run, Reporter(), loop, max_memory=12345)
     assert seen["max_memory"] == 12345
+
+
+def test_a_global_batch_with_nothing_counted_is_refused_under_mean_as_in_one_process():
+    T, B = 4, 5
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 3, (T, B)), rng.integers(0, 3, (T, B))
+
+    def work(comm, lengths):
+        dp = DataParallel(RNN(3, 4, 3, backend="numpy", dtype="float64", seed=0), comm, batch_size=B)
+        return dp.loss_and_grads(x[:, dp.lo : dp.hi], y[:, dp.lo : dp.hi], lengths=lengths[dp.lo : dp.hi],
+                                 reduction="mean")  # fmt: skip
+
+    with pytest.raises(InputError, match="every length of the global batch is 0"):  # was: NaN on every rank
+        run_ranks(2, lambda comm: work(comm, np.zeros(B, dtype=int)))
+    some = np.array([0, 0, 0, 2, 0])  # nothing on rank 0, something on rank 1: the global mean is fine
+    losses = [float(loss) for loss, _ in run_ranks(2, lambda comm: work(comm, some))]
+    ref = RNN(3, 4, 3, backend="numpy", dtype="float64", seed=0).loss(x, y, lengths=some, reduction="mean")
+    assert losses == pytest.approx([float(ref)] * 2, rel=1e-12)
+
+
+def test_shard_range_refuses_a_size_or_rank_that_names_no_rank():
+    ranks = r"rank must be an int in \[0, 2\)"
+    for size, rank, message in [(0, 0, "size must be an int ≥ 1"), (-1, 0, "size must be an int ≥ 1"),
+                                (2, 2, ranks), (2, -1, ranks)]:  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            shard_range(5, size, rank)

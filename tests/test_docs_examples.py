@@ -16,7 +16,8 @@ What runs. Every fenced block opened by a line ```` ```python ```` or ```` ```sh
   ``python benchmarks/...``) fails the test unless its block is marked, as below.
 - The temporary folder holds an empty ``benchmarks/`` (the commands that draw the committed figures
   write there, not into the repository) and a small ``book.txt`` (the documented ``--data book.txt``).
-  ``GPUBPTT_BACKEND`` is ``numpy``: ``--backend auto`` and ``backend=None`` run on the CPU.
+  ``GPUBPTT_BACKEND`` is ``numpy``: ``backend=None`` runs on the CPU (the CLI's ``--backend auto``, as the
+  library's ``"auto"``, does not read it: on a machine with a GPU the documented commands run on CuPy).
 
 A block that cannot run here (a GPU, NCCL, a package index, the test suite itself) is skipped only by
 an explicit marker on the line just above its fence, ``<!-- no-test: REASON -->``; each such block is

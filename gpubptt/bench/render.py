@@ -7,6 +7,7 @@ import io
 import json
 from typing import Any
 
+from ..cells import cell_class, cell_names
 from ..timing import NOISY_SPREAD, is_noisy
 
 __all__ = ["CSV_COLUMNS", "NOISY_MARK", "render", "render_csv", "render_table"]
@@ -17,12 +18,13 @@ CSV_COLUMNS = [
     "bptt_median_s", "bptt_min_s", "bptt_iqr_s", "forward_median_s", "tokens_per_s", "us_per_step",
     "gflops", "gemm_gflops", "efficiency",
     "torch_median_s", "torch_ratio", "torch_max_grad_rel_err", "naive_median_s", "naive_ratio", "bptt_times_s",
-    "bptt_spread", "noisy",
+    "bptt_spread", "noisy", "cell", "precision",
 ]  # fmt: skip
 
 
 def _csv_row(r: dict[str, Any]) -> dict[str, Any]:
     out = {k: r.get(k) for k in ("backend", "sweep", "T", "H", "B", "D", "K", "status", "flops")}
+    out.update(cell=r.get("cell", cell_names()[0]), precision=r.get("precision", "fp32"))  # rows omit the defaults
     if r["status"] == "ok":
         out.update(
             bptt_median_s=r["bptt"]["median_s"],
@@ -110,7 +112,13 @@ def render_table(result: dict[str, Any]) -> str:
             arch = (f"{layers} layers, " if layers > 1 else "") + (
                 "bidirectional, " if cfg.get("bidirectional") else ""
             )
-            arch += "relu, " if cfg.get("nonlinearity", "tanh") == "relu" else ""
+            cell, phi = cfg.get("cell", cell_names()[0]), cfg.get("nonlinearity", "tanh")
+            if cell != cell_names()[0]:  # the cell timed, with its φ where it takes one
+                arch += f"{cell} {phi}, " if cell_class(cell).takes_nonlinearity else f"{cell}, "
+            else:
+                arch += "relu, " if phi == "relu" else ""
+            if cfg.get("precision", "fp32") != "fp32":
+                arch += f"precision {cfg['precision']}, "
             title = (
                 f"{be['name']} on {be['device']}: forward+BPTT vs {sweep} at {fixed}, {arch}B={cfg['batch']}, "
                 f"D={cfg['D']}, K={cfg['K']}, {cfg['input']}, {cfg['dtype']} (median of {cfg['repeats']})"
@@ -157,9 +165,10 @@ def render_table(result: dict[str, Any]) -> str:
             expo = "n/a (needs 2 sizes)" if exp is None else f"{exp:.2f}"
             noisy = f.get("noisy_points", 0)
             caveat = f"  ({NOISY_MARK} rests on {noisy} noisy of {f['points']} points: unreliable)" if noisy else ""
-            console.print(f"fitted: {f['impl']:>8} [{be['name']}]  time ∝ {f['sweep']}^{expo}  at {k}={v}{caveat}")
+            line = f"fitted: {f['impl']:>8} [{be['name']}]  time ∝ {f['sweep']}^{expo}  at {k}={v}{caveat}"
+            console.print(line, markup=False)  # "[numpy]" is text, not a rich style tag
     for note in result["notes"]:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)
     # a legend for what the tables show, and nothing else
     console.print("eff = GFLOP/s ÷ the same-shaped GEMM rate measured in this run")
     if shown_refs:

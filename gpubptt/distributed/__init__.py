@@ -2,7 +2,7 @@
 
     mpiexec -n 4 gpubptt train --distributed mpi        # 4 processes, each a quarter of the batch
 
-``make_communicator(kind)`` gives the communicator of this process ("local": one process, no
+``make_communicator(kind)`` gives the communicator of this process ("none": one process, no
 dependency; "mpi": mpi4py; "nccl": NCCL between GPUs, bootstrapped over MPI); ``DataParallel``
 wraps a model so that the training loop trains one model on all ranks' streams. mpi4py and CuPy
 are imported only by the communicators that need them.

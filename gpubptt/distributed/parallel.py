@@ -48,8 +48,13 @@ class ParameterDivergenceError(RuntimeError):
 def shard_range(B: int, size: int, rank: int, *, what: str = "the batch") -> tuple[int, int]:
     """Streams [lo, hi) of ``rank`` among ``size`` ranks: ⌊B/N⌋ each, the first B mod N ranks one more.
 
-    InputError when there are more ranks than streams (a rank with no stream would train nothing).
+    InputError when there are more ranks than streams (a rank with no stream would train nothing), and for a
+    size below 1 or a rank outside [0, size).
     """
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise InputError(f"size must be an int ≥ 1 (the number of ranks), got {size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < size:
+        raise InputError(f"rank must be an int in [0, {size}) (one of the {size} ranks), got {rank!r}")
     if size > B:
         raise InputError(
             f"{size} ranks need at least {size} streams, but {what} has B={B}: use --batch ≥ {size} "
@@ -262,6 +267,9 @@ class DataParallel:
         buf[-2] = loss
         buf[-1] = count
         self.comm.allreduce(buf)  # THE collective of the step
+        # nothing counted here: the global batch may have nothing either (then every rank is here, and refuses)
+        if reduction == "mean" and count == 0 and float(be.to_numpy(buf[-1:])[0]) == 0:
+            raise InputError("reduction='mean' needs at least one counted step; every length of the global batch is 0")
         scale = 1.0 / buf[-1:] if reduction == "mean" else None  # (1,): stays on the device, no host sync
         off = 0
         for k, n in zip(names, sizes, strict=True):
