@@ -377,6 +377,11 @@ def test_cell_options_a_surrogate_vocabulary_and_an_indrnn_w_beyond_its_bound_ar
 
     model = gpubptt.RNN(3, 4, 3, cell=IndRNNCell("relu", max_weight=0.5), backend="numpy", seed=0)
     save_checkpoint(tmp_path / "ind.npz", model)
+    model.params["w"] = np.full(4, 2.0)  # set by hand past the bound: refused when saved, not only when loaded
+    with pytest.raises(CheckpointError, match=r"beyond the cell's max_weight = 0\.5.*model\.constrain\(\)"):
+        save_checkpoint(tmp_path / "ind.npz", model)
+    model.constrain()
+    save_checkpoint(tmp_path / "clipped.npz", model)
     big = _rewrite(
         tmp_path / "ind.npz", tmp_path / "huge.npz", meta=_set("model", "cell_options", "max_weight", 10**400)
     )
@@ -387,5 +392,8 @@ def test_cell_options_a_surrogate_vocabulary_and_an_indrnn_w_beyond_its_bound_ar
     out = _rewrite(tmp_path / "ind.npz", tmp_path / "outside.npz", changes={"param.w": w})
     with pytest.raises(CheckpointError, match=r"parameter w has \|w\| up to 3, beyond the cell's max_weight = 0\.5"):
         load_checkpoint(out, backend="numpy")
-    w[1] = np.float32(0.5)  # the bound itself, as float32 rounds it: a clipped value, accepted
-    load_checkpoint(_rewrite(tmp_path / "ind.npz", tmp_path / "edge.npz", changes={"param.w": w}), backend="numpy")
+    tenth = gpubptt.RNN(3, 4, 3, cell=IndRNNCell("relu", max_weight=0.1), backend="numpy", seed=0)
+    tenth.params["w"] = np.full(4, 5.0)
+    tenth.constrain()  # float32(0.1) = 0.10000000149 > 0.1: the bound as the dtype rounds it is within
+    save_checkpoint(tmp_path / "edge.npz", tenth)
+    assert load_checkpoint(tmp_path / "edge.npz", backend="numpy").model.params["w"].max() == np.float32(0.1)

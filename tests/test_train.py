@@ -205,11 +205,12 @@ def test_new_run_fills_defaults_and_converts_epochs_to_steps(tmp_path):
     with pytest.raises(InputError, match="not both"):
         new_run({"task": "recall"}, backend="numpy", steps=5, epochs=1.0)
     f = tmp_path / "t.txt"
-    f.write_text("abcdefgh" * 200)  # 1440 training characters: 4 streams of (1440 − 1) // 4 = 359 steps
-    run = new_run({"data": f, "batch": 4, "chunk": 10, "hidden": 4}, backend="numpy", epochs=2.0)
-    assert run.config.steps == 2 * 35  # 35 whole chunks of 10 per pass, what the loop trains
-    state, _ = train(run.model, run.data, run.optimizer, dataclasses.replace(run.config, steps=35, eval_every=0))
-    assert (state.sequence, state.chunk) == (0, 35)  # one pass ends exactly there: epoch 0, all of its chunks
+    for size in (1600, 1601, 1437):  # 1601: an epoch whose random offset leaves one whole chunk fewer
+        f.write_text(("abcdefgh" * 300)[:size])
+        run = new_run({"data": f, "batch": 4, "chunk": 10, "hidden": 4}, backend="numpy", epochs=2.0)
+        state, _ = train(run.model, run.data, run.optimizer, dataclasses.replace(run.config, eval_every=0))
+        last = run.data.train_sequence(1, seed=run.config.seed, batch_size=4, chunk=10)[0].shape[0] // 10
+        assert (state.sequence, state.chunk) == (1, last), size  # two passes end exactly: every chunk of epoch 1
 
 
 def test_a_nonfinite_step_is_skipped_or_refused_without_touching_the_weights():

@@ -107,7 +107,7 @@ class IndRNNCell(Cell):
                 if (np.abs(a) > bound).any():
                     return (
                         f"parameter {k} has |w| up to {float(np.abs(a).max()):.4g}, beyond the cell's max_weight = "
-                        f"{self.max_weight:g} (training keeps every w within it)"
+                        f"{self.max_weight:g} (an optimizer built on the model keeps every w within it)"
                     )
         return None
 

@@ -118,6 +118,12 @@ def write_model_state(
     arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
     for k, p in model.params.items():
         arrays[f"param.{k}"] = _host(p)
+    why = model.cell.constraint_violation({k: arrays[f"param.{k}"] for k in model.params})
+    if why is not None:  # a file read_model_state would refuse: never written
+        raise CheckpointError(
+            f"cannot write checkpoint {str(path)!r}: {why}; nothing was written and any existing file was kept "
+            "(model.constrain() clips it; an optimizer built on the model does after every step)"
+        )
     arrays.update(entries)
     where = f"cannot write checkpoint {str(path)!r}"
     for k, a in arrays.items():  # read_model_state refuses non-finite weights and state: never write them

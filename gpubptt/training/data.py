@@ -305,8 +305,20 @@ class TextData:
 
         Returns x, y (L, B) int64 with y[t] = x[t+1] along each stream; L ≈ N / B.
         """
-        offset = int(np.random.default_rng([seed, i]).integers(0, max(1, chunk)))
-        return self._streams(self.train_ids, batch_size, offset)
+        return self._streams(self.train_ids, batch_size, self._offset(i, seed, chunk))
+
+    @staticmethod
+    def _offset(i: int, seed: int, chunk: int) -> int:
+        """Where epoch i's streams start: a random offset below ``chunk``, from (seed, i)."""
+        return int(np.random.default_rng([seed, i]).integers(0, max(1, chunk)))
+
+    def chunks_in_epoch(self, i: int, *, seed: int, batch_size: int, chunk: int | None) -> int:
+        """The optimizer steps the training loop takes in epoch i: the whole chunks of its streams (at least
+        one; ``chunk`` None: the whole sequence, one step)."""
+        if not chunk:
+            return 1
+        n = (len(self.train_ids) - 1 - self._offset(i, seed, chunk)) // batch_size
+        return max(1, n // chunk)
 
     def eval_sequences(self, *, batch_size: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
         """The held-out text as one batch of up to ``batch_size`` parallel streams."""

@@ -113,6 +113,10 @@ def schedule_note(config: TrainConfig, saved_steps: int, step: int) -> str | Non
     )
 
 
+#: above this many --epochs the step count is estimated from the first epoch's (each epoch is counted below it)
+EXACT_EPOCHS = 10_000
+
+
 def total_steps(data: Any, config: TrainConfig, *, steps: int | None, epochs: float | None, default: int) -> int:
     """The step count to train to: ``steps``, or ``epochs`` passes over the training text, or ``default``."""
     if epochs is not None and steps is not None:
@@ -121,14 +125,19 @@ def total_steps(data: Any, config: TrainConfig, *, steps: int | None, epochs: fl
         return default if steps is None else steps
     if data.kind != "text" or not epochs > 0:
         raise InputError("epochs needs text data and a positive number")
-    # the whole chunks of one pass, as the loop runs them: B streams of (N − 1 − offset) // B steps (offset 0 here;
-    # an epoch's random offset < chunk can leave one chunk fewer), only whole chunks trained
-    stream = (len(data.train_ids) - 1) // config.batch_size
-    per_epoch = max(1, stream // config.chunk) if config.chunk else 1
-    total = epochs * per_epoch
-    if not total <= INT_MAX:  # also NaN
-        raise InputError(f"--epochs {epochs} is {total:.3g} steps of {per_epoch} per epoch, more than {INT_MAX}")
-    return max(1, round(total))
+    chunk, B, seed = config.chunk, config.batch_size, config.seed
+    per_epoch = data.chunks_in_epoch(0, seed=seed, batch_size=B, chunk=chunk)
+    if not epochs * per_epoch <= INT_MAX:  # also NaN
+        raise InputError(
+            f"--epochs {epochs} is {epochs * per_epoch:.3g} steps of about {per_epoch} per epoch, more than {INT_MAX}"
+        )
+    whole = int(epochs)
+    if whole > EXACT_EPOCHS:  # so many passes that one chunk more or less per epoch no longer matters
+        return max(1, round(epochs * per_epoch))
+    # epoch by epoch, as the loop runs them: each starts at its own random offset, which can leave one chunk fewer
+    total = sum(data.chunks_in_epoch(i, seed=seed, batch_size=B, chunk=chunk) for i in range(whole))
+    total += round((epochs - whole) * data.chunks_in_epoch(whole, seed=seed, batch_size=B, chunk=chunk))
+    return max(1, total)
 
 
 _PHI_CELLS = tuple(c for c in CELLS if cell_class(c).takes_nonlinearity)  # the cells with a nonlinearity option
