@@ -33,6 +33,8 @@ class Workspaces:
 
         ``tokens``: x (T, B) ids, else (T, B, D) floats; ``lengths`` given or not; ``recompute`` None,
         "sqrt" or an int (steps per segment); ``truncate`` as in ``loss_and_grads``. ``.total`` is the sum.
+        Not counted: what a process keeps once, whatever the call (under MKL each thread's packed-weight buffer,
+        about the size of the largest step weight, made at its first packed GEMM and kept).
         """
         T, B = check_positive_int(T, "T"), check_positive_int(B, "B")
         recompute = _recompute.check_recompute(recompute)

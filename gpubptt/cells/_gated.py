@@ -9,7 +9,7 @@ from typing import Any
 
 from ..backend import Backend
 from ..errors import InputError
-from ._loops import split_rows
+from ._loops import SPLIT_MIN_STATE, split_rows
 from .base import Cell
 
 
@@ -63,6 +63,11 @@ class GatedCell(Cell):
     """The base of the GRU and LSTM cells: no options, so equal by kind; the input bias is "b"; no nonlinearity."""
 
     input_bias = "b"
+
+    def buffer_elements(self, T: int, B: int, H: int) -> int:
+        """``Cell.buffer_elements``, and the second Wᵀ (H, G·H) that ``batch_halves`` adds to a workspace's buffers
+        where the step loops may run as two halves (B·H ≥ SPLIT_MIN_STATE; counted whether or not they do)."""
+        return super().buffer_elements(T, B, H) + (H * self.gates * H if B * H >= SPLIT_MIN_STATE else 0)
 
     @classmethod
     def from_options(cls, nonlinearity: str | None = None, **options: Any) -> Cell:

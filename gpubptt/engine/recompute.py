@@ -199,6 +199,8 @@ def call_memory(
     parts["boundary states"] = extra * n * n_seg * B * H * it
     segment = n * ((c + 1) * B * H + c * B * H + 2 * B * H + aux) + c * B * gH + B * H + (D * gH if tokens else 0)
     segment += (n * 2 * B * H + B * H) if cell.extra_state else 0  # its carry, final state and the carry in
+    # each later segment's share of the cell's own gradients (W, …) lives only inside the backward pass, never
+    # beside the returned copies of the gradients counted above, which are at least as large: nothing to add
     parts["segment buffers"] = segment * it + (B * INT64 if lengths else 0)
     chunk = min(c, chunk_steps(T, B, K, ce))
     transient = max(_xent_peak(chunk * B, K, it), _token_peak(D, c * B, gH, it) if tokens else 0)
@@ -430,7 +432,8 @@ class SegmentWorkspace:
                 own = [key for key in mine if key not in ("U", cell.input_bias)]
                 if not first:
                     for key in own:
-                        part.setdefault(key + r.suffix, xp.empty_like(mine[key]))
+                        if key + r.suffix not in part:  # made once (setdefault would make a copy every time)
+                            part[key + r.suffix] = xp.empty_like(mine[key])
                 into = mine if first else {**mine, **{key: part[key + r.suffix] for key in own}}
                 more = {}
                 if self.extra:  # ∂E/∂c at the segment's end from the later segments; ∂E/∂c at its start out
