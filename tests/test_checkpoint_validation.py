@@ -390,7 +390,7 @@ def test_cell_options_a_surrogate_vocabulary_and_an_indrnn_w_beyond_its_bound_ar
     w = _arrays(tmp_path / "ind.npz")["param.w"].copy()
     w[1] = 3.0  # beyond the bound training keeps it within
     out = _rewrite(tmp_path / "ind.npz", tmp_path / "outside.npz", changes={"param.w": w})
-    with pytest.raises(CheckpointError, match=r"parameter w has \|w\| up to 3, beyond the cell's max_weight = 0\.5"):
+    with pytest.raises(CheckpointError, match=r"parameter w has \|w\| up to 3\.0, beyond the cell's max_weight = 0\.5"):
         load_checkpoint(out, backend="numpy")
     tenth = gpubptt.RNN(3, 4, 3, cell=IndRNNCell("relu", max_weight=0.1), backend="numpy", seed=0)
     tenth.params["w"] = np.full(4, 5.0)

@@ -398,3 +398,9 @@ def test_auto_keeps_a_large_w_within_the_smallest_budget_and_a_split_gated_batch
         gated.loss_and_grads(xs, xs)  # untraced, as above (and the halves' threads)
         est = gated.memory_estimate(2, 33, tokens=True).total
         assert abs(est - traced_peak(gated, xs, xs)) <= 0.10 * est, cell  # was 13-15 % under
+    # ... but not for a one-step last segment, which never splits (T = 8 in segments of 7: the last is 1 step)
+    lstm = build(8, 256, 8, cell="lstm", dtype="float32")
+    xs = np.random.default_rng(2).integers(0, 8, (8, 32))
+    lstm.loss_and_grads(xs, xs, recompute=7)
+    est = lstm.memory_estimate(8, 32, tokens=True, recompute=7).total
+    assert abs(est - traced_peak(lstm, xs, xs, recompute=7)) <= 0.10 * est

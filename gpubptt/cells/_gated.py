@@ -66,8 +66,10 @@ class GatedCell(Cell):
 
     def buffer_elements(self, T: int, B: int, H: int) -> int:
         """``Cell.buffer_elements``, and the second Wᵀ (H, G·H) that ``batch_halves`` adds to a workspace's buffers
-        where the step loops may run as two halves (B·H ≥ SPLIT_MIN_STATE; counted whether or not they do)."""
-        return super().buffer_elements(T, B, H) + (H * self.gates * H if B * H >= SPLIT_MIN_STATE else 0)
+        where the step loops may run as two halves (``split_rows``: B·H ≥ SPLIT_MIN_STATE, B ≥ 2 and T ≥ 2 steps;
+        counted whether or not the backend runs them)."""
+        halves = B * H >= SPLIT_MIN_STATE and B >= 2 and T >= 2
+        return super().buffer_elements(T, B, H) + (H * self.gates * H if halves else 0)
 
     @classmethod
     def from_options(cls, nonlinearity: str | None = None, **options: Any) -> Cell:

@@ -106,8 +106,8 @@ class IndRNNCell(Cell):
                 bound = np.asarray(self.max_weight, dtype=a.dtype)
                 if (np.abs(a) > bound).any():
                     return (
-                        f"parameter {k} has |w| up to {float(np.abs(a).max()):.4g}, beyond the cell's max_weight = "
-                        f"{self.max_weight:g} (an optimizer built on the model keeps every w within it)"
+                        f"parameter {k} has |w| up to {float(np.abs(a).max())!r}, beyond the cell's max_weight = "
+                        f"{self.max_weight!r}"
                     )
         return None
 

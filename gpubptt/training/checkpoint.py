@@ -122,7 +122,7 @@ def write_model_state(
     if why is not None:  # a file read_model_state would refuse: never written
         raise CheckpointError(
             f"cannot write checkpoint {str(path)!r}: {why}; nothing was written and any existing file was kept "
-            "(model.constrain() clips it; an optimizer built on the model does after every step)"
+            "(model.constrain() clips it; an optimizer built on the model clips it after every step)"
         )
     arrays.update(entries)
     where = f"cannot write checkpoint {str(path)!r}"
@@ -315,8 +315,8 @@ def read_model_state(
         if not np.isfinite(a).all():
             raise CheckpointError(f"{where}: parameter {k} contains NaN or infinity")
         params[k] = a
-    if (why := the_cell.constraint_violation(params)) is not None:  # training keeps it: a file breaking it is not one
-        raise CheckpointError(f"{where}: {why}")
+    if (why := the_cell.constraint_violation(params)) is not None:  # saving refuses it: a file breaking it is not ours
+        raise CheckpointError(f"{where}: {why} (an optimizer built on the model keeps every w within it)")
 
     be = get_backend(backend)
     arch = ModelConfig(D, H, K, the_cell, L, bidirectional, bias, dtype)  # the architecture the file records

@@ -132,11 +132,11 @@ def total_steps(data: Any, config: TrainConfig, *, steps: int | None, epochs: fl
             f"--epochs {epochs} is {epochs * per_epoch:.3g} steps of about {per_epoch} per epoch, more than {INT_MAX}"
         )
     whole = int(epochs)
-    if whole > EXACT_EPOCHS:  # so many passes that one chunk more or less per epoch no longer matters
-        return max(1, round(epochs * per_epoch))
+    count = lambda i: data.chunks_in_epoch(i, seed=seed, batch_size=B, chunk=chunk)  # noqa: E731
+    if whole > EXACT_EPOCHS:  # so many passes that one chunk more or less per epoch no longer matters: scale
+        return max(1, round(sum(count(i) for i in range(EXACT_EPOCHS)) * epochs / EXACT_EPOCHS))
     # epoch by epoch, as the loop runs them: each starts at its own random offset, which can leave one chunk fewer
-    total = sum(data.chunks_in_epoch(i, seed=seed, batch_size=B, chunk=chunk) for i in range(whole))
-    total += round((epochs - whole) * data.chunks_in_epoch(whole, seed=seed, batch_size=B, chunk=chunk))
+    total = sum(count(i) for i in range(whole)) + round((epochs - whole) * count(whole))
     return max(1, total)
 
 
