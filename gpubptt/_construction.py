@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import threading
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +26,26 @@ from .params import Params, architecture_of, param_shapes
 from .validation import _cell, _check_layers, _check_seed, cell_option, check_dtype
 
 __all__ = ["Construction"]
+
+
+#: every model's lock, by id: a child process forked while another thread held one gets fresh ones
+_LOCKS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+
+
+def fresh_lock(model: Any) -> None:
+    """Give ``model`` its call lock (re-entrant: a locked call may call another), renewed in a forked child."""
+    model._lock = threading.RLock()
+    _LOCKS[id(model)] = model
+
+
+def _renew_locks() -> None:
+    """In a forked child: the thread that held a model's lock does not exist there, so every lock starts free."""
+    for model in list(_LOCKS.values()):
+        model._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_locks)
 
 
 def _cell_of(params: Mapping[str, Any], cell: Any) -> Any:
@@ -318,7 +340,7 @@ class Construction:
         self._workspaces = {}
         self._spares = {}
         self._param_names = {}  # made again on first use (a copy pickled before it existed has none)
-        self._lock = threading.RLock()
+        fresh_lock(self)
         self._dropout_rng = be.random_generator(None) if rng is None else rng
 
     def __deepcopy__(self, memo: dict) -> Any:

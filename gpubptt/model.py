@@ -20,7 +20,6 @@ W_l1_reverse is ``weight_hh_l1_reverse``); V is (K, H·dirs).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ._composable import Composable
-from ._construction import Construction, backend_for
+from ._construction import Construction, backend_for, fresh_lock
 from ._settings import Settings
 from ._workspaces import MAX_WORKSPACES, Workspaces
 from .backend import Backend
@@ -197,7 +196,7 @@ class RNN(Construction, Composable, Workspaces, Settings):
         self._workspaces: dict[tuple, engine.Workspace] = {}
         self._spares: dict[tuple, Any] = {}  # forward buffers a finished pullback gave back (``_give_spare``)
         # Concurrent loss_and_grads calls on one model share these workspaces: one at a time.
-        self._lock = threading.RLock()  # re-entrant: a locked call may call another
+        fresh_lock(self)  # re-entrant: a locked call may call another; renewed in a forked child
         self._param_names: dict[Any, list[tuple[str, str]]] = {}  # recurrence_params' names, per recurrence
 
     def _set_layers(self, num_layers: int, bidirectional: bool, dropout: float, seed: int | None) -> None:

@@ -177,3 +177,25 @@ def test_vanish_help_wraps_whole_paragraphs_without_ragged_breaks():
     for line, after in itertools.pairwise(lines):
         if line and after:  # the next line's first word did not fit on this one: no early break
             assert len(line) + 1 + len(after.split()[0]) > 70, (line, after)
+
+
+def test_ctrl_c_during_the_final_save_says_what_the_file_holds(tmp_path, monkeypatch):
+    import signal
+
+    import gpubptt.cli._train_report as report
+    from gpubptt.training.record import load_checkpoint
+
+    ck = tmp_path / "ck.npz"
+    real, at_20 = report.save_run, []
+
+    def save_run(path, run, **kw):  # Ctrl-C while the save after the loop writes (the loop's own at step 20 first)
+        at_20.extend([1] if run.state.step == 20 else [])
+        if len(at_20) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real(path, run, **kw)
+
+    monkeypatch.setattr(report, "save_run", save_run)
+    result = runner.invoke(app, [*TASK, "--eval-every", "0", "--checkpoint", str(ck)])
+    assert result.exit_code == 130, result.output
+    assert f"interrupted after step 20, while saving; {str(ck)!r} keeps step 20" in result.stderr  # was: silent
+    assert load_checkpoint(ck, backend="numpy").state.step == 20

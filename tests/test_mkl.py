@@ -448,6 +448,28 @@ def test_each_mkl_call_runs_on_one_thread_and_puts_the_threads_setting_back(monk
     monkeypatch.setattr(numpy_backend, "_choose_mkl", lambda blas: mkl)
     assert "one thread per small GEMM" in NumpyBackend().blas_library
 
+    def interrupted(*args):  # a Ctrl-C raised as the MKL call returns
+        raise KeyboardInterrupt
+
+    for call, run in [("_gemm", lambda: mkl.gemm(a, b, out, False)), ("_compute", lambda: mkl.compute(a, packed, out, False)),
+                      ("_pack", lambda: mkl.packed(b, 7, PackSlot()))]:  # fmt: skip
+        monkeypatch.setitem(getattr(mkl, call), "d", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+        assert local.n == 3, call  # the thread's own setting, put back all the same
+
+
+def test_an_interrupted_gemm_never_holds_the_blas_thread_count():
+    threads = NumpyBackend(blas="numpy").blas_threads
+    if threads._set is None:
+        pytest.skip("this NumPy's BLAS threads cannot be set")
+    threads.leave()  # no enter counted on this thread (an interrupt before it): nothing to release
+    assert threads._in_flight == 0
+    threads.enter(1)
+    threads.leave()
+    threads.use(2)  # no GEMM in flight: the count follows again
+    assert threads.current == 2 or not threads.enabled
+
 
 @needs_mkl
 def test_loading_mkl_leaves_a_torch_imported_afterwards_its_own_threads():

@@ -108,3 +108,41 @@ def test_forward_loss_grads_and_diagnostics_together_match_sequential_calls(be):
         assert len(got[k]) == THREADS * ROUNDS
         for v in got[k]:
             close(v, want[k], k)
+
+
+def test_a_child_forked_while_another_thread_holds_the_models_lock_can_call_it():
+    import os
+    import time
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    model = gpubptt.RNN(3, 4, 3, backend="numpy", seed=0)
+    x = np.zeros((4, 2), dtype=np.int64)
+    held, release = threading.Event(), threading.Event()
+
+    def busy():  # stands in for a call in progress on another thread
+        with model._lock:
+            held.set()
+            release.wait()
+
+    t = threading.Thread(target=busy)
+    t.start()
+    held.wait()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: the busy thread does not exist here
+            try:
+                model.loss_and_grads(x, x)
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0  # was: the child hung on the lock
+    finally:
+        release.set()
+        t.join()

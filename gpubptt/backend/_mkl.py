@@ -155,8 +155,10 @@ class Mkl:
         if call is None:
             return False
         previous = self._one_thread()
-        self._cblas_gemm(call, a, out, accumulate)
-        self._restore(previous)
+        try:  # a Ctrl-C raised as the call returns must not leave this thread's MKL on one thread
+            self._cblas_gemm(call, a, out, accumulate)
+        finally:
+            self._restore(previous)
         return True
 
     def _cblas_gemm(self, call: tuple[int, ...], a: Any, out: Any, accumulate: bool) -> None:
@@ -179,10 +181,12 @@ class Mkl:
         m, k = a.shape
         n = out.shape[1]
         previous = self._one_thread()
-        self._compute[out.dtype.char](
-            ROW_MAJOR, ta, PACKED, m, n, k, pa, lda, packed.ptr, n, 1.0 if accumulate else 0.0, pc, ldc
-        )
-        self._restore(previous)
+        try:
+            self._compute[out.dtype.char](
+                ROW_MAJOR, ta, PACKED, m, n, k, pa, lda, packed.ptr, n, 1.0 if accumulate else 0.0, pc, ldc
+            )
+        finally:
+            self._restore(previous)
         return True
 
     def gemm_threaded(self, a: Any, b: Any, out: Any, accumulate: bool, threads: int) -> bool:
@@ -204,13 +208,15 @@ class Mkl:
         blocktime = openmp.kmp_get_blocktime()
         # the user's KMP_BLOCKTIME, or a blocktime beyond what can be set back (infinite), stays as it is
         mine = blocktime <= MAX_BLOCKTIME and "KMP_BLOCKTIME" not in os.environ
-        if mine:
-            openmp.kmp_set_blocktime(0)
-        previous = self.lib.MKL_Set_Num_Threads_Local(threads)
-        try:
+        previous = None
+        try:  # every setting put back whatever raises, a Ctrl-C included
+            if mine:
+                openmp.kmp_set_blocktime(0)
+            previous = self.lib.MKL_Set_Num_Threads_Local(threads)
             self._cblas_gemm(call, a, out, accumulate)
         finally:
-            self.lib.MKL_Set_Num_Threads_Local(previous)
+            if previous is not None:
+                self.lib.MKL_Set_Num_Threads_Local(previous)
             if mine:
                 openmp.kmp_set_blocktime(blocktime)
         return True
@@ -317,8 +323,10 @@ class Mkl:
         char = b.dtype.char
         ptr = slot.take(int(self._pack_size[char](B_MATRIX, rows, n, k)))
         previous = self._one_thread()
-        self._pack[char](ROW_MAJOR, B_MATRIX, layout[0], rows, n, k, 1.0, self.address(b), layout[1], ptr)
-        self._restore(previous)
+        try:
+            self._pack[char](ROW_MAJOR, B_MATRIX, layout[0], rows, n, k, 1.0, self.address(b), layout[1], ptr)
+        finally:
+            self._restore(previous)
         return PackedMatrix(b=b, rows=rows, slot=slot, generation=slot.generation, ptr=ptr)
 
 

@@ -166,14 +166,19 @@ class BlasThreads:
             if self._in_flight == 0 and threads != self.current and self.enabled:
                 self._set(threads)
                 self.current = threads
+            # counted here and for this thread together (no call between them: a Ctrl-C cannot split them)
             self._in_flight += 1
+            self._jobs.entered = getattr(self._jobs, "entered", 0) + 1
 
     def leave(self) -> None:
-        """After the GEMM that ``enter`` preceded."""
+        """After the GEMM that ``enter`` preceded; nothing where this thread's ``enter`` never counted (a Ctrl-C
+        raised before it did), so an interrupted GEMM never leaves the count held for good."""
         if self._set is None:
             return
         with self._lock:
-            self._in_flight -= 1
+            if getattr(self._jobs, "entered", 0) > 0:
+                self._in_flight -= 1
+                self._jobs.entered -= 1
 
     def use(self, threads: int) -> None:
         """Set the count to ``threads`` now (unless a GEMM runs), e.g. before timing a library call of one's own."""
@@ -277,8 +282,8 @@ class NumpyBackend(Backend):
 
     def _numpy_matmul(self, a: Any, b: Any, out: Any, accumulate: bool) -> None:
         threads = self.blas_threads
-        threads.enter(threads.for_gemm(a.shape[0], b.shape[1], a.shape[1]))
-        try:
+        try:  # enter inside: a Ctrl-C as it returns still reaches leave
+            threads.enter(threads.for_gemm(a.shape[0], b.shape[1], a.shape[1]))
             if accumulate:
                 out += a @ b  # a temporary: used once per output chunk, never per time step
             else:

@@ -217,6 +217,9 @@ def _finish(run, reporter, checkpoint: Path, best: Path, plot: Path | None, *, r
     except Failed as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.code) from exc
+    except KeyboardInterrupt as exc:  # during the final save (held until it was done) or the plot
+        typer.echo(f"interrupted after step {state.step}, while saving; {reporter.kept()}", err=True)
+        raise typer.Exit(130) from exc
     try:
         reporter.summary(plot)
     except StdoutFailed as exc:  # the run is saved: say so, with an exit code of its own
