@@ -451,8 +451,9 @@ def test_each_mkl_call_runs_on_one_thread_and_puts_the_threads_setting_back(monk
     def interrupted(*args):  # a Ctrl-C raised as the MKL call returns
         raise KeyboardInterrupt
 
-    for call, run in [("_gemm", lambda: mkl.gemm(a, b, out, False)), ("_compute", lambda: mkl.compute(a, packed, out, False)),
-                      ("_pack", lambda: mkl.packed(b, 7, PackSlot()))]:  # fmt: skip
+    runs = [("_gemm", lambda: mkl.gemm(a, b, out, False)), ("_compute", lambda: mkl.compute(a, packed, out, False)),
+            ("_pack", lambda: mkl.packed(b, 7, PackSlot()))]  # fmt: skip
+    for call, run in runs:
         monkeypatch.setitem(getattr(mkl, call), "d", interrupted)
         with pytest.raises(KeyboardInterrupt):
             run()
