@@ -127,3 +127,17 @@ def test_plot_writes_a_png(tmp_path, corpus):
     )
     assert result.exit_code == 0, result.output
     assert_png_drawn(png, 770, 440)  # figsize (7, 4) at 110 dpi
+
+
+def test_a_task_chunk_that_would_drop_the_targets_is_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from gpubptt.cli import app
+
+    args = ["train", "--task", "recall", "--delay", "3", "--hidden", "8", "--steps", "2", "--backend", "numpy"]
+    result = CliRunner().invoke(app, [*args, "--chunk", "2", "--checkpoint", str(tmp_path / "a.npz")])
+    assert result.exit_code == 2 and "--chunk 2 does not divide the recall task's sequence of 5 steps" in result.output
+    assert not (tmp_path / "a.npz").exists()
+    for chunk in ("5", "0", "9"):  # a divisor, whole sequences, longer than the sequence: every target trains
+        result = CliRunner().invoke(app, [*args, "--chunk", chunk, "--checkpoint", str(tmp_path / f"{chunk}.npz")])
+        assert result.exit_code == 0, result.output

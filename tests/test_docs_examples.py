@@ -162,6 +162,9 @@ def gpubptt_args(line: str) -> list[str]:
     if sub == "vanish" and "--checkpoint" in args:
         pairs = zip(extra[::2], extra[1::2], strict=True)
         extra = [word for flag, value in pairs if flag not in RANDOM_MODEL_ONLY for word in (flag, value)]
+    if sub == "train" and any(a in ("copy", "recall") for a in args):  # tasks train whole sequences: no --chunk
+        pairs = zip(extra[::2], extra[1::2], strict=True)
+        extra = [word for flag, value in pairs if flag != "--chunk" for word in (flag, value)]
     if sub == "vanish" and "--cell" in args:  # dense Jacobians: no power iterations to cut short
         pairs = zip(extra[::2], extra[1::2], strict=True)
         extra = [word for flag, value in pairs if flag != "--iters" for word in (flag, value)]

@@ -187,3 +187,31 @@ def test_a_file_without_the_base_rate_resumes_with_lr_given_or_as_the_optimizers
         else:  # a constant rate is the optimizer's own
             assert result.exit_code == 0, result.output
             assert load_checkpoint(ck).config.lr == load_checkpoint(ck).optimizer.lr == 3e-3
+
+
+def test_a_moved_training_text_resumes_from_its_new_path_when_its_digest_matches(tmp_path):
+    corpus, ck = tmp_path / "corpus.txt", tmp_path / "ck.npz"
+    corpus.write_text(TEXT, encoding="utf-8")
+    assert _train("--data", corpus, "--steps", 4, "--checkpoint", ck).exit_code == 0
+    (tmp_path / "moved").mkdir()
+    moved = corpus.rename(tmp_path / "moved" / "book.txt")
+    result = _resume(ck, "--steps", 6)
+    assert result.exit_code == 2 and "if it moved, pass --data with its new path" in result.output
+    assert _resume(ck, "--steps", 6, "--data", moved).exit_code == 0
+    assert load_checkpoint(ck).state.step == 6 and load_checkpoint(ck).data["source"] == str(moved)
+    moved.write_text(TEXT + "x", encoding="utf-8")  # the digest still guards it
+    (tmp_path / "moved" / "book.txt").rename(tmp_path / "other.txt")
+    result = _resume(ck, "--steps", 8, "--data", tmp_path / "other.txt")
+    assert result.exit_code == 2 and "has changed since the checkpoint was saved" in result.output
+
+
+def test_a_resume_checks_steps_and_the_texts_length_before_training(tmp_path):
+    corpus, ck = tmp_path / "corpus.txt", tmp_path / "ck.npz"
+    corpus.write_text(TEXT, encoding="utf-8")
+    assert _train("--data", corpus, "--steps", 4, "--checkpoint", ck).exit_code == 0
+    raw = ck.read_bytes()
+    result = _resume(ck, "--steps", 2**63)  # was: trained, then failed at its first save
+    assert result.exit_code == 2 and "--steps must be at most" in result.output
+    corpus.write_text(TEXT[:20], encoding="utf-8")  # too short for --batch 4 × --chunk 8 now
+    result = _resume(ck, "--steps", 6, "--accept-changed-data")
+    assert result.exit_code == 2 and "needs at least" in result.output and ck.read_bytes() == raw

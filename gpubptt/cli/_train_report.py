@@ -141,8 +141,8 @@ class TrainReporter:
 
     def kept(self) -> str:
         """What the checkpoint file holds now, in words."""
-        if self.saved_step is None:
-            return "no checkpoint was saved"
+        if self.saved_step is None:  # this run saved nothing: an earlier run's file (resumed or --force) as it was
+            return f"{str(self.checkpoint)!r} is as it was" if self.checkpoint.exists() else "no checkpoint was saved"
         return f"{str(self.checkpoint)!r} keeps step {self.saved_step}"
 
     def on_sigint(self, signum: int, frame: object) -> None:

@@ -176,7 +176,7 @@ def _train_or_exit(run, dp, reporter, checkpoint: Path, be, *, budget: int | Non
     except NonFiniteError as exc:
         reporter.stop()
         typer.echo(
-            f"error: {in_flags(str(exc))}\n{str(checkpoint)!r} keeps the last evaluation's checkpoint, if any",
+            f"error: {in_flags(str(exc))}\n{reporter.kept()}",
             err=True,
         )
         raise typer.Exit(1) from exc
@@ -304,7 +304,8 @@ def train(
     nonlinearity: Annotated[
         NonlinearityChoice | None,
         typer.Option(
-            help=_default("φ of the recurrence s_t = φ(U x_t + W s_t−1 + b), as torch.nn.RNN's.", "nonlinearity")
+            help="φ of the recurrence s_t = φ(U x_t + W s_t−1 + b), as torch.nn.RNN's; --cell rnn or indrnn. "
+            "(default: the cell's own: tanh for rnn, relu for indrnn)"
         ),
     ] = None,
     optimizer: Annotated[OptimizerChoice | None, typer.Option(help=_default("Optimizer.", "optimizer"))] = None,

@@ -260,6 +260,17 @@ def _check_settings(
         )
 
 
+def _check_task_chunk(data: TextData | CopyTask, chunk: int | None) -> None:
+    """InputError for a copy/recall ``--chunk`` that does not divide the sequence: the loop trains whole chunks
+    only, and the steps it would drop are the last ones, where the task's targets are."""
+    if data.kind != "text" and chunk and chunk < data.seq_len and data.seq_len % chunk:
+        raise InputError(
+            f"--chunk {chunk} does not divide the {data.kind} task's sequence of {data.seq_len} steps: its last "
+            f"{data.seq_len % chunk}, where the targets are, would never train; give --chunk 0 (whole sequences) or "
+            "a divisor of the length"
+        )
+
+
 def new_run(
     settings: Mapping[str, Any],
     *,
@@ -296,6 +307,7 @@ def new_run(
     chunk = st["chunk"]
     if chunk is None:
         chunk = TEXT_CHUNK if st["task"] == "text" else 0
+    _check_task_chunk(data, chunk)
     lr = st["lr"] if st["lr"] is not None else DEFAULT_LR[st["optimizer"]]
     config = TrainConfig(
         steps=1,
@@ -504,17 +516,32 @@ def resume_run(
     if stored["val_data"] is not None:
         stored["val_data"] = str(_text_path(stored["val_data"], Path(path)))
         spec = {**spec, "val_source": stored["val_data"]}
+    _check_int("--steps", steps, 1)
+    if epochs is not None and steps is not None:
+        raise InputError("give --steps or --epochs, not both")
     for k, v in (given or {}).items():
         if k not in stored:
             raise InputError(f"unknown setting {k!r}")
         if k in ("data", "val_data"):
             same = v is not None and stored[k] is not None and _same_file(v, stored[k])
+            if not same and v is not None and stored[k] is not None and not Path(stored[k]).exists():
+                stored[k] = str(Path(os.path.abspath(v)))  # the recorded file moved: this one, if its digest matches
+                spec = {**spec, "source" if k == "data" else "val_source": stored[k]}
+                same = True
         else:
             same = v == stored[k] or (k == "lr" and stored[k] is None)  # a file without the base rate takes one
         if not same:
             flag = "--" + k.replace("_", "-")
             raise InputError(f"{flag} {v} differs from the checkpoint ({stored[k]}); a resumed run keeps its settings")
     text = val_text = None
+    for key, flag in (("source", "--data"), ("val_source", "--val-data")):
+        where = spec.get(key)
+        if spec["kind"] == "text" and where not in (None, "builtin") and not Path(where).exists():
+            what = "training" if key == "source" else "held-out"
+            raise InputError(
+                f"the checkpoint's {what} text {where!r} does not exist: if it moved, pass {flag} with its new path "
+                "(its sha256 is checked against the one recorded)"
+            )
     if spec["kind"] == "text":
         text = default_corpus() if spec["source"] == "builtin" else read_text(spec["source"])
         _check_same_text(ck.data, text, accept=accept_changed_data)
@@ -533,6 +560,7 @@ def resume_run(
             f"{files or 'the training text'}: {exc}; a resumed model keeps the vocabulary it was trained with, so the "
             "changed text may only use its characters"
         ) from None
+    data.check_batch(ck.config.batch_size, ck.config.chunk or 1)  # a changed text may be too short now
     total = total_steps(data, ck.config, steps=steps, epochs=epochs, default=ck.config.steps)
     if eval_every is not None:
         _check_int("--eval-every", eval_every, 0)
