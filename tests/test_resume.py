@@ -215,3 +215,24 @@ def test_a_resume_checks_steps_and_the_texts_length_before_training(tmp_path):
     corpus.write_text(TEXT[:20], encoding="utf-8")  # too short for --batch 4 × --chunk 8 now
     result = _resume(ck, "--steps", 6, "--accept-changed-data")
     assert result.exit_code == 2 and "needs at least" in result.output and ck.read_bytes() == raw
+
+
+def test_a_moved_text_without_a_recorded_digest_needs_accept_and_an_old_task_chunk_is_refused(tmp_path):
+    corpus, ck = tmp_path / "corpus.txt", tmp_path / "ck.npz"
+    corpus.write_text(TEXT, encoding="utf-8")
+    assert _train("--data", corpus, "--steps", 4, "--checkpoint", ck).exit_code == 0
+    _edit_meta(ck, lambda m: {**m, "data": {k: v for k, v in m["data"].items() if k not in ("sha256", "size_bytes")}})
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT.upper(), encoding="utf-8")
+    corpus.unlink()
+    result = _resume(ck, "--steps", 6, "--data", tmp_path / "nope.txt")
+    assert result.exit_code == 2 and "nope.txt does not exist" in result.output
+    result = _resume(ck, "--steps", 6, "--data", other)
+    assert result.exit_code == 2 and "records no digest" in result.output
+    # a recall run saved with a --chunk that does not divide its sequence (before that was refused)
+    task = tmp_path / "task.npz"
+    args = ["--task", "recall", "--delay", "3", "--steps", "2", "--checkpoint", task]
+    assert runner.invoke(app, ["train", "--backend", "numpy", "--hidden", "8", *map(str, args)]).exit_code == 0
+    _edit_meta(task, lambda m: {**m, "config": {**m["config"], "chunk": 2}})
+    result = _resume(task, "--steps", 4)
+    assert result.exit_code == 2 and "--chunk 2 does not divide the recall task's sequence" in result.output

@@ -162,28 +162,32 @@ class BlasThreads:
         """Before a GEMM: set the count to ``threads`` unless it is that already or another GEMM runs."""
         if self._set is None:
             return
+        entered = getattr(self._jobs, "entered", 0)  # read before: no call between the two counts below
         with self._lock:
             if self._in_flight == 0 and threads != self.current and self.enabled:
                 self._set(threads)
                 self.current = threads
             # counted here and for this thread together (no call between them: a Ctrl-C cannot split them)
             self._in_flight += 1
-            self._jobs.entered = getattr(self._jobs, "entered", 0) + 1
+            self._jobs.entered = entered + 1
 
     def leave(self) -> None:
         """After the GEMM that ``enter`` preceded; nothing where this thread's ``enter`` never counted (a Ctrl-C
         raised before it did), so an interrupted GEMM never leaves the count held for good."""
         if self._set is None:
             return
+        entered = getattr(self._jobs, "entered", 0)
         with self._lock:
-            if getattr(self._jobs, "entered", 0) > 0:
+            if entered > 0:
                 self._in_flight -= 1
-                self._jobs.entered -= 1
+                self._jobs.entered = entered - 1
 
     def use(self, threads: int) -> None:
         """Set the count to ``threads`` now (unless a GEMM runs), e.g. before timing a library call of one's own."""
-        self.enter(threads)
-        self.leave()
+        try:
+            self.enter(threads)
+        finally:
+            self.leave()
 
 
 #: Up to this vocabulary size the NumPy scatter-add is a one-hot GEMM (D, N) × (N, H): 2·D·N·H

@@ -525,6 +525,14 @@ def resume_run(
         if k in ("data", "val_data"):
             same = v is not None and stored[k] is not None and _same_file(v, stored[k])
             if not same and v is not None and stored[k] is not None and not Path(stored[k]).exists():
+                flag = "--" + k.replace("_", "-")
+                if not Path(v).exists():
+                    raise InputError(f"{flag} {v} does not exist")
+                if ("sha256" if k == "data" else "val_sha256") not in ck.data and not accept_changed_data:
+                    raise InputError(
+                        f"{flag} {v}: the checkpoint records no digest of its text to check this one against; "
+                        "pass --accept-changed-data to resume on it"
+                    )
                 stored[k] = str(Path(os.path.abspath(v)))  # the recorded file moved: this one, if its digest matches
                 spec = {**spec, "source" if k == "data" else "val_source": stored[k]}
                 same = True
@@ -561,6 +569,7 @@ def resume_run(
             "changed text may only use its characters"
         ) from None
     data.check_batch(ck.config.batch_size, ck.config.chunk or 1)  # a changed text may be too short now
+    _check_task_chunk(data, ck.config.chunk)  # a file from before the check: its targets would never train
     total = total_steps(data, ck.config, steps=steps, epochs=epochs, default=ck.config.steps)
     if eval_every is not None:
         _check_int("--eval-every", eval_every, 0)
