@@ -211,7 +211,7 @@ def test_new_run_fills_defaults_and_converts_epochs_to_steps(tmp_path):
         state, _ = train(run.model, run.data, run.optimizer, dataclasses.replace(run.config, eval_every=0))
         last = run.data.train_sequence(1, seed=run.config.seed, batch_size=4, chunk=10)[0].shape[0] // 10
         assert (state.sequence, state.chunk) == (1, last), size  # two passes end exactly: every chunk of epoch 1
-    from gpubptt.training.run import EXACT_EPOCHS, total_steps
+    from gpubptt.training.sizing import EXACT_EPOCHS, total_steps
 
     f.write_text("abcdefgh" * 226)  # beyond EXACT_EPOCHS the count scales the exact one: more epochs, more steps
     run = new_run({"data": f, "batch": 4, "chunk": 64, "hidden": 4}, backend="numpy", steps=1)

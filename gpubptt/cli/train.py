@@ -28,9 +28,9 @@ from ..training.run import (
     TEXT_CHUNK,
     best_path,
     new_run,
-    recompute_plan,
     resume_run,
 )
+from ..training.sizing import recompute_plan
 from ._common import (
     EXIT_SAVED_NO_STDOUT,
     BackendChoice,
