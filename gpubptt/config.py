@@ -19,7 +19,7 @@ import numpy as np
 from .cells import Cell
 from .errors import InputError, InputTypeError
 from .params import param_shapes, recurrences
-from .validation import check_positive_int
+from .validation import check_dtype, check_positive_int
 
 __all__ = ["ModelConfig"]
 
@@ -58,11 +58,11 @@ class ModelConfig:
                 f"{type(self.cell).__name__} {self.cell!r}"
             )
         try:
-            dtype = np.dtype(self.dtype) if self.dtype is not None else None  # np.dtype(None) is float64
-        except (TypeError, ValueError):
-            dtype = None
-        if dtype is None or dtype not in (np.dtype("float32"), np.dtype("float64")):  # np.dtype("f8") == None
-            raise InputError(f"ModelConfig.dtype must be float32 or float64, got {self.dtype!r}")
+            if self.dtype is None:  # np.dtype(None) is float64
+                raise InputError("no dtype")
+            dtype = check_dtype(self.dtype)
+        except (InputError, ValueError):
+            raise InputError(f"ModelConfig.dtype must be float32 or float64, got {self.dtype!r}") from None
         object.__setattr__(self, "dtype", dtype)
 
     @property

@@ -141,3 +141,10 @@ def test_vanish_measures_a_gated_checkpoint_with_the_cell_table(tmp_path):
     assert bad.exit_code == 2 and "this checkpoint holds a lstm" in bad.output
     bad = runner.invoke(app, ["vanish", "--checkpoint", str(ck), "--iters", "3"])
     assert bad.exit_code == 2 and "--iters 3 does not apply to a lstm checkpoint" in bad.output
+
+
+def test_the_cell_measures_refuse_what_cannot_fit_before_any_work():
+    from gpubptt.engine.memory import InsufficientMemoryError
+
+    with pytest.raises(InsufficientMemoryError, match=r"step Jacobians"):  # in the library, not only the CLI
+        gated.compare_cells(["rnn", "lstm"], 200, 2048, 8, 5)

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..backend import Backend
 from ..errors import InputError
-from ._loops import SPLIT_MIN_STATE, split_rows
+from ._loops import split_rows, splits
 from .base import Cell
 
 
@@ -68,8 +68,7 @@ class GatedCell(Cell):
         """``Cell.buffer_elements``, and the second Wᵀ (H, G·H) that ``batch_halves`` adds to a workspace's buffers
         where the step loops may run as two halves (``split_rows``: B·H ≥ SPLIT_MIN_STATE, B ≥ 2 and T ≥ 2 steps;
         counted whether or not the backend runs them)."""
-        halves = B * H >= SPLIT_MIN_STATE and B >= 2 and T >= 2
-        return super().buffer_elements(T, B, H) + (H * self.gates * H if halves else 0)
+        return super().buffer_elements(T, B, H) + (H * self.gates * H if splits(B, H, T) else 0)
 
     @classmethod
     def from_options(cls, nonlinearity: str | None = None, **options: Any) -> Cell:

@@ -23,12 +23,18 @@ from ..backend import Backend
 from ..backend._mkl import PackedMatrix
 from ._jit import compile_loops
 
-__all__ = ["SPLIT_MIN_STATE", "loops_possible", "over_rows", "split_rows", "step_loops"]
+__all__ = ["SPLIT_MIN_STATE", "loops_possible", "over_rows", "split_rows", "splits", "step_loops"]
 
 #: the smallest state (B·H elements) whose step loops run as two batch halves at once (tests lower it): on the
 #: 2-core VM, with the compiled kernels, halves took 0.79–0.96× one loop's time at B·H = 8192 (B = 16, 32, 64)
 #: and 1.0–1.45× at 4096
 SPLIT_MIN_STATE = 8192
+
+
+def splits(B: int, H: int, steps: int) -> bool:
+    """Whether a (B, H) state over ``steps`` steps is large enough for two batch halves (B·H ≥ SPLIT_MIN_STATE,
+    two rows and two steps at least): the size rule of ``split_rows``, which the memory estimate shares."""
+    return B * H >= SPLIT_MIN_STATE and B >= 2 and steps >= 2
 
 
 def split_rows(be: Backend, jit: Any, B: int, H: int, steps: int) -> tuple[slice, slice] | None:
@@ -42,7 +48,7 @@ def split_rows(be: Backend, jit: Any, B: int, H: int, steps: int) -> tuple[slice
     threads = getattr(be, "blas_threads", None)
     if jit is None or threads is None or threads.most < 2 or not be.concurrent or B < 2 or steps < 2:
         return None
-    if B * H < SPLIT_MIN_STATE:
+    if not splits(B, H, steps):
         return None
     half = (B + 1) // 2
     return slice(0, half), slice(half, B)

@@ -9,9 +9,8 @@ from typing import Any
 import typer
 
 from ..backend import get_backend
-from ..cells import make_cell
 from ..diagnostics import gated
-from ..engine.memory import InsufficientMemoryError, cell_flow_memory, check_fits
+from ..engine.memory import InsufficientMemoryError
 from ..errors import InputError
 from ..model import CELLS
 from ._common import Failed, echo_out, out_of_memory, usage_error, write_png
@@ -60,25 +59,14 @@ def _plot(flows: list[gated.CellFlow], plot: Path | None, title: str) -> None:
     typer.echo(f"wrote {plot}", err=True)
 
 
-def _fits_or_exit(cells: list[Any], D: int, H: int, K: int, T: int, B: int, sizes: str) -> None:
-    """A usage error, with the estimate, when the largest of ``cells``' measures cannot fit in host memory."""
-    widest = max(cells, key=lambda c: 2 if c.extra_state else 1)
-    est = cell_flow_memory(D, H, K, T=T, B=B, state=2 if widest.extra_state else 1)
-    try:
-        check_fits(
-            est, get_backend("numpy").available_memory(), f"measuring the {widest.option} cell at T={T} H={H} B={B}"
-        )
-    except InsufficientMemoryError as exc:
-        raise usage_error(f"{exc}: choose a smaller {sizes}") from exc
-
-
 def run_model(model: Any, x: Any, y: Any, *, label: str, threshold: float, fmt: str, plot: Path | None) -> None:
     """One trained model of any cell (a checkpoint's) on its batch x, y (T, B): the same table, one row."""
     T, B = int(y.shape[0]), int(y.shape[1])
-    _fits_or_exit([model.cell], model.input_size, model.hidden_size, model.output_size, T, B, "--seq-len or --batch")
     typer.echo(f"vanish: {label} T={T} H={model.hidden_size} B={B}", err=True)
     try:
         flows = [gated.cell_flow(model, x, y, threshold=threshold)]
+    except InsufficientMemoryError as exc:  # checked before the Jacobians are made
+        raise usage_error(f"{exc}: choose a smaller --seq-len or --batch") from exc
     except InputError as exc:
         raise usage_error(str(exc)) from exc
     except MemoryError as exc:
@@ -92,10 +80,11 @@ def run_cells(
 ) -> None:
     """Measure each cell on the same random tokens (H matched, torch's init, float64 on the host) and print a
     table (or JSON) to stdout; the plot, if asked for, to ``plot``."""
-    _fits_or_exit([make_cell(c) for c in cells], vocab, H, vocab, T, B, "--seq-len, --batch or --hidden")
     typer.echo(f"vanish: cells={','.join(cells)} T={T} H={H} B={B} vocab={vocab} seed={seed} (H matched)", err=True)
     try:
         flows = gated.compare_cells(cells, T, H, B, vocab, seed=seed, threshold=threshold)
+    except InsufficientMemoryError as exc:  # each cell's, before its Jacobians are made
+        raise usage_error(f"{exc}: choose a smaller --seq-len, --batch or --hidden") from exc
     except InputError as exc:
         raise usage_error(str(exc)) from exc
     except MemoryError as exc:

@@ -30,8 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import to_numpy
+from ..backend import get_backend, to_numpy
+from ..cells import make_cell
 from ..engine import stack as engine
+from ..engine.memory import cell_flow_memory, check_fits
 from ..errors import InputError
 from ..model import RNN
 from ..plots import figure_title, new_figure, save_png
@@ -194,7 +196,13 @@ def cell_flow(
     truncation bias, the one part that costs 2T short BPTT runs per window).
     """
     threshold = check_positive_float(threshold, "threshold")
-    m = _host_model(check_model(model))
+    model = check_model(model)
+    T, B = int(np.shape(x)[0]), int(np.shape(x)[1])
+    est = cell_flow_memory(model.input_size, model.hidden_size, model.output_size, T=T, B=B,
+                           state=2 if model.cell.extra_state else 1)  # fmt: skip
+    check_fits(est, get_backend("numpy").available_memory(), f"measuring the {model.cell_name} cell at T={T} "
+               f"H={model.hidden_size} B={B}")  # fmt: skip  # the dense step Jacobians, before they are made
+    m = _host_model(model)
     J, fwd = step_jacobians(m, x)
     T, B, n, _ = J.shape
     H = m.hidden_size
@@ -256,6 +264,9 @@ def compare_cells(
     rng = np.random.default_rng(seed)
     x = rng.integers(0, vocab, size=(T, B))
     y = rng.integers(0, vocab, size=(T, B))
+    widest = 2 if any(make_cell(c).extra_state for c in cells) else 1  # the largest measure, checked before any
+    check_fits(cell_flow_memory(vocab, H, vocab, T=T, B=B, state=widest), get_backend("numpy").available_memory(),
+               f"measuring the cells at T={T} H={H} B={B}")  # fmt: skip
     out = []
     for cell in cells:
         model = RNN(vocab, H, vocab, cell=cell, backend="numpy", dtype="float64", init="torch", seed=seed, bias=True)

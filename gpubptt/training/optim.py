@@ -158,19 +158,21 @@ def _check_unit(value: Any, name: str, *, closed: bool = False) -> float:
     return float(value)
 
 
-def _check_eps(value: Any) -> float:
-    """ε of Adagrad and Adam: a finite number ≥ 0 (what a checkpoint stores), else InputError naming it."""
+def _check_nonnegative(value: Any, name: str, why: str = "") -> float:
+    """A finite number ≥ 0 as a float (what a checkpoint stores), else InputError naming ``name``."""
     ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
     if not (ok and math.isfinite(value) and value >= 0):
-        raise InputError(f"eps must be a finite number ≥ 0 (added to the denominator of each update), got {value!r}")
+        raise InputError(f"{name} must be a finite number ≥ 0{why}, got {value!r}")
     return float(value)
+
+
+def _check_eps(value: Any) -> float:
+    """ε of Adagrad and Adam."""
+    return _check_nonnegative(value, "eps", " (added to the denominator of each update)")
 
 
 def _check_decay(value: Any) -> float:
-    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    if not (ok and math.isfinite(value) and value >= 0):
-        raise InputError(f"weight_decay must be a finite number ≥ 0, got {value!r}")
-    return float(value)
+    return _check_nonnegative(value, "weight_decay")
 
 
 class Optimizer:

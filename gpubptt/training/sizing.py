@@ -58,13 +58,13 @@ def total_steps(data: Any, config: TrainConfig, *, steps: int | None, epochs: fl
     if data.kind != "text" or not epochs > 0:
         raise InputError("epochs needs text data and a positive number")
     chunk, B, seed = config.chunk, config.batch_size, config.seed
-    per_epoch = data.chunks_in_epoch(0, seed=seed, batch_size=B, chunk=chunk)
+    count = lambda i: data.chunks_in_epoch(i, seed=seed, batch_size=B, chunk=chunk)  # noqa: E731
+    per_epoch = count(0)
     if not epochs * per_epoch <= INT_MAX:  # also NaN
         raise InputError(
             f"--epochs {epochs} is {epochs * per_epoch:.3g} steps of about {per_epoch} per epoch, more than {INT_MAX}"
         )
     whole = int(epochs)
-    count = lambda i: data.chunks_in_epoch(i, seed=seed, batch_size=B, chunk=chunk)  # noqa: E731
     if whole > EXACT_EPOCHS:  # so many passes that one chunk more or less per epoch no longer matters: scale
         return max(1, round(sum(count(i) for i in range(EXACT_EPOCHS)) * epochs / EXACT_EPOCHS))
     # epoch by epoch, as the loop runs them: each starts at its own random offset, which can leave one chunk fewer
