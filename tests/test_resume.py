@@ -236,3 +236,11 @@ def test_a_moved_text_without_a_recorded_digest_needs_accept_and_an_old_task_chu
     _edit_meta(task, lambda m: {**m, "config": {**m["config"], "chunk": 2}})
     result = _resume(task, "--steps", 4)
     assert result.exit_code == 2 and "--chunk 2 does not divide the recall task's sequence" in result.output
+
+
+def test_a_resume_refuses_an_option_of_another_task_as_a_new_run_says_it(tmp_path):
+    corpus, ck = tmp_path / "corpus.txt", tmp_path / "ck.npz"
+    corpus.write_text(TEXT, encoding="utf-8")
+    assert _train("--data", corpus, "--steps", 2, "--checkpoint", ck).exit_code == 0
+    result = _resume(ck, "--delay", 10)
+    assert result.exit_code == 2 and "--delay applies to --task copy or recall, not --task text" in result.output

@@ -276,6 +276,7 @@ _FLAGS = (
     ("hidden_size", "--hidden"),
     ("batch_size", "--batch"),
     ("eval_every", "--eval-every"),
+    ("max_memory", "--max-memory"),
 )
 
 

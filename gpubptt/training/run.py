@@ -413,6 +413,9 @@ def resume_run(
     for k, v in (given or {}).items():
         if k not in stored:
             raise InputError(f"unknown setting {k!r}")
+        if k in _APPLIES and stored[_APPLIES[k][0]] not in _APPLIES[k][1]:  # as a new run says it, not "(None)"
+            on, _, where = _APPLIES[k]
+            raise InputError(f"{_flag(k)} applies to {where}, not {_flag(on)} {stored[on]}")
         if k in ("data", "val_data"):
             same = v is not None and stored[k] is not None and _same_file(v, stored[k])
             if not same and v is not None and stored[k] is not None and not Path(stored[k]).exists():
