@@ -11,7 +11,7 @@ from .engine import recompute as _recompute
 from .engine.pullback import Pullback, VJPOutput
 from .errors import InputError, ShapeError
 from .heads import check_targets, head_loss_and_grads
-from .validation import Batch
+from .validation import NOTHING_COUNTED, Batch
 
 __all__ = ["Composable"]
 
@@ -120,7 +120,7 @@ class Composable:
         y = self._swap(y, "y") if head == "mse" else y
         y = check_targets(head, y, batch.T, batch.B, self.output_size, be=self.backend, dtype=self.dtype)
         if reduction == "mean" and batch.lengths is not None and not batch.lengths.any():  # as the softmax head
-            raise InputError("reduction='mean' needs at least one counted step; every length is 0")
+            raise InputError(NOTHING_COUNTED)
         out, pullback = self._vjp(batch, want_dx=False)
         V, c = self.params["V"], self.params.get("c")
         loss, dY, dV, dc, count = head_loss_and_grads(

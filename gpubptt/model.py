@@ -44,6 +44,7 @@ from .params import Params, recurrences
 from .validation import (
     CELLS,
     INITS,
+    NOTHING_COUNTED,
     REDUCTIONS,
     Batch,
     _cell,
@@ -379,7 +380,7 @@ class RNN(Construction, Composable, Workspaces, Settings):
         if reduction == "sum":
             return 1.0
         if batch.count == 0:
-            raise InputError("reduction='mean' needs at least one counted step; every length is 0")
+            raise InputError(NOTHING_COUNTED)
         return 1.0 / batch.count
 
     def loss(

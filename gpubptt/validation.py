@@ -68,6 +68,10 @@ class Batch:
     c0_stacked: Any = None
 
 
+#: the refusal of reduction="mean" over a batch with no counted step (every length 0), wherever it is made
+NOTHING_COUNTED = "reduction='mean' needs at least one counted step; every length is 0"
+
+
 def _as_native(be: Backend, a: Any, what: str, hint: str = "") -> Any:
     """``a`` as an array of the backend; a ShapeError naming ``what`` (and ``hint``: what it should be) for a
     ragged nested sequence, which NumPy refuses with its own error."""

@@ -36,6 +36,7 @@ import numpy as np
 from ..dropout import mask_key
 from ..errors import InputError
 from ..training.loop import TrainConfig, TrainState, evaluate
+from ..validation import NOTHING_COUNTED
 from .base import Communicator
 
 __all__ = ["DataParallel", "ParameterDivergenceError", "ShardedData", "shard_range"]
@@ -269,7 +270,7 @@ class DataParallel:
         self.comm.allreduce(buf)  # THE collective of the step
         # nothing counted here: the global batch may have nothing either (then every rank is here, and refuses)
         if reduction == "mean" and count == 0 and float(be.to_numpy(buf[-1:])[0]) == 0:
-            raise InputError("reduction='mean' needs at least one counted step; every length of the global batch is 0")
+            raise InputError(NOTHING_COUNTED.replace("every length", "every length of the global batch"))
         scale = 1.0 / buf[-1:] if reduction == "mean" else None  # (1,): stays on the device, no host sync
         off = 0
         for k, n in zip(names, sizes, strict=True):

@@ -43,10 +43,22 @@ __all__ = [
     "TrainState",
     "evaluate",
     "learning_rate",
+    "optimizer_base_rate",
     "train",
 ]
 
 SCHEDULES = ("constant", "cosine", "step")
+
+
+def optimizer_base_rate(optimizer: Optimizer, step: int, config: TrainConfig) -> float | None:
+    """The base rate of ``config``'s schedule that ``optimizer`` tells, for a run at ``step`` with no ``config.lr``:
+    its ``base_lr`` at the start, its rate past warm-up under a constant schedule; None where its rate is the
+    last step's scheduled one, not the base (a schedule, or within warm-up)."""
+    if step == 0:
+        return float(optimizer.base_lr)
+    if config.schedule != "constant" or step < config.warmup:
+        return None
+    return float(optimizer.lr)
 
 
 def learning_rate(step: int, *, base_lr: float, schedule: str, total_steps: int, warmup: int = 0) -> float:
@@ -345,15 +357,15 @@ def train(
     base_lr = config.lr
     if base_lr is None:  # the optimizer's rate; the caller's config is left as it is
         at = state.step
-        if at > 0 and (config.schedule != "constant" or at < config.warmup):
+        if at == 0 and optimizer.lr != optimizer.scheduled_lr:  # as built, or set by hand: this run's base
+            optimizer.base_lr = float(optimizer.lr)
+        base_lr = optimizer_base_rate(optimizer, at, config)
+        if base_lr is None:
             raise InputError(
                 f"config.lr is None (the optimizer's rate) but the run continues at step {at} under the "
                 f"{config.schedule!r} schedule{' in its warm-up' if at < config.warmup else ''}: the optimizer holds "
                 "the last step's scheduled rate; give TrainConfig(lr=...) the schedule's base rate"
             )
-        if at == 0 and optimizer.lr != optimizer.scheduled_lr:  # as built, or set by hand: this run's base
-            optimizer.base_lr = float(optimizer.lr)
-        base_lr = optimizer.base_lr if at == 0 else float(optimizer.lr)  # past warm-up a constant rate is the base
 
     eval_seconds = [0.0]
 

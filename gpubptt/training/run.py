@@ -28,7 +28,7 @@ from ..engine.memory import MAX_LAYERS
 from ..errors import InputError
 from ..model import CELLS, INITS, RNN
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
-from .loop import SCHEDULES, History, TrainConfig, TrainState
+from .loop import SCHEDULES, History, TrainConfig, TrainState, optimizer_base_rate
 from .optim import DEFAULT_LR, LR_MAX, LR_RANGE, ON_NONFINITE, Optimizer, make_optimizer
 from .record import Checkpoint, load_checkpoint, save_checkpoint
 from .sample import check_predicts_ahead
@@ -470,12 +470,10 @@ def resume_run(
     kept = ck.config.eval_every if eval_every is None else eval_every
     config = TrainConfig(**{**vars(ck.config), "steps": total, "eval_every": kept})
     if config.lr is None:  # saved from a configuration that named no base rate (TrainConfig(lr=None)), before train()
-        at, constant = ck.state.step, config.schedule == "constant" and ck.state.step >= config.warmup
-        if (given or {}).get("lr") is not None:
-            config.lr = float(given["lr"])
-        elif at == 0 or constant:  # the optimizer's rate is the base: as built, or a constant one past warm-up
-            config.lr = float(ck.optimizer.lr)
-        else:
+        at = ck.state.step
+        lr = (given or {}).get("lr")
+        config.lr = float(lr) if lr is not None else optimizer_base_rate(ck.optimizer, at, config)
+        if config.lr is None:
             raise InputError(
                 f"{str(path)!r} records no base learning rate (its config.lr is null) and its run is at step {at} of "
                 f"a {config.schedule} schedule{' with warm-up' if config.warmup else ''}: give --lr, the base rate"
