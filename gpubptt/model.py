@@ -31,7 +31,7 @@ from ._construction import Construction, backend_for, fresh_lock
 from ._settings import Settings
 from ._workspaces import MAX_WORKSPACES, Workspaces
 from .backend import Backend
-from .cells import STEP_KERNELS, Cell
+from .cells import STEP_KERNELS, Cell, make_cell
 from .config import ModelConfig
 from .dropout import check_offset
 from .engine import recompute as _recompute
@@ -239,11 +239,24 @@ class RNN(Construction, Composable, Workspaces, Settings):
             + ("" if self.precision == "fp32" else f", precision={self.precision!r}")
             + ("" if self.num_layers == 1 else f", num_layers={self.num_layers}")
             + ("" if not self.bidirectional else ", bidirectional=True")
-            + ("" if self.cell_name == "rnn" else f", cell={self.cell_name!r}")
-            + ("" if self.nonlinearity in ("tanh", None) else f", nonlinearity={self.nonlinearity!r}")
+            + self._cell_repr()
             + ("" if not self.dropout else f", dropout={self.dropout}")
             + ")"
         )
+
+    def _cell_repr(self) -> str:
+        """The repr's cell part, what rebuilds the cell: nothing for the default rnn/tanh, ``cell=`` the option name
+        and ``nonlinearity=`` where they say it all, else ``cell=`` the cell object's repr (its options)."""
+        name = "" if self.cell_name == "rnn" else f", cell={self.cell_name!r}"
+        try:
+            plain = make_cell(self.cell_name)  # the option's defaults
+        except InputError:
+            plain = None
+        if plain is not None and self.cell == plain:
+            return name
+        if plain is not None and self.cell.options() == {**plain.options(), "nonlinearity": self.nonlinearity}:
+            return f"{name}, nonlinearity={self.nonlinearity!r}"
+        return f", cell={self.cell!r}"
 
     # -- the math -----------------------------------------------------------------------------
     def _check(self, x: Any, y: Any, s0: Any, lengths: Any, for_loss: bool) -> Batch:

@@ -15,6 +15,7 @@ the set of parameters is fixed when the model is built.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,10 @@ from .backend import Backend
 from .cells import ElmanCell
 from .errors import InputError, InputTypeError, ShapeError
 
-__all__ = ["PARAM_NAMES", "Params", "Recurrence", "architecture_of", "param_shapes", "recurrences"]
+__all__ = [
+    "PARAM_NAMES", "RESERVED_NAMES", "Params", "Recurrence", "architecture_of", "cell_param_shapes", "param_shapes",
+    "recurrences",
+]  # fmt: skip
 
 PARAM_NAMES = ("U", "W", "V", "b", "c")
 
@@ -74,12 +78,57 @@ def param_shapes(
     biases: dict[str, tuple[int, ...]] = {}
     bias_names = cell.bias_names()  # the parameters that exist only with bias, not every 1-d one (IndRNN's w)
     for r in recurrences(num_layers, bidirectional):
-        for k, shape in cell.param_shapes(D if r.layer == 0 else H * dirs, H, bias).items():
+        for k, shape in cell_param_shapes(cell, D if r.layer == 0 else H * dirs, H, bias).items():
             (biases if k in bias_names else weights)[r.name(k)] = shape
     weights["V"] = (K, H * dirs)
     if bias:
         biases["c"] = (K,)
     return {**weights, **biases}
+
+
+#: names a cell's parameters may not take: the output layer's, the states' gradients' (s0 and the cell's extra state
+#: are added to the gradients), and names ending as the engine's layer and direction suffixes do
+RESERVED_NAMES = ("V", "c", "s0")
+_SUFFIX = re.compile(r"(_l[0-9]+|_reverse)$")
+
+
+def cell_param_shapes(cell: Any, D: int, H: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    """``cell.param_shapes(D, H, bias)`` checked, shapes as tuples of ints: InputError naming the cell and what its
+    declaration gets wrong (a reserved name, a shape not of positive ints, U not (gates·H, D), an ``input_bias``
+    that is not a (gates·H,) parameter), before anything is built."""
+    shapes = cell.param_shapes(D, H, bias)
+    what = f"cell {cell.option!r}: param_shapes({D}, {H}, {bias})"
+    if not isinstance(shapes, Mapping):
+        raise InputError(f"{what} must return a dict {{name: shape}}, got {type(shapes).__name__}")
+    reserved = (*RESERVED_NAMES, *([cell.extra_state] if cell.extra_state else []))
+    out: dict[str, tuple[int, ...]] = {}
+    for k, shape in shapes.items():
+        if not isinstance(k, str) or not k:
+            raise InputError(f"{what} names a parameter {k!r}; expected a non-empty str")
+        if k in reserved or _SUFFIX.search(k):
+            raise InputError(
+                f"{what} names a parameter {k!r}, which the model reserves (its own {', '.join(reserved)}, and names "
+                "ending in _l<n> or _reverse, the suffixes it adds per layer and direction); rename it"
+            )
+        try:
+            dims = tuple(shape)
+        except TypeError:
+            dims = (shape,)
+        if not dims or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in dims):
+            raise InputError(f"{what} gives {k!r} the shape {shape!r}; expected a tuple of ints ≥ 1")
+        out[k] = tuple(int(n) for n in dims)
+    G = cell.gates
+    if out.get("U") != (G * H, D):
+        raise InputError(
+            f"{what} must give U the shape (gates·H, D) = ({G * H}, {D}) (gates = {G}: the input projection's rows), "
+            f"got {out.get('U', 'no U')}"
+        )
+    if bias and cell.input_bias and out.get(cell.input_bias) != (G * H,):
+        raise InputError(
+            f"{what}: input_bias = {cell.input_bias!r} must name a parameter of shape (gates·H,) = ({G * H},), "
+            f"got {out.get(cell.input_bias, 'no such parameter')}"
+        )
+    return out
 
 
 def architecture_of(names: Any) -> tuple[int, bool]:

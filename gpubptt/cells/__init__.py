@@ -18,10 +18,11 @@ cell over time (``gpubptt.engine.stack``) knows none of a cell's math. What it a
     run_forward(pre, p, S, aux, be=, scratch=, step_kernels=)
                          all steps: pre (T, B, gates·H) = U x_t + input bias (one GEMM the engine ran),
                          p the recurrence's parameters by base name, S[0] = s0 on entry, S[1:] written
-    run_backward(G, p, S, aux, be=, work=, scratch=, step_kernels=, truncate=, lanes=, grads=, ds0=)
+    run_backward(G, p, S, aux, be=, work=, scratch=, step_kernels=, truncate=, lanes=, grads=, ds0=[, d_extra=])
                          → ∂E/∂pre (T, B, gates·H). G (T, B, H) enters as ∂E/∂s_t from above; the cell
                          writes its recurrent-side gradients (W, and any bias not in the input
-                         projection) into grads (by base name), ∂E/∂s0 into ds0 and ∂E/∂(extra
+                         projection) into grads (by base name; every entry: they are not zeroed
+                         before), ∂E/∂s0 into ds0 and ∂E/∂(extra
                          state at step 0) into grads[extra_state]; ``work`` (T, B,
                          gates·H) is free for it, and the result may be it, G, or one of the cell's
                          ``buffers`` (a backward pass spends its forward's buffers). The engine then
@@ -34,8 +35,11 @@ cell over time (``gpubptt.engine.stack``) knows none of a cell's math. What it a
                          ``buffers`` per segment (``buffers(n, …)`` for each segment length n, ``load(aux,
                          boundary state)`` before each segment's forward, ``run_backward`` with ``ds0`` and
                          grads[extra_state] taken as the carries into the previous segment and
-                         ``d_extra`` {t: [(cols, values)]}, direct terms on the extra state at the
-                         steps named, carrying it in);
+                         the keyword ``d_extra`` {t: [(rows, values)]}, direct terms on the extra state
+                         at the steps named, for the batch rows ``rows`` (a slice or an index array;
+                         values (len(rows), H)), carrying it in; the pullback passes the final extra
+                         state's gradient the same way, and ``register_cell`` refuses an extra-state
+                         cell whose ``run_backward`` does not take it);
                          it refuses a cell without the attribute.
 
 A reverse recurrence sees its inputs in its own time (the engine reverses them per sequence), so a

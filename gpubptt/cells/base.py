@@ -9,7 +9,8 @@ the diagnostics). Registering a cell is one decorator::
         option = "mine"                                   # RNN(cell="mine"), --cell mine
         def param_shapes(self, D, H, bias): ...           # {"U": (H, D), ...}
         def run_forward(self, pre, p, S, aux, *, be, scratch, step_kernels): ...
-        def run_backward(self, G, p, S, aux, *, be, work, scratch, step_kernels, truncate, lanes, grads, ds0): ...
+        def run_backward(self, G, p, S, aux, *, be, work, scratch, step_kernels, truncate, lanes, grads, ds0,
+                         d_extra=None): ...
         def step_jacobian(self, p, S, aux): ...            # dense ∂s_t/∂s_{t−1}, for the diagnostics
 
 Everything else has a default here; a cell overrides only what it is. See ``gpubptt.cells`` for what
@@ -18,6 +19,7 @@ each method receives.
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -64,15 +66,22 @@ class Cell(ABC):
 
     @classmethod
     def from_options(cls, nonlinearity: str | None = None, **options: Any) -> Cell:
-        """The cell of ``RNN(cell=option, nonlinearity=..., cell_options)``; InputError on a bad option."""
+        """The cell of ``RNN(cell=option, nonlinearity=..., cell_options)``: ``cls(**options)``, the constructor
+        taking each of ``options()``'s keys as a keyword (how a checkpoint's recorded options rebuild the cell);
+        InputError on a bad option. A cell whose constructor differs overrides this."""
         if nonlinearity is not None:
             raise InputError(
                 f"nonlinearity does not apply to cell={cls.option!r} (its math fixes its activations; leave it "
                 f"unset), got nonlinearity={nonlinearity!r}"
             )
-        if options:
+        if not options:
+            return cls()
+        if cls.options is Cell.options:  # the cell declares no options
             raise InputError(f"cell {cls.option!r} takes no options, got {sorted(options)}")
-        return cls()
+        try:
+            return cls(**options)
+        except TypeError as exc:  # an option the constructor does not take
+            raise InputError(f"cell {cls.option!r} does not take the options {sorted(options)} ({exc})") from None
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and other.options() == self.options()
@@ -145,8 +154,12 @@ class Cell(ABC):
     def run_backward(
         self, G: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], *, be: Any, work: Any, scratch: Any,
         step_kernels: str, truncate: int | None, lanes: Any, grads: dict[str, Any], ds0: Any,
+        d_extra: dict[int, list[tuple[Any, Any]]] | None = None,
     ) -> Any:  # fmt: skip
-        """BPTT over all steps: G (T, B, H) = ∂E/∂s_t from above → ∂E/∂pre (T, B, gates·H); see ``gpubptt.cells``."""
+        """BPTT over all steps: G (T, B, H) = ∂E/∂s_t from above → ∂E/∂pre (T, B, gates·H); see ``gpubptt.cells``.
+        The cell writes every entry of ``grads`` (they are not zeroed before). ``d_extra`` (only for a cell with an
+        ``extra_state``; None: none) {t: [(rows, values)]}: direct terms ∂E/∂(extra state at step t) to add, for the
+        batch rows ``rows`` (a slice or an index array) with values (len(rows), H)."""
 
     def activate(self, a: Any, *, xp: Any) -> Any:
         """φ(a) for a cell whose step is s_t = φ(pre_t + recurrent term) (sampling's fast path); None else."""
@@ -193,17 +206,40 @@ class _Sizer:
 
 
 def register_cell(cls: type[Cell]) -> type[Cell]:
-    """Class decorator: make ``cls`` a ``cell=`` option under ``cls.option`` (its ``name`` defaults to it)."""
+    """Class decorator: make ``cls`` a ``cell=`` option under ``cls.option`` (its ``name``, what checkpoints record,
+    defaults to it, not to a registered parent class's). InputError for an abstract class, an ``extra_state`` cell
+    whose ``run_backward`` does not take ``d_extra``, or an option or name another registered cell has."""
     if not (isinstance(cls, type) and issubclass(cls, Cell)) or not cls.option or not hasattr(cls, "extra_state"):
         raise InputError(
             f"register_cell takes a Cell subclass with an option name and extra_state (False or a name), got {cls!r}"
         )
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+        raise InputError(f"register_cell: cell {cls.option!r} ({cls.__name__}) does not define {missing}")
+    if cls.extra_state and not _takes(cls.run_backward, "d_extra"):
+        raise InputError(
+            f"register_cell: cell {cls.option!r} carries {cls.extra_state!r}, so its run_backward must take the "
+            "keyword d_extra (direct terms on that state: recomputation and the pullback pass them; see "
+            "Cell.run_backward)"
+        )
     if cls.option in _REGISTRY and _REGISTRY[cls.option] is not cls:
         raise InputError(f"a cell named {cls.option!r} is already registered ({_REGISTRY[cls.option].__name__})")
-    if not cls.name:
+    if not cls.__dict__.get("name"):  # its own, not a registered parent's: a checkpoint records it
         cls.name = cls.option
+    twin = next((c for c in _REGISTRY.values() if c.name == cls.name and c is not cls), None)
+    if twin is not None:
+        raise InputError(f"the recorded name {cls.name!r} is already that of cell {twin.option!r} ({twin.__name__})")
     _REGISTRY[cls.option] = cls
     return cls
+
+
+def _takes(fn: Any, keyword: str) -> bool:
+    """Whether ``fn`` accepts ``keyword`` (by that name, or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: let the call say
+        return True
+    return any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def cell_names() -> tuple[str, ...]:

@@ -45,7 +45,7 @@ from ..errors import InputError, InputTypeError
 from ..validation import Batch
 from .losses import chunk_steps, xent_and_grads
 from .memory import InsufficientMemoryError, MemoryEstimate, format_bytes
-from .stack import input_projection, projection_into
+from .stack import check_dpre, input_projection, projection_into
 
 __all__ = [
     "SegmentWorkspace",
@@ -447,6 +447,7 @@ class SegmentWorkspace:
                     scratch=self.scratch, step_kernels=self.step_kernels, truncate=None, lanes=None, grads=into,
                     ds0=g["s0"][r.index] if k == 0 else self.carry[r.index], **more,
                 )  # fmt: skip
+                check_dpre(cell, dpre, (n, self.B, cell.gates * model.hidden_size))
                 if not first:
                     for key in own:
                         mine[key] += into[key]

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..backend import Backend, TokenPlan
 from ..dropout import dropout_masks, mask_key
+from ..errors import InputError
 from ..validation import Batch
 from .losses import chunk_steps, xent_and_grads
 
@@ -391,6 +392,13 @@ class Workspace:
         )  # fmt: skip
 
 
+def check_dpre(cell: Any, dpre: Any, shape: tuple[int, int, int]) -> None:
+    """InputError where a cell's ``run_backward`` returned something other than ∂E/∂pre of ``shape`` (T, B, gates·H)."""
+    if tuple(getattr(dpre, "shape", ())) != shape:
+        got = f"shape {tuple(dpre.shape)}" if hasattr(dpre, "shape") else type(dpre).__name__
+        raise InputError(f"cell {cell.option!r}: run_backward returned {got}; expected ∂E/∂pre of shape {shape}")
+
+
 def _run_backward(out: dict[int, Any], key: int, cell: Any, *args: Any, **kwargs: Any) -> None:
     """``out[key] = cell.run_backward(*args, **kwargs)``: one recurrence's BPTT as a job."""
     out[key] = cell.run_backward(*args, **kwargs)
@@ -460,6 +468,7 @@ def backward_stack(
             if not pair:
                 job()
             dpre = dpres[r.index]
+            check_dpre(cell, dpre, (T, B, cell.gates * H))
             n_pre = dpre.shape[2]
             if r.direction == 1:  # ∂E/∂pre back into input time
                 dpre = gather_rows(dpre, st.rev, be=be, out=st.pre if dpre is not st.pre else st.tmp)

@@ -70,9 +70,23 @@ def _host(a: Any) -> np.ndarray:
     return np.asarray(to_numpy(a))  # a device-to-host copy for CuPy arrays; 0-d stays 0-d
 
 
-def _cell_options(cell: Any) -> dict[str, Any]:
-    """{"cell_options": {...}} for a cell with options beyond nonlinearity, else {}."""
+def _cell_options(cell: Any, path: Path) -> dict[str, Any]:
+    """{"cell_options": {...}} for a cell with options beyond nonlinearity, else {}. CheckpointError where what is
+    recorded would not rebuild the cell (``from_options(nonlinearity, **options)`` refuses them or builds another):
+    a file that could never be loaded is not written."""
     more = {k: v for k, v in cell.options().items() if k != "nonlinearity"}
+    try:
+        same = make_cell(cell.option, cell.nonlinearity, **more) == cell
+        why = "" if same else f"they build {make_cell(cell.option, cell.nonlinearity, **more)!r}"
+    except InputError as exc:
+        same, why = False, str(exc)
+    if not same:
+        raise CheckpointError(
+            f"cannot write checkpoint {str(path)!r}: the cell {cell!r}'s options() {more} and nonlinearity "
+            f"{cell.nonlinearity!r} do not rebuild it through {type(cell).__name__}.from_options ({why}); nothing "
+            "was written and any existing file was kept (a cell's constructor takes its options() as keywords, or "
+            "the cell overrides from_options)"
+        )
     return {"cell_options": more} if more else {}
 
 
@@ -111,7 +125,7 @@ def write_model_state(
             "bidirectional": model.bidirectional,
             "dropout": model.dropout,
             # a cell's options beyond nonlinearity, only where it has some (rnn, gru, lstm files stay as they were)
-            **_cell_options(model.cell),
+            **_cell_options(model.cell, path),
         },
         **sections,
     }

@@ -1,0 +1,173 @@
+"""A cell written as docs/cells.md says, and the mistakes a cell's author can make, each caught with a message that
+names the cell and what its declaration gets wrong, before any work: options that rebuild the cell from a
+checkpoint without a ``from_options`` of its own, reserved parameter names, shapes, the input bias, the extra
+state's ``d_extra``, abstract classes and what ``run_backward`` returns; and the model's repr rebuilds its cell."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpubptt
+from gpubptt.cells import Cell, IndRNNCell, register_cell
+from gpubptt.errors import CheckpointError, InputError
+from gpubptt.training.record import load_checkpoint, save_checkpoint
+from tests.test_toy_cell import LeakyCell
+
+
+@register_cell
+class PlainOptionsCell(LeakyCell):
+    """The toy cell without a ``from_options`` of its own: the docs' example, whose options are its constructor's."""
+
+    option = "seam-plain"
+    from_options = Cell.__dict__["from_options"]
+
+
+class _Positional(LeakyCell):
+    """A cell whose constructor does not take its options() by name: a checkpoint of it could not be loaded."""
+
+    option = "seam-positional"
+    from_options = Cell.__dict__["from_options"]
+
+    def __init__(self, rate: float = 0.5) -> None:
+        super().__init__(rate)
+
+
+register_cell(_Positional)
+
+
+def _shaped(option: str, shapes: Any, **attrs: Any) -> type[Cell]:
+    """A registered LeakyCell whose param_shapes returns ``shapes`` (a function of D, H, bias)."""
+    cls = type(f"Cell_{option.replace('-', '_')}", (LeakyCell,), {"option": option, **attrs})
+    cls.param_shapes = lambda self, D, H, bias: shapes(D, H, bias)
+    return register_cell(cls)
+
+
+def _toy(cell: Any, **kw: Any) -> gpubptt.RNN:
+    return gpubptt.RNN(4, 3, 4, cell=cell, backend="numpy", dtype="float64", seed=0, **kw)
+
+
+def test_a_cell_without_from_options_round_trips_through_a_checkpoint(tmp_path):
+    model = _toy(PlainOptionsCell(0.25))
+    path = save_checkpoint(tmp_path / "plain.npz", model)
+    back = load_checkpoint(path, backend="numpy").model
+    assert back.cell == PlainOptionsCell(0.25)
+    for name in model.params:
+        np.testing.assert_array_equal(back.params[name], model.params[name])
+
+
+def test_a_cell_whose_options_do_not_rebuild_it_is_not_written(tmp_path):
+    path = tmp_path / "kept.npz"
+    path.write_bytes(b"the user's file")
+    with pytest.raises(CheckpointError, match=r"do not rebuild it through _Positional\.from_options.*lam"):
+        save_checkpoint(path, _toy(_Positional(0.25)))
+    assert path.read_bytes() == b"the user's file"
+    with pytest.raises(InputError, match=r"cell 'seam-positional' does not take the options \['lam'\]"):
+        _Positional.from_options(lam=0.5)
+
+
+def test_a_cell_that_declares_no_options_still_refuses_them():
+    with pytest.raises(InputError, match="cell 'gru' takes no options"):
+        gpubptt.cells.GRUCell.from_options(lam=1)
+
+
+@pytest.mark.parametrize(
+    ("option", "shapes", "match"),
+    [
+        ("seam-c", lambda D, H, bias: {"U": (H, D), "c": (H,)}, r"'c', which the model reserves"),
+        ("seam-v", lambda D, H, bias: {"U": (H, D), "V": (H, H)}, r"'V', which the model reserves"),
+        ("seam-s0", lambda D, H, bias: {"U": (H, D), "s0": (H,)}, r"'s0', which the model reserves"),
+        ("seam-suffix", lambda D, H, bias: {"U": (H, D), "w_l1": (H,)}, r"'w_l1', which the model reserves"),
+        ("seam-rev", lambda D, H, bias: {"U": (H, D), "w_reverse": (H,)}, r"'w_reverse'"),
+        ("seam-nou", lambda D, H, bias: {"Q": (H, D)}, r"must give U the shape \(gates·H, D\) = \(3, 4\).*no U"),
+        ("seam-ucols", lambda D, H, bias: {"U": (H, D + 1)}, r"must give U the shape .* got \(3, 5\)"),
+        ("seam-urows", lambda D, H, bias: {"U": (2 * H, D)}, r"\(gates = 1.*got \(6, 4\)"),
+        ("seam-dims", lambda D, H, bias: {"U": (H, D), "w": (H, 0)}, r"gives 'w' the shape \(3, 0\)"),
+        ("seam-float", lambda D, H, bias: {"U": (H, D), "w": (1.5,)}, r"expected a tuple of ints ≥ 1"),
+        ("seam-bias", lambda D, H, bias: {"U": (H, D), "bb": (H,)}, r"input_bias = 'b' must name .*no such parameter"),
+    ],
+)
+def test_a_malformed_param_shapes_is_refused_naming_the_cell(option, shapes, match):
+    _shaped(option, shapes)
+    with pytest.raises(InputError, match=rf"cell '{option}': param_shapes\(4, 3, True\).*{match}"):
+        gpubptt.RNN(4, 3, 4, cell=option, backend="numpy", bias=True)
+
+
+def test_shapes_given_as_lists_are_read_as_tuples():
+    _shaped("seam-lists", lambda D, H, bias: {"U": [H, D], **({"b": [H]} if bias else {})})
+    model = _toy("seam-lists")
+    assert model.params["U"].shape == (3, 4) and model.params["b"].shape == (3,)
+    rng = np.random.default_rng(0)
+    loss, _ = model.loss_and_grads(rng.normal(size=(5, 2, 4)), rng.integers(0, 4, (5, 2)))
+    assert np.isfinite(loss)
+
+
+def test_register_cell_refuses_an_abstract_class_and_an_extra_state_cell_without_d_extra():
+    class Unfinished(Cell):
+        option = "seam-unfinished"
+        extra_state = False
+
+        def param_shapes(self, D, H, bias):
+            return {"U": (H, D)}
+
+    with pytest.raises(InputError, match=r"'seam-unfinished' \(Unfinished\) does not define run_backward, run_forward"):
+        register_cell(Unfinished)
+
+    class NoExtraTerms(LeakyCell):
+        option = "seam-memory"
+        extra_state = "m0"
+
+    with pytest.raises(InputError, match=r"carries 'm0', so its run_backward must take the keyword d_extra"):
+        register_cell(NoExtraTerms)
+
+    class Impostor(LeakyCell):
+        option = "seam-impostor"
+        name = "elman"  # what checkpoints of the rnn cell record
+
+    with pytest.raises(InputError, match=r"the recorded name 'elman' is already that of cell 'rnn' \(ElmanCell\)"):
+        register_cell(Impostor)
+
+
+def test_what_run_backward_returns_is_checked():
+    class WrongReturn(LeakyCell):
+        option = "seam-return"
+
+        def run_backward(self, G, p, S, aux, **kw):
+            return super().run_backward(G, p, S, aux, **kw)[:, :1]  # one batch row only
+
+    register_cell(WrongReturn)
+
+    class NoReturn(LeakyCell):
+        option = "seam-none"
+
+        def run_backward(self, G, p, S, aux, **kw):
+            super().run_backward(G, p, S, aux, **kw)
+
+    register_cell(NoReturn)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(5, 2, 4)), rng.integers(0, 4, (5, 2))
+    for recompute in (None, 2):
+        with pytest.raises(InputError, match=r"cell 'seam-none': run_backward returned NoneType; expected ∂E/∂pre"):
+            _toy("seam-none").loss_and_grads(x, y, recompute=recompute)
+        with pytest.raises(InputError, match=r"cell 'seam-return': run_backward returned shape \(\d, 1, 3\); expected"):
+            _toy("seam-return").loss_and_grads(x, y, recompute=recompute)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"nonlinearity": "relu"},
+        {"cell": "gru"},
+        {"cell": "indrnn"},
+        {"cell": "indrnn", "nonlinearity": "tanh"},
+        {"cell": IndRNNCell("relu", max_weight=1.01)},
+        {"cell": PlainOptionsCell(0.25)},
+    ],
+)
+def test_the_repr_rebuilds_the_cell(kw):
+    model = gpubptt.RNN(3, 4, 5, backend="numpy", **kw)
+    scope = {"RNN": gpubptt.RNN, "IndRNNCell": IndRNNCell, "PlainOptionsCell": PlainOptionsCell}
+    assert eval(repr(model), scope).cell == model.cell
