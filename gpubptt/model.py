@@ -62,6 +62,15 @@ from .validation import (
 __all__ = ["CELLS", "INITS", "MAX_WORKSPACES", "REDUCTIONS", "RNN", "RNNOutput"]
 
 
+def _copies(batch: Batch, x: Any, y: Any) -> int:
+    """Bytes of the copies a checked batch holds of the caller's x and y (cast to the dtypes the call computes in:
+    dense x in the model's, ids and targets as int64); 0 where it computes on the caller's arrays themselves."""
+    return sum(
+        int(a.nbytes) for a, given in ((batch.x, x), (batch.y, y))
+        if a is not None and getattr(given, "dtype", None) != a.dtype
+    )  # fmt: skip
+
+
 @dataclass
 class RNNOutput:
     """What ``RNN.forward`` returns.
@@ -490,8 +499,8 @@ class RNN(Construction, Composable, Workspaces, Settings):
         ``head`` (None: the model's ``head``) picks the output layer and loss (``gpubptt.heads``): the
         default "softmax" runs fused in the workspace as above; "last_softmax" (y (B,) labels), "mse"
         (y (T, B, K) floats) and "last_mse" (y (B, K)) run the stack's pullback (``vjp``) under the
-        head's gradient, with full BPTT, every state stored and no dropout (truncate, recompute and
-        dropout_seed are refused for them).
+        head's gradient, with full BPTT, every state stored and no dropout (truncate, recompute,
+        max_memory and dropout_seed are refused for them).
         """
         reduction = _check_reduction(reduction)
         truncate = _check_truncate(truncate)
@@ -501,7 +510,9 @@ class RNN(Construction, Composable, Workspaces, Settings):
         max_memory = _recompute.check_max_memory(max_memory)
         head = self._head(head)
         if head != "softmax":
-            for name, value in (("truncate", truncate), ("recompute", recompute), ("dropout_seed", dropout_seed)):
+            refused = (("truncate", truncate), ("recompute", recompute), ("dropout_seed", dropout_seed),
+                       ("max_memory", max_memory))  # fmt: skip
+            for name, value in refused:
                 if value is not None:
                     raise InputError(f"{name}={value!r} runs under the 'softmax' head only, not head {head!r}")
             loss, grads, final = self._head_loss(head, x, y, s0, lengths, reduction, grads=True)
@@ -510,7 +521,7 @@ class RNN(Construction, Composable, Workspaces, Settings):
         scale = self._scale(batch, reduction)
         c = _recompute.choose(
             self, batch.T, batch.B, tokens=batch.tokens, lengths=batch.weight is not None,
-            recompute=recompute, max_memory=max_memory, truncate=truncate,
+            recompute=recompute, max_memory=max_memory, truncate=truncate, held=_copies(batch, x, y),
         )  # fmt: skip
         with self._lock:  # the workspace (and its graph) is this model's: another thread waits its turn
             if c is None:

@@ -422,10 +422,11 @@ def train(
                 epochs=epochs,
                 eval_every=eval_every,
                 accept_changed_data=accept_changed_data,
+                max_memory=budget,
             )
         else:
             every = DEFAULT_EVAL_EVERY if eval_every is None else eval_every
-            run = new_run(given, backend=be, steps=steps, epochs=epochs, eval_every=every)
+            run = new_run(given, backend=be, steps=steps, epochs=epochs, eval_every=every, max_memory=budget)
     except (InputError, CheckpointError, TypeError) as exc:
         raise usage_error(in_flags(str(exc))) from exc
     except MemoryError as exc:

@@ -245,7 +245,8 @@ class DataParallel:
         if self.check_every and self.calls and self.calls % self.check_every == 0:
             self.check_parameters()
         self.calls += 1
-        drop: dict[str, Any] = {} if recompute is None else {"recompute": recompute, "max_memory": max_memory}
+        budget = (("recompute", recompute), ("max_memory", max_memory))
+        drop: dict[str, Any] = {k: v for k, v in budget if v is not None}
         if dropout_seed is None and self.model.dropout and self.model.num_layers > 1:
             dropout_seed = self._shared_dropout_key()
         if dropout_seed is not None:

@@ -224,8 +224,11 @@ def choose(
     recompute: int | str | None,
     max_memory: int | None,
     truncate: int | None = None,
+    held: int = 0,
 ) -> int | None:
     """The segment length a call runs with (None: every state stored), after checking ``max_memory``.
+    ``held``: bytes the call already holds beside what ``call_memory`` counts (its copies of the caller's
+    inputs in the dtypes it computes in), added to every policy's estimate.
 
     "auto": the stored path if it fits, else the fewest segments that fit (the least recomputation
     and per-segment overhead), each as short as that count allows. InsufficientMemoryError, before any work, when
@@ -233,8 +236,13 @@ def choose(
     that would work (for this policy, and for any policy); InputError when the model cannot
     recompute and recomputation is asked for.
     """
+    if truncate is not None and truncate >= T - 1:  # a window over every step: full BPTT, which can recompute
+        truncate = None
     why = unsupported_reason(model, truncate=truncate)
-    est = lambda r: call_memory(model, T, B, tokens=tokens, lengths=lengths, recompute=r, truncate=truncate).total  # noqa: E731
+
+    def est(r: int | None) -> int:
+        return held + call_memory(model, T, B, tokens=tokens, lengths=lengths, recompute=r, truncate=truncate).total
+
     if recompute is not None and recompute != "auto" and why is not None:
         raise InputError(why)
     if max_memory is None:

@@ -233,8 +233,11 @@ def new_run(
     steps: int | None = None,
     epochs: float | None = None,
     eval_every: int = DEFAULT_EVAL_EVERY,
+    max_memory: int | None = None,
 ) -> Run:
     """A fresh run from ``settings`` (missing or None keys from ``DEFAULTS``); InputError on a bad setting.
+    ``max_memory``: the training calls' budget in bytes (``--max-memory``), which bounds their workspaces in the
+    memory check (they recompute to fit it).
 
     Every setting is checked first, and the message names it as the command's flag (``--clip``). A
     setting the run would not use is refused: ``delay``/``symbols`` with the text task, ``copy_length``
@@ -280,7 +283,7 @@ def new_run(
     TrainConfig(**vars(config))  # validate the final values
     data.check_batch(config.batch_size, config.chunk or 1)
     be = get_backend(backend)
-    check_memory(st, data, config, be)  # before the weights are drawn: refuse what cannot fit
+    check_memory(st, data, config, be, max_memory)  # before the weights are drawn: refuse what cannot fit
     model = RNN(
         data.input_size,
         st["hidden"],
@@ -383,6 +386,7 @@ def resume_run(
     epochs: float | None = None,
     eval_every: int | None = None,
     accept_changed_data: bool = False,
+    max_memory: int | None = None,
 ) -> Run:
     """The run saved in the checkpoint at ``path``, to continue up to ``steps`` (default: its own), evaluating
     every ``eval_every`` steps (default: as the run was saved with).
@@ -392,7 +396,7 @@ def resume_run(
     CheckpointError when the file is missing, corrupt or holds no run. InputError when the training
     text's sha256 differs from the one recorded, unless ``accept_changed_data``; the run then
     continues on the new text and the next save records its digest. InsufficientMemoryError when
-    the run cannot fit in the backend's memory (as ``new_run``).
+    the run cannot fit in the backend's memory (as ``new_run``, ``max_memory`` as there).
     """
     ck = load_checkpoint(path, backend=backend)
     if ck.optimizer is None or ck.config is None or ck.data is None or "kind" not in ck.data:
@@ -478,7 +482,7 @@ def resume_run(
                 f"{str(path)!r} records no base learning rate (its config.lr is null) and its run is at step {at} of "
                 f"a {config.schedule} schedule{' with warm-up' if config.warmup else ''}: give --lr, the base rate"
             )
-    check_memory(stored, data, config, ck.model.backend)  # a run resumed elsewhere may not fit there
+    check_memory(stored, data, config, ck.model.backend, max_memory)  # a run resumed elsewhere may not fit there
     note = schedule_note(config, ck.config.steps, ck.state.step)
     return Run(ck.model, data, ck.optimizer, config, ck.state, ck.history, notes=() if note is None else (note,))
 

@@ -190,12 +190,12 @@ def _draw_steps(
         ids = list(vocab.encode("\n")) if "\n" in vocab.chars else [int(rng.integers(len(vocab)))]
     state = None
     for i in ids[:-1]:  # read the prime
-        state = model.forward(np.array([[i]]), state).final_state
+        state = model.forward(np.array([[i]]), state, head="softmax").final_state  # whatever model.head says
     if prime:
         yield prime
     x = ids[-1]
     for _ in range(length):
-        out = model.forward(np.array([[x]]), state)
+        out = model.forward(np.array([[x]]), state, head="softmax")
         state = out.final_state
         x = _draw_one(np.log(np.maximum(out.probs[0, 0].astype(np.float64), 1e-300)), mode, rng)
         yield vocab.decode([x])

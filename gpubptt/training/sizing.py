@@ -72,8 +72,12 @@ def total_steps(data: Any, config: TrainConfig, *, steps: int | None, epochs: fl
     return max(1, total)
 
 
-def check_memory(st: Mapping[str, Any], data: TextData | CopyTask, config: TrainConfig, be: Backend) -> None:
-    """InsufficientMemoryError, with the numbers, when the run's estimated peak memory exceeds what ``be`` has."""
+def check_memory(
+    st: Mapping[str, Any], data: TextData | CopyTask, config: TrainConfig, be: Backend, max_memory: int | None = None
+) -> None:
+    """InsufficientMemoryError, with the numbers, when the run's estimated peak memory exceeds what ``be`` has.
+    ``max_memory`` (``--max-memory``, bytes): the training calls' budget, which caps their workspaces' part (a plan
+    that stores more recomputes, or is refused by ``recompute_plan``)."""
     H, dtype = st["hidden"], np.dtype(st["dtype"]).name  # both checked by _check_settings
     B = config.batch_size
     if data.kind == "text":
@@ -92,6 +96,9 @@ def check_memory(st: Mapping[str, Any], data: TextData | CopyTask, config: Train
         chunk_elements=be.chunk_elements, num_layers=st["layers"], dropout=st["dropout"] > 0,
         cell=make_cell(st["cell"]),  # its parameter shapes and declared buffers
     )  # fmt: skip
+    if max_memory is not None:  # the training step recomputes within the budget (or recompute_plan refuses it)
+        part = "forward+BPTT workspaces"
+        estimate.parts[part] = min(estimate.parts[part], max_memory)
     if data.kind != "text":  # the task's int64 (L, B) inputs and targets, of a training and a held-out batch
         estimate.parts["task sequences"] = 2 * 8 * L * (B + eval_B)
     layers = f" --layers {st['layers']}" if st["layers"] > 1 else ""
