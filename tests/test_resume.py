@@ -202,7 +202,9 @@ def test_a_moved_training_text_resumes_from_its_new_path_when_its_digest_matches
     moved.write_text(TEXT + "x", encoding="utf-8")  # the digest still guards it
     (tmp_path / "moved" / "book.txt").rename(tmp_path / "other.txt")
     result = _resume(ck, "--steps", 8, "--data", tmp_path / "other.txt")
-    assert result.exit_code == 2 and "has changed since the checkpoint was saved" in result.output
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "other.txt', given for the checkpoint's" in said  # not "book.txt has changed"
+    assert f"{moved}' (which has moved), is not the text the run was trained on" in said
 
 
 def test_a_resume_checks_steps_and_the_texts_length_before_training(tmp_path):
@@ -235,7 +237,28 @@ def test_a_moved_text_without_a_recorded_digest_needs_accept_and_an_old_task_chu
     assert runner.invoke(app, ["train", "--backend", "numpy", "--hidden", "8", *map(str, args)]).exit_code == 0
     _edit_meta(task, lambda m: {**m, "config": {**m["config"], "chunk": 2}})
     result = _resume(task, "--steps", 4)
-    assert result.exit_code == 2 and "--chunk 2 does not divide the recall task's sequence" in result.output
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "--chunk 2 does not divide the recall task's sequence" in said
+    assert "a resumed run keeps its --chunk: this run cannot continue; start a new run with --chunk 0" in said
+
+
+def test_a_resume_names_what_the_checkpoint_used_where_it_recorded_no_value(tmp_path):
+    corpus, held = tmp_path / "corpus.txt", tmp_path / "held.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    held.write_text(TEXT[:200], encoding="utf-8")
+    builtin, fraction, separate = (tmp_path / f"{n}.npz" for n in ("builtin", "fraction", "separate"))
+    assert _train("--steps", 2, "--checkpoint", builtin).exit_code == 0
+    assert _train("--data", corpus, "--steps", 2, "--checkpoint", fraction).exit_code == 0
+    assert _train("--data", corpus, "--val-data", held, "--steps", 2, "--checkpoint", separate).exit_code == 0
+    for ck, args, words in (
+        (builtin, ("--data", corpus), "which trained on the built-in corpus (no --data)"),
+        (fraction, ("--val-data", held), "which held out --val-fraction 0.1 of its text (no --val-data)"),
+        (separate, ("--val-fraction", 0.2), f"which held out --val-data {held} (no --val-fraction)"),
+    ):
+        result = _resume(ck, "--steps", 4, *args)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and f"differs from the checkpoint, {words}" in said, said
+        assert "(None)" not in said
 
 
 def test_a_resume_refuses_an_option_of_another_task_as_a_new_run_says_it(tmp_path):

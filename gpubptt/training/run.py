@@ -215,15 +215,35 @@ def _check_settings(
         )
 
 
-def _check_task_chunk(data: TextData | CopyTask, chunk: int | None) -> None:
+def _check_task_chunk(data: TextData | CopyTask, chunk: int | None, *, resumed: bool = False) -> None:
     """InputError for a copy/recall ``--chunk`` that does not divide the sequence: the loop trains whole chunks
-    only, and the steps it would drop are the last ones, where the task's targets are."""
+    only, and the steps it would drop are the last ones, where the task's targets are. ``resumed``: the chunk is a
+    checkpoint's (written before the check), which a resumed run keeps: say that only a new run can fix it."""
     if data.kind != "text" and chunk and chunk < data.seq_len and data.seq_len % chunk:
-        raise InputError(
+        why = (
             f"--chunk {chunk} does not divide the {data.kind} task's sequence of {data.seq_len} steps: its last "
-            f"{data.seq_len % chunk}, where the targets are, would never train; give --chunk 0 (whole sequences) or "
-            "a divisor of the length"
+            f"{data.seq_len % chunk}, where the targets are, would never train"
         )
+        if resumed:
+            raise InputError(
+                f"the checkpoint's {why}, and a resumed run keeps its --chunk: this run cannot continue; start a new "
+                "run with --chunk 0 (whole sequences) or a divisor of the length"
+            )
+        raise InputError(f"{why}; give --chunk 0 (whole sequences) or a divisor of the length")
+
+
+def _recorded(key: str, stored: Mapping[str, Any]) -> str:
+    """What the checkpoint recorded for the setting ``key``, in words (where it recorded none: what it used)."""
+    value = stored[key]
+    if value is not None:
+        return f"the checkpoint ({value})"
+    if key == "data":
+        return "the checkpoint, which trained on the built-in corpus (no --data)"
+    if key == "val_data" and stored.get("val_fraction") is not None:
+        return f"the checkpoint, which held out --val-fraction {stored['val_fraction']} of its text (no --val-data)"
+    if key == "val_fraction" and stored.get("val_data") is not None:
+        return f"the checkpoint, which held out --val-data {stored['val_data']} (no --val-fraction)"
+    return "the checkpoint, which has none"
 
 
 def new_run(
@@ -359,8 +379,9 @@ def _same_file(a: str | Path, b: str | Path) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
-def _check_same_text(recorded: Mapping[str, Any], text: str, *, accept: bool) -> None:
+def _check_same_text(recorded: Mapping[str, Any], text: str, *, accept: bool, source: str | None = None) -> None:
     """InputError when the text is not the one the checkpoint was trained on (by sha256 and size), unless ``accept``.
+    ``source``: where the text was read, where that is not the recorded file (it moved: ``--data`` names it).
 
     Checkpoints from before the digest was recorded carry none, and are not checked.
     """
@@ -370,6 +391,13 @@ def _check_same_text(recorded: Mapping[str, Any], text: str, *, accept: bool) ->
     digest = hashlib.sha256(raw).hexdigest()
     if digest != recorded["sha256"]:
         name = "the built-in corpus" if recorded["source"] == "builtin" else f"text file {recorded['source']!r}"
+        if source is not None and source != recorded["source"]:
+            name = f"text file {source!r}, given for the checkpoint's {recorded['source']!r} (which has moved),"
+            raise InputError(
+                f"{name} is not the text the run was trained on: that had {recorded['size_bytes']} bytes (sha256 "
+                f"{recorded['sha256'][:12]}…), this has {len(raw)} bytes (sha256 {digest[:12]}…); pass "
+                "--accept-changed-data (accept_changed_data=True) to resume training on it"
+            )
         raise InputError(
             f"{name} has changed since the checkpoint was saved: it had {recorded['size_bytes']} bytes "
             f"(sha256 {recorded['sha256'][:12]}…), now {len(raw)} bytes (sha256 {digest[:12]}…); pass "
@@ -438,7 +466,7 @@ def resume_run(
             same = v == stored[k] or (k == "lr" and stored[k] is None)  # a file without the base rate takes one
         if not same:
             flag = "--" + k.replace("_", "-")
-            raise InputError(f"{flag} {v} differs from the checkpoint ({stored[k]}); a resumed run keeps its settings")
+            raise InputError(f"{flag} {v} differs from {_recorded(k, stored)}; a resumed run keeps its settings")
     text = val_text = None
     for key, flag in (("source", "--data"), ("val_source", "--val-data")):
         where = spec.get(key)
@@ -450,12 +478,12 @@ def resume_run(
             )
     if spec["kind"] == "text":
         text = default_corpus() if spec["source"] == "builtin" else read_text(spec["source"])
-        _check_same_text(ck.data, text, accept=accept_changed_data)
+        _check_same_text(ck.data, text, accept=accept_changed_data, source=spec["source"])
         if spec.get("val_source") is not None:
             val_text = read_text(spec["val_source"])
-            held_out = {"source": spec["val_source"], "sha256": ck.data["val_sha256"],
+            held_out = {"source": ck.data["val_source"], "sha256": ck.data["val_sha256"],
                         "size_bytes": ck.data["val_size_bytes"]}  # fmt: skip
-            _check_same_text(held_out, val_text, accept=accept_changed_data)
+            _check_same_text(held_out, val_text, accept=accept_changed_data, source=spec["val_source"])
     try:
         data = make_data(spec, text=text, vocab=ck.vocab, val_text=val_text)
     except InputError as exc:
@@ -467,7 +495,7 @@ def resume_run(
             "changed text may only use its characters"
         ) from None
     data.check_batch(ck.config.batch_size, ck.config.chunk or 1)  # a changed text may be too short now
-    _check_task_chunk(data, ck.config.chunk)  # a file from before the check: its targets would never train
+    _check_task_chunk(data, ck.config.chunk, resumed=True)  # a file from before the check
     total = total_steps(data, ck.config, steps=steps, epochs=epochs, default=ck.config.steps)
     if eval_every is not None:
         _check_int("--eval-every", eval_every, 0)
