@@ -20,7 +20,7 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 30
 def _trained(be, steps=4, optimizer="adam", **arch):
     data = TextData(TEXT)
     model = gpubptt.RNN(data.input_size, 8, data.output_size, backend=be, bias=True, seed=0, **arch)
-    opt = make_optimizer(optimizer, model, momentum=0.9)
+    opt = make_optimizer(optimizer, model, momentum=0.9 if optimizer == "sgd" else 0)
     config = TrainConfig(steps=steps, batch_size=3, chunk=6, eval_every=2)
     state, history = train(model, data, opt, config)
     return data, model, opt, config, state, history

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from .optim import LR_MAX, LR_RANGE, NonFiniteError, Optimizer, clip_grad_norm
+from .optim import LR_MAX, LR_RANGE, NonFiniteError, Optimizer, clip_grad_norm, in_float_range
 
 __all__ = [
     "SCHEDULES",
@@ -85,7 +85,8 @@ class TrainConfig:
     truncate: tutorial truncation inside a chunk (None: none); max_norm: global-norm clipping (None: off);
     lr: the schedule's base learning rate, set on the optimizer before every step (None: the optimizer's rate,
     ``Optimizer.base_lr``: as built (its name's default in ``make_optimizer``, or the one given there) or as set
-    by hand on ``optimizer.lr`` before ``train``, not the last rate an earlier run's schedule left there);
+    by hand on ``optimizer.lr`` before ``train``, not the last rate an earlier run's schedule left there, also
+    after a save and load: ``state_dict`` keeps it);
     eval_every: steps between evaluations (0: only at the end). NumPy integers and floats are taken as
     Python's (the configuration is stored as JSON in checkpoints)."""
 
@@ -114,13 +115,13 @@ class TrainConfig:
             pos_int("chunk", self.chunk)
         if self.truncate is not None:
             pos_int("truncate", self.truncate, 0)
-        if self.max_norm is not None and not (math.isfinite(self.max_norm) and self.max_norm > 0):
-            raise InputError(f"max_norm must be a positive number or None, got {self.max_norm}")
-        for name in ("max_norm", "lr"):
+        for name in ("max_norm", "lr"):  # the type first: the ranges below compare numbers
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))):
                 raise InputError(f"{name} must be a number or None, got {v!r}")
-        if self.lr is not None and not (math.isfinite(self.lr) and 0 < self.lr <= LR_MAX):
+        if self.max_norm is not None and not (in_float_range(self.max_norm) and self.max_norm > 0):
+            raise InputError(f"max_norm must be a positive number or None, got {self.max_norm}")
+        if self.lr is not None and not (in_float_range(self.lr) and 0 < self.lr <= LR_MAX):
             raise InputError(f"lr must be a finite number in (0, {LR_MAX:g}] or None, got {self.lr}; {LR_RANGE}")
         if self.schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")

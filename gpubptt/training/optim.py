@@ -33,7 +33,7 @@ and the step counter are left exactly as they were. The learning rate must lie i
 
 from __future__ import annotations
 
-import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +63,19 @@ ON_NONFINITE = ("raise", "skip")
 #: 1e-3 to 1 for SGD and Adagrad on the mean loss; a rate past this bound only overflows the weights.
 LR_MAX = 1e3
 LR_RANGE = "sensible values are about 1e-4 to 1e-2 for adam and 1e-3 to 1 for sgd and adagrad"
+NUMBER = (int, float, np.floating, np.integer)
+
+
+def in_float_range(value: Any) -> bool:
+    """Whether a number is finite as a float: False for NaN, infinities and an int too large for ``float()``
+    (compared as Python numbers, so a NumPy float32 is not cast against the float64 bound)."""
+    v = value.item() if isinstance(value, np.generic) else value
+    return bool(abs(v) <= sys.float_info.max)
+
+
+def _is_real(value: Any) -> bool:
+    """A number (not a bool) within float range."""
+    return isinstance(value, NUMBER) and not isinstance(value, bool) and in_float_range(value)
 
 
 class NonFiniteError(InputError):
@@ -125,7 +138,7 @@ def clip_grad_norm(grads: Mapping[str, Any], max_norm: float, *, xp: Any, names:
     """
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float, np.floating, np.integer)):
         raise InputTypeError(f"max_norm must be a positive number, got {type(max_norm).__name__}")
-    if not (math.isfinite(max_norm) and max_norm > 0):
+    if not (in_float_range(max_norm) and max_norm > 0):
         raise InputError(f"max_norm must be a positive finite number, got {max_norm}")
     keys = [k for k in grads if k not in STATE_KEYS] if names is None else list(names)
     norm = global_grad_norm(grads, xp=xp, names=keys)
@@ -139,7 +152,7 @@ def clip_grad_norm(grads: Mapping[str, Any], max_norm: float, *, xp: Any, names:
 def _check_lr(lr: Any) -> float:
     if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)):
         raise InputTypeError(f"lr must be a positive number, got {type(lr).__name__} {lr!r}")
-    if not (math.isfinite(lr) and 0 < lr <= LR_MAX):
+    if not (in_float_range(lr) and 0 < lr <= LR_MAX):
         raise InputError(f"lr must be a finite number in (0, {LR_MAX:g}], got {lr}; {LR_RANGE}")
     return float(lr)
 
@@ -160,15 +173,29 @@ def _check_unit(value: Any, name: str, *, closed: bool = False) -> float:
 
 def _check_nonnegative(value: Any, name: str, why: str = "") -> float:
     """A finite number ≥ 0 as a float (what a checkpoint stores), else InputError naming ``name``."""
-    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    if not (ok and math.isfinite(value) and value >= 0):
+    if not (_is_real(value) and value >= 0):
         raise InputError(f"{name} must be a finite number ≥ 0{why}, got {value!r}")
     return float(value)
 
 
-def _check_eps(value: Any) -> float:
-    """ε of Adagrad and Adam."""
-    return _check_nonnegative(value, "eps", " (added to the denominator of each update)")
+def _check_eps(value: Any, optimizer: str) -> float:
+    """ε of Adagrad and Adam: > 0, since their update divides by √(…) + ε, which is 0 where a gradient and its
+    state are exactly zero (an input column no batch uses, from the first step on)."""
+    if not (_is_real(value) and value > 0):
+        raise InputError(
+            f"eps of {optimizer} must be a finite number > 0, got {value!r}: the update divides by a root of the "
+            "squared gradients plus eps, so with eps = 0 a gradient that is exactly zero (and zero state) gives "
+            "0/0 = NaN; 1e-8 is usual"
+        )
+    return float(value)
+
+
+def _check_betas(betas: Any) -> tuple[float, float]:
+    """Adam's (β₁, β₂): a pair of numbers in [0, 1)."""
+    pair = isinstance(betas, (tuple, list)) or (isinstance(betas, np.ndarray) and betas.ndim == 1)
+    if not (pair and len(betas) == 2 and all(_is_real(b) and 0 <= b < 1 for b in betas)):
+        raise InputError(f"betas of adam must be a pair of numbers in [0, 1) (β₁, β₂), got {betas!r}")
+    return float(betas[0]), float(betas[1])
 
 
 def _check_decay(value: Any) -> float:
@@ -219,7 +246,8 @@ class Optimizer:
         self.params = params
         self.lr = _check_lr(lr)
         #: the base rate of ``train``'s schedule where its config gives none: the rate built with, or the one
-        #: ``lr`` held when a run began (set by hand); ``lr`` is what the next step uses (``train`` sets it)
+        #: ``lr`` held when a run began (set by hand); ``lr`` is what the next step uses (``train`` sets it).
+        #: Both rates below travel in ``state_dict``, so a loaded optimizer tells the same base as the saved one
         self.base_lr = self.lr
         #: the rate ``train`` last set (None: never): an ``lr`` still equal to it was left by a schedule, not chosen
         self.scheduled_lr: float | None = None
@@ -351,22 +379,41 @@ class Optimizer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Flat state: "t" (0-d int64, host) and "<slot>.<param>" arrays on the backend."""
-        out: dict[str, Any] = {"t": np.asarray(self.t, dtype=np.int64)}
+        """Flat state, a snapshot that later steps leave as it is: "t" (0-d int64, host), "base_lr" and, once
+        ``train`` has set a rate, "scheduled_lr" (0-d float64, host), and copies of the "<slot>.<param>" arrays
+        on the backend."""
+        out: dict[str, Any] = {
+            "t": np.asarray(self.t, dtype=np.int64),
+            "base_lr": np.asarray(self.base_lr, dtype=np.float64),
+        }
+        if self.scheduled_lr is not None:
+            out["scheduled_lr"] = np.asarray(self.scheduled_lr, dtype=np.float64)
         for slot, arrays in self.state.items():
             for k, a in arrays.items():
-                out[f"{slot}.{k}"] = a
+                out[f"{slot}.{k}"] = a.copy()  # a step swaps the state buffers and writes the old ones
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore ``state_dict()`` output (NumPy or backend arrays); validated before anything changes."""
+        """Restore ``state_dict()`` output (NumPy or backend arrays); validated before anything changes.
+
+        "base_lr" and "scheduled_lr" are optional: without "base_lr" (a state saved before it was kept) both rates
+        stay as they are; with it, "scheduled_lr" absent means no rate was scheduled (None)."""
         expected = {"t"} | {f"{slot}.{k}" for slot in self.SLOTS for k in self.params}
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        optional = {"base_lr", "scheduled_lr"}
+        if not expected <= set(state) <= expected | optional:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected - optional)
             raise InputError(f"{self.name} state does not match the parameters: missing {missing}, unexpected {extra}")
         t = np.asarray(self.backend.to_numpy(state["t"]))
         if t.shape != () or t.dtype.kind not in "iu" or int(t) < 0:
             raise InputError(f"optimizer state 't' must be a 0-d int ≥ 0, got {t!r}")
+        if "scheduled_lr" in state and "base_lr" not in state:
+            raise InputError("optimizer state 'scheduled_lr' is given without 'base_lr'; expected both or neither")
+        rates = {}
+        for name in optional & set(state):
+            r = np.asarray(self.backend.to_numpy(state[name]))
+            if r.shape != () or r.dtype.kind not in "fiu" or not (0 < r <= LR_MAX):  # NaN fails the comparison
+                raise InputError(f"optimizer state {name!r} must be a 0-d rate in (0, {LR_MAX:g}], got {r!r}")
+            rates[name] = float(r)
         new = {}
         for slot in self.SLOTS:
             for k, p in self.params.items():
@@ -385,6 +432,8 @@ class Optimizer:
         for (slot, k), a in new.items():
             self.state[slot][k][...] = self.backend.asarray(a, dtype=self.params[k].dtype)
         self.t = int(t)
+        if "base_lr" in rates:  # the base a run without TrainConfig.lr takes, as before the save (train)
+            self.base_lr, self.scheduled_lr = rates["base_lr"], rates.get("scheduled_lr")
 
 
 class SGD(Optimizer):
@@ -419,7 +468,7 @@ class Adagrad(Optimizer):
     SQUARES = ("sum_sq",)
 
     def __init__(self, params: Any, *, lr: float = 0.1, eps: float = 1e-8, **kw: Any) -> None:
-        eps = _check_eps(eps)
+        eps = _check_eps(eps, self.name)
         super().__init__(params, lr=lr, **kw)
         self.eps = eps
 
@@ -447,10 +496,10 @@ class Adam(Optimizer):
     def __init__(
         self, params: Any, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, **kw: Any
     ) -> None:
-        eps = _check_eps(eps)
+        eps = _check_eps(eps, self.name)
+        beta1, beta2 = _check_betas(betas)
         super().__init__(params, lr=lr, **kw)
-        self.beta1 = _check_unit(betas[0], "beta1")
-        self.beta2 = _check_unit(betas[1], "beta2")
+        self.beta1, self.beta2 = beta1, beta2
         self.eps = eps
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -481,13 +530,30 @@ OPTIMIZERS = {"sgd": SGD, "adagrad": Adagrad, "adam": Adam}
 DEFAULT_LR = {"sgd": 0.1, "adagrad": 0.1, "adam": 3e-3}
 
 
+#: the settings each optimizer takes beside ``lr``, ``backend``, ``on_nonfinite`` and ``weight_decay``
+SETTINGS = {"sgd": ("momentum",), "adagrad": ("eps",), "adam": ("betas", "eps")}
+COMMON_SETTINGS = ("lr", "backend", "on_nonfinite", "weight_decay")
+
+
 def make_optimizer(name: str, params: Any, **kw: Any) -> Optimizer:
-    """Build an optimizer by name ("sgd", "adagrad", "adam"); ``lr`` defaults per optimizer."""
+    """Build an optimizer by name ("sgd", "adagrad", "adam"); ``lr`` defaults per optimizer.
+
+    A setting the optimizer does not take is refused (InputError) naming it, except ``momentum`` of 0 or None
+    beside Adagrad or Adam (what a caller passing one set of settings to every optimizer gives)."""
     if name not in OPTIMIZERS:
         raise InputError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
     kw.setdefault("lr", DEFAULT_LR[name])
-    if name != "sgd":
-        kw.pop("momentum", None)
-    if "betas" in kw:
-        kw["betas"] = tuple(kw["betas"])
+    if name != "sgd" and "momentum" in kw:
+        m = kw.pop("momentum")
+        if not (m is None or (isinstance(m, NUMBER) and not isinstance(m, bool) and m == 0)):
+            raise InputError(
+                f"momentum={m!r} applies to sgd only; {name} keeps its own statistics of the gradients "
+                "(give momentum=0 or None, or leave it out)"
+            )
+    takes = (*COMMON_SETTINGS, *SETTINGS[name])
+    unknown = [k for k in kw if k not in takes]
+    if unknown:
+        raise InputError(
+            f"{name} takes no setting {', '.join(map(repr, unknown))}; its settings are {', '.join(takes)}"
+        )
     return OPTIMIZERS[name](params, **kw)
