@@ -143,3 +143,21 @@ def test_momentum_with_another_optimizer_than_sgd_is_refused_unless_zero_or_none
     for momentum in (0, 0.0, None):
         assert make_optimizer(name, p, momentum=momentum).name == name
     assert make_optimizer("sgd", p, momentum=0.9).momentum == 0.9
+
+
+@pytest.mark.parametrize("name", ["adagrad", "adam"])
+def test_a_checkpoint_saved_with_zero_eps_still_loads_as_it_was_saved(tmp_path, name):
+    import json
+
+    model, _ = _model_and_data()
+    path = save_checkpoint(tmp_path / "eps.npz", model, optimizer=make_optimizer(name, model, eps=1e-8))
+    with np.load(path, allow_pickle=False) as z:  # as a file from before eps had to be > 0
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["optimizer"]["eps"] = 0.0
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+    back = load_checkpoint(path, backend="numpy")
+    assert back.optimizer.name == name and back.optimizer.eps == 0.0
+    for k in model.params:
+        np.testing.assert_array_equal(back.model.params[k], model.params[k])

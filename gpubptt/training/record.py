@@ -357,7 +357,10 @@ def load_checkpoint(path: str | os.PathLike[str], *, backend: str | Backend | No
     if mo is not None:
         try:
             hyper = {k: v for k, v in mo.items() if k != "name"}
-            optimizer = make_optimizer(mo["name"], model, **hyper)
+            unset_eps = hyper.get("eps") == 0  # written before eps had to be > 0: it loads as it was saved
+            optimizer = make_optimizer(mo["name"], model, **{**hyper, **({"eps": 1.0} if unset_eps else {})})
+            if unset_eps:
+                optimizer.eps = 0.0
             optimizer.load_state_dict(optim_arrays)
         except (KeyError, TypeError, InputError) as exc:
             raise CheckpointError(f"{where}: bad optimizer state ({exc})") from None
