@@ -39,7 +39,7 @@ def _print(flows: list[gated.CellFlow], T: int, settings: dict[str, Any], fmt: s
     head = ["cell", "params", "horizon", "rate/step", "c horizon", "c rate/step", "‖∂E/∂s0‖", "truncate@1%"]
     rows: list[list[Any]] = [head]
     for f in flows:
-        k = f.truncate_within()
+        k = f.smallest_truncate  # every window from 0 up, as the one-layer table's column
         c = _rate(f.cell_horizon, f.cell_decay_rate, T) if f.cell_log_norms is not None else ("—", "—")
         rows.append([f.cell, f"{f.parameters:,}", *_rate(f.horizon, f.decay_rate, T), *c, f"{f.s0_norm:.3g}",
                      str(k) if k is not None else f">{T - 1}"])  # fmt: skip

@@ -302,14 +302,16 @@ def vanish(
 
     On a random model and random tokens, W is rescaled to each --scale radius; the table gives the
     spectral norm of W, the saturated fraction of states, the gradient horizon (first lag where
-    ‖Π diag(1 − s_j²) W‖₂ < --threshold; "~N (fit)" extrapolates the fitted line when the sequence
-    is too short to reach it), the fitted factor per step of that norm, ‖∂E/∂s0‖, and
-    the smallest truncation window whose gradient is within 1 % of full BPTT.
+    ‖Π diag(φ'_j) W‖₂ < --threshold, φ'_j = 1 − s_j² for tanh, 1[s_j > 0] for relu; "~N (fit)"
+    extrapolates the fitted line when the sequence is too short to reach it), the fitted factor per
+    step of that norm, ‖∂E/∂s0‖, and the smallest truncation window whose gradient is within 1 % of
+    full BPTT.
 
     With --checkpoint, the trained model is measured as it is (one row, "ρ (model)" with ρ its own
     spectral radius) on B windows of T characters of its held-out text or of --data (targets: the
     next characters), or on B sequences of its copy/recall task; an explicit --scale rescales the
     trained W instead, and "model" among the radii keeps it. Windows and sequences come from --seed.
+    A GRU, LSTM or IndRNN checkpoint gets the --cell table (one layer and one direction only; float64).
     """
     if cell is not None:  # the cells side by side (gpubptt.diagnostics.gated)
         ignored = {
@@ -374,7 +376,19 @@ def vanish(
         raise out_of_memory(exc, be) from exc
     model, x, y = problem.model, problem.x, problem.y
     T = problem.T
-    if model.cell_name != "rnn":  # a GRU/LSTM checkpoint: the cell measures (gpubptt.diagnostics.gated)
+    if model.cell_name != "rnn":  # a GRU/LSTM/IndRNN checkpoint: the cell measures (gpubptt.diagnostics.gated)
+        if model.num_states > 1:
+            arch = f"{model.num_layers} layer{'s' if model.num_layers > 1 else ''}"
+            raise usage_error(
+                f"{checkpoint.name} holds a {model.cell_name} model of {arch}"
+                f"{', bidirectional' if model.bidirectional else ''}: {model.cell_name} checkpoints are measured "
+                "with one layer and one direction only (stacks are measured for rnn cells only)"
+            )
+        if dtype is not DEFAULT_DTYPE:
+            raise usage_error(
+                f"--dtype {dtype.value} does not apply to a {model.cell_name} checkpoint (its table is measured in "
+                "float64 on the host)"
+            )
         if scale is not None:
             raise usage_error(f"--scale rescales an rnn cell's W; this checkpoint holds a {model.cell_name}")
         if iters != DEFAULT_ITERS:

@@ -62,7 +62,8 @@ def check_elman(model: RNN, what: str) -> RNN:
     if W is None or tuple(W.shape) != (model.hidden_size, model.hidden_size) or not hasattr(model.cell, "factors"):
         raise InputError(
             f"{what} reads the rnn cell's W (H, H) and step factors; this model's cell is {model.cell_name!r}: "
-            "gpubptt.diagnostics.gated.cell_flow (gpubptt vanish --cell, or --checkpoint) measures any cell"
+            "gpubptt.diagnostics.gated.cell_flow (gpubptt vanish --cell, or --checkpoint) measures any cell of one "
+            "layer and one direction (stacks of other cells are not measured)"
         )
     return model
 
@@ -111,6 +112,13 @@ def batch_of(model: RNN, x: Any, y: Any, s0: Any) -> Batch:
         None,
         for_loss=True,
     )
+
+
+def plain_copy(model: RNN) -> RNN:
+    """The model's parameters in a fresh model that reads x time-major (T, B, …) under the per-step softmax head,
+    without dropout: what the states and step factors of these diagnostics assume, whatever the model's
+    ``batch_first``, ``head`` and ``dropout`` say (``model.states`` never swaps axes; ``loss_and_grads`` would)."""
+    return RNN.from_params(model.params, backend=model.backend, config=model.config)
 
 
 def states_of(model: RNN, batch: Batch) -> Any:

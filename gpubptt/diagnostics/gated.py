@@ -19,7 +19,9 @@ tutorial truncation, for any cell, from the model's own exact BPTT on windows:
 
 G(a, t) the gradient of E_a + … + E_t on steps a..t started from the state at step a − 1 (held
 fixed): the difference is E_t's contribution through steps t, t − 1, …, t − k only. One layer, one
-direction; the host, float64. Dense Jacobians cost T·B·n² memory: meant for H up to a few hundred.
+direction only (stacks of gated or IndRNN cells are not measured); x time-major whatever the model's
+``batch_first``, the per-step softmax loss whatever its ``head``; the host, float64. Dense Jacobians
+cost T·B·n² memory: meant for H up to a few hundred.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ __all__ = [
 
 #: The horizon is the first lag whose product norm falls below this.
 DEFAULT_THRESHOLD = 1e-3
+#: ``CellFlow.smallest_truncate``: the smallest window whose relative error is below this (the tables' truncate@1%).
+TRUNCATE_TOL = 0.01
 
 
 @dataclass
@@ -56,7 +60,10 @@ class CellFlow(ToDict):
     state); cell_log_norms the LSTM's ∂c_{T−1}/∂c_{T−1−ℓ} (None otherwise); step_norms (T,)
     ‖∂E/∂s_t‖ over the batch; s0_norm ‖∂E/∂s0‖; horizon, decay_rate (and cell_horizon,
     cell_decay_rate): first lag below ``threshold`` and exp(fitted slope of the log norm per lag);
-    truncate, rel_error, cosine: the truncated gradient of every parameter against full BPTT.
+    truncate, rel_error, cosine: the truncated gradient of every parameter against full BPTT, at the
+    measured windows; smallest_truncate: the smallest k in 0..T−1 whose relative error is below
+    ``TRUNCATE_TOL`` (1 %), every window measured from k = 0 up to it (the error need not fall
+    monotonically with k, so no window is skipped); None when the truncation bias is skipped.
     """
 
     cell: str
@@ -75,20 +82,25 @@ class CellFlow(ToDict):
     truncate: np.ndarray
     rel_error: np.ndarray
     cosine: np.ndarray
+    smallest_truncate: int | None = None
 
     def truncate_within(self, tol: float = 0.01) -> int | None:
-        """The smallest measured window whose gradient is within ``tol`` (relative) of full BPTT, or None."""
+        """The smallest measured window (in ``truncate``) whose gradient is within ``tol`` (relative) of full BPTT,
+        or None; ``smallest_truncate`` is the smallest of every window 0..T−1 (1 %)."""
         ok = np.flatnonzero(self.rel_error < tol)
         return int(self.truncate[ok[0]]) if ok.size else None
 
 
 def _host_model(model: RNN) -> RNN:
-    """A float64 NumPy copy (the diagnostics run on the host)."""
+    """A float64 NumPy copy (the diagnostics run on the host), reading x time-major under the per-step softmax head."""
     if model.num_states != 1:
+        arch = f"{model.num_layers} layer{'s' if model.num_layers > 1 else ''}"
         raise InputError(
-            f"the cell diagnostics take one layer and one direction; this model has {model.num_layers} layers"
-            + (", bidirectional" if model.bidirectional else "")
-        )
+            f"the cell diagnostics measure one layer and one direction only; this {model.cell_name} model has "
+            f"{arch}{', bidirectional' if model.bidirectional else ''}: "
+            + ("diagnostics.stack_report measures stacks of rnn cells" if model.cell_name == "rnn"
+               else f"stacks of {model.cell_name} cells are not measured (stack_report takes rnn cells only)")
+        )  # fmt: skip
     params = {k: to_numpy(v).astype(np.float64) for k, v in model.params.items()}
     return RNN.from_params(params, backend="numpy", dtype="float64", cell=model.cell)
 
@@ -196,13 +208,13 @@ def cell_flow(
     truncation bias, the one part that costs 2T short BPTT runs per window).
     """
     threshold = check_positive_float(threshold, "threshold")
-    model = check_model(model)
-    T, B = int(np.shape(x)[0]), int(np.shape(x)[1])
+    m = _host_model(check_model(model))  # one layer, one direction: refused by name before anything else
+    batch = batch_of(m, x, y, None)  # x and y checked before the sizes are read from them
+    T, B = batch.T, batch.B
     est = cell_flow_memory(model.input_size, model.hidden_size, model.output_size, T=T, B=B,
                            state=2 if model.cell.extra_state else 1)  # fmt: skip
     check_fits(est, get_backend("numpy").available_memory(), f"measuring the {model.cell_name} cell at T={T} "
                f"H={model.hidden_size} B={B}")  # fmt: skip  # the dense step Jacobians, before they are made
-    m = _host_model(model)
     J, fwd = step_jacobians(m, x)
     T, B, n, _ = J.shape
     H = m.hidden_size
@@ -226,7 +238,6 @@ def cell_flow(
     log_norms = np.mean(logs, axis=1)
     cell_log_norms = np.mean(cell_logs, axis=1) if n == 2 * H else None
     # ∂E/∂s_t: d_t = g_t + J_{t+1}ᵀ d_{t+1}, g_t = [V_ᵀ do_t, 0]
-    batch = batch_of(m, x, y, None)
     yh = to_numpy(batch.y)
     V, c = np.asarray(m.params["V"]), np.asarray(m.params.get("c", 0.0))
     z = fwd["S"][1:] @ V.T + c  # (T, B, K)
@@ -244,12 +255,25 @@ def cell_flow(
     horizon, rate = _fit(log_norms, threshold)
     cell_horizon, cell_rate = _fit(cell_log_norms, threshold) if cell_log_norms is not None else (None, None)
     rel, cos = truncation_windows(m, x, y, truncates) if truncates else (np.zeros(0), np.zeros(0))
+    smallest = _smallest_truncate(m, x, y, dict(zip(truncates, rel, strict=True)), T) if truncates else None
     return CellFlow(
         cell=m.cell_name, hidden_size=H, parameters=int(sum(v.size for v in m.params.values())),
         threshold=threshold, lags=np.arange(T + 1), log_norms=log_norms, cell_log_norms=cell_log_norms,
         step_norms=step_norms, s0_norm=s0_norm, horizon=horizon, decay_rate=rate, cell_horizon=cell_horizon,
         cell_decay_rate=cell_rate, truncate=np.array(truncates), rel_error=rel, cosine=cos,
+        smallest_truncate=smallest,
     )  # fmt: skip
+
+
+def _smallest_truncate(m: RNN, x: Any, y: Any, measured: dict[int, float], T: int) -> int | None:
+    """The smallest k = 0, 1, 2, … whose relative truncation error is below ``TRUNCATE_TOL``: each k in turn (the
+    windows of ``measured`` reused), up to the first that is (k = T − 1 is full BPTT; None only where the full
+    gradient is 0 and no relative error is defined)."""
+    for k in range(T):
+        rel = measured[k] if k in measured else truncation_windows(m, x, y, [k])[0][0]
+        if rel < TRUNCATE_TOL:
+            return k
+    return None
 
 
 def compare_cells(

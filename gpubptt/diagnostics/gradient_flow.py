@@ -18,6 +18,7 @@ from ._common import (
     factors_of,
     json_float,
     json_value,
+    plain_copy,
     states_of,
     to_host,
 )
@@ -168,12 +169,15 @@ def truncation_bias(model: RNN, x: Any, y: Any, s0: Any = None, *, truncates: An
     """Relative error and cosine of the truncated gradient against full BPTT, for each window k.
 
     x (T, B) or (T, B, D); y (T, B); s0 (B, H) or None; truncates: ints ≥ 0 (default 0..T−1).
-    Both gradients come from ``model.loss_and_grads``. Returns arrays (len(truncates),).
+    Both gradients come from ``loss_and_grads`` of a copy of the model that reads x time-major under the
+    per-step softmax head, as the other diagnostics do (the model's ``batch_first`` and ``head`` are not
+    used). Returns arrays (len(truncates),).
     """
     model = check_model(model)
     batch = batch_of(model, x, y, s0)
     truncates = list(range(batch.T)) if truncates is None else list(truncates)
     truncates = [check_int(k, "truncate", 0) for k in truncates]
+    model = plain_copy(model)  # time-major, the softmax head: as states_of and direct_terms read the batch
     be, xp = model.backend, model.backend.xp
     _, full = model.loss_and_grads(batch.x, batch.y, batch.s0)
     names = [*model.params, "s0"]

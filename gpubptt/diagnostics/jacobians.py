@@ -40,7 +40,7 @@ class ProductNorms(ToDict):
     """log ‖diag(f_n) W · diag(f_{n−1}) W ⋯ diag(f_{n−ℓ+1}) W‖₂ for ℓ = 0..n, per example.
 
     log_norms (n+1, B)  row ℓ: the natural log of the largest singular value of the ℓ-step product
-                        for each example (row 0: the identity, log 1 = 0)
+                        for each example (row 0: the identity, log 1 = 0; −inf where the product is 0)
     iterations          power iterations run; converged: whether every lag met the tolerance
     """
 
@@ -57,7 +57,8 @@ def product_norms(
     W (H, H); factors (n, B, H): f_1..f_n, the diagonal of step j's Jacobian for each example
     (the cell's: 1 − s_j² for tanh, 1[s_j > 0] for relu; all ones for a linear recurrence, whose
     Jacobians are W itself).
-    Returns log norms (n+1, B) for lags ℓ = 0..n, the product P_ℓ = J_n J_{n−1} ⋯ J_{n−ℓ+1}.
+    Returns log norms (n+1, B) for lags ℓ = 0..n, the product P_ℓ = J_n J_{n−1} ⋯ J_{n−ℓ+1}; −inf where
+    P_ℓ is exactly 0 (a relu step with every unit of an example off).
 
     Power iteration on P_ℓᵀ P_ℓ for every lag and example together, from Jacobian–vector and
     vector–Jacobian products only (no dense Jacobian): a lane per lag, and all live lanes advance
@@ -89,9 +90,9 @@ def product_norms(
     hi, iterations = n, 0  # lanes i ≥ hi have converged and are frozen (long lags converge first)
 
     def renormalise(a: Any) -> Any:
-        r = xp.maximum(xp.sqrt((a * a).sum(axis=2, keepdims=True)), tiny)  # a zero vector stays finite
-        a /= r
-        return r[..., 0]
+        r = xp.sqrt((a * a).sum(axis=2, keepdims=True))
+        a /= xp.maximum(r, tiny)  # a zero vector stays zero (and finite)
+        return r[..., 0]  # exactly 0 for a product that is exactly 0 (a relu step with every unit off): log −inf
 
     for it in range(1, iters + 1):
         iterations = it
@@ -104,7 +105,8 @@ def product_norms(
             a = u[lo:hi]  # (m, B, H)
             xp.matmul(a.reshape(m * B, H), WT, out=scratch[: m * B])  # W v
             xp.multiply(scratch[: m * B].reshape(m, B, H), factors[j - 1], out=a)  # diag(f_j)
-            logs[lo:hi] += xp.log(renormalise(a))
+            with np.errstate(divide="ignore"):  # NumPy's warning; CuPy gives −inf silently
+                logs[lo:hi] += xp.log(renormalise(a))
         # vector–Jacobian products v = P_ℓᵀ u: back from step n; lag ℓ stops after step n−ℓ+1
         for j in range(n, max(1, n - hi + 1) - 1, -1):
             lo, m = n - j, hi - (n - j)
@@ -116,7 +118,9 @@ def product_norms(
         u, v = v, u
         if it == 1:
             continue
-        moved = to_numpy(xp.abs(logs[:hi] - prev).max(axis=1))  # (hi,) one sync per iteration
+        with np.errstate(invalid="ignore"):  # −inf twice (a zero product) has not moved: −inf − −inf is NaN
+            step = xp.where(logs[:hi] == prev, 0, xp.abs(logs[:hi] - prev))
+        moved = to_numpy(step.max(axis=1))  # (hi,) one sync per iteration
         while hi > 0 and moved[hi - 1] <= tol:
             hi -= 1
         if hi == 0:
@@ -131,7 +135,8 @@ class JacobianProducts(ToDict):
 
     lags (n+1,)                 0..n with n = end (k runs from end down to 0)
     norms (n+1,)                the geometric mean over the batch, exp(mean_b log ‖P_b‖₂), of the
-                                per-example spectral norms (each example has its own s_j)
+                                per-example spectral norms (each example has its own s_j; 0 from
+                                the lag where one example's product is exactly 0, as a relu step can be)
     norms_per_example (n+1, B)  the per-example spectral norms (B = 1 with ``example=b``)
     example                     the one example measured, or None for the whole batch
     end                         the step t where every product ends (default T−1, the last)
@@ -143,7 +148,8 @@ class JacobianProducts(ToDict):
     threshold, horizon          the first lag whose norm is below threshold (None: none is, within n)
     log_slope, decay_rate       least-squares line log norm ≈ log_intercept + log_slope · ℓ over
                                 ℓ = 1..n, and exp(slope): the fitted factor per step (< 1 vanishes,
-                                > 1 explodes; None with fewer than two lags)
+                                > 1 explodes; None with fewer than two lags). Lags whose norm is
+                                exactly 0 (log −inf) are left out of the fit, as ``gated.cell_flow`` does
     horizon_fit                 the lag where that line crosses log threshold, (log threshold −
                                 log_intercept) / log_slope: an extrapolated horizon when the
                                 sequence is too short to reach it (None unless the slope is below

@@ -11,8 +11,8 @@ from ..model import RNN
 from ._common import (
     ToDict,
     batch_of,
+    check_elman,
     check_int,
-    check_model,
     check_positive_float,
     check_tol,
 )
@@ -64,7 +64,7 @@ def vanish_report(
 
 def with_spectral_radius(model: RNN, radius: float) -> RNN:
     """A copy of the model (same backend and dtype) with W rescaled so that max |eig(W)| = radius."""
-    model = check_model(model)
+    model = check_elman(model, "with_spectral_radius")
     radius = check_positive_float(radius, "radius")
     rho = spectral_radius(model.params["W"])
     if rho == 0:
@@ -98,7 +98,7 @@ def vanish_sweep(
     once at the end (done = total = 4·len(radii)); ``what`` reads "ρ=0.5: Jacobian-product norms",
     then "done". Nothing here prints: the caller decides how to show it.
     """
-    model = check_model(model)
+    model = check_elman(model, "vanish_sweep")
     radii = [None if r is None else check_positive_float(r, "radius") for r in radii]
     if not radii:
         raise InputError("radii must hold at least one spectral radius > 0 (or None: W as it is)")

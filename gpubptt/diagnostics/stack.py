@@ -36,7 +36,7 @@ from ..engine import stack as engine
 from ..errors import InputError
 from ..model import RNN
 from ..validation import check_batch
-from ._common import ToDict, check_elman, check_int, check_model, check_positive_float, check_tol, json_value, to_host
+from ._common import ToDict, check_elman, check_int, check_positive_float, check_tol, json_value, plain_copy, to_host
 from .jacobians import DEFAULT_ITERS, DEFAULT_THRESHOLD, NO_DECAY_SLOPE, _fit, product_norms, spectral_radius
 
 __all__ = ["RecurrenceFlow", "StackReport", "ThroughStack", "stack_report", "stack_sweep", "with_radius"]
@@ -173,7 +173,7 @@ def stack_report(
     S = engine.states(model, batch)
     F = [model.cell.factors(s, be=be, out=xp.empty_like(s[1:])) for s in S]
     # as the states above: no dropout masks, the softmax head, time-major inputs (the copy has none of the model's)
-    plain = RNN.from_params(model.params, backend=be, config=model.config)
+    plain = plain_copy(model)
     _, grads = plain.loss_and_grads(batch.x, batch.y, batch.s0_stacked)
     ds0 = to_host(grads["s0"]).reshape(n, B, H)
     steps: list[np.ndarray | None] = [None] * n
@@ -233,7 +233,8 @@ def _through_stack(model: RNN, F: list[Any], threshold: float) -> ThroughStack:
     def visit(j: int, layer: int, a: Any) -> None:
         J = to_host(a).reshape(H, B, H).transpose(1, 0, 2)  # (B, H, H): rows ∂s^top_end[i]/∂s^l_j
         sv = np.linalg.svd(J, compute_uv=False)[:, 0]  # the spectral norm of each example's Jacobian
-        logs[layer, end - j] = np.log(np.maximum(sv, np.finfo(np.float64).tiny)).mean()
+        with np.errstate(divide="ignore"):  # an exactly-zero Jacobian (relu) is log −inf, left out of the fit
+            logs[layer, end - j] = np.log(sv).mean()
 
     _adjoints(model, F, lambda j: basis if j == end else None, visit, lanes=H)
     return ThroughStack(end=end, per_layer=[_decay(logs[layer], threshold) for layer in range(L)])
@@ -241,7 +242,7 @@ def _through_stack(model: RNN, F: list[Any], threshold: float) -> ThroughStack:
 
 def with_radius(model: RNN, radius: float) -> RNN:
     """A copy of the model with every recurrence's W rescaled to spectral radius ``radius``."""
-    model = check_model(model)
+    model = check_elman(model, "with_radius")
     radius = check_positive_float(radius, "radius")
     params = dict(model.params)
     for r in model.recurrences:
@@ -258,7 +259,7 @@ def stack_sweep(
     iters: int = DEFAULT_ITERS, progress: Callable[[int, int, str], None] | None = None,
 ) -> list[tuple[float | None, StackReport]]:  # fmt: skip
     """``stack_report`` for copies of the model with every W rescaled to each radius (None: as it is)."""
-    model = check_model(model)
+    model = check_elman(model, "stack_sweep")
     radii = [None if r is None else check_positive_float(r, "radius") for r in radii]
     if not radii:
         raise InputError("radii must hold at least one spectral radius > 0 (or None: the model as it is)")
