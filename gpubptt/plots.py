@@ -171,7 +171,7 @@ def plot_vanish(sweep: list[tuple[float, Any]], path: str | os.PathLike[str], *,
     thr = sweep[0][1].products.threshold
     ax.axhline(thr, color="0.5", lw=0.8, ls=":")
     ax.set_xlabel("lag t − k")
-    ax.set_ylabel("‖Π diag(1 − s_j²) W‖₂, geometric mean over the batch")
+    ax.set_ylabel("‖Π diag(φ′(a_j)) W‖₂, geometric mean over the batch")  # 1 − s_j² for tanh, 1[s_j > 0] for relu
     ax.set_title("Jacobian product vs lag (dashed: ρ(W)^lag)", fontsize=11)
     ax.legend(fontsize=8)
 
