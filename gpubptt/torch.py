@@ -20,10 +20,12 @@ tensors by DLPack, run on the tensors' device and torch's current stream there. 
 holds views of the Parameters' memory, made and checked once and made again only when a Parameter
 is replaced; in-place updates (optimizers, ``load_state_dict``) reach it as they are. torch's two
 biases per recurrence enter gpubptt as their sum (the GRU keeps b_hn apart), refreshed each call;
-each receives the summed bias's gradient (its own tensor). A Parameter changed in place between a
-forward and its backward raises torch's in-place error; a forward's pullback runs once:
+each receives the summed bias's gradient (its own tensor). A Parameter, x or hx changed in place between
+a forward and its backward raises torch's in-place error; a forward's pullback runs once:
 ``backward(retain_graph=True)`` followed by a second backward through the same output raises
-``PullbackError``.
+``PullbackError``, as does a double backward (the gradients that ``create_graph=True`` gives are not
+themselves differentiable). Weights computed by a parametrization or pruning, and Parameters tied under two names,
+enter as the module computes them each call; under ``torch.compile`` the forward is a graph break.
 
 This module imports torch; ``import gpubptt`` does not (install the extra ``gpubptt[torch]``).
 """
@@ -35,12 +37,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .backend import get_backend
 from .backend.precision import check_precision
 from .cells import cell_class, cell_names
+from .engine.pullback import PullbackError
 from .engine.recompute import check_recompute, unsupported_reason
 from .errors import BackendMismatchError, InputError, InputTypeError, ShapeError
 from .model import RNN
@@ -77,6 +80,11 @@ def _torch_names(num_layers: int, bidirectional: bool, bias: bool) -> list[tuple
         if bias:
             out += [(r, "bias_ih" + sfx, "bias_ih"), (r, "bias_hh" + sfx, "bias_hh")]
     return out
+
+
+#: whether torch.compile is tracing (torch.compiler's since torch 2.3, torch._utils' before): forward then hands
+#: the call to Python through torch.compiler.disable, made only then (importing dynamo up front costs a second)
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or getattr(torch._utils, "is_compiling", lambda: False)
 
 
 class Recurrent(torch.nn.Module):
@@ -150,8 +158,11 @@ class Recurrent(torch.nn.Module):
         """A Recurrent sharing ``mod``'s Parameters: ``nn.RNN`` (tanh or relu), ``nn.GRU`` or ``nn.LSTM`` with
         any layers, directions, bias and batch_first; ``precision`` as ``RNN``'s (float32 modules for tf32/bf16).
         Refused, naming the option: ``proj_size`` and dropout between layers (InputError); parameters that are
-        not float32/float64 and any other module, a subclass of these included (InputTypeError)."""
-        cell = _CELLS.get(type(mod))
+        not float32/float64, weights that are not Parameters (pruned, parametrized, None: prune or parametrize
+        the Recurrent instead) and any other module, a subclass of these included (InputTypeError)."""
+        # parametrize swaps in a class of its own (ParametrizedGRU); the weights it computes are refused below
+        kind = type(mod).__bases__[0] if parametrize.is_parametrized(mod) else type(mod)
+        cell = _CELLS.get(kind)
         if cell is None:
             raise InputTypeError(
                 f"from_module takes a torch.nn.RNN, GRU or LSTM itself (a subclass may compute otherwise), got "
@@ -161,11 +172,23 @@ class Recurrent(torch.nn.Module):
             raise InputError(f"proj_size={mod.proj_size}: gpubptt's LSTM has no projection; use proj_size=0")
         if mod.dropout and mod.num_layers > 1:
             raise InputError(f"dropout={mod.dropout} between layers: gpubptt.torch runs without dropout (use 0)")
+        names = _torch_names(mod.num_layers, mod.bidirectional, mod.bias)
+        params = {name: getattr(mod, name) for _, name, _ in names}  # tied Parameters: one object, two names
+        for name, p in params.items():
+            if not isinstance(p, torch.nn.Parameter):
+                what = _what(mod, name, p)
+                hint = (
+                    "; make the change permanent first (torch.nn.utils.prune.remove, "
+                    "parametrize.remove_parametrizations) or make the Recurrent from the plain module and prune or "
+                    "parametrize the Recurrent"
+                )
+                raise InputTypeError(
+                    f"the {kind.__name__}'s {name} is {what}, not a Parameter: from_module shares the module's "
+                    f"Parameters{hint if what.startswith(('pruned', 'parametrized')) else ''}"
+                )
         dt = mod.weight_hh_l0.dtype
         if dt not in (torch.float32, torch.float64):
             raise InputTypeError(f"the module's parameters are {dt}; gpubptt runs float32 or float64")
-        names = _torch_names(mod.num_layers, mod.bidirectional, mod.bias)
-        params = {name: getattr(mod, name) for _, name, _ in names}
         host = {k: v.detach().cpu().numpy() for k, v in params.items()}
         nonlinearity = getattr(mod, "nonlinearity", None) if cell_class(cell).takes_nonlinearity else None
         linear = {
@@ -187,8 +210,9 @@ class Recurrent(torch.nn.Module):
             f"bias={self.bias}, batch_first={self.batch_first}, bidirectional={self.bidirectional}"
         )
 
-    def _model(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, RNN]:
-        """(key, the gpubptt model that runs tensors of this device and dtype), built once per key."""
+    def _model(self, device: torch.device, dtype: torch.dtype, params: list[Any]) -> tuple[Any, RNN]:
+        """(key, the gpubptt model that runs tensors of this device and dtype), built once per key from
+        ``params`` (this call's weights in torch's order)."""
         last = self._last
         if last is not None and last[0] == device and last[1] == dtype and last[2][3] == self.precision:
             return last[2], self._models[last[2]]  # the checks below passed for this pair already
@@ -212,7 +236,7 @@ class Recurrent(torch.nn.Module):
         if key not in self._models:
             be = get_backend(want)
             dirs = 2 if self.bidirectional else 1
-            host = {n: p.detach().cpu().numpy() for n, p in self.named_parameters()}
+            host = {n: p.detach().cpu().numpy() for n, p in zip(self._pnames, params, strict=True)}
             with be.external_stream(None, device.index):  # the model's arrays on the tensors' device
                 model = RNN.from_torch(
                     host, {"weight": np.zeros((1, self.hidden_size * dirs), host["weight_hh_l0"].dtype)},
@@ -247,16 +271,44 @@ class Recurrent(torch.nn.Module):
         for b_ih, b_hh, b in shared[1]:
             xp.add(b_ih, b_hh, out=b)
 
+    def _check_input(self, x: Any, packed: bool = False) -> None:
+        """x's feature size, and T and B ≥ 1, checked first as torch's module does and worded in the caller's layout
+        (x as given: (T, B, D), (B, T, D) with batch_first, (T, D) unbatched, or a PackedSequence's data (N, D))."""
+        shape = tuple(x.shape)
+        unbatched = len(shape) == 2
+        T, B = (1, 1) if packed else (shape[0], 1) if unbatched else shape[1::-1] if self.batch_first else shape[:2]
+        if shape[-1] == self.input_size and T and B:
+            return
+        if packed:
+            what = f"the PackedSequence's data of shape {shape}"
+        else:
+            layout = "(T, D) unbatched" if unbatched else "(B, T, D) with batch_first" if self.batch_first else (
+                "(T, B, D)")  # fmt: skip
+            what = f"x of shape {shape} read as {layout}"
+        if shape[-1] != self.input_size:
+            raise ShapeError(
+                f"input.size(-1) must be equal to input_size: expected {self.input_size}, got {shape[-1]} in {what}"
+            )
+        if T == 0:
+            raise ShapeError(f"{what} has no time steps (T = 0): a sequence needs at least one step")
+        raise ShapeError(f"{what} is an empty batch (B = 0): gpubptt runs at least one sequence")
+
     def forward(self, x: Any, hx: Any = None, *, lengths: Any = None) -> tuple[Any, Any]:
         """(output, h_n) — an LSTM's (output, (h_n, c_n)) — as the torch module returns them.
 
         x (T, B, D) / (B, T, D) with batch_first / (T, D) unbatched, or a PackedSequence; hx (L·dirs, B, H)
         (an LSTM's (h0, c0)) or None; lengths (B,) ints (a tensor or array on the host) for padded x.
         """
+        if _is_compiling():  # torch.compile: dynamo cannot trace NumPy / CuPy on the tensors' memory
+            return torch.compiler.disable(self._forward)(x, hx, lengths)  # a graph break: Python runs it
+        return self._forward(x, hx, lengths)
+
+    def _forward(self, x: Any, hx: Any, lengths: Any) -> tuple[Any, Any]:
         packed = isinstance(x, PackedSequence)
         if packed:
             if lengths is not None:
                 raise InputError("lengths= is for padded x; a PackedSequence carries its own lengths")
+            self._check_input(x.data, packed=True)
             x, lens = pad_packed_sequence(x, batch_first=False)
             lengths = lens.numpy()
             time_major = x
@@ -265,6 +317,7 @@ class Recurrent(torch.nn.Module):
                 raise InputTypeError(f"x must be a torch.Tensor or PackedSequence, got {type(x).__name__}")
             if x.dim() not in (2, 3):
                 raise ShapeError(f"x must be (T, B, D), (B, T, D) with batch_first, or (T, D); got {tuple(x.shape)}")
+            self._check_input(x)
             time_major = x.transpose(0, 1) if self.batch_first and x.dim() == 3 else x
         unbatched = time_major.dim() == 2
         if unbatched:
@@ -293,7 +346,16 @@ class Recurrent(torch.nn.Module):
             if unbatched:
                 h0 = h0.unsqueeze(1)
                 c0 = None if c0 is None else c0.unsqueeze(1)
-        params = [self._parameters[name] for name in self._pnames]  # the registered ones, replaced or not
+        # the registered Parameters, replaced or not, or what a parametrization or pruning computes in their place
+        # (a tensor that torch differentiates on to the Parameters underneath); tied ones under each of their names
+        registered = self._parameters
+        params = [p if (p := registered.get(name)) is not None else getattr(self, name, None) for name in self._pnames]
+        for name, p in zip(self._pnames, params, strict=True):
+            if not isinstance(p, torch.Tensor):
+                raise InputTypeError(
+                    f"{name} is {_what(self, name, p)}, not a tensor: this Recurrent runs every one of torch's "
+                    f"parameters {', '.join(self._pnames)}: assign it a Parameter (for none of the biases: bias=False)"
+                )
         # the Parameters' identity: their common device and dtype are checked again only when it changes
         ident = tuple((id(p), p.data_ptr(), p.shape, p.stride(), p.dtype, p.device) for p in params)
         if self._checked is None or self._checked[0] != ident:
@@ -313,7 +375,7 @@ class Recurrent(torch.nn.Module):
             lengths = np.asarray(lengths.cpu() if isinstance(lengths, torch.Tensor) else lengths)
             if lengths.shape != (B,) or lengths.dtype.kind not in "iu":
                 raise ShapeError(f"lengths must be (B,) = ({B},) integers, got {lengths.dtype} {lengths.shape}")
-        key, model = self._model(device, dt)
+        key, model = self._model(device, dt, params)
         # no backward will run (torch.no_grad, or nothing needs a gradient): the forward's buffers go straight back
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (time_major, h0, c0, *params))
         out, h_n, c_n = _Pullback.apply((self, key, model, lengths, ident, grad), time_major, h0, c0, *params)
@@ -325,6 +387,15 @@ class Recurrent(torch.nn.Module):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return (out, (h_n, c_n)) if lstm else (out, h_n)
+
+
+def _what(mod: torch.nn.Module, name: str, value: Any) -> str:
+    """How a module's weight ``name`` that is not a Parameter came about, in words (for a refusal)."""
+    if parametrize.is_parametrized(mod, name):
+        return "parametrized (torch.nn.utils.parametrize)"
+    if hasattr(mod, name + "_orig") and hasattr(mod, name + "_mask"):
+        return "pruned (torch.nn.utils.prune)"
+    return "None" if value is None else f"a {type(value).__name__}"
 
 
 def _array(t: Any, xp: Any) -> Any:
@@ -440,7 +511,7 @@ class _Pullback(torch.autograd.Function):
             out, pullback = model.vjp(_array(x, xp), s0, lengths=lengths, recompute=rec.recompute)
             if not grad:
                 pullback.release()
-        ctx.save_for_backward(x, *params)  # torch's own check that neither x nor a Parameter changed in place since
+        ctx.save_for_backward(x, h0, c0, *params)  # torch's own check that none of them changed in place since
         ctx.set_materialize_grads(False)  # an output the loss does not use comes back None, not a zeros tensor
         ctx.state = (pullback, rec, model, device, stream, n, B, H)
         h, c = out.final_state if lstm else (out.final_state, None)
@@ -448,10 +519,21 @@ class _Pullback(torch.autograd.Function):
         return _tensor(out.states), _tensor(h.reshape(n, B, H)), c_n
 
     @staticmethod
-    @once_differentiable  # the pullback is not itself differentiable: a double backward is refused by torch
     def backward(ctx: Any, d_out: Any, d_hn: Any, d_cn: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return _Pullback.pull(ctx, d_out, d_hn, d_cn)
+        # create_graph=True: the pullback's gradients have no graph of their own; a gradient linear in nothing that
+        # requires grad would come back constant and a penalty on it silently add nothing. They come back joined to
+        # everything they depend on by a node that refuses to be differentiated (_Refuse).
+        with torch.no_grad():
+            grads = _Pullback.pull(ctx, d_out, d_hn, d_cn)[1:]
+        return (None, *_Refuse.apply(len(grads), *grads, d_out, d_hn, d_cn, *ctx.saved_tensors))
+
+    @staticmethod
+    def pull(ctx: Any, d_out: Any, d_hn: Any, d_cn: Any) -> tuple:
+        """The pullback's gradients as backward returns them: (None, dx, dh0, dc0, *dparams)."""
         pullback, rec, model, device, stream, n, B, H = ctx.state
-        ctx.saved_tensors  # noqa: B018 -- raises torch's error if x or a Parameter was modified in place since forward
+        ctx.saved_tensors  # noqa: B018 -- raises torch's error if an input was modified in place since forward
         need = ctx.needs_input_grad  # (plan, x, h0, c0, *params)
         xp = model.backend.xp
         with model.backend.external_stream(stream, device):
@@ -475,6 +557,24 @@ class _Pullback(torch.autograd.Function):
                         a[2 * H :] = g[b_hn]
                 dparams.append(_tensor(xp.ascontiguousarray(a)))
         return (None, dx, dh0, dc0, *dparams)
+
+
+class _Refuse(torch.autograd.Function):
+    """``apply(n, *grads, *depends)``: the n gradients as they are, joined to ``depends`` (the forward's inputs and
+    the incoming gradients) so that a loss on them requires grad as torch's own modules' would; differentiating it
+    (a gradient penalty, a Hessian-vector product) raises PullbackError rather than leave its terms out."""
+
+    @staticmethod
+    def forward(ctx: Any, n: int, *tensors: Any) -> Any:
+        return tensors[:n]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise PullbackError(
+            "Recurrent's gradients are not themselves differentiable: no double backward (a gradient penalty, a "
+            "Hessian-vector product: backward through gradients taken with create_graph=True) through "
+            "gpubptt.torch.Recurrent"
+        )
 
 
 def _final(d: Any, xp: Any, n: int, B: int, H: int) -> Any:
