@@ -41,6 +41,8 @@ class Workspaces:
         if recompute == "auto":
             raise InputError("memory_estimate needs a policy: None, 'sqrt' or an int (steps per segment), not 'auto'")
         truncate = _check_truncate(truncate)
+        if truncate is not None and truncate >= T - 1:  # a window over every step: full BPTT (as the call runs it)
+            truncate = None
         if recompute is not None:
             why = _recompute.unsupported_reason(self, truncate=truncate)
             if why:

@@ -259,7 +259,7 @@ class RNN(Construction, Composable, Workspaces, Settings):
         name = "" if self.cell_name == "rnn" else f", cell={self.cell_name!r}"
         try:
             plain = make_cell(self.cell_name)  # the option's defaults
-        except InputError:
+        except Exception:  # a cell that needs its options (or whose class misbehaves): say the cell itself
             plain = None
         if plain is not None and self.cell == plain:
             return name

@@ -149,13 +149,27 @@ def finite_in(a: Any, dtype: np.dtype, *, xp: Any) -> Any:
     """
     with np.errstate(over="ignore", invalid="ignore"):  # the overflow is reported by the caller
         cast = a.astype(dtype, copy=False)
-    if cast.ndim == 0 or cast.size <= FINITE_BLOCK:
-        return cast, xp.isfinite(cast).all()
-    step = max(1, FINITE_BLOCK * cast.shape[0] // cast.size)  # leading-axis blocks: the mask stays ≤ a block
-    ok = xp.isfinite(cast[:step]).all()
-    for i in range(step, cast.shape[0], step):
-        ok = ok & xp.isfinite(cast[i : i + step]).all()  # 0-d, on the device: no sync
+    verdicts = [xp.isfinite(block).all() for block in _blocks(cast)]  # 0-d each, on the device: no sync
+    ok = verdicts[0]
+    for v in verdicts[1:]:
+        ok = ok & v
     return cast, ok
+
+
+def _blocks(a: Any) -> Any:
+    """Views of ``a`` of at most FINITE_BLOCK elements each (more only for a last axis longer than that), covering
+    it: leading-axis slices, going down an axis where one slice of the leading axis is already too large."""
+    if a.ndim == 0 or a.size <= FINITE_BLOCK:
+        yield a
+        return
+    row = a.size // a.shape[0]
+    if row > FINITE_BLOCK and a.ndim > 1:
+        for i in range(a.shape[0]):
+            yield from _blocks(a[i])
+        return
+    step = max(1, FINITE_BLOCK // row)
+    for i in range(0, a.shape[0], step):
+        yield a[i : i + step]
 
 
 #: the most elements ``finite_in`` tests at once: its boolean mask of a long input stays this small (64 KiB)

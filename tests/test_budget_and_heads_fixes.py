@@ -118,3 +118,32 @@ def test_sampling_reads_the_softmax_whatever_the_models_head(cell):
         assert sample_text(model, vocab, length=12, greedy=True, prime="ab") == want
         assert sample_text(model, vocab, length=12, seed=1, prime="ab") == drawn
         assert "".join(sample_chars(model, vocab, length=12, prime="ab", greedy=True)) == want
+
+
+def test_the_finiteness_check_goes_down_an_axis_whose_rows_are_too_large():
+    a = np.ones((2, 64, 4096), np.float32)  # one leading row is 4 blocks
+    tracemalloc.start()
+    _, ok = finite_in(a, np.dtype(np.float32), xp=np)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert bool(ok) and peak < 2 * FINITE_BLOCK
+    a[1, 63, 4095] = np.inf
+    assert not bool(finite_in(a, np.dtype(np.float32), xp=np)[1])
+    assert not bool(finite_in(a.transpose(2, 0, 1)[:, :, ::-1], np.dtype(np.float32), xp=np)[1])  # any layout
+
+
+def test_memory_estimate_takes_a_window_over_every_step_as_full_bptt():
+    model = gpubptt.RNN(4, 5, 4, backend="numpy", seed=0)
+    T, B = 12, 3
+    want = model.memory_estimate(T, B, recompute=2).total
+    assert model.memory_estimate(T, B, recompute=2, truncate=T - 1).total == want
+    with pytest.raises(InputError, match="truncate cannot be combined with recompute"):
+        model.memory_estimate(T, B, recompute=2, truncate=T - 2)
+
+
+@pytest.mark.parametrize(("budget", "error"), [("8G", "InputTypeError"), (0.5, "InputError"), (-1, "InputError")])
+def test_a_training_run_checks_its_memory_budget(budget, error):
+    settings = {"task": "recall", "delay": 20, "hidden": 8, "batch": 4}
+    with pytest.raises((InputError, TypeError), match="max_memory must be") as info:
+        new_run(settings, backend="numpy", steps=1, max_memory=budget)
+    assert type(info.value).__name__ == error

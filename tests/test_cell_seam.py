@@ -64,7 +64,10 @@ def test_a_cell_whose_options_do_not_rebuild_it_is_not_written(tmp_path):
     with pytest.raises(CheckpointError, match=r"do not rebuild it through _Positional\.from_options.*lam"):
         save_checkpoint(path, _toy(_Positional(0.25)))
     assert path.read_bytes() == b"the user's file"
-    with pytest.raises(InputError, match=r"cell 'seam-positional' does not take the options \['lam'\]"):
+    with pytest.raises(
+        InputError,
+        match=r"cell 'seam-positional' cannot be built from the options \['lam'\] \(.*unexpected keyword .*'lam'",
+    ):
         _Positional.from_options(lam=0.5)
 
 
@@ -171,3 +174,84 @@ def test_the_repr_rebuilds_the_cell(kw):
     model = gpubptt.RNN(3, 4, 5, backend="numpy", **kw)
     scope = {"RNN": gpubptt.RNN, "IndRNNCell": IndRNNCell, "PlainOptionsCell": PlainOptionsCell}
     assert eval(repr(model), scope).cell == model.cell
+
+
+def test_a_decorated_run_backward_must_take_d_extra_where_it_is_called():
+    import functools
+
+    from gpubptt.cells import LSTMCell
+
+    def timed(fn):
+        @functools.wraps(fn)  # the wrapper's own signature, not the wrapped one's, is what the engine calls
+        def wrapper(self, G, p, S, aux, *, be, work, scratch, step_kernels, truncate, lanes, grads, ds0):
+            return fn(self, G, p, S, aux, be=be, work=work, scratch=scratch, step_kernels=step_kernels,
+                      truncate=truncate, lanes=lanes, grads=grads, ds0=ds0)  # fmt: skip
+
+        return wrapper
+
+    class Timed(LSTMCell):
+        option = "seam-timed"
+        name = "seam-timed"
+        run_backward = timed(LSTMCell.run_backward)
+
+    with pytest.raises(InputError, match="so its run_backward must take the keyword d_extra"):
+        register_cell(Timed)
+
+    class Forwarding(LSTMCell):  # a wrapper that passes every keyword on: fine
+        option = "seam-forwarding"
+        name = "seam-forwarding"
+        run_backward = functools.wraps(LSTMCell.run_backward)(
+            lambda self, *a, **kw: LSTMCell.run_backward(self, *a, **kw)
+        )
+
+    register_cell(Forwarding)
+
+
+class _NeedsOption(LeakyCell):
+    option = "seam-needs"
+    from_options = Cell.__dict__["from_options"]
+
+    def __init__(self, lam: float) -> None:
+        super().__init__(lam)
+
+
+register_cell(_NeedsOption)
+
+
+def test_a_cell_that_needs_its_options_is_refused_by_name_and_its_model_reprs(tmp_path):
+    with pytest.raises(InputError, match=r"cell 'seam-needs' cannot be built from no options \(.*lam"):
+        gpubptt.RNN(4, 3, 4, cell="seam-needs", backend="numpy")
+    model = _toy(_NeedsOption(0.3))
+    assert "cell=_NeedsOption(lam=0.3)" in repr(model)
+    back = load_checkpoint(save_checkpoint(tmp_path / "needs.npz", model), backend="numpy").model
+    assert back.cell == _NeedsOption(0.3)
+
+
+def test_a_checkpoint_refuses_an_unregistered_subclass_and_options_json_would_change(tmp_path):
+    from gpubptt.cells import GRUCell
+
+    class MyGRU(GRUCell):  # not registered: a file would rebuild a plain GRU
+        pass
+
+    path = tmp_path / "kept.npz"
+    path.write_bytes(b"the user's file")
+    with pytest.raises(
+        CheckpointError, match=r"the cell class MyGRU is not a registered cell \(option 'gru' is GRUCell"
+    ):
+        save_checkpoint(path, gpubptt.RNN(4, 3, 4, cell=MyGRU(), backend="numpy"))
+
+    @register_cell
+    class TupleOption(LeakyCell):  # options() gives a tuple; the file's JSON would give a list back
+        option = "seam-tuple"
+        from_options = Cell.__dict__["from_options"]
+
+        def __init__(self, lams: tuple = (0.25, 0.5)) -> None:
+            super().__init__(lams[0])
+            self.lams = lams
+
+        def options(self) -> dict[str, Any]:
+            return {"lams": self.lams}
+
+    with pytest.raises(CheckpointError, match=r"do not rebuild it .*they build TupleOption\(lams=\[0.25, 0.5\]\)"):
+        save_checkpoint(path, _toy(TupleOption()))
+    assert path.read_bytes() == b"the user's file"

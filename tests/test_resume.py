@@ -267,3 +267,13 @@ def test_a_resume_refuses_an_option_of_another_task_as_a_new_run_says_it(tmp_pat
     assert _train("--data", corpus, "--steps", 2, "--checkpoint", ck).exit_code == 0
     result = _resume(ck, "--delay", 10)
     assert result.exit_code == 2 and "--delay applies to --task copy or recall, not --task text" in result.output
+
+
+def test_an_older_checkpoint_with_a_relative_text_path_says_changed_not_moved(tmp_path):
+    corpus, ck = tmp_path / "corpus.txt", tmp_path / "ck.npz"
+    corpus.write_text(TEXT, encoding="utf-8")
+    assert _train("--data", corpus, "--steps", 2, "--checkpoint", ck).exit_code == 0
+    _edit_meta(ck, lambda m: {**m, "data": {**m["data"], "source": "corpus.txt"}})  # as older files recorded it
+    corpus.write_text(TEXT.replace("question", "tuestion"), encoding="utf-8")
+    said = " ".join(_resume(ck, "--steps", 4).output.split())
+    assert "text file 'corpus.txt' has changed since the checkpoint was saved" in said and "moved" not in said

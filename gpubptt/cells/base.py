@@ -74,14 +74,13 @@ class Cell(ABC):
                 f"nonlinearity does not apply to cell={cls.option!r} (its math fixes its activations; leave it "
                 f"unset), got nonlinearity={nonlinearity!r}"
             )
-        if not options:
-            return cls()
-        if cls.options is Cell.options:  # the cell declares no options
+        if options and cls.options is Cell.options:  # the cell declares no options
             raise InputError(f"cell {cls.option!r} takes no options, got {sorted(options)}")
         try:
             return cls(**options)
-        except TypeError as exc:  # an option the constructor does not take
-            raise InputError(f"cell {cls.option!r} does not take the options {sorted(options)} ({exc})") from None
+        except TypeError as exc:  # an option the constructor does not take, or one it needs and was not given
+            given = f"the options {sorted(options)}" if options else "no options"
+            raise InputError(f"cell {cls.option!r} cannot be built from {given} ({exc})") from None
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and other.options() == self.options()
@@ -235,11 +234,14 @@ def register_cell(cls: type[Cell]) -> type[Cell]:
 
 def _takes(fn: Any, keyword: str) -> bool:
     """Whether ``fn`` accepts ``keyword`` (by that name, or through ``**kwargs``)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # no signature to read: let the call say
-        return True
-    return any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    for follow in (False, True):  # a decorator's wrapper (what is called) and the function it wraps: both take it
+        try:
+            params = inspect.signature(fn, follow_wrapped=follow).parameters.values()
+        except (TypeError, ValueError):  # no signature to read: let the call say
+            continue
+        if not any(p.name == keyword or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return False
+    return True
 
 
 def cell_names() -> tuple[str, ...]:

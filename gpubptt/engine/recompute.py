@@ -80,13 +80,14 @@ def check_recompute(recompute: Any) -> str | int | None:
 
 
 def check_max_memory(max_memory: Any) -> int | None:
-    """None or a positive number of bytes (an int, or a float such as 8 * 2**30)."""
+    """None or a number of bytes ≥ 1 (an int, or a float such as 8 * 2**30), as an int."""
     if max_memory is None:
         return None
     if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float, np.integer, np.floating)):
         raise InputTypeError(f"max_memory must be None or a number of bytes > 0, got {type(max_memory).__name__}")
-    if not max_memory > 0 or not math.isfinite(max_memory):
-        raise InputError(f"max_memory must be a finite number of bytes > 0, got {max_memory}")
+    whole = isinstance(max_memory, (int, np.integer))  # an int of any size is finite
+    if not (max_memory >= 1 and (whole or math.isfinite(max_memory))):
+        raise InputError(f"max_memory must be a finite number of bytes ≥ 1, got {max_memory}")
     return int(max_memory)
 
 

@@ -75,10 +75,18 @@ def _cell_options(cell: Any, path: Path) -> dict[str, Any]:
     recorded would not rebuild the cell (``from_options(nonlinearity, **options)`` refuses them or builds another):
     a file that could never be loaded is not written."""
     more = {k: v for k, v in cell.options().items() if k != "nonlinearity"}
-    try:
-        same = make_cell(cell.option, cell.nonlinearity, **more) == cell
-        why = "" if same else f"they build {make_cell(cell.option, cell.nonlinearity, **more)!r}"
-    except InputError as exc:
+    registered = cell_class(cell.option) if cell.option in cell_names() else None
+    if registered is not type(cell):
+        raise CheckpointError(
+            f"cannot write checkpoint {str(path)!r}: the cell class {type(cell).__name__} is not a registered cell "
+            f"(option {cell.option!r} is {getattr(registered, '__name__', 'nobody')}'s), so a checkpoint could not "
+            "rebuild it; register it under an option of its own (gpubptt.cells.register_cell); nothing was written "
+            "and any existing file was kept"
+        )
+    try:  # as the file will hold them: through JSON (a tuple comes back a list)
+        rebuilt = make_cell(cell.option, cell.nonlinearity, **json.loads(json.dumps(more)))
+        same, why = rebuilt == cell, f"they build {rebuilt!r}"
+    except (InputError, TypeError, ValueError) as exc:
         same, why = False, str(exc)
     if not same:
         raise CheckpointError(

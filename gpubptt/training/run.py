@@ -25,6 +25,7 @@ import numpy as np
 from ..backend import Backend, get_backend
 from ..cells import NONLINEARITIES, cell_class, cell_names
 from ..engine.memory import MAX_LAYERS
+from ..engine.recompute import check_max_memory
 from ..errors import InputError
 from ..model import CELLS, INITS, RNN
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
@@ -264,6 +265,7 @@ def new_run(
     with recall, ``data`` with a task, ``momentum`` with an optimizer other than SGD, ``epochs`` with a
     task. InsufficientMemoryError (an InputError) when the run cannot fit in the backend's memory.
     """
+    check_max_memory(max_memory)
     unknown = sorted(set(settings) - set(DEFAULTS))
     if unknown:
         raise InputError(f"unknown settings {unknown}; expected some of {sorted(DEFAULTS)}")
@@ -426,6 +428,7 @@ def resume_run(
     continues on the new text and the next save records its digest. InsufficientMemoryError when
     the run cannot fit in the backend's memory (as ``new_run``, ``max_memory`` as there).
     """
+    check_max_memory(max_memory)
     ck = load_checkpoint(path, backend=backend)
     if ck.optimizer is None or ck.config is None or ck.data is None or "kind" not in ck.data:
         raise InputError(f"{str(path)!r} holds a model but no training run to resume")
@@ -442,6 +445,7 @@ def resume_run(
     _check_int("--steps", steps, 1)
     if epochs is not None and steps is not None:
         raise InputError("give --steps or --epochs, not both")
+    moved: dict[str, str] = {}  # "data"/"val_data": the file given for a recorded one that no longer exists
     for k, v in (given or {}).items():
         if k not in stored:
             raise InputError(f"unknown setting {k!r}")
@@ -460,6 +464,7 @@ def resume_run(
                         "pass --accept-changed-data to resume on it"
                     )
                 stored[k] = str(Path(os.path.abspath(v)))  # the recorded file moved: this one, if its digest matches
+                moved[k] = stored[k]
                 spec = {**spec, "source" if k == "data" else "val_source": stored[k]}
                 same = True
         else:
@@ -478,12 +483,12 @@ def resume_run(
             )
     if spec["kind"] == "text":
         text = default_corpus() if spec["source"] == "builtin" else read_text(spec["source"])
-        _check_same_text(ck.data, text, accept=accept_changed_data, source=spec["source"])
+        _check_same_text(ck.data, text, accept=accept_changed_data, source=moved.get("data"))
         if spec.get("val_source") is not None:
             val_text = read_text(spec["val_source"])
             held_out = {"source": ck.data["val_source"], "sha256": ck.data["val_sha256"],
                         "size_bytes": ck.data["val_size_bytes"]}  # fmt: skip
-            _check_same_text(held_out, val_text, accept=accept_changed_data, source=spec["val_source"])
+            _check_same_text(held_out, val_text, accept=accept_changed_data, source=moved.get("val_data"))
     try:
         data = make_data(spec, text=text, vocab=ck.vocab, val_text=val_text)
     except InputError as exc:

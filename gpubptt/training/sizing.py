@@ -18,7 +18,7 @@ import numpy as np
 from ..backend import Backend
 from ..cells import make_cell
 from ..engine.memory import InsufficientMemoryError, check_fits, format_bytes, train_memory
-from ..engine.recompute import call_memory, choose
+from ..engine.recompute import call_memory, check_max_memory, choose
 from ..errors import InputError
 from .data import CopyTask, TextData
 from .loop import TrainConfig, learning_rate
@@ -78,6 +78,7 @@ def check_memory(
     """InsufficientMemoryError, with the numbers, when the run's estimated peak memory exceeds what ``be`` has.
     ``max_memory`` (``--max-memory``, bytes): the training calls' budget, which caps their workspaces' part (a plan
     that stores more recomputes, or is refused by ``recompute_plan``)."""
+    max_memory = check_max_memory(max_memory)
     H, dtype = st["hidden"], np.dtype(st["dtype"]).name  # both checked by _check_settings
     B = config.batch_size
     if data.kind == "text":
