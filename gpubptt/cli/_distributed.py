@@ -18,13 +18,22 @@ import functools
 import io
 import os
 import sys
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import typer
 
-from ..distributed import KINDS, Communicator, DataParallel, LocalCommunicator, allgather_text, install_abort_hook
+from ..distributed import (
+    ABORT_GRACE_S,
+    KINDS,
+    Communicator,
+    DataParallel,
+    LocalCommunicator,
+    allgather_text,
+    install_abort_hook,
+)  # fmt: skip
 from ..errors import InputError
 from ._common import choices, in_flags, usage_error
 
@@ -194,6 +203,8 @@ def agree_or_exit() -> None:
 def _abort(code: int) -> None:
     if _active and _active[0].size > 1:
         sys.stderr.write(f"rank {_active[0].rank} of {_active[0].size} stopped (exit status {code}): ending the job\n")
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)  # the launcher forwards what this rank printed before the abort ends it
         _active[0].abort(code)
 
 
@@ -278,6 +289,7 @@ def train_data_parallel(
     ``max_memory``: each rank's budget for its own streams (``train``'s recomputation when over it).
     """
     local = dp.local_state(run.state)
+    reporter.local_state = local  # the step this rank is at (run.state moves at saves only), for messages
 
     def sync() -> None:  # collective: every rank saves at the same steps
         g = dp.global_state(local)

@@ -60,6 +60,8 @@ class TrainReporter:
         self.progress = None
         # --distributed: only rank 0 (main) prints and writes; sync gathers every rank's state before a save
         self.main, self.sync, self.token_scale = True, None, 1.0
+        #: --distributed: this rank's own TrainState (the run's moves at saves only), for the step in messages
+        self.local_state = None
 
     def header(self) -> None:
         if not self.main:

@@ -171,7 +171,8 @@ def _train_or_exit(run, dp, reporter, checkpoint: Path, be, *, budget: int | Non
         raise typer.Exit(130) from exc
     except KeyboardInterrupt as exc:
         reporter.stop()
-        typer.echo(f"interrupted during step {state.step + 1}, before it finished; {reporter.kept()}", err=True)
+        at = reporter.local_state or state  # under --distributed: this rank's step, not the save's
+        typer.echo(f"interrupted during step {at.step + 1}, before it finished; {reporter.kept()}", err=True)
         raise typer.Exit(130) from exc
     except NonFiniteError as exc:
         reporter.stop()
@@ -186,11 +187,13 @@ def _train_or_exit(run, dp, reporter, checkpoint: Path, be, *, budget: int | Non
         raise typer.Exit(exc.code) from exc
     except MemoryError as exc:
         reporter.stop()
-        typer.echo(f"training stopped during step {state.step + 1}; {reporter.kept()}", err=True)
+        at = reporter.local_state or state
+        typer.echo(f"training stopped during step {at.step + 1}; {reporter.kept()}", err=True)
         raise out_of_memory(exc, be) from exc
     except InputError as exc:  # e.g. weights grown past the dtype's range: the next check refuses them
         reporter.stop()
-        typer.echo(f"error: training stopped at step {state.step}: {in_flags(str(exc))}; {reporter.kept()}", err=True)
+        at = reporter.local_state or state
+        typer.echo(f"error: training stopped at step {at.step}: {in_flags(str(exc))}; {reporter.kept()}", err=True)
         raise typer.Exit(1) from exc
     finally:
         restore_sigint(previous_sigint)

@@ -37,7 +37,7 @@ from ..dropout import mask_key
 from ..errors import InputError
 from ..training.loop import TrainConfig, TrainState, evaluate
 from ..validation import NOTHING_COUNTED
-from .base import Communicator
+from .base import Communicator, allgather_text
 
 __all__ = ["DataParallel", "ParameterDivergenceError", "ShardedData", "shard_range"]
 
@@ -113,6 +113,20 @@ class ShardedData:
         return out
 
 
+def _differences(ours: str, theirs: str, width: int = 60) -> str:
+    """What differs between two fingerprints ("|"-separated "name=value" fields): "name: A (rank 0) against B"."""
+
+    def fields(text: str) -> dict[str, str]:
+        return dict(f.split("=", 1) if "=" in f else (f, "") for f in text.split("|"))
+
+    def short(v: str | None) -> str:
+        return "none" if v is None else v if len(v) <= width else v[: width - 1] + "…"
+
+    a, b = fields(ours), fields(theirs)
+    names = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    return ", ".join(f"{k}: {short(b.get(k))} against rank 0's {short(a.get(k))}" for k in names) or "(unreadable)"
+
+
 def _digest(text: str) -> float:
     """48 bits of sha256(text) as a float64 (exact: below 2^53), to compare across ranks in one allreduce."""
     return float(int.from_bytes(hashlib.sha256(text.encode()).digest()[:6], "big"))
@@ -169,10 +183,12 @@ class DataParallel:
     def _agree(self, fingerprint: str) -> None:
         got = self._gather_scalars([_digest(fingerprint)])[:, 0]
         differ = [r for r in range(self.comm.size) if got[r] != got[0]]
-        if differ:
+        if differ:  # every rank is here (they all see the same digests): exchange the texts to name what differs
+            texts = allgather_text(self.comm, fingerprint)
             raise InputError(
-                f"ranks {differ} were started with options or a gpubptt version different from rank 0's "
-                f"(this is rank {self.comm.rank}: {fingerprint}); start every rank with the same command"
+                f"ranks {differ} were started with options or a gpubptt version different from rank 0's ("
+                + "; ".join(f"rank {r}: {_differences(texts[0], texts[r])}" for r in differ)
+                + "); start every rank with the same command"
             )
 
     def _flat_params(self) -> Any:
@@ -238,7 +254,8 @@ class DataParallel:
         x (T, b) or (T, b, D), y (T, b), s0 (b, H), lengths (b,): this rank's b = hi − lo streams.
         Returns what the model returns: the loss and parameter gradients of the whole global batch
         (identical on every rank), grads["s0"] (b, H) for this rank's streams, and the final state
-        (b, H) if asked. reduction="mean" divides by the global count of counted steps.
+        (b, H) if asked. reduction="mean" divides by the global count of what the model's head sums over
+        (counted steps for the per-step softmax; see ``gpubptt.heads``).
         """
         if reduction not in ("sum", "mean"):
             raise InputError(f"unknown reduction {reduction!r}; expected sum or mean")
@@ -257,8 +274,7 @@ class DataParallel:
         )  # fmt: skip
         loss, grads = out[0], out[1]
         be, xp = self.model.backend, self.model.backend.xp
-        T, b = int(x.shape[0]), int(x.shape[1])
-        count = float(b * T if lengths is None else np.minimum(be.to_numpy(lengths), T).sum())  # host values
+        count = self._count(x, lengths)
         names = list(self.model.params)
         sizes = [grads[k].size for k in names]
         buf = xp.empty(sum(sizes) + 2, dtype=grads[names[0]].dtype)  # [every gradient..., loss, count]
@@ -285,6 +301,19 @@ class DataParallel:
         if return_final_state:
             return loss, grads, out[2]
         return loss, grads
+
+    def _count(self, x: Any, lengths: Any) -> float:
+        """What this rank's share of the loss sums over, as ``gpubptt.heads`` says "mean" divides by it: counted
+        steps (per-step softmax), × K (mse), sequences (last_softmax), × K (last_mse); x in the model's layout
+        (``batch_first``: (b, T, …))."""
+        model = self.model
+        T, b = (int(x.shape[1]), int(x.shape[0])) if model.batch_first else (int(x.shape[0]), int(x.shape[1]))
+        head = model.head
+        if head in ("last_softmax", "last_mse"):
+            count = float(b)
+        else:
+            count = float(b * T if lengths is None else np.minimum(model.backend.to_numpy(lengths), T).sum())
+        return count * model.output_size if head in ("mse", "last_mse") else count
 
     # -- data, state and evaluation of this rank ----------------------------------------------------
     def shard_data(self, data: Any) -> ShardedData:
