@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend
-from ..engine.memory import format_bytes
+from ..engine.memory import format_bytes, is_out_of_memory
 from ..model import RNN
 from ..plots import new_figure, save_png
 
@@ -91,15 +91,27 @@ def long_sweep(
     for name in policies:  # kernel choices and lazy imports happen here, outside the measurements
         model.loss_and_grads(warm, warm, recompute=_policy(name))
     for T in Ts:
-        x = be.asarray(rng.integers(0, vocab, size=(T, B)))
+        try:
+            x = be.asarray(rng.integers(0, vocab, size=(T, B)))
+        except Exception as exc:  # the inputs themselves do not fit: every policy of this T is skipped
+            if not is_out_of_memory(exc):
+                raise
+            x, why = None, f"out of memory for the (T, B) inputs ({type(exc).__name__}: {exc})"
         for name in policies:
             policy = _policy(name)
             est = model.memory_estimate(T, B, recompute=policy).total
             row: dict[str, Any] = {"policy": name, "T": T, "estimate_bytes": est}
-            if policy is None and stored_limit is not None and est > stored_limit:
+            if x is None:
+                row["skipped"] = why
+            elif policy is None and stored_limit is not None and est > stored_limit:
                 row["skipped"] = f"the stored path needs about {format_bytes(est)} > {format_bytes(stored_limit)}"
             else:
-                row["seconds"], row["peak_bytes"] = _measure(be, model, x, policy)
+                try:
+                    row["seconds"], row["peak_bytes"] = _measure(be, model, x, policy)
+                except Exception as exc:  # this run did not fit: say so, keep what was measured, go on
+                    if not is_out_of_memory(exc):
+                        raise
+                    row["skipped"] = f"out of memory ({type(exc).__name__}: {exc})"
             rows.append(row)
             if progress:
                 progress(row)

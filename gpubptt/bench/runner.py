@@ -17,6 +17,7 @@ import numpy as np
 
 from ..backend import Backend, get_backend
 from ..cells import cell_class, cell_names, make_cell
+from ..engine.memory import is_out_of_memory
 from ..environment import environment
 from ..model import RNN
 from ..timing import NOISY_SPREAD, is_noisy, summarize, time_interleaved
@@ -30,8 +31,8 @@ SCHEMA = "gpubptt.bench/1"
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    """MemoryError, or any library's OutOfMemoryError (CuPy's, torch.cuda's), matched by class name."""
-    return isinstance(exc, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__)
+    """``engine.memory.is_out_of_memory``: a row that did not fit is recorded as such, and the sweep goes on."""
+    return is_out_of_memory(exc)
 
 
 def _make_data(cfg: BenchConfig, T: int, H: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ from ..bench import COMPARES, INPUTS
 from ..bench.config import BenchConfig
 from ..bench.long import POLICIES, long_sweep, plot_long, render_long
 from ..cells import NONLINEARITIES, cell_class
+from ..engine.memory import InsufficientMemoryError
 from ..engine.recompute import unsupported_reason
 from ..environment import environment
 from ..errors import CheckpointError
@@ -34,6 +35,7 @@ from ._common import (
     choices,
     distinct_or_exit,
     echo_out,
+    in_flags,
     jit_or_exit,
     layers_or_exit,
     out_of_memory,
@@ -471,6 +473,8 @@ def _long(
         )  # fmt: skip
     except MemoryError as exc:
         raise out_of_memory(exc, be) from exc
+    except InsufficientMemoryError as exc:  # the model itself cannot fit: refused before any measurement
+        raise usage_error(in_flags(str(exc))) from exc
     result["environment"] = environment([be])
     result["argv"] = ["gpubptt", *sys.argv[1:]]
     as_json = json.dumps(result, indent=1) + "\n"
@@ -483,9 +487,15 @@ def _long(
         else:
             say(f"wrote {output}")
     lost = None  # a stdout that cannot be written must not lose the plot still to come
-    if output is None or failed or (fmt != "json" and not quiet):  # -q with --output: no table on stdout
+    if failed and fmt == "json":  # the file's content, which would be lost otherwise
+        text = as_json
+    elif output is None:
+        text = as_json if fmt == "json" else render_long(result)
+    else:  # the table beside the file, unless -q
+        text = None if quiet else render_long(result)
+    if text is not None:
         try:
-            echo_out(as_json if fmt == "json" and output is None else render_long(result), nl=False)
+            echo_out(text, nl=False)
         except StdoutFailed as exc:
             lost = exc
     if plot is not None:

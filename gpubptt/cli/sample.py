@@ -39,7 +39,11 @@ def which_checkpoint(checkpoint: Path, which: WhichChoice) -> Path:
         readable_or_exit(checkpoint, "--checkpoint")
         return checkpoint
     best = best_path(checkpoint)
-    if not best.exists():
+    try:
+        there = best.exists()
+    except OSError as exc:  # a name the file system refuses (too long): say it as any path option's problem
+        raise usage_error(f"--which best: {str(best)!r}: {exc.strerror or exc}") from None
+    if not there:
         raise usage_error(
             f"--which best: {str(best)!r} does not exist (`gpubptt train --checkpoint {checkpoint}` writes it at the "
             "first held-out evaluation after training began); use --which last for the last model"

@@ -37,6 +37,7 @@ __all__ = [
     "check_fits",
     "check_model_size",
     "format_bytes",
+    "is_out_of_memory",
     "parameter_count",
     "train_memory",
     "vanish_memory",
@@ -68,6 +69,20 @@ class MemoryEstimate:
         """'about 80.0 GB (parameters 40.0 GB, workspaces 40.0 GB)', largest part first."""
         parts = sorted(self.parts.items(), key=lambda kv: -kv[1])
         return f"about {format_bytes(self.total)} (" + ", ".join(f"{k} {format_bytes(v)}" for k, v in parts) + ")"
+
+
+#: NumPy's refusals of an array larger than any address space (ValueError, not MemoryError)
+_TOO_BIG = ("array is too big", "Maximum allowed dimension exceeded")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says something did not fit: MemoryError, any library's OutOfMemoryError (CuPy's, torch.cuda's:
+    by class name), gpubptt's InsufficientMemoryError, or NumPy's refusal of an array beyond any address space."""
+    if isinstance(exc, (MemoryError, InsufficientMemoryError)):
+        return True
+    if isinstance(exc, ValueError) and any(text in str(exc) for text in _TOO_BIG):
+        return True
+    return any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__)
 
 
 def format_bytes(n: float) -> str:
