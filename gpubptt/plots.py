@@ -28,7 +28,9 @@ __all__ = [
     "save_png",
 ]
 
-PLOT_HINT = "install matplotlib with `pip install 'gpubptt[plot]'`"
+PLOT_HINT = (
+    "install matplotlib with `pip install matplotlib` (or, in gpubptt's source folder, `pip install -e '.[plot]'`)"
+)
 
 
 def plot_unavailable_reason() -> str | None:

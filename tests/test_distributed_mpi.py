@@ -30,9 +30,9 @@ def _skip_reason() -> str | None:
     try:
         import mpi4py  # noqa: F401
     except ImportError:
-        return "mpi4py is not installed (pip install 'gpubptt[mpi]')"
+        return "mpi4py is not installed (pip install mpi4py mpich)"
     if _mpiexec() is None:
-        return "no mpiexec on PATH or beside the interpreter (pip install 'gpubptt[mpi]' brings MPICH's)"
+        return "no mpiexec on PATH or beside the interpreter (pip install mpich brings MPICH's)"
     return None
 
 

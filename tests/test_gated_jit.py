@@ -6,6 +6,8 @@ step. Whole models run the gated gradient tests with and without them (the ``jit
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -327,3 +329,25 @@ def test_kernels_compile_in_memory_where_no_cache_folder_can_be_written(monkeypa
     out = np.empty(5)
     doubled(a, out)
     np.testing.assert_array_equal(out, 2 * a)
+
+
+def test_the_command_line_refuses_gpubptt_jit_numba_without_numba_in_one_line(tmp_path):
+    """It was a traceback from inside the first gated step, after train had printed its header."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "numba.py").write_text('raise ImportError("no numba here")\n')
+    env = {
+        **os.environ,
+        "GPUBPTT_JIT": "numba",
+        "PYTHONPATH": os.pathsep.join([str(fake), str(Path(gpubptt.__file__).parents[1])]),
+    }
+    args = ["bench", "--backend", "numpy", "--cell", "gru", "--seq-lens", "2", "--hidden-sizes", "3", "--batch", "2"]
+    run = subprocess.run(
+        [sys.executable, "-m", "gpubptt", *args], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "error: GPUBPTT_JIT=numba asks for compiled step kernels, but numba does not import" in run.stderr

@@ -491,3 +491,29 @@ def test_loading_mkl_leaves_a_torch_imported_afterwards_its_own_threads():
     out = {k: subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, check=True, env=env).stdout
            for k, c in runs.items()}  # fmt: skip
     assert len(set(out.values())) == 1, out
+
+
+GEMM_SCRIPT = """
+import numpy as np
+from gpubptt.backend.numpy_backend import NumpyBackend
+be = NumpyBackend(blas="mkl")
+rng = np.random.default_rng(0)
+a, b = rng.normal(size=(256, 512)).astype(np.float32), rng.normal(size=(512, 384)).astype(np.float32)
+out = np.empty((256, 384), np.float32)
+be.matmul(a, b, out)
+err = np.abs(out - a.astype(np.float64) @ b.astype(np.float64)).max()
+print(be.mkl is not None, float(err))
+"""
+
+
+@needs_mkl
+@pytest.mark.parametrize("env", [{"MKL_INTERFACE_LAYER": "ILP64"}, {"MKL_THREADING_LAYER": "TBB"}])
+def test_mkl_environment_variables_leave_the_gemms_right_not_a_crashed_process(env):
+    """ILP64 made MKL read the 32-bit ints of the prototypes as 64-bit ones (the process died at the first GEMM);
+    the TBB layer's library sat beside MKL's, where the loader does not look (MKL ended the process)."""
+    run = subprocess.run(
+        [sys.executable, "-c", GEMM_SCRIPT], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    used, err = run.stdout.split()
+    assert used == "True" and float(err) < 1e-3

@@ -28,6 +28,7 @@ import numpy as np
 __all__ = ["NO_TRANS", "TRANS", "Mkl", "PackSlot", "PackedMatrix", "load_mkl", "operand_layout"]
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+LP64 = 0  # MKL_INTERFACE_LP64: 32-bit ints, what every prototype here passes
 B_MATRIX, PACKED = 162, 151
 #: MKL's Intel OpenMP threading layer, by the sonames MKL 2021–2026 load it under
 INTEL_THREAD_LIBRARIES = ("libmkl_intel_thread.so.2", "libmkl_intel_thread.so.3", "libmkl_intel_thread.so")
@@ -110,6 +111,13 @@ class Mkl:
     def __init__(self, lib: ctypes.CDLL, path: str) -> None:
         self.lib = lib
         self.path = path
+        # the prototypes below pass 32-bit ints (LP64): MKL must not read MKL_INTERFACE_LAYER=ILP64 on its first
+        # call and take them for 64-bit ones (it crashed the process); OSError, MKL unused, where it cannot be set
+        set_layer = getattr(lib, "MKL_Set_Interface_Layer", None)
+        if set_layer is not None:
+            set_layer.argtypes, set_layer.restype = [ctypes.c_int], ctypes.c_int
+            if set_layer(LP64) != LP64:
+                raise OSError("MKL's interface layer is ILP64 (64-bit ints) and cannot be set to LP64")
         # each MKL call runs on one MKL thread of the calling thread's own (``_one_thread``), set for the call only
         lib.MKL_Set_Num_Threads_Local.argtypes = [ctypes.c_int]
         lib.MKL_Set_Num_Threads_Local.restype = ctypes.c_int
@@ -363,6 +371,15 @@ def load_mkl() -> tuple[Mkl | None, str]:
     candidates = _candidates()
     if not candidates:
         return None, f"no libmkl_rt in {os.path.join(sys.prefix, 'lib')} or on the library path"
+    if os.environ.get("MKL_THREADING_LAYER", "").strip().lower() == "tbb":
+        # MKL's TBB layer needs libtbb, which the mkl wheel installs beside it but the loader does not search
+        # there: without it MKL ends the process at its first call ("Cannot load libmkl_tbb_thread")
+        tbb = os.path.join(sys.prefix, "lib", "libtbb.so.12")
+        if os.path.exists(tbb):
+            try:
+                ctypes.CDLL(tbb, mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                pass  # MKL says what it misses
     errors = []
     for path in candidates:
         try:

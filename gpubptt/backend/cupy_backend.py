@@ -19,7 +19,10 @@ from .base import Backend, TokenPlan, is_cupy_array
 
 __all__ = ["INSTALL_HINT", "CupyBackend", "make_cupy_backend"]
 
-INSTALL_HINT = "install CuPy with `pip install 'gpubptt[cuda12]'` (CUDA 12) or `'gpubptt[cuda13]'` (CUDA 13)"
+INSTALL_HINT = (
+    "install CuPy with `pip install cupy-cuda12x` (CUDA 12) or `pip install cupy-cuda13x` (CUDA 13) (or, in gpubptt's "
+    "source folder, `pip install -e '.[cuda12]'` or `'.[cuda13]'`)"
+)
 
 _C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 

@@ -35,7 +35,7 @@ __all__ = [
 #: ``mkl`` extra is installed, else NumPy's own BLAS), "mkl" (an error where it is absent) or "numpy".
 BLAS_VAR = "GPUBPTT_BLAS"
 BLAS_CHOICES = ("auto", "mkl", "numpy")
-MKL_HINT = "pip install mkl, or pip install 'gpubptt[mkl]' (x86-64 only)"
+MKL_HINT = "pip install mkl (x86-64 only; or, in gpubptt's source folder, pip install -e '.[mkl]')"
 
 #: Under MKL, a GEMM of fewer FLOPs (2·m·n·k) runs on NumPy's own BLAS: MKL's fixed cost per call (and the
 #: ctypes call's) loses there. One thread, a 2-core AVX-512 CPU (``benchmarks/blas_gemm.py``), µs per GEMM,

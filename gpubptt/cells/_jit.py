@@ -21,7 +21,7 @@ __all__ = ["JIT_CHOICES", "JIT_VAR", "compile_kernels", "compile_loops", "jit_ch
 
 JIT_VAR = "GPUBPTT_JIT"
 JIT_CHOICES = ("auto", "numba", "numpy")
-JIT_HINT = "pip install 'gpubptt[jit]' (numba)"
+JIT_HINT = "pip install numba (or, in gpubptt's source folder, pip install -e '.[jit]')"
 
 
 def _numba() -> tuple[Any, str]:

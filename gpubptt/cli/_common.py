@@ -23,7 +23,7 @@ from .. import __version__, plots
 from .._paths import DestinationError, check_distinct, check_path, check_regular_file, check_writable, write_error
 from ..backend import BACKEND_NAMES, Backend, get_backend
 from ..backend.precision import PRECISIONS
-from ..cells._jit import jit_choice, jit_library
+from ..cells._jit import jit_choice, jit_in_use, jit_library
 from ..engine.memory import format_bytes
 from ..errors import BackendUnavailableError, InputError
 from ..training.run import check_layers
@@ -198,7 +198,10 @@ def backend_or_exit(name: str) -> Backend:
     """The backend called ``name``, or ``error: ...`` (why it cannot run here) and exit 2."""
     try:
         be = get_backend(name)
-        jit_choice()  # GPUBPTT_JIT checked up front, as GPUBPTT_BLAS is (numba itself is imported where it runs)
+        # GPUBPTT_JIT checked up front, as GPUBPTT_BLAS is; numba itself is imported where it runs, unless asked
+        # for by name: then here, so that a missing numba is this error, not a traceback in the first gated step
+        if jit_choice() == "numba" and be.name == "numpy":
+            jit_in_use()
         return be
     except (BackendUnavailableError, InputError) as exc:
         raise usage_error(str(exc)) from exc

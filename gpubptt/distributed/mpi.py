@@ -36,7 +36,8 @@ def import_mpi() -> Any:
     except ImportError as exc:
         raise InputError(
             f"--distributed mpi needs mpi4py, which is not importable ({exc}); install it with "
-            "`pip install 'gpubptt[mpi]'` (mpi4py and the MPICH wheel) or against your cluster's MPI "
+            "`pip install mpi4py mpich` (the MPICH wheel brings mpiexec; in gpubptt's source folder, `pip install -e "
+            "'.[mpi]'`) or against your cluster's MPI "
             "(`pip install mpi4py` with its mpicc on PATH)"
         ) from exc
     return MPI

@@ -25,7 +25,8 @@ def _import_nccl() -> tuple[Any, Any]:
     except ImportError as exc:
         raise InputError(
             f"--distributed nccl needs CuPy with NCCL, which is not importable ({exc}); install "
-            "`gpubptt[cuda12]` or `gpubptt[cuda13]` (CuPy's wheels bring NCCL)"
+            "`pip install cupy-cuda12x` or `cupy-cuda13x` (CuPy's wheels bring NCCL; in gpubptt's source folder, "
+            "`pip install -e '.[cuda12]'` or `'.[cuda13]'`)"
         ) from exc
     if not getattr(nccl, "available", True):
         raise InputError("--distributed nccl: this CuPy was built without NCCL; use --distributed mpi")
