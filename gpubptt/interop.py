@@ -143,7 +143,8 @@ def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any, *, cell: str =
     if U0.ndim != 2 or W0.ndim != 2:
         raise ShapeError(f"weight_ih_l0 and weight_hh_l0 must be 2-d, got shapes {U0.shape} and {W0.shape}")
     rows, cols = W0.shape
-    other = [c for c, g in gates.items() if rows == g * cols and c != cell]
+    # another cell's weights (rows not this cell's G·H, but another's): say which, by the rows
+    other = [c for c, g in gates.items() if rows == g * cols and c != cell] if rows != G * cols else []
     if other:  # another cell's weights: say which, by the rows
         raise ShapeError(
             f"weight_hh_l0 has {rows} rows for H = {cols} (its columns): the state dict of an "

@@ -256,3 +256,23 @@ def test_a_checkpoint_refuses_an_unregistered_subclass_and_options_json_would_ch
     with pytest.raises(CheckpointError, match=r"do not rebuild it .*they build TupleOption\(lams=\[0.25, 0.5\]\)"):
         save_checkpoint(path, _toy(TupleOption()))
     assert path.read_bytes() == b"the user's file"
+
+
+def test_a_registered_variant_of_a_torch_cell_leaves_the_torch_interchange_of_the_original_alone():
+    torch = pytest.importorskip("torch")
+    from gpubptt.cells import LSTMCell, base
+
+    class Variant(LSTMCell):  # the same parameters as nn.LSTM's, registered under its own name
+        option = "seam-variant"
+        name = "seam-variant"
+
+    register_cell(Variant)
+    try:  # an nn.LSTM state dict read as cell="lstm" was refused as "the state dict of ... cell='seam-variant'"
+        lstm, lin = torch.nn.LSTM(3, 4).double(), torch.nn.Linear(4, 5).double()
+        model = gpubptt.RNN.from_torch(lstm.state_dict(), lin.state_dict(), cell="lstm", backend="numpy")
+        np.testing.assert_array_equal(model.params["W"], lstm.weight_hh_l0.detach().numpy())
+        gru = torch.nn.GRU(3, 4).double()
+        with pytest.raises(gpubptt.ShapeError, match=r"the state dict of an nn.GRU \(cell='gru'\)"):
+            gpubptt.RNN.from_torch(gru.state_dict(), lin.state_dict(), cell="lstm", backend="numpy")
+    finally:
+        del base._REGISTRY[Variant.option]
