@@ -72,7 +72,12 @@ def gradcheck(
     coordinates are all checked, or a random sample of ``max_coords`` of them (``None``: all).
     A central difference errs by about (rounding error of the loss) / eps + eps² · (third
     derivative): eps = 1e-5 balances the two for losses of order 1 to 100 (at H = 128, eps = 1e-6
-    gave errors ten times larger, all from rounding). ``eps`` must lie in (0, 1).
+    gave errors ten times larger, all from rounding). ``eps`` must lie in (0, 1). What to expect of a correct
+    gradient: about 1e-8 to 1e-6 for small models under the summed loss; more where the gradients are small
+    beside the loss's rounding (``reduction="mean"`` over many steps, deep stacks: 1e-5 to 1e-4 is still
+    rounding — it grows as eps shrinks, where a wrong gradient's error does not); and a relu cell has no
+    derivative where a pre-activation sits exactly at 0 (zero biases at init feed it there), so such
+    coordinates can show errors of order 1 (shift the biases off 0 to check the rest).
     """
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)):
         raise InputTypeError(f"eps must be a number in (0, 1), got {type(eps).__name__} {eps!r}")
@@ -84,7 +89,7 @@ def gradcheck(
         raise InputError(f"seed must be an int ≥ 0, got {type(seed).__name__} {seed!r}")
     ref = RNN.from_params(
         model.params, backend=model.backend, dtype="float64", nonlinearity=model.nonlinearity, dropout=model.dropout,
-        cell=model.cell_name,
+        cell=model.cell,  # the cell itself: its options (an IndRNN's bound, a custom cell's) are the model's
     )  # fmt: skip
     ref.head, ref.batch_first = model.head, model.batch_first  # the model's loss, its inputs as it reads them
     drop = {"dropout_seed": dropout_seed} if ref.head == "softmax" else {}
@@ -94,6 +99,8 @@ def gradcheck(
     def own(a: Any) -> Any:  # a private C-ordered float64 copy: its flat view is what gets perturbed
         return be.asarray(a, dtype=np.float64).copy(order="C")
 
+    if s0 is not None:  # s0 as the user gave it: a wrong one is refused with the model's own words
+        ref.loss(x, y, s0, lengths=lengths, reduction=reduction, **drop)
     if s0 is None:
         s0_64 = None
     elif extra and isinstance(s0, tuple):

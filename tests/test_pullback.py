@@ -205,3 +205,20 @@ def test_the_pullback_reads_the_inputs_as_they_were_at_the_vjp(cell, recompute):
     got = pullback(d)
     for k in ref:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+
+
+def test_upstream_gradients_past_the_models_range_are_refused_nan_passes_on():
+    """A float64 1e300 into a float32 model's pullback became inf in every gradient, without a word."""
+    model = gpubptt.RNN(3, 4, 3, backend="numpy", seed=0)
+    x = np.zeros((5, 2), np.int64)
+    out, pull = model.vjp(x)
+    big = np.zeros(out.states.shape)
+    big[2, 1, 3] = 1e300
+    with pytest.raises(
+        gpubptt.InputError, match=r"d_states has values too large for float32 \(\|value\| up to 1e\+300\)"
+    ):
+        pull(big)
+    nan = np.zeros(out.states.shape, np.float32)
+    nan[4, 0, 0] = np.nan
+    g = pull(nan)  # the refusal left the pullback usable; NaN passes on, as torch's autograd passes it
+    assert np.isnan(g["W"]).any()

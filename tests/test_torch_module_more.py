@@ -172,3 +172,42 @@ def test_hx_changed_in_place_before_backward_is_refused_as_torch_does():
         c0.add_(1)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             out.sum().backward()
+
+
+@pytest.mark.parametrize("cls", ["GRU", "LSTM"])
+@pytest.mark.parametrize("change", ["parametrization", "new Parameter"])
+def test_a_backward_uses_its_own_forwards_weights_not_a_later_forwards(cls, change):
+    """Two forwards with different weights (a weight drawn afresh per call, or a Parameter replaced) before one
+    backward: each output's gradient is taken with the weights it was computed with, as torch's modules do."""
+    import torch.nn.utils.parametrize as P
+
+    scale = {"now": 1.0}
+
+    class Scaled(torch.nn.Module):
+        def forward(self, W):
+            return W * scale["now"]
+
+    torch.manual_seed(1)
+    x1, x2 = torch.randn(4, 3, 2, dtype=torch.float64), torch.randn(4, 3, 2, dtype=torch.float64)
+    grads = {}
+    for kind in ("torch", "gpubptt"):
+        torch.manual_seed(0)
+        m = getattr(torch.nn, cls)(2, 3).double()
+        if kind == "gpubptt":
+            m = gt.Recurrent.from_module(m)
+        if change == "parametrization":
+            P.register_parametrization(m, "weight_hh_l0", Scaled())
+        a, b = x1.clone().requires_grad_(), x2.clone().requires_grad_()
+        scale["now"] = 1.5
+        o1 = m(a)[0]
+        if change == "parametrization":
+            scale["now"] = 0.5
+            first = m.parametrizations.weight_hh_l0.original
+        else:
+            first = m.weight_hh_l0
+            m.weight_hh_l0 = torch.nn.Parameter(first.detach() * 0.5)
+        o2 = m(b)[0]
+        (o1.pow(2).sum() + o2.pow(2).sum()).backward()
+        grads[kind] = (first.grad.clone(), a.grad.clone(), b.grad.clone())
+    for want, got in zip(grads["torch"], grads["gpubptt"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -107,7 +107,17 @@ class Pullback:
             raise InputTypeError(f"{what} must be floating point, got dtype {a.dtype}")
         if tuple(a.shape) != shape:
             raise ShapeError(f"{what} must have shape {shape} (as the vjp's output), got {tuple(a.shape)}")
-        return a.astype(model.dtype, copy=False)
+        with np.errstate(over="ignore"):
+            cast = a.astype(model.dtype, copy=False)
+        if cast.dtype.itemsize < a.dtype.itemsize:  # narrowing: a finite value past the dtype's range must not
+            xp = be.xp  # become inf (NaN and inf given as such pass on, as torch's gradients do)
+            if bool((xp.isfinite(a) & ~xp.isfinite(cast)).any()):
+                biggest = float(xp.abs(xp.where(xp.isfinite(a), a, 0)).max())
+                raise InputError(
+                    f"{what} has values too large for {model.dtype.name} (|value| up to {biggest:.3g}); it must be "
+                    f"finite in the model's dtype"
+                )
+        return cast
 
     def _finals(self, d_final: Any) -> tuple[Any, Any]:
         """(∂E/∂h_n, ∂E/∂c_n) as (L·dirs, B, H) arrays or None, checked against the final state's shape."""
