@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> float:
     args = p.parse_args(argv)
     if args.T < 5:  # each sequence is 5 to T steps long
         p.error(f"--T must be at least 5 (the shortest sequence), got {args.T}")
+    if args.steps < 1 or args.hidden < 1:
+        p.error(f"--steps and --hidden must be at least 1, got {args.steps} and {args.hidden}")
     rng = np.random.default_rng(0)
     model = gpubptt.RNN(3, args.hidden, 3, cell="gru", bias=True, init="torch", backend="numpy", seed=0)
     model.head = "last_softmax"

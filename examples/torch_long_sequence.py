@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--budget-mb", type=float, default=100.0)
     p.add_argument("--measure", choices=["torch", "gpubptt"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.T < 1 or not args.budget_mb > 0:
+        p.error(f"--T must be at least 1 and --budget-mb above 0, got {args.T} and {args.budget_mb}")
     if args.measure:  # the child process: one measurement, printed
         print(peak_mb(args.measure, args.T))
         return {}

@@ -118,7 +118,9 @@ class Composable:
             )
         batch = self._check_nonempty(self._swap(x, "x"), s0, lengths, f"head {head!r}")
         y = self._swap(y, "y") if head == "mse" else y
-        y = check_targets(head, y, batch.T, batch.B, self.output_size, be=self.backend, dtype=self.dtype)
+        y = check_targets(
+            head, y, batch.T, batch.B, self.output_size, be=self.backend, dtype=self.dtype, weight=batch.weight
+        )
         if reduction == "mean" and batch.lengths is not None and not batch.lengths.any():  # as the softmax head
             raise InputError(NOTHING_COUNTED)
         out, pullback = self._vjp(batch, want_dx=False)

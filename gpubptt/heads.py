@@ -41,7 +41,7 @@ def check_head(head: Any) -> str | None:
     raise InputError(f"unknown head {head!r}; expected one of {', '.join(HEADS)} or None (no output layer)")
 
 
-def check_targets(head: str, y: Any, T: int, B: int, K: int, *, be: Backend, dtype: Any) -> Any:
+def check_targets(head: str, y: Any, T: int, B: int, K: int, *, be: Backend, dtype: Any, weight: Any = None) -> Any:
     """y for a head other than "softmax" (whose targets ``check_batch`` checks), as an array of the backend."""
     if y is None:
         raise InputError(f"head {head!r} needs targets y; got None")
@@ -60,6 +60,8 @@ def check_targets(head: str, y: Any, T: int, B: int, K: int, *, be: Backend, dty
         raise InputTypeError(f"head {head!r} takes float targets y {shape}, got dtype {y.dtype}")
     if tuple(y.shape) != shape:
         raise ShapeError(f"head {head!r} takes targets y of shape {shape}, got {tuple(y.shape)}")
+    if head == "mse" and weight is not None:  # padded steps' targets may hold anything (NaN padding): made 0
+        y = be.xp.where(weight[:, :, None] > 0, y, 0)
     cast, finite = finite_in(y, np.dtype(dtype), xp=be.xp)
     if not bool(finite):
         raise InputError(f"head {head!r}: targets y {nonfinite_reason(y, np.dtype(dtype), xp=be.xp)}")

@@ -4,6 +4,7 @@ checks made before any work, and the way an error reaches the user (``error: ...
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import inspect
 import os
@@ -158,7 +159,10 @@ EXIT_SAVED_NO_STDOUT = 3
 
 
 def echo_out(message: str = "", nl: bool = True) -> None:
-    """``typer.echo`` of a result to stdout; StdoutFailed when stdout cannot be written (``stdout_errors``)."""
+    """``typer.echo`` of a result to stdout; StdoutFailed when stdout cannot be written (``stdout_errors``), closed
+    (``>&-``: Python's stdout is then None, and an echo would drop the result without a word) included."""
+    if sys.stdout is None:
+        raise StdoutFailed(OSError(errno.EBADF, "stdout is closed"))
     try:
         typer.echo(message, nl=nl)
     except OSError as exc:

@@ -123,6 +123,13 @@ def _flags_or_exit(
     replaced without --resume or --force. ``eval_every`` None: a new run's default, a resumed run's own."""
     if resume and force:
         raise usage_error("--resume and --force exclude each other")
+    if not resume and checkpoint.stem.endswith(".best"):  # another --checkpoint's best-model file (best_path)
+        other = checkpoint.with_name(checkpoint.stem[: -len(".best")] + checkpoint.suffix)
+        raise usage_error(
+            f"--checkpoint {str(checkpoint)!r}: a name ending in .best{checkpoint.suffix} is where the run at "
+            f"--checkpoint {str(other)!r} keeps its best model; choose another name (each run writes its best model "
+            "beside its checkpoint as NAME.best.npz)"
+        )
     _early_stop_or_exit(early_stop, DEFAULT_EVAL_EVERY if eval_every is None and not resume else eval_every)
     if accept_changed_data and not resume:
         raise usage_error("--accept-changed-data applies to --resume only (a new run reads its text afresh)")
@@ -339,8 +346,8 @@ def train(
     eval_every: Annotated[
         int | None,
         typer.Option(
-            help=f"Steps between held-out evaluations (and checkpoint saves). (default: {DEFAULT_EVAL_EVERY}; a "
-            "resumed run keeps its own)"
+            help=f"Steps between held-out evaluations (and checkpoint saves); 0: only at the end. (default: "
+            f"{DEFAULT_EVAL_EVERY}; a resumed run keeps its own)"
         ),
     ] = None,
     early_stop: Annotated[
