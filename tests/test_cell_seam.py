@@ -38,6 +38,17 @@ class _Positional(LeakyCell):
 register_cell(_Positional)
 
 
+@pytest.fixture(autouse=True)
+def _registry_as_it_was():
+    """Cells a test registers are gone after it: the registry is process-wide, and other tests list its cells."""
+    from gpubptt.cells import base
+
+    before = dict(base._REGISTRY)
+    yield
+    base._REGISTRY.clear()
+    base._REGISTRY.update(before)
+
+
 def _shaped(option: str, shapes: Any, **attrs: Any) -> type[Cell]:
     """A registered LeakyCell whose param_shapes returns ``shapes`` (a function of D, H, bias)."""
     cls = type(f"Cell_{option.replace('-', '_')}", (LeakyCell,), {"option": option, **attrs})
