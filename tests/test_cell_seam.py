@@ -287,3 +287,17 @@ def test_a_registered_variant_of_a_torch_cell_leaves_the_torch_interchange_of_th
             gpubptt.RNN.from_torch(gru.state_dict(), lin.state_dict(), cell="lstm", backend="numpy")
     finally:
         del base._REGISTRY[Variant.option]
+
+
+def test_a_recorded_cell_option_of_a_bad_value_is_a_checkpoint_error(tmp_path):
+    import json
+
+    path = save_checkpoint(tmp_path / "bad.npz", _toy(PlainOptionsCell(0.25)))
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["model"]["cell_options"] = {"lam": "abc"}  # LeakyCell's float("abc"): a ValueError
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+    with pytest.raises(CheckpointError, match=r"bad cell options \(could not convert string to float"):
+        load_checkpoint(path, backend="numpy")

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 import gpubptt
 from gpubptt.cli import app
+from gpubptt.training.checkpoint_meta import VERSION
 from gpubptt.training.data import CopyTask, TextData
 from gpubptt.training.loop import TrainConfig, train
 from gpubptt.training.optim import make_optimizer
@@ -147,7 +148,7 @@ META_CASES = {  # id: (edit of the meta dict, what the message must name)
     "dropout-one": (_set("model", "dropout", 1.0), "model.dropout = 1.0, expected a number in [0, 1)"),
     "dropout-text": (_set("model", "dropout", "0.5"), 'model.dropout = "0.5"'),
     "bidirectional-zero": (_set("model", "bidirectional", 0), "model.bidirectional = 0"),
-    "version-3": (_set("version", 3), "format version 3; this gpubptt reads 1 and 2"),
+    "version-4": (_set("version", 4), "format version 4; this gpubptt reads 1, 2 and 3"),
 }
 
 
@@ -178,7 +179,7 @@ def test_each_malformed_meta_field_is_refused_naming_the_field(tmp_path, text_ck
 
 def test_the_saved_description_records_the_architecture(text_ck):
     meta = json.loads(str(_arrays(text_ck)["meta"]))
-    assert meta["version"] == 2
+    assert meta["version"] == VERSION
     arch = {k: meta["model"][k] for k in ("cell", "nonlinearity", "num_layers", "bidirectional")}
     assert arch == {"cell": "elman", "nonlinearity": "tanh", "num_layers": 1, "bidirectional": False}
 
@@ -195,10 +196,10 @@ def test_a_version_1_checkpoint_still_loads_as_the_one_architecture_it_could_hol
     assert ck.meta["version"] == 1 and ck.state.step == ref.state.step and ck.model.cell.name == "elman"
     for k, v in ref.model.params.items():
         np.testing.assert_array_equal(ck.model.params[k], v)
-    new = tmp_path / "again.npz"  # saved again, it is written as version 2
+    new = tmp_path / "again.npz"  # saved again, it is written as the current version
     save_checkpoint(new, ck.model, optimizer=ck.optimizer, vocab=ck.vocab, data=ck.data, config=ck.config,
                     state=ck.state, history=ck.history)  # fmt: skip
-    assert json.loads(str(_arrays(new)["meta"]))["version"] == 2
+    assert json.loads(str(_arrays(new)["meta"]))["version"] == VERSION
 
 
 COPY_CASES = {

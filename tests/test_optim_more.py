@@ -161,3 +161,16 @@ def test_a_checkpoint_saved_with_zero_eps_still_loads_as_it_was_saved(tmp_path, 
     assert back.optimizer.name == name and back.optimizer.eps == 0.0
     for k in model.params:
         np.testing.assert_array_equal(back.model.params[k], model.params[k])
+
+
+def test_a_file_from_before_the_base_rate_was_kept_takes_its_configs_rate_as_the_base(tmp_path):
+    model, data = _model_and_data()
+    opt = Adam(model, lr=0.1)
+    config = TrainConfig(steps=5, batch_size=2, chunk=4, schedule="cosine", eval_every=0, lr=0.1)
+    train(model, data, opt, config)
+    path = save_checkpoint(tmp_path / "old.npz", model, optimizer=opt, config=config)
+    with np.load(path, allow_pickle=False) as z:  # as written before optim.base_lr existed
+        arrays = {k: z[k] for k in z.files if k not in ("optim.base_lr", "optim.scheduled_lr")}
+    np.savez(path, **arrays)
+    back = load_checkpoint(path, backend="numpy")
+    assert back.optimizer.lr == pytest.approx(_cosine(4, 5, 0.1)) and back.optimizer.base_lr == 0.1

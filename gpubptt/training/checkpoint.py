@@ -12,7 +12,8 @@ Layout of the archive (every entry a plain NumPy array, so it loads with ``allow
                     init and, from version 2, the architecture: cell, nonlinearity, layers,
                     directions), optimizer, data, training config and position (step, sequence, chunk)
     param.U  param.W  param.V  [param.b  param.c]       the model, in its dtype
-    optim.t  optim.<slot>.<param>                        the optimizer state
+    optim.t  optim.<slot>.<param>                        the optimizer state (and optim.base_lr,
+                                                         optim.scheduled_lr: its rates; version 3)
     vocab           (K,) int32 code points (text models)
     carry.s         (B, H), or (L·dirs, B, H) for a stack: the state carried into the next chunk (mid-sequence only)
     carry.c         an LSTM's carried cell state c, shaped as carry.s (always with it, for an LSTM only)
@@ -306,7 +307,7 @@ def read_model_state(
         the_cell = make_cell(
             cell_class(mm.get("cell", "elman"), recorded=True).option, mm.get("nonlinearity"), **options
         )
-    except (InputError, TypeError) as exc:  # TypeError: an option the cell does not take
+    except (InputError, TypeError, ValueError) as exc:  # an option the cell does not take, or a bad value of one
         raise CheckpointError(f"{where}: bad cell options ({exc})") from None
     expected_shapes = param_shapes(D, H, K, bias, the_cell, num_layers=L, bidirectional=bidirectional)
     param_names = tuple(expected_shapes)

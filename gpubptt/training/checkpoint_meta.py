@@ -7,7 +7,9 @@ Format versions: 1 (the model's sizes, dtype, bias and init) and 2 (the same, pl
 ``cell`` (a registered cell's recorded name: "elman", "gru", "lstm", "indrnn", …), ``nonlinearity``
 (null for a cell without one), ``num_layers``, ``bidirectional``; optionally ``cell_options``, the
 cell's further options, written only for a cell that has some). Version 1 files are read as the one
-architecture they could hold: one layer of the tanh Elman cell, one direction.
+architecture they could hold: one layer of the tanh Elman cell, one direction. Version 3: version 2's fields,
+and the optimizer's state may hold its base rate and last scheduled rate (``optim.base_lr``,
+``optim.scheduled_lr``), which a reader of version 2 would refuse as unexpected entries.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ __all__ = [
 ]
 
 FORMAT = "gpubptt-checkpoint"
-VERSION = 2  # what this gpubptt writes
-READS = (1, 2)  # what it reads
+VERSION = 3  # what this gpubptt writes
+READS = (1, 2, 3)  # what it reads
 #: The architecture fields of version 2 and their defaults (what a version 1 file holds).
 ARCHITECTURE = {"cell": "elman", "nonlinearity": "tanh", "num_layers": 1, "bidirectional": False}
 #: Fields of the architecture that take one of several values here (the first is the default).
@@ -199,7 +201,7 @@ def check_meta(arrays: dict[str, np.ndarray], where: str, record: RecordSchema) 
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{where} is not a gpubptt checkpoint (format tag {show(meta.get('format'))})")
     if not _is_int(meta.get("version")) or meta["version"] not in READS:
-        reads = " and ".join(map(str, READS))
+        reads = ", ".join(map(str, READS[:-1])) + f" and {READS[-1]}"
         raise CheckpointError(f"{where} has format version {show(meta.get('version'))}; this gpubptt reads {reads}")
     f = Fields()
     f.keys("meta", meta, ("format", "version", "model", *record.required), record.optional)

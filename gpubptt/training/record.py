@@ -9,7 +9,7 @@ data) with one line per problem, before anything is resumed.
 
 Entries of the record (every one a plain NumPy array):
 
-    optim.t  optim.<slot>.<param>   the optimizer state
+    optim.t  optim.<slot>.<param>   the optimizer state (optim.base_lr, optim.scheduled_lr: its rates)
     vocab           (K,) int32 code points (text models)
     carry.s         (B, H), or (L·dirs, B, H) for a stack: the state carried into the next chunk (mid-sequence only)
     carry.c         an LSTM's carried cell state c, shaped as carry.s (always with it, for an LSTM only)
@@ -362,6 +362,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, backend: str | Backend | No
             if unset_eps:
                 optimizer.eps = 0.0
             optimizer.load_state_dict(optim_arrays)
+            config_lr = (meta.get("config") or {}).get("lr")
+            if "base_lr" not in optim_arrays and config_lr is not None:  # a file from before the base was kept:
+                optimizer.base_lr = float(config_lr)  # the run's own base rate, not the last rate it scheduled
         except (KeyError, TypeError, InputError) as exc:
             raise CheckpointError(f"{where}: bad optimizer state ({exc})") from None
     elif optim_arrays:
