@@ -155,7 +155,7 @@ def head_loss_and_grads(
         count = (B if last else counted) * K
     dV = xp.empty_like(V)
     be.matmul(z.T, h, dV)  # dV = Σ dzᵀ h
-    dc = None if c is None else z.sum(axis=0)
+    dc = None if c is None else be.sum_rows(z)
     dh = xp.empty((z.shape[0], HD), dtype=Y.dtype)
     be.matmul(z, V, dh)  # ∂E/∂h = dz V
     if not last:

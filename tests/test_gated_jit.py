@@ -187,7 +187,10 @@ def test_without_numba_auto_runs_the_numpy_twins_and_numba_is_refused(monkeypatc
     assert _jit.jit_in_use("auto") == "numpy"
     assert lstm._Kernels(get_backend("numpy")).jit is None
     monkeypatch.setenv(_jit.JIT_VAR, "numba")
-    with pytest.raises(BackendUnavailableError, match=r"GPUBPTT_JIT=numba .* No module named 'numba'.*gpubptt\[jit\]"):
+    with pytest.raises(
+        BackendUnavailableError,
+        match=r"GPUBPTT_JIT=numba .* No module named 'numba'.*pip install numba .*pip install -e '\.\[jit\]'",
+    ):
         _jit.jit_in_use()
 
 

@@ -312,7 +312,9 @@ def test_gpubptt_blas_picks_the_library_and_refuses_what_it_cannot_give(monkeypa
         NumpyBackend()
     monkeypatch.setattr(numpy_backend, "load_mkl", lambda: (None, "no libmkl_rt here"))
     monkeypatch.setenv("GPUBPTT_BLAS", "mkl")
-    with pytest.raises(gpubptt.BackendUnavailableError, match=r"no libmkl_rt here.*pip install mkl.*gpubptt\[mkl\]"):
+    with pytest.raises(
+        gpubptt.BackendUnavailableError, match=r"no libmkl_rt here.*pip install mkl.*pip install -e '\.\[mkl\]'"
+    ):
         NumpyBackend()
     monkeypatch.setenv("GPUBPTT_BLAS", "auto")
     assert NumpyBackend().blas == "numpy"  # auto: NumPy's own BLAS where MKL is absent

@@ -243,8 +243,9 @@ def test_a_budget_below_the_minimum_is_refused_before_any_work_naming_the_minimu
         ({"recompute": True}, InputTypeError, "got bool"),
         ({"recompute": "half"}, InputError, "unknown recompute 'half'"),
         ({"recompute": "auto"}, InputError, "needs max_memory"),
-        ({"max_memory": 0}, InputError, "max_memory must be a finite number of bytes > 0"),
-        ({"max_memory": -5}, InputError, "max_memory must be a finite number of bytes > 0"),
+        ({"max_memory": 0}, InputError, "max_memory must be a finite number of bytes ≥ 1"),
+        ({"max_memory": -5}, InputError, "max_memory must be a finite number of bytes ≥ 1"),
+        ({"max_memory": 0.5}, InputError, "max_memory must be a finite number of bytes ≥ 1"),  # was: 0 bytes
         ({"max_memory": float("inf")}, InputError, "max_memory must be a finite"),
         ({"max_memory": "8G"}, InputTypeError, "max_memory must be None or a number"),
         ({"recompute": 3, "truncate": 2}, InputError, "truncate cannot be combined with recompute"),

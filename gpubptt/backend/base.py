@@ -255,6 +255,11 @@ class Backend:
         """out[i] = src[index[i]] for 2-d src and out, index valid (checked by the caller); no temporary."""
         return self.xp.take(src, index, axis=0, out=out)
 
+    def sum_rows(self, a: Any, out: Any = None) -> Any:
+        """Σ over the rows of a (n, K) → (K,) (into ``out`` where given): a bias's gradient over every step and
+        example. The library's reduction (a tree on the GPU); NumPy's adds row after row, see ``NumpyBackend``."""
+        return self.xp.sum(a, axis=0, out=out)
+
     def token_plan(self, ids: Any, vocab: int) -> TokenPlan:
         """Sort the flat token ids (N,) once; the plan drives ``token_scatter_add``."""
         xp = self.xp

@@ -35,6 +35,8 @@ __all__ = [
 #: ``mkl`` extra is installed, else NumPy's own BLAS), "mkl" (an error where it is absent) or "numpy".
 BLAS_VAR = "GPUBPTT_BLAS"
 BLAS_CHOICES = ("auto", "mkl", "numpy")
+#: rows per block of ``NumpyBackend.sum_rows``'s first level
+SUM_BLOCK = 128
 MKL_HINT = "pip install mkl (x86-64 only; or, in gpubptt's source folder, pip install -e '.[mkl]')"
 
 #: Under MKL, a GEMM of fewer FLOPs (2·m·n·k) runs on NumPy's own BLAS: MKL's fixed cost per call (and the
@@ -397,6 +399,24 @@ class NumpyBackend(Backend):
         for error in errors:
             if error is not None:
                 raise error
+
+    def sum_rows(self, a: Any, out: Any = None) -> Any:
+        """``Backend.sum_rows`` in two levels: NumPy sums a (n, K) array's axis 0 row after row, a rounding error
+        growing as n (3e-6 relative in float32 at n = 128 000, 20 times torch's); sums of blocks of SUM_BLOCK rows,
+        then of the blocks' sums (recursively), grow as SUM_BLOCK + n / SUM_BLOCK. The same additions, one (n /
+        SUM_BLOCK, K) temporary."""
+        n = a.shape[0]
+        if n <= SUM_BLOCK or a.ndim != 2:
+            return np.sum(a, axis=0, out=out)
+        full = n - n % SUM_BLOCK
+        blocks = a[:full].reshape(full // SUM_BLOCK, SUM_BLOCK, a.shape[1]).sum(axis=1)  # a view where a's rows are
+        total = self.sum_rows(blocks)
+        if full < n:
+            total += a[full:].sum(axis=0)
+        if out is None:
+            return total
+        out[...] = total
+        return out
 
     def take_rows(self, src: Any, index: Any, out: Any) -> Any:
         """NumPy's ``take`` into ``out``: with mode "clip" it writes in place; the default mode buffers the

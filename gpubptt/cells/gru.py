@@ -176,7 +176,7 @@ class GRUCell(GatedCell):
         rows = dw.reshape(T * B, 3 * H)
         be.matmul(rows.T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂w_tᵀ h_{t-1}
         if "b_hn" in grads:
-            be.xp.sum(rows[:, 2 * H :], axis=0, out=grads["b_hn"])  # db_hn = Σ_t ∂m_t
+            be.sum_rows(rows[:, 2 * H :], out=grads["b_hn"])  # db_hn = Σ_t ∂m_t
         return work
 
     def _backward_rows(
@@ -229,7 +229,7 @@ class GRUCell(GatedCell):
         rows = dw.reshape(T * B, 3 * H)
         be.matmul(rows.T, S[:-1].reshape(T * B, H), grads["W"])  # dW = Σ_t ∂w_tᵀ h_{t-1}
         if "b_hn" in grads:
-            be.xp.sum(rows[:, 2 * H :], axis=0, out=grads["b_hn"])
+            be.sum_rows(rows[:, 2 * H :], out=grads["b_hn"])
         return work
 
 

@@ -139,7 +139,7 @@ class IndRNNCell(Cell):
             F = self.factors(S, be=be, out=work)
             backward_truncated(self, G, w, F, truncate, be=be, lanes=lanes[0], spare=lanes[1])
         xp.multiply(G, S[:-1], out=work)  # δ_t ⊙ s_{t−1}
-        xp.sum(work.reshape(T * B, H), axis=0, out=grads["w"])  # dw = Σ_t Σ_b δ_t ⊙ s_{t−1}
+        be.sum_rows(work.reshape(T * B, H), out=grads["w"])  # dw = Σ_t Σ_b δ_t ⊙ s_{t−1}
         if T > 0:
             xp.multiply(G[0], w, out=ds0)  # ds0 = δ_0 ⊙ w
         else:

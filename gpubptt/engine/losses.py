@@ -139,7 +139,7 @@ def xent_and_grads(
         be.matmul(z, V, dS[t0:t1].reshape(n, H))  # direct term ∂E/∂s_t = do_t @ V
         be.matmul(z.T, rows, dV, accumulate=accumulate or t0 > 0)  # dV += do_tᵀ s_t
         if dc is not None:
-            dc += z.sum(axis=0)
+            dc += be.sum_rows(z)
     return loss
 
 

@@ -463,9 +463,9 @@ class SegmentWorkspace:
                 rows = dpre.reshape(n * self.B, dpre.shape[2])  # ∂E/∂pre over the segment's rows
                 if cell.input_bias and cell.input_bias in mine:
                     if first:
-                        xp.sum(rows, axis=0, out=mine[cell.input_bias])
+                        be.sum_rows(rows, out=mine[cell.input_bias])
                     else:
-                        mine[cell.input_bias] += rows.sum(axis=0)
+                        mine[cell.input_bias] += be.sum_rows(rows)
                 if r.layer == 0 and self.tokens:
                     be.token_scatter_add(self.dUT, TokenPlan(plan.perm, plan.offsets), rows)
                 else:

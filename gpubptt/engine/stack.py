@@ -473,7 +473,7 @@ def backward_stack(
             if r.direction == 1:  # ∂E/∂pre back into input time
                 dpre = gather_rows(dpre, st.rev, be=be, out=st.pre if dpre is not st.pre else st.tmp)
             if cell.input_bias and cell.input_bias in mine:
-                be.xp.sum(dpre.reshape(T * B, n_pre), axis=0, out=mine[cell.input_bias])  # db = Σ_t ∂E/∂pre_t
+                be.sum_rows(dpre.reshape(T * B, n_pre), out=mine[cell.input_bias])  # db = Σ_t ∂E/∂pre_t
             input_weight_grad(dpre, X, tokens and l == 0, plan, be=be, out=mine["U"], scratch=dUT)
             below = None
             if l > 0:  # ∂E/∂X_l = Σ_directions ∂E/∂pre @ U, into the layer below's gradient buffer
