@@ -348,3 +348,18 @@ class Construction:
         new = type(self).__new__(type(self))
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return new
+
+
+def cell_repr(model: Any) -> str:
+    """The repr's cell part, what rebuilds the cell: nothing for the default rnn/tanh, ``cell=`` the option name
+    and ``nonlinearity=`` where they say it all, else ``cell=`` the cell object's repr (its options)."""
+    name = "" if model.cell_name == "rnn" else f", cell={model.cell_name!r}"
+    try:
+        plain = make_cell(model.cell_name)  # the option's defaults
+    except Exception:  # a cell that needs its options (or whose class misbehaves): say the cell itself
+        plain = None
+    if plain is not None and model.cell == plain:
+        return name
+    if plain is not None and model.cell.options() == {**plain.options(), "nonlinearity": model.nonlinearity}:
+        return f"{name}, nonlinearity={model.nonlinearity!r}"
+    return f", cell={model.cell!r}"

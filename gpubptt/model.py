@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from ._composable import Composable
-from ._construction import Construction, backend_for, fresh_lock
+from ._construction import Construction, backend_for, cell_repr, fresh_lock
 from ._settings import Settings
 from ._workspaces import MAX_WORKSPACES, Workspaces
 from .backend import Backend
-from .cells import STEP_KERNELS, Cell, make_cell
+from .cells import STEP_KERNELS, Cell
 from .config import ModelConfig
 from .dropout import check_offset
 from .engine import recompute as _recompute
@@ -53,6 +53,7 @@ from .validation import (
     _check_seed,
     _check_truncate,
     _split_state,
+    batch_copies,
     check_batch,
     check_c0,
     check_dtype,
@@ -60,15 +61,6 @@ from .validation import (
 )
 
 __all__ = ["CELLS", "INITS", "MAX_WORKSPACES", "REDUCTIONS", "RNN", "RNNOutput"]
-
-
-def _copies(batch: Batch, x: Any, y: Any) -> int:
-    """Bytes of the copies a checked batch holds of the caller's x and y (cast to the dtypes the call computes in:
-    dense x in the model's, ids and targets as int64); 0 where it computes on the caller's arrays themselves."""
-    return sum(
-        int(a.nbytes) for a, given in ((batch.x, x), (batch.y, y))
-        if a is not None and getattr(given, "dtype", None) != a.dtype
-    )  # fmt: skip
 
 
 @dataclass
@@ -248,24 +240,10 @@ class RNN(Construction, Composable, Workspaces, Settings):
             + ("" if self.precision == "fp32" else f", precision={self.precision!r}")
             + ("" if self.num_layers == 1 else f", num_layers={self.num_layers}")
             + ("" if not self.bidirectional else ", bidirectional=True")
-            + self._cell_repr()
+            + cell_repr(self)
             + ("" if not self.dropout else f", dropout={self.dropout}")
             + ")"
         )
-
-    def _cell_repr(self) -> str:
-        """The repr's cell part, what rebuilds the cell: nothing for the default rnn/tanh, ``cell=`` the option name
-        and ``nonlinearity=`` where they say it all, else ``cell=`` the cell object's repr (its options)."""
-        name = "" if self.cell_name == "rnn" else f", cell={self.cell_name!r}"
-        try:
-            plain = make_cell(self.cell_name)  # the option's defaults
-        except Exception:  # a cell that needs its options (or whose class misbehaves): say the cell itself
-            plain = None
-        if plain is not None and self.cell == plain:
-            return name
-        if plain is not None and self.cell.options() == {**plain.options(), "nonlinearity": self.nonlinearity}:
-            return f"{name}, nonlinearity={self.nonlinearity!r}"
-        return f", cell={self.cell!r}"
 
     # -- the math -----------------------------------------------------------------------------
     def _check(self, x: Any, y: Any, s0: Any, lengths: Any, for_loss: bool) -> Batch:
@@ -521,7 +499,7 @@ class RNN(Construction, Composable, Workspaces, Settings):
         scale = self._scale(batch, reduction)
         c = _recompute.choose(
             self, batch.T, batch.B, tokens=batch.tokens, lengths=batch.weight is not None,
-            recompute=recompute, max_memory=max_memory, truncate=truncate, held=_copies(batch, x, y),
+            recompute=recompute, max_memory=max_memory, truncate=truncate, held=batch_copies(batch, x, y),
         )  # fmt: skip
         with self._lock:  # the workspace (and its graph) is this model's: another thread waits its turn
             if c is None:

@@ -326,3 +326,12 @@ def _check_seed(seed: Any, name: str = "seed") -> int | None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise InputError(f"{name} must be None or an int ≥ 0, got {type(seed).__name__} {seed!r}")
     return None if seed is None else int(seed)
+
+
+def batch_copies(batch: Batch, x: Any, y: Any) -> int:
+    """Bytes of the copies a checked batch holds of the caller's x and y (cast to the dtypes the call computes in:
+    dense x in the model's, ids and targets as int64); 0 where it computes on the caller's arrays themselves."""
+    return sum(
+        int(a.nbytes) for a, given in ((batch.x, x), (batch.y, y))
+        if a is not None and getattr(given, "dtype", None) != a.dtype
+    )  # fmt: skip

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from .optim import LR_MAX, LR_RANGE, NonFiniteError, Optimizer, clip_grad_norm, in_float_range
+from ._optim_settings import LR_MAX, LR_RANGE, in_float_range
+from .optim import NonFiniteError, Optimizer, clip_grad_norm
 
 __all__ = [
     "SCHEDULES",

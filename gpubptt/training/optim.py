@@ -33,7 +33,6 @@ and the step counter are left exactly as they were. The learning rate must lie i
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +41,16 @@ import numpy as np
 
 from ..backend import Backend, get_backend
 from ..errors import InputError, InputTypeError, ShapeError
+from ._optim_settings import (
+    LR_MAX,
+    NUMBER,
+    _check_betas,
+    _check_decay,
+    _check_eps,
+    _check_lr,
+    _check_unit,
+    in_float_range,
+)
 
 __all__ = [
     "LR_MAX",
@@ -58,24 +67,6 @@ __all__ = [
 ]
 
 ON_NONFINITE = ("raise", "skip")
-
-#: The largest learning rate accepted. Sensible rates lie far below: about 1e-4 to 1e-2 for Adam,
-#: 1e-3 to 1 for SGD and Adagrad on the mean loss; a rate past this bound only overflows the weights.
-LR_MAX = 1e3
-LR_RANGE = "sensible values are about 1e-4 to 1e-2 for adam and 1e-3 to 1 for sgd and adagrad"
-NUMBER = (int, float, np.floating, np.integer)
-
-
-def in_float_range(value: Any) -> bool:
-    """Whether a number is finite as a float: False for NaN, infinities and an int too large for ``float()``
-    (compared as Python numbers, so a NumPy float32 is not cast against the float64 bound)."""
-    v = value.item() if isinstance(value, np.generic) else value
-    return bool(abs(v) <= sys.float_info.max)
-
-
-def _is_real(value: Any) -> bool:
-    """A number (not a bool) within float range."""
-    return isinstance(value, NUMBER) and not isinstance(value, bool) and in_float_range(value)
 
 
 class NonFiniteError(InputError):
@@ -149,57 +140,10 @@ def clip_grad_norm(grads: Mapping[str, Any], max_norm: float, *, xp: Any, names:
     return norm
 
 
-def _check_lr(lr: Any) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)):
-        raise InputTypeError(f"lr must be a positive number, got {type(lr).__name__} {lr!r}")
-    if not (in_float_range(lr) and 0 < lr <= LR_MAX):
-        raise InputError(f"lr must be a finite number in (0, {LR_MAX:g}], got {lr}; {LR_RANGE}")
-    return float(lr)
-
-
 def _writable(a: Any) -> bool:
     """False for a read-only NumPy array (CuPy arrays are always writable)."""
     flags = getattr(a, "flags", None)
     return bool(getattr(flags, "writeable", True))
-
-
-def _check_unit(value: Any, name: str, *, closed: bool = False) -> float:
-    ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    if not ok or not (0 <= value <= 1 if closed else 0 <= value < 1):
-        interval = "[0, 1]" if closed else "[0, 1)"
-        raise InputError(f"{name} must be a number in {interval}, got {value!r}")
-    return float(value)
-
-
-def _check_nonnegative(value: Any, name: str, why: str = "") -> float:
-    """A finite number ≥ 0 as a float (what a checkpoint stores), else InputError naming ``name``."""
-    if not (_is_real(value) and value >= 0):
-        raise InputError(f"{name} must be a finite number ≥ 0{why}, got {value!r}")
-    return float(value)
-
-
-def _check_eps(value: Any, optimizer: str) -> float:
-    """ε of Adagrad and Adam: > 0, since their update divides by √(…) + ε, which is 0 where a gradient and its
-    state are exactly zero (an input column no batch uses, from the first step on)."""
-    if not (_is_real(value) and value > 0):
-        raise InputError(
-            f"eps of {optimizer} must be a finite number > 0, got {value!r}: the update divides by a root of the "
-            "squared gradients plus eps, so with eps = 0 a gradient that is exactly zero (and zero state) gives "
-            "0/0 = NaN; 1e-8 is usual"
-        )
-    return float(value)
-
-
-def _check_betas(betas: Any) -> tuple[float, float]:
-    """Adam's (β₁, β₂): a pair of numbers in [0, 1)."""
-    pair = isinstance(betas, (tuple, list)) or (isinstance(betas, np.ndarray) and betas.ndim == 1)
-    if not (pair and len(betas) == 2 and all(_is_real(b) and 0 <= b < 1 for b in betas)):
-        raise InputError(f"betas of adam must be a pair of numbers in [0, 1) (β₁, β₂), got {betas!r}")
-    return float(betas[0]), float(betas[1])
-
-
-def _check_decay(value: Any) -> float:
-    return _check_nonnegative(value, "weight_decay")
 
 
 class Optimizer:

@@ -28,9 +28,10 @@ from ..engine.memory import MAX_LAYERS
 from ..engine.recompute import check_max_memory
 from ..errors import InputError
 from ..model import CELLS, INITS, RNN
+from ._optim_settings import LR_MAX, LR_RANGE
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
 from .loop import SCHEDULES, History, TrainConfig, TrainState, optimizer_base_rate
-from .optim import DEFAULT_LR, LR_MAX, LR_RANGE, ON_NONFINITE, Optimizer, make_optimizer
+from .optim import DEFAULT_LR, ON_NONFINITE, Optimizer, make_optimizer
 from .record import Checkpoint, load_checkpoint, save_checkpoint
 from .sample import check_predicts_ahead
 from .sizing import INT_MAX, check_memory, schedule_note, total_steps
