@@ -17,6 +17,7 @@ from gpubptt.engine.pullback import PullbackError
 
 torch = pytest.importorskip("torch")
 gt = pytest.importorskip("gpubptt.torch")
+torch_function = pytest.importorskip("gpubptt._torch_function")
 
 D, H, T, B = 3, 4, 5, 3
 MODULES = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}
@@ -215,9 +216,9 @@ def test_cuda_tensors_run_on_their_device_and_torch_current_stream():
         asked.append(index)
         return SimpleNamespace(cuda_stream=0 if index == 1 else 1234)
 
-    assert gt._placement(torch.device("cpu"), current_stream) == (None, None)
-    assert gt._placement(torch.device("cuda", 1), current_stream) == (1, 0)
-    assert gt._placement(torch.device("cuda", 2), current_stream) == (2, 1234)
+    assert torch_function._placement(torch.device("cpu"), current_stream) == (None, None)
+    assert torch_function._placement(torch.device("cuda", 1), current_stream) == (1, 0)
+    assert torch_function._placement(torch.device("cuda", 2), current_stream) == (2, 1234)
     assert asked == [1, 2]
     entered = []
 
