@@ -90,3 +90,31 @@ def test_a_nearly_shut_gate_has_the_gradients_of_torch_float64_autograd(cell, ga
         ours = np.asarray(g_lin[name[4:]] if name.startswith("lin.") else g_rnn[name], dtype=np.float64)
         theirs = param.grad.numpy()
         assert np.linalg.norm(ours - theirs) <= RTOL[dtype] * np.linalg.norm(theirs), name
+
+
+@pytest.mark.parametrize("path", ["numpy", "numba", "mkl loops"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_gates_saturated_past_exp_overflow_give_finite_gradients_without_a_warning(cell, dtype, path, monkeypatch):
+    """Gate arguments of ±1e4: exp(−x) overflows to inf (σ = 0 exactly) or underflows to 0 (σ = 1); no NaN, no
+    floating-point warning (an error under errstate "raise"), the loss and gradients those of torch float64."""
+    be = _backend(path, monkeypatch)
+    torch.manual_seed(5)
+    module = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[cell](D, H).double()
+    lin = torch.nn.Linear(H, K).double()
+    with torch.no_grad():
+        module.bias_ih_l0.copy_(torch.tensor([-1e4, 1e4], dtype=torch.float64).repeat(module.bias_ih_l0.numel() // 2))
+    x = np.random.default_rng(5).normal(size=(T, B, D)).astype(dtype)
+    y = np.random.default_rng(6).integers(0, K, size=(T, B))
+    out, _ = module(torch.as_tensor(x.astype(np.float64)))
+    loss_t = torch.nn.functional.cross_entropy(lin(out).reshape(-1, K), torch.as_tensor(y).reshape(-1), reduction="sum")
+    loss_t.backward()
+    cast = (lambda v: v.float()) if dtype == "float32" else (lambda v: v)
+    state, head = ({k: cast(v) for k, v in m.state_dict().items()} for m in (module, lin))
+    model = gpubptt.RNN.from_torch(state, head, cell=cell, backend=be)
+    with np.errstate(all="raise"):
+        loss, grads = model.loss_and_grads(x, y)
+    assert all(np.isfinite(g).all() for g in grads.values())
+    assert float(loss) == pytest.approx(loss_t.item(), rel=RTOL[dtype])
+    g_rnn, _ = model.to_torch(grads=grads)
+    np.testing.assert_allclose(g_rnn["weight_ih_l0"], module.weight_ih_l0.grad.numpy(), rtol=1e-4, atol=1e-6)

@@ -253,7 +253,7 @@ def _lane_buffers(aux: dict[str, Any], k: int, B: int, H: int, G: int, *, xp: An
 def _sigmoid(a: Any, *, xp: Any) -> None:
     """a ← σ(a) = 1 / (1 + exp(−a)), in place (the CUDA bodies' formula)."""
     xp.negative(a, out=a)
-    with np.errstate(over="ignore"):  # exp(−a) = inf for a ≪ 0: σ = 1/(1 + inf) = 0 exactly
+    with np.errstate(over="ignore", under="ignore"):  # exp(−a) = inf, 0 for a ≪ 0, a ≫ 0: σ = 0, 1 exactly
         xp.exp(a, out=a)
     a += 1
     xp.reciprocal(a, out=a)
@@ -290,7 +290,7 @@ class _Kernels:
         if self.jit is not None:  # 5 calls instead of 12: exp and tanh stay NumPy's (vectorised)
             B = A.shape[0]
             self.jit[0](pre, hw, bn, A, 0, B)  # A = [−(a_r + w_r), −(a_z + w_z), ·, m = w_n + b_hn]
-            with np.errstate(over="ignore"):  # exp(−a) = inf for a ≪ 0: σ = 1/(1 + inf) = 0 exactly
+            with np.errstate(over="ignore", under="ignore"):  # exp(−a) = inf, 0 for a ≪ 0, a ≫ 0: σ = 0, 1 exactly
                 xp.exp(A[:, : 2 * H], out=A[:, : 2 * H])
             self.jit[1](pre, A, A.dtype.type(1), 0, B)  # r, z ← 1 / (1 + exp(−a)) (σ); A_n = a_n + r ⊙ m
             xp.tanh(A[:, 2 * H : 3 * H], out=A[:, 2 * H : 3 * H])  # n
@@ -342,7 +342,9 @@ class _Kernels:
 
 # The compiled twins (``_jit.compile_kernels``): plain loops over (B, H), one row at a time, each loop over a
 # row's H units short enough (few arrays) for the compiler to vectorise it; the CUDA bodies' formulas
-# above, in the array dtype (``one`` carries it: a Python float would widen float32).
+# above, in the array dtype (``one`` carries it: a Python float would widen float32). σ's division is
+# ``np.true_divide``: numba's ``/`` checks for a zero divisor (Python's semantics), and that check kept the loop from
+# vectorising (18.6 against 4.3 µs for 32 × 512 float32 values).
 
 
 def _jit_gates_in(pre: Any, hw: Any, bn: Any, A: Any, r0: int, r1: int) -> None:
@@ -364,7 +366,7 @@ def _jit_candidate(pre: Any, A: Any, one: Any, r0: int, r1: int) -> None:
     for b in range(r0, r1):
         p, a = pre[b], A[b]
         for j in range(2 * H):
-            a[j] = one / (one + a[j])
+            a[j] = np.true_divide(one, one + a[j])
         for j in range(H):
             a[2 * H + j] = p[2 * H + j] + a[j] * a[3 * H + j]
 

@@ -295,7 +295,7 @@ class _Kernels:
         if self.jit is not None:  # 6 calls instead of 12; the transcendentals stay NumPy's (vectorised)
             B = A.shape[0]
             self.jit[0](pre, hw, A, h, 0, B)  # A = [−a_i, −a_f, 0, −a_o] (a = pre + hw); h = a_g
-            with np.errstate(over="ignore"):  # exp(−a) = inf for a ≪ 0: σ = 1/(1 + inf) = 0 exactly
+            with np.errstate(over="ignore", under="ignore"):  # exp(−a) = inf, 0 for a ≪ 0, a ≫ 0: σ = 0, 1 exactly
                 xp.exp(A, out=A)
             xp.tanh(h, out=h)  # g
             self.jit[1](A, cprev, c, h, A.dtype.type(1), 0, B)  # [i, f, g, o]; c = f ⊙ c_{t-1} + i ⊙ g
@@ -355,7 +355,9 @@ class _Kernels:
 
 # The compiled twins (``_jit.compile_kernels``): plain loops over (B, H), one row at a time, each loop over a
 # row's H units short enough (few arrays) for the compiler to vectorise it; the CUDA bodies' formulas
-# above, in the array dtype (``one`` carries it: a Python float would widen float32).
+# above, in the array dtype (``one`` carries it: a Python float would widen float32). σ's division is
+# ``np.true_divide``: numba's ``/`` checks for a zero divisor (Python's semantics), and that check kept the loop from
+# vectorising (18.6 against 4.3 µs for 32 × 512 float32 values).
 
 
 def _jit_gates_in(pre: Any, hw: Any, A: Any, gt: Any, r0: int, r1: int) -> None:
@@ -381,11 +383,11 @@ def _jit_cell_state(A: Any, cprev: Any, c: Any, gt: Any, one: Any, r0: int, r1: 
     for b in range(r0, r1):
         a, cp, cb, g = A[b], cprev[b], c[b], gt[b]
         for j in range(2 * H):
-            a[j] = one / (one + a[j])
+            a[j] = np.true_divide(one, one + a[j])
         for j in range(H):
             a[2 * H + j] = g[j]
         for j in range(3 * H, 4 * H):
-            a[j] = one / (one + a[j])
+            a[j] = np.true_divide(one, one + a[j])
         for j in range(H):
             cb[j] = a[H + j] * cp[j] + a[j] * a[2 * H + j]
 
