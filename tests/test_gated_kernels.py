@@ -36,7 +36,7 @@ def c_expr(expr: str) -> str:
 def run_body(body: str, arrays: dict, scalars: dict) -> None:
     """Run an ElementwiseKernel body for every i at once; arrays by parameter name (written in place)."""
     n = None
-    ns: dict = {"tanh": np.tanh, "np": np, **scalars}
+    ns: dict = {"tanh": np.tanh, "exp": np.exp, "np": np, **scalars}
     for name, (a, raw) in arrays.items():
         ns[name] = a.reshape(-1)  # a view: writes land in the array
         if not raw:
@@ -129,5 +129,5 @@ def test_kernel_signatures_name_every_argument_their_bodies_use():
     }  # fmt: skip
     for body, params in sigs.items():
         declared = set(re.findall(r"(?:const (?:ptrdiff_t|T) |, )(\w+) =", body))
-        used = set(re.findall(r"\b([A-Za-z_]\w*)\b", body)) - {"const", "ptrdiff_t", "T", "tanh", "i"}
+        used = set(re.findall(r"\b([A-Za-z_]\w*)\b", body)) - {"const", "ptrdiff_t", "T", "tanh", "exp", "i"}
         assert used <= declared | set(params.split()), used - declared - set(params.split())

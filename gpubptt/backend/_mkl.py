@@ -142,7 +142,7 @@ class Mkl:
             self._gemm[char], self._pack_size[char] = gemm, get_size
             self._pack[char], self._compute[char] = pack, compute
         self.address = _address_reader()
-        self._loop_functions: dict[str, tuple[Any, Any]] = {}
+        self._loop_functions: dict[str, tuple[Any, Any, Any]] = {}
         text = ctypes.create_string_buffer(256)
         try:
             lib.MKL_Get_Version_String(text, len(text))
@@ -292,24 +292,27 @@ class Mkl:
             return None  # NumPy's matmul buffers an overlapping output; cblas would read what it writes
         return la[0], la[1], pa, lb[0], lb[1], pb, lc[1], pc
 
-    def loop_functions(self, char: str) -> tuple[Any, Any] | None:
-        """(cblas_?gemm_compute, v?Tanh) for dtype char "f" or "d", as ctypes functions whose pointer arguments
-        are integers (c_int64: the same registers as a pointer on x86-64 and aarch64), so that numba-compiled
-        step loops call them with ``x.ctypes.data`` and never hold the GIL between steps. VML's default accuracy
-        (high accuracy: within an ulp or two of the rounded tanh) is kept. Call them inside
-        ``on_one_thread``. None where this MKL lacks one of them."""
+    def loop_functions(self, char: str) -> tuple[Any, Any, Any] | None:
+        """(cblas_?gemm_compute, v?Tanh, v?Exp) for dtype char "f" or "d", as ctypes functions whose pointer
+        arguments are integers (c_int64: the same registers as a pointer on x86-64 and aarch64), so that
+        numba-compiled step loops call them with ``x.ctypes.data`` and never hold the GIL between steps. VML's
+        default accuracy (high accuracy: within an ulp or two of the rounded result) is kept; v?Exp's overflow to
+        inf is its result (VML's error status, not an exception). Call them inside ``on_one_thread``. None where
+        this MKL lacks one of them."""
         if char not in self._loop_functions:
             s = "s" if char == "f" else "d"
-            names = (f"cblas_{s}gemm_compute", f"v{s}Tanh")
+            names = (f"cblas_{s}gemm_compute", f"v{s}Tanh", f"v{s}Exp")
             if not all(hasattr(self.lib, name) for name in names):
                 return None
             i, i64 = ctypes.c_int, ctypes.c_int64
             real = ctypes.c_float if char == "f" else ctypes.c_double
             address = ctypes.cast(getattr(self.lib, names[0]), ctypes.c_void_p).value
             compute = ctypes.CFUNCTYPE(None, i, i, i, i, i, i, i64, i, i64, i, real, i64, i)(address)
-            address = ctypes.cast(getattr(self.lib, names[1]), ctypes.c_void_p).value
-            tanh = ctypes.CFUNCTYPE(None, i, i64, i64)(address)
-            self._loop_functions[char] = (compute, tanh)
+            tanh, exp = (
+                ctypes.CFUNCTYPE(None, i, i64, i64)(ctypes.cast(getattr(self.lib, name), ctypes.c_void_p).value)
+                for name in names[1:]
+            )
+            self._loop_functions[char] = (compute, tanh, exp)
         return self._loop_functions[char]
 
     def on_one_thread(self, fn: Any, *args: Any) -> None:

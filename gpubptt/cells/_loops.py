@@ -2,8 +2,9 @@
 the NumPy backend under MKL with numba (the ``jit`` extra).
 
 A cell writes its whole forward and backward step loops as plain Python (a factory taking MKL's
-``cblas_?gemm_compute`` and ``v?Tanh`` and its compiled kernels); ``step_loops`` compiles them (nogil) where they
-can run. ``split_rows`` says whether a recurrence's batch runs as two halves in two threads.
+``cblas_?gemm_compute``, ``v?Tanh`` (and ``v?Exp``, for the gated cells' σ) and its compiled kernels);
+``step_loops`` compiles them (nogil) where they can run. ``split_rows`` says whether a recurrence's batch runs as
+two halves in two threads.
 
 A loop, and each compiled kernel it calls, takes the whole (T, B, ·) buffers and a range of rows r0..r1−1, not
 the half's views: numba vectorises a loop over the rows of a C-contiguous array with SIMD, over those of a strided
@@ -71,9 +72,17 @@ def loops_possible(be: Backend, jit: Any) -> bool:
 
 
 def step_loops(
-    jit: Any, be: Backend, w: Any, rows: int, arrays: tuple[Any, ...], factory: Callable[..., tuple[Any, ...]]
+    jit: Any,
+    be: Backend,
+    w: Any,
+    rows: int,
+    arrays: tuple[Any, ...],
+    factory: Callable[..., tuple[Any, ...]],
+    *,
+    exp: bool = False,
 ) -> tuple[Any, ...] | None:
-    """A cell's whole step loops (``factory(compute, tanh, *jit)``: a batch's or a half's T forward or backward
+    """A cell's whole step loops (``factory(compute, tanh, *jit)``, or ``factory(compute, tanh, exp, *jit)`` with
+    ``exp``: VML's exp as well, for the gated cells' σ; a batch's or a half's T forward or backward
     steps as one compiled call, no Python and no GIL between steps), for the step weight ``w`` packed by MKL for
     ``rows`` rows and the loop's ``arrays``; None (the loop over steps in Python) unless the compiled kernels
     ``jit`` run, MKL packed ``w`` (``be.pack`` gave a PackedMatrix, not stale) and every array is a NumPy array
@@ -95,5 +104,5 @@ def step_loops(
     functions = be.mkl.loop_functions(char)
     if functions is None:
         return None
-    loops = compile_loops(factory, be.mkl, char, *functions, *jit)
+    loops = compile_loops(factory, be.mkl, char, *functions[: 3 if exp else 2], *jit)
     return tuple(partial(be.mkl.on_one_thread, loop) for loop in loops)  # MKL on one thread during each loop
