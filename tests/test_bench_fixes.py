@@ -79,3 +79,14 @@ def test_which_best_with_a_name_the_file_system_refuses_is_a_usage_error(tmp_pat
     name = tmp_path / ("a" * 250 + ".npz")
     result = runner.invoke(app, [command, "--checkpoint", str(name), "--which", "best"])
     assert result.exit_code == 2 and "--which best" in result.stderr and "File name too long" in result.stderr
+
+
+def test_recompute_prints_the_table_when_its_file_cannot_be_written_even_when_quiet(tmp_path, monkeypatch):
+    def fail(path, text, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("gpubptt.cli.bench.write_atomic", fail)
+    args = ["bench", *SMALL[:6], "--recompute", "sqrt", "--seq-lens", "4", "--fixed-hidden", "4", "--format", "table"]
+    result = runner.invoke(app, [*args, "--output", str(tmp_path / "r.txt"), "-q"])
+    assert result.exit_code == 1 and "could not write" in result.stderr
+    assert "T=4" in result.stdout  # the rows, which would be lost otherwise

@@ -124,3 +124,14 @@ def test_an_interrupted_distributed_run_names_the_step_it_was_at(tmp_path, monke
         )
     assert "interrupted during step 1000, before it finished" in capsys.readouterr().err
     assert run.state.step == 0
+
+
+def test_ranks_with_different_dtypes_or_sizes_are_told_which():
+    def rank(comm):
+        H, dtype = (4, "float64") if comm.rank == 0 else (5, "float32")
+        return DataParallel(gpubptt.RNN(D, H, K, backend="numpy", dtype=dtype, seed=1), comm, batch_size=B)
+
+    with pytest.raises(InputError) as info:
+        run_ranks(2, rank)
+    said = str(info.value)
+    assert "dtype: float32 against rank 0's float64" in said and "shapes: U(5, 3)" in said and "none" not in said

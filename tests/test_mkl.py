@@ -519,3 +519,19 @@ def test_mkl_environment_variables_leave_the_gemms_right_not_a_crashed_process(e
     assert run.returncode == 0, run.stderr[-2000:]
     used, err = run.stdout.split()
     assert used == "True" and float(err) < 1e-3
+
+
+@needs_mkl
+def test_mkl_already_on_lp64_with_gnu_threads_is_used():
+    """MKL_INTERFACE_LAYER=LP64,GNU (2) with MKL initialised by an earlier user in the process: 32-bit ints all the
+    same, but the check took any layer other than 0 for ILP64 and left MKL unused."""
+    script = (
+        "import ctypes, sys, os\n"
+        "from gpubptt.backend import _mkl\n"
+        "ctypes.CDLL(_mkl._candidates()[0]).MKL_Get_Max_Threads()  # an earlier MKL user\n" + GEMM_SCRIPT
+    )
+    env = {**os.environ, "MKL_INTERFACE_LAYER": "LP64,GNU", "GPUBPTT_BLAS": "mkl"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    used, err = run.stdout.split()
+    assert used == "True" and float(err) < 1e-3

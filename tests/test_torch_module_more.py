@@ -211,3 +211,24 @@ def test_a_backward_uses_its_own_forwards_weights_not_a_later_forwards(cls, chan
         grads[kind] = (first.grad.clone(), a.grad.clone(), b.grad.clone())
     for want, got in zip(grads["torch"], grads["gpubptt"], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_backward_through_saved_copies_leaves_the_module_on_its_own_parameters():
+    """A saved-tensors hook that hands back copies: the backward re-pointed the model at them under the live
+    Parameters' identity, and later in-place updates no longer reached it."""
+    torch.manual_seed(0)
+    ref = torch.nn.RNN(3, 4, dtype=torch.float64)
+    rec = gt.Recurrent.from_module(copy.deepcopy(ref))
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        out = rec(x)[0]
+    old = rec.weight_hh_l0
+    rec.weight_hh_l0 = torch.nn.Parameter(old.detach() * 0.5)
+    rec(x)
+    rec.weight_hh_l0 = old
+    out.sum().backward()
+    with torch.no_grad():
+        for p in rec.parameters():
+            p.add_(0.1)
+        ref.load_state_dict(rec.state_dict())
+        torch.testing.assert_close(rec(x)[0], ref(x)[0], rtol=1e-12, atol=1e-12)

@@ -29,6 +29,7 @@ __all__ = ["NO_TRANS", "TRANS", "Mkl", "PackSlot", "PackedMatrix", "load_mkl", "
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 LP64 = 0  # MKL_INTERFACE_LP64: 32-bit ints, what every prototype here passes
+ILP64 = 1  # MKL_INTERFACE_ILP64, a bit of the layer (GNU's is 2)
 B_MATRIX, PACKED = 162, 151
 #: MKL's Intel OpenMP threading layer, by the sonames MKL 2021–2026 load it under
 INTEL_THREAD_LIBRARIES = ("libmkl_intel_thread.so.2", "libmkl_intel_thread.so.3", "libmkl_intel_thread.so")
@@ -116,8 +117,9 @@ class Mkl:
         set_layer = getattr(lib, "MKL_Set_Interface_Layer", None)
         if set_layer is not None:
             set_layer.argtypes, set_layer.restype = [ctypes.c_int], ctypes.c_int
-            if set_layer(LP64) != LP64:
-                raise OSError("MKL's interface layer is ILP64 (64-bit ints) and cannot be set to LP64")
+            layer = set_layer(LP64)  # the layer in force: LP64 now, or one set before (by an earlier MKL user)
+            if layer < 0 or layer & ILP64:  # GNU (2) beside LP64 is fine: 32-bit ints all the same
+                raise OSError(f"MKL's interface layer is {layer} (ILP64: 64-bit ints) and cannot be set to LP64")
         # each MKL call runs on one MKL thread of the calling thread's own (``_one_thread``), set for the call only
         lib.MKL_Set_Num_Threads_Local.argtypes = [ctypes.c_int]
         lib.MKL_Set_Num_Threads_Local.restype = ctypes.c_int

@@ -487,8 +487,8 @@ def _long(
         else:
             say(f"wrote {output}")
     lost = None  # a stdout that cannot be written must not lose the plot still to come
-    if failed and fmt == "json":  # the file's content, which would be lost otherwise
-        text = as_json
+    if failed:  # the file's content, which would be lost otherwise (-q or not)
+        text = as_json if fmt == "json" else render_long(result)
     elif output is None:
         text = as_json if fmt == "json" else render_long(result)
     else:  # the table beside the file, unless -q

@@ -157,7 +157,7 @@ class DataParallel:
         from .. import __version__
 
         shapes = ";".join(f"{k}{tuple(p.shape)}" for k, p in model.params.items())
-        self._agree(f"gpubptt {__version__}|{model.dtype}|{shapes}|B={batch_size}|{fingerprint}")
+        self._agree(f"gpubptt={__version__}|dtype={model.dtype}|shapes={shapes}|B={batch_size}|{fingerprint}")
         self.lo, self.hi = shard_range(self.batch_size, comm.size, comm.rank)  # agreed B: every rank or none refuses
         self._broadcast_params()
 
