@@ -69,7 +69,12 @@ def test_messages_name_the_flag_not_the_library_argument(tmp_path, args, message
 def _overflowing(tmp_path, *extra):
     args = ["--lr", "1e38", "--optimizer", "sgd", "--clip", "0", "--hidden", "16", "--batch", "4", "--steps", "4"]
     with pytest.MonkeyPatch.context() as mp:  # an lr past LR_MAX, refused up front since, overflows on purpose
-        for module in (gpubptt.training.run, gpubptt.training.loop, gpubptt.training.optim):
+        for module in (
+            gpubptt.training.run,
+            gpubptt.training.loop,
+            gpubptt.training.optim,
+            gpubptt.training._optim_settings,
+        ):
             mp.setattr(module, "LR_MAX", math.inf)
         return runner.invoke(
             app, ["train", "--backend", "numpy", *args, "--checkpoint", str(tmp_path / "ck.npz"), *extra]

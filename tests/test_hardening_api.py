@@ -48,7 +48,12 @@ def _assert_same(arrays, before):
 @pytest.fixture
 def huge_lr(monkeypatch):
     """Lets a learning rate past LR_MAX through, as before the bound: the guard behind it is what is tested."""
-    for module in (gpubptt.training.run, gpubptt.training.loop, gpubptt.training.optim):
+    for module in (
+        gpubptt.training.run,
+        gpubptt.training.loop,
+        gpubptt.training.optim,
+        gpubptt.training._optim_settings,
+    ):
         monkeypatch.setattr(module, "LR_MAX", math.inf, raising=False)
 
 
