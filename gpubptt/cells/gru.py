@@ -255,8 +255,8 @@ def _sigmoid(a: Any, *, xp: Any) -> None:
     xp.negative(a, out=a)
     with np.errstate(over="ignore", under="ignore"):  # exp(−a) = inf, 0 for a ≪ 0, a ≫ 0: σ = 0, 1 exactly
         xp.exp(a, out=a)
-    a += 1
-    xp.reciprocal(a, out=a)
+        a += 1
+        xp.reciprocal(a, out=a)  # a subnormal σ just above exp's overflow
 
 
 class _Kernels:
