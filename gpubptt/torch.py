@@ -27,7 +27,8 @@ a forward and its backward raises torch's in-place error; a forward's pullback r
 themselves differentiable). Weights computed by a parametrization or pruning, and Parameters tied under two names,
 enter as the module computes them each call; under ``torch.compile`` the forward is a graph break.
 
-This module imports torch; ``import gpubptt`` does not (install the extra ``gpubptt[torch]``).
+This module imports torch; ``import gpubptt`` does not (``pip install torch``, or the ``torch`` extra of the source
+folder: ``pip install -e '.[torch]'``).
 """
 
 from __future__ import annotations

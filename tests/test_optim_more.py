@@ -174,3 +174,16 @@ def test_a_file_from_before_the_base_rate_was_kept_takes_its_configs_rate_as_the
     np.savez(path, **arrays)
     back = load_checkpoint(path, backend="numpy")
     assert back.optimizer.lr == pytest.approx(_cosine(4, 5, 0.1)) and back.optimizer.base_lr == 0.1
+
+
+def test_load_state_dict_into_a_new_optimizer_restores_the_rate_a_fresh_run_starts_from():
+    """Build, then load_state_dict: the constructor's rate stayed, and train() took it for one set by hand."""
+    model, data = _model_and_data()
+    opt = Adam(model, lr=0.01)
+    config = TrainConfig(steps=5, batch_size=2, chunk=4, schedule="cosine", eval_every=0)
+    train(model, data, opt, config)
+    fresh = Adam(model)  # the class's default rate, 1e-3
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.lr == opt.lr and fresh.base_lr == 0.01
+    _, history = train(model, data, fresh, config)
+    assert history.lr[0] == pytest.approx(_cosine(0, 5, 0.01))

@@ -1,7 +1,7 @@
 """The MPI communicator, on mpi4py: NumPy buffers directly, CuPy buffers CUDA-aware or through pinned memory.
 
-mpi4py is imported when a communicator is made, never at ``import gpubptt`` (it is the optional
-extra ``gpubptt[mpi]``); the CuPy backend only when a CuPy buffer arrives.
+mpi4py is imported when a communicator is made, never at ``import gpubptt`` (it is optional: ``pip install mpi4py
+mpich``, or the source folder's ``mpi`` extra); the CuPy backend only when a CuPy buffer arrives.
 
 A CuPy buffer goes to MPI directly when the MPI is CUDA-aware: ``GPUBPTT_CUDA_AWARE_MPI=1`` says
 so (``=0`` says not), else ``MPI.Query_cuda_support()`` where the MPI library has it (MPICH ≥ 4.1,

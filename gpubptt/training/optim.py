@@ -376,8 +376,9 @@ class Optimizer:
         for (slot, k), a in new.items():
             self.state[slot][k][...] = self.backend.asarray(a, dtype=self.params[k].dtype)
         self.t = int(t)
-        if "base_lr" in rates:  # the base a run without TrainConfig.lr takes, as before the save (train)
-            self.base_lr, self.scheduled_lr = rates["base_lr"], rates.get("scheduled_lr")
+        if "base_lr" in rates:  # the base a run without TrainConfig.lr takes, as before the save (train), and the
+            self.base_lr, self.scheduled_lr = rates["base_lr"], rates.get("scheduled_lr")  # rate the next step uses:
+            self.lr = rates.get("scheduled_lr", rates["base_lr"])  # the last scheduled one, else the base
 
 
 class SGD(Optimizer):
