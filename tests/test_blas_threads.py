@@ -4,6 +4,8 @@ library's own report), and results are checked against a float64 product."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -87,3 +89,23 @@ def test_thread_count_changes_only_while_no_other_gemm_runs():
         bt.leave()
     bt.use(bt.most)
     assert threads_in_force() == bt.most
+
+
+def test_a_backend_made_after_another_ran_a_gemm_sizes_its_threads_from_the_library_as_found():
+    """The first backend's small GEMM lowers the BLAS to one thread; a backend made after read that as the BLAS's
+    own count and kept its large GEMMs and batch halves on one thread."""
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np\n"
+        "from gpubptt.backend.numpy_backend import NumpyBackend\n"
+        "a = NumpyBackend(blas='numpy'); first = a.blas_threads.most\n"
+        "x = np.ones((4, 4)); a.matmul(x, x, np.empty((4, 4)))\n"
+        "b = NumpyBackend(blas='numpy'); print(first, b.blas_threads.most)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    first, second = map(int, run.stdout.split())
+    assert second == first

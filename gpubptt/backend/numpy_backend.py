@@ -35,6 +35,8 @@ __all__ = [
 #: ``mkl`` extra is installed, else NumPy's own BLAS), "mkl" (an error where it is absent) or "numpy".
 BLAS_VAR = "GPUBPTT_BLAS"
 BLAS_CHOICES = ("auto", "mkl", "numpy")
+#: each BLAS library's thread count when this process's first backend read it (``BlasThreads``), by file path
+_FOUND_THREADS: dict[str, int] = {}
 #: rows per block of ``NumpyBackend.sum_rows``'s first level
 SUM_BLOCK = 128
 MKL_HINT = "pip install mkl (x86-64 only; or, in gpubptt's source folder, pip install -e '.[mkl]')"
@@ -129,8 +131,10 @@ class BlasThreads:
             return
         self.library = f"{lib.internal_api} {lib.version} ({lib.threading_layer})"
         self.current = int(lib.num_threads)
+        # the library's own count as this process found it: another backend's GEMMs may have lowered it since
+        found = _FOUND_THREADS.setdefault(lib.filepath or self.library, self.current)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self.most = most_threads(self.current, cores, os.environ)
+        self.most = most_threads(found, cores, os.environ)
         # threadpoolctl ≥ 3.8 lets only the first Python thread that sets an OpenBLAS limit set later ones;
         # the in-flight count below already keeps a change away from running GEMMs, so every thread may set it
         self._set = getattr(lib, "_real_set_num_threads", lib.set_num_threads)
