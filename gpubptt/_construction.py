@@ -332,6 +332,8 @@ class Construction:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
+        if "dropout" in state:  # pickled before dropout became a checked property
+            state["_dropout"] = state.pop("dropout")
         be = get_backend(state.pop("backend")).with_precision(state.pop("precision", "fp32"))
         host, shapes, rng = state.pop("_params"), state.pop("_param_shapes"), state.pop("_dropout_rng")
         self.__dict__.update(state)

@@ -97,10 +97,11 @@ def dropout_masks(masks: list[Any], key: Any, p: float, *, offset: int = 0, be: 
 
 
 def check_offset(offset: Any) -> int:
-    """``offset`` as an int ≥ 0 (the global index of a batch's first example), else InputError."""
-    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
+    """``offset`` as an int in [0, 2^63) (the global index of a batch's first example; the masks hash it as a
+    uint64, so a larger one would wrap onto other examples' masks), else InputError."""
+    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or not 0 <= offset < 2**63:
         raise InputError(
-            f"dropout_offset must be an int ≥ 0 (the index of the first example in the global batch), "
+            f"dropout_offset must be an int in [0, 2^63) (the index of the first example in the global batch), "
             f"got {type(offset).__name__} {offset!r}"
         )
     return int(offset)

@@ -56,6 +56,7 @@ from .validation import (
     batch_copies,
     check_batch,
     check_c0,
+    check_dropout,
     check_dtype,
     check_positive_int,
 )
@@ -244,6 +245,15 @@ class RNN(Construction, Composable, Workspaces, Settings):
             + ("" if not self.dropout else f", dropout={self.dropout}")
             + ")"
         )
+
+    @property
+    def dropout(self) -> float:
+        """p of the inverted dropout between layers (see the class); set it to any number in [0, 1) (checked)."""
+        return self._dropout
+
+    @dropout.setter
+    def dropout(self, p: Any) -> None:
+        self._dropout = check_dropout(p)
 
     # -- the math -----------------------------------------------------------------------------
     def _check(self, x: Any, y: Any, s0: Any, lengths: Any, for_loss: bool) -> Batch:

@@ -304,14 +304,20 @@ def _split_state(s0: Any, cell: Any) -> tuple[Any, Any]:
     return s0
 
 
-def _check_layers(num_layers: Any, bidirectional: Any, dropout: Any) -> tuple[int, bool, float]:
-    L = check_positive_int(num_layers, "num_layers")
-    if not isinstance(bidirectional, (bool, np.bool_)):
-        raise InputTypeError(f"bidirectional must be a bool, got {type(bidirectional).__name__} {bidirectional!r}")
+def check_dropout(dropout: Any) -> float:
+    """The dropout probability as a float in [0, 1), else InputTypeError / InputError naming it."""
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.integer, np.floating)):
         raise InputTypeError(f"dropout must be a number in [0, 1), got {type(dropout).__name__} {dropout!r}")
     if not 0 <= dropout < 1:  # also refuses NaN
         raise InputError(f"dropout must lie in [0, 1) (the probability of zeroing a layer's output), got {dropout}")
+    return float(dropout)
+
+
+def _check_layers(num_layers: Any, bidirectional: Any, dropout: Any) -> tuple[int, bool, float]:
+    L = check_positive_int(num_layers, "num_layers")
+    if not isinstance(bidirectional, (bool, np.bool_)):
+        raise InputTypeError(f"bidirectional must be a bool, got {type(bidirectional).__name__} {bidirectional!r}")
+    dropout = check_dropout(dropout)
     if dropout > 0 and L == 1:
         warnings.warn(
             f"dropout={dropout} has no effect with num_layers=1: as in torch.nn.RNN, it applies to the outputs "

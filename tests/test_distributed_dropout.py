@@ -121,7 +121,7 @@ def test_a_seed_and_an_offset_fix_the_masks_of_loss_and_of_loss_and_grads():
     a = model.loss_and_grads(x, y, dropout_seed=5, dropout_offset=4)
     assert float(a[0]) == pytest.approx(float(model.loss(x, y, dropout_seed=5, dropout_offset=4)), rel=1e-12)
     assert float(a[0]) != pytest.approx(float(model.loss(x, y, dropout_seed=5)), rel=1e-9)  # offset 0: other masks
-    with pytest.raises(gpubptt.InputError, match="dropout_offset must be an int ≥ 0"):
+    with pytest.raises(gpubptt.InputError, match=r"dropout_offset must be an int in \[0, 2\^63\)"):
         model.loss_and_grads(x, y, dropout_seed=5, dropout_offset=-1)
 
 
@@ -171,3 +171,28 @@ def test_the_masks_do_not_depend_on_the_block_size_of_the_hash(monkeypatch):
     monkeypatch.setattr(model.backend, "block_elements", 5)  # fewer entries than one row: a row per block
     for M, W in zip(_masks(model, 9, 7, key=2, offset=3), blocked, strict=True):
         np.testing.assert_array_equal(M, W)
+
+
+def test_dropout_set_after_construction_is_checked_and_an_offset_past_the_hash_refused():
+    """model.dropout = 1.0 divided by zero in the masks; −0.1 and NaN ran without dropout; an offset of 2^64 was a raw
+    OverflowError, and one just below it wrapped onto example 0's masks."""
+    model = gpubptt.RNN(5, 6, 5, num_layers=2, backend="numpy", dtype="float64", seed=4)
+    x = np.zeros((4, 3), np.int64)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(gpubptt.InputError, match=r"dropout must lie in \[0, 1\)"):
+            model.dropout = bad
+    with pytest.raises(TypeError, match="dropout must be a number"):
+        model.dropout = "0.3"
+    model.dropout = 0.3
+    built = gpubptt.RNN(5, 6, 5, num_layers=2, backend="numpy", dtype="float64", seed=4, dropout=0.3)
+    assert model.loss(x, x, dropout_seed=5) == built.loss(x, x, dropout_seed=5)
+    for offset in (2**63, 2**64, 2**64 - 2):
+        with pytest.raises(gpubptt.InputError, match=r"dropout_offset must be an int in \[0, 2\^63\)"):
+            model.loss(x, x, dropout_seed=1, dropout_offset=offset)
+    import pickle
+
+    state = model.__getstate__()
+    state["dropout"] = state.pop("_dropout")  # as pickled before dropout was a property
+    old = type(model).__new__(type(model))
+    old.__setstate__(state)
+    assert old.dropout == 0.3 and pickle.loads(pickle.dumps(model)).dropout == 0.3
