@@ -90,3 +90,14 @@ def test_recompute_prints_the_table_when_its_file_cannot_be_written_even_when_qu
     result = runner.invoke(app, [*args, "--output", str(tmp_path / "r.txt"), "-q"])
     assert result.exit_code == 1 and "could not write" in result.stderr
     assert "T=4" in result.stdout  # the rows, which would be lost otherwise
+
+
+def test_compare_naive_refuses_relu_it_would_time_a_tanh_rnn_against():
+    """The textbook code is tanh: a relu model was timed and reported against it (its gradients 0.98 apart)."""
+    with pytest.raises(ValueError, match="compares nonlinearity 'tanh' only, got 'relu'"):
+        bench_lib.BenchConfig(["numpy"], [6], [8], batch=3, D=5, K=5, compare="naive", nonlinearity="relu")
+    result = runner.invoke(app, ["bench", *SMALL, "--seq-lens", "6", "--hidden-sizes", "8", "--compare", "naive",
+                                 "--nonlinearity", "relu", "-q"])  # fmt: skip
+    assert result.exit_code == 2 and "--nonlinearity tanh only" in result.output
+    data = bench_lib.run_bench(bench_lib.BenchConfig(["numpy"], [2], [3], batch=2, D=4, K=4, warmup=0, repeats=1))
+    assert "one layer" in data["flop_model"]["applies_to"]

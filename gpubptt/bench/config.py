@@ -90,6 +90,11 @@ class BenchConfig:
                 f"nonlinearity applies to the cells that take one (rnn, indrnn), got {self.nonlinearity!r} with "
                 f"{self.cell!r}"
             )
+        if self.compare == "naive" and self.nonlinearity != "tanh":
+            raise ValueError(
+                f"compare 'naive' is the textbook tanh RNN: it compares nonlinearity 'tanh' only, got "
+                f"{self.nonlinearity!r}"
+            )
         if self.compare == "naive" and (self.num_layers > 1 or self.bidirectional):
             raise ValueError("compare 'naive' times the one-layer textbook code: it needs num_layers 1, one direction")
         if min(self.seq_lens) < 1 or min(self.hidden_sizes) < 1:

@@ -193,12 +193,14 @@ def run_bench(
         "command": list(argv) if argv is not None else None,
         "config": asdict(cfg),
         "environment": {**environment(backends), "load_average_at_start": load_start},
-        "flop_model": {
+        "flop_model": {  # the one-layer Elman cell's; every row's "flops" is gpubptt.bench.flops for its own model
+            "applies_to": "cell 'rnn', one layer, one direction; other cells and stacks: gpubptt.bench.flops",
             "tokens": "6*B*H*T*(H+K)",
             "dense": "2*B*H*T*(2*D+3*H+3*K)",
             "tokens_forward": "2*B*H*T*(H+K)",
             "dense_forward": "2*B*H*T*(D+H+K)",
-            "gemm_reference": "4*B*H^2*T FLOPs at the rate of T x (B,H)x(H,H) GEMMs, the rest at one (T*B,H)x(H,K)",
+            "gemm_reference": "the sequential products (Cell.sequential_flops_per_step: 4*B*G*H^2 per step) at the "
+            "rate of T x (B,H)x(H,G*H) GEMMs, the rest at one (T*B,H)x(H,K)",
         },
         "notes": notes,
         "noisy_spread": NOISY_SPREAD,

@@ -328,6 +328,10 @@ def bench(
         raise typer.BadParameter(f"--precision {precision.value} rounds float32 GEMMs; not with {why}")
     if cell.value != DEFAULT_CELL.value and compare is CompareChoice.naive:
         raise typer.BadParameter("naive is the textbook tanh RNN: it compares --cell rnn only", param_hint="--compare")
+    if phi not in (None, "tanh") and compare is CompareChoice.naive:
+        raise typer.BadParameter(
+            f"naive is the textbook tanh RNN: it compares --nonlinearity tanh only, got {phi}", param_hint="--compare"
+        )
     cfg = BenchConfig(
         backends=names,
         seq_lens=Ts,
