@@ -166,3 +166,48 @@ def test_a_workspace_dropped_from_the_cache_is_freed_at_once_not_by_the_cycle_co
         if enabled:
             gc.enable()
     assert len(alive) <= 4, len(alive)
+
+
+def _traced_training(settings: dict, monkeypatch) -> tuple[int, int]:
+    """(the run's memory estimate, the traced peak of building and training it for two steps with evaluation)."""
+    import gc
+    import tracemalloc
+
+    from gpubptt.training import sizing
+    from gpubptt.training.loop import train
+    from gpubptt.training.run import new_run
+
+    seen = []
+    real = sizing.check_fits
+    monkeypatch.setattr(
+        sizing, "check_fits", lambda est, available, what: (seen.append(est.total), real(est, available, what))
+    )
+    warm = new_run(settings, backend="numpy", steps=2, eval_every=1)  # imports, compiled kernels: outside the trace
+    train(warm.model, warm.data, warm.optimizer, warm.config)
+    del warm
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    run = new_run(settings, backend="numpy", steps=2, eval_every=1)
+    train(run.model, run.data, run.optimizer, run.config)
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    return seen[-1], peak
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_the_training_estimate_counts_a_gated_cells_evaluation(cell, monkeypatch):
+    """Evaluation's forward keeps the gated cell's buffers for the held-out batch: they were left out (3-4x)."""
+    estimate, peak = _traced_training(
+        {"task": "copy", "hidden": 16, "batch": 8, "delay": 10, "cell": cell}, monkeypatch
+    )
+    assert peak <= 1.2 * estimate, (peak, estimate)
+
+
+def test_the_training_estimate_counts_the_corpus_and_its_streams(tmp_path, monkeypatch):
+    """A text run holds the corpus's int64 ids and each epoch's whole-stream x and y: they were left out."""
+    corpus = tmp_path / "big.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 9000, encoding="utf-8")  # 405 000 characters
+    settings = {"task": "text", "hidden": 16, "batch": 8, "chunk": 20, "data": str(corpus)}
+    estimate, peak = _traced_training(settings, monkeypatch)
+    assert peak <= 1.2 * estimate, (peak, estimate)

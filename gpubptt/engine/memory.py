@@ -170,6 +170,12 @@ def train_memory(
     n = num_layers * dirs
     evaluation = (n * (eval_T + 1) * eval_B * H + eval_T * eval_B * (H * (1 + dirs) + K)) * itemsize
     evaluation += 4 * eval_T * eval_B * FLOAT64
+    # the forward's stack: the shared pre-activations and every recurrence's cell buffers (a gated cell's gates)
+    G = cell.gates if cell is not None else gates
+    buffers = (
+        cell.buffer_elements(eval_T, eval_B, H) if cell is not None else (6 if gates > 1 else 0) * eval_T * eval_B * H
+    )
+    evaluation += (eval_T * eval_B * G * H + n * buffers) * itemsize
     return MemoryEstimate(
         {
             # drawing the weights holds a float64 host copy beside them; afterwards gradients and slots

@@ -102,6 +102,8 @@ def check_memory(
         estimate.parts[part] = min(estimate.parts[part], max_memory)
     if data.kind != "text":  # the task's int64 (L, B) inputs and targets, of a training and a held-out batch
         estimate.parts["task sequences"] = 2 * 8 * L * (B + eval_B)
+    else:  # the corpus's int64 ids, and each epoch's (L, B) inputs and targets of the whole stream
+        estimate.parts["text ids and streams"] = 8 * (len(data.train_ids) + len(data.val_ids)) + 2 * 8 * L * B
     layers = f" --layers {st['layers']}" if st["layers"] > 1 else ""
     what = f"training --hidden {H}{layers} on batches of --batch {B} × {T} steps ({st['optimizer']}, {dtype})"
     try:
