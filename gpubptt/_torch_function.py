@@ -20,6 +20,12 @@ def _carries_c(cell: str) -> bool:
     return bool(cell_class(cell).extra_state)
 
 
+def identity(params: Any) -> tuple:
+    """What tells tensors apart for sharing: each one's object, storage, shape, strides, dtype and device (the
+    model's views of them are made again only when it changes)."""
+    return tuple((id(p), p.data_ptr(), p.shape, p.stride(), p.dtype, p.device) for p in params)
+
+
 def _array(t: Any, xp: Any) -> Any:
     """The backend's array on a tensor's memory, without a copy: ``Tensor.numpy`` for CPU tensors (the same
     view as DLPack's, without its per-call protocol), DLPack for CUDA tensors (on the current stream)."""
@@ -98,8 +104,7 @@ class _Pullback(torch.autograd.Function):
         # forward (another weight drawn, a Parameter replaced) may have swapped out
         with model.backend.external_stream(stream, device), model._lock:
             weights = saved[3:]  # the forward's, or copies of them a saved-tensors hook gave back: their own identity
-            rec._share(key, model, weights, tuple((id(p), p.data_ptr(), p.shape, p.stride(), p.dtype, p.device)
-                                                  for p in weights))  # fmt: skip
+            rec._share(key, model, weights, identity(weights))
             d_states = None if d_out is None else _array(d_out.contiguous(), xp)  # None: zero (only h_n in the loss)
             d_final = None if d_hn is None else _final(d_hn, xp, n, B, H)
             if _carries_c(rec.cell):

@@ -8,7 +8,7 @@ from typing import Any
 from .engine import recompute as _recompute
 from .engine import stack as engine
 from .errors import InputError
-from .validation import Batch, _check_truncate, check_positive_int
+from .validation import Batch, _check_truncate, check_positive_int, effective_truncate
 
 __all__ = ["MAX_WORKSPACES", "Workspaces"]
 
@@ -41,8 +41,7 @@ class Workspaces:
         if recompute == "auto":
             raise InputError("memory_estimate needs a policy: None, 'sqrt' or an int (steps per segment), not 'auto'")
         truncate = _check_truncate(truncate)
-        if truncate is not None and truncate >= T - 1:  # a window over every step: full BPTT (as the call runs it)
-            truncate = None
+        truncate = effective_truncate(truncate, T)  # a window over every step: full BPTT (as the call runs it)
         if recompute is not None:
             why = _recompute.unsupported_reason(self, truncate=truncate)
             if why:
@@ -101,8 +100,7 @@ class Workspaces:
 
     def _workspace(self, batch: Batch, truncate: int | None) -> engine.Workspace:
         """The cached buffers (and, on CuPy, the captured graph) for this shape of work."""
-        if truncate is not None and truncate >= batch.T - 1:
-            truncate = None  # the window covers every step: full BPTT
+        truncate = effective_truncate(truncate, batch.T)
         be = self.backend
         step_kernels, chunk_elements = self._step_kernels(), self._chunk_elements()
         dropout = self.dropout if self.num_layers > 1 else 0.0

@@ -41,7 +41,7 @@ import torch
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ._torch_function import _array, _carries_c, _Pullback
+from ._torch_function import _array, _carries_c, _Pullback, identity
 from .backend import get_backend
 from .backend.precision import check_precision
 from .cells import cell_class, cell_names
@@ -352,7 +352,7 @@ class Recurrent(torch.nn.Module):
                     f"parameters {', '.join(self._pnames)}: assign it a Parameter (for none of the biases: bias=False)"
                 )
         # the Parameters' identity: their common device and dtype are checked again only when it changes
-        ident = tuple((id(p), p.data_ptr(), p.shape, p.stride(), p.dtype, p.device) for p in params)
+        ident = identity(params)
         if self._checked is None or self._checked[0] != ident:
             self._checked = (ident, *_common_device_dtype(params, self._pnames))
         _, device, dt = self._checked

@@ -269,6 +269,11 @@ def _check_truncate(truncate: Any) -> int | None:
     return int(truncate)
 
 
+def effective_truncate(truncate: int | None, T: int) -> int | None:
+    """The window a call of T steps runs: None (full BPTT) for None or a window over every step (k ≥ T − 1)."""
+    return None if truncate is None or truncate >= T - 1 else truncate
+
+
 #: The cells registered when gpubptt was imported ("rnn", "gru", "lstm", "indrnn"); ``cell_names()`` is the
 #: live list (a cell registered later, ``gpubptt.cells.register_cell``, is in it).
 CELLS = cell_names()

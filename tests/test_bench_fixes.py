@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from gpubptt import bench as bench_lib
 from gpubptt.cli import app
+from gpubptt.engine.memory import is_out_of_memory
 
 runner = CliRunner()
 SMALL = ["--backend", "numpy", "--batch", "2", "--vocab", "5", "--repeats", "1", "--warmup", "0"]
@@ -31,7 +32,7 @@ def test_a_size_that_cannot_fit_is_an_out_of_memory_row_and_the_sweep_goes_on(tm
     assert status[("H", rows[-1]["T"], 100000)] == "out of memory" and status[("H", rows[-1]["T"], 4)] == "ok"
     assert [s for (sweep, _, _), s in status.items() if sweep == "T"] == ["ok", "ok"]
     too_big = ValueError("array is too big; `arr.size * arr.dtype.itemsize` is larger than the maximum possible size")
-    assert bench_lib.runner._is_out_of_memory(too_big) and not bench_lib.runner._is_out_of_memory(ValueError("x"))
+    assert is_out_of_memory(too_big) and not is_out_of_memory(ValueError("x"))
 
 
 def test_recompute_keeps_the_rows_measured_before_a_t_that_does_not_fit(tmp_path, monkeypatch):

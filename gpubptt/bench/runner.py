@@ -30,11 +30,6 @@ __all__ = ["SCHEMA", "run_bench"]
 SCHEMA = "gpubptt.bench/1"
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    """``engine.memory.is_out_of_memory``: a row that did not fit is recorded as such, and the sweep goes on."""
-    return is_out_of_memory(exc)
-
-
 def _make_data(cfg: BenchConfig, T: int, H: int) -> tuple[np.ndarray, np.ndarray]:
     """x (T, B) ids or (T, B, D) floats and y (T, B), on the host, from a seed fixed per (seed, T, H)."""
     rng = np.random.default_rng([cfg.seed, T, H])
@@ -109,7 +104,7 @@ def _measure(be: Backend, cfg: BenchConfig, T: int, H: int) -> dict[str, Any]:
             ref["noisy"] = is_noisy(ref["bptt"])
             row["naive"] = ref
     except Exception as exc:
-        if not _is_out_of_memory(exc):
+        if not is_out_of_memory(exc):
             raise
         row.update(status="out of memory", error=f"{type(exc).__name__}: {exc}")
     finally:

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import numpy as np
+
 from ..backend import Backend
 from ..errors import InputError
 from ._loops import split_rows, splits
@@ -85,3 +87,20 @@ class GatedCell(Cell):
 def sig_grad(a: Any, W: Any) -> Any:
     """diag(a (1 − a)) W for every example: a (B, H), W (H, H) → (B, H, H) (a σ gate's step Jacobian)."""
     return (a * (1 - a))[:, :, None] * W[None]
+
+
+def exp_in_place(a: Any, *, xp: Any) -> None:
+    """a ← exp(a), in place, without NumPy's warnings for what σ = 1 / (1 + exp(−x)) expects: exp(−x) overflowing
+    to inf (x ≪ 0: σ = 0 exactly) or underflowing to 0 (x ≫ 0: σ = 1)."""
+    with np.errstate(over="ignore", under="ignore"):
+        xp.exp(a, out=a)
+
+
+def sigmoid_in_place(a: Any, *, xp: Any) -> None:
+    """a ← σ(a) = 1 / (1 + exp(−a)), in place (the CUDA bodies' formula: accurate for a ≪ 0, where
+    (1 + tanh(a/2)) / 2 is within a rounding of 0)."""
+    xp.negative(a, out=a)
+    with np.errstate(over="ignore", under="ignore"):  # exp(−a) = inf, 0 for a ≪ 0, a ≫ 0: σ = 0, 1 exactly
+        xp.exp(a, out=a)
+        a += 1
+        xp.reciprocal(a, out=a)  # a subnormal σ just above exp's overflow

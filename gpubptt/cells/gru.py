@@ -30,7 +30,15 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend
-from ._gated import GatedCell, batch_halves, forward_in_halves, forward_weight, sig_grad
+from ._gated import (
+    GatedCell,
+    batch_halves,
+    exp_in_place,
+    forward_in_halves,
+    forward_weight,
+    sig_grad,
+    sigmoid_in_place,
+)  # fmt: skip
 from ._jit import compile_kernels
 from ._loops import step_loops
 from ._per_backend import PerBackend
@@ -250,15 +258,6 @@ def _lane_buffers(aux: dict[str, Any], k: int, B: int, H: int, G: int, *, xp: An
     return out
 
 
-def _sigmoid(a: Any, *, xp: Any) -> None:
-    """a ← σ(a) = 1 / (1 + exp(−a)), in place (the CUDA bodies' formula)."""
-    xp.negative(a, out=a)
-    with np.errstate(over="ignore", under="ignore"):  # exp(−a) = inf, 0 for a ≪ 0, a ≫ 0: σ = 0, 1 exactly
-        xp.exp(a, out=a)
-        a += 1
-        xp.reciprocal(a, out=a)  # a subnormal σ just above exp's overflow
-
-
 class _Kernels:
     """One backend's fused GRU step kernels (CuPy ElementwiseKernels), or their NumPy twins."""
 
@@ -290,15 +289,14 @@ class _Kernels:
         if self.jit is not None:  # 5 calls instead of 12: exp and tanh stay NumPy's (vectorised)
             B = A.shape[0]
             self.jit[0](pre, hw, bn, A, 0, B)  # A = [−(a_r + w_r), −(a_z + w_z), ·, m = w_n + b_hn]
-            with np.errstate(over="ignore", under="ignore"):  # exp(−a) = inf, 0 for a ≪ 0, a ≫ 0: σ = 0, 1 exactly
-                xp.exp(A[:, : 2 * H], out=A[:, : 2 * H])
+            exp_in_place(A[:, : 2 * H], xp=xp)
             self.jit[1](pre, A, A.dtype.type(1), 0, B)  # r, z ← 1 / (1 + exp(−a)) (σ); A_n = a_n + r ⊙ m
             xp.tanh(A[:, 2 * H : 3 * H], out=A[:, 2 * H : 3 * H])  # n
             self.jit[2](hprev, A, h, 0, B)  # h = n + z ⊙ (h_{t-1} − n)
             return
         rz, n, m = A[:, : 2 * H], A[:, 2 * H : 3 * H], A[:, 3 * H :]
         xp.add(pre[:, : 2 * H], hw[:, : 2 * H], out=rz)
-        _sigmoid(rz, xp=xp)  # r, z
+        sigmoid_in_place(rz, xp=xp)  # r, z
         xp.add(hw[:, 2 * H :], bn, out=m)  # m = w_n + b_hn
         xp.multiply(A[:, :H], m, out=n)
         n += pre[:, 2 * H :]

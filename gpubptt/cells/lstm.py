@@ -28,12 +28,19 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend
-from ._gated import GatedCell, batch_halves, forward_in_halves, forward_weight, sig_grad
+from ._gated import (
+    GatedCell,
+    batch_halves,
+    exp_in_place,
+    forward_in_halves,
+    forward_weight,
+    sig_grad,
+    sigmoid_in_place,
+)  # fmt: skip
 from ._jit import compile_kernels
 from ._loops import loops_possible, step_loops
 from ._per_backend import PerBackend
 from .base import register_cell
-from .gru import _sigmoid
 
 __all__ = ["LSTMCell"]
 
@@ -295,16 +302,15 @@ class _Kernels:
         if self.jit is not None:  # 6 calls instead of 12; the transcendentals stay NumPy's (vectorised)
             B = A.shape[0]
             self.jit[0](pre, hw, A, h, 0, B)  # A = [−a_i, −a_f, 0, −a_o] (a = pre + hw); h = a_g
-            with np.errstate(over="ignore", under="ignore"):  # exp(−a) = inf, 0 for a ≪ 0, a ≫ 0: σ = 0, 1 exactly
-                xp.exp(A, out=A)
+            exp_in_place(A, xp=xp)
             xp.tanh(h, out=h)  # g
             self.jit[1](A, cprev, c, h, A.dtype.type(1), 0, B)  # [i, f, g, o]; c = f ⊙ c_{t-1} + i ⊙ g
             xp.tanh(c, out=h)
             h *= A[:, 3 * H :]  # h = o ⊙ tanh(c)
             return
         xp.add(pre, hw, out=A)
-        _sigmoid(A[:, : 2 * H], xp=xp)  # i, f
-        _sigmoid(A[:, 3 * H :], xp=xp)  # o
+        sigmoid_in_place(A[:, : 2 * H], xp=xp)  # i, f
+        sigmoid_in_place(A[:, 3 * H :], xp=xp)  # o
         xp.tanh(A[:, 2 * H : 3 * H], out=A[:, 2 * H : 3 * H])  # g
         xp.multiply(A[:, H : 2 * H], cprev, out=c)
         xp.multiply(A[:, :H], A[:, 2 * H : 3 * H], out=tmp[0])

@@ -491,9 +491,7 @@ def _long(
         else:
             say(f"wrote {output}")
     lost = None  # a stdout that cannot be written must not lose the plot still to come
-    if failed:  # the file's content, which would be lost otherwise (-q or not)
-        text = as_json if fmt == "json" else render_long(result)
-    elif output is None:
+    if failed or output is None:  # on a failed write, the file's content, which would be lost otherwise (-q or not)
         text = as_json if fmt == "json" else render_long(result)
     else:  # the table beside the file, unless -q
         text = None if quiet else render_long(result)

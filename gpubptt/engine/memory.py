@@ -112,6 +112,12 @@ def parameter_count(
     return num_layers * dirs * per_rec + inputs + K * H * dirs + (K if bias else 0)
 
 
+def _gated_buffers(gates: int, T: int, B: int, H: int) -> int:
+    """Elements of a gated cell's buffers where no cell object is given: gates (T, B, 4H), ∂w or c (T, B, 3H | H)
+    (0 for one gate: the Elman cell keeps none beyond S)."""
+    return (4 + (3 if gates == 3 else 2)) * T * B * H if gates > 1 else 0
+
+
 def _forward_bptt(
     T: int, B: int, H: int, K: int, itemsize: int, chunk_elements: int, truncate: int | None,
     num_layers: int = 1, dirs: int = 1, dropout: bool = False, gates: int = 1, cell: Any = None,
@@ -123,8 +129,8 @@ def _forward_bptt(
     states = n * ((T + 1) * B * H + T * B * H + B * H) + gates * T * B * H + B * H
     if cell is not None:  # per recurrence the buffers the cell declares (and its extra state's gradient)
         states += n * (cell.buffer_elements(T, B, H) + (B * H if cell.extra_state else 0))
-    elif gates > 1:  # per recurrence the gated cell's buffers: gates (T, B, 4H), ∂w or c (T, B, 3H | H), c0's gradient
-        states += n * (4 * T * B * H + (3 if gates == 3 else 2) * T * B * H + 8 * B * H)
+    elif gates > 1:  # per recurrence the gated cell's buffers and c0's gradient
+        states += n * (_gated_buffers(gates, T, B, H) + 8 * B * H)
     if dirs == 2:  # the reverse direction's scratch, each layer's [forward, reverse] output, ∂E/∂output
         states += T * B * H + num_layers * T * B * 2 * H + T * B * 2 * H + T * B * INT64 // itemsize
         states += B * H  # the reverse direction's per-step row (the two directions run at once)
@@ -172,9 +178,7 @@ def train_memory(
     evaluation += 4 * eval_T * eval_B * FLOAT64
     # the forward's stack: the shared pre-activations and every recurrence's cell buffers (a gated cell's gates)
     G = cell.gates if cell is not None else gates
-    buffers = (
-        cell.buffer_elements(eval_T, eval_B, H) if cell is not None else (6 if gates > 1 else 0) * eval_T * eval_B * H
-    )
+    buffers = cell.buffer_elements(eval_T, eval_B, H) if cell is not None else _gated_buffers(gates, eval_T, eval_B, H)
     evaluation += (eval_T * eval_B * G * H + n * buffers) * itemsize
     return MemoryEstimate(
         {

@@ -42,7 +42,7 @@ import numpy as np
 
 from ..backend import ONEHOT_MAX_VOCAB, TokenPlan
 from ..errors import InputError, InputTypeError
-from ..validation import Batch
+from ..validation import Batch, effective_truncate
 from .losses import chunk_steps, xent_and_grads
 from .memory import InsufficientMemoryError, MemoryEstimate, format_bytes
 from .stack import check_dpre, input_projection, projection_into
@@ -176,7 +176,7 @@ def call_memory(
     ce = model._chunk_elements()
     parts = _common(model, T, B, tokens, lengths)
     if recompute is None:
-        k = None if truncate is None or truncate >= T - 1 else truncate
+        k = effective_truncate(truncate, T)
         inputs = T * B * (INT64 + (INT64 if tokens else D * it) + (it if lengths else 0))
         inputs += (T * B + D + 1) * INT64 if tokens else 0
         states = n * ((T + 1) * B * H + T * B * H + cell.buffer_elements(T, B, H)) + T * B * gH + B * H
@@ -237,8 +237,7 @@ def choose(
     that would work (for this policy, and for any policy); InputError when the model cannot
     recompute and recomputation is asked for.
     """
-    if truncate is not None and truncate >= T - 1:  # a window over every step: full BPTT, which can recompute
-        truncate = None
+    truncate = effective_truncate(truncate, T)  # a window over every step: full BPTT, which can recompute
     why = unsupported_reason(model, truncate=truncate)
 
     def est(r: int | None) -> int:

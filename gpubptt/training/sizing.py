@@ -20,6 +20,7 @@ from ..cells import make_cell
 from ..engine.memory import InsufficientMemoryError, check_fits, format_bytes, train_memory
 from ..engine.recompute import call_memory, check_max_memory, choose
 from ..errors import InputError
+from ..validation import effective_truncate
 from .data import CopyTask, TextData
 from .loop import TrainConfig, learning_rate
 
@@ -89,7 +90,7 @@ def check_memory(
         L = data.seq_len
         eval_B, eval_T = 256, min(256, data.seq_len)
     T = min(config.chunk or L, L)  # a chunk longer than the sequence trains on the whole sequence
-    truncate = None if config.truncate is not None and config.truncate >= T - 1 else config.truncate  # full BPTT
+    truncate = effective_truncate(config.truncate, T)
     slots = {"adam": 2, "adagrad": 1}.get(st["optimizer"], 1 if st["momentum"] else 0)
     estimate = train_memory(
         data.input_size, H, data.output_size, T=T, B=B, itemsize=np.dtype(dtype).itemsize, slots=slots,
