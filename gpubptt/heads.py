@@ -29,7 +29,9 @@ from .errors import InputError, InputTypeError, ShapeError
 from .params import finite_in, nonfinite_reason
 from .validation import _as_native
 
-__all__ = ["HEADS", "check_head", "check_targets", "head_forward", "head_loss_and_grads", "last_outputs"]
+__all__ = [
+    "HEADS", "check_head", "check_targets", "head_forward", "head_loss_and_grads", "last_outputs", "mean_count",
+]  # fmt: skip
 
 HEADS = ("softmax", "last_softmax", "mse", "last_mse")
 
@@ -66,6 +68,13 @@ def check_targets(head: str, y: Any, T: int, B: int, K: int, *, be: Backend, dty
     if not bool(finite):
         raise InputError(f"head {head!r}: targets y {nonfinite_reason(y, np.dtype(dtype), xp=be.xp)}")
     return cast
+
+
+def mean_count(head: str, B: int, counted: int, K: int) -> int:
+    """What ``reduction="mean"`` divides a head's loss by: the counted steps (softmax), × K (mse), the B sequences
+    (last_softmax), × K (last_mse)."""
+    count = B if head in ("last_softmax", "last_mse") else counted
+    return count * K if head in ("mse", "last_mse") else count
 
 
 def _last_index(T: int, B: int, lengths: np.ndarray | None) -> np.ndarray:
@@ -145,14 +154,13 @@ def head_loss_and_grads(
         loss = (xp.log(total) - z_y).sum()
         z /= total[:, None]
         z[ar, y] -= 1  # dz = softmax(z) − onehot(y)
-        count = B
     else:
         z -= y.reshape(z.shape)  # z − y
         if weight is not None and not last:
             z *= weight.reshape(-1, 1)
         loss = (z * z).sum()
         z *= 2  # dz = 2 (z − y)
-        count = (B if last else counted) * K
+    count = mean_count(head, B, counted, K)
     dV = xp.empty_like(V)
     be.matmul(z.T, h, dV)  # dV = Σ dzᵀ h
     dc = None if c is None else be.sum_rows(z)

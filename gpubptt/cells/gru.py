@@ -38,7 +38,7 @@ from ._gated import (
     forward_weight,
     sig_grad,
     sigmoid_in_place,
-)  # fmt: skip
+)
 from ._jit import compile_kernels
 from ._loops import step_loops
 from ._per_backend import PerBackend

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..dropout import mask_key
 from ..errors import InputError
+from ..heads import mean_count
 from ..training.loop import TrainConfig, TrainState, evaluate
 from ..validation import NOTHING_COUNTED
 from .base import Communicator, allgather_text
@@ -308,12 +309,8 @@ class DataParallel:
         (``batch_first``: (b, T, …))."""
         model = self.model
         T, b = (int(x.shape[1]), int(x.shape[0])) if model.batch_first else (int(x.shape[0]), int(x.shape[1]))
-        head = model.head
-        if head in ("last_softmax", "last_mse"):
-            count = float(b)
-        else:
-            count = float(b * T if lengths is None else np.minimum(model.backend.to_numpy(lengths), T).sum())
-        return count * model.output_size if head in ("mse", "last_mse") else count
+        counted = b * T if lengths is None else int(np.minimum(model.backend.to_numpy(lengths), T).sum())
+        return float(mean_count(model.head, b, counted, model.output_size))
 
     # -- data, state and evaluation of this rank ----------------------------------------------------
     def shard_data(self, data: Any) -> ShardedData:
