@@ -186,15 +186,24 @@ def truncation_windows(model: RNN, x: Any, y: Any, truncates: list[int]) -> tupl
     x (T, B) or (T, B, D); y (T, B). Each truncated gradient from ``truncated_gradients``.
     """
     m = _host_model(check_model(model))
-    names = list(m.params)
+    full = _full_gradient(m, x, y)
+    return _windows(m, x, y, truncates, full)
+
+
+def _full_gradient(m: RNN, x: Any, y: Any) -> np.ndarray:
+    """Full BPTT's gradient of every parameter of the host model ``m``, flattened in ``m.params``' order."""
     _, full = m.loss_and_grads(x, y)
-    full_vec = np.concatenate([full[n].ravel() for n in names])
+    return np.concatenate([full[n].ravel() for n in m.params])
+
+
+def _windows(m: RNN, x: Any, y: Any, truncates: list[int], full: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``truncation_windows`` against the full gradient ``full`` (``_full_gradient``), computed once by the caller."""
     rel, cos = [], []
     for k in truncates:
         g = truncated_gradients(m, x, y, k)
-        acc = np.concatenate([g[n].ravel() for n in names])
-        rel.append(np.linalg.norm(acc - full_vec) / np.linalg.norm(full_vec))
-        cos.append(acc @ full_vec / (np.linalg.norm(acc) * np.linalg.norm(full_vec)))
+        acc = np.concatenate([g[n].ravel() for n in m.params])
+        rel.append(np.linalg.norm(acc - full) / np.linalg.norm(full))
+        cos.append(acc @ full / (np.linalg.norm(acc) * np.linalg.norm(full)))
     return np.array(rel), np.array(cos)
 
 
@@ -254,8 +263,11 @@ def cell_flow(
     s0_norm = float(np.linalg.norm(np.einsum("bij,bi->bj", J[0], d)))
     horizon, rate = _fit(log_norms, threshold)
     cell_horizon, cell_rate = _fit(cell_log_norms, threshold) if cell_log_norms is not None else (None, None)
-    rel, cos = truncation_windows(m, x, y, truncates) if truncates else (np.zeros(0), np.zeros(0))
-    smallest = _smallest_truncate(m, x, y, dict(zip(truncates, rel, strict=True)), T) if truncates else None
+    rel, cos, smallest = np.zeros(0), np.zeros(0), None
+    if truncates:
+        full = _full_gradient(m, x, y)  # once, for every window
+        rel, cos = _windows(m, x, y, truncates, full)
+        smallest = _smallest_truncate(m, x, y, dict(zip(truncates, rel, strict=True)), T, full)
     return CellFlow(
         cell=m.cell_name, hidden_size=H, parameters=int(sum(v.size for v in m.params.values())),
         threshold=threshold, lags=np.arange(T + 1), log_norms=log_norms, cell_log_norms=cell_log_norms,
@@ -265,12 +277,12 @@ def cell_flow(
     )  # fmt: skip
 
 
-def _smallest_truncate(m: RNN, x: Any, y: Any, measured: dict[int, float], T: int) -> int | None:
+def _smallest_truncate(m: RNN, x: Any, y: Any, measured: dict[int, float], T: int, full: np.ndarray) -> int | None:
     """The smallest k = 0, 1, 2, … whose relative truncation error is below ``TRUNCATE_TOL``: each k in turn (the
     windows of ``measured`` reused), up to the first that is (k = T − 1 is full BPTT; None only where the full
-    gradient is 0 and no relative error is defined)."""
+    gradient is 0 and no relative error is defined). ``full``: full BPTT's gradient (``_full_gradient``)."""
     for k in range(T):
-        rel = measured[k] if k in measured else truncation_windows(m, x, y, [k])[0][0]
+        rel = measured[k] if k in measured else _windows(m, x, y, [k], full)[0][0]
         if rel < TRUNCATE_TOL:
             return k
     return None
