@@ -228,3 +228,40 @@ def test_indrnn_trains_resumes_and_benches_from_the_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, [*bench, "--compare", "torch"])
     assert result.exit_code == 2 and "torch has no module for --cell indrnn" in result.output
+
+
+def test_training_with_an_optimizer_built_on_the_parameter_mapping_keeps_the_bound():
+    # an optimizer on model.params (not the model) passes train's check: it trained past max_weight (|w| 0.79 > 0.5)
+    from gpubptt.training.data import TextData, default_corpus
+    from gpubptt.training.loop import TrainConfig, train
+    from gpubptt.training.optim import make_optimizer
+
+    data = TextData(default_corpus())
+    cell = IndRNNCell("relu", max_weight=0.5)
+    model = gpubptt.RNN(data.input_size, 8, data.output_size, cell=cell, seed=0, backend="numpy")
+    opt = make_optimizer("adam", model.params, lr=0.1)
+    train(model, data, opt, TrainConfig(steps=5, batch_size=4, chunk=8, eval_every=0))
+    w = np.abs(np.asarray(model.params["w"]))
+    assert w.max() <= 0.5 and np.isclose(w.max(), 0.5)  # lr 0.1 drives w onto the bound, and no further
+
+
+@pytest.mark.parametrize("bound", [np.float32(0.75), np.float16(0.5), np.int64(1), 2])
+def test_max_weight_takes_numpy_and_python_numbers(bound):
+    cell = IndRNNCell("relu", max_weight=bound)
+    assert type(cell.max_weight) is float and cell.max_weight == float(bound)
+
+
+@pytest.mark.parametrize("bound", [np.float32("nan"), True, np.bool_(True), "1", 10**400, 0, -1.0])
+def test_max_weight_refuses_what_is_not_a_finite_positive_number(bound):
+    with pytest.raises(gpubptt.InputError, match="max_weight must be None or a finite number > 0"):
+        IndRNNCell("relu", max_weight=bound)
+
+
+def test_horizon_bound_is_the_closed_form_and_checks_its_arguments():
+    assert indrnn.horizon_bound(np.int64(100), np.float32(2.0)) == pytest.approx(2.0 ** (1 / 100), rel=1e-15)
+    for T in (0, -5, 2.5, True, "10"):
+        with pytest.raises(gpubptt.InputError, match="T must be an int ≥ 1"):
+            indrnn.horizon_bound(T)
+    for gamma in (-2.0, 0.0, float("inf"), float("nan"), "2"):
+        with pytest.raises(gpubptt.InputError, match="gamma must be a finite number > 0"):
+            indrnn.horizon_bound(100, gamma)

@@ -22,7 +22,6 @@ operations on preallocated buffers). Truncation (``truncate=k``) reuses the Elma
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 import numpy as np
@@ -37,8 +36,25 @@ __all__ = ["IndRNNCell", "horizon_bound", "kernels"]
 
 
 def horizon_bound(T: int, gamma: float = 2.0) -> float:
-    """γ^{1/T}: the bound on |w_i| under which a unit's gradient grows at most γ-fold over T steps (f ≤ 1)."""
-    return float(gamma) ** (1.0 / T)
+    """γ^{1/T}: the bound on |w_i| under which a unit's gradient grows at most γ-fold over T steps (f ≤ 1).
+
+    T an int ≥ 1 (steps), γ a finite number > 0; else InputError naming the argument."""
+    if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, np.integer)) or T < 1:
+        raise InputError(f"T must be an int ≥ 1 (the number of steps), got {T!r}")
+    return _positive(gamma, "gamma must be a finite number > 0 (the largest growth over T steps)") ** (1.0 / int(T))
+
+
+def _positive(value: Any, rule: str) -> float:
+    """``value`` as a float where it is a real number (Python's or NumPy's), finite and > 0; else InputError
+    "{rule}, got {value!r}"."""
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    try:
+        number = float(value) if real else math.nan
+    except OverflowError:  # an int past float's range
+        number = math.inf
+    if not math.isfinite(number) or number <= 0:
+        raise InputError(f"{rule}, got {value!r}")
+    return number
 
 
 @register_cell
@@ -59,11 +75,7 @@ class IndRNNCell(Cell):
         if nonlinearity not in NONLINEARITIES:
             raise InputError(f"unknown nonlinearity {nonlinearity!r}; expected one of {', '.join(NONLINEARITIES)}")
         if max_weight is not None:
-            ok = isinstance(max_weight, (int, float)) and not isinstance(max_weight, bool)
-            ok = ok and abs(max_weight) <= sys.float_info.max  # an int past float's range: no OverflowError below
-            if not ok or not math.isfinite(max_weight) or max_weight <= 0:
-                raise InputError(f"max_weight must be None or a finite number > 0 (γ^(1/T)), got {max_weight!r}")
-            max_weight = float(max_weight)
+            max_weight = _positive(max_weight, "max_weight must be None or a finite number > 0 (γ^(1/T))")
         self.nonlinearity = nonlinearity
         self.max_weight = max_weight
 

@@ -306,7 +306,8 @@ def train(
 
     x, y batches (L, B) come from ``data.train_sequence(i, ...)``, cut into chunks (T, B) with
     T = config.chunk. ``state``/``history`` continue an earlier run (from a checkpoint). Returns the
-    final state and history. The optimizer must hold the model's parameters.
+    final state and history. The optimizer must hold the model's parameters; one built on the mapping
+    ``model.params`` ends every step with the model's ``constrain`` (IndRNN's |w| bound), as one built on the model.
 
     ``grad_hook(loss, grads)`` runs after each ``loss_and_grads`` and before clipping and the
     update: it may change the gradients in place (e.g. sum them over processes) and returns the
@@ -331,6 +332,8 @@ def train(
         raise InputError(f"early_stop must be an int ≥ 1 (evaluations without improvement) or None, got {early_stop!r}")
     if optimizer.params is not model.params:
         raise InputError("the optimizer must be built on this model's parameters (make_optimizer(name, model))")
+    if optimizer.constrain is None:  # built on the mapping model.params: the cell's constraint (IndRNN's |w|
+        optimizer.constrain = getattr(model, "constrain", None)  # bound) still holds after every training step
     data.check_batch(config.batch_size, config.chunk or 1)
     if model.input_size != data.input_size or model.output_size != data.output_size:
         raise InputError(
