@@ -13,3 +13,25 @@ class DevArray(np.ndarray):
     @property
     def data(self):  # type: ignore[override]
         return SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+
+class Devices:
+    """CuPy's ``cuda.Device`` over stand-in devices: ``Device()`` is the current one (``.id``); ``with Device(i):``
+    makes device i current and puts the previous one back after; ``current`` is the current device's id."""
+
+    def __init__(self) -> None:
+        self.current = 0
+
+    def __call__(self, device: int | None = None) -> SimpleNamespace:
+        devices = self
+        chosen = self.current if device is None else device
+
+        class Device(SimpleNamespace):
+            def __enter__(self):
+                self.previous = devices.current
+                devices.current = chosen
+
+            def __exit__(self, *exc):
+                devices.current = self.previous
+
+        return Device(id=chosen)

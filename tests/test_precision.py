@@ -23,7 +23,7 @@ from gpubptt.backend.numpy_backend import NumpyBackend
 from gpubptt.backend.precision import BF16_ROUND_BODY, PRECISIONS, round_bf16, round_tf32
 from gpubptt.errors import InputError
 
-from .cuda_stand_ins import DevArray
+from .cuda_stand_ins import DevArray, Devices
 
 MANTISSA = {"tf32": 10, "bf16": 7}
 ROUND = {"tf32": round_tf32, "bf16": round_bf16}
@@ -289,7 +289,9 @@ def _fake_cupy():
         uint8=np.uint8,
         ascontiguousarray=lambda a: np.ascontiguousarray(a).view(DevArray),
         ElementwiseKernel=kernel,
-        cuda=SimpleNamespace(get_current_stream=lambda: stream, using_allocator=contextlib.nullcontext),
+        cuda=SimpleNamespace(
+            get_current_stream=lambda: stream, using_allocator=contextlib.nullcontext, Device=Devices()
+        ),
     )
 
 

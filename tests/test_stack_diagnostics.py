@@ -127,3 +127,22 @@ def test_the_stack_report_of_a_model_with_dropout_is_that_of_its_weights_without
     want = [r.grad_s0 for r in stack_report(plain, x, y).recurrences]
     for _ in range(2):  # the same every call: no masks drawn behind the states it measures
         assert [r.grad_s0 for r in stack_report(model, x, y).recurrences] == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize(("precision", "step_kernels", "launched"), [("bf16", None, set()), ("fp32", "cublas", set())])
+def test_the_stack_report_computes_its_states_with_the_models_own_step_kernels(precision, step_kernels, launched):
+    # it ran "auto" whatever the model said: under bf16 (cuBLAS GEMMs per step) it ran the float32 persistent kernel,
+    # states that were not the model's, and it ignored a model's own step_kernels
+    from tests.test_elman_kernels import _Compiling
+
+    be = _Compiling()
+    rng = np.random.default_rng(0)
+    T, B, D, H, K = 6, 3, 4, 5, 6
+    model = gpubptt.RNN(D, H, K, backend=be.with_precision(precision), seed=1, dtype="float32")
+    model.step_kernels = step_kernels
+    x, y = rng.normal(size=(T, B, D)).astype(np.float32), rng.integers(0, K, size=(T, B))
+    be.log.clear()
+    model.loss_and_grads(x, y)
+    assert set(be.log) == launched  # what the model itself runs: cuBLAS GEMMs, no step kernel
+    stack_report(model, x, y)
+    assert set(be.log) == launched

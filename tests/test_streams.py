@@ -21,7 +21,7 @@ import gpubptt
 from gpubptt.backend import _cublas, _streams
 from gpubptt.backend.numpy_backend import NumpyBackend
 
-from .cuda_stand_ins import DevArray
+from .cuda_stand_ins import DevArray, Devices
 
 
 class _RawAllocator:
@@ -32,11 +32,11 @@ class _RawAllocator:
     @contextlib.contextmanager
     def __call__(self, allocator=None):
         assert allocator is None
-        _RawAllocator.raw = True
+        previous, _RawAllocator.raw = _RawAllocator.raw, True
         try:
             yield
         finally:
-            _RawAllocator.raw = False
+            _RawAllocator.raw = previous
 
 
 def _empty(n, dtype):
@@ -88,7 +88,7 @@ class _FakeCuda:
         waits = lambda e: self.log.append(("wait", "origin", e.name))  # noqa: E731
         self.origin = SimpleNamespace(name="origin", ptr=7, wait_event=waits)
         self.cuda = SimpleNamespace(Stream=Stream, Event=Event, get_current_stream=self.current,
-                                    Device=lambda: SimpleNamespace(id=0), using_allocator=_RawAllocator())  # fmt: skip
+                                    Device=Devices(), using_allocator=_RawAllocator())  # fmt: skip
 
     def current(self):
         return getattr(self.local, "current", self.origin)
@@ -131,6 +131,7 @@ def test_side_streams_are_made_once_per_thread_and_reused():
     other.start()
     other.join()
     assert cuda.made == ["side1", "side2"] and added == [1001, 1002]  # another thread: its own side stream
+    assert cuda.cuda.Event.count == 4  # per thread one fork and one join event (a fork event was made every run)
 
 
 def test_a_join_that_fails_after_a_jobs_error_does_not_hide_it():
@@ -187,14 +188,14 @@ def test_each_side_stream_gets_a_cublas_workspace_of_its_own(monkeypatch):
     current = SimpleNamespace(ptr=7)
     cp = SimpleNamespace(
         empty=_empty, uint8=np.uint8, ElementwiseKernel=lambda *a: None,
-        cuda=SimpleNamespace(get_current_stream=lambda: current, using_allocator=_RawAllocator()),
+        cuda=SimpleNamespace(get_current_stream=lambda: current, using_allocator=_RawAllocator(), Device=Devices()),
     )  # fmt: skip
     matmul = _cublas.cublas_matmul(cp)
-    shared = matmul.keepalive[2]
+    shared = matmul.keepalive[1][0].workspace
     a, b, out = (np.ones(s, np.float32).view(DevArray) for s in ((2, 3), (3, 4), (2, 4)))
     matmul.add_stream(8)
     matmul.add_stream(8)  # once per stream
-    own = matmul.keepalive[3][8]
+    own = matmul.keepalive[1][0].workspaces[8]
     for ptr in (7, 8, 8, 9, 7):
         current.ptr = ptr
         matmul(a, b, out, False)
@@ -205,6 +206,54 @@ def test_each_side_stream_gets_a_cublas_workspace_of_its_own(monkeypatch):
     assert own.nbytes == shared.nbytes and own.data.ptr != shared.data.ptr
     assert own.raw  # outside every memory pool: the warm-up before a capture runs under the graph's own pool
     assert [c for c in calls if c[0] == "gemm"] == [("gemm",)] * 5
+
+
+def test_each_device_gets_a_cublas_handle_and_workspaces_made_on_it(monkeypatch):
+    # a handle belongs to the device current at cublasCreate: one made on device 0 ran device 1's GEMMs (tensors on
+    # cuda:1 through gpubptt.torch) with a workspace in device 0's memory
+    devices = Devices()
+    log: list[tuple] = []
+    made_on: dict[int, int] = {}
+
+    def create(ref):
+        ref._obj.value = 100 + devices.current
+        log.append(("create", devices.current))
+        return 0
+
+    def empty(n, dtype):
+        out = _empty(n, dtype)
+        made_on[out.data.ptr] = devices.current
+        return out
+
+    lib = _fake_cublas_lib([])
+    lib.cublasCreate_v2 = create
+    lib.cublasSetStream_v2 = lambda h, s: log.append(("stream", h.value, s, devices.current)) or 0
+    lib.cublasSetWorkspace_v2 = lambda h, p, n: log.append(("workspace", h.value, made_on[p], devices.current)) or 0
+    lib.cublasSgemm_v2 = lambda h, *a: log.append(("gemm", h.value, devices.current)) or 0
+    monkeypatch.setattr(_cublas, "_load_cublas", lambda cp: lib)
+    current = SimpleNamespace(ptr=7)
+    cp = SimpleNamespace(
+        empty=empty, uint8=np.uint8, ElementwiseKernel=lambda *a: None,
+        cuda=SimpleNamespace(get_current_stream=lambda: current, using_allocator=_RawAllocator(), Device=devices),
+    )  # fmt: skip
+    matmul = _cublas.cublas_matmul(cp)  # made while device 0 is current
+    a, b, out = (np.ones(s, np.float32).view(DevArray) for s in ((2, 3), (3, 4), (2, 4)))
+    matmul(a, b, out, False)
+    with devices(1):
+        current.ptr = 9
+        matmul.add_stream(10)
+        matmul(a, b, out, False)
+    current.ptr = 7
+    matmul(a, b, out, False)  # back on device 0: its handle is still set to stream 7
+    assert log == [
+        ("create", 0),
+        ("stream", 100, 7, 0), ("workspace", 100, 0, 0), ("gemm", 100, 0),
+        ("create", 1),
+        ("stream", 101, 9, 1), ("workspace", 101, 1, 1), ("gemm", 101, 1),
+        ("gemm", 100, 0),
+    ]  # fmt: skip
+    states = matmul.keepalive[1]
+    assert made_on[states[1].workspaces[10].data.ptr] == 1 and states[1].workspaces[10].raw
 
 
 def test_cupy_backend_runs_jobs_on_side_streams_only_where_concurrent_is_set(monkeypatch):
@@ -223,7 +272,7 @@ def test_cupy_backend_runs_jobs_on_side_streams_only_where_concurrent_is_set(mon
     cuda.log.clear()
     be.run_concurrently([cuda.job("a"), cuda.job("b")])
     assert ("job", "b", "side1") in cuda.log and ("job", "a", "origin") in cuda.log
-    assert len(be._matmul.keepalive[3]) == 1  # the side stream's own workspace
+    assert len(be._matmul.keepalive[1][0].workspaces) == 1  # the side stream's own workspace
 
 
 def _in_order(order: str):
@@ -343,3 +392,79 @@ def test_each_thread_captures_on_one_stream_of_its_own(monkeypatch):
     other.start()
     other.join()
     assert theirs[0] is not mine and cuda.made == [mine.name, theirs[0].name]
+
+
+def test_a_capture_keeps_no_second_copy_of_the_warm_up_temporaries():
+    # CuPy's pool keeps free blocks per stream: the warm-up's temporaries (freed on the caller's stream) were never
+    # reused by the capture stream, and a graph's private pool held both copies (64 MiB of logits chunk twice)
+    from gpubptt.backend import _graphs
+
+    local = threading.local()
+
+    class Stream:
+        def __init__(self, name):
+            self.name, self.ptr = name, id(self)
+
+        def __enter__(self):
+            self.previous = current()
+            local.stream = self
+
+        def __exit__(self, *exc):
+            local.stream = self.previous
+
+        def synchronize(self):
+            pass
+
+        def begin_capture(self):
+            pass
+
+        def end_capture(self):
+            return SimpleNamespace(launch=lambda stream: None)
+
+    origin = Stream("origin")
+    current = lambda: getattr(local, "stream", origin)  # noqa: E731
+
+    class Pool:  # cupy.cuda.MemoryPool: an arena of free blocks per stream; malloc reuses the current stream's
+        def __init__(self):
+            self.arenas, self.held = {}, 0
+
+        def malloc(self, n):
+            free = self.arenas.setdefault(current().name, [])
+            if n in free:
+                free.remove(n)
+            else:
+                self.held += n  # cudaMalloc
+            return (current().name, n)
+
+        def free(self, block):
+            self.arenas.setdefault(block[0], []).append(block[1])
+
+        def free_all_blocks(self, stream=None):
+            assert stream is None
+            self.held -= sum(sum(blocks) for blocks in self.arenas.values())
+            self.arenas.clear()
+
+    pools, allocator = [], [None]
+
+    def memory_pool():
+        pools.append(Pool())
+        return pools[-1]
+
+    @contextlib.contextmanager
+    def using_allocator(a=None):
+        previous, allocator[0] = allocator[0], a
+        try:
+            yield
+        finally:
+            allocator[0] = previous
+
+    cuda = SimpleNamespace(MemoryPool=memory_pool, Stream=lambda non_blocking=False: Stream("capture"),
+                           get_current_stream=current, using_allocator=using_allocator, Device=Devices())  # fmt: skip
+    chunk = 64 << 20
+
+    def fn():  # a forward+BPTT whose one temporary, the logits chunk, is freed as it returns
+        pool = allocator[0].__self__
+        pool.free(allocator[0](chunk))
+
+    _graphs.capture(SimpleNamespace(cuda=cuda), fn)
+    assert pools[0].held == chunk  # the capture's own copy only

@@ -1,10 +1,13 @@
-"""GEMMs through cuBLAS itself, opened with ctypes, with a handle and a workspace of gpubptt's own.
+"""GEMMs through cuBLAS itself, opened with ctypes, with a handle and a workspace of gpubptt's own per device.
 
 CuPy's own cuBLAS bindings refuse to run while a stream is being captured; cuBLAS itself supports
-capture. The handle is shared by the process: its stream and each GEMM are set and queued under
-one lock, so threads on different streams never send a GEMM to another thread's stream. The one
-workspace is safe while device work is ordered (CuPy's default stream orders every thread's work);
-a side stream that runs beside it (``_streams``) gets a workspace of its own (``matmul.add_stream``).
+capture. A cuBLAS handle belongs to the device current when it was made, so each device gets its own
+handle and workspace (``_OnDevice``), made the first time a GEMM runs there (a model on the tensors'
+own GPU, ``gpubptt.torch``). A device's handle is shared by the process: its stream and each GEMM are
+set and queued under one lock, so threads on different streams never send a GEMM to another thread's
+stream. The one workspace is safe while device work is ordered (CuPy's default stream orders every
+thread's work); a side stream that runs beside it (``_streams``) gets a workspace of its own
+(``matmul.add_stream``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ __all__ = ["col_major", "cublas_matmul"]
 CUDA_R_32F, CUDA_R_16BF = 0, 14
 CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
 CUBLAS_GEMM_DEFAULT = -1
+#: each workspace's size (cuBLAS's own default on Hopper is 32 MiB)
+WORKSPACE_BYTES = 32 << 20
 
 
 def col_major(M: Any) -> tuple[bool, int] | None:
@@ -89,12 +94,7 @@ def cublas_matmul(cp: ModuleType) -> Callable[..., None]:
         if status != 0:
             raise RuntimeError(f"{what} failed with cuBLAS status {status}")
 
-    handle = c_void_p()
-    check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
-    # a workspace of our own, so cuBLAS never allocates while a graph is being captured
-    workspace = cp.empty(32 << 20, dtype=cp.uint8)
-    workspaces: dict[int, Any] = {}  # a side stream's own, by stream pointer; every other stream: workspace
-    current = [None]  # the stream the handle is set to
+    states: dict[int, _OnDevice] = {}  # by device id
     lock = threading.Lock()
     gemm = {
         np.dtype(np.float32): (lib.cublasSgemm_v2, ctypes.c_float),
@@ -136,12 +136,14 @@ def cublas_matmul(cp: ModuleType) -> Callable[..., None]:
         fn, _ = gemm[out.dtype]
         one, zero = scalars[out.dtype]
         stream = cp.cuda.get_current_stream().ptr  # per thread: each thread's GEMM must go to its own stream
-        with lock:  # one handle for the process: its stream and the GEMM are set and queued together
-            if stream != current[0]:  # cublasSetStream also resets the workspace: set ours again
+        with lock:  # one handle per device for the process: its stream and the GEMM are set and queued together
+            on = on_device()
+            handle = on.handle
+            if stream != on.stream:  # cublasSetStream also resets the workspace: set ours again
                 check(lib.cublasSetStream_v2(handle, stream), "cublasSetStream")
-                space = workspaces.get(stream, workspace)
+                space = on.workspaces.get(stream, on.workspace)
                 check(lib.cublasSetWorkspace_v2(handle, space.data.ptr, space.nbytes), "cublasSetWorkspace")
-                current[0] = stream
+                on.stream = stream
             # row-major out = a @ b  is column-major outᵀ = bᵀ aᵀ
             if precision != "fp32":  # float32 output and accumulation; tensor-core inputs
                 compute = CUBLAS_COMPUTE_32F_FAST_TF32 if precision == "tf32" else CUBLAS_COMPUTE_32F
@@ -159,15 +161,44 @@ def cublas_matmul(cp: ModuleType) -> Callable[..., None]:
                 )  # fmt: skip
         check(status, "gemm")
 
-    def add_stream(stream: int) -> None:
-        """A workspace of its own for the stream with pointer ``stream``, for GEMMs in flight beside those of
-        other streams; made at once, with memory of its own (the warm-up before a capture, which makes the side
-        streams, allocates from the graph's private pool, freed with the graph), never during a capture. Kept for
-        the process's life, also after its stream is gone: a graph captured with it holds its address."""
-        with lock, cp.cuda.using_allocator():  # its own memory, outside any pool: a graph's private pool can die
-            if stream not in workspaces:
-                workspaces[stream] = cp.empty(workspace.nbytes, dtype=cp.uint8)
+    def on_device() -> _OnDevice:
+        """The current device's handle and workspaces, made on it the first time (under ``lock``)."""
+        device = cp.cuda.Device().id
+        on = states.get(device)
+        if on is None:
+            handle = c_void_p()
+            with cp.cuda.Device(device):
+                check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
+                with cp.cuda.using_allocator():  # its own memory, outside any pool (see add_stream)
+                    # a workspace of our own, so cuBLAS never allocates while a graph is being captured
+                    on = states[device] = _OnDevice(handle, cp.empty(WORKSPACE_BYTES, dtype=cp.uint8))
+        return on
 
+    def add_stream(stream: int) -> None:
+        """A workspace of its own for the stream with pointer ``stream`` (of the current device), for GEMMs in
+        flight beside those of other streams; made at once, with memory of its own (the warm-up before a capture,
+        which makes the side streams, allocates from the graph's private pool, freed with the graph), never during
+        a capture. Kept for the process's life, also after its stream is gone: a graph captured with it holds its
+        address."""
+        with lock:
+            on = on_device()
+            if stream not in on.workspaces:
+                with cp.cuda.using_allocator():  # its own memory, outside any pool: a graph's private pool can die
+                    on.workspaces[stream] = cp.empty(WORKSPACE_BYTES, dtype=cp.uint8)
+
+    with lock:
+        on_device()  # the handle of the device current now, made with the backend (an error surfaces here)
     matmul.add_stream = add_stream  # type: ignore[attr-defined]
-    matmul.keepalive = (lib, handle, workspace, workspaces)  # type: ignore[attr-defined]
+    matmul.keepalive = (lib, states)  # type: ignore[attr-defined]
     return matmul
+
+
+class _OnDevice:
+    """One device's cuBLAS handle, its default workspace, side streams' own workspaces (by stream pointer) and
+    the stream the handle is set to now."""
+
+    def __init__(self, handle: Any, workspace: Any) -> None:
+        self.handle = handle
+        self.workspace = workspace
+        self.workspaces: dict[int, Any] = {}
+        self.stream: int | None = None

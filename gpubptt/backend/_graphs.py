@@ -48,8 +48,11 @@ def capture(cp: ModuleType, fn: Callable[[], None]) -> Callable[[], None]:
         # The warm-up runs on the caller's stream, in order with all other work there: it shares the one
         # cuBLAS workspace with every GEMM of the process, so it must not run beside them on a stream of
         # its own (another thread's GEMM on the default stream would race it for that workspace).
-        fn()  # compiles kernels and caches every temporary in the private pool
+        fn()  # compiles kernels, makes the buffers fn keeps (its workspaces), on the caller's stream
         current.synchronize()
+        # CuPy's pool keeps free blocks per stream: the warm-up's temporaries, freed on the caller's stream, are
+        # never reused by the capture's stream; held, they would stay beside the capture's own for the graph's life
+        pool.free_all_blocks()
         with stream:  # capture records, it does not run: the replays run on the caller's stream
             stream.begin_capture()
             try:

@@ -42,7 +42,9 @@ class SideStreams:
         cp = self.cp
         sets = self._local.__dict__.setdefault("sets", {})
         device = cp.cuda.Device().id
-        fork, sides = sets.setdefault(device, (cp.cuda.Event(disable_timing=True), []))
+        if device not in sets:  # made once (setdefault would make an event on every run, captures included)
+            sets[device] = (cp.cuda.Event(disable_timing=True), [])
+        fork, sides = sets[device]
         while len(sides) < n:
             stream = cp.cuda.Stream(non_blocking=True)
             self.add_stream(stream.ptr)

@@ -99,9 +99,10 @@ class CupyBackend(Backend):
         return int(a.data.ptr)
 
     def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
-        """fn runs once to warm up (compile kernels, size the graph's private memory pool), is captured on
-        a side stream, and each replay is ONE graph launch on the current stream. Temporaries fn
-        allocates come from a memory pool owned by the graph, so nothing else can reuse them.
+        """fn runs once to warm up (compile kernels, make the buffers it keeps), is captured on a side stream,
+        and each replay is ONE graph launch on the current stream. Temporaries fn allocates during the capture
+        come from a memory pool owned by the graph, so nothing else can reuse them; the warm-up's freed ones are
+        released before the capture.
         """
         return _graphs.capture(self.xp, fn)
 

@@ -117,8 +117,11 @@ def batch_of(model: RNN, x: Any, y: Any, s0: Any) -> Batch:
 def plain_copy(model: RNN) -> RNN:
     """The model's parameters in a fresh model that reads x time-major (T, B, …) under the per-step softmax head,
     without dropout: what the states and step factors of these diagnostics assume, whatever the model's
-    ``batch_first``, ``head`` and ``dropout`` say (``model.states`` never swaps axes; ``loss_and_grads`` would)."""
-    return RNN.from_params(model.params, backend=model.backend, config=model.config)
+    ``batch_first``, ``head`` and ``dropout`` say (``model.states`` never swaps axes; ``loss_and_grads`` would).
+    It runs as the model does: its backend (precision included), ``step_kernels``, ``chunk_elements``, graphs."""
+    copy = RNN.from_params(model.params, backend=model.backend, config=model.config)
+    copy.use_graphs, copy.step_kernels, copy.chunk_elements = model.use_graphs, model.step_kernels, model.chunk_elements
+    return copy
 
 
 def states_of(model: RNN, batch: Batch) -> Any:

@@ -262,15 +262,16 @@ class Stack:
         return xp.stack([c[rows, cols] for c in C])
 
 
-def states(model: Any, batch: Batch, *, step_kernels: str = "auto") -> list[Any]:
+def states(model: Any, batch: Batch, *, step_kernels: str | None = None) -> list[Any]:
     """Every recurrence's states on a validated batch: [S (T+1, B, H)] in ``model.recurrences`` order (fresh).
 
     S[0] is the recurrence's s0 and S[t+1] its state after its t-th step in its own time (a reverse
-    recurrence's step t is input step len_b − 1 − t).
+    recurrence's step t is input step len_b − 1 − t). ``step_kernels`` None: the model's own choice
+    (``model._step_kernels()``: its setting, and cuBLAS GEMMs under a reduced precision).
     """
     stack = Stack(model, batch.T, batch.B, dropout=False)
     stack.load(batch.s0_stacked, batch.lengths, batch.c0_stacked)
-    stack.run(batch.x, batch.tokens, step_kernels=step_kernels)
+    stack.run(batch.x, batch.tokens, step_kernels=model._step_kernels() if step_kernels is None else step_kernels)
     return stack.S
 
 
