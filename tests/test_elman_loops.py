@@ -126,3 +126,22 @@ def test_arrays_mkl_cannot_take_as_rows_and_a_stale_pack_run_the_python_loop(com
     assert k.step_loops(be, handle, 2, (np.zeros((8, 2, H)),)) is not None
     be.pack(W.T, 2, 8, loop=True)  # the thread's slot now holds Wᵀ
     assert k.step_loops(be, handle, 2, (np.zeros((8, 2, H)),)) is None
+
+
+def test_short_loops_run_whole_and_long_ones_as_halves(compiled, monkeypatch):
+    """The halves' two threads repay their start only over enough steps (``_loops.splits``): a recomputed
+    segment of 8 steps at B·H = SPLIT_MIN_STATE runs whole (it ran as halves, 2.4× the stored path's time), the
+    stored 64-step loops of the same state as halves; the gradients equal."""
+    be, used = compiled
+    T, B, D, H, K = 64, 2, 3, 4, 5
+    monkeypatch.setattr(_loops, "SPLIT_MIN_STATE", B * H)
+    model = gpubptt.RNN(D, H, K, backend=be, seed=2, dtype="float64")
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(T, B, D)), rng.integers(0, K, (T, B))
+    _, stored = model.loss_and_grads(x, y)
+    assert len(used) == 4  # forward and backward, each as two halves
+    used.clear()
+    _, segments = model.loss_and_grads(x, y, recompute=8)  # 8 segments of 8 steps
+    assert len(used) == 8 + 7 + 8  # each segment's forward, 7 recomputed (not the last) and 8 backward: whole
+    for name in stored:
+        np.testing.assert_allclose(segments[name], stored[name], rtol=1e-12, atol=1e-14, err_msg=name)

@@ -68,7 +68,7 @@ class GatedCell(Cell):
 
     def buffer_elements(self, T: int, B: int, H: int) -> int:
         """``Cell.buffer_elements``, and the second Wᵀ (H, G·H) that ``batch_halves`` adds to a workspace's buffers
-        where the step loops may run as two halves (``split_rows``: B·H ≥ SPLIT_MIN_STATE, B ≥ 2 and T ≥ 2 steps;
+        where the step loops may run as two halves (``split_rows``, ``splits``: B·H and T·B·H large enough;
         counted whether or not the backend runs them)."""
         return super().buffer_elements(T, B, H) + (H * self.gates * H if splits(B, H, T) else 0)
 

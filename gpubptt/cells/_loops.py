@@ -30,12 +30,20 @@ __all__ = ["SPLIT_MIN_STATE", "loops_possible", "over_rows", "split_rows", "spli
 #: 2-core VM, with the compiled kernels, halves took 0.79–0.96× one loop's time at B·H = 8192 (B = 16, 32, 64)
 #: and 1.0–1.45× at 4096
 SPLIT_MIN_STATE = 8192
+#: and the fewest steps (at B·H = SPLIT_MIN_STATE; in proportion fewer for a larger state: steps·B·H ≥
+#: SPLIT_MIN_STEPS·SPLIT_MIN_STATE) that repay the two threads' start: whole forward+BPTT calls, halves ÷ one loop,
+#: 2-core VM, B = 32, H = 256: Elman 1.44, 1.32, 0.97, 0.95 at T = 4, 8, 16, 64; LSTM 1.07, 1.10, 0.93, 0.79;
+#: B = 64, H = 512 Elman 1.03, 1.01, 0.91, 0.76 at T = 2, 4, 8, 16 (``recompute``'s short segments ran 2.4× the
+#: stored path's time with every segment split, 1.55× without)
+SPLIT_MIN_STEPS = 16
 
 
 def splits(B: int, H: int, steps: int) -> bool:
-    """Whether a (B, H) state over ``steps`` steps is large enough for two batch halves (B·H ≥ SPLIT_MIN_STATE,
-    two rows and two steps at least): the size rule of ``split_rows``, which the memory estimate shares."""
-    return B * H >= SPLIT_MIN_STATE and B >= 2 and steps >= 2
+    """Whether a (B, H) state over ``steps`` steps is large enough for two batch halves (B·H ≥ SPLIT_MIN_STATE and
+    steps·B·H ≥ SPLIT_MIN_STEPS·SPLIT_MIN_STATE, two rows and two steps at least): the size rule of
+    ``split_rows``, which the memory estimate shares."""
+    state = B * H
+    return state >= SPLIT_MIN_STATE and steps * state >= SPLIT_MIN_STEPS * SPLIT_MIN_STATE and B >= 2 and steps >= 2
 
 
 def split_rows(be: Backend, jit: Any, B: int, H: int, steps: int) -> tuple[slice, slice] | None:
@@ -45,7 +53,7 @@ def split_rows(be: Backend, jit: Any, B: int, H: int, steps: int) -> tuple[slice
     Only where the cell's compiled kernels ``jit`` run (numba releases the GIL, so the two loops overlap; with
     the NumPy twins' many small calls the threads measured slower), the backend runs jobs in threads (two cores
     or more, ``concurrent`` on, not already inside a job: the directions of a bidirectional layer) and the
-    state (B, H) has SPLIT_MIN_STATE elements or more."""
+    state (B, H) over ``steps`` is large enough (``splits``)."""
     threads = getattr(be, "blas_threads", None)
     if jit is None or threads is None or threads.most < 2 or not be.concurrent or B < 2 or steps < 2:
         return None
