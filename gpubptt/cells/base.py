@@ -143,11 +143,19 @@ class Cell(ABC):
         as pre and may overwrite in place (the LSTM's gates, on the NumPy backend's compiled step loops)."""
         return None
 
+    def adds_input_bias(self, be: Any) -> bool:
+        """Whether ``run_forward`` adds the input bias (``input_bias``, from its parameters) to pre itself, in the
+        step loop that reads each step's projection anyway, so that the engine's projection leaves it out (one pass
+        over the (T, B, gates·H) projection less): False, the default; the LSTM's, on the NumPy backend's compiled
+        step loops (``projection_buffer``)."""
+        return False
+
     @abstractmethod
     def run_forward(
         self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], *, be: Any, scratch: Any, step_kernels: str
     ) -> None:
-        """All steps: pre (T, B, gates·H) = U x_t + input bias; S (T+1, B, H) with S[0] = s0, S[1:] written."""
+        """All steps: pre (T, B, gates·H) = U x_t + input bias (without it where ``adds_input_bias``); S (T+1, B, H)
+        with S[0] = s0, S[1:] written."""
 
     @abstractmethod
     def run_backward(

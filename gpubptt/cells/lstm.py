@@ -142,11 +142,16 @@ class LSTMCell(GatedCell):
         h_{t-1} @ Wᵀ to its projection in place, one (T, B, 4H) buffer streamed instead of two; else None."""
         return aux["A"] if loops_possible(be, kernels(be).jit) else None
 
+    def adds_input_bias(self, be: Backend) -> bool:
+        """Where the compiled step loops can run (as ``projection_buffer``): each step's gates kernel adds b as it
+        reads the step's projection (``_jit_gates_in_place``); the per-step path adds it to pre first."""
+        return loops_possible(be, kernels(be).jit)
+
     def run_forward(
         self, pre: Any, p: dict[str, Any], S: Any, aux: dict[str, Any], *, be: Backend, scratch: Any, step_kernels: str
     ) -> None:
-        """All steps: pre (T, B, 4H) = U x_t + b (it may be the gates A itself: ``projection_buffer``); S (T+1, B, H)
-        with S[0] = h0 and aux["C"][0] = c0 set."""
+        """All steps: pre (T, B, 4H) = U x_t + b (without b where ``adds_input_bias``; pre may be the gates A itself:
+        ``projection_buffer``); S (T+1, B, H) with S[0] = h0 and aux["C"][0] = c0 set."""
         forward_in_halves(self._forward_rows, pre, p, S, aux, be=be, k=kernels(be))
 
     def _forward_rows(
@@ -156,10 +161,17 @@ class LSTMCell(GatedCell):
         r0, r1, _ = rows.indices(pre.shape[1])
         A, C, hw = aux["A"], aux["C"], aux["hw"]
         Wt = forward_weight(p["W"], Wt, pre.shape[0], r1 - r0, be)  # Wᵀ packed, or a row-major copy where it pays
+        b = p.get("b") if self.adds_input_bias(be) else None  # the engine's projection left b out: added here
         loops = k.step_loops(be, Wt, r1 - r0, (pre, S, A, C, hw))
         if loops is not None:  # all T steps in one compiled call (whole buffers, rows r0..r1−1: ``_loops``)
-            loops[0](pre, S, A, C, hw, Wt.ptr, A.dtype.type(1), pre is A, r0, r1)
+            if b is None:
+                bias = pre[0, 0, :0]  # no bias: an empty one (the kernels' other branch)
+            else:  # a contiguous vector of the loop's dtype (a parameter is one)
+                bias = b if b.dtype == A.dtype and b.flags.c_contiguous else np.ascontiguousarray(b, dtype=A.dtype)
+            loops[0](pre, S, A, C, hw, bias, Wt.ptr, A.dtype.type(1), pre is A, r0, r1)
             return
+        if b is not None:
+            pre[:, rows] += b
         pre, S, A, C, hw, tmp = pre[:, rows], S[:, rows], A[:, rows], C[:, rows], hw[rows], aux["tmp"][:, rows]
         for t in range(pre.shape[0]):
             be.matmul(S[t], Wt, hw)  # w = h_{t-1} @ W.T, all four gates in one GEMM
@@ -301,7 +313,7 @@ class _Kernels:
         xp = self.xp
         if self.jit is not None:  # 6 calls instead of 12; the transcendentals stay NumPy's (vectorised)
             B = A.shape[0]
-            self.jit[0](pre, hw, A, h, 0, B)  # A = [−a_i, −a_f, 0, −a_o] (a = pre + hw); h = a_g
+            self.jit[0](pre, hw, A, h, pre[0, :0], 0, B)  # A = [−a_i, −a_f, 0, −a_o] (a = pre + hw); h = a_g
             exp_in_place(A, xp=xp)
             xp.tanh(h, out=h)  # g
             self.jit[1](A, cprev, c, h, A.dtype.type(1), 0, B)  # [i, f, g, o]; c = f ⊙ c_{t-1} + i ⊙ g
@@ -366,10 +378,23 @@ class _Kernels:
 # vectorising (18.6 against 4.3 µs for 32 × 512 float32 values).
 
 
-def _jit_gates_in(pre: Any, hw: Any, A: Any, gt: Any, r0: int, r1: int) -> None:
-    """A (B, 4H) ← [−a_i, −a_f, 0, −a_o] with a = pre + hw, and gt (B, H) ← a_g, on rows r0..r1−1: the arguments
-    of the one exp over A (σ(a) = 1 / (1 + exp(−a)); the g columns' exp(0) is unused) and of g's tanh."""
+def _jit_gates_in(pre: Any, hw: Any, A: Any, gt: Any, bias: Any, r0: int, r1: int) -> None:
+    """A (B, 4H) ← [−a_i, −a_f, 0, −a_o] with a = pre + hw (+ bias (4H,), unless it is empty), and gt (B, H) ← a_g,
+    on rows r0..r1−1: the arguments of the one exp over A (σ(a) = 1 / (1 + exp(−a)); the g columns' exp(0) is
+    unused) and of g's tanh."""
     H = A.shape[1] // 4
+    if bias.shape[0]:
+        for b in range(r0, r1):
+            p, w, a, g = pre[b], hw[b], A[b], gt[b]
+            for j in range(2 * H):
+                a[j] = -(p[j] + w[j] + bias[j])
+            for j in range(H):
+                g[j] = p[2 * H + j] + w[2 * H + j] + bias[2 * H + j]
+            for j in range(2 * H, 3 * H):
+                a[j] = 0
+            for j in range(3 * H, 4 * H):
+                a[j] = -(p[j] + w[j] + bias[j])
+        return
     for b in range(r0, r1):
         p, w, a, g = pre[b], hw[b], A[b], gt[b]
         for j in range(2 * H):
@@ -442,11 +467,23 @@ def _jit_backward_in_place(g: Any, dhn: Any, cprev: Any, tc: Any, A: Any, dc: An
             dcb[j] = d * f  # dc' for step t−1
 
 
-def _jit_gates_in_place(hw: Any, A: Any, gt: Any, r0: int, r1: int) -> None:
-    """``_jit_gates_in`` with pre in A (B, 4H) itself: A ← [−a_i, −a_f, 0, −a_o], gt ← a_g (a = A + hw) on rows
-    r0..r1−1. A kernel of its own: given pre and A as one array, ``_jit_gates_in`` finds them overlapping and runs
-    its scalar loop (8.8 against 4.2 µs for 16 rows at H = 256)."""
+def _jit_gates_in_place(hw: Any, A: Any, gt: Any, bias: Any, r0: int, r1: int) -> None:
+    """``_jit_gates_in`` with pre in A (B, 4H) itself: A ← [−a_i, −a_f, 0, −a_o], gt ← a_g (a = A + hw, + bias
+    (4H,) unless it is empty) on rows r0..r1−1. A kernel of its own: given pre and A as one array,
+    ``_jit_gates_in`` finds them overlapping and runs its scalar loop (8.8 against 4.2 µs for 16 rows at H = 256)."""
     H = A.shape[1] // 4
+    if bias.shape[0]:  # the input bias here, where the step's projection is read anyway (``adds_input_bias``)
+        for b in range(r0, r1):
+            w, a, g = hw[b], A[b], gt[b]
+            for j in range(2 * H):
+                a[j] = -(a[j] + w[j] + bias[j])
+            for j in range(H):
+                g[j] = a[2 * H + j] + w[2 * H + j] + bias[2 * H + j]
+            for j in range(2 * H, 3 * H):
+                a[j] = 0
+            for j in range(3 * H, 4 * H):
+                a[j] = -(a[j] + w[j] + bias[j])
+        return
     for b in range(r0, r1):
         w, a, g = hw[b], A[b], gt[b]
         for j in range(2 * H):
@@ -470,11 +507,11 @@ def _mkl_step_loops(
     ``matmul`` between them, the backward one writing ∂a_t over the gates A[t] (``_jit_backward_in_place``), the
     forward one the gates over the projection where that is in A (``_jit_gates_in_place``)."""
 
-    def forward_loop(pre: Any, S: Any, A: Any, C: Any, hw: Any, w: int, one: Any, in_place: bool, r0: int,
-                     r1: int) -> None:  # fmt: skip
-        """Rows r0..r1−1 of pre, A (T, B, 4H), S, C (T+1, B, H), hw (B, 4H); w Wᵀ packed for r1 − r0 rows;
-        ``in_place``: pre is A (the projection is in A, each step's gates go over it). g's argument and tanh
-        pass through h_t's rows (S[t+1]) before h_t is written."""
+    def forward_loop(pre: Any, S: Any, A: Any, C: Any, hw: Any, bias: Any, w: int, one: Any, in_place: bool,
+                     r0: int, r1: int) -> None:  # fmt: skip
+        """Rows r0..r1−1 of pre, A (T, B, 4H), S, C (T+1, B, H), hw (B, 4H); bias (4H,) the input bias pre lacks,
+        or empty; w Wᵀ packed for r1 − r0 rows; ``in_place``: pre is A (the projection is in A, each step's gates
+        go over it). g's argument and tanh pass through h_t's rows (S[t+1]) before h_t is written."""
         T, G = pre.shape[0], pre.shape[2]
         H, n = S.shape[2], r1 - r0
         size = S.itemsize
@@ -483,9 +520,9 @@ def _mkl_step_loops(
                     hw[r0].ctypes.data, hw.strides[0] // size)  # fmt: skip
             a, c, h = A[t], C[t + 1], S[t + 1]
             if in_place:
-                gates_in_place(hw, a, h, r0, r1)  # a = [−a_i, −a_f, 0, −a_o], h = a_g
+                gates_in_place(hw, a, h, bias, r0, r1)  # a = [−a_i, −a_f, 0, −a_o], h = a_g
             else:
-                gates_in(pre[t], hw, a, h, r0, r1)
+                gates_in(pre[t], hw, a, h, bias, r0, r1)
             if a.strides[0] == G * size:  # the rows' gates are one block: one call
                 exp(n * G, a[r0].ctypes.data, a[r0].ctypes.data)
             else:

@@ -45,7 +45,7 @@ from ..errors import InputError, InputTypeError
 from ..validation import Batch, effective_truncate
 from .losses import chunk_steps, xent_and_grads
 from .memory import InsufficientMemoryError, MemoryEstimate, format_bytes
-from .stack import check_dpre, input_projection, projection_into
+from .stack import check_dpre, input_projection, projection_bias, projection_into
 
 __all__ = [
     "SegmentWorkspace",
@@ -354,7 +354,7 @@ class SegmentWorkspace:
         n = t1 - t0
         for r in model.recurrences:
             q = model.recurrence_params(r)
-            b = q.get(cell.input_bias) if cell.input_bias else None
+            b = projection_bias(cell, q, be)
             S, aux = self.S[r.index][: n + 1], self.aux[n][r.index]
             X = batch.x[t0:t1] if r.layer == 0 else self.S[r.index - 1][1 : n + 1]
             S[0] = self.Sb[r.index][k]

@@ -41,6 +41,7 @@ __all__ = [
     "gather_rows",
     "input_projection",
     "input_weight_grad",
+    "projection_bias",
     "projection_into",
     "reverse_index",
     "states",
@@ -61,6 +62,14 @@ def input_projection(U: Any, b: Any, x: Any, tokens: bool, *, be: Backend, out: 
     if b is not None:
         out += b
     return out
+
+
+def projection_bias(cell: Any, q: dict[str, Any], be: Backend) -> Any:
+    """The bias the engine adds in a recurrence's input projection: the cell's ``input_bias`` from its parameters
+    ``q``; None where it has none, or where its ``run_forward`` adds it itself (``Cell.adds_input_bias``)."""
+    if not cell.input_bias or cell.adds_input_bias(be):
+        return None
+    return q.get(cell.input_bias)
 
 
 def projection_into(cell: Any, aux: dict[str, Any], pre: Any, be: Backend) -> Any:
@@ -196,7 +205,7 @@ class Stack:
                 self._run_pair(recs, X, tokens and l == 0, step_kernels)
             for r in recs if model.num_directions == 1 else ():
                 q = model.recurrence_params(r)
-                b = q.get(cell.input_bias) if cell.input_bias else None
+                b = projection_bias(cell, q, be)
                 S, aux = self.S[r.index], self.aux[r.index]
                 pre = projection_into(cell, aux, self.pre, be)
                 input_projection(q["U"], b, X, tokens and l == 0, be=be, out=pre)
@@ -222,7 +231,7 @@ class Stack:
             S, aux = self.S[r.index], self.aux[r.index]
             pre = projection_into(cell, aux, pre, be)
             q = model.recurrence_params(r)
-            b = q.get(cell.input_bias) if cell.input_bias else None
+            b = projection_bias(cell, q, be)
             if r.direction == 0:
                 input_projection(q["U"], b, X, tokens, be=be, out=pre)
             elif tokens:  # the reverse direction's time: its token ids gathered
