@@ -4,9 +4,10 @@ The rows of issue 11: (T=64, B=32, D=128, H=256, K=256) and the perf grid's larg
 (T=16, B=128, D=512, H=1024, K=1024), each with 1 and 2 layers, for both cells, and the first shape
 with 2 bidirectional layers (issue 22). Each row:
 gpubptt's ``loss_and_grads`` and torch's ``nn.GRU``/``nn.LSTM(bias=False) + Linear(bias=False) +
-cross_entropy(sum)`` forward+backward on the same weights and data (the gradients are checked to
-agree first), float32, timed interleaved: each round runs gpubptt once and torch once, with a pause
-between the two libraries so neither one's idle worker threads slow the other. Median of the rounds;
+cross_entropy(sum)`` (``--bias``: both with biases, the defaults users get) forward+backward on the same
+weights and data (the gradients are checked to agree first), float32, timed interleaved: each round runs
+gpubptt once and torch once, with a pause between the two libraries so neither one's idle worker threads
+slow the other. Median of the rounds;
 the ratio is gpubptt's median over torch's, from the same run. ``--warm N`` also times N more calls of each
 library back to back after its first of the round (as a training loop runs them), reported beside it.
 Also per row: GFLOP/s (the GEMM FLOPs of ``gpubptt.bench.flops``, gate arithmetic not counted), the
@@ -99,9 +100,9 @@ def torch_side(model, x, y, grads):
     module = {"gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[model.cell_name]
     U = torch.from_dlpack(model.params["U"])
     dirs = 2 if model.bidirectional else 1
-    rnn = module(D, H, num_layers=model.num_layers, bias=False, bidirectional=model.bidirectional)
+    rnn = module(D, H, num_layers=model.num_layers, bias=model.bias, bidirectional=model.bidirectional)
     rnn = rnn.to(device=U.device, dtype=torch.float32)
-    lin = torch.nn.Linear(H * dirs, K, bias=False).to(device=U.device, dtype=torch.float32)
+    lin = torch.nn.Linear(H * dirs, K, bias=model.bias).to(device=U.device, dtype=torch.float32)
     sd, lsd = model.to_torch()
     rnn.load_state_dict({k: torch.as_tensor(v).to(U.device) for k, v in sd.items()})
     lin.load_state_dict({k: torch.as_tensor(v).to(U.device) for k, v in lsd.items()})
@@ -154,7 +155,7 @@ def measure(be, cell, T, B, D, H, K, layers, bi, args) -> dict:
         backend=be,
         seed=0,
         init="torch",
-        bias=False,
+        bias=args.bias,
         precision=args.precision,
     )
     x = be.asarray(rng.normal(size=(T, B, D)).astype(np.float32))
@@ -199,8 +200,8 @@ def measure(be, cell, T, B, D, H, K, layers, bi, args) -> dict:
     batched_rate = 2 * T * B * H * K / med["gemm_batched"]
     gemm_gflops = total / (rec / step_rate + (total - rec) / batched_rate) / 1e9
     gflops = total / med["gpubptt"] / 1e9
-    return dict(cell=cell, T=T, B=B, D=D, H=H, K=K, num_layers=layers, bidirectional=bi, flops=total,
-                precision=args.precision,
+    return dict(cell=cell, T=T, B=B, D=D, H=H, K=K, num_layers=layers, bidirectional=bi, bias=args.bias,
+                flops=total, precision=args.precision,
                 times_s=times, median_s=med, ratio_vs_torch=med["gpubptt"] / med["torch"],
                 gflops=gflops, torch_gflops=total / med["torch"] / 1e9,
                 gemm={"step_gflops": step_rate / 1e9, "batched_gflops": batched_rate / 1e9},
@@ -224,6 +225,11 @@ def main() -> int:
     )
     ap.add_argument("--rows", default="all", help="'all', or indices into the rows, comma-separated (0-9)")
     ap.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="GEMM precision (torch matches it)")
+    ap.add_argument(
+        "--bias",
+        action="store_true",
+        help="both libraries with biases (their defaults: b and c; torch's bias_ih, bias_hh and Linear's bias)",
+    )
     ap.add_argument(
         "--jit-compare",
         action="store_true",
@@ -251,7 +257,7 @@ def main() -> int:
         med = row["median_s"]
         lines.append(
             f"{NOISY_MARK if row['noisy'] else ' '}{cell:>4} L={layers}{' bi' if bi else '   '}"
-            f" T={T:<3} B={B:<3} D={D:<3} H={H:<4} K={K:<4}"
+            f" T={T:<3} B={B:<3} D={D:<3} H={H:<4} K={K:<4}{' +bias' if args.bias else ''}"
             f"  gpubptt {med['gpubptt'] * 1e3:8.2f} ms {row['gflops']:6.1f} GFLOP/s ({row['efficiency']:.0%} of GEMM)"
             f"  torch {med['torch'] * 1e3:8.2f} ms  ratio {row['ratio_vs_torch']:.2f}"
             f"  (grads agree to {row['max_rel_grad_err']:.1e})"
@@ -270,7 +276,8 @@ def main() -> int:
     env = {"gpubptt": gpubptt.__version__, "numpy": np.__version__, "torch": torch.__version__,
            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
            "machine": platform.machine(), "backend": be.name, "device": be.device,
-           "precision": args.precision, "jit": jit_library(be.name), "concurrent": be.concurrent}  # fmt: skip
+           "precision": args.precision, "bias": args.bias, "jit": jit_library(be.name),
+           "concurrent": be.concurrent}  # fmt: skip
     result = {"benchmark": "perf_gated", "command": " ".join(sys.argv), "environment": env,
               "full_environment": environment([be]), "blas": blas_facts(be),
               "median_ratio_vs_torch": None if stats is None else stats["median"],
@@ -280,7 +287,7 @@ def main() -> int:
     if output is None:
         folder = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="gpubptt-perf-"))
         folder.mkdir(parents=True, exist_ok=True)
-        suffix = ("" if args.precision == "fp32" else "-" + args.precision) + streams
+        suffix = ("" if args.precision == "fp32" else "-" + args.precision) + ("-bias" if args.bias else "") + streams
         output = folder / f"perf-gated-{be.name}{suffix}.json"
     output.write_text(json.dumps(result, indent=1))
     output.with_suffix(".txt").write_text("\n".join(lines) + "\n")
