@@ -15,9 +15,12 @@ cell over time (``gpubptt.engine.stack``) knows none of a cell's math. What it a
     projection_buffer(aux, be)  None (the default: the engine's shared ``pre``), or one of the cell's
                          buffers (T, B, gates·H) the engine projects the input into, for the cell's
                          forward to work in place there
+    adds_input_bias(be)  False (the default: the engine adds input_bias in its projection), or True: the
+                         cell's run_forward adds it to pre itself (the LSTM, in its compiled step loops)
     run_forward(pre, p, S, aux, be=, scratch=, step_kernels=)
-                         all steps: pre (T, B, gates·H) = U x_t + input bias (one GEMM the engine ran),
-                         p the recurrence's parameters by base name, S[0] = s0 on entry, S[1:] written
+                         all steps: pre (T, B, gates·H) = U x_t + input bias (one GEMM the engine ran; no
+                         bias where adds_input_bias), p the recurrence's parameters by base name, S[0] = s0
+                         on entry, S[1:] written
     run_backward(G, p, S, aux, be=, work=, scratch=, step_kernels=, truncate=, lanes=, grads=, ds0=[, d_extra=])
                          → ∂E/∂pre (T, B, gates·H). G (T, B, H) enters as ∂E/∂s_t from above; the cell
                          writes its recurrent-side gradients (W, and any bias not in the input
