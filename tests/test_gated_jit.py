@@ -354,3 +354,37 @@ def test_the_command_line_refuses_gpubptt_jit_numba_without_numba_in_one_line(tm
     )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "error: GPUBPTT_JIT=numba asks for compiled step kernels, but numba does not import" in run.stderr
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_the_compiled_loops_run_at_small_shapes_with_the_default_thresholds(cell, monkeypatch):
+    """A step GEMM under MKL_MIN_FLOPS still runs in the compiled loops (its weight packed, ``pack(loop=True)``):
+    the gated cells ran such steps in Python, 1.5–2.6× torch's LSTM at B = 1–4, H = 128; the gradients as the
+    NumPy twins' per-step path."""
+    pytest.importorskip("numba", reason="numba unavailable: pip install numba")
+    from gpubptt.backend import _mkl, numpy_backend
+
+    if _mkl.load_mkl()[0] is None:
+        pytest.skip("MKL unavailable: pip install mkl")
+    monkeypatch.setenv(_jit.JIT_VAR, "numba")
+    module = {"gru": gru, "lstm": lstm}[cell]
+    used = []
+    step_loops = module._Kernels.step_loops
+    monkeypatch.setattr(module._Kernels, "step_loops", lambda *a: used.append(step_loops(*a)) or used[-1])
+    be = numpy_backend.NumpyBackend(blas="mkl")
+    T, B, D, H, K = 8, 2, 3, 4, 5
+    assert 2 * B * H * 4 * H < numpy_backend.MKL_MIN_FLOPS  # a GEMM the size thresholds alone leave to NumPy
+    model = gpubptt.RNN(D, H, K, cell=cell, backend=be, seed=4, dtype="float64", init="torch")
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(T, B, D)), rng.integers(0, K, (T, B))
+    loss, grads = model.loss_and_grads(x, y)
+    assert len(used) == 2 and all(u is not None for u in used)  # forward and backward, each one compiled call
+    kernels = module.kernels(be)
+    monkeypatch.setattr(kernels, "jit", None)  # the NumPy twins, step by step
+    used.clear()
+    want_loss, want = gpubptt.RNN(D, H, K, cell=cell, backend=be, seed=4, dtype="float64",
+                                  init="torch").loss_and_grads(x, y)  # fmt: skip
+    assert all(u is None for u in used)  # the reference ran no compiled loop
+    assert loss == pytest.approx(want_loss, rel=1e-12)
+    for name in want:
+        np.testing.assert_allclose(grads[name], want[name], rtol=1e-10, atol=1e-13, err_msg=name)

@@ -15,25 +15,30 @@ from ._loops import split_rows, splits
 from .base import Cell
 
 
-def forward_weight(W: Any, Wt: Any, T: int, B: int, be: Backend) -> Any:
+def forward_weight(W: Any, Wt: Any, T: int, B: int, be: Backend, *, loop: bool = False) -> Any:
     """Wᵀ (H, G·H) for the step GEMM h_{t-1} @ Wᵀ: packed by the backend for B rows where it packs (MKL's
-    packed B, made once per forward, reused by all T steps), else the transposed view of W (G·H, H) or
-    its row-major copy in Wt.
+    packed B, made once per forward, reused by all T steps; ``loop``: for any size, where the cell's compiled
+    step loops run, ``Backend.pack``), else the transposed view of W (G·H, H) or its row-major copy in Wt.
 
-    A BLAS on the CPU runs the step GEMM faster on a row-major Wᵀ (OpenBLAS on a 2-core CPU: 0.17 vs
-    0.20 ms at B = 32, H = 256, G = 4; 5.1 vs 5.6 ms at B = 128, H = 1024, G = 3), but the transposed
-    copy costs 0.4 and 19 ms there: it pays over a forward of T steps once T·B ≥ 8·H. A packed Wᵀ reads
-    the view itself (packing transposes it).
+    A BLAS runs the step GEMM faster on a row-major Wᵀ from two rows up (NumPy's OpenBLAS on one thread, as
+    the step GEMMs run, G = 4, µs per step, view against copy: B = 4, H = 128 37 against 6; B = 32, H = 256 238
+    against 158; B = 32, H = 512 1020 against 718; B = 1 equal), but the copy costs 0.08, 0.3, 4.4 and 19 ms at
+    H = 128, 256, 512 and 1024 (beyond the caches from H = 512): it pays over a forward of 4 steps or more up
+    to H = 256, of about 16–20 at H = 512 and 1024 (``COPY_MIN_STEPS``).
     """
     view = W.T
-    packed = be.pack(view, B, T)
+    packed = be.pack(view, B, T, loop=loop)
     if packed is not view:
         return packed
     H = W.shape[1]
-    if T * B >= 8 * H:
+    if B >= 2 and T >= COPY_MIN_STEPS[H <= 256]:
         Wt[...] = view  # once per forward
         return Wt
     return view
+
+
+#: the fewest steps over which a row-major copy of Wᵀ pays (``forward_weight``): [H > 256, H ≤ 256]
+COPY_MIN_STEPS = (20, 4)
 
 
 def batch_halves(be: Backend, k: Any, B: int, aux: dict[str, Any], steps: int) -> tuple[tuple[slice, Any], ...] | None:

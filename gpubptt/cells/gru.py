@@ -142,7 +142,8 @@ class GRUCell(GatedCell):
         """The forward steps of the batch rows ``rows``; Wt (H, 3H) a buffer for Wᵀ."""
         r0, r1, _ = rows.indices(pre.shape[1])
         A, bn, hw = aux["A"], p.get("b_hn", aux["zero"]), aux["hw"]
-        Wt = forward_weight(p["W"], Wt, pre.shape[0], r1 - r0, be)  # Wᵀ packed, or a row-major copy where it pays
+        # Wᵀ packed (for any size where the compiled loops run), or a row-major copy where it pays
+        Wt = forward_weight(p["W"], Wt, pre.shape[0], r1 - r0, be, loop=k.jit is not None)
         loops = k.step_loops(be, Wt, r1 - r0, (pre, S, A, bn, hw))
         if loops is not None:  # all T steps in one compiled call (whole buffers, rows r0..r1−1: ``_loops``)
             loops[0](pre, S, A, bn, hw, Wt.ptr, A.dtype.type(1), r0, r1)
@@ -197,7 +198,7 @@ class GRUCell(GatedCell):
         r0, r1, _ = rows.indices(G.shape[1])
         T, n = G.shape[0], r1 - r0
         A, dw, tmp = aux["A"], aux["dw"], aux["tmp"]
-        Wp = be.pack(p["W"], n, T)  # W packed once for all T steps where the backend packs (MKL), else W
+        Wp = be.pack(p["W"], n, T, loop=k.jit is not None)  # W packed once for all T steps where MKL runs, else W
         loops = k.step_loops(be, Wp, n, (G, S, A, carry, work, dw, tmp))
         if loops is not None:  # all T steps in one compiled call (whole buffers, rows r0..r1−1: ``_loops``)
             loops[1](G, S, A, carry, work, dw, tmp[0], Wp.ptr, A.dtype.type(1), r0, r1)

@@ -160,7 +160,8 @@ class LSTMCell(GatedCell):
         """The forward steps of the batch rows ``rows``; Wt (H, 4H) a buffer for Wᵀ."""
         r0, r1, _ = rows.indices(pre.shape[1])
         A, C, hw = aux["A"], aux["C"], aux["hw"]
-        Wt = forward_weight(p["W"], Wt, pre.shape[0], r1 - r0, be)  # Wᵀ packed, or a row-major copy where it pays
+        # Wᵀ packed (for any size where the compiled loops run), or a row-major copy where it pays
+        Wt = forward_weight(p["W"], Wt, pre.shape[0], r1 - r0, be, loop=k.jit is not None)
         b = p.get("b") if self.adds_input_bias(be) else None  # the engine's projection left b out: added here
         loops = k.step_loops(be, Wt, r1 - r0, (pre, S, A, C, hw))
         if loops is not None:  # all T steps in one compiled call (whole buffers, rows r0..r1−1: ``_loops``)
@@ -231,7 +232,7 @@ class LSTMCell(GatedCell):
         r0, r1, _ = rows.indices(G.shape[1])
         T, n = G.shape[0], r1 - r0
         A, C, tmp = aux["A"], aux["C"], aux["tmp"]
-        Wp = be.pack(p["W"], n, T)  # W packed once for all T steps where the backend packs (MKL), else W
+        Wp = be.pack(p["W"], n, T, loop=k.jit is not None)  # W packed once for all T steps where MKL runs, else W
         loops = None if d_extra else k.step_loops(be, Wp, n, (G, A, C, dh, dc, tmp))
         in_place[i] = loops is not None
         if loops is not None:  # all T steps in one compiled call (whole buffers, rows r0..r1−1: ``_loops``)
