@@ -146,3 +146,145 @@ def test_a_child_forked_while_another_thread_holds_the_models_lock_can_call_it()
     finally:
         release.set()
         t.join()
+
+
+def _child_succeeds(child, seconds: float = 30) -> bool:
+    """Fork; the child runs ``child()`` and exits 0 where it returns; True where it did so within ``seconds`` (a
+    hung child is killed)."""
+    import os
+    import time
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child()
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    deadline = time.monotonic() + seconds
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        return False
+    return os.waitstatus_to_exitcode(done[1]) == 0
+
+
+def test_a_child_forked_while_another_thread_compiles_can_compile():
+    """numba compiles under one global lock: a child forked while another thread held it (a first call compiling
+    its step loops, about 1 s) inherited it held for good, and its own first compile hung. The fork now waits
+    for the compile to end."""
+    import os
+    import time
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    numba = pytest.importorskip("numba", reason="numba unavailable: pip install numba")
+    from numba.core.compiler_lock import global_compiler_lock as compiler
+
+    from gpubptt.cells import _jit
+
+    if _jit.compile_kernels(lambda: None, choice="numba") is None:
+        pytest.skip("no compiled kernels here")
+    held = threading.Event()
+
+    def compiling():  # stands in for another thread's compile: holds the lock for a while
+        with compiler:
+            held.set()
+            time.sleep(0.5)
+
+    t = threading.Thread(target=compiling)
+    t.start()
+    held.wait()
+    try:
+        assert _child_succeeds(lambda: numba.njit(lambda a: a + 1)(1))  # was: the child hung on the lock
+    finally:
+        t.join()
+
+
+def test_a_child_forked_while_another_thread_counts_blas_threads_can_run_a_gemm():
+    import os
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    from gpubptt.backend.numpy_backend import NumpyBackend
+
+    threads = NumpyBackend(blas="numpy").blas_threads
+    if threads._set is None:
+        pytest.skip("threadpoolctl steers no BLAS here")
+    held, release = threading.Event(), threading.Event()
+
+    def counting():  # stands in for another thread inside BlasThreads.enter
+        with threads._lock:
+            held.set()
+            release.wait()
+
+    t = threading.Thread(target=counting)
+    t.start()
+    held.wait()
+    try:
+        assert _child_succeeds(lambda: threads.use(1))  # was: the child hung on the count's lock
+    finally:
+        release.set()
+        t.join()
+
+
+def test_ctrl_c_while_waiting_for_the_other_half_still_waits_for_it():
+    """A Ctrl-C that ended the wait for the other job returned while that job still ran: it went on writing
+    into the workspace the next call reused (wrong gradients). The KeyboardInterrupt now comes after it ends."""
+    import signal
+    import time
+
+    from gpubptt.backend.numpy_backend import NumpyBackend
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("a signal reaches the main thread only")
+    be = NumpyBackend()
+    be.blas_threads.most = 2
+    finished = threading.Event()
+
+    def other():
+        time.sleep(0.6)
+        finished.set()
+
+    timer = threading.Timer(0.15, signal.pthread_kill, args=(threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            be.run_concurrently([lambda: None, other])
+        assert finished.is_set()
+    finally:
+        timer.cancel()
+
+
+def test_a_copy_taken_during_an_optimizer_step_waits_for_the_step(monkeypatch):
+    """The optimizer commits (and constrains) under the model's lock, as a copy reads under it: copies taken while
+    another thread trained had mixed two steps' parameters."""
+    import copy
+
+    from gpubptt.training.optim import make_optimizer
+
+    model = gpubptt.RNN(D, H, K, backend="numpy", seed=1, dtype="float64")
+    inside, release, copies = threading.Event(), threading.Event(), []
+
+    def slow_constrain(self):  # the step's last act, still under the lock: hold it there a while
+        inside.set()
+        release.wait(10)
+
+    monkeypatch.setattr(gpubptt.RNN, "constrain", slow_constrain)
+    opt = make_optimizer("sgd", model, lr=0.1)
+    _, grads = model.loss_and_grads(*problems(1)[0])
+    stepper = threading.Thread(target=opt.step, args=(grads,))
+    stepper.start()
+    inside.wait(10)
+    copier = threading.Thread(target=lambda: copies.append(copy.deepcopy(model)))
+    copier.start()
+    copier.join(0.3)
+    blocked = copier.is_alive()
+    release.set()
+    stepper.join()
+    copier.join()
+    assert blocked  # was: the copy was taken in the middle of the step
+    for k, v in model.params.items():
+        np.testing.assert_array_equal(copies[0].params[k], v, err_msg=k)

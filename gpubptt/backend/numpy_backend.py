@@ -7,8 +7,9 @@ import itertools
 import os
 import platform
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ __all__ = [
     "BlasThreads",
     "NumpyBackend",
     "most_threads",
+    "wait_all",
 ]
 
 #: The variable that picks the NumPy backend's GEMMs, read when the backend is made: "auto" (MKL where the
@@ -99,6 +101,19 @@ def most_threads(library_threads: int, cores: int, environ: Mapping[str, str]) -
     return max(1, min(library_threads, cores) // ranks)
 
 
+def _renew_after_fork() -> None:
+    """In a forked child: another thread's GEMM (holding a count's lock, or counted in flight) does not exist there."""
+    for threads in list(_ALL_THREADS):
+        threads._lock = threading.Lock()
+        threads._in_flight = 0
+
+
+#: every ``BlasThreads``, for ``_renew_after_fork``
+_ALL_THREADS: weakref.WeakSet[BlasThreads] = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_after_fork)
+
+
 class BlasThreads:
     """The BLAS thread count per GEMM shape, through ``threadpoolctl`` (one ctypes call, ~2 µs, on a change).
 
@@ -113,6 +128,7 @@ class BlasThreads:
         self._lock = threading.Lock()
         self._set: Callable[[int], Any] | None = None
         self._in_flight = 0
+        _ALL_THREADS.add(self)
         self._jobs = threading.local()  # .inside: this Python thread runs a job of ``run_concurrently``
         self._most = 1
         self.enabled = True
@@ -201,6 +217,25 @@ class BlasThreads:
 #: adds/s (measured on a 2-core AVX-512 CPU: D = 256, N = 4096, H = 1024 took 7 ms against 28 ms;
 #: at D = 8000 the GEMM lost, 15 ms against 1.7 ms).
 ONEHOT_MAX_VOCAB = 512
+
+
+def wait_all(futures: list[Future[Any]]) -> list[BaseException | None]:
+    """Each future's error (None where it returned), after every one has finished, also where a KeyboardInterrupt
+    (Ctrl-C) ends a wait: that is raised after the last one. A job left running would go on writing into the
+    buffers the next call reuses (a call interrupted while it waited for its other half, then run again, gave
+    wrong gradients)."""
+    errors: list[BaseException | None] = []
+    interrupted: KeyboardInterrupt | None = None
+    for future in futures:
+        while True:
+            try:
+                errors.append(future.exception())
+                break
+            except KeyboardInterrupt as exc:  # keep waiting: the job cannot be stopped, only waited for
+                interrupted = exc
+    if interrupted is not None:
+        raise interrupted
+    return errors
 
 
 class NumpyBackend(Backend):
@@ -327,8 +362,10 @@ class NumpyBackend(Backend):
         try:
             run(blocks[0])
         finally:
-            for f in others:
-                f.result()
+            errors = wait_all(others)
+        for error in errors:
+            if error is not None:
+                raise error
 
     def pack(self, b: Any, rows: int, steps: int | None = None, *, loop: bool = False) -> Any:
         """b (k, n) packed for many GEMMs a (rows, k) @ b (MKL's packed B) where MKL runs, the operand allows it,
@@ -399,7 +436,7 @@ class NumpyBackend(Backend):
         try:
             run(jobs[0])
         finally:
-            errors = [f.exception() for f in others]
+            errors = wait_all(others)
         for error in errors:
             if error is not None:
                 raise error

@@ -80,6 +80,7 @@ def compile_loops(factory: Callable[..., tuple[Callable[..., None], ...]], key: 
     process, and compiled kernels) directly. Not cached on disk: the ctypes addresses are this process's."""
     numba, _ = _numba()
     with _lock:
+        _guard_forks()
         slot = (factory, id(key), char)
         if slot not in _loops:
             _loops[slot] = tuple(numba.njit(nogil=True)(fn) for fn in factory(*functions))
@@ -96,6 +97,7 @@ def compile_kernels(*fns: Callable[..., None], choice: str | None = None) -> tup
         return None
     numba, _ = _numba()
     with _lock:  # one dispatcher per function for every backend object (each compiles once per signature)
+        _guard_forks()
         for fn in fns:
             if fn not in _compiled:
                 _compiled[fn] = _njit(numba, fn)
@@ -114,3 +116,28 @@ def _njit(numba: Any, fn: Callable[..., None]) -> Callable[..., None]:
 
 _compiled: dict[Callable[..., None], Callable[..., None]] = {}
 _lock = threading.Lock()
+_guarded: list[bool] = []
+
+
+def _guard_forks() -> None:
+    """Once per process, before the first compile (under ``_lock``): a fork waits for a compile running in
+    another thread to end. numba compiles under one global lock; a child forked while another thread held it
+    inherits it held by a thread it does not have, and its first compile waited for good (a fork while another
+    thread made its first call). The child also gets a fresh ``_lock``."""
+    if _guarded or not hasattr(os, "register_at_fork"):
+        return
+    _guarded.append(True)
+    try:
+        from numba.core.compiler_lock import global_compiler_lock as compiler
+    except ImportError:  # a numba without it: nothing to guard
+        compiler = None
+
+    def renew() -> None:
+        global _lock
+        _lock = threading.Lock()
+
+    if compiler is not None:
+        os.register_at_fork(before=compiler.acquire, after_in_parent=compiler.release)
+        os.register_at_fork(after_in_child=lambda: (compiler.release(), renew()))
+    else:
+        os.register_at_fork(after_in_child=renew)

@@ -33,6 +33,7 @@ and the step counter are left exactly as they were. The learning rate must lie i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -306,14 +307,18 @@ class Optimizer:
                 )
             bad = [f"updated.{k}" for k in overflow]
             return StepResult(applied=False, loss=loss_f, grad_norm=norm_f, nonfinite=tuple(bad))
-        # commit: nothing below can fail half-way (shapes, dtypes and writability were checked above)
-        for k, _ in pairs:
-            self.params[k][...] = self._scratch[k]
+        # commit: nothing below can fail half-way (shapes, dtypes and writability were checked above); under the
+        # model's call lock where the optimizer knows the model (its ``constrain``): a copy or a call of the model
+        # in another thread sees its parameters before or after the step, never half-way (copies had been torn)
+        model = getattr(self.constrain, "__self__", None)
+        with getattr(model, "_lock", None) or contextlib.nullcontext():
+            for k, _ in pairs:
+                self.params[k][...] = self._scratch[k]
+            if self.constrain is not None:
+                self.constrain()  # a projection onto the cell's constraint set: elementwise, in place, no sync
         for slot in self.SLOTS:
             self.state[slot], self._next[slot] = self._next[slot], self.state[slot]
         self.t += 1
-        if self.constrain is not None:
-            self.constrain()  # a projection onto the cell's constraint set: elementwise, in place, no sync
         return StepResult(applied=True, loss=loss_f, grad_norm=norm_f)
 
     def _update(self, k: str, p: Any, g: Any) -> None:
