@@ -272,7 +272,8 @@ class Construction:
         cell = cell_option(self.cell)
         interop.torch_cell(cell)  # refused, before any work, for a cell torch has no module for
         if grads is None:
-            return interop.to_torch_state(self.params, cell=cell)
+            with self._lock:  # copies of the parameters between two optimizer steps (the step commits under it)
+                return interop.to_torch_state(self.params, cell=cell)
         self._check_grads(grads)
         return interop.to_torch_state({k: grads[k] for k in self.params}, grads=True, cell=cell)
 
@@ -304,9 +305,10 @@ class Construction:
         ``Backend.with_precision`` view given as ``backend`` brings its own precision)."""
         view = isinstance(backend, Backend) and backend.exact is not backend
         precision = backend.precision if view else self.precision
-        copy = type(self).from_params(
-            self.params, backend=backend, dropout=self.dropout, config=self.config, precision=precision
-        )
+        with self._lock:  # the parameters between two optimizer steps (the step commits under the lock)
+            copy = type(self).from_params(
+                self.params, backend=backend, dropout=self.dropout, config=self.config, precision=precision
+            )
         copy.init, copy.use_graphs = self.init, self.use_graphs
         copy.step_kernels, copy.chunk_elements = self.step_kernels, self.chunk_elements
         copy.head, copy.batch_first = self.head, self.batch_first  # how it reads its inputs and scores its outputs
