@@ -112,40 +112,13 @@ def test_forward_loss_grads_and_diagnostics_together_match_sequential_calls(be):
 
 def test_a_child_forked_while_another_thread_holds_the_models_lock_can_call_it():
     import os
-    import time
 
     if not hasattr(os, "fork"):
         pytest.skip("no fork on this platform")
     model = gpubptt.RNN(3, 4, 3, backend="numpy", seed=0)
     x = np.zeros((4, 2), dtype=np.int64)
-    held, release = threading.Event(), threading.Event()
-
-    def busy():  # stands in for a call in progress on another thread
-        with model._lock:
-            held.set()
-            release.wait()
-
-    t = threading.Thread(target=busy)
-    t.start()
-    held.wait()
-    try:
-        pid = os.fork()
-        if pid == 0:  # the child: the busy thread does not exist here
-            try:
-                model.loss_and_grads(x, x)
-                os._exit(0)
-            except BaseException:
-                os._exit(1)
-        deadline = time.monotonic() + 30
-        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if done[0] == 0:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0  # was: the child hung on the lock
-    finally:
-        release.set()
-        t.join()
+    # the model's lock held as by a call in progress on another thread, which does not exist in the child
+    assert _child_succeeds_while_held(model._lock, lambda: model.loss_and_grads(x, x))  # was: it hung on the lock
 
 
 def _child_succeeds(child, seconds: float = 30) -> bool:
@@ -169,6 +142,25 @@ def _child_succeeds(child, seconds: float = 30) -> bool:
         os.waitpid(pid, 0)
         return False
     return os.waitstatus_to_exitcode(done[1]) == 0
+
+
+def _child_succeeds_while_held(lock, child) -> bool:
+    """``_child_succeeds(child)``, forked while another thread holds ``lock``."""
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with lock:
+            held.set()
+            release.wait()
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait()
+    try:
+        return _child_succeeds(child)
+    finally:
+        release.set()
+        t.join()
 
 
 def test_a_child_forked_while_another_thread_compiles_can_compile():
@@ -213,21 +205,8 @@ def test_a_child_forked_while_another_thread_counts_blas_threads_can_run_a_gemm(
     threads = NumpyBackend(blas="numpy").blas_threads
     if threads._set is None:
         pytest.skip("threadpoolctl steers no BLAS here")
-    held, release = threading.Event(), threading.Event()
-
-    def counting():  # stands in for another thread inside BlasThreads.enter
-        with threads._lock:
-            held.set()
-            release.wait()
-
-    t = threading.Thread(target=counting)
-    t.start()
-    held.wait()
-    try:
-        assert _child_succeeds(lambda: threads.use(1))  # was: the child hung on the count's lock
-    finally:
-        release.set()
-        t.join()
+    # the count's lock held as by another thread inside BlasThreads.enter
+    assert _child_succeeds_while_held(threads._lock, lambda: threads.use(1))  # was: the child hung on the lock
 
 
 def test_ctrl_c_while_waiting_for_the_other_half_still_waits_for_it():

@@ -30,15 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend
-from ._gated import (
-    GatedCell,
-    batch_halves,
-    exp_in_place,
-    forward_in_halves,
-    forward_weight,
-    sig_grad,
-    sigmoid_in_place,
-)
+from ._gated import GatedCell, batch_halves, exp_in_place, forward_in_halves, forward_weight, sig_grad, sigmoid_in_place
 from ._jit import compile_kernels
 from ._loops import step_loops
 from ._per_backend import PerBackend

@@ -28,15 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import Backend
-from ._gated import (
-    GatedCell,
-    batch_halves,
-    exp_in_place,
-    forward_in_halves,
-    forward_weight,
-    sig_grad,
-    sigmoid_in_place,
-)
+from ._gated import GatedCell, batch_halves, exp_in_place, forward_in_halves, forward_weight, sig_grad, sigmoid_in_place
 from ._jit import compile_kernels
 from ._loops import loops_possible, step_loops
 from ._per_backend import PerBackend
@@ -166,7 +158,7 @@ class LSTMCell(GatedCell):
         loops = k.step_loops(be, Wt, r1 - r0, (pre, S, A, C, hw))
         if loops is not None:  # all T steps in one compiled call (whole buffers, rows r0..r1−1: ``_loops``)
             if b is None:
-                bias = pre[0, 0, :0]  # no bias: an empty one (the kernels' other branch)
+                bias = k.zeros(A.shape[2], A.dtype)  # no bias: zeros (adding them changes no value)
             else:  # a contiguous vector of the loop's dtype (a parameter is one)
                 bias = b if b.dtype == A.dtype and b.flags.c_contiguous else np.ascontiguousarray(b, dtype=A.dtype)
             loops[0](pre, S, A, C, hw, bias, Wt.ptr, A.dtype.type(1), pre is A, r0, r1)
@@ -300,6 +292,14 @@ class _Kernels:
         )
         #: the compiled twins (numba, ``GPUBPTT_JIT``) of the NumPy twins, or None
         self.jit = None if self._fwd is not None else compile_kernels(*JIT_KERNELS)
+        self._zeros: dict[tuple[int, Any], Any] = {}
+
+    def zeros(self, n: int, dtype: Any) -> Any:
+        """n zeros of ``dtype``, made once, never written: the bias of a gates kernel whose pre has it already."""
+        key = (n, np.dtype(dtype))
+        if key not in self._zeros:
+            self._zeros[key] = np.zeros(n, dtype=dtype)
+        return self._zeros[key]
 
     def step_loops(self, be: Backend, w: Any, rows: int, arrays: tuple[Any, ...]) -> tuple[Any, Any] | None:
         """(forward loop, backward loop) of ``_mkl_step_loops`` for these operands, or None (``_loops.step_loops``)."""
@@ -314,7 +314,7 @@ class _Kernels:
         xp = self.xp
         if self.jit is not None:  # 6 calls instead of 12; the transcendentals stay NumPy's (vectorised)
             B = A.shape[0]
-            self.jit[0](pre, hw, A, h, pre[0, :0], 0, B)  # A = [−a_i, −a_f, 0, −a_o] (a = pre + hw); h = a_g
+            self.jit[0](pre, hw, A, h, self.zeros(A.shape[1], A.dtype), 0, B)  # A = [−a_i, −a_f, 0, −a_o], h = a_g
             exp_in_place(A, xp=xp)
             xp.tanh(h, out=h)  # g
             self.jit[1](A, cprev, c, h, A.dtype.type(1), 0, B)  # [i, f, g, o]; c = f ⊙ c_{t-1} + i ⊙ g
@@ -380,32 +380,20 @@ class _Kernels:
 
 
 def _jit_gates_in(pre: Any, hw: Any, A: Any, gt: Any, bias: Any, r0: int, r1: int) -> None:
-    """A (B, 4H) ← [−a_i, −a_f, 0, −a_o] with a = pre + hw (+ bias (4H,), unless it is empty), and gt (B, H) ← a_g,
-    on rows r0..r1−1: the arguments of the one exp over A (σ(a) = 1 / (1 + exp(−a)); the g columns' exp(0) is
-    unused) and of g's tanh."""
+    """A (B, 4H) ← [−a_i, −a_f, 0, −a_o] with a = pre + hw + bias (4H,) (zeros where pre has the bias already),
+    and gt (B, H) ← a_g, on rows r0..r1−1: the arguments of the one exp over A (σ(a) = 1 / (1 + exp(−a)); the g
+    columns' exp(0) is unused) and of g's tanh."""
     H = A.shape[1] // 4
-    if bias.shape[0]:
-        for b in range(r0, r1):
-            p, w, a, g = pre[b], hw[b], A[b], gt[b]
-            for j in range(2 * H):
-                a[j] = -(p[j] + w[j] + bias[j])
-            for j in range(H):
-                g[j] = p[2 * H + j] + w[2 * H + j] + bias[2 * H + j]
-            for j in range(2 * H, 3 * H):
-                a[j] = 0
-            for j in range(3 * H, 4 * H):
-                a[j] = -(p[j] + w[j] + bias[j])
-        return
     for b in range(r0, r1):
         p, w, a, g = pre[b], hw[b], A[b], gt[b]
         for j in range(2 * H):
-            a[j] = -(p[j] + w[j])
+            a[j] = -(p[j] + w[j] + bias[j])
         for j in range(H):
-            g[j] = p[2 * H + j] + w[2 * H + j]
+            g[j] = p[2 * H + j] + w[2 * H + j] + bias[2 * H + j]
         for j in range(2 * H, 3 * H):
             a[j] = 0
         for j in range(3 * H, 4 * H):
-            a[j] = -(p[j] + w[j])
+            a[j] = -(p[j] + w[j] + bias[j])
 
 
 def _jit_cell_state(A: Any, cprev: Any, c: Any, gt: Any, one: Any, r0: int, r1: int) -> None:
@@ -469,32 +457,21 @@ def _jit_backward_in_place(g: Any, dhn: Any, cprev: Any, tc: Any, A: Any, dc: An
 
 
 def _jit_gates_in_place(hw: Any, A: Any, gt: Any, bias: Any, r0: int, r1: int) -> None:
-    """``_jit_gates_in`` with pre in A (B, 4H) itself: A ← [−a_i, −a_f, 0, −a_o], gt ← a_g (a = A + hw, + bias
-    (4H,) unless it is empty) on rows r0..r1−1. A kernel of its own: given pre and A as one array,
-    ``_jit_gates_in`` finds them overlapping and runs its scalar loop (8.8 against 4.2 µs for 16 rows at H = 256)."""
+    """``_jit_gates_in`` with pre in A (B, 4H) itself: A ← [−a_i, −a_f, 0, −a_o], gt ← a_g (a = A + hw + bias: the
+    input bias here, where the step's projection is read anyway, ``adds_input_bias``; or zeros) on rows r0..r1−1.
+    A kernel of its own: given pre and A as one array, ``_jit_gates_in`` finds them overlapping and runs its
+    scalar loop (8.8 against 4.2 µs for 16 rows at H = 256)."""
     H = A.shape[1] // 4
-    if bias.shape[0]:  # the input bias here, where the step's projection is read anyway (``adds_input_bias``)
-        for b in range(r0, r1):
-            w, a, g = hw[b], A[b], gt[b]
-            for j in range(2 * H):
-                a[j] = -(a[j] + w[j] + bias[j])
-            for j in range(H):
-                g[j] = a[2 * H + j] + w[2 * H + j] + bias[2 * H + j]
-            for j in range(2 * H, 3 * H):
-                a[j] = 0
-            for j in range(3 * H, 4 * H):
-                a[j] = -(a[j] + w[j] + bias[j])
-        return
     for b in range(r0, r1):
         w, a, g = hw[b], A[b], gt[b]
         for j in range(2 * H):
-            a[j] = -(a[j] + w[j])
+            a[j] = -(a[j] + w[j] + bias[j])
         for j in range(H):
-            g[j] = a[2 * H + j] + w[2 * H + j]
+            g[j] = a[2 * H + j] + w[2 * H + j] + bias[2 * H + j]
         for j in range(2 * H, 3 * H):
             a[j] = 0
         for j in range(3 * H, 4 * H):
-            a[j] = -(a[j] + w[j])
+            a[j] = -(a[j] + w[j] + bias[j])
 
 
 def _mkl_step_loops(
