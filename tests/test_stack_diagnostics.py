@@ -129,8 +129,8 @@ def test_the_stack_report_of_a_model_with_dropout_is_that_of_its_weights_without
         assert [r.grad_s0 for r in stack_report(model, x, y).recurrences] == pytest.approx(want, rel=1e-12)
 
 
-@pytest.mark.parametrize(("precision", "step_kernels", "launched"), [("bf16", None, set()), ("fp32", "cublas", set())])
-def test_the_stack_report_computes_its_states_with_the_models_own_step_kernels(precision, step_kernels, launched):
+@pytest.mark.parametrize(("precision", "step_kernels"), [("bf16", None), ("fp32", "cublas")])
+def test_the_stack_report_computes_its_states_with_the_models_own_step_kernels(precision, step_kernels):
     # it ran "auto" whatever the model said: under bf16 (cuBLAS GEMMs per step) it ran the float32 persistent kernel,
     # states that were not the model's, and it ignored a model's own step_kernels
     from tests.test_elman_kernels import _Compiling
@@ -143,6 +143,6 @@ def test_the_stack_report_computes_its_states_with_the_models_own_step_kernels(p
     x, y = rng.normal(size=(T, B, D)).astype(np.float32), rng.integers(0, K, size=(T, B))
     be.log.clear()
     model.loss_and_grads(x, y)
-    assert set(be.log) == launched  # what the model itself runs: cuBLAS GEMMs, no step kernel
+    assert be.log == []  # what the model itself runs: cuBLAS GEMMs, no step kernel
     stack_report(model, x, y)
-    assert set(be.log) == launched
+    assert be.log == []

@@ -223,8 +223,9 @@ def test_ctrl_c_while_waiting_for_the_other_half_still_waits_for_it():
     be.blas_threads.most = 2
     finished = threading.Event()
 
-    def other():
-        time.sleep(0.6)
+    def other():  # ends only after the Ctrl-C has reached the waiting main thread, however loaded the machine
+        timer.finished.wait(10)
+        time.sleep(0.3)
         finished.set()
 
     timer = threading.Timer(0.15, signal.pthread_kill, args=(threading.main_thread().ident, signal.SIGINT))

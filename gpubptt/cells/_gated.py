@@ -24,21 +24,21 @@ def forward_weight(W: Any, Wt: Any, T: int, B: int, be: Backend, *, loop: bool =
     the step GEMMs run, G = 4, µs per step, view against copy: B = 4, H = 128 37 against 6; B = 32, H = 256 238
     against 158; B = 32, H = 512 1020 against 718; B = 1 equal), but the copy costs 0.08, 0.3, 4.4 and 19 ms at
     H = 128, 256, 512 and 1024 (beyond the caches from H = 512): it pays over a forward of 4 steps or more up
-    to H = 256, of about 16–20 at H = 512 and 1024 (``COPY_MIN_STEPS``).
+    to H = 256, of about 16–20 at H = 512 and 1024 (``COPY_MIN_STEPS``, ``COPY_MIN_STEPS_LARGE``).
     """
     view = W.T
     packed = be.pack(view, B, T, loop=loop)
     if packed is not view:
         return packed
     H = W.shape[1]
-    if B >= 2 and T >= COPY_MIN_STEPS[H <= 256]:
+    if B >= 2 and T >= (COPY_MIN_STEPS if H <= 256 else COPY_MIN_STEPS_LARGE):
         Wt[...] = view  # once per forward
         return Wt
     return view
 
 
-#: the fewest steps over which a row-major copy of Wᵀ pays (``forward_weight``): [H > 256, H ≤ 256]
-COPY_MIN_STEPS = (20, 4)
+#: the fewest steps over which a row-major copy of Wᵀ pays (``forward_weight``) up to H = 256, and beyond
+COPY_MIN_STEPS, COPY_MIN_STEPS_LARGE = 4, 20
 
 
 def batch_halves(be: Backend, k: Any, B: int, aux: dict[str, Any], steps: int) -> tuple[tuple[slice, Any], ...] | None:

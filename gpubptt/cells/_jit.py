@@ -122,8 +122,9 @@ _guarded: list[bool] = []
 def _guard_forks() -> None:
     """Once per process, before the first compile (under ``_lock``): a fork waits for a compile running in
     another thread to end. numba compiles under one global lock; a child forked while another thread held it
-    inherits it held by a thread it does not have, and its first compile waited for good (a fork while another
-    thread made its first call). The child also gets a fresh ``_lock``."""
+    inherits it held by a thread it does not have, and its first compile waited for good. The child also gets a
+    fresh ``_lock``. (A fork during another thread's very first call, while it still imports numba or builds a
+    backend's kernels, is not covered: fork once the first call has returned.)"""
     if _guarded or not hasattr(os, "register_at_fork"):
         return
     _guarded.append(True)
@@ -131,13 +132,21 @@ def _guard_forks() -> None:
         from numba.core.compiler_lock import global_compiler_lock as compiler
     except ImportError:  # a numba without it: nothing to guard
         compiler = None
+    forking = threading.local()  # .held: this thread's fork took the compiler lock (hooks added mid-fork did not)
 
-    def renew() -> None:
+    def before() -> None:
+        if compiler is not None:
+            compiler.acquire()
+            forking.held = True
+
+    def after() -> None:
+        if getattr(forking, "held", False):
+            forking.held = False
+            compiler.release()
+
+    def after_in_child() -> None:
         global _lock
         _lock = threading.Lock()
+        after()
 
-    if compiler is not None:
-        os.register_at_fork(before=compiler.acquire, after_in_parent=compiler.release)
-        os.register_at_fork(after_in_child=lambda: (compiler.release(), renew()))
-    else:
-        os.register_at_fork(after_in_child=renew)
+    os.register_at_fork(before=before, after_in_parent=after, after_in_child=after_in_child)

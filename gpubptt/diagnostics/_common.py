@@ -118,9 +118,9 @@ def plain_copy(model: RNN) -> RNN:
     """The model's parameters in a fresh model that reads x time-major (T, B, …) under the per-step softmax head,
     without dropout: what the states and step factors of these diagnostics assume, whatever the model's
     ``batch_first``, ``head`` and ``dropout`` say (``model.states`` never swaps axes; ``loss_and_grads`` would).
-    It runs as the model does: its backend (precision included), ``step_kernels``, ``chunk_elements``, graphs."""
-    copy = RNN.from_params(model.params, backend=model.backend, config=model.config)
-    copy.use_graphs, copy.step_kernels, copy.chunk_elements = model.use_graphs, model.step_kernels, model.chunk_elements
+    It runs as the model does (``model.to``: its backend, precision included, and run settings)."""
+    copy = model.to(model.backend)
+    copy.head, copy.batch_first, copy.dropout = "softmax", False, 0.0
     return copy
 
 

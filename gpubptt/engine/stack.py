@@ -65,8 +65,9 @@ def input_projection(U: Any, b: Any, x: Any, tokens: bool, *, be: Backend, out: 
 
 
 def projection_bias(cell: Any, q: dict[str, Any], be: Backend) -> Any:
-    """The bias the engine adds in a recurrence's input projection: the cell's ``input_bias`` from its parameters
-    ``q``; None where it has none, or where its ``run_forward`` adds it itself (``Cell.adds_input_bias``)."""
+    """The bias the engine adds in a recurrence's input projection → b (gates·H,), the cell's ``input_bias`` from its
+    parameters ``q``; or None where it has none, or where its ``run_forward`` adds it itself
+    (``Cell.adds_input_bias``)."""
     if not cell.input_bias or cell.adds_input_bias(be):
         return None
     return q.get(cell.input_bias)
