@@ -353,6 +353,11 @@ class Construction:
         new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return new
 
+    def __copy__(self) -> Any:
+        """``copy.copy`` is ``copy.deepcopy``: the parameters are copied either way, and a shallow copy would share
+        the dropout generator (a call on one model changing the other's masks)."""
+        return self.__deepcopy__({})
+
 
 def cell_repr(model: Any) -> str:
     """The repr's cell part, what rebuilds the cell: nothing for the default rnn/tanh, ``cell=`` the option name

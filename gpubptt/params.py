@@ -241,6 +241,10 @@ class Params(MutableMapping):
         """A plain dict of copies of the arrays (the backend and its locks are not copied)."""
         return {k: v.copy() for k, v in self._arrays.items()}
 
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        """``pickle`` (and ``torch.save``) write a plain dict of the arrays, as ``__deepcopy__`` gives one."""
+        return dict, (dict(self._arrays),)
+
     def replace_all(self, arrays: Mapping[str, Any]) -> None:
         """Assign every parameter at once: all are checked before any is replaced (same names required)."""
         if not isinstance(arrays, Mapping) or set(arrays) != set(self._shapes):

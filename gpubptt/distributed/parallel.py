@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..dropout import mask_key
-from ..errors import InputError
+from ..errors import InputError, InputTypeError
 from ..heads import mean_count
 from ..training.loop import TrainConfig, TrainState, evaluate
 from ..validation import NOTHING_COUNTED
@@ -74,6 +74,23 @@ def _eval_range(B: int, size: int, rank: int) -> tuple[int, int]:
     return lo, lo + q + (rank < r)
 
 
+def _forward(wrapper: Any, inner: str, name: str) -> Any:
+    """``wrapper.name`` read from the object it wraps (``wrapper.<inner>``); AttributeError for a special name or
+    before the wrapped object is set (``copy`` and ``pickle`` probe a bare instance: no endless recursion)."""
+    if name.startswith("__") or inner not in wrapper.__dict__:
+        raise AttributeError(name)
+    return getattr(wrapper.__dict__[inner], name)
+
+
+def _uncopyable(wrapper: Any, inner: str) -> InputTypeError:
+    """The refusal of ``copy``, ``copy.deepcopy`` and ``pickle`` for a wrapper that holds a communicator."""
+    kind = type(wrapper).__name__
+    return InputTypeError(
+        f"a {kind} cannot be copied or pickled: it holds its ranks' communicator, which is this process's; copy or "
+        f"pickle what it wraps (its .{inner}) and wrap the copy anew"
+    )
+
+
 class ShardedData:
     """This rank's columns of a data set's batches: ``train_sequence`` (L, hi−lo), held-out batches split too.
 
@@ -86,7 +103,10 @@ class ShardedData:
         self.data, self.global_batch, self.lo, self.hi, self.comm = data, batch_size, lo, hi, comm
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.data, name)
+        return _forward(self, "data", name)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise _uncopyable(self, "data")
 
     def __repr__(self) -> str:
         return f"ShardedData({self.data!r}, streams [{self.lo}, {self.hi}) of {self.global_batch})"
@@ -163,7 +183,10 @@ class DataParallel:
         self._broadcast_params()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
+        return _forward(self, "model", name)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise _uncopyable(self, "model")
 
     def __repr__(self) -> str:
         return f"DataParallel({self.model!r}, {self.comm!r}, streams [{self.lo}, {self.hi}) of {self.batch_size})"

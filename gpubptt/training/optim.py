@@ -210,6 +210,39 @@ class Optimizer:
         hyper = ", ".join(f"{k}={v}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({hyper}, t={self.t}, backend={self.backend.name!r})"
 
+    # -- copies: copy.deepcopy and pickle --------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``pickle`` and ``copy.deepcopy`` keep: the settings, the step count and the state as host NumPy
+        arrays, the backend by name; the scratch buffers are made anew. Built on a model (its ``constrain`` is
+        bound to it), the parameters are the model's: copied together (``copy.deepcopy((model, opt))``, one
+        pickle of both), the copy steps the copied model; copied alone, it brings a copy of the model along."""
+        be, model = self.backend, getattr(self.constrain, "__self__", None)
+        skip = ("backend", "params", "state", "_scratch", "_next")
+        state = {k: v for k, v in self.__dict__.items() if k not in skip}
+        state["backend"] = be.name
+        host = {slot: {k: np.array(be.to_numpy(a)) for k, a in arrays.items()} for slot, arrays in self.state.items()}
+        state["state"] = host
+        owned = model is not None and self.params is getattr(model, "params", None)
+        state["params"] = None if owned else {k: np.array(be.to_numpy(p)) for k, p in self.params.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        name, params, slots = state.pop("backend"), state.pop("params"), state.pop("state")
+        self.__dict__.update(state)
+        if params is None:  # the model's own parameters (the model travels in ``constrain``)
+            model = self.constrain.__self__
+            be, params = model.backend, model.params
+        else:
+            be = get_backend(name)
+            params = {k: be.asarray(p) for k, p in params.items()}
+        self.backend, self.params, xp = be, params, be.xp
+        self.state = {
+            slot: {k: be.asarray(a, dtype=params[k].dtype) for k, a in arrays.items()} for slot, arrays in slots.items()
+        }
+        self._scratch = {k: xp.empty_like(p) for k, p in params.items()}
+        self._next = {slot: {k: xp.empty_like(p) for k, p in params.items()} for slot in self.SLOTS}
+
     def hyperparameters(self) -> dict[str, Any]:
         """The settings needed to rebuild this optimizer (JSON-serialisable); weight_decay only when not 0."""
         decay = {"weight_decay": self.weight_decay} if self.weight_decay else {}  # files without it: 0
