@@ -105,20 +105,20 @@ def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any, *, cell: str =
     cls = torch_cell(cell)
     G, gates, module = cls.gates, {c: k.gates for c, k in _torch_cells().items()}, cls.torch_module
     b_hn = "b_hn" in cls().param_shapes(1, 1, True)  # a GRU's: inside r ⊙ (·), it does not fold into b
-    rnn_sd = _mapping(rnn_state_dict, "the nn.RNN state dict")
+    rnn_sd = _mapping(rnn_state_dict, f"the {module} state dict")
     lin_sd = _mapping(linear_state_dict, "the nn.Linear state dict")
     parsed = {}
     for k in rnn_sd:
         m = _KEY.match(str(k))
         if m is None:
             raise InputError(
-                f"the nn.RNN state dict has unexpected key {k!r}; expected weight_ih_l0, weight_hh_l0, "
-                "bias_ih_l0, bias_hh_l0 (and _l1, …, _reverse for deeper or bidirectional nn.RNN)"
+                f"the {module} state dict has unexpected key {k!r}; expected weight_ih_l0, weight_hh_l0, "
+                f"bias_ih_l0, bias_hh_l0 (and _l1, …, _reverse for deeper or bidirectional {module})"
             )
         parsed[k] = (m.group(1), int(m.group(2)), m.group(3) is not None)
     for k in ("weight_ih_l0", "weight_hh_l0"):
         if k not in rnn_sd:
-            raise InputError(f"the nn.RNN state dict is missing {k!r}; expected weight_ih_l0, weight_hh_l0")
+            raise InputError(f"the {module} state dict is missing {k!r}; expected weight_ih_l0, weight_hh_l0")
     num_layers = 1 + max(layer for _, layer, _ in parsed.values())
     bidirectional = any(rev for _, _, rev in parsed.values())
     bias = any(kind.startswith("bias") for kind, _, _ in parsed.values())
@@ -130,7 +130,7 @@ def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any, *, cell: str =
                 why = "biases come for every layer and direction, bias_ih and bias_hh, or not at all"
             else:
                 why = f"the keys describe {arch}"
-            raise InputError(f"the nn.RNN state dict is missing {k!r} ({why})")
+            raise InputError(f"the {module} state dict is missing {k!r} ({why})")
     rnn = {k: _host(v, k) for k, v in rnn_sd.items()}
     for k in _LINEAR_KEYS[:1]:
         if k not in lin_sd:

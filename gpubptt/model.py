@@ -55,6 +55,7 @@ from .validation import (
     _split_state,
     batch_copies,
     check_batch,
+    check_bool,
     check_c0,
     check_dropout,
     check_dtype,
@@ -193,8 +194,6 @@ class RNN(Construction, Composable, Workspaces, Settings):
         #: The output head and loss (``gpubptt.heads``): "softmax" (per step, the default), "last_softmax",
         #: "mse", "last_mse", or None (no output layer: use ``vjp``); a call's ``head=`` overrides it.
         self.head: str | None = "softmax"
-        #: As torch's: x (B, T, …), per-step targets (B, T[, K]) and per-step outputs (B, T, …) with the
-        #: batch first (views where possible); s0, lengths and final states are unchanged.
         self.batch_first = False
         self._workspaces: dict[tuple, engine.Workspace] = {}
         self._spares: dict[tuple, Any] = {}  # forward buffers a finished pullback gave back (``_give_spare``)
@@ -245,6 +244,16 @@ class RNN(Construction, Composable, Workspaces, Settings):
             + ("" if not self.dropout else f", dropout={self.dropout}")
             + ")"
         )
+
+    @property
+    def batch_first(self) -> bool:
+        """As torch's: x (B, T, …), per-step targets (B, T[, K]) and per-step outputs and states (B, T, …) with the
+        batch first (views where possible); s0, lengths and final states are unchanged. Set it to a bool (checked)."""
+        return self._batch_first
+
+    @batch_first.setter
+    def batch_first(self, value: Any) -> None:
+        self._batch_first = check_bool(value, "batch_first")
 
     @property
     def dropout(self) -> float:
@@ -314,11 +323,16 @@ class RNN(Construction, Composable, Workspaces, Settings):
         x (T, B) token ids or (T, B, D) floats; s0 as in ``forward``. A model with several
         recurrences gives (L·dirs, T+1, B, H): one S per recurrence in torch's order, each in its own
         time (a reverse recurrence's S[t+1] is its state after reading input step T−1−t). Fresh arrays.
-        For an LSTM these are the h states (s0 the tuple (h0, c0)).
+        For an LSTM these are the h states (s0 the tuple (h0, c0)). With ``batch_first``, x is (B, T, …)
+        and S (B, T+1, H) (each recurrence's, (L·dirs, B, T+1, H)).
         """
-        batch = self._check(x, None, s0, None, for_loss=False)
+        S = self._states(self._check(self._swap(x, "x"), None, s0, None, for_loss=False))
+        return S if not self.batch_first else S.swapaxes(-3, -2)
+
+    def _states(self, batch: Batch) -> Any:
+        """``states`` of a checked, time-major batch: S (T+1, B, H), or (L·dirs, T+1, B, H)."""
         with self._lock:  # one call of this model at a time (see loss_and_grads)
-            S = self._stack(batch).S
+            S = engine.states(self, batch)
             return S[0] if self.num_states == 1 else self.backend.xp.stack(S)
 
     def _final_state(self, stack: engine.Stack, batch: Batch) -> Any:
@@ -491,6 +505,7 @@ class RNN(Construction, Composable, Workspaces, Settings):
         max_memory and dropout_seed are refused for them).
         """
         reduction = _check_reduction(reduction)
+        return_final_state = check_bool(return_final_state, "return_final_state")
         truncate = _check_truncate(truncate)
         dropout_seed = _check_seed(dropout_seed, "dropout_seed")
         dropout_offset = check_offset(dropout_offset)

@@ -318,10 +318,17 @@ def check_dropout(dropout: Any) -> float:
     return float(dropout)
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` as a bool where it is one (Python's or NumPy's); InputTypeError naming ``name`` otherwise (a string
+    such as "no" or "False" would read as true)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputTypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def _check_layers(num_layers: Any, bidirectional: Any, dropout: Any) -> tuple[int, bool, float]:
     L = check_positive_int(num_layers, "num_layers")
-    if not isinstance(bidirectional, (bool, np.bool_)):
-        raise InputTypeError(f"bidirectional must be a bool, got {type(bidirectional).__name__} {bidirectional!r}")
+    check_bool(bidirectional, "bidirectional")
     dropout = check_dropout(dropout)
     if dropout > 0 and L == 1:
         warnings.warn(

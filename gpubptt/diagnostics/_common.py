@@ -117,7 +117,7 @@ def batch_of(model: RNN, x: Any, y: Any, s0: Any) -> Batch:
 def plain_copy(model: RNN) -> RNN:
     """The model's parameters in a fresh model that reads x time-major (T, B, …) under the per-step softmax head,
     without dropout: what the states and step factors of these diagnostics assume, whatever the model's
-    ``batch_first``, ``head`` and ``dropout`` say (``model.states`` never swaps axes; ``loss_and_grads`` would).
+    ``batch_first``, ``head`` and ``dropout`` say (``loss_and_grads`` and ``model.states`` would swap axes).
     It runs as the model does (``model.to``: its backend, precision included, and run settings)."""
     copy = model.to(model.backend)
     copy.head, copy.batch_first, copy.dropout = "softmax", False, 0.0
@@ -125,8 +125,9 @@ def plain_copy(model: RNN) -> RNN:
 
 
 def states_of(model: RNN, batch: Batch) -> Any:
-    """The model's own forward recurrence: S (T+1, B, H) with S[0] = s0 (s_{−1}) and S[t+1] = s_t."""
-    return model.states(batch.x, batch.s0)  # validated already: the check is cheap
+    """The model's own forward recurrence: S (T+1, B, H) with S[0] = s0 (s_{−1}) and S[t+1] = s_t, time-major
+    whatever the model's ``batch_first`` (the batch is checked and time-major already)."""
+    return model._states(batch)
 
 
 def direct_terms(model: RNN, batch: Batch, S: Any) -> Any:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, InputTypeError, ShapeError
-from ..validation import Batch, _as_native
+from ..validation import Batch, _as_native, check_bool
 from . import stack as engine
 
 __all__ = ["Pullback", "PullbackError", "VJPOutput"]
@@ -149,12 +149,13 @@ class Pullback:
                 "this pullback was already called (or released): its backward pass consumes the forward's "
                 "buffers; call model.vjp again for another gradient"
             )
+        want_dx = check_bool(want_dx, "want_dx")
         T, B, H, dirs = batch.T, batch.B, model.hidden_size, model.num_directions
         shape = (B, T, H * dirs) if self._batch_first else (T, B, H * dirs)
         dtop = None if d_states is None else self._array(d_states, shape, "d_states")
         dtop = dtop.swapaxes(0, 1) if self._batch_first and dtop is not None else dtop
         dh, dc = self._finals(d_final_state)
-        want_dx = self._want_dx and bool(want_dx)
+        want_dx = self._want_dx and want_dx
         with model._lock:
             if self._used:  # again under the lock: two threads calling one pullback, the second is refused
                 raise PullbackError("this pullback was already called (from another thread); call model.vjp again")
