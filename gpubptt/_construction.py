@@ -336,9 +336,8 @@ class Construction:
         state = dict(state)
         if "dropout" in state:  # pickled before dropout became a checked property
             state["_dropout"] = state.pop("dropout")
-        if "batch_first" in state:  # pickled before batch_first became a checked property
-            state["_batch_first"] = state.pop("batch_first")
-        state.setdefault("_batch_first", False)  # pickled before it existed
+        for name, default in (("batch_first", False), ("use_graphs", True)):  # plain attributes when pickled before
+            state.setdefault(f"_{name}", state.pop(name, default))  # they became checked properties (or existed)
         be = get_backend(state.pop("backend")).with_precision(state.pop("precision", "fp32"))
         host, shapes, rng = state.pop("_params"), state.pop("_param_shapes"), state.pop("_dropout_rng")
         self.__dict__.update(state)

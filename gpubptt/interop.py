@@ -37,6 +37,7 @@ import numpy as np
 from .cells import cell_class, cell_names
 from .errors import InputError, InputTypeError, ShapeError
 from .params import architecture_of, recurrences
+from .validation import check_bool
 
 __all__ = ["from_torch_state", "to_torch_state"]
 
@@ -205,6 +206,7 @@ def to_torch_state(
     gradients (the keys of ``loss_and_grads``; "s0", "c0" ignored): each of torch's two biases then
     receives db (the GRU's bias_hh: [db_r, db_z, db_hn]).
     """
+    grads = check_bool(grads, "grads")
     b_hn = "b_hn" in torch_cell(cell)().param_shapes(1, 1, True)
     host = {k: np.array(_host(v, k)) for k, v in params.items() if k not in ("s0", "c0")}
     num_layers, bidirectional = architecture_of(host)

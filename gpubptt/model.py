@@ -180,7 +180,6 @@ class RNN(Construction, Composable, Workspaces, Settings):
         self._params = Params(be, config.dtype, config.param_shapes(), params)
         self.init = "custom"
         self._set_layers(config.num_layers, config.bidirectional, 0.0, None)
-        #: On CuPy, record forward+BPTT once per shape as a CUDA graph and replay it (no effect on NumPy).
         self.use_graphs = True
         #: How recurrence steps run where the backend compiles kernels (CuPy). "auto": per shape, the
         #: fastest of cuBLAS + a fused elementwise kernel, one fused step kernel, or one persistent
@@ -244,6 +243,16 @@ class RNN(Construction, Composable, Workspaces, Settings):
             + ("" if not self.dropout else f", dropout={self.dropout}")
             + ")"
         )
+
+    @property
+    def use_graphs(self) -> bool:
+        """On CuPy, record forward+BPTT once per shape as a CUDA graph and replay it (no effect on NumPy); a bool
+        (checked)."""
+        return self._use_graphs
+
+    @use_graphs.setter
+    def use_graphs(self, value: Any) -> None:
+        self._use_graphs = check_bool(value, "use_graphs")
 
     @property
     def batch_first(self) -> bool:

@@ -49,6 +49,7 @@ from .engine.recompute import check_recompute, unsupported_reason
 from .errors import BackendMismatchError, InputError, InputTypeError, ShapeError
 from .model import RNN
 from .params import recurrences
+from .validation import check_bool
 
 __all__ = ["Recurrent"]
 
@@ -118,7 +119,7 @@ class Recurrent(torch.nn.Module):
         self.nonlinearity = model.nonlinearity
         self.input_size, self.hidden_size = model.input_size, model.hidden_size
         self.num_layers, self.bidirectional, self.bias = model.num_layers, model.bidirectional, model.bias
-        self.batch_first, self.backend, self.recompute = bool(batch_first), backend, recompute
+        self.batch_first, self.backend, self.recompute = check_bool(batch_first, "batch_first"), backend, recompute
         self.precision = model.precision if precision is None else precision  # checked by its setter
         self._names = _torch_names(self.num_layers, self.bidirectional, self.bias)
         self._pnames = tuple(name for _, name, _ in self._names)  # torch's parameter order

@@ -117,7 +117,9 @@ class Backend:
 
     @concurrent.setter
     def concurrent(self, value: bool) -> None:
-        self.exact.__dict__["_concurrent"] = bool(value)
+        from ..validation import check_bool  # validation imports the backends
+
+        self.exact.__dict__["_concurrent"] = check_bool(value, "concurrent")
 
     @property
     def exact(self) -> Backend:

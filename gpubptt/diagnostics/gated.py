@@ -297,7 +297,8 @@ def compare_cells(
     recurrent weights of an rnn of the same H), and every model takes torch's init (U(±1/√H) for
     every recurrent parameter, as ``nn.RNN``/``nn.GRU``/``nn.LSTM``), on NumPy in float64.
     """
-    rng = np.random.default_rng(seed)
+    T, H, B, vocab = (check_int(v, name, 1) for v, name in ((T, "T"), (H, "H"), (B, "B"), (vocab, "vocab")))
+    rng = np.random.default_rng(check_int(seed, "seed", 0))
     x = rng.integers(0, vocab, size=(T, B))
     y = rng.integers(0, vocab, size=(T, B))
     widest = 2 if any(make_cell(c).extra_state for c in cells) else 1  # the largest measure, checked before any

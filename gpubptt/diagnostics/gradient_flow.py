@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..model import RNN
+from ..validation import check_bool
 from ._common import (
     ToDict,
     batch_of,
@@ -112,6 +113,7 @@ def contributions(model: RNN, x: Any, y: Any, s0: Any = None, *, keep_terms: boo
     ``keep_terms=True`` also returns every H×H term, (T, T, H, H) on the host: for small models.
     """
     model = check_elman(model, "contributions")
+    keep_terms = check_bool(keep_terms, "keep_terms")  # (T, T, H, H) on the host: not kept by a mere truthy value
     batch = batch_of(model, x, y, s0)
     be, xp, W = model.backend, model.backend.xp, model.params["W"]
     S = states_of(model, batch)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import to_numpy
-from ..errors import InputError
+from ..errors import InputError, ShapeError
 from ..model import RNN
 from ._common import (
     ToDict,
@@ -71,6 +71,7 @@ def product_norms(
     """
     iters = check_int(iters, "iters", 1)
     tol = check_tol(tol)
+    seed = check_int(seed, "seed", 0)
     if W.ndim != 2 or W.shape[0] != W.shape[1] or factors.ndim != 3 or factors.shape[2] != W.shape[0]:
         raise InputError(
             f"expected W (H, H) and factors (n, B, H); got W {tuple(W.shape)}, factors {tuple(factors.shape)}"
@@ -180,6 +181,8 @@ class JacobianProducts(ToDict):
 def spectral_radius(W: Any) -> float:
     """max |eig(W)| of a square matrix W (H, H) on any backend (computed on the host in float64)."""
     Wh = to_numpy(W).astype(np.float64)
+    if Wh.ndim != 2 or Wh.shape[0] != Wh.shape[1]:
+        raise ShapeError(f"spectral_radius needs a square matrix W (H, H), got shape {Wh.shape}")
     return float(np.abs(np.linalg.eigvals(Wh)).max()) if Wh.size else 0.0
 
 
@@ -224,6 +227,7 @@ def jacobian_products(
     saturation = check_positive_float(saturation, "saturation")
     check_int(iters, "iters", 1)
     check_tol(tol)
+    seed = check_int(seed, "seed", 0)
     batch = batch_of(model, x, None, s0)
     if end is None:
         end = batch.T - 1

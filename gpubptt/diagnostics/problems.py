@@ -67,6 +67,7 @@ def random_problem(
     InsufficientMemoryError (an InputError) before anything is allocated when the diagnostics of
     these sizes cannot fit in the backend's available memory (see ``gpubptt.engine.memory``).
     """
+    T, H, B, vocab = (check_int(v, name, 1) for v, name in ((T, "T"), (H, "H"), (B, "B"), (vocab, "vocab")))
     backend = get_backend(backend)
     recurrences = num_layers * (2 if bidirectional else 1) if isinstance(num_layers, int) else 1
     _check_memory(vocab, H, vocab, T, B, dtype, backend, random=True, recurrences=recurrences)
@@ -109,7 +110,7 @@ def text_windows(
     ids (N,) token ids of a text; needs N ≥ T + 1. Column b is ids[a_b : a_b + T] and its targets
     ids[a_b + 1 : a_b + T + 1], with a_b uniform in [0, N − T − 1] (windows may overlap).
     """
-    T, B = check_int(T, "T", 1), check_int(B, "B", 1)
+    T, B, seed = check_int(T, "T", 1), check_int(B, "B", 1), check_int(seed, "seed", 0)
     N = len(ids)
     if N < T + 1:
         raise InputError(

@@ -50,6 +50,10 @@ def vanish_report(
 
     ``progress(stage)``, if given, is called before each of the four (``VANISH_STAGES``).
     """
+    check_positive_float(threshold, "threshold")  # every setting checked before the first diagnostic runs
+    check_int(iters, "iters", 1)
+    check_tol(tol)
+    check_int(seed, "seed", 0)
     say = progress or (lambda stage: None)
     say(VANISH_STAGES[0])
     steps = step_gradients(model, x, y, s0)
@@ -105,6 +109,7 @@ def vanish_sweep(
     check_positive_float(threshold, "threshold")
     check_int(iters, "iters", 1)
     check_tol(tol)
+    check_int(seed, "seed", 0)
     batch_of(model, x, y, s0)
     sweep = []
     total = len(VANISH_STAGES) * len(radii)

@@ -163,6 +163,7 @@ def stack_report(
     model = check_elman(model, "stack_report")
     threshold = check_positive_float(threshold, "threshold")
     check_int(iters, "iters", 1)
+    seed = check_int(seed, "seed", 0)
     check_tol(tol)
     be, xp = model.backend, model.backend.xp
     H, n = model.hidden_size, model.num_states

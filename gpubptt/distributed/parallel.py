@@ -37,7 +37,7 @@ from ..dropout import mask_key
 from ..errors import InputError, InputTypeError
 from ..heads import mean_count
 from ..training.loop import TrainConfig, TrainState, evaluate
-from ..validation import NOTHING_COUNTED
+from ..validation import NOTHING_COUNTED, check_positive_int
 from .base import Communicator, allgather_text
 
 __all__ = ["DataParallel", "ParameterDivergenceError", "ShardedData", "shard_range"]
@@ -53,6 +53,7 @@ def shard_range(B: int, size: int, rank: int, *, what: str = "the batch") -> tup
     InputError when there are more ranks than streams (a rank with no stream would train nothing), and for a
     size below 1 or a rank outside [0, size).
     """
+    B = check_positive_int(B, "B (the global batch)")
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise InputError(f"size must be an int ≥ 1 (the number of ranks), got {size!r}")
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < size:
@@ -100,7 +101,13 @@ class ShardedData:
     """
 
     def __init__(self, data: Any, *, batch_size: int, lo: int, hi: int, comm: Communicator) -> None:
-        self.data, self.global_batch, self.lo, self.hi, self.comm = data, batch_size, lo, hi, comm
+        batch_size = check_positive_int(batch_size, "batch_size")
+        ok = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (lo, hi))
+        if not ok or not 0 <= lo < hi <= batch_size:
+            raise InputError(
+                f"lo, hi must be ints with 0 ≤ lo < hi ≤ batch_size={batch_size}, got lo={lo!r}, hi={hi!r}"
+            )
+        self.data, self.global_batch, self.lo, self.hi, self.comm = data, batch_size, int(lo), int(hi), comm
 
     def __getattr__(self, name: str) -> Any:
         return _forward(self, "data", name)
@@ -173,7 +180,13 @@ class DataParallel:
     ) -> None:
         if isinstance(check_every, bool) or not isinstance(check_every, (int, np.integer)) or check_every < 0:
             raise InputError(f"check_every must be an int ≥ 0 (0: never), got {check_every!r}")
-        self.model, self.comm, self.batch_size, self.check_every = model, comm, int(batch_size), int(check_every)
+        if not isinstance(comm, Communicator):
+            raise InputTypeError(
+                f"comm must be a Communicator (gpubptt.distributed.make_communicator, LocalCommunicator), got "
+                f"{type(comm).__name__} {comm!r}"
+            )
+        batch_size = check_positive_int(batch_size, "batch_size")
+        self.model, self.comm, self.batch_size, self.check_every = model, comm, batch_size, int(check_every)
         self.calls = 0
         from .. import __version__
 
