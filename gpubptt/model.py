@@ -215,12 +215,16 @@ class RNN(Construction, Composable, Workspaces, Settings):
             self._param_names[r] = [(k, r.name(k)) for k in self.cell.param_shapes(1, 1, self.bias)]
         return {k: self.params[n] for k, n in self._param_names[r] if n in self.params}
 
-    def constrain(self) -> None:
+    def constrain(self, params: Mapping[str, Any] | None = None) -> None:
         """Project every recurrence's parameters onto the cell's constraint set, in place (the cell's
-        ``constrain``; a no-op for the unconstrained cells). An optimizer built on the model calls it after each
-        applied step."""
+        ``constrain``; a no-op for the unconstrained cells): the model's own, or ``params`` (arrays by the model's
+        names, e.g. an optimizer's new values before it commits them; names it lacks are the model's).
+        An optimizer built on the model calls it on every step's new values."""
         for r in self.recurrences:
-            self.cell.constrain(self.recurrence_params(r), xp=self.backend.xp)
+            p = self.recurrence_params(r)
+            if params is not None:
+                p = {k: params.get(r.name(k), a) for k, a in p.items()}
+            self.cell.constrain(p, xp=self.backend.xp)
 
     @property
     def params(self) -> Params:

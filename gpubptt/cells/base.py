@@ -115,8 +115,9 @@ class Cell(ABC):
         return (-a, a)
 
     def constrain(self, p: dict[str, Any], *, xp: Any) -> None:
-        """Project one recurrence's parameters (by base name, in place) onto the cell's constraint set, after
-        an optimizer step; a no-op for an unconstrained cell."""
+        """Project one recurrence's parameters (by base name, in place) onto the cell's constraint set: an optimizer
+        step's new values, before they land (a failing projection changes nothing); a no-op for an unconstrained
+        cell."""
         return None
 
     def constraint_violation(self, params: dict[str, Any]) -> str | None:

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import sigint_deferred
 from ..backend import Backend, get_backend
 from ..errors import InputError, InputTypeError, ShapeError
 from ._optim_settings import (
@@ -340,18 +341,19 @@ class Optimizer:
                 )
             bad = [f"updated.{k}" for k in overflow]
             return StepResult(applied=False, loss=loss_f, grad_norm=norm_f, nonfinite=tuple(bad))
-        # commit: nothing below can fail half-way (shapes, dtypes and writability were checked above); under the
-        # model's call lock where the optimizer knows the model (its ``constrain``): a copy or a call of the model
-        # in another thread sees its parameters before or after the step, never half-way (copies had been torn)
+        if self.constrain is not None:  # the cell's constraint set, on the new values before they land (a failing
+            self.constrain({k: self._scratch[k] for k, _ in pairs})  # projection changes nothing); in place, no sync
+        # commit: nothing below can fail (shapes, dtypes and writability were checked above) and a Ctrl-C waits for
+        # its end: every parameter, the state and the step count, or none. Under the model's call lock where the
+        # optimizer knows the model (its ``constrain``): a copy or a call of the model in another thread sees its
+        # parameters before or after the step, never half-way (copies had been torn)
         model = getattr(self.constrain, "__self__", None)
-        with getattr(model, "_lock", None) or contextlib.nullcontext():
+        with sigint_deferred(), getattr(model, "_lock", None) or contextlib.nullcontext():
             for k, _ in pairs:
                 self.params[k][...] = self._scratch[k]
-            if self.constrain is not None:
-                self.constrain()  # a projection onto the cell's constraint set: elementwise, in place, no sync
-        for slot in self.SLOTS:
-            self.state[slot], self._next[slot] = self._next[slot], self.state[slot]
-        self.t += 1
+            for slot in self.SLOTS:
+                self.state[slot], self._next[slot] = self._next[slot], self.state[slot]
+            self.t += 1
         return StepResult(applied=True, loss=loss_f, grad_norm=norm_f)
 
     def _update(self, k: str, p: Any, g: Any) -> None:

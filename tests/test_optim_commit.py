@@ -1,0 +1,70 @@
+"""An optimizer step is all or nothing once it commits: a cell's constraint that fails changes nothing, and a
+Ctrl-C arriving between two parameters' writes waits for the whole commit (parameters, state, step count)."""
+
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import pytest
+
+import gpubptt
+from gpubptt.cells.indrnn import IndRNNCell
+from gpubptt.training.optim import SGD, make_optimizer
+
+X = np.array([[0, 1], [2, 0], [1, 1]], dtype=np.int64)
+
+
+def test_a_failing_constraint_changes_no_parameter_state_or_step_count(monkeypatch):
+    model = gpubptt.RNN(3, 5, 3, cell=IndRNNCell("tanh", max_weight=0.5), backend="numpy", seed=0)
+    opt = make_optimizer("adam", model, lr=0.05)
+    loss, grads = model.loss_and_grads(X, X)
+    before = {k: v.copy() for k, v in model.params.items()}
+    moments = {k: v.copy() for k, v in opt.state["m"].items()}
+
+    def broken(self, p, *, xp):
+        raise RuntimeError("a cell's projection failed")
+
+    monkeypatch.setattr(type(model.cell), "constrain", broken)
+    with pytest.raises(RuntimeError, match="projection failed"):
+        opt.step(grads, loss=loss)
+    assert opt.t == 0
+    for k, v in model.params.items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+        np.testing.assert_array_equal(opt.state["m"][k], moments[k], err_msg=k)
+    monkeypatch.undo()
+    opt.step(grads, loss=loss)  # and the step then runs as ever, clipped into the bound
+    assert opt.t == 1 and np.abs(model.params["w"]).max() <= 0.5
+
+
+class _Arming(dict):
+    """Parameters whose second read after ``armed`` is set raises SIGINT, as a Ctrl-C landing mid-commit."""
+
+    armed, reads = False, 0
+
+    def __getitem__(self, k):
+        if self.armed:
+            self.reads += 1
+            if self.reads == 2:
+                signal.raise_signal(signal.SIGINT)
+        return super().__getitem__(k)
+
+
+class _SGD(SGD):
+    def _read_back(self, pairs, loss, norm):  # the guard's read-back: the commit comes next
+        host = super()._read_back(pairs, loss, norm)
+        self.params.armed = True
+        return host
+
+
+def test_a_ctrl_c_mid_commit_waits_for_the_whole_step():
+    params = _Arming(a=np.zeros(3), b=np.zeros(3), c=np.zeros(3))
+    opt = _SGD(params, lr=0.5, momentum=0.9)
+    grads = {k: np.ones(3) for k in params}
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(grads)
+    assert params.reads >= 2  # the interrupt came between the writes
+    for k in ("a", "b", "c"):
+        np.testing.assert_array_equal(dict.__getitem__(params, k), np.full(3, -0.5), err_msg=k)
+        np.testing.assert_array_equal(opt.state["momentum"][k], np.ones(3), err_msg=k)
+    assert opt.t == 1
