@@ -17,8 +17,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["STALE_SECONDS", "file_mode", "sigint_deferred", "write_atomic"]
+from ._paths import DestinationError
+from .errors import InputTypeError
+
+__all__ = ["STALE_SECONDS", "check_targets", "file_mode", "sigint_deferred", "write_atomic"]
 
 STALE_SECONDS = 600.0  # a temporary whose writer cannot be checked counts as abandoned after this long
 
@@ -118,6 +122,30 @@ def _stage(path: Path, data: str | bytes) -> str:
     return tmp
 
 
+def check_targets(path: str | os.PathLike[str], copies: Any = ()) -> tuple[str | os.PathLike[str], ...]:
+    """``copies`` as a tuple once ``path`` and every copy name a file that can be replaced; else a gpubptt error
+    before anything is written. ``copies`` must be a list or tuple of paths (InputTypeError for one path given
+    as a str, bytes or os.PathLike: iterated, it would name one file per character); a target that is an existing
+    folder is a DestinationError (``os.replace`` would fail on it only after the targets before it were replaced)."""
+    if isinstance(copies, (str, bytes, os.PathLike)):
+        raise InputTypeError(
+            f"copies must be a list of file paths, got the single {type(copies).__name__} {copies!r} (read as one "
+            f"file per character); pass a list: copies=[{copies!r}]"
+        )
+    try:
+        copies = tuple(copies)
+    except TypeError:
+        raise InputTypeError(f"copies must be a list of file paths, got {type(copies).__name__} {copies!r}") from None
+    named = [("path", path), *((f"copies[{i}]", c) for i, c in enumerate(copies))]
+    for what, p in named:
+        if not isinstance(p, (str, os.PathLike)) or isinstance(os.fspath(p), bytes):
+            raise InputTypeError(f"{what} must be a file path (str or os.PathLike), got {type(p).__name__} {p!r}")
+        target = Path(os.path.realpath(p))  # a link is written through: check what it points to
+        if target.is_dir():
+            raise DestinationError(f"{what} {os.fspath(p)!r} is a folder; expected a file name")
+    return copies
+
+
 def write_atomic(
     path: str | os.PathLike[str], data: str | bytes, *, copies: tuple[str | os.PathLike[str], ...] = ()
 ) -> None:
@@ -132,7 +160,10 @@ def write_atomic(
     process ID no longer runs, and those of another machine when unmodified for ``STALE_SECONDS``. The
     temporary of a writer still at work is never touched; files of other targets and other names are left
     alone. A symbolic link is written through: the file it points to is replaced, and the link stays a link.
+    Every target is checked first (``check_targets``): nothing is staged when one is a folder, or ``copies`` is
+    not a list of paths.
     """
+    copies = check_targets(path, copies)
     targets = [Path(os.path.realpath(p)) for p in (path, *copies)]
     staged: list[str] = []
     try:

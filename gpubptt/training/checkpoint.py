@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import write_atomic
+from .._io import check_targets, write_atomic
 from ..backend import Backend, get_backend, to_numpy
 from ..cells import cell_class, cell_names, make_cell
 from ..config import ModelConfig
@@ -99,6 +99,23 @@ def _cell_options(cell: Any, path: Path) -> dict[str, Any]:
     return {"cell_options": more} if more else {}
 
 
+def _plain(value: Any, name: str, where: str) -> Any:
+    """``value`` with every NumPy scalar (np.int64, np.float32, np.bool_) as the Python number JSON stores, in
+    nested dicts and lists too; CheckpointError naming the field (``name``) for anything else JSON cannot hold."""
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v, f"{name}.{k}" if name else str(k), where) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{name}[{i}]", where) for i, v in enumerate(value)]
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    raise CheckpointError(
+        f"{where}: {name} is {type(value).__name__} {value!r}, which a checkpoint cannot store (expected a number, "
+        "string, bool, None, list or dict); nothing was written and any existing file was kept"
+    )
+
+
 def write_model_state(
     path: str | os.PathLike[str],
     model: RNN,
@@ -116,6 +133,7 @@ def write_model_state(
     as ``read_model_state`` checks them (non-finite values included), so a file it would refuse is never
     written (CheckpointError, and any existing file stays as it was).
     """
+    copies = check_targets(path, copies)  # before any work: a folder or a str of copies is refused
     path = Path(path)
     meta = {
         "format": FORMAT,
@@ -138,7 +156,8 @@ def write_model_state(
         },
         **sections,
     }
-    arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
+    where = f"cannot write checkpoint {str(path)!r}"
+    arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(_plain(meta, "", where)))}
     for k, p in model.params.items():
         arrays[f"param.{k}"] = _host(p)
     why = model.cell.constraint_violation({k: arrays[f"param.{k}"] for k in model.params})
@@ -148,7 +167,6 @@ def write_model_state(
             "(model.constrain() clips it; an optimizer built on the model clips it after every step)"
         )
     arrays.update(entries)
-    where = f"cannot write checkpoint {str(path)!r}"
     for k, a in arrays.items():  # read_model_state refuses non-finite weights and state: never write them
         if k.startswith(("param.", *record.finite)) and a.dtype.kind == "f" and not np.isfinite(a).all():
             raise CheckpointError(
@@ -159,9 +177,12 @@ def write_model_state(
     if check is not None:
         check(arrays, where)
 
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise CheckpointError(f"cannot write checkpoint {str(path)!r}: directory {str(directory)!r} does not exist")
+    for target in (path, *map(Path, copies)):
+        directory = target.parent if str(target.parent) else Path(".")
+        if not directory.is_dir():
+            raise CheckpointError(
+                f"cannot write checkpoint {str(target)!r}: directory {str(directory)!r} does not exist"
+            )
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     write_atomic(path, buf.getvalue(), copies=copies)  # the old files stay whole if anything fails

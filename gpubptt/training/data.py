@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, InputTypeError
+from ..validation import check_positive_int
 
 __all__ = ["TASKS", "CopyTask", "TextData", "Vocab", "default_corpus", "make_data", "read_text"]
 
@@ -65,6 +66,8 @@ class Vocab:
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids (N,) int64 of ``text``; InputError naming the first character not in the vocabulary."""
+        if not isinstance(text, str):
+            raise InputTypeError(f"the text to encode must be a str, got {type(text).__name__} {text!r}")
         try:
             return np.fromiter((self._index[ch] for ch in text), dtype=np.int64, count=len(text))
         except KeyError as exc:
@@ -73,8 +76,14 @@ class Vocab:
             ) from None
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """The text of token ids (N,)."""
-        return "".join(self.chars[int(i)] for i in ids)
+        """The text of token ids (N,): ints in [0, K), K = ``len(self)``; InputError naming the first that is not
+        (a negative id would index from the end, a float be truncated, a bool read as 0 or 1)."""
+        K, out = len(self), []
+        for i in ids:
+            if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) or not 0 <= i < K:
+                raise InputError(f"token id {i!r} is not an int in [0, {K}) (the vocabulary's {K} characters)")
+            out.append(self.chars[int(i)])
+        return "".join(out)
 
     def to_array(self) -> np.ndarray:
         """Code points (K,) int32: how a vocabulary is stored in a checkpoint."""
@@ -218,7 +227,8 @@ class TextData:
         if not isinstance(text, str) or not isinstance(val_text, (str, type(None))):
             bad = text if not isinstance(text, str) else val_text
             raise InputTypeError(f"text and val_text must be str, got {type(bad).__name__}")
-        if val_text is None and not (isinstance(val_fraction, (int, float)) and 0 < val_fraction < 1):
+        number = isinstance(val_fraction, (int, float, np.integer, np.floating)) and not isinstance(val_fraction, bool)
+        if val_text is None and not (number and 0 < val_fraction < 1):
             raise InputError(f"val_fraction must lie in (0, 1), got {val_fraction}")
         if val_text is not None and val_fraction is not None:
             raise InputError("give val_fraction (held out from the end of text) or val_text, not both")
@@ -237,7 +247,7 @@ class TextData:
                     f"{len(self.val_ids)}; they need at least 3 and 2"
                 )
         self.source = source
-        self.val_fraction = val_fraction
+        self.val_fraction = None if val_fraction is None else float(val_fraction)  # as a checkpoint's JSON stores it
         raw = text.encode("utf-8")  # the file's own bytes: read_text decodes UTF-8 losslessly
         self.sha256, self.size_bytes = hashlib.sha256(raw).hexdigest(), len(raw)
         self.val_source = None
@@ -305,6 +315,7 @@ class TextData:
 
         Returns x, y (L, B) int64 with y[t] = x[t+1] along each stream; L ≈ N / B.
         """
+        batch_size, chunk = check_positive_int(batch_size, "batch_size"), check_positive_int(chunk, "chunk")
         return self._streams(self.train_ids, batch_size, self._offset(i, seed, chunk))
 
     @staticmethod
@@ -322,6 +333,7 @@ class TextData:
 
     def eval_sequences(self, *, batch_size: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
         """The held-out text as one batch of up to ``batch_size`` parallel streams."""
+        batch_size = check_positive_int(batch_size, "batch_size")
         B = max(1, min(batch_size, (len(self.val_ids) - 1) // 64))
         return [self._streams(self.val_ids, B, 0)]
 
@@ -401,10 +413,12 @@ class CopyTask:
 
     def train_sequence(self, i: int, *, seed: int, batch_size: int, chunk: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Batch i of B fresh sequences (L, B), the same for the same (seed, i)."""
+        batch_size = check_positive_int(batch_size, "batch_size")
         return self.sample(np.random.default_rng([seed, i]), batch_size)
 
     def eval_sequences(self, *, batch_size: int = 256) -> list[tuple[np.ndarray, np.ndarray]]:
         """A fixed held-out batch (its own seed, independent of the training seed)."""
+        batch_size = check_positive_int(batch_size, "batch_size")
         return [self.sample(np.random.default_rng([2**31 - 1, self.A, self.k, self.delay]), batch_size)]
 
 

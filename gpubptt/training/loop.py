@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..validation import check_positive_int
 from ._optim_settings import LR_MAX, LR_RANGE, in_float_range
 from .optim import NonFiniteError, Optimizer, clip_grad_norm
 
@@ -244,6 +245,7 @@ def evaluate(
     (``gpubptt.distributed``: each process evaluates its share of the streams). Weights that run the
     carried state into NaN or infinity raise NonFiniteError saying so (not a complaint about s0).
     """
+    chunk = check_positive_int(chunk, "chunk")  # range() would refuse 0 and 2.5 in its own words, and run True as 1
     be = model.backend
     xp = be.xp
     seqs = data.eval_sequences() if batch_size is None else data.eval_sequences(batch_size=batch_size)
@@ -328,8 +330,12 @@ def train(
     schedule, or in its warm-up, is refused (InputError): a loaded optimizer holds the last step's scheduled
     rate, not the base.
     """
-    if early_stop is not None and (isinstance(early_stop, bool) or not isinstance(early_stop, int) or early_stop < 1):
-        raise InputError(f"early_stop must be an int ≥ 1 (evaluations without improvement) or None, got {early_stop!r}")
+    if early_stop is not None:
+        if isinstance(early_stop, bool) or not isinstance(early_stop, (int, np.integer)) or early_stop < 1:
+            raise InputError(
+                f"early_stop must be an int ≥ 1 (evaluations without improvement) or None, got {early_stop!r}"
+            )
+        early_stop = int(early_stop)
     if optimizer.params is not model.params:
         raise InputError("the optimizer must be built on this model's parameters (make_optimizer(name, model))")
     if optimizer.constrain is None:  # built on the mapping model.params: the cell's constraint (IndRNN's |w|

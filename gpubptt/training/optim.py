@@ -110,13 +110,30 @@ def _param_grads(params: Mapping[str, Any], grads: Mapping[str, Any]) -> list[tu
 STATE_KEYS = ("s0", "c0")
 
 
+def _grad_keys(grads: Mapping[str, Any], names: Any) -> list[str]:
+    """The keys of ``grads`` that ``names`` picks (None: every key but "s0", "c0"); InputTypeError for one name
+    given as a str (read as its characters), InputError naming a key ``grads`` does not have."""
+    if names is None:
+        return [k for k in grads if k not in STATE_KEYS]
+    if isinstance(names, (str, bytes)):
+        raise InputTypeError(
+            f"names must be a list of gradient names, got the single {type(names).__name__} {names!r}; pass a list: "
+            f"names=[{names!r}]"
+        )
+    keys = list(names)
+    missing = [k for k in keys if k not in grads]
+    if missing:
+        raise InputError(f"names {missing} are not among the gradients {list(grads)}")
+    return keys
+
+
 def global_grad_norm(grads: Mapping[str, Any], *, xp: Any, names: Any = None) -> Any:
     """‖g‖ = √(Σ_k Σ g_k²) over ``names`` (default: every key but "s0", "c0"): a 0-d float64 array, no host sync.
 
     The per-parameter sums are added in float64, so float32 gradients whose squares are each finite
-    cannot overflow the total.
+    cannot overflow the total. A name that ``grads`` lacks is an InputError.
     """
-    keys = [k for k in grads if k not in STATE_KEYS] if names is None else list(names)
+    keys = _grad_keys(grads, names)
     sq = [xp.vdot(grads[k].ravel(), grads[k].ravel()).astype(xp.float64) for k in keys]
     return xp.asarray(xp.sqrt(xp.stack(sq).sum()))  # asarray: NumPy reductions return scalars
 
@@ -133,7 +150,7 @@ def clip_grad_norm(grads: Mapping[str, Any], max_norm: float, *, xp: Any, names:
         raise InputTypeError(f"max_norm must be a positive number, got {type(max_norm).__name__}")
     if not (in_float_range(max_norm) and max_norm > 0):
         raise InputError(f"max_norm must be a positive finite number, got {max_norm}")
-    keys = [k for k in grads if k not in STATE_KEYS] if names is None else list(names)
+    keys = _grad_keys(grads, names)
     norm = global_grad_norm(grads, xp=xp, names=keys)
     scale = xp.minimum(1.0, max_norm / (norm + 1e-12))
     scale = xp.where(xp.isfinite(norm), scale, xp.ones_like(scale))  # on the device: no host sync
@@ -190,7 +207,7 @@ class Optimizer:
             raise InputError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, got {on_nonfinite!r}")
         self.backend = be
         self.params = params
-        self.lr = _check_lr(lr)
+        self.lr = lr  # checked: the ``lr`` property
         #: the base rate of ``train``'s schedule where its config gives none: the rate built with, or the one
         #: ``lr`` held when a run began (set by hand); ``lr`` is what the next step uses (``train`` sets it).
         #: Both rates below travel in ``state_dict``, so a loaded optimizer tells the same base as the saved one
@@ -206,6 +223,16 @@ class Optimizer:
         # copies / swaps them in once the guard has seen them finite: a refused step changes nothing
         self._scratch = {k: xp.empty_like(p) for k, p in params.items()}
         self._next = {slot: {k: xp.empty_like(p) for k, p in params.items()} for slot in self.SLOTS}
+
+    @property
+    def lr(self) -> float:
+        """The rate the next step uses: a number in (0, ``LR_MAX``], checked whenever it is set (by hand, by ``train``'s
+        schedule, by ``load_state_dict``): InputTypeError / InputError, and the rate stays as it was."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: Any) -> None:
+        self._lr = _check_lr(value)
 
     def __repr__(self) -> str:
         hyper = ", ".join(f"{k}={v}" for k, v in self.hyperparameters().items())
@@ -230,6 +257,8 @@ class Optimizer:
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         name, params, slots = state.pop("backend"), state.pop("params"), state.pop("state")
+        if "lr" in state:  # a state kept before the rate was a checked property (stored as "_lr")
+            state["_lr"] = _check_lr(state.pop("lr"))
         self.__dict__.update(state)
         if params is None:  # the model's own parameters (the model travels in ``constrain``)
             model = self.constrain.__self__
@@ -525,7 +554,7 @@ def make_optimizer(name: str, params: Any, **kw: Any) -> Optimizer:
 
     A setting the optimizer does not take is refused (InputError) naming it, except ``momentum`` of 0 or None
     beside Adagrad or Adam (what a caller passing one set of settings to every optimizer gives)."""
-    if name not in OPTIMIZERS:
+    if not isinstance(name, str) or name not in OPTIMIZERS:  # a list would fail the lookup unhashable
         raise InputError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
     kw.setdefault("lr", DEFAULT_LR[name])
     if name != "sgd" and "momentum" in kw:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import check_targets
 from ..backend import Backend, to_numpy
 from ..errors import CheckpointError, InputError
 from ..model import RNN
@@ -75,8 +76,13 @@ def save_checkpoint(
     Shapes as in the model: U (H, D), W (H, H), V (K, H), b (H,), c (K,); carried state (B, H).
     The description, history, parameters, optimizer state and carried state are checked as
     ``load_checkpoint`` checks them (non-finite values included), so a file it would refuse is never
-    written (CheckpointError, and any existing file stays as it was).
+    written (CheckpointError, and any existing file stays as it was). NumPy scalars in the description
+    (a configuration field set to np.int64, say) are stored as the Python numbers they hold.
+
+    ``copies`` is a list or tuple of paths (one path given as a str is refused: InputTypeError); a target
+    that is a folder is refused (DestinationError) before anything is written.
     """
+    copies = check_targets(path, copies)
     state = TrainState() if state is None else state
     sections = {
         "optimizer": None if optimizer is None else {"name": optimizer.name, **optimizer.hyperparameters()},

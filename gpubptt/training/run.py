@@ -28,6 +28,7 @@ from ..engine.memory import MAX_LAYERS
 from ..engine.recompute import check_max_memory
 from ..errors import InputError
 from ..model import CELLS, INITS, RNN
+from ..validation import check_bool
 from ._optim_settings import LR_MAX, LR_RANGE
 from .data import CopyTask, TextData, default_corpus, make_data, read_text
 from .loop import SCHEDULES, History, TrainConfig, TrainState, optimizer_base_rate
@@ -303,7 +304,7 @@ def new_run(
         seed=st["seed"],
     )
     config.steps = total_steps(data, config, steps=steps, epochs=epochs, default=DEFAULT_STEPS)
-    TrainConfig(**vars(config))  # validate the final values
+    config = TrainConfig(**vars(config))  # validate the final values (and take NumPy ints as Python's)
     data.check_batch(config.batch_size, config.chunk or 1)
     be = get_backend(backend)
     check_memory(st, data, config, be, max_memory)  # before the weights are drawn: refuse what cannot fit
@@ -429,6 +430,7 @@ def resume_run(
     continues on the new text and the next save records its digest. InsufficientMemoryError when
     the run cannot fit in the backend's memory (as ``new_run``, ``max_memory`` as there).
     """
+    accept_changed_data = check_bool(accept_changed_data, "accept_changed_data")  # "no" would read as true
     check_max_memory(max_memory)
     ck = load_checkpoint(path, backend=backend)
     if ck.optimizer is None or ck.config is None or ck.data is None or "kind" not in ck.data:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, InputTypeError
 from ..model import RNN
 from .data import Vocab
 
@@ -40,12 +40,17 @@ def check_predicts_ahead(model: RNN) -> None:
         raise InputError(BIDIRECTIONAL_TEXT)
 
 
+def _is_number(v: object) -> bool:
+    """A Python or NumPy int or float, not a bool (False and True would read as 0 and 1)."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
 def _check_modes(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+    if not (_is_number(temperature) and math.isfinite(temperature) and temperature >= 0):
         raise InputError(f"temperature must be a number ≥ 0 (0: greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
         raise InputError(f"top_k must be an int ≥ 1 or None, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1):
+    if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
         raise InputError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
 
 
@@ -102,18 +107,22 @@ def sample_chars(
         raise InputError(
             f"the model has D={model.input_size}, K={model.output_size}; the vocabulary has {len(vocab)} characters"
         )
-    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
         raise InputError(f"length must be an int ≥ 0, got {length!r}")
+    length = int(length)
     _check_modes(temperature, top_k, top_p)
     if not isinstance(greedy, (bool, np.bool_)):
         raise InputError(f"greedy must be a bool, got {greedy!r}")
+    if not isinstance(prime, str):
+        raise InputTypeError(f"prime must be a str (the text to start from), got {type(prime).__name__} {prime!r}")
     if greedy or temperature == 0:  # the argmax every step: a temperature or a cut would be ignored: refused
         cuts = {"temperature": temperature if greedy and temperature not in (0, 1) else None, "top_k": top_k,
                 "top_p": top_p}  # fmt: skip
         if given := [f"{k}={v!r}" for k, v in cuts.items() if v is not None]:
             mode = "greedy" if greedy else "temperature=0"
             raise InputError(f"{mode} takes the most likely character every step; {', '.join(given)} would not apply")
-    mode = (0.0 if greedy else float(temperature), top_k, top_p)  # (τ, k, p) of every draw
+    cut_k, cut_p = None if top_k is None else int(top_k), None if top_p is None else float(top_p)
+    mode = (0.0 if greedy else float(temperature), cut_k, cut_p)  # (τ, k, p) of every draw
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise InputError(f"seed must be an int ≥ 0 or None, got {seed!r}")
     primed = list(vocab.encode(prime)) if prime else []  # InputError naming a character outside the vocabulary
