@@ -109,13 +109,18 @@ def _stage(path: Path, data: str | bytes) -> str:
     _remove_abandoned(path)
     mode = "wb" if isinstance(data, bytes) else "w"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}@{_host()}.", suffix=".tmp")
+    owned = True  # the descriptor is ours to close until the file object takes it over
     try:
         os.chmod(tmp, file_mode(path))  # mkstemp makes it 0600; give it the mode a plain open() would
-        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8", "newline": ""})) as f:
+        f = os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8", "newline": ""}))
+        owned = False
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
+        if owned:
+            os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise

@@ -147,3 +147,21 @@ def test_two_ctrl_c_held_during_a_save_reach_the_handler_twice():
         assert len(calls) == 2  # a second press ("again to stop at once") is not lost
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_failed_stage_closes_its_file_descriptor(tmp_path, monkeypatch):
+    import pytest
+
+    target = tmp_path / "ck.npz"
+    target.write_bytes(b"old")
+
+    def broken_chmod(*args, **kwargs):
+        raise OSError("chmod refused")
+
+    monkeypatch.setattr(os, "chmod", broken_chmod)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(OSError, match="chmod refused"):
+            write_atomic(target, b"new")
+    assert len(os.listdir("/proc/self/fd")) == before  # was: one descriptor more per failed save
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["ck.npz"]

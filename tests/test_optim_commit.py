@@ -68,3 +68,17 @@ def test_a_ctrl_c_mid_commit_waits_for_the_whole_step():
         np.testing.assert_array_equal(dict.__getitem__(params, k), np.full(3, -0.5), err_msg=k)
         np.testing.assert_array_equal(opt.state["momentum"][k], np.ones(3), err_msg=k)
     assert opt.t == 1
+
+
+def test_a_rate_set_by_hand_survives_save_and_load(tmp_path):
+    from gpubptt.training.record import load_checkpoint, save_checkpoint
+
+    model = gpubptt.RNN(3, 5, 3, backend="numpy", seed=0)
+    opt = make_optimizer("sgd", model, lr=0.1)
+    opt.lr = 0.5  # by hand, after building: the next step's rate
+    save_checkpoint(tmp_path / "ck.npz", model, optimizer=opt)
+    loaded = load_checkpoint(tmp_path / "ck.npz")
+    assert loaded.optimizer.lr == 0.5 and loaded.optimizer.base_lr == 0.1
+    twin = make_optimizer("sgd", gpubptt.RNN(3, 5, 3, backend="numpy", seed=0), lr=0.1)
+    twin.load_state_dict(opt.state_dict())
+    assert twin.lr == 0.5

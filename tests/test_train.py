@@ -256,3 +256,36 @@ def test_a_nonfinite_step_is_skipped_or_refused_without_touching_the_weights():
     with pytest.raises(NonFiniteError, match="step 2: non-finite W"):
         train(model, data, opt, TrainConfig(steps=3, batch_size=2, chunk=5, eval_every=0))
     assert opt.t == 1
+
+
+@pytest.mark.parametrize("stop_at", [2, 4])  # an evaluation step, and the last (the final evaluation)
+def test_a_train_stopped_in_an_evaluation_runs_it_first_when_continued(stop_at, monkeypatch):
+    import gpubptt.training.loop as loop
+
+    data = TextData("abcde fghij klmno " * 40)
+    config = TrainConfig(steps=4, batch_size=3, chunk=7, eval_every=2, seed=5)
+
+    def run(stop: int | None):
+        model = gpubptt.RNN(data.input_size, 8, data.output_size, backend="numpy", seed=3)
+        opt = make_optimizer("adam", model)
+        if stop is None:
+            return train(model, data, opt, config)[1]
+        real, calls = loop.evaluate, []
+
+        def interrupted(m, d, **kw):
+            calls.append(1)
+            if len(calls) == 1 + stop // 2:  # after step 0's and the earlier steps' evaluations
+                raise KeyboardInterrupt
+            return real(m, d, **kw)
+
+        monkeypatch.setattr(loop, "evaluate", interrupted)
+        state, history = loop.TrainState(), loop.History()
+        with pytest.raises(KeyboardInterrupt):
+            train(model, data, opt, config, state=state, history=history)
+        assert state.step == stop and history.eval_step[-1] != stop  # the step ran, its evaluation did not
+        monkeypatch.setattr(loop, "evaluate", real)
+        return train(model, data, opt, config, state=state, history=history)[1]
+
+    whole, continued = run(None), run(stop_at)
+    assert continued.eval_step == whole.eval_step == [0, 2, 4]
+    assert continued.eval_loss == whole.eval_loss and continued.loss == whole.loss

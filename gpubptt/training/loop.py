@@ -307,7 +307,8 @@ def train(
     """Train ``model`` on ``data`` until ``config.steps`` optimizer steps are done; update it in place.
 
     x, y batches (L, B) come from ``data.train_sequence(i, ...)``, cut into chunks (T, B) with
-    T = config.chunk. ``state``/``history`` continue an earlier run (from a checkpoint). Returns the
+    T = config.chunk. ``state``/``history`` continue an earlier run (from a checkpoint, or a call that stopped: one
+    interrupted in a step's evaluation, after the step itself, runs that evaluation first). Returns the
     final state and history. The optimizer must hold the model's parameters; one built on the mapping
     ``model.params`` ends every step with the model's ``constrain`` (IndRNN's |w| bound), as one built on the model.
 
@@ -392,8 +393,15 @@ def train(
         history.eval_accuracy.append(ev["accuracy"])
         return ev
 
+    def due(step: int) -> bool:  # whether step ends with a held-out evaluation
+        return bool(config.eval_every and step % config.eval_every == 0) or step == config.steps
+
     if config.eval_every and state.step == 0 and not history.eval_step:
         run_eval(0)
+    elif history.step[-1:] == [state.step] and due(state.step) and history.eval_step[-1:] != [state.step]:
+        run_eval(state.step)  # an earlier call recorded this step, then stopped in its evaluation: owed, run first
+        if early_stop is not None and history.evals_since_best() >= early_stop:
+            return state, history  # where that call would have stopped
     t_start = time.perf_counter()
     eval_seconds[0] = 0.0
     cached: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -444,7 +452,7 @@ def train(
         history.lr.append(lr)
         history.skipped += not res.applied
         ev, best = None, False
-        if (config.eval_every and state.step % config.eval_every == 0) or state.step == config.steps:
+        if due(state.step):
             ev = run_eval(state.step)
             best = history.best() == (state.step, ev["loss"])
         if callback is not None:

@@ -392,15 +392,16 @@ class Optimizer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Flat state, a snapshot that later steps leave as it is: "t" (0-d int64, host), "base_lr" and, once
-        ``train`` has set a rate, "scheduled_lr" (0-d float64, host), and copies of the "<slot>.<param>" arrays
-        on the backend."""
+        """Flat state, a snapshot that later steps leave as it is: "t" (0-d int64, host), "base_lr", "lr" (the next
+        step's rate) and, once ``train`` has set a rate, "scheduled_lr" (0-d float64, host), and copies of the
+        "<slot>.<param>" arrays on the backend."""
         out: dict[str, Any] = {
             "t": np.asarray(self.t, dtype=np.int64),
             "base_lr": np.asarray(self.base_lr, dtype=np.float64),
         }
         if self.scheduled_lr is not None:
             out["scheduled_lr"] = np.asarray(self.scheduled_lr, dtype=np.float64)
+        out["lr"] = np.asarray(self.lr, dtype=np.float64)  # the next step's rate: one set by hand too
         for slot, arrays in self.state.items():
             for k, a in arrays.items():
                 out[f"{slot}.{k}"] = a.copy()  # a step swaps the state buffers and writes the old ones
@@ -409,10 +410,11 @@ class Optimizer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()`` output (NumPy or backend arrays); validated before anything changes.
 
-        "base_lr" and "scheduled_lr" are optional: without "base_lr" (a state saved before it was kept) both rates
-        stay as they are; with it, "scheduled_lr" absent means no rate was scheduled (None)."""
+        "base_lr", "scheduled_lr" and "lr" are optional: without "base_lr" (a state saved before it was kept) both
+        rates stay as they are; with it, "scheduled_lr" absent means no rate was scheduled (None); "lr" (saved since
+        the rate set by hand was kept) is the next step's rate, else the last scheduled one, else the base."""
         expected = {"t"} | {f"{slot}.{k}" for slot in self.SLOTS for k in self.params}
-        optional = {"base_lr", "scheduled_lr"}
+        optional = {"base_lr", "scheduled_lr", "lr"}
         if not expected <= set(state) <= expected | optional:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected - optional)
             raise InputError(f"{self.name} state does not match the parameters: missing {missing}, unexpected {extra}")
@@ -448,6 +450,8 @@ class Optimizer:
         if "base_lr" in rates:  # the base a run without TrainConfig.lr takes, as before the save (train), and the
             self.base_lr, self.scheduled_lr = rates["base_lr"], rates.get("scheduled_lr")  # rate the next step uses:
             self.lr = rates.get("scheduled_lr", rates["base_lr"])  # the last scheduled one, else the base
+        if "lr" in rates:  # the rate the next step uses, as saved (one set by hand after the last schedule's)
+            self.lr = rates["lr"]
 
 
 class SGD(Optimizer):
