@@ -148,7 +148,7 @@ META_CASES = {  # id: (edit of the meta dict, what the message must name)
     "dropout-one": (_set("model", "dropout", 1.0), "model.dropout = 1.0, expected a number in [0, 1)"),
     "dropout-text": (_set("model", "dropout", "0.5"), 'model.dropout = "0.5"'),
     "bidirectional-zero": (_set("model", "bidirectional", 0), "model.bidirectional = 0"),
-    "version-4": (_set("version", 4), "format version 4; this gpubptt reads 1, 2 and 3"),
+    "version-5": (_set("version", 5), "format version 5; this gpubptt reads 1, 2, 3 and 4"),
 }
 
 

@@ -13,7 +13,8 @@ Layout of the archive (every entry a plain NumPy array, so it loads with ``allow
                     directions), optimizer, data, training config and position (step, sequence, chunk)
     param.U  param.W  param.V  [param.b  param.c]       the model, in its dtype
     optim.t  optim.<slot>.<param>                        the optimizer state (and optim.base_lr,
-                                                         optim.scheduled_lr: its rates; version 3)
+                                                         optim.scheduled_lr: its rates, version 3; optim.lr,
+                                                         the next step's, version 4)
     vocab           (K,) int32 code points (text models)
     carry.s         (B, H), or (L·dirs, B, H) for a stack: the state carried into the next chunk (mid-sequence only)
     carry.c         an LSTM's carried cell state c, shaped as carry.s (always with it, for an LSTM only)

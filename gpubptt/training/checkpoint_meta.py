@@ -9,7 +9,9 @@ Format versions: 1 (the model's sizes, dtype, bias and init) and 2 (the same, pl
 cell's further options, written only for a cell that has some). Version 1 files are read as the one
 architecture they could hold: one layer of the tanh Elman cell, one direction. Version 3: version 2's fields,
 and the optimizer's state may hold its base rate and last scheduled rate (``optim.base_lr``,
-``optim.scheduled_lr``), which a reader of version 2 would refuse as unexpected entries.
+``optim.scheduled_lr``), which a reader of version 2 would refuse as unexpected entries. Version 4: version 3's,
+and the rate the optimizer's next step uses (``optim.lr``: one set by hand kept), which a reader of version 3
+would refuse.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ __all__ = [
 ]
 
 FORMAT = "gpubptt-checkpoint"
-VERSION = 3  # what this gpubptt writes
-READS = (1, 2, 3)  # what it reads
+VERSION = 4  # what this gpubptt writes
+READS = (1, 2, 3, 4)  # what it reads
 #: The architecture fields of version 2 and their defaults (what a version 1 file holds).
 ARCHITECTURE = {"cell": "elman", "nonlinearity": "tanh", "num_layers": 1, "bidirectional": False}
 #: Fields of the architecture that take one of several values here (the first is the default).

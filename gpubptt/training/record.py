@@ -9,7 +9,7 @@ data) with one line per problem, before anything is resumed.
 
 Entries of the record (every one a plain NumPy array):
 
-    optim.t  optim.<slot>.<param>   the optimizer state (optim.base_lr, optim.scheduled_lr: its rates)
+    optim.t  optim.<slot>.<param>   the optimizer state (optim.base_lr, optim.scheduled_lr, optim.lr: its rates)
     vocab           (K,) int32 code points (text models)
     carry.s         (B, H), or (L·dirs, B, H) for a stack: the state carried into the next chunk (mid-sequence only)
     carry.c         an LSTM's carried cell state c, shaped as carry.s (always with it, for an LSTM only)
