@@ -110,3 +110,23 @@ def test_spectral_radius_needs_a_square_matrix():
     with pytest.raises(ShapeError, match=r"square matrix W \(H, H\), got shape \(3,\)"):
         diagnostics.spectral_radius(np.ones(3))
     assert diagnostics.spectral_radius(np.diag([0.5, -2.0])) == pytest.approx(2.0)
+
+
+def test_data_parallel_takes_an_object_with_what_it_uses_of_a_communicator():
+    class Comm:  # not a Communicator subclass: rank, size, allreduce and broadcast are what it needs
+        rank, size = 0, 1
+
+        def allreduce(self, buf):
+            pass
+
+        def broadcast(self, buf, root=0):
+            pass
+
+    dp = DataParallel(_elman(), Comm(), batch_size=2)
+    assert dp.local_batch == 2
+
+    class Partial:
+        rank, size = 0, 1
+
+    with pytest.raises(InputTypeError, match="which has no allreduce, broadcast"):
+        DataParallel(_elman(), Partial(), batch_size=2)

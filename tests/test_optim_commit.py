@@ -82,3 +82,61 @@ def test_a_rate_set_by_hand_survives_save_and_load(tmp_path):
     twin = make_optimizer("sgd", gpubptt.RNN(3, 5, 3, backend="numpy", seed=0), lr=0.1)
     twin.load_state_dict(opt.state_dict())
     assert twin.lr == 0.5
+
+
+def test_a_constrain_of_no_arguments_runs_on_the_committed_parameters():
+    model = gpubptt.RNN(3, 5, 3, backend="numpy", seed=0)
+    opt = make_optimizer("sgd", model.params, lr=0.1)  # on the mapping: constrain is the caller's to set
+    seen = []
+    opt.constrain = lambda: seen.append(model.params["W"].copy())  # as it was called before it took the values
+    loss, grads = model.loss_and_grads(X, X)
+    before = model.params["W"].copy()
+    opt.step(grads, loss=loss)
+    np.testing.assert_array_equal(seen[0], before - 0.1 * grads["W"])  # after the parameters were written
+
+    class Wrapped:  # a model-like object whose constrain takes no values
+        def __init__(self, m):
+            self.params, self.backend, self.calls = m.params, m.backend, 0
+
+        def constrain(self):
+            self.calls += 1
+
+    wrapped = Wrapped(model)
+    make_optimizer("adam", wrapped).step(grads, loss=loss)
+    assert wrapped.calls == 1
+
+
+def test_a_ctrl_c_in_a_training_steps_commit_lands_after_the_step_is_counted():
+    from gpubptt.training.data import TextData
+    from gpubptt.training.loop import History, TrainConfig, TrainState, train
+
+    data = TextData("abcde fghij klmno " * 40)
+    config = TrainConfig(steps=5, batch_size=3, chunk=7, eval_every=0, seed=5)
+
+    class Interrupted(SGD):  # a Ctrl-C as the third step's commit counts it
+        @property
+        def t(self):
+            return self._t
+
+        @t.setter
+        def t(self, value):
+            self._t = value
+            if value == 3 and not getattr(self, "fired", False):
+                self.fired = True
+                signal.raise_signal(signal.SIGINT)
+
+    def model_and_opt(kind):
+        model = gpubptt.RNN(data.input_size, 8, data.output_size, backend="numpy", seed=3)
+        return model, kind(model, lr=0.1, momentum=0.9)
+
+    whole, opt = model_and_opt(SGD)
+    train(whole, data, opt, config)
+    model, opt = model_and_opt(Interrupted)
+    state, history = TrainState(), History()
+    with pytest.raises(KeyboardInterrupt):
+        train(model, data, opt, config, state=state, history=history)
+    assert state.step == opt.t == 3 and history.step == [1, 2, 3]  # was: the step applied, not counted
+    train(model, data, opt, config, state=state, history=history)
+    assert opt.t == 5
+    for k in whole.params:
+        np.testing.assert_array_equal(model.params[k], whole.params[k], err_msg=k)

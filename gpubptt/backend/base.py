@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendMismatchError
+from ..errors import BackendMismatchError, InputTypeError
 from .precision import Scratch, check_precision
 
 __all__ = ["Backend", "TokenPlan"]
@@ -117,9 +117,9 @@ class Backend:
 
     @concurrent.setter
     def concurrent(self, value: bool) -> None:
-        from ..validation import check_bool  # validation imports the backends
-
-        self.exact.__dict__["_concurrent"] = check_bool(value, "concurrent")
+        if not isinstance(value, (bool, np.bool_)):  # as validation.check_bool (which imports the backends)
+            raise InputTypeError(f"concurrent must be a bool, got {type(value).__name__} {value!r}")
+        self.exact.__dict__["_concurrent"] = bool(value)
 
     @property
     def exact(self) -> Backend:

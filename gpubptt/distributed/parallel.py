@@ -180,10 +180,11 @@ class DataParallel:
     ) -> None:
         if isinstance(check_every, bool) or not isinstance(check_every, (int, np.integer)) or check_every < 0:
             raise InputError(f"check_every must be an int ≥ 0 (0: never), got {check_every!r}")
-        if not isinstance(comm, Communicator):
+        missing = [a for a in ("rank", "size", "allreduce", "broadcast") if not hasattr(comm, a)]
+        if missing:  # a Communicator, or an object with what this class uses of one
             raise InputTypeError(
                 f"comm must be a Communicator (gpubptt.distributed.make_communicator, LocalCommunicator), got "
-                f"{type(comm).__name__} {comm!r}"
+                f"{type(comm).__name__} {comm!r}, which has no {', '.join(missing)}"
             )
         batch_size = check_positive_int(batch_size, "batch_size")
         self.model, self.comm, self.batch_size, self.check_every = model, comm, batch_size, int(check_every)

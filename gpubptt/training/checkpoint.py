@@ -28,7 +28,7 @@ field of ``meta`` (type and range: ints are JSON ints, flags JSON booleans, sect
 null; the training position fits the configuration and data), before building anything, and
 raises CheckpointError (a ValueError) with one line per problem, naming the field, its value and
 what was expected (``checkpoint_meta``). Nothing is ever unpickled, and no message suggests it.
-Version 1 files (no architecture recorded) still load; saving writes version 2.
+Files of every version in ``checkpoint_meta.READS`` load; saving writes ``VERSION``.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def write_model_state(
     if why is not None:  # a file read_model_state would refuse: never written
         raise CheckpointError(
             f"cannot write checkpoint {str(path)!r}: {why}; nothing was written and any existing file was kept "
-            "(model.constrain() clips it; an optimizer built on the model clips it after every step)"
+            "(model.constrain() clips it; an optimizer built on the model clips every step's new values)"
         )
     arrays.update(entries)
     for k, a in arrays.items():  # read_model_state refuses non-finite weights and state: never write them

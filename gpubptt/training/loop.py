@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import sigint_deferred
 from ..errors import InputError
 from ..validation import check_positive_int
 from ._optim_settings import LR_MAX, LR_RANGE, in_float_range
@@ -308,9 +309,11 @@ def train(
 
     x, y batches (L, B) come from ``data.train_sequence(i, ...)``, cut into chunks (T, B) with
     T = config.chunk. ``state``/``history`` continue an earlier run (from a checkpoint, or a call that stopped: one
-    interrupted in a step's evaluation, after the step itself, runs that evaluation first). Returns the
-    final state and history. The optimizer must hold the model's parameters; one built on the mapping
-    ``model.params`` ends every step with the model's ``constrain`` (IndRNN's |w| bound), as one built on the model.
+    interrupted in a step's evaluation, after the step itself, runs that evaluation first, into the history;
+    the callback gets no event for it). A Ctrl-C during a step's update is delivered once the step is counted.
+    Returns the final state and history. The optimizer must hold the model's parameters; one built on the mapping
+    ``model.params`` projects every step's new values with the model's ``constrain`` (IndRNN's |w| bound), as one built
+    on the model.
 
     ``grad_hook(loss, grads)`` runs after each ``loss_and_grads`` and before clipping and the
     update: it may change the gradients in place (e.g. sum them over processes) and returns the
@@ -441,16 +444,16 @@ def train(
             state.step, base_lr=base_lr, schedule=config.schedule, total_steps=config.steps, warmup=config.warmup
         )
         optimizer.lr = optimizer.scheduled_lr = lr
-        res = optimizer.step(grads, loss=loss, grad_norm=norm, step=state.step + 1)
-
-        state.step += 1
-        state.chunk += 1
-        state.s = s_next if res.applied else None
-        history.step.append(state.step)
-        history.loss.append(res.loss)
-        history.grad_norm.append(res.grad_norm)
-        history.lr.append(lr)
-        history.skipped += not res.applied
+        with sigint_deferred():  # the step and its count together: a Ctrl-C in the commit lands after both
+            res = optimizer.step(grads, loss=loss, grad_norm=norm, step=state.step + 1)
+            state.step += 1
+            state.chunk += 1
+            state.s = s_next if res.applied else None
+            history.step.append(state.step)
+            history.loss.append(res.loss)
+            history.grad_norm.append(res.grad_norm)
+            history.lr.append(lr)
+            history.skipped += not res.applied
         ev, best = None, False
         if due(state.step):
             ev = run_eval(state.step)
