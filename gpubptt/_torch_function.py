@@ -109,7 +109,15 @@ class _Pullback(torch.autograd.Function):
             d_final = None if d_hn is None else _final(d_hn, xp, n, B, H)
             if _carries_c(rec.cell):
                 d_final = None if d_final is None and d_cn is None else (d_final, _final(d_cn, xp, n, B, H))
-            g = pullback(d_states, d_final, want_dx=need[1])
+            try:
+                g = pullback(d_states, d_final, want_dx=need[1])
+            except PullbackError:  # worded for a torch user: there is no model.vjp to call in their code
+                raise PullbackError(
+                    "a gpubptt.torch.Recurrent forward allows one backward pass (its pullback consumes the forward's "
+                    "buffers): a second one through the same graph (retain_graph=True, torch.autograd.gradcheck, "
+                    "torch.autograd.functional.jacobian) needs the forward run again; gpubptt.gradcheck checks the "
+                    "gradients themselves"
+                ) from None
             dx = _tensor(g["x"]) if need[1] else None
             dh0 = _tensor(g["s0"].reshape(n, B, H)) if need[2] else None
             dc0 = _tensor(g["c0"].reshape(n, B, H)) if need[3] else None

@@ -78,6 +78,10 @@ def _torch_names(num_layers: int, bidirectional: bool, bias: bool) -> list[tuple
     return out
 
 
+#: whether a torch.func transform (grad, vmap, …) is active: the forward cannot run under one (False where torch lacks
+#: the check)
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
 #: whether torch.compile is tracing (torch.compiler's since torch 2.3, torch._utils' before): forward then hands
 #: the call to Python through torch.compiler.disable, made only then (importing dynamo up front costs a second)
 _is_compiling = getattr(torch.compiler, "is_compiling", None) or getattr(torch._utils, "is_compiling", lambda: False)
@@ -258,6 +262,7 @@ class Recurrent(torch.nn.Module):
         if shared is None or shared[0] != ident:  # ident: as forward computed it (checked there: one device, dtype)
             xp = model.backend.xp
             arrays = {name: _array(p, xp) for (_, name, _), p in zip(self._names, params, strict=True)}
+            self._check_named(arrays, xp)  # by torch's names, before they are folded into gpubptt's
             head = {k: model.params[k] for k in ("V", "c") if k in model.params}  # the unused output layer
             model.params = {**_fold(arrays, self._names, self.cell, self.hidden_size), **head}  # checked here
             sums = _bias_sums(model, arrays, self._names, self.cell, self.hidden_size)
@@ -266,6 +271,19 @@ class Recurrent(torch.nn.Module):
         xp = model.backend.xp
         for b_ih, b_hh, b in shared[1]:
             xp.add(b_ih, b_hh, out=b)
+
+    def _check_named(self, arrays: dict[str, Any], xp: Any) -> None:
+        """Each replaced Parameter's shape and values under its torch name (``weight_hh_l1``), as ``from_module`` checks
+        them: ShapeError, or InputError for NaN or infinity (one device-wide test per array, on replacement only)."""
+        GH, H, dirs = cell_class(self.cell).gates * self.hidden_size, self.hidden_size, 1 + self.bidirectional
+        for r, name, kind in self._names:
+            a = arrays[name]
+            want = (GH, self.input_size if r.layer == 0 else H * dirs) if kind == "U" else (GH, H) if kind == "W" else (
+                GH,)  # fmt: skip
+            if tuple(a.shape) != want:
+                raise ShapeError(f"{name} must have shape {want}, got {tuple(a.shape)}")
+            if not bool(xp.isfinite(a).all()):
+                raise InputError(f"{name} contains NaN or infinity")
 
     def _check_input(self, x: Any, packed: bool = False) -> None:
         """x's feature size, and T and B ≥ 1, checked first as torch's module does and worded in the caller's layout
@@ -300,6 +318,12 @@ class Recurrent(torch.nn.Module):
         return self._forward(x, hx, lengths)
 
     def _forward(self, x: Any, hx: Any, lengths: Any) -> tuple[Any, Any]:
+        if _transforms_active():
+            raise InputTypeError(
+                "gpubptt.torch.Recurrent runs outside torch.func's transforms (grad, vjp, vmap, jacrev, …): its "
+                "forward computes on the tensors' memory, which a transform's wrapped tensors do not expose; take "
+                "gradients with loss.backward() or torch.autograd.grad (functional_call without a transform works)"
+            )
         packed = isinstance(x, PackedSequence)
         if packed:
             if lengths is not None:

@@ -232,3 +232,28 @@ def test_a_backward_through_saved_copies_leaves_the_module_on_its_own_parameters
             p.add_(0.1)
         ref.load_state_dict(rec.state_dict())
         torch.testing.assert_close(rec(x)[0], ref(x)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_replaced_parameter_is_refused_by_its_torch_name():
+    rec = gt.Recurrent.from_module(torch.nn.LSTM(3, 4, num_layers=2))
+    x = torch.randn(5, 2, 3)
+    rec(x)
+    good = rec.weight_hh_l1
+    rec.weight_hh_l1 = torch.nn.Parameter(torch.full((16, 4), float("inf")))
+    with pytest.raises(gpubptt.InputError, match="weight_hh_l1 contains NaN or infinity"):
+        rec(x)
+    rec.weight_hh_l1 = torch.nn.Parameter(torch.randn(5, 5))
+    with pytest.raises(gpubptt.ShapeError, match=r"weight_hh_l1 must have shape \(16, 4\), got \(5, 5\)"):
+        rec(x)
+    rec.weight_hh_l1 = good  # and it runs again once a good one is back
+    assert rec(x)[0].shape == (5, 2, 4)
+
+
+def test_torch_func_transforms_and_several_backwards_are_refused_in_a_torch_users_words():
+    rec = gt.Recurrent.from_module(torch.nn.GRU(3, 4).double())
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(gpubptt.InputTypeError, match=r"torch\.func's transforms"):
+        torch.func.grad(lambda xx: rec(xx)[0].sum())(x)
+    with pytest.raises(PullbackError, match=r"torch\.autograd\.gradcheck"):
+        torch.autograd.gradcheck(lambda xx: rec(xx)[0].sin().sum(), (x,))
+    assert rec(x)[0].shape == (5, 2, 4)  # the module works on after both
