@@ -82,6 +82,12 @@ def _torch_names(num_layers: int, bidirectional: bool, bias: bool) -> list[tuple
 #: the check)
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
+
+def _tangent(t: Any) -> Any:
+    """A forward-mode dual tensor's tangent, else None (``torch.autograd.forward_ad``)."""
+    return torch.autograd.forward_ad.unpack_dual(t).tangent
+
+
 #: whether torch.compile is tracing (torch.compiler's since torch 2.3, torch._utils' before): forward then hands
 #: the call to Python through torch.compiler.disable, made only then (importing dynamo up front costs a second)
 _is_compiling = getattr(torch.compiler, "is_compiling", None) or getattr(torch._utils, "is_compiling", lambda: False)
@@ -318,11 +324,13 @@ class Recurrent(torch.nn.Module):
         return self._forward(x, hx, lengths)
 
     def _forward(self, x: Any, hx: Any, lengths: Any) -> tuple[Any, Any]:
-        if _transforms_active():
+        inputs = (x.data if isinstance(x, PackedSequence) else x, *(hx if isinstance(hx, tuple) else (hx,)))
+        if _transforms_active() or any(isinstance(t, torch.Tensor) and _tangent(t) is not None for t in inputs):
             raise InputTypeError(
-                "gpubptt.torch.Recurrent runs outside torch.func's transforms (grad, vjp, vmap, jacrev, …): its "
-                "forward computes on the tensors' memory, which a transform's wrapped tensors do not expose; take "
-                "gradients with loss.backward() or torch.autograd.grad (functional_call without a transform works)"
+                "gpubptt.torch.Recurrent runs outside torch.func's transforms (grad, vjp, vmap, jacrev, …) and "
+                "forward-mode AD (dual tensors): its forward computes on the tensors' memory, its backward is "
+                "reverse mode only; take gradients with loss.backward() or torch.autograd.grad (functional_call "
+                "without a transform works)"
             )
         packed = isinstance(x, PackedSequence)
         if packed:

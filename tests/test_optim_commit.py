@@ -140,3 +140,39 @@ def test_a_ctrl_c_in_a_training_steps_commit_lands_after_the_step_is_counted():
     assert opt.t == 5
     for k in whole.params:
         np.testing.assert_array_equal(model.params[k], whole.params[k], err_msg=k)
+
+
+def test_only_the_models_own_constrain_takes_the_new_values():
+    from gpubptt.training.optim import SGD as Plain
+
+    model = gpubptt.RNN(3, 5, 3, cell=IndRNNCell("tanh", max_weight=1.0), backend="numpy", seed=0)
+
+    class Wrapped:  # a model-like object whose constrain has an optional parameter of its own
+        def __init__(self, m):
+            self.m, self.params, self.backend = m, m.params, m.backend
+
+        def constrain(self, clip=None):
+            assert clip is None  # never handed the values
+            self.m.constrain()
+
+    opt = Plain(Wrapped(model), lr=50.0)
+    loss, grads = model.loss_and_grads(X, X)
+    opt.step(grads, loss=loss)
+    assert np.abs(model.params["w"]).max() <= 1.0  # projected after the writes, as before
+
+
+def test_a_failing_constrain_of_no_arguments_leaves_the_step_applied_and_counted():
+    model = gpubptt.RNN(3, 5, 3, backend="numpy", seed=0)
+    opt = make_optimizer("sgd", model.params, lr=0.1, momentum=0.9)
+    loss, grads = model.loss_and_grads(X, X)
+    before = model.params["W"].copy()
+
+    def broken():
+        raise RuntimeError("projection failed")
+
+    opt.constrain = broken
+    with pytest.raises(RuntimeError, match="projection failed"):
+        opt.step(grads, loss=loss)
+    assert opt.t == 1  # the parameters, the state and the count agree: a continued run repeats no step
+    np.testing.assert_array_equal(model.params["W"], before - 0.1 * grads["W"])
+    np.testing.assert_array_equal(opt.state["momentum"]["W"], grads["W"])

@@ -257,3 +257,14 @@ def test_torch_func_transforms_and_several_backwards_are_refused_in_a_torch_user
     with pytest.raises(PullbackError, match=r"torch\.autograd\.gradcheck"):
         torch.autograd.gradcheck(lambda xx: rec(xx)[0].sin().sum(), (x,))
     assert rec(x)[0].shape == (5, 2, 4)  # the module works on after both
+
+
+def test_forward_mode_dual_tensors_are_refused_naming_them():
+    import torch.autograd.forward_ad as fwAD
+
+    rec = gt.Recurrent.from_module(torch.nn.LSTM(3, 4))
+    x = torch.randn(5, 2, 3)
+    with fwAD.dual_level():
+        with pytest.raises(gpubptt.InputTypeError, match=r"forward-mode AD \(dual tensors\)"):
+            rec(fwAD.make_dual(x, torch.ones_like(x)))
+    assert rec(x)[0].shape == (5, 2, 4)

@@ -34,7 +34,6 @@ and the step counter are left exactly as they were. The learning rate must lie i
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +43,7 @@ import numpy as np
 from .._io import sigint_deferred
 from ..backend import Backend, get_backend
 from ..errors import InputError, InputTypeError, ShapeError
+from ..model import RNN
 from ._optim_settings import (
     LR_MAX,
     NUMBER,
@@ -112,15 +112,9 @@ STATE_KEYS = ("s0", "c0")
 
 
 def _takes_values(fn: Any) -> bool:
-    """Whether ``fn`` (an optimizer's ``constrain``) takes the new values as an argument, as ``RNN.constrain``
-    does, rather than none (a caller's own projection of the parameters, as ``constrain`` was called before)."""
-    try:
-        inspect.signature(fn).bind({})
-    except TypeError:  # takes no argument (or a signature that cannot be read: called as before)
-        return False
-    except ValueError:
-        return False
-    return True
+    """Whether ``fn`` (an optimizer's ``constrain``) is a model's ``RNN.constrain``, which takes the new values, rather
+    than a caller's own projection of the parameters, called with no arguments (as ``constrain`` was before)."""
+    return isinstance(getattr(fn, "__self__", None), RNN) and getattr(fn, "__name__", None) == "constrain"
 
 
 def _grad_keys(grads: Mapping[str, Any], names: Any) -> list[str]:
@@ -200,9 +194,9 @@ class Optimizer:
         weight_decay: float = 0.0,
     ) -> None:
         #: the model's ``constrain`` (a constrained cell's parameters back into their set, e.g. IndRNN's |w|
-        #: bound) when built on a model: every applied step projects its new values with it before they land
-        #: (a callable of those values by name; one of no arguments runs on the parameters as the step commits);
-        #: None when built on a mapping
+        #: bound) when built on a model: every applied step projects its new values with it before they land;
+        #: None when built on a mapping. Any other callable set here is called with no arguments once a step is
+        #: committed and counted, on the parameters themselves
         self.constrain = None
         if hasattr(params, "params") and hasattr(params, "backend"):
             be = params.backend if backend is None else get_backend(backend)
@@ -260,7 +254,7 @@ class Optimizer:
         bound to it), the parameters are the model's: copied together (``copy.deepcopy((model, opt))``, one
         pickle of both), the copy steps the copied model; copied alone, it brings a copy of the model along."""
         be, model = self.backend, getattr(self.constrain, "__self__", None)
-        skip = ("backend", "params", "state", "_scratch", "_next", "_constrain_kind")
+        skip = ("backend", "params", "state", "_scratch", "_next")
         state = {k: v for k, v in self.__dict__.items() if k not in skip}
         state["backend"] = be.name
         host = {slot: {k: np.array(be.to_numpy(a)) for k, a in arrays.items()} for slot, arrays in self.state.items()}
@@ -385,31 +379,23 @@ class Optimizer:
                 )
             bad = [f"updated.{k}" for k in overflow]
             return StepResult(applied=False, loss=loss_f, grad_norm=norm_f, nonfinite=tuple(bad))
-        on_values = self.constrain is not None and self._constrain_takes_values()
+        on_values = self.constrain is not None and _takes_values(self.constrain)
         if on_values:  # the cell's constraint set, on the new values before they land (a failing projection changes
             self.constrain({k: self._scratch[k] for k, _ in pairs})  # nothing); in place, no sync
-        # commit: nothing below can fail (shapes, dtypes and writability were checked above; a ``constrain`` of no
-        # arguments, a caller's own, aside) and a Ctrl-C waits for its end: every parameter, the state and the step
-        # count, or none. Under the model's call lock where the optimizer knows the model (its ``constrain``): a
-        # copy or a call of the model in another thread sees its parameters before or after the step, never
-        # half-way (copies had been torn)
+        # commit: nothing below can fail (shapes, dtypes and writability were checked above) and a Ctrl-C waits for
+        # its end: every parameter, the state and the step count, or none. Under the model's call lock where the
+        # optimizer knows the model (its ``constrain``): a copy or a call of the model in another thread sees its
+        # parameters before or after the step, never half-way (copies had been torn)
         model = getattr(self.constrain, "__self__", None)
         with sigint_deferred(), getattr(model, "_lock", None) or contextlib.nullcontext():
             for k, _ in pairs:
                 self.params[k][...] = self._scratch[k]
-            if self.constrain is not None and not on_values:
-                self.constrain()  # a caller's projection of the parameters themselves
             for slot in self.SLOTS:
                 self.state[slot], self._next[slot] = self._next[slot], self.state[slot]
             self.t += 1
+            if self.constrain is not None and not on_values:  # a caller's own projection of the parameters, once
+                self.constrain()  # the step is whole and counted: should it fail, the step stays applied and counted
         return StepResult(applied=True, loss=loss_f, grad_norm=norm_f)
-
-    def _constrain_takes_values(self) -> bool:
-        """``_takes_values(self.constrain)``, read once per callable set (a signature costs ~14 µs a step)."""
-        known = self.__dict__.get("_constrain_kind")
-        if known is None or known[0] is not self.constrain:
-            known = self.__dict__["_constrain_kind"] = (self.constrain, _takes_values(self.constrain))
-        return known[1]
 
     def _update(self, k: str, p: Any, g: Any) -> None:
         """Write θ's new value into ``self._scratch[k]`` and each slot's new state into ``self._next[slot][k]``,
