@@ -8,6 +8,7 @@ A process killed mid-write does leave one; the next write of the same target rem
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -19,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ._paths import DestinationError
 from .errors import InputTypeError
 
 __all__ = ["STALE_SECONDS", "check_targets", "file_mode", "sigint_deferred", "write_atomic"]
@@ -131,7 +131,8 @@ def check_targets(path: str | os.PathLike[str], copies: Any = ()) -> tuple[str |
     """``copies`` as a tuple once ``path`` and every copy name a file that can be replaced; else a gpubptt error
     before anything is written. ``copies`` must be a list or tuple of paths (InputTypeError for one path given
     as a str, bytes or os.PathLike: iterated, it would name one file per character); a target that is an existing
-    folder is a DestinationError (``os.replace`` would fail on it only after the targets before it were replaced)."""
+    folder is an IsADirectoryError, the OSError the write would raise, but raised before anything is staged
+    (``os.replace`` would fail on it only after the targets before it were replaced)."""
     if isinstance(copies, (str, bytes, os.PathLike)):
         raise InputTypeError(
             f"copies must be a list of file paths, got the single {type(copies).__name__} {copies!r} (read as one "
@@ -147,7 +148,7 @@ def check_targets(path: str | os.PathLike[str], copies: Any = ()) -> tuple[str |
             raise InputTypeError(f"{what} must be a file path (str or os.PathLike), got {type(p).__name__} {p!r}")
         target = Path(os.path.realpath(p))  # a link is written through: check what it points to
         if target.is_dir():
-            raise DestinationError(f"{what} {os.fspath(p)!r} is a folder; expected a file name")
+            raise IsADirectoryError(errno.EISDIR, f"{what} is a folder; expected a file name", os.fspath(p))
     return copies
 
 

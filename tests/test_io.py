@@ -165,3 +165,16 @@ def test_a_failed_stage_closes_its_file_descriptor(tmp_path, monkeypatch):
             write_atomic(target, b"new")
     assert len(os.listdir("/proc/self/fd")) == before  # was: one descriptor more per failed save
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["ck.npz"]
+
+
+def test_a_folder_target_is_an_os_error_that_the_command_lines_writers_report(tmp_path):
+    import pytest
+
+    from gpubptt.cli._common import Failed, write_png
+
+    folder = tmp_path / "loss.png"
+    folder.mkdir()  # the target became a folder after the command checked its options
+    with pytest.raises(IsADirectoryError, match="is a folder; expected a file name"):
+        write_atomic(folder, b"x")
+    with pytest.raises(Failed, match="loss.png"):  # one clean line, as for any other OSError
+        write_png(folder, "plot", lambda path: write_atomic(path, b"png"))

@@ -80,7 +80,7 @@ def save_checkpoint(
     (a configuration field set to np.int64, say) are stored as the Python numbers they hold.
 
     ``copies`` is a list or tuple of paths (one path given as a str is refused: InputTypeError); a target
-    that is a folder is refused (DestinationError) before anything is written.
+    that is a folder is refused (IsADirectoryError) before anything is written.
     """
     copies = check_targets(path, copies)
     state = TrainState() if state is None else state
