@@ -115,8 +115,8 @@ class _Pullback(torch.autograd.Function):
                 raise PullbackError(
                     "a gpubptt.torch.Recurrent forward allows one backward pass (its pullback consumes the forward's "
                     "buffers): a second one through the same graph (retain_graph=True, torch.autograd.gradcheck, "
-                    "torch.autograd.functional.jacobian) needs the forward run again; gpubptt.gradcheck checks the "
-                    "gradients themselves"
+                    "torch.autograd.functional.jacobian) needs the forward run again (gpubptt.gradcheck checks an "
+                    "RNN built from the same weights: RNN.from_torch)"
                 ) from None
             dx = _tensor(g["x"]) if need[1] else None
             dh0 = _tensor(g["s0"].reshape(n, B, H)) if need[2] else None

@@ -79,6 +79,11 @@ def gradcheck(
     derivative where a pre-activation sits exactly at 0 (zero biases at init feed it there), so such
     coordinates can show errors of order 1 (shift the biases off 0 to check the rest).
     """
+    if not isinstance(model, RNN):
+        raise InputTypeError(
+            f"gradcheck checks a gpubptt.RNN, got {type(model).__name__} (for a torch module's weights: "
+            "RNN.from_torch(rnn.state_dict(), linear.state_dict(), cell=...))"
+        )
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)):
         raise InputTypeError(f"eps must be a number in (0, 1), got {type(eps).__name__} {eps!r}")
     if not 0 < eps < 1:  # also refuses NaN

@@ -130,3 +130,10 @@ def test_data_parallel_takes_an_object_with_what_it_uses_of_a_communicator():
 
     with pytest.raises(InputTypeError, match="which has no allreduce, broadcast"):
         DataParallel(_elman(), Partial(), batch_size=2)
+
+
+def test_sharded_data_checks_its_communicator_and_gradcheck_its_model():
+    with pytest.raises(InputTypeError, match=r"comm must be a Communicator .*which has no rank, size"):
+        ShardedData(object(), batch_size=4, lo=0, hi=2, comm="not a communicator")
+    with pytest.raises(InputTypeError, match=r"gradcheck checks a gpubptt\.RNN, got dict"):
+        gpubptt.gradcheck({}, X, X)

@@ -176,5 +176,5 @@ def test_a_folder_target_is_an_os_error_that_the_command_lines_writers_report(tm
     folder.mkdir()  # the target became a folder after the command checked its options
     with pytest.raises(IsADirectoryError, match="is a folder; expected a file name"):
         write_atomic(folder, b"x")
-    with pytest.raises(Failed, match="loss.png"):  # one clean line, as for any other OSError
+    with pytest.raises(Failed, match=r"loss\.png"):  # one clean line, as for any other OSError
         write_png(folder, "plot", lambda path: write_atomic(path, b"png"))

@@ -176,3 +176,15 @@ def test_a_failing_constrain_of_no_arguments_leaves_the_step_applied_and_counted
     assert opt.t == 1  # the parameters, the state and the count agree: a continued run repeats no step
     np.testing.assert_array_equal(model.params["W"], before - 0.1 * grads["W"])
     np.testing.assert_array_equal(opt.state["momentum"]["W"], grads["W"])
+
+
+def test_a_subclass_constrain_of_no_arguments_is_a_callers_own():
+    class Clipped(gpubptt.RNN):
+        def constrain(self):
+            np.clip(self.params["W"], -0.01, 0.01, out=self.params["W"])
+
+    model = Clipped(3, 5, 3, backend="numpy", seed=0)
+    opt = make_optimizer("sgd", model, lr=0.1)
+    loss, grads = model.loss_and_grads(X, X)
+    opt.step(grads, loss=loss)
+    assert opt.t == 1 and np.abs(model.params["W"]).max() <= 0.01

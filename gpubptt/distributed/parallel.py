@@ -83,6 +83,16 @@ def _forward(wrapper: Any, inner: str, name: str) -> Any:
     return getattr(wrapper.__dict__[inner], name)
 
 
+def _check_comm(comm: Any) -> None:
+    """InputTypeError unless ``comm`` is a Communicator, or an object with what the wrappers use of one."""
+    missing = [a for a in ("rank", "size", "allreduce", "broadcast") if not hasattr(comm, a)]
+    if missing:
+        raise InputTypeError(
+            f"comm must be a Communicator (gpubptt.distributed.make_communicator, LocalCommunicator), got "
+            f"{type(comm).__name__} {comm!r}, which has no {', '.join(missing)}"
+        )
+
+
 def _uncopyable(wrapper: Any, inner: str) -> InputTypeError:
     """The refusal of ``copy``, ``copy.deepcopy`` and ``pickle`` for a wrapper that holds a communicator."""
     kind = type(wrapper).__name__
@@ -101,6 +111,7 @@ class ShardedData:
     """
 
     def __init__(self, data: Any, *, batch_size: int, lo: int, hi: int, comm: Communicator) -> None:
+        _check_comm(comm)
         batch_size = check_positive_int(batch_size, "batch_size")
         ok = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (lo, hi))
         if not ok or not 0 <= lo < hi <= batch_size:
@@ -180,12 +191,7 @@ class DataParallel:
     ) -> None:
         if isinstance(check_every, bool) or not isinstance(check_every, (int, np.integer)) or check_every < 0:
             raise InputError(f"check_every must be an int ≥ 0 (0: never), got {check_every!r}")
-        missing = [a for a in ("rank", "size", "allreduce", "broadcast") if not hasattr(comm, a)]
-        if missing:  # a Communicator, or an object with what this class uses of one
-            raise InputTypeError(
-                f"comm must be a Communicator (gpubptt.distributed.make_communicator, LocalCommunicator), got "
-                f"{type(comm).__name__} {comm!r}, which has no {', '.join(missing)}"
-            )
+        _check_comm(comm)
         batch_size = check_positive_int(batch_size, "batch_size")
         self.model, self.comm, self.batch_size, self.check_every = model, comm, batch_size, int(check_every)
         self.calls = 0

@@ -114,7 +114,7 @@ STATE_KEYS = ("s0", "c0")
 def _takes_values(fn: Any) -> bool:
     """Whether ``fn`` (an optimizer's ``constrain``) is a model's ``RNN.constrain``, which takes the new values, rather
     than a caller's own projection of the parameters, called with no arguments (as ``constrain`` was before)."""
-    return isinstance(getattr(fn, "__self__", None), RNN) and getattr(fn, "__name__", None) == "constrain"
+    return getattr(fn, "__func__", None) is RNN.constrain  # a subclass's own constrain() is a caller's own
 
 
 def _grad_keys(grads: Mapping[str, Any], names: Any) -> list[str]:
@@ -331,7 +331,8 @@ class Optimizer:
         step: the step number for error messages (default: applied steps + 1). One host transfer.
         Raises NonFiniteError (nothing changed) on a non-finite loss or gradient, or when the update
         would overflow a parameter, unless ``on_nonfinite="skip"``, which returns a result with
-        ``applied=False``. All or nothing: if anything fails, no parameter, state or step count changes.
+        ``applied=False``. All or nothing: if anything fails, no parameter, state or step count changes (but for a
+        caller's own ``constrain``, run once the step is committed and counted: should it fail, the step stays).
         """
         pairs = _param_grads(self.params, grads)
         for k, g in pairs:
