@@ -137,3 +137,23 @@ def test_sharded_data_checks_its_communicator_and_gradcheck_its_model():
         ShardedData(object(), batch_size=4, lo=0, hi=2, comm="not a communicator")
     with pytest.raises(InputTypeError, match=r"gradcheck checks a gpubptt\.RNN, got dict"):
         gpubptt.gradcheck({}, X, X)
+
+
+def test_data_parallel_refuses_a_batch_that_is_not_the_ranks_share():
+    from gpubptt.distributed import run_ranks
+
+    x = np.zeros((3, 4), dtype=np.int64)  # the global batch of 4 streams, given whole to each of 2 ranks
+
+    def rank(comm):
+        dp = DataParallel(_elman(), comm, batch_size=4)
+        try:
+            dp.loss_and_grads(x, x)  # was: each rank trained every stream, its dropout masks another rank's
+        except InputError as exc:
+            message = str(exc)
+        loss, _ = dp.loss_and_grads(x[:, dp.lo : dp.hi], x[:, dp.lo : dp.hi])  # its own share runs
+        return message, float(loss)
+
+    (m0, l0), (m1, l1) = run_ranks(2, rank)
+    assert "x holds 4 streams, but rank 0 trains its 2 of the global batch of 4 (streams [0, 2))" in m0
+    assert "x holds 4 streams, but rank 1 trains its 2 of the global batch of 4 (streams [2, 4))" in m1
+    assert l0 == l1  # the loss of the whole batch on every rank

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .._io import sigint_deferred
 from ..errors import BackendUnavailableError, InputError
 
 __all__ = ["JIT_CHOICES", "JIT_VAR", "compile_kernels", "compile_loops", "jit_choice", "jit_in_use", "jit_library"]
@@ -150,3 +151,31 @@ def _guard_forks() -> None:
         after()
 
     os.register_at_fork(before=before, after_in_parent=after, after_in_child=after_in_child)
+    _hold_sigint_while_compiling()
+
+
+def _hold_sigint_while_compiling() -> None:
+    """Once per process (from ``_guard_forks``): while the main thread holds numba's compiler lock, a Ctrl-C is held
+    back and delivered when the lock is let go. numba compiles inside LLVM callbacks that drop an exception raised
+    in them, so a KeyboardInterrupt raised mid-compile was lost and the run went on (the step loops compile on
+    every process's first call)."""
+    try:
+        from numba.core import event
+    except ImportError:  # a numba without compile events: as before
+        return
+
+    class Hold(event.Listener):
+        def __init__(self) -> None:
+            self.held: list[Any] = []  # the main thread's open deferrals, one per nested hold of the lock
+
+        def on_start(self, ev: Any) -> None:
+            if threading.current_thread() is threading.main_thread():
+                deferral = sigint_deferred()
+                deferral.__enter__()
+                self.held.append(deferral)
+
+        def on_end(self, ev: Any) -> None:
+            if threading.current_thread() is threading.main_thread() and self.held:
+                self.held.pop().__exit__(None, None, None)  # the outermost delivers a held Ctrl-C
+
+    event.register("numba:compiler_lock", Hold())
