@@ -1,17 +1,49 @@
 """A model's settings, mixed into ``RNN``: its sizes and cell read from the architecture (``model.config``),
-and the GEMMs' operand precision, a runtime choice like the backend."""
+the GEMMs' operand precision, a runtime choice like the backend, and the checked run settings (dropout,
+batch_first, use_graphs)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from .backend.precision import check_precision
-from .validation import cell_option
+from .validation import cell_option, check_bool, check_dropout
 
 __all__ = ["Settings"]
 
 
 class Settings:
-    """Read-only sizes (``input_size``, ``hidden_size``, …, ``num_states``) and the settable ``precision``
-    (mixed into ``RNN``)."""
+    """Read-only sizes (``input_size``, ``hidden_size``, …, ``num_states``) and the settable, checked ``precision``,
+    ``dropout``, ``batch_first`` and ``use_graphs`` (mixed into ``RNN``)."""
+
+    @property
+    def use_graphs(self) -> bool:
+        """On CuPy, record forward+BPTT once per shape as a CUDA graph and replay it (no effect on NumPy); a bool
+        (checked)."""
+        return self._use_graphs
+
+    @use_graphs.setter
+    def use_graphs(self, value: Any) -> None:
+        self._use_graphs = check_bool(value, "use_graphs")
+
+    @property
+    def batch_first(self) -> bool:
+        """As torch's: x (B, T, …), per-step targets (B, T[, K]) and per-step outputs and states (B, T, …) with the
+        batch first (views where possible); s0, lengths and final states are unchanged. Set it to a bool (checked)."""
+        return self._batch_first
+
+    @batch_first.setter
+    def batch_first(self, value: Any) -> None:
+        self._batch_first = check_bool(value, "batch_first")
+
+    @property
+    def dropout(self) -> float:
+        """p of the inverted dropout between layers (see the class); set it to any number in [0, 1) (checked)."""
+        return self._dropout
+
+    @dropout.setter
+    def dropout(self, p: Any) -> None:
+        self._dropout = check_dropout(p)
 
     @property
     def precision(self) -> str:

@@ -57,7 +57,6 @@ from .validation import (
     check_batch,
     check_bool,
     check_c0,
-    check_dropout,
     check_dtype,
     check_positive_int,
 )
@@ -247,35 +246,6 @@ class RNN(Construction, Composable, Workspaces, Settings):
             + ("" if not self.dropout else f", dropout={self.dropout}")
             + ")"
         )
-
-    @property
-    def use_graphs(self) -> bool:
-        """On CuPy, record forward+BPTT once per shape as a CUDA graph and replay it (no effect on NumPy); a bool
-        (checked)."""
-        return self._use_graphs
-
-    @use_graphs.setter
-    def use_graphs(self, value: Any) -> None:
-        self._use_graphs = check_bool(value, "use_graphs")
-
-    @property
-    def batch_first(self) -> bool:
-        """As torch's: x (B, T, …), per-step targets (B, T[, K]) and per-step outputs and states (B, T, …) with the
-        batch first (views where possible); s0, lengths and final states are unchanged. Set it to a bool (checked)."""
-        return self._batch_first
-
-    @batch_first.setter
-    def batch_first(self, value: Any) -> None:
-        self._batch_first = check_bool(value, "batch_first")
-
-    @property
-    def dropout(self) -> float:
-        """p of the inverted dropout between layers (see the class); set it to any number in [0, 1) (checked)."""
-        return self._dropout
-
-    @dropout.setter
-    def dropout(self, p: Any) -> None:
-        self._dropout = check_dropout(p)
 
     # -- the math -----------------------------------------------------------------------------
     def _check(self, x: Any, y: Any, s0: Any, lengths: Any, for_loss: bool) -> Batch:
