@@ -79,10 +79,10 @@ def gradcheck(
     derivative where a pre-activation sits exactly at 0 (zero biases at init feed it there), so such
     coordinates can show errors of order 1 (shift the biases off 0 to check the rest).
     """
-    if not isinstance(model, RNN):
+    if not (hasattr(model, "loss_and_grads") and hasattr(model, "params")):  # an RNN, or a wrapper of one
+        hint = " (for a torch module's weights: RNN.from_torch(rnn.state_dict(), linear.state_dict(), cell=...))"
         raise InputTypeError(
-            f"gradcheck checks a gpubptt.RNN, got {type(model).__name__} (for a torch module's weights: "
-            "RNN.from_torch(rnn.state_dict(), linear.state_dict(), cell=...))"
+            f"gradcheck checks a gpubptt.RNN, got {type(model).__name__}{hint if hasattr(model, 'state_dict') else ''}"
         )
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)):
         raise InputTypeError(f"eps must be a number in (0, 1), got {type(eps).__name__} {eps!r}")

@@ -157,3 +157,9 @@ def test_data_parallel_refuses_a_batch_that_is_not_the_ranks_share():
     assert "x holds 4 streams, but rank 0 trains its 2 of the global batch of 4 (streams [0, 2))" in m0
     assert "x holds 4 streams, but rank 1 trains its 2 of the global batch of 4 (streams [2, 4))" in m1
     assert l0 == l1  # the loss of the whole batch on every rank
+
+
+def test_gradcheck_takes_a_wrapper_of_a_model():
+    dp = DataParallel(_elman(), LocalCommunicator(), batch_size=2)
+    report = gpubptt.gradcheck(dp, X, X)
+    assert report.max_rel_error < 1e-6

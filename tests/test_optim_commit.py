@@ -188,3 +188,22 @@ def test_a_subclass_constrain_of_no_arguments_is_a_callers_own():
     loss, grads = model.loss_and_grads(X, X)
     opt.step(grads, loss=loss)
     assert opt.t == 1 and np.abs(model.params["W"]).max() <= 0.01
+
+
+def test_a_subclass_constrain_that_takes_the_values_gets_them():
+    class Bounded(gpubptt.RNN):
+        def constrain(self, params):
+            super().constrain(params)
+            np.clip(params["W"], -0.01, 0.01, out=params["W"])
+
+    model = Bounded(3, 5, 3, backend="numpy", seed=0)
+    opt = make_optimizer("sgd", model, lr=0.1)
+    loss, grads = model.loss_and_grads(X, X)
+    opt.step(grads, loss=loss)
+    assert opt.t == 1 and np.abs(model.params["W"]).max() <= 0.01
+
+
+def test_the_optimizer_module_still_exports_its_names():
+    from gpubptt.training.optim import STATE_KEYS, clip_grad_norm, global_grad_norm
+
+    assert STATE_KEYS == ("s0", "c0") and callable(clip_grad_norm) and callable(global_grad_norm)

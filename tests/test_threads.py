@@ -227,6 +227,35 @@ def test_a_ctrl_c_during_a_compile_lands_once_the_compile_has_ended():
     assert f(2) == 3
 
 
+def test_a_ctrl_c_held_by_a_compile_that_never_took_the_lock_lands_at_the_next():
+    """A compile whose lock was never taken (another listener raised first) left its hold open, and Ctrl-C stayed
+    held for good; the next compile now delivers it."""
+    import signal
+
+    numba = pytest.importorskip("numba", reason="numba unavailable: pip install numba")
+    from numba.core import event
+
+    from gpubptt.cells import _jit
+
+    if _jit.compile_kernels(lambda: None, choice="numba") is None:
+        pytest.skip("no compiled kernels here")
+
+    class Broken(event.Listener):
+        def on_start(self, ev):
+            raise RuntimeError("a listener failed")
+
+        def on_end(self, ev):
+            pass
+
+    with event.install_listener("numba:compiler_lock", Broken()):
+        with pytest.raises(RuntimeError, match="a listener failed"):
+            numba.njit(lambda a: a + 2)(1)
+    signal.raise_signal(signal.SIGINT)  # held by the hold the failed compile left open
+    with pytest.raises(KeyboardInterrupt):
+        numba.njit(lambda a: a + 3)(1)  # was: never delivered
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_child_forked_while_another_thread_counts_blas_threads_can_run_a_gemm():
     import os
 

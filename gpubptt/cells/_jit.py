@@ -161,6 +161,7 @@ def _hold_sigint_while_compiling() -> None:
     every process's first call)."""
     try:
         from numba.core import event
+        from numba.core.compiler_lock import global_compiler_lock as compiler
     except ImportError:  # a numba without compile events: as before
         return
 
@@ -170,6 +171,8 @@ def _hold_sigint_while_compiling() -> None:
 
         def on_start(self, ev: Any) -> None:
             if threading.current_thread() is threading.main_thread():
+                while self.held and not compiler.is_locked():  # left open by a start whose lock was never taken
+                    self.held.pop().__exit__(None, None, None)  # (another listener raised): deliver what it held
                 deferral = sigint_deferred()
                 deferral.__enter__()
                 self.held.append(deferral)

@@ -34,6 +34,7 @@ and the step counter are left exactly as they were. The learning rate must lie i
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,7 @@ from .._io import sigint_deferred
 from ..backend import Backend, get_backend
 from ..errors import InputError, InputTypeError, ShapeError
 from ..model import RNN
-from ._norms import clip_grad_norm, global_grad_norm
+from ._norms import STATE_KEYS, clip_grad_norm, global_grad_norm  # noqa: F401  (STATE_KEYS: as before)
 from ._optim_settings import (
     LR_MAX,
     NUMBER,
@@ -108,9 +109,17 @@ def _param_grads(params: Mapping[str, Any], grads: Mapping[str, Any]) -> list[tu
 
 
 def _takes_values(fn: Any) -> bool:
-    """Whether ``fn`` (an optimizer's ``constrain``) is a model's ``RNN.constrain``, which takes the new values, rather
-    than a caller's own projection of the parameters, called with no arguments (as ``constrain`` was before)."""
-    return getattr(fn, "__func__", None) is RNN.constrain  # a subclass's own constrain() is a caller's own
+    """Whether ``fn`` (an optimizer's ``constrain``) takes the new values: ``RNN.constrain`` itself, or a callable with
+    a required positional parameter (a subclass's ``constrain(self, params)``); else it is a caller's own projection
+    of the parameters, called with no arguments (as ``constrain`` was before), an optional parameter left alone."""
+    if getattr(fn, "__func__", None) is RNN.constrain:
+        return True
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a signature that cannot be read: called as before
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind in positional and p.default is inspect.Parameter.empty for p in parameters)
 
 
 def _writable(a: Any) -> bool:
@@ -142,8 +151,8 @@ class Optimizer:
     ) -> None:
         #: the model's ``constrain`` (a constrained cell's parameters back into their set, e.g. IndRNN's |w|
         #: bound) when built on a model: every applied step projects its new values with it before they land;
-        #: None when built on a mapping. Any other callable set here is called with no arguments once a step is
-        #: committed and counted, on the parameters themselves
+        #: None when built on a mapping. A callable set here with no required argument is called with none once a
+        #: step is committed and counted, on the parameters themselves (``_takes_values``)
         self.constrain = None
         if hasattr(params, "params") and hasattr(params, "backend"):
             be = params.backend if backend is None else get_backend(backend)
@@ -201,7 +210,7 @@ class Optimizer:
         bound to it), the parameters are the model's: copied together (``copy.deepcopy((model, opt))``, one
         pickle of both), the copy steps the copied model; copied alone, it brings a copy of the model along."""
         be, model = self.backend, getattr(self.constrain, "__self__", None)
-        skip = ("backend", "params", "state", "_scratch", "_next")
+        skip = ("backend", "params", "state", "_scratch", "_next", "_constrain_kind")
         state = {k: v for k, v in self.__dict__.items() if k not in skip}
         state["backend"] = be.name
         host = {slot: {k: np.array(be.to_numpy(a)) for k, a in arrays.items()} for slot, arrays in self.state.items()}
@@ -327,7 +336,7 @@ class Optimizer:
                 )
             bad = [f"updated.{k}" for k in overflow]
             return StepResult(applied=False, loss=loss_f, grad_norm=norm_f, nonfinite=tuple(bad))
-        on_values = self.constrain is not None and _takes_values(self.constrain)
+        on_values = self.constrain is not None and self._constrain_takes_values()
         if on_values:  # the cell's constraint set, on the new values before they land (a failing projection changes
             self.constrain({k: self._scratch[k] for k, _ in pairs})  # nothing); in place, no sync
         # commit: nothing below can fail (shapes, dtypes and writability were checked above) and a Ctrl-C waits for
@@ -344,6 +353,13 @@ class Optimizer:
             if self.constrain is not None and not on_values:  # a caller's own projection of the parameters, once
                 self.constrain()  # the step is whole and counted: should it fail, the step stays applied and counted
         return StepResult(applied=True, loss=loss_f, grad_norm=norm_f)
+
+    def _constrain_takes_values(self) -> bool:
+        """``_takes_values(self.constrain)``, read once per callable set (a signature costs ~14 µs a step)."""
+        known = self.__dict__.get("_constrain_kind")
+        if known is None or known[0] is not self.constrain:
+            known = self.__dict__["_constrain_kind"] = (self.constrain, _takes_values(self.constrain))
+        return known[1]
 
     def _update(self, k: str, p: Any, g: Any) -> None:
         """Write θ's new value into ``self._scratch[k]`` and each slot's new state into ``self._next[slot][k]``,
