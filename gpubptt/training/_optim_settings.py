@@ -1,14 +1,17 @@
 """The optimizers' settings, checked: each a number of the right kind and range, or an InputError naming the
-setting and what it takes (the learning rate, ε, Adam's betas, momentum-like fractions, weight decay)."""
+setting and what it takes (the learning rate, ε, Adam's betas, momentum-like fractions, weight decay), and what
+an optimizer's ``constrain`` takes."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any
 
 import numpy as np
 
 from ..errors import InputError, InputTypeError
+from ..model import RNN
 
 #: The largest learning rate accepted. Sensible rates lie far below: about 1e-4 to 1e-2 for Adam,
 #: 1e-3 to 1 for SGD and Adagrad on the mean loss; a rate past this bound only overflows the weights.
@@ -74,3 +77,17 @@ def _check_betas(betas: Any) -> tuple[float, float]:
 
 def _check_decay(value: Any) -> float:
     return _check_nonnegative(value, "weight_decay")
+
+
+def _takes_values(fn: Any) -> bool:
+    """Whether ``fn`` (an optimizer's ``constrain``) takes the new values: ``RNN.constrain`` itself, or a callable with
+    a required positional parameter (a subclass's ``constrain(self, params)``); else it is a caller's own projection
+    of the parameters, called with no arguments (as ``constrain`` was before), an optional parameter left alone."""
+    if getattr(fn, "__func__", None) is RNN.constrain:
+        return True
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a signature that cannot be read: called as before
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind in positional and p.default is inspect.Parameter.empty for p in parameters)

@@ -34,7 +34,6 @@ and the step counter are left exactly as they were. The learning rate must lie i
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +43,6 @@ import numpy as np
 from .._io import sigint_deferred
 from ..backend import Backend, get_backend
 from ..errors import InputError, InputTypeError, ShapeError
-from ..model import RNN
 from ._norms import STATE_KEYS, clip_grad_norm, global_grad_norm  # noqa: F401  (STATE_KEYS: as before)
 from ._optim_settings import (
     LR_MAX,
@@ -54,6 +52,7 @@ from ._optim_settings import (
     _check_eps,
     _check_lr,
     _check_unit,
+    _takes_values,
 )
 
 __all__ = [
@@ -106,20 +105,6 @@ def _param_grads(params: Mapping[str, Any], grads: Mapping[str, Any]) -> list[tu
             raise ShapeError(f"gradient {k} has shape {tuple(g.shape)}, expected {tuple(p.shape)} like the parameter")
         out.append((k, g))
     return out
-
-
-def _takes_values(fn: Any) -> bool:
-    """Whether ``fn`` (an optimizer's ``constrain``) takes the new values: ``RNN.constrain`` itself, or a callable with
-    a required positional parameter (a subclass's ``constrain(self, params)``); else it is a caller's own projection
-    of the parameters, called with no arguments (as ``constrain`` was before), an optional parameter left alone."""
-    if getattr(fn, "__func__", None) is RNN.constrain:
-        return True
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # a signature that cannot be read: called as before
-        return False
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return any(p.kind in positional and p.default is inspect.Parameter.empty for p in parameters)
 
 
 def _writable(a: Any) -> bool:
