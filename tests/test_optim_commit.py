@@ -178,25 +178,20 @@ def test_a_failing_constrain_of_no_arguments_leaves_the_step_applied_and_counted
     np.testing.assert_array_equal(opt.state["momentum"]["W"], grads["W"])
 
 
-def test_a_subclass_constrain_of_no_arguments_is_a_callers_own():
-    class Clipped(gpubptt.RNN):
-        def constrain(self):
-            np.clip(self.params["W"], -0.01, 0.01, out=self.params["W"])
-
-    model = Clipped(3, 5, 3, backend="numpy", seed=0)
-    opt = make_optimizer("sgd", model, lr=0.1)
-    loss, grads = model.loss_and_grads(X, X)
-    opt.step(grads, loss=loss)
-    assert opt.t == 1 and np.abs(model.params["W"]).max() <= 0.01
+class _Clipped(gpubptt.RNN):  # a subclass's own constrain() of no arguments: a caller's own, called as before
+    def constrain(self):
+        np.clip(self.params["W"], -0.01, 0.01, out=self.params["W"])
 
 
-def test_a_subclass_constrain_that_takes_the_values_gets_them():
-    class Bounded(gpubptt.RNN):
-        def constrain(self, params):
-            super().constrain(params)
-            np.clip(params["W"], -0.01, 0.01, out=params["W"])
+class _Bounded(gpubptt.RNN):  # a subclass's constrain(self, params), as RNN's: it gets the new values
+    def constrain(self, params):
+        super().constrain(params)
+        np.clip(params["W"], -0.01, 0.01, out=params["W"])
 
-    model = Bounded(3, 5, 3, backend="numpy", seed=0)
+
+@pytest.mark.parametrize("kind", [_Clipped, _Bounded], ids=["no-arguments", "takes-the-values"])
+def test_a_subclass_constrain_runs_as_its_signature_says(kind):
+    model = kind(3, 5, 3, backend="numpy", seed=0)
     opt = make_optimizer("sgd", model, lr=0.1)
     loss, grads = model.loss_and_grads(X, X)
     opt.step(grads, loss=loss)

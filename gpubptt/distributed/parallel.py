@@ -304,9 +304,10 @@ class DataParallel:
         if reduction not in ("sum", "mean"):
             raise InputError(f"unknown reduction {reduction!r}; expected sum or mean")
         shape = tuple(getattr(x, "shape", ()))
-        if len(shape) >= 2 and shape[0 if self.model.batch_first else 1] != self.local_batch:  # before any collective
+        streams = shape[0 if self.model.batch_first else 1] if len(shape) >= 2 else self.local_batch
+        if streams != self.local_batch:  # before any collective: every rank refuses or none
             raise InputError(
-                f"x holds {shape[0 if self.model.batch_first else 1]} streams, but rank {self.comm.rank} trains its "
+                f"x holds {streams} streams, but rank {self.comm.rank} trains its "
                 f"{self.local_batch} of the global batch of {self.batch_size} (streams [{self.lo}, {self.hi})): give "
                 "each rank its own (train() on dp.shard_data(data) with dp.local_config(config), or x[:, dp.lo:dp.hi])"
             )
