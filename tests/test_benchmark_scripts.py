@@ -125,3 +125,32 @@ def test_delayed_recall_writes_to_the_default_folder_and_not_into_the_repository
     data = json.loads((folder / "delayed-recall.json").read_text())
     assert [r["delay"] for r in data["runs"]] == [2] and data["settings"]["steps"] == 2
     assert {p.name: p.stat().st_mtime_ns for p in BENCHMARKS.iterdir()} == committed
+
+
+def test_idle_ramp_times_each_pass_and_each_library_into_the_folder_given(tmp_path):
+    committed = {p.name: p.stat().st_mtime_ns for p in BENCHMARKS.iterdir()}
+    args = ["--out", str(tmp_path), "--pause", "0.01", "--mib", "1", "--passes", "3", "--rounds", "2",
+            "--shape", "3,2,4,5,6"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "idle_ramp.py"), *args], cwd=tmp_path, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "idle-ramp.json").read_text())
+    passes = data["memory_pass_s"]
+    assert set(passes) == {"after_pause", "no_pause"} and all(len(v) == 3 and min(v) > 0 for v in passes.values())
+    assert data["model"] == dict(cell="lstm", num_layers=1, T=3, B=2, D=4, H=5, K=6)
+    libraries = {"gpubptt", "torch"} if importlib.util.find_spec("torch") else {"gpubptt"}
+    assert set(data["calls_s"]) == libraries
+    for calls in data["calls_s"].values():
+        assert set(calls) == {"after_spin", "after_sleep", "next"} and min(calls.values()) > 0
+    assert {p.name: p.stat().st_mtime_ns for p in BENCHMARKS.iterdir()} == committed
+
+
+def test_idle_ramp_refuses_a_pause_of_zero_before_any_work(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "idle_ramp.py"), "--out", str(tmp_path), "--pause", "0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--pause must be positive" in result.stderr
+    assert not (tmp_path / "idle-ramp.json").exists()
