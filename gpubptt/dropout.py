@@ -13,7 +13,9 @@ few elementwise passes per layer, no per-step work, no host sync.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from fractions import Fraction
 from typing import Any
 
@@ -21,7 +23,7 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["check_offset", "dropout_masks", "mask_key"]
+__all__ = ["check_offset", "draw_undone_on_failure", "dropout_masks", "mask_key"]
 
 _MASK = (1 << 64) - 1
 _G = 0x9E3779B97F4A7C15  # splitmix64's increment: 2⁶⁴/φ, odd
@@ -41,6 +43,20 @@ def _mix(z: Any, tmp: Any, *, xp: Any) -> Any:
 
 def _mixed(z: Any, *, xp: Any) -> Any:
     return _mix(z, xp.empty_like(z), xp=xp)
+
+
+@contextlib.contextmanager
+def draw_undone_on_failure(generator: Any) -> Iterator[None]:
+    """A block that may draw from ``generator`` (None: nothing to keep): should the block raise, a NumPy generator
+    is put back in the state it had before it, so a failed call draws no masks and the next call gets those the
+    failed one would have had (a CuPy RandomState keeps its draw: its state is not read back from the device)."""
+    state = generator.bit_generator.state if isinstance(generator, np.random.Generator) else None
+    try:
+        yield
+    except BaseException:
+        if state is not None:
+            generator.bit_generator.state = state
+        raise
 
 
 def mask_key(key: Any, *, be: Any) -> Any:

@@ -33,7 +33,7 @@ from ._workspaces import MAX_WORKSPACES, Workspaces
 from .backend import Backend
 from .cells import STEP_KERNELS, Cell
 from .config import ModelConfig
-from .dropout import check_offset
+from .dropout import check_offset, draw_undone_on_failure
 from .engine import recompute as _recompute
 from .engine import stack as engine
 from .engine.losses import chunk_steps, softmax_probs, xent_loss
@@ -509,7 +509,8 @@ class RNN(Construction, Composable, Workspaces, Settings):
             self, batch.T, batch.B, tokens=batch.tokens, lengths=batch.weight is not None,
             recompute=recompute, max_memory=max_memory, truncate=truncate, held=batch_copies(batch, x, y),
         )  # fmt: skip
-        with self._lock:  # the workspace (and its graph) is this model's: another thread waits its turn
+        drawn = self._dropout_rng if dropout_seed is None and self.dropout > 0 else None  # a failed call draws none
+        with self._lock, draw_undone_on_failure(drawn):  # the workspace (and graph) is this model's: others wait
             if c is None:
                 ws = self._workspace(batch, truncate)
                 ws.load(batch, self._dropout_rng if dropout_seed is None else dropout_seed, dropout_offset)

@@ -4,6 +4,7 @@ differences of that reference, in float64. No torch needed (tests/test_torch_par
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
@@ -169,6 +170,28 @@ def test_dropout_gradients_are_exact_for_the_masks_drawn():
     x, y, s0, lens = inputs(rng, False, True, True, model.num_states)
     report = gpubptt.gradcheck(model, x, y, s0, lengths=lens, max_coords=15, dropout_seed=7)
     assert max(report.errors.values()) < 1e-6, report
+
+
+@pytest.mark.parametrize("where", ["run", "backward_stack"])
+def test_a_call_that_fails_after_drawing_its_masks_leaves_the_generator_as_it_was(monkeypatch, where):
+    """The next call gets the masks the failed one drew: its results are a never-failing copy's, bit for bit."""
+    model = build(2, True, "tanh", False, seed=8, dropout=0.5)
+    x, y, _, _ = inputs(np.random.default_rng(8), True, False, False, model.num_states)
+    never = copy.deepcopy(model)  # the same weights and generator state
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    target = gpubptt.engine.stack.Workspace if where == "run" else gpubptt.engine.stack
+    monkeypatch.setattr(target, where, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.loss_and_grads(x, y)  # the masks were drawn (Workspace.load) before the failure
+    monkeypatch.undo()
+    for _ in range(2):
+        (loss, grads), (ref_loss, ref_grads) = model.loss_and_grads(x, y), never.loss_and_grads(x, y)
+        assert float(loss) == float(ref_loss)
+        for k in ref_grads:
+            np.testing.assert_array_equal(grads[k], ref_grads[k], err_msg=k)
 
 
 def test_dropout_masks_the_layer_outputs_and_only_in_training():

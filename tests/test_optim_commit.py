@@ -202,3 +202,44 @@ def test_the_optimizer_module_still_exports_its_names():
     from gpubptt.training.optim import STATE_KEYS, clip_grad_norm, global_grad_norm
 
     assert STATE_KEYS == ("s0", "c0") and callable(clip_grad_norm) and callable(global_grad_norm)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "words"),
+    [
+        (lambda g: {**g, "W": g["W"].astype(np.complex64)}, gpubptt.InputTypeError, "gradient W must hold real"),
+        (lambda g: {**g, "U": g["U"].astype(str)}, gpubptt.InputTypeError, "gradient U must hold real"),
+        (lambda g: {**g, "V": g["V"].astype(object)}, gpubptt.InputTypeError, "gradient V must hold real"),
+    ],
+)
+def test_a_gradient_of_no_real_dtype_is_refused_by_name_and_changes_nothing(change, error, words):
+    model = gpubptt.RNN(3, 4, 3, backend="numpy", seed=0)
+    opt = make_optimizer("adam", model)
+    _, grads = model.loss_and_grads(X, X)
+    before = {k: v.copy() for k, v in model.params.items()}
+    with pytest.raises(error, match=words):
+        opt.step(change(grads))
+    assert opt.t == 0 and all(np.array_equal(v, before[k]) for k, v in model.params.items())
+
+
+@pytest.mark.parametrize("name", ["loss", "grad_norm"])
+@pytest.mark.parametrize(
+    ("value", "error", "words"),
+    [
+        (np.zeros(2), gpubptt.InputError, r"must be one number \(a 0-d array\), got shape \(2,\)"),
+        ("abc", gpubptt.InputTypeError, "must be one real number .*got str"),
+        (1 + 2j, gpubptt.InputTypeError, "must be one real number .*got complex"),
+        (np.complex64(1), gpubptt.InputTypeError, "must be one real number, got dtype complex64"),
+        (True, gpubptt.InputTypeError, "must be one real number .*got bool"),
+    ],
+)
+def test_a_loss_or_norm_that_is_not_one_real_number_is_refused_before_the_update(name, value, error, words):
+    model = gpubptt.RNN(3, 4, 3, backend="numpy", seed=0)
+    opt = make_optimizer("sgd", model, lr=0.1)
+    loss, grads = model.loss_and_grads(X, X)
+    before = {k: v.copy() for k, v in model.params.items()}
+    with pytest.raises(error, match=f"{name} {words}"):
+        opt.step(grads, **{name: value})
+    assert opt.t == 0 and all(np.array_equal(v, before[k]) for k, v in model.params.items())
+    result = opt.step(grads, loss=np.float32(loss), grad_norm=np.array([2.0]))  # one real number in any form: taken
+    assert result.applied and result.grad_norm == 2.0 and opt.t == 1

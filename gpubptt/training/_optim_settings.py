@@ -1,16 +1,17 @@
 """The optimizers' settings, checked: each a number of the right kind and range, or an InputError naming the
-setting and what it takes (the learning rate, ε, Adam's betas, momentum-like fractions, weight decay), and what
-an optimizer's ``constrain`` takes."""
+setting and what it takes (the learning rate, ε, Adam's betas, momentum-like fractions, weight decay), what
+an optimizer's ``constrain`` takes, and a step's arguments (the gradients, the loss and the norm)."""
 
 from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, InputTypeError
+from ..errors import InputError, InputTypeError, ShapeError
 from ..model import RNN
 
 #: The largest learning rate accepted. Sensible rates lie far below: about 1e-4 to 1e-2 for Adam,
@@ -91,3 +92,34 @@ def _takes_values(fn: Any) -> bool:
         return False
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return any(p.kind in positional and p.default is inspect.Parameter.empty for p in parameters)
+
+
+def _param_grads(params: Mapping[str, Any], grads: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    missing = [k for k in params if k not in grads]
+    if missing:
+        raise InputError(f"grads is missing {missing}; expected a gradient for every parameter {list(params)}")
+    out = []
+    for k, p in params.items():
+        g = grads[k]
+        if not hasattr(g, "shape") or not hasattr(g, "dtype"):
+            raise InputTypeError(f"gradient {k} must be an array shaped like the parameter, got {type(g).__name__}")
+        if tuple(g.shape) != tuple(p.shape):
+            raise ShapeError(f"gradient {k} has shape {tuple(g.shape)}, expected {tuple(p.shape)} like the parameter")
+        if np.dtype(g.dtype).kind not in "fiu":
+            raise InputTypeError(f"gradient {k} must hold real numbers (a float array), got dtype {np.dtype(g.dtype)}")
+        out.append((k, g))
+    return out
+
+
+def _check_scalar(value: Any, name: str) -> None:
+    """InputError/InputTypeError unless ``value`` is None or one real number: a Python int or float (not a bool), or
+    an array or NumPy scalar of one real element (a 0-d loss on the backend)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or (not isinstance(value, int | float) and not hasattr(value, "dtype")):
+        raise InputTypeError(f"{name} must be one real number (a 0-d array or a float), got {type(value).__name__}")
+    if hasattr(value, "dtype"):
+        if np.dtype(value.dtype).kind not in "fiu":
+            raise InputTypeError(f"{name} must be one real number, got dtype {np.dtype(value.dtype)}")
+        if int(getattr(value, "size", 1)) != 1:
+            raise InputError(f"{name} must be one number (a 0-d array), got shape {tuple(value.shape)}")

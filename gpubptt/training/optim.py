@@ -51,7 +51,9 @@ from ._optim_settings import (
     _check_decay,
     _check_eps,
     _check_lr,
+    _check_scalar,
     _check_unit,
+    _param_grads,
     _takes_values,
 )
 
@@ -90,21 +92,6 @@ class StepResult:
     loss: float | None
     grad_norm: float
     nonfinite: tuple[str, ...] = ()
-
-
-def _param_grads(params: Mapping[str, Any], grads: Mapping[str, Any]) -> list[tuple[str, Any]]:
-    missing = [k for k in params if k not in grads]
-    if missing:
-        raise InputError(f"grads is missing {missing}; expected a gradient for every parameter {list(params)}")
-    out = []
-    for k, p in params.items():
-        g = grads[k]
-        if not hasattr(g, "shape") or not hasattr(g, "dtype"):
-            raise InputTypeError(f"gradient {k} must be an array shaped like the parameter, got {type(g).__name__}")
-        if tuple(g.shape) != tuple(p.shape):
-            raise ShapeError(f"gradient {k} has shape {tuple(g.shape)}, expected {tuple(p.shape)} like the parameter")
-        out.append((k, g))
-    return out
 
 
 def _writable(a: Any) -> bool:
@@ -276,6 +263,8 @@ class Optimizer:
         caller's own ``constrain``, run once the step is committed and counted: should it fail, the step stays).
         """
         pairs = _param_grads(self.params, grads)
+        _check_scalar(loss, "loss")
+        _check_scalar(grad_norm, "grad_norm")
         for k, g in pairs:
             self.backend.check_native(g, f"gradient {k}")
             if not self.backend.is_native(g):
