@@ -143,7 +143,7 @@ class Recurrent(torch.nn.Module):
         # per model: (the Parameters' identity when shared, the (bias_ih, bias_hh, b) views whose sum is refreshed
         # each call), or None before the first call
         self._shared: dict[tuple[str, torch.dtype, int | None], tuple[tuple, dict[str, Any]] | None] = {}
-        self._last: tuple[torch.device, torch.dtype, Any] | None = None  # the last call's (device, dtype, key)
+        self._last: tuple[torch.device, torch.dtype, Any, str] | None = None  # last call's device, dtype, key, backend
         #: (the Parameters' identity, their device, their dtype), checked when the identity changes
         self._checked: tuple[tuple, torch.device, torch.dtype] | None = None
 
@@ -220,8 +220,8 @@ class Recurrent(torch.nn.Module):
         """(key, the gpubptt model that runs tensors of this device and dtype), built once per key from
         ``params`` (this call's weights in torch's order)."""
         last = self._last
-        if last is not None and last[0] == device and last[1] == dtype and last[2][3] == self.precision:
-            return last[2], self._models[last[2]]  # the checks below passed for this pair already
+        if last and last[:2] == (device, dtype) and last[2][3] == self.precision and last[3] == self.backend:
+            return last[2], self._models[last[2]]  # the checks below passed for this pair and backend already
         want = "cupy" if device.type == "cuda" else "numpy"
         if device.type not in ("cpu", "cuda"):
             raise InputTypeError(f"gpubptt runs CPU or CUDA tensors, got device {device}")
@@ -252,7 +252,7 @@ class Recurrent(torch.nn.Module):
             model.step_kernels = None
             self._models[key] = model
             self._shared[key] = None
-        self._last = (device, dtype, key)
+        self._last = (device, dtype, key, self.backend)
         return key, self._models[key]
 
     def _share(self, key: tuple[str, torch.dtype, int | None, str], model: RNN, params: tuple, ident: tuple) -> None:

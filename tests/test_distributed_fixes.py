@@ -135,3 +135,33 @@ def test_ranks_with_different_dtypes_or_sizes_are_told_which():
         run_ranks(2, rank)
     said = str(info.value)
     assert "dtype: float32 against rank 0's float64" in said and "shapes: U(5, 3)" in said and "none" not in said
+
+
+def test_a_setting_made_on_the_wrappers_reaches_what_they_wrap():
+    """Reads of a name the wrapper lacks were the model's, writes stayed on the wrapper: ``dp.dropout = 0.5`` trained
+    without dropout and read back 0.5."""
+    from gpubptt.distributed import ShardedData
+
+    model = gpubptt.RNN(D, 5, K, num_layers=2, backend="numpy", dtype="float64", seed=0)
+    dp = DataParallel(model, LocalCommunicator(), batch_size=2)
+    dp.dropout = 0.5
+    dp.batch_first = True
+    new = {k: np.full_like(v, 0.1) for k, v in model.params.items()}
+    dp.params = new
+    assert model.dropout == 0.5 and dp.dropout == 0.5 and model.batch_first and dp.batch_first
+    assert all(np.array_equal(model.params[k], v) for k, v in new.items())
+    assert "dropout" not in vars(dp) and "params" not in vars(dp)
+    dp.check_every = 7  # the wrapper's own fields stay its own
+    assert dp.check_every == 7 and not hasattr(model, "check_every")
+    with pytest.raises(AttributeError):
+        dp.local_batch = 3  # a property of the wrapper's, without a setter
+
+    class Data:  # what ShardedData wraps: any data set (here one setting)
+        chance = 1.0
+
+    data = Data()
+    sharded = ShardedData(data, batch_size=2, lo=0, hi=1, comm=LocalCommunicator())
+    sharded.chance = 2.0  # a name the wrapper lacks: the data set's
+    assert data.chance == 2.0 and "chance" not in vars(sharded)
+    sharded.lo = 1  # its own field
+    assert sharded.lo == 1 and not hasattr(data, "lo")

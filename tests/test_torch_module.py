@@ -203,6 +203,44 @@ def test_a_parameter_changed_between_forward_and_backward_or_of_another_dtype_is
         ours(torch.randn(T, B, D))
 
 
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("name", ["weight_hh_l0", "bias_ih_l1"])
+def test_a_parameters_data_replaced_between_forward_and_backward_gives_the_forwards_gradient_as_torch(kind, name):
+    """``p.data = …`` after the forward (no version bump): torch's own module differentiates at the forward's weights;
+    so does the Recurrent, and its next forward runs on the new weights."""
+    torch.manual_seed(0)
+    x = torch.randn(T, B, D, dtype=torch.float64)
+    results = []
+    for wrap in (lambda m: m, gt.Recurrent.from_module):
+        mod = getattr(torch.nn, kind)(D, H, num_layers=2).double()
+        torch.manual_seed(1)
+        for p in mod.parameters():
+            p.data.uniform_(-0.5, 0.5)
+        ours = wrap(mod)
+        out, _ = ours(x)
+        p = getattr(mod, name)
+        p.data = p.data * 1.1 + 0.1
+        out.pow(2).sum().backward()
+        grads = [p.grad.clone() for p in mod.parameters()]
+        again, _ = ours(x)  # the next forward: the weights as they are now
+        results.append((grads, again.detach()))
+    for ref, got in zip(results[0][0], results[1][0], strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-10, atol=1e-12)
+
+
+def test_a_backend_set_after_a_call_is_checked_on_the_next_call():
+    ours = gt.Recurrent.from_module(torch.nn.GRU(D, H))
+    x = torch.randn(T, B, D)
+    ours(x)
+    ours.backend = "cupy"
+    with pytest.raises(gpubptt.BackendMismatchError, match="runs the cupy backend"):
+        ours(x)  # was run on NumPy as before
+    ours.backend = "numpy"
+    out, _ = ours(x)
+    assert out.shape == (T, B, H)
+
+
 def test_cuda_tensors_run_on_their_device_and_torch_current_stream():
     """The placement logic of the CUDA path, without a GPU: device index and torch's stream pointer (0, the
     legacy default stream, is a stream like any other), and the CuPy backend entering the device first."""

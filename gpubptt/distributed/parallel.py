@@ -83,6 +83,15 @@ def _forward(wrapper: Any, inner: str, name: str) -> Any:
     return getattr(wrapper.__dict__[inner], name)
 
 
+def _forward_set(wrapper: Any, inner: str, own: frozenset[str], name: str, value: Any) -> None:
+    """``wrapper.name = value``: the wrapper's own fields (``own``) and what its class defines are its; any other name
+    is the wrapped object's (as reads are: ``_forward``), so a setting made on the wrapper reaches what it wraps."""
+    if name in own or hasattr(type(wrapper), name) or inner not in wrapper.__dict__:
+        object.__setattr__(wrapper, name, value)
+    else:
+        setattr(wrapper.__dict__[inner], name, value)
+
+
 def _check_comm(comm: Any) -> None:
     """InputTypeError unless ``comm`` is a Communicator, or an object with what the wrappers use of one."""
     missing = [a for a in ("rank", "size", "allreduce", "broadcast") if not hasattr(comm, a)]
@@ -122,6 +131,9 @@ class ShardedData:
 
     def __getattr__(self, name: str) -> Any:
         return _forward(self, "data", name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _forward_set(self, "data", frozenset({"data", "global_batch", "lo", "hi", "comm"}), name, value)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise _uncopyable(self, "data")
@@ -177,7 +189,7 @@ class DataParallel:
     Construction is collective (every rank must make one): it refuses more ranks than streams,
     compares ``fingerprint`` (the options and versions the caller ran with) across ranks, and
     broadcasts rank 0's parameters. Attributes not defined here are the model's (``params``,
-    ``backend``, ``forward``...), so the training loop and the optimizer use it as the model.
+    ``backend``, ``forward``...), read and set, so the training loop and the optimizer use it as the model.
     """
 
     def __init__(
@@ -204,6 +216,10 @@ class DataParallel:
 
     def __getattr__(self, name: str) -> Any:
         return _forward(self, "model", name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        own = frozenset({"model", "comm", "batch_size", "check_every", "calls", "lo", "hi"})
+        _forward_set(self, "model", own, name, value)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise _uncopyable(self, "model")
