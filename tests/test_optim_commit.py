@@ -243,3 +243,21 @@ def test_a_loss_or_norm_that_is_not_one_real_number_is_refused_before_the_update
     assert opt.t == 0 and all(np.array_equal(v, before[k]) for k, v in model.params.items())
     result = opt.step(grads, loss=np.float32(loss), grad_norm=np.array([2.0]))  # one real number in any form: taken
     assert result.applied and result.grad_norm == 2.0 and opt.t == 1
+
+
+def test_parameters_sharing_memory_are_refused_by_name_before_any_update():
+    """One array under two names kept only the last name's update (W's step was lost to W_l1's)."""
+    model = gpubptt.RNN(3, 4, 3, num_layers=2, backend="numpy", seed=0)
+    opt = make_optimizer("sgd", model, lr=0.5)
+    _, grads = model.loss_and_grads(X, X)
+    model.params["W_l1"] = model.params["W"]
+    before = {k: v.copy() for k, v in model.params.items()}
+    with pytest.raises(gpubptt.InputError, match="parameters W and W_l1 share memory"):
+        opt.step(grads)
+    assert opt.t == 0 and all(np.array_equal(v, before[k]) for k, v in model.params.items())
+    with pytest.raises(gpubptt.InputError, match="parameters W and W_l1 share memory"):
+        make_optimizer("adam", model)
+    model.params["W_l1"] = model.params["W"].copy()  # each its own array: the step runs, W moved as SGD says
+    w = model.params["W"].copy()
+    opt.step(grads)
+    np.testing.assert_allclose(model.params["W"], w - 0.5 * grads["W"], rtol=1e-6)

@@ -123,3 +123,19 @@ def _check_scalar(value: Any, name: str) -> None:
             raise InputTypeError(f"{name} must be one real number, got dtype {np.dtype(value.dtype)}")
         if int(getattr(value, "size", 1)) != 1:
             raise InputError(f"{name} must be one number (a 0-d array), got shape {tuple(value.shape)}")
+
+
+def _check_unshared(params: Mapping[str, Any], xp: Any) -> None:
+    """InputError naming two parameters whose arrays share memory: the optimizer updates each by its name, so one
+    array under two names would keep the last name's update only (a tied weight needs one name)."""
+    overlap = getattr(xp, "may_share_memory", None)
+    if overlap is None:
+        return
+    items = list(params.items())
+    for i, (a, pa) in enumerate(items):
+        for b, pb in items[i + 1 :]:
+            if overlap(pa, pb):
+                raise InputError(
+                    f"parameters {a} and {b} share memory; the optimizer updates each parameter by its name, so the "
+                    f"shared array would keep only the last one's update: give each its own array (e.g. .copy())"
+                )

@@ -53,6 +53,7 @@ from ._optim_settings import (
     _check_lr,
     _check_scalar,
     _check_unit,
+    _check_unshared,
     _param_grads,
     _takes_values,
 )
@@ -140,9 +141,11 @@ class Optimizer:
                 raise InputTypeError(f"parameter {k} must be an array of the {be.name} backend, got {type(p).__name__}")
             if not _writable(p):
                 raise InputError(f"parameter {k} is a read-only array; the optimizer updates parameters in place")
+        _check_unshared(params, be.xp)
         if on_nonfinite not in ON_NONFINITE:
             raise InputError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, got {on_nonfinite!r}")
         self.backend = be
+        self._unshared = tuple(map(id, params.values()))  # the arrays last found apart (checked again on a change)
         self.params = params
         self.lr = lr  # checked: the ``lr`` property
         #: the base rate of ``train``'s schedule where its config gives none: the rate built with, or the one
@@ -269,6 +272,9 @@ class Optimizer:
             self.backend.check_native(g, f"gradient {k}")
             if not self.backend.is_native(g):
                 raise InputTypeError(f"gradient {k} must be an array of the {self.backend.name} backend")
+        if tuple(map(id, self.params.values())) != self._unshared:  # an array assigned since: apart from the rest?
+            _check_unshared(self.params, self.backend.xp)
+            self._unshared = tuple(map(id, self.params.values()))
         for k, p in self.params.items():
             if not _writable(p):
                 raise InputError(f"parameter {k} is a read-only array; the optimizer updates parameters in place")
