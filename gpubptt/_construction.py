@@ -189,7 +189,7 @@ class Construction:
         arrays = {k: be.asarray(np.array(host[k])) for k in expected}
         config = ModelConfig(D, H, K, the_cell, L, bidirectional, has_bias, dt)
         model._setup(be, config, arrays)  # Params checks
-        model._set_layers(L, bidirectional, dropout, seed)
+        model._set_dropout(dropout, seed)
         return model
 
     @classmethod
@@ -222,7 +222,7 @@ class Construction:
                 raise ShapeError(f"parameter {k} must have shape {expected[k]} (from the config), got {a.shape}")
         model = cls.__new__(cls)
         model._setup(be, config, {k: be.asarray(np.array(a)) for k, a in host.items()})  # Params checks
-        model._set_layers(config.num_layers, config.bidirectional, dropout, seed)
+        model._set_dropout(dropout, seed)
         return model
 
     @classmethod
@@ -336,6 +336,11 @@ class Construction:
         state = dict(state)
         if "dropout" in state:  # pickled before dropout became a checked property
             state["_dropout"] = state.pop("dropout")
+        if "config" in state:  # pickled while the architecture was plain attributes: the config holds it all
+            state["_config"] = state.pop("config")
+            for name in ("dtype", "cell", "num_layers", "bidirectional", "recurrences"):
+                state.pop(name, None)
+        state["_recurrences"] = tuple(state["_config"].recurrences)
         for name, default in (("batch_first", False), ("use_graphs", True)):  # plain attributes when pickled before
             state.setdefault(f"_{name}", state.pop(name, default))  # they became checked properties (or existed)
         be = get_backend(state.pop("backend")).with_precision(state.pop("precision", "fp32"))

@@ -13,8 +13,9 @@ __all__ = ["Settings"]
 
 
 class Settings:
-    """Read-only sizes (``input_size``, ``hidden_size``, …, ``num_states``) and the settable, checked ``precision``,
-    ``dropout``, ``batch_first`` and ``use_graphs`` (mixed into ``RNN``)."""
+    """The read-only architecture (``config`` and what reads from it: ``cell``, ``dtype``, ``num_layers``, sizes, …,
+    ``num_states``) and the settable, checked ``precision``, ``dropout``, ``batch_first`` and ``use_graphs`` (mixed into
+    ``RNN``)."""
 
     @property
     def use_graphs(self) -> bool:
@@ -66,6 +67,63 @@ class Settings:
         """2 for a bidirectional model, else 1."""
         return 2 if self.bidirectional else 1
 
+    # -- the architecture (read-only: a model of another architecture is another model) ---------------
+    @property
+    def config(self) -> Any:
+        """The architecture (sizes, cell, layers, directions, bias, dtype): what the model is built from
+        (``gpubptt.config.ModelConfig``, frozen). Read-only, as ``cell``, ``dtype``, ``num_layers``,
+        ``bidirectional`` and ``recurrences`` read from it: build a new model for another architecture."""
+        return self._config
+
+    @config.setter
+    def config(self, value: Any) -> None:
+        _read_only("config")
+
+    @property
+    def cell(self) -> Any:
+        """The recurrent cell (``gpubptt.cells``), the config's."""
+        return self._config.cell
+
+    @cell.setter
+    def cell(self, value: Any) -> None:
+        _read_only("cell")
+
+    @property
+    def dtype(self) -> Any:
+        """The parameters' and computations' dtype (float32 or float64), the config's."""
+        return self._config.dtype
+
+    @dtype.setter
+    def dtype(self, value: Any) -> None:
+        _read_only("dtype")
+
+    @property
+    def num_layers(self) -> int:
+        """L, the config's."""
+        return self._config.num_layers
+
+    @num_layers.setter
+    def num_layers(self, value: Any) -> None:
+        _read_only("num_layers")
+
+    @property
+    def bidirectional(self) -> bool:
+        """Whether every layer also runs in reverse, the config's."""
+        return self._config.bidirectional
+
+    @bidirectional.setter
+    def bidirectional(self, value: Any) -> None:
+        _read_only("bidirectional")
+
+    @property
+    def recurrences(self) -> tuple[Any, ...]:
+        """The recurrences in torch's order (layer by layer, forward before reverse), a tuple."""
+        return self._recurrences
+
+    @recurrences.setter
+    def recurrences(self, value: Any) -> None:
+        _read_only("recurrences")
+
     # -- sizes --------------------------------------------------------------------------------
     @property
     def nonlinearity(self) -> str | None:
@@ -101,3 +159,12 @@ class Settings:
     def num_states(self) -> int:
         """L·dirs: the recurrences, the rows of s0 and of the final state."""
         return len(self.recurrences)
+
+
+def _read_only(name: str) -> None:
+    """AttributeError for a write to a part of the architecture: the parameters were built for it, so a file saved
+    or a call made after the change would not match them."""
+    raise AttributeError(
+        f"{name} is part of the model's architecture (model.config) and cannot be set: the parameters were built for "
+        "it; build a new model for another one (gpubptt.RNN(...), or RNN.from_params(params, config=...))"
+    )

@@ -78,7 +78,8 @@ class _Pullback(torch.autograd.Function):
         ctx.save_for_backward(x, h0, c0, *params)  # torch's own check that none of them changed in place since
         ctx.set_materialize_grads(False)  # an output the loss does not use comes back None, not a zeros tensor
         # the forward's weights by their storage: a ``p.data = …`` before backward (no version bump) leaves the saved
-        # Parameter on new data, and torch differentiates at the forward's
+        # Parameter on new data, and torch differentiates at the forward's (the saved ones are unpacked in backward
+        # for torch's check that none was changed in place)
         ctx.state = (pullback, rec, model, device, stream, n, B, H, key, ident, tuple(p.detach() for p in params))
         h, c = out.final_state if lstm else (out.final_state, None)
         c_n = None if c is None else _tensor(c.reshape(n, B, H))
@@ -99,19 +100,15 @@ class _Pullback(torch.autograd.Function):
     def pull(ctx: Any, d_out: Any, d_hn: Any, d_cn: Any) -> tuple:
         """The pullback's gradients as backward returns them: (None, dx, dh0, dc0, *dparams)."""
         pullback, rec, model, device, stream, n, B, H, key, ident, forwards = ctx.state
-        saved = ctx.saved_tensors  # raises torch's error if an input was modified in place since forward
+        _ = ctx.saved_tensors  # torch's error here if an input was modified in place since forward
         need = ctx.needs_input_grad  # (plan, x, h0, c0, *params)
         xp = model.backend.xp
         # the pullback reads model.params when it runs: point them back at this forward's weights, which a later
         # forward (another weight drawn, a Parameter replaced) may have swapped out
         with model.backend.external_stream(stream, device), model._lock:
-            weights = saved[3:]  # the forward's, or copies of them a saved-tensors hook gave back: their own identity
-            now = identity(weights)
-            swapped = [w[0] == f[0] and w != f for w, f in zip(now, ident, strict=True)]  # the same Parameter, new data
-            if any(swapped):
-                weights = tuple(a if s else w for a, w, s in zip(forwards, weights, swapped, strict=True))
-                now = identity(weights)
-            rec._share(key, model, weights, now)
+            # the forward's storage (detached aliases, under the forward's identity: nothing is made again where the
+            # model still views it), whatever a saved-tensors hook gave back or a ``p.data = …`` has put in place since
+            rec._share(key, model, forwards, ident)
             d_states = None if d_out is None else _array(d_out.contiguous(), xp)  # None: zero (only h_n in the loss)
             d_final = None if d_hn is None else _final(d_hn, xp, n, B, H)
             if _carries_c(rec.cell):

@@ -40,7 +40,7 @@ from .engine.losses import chunk_steps, softmax_probs, xent_loss
 from .engine.memory import check_model_size
 from .errors import InputError, InputTypeError, ShapeError
 from .heads import check_head, head_forward
-from .params import Params, recurrences
+from .params import Params
 from .validation import (
     CELLS,
     INITS,
@@ -64,7 +64,7 @@ from .validation import (
 __all__ = ["CELLS", "INITS", "MAX_WORKSPACES", "REDUCTIONS", "RNN", "RNNOutput"]
 
 
-@dataclass
+@dataclass(eq=False)  # equal when the same object: its arrays are the caller's (== on them is elementwise)
 class RNNOutput:
     """What ``RNN.forward`` returns.
 
@@ -167,18 +167,16 @@ class RNN(Construction, Composable, Workspaces, Settings):
                 bounds = the_cell.init_bounds(bases[name], shape, init, H)
             host[name] = rng.uniform(*bounds, size=shape) if bounds else np.zeros(shape)
         self._setup(be, config, {k: be.asarray(v, dtype=dt) for k, v in host.items()})
-        self._set_layers(L, bidirectional, dropout, seed)
+        self._set_dropout(dropout, seed)
         self.init = init
 
     def _setup(self, be: Backend, config: ModelConfig, params: dict[str, Any]) -> None:
         self.backend = be
-        #: The architecture (sizes, cell, layers, directions, bias, dtype): what the model is built from.
-        self.config = config
-        self.dtype = config.dtype
-        self.cell = config.cell
+        self._config = config  # the architecture: ``config``, ``cell``, ``dtype``, … read it (``Settings``)
+        self._recurrences = tuple(config.recurrences)
         self._params = Params(be, config.dtype, config.param_shapes(), params)
         self.init = "custom"
-        self._set_layers(config.num_layers, config.bidirectional, 0.0, None)
+        self._set_dropout(0.0, None)
         self.use_graphs = True
         #: How recurrence steps run where the backend compiles kernels (CuPy). "auto": per shape, the
         #: fastest of cuBLAS + a fused elementwise kernel, one fused step kernel, or one persistent
@@ -199,11 +197,7 @@ class RNN(Construction, Composable, Workspaces, Settings):
         fresh_lock(self)  # re-entrant: a locked call may call another; renewed in a forked child
         self._param_names: dict[Any, list[tuple[str, str]]] = {}  # recurrence_params' names, per recurrence
 
-    def _set_layers(self, num_layers: int, bidirectional: bool, dropout: float, seed: int | None) -> None:
-        self.num_layers = num_layers
-        self.bidirectional = bidirectional
-        #: The recurrences in torch's order (layer by layer, forward before reverse).
-        self.recurrences = recurrences(num_layers, bidirectional)
+    def _set_dropout(self, dropout: float, seed: int | None) -> None:
         #: Dropout probability on the outputs of every layer but the last (``loss_and_grads`` only).
         self.dropout = dropout
         self._dropout_rng = self.backend.random_generator(seed)

@@ -245,10 +245,29 @@ class Params(MutableMapping):
         """``pickle`` (and ``torch.save``) write a plain dict of the arrays, as ``__deepcopy__`` gives one."""
         return dict, (dict(self._arrays),)
 
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """``dict.update``'s arguments (a mapping or (name, array) pairs, and keywords): every entry is checked before
+        any parameter changes, so a refused one leaves them all as they were."""
+        entries = dict(*args, **kwargs)
+        checked = {k: self._checked(k, v) for k, v in entries.items()}
+        self._arrays.update(checked)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to a mapping of the same names whose arrays hold the same values (and shapes)."""
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        xp = self._be.xp
+        return set(other) == set(self._arrays) and all(
+            tuple(getattr(other[k], "shape", ())) == tuple(a.shape) and bool(xp.array_equal(a, other[k]))
+            for k, a in self._arrays.items()
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # a mutable mapping
+
     def replace_all(self, arrays: Mapping[str, Any]) -> None:
         """Assign every parameter at once: all are checked before any is replaced (same names required)."""
         if not isinstance(arrays, Mapping) or set(arrays) != set(self._shapes):
-            got = sorted(arrays) if isinstance(arrays, Mapping) else type(arrays).__name__
+            got = sorted(map(str, arrays)) if isinstance(arrays, Mapping) else type(arrays).__name__
             raise InputError(f"parameters must be given as a mapping with exactly {', '.join(self._shapes)}; got {got}")
         checked = {k: self._checked(k, arrays[k]) for k in self._shapes}
         self._arrays.update(checked)

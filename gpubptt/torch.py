@@ -220,7 +220,13 @@ class Recurrent(torch.nn.Module):
         """(key, the gpubptt model that runs tensors of this device and dtype), built once per key from
         ``params`` (this call's weights in torch's order)."""
         last = self._last
-        if last and last[:2] == (device, dtype) and last[2][3] == self.precision and last[3] == self.backend:
+        if (
+            last
+            and len(last) == 4
+            and last[:2] == (device, dtype)
+            and last[2][3] == self.precision
+            and last[3] == self.backend
+        ):
             return last[2], self._models[last[2]]  # the checks below passed for this pair and backend already
         want = "cupy" if device.type == "cuda" else "numpy"
         if device.type not in ("cpu", "cuda"):

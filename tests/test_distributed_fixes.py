@@ -8,6 +8,8 @@ interrupted ``--distributed`` run named the step of its last save as the one int
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -165,3 +167,29 @@ def test_a_setting_made_on_the_wrappers_reaches_what_they_wrap():
     assert data.chance == 2.0 and "chance" not in vars(sharded)
     sharded.lo = 1  # its own field
     assert sharded.lo == 1 and not hasattr(data, "lo")
+
+
+def test_a_patch_on_the_wrapper_is_undone_on_the_model_and_a_failed_call_draws_no_masks(monkeypatch):
+    from unittest import mock
+
+    model = gpubptt.RNN(D, 5, K, num_layers=2, dropout=0.5, backend="numpy", dtype="float64", seed=0)
+    dp = DataParallel(model, LocalCommunicator(), batch_size=B)
+    with mock.patch.object(dp, "init", "patched"):  # a plain attribute of the model's
+        assert model.init == "patched"
+    assert model.init == "wildml" and "init" not in vars(dp)
+    dp.extra = 1  # a name neither has: set on the model, and deleted there
+    del dp.extra
+    assert not hasattr(model, "extra")
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(T, B, D)), rng.integers(0, K, (T, B))
+    never = DataParallel(copy.deepcopy(model), LocalCommunicator(), batch_size=B)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpubptt.engine.stack.Workspace, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dp.loss_and_grads(x, y)  # the key was drawn from the model's generator before the failure
+    monkeypatch.undo()
+    (loss, grads), (ref, ref_grads) = dp.loss_and_grads(x, y), never.loss_and_grads(x, y)
+    assert float(loss) == float(ref) and all(np.array_equal(grads[k], ref_grads[k]) for k in ref_grads)

@@ -261,3 +261,42 @@ def test_parameters_sharing_memory_are_refused_by_name_before_any_update():
     w = model.params["W"].copy()
     opt.step(grads)
     np.testing.assert_allclose(model.params["W"], w - 0.5 * grads["W"], rtol=1e-6)
+
+
+def test_the_shared_memory_check_sees_a_view_assigned_twice_and_lets_blocks_of_one_buffer_be():
+    model = gpubptt.RNN(4, 4, 3, backend="numpy", seed=0)
+    opt = make_optimizer("sgd", model, lr=0.1)
+    _, grads = model.loss_and_grads(X, X)
+    opt.step(grads)
+    params = model.params
+    params["W"] = params["U"][:]
+    params["W"] = params["U"][:]  # the second view may take the freed first one's id: compared by object, not id
+    with pytest.raises(gpubptt.InputError, match="parameters U and W share memory"):
+        opt.step(grads)
+    big = np.zeros((4, 8), dtype=model.dtype)  # U and W side by side in one buffer: no element in common
+    params["U"], params["W"] = big[:, :4], big[:, 4:]
+    opt.step(grads)
+    np.testing.assert_allclose(big[:, :4], -0.1 * grads["U"], rtol=1e-6)
+    np.testing.assert_allclose(big[:, 4:], -0.1 * grads["W"], rtol=1e-6)
+
+
+def test_an_optimizer_pickled_before_the_shared_memory_check_still_steps():
+    model = gpubptt.RNN(3, 4, 3, backend="numpy", seed=0)
+    opt = make_optimizer("adam", model)
+    state = opt.__getstate__()
+    state.pop("_unshared", None)
+    old = type(opt).__new__(type(opt))
+    old.__setstate__(state)
+    _, grads = old.constrain.__self__.loss_and_grads(X, X)
+    assert old.step(grads).applied and old.t == 1
+
+
+def test_gradients_of_another_library_keep_their_backend_error_and_a_torch_loss_is_read():
+    torch = pytest.importorskip("torch")
+    model = gpubptt.RNN(3, 4, 3, backend="numpy", seed=0)
+    opt = make_optimizer("sgd", model, lr=0.1)
+    loss, grads = model.loss_and_grads(X, X)
+    with pytest.raises(gpubptt.BackendMismatchError, match=r"gradient U is a torch\.Tensor"):
+        opt.step({k: torch.from_numpy(v) for k, v in grads.items()})
+    result = opt.step(grads, loss=torch.tensor(float(loss)))
+    assert result.applied and result.loss == pytest.approx(float(loss))

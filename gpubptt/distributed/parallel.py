@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..dropout import mask_key
+from ..dropout import draw_undone_on_failure, mask_key
 from ..errors import InputError, InputTypeError
 from ..heads import mean_count
 from ..training.loop import TrainConfig, TrainState, evaluate
@@ -84,12 +84,22 @@ def _forward(wrapper: Any, inner: str, name: str) -> Any:
 
 
 def _forward_set(wrapper: Any, inner: str, own: frozenset[str], name: str, value: Any) -> None:
-    """``wrapper.name = value``: the wrapper's own fields (``own``) and what its class defines are its; any other name
-    is the wrapped object's (as reads are: ``_forward``), so a setting made on the wrapper reaches what it wraps."""
-    if name in own or hasattr(type(wrapper), name) or inner not in wrapper.__dict__:
+    """``wrapper.name = value`` (``del wrapper.name`` for ``_DELETE``): the wrapper's own fields (``own``) and what
+    its class defines are its; any other name is the wrapped object's (as reads are: ``_forward``), so a setting made
+    on the wrapper reaches what it wraps (and ``mock.patch`` on the wrapper undoes it there)."""
+    target = wrapper if name in own or hasattr(type(wrapper), name) or inner not in wrapper.__dict__ else None
+    if value is _DELETE:
+        object.__delattr__(wrapper, name) if target is wrapper else delattr(wrapper.__dict__[inner], name)
+    elif target is wrapper:
         object.__setattr__(wrapper, name, value)
     else:
         setattr(wrapper.__dict__[inner], name, value)
+
+
+_DELETE = object()  # ``_forward_set``'s value for a ``del``
+#: the fields DataParallel and ShardedData keep on themselves (every other name is the wrapped object's)
+_PARALLEL_OWN = frozenset({"model", "comm", "batch_size", "check_every", "calls", "lo", "hi"})
+_SHARDED_OWN = frozenset({"data", "global_batch", "lo", "hi", "comm"})
 
 
 def _check_comm(comm: Any) -> None:
@@ -133,7 +143,10 @@ class ShardedData:
         return _forward(self, "data", name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        _forward_set(self, "data", frozenset({"data", "global_batch", "lo", "hi", "comm"}), name, value)
+        _forward_set(self, "data", _SHARDED_OWN, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        _forward_set(self, "data", _SHARDED_OWN, name, _DELETE)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise _uncopyable(self, "data")
@@ -218,8 +231,10 @@ class DataParallel:
         return _forward(self, "model", name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        own = frozenset({"model", "comm", "batch_size", "check_every", "calls", "lo", "hi"})
-        _forward_set(self, "model", own, name, value)
+        _forward_set(self, "model", _PARALLEL_OWN, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        _forward_set(self, "model", _PARALLEL_OWN, name, _DELETE)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise _uncopyable(self, "model")
@@ -332,14 +347,16 @@ class DataParallel:
         self.calls += 1
         budget = (("recompute", recompute), ("max_memory", max_memory))
         drop: dict[str, Any] = {k: v for k, v in budget if v is not None}
-        if dropout_seed is None and self.model.dropout and self.model.num_layers > 1:
-            dropout_seed = self._shared_dropout_key()
-        if dropout_seed is not None:
-            drop.update(dropout_seed=dropout_seed, dropout_offset=self.lo)  # masks of the global streams lo…hi−1
-        out = self.model.loss_and_grads(
-            x, y, s0, lengths=lengths, truncate=truncate, reduction="sum", return_final_state=return_final_state,
-            **drop,
-        )  # fmt: skip
+        drawn = dropout_seed is None and self.model.dropout and self.model.num_layers > 1
+        with draw_undone_on_failure(self.model._dropout_rng if drawn else None):  # a failed call draws no masks
+            if drawn:
+                dropout_seed = self._shared_dropout_key()
+            if dropout_seed is not None:
+                drop.update(dropout_seed=dropout_seed, dropout_offset=self.lo)  # masks of the global streams lo…hi−1
+            out = self.model.loss_and_grads(
+                x, y, s0, lengths=lengths, truncate=truncate, reduction="sum", return_final_state=return_final_state,
+                **drop,
+            )  # fmt: skip
         loss, grads = out[0], out[1]
         be, xp = self.model.backend, self.model.backend.xp
         count = self._count(x, lengths)

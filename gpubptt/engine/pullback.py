@@ -37,7 +37,7 @@ class PullbackError(InputError):
     """A pullback was called a second time (its forward buffers are consumed by the first call)."""
 
 
-@dataclass
+@dataclass(eq=False)  # equal when the same object (== on its arrays is elementwise)
 class VJPOutput:
     """What ``RNN.vjp`` returns beside the pullback: states (T, B, H·dirs) the top layer's outputs
     (zero on padded steps), final_state torch's h_n (L·dirs, B, H) or (B, H) as s0 was (an LSTM's:

@@ -5,6 +5,7 @@ an optimizer's ``constrain`` takes, and a step's arguments (the gradients, the l
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -105,8 +106,6 @@ def _param_grads(params: Mapping[str, Any], grads: Mapping[str, Any]) -> list[tu
             raise InputTypeError(f"gradient {k} must be an array shaped like the parameter, got {type(g).__name__}")
         if tuple(g.shape) != tuple(p.shape):
             raise ShapeError(f"gradient {k} has shape {tuple(g.shape)}, expected {tuple(p.shape)} like the parameter")
-        if np.dtype(g.dtype).kind not in "fiu":
-            raise InputTypeError(f"gradient {k} must hold real numbers (a float array), got dtype {np.dtype(g.dtype)}")
         out.append((k, g))
     return out
 
@@ -119,22 +118,38 @@ def _check_scalar(value: Any, name: str) -> None:
     if isinstance(value, bool) or (not isinstance(value, int | float) and not hasattr(value, "dtype")):
         raise InputTypeError(f"{name} must be one real number (a 0-d array or a float), got {type(value).__name__}")
     if hasattr(value, "dtype"):
-        if np.dtype(value.dtype).kind not in "fiu":
+        kind = _kind(value.dtype)  # None: another library's dtype (a torch tensor): read as before, by NumPy
+        if kind is not None and kind not in "fiu":
             raise InputTypeError(f"{name} must be one real number, got dtype {np.dtype(value.dtype)}")
-        if int(getattr(value, "size", 1)) != 1:
+        if math.prod(tuple(getattr(value, "shape", ()))) != 1:
             raise InputError(f"{name} must be one number (a 0-d array), got shape {tuple(value.shape)}")
+
+
+def _kind(dtype: Any) -> str | None:
+    """A NumPy dtype's kind ("f", "i", "c", …), or None for what NumPy does not read as a dtype."""
+    try:
+        return np.dtype(dtype).kind
+    except TypeError:
+        return None
+
+
+def _check_real(grads: list[tuple[str, Any]]) -> None:
+    """InputTypeError naming the first gradient (a backend array, checked as such already) of no real dtype."""
+    for k, g in grads:
+        if np.dtype(g.dtype).kind not in "fiu":
+            raise InputTypeError(f"gradient {k} must hold real numbers (a float array), got dtype {np.dtype(g.dtype)}")
 
 
 def _check_unshared(params: Mapping[str, Any], xp: Any) -> None:
     """InputError naming two parameters whose arrays share memory: the optimizer updates each by its name, so one
     array under two names would keep the last name's update only (a tied weight needs one name)."""
-    overlap = getattr(xp, "may_share_memory", None)
+    overlap, exact = getattr(xp, "may_share_memory", None), getattr(xp, "shares_memory", None)
     if overlap is None:
         return
     items = list(params.items())
     for i, (a, pa) in enumerate(items):
-        for b, pb in items[i + 1 :]:
-            if overlap(pa, pb):
+        for b, pb in items[i + 1 :]:  # bounds first (cheap), then whether an element is common (blocks of one buffer)
+            if overlap(pa, pb) and (exact is None or exact(pa, pb)):
                 raise InputError(
                     f"parameters {a} and {b} share memory; the optimizer updates each parameter by its name, so the "
                     f"shared array would keep only the last one's update: give each its own array (e.g. .copy())"

@@ -308,7 +308,7 @@ class TextData:
         n = (len(ids) - 1 - offset) // B
         x = ids[offset : offset + B * n].reshape(B, n).T
         y = ids[offset + 1 : offset + 1 + B * n].reshape(B, n).T
-        return np.ascontiguousarray(x), np.ascontiguousarray(y)  # (n, B) each
+        return x.copy(order="C"), y.copy(order="C")  # (n, B) each, the caller's (B = 1 is a view of ids already)
 
     def train_sequence(self, i: int, *, seed: int, batch_size: int, chunk: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Epoch i: the training text cut into B parallel streams, starting at a random offset < chunk.

@@ -24,6 +24,7 @@ a checkpoint continues exactly where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .._io import sigint_deferred
-from ..errors import InputError
+from ..errors import InputError, InputTypeError
 from ..validation import check_positive_int
 from ._optim_settings import LR_MAX, LR_RANGE, in_float_range
 from .optim import NonFiniteError, Optimizer, clip_grad_norm
@@ -334,6 +335,9 @@ def train(
     schedule, or in its warm-up, is refused (InputError): a loaded optimizer holds the last step's scheduled
     rate, not the base.
     """
+    if not isinstance(config, TrainConfig):
+        raise InputTypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    config = dataclasses.replace(config)  # its checks again, on a copy: a field set after construction (steps="3")
     if early_stop is not None:
         if isinstance(early_stop, bool) or not isinstance(early_stop, (int, np.integer)) or early_stop < 1:
             raise InputError(

@@ -51,6 +51,7 @@ from ._optim_settings import (
     _check_decay,
     _check_eps,
     _check_lr,
+    _check_real,
     _check_scalar,
     _check_unit,
     _check_unshared,
@@ -145,7 +146,7 @@ class Optimizer:
         if on_nonfinite not in ON_NONFINITE:
             raise InputError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, got {on_nonfinite!r}")
         self.backend = be
-        self._unshared = tuple(map(id, params.values()))  # the arrays last found apart (checked again on a change)
+        self._unshared: tuple[Any, ...] = tuple(params.values())  # the arrays last found apart (again on a change)
         self.params = params
         self.lr = lr  # checked: the ``lr`` property
         #: the base rate of ``train``'s schedule where its config gives none: the rate built with, or the one
@@ -185,7 +186,7 @@ class Optimizer:
         bound to it), the parameters are the model's: copied together (``copy.deepcopy((model, opt))``, one
         pickle of both), the copy steps the copied model; copied alone, it brings a copy of the model along."""
         be, model = self.backend, getattr(self.constrain, "__self__", None)
-        skip = ("backend", "params", "state", "_scratch", "_next", "_constrain_kind")
+        skip = ("backend", "params", "state", "_scratch", "_next", "_constrain_kind", "_unshared")
         state = {k: v for k, v in self.__dict__.items() if k not in skip}
         state["backend"] = be.name
         host = {slot: {k: np.array(be.to_numpy(a)) for k, a in arrays.items()} for slot, arrays in self.state.items()}
@@ -200,6 +201,7 @@ class Optimizer:
         if "lr" in state:  # a state kept before the rate was a checked property (stored as "_lr")
             state["_lr"] = _check_lr(state.pop("lr"))
         self.__dict__.update(state)
+        self._unshared = ()  # checked again at the first step
         if params is None:  # the model's own parameters (the model travels in ``constrain``)
             model = self.constrain.__self__
             be, params = model.backend, model.params
@@ -272,9 +274,11 @@ class Optimizer:
             self.backend.check_native(g, f"gradient {k}")
             if not self.backend.is_native(g):
                 raise InputTypeError(f"gradient {k} must be an array of the {self.backend.name} backend")
-        if tuple(map(id, self.params.values())) != self._unshared:  # an array assigned since: apart from the rest?
-            _check_unshared(self.params, self.backend.xp)
-            self._unshared = tuple(map(id, self.params.values()))
+        _check_real(pairs)
+        arrays = tuple(self.params.values())
+        if len(arrays) != len(self._unshared) or any(a is not b for a, b in zip(arrays, self._unshared, strict=False)):
+            _check_unshared(self.params, self.backend.xp)  # an array assigned since: apart from the rest?
+            self._unshared = arrays
         for k, p in self.params.items():
             if not _writable(p):
                 raise InputError(f"parameter {k} is a read-only array; the optimizer updates parameters in place")
