@@ -40,6 +40,7 @@ from ._common import (
     layers_or_exit,
     out_of_memory,
     readable_or_exit,
+    stderr_is_terminal,
     stdout_errors,
     usage_error,
     writable_or_exit,
@@ -369,7 +370,7 @@ def bench(
 def _run_with_progress(cfg: BenchConfig, quiet: bool) -> dict:
     """``bench_lib.run_bench``, with a progress bar on a terminal's stderr (unless ``quiet``)."""
     argv = ["gpubptt", *sys.argv[1:]]
-    if sys.stderr.isatty() and not quiet:
+    if stderr_is_terminal() and not quiet:
         from rich.console import Console
         from rich.progress import Progress
 

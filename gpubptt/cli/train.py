@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
@@ -52,6 +51,7 @@ from ._common import (
     readable_or_exit,
     reflowed_help,
     restore_sigint,
+    stderr_is_terminal,
     stdout_errors,
     usage_error,
     writable_or_exit,
@@ -467,7 +467,7 @@ def train(
         for note in run.notes:
             typer.echo(f"note: {note}", err=True)
     reporter = TrainReporter(
-        run, checkpoint, resumed=resume, interactive=sys.stderr.isatty() and comm.rank == 0
+        run, checkpoint, resumed=resume, interactive=stderr_is_terminal() and comm.rank == 0
     )  # fmt: skip
     if dp is not None:
         reporter.main, reporter.token_scale = comm.rank == 0, run.config.batch_size / dp.local_batch
