@@ -127,3 +127,30 @@ def test_version_to_a_closed_stdout_is_one_error_line(tmp_path):
     assert r.returncode == 1
     assert r.stderr == "error: could not write to stdout: stdout is closed\n"
 
+
+def test_stack_report_of_an_overflowing_relu_stack_names_the_norms_non_finite():
+    """W scaled to ρ = 1e30: products of 11 such steps overflow float64 (1e330), which the SVD cannot take."""
+    import numpy as np
+
+    import gpubptt
+    from gpubptt.diagnostics.stack import stack_report, with_radius
+
+    T, B = 12, 2
+    model = gpubptt.RNN(4, 6, 4, num_layers=2, nonlinearity="relu", backend="numpy", dtype="float64", seed=0)
+    model = with_radius(model, 1e30)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 4, (T, B)), rng.integers(0, 4, (T, B))
+    with np.errstate(all="ignore"):
+        report = stack_report(model, x, y)
+    top = report.through_stack.per_layer[1].norms
+    assert top[0] == pytest.approx(1.0)  # ∂s^top_end/∂s^top_end is the identity
+    assert not np.isfinite(top[-1]) and not np.isfinite(report.through_stack.per_layer[0].norms[-1])
+
+
+@needs_shell
+def test_vanish_of_an_overflowing_relu_stack_prints_its_table(tmp_path):
+    args = ["vanish", "--layers", "2", "--nonlinearity", "relu", "--scale", "1e30", "--seq-len", "12", "--hidden", "6"]
+    r = _sh([*args, "--vocab", "4", "--batch", "2"], "", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "LinAlgError" not in r.stderr
+    assert "top←l horizon" in r.stdout
