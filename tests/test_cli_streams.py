@@ -154,3 +154,27 @@ def test_vanish_of_an_overflowing_relu_stack_prints_its_table(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr and "LinAlgError" not in r.stderr
     assert "top←l horizon" in r.stdout
+
+
+@pytest.mark.parametrize("name", ["victim.npz", "renamed.bin"])
+def test_bench_refuses_an_output_that_is_an_existing_numpy_archive(tmp_path, name):
+    import numpy as np
+
+    np.savez(tmp_path / "victim.npz", W=np.eye(3))  # a checkpoint stands in: any NumPy archive
+    (tmp_path / "victim.npz").rename(tmp_path / name)
+    before = (tmp_path / name).read_bytes()
+    r = _sh([*BENCH, "--output", name], "", tmp_path)
+    assert r.returncode == 2
+    assert r.stderr == (
+        f"error: --output {name!r} exists and is a NumPy or zip archive (a checkpoint?); bench would replace it "
+        "with its results: give --output a .json, .csv or table file name, or remove that file first\n"
+    )
+    assert r.stdout == ""
+    assert (tmp_path / name).read_bytes() == before
+
+
+def test_bench_still_replaces_earlier_results(tmp_path):
+    (tmp_path / "old.json").write_text("{}")
+    r = _sh([*BENCH, "-q", "--output", "old.json"], "", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert '"schema": "gpubptt.bench/1"' in (tmp_path / "old.json").read_text()

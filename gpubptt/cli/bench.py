@@ -242,7 +242,8 @@ def bench(
         Path | None,
         typer.Option(
             help="Write the result to this file (atomically, in --format); the table still prints on stdout "
-            "unless --quiet. Its folder is checked for writing before any work."
+            "unless --quiet. Its folder is checked for writing before any work; an existing .npz or other "
+            "NumPy or zip file (a checkpoint) is refused, not replaced."
         ),
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a log-log PNG of time vs T and vs H here.")] = None,
@@ -287,6 +288,7 @@ def bench(
         raise usage_error("--compare naive times the one-layer textbook code: it needs --layers 1, one direction")
     if input is InputChoice.tokens and input_size is not None:
         raise typer.BadParameter("--input-size applies to --input dense; with tokens D = --vocab")
+    _not_an_archive_or_exit(output)
     output, plot = writable_or_exit(output, "--output"), writable_or_exit(plot, "--plot")
     distinct_or_exit({"--output": output, "--plot": plot})
     if format is None:
@@ -365,6 +367,23 @@ def bench(
     for note in result["notes"]:
         say(f"note: {note}")
     _report_bench(result, output, plot, format.value, quiet, say)
+
+
+def _not_an_archive_or_exit(output: Path | None) -> None:
+    """A usage error for an --output that exists and is a .npz or another NumPy or zip file (a checkpoint, most
+    likely): bench's table, JSON or CSV would replace it. Other existing files (earlier results) are replaced."""
+    if output is None or not output.is_file():
+        return
+    try:
+        with open(output, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        head = b""  # unreadable: the probe of its folder and the write say what is wrong
+    if output.suffix.lower() == ".npz" or head.startswith((b"PK\x03\x04", b"\x93NUMPY")):
+        raise usage_error(
+            f"--output {str(output)!r} exists and is a NumPy or zip archive (a checkpoint?); bench would replace it "
+            "with its results: give --output a .json, .csv or table file name, or remove that file first"
+        )
 
 
 def _run_with_progress(cfg: BenchConfig, quiet: bool) -> dict:
