@@ -288,8 +288,8 @@ def bench(
         raise usage_error("--compare naive times the one-layer textbook code: it needs --layers 1, one direction")
     if input is InputChoice.tokens and input_size is not None:
         raise typer.BadParameter("--input-size applies to --input dense; with tokens D = --vocab")
-    _not_an_archive_or_exit(output)
-    output, plot = writable_or_exit(output, "--output"), writable_or_exit(plot, "--plot")
+    given, output, plot = output, writable_or_exit(output, "--output"), writable_or_exit(plot, "--plot")
+    _not_an_archive_or_exit(output, given)
     distinct_or_exit({"--output": output, "--plot": plot})
     if format is None:
         suffix = output.suffix.lower().lstrip(".") if output else ""
@@ -369,9 +369,10 @@ def bench(
     _report_bench(result, output, plot, format.value, quiet, say)
 
 
-def _not_an_archive_or_exit(output: Path | None) -> None:
+def _not_an_archive_or_exit(output: Path | None, given: Path | None) -> None:
     """A usage error for an --output that exists and is a .npz or another NumPy or zip file (a checkpoint, most
-    likely): bench's table, JSON or CSV would replace it. Other existing files (earlier results) are replaced."""
+    likely): bench's table, JSON or CSV would replace it. Other existing files (earlier results) are replaced.
+    ``output``: the checked path (links resolved); ``given``: as the user wrote it, for the message."""
     if output is None or not output.is_file():
         return
     try:
@@ -381,7 +382,7 @@ def _not_an_archive_or_exit(output: Path | None) -> None:
         head = b""  # unreadable: the probe of its folder and the write say what is wrong
     if output.suffix.lower() == ".npz" or head.startswith((b"PK\x03\x04", b"\x93NUMPY")):
         raise usage_error(
-            f"--output {str(output)!r} exists and is a NumPy or zip archive (a checkpoint?); bench would replace it "
+            f"--output {str(given)!r} exists and is a NumPy or zip archive (a checkpoint?); bench would replace it "
             "with its results: give --output a .json, .csv or table file name, or remove that file first"
         )
 
