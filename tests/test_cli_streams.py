@@ -178,3 +178,87 @@ def test_bench_still_replaces_earlier_results(tmp_path):
     r = _sh([*BENCH, "-q", "--output", "old.json"], "", tmp_path)
     assert r.returncode == 0, r.stderr
     assert '"schema": "gpubptt.bench/1"' in (tmp_path / "old.json").read_text()
+
+
+class _FreeSpace:
+    """What ``os.statvfs`` answers for a disk with ``free`` bytes left."""
+
+    def __init__(self, free: int) -> None:
+        self.f_bavail, self.f_frsize = free, 1
+
+
+def _invoke(args: list[str]):
+    from typer.testing import CliRunner
+
+    from gpubptt.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+def test_train_refuses_a_disk_without_room_for_its_checkpoint_pair(tmp_path, monkeypatch):
+    # the files of a real run of the same settings: the last model, the best, and a temporary of each per save
+    ref = _invoke([*TRAIN, "--checkpoint", str(tmp_path / "ref.npz")])
+    assert ref.exit_code == 0, ref.output
+    needed = 2 * ((tmp_path / "ref.npz").stat().st_size + (tmp_path / "ref.best.npz").stat().st_size)
+    ck = tmp_path / "ck.npz"
+    monkeypatch.setattr(os, "statvfs", lambda folder: _FreeSpace(needed - 1))
+    r = _invoke([*TRAIN, "--checkpoint", str(ck)])
+    assert r.exit_code == 2
+    assert r.output.startswith(f"error: --checkpoint {str(ck)!r}: {os.path.realpath(tmp_path)!r} has ")
+    assert "the checkpoint and its best file need about" in r.output and "free some space" in r.output
+    assert not ck.exists() and not (tmp_path / "ck.best.npz").exists()
+    monkeypatch.setattr(os, "statvfs", lambda folder: _FreeSpace(1 << 30))
+    r = _invoke([*TRAIN, "--checkpoint", str(ck)])
+    assert r.exit_code == 0, r.output
+
+
+def _failing_save(monkeypatch, after: int) -> None:
+    """Make every checkpoint save after the first ``after`` fail as on a full disk."""
+    import errno
+
+    from gpubptt.cli import _train_report
+
+    real, calls = _train_report.save_run, []
+
+    def save_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_train_report, "save_run", save_run)
+
+
+def test_a_failed_save_at_an_evaluation_says_which_step_the_checkpoint_keeps(tmp_path, monkeypatch):
+    ck = tmp_path / "ck.npz"
+    _failing_save(monkeypatch, after=1)  # the save at step 2 is written, the one at step 4 fails
+    r = _invoke([*TRAIN, "--steps", "4", "--eval-every", "2", "--checkpoint", str(ck)])
+    assert r.exit_code == 1
+    assert "No space left on device" in r.output
+    assert f"{str(ck)!r} keeps step 2" in r.output
+
+
+def test_a_failed_final_save_of_a_resumed_run_says_which_step_the_checkpoint_keeps(tmp_path, monkeypatch):
+    ck = tmp_path / "ck.npz"
+    assert _invoke([*TRAIN, "--checkpoint", str(ck)]).exit_code == 0
+    _failing_save(monkeypatch, after=0)
+    r = _invoke(["train", "--resume", "--steps", "4", "--checkpoint", str(ck)])
+    assert r.exit_code == 1
+    assert "No space left on device" in r.output
+    assert f"{str(ck)!r} keeps step 2" in r.output
+
+
+def test_a_failed_plot_says_that_the_checkpoint_was_saved(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import errno
+
+    from gpubptt import plots
+
+    def plot_history(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plots, "plot_history", plot_history)
+    ck, png = tmp_path / "ck.npz", tmp_path / "loss.png"
+    r = _invoke([*TRAIN, "--checkpoint", str(ck), "--plot", str(png)])
+    assert r.exit_code == 1
+    assert f"could not write plot {str(png)!r}: No space left on device; {str(ck)!r} keeps step 2" in r.output
