@@ -5,7 +5,9 @@ results) before it starts: the folder exists, is a folder, and really takes a ne
 temporary file is created, written, fsync'ed and removed there: ``os.access`` says yes to root even
 on a read-only mount and knows nothing of a full disk), and the target itself is not a folder.
 ``check_regular_file`` refuses a folder, a device or a pipe given as an input file. Both first run
-``check_path``: no name longer than the file system takes, no symbolic link that loops. ``check_distinct``
+``check_path``: no name longer than the file system takes, no symbolic link that loops. ``check_space``
+compares the free space of a destination's file system with what a command will write there (``train``:
+its checkpoint and best file, from the sizes of the model and optimizer state). ``check_distinct``
 refuses two outputs of one command (or an output and an input, or stdout) that are one file after links
 and ``..``. ``write_error`` words an OSError of a write (files themselves are written whole or not at
 all by ``_io.write_atomic``).
@@ -19,12 +21,20 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["DestinationError", "check_distinct", "check_path", "check_regular_file", "check_writable", "write_error"]
+__all__ = [
+    "DestinationError",
+    "check_distinct",
+    "check_path",
+    "check_regular_file",
+    "check_space",
+    "check_writable",
+    "write_error",
+]
 
 
 #: Bytes the probe writes: enough that a disk with no free block refuses it, small enough to cost nothing.
@@ -155,6 +165,41 @@ def check_writable(path: str | os.PathLike[str], option: str) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(probe)
     return p
+
+
+def check_space(targets: Sequence[str | os.PathLike[str]], size: int, option: str, what: str) -> None:
+    """DestinationError when a file system of ``targets`` lacks the room to keep a file of about ``size`` bytes at
+    each target, saved again and again; ``what`` names the files in the message ("the checkpoint and its best file").
+
+    A save writes a whole temporary before the old file is replaced (``_io.write_atomic``): each target needs room
+    for itself and for the temporary of its next save, 2·size, less what a file already there holds (up to size,
+    freed at each replace). Targets on one file system add up. Where the free space cannot be read (no
+    ``os.statvfs``), nothing is refused: the probe (``check_writable``) and the writes decide.
+    """
+    from .engine.memory import format_bytes
+
+    need: dict[int, list] = {}  # device → [bytes needed, bytes available, folder]
+    for target in targets:
+        real = os.path.realpath(target)  # a link is written through: the space is where its file is
+        folder = os.path.dirname(real)
+        try:
+            vfs, device = os.statvfs(folder), os.stat(folder).st_dev
+        except (AttributeError, OSError):
+            continue
+        try:
+            old = os.stat(real).st_size
+        except OSError:
+            old = 0
+        entry = need.setdefault(device, [0, vfs.f_bavail * vfs.f_frsize, folder])
+        entry[0] += 2 * size - min(old, size)
+    for needed, available, folder in need.values():
+        if needed > available:
+            raise DestinationError(
+                f"{option}: {folder!r} has {format_bytes(available)} free, but {what} need about "
+                f"{format_bytes(needed)} there (about {format_bytes(size)} each, and as much again for the "
+                "temporary copy each save writes before replacing the file); free some space or choose a "
+                "folder on another disk"
+            )
 
 
 def check_regular_file(path: str | os.PathLike[str], option: str) -> Path:

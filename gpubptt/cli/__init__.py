@@ -9,11 +9,12 @@ stderr.
 from __future__ import annotations
 
 from . import bench, sample, train, vanish  # noqa: F401  (each module registers its commands on the app)
-from ._common import app
+from ._common import app, settle_streams
 
 __all__ = ["app", "main"]
 
 
 def main() -> None:
     """Entry point of the ``gpubptt`` console script."""
+    settle_streams()
     app()

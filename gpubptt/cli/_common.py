@@ -7,6 +7,7 @@ import contextlib
 import errno
 import functools
 import inspect
+import io
 import os
 import re
 import signal
@@ -71,12 +72,37 @@ class _HelpCommand(typer.core.TyperCommand):
     def format_help(self, ctx: Any, formatter: Any) -> None:
         super(typer.core.TyperCommand, self).format_help(ctx, formatter)  # click's layout, not the rich panels
 
+    def get_help_option(self, ctx: Any) -> Any:
+        return _help_answered(super().get_help_option(ctx))
+
 
 class _HelpGroup(typer.core.TyperGroup):
     """The group's ``--help`` in the same plain layout as its commands' (``_HelpCommand``)."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         super(typer.core.TyperGroup, self).format_help(ctx, formatter)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _help_answered(super().get_help_option(ctx))
+
+
+def _help_answered(option: Any) -> Any:
+    """The ``--help`` option, its printing answered as a result's is (``stdout_failure``): a stdout that cannot
+    be written is one ``error:`` line and exit 1, not an OS traceback; a closed one (``>&-``) too."""
+    if option is None or getattr(option, "_answered", False):
+        return option
+    show = option.callback
+
+    def answered(ctx: Any, param: Any, value: Any) -> Any:
+        if value and sys.stdout is None:
+            raise stdout_failure(StdoutFailed(OSError(errno.EBADF, "stdout is closed")))
+        try:
+            return show(ctx, param, value)
+        except OSError as exc:
+            raise stdout_failure(StdoutFailed(exc)) from exc
+
+    option.callback, option._answered = answered, True
+    return option
 
 
 class _App(typer.Typer):
@@ -109,7 +135,10 @@ DtypeChoice = choices("DtypeChoice", DTYPES)
 
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"gpubptt {__version__}")
+        try:
+            echo_out(f"gpubptt {__version__}")
+        except StdoutFailed as exc:
+            raise stdout_failure(exc) from exc
         raise typer.Exit()
 
 
@@ -189,13 +218,90 @@ def stdout_errors(command):
         try:
             return command(*args, **kwargs)
         except StdoutFailed as exc:
-            _silence_stdout()
-            if not isinstance(exc.error, BrokenPipeError):
-                kept = f"; {exc.kept}" if exc.kept else ""
-                typer.echo(f"error: could not write to stdout: {exc}{kept}", err=True)
-            raise typer.Exit(exc.code) from exc
+            raise stdout_failure(exc) from exc
 
     return run
+
+
+def stdout_failure(exc: StdoutFailed) -> typer.Exit:
+    """Say that stdout could not be written (``error: could not write to stdout: ...``, and what was kept;
+    nothing for a reader that went away); return the Exit to raise."""
+    _silence_stdout()
+    if not isinstance(exc.error, BrokenPipeError):
+        kept = f"; {exc.kept}" if exc.kept else ""
+        typer.echo(f"error: could not write to stdout: {exc}{kept}", err=True)
+    return typer.Exit(exc.code)
+
+
+def stderr_is_terminal() -> bool:
+    """Whether stderr is a terminal (a progress bar then), False where it is closed (``2>&-``: None)."""
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+class _SparedStderr(io.TextIOBase):
+    """sys.stderr whose failures end nothing: progress and notes are not results, so a run whose stderr is
+    gone (``2>/dev/full``, ``2>&1 | head -1``) goes on silently. At the first failure stderr's descriptor
+    is pointed at the null device, so that what is still buffered cannot fail again (at exit neither)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, s: str) -> int:
+        try:
+            return self.stream.write(s)
+        except OSError:
+            self._silence()
+            return len(s)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError:
+            self._silence()
+
+    def _silence(self) -> None:
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.flush()
+
+    def isatty(self) -> bool:
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            return self.stream.isatty()
+        return False
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return getattr(self.stream, "errors", None)
+
+
+def settle_streams() -> None:
+    """Before a command runs (the console script): text that stdout's or stderr's encoding cannot hold
+    (ρ, ∂, × under ``PYTHONIOENCODING=latin-1``) is written as ``\\u03c1`` escapes, not a UnicodeEncodeError;
+    stderr's failures end nothing (``_SparedStderr``); a closed stderr (``2>&-``) becomes the null device,
+    which also keeps its descriptor from being reused by a file the command writes."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # stderr for the whole process
+    elif not isinstance(sys.stderr, _SparedStderr):
+        sys.stderr = _SparedStderr(sys.stderr)
 
 
 def backend_or_exit(name: str) -> Backend:

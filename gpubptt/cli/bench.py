@@ -40,6 +40,7 @@ from ._common import (
     layers_or_exit,
     out_of_memory,
     readable_or_exit,
+    stderr_is_terminal,
     stdout_errors,
     usage_error,
     writable_or_exit,
@@ -241,7 +242,8 @@ def bench(
         Path | None,
         typer.Option(
             help="Write the result to this file (atomically, in --format); the table still prints on stdout "
-            "unless --quiet. Its folder is checked for writing before any work."
+            "unless --quiet. Its folder is checked for writing before any work; an existing .npz or other "
+            "NumPy or zip file (a checkpoint) is refused, not replaced."
         ),
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a log-log PNG of time vs T and vs H here.")] = None,
@@ -286,7 +288,8 @@ def bench(
         raise usage_error("--compare naive times the one-layer textbook code: it needs --layers 1, one direction")
     if input is InputChoice.tokens and input_size is not None:
         raise typer.BadParameter("--input-size applies to --input dense; with tokens D = --vocab")
-    output, plot = writable_or_exit(output, "--output"), writable_or_exit(plot, "--plot")
+    given, output, plot = output, writable_or_exit(output, "--output"), writable_or_exit(plot, "--plot")
+    _not_an_archive_or_exit(output, given)
     distinct_or_exit({"--output": output, "--plot": plot})
     if format is None:
         suffix = output.suffix.lower().lstrip(".") if output else ""
@@ -366,10 +369,28 @@ def bench(
     _report_bench(result, output, plot, format.value, quiet, say)
 
 
+def _not_an_archive_or_exit(output: Path | None, given: Path | None) -> None:
+    """A usage error for an --output that exists and is a .npz or another NumPy or zip file (a checkpoint, most
+    likely): bench's table, JSON or CSV would replace it. Other existing files (earlier results) are replaced.
+    ``output``: the checked path (links resolved); ``given``: as the user wrote it, for the message."""
+    if output is None or not output.is_file():
+        return
+    try:
+        with open(output, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        head = b""  # unreadable: the probe of its folder and the write say what is wrong
+    if output.suffix.lower() == ".npz" or head.startswith((b"PK\x03\x04", b"\x93NUMPY")):
+        raise usage_error(
+            f"--output {str(given)!r} exists and is a NumPy or zip archive (a checkpoint?); bench would replace it "
+            "with its results: give --output a .json, .csv or table file name, or remove that file first"
+        )
+
+
 def _run_with_progress(cfg: BenchConfig, quiet: bool) -> dict:
     """``bench_lib.run_bench``, with a progress bar on a terminal's stderr (unless ``quiet``)."""
     argv = ["gpubptt", *sys.argv[1:]]
-    if sys.stderr.isatty() and not quiet:
+    if stderr_is_terminal() and not quiet:
         from rich.console import Console
         from rich.progress import Progress
 

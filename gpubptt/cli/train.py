@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Annotated
 import typer
 
 from .. import plots
+from .._paths import DestinationError, check_space
 from ..cells import NONLINEARITIES
 from ..errors import InputError
 from ..model import CELLS, INITS
@@ -52,6 +52,7 @@ from ._common import (
     readable_or_exit,
     reflowed_help,
     restore_sigint,
+    stderr_is_terminal,
     stdout_errors,
     usage_error,
     writable_or_exit,
@@ -105,6 +106,26 @@ def _destinations_or_exit(checkpoint: Path, plot: Path | None, data: Path | None
         {"--data": data, "--val-data": val_data},
     )
     return best
+
+
+#: What a checkpoint holds beyond its arrays' bytes: the description (JSON) and the zip and .npy headers
+CHECKPOINT_OVERHEAD = 16 << 10
+MEMBER_OVERHEAD = 512
+
+
+def checkpoint_bytes(run) -> int:
+    """About the size of one checkpoint of ``run`` at its last step: parameters, optimizer state, carried state
+    (counted whether or not this run carries one), the history of every step and evaluation, the vocabulary.
+    gpubptt stores arrays uncompressed, so their bytes are the file's, give or take the headers."""
+    m, config = run.model, run.config
+    arrays = [*m.params.values(), *(a for slot in run.optimizer.state.values() for a in slot.values())]
+    size = sum(int(a.nbytes) for a in arrays)
+    dirs = 2 if m.bidirectional else 1
+    size += 2 * m.num_layers * dirs * config.batch_size * m.hidden_size * m.dtype.itemsize  # (h, c) of an LSTM
+    evals = config.steps // max(config.eval_every, 1) + 2
+    size += 8 * (4 * config.steps + 3 * evals)  # step, loss, grad_norm, lr; eval_step, eval_loss, eval_accuracy
+    size += 8 * run.data.output_size  # the vocabulary of a text run
+    return size + CHECKPOINT_OVERHEAD + MEMBER_OVERHEAD * (len(arrays) + 16)
 
 
 def _early_stop_or_exit(early_stop: int | None, eval_every: int | None) -> None:
@@ -165,7 +186,7 @@ def _train_or_exit(run, dp, reporter, checkpoint: Path, be, *, budget: int | Non
         try:
             reporter.save()
         except Failed as failed:
-            typer.echo(f"interrupted at step {state.step}\nerror: {failed}", err=True)
+            typer.echo(f"interrupted at step {state.step}\nerror: {failed}; {reporter.kept()}", err=True)
             raise typer.Exit(failed.code) from exc
         except KeyboardInterrupt:  # a second Ctrl-C while saving: the write is atomic, the file is whole
             typer.echo(f"interrupted at step {state.step}, and again while saving; {reporter.kept()}", err=True)
@@ -188,9 +209,9 @@ def _train_or_exit(run, dp, reporter, checkpoint: Path, be, *, budget: int | Non
             err=True,
         )
         raise typer.Exit(1) from exc
-    except Failed as exc:
+    except Failed as exc:  # a failed save at an evaluation: the file holds the previous save's step
         reporter.stop()
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {exc}; {reporter.kept()}", err=True)
         raise typer.Exit(exc.code) from exc
     except MemoryError as exc:
         reporter.stop()
@@ -224,8 +245,8 @@ def _finish(run, reporter, checkpoint: Path, best: Path, plot: Path | None, *, r
             reporter.save()
         if plot is not None and reporter.main:
             write_png(plot, "plot", lambda path: plots.plot_history(path, run.history, **reporter.plot_labels()))
-    except Failed as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except Failed as exc:  # the final save (the file holds the last save's step), or the plot after it
+        typer.echo(f"error: {exc}; {reporter.kept()}", err=True)
         raise typer.Exit(exc.code) from exc
     except KeyboardInterrupt as exc:  # during the final save (held until it was done) or the plot
         typer.echo(f"interrupted after step {state.step}, while saving; {reporter.kept()}", err=True)
@@ -446,6 +467,12 @@ def train(
         raise usage_error(
             f"--precision {precision.value} rounds float32 GEMMs; the checkpoint's model is {run.model.dtype.name}"
         )
+    if comm.rank == 0:  # the rank that writes: room for the checkpoint pair, or no training to lose at its end
+        try:
+            check_space([checkpoint, best], checkpoint_bytes(run), f"--checkpoint {str(checkpoint)!r}",
+                        "the checkpoint and its best file")  # fmt: skip
+        except DestinationError as exc:
+            raise usage_error(str(exc)) from exc
 
     # what every rank must share: the options given, and what they resolved to (a resumed rank's settings come
     # from its own checkpoint file), so that no rank trains on other settings, or stops at another step, silently
@@ -467,7 +494,7 @@ def train(
         for note in run.notes:
             typer.echo(f"note: {note}", err=True)
     reporter = TrainReporter(
-        run, checkpoint, resumed=resume, interactive=sys.stderr.isatty() and comm.rank == 0
+        run, checkpoint, resumed=resume, interactive=stderr_is_terminal() and comm.rank == 0
     )  # fmt: skip
     if dp is not None:
         reporter.main, reporter.token_scale = comm.rank == 0, run.config.batch_size / dp.local_batch

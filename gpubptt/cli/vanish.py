@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -34,6 +33,7 @@ from ._common import (
     quiet_numerics,
     readable_or_exit,
     reflowed_help,
+    stderr_is_terminal,
     stdout_errors,
     usage_error,
     writable_or_exit,
@@ -165,7 +165,7 @@ def _write_plot(plot: Path, draw) -> None:
 @contextlib.contextmanager
 def _vanish_progress(n: int, per: int = len(diagnostics.VANISH_STAGES)):
     """A ``vanish_sweep`` progress callback: a transient bar on a terminal, else one stderr line per radius."""
-    if sys.stderr.isatty():
+    if stderr_is_terminal():
         from rich.console import Console
         from rich.progress import Progress
 

@@ -233,7 +233,12 @@ def _through_stack(model: RNN, F: list[Any], threshold: float) -> ThroughStack:
 
     def visit(j: int, layer: int, a: Any) -> None:
         J = to_host(a).reshape(H, B, H).transpose(1, 0, 2)  # (B, H, H): rows ∂s^top_end[i]/∂s^l_j
-        sv = np.linalg.svd(J, compute_uv=False)[:, 0]  # the spectral norm of each example's Jacobian
+        # an overflowed Jacobian (relu, a huge W) never reaches the SVD, which does not converge on it: its norm
+        # is inf, or nan where it holds a NaN, as the one-layer products report it
+        finite = np.isfinite(J).all(axis=(1, 2))
+        sv = np.where(np.isnan(J).any(axis=(1, 2)), np.nan, np.inf)
+        if finite.any():
+            sv[finite] = np.linalg.svd(J[finite], compute_uv=False)[:, 0]  # the spectral norm of each example's
         with np.errstate(divide="ignore"):  # an exactly-zero Jacobian (relu) is log −inf, left out of the fit
             logs[layer, end - j] = np.log(sv).mean()
 
