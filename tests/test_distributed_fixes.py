@@ -191,5 +191,7 @@ def test_a_patch_on_the_wrapper_is_undone_on_the_model_and_a_failed_call_draws_n
     with pytest.raises(KeyboardInterrupt):
         dp.loss_and_grads(x, y)  # the key was drawn from the model's generator before the failure
     monkeypatch.undo()
+    with pytest.raises(gpubptt.InputError, match="every length of the global batch"):
+        dp.loss_and_grads(x, y, lengths=np.zeros(B, dtype=np.int64), reduction="mean")  # refused after the draw
     (loss, grads), (ref, ref_grads) = dp.loss_and_grads(x, y), never.loss_and_grads(x, y)
     assert float(loss) == float(ref) and all(np.array_equal(grads[k], ref_grads[k]) for k in ref_grads)

@@ -126,3 +126,22 @@ def test_a_train_config_field_set_after_construction_is_checked_when_training_st
     with pytest.raises(gpubptt.InputError, match=words):
         train(model, data, opt, config)
     assert opt.t == 0 and all(np.array_equal(v, before[k]) for k, v in model.params.items())
+
+
+def test_a_cell_is_fixed_once_built_so_a_model_runs_what_its_config_says():
+    """``m.cell.nonlinearity = "sigmoid"`` was accepted: the model ran tanh, its save failed; "relu" ran relu while
+    ``config`` and copies (sharing the cell) said tanh; an IndRNN's ``max_weight = -1`` flipped its weights."""
+    from gpubptt.cells import make_cell
+
+    model = _model()
+    with pytest.raises(AttributeError, match=r"a cell is fixed once built .*'nonlinearity'"):
+        model.cell.nonlinearity = "relu"
+    ind = gpubptt.RNN(3, 5, 4, cell="indrnn", init="torch", seed=0, backend="numpy")
+    with pytest.raises(AttributeError, match="'max_weight'"):
+        ind.cell.max_weight = -1.0
+    with pytest.raises(AttributeError, match="tried to delete 'nonlinearity'"):
+        del model.cell.nonlinearity
+    cell = make_cell("rnn", nonlinearity="relu")
+    assert {cell: 1}[make_cell("rnn", nonlinearity="relu")] == 1  # a dict key that stays what it was
+    assert copy.deepcopy(cell) == cell and pickle.loads(pickle.dumps(cell)) == cell
+    assert model.cell.nonlinearity == model.config.cell.nonlinearity == "tanh"

@@ -300,3 +300,7 @@ def test_gradients_of_another_library_keep_their_backend_error_and_a_torch_loss_
         opt.step({k: torch.from_numpy(v) for k, v in grads.items()})
     result = opt.step(grads, loss=torch.tensor(float(loss)))
     assert result.applied and result.loss == pytest.approx(float(loss))
+    for bad in (torch.tensor(1 + 1j), torch.tensor(True)):
+        with pytest.raises(gpubptt.InputTypeError, match="loss must be one real number, got dtype torch"):
+            opt.step(grads, loss=bad)
+    assert opt.t == 1

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from abc import ABC, abstractmethod
+from abc import ABCMeta, abstractmethod
 from typing import Any, ClassVar
 
 import numpy as np
@@ -36,7 +36,18 @@ INITS = ("wildml", "torch")
 _REGISTRY: dict[str, type[Cell]] = {}
 
 
-class Cell(ABC):
+class _FixedOnceBuilt(ABCMeta):
+    """Cells are fixed once their constructor returns (``Cell.__setattr__``): a model's architecture holds its cell,
+    and a cell is its class and options (its hash too), so an option changed on a live cell would change what a
+    model computes without its config, copies or checkpoints saying so."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        cell = super().__call__(*args, **kwargs)
+        object.__setattr__(cell, "_built", True)
+        return cell
+
+
+class Cell(metaclass=_FixedOnceBuilt):
     """A recurrent cell: its identity, parameters, init, buffers, recurrences, step Jacobian and FLOPs.
 
     Class attributes (override what differs): ``option`` (the ``cell=`` name), ``name`` (the name a
@@ -60,6 +71,20 @@ class Cell(ABC):
     nonlinearity: str | None = None
 
     # -- identity: a cell is its class and its options --------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Set in the constructor only: a built cell is fixed (AttributeError naming how to get another)."""
+        if self.__dict__.get("_built"):
+            raise AttributeError(
+                f"a cell is fixed once built (tried to set {name!r} on {self!r}): build another, e.g. "
+                f"make_cell({self.option!r}, ...), and a model with it"
+            )
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if self.__dict__.get("_built"):
+            raise AttributeError(f"a cell is fixed once built (tried to delete {name!r} from {self!r})")
+        object.__delattr__(self, name)
+
     def options(self) -> dict[str, Any]:
         """The cell's options beyond the class (``nonlinearity`` for the Elman cell); {} for none."""
         return {}

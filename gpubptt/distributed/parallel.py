@@ -348,7 +348,8 @@ class DataParallel:
         budget = (("recompute", recompute), ("max_memory", max_memory))
         drop: dict[str, Any] = {k: v for k, v in budget if v is not None}
         drawn = dropout_seed is None and self.model.dropout and self.model.num_layers > 1
-        with draw_undone_on_failure(self.model._dropout_rng if drawn else None):  # a failed call draws no masks
+        # a failed call (refused, or a Ctrl-C, in the model's call or in the collective) draws no masks
+        with draw_undone_on_failure(self.model._dropout_rng if drawn else None):
             if drawn:
                 dropout_seed = self._shared_dropout_key()
             if dropout_seed is not None:
@@ -357,6 +358,12 @@ class DataParallel:
                 x, y, s0, lengths=lengths, truncate=truncate, reduction="sum", return_final_state=return_final_state,
                 **drop,
             )  # fmt: skip
+            return self._summed(out, x, lengths, reduction, return_final_state)
+
+    def _summed(
+        self, out: tuple[Any, ...], x: Any, lengths: Any, reduction: str, return_final_state: bool
+    ) -> tuple[Any, dict[str, Any]] | tuple[Any, dict[str, Any], Any]:
+        """This rank's (loss, grads[, final]) summed over every rank (one allreduce), scaled for "mean"."""
         loss, grads = out[0], out[1]
         be, xp = self.model.backend, self.model.backend.xp
         count = self._count(x, lengths)

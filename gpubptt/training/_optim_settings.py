@@ -120,17 +120,22 @@ def _check_scalar(value: Any, name: str) -> None:
     if hasattr(value, "dtype"):
         kind = _kind(value.dtype)  # None: another library's dtype (a torch tensor): read as before, by NumPy
         if kind is not None and kind not in "fiu":
-            raise InputTypeError(f"{name} must be one real number, got dtype {np.dtype(value.dtype)}")
+            raise InputTypeError(f"{name} must be one real number, got dtype {value.dtype}")
         if math.prod(tuple(getattr(value, "shape", ()))) != 1:
             raise InputError(f"{name} must be one number (a 0-d array), got shape {tuple(value.shape)}")
 
 
 def _kind(dtype: Any) -> str | None:
-    """A NumPy dtype's kind ("f", "i", "c", …), or None for what NumPy does not read as a dtype."""
+    """A dtype's kind as NumPy names them ("f", "i", "c", "b", …), another library's (torch's) by its flags; None
+    where unknown."""
     try:
         return np.dtype(dtype).kind
     except TypeError:
-        return None
+        if getattr(dtype, "is_complex", False):
+            return "c"
+        if getattr(dtype, "is_floating_point", False):
+            return "f"
+        return "b" if str(dtype).endswith("bool") else None
 
 
 def _check_real(grads: list[tuple[str, Any]]) -> None:
