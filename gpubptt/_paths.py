@@ -190,7 +190,8 @@ def check_space(targets: Sequence[str | os.PathLike[str]], size: int, option: st
             old = os.stat(real).st_size
         except OSError:
             old = 0
-        entry = need.setdefault(device, [0, vfs.f_bavail * vfs.f_frsize, folder])
+        free = vfs.f_bfree if _superuser() and hasattr(vfs, "f_bfree") else vfs.f_bavail  # root: the reserve too
+        entry = need.setdefault(device, [0, free * vfs.f_frsize, folder])
         entry[0] += 2 * size - min(old, size)
     for needed, available, folder in need.values():
         if needed > available:
@@ -200,6 +201,11 @@ def check_space(targets: Sequence[str | os.PathLike[str]], size: int, option: st
                 "temporary copy each save writes before replacing the file); free some space or choose a "
                 "folder on another disk"
             )
+
+
+def _superuser() -> bool:
+    """Whether this process writes as root (which may fill the blocks a file system reserves for it)."""
+    return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 def check_regular_file(path: str | os.PathLike[str], option: str) -> Path:

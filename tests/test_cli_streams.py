@@ -178,13 +178,29 @@ def test_bench_still_replaces_earlier_results(tmp_path):
     r = _sh([*BENCH, "-q", "--output", "old.json"], "", tmp_path)
     assert r.returncode == 0, r.stderr
     assert '"schema": "gpubptt.bench/1"' in (tmp_path / "old.json").read_text()
+    for _ in range(2):  # a table under a .npz name is bench's own: the same command runs again
+        r = _sh([*BENCH, "-q", "--output", "table.npz"], "", tmp_path)
+        assert r.returncode == 0, r.stderr
+
+
+def test_settled_streams_keep_a_handler_of_their_own(monkeypatch):
+    import io
+
+    from gpubptt.cli import _common
+
+    strict = io.TextIOWrapper(io.BytesIO(), encoding="latin-1", errors="strict")
+    escaping = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="surrogateescape")  # as under LC_ALL=C
+    monkeypatch.setattr(sys, "stdout", strict)
+    monkeypatch.setattr(sys, "stderr", escaping)
+    _common.settle_streams()
+    assert strict.errors == "backslashreplace" and escaping.errors == "surrogateescape"
 
 
 class _FreeSpace:
-    """What ``os.statvfs`` answers for a disk with ``free`` bytes left."""
+    """What ``os.statvfs`` answers for a disk with ``free`` bytes left to every user (and ``reserve`` more to root)."""
 
-    def __init__(self, free: int) -> None:
-        self.f_bavail, self.f_frsize = free, 1
+    def __init__(self, free: int, reserve: int = 0) -> None:
+        self.f_bavail, self.f_bfree, self.f_frsize = free, free + reserve, 1
 
 
 def _invoke(args: list[str]):
@@ -207,7 +223,7 @@ def test_train_refuses_a_disk_without_room_for_its_checkpoint_pair(tmp_path, mon
     assert r.output.startswith(f"error: --checkpoint {str(ck)!r}: {os.path.realpath(tmp_path)!r} has ")
     assert "the checkpoint and its best file need about" in r.output and "free some space" in r.output
     assert not ck.exists() and not (tmp_path / "ck.best.npz").exists()
-    monkeypatch.setattr(os, "statvfs", lambda folder: _FreeSpace(1 << 30))
+    monkeypatch.setattr(os, "statvfs", lambda folder: _FreeSpace(int(needed * 1.2)))  # the estimate is close
     r = _invoke([*TRAIN, "--checkpoint", str(ck)])
     assert r.exit_code == 0, r.output
 
@@ -262,3 +278,21 @@ def test_a_failed_plot_says_that_the_checkpoint_was_saved(tmp_path, monkeypatch)
     r = _invoke([*TRAIN, "--checkpoint", str(ck), "--plot", str(png)])
     assert r.exit_code == 1
     assert f"could not write plot {str(png)!r}: No space left on device; {str(ck)!r} keeps step 2" in r.output
+
+
+@pytest.mark.parametrize("root", [True, False])
+def test_the_space_check_counts_the_reserve_that_root_may_fill(tmp_path, monkeypatch, root):
+    monkeypatch.setattr(os, "geteuid", lambda: 0 if root else 1000)
+    monkeypatch.setattr(os, "statvfs", lambda folder: _FreeSpace(1000, reserve=1 << 30))
+    r = _invoke([*TRAIN, "--checkpoint", str(tmp_path / "ck.npz")])
+    assert (r.exit_code, (tmp_path / "ck.npz").exists()) == ((0, True) if root else (2, False)), r.output
+
+
+def test_a_resume_with_nothing_left_to_train_needs_no_room(tmp_path, monkeypatch):
+    ck = tmp_path / "ck.npz"
+    assert _invoke([*TRAIN, "--checkpoint", str(ck)]).exit_code == 0
+    before = ck.read_bytes()
+    monkeypatch.setattr(os, "statvfs", lambda folder: _FreeSpace(10))
+    r = _invoke(["train", "--resume", "--checkpoint", str(ck)])
+    assert r.exit_code == 0 and "nothing to do" in r.output
+    assert ck.read_bytes() == before

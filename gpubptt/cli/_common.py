@@ -295,9 +295,10 @@ def settle_streams() -> None:
     (ρ, ∂, × under ``PYTHONIOENCODING=latin-1``) is written as ``\\u03c1`` escapes, not a UnicodeEncodeError;
     stderr's failures end nothing (``_SparedStderr``); a closed stderr (``2>&-``) becomes the null device,
     which also keeps its descriptor from being reused by a file the command writes."""
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdout, sys.stderr):  # a stream with its own handler (surrogateescape under C) keeps it
         with contextlib.suppress(AttributeError, OSError, ValueError):
-            stream.reconfigure(errors="backslashreplace")
+            if stream.errors == "strict":
+                stream.reconfigure(errors="backslashreplace")
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w", encoding="utf-8")  # stderr for the whole process
     elif not isinstance(sys.stderr, _SparedStderr):

@@ -370,8 +370,8 @@ def bench(
 
 
 def _not_an_archive_or_exit(output: Path | None, given: Path | None) -> None:
-    """A usage error for an --output that exists and is a .npz or another NumPy or zip file (a checkpoint, most
-    likely): bench's table, JSON or CSV would replace it. Other existing files (earlier results) are replaced.
+    """A usage error for an --output that exists and is a NumPy or zip file (a .npz checkpoint, most likely), by its
+    first bytes: bench's table, JSON or CSV would replace it. Other existing files (earlier results) are replaced.
     ``output``: the checked path (links resolved); ``given``: as the user wrote it, for the message."""
     if output is None or not output.is_file():
         return
@@ -380,7 +380,7 @@ def _not_an_archive_or_exit(output: Path | None, given: Path | None) -> None:
             head = f.read(6)
     except OSError:
         head = b""  # unreadable: the probe of its folder and the write say what is wrong
-    if output.suffix.lower() == ".npz" or head.startswith((b"PK\x03\x04", b"\x93NUMPY")):
+    if head.startswith((b"PK\x03\x04", b"\x93NUMPY")):  # by what it holds: bench's own earlier table is replaced
         raise usage_error(
             f"--output {str(given)!r} exists and is a NumPy or zip archive (a checkpoint?); bench would replace it "
             "with its results: give --output a .json, .csv or table file name, or remove that file first"
