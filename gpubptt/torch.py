@@ -210,6 +210,10 @@ class Recurrent(torch.nn.Module):
             _params=params,
         )
 
+    def flatten_parameters(self) -> None:
+        """Nothing to do (kept for model code that calls it on torch's modules, whose cuDNN wants one weight
+        buffer): gpubptt reads the Parameters where they are."""
+
     def extra_repr(self) -> str:
         return (
             f"{self.cell}, {self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
@@ -343,7 +347,8 @@ class Recurrent(torch.nn.Module):
             if lengths is not None:
                 raise InputError("lengths= is for padded x; a PackedSequence carries its own lengths")
             self._check_input(x.data, packed=True)
-            x, lens = pad_packed_sequence(x, batch_first=False)
+            packed_in = x
+            x, lens = pad_packed_sequence(x, batch_first=False)  # the batch in its given order
             lengths = lens.numpy()
             time_major = x
         else:
@@ -413,8 +418,12 @@ class Recurrent(torch.nn.Module):
         # no backward will run (torch.no_grad, or nothing needs a gradient): the forward's buffers go straight back
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (time_major, h0, c0, *params))
         out, h_n, c_n = _Pullback.apply((self, key, model, lengths, ident, grad), time_major, h0, c0, *params)
-        if packed:
-            out = pack_padded_sequence(out, torch.as_tensor(lengths), enforce_sorted=False)
+        if packed:  # packed back in the input's own order (as torch's modules: its sorted_indices, ties as they were)
+            order = packed_in.sorted_indices
+            ordered = out if order is None else out.index_select(1, order)
+            lens = torch.as_tensor(lengths) if order is None else torch.as_tensor(lengths)[order.cpu()]
+            data = pack_padded_sequence(ordered, lens, enforce_sorted=True).data
+            out = PackedSequence(data, packed_in.batch_sizes, order, packed_in.unsorted_indices)
         elif unbatched:
             out, h_n = out.squeeze(1), h_n.squeeze(1)
             c_n = None if c_n is None else c_n.squeeze(1)
