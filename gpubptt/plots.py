@@ -113,9 +113,13 @@ def plot_bench(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     save_png(fig, path)
 
 
-def plot_history(path: str | os.PathLike[str], history: Any, *, chance: float, title: str) -> None:
+def plot_history(
+    path: str | os.PathLike[str], history: Any, *, chance: float, title: str, every_step: bool = False
+) -> None:
     """The loss curve of a training ``History`` (training loss per step, smoothed; held-out loss; chance level).
 
+    ``every_step``: the training loss averages every step, blanks included (a copy or recall task's), while the
+    held-out loss and the chance level are per scored step (recalled symbol): the labels say so.
     Written atomically; ImportError with the install hint without matplotlib.
     """
     fig = new_figure(figsize=(7, 4), layout="tight")
@@ -125,12 +129,14 @@ def plot_history(path: str | os.PathLike[str], history: Any, *, chance: float, t
         ax.plot(steps, loss, lw=0.6, alpha=0.35, color="C0")
         w = max(1, len(loss) // 50)
         smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
-        ax.plot(steps[w - 1 :], smooth, color="C0", label="training loss (smoothed)")
+        what = "training loss per step, blanks included" if every_step else "training loss"
+        ax.plot(steps[w - 1 :], smooth, color="C0", label=f"{what} (smoothed)")
+    scored = " per recalled symbol" if every_step else ""
     if history.eval_step:
-        ax.plot(history.eval_step, history.eval_loss, "o-", color="C1", ms=3, label="held-out loss")
-    ax.axhline(chance, color="k", ls="--", lw=1, label=f"chance level ({chance:.3f})")
+        ax.plot(history.eval_step, history.eval_loss, "o-", color="C1", ms=3, label=f"held-out loss{scored}")
+    ax.axhline(chance, color="k", ls="--", lw=1, label=f"chance level{scored} ({chance:.3f})")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per scored step)")
+    ax.set_ylabel("loss (nats)" if every_step else "loss (nats per scored step)")
     ax.set_title(title)
     ax.set_ylim(bottom=0)
     ax.legend()

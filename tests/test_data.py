@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+import gpubptt
 from gpubptt.errors import InputError
 from gpubptt.training.data import CopyTask, TextData, Vocab, default_corpus, make_data, read_text
 
@@ -89,3 +90,39 @@ def test_make_data_names_missing_task_fields_and_a_vocabulary_refuses_surrogates
         make_data({"kind": "copy"})
     with pytest.raises(InputError, match="surrogate code point U\\+D800"):  # no UTF-8 text holds one
         Vocab.from_text("ab\ud800")
+
+
+def test_train_refuses_a_chunk_that_would_drop_a_tasks_targets():
+    """train() with chunk 64 on a 110-step copy task trained its first 64 steps only, where no target is."""
+    from gpubptt.training.data import CopyTask
+    from gpubptt.training.loop import TrainConfig, train
+    from gpubptt.training.optim import make_optimizer
+
+    task = CopyTask(symbols=8, length=5, delay=100)  # L = 110
+    model = gpubptt.RNN(task.input_size, 8, task.output_size, seed=0, backend="numpy")
+    opt = make_optimizer("adam", model)
+    with pytest.raises(gpubptt.InputError, match="chunk 64 does not divide the copy task's sequence of 110 steps"):
+        train(model, task, opt, TrainConfig(steps=2, batch_size=4, eval_every=0))
+    assert opt.t == 0
+    for chunk in (None, 55, 110, 200):  # whole sequences, a divisor, longer: every target trains
+        train(model, task, make_optimizer("sgd", model), TrainConfig(steps=1, batch_size=2, chunk=chunk, eval_every=0))
+
+
+def test_batch_seeds_past_32_bits_draw_their_own_batches_and_smaller_ones_draw_as_ever():
+    from gpubptt.training.data import CopyTask, TextData
+    from gpubptt.training.loop import dropout_seed
+
+    task = CopyTask(symbols=8, length=5, delay=0)
+    x = {(s, i): task.train_sequence(i, seed=s, batch_size=64)[0] for s in (0, 2**32, 5 + 7 * 2**32) for i in (0, 1)}
+    assert not np.array_equal(x[2**32, 0], x[0, 1])  # [2³², 0] was read as [0, 1, 0]: seed 0's batch 1
+    assert len({a.tobytes() for a in x.values()}) == len(x)
+    ref = task.sample(np.random.default_rng([3, 4]), 64)[0]  # seeds below 2³²: the batches every run had
+    assert np.array_equal(task.train_sequence(4, seed=3, batch_size=64)[0], ref)
+    assert dropout_seed(2**32, 0) != dropout_seed(0, 1)
+    assert TextData._offset(0, 2**32, 1 << 20) != TextData._offset(1, 0, 1 << 20)
+
+
+def test_a_one_character_text_prints_its_letter_entropy_as_zero():
+    from gpubptt.training.data import TextData
+
+    assert f"{TextData('a' * 200).unigram_loss:.3f}" == "0.000"

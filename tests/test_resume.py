@@ -277,3 +277,18 @@ def test_an_older_checkpoint_with_a_relative_text_path_says_changed_not_moved(tm
     corpus.write_text(TEXT.replace("question", "tuestion"), encoding="utf-8")
     said = " ".join(_resume(ck, "--steps", 4).output.split())
     assert "text file 'corpus.txt' has changed since the checkpoint was saved" in said and "moved" not in said
+
+
+def test_a_copy_of_one_symbol_resumes_with_the_options_it_started_with(tmp_path):
+    """It is recorded as the recall task; resuming with its own --task copy --copy-length 1 was refused."""
+    ck = str(tmp_path / "c1.npz")
+    start = ["train", "--task", "copy", "--copy-length", "1", "--delay", "2", "--hidden", "8", "--batch", "4"]
+    r = runner.invoke(app, [*start, "--steps", "2", "--checkpoint", ck])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "--resume", "--task", "copy", "--copy-length", "1", "--delay", "2", "--steps", "3",
+                            "--checkpoint", ck])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(ck, backend="numpy").state.step == 3
+    again = ["train", "--resume", "--task", "copy", "--copy-length", "2", "--steps", "4", "--checkpoint", ck]
+    r = runner.invoke(app, again)
+    assert r.exit_code == 2 and "--task copy differs from the checkpoint (recall)" in r.output  # another length

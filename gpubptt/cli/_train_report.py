@@ -183,7 +183,7 @@ class TrainReporter:
         title = f"{data.kind} | H={run.model.hidden_size}{layers} | {type(run.optimizer).__name__}"
         if data.kind != "text":
             title += f" | delay {data.delay}"
-        return {"chance": data.chance_loss, "title": title}
+        return {"chance": data.chance_loss, "title": title, "every_step": data.kind != "text"}
 
     def summary(self, plot: Path | None) -> None:
         if not self.main:

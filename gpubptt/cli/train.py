@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict
@@ -108,25 +109,34 @@ def _destinations_or_exit(checkpoint: Path, plot: Path | None, data: Path | None
     return best
 
 
-#: What a checkpoint holds beyond its arrays' bytes: its description (a text member, 2.6 kB for a copy-task run)
-#: and the zip archive's end record, and per member its zip entries and .npy header (254 bytes measured)
-CHECKPOINT_OVERHEAD = 3 << 10
+#: What a checkpoint holds beyond its arrays' and its description's bytes: the zip archive's end record, and per
+#: member its zip entries and .npy header (254 bytes measured on 28-member files)
+CHECKPOINT_OVERHEAD = 1 << 10
 MEMBER_OVERHEAD = 256
+#: the description's model section (sizes, cell and its options, dtype, …): at most this many characters
+MODEL_DESCRIPTION = 512
 
 
 def checkpoint_bytes(run) -> int:
-    """About the size of one checkpoint of ``run`` at its last step: parameters, optimizer state, carried state
-    (counted whether or not this run carries one), the history of every step and evaluation, the vocabulary.
-    gpubptt stores arrays uncompressed, so their bytes are the file's, give or take the headers."""
-    m, config = run.model, run.config
-    arrays = [*m.params.values(), *(a for slot in run.optimizer.state.values() for a in slot.values())]
-    size = sum(int(a.nbytes) for a in arrays)
+    """About the size of one checkpoint of ``run`` at its last step, counted a little above: parameters, optimizer
+    state (every entry of its ``state_dict``), carried state (counted whether or not this run carries one), the
+    history it holds and what the steps left add, the vocabulary, and the description (a text member, 4 bytes per
+    character of its JSON: the data section holds the text files' paths and digests). gpubptt stores arrays
+    uncompressed, so their bytes are the file's, give or take the headers."""
+    m, config, history = run.model, run.config, run.history
+    optimizer = run.optimizer.state_dict()
+    size = sum(int(a.nbytes) for a in m.params.values()) + sum(int(a.nbytes) for a in optimizer.values())
     dirs = 2 if m.bidirectional else 1
     size += 2 * m.num_layers * dirs * config.batch_size * m.hidden_size * m.dtype.itemsize  # (h, c) of an LSTM
-    evals = config.steps // max(config.eval_every, 1) + 2
-    size += 8 * (4 * config.steps + 3 * evals)  # step, loss, grad_norm, lr; eval_step, eval_loss, eval_accuracy
-    size += 8 * run.data.output_size  # the vocabulary of a text run
-    return size + CHECKPOINT_OVERHEAD + MEMBER_OVERHEAD * (len(arrays) + 12)  # 12: history (8), description, state
+    left = max(0, config.steps - run.state.step)
+    evals = len(history.eval_step) + left // max(config.eval_every, 1) + 2
+    steps = len(history.step) + left
+    size += 8 * (4 * steps + 3 * evals + 1)  # step, loss, grad_norm, lr; eval_step, eval_loss, eval_accuracy; skipped
+    size += 4 * run.data.output_size  # the vocabulary of a text run (one character each)
+    sections = {"data": run.data.spec(), "config": asdict(config), "optimizer": run.optimizer.hyperparameters()}
+    size += 4 * (len(json.dumps(sections, default=str)) + MODEL_DESCRIPTION)
+    members = len(m.params) + len(optimizer) + 2 + 8 + 2  # carry (s, c), history (8), vocabulary, description
+    return size + CHECKPOINT_OVERHEAD + MEMBER_OVERHEAD * members
 
 
 def _early_stop_or_exit(early_stop: int | None, eval_every: int | None) -> None:

@@ -257,7 +257,7 @@ class TextData:
             self.val_sha256, self.val_size_bytes = hashlib.sha256(raw).hexdigest(), len(raw)
         counts = np.bincount(self.train_ids, minlength=len(self.vocab)).astype(np.float64)
         p = counts[counts > 0] / counts.sum()
-        self.unigram_loss = float(-(p * np.log(p)).sum())
+        self.unigram_loss = float(-(p * np.log(p)).sum()) + 0.0  # + 0.0: one character's −0.0 prints as 0
 
     def __repr__(self) -> str:
         val = "" if self.val_source is None else f", val_source={self.val_source!r}"
@@ -321,7 +321,7 @@ class TextData:
     @staticmethod
     def _offset(i: int, seed: int, chunk: int) -> int:
         """Where epoch i's streams start: a random offset below ``chunk``, from (seed, i)."""
-        return int(np.random.default_rng([seed, i]).integers(0, max(1, chunk)))
+        return int(np.random.default_rng(seed_words(seed, i)).integers(0, max(1, chunk)))
 
     def chunks_in_epoch(self, i: int, *, seed: int, batch_size: int, chunk: int | None) -> int:
         """The optimizer steps the training loop takes in epoch i: the whole chunks of its streams (at least
@@ -398,7 +398,14 @@ class CopyTask:
         return {"kind": self.kind, "symbols": self.A, "length": self.k, "delay": self.delay}
 
     def check_batch(self, batch_size: int, chunk: int) -> None:
-        """Any batch and chunk work: sequences are generated."""
+        """InputError for a ``chunk`` shorter than the sequence that does not divide it: training runs whole chunks
+        only, and the steps it would drop are the last ones, where the targets are. Any batch works."""
+        if chunk < self.seq_len and self.seq_len % chunk:
+            raise InputError(
+                f"chunk {chunk} does not divide the {self.kind} task's sequence of {self.seq_len} steps: its last "
+                f"{self.seq_len % chunk}, where the targets are, would never train; give chunk=None (whole "
+                "sequences) or a divisor of the length"
+            )
 
     def sample(self, rng: np.random.Generator, B: int) -> tuple[np.ndarray, np.ndarray]:
         """B fresh sequences: x, y (L, B) int64."""
@@ -414,12 +421,22 @@ class CopyTask:
     def train_sequence(self, i: int, *, seed: int, batch_size: int, chunk: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Batch i of B fresh sequences (L, B), the same for the same (seed, i)."""
         batch_size = check_positive_int(batch_size, "batch_size")
-        return self.sample(np.random.default_rng([seed, i]), batch_size)
+        return self.sample(np.random.default_rng(seed_words(seed, i)), batch_size)
 
     def eval_sequences(self, *, batch_size: int = 256) -> list[tuple[np.ndarray, np.ndarray]]:
         """A fixed held-out batch (its own seed, independent of the training seed)."""
         batch_size = check_positive_int(batch_size, "batch_size")
         return [self.sample(np.random.default_rng([2**31 - 1, self.A, self.k, self.delay]), batch_size)]
+
+
+def seed_words(seed: int, i: int) -> list[int]:
+    """The entropy of draw ``i`` of a run seeded ``seed`` (both ints ≥ 0): [seed, i] where both fit 32 bits (the
+    streams every run had), else both in two 32-bit words each and a last word that is not 0. NumPy reads a larger
+    int as several 32-bit words and pads short lists with zeros, so [seed + k·2³², i] was [seed, k, i] and met
+    another seed's draws (seed 2³², batch 0 drew seed 0's batch 1)."""
+    if seed < 2**32 and i < 2**32:
+        return [seed, i]
+    return [seed & 0xFFFFFFFF, seed >> 32, i & 0xFFFFFFFF, i >> 32, 0x9E3779B9]
 
 
 def make_data(

@@ -37,6 +37,7 @@ from .._io import sigint_deferred
 from ..errors import InputError, InputTypeError
 from ..validation import check_positive_int
 from ._optim_settings import LR_MAX, LR_RANGE, in_float_range
+from .data import seed_words
 from .optim import NonFiniteError, Optimizer, clip_grad_norm
 
 __all__ = [
@@ -215,7 +216,7 @@ class TrainEvent:
 
 def dropout_seed(seed: int, step: int) -> int:
     """The seed of the dropout masks of optimizer step ``step`` of a run seeded with ``seed`` (an int ≥ 0)."""
-    lo, hi = (int(v) for v in np.random.SeedSequence([seed, step]).generate_state(2, np.uint32))
+    lo, hi = (int(v) for v in np.random.SeedSequence(seed_words(seed, step)).generate_state(2, np.uint32))
     return (hi & 0x7FFFFFFF) << 32 | lo  # 63 bits: fits the int64 a seed may be stored as
 
 

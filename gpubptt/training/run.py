@@ -449,7 +449,11 @@ def resume_run(
     if epochs is not None and steps is not None:
         raise InputError("give --steps or --epochs, not both")
     moved: dict[str, str] = {}  # "data"/"val_data": the file given for a recorded one that no longer exists
-    for k, v in (given or {}).items():
+    given = dict(given or {})
+    if given.get("task") == "copy" and given.get("copy_length") == 1:  # the copy of one symbol: recorded as recall
+        given["task"] = "recall"
+        del given["copy_length"]
+    for k, v in given.items():
         if k not in stored:
             raise InputError(f"unknown setting {k!r}")
         if k in _APPLIES and stored[_APPLIES[k][0]] not in _APPLIES[k][1]:  # as a new run says it, not "(None)"
@@ -502,8 +506,8 @@ def resume_run(
             f"{files or 'the training text'}: {exc}; a resumed model keeps the vocabulary it was trained with, so the "
             "changed text may only use its characters"
         ) from None
+    _check_task_chunk(data, ck.config.chunk, resumed=True)  # a file from before the check: said for a resumed run
     data.check_batch(ck.config.batch_size, ck.config.chunk or 1)  # a changed text may be too short now
-    _check_task_chunk(data, ck.config.chunk, resumed=True)  # a file from before the check
     total = total_steps(data, ck.config, steps=steps, epochs=epochs, default=ck.config.steps)
     if eval_every is not None:
         _check_int("--eval-every", eval_every, 0)

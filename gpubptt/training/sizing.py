@@ -110,7 +110,8 @@ def check_memory(
     try:
         check_fits(estimate, be.available_memory(), what)
     except InsufficientMemoryError as exc:
-        smaller = "--hidden, --batch or --chunk" + (", or a shorter --delay" if data.kind != "text" else "")
+        task = ", fewer --symbols or a shorter --delay" if data.kind != "text" else ""
+        smaller = f"--hidden, --batch or --chunk{task}"
         raise InsufficientMemoryError(f"{exc}: choose a smaller {smaller}") from None
 
 
