@@ -312,7 +312,8 @@ def test_the_checkpoint_estimate_covers_long_text_paths_and_a_resumed_runs_histo
     text = ["train", "--task", "text", "--data", str(folder / "t.txt"), "--val-data", str(folder / "v.txt")]
     text += ["--optimizer", "sgd"]
     for args in ([*text, "--steps", "3", "--hidden", "4", "--batch", "2"],
-                 [*TRAIN, "--steps", "60", "--eval-every", "1", "--optimizer", "sgd"]):  # fmt: skip
+                 [*TRAIN, "--steps", "60", "--eval-every", "1", "--optimizer", "sgd"],
+                 [*TRAIN, "--steps", "400", "--eval-every", "0"]):  # fmt: skip  # no evaluation: none counted
         ck = tmp_path / "ck.npz"
         for f in tmp_path.glob("ck*.npz"):
             f.unlink()
@@ -324,3 +325,16 @@ def test_the_checkpoint_estimate_covers_long_text_paths_and_a_resumed_runs_histo
             == 0
         )
         assert ck.stat().st_size <= estimate <= 1.3 * ck.stat().st_size
+
+
+def test_the_checkpoint_estimate_counts_no_evaluation_for_a_run_without_any(tmp_path):
+    from gpubptt.cli.train import checkpoint_bytes
+    from gpubptt.training.run import new_run
+
+    args = ["--task", "recall", "--delay", "1", "--hidden", "2", "--batch", "1", "--optimizer", "sgd"]
+    settings = {"task": "recall", "delay": 1, "hidden": 2, "batch": 1, "optimizer": "sgd"}
+    estimate = checkpoint_bytes(new_run(settings, backend="numpy", steps=1500, eval_every=0))
+    ck = tmp_path / "ck.npz"
+    r = _invoke(["train", *args, "--steps", "1500", "--eval-every", "0", "--checkpoint", str(ck)])
+    assert r.exit_code == 0, r.output
+    assert ck.stat().st_size <= estimate <= 1.3 * ck.stat().st_size  # was 1.7: an evaluation counted per step

@@ -289,6 +289,15 @@ def test_a_copy_of_one_symbol_resumes_with_the_options_it_started_with(tmp_path)
                             "--checkpoint", ck])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert load_checkpoint(ck, backend="numpy").state.step == 3
-    again = ["train", "--resume", "--task", "copy", "--copy-length", "2", "--steps", "4", "--checkpoint", ck]
+    r = runner.invoke(app, ["train", "--resume", "--copy-length", "1", "--steps", "4", "--checkpoint", ck])
+    assert r.exit_code == 0, r.output  # its copy length alone: the same
+    again = ["train", "--resume", "--task", "copy", "--copy-length", "2", "--steps", "5", "--checkpoint", ck]
     r = runner.invoke(app, again)
     assert r.exit_code == 2 and "--task copy differs from the checkpoint (recall)" in r.output  # another length
+    five = str(tmp_path / "c5.npz")
+    r = runner.invoke(app, ["train", "--task", "copy", "--copy-length", "5", "--delay", "2", "--hidden", "4",
+                            "--batch", "2", "--steps", "1", "--checkpoint", five])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "--resume", "--task", "copy", "--copy-length", "1", "--steps", "2",
+                            "--checkpoint", five])  # fmt: skip
+    assert r.exit_code == 2 and "--copy-length 1 differs from the checkpoint (5)" in r.output  # in the user's flags

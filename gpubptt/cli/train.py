@@ -129,7 +129,7 @@ def checkpoint_bytes(run) -> int:
     dirs = 2 if m.bidirectional else 1
     size += 2 * m.num_layers * dirs * config.batch_size * m.hidden_size * m.dtype.itemsize  # (h, c) of an LSTM
     left = max(0, config.steps - run.state.step)
-    evals = len(history.eval_step) + left // max(config.eval_every, 1) + 2
+    evals = len(history.eval_step) + (left // config.eval_every if config.eval_every else 0) + 2  # the last, a best
     steps = len(history.step) + left
     size += 8 * (4 * steps + 3 * evals + 1)  # step, loss, grad_norm, lr; eval_step, eval_loss, eval_accuracy; skipped
     size += 4 * run.data.output_size  # the vocabulary of a text run (one character each)

@@ -450,9 +450,11 @@ def resume_run(
         raise InputError("give --steps or --epochs, not both")
     moved: dict[str, str] = {}  # "data"/"val_data": the file given for a recorded one that no longer exists
     given = dict(given or {})
-    if given.get("task") == "copy" and given.get("copy_length") == 1:  # the copy of one symbol: recorded as recall
-        given["task"] = "recall"
-        del given["copy_length"]
+    one = given.get("copy_length") == 1 and given.get("task", "copy") == "copy"
+    if one and stored["task"] == "recall":  # the copy of one symbol, recorded as recall: its own options, either way
+        given.pop("copy_length")
+        if "task" in given:
+            given["task"] = "recall"
     for k, v in given.items():
         if k not in stored:
             raise InputError(f"unknown setting {k!r}")

@@ -110,7 +110,9 @@ def check_memory(
     try:
         check_fits(estimate, be.available_memory(), what)
     except InsufficientMemoryError as exc:
-        task = ", fewer --symbols or a shorter --delay" if data.kind != "text" else ""
+        task = {"text": "", "recall": ", fewer --symbols or a shorter --delay"}.get(
+            data.kind, ", fewer --symbols, a shorter --copy-length or a shorter --delay"
+        )
         smaller = f"--hidden, --batch or --chunk{task}"
         raise InsufficientMemoryError(f"{exc}: choose a smaller {smaller}") from None
 
