@@ -12,6 +12,23 @@ from .validation import cell_option, check_bool, check_dropout
 __all__ = ["Settings"]
 
 
+class _FromConfig:
+    """A read-only attribute of the model that its architecture holds: ``model.<name>`` is ``model.config.<name>``;
+    setting or deleting it raises AttributeError (``_read_only``)."""
+
+    def __init__(self, name: str, doc: str) -> None:
+        self.name, self.__doc__ = name, doc
+
+    def __get__(self, model: Any, owner: Any = None) -> Any:
+        return self if model is None else getattr(model._config, self.name)
+
+    def __set__(self, model: Any, value: Any) -> None:
+        _read_only(self.name)
+
+    def __delete__(self, model: Any) -> None:
+        _read_only(self.name)
+
+
 class Settings:
     """The read-only architecture (``config`` and what reads from it: ``cell``, ``dtype``, ``num_layers``, sizes, …,
     ``num_states``) and the settable, checked ``precision``, ``dropout``, ``batch_first`` and ``use_graphs`` (mixed into
@@ -79,41 +96,10 @@ class Settings:
     def config(self, value: Any) -> None:
         _read_only("config")
 
-    @property
-    def cell(self) -> Any:
-        """The recurrent cell (``gpubptt.cells``), the config's."""
-        return self._config.cell
-
-    @cell.setter
-    def cell(self, value: Any) -> None:
-        _read_only("cell")
-
-    @property
-    def dtype(self) -> Any:
-        """The parameters' and computations' dtype (float32 or float64), the config's."""
-        return self._config.dtype
-
-    @dtype.setter
-    def dtype(self, value: Any) -> None:
-        _read_only("dtype")
-
-    @property
-    def num_layers(self) -> int:
-        """L, the config's."""
-        return self._config.num_layers
-
-    @num_layers.setter
-    def num_layers(self, value: Any) -> None:
-        _read_only("num_layers")
-
-    @property
-    def bidirectional(self) -> bool:
-        """Whether every layer also runs in reverse, the config's."""
-        return self._config.bidirectional
-
-    @bidirectional.setter
-    def bidirectional(self, value: Any) -> None:
-        _read_only("bidirectional")
+    cell = _FromConfig("cell", "The recurrent cell (``gpubptt.cells``), the config's.")
+    dtype = _FromConfig("dtype", "The parameters' and computations' dtype (float32 or float64), the config's.")
+    num_layers = _FromConfig("num_layers", "L, the config's.")
+    bidirectional = _FromConfig("bidirectional", "Whether every layer also runs in reverse, the config's.")
 
     @property
     def recurrences(self) -> tuple[Any, ...]:

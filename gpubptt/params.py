@@ -192,7 +192,8 @@ class Params(MutableMapping):
     into a CuPy model is refused like any input from another library), floating point, finite in
     the model's dtype and of the expected shape. It is stored in the model's dtype (as given,
     without a copy, when it already is a writable backend array of that dtype; a read-only array
-    is copied). Nothing changes when a check fails.
+    is copied: two names given one array share it, which an optimizer refuses). Nothing changes when a
+    check fails.
     """
 
     def __init__(self, be: Backend, dtype: np.dtype, shapes: dict[str, tuple[int, ...]], arrays: dict[str, Any]):

@@ -302,7 +302,6 @@ def test_the_checkpoint_estimate_covers_long_text_paths_and_a_resumed_runs_histo
     """The description holds the text files' paths (4 bytes a character, 24 for an escaped é) and a resumed run
     keeps every earlier evaluation: the estimate fell to 0.38 and 0.72 of the file, so a run could start that
     could not save."""
-    from gpubptt.cli.train import checkpoint_bytes
     from gpubptt.training.run import resume_run
 
     folder = tmp_path / ("é" * 60)
@@ -319,7 +318,7 @@ def test_the_checkpoint_estimate_covers_long_text_paths_and_a_resumed_runs_histo
             f.unlink()
         assert _invoke([*args, "--checkpoint", str(ck)]).exit_code == 0
         more = resume_run(str(ck), backend="numpy", steps=70, eval_every=100)  # its history, and ten steps more
-        estimate = checkpoint_bytes(more)
+        estimate = _estimate(more)
         assert (
             _invoke(["train", "--resume", "--steps", "70", "--eval-every", "100", "--checkpoint", str(ck)]).exit_code
             == 0
@@ -328,13 +327,22 @@ def test_the_checkpoint_estimate_covers_long_text_paths_and_a_resumed_runs_histo
 
 
 def test_the_checkpoint_estimate_counts_no_evaluation_for_a_run_without_any(tmp_path):
-    from gpubptt.cli.train import checkpoint_bytes
     from gpubptt.training.run import new_run
 
     args = ["--task", "recall", "--delay", "1", "--hidden", "2", "--batch", "1", "--optimizer", "sgd"]
     settings = {"task": "recall", "delay": 1, "hidden": 2, "batch": 1, "optimizer": "sgd"}
-    estimate = checkpoint_bytes(new_run(settings, backend="numpy", steps=1500, eval_every=0))
+    estimate = _estimate(new_run(settings, backend="numpy", steps=1500, eval_every=0))
     ck = tmp_path / "ck.npz"
     r = _invoke(["train", *args, "--steps", "1500", "--eval-every", "0", "--checkpoint", str(ck)])
     assert r.exit_code == 0, r.output
     assert ck.stat().st_size <= estimate <= 1.3 * ck.stat().st_size  # was 1.7: an evaluation counted per step
+
+
+def _estimate(run) -> int:
+    """``checkpoint_bytes`` of a run, with its arguments as ``save_run`` passes them to ``save_checkpoint``."""
+    from gpubptt.training.record import checkpoint_bytes
+
+    return checkpoint_bytes(
+        run.model, optimizer=run.optimizer, vocab=getattr(run.data, "vocab", None), data=run.data.spec(),
+        config=run.config, state=run.state, history=run.history,
+    )  # fmt: skip

@@ -200,9 +200,14 @@ def echo_out(message: str = "", nl: bool = True) -> None:
 
 def _silence_stdout() -> None:
     """Point stdout's descriptor at the null device: what is still buffered then cannot fail again at exit."""
-    with contextlib.suppress(AttributeError, OSError, ValueError):  # no descriptor (a test's capture)
+    _point_at_null(sys.stdout)
+
+
+def _point_at_null(stream: Any) -> None:
+    """Point ``stream``'s descriptor at the null device (nothing where it has none: a test's capture)."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
         null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, sys.stdout.fileno())
+        os.dup2(null, stream.fileno())
         os.close(null)
 
 
@@ -263,10 +268,7 @@ class _SparedStderr(io.TextIOBase):
             self._silence()
 
     def _silence(self) -> None:
-        with contextlib.suppress(AttributeError, OSError, ValueError):
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, self.stream.fileno())
-            os.close(null)
+        _point_at_null(self.stream)
         with contextlib.suppress(OSError, ValueError):
             self.stream.flush()
 

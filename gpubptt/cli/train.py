@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict
@@ -21,7 +20,7 @@ from ..training.data import TASKS
 from ..training.loop import SCHEDULES
 from ..training.loop import train as train_loop
 from ..training.optim import DEFAULT_LR, ON_NONFINITE, OPTIMIZERS, NonFiniteError
-from ..training.record import CheckpointError
+from ..training.record import CheckpointError, checkpoint_bytes
 from ..training.run import (
     DEFAULT_EVAL_EVERY,
     DEFAULT_STEPS,
@@ -107,36 +106,6 @@ def _destinations_or_exit(checkpoint: Path, plot: Path | None, data: Path | None
         {"--data": data, "--val-data": val_data},
     )
     return best
-
-
-#: What a checkpoint holds beyond its arrays' and its description's bytes: the zip archive's end record, and per
-#: member its zip entries and .npy header (254 bytes measured on 28-member files)
-CHECKPOINT_OVERHEAD = 1 << 10
-MEMBER_OVERHEAD = 256
-#: the description's model section (sizes, cell and its options, dtype, …): at most this many characters
-MODEL_DESCRIPTION = 512
-
-
-def checkpoint_bytes(run) -> int:
-    """About the size of one checkpoint of ``run`` at its last step, counted a little above: parameters, optimizer
-    state (every entry of its ``state_dict``), carried state (counted whether or not this run carries one), the
-    history it holds and what the steps left add, the vocabulary, and the description (a text member, 4 bytes per
-    character of its JSON: the data section holds the text files' paths and digests). gpubptt stores arrays
-    uncompressed, so their bytes are the file's, give or take the headers."""
-    m, config, history = run.model, run.config, run.history
-    optimizer = run.optimizer.state_dict()
-    size = sum(int(a.nbytes) for a in m.params.values()) + sum(int(a.nbytes) for a in optimizer.values())
-    dirs = 2 if m.bidirectional else 1
-    size += 2 * m.num_layers * dirs * config.batch_size * m.hidden_size * m.dtype.itemsize  # (h, c) of an LSTM
-    left = max(0, config.steps - run.state.step)
-    evals = len(history.eval_step) + (left // config.eval_every if config.eval_every else 0) + 2  # the last, a best
-    steps = len(history.step) + left
-    size += 8 * (4 * steps + 3 * evals + 1)  # step, loss, grad_norm, lr; eval_step, eval_loss, eval_accuracy; skipped
-    size += 4 * run.data.output_size  # the vocabulary of a text run (one character each)
-    sections = {"data": run.data.spec(), "config": asdict(config), "optimizer": run.optimizer.hyperparameters()}
-    size += 4 * (len(json.dumps(sections, default=str)) + MODEL_DESCRIPTION)
-    members = len(m.params) + len(optimizer) + 2 + 8 + 2  # carry (s, c), history (8), vocabulary, description
-    return size + CHECKPOINT_OVERHEAD + MEMBER_OVERHEAD * members
 
 
 def _early_stop_or_exit(early_stop: int | None, eval_every: int | None) -> None:
@@ -481,7 +450,11 @@ def train(
     left = run.state.step < run.config.steps  # a resumed run already at its end saves nothing: no room needed
     if comm.rank == 0 and left:  # the rank that writes: room for the checkpoint pair, or no training to lose
         try:
-            check_space([checkpoint, best], checkpoint_bytes(run), f"--checkpoint {str(checkpoint)!r}",
+            size = checkpoint_bytes(
+                run.model, optimizer=run.optimizer, vocab=getattr(run.data, "vocab", None), data=run.data.spec(),
+                config=run.config, state=run.state, history=run.history,
+            )  # fmt: skip
+            check_space([checkpoint, best], size, f"--checkpoint {str(checkpoint)!r}",
                         "the checkpoint and its best file")  # fmt: skip
         except DestinationError as exc:
             raise usage_error(str(exc)) from exc

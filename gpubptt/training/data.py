@@ -397,13 +397,19 @@ class CopyTask:
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "symbols": self.A, "length": self.k, "delay": self.delay}
 
+    def dropped_steps(self, chunk: int | None) -> int:
+        """The last steps of each sequence that chunks of ``chunk`` steps (None or 0: whole sequences) never train:
+        training runs whole chunks only, and those steps hold the targets. 0 where the chunk divides the sequence
+        or is no shorter than it."""
+        return self.seq_len % chunk if chunk and chunk < self.seq_len else 0
+
     def check_batch(self, batch_size: int, chunk: int) -> None:
-        """InputError for a ``chunk`` shorter than the sequence that does not divide it: training runs whole chunks
-        only, and the steps it would drop are the last ones, where the targets are. Any batch works."""
-        if chunk < self.seq_len and self.seq_len % chunk:
+        """InputError for a ``chunk`` whose whole chunks leave the targets untrained (``dropped_steps``). Any batch
+        works."""
+        if self.dropped_steps(chunk):
             raise InputError(
                 f"chunk {chunk} does not divide the {self.kind} task's sequence of {self.seq_len} steps: its last "
-                f"{self.seq_len % chunk}, where the targets are, would never train; give chunk=None (whole "
+                f"{self.dropped_steps(chunk)}, where the targets are, would never train; give chunk=None (whole "
                 "sequences) or a divisor of the length"
             )
 

@@ -86,7 +86,8 @@ def learning_rate(step: int, *, base_lr: float, schedule: str, total_steps: int,
 
 @dataclass
 class TrainConfig:
-    """How to train. steps: total optimizer steps; chunk: BPTT chunk length (None: whole sequences);
+    """How to train. steps: total optimizer steps; chunk: BPTT chunk length (None: whole sequences; on a copy or
+    recall task it must divide the sequence or be no shorter, or ``train`` refuses it: the default 64 often does not);
     truncate: tutorial truncation inside a chunk (None: none); max_norm: global-norm clipping (None: off);
     lr: the schedule's base learning rate, set on the optimizer before every step (None: the optimizer's rate,
     ``Optimizer.base_lr``: as built (its name's default in ``make_optimizer``, or the one given there) or as set

@@ -18,6 +18,7 @@ Entries of the record (every one a plain NumPy array):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -37,7 +38,15 @@ from .data import TASKS, Vocab
 from .loop import SCHEDULES, History, TrainConfig, TrainState
 from .optim import ON_NONFINITE, OPTIMIZERS, Optimizer, make_optimizer
 
-__all__ = ["SCHEMA", "Checkpoint", "CheckpointError", "check_history", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "SCHEMA",
+    "Checkpoint",
+    "CheckpointError",
+    "check_history",
+    "checkpoint_bytes",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 
 @dataclass
@@ -106,6 +115,45 @@ def save_checkpoint(
         path, model, SCHEMA, sections, arrays, check=lambda all_arrays, where: check_history(all_arrays, state, where),
         copies=copies,
     )  # fmt: skip
+
+
+#: What a checkpoint holds beyond its arrays' and its description's bytes: the zip archive's end record, and per
+#: member its zip entries and .npy header (254 bytes measured on 28-member files)
+CHECKPOINT_OVERHEAD = 1 << 10
+MEMBER_OVERHEAD = 256
+#: the description's model section (sizes, cell and its options, dtype, …): at most this many characters
+MODEL_DESCRIPTION = 512
+
+
+def checkpoint_bytes(
+    model: RNN,
+    *,
+    optimizer: Optimizer,
+    vocab: Vocab | None,
+    data: dict[str, Any],
+    config: TrainConfig,
+    state: TrainState,
+    history: History,
+) -> int:
+    """About the size of the file ``save_checkpoint`` writes for these arguments once the run reaches
+    ``config.steps``, counted at or a little above (up to about a third for the smallest files): parameters,
+    optimizer state (every entry of its ``state_dict``), a carried state (2·L·dirs·B·H, counted whether or not the
+    run carries one), the history held and what the steps left add, the vocabulary, and the description (a text
+    member, 4 bytes per character of its JSON: the data section holds the text files' paths and digests). Arrays
+    are stored uncompressed, so their bytes are the file's, give or take the headers."""
+    entries = optimizer.state_dict()
+    size = sum(int(a.nbytes) for a in model.params.values()) + sum(int(a.nbytes) for a in entries.values())
+    dirs = 2 if model.bidirectional else 1
+    size += 2 * model.num_layers * dirs * config.batch_size * model.hidden_size * model.dtype.itemsize  # (h, c)
+    left = max(0, config.steps - state.step)
+    evals = len(history.eval_step) + (left // config.eval_every if config.eval_every else 0) + 2  # the last, a best
+    steps = len(history.step) + left
+    size += 8 * (4 * steps + 3 * evals + 1)  # step, loss, grad_norm, lr; eval_step, eval_loss, eval_accuracy; skipped
+    size += 0 if vocab is None else int(vocab.to_array().nbytes)
+    sections = {"data": data, "config": asdict(config), "optimizer": optimizer.hyperparameters()}
+    size += 4 * (len(json.dumps(sections, default=str)) + MODEL_DESCRIPTION)
+    members = len(model.params) + len(entries) + 2 + len(History().to_arrays()) + 2  # carry, history, vocab, meta
+    return size + CHECKPOINT_OVERHEAD + MEMBER_OVERHEAD * members
 
 
 def _check_optimizer(f: Fields, o: dict[str, Any]) -> None:

@@ -222,10 +222,11 @@ def _check_task_chunk(data: TextData | CopyTask, chunk: int | None, *, resumed: 
     """InputError for a copy/recall ``--chunk`` that does not divide the sequence: the loop trains whole chunks
     only, and the steps it would drop are the last ones, where the task's targets are. ``resumed``: the chunk is a
     checkpoint's (written before the check), which a resumed run keeps: say that only a new run can fix it."""
-    if data.kind != "text" and chunk and chunk < data.seq_len and data.seq_len % chunk:
+    dropped = data.dropped_steps(chunk) if data.kind != "text" else 0  # as CopyTask.check_batch, worded for flags
+    if dropped:
         why = (
             f"--chunk {chunk} does not divide the {data.kind} task's sequence of {data.seq_len} steps: its last "
-            f"{data.seq_len % chunk}, where the targets are, would never train"
+            f"{dropped}, where the targets are, would never train"
         )
         if resumed:
             raise InputError(
