@@ -249,7 +249,9 @@ class Construction:
         ``precision`` as in ``RNN``.
         """
         _cell(nonlinearity, cell)
-        params = interop.from_torch_state(rnn_state_dict, linear_state_dict, cell=cell)
+        params = interop.from_torch_state(
+            rnn_state_dict, linear_state_dict, cell=cell, dtype=None if dtype is None else check_dtype(dtype)
+        )
         return cls.from_params(
             params,
             backend=backend,

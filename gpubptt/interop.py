@@ -68,9 +68,23 @@ def torch_cell(cell: str) -> Any:
     return cls
 
 
+def check_has_data(tensor: Any, key: str) -> None:
+    """InputTypeError naming ``key`` for a torch tensor with no values to read: on the meta device, a lazy module's
+    uninitialized parameter, or not dense (sparse layouts)."""
+    if getattr(tensor, "is_meta", False) or type(tensor).__name__.startswith("Uninitialized"):
+        raise InputTypeError(
+            f"{key} holds no values (a tensor on the meta device, or a lazy module's uninitialized parameter): load "
+            "or materialise the weights first"
+        )
+    layout = str(getattr(tensor, "layout", "torch.strided"))
+    if layout != "torch.strided":
+        raise InputTypeError(f"{key} is a {layout} tensor; expected a dense one (.to_dense())")
+
+
 def _host(value: Any, key: str) -> np.ndarray:
     """A tensor (any device) or array as a NumPy array, without importing torch."""
     if hasattr(value, "detach"):  # a torch tensor
+        check_has_data(value, key)
         value = value.detach().cpu()
         if str(getattr(value, "dtype", "")) == "torch.bfloat16":  # no NumPy dtype: widen, exactly, to float32
             value = value.float()
@@ -97,9 +111,13 @@ def _rnn_keys(num_layers: int, bidirectional: bool, bias: bool) -> list[str]:
     return keys
 
 
-def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any, *, cell: str = "rnn") -> dict[str, np.ndarray]:
+def from_torch_state(
+    rnn_state_dict: Any, linear_state_dict: Any, *, cell: str = "rnn", dtype: Any = None
+) -> dict[str, np.ndarray]:
     """gpubptt's parameters (U, W, V, …; b, c; the GRU's b_hn) from ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM(D, H,
     num_layers, bias, bidirectional)`` (``cell`` "rnn", "gru", "lstm") and ``nn.Linear(H·dirs, K)`` state dicts.
+    ``dtype``: the dtype the parameters are for (None: the state dict's): torch's two biases of a recurrence are
+    added exactly and rounded once to it, so a float64 model of a float32 module is ``module.double()``'s function.
 
     Shapes as in the table of this module; ShapeError or InputError naming the key on any mismatch.
     """
@@ -152,7 +170,11 @@ def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any, *, cell: str =
             f"{cell_class(other[0]).torch_module} (cell={other[0]!r}); the {cell} cell's {module} has "
             f"{'' if G == 1 else G}H = {G * cols} rows ({_rows(gates)})"
         )
-    H, D = U0.shape[0] // G, U0.shape[1]
+    if rows != G * cols:
+        raise ShapeError(
+            f"weight_hh_l0 must have shape ({'' if G == 1 else G}H, H) in {module} (H its columns), got {W0.shape}"
+        )
+    H, D = cols, U0.shape[1]  # H from weight_hh_l0's columns (as the module docstring says), D from weight_ih_l0's
     dirs = 2 if bidirectional else 1
     for k, (kind, layer, _) in parsed.items():
         if kind == "weight_ih":
@@ -160,7 +182,7 @@ def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any, *, cell: str =
         else:
             shape = (G * H, H) if kind == "weight_hh" else (G * H,)
         if rnn[k].shape != shape:
-            note = f"H = {H} from weight_ih_l0, {module}"
+            note = f"H = {H} from weight_hh_l0, {module}"
             note += f", {arch}" if num_layers > 1 or bidirectional else ""
             raise ShapeError(f"{k} must have shape {shape} ({note}), got {rnn[k].shape}")
     V = lin["weight"]
@@ -177,7 +199,11 @@ def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any, *, cell: str =
                 raise InputError(f"{what}{k} contains NaN or infinity")
     weights: dict[str, np.ndarray] = {}
     biases: dict[str, np.ndarray] = {}
-    dtype = np.result_type(U0, V)
+    dtype = np.result_type(U0, V) if dtype is None else np.dtype(dtype)
+
+    def total(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # torch's two biases, added exactly, rounded once
+        return (a.astype(np.float64) + b.astype(np.float64)).astype(dtype)
+
     with_bias = bias or "bias" in lin  # all biases or none: a missing one is zero, the same function
     for r in recurrences(num_layers, bidirectional):
         sfx = f"_l{r.layer}" + ("_reverse" if r.direction else "")
@@ -186,10 +212,10 @@ def from_torch_state(rnn_state_dict: Any, linear_state_dict: Any, *, cell: str =
         if with_bias and b_hn:  # b_hn stays inside r ⊙ (·): only the r and z thirds of bias_hh fold
             b_hh = rnn["bias_hh" + sfx] if bias else np.zeros(G * H, dtype)
             b_ih = rnn["bias_ih" + sfx] if bias else np.zeros(G * H, dtype)
-            biases[r.name("b")] = np.concatenate([b_ih[: 2 * H] + b_hh[: 2 * H], b_ih[2 * H :]])
+            biases[r.name("b")] = np.concatenate([total(b_ih[: 2 * H], b_hh[: 2 * H]), b_ih[2 * H :].astype(dtype)])
             biases[r.name("b_hn")] = b_hh[2 * H :].copy()
         elif with_bias:
-            biases[r.name("b")] = rnn["bias_ih" + sfx] + rnn["bias_hh" + sfx] if bias else np.zeros(G * H, dtype)
+            biases[r.name("b")] = total(rnn["bias_ih" + sfx], rnn["bias_hh" + sfx]) if bias else np.zeros(G * H, dtype)
     weights["V"] = V
     if with_bias:
         biases["c"] = lin["bias"] if "bias" in lin else np.zeros(K, dtype)
@@ -207,9 +233,23 @@ def to_torch_state(
     receives db (the GRU's bias_hh: [db_r, db_z, db_hn]).
     """
     grads = check_bool(grads, "grads")
-    b_hn = "b_hn" in torch_cell(cell)().param_shapes(1, 1, True)
+    cls = torch_cell(cell)
+    b_hn = "b_hn" in cls().param_shapes(1, 1, True)
+    params = _mapping(params, "params")
     host = {k: np.array(_host(v, k)) for k, v in params.items() if k not in ("s0", "c0")}
+    if not {"U", "W", "V"} <= set(host):
+        raise InputError(f"params must hold U, W and V (and every layer's own), got {', '.join(map(str, host))}")
     num_layers, bidirectional = architecture_of(host)
+    bias = "b" in host
+    expected = {r.name(k) for r in recurrences(num_layers, bidirectional) for k in cls().param_shapes(1, 1, bias)}
+    expected |= {"V", "c"} if bias else {"V"}
+    W = host["W"]
+    if set(host) != expected or W.ndim != 2 or W.shape[0] != cls.gates * W.shape[1]:
+        raise InputError(
+            f"params are not the {cell} cell's ({cls.torch_module}: W of shape ({'' if cls.gates == 1 else cls.gates}"
+            f"H, H), parameters {', '.join(sorted(expected))}); got W {W.shape} and {', '.join(sorted(host))}: give "
+            "cell= the model's cell (model.cell_name)"
+        )
     rnn: dict[str, np.ndarray] = {}
     for r in recurrences(num_layers, bidirectional):
         sfx = f"_l{r.layer}" + ("_reverse" if r.direction else "")

@@ -41,6 +41,7 @@ import torch
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from . import interop
 from ._torch_function import _array, _carries_c, _Pullback, identity
 from .backend import get_backend
 from .backend.precision import check_precision
@@ -195,6 +196,8 @@ class Recurrent(torch.nn.Module):
         dt = mod.weight_hh_l0.dtype
         if dt not in (torch.float32, torch.float64):
             raise InputTypeError(f"the module's parameters are {dt}; gpubptt runs float32 or float64")
+        for k, v in params.items():
+            interop.check_has_data(v, k)
         host = {k: v.detach().cpu().numpy() for k, v in params.items()}
         nonlinearity = getattr(mod, "nonlinearity", None) if cell_class(cell).takes_nonlinearity else None
         linear = {

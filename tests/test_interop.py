@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import gpubptt
+from gpubptt import interop
 
 D, H, K = 5, 4, 3
 
@@ -157,3 +158,60 @@ def test_deep_state_dicts_round_trip_with_biases_folded():
     assert set(back) == set(rnn) and set(back_lin) == set(lin)
     np.testing.assert_array_equal(back["bias_hh_l1"], 0)
     np.testing.assert_array_equal(back["weight_ih_l2_reverse"], rnn["weight_ih_l2_reverse"])
+
+
+def test_to_torch_state_refuses_parameters_of_another_cell_than_it_is_told():
+    """A GRU's parameters under the default cell="rnn" lost b_hn silently: nn.GRU loaded them and computed
+    something else (0.37 off); malformed input raised KeyError/AttributeError."""
+    gru = gpubptt.RNN(3, 4, 2, cell="gru", backend="numpy", dtype="float64", seed=0)
+    lstm = gpubptt.RNN(3, 4, 2, cell="lstm", backend="numpy", dtype="float64", seed=0)
+    with pytest.raises(gpubptt.InputError, match="params are not the rnn cell's"):
+        interop.to_torch_state(gru.params)
+    with pytest.raises(gpubptt.InputError, match="params are not the gru cell's"):
+        interop.to_torch_state(lstm.params, cell="gru")
+    with pytest.raises(gpubptt.InputError, match="params must hold U, W and V"):
+        interop.to_torch_state({"U": gru.params["U"]}, cell="gru")
+    with pytest.raises(gpubptt.InputTypeError):
+        interop.to_torch_state([1, 2])
+    rnn, _ = interop.to_torch_state(gru.params, cell="gru")  # the right cell: b_hn in bias_hh's n third
+    np.testing.assert_array_equal(rnn["bias_hh_l0"][8:], gru.params["b_hn"])
+
+
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
+def test_a_float64_model_of_a_float32_module_adds_its_two_biases_exactly(kind):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    mod = getattr(torch.nn, kind)(3, 16)
+    with torch.no_grad():
+        mod.bias_hh_l0.mul_(1e-3)  # small beside bias_ih: their float32 sum rounds
+    lin = torch.nn.Linear(16, 5)
+    model = gpubptt.RNN.from_torch(mod.state_dict(), lin.state_dict(), cell=kind.lower(), dtype="float64",
+                                   backend="numpy")  # fmt: skip
+    exact = (mod.bias_ih_l0.double() + mod.bias_hh_l0.double()).detach()
+    b = model.params["b"]
+    if kind == "GRU":  # the n third of bias_hh stays b_hn
+        np.testing.assert_array_equal(b[:32], exact[:32].numpy())
+    else:
+        np.testing.assert_array_equal(b, exact.numpy())  # was off by ~1e-8: summed in float32, then widened
+
+
+def test_tensors_without_values_are_refused_by_name():
+    torch = pytest.importorskip("torch")
+    gt = pytest.importorskip("gpubptt.torch")
+    meta = torch.nn.GRU(3, 4, device="meta")
+    with pytest.raises(gpubptt.InputTypeError, match="weight_ih_l0 holds no values"):
+        gpubptt.RNN.from_torch(meta.state_dict(), torch.nn.Linear(4, 2).state_dict(), cell="gru")
+    with pytest.raises(gpubptt.InputTypeError, match="holds no values"):
+        gt.Recurrent.from_module(meta)
+    sd = torch.nn.RNN(3, 4).state_dict()
+    sd["weight_hh_l0"] = sd["weight_hh_l0"].to_sparse()
+    with pytest.raises(gpubptt.InputTypeError, match=r"weight_hh_l0 is a torch\.sparse_coo tensor"):
+        gpubptt.RNN.from_torch(sd, torch.nn.Linear(4, 2).state_dict())
+
+
+def test_a_wrong_weight_ih_is_named_with_h_from_weight_hh():
+    torch = pytest.importorskip("torch")
+    sd = torch.nn.GRU(3, 4).state_dict()
+    sd["weight_ih_l0"] = sd["weight_ih_l0"][:2]
+    with pytest.raises(gpubptt.ShapeError, match=r"weight_ih_l0 must have shape \(12, 3\) \(H = 4 from weight_hh_l0"):
+        gpubptt.RNN.from_torch(sd, torch.nn.Linear(4, 2).state_dict(), cell="gru")
