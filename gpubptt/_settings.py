@@ -97,9 +97,13 @@ class Settings:
         _read_only("config")
 
     cell = _FromConfig("cell", "The recurrent cell (``gpubptt.cells``), the config's.")
+    """The recurrent cell (``gpubptt.cells``), the config's (read-only)."""
     dtype = _FromConfig("dtype", "The parameters' and computations' dtype (float32 or float64), the config's.")
+    """The parameters' and computations' dtype (float32 or float64), the config's (read-only)."""
     num_layers = _FromConfig("num_layers", "L, the config's.")
+    """L, the config's (read-only)."""
     bidirectional = _FromConfig("bidirectional", "Whether every layer also runs in reverse, the config's.")
+    """Whether every layer also runs in reverse, the config's (read-only)."""
 
     @property
     def recurrences(self) -> tuple[Any, ...]:

@@ -36,7 +36,7 @@ import numpy as np
 
 from .cells import cell_class, cell_names
 from .errors import InputError, InputTypeError, ShapeError
-from .params import architecture_of, recurrences
+from .params import architecture_of, param_shapes, recurrences
 from .validation import check_bool
 
 __all__ = ["from_torch_state", "to_torch_state"]
@@ -241,15 +241,25 @@ def to_torch_state(
         raise InputError(f"params must hold U, W and V (and every layer's own), got {', '.join(map(str, host))}")
     num_layers, bidirectional = architecture_of(host)
     bias = "b" in host
-    expected = {r.name(k) for r in recurrences(num_layers, bidirectional) for k in cls().param_shapes(1, 1, bias)}
-    expected |= {"V", "c"} if bias else {"V"}
-    W = host["W"]
-    if set(host) != expected or W.ndim != 2 or W.shape[0] != cls.gates * W.shape[1]:
+    U, W, V = host["U"], host["W"], host["V"]
+    if W.ndim != 2 or U.ndim != 2 or V.ndim != 2 or W.shape[0] != cls.gates * W.shape[1]:
         raise InputError(
-            f"params are not the {cell} cell's ({cls.torch_module}: W of shape ({'' if cls.gates == 1 else cls.gates}"
-            f"H, H), parameters {', '.join(sorted(expected))}); got W {W.shape} and {', '.join(sorted(host))}: give "
-            "cell= the model's cell (model.cell_name)"
+            f"params are not the {cell} cell's: its W is ({'' if cls.gates == 1 else cls.gates}H, H) "
+            f"({cls.torch_module}), got W {W.shape}: give cell= the model's cell (model.cell_name)"
         )
+    shapes = param_shapes(U.shape[1], W.shape[1], V.shape[0], bias, cls(), num_layers=num_layers,
+                          bidirectional=bidirectional)  # fmt: skip
+    missing, extra = [k for k in shapes if k not in host], [str(k) for k in host if k not in shapes]
+    if missing or extra:
+        raise InputError(
+            f"params are not the {cell} cell's for {num_layers} layer(s){', bidirectional' if bidirectional else ''}:"
+            f"{' missing ' + ', '.join(missing) if missing else ''}{' unexpected ' + ', '.join(extra) if extra else ''}"
+            " (another cell's? give cell= the model's cell, model.cell_name)"
+        )
+    for k, shape in shapes.items():
+        if host[k].shape != shape:
+            raise ShapeError(f"parameter {k} must have shape {shape} (the {cell} cell's, from U, W, V), got "
+                             f"{host[k].shape}")  # fmt: skip
     rnn: dict[str, np.ndarray] = {}
     for r in recurrences(num_layers, bidirectional):
         sfx = f"_l{r.layer}" + ("_reverse" if r.direction else "")

@@ -215,3 +215,14 @@ def test_a_wrong_weight_ih_is_named_with_h_from_weight_hh():
     sd["weight_ih_l0"] = sd["weight_ih_l0"][:2]
     with pytest.raises(gpubptt.ShapeError, match=r"weight_ih_l0 must have shape \(12, 3\) \(H = 4 from weight_hh_l0"):
         gpubptt.RNN.from_torch(sd, torch.nn.Linear(4, 2).state_dict(), cell="gru")
+
+
+def test_to_torch_state_names_what_is_missing_unexpected_or_misshapen():
+    gru = gpubptt.RNN(3, 4, 2, cell="gru", num_layers=2, backend="numpy", dtype="float64", seed=0)
+    params = dict(gru.params.copy())
+    with pytest.raises(gpubptt.InputError, match="unexpected 0"):
+        interop.to_torch_state({**params, 0: params["V"]}, cell="gru")  # a key that is not a name: no TypeError
+    with pytest.raises(gpubptt.InputError, match=r"for 1 layer.*unexpected W_l1, b_l1, b_hn_l1"):
+        interop.to_torch_state({k: v for k, v in params.items() if k != "U_l1"}, cell="gru")
+    with pytest.raises(gpubptt.ShapeError, match=r"parameter b_hn must have shape \(4,\)"):
+        interop.to_torch_state({**params, "b_hn": np.zeros(2)}, cell="gru")

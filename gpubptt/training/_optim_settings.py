@@ -166,7 +166,10 @@ def _check_unshared(params: Mapping[str, Any], xp: Any) -> None:
 def _overlapping(items: list[tuple[str, Any]]) -> list[tuple[int, int]]:
     """The index pairs (i < j) of ``items`` whose arrays' byte ranges overlap (NumPy's ``byte_bounds``); every pair
     where a range cannot be read (another library's arrays)."""
-    from numpy.lib.array_utils import byte_bounds
+    try:
+        from numpy.lib.array_utils import byte_bounds
+    except ImportError:  # NumPy 1.x
+        byte_bounds = np.byte_bounds
 
     try:
         spans = sorted((*byte_bounds(a), i) for i, (_, a) in enumerate(items))
