@@ -246,31 +246,18 @@ def stderr_is_terminal() -> bool:
         return False
 
 
-class _SparedStderr(io.TextIOBase):
-    """sys.stderr whose failures end nothing: progress and notes are not results, so a run whose stderr is
-    gone (``2>/dev/full``, ``2>&1 | head -1``) goes on silently. At the first failure stderr's descriptor
-    is pointed at the null device, so that what is still buffered cannot fail again (at exit neither)."""
+class StderrProxy(io.TextIOBase):
+    """A text stream that writes through ``stream`` (stderr) and answers for it: its terminal, descriptor,
+    encoding and error handler. Subclasses add what they do with each write."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
 
     def write(self, s: str) -> int:
-        try:
-            return self.stream.write(s)
-        except OSError:
-            self._silence()
-            return len(s)
+        return self.stream.write(s)
 
     def flush(self) -> None:
-        try:
-            self.stream.flush()
-        except OSError:
-            self._silence()
-
-    def _silence(self) -> None:
-        _point_at_null(self.stream)
-        with contextlib.suppress(OSError, ValueError):
-            self.stream.flush()
+        self.stream.flush()
 
     def isatty(self) -> bool:
         with contextlib.suppress(AttributeError, OSError, ValueError):
@@ -290,6 +277,30 @@ class _SparedStderr(io.TextIOBase):
     @property
     def errors(self) -> str | None:  # type: ignore[override]
         return getattr(self.stream, "errors", None)
+
+
+class _SparedStderr(StderrProxy):
+    """sys.stderr whose failures end nothing: progress and notes are not results, so a run whose stderr is
+    gone (``2>/dev/full``, ``2>&1 | head -1``) goes on silently. At the first failure stderr's descriptor
+    is pointed at the null device, so that what is still buffered cannot fail again (at exit neither)."""
+
+    def write(self, s: str) -> int:
+        try:
+            return self.stream.write(s)
+        except OSError:
+            self._silence()
+            return len(s)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError:
+            self._silence()
+
+    def _silence(self) -> None:
+        _point_at_null(self.stream)
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.flush()
 
 
 def settle_streams() -> None:

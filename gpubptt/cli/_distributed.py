@@ -15,7 +15,6 @@ process that cannot join MPI at all (mpi4py missing on its node) still exits alo
 from __future__ import annotations
 
 import functools
-import io
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ from ..distributed import (
     install_abort_hook,
 )  # fmt: skip
 from ..errors import InputError
-from ._common import choices, in_flags, usage_error
+from ._common import StderrProxy, choices, in_flags, usage_error
 
 DistributedChoice = choices("DistributedChoice", KINDS)
 
@@ -47,33 +46,17 @@ _LAUNCHER_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_S
 _LAUNCHER_LINK = ("PMI_FD", "PMI_PORT", "PMIX_NAMESPACE", "OMPI_COMM_WORLD_RANK")
 
 
-class _Recorder(io.TextIOBase):
+class _Recorder(StderrProxy):
     """sys.stderr, keeping what is written through it: a refusing rank's ``error: ...`` for the others."""
 
     def __init__(self, kind: str) -> None:
-        self.stream, self.kind, self.text = sys.stderr, kind, []
+        super().__init__(sys.stderr)
+        self.kind, self.text = kind, []
 
     def write(self, s: Any) -> int:
         if isinstance(s, str):
             self.text.append(s)
         return self.stream.write(s)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def isatty(self) -> bool:
-        return self.stream.isatty()
-
-    def writable(self) -> bool:
-        return True
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return getattr(self.stream, "encoding", "utf-8")
-
-    @property
-    def errors(self) -> str | None:  # type: ignore[override]
-        return getattr(self.stream, "errors", None)
 
     def message(self) -> str | None:
         """What followed the first ``error: `` written, or None."""
