@@ -117,7 +117,7 @@ class Composable:
                 "computed without dropout: set model.dropout = 0 for it"
             )
         batch = self._check_nonempty(self._swap(x, "x"), s0, lengths, f"head {head!r}")
-        y = self._swap(y, "y") if head == "mse" else y
+        y = self._swap_targets(y, x) if head == "mse" else y
         y = check_targets(
             head, y, batch.T, batch.B, self.output_size, be=self.backend, dtype=self.dtype, weight=batch.weight
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from .backend.precision import check_precision
+from .errors import ShapeError
 from .validation import cell_option, check_bool, check_dropout
 
 __all__ = ["Settings"]
@@ -53,6 +54,31 @@ class Settings:
     @batch_first.setter
     def batch_first(self, value: Any) -> None:
         self._batch_first = check_bool(value, "batch_first")
+
+    def _swap(self, a: Any, what: str) -> Any:
+        """With ``batch_first``: a (B, T, …) → (T, B, …) as a view (after the backend check)."""
+        if not self.batch_first or a is None:
+            return a
+        self.backend.check_native(a, what)
+        a = self.backend.asarray(a)
+        if a.ndim < 2:
+            raise ShapeError(f"with batch_first, {what} must be (B, T, …); got shape {tuple(a.shape)}")
+        return a.swapaxes(0, 1)
+
+    def _swap_targets(self, y: Any, x: Any) -> Any:
+        """Per-step targets as ``_swap`` turns them, checked first against x as given (B, T, …) where
+        ``batch_first``: a mismatch is named in the caller's layout, not the swapped one."""
+        if self.batch_first and y is not None and x is not None:
+            ys, xs = tuple(getattr(y, "shape", ())), tuple(getattr(x, "shape", ()))
+            if len(ys) >= 2 and len(xs) >= 2 and ys[:2] != xs[:2]:
+                raise ShapeError(
+                    f"with batch_first, targets y must have shape (B, T, …) = ({xs[0]}, {xs[1]}, …), x's first two "
+                    f"sizes; got {ys}"
+                )
+        return self._swap(y, "y")
+
+    def _out(self, a: Any) -> Any:
+        return a.swapaxes(0, 1) if self.batch_first and a is not None else a
 
     @property
     def dropout(self) -> float:

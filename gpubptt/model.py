@@ -38,7 +38,7 @@ from .engine import recompute as _recompute
 from .engine import stack as engine
 from .engine.losses import chunk_steps, softmax_probs, xent_loss
 from .engine.memory import check_model_size
-from .errors import InputError, InputTypeError, ShapeError
+from .errors import InputError, InputTypeError
 from .heads import check_head, head_forward
 from .params import Params
 from .validation import (
@@ -319,19 +319,6 @@ class RNN(Construction, Composable, Workspaces, Settings):
             return final[0] if batch.flat_state else final
         return (final[0], cells[0]) if batch.flat_state else (final, cells)
 
-    def _swap(self, a: Any, what: str) -> Any:
-        """With ``batch_first``: a (B, T, …) → (T, B, …) as a view (after the backend check)."""
-        if not self.batch_first or a is None:
-            return a
-        self.backend.check_native(a, what)
-        a = self.backend.asarray(a)
-        if a.ndim < 2:
-            raise ShapeError(f"with batch_first, {what} must be (B, T, …); got shape {tuple(a.shape)}")
-        return a.swapaxes(0, 1)
-
-    def _out(self, a: Any) -> Any:
-        return a.swapaxes(0, 1) if self.batch_first and a is not None else a
-
     def _head(self, head: Any) -> str | None:
         return check_head(self.head if head is None else head)
 
@@ -412,7 +399,7 @@ class RNN(Construction, Composable, Workspaces, Settings):
             if dropout_seed is not None:
                 raise InputError(f"dropout_seed={dropout_seed!r} runs under the 'softmax' head only, not head {head!r}")
             return self._head_loss(head, x, y, s0, lengths, reduction, grads=False, drop=False)[0]
-        batch = self._check(self._swap(x, "x"), self._swap(y, "y"), s0, lengths, for_loss=True)
+        batch = self._check(self._swap(x, "x"), self._swap_targets(y, x), s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)
         with self._lock:  # one call of this model at a time (see loss_and_grads)
             stack = self._stack(batch, dropout_seed, dropout_offset)
@@ -497,7 +484,7 @@ class RNN(Construction, Composable, Workspaces, Settings):
                     raise InputError(f"{name}={value!r} runs under the 'softmax' head only, not head {head!r}")
             loss, grads, final = self._head_loss(head, x, y, s0, lengths, reduction, grads=True)
             return (loss, grads, final) if return_final_state else (loss, grads)
-        batch = self._check(self._swap(x, "x"), self._swap(y, "y"), s0, lengths, for_loss=True)
+        batch = self._check(self._swap(x, "x"), self._swap_targets(y, x), s0, lengths, for_loss=True)
         scale = self._scale(batch, reduction)
         c = _recompute.choose(
             self, batch.T, batch.B, tokens=batch.tokens, lengths=batch.weight is not None,

@@ -94,6 +94,10 @@ def _tangent(t: Any) -> Any:
 _is_compiling = getattr(torch.compiler, "is_compiling", None) or getattr(torch._utils, "is_compiling", lambda: False)
 
 
+#: tensors with no memory of their own to compute on (torch.export's and the tracers' stand-ins)
+_SYMBOLIC = ("FakeTensor", "FunctionalTensor")
+
+
 class Recurrent(torch.nn.Module):
     """A gpubptt recurrent stack as a ``torch.nn`` module; see the module docstring.
 
@@ -338,6 +342,13 @@ class Recurrent(torch.nn.Module):
 
     def _forward(self, x: Any, hx: Any, lengths: Any) -> tuple[Any, Any]:
         inputs = (x.data if isinstance(x, PackedSequence) else x, *(hx if isinstance(hx, tuple) else (hx,)))
+        exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
+        if torch.jit.is_tracing() or exporting or any(type(t).__name__ in _SYMBOLIC for t in inputs):
+            raise InputTypeError(
+                "gpubptt.torch.Recurrent runs eagerly (and under torch.compile, as a graph break), not under "
+                "torch.jit.trace or torch.export: its forward computes on the tensors' memory with NumPy or CuPy, "
+                "which a trace cannot record (a forced trace would replay this call's weights)"
+            )
         if _transforms_active() or any(isinstance(t, torch.Tensor) and _tangent(t) is not None for t in inputs):
             raise InputTypeError(
                 "gpubptt.torch.Recurrent runs outside torch.func's transforms (grad, vjp, vmap, jacrev, …) and "

@@ -156,3 +156,45 @@ def test_heads_refuse_bad_targets_and_options():
     model.head = None
     with pytest.raises(gpubptt.InputError, match="no output head"):
         model.loss(x, np.zeros((T, B), dtype=int))
+
+
+@pytest.mark.parametrize("setting", [("head", "last_softmax"), ("head", "mse"), ("batch_first", True)])
+def test_train_and_evaluate_refuse_a_model_their_batches_do_not_fit(setting):
+    """A non-softmax head died in evaluate on a raw NumPy error; batch_first trained on transposed batches."""
+    from gpubptt.training.data import CopyTask
+    from gpubptt.training.loop import TrainConfig, evaluate, train
+    from gpubptt.training.optim import make_optimizer
+
+    task = CopyTask(symbols=4, length=1, delay=4)
+    model = gpubptt.RNN(task.input_size, 4, task.output_size, backend="numpy", seed=0)
+    setattr(model, *setting)
+    opt = make_optimizer("adam", model)
+    before = {k: v.copy() for k, v in model.params.items()}
+    name = setting[0]
+    with pytest.raises(gpubptt.InputError, match=rf"train\(\) .*model\.{name}"):
+        train(model, task, opt, TrainConfig(steps=2, batch_size=3, chunk=None, eval_every=2))
+    with pytest.raises(gpubptt.InputError, match=rf"evaluate\(\) .*model\.{name}"):
+        evaluate(model, task)
+    assert opt.t == 0 and all(np.array_equal(v, before[k]) for k, v in model.params.items())
+
+
+@pytest.mark.parametrize("head", ["softmax", "mse"])
+def test_a_target_shape_error_under_batch_first_names_the_callers_layout(head):
+    model = gpubptt.RNN(3, 4, 2, backend="numpy", dtype="float64", seed=0)
+    model.batch_first = True
+    x = np.zeros((3, 5, 3))  # (B, T, D)
+    y = np.zeros((5, 3, 2)) if head == "mse" else np.zeros((5, 3), dtype=np.int64)  # time-major by mistake
+    with pytest.raises(
+        gpubptt.ShapeError, match=r"with batch_first, targets y must have shape \(B, T, …\) = \(3, 5, …\)"
+    ):
+        model.loss_and_grads(x, y, head=head)
+
+
+def test_data_parallel_names_dropout_not_a_seed_under_another_head():
+    from gpubptt.distributed import DataParallel, LocalCommunicator
+
+    model = gpubptt.RNN(3, 4, 2, num_layers=2, dropout=0.2, backend="numpy", dtype="float64", seed=0)
+    model.head = "last_mse"
+    dp = DataParallel(model, LocalCommunicator(), batch_size=3)
+    with pytest.raises(gpubptt.InputError, match=r"dropout=0\.2 between layers runs under the 'softmax' head only"):
+        dp.loss_and_grads(np.zeros((4, 3, 3)), np.zeros((3, 2)))

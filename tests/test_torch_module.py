@@ -387,3 +387,16 @@ def test_outputs_kept_from_one_call_are_unchanged_by_the_next():
         torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
     out1.detach().mul_(0)  # the user's in-place change of an old output reaches no later call
     torch.testing.assert_close(ours(x2)[0], out2, rtol=0, atol=0)
+
+
+def test_tracing_and_export_are_refused_by_name():
+    """torch.jit.trace failed inside torch's check (unordered_map::at); a forced trace replayed the traced call's
+    weights (0.75 off after a weight changed); torch.export failed on a data pointer."""
+    ours = gt.Recurrent.from_module(torch.nn.GRU(D, H).double())
+    x = torch.randn(T, B, D, dtype=torch.float64)
+    with pytest.raises(gpubptt.InputTypeError, match=r"not under torch\.jit\.trace or torch\.export"):
+        torch.jit.trace(ours, (x,), check_trace=False)
+    with pytest.raises(Exception, match=r"not under torch\.jit\.trace or torch\.export"):
+        torch.export.export(ours, (x,), strict=False)
+    out, _ = ours(x)  # eager, as ever
+    assert out.shape == (T, B, H)

@@ -347,7 +347,9 @@ class DataParallel:
         self.calls += 1
         budget = (("recompute", recompute), ("max_memory", max_memory))
         drop: dict[str, Any] = {k: v for k, v in budget if v is not None}
-        drawn = dropout_seed is None and self.model.dropout and self.model.num_layers > 1
+        # masks for the per-step softmax head only: another head refuses dropout itself, naming it
+        m = self.model
+        drawn = dropout_seed is None and m.dropout and m.num_layers > 1 and m.head == "softmax"
         # a failed call (refused, or a Ctrl-C, in the model's call or in the collective) draws no masks
         with draw_undone_on_failure(self.model._dropout_rng if drawn else None):
             if drawn:

@@ -231,6 +231,22 @@ def _diverged(model: Any) -> str:
     )
 
 
+def _check_loop_model(model: Any, what: str) -> None:
+    """InputError for a model the loop cannot feed: another head than the per-step softmax (the loop scores next-
+    symbol targets), or ``batch_first`` (its batches are time-major (T, B))."""
+    head = getattr(model, "head", "softmax")
+    if head != "softmax":
+        raise InputError(
+            f"{what} trains and scores the per-step softmax head (next-symbol targets); model.head is {head!r}: set "
+            "model.head = 'softmax', or write the loop with loss_and_grads(..., head=...) and an optimizer"
+        )
+    if getattr(model, "batch_first", False):
+        raise InputError(
+            f"{what} feeds time-major (T, B) batches, and model.batch_first reads them as (B, T): set "
+            "model.batch_first = False while training (the weights are the same)"
+        )
+
+
 def evaluate(
     model: Any,
     data: Any,
@@ -250,6 +266,7 @@ def evaluate(
     carried state into NaN or infinity raise NonFiniteError saying so (not a complaint about s0).
     """
     chunk = check_positive_int(chunk, "chunk")  # range() would refuse 0 and 2.5 in its own words, and run True as 1
+    _check_loop_model(model, "evaluate()")
     be = model.backend
     xp = be.xp
     seqs = data.eval_sequences() if batch_size is None else data.eval_sequences(batch_size=batch_size)
@@ -339,6 +356,7 @@ def train(
     """
     if not isinstance(config, TrainConfig):
         raise InputTypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    _check_loop_model(model, "train()")
     config = dataclasses.replace(config)  # its checks again, on a copy: a field set after construction (steps="3")
     if early_stop is not None:
         if isinstance(early_stop, bool) or not isinstance(early_stop, (int, np.integer)) or early_stop < 1:
