@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .backend.precision import check_precision
 from .errors import ShapeError
 from .validation import cell_option, check_bool, check_dropout
@@ -69,7 +71,7 @@ class Settings:
         """Per-step targets as ``_swap`` turns them, checked first against x as given (B, T, …) where
         ``batch_first``: a mismatch is named in the caller's layout, not the swapped one."""
         if self.batch_first and y is not None and x is not None:
-            ys, xs = tuple(getattr(y, "shape", ())), tuple(getattr(x, "shape", ()))
+            ys, xs = (tuple(getattr(a, "shape", None) or np.shape(a)) for a in (y, x))  # lists too
             if len(ys) >= 2 and len(xs) >= 2 and ys[:2] != xs[:2]:
                 raise ShapeError(
                     f"with batch_first, targets y must have shape (B, T, …) = ({xs[0]}, {xs[1]}, …), x's first two "

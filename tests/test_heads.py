@@ -184,10 +184,11 @@ def test_a_target_shape_error_under_batch_first_names_the_callers_layout(head):
     model.batch_first = True
     x = np.zeros((3, 5, 3))  # (B, T, D)
     y = np.zeros((5, 3, 2)) if head == "mse" else np.zeros((5, 3), dtype=np.int64)  # time-major by mistake
-    with pytest.raises(
-        gpubptt.ShapeError, match=r"with batch_first, targets y must have shape \(B, T, …\) = \(3, 5, …\)"
-    ):
+    want = r"with batch_first, targets y must have shape \(B, T, …\) = \(3, 5, …\)"
+    with pytest.raises(gpubptt.ShapeError, match=want):
         model.loss_and_grads(x, y, head=head)
+    with pytest.raises(gpubptt.ShapeError, match=want):
+        model.loss_and_grads(x.tolist(), y.tolist(), head=head)  # lists, as arrays
 
 
 def test_data_parallel_names_dropout_not_a_seed_under_another_head():
