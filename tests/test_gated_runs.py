@@ -151,3 +151,35 @@ def test_bench_cell_measures_the_gated_model_and_counts_its_gates(tmp_path, cell
 def test_bench_refuses_the_naive_reference_for_a_gated_cell():
     result = runner.invoke(app, ["bench", "--cell", "gru", "--compare", "naive", "--backend", "numpy"])
     assert result.exit_code == 2 and "--cell rnn only" in result.output
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "indrnn"])
+def test_a_float32_gated_model_samples_from_softmax_of_its_logits_at_any_temperature(cell):
+    """The step loop drew from log of the float32 softmax: a logit more than ~87 below the largest became
+    −690 (1e-300 floored), so at τ = 100 'b' and 'c' came out 0.1 % of the time instead of 21 % and 9 %."""
+    from gpubptt.training.data import Vocab
+    from gpubptt.training.sample import next_distribution, sample_text
+
+    vocab = Vocab("abc")
+    kw = {"init": "torch"} if cell == "indrnn" else {}
+    model = gpubptt.RNN(3, 4, 3, cell=cell, backend="numpy", dtype="float32", seed=0, **kw)
+    model.params["V"] = np.zeros((3, 4), dtype=np.float32)
+    model.params["c"] = np.array([0.0, -120.0, -200.0], dtype=np.float32)
+    want = next_distribution(np.array([0.0, -120.0, -200.0]), temperature=100.0)  # 0.70, 0.21, 0.09
+    draws = [sample_text(model, vocab, length=1, prime="a", temperature=100.0, seed=i)[-1] for i in range(600)]
+    got = np.array([draws.count(ch) for ch in "abc"]) / len(draws)
+    assert np.abs(got - want).max() < 0.06  # 600 draws: about 3 standard deviations
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")  # the forward's own overflow, as intended here
+def test_sampling_refuses_logits_that_are_not_finite():
+    from gpubptt.training.data import Vocab
+    from gpubptt.training.sample import next_distribution, sample_text
+
+    model = gpubptt.RNN(3, 4, 3, cell="gru", backend="numpy", seed=0)
+    model.params["V"] = np.full((3, 4), np.float32(3e38))  # finite weights whose logits overflow
+    with pytest.raises(gpubptt.InputError, match="the logits are not finite"):
+        sample_text(model, Vocab("abc"), length=3, prime="a", greedy=True)
+    for z in ([0.0, np.nan], [np.inf, 0.0], []):
+        with pytest.raises(gpubptt.InputError):
+            next_distribution(np.array(z))

@@ -65,6 +65,10 @@ def next_distribution(
     """
     _check_modes(temperature, top_k, top_p)
     z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 1 or not z.size:
+        raise InputError(f"logits z must be one non-empty vector (K,), got shape {z.shape}")
+    if not np.isfinite(z).all():
+        raise InputError(NONFINITE_LOGITS)
     if temperature == 0:
         p = np.zeros(z.shape)
         p[int(np.argmax(z))] = 1.0
@@ -170,6 +174,10 @@ def _draw(
         yield vocab.decode([x])
 
 
+#: the refusal of logits with NaN or infinity (weights that diverged): nothing to draw from
+NONFINITE_LOGITS = "the logits are not finite (NaN or infinity: the model's weights diverged?)"
+
+
 def _draw_one(z: np.ndarray, mode: tuple[float, int | None, float | None], rng: np.random.Generator) -> int:
     """One id drawn from ``next_distribution(z, ...)`` for mode (τ, top_k, top_p), z (K,) finite logits.
 
@@ -179,6 +187,8 @@ def _draw_one(z: np.ndarray, mode: tuple[float, int | None, float | None], rng: 
     itself and draws nothing from ``rng``.
     """
     tau, top_k, top_p = mode
+    if not np.isfinite(z).all():
+        raise InputError(NONFINITE_LOGITS)
     if tau == 0:
         return int(np.argmax(z))
     return int(rng.choice(len(z), p=next_distribution(z, temperature=tau, top_k=top_k, top_p=top_p)))
@@ -194,7 +204,7 @@ def _draw_steps(
     rng: np.random.Generator,
 ) -> Iterator[str]:
     """As ``_draw`` for any cell and stack: each step is ``model.forward`` on one token (T = B = 1), its
-    final state (an LSTM's (h, c)) carried into the next; p = softmax(log ŷ / τ)."""
+    final state (an LSTM's (h, c)) carried into the next; p = softmax(z / τ) of the step's logits z."""
     if not ids:
         ids = list(vocab.encode("\n")) if "\n" in vocab.chars else [int(rng.integers(len(vocab)))]
     state = None
@@ -206,7 +216,8 @@ def _draw_steps(
     for _ in range(length):
         out = model.forward(np.array([[x]]), state, head="softmax")
         state = out.final_state
-        x = _draw_one(np.log(np.maximum(out.probs[0, 0].astype(np.float64), 1e-300)), mode, rng)
+        x = _draw_one(model.backend.to_numpy(out.logits[0, 0]).astype(np.float64), mode, rng)  # the logits themselves:
+        # the log of a float32 softmax is −inf (1e-300 floored) past a gap of ~87 and lost the spread τ > 1 restores
         yield vocab.decode([x])
 
 
