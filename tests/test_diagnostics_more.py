@@ -247,3 +247,49 @@ def test_vanish_refuses_dtype_for_a_gated_checkpoint(tmp_path):
     result = runner.invoke(app, ["vanish", "--checkpoint", str(ck), "--dtype", "float32"])
     assert result.exit_code == 2 and "--dtype float32 does not apply to a gru checkpoint" in result.output
     assert runner.invoke(app, ["vanish", "--checkpoint", str(ck), "--batch", "2"]).exit_code == 0
+
+
+@pytest.mark.parametrize("arch", [{"num_layers": 2}, {"bidirectional": True}])
+def test_with_spectral_radius_refuses_a_stack_instead_of_rescaling_its_first_w(arch):
+    """It rescaled W alone: W_l1 and W_reverse kept their radius without a word."""
+    from gpubptt import diagnostics as dg
+
+    model = gpubptt.RNN(3, 4, 3, backend="numpy", dtype="float64", seed=0, **arch)
+    with pytest.raises(gpubptt.InputError, match=r"with_spectral_radius rescales one recurrence's W.*stack_sweep"):
+        dg.with_spectral_radius(model, 0.5)
+
+
+def test_truncation_bias_takes_an_lstms_state_as_the_pair_loss_and_grads_takes():
+    from gpubptt import diagnostics as dg
+    from gpubptt.diagnostics import gated
+
+    lstm = gpubptt.RNN(3, 4, 3, cell="lstm", backend="numpy", dtype="float64", seed=0)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 3, (5, 2)), rng.integers(0, 3, (5, 2))
+    h0, c0 = rng.normal(size=(2, 4)), rng.normal(size=(2, 4))
+    report = dg.truncation_bias(lstm, x, y, (h0, c0), truncates=[1])
+    ref = gated.truncated_gradients(lstm, x, y, 1, (h0, c0))  # an independent path: windows of full BPTT
+    _, full = lstm.loss_and_grads(x, y, (h0, c0))
+    want = np.linalg.norm(full["c0"] - ref["c0"]) / np.linalg.norm(full["c0"])
+    np.testing.assert_allclose(report.by_param["c0"][0], want, rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda dg, g, m, x, y: dg.truncation_bias(m, x, y, truncates=3),
+        lambda dg, g, m, x, y: dg.vanish_sweep(m, x, y, 0.5),
+        lambda dg, g, m, x, y: g.cell_flow(m, x, y, truncates=2),
+        lambda dg, g, m, x, y: g.truncated_gradients(m, x, y, -1),
+        lambda dg, g, m, x, y: g.truncated_gradients(m, x, y, 1.5),
+        lambda dg, g, m, x, y: g.truncation_windows(m, x, y, [-2]),
+    ],
+)
+def test_diagnostic_windows_and_radii_of_the_wrong_kind_are_refused_by_name(call):
+    from gpubptt import diagnostics as dg
+    from gpubptt.diagnostics import gated
+
+    model = gpubptt.RNN(3, 4, 3, backend="numpy", dtype="float64", seed=0)
+    x = np.zeros((4, 2), dtype=np.int64)
+    with pytest.raises((gpubptt.InputError, gpubptt.InputTypeError), match=r"truncates|radii|truncate|k must"):
+        call(dg, gated, model, x, x)

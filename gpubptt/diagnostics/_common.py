@@ -84,6 +84,16 @@ def check_int(v: Any, name: str, lo: int) -> int:
     return int(v)
 
 
+def check_list(v: Any, name: str) -> list[Any] | None:
+    """``v`` as a list (None as None): InputTypeError naming ``name`` for a single number or anything not iterable
+    (a str included), where a list of values is expected."""
+    if v is None:
+        return None
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        raise InputTypeError(f"{name} must be a list of values, got {type(v).__name__} {v!r}")
+    return list(v)
+
+
 def check_tol(tol: Any) -> float:
     if isinstance(tol, bool) or not isinstance(tol, (int, float, np.integer, np.floating)):
         raise InputTypeError(f"tol must be a number ≥ 0, got {type(tol).__name__} {tol!r}")

@@ -39,7 +39,7 @@ from ..engine.memory import cell_flow_memory, check_fits
 from ..errors import InputError
 from ..model import RNN
 from ..plots import figure_title, new_figure, save_png
-from ._common import ToDict, batch_of, check_int, check_model, check_positive_float
+from ._common import ToDict, batch_of, check_int, check_list, check_model, check_positive_float
 
 __all__ = [
     "CellFlow", "cell_flow", "compare_cells", "plot_cells", "step_jacobians", "truncated_gradients",
@@ -158,6 +158,7 @@ def truncated_gradients(model: RNN, x: Any, y: Any, k: int, s0: Any = None) -> d
     x (T, B) or (T, B, D); y (T, B); s0 as the model takes it, or None. Independent of the cells'
     own truncation (it never asks for ``truncate``): 2T short runs of full BPTT.
     """
+    k = check_int(k, "k", 0)
     m = _host_model(check_model(model))
     batch = m._check(x, y, s0, None, True)
     xh, yh = to_numpy(batch.x), to_numpy(batch.y)
@@ -185,6 +186,7 @@ def truncation_windows(model: RNN, x: Any, y: Any, truncates: list[int]) -> tupl
 
     x (T, B) or (T, B, D); y (T, B). Each truncated gradient from ``truncated_gradients``.
     """
+    truncates = [check_int(k, "truncate", 0) for k in check_list(truncates, "truncates") or []]
     m = _host_model(check_model(model))
     full = _full_gradient(m, x, y)
     return _windows(m, x, y, truncates, full)
@@ -229,7 +231,7 @@ def cell_flow(
     H = m.hidden_size
     if truncates is None:
         truncates = sorted({0, *(2**i for i in range(max(1, T).bit_length()) if 2**i < T), max(0, T - 1)})
-    truncates = [check_int(k, "truncate", 0) for k in truncates]
+    truncates = [check_int(k, "truncate", 0) for k in check_list(truncates, "truncates")]
     # products from the last step back: P_ℓ = J_{T−1} ⋯ J_{T−ℓ}, renormalised (log scale kept) per example
     P = np.broadcast_to(np.eye(n), (B, n, n)).copy()
     scale = np.zeros(B)

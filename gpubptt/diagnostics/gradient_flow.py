@@ -14,6 +14,7 @@ from ._common import (
     batch_of,
     check_elman,
     check_int,
+    check_list,
     check_model,
     direct_terms,
     factors_of,
@@ -176,16 +177,20 @@ def truncation_bias(model: RNN, x: Any, y: Any, s0: Any = None, *, truncates: An
     used). Returns arrays (len(truncates),).
     """
     model = check_model(model)
-    batch = batch_of(model, x, y, s0)
-    truncates = list(range(batch.T)) if truncates is None else list(truncates)
-    truncates = [check_int(k, "truncate", 0) for k in truncates]
+    extra = getattr(model.cell, "extra_state", False)  # an LSTM's s0 is the pair (h0, c0), as loss_and_grads takes
+    batch = batch_of(model, x, y, None if extra else s0)
+    state = s0 if extra else batch.s0
+    if extra and s0 is not None:
+        model._check(batch.x, batch.y, s0, None, for_loss=True)  # the pair, checked before any work
+    truncates = check_list(truncates, "truncates")
+    truncates = list(range(batch.T)) if truncates is None else [check_int(k, "truncate", 0) for k in truncates]
     model = plain_copy(model)  # time-major, the softmax head: as states_of and direct_terms read the batch
     be, xp = model.backend, model.backend.xp
-    _, full = model.loss_and_grads(batch.x, batch.y, batch.s0)
-    names = [*model.params, "s0"]
+    _, full = model.loss_and_grads(batch.x, batch.y, state)
+    names = [*model.params, "s0", *([extra] if extra else [])]
     rows = []  # per k: for each name, ‖g_full − g_k‖², ⟨g_full, g_k⟩, ‖g_k‖²  (stays on the device)
     for k in truncates:
-        _, g = model.loss_and_grads(batch.x, batch.y, batch.s0, truncate=k)
+        _, g = model.loss_and_grads(batch.x, batch.y, state, truncate=k)
         parts = []
         for name in names:
             d = full[name] - g[name]
@@ -197,7 +202,7 @@ def truncation_bias(model: RNN, x: Any, y: Any, s0: Any = None, *, truncates: An
     else:
         host = np.zeros((0, len(names), 3))
     fsq = be.to_numpy(full_sq).astype(np.float64)
-    p = slice(0, len(names) - 1)  # the parameters, without s0
+    p = slice(0, len(model.params))  # the parameters, without s0 (and c0)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.sqrt(host[:, p, 0].sum(axis=1) / fsq[p].sum())
         cos = host[:, p, 1].sum(axis=1) / np.sqrt(fsq[p].sum() * host[:, p, 2].sum(axis=1))

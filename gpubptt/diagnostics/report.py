@@ -13,6 +13,7 @@ from ._common import (
     batch_of,
     check_elman,
     check_int,
+    check_list,
     check_positive_float,
     check_tol,
 )
@@ -69,6 +70,12 @@ def vanish_report(
 def with_spectral_radius(model: RNN, radius: float) -> RNN:
     """A copy of the model (same backend and dtype) with W rescaled so that max |eig(W)| = radius."""
     model = check_elman(model, "with_spectral_radius")
+    if model.num_states > 1:  # W alone would move: every other recurrence kept its radius
+        raise InputError(
+            f"with_spectral_radius rescales one recurrence's W; the model has {model.num_states} (num_layers="
+            f"{model.num_layers}, bidirectional={model.bidirectional}): use diagnostics.stack_sweep, which rescales "
+            "each of them"
+        )
     radius = check_positive_float(radius, "radius")
     rho = spectral_radius(model.params["W"])
     if rho == 0:
@@ -103,7 +110,7 @@ def vanish_sweep(
     then "done". Nothing here prints: the caller decides how to show it.
     """
     model = check_elman(model, "vanish_sweep")
-    radii = [None if r is None else check_positive_float(r, "radius") for r in radii]
+    radii = [None if r is None else check_positive_float(r, "radius") for r in check_list(radii, "radii") or []]
     if not radii:
         raise InputError("radii must hold at least one spectral radius > 0 (or None: W as it is)")
     check_positive_float(threshold, "threshold")

@@ -36,7 +36,17 @@ from ..engine import stack as engine
 from ..errors import InputError
 from ..model import RNN
 from ..validation import check_batch
-from ._common import ToDict, check_elman, check_int, check_positive_float, check_tol, json_value, plain_copy, to_host
+from ._common import (
+    ToDict,
+    check_elman,
+    check_int,
+    check_list,
+    check_positive_float,
+    check_tol,
+    json_value,
+    plain_copy,
+    to_host,
+)
 from .jacobians import DEFAULT_ITERS, DEFAULT_THRESHOLD, NO_DECAY_SLOPE, _fit, product_norms, spectral_radius
 
 __all__ = ["RecurrenceFlow", "StackReport", "ThroughStack", "stack_report", "stack_sweep", "with_radius"]
@@ -266,7 +276,7 @@ def stack_sweep(
 ) -> list[tuple[float | None, StackReport]]:  # fmt: skip
     """``stack_report`` for copies of the model with every W rescaled to each radius (None: as it is)."""
     model = check_elman(model, "stack_sweep")
-    radii = [None if r is None else check_positive_float(r, "radius") for r in radii]
+    radii = [None if r is None else check_positive_float(r, "radius") for r in check_list(radii, "radii") or []]
     if not radii:
         raise InputError("radii must hold at least one spectral radius > 0 (or None: the model as it is)")
     out = []
