@@ -187,9 +187,9 @@ def _draw_one(z: np.ndarray, mode: tuple[float, int | None, float | None], rng: 
     itself and draws nothing from ``rng``.
     """
     tau, top_k, top_p = mode
-    if not np.isfinite(z).all():
-        raise InputError(NONFINITE_LOGITS)
-    if tau == 0:
+    if tau == 0:  # next_distribution checks the logits otherwise
+        if not np.isfinite(z).all():
+            raise InputError(NONFINITE_LOGITS)
         return int(np.argmax(z))
     return int(rng.choice(len(z), p=next_distribution(z, temperature=tau, top_k=top_k, top_p=top_p)))
 
@@ -216,8 +216,8 @@ def _draw_steps(
     for _ in range(length):
         out = model.forward(np.array([[x]]), state, head="softmax")
         state = out.final_state
-        x = _draw_one(model.backend.to_numpy(out.logits[0, 0]).astype(np.float64), mode, rng)  # the logits themselves:
-        # the log of a float32 softmax is −inf (1e-300 floored) past a gap of ~87 and lost the spread τ > 1 restores
+        # the logits themselves: a float32 softmax's log is floored past a gap of ~87, losing what τ > 1 restores
+        x = _draw_one(model.backend.to_numpy(out.logits[0, 0]).astype(np.float64), mode, rng)
         yield vocab.decode([x])
 
 
